@@ -1,0 +1,31 @@
+"""qcompile: a quantizing compiler backend for PyTorch.
+
+model = torch.compile(model, backend="qcompile")                         # defaults
+model = torch.compile(model, backend=qcompile.backend(QuantConfig(...)))  # options
+qcompile.quantize_(model, config)                                         # frees fp16 weights
+"""
+
+from __future__ import annotations
+
+import qcompile.ops  # noqa: F401  (registers torch.ops.qcompile.*)
+from qcompile.backend import DEFAULT_BACKEND as default_backend
+from qcompile.backend import QCompileBackend, backend
+from qcompile.config import QuantConfig, Scheme
+from qcompile.passes.linear import UnsupportedLayerError
+from qcompile.quantize import W4A16Linear, quantize_, quantize_and_compile
+from qcompile.report import CompileReport, LayerRecord
+
+__all__ = [
+    "CompileReport",
+    "LayerRecord",
+    "QCompileBackend",
+    "QuantConfig",
+    "Scheme",
+    "UnsupportedLayerError",
+    "W4A16Linear",
+    "backend",
+    "default_backend",
+    "quantize_",
+    "quantize_and_compile",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,95 @@
+"""The torch.compile entry: run the qcompile passes, hand the rest of the graph to Inductor.
+
+Registered as the `qcompile` entry point of `torch_dynamo_backends`, so
+`torch.compile(model, backend="qcompile")` works after `pip install` with no import.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch.fx import GraphModule
+
+from qcompile.config import QuantConfig
+from qcompile.passes.linear import GraphConstants, rewrite_linears
+from qcompile.report import CompileReport
+
+
+def _fresh_graph_module(gm: GraphModule) -> GraphModule:
+    """A copy of Dynamo's graph that passes may edit, keeping the metadata Inductor reads.
+
+    Dynamo's own graph must stay untouched (it looks its placeholders up again after the
+    backend returns); AOT autograd reads `gm.meta`, `_param_name_to_source` and each
+    placeholder's `_dynamo_source` to tell static inputs (weights) from activations.
+    """
+    graph = copy.deepcopy(gm.graph)
+    new = GraphModule(gm, graph)
+    new.meta = dict(gm.meta)
+    if hasattr(gm, "_param_name_to_source"):
+        new._param_name_to_source = gm._param_name_to_source
+    for old, fresh in zip(
+        gm.graph.find_nodes(op="placeholder"), graph.find_nodes(op="placeholder")
+    ):
+        if hasattr(old, "_dynamo_source"):
+            fresh._dynamo_source = old._dynamo_source
+    return new
+
+
+def _with_constants(compiled: Callable, constants: list[torch.Tensor]) -> Callable:
+    """Call `compiled` with the graph's inputs followed by the packed weights."""
+    if not constants:
+        return compiled
+
+    def run(*args: Any) -> Any:
+        return compiled(*args, *constants)
+
+    return run
+
+
+class QCompileBackend:
+    """A torch.compile backend quantizing linear layers with one `QuantConfig`.
+
+    `report` accumulates what every compiled graph matched, quantized and left alone.
+    `mode` / `options` are Inductor's (`mode="reduce-overhead"` for CUDA graphs).
+    """
+
+    def __init__(self, config: QuantConfig | None = None):
+        self.config = config or QuantConfig()
+        self.report = CompileReport()
+
+    def __call__(
+        self,
+        gm: GraphModule,
+        example_inputs: Sequence[Any],
+        mode: str | None = None,
+        options: dict[str, Any] | None = None,
+    ) -> Callable:
+        from torch._inductor import list_mode_options
+        from torch._inductor.compile_fx import compile_fx
+
+        report = CompileReport(graphs=1)
+        new_gm = _fresh_graph_module(gm)
+        constants = GraphConstants()
+        rewrite_linears(new_gm, list(example_inputs), self.config, report, constants)
+        report.log()
+        self.report.records.extend(report.records)
+        self.report.graphs += 1
+        patches = {**(list_mode_options(mode) if mode else {}), **(options or {})}
+        compiled = compile_fx(new_gm, [*example_inputs, *constants.tensors], config_patches=patches)
+        return _with_constants(compiled, constants.tensors)
+
+
+def backend(config: QuantConfig | None = None) -> QCompileBackend:
+    """A backend for `torch.compile(model, backend=qcompile.backend(config))`."""
+    return QCompileBackend(config)
+
+
+DEFAULT_BACKEND = QCompileBackend()
+
+
+def qcompile_backend(gm: GraphModule, example_inputs: Sequence[Any], **kwargs: Any) -> Callable:
+    """The backend registered as "qcompile": the default `QuantConfig`."""
+    return DEFAULT_BACKEND(gm, example_inputs, **kwargs)

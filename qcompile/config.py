@@ -1,0 +1,72 @@
+"""The one description of a quantization scheme, created once and passed down unchanged.
+
+`Scheme` says how weights are stored; `QuantConfig` says which modules get it and what
+happens to the ones that cannot. Pass -> op -> kernel launcher -> autotune key all read
+the same `Scheme`; nothing downstream re-derives it from strings.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Literal
+
+GROUP_SIZES = (32, 64, 128)
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """How one linear layer's weight is quantized.
+
+    group_size: number of consecutive K elements sharing one scale and offset;
+        None means one group per output channel (per-channel, group = K).
+    symmetric: codes centred on 8 (offset = -8 * scale) instead of a min-max fit.
+    """
+
+    name: Literal["w4a16"] = "w4a16"
+    bits: int = 4
+    group_size: int | None = 128
+    symmetric: bool = False
+
+    def __post_init__(self) -> None:
+        if self.bits != 4:
+            raise ValueError(f"Scheme {self.name}: bits={self.bits} is not supported; use bits=4")
+        if self.group_size is not None and self.group_size not in GROUP_SIZES:
+            raise ValueError(
+                f"Scheme {self.name}: group_size={self.group_size} is not supported; "
+                f"use one of {GROUP_SIZES} or None (per-channel)"
+            )
+
+    def group_size_for(self, k: int) -> int:
+        """The group size along K of a layer with `k` input features (per-channel -> k)."""
+        return k if self.group_size is None else self.group_size
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """What the backend and `quantize_` do to a model.
+
+    skip: fnmatch patterns of module names (or, in a compiled graph, of parameter
+        names) left in full precision; `lm_head` by default.
+    on_unsupported: "fallback" keeps a layer the kernels cannot take (K not divisible
+        by the group size, float32 on CUDA, ...) as the original op and lists it in the
+        report; "raise" turns that into an error naming the layer, shape and fix.
+    autotune: tune kernel configs for shapes the shipped and on-disk caches miss.
+    """
+
+    scheme: Scheme = field(default_factory=Scheme)
+    skip: tuple[str, ...] = ("lm_head", "*.lm_head")
+    on_unsupported: Literal["fallback", "raise"] = "fallback"
+    autotune: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.skip, str):
+            object.__setattr__(self, "skip", (self.skip,))
+        if self.on_unsupported not in ("fallback", "raise"):
+            raise ValueError(
+                f"QuantConfig: on_unsupported={self.on_unsupported!r}; use 'fallback' or 'raise'"
+            )
+
+    def skips(self, name: str) -> bool:
+        """True when `name` (a module path like `model.lm_head`) matches a skip pattern."""
+        return any(fnmatch.fnmatchcase(name, pattern) for pattern in self.skip)

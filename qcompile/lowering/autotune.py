@@ -1,0 +1,197 @@
+"""Kernel-config autotuning with a persistent, per-GPU JSON cache.
+
+Lookup order for a `TuneKey`: this process's memory -> the user's cache file
+(`$QCOMPILE_CACHE_DIR` or `~/.cache/qcompile`, one file per GPU name and Triton version)
+-> the tuned configs shipped in `qcompile/lowering/configs/<gpu>.json` -> tune now (unless
+`QCOMPILE_AUTOTUNE=0`, or a CUDA graph is being captured) -> the family's heuristic default.
+A corrupt or stale cache file is ignored with a warning and rewritten on the next save.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, fields
+from functools import cache
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("qcompile.autotune")
+
+CACHE_FORMAT = 1
+SHIPPED_DIR = Path(__file__).parent / "configs"
+
+
+def m_bucket(m: int) -> int:
+    """Next power of two of M (capped at 4096): batch sizes in one bucket share a config."""
+    return min(1 << max(m - 1, 0).bit_length(), 4096)
+
+
+@dataclass(frozen=True)
+class TuneKey:
+    """What a tuned config depends on: kernel family, M bucket, N, K, group size, dtype."""
+
+    family: str
+    m_bucket: int
+    n: int
+    k: int
+    group_size: int
+    dtype: str
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """One launch choice: which kernel, its tile sizes, split-K factor and Triton knobs."""
+
+    kernel: str
+    block_m: int
+    block_n: int
+    block_k: int
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 2
+
+    @classmethod
+    def from_dict(cls, d: dict) -> KernelConfig:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def gpu_name(device: torch.device | int | None = None) -> str:
+    """A file-name-safe slug of the GPU's name, e.g. `nvidia-h100-80gb-hbm3`."""
+    name = torch.cuda.get_device_name(device)
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def shipped_config_name(gpu: str) -> str:
+    """Shipped configs are per GPU family: every H100 variant reads h100.json."""
+    for family in ("h200", "h100", "a100", "l40s", "l4", "a10g", "4090"):
+        if family in gpu:
+            return family
+    return gpu
+
+
+def _triton_version() -> str:
+    import triton
+
+    return triton.__version__
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("QCOMPILE_CACHE_DIR")
+    return Path(root) if root else Path.home() / ".cache" / "qcompile"
+
+
+def _read_entries(path: Path, gpu: str, triton_version: str | None) -> dict[TuneKey, KernelConfig]:
+    """Entries of a cache file; {} (with a warning) if it is corrupt or for another setup."""
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+        if data.get("format") != CACHE_FORMAT or data.get("gpu") != gpu:
+            raise ValueError(f"written for gpu={data.get('gpu')!r} format={data.get('format')!r}")
+        if triton_version is not None and data.get("triton") != triton_version:
+            raise ValueError(f"written by triton {data.get('triton')}, running {triton_version}")
+        return {TuneKey(**e["key"]): KernelConfig.from_dict(e["config"]) for e in data["entries"]}
+    except (ValueError, KeyError, TypeError) as err:
+        log.warning("qcompile: ignoring tuning cache %s (%s); it will be rewritten", path, err)
+        return {}
+
+
+class Autotuner:
+    """Process-wide tuning cache for one GPU (see module docstring for the lookup order)."""
+
+    def __init__(self, gpu: str, triton_version: str, cache_dir: Path):
+        self.gpu = gpu
+        self.triton_version = triton_version
+        self.path = cache_dir / f"autotune-{gpu}-triton{triton_version}.json"
+        shipped = SHIPPED_DIR / f"{shipped_config_name(gpu)}.json"
+        # Shipped configs stay valid across Triton versions (only speed may differ).
+        self.shipped = _read_entries(shipped, _shipped_gpu(shipped), None)
+        self.user = _read_entries(self.path, gpu, triton_version)
+        self.timings: dict[TuneKey, float] = {}
+
+    def lookup(self, key: TuneKey) -> KernelConfig | None:
+        return self.user.get(key) or self.shipped.get(key)
+
+    def get(
+        self,
+        key: TuneKey,
+        candidates: Sequence[KernelConfig],
+        bench: Callable[[KernelConfig], float],
+        default: KernelConfig,
+    ) -> KernelConfig:
+        """The config for `key`, tuning it now if no cache has it and tuning is allowed."""
+        found = self.lookup(key)
+        if found is not None:
+            return found
+        if (
+            os.environ.get("QCOMPILE_AUTOTUNE", "1") == "0"
+            or torch.cuda.is_current_stream_capturing()
+        ):
+            return default
+        best, best_us = self.tune(key, candidates, bench)
+        self.user[key] = best
+        self.timings[key] = best_us
+        self.save()
+        return best
+
+    def tune(
+        self,
+        key: TuneKey,
+        candidates: Sequence[KernelConfig],
+        bench: Callable[[KernelConfig], float],
+    ) -> tuple[KernelConfig, float]:
+        """Time every candidate (microseconds, median) and return the fastest."""
+        log.info(
+            "qcompile: tuning %s over %d configs (first use of this shape)", key, len(candidates)
+        )
+        results = []
+        for cfg in candidates:
+            try:
+                results.append((bench(cfg), cfg))
+            except Exception as err:  # a config the compiler rejects (e.g. out of shared memory)
+                log.debug("qcompile: config %s failed: %s", cfg, err)
+        if not results:
+            raise RuntimeError(f"qcompile: every candidate config failed for {key}")
+        best_us, best = min(results, key=lambda r: r[0])
+        return best, best_us
+
+    def save(self) -> None:
+        """Write the user cache atomically (another process may be reading it)."""
+        data = {
+            "format": CACHE_FORMAT,
+            "gpu": self.gpu,
+            "triton": self.triton_version,
+            "torch": torch.__version__,
+            "entries": [
+                {"key": asdict(k), "config": asdict(c), "us": self.timings.get(k)}
+                for k, c in sorted(self.user.items(), key=lambda kv: str(asdict(kv[0])))
+            ],
+        }
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.path.parent, suffix=".tmp")
+            with os.fdopen(fd, "w") as f:
+                json.dump(data, f, indent=1)
+            os.replace(tmp, self.path)
+        except OSError as err:
+            log.warning("qcompile: could not write tuning cache %s: %s", self.path, err)
+
+
+def _shipped_gpu(path: Path) -> str:
+    try:
+        return json.loads(path.read_text()).get("gpu", "")
+    except (OSError, ValueError):
+        return ""
+
+
+@cache
+def autotuner(device_index: int = 0) -> Autotuner:
+    """The process-wide tuner of one CUDA device."""
+    return Autotuner(gpu_name(device_index), _triton_version(), _cache_dir())

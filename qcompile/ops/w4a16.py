@@ -1,0 +1,116 @@
+"""`qcompile::w4a16_linear`: int4 group-wise weight x 16-bit activation linear layer.
+
+The reference implementation below (dequantize, then matmul) is the CPU path, the test
+oracle and the definition of the math; on CUDA the op runs the Triton kernels of
+`qcompile.lowering.w4a16`. The op is opaque to Inductor, which fuses everything around it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from qcompile.quant.int4 import NIBBLES_PER_WORD, PackedInt4, dequantize_int4
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16)
+# The kernels tile K in steps of at least 32 (tl.dot needs K-tiles >= 16; groups are >= 32).
+KERNEL_K_MULTIPLE = 32
+
+
+def check_w4a16_args(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    offsets: torch.Tensor,
+    bias: torch.Tensor | None,
+    group_size: int,
+) -> None:
+    """Shape/dtype contract of the op; raises ValueError saying what is wrong and how to fix it."""
+    k = x.shape[-1]
+    n, words = qweight.shape
+    if qweight.dtype != torch.int32 or words * NIBBLES_PER_WORD != k:
+        raise ValueError(
+            f"qcompile.w4a16_linear: qweight must be [N, K/8] int32 for x with K={k}, "
+            f"got {tuple(qweight.shape)} {qweight.dtype}"
+        )
+    if group_size <= 0 or k % group_size:
+        raise ValueError(
+            f"qcompile.w4a16_linear: K={k} is not divisible by group_size={group_size}"
+        )
+    groups = (k // group_size, n)
+    for name, t in (("scales", scales), ("offsets", offsets)):
+        if tuple(t.shape) != groups:
+            raise ValueError(
+                f"qcompile.w4a16_linear: {name} must be [K/group_size, N] = {groups}, got {tuple(t.shape)}"
+            )
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise ValueError(f"qcompile.w4a16_linear: bias must be [N]={n}, got {tuple(bias.shape)}")
+
+
+@torch.library.custom_op("qcompile::w4a16_linear", mutates_args=())
+def w4a16_linear(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    offsets: torch.Tensor,
+    bias: torch.Tensor | None,
+    group_size: int,
+) -> torch.Tensor:
+    """x [..., K] @ dequant(qweight, scales, offsets)^T [K, N] (+ bias) -> [..., N] in x.dtype."""
+    return w4a16_linear_reference(x, qweight, scales, offsets, bias, group_size)
+
+
+def w4a16_linear_reference(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    offsets: torch.Tensor,
+    bias: torch.Tensor | None,
+    group_size: int,
+) -> torch.Tensor:
+    """Dequantize in float32, cast to x's dtype, then `F.linear`: clear, not fast."""
+    check_w4a16_args(x, qweight, scales, offsets, bias, group_size)
+    w = dequantize_int4(PackedInt4(qweight, scales, offsets, group_size), x.dtype)
+    return F.linear(x, w, bias)
+
+
+@w4a16_linear.register_fake
+def _(x, qweight, scales, offsets, bias, group_size):
+    check_w4a16_args(x, qweight, scales, offsets, bias, group_size)
+    return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+
+
+@w4a16_linear.register_kernel("cuda")
+def _(x, qweight, scales, offsets, bias, group_size):
+    from qcompile.lowering.w4a16 import w4a16_linear_cuda
+
+    check_w4a16_args(x, qweight, scales, offsets, bias, group_size)
+    k = x.shape[-1]
+    n = qweight.shape[0]
+    if x.dtype not in KERNEL_DTYPES or k % KERNEL_K_MULTIPLE:
+        # The pass never emits this; a hand-built call gets the reference math, not an error.
+        return w4a16_linear_reference(x, qweight, scales, offsets, bias, group_size)
+    x2 = x.reshape(-1, k)
+    if x2.shape[0] == 0:
+        return x.new_empty((*x.shape[:-1], n))
+    out = w4a16_linear_cuda(x2, qweight, scales, offsets, bias, group_size)
+    return out.reshape(*x.shape[:-1], n)
+
+
+def _setup_context(ctx, inputs, output):
+    _, qweight, scales, offsets, bias, group_size = inputs
+    ctx.save_for_backward(qweight, scales, offsets)
+    ctx.group_size = group_size
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad_out):
+    """d/dx = grad_out @ W (dequantized); d/dbias = sum of grad_out. The int4 weight is frozen."""
+    qweight, scales, offsets = ctx.saved_tensors
+    w = dequantize_int4(PackedInt4(qweight, scales, offsets, ctx.group_size), grad_out.dtype)
+    grad_x = grad_out @ w
+    grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0) if ctx.has_bias else None
+    return grad_x, None, None, None, grad_bias, None
+
+
+w4a16_linear.register_autograd(_backward, setup_context=_setup_context)

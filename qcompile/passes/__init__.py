@@ -1,0 +1,1 @@
+"""FX graph passes: find nodes, check preconditions, rewrite, record."""

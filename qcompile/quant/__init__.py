@@ -1,0 +1,1 @@
+"""Numerics on plain tensors: quantize, dequantize, pack and unpack int4 weights."""

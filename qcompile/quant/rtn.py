@@ -1,0 +1,43 @@
+"""Round-to-nearest int4 quantization: no data, one pass over the weight."""
+
+from __future__ import annotations
+
+import torch
+
+from qcompile.config import Scheme
+from qcompile.quant.int4 import PackedInt4, pack_int4_along_k
+
+
+def quantize_weight_int4(
+    weight: torch.Tensor, scheme: Scheme, dtype: torch.dtype | None = None
+) -> PackedInt4:
+    """Quantize a [N, K] weight group-wise along K with round-to-nearest.
+
+    Asymmetric: code = round((w - min) / scale), scale = (max - min) / 15, offset = min.
+    Symmetric:  code = round(w / scale) + 8 in [0, 15], scale = absmax / 7, offset = -8 * scale.
+    Scales and offsets are rounded to `dtype` (default: the weight's) before the codes are
+    computed, so the stored tensors dequantize to exactly what the codes were fitted to.
+    """
+    if weight.dim() != 2:
+        raise ValueError(f"quantize_weight_int4: weight must be [N, K], got {tuple(weight.shape)}")
+    n, k = weight.shape
+    g = scheme.group_size_for(k)
+    if k % g:
+        raise ValueError(f"quantize_weight_int4: K={k} is not divisible by group_size={g}")
+    dtype = dtype or weight.dtype
+    w = weight.detach().to(torch.float32).reshape(n, k // g, g)
+    if scheme.symmetric:
+        absmax = w.abs().amax(dim=-1)
+        scales = torch.where(absmax > 0, absmax / 7, torch.ones_like(absmax)).to(dtype).float()
+        offsets = (-8 * scales).to(dtype).float()
+    else:
+        lo, hi = w.amin(dim=-1), w.amax(dim=-1)
+        scales = torch.where(hi > lo, (hi - lo) / 15, torch.ones_like(hi)).to(dtype).float()
+        offsets = lo.to(dtype).float()
+    codes = torch.round((w - offsets[..., None]) / scales[..., None]).clamp_(0, 15)
+    return PackedInt4(
+        qweight=pack_int4_along_k(codes.reshape(n, k)),
+        scales=scales.to(dtype).t().contiguous(),
+        offsets=offsets.to(dtype).t().contiguous(),
+        group_size=g,
+    )

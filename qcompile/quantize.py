@@ -1,0 +1,115 @@
+"""Ahead-of-time quantization: swap nn.Linear for `W4A16Linear` in place, freeing fp16 weights."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+
+from qcompile.config import QuantConfig, Scheme
+from qcompile.passes.linear import (
+    UnsupportedLayerError,
+    describe,
+    execution_path,
+    unsupported_reason,
+)
+from qcompile.quant.int4 import PackedInt4
+from qcompile.quant.rtn import quantize_weight_int4
+from qcompile.report import CompileReport, LayerRecord
+
+
+class W4A16Linear(nn.Module):
+    """A linear layer holding a packed int4 weight (layout: `qcompile.quant.int4`).
+
+    Buffers: qweight [N, K/8] int32, scales and offsets [K/G, N], bias [N] or None.
+    """
+
+    def __init__(self, packed: PackedInt4, bias: torch.Tensor | None):
+        super().__init__()
+        self.out_features, self.in_features = packed.shape
+        self.group_size = packed.group_size
+        self.register_buffer("qweight", packed.qweight)
+        self.register_buffer("scales", packed.scales)
+        self.register_buffer("offsets", packed.offsets)
+        self.register_buffer("bias", bias)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, scheme: Scheme) -> W4A16Linear:
+        bias = None if linear.bias is None else linear.bias.detach().clone()
+        return cls(quantize_weight_int4(linear.weight, scheme), bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.qcompile.w4a16_linear(
+            x, self.qweight, self.scales, self.offsets, self.bias, self.group_size
+        )
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"
+
+
+def quantize_(model: nn.Module, config: QuantConfig | None = None) -> CompileReport:
+    """Replace every supported `nn.Linear` of `model` by a `W4A16Linear`, in place.
+
+    The fp16 weights are released as each layer is swapped (peak extra memory: one layer).
+    Returns the report of what was quantized, skipped or left in full precision and why.
+    """
+    config = config or QuantConfig()
+    report = CompileReport()
+    targets = [(name, mod) for name, mod in model.named_modules() if type(mod) is nn.Linear]
+    for name, linear in targets:
+        shape = tuple(linear.weight.shape)
+        if config.skips(name):
+            report.add(LayerRecord(name, shape, "skipped", "matches a skip pattern"))
+            continue
+        reason = unsupported_reason(name, linear.weight, config.scheme)
+        if reason is not None:
+            if config.on_unsupported == "raise":
+                raise UnsupportedLayerError(f"{name}: {reason}")
+            report.add(LayerRecord(name, shape, "fallback", reason))
+            continue
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        q = W4A16Linear.from_linear(linear, config.scheme)
+        setattr(parent, attr, q)
+        report.add(
+            LayerRecord(
+                name,
+                shape,
+                "quantized",
+                describe(config.scheme, q.group_size),
+                execution_path(q.qweight),
+            )
+        )
+    report.log()
+    return report
+
+
+def quantize_and_compile(
+    config: QuantConfig | None = None, *, mode: str | None = None, ahead_of_time: bool = True
+):
+    """Class decorator: every instance quantizes itself and compiles with the qcompile backend.
+
+    The work happens on an instance's first forward call (after weights are loaded, e.g. by
+    `from_pretrained`). `ahead_of_time=True` runs `quantize_` first so fp16 weights are freed.
+    """
+    from qcompile.backend import backend
+
+    def decorate(cls: type[nn.Module]) -> type[nn.Module]:
+        forward = cls.forward
+
+        @functools.wraps(forward)
+        def compiled_forward(self, *args, **kwargs):
+            fn = self.__dict__.get("_qcompile_forward")
+            if fn is None:
+                if ahead_of_time:
+                    self.qcompile_report = quantize_(self, config)
+                self._qcompile_backend = backend(config)
+                fn = torch.compile(forward.__get__(self), backend=self._qcompile_backend, mode=mode)
+                self.__dict__["_qcompile_forward"] = fn
+            return fn(*args, **kwargs)
+
+        cls.forward = compiled_forward
+        return cls
+
+    return decorate

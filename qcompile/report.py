@@ -1,0 +1,74 @@
+"""What the backend (or `quantize_`) did to each linear layer, and why."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Literal
+
+log = logging.getLogger("qcompile")
+
+Status = Literal["quantized", "prequantized", "skipped", "fallback"]
+
+
+@dataclass(frozen=True)
+class LayerRecord:
+    """One linear layer: its name, [N, K] shape, what happened and why."""
+
+    name: str
+    shape: tuple[int, int]
+    status: Status
+    detail: str  # the scheme for quantized layers, the reason otherwise
+    path: str = ""  # "triton" or "reference" for quantized layers
+
+
+@dataclass
+class CompileReport:
+    """Records of every linear node in every graph a backend compiled (or a `quantize_` call)."""
+
+    records: list[LayerRecord] = field(default_factory=list)
+    graphs: int = 0
+
+    def add(self, record: LayerRecord) -> None:
+        self.records.append(record)
+
+    def by_status(self, status: Status) -> list[LayerRecord]:
+        return [r for r in self.records if r.status == status]
+
+    def summary(self) -> str:
+        counts = Counter(r.status for r in self.records)
+        parts = [
+            f"{counts[s]} {s}"
+            for s in ("quantized", "prequantized", "skipped", "fallback")
+            if counts[s]
+        ]
+        return f"qcompile: {len(self.records)} linear layers in {self.graphs} graph(s): " + (
+            ", ".join(parts) or "none matched"
+        )
+
+    def table(self) -> str:
+        """A fixed-width table, one row per layer, for printing."""
+        rows = [("layer", "N x K", "status", "path", "detail")]
+        rows += [
+            (r.name, f"{r.shape[0]} x {r.shape[1]}", r.status, r.path, r.detail)
+            for r in self.records
+        ]
+        widths = [max(len(row[i]) for row in rows) for i in range(4)]
+        lines = [
+            "  ".join(c.ljust(w) for c, w in zip(row[:4], widths)) + "  " + row[4] for row in rows
+        ]
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.summary() + "\n" + self.table()
+
+    def log(self) -> None:
+        """One summary line; fallbacks as a warning, since they cost speed and memory."""
+        fallbacks = self.by_status("fallback")
+        if fallbacks:
+            reasons = "; ".join(f"{r.name}: {r.detail}" for r in fallbacks[:5])
+            more = f" (+{len(fallbacks) - 5} more)" if len(fallbacks) > 5 else ""
+            log.warning("%s. Fallbacks: %s%s", self.summary(), reasons, more)
+        else:
+            log.info(self.summary())
