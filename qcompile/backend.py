@@ -31,7 +31,7 @@ def _fresh_graph_module(gm: GraphModule) -> GraphModule:
     if hasattr(gm, "_param_name_to_source"):
         new._param_name_to_source = gm._param_name_to_source
     for old, fresh in zip(
-        gm.graph.find_nodes(op="placeholder"), graph.find_nodes(op="placeholder")
+        gm.graph.find_nodes(op="placeholder"), graph.find_nodes(op="placeholder"), strict=True
     ):
         if hasattr(old, "_dynamo_source"):
             fresh._dynamo_source = old._dynamo_source

@@ -56,7 +56,8 @@ class CompileReport:
         ]
         widths = [max(len(row[i]) for row in rows) for i in range(4)]
         lines = [
-            "  ".join(c.ljust(w) for c, w in zip(row[:4], widths)) + "  " + row[4] for row in rows
+            "  ".join(c.ljust(w) for c, w in zip(row[:4], widths, strict=True)) + "  " + row[4]
+            for row in rows
         ]
         return "\n".join(lines)
 
