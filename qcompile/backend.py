@@ -38,6 +38,18 @@ def _fresh_graph_module(gm: GraphModule) -> GraphModule:
     return new
 
 
+def _static_fakes(example_inputs: Sequence[Any], tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Fake copies of the packed weights with static shapes, in Dynamo's fake mode.
+
+    Real tensors without a Dynamo source would get symbolic sizes in a dynamic-shape graph,
+    and guards on sizes nobody can name fail; weights never change shape.
+    """
+    fake_mode = torch._guards.detect_fake_mode(example_inputs)
+    if fake_mode is None:
+        return tensors
+    return [fake_mode.from_tensor(t, static_shapes=True) for t in tensors]
+
+
 def _with_constants(compiled: Callable, constants: list[torch.Tensor]) -> Callable:
     """Call `compiled` with the graph's inputs followed by the packed weights."""
     if not constants:
@@ -59,6 +71,7 @@ class QCompileBackend:
     def __init__(self, config: QuantConfig | None = None):
         self.config = config or QuantConfig()
         self.report = CompileReport()
+        self.graph_modules: list[GraphModule] = []  # the rewritten graphs, for inspection
 
     def __call__(
         self,
@@ -77,8 +90,13 @@ class QCompileBackend:
         report.log()
         self.report.records.extend(report.records)
         self.report.graphs += 1
+        self.graph_modules.append(new_gm)
         patches = {**(list_mode_options(mode) if mode else {}), **(options or {})}
-        compiled = compile_fx(new_gm, [*example_inputs, *constants.tensors], config_patches=patches)
+        compiled = compile_fx(
+            new_gm,
+            [*example_inputs, *_static_fakes(example_inputs, constants.tensors)],
+            config_patches=patches,
+        )
         return _with_constants(compiled, constants.tensors)
 
 

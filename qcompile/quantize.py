@@ -62,7 +62,8 @@ def quantize_(model: nn.Module, config: QuantConfig | None = None) -> CompileRep
         if config.skips(name):
             report.add(LayerRecord(name, shape, "skipped", "matches a skip pattern"))
             continue
-        reason = unsupported_reason(name, linear.weight, config.scheme)
+        w = linear.weight
+        reason = unsupported_reason(tuple(w.shape), w.dtype, w.device.type, config.scheme)
         if reason is not None:
             if config.on_unsupported == "raise":
                 raise UnsupportedLayerError(f"{name}: {reason}")

@@ -32,28 +32,32 @@ class UnsupportedLayerError(ValueError):
     """A layer the kernels cannot take, raised when QuantConfig.on_unsupported == 'raise'."""
 
 
-def unsupported_reason(name: str, weight: torch.Tensor, scheme: Scheme) -> str | None:
-    """Why `weight` [N, K] cannot use `scheme` on its device, with the fix; None if it can."""
-    if weight.dim() != 2:
-        return f"weight has shape {tuple(weight.shape)}, expected [N, K]"
-    if not weight.is_floating_point():
-        return f"weight dtype {weight.dtype} is not a float type"
-    k = weight.shape[1]
+def unsupported_reason(
+    shape: tuple[int, ...], dtype: torch.dtype, device_type: str, scheme: Scheme
+) -> str | None:
+    """Why a weight of `shape`/`dtype` on `device_type` cannot use `scheme`, with the fix."""
+    if len(shape) != 2:
+        return f"weight has shape {tuple(shape)}, expected [N, K]"
+    if not dtype.is_floating_point:
+        return f"weight dtype {dtype} is not a float type"
+    k = shape[1]
     g = scheme.group_size_for(k)
     if k % g:
         fits = [s for s in (64, 32) if s < g and k % s == 0]
         fix = f"use group_size={fits[0]}" if fits else "use group_size=None (per-channel)"
         return f"K={k} is not divisible by group_size={g}; {fix} or skip this module"
-    if weight.is_cuda:
+    if k % 8:
+        return f"K={k} is not a multiple of 8 (int4 packing); skip this module"
+    if device_type == "cuda":
         if k % KERNEL_K_MULTIPLE:
             return f"K={k} is not a multiple of {KERNEL_K_MULTIPLE} (kernel tile); skip this module"
-        if weight.dtype not in KERNEL_DTYPES:
+        if dtype not in KERNEL_DTYPES:
             return (
-                f"{weight.dtype} on CUDA: the W4A16 kernels take float16/bfloat16 activations; "
+                f"{dtype} on CUDA: the W4A16 kernels take float16/bfloat16 activations; "
                 "cast the model with .half() or .to(torch.bfloat16)"
             )
-    elif weight.device.type != "cpu":
-        return f"device {weight.device.type} has no W4A16 kernel; use CUDA or CPU"
+    elif device_type != "cpu":
+        return f"device {device_type} has no W4A16 kernel; use CUDA or CPU"
     return None
 
 
@@ -144,7 +148,9 @@ def rewrite_linears(
         if config.skips(name):
             report.add(LayerRecord(name, shape, "skipped", "matches a skip pattern"))
             continue
-        reason = unsupported_reason(name, weight, config.scheme)
+        reason = unsupported_reason(
+            tuple(weight.shape), weight.dtype, weight.device.type, config.scheme
+        )
         if reason is not None:
             if config.on_unsupported == "raise":
                 raise UnsupportedLayerError(f"{name}: {reason}")

@@ -1,0 +1,34 @@
+"""Shared test set-up: where kernels run, tolerances, the gpu marker."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+# Kernels run natively on a GPU; without one, in Triton's interpreter on CPU tensors.
+# TRITON_INTERPRET is read when `@triton.jit` decorates, so set it before qcompile imports.
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"
+    from interpreter_fixes import patch_bf16_dot
+
+    patch_bf16_dot()
+
+KERNEL_DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run `make test-gpu` on the H100)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_tuning_cache(tmp_path, monkeypatch):
+    """Never read or write the user's real tuning cache from tests."""
+    monkeypatch.setenv("QCOMPILE_CACHE_DIR", str(tmp_path / "qcompile-cache"))

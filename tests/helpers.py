@@ -1,0 +1,24 @@
+"""Assertions shared by the tests (tolerances written once, by dtype)."""
+
+from __future__ import annotations
+
+import torch
+
+# ||out - ref|| / ||ref|| allowed for outputs computed in each dtype.
+REL_TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2, torch.float64: 1e-12}
+
+
+def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out64, ref64 = out.detach().double().cpu(), ref.detach().double().cpu()
+    return ((out64 - ref64).norm() / ref64.norm().clamp_min(1e-30)).item()
+
+
+def assert_close_rel(
+    out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, tol: float | None = None
+):
+    """Relative Frobenius error within the dtype's tolerance; NaN (unwritten output) fails."""
+    assert out.shape == ref.shape, f"shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    assert not torch.isnan(out).any(), "output has NaN (an element was not written?)"
+    err = rel_error(out, ref)
+    limit = tol if tol is not None else REL_TOL[dtype]
+    assert err <= limit, f"relative error {err:.3e} > {limit:.1e} ({dtype})"

@@ -1,0 +1,80 @@
+"""W4A16 Triton kernels vs the float64 reference: in the interpreter on CPU, natively on a GPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import KERNEL_DEVICE
+from helpers import assert_close_rel
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from strategies import linear_problems
+
+from qcompile.lowering.autotune import KernelConfig
+from qcompile.lowering.w4a16 import candidate_configs, default_config, launch
+
+SETTINGS = settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+
+
+def _run(problem, cfg: KernelConfig) -> torch.Tensor:
+    p = problem.packed
+    m, n = problem.x.shape[0], p.qweight.shape[0]
+    out = torch.full((m, n), float("nan"), dtype=problem.dtype, device=KERNEL_DEVICE)  # poison
+    return launch(
+        cfg, problem.x, p.qweight, p.scales, p.offsets, problem.bias, p.group_size, out=out
+    )
+
+
+@SETTINGS
+@given(problem=linear_problems(device=KERNEL_DEVICE), data=st.data())
+def test_every_candidate_config_matches_float64_reference(problem, data):
+    """Any config autotuning may pick (GEMV, GEMM, split-K, BLOCK_K above/below the group)."""
+    m, k = problem.x.shape
+    n = problem.packed.qweight.shape[0]
+    configs = candidate_configs(m, n, k, problem.packed.group_size)
+    assert configs, f"no valid config for M={m} N={n} K={k} G={problem.packed.group_size}"
+    cfg = data.draw(st.sampled_from(configs), label="config")
+    assert_close_rel(_run(problem, cfg), problem.reference64(), problem.dtype)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(problem=linear_problems(device=KERNEL_DEVICE))
+def test_default_config_matches_float64_reference(problem):
+    """The untuned fallback config (used during CUDA-graph capture) is valid for every shape."""
+    m, k = problem.x.shape
+    n = problem.packed.qweight.shape[0]
+    cfg = default_config(m, n, k, problem.packed.group_size)
+    assert_close_rel(_run(problem, cfg), problem.reference64(), problem.dtype)
+
+
+@pytest.mark.parametrize("kernel", ["gemv", "gemm"])
+def test_strided_activations(kernel):
+    """x may be a non-contiguous view (row stride != K, column stride != 1)."""
+    from strategies import LinearProblem
+
+    from qcompile.config import Scheme
+    from qcompile.quant.rtn import quantize_weight_int4
+
+    gen = torch.Generator().manual_seed(0)
+    m, n, k = 3, 32, 64
+    w = torch.randn(n, k, generator=gen)
+    base = torch.randn(k, 2 * m, generator=gen).to(torch.float16).to(KERNEL_DEVICE)
+    x = base[:, ::2].t()  # [M, K] with strides (2, 2M)
+    assert not x.is_contiguous()
+    p = quantize_weight_int4(w, Scheme(group_size=32), torch.float16)
+    p = type(p)(*(t.to(KERNEL_DEVICE) for t in (p.qweight, p.scales, p.offsets)), p.group_size)
+    problem = LinearProblem(x, w, p, None, torch.float16)
+    cfg = KernelConfig(kernel, 16, 16, 32, 2, 4, 1)
+    assert_close_rel(_run(problem, cfg), problem.reference64(), torch.float16)
+
+
+def test_candidate_configs_respect_groups_and_splits():
+    for m, k, g in ((1, 4096, 128), (64, 576, 64), (1024, 1536, 32), (1, 4096, 4096)):
+        for cfg in candidate_configs(m, 512, k, g):
+            assert k % cfg.split_k == 0 and (k // cfg.split_k) % cfg.block_k == 0
+            assert g % cfg.block_k == 0 or cfg.block_k % g == 0
+            assert cfg.kernel == "gemm" or m <= 4
