@@ -51,17 +51,15 @@ class QuantConfig:
     on_unsupported: "fallback" keeps a layer the kernels cannot take (K not divisible
         by the group size, float32 on CUDA, ...) as the original op and lists it in the
         report; "raise" turns that into an error naming the layer, shape and fix.
-    autotune: tune kernel configs for shapes the shipped and on-disk caches miss.
     """
 
     scheme: Scheme = field(default_factory=Scheme)
     skip: tuple[str, ...] = ("lm_head", "*.lm_head")
     on_unsupported: Literal["fallback", "raise"] = "fallback"
-    autotune: bool = True
 
     def __post_init__(self) -> None:
-        if isinstance(self.skip, str):
-            object.__setattr__(self, "skip", (self.skip,))
+        skip = (self.skip,) if isinstance(self.skip, str) else tuple(self.skip)
+        object.__setattr__(self, "skip", skip)
         if self.on_unsupported not in ("fallback", "raise"):
             raise ValueError(
                 f"QuantConfig: on_unsupported={self.on_unsupported!r}; use 'fallback' or 'raise'"

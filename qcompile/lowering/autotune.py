@@ -93,12 +93,14 @@ def _read_entries(path: Path, gpu: str, triton_version: str | None) -> dict[Tune
         return {}
     try:
         data = json.loads(path.read_text())
+        if not isinstance(data, dict):
+            raise ValueError(f"expected a JSON object, got {type(data).__name__}")
         if data.get("format") != CACHE_FORMAT or data.get("gpu") != gpu:
             raise ValueError(f"written for gpu={data.get('gpu')!r} format={data.get('format')!r}")
         if triton_version is not None and data.get("triton") != triton_version:
             raise ValueError(f"written by triton {data.get('triton')}, running {triton_version}")
         return {TuneKey(**e["key"]): KernelConfig.from_dict(e["config"]) for e in data["entries"]}
-    except (ValueError, KeyError, TypeError) as err:
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
         log.warning("qcompile: ignoring tuning cache %s (%s); it will be rewritten", path, err)
         return {}
 

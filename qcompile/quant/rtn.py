@@ -25,14 +25,20 @@ def quantize_weight_int4(
     if k % g:
         raise ValueError(f"quantize_weight_int4: K={k} is not divisible by group_size={g}")
     dtype = dtype or weight.dtype
+    finfo = torch.finfo(dtype)
     w = weight.detach().to(torch.float32).reshape(n, k // g, g)
+
+    def stored(scale: torch.Tensor) -> torch.Tensor:
+        # Scales stay positive in `dtype` (a tiny range must not round to 0; the floor is the
+        # smallest subnormal) and small enough that the symmetric offset -8 * scale is finite.
+        return scale.clamp(finfo.tiny * finfo.eps, finfo.max / 8).to(dtype).float()
+
     if scheme.symmetric:
-        absmax = w.abs().amax(dim=-1)
-        scales = torch.where(absmax > 0, absmax / 7, torch.ones_like(absmax)).to(dtype).float()
+        scales = stored(w.abs().amax(dim=-1) / 7)
         offsets = (-8 * scales).to(dtype).float()
     else:
         lo, hi = w.amin(dim=-1), w.amax(dim=-1)
-        scales = torch.where(hi > lo, (hi - lo) / 15, torch.ones_like(hi)).to(dtype).float()
+        scales = stored((hi - lo) / 15)
         offsets = lo.to(dtype).float()
     codes = torch.round((w - offsets[..., None]) / scales[..., None]).clamp_(0, 15)
     return PackedInt4(

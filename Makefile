@@ -1,0 +1,33 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test test-gpu bench lint clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# torch==2.13.0 CPU wheel when no torch is present (a bare `pip install torch` pulls CUDA).
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "torch==2.13.0"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)  ## quantize + compile a small built-in model, print report, error and (GPU) speed
+	$(PY) -m qcompile.demo
+
+test: $(STAMP)  ## CPU test suite (kernels in Triton's interpreter); gpu tests are skipped
+	$(PY) -m pytest -q tests
+
+test-gpu:  ## on a CUDA machine with torch/triton installed: gpu tests + kernels natively
+	$(PYTHON) -m pip install -q --no-deps --no-build-isolation -e .
+	$(PYTHON) -m pytest -q tests/test_gpu.py tests/test_lowering_w4a16.py tests/test_backend.py
+
+bench:  ## on the GPU: kernel benchmark, results under benchmarks/results/
+	$(PYTHON) benchmarks/bench_w4a16.py --out benchmarks/results
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check qcompile tests benchmarks && $(VENV)/bin/ruff format --check qcompile tests benchmarks
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

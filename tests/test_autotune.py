@@ -1,0 +1,335 @@
+"""The autotuner's M buckets, its JSON cache (fresh, corrupt, stale, shipped) and tuning."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import torch
+
+from qcompile.lowering import autotune
+from qcompile.lowering.autotune import (
+    CACHE_FORMAT,
+    Autotuner,
+    KernelConfig,
+    TuneKey,
+    m_bucket,
+    shipped_config_name,
+)
+
+GPU = "test-gpu"
+TRITON = "9.9"
+KEY = TuneKey(family="w4a16", m_bucket=16, n=4096, k=4096, group_size=128, dtype="float16")
+OTHER_KEY = TuneKey(family="w4a16", m_bucket=1, n=4096, k=11008, group_size=64, dtype="bfloat16")
+GEMV = KernelConfig("gemv", block_m=1, block_n=64, block_k=128, split_k=4, num_warps=4)
+GEMM_SMALL = KernelConfig("gemm", block_m=16, block_n=64, block_k=64, num_stages=3)
+GEMM_LARGE = KernelConfig("gemm", block_m=64, block_n=128, block_k=64, num_warps=8)
+DEFAULT = KernelConfig("gemm", block_m=32, block_n=64, block_k=64)
+CANDIDATES = (GEMV, GEMM_SMALL, GEMM_LARGE)
+
+
+@pytest.fixture(autouse=True)
+def _no_cuda_no_shipped(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Tuning allowed, no CUDA graph capture, and no shipped configs unless a test adds some.
+
+    `torch.cuda.is_current_stream_capturing()` raises on a CPU-only build of torch, so the
+    capture check is stubbed out here.
+    """
+    monkeypatch.delenv("QCOMPILE_AUTOTUNE", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    monkeypatch.setattr(autotune, "SHIPPED_DIR", shipped)
+
+
+@pytest.fixture
+def cache_dir(tmp_path: Path) -> Path:
+    return tmp_path / "cache"
+
+
+class Bench:
+    """A bench callback with fixed timings that records what it was asked to time."""
+
+    def __init__(self, timings: dict[KernelConfig, float | Exception]):
+        self.timings = timings
+        self.calls: list[KernelConfig] = []
+
+    def __call__(self, cfg: KernelConfig) -> float:
+        self.calls.append(cfg)
+        result = self.timings[cfg]
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+
+def must_not_bench(cfg: KernelConfig) -> float:
+    raise AssertionError(f"bench was called for {cfg}")
+
+
+def cache_file(cache_dir: Path, gpu: str = GPU, triton: str = TRITON) -> Path:
+    return cache_dir / f"autotune-{gpu}-triton{triton}.json"
+
+
+def write_cache(path: Path, gpu: str, triton: str, entries: dict[TuneKey, KernelConfig]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = {
+        "format": CACHE_FORMAT,
+        "gpu": gpu,
+        "triton": triton,
+        "entries": [{"key": asdict(k), "config": asdict(c), "us": 1.0} for k, c in entries.items()],
+    }
+    path.write_text(json.dumps(data))
+
+
+# --- M buckets and names -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("m", "bucket"),
+    [(0, 1), (1, 1), (2, 2), (3, 4), (4, 4), (5, 8), (16, 16), (17, 32), (4096, 4096)],
+)
+def test_m_bucket(m: int, bucket: int) -> None:
+    assert m_bucket(m) == bucket
+
+
+@pytest.mark.parametrize("m", [4097, 8192, 10**9])
+def test_m_bucket_caps_at_4096(m: int) -> None:
+    assert m_bucket(m) == 4096
+
+
+@pytest.mark.parametrize(
+    ("gpu", "family"),
+    [
+        ("nvidia-h100-80gb-hbm3", "h100"),
+        ("nvidia-h100-pcie", "h100"),
+        ("nvidia-h200", "h200"),
+        ("nvidia-a100-sxm4-40gb", "a100"),
+        ("nvidia-l40s", "l40s"),
+        ("nvidia-l4", "l4"),
+        ("some-unknown-gpu", "some-unknown-gpu"),
+    ],
+)
+def test_shipped_config_name(gpu: str, family: str) -> None:
+    assert shipped_config_name(gpu) == family
+
+
+# --- tuning and the user cache -------------------------------------------------------------
+
+
+def test_get_tunes_picks_fastest_and_saves(cache_dir: Path) -> None:
+    bench = Bench({GEMV: 30.0, GEMM_SMALL: 12.5, GEMM_LARGE: 20.0})
+    tuner = Autotuner(gpu=GPU, triton_version=TRITON, cache_dir=cache_dir)
+    assert tuner.path == cache_file(cache_dir)
+    assert not tuner.path.exists()
+
+    assert tuner.get(KEY, CANDIDATES, bench, DEFAULT) == GEMM_SMALL
+    assert bench.calls == list(CANDIDATES)
+    assert tuner.timings[KEY] == 12.5
+    assert tuner.lookup(KEY) == GEMM_SMALL
+
+    data = json.loads(tuner.path.read_text())
+    assert data["format"] == CACHE_FORMAT
+    assert data["gpu"] == GPU
+    assert data["triton"] == TRITON
+    assert data["entries"] == [{"key": asdict(KEY), "config": asdict(GEMM_SMALL), "us": 12.5}]
+    assert list(cache_dir.glob("*.tmp")) == []  # the atomic write left nothing behind
+
+    # In this process the answer is now memoized: no second round of benchmarking.
+    assert tuner.get(KEY, CANDIDATES, must_not_bench, DEFAULT) == GEMM_SMALL
+
+
+def test_second_tuner_reads_cache_without_benchmarking(cache_dir: Path) -> None:
+    first = Autotuner(gpu=GPU, triton_version=TRITON, cache_dir=cache_dir)
+    first.get(KEY, CANDIDATES, Bench({GEMV: 3.0, GEMM_SMALL: 5.0, GEMM_LARGE: 9.0}), DEFAULT)
+    first.get(OTHER_KEY, CANDIDATES, Bench({GEMV: 9.0, GEMM_SMALL: 5.0, GEMM_LARGE: 1.0}), DEFAULT)
+
+    second = Autotuner(gpu=GPU, triton_version=TRITON, cache_dir=cache_dir)
+    assert second.user == {KEY: GEMV, OTHER_KEY: GEMM_LARGE}
+    assert second.get(KEY, CANDIDATES, must_not_bench, DEFAULT) == GEMV
+    assert second.get(OTHER_KEY, CANDIDATES, must_not_bench, DEFAULT) == GEMM_LARGE
+
+
+def test_get_ties_keep_first_candidate(cache_dir: Path) -> None:
+    tuner = Autotuner(gpu=GPU, triton_version=TRITON, cache_dir=cache_dir)
+    bench = Bench({GEMV: 7.0, GEMM_SMALL: 7.0, GEMM_LARGE: 7.0})
+    assert tuner.get(KEY, CANDIDATES, bench, DEFAULT) == GEMV
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        "{not json",
+        "",
+        '{"format": 1, "gpu": "test-gpu", "triton": "9.9"}',  # no entries
+        '{"format": 1, "gpu": "test-gpu", "triton": "9.9", "entries": [{"key": {"n": 1}}]}',
+        '{"format": 1, "gpu": "test-gpu", "triton": "9.9", "entries": ["oops"]}',
+        '{"format": 99, "gpu": "test-gpu", "triton": "9.9", "entries": []}',
+    ],
+    ids=["syntax", "empty", "no-entries", "bad-key", "bad-entry", "format"],
+)
+def test_corrupt_cache_ignored_with_warning_and_rewritten(
+    cache_dir: Path, content: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = cache_file(cache_dir)
+    path.parent.mkdir(parents=True)
+    path.write_text(content)
+
+    with caplog.at_level(logging.WARNING, logger="qcompile.autotune"):
+        tuner = Autotuner(gpu=GPU, triton_version=TRITON, cache_dir=cache_dir)
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert warnings[0].name == "qcompile.autotune"
+    assert "ignoring tuning cache" in warnings[0].getMessage()
+    assert str(path) in warnings[0].getMessage()
+    assert tuner.user == {}
+
+    bench = Bench({GEMV: 2.0, GEMM_SMALL: 1.0, GEMM_LARGE: 3.0})
+    assert tuner.get(KEY, CANDIDATES, bench, DEFAULT) == GEMM_SMALL
+    assert len(bench.calls) == 3
+    data = json.loads(path.read_text())  # rewritten as a valid file
+    assert data["entries"] == [{"key": asdict(KEY), "config": asdict(GEMM_SMALL), "us": 1.0}]
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="qcompile.autotune"):
+        again = Autotuner(gpu=GPU, triton_version=TRITON, cache_dir=cache_dir)
+    assert caplog.records == []
+    assert again.user == {KEY: GEMM_SMALL}
+
+
+@pytest.mark.parametrize("content", ["[]", "null", "3"])
+def test_non_object_json_cache_ignored(cache_dir: Path, content: str) -> None:
+    path = cache_file(cache_dir)
+    path.parent.mkdir(parents=True)
+    path.write_text(content)
+    tuner = Autotuner(gpu=GPU, triton_version=TRITON, cache_dir=cache_dir)
+    assert tuner.user == {}
+
+
+@pytest.mark.parametrize(
+    ("gpu", "triton"),
+    [(GPU, "1.0"), ("nvidia-a100", TRITON)],
+    ids=["other-triton-version", "other-device"],  # no bare "gpu" id: it reads as the marker
+)
+def test_stale_cache_ignored_with_warning(
+    cache_dir: Path, gpu: str, triton: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A file at this tuner's path whose contents say it was written for another setup.
+    path = cache_file(cache_dir)
+    write_cache(path, gpu, triton, {KEY: GEMM_LARGE})
+
+    with caplog.at_level(logging.WARNING, logger="qcompile.autotune"):
+        tuner = Autotuner(gpu=GPU, triton_version=TRITON, cache_dir=cache_dir)
+    assert tuner.user == {}
+    assert tuner.lookup(KEY) is None
+    assert any("ignoring tuning cache" in r.getMessage() for r in caplog.records)
+
+    bench = Bench({GEMV: 1.0, GEMM_SMALL: 2.0, GEMM_LARGE: 3.0})
+    assert tuner.get(KEY, CANDIDATES, bench, DEFAULT) == GEMV
+    assert len(bench.calls) == 3
+    data = json.loads(path.read_text())
+    assert (data["gpu"], data["triton"]) == (GPU, TRITON)
+
+
+def test_files_of_other_setups_are_not_read(cache_dir: Path) -> None:
+    write_cache(cache_file(cache_dir, triton="1.0"), GPU, "1.0", {KEY: GEMM_LARGE})
+    write_cache(cache_file(cache_dir, gpu="other-gpu"), "other-gpu", TRITON, {KEY: GEMM_LARGE})
+    tuner = Autotuner(gpu=GPU, triton_version=TRITON, cache_dir=cache_dir)
+    assert tuner.lookup(KEY) is None
+    bench = Bench({GEMV: 1.0, GEMM_SMALL: 2.0, GEMM_LARGE: 3.0})
+    assert tuner.get(KEY, CANDIDATES, bench, DEFAULT) == GEMV
+    assert len(bench.calls) == 3
+
+
+# --- failures and disabled tuning ----------------------------------------------------------
+
+
+def test_failing_candidates_are_skipped(cache_dir: Path) -> None:
+    tuner = Autotuner(gpu=GPU, triton_version=TRITON, cache_dir=cache_dir)
+    bench = Bench(
+        {GEMV: RuntimeError("out of resources"), GEMM_SMALL: 8.0, GEMM_LARGE: ValueError("bad")}
+    )
+    assert tuner.get(KEY, CANDIDATES, bench, DEFAULT) == GEMM_SMALL
+    assert bench.calls == list(CANDIDATES)
+    assert tuner.timings[KEY] == 8.0
+
+
+def test_all_candidates_failing_raises(cache_dir: Path) -> None:
+    tuner = Autotuner(gpu=GPU, triton_version=TRITON, cache_dir=cache_dir)
+    bench = Bench({cfg: RuntimeError("out of shared memory") for cfg in CANDIDATES})
+    with pytest.raises(RuntimeError, match="every candidate config failed"):
+        tuner.get(KEY, CANDIDATES, bench, DEFAULT)
+    assert len(bench.calls) == 3
+    assert tuner.lookup(KEY) is None
+    assert not tuner.path.exists()
+
+
+def _disable_by_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("QCOMPILE_AUTOTUNE", "0")
+
+
+def _disable_by_capture(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+
+
+@pytest.mark.parametrize(
+    "disable", [_disable_by_env, _disable_by_capture], ids=["QCOMPILE_AUTOTUNE=0", "capturing"]
+)
+def test_tuning_disabled_returns_default(
+    cache_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    disable: Callable[[pytest.MonkeyPatch], None],
+) -> None:
+    disable(monkeypatch)
+    tuner = Autotuner(gpu=GPU, triton_version=TRITON, cache_dir=cache_dir)
+    assert tuner.get(KEY, CANDIDATES, must_not_bench, DEFAULT) == DEFAULT
+    assert tuner.lookup(KEY) is None  # the default is not cached as if it were tuned
+    assert not tuner.path.exists()
+
+
+def test_tuning_disabled_still_uses_cache(cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_cache(cache_file(cache_dir), GPU, TRITON, {KEY: GEMM_LARGE})
+    monkeypatch.setenv("QCOMPILE_AUTOTUNE", "0")
+    tuner = Autotuner(gpu=GPU, triton_version=TRITON, cache_dir=cache_dir)
+    assert tuner.get(KEY, CANDIDATES, must_not_bench, DEFAULT) == GEMM_LARGE
+
+
+# --- shipped configs -----------------------------------------------------------------------
+
+
+def test_shipped_configs_used_across_triton_versions(cache_dir: Path) -> None:
+    # h100.json serves every H100 variant; its Triton version does not have to match.
+    write_cache(
+        autotune.SHIPPED_DIR / "h100.json", "nvidia-h100-80gb-hbm3", "0.1", {KEY: GEMM_LARGE}
+    )
+    tuner = Autotuner(gpu="nvidia-h100-80gb-hbm3", triton_version=TRITON, cache_dir=cache_dir)
+    assert tuner.shipped == {KEY: GEMM_LARGE}
+    assert tuner.get(KEY, CANDIDATES, must_not_bench, DEFAULT) == GEMM_LARGE
+    assert not tuner.path.exists()  # a shipped hit is not copied into the user cache
+
+
+def test_user_cache_wins_over_shipped(cache_dir: Path) -> None:
+    gpu = "nvidia-h100-pcie"
+    write_cache(autotune.SHIPPED_DIR / "h100.json", "nvidia-h100-80gb-hbm3", "0.1", {KEY: GEMV})
+    write_cache(cache_file(cache_dir, gpu=gpu), gpu, TRITON, {KEY: GEMM_SMALL})
+    tuner = Autotuner(gpu=gpu, triton_version=TRITON, cache_dir=cache_dir)
+    assert tuner.get(KEY, CANDIDATES, must_not_bench, DEFAULT) == GEMM_SMALL
+
+
+def test_shipped_miss_tunes(cache_dir: Path) -> None:
+    write_cache(autotune.SHIPPED_DIR / "h100.json", "nvidia-h100-80gb-hbm3", "0.1", {KEY: GEMV})
+    tuner = Autotuner(gpu="nvidia-h100-80gb-hbm3", triton_version=TRITON, cache_dir=cache_dir)
+    bench = Bench({GEMV: 4.0, GEMM_SMALL: 3.0, GEMM_LARGE: 2.0})
+    assert tuner.get(OTHER_KEY, CANDIDATES, bench, DEFAULT) == GEMM_LARGE
+    assert len(bench.calls) == 3
+
+
+def test_corrupt_shipped_file_ignored(cache_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    (autotune.SHIPPED_DIR / "h100.json").write_text("{truncated")
+    with caplog.at_level(logging.WARNING, logger="qcompile.autotune"):
+        tuner = Autotuner(gpu="nvidia-h100-80gb-hbm3", triton_version=TRITON, cache_dir=cache_dir)
+    assert tuner.shipped == {}
+    assert any("h100.json" in r.getMessage() for r in caplog.records)

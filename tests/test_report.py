@@ -1,0 +1,112 @@
+"""CompileReport: counts, the per-layer table and how it logs fallbacks."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from qcompile.report import CompileReport, LayerRecord
+
+QUANTIZED = LayerRecord(
+    "model.layers.0.mlp.up_proj", (11008, 4096), "quantized", "w4a16 g128", "triton"
+)
+QUANTIZED_REF = LayerRecord(
+    "model.layers.0.mlp.gate_proj", (11008, 4096), "quantized", "w4a16 g128", "reference"
+)
+PREQUANTIZED = LayerRecord("model.layers.1.self_attn.q_proj", (4096, 4096), "prequantized", "awq")
+SKIPPED = LayerRecord("lm_head", (32000, 4096), "skipped", "matches skip pattern 'lm_head'")
+FALLBACK = LayerRecord(
+    "model.layers.0.mlp.down_proj",
+    (4096, 11008),
+    "fallback",
+    "K=11008 is not divisible by group_size=128",
+)
+
+
+def make_report(*records: LayerRecord, graphs: int = 1) -> CompileReport:
+    report = CompileReport(graphs=graphs)
+    for record in records:
+        report.add(record)
+    return report
+
+
+def test_summary_counts() -> None:
+    report = make_report(QUANTIZED, QUANTIZED_REF, PREQUANTIZED, SKIPPED, FALLBACK, graphs=2)
+    assert report.summary() == (
+        "qcompile: 5 linear layers in 2 graph(s): "
+        "2 quantized, 1 prequantized, 1 skipped, 1 fallback"
+    )
+    assert report.by_status("quantized") == [QUANTIZED, QUANTIZED_REF]
+    assert report.by_status("fallback") == [FALLBACK]
+
+
+def test_summary_leaves_out_zero_counts() -> None:
+    report = make_report(QUANTIZED, SKIPPED)
+    assert report.summary() == "qcompile: 2 linear layers in 1 graph(s): 1 quantized, 1 skipped"
+
+
+def test_summary_empty() -> None:
+    assert CompileReport().summary() == "qcompile: 0 linear layers in 0 graph(s): none matched"
+
+
+def test_table_has_a_row_per_layer() -> None:
+    records = (QUANTIZED, QUANTIZED_REF, PREQUANTIZED, SKIPPED, FALLBACK)
+    report = make_report(*records)
+    lines = report.table().splitlines()
+    assert len(lines) == 1 + len(records)
+    assert lines[0].split() == ["layer", "N", "x", "K", "status", "path", "detail"]
+    for line, record in zip(lines[1:], records, strict=True):
+        assert line.startswith(record.name)
+        assert f"{record.shape[0]} x {record.shape[1]}" in line
+        assert record.status in line
+        assert line.endswith(record.detail)
+        if record.path:
+            assert f" {record.path} " in line
+    # Columns are aligned: every row's status starts at the same offset.
+    status_col = lines[0].index("status")
+    for line, record in zip(lines[1:], records, strict=True):
+        assert line[status_col:].startswith(record.status)
+
+
+def test_str_is_summary_then_table() -> None:
+    report = make_report(QUANTIZED, FALLBACK)
+    assert str(report) == report.summary() + "\n" + report.table()
+
+
+def test_log_warns_on_fallback(caplog: pytest.LogCaptureFixture) -> None:
+    report = make_report(QUANTIZED, FALLBACK, SKIPPED)
+    with caplog.at_level(logging.DEBUG, logger="qcompile"):
+        report.log()
+    assert len(caplog.records) == 1
+    record = caplog.records[0]
+    assert record.levelno == logging.WARNING
+    assert record.name == "qcompile"
+    message = record.getMessage()
+    assert message.startswith(report.summary())
+    assert f"{FALLBACK.name}: {FALLBACK.detail}" in message
+    assert QUANTIZED.name not in message
+
+
+def test_log_lists_five_fallbacks_then_counts(caplog: pytest.LogCaptureFixture) -> None:
+    fallbacks = [
+        LayerRecord(f"model.layers.{i}.mlp.down_proj", (4096, 11008), "fallback", f"reason {i}")
+        for i in range(7)
+    ]
+    with caplog.at_level(logging.DEBUG, logger="qcompile"):
+        make_report(*fallbacks).log()
+    message = caplog.records[0].getMessage()
+    for record in fallbacks[:5]:
+        assert f"{record.name}: {record.detail}" in message
+    for record in fallbacks[5:]:
+        assert record.name not in message
+    assert message.endswith("(+2 more)")
+
+
+def test_log_info_without_fallback(caplog: pytest.LogCaptureFixture) -> None:
+    report = make_report(QUANTIZED, PREQUANTIZED, SKIPPED)
+    with caplog.at_level(logging.DEBUG, logger="qcompile"):
+        report.log()
+    assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
+        (logging.INFO, report.summary())
+    ]
