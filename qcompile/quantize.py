@@ -22,7 +22,7 @@ from qcompile.report import CompileReport, LayerRecord
 class W4A16Linear(nn.Module):
     """A linear layer holding a packed int4 weight (layout: `qcompile.quant.int4`).
 
-    Buffers: qweight [N, K/8] int32, scales and offsets [K/G, N], bias [N] or None.
+    Buffers: qweight [K/8, N] int32, scales and offsets [K/G, N], bias [N] or None.
     """
 
     def __init__(self, packed: PackedInt4, bias: torch.Tensor | None):
@@ -57,31 +57,29 @@ def quantize_(model: nn.Module, config: QuantConfig | None = None) -> CompileRep
     config = config or QuantConfig()
     report = CompileReport()
     targets = [(name, mod) for name, mod in model.named_modules() if type(mod) is nn.Linear]
-    for name, linear in targets:
-        shape = tuple(linear.weight.shape)
-        if config.skips(name):
-            report.add(LayerRecord(name, shape, "skipped", "matches a skip pattern"))
-            continue
+    decisions: list[tuple[str, nn.Linear, LayerRecord | None]] = []
+    for name, linear in targets:  # decide every layer first: "raise" leaves the model untouched
         w = linear.weight
-        reason = unsupported_reason(tuple(w.shape), w.dtype, w.device.type, config.scheme)
-        if reason is not None:
+        record = None
+        if config.skips(name):
+            record = LayerRecord(name, tuple(w.shape), "skipped", "matches a skip pattern")
+        elif (
+            reason := unsupported_reason(tuple(w.shape), w.dtype, w.device.type, config.scheme)
+        ) is not None:
             if config.on_unsupported == "raise":
                 raise UnsupportedLayerError(f"{name}: {reason}")
-            report.add(LayerRecord(name, shape, "fallback", reason))
-            continue
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        q = W4A16Linear.from_linear(linear, config.scheme)
-        setattr(parent, attr, q)
-        report.add(
-            LayerRecord(
-                name,
-                shape,
-                "quantized",
-                describe(config.scheme, q.group_size),
-                execution_path(q.qweight),
+            record = LayerRecord(name, tuple(w.shape), "fallback", reason)
+        decisions.append((name, linear, record))
+    for name, linear, record in decisions:
+        if record is None:
+            parent_name, _, attr = name.rpartition(".")
+            q = W4A16Linear.from_linear(linear, config.scheme)
+            setattr(model.get_submodule(parent_name), attr, q)
+            detail = describe(config.scheme, q.group_size)
+            record = LayerRecord(
+                name, tuple(linear.weight.shape), "quantized", detail, execution_path(q.qweight)
             )
-        )
+        report.add(record)
     report.log()
     return report
 

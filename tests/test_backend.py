@@ -218,3 +218,11 @@ def test_report_summary_mentions_every_status():
     text = str(be.report)
     assert "1 quantized" in text and "1 skipped" in text and "1 fallback" in text
     assert "down" in text and "lm_head" in text
+
+
+def test_quantize_raise_leaves_model_untouched():
+    model = MLP(k=80)  # up: K=80 not divisible by 32; down would be quantized first otherwise
+    cfg = QuantConfig(Scheme(group_size=32), on_unsupported="raise")
+    with pytest.raises(qcompile.UnsupportedLayerError, match="up: K=80 is not divisible"):
+        qcompile.quantize_(model, cfg)
+    assert all(type(m) is nn.Linear for m in (model.up, model.down, model.lm_head))

@@ -22,7 +22,7 @@ SETTINGS = settings(
 
 def _run(problem, cfg: KernelConfig) -> torch.Tensor:
     p = problem.packed
-    m, n = problem.x.shape[0], p.qweight.shape[0]
+    m, n = problem.x.shape[0], p.shape[0]
     out = torch.full((m, n), float("nan"), dtype=problem.dtype, device=KERNEL_DEVICE)  # poison
     return launch(
         cfg, problem.x, p.qweight, p.scales, p.offsets, problem.bias, p.group_size, out=out
@@ -34,7 +34,7 @@ def _run(problem, cfg: KernelConfig) -> torch.Tensor:
 def test_every_candidate_config_matches_float64_reference(problem, data):
     """Any config autotuning may pick (GEMV, GEMM, split-K, BLOCK_K above/below the group)."""
     m, k = problem.x.shape
-    n = problem.packed.qweight.shape[0]
+    n = problem.packed.shape[0]
     configs = candidate_configs(m, n, k, problem.packed.group_size)
     assert configs, f"no valid config for M={m} N={n} K={k} G={problem.packed.group_size}"
     cfg = data.draw(st.sampled_from(configs), label="config")
@@ -46,7 +46,7 @@ def test_every_candidate_config_matches_float64_reference(problem, data):
 def test_default_config_matches_float64_reference(problem):
     """The untuned fallback config (used during CUDA-graph capture) is valid for every shape."""
     m, k = problem.x.shape
-    n = problem.packed.qweight.shape[0]
+    n = problem.packed.shape[0]
     cfg = default_config(m, n, k, problem.packed.group_size)
     assert_close_rel(_run(problem, cfg), problem.reference64(), problem.dtype)
 
@@ -72,9 +72,41 @@ def test_strided_activations(kernel):
     assert_close_rel(_run(problem, cfg), problem.reference64(), torch.float16)
 
 
-def test_candidate_configs_respect_groups_and_splits():
-    for m, k, g in ((1, 4096, 128), (64, 576, 64), (1024, 1536, 32), (1, 4096, 4096)):
-        for cfg in candidate_configs(m, 512, k, g):
-            assert k % cfg.split_k == 0 and (k // cfg.split_k) % cfg.block_k == 0
-            assert g % cfg.block_k == 0 or cfg.block_k % g == 0
-            assert cfg.kernel == "gemm" or m <= 4
+def _pow2(v):
+    return v > 0 and v & (v - 1) == 0
+
+
+@pytest.mark.parametrize(
+    ("m", "k", "g"), [(1, 4096, 128), (64, 576, 64), (1024, 1536, 32), (1, 4096, 4096), (3, 96, 96)]
+)
+def test_configs_have_power_of_two_tiles_aligned_to_groups(m, k, g):
+    """Triton needs power-of-two ranges; the interpreter does not enforce it, so we must."""
+    for cfg in [*candidate_configs(m, 512, k, g), default_config(m, 512, k, g)]:
+        assert _pow2(cfg.block_n) and _pow2(cfg.block_k), cfg
+        if cfg.kernel == "dequant_mm":
+            assert (k // 8) % cfg.block_k == 0
+            continue
+        assert _pow2(cfg.block_m)
+        assert k % cfg.split_k == 0 and (k // cfg.split_k) % cfg.block_k == 0
+        assert g % cfg.block_k == 0 or cfg.block_k % g == 0
+        assert cfg.kernel == "gemm" or m <= 4
+
+
+@pytest.mark.parametrize("group", [32, 128])
+def test_dequantize_then_matmul_strategy(group):
+    """The large-M strategy (dequantize to [K, N], then cuBLAS/CPU matmul) is exact."""
+    from strategies import LinearProblem
+
+    from qcompile.config import Scheme
+    from qcompile.quant.rtn import quantize_weight_int4
+
+    gen = torch.Generator().manual_seed(group)
+    m, n, k = 5, 48, 256
+    w = torch.randn(n, k, generator=gen)
+    p = quantize_weight_int4(w, Scheme(group_size=group), torch.float16)
+    p = type(p)(*(t.to(KERNEL_DEVICE) for t in (p.qweight, p.scales, p.offsets)), p.group_size)
+    x = torch.randn(m, k, generator=gen).to(torch.float16).to(KERNEL_DEVICE)
+    bias = torch.randn(n, generator=gen).to(torch.float16).to(KERNEL_DEVICE)
+    problem = LinearProblem(x, w, p, bias, torch.float16)
+    cfg = KernelConfig("dequant_mm", 0, 16, 8, 1, 4, 1)
+    assert_close_rel(_run(problem, cfg), problem.reference64(), torch.float16)

@@ -96,3 +96,9 @@ def test_backward_through_activations():
 def test_reference_is_what_the_op_runs_on_cpu():
     args = _args(dtype=torch.bfloat16)
     assert torch.equal(OP(*args), w4a16_linear_reference(*args))
+
+
+def test_non_contiguous_packed_tensors_are_rejected():
+    x, qw, s, o, b, g = _args()
+    with pytest.raises(ValueError, match="scales must be contiguous"):
+        OP(x, qw, s.t().contiguous().t(), o, b, g)

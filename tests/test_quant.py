@@ -38,9 +38,9 @@ def test_pack_unpack_round_trip(codes: torch.Tensor) -> None:
     n, k = codes.shape
     qweight = pack_int4_along_k(codes)
     assert qweight.dtype == torch.int32
-    assert tuple(qweight.shape) == (n, k // 8)
+    assert tuple(qweight.shape) == (k // 8, n)
     # The word is negative exactly when its last (highest) nibble has its top bit set.
-    assert torch.equal(qweight < 0, codes[:, 7::8] >= 8)
+    assert torch.equal(qweight < 0, (codes[:, 7::8] >= 8).t())
     unpacked = unpack_int4_along_k(qweight)
     assert unpacked.dtype == torch.uint8
     assert torch.equal(unpacked.to(torch.int64), codes)
@@ -48,7 +48,7 @@ def test_pack_unpack_round_trip(codes: torch.Tensor) -> None:
 
 @pytest.mark.parametrize("code_dtype", [torch.uint8, torch.int32, torch.int64, torch.float32])
 def test_pack_layout_matches_contract(code_dtype: torch.dtype) -> None:
-    # code of w[n, k] = (qweight[n, k // 8] >> (4 * (k % 8))) & 0xF, low nibble first.
+    # code of w[n, k] = (qweight[k // 8, n] >> (4 * (k % 8))) & 0xF, low nibble first.
     codes = torch.tensor(
         [
             [1, 2, 3, 4, 5, 6, 7, 8, 15, 0, 15, 0, 15, 0, 15, 15],
@@ -60,23 +60,23 @@ def test_pack_layout_matches_contract(code_dtype: torch.dtype) -> None:
     expected = torch.zeros(2, 2, dtype=torch.int64)
     for n in range(2):
         for k in range(16):
-            expected[n, k // 8] |= int(codes[n, k]) << (4 * (k % 8))
-    # As unsigned 32-bit words, read from the high nibble down.
-    assert expected.tolist() == [[0x87654321, 0xFF0F0F0F], [0x00000000, 0xFFEDCBA9]]
+            expected[k // 8, n] |= int(codes[n, k]) << (4 * (k % 8))
+    # As unsigned 32-bit words, read from the high nibble down; rows are K/8, columns N.
+    assert expected.tolist() == [[0x87654321, 0x00000000], [0xFF0F0F0F, 0xFFEDCBA9]]
     assert torch.equal(qweight.to(torch.int64) & 0xFFFFFFFF, expected)
     assert qweight.tolist() == [
-        [0x87654321 - 2**32, 0xFF0F0F0F - 2**32],
-        [0, 0xFFEDCBA9 - 2**32],
+        [0x87654321 - 2**32, 0],
+        [0xFF0F0F0F - 2**32, 0xFFEDCBA9 - 2**32],
     ]
 
     for n in range(2):
         for k in range(16):
-            assert (int(qweight[n, k // 8]) >> (4 * (k % 8))) & 0xF == int(codes[n, k])
+            assert (int(qweight[k // 8, n]) >> (4 * (k % 8))) & 0xF == int(codes[n, k])
 
 
 def test_pack_all_fifteen_is_minus_one() -> None:
     qweight = pack_int4_along_k(torch.full((3, 16), 15, dtype=torch.uint8))
-    assert torch.equal(qweight, torch.full((3, 2), -1, dtype=torch.int32))
+    assert torch.equal(qweight, torch.full((2, 3), -1, dtype=torch.int32))
     assert torch.equal(unpack_int4_along_k(qweight), torch.full((3, 16), 15, dtype=torch.uint8))
 
 
@@ -115,7 +115,7 @@ def _check_rtn(
 
     assert packed.group_size == g
     assert packed.qweight.dtype == torch.int32
-    assert tuple(packed.qweight.shape) == (n, k // 8)
+    assert tuple(packed.qweight.shape) == (k // 8, n)
     assert tuple(packed.scales.shape) == (k // g, n)
     assert tuple(packed.offsets.shape) == (k // g, n)
     assert packed.scales.dtype == dtype and packed.offsets.dtype == dtype

@@ -70,8 +70,8 @@ def gpu_name(device: torch.device | int | None = None) -> str:
 
 def shipped_config_name(gpu: str) -> str:
     """Shipped configs are per GPU family: every H100 variant reads h100.json."""
-    for family in ("h200", "h100", "a100", "l40s", "l4", "a10g", "4090"):
-        if family in gpu:
+    for family in ("h200", "h100", "a100", "l40s", "l40", "l4", "a10g", "4090"):
+        if re.search(rf"(^|-){family}(-|$)", gpu):
             return family
     return gpu
 
@@ -117,9 +117,10 @@ class Autotuner:
         self.shipped = _read_entries(shipped, _shipped_gpu(shipped), None)
         self.user = _read_entries(self.path, gpu, triton_version)
         self.timings: dict[TuneKey, float] = {}
+        self.untuned: dict[TuneKey, KernelConfig] = {}  # defaults used with tuning off
 
     def lookup(self, key: TuneKey) -> KernelConfig | None:
-        return self.user.get(key) or self.shipped.get(key)
+        return self.user.get(key) or self.shipped.get(key) or self.untuned.get(key)
 
     def get(
         self,

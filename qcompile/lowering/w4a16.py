@@ -1,15 +1,19 @@
 """W4A16 Triton kernels: int4 group-wise weights x fp16/bf16 activations.
 
-Weight layout: see `qcompile.quant.int4` (qweight [N, K//8] int32, scales/offsets [K//G, N]).
-Two kernels and a launcher that picks between them per M bucket by autotuning:
+Weight layout: see `qcompile.quant.int4` (qweight [K/8, N] int32, scales/offsets [K/G, N]).
+Three strategies, picked per (M bucket, N, K, group, dtype) by autotuning:
 
-* `_w4a16_gemv_kernel`  (M = 1..4): CUDA-core FMAs, one program per (N tile, K split, row).
-  Memory-bound: floor = (N*K/2 + 2*2*N*K/G + 2*(M*K + M*N)) bytes / HBM bandwidth.
-* `_w4a16_gemm_kernel`  (any M): tensor-core `tl.dot` on tiles dequantized in registers.
-  Memory-bound up to M ~ 64-128 (same floor), then compute-bound: 2*M*N*K / tensor FLOP/s
-  plus the dequantization, which is paid once per (weight element, M tile).
-Both take a runtime split-K factor (no recompile per split); partial sums go to an fp32
-workspace [SPLIT_K, M, N] reduced by `_splitk_reduce_kernel` (deterministic, no atomics).
+* `_w4a16_gemv_kernel` (M = 1..4): CUDA-core FMAs, one program per (N tile, K split, row).
+  Memory-bound: floor = (N*K/2 + 2*2*N*K/G + 2*(M*K + M*N)) bytes / HBM bandwidth. The
+  inner loop is 4 instructions per weight (shift, and|or, fsub, fma) and no layout changes,
+  since the issue rate, not DRAM, is what caps a naive int4 GEMV on an H100.
+* `_w4a16_gemm_kernel` (any M): tensor-core `tl.dot` on [BLOCK_K, BLOCK_N] tiles dequantized
+  in registers. Memory-bound up to M ~ 64-128, then bound by the dot plus the dequantization,
+  which is paid once per (weight element, M tile).
+* "dequant_mm" (large M): `_dequantize_kernel` writes the fp16/bf16 weight once, then cuBLAS.
+  Costs a transient [K, N] buffer; wins only where dequantizing in the GEMM loop costs more.
+GEMV and GEMM take a runtime split-K factor (no recompile per split); partial sums go to an
+fp32 workspace [SPLIT_K, M, N] reduced by `_splitk_reduce_kernel` (deterministic, no atomics).
 """
 
 from __future__ import annotations
@@ -22,19 +26,16 @@ from qcompile.lowering.autotune import KernelConfig, TuneKey, autotuner, m_bucke
 
 FAMILY = "w4a16"
 
-# Exact int -> float for a nibble without a conversion instruction: OR the code into the
-# mantissa of 2**23 and subtract 2**23 (conversions issue at 1/4 the rate of FMAs on sm_90).
+# Exact int -> float of a nibble without a conversion instruction (conversions issue at a
+# fraction of the FMA rate on sm_90): OR the code into the mantissa of 2**23, subtract 2**23.
 _MAGIC_BITS = tl.constexpr(0x4B000000)
 _MAGIC = tl.constexpr(8388608.0)
 
 
 @triton.jit
-def _unpack_codes(qw, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """[BLOCK_N, BLOCK_K // 8] int32 words -> [BLOCK_N, BLOCK_K] float32 codes 0..15."""
-    shifts = tl.arange(0, 8) * 4
-    nib = (qw[:, :, None] >> shifts[None, None, :]) & 0xF
-    codes = tl.reshape(nib, (BLOCK_N, BLOCK_K))
-    return (codes | _MAGIC_BITS).to(tl.float32, bitcast=True) - _MAGIC
+def _codes(words, shift):
+    """int32 words -> float32 codes 0..15 of the nibble at bit `shift`."""
+    return (((words >> shift) & 0xF) | _MAGIC_BITS).to(tl.float32, bitcast=True) - _MAGIC
 
 
 # --------------------------------------------------------------------------- GEMV (M tiny)
@@ -42,42 +43,45 @@ def _unpack_codes(qw, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
 def _w4a16_gemv_kernel(
     x_ptr, qw_ptr, s_ptr, o_ptr, bias_ptr, out_ptr,
     M, N, K, k_per_split,
-    stride_xm, stride_xk, stride_qn, stride_om, stride_split,
+    stride_xm, stride_xk, stride_om, stride_split,
     GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_PARTIAL: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    # Per group: sum_k (q*s + o) * x = s * sum_k q*x + o * sum_k x, so the inner loop is one
-    # FMA per code and the scale/offset are applied once per (row, group).
+    # Tile: words [BLOCK_K/8, BLOCK_N] (N-contiguous 16-byte loads). Nibble i of word row r is
+    # k = k0 + 8r + i, so x is read at stride 8 per nibble (tiny, from L1) and each code meets
+    # its activation without any register shuffle. Per group,
+    #   sum_k (q*s + o) * x = s * sum_k q*x + o * sum_k x,
+    # so scale and offset are applied once per (column, group), not per weight.
+    ROWS: tl.constexpr = BLOCK_K // 8
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     m = tl.program_id(2)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = tl.arange(0, BLOCK_K)
-    rw = tl.arange(0, BLOCK_K // 8)
+    rr = tl.arange(0, ROWS)
     n_mask = rn < N
     k_start = pid_k * k_per_split
+    x_row = x_ptr + m * stride_xm
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for k0 in range(k_start, k_start + k_per_split, BLOCK_K):
-        x = tl.load(x_ptr + m * stride_xm + (k0 + rk) * stride_xk).to(tl.float32)
-        qw = tl.load(
-            qw_ptr + rn[:, None] * stride_qn + (k0 // 8 + rw)[None, :],
-            mask=n_mask[:, None],
-            other=0,
+        words = tl.load(
+            qw_ptr + (k0 // 8 + rr)[:, None] * N + rn[None, :], mask=n_mask[None, :], other=0
         )
-        q = _unpack_codes(qw, BLOCK_N, BLOCK_K)
+        qx = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+        x_rows = tl.zeros((ROWS,), dtype=tl.float32)
+        for i in tl.static_range(8):
+            xi = tl.load(x_row + (k0 + 8 * rr + i) * stride_xk).to(tl.float32)
+            qx += _codes(words, 4 * i) * xi[:, None]
+            x_rows += xi
         if BLOCK_K <= GROUP:
             g = k0 // GROUP
             s = tl.load(s_ptr + g * N + rn, mask=n_mask, other=0).to(tl.float32)
             o = tl.load(o_ptr + g * N + rn, mask=n_mask, other=0).to(tl.float32)
-            acc += s * tl.sum(q * x[None, :], axis=1) + o * tl.sum(x, axis=0)
-        else:
-            NG: tl.constexpr = BLOCK_K // GROUP
-            rg = k0 // GROUP + tl.arange(0, NG)
-            s = tl.load(s_ptr + rg[None, :] * N + rn[:, None], mask=n_mask[:, None], other=0)
-            o = tl.load(o_ptr + rg[None, :] * N + rn[:, None], mask=n_mask[:, None], other=0)
-            qx = tl.sum(tl.reshape(q * x[None, :], (BLOCK_N, NG, GROUP)), axis=2)
-            xs = tl.sum(tl.reshape(x, (NG, GROUP)), axis=1)
-            acc += tl.sum(qx * s.to(tl.float32) + o.to(tl.float32) * xs[None, :], axis=1)
+            acc += s * tl.sum(qx, axis=0) + o * tl.sum(x_rows, axis=0)
+        else:  # several groups per tile: scales vary by word row
+            g_rows = (k0 + 8 * rr) // GROUP
+            s = tl.load(s_ptr + g_rows[:, None] * N + rn[None, :], mask=n_mask[None, :], other=0)
+            o = tl.load(o_ptr + g_rows[:, None] * N + rn[None, :], mask=n_mask[None, :], other=0)
+            acc += tl.sum(qx * s.to(tl.float32) + o.to(tl.float32) * x_rows[:, None], axis=0)
     if WRITE_PARTIAL:
         tl.store(out_ptr + pid_k * stride_split + m * stride_om + rn, acc, mask=n_mask)
     else:
@@ -91,13 +95,13 @@ def _w4a16_gemv_kernel(
 def _w4a16_gemm_kernel(
     x_ptr, qw_ptr, s_ptr, o_ptr, bias_ptr, out_ptr,
     M, N, K, k_per_split,
-    stride_xm, stride_xk, stride_qn, stride_om, stride_split,
+    stride_xm, stride_xk, stride_om, stride_split,
     GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_PARTIAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
-    # Tiles: x [BLOCK_M, BLOCK_K] (fp16/bf16) @ dequant(W)^T [BLOCK_K, BLOCK_N] -> fp32 acc.
-    # BLOCK_K <= GROUP uses one scale vector per tile; BLOCK_K > GROUP (GROUP=32, BLOCK_K=64/128)
-    # loads [BLOCK_N, BLOCK_K // GROUP] scales and broadcasts them over each group.
+    # x [BLOCK_M, BLOCK_K] @ W^T [BLOCK_K, BLOCK_N] -> fp32 acc. Row k of the weight tile reads
+    # word k // 8 (8 rows share a word: one DRAM read, L1 serves the rest) and shifts by
+    # 4 * (k % 8), so the tile is built in natural k order with no reshape or transpose.
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     num_m = tl.cdiv(M, BLOCK_M)
@@ -112,38 +116,32 @@ def _w4a16_gemm_kernel(
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
-    rw = tl.arange(0, BLOCK_K // 8)
     m_mask = rm < M
     n_mask = rn < N
+    shift = (4 * (rk % 8))[:, None]
     dtype = x_ptr.dtype.element_ty
     k_start = pid_k * k_per_split
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_start, k_start + k_per_split, BLOCK_K):
         x = tl.load(
             x_ptr + rm[:, None] * stride_xm + (k0 + rk)[None, :] * stride_xk,
-            mask=m_mask[:, None],
-            other=0.0,
+            mask=m_mask[:, None], other=0.0,
+        )  # fmt: skip
+        words = tl.load(
+            qw_ptr + ((k0 + rk) // 8)[:, None] * N + rn[None, :], mask=n_mask[None, :], other=0
         )
-        qw = tl.load(
-            qw_ptr + rn[:, None] * stride_qn + (k0 // 8 + rw)[None, :],
-            mask=n_mask[:, None],
-            other=0,
-        )
-        q = _unpack_codes(qw, BLOCK_N, BLOCK_K)
+        q = _codes(words, shift)
         if BLOCK_K <= GROUP:
             g = k0 // GROUP
             s = tl.load(s_ptr + g * N + rn, mask=n_mask, other=0).to(tl.float32)
             o = tl.load(o_ptr + g * N + rn, mask=n_mask, other=0).to(tl.float32)
-            w = q * s[:, None] + o[:, None]
+            w = q * s[None, :] + o[None, :]
         else:
-            NG: tl.constexpr = BLOCK_K // GROUP
-            rg = k0 // GROUP + tl.arange(0, NG)
-            s = tl.load(s_ptr + rg[None, :] * N + rn[:, None], mask=n_mask[:, None], other=0)
-            o = tl.load(o_ptr + rg[None, :] * N + rn[:, None], mask=n_mask[:, None], other=0)
-            q3 = tl.reshape(q, (BLOCK_N, NG, GROUP))
-            w3 = q3 * s.to(tl.float32)[:, :, None] + o.to(tl.float32)[:, :, None]
-            w = tl.reshape(w3, (BLOCK_N, BLOCK_K))
-        acc = tl.dot(x, tl.trans(w.to(dtype)), acc)
+            g_rows = (k0 + rk) // GROUP
+            s = tl.load(s_ptr + g_rows[:, None] * N + rn[None, :], mask=n_mask[None, :], other=0)
+            o = tl.load(o_ptr + g_rows[:, None] * N + rn[None, :], mask=n_mask[None, :], other=0)
+            w = q * s.to(tl.float32) + o.to(tl.float32)
+        acc = tl.dot(x, w.to(dtype), acc)
     out_offs = rm[:, None] * stride_om + rn[None, :]
     mask = m_mask[:, None] & n_mask[None, :]
     if WRITE_PARTIAL:
@@ -170,15 +168,46 @@ def _splitk_reduce_kernel(
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _dequantize_kernel(
+    qw_ptr, s_ptr, o_ptr, w_ptr, N,
+    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr,
+):  # fmt: skip
+    # words [ROWS, BLOCK_N] -> weight^T [8 * ROWS, BLOCK_N] (k-major, N-contiguous), which is
+    # what `x @ w` with w = [K, N] reads. Memory-bound: reads K*N/2 bytes, writes 2*K*N.
+    rr = tl.program_id(1) * ROWS + tl.arange(0, ROWS)
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = rn < N
+    words = tl.load(qw_ptr + rr[:, None] * N + rn[None, :], mask=n_mask[None, :], other=0)
+    g = (8 * rr) // GROUP
+    s = tl.load(s_ptr + g[:, None] * N + rn[None, :], mask=n_mask[None, :], other=0).to(tl.float32)
+    o = tl.load(o_ptr + g[:, None] * N + rn[None, :], mask=n_mask[None, :], other=0).to(tl.float32)
+    for i in tl.static_range(8):
+        w = _codes(words, 4 * i) * s + o
+        tl.store(
+            w_ptr + (8 * rr + i)[:, None] * N + rn[None, :],
+            w.to(w_ptr.dtype.element_ty),
+            mask=n_mask[None, :],
+        )
+
+
 # --------------------------------------------------------------------------- configs
-def _valid(cfg: KernelConfig, k: int, group: int) -> bool:
-    """A config fits when each split's K range is a whole number of tiles aligned to groups."""
-    if k % cfg.split_k:
+def _pow2(v: int) -> bool:
+    return v > 0 and v & (v - 1) == 0
+
+
+def valid_config(cfg: KernelConfig, k: int, group: int) -> bool:
+    """A config fits when its tiles are powers of two and each split's K range is a whole
+    number of tiles aligned to groups (Triton needs power-of-two ranges; the interpreter
+    does not check, so this must)."""
+    if cfg.kernel == "dequant_mm":
+        return _pow2(cfg.block_n) and _pow2(cfg.block_k) and (k // 8) % cfg.block_k == 0
+    if not (_pow2(cfg.block_n) and _pow2(cfg.block_k) and _pow2(cfg.block_m)) or k % cfg.split_k:
         return False
-    k_split = k // cfg.split_k
-    if k_split % cfg.block_k or cfg.block_k % 8:
+    if (k // cfg.split_k) % cfg.block_k:
         return False
-    return group % cfg.block_k == 0 or cfg.block_k % group == 0
+    min_k = 64 if cfg.kernel == "gemv" else 16
+    return cfg.block_k >= min_k and (group % cfg.block_k == 0 or cfg.block_k % group == 0)
 
 
 # Split K only while the grid is under ~4 waves of an H100 (132 SMs): more splits past that
@@ -196,8 +225,8 @@ def candidate_configs(m: int, n: int, k: int, group: int) -> list[KernelConfig]:
     out: list[KernelConfig] = []
     splits = (1, 2, 4, 8, 16) if mb <= 64 else (1, 2, 4) if mb <= 256 else (1,)
     if mb <= 4:
-        for bn, bk, warps in ((16, 256, 4), (32, 128, 4), (32, 256, 4), (64, 128, 4),
-                              (16, 512, 4), (32, 512, 8)):  # fmt: skip
+        for bn, bk, warps in ((64, 256, 4), (128, 128, 4), (128, 256, 4), (256, 128, 4),
+                              (256, 64, 4), (128, 512, 8), (256, 256, 8), (512, 128, 8)):  # fmt: skip
             for sk in splits:
                 if _useful_split(triton.cdiv(n, bn) * mb, sk):
                     out += [KernelConfig("gemv", 1, bn, bk, sk, warps, st) for st in (1, 3)]
@@ -209,18 +238,23 @@ def candidate_configs(m: int, n: int, k: int, group: int) -> list[KernelConfig]:
             for sk in splits:
                 if _useful_split(triton.cdiv(n, bn) * triton.cdiv(mb, bm), sk):
                     out.append(KernelConfig("gemm", bm, bn, bk, sk, warps, stages))
-    return [c for c in out if _valid(c, k, group)]
+    if mb >= 128:
+        out.append(KernelConfig("dequant_mm", 0, 256, _dequant_rows(k), 1, 4, 1))
+    return [c for c in out if valid_config(c, k, group)]
+
+
+def _dequant_rows(k: int) -> int:
+    """Word rows per dequantize program: the largest of 16, 8, 4 dividing K / 8."""
+    return next(r for r in (16, 8, 4, 2, 1) if (k // 8) % r == 0)
 
 
 def default_config(m: int, n: int, k: int, group: int) -> KernelConfig:
-    """Used without tuning (QCOMPILE_AUTOTUNE=0, CUDA-graph capture): a safe, decent choice."""
+    """Used without tuning (QCOMPILE_AUTOTUNE=0, CUDA-graph capture): valid for every shape."""
     mb = m_bucket(m)
-    bk = min(group, 128) if group % 32 == 0 else 32
-    while k % bk:
-        bk //= 2
-    if mb <= 4:
+    bk = next(b for b in (128, 64, 32, 16) if k % b == 0 and (group % b == 0 or b % group == 0))
+    if mb <= 4 and bk >= 64:
         sk = 4 if n <= 8192 and (k // 4) % bk == 0 else 1
-        return KernelConfig("gemv", 1, 32, bk, sk, 4, 3)
+        return KernelConfig("gemv", 1, 128, bk, sk, 4, 3)
     bm = 16 if mb <= 16 else 32 if mb <= 32 else 64
     return KernelConfig("gemm", bm, 64 if mb <= 64 else 128, min(bk, 64), 1, 4, 3)
 
@@ -236,11 +270,21 @@ def launch(
     group_size: int,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Run one config: x [M, K] (any strides) -> out [M, N] in x's dtype."""
+    """Run one config: x [M, K] (any strides) -> out [M, N] in x's dtype.
+
+    qweight, scales and offsets must be contiguous (the op checks)."""
     m, k = x.shape
-    n = qweight.shape[0]
+    n = qweight.shape[1]
     if out is None:
         out = torch.empty((m, n), device=x.device, dtype=x.dtype)
+    if cfg.kernel == "dequant_mm":
+        w = torch.empty((k, n), device=x.device, dtype=x.dtype)
+        grid = (triton.cdiv(n, cfg.block_n), (k // 8) // cfg.block_k)
+        _dequantize_kernel[grid](
+            qweight, scales, offsets, w, n,
+            GROUP=group_size, BLOCK_N=cfg.block_n, ROWS=cfg.block_k, num_warps=cfg.num_warps,
+        )  # fmt: skip
+        return torch.addmm(bias, x, w, out=out) if bias is not None else torch.mm(x, w, out=out)
     split = cfg.split_k
     target = out if split == 1 else torch.empty((split, m, n), device=x.device, dtype=torch.float32)
     bias_arg = bias if bias is not None else out  # never read when HAS_BIAS is False
@@ -250,7 +294,7 @@ def launch(
     )  # fmt: skip
     args = (
         x, qweight, scales, offsets, bias_arg, target, m, n, k, k // split,
-        x.stride(0), x.stride(1), qweight.stride(0), n, m * n,
+        x.stride(0), x.stride(1), out.stride(0), m * n,
     )  # fmt: skip
     if cfg.kernel == "gemv":
         _w4a16_gemv_kernel[(triton.cdiv(n, cfg.block_n), split, m)](*args, **common)
@@ -281,11 +325,11 @@ def w4a16_linear_cuda(
 ) -> torch.Tensor:
     """x [M, K] -> [M, N] with the tuned config of this (M bucket, N, K, group, dtype)."""
     m, k = x.shape
-    n = qweight.shape[0]
+    n = qweight.shape[1]
     key = TuneKey(FAMILY, m_bucket(m), n, k, group_size, str(x.dtype).removeprefix("torch."))
     tuner = autotuner(x.device.index or 0)
     cfg = tuner.lookup(key)
-    if cfg is None:
+    if cfg is None or not valid_config(cfg, k, group_size):
         cfg = tuner.get(
             key,
             candidate_configs(m, n, k, group_size),

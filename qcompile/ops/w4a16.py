@@ -27,10 +27,10 @@ def check_w4a16_args(
 ) -> None:
     """Shape/dtype contract of the op; raises ValueError saying what is wrong and how to fix it."""
     k = x.shape[-1]
-    n, words = qweight.shape
+    words, n = qweight.shape
     if qweight.dtype != torch.int32 or words * NIBBLES_PER_WORD != k:
         raise ValueError(
-            f"qcompile.w4a16_linear: qweight must be [N, K/8] int32 for x with K={k}, "
+            f"qcompile.w4a16_linear: qweight must be [K/8, N] int32 for x with K={k}, "
             f"got {tuple(qweight.shape)} {qweight.dtype}"
         )
     if group_size <= 0 or k % group_size:
@@ -42,6 +42,11 @@ def check_w4a16_args(
         if tuple(t.shape) != groups:
             raise ValueError(
                 f"qcompile.w4a16_linear: {name} must be [K/group_size, N] = {groups}, got {tuple(t.shape)}"
+            )
+    for name, t in (("qweight", qweight), ("scales", scales), ("offsets", offsets)):
+        if not t.is_contiguous():
+            raise ValueError(
+                f"qcompile.w4a16_linear: {name} must be contiguous (call .contiguous())"
             )
     if bias is not None and tuple(bias.shape) != (n,):
         raise ValueError(f"qcompile.w4a16_linear: bias must be [N]={n}, got {tuple(bias.shape)}")
@@ -77,7 +82,7 @@ def w4a16_linear_reference(
 @w4a16_linear.register_fake
 def _(x, qweight, scales, offsets, bias, group_size):
     check_w4a16_args(x, qweight, scales, offsets, bias, group_size)
-    return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+    return x.new_empty((*x.shape[:-1], qweight.shape[1]))
 
 
 @w4a16_linear.register_kernel("cuda")
@@ -86,7 +91,7 @@ def _(x, qweight, scales, offsets, bias, group_size):
 
     check_w4a16_args(x, qweight, scales, offsets, bias, group_size)
     k = x.shape[-1]
-    n = qweight.shape[0]
+    n = qweight.shape[1]
     if x.dtype not in KERNEL_DTYPES or k % KERNEL_K_MULTIPLE:
         # The pass never emits this; a hand-built call gets the reference math, not an error.
         return w4a16_linear_reference(x, qweight, scales, offsets, bias, group_size)

@@ -180,7 +180,7 @@ def rewrite_linears(
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target in W4A16_TARGETS and node.args[1] not in ours:
             qw = inputs[placeholders[node.args[1]]] if node.args[1] in placeholders else None
-            n_k = (qw.shape[0], qw.shape[1] * 8) if isinstance(qw, torch.Tensor) else (0, 0)
+            n_k = (qw.shape[1], qw.shape[0] * 8) if isinstance(qw, torch.Tensor) else (0, 0)
             path = execution_path(qw) if isinstance(qw, torch.Tensor) else ""
             report.add(
                 LayerRecord(

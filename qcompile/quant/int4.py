@@ -1,13 +1,14 @@
 """The packed int4 weight format shared by every W4A16 op and kernel.
 
 Layout (the contract the kernels read; produced only by `pack_int4_along_k`):
-    qweight: [N, K // 8] int32, 8 nibbles along K, low nibble first:
-             code of w[n, k] = (qweight[n, k // 8] >> (4 * (k % 8))) & 0xF
+    qweight: [K // 8, N] int32, 8 nibbles along K, low nibble first:
+             code of w[n, k] = (qweight[k // 8, n] >> (4 * (k % 8))) & 0xF
     scales:  [K // G, N] activation dtype (fp16 / bf16; fp32 for CPU reference use)
     offsets: [K // G, N] same dtype;  w[n, k] ~= code * scales[k // G, n] + offsets[k // G, n]
-Rows of qweight are K-contiguous so a kernel tile [BLOCK_N, BLOCK_K] is BLOCK_N runs of
-BLOCK_K / 2 bytes (16-byte vector loads, full sectors); scales are N-contiguous so one
-group's scales for a BLOCK_N tile are a single contiguous load. Storing the float offset
+Every tensor is N-contiguous: a kernel tile of BLOCK_K / 8 words x BLOCK_N columns is rows of
+4 * BLOCK_N contiguous bytes (16-byte vector loads, full sectors), and nibble i of a word is
+one k of a fixed stride, so unpacking needs no register shuffles (the same packing as GPTQ's
+qweight). One group's scales for a BLOCK_N tile are one contiguous load. Storing the float offset
 (code-0 value) instead of an integer zero point makes dequantization one FMA and lets
 symmetric (offset = -8 * scale), min-max and imported AWQ/GPTQ zero points share one kernel.
 """
@@ -33,29 +34,29 @@ class PackedInt4:
     @property
     def shape(self) -> tuple[int, int]:
         """(N, K) of the original weight."""
-        return self.qweight.shape[0], self.qweight.shape[1] * NIBBLES_PER_WORD
+        return self.qweight.shape[1], self.qweight.shape[0] * NIBBLES_PER_WORD
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.qweight, self.scales, self.offsets))
 
 
 def pack_int4_along_k(codes: torch.Tensor) -> torch.Tensor:
-    """[N, K] integer codes in [0, 15] -> [N, K // 8] int32, low nibble first."""
+    """[N, K] integer codes in [0, 15] -> [K // 8, N] int32, low nibble first."""
     n, k = codes.shape
     if k % NIBBLES_PER_WORD:
         raise ValueError(f"pack_int4_along_k: K={k} is not divisible by {NIBBLES_PER_WORD}")
-    nib = codes.to(torch.int64).reshape(n, k // NIBBLES_PER_WORD, NIBBLES_PER_WORD)
+    nib = codes.to(torch.int64).t().reshape(k // NIBBLES_PER_WORD, NIBBLES_PER_WORD, n)
     shifts = torch.arange(0, 32, 4, device=codes.device, dtype=torch.int64)
-    words = (nib << shifts).sum(dim=-1)  # < 2**32, exact in int64
+    words = (nib << shifts[:, None]).sum(dim=1)  # < 2**32, exact in int64
     # Reinterpret the unsigned 32-bit value as int32 (two's complement).
-    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32).contiguous()
 
 
 def unpack_int4_along_k(qweight: torch.Tensor) -> torch.Tensor:
-    """Inverse of `pack_int4_along_k`: [N, K // 8] int32 -> [N, K] uint8 codes."""
+    """Inverse of `pack_int4_along_k`: [K // 8, N] int32 -> [N, K] uint8 codes."""
     shifts = torch.arange(0, 32, 4, device=qweight.device, dtype=torch.int32)
-    codes = (qweight.unsqueeze(-1) >> shifts) & 0xF
-    return codes.reshape(qweight.shape[0], -1).to(torch.uint8)
+    codes = (qweight.unsqueeze(1) >> shifts[:, None]) & 0xF  # [K // 8, 8, N]
+    return codes.reshape(-1, qweight.shape[1]).t().to(torch.uint8)
 
 
 def dequantize_int4(packed: PackedInt4, dtype: torch.dtype | None = None) -> torch.Tensor:
