@@ -38,12 +38,24 @@ def _codes(words, shift):
     return (((words >> shift) & 0xF) | _MAGIC_BITS).to(tl.float32, bitcast=True) - _MAGIC
 
 
+@triton.jit
+def _codes_in_place(words, mask):
+    """The nibble selected by `mask` (0xF << 4j, j <= 3) as the float code * 16**j: one LOP3.
+
+    (w & 0xF << 4j) | bits(2**23) is the float 2**23 + code * 16**j exactly while the nibble
+    sits below the mantissa's top (bits 0..15); the caller folds 16**-j into x. `mask` comes
+    from a runtime argument: as a literal, ptxas re-materializes it before every LOP3 (which
+    takes one immediate, spent on 2**23), one extra MOV per weight.
+    """
+    return ((words & mask) | _MAGIC_BITS).to(tl.float32, bitcast=True) - _MAGIC
+
+
 # --------------------------------------------------------------------------- GEMV (M tiny)
 @triton.jit
 def _w4a16_gemv_kernel(
     x_ptr, qw_ptr, s_ptr, o_ptr, bias_ptr, out_ptr,
     M, N, K, k_per_split,
-    stride_xm, stride_xk, stride_om, stride_split,
+    stride_xm, stride_xk, stride_om, stride_split, nibble_mask,
     GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_PARTIAL: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
@@ -66,12 +78,20 @@ def _w4a16_gemv_kernel(
         words = tl.load(
             qw_ptr + (k0 // 8 + rr)[:, None] * N + rn[None, :], mask=n_mask[None, :], other=0
         )
-        qx = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
-        x_rows = tl.zeros((ROWS,), dtype=tl.float32)
-        for i in tl.static_range(8):
-            xi = tl.load(x_row + (k0 + 8 * rr + i) * stride_xk).to(tl.float32)
-            qx += _codes(words, 4 * i) * xi[:, None]
+        high = words >> 16  # nibbles 4..7 moved to bits 0..15: one shift per 4 codes
+        x_tile = x_row + (k0 + 8 * rr) * stride_xk  # one address per word row; + i below
+        x0 = tl.load(x_tile).to(tl.float32)
+        qx = _codes_in_place(words, nibble_mask) * x0[:, None]
+        x_rows = x0
+        for i in tl.static_range(1, 8):
+            xi = tl.load(x_tile + i * stride_xk).to(tl.float32)
             x_rows += xi
+            xi_scaled = xi * (1.0 / (1 << (4 * (i % 4))))  # exact: a power of two
+            mask = nibble_mask << (4 * (i % 4))
+            if i < 4:
+                qx += _codes_in_place(words, mask) * xi_scaled[:, None]
+            else:
+                qx += _codes_in_place(high, mask) * xi_scaled[:, None]
         if BLOCK_K <= GROUP:
             g = k0 // GROUP
             s = tl.load(s_ptr + g * N + rn, mask=n_mask, other=0).to(tl.float32)
@@ -297,7 +317,7 @@ def launch(
         x.stride(0), x.stride(1), out.stride(0), m * n,
     )  # fmt: skip
     if cfg.kernel == "gemv":
-        _w4a16_gemv_kernel[(triton.cdiv(n, cfg.block_n), split, m)](*args, **common)
+        _w4a16_gemv_kernel[(triton.cdiv(n, cfg.block_n), split, m)](*args, 0xF, **common)
     else:
         grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split)
         _w4a16_gemm_kernel[grid](*args, BLOCK_M=cfg.block_m, GROUP_M=8, **common)

@@ -1,0 +1,137 @@
+"""Static report of the W4A16 kernels' machine code, no GPU needed.
+
+Compiles each kernel variant for sm_90 with Triton's bundled ptxas, disassembles it, finds the
+main K loop and counts its instructions by kind, then divides by the weights one thread
+handles per iteration. At full HBM bandwidth an H100 SM must retire ~23 int4 weights per
+clock, i.e. at most ~128/23 = 5.5 issued instructions per weight; above that the kernel is
+issue-bound before it is memory-bound.
+
+    python benchmarks/sass_report.py            # prints a table, writes nothing
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import re
+import subprocess
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from qcompile.lowering import w4a16 as kernels
+
+TARGET = GPUTarget("cuda", 90, 32)
+COMMON_SIG = {
+    "x_ptr": "*fp16", "qw_ptr": "*i32", "s_ptr": "*fp16", "o_ptr": "*fp16", "bias_ptr": "*fp16",
+    "out_ptr": "*fp16", "M": "i32", "N": "i32", "K": "i32", "k_per_split": "i32",
+    "stride_xm": "i32", "stride_xk": "i32", "stride_om": "i32", "stride_split": "i32",
+}  # fmt: skip
+# Dynamo-style specialization: pointers and sizes divisible by 16, unit stride along K.
+ATTRS = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 4, 5, 7, 8, 9, 10, 12)}
+
+
+def compile_variant(
+    kind: str, bm: int, bn: int, bk: int, warps: int, stages: int, group: int = 128
+):
+    sig = dict(COMMON_SIG)
+    # stride_xk == 1 is specialized as a constant by Triton at launch for contiguous x.
+    consts = {
+        "GROUP": group,
+        "HAS_BIAS": False,
+        "WRITE_PARTIAL": False,
+        "BLOCK_N": bn,
+        "BLOCK_K": bk,
+        "stride_xk": 1,
+    }
+    fn = kernels._w4a16_gemv_kernel
+    sig["nibble_mask"] = "i32"
+    if kind == "gemm":
+        del sig["nibble_mask"]
+        fn = kernels._w4a16_gemm_kernel
+        consts.update(BLOCK_M=bm, GROUP_M=8)
+    sig.update({name: "constexpr" for name in consts})
+    src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=ATTRS)
+    return triton.compile(src, target=TARGET, options={"num_warps": warps, "num_stages": stages})
+
+
+def _tool(name: str, kernel, *args: str) -> str:
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        return subprocess.run(
+            [path, *args, f.name], capture_output=True, text=True, check=True
+        ).stdout
+
+
+def sass(kernel) -> str:
+    return _tool("nvdisasm", kernel, "-c")
+
+
+def resources(kernel) -> dict[str, int]:
+    """REG, STACK, SHARED, LOCAL from cuobjdump's resource usage line."""
+    text = _tool("cuobjdump", kernel, "-res-usage")
+    return {k: int(v) for k, v in re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", text)}
+
+
+def main_loop(text: str) -> list[str]:
+    """Instructions of the largest backward-branching block (the K loop)."""
+    lines = text.splitlines()
+    labels = {
+        m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"^\s*\.?(L_x_\d+):", line))
+    }
+    best: list[str] = []
+    for i, line in enumerate(lines):
+        m = re.search(r"\bBRA\b.*`\(\.(L_x_\d+)\)", line)
+        if m and m.group(1) in labels and labels[m.group(1)] < i:
+            body = [
+                ln
+                for ln in lines[labels[m.group(1)] : i + 1]
+                if re.search(r"/\*[0-9a-f]{4}\*/", ln)
+            ]
+            if len(body) > len(best):
+                best = body
+    return best
+
+
+def opcode(line: str) -> str:
+    m = re.search(r"\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", line)
+    return m.group(1) if m else "?"
+
+
+def report(kind: str, bm: int, bn: int, bk: int, warps: int, stages: int) -> dict:
+    k = compile_variant(kind, bm, bn, bk, warps, stages)
+    res = resources(k)
+    loop = main_loop(sass(k))
+    counts = collections.Counter(opcode(line) for line in loop)
+    weights_per_thread = bn * bk / (warps * 32)
+    return {
+        "variant": f"{kind} BM{bm} BN{bn} BK{bk} w{warps} s{stages}",
+        "regs": res.get("REG", -1), "spills": res.get("LOCAL", 0) + res.get("STACK", 0),
+        "smem": k.metadata.shared,
+        "loop_instr": len(loop), "instr_per_weight": len(loop) / weights_per_thread,
+        "top": ", ".join(f"{op}:{c}" for op, c in counts.most_common(8)),
+    }  # fmt: skip
+
+
+VARIANTS = [
+    ("gemv", 1, 128, 128, 4, 3), ("gemv", 1, 256, 128, 4, 3), ("gemv", 1, 128, 256, 4, 1),
+    ("gemv", 1, 512, 128, 8, 3), ("gemm", 16, 64, 128, 4, 3), ("gemm", 64, 128, 64, 4, 3),
+    ("gemm", 128, 128, 64, 8, 3), ("gemm", 128, 256, 64, 8, 3),
+]  # fmt: skip
+
+
+if __name__ == "__main__":
+    print(f"triton {triton.__version__}, target sm_90")
+    print(
+        f"{'variant':34s} {'regs':>4s} {'spill':>5s} {'smem':>6s} {'loop':>5s} {'i/w':>6s}  top opcodes"
+    )
+    for v in VARIANTS:
+        r = report(*v)
+        print(
+            f"{r['variant']:34s} {r['regs']:4d} {r['spills']:5d} {r['smem']:6d} {r['loop_instr']:5d}"
+            f" {r['instr_per_weight']:6.2f}  {r['top']}"
+        )
