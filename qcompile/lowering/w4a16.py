@@ -245,11 +245,13 @@ def candidate_configs(m: int, n: int, k: int, group: int) -> list[KernelConfig]:
     out: list[KernelConfig] = []
     splits = (1, 2, 4, 8, 16) if mb <= 64 else (1, 2, 4) if mb <= 256 else (1,)
     if mb <= 4:
-        for bn, bk, warps in ((64, 256, 4), (128, 128, 4), (128, 256, 4), (256, 128, 4),
-                              (256, 64, 4), (128, 512, 8), (256, 256, 8), (512, 128, 8)):  # fmt: skip
-            for sk in splits:
+        # BLOCK_N = 128 * num_warps (x c) keeps every word row of a column in one thread, so
+        # the per-tile reduction over rows stays in registers (no barrier in the loop).
+        for bn, bk, warps in ((128, 64, 1), (256, 64, 2), (512, 64, 4), (1024, 64, 8),
+                              (256, 128, 2), (512, 128, 4), (128, 128, 1)):  # fmt: skip
+            for sk in (*splits, 32):
                 if _useful_split(triton.cdiv(n, bn) * mb, sk):
-                    out += [KernelConfig("gemv", 1, bn, bk, sk, warps, st) for st in (1, 3)]
+                    out.append(KernelConfig("gemv", 1, bn, bk, sk, warps, 1))
     bms = (16,) if mb <= 16 else (32,) if mb <= 32 else (64,) if mb <= 64 else (64, 128)
     for bm in bms:
         for bn, bk, warps, stages in ((64, 64, 4, 3), (128, 64, 4, 3), (64, 128, 4, 3),
@@ -273,8 +275,9 @@ def default_config(m: int, n: int, k: int, group: int) -> KernelConfig:
     mb = m_bucket(m)
     bk = next(b for b in (128, 64, 32, 16) if k % b == 0 and (group % b == 0 or b % group == 0))
     if mb <= 4 and bk >= 64:
-        sk = 4 if n <= 8192 and (k // 4) % bk == 0 else 1
-        return KernelConfig("gemv", 1, 128, bk, sk, 4, 3)
+        bk = 64
+        sk = next(s for s in (8, 4, 2, 1) if (k // s) % bk == 0) if n <= 8192 else 1
+        return KernelConfig("gemv", 1, 512, bk, sk, 4, 1)
     bm = 16 if mb <= 16 else 32 if mb <= 32 else 64
     return KernelConfig("gemm", bm, 64 if mb <= 64 else 128, min(bk, 64), 1, 4, 3)
 
