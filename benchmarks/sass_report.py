@@ -51,7 +51,11 @@ def compile_variant(
     if kind == "gemm":
         del sig["nibble_mask"]
         fn = kernels._w4a16_gemm_kernel
-        consts.update(BLOCK_M=bm, GROUP_M=8)
+        consts.update(BLOCK_M=bm, GROUP_M=8, SWAP_AB=False)
+    if kind == "gemm_swap":
+        del sig["nibble_mask"]
+        fn = kernels._w4a16_gemm_kernel
+        consts.update(BLOCK_M=bm, GROUP_M=8, SWAP_AB=True)
     sig.update({name: "constexpr" for name in consts})
     src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=ATTRS)
     return triton.compile(src, target=TARGET, options={"num_warps": warps, "num_stages": stages})
@@ -118,9 +122,9 @@ def report(kind: str, bm: int, bn: int, bk: int, warps: int, stages: int) -> dic
 
 
 VARIANTS = [
-    ("gemv", 1, 128, 128, 4, 3), ("gemv", 1, 256, 128, 4, 3), ("gemv", 1, 128, 256, 4, 1),
-    ("gemv", 1, 512, 128, 8, 3), ("gemm", 16, 64, 128, 4, 3), ("gemm", 64, 128, 64, 4, 3),
-    ("gemm", 128, 128, 64, 8, 3), ("gemm", 128, 256, 64, 8, 3),
+    ("gemv", 1, 128, 64, 1, 1), ("gemv", 1, 512, 64, 4, 1), ("gemv", 1, 256, 128, 4, 1),
+    ("gemm", 16, 64, 128, 4, 3), ("gemm_swap", 16, 64, 128, 4, 3), ("gemm", 64, 128, 64, 4, 3),
+    ("gemm_swap", 64, 128, 64, 4, 3), ("gemm", 128, 128, 64, 8, 3), ("gemm_swap", 128, 128, 64, 8, 3),
 ]  # fmt: skip
 
 

@@ -118,10 +118,14 @@ def _w4a16_gemm_kernel(
     stride_xm, stride_xk, stride_om, stride_split,
     GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_PARTIAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    SWAP_AB: tl.constexpr,
 ):  # fmt: skip
-    # x [BLOCK_M, BLOCK_K] @ W^T [BLOCK_K, BLOCK_N] -> fp32 acc. Row k of the weight tile reads
-    # word k // 8 (8 rows share a word: one DRAM read, L1 serves the rest) and shifts by
-    # 4 * (k % 8), so the tile is built in natural k order with no reshape or transpose.
+    # The weight tile W [BLOCK_N, BLOCK_K] is built in natural k order: element (n, k) reads
+    # word k // 8 (8 columns share a word: one DRAM read, L1 serves the rest) and shifts by
+    # 4 * (k % 8), so no reshape is needed. SWAP_AB computes out^T = W @ x^T, which lets
+    # wgmma take the dequantized W from registers (operand A) instead of a shared-memory
+    # round trip, and lets M as small as 8 fill the instruction's N side; otherwise
+    # out = x @ W^T with W^T staged in shared memory (mma.sync for BLOCK_M < 64).
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     num_m = tl.cdiv(M, BLOCK_M)
@@ -138,37 +142,53 @@ def _w4a16_gemm_kernel(
     rk = tl.arange(0, BLOCK_K)
     m_mask = rm < M
     n_mask = rn < N
-    shift = (4 * (rk % 8))[:, None]
+    shift = (4 * (rk % 8))[None, :]
     dtype = x_ptr.dtype.element_ty
     k_start = pid_k * k_per_split
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if SWAP_AB:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_start, k_start + k_per_split, BLOCK_K):
-        x = tl.load(
-            x_ptr + rm[:, None] * stride_xm + (k0 + rk)[None, :] * stride_xk,
-            mask=m_mask[:, None], other=0.0,
-        )  # fmt: skip
         words = tl.load(
-            qw_ptr + ((k0 + rk) // 8)[:, None] * N + rn[None, :], mask=n_mask[None, :], other=0
+            qw_ptr + ((k0 + rk) // 8)[None, :] * N + rn[:, None], mask=n_mask[:, None], other=0
         )
         q = _codes(words, shift)
         if BLOCK_K <= GROUP:
             g = k0 // GROUP
             s = tl.load(s_ptr + g * N + rn, mask=n_mask, other=0).to(tl.float32)
             o = tl.load(o_ptr + g * N + rn, mask=n_mask, other=0).to(tl.float32)
-            w = q * s[None, :] + o[None, :]
+            w = (q * s[:, None] + o[:, None]).to(dtype)
         else:
-            g_rows = (k0 + rk) // GROUP
-            s = tl.load(s_ptr + g_rows[:, None] * N + rn[None, :], mask=n_mask[None, :], other=0)
-            o = tl.load(o_ptr + g_rows[:, None] * N + rn[None, :], mask=n_mask[None, :], other=0)
-            w = q * s.to(tl.float32) + o.to(tl.float32)
-        acc = tl.dot(x, w.to(dtype), acc)
-    out_offs = rm[:, None] * stride_om + rn[None, :]
-    mask = m_mask[:, None] & n_mask[None, :]
+            g_cols = (k0 + rk) // GROUP
+            s = tl.load(s_ptr + g_cols[None, :] * N + rn[:, None], mask=n_mask[:, None], other=0)
+            o = tl.load(o_ptr + g_cols[None, :] * N + rn[:, None], mask=n_mask[:, None], other=0)
+            w = (q * s.to(tl.float32) + o.to(tl.float32)).to(dtype)
+        if SWAP_AB:
+            xt = tl.load(
+                x_ptr + rm[None, :] * stride_xm + (k0 + rk)[:, None] * stride_xk,
+                mask=m_mask[None, :], other=0.0,
+            )  # fmt: skip
+            acc = tl.dot(w, xt, acc)
+        else:
+            x = tl.load(
+                x_ptr + rm[:, None] * stride_xm + (k0 + rk)[None, :] * stride_xk,
+                mask=m_mask[:, None], other=0.0,
+            )  # fmt: skip
+            acc = tl.dot(x, tl.trans(w), acc)
+    if SWAP_AB:
+        out_offs = rm[None, :] * stride_om + rn[:, None]
+        mask = m_mask[None, :] & n_mask[:, None]
+        bias_b = rn[:, None]
+    else:
+        out_offs = rm[:, None] * stride_om + rn[None, :]
+        mask = m_mask[:, None] & n_mask[None, :]
+        bias_b = rn[None, :]
     if WRITE_PARTIAL:
         tl.store(out_ptr + pid_k * stride_split + out_offs, acc, mask=mask)
     else:
         if HAS_BIAS:
-            acc += tl.load(bias_ptr + rn, mask=n_mask, other=0).to(tl.float32)[None, :]
+            acc += tl.load(bias_ptr + bias_b, mask=bias_b < N, other=0).to(tl.float32)
         tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -253,13 +273,14 @@ def candidate_configs(m: int, n: int, k: int, group: int) -> list[KernelConfig]:
                 if _useful_split(triton.cdiv(n, bn) * mb, sk):
                     out.append(KernelConfig("gemv", 1, bn, bk, sk, warps, 1))
     bms = (16,) if mb <= 16 else (32,) if mb <= 32 else (64,) if mb <= 64 else (64, 128)
-    for bm in bms:
-        for bn, bk, warps, stages in ((64, 64, 4, 3), (128, 64, 4, 3), (64, 128, 4, 3),
-                                      (128, 128, 8, 3), (256, 64, 8, 3), (128, 32, 4, 4),
-                                      (256, 128, 8, 2)):  # fmt: skip
-            for sk in splits:
-                if _useful_split(triton.cdiv(n, bn) * triton.cdiv(mb, bm), sk):
-                    out.append(KernelConfig("gemm", bm, bn, bk, sk, warps, stages))
+    for kind in ("gemm", "gemm_swap"):
+        for bm in bms:
+            for bn, bk, warps, stages in ((64, 64, 4, 3), (128, 64, 4, 3), (64, 128, 4, 3),
+                                          (128, 128, 8, 3), (256, 64, 8, 3), (128, 32, 4, 4),
+                                          (256, 128, 8, 2)):  # fmt: skip
+                for sk in splits:
+                    if _useful_split(triton.cdiv(n, bn) * triton.cdiv(mb, bm), sk):
+                        out.append(KernelConfig(kind, bm, bn, bk, sk, warps, stages))
     if mb >= 128:
         out.append(KernelConfig("dequant_mm", 0, 256, _dequant_rows(k), 1, 4, 1))
     return [c for c in out if valid_config(c, k, group)]
@@ -323,7 +344,8 @@ def launch(
         _w4a16_gemv_kernel[(triton.cdiv(n, cfg.block_n), split, m)](*args, 0xF, **common)
     else:
         grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split)
-        _w4a16_gemm_kernel[grid](*args, BLOCK_M=cfg.block_m, GROUP_M=8, **common)
+        swap = cfg.kernel == "gemm_swap"
+        _w4a16_gemm_kernel[grid](*args, BLOCK_M=cfg.block_m, GROUP_M=8, SWAP_AB=swap, **common)
     if split > 1:
         block = 1024
         _splitk_reduce_kernel[(triton.cdiv(m * n, block),)](
