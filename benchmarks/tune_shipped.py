@@ -1,0 +1,70 @@
+"""Tune the W4A16 kernels for common shapes and write the shipped per-GPU config file.
+
+Shapes: the kernel benchmark's N x K plus every Llama-3-8B linear (separate and fused
+q/k/v and gate/up), for each M bucket a decode or prefill step can hit. The result is
+`qcompile/lowering/configs/<gpu family>.json`, read before any tuning, so a user's first
+compile on that GPU does not tune from scratch.
+
+    python benchmarks/tune_shipped.py                  # on the GPU; rewrites configs/h100.json
+    python benchmarks/tune_shipped.py --out $OUT/h100.json --ms 1,16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from qcompile.lowering import autotune
+from qcompile.lowering.w4a16 import w4a16_linear_cuda
+
+BENCH_SHAPES = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (8192, 28672)]
+LLAMA3_8B_SHAPES = [(1024, 4096), (14336, 4096)]  # k/v proj; gate or up alone
+M_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=None, help="default: the shipped file for this GPU")
+    ap.add_argument("--ms", default=",".join(map(str, M_BUCKETS)))
+    ap.add_argument("--dtypes", default="float16,bfloat16")
+    ap.add_argument("--group", type=int, default=128)
+    args = ap.parse_args()
+
+    tuner = autotune.autotuner(0)
+    gpu = tuner.gpu
+    out = args.out or autotune.SHIPPED_DIR / f"{autotune.shipped_config_name(gpu)}.json"
+    tuner.shipped = {}  # tune everything afresh instead of reading the old shipped file
+    shapes = BENCH_SHAPES + LLAMA3_8B_SHAPES
+    t0 = time.time()
+    for dtype_name in args.dtypes.split(","):
+        dtype = getattr(torch, dtype_name)
+        for n, k in shapes:
+            qw = torch.randint(-(2**31), 2**31 - 1, (k // 8, n), dtype=torch.int32, device="cuda")
+            scales = torch.rand(k // args.group, n, dtype=dtype, device="cuda") * 0.01
+            offsets = -8 * scales
+            for m in map(int, args.ms.split(",")):
+                x = torch.randn(m, k, dtype=dtype, device="cuda")
+                w4a16_linear_cuda(x, qw, scales, offsets, None, args.group)
+                key = autotune.TuneKey("w4a16", autotune.m_bucket(m), n, k, args.group, dtype_name)
+                print(
+                    f"{time.time() - t0:7.1f}s {key} -> {tuner.lookup(key)} ({tuner.timings.get(key, float('nan')):.1f} us)",
+                    flush=True,
+                )
+    data = {
+        "format": autotune.CACHE_FORMAT, "gpu": gpu, "triton": tuner.triton_version, "torch": torch.__version__,
+        "entries": [
+            {"key": asdict(k), "config": asdict(c), "us": tuner.timings.get(k)}
+            for k, c in sorted(tuner.user.items(), key=lambda kv: str(asdict(kv[0])))
+        ],
+    }  # fmt: skip
+    out.write_text(json.dumps(data, indent=1) + "\n")
+    print(f"wrote {len(data['entries'])} entries to {out}")
+
+
+if __name__ == "__main__":
+    main()
