@@ -89,7 +89,7 @@ def bench_shape(n: int, k: int, ms: list[int], l2: int, bw: float) -> list[dict]
     int4_bytes = n * k // 2 + 2 * 2 * (k // GROUP) * n
     r_q = copies(int4_bytes, l2)
     qws = [
-        torch.randint(-(2**31), 2**31 - 1, (n, k // 8), dtype=torch.int32, device=dev)
+        torch.randint(-(2**31), 2**31 - 1, (k // 8, n), dtype=torch.int32, device=dev)
         for _ in range(r_q)
     ]
     scales = [torch.rand(k // GROUP, n, dtype=torch.float16, device=dev) * 0.01 for _ in range(r_q)]

@@ -56,10 +56,10 @@ def quantize_(model: nn.Module, config: QuantConfig | None = None) -> CompileRep
     """
     config = config or QuantConfig()
     report = CompileReport()
-    targets = [(name, mod) for name, mod in model.named_modules() if type(mod) is nn.Linear]
-    decisions: list[tuple[str, nn.Linear, LayerRecord | None]] = []
-    for name, linear in targets:  # decide every layer first: "raise" leaves the model untouched
-        w = linear.weight
+    names = [name for name, mod in model.named_modules() if type(mod) is nn.Linear]
+    decisions: list[tuple[str, LayerRecord | None]] = []
+    for name in names:  # decide every layer first: "raise" leaves the model untouched
+        w = model.get_submodule(name).weight
         record = None
         if config.skips(name):
             record = LayerRecord(name, tuple(w.shape), "skipped", "matches a skip pattern")
@@ -69,16 +69,16 @@ def quantize_(model: nn.Module, config: QuantConfig | None = None) -> CompileRep
             if config.on_unsupported == "raise":
                 raise UnsupportedLayerError(f"{name}: {reason}")
             record = LayerRecord(name, tuple(w.shape), "fallback", reason)
-        decisions.append((name, linear, record))
-    for name, linear, record in decisions:
-        if record is None:
+        decisions.append((name, record))
+    del w
+    for name, record in decisions:
+        if record is None:  # only the model refers to the layer: swapping it frees its weight
             parent_name, _, attr = name.rpartition(".")
-            q = W4A16Linear.from_linear(linear, config.scheme)
+            q = W4A16Linear.from_linear(model.get_submodule(name), config.scheme)
             setattr(model.get_submodule(parent_name), attr, q)
+            shape = (q.out_features, q.in_features)
             detail = describe(config.scheme, q.group_size)
-            record = LayerRecord(
-                name, tuple(linear.weight.shape), "quantized", detail, execution_path(q.qweight)
-            )
+            record = LayerRecord(name, shape, "quantized", detail, execution_path(q.qweight))
         report.add(record)
     report.log()
     return report

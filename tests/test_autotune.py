@@ -272,6 +272,7 @@ def _disable_by_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _disable_by_capture(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
 
 
@@ -286,8 +287,23 @@ def test_tuning_disabled_returns_default(
     disable(monkeypatch)
     tuner = Autotuner(gpu=GPU, triton_version=TRITON, cache_dir=cache_dir)
     assert tuner.get(KEY, CANDIDATES, must_not_bench, DEFAULT) == DEFAULT
-    assert tuner.lookup(KEY) is None  # the default is not cached as if it were tuned
+    assert KEY not in tuner.user  # the default is never cached as if it were tuned
     assert not tuner.path.exists()
+    # With tuning switched off the default is remembered in memory (no re-derivation per call);
+    # during a capture it is not, so the next call outside the capture tunes.
+    expected = DEFAULT if disable is _disable_by_env else None
+    assert tuner.lookup(KEY) == expected
+
+
+def test_invalid_cached_config_is_retuned_not_launched(cache_dir: Path, caplog) -> None:
+    write_cache(cache_file(cache_dir), GPU, TRITON, {KEY: GEMM_LARGE})
+    tuner = Autotuner(gpu=GPU, triton_version=TRITON, cache_dir=cache_dir)
+    bench = Bench({GEMV: 2.0, GEMM_SMALL: 1.0, GEMM_LARGE: 5.0})
+    with caplog.at_level(logging.WARNING, logger="qcompile.autotune"):
+        got = tuner.get(KEY, CANDIDATES, bench, DEFAULT, valid=lambda cfg: cfg != GEMM_LARGE)
+    assert got == GEMM_SMALL
+    assert bench.calls, "re-tuned"
+    assert "invalid" in caplog.text
 
 
 def test_tuning_disabled_still_uses_cache(cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:

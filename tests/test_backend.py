@@ -226,3 +226,21 @@ def test_quantize_raise_leaves_model_untouched():
     with pytest.raises(qcompile.UnsupportedLayerError, match="up: K=80 is not divisible"):
         qcompile.quantize_(model, cfg)
     assert all(type(m) is nn.Linear for m in (model.up, model.down, model.lm_head))
+
+
+def test_quantize_frees_each_fp16_weight_before_the_next_layer(monkeypatch):
+    """Peak extra memory of quantize_ is one layer, not a second copy of the model."""
+    import weakref
+
+    model = nn.Sequential(*[nn.Linear(256, 256) for _ in range(4)])
+    refs = [weakref.ref(layer.weight) for layer in model]
+    freed_before_each: list[list[bool]] = []
+    original = qcompile.W4A16Linear.from_linear.__func__
+
+    def spy(cls, linear, scheme):
+        freed_before_each.append([r() is None for r in refs])
+        return original(cls, linear, scheme)
+
+    monkeypatch.setattr(qcompile.W4A16Linear, "from_linear", classmethod(spy))
+    qcompile.quantize_(model, QuantConfig())
+    assert freed_before_each == [[i < j for i in range(4)] for j in range(4)]

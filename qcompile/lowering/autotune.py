@@ -128,16 +128,24 @@ class Autotuner:
         candidates: Sequence[KernelConfig],
         bench: Callable[[KernelConfig], float],
         default: KernelConfig,
+        valid: Callable[[KernelConfig], bool] = lambda cfg: True,
     ) -> KernelConfig:
-        """The config for `key`, tuning it now if no cache has it and tuning is allowed."""
+        """The config for `key`, tuning it now if no cache has it and tuning is allowed.
+
+        A cached config that `valid` rejects (a hand-edited or stale file) is dropped with a
+        warning and tuned again, never launched."""
         found = self.lookup(key)
-        if found is not None:
+        if found is not None and valid(found):
             return found
-        if (
-            os.environ.get("QCOMPILE_AUTOTUNE", "1") == "0"
-            or torch.cuda.is_current_stream_capturing()
-        ):
+        if found is not None:
+            log.warning("qcompile: cached config %s is invalid for %s; re-tuning", found, key)
+            for table in (self.user, self.shipped, self.untuned):
+                table.pop(key, None)
+        if os.environ.get("QCOMPILE_AUTOTUNE", "1") == "0":
+            self.untuned[key] = default  # remembered: the next call skips this path
             return default
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            return default  # not remembered: tune on the next call outside capture
         best, best_us = self.tune(key, candidates, bench)
         self.user[key] = best
         self.timings[key] = best_us

@@ -1,15 +1,16 @@
 """W4A16 Triton kernels: int4 group-wise weights x fp16/bf16 activations.
 
 Weight layout: see `qcompile.quant.int4` (qweight [K/8, N] int32, scales/offsets [K/G, N]).
-Three strategies, picked per (M bucket, N, K, group, dtype) by autotuning:
+Four strategies, picked per (M bucket, N, K, group, dtype) by autotuning:
 
 * `_w4a16_gemv_kernel` (M = 1..4): CUDA-core FMAs, one program per (N tile, K split, row).
-  Memory-bound: floor = (N*K/2 + 2*2*N*K/G + 2*(M*K + M*N)) bytes / HBM bandwidth. The
-  inner loop is 4 instructions per weight (shift, and|or, fsub, fma) and no layout changes,
-  since the issue rate, not DRAM, is what caps a naive int4 GEMV on an H100.
-* `_w4a16_gemm_kernel` (any M): tensor-core `tl.dot` on [BLOCK_K, BLOCK_N] tiles dequantized
-  in registers. Memory-bound up to M ~ 64-128, then bound by the dot plus the dequantization,
-  which is paid once per (weight element, M tile).
+  Memory-bound: floor = (N*K/2 + 2*2*N*K/G + 2*(M*K + M*N)) bytes / HBM bandwidth. At that
+  rate an H100 SM must retire ~23 weights per clock, so the issue rate caps a naive int4 GEMV
+  first: the inner loop is ~3 instructions per weight (and|or, fsub, fma; one shift per 4
+  codes), 4.5 in all by `benchmarks/sass_report.py`, against a budget of ~5.5.
+* `_w4a16_gemm_kernel` (any M; "gemm" and "gemm_swap"): tensor-core `tl.dot` on
+  [BLOCK_N, BLOCK_K] weight tiles dequantized in registers. Memory-bound up to M ~ 64-128,
+  then bound by the dot plus the dequantization, paid once per (weight element, M tile).
 * "dequant_mm" (large M): `_dequantize_kernel` writes the fp16/bf16 weight once, then cuBLAS.
   Costs a transient [K, N] buffer; wins only where dequantizing in the GEMM loop costs more.
 GEMV and GEMM take a runtime split-K factor (no recompile per split); partial sums go to an
@@ -287,7 +288,7 @@ def candidate_configs(m: int, n: int, k: int, group: int) -> list[KernelConfig]:
 
 
 def _dequant_rows(k: int) -> int:
-    """Word rows per dequantize program: the largest of 16, 8, 4 dividing K / 8."""
+    """Word rows per dequantize program: the largest power of two <= 16 dividing K / 8."""
     return next(r for r in (16, 8, 4, 2, 1) if (k // 8) % r == 0)
 
 
@@ -321,6 +322,8 @@ def launch(
     n = qweight.shape[1]
     if out is None:
         out = torch.empty((m, n), device=x.device, dtype=x.dtype)
+    elif not out.is_contiguous():  # the split-K reduction writes out as flat [M * N] memory
+        raise ValueError("launch: out must be contiguous")
     if cfg.kernel == "dequant_mm":
         w = torch.empty((k, n), device=x.device, dtype=x.dtype)
         grid = (triton.cdiv(n, cfg.block_n), (k // 8) // cfg.block_k)
@@ -371,6 +374,10 @@ def w4a16_linear_cuda(
     """x [M, K] -> [M, N] with the tuned config of this (M bucket, N, K, group, dtype)."""
     m, k = x.shape
     n = qweight.shape[1]
+    if qweight.shape[0] * 8 != k:  # the op checks everything; direct callers get this much
+        raise ValueError(
+            f"w4a16_linear_cuda: qweight {tuple(qweight.shape)} is not [K/8, N] for K={k}"
+        )
     key = TuneKey(FAMILY, m_bucket(m), n, k, group_size, str(x.dtype).removeprefix("torch."))
     tuner = autotuner(x.device.index or 0)
     cfg = tuner.lookup(key)
@@ -380,5 +387,6 @@ def w4a16_linear_cuda(
             candidate_configs(m, n, k, group_size),
             lambda c: _bench_us(lambda: launch(c, x, qweight, scales, offsets, bias, group_size)),
             default_config(m, n, k, group_size),
+            valid=lambda c: valid_config(c, k, group_size),
         )
     return launch(cfg, x, qweight, scales, offsets, bias, group_size)
