@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from weights import random_packed
 
 SHAPES = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (8192, 28672)]  # N x K
 MS = [1, 16, 64, 256, 1024]
@@ -88,12 +89,10 @@ def bench_shape(n: int, k: int, ms: list[int], l2: int, bw: float) -> list[dict]
     # qcompile: random codes and scales of the real shapes (speed does not depend on values).
     int4_bytes = n * k // 2 + 2 * 2 * (k // GROUP) * n
     r_q = copies(int4_bytes, l2)
-    qws = [
-        torch.randint(-(2**31), 2**31 - 1, (k // 8, n), dtype=torch.int32, device=dev)
-        for _ in range(r_q)
-    ]
-    scales = [torch.rand(k // GROUP, n, dtype=torch.float16, device=dev) * 0.01 for _ in range(r_q)]
-    offsets = [-8 * s for s in scales]
+    packed = [random_packed(n, k, GROUP, torch.float16) for _ in range(r_q)]
+    qws = [p.qweight for p in packed]
+    scales = [p.scales for p in packed]
+    offsets = [p.offsets for p in packed]
     r_f = copies(2 * n * k, l2)
     wf = [torch.randn(n, k, dtype=torch.float16, device=dev) * 0.02 for _ in range(r_f)]
     tiny = []

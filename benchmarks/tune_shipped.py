@@ -18,6 +18,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from weights import random_packed
 
 from qcompile.lowering import autotune
 from qcompile.lowering.w4a16 import w4a16_linear_cuda
@@ -45,9 +46,8 @@ def main() -> None:
     for dtype_name in args.dtypes.split(","):
         dtype = getattr(torch, dtype_name)
         for n, k in shapes:
-            qw = torch.randint(-(2**31), 2**31 - 1, (k // 8, n), dtype=torch.int32, device="cuda")
-            scales = torch.rand(k // args.group, n, dtype=dtype, device="cuda") * 0.01
-            offsets = -8 * scales
+            p = random_packed(n, k, args.group, dtype)
+            qw, scales, offsets = p.qweight, p.scales, p.offsets
             for m in map(int, args.ms.split(",")):
                 x = torch.randn(m, k, dtype=dtype, device="cuda")
                 w4a16_linear_cuda(x, qw, scales, offsets, None, args.group)
