@@ -52,6 +52,9 @@ def compile_variant(
         del sig["nibble_mask"]
         fn = kernels._w4a16_gemm_kernel
         consts.update(BLOCK_M=bm, GROUP_M=8, SWAP_AB=False)
+    if kind == "gemm_planes":
+        fn = kernels._w4a16_gemm_planes_kernel
+        consts.update(BLOCK_M=bm)
     if kind == "gemm_swap":
         del sig["nibble_mask"]
         fn = kernels._w4a16_gemm_kernel
@@ -123,7 +126,8 @@ def report(kind: str, bm: int, bn: int, bk: int, warps: int, stages: int) -> dic
 
 VARIANTS = [
     ("gemv", 1, 128, 64, 1, 1), ("gemv", 1, 512, 64, 4, 1), ("gemv", 1, 256, 128, 4, 1),
-    ("gemm", 16, 64, 128, 4, 3), ("gemm_swap", 16, 64, 128, 4, 3), ("gemm", 64, 128, 64, 4, 3),
+    ("gemm", 16, 64, 128, 4, 3), ("gemm_swap", 16, 64, 128, 4, 3), ("gemm_planes", 16, 128, 128, 4, 2),
+    ("gemm_planes", 16, 256, 128, 8, 2), ("gemm", 64, 128, 64, 4, 3),
     ("gemm_swap", 64, 128, 64, 4, 3), ("gemm", 128, 128, 64, 8, 3), ("gemm_swap", 128, 128, 64, 8, 3),
 ]  # fmt: skip
 

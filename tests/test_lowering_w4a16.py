@@ -89,7 +89,7 @@ def test_configs_have_power_of_two_tiles_aligned_to_groups(m, k, g):
         assert _pow2(cfg.block_m)
         assert k % cfg.split_k == 0 and (k // cfg.split_k) % cfg.block_k == 0
         assert g % cfg.block_k == 0 or cfg.block_k % g == 0
-        assert cfg.kernel in ("gemm", "gemm_swap") or m <= 4
+        assert cfg.kernel in ("gemm", "gemm_swap", "gemm_planes") or m <= 4
 
 
 @pytest.mark.parametrize("group", [32, 128])
@@ -119,12 +119,15 @@ def test_dequantize_then_matmul_strategy(group):
         KernelConfig("gemm", 16, 32, 64, 2, 4, 2),
         KernelConfig("gemm_swap", 16, 32, 64, 2, 4, 2),
         KernelConfig("gemm_swap", 16, 32, 128, 1, 4, 2),  # BLOCK_K > group: per-column scales
+        KernelConfig("gemm_planes", 16, 32, 128, 2, 4, 2),  # BLOCK_K > group: per-row scales
+        KernelConfig("gemm_planes", 16, 32, 128, 1, 4, 2),
         KernelConfig("dequant_mm", 0, 32, 4, 1, 4, 1),
     ],
     ids=lambda c: f"{c.kernel}-bk{c.block_k}-sk{c.split_k}",
 )
+@pytest.mark.parametrize("group", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_each_kernel_kind_with_bias(cfg, dtype):
+def test_each_kernel_kind_with_bias(cfg, dtype, group):
     from strategies import LinearProblem
 
     from qcompile.config import Scheme
@@ -133,7 +136,7 @@ def test_each_kernel_kind_with_bias(cfg, dtype):
     gen = torch.Generator().manual_seed(7)
     m, n, k = 3 if cfg.kernel == "gemv" else 19, 40, 256
     w = torch.randn(n, k, generator=gen)
-    p = quantize_weight_int4(w, Scheme(group_size=64), dtype)
+    p = quantize_weight_int4(w, Scheme(group_size=group), dtype)
     p = type(p)(*(t.to(KERNEL_DEVICE) for t in (p.qweight, p.scales, p.offsets)), p.group_size)
     x = torch.randn(m, k, generator=gen).to(dtype).to(KERNEL_DEVICE)
     bias = torch.randn(n, generator=gen).to(dtype).to(KERNEL_DEVICE)

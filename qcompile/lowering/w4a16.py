@@ -1,7 +1,7 @@
 """W4A16 Triton kernels: int4 group-wise weights x fp16/bf16 activations.
 
 Weight layout: see `qcompile.quant.int4` (qweight [K/8, N] int32, scales/offsets [K/G, N]).
-Four strategies, picked per (M bucket, N, K, group, dtype) by autotuning:
+Strategies, picked per (M bucket, N, K, group, dtype) by autotuning:
 
 * `_w4a16_gemv_kernel` (M = 1..4): CUDA-core FMAs, one program per (N tile, K split, row).
   Memory-bound: floor = (N*K/2 + 2*2*N*K/G + 2*(M*K + M*N)) bytes / HBM bandwidth. At that
@@ -11,6 +11,9 @@ Four strategies, picked per (M bucket, N, K, group, dtype) by autotuning:
 * `_w4a16_gemm_kernel` (any M; "gemm" and "gemm_swap"): tensor-core `tl.dot` on
   [BLOCK_N, BLOCK_K] weight tiles dequantized in registers. Memory-bound up to M ~ 64-128,
   then bound by the dot plus the dequantization, paid once per (weight element, M tile).
+* `_w4a16_gemm_planes_kernel` (M <= 32): tensor cores, one `tl.dot` per nibble plane, so
+  unpacking costs what it costs in the GEMV (~5.7-6 instructions per weight vs ~9 for the
+  natural-order GEMM at BLOCK_M = 16, by `benchmarks/sass_report.py`).
 * "dequant_mm" (large M): `_dequantize_kernel` writes the fp16/bf16 weight once, then cuBLAS.
   Costs a transient [K, N] buffer; wins only where dequantizing in the GEMM loop costs more.
 GEMV and GEMM take a runtime split-K factor (no recompile per split); partial sums go to an
@@ -194,6 +197,66 @@ def _w4a16_gemm_kernel(
 
 
 @triton.jit
+def _w4a16_gemm_planes_kernel(
+    x_ptr, qw_ptr, s_ptr, o_ptr, bias_ptr, out_ptr,
+    M, N, K, k_per_split,
+    stride_xm, stride_xk, stride_om, stride_split, nibble_mask,
+    GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_PARTIAL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    # Small-M tensor-core path. out^T [BLOCK_N, BLOCK_M] = sum over the 8 nibble planes i of
+    # W_i [BLOCK_N, BLOCK_K/8] @ x_i^T [BLOCK_K/8, BLOCK_M], where plane i holds k = 8r + i:
+    # each plane unpacks in place like the GEMV (one LOP3 + FADD per code, 16**-j folded into
+    # the scale) and feeds wgmma from registers. Costs a strided x gather per plane, so it
+    # only pays while x is small (BLOCK_M <= 32). Needs BLOCK_K / 8 >= 16 (dot K >= 16).
+    ROWS: tl.constexpr = BLOCK_K // 8
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rr = tl.arange(0, ROWS)
+    m_mask = rm < M
+    n_mask = rn < N
+    dtype = x_ptr.dtype.element_ty
+    k_start = pid_k * k_per_split
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for k0 in range(k_start, k_start + k_per_split, BLOCK_K):
+        words = tl.load(
+            qw_ptr + (k0 // 8 + rr)[None, :] * N + rn[:, None], mask=n_mask[:, None], other=0
+        )  # [BLOCK_N, ROWS]
+        high = words >> 16
+        if BLOCK_K <= GROUP:
+            g = k0 // GROUP
+            s = tl.load(s_ptr + g * N + rn, mask=n_mask, other=0).to(tl.float32)[:, None]
+            o = tl.load(o_ptr + g * N + rn, mask=n_mask, other=0).to(tl.float32)[:, None]
+        else:  # scales vary by word row
+            g_rows = (k0 + 8 * rr) // GROUP
+            s = tl.load(s_ptr + g_rows[None, :] * N + rn[:, None], mask=n_mask[:, None], other=0)
+            o = tl.load(o_ptr + g_rows[None, :] * N + rn[:, None], mask=n_mask[:, None], other=0)
+            s = s.to(tl.float32)
+            o = o.to(tl.float32)
+        x_base = x_ptr + rm[None, :] * stride_xm + (k0 + 8 * rr)[:, None] * stride_xk
+        for i in tl.static_range(8):
+            mask = nibble_mask << (4 * (i % 4))
+            s_i = s * (1.0 / (1 << (4 * (i % 4))))  # exact: a power of two
+            if i < 4:
+                w = _codes_in_place(words, mask) * s_i + o
+            else:
+                w = _codes_in_place(high, mask) * s_i + o
+            xt = tl.load(x_base + i * stride_xk, mask=m_mask[None, :], other=0.0)
+            acc = tl.dot(w.to(dtype), xt, acc)
+    out_offs = rm[None, :] * stride_om + rn[:, None]
+    mask = m_mask[None, :] & n_mask[:, None]
+    if WRITE_PARTIAL:
+        tl.store(out_ptr + pid_k * stride_split + out_offs, acc, mask=mask)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + rn, mask=n_mask, other=0).to(tl.float32)[:, None]
+        tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _splitk_reduce_kernel(
     ws_ptr, bias_ptr, out_ptr, MN, N, SPLIT_K,
     HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
@@ -247,7 +310,7 @@ def valid_config(cfg: KernelConfig, k: int, group: int) -> bool:
         return False
     if (k // cfg.split_k) % cfg.block_k:
         return False
-    min_k = 64 if cfg.kernel == "gemv" else 16
+    min_k = {"gemv": 64, "gemm_planes": 128}.get(cfg.kernel, 16)
     return cfg.block_k >= min_k and (group % cfg.block_k == 0 or cfg.block_k % group == 0)
 
 
@@ -282,6 +345,11 @@ def candidate_configs(m: int, n: int, k: int, group: int) -> list[KernelConfig]:
                 for sk in splits:
                     if _useful_split(triton.cdiv(n, bn) * triton.cdiv(mb, bm), sk):
                         out.append(KernelConfig(kind, bm, bn, bk, sk, warps, stages))
+    if mb <= 32:
+        for bn, bk, warps in ((64, 128, 4), (128, 128, 4), (256, 128, 8), (128, 256, 8)):
+            for sk in splits:
+                if _useful_split(triton.cdiv(n, bn) * triton.cdiv(mb, bms[0]), sk):
+                    out.append(KernelConfig("gemm_planes", bms[0], bn, bk, sk, warps, 2))
     if mb >= 128:
         out.append(KernelConfig("dequant_mm", 0, 256, _dequant_rows(k), 1, 4, 1))
     return [c for c in out if valid_config(c, k, group)]
@@ -345,6 +413,9 @@ def launch(
     )  # fmt: skip
     if cfg.kernel == "gemv":
         _w4a16_gemv_kernel[(triton.cdiv(n, cfg.block_n), split, m)](*args, 0xF, **common)
+    elif cfg.kernel == "gemm_planes":
+        grid = (triton.cdiv(n, cfg.block_n), split, triton.cdiv(m, cfg.block_m))
+        _w4a16_gemm_planes_kernel[grid](*args, 0xF, BLOCK_M=cfg.block_m, **common)
     else:
         grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split)
         swap = cfg.kernel == "gemm_swap"
