@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -35,9 +36,14 @@ class W4A16Linear(nn.Module):
         self.register_buffer("bias", bias)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, scheme: Scheme) -> W4A16Linear:
+    def from_linear(
+        cls, linear: nn.Linear, scheme: Scheme, packed: PackedInt4 | None = None
+    ) -> W4A16Linear:
+        """Quantize `linear` with RTN, or wrap `packed` (e.g. from GPTQ) with its bias."""
         bias = None if linear.bias is None else linear.bias.detach().clone()
-        return cls(quantize_weight_int4(linear.weight, scheme), bias)
+        return cls(
+            packed if packed is not None else quantize_weight_int4(linear.weight, scheme), bias
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.qcompile.w4a16_linear(
@@ -48,11 +54,18 @@ class W4A16Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"
 
 
-def quantize_(model: nn.Module, config: QuantConfig | None = None) -> CompileReport:
+WeightQuantizer = Callable[[str, nn.Linear, Scheme], PackedInt4]
+
+
+def quantize_(
+    model: nn.Module, config: QuantConfig | None = None, quantizer: WeightQuantizer | None = None
+) -> CompileReport:
     """Replace every supported `nn.Linear` of `model` by a `W4A16Linear`, in place.
 
-    The fp16 weights are released as each layer is swapped (peak extra memory: one layer).
-    Returns the report of what was quantized, skipped or left in full precision and why.
+    `quantizer(name, linear, scheme)` chooses the codes (default: RTN; see
+    `qcompile.quant.gptq.gptq_quantizer`). The fp16 weights are released as each layer is
+    swapped (peak extra memory: one layer). Returns the report of what was quantized,
+    skipped or left in full precision and why.
     """
     config = config or QuantConfig()
     report = CompileReport()
@@ -74,7 +87,10 @@ def quantize_(model: nn.Module, config: QuantConfig | None = None) -> CompileRep
     for name, record in decisions:
         if record is None:  # only the model refers to the layer: swapping it frees its weight
             parent_name, _, attr = name.rpartition(".")
-            q = W4A16Linear.from_linear(model.get_submodule(name), config.scheme)
+            linear = model.get_submodule(name)
+            packed = quantizer(name, linear, config.scheme) if quantizer is not None else None
+            q = W4A16Linear.from_linear(linear, config.scheme, packed)
+            del linear
             setattr(model.get_submodule(parent_name), attr, q)
             shape = (q.out_features, q.in_features)
             detail = describe(config.scheme, q.group_size)

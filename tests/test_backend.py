@@ -237,9 +237,9 @@ def test_quantize_frees_each_fp16_weight_before_the_next_layer(monkeypatch):
     freed_before_each: list[list[bool]] = []
     original = qcompile.W4A16Linear.from_linear.__func__
 
-    def spy(cls, linear, scheme):
+    def spy(cls, linear, scheme, packed=None):
         freed_before_each.append([r() is None for r in refs])
-        return original(cls, linear, scheme)
+        return original(cls, linear, scheme, packed)
 
     monkeypatch.setattr(qcompile.W4A16Linear, "from_linear", classmethod(spy))
     qcompile.quantize_(model, QuantConfig())

@@ -8,16 +8,37 @@ from qcompile.config import Scheme
 from qcompile.quant.int4 import PackedInt4, pack_int4_along_k
 
 
+def fit_groups(
+    w: torch.Tensor, symmetric: bool, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and offset of each group of `w` [..., G] (float32, already rounded to `dtype`).
+
+    Asymmetric: scale = (max - min) / 15, offset = min. Symmetric: scale = absmax / 7,
+    offset = -8 * scale. Rounding to `dtype` first means codes are fitted to what is stored.
+    """
+    finfo = torch.finfo(dtype)
+
+    def stored(scale: torch.Tensor) -> torch.Tensor:
+        # Scales stay positive in `dtype` (a tiny range must not round to 0; the floor is the
+        # smallest subnormal) and small enough that the symmetric offset -8 * scale is finite.
+        return scale.clamp(finfo.tiny * finfo.eps, finfo.max / 8).to(dtype).float()
+
+    if symmetric:
+        scales = stored(w.abs().amax(dim=-1) / 7)
+        return scales, (-8 * scales).to(dtype).float()
+    lo, hi = w.amin(dim=-1), w.amax(dim=-1)
+    return stored((hi - lo) / 15), lo.to(dtype).float()
+
+
+def round_to_codes(w: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Nearest code in [0, 15] of each element of `w` for broadcastable scales/offsets."""
+    return torch.round((w - offsets) / scales).clamp_(0, 15)
+
+
 def quantize_weight_int4(
     weight: torch.Tensor, scheme: Scheme, dtype: torch.dtype | None = None
 ) -> PackedInt4:
-    """Quantize a [N, K] weight group-wise along K with round-to-nearest.
-
-    Asymmetric: code = round((w - min) / scale), scale = (max - min) / 15, offset = min.
-    Symmetric:  code = round(w / scale) + 8 in [0, 15], scale = absmax / 7, offset = -8 * scale.
-    Scales and offsets are rounded to `dtype` (default: the weight's) before the codes are
-    computed, so the stored tensors dequantize to exactly what the codes were fitted to.
-    """
+    """Quantize a [N, K] weight group-wise along K with round-to-nearest (see `fit_groups`)."""
     if weight.dim() != 2:
         raise ValueError(f"quantize_weight_int4: weight must be [N, K], got {tuple(weight.shape)}")
     n, k = weight.shape
@@ -25,22 +46,9 @@ def quantize_weight_int4(
     if k % g:
         raise ValueError(f"quantize_weight_int4: K={k} is not divisible by group_size={g}")
     dtype = dtype or weight.dtype
-    finfo = torch.finfo(dtype)
     w = weight.detach().to(torch.float32).reshape(n, k // g, g)
-
-    def stored(scale: torch.Tensor) -> torch.Tensor:
-        # Scales stay positive in `dtype` (a tiny range must not round to 0; the floor is the
-        # smallest subnormal) and small enough that the symmetric offset -8 * scale is finite.
-        return scale.clamp(finfo.tiny * finfo.eps, finfo.max / 8).to(dtype).float()
-
-    if scheme.symmetric:
-        scales = stored(w.abs().amax(dim=-1) / 7)
-        offsets = (-8 * scales).to(dtype).float()
-    else:
-        lo, hi = w.amin(dim=-1), w.amax(dim=-1)
-        scales = stored((hi - lo) / 15)
-        offsets = lo.to(dtype).float()
-    codes = torch.round((w - offsets[..., None]) / scales[..., None]).clamp_(0, 15)
+    scales, offsets = fit_groups(w, scheme.symmetric, dtype)
+    codes = round_to_codes(w, scales[..., None], offsets[..., None])
     return PackedInt4(
         qweight=pack_int4_along_k(codes.reshape(n, k)),
         scales=scales.to(dtype).t().contiguous(),
