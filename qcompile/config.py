@@ -46,8 +46,9 @@ class Scheme:
 class QuantConfig:
     """What the backend and `quantize_` do to a model.
 
-    skip: fnmatch patterns of module names (or, in a compiled graph, of parameter
-        names) left in full precision; `lm_head` by default.
+    skip: fnmatch patterns of module paths (`lm_head`, `model.layers.*.mlp.down_proj`) left
+        in full precision; `lm_head` by default. In a compiled graph the path is the
+        nn.Linear's (from Dynamo's module stack), so tied weights are judged per use.
     on_unsupported: "fallback" keeps a layer the kernels cannot take (K not divisible
         by the group size, float32 on CUDA, ...) as the original op and lists it in the
         report; "raise" turns that into an error naming the layer, shape and fix.
