@@ -58,32 +58,36 @@ WeightQuantizer = Callable[[str, nn.Linear, Scheme], PackedInt4]
 
 
 def quantize_(
-    model: nn.Module, config: QuantConfig | None = None, quantizer: WeightQuantizer | None = None
+    model: nn.Module,
+    config: QuantConfig | None = None,
+    quantizer: WeightQuantizer | None = None,
+    prefix: str = "",
 ) -> CompileReport:
     """Replace every supported `nn.Linear` of `model` by a `W4A16Linear`, in place.
 
     `quantizer(name, linear, scheme)` chooses the codes (default: RTN; see
     `qcompile.quant.gptq.gptq_quantizer`). The fp16 weights are released as each layer is
-    swapped (peak extra memory: one layer). Returns the report of what was quantized,
-    skipped or left in full precision and why.
+    swapped (peak extra memory: one layer). `prefix` is `model`'s path inside a larger model
+    (skip patterns and the report use full paths). Returns the report of what was
+    quantized, skipped or left in full precision and why.
     """
     config = config or QuantConfig()
     report = CompileReport()
     names = [name for name, mod in model.named_modules() if type(mod) is nn.Linear]
     decisions: list[tuple[str, LayerRecord | None]] = []
     for name in names:  # decide every layer first: "raise" leaves the model untouched
-        w = model.get_submodule(name).weight
+        full = f"{prefix}.{name}" if prefix else name
+        shape = tuple(model.get_submodule(name).weight.shape)
+        dtype = model.get_submodule(name).weight.dtype
+        device = model.get_submodule(name).weight.device.type
         record = None
-        if config.skips(name):
-            record = LayerRecord(name, tuple(w.shape), "skipped", "matches a skip pattern")
-        elif (
-            reason := unsupported_reason(tuple(w.shape), w.dtype, w.device.type, config.scheme)
-        ) is not None:
+        if config.skips(full):
+            record = LayerRecord(full, shape, "skipped", "matches a skip pattern")
+        elif (reason := unsupported_reason(shape, dtype, device, config.scheme)) is not None:
             if config.on_unsupported == "raise":
-                raise UnsupportedLayerError(f"{name}: {reason}")
-            record = LayerRecord(name, tuple(w.shape), "fallback", reason)
+                raise UnsupportedLayerError(f"{full}: {reason}")
+            record = LayerRecord(full, shape, "fallback", reason)
         decisions.append((name, record))
-    del w
     for name, record in decisions:
         if record is None:  # only the model refers to the layer: swapping it frees its weight
             parent_name, _, attr = name.rpartition(".")
@@ -94,7 +98,8 @@ def quantize_(
             setattr(model.get_submodule(parent_name), attr, q)
             shape = (q.out_features, q.in_features)
             detail = describe(config.scheme, q.group_size)
-            record = LayerRecord(name, shape, "quantized", detail, execution_path(q.qweight))
+            full = f"{prefix}.{name}" if prefix else name
+            record = LayerRecord(full, shape, "quantized", detail, execution_path(q.qweight))
         report.add(record)
     report.log()
     return report

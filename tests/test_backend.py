@@ -244,3 +244,8 @@ def test_quantize_frees_each_fp16_weight_before_the_next_layer(monkeypatch):
     monkeypatch.setattr(qcompile.W4A16Linear, "from_linear", classmethod(spy))
     qcompile.quantize_(model, QuantConfig())
     assert freed_before_each == [[i < j for i in range(4)] for j in range(4)]
+
+
+def test_quantize_model_without_linears_reports_nothing():
+    report = qcompile.quantize_(nn.Sequential(nn.ReLU()), QuantConfig())
+    assert report.records == []

@@ -1,12 +1,54 @@
-"""Activation statistics of a model's linear layers over calibration data."""
+"""Activation statistics of a model's linear layers over calibration data, and the
+block-by-block driver that lets each block be calibrated on already-quantized inputs."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
 from tqdm import tqdm
+
+
+class HessianRecorder:
+    """Context manager: while active, accumulates X^T X of the input X of each named
+    nn.Linear of `model` (default: all) over whatever forward passes run."""
+
+    def __init__(self, model: nn.Module, names: Iterable[str] | None = None):
+        wanted = set(names) if names is not None else None
+        self._targets = [
+            (name, mod)
+            for name, mod in model.named_modules()
+            if type(mod) is nn.Linear and (wanted is None or name in wanted)
+        ]
+        self._sums: dict[str, torch.Tensor] = {}
+        self._rows: dict[str, int] = {}
+        self._hooks: list = []
+
+    def _hook(self, name: str):
+        def record(_module, inputs, _output):
+            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
+            if name not in self._sums:
+                self._sums[name] = torch.zeros(x.shape[1], x.shape[1], device=x.device)
+                self._rows[name] = 0
+            self._sums[name].addmm_(x.t(), x)
+            self._rows[name] += x.shape[0]
+
+        return record
+
+    def __enter__(self) -> HessianRecorder:
+        self._hooks = [mod.register_forward_hook(self._hook(name)) for name, mod in self._targets]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+    def hessians(self) -> dict[str, torch.Tensor]:
+        """H = 2 X^T X / rows per layer (the GPTQ objective's Hessian)."""
+        return {name: 2 * s / self._rows[name] for name, s in self._sums.items()}
 
 
 @torch.no_grad()
@@ -16,35 +58,73 @@ def collect_input_hessians(
     names: Iterable[str] | None = None,
     progress: bool = True,
 ) -> dict[str, torch.Tensor]:
-    """H = 2 X^T X / rows of the input X of each named nn.Linear (default: every nn.Linear).
+    """Input Hessians of the named nn.Linear layers over `model(batch)` for each batch.
 
-    One forward pass per batch with hooks on the full-precision model; memory is one K x K
-    float32 matrix per layer.
+    One pass of the full-precision model; memory is one K x K float32 matrix per layer.
     """
-    wanted = set(names) if names is not None else None
-    sums: dict[str, torch.Tensor] = {}
-    rows: dict[str, int] = {}
-
-    def hook(name: str):
-        def record(_module, inputs, _output):
-            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
-            if name not in sums:
-                sums[name] = torch.zeros(x.shape[1], x.shape[1], device=x.device)
-                rows[name] = 0
-            sums[name].addmm_(x.t(), x)
-            rows[name] += x.shape[0]
-
-        return record
-
-    hooks = [
-        mod.register_forward_hook(hook(name))
-        for name, mod in model.named_modules()
-        if type(mod) is nn.Linear and (wanted is None or name in wanted)
-    ]
-    try:
+    with HessianRecorder(model, names) as recorder:
         for batch in tqdm(list(batches), desc="calibration", disable=not progress, leave=False):
             model(batch)
+    return recorder.hessians()
+
+
+class _StopForward(Exception):
+    """Raised by a hook to end a forward pass once the inputs it needed were captured."""
+
+
+def find_blocks(model: nn.Module) -> nn.ModuleList:
+    """The model's repeated blocks: the longest nn.ModuleList whose blocks contain linears."""
+    lists = [
+        m
+        for m in model.modules()
+        if isinstance(m, nn.ModuleList)
+        and len(m) > 1
+        and any(isinstance(x, nn.Linear) for x in m[0].modules())
+    ]
+    if not lists:
+        raise ValueError(
+            f"find_blocks: {type(model).__name__} has no nn.ModuleList of blocks with linears"
+        )
+    return max(lists, key=len)
+
+
+@torch.no_grad()
+def quantize_sequentially(
+    model: nn.Module,
+    batches: Iterable[torch.Tensor],
+    quantize_block: Callable[[str, nn.Module, dict[str, torch.Tensor]], None],
+    progress: bool = True,
+) -> None:
+    """Calibrate block by block: each block's input Hessians come from the already-quantized
+    blocks before it, so later layers see (and GPTQ compensates) the earlier layers' error.
+
+    `quantize_block(prefix, block, hessians)` quantizes one block in place; `hessians` is
+    keyed by module path inside the block. Memory: every batch's block input plus one
+    block's Hessians. Modules before the first block run once per batch.
+    """
+    blocks = find_blocks(model)
+    prefix = next(name for name, m in model.named_modules() if m is blocks)
+    captured: list[tuple[tuple, dict]] = []
+
+    def capture(_module, args, kwargs):
+        captured.append((args, kwargs))
+        raise _StopForward
+
+    hook = blocks[0].register_forward_pre_hook(capture, with_kwargs=True)
+    try:
+        for batch in batches:
+            with contextlib.suppress(_StopForward):
+                model(batch)
     finally:
-        for h in hooks:
-            h.remove()
-    return {name: 2 * s / rows[name] for name, s in sums.items()}
+        hook.remove()
+
+    for i, block in enumerate(tqdm(blocks, desc="blocks", disable=not progress, leave=False)):
+        with HessianRecorder(block) as recorder:
+            for args, kwargs in captured:
+                block(*args, **kwargs)
+        quantize_block(f"{prefix}.{i}", block, recorder.hessians())
+        outputs = [block(*args, **kwargs) for args, kwargs in captured]
+        captured = [
+            ((out[0] if isinstance(out, tuple) else out, *args[1:]), kwargs)
+            for out, (args, kwargs) in zip(outputs, captured, strict=True)
+        ]

@@ -92,3 +92,28 @@ def gptq_quantizer(hessians: dict[str, torch.Tensor], **options):
         return gptq_quantize_weight(linear.weight, h.to(linear.weight.device), scheme, **options)
 
     return quantize
+
+
+def gptq_quantize_model(
+    model: torch.nn.Module,
+    batches,
+    config,
+    act_order: bool = False,
+    progress: bool = True,
+):
+    """GPTQ every supported linear of `model` in place, block by block (each block calibrated
+    on the outputs of the already-quantized blocks before it); linears outside the repeated
+    blocks get RTN. Returns the combined report."""
+    from qcompile.quant.calibration import quantize_sequentially
+    from qcompile.quantize import quantize_
+    from qcompile.report import CompileReport
+
+    report = CompileReport()
+
+    def quantize_block(prefix: str, block: torch.nn.Module, hessians: dict) -> None:
+        quantizer = gptq_quantizer(hessians, act_order=act_order)
+        report.records.extend(quantize_(block, config, quantizer, prefix=prefix).records)
+
+    quantize_sequentially(model, batches, quantize_block, progress=progress)
+    report.records.extend(quantize_(model, config).records)  # the rest (lm_head skipped)
+    return report

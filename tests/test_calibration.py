@@ -1,0 +1,64 @@
+"""Block-by-block calibration on a tiny transformers Llama (random weights, local config)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import qcompile
+from qcompile import QuantConfig, Scheme
+from qcompile.quant.calibration import find_blocks
+from qcompile.quant.gptq import gptq_quantize_model
+
+
+@pytest.fixture(scope="module")
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+    )  # fmt: skip
+    return LlamaForCausalLM(config).eval()
+
+
+def _logits_error(model, ref_model, ids) -> float:
+    with torch.no_grad():
+        out, ref = model(ids).logits, ref_model(ids).logits
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+def test_find_blocks(tiny_llama):
+    assert find_blocks(tiny_llama) is tiny_llama.model.layers
+    with pytest.raises(ValueError, match="has no nn.ModuleList of blocks"):
+        find_blocks(nn.Sequential(nn.Linear(4, 4)))
+
+
+def test_sequential_gptq_quantizes_every_block_and_beats_rtn(tiny_llama):
+    gen = torch.Generator().manual_seed(1)
+    calibration = [torch.randint(0, 256, (1, 64), generator=gen) for _ in range(8)]
+    held_out = torch.randint(0, 256, (2, 64), generator=gen)
+    config = QuantConfig(Scheme(group_size=32))
+
+    gptq = copy.deepcopy(tiny_llama)
+    report = gptq_quantize_model(gptq, calibration, config, progress=False)
+    quantized = [r.name for r in report.by_status("quantized")]
+    assert len(quantized) == 3 * 7 and "model.layers.2.mlp.down_proj" in quantized
+    assert [r.name for r in report.by_status("skipped")] == ["lm_head"]
+    projections = {n: m for n, m in gptq.named_modules() if n.endswith("_proj")}
+    assert len(projections) == 21
+    assert all(isinstance(m, qcompile.W4A16Linear) for m in projections.values())
+
+    rtn = copy.deepcopy(tiny_llama)
+    qcompile.quantize_(rtn, config)
+    e_gptq, e_rtn = (
+        _logits_error(gptq, tiny_llama, held_out),
+        _logits_error(rtn, tiny_llama, held_out),
+    )
+    # Random weights and tokens leave little input correlation to exploit (measured 0.146 vs
+    # 0.156); the margin on real weights is in docs/accuracy.md.
+    assert e_gptq < e_rtn, f"GPTQ {e_gptq:.4f} vs RTN {e_rtn:.4f}"
