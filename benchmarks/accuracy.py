@@ -25,7 +25,7 @@ import qcompile
 from qcompile import QuantConfig, Scheme
 from qcompile.eval import load_corpus, perplexity
 from qcompile.quant.calibration import collect_input_hessians
-from qcompile.quant.gptq import gptq_quantizer
+from qcompile.quant.gptq import gptq_quantize_model, gptq_quantizer
 
 CORPUS = "/usr/share/doc/python3.11/html/_sources/tutorial"
 # Calibration text: other prose from the same docs, never the evaluation text.
@@ -51,6 +51,12 @@ ROWS = [  # (label, scheme, method, note); None = the fp32 model
         "calibrated on howto/ (not the eval text)",
     ),
     ("W4A16 GPTQ g64 asym act-order", Scheme(group_size=64), "gptq-act", "static groups"),
+    (
+        "W4A16 GPTQ g64 asym act-order, block-sequential",
+        Scheme(group_size=64),
+        "gptq-seq-act",
+        "each block calibrated on the quantized blocks' outputs",
+    ),
     (
         "W4A16 RTN g128 asym",
         Scheme(group_size=128),
@@ -86,6 +92,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     ap.add_argument("--corpus", default=CORPUS)
+    ap.add_argument(
+        "--rows", default="", help="only rows whose label contains this text (and fp32)"
+    )
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     t0 = time.time()
@@ -95,16 +104,23 @@ def main() -> None:
     rows = []
     hessians = None
     for label, scheme, method, note in ROWS:
+        if scheme is not None and args.rows not in label:
+            continue
         t = time.time()
         m, layers = model, None
         if scheme is not None:
-            quantizer = None
-            if method.startswith("gptq"):
-                if hessians is None:
-                    hessians = collect_input_hessians(model, calibration_batches(tok))
-                quantizer = gptq_quantizer(hessians, act_order=method == "gptq-act")
             m = copy.deepcopy(model)
-            report = qcompile.quantize_(m, QuantConfig(scheme), quantizer=quantizer)
+            if method == "gptq-seq-act":
+                report = gptq_quantize_model(
+                    m, calibration_batches(tok), QuantConfig(scheme), act_order=True
+                )
+            else:
+                quantizer = None
+                if method.startswith("gptq"):
+                    if hessians is None:
+                        hessians = collect_input_hessians(model, calibration_batches(tok))
+                    quantizer = gptq_quantizer(hessians, act_order=method == "gptq-act")
+                report = qcompile.quantize_(m, QuantConfig(scheme), quantizer=quantizer)
             quantized = len(report.by_status("quantized"))
             fallback = report.by_status("fallback")
             layers = f"{quantized}/{quantized + len(fallback)}"

@@ -293,3 +293,22 @@ def test_packed_shape_and_nbytes() -> None:
     assert packed.nbytes() == n * k // 2 + 2 * (k // 128) * n * 2
     fp16_bytes = weight.numel() * weight.element_size()
     assert packed.nbytes() <= 0.3 * fp16_bytes
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_clip_search_never_worse_and_sometimes_better(symmetric: bool) -> None:
+    from qcompile.quant.rtn import fit_groups, round_to_codes
+
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 4, 32, generator=gen)
+    w[:, 0, 0] = 12.0  # one outlier in the first group of every row
+
+    def err(scales, offsets):
+        q = round_to_codes(w, scales[..., None], offsets[..., None])
+        return (q * scales[..., None] + offsets[..., None] - w).abs().pow(2.4).sum(-1)
+
+    plain = err(*fit_groups(w, symmetric, torch.float32))
+    clipped = err(*fit_groups(w, symmetric, torch.float32, clip_search=True))
+    assert (clipped <= plain + 1e-5).all()  # the grid includes no clipping
+    assert (clipped < plain - 1e-3).float().mean() > 0.1  # and it helps a share of groups
+    assert clipped.mean() < plain.mean()

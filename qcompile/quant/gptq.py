@@ -24,6 +24,7 @@ def gptq_quantize_weight(
     damp: float = 0.01,
     act_order: bool = False,
     block_size: int = 128,
+    clip_search: bool = False,
 ) -> PackedInt4:
     """GPTQ-quantize a [N, K] weight given its input Hessian [K, K]; same layout as RTN."""
     n, k = weight.shape
@@ -44,7 +45,7 @@ def gptq_quantize_weight(
     scales = torch.zeros(n, k // g)
     offsets = torch.zeros(n, k // g)
     if act_order:
-        scales, offsets = fit_groups(w.reshape(n, k // g, g), scheme.symmetric, dtype)
+        scales, offsets = fit_groups(w.reshape(n, k // g, g), scheme.symmetric, dtype, clip_search)
         perm = torch.argsort(torch.diag(h), descending=True)
     else:
         perm = torch.arange(k)
@@ -65,7 +66,7 @@ def gptq_quantize_weight(
             grp = col // g
             if not act_order and col % g == 0:
                 scales[:, grp], offsets[:, grp] = fit_groups(
-                    wb[:, i : i + g], scheme.symmetric, dtype
+                    wb[:, i : i + g], scheme.symmetric, dtype, clip_search
                 )
             q = round_to_codes(wb[:, i], scales[:, grp], offsets[:, grp])
             codes[:, col] = q
@@ -99,6 +100,7 @@ def gptq_quantize_model(
     batches,
     config,
     act_order: bool = False,
+    clip_search: bool = False,
     progress: bool = True,
 ):
     """GPTQ every supported linear of `model` in place, block by block (each block calibrated
@@ -111,7 +113,7 @@ def gptq_quantize_model(
     report = CompileReport()
 
     def quantize_block(prefix: str, block: torch.nn.Module, hessians: dict) -> None:
-        quantizer = gptq_quantizer(hessians, act_order=act_order)
+        quantizer = gptq_quantizer(hessians, act_order=act_order, clip_search=clip_search)
         report.records.extend(quantize_(block, config, quantizer, prefix=prefix).records)
 
     quantize_sequentially(model, batches, quantize_block, progress=progress)
