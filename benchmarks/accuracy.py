@@ -58,6 +58,12 @@ ROWS = [  # (label, scheme, method, note); None = the fp32 model
         "each block calibrated on the quantized blocks' outputs",
     ),
     (
+        "W4A16 GPTQ g64 asym act-order, block-sequential, clip search",
+        Scheme(group_size=64),
+        "gptq-seq-act-clip",
+        "group ranges shrunk by up to 25% where that lowers the group's error",
+    ),
+    (
         "W4A16 RTN g128 asym",
         Scheme(group_size=128),
         "rtn",
@@ -110,10 +116,11 @@ def main() -> None:
         m, layers = model, None
         if scheme is not None:
             m = copy.deepcopy(model)
-            if method == "gptq-seq-act":
+            if method.startswith("gptq-seq"):
                 report = gptq_quantize_model(
-                    m, calibration_batches(tok), QuantConfig(scheme), act_order=True
-                )
+                    m, calibration_batches(tok), QuantConfig(scheme), act_order=True,
+                    clip_search=method.endswith("clip"),
+                )  # fmt: skip
             else:
                 quantizer = None
                 if method.startswith("gptq"):

@@ -77,9 +77,9 @@ def quantize_(
     decisions: list[tuple[str, LayerRecord | None]] = []
     for name in names:  # decide every layer first: "raise" leaves the model untouched
         full = f"{prefix}.{name}" if prefix else name
-        shape = tuple(model.get_submodule(name).weight.shape)
-        dtype = model.get_submodule(name).weight.dtype
-        device = model.get_submodule(name).weight.device.type
+        weight = model.get_submodule(name).weight
+        shape, dtype, device = tuple(weight.shape), weight.dtype, weight.device.type
+        del weight  # keep no reference: each fp16 weight is freed when its layer is swapped
         record = None
         if config.skips(full):
             record = LayerRecord(full, shape, "skipped", "matches a skip pattern")
