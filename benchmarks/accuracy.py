@@ -24,6 +24,7 @@ import torch
 import qcompile
 from qcompile import QuantConfig, Scheme
 from qcompile.eval import load_corpus, perplexity
+from qcompile.quant.awq import awq_quantize_model
 from qcompile.quant.calibration import collect_input_hessians
 from qcompile.quant.gptq import gptq_quantize_model, gptq_quantizer
 
@@ -62,6 +63,12 @@ ROWS = [  # (label, scheme, method, note); None = the fp32 model
         Scheme(group_size=64),
         "gptq-seq-act-clip",
         "group ranges shrunk by up to 25% where that lowers the group's error",
+    ),
+    (
+        "W4A16 AWQ g64 asym, block-sequential",
+        Scheme(group_size=64),
+        "awq",
+        "scales folded into the norms and up_proj; RTN after scaling",
     ),
     (
         "W4A16 RTN g128 asym",
@@ -116,7 +123,9 @@ def main() -> None:
         m, layers = model, None
         if scheme is not None:
             m = copy.deepcopy(model)
-            if method.startswith("gptq-seq"):
+            if method == "awq":
+                report = awq_quantize_model(m, calibration_batches(tok), QuantConfig(scheme))
+            elif method.startswith("gptq-seq"):
                 report = gptq_quantize_model(
                     m, calibration_batches(tok), QuantConfig(scheme), act_order=True,
                     clip_search=method.endswith("clip"),
