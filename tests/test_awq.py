@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import helpers
 import pytest
 import torch
 
@@ -17,14 +18,7 @@ from qcompile.quant.rtn import quantize_weight_int4
 
 @pytest.fixture(scope="module")
 def tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-    )  # fmt: skip
-    model = LlamaForCausalLM(config).eval()
+    model = helpers.tiny_llama(num_layers=2)
     with torch.no_grad():  # non-trivial norm weights, so folding into them is exercised
         for layer in model.model.layers:
             layer.input_layernorm.weight.uniform_(0.5, 1.5)

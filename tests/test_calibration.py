@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import helpers
 import pytest
 import torch
 from torch import nn
@@ -16,14 +17,7 @@ from qcompile.quant.gptq import gptq_quantize_model
 
 @pytest.fixture(scope="module")
 def tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=3,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-    )  # fmt: skip
-    return LlamaForCausalLM(config).eval()
+    return helpers.tiny_llama(num_layers=3)
 
 
 def _logits_error(model, ref_model, ids) -> float:
