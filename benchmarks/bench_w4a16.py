@@ -16,11 +16,14 @@ import math
 import platform
 import statistics
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from weights import random_packed
+
+from qcompile.lowering.autotune import autotuner
 
 SHAPES = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (8192, 28672)]  # N x K
 MS = [1, 16, 64, 256, 1024]
@@ -218,6 +221,11 @@ def main() -> None:
         rows += bench_shape(n, k, ms, props.L2_cache_size, bw)
         torch.cuda.empty_cache()
         (args.out / "w4a16.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        trials = {
+            str(asdict(key)): [{"us": us, **asdict(cfg)} for us, cfg in results[:12]]
+            for key, results in autotuner(0).trials.items()
+        }  # the best dozen configs per tuned key: which kernel kind wins where
+        (args.out / "tuning_trials.json").write_text(json.dumps(trials, indent=1))
     (args.out / "w4a16.md").write_text(markdown(meta, rows))
     plot(rows, args.out / "w4a16_speedup.png")
     print(markdown(meta, rows))
