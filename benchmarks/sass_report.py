@@ -34,8 +34,9 @@ ATTRS = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 4, 5, 7, 8, 9, 10
 
 
 def compile_variant(
-    kind: str, bm: int, bn: int, bk: int, warps: int, stages: int, group: int = 128
-):
+    kind: str, bm: int, bn: int, bk: int, warps: int, stages: int, prefetch: bool = False,
+    group: int = 128,
+):  # fmt: skip
     sig = dict(COMMON_SIG)
     # stride_xk == 1 is specialized as a constant by Triton at launch for contiguous x.
     consts = {
@@ -48,6 +49,9 @@ def compile_variant(
     }
     fn = kernels._w4a16_gemv_kernel
     sig["nibble_mask"] = "i32"
+    consts["PREFETCH"] = prefetch
+    if kind in ("gemm", "gemm_swap"):
+        del consts["PREFETCH"]
     if kind == "gemm":
         del sig["nibble_mask"]
         fn = kernels._w4a16_gemm_kernel
@@ -109,14 +113,16 @@ def opcode(line: str) -> str:
     return m.group(1) if m else "?"
 
 
-def report(kind: str, bm: int, bn: int, bk: int, warps: int, stages: int) -> dict:
-    k = compile_variant(kind, bm, bn, bk, warps, stages)
+def report(
+    kind: str, bm: int, bn: int, bk: int, warps: int, stages: int, prefetch: bool = False
+) -> dict:
+    k = compile_variant(kind, bm, bn, bk, warps, stages, prefetch)
     res = resources(k)
     loop = main_loop(sass(k))
     counts = collections.Counter(opcode(line) for line in loop)
     weights_per_thread = bn * bk / (warps * 32)
     return {
-        "variant": f"{kind} BM{bm} BN{bn} BK{bk} w{warps} s{stages}",
+        "variant": f"{kind} BM{bm} BN{bn} BK{bk} w{warps} s{stages}{' pf' if prefetch else ''}",
         "regs": res.get("REG", -1), "spills": res.get("LOCAL", 0) + res.get("STACK", 0),
         "smem": k.metadata.shared,
         "loop_instr": len(loop), "instr_per_weight": len(loop) / weights_per_thread,
@@ -126,6 +132,7 @@ def report(kind: str, bm: int, bn: int, bk: int, warps: int, stages: int) -> dic
 
 VARIANTS = [
     ("gemv", 1, 128, 64, 1, 1), ("gemv", 1, 512, 64, 4, 1), ("gemv", 1, 256, 128, 4, 1),
+    ("gemv", 1, 256, 64, 2, 1, True), ("gemm_planes", 16, 128, 128, 4, 2, True),
     ("gemm", 16, 64, 128, 4, 3), ("gemm_swap", 16, 64, 128, 4, 3), ("gemm_planes", 16, 128, 128, 4, 2),
     ("gemm_planes", 16, 256, 128, 8, 2), ("gemm", 64, 128, 64, 4, 3),
     ("gemm_swap", 64, 128, 64, 4, 3), ("gemm", 128, 128, 64, 8, 3), ("gemm_swap", 128, 128, 64, 8, 3),

@@ -55,6 +55,9 @@ class KernelConfig:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 2
+    # Register double-buffering written into the kernel (GEMV, planes): load tile i+1 before
+    # computing tile i. Triton's own num_stages pipelines only loads that feed a dot.
+    prefetch: bool = False
 
     @classmethod
     def from_dict(cls, d: dict) -> KernelConfig:

@@ -61,7 +61,7 @@ def _w4a16_gemv_kernel(
     M, N, K, k_per_split,
     stride_xm, stride_xk, stride_om, stride_split, nibble_mask,
     GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_PARTIAL: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr,
 ):  # fmt: skip
     # Tile: words [BLOCK_K/8, BLOCK_N] (N-contiguous 16-byte loads). Nibble i of word row r is
     # k = k0 + 8r + i, so x is read at stride 8 per nibble (tiny, from L1) and each code meets
@@ -78,10 +78,20 @@ def _w4a16_gemv_kernel(
     k_start = pid_k * k_per_split
     x_row = x_ptr + m * stride_xm
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for k0 in range(k_start, k_start + k_per_split, BLOCK_K):
-        words = tl.load(
-            qw_ptr + (k0 // 8 + rr)[:, None] * N + rn[None, :], mask=n_mask[None, :], other=0
-        )
+    k_end = k_start + k_per_split
+    w_row0 = qw_ptr + rr[:, None] * N + rn[None, :]
+    w_ptrs = w_row0 + (k_start // 8) * N
+    if PREFETCH:  # words of the first tile; each iteration then loads the next one up front
+        words_next = tl.load(w_ptrs, mask=n_mask[None, :], other=0)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        if PREFETCH:
+            words = words_next
+            # the last iteration re-reads its own tile instead of reading past the split
+            k_next = tl.minimum(k0 + BLOCK_K, k_end - BLOCK_K)
+            words_next = tl.load(w_row0 + (k_next // 8) * N, mask=n_mask[None, :], other=0)
+        else:
+            words = tl.load(w_ptrs, mask=n_mask[None, :], other=0)
+            w_ptrs += (BLOCK_K // 8) * N
         high = words >> 16  # nibbles 4..7 moved to bits 0..15: one shift per 4 codes
         x_tile = x_row + (k0 + 8 * rr) * stride_xk  # one address per word row; + i below
         x0 = tl.load(x_tile).to(tl.float32)
@@ -202,7 +212,7 @@ def _w4a16_gemm_planes_kernel(
     M, N, K, k_per_split,
     stride_xm, stride_xk, stride_om, stride_split, nibble_mask,
     GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_PARTIAL: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr,
 ):  # fmt: skip
     # Small-M tensor-core path. out^T [BLOCK_N, BLOCK_M] = sum over the 8 nibble planes i of
     # W_i [BLOCK_N, BLOCK_K/8] @ x_i^T [BLOCK_K/8, BLOCK_M], where plane i holds k = 8r + i:
@@ -221,10 +231,20 @@ def _w4a16_gemm_planes_kernel(
     dtype = x_ptr.dtype.element_ty
     k_start = pid_k * k_per_split
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    for k0 in range(k_start, k_start + k_per_split, BLOCK_K):
-        words = tl.load(
-            qw_ptr + (k0 // 8 + rr)[None, :] * N + rn[:, None], mask=n_mask[:, None], other=0
-        )  # [BLOCK_N, ROWS]
+    k_end = k_start + k_per_split
+    w_row0 = qw_ptr + rr[None, :] * N + rn[:, None]  # [BLOCK_N, ROWS]
+    w_ptrs = w_row0 + (k_start // 8) * N
+    if PREFETCH:
+        words_next = tl.load(w_ptrs, mask=n_mask[:, None], other=0)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        if PREFETCH:
+            words = words_next
+            # the last iteration re-reads its own tile instead of reading past the split
+            k_next = tl.minimum(k0 + BLOCK_K, k_end - BLOCK_K)
+            words_next = tl.load(w_row0 + (k_next // 8) * N, mask=n_mask[:, None], other=0)
+        else:
+            words = tl.load(w_ptrs, mask=n_mask[:, None], other=0)
+            w_ptrs += (BLOCK_K // 8) * N
         high = words >> 16
         if BLOCK_K <= GROUP:
             g = k0 // GROUP
@@ -335,7 +355,8 @@ def candidate_configs(m: int, n: int, k: int, group: int) -> list[KernelConfig]:
                               (256, 128, 2), (512, 128, 4), (128, 128, 1)):  # fmt: skip
             for sk in (*splits, 32):
                 if _useful_split(triton.cdiv(n, bn) * mb, sk):
-                    out.append(KernelConfig("gemv", 1, bn, bk, sk, warps, 1))
+                    for pf in (False, True):
+                        out.append(KernelConfig("gemv", 1, bn, bk, sk, warps, 1, pf))
     bms = (16,) if mb <= 16 else (32,) if mb <= 32 else (64,) if mb <= 64 else (64, 128)
     for kind in ("gemm", "gemm_swap"):
         for bm in bms:
@@ -345,11 +366,12 @@ def candidate_configs(m: int, n: int, k: int, group: int) -> list[KernelConfig]:
                 for sk in splits:
                     if _useful_split(triton.cdiv(n, bn) * triton.cdiv(mb, bm), sk):
                         out.append(KernelConfig(kind, bm, bn, bk, sk, warps, stages))
-    if mb <= 32:
+    if mb <= 64:
         for bn, bk, warps in ((64, 128, 4), (128, 128, 4), (256, 128, 8), (128, 256, 8)):
             for sk in splits:
                 if _useful_split(triton.cdiv(n, bn) * triton.cdiv(mb, bms[0]), sk):
-                    out.append(KernelConfig("gemm_planes", bms[0], bn, bk, sk, warps, 2))
+                    for pf in (False, True):
+                        out.append(KernelConfig("gemm_planes", bms[0], bn, bk, sk, warps, 2, pf))
     if mb >= 128:
         out.append(KernelConfig("dequant_mm", 0, 256, _dequant_rows(k), 1, 4, 1))
     return [c for c in out if valid_config(c, k, group)]
@@ -412,10 +434,13 @@ def launch(
         x.stride(0), x.stride(1), out.stride(0), m * n,
     )  # fmt: skip
     if cfg.kernel == "gemv":
-        _w4a16_gemv_kernel[(triton.cdiv(n, cfg.block_n), split, m)](*args, 0xF, **common)
+        grid = (triton.cdiv(n, cfg.block_n), split, m)
+        _w4a16_gemv_kernel[grid](*args, 0xF, PREFETCH=cfg.prefetch, **common)
     elif cfg.kernel == "gemm_planes":
         grid = (triton.cdiv(n, cfg.block_n), split, triton.cdiv(m, cfg.block_m))
-        _w4a16_gemm_planes_kernel[grid](*args, 0xF, BLOCK_M=cfg.block_m, **common)
+        _w4a16_gemm_planes_kernel[grid](
+            *args, 0xF, BLOCK_M=cfg.block_m, PREFETCH=cfg.prefetch, **common
+        )
     else:
         grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split)
         swap = cfg.kernel == "gemm_swap"
