@@ -203,8 +203,16 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     ap.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in SHAPES))
     ap.add_argument("--ms", default=",".join(map(str, MS)))
+    ap.add_argument(
+        "--retune", action="store_true",
+        help="tune every shape afresh (ignore the shipped configs and the user cache)",
+    )  # fmt: skip
     args = ap.parse_args()
     import triton
+
+    if args.retune:
+        autotuner(0).shipped = {}
+        autotuner(0).user = {}
 
     args.out.mkdir(parents=True, exist_ok=True)
     props = torch.cuda.get_device_properties(0)

@@ -2,14 +2,15 @@
 # One device call: the W4A16 benchmark (tuning as it goes), Nsight Compute profiles of the
 # tuned kernels, then the kernel tests on the GPU. Everything lands in $OUT: bench.log,
 # w4a16.{json,md}, the plot, tuning_trials.json, cache/, ncu.txt, tests.log.
-#   BENCH_S / NCU_S / TEST_S: time limits (s); BENCH_ARGS: extra bench_w4a16.py flags;
+#   BENCH_S / NCU_S / TEST_S: time limits (s); BENCH_ARGS: bench_w4a16.py flags (default
+#   --retune: tune afresh, ignoring the shipped configs; "" measures what users get);
 #   NCU_CASES: "NxK:M ..." shapes to profile with their tuned config ("" to skip).
 set -o pipefail
 export PYTHONUNBUFFERED=1 QCOMPILE_CACHE_DIR=$OUT/cache
 python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
 nvidia-smi --query-gpu=name,clocks.max.sm,clocks.max.mem,power.limit --format=csv | tee $OUT/bench.log
 # shellcheck disable=SC2086
-timeout "${BENCH_S:-330}" python3 benchmarks/bench_w4a16.py --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee -a $OUT/bench.log
+timeout "${BENCH_S:-330}" python3 benchmarks/bench_w4a16.py --out "$OUT" ${BENCH_ARGS---retune} 2>&1 | tee -a $OUT/bench.log
 end=$((SECONDS + ${NCU_S:-120}))
 for case in ${NCU_CASES-8192x28672:1 8192x28672:16 8192x28672:64}; do
   [ $SECONDS -lt $end ] || break

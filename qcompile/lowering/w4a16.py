@@ -217,8 +217,9 @@ def _w4a16_gemm_planes_kernel(
     # Small-M tensor-core path. out^T [BLOCK_N, BLOCK_M] = sum over the 8 nibble planes i of
     # W_i [BLOCK_N, BLOCK_K/8] @ x_i^T [BLOCK_K/8, BLOCK_M], where plane i holds k = 8r + i:
     # each plane unpacks in place like the GEMV (one LOP3 + FADD per code, 16**-j folded into
-    # the scale) and feeds wgmma from registers. Costs a strided x gather per plane, so it
-    # only pays while x is small (BLOCK_M <= 32). Needs BLOCK_K / 8 >= 16 (dot K >= 16).
+    # the scale) and feeds wgmma from registers. x must come permuted so that within each
+    # BLOCK_K chunk column i * ROWS + r holds k = 8r + i (`_planes_x`): one extra pass over x,
+    # small next to the weights while M <= 64. Needs BLOCK_K / 8 >= 16 (dot K >= 16).
     ROWS: tl.constexpr = BLOCK_K // 8
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -256,7 +257,9 @@ def _w4a16_gemm_planes_kernel(
             o = tl.load(o_ptr + g_rows[None, :] * N + rn[:, None], mask=n_mask[:, None], other=0)
             s = s.to(tl.float32)
             o = o.to(tl.float32)
-        x_base = x_ptr + rm[None, :] * stride_xm + (k0 + 8 * rr)[:, None] * stride_xk
+        # x arrives plane-major per BLOCK_K chunk (the launcher permutes it): plane i's ROWS
+        # activations are contiguous, one vector load instead of ROWS strided ones.
+        x_base = x_ptr + rm[None, :] * stride_xm + (k0 + rr)[:, None] * stride_xk
         for i in tl.static_range(8):
             mask = nibble_mask << (4 * (i % 4))
             s_i = s * (1.0 / (1 << (4 * (i % 4))))  # exact: a power of two
@@ -264,7 +267,7 @@ def _w4a16_gemm_planes_kernel(
                 w = _codes_in_place(words, mask) * s_i + o
             else:
                 w = _codes_in_place(high, mask) * s_i + o
-            xt = tl.load(x_base + i * stride_xk, mask=m_mask[None, :], other=0.0)
+            xt = tl.load(x_base + i * ROWS * stride_xk, mask=m_mask[None, :], other=0.0)
             acc = tl.dot(w.to(dtype), xt, acc)
     out_offs = rm[None, :] * stride_om + rn[:, None]
     mask = m_mask[None, :] & n_mask[:, None]
@@ -330,7 +333,7 @@ def valid_config(cfg: KernelConfig, k: int, group: int) -> bool:
         return False
     if (k // cfg.split_k) % cfg.block_k:
         return False
-    min_k = {"gemv": 64, "gemm_planes": 128}.get(cfg.kernel, 16)
+    min_k = {"gemv": 32, "gemm_planes": 128}.get(cfg.kernel, 16)
     return cfg.block_k >= min_k and (group % cfg.block_k == 0 or cfg.block_k % group == 0)
 
 
@@ -351,8 +354,11 @@ def candidate_configs(m: int, n: int, k: int, group: int) -> list[KernelConfig]:
     if mb <= 4:
         # BLOCK_N = 128 * num_warps (x c) keeps every word row of a column in one thread, so
         # the per-tile reduction over rows stays in registers (no barrier in the loop).
+        # BLOCK_K = 32 halves the registers (more warps in flight per SM) for ~8% more
+        # instructions per weight.
         for bn, bk, warps in ((128, 64, 1), (256, 64, 2), (512, 64, 4), (1024, 64, 8),
-                              (256, 128, 2), (512, 128, 4), (128, 128, 1)):  # fmt: skip
+                              (256, 128, 2), (512, 128, 4), (128, 128, 1),
+                              (256, 32, 2), (512, 32, 4), (1024, 32, 8)):  # fmt: skip
             for sk in (*splits, 32):
                 if _useful_split(triton.cdiv(n, bn) * mb, sk):
                     for pf in (False, True):
@@ -395,6 +401,13 @@ def default_config(m: int, n: int, k: int, group: int) -> KernelConfig:
 
 
 # --------------------------------------------------------------------------- launcher
+def _planes_x(x: torch.Tensor, block_k: int) -> torch.Tensor:
+    """x [M, K] -> contiguous [M, K] with each BLOCK_K chunk reordered plane-major:
+    column c * BLOCK_K + i * ROWS + r holds k = c * BLOCK_K + 8r + i."""
+    m, k = x.shape
+    return x.reshape(m, k // block_k, block_k // 8, 8).transpose(2, 3).reshape(m, k)
+
+
 def launch(
     cfg: KernelConfig,
     x: torch.Tensor,
@@ -438,9 +451,11 @@ def launch(
         _w4a16_gemv_kernel[grid](*args, 0xF, PREFETCH=cfg.prefetch, **common)
     elif cfg.kernel == "gemm_planes":
         grid = (triton.cdiv(n, cfg.block_n), split, triton.cdiv(m, cfg.block_m))
+        xp = _planes_x(x, cfg.block_k)
         _w4a16_gemm_planes_kernel[grid](
-            *args, 0xF, BLOCK_M=cfg.block_m, PREFETCH=cfg.prefetch, **common
-        )
+            xp, *args[1:10], k, 1, *args[12:], 0xF,
+            BLOCK_M=cfg.block_m, PREFETCH=cfg.prefetch, **common,
+        )  # fmt: skip
     else:
         grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split)
         swap = cfg.kernel == "gemm_swap"
