@@ -34,6 +34,10 @@ def main() -> None:
     ap.add_argument("--ms", default=",".join(map(str, M_BUCKETS)))
     ap.add_argument("--dtypes", default="float16,bfloat16")
     ap.add_argument("--group", type=int, default=128)
+    ap.add_argument(
+        "--shapes", default=",".join(f"{n}x{k}" for n, k in BENCH_SHAPES + LLAMA3_8B_SHAPES),
+        help="N x K list, e.g. 4096x4096,1024x4096",
+    )  # fmt: skip
     args = ap.parse_args()
 
     tuner = autotune.autotuner(0)
@@ -41,7 +45,7 @@ def main() -> None:
     out = args.out or autotune.SHIPPED_DIR / f"{autotune.shipped_config_name(gpu)}.json"
     tuner.shipped = {}  # tune everything afresh: neither the old shipped file
     tuner.user = {}  # nor entries of the user cache (untimed) end up in the new file
-    shapes = BENCH_SHAPES + LLAMA3_8B_SHAPES
+    shapes = [tuple(map(int, spec.split("x"))) for spec in args.shapes.split(",")]
     t0 = time.time()
     for dtype_name in args.dtypes.split(","):
         dtype = getattr(torch, dtype_name)
@@ -56,6 +60,10 @@ def main() -> None:
                     f"{time.time() - t0:7.1f}s {key} -> {tuner.lookup(key)} ({tuner.timings.get(key, float('nan')):.1f} us)",
                     flush=True,
                 )
+                _write(out, gpu, tuner)  # after every key: a run cut short keeps what it tuned
+
+
+def _write(out: Path, gpu: str, tuner: autotune.Autotuner) -> None:
     data = {
         "format": autotune.CACHE_FORMAT, "gpu": gpu, "triton": tuner.triton_version, "torch": torch.__version__,
         "entries": [
@@ -64,7 +72,6 @@ def main() -> None:
         ],
     }  # fmt: skip
     out.write_text(json.dumps(data, indent=1) + "\n")
-    print(f"wrote {len(data['entries'])} entries to {out}")
 
 
 if __name__ == "__main__":
