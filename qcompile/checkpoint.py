@@ -177,9 +177,11 @@ def import_checkpoint(
     model = _transformers_skeleton(folder, dtype)
     model_dtype = model.dtype
     files = TensorFiles.in_folder(folder)
-    prefixes = sorted({n.removesuffix(".qweight") for n in files.names() if n.endswith(".qweight")})
-    if not prefixes:
+    stored = [n.removesuffix(".qweight") for n in files.names() if n.endswith(".qweight")]
+    if not stored:
         raise CheckpointError(f"{folder}: no *.qweight tensor; is this a {method} checkpoint?")
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    prefixes = sorted(stored, key=lambda p: (order.get(p, -1), p))  # model order, unknown first
     consumed: set[str] = set()
     for prefix in prefixes:
         linear = _module_or_none(model, prefix)
