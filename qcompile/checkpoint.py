@@ -270,7 +270,8 @@ def parameters_on_meta() -> Iterator[None]:
     """Parameters created inside are moved to the meta device as they are registered.
 
     Buffers stay real, so computed non-persistent buffers (RoPE's inv_freq) keep their values.
-    Each parameter is allocated (uninitialised) only until its module registers it.
+    Each parameter is allocated (uninitialised) only until its module registers it. Patches
+    `nn.Module.register_parameter` while active, so it is not thread-safe.
     """
     register = nn.Module.register_parameter
 
