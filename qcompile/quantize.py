@@ -23,17 +23,29 @@ from qcompile.report import CompileReport, LayerRecord
 class W4A16Linear(nn.Module):
     """A linear layer holding a packed int4 weight (layout: `qcompile.quant.int4`).
 
-    Buffers: qweight [K/8, N] int32, scales and offsets [K/G, N], bias [N] or None.
+    Buffers: qweight [K/8, N] int32, scales and offsets [K/G, N], bias [N] or None, and
+    perm [K] int64 or None. `perm` is set only for checkpoints whose groups are scattered along
+    K (GPTQ act-order, see `qcompile.integrations.gptq`): the packed weight's input feature j
+    is the original feature perm[j], so forward gathers x[..., perm] first.
+    `scheme` is the `Scheme` the codes were made with, when known (saved in checkpoints).
     """
 
-    def __init__(self, packed: PackedInt4, bias: torch.Tensor | None):
+    def __init__(
+        self,
+        packed: PackedInt4,
+        bias: torch.Tensor | None,
+        perm: torch.Tensor | None = None,
+        scheme: Scheme | None = None,
+    ):
         super().__init__()
         self.out_features, self.in_features = packed.shape
         self.group_size = packed.group_size
+        self.scheme = scheme
         self.register_buffer("qweight", packed.qweight)
         self.register_buffer("scales", packed.scales)
         self.register_buffer("offsets", packed.offsets)
         self.register_buffer("bias", bias)
+        self.register_buffer("perm", perm)
 
     @classmethod
     def from_linear(
@@ -42,10 +54,14 @@ class W4A16Linear(nn.Module):
         """Quantize `linear` with RTN, or wrap `packed` (e.g. from GPTQ) with its bias."""
         bias = None if linear.bias is None else linear.bias.detach().clone()
         return cls(
-            packed if packed is not None else quantize_weight_int4(linear.weight, scheme), bias
+            packed if packed is not None else quantize_weight_int4(linear.weight, scheme),
+            bias,
+            scheme=scheme,
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.perm is not None:
+            x = x.index_select(-1, self.perm)
         return torch.ops.qcompile.w4a16_linear(
             x, self.qweight, self.scales, self.offsets, self.bias, self.group_size
         )
