@@ -71,6 +71,12 @@ ROWS = [  # (label, scheme, method, note); None = the fp32 model
         "scales folded into the norms and up_proj; RTN after scaling",
     ),
     (
+        "W4A16 AWQ + GPTQ g64 asym act-order, block-sequential, clip search",
+        Scheme(group_size=64),
+        "gptq-seq-act-clip-awq",
+        "AWQ scales folded first, then GPTQ against the rescaled Hessians",
+    ),
+    (
         "W4A16 RTN g128 asym",
         Scheme(group_size=128),
         "rtn",
@@ -128,7 +134,7 @@ def main() -> None:
             elif method.startswith("gptq-seq"):
                 report = gptq_quantize_model(
                     m, calibration_batches(tok), QuantConfig(scheme), act_order=True,
-                    clip_search=method.endswith("clip"),
+                    clip_search="clip" in method, awq=method.endswith("awq"),
                 )  # fmt: skip
             else:
                 quantizer = None
@@ -151,6 +157,15 @@ def main() -> None:
             }
         )
         print(f"{label:70s} ppl {ppl:7.3f}  layers {layers}  ({time.time() - t:.0f} s)", flush=True)
+    old_path = args.out / "accuracy_smollm2.json"
+    if args.rows and old_path.exists():  # a partial run keeps the other rows of the last one
+        done = {r["row"] for r in rows}
+        old = {r["row"]: r for r in json.loads(old_path.read_text())["rows"]}
+        rows = [
+            next(r for r in rows if r["row"] == label) if label in done else old[label]
+            for label, *_ in ROWS
+            if label in done or label in old
+        ]
     base = rows[0]["ppl"]
     for r in rows:
         r["delta_pct"] = 100 * (r["ppl"] / base - 1)

@@ -50,6 +50,22 @@ def test_folding_scales_keeps_the_fp32_function(tiny_llama):
         torch.testing.assert_close(model(ids).logits, before, atol=1e-4, rtol=1e-4)
 
 
+def test_scaled_hessians_match_the_rescaled_inputs(tiny_llama):
+    """AWQ + GPTQ rescales each Hessian as diag(1/s) H diag(1/s) instead of recollecting it."""
+    model = copy.deepcopy(tiny_llama)
+    batches = _tokens(4, 2)
+    prefix = "model.layers.0."
+    hs = collect_input_hessians(model, batches, progress=False)
+    block_h = {k.removeprefix(prefix): v for k, v in hs.items() if k.startswith(prefix)}
+    scales = awq_scale_block(model.model.layers[0], block_h, Scheme(group_size=32))
+    after = collect_input_hessians(model, batches, progress=False)
+    for name, s in scales.items():
+        inv = 1.0 / s
+        expected = block_h[name] * inv[:, None] * inv[None, :]
+        got = after[prefix + name]
+        assert torch.linalg.norm(got - expected) <= 1e-4 * torch.linalg.norm(got), name
+
+
 def test_search_never_worse_than_rtn_on_its_objective():
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(512, 64, generator=gen) * torch.linspace(0.1, 5, 64)  # uneven channels

@@ -65,8 +65,9 @@ def awq_scale_block(
     block: nn.Module, hessians: dict[str, torch.Tensor], scheme: Scheme, groups=LLAMA_GROUPS
 ) -> list[str]:
     """Search and fold AWQ scales into `block` in place (its function is unchanged in exact
-    arithmetic). Returns the linears that were scaled."""
-    scaled: list[str] = []
+    arithmetic). Returns {linear name: s}: each scaled linear's weight columns were
+    multiplied by s, so its inputs are now x / s."""
+    scaled: dict[str, torch.Tensor] = {}
     modules = dict(block.named_modules())
     for producer_name, names in groups:
         producer = modules.get(producer_name)
@@ -90,7 +91,7 @@ def awq_scale_block(
             producer.bias.div_(s.to(producer.bias.dtype))
         for m in linears:
             m.weight.mul_(s[None, :].to(m.weight.dtype))
-        scaled += list(names)
+        scaled.update({n: s for n in names})
     return scaled
 
 

@@ -101,11 +101,14 @@ def gptq_quantize_model(
     config,
     act_order: bool = False,
     clip_search: bool = False,
+    awq: bool = False,
     progress: bool = True,
 ):
     """GPTQ every supported linear of `model` in place, block by block (each block calibrated
     on the outputs of the already-quantized blocks before it); linears outside the repeated
-    blocks get RTN. Returns the combined report."""
+    blocks get RTN. With `awq`, each block first gets AWQ's scales folded in (then GPTQ
+    rounds the scaled weights against the correspondingly scaled Hessians). Returns the
+    combined report."""
     from qcompile.quant.calibration import quantize_sequentially
     from qcompile.quantize import quantize_
     from qcompile.report import CompileReport
@@ -113,6 +116,13 @@ def gptq_quantize_model(
     report = CompileReport()
 
     def quantize_block(prefix: str, block: torch.nn.Module, hessians: dict) -> None:
+        if awq:
+            from qcompile.quant.awq import awq_scale_block
+
+            # inputs became x / s: H = 2 X^T X turns into diag(1/s) H diag(1/s)
+            for name, s in awq_scale_block(block, hessians, config.scheme).items():
+                inv = (1.0 / s).to(hessians[name])
+                hessians[name] = hessians[name] * inv[:, None] * inv[None, :]
         quantizer = gptq_quantizer(hessians, act_order=act_order, clip_search=clip_search)
         report.records.extend(quantize_(block, config, quantizer, prefix=prefix).records)
 
