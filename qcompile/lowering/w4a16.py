@@ -26,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from qcompile.lowering import autotune
 from qcompile.lowering.autotune import KernelConfig, TuneKey, autotuner, m_bucket
 
 FAMILY = "w4a16"
@@ -468,12 +469,6 @@ def launch(
     return out
 
 
-def _bench_us(fn) -> float:
-    from triton.testing import do_bench
-
-    return 1000.0 * do_bench(fn, warmup=2, rep=10, return_mode="median")
-
-
 def w4a16_linear_cuda(
     x: torch.Tensor,
     qweight: torch.Tensor,
@@ -496,7 +491,9 @@ def w4a16_linear_cuda(
         cfg = tuner.get(
             key,
             candidate_configs(m, n, k, group_size),
-            lambda c: _bench_us(lambda: launch(c, x, qweight, scales, offsets, bias, group_size)),
+            lambda c: autotune.time_us(
+                lambda: launch(c, x, qweight, scales, offsets, bias, group_size)
+            ),
             default_config(m, n, k, group_size),
             valid=lambda c: valid_config(c, k, group_size),
         )
