@@ -89,7 +89,8 @@ def test_configs_have_power_of_two_tiles_aligned_to_groups(m, k, g):
         assert _pow2(cfg.block_m)
         assert k % cfg.split_k == 0 and (k // cfg.split_k) % cfg.block_k == 0
         assert g % cfg.block_k == 0 or cfg.block_k % g == 0
-        assert cfg.kernel in ("gemm", "gemm_swap", "gemm_planes") or m <= 4
+        assert cfg.kernel in ("gemm", "gemm_swap", "gemm_planes", "gemm_planes_direct") or m <= 4
+        assert cfg.kernel != "gemm_planes_direct" or cfg.block_m >= 64
 
 
 @pytest.mark.parametrize("group", [32, 128])
@@ -121,6 +122,8 @@ def test_dequantize_then_matmul_strategy(group):
         KernelConfig("gemm_swap", 16, 32, 128, 1, 4, 2),  # BLOCK_K > group: per-column scales
         KernelConfig("gemm_planes", 16, 32, 128, 2, 4, 2),  # BLOCK_K > group: per-row scales
         KernelConfig("gemm_planes", 16, 32, 128, 1, 4, 2),
+        KernelConfig("gemm_planes_direct", 16, 32, 128, 2, 4, 2),  # per-row scales, split
+        KernelConfig("gemm_planes_direct", 16, 32, 128, 1, 4, 2),
         KernelConfig("dequant_mm", 0, 32, 4, 1, 4, 1),
     ],
     ids=lambda c: f"{c.kernel}-bk{c.block_k}-sk{c.split_k}",

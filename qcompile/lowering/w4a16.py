@@ -214,6 +214,7 @@ def _w4a16_gemm_planes_kernel(
     stride_xm, stride_xk, stride_om, stride_split, nibble_mask,
     GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_PARTIAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr,
+    SWAP_AB: tl.constexpr,
 ):  # fmt: skip
     # Small-M tensor-core path. out^T [BLOCK_N, BLOCK_M] = sum over the 8 nibble planes i of
     # W_i [BLOCK_N, BLOCK_K/8] @ x_i^T [BLOCK_K/8, BLOCK_M], where plane i holds k = 8r + i:
@@ -221,6 +222,9 @@ def _w4a16_gemm_planes_kernel(
     # the scale) and feeds wgmma from registers. x must come permuted so that within each
     # BLOCK_K chunk column i * ROWS + r holds k = 8r + i (`_planes_x`): one extra pass over x,
     # small next to the weights while M <= 64. Needs BLOCK_K / 8 >= 16 (dot K >= 16).
+    # SWAP_AB=False ("gemm_planes_direct") computes out = x_i @ W_i^T instead: the dequantized
+    # plane becomes the shared-memory B operand (one store, no reload into the register
+    # operand layout), at the price of M >= 64 for wgmma (mma.sync below that).
     ROWS: tl.constexpr = BLOCK_K // 8
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -232,7 +236,10 @@ def _w4a16_gemm_planes_kernel(
     n_mask = rn < N
     dtype = x_ptr.dtype.element_ty
     k_start = pid_k * k_per_split
-    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    if SWAP_AB:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_end = k_start + k_per_split
     w_row0 = qw_ptr + rr[None, :] * N + rn[:, None]  # [BLOCK_N, ROWS]
     w_ptrs = w_row0 + (k_start // 8) * N
@@ -269,14 +276,23 @@ def _w4a16_gemm_planes_kernel(
             else:
                 w = _codes_in_place(high, mask) * s_i + o
             xt = tl.load(x_base + i * ROWS * stride_xk, mask=m_mask[None, :], other=0.0)
-            acc = tl.dot(w.to(dtype), xt, acc)
-    out_offs = rm[None, :] * stride_om + rn[:, None]
-    mask = m_mask[None, :] & n_mask[:, None]
+            if SWAP_AB:
+                acc = tl.dot(w.to(dtype), xt, acc)
+            else:
+                acc = tl.dot(tl.trans(xt), tl.trans(w.to(dtype)), acc)
+    if SWAP_AB:
+        out_offs = rm[None, :] * stride_om + rn[:, None]
+        mask = m_mask[None, :] & n_mask[:, None]
+        bias_b = rn[:, None]
+    else:
+        out_offs = rm[:, None] * stride_om + rn[None, :]
+        mask = m_mask[:, None] & n_mask[None, :]
+        bias_b = rn[None, :]
     if WRITE_PARTIAL:
         tl.store(out_ptr + pid_k * stride_split + out_offs, acc, mask=mask)
     else:
         if HAS_BIAS:
-            acc += tl.load(bias_ptr + rn, mask=n_mask, other=0).to(tl.float32)[:, None]
+            acc += tl.load(bias_ptr + bias_b, mask=bias_b < N, other=0).to(tl.float32)
         tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -334,7 +350,7 @@ def valid_config(cfg: KernelConfig, k: int, group: int) -> bool:
         return False
     if (k // cfg.split_k) % cfg.block_k:
         return False
-    min_k = {"gemv": 32, "gemm_planes": 128}.get(cfg.kernel, 16)
+    min_k = {"gemv": 32, "gemm_planes": 128, "gemm_planes_direct": 128}.get(cfg.kernel, 16)
     return cfg.block_k >= min_k and (group % cfg.block_k == 0 or cfg.block_k % group == 0)
 
 
@@ -379,6 +395,10 @@ def candidate_configs(m: int, n: int, k: int, group: int) -> list[KernelConfig]:
                 if _useful_split(triton.cdiv(n, bn) * triton.cdiv(mb, bms[0]), sk):
                     for pf in (False, True):
                         out.append(KernelConfig("gemm_planes", bms[0], bn, bk, sk, warps, 2, pf))
+                        if bms[0] >= 64:  # wgmma's M
+                            out.append(
+                                KernelConfig("gemm_planes_direct", bms[0], bn, bk, sk, warps, 2, pf)
+                            )
     if mb >= 128:
         out.append(KernelConfig("dequant_mm", 0, 256, _dequant_rows(k), 1, 4, 1))
     return [c for c in out if valid_config(c, k, group)]
@@ -450,12 +470,13 @@ def launch(
     if cfg.kernel == "gemv":
         grid = (triton.cdiv(n, cfg.block_n), split, m)
         _w4a16_gemv_kernel[grid](*args, 0xF, PREFETCH=cfg.prefetch, **common)
-    elif cfg.kernel == "gemm_planes":
+    elif cfg.kernel in ("gemm_planes", "gemm_planes_direct"):
         grid = (triton.cdiv(n, cfg.block_n), split, triton.cdiv(m, cfg.block_m))
         xp = _planes_x(x, cfg.block_k)
         _w4a16_gemm_planes_kernel[grid](
             xp, *args[1:10], k, 1, *args[12:], 0xF,
-            BLOCK_M=cfg.block_m, PREFETCH=cfg.prefetch, **common,
+            BLOCK_M=cfg.block_m, PREFETCH=cfg.prefetch, SWAP_AB=cfg.kernel == "gemm_planes",
+            **common,
         )  # fmt: skip
     else:
         grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split)
