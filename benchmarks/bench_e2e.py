@@ -1,16 +1,21 @@
 """End-to-end decode speed of a Llama-3-8B-shaped model: bf16 eager vs Inductor vs qcompile W4A16.
 
 One process, one model with random weights (speed does not depend on their values), built
-directly in bf16 on the GPU. Side by side, in this order (the last one quantizes in place):
-  bf16_eager      the transformers model, no compile
-  bf16_inductor   torch.compile(mode="reduce-overhead"): Inductor + CUDA graphs
-  qcompile_w4a16  quantize_ (RTN, g128, lm_head kept bf16 unless --lm-head) frees the bf16
+directly in bf16 (--dtype) on the GPU. Side by side, in this order (the last quantizes in place):
+  eager           the transformers model, no compile
+  inductor        torch.compile(mode="reduce-overhead"): Inductor + CUDA graphs
+  qcompile_w4a16  quantize_ (RTN, g128, lm_head kept 16-bit unless --lm-head) frees the 16-bit
                   linears, then torch.compile(backend=qcompile, mode="reduce-overhead")
 Per batch size: a static KV cache, a random 128-token prompt, prefill run eagerly (as in
 transformers' generate, which compiles the decode step only) and timed separately, then
 greedy decode with one compiled call per step (forward + argmax). Decode tok/s counts decode
 steps only, timed with CUDA events around the loop. The numbers are for the number of layers
 run (--layers); nothing is extrapolated to 32 layers.
+
+Time: each compiled variant compiles one graph per batch size (batch 16 recompiles with a
+dynamic batch dimension); qcompile also tunes its kernels on first use of each (M bucket, N, K)
+(h100.json ships float16 configs only; QCOMPILE_AUTOTUNE=0 uses defaults instead). Results
+are written after every row, so a run cut off by a time limit keeps what it measured.
 
     python benchmarks/bench_e2e.py --out benchmarks/results              # on the H100, 32 layers
     python benchmarks/bench_e2e.py --layers 8 --out benchmarks/results   # within a 10-min limit
@@ -32,7 +37,7 @@ import torch
 import qcompile
 from qcompile import QuantConfig
 
-VARIANTS = ("bf16_eager", "bf16_inductor", "qcompile_w4a16")
+VARIANTS = ("eager", "inductor", "qcompile_w4a16")
 WARMUP_STEPS = 3  # compile, CUDA-graph warm-up run, recording
 
 
@@ -189,12 +194,12 @@ def cleanup(device: str) -> None:
         torch.cuda.empty_cache()
 
 
-def run(args: argparse.Namespace) -> dict:
-    """Every variant at every batch size; returns {"meta": ..., "rows": [...]}."""
+def run(args: argparse.Namespace, save: Callable[[dict], None]) -> dict:
+    """Every variant at every batch size; `save(result)` after each row (a timeout keeps them)."""
     from torch._dynamo.utils import counters
 
     device = "cpu" if args.tiny else "cuda"
-    dtype = torch.float32 if args.tiny else torch.bfloat16
+    dtype = torch.float32 if args.tiny else getattr(torch, args.dtype)
     mode = None if args.tiny else "reduce-overhead"  # CUDA graphs need CUDA
     batches = [int(b) for b in args.batches.split(",")]
     config = model_config(args.layers, args.tiny)
@@ -203,14 +208,15 @@ def run(args: argparse.Namespace) -> dict:
     meta = run_meta(args, config, device, dtype, mode, build_s=time.perf_counter() - t0)
     print(json.dumps(meta), flush=True)
     qconfig = QuantConfig(skip=() if args.lm_head else QuantConfig().skip)
-    rows = []
+    rows: list[dict] = []
+    result = {"meta": meta, "rows": rows}
     for variant in args.variants.split(","):
         extra: dict = {}
         cleanup(device)
         counters.clear()
-        if variant == "bf16_eager":
+        if variant == "eager":
             step = decode_step
-        elif variant == "bf16_inductor":
+        elif variant == "inductor":
             step = torch.compile(decode_step, mode=mode, fullgraph=True)
         elif variant == "qcompile_w4a16":
             sync(device)
@@ -219,7 +225,7 @@ def run(args: argparse.Namespace) -> dict:
             sync(device)
             extra["quantize_s"] = time.perf_counter() - t0
             extra["quantize_report"] = report.summary()
-            cleanup(device)  # the freed bf16 weights leave the caching allocator
+            cleanup(device)  # the freed 16-bit weights leave the caching allocator
             backend = qcompile.backend(qconfig)
             step = torch.compile(decode_step, backend=backend, mode=mode, fullgraph=True)
         else:
@@ -231,8 +237,9 @@ def run(args: argparse.Namespace) -> dict:
             row["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"]
             rows.append(row)
             print(json.dumps(row), flush=True)
+            save(result)
         del step
-    return {"meta": meta, "rows": rows}
+    return result
 
 
 def run_meta(args, config, device, dtype, mode, build_s: float) -> dict:
@@ -258,8 +265,8 @@ def run_meta(args, config, device, dtype, mode, build_s: float) -> dict:
 
 def markdown(result: dict) -> str:
     meta, rows = result["meta"], result["rows"]
-    base = {r["batch"]: r["decode_tok_s"] for r in rows if r["variant"] == "bf16_eager"}
-    ind = {r["batch"]: r["decode_tok_s"] for r in rows if r["variant"] == "bf16_inductor"}
+    base = {r["batch"]: r["decode_tok_s"] for r in rows if r["variant"] == "eager"}
+    ind = {r["batch"]: r["decode_tok_s"] for r in rows if r["variant"] == "inductor"}
     gib = 1024**3
     lines = [
         "# End-to-end decode: Llama-3-8B shapes, static cache",
@@ -268,7 +275,8 @@ def markdown(result: dict) -> str:
         f"transformers {meta['transformers']}. **{meta['layers']} layers** (hidden {meta['hidden']}, "
         f"intermediate {meta['intermediate']}, {meta['heads']} heads / {meta['kv_heads']} KV, vocab "
         f"{meta['vocab']}), random weights, {meta['dtype']}, mode={meta['mode']}; lm_head "
-        f"{'int4' if meta['lm_head_quantized'] else 'bf16'}. Not extrapolated to other layer counts.",
+        f"{'int4' if meta['lm_head_quantized'] else meta['dtype']}. Not extrapolated to other "
+        "layer counts.",
         "",
         f"Prompt {rows[0]['prompt']} tokens, prefill eager and timed apart; decode: "
         f"{rows[0]['new_tokens']} greedy steps after {WARMUP_STEPS} warm-up steps, one compiled "
@@ -333,6 +341,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--new-tokens", type=int, default=128, help="timed decode steps")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--lm-head", action="store_true", help="quantize lm_head too (off by default)")
+    ap.add_argument(
+        "--dtype", default="bfloat16", choices=["bfloat16", "float16"], help="model dtype (GPU)"
+    )
     ap.add_argument("--tiny", action="store_true", help="tiny model, fp32 on CPU: a smoke run")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     return ap.parse_args(argv)
@@ -343,12 +354,14 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.tiny and not torch.cuda.is_available():
         raise SystemExit("bench_e2e.py needs a CUDA GPU; use --tiny for a CPU smoke run")
     args.out.mkdir(parents=True, exist_ok=True)
-    result = run(args)
-    (args.out / "e2e.json").write_text(json.dumps(result, indent=1))
-    text = markdown(result)
-    (args.out / "e2e.md").write_text(text)
+
+    def save(result: dict) -> None:
+        (args.out / "e2e.json").write_text(json.dumps(result, indent=1))
+        (args.out / "e2e.md").write_text(markdown(result))
+
+    result = run(args, save)
     plot(result, args.out / "e2e_decode.png")
-    print(text)
+    print(markdown(result))
     return result
 
 

@@ -43,12 +43,12 @@ def test_e2e_benchmark_tiny_run_on_cpu(tmp_path):
     for (variant, batch), r in rows.items():
         assert r["decode_tok_s"] > 0 and r["prefill_ms"] > 0
         assert r["first_step_rel_err_vs_eager"] < 1e-5, (variant, batch)
-        if variant != "bf16_eager":  # batch 1: one graph; batch 2: one dynamic-batch graph
+        if variant != "eager":  # batch 1: one graph; batch 2: one dynamic-batch graph
             assert r["graphs_so_far"] == batch
-    eager, quant = rows[("bf16_eager", 1)], rows[("qcompile_w4a16", 1)]
+    eager, quant = rows[("eager", 1)], rows[("qcompile_w4a16", 1)]
     assert quant["quantize_report"] == "qcompile: 8 linear layers: 7 quantized, 1 skipped"
     assert quant["weight_bytes"] < eager["weight_bytes"]
-    assert rows[("bf16_inductor", 2)]["tokens_head"] == rows[("bf16_eager", 2)]["tokens_head"]
+    assert rows[("inductor", 2)]["tokens_head"] == rows[("eager", 2)]["tokens_head"]
     table = (tmp_path / "e2e.md").read_text()
     assert "**1 layers**" in table and table.count("| qcompile_w4a16 |") == 2
     assert result["meta"]["transformers"] and result["meta"]["layers"] == 1
