@@ -22,8 +22,9 @@ FAMILIES = list(HF_FAMILIES)
 CONFIG = QuantConfig()  # what backend="qcompile" uses: g128 asym, lm_head skipped
 PROMPT = 7
 MAX_CACHE = 32  # one static-cache size for every call, so more new tokens reuse its shapes
-# Relative logits error of g128 RTN vs fp32 on these random models (measured 0.09-0.13).
-INT4_LOGITS_ERROR = (0.02, 0.25)
+# Relative logits error of g128 RTN vs fp32 on these random models: measured 0.16-0.20
+# (Gemma 3: 0.25-0.28); a wrong layout or scale gives errors near 1 or more.
+INT4_LOGITS_ERROR = (0.05, 0.35)
 
 
 @pytest.fixture(autouse=True)
@@ -50,7 +51,7 @@ def _statuses(records) -> dict[str, str]:
 def test_backend_by_name_matches_reference_op_within_int4_error(family):
     """`torch.compile(model, backend="qcompile")` against the eager reference op and fp32.
 
-    (quantize_ then compile is checked on the decode step by the generate test below.)
+    (quantize_ then compile is checked on the decode steps by the generate test below.)
     """
     model = tiny_causal_lm(family)
     names = _linear_names(model)
@@ -110,6 +111,7 @@ def test_generate_static_cache_matches_reference_and_does_not_recompile(family):
     """
     model = tiny_causal_lm(family)
     names = _linear_names(model)
+    fp = copy.deepcopy(model)
     qcompile.quantize_(model, CONFIG)
     eager = copy.deepcopy(model)  # same int4 weights, reference op, no compile
     be = qcompile.backend(CONFIG)
@@ -122,7 +124,12 @@ def test_generate_static_cache_matches_reference_and_does_not_recompile(family):
             ref = _generate(eager, ids, new_tokens, disable_compile=True, **LOGITS)
         assert out.sequences.shape == (batch, PROMPT + new_tokens)
         assert torch.equal(out.sequences, ref.sequences), f"{family} batch {batch}"
-        assert_close_rel(torch.stack(out.logits), torch.stack(ref.logits), torch.float32)
+        logits = torch.stack(out.logits, dim=1)  # [B, new, V]: prefill's, then each step's
+        assert_close_rel(logits, torch.stack(ref.logits, dim=1), torch.float32)
+        with torch.no_grad():  # fp32 on the same tokens (teacher forcing)
+            fp_logits = fp(out.sequences).logits[:, PROMPT - 1 : -1]
+        err = rel_error(logits, fp_logits)
+        assert INT4_LOGITS_ERROR[0] < err < INT4_LOGITS_ERROR[1], f"{family}: int4 error {err:.3g}"
         graphs.append(be.report.graphs)
     warm = WARMUP_GRAPHS[family]
     assert graphs == [warm, warm, warm + 1, warm + 1, warm + 1]
