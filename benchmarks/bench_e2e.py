@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import platform
 import time
 from collections.abc import Callable
@@ -202,6 +203,12 @@ def run(args: argparse.Namespace, save: Callable[[dict], None]) -> dict:
     dtype = torch.float32 if args.tiny else getattr(torch, args.dtype)
     mode = None if args.tiny else "reduce-overhead"  # CUDA graphs need CUDA
     batches = [int(b) for b in args.batches.split(",")]
+    variants = args.variants.split(",")
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown or ("qcompile_w4a16" in variants and variants[-1] != "qcompile_w4a16"):
+        raise SystemExit(
+            f"--variants: some of {VARIANTS}, qcompile_w4a16 last (it quantizes in place)"
+        )
     config = model_config(args.layers, args.tiny)
     t0 = time.perf_counter()
     model = build_model(config, dtype, device)
@@ -210,7 +217,7 @@ def run(args: argparse.Namespace, save: Callable[[dict], None]) -> dict:
     qconfig = QuantConfig(skip=() if args.lm_head else QuantConfig().skip)
     rows: list[dict] = []
     result = {"meta": meta, "rows": rows}
-    for variant in args.variants.split(","):
+    for variant in variants:
         extra: dict = {}
         cleanup(device)
         counters.clear()
@@ -228,8 +235,6 @@ def run(args: argparse.Namespace, save: Callable[[dict], None]) -> dict:
             cleanup(device)  # the freed 16-bit weights leave the caching allocator
             backend = qcompile.backend(qconfig)
             step = torch.compile(decode_step, backend=backend, mode=mode, fullgraph=True)
-        else:
-            raise SystemExit(f"unknown variant {variant!r}; use some of {VARIANTS}")
         for batch in batches:
             row = {"variant": variant, "weight_bytes": weight_bytes(model), **extra}
             row.update(bench_batch(model, step, batch, args, device))
@@ -260,6 +265,7 @@ def run_meta(args, config, device, dtype, mode, build_s: float) -> dict:
         "intermediate": config.intermediate_size, "heads": config.num_attention_heads,
         "kv_heads": config.num_key_value_heads, "vocab": config.vocab_size,
         "lm_head_quantized": args.lm_head, "build_s": build_s,
+        "qcompile_autotune": os.environ.get("QCOMPILE_AUTOTUNE", "1"),
     }  # fmt: skip
 
 

@@ -52,3 +52,13 @@ def test_e2e_benchmark_tiny_run_on_cpu(tmp_path):
     table = (tmp_path / "e2e.md").read_text()
     assert "**1 layers**" in table and table.count("| qcompile_w4a16 |") == 2
     assert result["meta"]["transformers"] and result["meta"]["layers"] == 1
+
+
+def test_e2e_model_has_llama3_8b_shapes_and_is_built_in_bf16():
+    import bench_e2e
+
+    # On the meta device: shapes only, no memory.
+    big = bench_e2e.build_model(bench_e2e.model_config(32, tiny=False), torch.bfloat16, "meta")
+    assert sum(p.numel() for p in big.parameters()) == 8_030_261_248  # Llama-3-8B
+    tiny = bench_e2e.build_model(bench_e2e.model_config(1, tiny=True), torch.bfloat16, "cpu")
+    assert {p.dtype for p in tiny.parameters()} == {torch.bfloat16}
