@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-gpu bench lint clean
+.PHONY: demo test test-gpu bench bench-e2e lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,10 +23,14 @@ test: $(STAMP)  ## CPU test suite (kernels in Triton's interpreter); gpu tests a
 
 test-gpu:  ## on a CUDA machine with torch/triton installed: gpu tests + kernels natively
 	$(PYTHON) -m pip install -q --no-deps --no-build-isolation -e .
-	$(PYTHON) -m pytest -q tests/test_gpu.py tests/test_lowering_w4a16.py tests/test_backend.py
+	$(PYTHON) -m pytest -q tests/test_gpu.py tests/test_lowering_w4a16.py tests/test_backend.py \
+		tests/test_hf_models.py
 
 bench:  ## on the GPU: kernel benchmark, results under benchmarks/results/
 	$(PYTHON) benchmarks/bench_w4a16.py --out benchmarks/results
+
+bench-e2e:  ## on the GPU: Llama-3-8B-shaped decode, eager vs Inductor vs qcompile (LAYERS=32)
+	$(PYTHON) benchmarks/bench_e2e.py --layers $(or $(LAYERS),32) --out benchmarks/results
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check qcompile tests benchmarks && $(VENV)/bin/ruff format --check qcompile tests benchmarks

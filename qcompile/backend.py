@@ -73,6 +73,14 @@ class QCompileBackend:
         self.report = CompileReport()
         self.graph_modules: list[GraphModule] = []  # the rewritten graphs, for inspection
 
+    def __deepcopy__(self, memo: dict) -> QCompileBackend:
+        """The backend itself: a copy would collect the report where nobody reads it.
+
+        transformers deep-copies `CompileConfig.to_dict()` (backend included) before calling
+        `torch.compile` in `generate`.
+        """
+        return self
+
     def __call__(
         self,
         gm: GraphModule,

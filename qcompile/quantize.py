@@ -90,11 +90,16 @@ def quantize_(
     config = config or QuantConfig()
     report = CompileReport()
     names = [name for name, mod in model.named_modules() if type(mod) is nn.Linear]
-    decisions: list[tuple[str, LayerRecord | None]] = []
+    embeddings: dict[int, list[str]] = {}  # id(weight) -> embeddings reading it (tied lm_head)
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Embedding):
+            embeddings.setdefault(id(mod.weight), []).append(f"{prefix}.{name}" if prefix else name)
+    decisions: list[tuple[str, LayerRecord | None, list[str]]] = []
     for name in names:  # decide every layer first: "raise" leaves the model untouched
         full = f"{prefix}.{name}" if prefix else name
         weight = model.get_submodule(name).weight
         shape, dtype, device = tuple(weight.shape), weight.dtype, weight.device.type
+        tied = embeddings.get(id(weight), [])
         del weight  # keep no reference: each fp16 weight is freed when its layer is swapped
         record = None
         if config.skips(full):
@@ -103,8 +108,8 @@ def quantize_(
             if config.on_unsupported == "raise":
                 raise UnsupportedLayerError(f"{full}: {reason}")
             record = LayerRecord(full, shape, "fallback", reason)
-        decisions.append((name, record))
-    for name, record in decisions:
+        decisions.append((name, record, tied))
+    for name, record, tied in decisions:
         if record is None:  # only the model refers to the layer: swapping it frees its weight
             parent_name, _, attr = name.rpartition(".")
             linear = model.get_submodule(name)
@@ -113,7 +118,7 @@ def quantize_(
             del linear
             setattr(model.get_submodule(parent_name), attr, q)
             shape = (q.out_features, q.in_features)
-            detail = describe(config.scheme, q.group_size)
+            detail = describe(config.scheme, q.group_size, tied)
             full = f"{prefix}.{name}" if prefix else name
             record = LayerRecord(full, shape, "quantized", detail, execution_path(q.qweight))
         report.add(record)

@@ -24,13 +24,38 @@ def assert_close_rel(
     assert err <= limit, f"relative error {err:.3e} > {limit:.1e} ({dtype})"
 
 
+# Per family: (config class, model class, what differs from the common tiny shape).
+HF_FAMILIES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),  # biased q/k/v projections
+    "mistral": ("MistralConfig", "MistralForCausalLM", {}),  # sliding-window cache layers
+    # Tied lm_head, sqrt(hidden)-scaled embeddings, q/k norms, one sliding and one full layer.
+    "gemma3": (
+        "Gemma3TextConfig", "Gemma3ForCausalLM",
+        {"head_dim": 32, "layer_types": ["sliding_attention", "full_attention"]},
+    ),
+    # Fused qkv_proj and gate_up_proj; its default special tokens (32000) lie outside the vocab.
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {"pad_token_id": 0, "eos_token_id": 2}),
+}  # fmt: skip
+
+
+def tiny_causal_lm(family: str = "llama", num_layers: int = 2) -> torch.nn.Module:
+    """A small transformers causal LM of `family` with random weights (seed 0), built locally.
+
+    hidden 128 (K a multiple of the default group size 128), 4 heads of 32, 2 KV heads,
+    vocab 256.
+    """
+    import transformers
+
+    config_cls, model_cls, extra = HF_FAMILIES[family]
+    torch.manual_seed(0)
+    config = getattr(transformers, config_cls)(
+        vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=num_layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, **extra,
+    )  # fmt: skip
+    return getattr(transformers, model_cls)(config).eval()
+
+
 def tiny_llama(num_layers: int) -> torch.nn.Module:
     """A small transformers LlamaForCausalLM with random weights (seed 0), built locally."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=num_layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-    )  # fmt: skip
-    return LlamaForCausalLM(config).eval()
+    return tiny_causal_lm("llama", num_layers)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from helpers import assert_close_rel, rel_error
@@ -32,8 +34,6 @@ def _compile(model, config=G32):
 
 def _quantized_eager(model, config=G32):
     """The same model through `quantize_` and the eager reference op: the compiled oracle."""
-    import copy
-
     q = copy.deepcopy(model)
     qcompile.quantize_(q, config)
     return q
@@ -249,3 +249,43 @@ def test_quantize_frees_each_fp16_weight_before_the_next_layer(monkeypatch):
 def test_quantize_model_without_linears_reports_nothing():
     report = qcompile.quantize_(nn.Sequential(nn.ReLU()), QuantConfig())
     assert report.records == []
+
+
+def test_backend_deepcopy_is_the_backend():
+    """transformers deep-copies CompileConfig (backend included) before torch.compile."""
+    be = qcompile.backend(G32)
+    assert copy.deepcopy(be) is be
+    assert copy.deepcopy({"backend": be})["backend"] is be
+
+
+class TiedLM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(100, 64)
+        self.up = nn.Linear(64, 64)
+        self.lm_head = nn.Linear(64, 100, bias=False)
+        self.lm_head.weight = self.embed.weight
+
+    def forward(self, ids):
+        return self.lm_head(torch.relu(self.up(self.embed(ids))))
+
+
+def test_tied_lm_head_report_says_the_embedding_stays_full_precision():
+    model = TiedLM()
+    everything = QuantConfig(Scheme(group_size=32), skip=())
+    compiled, be = _compile(model, everything)
+    ids = torch.randint(0, 100, (2, 5))
+    with torch.no_grad():
+        out = compiled(ids)
+    ahead = copy.deepcopy(model)
+    report = qcompile.quantize_(ahead, everything)
+    with torch.no_grad():
+        assert_close_rel(out, ahead(ids), torch.float32)
+    for records in (be.report.records, report.records):
+        by_name = {r.name: r for r in records}
+        assert by_name["lm_head"].status == "quantized"
+        assert by_name["lm_head"].detail.endswith(
+            "; tied to embed, kept in full precision (embeddings are never quantized)"
+        )
+        assert "tied" not in by_name["up"].detail
+    assert type(ahead.embed) is nn.Embedding and ahead.embed.weight is not None

@@ -24,6 +24,7 @@ from qcompile.quant.rtn import quantize_weight_int4
 from qcompile.report import CompileReport, LayerRecord
 
 LINEAR_TARGETS = (torch._C._nn.linear, F.linear)
+EMBEDDING_TARGETS = (F.embedding, torch.embedding, torch.ops.aten.embedding.default)
 W4A16_OP = torch.ops.qcompile.w4a16_linear.default
 W4A16_TARGETS = (W4A16_OP, torch.ops.qcompile.w4a16_linear)
 
@@ -107,19 +108,36 @@ def _param_fqn(source_name: str) -> str:
     return re.sub(r"\[(\d+)\]", r".\1", path).strip(".")
 
 
+def module_path(node: Node) -> str | None:
+    """The innermost module of `node` in Dynamo's nn_module_stack (`model.embed_tokens`)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return None
+    return re.sub(r"^L\['[^']+'\]\.?", "", list(stack.values())[-1][0])
+
+
 def layer_name(node: Node, weight_node: Node) -> str:
     """The module path of a linear node: its nn.Linear in nn_module_stack, else its weight's."""
     stack = node.meta.get("nn_module_stack") or {}
     if stack:
-        path, cls = list(stack.values())[-1]
+        _, cls = list(stack.values())[-1]
         if isinstance(cls, type) and (
             issubclass(cls, torch.nn.Linear) or hasattr(cls, "from_linear")
         ):
-            return re.sub(r"^L\['[^']+'\]\.?", "", path)
+            return module_path(node)
     source = getattr(weight_node, "_dynamo_source", None)
     if source is not None:
         return _param_fqn(source.name).rpartition(".")[0] or _param_fqn(source.name)
     return weight_node.name
+
+
+def tied_embeddings(w_node: Node) -> list[str]:
+    """Embeddings reading the same weight placeholder as a linear (a tied `lm_head`)."""
+    return [
+        module_path(u) or u.name
+        for u in w_node.users
+        if u.op == "call_function" and u.target in EMBEDDING_TARGETS
+    ]
 
 
 def find_linears(gm: GraphModule) -> list[Node]:
@@ -171,11 +189,8 @@ def rewrite_linears(
         new.meta.update({k: v for k, v in node.meta.items() if k != "example_value"})
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
-        report.add(
-            LayerRecord(
-                name, shape, "quantized", describe(config.scheme, group), execution_path(weight)
-            )
-        )
+        detail = describe(config.scheme, group, tied_embeddings(w_node))
+        report.add(LayerRecord(name, shape, "quantized", detail, execution_path(weight)))
     ours = {nodes[0] for nodes in packed_nodes.values()}
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target in W4A16_TARGETS and node.args[1] not in ours:
@@ -192,7 +207,14 @@ def rewrite_linears(
     return gm
 
 
-def describe(scheme: Scheme, group: int) -> str:
+def describe(scheme: Scheme, group: int, tied: list[str] | tuple[str, ...] = ()) -> str:
+    """`w4a16 int4 asym g128`, plus a note when the weight is tied to embeddings."""
     kind = "sym" if scheme.symmetric else "asym"
     g = "per-channel" if scheme.group_size is None else f"g{group}"
-    return f"{scheme.name} int4 {kind} {g}"
+    text = f"{scheme.name} int4 {kind} {g}"
+    if tied:
+        # The lookup reads the full-precision weight, which therefore stays resident.
+        text += (
+            f"; tied to {', '.join(tied)}, kept in full precision (embeddings are never quantized)"
+        )
+    return text
