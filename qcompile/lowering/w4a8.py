@@ -518,14 +518,21 @@ def w4a8_linear_cuda(
     [M, N] in x's dtype."""
     m, k = x.shape
     n = qweight.shape[1]
-    w = (qweight, group_scales, group_zeros, channel_scales, bias, group_size, x.dtype)
-
-    def run(cfg: KernelConfig) -> torch.Tensor:
-        planes = cfg.block_k if cfg.kernel == "gemm_planes" else 0
-        xq, scale = quantize_per_token(x, act_dtype, planes)
-        return launch(cfg, xq, scale, *w, xq_plane_major=planes > 0)
-
+    w = (qweight, group_scales, group_zeros, channel_scales, bias, group_size, act_dtype)
     cfg = _tuned_config(
-        m, n, k, group_size, act_dtype, x.dtype, x.device, lambda c: _bench_us(lambda: run(c))
-    )
-    return run(cfg)
+        m, n, k, group_size, act_dtype, x.dtype, x.device,
+        lambda c: _bench_us(lambda: quantize_and_launch(c, x, *w)),
+    )  # fmt: skip
+    return quantize_and_launch(cfg, x, *w)
+
+
+def quantize_and_launch(
+    cfg, x, qweight, group_scales, group_zeros, channel_scales, bias, group_size, act_dtype,
+    out=None,
+) -> torch.Tensor:  # fmt: skip
+    """The eager path for one config: the quantize kernel (writing xq plane-major when the
+    planes kernel runs, so it needs no extra permutation pass), then `launch`."""
+    planes = cfg.block_k if cfg.kernel == "gemm_planes" else 0
+    xq, scale = quantize_per_token(x, act_dtype, planes)
+    w = (qweight, group_scales, group_zeros, channel_scales, bias, group_size, x.dtype)
+    return launch(cfg, xq, scale, *w, out=out, xq_plane_major=planes > 0)

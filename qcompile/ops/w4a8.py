@@ -30,6 +30,8 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 # int8 / fp8 tl.dot needs K tiles of at least 32; groups are multiples of 32 too.
 KERNEL_K_MULTIPLE = 32
 _QUANT_DTYPES = tuple(ACT_TORCH_DTYPES.values())
+# Longest K chunk whose int8 x int8 dot is exact in float32: 127 * 127 * 1040 < 2**24.
+EXACT_FP32_K = 1024
 
 
 def check_w4a8_weight_args(
@@ -123,9 +125,22 @@ def w4a8_accumulator_reference(
     group_zeros: torch.Tensor,
     group_size: int,
 ) -> torch.Tensor:
-    """acc [..., N] = xq @ ((q - z) * s2)^T in float64: exact (see the module docstring)."""
-    w8 = int8_weight(qweight, group_scales, group_zeros, group_size)
-    return xq.double() @ w8.double().t()
+    """acc [..., N] = xq @ ((q - z) * s2)^T in float64: exact (see the module docstring).
+
+    int8 activations take a faster route that is just as exact: a K chunk of at most
+    `EXACT_FP32_K` products sums integers below 127 * 127 * 1040 < 2**24, which float32 adds
+    without rounding in any order (a BLAS sgemm, FMA or not), then float64 adds the chunks."""
+    w8 = int8_weight(qweight, group_scales, group_zeros, group_size).t()
+    if xq.dtype != torch.int8 or torch.get_float32_matmul_precision() != "highest":
+        return xq.double() @ w8.double()
+    k = xq.shape[-1]
+    acc = None
+    for k0 in range(0, k, EXACT_FP32_K):
+        part = (
+            xq[..., k0 : k0 + EXACT_FP32_K].float() @ w8[k0 : k0 + EXACT_FP32_K].float()
+        ).double()
+        acc = part if acc is None else acc + part
+    return acc
 
 
 # --------------------------------------------------------------------------- quantized x

@@ -109,11 +109,11 @@ def int8_weight(
     qweight: torch.Tensor, group_scales: torch.Tensor, group_zeros: torch.Tensor, group_size: int
 ) -> torch.Tensor:
     """The [N, K] integer weight w8' = (q - z) * s2 the kernels multiply with (int32, |w8'| <= 127)."""
-    g = group_size
     q = unpack_int4_along_k(qweight).to(torch.int32)
-    s2 = group_scales.to(torch.int32).t().repeat_interleave(g, dim=1)
-    z = group_zeros.to(torch.int32).t().repeat_interleave(g, dim=1)
-    return (q - z) * s2
+    n, k = q.shape
+    s2 = group_scales.to(torch.int32).t()[..., None]  # [N, K/G, 1]
+    z = group_zeros.to(torch.int32).t()[..., None]
+    return ((q.reshape(n, k // group_size, group_size) - z) * s2).reshape(n, k)
 
 
 def dequantize_w4a8(packed: PackedW4A8, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -135,7 +135,9 @@ def quantize_activations_per_token(
     qmax = ACT_QMAX[act_dtype]
     xf = x.float()
     absmax = xf.abs().amax(dim=-1).clamp_min(ABSMAX_FLOOR)
-    v = xf * (qmax / absmax)[..., None]
+    # A true division (one rounding): `qmax / absmax` would be reciprocal-then-multiply in torch.
+    inv = torch.full_like(absmax, qmax) / absmax
+    v = xf * inv[..., None]
     if act_dtype == "int8":
         xq = torch.round(v).clamp_(-qmax, qmax).to(torch.int8)
     else:  # the cast rounds to nearest even; the clamp keeps it finite (e4m3fn has no inf)
