@@ -348,7 +348,10 @@ def candidate_configs(m: int, n: int, k: int, group: int, act_dtype: str) -> lis
             for sk in (*splits, 32):
                 if _useful_split(triton.cdiv(n, bn) * mb, sk):
                     out.append(KernelConfig("gemv", 1, bn, bk, sk, warps, 1))
+    # BLOCK_M = 256 amortizes the unpacking over twice the rows: by `benchmarks/sass_report.py`
+    # the K loop of BM128 x BN128 issues ~1.9x longer than its int8 MMAs, BM256 ~1.4x.
     bms = (16,) if mb <= 16 else (32,) if mb <= 32 else (64,) if mb <= 64 else (64, 128)
+    bms = (*bms, 256) if mb >= 256 else bms
     for bm in bms:
         for bn, bk, warps, stages in ((64, 64, 4, 3), (128, 64, 4, 3), (64, 128, 4, 3),
                                       (128, 128, 8, 3), (256, 64, 8, 3), (128, 256, 8, 2),
