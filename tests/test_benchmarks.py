@@ -89,3 +89,15 @@ def test_w4a8_acceptance_and_markdown():
     assert md.count("\n| 8192x28672 | 1024 |") == 1 and "| n/a |" in md  # no _scaled_mm column
     assert "| 8192x28672 M=1024: W4A8 vs cuBLAS fp16 >= 1.3x | 1.30x | pass |" in md
     assert "W4A8 no slower than W4A16 | 0.95x | FAIL |" in md
+
+
+def test_accuracy_rows_merge_keeps_the_table_and_its_fp32_base():
+    from accuracy import merge_rows
+
+    old = [{"row": "fp32", "ppl": 14.36}, {"row": "A", "ppl": 16.0}, {"row": "B", "ppl": 17.0}]
+    new = [{"row": "fp32", "ppl": 14.36}, {"row": "B", "ppl": 16.5}, {"row": "C", "ppl": 15.0}]
+    assert [(r["row"], r["ppl"]) for r in merge_rows(old, new)] == [
+        ("fp32", 14.36), ("A", 16.0), ("B", 16.5), ("C", 15.0),
+    ]  # fmt: skip
+    with pytest.raises(SystemExit, match="fp32 perplexity changed"):
+        merge_rows(old, [{"row": "fp32", "ppl": 14.5}])
