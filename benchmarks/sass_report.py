@@ -1,4 +1,4 @@
-"""Static report of the W4A16 kernels' machine code, no GPU needed.
+"""Static report of the W4A16 and W4A8 kernels' machine code, no GPU needed.
 
 Compiles each kernel variant for sm_90 with Triton's bundled ptxas, disassembles it, finds the
 main K loop and counts its instructions by kind, then divides by the weights one thread
@@ -21,6 +21,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from qcompile.lowering import w4a8 as w4a8_kernels
 from qcompile.lowering import w4a16 as kernels
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -65,6 +66,41 @@ def compile_variant(
         consts.update(BLOCK_M=bm, GROUP_M=8, SWAP_AB=True)
     sig.update({name: "constexpr" for name in consts})
     src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=ATTRS)
+    return triton.compile(src, target=TARGET, options={"num_warps": warps, "num_stages": stages})
+
+
+W4A8_SIG = {
+    "xq_ptr": "*i8", "xs_ptr": "*fp32", "qw_ptr": "*i32", "s2_ptr": "*u8", "z_ptr": "*u8",
+    "s1_ptr": "*fp32", "bias_ptr": "*fp16", "out_ptr": "*fp16", "M": "i32", "N": "i32",
+    "K": "i32", "k_per_split": "i32", "stride_xm": "i32", "stride_xk": "i32",
+    "stride_om": "i32", "stride_split": "i32",
+}  # fmt: skip
+W4A8_ATTRS = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 4, 5, 7, 8, 9, 10, 11, 12, 14)}
+
+
+def compile_w4a8_variant(
+    kind: str, bm: int, bn: int, bk: int, warps: int, stages: int, fp8: bool = False,
+    group: int = 128,
+):  # fmt: skip
+    """A W4A8 GEMM kernel for sm_90 (contiguous xq, no bias, final output)."""
+    sig = dict(W4A8_SIG)
+    if fp8:
+        sig["xq_ptr"] = "*fp8e4nv"
+    consts = {
+        "GROUP": group, "HAS_BIAS": False, "WRITE_ACC": False, "BLOCK_N": bn, "BLOCK_K": bk,
+        "stride_xk": 1,
+    }  # fmt: skip
+    if kind == "gemv":
+        fn = w4a8_kernels._w4a8_gemv_kernel
+        consts["FP8"] = fp8
+    elif kind == "gemm":
+        fn = w4a8_kernels._w4a8_gemm_kernel
+        consts.update(FP8=fp8, BLOCK_M=bm, GROUP_M=8)
+    else:
+        fn = w4a8_kernels._w4a8_gemm_planes_kernel
+        consts["BLOCK_M"] = bm
+    sig.update({name: "constexpr" for name in consts})
+    src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=W4A8_ATTRS)
     return triton.compile(src, target=TARGET, options={"num_warps": warps, "num_stages": stages})
 
 
@@ -114,18 +150,29 @@ def opcode(line: str) -> str:
 
 
 def report(
-    kind: str, bm: int, bn: int, bk: int, warps: int, stages: int, prefetch: bool = False
-) -> dict:
-    k = compile_variant(kind, bm, bn, bk, warps, stages, prefetch)
+    kind: str, bm: int, bn: int, bk: int, warps: int, stages: int, prefetch: bool = False,
+    family: str = "w4a16",
+) -> dict:  # fmt: skip
+    """`family` "w4a8" / "w4a8_fp8" compiles the W4A8 kernels (`prefetch` unused there)."""
+    if family == "w4a16":
+        k = compile_variant(kind, bm, bn, bk, warps, stages, prefetch)
+    else:
+        k = compile_w4a8_variant(kind, bm, bn, bk, warps, stages, fp8=family == "w4a8_fp8")
     res = resources(k)
     loop = main_loop(sass(k))
     counts = collections.Counter(opcode(line) for line in loop)
     weights_per_thread = bn * bk / (warps * 32)
+    # Tensor-core kernels: clocks one K iteration needs to issue (4 warp schedulers per SM)
+    # vs to run its MMAs (H100 SXM dense per SM per clock: ~4270 int8/fp8 MACs, ~2135 fp16).
+    issue_clk = len(loop) * warps / 4
+    mma_clk = bm * bn * bk / (2135 if family == "w4a16" else 4270) if kind != "gemv" else 0.0
     return {
-        "variant": f"{kind} BM{bm} BN{bn} BK{bk} w{warps} s{stages}{' pf' if prefetch else ''}",
+        "variant": f"{family} {kind} BM{bm} BN{bn} BK{bk} w{warps} s{stages}"
+        f"{' pf' if prefetch else ''}",
         "regs": res.get("REG", -1), "spills": res.get("LOCAL", 0) + res.get("STACK", 0),
         "smem": k.metadata.shared,
         "loop_instr": len(loop), "instr_per_weight": len(loop) / weights_per_thread,
+        "issue_over_mma": issue_clk / mma_clk if mma_clk else float("nan"),
         "top": ", ".join(f"{op}:{c}" for op, c in counts.most_common(8)),
     }  # fmt: skip
 
@@ -138,17 +185,24 @@ VARIANTS = [
     ("gemm", 16, 64, 128, 4, 3), ("gemm_swap", 16, 64, 128, 4, 3), ("gemm_planes", 16, 128, 128, 4, 2),
     ("gemm_planes", 16, 256, 128, 8, 2), ("gemm", 64, 128, 64, 4, 3),
     ("gemm_swap", 64, 128, 64, 4, 3), ("gemm", 128, 128, 64, 8, 3), ("gemm_swap", 128, 128, 64, 8, 3),
+    ("gemv", 1, 512, 64, 4, 1, False, "w4a8"), ("gemv", 1, 256, 128, 2, 1, False, "w4a8"),
+    ("gemm_planes", 16, 128, 256, 4, 2, False, "w4a8"), ("gemm", 16, 64, 128, 4, 3, False, "w4a8"),
+    ("gemm", 64, 128, 64, 4, 3, False, "w4a8"), ("gemm", 128, 128, 64, 4, 3, False, "w4a8"),
+    ("gemm", 256, 128, 64, 8, 3, False, "w4a8"), ("gemm", 256, 128, 128, 8, 2, False, "w4a8"),
+    ("gemv", 1, 512, 64, 4, 1, False, "w4a8_fp8"), ("gemm", 64, 128, 64, 4, 3, False, "w4a8_fp8"),
+    ("gemm", 128, 128, 128, 8, 3, False, "w4a8_fp8"),
 ]  # fmt: skip
 
 
 if __name__ == "__main__":
     print(f"triton {triton.__version__}, target sm_90")
     print(
-        f"{'variant':34s} {'regs':>4s} {'spill':>5s} {'smem':>6s} {'loop':>5s} {'i/w':>6s}  top opcodes"
+        f"{'variant':46s} {'regs':>4s} {'spill':>5s} {'smem':>6s} {'loop':>5s} {'i/w':>6s}"
+        f" {'iss/mma':>7s}  top opcodes"
     )
     for v in VARIANTS:
         r = report(*v)
         print(
-            f"{r['variant']:34s} {r['regs']:4d} {r['spills']:5d} {r['smem']:6d} {r['loop_instr']:5d}"
-            f" {r['instr_per_weight']:6.2f}  {r['top']}"
+            f"{r['variant']:46s} {r['regs']:4d} {r['spills']:5d} {r['smem']:6d} {r['loop_instr']:5d}"
+            f" {r['instr_per_weight']:6.2f} {r['issue_over_mma']:7.2f}  {r['top']}"
         )

@@ -1,10 +1,12 @@
-"""Random packed int4 weights of a given shape, for timing (speed does not depend on values)."""
+"""Random packed weights (W4A16, W4A8) of a given shape, for timing (speed does not depend
+on values)."""
 
 from __future__ import annotations
 
 import torch
 
 from qcompile.quant.int4 import PackedInt4
+from qcompile.quant.w4a8 import PackedW4A8
 
 
 def random_packed(
@@ -14,3 +16,13 @@ def random_packed(
     qweight = torch.randint(-(2**31), 2**31 - 1, (k // 8, n), dtype=torch.int32, device=device)
     scales = torch.rand(k // group, n, dtype=dtype, device=device) * 0.01 + 1e-3
     return PackedInt4(qweight, scales, -8 * scales, group)
+
+
+def random_w4a8(n: int, k: int, group: int, device: str = "cuda") -> PackedW4A8:
+    """Uniform random codes and zeros 0..15, group scales 1..8 (so every (q - z) * s2 fits
+    int8, as QoQ's real codes do), small fp32 channel scales; the W4A8 op's layout."""
+    qweight = torch.randint(-(2**31), 2**31 - 1, (k // 8, n), dtype=torch.int32, device=device)
+    scales = torch.randint(1, 9, (k // group, n), dtype=torch.uint8, device=device)
+    zeros = torch.randint(0, 16, (k // group, n), dtype=torch.uint8, device=device)
+    channel = torch.rand(n, dtype=torch.float32, device=device) * 1e-3 + 1e-4
+    return PackedW4A8(qweight, scales, zeros, channel, group)

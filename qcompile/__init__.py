@@ -16,7 +16,7 @@ from qcompile.checkpoint import import_checkpoint, load_quantized, save_quantize
 from qcompile.config import QuantConfig, Scheme
 from qcompile.integrations import CheckpointError
 from qcompile.passes.linear import UnsupportedLayerError
-from qcompile.quantize import W4A16Linear, quantize_, quantize_and_compile
+from qcompile.quantize import W4A8Linear, W4A16Linear, quantize_, quantize_and_compile
 from qcompile.report import CompileReport, LayerRecord
 
 __all__ = [
@@ -27,6 +27,7 @@ __all__ = [
     "QuantConfig",
     "Scheme",
     "UnsupportedLayerError",
+    "W4A8Linear",
     "W4A16Linear",
     "backend",
     "default_backend",

@@ -12,23 +12,35 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 GROUP_SIZES = (32, 64, 128)
+SCHEME_NAMES = ("w4a16", "w4a8")
+# Activation formats of W4A8: per-token int8, or per-token FP8 e4m3 (Hopper's FP8 tensor cores).
+W4A8_ACT_DTYPES = ("int8", "float8_e4m3fn")
 
 
 @dataclass(frozen=True)
 class Scheme:
-    """How one linear layer's weight is quantized.
+    """How one linear layer's weight (and, for W4A8, its input) is quantized.
 
+    name: "w4a16" (int4 weights, 16-bit activations) or "w4a8" (QoQ progressive int4
+        weights, per-token 8-bit activations; see `qcompile.quant.w4a8`).
     group_size: number of consecutive K elements sharing one scale and offset;
         None means one group per output channel (per-channel, group = K).
-    symmetric: codes centred on 8 (offset = -8 * scale) instead of a min-max fit.
+    symmetric: codes centred on 8 (offset = -8 * scale) instead of a min-max fit (W4A16 only).
+    act_dtype: W4A8's activation format, "int8" (default for w4a8) or "float8_e4m3fn";
+        None for w4a16, whose activations stay in the model's dtype.
     """
 
-    name: Literal["w4a16"] = "w4a16"
+    name: Literal["w4a16", "w4a8"] = "w4a16"
     bits: int = 4
     group_size: int | None = 128
     symmetric: bool = False
+    act_dtype: Literal["int8", "float8_e4m3fn"] | None = None
 
     def __post_init__(self) -> None:
+        if self.name not in SCHEME_NAMES:
+            raise ValueError(
+                f"Scheme: name={self.name!r} is not supported; use one of {SCHEME_NAMES}"
+            )
         if self.bits != 4:
             raise ValueError(f"Scheme {self.name}: bits={self.bits} is not supported; use bits=4")
         if self.group_size is not None and self.group_size not in GROUP_SIZES:
@@ -36,6 +48,24 @@ class Scheme:
                 f"Scheme {self.name}: group_size={self.group_size} is not supported; "
                 f"use one of {GROUP_SIZES} or None (per-channel)"
             )
+        if self.name == "w4a16" and self.act_dtype is not None:
+            raise ValueError(
+                f"Scheme w4a16: act_dtype={self.act_dtype!r} is not supported (W4A16 keeps the "
+                "model's activations); use Scheme(name='w4a8', act_dtype=...) for 8-bit activations"
+            )
+        if self.name == "w4a8":
+            if self.act_dtype is None:
+                object.__setattr__(self, "act_dtype", "int8")
+            if self.act_dtype not in W4A8_ACT_DTYPES:
+                raise ValueError(
+                    f"Scheme w4a8: act_dtype={self.act_dtype!r} is not supported; "
+                    f"use one of {W4A8_ACT_DTYPES}"
+                )
+            if self.symmetric:
+                raise ValueError(
+                    "Scheme w4a8: symmetric=True is not supported (QoQ's second level is "
+                    "asymmetric uint4 with integer zero points); use symmetric=False"
+                )
 
     def group_size_for(self, k: int) -> int:
         """The group size along K of a layer with `k` input features (per-channel -> k)."""

@@ -1,4 +1,5 @@
-"""Ahead-of-time quantization: swap nn.Linear for `W4A16Linear` in place, freeing fp16 weights."""
+"""Ahead-of-time quantization: swap nn.Linear for `W4A16Linear` / `W4A8Linear` in place,
+freeing the fp16 weights."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from qcompile.passes.linear import (
 )
 from qcompile.quant.int4 import PackedInt4
 from qcompile.quant.rtn import quantize_weight_int4
+from qcompile.quant.w4a8 import PackedW4A8, quantize_weight_w4a8
 from qcompile.report import CompileReport, LayerRecord
 
 
@@ -70,7 +72,69 @@ class W4A16Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"
 
 
-WeightQuantizer = Callable[[str, nn.Linear, Scheme], PackedInt4]
+class W4A8Linear(nn.Module):
+    """A linear layer holding a QoQ W4A8 weight (layout: `qcompile.quant.w4a8`); its input is
+    quantized per token to `scheme.act_dtype` by the op (int8 or float8_e4m3fn).
+
+    Buffers: qweight [K/8, N] int32, group_scales and group_zeros [K/G, N] uint8,
+    channel_scales [N] float32, bias [N] or None.
+    """
+
+    def __init__(self, packed: PackedW4A8, bias: torch.Tensor | None, scheme: Scheme):
+        super().__init__()
+        self.out_features, self.in_features = packed.shape
+        self.group_size = packed.group_size
+        self.scheme = scheme
+        self.act_dtype = scheme.act_dtype
+        self.register_buffer("qweight", packed.qweight)
+        self.register_buffer("group_scales", packed.group_scales)
+        self.register_buffer("group_zeros", packed.group_zeros)
+        self.register_buffer("channel_scales", packed.channel_scales)
+        self.register_buffer("bias", bias)
+
+    @classmethod
+    def from_linear(
+        cls, linear: nn.Linear, scheme: Scheme, packed: PackedW4A8 | None = None
+    ) -> W4A8Linear:
+        """Quantize `linear` (progressive RTN), or wrap an already `packed` weight."""
+        if packed is not None and not isinstance(packed, PackedW4A8):
+            raise TypeError(
+                f"W4A8Linear.from_linear: got {type(packed).__name__}; W4A8 takes a PackedW4A8 "
+                "(qcompile.quant.w4a8.quantize_weight_w4a8), not W4A16 codes"
+            )
+        bias = None if linear.bias is None else linear.bias.detach().clone()
+        return cls(
+            packed if packed is not None else quantize_weight_w4a8(linear.weight, scheme),
+            bias,
+            scheme,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.qcompile.w4a8_linear(
+            x,
+            self.qweight,
+            self.group_scales,
+            self.group_zeros,
+            self.channel_scales,
+            self.bias,
+            self.group_size,
+            self.act_dtype,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"group_size={self.group_size}, act_dtype={self.act_dtype}"
+        )
+
+
+# The module `quantize_` swaps in, per `Scheme.name`.
+QUANTIZED_MODULES: dict[str, type[W4A16Linear] | type[W4A8Linear]] = {
+    "w4a16": W4A16Linear,
+    "w4a8": W4A8Linear,
+}
+
+WeightQuantizer = Callable[[str, nn.Linear, Scheme], PackedInt4 | PackedW4A8]
 
 
 def quantize_(
@@ -79,10 +143,11 @@ def quantize_(
     quantizer: WeightQuantizer | None = None,
     prefix: str = "",
 ) -> CompileReport:
-    """Replace every supported `nn.Linear` of `model` by a `W4A16Linear`, in place.
+    """Replace every supported `nn.Linear` of `model` by the scheme's module (`W4A16Linear`,
+    `W4A8Linear`; `QUANTIZED_MODULES`), in place.
 
-    `quantizer(name, linear, scheme)` chooses the codes (default: RTN; see
-    `qcompile.quant.gptq.gptq_quantizer`). The fp16 weights are released as each layer is
+    `quantizer(name, linear, scheme)` chooses the codes (default: RTN, progressive for W4A8;
+    see `qcompile.quant.gptq.gptq_quantizer` for W4A16). The fp16 weights are released as each layer is
     swapped (peak extra memory: one layer). `prefix` is `model`'s path inside a larger model
     (skip patterns and the report use full paths). Returns the report of what was
     quantized, skipped or left in full precision and why.
@@ -114,7 +179,7 @@ def quantize_(
             parent_name, _, attr = name.rpartition(".")
             linear = model.get_submodule(name)
             packed = quantizer(name, linear, config.scheme) if quantizer is not None else None
-            q = W4A16Linear.from_linear(linear, config.scheme, packed)
+            q = QUANTIZED_MODULES[config.scheme.name].from_linear(linear, config.scheme, packed)
             del linear
             setattr(model.get_submodule(parent_name), attr, q)
             shape = (q.out_features, q.in_features)

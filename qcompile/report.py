@@ -21,6 +21,8 @@ class LayerRecord:
     status: Status
     detail: str  # the scheme for quantized layers, the reason otherwise
     path: str = ""  # "triton" or "reference" for quantized layers
+    # W4A8: where the per-token activation quantization goes ("fused into ..." / "not fused: ...")
+    fusion: str = ""
 
 
 @dataclass
@@ -44,15 +46,26 @@ class CompileReport:
             if counts[s]
         ]
         where = f" in {self.graphs} graph(s)" if self.graphs else ""
-        return f"qcompile: {len(self.records)} linear layers{where}: " + (
+        line = f"qcompile: {len(self.records)} linear layers{where}: " + (
             ", ".join(parts) or "none matched"
         )
+        with_act = [r for r in self.records if r.fusion]
+        if with_act:
+            fused = sum(r.fusion.startswith("fused") for r in with_act)
+            line += f"; activation quantization fused into its producer for {fused}/{len(with_act)}"
+        return line
 
     def table(self) -> str:
         """A fixed-width table, one row per layer, for printing."""
         rows = [("layer", "N x K", "status", "path", "detail")]
         rows += [
-            (r.name, f"{r.shape[0]} x {r.shape[1]}", r.status, r.path, r.detail)
+            (
+                r.name,
+                f"{r.shape[0]} x {r.shape[1]}",
+                r.status,
+                r.path,
+                f"{r.detail}; activation quantization {r.fusion}" if r.fusion else r.detail,
+            )
             for r in self.records
         ]
         widths = [max(len(row[i]) for row in rows) for i in range(4)]

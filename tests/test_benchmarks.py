@@ -24,6 +24,7 @@ def test_random_packed_weights_fit_the_op(n, k):
 
 def test_benchmark_scripts_import():
     import bench_e2e  # noqa: F401
+    import bench_w4a8  # noqa: F401
     import bench_w4a16  # noqa: F401
     import tune_shipped  # noqa: F401
 
@@ -62,3 +63,78 @@ def test_e2e_model_has_llama3_8b_shapes_and_is_built_in_bf16():
     assert sum(p.numel() for p in big.parameters()) == 8_030_261_248  # Llama-3-8B
     tiny = bench_e2e.build_model(bench_e2e.model_config(1, tiny=True), torch.bfloat16, "cpu")
     assert {p.dtype for p in tiny.parameters()} == {torch.bfloat16}
+
+
+@pytest.mark.parametrize(("n", "k"), [(6144, 4096), (8192, 28672)])
+def test_random_w4a8_weights_fit_the_op(n, k):
+    from weights import random_w4a8
+
+    from qcompile.ops.w4a8 import check_w4a8_weight_args
+    from qcompile.quant.w4a8 import int8_weight
+
+    p = random_w4a8(n, k, 128, device="cpu")
+    check_w4a8_weight_args(k, *p.tensors(), None, p.group_size)
+    assert p.shape == (n, k)
+    w8 = int8_weight(p.qweight[:16], p.group_scales[:1], p.group_zeros[:1], 128)
+    assert w8.abs().max() <= 127  # random codes stay in int8, like QoQ's
+
+
+def test_w4a8_bench_helpers():
+    import bench_w4a8 as b
+
+    # 4096 x 4096 g128: 8 MiB codes + 2 x 128 KiB group metadata + 16 KiB s1; M=16 activations
+    assert b.w4a8_bytes(16, 4096, 4096, 128) == (
+        4096 * 2048 + 2 * 4096 * 32 + 4 * 4096 + 16 * 4096 + 4 * 16 + 2 * 16 * 4096
+    )
+    mem = b.w4a8_bytes(1, 4096, 4096, 128) / 3e12 * 1e6
+    assert b.roofline_us(1, 4096, 4096, 128, 3e12, 1e15) == pytest.approx(mem)
+    compute = 2 * 4096**3 / 1e15 * 1e6
+    assert b.roofline_us(4096, 4096, 4096, 128, 3e12, 1e15) == pytest.approx(compute)
+    assert (b.padded_rows(1, 8, 32), b.padded_rows(33, 8, 32), b.padded_rows(17, 16)) == (
+        32,
+        40,
+        32,
+    )
+
+
+def _row(n, k, m, cublas, w4a16, w4a8):
+    return {
+        "n": n, "k": k, "m": m, "cublas_fp16_us": cublas, "w4a16_us": w4a16, "w4a8_us": w4a8,
+        "int_mm_us": 1.0, "w4a8_gemm_only_us": w4a8, "w4a8_fp8_us": w4a8,
+        "w4a8_fp8_gemm_only_us": w4a8, "roofline_us": 0.5 * w4a8,
+        "speedup_vs_cublas": cublas / w4a8, "speedup_vs_w4a16": w4a16 / w4a8,
+    }  # fmt: skip
+
+
+def test_w4a8_acceptance_and_markdown():
+    import bench_w4a8 as b
+
+    rows = [
+        _row(8192, 28672, 1024, 130.0, 200.0, 100.0),  # 1.3x: pass
+        _row(28672, 4096, 256, 50.0, 60.0, 40.0),  # 1.25x: fail
+        _row(28672, 4096, 16, 30.0, 20.0, 21.0),  # slower than W4A16: fail
+        _row(4096, 4096, 64, 10.0, 10.0, 10.0),  # not an acceptance point
+    ]
+    checks = b.acceptance(rows)
+    assert [(round(s, 3), ok) for _, s, ok in checks] == [
+        (1.3, True),
+        (1.25, False),
+        (0.952, False),
+    ]
+    meta = {"device": "H100", "torch": "2.x", "triton": "3.x", "hbm_tb_s": 3.0, "int8_tops": 1500}
+    md = b.markdown(meta, rows)
+    assert md.count("\n| 8192x28672 | 1024 |") == 1 and "| n/a |" in md  # no _scaled_mm column
+    assert "| 8192x28672 M=1024: W4A8 vs cuBLAS fp16 >= 1.3x | 1.30x | pass |" in md
+    assert "W4A8 no slower than W4A16 | 0.95x | FAIL |" in md
+
+
+def test_accuracy_rows_merge_keeps_the_table_and_its_fp32_base():
+    from accuracy import merge_rows
+
+    old = [{"row": "fp32", "ppl": 14.36}, {"row": "A", "ppl": 16.0}, {"row": "B", "ppl": 17.0}]
+    new = [{"row": "fp32", "ppl": 14.36}, {"row": "B", "ppl": 16.5}, {"row": "C", "ppl": 15.0}]
+    assert [(r["row"], r["ppl"]) for r in merge_rows(old, new)] == [
+        ("fp32", 14.36), ("A", 16.0), ("B", 16.5), ("C", 15.0),
+    ]  # fmt: skip
+    with pytest.raises(SystemExit, match="fp32 perplexity changed"):
+        merge_rows(old, [{"row": "fp32", "ppl": 14.5}])

@@ -104,3 +104,39 @@ def test_quant_config_carries_one_scheme() -> None:
     assert config.scheme is scheme
     assert QuantConfig().scheme == Scheme()
     assert hash(QuantConfig()) == hash(QuantConfig())
+
+
+def test_w4a8_scheme_defaults_to_int8_activations() -> None:
+    scheme = Scheme(name="w4a8")
+    assert (scheme.name, scheme.act_dtype, scheme.group_size) == ("w4a8", "int8", 128)
+    assert Scheme(name="w4a8") == Scheme(name="w4a8", act_dtype="int8")
+    fp8 = Scheme(name="w4a8", group_size=None, act_dtype="float8_e4m3fn")
+    assert fp8.act_dtype == "float8_e4m3fn" and fp8.group_size_for(576) == 576
+    assert Scheme().act_dtype is None  # W4A16 keeps the model's activations
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (
+            {"name": "w4a8", "act_dtype": "int4"},
+            "Scheme w4a8: act_dtype='int4' is not supported; use one of ('int8', 'float8_e4m3fn')",
+        ),
+        (
+            {"name": "w4a8", "symmetric": True},
+            "Scheme w4a8: symmetric=True is not supported (QoQ's second level is asymmetric "
+            "uint4 with integer zero points); use symmetric=False",
+        ),
+        (
+            {"act_dtype": "int8"},
+            "Scheme w4a16: act_dtype='int8' is not supported (W4A16 keeps the model's "
+            "activations); use Scheme(name='w4a8', act_dtype=...) for 8-bit activations",
+        ),
+        ({"name": "w8a8"}, "Scheme: name='w8a8' is not supported; use one of ('w4a16', 'w4a8')"),
+        ({"name": "w4a8", "group_size": 256}, "Scheme w4a8: group_size=256 is not supported"),
+    ],
+)
+def test_scheme_rejects_bad_w4a8_settings(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError) as info:
+        Scheme(**kwargs)
+    assert str(info.value).startswith(message)

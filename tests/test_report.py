@@ -110,3 +110,20 @@ def test_log_info_without_fallback(caplog: pytest.LogCaptureFixture) -> None:
     assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
         (logging.INFO, report.summary())
     ]
+
+
+def test_fusion_is_shown_and_counted() -> None:
+    fused = LayerRecord(
+        "model.layers.0.mlp.up_proj", (1536, 576), "quantized", "w4a8 g64", "triton",
+        "fused into mul of model.layers.0.post_attention_layernorm (LlamaRMSNorm)",
+    )  # fmt: skip
+    alone = LayerRecord(
+        "model.layers.0.self_attn.o_proj", (576, 576), "quantized", "w4a8 g64", "triton",
+        "not fused: producer scaled_dot_product_attention is an extern kernel",
+    )  # fmt: skip
+    report = make_report(fused, alone, SKIPPED)
+    assert report.summary().endswith("activation quantization fused into its producer for 1/2")
+    lines = report.table().splitlines()
+    assert lines[1].endswith(f"w4a8 g64; activation quantization {fused.fusion}")
+    assert lines[3].endswith(SKIPPED.detail)
+    assert "activation" not in make_report(QUANTIZED).summary()

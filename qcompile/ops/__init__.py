@@ -1,5 +1,18 @@
 """torch.library ops: schema, fake implementation, reference implementation, CUDA lowering."""
 
+from qcompile.ops.w4a8 import (
+    w4a8_linear,
+    w4a8_linear_quantized_act,
+    w4a8_linear_quantized_act_reference,
+    w4a8_linear_reference,
+)
 from qcompile.ops.w4a16 import w4a16_linear, w4a16_linear_reference
 
-__all__ = ["w4a16_linear", "w4a16_linear_reference"]
+__all__ = [
+    "w4a8_linear",
+    "w4a8_linear_quantized_act",
+    "w4a8_linear_quantized_act_reference",
+    "w4a8_linear_reference",
+    "w4a16_linear",
+    "w4a16_linear_reference",
+]

@@ -1,16 +1,22 @@
-"""Linear pass: `torch._C._nn.linear(x, W, b)` with a parameter W -> `qcompile::w4a16_linear`.
+"""Linear pass: `torch._C._nn.linear(x, W, b)` with a parameter W -> the scheme's op.
 
 Match: every `linear` call whose weight is a graph input (a parameter, as Dynamo lifts them).
 Check: skip patterns, then `unsupported_reason` (shape, dtype, device); a failing layer is
 left as it was and recorded as a fallback (or raised, with on_unsupported="raise").
 Rewrite: quantize W once (cached per tensor and version, so shared weights and recompiles
-reuse it) and feed the packed tensors in as extra trailing graph inputs.
+reuse it), feed the packed tensors in as extra trailing graph inputs, and emit the op of
+`config.scheme.name` from the `LINEAR_SCHEMES` registry. W4A8 also puts the per-token
+activation quantization in front of its op as plain torch ops, once per input, so Inductor
+fuses it into the producer of x (an RMSNorm, SiLU * mul); the report says where that happens.
 """
 
 from __future__ import annotations
 
+import operator
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -18,15 +24,19 @@ from torch.fx import GraphModule, Node
 from torch.utils.weak import WeakIdKeyDictionary
 
 from qcompile.config import QuantConfig, Scheme
-from qcompile.ops.w4a16 import KERNEL_DTYPES, KERNEL_K_MULTIPLE
-from qcompile.quant.int4 import PackedInt4
+from qcompile.ops import w4a8 as w4a8_ops
+from qcompile.ops import w4a16 as w4a16_ops
 from qcompile.quant.rtn import quantize_weight_int4
+from qcompile.quant.w4a8 import quantize_activations_per_token, quantize_weight_w4a8
 from qcompile.report import CompileReport, LayerRecord
 
 LINEAR_TARGETS = (torch._C._nn.linear, F.linear)
 EMBEDDING_TARGETS = (F.embedding, torch.embedding, torch.ops.aten.embedding.default)
 W4A16_OP = torch.ops.qcompile.w4a16_linear.default
 W4A16_TARGETS = (W4A16_OP, torch.ops.qcompile.w4a16_linear)
+W4A8_OP = torch.ops.qcompile.w4a8_linear.default
+W4A8_QUANTIZED_ACT_OP = torch.ops.qcompile.w4a8_linear_quantized_act.default
+W4A8_TARGETS = (W4A8_OP, torch.ops.qcompile.w4a8_linear)
 
 
 class UnsupportedLayerError(ValueError):
@@ -37,6 +47,8 @@ def unsupported_reason(
     shape: tuple[int, ...], dtype: torch.dtype, device_type: str, scheme: Scheme
 ) -> str | None:
     """Why a weight of `shape`/`dtype` on `device_type` cannot use `scheme`, with the fix."""
+    lowering = LINEAR_SCHEMES[scheme.name]
+    label = scheme.name.upper()
     if len(shape) != 2:
         return f"weight has shape {tuple(shape)}, expected [N, K]"
     if not dtype.is_floating_point:
@@ -50,15 +62,17 @@ def unsupported_reason(
     if k % 8:
         return f"K={k} is not a multiple of 8 (int4 packing); skip this module"
     if device_type == "cuda":
-        if k % KERNEL_K_MULTIPLE:
-            return f"K={k} is not a multiple of {KERNEL_K_MULTIPLE} (kernel tile); skip this module"
-        if dtype not in KERNEL_DTYPES:
+        if k % lowering.k_multiple:
             return (
-                f"{dtype} on CUDA: the W4A16 kernels take float16/bfloat16 activations; "
+                f"K={k} is not a multiple of {lowering.k_multiple} (kernel tile); skip this module"
+            )
+        if dtype not in lowering.kernel_dtypes:
+            return (
+                f"{dtype} on CUDA: the {label} kernels take float16/bfloat16 activations; "
                 "cast the model with .half() or .to(torch.bfloat16)"
             )
     elif device_type != "cpu":
-        return f"device {device_type} has no W4A16 kernel; use CUDA or CPU"
+        return f"device {device_type} has no {label} kernel; use CUDA or CPU"
     return None
 
 
@@ -71,11 +85,12 @@ def execution_path(weight: torch.Tensor) -> str:
 _PACKED: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
-def packed_weight(weight: torch.Tensor, scheme: Scheme) -> PackedInt4:
+def packed_weight(weight: torch.Tensor, scheme: Scheme) -> Any:
+    """The scheme's packed weight (`PackedInt4`, `PackedW4A8`), quantized once per version."""
     entry = _PACKED.get(weight)
     if entry is not None and entry[0] == weight._version and entry[1] == scheme:
         return entry[2]
-    packed = quantize_weight_int4(weight, scheme)
+    packed = LINEAR_SCHEMES[scheme.name].quantize(weight, scheme)
     _PACKED[weight] = (weight._version, scheme, packed)
     return packed
 
@@ -144,6 +159,15 @@ def find_linears(gm: GraphModule) -> list[Node]:
     return [n for n in gm.graph.nodes if n.op == "call_function" and n.target in LINEAR_TARGETS]
 
 
+@dataclass
+class RewriteContext:
+    """Per-graph state of one rewrite: whether autograd will trace the graph, and the
+    activations already quantized (one quantization per (input node, act dtype))."""
+
+    autograd: bool
+    quantized_inputs: dict[tuple[Node, str], tuple[Node, Node, str]] = field(default_factory=dict)
+
+
 def rewrite_linears(
     gm: GraphModule,
     inputs: list,
@@ -151,9 +175,15 @@ def rewrite_linears(
     report: CompileReport,
     constants: GraphConstants,
 ) -> GraphModule:
-    """Rewrite every supported linear of `gm` (in place) into the W4A16 op; record all of them."""
+    """Rewrite every supported linear of `gm` (in place) into the scheme's op; record all."""
     placeholders = {n: i for i, n in enumerate(gm.graph.find_nodes(op="placeholder"))}
-    packed_nodes: dict[Node, tuple[Node, Node, Node, int]] = {}
+    lowering = LINEAR_SCHEMES[config.scheme.name]
+    # AOT autograd traces a backward exactly when grad mode is on and an input requires grad.
+    ctx = RewriteContext(
+        autograd=torch.is_grad_enabled()
+        and any(isinstance(t, torch.Tensor) and t.requires_grad for t in inputs)
+    )
+    packed_nodes: dict[Node, tuple[list[Node], int]] = {}
     for node in find_linears(gm):
         x, w_node, *rest = node.args
         bias = rest[0] if rest else node.kwargs.get("bias")
@@ -177,44 +207,210 @@ def rewrite_linears(
         if w_node not in packed_nodes:
             packed = packed_weight(weight, config.scheme)
             tag = re.sub(r"\W", "_", name)
-            packed_nodes[w_node] = (
-                constants.add(gm, f"{tag}_qweight", packed.qweight),
-                constants.add(gm, f"{tag}_scales", packed.scales),
-                constants.add(gm, f"{tag}_offsets", packed.offsets),
-                packed.group_size,
-            )
-        qw, scales, offsets, group = packed_nodes[w_node]
+            tensor_nodes = [
+                constants.add(gm, f"{tag}_{tname}", t)
+                for tname, t in zip(lowering.tensor_names, packed.tensors(), strict=True)
+            ]
+            packed_nodes[w_node] = (tensor_nodes, packed.group_size)
+        tensor_nodes, group = packed_nodes[w_node]
         with gm.graph.inserting_before(node):
-            new = gm.graph.call_function(W4A16_OP, (x, qw, scales, offsets, bias, group))
+            new, fusion = lowering.emit(gm, x, tensor_nodes, bias, group, config.scheme, ctx)
         new.meta.update({k: v for k, v in node.meta.items() if k != "example_value"})
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
-        detail = describe(config.scheme, group, tied_embeddings(w_node))
-        report.add(LayerRecord(name, shape, "quantized", detail, execution_path(weight)))
-    ours = {nodes[0] for nodes in packed_nodes.values()}
-    for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target in W4A16_TARGETS and node.args[1] not in ours:
-            qw = inputs[placeholders[node.args[1]]] if node.args[1] in placeholders else None
-            n_k = (qw.shape[1], qw.shape[0] * 8) if isinstance(qw, torch.Tensor) else (0, 0)
-            path = execution_path(qw) if isinstance(qw, torch.Tensor) else ""
-            report.add(
-                LayerRecord(
-                    layer_name(node, node.args[1]), n_k, "prequantized", "quantize_()", path
-                )
+        report.add(
+            LayerRecord(
+                name,
+                shape,
+                "quantized",
+                describe(config.scheme, group, tied_embeddings(w_node)),
+                execution_path(weight),
+                fusion,
             )
+        )
+    ours = {nodes[0][0] for nodes in packed_nodes.values()}
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function":
+            continue
+        prequantized = next(
+            (lw for lw in LINEAR_SCHEMES.values() if node.target in lw.targets), None
+        )
+        if prequantized is None or node.args[1] in ours:
+            continue
+        qw = inputs[placeholders[node.args[1]]] if node.args[1] in placeholders else None
+        n_k = (qw.shape[1], qw.shape[0] * 8) if isinstance(qw, torch.Tensor) else (0, 0)
+        path = execution_path(qw) if isinstance(qw, torch.Tensor) else ""
+        fusion = prequantized.reemit(gm, node, ctx) if prequantized.reemit else ""
+        report.add(
+            LayerRecord(
+                layer_name(node, node.args[1]), n_k, "prequantized", "quantize_()", path, fusion
+            )
+        )
     gm.graph.lint()
     gm.recompile()
     return gm
 
 
 def describe(scheme: Scheme, group: int, tied: list[str] | tuple[str, ...] = ()) -> str:
-    """`w4a16 int4 asym g128`, plus a note when the weight is tied to embeddings."""
-    kind = "sym" if scheme.symmetric else "asym"
+    """The report's detail for a quantized layer, e.g. `w4a16 int4 asym g128`, plus a note
+    when the weight is tied to embeddings."""
     g = "per-channel" if scheme.group_size is None else f"g{group}"
-    text = f"{scheme.name} int4 {kind} {g}"
+    text = LINEAR_SCHEMES[scheme.name].describe(scheme, g)
     if tied:
         # The lookup reads the full-precision weight, which therefore stays resident.
         text += (
             f"; tied to {', '.join(tied)}, kept in full precision (embeddings are never quantized)"
         )
     return text
+
+
+# --------------------------------------------------------------------------- W4A8 activations
+# Producers the activation quantization cannot fuse into: kernels Inductor does not generate.
+_EXTERN_TARGETS = {
+    *LINEAR_TARGETS,
+    *W4A16_TARGETS,
+    *W4A8_TARGETS,
+    W4A8_QUANTIZED_ACT_OP,
+    torch.matmul,
+    torch.mm,
+    torch.bmm,
+    operator.matmul,
+    F.scaled_dot_product_attention,
+}
+_EXTERN_METHODS = {"matmul", "mm", "bmm"}
+# Ops that only move or relabel data (or cast): look through them for the real producer.
+_LAYOUT_METHODS = {"view", "reshape", "contiguous", "transpose", "permute", "flatten", "to"}
+_LAYOUT_FUNCTIONS = {torch.reshape, torch.flatten, torch.transpose, torch.permute}
+
+
+def _producer(x: Node) -> Node:
+    while (x.op == "call_method" and x.target in _LAYOUT_METHODS) or (
+        x.op == "call_function" and x.target in _LAYOUT_FUNCTIONS
+    ):
+        x = x.args[0]
+    return x
+
+
+def _op_name(node: Node) -> str:
+    return (
+        node.target
+        if isinstance(node.target, str)
+        else getattr(node.target, "__name__", str(node.target))
+    )
+
+
+def activation_fusion(x: Node) -> str:
+    """Where Inductor can fuse the per-token quantization of `x`: into its producer when that
+    is an Inductor-generated (pointwise / reduction) op, else into a kernel of its own."""
+    p = _producer(x)
+    if p.op == "placeholder":
+        return "not fused: x is a graph input (its own quantization kernel)"
+    if p.op != "call_function" and p.op != "call_method":
+        return f"not fused: producer {p.name} is a {p.op} (its own quantization kernel)"
+    if (p.op == "call_function" and p.target in _EXTERN_TARGETS) or (
+        p.op == "call_method" and p.target in _EXTERN_METHODS
+    ):
+        return (
+            f"not fused: producer {_op_name(p)} is an extern kernel, not generated by Inductor "
+            "(its own quantization kernel)"
+        )
+    stack = p.meta.get("nn_module_stack") or {}
+    if stack:
+        path, cls = list(stack.values())[-1]
+        path = re.sub(r"^L\['[^']+'\]\.?", "", path)
+        where = f"{path} ({getattr(cls, '__name__', cls)})"
+        return f"fused into {_op_name(p)} of {where}"
+    return f"fused into {_op_name(p)}"
+
+
+def _quantized_input(gm: GraphModule, x: Node, act_dtype: str, ctx: RewriteContext):
+    """(xq, x_scale) nodes of `x`, created once per input; None when x's dtype is unknown."""
+    key = (x, act_dtype)
+    if key not in ctx.quantized_inputs:
+        example = x.meta.get("example_value")
+        if not isinstance(example, torch.Tensor):
+            return None
+        q = gm.graph.call_function(quantize_activations_per_token, (x, act_dtype))
+        xq = gm.graph.call_function(operator.getitem, (q, 0))
+        xs = gm.graph.call_function(operator.getitem, (q, 1))
+        ctx.quantized_inputs[key] = (xq, xs, activation_fusion(x))
+    return ctx.quantized_inputs[key]
+
+
+def _emit_w4a8(gm, x, tensor_nodes, bias, group, scheme, ctx) -> tuple[Node, str]:
+    return _w4a8_call(gm, x, tensor_nodes, bias, group, scheme.act_dtype, ctx)
+
+
+def _w4a8_call(gm, x, tensor_nodes, bias, group, act_dtype, ctx) -> tuple[Node, str]:
+    """The W4A8 op on `x`: quantized activations from torch ops (fusable) unless autograd is
+    on (the float-x op has the straight-through backward) or x's dtype is unknown."""
+    if ctx.autograd:
+        fusion = "not fused: autograd is on (compile under torch.no_grad() to fuse)"
+    else:
+        quantized = _quantized_input(gm, x, act_dtype, ctx)
+        if quantized is not None:
+            xq, xs, fusion = quantized
+            out_dtype = x.meta["example_value"].dtype
+            args = (xq, xs, *tensor_nodes, bias, group, out_dtype)
+            return gm.graph.call_function(W4A8_QUANTIZED_ACT_OP, args), fusion
+        fusion = "not fused: x's dtype is unknown at compile time"
+    args = (x, *tensor_nodes, bias, group, act_dtype)
+    return gm.graph.call_function(W4A8_OP, args), fusion
+
+
+def _reemit_w4a8(gm: GraphModule, node: Node, ctx: RewriteContext) -> str:
+    """A `quantize_()` layer's `w4a8_linear(x, ...)` call, rewritten like a fresh one."""
+    x, *tensor_nodes, bias, group, act_dtype = node.args
+    with gm.graph.inserting_before(node):
+        new, fusion = _w4a8_call(gm, x, tensor_nodes, bias, group, act_dtype, ctx)
+    if new.target is W4A8_OP:  # unchanged: keep the original call
+        gm.graph.erase_node(new)
+        return fusion
+    new.meta.update({k: v for k, v in node.meta.items() if k != "example_value"})
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+    return fusion
+
+
+def _emit_w4a16(gm, x, tensor_nodes, bias, group, scheme, ctx) -> tuple[Node, str]:
+    return gm.graph.call_function(W4A16_OP, (x, *tensor_nodes, bias, group)), ""
+
+
+# --------------------------------------------------------------------------- registry
+@dataclass(frozen=True)
+class LinearScheme:
+    """How the pass lowers one `Scheme.name`: preconditions, packing, the op it emits."""
+
+    kernel_dtypes: tuple[torch.dtype, ...]
+    k_multiple: int
+    quantize: Callable[[torch.Tensor, Scheme], Any]  # -> packed with .tensors(), .group_size
+    tensor_names: tuple[str, ...]  # graph-input names of packed.tensors(), in op order
+    emit: Callable[..., tuple[Node, str]]  # (gm, x, tensors, bias, group, scheme, ctx)
+    targets: tuple  # ops of already-quantized layers (recorded as "prequantized")
+    describe: Callable[[Scheme, str], str]  # (scheme, "g128" / "per-channel") -> report detail
+    reemit: Callable[[GraphModule, Node, RewriteContext], str] | None = None
+
+
+LINEAR_SCHEMES: dict[str, LinearScheme] = {
+    "w4a16": LinearScheme(
+        w4a16_ops.KERNEL_DTYPES,
+        w4a16_ops.KERNEL_K_MULTIPLE,
+        quantize_weight_int4,
+        ("qweight", "scales", "offsets"),
+        _emit_w4a16,
+        W4A16_TARGETS,
+        lambda scheme, g: f"w4a16 int4 {'sym' if scheme.symmetric else 'asym'} {g}",
+    ),
+    "w4a8": LinearScheme(
+        w4a8_ops.KERNEL_DTYPES,
+        w4a8_ops.KERNEL_K_MULTIPLE,
+        quantize_weight_w4a8,
+        ("qweight", "group_scales", "group_zeros", "channel_scales"),
+        _emit_w4a8,
+        W4A8_TARGETS,
+        lambda scheme, g: (
+            f"w4a8 int4 (QoQ progressive) {g}, {scheme.act_dtype} per-token activations"
+        ),
+        _reemit_w4a8,
+    ),
+}

@@ -68,31 +68,47 @@ def awq_scale_block(
     arithmetic). Returns {linear name: s}: each scaled linear's weight columns were
     multiplied by s, so its inputs are now x / s."""
     scaled: dict[str, torch.Tensor] = {}
+    for producer, linears, names in scaling_groups(block, hessians, groups):
+        s = awq_search_scale([m.weight for m in linears], hessians[names[0]], scheme)
+        fold_input_scales(producer, linears, s)
+        scaled.update({n: s for n in names})
+    return scaled
+
+
+def scaling_groups(
+    block: nn.Module, stats: dict[str, torch.Tensor], groups=LLAMA_GROUPS
+) -> list[tuple[nn.Module, list[nn.Linear], tuple[str, ...]]]:
+    """(producer, linears, names) of each group of `block` that can be scaled: the producer
+    is foldable and every linear is an nn.Linear with statistics in `stats`."""
     modules = dict(block.named_modules())
+    out = []
     for producer_name, names in groups:
         producer = modules.get(producer_name)
         linears = [modules.get(n) for n in names]
         if (
-            producer is None
-            or not _foldable(producer)
-            or any(
-                not isinstance(m, nn.Linear) or n not in hessians
-                for n, m in zip(names, linears, strict=True)
+            producer is not None
+            and _foldable(producer)
+            and all(
+                isinstance(m, nn.Linear) and n in stats for n, m in zip(names, linears, strict=True)
             )
         ):
-            continue
-        s = awq_search_scale([m.weight for m in linears], hessians[names[0]], scheme)
-        s = s.to(producer.weight.device)
-        if isinstance(producer, nn.Linear):  # its output rows feed the group's inputs
-            producer.weight.div_(s[:, None].to(producer.weight.dtype))
-        else:
-            producer.weight.div_(s.to(producer.weight.dtype))
-        if getattr(producer, "bias", None) is not None:
-            producer.bias.div_(s.to(producer.bias.dtype))
-        for m in linears:
-            m.weight.mul_(s[None, :].to(m.weight.dtype))
-        scaled.update({n: s for n in names})
-    return scaled
+            out.append((producer, linears, names))
+    return out
+
+
+@torch.no_grad()
+def fold_input_scales(producer: nn.Module, linears: list[nn.Linear], s: torch.Tensor) -> None:
+    """W x = (W diag(s)) (x / s): scale the linears' input columns by s and divide the
+    producer's output channels (RMSNorm weight, or a linear's rows and bias) by s."""
+    s = s.to(producer.weight.device)
+    if isinstance(producer, nn.Linear):  # its output rows feed the group's inputs
+        producer.weight.div_(s[:, None].to(producer.weight.dtype))
+    else:
+        producer.weight.div_(s.to(producer.weight.dtype))
+    if getattr(producer, "bias", None) is not None:
+        producer.bias.div_(s.to(producer.bias.dtype))
+    for m in linears:
+        m.weight.mul_(s[None, :].to(m.weight.dtype))
 
 
 def awq_quantize_model(model: nn.Module, batches, config, progress: bool = True):

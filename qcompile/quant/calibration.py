@@ -11,9 +11,10 @@ from torch import nn
 from tqdm import tqdm
 
 
-class HessianRecorder:
-    """Context manager: while active, accumulates X^T X of the input X of each named
-    nn.Linear of `model` (default: all) over whatever forward passes run."""
+class InputRecorder:
+    """Context manager: while active, feeds the input X [rows, K] of each named nn.Linear of
+    `model` (default: all) to `_update` over whatever forward passes run; `result()` gives the
+    per-layer statistic."""
 
     def __init__(self, model: nn.Module, names: Iterable[str] | None = None):
         wanted = set(names) if names is not None else None
@@ -22,22 +23,21 @@ class HessianRecorder:
             for name, mod in model.named_modules()
             if type(mod) is nn.Linear and (wanted is None or name in wanted)
         ]
-        self._sums: dict[str, torch.Tensor] = {}
-        self._rows: dict[str, int] = {}
         self._hooks: list = []
+
+    def _update(self, name: str, x: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def result(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
 
     def _hook(self, name: str):
         def record(_module, inputs, _output):
-            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
-            if name not in self._sums:
-                self._sums[name] = torch.zeros(x.shape[1], x.shape[1], device=x.device)
-                self._rows[name] = 0
-            self._sums[name].addmm_(x.t(), x)
-            self._rows[name] += x.shape[0]
+            self._update(name, inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float())
 
         return record
 
-    def __enter__(self) -> HessianRecorder:
+    def __enter__(self):
         self._hooks = [mod.register_forward_hook(self._hook(name)) for name, mod in self._targets]
         return self
 
@@ -46,9 +46,42 @@ class HessianRecorder:
             h.remove()
         self._hooks = []
 
+
+class HessianRecorder(InputRecorder):
+    """Accumulates X^T X of each linear's input (GPTQ, AWQ)."""
+
+    def __init__(self, model: nn.Module, names: Iterable[str] | None = None):
+        super().__init__(model, names)
+        self._sums: dict[str, torch.Tensor] = {}
+        self._rows: dict[str, int] = {}
+
+    def _update(self, name: str, x: torch.Tensor) -> None:
+        if name not in self._sums:
+            self._sums[name] = torch.zeros(x.shape[1], x.shape[1], device=x.device)
+            self._rows[name] = 0
+        self._sums[name].addmm_(x.t(), x)
+        self._rows[name] += x.shape[0]
+
     def hessians(self) -> dict[str, torch.Tensor]:
         """H = 2 X^T X / rows per layer (the GPTQ objective's Hessian)."""
         return {name: 2 * s / self._rows[name] for name, s in self._sums.items()}
+
+    result = hessians
+
+
+class AbsMaxRecorder(InputRecorder):
+    """Per-input-channel max |X| of each linear's input (SmoothQuant's activation scales)."""
+
+    def __init__(self, model: nn.Module, names: Iterable[str] | None = None):
+        super().__init__(model, names)
+        self._absmax: dict[str, torch.Tensor] = {}
+
+    def _update(self, name: str, x: torch.Tensor) -> None:
+        m = x.abs().amax(dim=0)
+        self._absmax[name] = torch.maximum(self._absmax[name], m) if name in self._absmax else m
+
+    def result(self) -> dict[str, torch.Tensor]:
+        return dict(self._absmax)
 
 
 @torch.no_grad()
@@ -94,13 +127,15 @@ def quantize_sequentially(
     batches: Iterable[torch.Tensor],
     quantize_block: Callable[[str, nn.Module, dict[str, torch.Tensor]], None],
     progress: bool = True,
+    recorder: Callable[[nn.Module], InputRecorder] = HessianRecorder,
 ) -> None:
-    """Calibrate block by block: each block's input Hessians come from the already-quantized
+    """Calibrate block by block: each block's input statistics come from the already-quantized
     blocks before it, so later layers see (and GPTQ compensates) the earlier layers' error.
 
-    `quantize_block(prefix, block, hessians)` quantizes one block in place; `hessians` is
+    `quantize_block(prefix, block, stats)` quantizes one block in place; `stats` is
+    `recorder(block).result()` (input Hessians by default, `AbsMaxRecorder` for SmoothQuant)
     keyed by module path inside the block. Memory: every batch's block input plus one
-    block's Hessians. Modules before the first block run once per batch.
+    block's statistics. Modules before the first block run once per batch.
     """
     blocks = find_blocks(model)
     prefix = next(name for name, m in model.named_modules() if m is blocks)
@@ -119,10 +154,10 @@ def quantize_sequentially(
         hook.remove()
 
     for i, block in enumerate(tqdm(blocks, desc="blocks", disable=not progress, leave=False)):
-        with HessianRecorder(block) as recorder:
+        with recorder(block) as stats:
             for args, kwargs in captured:
                 block(*args, **kwargs)
-        quantize_block(f"{prefix}.{i}", block, recorder.hessians())
+        quantize_block(f"{prefix}.{i}", block, stats.result())
         outputs = [block(*args, **kwargs) for args, kwargs in captured]
         captured = [
             ((out[0] if isinstance(out, tuple) else out, *args[1:]), kwargs)

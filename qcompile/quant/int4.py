@@ -36,8 +36,12 @@ class PackedInt4:
         """(N, K) of the original weight."""
         return self.qweight.shape[1], self.qweight.shape[0] * NIBBLES_PER_WORD
 
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The packed tensors in op argument order."""
+        return self.qweight, self.scales, self.offsets
+
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.qweight, self.scales, self.offsets))
+        return sum(t.numel() * t.element_size() for t in self.tensors())
 
 
 def pack_int4_along_k(codes: torch.Tensor) -> torch.Tensor:

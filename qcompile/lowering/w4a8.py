@@ -1,0 +1,541 @@
+"""W4A8 Triton kernels: QoQ int4 weights x per-token int8 (or FP8 e4m3) activations.
+
+Layouts and math: `qcompile.quant.w4a8` (qweight [K/8, N] int32 as W4A16's, group_scales and
+group_zeros [K/G, N] uint8, channel_scales [N] fp32). Kernels, top to bottom:
+
+* `_quantize_per_token_kernel`: x [M, K] fp16/bf16 -> xq int8 / fp8 + scale [M] fp32, one
+  program per row (absmax pass, then a rounding pass). Memory-bound: 3 bytes per element.
+  It is the eager path's kernel; in compiled graphs the same math comes from torch ops that
+  Inductor fuses into the producer of x (`passes/linear.py`).
+* `_w4a8_gemm_kernel` ("gemm", any M): int8 x int8 `tl.dot` with int32 accumulation. The
+  weight tile [BLOCK_K, BLOCK_N] is unpacked in natural k order and turned into int8 with
+  integer ops only, w8' = q * s2 - z * s2 (QServe's subtraction after multiplication; the
+  result is in -127..127 by QoQ's protective range), so the whole K loop stays integer and
+  scales are applied once, in the epilogue: out = acc * x_scale[m] * s1[n] (+ bias).
+  Compute-bound above M ~ 150 on an H100 (int8 tensor cores 1979 TOPS / 3.35 TB/s ~ 590
+  ops per byte; a weight byte carries 2 codes, i.e. 4M ops), where int8 gives up to 2x the
+  fp16 tensor-core rate. FP8 variant (constexpr FP8): (q - z) is exact in e4m3 (|q - z| <= 15),
+  one fp8 dot per K tile (BLOCK_K <= G) accumulated in fp32 times s2.
+* `_w4a8_gemm_planes_kernel` ("gemm_planes", M <= 64, int8 only): like W4A16's planes kernel,
+  words [BLOCK_N, BLOCK_K/8] are read once and each of the 8 nibble planes is one int8 dot
+  (out^T = W_i @ x_i^T), which needs xq plane-major per BLOCK_K chunk (the quantize kernel
+  writes it so directly; `_planes_x` permutes an already-quantized xq).
+* `_w4a8_gemv_kernel` ("gemv", M <= 8): CUDA cores, one program per (N tile, K split, row).
+  Integer per group: sum_k (q - z) s2 x = s2 * sum_k q x - z s2 * sum_k x, so the inner loop
+  is shift, and, multiply-add per weight. Memory-bound: floor =
+  (N*K/2 + 2*N*K/G + 4*N + M*K + 4*M + 2*M*N) bytes / HBM bandwidth.
+Every GEMM kernel takes a runtime split-K factor: partial accumulators (int32, or fp32 for
+FP8) go to a workspace [SPLIT_K, M, N] summed by `_w4a8_splitk_epilogue_kernel`, which also
+applies the rescale (exact integer sums: deterministic, no atomics).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from qcompile.lowering.autotune import KernelConfig, TuneKey, autotuner, m_bucket
+from qcompile.quant.w4a8 import ABSMAX_FLOOR, ACT_QMAX, ACT_TORCH_DTYPES
+
+FAMILY = "w4a8"
+
+# Round-half-even of |v| < 2**22 with two fp32 adds: v + 1.5 * 2**23 lies where the fp32 spacing
+# is exactly 1 (libdevice's rint is not available in the interpreter).
+_ROUND_MAGIC = tl.constexpr(12582912.0)
+_ABSMAX_FLOOR = tl.constexpr(ABSMAX_FLOOR)
+
+
+@triton.jit
+def _round_half_even(v):
+    return (v + _ROUND_MAGIC) - _ROUND_MAGIC
+
+
+@triton.jit
+def _round_to_e4m3(v):
+    """fp32 v (|v| <= 448) rounded to nearest even on the e4m3 grid, still fp32, so the cast
+    to fp8 is exact (the interpreter's own fp32 -> fp8 cast does not round to even).
+
+    Adding 1.5 * 2**(E + 20), E = v's exponent (at least -6, e4m3's smallest normal), leaves an
+    fp32 whose spacing is 2**(E - 3): 3 mantissa bits at E, subnormal steps 2**-9 below."""
+    e = tl.maximum((v.to(tl.int32, bitcast=True) >> 23) & 0xFF, 121)  # 121: biased 2**-6
+    magic = (((e + 20) << 23) | 0x400000).to(tl.float32, bitcast=True)
+    return (v + magic) - magic
+
+
+# --------------------------------------------------------------------------- activations
+@triton.jit
+def _quantize_per_token_kernel(
+    x_ptr, xq_ptr, scale_ptr, K, stride_xm, stride_xk,
+    QMAX: tl.constexpr, FP8: tl.constexpr, BLOCK: tl.constexpr, PLANES_BK: tl.constexpr,
+):  # fmt: skip
+    # Row m: absmax over K, then xq = round(x * (QMAX / absmax)), scale = absmax / QMAX, the
+    # same fp32 operations as `quantize_activations_per_token` (launched without FMA
+    # contraction, so each product is rounded before the rounding add). PLANES_BK > 0 writes
+    # each PLANES_BK chunk plane-major (column c*BK + i*BK/8 + r holds k = c*BK + 8r + i) for
+    # the planes kernel.
+    m = tl.program_id(0)
+    x_row = x_ptr + m * stride_xm
+    offs = tl.arange(0, BLOCK)
+    amax = tl.zeros((BLOCK,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK):
+        x = tl.load(x_row + (k0 + offs) * stride_xk, mask=k0 + offs < K, other=0.0)
+        amax = tl.maximum(amax, tl.abs(x.to(tl.float32)))
+    absmax = tl.maximum(tl.max(amax, axis=0), _ABSMAX_FLOOR)
+    inv = tl.math.div_rn(tl.full((), QMAX, tl.float32), absmax)
+    for k0 in range(0, K, BLOCK):
+        k = k0 + offs
+        x = tl.load(x_row + k * stride_xk, mask=k < K, other=0.0)
+        v = x.to(tl.float32) * inv
+        if FP8:
+            q = _round_to_e4m3(tl.minimum(tl.maximum(v, -QMAX), QMAX)).to(tl.float8e4nv)
+        else:
+            q = tl.minimum(tl.maximum(_round_half_even(v), -QMAX), QMAX).to(tl.int8)
+        if PLANES_BK > 0:
+            k = (k // PLANES_BK) * PLANES_BK + (k % 8) * (PLANES_BK // 8) + (k % PLANES_BK) // 8
+        tl.store(xq_ptr + m * K + k, q, mask=k0 + offs < K)
+    tl.store(scale_ptr + m, tl.math.div_rn(absmax, tl.full((), QMAX, tl.float32)))
+
+
+# --------------------------------------------------------------------------- shared epilogue
+@triton.jit
+def _store_result(
+    acc, rm, rn, m_mask, n_mask, xs_ptr, s1_ptr, bias_ptr, out_ptr, pid_k, stride_om,
+    stride_split, HAS_BIAS: tl.constexpr, WRITE_ACC: tl.constexpr, TRANSPOSED: tl.constexpr,
+):  # fmt: skip
+    """acc [BLOCK_M, BLOCK_N] (or its transpose) -> out = acc * x_scale[m] * s1[n] (+ bias), or
+    the raw accumulator into the split-K workspace when WRITE_ACC."""
+    if TRANSPOSED:
+        offs = rm[None, :] * stride_om + rn[:, None]
+        mask = m_mask[None, :] & n_mask[:, None]
+        xs = tl.load(xs_ptr + rm, mask=m_mask, other=0.0)[None, :]
+        s1 = tl.load(s1_ptr + rn, mask=n_mask, other=0.0)[:, None]
+        rn_b = rn[:, None]
+    else:
+        offs = rm[:, None] * stride_om + rn[None, :]
+        mask = m_mask[:, None] & n_mask[None, :]
+        xs = tl.load(xs_ptr + rm, mask=m_mask, other=0.0)[:, None]
+        s1 = tl.load(s1_ptr + rn, mask=n_mask, other=0.0)[None, :]
+        rn_b = rn[None, :]
+    if WRITE_ACC:
+        tl.store(out_ptr + pid_k * stride_split + offs, acc, mask=mask)
+    else:
+        out = acc.to(tl.float32) * xs * s1
+        if HAS_BIAS:
+            out += tl.load(bias_ptr + rn_b, mask=mask, other=0).to(tl.float32)
+        tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# --------------------------------------------------------------------------- GEMV (M tiny)
+@triton.jit
+def _w4a8_gemv_kernel(
+    xq_ptr, xs_ptr, qw_ptr, s2_ptr, z_ptr, s1_ptr, bias_ptr, out_ptr,
+    M, N, K, k_per_split, stride_xm, stride_xk, stride_om, stride_split,
+    GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_ACC: tl.constexpr, FP8: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    # Tile: words [BLOCK_K/8, BLOCK_N]; nibble i of word row r is k = k0 + 8r + i, so x is read
+    # at stride 8 per nibble (tiny, from L1). Per group: acc += s2 * sum q*x - z*s2 * sum x, in
+    # int32 (int8: exact) or fp32 (FP8: products exact, sums rounded).
+    ROWS: tl.constexpr = BLOCK_K // 8
+    ACC: tl.constexpr = tl.float32 if FP8 else tl.int32
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    m = tl.program_id(2)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rr = tl.arange(0, ROWS)
+    n_mask = rn < N
+    k_start = pid_k * k_per_split
+    acc = tl.zeros((BLOCK_N,), dtype=ACC)
+    for k0 in range(k_start, k_start + k_per_split, BLOCK_K):
+        words = tl.load(
+            qw_ptr + (k0 // 8 + rr)[:, None] * N + rn[None, :], mask=n_mask[None, :], other=0
+        )
+        x_tile = xq_ptr + m * stride_xm + (k0 + 8 * rr) * stride_xk
+        qx = tl.zeros((ROWS, BLOCK_N), dtype=ACC)
+        x_rows = tl.zeros((ROWS,), dtype=ACC)
+        for i in tl.static_range(8):
+            xi = tl.load(x_tile + i * stride_xk).to(ACC)
+            x_rows += xi
+            qx += ((words >> (4 * i)) & 0xF).to(ACC) * xi[:, None]
+        if BLOCK_K <= GROUP:
+            g = k0 // GROUP
+            s2 = tl.load(s2_ptr + g * N + rn, mask=n_mask, other=0).to(ACC)
+            z = tl.load(z_ptr + g * N + rn, mask=n_mask, other=0).to(ACC)
+            acc += s2 * tl.sum(qx, axis=0) - z * s2 * tl.sum(x_rows, axis=0)
+        else:  # several groups per tile: scales vary by word row
+            g_rows = (k0 + 8 * rr) // GROUP
+            s2 = tl.load(s2_ptr + g_rows[:, None] * N + rn[None, :], mask=n_mask[None, :], other=0)
+            z = tl.load(z_ptr + g_rows[:, None] * N + rn[None, :], mask=n_mask[None, :], other=0)
+            s2 = s2.to(ACC)
+            acc += tl.sum(qx * s2 - z.to(ACC) * s2 * x_rows[:, None], axis=0)
+    rm = m + tl.arange(0, 1)
+    _store_result(
+        acc[None, :], rm, rn, rm < M, n_mask, xs_ptr, s1_ptr, bias_ptr, out_ptr, pid_k,
+        stride_om, stride_split, HAS_BIAS, WRITE_ACC, False,
+    )  # fmt: skip
+
+
+# --------------------------------------------------------------------------- GEMM (tensor cores)
+@triton.jit
+def _w4a8_gemm_kernel(
+    xq_ptr, xs_ptr, qw_ptr, s2_ptr, z_ptr, s1_ptr, bias_ptr, out_ptr,
+    M, N, K, k_per_split, stride_xm, stride_xk, stride_om, stride_split,
+    GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_ACC: tl.constexpr, FP8: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
+    # Weight tile [BLOCK_K, BLOCK_N] in natural k order: element (k, n) reads word k // 8 (8
+    # rows share a word: one DRAM read, L1 serves the rest) and shifts by 4 * (k % 8).
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    # Grouped launch order: GROUP_M M-tiles walk the same N-tiles together so W stays in L2.
+    width = GROUP_M * num_n
+    first_m = (pid // width) * GROUP_M
+    rows = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % rows
+    pid_n = (pid % width) // rows
+
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    m_mask = rm < M
+    n_mask = rn < N
+    shift = (4 * (rk % 8))[:, None]
+    k_start = pid_k * k_per_split
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32 if FP8 else tl.int32)
+    for k0 in range(k_start, k_start + k_per_split, BLOCK_K):
+        words = tl.load(
+            qw_ptr + ((k0 + rk) // 8)[:, None] * N + rn[None, :], mask=n_mask[None, :], other=0
+        )
+        q = (words >> shift) & 0xF
+        if BLOCK_K <= GROUP:
+            g = k0 // GROUP
+            s2 = tl.load(s2_ptr + g * N + rn, mask=n_mask, other=0).to(tl.int32)[None, :]
+            z = tl.load(z_ptr + g * N + rn, mask=n_mask, other=0).to(tl.int32)[None, :]
+        else:  # several groups per tile (int8 only): scales vary by k
+            g_k = ((k0 + rk) // GROUP)[:, None] * N + rn[None, :]
+            s2 = tl.load(s2_ptr + g_k, mask=n_mask[None, :], other=0).to(tl.int32)
+            z = tl.load(z_ptr + g_k, mask=n_mask[None, :], other=0).to(tl.int32)
+        x = tl.load(
+            xq_ptr + rm[:, None] * stride_xm + (k0 + rk)[None, :] * stride_xk,
+            mask=m_mask[:, None], other=0.0,
+        )  # fmt: skip
+        if FP8:  # |q - z| <= 15 is exact in e4m3; s2 (one group per tile) scales the partial
+            w = (q - z).to(tl.float32).to(tl.float8e4nv)
+            acc += tl.dot(x, w) * s2.to(tl.float32)
+        else:  # integer ops only: q * s2 - z * s2 is in -127..127
+            w = (q * s2 - z * s2).to(tl.int8)
+            acc = tl.dot(x, w, acc)
+    _store_result(
+        acc, rm, rn, m_mask, n_mask, xs_ptr, s1_ptr, bias_ptr, out_ptr, pid_k, stride_om,
+        stride_split, HAS_BIAS, WRITE_ACC, False,
+    )  # fmt: skip
+
+
+@triton.jit
+def _w4a8_gemm_planes_kernel(
+    xq_ptr, xs_ptr, qw_ptr, s2_ptr, z_ptr, s1_ptr, bias_ptr, out_ptr,
+    M, N, K, k_per_split, stride_xm, stride_xk, stride_om, stride_split,
+    GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_ACC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    # Small-M int8 path. out^T [BLOCK_N, BLOCK_M] = sum over the 8 nibble planes i of
+    # W_i [BLOCK_N, BLOCK_K/8] @ x_i^T [BLOCK_K/8, BLOCK_M], plane i holding k = 8r + i: each
+    # word is loaded once and unpacked by one shift + and per code. xq comes plane-major per
+    # BLOCK_K chunk (column i * ROWS + r holds k = 8r + i). Needs BLOCK_K / 8 >= 32 (int8 dot).
+    ROWS: tl.constexpr = BLOCK_K // 8
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rr = tl.arange(0, ROWS)
+    m_mask = rm < M
+    n_mask = rn < N
+    k_start = pid_k * k_per_split
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32)
+    for k0 in range(k_start, k_start + k_per_split, BLOCK_K):
+        words = tl.load(
+            qw_ptr + (k0 // 8 + rr)[None, :] * N + rn[:, None], mask=n_mask[:, None], other=0
+        )  # [BLOCK_N, ROWS]
+        if BLOCK_K <= GROUP:
+            g = k0 // GROUP
+            s2 = tl.load(s2_ptr + g * N + rn, mask=n_mask, other=0).to(tl.int32)[:, None]
+            z = tl.load(z_ptr + g * N + rn, mask=n_mask, other=0).to(tl.int32)[:, None]
+        else:  # scales vary by word row
+            g_rows = ((k0 + 8 * rr) // GROUP)[None, :] * N + rn[:, None]
+            s2 = tl.load(s2_ptr + g_rows, mask=n_mask[:, None], other=0).to(tl.int32)
+            z = tl.load(z_ptr + g_rows, mask=n_mask[:, None], other=0).to(tl.int32)
+        zs = z * s2
+        x_base = xq_ptr + rm[None, :] * stride_xm + (k0 + rr)[:, None] * stride_xk
+        for i in tl.static_range(8):
+            w = (((words >> (4 * i)) & 0xF) * s2 - zs).to(tl.int8)
+            xt = tl.load(x_base + i * ROWS * stride_xk, mask=m_mask[None, :], other=0.0)
+            acc = tl.dot(w, xt, acc)
+    _store_result(
+        acc, rm, rn, m_mask, n_mask, xs_ptr, s1_ptr, bias_ptr, out_ptr, pid_k, stride_om,
+        stride_split, HAS_BIAS, WRITE_ACC, True,
+    )  # fmt: skip
+
+
+@triton.jit
+def _w4a8_splitk_epilogue_kernel(
+    ws_ptr, xs_ptr, s1_ptr, bias_ptr, out_ptr, MN, N, SPLIT_K,
+    HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    # ws: [SPLIT_K, M, N] partial accumulators -> out [M, N], fixed summation order (int32
+    # partials sum exactly).
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < MN
+    acc = tl.load(ws_ptr + offs, mask=mask, other=0)
+    for s in range(1, SPLIT_K):
+        acc += tl.load(ws_ptr + s * MN + offs, mask=mask, other=0)
+    out = acc.to(tl.float32) * tl.load(xs_ptr + offs // N, mask=mask, other=0.0)
+    out = out * tl.load(s1_ptr + offs % N, mask=mask, other=0.0)
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + offs % N, mask=mask, other=0).to(tl.float32)
+    tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# --------------------------------------------------------------------------- configs
+def _pow2(v: int) -> bool:
+    return v > 0 and v & (v - 1) == 0
+
+
+# Smallest BLOCK_K per kernel: 8-bit tl.dot needs K tiles >= 32; planes: 32 word rows per dot.
+_MIN_BLOCK_K = {"gemv": 32, "gemm": 32, "gemm_planes": 256}
+
+
+def valid_config(cfg: KernelConfig, k: int, group: int, act_dtype: str) -> bool:
+    """Power-of-two tiles (Triton needs them; the interpreter does not check, so this must),
+    whole tiles per split, tiles aligned to groups; FP8 needs BLOCK_K <= group (one s2 per
+    tile) and has no planes kernel."""
+    if cfg.kernel not in _MIN_BLOCK_K:
+        return False
+    if not (_pow2(cfg.block_m) and _pow2(cfg.block_n) and _pow2(cfg.block_k)):
+        return False
+    if cfg.split_k < 1 or k % cfg.split_k or (k // cfg.split_k) % cfg.block_k:
+        return False
+    if cfg.block_k < _MIN_BLOCK_K[cfg.kernel] or not (
+        group % cfg.block_k == 0 or cfg.block_k % group == 0
+    ):
+        return False
+    if cfg.kernel != "gemv" and (cfg.block_m < 16 or cfg.block_n < 16):
+        return False
+    if act_dtype != "int8":
+        return cfg.kernel != "gemm_planes" and group % cfg.block_k == 0
+    return True
+
+
+# Split K only while the grid is under ~4 waves of an H100 (132 SMs).
+_SPLIT_K_PROGRAM_TARGET = 4 * 132
+
+
+def _useful_split(programs: int, split: int) -> bool:
+    return split == 1 or programs * split // 2 < _SPLIT_K_PROGRAM_TARGET
+
+
+def candidate_configs(m: int, n: int, k: int, group: int, act_dtype: str) -> list[KernelConfig]:
+    """The configs autotuning tries for one (M bucket, N, K, group, activation dtype)."""
+    mb = m_bucket(m)
+    out: list[KernelConfig] = []
+    splits = (1, 2, 4, 8, 16) if mb <= 64 else (1, 2, 4) if mb <= 256 else (1,)
+    if mb <= 8:
+        for bn, bk, warps in ((128, 64, 1), (256, 64, 2), (512, 64, 4), (256, 128, 2),
+                              (512, 128, 4), (1024, 64, 8), (512, 32, 4)):  # fmt: skip
+            for sk in (*splits, 32):
+                if _useful_split(triton.cdiv(n, bn) * mb, sk):
+                    out.append(KernelConfig("gemv", 1, bn, bk, sk, warps, 1))
+    # BLOCK_M = 256 amortizes the unpacking over twice the rows: by `benchmarks/sass_report.py`
+    # the K loop of BM128 x BN128 issues ~1.9x longer than its int8 MMAs, BM256 ~1.4x.
+    bms = (16,) if mb <= 16 else (32,) if mb <= 32 else (64,) if mb <= 64 else (64, 128)
+    bms = (*bms, 256) if mb >= 256 else bms
+    for bm in bms:
+        for bn, bk, warps, stages in ((64, 64, 4, 3), (128, 64, 4, 3), (64, 128, 4, 3),
+                                      (128, 128, 8, 3), (256, 64, 8, 3), (128, 256, 8, 2),
+                                      (256, 128, 8, 3)):  # fmt: skip
+            for sk in splits:
+                if _useful_split(triton.cdiv(n, bn) * triton.cdiv(mb, bm), sk):
+                    out.append(KernelConfig("gemm", bm, bn, bk, sk, warps, stages))
+    if mb <= 64:
+        for bn, bk, warps in ((64, 256, 4), (128, 256, 4), (256, 256, 8), (128, 512, 8)):
+            for sk in splits:
+                if _useful_split(triton.cdiv(n, bn) * triton.cdiv(mb, bms[0]), sk):
+                    out.append(KernelConfig("gemm_planes", bms[0], bn, bk, sk, warps, 2))
+    return [c for c in out if valid_config(c, k, group, act_dtype)]
+
+
+def default_config(m: int, n: int, k: int, group: int, act_dtype: str) -> KernelConfig:
+    """Used without tuning (QCOMPILE_AUTOTUNE=0, CUDA-graph capture): valid for every shape
+    the pass lets through (K a multiple of 32 and of the group)."""
+    mb = m_bucket(m)
+    bk = next(b for b in (128, 64, 32) if k % b == 0 and group % b == 0)
+    if mb <= 4:
+        bk = min(bk, 64)
+        sk = next(s for s in (8, 4, 2, 1) if (k // s) % bk == 0) if n <= 8192 else 1
+        return KernelConfig("gemv", 1, 512, bk, sk, 4, 1)
+    bm = 16 if mb <= 16 else 32 if mb <= 32 else 64 if mb <= 64 else 128
+    return KernelConfig("gemm", bm, 64 if mb <= 64 else 128, min(bk, 64), 1, 4, 3)
+
+
+# --------------------------------------------------------------------------- launchers
+def _planes_x(xq: torch.Tensor, block_k: int) -> torch.Tensor:
+    """xq [M, K] -> contiguous [M, K] with each BLOCK_K chunk plane-major:
+    column c * BLOCK_K + i * ROWS + r holds k = c * BLOCK_K + 8r + i."""
+    m, k = xq.shape
+    return xq.reshape(m, k // block_k, block_k // 8, 8).transpose(2, 3).reshape(m, k)
+
+
+def quantize_per_token(
+    x: torch.Tensor, act_dtype: str, planes_block_k: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] (any strides) -> (xq [M, K] contiguous, scale [M] fp32) with the Triton kernel;
+    `planes_block_k` > 0 writes xq plane-major per chunk for the planes kernel."""
+    m, k = x.shape
+    xq = torch.empty((m, k), device=x.device, dtype=ACT_TORCH_DTYPES[act_dtype])
+    scale = torch.empty((m,), device=x.device, dtype=torch.float32)
+    if m == 0:
+        return xq, scale
+    block = min(triton.next_power_of_2(k), 2048)
+    _quantize_per_token_kernel[(m,)](
+        x, xq, scale, k, x.stride(0), x.stride(1),
+        QMAX=ACT_QMAX[act_dtype], FP8=act_dtype != "int8", BLOCK=block, PLANES_BK=planes_block_k,
+        num_warps=4 if block <= 1024 else 8, enable_fp_fusion=False,
+    )  # fmt: skip
+    return xq, scale
+
+
+def launch(
+    cfg: KernelConfig,
+    xq: torch.Tensor,
+    x_scale: torch.Tensor,
+    qweight: torch.Tensor,
+    group_scales: torch.Tensor,
+    group_zeros: torch.Tensor,
+    channel_scales: torch.Tensor,
+    bias: torch.Tensor | None,
+    group_size: int,
+    out_dtype: torch.dtype,
+    out: torch.Tensor | None = None,
+    accumulator: bool = False,
+    xq_plane_major: bool = False,
+) -> torch.Tensor:
+    """Run one config: xq [M, K] int8 / fp8 (any strides), x_scale [M] -> out [M, N].
+
+    `accumulator=True` returns the raw accumulator instead (int64 sum of the int32 partials,
+    or fp32 for FP8) so tests can hold the integer part to the exact reference.
+    `xq_plane_major`: xq was written plane-major for `cfg.block_k` (planes kernel only)."""
+    m, k = xq.shape
+    n = qweight.shape[1]
+    fp8 = xq.dtype != torch.int8
+    if out is None:
+        out = torch.empty((m, n), device=xq.device, dtype=out_dtype)
+    elif not out.is_contiguous():  # the split-K epilogue writes out as flat [M * N] memory
+        raise ValueError("launch: out must be contiguous")
+    split = cfg.split_k
+    ws_dtype = torch.float32 if fp8 else torch.int32
+    raw = accumulator or split > 1
+    target = torch.empty((split, m, n), device=xq.device, dtype=ws_dtype) if raw else out
+    bias_arg = bias if bias is not None else out  # never read when HAS_BIAS is False
+    common = dict(
+        GROUP=group_size, HAS_BIAS=bias is not None, WRITE_ACC=raw, BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    if cfg.kernel == "gemm_planes":
+        if fp8:
+            raise ValueError("launch: the planes kernel takes int8 activations only")
+        if not xq_plane_major:
+            xq = _planes_x(xq, cfg.block_k)
+    args = (
+        xq, x_scale, qweight, group_scales, group_zeros, channel_scales, bias_arg, target,
+        m, n, k, k // split, xq.stride(0), xq.stride(1), out.stride(0), m * n,
+    )  # fmt: skip
+    if cfg.kernel == "gemv":
+        grid = (triton.cdiv(n, cfg.block_n), split, m)
+        _w4a8_gemv_kernel[grid](*args, FP8=fp8, **common)
+    elif cfg.kernel == "gemm_planes":
+        grid = (triton.cdiv(n, cfg.block_n), split, triton.cdiv(m, cfg.block_m))
+        _w4a8_gemm_planes_kernel[grid](*args, BLOCK_M=cfg.block_m, **common)
+    else:
+        grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split)
+        _w4a8_gemm_kernel[grid](*args, FP8=fp8, BLOCK_M=cfg.block_m, GROUP_M=8, **common)
+    if accumulator:
+        return target.sum(dim=0)
+    if split > 1:
+        block = 1024
+        _w4a8_splitk_epilogue_kernel[(triton.cdiv(m * n, block),)](
+            target, x_scale, channel_scales, bias_arg, out, m * n, n, split,
+            HAS_BIAS=bias is not None, BLOCK=block,
+        )  # fmt: skip
+    return out
+
+
+def _bench_us(fn) -> float:
+    from triton.testing import do_bench
+
+    return 1000.0 * do_bench(fn, warmup=2, rep=10, return_mode="median")
+
+
+def tune_key(m: int, n: int, k: int, group_size: int, act_dtype: str, out_dtype) -> TuneKey:
+    """Family "w4a8"; dtype names the activation and output dtypes, e.g. "int8:float16"."""
+    out = str(out_dtype).removeprefix("torch.")
+    return TuneKey(FAMILY, m_bucket(m), n, k, group_size, f"{act_dtype}:{out}")
+
+
+def _tuned_config(m, n, k, group_size, act_dtype, out_dtype, device, bench) -> KernelConfig:
+    key = tune_key(m, n, k, group_size, act_dtype, out_dtype)
+    tuner = autotuner(device.index or 0)
+    cfg = tuner.lookup(key)
+    if cfg is None or not valid_config(cfg, k, group_size, act_dtype):
+        cfg = tuner.get(
+            key,
+            candidate_configs(m, n, k, group_size, act_dtype),
+            bench,
+            default_config(m, n, k, group_size, act_dtype),
+            valid=lambda c: valid_config(c, k, group_size, act_dtype),
+        )
+    return cfg
+
+
+def w4a8_linear_quantized_act_cuda(
+    xq, x_scale, qweight, group_scales, group_zeros, channel_scales, bias, group_size, out_dtype
+) -> torch.Tensor:
+    """xq [M, K] int8 / fp8, x_scale [M] -> [M, N] with the tuned config of this shape."""
+    m, k = xq.shape
+    n = qweight.shape[1]
+    act_dtype = "int8" if xq.dtype == torch.int8 else "float8_e4m3fn"
+    w = (qweight, group_scales, group_zeros, channel_scales, bias, group_size, out_dtype)
+    cfg = _tuned_config(
+        m, n, k, group_size, act_dtype, out_dtype, xq.device,
+        lambda c: _bench_us(lambda: launch(c, xq, x_scale, *w)),
+    )  # fmt: skip
+    return launch(cfg, xq, x_scale, *w)
+
+
+def w4a8_linear_cuda(
+    x, qweight, group_scales, group_zeros, channel_scales, bias, group_size, act_dtype
+) -> torch.Tensor:
+    """x [M, K] fp16/bf16 -> quantize per token (plane-major when the planes kernel runs) ->
+    [M, N] in x's dtype."""
+    m, k = x.shape
+    n = qweight.shape[1]
+    w = (qweight, group_scales, group_zeros, channel_scales, bias, group_size, act_dtype)
+    cfg = _tuned_config(
+        m, n, k, group_size, act_dtype, x.dtype, x.device,
+        lambda c: _bench_us(lambda: quantize_and_launch(c, x, *w)),
+    )  # fmt: skip
+    return quantize_and_launch(cfg, x, *w)
+
+
+def quantize_and_launch(
+    cfg, x, qweight, group_scales, group_zeros, channel_scales, bias, group_size, act_dtype,
+    out=None,
+) -> torch.Tensor:  # fmt: skip
+    """The eager path for one config: the quantize kernel (writing xq plane-major when the
+    planes kernel runs, so it needs no extra permutation pass), then `launch`."""
+    planes = cfg.block_k if cfg.kernel == "gemm_planes" else 0
+    xq, scale = quantize_per_token(x, act_dtype, planes)
+    w = (qweight, group_scales, group_zeros, channel_scales, bias, group_size, x.dtype)
+    return launch(cfg, xq, scale, *w, out=out, xq_plane_major=planes > 0)

@@ -1,0 +1,66 @@
+"""SmoothQuant: per-input-channel scales that move activation outliers into the weights.
+
+For linears sharing an input x, W x = (W diag(s)) (x / s). With
+    s_j = max|X_j| ** alpha / max|W_j| ** (1 - alpha)
+(max over calibration tokens, and over the rows of every linear reading x; alpha is the
+migration strength) the activation channels x_j / s_j become flatter, which per-token 8-bit
+activations need, at the cost of wider weight columns. The 1/s is folded into the op that
+produces x (an RMSNorm's weight, or the previous linear's rows: AWQ's `LLAMA_GROUPS` and
+`fold_input_scales`), so nothing is added at run time.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from qcompile.quant.awq import LLAMA_GROUPS, fold_input_scales, scaling_groups
+
+# SmoothQuant's floor on both statistics, so a dead channel gives a finite scale.
+_MIN_STAT = 1e-5
+
+
+def smooth_scales(
+    act_absmax: torch.Tensor, weights: list[torch.Tensor], alpha: float
+) -> torch.Tensor:
+    """s [K] = max|X_j|^alpha / max|W_j|^(1 - alpha), the max over every weight's rows."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"smooth_scales: alpha={alpha} is outside [0, 1]")
+    w_absmax = torch.stack([w.detach().abs().float().amax(dim=0) for w in weights]).amax(dim=0)
+    a = act_absmax.float().to(w_absmax.device).clamp_min(_MIN_STAT)
+    return (a.pow(alpha) / w_absmax.clamp_min(_MIN_STAT).pow(1 - alpha)).clamp_min(_MIN_STAT)
+
+
+@torch.no_grad()
+def smooth_block(
+    block: nn.Module, act_absmax: dict[str, torch.Tensor], alpha: float, groups=LLAMA_GROUPS
+) -> list[str]:
+    """Fold SmoothQuant scales into `block` in place (same function in exact arithmetic);
+    `act_absmax` is keyed by module path inside the block. Returns the linears smoothed."""
+    smoothed: list[str] = []
+    for producer, linears, names in scaling_groups(block, act_absmax, groups):
+        s = smooth_scales(act_absmax[names[0]], [m.weight for m in linears], alpha)
+        fold_input_scales(producer, linears, s)
+        smoothed += list(names)
+    return smoothed
+
+
+def smooth_quantize_model(
+    model: nn.Module, batches, config, alpha: float = 0.5, progress: bool = True
+):
+    """SmoothQuant (strength `alpha`) then `quantize_` every supported linear of `model` in
+    place, block by block: each block's activation maxima are taken on the outputs of the
+    already-quantized blocks. Returns the report. Meant for W4A8 (`Scheme(name="w4a8")`)."""
+    from qcompile.quant.calibration import AbsMaxRecorder, quantize_sequentially
+    from qcompile.quantize import quantize_
+    from qcompile.report import CompileReport
+
+    report = CompileReport()
+
+    def quantize_block(prefix: str, block: nn.Module, act_absmax: dict) -> None:
+        smooth_block(block, act_absmax, alpha)
+        report.records.extend(quantize_(block, config, prefix=prefix).records)
+
+    quantize_sequentially(model, batches, quantize_block, progress, recorder=AbsMaxRecorder)
+    report.records.extend(quantize_(model, config).records)  # the rest (lm_head skipped)
+    return report

@@ -1,0 +1,150 @@
+"""W4A8 numerics: QoQ progressive int4 weights and per-token 8-bit activations.
+
+Weights (QServe's QoQ progressive group quantization), for W [N, K] and group size G:
+
+    level 1, per output channel n: symmetric int8 in the protective range [-119, 119]
+        s1[n] = max_k |W[n, k]| / 119                     float32
+        w8[n, k] = round(W[n, k] / s1[n])                 in -119..119
+    level 2, per group of G consecutive k, on the int8 values: asymmetric uint4 with an
+    integer scale and an integer zero point
+        lo = min(min w8, 0),  hi = max(max w8, 0)          (the range always holds 0)
+        s2 = max(1, ceil((hi - lo) / 15))                  in 1..16 (ceil: 16 codes cover it)
+        z  = round(-lo / s2)                               in 0..15
+        q  = clamp(round(w8 / s2) + z, 0, 15)
+    the kernels' int8 weight is w8' = (q - z) * s2, from integers only, and
+        W[n, k] ~= s1[n] * w8'[n, k].
+
+Why [-119, 119]: the codes cover [lo, hi], so every w8' lies within s2 / 2 <= 8 of its w8 and
+|w8'| <= 119 + 8 = 127; the int4 -> int8 step never leaves int8 (QoQ's protective range).
+With |x8| <= 127 the int32 accumulator of a K-long dot stays below 127 * 127 * K < 2**31 up
+to K = 133,144.
+
+Layout (produced only by `quantize_weight_w4a8`; the kernels read exactly this):
+
+    qweight:        [K // 8, N] int32, 8 nibbles along K, low nibble first: code q of (n, k) is
+                    (qweight[k // 8, n] >> (4 * (k % 8))) & 0xF  (W4A16's packing, quant/int4.py)
+    group_scales:   [K // G, N] uint8, s2 in 1..16
+    group_zeros:    [K // G, N] uint8, z in 0..15
+    channel_scales: [N] float32, s1
+Every tensor is N-contiguous, like W4A16's (a tile is rows of contiguous bytes). Storing z
+rather than z * s2 keeps the metadata one byte each; the kernels form z * s2 once per
+(column, group) and compute q * s2 - z * s2 (QServe's subtraction after multiplication).
+
+Activations, per token (row of x [M, K]), dynamic and symmetric:
+    scale[m] = max_k |x[m, k]| / QMAX,   xq[m, k] = round(x[m, k] * (QMAX / max_k |x[m, k]|))
+with QMAX = 127 for int8 and 448 for float8_e4m3fn (rounding to nearest even in both).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from qcompile.config import Scheme
+from qcompile.quant.int4 import NIBBLES_PER_WORD, pack_int4_along_k, unpack_int4_along_k
+
+# Level-1 range: leaves room for the level-2 rounding (<= 8) inside int8 (see the docstring).
+PROTECTIVE_INT8 = 119
+INT4_CODES = 15
+ACT_TORCH_DTYPES = {"int8": torch.int8, "float8_e4m3fn": torch.float8_e4m3fn}
+ACT_QMAX = {"int8": 127.0, "float8_e4m3fn": 448.0}
+# Smallest row absmax used for a scale (an all-zero row would divide by 0); 2**-100 keeps
+# QMAX / absmax finite in float32.
+ABSMAX_FLOOR = 2.0**-100
+
+
+@dataclass(frozen=True)
+class PackedW4A8:
+    """A QoQ-quantized [N, K] weight in the layout above."""
+
+    qweight: torch.Tensor
+    group_scales: torch.Tensor
+    group_zeros: torch.Tensor
+    channel_scales: torch.Tensor
+    group_size: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(N, K) of the original weight."""
+        return self.qweight.shape[1], self.qweight.shape[0] * NIBBLES_PER_WORD
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.qweight, self.group_scales, self.group_zeros, self.channel_scales
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+
+def quantize_weight_w4a8(weight: torch.Tensor, scheme: Scheme) -> PackedW4A8:
+    """Progressive (int8 per channel, then uint4 per group) quantization of a [N, K] weight."""
+    if weight.dim() != 2:
+        raise ValueError(f"quantize_weight_w4a8: weight must be [N, K], got {tuple(weight.shape)}")
+    n, k = weight.shape
+    g = scheme.group_size_for(k)
+    if k % g or k % NIBBLES_PER_WORD:
+        raise ValueError(
+            f"quantize_weight_w4a8: K={k} is not divisible by group_size={g} "
+            f"and {NIBBLES_PER_WORD} (int4 packing)"
+        )
+    w = weight.detach().to(torch.float32)
+    s1 = (w.abs().amax(dim=1) / PROTECTIVE_INT8).clamp_min(torch.finfo(torch.float32).tiny)
+    w8 = torch.round(w / s1[:, None]).clamp_(-PROTECTIVE_INT8, PROTECTIVE_INT8)
+    groups = w8.reshape(n, k // g, g)
+    lo = groups.amin(dim=-1).clamp(max=0)
+    hi = groups.amax(dim=-1).clamp(min=0)
+    s2 = torch.ceil((hi - lo) / INT4_CODES).clamp_(min=1)
+    z = torch.round(-lo / s2)
+    q = (torch.round(groups / s2[..., None]) + z[..., None]).clamp_(0, INT4_CODES)
+    return PackedW4A8(
+        qweight=pack_int4_along_k(q.reshape(n, k)),
+        group_scales=s2.to(torch.uint8).t().contiguous(),
+        group_zeros=z.to(torch.uint8).t().contiguous(),
+        channel_scales=s1.contiguous(),
+        group_size=g,
+    )
+
+
+def int8_weight(
+    qweight: torch.Tensor, group_scales: torch.Tensor, group_zeros: torch.Tensor, group_size: int
+) -> torch.Tensor:
+    """The [N, K] integer weight w8' = (q - z) * s2 the kernels multiply with (int32, |w8'| <= 127)."""
+    q = unpack_int4_along_k(qweight).to(torch.int32)
+    n, k = q.shape
+    s2 = group_scales.to(torch.int32).t()[..., None]  # [N, K/G, 1]
+    z = group_zeros.to(torch.int32).t()[..., None]
+    return ((q.reshape(n, k // group_size, group_size) - z) * s2).reshape(n, k)
+
+
+def dequantize_w4a8(packed: PackedW4A8, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The [N, K] weight the codes stand for: s1[n] * w8'[n, k], computed in float64."""
+    w8 = int8_weight(packed.qweight, packed.group_scales, packed.group_zeros, packed.group_size)
+    return (w8.double() * packed.channel_scales.double()[:, None]).to(dtype)
+
+
+def quantize_activations_per_token(
+    x: torch.Tensor, act_dtype: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., K] float -> (xq [..., K] int8 / float8_e4m3fn, scale [...] float32).
+
+    Plain torch ops on purpose: the compiled graph uses this very function in front of the
+    W4A8 op, so Inductor fuses the row reduction and the rounding into whatever produced x
+    (an RMSNorm, SiLU * mul). The Triton kernel `lowering.w4a8` runs for eager calls must
+    agree with it bit for bit.
+    """
+    qmax = ACT_QMAX[act_dtype]
+    xf = x.float()
+    absmax = xf.abs().amax(dim=-1).clamp_min(ABSMAX_FLOOR)
+    # A true division (one rounding): `qmax / absmax` would be reciprocal-then-multiply in torch.
+    inv = torch.full_like(absmax, qmax) / absmax
+    v = xf * inv[..., None]
+    if act_dtype == "int8":
+        xq = torch.round(v).clamp_(-qmax, qmax).to(torch.int8)
+    else:  # the cast rounds to nearest even; the clamp keeps it finite (e4m3fn has no inf)
+        xq = v.clamp(-qmax, qmax).to(torch.float8_e4m3fn)
+    return xq, absmax / qmax
+
+
+def dequantize_activations(xq: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """xq * scale per row, in float64 (exact)."""
+    return xq.double() * scale.double()[..., None]

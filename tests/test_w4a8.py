@@ -1,0 +1,558 @@
+"""W4A8: QoQ numerics vs float64, the ops, the Triton kernels (interpreter on CPU, natively on
+a GPU) held bit-exact on the integer accumulator, and the pass on a tiny transformers Llama."""
+
+from __future__ import annotations
+
+import copy
+
+import helpers
+import pytest
+import torch
+from conftest import KERNEL_DEVICE
+from helpers import assert_close_rel, rel_error
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from strategies import W4A8Problem, w4a8_problems
+
+import qcompile
+from qcompile import QuantConfig, Scheme
+from qcompile.backend import _fresh_graph_module
+from qcompile.lowering.autotune import KernelConfig, TuneKey
+from qcompile.lowering.w4a8 import (
+    _planes_x,
+    candidate_configs,
+    default_config,
+    launch,
+    quantize_and_launch,
+    quantize_per_token,
+    tune_key,
+    valid_config,
+)
+from qcompile.ops.w4a8 import w4a8_accumulator_reference
+from qcompile.passes.linear import (
+    W4A8_OP,
+    W4A8_QUANTIZED_ACT_OP,
+    GraphConstants,
+    rewrite_linears,
+    unsupported_reason,
+)
+from qcompile.quant.w4a8 import (
+    ABSMAX_FLOOR,
+    PackedW4A8,
+    dequantize_w4a8,
+    int8_weight,
+    quantize_activations_per_token,
+    quantize_weight_w4a8,
+)
+from qcompile.report import CompileReport
+
+OP = torch.ops.qcompile.w4a8_linear
+QOP = torch.ops.qcompile.w4a8_linear_quantized_act
+W4A8 = Scheme(name="w4a8", group_size=32)
+SETTINGS = settings(
+    max_examples=15,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+
+
+def _packed(n=32, k=64, g=32, seed=1) -> PackedW4A8:
+    gen = torch.Generator().manual_seed(seed)
+    return quantize_weight_w4a8(torch.randn(n, k, generator=gen), Scheme(name="w4a8", group_size=g))
+
+
+# --------------------------------------------------------------------------- numerics
+@settings(max_examples=30, deadline=None)
+@given(
+    n=st.sampled_from([1, 8, 24]),
+    groups=st.integers(1, 3),
+    group=st.sampled_from([32, 64, None]),
+    outliers=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_progressive_quantization_stays_in_int8_and_within_half_steps(
+    n, groups, group, outliers, seed
+):
+    """QoQ's protective range: every (q - z) * s2 fits int8; each level errs by half a step."""
+    k = (group or 64) * groups
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=gen, dtype=torch.float64)
+    if outliers:
+        w.view(-1)[torch.randint(0, n * k, (max(1, n * k // 50),), generator=gen)] *= 100
+    w[0, : k // 2] = 0  # a half-zero row (a one-sided group when G <= K / 2)
+    p = quantize_weight_w4a8(w, Scheme(name="w4a8", group_size=group))
+    g = p.group_size
+    w8q = int8_weight(p.qweight, p.group_scales, p.group_zeros, g)
+    assert w8q.abs().max() <= 127
+    assert p.group_scales.min() >= 1 and p.group_scales.max() <= 16
+    assert p.group_zeros.max() <= 15
+    s1 = p.channel_scales.double()
+    assert torch.allclose(s1, w.abs().amax(1).float().double() / 119, rtol=1e-6)
+    s2 = p.group_scales.double().t().repeat_interleave(g, dim=1)
+    # |w / s1 - w8'| <= 1/2 (level 1) + s2/2 (level 2), in float64
+    err = (w / s1[:, None] - w8q.double()).abs()
+    assert (err <= 0.5 + s2 / 2 + 1e-6).all()
+    torch.testing.assert_close(
+        dequantize_w4a8(p, torch.float64), w8q.double() * s1[:, None], rtol=0, atol=0
+    )
+
+
+def test_layout_on_a_hand_written_group():
+    """One group: s1 = 1 (max 119), lo/hi = -119/119 -> s2 = ceil(238/15) = 16, z = 7."""
+    w = torch.zeros(1, 32)
+    w[0, 0], w[0, 1] = 119.0, -119.0
+    p = quantize_weight_w4a8(w, W4A8)
+    assert p.channel_scales.tolist() == [1.0]
+    assert p.group_scales.tolist() == [[16]] and p.group_zeros.tolist() == [[7]]
+    # codes k=0..7: round(119/16)+7 = 14, round(-119/16)+7 = 0, zeros -> 7; low nibble first
+    assert p.qweight[0, 0].item() == 0x7777770E
+    assert int8_weight(p.qweight, p.group_scales, p.group_zeros, 32)[0, :3].tolist() == [
+        112,
+        -112,
+        0,
+    ]
+
+
+def test_all_zero_weight_is_exact():
+    p = quantize_weight_w4a8(torch.zeros(4, 64), W4A8)
+    assert (dequantize_w4a8(p) == 0).all() and torch.isfinite(p.channel_scales).all()
+
+
+@pytest.mark.parametrize("act_dtype", ["int8", "float8_e4m3fn"])
+def test_activation_quantization_per_token(act_dtype):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 96, generator=gen).half()
+    x[1, 7] = 300.0  # an outlier only widens its own token's scale
+    x[2] = 0  # an all-zero token
+    xq, scale = quantize_activations_per_token(x, act_dtype)
+    qmax = 127.0 if act_dtype == "int8" else 448.0
+    assert xq.dtype == (torch.int8 if act_dtype == "int8" else torch.float8_e4m3fn)
+    absmax = x.float().abs().amax(1)
+    assert torch.equal(scale, absmax.clamp_min(ABSMAX_FLOOR) / qmax)
+    assert (xq.float().abs().amax(1)[[0, 1, 3]] == qmax).all() and (xq[2].float() == 0).all()
+    deq = xq.double() * scale.double()[:, None]
+    step = scale.double()[:, None] * (1.0 if act_dtype == "int8" else 32.0)  # e4m3: 2**5 near 448
+    assert ((deq - x.double()).abs() <= step / 2 + 1e-12).all()
+
+
+@settings(max_examples=25, deadline=None)
+@given(problem=w4a8_problems())
+def test_reference_op_is_the_exact_integer_math(problem: W4A8Problem):
+    """The op (CPU reference) equals acc * x_scale * s1 (+ bias) in float64, rounded once."""
+    p = problem.packed
+    out = OP(problem.x, *p.tensors(), problem.bias, p.group_size, problem.act_dtype)
+    assert torch.equal(out, problem.reference64().to(problem.dtype))
+    xq, xs = problem.quantized_x()
+    acc = w4a8_accumulator_reference(xq, p.qweight, p.group_scales, p.group_zeros, p.group_size)
+    assert torch.equal(acc, problem.accumulator64())
+    ulp = 1.0 if problem.act_dtype == "int8" else 2.0**-9  # e4m3's smallest subnormal step
+    assert torch.equal(acc / ulp, (acc / ulp).round())  # exact: far below 2**53 ulps
+    if problem.act_dtype == "int8":
+        assert acc.abs().max() <= 127 * 127 * xq.shape[1]
+
+
+@pytest.mark.parametrize("act_dtype", ["int8", "float8_e4m3fn"])
+def test_w4a8_error_is_quantization_sized(act_dtype):
+    gen = torch.Generator().manual_seed(3)
+    w, x = torch.randn(64, 256, generator=gen), torch.randn(8, 256, generator=gen)
+    p = quantize_weight_w4a8(w, Scheme(name="w4a8", group_size=64))
+    out = OP(x, *p.tensors(), None, 64, act_dtype)
+    err = rel_error(out, x.double() @ w.double().t())
+    assert 1e-3 < err < 0.12, err
+
+
+def test_three_d_input_fake_impl_and_opcheck():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    p = _packed()
+    x = torch.randn(2, 3, 64)
+    out = OP(x, *p.tensors(), None, 32, "int8")
+    assert out.shape == (2, 3, 32)
+    assert torch.equal(out[1], OP(x[1], *p.tensors(), None, 32, "int8"))
+    with FakeTensorMode() as mode:
+        fx = mode.from_tensor(x)
+        ft = [mode.from_tensor(t) for t in p.tensors()]
+        assert OP(fx, *ft, None, 32, "int8").shape == (2, 3, 32)
+        xq, xs = quantize_activations_per_token(fx, "int8")
+        fake = QOP(xq, xs, *ft, None, 32, torch.bfloat16)
+        assert fake.shape == (2, 3, 32) and fake.dtype == torch.bfloat16
+    bias = torch.randn(32)
+    torch.library.opcheck(OP.default, (x, *p.tensors(), bias, 32, "float8_e4m3fn"))
+    xq, xs = quantize_activations_per_token(x, "int8")
+    torch.library.opcheck(QOP.default, (xq, xs, *p.tensors(), None, 32, torch.float32))
+
+
+def test_backward_is_straight_through_for_x():
+    p = _packed()
+    x = torch.randn(3, 64, requires_grad=True)
+    g = torch.randn(3, 32)
+    OP(x, *p.tensors(), None, 32, "int8").backward(g)
+    torch.testing.assert_close(x.grad, g @ dequantize_w4a8(p))
+
+
+def _bad(change):
+    p = _packed()
+    args = [torch.randn(4, 64), *p.tensors(), None, 32, "int8"]
+    change(args)
+    return args
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        (lambda a: a.__setitem__(0, a[0].to(torch.int8)), "x must be float16/bfloat16/float32"),
+        (lambda a: a.__setitem__(0, a[0][:, :-8]), "qweight must be"),
+        (lambda a: a.__setitem__(2, a[2].int()), r"group_scales must be \[K/group_size, N\]"),
+        (lambda a: a.__setitem__(3, a[3][:1]), "group_zeros must be"),
+        (lambda a: a.__setitem__(4, a[4].half()), "channel_scales must be"),
+        (lambda a: a.__setitem__(1, a[1].t().contiguous().t()), "qweight must be contiguous"),
+        (lambda a: a.__setitem__(5, torch.randn(31)), "bias must be"),
+        (lambda a: a.__setitem__(6, 48), "K=64 is not divisible by group_size=48"),
+        (lambda a: a.__setitem__(7, "int4"), "act_dtype='int4' is not supported"),
+    ],
+)
+def test_bad_arguments_name_the_problem(change, match):
+    with pytest.raises(ValueError, match=match):
+        OP(*_bad(change))
+
+
+def test_quantized_act_op_checks_its_activations():
+    p = _packed()
+    xq, xs = quantize_activations_per_token(torch.randn(4, 64), "int8")
+    with pytest.raises(ValueError, match="xq must be int8 or float8_e4m3fn"):
+        QOP(xq.float(), xs, *p.tensors(), None, 32, torch.float16)
+    with pytest.raises(ValueError, match=r"x_scale must be float32 of shape xq.shape\[:-1\]"):
+        QOP(xq, xs[:2], *p.tensors(), None, 32, torch.float16)
+    with pytest.raises(ValueError, match="K=96 is not divisible by group_size=64"):
+        quantize_weight_w4a8(torch.randn(8, 96), Scheme(name="w4a8", group_size=64))
+
+
+# --------------------------------------------------------------------------- kernels
+def _on_device(*tensors):
+    return [t.to(KERNEL_DEVICE) if isinstance(t, torch.Tensor) else t for t in tensors]
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    m=st.sampled_from([1, 3]),
+    k=st.sampled_from([64, 256, 320]),
+    dtype=st.sampled_from([torch.float16, torch.bfloat16]),
+    act_dtype=st.sampled_from(["int8", "float8_e4m3fn"]),
+    planes=st.booleans(),
+    strided=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_quantize_kernel_is_bit_exact(m, k, dtype, act_dtype, planes, strided, seed):
+    """The eager path's Triton kernel agrees with the torch formula the compiled path uses."""
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randn(k, m, generator=gen) * torch.rand(k, 1, generator=gen) * 30).t()
+    x[0] = 0
+    x = x.to(dtype)
+    if not strided:
+        x = x.contiguous()
+    planes_bk = 64 if planes and k % 64 == 0 else 0
+    xq, scale = quantize_per_token(*_on_device(x), act_dtype, planes_bk)
+    ref_q, ref_s = quantize_activations_per_token(x, act_dtype)
+    if planes_bk:
+        ref_q = _planes_x(ref_q.view(torch.uint8), planes_bk).view(ref_q.dtype)
+    assert torch.equal(xq.cpu().view(torch.uint8), ref_q.view(torch.uint8))
+    assert torch.equal(scale.cpu(), ref_s)
+
+
+def test_quantize_kernel_rounds_e4m3_ties_to_even():
+    """Values that sit exactly between two e4m3 numbers (absmax 448 makes the multiplier 1)."""
+    ties = [25.0, 27.0, -25.0, 272.0, 304.0, 3.5 * 2**-9, 2.5 * 2**-9, 13.0, 0.0]
+    x = torch.tensor([[448.0, *ties]], dtype=torch.float16).repeat(2, 1)
+    x = torch.cat([x, torch.zeros(2, 64 - x.shape[1], dtype=torch.float16)], dim=1)
+    xq, _ = quantize_per_token(*_on_device(x), "float8_e4m3fn")
+    expected = x.float().to(torch.float8_e4m3fn)  # torch's cast rounds to nearest even
+    assert torch.equal(xq.cpu().view(torch.uint8), expected.view(torch.uint8))
+    assert xq.cpu().float()[0, 1:5].tolist() == [24.0, 28.0, -24.0, 256.0]
+
+
+def _check_config(problem: W4A8Problem, cfg: KernelConfig) -> None:
+    p = problem.packed
+    xq, xs = _on_device(*problem.quantized_x())
+    args = (xq, xs, *p.tensors(), problem.bias, p.group_size, problem.dtype)
+    acc = launch(cfg, *args, accumulator=True).cpu().double()
+    if problem.act_dtype == "int8":  # the integer part is exact
+        assert torch.equal(acc, problem.accumulator64())
+    else:  # fp8 products are exact; the fp32 sums round
+        assert_close_rel(acc, problem.accumulator64(), torch.float32, tol=1e-6)
+    m, n = xq.shape[0], p.shape[0]
+    out = torch.full((m, n), float("nan"), dtype=problem.dtype, device=KERNEL_DEVICE)  # poison
+    assert_close_rel(launch(cfg, *args, out=out), problem.reference64(), problem.dtype)
+
+
+@SETTINGS
+@given(problem=w4a8_problems(device=KERNEL_DEVICE), data=st.data())
+def test_every_candidate_config_is_exact_on_the_accumulator(problem, data):
+    """Any config autotuning may pick (GEMV, GEMM, planes, split-K, BLOCK_K vs group)."""
+    m, k = problem.x.shape
+    p = problem.packed
+    configs = candidate_configs(m, p.shape[0], k, p.group_size, problem.act_dtype)
+    assert configs, f"no valid config for M={m} K={k} G={p.group_size} {problem.act_dtype}"
+    _check_config(problem, data.draw(st.sampled_from(configs), label="config"))
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(problem=w4a8_problems(device=KERNEL_DEVICE))
+def test_default_config_is_exact(problem):
+    """The untuned config (CUDA-graph capture, QCOMPILE_AUTOTUNE=0) fits every shape."""
+    m, k = problem.x.shape
+    p = problem.packed
+    _check_config(problem, default_config(m, p.shape[0], k, p.group_size, problem.act_dtype))
+
+
+@pytest.mark.parametrize(
+    ("cfg", "act_dtype"),
+    [
+        (KernelConfig("gemv", 1, 32, 64, 2, 2, 1), "int8"),
+        (KernelConfig("gemv", 1, 32, 256, 1, 2, 1), "int8"),  # BLOCK_K > group: row scales
+        (KernelConfig("gemv", 1, 32, 64, 1, 2, 1), "float8_e4m3fn"),
+        (KernelConfig("gemm", 16, 32, 64, 2, 4, 2), "int8"),
+        (KernelConfig("gemm", 16, 32, 256, 1, 4, 2), "int8"),  # BLOCK_K > group: column scales
+        (KernelConfig("gemm", 16, 32, 64, 2, 4, 2), "float8_e4m3fn"),
+        (KernelConfig("gemm_planes", 16, 32, 256, 2, 4, 2), "int8"),  # row scales
+    ],
+    ids=lambda v: v if isinstance(v, str) else f"{v.kernel}-bk{v.block_k}-sk{v.split_k}",
+)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_each_kernel_kind_with_bias_through_the_eager_path(cfg, act_dtype, dtype):
+    """quantize_and_launch is what the CUDA op runs: quantize kernel (plane-major for the
+    planes kernel), GEMM, split-K epilogue with bias."""
+    gen = torch.Generator().manual_seed(7)
+    m, n, k = (3 if cfg.kernel == "gemv" else 19), 40, 512
+    w = torch.randn(n, k, generator=gen)
+    p = quantize_weight_w4a8(w, Scheme(name="w4a8", group_size=64))
+    p = PackedW4A8(*_on_device(*p.tensors()), p.group_size)
+    x = (torch.randn(m, k, generator=gen) * 4).to(dtype)
+    bias = torch.randn(n, generator=gen).to(dtype)
+    problem = W4A8Problem(x, w, p, bias, dtype, act_dtype)
+    assert valid_config(cfg, k, 64, act_dtype)
+    out = torch.full((m, n), float("nan"), dtype=dtype, device=KERNEL_DEVICE)
+    got = quantize_and_launch(cfg, *_on_device(x), *p.tensors(), *_on_device(bias), 64, act_dtype, out=out)  # fmt: skip
+    assert_close_rel(got, problem.reference64(), dtype)
+
+
+def _pow2(v):
+    return v > 0 and v & (v - 1) == 0
+
+
+@pytest.mark.parametrize("act_dtype", ["int8", "float8_e4m3fn"])
+@pytest.mark.parametrize(
+    ("m", "n", "k", "g"),
+    [(1, 28672, 4096, 128), (16, 8192, 28672, 128), (256, 4096, 14336, 64), (1024, 512, 4096, 4096), (3, 96, 96, 32)],
+)  # fmt: skip
+def test_configs_have_power_of_two_tiles_aligned_to_groups(m, n, k, g, act_dtype):
+    """Triton needs power-of-two ranges and 8-bit dots need K tiles >= 32; the interpreter
+    checks neither, so this must."""
+    for cfg in [*candidate_configs(m, n, k, g, act_dtype), default_config(m, n, k, g, act_dtype)]:
+        assert _pow2(cfg.block_m) and _pow2(cfg.block_n) and _pow2(cfg.block_k), cfg
+        assert k % cfg.split_k == 0 and (k // cfg.split_k) % cfg.block_k == 0, cfg
+        assert g % cfg.block_k == 0 or cfg.block_k % g == 0, cfg
+        assert cfg.block_k >= 32 and (cfg.kernel == "gemv" or min(cfg.block_m, cfg.block_n) >= 16)
+        if act_dtype != "int8":
+            assert cfg.kernel in ("gemv", "gemm") and g % cfg.block_k == 0, cfg
+        assert cfg.kernel != "gemv" or m <= 8
+    assert not valid_config(KernelConfig("gemm", 16, 48, 64), k, g, act_dtype)
+
+
+def test_tune_key_has_its_own_family():
+    key = tune_key(5, 4096, 14336, 128, "int8", torch.bfloat16)
+    assert key == TuneKey("w4a8", 8, 4096, 14336, 128, "int8:bfloat16")
+
+
+# --------------------------------------------------------------------------- the pass
+@pytest.fixture(scope="module")
+def tiny_llama():
+    return helpers.tiny_llama(num_layers=1)
+
+
+def _rewrite_only(config: QuantConfig):
+    """A backend that runs the qcompile pass and then the rewritten graph as is (no Inductor):
+    the graph and its numerics without compile time."""
+    report, graphs = CompileReport(), []
+
+    def backend(gm, example_inputs):
+        new = _fresh_graph_module(gm)
+        constants = GraphConstants()
+        rewrite_linears(new, list(example_inputs), config, report, constants)
+        graphs.append(new)
+        return lambda *args: new(*args, *constants.tensors)
+
+    return backend, report, graphs
+
+
+def _ids(seed=0):
+    return torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def test_pass_quantizes_each_input_once_and_reports_fusion(tiny_llama):
+    config = QuantConfig(W4A8)
+    backend, report, graphs = _rewrite_only(config)
+    with torch.no_grad():
+        out = torch.compile(tiny_llama, backend=backend)(_ids()).logits
+        ref = tiny_llama(_ids()).logits
+        eager = copy.deepcopy(tiny_llama)
+        qcompile.quantize_(eager, config)
+        assert isinstance(eager.model.layers[0].mlp.down_proj, qcompile.W4A8Linear)
+        eager_out = eager(_ids()).logits
+    gm = graphs[-1]
+    calls = [n for n in gm.graph.nodes if n.op == "call_function"]
+    assert sum(n.target is W4A8_QUANTIZED_ACT_OP for n in calls) == 7
+    assert not [n for n in calls if n.target is W4A8_OP]
+    # one quantization per distinct input: q/k/v share one, gate/up share one
+    quantizations = [n for n in calls if n.target is quantize_activations_per_token]
+    assert len(quantizations) == 4
+    by_name = {r.name: r for r in report.records}
+    assert by_name["lm_head"].status == "skipped"
+    fusion = {name.rpartition(".")[2]: r.fusion for name, r in by_name.items() if ".0." in name}
+    for proj in ("q_proj", "k_proj", "v_proj"):
+        assert fusion[proj] == "fused into mul of model.layers.0.input_layernorm (LlamaRMSNorm)"
+    assert fusion["gate_proj"].startswith(
+        "fused into mul of model.layers.0.post_attention_layernorm"
+    )
+    assert fusion["down_proj"] == "fused into mul of model.layers.0.mlp (LlamaMLP)"
+    assert fusion["o_proj"].startswith("not fused: producer scaled_dot_product_attention")
+    assert "fused into its producer for 6/7" in report.summary()
+    assert "w4a8 int4 (QoQ progressive) g32, int8 per-token activations" in str(report)
+    assert_close_rel(out, eager_out, torch.float32)  # pass == quantize_ + eager op
+    err = rel_error(out, ref)
+    assert 1e-3 < err < 0.3, f"W4A8 logits error {err:.3g} outside the quantization range"
+
+
+class _NormMLP(torch.nn.Module):
+    """A Llama block's MLP half: RMSNorm -> gate/up -> SiLU * up -> down (transformers')."""
+
+    def __init__(self):
+        super().__init__()
+        from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
+
+        config = helpers.tiny_llama(num_layers=1).config
+        self.norm = LlamaRMSNorm(config.hidden_size)
+        self.mlp = LlamaMLP(config)
+
+    def forward(self, x):
+        return x + self.mlp(self.norm(x))
+
+
+def test_inductor_fuses_the_quantization_into_rmsnorm_and_silu_mul():
+    """On CPU Inductor's C++ kernels: the RMSNorm kernel (sqrt) and the SiLU * up kernel (exp)
+    also write the int8 activations; no kernel of its own quantizes."""
+    from torch._inductor.utils import run_and_get_code
+
+    torch.manual_seed(0)
+    model = _NormMLP().eval()
+    x = torch.randn(2, 5, model.norm.weight.shape[0])
+    be = qcompile.backend(QuantConfig(W4A8))
+    with torch.no_grad():
+        out, code = run_and_get_code(torch.compile(model, backend=be), x)
+        ref = copy.deepcopy(model)
+        qcompile.quantize_(ref, QuantConfig(W4A8))
+        assert_close_rel(out, ref(x), torch.float32, tol=1e-4)
+    assert [r.fusion.split(" of ")[0] for r in be.report.records] == ["fused into mul"] * 3
+    kernels = "\n".join(code).split("async_compile.cpp_pybinding(")[1:]
+    quantizing = [kern for kern in kernels if "convert<int8_t>" in kern]
+    assert len(quantizing) == 2  # one per distinct input: norm(x) for gate/up, silu * up
+    assert sum("std::sqrt" in kern for kern in quantizing) == 1
+    assert sum(".exp()" in kern for kern in quantizing) == 1
+
+
+def test_autograd_on_keeps_the_float_op_and_its_backward(tiny_llama):
+    backend, report, graphs = _rewrite_only(QuantConfig(W4A8))
+    model = copy.deepcopy(tiny_llama)
+    out = torch.compile(model, backend=backend)(_ids()).logits
+    out.float().pow(2).mean().backward()
+    assert model.model.embed_tokens.weight.grad.abs().sum() > 0  # straight through the op
+    assert sum(n.target is W4A8_OP for n in graphs[-1].graph.nodes) == 7
+    quantized = [r for r in report.records if r.status == "quantized"]
+    assert all(r.fusion.startswith("not fused: autograd is on") for r in quantized)
+
+
+def test_prequantized_layers_get_the_fused_form(tiny_llama):
+    model = copy.deepcopy(tiny_llama)
+    qcompile.quantize_(model, QuantConfig(Scheme(name="w4a8", group_size=64)))
+    backend, report, graphs = _rewrite_only(QuantConfig(W4A8))
+    with torch.no_grad():
+        eager = model(_ids()).logits
+        compiled = torch.compile(model, backend=backend)(_ids()).logits
+    assert [r.status for r in report.records].count("prequantized") == 7
+    assert sum(n.target is W4A8_QUANTIZED_ACT_OP for n in graphs[-1].graph.nodes) == 7
+    by_name = {r.name: r for r in report.records}
+    assert (
+        by_name["model.layers.0.self_attn.q_proj"].fusion
+        == "fused into mul of model.layers.0.input_layernorm (LlamaRMSNorm)"
+    )
+    assert_close_rel(compiled, eager, torch.float32)
+
+
+def test_unsupported_layers_fall_back_with_w4a8_reasons():
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Linear(80, 64)  # K=80: not divisible by 32
+            self.b = torch.nn.Linear(64, 16)
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x)))
+
+    backend, report, _ = _rewrite_only(QuantConfig(W4A8, skip=()))
+    with torch.no_grad():
+        torch.compile(Net(), backend=backend)(torch.randn(3, 80))
+    status = {r.name: (r.status, r.detail) for r in report.records}
+    assert (
+        status["a"][0] == "fallback" and "K=80 is not divisible by group_size=32" in status["a"][1]
+    )
+    assert status["b"][0] == "quantized"
+    reason = unsupported_reason((64, 4096), torch.float32, "cuda", W4A8)
+    assert "the W4A8 kernels take float16/bfloat16" in reason
+    assert "no W4A8 kernel" in unsupported_reason((64, 4096), torch.float16, "mps", W4A8)
+
+
+def test_w4a8_module_refuses_w4a16_codes():
+    from qcompile.quant.rtn import quantize_weight_int4
+
+    linear = torch.nn.Linear(64, 32)
+    codes = quantize_weight_int4(linear.weight, Scheme(group_size=32))
+    with pytest.raises(TypeError, match="W4A8 takes a PackedW4A8"):
+        qcompile.W4A8Linear.from_linear(linear, W4A8, codes)
+
+
+# --------------------------------------------------------------------------- GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("act_dtype", ["int8", "float8_e4m3fn"])
+@pytest.mark.parametrize("m", [1, 16, 256])
+def test_gpu_op_matches_exact_reference(m, act_dtype):
+    gen = torch.Generator().manual_seed(m)
+    w = torch.randn(512, 1024, generator=gen)
+    p = quantize_weight_w4a8(w, Scheme(name="w4a8", group_size=128))
+    x = torch.randn(m, 1024, generator=gen).half()
+    ref = OP(x, *p.tensors(), None, 128, act_dtype)
+    out = OP(x.cuda(), *(t.cuda() for t in p.tensors()), None, 128, act_dtype)
+    assert_close_rel(out, ref, torch.float16)
+    xq, xs = quantize_activations_per_token(x.cuda(), act_dtype)
+    cfg = default_config(m, 512, 1024, 128, act_dtype)
+    acc = launch(cfg, xq, xs, *(t.cuda() for t in p.tensors()), None, 128, torch.float16, accumulator=True)  # fmt: skip
+    acc_ref = w4a8_accumulator_reference(xq.cpu(), p.qweight, p.group_scales, p.group_zeros, 128)
+    if act_dtype == "int8":
+        assert torch.equal(acc.cpu().double(), acc_ref)
+
+
+@pytest.mark.gpu
+def test_gpu_inductor_fuses_quantization_into_rmsnorm():
+    from torch._inductor.utils import run_and_get_code
+
+    model = helpers.tiny_llama(num_layers=1).half().cuda()
+    be = qcompile.backend(QuantConfig(W4A8))
+    with torch.no_grad():
+        _, code = run_and_get_code(torch.compile(model, backend=be), _ids().cuda())
+    kernels = "\n".join(code).split("@triton.jit")[1:]
+    assert any("rsqrt" in kern and "tl.int8" in kern for kern in kernels)
