@@ -145,7 +145,7 @@ def fold_smooth_attention(
     """q_proj rows times lambda, k_proj rows divided by it (weights [Hq*D, hidden], [Hkv*D, hidden]).
 
     lam [Hkv, D]; query head h reads KV head h // (Hq / Hkv), so its rows use that head's row
-    of lambda. Computed in float32 and returned in each tensor's dtype.
+    of lambda. Computed in (at least) float32, returned in each tensor's dtype.
     """
     hkv, d = lam.shape
     n_rep = q_weight.shape[0] // (hkv * d)
@@ -157,15 +157,16 @@ def fold_smooth_attention(
     q_lam = lam.repeat_interleave(n_rep, dim=0).flatten()  # [Hq * D]
     k_lam = lam.flatten()
 
-    def scaled(t: torch.Tensor | None, s: torch.Tensor) -> torch.Tensor | None:
+    def scaled(t: torch.Tensor | None, s: torch.Tensor, divide: bool) -> torch.Tensor | None:
         if t is None:
             return None
-        shape = (-1,) + (1,) * (t.dim() - 1)
-        return (t.float() * s.to(t.device).view(shape)).to(t.dtype)
+        work = torch.promote_types(t.dtype, torch.float32)
+        s = s.to(t.device, work).view((-1,) + (1,) * (t.dim() - 1))
+        return (t.to(work) / s if divide else t.to(work) * s).to(t.dtype)
 
     return (
-        scaled(q_weight, q_lam),
-        scaled(q_bias, q_lam),
-        scaled(k_weight, 1 / k_lam),
-        scaled(k_bias, 1 / k_lam),
+        scaled(q_weight, q_lam, False),
+        scaled(q_bias, q_lam, False),
+        scaled(k_weight, k_lam, True),
+        scaled(k_bias, k_lam, True),
     )
