@@ -24,13 +24,15 @@ def assert_close_rel(
     assert err <= limit, f"relative error {err:.3e} > {limit:.1e} ({dtype})"
 
 
-def tiny_llama(num_layers: int) -> torch.nn.Module:
-    """A small transformers LlamaForCausalLM with random weights (seed 0), built locally."""
+def tiny_llama(num_layers: int, **overrides) -> torch.nn.Module:
+    """A small transformers LlamaForCausalLM with random weights (seed 0), built locally;
+    `overrides` change LlamaConfig fields (head_dim, num_key_value_heads, ...)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(
+    fields = dict(
         vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=num_layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
     )  # fmt: skip
+    config = LlamaConfig(**{**fields, **overrides})
     return LlamaForCausalLM(config).eval()

@@ -215,12 +215,13 @@ def _quantize_store(x, codes_ptr, scales_ptr, offsets_ptr, code_offs, scale_offs
 
 @triton.jit
 def _kv4_cache_write_kernel(
-    k_ptr, v_ptr, kc_ptr, ks_ptr, ko_ptr, vc_ptr, vs_ptr, vo_ptr, pos_ptr, Sn,
+    k_ptr, v_ptr, kc_ptr, ks_ptr, ko_ptr, vc_ptr, vs_ptr, vo_ptr, pos_ptr, Sn, S,
     stride_kb, stride_kh, stride_ks, stride_kd, stride_vb, stride_vh, stride_vs, stride_vd,
     stride_cb, stride_ch, stride_sb, stride_sh,
     HKV: tl.constexpr, D: tl.constexpr, G: tl.constexpr, BLOCK_T: tl.constexpr,
 ):  # fmt: skip
-    # One program per (batch, KV head, tile of new tokens) writes both K and V.
+    # One program per (batch, KV head, tile of new tokens) writes both K and V. A position
+    # past the cache (S) is dropped rather than written out of bounds.
     NG: tl.constexpr = D // G
     pid_bh = tl.program_id(0)
     b = pid_bh // HKV
@@ -228,6 +229,7 @@ def _kv4_cache_write_kernel(
     t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
     ok = t < Sn
     pos = tl.load(pos_ptr + t, mask=ok, other=0)
+    ok = ok & (pos >= 0) & (pos < S)
     grp = tl.arange(0, NG)[None, :, None]
     ch = tl.arange(0, G)[None, None, :]
     half = tl.arange(0, G // 2)[None, None, :]
@@ -437,6 +439,7 @@ def kv4_cache_write_cuda(
     grid = (b * hkv, triton.cdiv(sn, block_t))
     _kv4_cache_write_kernel[grid](
         key, value, k_codes, k_scales, k_offsets, v_codes, v_scales, v_offsets, positions, sn,
+        k_codes.shape[2],
         *key.stride(), *value.stride(), k_codes.stride(0), k_codes.stride(1),
         k_scales.stride(0), k_scales.stride(1),
         HKV=hkv, D=d, G=g, BLOCK_T=block_t, num_warps=4,
