@@ -23,10 +23,11 @@ test: $(STAMP)  ## CPU test suite (kernels in Triton's interpreter); gpu tests a
 
 test-gpu:  ## on a CUDA machine with torch/triton installed: gpu tests + kernels natively
 	$(PYTHON) -m pip install -q --no-deps --no-build-isolation -e .
-	$(PYTHON) -m pytest -q tests/test_gpu.py tests/test_lowering_w4a16.py tests/test_backend.py
+	$(PYTHON) -m pytest -q tests/test_gpu.py tests/test_lowering_w4a16.py tests/test_backend.py tests/test_kv4.py
 
 bench:  ## on the GPU: kernel benchmark, results under benchmarks/results/
 	$(PYTHON) benchmarks/bench_w4a16.py --out benchmarks/results
+	$(PYTHON) benchmarks/bench_kv4.py --out benchmarks/results
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check qcompile tests benchmarks && $(VENV)/bin/ruff format --check qcompile tests benchmarks

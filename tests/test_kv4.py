@@ -544,3 +544,50 @@ def test_qcompile_backend_generate_with_kv4_cache_and_w4a16_linears():
     assert [(r.form, r.status) for r in backend.report.attention] == [("sdpa", "quantized")]
     statuses = sorted(r.status for r in backend.report.records)
     assert statuses == ["prequantized"] * 7 + ["skipped"]  # lm_head
+
+
+# --------------------------------------------------------------------------- on the H100
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(("sq", "s"), [(1, 4100), (1, 32768), (300, 300), (64, 4096)])
+def test_op_on_cuda_tunes_and_matches_float64(dtype, sq, s, monkeypatch, tmp_path):
+    """The op's CUDA path (autotuned) at benchmark head counts: 32 query / 8 KV heads, D=128."""
+    monkeypatch.setenv("QCOMPILE_AUTOTUNE", "1")
+    gen = torch.Generator().manual_seed(s)
+    keys = quantize_kv4(torch.randn(1, 8, s, 128, generator=gen), KVScheme())
+    values = quantize_kv4(torch.randn(1, 8, s, 128, generator=gen), KVScheme())
+    q = torch.randn(1, 32, sq, 128, generator=gen).to(dtype)
+    problem = KV4Problem(q, keys, values, None, None, sq > 1, 128**-0.5)
+    cuda = [t.cuda() if isinstance(t, torch.Tensor) else t for t in problem.args()]
+    assert_close_rel(torch.ops.qcompile.kv4_attention(*cuda), problem.reference64(), dtype)
+
+
+@pytest.mark.gpu
+def test_generate_on_cuda_with_cuda_graphs_and_memory():
+    """fp16 tiny Llama on the GPU: generate() with its default compiled decode step
+    (Inductor, reduce-overhead) over the packed cache gives the eager tokens; the cache's
+    allocation is <= 0.3x of transformers' fp16 StaticCache, by the CUDA allocator."""
+    model = enable_kv4_attention(tiny_llama(2, head_dim=128, num_key_value_heads=2)).half().cuda()
+    prompt = PROMPT.cuda()
+
+    def run(cache, **kwargs):
+        return model.generate(
+            prompt, attention_mask=torch.ones_like(prompt), past_key_values=cache,
+            max_new_tokens=8, do_sample=False, **kwargs,
+        )  # fmt: skip
+
+    eager = run(KV4Cache(model.config, 64), disable_compile=True)
+    torch._dynamo.reset()
+    assert torch.equal(run(KV4Cache(model.config, 64)), eager)
+
+    def allocated(make):
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_stats()["requested_bytes.all.current"]
+        cache = make()
+        cache.early_initialization(2, 2, 128, torch.float16, torch.device("cuda"))
+        torch.cuda.synchronize()
+        return torch.cuda.memory_stats()["requested_bytes.all.current"] - before, cache
+
+    fp16, _keep1 = allocated(lambda: StaticCache(config=model.config, max_cache_len=4096))
+    kv4, _keep2 = allocated(lambda: KV4Cache(model.config, 4096))
+    assert kv4 <= 0.3 * fp16, (kv4, fp16)
