@@ -41,6 +41,7 @@ from qcompile.quant.kv4 import (
     PackedKV4,
     dequantize_kv4,
     fold_smooth_attention,
+    hadamard_matrix,
     key_channel_absmax,
     pack_int4_pairs,
     quantize_kv4,
@@ -328,7 +329,12 @@ class FakeKV4Cache(StaticCache):
 
         if self.values:
             value_states = fake(value_states)
-        return super().update(fake(key_states), value_states, layer_idx, *args, **kwargs)
+        if self.scheme.rotate_keys:  # round K @ H, rotate back with H (its own inverse)
+            h = hadamard_matrix(key_states.shape[-1], key_states.dtype)
+            key_states = fake(key_states @ h) @ h
+        else:
+            key_states = fake(key_states)
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
 
 def _generate(model, cache, **kwargs):
@@ -367,6 +373,31 @@ def test_kv4_cache_generate_matches_quantized_math_and_stays_close_to_fp(llama_s
     err = rel_error(scores, fp_scores)
     assert 1e-3 < err < 0.3, err
     assert torch.equal(tokens[:, 0], fp_tokens[:, 0])
+
+
+def test_rotated_keys_compute_the_rotated_quantized_math_and_lower_key_error():
+    """KVScheme(rotate_keys=True): the packed cache (query @ H in the attention function) and
+    the dequantized one (K rotated back) both equal the fake-quant math of rounding K @ H;
+    with outlier key channels the 4-bit key error drops (measured 2.5% -> 1.2%)."""
+    model = tiny_llama(2, head_dim=64, num_key_value_heads=1)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.k_proj.weight[[5, 5 + 32, 17]] *= 25
+        fp = model(PROMPT).logits
+        rotated = KVScheme(group_size=64, rotate_keys=True)
+
+        def logits(cache):
+            return model(PROMPT, past_key_values=cache).logits
+
+        want = logits(FakeKV4Cache(model.config, 12, rotated))
+        assert rel_error(logits(KV4Cache(model.config, 12, rotated)), want) < 1e-5
+        packed = enable_kv4_attention(model)
+        assert rel_error(logits(KV4Cache(packed.config, 12, rotated)), want) < 1e-5
+        plain_k = rel_error(logits(FakeKV4Cache(model.config, 12, SCHEME64, values=False)), fp)
+        rotated_k = rel_error(logits(FakeKV4Cache(model.config, 12, rotated, values=False)), fp)
+    assert rotated_k < 0.5 * plain_k
+    h = hadamard_matrix(64, torch.float64)
+    assert torch.allclose(h @ h, torch.eye(64, dtype=torch.float64), atol=1e-12)
 
 
 def test_generate_under_torch_compile_one_graph_no_recompiles(llama_sdpa):

@@ -11,13 +11,16 @@ and then the registered attention function):
   k_proj/v_proj -> RoPE -> cache.update(k, v, layer_idx)
       `qcompile::kv4_cache_write` quantizes the new tokens into the pre-allocated packed
       buffers (one kernel) and advances the layer's length (a tensor, so a compiled decode
-      step does not recompile per position). It returns
+      step does not recompile per position). With `KVScheme(rotate_keys=True)` K is stored
+      as K @ H (Walsh-Hadamard). It returns
       - with attn_implementation "qcompile_kv4": `PackedKV4` views of the buffers (codes,
-        scales, offsets, length), which only the kv4 attention function understands;
-      - otherwise: `qcompile::kv4_dequantize` of the whole buffer, which any attention
-        implementation (sdpa, eager) can read: correct but it materializes fp16 K/V. Compiled
-        with `backend="qcompile"`, the attention pass fuses that dequantize + attention back
-        into `kv4_attention` (see `qcompile/passes/attention.py`).
+        scales, offsets, length, and H for K), which only the kv4 attention function
+        understands (it multiplies the query by H);
+      - otherwise: `qcompile::kv4_dequantize` of the whole buffer (K rotated back), which
+        any attention implementation (sdpa, eager) can read: correct but it materializes
+        fp16 K/V. Compiled with `backend="qcompile"`, the attention pass fuses that
+        dequantize + attention back into `kv4_attention` (see `qcompile/passes/attention.py`;
+        not with rotated keys).
   -> attention function -> `qcompile::kv4_attention(query, packed K/V, seq_lens=length,
      mask, is_causal=True)` -> o_proj.
 The attention function is the robust path for HF models: it does not depend on how Dynamo
@@ -38,6 +41,7 @@ from qcompile.quant.kv4 import (
     SCALE_DTYPE,
     PackedKV4,
     fold_smooth_attention,
+    hadamard_matrix,
     key_channel_absmax,
     smooth_attention_scales,
 )
@@ -61,6 +65,7 @@ class KV4Layer(CacheLayerMixin):
         self.length = torch.tensor(0, dtype=torch.int64)
         self.key_cache: PackedKV4 | None = None
         self.value_cache: PackedKV4 | None = None
+        self.rotation: torch.Tensor | None = None  # [D, D] Hadamard with scheme.rotate_keys
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -76,9 +81,12 @@ class KV4Layer(CacheLayerMixin):
 
         self.key_cache, self.value_cache = packed(), packed()
         self.length = self.length.to(self.device)
+        if self.scheme.rotate_keys:
+            self.rotation = hadamard_matrix(self.head_dim, self.dtype, self.device)
         if not torch.compiler.is_compiling():  # fixed addresses: no recompiles, CUDA graphs
-            for t in (*self.tensors(), self.length):
-                torch._dynamo.mark_static_address(t)
+            for t in (*self.tensors(), self.length, self.rotation):
+                if t is not None:
+                    torch._dynamo.mark_static_address(t)
         self.is_initialized = True
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
@@ -92,17 +100,22 @@ class KV4Layer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         positions = torch.arange(key_states.shape[-2], device=self.device) + self.length
+        if self.rotation is not None:
+            key_states = key_states @ self.rotation.to(key_states.dtype)
         torch.ops.qcompile.kv4_cache_write(key_states, value_states, *self.tensors(), positions)
         self.length.add_(key_states.shape[-2])
         if self.packed_reads:
             k, v = self.key_cache, self.value_cache
             return (
-                PackedKV4(k.codes, k.scales, k.offsets, k.group_size, self.length),
+                PackedKV4(k.codes, k.scales, k.offsets, k.group_size, self.length, self.rotation),
                 PackedKV4(v.codes, v.scales, v.offsets, v.group_size, self.length),
             )
         kc, ks, ko, vc, vs, vo = self.tensors()
         dequantize = torch.ops.qcompile.kv4_dequantize
-        return dequantize(kc, ks, ko, key_states.dtype), dequantize(vc, vs, vo, key_states.dtype)
+        keys = dequantize(kc, ks, ko, key_states.dtype)
+        if self.rotation is not None:  # H is its own inverse; the pass does not rewrite this
+            keys = keys @ self.rotation.to(keys.dtype)
+        return keys, dequantize(vc, vs, vo, key_states.dtype)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.max_cache_len, 0
@@ -197,6 +210,8 @@ def kv4_attention_forward(
     b = query.shape[0]
     seq_lens = key.length.view(1).expand(b) if key.length is not None else None
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if key.rotation is not None:  # K was stored as K @ H: (q H)(k H)^T = q k^T
+        query = query @ key.rotation.to(query.dtype)
     out = torch.ops.qcompile.kv4_attention(
         query, key.codes, key.scales, key.offsets, value.codes, value.scales, value.offsets,
         seq_lens, attention_mask, getattr(module, "is_causal", True), scale,

@@ -21,6 +21,11 @@ Quantization is asymmetric min-max per group: scale = (max - min) / 15 rounded t
 below fp16's smallest subnormal), offset = min rounded to fp16, code = floor((x - offset) /
 scale + 0.5) clamped to [0, 15], computed in float32 from the stored (rounded) scale/offset.
 
+Key rotation (`KVScheme.rotate_keys`, as QuaRot does online for K): K is stored as K @ H with
+H the orthonormal Walsh-Hadamard matrix, and the query multiplied by H before attention; the
+scores are unchanged, while each rotated channel mixes all D channels, so a few outliers no
+longer set every group's range. Applied after RoPE, so it needs no pairing.
+
 SmoothAttention (QServe): keys have a few outlier channels that blow up a group's range. A
 per-channel factor lambda_c = max|K_c|^alpha divides K and multiplies Q (Q K^T is unchanged),
 folded into k_proj / q_proj. With RoPE the factor must commute with the rotation: rotate-half
@@ -49,6 +54,8 @@ class PackedKV4:
 
     length: a 0-d integer tensor, the number of valid positions along S when this is a
     pre-allocated cache (positions >= length were never written); None means all S.
+    rotation: [D, D] when K was stored rotated (K @ rotation, `KVScheme.rotate_keys`): the
+    query must be read as query @ rotation. None for V and unrotated K.
     """
 
     codes: torch.Tensor
@@ -56,6 +63,7 @@ class PackedKV4:
     offsets: torch.Tensor
     group_size: int
     length: torch.Tensor | None = None
+    rotation: torch.Tensor | None = None
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -109,6 +117,16 @@ def dequantize_kv4(packed: PackedKV4, dtype: torch.dtype = torch.float32) -> tor
     codes = unpack_int4_pairs(packed.codes).float().unflatten(-1, (-1, packed.group_size))
     x = codes * packed.scales.float()[..., None] + packed.offsets.float()[..., None]
     return x.flatten(-2).to(dtype)
+
+
+def hadamard_matrix(d: int, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
+    """The orthonormal Walsh-Hadamard matrix [d, d] (Sylvester order; symmetric, H H = I)."""
+    if d < 1 or d & (d - 1):
+        raise ValueError(f"hadamard_matrix: d={d} is not a power of two")
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < d:
+        h = torch.cat((torch.cat((h, h), 1), torch.cat((h, -h), 1)), 0)
+    return (h / d**0.5).to(dtype=dtype, device=device)
 
 
 # --------------------------------------------------------------------------- SmoothAttention
