@@ -515,6 +515,27 @@ def test_attention_pass_rewrites_attention_over_a_kv4_cache(attn):
     assert "2 attention: 2 quantized" in report.summary()
 
 
+def test_attention_pass_rewrites_causal_prefill_over_the_first_positions():
+    """A compiled prefill into an empty static cache: transformers drops the mask, slices
+    K/V to the first Sq positions and calls SDPA with is_causal; that becomes kv4_attention
+    with seq_lens = Sq."""
+    model = tiny_llama(1, head_dim=64, num_key_value_heads=1)
+    caches = [KV4Cache(model.config, 16, SCHEME64) for _ in range(2)]
+    graphs = []
+    torch._dynamo.reset()
+    with torch.no_grad():
+        out = torch.compile(model, backend=_capture_pass(graphs), fullgraph=True)(
+            PROMPT, past_key_values=caches[0]
+        ).logits
+        want = model(PROMPT, past_key_values=caches[1]).logits
+    ((_, after, report),) = graphs
+    assert rel_error(out, want) < 1e-5
+    (node,) = [n for n in after.graph.nodes if n.target == torch.ops.qcompile.kv4_attention.default]
+    assert node.args[8] is None and node.args[9] is True  # no mask, causal
+    assert node.args[7].target is torch.full and node.args[7].args == ((2,), PROMPT.shape[1])
+    assert [r.status for r in report.attention] == ["quantized"]
+
+
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_attention_pass_leaves_attention_without_kv4_cache_alone(attn):
     """No KV4 cache: nothing to read in 4 bits; the graph is unchanged and the report says why."""

@@ -177,12 +177,39 @@ def strip_repeat_kv(node: Node) -> tuple[Node, int]:
     return index.args[0], n_rep if isinstance(n_rep, int) else 0
 
 
-def kv4_source(node: Node) -> tuple[tuple[Node, Node, Node] | None, int]:
-    """(codes, scales, offsets) of the KV4 cache K or V `node` reads, and its repeat factor."""
+def strip_prefix_slice(node: Node) -> tuple[Node, int | None]:
+    """(x, n) for `x[:, :, :n, :]` with a constant n (transformers' causal prefill over a
+    static cache keeps only the first Sq positions), else (node, None)."""
+    if not (_is_call(node, (operator.getitem,)) and isinstance(node.args[1], tuple)):
+        return node, None
+    index = node.args[1]
+    full = slice(None)
+    if len(index) != 4 or index[0] != full or index[1] != full or index[3] != full:
+        return node, None
+    cut = index[2]
+    if not (isinstance(cut, slice) and cut.start in (None, 0) and cut.step in (None, 1)):
+        return node, None
+    return (node.args[0], cut.stop) if isinstance(cut.stop, int) else (node, None)
+
+
+@dataclass(frozen=True)
+class KV4Source:
+    """Where a K or V operand comes from: one cache layer's packed buffers."""
+
+    tensors: tuple[Node, Node, Node]  # codes, scales, offsets
+    n_rep: int  # repeat_kv factor (1: none; 0: not a constant)
+    prefix: int | None  # only the first `prefix` positions are read (None: all)
+
+
+def kv4_source(node: Node) -> KV4Source | None:
+    """The KV4 cache K or V `node` reads (through slicing and repeat_kv), or None."""
+    node, prefix = strip_prefix_slice(node)
     base, n_rep = strip_repeat_kv(node)
+    if prefix is None:  # the slice may also come before the repeat
+        base, prefix = strip_prefix_slice(base)
     if _is_call(base, KV4_DEQUANTIZE_TARGETS):
-        return tuple(base.args[:3]), n_rep
-    return None, n_rep
+        return KV4Source(tuple(base.args[:3]), n_rep, prefix)
+    return None
 
 
 # --------------------------------------------------------------------------- checks
@@ -195,12 +222,16 @@ def _static(*sizes) -> bool:
     return all(isinstance(s, int) for s in sizes)
 
 
-def rewrite_problem(match: AttentionMatch, k_rep: int, v_rep: int) -> str | None:
+def rewrite_problem(match: AttentionMatch, k: KV4Source, v: KV4Source) -> str | None:
     """Why a KV4-fed attention cannot become `kv4_attention`, or None."""
     if not isinstance(match.dropout, (int, float)) or match.dropout:
         return f"dropout {match.dropout} (kv4 attention is inference only)"
-    if k_rep != v_rep or k_rep == 0:
+    if k.n_rep != v.n_rep or k.n_rep == 0:
         return "K and V are repeated differently for grouped-query attention"
+    if k.prefix != v.prefix:
+        return "K and V are sliced differently"
+    if k.prefix is not None and not isinstance((_shape(match.query) or (None,))[0], int):
+        return "a sliced cache with a symbolic batch size"
     if match.form == "eager" and any(len(n.users) > 1 for n in match.private):
         return "the attention weights are used elsewhere (output_attentions?)"
     if isinstance(match.scale, Node):
@@ -238,16 +269,20 @@ def _path(codes: Node) -> str:
     return "triton" if isinstance(value, torch.Tensor) and value.is_cuda else "reference"
 
 
-def _rewrite(gm: GraphModule, match: AttentionMatch, k_src, v_src) -> None:
+def _rewrite(gm: GraphModule, match: AttentionMatch, k: KV4Source, v: KV4Source) -> None:
     q_shape = _shape(match.query)
     scale = match.scale
     if scale is None:  # SDPA's default
         scale = float(q_shape[-1]) ** -0.5
     with gm.graph.inserting_before(match.node):
-        new = gm.graph.call_function(
-            KV4_ATTENTION,
-            (match.query, *k_src, *v_src, None, match.mask, match.is_causal, float(scale)),
-        )
+        seq_lens = None
+        if k.prefix is not None:  # K[:, :, :n]: the op reads the first n positions
+            device = k.tensors[0].meta["example_value"].device
+            seq_lens = gm.graph.call_function(
+                torch.full, ((q_shape[0],), k.prefix), {"dtype": torch.int32, "device": device}
+            )
+        args = (match.query, *k.tensors, *v.tensors, seq_lens, match.mask, match.is_causal)
+        new = gm.graph.call_function(KV4_ATTENTION, (*args, float(scale)))
     new.meta.update({k: v for k, v in match.node.meta.items() if k != "example_value"})
     new.meta[_REWRITTEN] = True
     match.node.replace_all_uses_with(new)
@@ -276,8 +311,7 @@ def rewrite_attention(gm: GraphModule, config: QuantConfig, report: CompileRepor
     rewrote = False
     for match in find_attention(gm):
         name = _module_path(match.node)
-        k_src, k_rep = kv4_source(match.key)
-        v_src, v_rep = kv4_source(match.value)
+        k_src, v_src = kv4_source(match.key), kv4_source(match.value)
         heads, head_dim = _heads(match)
         if k_src is None or v_src is None:
             what = "K" if k_src is None else "V"
@@ -291,7 +325,7 @@ def rewrite_attention(gm: GraphModule, config: QuantConfig, report: CompileRepor
                 name, match.form, heads, head_dim, "skipped", "matches a skip pattern"
             ))  # fmt: skip
             continue
-        problem = rewrite_problem(match, k_rep, v_rep)
+        problem = rewrite_problem(match, k_src, v_src)
         if problem is not None:
             report.add(AttentionRecord(
                 name, match.form, heads, head_dim, "fallback",
@@ -300,12 +334,12 @@ def rewrite_attention(gm: GraphModule, config: QuantConfig, report: CompileRepor
             continue
         _rewrite(gm, match, k_src, v_src)
         rewrote = True
-        ng = (_shape(k_src[1]) or (0, 0, 0, 1))[-1]
+        ng = (_shape(k_src.tensors[1]) or (0, 0, 0, 1))[-1]
         group = head_dim // ng if ng and head_dim else 0
         report.add(AttentionRecord(
             name, match.form, heads, head_dim, "quantized",
             f"kv4 int4 g{group}, causal={match.is_causal}, mask={match.mask is not None}",
-            _path(k_src[0]),
+            _path(k_src.tensors[0]),
         ))  # fmt: skip
     if rewrote:
         _erase_unused(gm)
