@@ -13,6 +13,7 @@ floor = bytes read once (KV codes + scales/offsets, or fp16 K/V, plus q and out)
 bandwidth measured with a device-to-device copy.
 
     python benchmarks/bench_kv4.py --out benchmarks/results   # on the H100
+    OUT=... benchmarks/kv4_session.sh                          # tests + benchmark, one call
 """
 
 from __future__ import annotations

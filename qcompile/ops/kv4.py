@@ -26,6 +26,7 @@ import math
 
 import torch
 
+from qcompile.config import KVScheme
 from qcompile.quant.kv4 import SCALE_DTYPE, PackedKV4, dequantize_kv4, quantize_kv4
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
@@ -248,8 +249,6 @@ def kv4_cache_write_reference(
     key, value, k_codes, k_scales, k_offsets, v_codes, v_scales, v_offsets, positions
 ) -> None:
     """quantize_kv4, then index_copy_ into the cache along S."""
-    from qcompile.config import KVScheme
-
     g = check_kv4_cache_write_args(
         key, value, k_codes, k_scales, k_offsets, v_codes, v_scales, v_offsets, positions
     )
