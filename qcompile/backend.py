@@ -14,6 +14,7 @@ import torch
 from torch.fx import GraphModule
 
 from qcompile.config import QuantConfig
+from qcompile.passes.attention import rewrite_attention
 from qcompile.passes.linear import GraphConstants, rewrite_linears
 from qcompile.report import CompileReport
 
@@ -62,7 +63,8 @@ def _with_constants(compiled: Callable, constants: list[torch.Tensor]) -> Callab
 
 
 class QCompileBackend:
-    """A torch.compile backend quantizing linear layers with one `QuantConfig`.
+    """A torch.compile backend quantizing linear layers with one `QuantConfig`, and rewriting
+    attention that reads a KV4 cache into `kv4_attention` (`passes/attention.py`).
 
     `report` accumulates what every compiled graph matched, quantized and left alone.
     `mode` / `options` are Inductor's (`mode="reduce-overhead"` for CUDA graphs).
@@ -95,8 +97,10 @@ class QCompileBackend:
         new_gm = _fresh_graph_module(gm)
         constants = GraphConstants()
         rewrite_linears(new_gm, list(example_inputs), self.config, report, constants)
+        rewrite_attention(new_gm, self.config, report)
         report.log()
         self.report.records.extend(report.records)
+        self.report.attention.extend(report.attention)
         self.report.graphs += 1
         self.graph_modules.append(new_gm)
         patches = {**(list_mode_options(mode) if mode else {}), **(options or {})}

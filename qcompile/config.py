@@ -73,6 +73,43 @@ class Scheme:
 
 
 @dataclass(frozen=True)
+class KVScheme:
+    """How a KV4 cache stores keys and values (`qcompile.quant.kv4` has the packed layout).
+
+    group_size: consecutive head_dim channels of one token and head sharing one fp16 scale
+        and offset; it must divide head_dim (head_dim 64 takes 32 or 64, not 128).
+    rotate_keys: store K @ H (H the orthonormal Walsh-Hadamard matrix of size head_dim) and
+        read it with query @ H: scores are unchanged (H H^T = I) and the rotation spreads
+        outlier channels over the whole head before rounding. Needs head_dim a power of two.
+    """
+
+    name: Literal["kv4"] = "kv4"
+    bits: int = 4
+    group_size: int = 128
+    rotate_keys: bool = False
+
+    def __post_init__(self) -> None:
+        if self.bits != 4:
+            raise ValueError(f"KVScheme: bits={self.bits} is not supported; use bits=4")
+        if self.group_size not in GROUP_SIZES:
+            raise ValueError(
+                f"KVScheme: group_size={self.group_size} is not supported; use one of {GROUP_SIZES}"
+            )
+
+    def check_head_dim(self, head_dim: int) -> None:
+        """Raise unless `head_dim` is a whole number of groups (a power of two if rotated)."""
+        if self.rotate_keys and head_dim & (head_dim - 1):
+            raise ValueError(f"KVScheme: rotate_keys needs a power-of-two head_dim, got {head_dim}")
+        if head_dim % self.group_size:
+            fits = [g for g in GROUP_SIZES if head_dim % g == 0]
+            fix = f"use group_size={max(fits)}" if fits else "head_dim must be a multiple of 32"
+            raise ValueError(
+                f"KVScheme: head_dim={head_dim} is not divisible by group_size="
+                f"{self.group_size}; {fix}"
+            )
+
+
+@dataclass(frozen=True)
 class QuantConfig:
     """What the backend and `quantize_` do to a model.
 

@@ -1,4 +1,4 @@
-"""What the backend (or `quantize_`) did to each linear layer, and why."""
+"""What the backend (or `quantize_`) did to each linear layer and attention, and why."""
 
 from __future__ import annotations
 
@@ -25,35 +25,50 @@ class LayerRecord:
     fusion: str = ""
 
 
+@dataclass(frozen=True)
+class AttentionRecord:
+    """One attention node (SDPA or the eager matmul-softmax-matmul form) and what happened.
+
+    status: "quantized" (rewritten into `qcompile::kv4_attention`), "prequantized" (the graph
+    already calls it: transformers' "qcompile_kv4" attention function), "skipped" (no KV4
+    cache feeds it: left as it was) or "fallback" (a KV4 cache feeds it but the rewrite's
+    preconditions fail: it keeps reading the dequantized cache).
+    """
+
+    name: str
+    form: str  # "sdpa", "eager" or "kv4"
+    heads: tuple[int, int]  # (query heads, KV heads); 0 where unknown
+    head_dim: int
+    status: Status
+    detail: str
+    path: str = ""
+
+
 @dataclass
 class CompileReport:
-    """Records of every linear node in every graph a backend compiled (or a `quantize_` call)."""
+    """Records of every linear node in every graph a backend compiled (or a `quantize_` call),
+    and of every attention node the attention pass looked at (`attention`)."""
 
     records: list[LayerRecord] = field(default_factory=list)
     graphs: int = 0
+    attention: list[AttentionRecord] = field(default_factory=list)
 
-    def add(self, record: LayerRecord) -> None:
-        self.records.append(record)
+    def add(self, record: LayerRecord | AttentionRecord) -> None:
+        (self.attention if isinstance(record, AttentionRecord) else self.records).append(record)
 
     def by_status(self, status: Status) -> list[LayerRecord]:
         return [r for r in self.records if r.status == status]
 
     def summary(self) -> str:
-        counts = Counter(r.status for r in self.records)
-        parts = [
-            f"{counts[s]} {s}"
-            for s in ("quantized", "prequantized", "skipped", "fallback")
-            if counts[s]
-        ]
         where = f" in {self.graphs} graph(s)" if self.graphs else ""
-        line = f"qcompile: {len(self.records)} linear layers{where}: " + (
-            ", ".join(parts) or "none matched"
-        )
+        text = f"qcompile: {len(self.records)} linear layers{where}: " + _counts(self.records)
         with_act = [r for r in self.records if r.fusion]
         if with_act:
             fused = sum(r.fusion.startswith("fused") for r in with_act)
-            line += f"; activation quantization fused into its producer for {fused}/{len(with_act)}"
-        return line
+            text += f"; activation quantization fused into its producer for {fused}/{len(with_act)}"
+        if self.attention:
+            text += f"; {len(self.attention)} attention: " + _counts(self.attention)
+        return text
 
     def table(self) -> str:
         """A fixed-width table, one row per layer, for printing."""
@@ -68,11 +83,15 @@ class CompileReport:
             )
             for r in self.records
         ]
-        widths = [max(len(row[i]) for row in rows) for i in range(4)]
-        lines = [
-            "  ".join(c.ljust(w) for c, w in zip(row[:4], widths, strict=True)) + "  " + row[4]
-            for row in rows
-        ]
+        lines = _aligned(rows)
+        if self.attention:
+            rows = [("attention", "Hq/Hkv x D", "status", "path", "detail")]
+            rows += [
+                (r.name, f"{r.heads[0]}/{r.heads[1]} x {r.head_dim}", r.status, r.path,
+                 f"{r.form}: {r.detail}")
+                for r in self.attention
+            ]  # fmt: skip
+            lines += ["", *_aligned(rows)]
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -80,10 +99,31 @@ class CompileReport:
 
     def log(self) -> None:
         """One summary line; fallbacks as a warning, since they cost speed and memory."""
-        fallbacks = self.by_status("fallback")
+        fallbacks = self.by_status("fallback") + [
+            r for r in self.attention if r.status == "fallback"
+        ]
         if fallbacks:
             reasons = "; ".join(f"{r.name}: {r.detail}" for r in fallbacks[:5])
             more = f" (+{len(fallbacks) - 5} more)" if len(fallbacks) > 5 else ""
             log.warning("%s. Fallbacks: %s%s", self.summary(), reasons, more)
         else:
             log.info(self.summary())
+
+
+def _counts(records: list) -> str:
+    counts = Counter(r.status for r in records)
+    parts = [
+        f"{counts[s]} {s}"
+        for s in ("quantized", "prequantized", "skipped", "fallback")
+        if counts[s]
+    ]
+    return ", ".join(parts) or "none matched"
+
+
+def _aligned(rows: list[tuple[str, ...]]) -> list[str]:
+    """Rows of 5 columns, the first 4 padded to a common width."""
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    return [
+        "  ".join(c.ljust(w) for c, w in zip(row[:4], widths, strict=True)) + "  " + row[4]
+        for row in rows
+    ]

@@ -39,23 +39,24 @@ HF_FAMILIES = {
 }  # fmt: skip
 
 
-def tiny_causal_lm(family: str = "llama", num_layers: int = 2) -> torch.nn.Module:
+def tiny_causal_lm(family: str = "llama", num_layers: int = 2, **overrides) -> torch.nn.Module:
     """A small transformers causal LM of `family` with random weights (seed 0), built locally.
 
     hidden 128 (K a multiple of the default group size 128), 4 heads of 32, 2 KV heads,
-    vocab 256.
+    vocab 256; `overrides` change config fields (head_dim, num_key_value_heads, ...).
     """
     import transformers
 
     config_cls, model_cls, extra = HF_FAMILIES[family]
     torch.manual_seed(0)
-    config = getattr(transformers, config_cls)(
+    fields = dict(
         vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=num_layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, **extra,
     )  # fmt: skip
+    config = getattr(transformers, config_cls)(**{**fields, **overrides})
     return getattr(transformers, model_cls)(config).eval()
 
 
-def tiny_llama(num_layers: int) -> torch.nn.Module:
+def tiny_llama(num_layers: int, **overrides) -> torch.nn.Module:
     """A small transformers LlamaForCausalLM with random weights (seed 0), built locally."""
-    return tiny_causal_lm("llama", num_layers)
+    return tiny_causal_lm("llama", num_layers, **overrides)

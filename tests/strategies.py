@@ -1,4 +1,5 @@
-"""Hypothesis strategies for quantized-linear problems (small, so the interpreter is fast)."""
+"""Hypothesis strategies for quantized-linear and KV4-attention problems (small, so the
+interpreter is fast)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from hypothesis import strategies as st
 
 from qcompile.config import Scheme
 from qcompile.quant.int4 import PackedInt4
+from qcompile.quant.kv4 import PackedKV4
 from qcompile.quant.rtn import quantize_weight_int4
 from qcompile.quant.w4a8 import PackedW4A8, quantize_weight_w4a8
 
@@ -104,3 +106,78 @@ def w4a8_problems(
     packed = quantize_weight_w4a8(weight, Scheme(name="w4a8", group_size=group))
     packed = PackedW4A8(*(t.to(device) for t in packed.tensors()), packed.group_size)
     return W4A8Problem(x.to(dtype).to(device), weight, packed, bias, dtype, act_dtype)
+
+
+class KV4Problem:
+    """Attention of `query` over a packed int4 K/V cache; masks as the op takes them."""
+
+    query: torch.Tensor  # [B, Hq, Sq, D]
+    keys: PackedKV4  # [B, Hkv, S, D]
+    values: PackedKV4
+    seq_lens: torch.Tensor | None  # [B]
+    mask: torch.Tensor | None  # [B | 1, Hq | 1, Sq, S], bool or additive float
+    is_causal: bool
+    scale: float
+
+    def args(self) -> tuple:
+        k, v = self.keys, self.values
+        return (
+            self.query, k.codes, k.scales, k.offsets, v.codes, v.scales, v.offsets,
+            self.seq_lens, self.mask, self.is_causal, self.scale,
+        )  # fmt: skip
+
+    def reference64(self) -> torch.Tensor:
+        """The op's reference math in float64 (dequantize, repeat heads, softmax attention)."""
+        from qcompile.ops.kv4 import kv4_attention_reference
+
+        query, *rest = self.args()
+        return kv4_attention_reference(query.double(), *rest, compute_dtype=torch.float64)
+
+
+@st.composite
+def kv4_problems(draw, decode: bool, device: str = "cpu", max_blocks: int = 3) -> KV4Problem:
+    """Sequence lengths from 1 to a few 32-token blocks (non-multiples included), head dims
+    64/128, every group size that divides them, GQA ratios 1/4/8, masks and cache lengths."""
+    from qcompile.config import KVScheme
+    from qcompile.quant.kv4 import quantize_kv4
+
+    d = draw(st.sampled_from([64, 128]))
+    group = draw(st.sampled_from([g for g in (32, 64, 128) if d % g == 0]))
+    gqa = draw(st.sampled_from([1, 4, 8]))
+    hkv = draw(st.sampled_from([1, 2])) if gqa < 8 else 1
+    b = draw(st.sampled_from([1, 2]))
+    s = draw(st.integers(1, 32 * max_blocks + 5))
+    sq = 1 if decode else draw(st.integers(2, min(s, 20)) if s >= 2 else st.just(1))
+    dtype = draw(st.sampled_from([torch.float16, torch.bfloat16]))
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    q = torch.randn(b, hkv * gqa, sq, d, generator=gen)
+    k = torch.randn(b, hkv, s, d, generator=gen)
+    v = torch.randn(b, hkv, s, d, generator=gen)
+    if draw(st.booleans()):  # outlier channels in K (what SmoothAttention is for) and in V
+        k[..., torch.randint(0, d, (2,), generator=gen)] *= 20
+        v[..., torch.randint(0, d, (1,), generator=gen)] *= 10
+    seq_lens = None
+    if draw(st.booleans()):  # a pre-allocated cache only partly written
+        seq_lens = torch.randint(sq, s + 1, (b,), generator=gen).to(torch.int32)
+    is_causal = draw(st.booleans())
+    mask = None
+    kind = draw(st.sampled_from(["none", "bool", "float"]))
+    if kind != "none":
+        heads = draw(st.sampled_from([1, hkv * gqa]))
+        shape = (b, heads, sq, s)
+        if kind == "bool":
+            mask = torch.rand(shape, generator=gen) > 0.3
+            mask[..., 0] = True  # most rows see a key; a fully masked row is checked elsewhere
+        else:
+            mask = torch.randn(shape, generator=gen)
+            mask[torch.rand(shape, generator=gen) > 0.8] = float("-inf")
+            mask[..., 0] = 0.0
+    scheme = KVScheme(group_size=group)
+    keys, values = quantize_kv4(k, scheme), quantize_kv4(v, scheme)
+
+    def to(t):
+        return None if t is None else t.to(device)
+
+    keys = PackedKV4(*(to(t) for t in (keys.codes, keys.scales, keys.offsets)), group)
+    values = PackedKV4(*(to(t) for t in (values.codes, values.scales, values.offsets)), group)
+    return KV4Problem(to(q.to(dtype)), keys, values, to(seq_lens), to(mask), is_causal, d**-0.5)

@@ -153,6 +153,25 @@ def test_second_tuner_reads_cache_without_benchmarking(cache_dir: Path) -> None:
     assert second.get(OTHER_KEY, CANDIDATES, must_not_bench, DEFAULT) == GEMM_LARGE
 
 
+def test_entries_written_before_the_batch_field_read_as_batch_1(cache_dir: Path) -> None:
+    """TuneKey.batch (KV4 attention: B * Hkv problems per launch) defaults to 1, so a file
+    without it (every shipped and user file written before it) keeps its W4A16 entries."""
+    key = {k: v for k, v in asdict(KEY).items() if k != "batch"}
+    path = cache_file(cache_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({
+        "format": CACHE_FORMAT, "gpu": GPU, "triton": TRITON,
+        "entries": [{"key": key, "config": asdict(GEMV), "us": 1.0}],
+    }))  # fmt: skip
+    tuner = Autotuner(gpu=GPU, triton_version=TRITON, cache_dir=cache_dir)
+    assert tuner.user == {KEY: GEMV} and KEY.batch == 1
+    kv4_key = TuneKey("kv4_decode", 16, 128, 8192, 128, "float16", batch=8)
+    tuner.get(kv4_key, [GEMM_SMALL], Bench({GEMM_SMALL: 2.0}), DEFAULT)
+    assert Autotuner(gpu=GPU, triton_version=TRITON, cache_dir=cache_dir).user == {
+        KEY: GEMV, kv4_key: GEMM_SMALL,
+    }  # fmt: skip
+
+
 def test_get_ties_keep_first_candidate(cache_dir: Path) -> None:
     tuner = Autotuner(gpu=GPU, triton_version=TRITON, cache_dir=cache_dir)
     bench = Bench({GEMV: 7.0, GEMM_SMALL: 7.0, GEMM_LARGE: 7.0})

@@ -127,3 +127,29 @@ def test_fusion_is_shown_and_counted() -> None:
     assert lines[1].endswith(f"w4a8 g64; activation quantization {fused.fusion}")
     assert lines[3].endswith(SKIPPED.detail)
     assert "activation" not in make_report(QUANTIZED).summary()
+
+
+def test_attention_records_are_counted_and_tabled_apart_from_linears(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from qcompile.report import AttentionRecord
+
+    rewritten = AttentionRecord(
+        "model.layers.0.self_attn", "sdpa", (32, 8), 128, "quantized", "kv4 int4 g128", "triton"
+    )
+    left = AttentionRecord(
+        "model.layers.1.self_attn", "eager", (32, 8), 128, "fallback", "dropout 0.1"
+    )
+    report = make_report(QUANTIZED, rewritten, left)
+    assert report.records == [QUANTIZED] and report.attention == [rewritten, left]
+    assert report.summary() == (
+        "qcompile: 1 linear layers in 1 graph(s): 1 quantized; 2 attention: 1 quantized, 1 fallback"
+    )
+    table = report.table().splitlines()
+    assert table[2] == "" and table[3].split()[:3] == ["attention", "Hq/Hkv", "x"]
+    assert table[4].startswith(rewritten.name) and "32/8 x 128" in table[4]
+    assert table[4].endswith("sdpa: kv4 int4 g128") and " triton " in table[4]
+    with caplog.at_level(logging.DEBUG, logger="qcompile"):
+        report.log()
+    assert caplog.records[0].levelno == logging.WARNING
+    assert f"{left.name}: dropout 0.1" in caplog.records[0].getMessage()

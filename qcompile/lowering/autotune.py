@@ -34,7 +34,13 @@ def m_bucket(m: int) -> int:
 
 @dataclass(frozen=True)
 class TuneKey:
-    """What a tuned config depends on: kernel family, M bucket, N, K, group size, dtype."""
+    """What a tuned config depends on: kernel family, M bucket, N, K, group size, dtype.
+
+    batch: independent problems of this shape in one launch (bucketed). The linear layers are
+    one GEMM (1); attention over a KV cache is B * Hkv GEMMs, M = Sq * (Hq / Hkv) query rows,
+    N = head_dim, K = the cache length, and how far to split K depends on how many of them
+    already fill the GPU. Files written before this field existed read as batch=1.
+    """
 
     family: str
     m_bucket: int
@@ -42,6 +48,7 @@ class TuneKey:
     k: int
     group_size: int
     dtype: str
+    batch: int = 1
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,12 @@
 """torch.library ops: schema, fake implementation, reference implementation, CUDA lowering."""
 
+from qcompile.ops.kv4 import (
+    kv4_attention,
+    kv4_attention_reference,
+    kv4_cache_write,
+    kv4_cache_write_reference,
+    kv4_dequantize,
+)
 from qcompile.ops.w4a8 import (
     w4a8_linear,
     w4a8_linear_quantized_act,
@@ -9,6 +16,11 @@ from qcompile.ops.w4a8 import (
 from qcompile.ops.w4a16 import w4a16_linear, w4a16_linear_reference
 
 __all__ = [
+    "kv4_attention",
+    "kv4_attention_reference",
+    "kv4_cache_write",
+    "kv4_cache_write_reference",
+    "kv4_dequantize",
     "w4a8_linear",
     "w4a8_linear_quantized_act",
     "w4a8_linear_quantized_act_reference",

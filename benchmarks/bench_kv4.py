@@ -1,0 +1,239 @@
+"""KV4 attention on the GPU: qcompile's int4-cache kernels vs fp16 SDPA, decode and prefill.
+
+Decode: one query token per sequence, B in {1, 16, 64}, cache length S in {1k, 4k, 8k, 32k},
+32 query / 8 KV heads, head_dim 128, KV4 group 128. Baseline: the faster of two fp16 SDPA
+calls over the same (unquantized) cache, `enable_gqa=True`, and the 4 query heads of a KV
+head packed as 4 query rows (what transformers does for decode; lets SDPA use its flash
+kernel). Prefill: B=1, Sq = S in {1k, 4k, 8k}, causal, vs fp16 SDPA (flash, causal), with
+and without the cache write that quantizes the prompt's K/V.
+
+Every timing is the median over batches of CUDA-graph replays; each graph runs the call over
+R cache copies (R * cache bytes >= 4 x L2) so short caches are not served from L2. Roofline
+floor = bytes read once (KV codes + scales/offsets, or fp16 K/V, plus q and out) / HBM
+bandwidth measured with a device-to-device copy.
+
+    python benchmarks/bench_kv4.py --out benchmarks/results   # on the H100
+    OUT=... benchmarks/kv4_session.sh                          # tests + benchmark, one call
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from qcompile.quant.kv4 import PackedKV4
+
+HQ, HKV, D, GROUP = 32, 8, 128, 128
+DECODE_BATCHES = (1, 16, 64)
+DECODE_LENGTHS = (1024, 4096, 8192, 32768)
+PREFILL_LENGTHS = (1024, 4096, 8192)
+ACCEPT_DECODE_SPEEDUP = 3.0  # at S >= 8k
+ACCEPT_PREFILL_RATIO = 1.2  # qcompile / SDPA time
+ACCEPT_MEMORY = 0.3
+
+
+def kv_bytes(b: int, hkv: int, s: int, d: int, group: int | None) -> int:
+    """Bytes of K and V for B x Hkv x S tokens: packed int4 + fp16 scales/offsets, or fp16."""
+    if group is None:
+        return 2 * b * hkv * s * d * 2
+    return 2 * b * hkv * s * (d // 2 + 2 * 2 * (d // group))
+
+
+def random_kv4(
+    b: int, hkv: int, s: int, d: int, group: int, device: str = "cuda"
+) -> tuple[PackedKV4, PackedKV4]:
+    """Uniform random codes and small scales in the cache layout (speed does not depend on values)."""
+
+    def one() -> PackedKV4:
+        codes = torch.randint(0, 256, (b, hkv, s, d // 2), dtype=torch.uint8, device=device)
+        scales = torch.rand(b, hkv, s, d // group, device=device).half() * 0.05 + 1e-3
+        return PackedKV4(codes, scales, -8 * scales, group)
+
+    return one(), one()
+
+
+def copies(nbytes: int, l2_bytes: int) -> int:
+    return max(1, min(16, math.ceil(4 * l2_bytes / max(nbytes, 1))))
+
+
+def decode_row(b: int, s: int, l2: int, bw: float, free_bytes: int) -> dict:
+    from bench_w4a16 import time_graph
+
+    from qcompile.lowering.autotune import autotuner
+    from qcompile.lowering.kv4_attention import kv4_attention_cuda, tune_key
+
+    row = {"phase": "decode", "b": b, "s": s, "hq": HQ, "hkv": HKV, "d": D, "group": GROUP}
+    int4, fp16 = kv_bytes(b, HKV, s, D, GROUP), kv_bytes(b, HKV, s, D, None)
+    q = torch.randn(b, HQ, 1, D, dtype=torch.float16, device="cuda")
+    scale = D**-0.5
+    caches = [random_kv4(b, HKV, s, D, GROUP) for _ in range(copies(int4, l2))]
+    row["qcompile_us"] = time_graph(
+        [
+            lambda k=k, v=v: kv4_attention_cuda(
+                q,
+                k.codes,
+                k.scales,
+                k.offsets,
+                v.codes,
+                v.scales,
+                v.offsets,
+                None,
+                None,
+                False,
+                scale,
+            )  # fmt: skip
+            for k, v in caches
+        ]
+    )
+    cfg = autotuner(0).lookup(tune_key(q, caches[0][0].codes, caches[0][0].scales))
+    row["config"] = None if cfg is None else cfg.__dict__
+    del caches
+    if fp16 * 1.1 < free_bytes:
+        kv = [
+            tuple(torch.randn(b, HKV, s, D, dtype=torch.float16, device="cuda") for _ in "kv")
+            for _ in range(copies(fp16, l2))
+        ]
+        row["sdpa_gqa_us"] = time_graph(
+            [
+                lambda k=k, v=v: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+                for k, v in kv
+            ]
+        )
+        q_packed = q.view(b, HKV, HQ // HKV, D)  # the query heads of a KV head as query rows
+        row["sdpa_packed_us"] = time_graph(
+            [lambda k=k, v=v: F.scaled_dot_product_attention(q_packed, k, v) for k, v in kv]
+        )
+        del kv
+        row["sdpa_us"] = min(row["sdpa_gqa_us"], row["sdpa_packed_us"])
+        row["speedup_vs_sdpa"] = row["sdpa_us"] / row["qcompile_us"]
+    row["roofline_int4_us"] = (int4 + 4 * b * HQ * D) / bw * 1e6
+    row["roofline_fp16_us"] = (fp16 + 4 * b * HQ * D) / bw * 1e6
+    row["memory_ratio"] = int4 / fp16
+    torch.cuda.empty_cache()
+    return row
+
+
+def prefill_row(s: int, l2: int, bw: float) -> dict:
+    from bench_w4a16 import time_graph
+
+    from qcompile.lowering.kv4_attention import kv4_attention_cuda, kv4_cache_write_cuda
+
+    row = {"phase": "prefill", "b": 1, "s": s, "hq": HQ, "hkv": HKV, "d": D, "group": GROUP}
+    q = torch.randn(1, HQ, s, D, dtype=torch.float16, device="cuda")
+    k = torch.randn(1, HKV, s, D, dtype=torch.float16, device="cuda")
+    v = torch.randn_like(k)
+    keys, values = random_kv4(1, HKV, s, D, GROUP)
+    scale = D**-0.5
+    positions = torch.arange(s, device="cuda")
+    packed = (keys.codes, keys.scales, keys.offsets, values.codes, values.scales, values.offsets)
+
+    def attend():
+        return kv4_attention_cuda(q, *packed, None, None, True, scale)
+
+    def write():
+        kv4_cache_write_cuda(k, v, *packed, positions)
+
+    row["sdpa_us"] = time_graph(
+        [lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)]
+    )
+    row["qcompile_us"] = time_graph([attend])
+    row["cache_write_us"] = time_graph([write])
+    row["qcompile_with_write_us"] = row["qcompile_us"] + row["cache_write_us"]
+    row["ratio_vs_sdpa"] = row["qcompile_us"] / row["sdpa_us"]
+    row["ratio_with_write_vs_sdpa"] = row["qcompile_with_write_us"] / row["sdpa_us"]
+    flops = 4 * s * s * D * HQ / 2  # two matmuls, causal half
+    row["sdpa_tflops"] = flops / row["sdpa_us"] / 1e6
+    row["qcompile_tflops"] = flops / row["qcompile_us"] / 1e6
+    torch.cuda.empty_cache()
+    return row
+
+
+def markdown(meta: dict, rows: list[dict]) -> str:
+    """The results as tables: decode (speedup, % of the int4 floor) and prefill (ratio)."""
+    lines = [
+        "# KV4 attention: qcompile int4 cache vs fp16 SDPA",
+        "",
+        f"Device: {meta['device']}; torch {meta['torch']}, triton {meta['triton']}; HBM "
+        f"bandwidth measured {meta['hbm_tb_s']:.2f} TB/s. {HQ} query / {HKV} KV heads, "
+        f"head_dim {D}, KV4 group {GROUP}. CUDA-graph replays, caches rotated over >= 4x L2; "
+        "microseconds (median).",
+        "",
+        f"## Decode (acceptance: >= {ACCEPT_DECODE_SPEEDUP}x SDPA at S >= 8k; KV memory "
+        f"<= {ACCEPT_MEMORY}x fp16)",
+        "",
+        "| B | S | SDPA fp16 | qcompile KV4 | int4 floor | % of floor | speedup | memory | config |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in (r for r in rows if r["phase"] == "decode"):
+        sdpa = r.get("sdpa_us")
+        cfg = r.get("config") or {}
+        lines.append(
+            f"| {r['b']} | {r['s']} | {'n/a' if sdpa is None else f'{sdpa:.1f}'} | "
+            f"{r['qcompile_us']:.1f} | {r['roofline_int4_us']:.1f} | "
+            f"{100 * r['roofline_int4_us'] / r['qcompile_us']:.0f}% | "
+            f"{'n/a' if sdpa is None else format(r['speedup_vs_sdpa'], '.2f') + 'x'} | "
+            f"{r['memory_ratio']:.3f}x | "
+            f"{cfg.get('kernel', '')} n{cfg.get('block_n', '')} split{cfg.get('split_k', '')} |"
+        )
+    lines += [
+        "",
+        f"## Prefill, causal, B=1 (acceptance: <= {ACCEPT_PREFILL_RATIO}x SDPA)",
+        "",
+        "| S | SDPA fp16 | qcompile KV4 | cache write | ratio | ratio with write | TFLOP/s SDPA / KV4 |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in (r for r in rows if r["phase"] == "prefill"):
+        lines.append(
+            f"| {r['s']} | {r['sdpa_us']:.1f} | {r['qcompile_us']:.1f} | "
+            f"{r['cache_write_us']:.1f} | {r['ratio_vs_sdpa']:.2f}x | "
+            f"{r['ratio_with_write_vs_sdpa']:.2f}x | "
+            f"{r['sdpa_tflops']:.0f} / {r['qcompile_tflops']:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    ap.add_argument("--batches", default=",".join(map(str, DECODE_BATCHES)))
+    ap.add_argument("--lengths", default=",".join(map(str, DECODE_LENGTHS)))
+    ap.add_argument("--prefill", default=",".join(map(str, PREFILL_LENGTHS)))
+    args = ap.parse_args()
+    import triton
+    from bench_w4a16 import hbm_bandwidth
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    props = torch.cuda.get_device_properties(0)
+    bw = hbm_bandwidth()
+    meta = {
+        "device": props.name, "torch": torch.__version__, "triton": triton.__version__,
+        "python": platform.python_version(), "hbm_tb_s": bw / 1e12, "l2_bytes": props.L2_cache_size,
+    }  # fmt: skip
+    print(meta, flush=True)
+    rows: list[dict] = []
+
+    def save() -> None:
+        (args.out / "kv4.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+
+    for b in map(int, args.batches.split(",")):
+        for s in map(int, args.lengths.split(",")):
+            free, _ = torch.cuda.mem_get_info()
+            rows.append(decode_row(b, s, props.L2_cache_size, bw, free))
+            print({k: v for k, v in rows[-1].items() if k != "config"}, flush=True)
+            save()
+    for s in (int(x) for x in args.prefill.split(",") if x):
+        rows.append(prefill_row(s, props.L2_cache_size, bw))
+        print(rows[-1], flush=True)
+        save()
+    (args.out / "kv4.md").write_text(markdown(meta, rows))
+    print(markdown(meta, rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,446 @@
+"""KV4 Triton kernels: attention reading packed int4 K/V directly, and quantize-on-write.
+
+Cache layout: see `qcompile.quant.kv4` (codes [B, Hkv, S, D/2] uint8, fp16 scales/offsets
+[B, Hkv, S, D/G]). No fp16 K or V is ever written to memory.
+
+* `_kv4_attention_kernel`: flash-attention over the int4 cache, GQA-aware: one program owns
+  one KV head and a tile of BLOCK_M query *rows*, a row being (query position, query head of
+  that KV head's group), so every K/V tile is read once for all the query heads that share it.
+  Two launch strategies (`KernelConfig.kernel`):
+  - "decode" (Sq * Hq/Hkv rows fit one tile; flash-decoding): the sequence is split over
+    `split_k` programs per (batch, KV head), each writes an fp32 partial output and its
+    log-sum-exp, and `_kv4_split_reduce_kernel` combines them. Memory-bound: roofline =
+    B * Hkv * L * (D + 8 * D / G) bytes (int4 K and V plus fp16 scales/offsets, L = cached
+    tokens) / HBM bandwidth, vs B * Hkv * L * 4 * D bytes for fp16 K/V: 3.76x fewer at
+    D=128, G=128. The split keeps enough programs in flight to reach that bandwidth at B=1.
+  - "prefill" (flash-attention, causal tiles skipped): grid over row tiles; compute-bound
+    for long prompts (two dots per tile, like FlashAttention-2, plus int4 unpacking).
+  Per tile, per group of G channels: the K codes are dotted with the query *as codes* and
+  the scale/offset applied per (row, key) afterwards, since per group
+      q . k = scale * (q . codes) + offset * sum(q),
+  so K is never dequantized element by element. For V the fp16 scale folds into P instead:
+      sum_s p_s v_s = sum_s (p_s * scale_s) codes_s + sum_s p_s offset_s   (per group),
+  with p * scale in fp16 after dividing the group's scales by a power of two at least their
+  tile maximum (so small scales times small p do not flush to zero), multiplied back after
+  the dot. What is left per element is the unpacking: mask or shift, OR, FSUB (exact
+  int -> float, see `_unpack_codes`) and a conversion to fp16 per code.
+* `_kv4_split_reduce_kernel`: out = sum_i w_i o_i / sum_i w_i, w_i = 2**(lse_i - max lse).
+* `_kv4_cache_write_kernel`: one launch quantizes the new K and V tokens (min-max per group,
+  rounding exactly as `qcompile.quant.kv4.quantize_kv4`) and stores codes, scales and
+  offsets at their cache positions. Memory-bound: reads 2 * B * Hkv * Sn * D 16-bit values.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from qcompile.lowering.autotune import KernelConfig, TuneKey, autotuner, m_bucket
+
+DECODE_FAMILY = "kv4_decode"
+PREFILL_FAMILY = "kv4_prefill"
+_LOG2E = 1.4426950408889634
+_MIN_SCALE = tl.constexpr(2.0**-24)  # qcompile.quant.kv4.MIN_SCALE
+_NEG_INF = tl.constexpr(float("-inf"))
+
+
+# Exact int -> float of a nibble without a conversion instruction: OR the code into the
+# mantissa of 2**23 and subtract 2**23 (as in lowering/w4a16.py). Also sidesteps the Triton
+# interpreter, whose int -> bf16 cast stores the integer as raw bf16 bits.
+_MAGIC_BITS = tl.constexpr(0x4B000000)
+_MAGIC = tl.constexpr(8388608.0)
+
+
+@triton.jit
+def _unpack_codes(packed, NG: tl.constexpr, ROWS: tl.constexpr, G: tl.constexpr):
+    """[NG, ROWS, G/2] uint8 -> [NG, ROWS, G] float32 codes in channel order (even = low)."""
+    words = packed.to(tl.int32)
+    low = ((words & 0xF) | _MAGIC_BITS).to(tl.float32, bitcast=True) - _MAGIC
+    high = ((words >> 4) | _MAGIC_BITS).to(tl.float32, bitcast=True) - _MAGIC
+    return tl.reshape(tl.join(low, high), (NG, ROWS, G))
+
+
+# --------------------------------------------------------------------------- attention
+@triton.jit
+def _kv4_attention_kernel(
+    q_ptr, kc_ptr, ks_ptr, ko_ptr, vc_ptr, vs_ptr, vo_ptr, lens_ptr, mask_ptr, out_ptr, lse_ptr,
+    Sq, S, rows_total, qk_scale,
+    stride_qb, stride_qh, stride_qs, stride_qd,
+    stride_cb, stride_ch, stride_sb, stride_sh, stride_lens,
+    stride_mb, stride_mh, stride_mq, stride_ms,
+    HKV: tl.constexpr, GQA: tl.constexpr, D: tl.constexpr, G: tl.constexpr,
+    HAS_LENS: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
+    WRITE_PARTIAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    # Rows: r = i * GQA + j is query position i of query head hkv * GQA + j. Output (and the
+    # fp32 partials, one [rows_total, D] slab per split) is [B, Hq, Sq, D] contiguous.
+    # MASK_KIND: 0 none, 1 bool (as uint8, nonzero = attend), 2 additive float.
+    NG: tl.constexpr = D // G
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    pid_split = tl.program_id(2)
+    num_splits = tl.num_programs(2)
+    b = pid_bh // HKV
+    hkv = pid_bh % HKV
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pos = rows // GQA
+    head = hkv * GQA + rows % GQA
+    row_ok = pos < Sq
+
+    seq_len = S
+    if HAS_LENS:
+        seq_len = tl.load(lens_ptr + b * stride_lens).to(tl.int32)
+    kv_end = seq_len
+    if IS_CAUSAL:  # the tile's last query sits at position seq_len - Sq + pos_max
+        pos_max = tl.minimum((pid_m * BLOCK_M + BLOCK_M - 1) // GQA, Sq - 1)
+        kv_end = tl.minimum(seq_len, seq_len - Sq + pos_max + 1)
+    per_split = tl.cdiv(tl.cdiv(kv_end, num_splits), BLOCK_N) * BLOCK_N
+    start = pid_split * per_split
+    end = tl.minimum(start + per_split, kv_end)
+
+    grp = tl.arange(0, NG)[:, None, None]  # [NG, 1, 1]
+    ch = tl.arange(0, G)[None, None, :]  # [1, 1, G]: channel grp * G + ch
+    q_ptrs = (q_ptr + b * stride_qb + head[None, :, None] * stride_qh
+              + pos[None, :, None] * stride_qs + (grp * G + ch) * stride_qd)  # fmt: skip
+    q = tl.load(q_ptrs, mask=row_ok[None, :, None], other=0.0)  # [NG, BLOCK_M, G]
+    q_sum = tl.sum(q.to(tl.float32), axis=2, keep_dims=True)  # [NG, BLOCK_M, 1]
+
+    m_i = tl.full((BLOCK_M,), _NEG_INF, tl.float32)  # running max, log2 domain
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((NG, BLOCK_M, G), tl.float32)
+    offs_n = tl.arange(0, BLOCK_N)
+    half = tl.arange(0, G // 2)[None, None, :]
+    code_base = b * stride_cb + hkv * stride_ch + grp * (G // 2) + half  # [NG, 1, G/2]
+    scale_base = b * stride_sb + hkv * stride_sh + grp  # [NG, 1, 1]
+    mask_base = mask_ptr + b * stride_mb + head[:, None] * stride_mh + pos[:, None] * stride_mq
+    for n0 in range(start, end, BLOCK_N):
+        cols = n0 + offs_n
+        col_ok = cols < end
+        # a token of a head is D/2 contiguous bytes: [NG, BLOCK_N, G/2] is one contiguous block
+        code_offs = code_base + cols[None, :, None] * (D // 2)
+        scale_offs = scale_base + cols[None, None, :] * NG  # [NG, 1, BLOCK_N]
+        k_codes = _unpack_codes(
+            tl.load(kc_ptr + code_offs, mask=col_ok[None, :, None], other=0), NG, BLOCK_N, G
+        )
+        k_scale = tl.load(ks_ptr + scale_offs, mask=col_ok[None, None, :], other=0.0)
+        k_offset = tl.load(ko_ptr + scale_offs, mask=col_ok[None, None, :], other=0.0)
+        qk = tl.dot(q, tl.permute(k_codes.to(q.dtype), (0, 2, 1)))  # [NG, BLOCK_M, BLOCK_N]
+        qk = qk * k_scale.to(tl.float32) + q_sum * k_offset.to(tl.float32)
+        scores = tl.sum(qk, axis=0) * qk_scale  # [BLOCK_M, BLOCK_N], log2 domain
+        visible = row_ok[:, None] & col_ok[None, :]
+        if IS_CAUSAL:
+            visible = visible & (cols[None, :] <= (pos + seq_len - Sq)[:, None])
+        if MASK_KIND == 1:
+            keep = tl.load(mask_base + cols[None, :] * stride_ms, mask=visible, other=0)
+            visible = visible & (keep != 0)
+        if MASK_KIND == 2:
+            bias = tl.load(mask_base + cols[None, :] * stride_ms, mask=visible, other=0.0)
+            scores += bias.to(tl.float32) * 1.4426950408889634
+        scores = tl.where(visible, scores, _NEG_INF)
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        m_safe = tl.where(m_new == _NEG_INF, 0.0, m_new)  # rows with nothing visible yet
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(scores - m_safe[:, None])  # [BLOCK_M, BLOCK_N]
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+
+        v_codes = _unpack_codes(
+            tl.load(vc_ptr + code_offs, mask=col_ok[None, :, None], other=0), NG, BLOCK_N, G
+        )
+        v_scale = tl.load(vs_ptr + scale_offs, mask=col_ok[None, None, :], other=0.0)
+        v_offset = tl.load(vo_ptr + scale_offs, mask=col_ok[None, None, :], other=0.0)
+        # P * scale in fp16 with each group's scales divided by a power of two 2**e >= their
+        # tile maximum: the products stay in [0, 2) and never underflow where P alone would
+        # not (as FlashAttention's fp16 P); 2**e is exact to multiply back.
+        v_scale = v_scale.to(tl.float32)  # [NG, 1, BLOCK_N]
+        top = tl.max(v_scale, axis=2, keep_dims=True)  # [NG, 1, 1]
+        pow2 = tl.exp2(tl.ceil(tl.log2(tl.maximum(top, _MIN_SCALE))))
+        p_scaled = (p[None, :, :] * (v_scale / pow2)).to(tl.float16)  # [NG, BLOCK_M, BLOCK_N]
+        pv = tl.dot(p_scaled, v_codes.to(tl.float16))  # [NG, BLOCK_M, G]
+        p_offset = tl.sum(p[None, :, :] * v_offset.to(tl.float32), axis=2, keep_dims=True)
+        acc = acc * alpha[None, :, None] + pv * pow2 + p_offset
+        m_i = m_new
+
+    out_row = (b * HKV * GQA + head) * Sq + pos  # row of the [B, Hq, Sq] output
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    out = acc / l_safe[None, :, None]  # rows that saw no key: acc = 0 -> 0
+    out_ptrs = (out_ptr + pid_split * rows_total * D
+                + out_row[None, :, None] * D + grp * G + ch)  # fmt: skip
+    if WRITE_PARTIAL:
+        tl.store(out_ptrs, out, mask=row_ok[None, :, None])
+        lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), _NEG_INF)
+        tl.store(lse_ptr + pid_split * rows_total + out_row, lse, mask=row_ok)
+    else:
+        tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_ok[None, :, None])
+
+
+@triton.jit
+def _kv4_split_reduce_kernel(
+    part_ptr, lse_ptr, out_ptr, rows_total, SPLITS: tl.constexpr, SPLITS_POW2: tl.constexpr,
+    D: tl.constexpr,
+):  # fmt: skip
+    # One program per output row; partials [SPLITS, rows_total, D] fp32, lse [SPLITS, rows].
+    row = tl.program_id(0)
+    sp = tl.arange(0, SPLITS_POW2)
+    d = tl.arange(0, D)
+    sp_ok = sp < SPLITS
+    lse = tl.load(lse_ptr + sp * rows_total + row, mask=sp_ok, other=_NEG_INF)
+    top = tl.max(lse, axis=0)
+    w = tl.exp2(lse - tl.where(top == _NEG_INF, 0.0, top))  # empty splits weigh 0
+    part = tl.load(part_ptr + (sp[:, None] * rows_total + row) * D + d[None, :],
+                   mask=sp_ok[:, None], other=0.0)  # fmt: skip
+    total = tl.sum(w, axis=0)
+    out = tl.sum(part * w[:, None], axis=0) / tl.where(total > 0, total, 1.0)
+    tl.store(out_ptr + row * D + d, out.to(out_ptr.dtype.element_ty))
+
+
+# --------------------------------------------------------------------------- cache write
+@triton.jit
+def _quantize_store(x, codes_ptr, scales_ptr, offsets_ptr, code_offs, scale_offs, ok,
+                    NG: tl.constexpr, BLOCK_T: tl.constexpr, G: tl.constexpr):  # fmt: skip
+    """x [BLOCK_T, NG, G] float32 -> codes/scales/offsets stored at the given offsets."""
+    lo = tl.min(x, axis=2)
+    hi = tl.max(x, axis=2)
+    scale = tl.maximum(tl.math.div_rn(hi - lo, 15.0), _MIN_SCALE).to(tl.float16)
+    offset = lo.to(tl.float16)
+    # IEEE division and floor(v + 0.5), as the reference: the codes match it bit for bit
+    v = tl.math.div_rn(x - offset.to(tl.float32)[:, :, None], scale.to(tl.float32)[:, :, None])
+    codes = tl.minimum(tl.maximum(tl.floor(v + 0.5), 0.0), 15.0).to(tl.int32)
+    even, odd = tl.split(tl.reshape(codes, (BLOCK_T, NG, G // 2, 2)))
+    packed = (even | (odd << 4)).to(tl.uint8)  # [BLOCK_T, NG, G/2]
+    tl.store(codes_ptr + code_offs, packed, mask=ok[:, None, None])
+    tl.store(scales_ptr + scale_offs, scale, mask=ok[:, None])
+    tl.store(offsets_ptr + scale_offs, offset, mask=ok[:, None])
+
+
+@triton.jit
+def _kv4_cache_write_kernel(
+    k_ptr, v_ptr, kc_ptr, ks_ptr, ko_ptr, vc_ptr, vs_ptr, vo_ptr, pos_ptr, Sn, S,
+    stride_kb, stride_kh, stride_ks, stride_kd, stride_vb, stride_vh, stride_vs, stride_vd,
+    stride_cb, stride_ch, stride_sb, stride_sh,
+    HKV: tl.constexpr, D: tl.constexpr, G: tl.constexpr, BLOCK_T: tl.constexpr,
+):  # fmt: skip
+    # One program per (batch, KV head, tile of new tokens) writes both K and V. A position
+    # past the cache (S) is dropped rather than written out of bounds.
+    NG: tl.constexpr = D // G
+    pid_bh = tl.program_id(0)
+    b = pid_bh // HKV
+    h = pid_bh % HKV
+    t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    ok = t < Sn
+    pos = tl.load(pos_ptr + t, mask=ok, other=0)
+    ok = ok & (pos >= 0) & (pos < S)
+    grp = tl.arange(0, NG)[None, :, None]
+    ch = tl.arange(0, G)[None, None, :]
+    half = tl.arange(0, G // 2)[None, None, :]
+    chan = grp * G + ch  # [1, NG, G]
+    code_offs = (
+        b * stride_cb + h * stride_ch + pos[:, None, None] * (D // 2) + grp * (G // 2) + half
+    )
+    scale_offs = b * stride_sb + h * stride_sh + pos[:, None] * NG + tl.arange(0, NG)[None, :]
+    k = tl.load(k_ptr + b * stride_kb + h * stride_kh + t[:, None, None] * stride_ks
+                + chan * stride_kd, mask=ok[:, None, None], other=0.0)  # fmt: skip
+    _quantize_store(
+        k.to(tl.float32), kc_ptr, ks_ptr, ko_ptr, code_offs, scale_offs, ok, NG, BLOCK_T, G
+    )
+    v = tl.load(v_ptr + b * stride_vb + h * stride_vh + t[:, None, None] * stride_vs
+                + chan * stride_vd, mask=ok[:, None, None], other=0.0)  # fmt: skip
+    _quantize_store(
+        v.to(tl.float32), vc_ptr, vs_ptr, vo_ptr, code_offs, scale_offs, ok, NG, BLOCK_T, G
+    )
+
+
+# --------------------------------------------------------------------------- configs
+def _pow2(v: int) -> bool:
+    return v > 0 and v & (v - 1) == 0
+
+
+def seq_bucket(s: int) -> int:
+    """Next power of two of the cache length S (at least 16)."""
+    return max(16, 1 << max(s - 1, 0).bit_length())
+
+
+def decode_rows(sq: int, gqa: int) -> int:
+    """BLOCK_M of the decode strategy: every query row of a KV head in one tile (>= 16 for
+    tl.dot, so MHA pads 1 row to 16: the tensor cores idle anyway in a memory-bound loop)."""
+    return max(16, 1 << max(sq * gqa - 1, 0).bit_length())
+
+
+def valid_config(cfg: KernelConfig, rows: int) -> bool:
+    """Power-of-two tiles >= 16 (tl.dot's minimum), decode tiles holding every row."""
+    if cfg.kernel not in ("decode", "prefill"):
+        return False
+    if not (_pow2(cfg.block_m) and _pow2(cfg.block_n)) or min(cfg.block_m, cfg.block_n) < 16:
+        return False
+    if cfg.kernel == "decode":
+        return cfg.block_m >= rows and cfg.split_k >= 1
+    return cfg.split_k == 1
+
+
+# Split the sequence until the grid covers ~4 waves of an H100 (132 SMs); past that the
+# partials cost traffic without adding parallelism.
+_SPLIT_PROGRAM_TARGET = 4 * 132
+
+
+def candidate_configs(b: int, hkv: int, sq: int, gqa: int, s: int) -> list[KernelConfig]:
+    """What autotuning tries for one (rows, head_dim, S bucket, group, dtype, B * Hkv)."""
+    rows = sq * gqa
+    out: list[KernelConfig] = []
+    if rows <= 64:
+        bm = decode_rows(sq, gqa)
+        programs = b * hkv
+        for split in (1, 2, 4, 8, 16, 32, 64, 128):
+            if split > 1 and (programs * split // 2 >= _SPLIT_PROGRAM_TARGET or s < split * 64):
+                continue
+            for bn, warps, stages in ((32, 2, 2), (64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 8, 3)):
+                out.append(KernelConfig("decode", bm, bn, 0, split, warps, stages))
+    if sq > 1:
+        for bm, bn, warps, stages in ((64, 32, 4, 2), (64, 64, 4, 2), (64, 64, 4, 3),
+                                      (128, 32, 8, 2), (128, 64, 8, 2), (128, 64, 8, 3)):  # fmt: skip
+            out.append(KernelConfig("prefill", bm, bn, 0, 1, warps, stages))
+    return [c for c in out if valid_config(c, rows)]
+
+
+def default_config(b: int, hkv: int, sq: int, gqa: int, s: int) -> KernelConfig:
+    """Used without tuning (QCOMPILE_AUTOTUNE=0, CUDA-graph capture): valid for every shape."""
+    rows = sq * gqa
+    if rows <= 64:
+        split = 1
+        while split < 64 and b * hkv * split * 2 <= 2 * 132 and s >= split * 2 * 256:
+            split *= 2
+        return KernelConfig("decode", decode_rows(sq, gqa), 64, 0, split, 4, 2)
+    return KernelConfig("prefill", 64, 64, 0, 1, 4, 2)
+
+
+# --------------------------------------------------------------------------- launchers
+def launch_attention(
+    cfg: KernelConfig,
+    query: torch.Tensor,
+    k_codes: torch.Tensor,
+    k_scales: torch.Tensor,
+    k_offsets: torch.Tensor,
+    v_codes: torch.Tensor,
+    v_scales: torch.Tensor,
+    v_offsets: torch.Tensor,
+    seq_lens: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    is_causal: bool,
+    scale: float,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Run one config: query [B, Hq, Sq, D] (any strides) -> out [B, Hq, Sq, D] contiguous.
+
+    The packed cache tensors must be contiguous (the op checks)."""
+    b, hq, sq, d = query.shape
+    hkv, s = k_codes.shape[1], k_codes.shape[2]
+    gqa = hq // hkv
+    g = d // k_scales.shape[-1]
+    if out is None:
+        out = torch.empty((b, hq, sq, d), device=query.device, dtype=query.dtype)
+    elif not out.is_contiguous():
+        raise ValueError("launch_attention: out must be contiguous")
+    rows_total = b * hq * sq
+    split = cfg.split_k if cfg.kernel == "decode" else 1
+    if split > 1:
+        target = torch.empty((split, b, hq, sq, d), device=query.device, dtype=torch.float32)
+        lse = torch.empty((split, b, hq, sq), device=query.device, dtype=torch.float32)
+    else:
+        target, lse = out, out  # lse is never written without WRITE_PARTIAL
+    mask_kind, mask_arg, mask_strides = 0, out, (0, 0, 0, 0)
+    if mask is not None:
+        full = mask.expand(b, hq, sq, s)
+        mask_kind = 1 if mask.dtype == torch.bool else 2
+        mask_arg = full.view(torch.uint8) if mask_kind == 1 else full
+        mask_strides = full.stride()
+    lens_arg = seq_lens if seq_lens is not None else out
+    grid = (triton.cdiv(sq * gqa, cfg.block_m), b * hkv, split)
+    _kv4_attention_kernel[grid](
+        query, k_codes, k_scales, k_offsets, v_codes, v_scales, v_offsets, lens_arg, mask_arg,
+        target, lse, sq, s, rows_total, scale * _LOG2E,
+        *query.stride(), k_codes.stride(0), k_codes.stride(1),
+        k_scales.stride(0), k_scales.stride(1),
+        seq_lens.stride(0) if seq_lens is not None else 0, *mask_strides,
+        HKV=hkv, GQA=gqa, D=d, G=g, HAS_LENS=seq_lens is not None, IS_CAUSAL=is_causal,
+        MASK_KIND=mask_kind, WRITE_PARTIAL=split > 1, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    if split > 1:
+        _kv4_split_reduce_kernel[(rows_total,)](
+            target, lse, out, rows_total, SPLITS=split,
+            SPLITS_POW2=triton.next_power_of_2(split), D=d,
+        )  # fmt: skip
+    return out
+
+
+def _bench_us(fn) -> float:
+    from triton.testing import do_bench
+
+    return 1000.0 * do_bench(fn, warmup=2, rep=10, return_mode="median")
+
+
+def tune_key(query: torch.Tensor, k_codes: torch.Tensor, k_scales: torch.Tensor) -> TuneKey:
+    """TuneKey(family, m_bucket(Sq * Hq/Hkv rows), N=D, K=S bucket, G, dtype, B * Hkv bucket)."""
+    b, hq, sq, d = query.shape
+    hkv, s = k_codes.shape[1], k_codes.shape[2]
+    family = DECODE_FAMILY if sq * (hq // hkv) <= 64 else PREFILL_FAMILY
+    return TuneKey(
+        family, m_bucket(sq * (hq // hkv)), d, seq_bucket(s), d // k_scales.shape[-1],
+        str(query.dtype).removeprefix("torch."), m_bucket(b * hkv),
+    )  # fmt: skip
+
+
+def kv4_attention_cuda(
+    query: torch.Tensor,
+    k_codes: torch.Tensor,
+    k_scales: torch.Tensor,
+    k_offsets: torch.Tensor,
+    v_codes: torch.Tensor,
+    v_scales: torch.Tensor,
+    v_offsets: torch.Tensor,
+    seq_lens: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    is_causal: bool,
+    scale: float,
+) -> torch.Tensor:
+    """The op's CUDA path: the tuned config of this shape, then `launch_attention`."""
+    b, hq, sq, _ = query.shape
+    hkv, s = k_codes.shape[1], k_codes.shape[2]
+    gqa = hq // hkv
+    args = (query, k_codes, k_scales, k_offsets, v_codes, v_scales, v_offsets, seq_lens, mask)
+    key = tune_key(query, k_codes, k_scales)
+    tuner = autotuner(query.device.index or 0)
+    cfg = tuner.lookup(key)
+    if cfg is None or not valid_config(cfg, sq * gqa):
+        cfg = tuner.get(
+            key,
+            candidate_configs(b, hkv, sq, gqa, s),
+            lambda c: _bench_us(lambda: launch_attention(c, *args, is_causal, scale)),
+            default_config(b, hkv, sq, gqa, s),
+            valid=lambda c: valid_config(c, sq * gqa),
+        )
+    return launch_attention(cfg, *args, is_causal, scale)
+
+
+def kv4_cache_write_cuda(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    k_codes: torch.Tensor,
+    k_scales: torch.Tensor,
+    k_offsets: torch.Tensor,
+    v_codes: torch.Tensor,
+    v_scales: torch.Tensor,
+    v_offsets: torch.Tensor,
+    positions: torch.Tensor,
+    block_t: int = 16,
+) -> None:
+    """Quantize key/value [B, Hkv, Sn, D] (any strides) into the cache at `positions`."""
+    b, hkv, sn, d = key.shape
+    g = d // k_scales.shape[-1]
+    grid = (b * hkv, triton.cdiv(sn, block_t))
+    _kv4_cache_write_kernel[grid](
+        key, value, k_codes, k_scales, k_offsets, v_codes, v_scales, v_offsets, positions, sn,
+        k_codes.shape[2],
+        *key.stride(), *value.stride(), k_codes.stride(0), k_codes.stride(1),
+        k_scales.stride(0), k_scales.stride(1),
+        HKV=hkv, D=d, G=g, BLOCK_T=block_t, num_warps=4,
+    )  # fmt: skip

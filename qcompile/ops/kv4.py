@@ -1,0 +1,313 @@
+"""KV4 ops: attention that reads a packed int4 K/V cache, and quantize-on-write into it.
+
+* `qcompile::kv4_attention(query, k_codes, k_scales, k_offsets, v_codes, v_scales, v_offsets,
+  seq_lens, mask, is_causal, scale)`: softmax(Q K^T * scale + mask) V with K and V in the layout
+  of `qcompile.quant.kv4`, grouped-query attention by shape (Hq a multiple of Hkv).
+* `qcompile::kv4_cache_write(key, value, <the six cache tensors>, positions)`: quantize new
+  K/V [B, Hkv, Sn, D] and store them at `positions` along S, in place.
+* `qcompile::kv4_dequantize(codes, scales, offsets, dtype)`: the plain [B, H, S, D] tensor;
+  what a KV4 cache returns to attention code that cannot read int4 (SDPA, eager), and what
+  the attention pass folds away when it rewrites that attention into `kv4_attention`.
+
+The reference implementations (dequantize, then plain attention in float32) are the CPU path,
+the test oracle and the definition of the math; on CUDA the ops run the Triton kernels of
+`qcompile.lowering.kv4_attention`. The ops are opaque to Inductor.
+
+Masking, in the order applied: key j of batch b exists iff j < seq_lens[b] (all S when
+seq_lens is None); with is_causal, query i sees key j iff j <= i + seq_lens[b] - Sq (the
+queries are the last Sq positions: bottom-right alignment, as in a KV cache); `mask`
+(4-D, broadcastable to [B, Hq, Sq, S]) is boolean (True = attend) or additive float. A query
+that sees no key gets a zero output row (SDPA would give NaN).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from qcompile.config import KVScheme
+from qcompile.quant.kv4 import SCALE_DTYPE, PackedKV4, dequantize_kv4, quantize_kv4
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16)
+KERNEL_HEAD_DIMS = (64, 128)
+
+
+def _group_size(codes: torch.Tensor, scales: torch.Tensor) -> int:
+    return 2 * codes.shape[-1] // max(scales.shape[-1], 1)
+
+
+def check_kv4_cache(
+    name: str, codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor
+) -> int:
+    """Layout contract of one packed K or V; returns its group size."""
+    if codes.dim() != 4 or codes.dtype != torch.uint8:
+        raise ValueError(
+            f"qcompile.kv4: {name}_codes must be [B, H, S, D/2] uint8, got "
+            f"{tuple(codes.shape)} {codes.dtype}"
+        )
+    d = 2 * codes.shape[-1]
+    groups = scales.shape[-1] if scales.dim() == 4 else 0
+    if groups == 0 or d % groups or (d // groups) % 2:
+        raise ValueError(
+            f"qcompile.kv4: {name}_scales {tuple(scales.shape)} do not divide D={d} into groups"
+        )
+    for part, t in (("scales", scales), ("offsets", offsets)):
+        if tuple(t.shape) != (*codes.shape[:3], groups) or t.dtype != SCALE_DTYPE:
+            raise ValueError(
+                f"qcompile.kv4: {name}_{part} must be [B, H, S, D/G] = "
+                f"{(*codes.shape[:3], groups)} float16, got {tuple(t.shape)} {t.dtype}"
+            )
+    for part, t in (("codes", codes), ("scales", scales), ("offsets", offsets)):
+        if not t.is_contiguous():
+            raise ValueError(f"qcompile.kv4: {name}_{part} must be contiguous")
+    return d // groups
+
+
+def check_kv4_attention_args(
+    query: torch.Tensor,
+    k_codes: torch.Tensor,
+    k_scales: torch.Tensor,
+    k_offsets: torch.Tensor,
+    v_codes: torch.Tensor,
+    v_scales: torch.Tensor,
+    v_offsets: torch.Tensor,
+    seq_lens: torch.Tensor | None,
+    mask: torch.Tensor | None,
+) -> None:
+    """Shape/dtype contract of `kv4_attention`; raises ValueError saying what is wrong."""
+    check_kv4_cache("k", k_codes, k_scales, k_offsets)
+    check_kv4_cache("v", v_codes, v_scales, v_offsets)
+    if query.dim() != 4 or not query.dtype.is_floating_point:
+        raise ValueError(
+            f"qcompile.kv4_attention: query must be [B, Hq, Sq, D] float, got "
+            f"{tuple(query.shape)} {query.dtype}"
+        )
+    b, hq, sq, d = query.shape
+    kb, hkv, s, half = k_codes.shape
+    if v_codes.shape != k_codes.shape or kb != b or 2 * half != d:
+        raise ValueError(
+            f"qcompile.kv4_attention: K codes {tuple(k_codes.shape)} / V codes "
+            f"{tuple(v_codes.shape)} must both be [B={b}, Hkv, S, D/2={d // 2}]"
+        )
+    if hq % hkv:
+        raise ValueError(
+            f"qcompile.kv4_attention: {hq} query heads are not a multiple of {hkv} KV heads"
+        )
+    if seq_lens is not None and (
+        seq_lens.shape != (b,) or seq_lens.dtype not in (torch.int32, torch.int64)
+    ):
+        raise ValueError(
+            f"qcompile.kv4_attention: seq_lens must be [B={b}] int32/int64, got "
+            f"{tuple(seq_lens.shape)} {seq_lens.dtype}"
+        )
+    if mask is not None:
+        full = (b, hq, sq, s)
+        if mask.dim() != 4 or any(m not in (1, f) for m, f in zip(mask.shape, full, strict=True)):
+            raise ValueError(
+                f"qcompile.kv4_attention: mask {tuple(mask.shape)} does not broadcast to "
+                f"[B, Hq, Sq, S] = {full}"
+            )
+        if mask.dtype != torch.bool and not mask.dtype.is_floating_point:
+            raise ValueError(
+                f"qcompile.kv4_attention: mask must be bool or float, not {mask.dtype}"
+            )
+
+
+def visible_keys(
+    b: int,
+    sq: int,
+    s: int,
+    seq_lens: torch.Tensor | None,
+    is_causal: bool,
+    device: torch.device,
+) -> torch.Tensor:
+    """[B, 1, Sq, S] bool: which keys each query may see before the explicit mask."""
+    j = torch.arange(s, device=device)
+    lens = (
+        torch.full((b,), s, device=device) if seq_lens is None else seq_lens.to(device).long()
+    ).view(b, 1, 1, 1)
+    visible = j.view(1, 1, 1, s) < lens
+    if is_causal:
+        i = torch.arange(sq, device=device).view(1, 1, sq, 1)
+        visible = visible & (j.view(1, 1, 1, s) <= i + lens - sq)
+    return visible
+
+
+def kv4_attention_reference(
+    query: torch.Tensor,
+    k_codes: torch.Tensor,
+    k_scales: torch.Tensor,
+    k_offsets: torch.Tensor,
+    v_codes: torch.Tensor,
+    v_scales: torch.Tensor,
+    v_offsets: torch.Tensor,
+    seq_lens: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    is_causal: bool,
+    scale: float,
+    compute_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Dequantize K and V, repeat them for the query heads, plain softmax attention."""
+    check_kv4_attention_args(
+        query, k_codes, k_scales, k_offsets, v_codes, v_scales, v_offsets, seq_lens, mask
+    )
+    b, hq, sq, _ = query.shape
+    hkv, s = k_codes.shape[1], k_codes.shape[2]
+    g = _group_size(k_codes, k_scales)
+    k = dequantize_kv4(PackedKV4(k_codes, k_scales, k_offsets, g), compute_dtype)
+    v = dequantize_kv4(PackedKV4(v_codes, v_scales, v_offsets, g), compute_dtype)
+    k = k.repeat_interleave(hq // hkv, dim=1)
+    v = v.repeat_interleave(hq // hkv, dim=1)
+    scores = (query.to(compute_dtype) @ k.transpose(-1, -2)) * scale
+    visible = visible_keys(b, sq, s, seq_lens, is_causal, query.device).expand(b, hq, sq, s)
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            visible = visible & mask
+        else:
+            scores = scores + mask.to(compute_dtype)
+    scores = scores.masked_fill(~visible, -math.inf)
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows that see no key -> 0
+    return (probs @ v).to(query.dtype)
+
+
+@torch.library.custom_op("qcompile::kv4_attention", mutates_args=())
+def kv4_attention(
+    query: torch.Tensor,
+    k_codes: torch.Tensor,
+    k_scales: torch.Tensor,
+    k_offsets: torch.Tensor,
+    v_codes: torch.Tensor,
+    v_scales: torch.Tensor,
+    v_offsets: torch.Tensor,
+    seq_lens: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    is_causal: bool,
+    scale: float,
+) -> torch.Tensor:
+    """query [B, Hq, Sq, D] attending over packed int4 K/V [B, Hkv, S, D] -> [B, Hq, Sq, D]."""
+    return kv4_attention_reference(
+        query, k_codes, k_scales, k_offsets, v_codes, v_scales, v_offsets, seq_lens, mask,
+        is_causal, scale,
+    )  # fmt: skip
+
+
+@kv4_attention.register_fake
+def _(query, k_codes, k_scales, k_offsets, v_codes, v_scales, v_offsets, seq_lens, mask, *_):
+    check_kv4_attention_args(
+        query, k_codes, k_scales, k_offsets, v_codes, v_scales, v_offsets, seq_lens, mask
+    )
+    return torch.empty_like(query, memory_format=torch.contiguous_format)
+
+
+@kv4_attention.register_kernel("cuda")
+def _(query, k_codes, k_scales, k_offsets, v_codes, v_scales, v_offsets, seq_lens, mask, is_causal, scale):  # fmt: skip
+    args = (query, k_codes, k_scales, k_offsets, v_codes, v_scales, v_offsets, seq_lens, mask)
+    check_kv4_attention_args(*args)
+    if query.dtype not in KERNEL_DTYPES or query.shape[-1] not in KERNEL_HEAD_DIMS:
+        # The pass and the attention function never emit this; a hand-built call gets the
+        # reference math, not an error.
+        return kv4_attention_reference(*args, is_causal, scale)
+    from qcompile.lowering.kv4_attention import kv4_attention_cuda
+
+    return kv4_attention_cuda(*args, is_causal, scale)
+
+
+def check_kv4_cache_write_args(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    k_codes: torch.Tensor,
+    k_scales: torch.Tensor,
+    k_offsets: torch.Tensor,
+    v_codes: torch.Tensor,
+    v_scales: torch.Tensor,
+    v_offsets: torch.Tensor,
+    positions: torch.Tensor,
+) -> int:
+    """Contract of `kv4_cache_write`; returns the group size."""
+    g = check_kv4_cache("k", k_codes, k_scales, k_offsets)
+    if check_kv4_cache("v", v_codes, v_scales, v_offsets) != g or v_codes.shape != k_codes.shape:
+        raise ValueError("qcompile.kv4_cache_write: the K and V caches differ in shape")
+    b, h, _, half = k_codes.shape
+    for name, t in (("key", key), ("value", value)):
+        if t.dim() != 4 or (t.shape[0], t.shape[1], t.shape[3]) != (b, h, 2 * half):
+            raise ValueError(
+                f"qcompile.kv4_cache_write: {name} {tuple(t.shape)} is not [B={b}, H={h}, "
+                f"Sn, D={2 * half}]"
+            )
+    if positions.dim() != 1 or positions.shape[0] != key.shape[2] or positions.is_floating_point():
+        raise ValueError(
+            f"qcompile.kv4_cache_write: positions must be [Sn={key.shape[2]}] integers, got "
+            f"{tuple(positions.shape)} {positions.dtype}"
+        )
+    if value.shape != key.shape:
+        raise ValueError("qcompile.kv4_cache_write: key and value differ in shape")
+    return g
+
+
+def kv4_cache_write_reference(
+    key, value, k_codes, k_scales, k_offsets, v_codes, v_scales, v_offsets, positions
+) -> None:
+    """quantize_kv4, then index_copy_ into the cache along S."""
+    g = check_kv4_cache_write_args(
+        key, value, k_codes, k_scales, k_offsets, v_codes, v_scales, v_offsets, positions
+    )
+    pos = positions.to(k_codes.device).long()
+    for x, caches in ((key, (k_codes, k_scales, k_offsets)), (value, (v_codes, v_scales, v_offsets))):  # fmt: skip
+        packed = quantize_kv4(x, KVScheme(group_size=g))
+        for cache, new in zip(caches, (packed.codes, packed.scales, packed.offsets), strict=True):
+            cache.index_copy_(2, pos, new.to(cache.device))
+
+
+@torch.library.custom_op(
+    "qcompile::kv4_cache_write",
+    mutates_args=("k_codes", "k_scales", "k_offsets", "v_codes", "v_scales", "v_offsets"),
+)
+def kv4_cache_write(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    k_codes: torch.Tensor,
+    k_scales: torch.Tensor,
+    k_offsets: torch.Tensor,
+    v_codes: torch.Tensor,
+    v_scales: torch.Tensor,
+    v_offsets: torch.Tensor,
+    positions: torch.Tensor,
+) -> None:
+    """Quantize key/value [B, Hkv, Sn, D] into the packed cache at S = positions, in place."""
+    kv4_cache_write_reference(
+        key, value, k_codes, k_scales, k_offsets, v_codes, v_scales, v_offsets, positions
+    )
+
+
+@kv4_cache_write.register_fake
+def _(key, value, k_codes, k_scales, k_offsets, v_codes, v_scales, v_offsets, positions):
+    check_kv4_cache_write_args(
+        key, value, k_codes, k_scales, k_offsets, v_codes, v_scales, v_offsets, positions
+    )
+
+
+@kv4_cache_write.register_kernel("cuda")
+def _(key, value, k_codes, k_scales, k_offsets, v_codes, v_scales, v_offsets, positions):
+    args = (key, value, k_codes, k_scales, k_offsets, v_codes, v_scales, v_offsets, positions)
+    check_kv4_cache_write_args(*args)
+    if key.shape[2] == 0:
+        return
+    from qcompile.lowering.kv4_attention import kv4_cache_write_cuda
+
+    kv4_cache_write_cuda(*args)
+
+
+@torch.library.custom_op("qcompile::kv4_dequantize", mutates_args=())
+def kv4_dequantize(
+    codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """Packed [B, H, S, D/2] -> [B, H, S, D] in `dtype` (float32 math; any device)."""
+    g = check_kv4_cache("kv", codes, scales, offsets)
+    return dequantize_kv4(PackedKV4(codes, scales, offsets, g), dtype)
+
+
+@kv4_dequantize.register_fake
+def _(codes, scales, offsets, dtype):
+    check_kv4_cache("kv", codes, scales, offsets)
+    return codes.new_empty((*codes.shape[:3], 2 * codes.shape[3]), dtype=dtype)

@@ -1,0 +1,645 @@
+"""KV4: the packed int4 K/V format, its ops and kernels, SmoothAttention, the Hugging Face
+cache and attention function, and the attention pass.
+
+Kernels run in Triton's interpreter on CPU (natively on a GPU) against a float64 reference.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import KERNEL_DEVICE
+from helpers import assert_close_rel, rel_error, tiny_llama
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from strategies import KV4Problem, kv4_problems
+from transformers import CompileConfig, StaticCache
+
+import qcompile
+from qcompile import QuantConfig, Scheme
+from qcompile.backend import _fresh_graph_module
+from qcompile.config import KVScheme
+from qcompile.integrations.kv4_cache import (
+    KV4Cache,
+    KV4Layer,
+    enable_kv4_attention,
+    smooth_attention_,
+)
+from qcompile.lowering.autotune import KernelConfig
+from qcompile.lowering.kv4_attention import (
+    candidate_configs,
+    default_config,
+    kv4_cache_write_cuda,
+    launch_attention,
+)
+from qcompile.ops.kv4 import kv4_attention_reference
+from qcompile.passes.attention import rewrite_attention
+from qcompile.quant.kv4 import (
+    PackedKV4,
+    dequantize_kv4,
+    fold_smooth_attention,
+    hadamard_matrix,
+    key_channel_absmax,
+    pack_int4_pairs,
+    quantize_kv4,
+    smooth_attention_scales,
+    unpack_int4_pairs,
+)
+from qcompile.report import CompileReport
+
+KERNEL_SETTINGS = settings(
+    max_examples=20,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+
+
+# --------------------------------------------------------------------------- the format
+def test_pack_unpack_roundtrip_and_nibble_order():
+    codes = torch.randint(0, 16, (2, 3, 5, 64), dtype=torch.uint8)
+    packed = pack_int4_pairs(codes)
+    assert packed.shape == (2, 3, 5, 32) and packed.dtype == torch.uint8
+    assert torch.equal(unpack_int4_pairs(packed), codes)
+    # channel 2j is the low nibble of byte j, channel 2j + 1 the high one
+    assert torch.equal(packed[..., 7], codes[..., 14] | (codes[..., 15] << 4))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    d=st.sampled_from([64, 128]),
+    group=st.sampled_from([32, 64, 128]),
+    dtype=st.sampled_from([torch.float16, torch.bfloat16, torch.float32]),
+    magnitude=st.sampled_from([1e-3, 1.0, 300.0]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_quantize_matches_float64_math(d, group, dtype, magnitude, seed):
+    """Codes, scales and offsets from an independent float64 computation; error <= s/2."""
+    if d % group:
+        return
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randn(2, 3, 7, d, generator=gen) * magnitude).to(dtype)
+    p = quantize_kv4(x, KVScheme(group_size=group))
+    assert p.codes.shape == (2, 3, 7, d // 2) and p.scales.shape == (2, 3, 7, d // group)
+    x64 = x.double().unflatten(-1, (-1, group))
+    lo, hi = x64.amin(-1), x64.amax(-1)
+    s = ((hi - lo) / 15).clamp_min(2.0**-24).to(torch.float16).double()
+    o = lo.to(torch.float16).double()
+    # float32 (hi - lo) / 15 may round to the neighbouring fp16 value: one ulp at most
+    assert torch.allclose(p.scales.double(), s, rtol=2**-10, atol=0)
+    assert torch.equal(p.offsets.double(), o)
+    s = p.scales.double()
+    codes64 = torch.floor((x64 - o[..., None]) / s[..., None] + 0.5).clamp(0, 15)
+    codes = unpack_int4_pairs(p.codes).double().unflatten(-1, (-1, group))
+    # float32 vs float64 division may differ at an exact .5 tie: one code step, rarely
+    assert (codes != codes64).double().mean() < 1e-3
+    err = (dequantize_kv4(p, torch.float64).unflatten(-1, (-1, group)) - x64).abs()
+    bound = s / 2 + 15 * (s - (hi - lo) / 15).abs() + (o - lo).abs()
+    assert (err <= bound[..., None] * (1 + 1e-6) + 1e-12).all()
+
+
+def test_constant_groups_are_exact_and_memory_is_under_0_3x_of_fp16():
+    x = torch.full((1, 2, 4, 128), 3.0, dtype=torch.float16)
+    p = quantize_kv4(x, KVScheme(group_size=128))
+    assert torch.equal(dequantize_kv4(p, torch.float16), x)
+    fp16_bytes = x.numel() * 2
+    assert p.nbytes() / fp16_bytes == pytest.approx((64 + 4) / 256)  # 0.266
+    assert quantize_kv4(x, KVScheme(group_size=64)).nbytes() / fp16_bytes <= 0.3
+    with pytest.raises(ValueError, match="head_dim=64 is not divisible by group_size=128"):
+        quantize_kv4(x[..., :64], KVScheme(group_size=128))
+
+
+# --------------------------------------------------------------------------- SmoothAttention
+def _rope_half(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE (Hugging Face Llama) of x [..., S, D] at positions pos [S]."""
+    d = x.shape[-1]
+    inv = 1.0 / (10000 ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    ang = pos.double()[:, None] * inv[None, :]
+    cos, sin = torch.cat((ang, ang), -1).cos(), torch.cat((ang, ang), -1).sin()
+    rot = torch.cat((-x[..., d // 2 :], x[..., : d // 2]), -1)
+    return x * cos + rot * sin
+
+
+def test_smooth_attention_folding_keeps_scores_through_rope_and_shrinks_key_error():
+    torch.manual_seed(0)
+    hidden, hq, hkv, d, s = 64, 4, 2, 32, 40
+    wq = torch.randn(hq * d, hidden, dtype=torch.float64) / 8
+    wk = torch.randn(hkv * d, hidden, dtype=torch.float64) / 8
+    wk[torch.tensor([3, 3 + d // 2, d + 5])] *= 30  # outlier key channels (one rotated pair)
+    bq, bk = torch.randn(hq * d, dtype=torch.float64), torch.randn(hkv * d, dtype=torch.float64)
+    x = torch.randn(s, hidden, dtype=torch.float64)
+    pos = torch.arange(s)
+
+    def qk(wq, bq, wk, bk):
+        q = (x @ wq.t() + bq).view(s, hq, d).transpose(0, 1)
+        k = (x @ wk.t() + bk).view(s, hkv, d).transpose(0, 1)
+        return _rope_half(q, pos), _rope_half(k, pos)
+
+    absmax = key_channel_absmax((x @ wk.t() + bk).view(s, hkv, d), rope="half")
+    assert torch.equal(absmax[:, : d // 2], absmax[:, d // 2 :])  # one factor per pair
+    lam = smooth_attention_scales(absmax, alpha=0.5)
+    q0, k0 = qk(wq, bq, wk, bk)
+    q1, k1 = qk(*fold_smooth_attention(wq, bq, wk, bk, lam))
+    scores0 = q0 @ k0.repeat_interleave(hq // hkv, 0).transpose(-1, -2)
+    scores1 = q1 @ k1.repeat_interleave(hq // hkv, 0).transpose(-1, -2)
+    assert rel_error(scores1, scores0) < 1e-12  # RoPE commutes with the pairwise factors
+
+    def score_error(q, k):
+        kq = dequantize_kv4(quantize_kv4(k[None].float(), KVScheme(group_size=32)), torch.float64)
+        exact = q @ k.repeat_interleave(2, 0).transpose(-1, -2)
+        return rel_error(q @ kq[0].repeat_interleave(2, 0).transpose(-1, -2), exact)
+
+    assert score_error(q1, k1) < 0.5 * score_error(q0, k0)
+
+
+def test_smooth_attention_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="rope="):
+        key_channel_absmax(torch.randn(3, 2, 8), rope="interleaved")
+    with pytest.raises(ValueError, match="alpha"):
+        smooth_attention_scales(torch.ones(2, 8), alpha=1.5)
+    with pytest.raises(ValueError, match="do not match lambda"):
+        fold_smooth_attention(torch.ones(24, 4), None, torch.ones(16, 4), None, torch.ones(2, 8))
+
+
+# --------------------------------------------------------------------------- reference op
+@pytest.mark.parametrize("gqa", [1, 4])
+def test_reference_is_sdpa_on_dequantized_cache(gqa):
+    """Without masks the op is SDPA over the dequantized K/V; causal is bottom-right aligned."""
+    torch.manual_seed(1)
+    b, hkv, sq, s, d = 2, 2, 3, 37, 64
+    q = torch.randn(b, hkv * gqa, sq, d, dtype=torch.float64)
+    keys = quantize_kv4(torch.randn(b, hkv, s, d), KVScheme(group_size=32))
+    values = quantize_kv4(torch.randn(b, hkv, s, d), KVScheme(group_size=32))
+    k, v = dequantize_kv4(keys, torch.float64), dequantize_kv4(values, torch.float64)
+    problem = KV4Problem(q, keys, values, None, None, False, 0.3)
+    want = F.scaled_dot_product_attention(q, k, v, scale=0.3, enable_gqa=True)
+    assert rel_error(problem.reference64(), want) < 1e-12
+    lens = torch.tensor([37, 20])
+    causal = KV4Problem(q, keys, values, lens, None, True, 0.3).reference64()
+    for i, n in enumerate(lens.tolist()):
+        visible = torch.ones(sq, n, dtype=torch.bool).tril(n - sq)
+        want = F.scaled_dot_product_attention(
+            q[i : i + 1], k[i : i + 1, :, :n], v[i : i + 1, :, :n], visible, scale=0.3,
+            enable_gqa=True,
+        )  # fmt: skip
+        assert rel_error(causal[i : i + 1], want) < 1e-12
+
+
+def test_reference_zero_rows_for_queries_that_see_nothing():
+    keys = quantize_kv4(torch.randn(1, 1, 8, 64), KVScheme(group_size=64))
+    mask = torch.ones(1, 1, 2, 8, dtype=torch.bool)
+    mask[0, 0, 1] = False
+    out = KV4Problem(torch.randn(1, 2, 2, 64).double(), keys, keys, None, mask, False, 1.0)
+    ref = out.reference64()
+    assert not torch.isnan(ref).any() and torch.equal(ref[0, :, 1], torch.zeros(2, 64).double())
+
+
+# --------------------------------------------------------------------------- kernels
+def _run(problem: KV4Problem, cfg: KernelConfig) -> torch.Tensor:
+    q = problem.query
+    out = torch.full(q.shape, float("nan"), dtype=q.dtype, device=q.device)  # poison
+    return launch_attention(cfg, *problem.args(), out=out)
+
+
+@KERNEL_SETTINGS
+@given(problem=kv4_problems(decode=True, device=KERNEL_DEVICE), data=st.data())
+def test_decode_kernel_matches_float64_reference(problem, data):
+    """Flash-decoding: any split of the sequence, GQA rows, masks, partly written caches."""
+    b, hq, sq, _ = problem.query.shape
+    hkv, s = problem.keys.codes.shape[1:3]
+    configs = [c for c in candidate_configs(b, hkv, sq, hq // hkv, s) if c.kernel == "decode"]
+    cfg = data.draw(st.sampled_from(configs[:10]), label="config")
+    split = data.draw(st.sampled_from([1, 2, 3, 8]), label="split")  # 3: not a power of two
+    cfg = KernelConfig("decode", cfg.block_m, cfg.block_n, 0, split, cfg.num_warps)
+    assert_close_rel(_run(problem, cfg), problem.reference64(), problem.query.dtype)
+
+
+@KERNEL_SETTINGS
+@given(problem=kv4_problems(decode=False, device=KERNEL_DEVICE), data=st.data())
+def test_prefill_kernel_matches_float64_reference(problem, data):
+    """Flash-attention over several query positions: causal, masks, tiles of (pos, head) rows."""
+    b, hq, sq, _ = problem.query.shape
+    hkv, s = problem.keys.codes.shape[1:3]
+    cfg = data.draw(
+        st.sampled_from(
+            [KernelConfig("prefill", 16, 16, 0), KernelConfig("prefill", 32, 32, 0)]
+            + [c for c in candidate_configs(b, hkv, sq, hq // hkv, s) if c.block_m <= 64][:2]
+        ),
+        label="config",
+    )
+    assert_close_rel(_run(problem, cfg), problem.reference64(), problem.query.dtype)
+
+
+@pytest.mark.parametrize(("sq", "gqa"), [(1, 1), (1, 8), (3, 4), (40, 8)])
+def test_default_config_is_valid(sq, gqa):
+    """The untuned config (CUDA-graph capture, tuning off) runs every shape."""
+    torch.manual_seed(sq)
+    s, d = 70, 64
+    keys = quantize_kv4(torch.randn(1, 1, s, d), KVScheme(group_size=32))
+    keys = PackedKV4(*(t.to(KERNEL_DEVICE) for t in (keys.codes, keys.scales, keys.offsets)), 32)
+    q = torch.randn(1, gqa, sq, d).half().to(KERNEL_DEVICE)
+    problem = KV4Problem(q, keys, keys, None, None, sq > 1, d**-0.5)
+    cfg = default_config(1, 1, sq, gqa, s)
+    assert_close_rel(_run(problem, cfg), problem.reference64(), torch.float16)
+
+
+def test_empty_splits_and_rows_that_see_nothing_give_zeros_not_nan():
+    """More splits than tiles (seq_len 5 of 200), and a row whose mask hides every key."""
+    torch.manual_seed(3)
+    keys = quantize_kv4(torch.randn(1, 1, 200, 64), KVScheme(group_size=64))
+    keys = PackedKV4(*(t.to(KERNEL_DEVICE) for t in (keys.codes, keys.scales, keys.offsets)), 64)
+    q = torch.randn(1, 4, 1, 64).half().to(KERNEL_DEVICE)
+    mask = torch.ones(1, 4, 1, 200, dtype=torch.bool, device=KERNEL_DEVICE)
+    mask[0, 2] = False
+    lens = torch.tensor([5], dtype=torch.int32, device=KERNEL_DEVICE)
+    problem = KV4Problem(q, keys, keys, lens, mask, False, 0.125)
+    out = _run(problem, KernelConfig("decode", 16, 16, 0, 8))
+    assert torch.equal(out[0, 2].cpu(), torch.zeros(1, 64, dtype=torch.float16))
+    assert_close_rel(out, problem.reference64(), torch.float16)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    d=st.sampled_from([64, 128]),
+    group=st.sampled_from([32, 64, 128]),
+    sn=st.integers(1, 20),
+    dtype=st.sampled_from([torch.float16, torch.bfloat16]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_cache_write_kernel_is_bit_exact_with_reference(d, group, sn, dtype, seed):
+    """Quantize-on-write: codes, scales and offsets equal `quantize_kv4`'s, at the positions."""
+    if d % group:
+        return
+    gen = torch.Generator().manual_seed(seed)
+    b, h, smax = 2, 2, 24
+    key = (torch.randn(b, sn, h, d, generator=gen) * 4).to(dtype).transpose(1, 2)  # HF strides
+    value = torch.randn(b, h, sn, d, generator=gen).to(dtype)
+    positions = torch.randperm(smax, generator=gen)[:sn]
+
+    def empty_cache():
+        ng = d // group
+        return [
+            torch.zeros(b, h, smax, d // 2, dtype=torch.uint8),
+            torch.zeros(b, h, smax, ng, dtype=torch.float16),
+            torch.zeros(b, h, smax, ng, dtype=torch.float16),
+        ]
+
+    ours = [t.to(KERNEL_DEVICE) for t in empty_cache() + empty_cache()]
+    ref = empty_cache() + empty_cache()
+    kv4_cache_write_cuda(
+        key.to(KERNEL_DEVICE), value.to(KERNEL_DEVICE), *ours, positions.to(KERNEL_DEVICE)
+    )
+    torch.ops.qcompile.kv4_cache_write(key, value, *ref, positions)
+    for got, want in zip(ours, ref, strict=True):
+        assert torch.equal(got.cpu(), want)
+    p = quantize_kv4(key, KVScheme(group_size=group))
+    assert torch.equal(ref[0][:, :, positions], p.codes)
+
+
+def test_reference_rejects_bad_shapes():
+    keys = quantize_kv4(torch.randn(1, 2, 8, 64), KVScheme(group_size=64))
+    bad_q = torch.randn(1, 3, 1, 64)  # 3 query heads over 2 KV heads
+    with pytest.raises(ValueError, match="not a multiple of 2 KV heads"):
+        kv4_attention_reference(
+            bad_q, keys.codes, keys.scales, keys.offsets, keys.codes, keys.scales, keys.offsets,
+            None, None, False, 1.0,
+        )  # fmt: skip
+    with pytest.raises(ValueError, match="does not broadcast"):
+        KV4Problem(torch.randn(1, 2, 1, 64), keys, keys, None, torch.ones(1, 1, 1, 9) > 0, False, 1.0).reference64()  # fmt: skip
+
+
+# --------------------------------------------------------------------------- transformers
+SCHEME64 = KVScheme(group_size=64)
+PROMPT = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
+
+
+class FakeKV4Cache(StaticCache):
+    """transformers' StaticCache holding K/V rounded through quantize -> dequantize: the
+    math a KV4 cache must reproduce, through transformers' own attention."""
+
+    def __init__(self, config, max_cache_len: int, scheme: KVScheme, values: bool = True):
+        super().__init__(config=config, max_cache_len=max_cache_len)
+        self.scheme, self.values = scheme, values
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        def fake(x):
+            return dequantize_kv4(quantize_kv4(x, self.scheme), x.dtype)
+
+        if self.values:
+            value_states = fake(value_states)
+        if self.scheme.rotate_keys:  # round K @ H, rotate back with H (its own inverse)
+            h = hadamard_matrix(key_states.shape[-1], key_states.dtype)
+            key_states = fake(key_states @ h) @ h
+        else:
+            key_states = fake(key_states)
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+
+def _generate(model, cache, **kwargs):
+    out = model.generate(
+        PROMPT, attention_mask=torch.ones_like(PROMPT), past_key_values=cache,
+        max_new_tokens=6, do_sample=False, output_scores=True, return_dict_in_generate=True,
+        **kwargs,
+    )  # fmt: skip
+    return out.sequences[:, PROMPT.shape[1] :], torch.stack(out.scores)
+
+
+@pytest.fixture(scope="module")
+def llama_sdpa():
+    """Tiny Llama with D=64 and GQA 4:1 (SDPA attention); the fp32 and fake-KV4 baselines."""
+    model = tiny_llama(2, head_dim=64, num_key_value_heads=1)
+    fp = _generate(model, StaticCache(config=model.config, max_cache_len=24))
+    fake = _generate(model, FakeKV4Cache(model.config, 24, SCHEME64))
+    return model, fp, fake
+
+
+def test_kv4_cache_generate_matches_quantized_math_and_stays_close_to_fp(llama_sdpa):
+    """generate() with the KV4 cache: through SDPA (dequantized reads) and through the
+    qcompile_kv4 attention function (packed reads) it computes the fake-quant model's
+    tokens and scores; vs the unquantized cache it differs by the quantization error
+    (random tiny model, g64: scores 19% off, measured)."""
+    model, (fp_tokens, fp_scores), (fake_tokens, fake_scores) = llama_sdpa
+    tokens, scores = _generate(model, KV4Cache(model.config, 24, SCHEME64))
+    assert torch.equal(tokens, fake_tokens) and rel_error(scores, fake_scores) < 1e-6
+    packed = copy.deepcopy(model)
+    enable_kv4_attention(packed)
+    cache = KV4Cache(packed.config, 24, SCHEME64)
+    assert all(layer.packed_reads for layer in cache.layers)
+    tokens, scores = _generate(packed, cache)
+    assert torch.equal(tokens, fake_tokens) and rel_error(scores, fake_scores) < 1e-5
+    assert int(cache.layers[0].length) == PROMPT.shape[1] + 5  # the last token is not fed back
+    err = rel_error(scores, fp_scores)
+    assert 1e-3 < err < 0.3, err
+    assert torch.equal(tokens[:, 0], fp_tokens[:, 0])
+
+
+def test_rotated_keys_compute_the_rotated_quantized_math_and_lower_key_error():
+    """KVScheme(rotate_keys=True): the packed cache (query @ H in the attention function) and
+    the dequantized one (K rotated back) both equal the fake-quant math of rounding K @ H;
+    with outlier key channels the 4-bit key error drops (measured 2.5% -> 1.2%)."""
+    model = tiny_llama(2, head_dim=64, num_key_value_heads=1)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.k_proj.weight[[5, 5 + 32, 17]] *= 25
+        fp = model(PROMPT).logits
+        rotated = KVScheme(group_size=64, rotate_keys=True)
+
+        def logits(cache):
+            return model(PROMPT, past_key_values=cache).logits
+
+        want = logits(FakeKV4Cache(model.config, 12, rotated))
+        assert rel_error(logits(KV4Cache(model.config, 12, rotated)), want) < 1e-5
+        packed = enable_kv4_attention(model)
+        assert rel_error(logits(KV4Cache(packed.config, 12, rotated)), want) < 1e-5
+        plain_k = rel_error(logits(FakeKV4Cache(model.config, 12, SCHEME64, values=False)), fp)
+        rotated_k = rel_error(logits(FakeKV4Cache(model.config, 12, rotated, values=False)), fp)
+    assert rotated_k < 0.5 * plain_k
+    h = hadamard_matrix(64, torch.float64)
+    assert torch.allclose(h @ h, torch.eye(64, dtype=torch.float64), atol=1e-12)
+
+
+def test_generate_under_torch_compile_one_graph_no_recompiles(llama_sdpa):
+    """The packed cache under generate()'s own torch.compile of the decode step: fullgraph,
+    one graph for every position (the length is a tensor), the eager tokens."""
+    model, _, (fake_tokens, fake_scores) = llama_sdpa
+    model = enable_kv4_attention(copy.deepcopy(model))
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    config = CompileConfig(fullgraph=True, backend="eager", mode=None)
+    config._compile_all_devices = True  # generate() compiles only on accelerators otherwise
+    tokens, scores = _generate(model, KV4Cache(model.config, 24, SCHEME64), compile_config=config)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    assert torch.equal(tokens, fake_tokens) and rel_error(scores, fake_scores) < 1e-5
+
+
+def test_kv4_cache_memory_is_under_0_3x_of_fp16():
+    """Bytes of the allocated buffers, KV4 vs transformers' fp16 StaticCache (D = 128)."""
+    model = tiny_llama(2, head_dim=128, num_key_value_heads=2)
+    sizes = {}
+    for name, cache in (
+        ("fp16", StaticCache(config=model.config, max_cache_len=256)),
+        ("g128", KV4Cache(model.config, 256, KVScheme(group_size=128))),
+        ("g64", KV4Cache(model.config, 256, KVScheme(group_size=64))),
+    ):
+        cache.early_initialization(4, 2, 128, torch.float16, torch.device("cpu"))
+        sizes[name] = sum(
+            t.numel() * t.element_size()
+            for layer in cache.layers
+            for t in (
+                layer.tensors() if isinstance(layer, KV4Layer) else (layer.keys, layer.values)
+            )
+        )
+    assert sizes["fp16"] == 2 * 2 * 4 * 2 * 256 * 128 * 2
+    assert sizes["g128"] / sizes["fp16"] == pytest.approx(68 / 256)  # 0.266
+    assert sizes["g64"] / sizes["fp16"] == pytest.approx(72 / 256)  # 0.281
+
+
+def test_kv4_cache_refuses_what_it_cannot_hold():
+    model = tiny_llama(1)  # head_dim 32
+    with pytest.raises(ValueError, match="head_dim=32 is not divisible by group_size=128"):
+        KV4Cache(model.config, 16)
+    sliding = tiny_llama(1, head_dim=64, layer_types=["sliding_attention"], sliding_window=8)
+    with pytest.raises(ValueError, match="not supported"):
+        KV4Cache(sliding.config, 16, SCHEME64)
+
+
+def test_smooth_attention_keeps_the_model_and_lowers_key_error():
+    """Folded into q_proj/k_proj: the fp32 model is unchanged; with outlier key channels the
+    error of 4-bit keys drops (measured: 2.5% -> 0.9% of the logits; V is untouched)."""
+    model = tiny_llama(2, head_dim=64, num_key_value_heads=1)
+
+    def key_error():  # logits with only K in 4 bits, vs fp
+        cache = FakeKV4Cache(model.config, 12, SCHEME64, values=False)
+        return rel_error(model(PROMPT, past_key_values=cache).logits, fp)
+
+    with torch.no_grad():
+        for layer in model.model.layers:  # a rotated pair and one more channel 25x larger
+            layer.self_attn.k_proj.weight[[5, 5 + 32, 17]] *= 25
+        fp = model(PROMPT).logits
+        before = key_error()
+    scales = smooth_attention_(model, [PROMPT[:, :8]], alpha=0.5)
+    assert set(scales) == {f"model.layers.{i}.self_attn" for i in range(2)}
+    with torch.no_grad():
+        assert rel_error(model(PROMPT).logits, fp) < 1e-5
+        assert key_error() < 0.5 * before
+
+
+# --------------------------------------------------------------------------- the pass
+def _capture_pass(graphs: list):
+    """A torch.compile backend running only the attention pass (no Inductor): fast, and the
+    rewritten graph runs eagerly so its numbers can be compared."""
+
+    def backend(gm, example_inputs):
+        new = _fresh_graph_module(gm)
+        report = CompileReport(graphs=1)
+        rewrite_attention(new, QuantConfig(), report)
+        graphs.append((gm, new, report))
+        return new.forward
+
+    return backend
+
+
+def _targets(gm) -> list:
+    return [n.target for n in gm.graph.nodes if n.op in ("call_function", "call_method")]
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_attention_pass_rewrites_attention_over_a_kv4_cache(attn):
+    """SDPA and the eager matmul-softmax-matmul form (with repeat_kv, scale, mask) reading a
+    KV4 cache become kv4_attention: no dequantize, no fp K/V; the decode step's logits equal
+    the eager model's."""
+    model = tiny_llama(2, head_dim=64, num_key_value_heads=1, attn_implementation=attn)
+    caches = [KV4Cache(model.config, 16, SCHEME64) for _ in range(2)]
+    with torch.no_grad():
+        for cache in caches:
+            model(PROMPT[:, :8], past_key_values=cache)
+        graphs = []
+        torch._dynamo.reset()
+        step = torch.compile(model, backend=_capture_pass(graphs), fullgraph=True)
+        mask = torch.ones(2, 9, dtype=torch.long)
+        out = step(PROMPT[:, 8:9], past_key_values=caches[0], attention_mask=mask).logits
+        want = model(PROMPT[:, 8:9], past_key_values=caches[1], attention_mask=mask).logits
+    ((before, after, report),) = graphs
+    assert rel_error(out, want) < 1e-5
+    targets = _targets(after)
+    assert targets.count(torch.ops.qcompile.kv4_attention.default) == 2
+    assert torch.ops.qcompile.kv4_dequantize not in targets
+    assert torch._C._nn.scaled_dot_product_attention not in targets
+    assert torch.nn.functional.softmax not in targets
+    assert _targets(before).count(torch.ops.qcompile.kv4_dequantize) == 4  # Dynamo's is intact
+    assert [(r.name, r.form, r.heads, r.head_dim, r.status) for r in report.attention] == [
+        (f"model.layers.{i}.self_attn", attn, (4, 1), 64, "quantized") for i in range(2)
+    ]
+    assert "2 attention: 2 quantized" in report.summary()
+
+
+def test_attention_pass_rewrites_causal_prefill_over_the_first_positions():
+    """A compiled prefill into an empty static cache: transformers drops the mask, slices
+    K/V to the first Sq positions and calls SDPA with is_causal; that becomes kv4_attention
+    with seq_lens = Sq."""
+    model = tiny_llama(1, head_dim=64, num_key_value_heads=1)
+    caches = [KV4Cache(model.config, 16, SCHEME64) for _ in range(2)]
+    graphs = []
+    torch._dynamo.reset()
+    with torch.no_grad():
+        out = torch.compile(model, backend=_capture_pass(graphs), fullgraph=True)(
+            PROMPT, past_key_values=caches[0]
+        ).logits
+        want = model(PROMPT, past_key_values=caches[1]).logits
+    ((_, after, report),) = graphs
+    assert rel_error(out, want) < 1e-5
+    (node,) = [n for n in after.graph.nodes if n.target == torch.ops.qcompile.kv4_attention.default]
+    assert node.args[8] is None and node.args[9] is True  # no mask, causal
+    assert node.args[7].target is torch.full and node.args[7].args == ((2,), PROMPT.shape[1])
+    assert [r.status for r in report.attention] == ["quantized"]
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_attention_pass_leaves_attention_without_kv4_cache_alone(attn):
+    """No KV4 cache: nothing to read in 4 bits; the graph is unchanged and the report says why."""
+    model = tiny_llama(1, head_dim=64, num_key_value_heads=1, attn_implementation=attn)
+    graphs = []
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(model, backend=_capture_pass(graphs))(PROMPT)
+    ((before, after, report),) = graphs
+    assert _targets(after) == _targets(before)
+    (record,) = report.attention
+    assert (record.form, record.status) == (attn, "skipped")
+    assert "not read from a KV4 cache" in record.detail
+
+
+def test_attention_pass_reports_fallbacks_and_the_attention_function():
+    """A KV4-fed eager attention whose weights are returned stays as is (fallback, warned);
+    the qcompile_kv4 attention function's calls are reported as prequantized."""
+    model = tiny_llama(1, head_dim=64, num_key_value_heads=1, attn_implementation="eager")
+    cache = KV4Cache(model.config, 16, SCHEME64)
+    graphs = []
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(model, backend=_capture_pass(graphs))(
+            PROMPT, past_key_values=cache, output_attentions=True
+        )
+    (record,) = graphs[0][2].attention
+    assert record.status == "fallback" and "attention weights are used elsewhere" in record.detail
+    packed = enable_kv4_attention(tiny_llama(1, head_dim=64, num_key_value_heads=1))
+    graphs = []
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(packed, backend=_capture_pass(graphs))(
+            PROMPT, past_key_values=KV4Cache(packed.config, 16, SCHEME64)
+        )
+    (record,) = graphs[0][2].attention
+    assert (record.form, record.status, record.heads) == ("kv4", "prequantized", (4, 1))
+
+
+def test_qcompile_backend_generate_with_kv4_cache_and_w4a16_linears():
+    """End to end through AOT autograd and Inductor: generate() compiles the decode step with
+    the qcompile backend; the W4A16 linears (quantize_) and the attention over the KV4 cache,
+    rewritten into kv4_attention, give the eager model's tokens and scores."""
+    model = tiny_llama(1, head_dim=64, num_key_value_heads=1)
+    config = QuantConfig(Scheme(group_size=64))
+    qcompile.quantize_(model, config)
+    want_tokens, want_scores = _generate(model, KV4Cache(model.config, 24, SCHEME64))
+    backend = qcompile.backend(config)
+    # CompileConfig deep-copies its fields (and so the backend and its report); a function
+    # is copied by reference
+    compile_config = CompileConfig(fullgraph=True, backend=lambda *a, **k: backend(*a, **k))
+    compile_config._compile_all_devices = True
+    torch._dynamo.reset()
+    tokens, scores = _generate(
+        model, KV4Cache(model.config, 24, SCHEME64), compile_config=compile_config
+    )
+    assert torch.equal(tokens, want_tokens) and rel_error(scores, want_scores) < 1e-5
+    assert [(r.form, r.status) for r in backend.report.attention] == [("sdpa", "quantized")]
+    statuses = sorted(r.status for r in backend.report.records)
+    assert statuses == ["prequantized"] * 7 + ["skipped"]  # lm_head
+
+
+# --------------------------------------------------------------------------- on the H100
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(("sq", "s"), [(1, 4100), (1, 32768), (300, 300), (64, 4096)])
+def test_op_on_cuda_tunes_and_matches_float64(dtype, sq, s, monkeypatch, tmp_path):
+    """The op's CUDA path (autotuned) at benchmark head counts: 32 query / 8 KV heads, D=128."""
+    monkeypatch.setenv("QCOMPILE_AUTOTUNE", "1")
+    gen = torch.Generator().manual_seed(s)
+    keys = quantize_kv4(torch.randn(1, 8, s, 128, generator=gen), KVScheme())
+    values = quantize_kv4(torch.randn(1, 8, s, 128, generator=gen), KVScheme())
+    q = torch.randn(1, 32, sq, 128, generator=gen).to(dtype)
+    problem = KV4Problem(q, keys, values, None, None, sq > 1, 128**-0.5)
+    cuda = [t.cuda() if isinstance(t, torch.Tensor) else t for t in problem.args()]
+    assert_close_rel(torch.ops.qcompile.kv4_attention(*cuda), problem.reference64(), dtype)
+
+
+@pytest.mark.gpu
+def test_generate_on_cuda_with_cuda_graphs_and_memory():
+    """fp16 tiny Llama on the GPU: generate() with its default compiled decode step
+    (Inductor, reduce-overhead) over the packed cache gives the eager tokens; the cache's
+    allocation is <= 0.3x of transformers' fp16 StaticCache, by the CUDA allocator."""
+    model = enable_kv4_attention(tiny_llama(2, head_dim=128, num_key_value_heads=2)).half().cuda()
+    prompt = PROMPT.cuda()
+
+    def run(cache, **kwargs):
+        return model.generate(
+            prompt, attention_mask=torch.ones_like(prompt), past_key_values=cache,
+            max_new_tokens=8, do_sample=False, **kwargs,
+        )  # fmt: skip
+
+    eager = run(KV4Cache(model.config, 64), disable_compile=True)
+    torch._dynamo.reset()
+    assert torch.equal(run(KV4Cache(model.config, 64)), eager)
+
+    def allocated(make):
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_stats()["requested_bytes.all.current"]
+        cache = make()
+        cache.early_initialization(2, 2, 128, torch.float16, torch.device("cuda"))
+        torch.cuda.synchronize()
+        return torch.cuda.memory_stats()["requested_bytes.all.current"] - before, cache
+
+    fp16, _keep1 = allocated(lambda: StaticCache(config=model.config, max_cache_len=4096))
+    kv4, _keep2 = allocated(lambda: KV4Cache(model.config, 4096))
+    assert kv4 <= 0.3 * fp16, (kv4, fp16)
