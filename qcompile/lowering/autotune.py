@@ -217,43 +217,6 @@ def _shipped_gpu(path: Path) -> str:
 
 
 @cache
-def time_us(fn: Callable[[], object], reps: int = 25) -> float:
-    """Median microseconds of `fn` as deployment runs it: replayed from a CUDA graph (so
-    split-K's second launch costs what it costs under `reduce-overhead`, not a Python launch
-    gap), with L2 flushed before each replay (a decode step finds no weight in L2).
-
-    Falls back to `triton.testing.do_bench` where `fn` cannot be captured."""
-    from triton.testing import do_bench
-
-    fn()  # compile outside capture
-    try:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            fn()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-    except RuntimeError:
-        return 1000.0 * do_bench(fn, warmup=2, rep=10, return_mode="median")
-    flush = torch.empty(256 * 1024 * 1024, dtype=torch.int8, device="cuda")
-    events = [
-        (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-        for _ in range(reps)
-    ]
-    graph.replay()
-    for start, end in events:
-        flush.zero_()
-        start.record()
-        graph.replay()
-        end.record()
-    torch.cuda.synchronize()
-    times = sorted(start.elapsed_time(end) for start, end in events)
-    del graph
-    return 1000.0 * times[len(times) // 2]
-
-
 def autotuner(device_index: int = 0) -> Autotuner:
     """The process-wide tuner of one CUDA device."""
     return Autotuner(gpu_name(device_index), _triton_version(), _cache_dir())

@@ -26,7 +26,6 @@ import torch
 import triton
 import triton.language as tl
 
-from qcompile.lowering import autotune
 from qcompile.lowering.autotune import KernelConfig, TuneKey, autotuner, m_bucket
 
 FAMILY = "w4a16"
@@ -354,6 +353,10 @@ def valid_config(cfg: KernelConfig, k: int, group: int) -> bool:
     return cfg.block_k >= min_k and (group % cfg.block_k == 0 or cfg.block_k % group == 0)
 
 
+# "gemm_planes_direct" passes the interpreter tests but has not run on a GPU yet: it joins the
+# candidates once the GPU kernel tests have passed with it.
+_DIRECT_PLANES_VALIDATED = False
+
 # Split K only while the grid is under ~4 waves of an H100 (132 SMs): more splits past that
 # add workspace traffic without adding parallelism.
 _SPLIT_K_PROGRAM_TARGET = 4 * 132
@@ -395,7 +398,7 @@ def candidate_configs(m: int, n: int, k: int, group: int) -> list[KernelConfig]:
                 if _useful_split(triton.cdiv(n, bn) * triton.cdiv(mb, bms[0]), sk):
                     for pf in (False, True):
                         out.append(KernelConfig("gemm_planes", bms[0], bn, bk, sk, warps, 2, pf))
-                        if bms[0] >= 64:  # wgmma's M
+                        if bms[0] >= 64 and _DIRECT_PLANES_VALIDATED:  # wgmma's M
                             out.append(
                                 KernelConfig("gemm_planes_direct", bms[0], bn, bk, sk, warps, 2, pf)
                             )
@@ -419,6 +422,14 @@ def default_config(m: int, n: int, k: int, group: int) -> KernelConfig:
         return KernelConfig("gemv", 1, 512, bk, sk, 4, 1)
     bm = 16 if mb <= 16 else 32 if mb <= 32 else 64
     return KernelConfig("gemm", bm, 64 if mb <= 64 else 128, min(bk, 64), 1, 4, 3)
+
+
+def _bench_us(fn) -> float:
+    # do_bench flushes L2 before each run (a decode step finds no weight in L2) but counts the
+    # Python gap before split-K's reduce launch, which CUDA graphs hide (docs/autotuning.md).
+    from triton.testing import do_bench
+
+    return 1000.0 * do_bench(fn, warmup=2, rep=10, return_mode="median")
 
 
 # --------------------------------------------------------------------------- launcher
@@ -512,9 +523,7 @@ def w4a16_linear_cuda(
         cfg = tuner.get(
             key,
             candidate_configs(m, n, k, group_size),
-            lambda c: autotune.time_us(
-                lambda: launch(c, x, qweight, scales, offsets, bias, group_size)
-            ),
+            lambda c: _bench_us(lambda: launch(c, x, qweight, scales, offsets, bias, group_size)),
             default_config(m, n, k, group_size),
             valid=lambda c: valid_config(c, k, group_size),
         )
