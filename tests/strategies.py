@@ -108,6 +108,7 @@ def w4a8_problems(
     return W4A8Problem(x.to(dtype).to(device), weight, packed, bias, dtype, act_dtype)
 
 
+@dataclass
 class KV4Problem:
     """Attention of `query` over a packed int4 K/V cache; masks as the op takes them."""
 
