@@ -268,7 +268,9 @@ def test_round_trip_in_fresh_process_is_identical(tmp_path):
     assert "model.embed_tokens.weight" in stored and "lm_head.weight" not in stored
     record = json.loads((tmp_path / "tied" / "quantization_config.json").read_text())
     assert record["tied"] == {"lm_head.weight": "model.embed_tokens.weight"}
-    assert record["scheme"] == {"name": "w4a16", "bits": 4, "group_size": 64, "symmetric": True}
+    assert record["scheme"] == {
+        "name": "w4a16", "bits": 4, "group_size": 64, "symmetric": True, "act_dtype": None,
+    }  # fmt: skip
     assert len(record["modules"]) == 2 * len(LINEARS)
 
     env = {
