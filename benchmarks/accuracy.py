@@ -19,6 +19,7 @@ import copy
 import json
 import os
 import platform
+import re
 import time
 from pathlib import Path
 
@@ -99,7 +100,8 @@ ROWS = [  # (label, scheme, method, note); None = the fp32 model
         "W4A8 g64 int8, SmoothQuant alpha=0.5",
         Scheme(name="w4a8", group_size=64),
         "smooth0.5",
-        "smoothing folded into the norms and up_proj, activation maxima from howto/",
+        "smoothing folded into the norms and up_proj, activation maxima of the fp32 model "
+        "on howto/",
     ),
     (
         "W4A8 g64 int8, SmoothQuant alpha=0.8",
@@ -189,7 +191,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     ap.add_argument("--corpus", default=CORPUS)
     ap.add_argument(
-        "--rows", default="", help="only rows whose label contains this text (and fp32)"
+        "--rows", default="", help="only rows whose label matches this regex (and fp32)"
     )
     ap.add_argument(
         "--append", action="store_true",
@@ -204,7 +206,7 @@ def main() -> None:
     rows = []
     hessians = None
     for label, scheme, method, note in ROWS:
-        if scheme is not None and args.rows not in label:
+        if scheme is not None and not re.search(args.rows, label):
             continue
         t = time.time()
         m, layers = model, None

@@ -56,11 +56,14 @@ def _round_to_e4m3(v):
     """fp32 v (|v| <= 448) rounded to nearest even on the e4m3 grid, still fp32, so the cast
     to fp8 is exact (the interpreter's own fp32 -> fp8 cast does not round to even).
 
-    Adding 1.5 * 2**(E + 20), E = v's exponent (at least -6, e4m3's smallest normal), leaves an
-    fp32 whose spacing is 2**(E - 3): 3 mantissa bits at E, subnormal steps 2**-9 below."""
-    e = tl.maximum((v.to(tl.int32, bitcast=True) >> 23) & 0xFF, 121)  # 121: biased 2**-6
+    Adding 1.5 * 2**(E + 20), E = |v|'s exponent (at least -6, e4m3's smallest normal), leaves
+    an fp32 whose spacing is 2**(E - 3): 3 mantissa bits at E, subnormal steps 2**-9 below.
+    Rounding |v| and putting the sign back keeps -0 for tiny negatives, as the cast does."""
+    a = tl.abs(v)
+    e = tl.maximum(a.to(tl.int32, bitcast=True) >> 23, 121)  # 121: biased exponent of 2**-6
     magic = (((e + 20) << 23) | 0x400000).to(tl.float32, bitcast=True)
-    return (v + magic) - magic
+    r = (a + magic) - magic
+    return tl.where(v < 0, -r, r)
 
 
 # --------------------------------------------------------------------------- activations
@@ -355,7 +358,7 @@ def candidate_configs(m: int, n: int, k: int, group: int, act_dtype: str) -> lis
     for bm in bms:
         for bn, bk, warps, stages in ((64, 64, 4, 3), (128, 64, 4, 3), (64, 128, 4, 3),
                                       (128, 128, 8, 3), (256, 64, 8, 3), (128, 256, 8, 2),
-                                      (256, 128, 8, 3)):  # fmt: skip
+                                      (256, 128, 8, 3), (64, 32, 4, 4), (128, 32, 4, 4)):  # fmt: skip
             for sk in splits:
                 if _useful_split(triton.cdiv(n, bn) * triton.cdiv(mb, bm), sk):
                     out.append(KernelConfig("gemm", bm, bn, bk, sk, warps, stages))

@@ -127,15 +127,13 @@ def quantize_sequentially(
     batches: Iterable[torch.Tensor],
     quantize_block: Callable[[str, nn.Module, dict[str, torch.Tensor]], None],
     progress: bool = True,
-    recorder: Callable[[nn.Module], InputRecorder] = HessianRecorder,
 ) -> None:
-    """Calibrate block by block: each block's input statistics come from the already-quantized
+    """Calibrate block by block: each block's input Hessians come from the already-quantized
     blocks before it, so later layers see (and GPTQ compensates) the earlier layers' error.
 
-    `quantize_block(prefix, block, stats)` quantizes one block in place; `stats` is
-    `recorder(block).result()` (input Hessians by default, `AbsMaxRecorder` for SmoothQuant)
+    `quantize_block(prefix, block, hessians)` quantizes one block in place; `hessians` is
     keyed by module path inside the block. Memory: every batch's block input plus one
-    block's statistics. Modules before the first block run once per batch.
+    block's Hessians. Modules before the first block run once per batch.
     """
     blocks = find_blocks(model)
     prefix = next(name for name, m in model.named_modules() if m is blocks)
@@ -154,10 +152,10 @@ def quantize_sequentially(
         hook.remove()
 
     for i, block in enumerate(tqdm(blocks, desc="blocks", disable=not progress, leave=False)):
-        with recorder(block) as stats:
+        with HessianRecorder(block) as recorder:
             for args, kwargs in captured:
                 block(*args, **kwargs)
-        quantize_block(f"{prefix}.{i}", block, stats.result())
+        quantize_block(f"{prefix}.{i}", block, recorder.hessians())
         outputs = [block(*args, **kwargs) for args, kwargs in captured]
         captured = [
             ((out[0] if isinstance(out, tuple) else out, *args[1:]), kwargs)
