@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 from pathlib import Path
 
@@ -58,12 +57,8 @@ def random_kv4(
     return one(), one()
 
 
-def copies(nbytes: int, l2_bytes: int) -> int:
-    return max(1, min(16, math.ceil(4 * l2_bytes / max(nbytes, 1))))
-
-
 def decode_row(b: int, s: int, l2: int, bw: float, free_bytes: int) -> dict:
-    from bench_w4a16 import time_graph
+    from bench_w4a16 import copies, time_graph
 
     from qcompile.lowering.autotune import autotuner
     from qcompile.lowering.kv4_attention import kv4_attention_cuda, tune_key
@@ -72,7 +67,7 @@ def decode_row(b: int, s: int, l2: int, bw: float, free_bytes: int) -> dict:
     int4, fp16 = kv_bytes(b, HKV, s, D, GROUP), kv_bytes(b, HKV, s, D, None)
     q = torch.randn(b, HQ, 1, D, dtype=torch.float16, device="cuda")
     scale = D**-0.5
-    caches = [random_kv4(b, HKV, s, D, GROUP) for _ in range(copies(int4, l2))]
+    caches = [random_kv4(b, HKV, s, D, GROUP) for _ in range(copies(int4, l2, cap=16))]
     row["qcompile_us"] = time_graph(
         [
             lambda k=k, v=v: kv4_attention_cuda(
@@ -97,7 +92,7 @@ def decode_row(b: int, s: int, l2: int, bw: float, free_bytes: int) -> dict:
     if fp16 * 1.1 < free_bytes:
         kv = [
             tuple(torch.randn(b, HKV, s, D, dtype=torch.float16, device="cuda") for _ in "kv")
-            for _ in range(copies(fp16, l2))
+            for _ in range(copies(fp16, l2, cap=16))
         ]
         row["sdpa_gqa_us"] = time_graph(
             [

@@ -79,8 +79,9 @@ def time_graph(calls: list, batches: int = 15, min_ms: float = 20.0) -> float:
     return statistics.median(samples)
 
 
-def copies(nbytes: int, l2_bytes: int) -> int:
-    return max(1, min(32, math.ceil(4 * l2_bytes / nbytes)))
+def copies(nbytes: int, l2_bytes: int, cap: int = 32) -> int:
+    """Weight (or cache) copies to rotate through so R * nbytes >= 4 x L2, at most `cap`."""
+    return max(1, min(cap, math.ceil(4 * l2_bytes / max(nbytes, 1))))
 
 
 def bench_shape(n: int, k: int, ms: list[int], l2: int, bw: float) -> list[dict]:
