@@ -34,6 +34,7 @@ from qcompile.quant.awq import awq_quantize_model
 from qcompile.quant.calibration import collect_input_hessians
 from qcompile.quant.gptq import gptq_quantize_model, gptq_quantizer
 from qcompile.quant.smooth import smooth_quantize_model
+from qcompile.quant.w4a8 import dequantize_w4a8, quantize_weight_w4a8
 
 CORPUS = "/usr/share/doc/python3.11/html/_sources/tutorial"
 # Calibration text: other prose from the same docs, never the evaluation text.
@@ -111,6 +112,13 @@ ROWS = [  # (label, scheme, method, note); None = the fp32 model
     ),
     ("W4A8 g64 fp8 e4m3", Scheme(name="w4a8", group_size=64, act_dtype="float8_e4m3fn"), "rtn", ""),
     (
+        "W4A8 g64 weights only (fp32 activations)",
+        Scheme(name="w4a8", group_size=64),
+        "weights-only",
+        "diagnostic, not a scheme: the QoQ weights dequantized into the fp32 linears, "
+        "activations left unquantized; the gap to 'W4A8 g64 int8' is the activations' share",
+    ),
+    (
         "W4A8 g128 int8",
         Scheme(name="w4a8", group_size=128),
         "rtn",
@@ -181,6 +189,19 @@ def load_smollm2():
     return tok, model
 
 
+@torch.no_grad()
+def dequantized_weights_only(model, config: QuantConfig):
+    """Replace each quantizable linear's weight by its W4A8 (QoQ) dequantization in place,
+    leaving activations in full precision; the report of what a real quantize_ would do."""
+    report = qcompile.quantize_(copy.deepcopy(model), config)
+    quantized = {r.name for r in report.by_status("quantized")}
+    for name, mod in model.named_modules():
+        if name in quantized:
+            packed = quantize_weight_w4a8(mod.weight, config.scheme)
+            mod.weight.copy_(dequantize_w4a8(packed, mod.weight.dtype))
+    return report
+
+
 def calibration_batches(tok, window: int = 512) -> list[torch.Tensor]:
     ids = torch.tensor(tok(load_corpus(CALIBRATION))["input_ids"])
     return [ids[i * window : (i + 1) * window][None] for i in range(CALIBRATION_WINDOWS)]
@@ -220,6 +241,8 @@ def main() -> None:
             m = copy.deepcopy(model)
             if method == "awq":
                 report = awq_quantize_model(m, calibration_batches(tok), QuantConfig(scheme))
+            elif method == "weights-only":
+                report = dequantized_weights_only(m, QuantConfig(scheme))
             elif method.startswith("smooth"):
                 alpha = float(method.removeprefix("smooth"))
                 report = smooth_quantize_model(
