@@ -40,6 +40,7 @@ from qcompile import QuantConfig
 
 VARIANTS = ("eager", "inductor", "qcompile_w4a16")
 WARMUP_STEPS = 3  # compile, CUDA-graph warm-up run, recording
+PROFILE_STEPS = 5  # --profile: steps replayed under torch.profiler (the cache grows by one each)
 
 
 def model_config(layers: int, tiny: bool):
@@ -133,7 +134,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def bench_batch(model, step: Callable, batch: int, args: argparse.Namespace, device: str) -> dict:
     """Prefill, warm-up, then `args.new_tokens` timed decode steps at one batch size."""
     clock = Clock(device)
-    max_len = args.prompt + 1 + WARMUP_STEPS + args.new_tokens
+    max_len = args.prompt + 1 + WARMUP_STEPS + args.new_tokens + PROFILE_STEPS * args.profile
     gen = torch.Generator().manual_seed(batch)  # the same prompt for every variant
     ids = torch.randint(0, model.config.vocab_size, (batch, args.prompt), generator=gen)
     ids = ids.to(device)
@@ -173,6 +174,9 @@ def bench_batch(model, step: Callable, batch: int, args: argparse.Namespace, dev
             tokens.append(token)
         decode_ms = clock.stop()
     step_ms = decode_ms / args.new_tokens
+    profile = (
+        profile_steps(step, model, token, cache, positions[-1], args) if args.profile else None
+    )
     return {
         "batch": batch,
         "prompt": args.prompt,
@@ -185,6 +189,53 @@ def bench_batch(model, step: Callable, batch: int, args: argparse.Namespace, dev
         "first_step_rel_err_vs_eager": first_step_err,
         "peak_bytes": torch.cuda.max_memory_allocated() if device == "cuda" else None,
         "tokens_head": torch.cat(tokens[:8], dim=1)[0].tolist(),
+        **({"profile_us_per_step": profile} if profile else {}),
+    }
+
+
+def kernel_kind(name: str) -> str:
+    """A coarse class of a CUDA kernel's name, for the per-step time split."""
+    name = name.lower()
+    for kind, marks in (
+        ("qcompile_w4a16", ("w4a16",)),
+        ("qcompile_other", ("w4a8", "kv4")),
+        ("attention", ("flash", "fmha", "attention", "sdpa", "efficient")),
+        ("cublas_gemm", ("gemm", "cutlass", "sm90", "nvjet", "gemv")),
+        ("inductor_triton", ("triton",)),
+    ):
+        if any(m in name for m in marks):
+            return kind
+    return "other"
+
+
+def profile_steps(
+    step: Callable, model, token, cache, position, args, steps: int = PROFILE_STEPS
+) -> dict:
+    """GPU time per decode step by kernel kind and the top kernels, from torch.profiler over
+    `steps` replays (the cache position stays put: the timing does not depend on it)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            torch.compiler.cudagraph_mark_step_begin()
+            step(model, token, cache, position)
+        torch.cuda.synchronize()
+    kernels: dict[str, list[float]] = {}
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            entry = kernels.setdefault(ev.name, [0.0, 0])
+            entry[0] += ev.time_range.elapsed_us() / steps
+            entry[1] += 1 / steps
+    by_kind: dict[str, float] = {}
+    for name, (us, _) in kernels.items():
+        by_kind[kernel_kind(name)] = by_kind.get(kernel_kind(name), 0.0) + us
+    top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:25]
+    return {
+        "total_us": sum(by_kind.values()),
+        "by_kind_us": dict(sorted(by_kind.items(), key=lambda kv: -kv[1])),
+        "top": [
+            {"kernel": n[:120], "us": round(us, 2), "calls": round(c, 1)} for n, (us, c) in top
+        ],
     }
 
 
@@ -349,6 +400,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--lm-head", action="store_true", help="quantize lm_head too (off by default)")
     ap.add_argument(
         "--dtype", default="bfloat16", choices=["bfloat16", "float16"], help="model dtype (GPU)"
+    )
+    ap.add_argument(
+        "--profile", action="store_true", help="also split each step's GPU time by kernel (CUDA)"
     )
     ap.add_argument("--tiny", action="store_true", help="tiny model, fp32 on CPU: a smoke run")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))

@@ -175,13 +175,18 @@ class Autotuner:
             "qcompile: tuning %s over %d configs (first use of this shape)", key, len(candidates)
         )
         results = []
+        errors: list[str] = []
         for cfg in candidates:
             try:
                 results.append((bench(cfg), cfg))
             except Exception as err:  # a config the compiler rejects (e.g. out of shared memory)
                 log.debug("qcompile: config %s failed: %s", cfg, err)
+                errors.append(f"{cfg}: {type(err).__name__}: {err}"[:2000])
         if not results:
-            raise RuntimeError(f"qcompile: every candidate config failed for {key}")
+            raise RuntimeError(
+                f"qcompile: every one of {len(errors)} candidate configs failed for {key}; "
+                f"the first: {errors[0] if errors else 'no candidates'}"
+            )
         results.sort(key=lambda r: r[0])
         self.trials[key] = results
         best_us, best = results[0]
@@ -214,6 +219,50 @@ def _shipped_gpu(path: Path) -> str:
         return json.loads(path.read_text()).get("gpu", "")
     except (OSError, ValueError):
         return ""
+
+
+def time_us(fn: Callable[[], object], reps: int = 25) -> float:
+    """Median microseconds of `fn` as a compiled model runs it: replayed from a CUDA graph (so
+    split-K's second launch costs what it costs under `reduce-overhead`, not a Python launch
+    gap), with L2 flushed before each replay (a decode step finds no weight in L2).
+
+    `QCOMPILE_TUNE_TIMING=do_bench` (or a capture failure, logged) times with
+    `triton.testing.do_bench` instead."""
+    from triton.testing import do_bench
+
+    fn()  # compile, and surface a config the compiler rejects, outside capture
+    graph = None
+    if os.environ.get("QCOMPILE_TUNE_TIMING", "graph") == "graph":
+        try:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                fn()  # warm-up on a side stream, as torch.cuda.graph's docs ask
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                fn()
+        except Exception as err:  # noqa: BLE001 - any capture failure falls back, logged
+            log.warning("qcompile: CUDA-graph timing failed (%r); timing with do_bench", err)
+            torch.cuda.synchronize()
+            graph = None
+    if graph is None:
+        return 1000.0 * do_bench(fn, warmup=2, rep=10, return_mode="median")
+    flush = torch.empty(256 * 1024 * 1024, dtype=torch.int8, device="cuda")
+    events = [
+        (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+        for _ in range(reps)
+    ]
+    graph.replay()
+    for start, end in events:
+        flush.zero_()
+        start.record()
+        graph.replay()
+        end.record()
+    torch.cuda.synchronize()
+    times = sorted(start.elapsed_time(end) for start, end in events)
+    graph.reset()
+    return 1000.0 * times[len(times) // 2]
 
 
 @cache

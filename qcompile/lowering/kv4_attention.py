@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from qcompile.lowering.autotune import KernelConfig, TuneKey, autotuner, m_bucket
+from qcompile.lowering.autotune import KernelConfig, TuneKey, autotuner, m_bucket, time_us
 
 DECODE_FAMILY = "kv4_decode"
 PREFILL_FAMILY = "kv4_prefill"
@@ -372,12 +372,6 @@ def launch_attention(
     return out
 
 
-def _bench_us(fn) -> float:
-    from triton.testing import do_bench
-
-    return 1000.0 * do_bench(fn, warmup=2, rep=10, return_mode="median")
-
-
 def tune_key(query: torch.Tensor, k_codes: torch.Tensor, k_scales: torch.Tensor) -> TuneKey:
     """TuneKey(family, m_bucket(Sq * Hq/Hkv rows), N=D, K=S bucket, G, dtype, B * Hkv bucket)."""
     b, hq, sq, d = query.shape
@@ -414,7 +408,7 @@ def kv4_attention_cuda(
         cfg = tuner.get(
             key,
             candidate_configs(b, hkv, sq, gqa, s),
-            lambda c: _bench_us(lambda: launch_attention(c, *args, is_causal, scale)),
+            lambda c: time_us(lambda: launch_attention(c, *args, is_causal, scale)),
             default_config(b, hkv, sq, gqa, s),
             valid=lambda c: valid_config(c, sq * gqa),
         )

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from qcompile.lowering.autotune import KernelConfig, TuneKey, autotuner, m_bucket
+from qcompile.lowering.autotune import KernelConfig, TuneKey, autotuner, m_bucket, time_us
 
 FAMILY = "w4a16"
 
@@ -424,14 +424,6 @@ def default_config(m: int, n: int, k: int, group: int) -> KernelConfig:
     return KernelConfig("gemm", bm, 64 if mb <= 64 else 128, min(bk, 64), 1, 4, 3)
 
 
-def _bench_us(fn) -> float:
-    # do_bench flushes L2 before each run (a decode step finds no weight in L2) but counts the
-    # Python gap before split-K's reduce launch, which CUDA graphs hide (docs/autotuning.md).
-    from triton.testing import do_bench
-
-    return 1000.0 * do_bench(fn, warmup=2, rep=10, return_mode="median")
-
-
 # --------------------------------------------------------------------------- launcher
 def _planes_x(x: torch.Tensor, block_k: int) -> torch.Tensor:
     """x [M, K] -> contiguous [M, K] with each BLOCK_K chunk reordered plane-major:
@@ -523,7 +515,7 @@ def w4a16_linear_cuda(
         cfg = tuner.get(
             key,
             candidate_configs(m, n, k, group_size),
-            lambda c: _bench_us(lambda: launch(c, x, qweight, scales, offsets, bias, group_size)),
+            lambda c: time_us(lambda: launch(c, x, qweight, scales, offsets, bias, group_size)),
             default_config(m, n, k, group_size),
             valid=lambda c: valid_config(c, k, group_size),
         )

@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from qcompile.lowering.autotune import KernelConfig, TuneKey, autotuner, m_bucket
+from qcompile.lowering.autotune import KernelConfig, TuneKey, autotuner, m_bucket, time_us
 from qcompile.quant.w4a8 import ABSMAX_FLOOR, ACT_QMAX, ACT_TORCH_DTYPES
 
 FAMILY = "w4a8"
@@ -475,12 +475,6 @@ def launch(
     return out
 
 
-def _bench_us(fn) -> float:
-    from triton.testing import do_bench
-
-    return 1000.0 * do_bench(fn, warmup=2, rep=10, return_mode="median")
-
-
 def tune_key(m: int, n: int, k: int, group_size: int, act_dtype: str, out_dtype) -> TuneKey:
     """Family "w4a8"; dtype names the activation and output dtypes, e.g. "int8:float16"."""
     out = str(out_dtype).removeprefix("torch.")
@@ -512,7 +506,7 @@ def w4a8_linear_quantized_act_cuda(
     w = (qweight, group_scales, group_zeros, channel_scales, bias, group_size, out_dtype)
     cfg = _tuned_config(
         m, n, k, group_size, act_dtype, out_dtype, xq.device,
-        lambda c: _bench_us(lambda: launch(c, xq, x_scale, *w)),
+        lambda c: time_us(lambda: launch(c, xq, x_scale, *w)),
     )  # fmt: skip
     return launch(cfg, xq, x_scale, *w)
 
@@ -527,7 +521,7 @@ def w4a8_linear_cuda(
     w = (qweight, group_scales, group_zeros, channel_scales, bias, group_size, act_dtype)
     cfg = _tuned_config(
         m, n, k, group_size, act_dtype, x.dtype, x.device,
-        lambda c: _bench_us(lambda: quantize_and_launch(c, x, *w)),
+        lambda c: time_us(lambda: quantize_and_launch(c, x, *w)),
     )  # fmt: skip
     return quantize_and_launch(cfg, x, *w)
 

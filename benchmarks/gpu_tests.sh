@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Every gpu-marked and kernel test on the GPU, in parallel groups (Triton compiles on the CPU
+# cores; the GPU is mostly idle during tests), each group's log in $OUT/tests_<group>.log and
+# a summary in $OUT/tests_summary.txt.   TEST_S: time limit per group (s, default 420).
+set -o pipefail
+: "${OUT:?set OUT to a results folder}"
+export PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || exit 1
+declare -A GROUPS_=(
+  [gpu]="tests/test_gpu.py"
+  [w4a16_kernels]="tests/test_lowering_w4a16.py"
+  [backend_hf]="tests/test_backend.py tests/test_hf_models.py"
+  [w4a8]="tests/test_w4a8.py"
+  [kv4]="tests/test_kv4.py"
+)
+for g in "${!GROUPS_[@]}"; do
+  # shellcheck disable=SC2086
+  timeout "${TEST_S:-420}" python3 -m pytest -q -p no:cacheprovider -rfE --tb=short \
+    --durations=8 ${GROUPS_[$g]} > "$OUT/tests_$g.log" 2>&1 &
+done
+wait
+for g in "${!GROUPS_[@]}"; do
+  echo "== $g: $(grep -E '^(FAILED|ERROR)|passed|failed' "$OUT/tests_$g.log" | tail -12)"
+done | tee "$OUT/tests_summary.txt"
