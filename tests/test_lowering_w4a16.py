@@ -145,3 +145,70 @@ def test_each_kernel_kind_with_bias(cfg, dtype, group):
     bias = torch.randn(n, generator=gen).to(dtype).to(KERNEL_DEVICE)
     problem = LinearProblem(x, w, p, bias, dtype)
     assert_close_rel(_run(problem, cfg), problem.reference64(), dtype)
+
+
+SPLIT_CONFIGS = [
+    KernelConfig("gemv", 1, 32, 32, 4, 1, 1),
+    KernelConfig("gemv", 1, 64, 64, 2, 2, 1, True),
+    KernelConfig("gemm", 16, 32, 64, 2, 4, 2),
+    KernelConfig("gemm_swap", 16, 16, 32, 8, 4, 2),
+    KernelConfig("gemm_planes", 16, 32, 128, 2, 4, 2),
+]
+
+
+def _packed_problem(m, n, k, group, dtype, seed, bias=True):
+    from strategies import LinearProblem
+
+    from qcompile.config import Scheme
+    from qcompile.quant.rtn import quantize_weight_int4
+
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=gen)
+    w[:, 3] *= 30  # an outlier input channel
+    p = quantize_weight_int4(w, Scheme(group_size=group), dtype)
+    p = type(p)(*(t.to(KERNEL_DEVICE) for t in (p.qweight, p.scales, p.offsets)), p.group_size)
+    x = torch.randn(m, k, generator=gen).to(dtype).to(KERNEL_DEVICE)
+    b = torch.randn(n, generator=gen).to(dtype).to(KERNEL_DEVICE) if bias else None
+    return LinearProblem(x, w, p, b, dtype)
+
+
+@pytest.mark.parametrize("cfg", SPLIT_CONFIGS, ids=lambda c: f"{c.kernel}-sk{c.split_k}")
+def test_split_k_reduces_in_one_launch(cfg):
+    """The last program of each tile sums the partials: same bits as the two-launch
+    reduction, every tile counter re-armed to zero, and a second launch is right too."""
+    from qcompile.lowering import w4a16 as lowering
+
+    problem = _packed_problem(3 if cfg.kernel == "gemv" else 21, 96, 256, 64, torch.float16, 3)
+    p = problem.packed
+    args = (problem.x, p.qweight, p.scales, p.offsets, problem.bias, p.group_size)
+    two_launch = launch(cfg, *args, self_reduce=False)
+    one_launch = launch(cfg, *args)
+    assert torch.equal(one_launch, two_launch)
+    assert_close_rel(one_launch, problem.reference64(), torch.float16)
+    counters = lowering._counters[torch.device(problem.x.device.type, problem.x.device.index)]
+    assert int(counters.abs().sum()) == 0
+    assert torch.equal(launch(cfg, *args), two_launch)
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [*SPLIT_CONFIGS, KernelConfig("gemv", 1, 32, 64, 1, 1, 1), KernelConfig("dequant_mm", 0, 32, 4, 1, 4, 1)],
+    ids=lambda c: f"{c.kernel}-sk{c.split_k}",
+)  # fmt: skip
+def test_column_slices_of_colocated_weights(cfg):
+    """Sibling layers' packed weights may be column slices of one wider tensor (one storage,
+    row stride = the summed N): each slice computes exactly what its own contiguous copy does."""
+    m = 3 if cfg.kernel == "gemv" else 21
+    a = _packed_problem(m, 64, 256, 64, torch.bfloat16, 5)
+    b = _packed_problem(m, 32, 256, 64, torch.bfloat16, 6)
+    b.x.copy_(a.x)  # siblings share their input
+    parts = [(p.qweight, p.scales, p.offsets) for p in (a.packed, b.packed)]
+    wide = [torch.cat(pair, dim=1) for pair in zip(*parts, strict=True)]
+    for problem, cols in ((a, slice(0, 64)), (b, slice(64, 96))):
+        views = [t[:, cols] for t in wide]
+        assert views[0].stride(0) == 96 and not views[0].is_contiguous()
+        p = problem.packed
+        got = launch(cfg, problem.x, *views, problem.bias, p.group_size)
+        want = launch(cfg, problem.x, p.qweight, p.scales, p.offsets, problem.bias, p.group_size)
+        assert torch.equal(got, want)
+        assert_close_rel(got, problem.reference64(), torch.bfloat16)

@@ -17,7 +17,9 @@ Strategies, picked per (M bucket, N, K, group, dtype) by autotuning:
 * "dequant_mm" (large M): `_dequantize_kernel` writes the fp16/bf16 weight once, then cuBLAS.
   Costs a transient [K, N] buffer; wins only where dequantizing in the GEMM loop costs more.
 GEMV and GEMM take a runtime split-K factor (no recompile per split); partial sums go to an
-fp32 workspace [SPLIT_K, M, N] reduced by `_splitk_reduce_kernel` (deterministic, no atomics).
+fp32 workspace [SPLIT_K, M, N], summed in split order (deterministic) by the last program of
+each output tile to finish (`_finish_tile`: one launch), or by `_splitk_reduce_kernel` where
+no tile counters exist (first use under CUDA-graph capture).
 """
 
 from __future__ import annotations
@@ -54,13 +56,48 @@ def _codes_in_place(words, mask):
     return ((words & mask) | _MAGIC_BITS).to(tl.float32, bitcast=True) - _MAGIC
 
 
+@triton.jit
+def _finish_tile(
+    acc, out_ptr, ws_ptr, cnt_ptr, bias_ptr, out_offs, mask, bias_offs, N, pid_k, stride_split,
+    HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, SELF_REDUCE: tl.constexpr,
+):  # fmt: skip
+    """Write one output tile. Unsplit: + bias, cast, store. Split K: store this program's
+    fp32 partial to the workspace [SPLIT_K, M, N]; with SELF_REDUCE the last program of the
+    tile to arrive (a counter per tile) sums all partials in split order (deterministic),
+    writes out and re-arms the counter, so split-K costs one launch, not two."""
+    if SPLIT:
+        tl.store(ws_ptr + pid_k * stride_split + out_offs, acc, mask=mask)
+        if SELF_REDUCE:
+            # Every thread's partial is stored before one thread's release (CUTLASS's
+            # semaphore pattern); the acquiring program then reads the partials from L2.
+            tl.debug_barrier()
+            arrived = tl.atomic_add(cnt_ptr, 1, sem="acq_rel", scope="gpu")
+            if arrived == tl.num_programs(1) - 1:
+                total = tl.zeros_like(acc)
+                for k in range(tl.num_programs(1)):
+                    total += tl.load(
+                        ws_ptr + k * stride_split + out_offs, mask=mask, other=0.0,
+                        cache_modifier=".cg",
+                    )  # fmt: skip
+                if HAS_BIAS:
+                    total += tl.load(bias_ptr + bias_offs, mask=bias_offs < N, other=0).to(
+                        tl.float32
+                    )
+                tl.store(out_ptr + out_offs, total.to(out_ptr.dtype.element_ty), mask=mask)
+                tl.atomic_xchg(cnt_ptr, 0, sem="relaxed", scope="gpu")
+    else:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + bias_offs, mask=bias_offs < N, other=0).to(tl.float32)
+        tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
 # --------------------------------------------------------------------------- GEMV (M tiny)
 @triton.jit
 def _w4a16_gemv_kernel(
-    x_ptr, qw_ptr, s_ptr, o_ptr, bias_ptr, out_ptr,
-    M, N, K, k_per_split,
+    x_ptr, qw_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
+    M, N, K, k_per_split, stride_w,
     stride_xm, stride_xk, stride_om, stride_split, nibble_mask,
-    GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_PARTIAL: tl.constexpr,
+    GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, SELF_REDUCE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr,
 ):  # fmt: skip
     # Tile: words [BLOCK_K/8, BLOCK_N] (N-contiguous 16-byte loads). Nibble i of word row r is
@@ -79,8 +116,8 @@ def _w4a16_gemv_kernel(
     x_row = x_ptr + m * stride_xm
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     k_end = k_start + k_per_split
-    w_row0 = qw_ptr + rr[:, None] * N + rn[None, :]
-    w_ptrs = w_row0 + (k_start // 8) * N
+    w_row0 = qw_ptr + rr[:, None] * stride_w + rn[None, :]
+    w_ptrs = w_row0 + (k_start // 8) * stride_w
     if PREFETCH:  # words of the first tile; each iteration then loads the next one up front
         words_next = tl.load(w_ptrs, mask=n_mask[None, :], other=0)
     for k0 in range(k_start, k_end, BLOCK_K):
@@ -88,10 +125,10 @@ def _w4a16_gemv_kernel(
             words = words_next
             # the last iteration re-reads its own tile instead of reading past the split
             k_next = tl.minimum(k0 + BLOCK_K, k_end - BLOCK_K)
-            words_next = tl.load(w_row0 + (k_next // 8) * N, mask=n_mask[None, :], other=0)
+            words_next = tl.load(w_row0 + (k_next // 8) * stride_w, mask=n_mask[None, :], other=0)
         else:
             words = tl.load(w_ptrs, mask=n_mask[None, :], other=0)
-            w_ptrs += (BLOCK_K // 8) * N
+            w_ptrs += (BLOCK_K // 8) * stride_w
         high = words >> 16  # nibbles 4..7 moved to bits 0..15: one shift per 4 codes
         x_tile = x_row + (k0 + 8 * rr) * stride_xk  # one address per word row; + i below
         x0 = tl.load(x_tile).to(tl.float32)
@@ -108,29 +145,31 @@ def _w4a16_gemv_kernel(
                 qx += _codes_in_place(high, mask) * xi_scaled[:, None]
         if BLOCK_K <= GROUP:
             g = k0 // GROUP
-            s = tl.load(s_ptr + g * N + rn, mask=n_mask, other=0).to(tl.float32)
-            o = tl.load(o_ptr + g * N + rn, mask=n_mask, other=0).to(tl.float32)
+            s = tl.load(s_ptr + g * stride_w + rn, mask=n_mask, other=0).to(tl.float32)
+            o = tl.load(o_ptr + g * stride_w + rn, mask=n_mask, other=0).to(tl.float32)
             acc += s * tl.sum(qx, axis=0) + o * tl.sum(x_rows, axis=0)
         else:  # several groups per tile: scales vary by word row
             g_rows = (k0 + 8 * rr) // GROUP
-            s = tl.load(s_ptr + g_rows[:, None] * N + rn[None, :], mask=n_mask[None, :], other=0)
-            o = tl.load(o_ptr + g_rows[:, None] * N + rn[None, :], mask=n_mask[None, :], other=0)
+            s = tl.load(
+                s_ptr + g_rows[:, None] * stride_w + rn[None, :], mask=n_mask[None, :], other=0
+            )
+            o = tl.load(
+                o_ptr + g_rows[:, None] * stride_w + rn[None, :], mask=n_mask[None, :], other=0
+            )
             acc += tl.sum(qx * s.to(tl.float32) + o.to(tl.float32) * x_rows[:, None], axis=0)
-    if WRITE_PARTIAL:
-        tl.store(out_ptr + pid_k * stride_split + m * stride_om + rn, acc, mask=n_mask)
-    else:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + rn, mask=n_mask, other=0).to(tl.float32)
-        tl.store(out_ptr + m * stride_om + rn, acc.to(out_ptr.dtype.element_ty), mask=n_mask)
+    _finish_tile(
+        acc, out_ptr, ws_ptr, cnt_ptr + m * tl.num_programs(0) + pid_n, bias_ptr,
+        m * stride_om + rn, n_mask, rn, N, pid_k, stride_split, HAS_BIAS, SPLIT, SELF_REDUCE,
+    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------- GEMM (tensor cores)
 @triton.jit
 def _w4a16_gemm_kernel(
-    x_ptr, qw_ptr, s_ptr, o_ptr, bias_ptr, out_ptr,
-    M, N, K, k_per_split,
+    x_ptr, qw_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
+    M, N, K, k_per_split, stride_w,
     stride_xm, stride_xk, stride_om, stride_split,
-    GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_PARTIAL: tl.constexpr,
+    GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, SELF_REDUCE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     SWAP_AB: tl.constexpr,
 ):  # fmt: skip
@@ -165,18 +204,24 @@ def _w4a16_gemm_kernel(
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_start, k_start + k_per_split, BLOCK_K):
         words = tl.load(
-            qw_ptr + ((k0 + rk) // 8)[None, :] * N + rn[:, None], mask=n_mask[:, None], other=0
+            qw_ptr + ((k0 + rk) // 8)[None, :] * stride_w + rn[:, None],
+            mask=n_mask[:, None],
+            other=0,
         )
         q = _codes(words, shift)
         if BLOCK_K <= GROUP:
             g = k0 // GROUP
-            s = tl.load(s_ptr + g * N + rn, mask=n_mask, other=0).to(tl.float32)
-            o = tl.load(o_ptr + g * N + rn, mask=n_mask, other=0).to(tl.float32)
+            s = tl.load(s_ptr + g * stride_w + rn, mask=n_mask, other=0).to(tl.float32)
+            o = tl.load(o_ptr + g * stride_w + rn, mask=n_mask, other=0).to(tl.float32)
             w = (q * s[:, None] + o[:, None]).to(dtype)
         else:
             g_cols = (k0 + rk) // GROUP
-            s = tl.load(s_ptr + g_cols[None, :] * N + rn[:, None], mask=n_mask[:, None], other=0)
-            o = tl.load(o_ptr + g_cols[None, :] * N + rn[:, None], mask=n_mask[:, None], other=0)
+            s = tl.load(
+                s_ptr + g_cols[None, :] * stride_w + rn[:, None], mask=n_mask[:, None], other=0
+            )
+            o = tl.load(
+                o_ptr + g_cols[None, :] * stride_w + rn[:, None], mask=n_mask[:, None], other=0
+            )
             w = (q * s.to(tl.float32) + o.to(tl.float32)).to(dtype)
         if SWAP_AB:
             xt = tl.load(
@@ -198,20 +243,18 @@ def _w4a16_gemm_kernel(
         out_offs = rm[:, None] * stride_om + rn[None, :]
         mask = m_mask[:, None] & n_mask[None, :]
         bias_b = rn[None, :]
-    if WRITE_PARTIAL:
-        tl.store(out_ptr + pid_k * stride_split + out_offs, acc, mask=mask)
-    else:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + bias_b, mask=bias_b < N, other=0).to(tl.float32)
-        tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    _finish_tile(
+        acc, out_ptr, ws_ptr, cnt_ptr + pid, bias_ptr,
+        out_offs, mask, bias_b, N, pid_k, stride_split, HAS_BIAS, SPLIT, SELF_REDUCE,
+    )  # fmt: skip
 
 
 @triton.jit
 def _w4a16_gemm_planes_kernel(
-    x_ptr, qw_ptr, s_ptr, o_ptr, bias_ptr, out_ptr,
-    M, N, K, k_per_split,
+    x_ptr, qw_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
+    M, N, K, k_per_split, stride_w,
     stride_xm, stride_xk, stride_om, stride_split, nibble_mask,
-    GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_PARTIAL: tl.constexpr,
+    GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, SELF_REDUCE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr,
     SWAP_AB: tl.constexpr,
 ):  # fmt: skip
@@ -240,8 +283,8 @@ def _w4a16_gemm_planes_kernel(
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_end = k_start + k_per_split
-    w_row0 = qw_ptr + rr[None, :] * N + rn[:, None]  # [BLOCK_N, ROWS]
-    w_ptrs = w_row0 + (k_start // 8) * N
+    w_row0 = qw_ptr + rr[None, :] * stride_w + rn[:, None]  # [BLOCK_N, ROWS]
+    w_ptrs = w_row0 + (k_start // 8) * stride_w
     if PREFETCH:
         words_next = tl.load(w_ptrs, mask=n_mask[:, None], other=0)
     for k0 in range(k_start, k_end, BLOCK_K):
@@ -249,19 +292,23 @@ def _w4a16_gemm_planes_kernel(
             words = words_next
             # the last iteration re-reads its own tile instead of reading past the split
             k_next = tl.minimum(k0 + BLOCK_K, k_end - BLOCK_K)
-            words_next = tl.load(w_row0 + (k_next // 8) * N, mask=n_mask[:, None], other=0)
+            words_next = tl.load(w_row0 + (k_next // 8) * stride_w, mask=n_mask[:, None], other=0)
         else:
             words = tl.load(w_ptrs, mask=n_mask[:, None], other=0)
-            w_ptrs += (BLOCK_K // 8) * N
+            w_ptrs += (BLOCK_K // 8) * stride_w
         high = words >> 16
         if BLOCK_K <= GROUP:
             g = k0 // GROUP
-            s = tl.load(s_ptr + g * N + rn, mask=n_mask, other=0).to(tl.float32)[:, None]
-            o = tl.load(o_ptr + g * N + rn, mask=n_mask, other=0).to(tl.float32)[:, None]
+            s = tl.load(s_ptr + g * stride_w + rn, mask=n_mask, other=0).to(tl.float32)[:, None]
+            o = tl.load(o_ptr + g * stride_w + rn, mask=n_mask, other=0).to(tl.float32)[:, None]
         else:  # scales vary by word row
             g_rows = (k0 + 8 * rr) // GROUP
-            s = tl.load(s_ptr + g_rows[None, :] * N + rn[:, None], mask=n_mask[:, None], other=0)
-            o = tl.load(o_ptr + g_rows[None, :] * N + rn[:, None], mask=n_mask[:, None], other=0)
+            s = tl.load(
+                s_ptr + g_rows[None, :] * stride_w + rn[:, None], mask=n_mask[:, None], other=0
+            )
+            o = tl.load(
+                o_ptr + g_rows[None, :] * stride_w + rn[:, None], mask=n_mask[:, None], other=0
+            )
             s = s.to(tl.float32)
             o = o.to(tl.float32)
         # x arrives plane-major per BLOCK_K chunk (the launcher permutes it): plane i's ROWS
@@ -287,12 +334,10 @@ def _w4a16_gemm_planes_kernel(
         out_offs = rm[:, None] * stride_om + rn[None, :]
         mask = m_mask[:, None] & n_mask[None, :]
         bias_b = rn[None, :]
-    if WRITE_PARTIAL:
-        tl.store(out_ptr + pid_k * stride_split + out_offs, acc, mask=mask)
-    else:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + bias_b, mask=bias_b < N, other=0).to(tl.float32)
-        tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    _finish_tile(
+        acc, out_ptr, ws_ptr, cnt_ptr + pid_m * tl.num_programs(0) + pid_n, bias_ptr,
+        out_offs, mask, bias_b, N, pid_k, stride_split, HAS_BIAS, SPLIT, SELF_REDUCE,
+    )  # fmt: skip
 
 
 @triton.jit
@@ -313,7 +358,7 @@ def _splitk_reduce_kernel(
 
 @triton.jit
 def _dequantize_kernel(
-    qw_ptr, s_ptr, o_ptr, w_ptr, N,
+    qw_ptr, s_ptr, o_ptr, w_ptr, N, stride_w,
     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr,
 ):  # fmt: skip
     # words [ROWS, BLOCK_N] -> weight^T [8 * ROWS, BLOCK_N] (k-major, N-contiguous), which is
@@ -321,10 +366,14 @@ def _dequantize_kernel(
     rr = tl.program_id(1) * ROWS + tl.arange(0, ROWS)
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = rn < N
-    words = tl.load(qw_ptr + rr[:, None] * N + rn[None, :], mask=n_mask[None, :], other=0)
+    words = tl.load(qw_ptr + rr[:, None] * stride_w + rn[None, :], mask=n_mask[None, :], other=0)
     g = (8 * rr) // GROUP
-    s = tl.load(s_ptr + g[:, None] * N + rn[None, :], mask=n_mask[None, :], other=0).to(tl.float32)
-    o = tl.load(o_ptr + g[:, None] * N + rn[None, :], mask=n_mask[None, :], other=0).to(tl.float32)
+    s = tl.load(s_ptr + g[:, None] * stride_w + rn[None, :], mask=n_mask[None, :], other=0).to(
+        tl.float32
+    )
+    o = tl.load(o_ptr + g[:, None] * stride_w + rn[None, :], mask=n_mask[None, :], other=0).to(
+        tl.float32
+    )
     for i in tl.static_range(8):
         w = _codes(words, 4 * i) * s + o
         tl.store(
@@ -432,6 +481,32 @@ def _planes_x(x: torch.Tensor, block_k: int) -> torch.Tensor:
     return x.reshape(m, k // block_k, block_k // 8, 8).transpose(2, 3).reshape(m, k)
 
 
+# One tile counter per split-K output tile, per device: zero between launches (the last
+# program of each tile re-arms its counter). Allocated once, outside CUDA-graph capture, and
+# never freed (graphs keep its address). Kernels on two streams at once would share it; a
+# model runs its linears on one stream.
+_COUNTERS = 8192
+_counters: dict[torch.device, torch.Tensor] = {}
+
+
+def _tile_counters(device: torch.device) -> torch.Tensor | None:
+    """The device's counters, or None under capture before they exist (then split-K uses
+    the two-launch reduction: allocating inside a capture would tie them to one graph)."""
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    found = _counters.get(device)
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    if found is None and not capturing:
+        found = _counters[device] = torch.zeros(_COUNTERS, dtype=torch.int32, device=device)
+    return found
+
+
+def _split_tiles(cfg: KernelConfig, m: int, n: int) -> int:
+    """Output tiles of a split-K launch, each with its own counter."""
+    rows = m if cfg.kernel == "gemv" else triton.cdiv(m, cfg.block_m)
+    return rows * triton.cdiv(n, cfg.block_n)
+
+
 def launch(
     cfg: KernelConfig,
     x: torch.Tensor,
@@ -441,12 +516,16 @@ def launch(
     bias: torch.Tensor | None,
     group_size: int,
     out: torch.Tensor | None = None,
+    self_reduce: bool = True,
 ) -> torch.Tensor:
     """Run one config: x [M, K] (any strides) -> out [M, N] in x's dtype.
 
-    qweight, scales and offsets must be contiguous (the op checks)."""
+    qweight, scales and offsets: N-contiguous rows sharing one row stride >= N (contiguous, or
+    column slices of wider co-located tensors; the op checks). Split-K reduces in the same
+    launch unless `self_reduce` is False or no tile counters are available."""
     m, k = x.shape
     n = qweight.shape[1]
+    stride_w = qweight.stride(0)
     if out is None:
         out = torch.empty((m, n), device=x.device, dtype=x.dtype)
     elif not out.is_contiguous():  # the split-K reduction writes out as flat [M * N] memory
@@ -455,20 +534,24 @@ def launch(
         w = torch.empty((k, n), device=x.device, dtype=x.dtype)
         grid = (triton.cdiv(n, cfg.block_n), (k // 8) // cfg.block_k)
         _dequantize_kernel[grid](
-            qweight, scales, offsets, w, n,
+            qweight, scales, offsets, w, n, stride_w,
             GROUP=group_size, BLOCK_N=cfg.block_n, ROWS=cfg.block_k, num_warps=cfg.num_warps,
         )  # fmt: skip
         return torch.addmm(bias, x, w, out=out) if bias is not None else torch.mm(x, w, out=out)
     split = cfg.split_k
-    target = out if split == 1 else torch.empty((split, m, n), device=x.device, dtype=torch.float32)
+    ws = out if split == 1 else torch.empty((split, m, n), device=x.device, dtype=torch.float32)
+    counters = None
+    if split > 1 and self_reduce and _split_tiles(cfg, m, n) <= _COUNTERS:
+        counters = _tile_counters(x.device)
     bias_arg = bias if bias is not None else out  # never read when HAS_BIAS is False
     common = dict(
-        GROUP=group_size, HAS_BIAS=bias is not None, WRITE_PARTIAL=split > 1,
+        GROUP=group_size, HAS_BIAS=bias is not None, SPLIT=split > 1,
+        SELF_REDUCE=counters is not None,
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     args = (
-        x, qweight, scales, offsets, bias_arg, target, m, n, k, k // split,
-        x.stride(0), x.stride(1), out.stride(0), m * n,
+        x, qweight, scales, offsets, bias_arg, out, ws, counters if counters is not None else ws,
+        m, n, k, k // split, stride_w, x.stride(0), x.stride(1), out.stride(0), m * n,
     )  # fmt: skip
     if cfg.kernel == "gemv":
         grid = (triton.cdiv(n, cfg.block_n), split, m)
@@ -477,7 +560,7 @@ def launch(
         grid = (triton.cdiv(n, cfg.block_n), split, triton.cdiv(m, cfg.block_m))
         xp = _planes_x(x, cfg.block_k)
         _w4a16_gemm_planes_kernel[grid](
-            xp, *args[1:10], k, 1, *args[12:], 0xF,
+            xp, *args[1:13], k, 1, *args[15:], 0xF,
             BLOCK_M=cfg.block_m, PREFETCH=cfg.prefetch, SWAP_AB=cfg.kernel == "gemm_planes",
             **common,
         )  # fmt: skip
@@ -485,10 +568,10 @@ def launch(
         grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split)
         swap = cfg.kernel == "gemm_swap"
         _w4a16_gemm_kernel[grid](*args, BLOCK_M=cfg.block_m, GROUP_M=8, SWAP_AB=swap, **common)
-    if split > 1:
+    if split > 1 and counters is None:
         block = 1024
         _splitk_reduce_kernel[(triton.cdiv(m * n, block),)](
-            target, bias_arg, out, m * n, n, split, HAS_BIAS=bias is not None, BLOCK=block
+            ws, bias_arg, out, m * n, n, split, HAS_BIAS=bias is not None, BLOCK=block
         )
     return out
 
