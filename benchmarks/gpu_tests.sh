@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every gpu-marked and kernel test on the GPU, in parallel groups (Triton compiles on the CPU
 # cores; the GPU is mostly idle during tests), each group's log in $OUT/tests_<group>.log and
-# a summary in $OUT/tests_summary.txt.   TEST_S: time limit per group (s, default 420).
+# a summary in $OUT/tests_summary.txt.   TEST_S: time limit per group (s, default 420);
+# ONLY: the groups to run (default all), e.g. ONLY="gpu w4a16_kernels".
 set -o pipefail
 : "${OUT:?set OUT to a results folder}"
 export PYTHONUNBUFFERED=1
@@ -13,12 +14,12 @@ declare -A GROUPS_=(
   [w4a8]="tests/test_w4a8.py"
   [kv4]="tests/test_kv4.py"
 )
-for g in "${!GROUPS_[@]}"; do
+for g in ${ONLY:-${!GROUPS_[@]}}; do
   # shellcheck disable=SC2086
   timeout "${TEST_S:-420}" python3 -m pytest -q -p no:cacheprovider -rfE --tb=short \
     --durations=8 ${GROUPS_[$g]} > "$OUT/tests_$g.log" 2>&1 &
 done
 wait
-for g in "${!GROUPS_[@]}"; do
+for g in ${ONLY:-${!GROUPS_[@]}}; do
   echo "== $g: $(grep -E '^(FAILED|ERROR)|passed|failed' "$OUT/tests_$g.log" | tail -12)"
 done | tee "$OUT/tests_summary.txt"
