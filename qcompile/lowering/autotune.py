@@ -181,7 +181,10 @@ class Autotuner:
                 results.append((bench(cfg), cfg))
             except Exception as err:  # a config the compiler rejects (e.g. out of shared memory)
                 log.debug("qcompile: config %s failed: %s", cfg, err)
-                errors.append(f"{cfg}: {type(err).__name__}: {err}"[:2000])
+                text = f"{type(err).__name__}: {err}"
+                # a compile error's cause comes after the source excerpt: keep both ends
+                text = text if len(text) <= 1600 else f"{text[:400]} [...] {text[-1200:]}"
+                errors.append(f"{cfg}: {text}")
         if not results:
             raise RuntimeError(
                 f"qcompile: every one of {len(errors)} candidate configs failed for {key}; "
