@@ -105,21 +105,26 @@ def bench_shape(n: int, k: int, ms: list[int], l2: int, bw: float, ops: float) -
             [lambda x=x, p=p: w4a16_linear_cuda(x, *p.tensors(), None, GROUP) for p in w16s]
         )
         for act, name in (("int8", "w4a8"), ("float8_e4m3fn", "w4a8_fp8")):
-            row[f"{name}_us"] = time_graph(
-                [
-                    lambda x=x, p=p, a=act: w4a8_linear_cuda(x, *p.tensors(), None, GROUP, a)
-                    for p in w8s
-                ]
-            )
-            xq, xs = quantize_per_token(x, act)
-            row[f"{name}_gemm_only_us"] = time_graph(
-                [
-                    lambda xq=xq, xs=xs, p=p: w4a8_linear_quantized_act_cuda(
-                        xq, xs, *p.tensors(), None, GROUP, torch.float16
-                    )
-                    for p in w8s
-                ]
-            )
+            try:  # a failure (e.g. no config compiles) is recorded in the row; the run goes on
+                row[f"{name}_us"] = time_graph(
+                    [
+                        lambda x=x, p=p, a=act: w4a8_linear_cuda(x, *p.tensors(), None, GROUP, a)
+                        for p in w8s
+                    ]
+                )
+                xq, xs = quantize_per_token(x, act)
+                row[f"{name}_gemm_only_us"] = time_graph(
+                    [
+                        lambda xq=xq, xs=xs, p=p: w4a8_linear_quantized_act_cuda(
+                            xq, xs, *p.tensors(), None, GROUP, torch.float16
+                        )
+                        for p in w8s
+                    ]
+                )
+            except RuntimeError as err:
+                row[f"{name}_error"] = str(err)[-3000:]
+                row[f"{name}_us"] = row[f"{name}_gemm_only_us"] = float("nan")
+                print(f"{name} failed at M={m}: {row[f'{name}_error']}", flush=True)
             cfg = autotuner(0).lookup(tune_key(m, n, k, GROUP, act, torch.float16))
             row[f"{name}_config"] = None if cfg is None else asdict(cfg)
         row["roofline_us"] = roofline_us(m, n, k, GROUP, bw, ops)
