@@ -15,6 +15,7 @@ from torch.fx import GraphModule
 
 from qcompile.config import QuantConfig
 from qcompile.passes.attention import rewrite_attention
+from qcompile.passes.fuse import fuse_sibling_linears
 from qcompile.passes.linear import GraphConstants, rewrite_linears
 from qcompile.report import CompileReport
 
@@ -97,6 +98,7 @@ class QCompileBackend:
         new_gm = _fresh_graph_module(gm)
         constants = GraphConstants()
         rewrite_linears(new_gm, list(example_inputs), self.config, report, constants)
+        fuse_sibling_linears(new_gm, list(example_inputs), self.config, report, constants)
         rewrite_attention(new_gm, self.config, report)
         report.log()
         self.report.records.extend(report.records)
