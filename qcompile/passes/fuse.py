@@ -70,6 +70,8 @@ def _fusable_ops() -> dict[Any, tuple[LinearScheme, int]]:
 def _member(node: Node, lowering: LinearScheme, n_act: int, real: dict[Node, Any]) -> Member | None:
     """`node` as a candidate, or None when a packed tensor or the bias is not a graph input."""
     n_tensors = len(lowering.tensor_names)
+    if node.kwargs or len(node.args) <= n_act + n_tensors:
+        return None  # not the positional call the passes and modules emit
     tensor_nodes = node.args[n_act : n_act + n_tensors]
     bias_node = node.args[n_act + n_tensors]
     values = [real.get(t) if isinstance(t, Node) else None for t in (*tensor_nodes, bias_node)]
