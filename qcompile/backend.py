@@ -64,8 +64,9 @@ def _with_constants(compiled: Callable, constants: list[torch.Tensor]) -> Callab
 
 
 class QCompileBackend:
-    """A torch.compile backend quantizing linear layers with one `QuantConfig`, and rewriting
-    attention that reads a KV4 cache into `kv4_attention` (`passes/attention.py`).
+    """A torch.compile backend quantizing linear layers with one `QuantConfig`, running sibling
+    linears on one input as one launch (`passes/fuse.py`), and rewriting attention that reads a
+    KV4 cache into `kv4_attention` (`passes/attention.py`).
 
     `report` accumulates what every compiled graph matched, quantized and left alone.
     `mode` / `options` are Inductor's (`mode="reduce-overhead"` for CUDA graphs).

@@ -7,8 +7,9 @@ Match: calls of a fusable op (`LinearScheme.fusable_ops`: `qcompile::w4a16_linea
 same activation node(s) and the same non-tensor arguments (group size), whose packed tensors
 are graph inputs holding adjacent column slices of one storage per kind (layout:
 `qcompile.quant.colocate`): siblings co-located by `quantize_` (`colocate_siblings`), or packed
-together by `rewrite_linears` (`colocate_sibling_packs`). Calls whose slices are not adjacent,
-whose inputs differ, or whose biases are mixed (some None) stay as they are.
+together by `rewrite_linears` (`colocate_sibling_packs`). A fused run is adjacent slices of
+calls that all have a bias or all have none; calls on other inputs, with other group sizes or
+dtypes, or whose slices are not adjacent stay as they are.
 Rewrite: one op call on views spanning the group (`spanning_view`, added as graph inputs: no
 weight is copied) and a concatenated bias (a view too when the biases are co-located), then
 `narrow` of its output along N for each original call's users. Records: each member's

@@ -8,6 +8,9 @@ reuse it), feed the packed tensors in as extra trailing graph inputs, and emit t
 `config.scheme.name` from the `LINEAR_SCHEMES` registry. W4A8 also puts the per-token
 activation quantization in front of its op as plain torch ops, once per input, so Inductor
 fuses it into the producer of x (an RMSNorm, SiLU * mul); the report says where that happens.
+With `config.fuse_siblings`, the weights of linears reading one input are first packed as
+column slices of one tensor per kind (`colocate_sibling_packs`), which `passes/fuse.py` then
+runs as one launch.
 """
 
 from __future__ import annotations
@@ -118,7 +121,7 @@ def colocate_sibling_packs(layers: list[tuple[Node, torch.Tensor]], scheme: Sche
 
 def colocate_packed_weights(weights: list[torch.Tensor], scheme: Scheme) -> None:
     """Re-home the cached packs of `weights` as views of one tensor per kind (layout:
-    `qcompile.quant.colocate`), unless they already are; the separate packs are freed."""
+    `qcompile.quant.colocate`), unless they already are; the separate packs leave the cache."""
     names = LINEAR_SCHEMES[scheme.name].tensor_names
     packs = [packed_weight(w, scheme) for w in weights]
     kinds = list(zip(*(p.tensors() for p in packs), strict=True))
