@@ -3,6 +3,7 @@
 model = torch.compile(model, backend="qcompile")                         # defaults
 model = torch.compile(model, backend=qcompile.backend(QuantConfig(...)))  # options
 qcompile.quantize_(model, config)                                         # frees fp16 weights
+qcompile.colocate_siblings(model)                # after .to() / .half(): siblings share storage
 qcompile.save_quantized(model, path); model = qcompile.load_quantized(path)  # safetensors
 model = qcompile.import_checkpoint(path)                                  # AWQ / GPTQ folders
 """
@@ -16,7 +17,13 @@ from qcompile.checkpoint import import_checkpoint, load_quantized, save_quantize
 from qcompile.config import QuantConfig, Scheme
 from qcompile.integrations import CheckpointError
 from qcompile.passes.linear import UnsupportedLayerError
-from qcompile.quantize import W4A8Linear, W4A16Linear, quantize_, quantize_and_compile
+from qcompile.quantize import (
+    W4A8Linear,
+    W4A16Linear,
+    colocate_siblings,
+    quantize_,
+    quantize_and_compile,
+)
 from qcompile.report import CompileReport, LayerRecord
 
 __all__ = [
@@ -30,6 +37,7 @@ __all__ = [
     "W4A8Linear",
     "W4A16Linear",
     "backend",
+    "colocate_siblings",
     "default_backend",
     "import_checkpoint",
     "load_quantized",

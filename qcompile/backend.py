@@ -15,6 +15,7 @@ from torch.fx import GraphModule
 
 from qcompile.config import QuantConfig
 from qcompile.passes.attention import rewrite_attention
+from qcompile.passes.fuse import fuse_sibling_linears
 from qcompile.passes.linear import GraphConstants, rewrite_linears
 from qcompile.report import CompileReport
 
@@ -63,8 +64,9 @@ def _with_constants(compiled: Callable, constants: list[torch.Tensor]) -> Callab
 
 
 class QCompileBackend:
-    """A torch.compile backend quantizing linear layers with one `QuantConfig`, and rewriting
-    attention that reads a KV4 cache into `kv4_attention` (`passes/attention.py`).
+    """A torch.compile backend quantizing linear layers with one `QuantConfig`, running sibling
+    linears on one input as one launch (`passes/fuse.py`), and rewriting attention that reads a
+    KV4 cache into `kv4_attention` (`passes/attention.py`).
 
     `report` accumulates what every compiled graph matched, quantized and left alone.
     `mode` / `options` are Inductor's (`mode="reduce-overhead"` for CUDA graphs).
@@ -97,6 +99,7 @@ class QCompileBackend:
         new_gm = _fresh_graph_module(gm)
         constants = GraphConstants()
         rewrite_linears(new_gm, list(example_inputs), self.config, report, constants)
+        fuse_sibling_linears(new_gm, list(example_inputs), self.config, report, constants)
         rewrite_attention(new_gm, self.config, report)
         report.log()
         self.report.records.extend(report.records)

@@ -33,7 +33,7 @@ from qcompile.integrations import CheckpointError
 from qcompile.integrations.awq import AwqFormat
 from qcompile.integrations.gptq import GptqFormat
 from qcompile.quant.int4 import NIBBLES_PER_WORD, PackedInt4
-from qcompile.quantize import W4A16Linear
+from qcompile.quantize import W4A16Linear, colocate_siblings
 
 WEIGHTS_NAME = "model.safetensors"
 QUANT_CONFIG_NAME = "quantization_config.json"
@@ -129,7 +129,10 @@ def load_quantized(
         raise CheckpointError(f"{folder}: {WEIGHTS_NAME} is missing")
     _load_checked(skeleton, TensorFiles([weights]), dict(record["tied"]))
     skeleton.eval()
-    return skeleton if device is None else skeleton.to(device)
+    if device is not None:
+        skeleton.to(device)
+    colocate_siblings(skeleton)  # after .to(), which copies each buffer on its own
+    return skeleton
 
 
 def read_quantization_config(folder: Path) -> dict:
@@ -213,6 +216,7 @@ def import_checkpoint(
     aliases = _tie_sources(model, files)
     _load_checked(model, files, aliases, cast_floats=True, done=converted, ignore=consumed)
     model.eval()
+    colocate_siblings(model)
     return model
 
 
@@ -459,13 +463,16 @@ def _tie_sources(model: nn.Module, files: TensorFiles) -> dict[str, str]:
 
 
 def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Contiguous tensors, views of an already-seen storage copied (safetensors refuses those)."""
+    """Each tensor alone in a storage it fills: safetensors refuses tensors sharing memory, so a
+    view (co-located sibling buffers, `colocate_siblings`) or a second use of a storage is
+    written as its own contiguous copy; the file is the one an un-co-located model gives."""
     seen: set[int] = set()
     out = {}
     for name, t in tensors.items():
         ptr = t.untyped_storage().data_ptr()
-        if t.numel() and ptr in seen:
-            t = t.clone()
+        whole = t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.nbytes
+        if t.numel() and (ptr in seen or not whole):
+            t = t.clone(memory_format=torch.contiguous_format)
         seen.add(ptr)
         out[name] = t.contiguous()
     return out

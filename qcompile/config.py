@@ -119,11 +119,17 @@ class QuantConfig:
     on_unsupported: "fallback" keeps a layer the kernels cannot take (K not divisible
         by the group size, float32 on CUDA, ...) as the original op and lists it in the
         report; "raise" turns that into an error naming the layer, shape and fix.
+    fuse_siblings: sibling layers reading the same input (q/k/v, gate/up) run as one launch.
+        `quantize_` stores their packed tensors as column slices of one tensor per kind
+        (`colocate_siblings`; no extra memory), the backend co-locates the weights it quantizes
+        itself the same way, and its fusion pass (`passes/fuse.py`) replaces the sibling calls
+        by one op call on the spanning view, whose output is split along N. W4A16 only.
     """
 
     scheme: Scheme = field(default_factory=Scheme)
     skip: tuple[str, ...] = ("lm_head", "*.lm_head")
     on_unsupported: Literal["fallback", "raise"] = "fallback"
+    fuse_siblings: bool = True
 
     def __post_init__(self) -> None:
         skip = (self.skip,) if isinstance(self.skip, str) else tuple(self.skip)

@@ -16,6 +16,7 @@ from qcompile.passes.linear import (
     execution_path,
     unsupported_reason,
 )
+from qcompile.quant.colocate import colocated_views, spanning_view
 from qcompile.quant.int4 import PackedInt4
 from qcompile.quant.rtn import quantize_weight_int4
 from qcompile.quant.w4a8 import PackedW4A8, quantize_weight_w4a8
@@ -128,6 +129,58 @@ class W4A8Linear(nn.Module):
         )
 
 
+# W4A16Linear buffers that `colocate_siblings` stores as column slices of one tensor per kind.
+_COLOCATED_BUFFERS = ("qweight", "scales", "offsets")
+
+
+def colocate_siblings(model: nn.Module) -> list[list[str]]:
+    """Store sibling `W4A16Linear`s' packed tensors as column slices of one tensor per kind.
+
+    Siblings: direct children of one module with equal in_features, group size, tensor dtypes
+    and device, and no `perm`, in child order. Their qweight / scales / offsets (and the biases
+    of those that have one, if of one dtype) become views of one tensor each (layout:
+    `qcompile.quant.colocate`), and the separate tensors are freed. Outputs are unchanged: each
+    module still computes its own output from its own view; the backend's fusion pass turns
+    siblings that read the same input into one launch. `quantize_` and the checkpoint loaders
+    call this; call it again after `.to()` / `.half()`, which copy each buffer separately.
+    Returns the module paths of each group co-located.
+    """
+    groups: list[list[str]] = []
+    seen: set[int] = set()
+    for parent_name, parent in model.named_modules():
+        by_key: dict[tuple, list[tuple[str, W4A16Linear]]] = {}
+        for child_name, child in parent.named_children():
+            if type(child) is not W4A16Linear or child.perm is not None or id(child) in seen:
+                continue
+            key = (
+                child.in_features,
+                child.group_size,
+                *((getattr(child, b).dtype, getattr(child, b).device) for b in _COLOCATED_BUFFERS),
+            )
+            by_key.setdefault(key, []).append((child_name, child))
+        for members in by_key.values():
+            if len(members) < 2:
+                continue
+            modules = [m for _, m in members]
+            seen.update(id(m) for m in modules)
+            for buffer in _COLOCATED_BUFFERS:
+                _colocate_buffer(modules, buffer)
+            biased = [m for m in modules if m.bias is not None]
+            if len(biased) > 1 and len({(m.bias.dtype, m.bias.device) for m in biased}) == 1:
+                _colocate_buffer(biased, "bias")
+            prefix = f"{parent_name}." if parent_name else ""
+            groups.append([prefix + name for name, _ in members])
+    return groups
+
+
+def _colocate_buffer(modules: list[W4A16Linear], buffer: str) -> None:
+    """Make `buffer` of `modules` views of one tensor, unless it already is."""
+    tensors = [getattr(m, buffer) for m in modules]
+    if spanning_view(tensors) is None:
+        for m, view in zip(modules, colocated_views(tensors), strict=True):
+            setattr(m, buffer, view)
+
+
 # The module `quantize_` swaps in, per `Scheme.name`.
 QUANTIZED_MODULES: dict[str, type[W4A16Linear] | type[W4A8Linear]] = {
     "w4a16": W4A16Linear,
@@ -149,8 +202,10 @@ def quantize_(
     `quantizer(name, linear, scheme)` chooses the codes (default: RTN, progressive for W4A8;
     see `qcompile.quant.gptq.gptq_quantizer` for W4A16). The fp16 weights are released as each layer is
     swapped (peak extra memory: one layer). `prefix` is `model`'s path inside a larger model
-    (skip patterns and the report use full paths). Returns the report of what was
-    quantized, skipped or left in full precision and why.
+    (skip patterns and the report use full paths). With `config.fuse_siblings`, sibling
+    layers' packed tensors are then co-located (`colocate_siblings`) so the backend can run
+    them as one launch. Returns the report of what was quantized, skipped or left in full
+    precision and why.
     """
     config = config or QuantConfig()
     report = CompileReport()
@@ -187,6 +242,8 @@ def quantize_(
             full = f"{prefix}.{name}" if prefix else name
             record = LayerRecord(full, shape, "quantized", detail, execution_path(q.qweight))
         report.add(record)
+    if config.fuse_siblings:
+        colocate_siblings(model)
     report.log()
     return report
 

@@ -23,6 +23,22 @@ class LayerRecord:
     path: str = ""  # "triton" or "reference" for quantized layers
     # W4A8: where the per-token activation quantization goes ("fused into ..." / "not fused: ...")
     fusion: str = ""
+    # Sibling fusion (passes/fuse.py): the layers sharing this layer's launch, and its N.
+    fused_with: tuple[str, ...] = ()
+    fused_n: int = 0
+
+    @property
+    def fused_note(self) -> str:
+        """e.g. `fused with k_proj, v_proj: one launch of N=6144` ('' when not fused); sibling
+        names are shortened to the part after this layer's parent path."""
+        if not self.fused_with:
+            return ""
+        parent = self.name.rpartition(".")[0]
+        short = [
+            n[len(parent) + 1 :] if parent and n.startswith(parent + ".") else n
+            for n in self.fused_with
+        ]
+        return f"fused with {', '.join(short)}: one launch of N={self.fused_n}"
 
 
 @dataclass(frozen=True)
@@ -66,6 +82,10 @@ class CompileReport:
         if with_act:
             fused = sum(r.fusion.startswith("fused") for r in with_act)
             text += f"; activation quantization fused into its producer for {fused}/{len(with_act)}"
+        siblings = [r for r in self.records if r.fused_with]
+        if siblings:
+            launches = round(sum(1 / (len(r.fused_with) + 1) for r in siblings))
+            text += f"; {len(siblings)} sibling layers fused into {launches} launches"
         if self.attention:
             text += f"; {len(self.attention)} attention: " + _counts(self.attention)
         return text
@@ -74,13 +94,7 @@ class CompileReport:
         """A fixed-width table, one row per layer, for printing."""
         rows = [("layer", "N x K", "status", "path", "detail")]
         rows += [
-            (
-                r.name,
-                f"{r.shape[0]} x {r.shape[1]}",
-                r.status,
-                r.path,
-                f"{r.detail}; activation quantization {r.fusion}" if r.fusion else r.detail,
-            )
+            (r.name, f"{r.shape[0]} x {r.shape[1]}", r.status, r.path, _detail(r))
             for r in self.records
         ]
         lines = _aligned(rows)
@@ -108,6 +122,11 @@ class CompileReport:
             log.warning("%s. Fallbacks: %s%s", self.summary(), reasons, more)
         else:
             log.info(self.summary())
+
+
+def _detail(r: LayerRecord) -> str:
+    text = f"{r.detail}; activation quantization {r.fusion}" if r.fusion else r.detail
+    return f"{text}; {r.fused_note}" if r.fused_with else text
 
 
 def _counts(records: list) -> str:

@@ -279,7 +279,9 @@ def test_failing_candidates_are_skipped(cache_dir: Path) -> None:
 def test_all_candidates_failing_raises(cache_dir: Path) -> None:
     tuner = Autotuner(gpu=GPU, triton_version=TRITON, cache_dir=cache_dir)
     bench = Bench({cfg: RuntimeError("out of shared memory") for cfg in CANDIDATES})
-    with pytest.raises(RuntimeError, match="every one of 3 candidate configs failed.*out of shared memory"):
+    with pytest.raises(
+        RuntimeError, match="every one of 3 candidate configs failed.*out of shared memory"
+    ):
         tuner.get(KEY, CANDIDATES, bench, DEFAULT)
     assert len(bench.calls) == 3
     assert tuner.lookup(KEY) is None

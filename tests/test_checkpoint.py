@@ -7,6 +7,7 @@ held to a model whose linears carry the independently dequantized weights.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -287,6 +288,33 @@ def test_round_trip_in_fresh_process_is_identical(tmp_path):
     for i, name in enumerate(models):
         assert torch.equal(got[f"logits{i}"], expected[name]), name
     assert got["tied0"].item() and not got["tied1"].item()
+
+
+def test_colocated_siblings_save_the_unshared_file_and_load_colocated(tmp_path):
+    """safetensors refuses tensors sharing memory: co-located buffers (views of one storage) are
+    written as their own copies, byte for byte the file of an un-co-located model; loading
+    co-locates them again, with the same outputs."""
+    model = tiny_llama(1)
+    separate = copy.deepcopy(model)
+    qcompile.quantize_(model, QuantConfig())
+    qcompile.quantize_(separate, QuantConfig(fuse_siblings=False))
+
+    def shared(m: nn.Module) -> bool:
+        attn = m.model.layers[0].self_attn
+        ptrs = {p.scales.untyped_storage().data_ptr() for p in (attn.q_proj, attn.v_proj)}
+        return len(ptrs) == 1
+
+    assert shared(model) and not shared(separate)
+    for name, m in (("colocated", model), ("separate", separate)):
+        qcompile.save_quantized(m, tmp_path / name)
+    for file in ("model.safetensors", "quantization_config.json"):
+        assert (tmp_path / "colocated" / file).read_bytes() == (
+            tmp_path / "separate" / file
+        ).read_bytes(), file
+    loaded = qcompile.load_quantized(tmp_path / "colocated")
+    assert shared(loaded)
+    with torch.no_grad():
+        assert torch.equal(loaded(TOKENS).logits, model(TOKENS).logits)
 
 
 def test_round_trip_of_a_plain_module_with_a_builder(tmp_path):

@@ -98,7 +98,36 @@ def test_reference_is_what_the_op_runs_on_cpu():
     assert torch.equal(OP(*args), w4a16_linear_reference(*args))
 
 
-def test_non_contiguous_packed_tensors_are_rejected():
+def _column_slice(t: torch.Tensor, before: int, after: int) -> torch.Tensor:
+    """`t` [rows, N] as columns before:before+N of a wider [rows, before + N + after] tensor."""
+    wide = torch.cat([torch.zeros_like(t[:, :1]).expand(-1, before), t], 1)
+    wide = torch.cat([wide, torch.zeros_like(t[:, :1]).expand(-1, after)], 1)
+    return wide[:, before : before + t.shape[1]]
+
+
+@pytest.mark.parametrize("g", [32, 64])  # g=64: scales/offsets have one row
+def test_column_slices_of_wider_tensors_give_the_contiguous_result(g):
+    x, qw, s, o, b, _ = _args(g=g)
+    views = [_column_slice(t, 16, 8) for t in (qw, s, o)]
+    assert not views[0].is_contiguous() and views[0].stride() == (56, 1)
+    out = OP(x, *views, b, g)
+    assert torch.equal(out, OP(x, qw, s, o, b, g))
+    torch.library.opcheck(OP.default, (x, *views, b, g))
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        (lambda qw, s, o: (qw, s.t().contiguous().t(), o), "scales has column stride != 1"),
+        (lambda qw, s, o: (_column_slice(qw, 8, 0), s, o), "row strides differ"),
+        (
+            lambda qw, s, o: tuple(torch.as_strided(t, t.shape, (16, 1)) for t in (qw, s, o)),
+            r"row strides differ or are < N=32",
+        ),
+    ],
+)
+def test_badly_strided_packed_tensors_are_rejected_with_the_fix(change, match):
     x, qw, s, o, b, g = _args()
-    with pytest.raises(ValueError, match="scales must be contiguous"):
-        OP(x, qw, s.t().contiguous().t(), o, b, g)
+    with pytest.raises(ValueError, match=match) as info:
+        OP(x, *change(qw, s, o), b, g)
+    assert "call .contiguous() on them" in str(info.value)

@@ -312,3 +312,44 @@ def test_clip_search_never_worse_and_sometimes_better(symmetric: bool) -> None:
     assert (clipped <= plain + 1e-5).all()  # the grid includes no clipping
     assert (clipped < plain - 1e-3).float().mean() > 0.1  # and it helps a share of groups
     assert clipped.mean() < plain.mean()
+
+
+# --- co-located storage (quant/colocate.py) ---------------------------------------------------
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    widths=st.lists(st.integers(1, 9), min_size=1, max_size=4),
+    rows=st.sampled_from([None, 1, 3]),  # None: 1-D tensors (biases)
+    seed=st.integers(0, 2**16),
+)
+def test_colocated_views_share_one_storage_and_span_back(widths, rows, seed) -> None:
+    from qcompile.quant.colocate import colocated_views, spanning_view
+
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(w,) if rows is None else (rows, w) for w in widths]
+    tensors = [
+        torch.randint(-(2**31), 2**31 - 1, s, generator=gen, dtype=torch.int32) for s in shapes
+    ]
+    views = colocated_views(tensors)
+    assert all(torch.equal(v, t) for v, t in zip(views, tensors, strict=True))
+    assert len({v.untyped_storage().data_ptr() for v in views}) == 1
+    span = spanning_view(views)
+    assert span is not None and torch.equal(span, torch.cat(tensors, -1))
+    assert span.data_ptr() == views[0].data_ptr()  # a view, not a copy
+    if len(views) > 1:
+        assert spanning_view(views[::-1]) is None  # not adjacent in this order
+        assert spanning_view([views[0], tensors[1]]) is None  # another storage
+    if len(views) > 2:
+        assert spanning_view([views[0], views[2]]) is None  # views[1] lies between
+
+
+def test_spanning_view_needs_one_row_stride_and_unit_columns() -> None:
+    from qcompile.quant.colocate import spanning_view
+
+    base = torch.arange(24.0).reshape(4, 6)
+    assert torch.equal(spanning_view([base[:, :2], base[:, 2:5]]), base[:, :5])
+    assert spanning_view([base[:, 0:2], base[:, 3:5]]) is None  # a gap
+    assert spanning_view([base[:2, :2], base[2:, 2:4]]) is None  # other rows
+    assert spanning_view([base.t()[:2], base.t()[2:4]]) is None  # column stride 6
+    assert spanning_view([base.flatten()[:2], base.flatten()[2:3]]) is not None

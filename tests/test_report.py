@@ -153,3 +153,28 @@ def test_attention_records_are_counted_and_tabled_apart_from_linears(
         report.log()
     assert caplog.records[0].levelno == logging.WARNING
     assert f"{left.name}: dropout 0.1" in caplog.records[0].getMessage()
+
+
+def test_sibling_fusion_is_noted_per_layer_and_counted() -> None:
+    attn = "model.layers.0.self_attn"
+    names = (f"{attn}.q_proj", f"{attn}.k_proj", f"{attn}.v_proj")
+    qkv = [
+        LayerRecord(name, (n, 4096), "prequantized", "quantize_()", "triton", "",
+                    tuple(other for other in names if other != name), 6144)
+        for name, n in zip(names, (4096, 1024, 1024), strict=True)
+    ]  # fmt: skip
+    gate_up = [
+        LayerRecord("mlp.gate_proj", (11008, 4096), "quantized", "w4a16 g128", "triton", "",
+                    ("mlp.up_proj",), 22016),
+        LayerRecord("mlp.up_proj", (11008, 4096), "quantized", "w4a16 g128", "triton", "",
+                    ("mlp.gate_proj",), 22016),
+    ]  # fmt: skip
+    report = make_report(*qkv, *gate_up, QUANTIZED, SKIPPED)
+    assert report.summary().endswith("; 5 sibling layers fused into 2 launches")
+    assert qkv[0].fused_note == "fused with k_proj, v_proj: one launch of N=6144"
+    assert qkv[2].fused_note == "fused with q_proj, k_proj: one launch of N=6144"
+    lines = report.table().splitlines()
+    assert lines[1].endswith("quantize_(); fused with k_proj, v_proj: one launch of N=6144")
+    assert lines[4].endswith("w4a16 g128; fused with up_proj: one launch of N=22016")
+    assert lines[6].endswith(QUANTIZED.detail) and QUANTIZED.fused_note == ""
+    assert "sibling" not in make_report(QUANTIZED).summary()

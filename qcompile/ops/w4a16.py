@@ -43,13 +43,37 @@ def check_w4a16_args(
             raise ValueError(
                 f"qcompile.w4a16_linear: {name} must be [K/group_size, N] = {groups}, got {tuple(t.shape)}"
             )
-    for name, t in (("qweight", qweight), ("scales", scales), ("offsets", offsets)):
-        if not t.is_contiguous():
-            raise ValueError(
-                f"qcompile.w4a16_linear: {name} must be contiguous (call .contiguous())"
-            )
+    check_packed_strides(qweight, scales, offsets)
     if bias is not None and tuple(bias.shape) != (n,):
         raise ValueError(f"qcompile.w4a16_linear: bias must be [N]={n}, got {tuple(bias.shape)}")
+
+
+def check_packed_strides(
+    qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor
+) -> None:
+    """Each packed tensor is row-major with unit column stride, and all three share one row
+    stride >= N: contiguous, or column slices of wider [rows, N_total] tensors (co-located
+    siblings, `qcompile.passes.fuse`). A stride of a size-1 dimension is never used."""
+    n = qweight.shape[1]
+    named = (("qweight", qweight), ("scales", scales), ("offsets", offsets))
+    bad_columns = [name for name, t in named if t.shape[1] > 1 and t.stride(1) != 1]
+    row_strides = [t.stride(0) for _, t in named if t.shape[0] > 1]  # may be SymInts
+    if (
+        bad_columns
+        or any(s != row_strides[0] for s in row_strides)
+        or any(s < n for s in row_strides)
+    ):
+        strides = ", ".join(f"{name} {tuple(t.stride())}" for name, t in named)
+        problem = (
+            f"{bad_columns[0]} has column stride != 1"
+            if bad_columns
+            else f"row strides differ or are < N={n}"
+        )
+        raise ValueError(
+            f"qcompile.w4a16_linear: {problem} (strides: {strides}); qweight, scales and offsets "
+            "must be contiguous or column slices of row-major tensors sharing one row stride "
+            ">= N; call .contiguous() on them"
+        )
 
 
 @torch.library.custom_op("qcompile::w4a16_linear", mutates_args=())

@@ -8,10 +8,14 @@ reuse it), feed the packed tensors in as extra trailing graph inputs, and emit t
 `config.scheme.name` from the `LINEAR_SCHEMES` registry. W4A8 also puts the per-token
 activation quantization in front of its op as plain torch ops, once per input, so Inductor
 fuses it into the producer of x (an RMSNorm, SiLU * mul); the report says where that happens.
+With `config.fuse_siblings`, the weights of linears reading one input are first packed as
+column slices of one tensor per kind (`colocate_sibling_packs`), which `passes/fuse.py` then
+runs as one launch.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import operator
 import re
 from collections.abc import Callable
@@ -26,6 +30,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from qcompile.config import QuantConfig, Scheme
 from qcompile.ops import w4a8 as w4a8_ops
 from qcompile.ops import w4a16 as w4a16_ops
+from qcompile.quant.colocate import colocated_views, spanning_view
 from qcompile.quant.rtn import quantize_weight_int4
 from qcompile.quant.w4a8 import quantize_activations_per_token, quantize_weight_w4a8
 from qcompile.report import CompileReport, LayerRecord
@@ -37,6 +42,8 @@ W4A16_TARGETS = (W4A16_OP, torch.ops.qcompile.w4a16_linear)
 W4A8_OP = torch.ops.qcompile.w4a8_linear.default
 W4A8_QUANTIZED_ACT_OP = torch.ops.qcompile.w4a8_linear_quantized_act.default
 W4A8_TARGETS = (W4A8_OP, torch.ops.qcompile.w4a8_linear)
+# Node meta key: index of the op node's LayerRecord in the graph's report (for passes/fuse.py).
+RECORD_META = "qcompile_record"
 
 
 class UnsupportedLayerError(ValueError):
@@ -93,6 +100,37 @@ def packed_weight(weight: torch.Tensor, scheme: Scheme) -> Any:
     packed = LINEAR_SCHEMES[scheme.name].quantize(weight, scheme)
     _PACKED[weight] = (weight._version, scheme, packed)
     return packed
+
+
+def colocate_sibling_packs(layers: list[tuple[Node, torch.Tensor]], scheme: Scheme) -> None:
+    """Pack the weights of sibling linears (same input node, dtype and device; each weight
+    used by one of `layers` only) as column slices of one tensor per kind, in graph order,
+    so that `passes/fuse.py` can run them as one launch. The packs stay in the `packed_weight`
+    cache: a recompile finds them co-located and copies nothing."""
+    uses: dict[int, int] = {}
+    for _, weight in layers:
+        uses[id(weight)] = uses.get(id(weight), 0) + 1
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for node, weight in layers:
+        if uses[id(weight)] == 1:
+            groups.setdefault((node.args[0], weight.dtype, weight.device), []).append(weight)
+    for weights in groups.values():
+        if len(weights) > 1:
+            colocate_packed_weights(weights, scheme)
+
+
+def colocate_packed_weights(weights: list[torch.Tensor], scheme: Scheme) -> None:
+    """Re-home the cached packs of `weights` as views of one tensor per kind (layout:
+    `qcompile.quant.colocate`), unless they already are; the separate packs leave the cache."""
+    names = LINEAR_SCHEMES[scheme.name].tensor_names
+    packs = [packed_weight(w, scheme) for w in weights]
+    kinds = list(zip(*(p.tensors() for p in packs), strict=True))
+    if all(spanning_view(tensors) is not None for tensors in kinds):
+        return
+    views = [colocated_views(tensors) for tensors in kinds]
+    for i, (weight, packed) in enumerate(zip(weights, packs, strict=True)):
+        fields = {name: kind[i] for name, kind in zip(names, views, strict=True)}
+        _PACKED[weight] = (weight._version, scheme, dataclasses.replace(packed, **fields))
 
 
 @dataclass
@@ -183,27 +221,41 @@ def rewrite_linears(
         autograd=torch.is_grad_enabled()
         and any(isinstance(t, torch.Tensor) and t.requires_grad for t in inputs)
     )
-    packed_nodes: dict[Node, tuple[list[Node], int]] = {}
+    # Decide every linear first (a record, or None: quantize it), so that siblings can be
+    # packed together before any is emitted; records keep graph order.
+    decisions: list[tuple[Node, LayerRecord | None, torch.Tensor | None]] = []
     for node in find_linears(gm):
-        x, w_node, *rest = node.args
-        bias = rest[0] if rest else node.kwargs.get("bias")
+        w_node = node.args[1]
         weight = inputs[placeholders[w_node]] if w_node in placeholders else None
         name = layer_name(node, w_node)
+        record = None
         if not isinstance(weight, torch.Tensor):
-            report.add(LayerRecord(name, (0, 0), "skipped", "weight is computed inside the graph"))
-            continue
-        shape = (weight.shape[0], weight.shape[-1])
-        if config.skips(name):
-            report.add(LayerRecord(name, shape, "skipped", "matches a skip pattern"))
-            continue
-        reason = unsupported_reason(
-            tuple(weight.shape), weight.dtype, weight.device.type, config.scheme
-        )
-        if reason is not None:
+            record = LayerRecord(name, (0, 0), "skipped", "weight is computed inside the graph")
+        elif config.skips(name):
+            shape = (weight.shape[0], weight.shape[-1])
+            record = LayerRecord(name, shape, "skipped", "matches a skip pattern")
+        elif (
+            reason := unsupported_reason(
+                tuple(weight.shape), weight.dtype, weight.device.type, config.scheme
+            )
+        ) is not None:
             if config.on_unsupported == "raise":
                 raise UnsupportedLayerError(f"{name}: {reason}")
-            report.add(LayerRecord(name, shape, "fallback", reason))
+            record = LayerRecord(name, (weight.shape[0], weight.shape[-1]), "fallback", reason)
+        decisions.append((node, record, weight))
+    if config.fuse_siblings and lowering.fusable_ops:
+        colocate_sibling_packs(
+            [(node, weight) for node, record, weight in decisions if record is None], config.scheme
+        )
+    packed_nodes: dict[Node, tuple[list[Node], int]] = {}
+    for node, record, weight in decisions:
+        if record is not None:
+            report.add(record)
             continue
+        x, w_node, *rest = node.args
+        bias = rest[0] if rest else node.kwargs.get("bias")
+        name = layer_name(node, w_node)
+        shape = (weight.shape[0], weight.shape[-1])
         if w_node not in packed_nodes:
             packed = packed_weight(weight, config.scheme)
             tag = re.sub(r"\W", "_", name)
@@ -216,6 +268,7 @@ def rewrite_linears(
         with gm.graph.inserting_before(node):
             new, fusion = lowering.emit(gm, x, tensor_nodes, bias, group, config.scheme, ctx)
         new.meta.update({k: v for k, v in node.meta.items() if k != "example_value"})
+        new.meta[RECORD_META] = len(report.records)
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
         report.add(
@@ -240,6 +293,7 @@ def rewrite_linears(
         qw = inputs[placeholders[node.args[1]]] if node.args[1] in placeholders else None
         n_k = (qw.shape[1], qw.shape[0] * 8) if isinstance(qw, torch.Tensor) else (0, 0)
         path = execution_path(qw) if isinstance(qw, torch.Tensor) else ""
+        node.meta[RECORD_META] = len(report.records)  # kept by a re-emitted node
         fusion = prequantized.reemit(gm, node, ctx) if prequantized.reemit else ""
         report.add(
             LayerRecord(
@@ -389,6 +443,10 @@ class LinearScheme:
     targets: tuple  # ops of already-quantized layers (recorded as "prequantized")
     describe: Callable[[Scheme, str], str]  # (scheme, "g128" / "per-channel") -> report detail
     reemit: Callable[[GraphModule, Node, RewriteContext], str] | None = None
+    # Ops whose calls on co-located siblings `passes/fuse.py` may merge, each with its number of
+    # leading activation arguments: args = (*activations, *packed tensors, bias, *rest). An op
+    # is listed only once its kernels take packed tensors with a row stride >= N.
+    fusable_ops: dict[Any, int] = field(default_factory=dict)
 
 
 LINEAR_SCHEMES: dict[str, LinearScheme] = {
@@ -400,6 +458,7 @@ LINEAR_SCHEMES: dict[str, LinearScheme] = {
         _emit_w4a16,
         W4A16_TARGETS,
         lambda scheme, g: f"w4a16 int4 {'sym' if scheme.symmetric else 'asym'} {g}",
+        fusable_ops=dict.fromkeys(W4A16_TARGETS, 1),
     ),
     "w4a8": LinearScheme(
         w4a8_ops.KERNEL_DTYPES,

@@ -1,0 +1,54 @@
+"""Co-located packed storage: sibling layers' tensors as column slices of one tensor.
+
+Layout: the packed tensors of layers 1..L that read the same input (q/k/v, gate/up) become
+views of one tensor per kind, concatenated along the last (N) dimension in layer order:
+    qweight_i = base_qweight[:, c_i : c_i + N_i]    base_qweight: [K // 8, N_1 + ... + N_L]
+and likewise scales / offsets ([K // G, sum N]) and bias ([sum N]). Each view keeps unit column
+stride and the base's row stride, which the op contract accepts (`ops/w4a16.check_packed_strides`);
+`spanning_view` recovers the [rows, sum N] base from the views, so one launch can compute every
+sibling's output without copying a weight (`qcompile.passes.fuse`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def colocated_views(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """`tensors` (same leading shape, dtype, device) copied once into one tensor along the last
+    dimension, returned as views of it in the same order."""
+    base = torch.cat([t.detach() for t in tensors], dim=-1)
+    starts = [0]
+    for t in tensors[:-1]:
+        starts.append(starts[-1] + t.shape[-1])
+    return [base.narrow(-1, s, t.shape[-1]) for s, t in zip(starts, tensors, strict=True)]
+
+
+def spanning_view(tensors: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """The view covering all of `tensors` when they are adjacent column slices of one storage
+    in this order (tensor i + 1 starts where tensor i ends), else None. 1-D or 2-D tensors."""
+    first = tensors[0]
+    if first.is_meta or first.dim() not in (1, 2) or first.numel() == 0:
+        return None
+    storage = first.untyped_storage().data_ptr()
+    offset = first.storage_offset()
+    for t in tensors:
+        same_layout = (
+            t.device == first.device
+            and t.dtype == first.dtype
+            and t.shape[:-1] == first.shape[:-1]
+            and t.stride() == first.stride()
+            and (t.shape[-1] == 1 or t.stride(-1) == 1)
+        )
+        if not same_layout or t.untyped_storage().data_ptr() != storage:
+            return None
+        if t.storage_offset() != offset:
+            return None
+        offset += t.shape[-1]
+    n_total = offset - first.storage_offset()
+    stride = (*first.stride()[:-1], 1)
+    if first.dim() == 2 and first.shape[0] > 1 and stride[0] < n_total:
+        return None  # the rows of the span would overlap: not slices of one row-major tensor
+    return first.as_strided((*first.shape[:-1], n_total), stride, first.storage_offset())
