@@ -353,6 +353,24 @@ def markdown(result: dict) -> str:
             f"{vs_eager} | {vs_ind} | {r['prefill_ms']:.1f} | {r['weight_bytes'] / gib:.2f} | "
             f"{peak} | {r['compile_warmup_s']:.1f} | {r['first_step_rel_err_vs_eager']:.1e} |"
         )
+    profiled = [r for r in rows if "profile_us_per_step" in r]
+    if profiled:
+        kinds = sorted({k for r in profiled for k in r["profile_us_per_step"]["by_kind_us"]})
+        lines += [
+            "",
+            "GPU time per decode step by kernel kind (torch.profiler over CUDA-graph replays, us):",
+            "",
+            "| variant | batch | " + " | ".join(kinds) + " | total |",
+            "|---|---:|" + "---:|" * (len(kinds) + 1),
+        ]
+        for r in profiled:
+            prof = r["profile_us_per_step"]
+            cells = [f"{prof['by_kind_us'].get(k, 0.0):.0f}" for k in kinds]
+            lines.append(
+                f"| {r['variant']} | {r['batch']} | "
+                + " | ".join(cells)
+                + f" | {prof['total_us']:.0f} |"
+            )
     notes = sorted(
         {f"{r['variant']}: {r['quantize_report']}" for r in rows if "quantize_report" in r}
     )
