@@ -27,23 +27,27 @@ from qcompile.lowering import w4a16 as kernels
 TARGET = GPUTarget("cuda", 90, 32)
 COMMON_SIG = {
     "x_ptr": "*fp16", "qw_ptr": "*i32", "s_ptr": "*fp16", "o_ptr": "*fp16", "bias_ptr": "*fp16",
-    "out_ptr": "*fp16", "M": "i32", "N": "i32", "K": "i32", "k_per_split": "i32",
-    "stride_xm": "i32", "stride_xk": "i32", "stride_om": "i32", "stride_split": "i32",
+    "out_ptr": "*fp16", "ws_ptr": "*fp32", "cnt_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32",
+    "k_per_split": "i32", "stride_w": "i32", "stride_xm": "i32", "stride_xk": "i32",
+    "stride_om": "i32", "stride_split": "i32",
 }  # fmt: skip
 # Dynamo-style specialization: pointers and sizes divisible by 16, unit stride along K.
-ATTRS = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 4, 5, 7, 8, 9, 10, 12)}
+ATTRS = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 4, 5, 6, 7, 9, 10, 11, 12, 13, 15)}
 
 
 def compile_variant(
     kind: str, bm: int, bn: int, bk: int, warps: int, stages: int, prefetch: bool = False,
-    group: int = 128,
+    group: int = 128, split: bool = False,
 ):  # fmt: skip
+    """A W4A16 kernel for sm_90 (contiguous x, no bias); `split`: the self-reducing split-K
+    epilogue."""
     sig = dict(COMMON_SIG)
     # stride_xk == 1 is specialized as a constant by Triton at launch for contiguous x.
     consts = {
         "GROUP": group,
         "HAS_BIAS": False,
-        "WRITE_PARTIAL": False,
+        "SPLIT": split,
+        "SELF_REDUCE": split,
         "BLOCK_N": bn,
         "BLOCK_K": bk,
         "stride_xk": 1,

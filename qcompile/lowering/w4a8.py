@@ -230,7 +230,7 @@ def _w4a8_gemm_kernel(
             acc += tl.dot(x, w) * s2.to(tl.float32)
         else:  # integer ops only: q * s2 - z * s2 is in -127..127
             w = (q * s2 - z * s2).to(tl.int8)
-            acc = tl.dot(x, w, acc)
+            acc = tl.dot(x, w, acc, out_dtype=tl.int32)  # Triton 3.6 does not infer it
     _store_result(
         acc, rm, rn, m_mask, n_mask, xs_ptr, s1_ptr, bias_ptr, out_ptr, pid_k, stride_om,
         stride_split, HAS_BIAS, WRITE_ACC, False,
@@ -276,7 +276,7 @@ def _w4a8_gemm_planes_kernel(
         for i in tl.static_range(8):
             w = (((words >> (4 * i)) & 0xF) * s2 - zs).to(tl.int8)
             xt = tl.load(x_base + i * ROWS * stride_xk, mask=m_mask[None, :], other=0.0)
-            acc = tl.dot(w, xt, acc)
+            acc = tl.dot(w, xt, acc, out_dtype=tl.int32)
     _store_result(
         acc, rm, rn, m_mask, n_mask, xs_ptr, s1_ptr, bias_ptr, out_ptr, pid_k, stride_om,
         stride_split, HAS_BIAS, WRITE_ACC, True,
