@@ -20,6 +20,9 @@ demo: $(STAMP)  ## quantize + compile a small built-in model, print report, erro
 
 test: $(STAMP)  ## CPU test suite (kernels in Triton's interpreter); gpu tests are skipped
 	$(PY) -m pytest -q tests
+	# Every kernel must also compile with the oldest supported Triton (3.6, what the H100 runs).
+	test -d $(VENV)/triton36 || $(PY) -m pip install -q --no-deps --target $(VENV)/triton36 "triton==3.6.0"
+	PYTHONPATH=$(VENV)/triton36 $(PY) -m pytest -q tests/test_offline_compile.py
 
 test-gpu:  ## on a CUDA machine with torch/triton installed: gpu tests + kernels natively
 	$(PYTHON) -m pip install -q --no-deps --no-build-isolation -e .
