@@ -32,3 +32,15 @@ def pytest_collection_modifyitems(config, items):
 def _isolated_tuning_cache(tmp_path, monkeypatch):
     """Never read or write the user's real tuning cache from tests."""
     monkeypatch.setenv("QCOMPILE_CACHE_DIR", str(tmp_path / "qcompile-cache"))
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """Dynamo's caches and counters reset around a test: graphs and recompile counts of one
+    test never leak into the next (`pytestmark = pytest.mark.usefixtures("fresh_dynamo")`)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()

@@ -25,12 +25,7 @@ FUSED_OPS_PER_LAYER = 4
 UNFUSED_OPS_PER_LAYER = 7
 
 
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    counters.clear()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 def _ids(batch: int = 2, length: int = 7, seed: int = 0) -> torch.Tensor:

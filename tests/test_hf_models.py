@@ -27,12 +27,7 @@ MAX_CACHE = 32  # one static-cache size for every call, so more new tokens reuse
 INT4_LOGITS_ERROR = (0.05, 0.35)
 
 
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    counters.clear()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 def _ids(batch: int, length: int = PROMPT, seed: int = 0) -> torch.Tensor:

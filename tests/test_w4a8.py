@@ -391,11 +391,7 @@ def _ids(seed=0):
     return torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 def test_pass_quantizes_each_input_once_and_reports_fusion(tiny_llama):
