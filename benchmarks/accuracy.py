@@ -33,7 +33,7 @@ from qcompile.integrations.kv4_cache import KV4Cache, enable_kv4_attention, smoo
 from qcompile.quant.awq import awq_quantize_model
 from qcompile.quant.calibration import collect_input_hessians
 from qcompile.quant.gptq import gptq_quantize_model, gptq_quantizer
-from qcompile.quant.smooth import smooth_quantize_model
+from qcompile.quant.smooth import smooth_model_
 from qcompile.quant.w4a8 import dequantize_w4a8, quantize_weight_w4a8
 
 CORPUS = "/usr/share/doc/python3.11/html/_sources/tutorial"
@@ -109,6 +109,25 @@ ROWS = [  # (label, scheme, method, note); None = the fp32 model
         Scheme(name="w4a8", group_size=64),
         "smooth0.8",
         "",
+    ),
+    (
+        "W4A8 g64 int8, GPTQ act-order, block-sequential, clip search",
+        Scheme(name="w4a8", group_size=64),
+        "gptq-seq-act-clip",
+        "GPTQ onto QoQ's grid: s1 per channel fixed first, (s2, z) per group, error in weight "
+        "units; int8 group ranges shrunk by up to 25% where that lowers the group's error",
+    ),
+    (
+        "W4A8 g64 int8, AWQ + GPTQ act-order, block-sequential, clip search",
+        Scheme(name="w4a8", group_size=64),
+        "gptq-seq-act-clip-awq",
+        "AWQ scales (searched after QoQ RTN) folded first, then GPTQ against the rescaled Hessians",
+    ),
+    (
+        "W4A8 g64 int8, SmoothQuant alpha=0.5 + GPTQ act-order, block-sequential, clip search",
+        Scheme(name="w4a8", group_size=64),
+        "smooth0.5-gptq-seq-act-clip",
+        "smoothing folded first (as in the SmoothQuant row), then GPTQ on the smoothed weights",
     ),
     ("W4A8 g64 fp8 e4m3", Scheme(name="w4a8", group_size=64, act_dtype="float8_e4m3fn"), "rtn", ""),
     (
@@ -239,15 +258,14 @@ def main() -> None:
             layers = "0 (KV cache only)"
         elif scheme is not None:
             m = copy.deepcopy(model)
+            if method.startswith("smooth"):  # "smooth<alpha>[-<method>]": SmoothQuant first,
+                alpha, _, method = method.removeprefix("smooth").partition("-")
+                smooth_model_(m, calibration_batches(tok), alpha=float(alpha))
+                method = method or "rtn"  # then <method> (default RTN)
             if method == "awq":
                 report = awq_quantize_model(m, calibration_batches(tok), QuantConfig(scheme))
             elif method == "weights-only":
                 report = dequantized_weights_only(m, QuantConfig(scheme))
-            elif method.startswith("smooth"):
-                alpha = float(method.removeprefix("smooth"))
-                report = smooth_quantize_model(
-                    m, calibration_batches(tok), QuantConfig(scheme), alpha=alpha
-                )
             elif method.startswith("gptq-seq"):
                 report = gptq_quantize_model(
                     m, calibration_batches(tok), QuantConfig(scheme), act_order=True,

@@ -187,7 +187,8 @@ QUANTIZED_MODULES: dict[str, type[W4A16Linear] | type[W4A8Linear]] = {
     "w4a8": W4A8Linear,
 }
 
-WeightQuantizer = Callable[[str, nn.Linear, Scheme], PackedInt4 | PackedW4A8]
+# (name, linear, scheme) -> the packed weight in the scheme's layout, or None for its RTN.
+WeightQuantizer = Callable[[str, nn.Linear, Scheme], PackedInt4 | PackedW4A8 | None]
 
 
 def quantize_(
@@ -199,9 +200,9 @@ def quantize_(
     """Replace every supported `nn.Linear` of `model` by the scheme's module (`W4A16Linear`,
     `W4A8Linear`; `QUANTIZED_MODULES`), in place.
 
-    `quantizer(name, linear, scheme)` chooses the codes (default: RTN, progressive for W4A8;
-    see `qcompile.quant.gptq.gptq_quantizer` for W4A16). The fp16 weights are released as each layer is
-    swapped (peak extra memory: one layer). `prefix` is `model`'s path inside a larger model
+    `quantizer(name, linear, scheme)` chooses the codes (default, or where it returns None:
+    RTN, progressive for W4A8; `qcompile.quant.gptq.gptq_quantizer` runs GPTQ for either).
+    The fp16 weights are released as each layer is swapped (peak extra memory: one layer). `prefix` is `model`'s path inside a larger model
     (skip patterns and the report use full paths). With `config.fuse_siblings`, sibling
     layers' packed tensors are then co-located (`colocate_siblings`) so the backend can run
     them as one launch. Returns the report of what was quantized, skipped or left in full

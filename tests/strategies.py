@@ -182,3 +182,31 @@ def kv4_problems(draw, decode: bool, device: str = "cpu", max_blocks: int = 3) -
     keys = PackedKV4(*(to(t) for t in (keys.codes, keys.scales, keys.offsets)), group)
     values = PackedKV4(*(to(t) for t in (values.codes, values.scales, values.offsets)), group)
     return KV4Problem(to(q.to(dtype)), keys, values, to(seq_lens), to(mask), is_causal, d**-0.5)
+
+
+@dataclass
+class HessianProblem:
+    weight: torch.Tensor  # [N, K] float32
+    hessian: torch.Tensor  # [K, K] = 2 X^T X / rows, from X [rows, K]
+    group: int | None
+
+
+@st.composite
+def hessian_problems(draw, groups=(32, 64, None)) -> HessianProblem:
+    """A weight and the input Hessian of correlated activations with a few outlier channels
+    (scaled up to 20x), from as few rows as K / 2 (a singular X^T X, as for a rarely active
+    layer), some input channels possibly never active (a zero row and column)."""
+    n = draw(st.sampled_from([1, 8, 24]))
+    group = draw(st.sampled_from(groups))
+    k = (group or 64) * draw(st.integers(1, 3))
+    rows = draw(st.sampled_from([k // 2, 2 * k, 8 * k]))
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    weight = torch.randn(n, k, generator=gen)
+    if draw(st.booleans()):  # outlier weights
+        weight.view(-1)[torch.randint(0, n * k, (max(1, n * k // 100),), generator=gen)] *= 20
+    x = torch.randn(rows, k // 4, generator=gen) @ torch.randn(k // 4, k, generator=gen)
+    x = x + 0.1 * torch.randn(rows, k, generator=gen)
+    x[:, torch.randint(0, k, (max(1, k // 32),), generator=gen)] *= draw(st.sampled_from([1, 20]))
+    if draw(st.booleans()):
+        x[:, torch.randint(0, k, (2,), generator=gen)] = 0  # dead inputs
+    return HessianProblem(weight, 2 * x.t() @ x / rows, group)

@@ -14,6 +14,7 @@ from qcompile.quant.awq import awq_quantize_model, awq_scale_block, awq_search_s
 from qcompile.quant.calibration import collect_input_hessians
 from qcompile.quant.int4 import dequantize_int4
 from qcompile.quant.rtn import quantize_weight_int4
+from qcompile.quant.w4a8 import dequantize_w4a8, quantize_weight_w4a8
 
 
 @pytest.fixture(scope="module")
@@ -66,23 +67,30 @@ def test_scaled_hessians_match_the_rescaled_inputs(tiny_llama):
         assert torch.linalg.norm(got - expected) <= 1e-4 * torch.linalg.norm(got), name
 
 
-def test_search_never_worse_than_rtn_on_its_objective():
+@pytest.mark.parametrize(
+    "scheme", [Scheme(group_size=32), Scheme(name="w4a8", group_size=32)], ids=["w4a16", "w4a8"]
+)
+def test_search_never_worse_than_rtn_on_its_objective(scheme):
+    """The search measures its objective after the scheme's own RTN (QoQ's grid for W4A8)."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(512, 64, generator=gen) * torch.linspace(0.1, 5, 64)  # uneven channels
     h = 2 * x.t() @ x / x.shape[0]
     w = torch.randn(32, 64, generator=gen)
-    scheme = Scheme(group_size=32)
 
     def loss(s):
-        d = (
-            dequantize_int4(quantize_weight_int4(w * s, scheme, torch.float32), torch.float32) / s
-            - w
-        )
+        if scheme.name == "w4a8":
+            w_q = dequantize_w4a8(quantize_weight_w4a8(w * s, scheme), torch.float32)
+        else:
+            w_q = dequantize_int4(quantize_weight_int4(w * s, scheme, torch.float32), torch.float32)
+        d = w_q / s - w
         return ((d @ h) * d).sum().item()
 
     s = awq_search_scale([w], h, scheme)
     assert loss(s) <= loss(torch.ones(64)) + 1e-6
-    assert loss(s) < 0.95 * loss(torch.ones(64))  # salient channels do get protected here
+    # Salient channels do get protected here: measured 0.92 x RTN's loss for W4A16, 0.96 x
+    # for W4A8 (a scaled-up column also widens its row's int8 scale s1, and s2 is an integer).
+    bound = 0.97 if scheme.name == "w4a8" else 0.95
+    assert loss(s) < bound * loss(torch.ones(64))
 
 
 def test_awq_model_beats_rtn(tiny_llama):

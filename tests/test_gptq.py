@@ -1,17 +1,32 @@
-"""GPTQ against RTN: identical without input correlation, better output error with it."""
+"""GPTQ against RTN: identical without input correlation, better output error with it, on
+W4A16's grid and on W4A8's progressive (QoQ) grid."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
+from helpers import assert_close_rel
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from strategies import HessianProblem, hessian_problems
 from torch import nn
 
 import qcompile
 from qcompile import QuantConfig, Scheme
 from qcompile.quant.calibration import collect_input_hessians
 from qcompile.quant.gptq import gptq_quantize_weight, gptq_quantizer
-from qcompile.quant.int4 import dequantize_int4
+from qcompile.quant.int4 import dequantize_int4, unpack_int4_along_k
 from qcompile.quant.rtn import quantize_weight_int4
+from qcompile.quant.w4a8 import (
+    PackedW4A8,
+    dequantize_activations,
+    dequantize_w4a8,
+    int8_weight,
+    quantize_activations_per_token,
+    quantize_weight_w4a8,
+)
 
 
 def _inputs(rows: int, k: int, seed: int) -> torch.Tensor:
@@ -93,8 +108,6 @@ def test_quantize_with_gptq_quantizer_lowers_model_error():
     config = QuantConfig(Scheme(group_size=32))
     errors = {}
     for method in ("rtn", "gptq"):
-        import copy
-
         m = copy.deepcopy(model)
         quantizer = (
             gptq_quantizer(collect_input_hessians(m, cal, progress=False))
@@ -106,3 +119,147 @@ def test_quantize_with_gptq_quantizer_lowers_model_error():
         with torch.no_grad():
             errors[method] = ((m(test) - ref).norm() / ref.norm()).item()
     assert errors["gptq"] < 0.9 * errors["rtn"], errors
+
+
+# --------------------------------------------------------------------------- W4A8 (QoQ grid)
+def _hessian_error(packed: PackedW4A8, weight: torch.Tensor, h: torch.Tensor) -> float:
+    """tr(dW H dW^T): the output error GPTQ minimizes (||X dW^T||^2 up to 2 / rows)."""
+    d = dequantize_w4a8(packed, torch.float64) - weight.double()
+    return ((d @ h.double()) * d).sum().item()
+
+
+def _assert_valid_w4a8(p: PackedW4A8, n: int, k: int) -> None:
+    """RTN's layout and ranges: codes 0..15, s2 integers 1..16, z 0..15, |(q - z) s2| <= 127."""
+    g = p.group_size
+    assert p.qweight.shape == (k // 8, n) and p.qweight.dtype == torch.int32
+    assert p.group_scales.shape == p.group_zeros.shape == (k // g, n)
+    assert p.group_scales.dtype == p.group_zeros.dtype == torch.uint8
+    assert p.channel_scales.shape == (n,) and p.channel_scales.dtype == torch.float32
+    assert all(t.is_contiguous() for t in p.tensors())
+    assert p.group_scales.min() >= 1 and p.group_scales.max() <= 16
+    assert p.group_zeros.max() <= 15 and unpack_int4_along_k(p.qweight).max() <= 15
+    assert int8_weight(p.qweight, p.group_scales, p.group_zeros, g).abs().max() <= 127
+
+
+@pytest.mark.parametrize("group", [32, 64, None])
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("clip_search", [False, True])
+def test_w4a8_identity_hessian_gives_rtn_exactly(group, act_order, clip_search):
+    """Nothing to compensate: every code, s2, z and s1 is RTN's (with the same clip search)."""
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(24, 256, generator=gen)
+    w.view(-1)[torch.randint(0, w.numel(), (40,), generator=gen)] *= 20  # outliers
+    scheme = Scheme(name="w4a8", group_size=group)
+    g = gptq_quantize_weight(w, torch.eye(256), scheme, damp=0.0, act_order=act_order,
+                             clip_search=clip_search)  # fmt: skip
+    r = quantize_weight_w4a8(w, scheme, clip_search=clip_search)
+    assert g.group_size == r.group_size
+    for got, want in zip(g.tensors(), r.tensors(), strict=True):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("group", [32, 64, 128, None])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_w4a8_gptq_beats_rtn_on_correlated_inputs(group, act_order):
+    k, n = 256, 64
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(1))
+    x = _inputs(2048, k, seed=2)
+    h = 2 * x.t() @ x / x.shape[0]
+    scheme = Scheme(name="w4a8", group_size=group)
+    p = gptq_quantize_weight(w, h, scheme, act_order=act_order)
+    _assert_valid_w4a8(p, n, k)
+    assert torch.equal(p.channel_scales, quantize_weight_w4a8(w, scheme).channel_scales)
+    gptq = _hessian_error(p, w, h)
+    rtn = _hessian_error(quantize_weight_w4a8(w, scheme), w, h)
+    # Measured: 0.14-0.17 x RTN's error, 0.035-0.037 x with act-order.
+    bound = 0.06 if act_order else 0.25
+    assert gptq < bound * rtn, f"GPTQ {gptq:.4g} vs RTN {rtn:.4g}"
+    # ... and on held-out inputs of the same distribution, relative output error
+    x_test = _inputs(512, k, seed=3)
+    held_out = {
+        name: ((x_test @ (w - dequantize_w4a8(q)).t()).norm() / (x_test @ w.t()).norm()).item()
+        for name, q in (("gptq", p), ("rtn", quantize_weight_w4a8(w, scheme)))
+    }
+    assert held_out["gptq"] < 0.5 * held_out["rtn"], held_out
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    problem=hessian_problems(),
+    name=st.sampled_from(["w4a8", "w4a16"]),
+    act_order=st.booleans(),
+    clip_search=st.booleans(),
+)
+def test_gptq_never_worse_than_rtn_on_its_objective(
+    problem: HessianProblem, name, act_order, clip_search
+):
+    """On the Hessian it was given, GPTQ's tr(dW H dW^T) does not exceed RTN's on the same grid
+    (with the same clip search): not a theorem (GPTQ is greedy) but what 400 draws per grid
+    showed, worst ratio 0.95 (W4A8) / 0.99 (W4A16). Outlier channels, singular Hessians
+    (rows < K) and dead inputs included."""
+    w, h = problem.weight, problem.hessian
+    n, k = w.shape
+    scheme = Scheme(name=name, group_size=problem.group)
+    p = gptq_quantize_weight(w, h, scheme, act_order=act_order, clip_search=clip_search)
+    if name == "w4a8":
+        _assert_valid_w4a8(p, n, k)
+        rtn = quantize_weight_w4a8(w, scheme, clip_search=clip_search)
+        dequant = dequantize_w4a8
+    else:
+        rtn = quantize_weight_int4(w, scheme, clip_search=clip_search)
+        dequant = dequantize_int4
+
+    def error(packed) -> float:
+        d = dequant(packed, torch.float64) - w.double()
+        return ((d @ h.double()) * d).sum().item()
+
+    assert error(p) <= error(rtn) * (1 + 1e-3) + 1e-9, (error(p), error(rtn))
+
+
+def test_w4a8_gptq_round_trips_through_dequantize_and_the_reference_op():
+    k, n = 128, 40
+    gen = torch.Generator().manual_seed(4)
+    w = torch.randn(n, k, generator=gen)
+    h = 2 * _inputs(1024, k, seed=5).t() @ _inputs(1024, k, seed=5) / 1024
+    h[3, :] = h[:, 3] = 0  # a dead input: its weight column is quantized as 0
+    p = gptq_quantize_weight(w, h, Scheme(name="w4a8", group_size=32), act_order=True)
+    _assert_valid_w4a8(p, n, k)
+    w_q = dequantize_w4a8(p, torch.float64)
+    assert (w_q[:, 3] == 0).all()
+    s1 = p.channel_scales.double()[:, None]
+    w8 = int8_weight(p.qweight, p.group_scales, p.group_zeros, p.group_size)
+    torch.testing.assert_close(w_q, w8.double() * s1, rtol=0, atol=0)
+    x, bias = torch.randn(7, k, generator=gen), torch.randn(n, generator=gen)
+    out = torch.ops.qcompile.w4a8_linear(x, *p.tensors(), bias, p.group_size, "int8")
+    xq = dequantize_activations(*quantize_activations_per_token(x, "int8"))
+    assert_close_rel(out, xq @ w_q.t() + bias.double(), torch.float32)
+    # the module `quantize_` swaps in takes the pack unchanged
+    linear = nn.Linear(k, n)
+    q = qcompile.W4A8Linear.from_linear(linear, Scheme(name="w4a8", group_size=32), p)
+    assert_close_rel(q(x), xq @ w_q.t() + linear.bias.double(), torch.float32)
+
+
+def test_w4a8_gptq_checks_the_shape():
+    with pytest.raises(ValueError, match="K=36 is not divisible by group_size=36 and 8"):
+        gptq_quantize_weight(
+            torch.randn(4, 36), torch.eye(36), Scheme(name="w4a8", group_size=None)
+        )
+
+
+def test_w4a8_gptq_quantizer_swaps_in_w4a8_linears():
+    """`quantize_` with `gptq_quantizer`: W4A8Linear holding GPTQ's codes where a Hessian
+    exists, RTN's where none does."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(128, 256), nn.GELU(), nn.Linear(256, 128))
+    cal = [_inputs(256, 128, seed=s) for s in range(4)]
+    scheme = Scheme(name="w4a8", group_size=32)
+    hessians = collect_input_hessians(model, cal, progress=False)
+    m = copy.deepcopy(model)
+    report = qcompile.quantize_(
+        m, QuantConfig(scheme), quantizer=gptq_quantizer({"0": hessians["0"]}, act_order=True)
+    )
+    assert len(report.by_status("quantized")) == 2
+    assert all(isinstance(m[i], qcompile.W4A8Linear) for i in (0, 2))
+    expected = gptq_quantize_weight(model[0].weight, hessians["0"], scheme, act_order=True)
+    assert torch.equal(m[0].qweight, expected.qweight)
+    assert torch.equal(m[2].qweight, quantize_weight_w4a8(model[2].weight, scheme).qweight)

@@ -17,6 +17,7 @@ from torch import nn
 from qcompile.config import Scheme
 from qcompile.quant.int4 import dequantize_int4
 from qcompile.quant.rtn import quantize_weight_int4
+from qcompile.quant.w4a8 import dequantize_w4a8, quantize_weight_w4a8
 
 # (producer of the shared input, linears reading it) in a Llama-family decoder block
 # (Llama, Mistral, Qwen2). o_proj is left out: with grouped-query attention its input
@@ -28,10 +29,22 @@ LLAMA_GROUPS = (
 )
 
 
+# The float32 weight that each scheme's RTN (`quantize_`'s default) makes of w [N, K], per
+# `Scheme.name`: what the scale search measures its objective on.
+RTN_ROUNDTRIPS = {
+    "w4a16": lambda w, scheme: dequantize_int4(
+        quantize_weight_int4(w, scheme, torch.float32), torch.float32
+    ),
+    "w4a8": lambda w, scheme: dequantize_w4a8(quantize_weight_w4a8(w, scheme), torch.float32),
+}
+
+
 def awq_search_scale(
     weights: list[torch.Tensor], hessian: torch.Tensor, scheme: Scheme, grid: int = 20
 ) -> torch.Tensor:
-    """The input-channel scale s [K] minimizing sum_W tr(dW H dW^T) after RTN of W diag(s)."""
+    """The input-channel scale s [K] minimizing sum_W tr(dW H dW^T) after RTN of W diag(s)
+    onto `scheme`'s grid."""
+    roundtrip = RTN_ROUNDTRIPS[scheme.name]
     h = hessian.float()
     salience = h.diagonal().clamp_min(0).sqrt().clamp_min(1e-8)
     best_loss, best = None, torch.ones_like(salience)
@@ -41,11 +54,7 @@ def awq_search_scale(
         loss = 0.0
         for w in weights:
             w = w.float()
-            q = (
-                dequantize_int4(quantize_weight_int4(w * s, scheme, torch.float32), torch.float32)
-                / s
-            )
-            d = q - w
+            d = roundtrip(w * s, scheme) / s - w
             loss += ((d @ h) * d).sum().item()
         if best_loss is None or loss < best_loss:
             best_loss, best = loss, s

@@ -5,6 +5,11 @@ A plain function of (weight, Hessian); `qcompile.quant.calibration` collects the
 With `act_order`, columns are visited by decreasing Hessian diagonal and groups are fitted on
 the original weight first ("static groups"), so groups stay contiguous in K and the packed
 layout needs no permutation index.
+
+One loop serves every scheme's grid (`GPTQ_GRIDS`, keyed by `Scheme.name`): a grid fits a
+group's parameters, rounds one column to codes and says what value each code stands for, in
+the weight's own units (so the error pushed onward is the output error GPTQ minimizes), and
+packs the result in the layout RTN produces for that scheme.
 """
 
 from __future__ import annotations
@@ -14,6 +19,70 @@ import torch
 from qcompile.config import Scheme
 from qcompile.quant.int4 import PackedInt4, pack_int4_along_k
 from qcompile.quant.rtn import fit_groups, round_to_codes
+from qcompile.quant.w4a8 import (
+    PackedW4A8,
+    channel_scales_w4a8,
+    check_w4a8_shape,
+    fit_w4a8_groups,
+    pack_w4a8,
+    round_to_w4a8_codes,
+    to_int8,
+)
+
+GroupParams = tuple[torch.Tensor, torch.Tensor]
+
+
+class Int4Grid:
+    """W4A16: a float scale and offset per group (`rtn.fit_groups`), w = q * scale + offset."""
+
+    def __init__(self, w: torch.Tensor, scheme: Scheme, dtype: torch.dtype, clip_search: bool):
+        self.symmetric, self.dtype, self.clip_search = scheme.symmetric, dtype, clip_search
+
+    def fit(self, w: torch.Tensor) -> GroupParams:
+        """(scale, offset) of each group of w [N, ..., G]."""
+        return fit_groups(w, self.symmetric, self.dtype, self.clip_search)
+
+    def quantize(self, col: torch.Tensor, params: GroupParams) -> tuple[torch.Tensor, torch.Tensor]:
+        """(codes, the values they stand for) of one column [N] with its group's params."""
+        scales, offsets = params
+        q = round_to_codes(col, scales, offsets)
+        return q, q * scales + offsets
+
+    def pack(self, codes: torch.Tensor, params: GroupParams) -> PackedInt4:
+        scales, offsets = params
+        return PackedInt4(
+            qweight=pack_int4_along_k(codes),
+            scales=scales.to(self.dtype).t().contiguous(),
+            offsets=offsets.to(self.dtype).t().contiguous(),
+            group_size=codes.shape[1] // scales.shape[1],
+        )
+
+
+class W4A8Grid:
+    """W4A8 (QoQ progressive): s1 per row is fixed up front from the whole weight, as RTN
+    fixes it; then each group's integer (s2, z) is fitted on w8 = round(w / s1) and a column
+    rounds to q = clamp(round(w8 / s2) + z, 0, 15), standing for (q - z) * s2 * s1."""
+
+    def __init__(self, w: torch.Tensor, scheme: Scheme, dtype: torch.dtype, clip_search: bool):
+        check_w4a8_shape("gptq_quantize_weight", w.shape[1], scheme.group_size_for(w.shape[1]))
+        self.s1, self.clip_search = channel_scales_w4a8(w), clip_search
+
+    def fit(self, w: torch.Tensor) -> GroupParams:
+        """(s2, z) of each group of w [N, ..., G], fitted on its int8 values."""
+        return fit_w4a8_groups(to_int8(w, self.s1), self.clip_search)
+
+    def quantize(self, col: torch.Tensor, params: GroupParams) -> tuple[torch.Tensor, torch.Tensor]:
+        s2, z = params
+        q = round_to_w4a8_codes(to_int8(col, self.s1), s2, z)
+        return q, (q - z) * s2 * self.s1
+
+    def pack(self, codes: torch.Tensor, params: GroupParams) -> PackedW4A8:
+        s2, z = params
+        return pack_w4a8(codes, s2, z, self.s1)
+
+
+# The grid GPTQ rounds to, per `Scheme.name`.
+GPTQ_GRIDS: dict[str, type[Int4Grid] | type[W4A8Grid]] = {"w4a16": Int4Grid, "w4a8": W4A8Grid}
 
 
 def gptq_quantize_weight(
@@ -25,8 +94,10 @@ def gptq_quantize_weight(
     act_order: bool = False,
     block_size: int = 128,
     clip_search: bool = False,
-) -> PackedInt4:
-    """GPTQ-quantize a [N, K] weight given its input Hessian [K, K]; same layout as RTN."""
+) -> PackedInt4 | PackedW4A8:
+    """GPTQ-quantize a [N, K] weight given its input Hessian [K, K] onto `scheme`'s grid; the
+    result has RTN's layout (`PackedInt4` for W4A16, `PackedW4A8` for W4A8). `dtype` is
+    W4A16's scale dtype (default: the weight's)."""
     n, k = weight.shape
     if tuple(hessian.shape) != (k, k):
         raise ValueError(
@@ -41,11 +112,11 @@ def gptq_quantize_weight(
     dead = torch.diag(h) == 0  # inputs never active: any value works, choose 0
     h[dead, dead] = 1
     w[:, dead] = 0
+    grid = GPTQ_GRIDS[scheme.name](w, scheme, dtype, clip_search)
 
-    scales = torch.zeros(n, k // g)
-    offsets = torch.zeros(n, k // g)
+    params = (torch.zeros(n, k // g), torch.zeros(n, k // g))
     if act_order:
-        scales, offsets = fit_groups(w.reshape(n, k // g, g), scheme.symmetric, dtype, clip_search)
+        params = grid.fit(w.reshape(n, k // g, g))
         perm = torch.argsort(torch.diag(h), descending=True)
     else:
         perm = torch.arange(k)
@@ -65,31 +136,27 @@ def gptq_quantize_weight(
             col = int(perm[b0 + i])
             grp = col // g
             if not act_order and col % g == 0:
-                scales[:, grp], offsets[:, grp] = fit_groups(
-                    wb[:, i : i + g], scheme.symmetric, dtype, clip_search
-                )
-            q = round_to_codes(wb[:, i], scales[:, grp], offsets[:, grp])
+                for p, fitted in zip(params, grid.fit(wb[:, i : i + g]), strict=True):
+                    p[:, grp] = fitted
+            q, value = grid.quantize(wb[:, i], tuple(p[:, grp] for p in params))
             codes[:, col] = q
-            err = (wb[:, i] - (q * scales[:, grp] + offsets[:, grp])) / hb[i, i]
+            err = (wb[:, i] - value) / hb[i, i]
             wb[:, i:] -= err[:, None] * hb[i, i:][None, :]
             errs[:, i] = err
         w[:, b1:] -= errs @ hinv[b0:b1, b1:]
-    return PackedInt4(
-        qweight=pack_int4_along_k(codes),
-        scales=scales.to(dtype).t().contiguous(),
-        offsets=offsets.to(dtype).t().contiguous(),
-        group_size=g,
-    )
+    return grid.pack(codes, params)
 
 
 def gptq_quantizer(hessians: dict[str, torch.Tensor], **options):
-    """A `quantize_` quantizer running GPTQ with each layer's Hessian (RTN where none)."""
-    from qcompile.quant.rtn import quantize_weight_int4
+    """A `quantize_` quantizer running GPTQ with each layer's Hessian onto the scheme's grid
+    (None where a layer has none: `quantize_` then uses the scheme's RTN)."""
 
-    def quantize(name: str, linear: torch.nn.Linear, scheme: Scheme) -> PackedInt4:
+    def quantize(
+        name: str, linear: torch.nn.Linear, scheme: Scheme
+    ) -> PackedInt4 | PackedW4A8 | None:
         h = hessians.get(name)
         if h is None:
-            return quantize_weight_int4(linear.weight, scheme)
+            return None
         return gptq_quantize_weight(linear.weight, h.to(linear.weight.device), scheme, **options)
 
     return quantize

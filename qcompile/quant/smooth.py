@@ -46,22 +46,31 @@ def smooth_block(
     return smoothed
 
 
-def smooth_quantize_model(
-    model: nn.Module, batches, config, alpha: float = 0.5, progress: bool = True
-):
-    """SmoothQuant (strength `alpha`) then `quantize_` every supported linear of `model` in
-    place. Activation maxima come from one pass of the full-precision model over `batches`
-    (as in SmoothQuant: maxima barely move with the upstream quantization error, and one pass
-    costs a fraction of block-by-block calibration). Returns the report. Meant for W4A8."""
+@torch.no_grad()
+def smooth_model_(model: nn.Module, batches, alpha: float = 0.5, progress: bool = True) -> None:
+    """Fold SmoothQuant scales (strength `alpha`) into every block of `model` in place.
+    Activation maxima come from one pass of the full-precision model over `batches` (as in
+    SmoothQuant: maxima barely move with the upstream quantization error, and one pass costs a
+    fraction of block-by-block calibration)."""
     from qcompile.quant.calibration import AbsMaxRecorder, find_blocks
-    from qcompile.quantize import quantize_
 
     blocks = find_blocks(model)
-    with torch.no_grad(), AbsMaxRecorder(blocks) as recorder:
+    with AbsMaxRecorder(blocks) as recorder:
         for batch in tqdm(list(batches), desc="activation maxima", disable=not progress):
             model(batch)
     stats = recorder.result()  # keyed "<block index>.<path in the block>"
     for i, block in enumerate(blocks):
         mine = {k.removeprefix(f"{i}."): v for k, v in stats.items() if k.startswith(f"{i}.")}
         smooth_block(block, mine, alpha)
+
+
+def smooth_quantize_model(
+    model: nn.Module, batches, config, alpha: float = 0.5, progress: bool = True
+):
+    """SmoothQuant (`smooth_model_`) then `quantize_` every supported linear of `model` in
+    place (RTN; for GPTQ on smoothed weights, call `smooth_model_` then
+    `gptq_quantize_model`). Returns the report. Meant for W4A8."""
+    from qcompile.quantize import quantize_
+
+    smooth_model_(model, batches, alpha, progress)
     return quantize_(model, config)

@@ -19,7 +19,7 @@ Why [-119, 119]: the codes cover [lo, hi], so every w8' lies within s2 / 2 <= 8 
 With |x8| <= 127 the int32 accumulator of a K-long dot stays below 127 * 127 * K < 2**31 up
 to K = 133,144.
 
-Layout (produced only by `quantize_weight_w4a8`; the kernels read exactly this):
+Layout (produced only by `pack_w4a8`; the kernels read exactly this):
 
     qweight:        [K // 8, N] int32, 8 nibbles along K, low nibble first: code q of (n, k) is
                     (qweight[k // 8, n] >> (4 * (k % 8))) & 0xF  (W4A16's packing, quant/int4.py)
@@ -43,6 +43,7 @@ import torch
 
 from qcompile.config import Scheme
 from qcompile.quant.int4 import NIBBLES_PER_WORD, pack_int4_along_k, unpack_int4_along_k
+from qcompile.quant.rtn import CLIP_GRID
 
 # Level-1 range: leaves room for the level-2 rounding (<= 8) inside int8 (see the docstring).
 PROTECTIVE_INT8 = 119
@@ -76,32 +77,98 @@ class PackedW4A8:
         return sum(t.numel() * t.element_size() for t in self.tensors())
 
 
-def quantize_weight_w4a8(weight: torch.Tensor, scheme: Scheme) -> PackedW4A8:
-    """Progressive (int8 per channel, then uint4 per group) quantization of a [N, K] weight."""
+def quantize_weight_w4a8(
+    weight: torch.Tensor, scheme: Scheme, clip_search: bool = False
+) -> PackedW4A8:
+    """Progressive (int8 per channel, then uint4 per group) quantization of a [N, K] weight.
+
+    `clip_search`: each group's int8 range may be shrunk (`fit_w4a8_groups`)."""
     if weight.dim() != 2:
         raise ValueError(f"quantize_weight_w4a8: weight must be [N, K], got {tuple(weight.shape)}")
     n, k = weight.shape
     g = scheme.group_size_for(k)
+    check_w4a8_shape("quantize_weight_w4a8", k, g)
+    w = weight.detach().to(torch.float32)
+    s1 = channel_scales_w4a8(w)
+    groups = to_int8(w, s1).reshape(n, k // g, g)
+    s2, z = fit_w4a8_groups(groups, clip_search)
+    q = round_to_w4a8_codes(groups, s2[..., None], z[..., None])
+    return pack_w4a8(q.reshape(n, k), s2, z, s1)
+
+
+def check_w4a8_shape(caller: str, k: int, g: int) -> None:
+    """Raise unless K holds whole groups and whole int32 words of codes."""
     if k % g or k % NIBBLES_PER_WORD:
         raise ValueError(
-            f"quantize_weight_w4a8: K={k} is not divisible by group_size={g} "
+            f"{caller}: K={k} is not divisible by group_size={g} "
             f"and {NIBBLES_PER_WORD} (int4 packing)"
         )
-    w = weight.detach().to(torch.float32)
-    s1 = (w.abs().amax(dim=1) / PROTECTIVE_INT8).clamp_min(torch.finfo(torch.float32).tiny)
-    w8 = torch.round(w / s1[:, None]).clamp_(-PROTECTIVE_INT8, PROTECTIVE_INT8)
-    groups = w8.reshape(n, k // g, g)
-    lo = groups.amin(dim=-1).clamp(max=0)
-    hi = groups.amax(dim=-1).clamp(min=0)
-    s2 = torch.ceil((hi - lo) / INT4_CODES).clamp_(min=1)
-    z = torch.round(-lo / s2)
-    q = (torch.round(groups / s2[..., None]) + z[..., None]).clamp_(0, INT4_CODES)
+
+
+def channel_scales_w4a8(w: torch.Tensor) -> torch.Tensor:
+    """Level 1: s1 [N] = max_k |w[n, k]| / 119 (float32, never 0)."""
+    return (w.abs().amax(dim=1) / PROTECTIVE_INT8).clamp_min(torch.finfo(torch.float32).tiny)
+
+
+def to_int8(w: torch.Tensor, s1: torch.Tensor) -> torch.Tensor:
+    """w8 = round(w / s1) in the protective range, for w [N, ...] (float32, integer-valued).
+
+    The clamp matters only for weights GPTQ's error updates pushed past the row's absmax; it
+    keeps every group range within 238, hence s2 <= 16 and |w8'| <= 127."""
+    s1 = s1.reshape(-1, *([1] * (w.dim() - 1)))
+    return torch.round(w / s1).clamp_(-PROTECTIVE_INT8, PROTECTIVE_INT8)
+
+
+def fit_w4a8_groups(
+    w8: torch.Tensor, clip_search: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Level 2: integer (s2, z) of each group of int8 values w8 [..., G] (float32 tensors).
+
+    Min-max over a range that holds 0 (see the module docstring). `clip_search` shrinks the
+    range by the factor in `CLIP_GRID` that minimizes the group's sum |w8 - w8'|^2.4 (as
+    W4A16's `fit_groups`; ties keep the full range); a shrunk range still holds 0, so s2 and
+    z stay in 1..16 and 0..15.
+    """
+    lo = w8.amin(dim=-1).clamp(max=0)
+    hi = w8.amax(dim=-1).clamp(min=0)
+
+    def fit(shrink: float) -> tuple[torch.Tensor, torch.Tensor]:
+        s2 = torch.ceil((hi - lo) * shrink / INT4_CODES).clamp_(min=1)
+        return s2, torch.round(-lo * shrink / s2)
+
+    if not clip_search:
+        return fit(1.0)
+    best = None
+    for shrink in CLIP_GRID:
+        s2, z = fit(shrink)
+        q = round_to_w4a8_codes(w8, s2[..., None], z[..., None])
+        err = ((q - z[..., None]) * s2[..., None] - w8).abs().pow(2.4).sum(-1)
+        if best is None:
+            best = (err, s2, z)
+        else:
+            better = err < best[0]
+            best = tuple(
+                torch.where(better, new, old) for new, old in zip((err, s2, z), best, strict=True)
+            )
+    return best[1], best[2]
+
+
+def round_to_w4a8_codes(w8: torch.Tensor, s2: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """Nearest code q = clamp(round(w8 / s2) + z, 0, 15) for broadcastable s2, z."""
+    return (torch.round(w8 / s2) + z).clamp_(0, INT4_CODES)
+
+
+def pack_w4a8(
+    codes: torch.Tensor, s2: torch.Tensor, z: torch.Tensor, s1: torch.Tensor
+) -> PackedW4A8:
+    """[N, K] codes, [N, K // G] s2 and z, [N] s1 -> the layout above."""
+    n, k = codes.shape
     return PackedW4A8(
-        qweight=pack_int4_along_k(q.reshape(n, k)),
+        qweight=pack_int4_along_k(codes),
         group_scales=s2.to(torch.uint8).t().contiguous(),
         group_zeros=z.to(torch.uint8).t().contiguous(),
         channel_scales=s1.contiguous(),
-        group_size=g,
+        group_size=k // s2.shape[1],
     )
 
 
