@@ -10,7 +10,7 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 ||
 declare -A GROUPS_=(
   [gpu]="tests/test_gpu.py"
   [w4a16_kernels]="tests/test_lowering_w4a16.py"
-  [backend_hf]="tests/test_backend.py tests/test_hf_models.py"
+  [backend_hf]="tests/test_backend.py tests/test_hf_models.py tests/test_fuse.py"
   [w4a8]="tests/test_w4a8.py"
   [kv4]="tests/test_kv4.py"
 )
