@@ -34,7 +34,7 @@ from qcompile.quant.awq import awq_quantize_model
 from qcompile.quant.calibration import collect_input_hessians
 from qcompile.quant.gptq import gptq_quantize_model, gptq_quantizer
 from qcompile.quant.smooth import smooth_model_
-from qcompile.quant.w4a8 import dequantize_w4a8, quantize_weight_w4a8
+from qcompile.quant.w4a8 import PackedW4A8, dequantize_w4a8
 
 CORPUS = "/usr/share/doc/python3.11/html/_sources/tutorial"
 # Calibration text: other prose from the same docs, never the evaluation text.
@@ -111,6 +111,12 @@ ROWS = [  # (label, scheme, method, note); None = the fp32 model
         "",
     ),
     (
+        "W4A8 g64 int8, AWQ, block-sequential",
+        Scheme(name="w4a8", group_size=64),
+        "awq",
+        "scales searched after QoQ RTN, folded into the norms and up_proj; RTN after scaling",
+    ),
+    (
         "W4A8 g64 int8, GPTQ act-order, block-sequential, clip search",
         Scheme(name="w4a8", group_size=64),
         "gptq-seq-act-clip",
@@ -128,6 +134,14 @@ ROWS = [  # (label, scheme, method, note); None = the fp32 model
         Scheme(name="w4a8", group_size=64),
         "smooth0.5-gptq-seq-act-clip",
         "smoothing folded first (as in the SmoothQuant row), then GPTQ on the smoothed weights",
+    ),
+    (
+        "W4A8 g64 weights only (fp32 activations), AWQ + GPTQ act-order, block-sequential, "
+        "clip search",
+        Scheme(name="w4a8", group_size=64),
+        "weights-only-gptq-seq-act-clip-awq",
+        "diagnostic: the AWQ + GPTQ row's QoQ weights dequantized into fp32 linears (calibrated "
+        "with int8 activations upstream, as in that row)",
     ),
     ("W4A8 g64 fp8 e4m3", Scheme(name="w4a8", group_size=64, act_dtype="float8_e4m3fn"), "rtn", ""),
     (
@@ -209,16 +223,18 @@ def load_smollm2():
 
 
 @torch.no_grad()
-def dequantized_weights_only(model, config: QuantConfig):
-    """Replace each quantizable linear's weight by its W4A8 (QoQ) dequantization in place,
-    leaving activations in full precision; the report of what a real quantize_ would do."""
-    report = qcompile.quantize_(copy.deepcopy(model), config)
-    quantized = {r.name for r in report.by_status("quantized")}
-    for name, mod in model.named_modules():
-        if name in quantized:
-            packed = quantize_weight_w4a8(mod.weight, config.scheme)
-            mod.weight.copy_(dequantize_w4a8(packed, mod.weight.dtype))
-    return report
+def unquantize_activations_(model) -> None:
+    """Swap each `W4A8Linear` of `model` for an fp32 nn.Linear holding its dequantized weight:
+    the same weights, activations left in full precision (the weights' share of the loss)."""
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, qcompile.W4A8Linear):
+            linear = torch.nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None)
+            weight = (mod.qweight, mod.group_scales, mod.group_zeros, mod.channel_scales)
+            linear.weight.copy_(dequantize_w4a8(PackedW4A8(*weight, mod.group_size)))
+            if mod.bias is not None:
+                linear.bias.copy_(mod.bias)
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent), attr, linear)
 
 
 def calibration_batches(tok, window: int = 512) -> list[torch.Tensor]:
@@ -258,14 +274,15 @@ def main() -> None:
             layers = "0 (KV cache only)"
         elif scheme is not None:
             m = copy.deepcopy(model)
+            weights_only = method.startswith("weights-only")  # "weights-only[-<method>]"
+            if weights_only:
+                method = method.removeprefix("weights-only").removeprefix("-") or "rtn"
             if method.startswith("smooth"):  # "smooth<alpha>[-<method>]": SmoothQuant first,
                 alpha, _, method = method.removeprefix("smooth").partition("-")
                 smooth_model_(m, calibration_batches(tok), alpha=float(alpha))
                 method = method or "rtn"  # then <method> (default RTN)
             if method == "awq":
                 report = awq_quantize_model(m, calibration_batches(tok), QuantConfig(scheme))
-            elif method == "weights-only":
-                report = dequantized_weights_only(m, QuantConfig(scheme))
             elif method.startswith("gptq-seq"):
                 report = gptq_quantize_model(
                     m, calibration_batches(tok), QuantConfig(scheme), act_order=True,
@@ -278,6 +295,8 @@ def main() -> None:
                         hessians = collect_input_hessians(model, calibration_batches(tok))
                     quantizer = gptq_quantizer(hessians, act_order=method == "gptq-act")
                 report = qcompile.quantize_(m, QuantConfig(scheme), quantizer=quantizer)
+            if weights_only:
+                unquantize_activations_(m)
             quantized = len(report.by_status("quantized"))
             fallback = report.by_status("fallback")
             layers = f"{quantized}/{quantized + len(fallback)}"

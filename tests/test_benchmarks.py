@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import sys
 from pathlib import Path
 
@@ -139,6 +140,32 @@ def test_accuracy_rows_merge_keeps_the_table_and_its_fp32_base():
     ]  # fmt: skip
     with pytest.raises(SystemExit, match="fp32 perplexity changed"):
         merge_rows(old, [{"row": "fp32", "ppl": 14.5}])
+
+
+def test_accuracy_weights_only_keeps_the_quantized_weights_in_fp32_linears():
+    """The weights-only diagnostic: each W4A8Linear becomes an nn.Linear holding its
+    dequantized weight (and bias), so only the activations' quantization is removed."""
+    from accuracy import unquantize_activations_
+
+    import qcompile
+    from qcompile import QuantConfig, Scheme
+    from qcompile.quant.w4a8 import dequantize_w4a8, quantize_weight_w4a8
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
+    scheme = Scheme(name="w4a8", group_size=32)
+    m = copy.deepcopy(model)
+    qcompile.quantize_(m, QuantConfig(scheme))
+    assert all(type(m[i]) is qcompile.W4A8Linear for i in (0, 2))
+    unquantize_activations_(m)
+    x = torch.randn(5, 64)
+    for i in (0, 2):
+        assert type(m[i]) is torch.nn.Linear
+        w = dequantize_w4a8(quantize_weight_w4a8(model[i].weight, scheme))
+        assert torch.equal(m[i].weight, w) and torch.equal(m[i].bias, model[i].bias)
+    with torch.no_grad():
+        h = torch.relu(x @ m[0].weight.t() + model[0].bias)
+        torch.testing.assert_close(m(x), h @ m[2].weight.t() + model[2].bias)
 
 
 def test_kv4_benchmark_inputs_fit_the_op_and_bytes_match_the_layout():
