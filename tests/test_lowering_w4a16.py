@@ -190,6 +190,27 @@ def test_split_k_reduces_in_one_launch(cfg):
     assert torch.equal(launch(cfg, *args), two_launch)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("split", [1, 2])
+def test_planes_kernel_at_large_m(split, dtype):
+    """The large-M planes candidates: several M tiles (the last one partial) walk each weight
+    tile back to back, with per-row scales (BLOCK_K > group) and split-K counters per tile."""
+    cfg = KernelConfig("gemm_planes", 64, 32, 128, split, 4, 2)
+    problem = _packed_problem(130, 72, 512, 64, dtype, 11)
+    p = problem.packed
+    out = launch(cfg, problem.x, p.qweight, p.scales, p.offsets, problem.bias, p.group_size)
+    assert_close_rel(out, problem.reference64(), dtype)
+
+
+def test_large_m_candidates_include_the_planes_kernel():
+    kinds = {(c.kernel, c.block_m) for c in candidate_configs(1024, 8192, 28672, 128)}
+    assert {("gemm_planes", 64), ("gemm_planes", 128), ("gemm_planes", 256)} <= kinds
+    assert not any(
+        c.kernel == "gemm_planes" and c.block_m > 128
+        for c in candidate_configs(128, 8192, 4096, 128)
+    )
+
+
 @pytest.mark.parametrize(
     "cfg",
     [*SPLIT_CONFIGS, KernelConfig("gemv", 1, 32, 64, 1, 1, 1), KernelConfig("dequant_mm", 0, 32, 4, 1, 4, 1)],

@@ -277,8 +277,11 @@ def _check_config(problem: W4A8Problem, cfg: KernelConfig) -> None:
     acc = launch(cfg, *args, accumulator=True).cpu().double()
     if problem.act_dtype == "int8":  # the integer part is exact
         assert torch.equal(acc, problem.accumulator64())
-    else:  # fp8 products are exact; the fp32 sums round
-        assert_close_rel(acc, problem.accumulator64(), torch.float32, tol=1e-6)
+    else:  # fp8 products are exact; the sums round. Hopper's fp8 MMA keeps fewer accumulator
+        # bits than fp32 inside one dot (Triton leaves sm_90 fp8 dots in that fast mode):
+        # measured 2.2e-5 on the H100, far below fp8's own ~6% quantization step.
+        tol = 1e-4 if KERNEL_DEVICE == "cuda" else 1e-6
+        assert_close_rel(acc, problem.accumulator64(), torch.float32, tol=tol)
     m, n = xq.shape[0], p.shape[0]
     out = torch.full((m, n), float("nan"), dtype=problem.dtype, device=KERNEL_DEVICE)  # poison
     assert_close_rel(launch(cfg, *args, out=out), problem.reference64(), problem.dtype)
@@ -314,6 +317,7 @@ def test_default_config_is_exact(problem):
         (KernelConfig("gemm", 16, 32, 256, 1, 4, 2), "int8"),  # BLOCK_K > group: column scales
         (KernelConfig("gemm", 16, 32, 64, 2, 4, 2), "float8_e4m3fn"),
         (KernelConfig("gemm_planes", 16, 32, 256, 2, 4, 2), "int8"),  # row scales
+        (KernelConfig("gemm_planes", 64, 32, 256, 2, 4, 2), "int8"),  # large-M candidate shape
     ],
     ids=lambda v: v if isinstance(v, str) else f"{v.kernel}-bk{v.block_k}-sk{v.split_k}",
 )
@@ -322,7 +326,7 @@ def test_each_kernel_kind_with_bias_through_the_eager_path(cfg, act_dtype, dtype
     """quantize_and_launch is what the CUDA op runs: quantize kernel (plane-major for the
     planes kernel), GEMM, split-K epilogue with bias."""
     gen = torch.Generator().manual_seed(7)
-    m, n = (2 if cfg.kernel == "gemv" else 19), 40
+    m, n = (2 if cfg.kernel == "gemv" else 130 if cfg.block_m == 64 else 19), 40
     k = 512 if cfg.kernel == "gemm_planes" else 256
     w = torch.randn(n, k, generator=gen)
     p = quantize_weight_w4a8(w, Scheme(name="w4a8", group_size=64))
@@ -555,3 +559,13 @@ def test_gpu_inductor_fuses_quantization_into_rmsnorm():
         _, code = run_and_get_code(torch.compile(model, backend=be), _ids().cuda())
     kernels = "\n".join(code).split("@triton.jit")[1:]
     assert any("rsqrt" in kern and "tl.int8" in kern for kern in kernels)
+
+
+def test_large_m_candidates_include_the_planes_kernel():
+    """Large M tries the planes kernel (W as wgmma's register operand) beside the natural GEMM."""
+    cands = candidate_configs(1024, 8192, 28672, 128, "int8")
+    assert {c.block_m for c in cands if c.kernel == "gemm_planes"} == {64, 128, 256}
+    assert not any(
+        c.kernel == "gemm_planes"
+        for c in candidate_configs(1024, 8192, 28672, 128, "float8_e4m3fn")
+    )

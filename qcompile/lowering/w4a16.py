@@ -58,8 +58,8 @@ def _codes_in_place(words, mask):
 
 @triton.jit
 def _finish_tile(
-    acc, out_ptr, ws_ptr, cnt_ptr, bias_ptr, out_offs, mask, bias_offs, N, pid_k, stride_split,
-    HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, SELF_REDUCE: tl.constexpr,
+    acc, out_ptr, ws_ptr, cnt_ptr, bias_ptr, out_offs, mask, bias_offs, N, pid_k, num_splits,
+    stride_split, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, SELF_REDUCE: tl.constexpr,
 ):  # fmt: skip
     """Write one output tile. Unsplit: + bias, cast, store. Split K: store this program's
     fp32 partial to the workspace [SPLIT_K, M, N]; with SELF_REDUCE the last program of the
@@ -72,9 +72,9 @@ def _finish_tile(
             # semaphore pattern); the acquiring program then reads the partials from L2.
             tl.debug_barrier()
             arrived = tl.atomic_add(cnt_ptr, 1, sem="acq_rel", scope="gpu")
-            if arrived == tl.num_programs(1) - 1:
+            if arrived == num_splits - 1:
                 total = tl.zeros_like(acc)
-                for k in range(tl.num_programs(1)):
+                for k in range(num_splits):
                     total += tl.load(
                         ws_ptr + k * stride_split + out_offs, mask=mask, other=0.0,
                         cache_modifier=".cg",
@@ -159,7 +159,8 @@ def _w4a16_gemv_kernel(
             acc += tl.sum(qx * s.to(tl.float32) + o.to(tl.float32) * x_rows[:, None], axis=0)
     _finish_tile(
         acc, out_ptr, ws_ptr, cnt_ptr + m * tl.num_programs(0) + pid_n, bias_ptr,
-        m * stride_om + rn, n_mask, rn, N, pid_k, stride_split, HAS_BIAS, SPLIT, SELF_REDUCE,
+        m * stride_om + rn, n_mask, rn, N, pid_k, tl.num_programs(1), stride_split, HAS_BIAS,
+        SPLIT, SELF_REDUCE,
     )  # fmt: skip
 
 
@@ -244,8 +245,8 @@ def _w4a16_gemm_kernel(
         mask = m_mask[:, None] & n_mask[None, :]
         bias_b = rn[None, :]
     _finish_tile(
-        acc, out_ptr, ws_ptr, cnt_ptr + pid, bias_ptr,
-        out_offs, mask, bias_b, N, pid_k, stride_split, HAS_BIAS, SPLIT, SELF_REDUCE,
+        acc, out_ptr, ws_ptr, cnt_ptr + pid, bias_ptr, out_offs, mask, bias_b, N, pid_k,
+        tl.num_programs(1), stride_split, HAS_BIAS, SPLIT, SELF_REDUCE,
     )  # fmt: skip
 
 
@@ -267,10 +268,12 @@ def _w4a16_gemm_planes_kernel(
     # SWAP_AB=False ("gemm_planes_direct") computes out = x_i @ W_i^T instead: the dequantized
     # plane becomes the shared-memory B operand (one store, no reload into the register
     # operand layout), at the price of M >= 64 for wgmma (mma.sync below that).
+    # M tiles vary fastest over the grid: at large M the programs sharing one weight tile run
+    # back to back, so each weight word leaves DRAM once however many M tiles read it.
     ROWS: tl.constexpr = BLOCK_K // 8
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    pid_m = tl.program_id(2)
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rr = tl.arange(0, ROWS)
@@ -335,8 +338,9 @@ def _w4a16_gemm_planes_kernel(
         mask = m_mask[:, None] & n_mask[None, :]
         bias_b = rn[None, :]
     _finish_tile(
-        acc, out_ptr, ws_ptr, cnt_ptr + pid_m * tl.num_programs(0) + pid_n, bias_ptr,
-        out_offs, mask, bias_b, N, pid_k, stride_split, HAS_BIAS, SPLIT, SELF_REDUCE,
+        acc, out_ptr, ws_ptr, cnt_ptr + pid_n * tl.num_programs(0) + pid_m, bias_ptr,
+        out_offs, mask, bias_b, N, pid_k, tl.num_programs(2), stride_split, HAS_BIAS, SPLIT,
+        SELF_REDUCE,
     )  # fmt: skip
 
 
@@ -453,6 +457,14 @@ def candidate_configs(m: int, n: int, k: int, group: int) -> list[KernelConfig]:
                             )
     if mb >= 128:
         out.append(KernelConfig("dequant_mm", 0, 256, _dequant_rows(k), 1, 4, 1))
+        # Planes at large M: W from registers as wgmma's A (BLOCK_N rows), x^T as its
+        # shared-memory B (N = BLOCK_M <= 256); each M tile dequantizes the weights again, so
+        # the larger BLOCK_M the fewer instructions per multiply-add.
+        for bm in (64, 128, 256):
+            for bn, bk, warps, stages in ((128, 128, 8, 2), (128, 128, 4, 3), (64, 128, 4, 3),
+                                          (128, 256, 8, 2), (256, 128, 8, 2)):  # fmt: skip
+                if bm <= mb and bm * bn <= 128 * 256:
+                    out.append(KernelConfig("gemm_planes", bm, bn, bk, 1, warps, stages))
     return [c for c in out if valid_config(c, k, group)]
 
 
@@ -557,7 +569,7 @@ def launch(
         grid = (triton.cdiv(n, cfg.block_n), split, m)
         _w4a16_gemv_kernel[grid](*args, 0xF, PREFETCH=cfg.prefetch, **common)
     elif cfg.kernel in ("gemm_planes", "gemm_planes_direct"):
-        grid = (triton.cdiv(n, cfg.block_n), split, triton.cdiv(m, cfg.block_m))
+        grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n), split)
         xp = _planes_x(x, cfg.block_k)
         _w4a16_gemm_planes_kernel[grid](
             xp, *args[1:13], k, 1, *args[15:], 0xF,

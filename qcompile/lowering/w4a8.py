@@ -58,12 +58,14 @@ def _round_to_e4m3(v):
 
     Adding 1.5 * 2**(E + 20), E = |v|'s exponent (at least -6, e4m3's smallest normal), leaves
     an fp32 whose spacing is 2**(E - 3): 3 mantissa bits at E, subnormal steps 2**-9 below.
-    Rounding |v| and putting the sign back keeps -0 for tiny negatives, as the cast does."""
+    Rounding |v| and putting v's sign bit back keeps -0 for tiny negatives, as the cast does
+    (Triton's unary minus is 0 - r, which turns -0 into +0 on the GPU)."""
+    bits = v.to(tl.int32, bitcast=True)
     a = tl.abs(v)
     e = tl.maximum(a.to(tl.int32, bitcast=True) >> 23, 121)  # 121: biased exponent of 2**-6
     magic = (((e + 20) << 23) | 0x400000).to(tl.float32, bitcast=True)
-    r = (a + magic) - magic
-    return tl.where(v < 0, -r, r)
+    r = ((a + magic) - magic).to(tl.int32, bitcast=True)
+    return (r | (bits & -0x80000000)).to(tl.float32, bitcast=True)
 
 
 # --------------------------------------------------------------------------- activations
@@ -248,10 +250,11 @@ def _w4a8_gemm_planes_kernel(
     # W_i [BLOCK_N, BLOCK_K/8] @ x_i^T [BLOCK_K/8, BLOCK_M], plane i holding k = 8r + i: each
     # word is loaded once and unpacked by one shift + and per code. xq comes plane-major per
     # BLOCK_K chunk (column i * ROWS + r holds k = 8r + i). Needs BLOCK_K / 8 >= 32 (int8 dot).
+    # M tiles vary fastest over the grid, so the programs sharing a weight tile run together.
     ROWS: tl.constexpr = BLOCK_K // 8
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    pid_m = tl.program_id(2)
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rr = tl.arange(0, ROWS)
@@ -367,6 +370,14 @@ def candidate_configs(m: int, n: int, k: int, group: int, act_dtype: str) -> lis
             for sk in splits:
                 if _useful_split(triton.cdiv(n, bn) * triton.cdiv(mb, bms[0]), sk):
                     out.append(KernelConfig("gemm_planes", bms[0], bn, bk, sk, warps, 2))
+    if mb >= 128:  # planes at large M: W as wgmma's register A, x^T its shared B (N = BM)
+        for bm in (64, 128, 256):
+            for bn, bk, warps, stages in ((128, 256, 8, 2), (128, 256, 4, 3), (64, 256, 4, 3),
+                                          (256, 256, 8, 2), (128, 512, 8, 2)):  # fmt: skip
+                for sk in splits:
+                    programs = triton.cdiv(n, bn) * triton.cdiv(mb, bm)
+                    if bm <= mb and bm * bn <= 128 * 256 and _useful_split(programs, sk):
+                        out.append(KernelConfig("gemm_planes", bm, bn, bk, sk, warps, stages))
     return [c for c in out if valid_config(c, k, group, act_dtype)]
 
 
@@ -459,7 +470,7 @@ def launch(
         grid = (triton.cdiv(n, cfg.block_n), split, m)
         _w4a8_gemv_kernel[grid](*args, FP8=fp8, **common)
     elif cfg.kernel == "gemm_planes":
-        grid = (triton.cdiv(n, cfg.block_n), split, triton.cdiv(m, cfg.block_m))
+        grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n), split)
         _w4a8_gemm_planes_kernel[grid](*args, BLOCK_M=cfg.block_m, **common)
     else:
         grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split)
