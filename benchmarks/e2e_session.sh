@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Device calls for the Hugging Face issue's end-to-end numbers (each phase fits one call):
 #   PHASE=tune  tune the fused Llama-3-8B shapes (q/k/v, o, gate/up, down, and lm_head) for
-#               bf16 and fp16 at the decode/prefill M buckets -> $OUT/tuned.json (merge it into
-#               qcompile/lowering/configs/h100.json and commit before PHASE=e2e)
+#               bf16 and fp16 at the decode/prefill M buckets -> $OUT/tuned.json (fold it into
+#               the shipped file with `tune_shipped.py --merge` and commit before PHASE=e2e);
+#               SHAPES, MS, DTYPES narrow it
 #   PHASE=e2e   bf16 eager vs Inductor vs qcompile at batch 1 and 16, with the per-kernel
 #               profile, then qcompile with lm_head int4 at batch 1 -> $OUT/e2e*/ and logs
 # Limits (s): TUNE_S, E2E_S. QCOMPILE_AUTOTUNE=0 in the e2e phase: it measures the shipped
@@ -14,8 +15,8 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 ||
 case "${PHASE:-e2e}" in
   tune)
     timeout "${TUNE_S:-540}" python3 benchmarks/tune_shipped.py --out "$OUT/tuned.json" \
-      --shapes 6144x4096,4096x4096,28672x4096,4096x14336,128256x4096 --ms 1,16,128 \
-      --dtypes bfloat16,float16 2>&1 | tail -40
+      --shapes "${SHAPES:-6144x4096,4096x4096,28672x4096,4096x14336,128256x4096}" \
+      --ms "${MS:-1,16,128}" --dtypes "${DTYPES:-bfloat16,float16}" 2>&1 | tail -40
     ;;
   e2e)
     export QCOMPILE_AUTOTUNE=0

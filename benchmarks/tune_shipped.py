@@ -38,7 +38,16 @@ def main() -> None:
         "--shapes", default=",".join(f"{n}x{k}" for n, k in BENCH_SHAPES + LLAMA3_8B_SHAPES),
         help="N x K list, e.g. 4096x4096,1024x4096",
     )  # fmt: skip
+    ap.add_argument(
+        "--merge", type=Path, default=None,
+        help="no tuning: fold the entries of this file (an --out of an earlier run) into --out "
+        "(default: the shipped file), replacing entries with the same key",
+    )  # fmt: skip
     args = ap.parse_args()
+    if args.merge is not None:
+        out = args.out or autotune.SHIPPED_DIR / "h100.json"
+        print(merge(args.merge, out))
+        return
 
     tuner = autotune.autotuner(0)
     gpu = tuner.gpu
@@ -61,6 +70,21 @@ def main() -> None:
                     flush=True,
                 )
                 _write(out, gpu, tuner)  # after every key: a run cut short keeps what it tuned
+
+
+def merge(new: Path, into: Path) -> str:
+    """Fold `new`'s entries into the tuned-config file `into` (same format); a key present
+    in both takes `new`'s config and timing. Returns a one-line summary."""
+    base, extra = json.loads(into.read_text()), json.loads(new.read_text())
+    if base["gpu"] != extra["gpu"]:
+        raise ValueError(f"merge: {new} was tuned on {extra['gpu']!r}, {into} on {base['gpu']!r}")
+    entries = {json.dumps(e["key"], sort_keys=True): e for e in base["entries"]}
+    replaced = sum(json.dumps(e["key"], sort_keys=True) in entries for e in extra["entries"])
+    entries.update({json.dumps(e["key"], sort_keys=True): e for e in extra["entries"]})
+    base["entries"] = [entries[k] for k in sorted(entries)]
+    base["triton"], base["torch"] = extra["triton"], extra["torch"]
+    into.write_text(json.dumps(base, indent=1) + "\n")
+    return f"{into}: {len(extra['entries'])} entries from {new} ({replaced} replaced), {len(entries)} in all"
 
 
 def _write(out: Path, gpu: str, tuner: autotune.Autotuner) -> None:

@@ -205,3 +205,42 @@ def test_kv4_benchmark_markdown_has_a_row_per_measurement():
     assert "| 1 | 8192 | 40.0 | 10.0 | 8.0 | 80% | 4.00x | 0.266x | decode n64 split16 |" in text
     assert "| 64 | 32768 | n/a |" in text
     assert "| 4096 | 100.0 | 110.0 | 5.0 | 1.10x | 1.15x | 500 / 450 |" in text
+
+
+def test_tune_shipped_merge_replaces_same_keys_and_keeps_the_rest(tmp_path):
+    """A tuning run's file folds into the shipped file: same key -> the new config and
+    timing; other entries kept; a file from another GPU is refused."""
+    import json
+
+    from tune_shipped import merge
+
+    def entry(m, kernel, us):
+        key = {
+            "family": "w4a16",
+            "m_bucket": m,
+            "n": 64,
+            "k": 64,
+            "group_size": 32,
+            "dtype": "bfloat16",
+        }
+        return {"key": key, "config": {"kernel": kernel}, "us": us}
+
+    def write(path, gpu, entries):
+        path.write_text(
+            json.dumps(
+                {"format": 1, "gpu": gpu, "triton": "3.6.0", "torch": "2.11", "entries": entries}
+            )
+        )
+
+    base, new, other = tmp_path / "h100.json", tmp_path / "tuned.json", tmp_path / "o.json"
+    write(base, "h100", [entry(1, "gemv", 9.0), entry(16, "gemm", 20.0)])
+    write(new, "h100", [entry(16, "gemm_planes", 15.0), entry(128, "gemm", 80.0)])
+    assert "1 replaced" in merge(new, base)
+    got = {
+        e["key"]["m_bucket"]: (e["config"]["kernel"], e["us"])
+        for e in json.loads(base.read_text())["entries"]
+    }
+    assert got == {1: ("gemv", 9.0), 16: ("gemm_planes", 15.0), 128: ("gemm", 80.0)}
+    write(other, "a100", [])
+    with pytest.raises(ValueError, match="a100"):
+        merge(other, base)

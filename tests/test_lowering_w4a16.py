@@ -204,7 +204,7 @@ def test_planes_kernel_at_large_m(split, dtype):
 
 def test_large_m_candidates_include_the_planes_kernel():
     kinds = {(c.kernel, c.block_m) for c in candidate_configs(1024, 8192, 28672, 128)}
-    assert {("gemm_planes", 64), ("gemm_planes", 128), ("gemm_planes", 256)} <= kinds
+    assert {("gemm_planes", 128), ("gemm_planes", 256), ("dequant_mm", 0)} <= kinds
     assert not any(
         c.kernel == "gemm_planes" and c.block_m > 128
         for c in candidate_configs(128, 8192, 4096, 128)

@@ -458,13 +458,12 @@ def candidate_configs(m: int, n: int, k: int, group: int) -> list[KernelConfig]:
     if mb >= 128:
         out.append(KernelConfig("dequant_mm", 0, 256, _dequant_rows(k), 1, 4, 1))
         # Planes at large M: W from registers as wgmma's A (BLOCK_N rows), x^T as its
-        # shared-memory B (N = BLOCK_M <= 256); each M tile dequantizes the weights again, so
-        # the larger BLOCK_M the fewer instructions per multiply-add.
-        for bm in (64, 128, 256):
-            for bn, bk, warps, stages in ((128, 128, 8, 2), (128, 128, 4, 3), (64, 128, 4, 3),
-                                          (128, 256, 8, 2), (256, 128, 8, 2)):  # fmt: skip
-                if bm <= mb and bm * bn <= 128 * 256:
-                    out.append(KernelConfig("gemm_planes", bm, bn, bk, 1, warps, stages))
+        # shared-memory B (N = BLOCK_M). On the H100 the two shapes kept here came second to
+        # dequant_mm (28672x4096: 232 vs 215 us at M=256, 754 vs 424 us at M=1024); three
+        # more (BLOCK_M 64, BLOCK_N 64/256) were slower still.
+        for bm in (128, 256):
+            if bm <= mb:
+                out.append(KernelConfig("gemm_planes", bm, 128, 128, 1, 8, 2))
     return [c for c in out if valid_config(c, k, group)]
 
 
