@@ -78,9 +78,13 @@ def merge(new: Path, into: Path) -> str:
     base, extra = json.loads(into.read_text()), json.loads(new.read_text())
     if base["gpu"] != extra["gpu"]:
         raise ValueError(f"merge: {new} was tuned on {extra['gpu']!r}, {into} on {base['gpu']!r}")
-    entries = {json.dumps(e["key"], sort_keys=True): e for e in base["entries"]}
-    replaced = sum(json.dumps(e["key"], sort_keys=True) in entries for e in extra["entries"])
-    entries.update({json.dumps(e["key"], sort_keys=True): e for e in extra["entries"]})
+
+    def key(e: dict) -> str:  # normalized: older files lack fields that now have defaults
+        return json.dumps(asdict(autotune.TuneKey(**e["key"])), sort_keys=True)
+
+    entries = {key(e): e for e in base["entries"]}
+    replaced = sum(key(e) in entries for e in extra["entries"])
+    entries.update({key(e): e for e in extra["entries"]})
     base["entries"] = [entries[k] for k in sorted(entries)]
     base["triton"], base["torch"] = extra["triton"], extra["torch"]
     into.write_text(json.dumps(base, indent=1) + "\n")

@@ -234,7 +234,9 @@ def test_tune_shipped_merge_replaces_same_keys_and_keeps_the_rest(tmp_path):
 
     base, new, other = tmp_path / "h100.json", tmp_path / "tuned.json", tmp_path / "o.json"
     write(base, "h100", [entry(1, "gemv", 9.0), entry(16, "gemm", 20.0)])
-    write(new, "h100", [entry(16, "gemm_planes", 15.0), entry(128, "gemm", 80.0)])
+    newer = entry(16, "gemm_planes", 15.0)
+    newer["key"]["batch"] = 1  # a field older files lack (its default): still the same key
+    write(new, "h100", [newer, entry(128, "gemm", 80.0)])
     assert "1 replaced" in merge(new, base)
     got = {
         e["key"]["m_bucket"]: (e["config"]["kernel"], e["us"])
