@@ -262,9 +262,9 @@ def _w4a16_gemm_planes_kernel(
     # Small-M tensor-core path. out^T [BLOCK_N, BLOCK_M] = sum over the 8 nibble planes i of
     # W_i [BLOCK_N, BLOCK_K/8] @ x_i^T [BLOCK_K/8, BLOCK_M], where plane i holds k = 8r + i:
     # each plane unpacks in place like the GEMV (one LOP3 + FADD per code, 16**-j folded into
-    # the scale) and feeds wgmma from registers. x must come permuted so that within each
-    # BLOCK_K chunk column i * ROWS + r holds k = 8r + i (`_planes_x`): one extra pass over x,
-    # small next to the weights while M <= 64. Needs BLOCK_K / 8 >= 16 (dot K >= 16).
+    # the scale) and feeds wgmma from registers. x is read in its own layout and split into
+    # planes in registers (no permuted copy of x, which cost a launch per linear). Needs
+    # BLOCK_K / 8 >= 16 (dot K >= 16).
     # SWAP_AB=False ("gemm_planes_direct") computes out = x_i @ W_i^T instead: the dequantized
     # plane becomes the shared-memory B operand (one store, no reload into the register
     # operand layout), at the price of M >= 64 for wgmma (mma.sync below that).
@@ -277,6 +277,7 @@ def _w4a16_gemm_planes_kernel(
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rr = tl.arange(0, ROWS)
+    rk = tl.arange(0, BLOCK_K)
     m_mask = rm < M
     n_mask = rn < N
     dtype = x_ptr.dtype.element_ty
@@ -314,9 +315,16 @@ def _w4a16_gemm_planes_kernel(
             )
             s = s.to(tl.float32)
             o = o.to(tl.float32)
-        # x arrives plane-major per BLOCK_K chunk (the launcher permutes it): plane i's ROWS
-        # activations are contiguous, one vector load instead of ROWS strided ones.
-        x_base = x_ptr + rm[None, :] * stride_xm + (k0 + rr)[:, None] * stride_xk
+        # One contiguous [BLOCK_M, BLOCK_K] load of x (16-byte vectors: each thread holds the
+        # 8 consecutive k of a word row), split into the 8 planes in registers: plane i holds
+        # k = 8r + i, i = 4 b2 + 2 b1 + b0 over the trailing (b2, b1, b0) dims.
+        x = tl.load(
+            x_ptr + rm[:, None] * stride_xm + (k0 + rk)[None, :] * stride_xk,
+            mask=m_mask[:, None], other=0.0,
+        )  # fmt: skip
+        x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, ROWS, 2, 2, 2)))
+        x_0m4, x_2m4 = tl.split(x_even)
+        x_1m4, x_3m4 = tl.split(x_odd)
         for i in tl.static_range(8):
             mask = nibble_mask << (4 * (i % 4))
             s_i = s * (1.0 / (1 << (4 * (i % 4))))  # exact: a power of two
@@ -324,7 +332,15 @@ def _w4a16_gemm_planes_kernel(
                 w = _codes_in_place(words, mask) * s_i + o
             else:
                 w = _codes_in_place(high, mask) * s_i + o
-            xt = tl.load(x_base + i * ROWS * stride_xk, mask=m_mask[None, :], other=0.0)
+            if i % 4 == 0:
+                plane_lo, plane_hi = tl.split(x_0m4)
+            elif i % 4 == 1:
+                plane_lo, plane_hi = tl.split(x_1m4)
+            elif i % 4 == 2:
+                plane_lo, plane_hi = tl.split(x_2m4)
+            else:
+                plane_lo, plane_hi = tl.split(x_3m4)
+            xt = tl.trans(plane_lo if i < 4 else plane_hi)  # [ROWS, BLOCK_M]
             if SWAP_AB:
                 acc = tl.dot(w.to(dtype), xt, acc)
             else:
@@ -485,13 +501,6 @@ def default_config(m: int, n: int, k: int, group: int) -> KernelConfig:
 
 
 # --------------------------------------------------------------------------- launcher
-def _planes_x(x: torch.Tensor, block_k: int) -> torch.Tensor:
-    """x [M, K] -> contiguous [M, K] with each BLOCK_K chunk reordered plane-major:
-    column c * BLOCK_K + i * ROWS + r holds k = c * BLOCK_K + 8r + i."""
-    m, k = x.shape
-    return x.reshape(m, k // block_k, block_k // 8, 8).transpose(2, 3).reshape(m, k)
-
-
 # One tile counter per split-K output tile, per device: zero between launches (the last
 # program of each tile re-arms its counter). Allocated once, outside CUDA-graph capture, and
 # never freed (graphs keep its address). Kernels on two streams at once would share it; a
@@ -569,9 +578,8 @@ def launch(
         _w4a16_gemv_kernel[grid](*args, 0xF, PREFETCH=cfg.prefetch, **common)
     elif cfg.kernel in ("gemm_planes", "gemm_planes_direct"):
         grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n), split)
-        xp = _planes_x(x, cfg.block_k)
         _w4a16_gemm_planes_kernel[grid](
-            xp, *args[1:13], k, 1, *args[15:], 0xF,
+            *args, 0xF,
             BLOCK_M=cfg.block_m, PREFETCH=cfg.prefetch, SWAP_AB=cfg.kernel == "gemm_planes",
             **common,
         )  # fmt: skip
