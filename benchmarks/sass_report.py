@@ -61,9 +61,11 @@ def compile_variant(
         del sig["nibble_mask"]
         fn = kernels._w4a16_gemm_kernel
         consts.update(BLOCK_M=bm, GROUP_M=8, SWAP_AB=False)
-    if kind in ("gemm_planes", "gemm_planes_direct"):
+    if kind in ("gemm_planes", "gemm_planes_xreg", "gemm_planes_direct"):
         fn = kernels._w4a16_gemm_planes_kernel
-        consts.update(BLOCK_M=bm, SWAP_AB=kind == "gemm_planes")
+        consts.update(
+            BLOCK_M=bm, SWAP_AB=kind != "gemm_planes_direct", X_IN_REGS=kind == "gemm_planes_xreg"
+        )
     if kind == "gemm_swap":
         del sig["nibble_mask"]
         fn = kernels._w4a16_gemm_kernel
@@ -187,6 +189,7 @@ VARIANTS = [
     ("gemm_planes", 64, 128, 128, 4, 2), ("gemm_planes_direct", 64, 128, 128, 4, 2),
     ("gemm_planes_direct", 64, 128, 256, 8, 2),
     ("gemm", 16, 64, 128, 4, 3), ("gemm_swap", 16, 64, 128, 4, 3), ("gemm_planes", 16, 128, 128, 4, 2),
+    ("gemm_planes_xreg", 16, 128, 128, 4, 2), ("gemm_planes_xreg", 16, 64, 128, 4, 2),
     ("gemm_planes", 16, 256, 128, 8, 2), ("gemm", 64, 128, 64, 4, 3),
     ("gemm_swap", 64, 128, 64, 4, 3), ("gemm", 128, 128, 64, 8, 3), ("gemm_swap", 128, 128, 64, 8, 3),
     ("gemv", 1, 512, 64, 4, 1, False, "w4a8"), ("gemv", 1, 256, 128, 2, 1, False, "w4a8"),

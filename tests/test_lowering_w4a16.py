@@ -10,8 +10,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from strategies import linear_problems
 
+from qcompile.lowering import w4a16 as lowering
 from qcompile.lowering.autotune import KernelConfig
-from qcompile.lowering.w4a16 import candidate_configs, default_config, launch
+from qcompile.lowering.w4a16 import candidate_configs, default_config, launch, valid_config
 
 SETTINGS = settings(
     max_examples=40,
@@ -89,7 +90,7 @@ def test_configs_have_power_of_two_tiles_aligned_to_groups(m, k, g):
         assert _pow2(cfg.block_m)
         assert k % cfg.split_k == 0 and (k // cfg.split_k) % cfg.block_k == 0
         assert g % cfg.block_k == 0 or cfg.block_k % g == 0
-        assert cfg.kernel in ("gemm", "gemm_swap", "gemm_planes", "gemm_planes_direct") or m <= 4
+        assert cfg.kernel in ("gemm", "gemm_swap", *lowering._PLANES_KINDS) or m <= 4
         assert cfg.kernel != "gemm_planes_direct" or cfg.block_m >= 64
 
 
@@ -122,6 +123,8 @@ def test_dequantize_then_matmul_strategy(group):
         KernelConfig("gemm_swap", 16, 32, 128, 1, 4, 2),  # BLOCK_K > group: per-column scales
         KernelConfig("gemm_planes", 16, 32, 128, 2, 4, 2),  # BLOCK_K > group: per-row scales
         KernelConfig("gemm_planes", 16, 32, 128, 1, 4, 2),
+        KernelConfig("gemm_planes_xreg", 16, 32, 128, 2, 4, 2),  # per-row scales, split
+        KernelConfig("gemm_planes_xreg", 16, 32, 128, 1, 4, 2),
         KernelConfig("gemm_planes_direct", 16, 32, 128, 2, 4, 2),  # per-row scales, split
         KernelConfig("gemm_planes_direct", 16, 32, 128, 1, 4, 2),
         KernelConfig("dequant_mm", 0, 32, 4, 1, 4, 1),
@@ -153,6 +156,7 @@ SPLIT_CONFIGS = [
     KernelConfig("gemm", 16, 32, 64, 2, 4, 2),
     KernelConfig("gemm_swap", 16, 16, 32, 8, 4, 2),
     KernelConfig("gemm_planes", 16, 32, 128, 2, 4, 2),
+    KernelConfig("gemm_planes_xreg", 16, 32, 128, 2, 4, 2),
 ]
 
 
@@ -195,8 +199,8 @@ def test_split_k_reduces_in_one_launch(cfg):
 def test_planes_kernel_at_large_m(split, dtype):
     """The large-M planes candidates: several M tiles (the last one partial) walk each weight
     tile back to back, with per-row scales (BLOCK_K > group) and split-K counters per tile."""
-    cfg = KernelConfig("gemm_planes", 64, 32, 128, split, 4, 2)
     problem = _packed_problem(130, 72, 512, 64, dtype, 11)
+    cfg = KernelConfig("gemm_planes", 64, 32, 128, split, 4, 2)
     p = problem.packed
     out = launch(cfg, problem.x, p.qweight, p.scales, p.offsets, problem.bias, p.group_size)
     assert_close_rel(out, problem.reference64(), dtype)
@@ -233,3 +237,16 @@ def test_column_slices_of_colocated_weights(cfg):
         want = launch(cfg, problem.x, p.qweight, p.scales, p.offsets, problem.bias, p.group_size)
         assert torch.equal(got, want)
         assert_close_rel(got, problem.reference64(), torch.bfloat16)
+
+
+@pytest.mark.parametrize(("bm", "bn", "bk", "stages", "group", "fits"), [
+    (16, 128, 128, 3, 64, False),  # 303104 bytes on the H100 (OutOfResources)
+    (16, 128, 128, 3, 128, True),
+    (64, 256, 128, 2, 128, True),
+    (16, 256, 128, 2, 64, False),
+])  # fmt: skip
+def test_gemm_configs_over_shared_memory_are_invalid(bm, bn, bk, stages, group, fits):
+    """The tuner would skip them, but every candidate must run: the tests draw from them."""
+    cfg = KernelConfig("gemm", bm, bn, bk, 1, 8, stages)
+    assert valid_config(cfg, 4096, group) is fits
+    assert (cfg in candidate_configs(16 if bm == 16 else 64, 4096, 4096, group)) <= fits

@@ -20,6 +20,8 @@ W4A16 = [  # kind, BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, prefetch, self-redu
     ("gemm", 16, 64, 128, 4, 3, False, True),
     ("gemm_swap", 16, 64, 64, 4, 3, False, False),
     ("gemm_planes", 16, 64, 128, 4, 2, True, True),
+    ("gemm_planes_xreg", 16, 64, 128, 4, 2, False, True),
+    ("gemm_planes", 128, 128, 128, 8, 2, False, False),  # a large-M candidate
 ]
 W4A8 = [  # kind, BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, fp8 activations
     ("gemv", 1, 256, 64, 2, 1, False),
@@ -27,6 +29,7 @@ W4A8 = [  # kind, BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, fp8 activations
     ("gemm", 128, 128, 64, 8, 3, False),
     ("gemm", 64, 64, 64, 4, 3, True),
     ("gemm_planes", 16, 64, 256, 4, 2, False),
+    ("gemm_planes", 128, 128, 256, 8, 2, False),  # a large-M candidate
 ]
 SCRIPT = """
 import json, sys

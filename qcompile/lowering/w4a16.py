@@ -257,14 +257,17 @@ def _w4a16_gemm_planes_kernel(
     stride_xm, stride_xk, stride_om, stride_split, nibble_mask,
     GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, SELF_REDUCE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr,
-    SWAP_AB: tl.constexpr,
+    SWAP_AB: tl.constexpr, X_IN_REGS: tl.constexpr,
 ):  # fmt: skip
     # Small-M tensor-core path. out^T [BLOCK_N, BLOCK_M] = sum over the 8 nibble planes i of
     # W_i [BLOCK_N, BLOCK_K/8] @ x_i^T [BLOCK_K/8, BLOCK_M], where plane i holds k = 8r + i:
     # each plane unpacks in place like the GEMV (one LOP3 + FADD per code, 16**-j folded into
-    # the scale) and feeds wgmma from registers. x is read in its own layout and split into
-    # planes in registers (no permuted copy of x, which cost a launch per linear). Needs
-    # BLOCK_K / 8 >= 16 (dot K >= 16).
+    # the scale) and feeds wgmma from registers. x comes permuted plane-major per BLOCK_K
+    # chunk (`_planes_x`, one small copy per call) or, with X_IN_REGS ("gemm_planes_xreg"),
+    # in its own layout, split into planes in registers: no copy launch, but x passes
+    # through registers instead of straight into shared memory. On the H100 neither wins every
+    # shape (M=16 bf16: xreg 17.9 vs 19.7 us on 4096x4096, 68.2 vs 63.1 us on 28672x4096), so
+    # both are candidates. Needs BLOCK_K / 8 >= 16 (dot K >= 16).
     # SWAP_AB=False ("gemm_planes_direct") computes out = x_i @ W_i^T instead: the dequantized
     # plane becomes the shared-memory B operand (one store, no reload into the register
     # operand layout), at the price of M >= 64 for wgmma (mma.sync below that).
@@ -315,16 +318,21 @@ def _w4a16_gemm_planes_kernel(
             )
             s = s.to(tl.float32)
             o = o.to(tl.float32)
-        # One contiguous [BLOCK_M, BLOCK_K] load of x (16-byte vectors: each thread holds the
-        # 8 consecutive k of a word row), split into the 8 planes in registers: plane i holds
-        # k = 8r + i, i = 4 b2 + 2 b1 + b0 over the trailing (b2, b1, b0) dims.
-        x = tl.load(
-            x_ptr + rm[:, None] * stride_xm + (k0 + rk)[None, :] * stride_xk,
-            mask=m_mask[:, None], other=0.0,
-        )  # fmt: skip
-        x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, ROWS, 2, 2, 2)))
-        x_0m4, x_2m4 = tl.split(x_even)
-        x_1m4, x_3m4 = tl.split(x_odd)
+        if X_IN_REGS:
+            # One contiguous [BLOCK_M, BLOCK_K] load of x (16-byte vectors: a thread holds the
+            # 8 consecutive k of a word row), split into the 8 planes in registers: plane i
+            # holds k = 8r + i, i = 4 b2 + 2 b1 + b0 over the trailing (b2, b1, b0) dims.
+            x = tl.load(
+                x_ptr + rm[:, None] * stride_xm + (k0 + rk)[None, :] * stride_xk,
+                mask=m_mask[:, None], other=0.0,
+            )  # fmt: skip
+            x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, ROWS, 2, 2, 2)))
+            x_0m4, x_2m4 = tl.split(x_even)
+            x_1m4, x_3m4 = tl.split(x_odd)
+        else:
+            # x arrives plane-major per BLOCK_K chunk (the launcher permutes it): plane i's
+            # ROWS activations are contiguous, loaded straight into shared memory.
+            x_base = x_ptr + rm[None, :] * stride_xm + (k0 + rr)[:, None] * stride_xk
         for i in tl.static_range(8):
             mask = nibble_mask << (4 * (i % 4))
             s_i = s * (1.0 / (1 << (4 * (i % 4))))  # exact: a power of two
@@ -332,7 +340,9 @@ def _w4a16_gemm_planes_kernel(
                 w = _codes_in_place(words, mask) * s_i + o
             else:
                 w = _codes_in_place(high, mask) * s_i + o
-            if i % 4 == 0:
+            if not X_IN_REGS:
+                xt = tl.load(x_base + i * ROWS * stride_xk, mask=m_mask[None, :], other=0.0)
+            elif i % 4 == 0:
                 plane_lo, plane_hi = tl.split(x_0m4)
             elif i % 4 == 1:
                 plane_lo, plane_hi = tl.split(x_1m4)
@@ -340,7 +350,8 @@ def _w4a16_gemm_planes_kernel(
                 plane_lo, plane_hi = tl.split(x_2m4)
             else:
                 plane_lo, plane_hi = tl.split(x_3m4)
-            xt = tl.trans(plane_lo if i < 4 else plane_hi)  # [ROWS, BLOCK_M]
+            if X_IN_REGS:
+                xt = tl.trans(plane_lo if i < 4 else plane_hi)  # [ROWS, BLOCK_M]
             if SWAP_AB:
                 acc = tl.dot(w.to(dtype), xt, acc)
             else:
@@ -418,8 +429,26 @@ def valid_config(cfg: KernelConfig, k: int, group: int) -> bool:
         return False
     if (k // cfg.split_k) % cfg.block_k:
         return False
-    min_k = {"gemv": 32, "gemm_planes": 128, "gemm_planes_direct": 128}.get(cfg.kernel, 16)
+    min_k = 128 if cfg.kernel in _PLANES_KINDS else 32 if cfg.kernel == "gemv" else 16
+    if cfg.kernel in ("gemm", "gemm_swap") and _gemm_smem_bytes(cfg, group) > _SMEM_BYTES:
+        return False
     return cfg.block_k >= min_k and (group % cfg.block_k == 0 or cfg.block_k % group == 0)
+
+
+_PLANES_KINDS = ("gemm_planes", "gemm_planes_xreg", "gemm_planes_direct")
+_SMEM_BYTES = 232448  # an H100 block's shared-memory limit (227 KiB)
+
+
+def _gemm_smem_bytes(cfg: KernelConfig, group: int) -> int:
+    """Shared memory of the natural-order GEMM's pipelined loads: (stages - 1) buffers of the x
+    tile, the [BLOCK_K, BLOCK_N] int32 word tile (each word once per code) and, when BLOCK_K
+    spans several groups, per-element scale and offset tiles. Matches Triton's figure for the
+    config that exceeded it on the H100 (BM16 BN128 BK128, 3 stages, group 64: 303104 bytes
+    reported, 270336 estimated, both over the limit)."""
+    per_stage = cfg.block_m * cfg.block_k * 2 + cfg.block_k * cfg.block_n * 4
+    if cfg.block_k > group:
+        per_stage += 2 * cfg.block_k * cfg.block_n * 2
+    return (cfg.num_stages - 1) * per_stage
 
 
 # "gemm_planes_direct" passes the interpreter tests but has not run on a GPU yet: it joins the
@@ -467,6 +496,9 @@ def candidate_configs(m: int, n: int, k: int, group: int) -> list[KernelConfig]:
                 if _useful_split(triton.cdiv(n, bn) * triton.cdiv(mb, bms[0]), sk):
                     for pf in (False, True):
                         out.append(KernelConfig("gemm_planes", bms[0], bn, bk, sk, warps, 2, pf))
+                        out.append(
+                            KernelConfig("gemm_planes_xreg", bms[0], bn, bk, sk, warps, 2, pf)
+                        )
                         if bms[0] >= 64 and _DIRECT_PLANES_VALIDATED:  # wgmma's M
                             out.append(
                                 KernelConfig("gemm_planes_direct", bms[0], bn, bk, sk, warps, 2, pf)
@@ -501,6 +533,13 @@ def default_config(m: int, n: int, k: int, group: int) -> KernelConfig:
 
 
 # --------------------------------------------------------------------------- launcher
+def _planes_x(x: torch.Tensor, block_k: int) -> torch.Tensor:
+    """x [M, K] -> contiguous [M, K] with each BLOCK_K chunk reordered plane-major:
+    column c * BLOCK_K + i * ROWS + r holds k = c * BLOCK_K + 8r + i."""
+    m, k = x.shape
+    return x.reshape(m, k // block_k, block_k // 8, 8).transpose(2, 3).reshape(m, k)
+
+
 # One tile counter per split-K output tile, per device: zero between launches (the last
 # program of each tile re-arms its counter). Allocated once, outside CUDA-graph capture, and
 # never freed (graphs keep its address). Kernels on two streams at once would share it; a
@@ -576,12 +615,14 @@ def launch(
     if cfg.kernel == "gemv":
         grid = (triton.cdiv(n, cfg.block_n), split, m)
         _w4a16_gemv_kernel[grid](*args, 0xF, PREFETCH=cfg.prefetch, **common)
-    elif cfg.kernel in ("gemm_planes", "gemm_planes_direct"):
+    elif cfg.kernel in _PLANES_KINDS:
         grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n), split)
+        x_in_regs = cfg.kernel == "gemm_planes_xreg"
+        if not x_in_regs:
+            args = (_planes_x(x, cfg.block_k), *args[1:13], k, 1, *args[15:])
         _w4a16_gemm_planes_kernel[grid](
-            *args, 0xF,
-            BLOCK_M=cfg.block_m, PREFETCH=cfg.prefetch, SWAP_AB=cfg.kernel == "gemm_planes",
-            **common,
+            *args, 0xF, BLOCK_M=cfg.block_m, PREFETCH=cfg.prefetch,
+            SWAP_AB=cfg.kernel != "gemm_planes_direct", X_IN_REGS=x_in_regs, **common,
         )  # fmt: skip
     else:
         grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split)
