@@ -124,12 +124,17 @@ class QuantConfig:
         (`colocate_siblings`; no extra memory), the backend co-locates the weights it quantizes
         itself the same way, and its fusion pass (`passes/fuse.py`) replaces the sibling calls
         by one op call on the spanning view, whose output is split along N. W4A16 only.
+    pack_gqa_decode: a one-token SDPA over repeat_kv'd K/V (a grouped-query decode step)
+        runs on the KV heads, the query heads of each KV head as query rows: the same
+        attention without materializing the repeated K/V (an Inductor copy of the whole cache
+        per layer) and with each KV head read once. Listed in the compile report.
     """
 
     scheme: Scheme = field(default_factory=Scheme)
     skip: tuple[str, ...] = ("lm_head", "*.lm_head")
     on_unsupported: Literal["fallback", "raise"] = "fallback"
     fuse_siblings: bool = True
+    pack_gqa_decode: bool = True
 
     def __post_init__(self) -> None:
         skip = (self.skip,) if isinstance(self.skip, str) else tuple(self.skip)

@@ -551,6 +551,51 @@ def test_attention_pass_leaves_attention_without_kv4_cache_alone(attn):
     assert "not read from a KV4 cache" in record.detail
 
 
+def _capture_with(config: QuantConfig, graphs: list):
+    def backend(gm, example_inputs):
+        new = _fresh_graph_module(gm)
+        report = CompileReport(graphs=1)
+        rewrite_attention(new, config, report)
+        graphs.append((gm, new, report))
+        return new.forward
+
+    return backend
+
+
+@pytest.mark.parametrize("pack", [True, False])
+def test_gqa_decode_step_runs_on_the_kv_heads(pack):
+    """A one-token SDPA over repeat_kv'd K/V of an fp cache: packed, the query's 4 heads per
+    KV head become query rows and the repeat (expand + reshape) is gone; logits equal the
+    eager model's. The prefill (Sq > 1) and pack_gqa_decode=False keep repeat_kv."""
+    model = tiny_llama(2, head_dim=64, num_key_value_heads=1)
+    caches = [StaticCache(config=model.config, max_cache_len=16) for _ in range(2)]
+    graphs = []
+    torch._dynamo.reset()
+    step = torch.compile(
+        model, backend=_capture_with(QuantConfig(pack_gqa_decode=pack), graphs), fullgraph=True
+    )
+    with torch.no_grad():
+        for cache in caches:
+            model(PROMPT[:, :8], past_key_values=cache)
+        mask = torch.ones(2, 9, dtype=torch.long)
+        out = step(PROMPT[:, 8:9], past_key_values=caches[0], attention_mask=mask).logits
+        want = model(PROMPT[:, 8:9], past_key_values=caches[1], attention_mask=mask).logits
+    ((before, after, report),) = graphs
+    assert rel_error(out, want) < 1e-5
+    sdpa = [n for n in after.graph.nodes if n.target == torch._C._nn.scaled_dot_product_attention]
+    assert len(sdpa) == 2
+    if pack:  # the 4 repeat_kv expands (2 layers x K, V) are gone; RoPE's one stays
+        assert _targets(before).count("expand") - _targets(after).count("expand") == 4
+        for node in sdpa:  # q [B, Hkv=1, 4, D], K [B, 1, S, D]
+            assert node.args[0].target == "reshape" and node.args[0].args[1:] == (-1, 1, 4, 64)
+            assert node.args[1].meta["example_value"].shape[1] == 1
+    else:
+        assert _targets(after) == _targets(before)
+    for record in report.attention:
+        assert record.status == "skipped"
+        assert ("GQA packing (one query, 4 query heads per KV head)" in record.detail) is pack
+
+
 def test_attention_pass_reports_fallbacks_and_the_attention_function():
     """A KV4-fed eager attention whose weights are returned stays as is (fallback, warned);
     the qcompile_kv4 attention function's calls are reported as prequantized."""

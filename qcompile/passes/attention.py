@@ -16,8 +16,12 @@ Rewrite: `kv4_attention(q, k codes/scales/offsets, v codes/scales/offsets, None,
 is_causal, scale)`; the dequantize and repeat nodes die with their last use, so fp16 K/V
 are never materialized.
 
-Without a KV4 cache there is nothing to read in 4 bits: the attention is left exactly as it
-was and recorded as "skipped" with the reason. Attention that already calls
+Without a KV4 cache there is nothing to read in 4 bits: the attention is recorded as
+"skipped" with the reason, and left as it was but for one exact rewrite
+(`QuantConfig.pack_gqa_decode`): a one-token SDPA over repeat_kv'd K/V (transformers' decode
+step under torch.compile) runs on the KV heads instead, the query reshaped to
+[B, Hkv, n_rep, D] (its n_rep heads per KV head become query rows) and the output reshaped
+back, so the repeated K/V copy is never built and each KV head is read once. Attention that already calls
 `kv4_attention` (transformers' "qcompile_kv4" attention function) is recorded as
 "prequantized".
 """
@@ -292,6 +296,41 @@ def _rewrite(gm: GraphModule, match: AttentionMatch, k: KV4Source, v: KV4Source)
             gm.graph.erase_node(node)
 
 
+def _gqa_decode_operands(match: AttentionMatch) -> tuple[Node, Node, int] | None:
+    """(K, V before repeat_kv, n_rep) when the GQA packing applies to `match`, else None:
+    SDPA, one query position, K and V repeated alike (constant n_rep > 1), no causal flag or
+    dropout, and a mask (if any) shared by every head and query, i.e. [B|1, 1, 1, S]."""
+    if match.form != "sdpa" or match.is_causal or match.node.kwargs.get("enable_gqa"):
+        return None
+    if not isinstance(match.dropout, (int, float)) or match.dropout:
+        return None
+    k, n_rep = strip_repeat_kv(match.key)
+    v, n_rep_v = strip_repeat_kv(match.value)
+    q, kb = _shape(match.query), _shape(k)
+    if n_rep != n_rep_v or n_rep <= 1 or q is None or kb is None or len(q) != 4:
+        return None
+    if not _static(*q[1:], kb[1]) or q[2] != 1 or q[1] != kb[1] * n_rep:
+        return None
+    if match.mask is not None:
+        mask = _shape(match.mask)
+        if mask is None or len(mask) != 4 or mask[1] != 1 or mask[2] != 1:
+            return None
+    return k, v, n_rep
+
+
+def _pack_gqa_decode(gm: GraphModule, match: AttentionMatch, k: Node, v: Node, n_rep: int) -> None:
+    """sdpa(q, repeat_kv(k), repeat_kv(v), mask) -> sdpa(q as [B, Hkv, n_rep, D], k, v, mask)
+    reshaped to [B, Hq, 1, D]: head h = kv * n_rep + r on both sides, as repeat_kv orders it."""
+    _, hq, _, d = _shape(match.query)
+    node = match.node
+    with gm.graph.inserting_before(node):
+        q = gm.graph.call_method("reshape", (match.query, -1, hq // n_rep, n_rep, d))
+        out = gm.graph.call_function(node.target, (q, k, v, *node.args[3:]), dict(node.kwargs))
+        back = gm.graph.call_method("reshape", (out, -1, hq, 1, d))
+    node.replace_all_uses_with(back)
+    gm.graph.erase_node(node)
+
+
 def _erase_unused(gm: GraphModule) -> None:
     """Drop the repeat_kv / kv4_dequantize nodes the rewrites left without users."""
     changed = True
@@ -315,10 +354,13 @@ def rewrite_attention(gm: GraphModule, config: QuantConfig, report: CompileRepor
         heads, head_dim = _heads(match)
         if k_src is None or v_src is None:
             what = "K" if k_src is None else "V"
-            report.add(AttentionRecord(
-                name, match.form, heads, head_dim, "skipped",
-                f"{what} is not read from a KV4 cache (no kv4_dequantize feeds it); left as is",
-            ))  # fmt: skip
+            detail = f"{what} is not read from a KV4 cache (no kv4_dequantize feeds it); left as is"
+            gqa = _gqa_decode_operands(match) if config.pack_gqa_decode else None
+            if gqa is not None:
+                _pack_gqa_decode(gm, match, *gqa)
+                rewrote = True
+                detail += f" but for the GQA packing (one query, {gqa[2]} query heads per KV head)"
+            report.add(AttentionRecord(name, match.form, heads, head_dim, "skipped", detail))
             continue
         if config.skips(name):
             report.add(AttentionRecord(
