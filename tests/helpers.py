@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 # ||out - ref|| / ||ref|| allowed for outputs computed in each dtype.
 REL_TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2, torch.float64: 1e-12}
+if os.environ.get("TRITON_INTERPRET") == "1" and not torch.cuda.is_available():
+    # Triton's interpreter casts fp32 -> bf16 by truncation (the GPU rounds to nearest): up to
+    # one bf16 ulp (2**-7) per cast, biased toward zero, once for the dequantized weight and
+    # once for the output. CI drew a g32 problem with 125-sized offsets at 1.03e-2.
+    REL_TOL[torch.bfloat16] = 2e-2
 
 
 def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
