@@ -467,14 +467,14 @@ def test_smooth_attention_keeps_the_model_and_lowers_key_error():
 
 
 # --------------------------------------------------------------------------- the pass
-def _capture_pass(graphs: list):
+def _capture_pass(graphs: list, config: QuantConfig | None = None):
     """A torch.compile backend running only the attention pass (no Inductor): fast, and the
     rewritten graph runs eagerly so its numbers can be compared."""
 
     def backend(gm, example_inputs):
         new = _fresh_graph_module(gm)
         report = CompileReport(graphs=1)
-        rewrite_attention(new, QuantConfig(), report)
+        rewrite_attention(new, config or QuantConfig(), report)
         graphs.append((gm, new, report))
         return new.forward
 
@@ -551,17 +551,6 @@ def test_attention_pass_leaves_attention_without_kv4_cache_alone(attn):
     assert "not read from a KV4 cache" in record.detail
 
 
-def _capture_with(config: QuantConfig, graphs: list):
-    def backend(gm, example_inputs):
-        new = _fresh_graph_module(gm)
-        report = CompileReport(graphs=1)
-        rewrite_attention(new, config, report)
-        graphs.append((gm, new, report))
-        return new.forward
-
-    return backend
-
-
 @pytest.mark.parametrize("pack", [True, False])
 def test_gqa_decode_step_runs_on_the_kv_heads(pack):
     """A one-token SDPA over repeat_kv'd K/V of an fp cache: packed, the query's 4 heads per
@@ -572,7 +561,7 @@ def test_gqa_decode_step_runs_on_the_kv_heads(pack):
     graphs = []
     torch._dynamo.reset()
     step = torch.compile(
-        model, backend=_capture_with(QuantConfig(pack_gqa_decode=pack), graphs), fullgraph=True
+        model, backend=_capture_pass(graphs, QuantConfig(pack_gqa_decode=pack)), fullgraph=True
     )
     with torch.no_grad():
         for cache in caches:

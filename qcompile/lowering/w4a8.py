@@ -36,6 +36,7 @@ import triton
 import triton.language as tl
 
 from qcompile.lowering.autotune import KernelConfig, TuneKey, autotuner, m_bucket, time_us
+from qcompile.lowering.w4a16 import _planes_x  # the same plane-major layout as W4A16's
 from qcompile.quant.w4a8 import ABSMAX_FLOOR, ACT_QMAX, ACT_TORCH_DTYPES
 
 FAMILY = "w4a8"
@@ -395,13 +396,6 @@ def default_config(m: int, n: int, k: int, group: int, act_dtype: str) -> Kernel
 
 
 # --------------------------------------------------------------------------- launchers
-def _planes_x(xq: torch.Tensor, block_k: int) -> torch.Tensor:
-    """xq [M, K] -> contiguous [M, K] with each BLOCK_K chunk plane-major:
-    column c * BLOCK_K + i * ROWS + r holds k = c * BLOCK_K + 8r + i."""
-    m, k = xq.shape
-    return xq.reshape(m, k // block_k, block_k // 8, 8).transpose(2, 3).reshape(m, k)
-
-
 def quantize_per_token(
     x: torch.Tensor, act_dtype: str, planes_block_k: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
