@@ -153,6 +153,7 @@ def test_each_kernel_kind_with_bias(cfg, dtype, group):
 SPLIT_CONFIGS = [
     KernelConfig("gemv", 1, 32, 32, 4, 1, 1),
     KernelConfig("gemv", 1, 64, 64, 2, 2, 1, True),
+    KernelConfig("gemv", 1, 32, 16, 16, 1, 1),  # two chunks of the 8-wide unrolled sum
     KernelConfig("gemm", 16, 32, 64, 2, 4, 2),
     KernelConfig("gemm_swap", 16, 16, 32, 8, 4, 2),
     KernelConfig("gemm_planes", 16, 32, 128, 2, 4, 2),

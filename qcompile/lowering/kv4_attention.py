@@ -267,10 +267,13 @@ def decode_rows(sq: int, gqa: int) -> int:
 
 
 def valid_config(cfg: KernelConfig, rows: int) -> bool:
-    """Power-of-two tiles >= 16 (tl.dot's minimum), decode tiles holding every row."""
+    """Power-of-two tiles, BLOCK_M >= 16 (tl.dot's minimum), BLOCK_N >= 32, decode tiles
+    holding every row. BLOCK_N = 16 computes wrong attention on the H100 with Triton 3.6
+    (rel. error 2.7-5.5 at any BLOCK_M, warps or stages, `benchmarks/probe_kv4_prefill.py`)
+    while the interpreter gets it right, so no config may use it."""
     if cfg.kernel not in ("decode", "prefill"):
         return False
-    if not (_pow2(cfg.block_m) and _pow2(cfg.block_n)) or min(cfg.block_m, cfg.block_n) < 16:
+    if not (_pow2(cfg.block_m) and _pow2(cfg.block_n)) or cfg.block_m < 16 or cfg.block_n < 32:
         return False
     if cfg.kernel == "decode":
         return cfg.block_m >= rows and cfg.split_k >= 1

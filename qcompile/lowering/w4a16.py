@@ -60,11 +60,18 @@ def _codes_in_place(words, mask):
 def _finish_tile(
     acc, out_ptr, ws_ptr, cnt_ptr, bias_ptr, out_offs, mask, bias_offs, N, pid_k, num_splits,
     stride_split, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, SELF_REDUCE: tl.constexpr,
+    UNROLL: tl.constexpr = 1,
 ):  # fmt: skip
     """Write one output tile. Unsplit: + bias, cast, store. Split K: store this program's
     fp32 partial to the workspace [SPLIT_K, M, N]; with SELF_REDUCE the last program of the
     tile to arrive (a counter per tile) sums all partials in split order (deterministic),
-    writes out and re-arms the counter, so split-K costs one launch, not two."""
+    writes out and re-arms the counter, so split-K costs one launch, not two. The sum reads
+    the partials UNROLL at a time (masked past the split count, which stays a runtime
+    value: one binary for every split), so that many loads from L2 are in flight at once.
+    The GEMV unrolls 32 (its tile is a few registers per thread; on the H100 a batch-1
+    Llama-3-8B step took 2.73 ms in GEMVs with a plain loop, 2.56 ms fully unrolled); the
+    tensor-core kernels keep the loop, whose registers they need (at 8 their batch-16 step
+    went from 4.25 to 4.74 ms)."""
     if SPLIT:
         tl.store(ws_ptr + pid_k * stride_split + out_offs, acc, mask=mask)
         if SELF_REDUCE:
@@ -74,11 +81,20 @@ def _finish_tile(
             arrived = tl.atomic_add(cnt_ptr, 1, sem="acq_rel", scope="gpu")
             if arrived == num_splits - 1:
                 total = tl.zeros_like(acc)
-                for k in range(num_splits):
-                    total += tl.load(
-                        ws_ptr + k * stride_split + out_offs, mask=mask, other=0.0,
-                        cache_modifier=".cg",
-                    )  # fmt: skip
+                if UNROLL == 1:
+                    for k in range(num_splits):
+                        total += tl.load(
+                            ws_ptr + k * stride_split + out_offs, mask=mask, other=0.0,
+                            cache_modifier=".cg",
+                        )  # fmt: skip
+                else:
+                    for k0 in range(0, num_splits, UNROLL):
+                        for j in tl.static_range(UNROLL):
+                            live = mask & (out_offs * 0 + (k0 + j) < num_splits)  # a tensor
+                            total += tl.load(
+                                ws_ptr + (k0 + j) * stride_split + out_offs, mask=live,
+                                other=0.0, cache_modifier=".cg",
+                            )  # fmt: skip
                 if HAS_BIAS:
                     total += tl.load(bias_ptr + bias_offs, mask=bias_offs < N, other=0).to(
                         tl.float32
@@ -160,7 +176,7 @@ def _w4a16_gemv_kernel(
     _finish_tile(
         acc, out_ptr, ws_ptr, cnt_ptr + m * tl.num_programs(0) + pid_n, bias_ptr,
         m * stride_om + rn, n_mask, rn, N, pid_k, tl.num_programs(1), stride_split, HAS_BIAS,
-        SPLIT, SELF_REDUCE,
+        SPLIT, SELF_REDUCE, UNROLL=32,
     )  # fmt: skip
 
 
