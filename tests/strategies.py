@@ -210,3 +210,63 @@ def hessian_problems(draw, groups=(32, 64, None)) -> HessianProblem:
     if draw(st.booleans()):
         x[:, torch.randint(0, k, (2,), generator=gen)] = 0  # dead inputs
     return HessianProblem(weight, 2 * x.t() @ x / rows, group)
+
+
+@dataclass
+class DecodeProblem:
+    """Attention of `query` over a 16-bit K/V cache with fewer KV heads than query heads."""
+
+    query: torch.Tensor  # [B, Hq, Sq, D]
+    key: torch.Tensor  # [B, Hkv, S, D], any strides
+    value: torch.Tensor
+    mask: torch.Tensor | None  # [B | 1, Hq | 1, Sq, S], bool or additive float
+    scale: float
+
+    def args(self) -> tuple:
+        return self.query, self.key, self.value, self.mask, self.scale
+
+    def reference64(self) -> torch.Tensor:
+        """The op's reference (SDPA) in float64, on CPU."""
+        from qcompile.ops.attention import decode_attention_reference
+
+        def cpu64(t):
+            return None if t is None else (t.cpu() if t.dtype == torch.bool else t.cpu().double())
+
+        return decode_attention_reference(*map(cpu64, self.args()[:4]), self.scale)
+
+
+@st.composite
+def decode_problems(draw, device: str = "cpu") -> DecodeProblem:
+    """One or two query positions over caches of 1 to ~3 tiles (non-multiples included),
+    head dims 64/128, GQA ratios 1/4/8, K/V as strided views of a wider cache (as a static
+    cache's slices are), bool or float masks, outlier channels."""
+    d = draw(st.sampled_from([64, 128]))
+    gqa = draw(st.sampled_from([1, 4, 8]))
+    hkv = draw(st.sampled_from([1, 2]))
+    b = draw(st.sampled_from([1, 2]))
+    s = draw(st.integers(1, 200))
+    sq = draw(st.sampled_from([1, 1, 2]))
+    dtype = draw(st.sampled_from([torch.float16, torch.bfloat16]))
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    q = torch.randn(b, hkv * gqa, sq, d, generator=gen)
+    # K and V as [B, Hkv, S, D] views of one [B, S, 2 * Hkv, D] buffer: no stride is dense
+    kv = torch.randn(b, s, 2 * hkv, d, generator=gen)
+    if draw(st.booleans()):  # outlier channels
+        kv[..., torch.randint(0, d, (2,), generator=gen)] *= 20
+    mask = None
+    kind = draw(st.sampled_from(["none", "bool", "float"]))
+    if kind != "none":
+        heads = draw(st.sampled_from([1, hkv * gqa]))
+        shape = (draw(st.sampled_from([1, b])), heads, sq, s)
+        if kind == "bool":
+            mask = torch.rand(shape, generator=gen) > 0.3
+            mask[..., 0] = True  # a fully masked row is checked elsewhere
+        else:
+            mask = torch.randn(shape, generator=gen)
+            mask[torch.rand(shape, generator=gen) > 0.8] = float("-inf")
+            mask[..., 0] = 0.0
+    kv = kv.to(dtype).to(device)
+    key, value = kv[:, :, :hkv].transpose(1, 2), kv[:, :, hkv:].transpose(1, 2)
+    return DecodeProblem(
+        q.to(dtype).to(device), key, value, None if mask is None else mask.to(device), d**-0.5
+    )

@@ -563,9 +563,9 @@ def test_attention_pass_leaves_attention_without_kv4_cache_alone(attn):
 
 @pytest.mark.parametrize("pack", [True, False])
 def test_gqa_decode_step_runs_on_the_kv_heads(pack):
-    """A one-token SDPA over repeat_kv'd K/V of an fp cache: packed, the query's 4 heads per
-    KV head become query rows and the repeat (expand + reshape) is gone; logits equal the
-    eager model's. The prefill (Sq > 1) and pack_gqa_decode=False keep repeat_kv."""
+    """A one-token SDPA over repeat_kv'd K/V of an fp cache: packed, it becomes
+    decode_attention on the unrepeated K/V and the repeat (expand + reshape) is gone; logits
+    equal the eager model's. The prefill (Sq > 1) and pack_gqa_decode=False keep repeat_kv."""
     model = tiny_llama(2, head_dim=64, num_key_value_heads=1)
     caches = [StaticCache(config=model.config, max_cache_len=16) for _ in range(2)]
     graphs = []
@@ -582,13 +582,19 @@ def test_gqa_decode_step_runs_on_the_kv_heads(pack):
     ((before, after, report),) = graphs
     assert rel_error(out, want) < 1e-5
     sdpa = [n for n in after.graph.nodes if n.target == torch._C._nn.scaled_dot_product_attention]
-    assert len(sdpa) == 2
+    decode = [
+        n for n in after.graph.nodes if n.target == torch.ops.qcompile.decode_attention.default
+    ]
     if pack:  # the 4 repeat_kv expands (2 layers x K, V) are gone; RoPE's one stays
+        assert len(decode) == 2 and not sdpa
         assert _targets(before).count("expand") - _targets(after).count("expand") == 4
-        for node in sdpa:  # q [B, Hkv=1, 4, D], K [B, 1, S, D]
-            assert node.args[0].target == "reshape" and node.args[0].args[1:] == (-1, 1, 4, 64)
-            assert node.args[1].meta["example_value"].shape[1] == 1
+        for node in decode:  # q [B, Hq=4, 1, D], K and V [B, Hkv=1, S, D], scale 1/sqrt(D)
+            q, k, v, mask, scale = node.args
+            assert q.meta["example_value"].shape[1:] == (4, 1, 64)
+            assert k.meta["example_value"].shape[1] == v.meta["example_value"].shape[1] == 1
+            assert mask is not None and scale == 64**-0.5
     else:
+        assert len(sdpa) == 2 and not decode
         assert _targets(after) == _targets(before)
     for record in report.attention:
         assert record.status == "skipped"

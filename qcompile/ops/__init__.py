@@ -1,5 +1,6 @@
 """torch.library ops: schema, fake implementation, reference implementation, CUDA lowering."""
 
+from qcompile.ops.attention import decode_attention, decode_attention_reference
 from qcompile.ops.kv4 import (
     kv4_attention,
     kv4_attention_reference,
@@ -16,6 +17,8 @@ from qcompile.ops.w4a8 import (
 from qcompile.ops.w4a16 import w4a16_linear, w4a16_linear_reference
 
 __all__ = [
+    "decode_attention",
+    "decode_attention_reference",
     "kv4_attention",
     "kv4_attention_reference",
     "kv4_cache_write",

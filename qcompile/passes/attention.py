@@ -17,13 +17,13 @@ is_causal, scale)`; the dequantize and repeat nodes die with their last use, so 
 are never materialized.
 
 Without a KV4 cache there is nothing to read in 4 bits: the attention is recorded as
-"skipped" with the reason, and left as it was but for one exact rewrite
+"skipped" with the reason, and left as it was but for one rewrite
 (`QuantConfig.pack_gqa_decode`): a one-token SDPA over repeat_kv'd K/V (transformers' decode
-step under torch.compile) runs on the KV heads instead, the query reshaped to
-[B, Hkv, n_rep, D] (its n_rep heads per KV head become query rows) and the output reshaped
-back, so the repeated K/V copy is never built and each KV head is read once. Attention that already calls
-`kv4_attention` (transformers' "qcompile_kv4" attention function) is recorded as
-"prequantized".
+step under torch.compile) becomes `decode_attention(q, k, v, mask, scale)` on the KV heads
+(the same attention: its reference is SDPA; on CUDA a flash-decoding kernel whose tiles hold
+all the query heads of one KV head), so the repeated K/V copy is never built and each KV
+head is read once. Attention that already calls `kv4_attention` (transformers'
+"qcompile_kv4" attention function) is recorded as "prequantized".
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ SDPA_TARGETS = (torch._C._nn.scaled_dot_product_attention, F.scaled_dot_product_
 MATMUL_TARGETS = (torch.matmul, operator.matmul)
 SOFTMAX_TARGETS = (F.softmax, torch.softmax)
 KV4_ATTENTION = torch.ops.qcompile.kv4_attention.default
+DECODE_ATTENTION = torch.ops.qcompile.decode_attention.default
 KV4_ATTENTION_TARGETS = (KV4_ATTENTION, torch.ops.qcompile.kv4_attention)
 _REWRITTEN = "qcompile_kv4_rewritten"  # node.meta key on the kv4_attention calls we emit
 KV4_DEQUANTIZE_TARGETS = (
@@ -304,6 +305,8 @@ def _gqa_decode_operands(match: AttentionMatch) -> tuple[Node, Node, int] | None
         return None
     if not isinstance(match.dropout, (int, float)) or match.dropout:
         return None
+    if isinstance(match.scale, Node):
+        return None
     k, n_rep = strip_repeat_kv(match.key)
     v, n_rep_v = strip_repeat_kv(match.value)
     q, kb = _shape(match.query), _shape(k)
@@ -319,15 +322,14 @@ def _gqa_decode_operands(match: AttentionMatch) -> tuple[Node, Node, int] | None
 
 
 def _pack_gqa_decode(gm: GraphModule, match: AttentionMatch, k: Node, v: Node, n_rep: int) -> None:
-    """sdpa(q, repeat_kv(k), repeat_kv(v), mask) -> sdpa(q as [B, Hkv, n_rep, D], k, v, mask)
-    reshaped to [B, Hq, 1, D]: head h = kv * n_rep + r on both sides, as repeat_kv orders it."""
-    _, hq, _, d = _shape(match.query)
+    """sdpa(q, repeat_kv(k), repeat_kv(v), mask) -> decode_attention(q, k, v, mask, scale):
+    query head h reads KV head h // n_rep, as repeat_kv orders them."""
+    d = _shape(match.query)[3]
+    scale = float(match.scale) if match.scale is not None else d**-0.5
     node = match.node
     with gm.graph.inserting_before(node):
-        q = gm.graph.call_method("reshape", (match.query, -1, hq // n_rep, n_rep, d))
-        out = gm.graph.call_function(node.target, (q, k, v, *node.args[3:]), dict(node.kwargs))
-        back = gm.graph.call_method("reshape", (out, -1, hq, 1, d))
-    node.replace_all_uses_with(back)
+        out = gm.graph.call_function(DECODE_ATTENTION, (match.query, k, v, match.mask, scale))
+    node.replace_all_uses_with(out)
     gm.graph.erase_node(node)
 
 
@@ -359,7 +361,10 @@ def rewrite_attention(gm: GraphModule, config: QuantConfig, report: CompileRepor
             if gqa is not None:
                 _pack_gqa_decode(gm, match, *gqa)
                 rewrote = True
-                detail += f" but for the GQA packing (one query, {gqa[2]} query heads per KV head)"
+                detail += (
+                    f" but for the GQA packing (one query, {gqa[2]} query heads per KV head):"
+                    " qcompile decode_attention"
+                )
             report.add(AttentionRecord(name, match.form, heads, head_dim, "skipped", detail))
             continue
         if config.skips(name):
