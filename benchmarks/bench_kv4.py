@@ -106,9 +106,6 @@ def decode_row(b: int, s: int, l2: int, bw: float, free_bytes: int) -> dict:
         row["sdpa_packed_us"] = time_graph(
             [lambda k=k, v=v: F.scaled_dot_product_attention(q_packed, k, v) for k, v in kv]
         )
-        del kv
-        row["sdpa_us"] = min(row["sdpa_gqa_us"], row["sdpa_packed_us"])
-        row["speedup_vs_sdpa"] = row["sdpa_us"] / row["qcompile_us"]
         # qcompile's flash-decoding over the same 16-bit cache (decode_attention)
         from qcompile.lowering import decode_attention as d16
 
@@ -117,6 +114,9 @@ def decode_row(b: int, s: int, l2: int, bw: float, free_bytes: int) -> dict:
         )
         cfg16 = autotuner(0).lookup(d16.tune_key(q, kv[0][0]))
         row["decode16_config"] = None if cfg16 is None else cfg16.__dict__
+        del kv
+        row["sdpa_us"] = min(row["sdpa_gqa_us"], row["sdpa_packed_us"])
+        row["speedup_vs_sdpa"] = row["sdpa_us"] / row["qcompile_us"]
         row["decode16_vs_sdpa"] = row["sdpa_us"] / row["decode16_us"]
     row["roofline_int4_us"] = (int4 + 4 * b * HQ * D) / bw * 1e6
     row["roofline_fp16_us"] = (fp16 + 4 * b * HQ * D) / bw * 1e6
