@@ -7,6 +7,8 @@ compile on that GPU does not tune from scratch.
 
     python benchmarks/tune_shipped.py                  # on the GPU; rewrites configs/h100.json
     python benchmarks/tune_shipped.py --out $OUT/h100.json --ms 1,16
+    python benchmarks/tune_shipped.py --out $OUT/d16.json --decode16 1,16 --seq 185 --ms ''
+        # decode_attention (Llama-3-8B heads: 32 query / 8 KV, D=128) at those batches
 """
 
 from __future__ import annotations
@@ -43,6 +45,11 @@ def main() -> None:
         help="no tuning: fold the entries of this file (an --out of an earlier run) into --out "
         "(default: the shipped file), replacing entries with the same key",
     )  # fmt: skip
+    ap.add_argument(
+        "--decode16", default="",
+        help="also tune decode_attention at these batch sizes (Llama-3-8B heads, one query)",
+    )  # fmt: skip
+    ap.add_argument("--seq", default="185,1024,4096", help="--decode16 cache lengths")
     args = ap.parse_args()
     if args.merge is not None:
         out = args.out or autotune.SHIPPED_DIR / "h100.json"
@@ -58,7 +65,12 @@ def main() -> None:
     t0 = time.time()
     for dtype_name in args.dtypes.split(","):
         dtype = getattr(torch, dtype_name)
-        for n, k in shapes:
+        for b in (int(v) for v in args.decode16.split(",") if v):
+            for s in map(int, args.seq.split(",")):
+                key = _tune_decode16(b, s, dtype)
+                print(f"{time.time() - t0:7.1f}s {key} -> {tuner.lookup(key)}", flush=True)
+                _write(out, gpu, tuner)
+        for n, k in shapes if args.ms else ():
             p = random_packed(n, k, args.group, dtype)
             qw, scales, offsets = p.qweight, p.scales, p.offsets
             for m in map(int, args.ms.split(",")):
@@ -70,6 +82,18 @@ def main() -> None:
                     flush=True,
                 )
                 _write(out, gpu, tuner)  # after every key: a run cut short keeps what it tuned
+
+
+def _tune_decode16(b: int, s: int, dtype: torch.dtype) -> autotune.TuneKey:
+    """One decode step of Llama-3-8B's attention over a static cache of length s whose bool
+    mask hides the unwritten tail, as transformers passes it."""
+    from qcompile.lowering.decode_attention import decode_attention_cuda, tune_key
+
+    q = torch.randn(b, 32, 1, 128, dtype=dtype, device="cuda")
+    k, v = (torch.randn(b, 8, s, 128, dtype=dtype, device="cuda") for _ in "kv")
+    mask = (torch.arange(s, device="cuda") < s - 8).view(1, 1, 1, s).expand(b, 1, 1, s)
+    decode_attention_cuda(q, k, v, mask, 128**-0.5)
+    return tune_key(q, k)
 
 
 def merge(new: Path, into: Path) -> str:
