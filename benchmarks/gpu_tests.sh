@@ -13,6 +13,7 @@ declare -A GROUPS_=(
   [backend_hf]="tests/test_backend.py tests/test_hf_models.py tests/test_fuse.py"
   [w4a8]="tests/test_w4a8.py"
   [kv4]="tests/test_kv4.py"
+  [decode]="tests/test_decode_attention.py"
 )
 for g in ${ONLY:-${!GROUPS_[@]}}; do
   # shellcheck disable=SC2086
