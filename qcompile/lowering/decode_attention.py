@@ -22,9 +22,12 @@ import triton.language as tl
 from qcompile.lowering.autotune import KernelConfig, TuneKey, autotuner, m_bucket, time_us
 from qcompile.lowering.kv4_attention import (
     _SPLIT_PROGRAM_TARGET,
-    _kv4_split_reduce_kernel,
+    _softmax_tile,
     decode_rows,
+    mask_args,
+    reduce_splits,
     seq_bucket,
+    split_buffers,
 )
 
 FAMILY = "decode16"
@@ -76,18 +79,9 @@ def _decode_attention_kernel(
         k = tl.load(k_base + cols[:, None] * stride_ks, mask=col_ok[:, None], other=0.0)
         scores = tl.dot(q, tl.trans(k)) * qk_scale  # [BLOCK_M, BLOCK_N], log2 domain
         visible = row_ok[:, None] & col_ok[None, :]
-        if MASK_KIND == 1:
-            keep = tl.load(mask_base + cols[None, :] * stride_ms, mask=visible, other=0)
-            visible = visible & (keep != 0)
-        if MASK_KIND == 2:
-            bias = tl.load(mask_base + cols[None, :] * stride_ms, mask=visible, other=0.0)
-            scores += bias.to(tl.float32) * 1.4426950408889634
-        scores = tl.where(visible, scores, _NEG_INF)
-        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-        m_safe = tl.where(m_new == _NEG_INF, 0.0, m_new)  # rows with nothing visible yet
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(scores - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
+        p, alpha, m_new, l_i = _softmax_tile(
+            scores, visible, mask_base + cols[None, :] * stride_ms, m_i, l_i, MASK_KIND
+        )
         v = tl.load(v_base + cols[:, None] * stride_vs, mask=col_ok[:, None], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
@@ -161,17 +155,8 @@ def launch(
         raise ValueError("decode_attention launch: out must be contiguous")
     rows_total = b * hq * sq
     split = cfg.split_k
-    if split > 1:
-        target = torch.empty((split, b, hq, sq, d), device=query.device, dtype=torch.float32)
-        lse = torch.empty((split, b, hq, sq), device=query.device, dtype=torch.float32)
-    else:
-        target, lse = out, out  # lse is never written without WRITE_PARTIAL
-    mask_kind, mask_arg, mask_strides = 0, out, (0, 0, 0, 0)
-    if mask is not None:
-        full = mask.expand(b, hq, sq, s)
-        mask_kind = 1 if mask.dtype == torch.bool else 2
-        mask_arg = full.view(torch.uint8) if mask_kind == 1 else full
-        mask_strides = full.stride()
+    target, lse = split_buffers(split, out)
+    mask_kind, mask_arg, mask_strides = mask_args(mask, (b, hq, sq, s), out)
     _decode_attention_kernel[(b * hkv, split)](
         query, key, value, mask_arg, target, lse, sq, s, rows_total, scale * _LOG2E,
         *query.stride(), *key.stride(), *value.stride(), *mask_strides,
@@ -179,11 +164,7 @@ def launch(
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
-    if split > 1:
-        _kv4_split_reduce_kernel[(rows_total,)](
-            target, lse, out, rows_total, SPLITS=split,
-            SPLITS_POW2=triton.next_power_of_2(split), D=d,
-        )  # fmt: skip
+    reduce_splits(target, lse, out)
     return out
 
 

@@ -63,6 +63,25 @@ def _unpack_codes(packed, NG: tl.constexpr, ROWS: tl.constexpr, G: tl.constexpr)
 
 # --------------------------------------------------------------------------- attention
 @triton.jit
+def _softmax_tile(scores, visible, mask_ptrs, m_i, l_i, MASK_KIND: tl.constexpr):
+    """One key tile of the online softmax: scores [BLOCK_M, BLOCK_N] (log2 domain), the
+    explicit mask (MASK_KIND 0 none, 1 bool as uint8, 2 additive float, read at mask_ptrs
+    where visible) -> (p, alpha = rescale of the running sums, new running max, new l_i)."""
+    if MASK_KIND == 1:
+        keep = tl.load(mask_ptrs, mask=visible, other=0)
+        visible = visible & (keep != 0)
+    if MASK_KIND == 2:
+        bias = tl.load(mask_ptrs, mask=visible, other=0.0)
+        scores += bias.to(tl.float32) * 1.4426950408889634
+    scores = tl.where(visible, scores, _NEG_INF)
+    m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+    m_safe = tl.where(m_new == _NEG_INF, 0.0, m_new)  # rows with nothing visible yet
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(scores - m_safe[:, None])
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, axis=1)
+
+
+@triton.jit
 def _kv4_attention_kernel(
     q_ptr, kc_ptr, ks_ptr, ko_ptr, vc_ptr, vs_ptr, vo_ptr, lens_ptr, mask_ptr, out_ptr, lse_ptr,
     Sq, S, rows_total, qk_scale,
@@ -131,18 +150,9 @@ def _kv4_attention_kernel(
         visible = row_ok[:, None] & col_ok[None, :]
         if IS_CAUSAL:
             visible = visible & (cols[None, :] <= (pos + seq_len - Sq)[:, None])
-        if MASK_KIND == 1:
-            keep = tl.load(mask_base + cols[None, :] * stride_ms, mask=visible, other=0)
-            visible = visible & (keep != 0)
-        if MASK_KIND == 2:
-            bias = tl.load(mask_base + cols[None, :] * stride_ms, mask=visible, other=0.0)
-            scores += bias.to(tl.float32) * 1.4426950408889634
-        scores = tl.where(visible, scores, _NEG_INF)
-        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-        m_safe = tl.where(m_new == _NEG_INF, 0.0, m_new)  # rows with nothing visible yet
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(scores - m_safe[:, None])  # [BLOCK_M, BLOCK_N]
-        l_i = l_i * alpha + tl.sum(p, axis=1)
+        p, alpha, m_new, l_i = _softmax_tile(
+            scores, visible, mask_base + cols[None, :] * stride_ms, m_i, l_i, MASK_KIND
+        )
 
         v_codes = _unpack_codes(
             tl.load(vc_ptr + code_offs, mask=col_ok[None, :, None], other=0), NG, BLOCK_N, G
@@ -316,6 +326,37 @@ def default_config(b: int, hkv: int, sq: int, gqa: int, s: int) -> KernelConfig:
 
 
 # --------------------------------------------------------------------------- launchers
+def split_buffers(split: int, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(target, lse) of an attention launch writing out [B, Hq, Sq, D]: out itself unsplit
+    (lse unused), else fp32 partials [split, B, Hq, Sq, D] and log-sum-exps [split, B, Hq, Sq]."""
+    if split == 1:
+        return out, out
+    part = torch.empty((split, *out.shape), device=out.device, dtype=torch.float32)
+    return part, torch.empty((split, *out.shape[:3]), device=out.device, dtype=torch.float32)
+
+
+def mask_args(mask: torch.Tensor | None, shape: tuple, out: torch.Tensor) -> tuple:
+    """(MASK_KIND, pointer argument, 4 strides) of an attention mask broadcast to `shape`
+    [B, Hq, Sq, S]: 0 none, 1 bool (read as uint8), 2 additive float."""
+    if mask is None:
+        return 0, out, (0, 0, 0, 0)
+    full = mask.expand(*shape)
+    if mask.dtype == torch.bool:
+        return 1, full.view(torch.uint8), full.stride()
+    return 2, full, full.stride()
+
+
+def reduce_splits(target: torch.Tensor, lse: torch.Tensor, out: torch.Tensor) -> None:
+    """Combine a split launch's partials into out (no-op when the launch was not split)."""
+    if target is out:
+        return
+    split, rows_total, d = target.shape[0], out.numel() // out.shape[-1], out.shape[-1]
+    _kv4_split_reduce_kernel[(rows_total,)](
+        target, lse, out, rows_total, SPLITS=split, SPLITS_POW2=triton.next_power_of_2(split),
+        D=d,
+    )  # fmt: skip
+
+
 def launch_attention(
     cfg: KernelConfig,
     query: torch.Tensor,
@@ -344,17 +385,8 @@ def launch_attention(
         raise ValueError("launch_attention: out must be contiguous")
     rows_total = b * hq * sq
     split = cfg.split_k if cfg.kernel == "decode" else 1
-    if split > 1:
-        target = torch.empty((split, b, hq, sq, d), device=query.device, dtype=torch.float32)
-        lse = torch.empty((split, b, hq, sq), device=query.device, dtype=torch.float32)
-    else:
-        target, lse = out, out  # lse is never written without WRITE_PARTIAL
-    mask_kind, mask_arg, mask_strides = 0, out, (0, 0, 0, 0)
-    if mask is not None:
-        full = mask.expand(b, hq, sq, s)
-        mask_kind = 1 if mask.dtype == torch.bool else 2
-        mask_arg = full.view(torch.uint8) if mask_kind == 1 else full
-        mask_strides = full.stride()
+    target, lse = split_buffers(split, out)
+    mask_kind, mask_arg, mask_strides = mask_args(mask, (b, hq, sq, s), out)
     lens_arg = seq_lens if seq_lens is not None else out
     grid = (triton.cdiv(sq * gqa, cfg.block_m), b * hkv, split)
     _kv4_attention_kernel[grid](
@@ -367,11 +399,7 @@ def launch_attention(
         MASK_KIND=mask_kind, WRITE_PARTIAL=split > 1, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
-    if split > 1:
-        _kv4_split_reduce_kernel[(rows_total,)](
-            target, lse, out, rows_total, SPLITS=split,
-            SPLITS_POW2=triton.next_power_of_2(split), D=d,
-        )  # fmt: skip
+    reduce_splits(target, lse, out)
     return out
 
 

@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from qcompile.ops.kv4 import check_attention_mask
+
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 KERNEL_HEAD_DIMS = (64, 128)
 KERNEL_MAX_ROWS = 64  # query rows per KV head (Sq * Hq / Hkv) the decode kernel holds
@@ -49,17 +51,7 @@ def check_decode_attention_args(
             f"qcompile.decode_attention: {hq} query heads are not a multiple of "
             f"{key.shape[1]} KV heads"
         )
-    if mask is not None:
-        full = (b, hq, sq, key.shape[2])
-        if mask.dim() != 4 or any(m not in (1, f) for m, f in zip(mask.shape, full, strict=True)):
-            raise ValueError(
-                f"qcompile.decode_attention: mask {tuple(mask.shape)} does not broadcast to "
-                f"[B, Hq, Sq, S] = {full}"
-            )
-        if mask.dtype != torch.bool and not mask.dtype.is_floating_point:
-            raise ValueError(
-                f"qcompile.decode_attention: mask must be bool or float, not {mask.dtype}"
-            )
+    check_attention_mask("decode_attention", mask, (b, hq, sq, key.shape[2]))
 
 
 def decode_attention_reference(

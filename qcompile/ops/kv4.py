@@ -101,17 +101,19 @@ def check_kv4_attention_args(
             f"qcompile.kv4_attention: seq_lens must be [B={b}] int32/int64, got "
             f"{tuple(seq_lens.shape)} {seq_lens.dtype}"
         )
-    if mask is not None:
-        full = (b, hq, sq, s)
-        if mask.dim() != 4 or any(m not in (1, f) for m, f in zip(mask.shape, full, strict=True)):
-            raise ValueError(
-                f"qcompile.kv4_attention: mask {tuple(mask.shape)} does not broadcast to "
-                f"[B, Hq, Sq, S] = {full}"
-            )
-        if mask.dtype != torch.bool and not mask.dtype.is_floating_point:
-            raise ValueError(
-                f"qcompile.kv4_attention: mask must be bool or float, not {mask.dtype}"
-            )
+    check_attention_mask("kv4_attention", mask, (b, hq, sq, s))
+
+
+def check_attention_mask(op: str, mask: torch.Tensor | None, full: tuple) -> None:
+    """An attention op's mask: 4-D, broadcastable to `full` [B, Hq, Sq, S], bool or float."""
+    if mask is None:
+        return
+    if mask.dim() != 4 or any(m not in (1, f) for m, f in zip(mask.shape, full, strict=True)):
+        raise ValueError(
+            f"qcompile.{op}: mask {tuple(mask.shape)} does not broadcast to [B, Hq, Sq, S] = {full}"
+        )
+    if mask.dtype != torch.bool and not mask.dtype.is_floating_point:
+        raise ValueError(f"qcompile.{op}: mask must be bool or float, not {mask.dtype}")
 
 
 def visible_keys(
