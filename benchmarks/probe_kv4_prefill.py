@@ -71,13 +71,13 @@ def problem(p: dict) -> KV4Problem:
     scheme = KVScheme(group_size=p["group"])
     keys, values = quantize_kv4(k, scheme), quantize_kv4(v, scheme)
 
-    def cuda(t):
+    def to_device(t):
         return None if t is None else t.to(DEVICE)
 
-    keys = type(keys)(*(cuda(t) for t in (keys.codes, keys.scales, keys.offsets)), p["group"])
-    values = type(values)(*(cuda(t) for t in (values.codes, values.scales, values.offsets)),
+    keys = type(keys)(*(to_device(t) for t in (keys.codes, keys.scales, keys.offsets)), p["group"])
+    values = type(values)(*(to_device(t) for t in (values.codes, values.scales, values.offsets)),
                           p["group"])  # fmt: skip
-    return KV4Problem(cuda(q.to(p["dtype"])), keys, values, cuda(lens), cuda(mask), p["causal"],
+    return KV4Problem(to_device(q.to(p["dtype"])), keys, values, to_device(lens), to_device(mask), p["causal"],
                       d**-0.5)  # fmt: skip
 
 
