@@ -155,13 +155,16 @@ def bench_batch(model, step: Callable, batch: int, args: argparse.Namespace, dev
         token = prefill(model, ids, cache)
         prefill_ms = clock.stop()
         t0 = time.perf_counter()
+        step_s = []  # compile, CUDA-graph warm-up run, recording
         for i in range(WARMUP_STEPS):
+            t_step = time.perf_counter()
             torch.compiler.cudagraph_mark_step_begin()
             next_token, logits = step(model, token, cache, torch.tensor([pos + i], device=device))
             if i == 0:  # same cache state and token as the eager step: the compiled graph's error
                 first_step_err = rel_err(logits.float(), eager_logits.float())
             token = next_token.clone()
-        sync(device)
+            sync(device)
+            step_s.append(time.perf_counter() - t_step)
         warmup_s = time.perf_counter() - t0
         positions = [
             torch.tensor([pos + WARMUP_STEPS + i], device=device) for i in range(args.new_tokens)
@@ -186,11 +189,22 @@ def bench_batch(model, step: Callable, batch: int, args: argparse.Namespace, dev
         "decode_ms_per_step": step_ms,
         "decode_tok_s": batch / (step_ms / 1e3),
         "compile_warmup_s": warmup_s,
+        "warmup_step_s": step_s,
+        "dynamo_compile_times": _compile_times(),
         "first_step_rel_err_vs_eager": first_step_err,
         "peak_bytes": torch.cuda.max_memory_allocated() if device == "cuda" else None,
         "tokens_head": torch.cat(tokens[:8], dim=1)[0].tolist(),
         **({"profile_us_per_step": profile} if profile else {}),
     }
+
+
+def _compile_times() -> dict[str, float]:
+    """Seconds per compile phase so far in this process (Dynamo's own counters, summed)."""
+    try:
+        names, values = torch._dynamo.utils.compile_times(repr="csv", aggregate=True)
+        return {n: float(v) for n, v in zip(names, values, strict=True)}
+    except Exception:  # a private API: its absence must not cost the run
+        return {}
 
 
 def kernel_kind(name: str) -> str:
@@ -291,6 +305,9 @@ def run(args: argparse.Namespace, save: Callable[[dict], None]) -> dict:
             row.update(bench_batch(model, step, batch, args, device))
             row["graphs_so_far"] = counters["stats"]["unique_graphs"]
             row["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"]
+            if variant == "qcompile_w4a16":
+                row["qcompile_pass_s_so_far"] = backend.report.pass_seconds
+                row["compile_report"] = backend.report.summary()
             rows.append(row)
             print(json.dumps(row), flush=True)
             save(result)

@@ -7,6 +7,7 @@ Registered as the `qcompile` entry point of `torch_dynamo_backends`, so
 from __future__ import annotations
 
 import copy
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -95,6 +96,7 @@ class QCompileBackend:
         from torch._inductor import list_mode_options
         from torch._inductor.compile_fx import compile_fx
 
+        t0 = time.perf_counter()
         report = CompileReport(graphs=1)
         new_gm = _fresh_graph_module(gm)
         constants = GraphConstants()
@@ -105,6 +107,7 @@ class QCompileBackend:
         self.report.records.extend(report.records)
         self.report.attention.extend(report.attention)
         self.report.graphs += 1
+        self.report.pass_seconds += time.perf_counter() - t0
         self.graph_modules.append(new_gm)
         patches = {**(list_mode_options(mode) if mode else {}), **(options or {})}
         compiled = compile_fx(

@@ -128,6 +128,10 @@ class QuantConfig:
         runs on the KV heads, the query heads of each KV head as query rows: the same
         attention without materializing the repeated K/V (an Inductor copy of the whole cache
         per layer) and with each KV head read once. Listed in the compile report.
+    plane_major_x: W4A16 layers whose K is a multiple of 128 and whose input comes from a
+        kernel Inductor generates (an RMSNorm, SiLU * mul) get that input in the plane-major
+        order their M <= 64 tensor-core kernels read (`qcompile.quant.int4.to_planes`),
+        written by the producer itself instead of one copy per call. Listed in the report.
     """
 
     scheme: Scheme = field(default_factory=Scheme)
@@ -135,6 +139,7 @@ class QuantConfig:
     on_unsupported: Literal["fallback", "raise"] = "fallback"
     fuse_siblings: bool = True
     pack_gqa_decode: bool = True
+    plane_major_x: bool = True
 
     def __post_init__(self) -> None:
         skip = (self.skip,) if isinstance(self.skip, str) else tuple(self.skip)

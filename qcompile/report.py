@@ -21,11 +21,13 @@ class LayerRecord:
     status: Status
     detail: str  # the scheme for quantized layers, the reason otherwise
     path: str = ""  # "triton" or "reference" for quantized layers
-    # W4A8: where the per-token activation quantization goes ("fused into ..." / "not fused: ...")
+    # Where the op's activation prologue (`prologue`: W4A8's per-token quantization, W4A16's
+    # plane-major x) goes: "fused into ..." (its producer) / "not fused: ..." ('' when none).
     fusion: str = ""
     # Sibling fusion (passes/fuse.py): the layers sharing this layer's launch, and its N.
     fused_with: tuple[str, ...] = ()
     fused_n: int = 0
+    prologue: str = "activation quantization"
 
     @property
     def fused_note(self) -> str:
@@ -68,6 +70,7 @@ class CompileReport:
     records: list[LayerRecord] = field(default_factory=list)
     graphs: int = 0
     attention: list[AttentionRecord] = field(default_factory=list)
+    pass_seconds: float = 0.0  # wall time in the qcompile passes (not Inductor), all graphs
 
     def add(self, record: LayerRecord | AttentionRecord) -> None:
         (self.attention if isinstance(record, AttentionRecord) else self.records).append(record)
@@ -78,10 +81,13 @@ class CompileReport:
     def summary(self) -> str:
         where = f" in {self.graphs} graph(s)" if self.graphs else ""
         text = f"qcompile: {len(self.records)} linear layers{where}: " + _counts(self.records)
-        with_act = [r for r in self.records if r.fusion]
-        if with_act:
+        prologues: dict[str, list[LayerRecord]] = {}
+        for r in self.records:
+            if r.fusion:
+                prologues.setdefault(r.prologue, []).append(r)
+        for prologue, with_act in prologues.items():
             fused = sum(r.fusion.startswith("fused") for r in with_act)
-            text += f"; activation quantization fused into its producer for {fused}/{len(with_act)}"
+            text += f"; {prologue} fused into its producer for {fused}/{len(with_act)}"
         siblings = [r for r in self.records if r.fused_with]
         if siblings:
             launches = round(sum(1 / (len(r.fused_with) + 1) for r in siblings))
@@ -125,7 +131,7 @@ class CompileReport:
 
 
 def _detail(r: LayerRecord) -> str:
-    text = f"{r.detail}; activation quantization {r.fusion}" if r.fusion else r.detail
+    text = f"{r.detail}; {r.prologue} {r.fusion}" if r.fusion else r.detail
     return f"{text}; {r.fused_note}" if r.fused_with else text
 
 

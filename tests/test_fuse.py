@@ -14,6 +14,7 @@ from torch._dynamo.utils import counters
 import qcompile
 from qcompile import QuantConfig, Scheme, W4A16Linear
 from qcompile.passes.linear import W4A16_TARGETS, packed_weight
+from qcompile.quant.int4 import PLANE_CHUNK, to_planes
 from qcompile.quant.rtn import quantize_weight_int4
 
 FUSED = QuantConfig()
@@ -161,6 +162,43 @@ class Siblings(nn.Module):
 
     def forward(self, x):
         return torch.cat([self.a(x), self.b(x if self.same_input else x + 1), self.c(x)], -1)
+
+
+@pytest.mark.parametrize("ahead_of_time", [True, False], ids=["quantize_", "backend"])
+def test_plane_major_x_is_written_by_the_producers(ahead_of_time):
+    """q/k/v and gate/up (after the RMSNorms) and down_proj (after SiLU * mul) read x in the
+    plane-major order, permuted once per input in the graph, where Inductor fuses it into the
+    producer; o_proj (after SDPA, an extern kernel) keeps the natural order. Same output as
+    without the option (the reference op undoes the order exactly; Inductor's producers may
+    round differently)."""
+    layers = 2
+    model = tiny_causal_lm("llama", layers)
+    if ahead_of_time:
+        qcompile.quantize_(model, FUSED)
+    ids = _ids()
+    out, be = _compiled(model, FUSED, ids)
+    torch._dynamo.reset()
+    plain_out, plain_be = _compiled(copy.deepcopy(model), QuantConfig(plane_major_x=False), ids)
+    gm = be.graph_modules[-1]
+    permutes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is to_planes]
+    planes_ops = [n for n in _ops(gm) if n.args[6:] == (PLANE_CHUNK,)]
+    assert len(permutes) == len(planes_ops) == 3 * layers  # q/k/v, gate/up, down
+    assert {n.args[0] for n in planes_ops} == set(permutes)
+    assert len(_ops(gm)) == FUSED_OPS_PER_LAYER * layers
+    assert not any(n.args[6:] for n in _ops(plain_be.graph_modules[-1]))
+    assert_close_rel(out.logits, plain_out.logits, torch.float32)
+    by_name = {r.name.removeprefix("model.layers.0."): r for r in be.report.records}
+    for proj in ("self_attn.q_proj", "mlp.up_proj"):
+        assert by_name[proj].fusion.startswith("fused into mul of model.layers.0."), proj
+    assert by_name["mlp.down_proj"].fusion == "fused into mul of model.layers.0.mlp (LlamaMLP)"
+    assert by_name["self_attn.o_proj"].fusion.startswith(
+        "not fused: producer scaled_dot_product_attention is an extern kernel"
+    )
+    assert {r.prologue for r in be.report.records if r.fusion} == {"plane-major x"}
+    assert f"; plane-major x fused into its producer for {6 * layers}/{7 * layers}" in (
+        be.report.summary()
+    )
+    assert not any(r.fusion for r in plain_be.report.records)
 
 
 @pytest.mark.parametrize(

@@ -13,6 +13,7 @@ from strategies import linear_problems
 from qcompile.lowering import w4a16 as lowering
 from qcompile.lowering.autotune import KernelConfig
 from qcompile.lowering.w4a16 import candidate_configs, default_config, launch, valid_config
+from qcompile.quant.int4 import PLANE_CHUNK, to_planes
 
 SETTINGS = settings(
     max_examples=40,
@@ -21,25 +22,29 @@ SETTINGS = settings(
 )
 
 
-def _run(problem, cfg: KernelConfig) -> torch.Tensor:
+def _run(problem, cfg: KernelConfig, x_planes: bool = False) -> torch.Tensor:
     p = problem.packed
     m, n = problem.x.shape[0], p.shape[0]
     out = torch.full((m, n), float("nan"), dtype=problem.dtype, device=KERNEL_DEVICE)  # poison
+    x = to_planes(problem.x) if x_planes else problem.x
     return launch(
-        cfg, problem.x, p.qweight, p.scales, p.offsets, problem.bias, p.group_size, out=out
-    )
+        cfg, x, p.qweight, p.scales, p.offsets, problem.bias, p.group_size, out=out,
+        x_planes=x_planes,
+    )  # fmt: skip
 
 
 @SETTINGS
 @given(problem=linear_problems(device=KERNEL_DEVICE), data=st.data())
 def test_every_candidate_config_matches_float64_reference(problem, data):
-    """Any config autotuning may pick (GEMV, GEMM, split-K, BLOCK_K above/below the group)."""
+    """Any config autotuning may pick (GEMV, GEMM, split-K, BLOCK_K above/below the group),
+    with x in natural or (K a multiple of PLANE_CHUNK) plane-major order."""
     m, k = problem.x.shape
     n = problem.packed.shape[0]
     configs = candidate_configs(m, n, k, problem.packed.group_size)
     assert configs, f"no valid config for M={m} N={n} K={k} G={problem.packed.group_size}"
     cfg = data.draw(st.sampled_from(configs), label="config")
-    assert_close_rel(_run(problem, cfg), problem.reference64(), problem.dtype)
+    x_planes = k % PLANE_CHUNK == 0 and data.draw(st.booleans(), label="x_planes")
+    assert_close_rel(_run(problem, cfg, x_planes), problem.reference64(), problem.dtype)
 
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -118,11 +123,13 @@ def test_dequantize_then_matmul_strategy(group):
     "cfg",
     [
         KernelConfig("gemv", 1, 64, 64, 2, 2, 1),
+        KernelConfig("gemv", 1, 32, 32, 2, 1, 1),  # BLOCK_K a quarter of a plane chunk
         KernelConfig("gemm", 16, 32, 64, 2, 4, 2),
         KernelConfig("gemm_swap", 16, 32, 64, 2, 4, 2),
         KernelConfig("gemm_swap", 16, 32, 128, 1, 4, 2),  # BLOCK_K > group: per-column scales
         KernelConfig("gemm_planes", 16, 32, 128, 2, 4, 2),  # BLOCK_K > group: per-row scales
         KernelConfig("gemm_planes", 16, 32, 128, 1, 4, 2),
+        KernelConfig("gemm_planes", 16, 32, 256, 1, 4, 2),  # BLOCK_K two plane chunks
         KernelConfig("gemm_planes_xreg", 16, 32, 128, 2, 4, 2),  # per-row scales, split
         KernelConfig("gemm_planes_xreg", 16, 32, 128, 1, 4, 2),
         KernelConfig("gemm_planes_direct", 16, 32, 128, 2, 4, 2),  # per-row scales, split
@@ -131,9 +138,10 @@ def test_dequantize_then_matmul_strategy(group):
     ],
     ids=lambda c: f"{c.kernel}-bk{c.block_k}-sk{c.split_k}",
 )
+@pytest.mark.parametrize("x_planes", [False, True])
 @pytest.mark.parametrize("group", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_each_kernel_kind_with_bias(cfg, dtype, group):
+def test_each_kernel_kind_with_bias(cfg, dtype, group, x_planes):
     from strategies import LinearProblem
 
     from qcompile.config import Scheme
@@ -147,7 +155,7 @@ def test_each_kernel_kind_with_bias(cfg, dtype, group):
     x = torch.randn(m, k, generator=gen).to(dtype).to(KERNEL_DEVICE)
     bias = torch.randn(n, generator=gen).to(dtype).to(KERNEL_DEVICE)
     problem = LinearProblem(x, w, p, bias, dtype)
-    assert_close_rel(_run(problem, cfg), problem.reference64(), dtype)
+    assert_close_rel(_run(problem, cfg, x_planes), problem.reference64(), dtype)
 
 
 SPLIT_CONFIGS = [

@@ -11,7 +11,7 @@ from strategies import linear_problems
 import qcompile  # noqa: F401
 from qcompile.config import Scheme
 from qcompile.ops.w4a16 import w4a16_linear_reference
-from qcompile.quant.int4 import dequantize_int4
+from qcompile.quant.int4 import PLANE_CHUNK, dequantize_int4, to_planes
 from qcompile.quant.rtn import quantize_weight_int4
 
 OP = torch.ops.qcompile.w4a16_linear
@@ -65,6 +65,29 @@ def test_fake_impl_gives_shape_and_dtype_without_computing():
 def test_opcheck():
     torch.library.opcheck(OP.default, _args(dtype=torch.float32))
     torch.library.opcheck(OP.default, _args(dtype=torch.float32, bias=False, lead=(2,)))
+    x, *rest = _args(dtype=torch.float32, k=256)
+    torch.library.opcheck(OP.default, (to_planes(x), *rest, PLANE_CHUNK))
+
+
+def test_plane_major_x_gives_the_same_output_and_its_gradient_in_its_order():
+    x, qw, s, o, b, g = _args(k=256, lead=(2,))
+    xp = to_planes(x).requires_grad_()
+    x.requires_grad_()
+    out_p = OP(xp, qw, s, o, b, g, PLANE_CHUNK)
+    out = OP(x, qw, s, o, b, g)
+    assert torch.equal(out_p, out)
+    grad = torch.randn_like(out)
+    out_p.backward(grad)
+    out.backward(grad)
+    assert torch.equal(xp.grad, to_planes(x.grad))
+    assert not torch.equal(xp.grad, x.grad)
+
+
+@pytest.mark.parametrize(("k", "x_planes"), [(256, 64), (192, 128)])
+def test_plane_major_x_needs_k_a_multiple_of_the_chunk(k, x_planes):
+    x, *rest = _args(k=k)
+    with pytest.raises(ValueError, match=rf"x_planes={x_planes} must be 0 .* or 128 with K={k}"):
+        OP(x, *rest, x_planes)
 
 
 @pytest.mark.parametrize(

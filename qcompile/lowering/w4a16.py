@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from qcompile.lowering.autotune import KernelConfig, TuneKey, autotuner, m_bucket, time_us
+from qcompile.quant.int4 import PLANE_CHUNK, to_planes
 
 FAMILY = "w4a16"
 
@@ -54,6 +55,18 @@ def _codes_in_place(words, mask):
     takes one immediate, spent on 2**23), one extra MOV per weight.
     """
     return ((words & mask) | _MAGIC_BITS).to(tl.float32, bitcast=True) - _MAGIC
+
+
+_CHUNK = tl.constexpr(PLANE_CHUNK)
+
+
+@triton.jit
+def _x_pos(k, X_PLANES: tl.constexpr):
+    """Where activation k sits in x's row: k itself, or with X_PLANES (x from `to_planes`)
+    chunk start + (k % 8) * CHUNK / 8 + (k % CHUNK) / 8."""
+    if X_PLANES:
+        return (k // _CHUNK) * _CHUNK + (k % 8) * (_CHUNK // 8) + (k % _CHUNK) // 8
+    return k
 
 
 @triton.jit
@@ -115,6 +128,7 @@ def _w4a16_gemv_kernel(
     stride_xm, stride_xk, stride_om, stride_split, nibble_mask,
     GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, SELF_REDUCE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr,
+    X_PLANES: tl.constexpr = False,
 ):  # fmt: skip
     # Tile: words [BLOCK_K/8, BLOCK_N] (N-contiguous 16-byte loads). Nibble i of word row r is
     # k = k0 + 8r + i, so x is read at stride 8 per nibble (tiny, from L1) and each code meets
@@ -122,6 +136,7 @@ def _w4a16_gemv_kernel(
     #   sum_k (q*s + o) * x = s * sum_k q*x + o * sum_k x,
     # so scale and offset are applied once per (column, group), not per weight.
     ROWS: tl.constexpr = BLOCK_K // 8
+    X_STEP: tl.constexpr = _CHUNK // 8 if X_PLANES else 1
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     m = tl.program_id(2)
@@ -146,12 +161,13 @@ def _w4a16_gemv_kernel(
             words = tl.load(w_ptrs, mask=n_mask[None, :], other=0)
             w_ptrs += (BLOCK_K // 8) * stride_w
         high = words >> 16  # nibbles 4..7 moved to bits 0..15: one shift per 4 codes
-        x_tile = x_row + (k0 + 8 * rr) * stride_xk  # one address per word row; + i below
+        # one address per word row; code i's activation is i * X_STEP further
+        x_tile = x_row + _x_pos(k0 + 8 * rr, X_PLANES) * stride_xk
         x0 = tl.load(x_tile).to(tl.float32)
         qx = _codes_in_place(words, nibble_mask) * x0[:, None]
         x_rows = x0
         for i in tl.static_range(1, 8):
-            xi = tl.load(x_tile + i * stride_xk).to(tl.float32)
+            xi = tl.load(x_tile + i * X_STEP * stride_xk).to(tl.float32)
             x_rows += xi
             xi_scaled = xi * (1.0 / (1 << (4 * (i % 4))))  # exact: a power of two
             mask = nibble_mask << (4 * (i % 4))
@@ -188,7 +204,7 @@ def _w4a16_gemm_kernel(
     stride_xm, stride_xk, stride_om, stride_split,
     GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, SELF_REDUCE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    SWAP_AB: tl.constexpr,
+    SWAP_AB: tl.constexpr, X_PLANES: tl.constexpr = False,
 ):  # fmt: skip
     # The weight tile W [BLOCK_N, BLOCK_K] is built in natural k order: element (n, k) reads
     # word k // 8 (8 columns share a word: one DRAM read, L1 serves the rest) and shifts by
@@ -242,13 +258,13 @@ def _w4a16_gemm_kernel(
             w = (q * s.to(tl.float32) + o.to(tl.float32)).to(dtype)
         if SWAP_AB:
             xt = tl.load(
-                x_ptr + rm[None, :] * stride_xm + (k0 + rk)[:, None] * stride_xk,
+                x_ptr + rm[None, :] * stride_xm + _x_pos(k0 + rk, X_PLANES)[:, None] * stride_xk,
                 mask=m_mask[None, :], other=0.0,
             )  # fmt: skip
             acc = tl.dot(w, xt, acc)
         else:
             x = tl.load(
-                x_ptr + rm[:, None] * stride_xm + (k0 + rk)[None, :] * stride_xk,
+                x_ptr + rm[:, None] * stride_xm + _x_pos(k0 + rk, X_PLANES)[None, :] * stride_xk,
                 mask=m_mask[:, None], other=0.0,
             )  # fmt: skip
             acc = tl.dot(x, tl.trans(w), acc)
@@ -278,8 +294,9 @@ def _w4a16_gemm_planes_kernel(
     # Small-M tensor-core path. out^T [BLOCK_N, BLOCK_M] = sum over the 8 nibble planes i of
     # W_i [BLOCK_N, BLOCK_K/8] @ x_i^T [BLOCK_K/8, BLOCK_M], where plane i holds k = 8r + i:
     # each plane unpacks in place like the GEMV (one LOP3 + FADD per code, 16**-j folded into
-    # the scale) and feeds wgmma from registers. x comes permuted plane-major per BLOCK_K
-    # chunk (`_planes_x`, one small copy per call) or, with X_IN_REGS ("gemm_planes_xreg"),
+    # the scale) and feeds wgmma from registers. x comes plane-major per PLANE_CHUNK
+    # (`to_planes`: written so by its producer when the graph pass could fuse it there, else
+    # one small copy per call in the launcher) or, with X_IN_REGS ("gemm_planes_xreg"),
     # in its own layout, split into planes in registers: no copy launch, but x passes
     # through registers instead of straight into shared memory. On the H100 neither wins every
     # shape (M=16 bf16: xreg 17.9 vs 19.7 us on 4096x4096, 68.2 vs 63.1 us on 28672x4096), so
@@ -346,9 +363,11 @@ def _w4a16_gemm_planes_kernel(
             x_0m4, x_2m4 = tl.split(x_even)
             x_1m4, x_3m4 = tl.split(x_odd)
         else:
-            # x arrives plane-major per BLOCK_K chunk (the launcher permutes it): plane i's
-            # ROWS activations are contiguous, loaded straight into shared memory.
-            x_base = x_ptr + rm[None, :] * stride_xm + (k0 + rr)[:, None] * stride_xk
+            # x arrives plane-major per PLANE_CHUNK (from its producer, or permuted by the
+            # launcher): each plane's activations are runs of CHUNK / 8, loaded straight into
+            # shared memory (at BLOCK_K = CHUNK as k0 + rr, which Triton sees is contiguous).
+            x_offs = k0 + rr if BLOCK_K == _CHUNK else _x_pos(k0 + 8 * rr, True)
+            x_base = x_ptr + rm[None, :] * stride_xm + x_offs[:, None] * stride_xk
         for i in tl.static_range(8):
             mask = nibble_mask << (4 * (i % 4))
             s_i = s * (1.0 / (1 << (4 * (i % 4))))  # exact: a power of two
@@ -357,7 +376,9 @@ def _w4a16_gemm_planes_kernel(
             else:
                 w = _codes_in_place(high, mask) * s_i + o
             if not X_IN_REGS:
-                xt = tl.load(x_base + i * ROWS * stride_xk, mask=m_mask[None, :], other=0.0)
+                xt = tl.load(
+                    x_base + i * (_CHUNK // 8) * stride_xk, mask=m_mask[None, :], other=0.0
+                )
             elif i % 4 == 0:
                 plane_lo, plane_hi = tl.split(x_0m4)
             elif i % 4 == 1:
@@ -406,10 +427,11 @@ def _splitk_reduce_kernel(
 @triton.jit
 def _dequantize_kernel(
     qw_ptr, s_ptr, o_ptr, w_ptr, N, stride_w,
-    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr,
+    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr, X_PLANES: tl.constexpr = False,
 ):  # fmt: skip
     # words [ROWS, BLOCK_N] -> weight^T [8 * ROWS, BLOCK_N] (k-major, N-contiguous), which is
-    # what `x @ w` with w = [K, N] reads. Memory-bound: reads K*N/2 bytes, writes 2*K*N.
+    # what `x @ w` with w = [K, N] reads; with X_PLANES its rows follow x's plane-major order.
+    # Memory-bound: reads K*N/2 bytes, writes 2*K*N.
     rr = tl.program_id(1) * ROWS + tl.arange(0, ROWS)
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = rn < N
@@ -424,7 +446,7 @@ def _dequantize_kernel(
     for i in tl.static_range(8):
         w = _codes(words, 4 * i) * s + o
         tl.store(
-            w_ptr + (8 * rr + i)[:, None] * N + rn[None, :],
+            w_ptr + _x_pos(8 * rr + i, X_PLANES)[:, None] * N + rn[None, :],
             w.to(w_ptr.dtype.element_ty),
             mask=n_mask[None, :],
         )
@@ -550,10 +572,9 @@ def default_config(m: int, n: int, k: int, group: int) -> KernelConfig:
 
 # --------------------------------------------------------------------------- launcher
 def _planes_x(x: torch.Tensor, block_k: int) -> torch.Tensor:
-    """x [M, K] -> contiguous [M, K] with each BLOCK_K chunk reordered plane-major:
-    column c * BLOCK_K + i * ROWS + r holds k = c * BLOCK_K + 8r + i."""
-    m, k = x.shape
-    return x.reshape(m, k // block_k, block_k // 8, 8).transpose(2, 3).reshape(m, k)
+    """x [M, K] -> contiguous [M, K] with each BLOCK_K chunk reordered plane-major (W4A8's
+    planes kernel; W4A16 uses `to_planes`' fixed PLANE_CHUNK)."""
+    return to_planes(x, block_k)
 
 
 # One tile counter per split-K output tile, per device: zero between launches (the last
@@ -592,8 +613,10 @@ def launch(
     group_size: int,
     out: torch.Tensor | None = None,
     self_reduce: bool = True,
+    x_planes: bool = False,
 ) -> torch.Tensor:
-    """Run one config: x [M, K] (any strides) -> out [M, N] in x's dtype.
+    """Run one config: x [M, K] (any strides; plane-major per PLANE_CHUNK when `x_planes`)
+    -> out [M, N] in x's dtype.
 
     qweight, scales and offsets: N-contiguous rows sharing one row stride >= N (contiguous, or
     column slices of wider co-located tensors; the op checks). Split-K reduces in the same
@@ -610,7 +633,8 @@ def launch(
         grid = (triton.cdiv(n, cfg.block_n), (k // 8) // cfg.block_k)
         _dequantize_kernel[grid](
             qweight, scales, offsets, w, n, stride_w,
-            GROUP=group_size, BLOCK_N=cfg.block_n, ROWS=cfg.block_k, num_warps=cfg.num_warps,
+            GROUP=group_size, BLOCK_N=cfg.block_n, ROWS=cfg.block_k, X_PLANES=x_planes,
+            num_warps=cfg.num_warps,
         )  # fmt: skip
         return torch.addmm(bias, x, w, out=out) if bias is not None else torch.mm(x, w, out=out)
     split = cfg.split_k
@@ -630,12 +654,13 @@ def launch(
     )  # fmt: skip
     if cfg.kernel == "gemv":
         grid = (triton.cdiv(n, cfg.block_n), split, m)
-        _w4a16_gemv_kernel[grid](*args, 0xF, PREFETCH=cfg.prefetch, **common)
+        _w4a16_gemv_kernel[grid](*args, 0xF, PREFETCH=cfg.prefetch, X_PLANES=x_planes, **common)
     elif cfg.kernel in _PLANES_KINDS:
         grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n), split)
-        x_in_regs = cfg.kernel == "gemm_planes_xreg"
-        if not x_in_regs:
-            args = (_planes_x(x, cfg.block_k), *args[1:13], k, 1, *args[15:])
+        # x already plane-major: "xreg" configs read it as it is, like "gemm_planes"
+        x_in_regs = cfg.kernel == "gemm_planes_xreg" and not x_planes
+        if not x_in_regs and not x_planes:
+            args = (to_planes(x), *args[1:13], k, 1, *args[15:])
         _w4a16_gemm_planes_kernel[grid](
             *args, 0xF, BLOCK_M=cfg.block_m, PREFETCH=cfg.prefetch,
             SWAP_AB=cfg.kernel != "gemm_planes_direct", X_IN_REGS=x_in_regs, **common,
@@ -643,7 +668,9 @@ def launch(
     else:
         grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split)
         swap = cfg.kernel == "gemm_swap"
-        _w4a16_gemm_kernel[grid](*args, BLOCK_M=cfg.block_m, GROUP_M=8, SWAP_AB=swap, **common)
+        _w4a16_gemm_kernel[grid](
+            *args, BLOCK_M=cfg.block_m, GROUP_M=8, SWAP_AB=swap, X_PLANES=x_planes, **common
+        )
     if split > 1 and counters is None:
         block = 1024
         _splitk_reduce_kernel[(triton.cdiv(m * n, block),)](
@@ -659,8 +686,10 @@ def w4a16_linear_cuda(
     offsets: torch.Tensor,
     bias: torch.Tensor | None,
     group_size: int,
+    x_planes: bool = False,
 ) -> torch.Tensor:
-    """x [M, K] -> [M, N] with the tuned config of this (M bucket, N, K, group, dtype)."""
+    """x [M, K] -> [M, N] with the tuned config of this (M bucket, N, K, group, dtype). The
+    configs are shared by both x orders: the kernels read the same weights either way."""
     m, k = x.shape
     n = qweight.shape[1]
     if qweight.shape[0] * 8 != k:  # the op checks everything; direct callers get this much
@@ -674,8 +703,10 @@ def w4a16_linear_cuda(
         cfg = tuner.get(
             key,
             candidate_configs(m, n, k, group_size),
-            lambda c: time_us(lambda: launch(c, x, qweight, scales, offsets, bias, group_size)),
+            lambda c: time_us(
+                lambda: launch(c, x, qweight, scales, offsets, bias, group_size, x_planes=x_planes)
+            ),
             default_config(m, n, k, group_size),
             valid=lambda c: valid_config(c, k, group_size),
         )
-    return launch(cfg, x, qweight, scales, offsets, bias, group_size)
+    return launch(cfg, x, qweight, scales, offsets, bias, group_size, x_planes=x_planes)

@@ -10,7 +10,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from qcompile.quant.int4 import NIBBLES_PER_WORD, PackedInt4, dequantize_int4
+from qcompile.quant.int4 import (
+    NIBBLES_PER_WORD,
+    PLANE_CHUNK,
+    PackedInt4,
+    dequantize_int4,
+    from_planes,
+    to_planes,
+)
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 # The kernels tile K in steps of at least 32 (tl.dot needs K-tiles >= 16; groups are >= 32).
@@ -24,9 +31,15 @@ def check_w4a16_args(
     offsets: torch.Tensor,
     bias: torch.Tensor | None,
     group_size: int,
+    x_planes: int = 0,
 ) -> None:
     """Shape/dtype contract of the op; raises ValueError saying what is wrong and how to fix it."""
     k = x.shape[-1]
+    if x_planes not in (0, PLANE_CHUNK) or (x_planes and k % x_planes):
+        raise ValueError(
+            f"qcompile.w4a16_linear: x_planes={x_planes} must be 0 (x in natural k order) or "
+            f"{PLANE_CHUNK} with K={k} a multiple of it (x from `to_planes`)"
+        )
     words, n = qweight.shape
     if qweight.dtype != torch.int32 or words * NIBBLES_PER_WORD != k:
         raise ValueError(
@@ -84,9 +97,14 @@ def w4a16_linear(
     offsets: torch.Tensor,
     bias: torch.Tensor | None,
     group_size: int,
+    x_planes: int = 0,
 ) -> torch.Tensor:
-    """x [..., K] @ dequant(qweight, scales, offsets)^T [K, N] (+ bias) -> [..., N] in x.dtype."""
-    return w4a16_linear_reference(x, qweight, scales, offsets, bias, group_size)
+    """x [..., K] @ dequant(qweight, scales, offsets)^T [K, N] (+ bias) -> [..., N] in x.dtype.
+
+    x_planes: 0, or `PLANE_CHUNK` when x's K axis comes plane-major (`to_planes`): what the
+    M <= 64 tensor-core kernels read, written for free by the producer when the pass emits
+    the permutation in the graph (the kernels otherwise copy x themselves)."""
+    return w4a16_linear_reference(x, qweight, scales, offsets, bias, group_size, x_planes)
 
 
 def w4a16_linear_reference(
@@ -96,40 +114,44 @@ def w4a16_linear_reference(
     offsets: torch.Tensor,
     bias: torch.Tensor | None,
     group_size: int,
+    x_planes: int = 0,
 ) -> torch.Tensor:
     """Dequantize in float32, cast to x's dtype, then `F.linear`: clear, not fast."""
-    check_w4a16_args(x, qweight, scales, offsets, bias, group_size)
+    check_w4a16_args(x, qweight, scales, offsets, bias, group_size, x_planes)
+    if x_planes:
+        x = from_planes(x, x_planes)
     w = dequantize_int4(PackedInt4(qweight, scales, offsets, group_size), x.dtype)
     return F.linear(x, w, bias)
 
 
 @w4a16_linear.register_fake
-def _(x, qweight, scales, offsets, bias, group_size):
-    check_w4a16_args(x, qweight, scales, offsets, bias, group_size)
+def _(x, qweight, scales, offsets, bias, group_size, x_planes=0):
+    check_w4a16_args(x, qweight, scales, offsets, bias, group_size, x_planes)
     return x.new_empty((*x.shape[:-1], qweight.shape[1]))
 
 
 @w4a16_linear.register_kernel("cuda")
-def _(x, qweight, scales, offsets, bias, group_size):
+def _(x, qweight, scales, offsets, bias, group_size, x_planes=0):
     from qcompile.lowering.w4a16 import w4a16_linear_cuda
 
-    check_w4a16_args(x, qweight, scales, offsets, bias, group_size)
+    check_w4a16_args(x, qweight, scales, offsets, bias, group_size, x_planes)
     k = x.shape[-1]
     n = qweight.shape[1]
     if x.dtype not in KERNEL_DTYPES or k % KERNEL_K_MULTIPLE:
         # The pass never emits this; a hand-built call gets the reference math, not an error.
-        return w4a16_linear_reference(x, qweight, scales, offsets, bias, group_size)
+        return w4a16_linear_reference(x, qweight, scales, offsets, bias, group_size, x_planes)
     x2 = x.reshape(-1, k)
     if x2.shape[0] == 0:
         return x.new_empty((*x.shape[:-1], n))
-    out = w4a16_linear_cuda(x2, qweight, scales, offsets, bias, group_size)
+    out = w4a16_linear_cuda(x2, qweight, scales, offsets, bias, group_size, bool(x_planes))
     return out.reshape(*x.shape[:-1], n)
 
 
 def _setup_context(ctx, inputs, output):
-    _, qweight, scales, offsets, bias, group_size = inputs
+    _, qweight, scales, offsets, bias, group_size, *rest = inputs
     ctx.save_for_backward(qweight, scales, offsets)
     ctx.group_size = group_size
+    ctx.x_planes = rest[0] if rest else 0
     ctx.has_bias = bias is not None
 
 
@@ -138,8 +160,10 @@ def _backward(ctx, grad_out):
     qweight, scales, offsets = ctx.saved_tensors
     w = dequantize_int4(PackedInt4(qweight, scales, offsets, ctx.group_size), grad_out.dtype)
     grad_x = grad_out @ w
+    if ctx.x_planes:  # the gradient of x in x's own (plane-major) order
+        grad_x = to_planes(grad_x, ctx.x_planes)
     grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0) if ctx.has_bias else None
-    return grad_x, None, None, None, grad_bias, None
+    return grad_x, None, None, None, grad_bias, None, None
 
 
 w4a16_linear.register_autograd(_backward, setup_context=_setup_context)

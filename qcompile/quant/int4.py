@@ -85,3 +85,24 @@ def dequantize_int4(packed: PackedInt4, dtype: torch.dtype | None = None) -> tor
     scales = packed.scales.float().t().repeat_interleave(g, dim=1)
     offsets = packed.offsets.float().t().repeat_interleave(g, dim=1)
     return (codes * scales + offsets).to(dtype or packed.scales.dtype)
+
+
+# Activations in plane-major order: within each chunk of PLANE_CHUNK k's, position
+# i * (PLANE_CHUNK // 8) + r holds k = 8 r + i, so the codes of nibble i of a chunk's word rows
+# (one "plane") meet contiguous activations. The M <= 64 tensor-core kernels feed planes to
+# `tl.dot`; the graph pass lets Inductor write x in this order inside its producer.
+PLANE_CHUNK = 128
+
+
+def to_planes(x: torch.Tensor, chunk: int = PLANE_CHUNK) -> torch.Tensor:
+    """x [..., K] in natural k order -> contiguous [..., K] plane-major per `chunk`."""
+    k = x.shape[-1]
+    words = chunk // NIBBLES_PER_WORD
+    return x.unflatten(-1, (k // chunk, words, NIBBLES_PER_WORD)).transpose(-1, -2).flatten(-3)
+
+
+def from_planes(x: torch.Tensor, chunk: int = PLANE_CHUNK) -> torch.Tensor:
+    """The inverse of `to_planes`."""
+    k = x.shape[-1]
+    words = chunk // NIBBLES_PER_WORD
+    return x.unflatten(-1, (k // chunk, NIBBLES_PER_WORD, words)).transpose(-1, -2).flatten(-3)
