@@ -25,10 +25,13 @@ are written after every row, so a run cut off by a time limit keeps what it meas
 from __future__ import annotations
 
 import argparse
+import cProfile
 import gc
+import io
 import json
 import os
 import platform
+import pstats
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -159,7 +162,13 @@ def bench_batch(model, step: Callable, batch: int, args: argparse.Namespace, dev
         for i in range(WARMUP_STEPS):
             t_step = time.perf_counter()
             torch.compiler.cudagraph_mark_step_begin()
+            profiler = cProfile.Profile() if args.profile_compile and i == 0 else None
+            if profiler is not None:
+                profiler.enable()
             next_token, logits = step(model, token, cache, torch.tensor([pos + i], device=device))
+            if profiler is not None:
+                profiler.disable()
+                save_compile_profile(profiler, args.out / f"compile_profile_b{batch}.txt")
             if i == 0:  # same cache state and token as the eager step: the compiled graph's error
                 first_step_err = rel_err(logits.float(), eager_logits.float())
             token = next_token.clone()
@@ -196,6 +205,16 @@ def bench_batch(model, step: Callable, batch: int, args: argparse.Namespace, dev
         "tokens_head": torch.cat(tokens[:8], dim=1)[0].tolist(),
         **({"profile_us_per_step": profile} if profile else {}),
     }
+
+
+def save_compile_profile(profiler: cProfile.Profile, path: Path) -> None:
+    """The compile step's Python profile: the top functions by cumulative and by own time."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = io.StringIO()
+    stats = pstats.Stats(profiler, stream=text)
+    stats.sort_stats("cumulative").print_stats(80)
+    stats.sort_stats("tottime").print_stats(40)
+    path.write_text(text.getvalue())
 
 
 def _compile_times() -> dict[str, float]:
@@ -439,6 +458,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument(
         "--profile", action="store_true", help="also split each step's GPU time by kernel (CUDA)"
     )
+    ap.add_argument(
+        "--profile-compile", action="store_true",
+        help="cProfile the compile step (first warm-up step) into --out/compile_profile_b*.txt",
+    )  # fmt: skip
     ap.add_argument("--tiny", action="store_true", help="tiny model, fp32 on CPU: a smoke run")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     return ap.parse_args(argv)
