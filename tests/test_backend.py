@@ -71,6 +71,27 @@ def test_graph_contains_op_and_matches_reference(bias, lead):
     assert by_name["lm_head"].status == "skipped"
 
 
+@pytest.mark.parametrize("options", [None, {"triton.coalesce_tiling_analysis": True}])
+def test_inductor_options_default_to_the_backends_unless_given(options, monkeypatch):
+    """The backend turns off Inductor's sympy-bound tiling analysis (compile time); a
+    caller's `options` win."""
+    import torch._inductor.compile_fx as cfx
+
+    seen = {}
+    real = cfx.compile_fx
+
+    def spy(gm, inputs, config_patches=None, **kw):
+        seen.update(config_patches or {})
+        return real(gm, inputs, config_patches=config_patches, **kw)
+
+    monkeypatch.setattr(cfx, "compile_fx", spy)
+    model = MLP().eval()
+    be = qcompile.backend(G32)
+    with torch.no_grad():
+        torch.compile(model, backend=be, options=options)(torch.randn(2, 64))
+    assert seen["triton.coalesce_tiling_analysis"] is (options is not None)
+
+
 def test_shared_weight_is_quantized_once():
     class Tied(nn.Module):
         def __init__(self):
