@@ -51,6 +51,7 @@ def compile_variant(
         "BLOCK_N": bn,
         "BLOCK_K": bk,
         "stride_xk": 1,
+        "X_PLANES": False,  # x in natural order (a defaulted constexpr must still be given)
     }
     fn = kernels._w4a16_gemv_kernel
     sig["nibble_mask"] = "i32"

@@ -298,14 +298,14 @@ def _w4a16_gemm_planes_kernel(
     stride_xm, stride_xk, stride_om, stride_split, nibble_mask,
     GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, SELF_REDUCE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr,
-    SWAP_AB: tl.constexpr, X_IN_REGS: tl.constexpr,
+    SWAP_AB: tl.constexpr, X_IN_REGS: tl.constexpr, X_PLANES: tl.constexpr = False,
 ):  # fmt: skip
     # Small-M tensor-core path. out^T [BLOCK_N, BLOCK_M] = sum over the 8 nibble planes i of
     # W_i [BLOCK_N, BLOCK_K/8] @ x_i^T [BLOCK_K/8, BLOCK_M], where plane i holds k = 8r + i:
     # each plane unpacks in place like the GEMV (one LOP3 + FADD per code, 16**-j folded into
-    # the scale) and feeds wgmma from registers. x comes plane-major per PLANE_CHUNK
-    # (`to_planes`: written so by its producer when the graph pass could fuse it there, else
-    # one small copy per call in the launcher) or, with X_IN_REGS ("gemm_planes_xreg"),
+    # the scale) and feeds wgmma from registers. x comes plane-major (`to_planes`: per
+    # PLANE_CHUNK, written so by its producer when the graph pass could fuse it there, else
+    # per BLOCK_K by one small copy per call in the launcher) or, with X_IN_REGS ("gemm_planes_xreg"),
     # in its own layout, split into planes in registers: no copy launch, but x passes
     # through registers instead of straight into shared memory. On the H100 neither wins every
     # shape (M=16 bf16: xreg 17.9 vs 19.7 us on 4096x4096, 68.2 vs 63.1 us on 28672x4096), so
@@ -372,10 +372,13 @@ def _w4a16_gemm_planes_kernel(
             x_0m4, x_2m4 = tl.split(x_even)
             x_1m4, x_3m4 = tl.split(x_odd)
         else:
-            # x arrives plane-major per PLANE_CHUNK (from its producer, or permuted by the
-            # launcher): each plane's activations are runs of CHUNK / 8, loaded straight into
-            # shared memory (at BLOCK_K = CHUNK as k0 + rr, which Triton sees is contiguous).
-            x_offs = k0 + rr if BLOCK_K == _CHUNK else _x_pos(k0 + 8 * rr, True)
+            # x arrives plane-major: per BLOCK_K chunk from the launcher's copy, per
+            # PLANE_CHUNK from its producer (X_PLANES; the same at BLOCK_K = 128). Each
+            # plane's activations are then runs of contiguous k's, loaded straight into shared
+            # memory; at BLOCK_K = 256 pre-permuted x is gathered by index (two runs per plane).
+            X_GATHER: tl.constexpr = X_PLANES and BLOCK_K != _CHUNK
+            X_PLANE_STEP: tl.constexpr = _CHUNK // 8 if X_GATHER else ROWS
+            x_offs = _x_pos(k0 + 8 * rr, True) if X_GATHER else k0 + rr
             x_base = x_ptr + rm[None, :] * stride_xm + x_offs[:, None] * stride_xk
         for i in tl.static_range(8):
             mask = nibble_mask << (4 * (i % 4))
@@ -385,9 +388,7 @@ def _w4a16_gemm_planes_kernel(
             else:
                 w = _codes_in_place(high, mask) * s_i + o
             if not X_IN_REGS:
-                xt = tl.load(
-                    x_base + i * (_CHUNK // 8) * stride_xk, mask=m_mask[None, :], other=0.0
-                )
+                xt = tl.load(x_base + i * X_PLANE_STEP * stride_xk, mask=m_mask[None, :], other=0.0)
             elif i % 4 == 0:
                 plane_lo, plane_hi = tl.split(x_0m4)
             elif i % 4 == 1:
@@ -669,10 +670,11 @@ def launch(
         # x already plane-major: "xreg" configs read it as it is, like "gemm_planes"
         x_in_regs = cfg.kernel == "gemm_planes_xreg" and not x_planes
         if not x_in_regs and not x_planes:
-            args = (to_planes(x), *args[1:13], k, 1, *args[15:])
+            args = (to_planes(x, cfg.block_k), *args[1:13], k, 1, *args[15:])
         _w4a16_gemm_planes_kernel[grid](
             *args, 0xF, BLOCK_M=cfg.block_m, PREFETCH=cfg.prefetch,
-            SWAP_AB=cfg.kernel != "gemm_planes_direct", X_IN_REGS=x_in_regs, **common,
+            SWAP_AB=cfg.kernel != "gemm_planes_direct", X_IN_REGS=x_in_regs, X_PLANES=x_planes,
+            **common,
         )  # fmt: skip
     else:
         grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split)
