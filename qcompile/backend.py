@@ -12,7 +12,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-import torch._inductor.config
 from torch.fx import GraphModule
 
 from qcompile.config import QuantConfig
@@ -59,11 +58,12 @@ def _static_fakes(example_inputs: Sequence[Any], tensors: list[torch.Tensor]) ->
 # Llama-3-8B decode step at batch 16 it took ~14 of 69 s of compile time on the H100, and
 # turning it off left the step time within noise (4.88 vs 4.90 ms). Inductor skips it for
 # dynamic shapes anyway.
-_INDUCTOR_DEFAULTS: dict[str, Any] = (
-    {"triton.coalesce_tiling_analysis": False}
-    if hasattr(torch._inductor.config.triton, "coalesce_tiling_analysis")
-    else {}
-)
+def _inductor_defaults() -> dict[str, Any]:
+    import torch._inductor.config as inductor_config
+
+    if hasattr(inductor_config.triton, "coalesce_tiling_analysis"):
+        return {"triton.coalesce_tiling_analysis": False}
+    return {}
 
 
 def _with_constants(compiled: Callable, constants: list[torch.Tensor]) -> Callable:
@@ -123,7 +123,7 @@ class QCompileBackend:
         self.report.pass_seconds += time.perf_counter() - t0
         self.graph_modules.append(new_gm)
         patches = {
-            **_INDUCTOR_DEFAULTS,
+            **_inductor_defaults(),
             **(list_mode_options(mode) if mode else {}),
             **(options or {}),
         }

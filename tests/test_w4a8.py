@@ -19,7 +19,6 @@ from qcompile import QuantConfig, Scheme
 from qcompile.backend import _fresh_graph_module
 from qcompile.lowering.autotune import KernelConfig, TuneKey
 from qcompile.lowering.w4a8 import (
-    _planes_x,
     candidate_configs,
     default_config,
     launch,
@@ -36,6 +35,7 @@ from qcompile.passes.linear import (
     rewrite_linears,
     unsupported_reason,
 )
+from qcompile.quant.int4 import to_planes
 from qcompile.quant.w4a8 import (
     ABSMAX_FLOOR,
     PackedW4A8,
@@ -254,7 +254,7 @@ def test_quantize_kernel_is_bit_exact(m, k, dtype, act_dtype, planes, strided, s
     xq, scale = quantize_per_token(*_on_device(x), act_dtype, planes_bk)
     ref_q, ref_s = quantize_activations_per_token(x, act_dtype)
     if planes_bk:
-        ref_q = _planes_x(ref_q.view(torch.uint8), planes_bk).view(ref_q.dtype)
+        ref_q = to_planes(ref_q.view(torch.uint8), planes_bk).view(ref_q.dtype)
     assert torch.equal(xq.cpu().view(torch.uint8), ref_q.view(torch.uint8))
     assert torch.equal(scale.cpu(), ref_s)
 

@@ -137,15 +137,16 @@ class Autotuner:
     def get(
         self,
         key: TuneKey,
-        candidates: Sequence[KernelConfig],
+        candidates: Sequence[KernelConfig] | Callable[[], Sequence[KernelConfig]],
         bench: Callable[[KernelConfig], float],
-        default: KernelConfig,
+        default: KernelConfig | Callable[[], KernelConfig],
         valid: Callable[[KernelConfig], bool] = lambda cfg: True,
     ) -> KernelConfig:
         """The config for `key`, tuning it now if no cache has it and tuning is allowed.
 
-        A cached config that `valid` rejects (a hand-edited or stale file) is dropped with a
-        warning and tuned again, never launched."""
+        `candidates` and `default` may be zero-argument callables, built only on a miss (a
+        launcher's hot path is the cache hit). A cached config that `valid` rejects (a
+        hand-edited or stale file) is dropped with a warning and tuned again, never launched."""
         found = self.lookup(key)
         if found is not None and valid(found):
             return found
@@ -153,12 +154,14 @@ class Autotuner:
             log.warning("qcompile: cached config %s is invalid for %s; re-tuning", found, key)
             for table in (self.user, self.shipped, self.untuned):
                 table.pop(key, None)
+        if callable(default):
+            default = default()
         if os.environ.get("QCOMPILE_AUTOTUNE", "1") == "0":
             self.untuned[key] = default  # remembered: the next call skips this path
             return default
         if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
             return default  # not remembered: tune on the next call outside capture
-        best, best_us = self.tune(key, candidates, bench)
+        best, best_us = self.tune(key, candidates() if callable(candidates) else candidates, bench)
         self.user[key] = best
         self.timings[key] = best_us
         self.save()

@@ -190,14 +190,11 @@ def decode_attention_cuda(
     hkv, s = key.shape[1], key.shape[2]
     gqa = hq // hkv
     tkey = tune_key(query, key)
-    tuner = autotuner(query.device.index or 0)
-    cfg = tuner.lookup(tkey)
-    if cfg is None or not valid_config(cfg, sq * gqa):
-        cfg = tuner.get(
-            tkey,
-            candidate_configs(b, hkv, sq, gqa, s),
-            lambda c: time_us(lambda: launch(c, query, key, value, mask, scale)),
-            default_config(b, hkv, sq, gqa, s),
-            valid=lambda c: valid_config(c, sq * gqa),
-        )
+    cfg = autotuner(query.device.index or 0).get(
+        tkey,
+        lambda: candidate_configs(b, hkv, sq, gqa, s),
+        lambda c: time_us(lambda: launch(c, query, key, value, mask, scale)),
+        lambda: default_config(b, hkv, sq, gqa, s),
+        valid=lambda c: valid_config(c, sq * gqa),
+    )
     return launch(cfg, query, key, value, mask, scale)

@@ -433,16 +433,13 @@ def kv4_attention_cuda(
     gqa = hq // hkv
     args = (query, k_codes, k_scales, k_offsets, v_codes, v_scales, v_offsets, seq_lens, mask)
     key = tune_key(query, k_codes, k_scales)
-    tuner = autotuner(query.device.index or 0)
-    cfg = tuner.lookup(key)
-    if cfg is None or not valid_config(cfg, sq * gqa):
-        cfg = tuner.get(
-            key,
-            candidate_configs(b, hkv, sq, gqa, s),
-            lambda c: time_us(lambda: launch_attention(c, *args, is_causal, scale)),
-            default_config(b, hkv, sq, gqa, s),
-            valid=lambda c: valid_config(c, sq * gqa),
-        )
+    cfg = autotuner(query.device.index or 0).get(
+        key,
+        lambda: candidate_configs(b, hkv, sq, gqa, s),
+        lambda c: time_us(lambda: launch_attention(c, *args, is_causal, scale)),
+        lambda: default_config(b, hkv, sq, gqa, s),
+        valid=lambda c: valid_config(c, sq * gqa),
+    )
     return launch_attention(cfg, *args, is_causal, scale)
 
 

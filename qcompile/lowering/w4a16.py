@@ -581,12 +581,6 @@ def default_config(m: int, n: int, k: int, group: int) -> KernelConfig:
 
 
 # --------------------------------------------------------------------------- launcher
-def _planes_x(x: torch.Tensor, block_k: int) -> torch.Tensor:
-    """x [M, K] -> contiguous [M, K] with each BLOCK_K chunk reordered plane-major (W4A8's
-    planes kernel; W4A16 uses `to_planes`' fixed PLANE_CHUNK)."""
-    return to_planes(x, block_k)
-
-
 # One tile counter per split-K output tile, per device: zero between launches (the last
 # program of each tile re-arms its counter). Allocated once, outside CUDA-graph capture, and
 # never freed (graphs keep its address). Kernels on two streams at once would share it; a
@@ -708,16 +702,13 @@ def w4a16_linear_cuda(
             f"w4a16_linear_cuda: qweight {tuple(qweight.shape)} is not [K/8, N] for K={k}"
         )
     key = TuneKey(FAMILY, m_bucket(m), n, k, group_size, str(x.dtype).removeprefix("torch."))
-    tuner = autotuner(x.device.index or 0)
-    cfg = tuner.lookup(key)
-    if cfg is None or not valid_config(cfg, k, group_size):
-        cfg = tuner.get(
-            key,
-            candidate_configs(m, n, k, group_size),
-            lambda c: time_us(
-                lambda: launch(c, x, qweight, scales, offsets, bias, group_size, x_planes=x_planes)
-            ),
-            default_config(m, n, k, group_size),
-            valid=lambda c: valid_config(c, k, group_size),
-        )
+    cfg = autotuner(x.device.index or 0).get(
+        key,
+        lambda: candidate_configs(m, n, k, group_size),
+        lambda c: time_us(
+            lambda: launch(c, x, qweight, scales, offsets, bias, group_size, x_planes=x_planes)
+        ),
+        lambda: default_config(m, n, k, group_size),
+        valid=lambda c: valid_config(c, k, group_size),
+    )
     return launch(cfg, x, qweight, scales, offsets, bias, group_size, x_planes=x_planes)

@@ -19,7 +19,7 @@ group_zeros [K/G, N] uint8, channel_scales [N] fp32). Kernels, top to bottom:
 * `_w4a8_gemm_planes_kernel` ("gemm_planes", M <= 64, int8 only): like W4A16's planes kernel,
   words [BLOCK_N, BLOCK_K/8] are read once and each of the 8 nibble planes is one int8 dot
   (out^T = W_i @ x_i^T), which needs xq plane-major per BLOCK_K chunk (the quantize kernel
-  writes it so directly; `_planes_x` permutes an already-quantized xq).
+  writes it so directly; `to_planes` permutes an already-quantized xq).
 * `_w4a8_gemv_kernel` ("gemv", M <= 8): CUDA cores, one program per (N tile, K split, row).
   Integer per group: sum_k (q - z) s2 x = s2 * sum_k q x - z s2 * sum_k x, so the inner loop
   is shift, and, multiply-add per weight. Memory-bound: floor =
@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from qcompile.lowering.autotune import KernelConfig, TuneKey, autotuner, m_bucket, time_us
-from qcompile.lowering.w4a16 import _planes_x  # the same plane-major layout as W4A16's
+from qcompile.quant.int4 import to_planes  # the same plane-major layout as W4A16's
 from qcompile.quant.w4a8 import ABSMAX_FLOOR, ACT_QMAX, ACT_TORCH_DTYPES
 
 FAMILY = "w4a8"
@@ -455,7 +455,7 @@ def launch(
         if fp8:
             raise ValueError("launch: the planes kernel takes int8 activations only")
         if not xq_plane_major:
-            xq = _planes_x(xq, cfg.block_k)
+            xq = to_planes(xq, cfg.block_k)
     args = (
         xq, x_scale, qweight, group_scales, group_zeros, channel_scales, bias_arg, target,
         m, n, k, k // split, xq.stride(0), xq.stride(1), out.stride(0), m * n,
@@ -488,17 +488,13 @@ def tune_key(m: int, n: int, k: int, group_size: int, act_dtype: str, out_dtype)
 
 def _tuned_config(m, n, k, group_size, act_dtype, out_dtype, device, bench) -> KernelConfig:
     key = tune_key(m, n, k, group_size, act_dtype, out_dtype)
-    tuner = autotuner(device.index or 0)
-    cfg = tuner.lookup(key)
-    if cfg is None or not valid_config(cfg, k, group_size, act_dtype):
-        cfg = tuner.get(
-            key,
-            candidate_configs(m, n, k, group_size, act_dtype),
-            bench,
-            default_config(m, n, k, group_size, act_dtype),
-            valid=lambda c: valid_config(c, k, group_size, act_dtype),
-        )
-    return cfg
+    return autotuner(device.index or 0).get(
+        key,
+        lambda: candidate_configs(m, n, k, group_size, act_dtype),
+        bench,
+        lambda: default_config(m, n, k, group_size, act_dtype),
+        valid=lambda c: valid_config(c, k, group_size, act_dtype),
+    )
 
 
 def w4a8_linear_quantized_act_cuda(

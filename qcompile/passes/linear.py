@@ -427,13 +427,19 @@ def _reemit_w4a8(gm: GraphModule, node: Node, ctx: RewriteContext) -> str:
     x, *tensor_nodes, bias, group, act_dtype = node.args
     with gm.graph.inserting_before(node):
         new, fusion = _w4a8_call(gm, x, tensor_nodes, bias, group, act_dtype, ctx)
-    if new.target is W4A8_OP:  # unchanged: keep the original call
+    _take_place(gm, node, new, changed=new.target is not W4A8_OP)
+    return fusion
+
+
+def _take_place(gm: GraphModule, node: Node, new: Node, changed: bool) -> None:
+    """A re-emitted call: `new` replaces `node` (keeping its meta, less the stale example
+    value), or is dropped when the rewrite left the call as it was."""
+    if not changed:
         gm.graph.erase_node(new)
-        return fusion
+        return
     new.meta.update({k: v for k, v in node.meta.items() if k != "example_value"})
     node.replace_all_uses_with(new)
     gm.graph.erase_node(node)
-    return fusion
 
 
 def _planes_input(gm: GraphModule, x: Node, ctx: RewriteContext) -> tuple[Node | None, str]:
@@ -472,12 +478,7 @@ def _reemit_w4a16(gm: GraphModule, node: Node, ctx: RewriteContext) -> str:
         return ""  # already plane-major, or a call the modules do not make
     with gm.graph.inserting_before(node):
         new, where = _emit_w4a16(gm, x, tensor_nodes, bias, group, None, ctx)
-    if len(new.args) == 6:  # unchanged: keep the original call
-        gm.graph.erase_node(new)
-        return where
-    new.meta.update({k: v for k, v in node.meta.items() if k != "example_value"})
-    node.replace_all_uses_with(new)
-    gm.graph.erase_node(node)
+    _take_place(gm, node, new, changed=len(new.args) > 6)
     return where
 
 
