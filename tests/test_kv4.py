@@ -31,9 +31,11 @@ from qcompile.integrations.kv4_cache import (
 from qcompile.lowering.autotune import KernelConfig
 from qcompile.lowering.kv4_attention import (
     candidate_configs,
+    decode_kind,
     default_config,
     kv4_cache_write_cuda,
     launch_attention,
+    valid_config,
 )
 from qcompile.ops.kv4 import kv4_attention_reference
 from qcompile.passes.attention import rewrite_attention
@@ -206,13 +208,17 @@ def _run(problem: KV4Problem, cfg: KernelConfig) -> torch.Tensor:
 @KERNEL_SETTINGS
 @given(problem=kv4_problems(decode=True, device=KERNEL_DEVICE), data=st.data())
 def test_decode_kernel_matches_float64_reference(problem, data):
-    """Flash-decoding: any split of the sequence, GQA rows, masks, partly written caches."""
+    """Flash-decoding, both kernels ("decode" where the cache has one group per head): any
+    split of the sequence, GQA rows, masks, partly written caches."""
     b, hq, sq, _ = problem.query.shape
     hkv, s = problem.keys.codes.shape[1:3]
-    configs = [c for c in candidate_configs(b, hkv, sq, hq // hkv, s) if c.kernel == "decode"]
-    cfg = data.draw(st.sampled_from(configs[:10]), label="config")
+    groups = problem.keys.scales.shape[-1]
+    kind = data.draw(st.sampled_from(sorted({decode_kind(groups), "decode_grouped"})))
+    tiles = [c for c in candidate_configs(b, hkv, sq, hq // hkv, s, groups) if c.block_n <= 128]
+    cfg = data.draw(st.sampled_from(tiles[:10]), label="config")
     split = data.draw(st.sampled_from([1, 2, 3, 8]), label="split")  # 3: not a power of two
-    cfg = KernelConfig("decode", cfg.block_m, cfg.block_n, 0, split, cfg.num_warps)
+    cfg = KernelConfig(kind, cfg.block_m, cfg.block_n, 0, split, cfg.num_warps)
+    assert valid_config(cfg, sq * hq // hkv, groups)
     assert_close_rel(_run(problem, cfg), problem.reference64(), problem.query.dtype)
 
 
@@ -225,7 +231,11 @@ def test_prefill_kernel_matches_float64_reference(problem, data):
     cfg = data.draw(
         st.sampled_from(
             [KernelConfig("prefill", 16, 32, 0), KernelConfig("prefill", 32, 32, 0)]
-            + [c for c in candidate_configs(b, hkv, sq, hq // hkv, s) if c.block_m <= 64][:2]
+            + [
+                c
+                for c in candidate_configs(b, hkv, sq, hq // hkv, s, problem.keys.scales.shape[-1])
+                if c.block_m <= 64
+            ][:2]
         ),
         label="config",
     )
@@ -235,23 +245,34 @@ def test_prefill_kernel_matches_float64_reference(problem, data):
 @pytest.mark.parametrize(("bm", "bn", "valid"), [(16, 32, True), (16, 16, False), (32, 16, False),
                                                  (8, 32, False), (64, 48, False)])  # fmt: skip
 def test_valid_config_refuses_tiles_the_gpu_gets_wrong(bm, bn, valid):
-    """BLOCK_N = 16 is wrong on the H100 (Triton 3.6) though right in the interpreter."""
-    from qcompile.lowering.kv4_attention import valid_config
-
+    """BLOCK_N = 16 is wrong on the H100 (Triton 3.6) though right in the interpreter; the
+    2-D decode kernel takes one group per head only."""
     assert valid_config(KernelConfig("prefill", bm, bn, 0), 4) is valid
     assert valid_config(KernelConfig("decode", 16, bn, 0, 2), 4) is (bn == 32)
+    assert valid_config(KernelConfig("decode_grouped", 16, bn, 0, 2), 4, 4) is (bn == 32)
+    assert not valid_config(KernelConfig("decode", 16, 32, 0, 2), 4, 2)
+    assert {c.kernel for c in candidate_configs(1, 8, 1, 4, 8192, 1)} == {"decode"}
+    assert {c.kernel for c in candidate_configs(1, 8, 1, 4, 8192, 4)} == {"decode_grouped"}
 
 
-@pytest.mark.parametrize(("sq", "gqa"), [(1, 1), (1, 8), (3, 4), (40, 8)])
-def test_default_config_is_valid(sq, gqa):
+def test_decode_kernel_refuses_a_grouped_cache():
+    keys = quantize_kv4(torch.randn(1, 1, 40, 64), KVScheme(group_size=32))
+    problem = KV4Problem(torch.randn(1, 4, 1, 64).half(), keys, keys, None, None, False, 0.1)
+    with pytest.raises(ValueError, match="G=32, D=64"):
+        launch_attention(KernelConfig("decode", 16, 32, 0, 1), *problem.args())
+
+
+@pytest.mark.parametrize(("sq", "gqa", "group"), [(1, 1, 32), (1, 8, 64), (3, 4, 32), (40, 8, 64)])
+def test_default_config_is_valid(sq, gqa, group):
     """The untuned config (CUDA-graph capture, tuning off) runs every shape."""
     torch.manual_seed(sq)
     s, d = 70, 64
-    keys = quantize_kv4(torch.randn(1, 1, s, d), KVScheme(group_size=32))
-    keys = PackedKV4(*(t.to(KERNEL_DEVICE) for t in (keys.codes, keys.scales, keys.offsets)), 32)
+    keys = quantize_kv4(torch.randn(1, 1, s, d), KVScheme(group_size=group))
+    keys = PackedKV4(*(t.to(KERNEL_DEVICE) for t in (keys.codes, keys.scales, keys.offsets)), group)
     q = torch.randn(1, gqa, sq, d).half().to(KERNEL_DEVICE)
     problem = KV4Problem(q, keys, keys, None, None, sq > 1, d**-0.5)
-    cfg = default_config(1, 1, sq, gqa, s)
+    cfg = default_config(1, 1, sq, gqa, s, d // group)
+    assert valid_config(cfg, sq * gqa, d // group)
     assert_close_rel(_run(problem, cfg), problem.reference64(), torch.float16)
 
 
@@ -265,9 +286,10 @@ def test_empty_splits_and_rows_that_see_nothing_give_zeros_not_nan():
     mask[0, 2] = False
     lens = torch.tensor([5], dtype=torch.int32, device=KERNEL_DEVICE)
     problem = KV4Problem(q, keys, keys, lens, mask, False, 0.125)
-    out = _run(problem, KernelConfig("decode", 16, 32, 0, 8))
-    assert torch.equal(out[0, 2].cpu(), torch.zeros(1, 64, dtype=torch.float16))
-    assert_close_rel(out, problem.reference64(), torch.float16)
+    for kind in ("decode", "decode_grouped"):
+        out = _run(problem, KernelConfig(kind, 16, 32, 0, 8))
+        assert torch.equal(out[0, 2].cpu(), torch.zeros(1, 64, dtype=torch.float16))
+        assert_close_rel(out, problem.reference64(), torch.float16)
 
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])

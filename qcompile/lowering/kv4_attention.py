@@ -185,6 +185,124 @@ def _kv4_attention_kernel(
 
 
 @triton.jit
+def _nibble_planes(codes, BIAS_BITS: tl.constexpr, dtype: tl.constexpr):
+    """[N, D/2] uint8 -> (even, odd) channel planes [N, D/2] in dtype, each value exactly
+    bias + code: the nibble ORed into the mantissa of the bias (fp16 1024: 0x6400, bf16 128:
+    0x4300), one logic op per code and no conversion instruction; callers subtract the bias
+    once per dot (sum of the other operand times the bias), not per element."""
+    c = codes.to(tl.int16)
+    even = ((c & 0xF) | BIAS_BITS).to(tl.int16).to(dtype, bitcast=True)
+    odd = ((c >> 4) | BIAS_BITS).to(tl.int16).to(dtype, bitcast=True)
+    return even, odd
+
+
+@triton.jit
+def _kv4_decode_kernel(
+    q_ptr, kc_ptr, ks_ptr, ko_ptr, vc_ptr, vs_ptr, vo_ptr, lens_ptr, mask_ptr, out_ptr, lse_ptr,
+    Sq, S, rows_total, qk_scale,
+    stride_qb, stride_qh, stride_qs, stride_qd,
+    stride_cb, stride_ch, stride_sb, stride_sh, stride_lens,
+    stride_mb, stride_mh, stride_mq, stride_ms,
+    HKV: tl.constexpr, GQA: tl.constexpr, D: tl.constexpr, Q_BIAS_BITS: tl.constexpr,
+    Q_BIAS: tl.constexpr, HAS_LENS: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    MASK_KIND: tl.constexpr, WRITE_PARTIAL: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    # Flash-decoding for one scale/offset per token and head (G = D), everything 2-D: the
+    # even and odd channels are separate planes (low and high nibbles of the cache bytes),
+    # so the query splits into q_even / q_odd once and nothing is interleaved per tile.
+    #   scores = scale * (q_e . (B + lo) + q_o . (B + hi) - B * sum q) + offset * sum q
+    #   out_e  = sum_t p_t (scale_t lo_t + offset_t): P * scale (fp16, see below) @ (1024 + lo)
+    # minus 1024 * sum(P * scale), plus P @ offset; likewise out_o with hi.
+    # Rows, masks, splits and outputs as `_kv4_attention_kernel` (pid_m = 0).
+    HALF: tl.constexpr = D // 2
+    pid_bh = tl.program_id(0)
+    pid_split = tl.program_id(1)
+    num_splits = tl.num_programs(1)
+    b = pid_bh // HKV
+    hkv = pid_bh % HKV
+    rows = tl.arange(0, BLOCK_M)
+    pos = rows // GQA
+    head = hkv * GQA + rows % GQA
+    row_ok = pos < Sq
+
+    seq_len = S
+    if HAS_LENS:
+        seq_len = tl.load(lens_ptr + b * stride_lens).to(tl.int32)
+    kv_end = seq_len
+    if IS_CAUSAL:
+        kv_end = tl.minimum(seq_len, seq_len - Sq + tl.minimum((BLOCK_M - 1) // GQA, Sq - 1) + 1)
+    per_split = tl.cdiv(tl.cdiv(kv_end, num_splits), BLOCK_N) * BLOCK_N
+    start = pid_split * per_split
+    end = tl.minimum(start + per_split, kv_end)
+
+    c = tl.arange(0, HALF)
+    q_rows = q_ptr + b * stride_qb + head[:, None] * stride_qh + pos[:, None] * stride_qs
+    q_e = tl.load(q_rows + (2 * c)[None, :] * stride_qd, mask=row_ok[:, None], other=0.0)
+    q_o = tl.load(q_rows + (2 * c + 1)[None, :] * stride_qd, mask=row_ok[:, None], other=0.0)
+    q_sum = tl.sum(q_e.to(tl.float32), axis=1) + tl.sum(q_o.to(tl.float32), axis=1)
+    q_bias = Q_BIAS * q_sum
+
+    m_i = tl.full((BLOCK_M,), _NEG_INF, tl.float32)  # running max, log2 domain
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc_e = tl.zeros((BLOCK_M, HALF), tl.float32)
+    acc_o = tl.zeros((BLOCK_M, HALF), tl.float32)
+    offs_n = tl.arange(0, BLOCK_N)
+    code_base = b * stride_cb + hkv * stride_ch + c[None, :]
+    scale_base = b * stride_sb + hkv * stride_sh
+    mask_base = mask_ptr + b * stride_mb + head[:, None] * stride_mh + pos[:, None] * stride_mq
+    for n0 in range(start, end, BLOCK_N):
+        cols = n0 + offs_n
+        col_ok = cols < end
+        code_offs = code_base + cols[:, None] * HALF  # one contiguous [BLOCK_N, D/2] block
+        k_lo, k_hi = _nibble_planes(
+            tl.load(kc_ptr + code_offs, mask=col_ok[:, None], other=0), Q_BIAS_BITS, q_e.dtype
+        )
+        qk = tl.dot(q_e, tl.trans(k_lo))
+        qk = tl.dot(q_o, tl.trans(k_hi), qk)  # [BLOCK_M, BLOCK_N]
+        k_scale = tl.load(ks_ptr + scale_base + cols, mask=col_ok, other=0.0).to(tl.float32)
+        k_offset = tl.load(ko_ptr + scale_base + cols, mask=col_ok, other=0.0).to(tl.float32)
+        scores = (k_scale[None, :] * (qk - q_bias[:, None])
+                  + k_offset[None, :] * q_sum[:, None]) * qk_scale  # fmt: skip
+        visible = row_ok[:, None] & col_ok[None, :]
+        if IS_CAUSAL:
+            visible = visible & (cols[None, :] <= (pos + seq_len - Sq)[:, None])
+        p, alpha, m_new, l_i = _softmax_tile(
+            scores, visible, mask_base + cols[None, :] * stride_ms, m_i, l_i, MASK_KIND
+        )
+
+        v_lo, v_hi = _nibble_planes(
+            tl.load(vc_ptr + code_offs, mask=col_ok[:, None], other=0), 0x6400, tl.float16
+        )
+        v_scale = tl.load(vs_ptr + scale_base + cols, mask=col_ok, other=0.0).to(tl.float32)
+        v_offset = tl.load(vo_ptr + scale_base + cols, mask=col_ok, other=0.0).to(tl.float32)
+        # P * scale in fp16 with the tile's scales divided by a power of two 2**e >= their
+        # maximum, as `_kv4_attention_kernel` does per group.
+        pow2 = tl.exp2(tl.ceil(tl.log2(tl.maximum(tl.max(v_scale, axis=0), _MIN_SCALE))))
+        p_scaled = (p * (v_scale / pow2)[None, :]).to(tl.float16)
+        fix = tl.sum(p * v_offset[None, :], axis=1) - (1024.0 * pow2) * tl.sum(
+            p_scaled.to(tl.float32), axis=1
+        )
+        acc_e = acc_e * alpha[:, None] + tl.dot(p_scaled, v_lo) * pow2 + fix[:, None]
+        acc_o = acc_o * alpha[:, None] + tl.dot(p_scaled, v_hi) * pow2 + fix[:, None]
+        m_i = m_new
+
+    out_row = (b * HKV * GQA + head) * Sq + pos
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    out_e = acc_e / l_safe[:, None]
+    out_o = acc_o / l_safe[:, None]
+    out_ptrs = out_ptr + pid_split * rows_total * D + out_row[:, None] * D + 2 * c[None, :]
+    if WRITE_PARTIAL:
+        tl.store(out_ptrs, out_e, mask=row_ok[:, None])
+        tl.store(out_ptrs + 1, out_o, mask=row_ok[:, None])
+        lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), _NEG_INF)
+        tl.store(lse_ptr + pid_split * rows_total + out_row, lse, mask=row_ok)
+    else:
+        tl.store(out_ptrs, out_e.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+        tl.store(out_ptrs + 1, out_o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
 def _kv4_split_reduce_kernel(
     part_ptr, lse_ptr, out_ptr, rows_total, SPLITS: tl.constexpr, SPLITS_POW2: tl.constexpr,
     D: tl.constexpr,
@@ -276,16 +394,26 @@ def decode_rows(sq: int, gqa: int) -> int:
     return max(16, 1 << max(sq * gqa - 1, 0).bit_length())
 
 
-def valid_config(cfg: KernelConfig, rows: int) -> bool:
+def decode_kind(groups: int) -> str:
+    """The decode kernel for D/G groups per head: "decode" (`_kv4_decode_kernel`, 2-D
+    nibble planes) takes one group per head (G = D, the default), "decode_grouped"
+    (`_kv4_attention_kernel` split over the sequence) any number."""
+    return "decode" if groups == 1 else "decode_grouped"
+
+
+def valid_config(cfg: KernelConfig, rows: int, groups: int = 1) -> bool:
     """Power-of-two tiles, BLOCK_M >= 16 (tl.dot's minimum), BLOCK_N >= 32, decode tiles
-    holding every row. BLOCK_N = 16 computes wrong attention on the H100 with Triton 3.6
-    (rel. error 2.7-5.5 at any BLOCK_M, warps or stages, `benchmarks/probe_kv4_prefill.py`)
-    while the interpreter gets it right, so no config may use it."""
-    if cfg.kernel not in ("decode", "prefill"):
+    holding every row, "decode" only for one group per head. BLOCK_N = 16 computes wrong
+    attention on the H100 with Triton 3.6 (rel. error 2.7-5.5 at any BLOCK_M, warps or
+    stages, `benchmarks/probe_kv4_prefill.py`) while the interpreter gets it right, so no
+    config may use it."""
+    if cfg.kernel not in ("decode", "decode_grouped", "prefill"):
         return False
     if not (_pow2(cfg.block_m) and _pow2(cfg.block_n)) or cfg.block_m < 16 or cfg.block_n < 32:
         return False
-    if cfg.kernel == "decode":
+    if cfg.kernel == "decode" and groups != 1:
+        return False
+    if cfg.kernel != "prefill":
         return cfg.block_m >= rows and cfg.split_k >= 1
     return cfg.split_k == 1
 
@@ -295,7 +423,9 @@ def valid_config(cfg: KernelConfig, rows: int) -> bool:
 _SPLIT_PROGRAM_TARGET = 4 * 132
 
 
-def candidate_configs(b: int, hkv: int, sq: int, gqa: int, s: int) -> list[KernelConfig]:
+def candidate_configs(
+    b: int, hkv: int, sq: int, gqa: int, s: int, groups: int = 1
+) -> list[KernelConfig]:
     """What autotuning tries for one (rows, head_dim, S bucket, group, dtype, B * Hkv)."""
     rows = sq * gqa
     out: list[KernelConfig] = []
@@ -305,27 +435,39 @@ def candidate_configs(b: int, hkv: int, sq: int, gqa: int, s: int) -> list[Kerne
         for split in (1, 2, 4, 8, 16, 32, 64, 128):
             if split > 1 and (programs * split // 2 >= _SPLIT_PROGRAM_TARGET or s < split * 64):
                 continue
-            for bn, warps, stages in ((32, 2, 2), (64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 8, 3)):
-                out.append(KernelConfig("decode", bm, bn, 0, split, warps, stages))
+            for bn, warps, stages in _DECODE_TILES[decode_kind(groups)]:
+                out.append(KernelConfig(decode_kind(groups), bm, bn, 0, split, warps, stages))
     if sq > 1:
         for bm, bn, warps, stages in ((64, 32, 4, 2), (64, 64, 4, 2), (64, 64, 4, 3),
                                       (128, 32, 8, 2), (128, 64, 8, 2), (128, 64, 8, 3)):  # fmt: skip
             out.append(KernelConfig("prefill", bm, bn, 0, 1, warps, stages))
-    return [c for c in out if valid_config(c, rows)]
+    return [c for c in out if valid_config(c, rows, groups)]
 
 
-def default_config(b: int, hkv: int, sq: int, gqa: int, s: int) -> KernelConfig:
+# (BLOCK_N, warps, stages) per decode kernel
+_DECODE_TILES = {
+    "decode": ((64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 4, 3), (128, 8, 3), (256, 8, 2)),
+    "decode_grouped": ((32, 2, 2), (64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 8, 3)),
+}
+
+
+def default_config(b: int, hkv: int, sq: int, gqa: int, s: int, groups: int = 1) -> KernelConfig:
     """Used without tuning (QCOMPILE_AUTOTUNE=0, CUDA-graph capture): valid for every shape."""
     rows = sq * gqa
     if rows <= 64:
         split = 1
         while split < 64 and b * hkv * split * 2 <= 2 * 132 and s >= split * 2 * 256:
             split *= 2
-        return KernelConfig("decode", decode_rows(sq, gqa), 64, 0, split, 4, 2)
+        return KernelConfig(decode_kind(groups), decode_rows(sq, gqa), 64, 0, split, 4, 2)
     return KernelConfig("prefill", 64, 64, 0, 1, 4, 2)
 
 
 # --------------------------------------------------------------------------- launchers
+# Bit pattern and value of the bias whose mantissa a nibble is ORed into, per query dtype
+# (`_nibble_planes`): 1024 in fp16 (spacing 1 up to 2048), 128 in bf16 (spacing 1 up to 256).
+_Q_BIAS = {torch.float16: (0x6400, 1024.0), torch.bfloat16: (0x4300, 128.0)}
+
+
 def split_buffers(split: int, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(target, lse) of an attention launch writing out [B, Hq, Sq, D]: out itself unsplit
     (lse unused), else fp32 partials [split, B, Hq, Sq, D] and log-sum-exps [split, B, Hq, Sq]."""
@@ -384,10 +526,29 @@ def launch_attention(
     elif not out.is_contiguous():
         raise ValueError("launch_attention: out must be contiguous")
     rows_total = b * hq * sq
-    split = cfg.split_k if cfg.kernel == "decode" else 1
+    split = cfg.split_k if cfg.kernel != "prefill" else 1
     target, lse = split_buffers(split, out)
     mask_kind, mask_arg, mask_strides = mask_args(mask, (b, hq, sq, s), out)
     lens_arg = seq_lens if seq_lens is not None else out
+    if cfg.kernel == "decode":
+        if g != d or query.dtype not in _Q_BIAS:
+            raise ValueError(
+                f"kv4 decode kernel: needs one group per head and a 16-bit query, got "
+                f"G={g}, D={d}, {query.dtype}; use a decode_grouped config"
+            )
+        _kv4_decode_kernel[(b * hkv, split)](
+            query, k_codes, k_scales, k_offsets, v_codes, v_scales, v_offsets, lens_arg,
+            mask_arg, target, lse, sq, s, rows_total, scale * _LOG2E,
+            *query.stride(), k_codes.stride(0), k_codes.stride(1),
+            k_scales.stride(0), k_scales.stride(1),
+            seq_lens.stride(0) if seq_lens is not None else 0, *mask_strides,
+            HKV=hkv, GQA=gqa, D=d, Q_BIAS_BITS=_Q_BIAS[query.dtype][0],
+            Q_BIAS=_Q_BIAS[query.dtype][1], HAS_LENS=seq_lens is not None, IS_CAUSAL=is_causal,
+            MASK_KIND=mask_kind, WRITE_PARTIAL=split > 1, BLOCK_M=cfg.block_m,
+            BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )  # fmt: skip
+        reduce_splits(target, lse, out)
+        return out
     grid = (triton.cdiv(sq * gqa, cfg.block_m), b * hkv, split)
     _kv4_attention_kernel[grid](
         query, k_codes, k_scales, k_offsets, v_codes, v_scales, v_offsets, lens_arg, mask_arg,
@@ -431,14 +592,15 @@ def kv4_attention_cuda(
     b, hq, sq, _ = query.shape
     hkv, s = k_codes.shape[1], k_codes.shape[2]
     gqa = hq // hkv
+    groups = k_scales.shape[-1]
     args = (query, k_codes, k_scales, k_offsets, v_codes, v_scales, v_offsets, seq_lens, mask)
     key = tune_key(query, k_codes, k_scales)
     cfg = autotuner(query.device.index or 0).get(
         key,
-        lambda: candidate_configs(b, hkv, sq, gqa, s),
+        lambda: candidate_configs(b, hkv, sq, gqa, s, groups),
         lambda c: time_us(lambda: launch_attention(c, *args, is_causal, scale)),
-        lambda: default_config(b, hkv, sq, gqa, s),
-        valid=lambda c: valid_config(c, sq * gqa),
+        lambda: default_config(b, hkv, sq, gqa, s, groups),
+        valid=lambda c: valid_config(c, sq * gqa, groups),
     )
     return launch_attention(cfg, *args, is_causal, scale)
 

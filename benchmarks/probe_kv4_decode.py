@@ -1,0 +1,137 @@
+"""GPU probe: the KV4 decode kernels over a grid of configs, against fp16 SDPA, same run.
+
+Llama-3-8B heads (32 query / 8 KV, D=128), one query token, KV4 group 128 (one group per
+head: both "decode" and "decode_grouped" apply); CUDA-graph replays over caches rotated past
+L2. Checks the fastest config of each kernel against the float64 reference first, then
+prints each shape's fastest configs, SDPA and the int4 roofline floor.
+
+    python benchmarks/probe_kv4_decode.py --shapes 1x8192,16x32768 --out $OUT/probe.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from bench_kv4 import kv_bytes, random_kv4
+from bench_w4a16 import copies, hbm_bandwidth, time_graph
+
+from qcompile.lowering.autotune import KernelConfig
+from qcompile.lowering.kv4_attention import launch_attention, valid_config
+
+HQ, HKV, D, G = 32, 8, 128, 128
+
+
+def check(kind: str, dtype: torch.dtype) -> float:
+    """Relative error of one config against the float64 reference (quantized cache)."""
+    sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
+    from helpers import rel_error
+    from strategies import KV4Problem
+
+    from qcompile.config import KVScheme
+    from qcompile.quant.kv4 import quantize_kv4
+
+    torch.manual_seed(0)
+    s = 3000
+    k, v = torch.randn(2, HKV, s, D), torch.randn(2, HKV, s, D)
+    k[..., 5] *= 20
+    keys, values = (quantize_kv4(t, KVScheme(group_size=G)) for t in (k, v))
+    to = lambda p: type(p)(p.codes.cuda(), p.scales.cuda(), p.offsets.cuda(), G)  # noqa: E731
+    q = torch.randn(2, HQ, 1, D).to(dtype)
+    ref = KV4Problem(q, keys, values, None, None, False, D**-0.5).reference64()
+    prob = KV4Problem(q.cuda(), to(keys), to(values), None, None, False, D**-0.5)
+    out = launch_attention(KernelConfig(kind, 16, 128, 0, 4, 4, 2), *prob.args())
+    return rel_error(out.cpu(), ref)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", default="1x8192,1x32768,16x8192,16x32768,64x8192")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    dtype = getattr(torch, args.dtype)
+    for kind in ("decode", "decode_grouped"):
+        for dt in (torch.float16, torch.bfloat16):
+            print(f"check {kind} {dt}: rel error {check(kind, dt):.2e}", flush=True)
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    bw = hbm_bandwidth()
+    results = []
+    for spec in args.shapes.split(","):
+        b, s = map(int, spec.split("x"))
+        q = torch.randn(b, HQ, 1, D, dtype=dtype, device="cuda")
+        int4, fp16 = kv_bytes(b, HKV, s, D, G), kv_bytes(b, HKV, s, D, None)
+        caches = [random_kv4(b, HKV, s, D, G) for _ in range(copies(int4, l2, cap=16))]
+        rows = []
+        grid = itertools.chain(
+            itertools.product(["decode"], (64, 128, 256), (4, 8), (2, 3, 4), (1, 2, 4, 8, 16, 32)),
+            itertools.product(["decode_grouped"], (64, 128), (4,), (2,), (1, 4, 16, 32)),
+        )
+        for kind, bn, warps, stages, split in grid:
+            cfg = KernelConfig(kind, 16, bn, 0, split, warps, stages)
+            if not valid_config(cfg, 4) or (split > 1 and b * HKV * split > 8 * 132):
+                continue
+            try:
+                us = time_graph(
+                    [
+                        lambda k=k, v=v, c=cfg, q=q: launch_attention(
+                            c,
+                            q,
+                            k.codes,
+                            k.scales,
+                            k.offsets,
+                            v.codes,
+                            v.scales,
+                            v.offsets,
+                            None,
+                            None,
+                            False,
+                            D**-0.5,
+                        )  # fmt: skip
+                        for k, v in caches
+                    ],
+                    batches=7,
+                    min_ms=10.0,
+                )
+            except Exception as e:  # noqa: BLE001 - out of shared memory, say, and go on
+                print(f"{spec} {cfg}: {type(e).__name__} {str(e)[:100]}", flush=True)
+                continue
+            rows.append({"b": b, "s": s, "config": cfg.__dict__, "us": us})
+        del caches
+        kv = [
+            tuple(torch.randn(b, HKV, s, D, dtype=dtype, device="cuda") for _ in "kv")
+            for _ in range(copies(fp16, l2, cap=16))
+        ]
+        qp = q.view(b, HKV, HQ // HKV, D)
+        sdpa = time_graph(
+            [lambda k=k, v=v, qp=qp: F.scaled_dot_product_attention(qp, k, v) for k, v in kv]
+        )
+        del kv
+        torch.cuda.empty_cache()
+        rows.sort(key=lambda r: r["us"])
+        floor = (int4 + 4 * b * HQ * D) / bw * 1e6
+        print(f"B={b} S={s}: SDPA {sdpa:.1f} us, int4 floor {floor:.1f} us", flush=True)
+        for kind in ("decode", "decode_grouped"):
+            best = [r for r in rows if r["config"]["kernel"] == kind][:4]
+            for r in best:
+                c = r["config"]
+                print(
+                    f"  {kind:15s} bn{c['block_n']} w{c['num_warps']} st{c['num_stages']} "
+                    f"split{c['split_k']}: {r['us']:.1f} us ({sdpa / r['us']:.2f}x SDPA, "
+                    f"{floor / r['us']:.0%} of floor)",
+                    flush=True,
+                )
+        results.append({"b": b, "s": s, "sdpa_us": sdpa, "floor_us": floor, "rows": rows})
+    if args.out:
+        meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+                "triton": __import__("triton").__version__, "hbm_bytes_per_s": bw}  # fmt: skip
+        args.out.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
