@@ -68,13 +68,20 @@ def main() -> None:
         int4, fp16 = kv_bytes(b, HKV, s, D, G), kv_bytes(b, HKV, s, D, None)
         caches = [random_kv4(b, HKV, s, D, G) for _ in range(copies(int4, l2, cap=16))]
         rows = []
+        tiles = ((32, 1), (32, 2), (64, 1), (64, 2), (64, 4), (128, 2), (128, 4), (128, 8),
+                 (256, 4), (256, 8))  # fmt: skip
         grid = itertools.chain(
-            itertools.product(["decode"], (64, 128, 256), (4, 8), (2, 3, 4), (1, 2, 4, 8, 16, 32)),
-            itertools.product(["decode_grouped"], (64, 128), (4,), (2,), (1, 4, 16, 32)),
-        )
+            ((("decode", bn, w, st, sp) for (bn, w), st, sp in itertools.product(
+                tiles, (2, 3), (1, 2, 4, 8, 16, 32, 64, 128)))),
+            itertools.product(["decode_grouped"], (64,), (4,), (2,), (4, 32)),
+        )  # fmt: skip
         for kind, bn, warps, stages, split in grid:
             cfg = KernelConfig(kind, 16, bn, 0, split, warps, stages)
-            if not valid_config(cfg, 4) or (split > 1 and b * HKV * split > 8 * 132):
+            if (
+                not valid_config(cfg, 4)
+                or (split > 1 and b * HKV * split > 8 * 132)
+                or s < split * 64
+            ):
                 continue
             try:
                 us = time_graph(

@@ -32,11 +32,14 @@ Cache layout: see `qcompile.quant.kv4` (codes [B, Hkv, S, D/2] uint8, fp16 scale
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
 from qcompile.lowering.autotune import KernelConfig, TuneKey, autotuner, m_bucket, time_us
+from qcompile.lowering.w4a16 import _COUNTERS, _tile_counters
 
 DECODE_FAMILY = "kv4_decode"
 PREFILL_FAMILY = "kv4_prefill"
@@ -185,28 +188,85 @@ def _kv4_attention_kernel(
 
 
 @triton.jit
-def _nibble_planes(codes, BIAS_BITS: tl.constexpr, dtype: tl.constexpr):
+def _nibble_planes(codes, BIAS_BITS: tl.constexpr, dtype: tl.constexpr, ASM: tl.constexpr):
     """[N, D/2] uint8 -> (even, odd) channel planes [N, D/2] in dtype, each value exactly
     bias + code: the nibble ORed into the mantissa of the bias (fp16 1024: 0x6400, bf16 128:
-    0x4300), one logic op per code and no conversion instruction; callers subtract the bias
-    once per dot (sum of the other operand times the bias), not per element."""
-    c = codes.to(tl.int16)
-    even = ((c & 0xF) | BIAS_BITS).to(tl.int16).to(dtype, bitcast=True)
-    odd = ((c >> 4) | BIAS_BITS).to(tl.int16).to(dtype, bitcast=True)
+    0x4300), no conversion instruction; callers subtract the bias once per dot (sum of the
+    other operand times the bias), not per element.
+
+    ASM (on the GPU): per 4 bytes in one register, 2 PRMT spread bytes to 16-bit lanes and 4
+    LOP3 (+2 shifts) write 8 values as 4 packed fp16x2/bf16x2 registers, the form the tensor
+    cores read; Triton's own i16 ops take ~3 instructions per code (sm_90, Triton 3.6). The
+    interpreter runs the same arithmetic in Triton ops."""
+    if ASM:
+        even, odd = tl.inline_asm_elementwise(
+            asm=f"""{{
+            .reg .b32 t0, t1;
+            prmt.b32 t0, $4, 0, 0x4140;
+            prmt.b32 t1, $4, 0, 0x4342;
+            lop3.b32 $0, t0, 0x000F000F, {BIAS_BITS * 0x10001}, 0xea;
+            lop3.b32 $1, t1, 0x000F000F, {BIAS_BITS * 0x10001}, 0xea;
+            shr.u32 t0, t0, 4;
+            shr.u32 t1, t1, 4;
+            lop3.b32 $2, t0, 0x000F000F, {BIAS_BITS * 0x10001}, 0xea;
+            lop3.b32 $3, t1, 0x000F000F, {BIAS_BITS * 0x10001}, 0xea;
+            }}""",
+            constraints="=r,=r,=r,=r,r",
+            args=[codes],
+            dtype=(tl.float16, tl.float16) if BIAS_BITS == 0x6400 else (tl.bfloat16, tl.bfloat16),
+            is_pure=True,
+            pack=4,
+        )
+    else:
+        c = codes.to(tl.int16)
+        even = ((c & 0xF) | BIAS_BITS).to(tl.int16).to(dtype, bitcast=True)
+        odd = ((c >> 4) | BIAS_BITS).to(tl.int16).to(dtype, bitcast=True)
     return even, odd
+
+
+@triton.jit
+def _combine_splits(part_ptr, lse_ptr, out_ptr, out_row, row_ok, c, rows_total, num_splits,
+                    D: tl.constexpr):  # fmt: skip
+    """out rows = sum_i w_i o_i / sum_i w_i over the splits' partials (even and odd channel
+    planes), w_i = 2**(lse_i - max lse), read from L2 in one online pass."""
+    top = tl.full(out_row.shape, _NEG_INF, tl.float32)
+    total = tl.zeros(out_row.shape, tl.float32)
+    acc_e = tl.zeros((out_row.shape[0], D // 2), tl.float32)
+    acc_o = tl.zeros((out_row.shape[0], D // 2), tl.float32)
+    ptrs = part_ptr + out_row[:, None] * D + 2 * c[None, :]
+    for sp in range(num_splits):
+        lse = tl.load(lse_ptr + sp * rows_total + out_row, mask=row_ok, other=_NEG_INF,
+                      cache_modifier=".cg")  # fmt: skip
+        new_top = tl.maximum(top, lse)
+        safe = tl.where(new_top == _NEG_INF, 0.0, new_top)  # empty splits weigh 0
+        keep = tl.exp2(top - safe)
+        w = tl.exp2(lse - safe)
+        part_e = tl.load(ptrs + sp * rows_total * D, mask=row_ok[:, None], other=0.0,
+                         cache_modifier=".cg")  # fmt: skip
+        part_o = tl.load(ptrs + sp * rows_total * D + 1, mask=row_ok[:, None], other=0.0,
+                         cache_modifier=".cg")  # fmt: skip
+        acc_e = acc_e * keep[:, None] + part_e * w[:, None]
+        acc_o = acc_o * keep[:, None] + part_o * w[:, None]
+        total = total * keep + w
+        top = new_top
+    total = tl.where(total > 0, total, 1.0)
+    out_ptrs = out_ptr + out_row[:, None] * D + 2 * c[None, :]
+    tl.store(out_ptrs, (acc_e / total[:, None]).to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(out_ptrs + 1, (acc_o / total[:, None]).to(out_ptr.dtype.element_ty),
+             mask=row_ok[:, None])  # fmt: skip
 
 
 @triton.jit
 def _kv4_decode_kernel(
     q_ptr, kc_ptr, ks_ptr, ko_ptr, vc_ptr, vs_ptr, vo_ptr, lens_ptr, mask_ptr, out_ptr, lse_ptr,
-    Sq, S, rows_total, qk_scale,
+    final_ptr, cnt_ptr, Sq, S, rows_total, qk_scale,
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_cb, stride_ch, stride_sb, stride_sh, stride_lens,
     stride_mb, stride_mh, stride_mq, stride_ms,
     HKV: tl.constexpr, GQA: tl.constexpr, D: tl.constexpr, Q_BIAS_BITS: tl.constexpr,
     Q_BIAS: tl.constexpr, HAS_LENS: tl.constexpr, IS_CAUSAL: tl.constexpr,
     MASK_KIND: tl.constexpr, WRITE_PARTIAL: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    BLOCK_N: tl.constexpr, ASM: tl.constexpr, SELF_REDUCE: tl.constexpr,
 ):  # fmt: skip
     # Flash-decoding for one scale/offset per token and head (G = D), everything 2-D: the
     # even and odd channels are separate planes (low and high nibbles of the cache bytes),
@@ -214,7 +274,9 @@ def _kv4_decode_kernel(
     #   scores = scale * (q_e . (B + lo) + q_o . (B + hi) - B * sum q) + offset * sum q
     #   out_e  = sum_t p_t (scale_t lo_t + offset_t): P * scale (fp16, see below) @ (1024 + lo)
     # minus 1024 * sum(P * scale), plus P @ offset; likewise out_o with hi.
-    # Rows, masks, splits and outputs as `_kv4_attention_kernel` (pid_m = 0).
+    # Rows, masks, splits and outputs as `_kv4_attention_kernel` (pid_m = 0). With
+    # SELF_REDUCE the last split of a (batch, KV head) to finish (a counter per pid_bh, as
+    # the W4A16 split-K) combines every split's partial into final_ptr: one launch, not two.
     HALF: tl.constexpr = D // 2
     pid_bh = tl.program_id(0)
     pid_split = tl.program_id(1)
@@ -247,6 +309,7 @@ def _kv4_decode_kernel(
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc_e = tl.zeros((BLOCK_M, HALF), tl.float32)
     acc_o = tl.zeros((BLOCK_M, HALF), tl.float32)
+    fix = tl.zeros((BLOCK_M,), tl.float32)
     offs_n = tl.arange(0, BLOCK_N)
     code_base = b * stride_cb + hkv * stride_ch + c[None, :]
     scale_base = b * stride_sb + hkv * stride_sh
@@ -256,15 +319,22 @@ def _kv4_decode_kernel(
         col_ok = cols < end
         code_offs = code_base + cols[:, None] * HALF  # one contiguous [BLOCK_N, D/2] block
         k_lo, k_hi = _nibble_planes(
-            tl.load(kc_ptr + code_offs, mask=col_ok[:, None], other=0), Q_BIAS_BITS, q_e.dtype
+            tl.load(kc_ptr + code_offs, mask=col_ok[:, None], other=0),
+            Q_BIAS_BITS,
+            q_e.dtype,
+            ASM,
         )
         qk = tl.dot(q_e, tl.trans(k_lo))
         qk = tl.dot(q_o, tl.trans(k_hi), qk)  # [BLOCK_M, BLOCK_N]
         k_scale = tl.load(ks_ptr + scale_base + cols, mask=col_ok, other=0.0).to(tl.float32)
         k_offset = tl.load(ko_ptr + scale_base + cols, mask=col_ok, other=0.0).to(tl.float32)
-        scores = (k_scale[None, :] * (qk - q_bias[:, None])
-                  + k_offset[None, :] * q_sum[:, None]) * qk_scale  # fmt: skip
-        visible = row_ok[:, None] & col_ok[None, :]
+        scores = ((k_scale * qk_scale)[None, :] * (qk - q_bias[:, None])
+                  + (k_offset * qk_scale)[None, :] * q_sum[:, None])  # fmt: skip
+        # Padding rows (pos >= Sq) have q = 0 and finite scores; they are never stored, so
+        # only masks read per row need row_ok (their loads must stay in bounds).
+        visible = col_ok[None, :]
+        if IS_CAUSAL or MASK_KIND != 0:
+            visible = visible & row_ok[:, None]
         if IS_CAUSAL:
             visible = visible & (cols[None, :] <= (pos + seq_len - Sq)[:, None])
         p, alpha, m_new, l_i = _softmax_tile(
@@ -272,7 +342,7 @@ def _kv4_decode_kernel(
         )
 
         v_lo, v_hi = _nibble_planes(
-            tl.load(vc_ptr + code_offs, mask=col_ok[:, None], other=0), 0x6400, tl.float16
+            tl.load(vc_ptr + code_offs, mask=col_ok[:, None], other=0), 0x6400, tl.float16, ASM
         )
         v_scale = tl.load(vs_ptr + scale_base + cols, mask=col_ok, other=0.0).to(tl.float32)
         v_offset = tl.load(vo_ptr + scale_base + cols, mask=col_ok, other=0.0).to(tl.float32)
@@ -280,23 +350,33 @@ def _kv4_decode_kernel(
         # maximum, as `_kv4_attention_kernel` does per group.
         pow2 = tl.exp2(tl.ceil(tl.log2(tl.maximum(tl.max(v_scale, axis=0), _MIN_SCALE))))
         p_scaled = (p * (v_scale / pow2)[None, :]).to(tl.float16)
-        fix = tl.sum(p * v_offset[None, :], axis=1) - (1024.0 * pow2) * tl.sum(
-            p_scaled.to(tl.float32), axis=1
+        # the per-row terms (offsets, minus the bias) are the same for every channel: kept
+        # in one [BLOCK_M] sum, added to both planes at the end
+        fix = fix * alpha + (
+            tl.sum(p * v_offset[None, :], axis=1)
+            - (1024.0 * pow2) * tl.sum(p_scaled.to(tl.float32), axis=1)
         )
-        acc_e = acc_e * alpha[:, None] + tl.dot(p_scaled, v_lo) * pow2 + fix[:, None]
-        acc_o = acc_o * alpha[:, None] + tl.dot(p_scaled, v_hi) * pow2 + fix[:, None]
+        acc_e = acc_e * alpha[:, None] + tl.dot(p_scaled, v_lo) * pow2
+        acc_o = acc_o * alpha[:, None] + tl.dot(p_scaled, v_hi) * pow2
         m_i = m_new
 
     out_row = (b * HKV * GQA + head) * Sq + pos
     l_safe = tl.where(l_i > 0, l_i, 1.0)
-    out_e = acc_e / l_safe[:, None]
-    out_o = acc_o / l_safe[:, None]
+    out_e = (acc_e + fix[:, None]) / l_safe[:, None]
+    out_o = (acc_o + fix[:, None]) / l_safe[:, None]
     out_ptrs = out_ptr + pid_split * rows_total * D + out_row[:, None] * D + 2 * c[None, :]
     if WRITE_PARTIAL:
         tl.store(out_ptrs, out_e, mask=row_ok[:, None])
         tl.store(out_ptrs + 1, out_o, mask=row_ok[:, None])
         lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), _NEG_INF)
         tl.store(lse_ptr + pid_split * rows_total + out_row, lse, mask=row_ok)
+        if SELF_REDUCE:
+            tl.debug_barrier()
+            arrived = tl.atomic_add(cnt_ptr + pid_bh, 1, sem="acq_rel", scope="gpu")
+            if arrived == num_splits - 1:
+                _combine_splits(out_ptr, lse_ptr, final_ptr, out_row, row_ok, c, rows_total,
+                                num_splits, D)  # fmt: skip
+                tl.atomic_xchg(cnt_ptr + pid_bh, 0, sem="relaxed", scope="gpu")
     else:
         tl.store(out_ptrs, out_e.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
         tl.store(out_ptrs + 1, out_o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
@@ -468,6 +548,11 @@ def default_config(b: int, hkv: int, sq: int, gqa: int, s: int, groups: int = 1)
 _Q_BIAS = {torch.float16: (0x6400, 1024.0), torch.bfloat16: (0x4300, 128.0)}
 
 
+def _interpreting() -> bool:
+    """Triton's CPU interpreter runs Python, not PTX: kernels take their inline-asm-free path."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on")
+
+
 def split_buffers(split: int, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(target, lse) of an attention launch writing out [B, Hq, Sq, D]: out itself unsplit
     (lse unused), else fp32 partials [split, B, Hq, Sq, D] and log-sum-exps [split, B, Hq, Sq]."""
@@ -536,18 +621,22 @@ def launch_attention(
                 f"kv4 decode kernel: needs one group per head and a 16-bit query, got "
                 f"G={g}, D={d}, {query.dtype}; use a decode_grouped config"
             )
+        counters = _tile_counters(query.device) if split > 1 and b * hkv <= _COUNTERS else None
         _kv4_decode_kernel[(b * hkv, split)](
             query, k_codes, k_scales, k_offsets, v_codes, v_scales, v_offsets, lens_arg,
-            mask_arg, target, lse, sq, s, rows_total, scale * _LOG2E,
+            mask_arg, target, lse, out, counters if counters is not None else lse, sq, s,
+            rows_total, scale * _LOG2E,
             *query.stride(), k_codes.stride(0), k_codes.stride(1),
             k_scales.stride(0), k_scales.stride(1),
             seq_lens.stride(0) if seq_lens is not None else 0, *mask_strides,
             HKV=hkv, GQA=gqa, D=d, Q_BIAS_BITS=_Q_BIAS[query.dtype][0],
             Q_BIAS=_Q_BIAS[query.dtype][1], HAS_LENS=seq_lens is not None, IS_CAUSAL=is_causal,
             MASK_KIND=mask_kind, WRITE_PARTIAL=split > 1, BLOCK_M=cfg.block_m,
-            BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            BLOCK_N=cfg.block_n, ASM=not _interpreting(), SELF_REDUCE=counters is not None,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
-        reduce_splits(target, lse, out)
+        if counters is None:
+            reduce_splits(target, lse, out)
         return out
     grid = (triton.cdiv(sq * gqa, cfg.block_m), b * hkv, split)
     _kv4_attention_kernel[grid](
