@@ -228,27 +228,30 @@ def _nibble_planes(codes, BIAS_BITS: tl.constexpr, dtype: tl.constexpr, ASM: tl.
 def _combine_splits(part_ptr, lse_ptr, out_ptr, out_row, row_ok, c, rows_total, num_splits,
                     D: tl.constexpr):  # fmt: skip
     """out rows = sum_i w_i o_i / sum_i w_i over the splits' partials (even and odd channel
-    planes), w_i = 2**(lse_i - max lse), read from L2 in one online pass."""
+    planes), w_i = 2**(lse_i - max lse), read from L2 in one online pass, 4 splits at a time
+    (masked past the count) so their loads are in flight together."""
     top = tl.full(out_row.shape, _NEG_INF, tl.float32)
     total = tl.zeros(out_row.shape, tl.float32)
     acc_e = tl.zeros((out_row.shape[0], D // 2), tl.float32)
     acc_o = tl.zeros((out_row.shape[0], D // 2), tl.float32)
     ptrs = part_ptr + out_row[:, None] * D + 2 * c[None, :]
-    for sp in range(num_splits):
-        lse = tl.load(lse_ptr + sp * rows_total + out_row, mask=row_ok, other=_NEG_INF,
-                      cache_modifier=".cg")  # fmt: skip
-        new_top = tl.maximum(top, lse)
-        safe = tl.where(new_top == _NEG_INF, 0.0, new_top)  # empty splits weigh 0
-        keep = tl.exp2(top - safe)
-        w = tl.exp2(lse - safe)
-        part_e = tl.load(ptrs + sp * rows_total * D, mask=row_ok[:, None], other=0.0,
-                         cache_modifier=".cg")  # fmt: skip
-        part_o = tl.load(ptrs + sp * rows_total * D + 1, mask=row_ok[:, None], other=0.0,
-                         cache_modifier=".cg")  # fmt: skip
-        acc_e = acc_e * keep[:, None] + part_e * w[:, None]
-        acc_o = acc_o * keep[:, None] + part_o * w[:, None]
-        total = total * keep + w
-        top = new_top
+    for sp0 in range(0, num_splits, 4):
+        for j in tl.static_range(4):
+            live = row_ok & (out_row * 0 + sp0 + j < num_splits)  # a tensor
+            lse = tl.load(lse_ptr + (sp0 + j) * rows_total + out_row, mask=live,
+                          other=_NEG_INF, cache_modifier=".cg")  # fmt: skip
+            new_top = tl.maximum(top, lse)
+            safe = tl.where(new_top == _NEG_INF, 0.0, new_top)  # empty splits weigh 0
+            keep = tl.exp2(top - safe)
+            w = tl.exp2(lse - safe)
+            part_e = tl.load(ptrs + (sp0 + j) * rows_total * D, mask=live[:, None], other=0.0,
+                             cache_modifier=".cg")  # fmt: skip
+            part_o = tl.load(ptrs + (sp0 + j) * rows_total * D + 1, mask=live[:, None],
+                             other=0.0, cache_modifier=".cg")  # fmt: skip
+            acc_e = acc_e * keep[:, None] + part_e * w[:, None]
+            acc_o = acc_o * keep[:, None] + part_o * w[:, None]
+            total = total * keep + w
+            top = new_top
     total = tl.where(total > 0, total, 1.0)
     out_ptrs = out_ptr + out_row[:, None] * D + 2 * c[None, :]
     tl.store(out_ptrs, (acc_e / total[:, None]).to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
@@ -524,9 +527,19 @@ def candidate_configs(
     return [c for c in out if valid_config(c, rows, groups)]
 
 
-# (BLOCK_N, warps, stages) per decode kernel
+_SELF_REDUCE_SPLITS = 8
+# (BLOCK_N, warps, stages) per decode kernel. "decode": one warp per 64 keys wins from
+# batch 16 up, wider programs at batch 1 (`benchmarks/probe_kv4_decode.py`, H100).
 _DECODE_TILES = {
-    "decode": ((64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 4, 3), (128, 8, 3), (256, 8, 2)),
+    "decode": (
+        (64, 1, 3),
+        (64, 1, 2),
+        (128, 2, 3),
+        (128, 4, 3),
+        (128, 8, 3),
+        (256, 4, 3),
+        (256, 8, 2),
+    ),  # fmt: skip
     "decode_grouped": ((32, 2, 2), (64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 8, 3)),
 }
 
@@ -534,11 +547,16 @@ _DECODE_TILES = {
 def default_config(b: int, hkv: int, sq: int, gqa: int, s: int, groups: int = 1) -> KernelConfig:
     """Used without tuning (QCOMPILE_AUTOTUNE=0, CUDA-graph capture): valid for every shape."""
     rows = sq * gqa
+    if rows <= 64 and groups == 1:  # one-warp programs, ~8 per SM, >= 512 keys each
+        split = 1
+        while split < 128 and b * hkv * split * 2 <= 8 * 132 and s >= split * 2 * 512:
+            split *= 2
+        return KernelConfig("decode", decode_rows(sq, gqa), 64, 0, split, 1, 3)
     if rows <= 64:
         split = 1
         while split < 64 and b * hkv * split * 2 <= 2 * 132 and s >= split * 2 * 256:
             split *= 2
-        return KernelConfig(decode_kind(groups), decode_rows(sq, gqa), 64, 0, split, 4, 2)
+        return KernelConfig("decode_grouped", decode_rows(sq, gqa), 64, 0, split, 4, 2)
     return KernelConfig("prefill", 64, 64, 0, 1, 4, 2)
 
 
@@ -621,7 +639,11 @@ def launch_attention(
                 f"kv4 decode kernel: needs one group per head and a 16-bit query, got "
                 f"G={g}, D={d}, {query.dtype}; use a decode_grouped config"
             )
-        counters = _tile_counters(query.device) if split > 1 and b * hkv <= _COUNTERS else None
+        # Self-reduce up to 8 splits; past that the last program's combine (a chain of
+        # 4-split loads from L2) outlasts a second launch (H100: B=1, S=8k, split 16 took
+        # 19.4 us self-reduced, 14.8 us with `_kv4_split_reduce_kernel`).
+        reduce_here = 1 < split <= _SELF_REDUCE_SPLITS and b * hkv <= _COUNTERS
+        counters = _tile_counters(query.device) if reduce_here else None
         _kv4_decode_kernel[(b * hkv, split)](
             query, k_codes, k_scales, k_offsets, v_codes, v_scales, v_offsets, lens_arg,
             mask_arg, target, lse, out, counters if counters is not None else lse, sq, s,
