@@ -35,6 +35,7 @@ from qcompile.lowering.kv4_attention import (
     default_config,
     kv4_cache_write_cuda,
     launch_attention,
+    prefill_kind,
     valid_config,
 )
 from qcompile.ops.kv4 import kv4_attention_reference
@@ -225,20 +226,20 @@ def test_decode_kernel_matches_float64_reference(problem, data):
 @KERNEL_SETTINGS
 @given(problem=kv4_problems(decode=False, device=KERNEL_DEVICE), data=st.data())
 def test_prefill_kernel_matches_float64_reference(problem, data):
-    """Flash-attention over several query positions: causal, masks, tiles of (pos, head) rows."""
+    """Flash-attention over several query positions, both kernels ("prefill" where the cache
+    has one group per head): causal, masks, tiles of (pos, head) rows."""
     b, hq, sq, _ = problem.query.shape
     hkv, s = problem.keys.codes.shape[1:3]
-    cfg = data.draw(
-        st.sampled_from(
-            [KernelConfig("prefill", 16, 32, 0), KernelConfig("prefill", 32, 32, 0)]
-            + [
-                c
-                for c in candidate_configs(b, hkv, sq, hq // hkv, s, problem.keys.scales.shape[-1])
-                if c.block_m <= 64
-            ][:2]
-        ),
-        label="config",
-    )
+    groups = problem.keys.scales.shape[-1]
+    kind = data.draw(st.sampled_from(sorted({prefill_kind(groups), "prefill_grouped"})))
+    tiles = [(16, 32), (32, 32)] + [
+        (c.block_m, c.block_n)
+        for c in candidate_configs(b, hkv, sq, hq // hkv, s, groups)
+        if c.block_m <= 64 and c.block_n <= 64
+    ][:2]
+    bm, bn = data.draw(st.sampled_from(tiles), label="tile")
+    cfg = KernelConfig(kind, bm, bn, 0)
+    assert valid_config(cfg, sq * hq // hkv, groups)
     assert_close_rel(_run(problem, cfg), problem.reference64(), problem.query.dtype)
 
 
@@ -251,6 +252,8 @@ def test_valid_config_refuses_tiles_the_gpu_gets_wrong(bm, bn, valid):
     assert valid_config(KernelConfig("decode", 16, bn, 0, 2), 4) is (bn == 32)
     assert valid_config(KernelConfig("decode_grouped", 16, bn, 0, 2), 4, 4) is (bn == 32)
     assert not valid_config(KernelConfig("decode", 16, 32, 0, 2), 4, 2)
+    assert not valid_config(KernelConfig("prefill", 64, 32, 0), 4, 2)
+    assert valid_config(KernelConfig("prefill_grouped", 64, 32, 0), 4, 2)
     assert {c.kernel for c in candidate_configs(1, 8, 1, 4, 8192, 1)} == {"decode"}
     assert {c.kernel for c in candidate_configs(1, 8, 1, 4, 8192, 4)} == {"decode_grouped"}
 

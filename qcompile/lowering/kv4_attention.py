@@ -271,7 +271,9 @@ def _kv4_decode_kernel(
     MASK_KIND: tl.constexpr, WRITE_PARTIAL: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, ASM: tl.constexpr, SELF_REDUCE: tl.constexpr,
 ):  # fmt: skip
-    # Flash-decoding for one scale/offset per token and head (G = D), everything 2-D: the
+    # Flash-decoding ("decode": split over the sequence) and flash-attention ("prefill": row
+    # tiles over pid_m, causal tiles skipped) for one scale/offset per token and head (G = D),
+    # everything 2-D: the
     # even and odd channels are separate planes (low and high nibbles of the cache bytes),
     # so the query splits into q_even / q_odd once and nothing is interleaved per tile.
     #   scores = scale * (q_e . (B + lo) + q_o . (B + hi) - B * sum q) + offset * sum q
@@ -283,10 +285,11 @@ def _kv4_decode_kernel(
     HALF: tl.constexpr = D // 2
     pid_bh = tl.program_id(0)
     pid_split = tl.program_id(1)
+    pid_m = tl.program_id(2)  # row tile: one for decode, Sq * GQA / BLOCK_M for prefill
     num_splits = tl.num_programs(1)
     b = pid_bh // HKV
     hkv = pid_bh % HKV
-    rows = tl.arange(0, BLOCK_M)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     pos = rows // GQA
     head = hkv * GQA + rows % GQA
     row_ok = pos < Sq
@@ -295,8 +298,9 @@ def _kv4_decode_kernel(
     if HAS_LENS:
         seq_len = tl.load(lens_ptr + b * stride_lens).to(tl.int32)
     kv_end = seq_len
-    if IS_CAUSAL:
-        kv_end = tl.minimum(seq_len, seq_len - Sq + tl.minimum((BLOCK_M - 1) // GQA, Sq - 1) + 1)
+    if IS_CAUSAL:  # the tile's last query sits at position seq_len - Sq + pos_max
+        pos_max = tl.minimum((pid_m * BLOCK_M + BLOCK_M - 1) // GQA, Sq - 1)
+        kv_end = tl.minimum(seq_len, seq_len - Sq + pos_max + 1)
     per_split = tl.cdiv(tl.cdiv(kv_end, num_splits), BLOCK_N) * BLOCK_N
     start = pid_split * per_split
     end = tl.minimum(start + per_split, kv_end)
@@ -484,19 +488,29 @@ def decode_kind(groups: int) -> str:
     return "decode" if groups == 1 else "decode_grouped"
 
 
+def prefill_kind(groups: int) -> str:
+    """Likewise for prefill: "prefill" (`_kv4_decode_kernel` over row tiles) at G = D,
+    "prefill_grouped" (`_kv4_attention_kernel`) otherwise."""
+    return "prefill" if groups == 1 else "prefill_grouped"
+
+
+_KINDS = ("decode", "decode_grouped", "prefill", "prefill_grouped")
+_ONE_GROUP_KINDS = ("decode", "prefill")
+
+
 def valid_config(cfg: KernelConfig, rows: int, groups: int = 1) -> bool:
     """Power-of-two tiles, BLOCK_M >= 16 (tl.dot's minimum), BLOCK_N >= 32, decode tiles
     holding every row, "decode" only for one group per head. BLOCK_N = 16 computes wrong
     attention on the H100 with Triton 3.6 (rel. error 2.7-5.5 at any BLOCK_M, warps or
     stages, `benchmarks/probe_kv4_prefill.py`) while the interpreter gets it right, so no
     config may use it."""
-    if cfg.kernel not in ("decode", "decode_grouped", "prefill"):
+    if cfg.kernel not in _KINDS:
         return False
     if not (_pow2(cfg.block_m) and _pow2(cfg.block_n)) or cfg.block_m < 16 or cfg.block_n < 32:
         return False
-    if cfg.kernel == "decode" and groups != 1:
+    if cfg.kernel in _ONE_GROUP_KINDS and groups != 1:
         return False
-    if cfg.kernel != "prefill":
+    if cfg.kernel.startswith("decode"):
         return cfg.block_m >= rows and cfg.split_k >= 1
     return cfg.split_k == 1
 
@@ -521,12 +535,18 @@ def candidate_configs(
             for bn, warps, stages in _DECODE_TILES[decode_kind(groups)]:
                 out.append(KernelConfig(decode_kind(groups), bm, bn, 0, split, warps, stages))
     if sq > 1:
-        for bm, bn, warps, stages in ((64, 32, 4, 2), (64, 64, 4, 2), (64, 64, 4, 3),
-                                      (128, 32, 8, 2), (128, 64, 8, 2), (128, 64, 8, 3)):  # fmt: skip
-            out.append(KernelConfig("prefill", bm, bn, 0, 1, warps, stages))
+        for bm, bn, warps, stages in _PREFILL_TILES[prefill_kind(groups)]:
+            out.append(KernelConfig(prefill_kind(groups), bm, bn, 0, 1, warps, stages))
     return [c for c in out if valid_config(c, rows, groups)]
 
 
+# (BLOCK_M, BLOCK_N, warps, stages) per prefill kernel
+_PREFILL_TILES = {
+    "prefill": ((64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (128, 64, 8, 3),
+                (64, 128, 4, 2), (128, 128, 8, 2)),
+    "prefill_grouped": ((64, 32, 4, 2), (64, 64, 4, 2), (64, 64, 4, 3), (128, 32, 8, 2),
+                        (128, 64, 8, 2), (128, 64, 8, 3)),
+}  # fmt: skip
 _SELF_REDUCE_SPLITS = 8
 # (BLOCK_N, warps, stages) per decode kernel. "decode": one warp per 64 keys wins from
 # batch 16 up, wider programs at batch 1 (`benchmarks/probe_kv4_decode.py`, H100).
@@ -557,7 +577,7 @@ def default_config(b: int, hkv: int, sq: int, gqa: int, s: int, groups: int = 1)
         while split < 64 and b * hkv * split * 2 <= 2 * 132 and s >= split * 2 * 256:
             split *= 2
         return KernelConfig("decode_grouped", decode_rows(sq, gqa), 64, 0, split, 4, 2)
-    return KernelConfig("prefill", 64, 64, 0, 1, 4, 2)
+    return KernelConfig(prefill_kind(groups), 64, 64, 0, 1, 4, 2)
 
 
 # --------------------------------------------------------------------------- launchers
@@ -629,22 +649,22 @@ def launch_attention(
     elif not out.is_contiguous():
         raise ValueError("launch_attention: out must be contiguous")
     rows_total = b * hq * sq
-    split = cfg.split_k if cfg.kernel != "prefill" else 1
+    split = cfg.split_k if cfg.kernel.startswith("decode") else 1
     target, lse = split_buffers(split, out)
     mask_kind, mask_arg, mask_strides = mask_args(mask, (b, hq, sq, s), out)
     lens_arg = seq_lens if seq_lens is not None else out
-    if cfg.kernel == "decode":
+    if cfg.kernel in _ONE_GROUP_KINDS:
         if g != d or query.dtype not in _Q_BIAS:
             raise ValueError(
-                f"kv4 decode kernel: needs one group per head and a 16-bit query, got "
-                f"G={g}, D={d}, {query.dtype}; use a decode_grouped config"
+                f"kv4 {cfg.kernel} kernel: needs one group per head and a 16-bit query, got "
+                f"G={g}, D={d}, {query.dtype}; use a {cfg.kernel}_grouped config"
             )
         # Self-reduce up to 8 splits; past that the last program's combine (a chain of
         # 4-split loads from L2) outlasts a second launch (H100: B=1, S=8k, split 16 took
         # 19.4 us self-reduced, 14.8 us with `_kv4_split_reduce_kernel`).
         reduce_here = 1 < split <= _SELF_REDUCE_SPLITS and b * hkv <= _COUNTERS
         counters = _tile_counters(query.device) if reduce_here else None
-        _kv4_decode_kernel[(b * hkv, split)](
+        _kv4_decode_kernel[(b * hkv, split, triton.cdiv(sq * gqa, cfg.block_m))](
             query, k_codes, k_scales, k_offsets, v_codes, v_scales, v_offsets, lens_arg,
             mask_arg, target, lse, out, counters if counters is not None else lse, sq, s,
             rows_total, scale * _LOG2E,
