@@ -189,27 +189,33 @@ def _kv4_attention_kernel(
 
 @triton.jit
 def _nibble_planes(codes, BIAS_BITS: tl.constexpr, dtype: tl.constexpr, ASM: tl.constexpr):
-    """[N, D/2] uint8 -> (even, odd) channel planes [N, D/2] in dtype, each value exactly
-    bias + code: the nibble ORed into the mantissa of the bias (fp16 1024: 0x6400, bf16 128:
-    0x4300), no conversion instruction; callers subtract the bias once per dot (sum of the
-    other operand times the bias), not per element.
+    """[N, D/2] uint8 -> (even, odd) channel planes [N, D/2] in dtype, the exact codes: each
+    nibble ORed into the mantissa of a bias (fp16 1024: 0x6400, bf16 128: 0x4300) is
+    bias + code with no conversion instruction, and subtracting the bias is exact. The bias
+    must go before the dot: left in, the tensor cores' fp32 accumulation of ~1024-sized
+    products lost ~1e-2 relative on the H100 (BLOCK_N 128-256, S=4100).
 
-    ASM (on the GPU): per 4 bytes in one register, 2 PRMT spread bytes to 16-bit lanes and 4
-    LOP3 (+2 shifts) write 8 values as 4 packed fp16x2/bf16x2 registers, the form the tensor
-    cores read; Triton's own i16 ops take ~3 instructions per code (sm_90, Triton 3.6). The
-    interpreter runs the same arithmetic in Triton ops."""
+    ASM (on the GPU): per 4 bytes in one register, 2 PRMT spread bytes to 16-bit lanes, 4
+    LOP3 (+2 shifts) and 4 packed subtractions write 8 codes as 4 fp16x2/bf16x2 registers,
+    the form the tensor cores read; Triton's own i16 ops take ~3 instructions per code (sm_90,
+    Triton 3.6). The interpreter converts through float32 instead (same values)."""
     if ASM:
         even, odd = tl.inline_asm_elementwise(
             asm=f"""{{
-            .reg .b32 t0, t1;
+            .reg .b32 t0, t1, tb;
+            mov.b32 tb, {BIAS_BITS * 0x10001};
             prmt.b32 t0, $4, 0, 0x4140;
             prmt.b32 t1, $4, 0, 0x4342;
-            lop3.b32 $0, t0, 0x000F000F, {BIAS_BITS * 0x10001}, 0xea;
-            lop3.b32 $1, t1, 0x000F000F, {BIAS_BITS * 0x10001}, 0xea;
+            lop3.b32 $0, t0, 0x000F000F, tb, 0xea;
+            lop3.b32 $1, t1, 0x000F000F, tb, 0xea;
             shr.u32 t0, t0, 4;
             shr.u32 t1, t1, 4;
-            lop3.b32 $2, t0, 0x000F000F, {BIAS_BITS * 0x10001}, 0xea;
-            lop3.b32 $3, t1, 0x000F000F, {BIAS_BITS * 0x10001}, 0xea;
+            lop3.b32 $2, t0, 0x000F000F, tb, 0xea;
+            lop3.b32 $3, t1, 0x000F000F, tb, 0xea;
+            sub.{"f16x2" if BIAS_BITS == 0x6400 else "bf16x2"} $0, $0, tb;
+            sub.{"f16x2" if BIAS_BITS == 0x6400 else "bf16x2"} $1, $1, tb;
+            sub.{"f16x2" if BIAS_BITS == 0x6400 else "bf16x2"} $2, $2, tb;
+            sub.{"f16x2" if BIAS_BITS == 0x6400 else "bf16x2"} $3, $3, tb;
             }}""",
             constraints="=r,=r,=r,=r,r",
             args=[codes],
@@ -219,8 +225,9 @@ def _nibble_planes(codes, BIAS_BITS: tl.constexpr, dtype: tl.constexpr, ASM: tl.
         )
     else:
         c = codes.to(tl.int16)
-        even = ((c & 0xF) | BIAS_BITS).to(tl.int16).to(dtype, bitcast=True)
-        odd = ((c >> 4) | BIAS_BITS).to(tl.int16).to(dtype, bitcast=True)
+        # via float32: the interpreter's int -> bf16 cast and bf16 subtraction are wrong
+        even = (c & 0xF).to(tl.float32).to(dtype)
+        odd = (c >> 4).to(tl.float32).to(dtype)
     return even, odd
 
 
@@ -267,7 +274,7 @@ def _kv4_decode_kernel(
     stride_cb, stride_ch, stride_sb, stride_sh, stride_lens,
     stride_mb, stride_mh, stride_mq, stride_ms,
     HKV: tl.constexpr, GQA: tl.constexpr, D: tl.constexpr, Q_BIAS_BITS: tl.constexpr,
-    Q_BIAS: tl.constexpr, HAS_LENS: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    HAS_LENS: tl.constexpr, IS_CAUSAL: tl.constexpr,
     MASK_KIND: tl.constexpr, WRITE_PARTIAL: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, ASM: tl.constexpr, SELF_REDUCE: tl.constexpr,
 ):  # fmt: skip
@@ -276,9 +283,9 @@ def _kv4_decode_kernel(
     # everything 2-D: the
     # even and odd channels are separate planes (low and high nibbles of the cache bytes),
     # so the query splits into q_even / q_odd once and nothing is interleaved per tile.
-    #   scores = scale * (q_e . (B + lo) + q_o . (B + hi) - B * sum q) + offset * sum q
-    #   out_e  = sum_t p_t (scale_t lo_t + offset_t): P * scale (fp16, see below) @ (1024 + lo)
-    # minus 1024 * sum(P * scale), plus P @ offset; likewise out_o with hi.
+    #   scores = scale * (q_e . lo + q_o . hi) + offset * sum q
+    #   out_e  = sum_t p_t (scale_t lo_t + offset_t) = (P * scale, fp16, see below) @ lo
+    # plus P @ offset; likewise out_o with hi.
     # Rows, masks, splits and outputs as `_kv4_attention_kernel` (pid_m = 0). With
     # SELF_REDUCE the last split of a (batch, KV head) to finish (a counter per pid_bh, as
     # the W4A16 split-K) combines every split's partial into final_ptr: one launch, not two.
@@ -310,7 +317,6 @@ def _kv4_decode_kernel(
     q_e = tl.load(q_rows + (2 * c)[None, :] * stride_qd, mask=row_ok[:, None], other=0.0)
     q_o = tl.load(q_rows + (2 * c + 1)[None, :] * stride_qd, mask=row_ok[:, None], other=0.0)
     q_sum = tl.sum(q_e.to(tl.float32), axis=1) + tl.sum(q_o.to(tl.float32), axis=1)
-    q_bias = Q_BIAS * q_sum
 
     m_i = tl.full((BLOCK_M,), _NEG_INF, tl.float32)  # running max, log2 domain
     l_i = tl.zeros((BLOCK_M,), tl.float32)
@@ -335,7 +341,7 @@ def _kv4_decode_kernel(
         qk = tl.dot(q_o, tl.trans(k_hi), qk)  # [BLOCK_M, BLOCK_N]
         k_scale = tl.load(ks_ptr + scale_base + cols, mask=col_ok, other=0.0).to(tl.float32)
         k_offset = tl.load(ko_ptr + scale_base + cols, mask=col_ok, other=0.0).to(tl.float32)
-        scores = ((k_scale * qk_scale)[None, :] * (qk - q_bias[:, None])
+        scores = ((k_scale * qk_scale)[None, :] * qk
                   + (k_offset * qk_scale)[None, :] * q_sum[:, None])  # fmt: skip
         # Padding rows (pos >= Sq) have q = 0 and finite scores; they are never stored, so
         # only masks read per row need row_ok (their loads must stay in bounds).
@@ -357,12 +363,9 @@ def _kv4_decode_kernel(
         # maximum, as `_kv4_attention_kernel` does per group.
         pow2 = tl.exp2(tl.ceil(tl.log2(tl.maximum(tl.max(v_scale, axis=0), _MIN_SCALE))))
         p_scaled = (p * (v_scale / pow2)[None, :]).to(tl.float16)
-        # the per-row terms (offsets, minus the bias) are the same for every channel: kept
+        # the per-row offset terms are the same for every channel: kept
         # in one [BLOCK_M] sum, added to both planes at the end
-        fix = fix * alpha + (
-            tl.sum(p * v_offset[None, :], axis=1)
-            - (1024.0 * pow2) * tl.sum(p_scaled.to(tl.float32), axis=1)
-        )
+        fix = fix * alpha + tl.sum(p * v_offset[None, :], axis=1)
         acc_e = acc_e * alpha[:, None] + tl.dot(p_scaled, v_lo) * pow2
         acc_o = acc_o * alpha[:, None] + tl.dot(p_scaled, v_hi) * pow2
         m_i = m_new
@@ -581,9 +584,9 @@ def default_config(b: int, hkv: int, sq: int, gqa: int, s: int, groups: int = 1)
 
 
 # --------------------------------------------------------------------------- launchers
-# Bit pattern and value of the bias whose mantissa a nibble is ORed into, per query dtype
+# Bit pattern of the bias whose mantissa a nibble is ORed into, per query dtype
 # (`_nibble_planes`): 1024 in fp16 (spacing 1 up to 2048), 128 in bf16 (spacing 1 up to 256).
-_Q_BIAS = {torch.float16: (0x6400, 1024.0), torch.bfloat16: (0x4300, 128.0)}
+_Q_BIAS = {torch.float16: 0x6400, torch.bfloat16: 0x4300}
 
 
 def _interpreting() -> bool:
@@ -671,8 +674,8 @@ def launch_attention(
             *query.stride(), k_codes.stride(0), k_codes.stride(1),
             k_scales.stride(0), k_scales.stride(1),
             seq_lens.stride(0) if seq_lens is not None else 0, *mask_strides,
-            HKV=hkv, GQA=gqa, D=d, Q_BIAS_BITS=_Q_BIAS[query.dtype][0],
-            Q_BIAS=_Q_BIAS[query.dtype][1], HAS_LENS=seq_lens is not None, IS_CAUSAL=is_causal,
+            HKV=hkv, GQA=gqa, D=d, Q_BIAS_BITS=_Q_BIAS[query.dtype],
+            HAS_LENS=seq_lens is not None, IS_CAUSAL=is_causal,
             MASK_KIND=mask_kind, WRITE_PARTIAL=split > 1, BLOCK_M=cfg.block_m,
             BLOCK_N=cfg.block_n, ASM=not _interpreting(), SELF_REDUCE=counters is not None,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
