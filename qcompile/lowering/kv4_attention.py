@@ -85,6 +85,34 @@ def _softmax_tile(scores, visible, mask_ptrs, m_i, l_i, MASK_KIND: tl.constexpr)
 
 
 @triton.jit
+def _program_tile(pid_bh, pid_m, pid_split, num_splits, lens_ptr, stride_lens, Sq, S,
+                  HKV: tl.constexpr, GQA: tl.constexpr, HAS_LENS: tl.constexpr,
+                  IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    """What one attention program owns: (batch, KV head, the [BLOCK_M] rows' query position,
+    query head and validity, the sequence length, and its [start, end) of keys). Row
+    r = i * GQA + j is query position i of query head hkv * GQA + j; the split covers
+    ceil(keys / splits) rounded up to BLOCK_N, ending at the tile's last causally visible key."""
+    b = pid_bh // HKV
+    hkv = pid_bh % HKV
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pos = rows // GQA
+    head = hkv * GQA + rows % GQA
+    row_ok = pos < Sq
+
+    seq_len = S
+    if HAS_LENS:
+        seq_len = tl.load(lens_ptr + b * stride_lens).to(tl.int32)
+    kv_end = seq_len
+    if IS_CAUSAL:  # the tile's last query sits at position seq_len - Sq + pos_max
+        pos_max = tl.minimum((pid_m * BLOCK_M + BLOCK_M - 1) // GQA, Sq - 1)
+        kv_end = tl.minimum(seq_len, seq_len - Sq + pos_max + 1)
+    per_split = tl.cdiv(tl.cdiv(kv_end, num_splits), BLOCK_N) * BLOCK_N
+    start = pid_split * per_split
+    end = tl.minimum(start + per_split, kv_end)
+    return b, hkv, pos, head, row_ok, seq_len, start, end
+
+
+@triton.jit
 def _kv4_attention_kernel(
     q_ptr, kc_ptr, ks_ptr, ko_ptr, vc_ptr, vs_ptr, vo_ptr, lens_ptr, mask_ptr, out_ptr, lse_ptr,
     Sq, S, rows_total, qk_scale,
@@ -103,23 +131,10 @@ def _kv4_attention_kernel(
     pid_bh = tl.program_id(1)
     pid_split = tl.program_id(2)
     num_splits = tl.num_programs(2)
-    b = pid_bh // HKV
-    hkv = pid_bh % HKV
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    pos = rows // GQA
-    head = hkv * GQA + rows % GQA
-    row_ok = pos < Sq
-
-    seq_len = S
-    if HAS_LENS:
-        seq_len = tl.load(lens_ptr + b * stride_lens).to(tl.int32)
-    kv_end = seq_len
-    if IS_CAUSAL:  # the tile's last query sits at position seq_len - Sq + pos_max
-        pos_max = tl.minimum((pid_m * BLOCK_M + BLOCK_M - 1) // GQA, Sq - 1)
-        kv_end = tl.minimum(seq_len, seq_len - Sq + pos_max + 1)
-    per_split = tl.cdiv(tl.cdiv(kv_end, num_splits), BLOCK_N) * BLOCK_N
-    start = pid_split * per_split
-    end = tl.minimum(start + per_split, kv_end)
+    b, hkv, pos, head, row_ok, seq_len, start, end = _program_tile(
+        pid_bh, pid_m, pid_split, num_splits, lens_ptr, stride_lens, Sq, S, HKV, GQA, HAS_LENS,
+        IS_CAUSAL, BLOCK_M, BLOCK_N,
+    )  # fmt: skip
 
     grp = tl.arange(0, NG)[:, None, None]  # [NG, 1, 1]
     ch = tl.arange(0, G)[None, None, :]  # [1, 1, G]: channel grp * G + ch
@@ -294,23 +309,10 @@ def _kv4_decode_kernel(
     pid_split = tl.program_id(1)
     pid_m = tl.program_id(2)  # row tile: one for decode, Sq * GQA / BLOCK_M for prefill
     num_splits = tl.num_programs(1)
-    b = pid_bh // HKV
-    hkv = pid_bh % HKV
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    pos = rows // GQA
-    head = hkv * GQA + rows % GQA
-    row_ok = pos < Sq
-
-    seq_len = S
-    if HAS_LENS:
-        seq_len = tl.load(lens_ptr + b * stride_lens).to(tl.int32)
-    kv_end = seq_len
-    if IS_CAUSAL:  # the tile's last query sits at position seq_len - Sq + pos_max
-        pos_max = tl.minimum((pid_m * BLOCK_M + BLOCK_M - 1) // GQA, Sq - 1)
-        kv_end = tl.minimum(seq_len, seq_len - Sq + pos_max + 1)
-    per_split = tl.cdiv(tl.cdiv(kv_end, num_splits), BLOCK_N) * BLOCK_N
-    start = pid_split * per_split
-    end = tl.minimum(start + per_split, kv_end)
+    b, hkv, pos, head, row_ok, seq_len, start, end = _program_tile(
+        pid_bh, pid_m, pid_split, num_splits, lens_ptr, stride_lens, Sq, S, HKV, GQA, HAS_LENS,
+        IS_CAUSAL, BLOCK_M, BLOCK_N,
+    )  # fmt: skip
 
     c = tl.arange(0, HALF)
     q_rows = q_ptr + b * stride_qb + head[:, None] * stride_qh + pos[:, None] * stride_qs
