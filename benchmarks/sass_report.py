@@ -71,6 +71,10 @@ def compile_variant(
         del sig["nibble_mask"]
         fn = kernels._w4a16_gemm_kernel
         consts.update(BLOCK_M=bm, GROUP_M=8, SWAP_AB=True)
+    if kind == "mma":
+        del sig["nibble_mask"], consts["PREFETCH"]
+        fn = kernels._w4a16_mma_kernel
+        consts.update(M_TILES=bm // 8, N_TILES=bn // (16 * warps), ASM=True)
     sig.update({name: "constexpr" for name in consts})
     src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=ATTRS)
     return triton.compile(src, target=TARGET, options={"num_warps": warps, "num_stages": stages})

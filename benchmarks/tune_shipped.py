@@ -50,6 +50,12 @@ def main() -> None:
         help="also tune decode_attention at these batch sizes (Llama-3-8B heads, one query)",
     )  # fmt: skip
     ap.add_argument("--seq", default="185,1024,4096", help="--decode16 cache lengths")
+    ap.add_argument(
+        "--kinds", default="",
+        help="W4A16 kernel kinds to add (e.g. mma): each key's candidates become its shipped "
+        "config plus these kinds' candidates, timed side by side; for a new kernel kind "
+        "without re-timing every old candidate",
+    )  # fmt: skip
     args = ap.parse_args()
     if args.merge is not None:
         out = args.out or autotune.SHIPPED_DIR / "h100.json"
@@ -58,6 +64,9 @@ def main() -> None:
 
     tuner = autotune.autotuner(0)
     gpu = tuner.gpu
+    current: dict[str, str] = {}
+    if args.kinds:
+        _restrict_candidates(dict(tuner.shipped), set(args.kinds.split(",")), current)
     out = args.out or autotune.SHIPPED_DIR / f"{autotune.shipped_config_name(gpu)}.json"
     tuner.shipped = {}  # tune everything afresh: neither the old shipped file
     tuner.user = {}  # nor entries of the user cache (untimed) end up in the new file
@@ -65,6 +74,7 @@ def main() -> None:
     t0 = time.time()
     for dtype_name in args.dtypes.split(","):
         dtype = getattr(torch, dtype_name)
+        current["dtype"] = dtype_name
         for b in (int(v) for v in args.decode16.split(",") if v):
             for s in map(int, args.seq.split(",")):
                 key = _tune_decode16(b, s, dtype)
@@ -82,6 +92,20 @@ def main() -> None:
                     flush=True,
                 )
                 _write(out, gpu, tuner)  # after every key: a run cut short keeps what it tuned
+
+
+def _restrict_candidates(shipped: dict, kinds: set[str], current: dict) -> None:
+    """Candidates of a key = its shipped config (if any) + those of `kinds`."""
+    from qcompile.lowering import w4a16
+
+    everything = w4a16.candidate_configs
+
+    def restricted(m: int, n: int, k: int, g: int) -> list:
+        key = autotune.TuneKey("w4a16", autotune.m_bucket(m), n, k, g, current["dtype"])
+        old = [shipped[key]] if key in shipped else []
+        return old + [c for c in everything(m, n, k, g) if c.kernel in kinds]
+
+    w4a16.candidate_configs = restricted
 
 
 def _tune_decode16(b: int, s: int, dtype: torch.dtype) -> autotune.TuneKey:

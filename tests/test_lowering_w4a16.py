@@ -135,8 +135,11 @@ def test_dequantize_then_matmul_strategy(group):
         KernelConfig("gemm_planes_direct", 16, 32, 128, 2, 4, 2),  # per-row scales, split
         KernelConfig("gemm_planes_direct", 16, 32, 128, 1, 4, 2),
         KernelConfig("dequant_mm", 0, 32, 4, 1, 4, 1),
+        KernelConfig("mma", 16, 64, 128, 2, 2, 1),  # 2 tiles per warp; BLOCK_K > group at g64
+        KernelConfig("mma", 16, 64, 64, 1, 1, 1),  # 4 tiles per warp
+        KernelConfig("mma", 8, 32, 32, 2, 1, 1),  # one B tile, one 32-k step per iteration
     ],
-    ids=lambda c: f"{c.kernel}-bk{c.block_k}-sk{c.split_k}",
+    ids=lambda c: f"{c.kernel}-bn{c.block_n}-bk{c.block_k}-sk{c.split_k}",
 )
 @pytest.mark.parametrize("x_planes", [False, True])
 @pytest.mark.parametrize("group", [64, 128])
@@ -148,7 +151,7 @@ def test_each_kernel_kind_with_bias(cfg, dtype, group, x_planes):
     from qcompile.quant.rtn import quantize_weight_int4
 
     gen = torch.Generator().manual_seed(7)
-    m, n, k = 3 if cfg.kernel == "gemv" else 19, 40, 256
+    m, n, k = {"gemv": 3, "mma": cfg.block_m - 3}.get(cfg.kernel, 19), 40, 256
     w = torch.randn(n, k, generator=gen)
     p = quantize_weight_int4(w, Scheme(group_size=group), dtype)
     p = type(p)(*(t.to(KERNEL_DEVICE) for t in (p.qweight, p.scales, p.offsets)), p.group_size)
@@ -166,6 +169,7 @@ SPLIT_CONFIGS = [
     KernelConfig("gemm_swap", 16, 16, 32, 8, 4, 2),
     KernelConfig("gemm_planes", 16, 32, 128, 2, 4, 2),
     KernelConfig("gemm_planes_xreg", 16, 32, 128, 2, 4, 2),
+    KernelConfig("mma", 16, 64, 64, 4, 2, 1),
 ]
 
 
@@ -191,7 +195,8 @@ def test_split_k_reduces_in_one_launch(cfg):
     reduction, every tile counter re-armed to zero, and a second launch is right too."""
     from qcompile.lowering import w4a16 as lowering
 
-    problem = _packed_problem(3 if cfg.kernel == "gemv" else 21, 96, 256, 64, torch.float16, 3)
+    m = {"gemv": 3, "mma": 13}.get(cfg.kernel, 21)
+    problem = _packed_problem(m, 96, 256, 64, torch.float16, 3)
     p = problem.packed
     args = (problem.x, p.qweight, p.scales, p.offsets, problem.bias, p.group_size)
     two_launch = launch(cfg, *args, self_reduce=False)
@@ -232,7 +237,7 @@ def test_large_m_candidates_include_the_planes_kernel():
 def test_column_slices_of_colocated_weights(cfg):
     """Sibling layers' packed weights may be column slices of one wider tensor (one storage,
     row stride = the summed N): each slice computes exactly what its own contiguous copy does."""
-    m = 3 if cfg.kernel == "gemv" else 21
+    m = {"gemv": 3, "mma": 13}.get(cfg.kernel, 21)
     a = _packed_problem(m, 64, 256, 64, torch.bfloat16, 5)
     b = _packed_problem(m, 32, 256, 64, torch.bfloat16, 6)
     b.x.copy_(a.x)  # siblings share their input
@@ -259,3 +264,23 @@ def test_gemm_configs_over_shared_memory_are_invalid(bm, bn, bk, stages, group, 
     cfg = KernelConfig("gemm", bm, bn, bk, 1, 8, stages)
     assert valid_config(cfg, 4096, group) is fits
     assert (cfg in candidate_configs(16 if bm == 16 else 64, 4096, 4096, group)) <= fits
+
+
+def test_mma_kernel_refuses_more_rows_than_its_b_tiles():
+    """The lane-MMA kernel covers BLOCK_M (8 or 16) rows of x: more would be silently dropped."""
+    problem = _packed_problem(17, 64, 256, 64, torch.float16, 1)
+    p = problem.packed
+    with pytest.raises(ValueError, match="M=17 rows but BLOCK_M=16"):
+        launch(KernelConfig("mma", 16, 64, 128, 1, 2, 1), problem.x, p.qweight, p.scales,
+               p.offsets, None, p.group_size)  # fmt: skip
+
+
+@pytest.mark.parametrize(("m", "k", "group", "kernel"), [
+    (1, 4096, 128, "gemv"), (5, 4096, 128, "mma"), (16, 14336, 64, "mma"), (16, 4096, 4096, "mma"),
+    (16, 4112, 16, "gemm"),  # group 16: the lane MMA needs whole 32-k steps per group
+])  # fmt: skip
+def test_default_config_uses_the_lane_mma_kernel_up_to_16_rows(m, k, group, kernel):
+    cfg = default_config(m, 4096, k, group)
+    assert cfg.kernel == kernel and valid_config(cfg, k, group)
+    if kernel == "mma":
+        assert cfg.block_m == (8 if m <= 8 else 16) and cfg.split_k > 1

@@ -22,6 +22,8 @@ W4A16 = [  # kind, BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, prefetch, self-redu
     ("gemm_planes", 16, 64, 128, 4, 2, True, True),
     ("gemm_planes_xreg", 16, 64, 128, 4, 2, False, True),
     ("gemm_planes", 128, 128, 128, 8, 2, False, False),  # a large-M candidate
+    ("mma", 16, 128, 128, 4, 1, False, True),  # inline PTX: only a real compile checks it
+    ("mma", 8, 256, 128, 4, 1, False, False),  # 4 tiles per warp, one B tile
 ]
 W4A8 = [  # kind, BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, fp8 activations
     ("gemv", 1, 256, 64, 2, 1, False),

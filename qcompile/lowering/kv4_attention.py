@@ -32,14 +32,12 @@ Cache layout: see `qcompile.quant.kv4` (codes [B, Hkv, S, D/2] uint8, fp16 scale
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from qcompile.lowering.autotune import KernelConfig, TuneKey, autotuner, m_bucket, time_us
-from qcompile.lowering.w4a16 import _COUNTERS, _tile_counters
+from qcompile.lowering.w4a16 import _COUNTERS, _interpreting, _tile_counters
 
 DECODE_FAMILY = "kv4_decode"
 PREFILL_FAMILY = "kv4_prefill"
@@ -589,11 +587,6 @@ def default_config(b: int, hkv: int, sq: int, gqa: int, s: int, groups: int = 1)
 # Bit pattern of the bias whose mantissa a nibble is ORed into, per query dtype
 # (`_nibble_planes`): 1024 in fp16 (spacing 1 up to 2048), 128 in bf16 (spacing 1 up to 256).
 _Q_BIAS = {torch.float16: 0x6400, torch.bfloat16: 0x4300}
-
-
-def _interpreting() -> bool:
-    """Triton's CPU interpreter runs Python, not PTX: kernels take their inline-asm-free path."""
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on")
 
 
 def split_buffers(split: int, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -24,6 +24,8 @@ no tile counters exist (first use under CUDA-graph capture).
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -418,6 +420,333 @@ def _w4a16_gemm_planes_kernel(
     )  # fmt: skip
 
 
+# --------------------------------------------------------------------------- lane MMA (M <= 16)
+# mma.sync m16n8k16 with the weights as the A operand, issued per lane through inline PTX, so
+# each thread unpacks exactly the codes of its own A fragment (no layout conversion, no shared
+# memory). A warp owns 32 output columns (two 16-row A tiles) and up to 16 rows of x (one or
+# two 8-column B tiles). Per 32 k's, lane (r, q) = (lane // 4, lane % 4) loads word row
+# k/8 + q of its columns n0 + r + 8i (i = 0..3: 32-byte runs per 8 lanes, whole sectors), and
+# the k order inside the mma is permuted to fit the packed words: a word's nibble pairs
+# (0,4), (1,5), (2,6), (3,7) become A registers a0, a2 of the first mma and a0, a2 of the
+# second, so the lane's B registers hold x at the same k's, k0 + 8q + {0,4}, {1,5}, {2,6},
+# {3,7} (any k permutation shared by A and B leaves the product unchanged).
+
+
+def _lane_mma_asm(m_tiles: int, bf16: bool) -> str:
+    """PTX for one 32-k step of one 16-column tile: unpack the lane's two words (columns
+    n and n + 8) into A fragments, scale them (w = code * s + o, one fp16x2 FMA per two
+    codes) and accumulate `m_tiles` mma.sync m16n8k16 pairs. Operands: outputs $0.. (4 fp32
+    per B tile), then the accumulators in, w_lo, w_hi, s_lo, s_hi, o_lo, o_hi (scale and
+    offset pairs splat into both halves) and 4 x pair registers per B tile."""
+    t = "bf16x2" if bf16 else "f16x2"
+    ty = "bf16" if bf16 else "f16"
+    bias = 0x43004300 if bf16 else 0x64006400
+    nacc = 4 * m_tiles
+    w_lo, w_hi, s_lo, s_hi, o_lo, o_hi = (f"${2 * nacc + i}" for i in range(6))
+    x0 = 2 * nacc + 6
+    lines = [".reg .b32 qbias, qsh, a<4>, b<4>;", f"mov.b32 qbias, {bias};"]
+    for word, s, o, frag in ((w_lo, s_lo, o_lo, "a"), (w_hi, s_hi, o_hi, "b")):
+        for p in range(4):  # nibbles (p, p + 4) -> one register of two codes
+            src = word
+            if p:
+                lines.append(f"shr.u32 qsh, {word}, {4 * p};")
+                src = "qsh"
+            lines.append(f"lop3.b32 {frag}{p}, {src}, 0x000F000F, qbias, 0xEA;")
+            lines.append(f"sub.{t} {frag}{p}, {frag}{p}, qbias;")
+            lines.append(f"fma.rn.{t} {frag}{p}, {frag}{p}, {s}, {o};")
+    for mt in range(m_tiles):
+        d = ", ".join(f"${4 * mt + j}" for j in range(4))
+        c = ", ".join(f"${nacc + 4 * mt + j}" for j in range(4))
+        xb = [f"${x0 + 4 * mt + j}" for j in range(4)]
+        lines.append(
+            f"mma.sync.aligned.m16n8k16.row.col.f32.{ty}.{ty}.f32 {{{d}}}, {{a0, b0, a1, b1}}, "
+            f"{{{xb[0]}, {xb[1]}}}, {{{c}}};"
+        )
+        lines.append(
+            f"mma.sync.aligned.m16n8k16.row.col.f32.{ty}.{ty}.f32 {{{d}}}, {{a2, b2, a3, b3}}, "
+            f"{{{xb[2]}, {xb[3]}}}, {{{d}}};"
+        )
+    return "{\n" + "\n".join(lines) + "\n}"
+
+
+# one string per (B tiles, dtype); the kernel picks by constexpr
+_LANE_MMA_F16_1 = tl.constexpr(_lane_mma_asm(1, False))
+_LANE_MMA_F16_2 = tl.constexpr(_lane_mma_asm(2, False))
+_LANE_MMA_BF16_1 = tl.constexpr(_lane_mma_asm(1, True))
+_LANE_MMA_BF16_2 = tl.constexpr(_lane_mma_asm(2, True))
+
+
+@triton.jit
+def _pack2(lo, hi):
+    """Two 16-bit floats -> one b32 register (lo in the low half), as mma operands hold them."""
+    return tl.inline_asm_elementwise(
+        "mov.b32 $0, {$1, $2};", "=r,h,h", [lo, hi], dtype=tl.int32, is_pure=True, pack=1
+    )
+
+
+@triton.jit
+def _pair(v, ASM: tl.constexpr):
+    """A [T, 2] pair of 16-bit x values -> the lane's b32 register (ASM) or float32 values."""
+    lo, hi = tl.split(v)
+    if ASM:
+        return _pack2(lo, hi)
+    else:
+        return lo.to(tl.float32), hi.to(tl.float32)
+
+
+@triton.jit
+def _lane_pairs(x_row, k, mask, stride_xk, X_PLANES: tl.constexpr, ASM: tl.constexpr):
+    """The lane's B registers for 32 k's: x at k + {0,4}, {1,5}, {2,6}, {3,7} (k includes the
+    lane's 8q). Natural order: one 16-byte load of k .. k + 7, split into those pairs in
+    registers; plane-major (X_PLANES), the 8 values are 16 apart: 8 loads."""
+    pos = _x_pos(k[:, None] + tl.arange(0, 8)[None, :], X_PLANES)
+    v = tl.load(x_row[:, None] + pos * stride_xk, mask=mask[:, None], other=0.0)
+    # [T, 8] -> [T, 2 (k // 4), 2, 2 (k % 2)]: splitting the last axis, then the next, leaves
+    # the pairs (k, k + 4) of one parity as the final [T, 2] halves
+    even, odd = tl.split(tl.reshape(v, (v.shape[0], 2, 2, 2)))
+    p0, p2 = tl.split(even)
+    p1, p3 = tl.split(odd)
+    return _pair(p0, ASM), _pair(p1, ASM), _pair(p2, ASM), _pair(p3, ASM)
+
+
+@triton.jit
+def _emulated_codes(word, p, s, o):
+    """Interpreter: nibbles (p, p + 4) of each lane's word, dequantized, as a float32 pair."""
+    lo = ((word >> (4 * p)) & 0xF).to(tl.float32) * s + o
+    hi = ((word >> (16 + 4 * p)) & 0xF).to(tl.float32) * s + o
+    return lo, hi
+
+
+@triton.jit
+def _interleave_k(pair_lo_k, pair_hi_k, NW: tl.constexpr):
+    """[NW*32] lane pairs for k = 2q, 2q+1 and 2q+8, 2q+9 -> [NW, 8 (lane // 4), 16 (k)]."""
+    first = tl.reshape(tl.join(pair_lo_k[0], pair_lo_k[1]), (NW, 8, 8))
+    second = tl.reshape(tl.join(pair_hi_k[0], pair_hi_k[1]), (NW, 8, 8))
+    return tl.reshape(tl.permute(tl.join(first, second), (0, 1, 3, 2)), (NW, 8, 16))
+
+
+@triton.jit
+def _emulated_mma(c0, c1, c2, c3, a0, a1, a2, a3, b0, b1, NW: tl.constexpr):
+    """Interpreter: what mma.sync m16n8k16 (row.col, fp32 accumulate) returns to each lane,
+    from the lanes' fragments (a*, b* float32 pairs): lane 4r + q holds rows r and r + 8,
+    columns 2q and 2q + 1 of the 16x8 result."""
+    a_top = _interleave_k(a0, a2, NW)  # rows r
+    a_bot = _interleave_k(a1, a3, NW)  # rows r + 8
+    b_t = _interleave_k(b0, b1, NW)  # [NW, 8 columns, 16 k]
+    top = tl.sum(a_top[:, :, None, :] * b_t[:, None, :, :], axis=3)  # [NW, 8 rows, 8 cols]
+    bot = tl.sum(a_bot[:, :, None, :] * b_t[:, None, :, :], axis=3)
+    t_even, t_odd = tl.split(tl.reshape(top, (NW, 8, 4, 2)))
+    b_even, b_odd = tl.split(tl.reshape(bot, (NW, 8, 4, 2)))
+    lanes: tl.constexpr = NW * 32
+    return (
+        c0 + tl.reshape(t_even, (lanes,)), c1 + tl.reshape(t_odd, (lanes,)),
+        c2 + tl.reshape(b_even, (lanes,)), c3 + tl.reshape(b_odd, (lanes,)),
+    )  # fmt: skip
+
+
+@triton.jit
+def _lane_tile_step(
+    c0, c1, c2, c3, c4, c5, c6, c7, w_lo, w_hi, s_lo, s_hi, o_lo, o_hi, xa, xb,
+    M_TILES: tl.constexpr, BF16: tl.constexpr, ASM: tl.constexpr, NW: tl.constexpr,
+):  # fmt: skip
+    """32 k's of one 16-column tile: c0..c3 += W x_a^T fragment, c4..c7 += W x_b^T (B tile 2,
+    rows 8..15 of x, when M_TILES == 2). s/o: the scale and offset of the lane's two columns."""
+    if ASM:
+        if M_TILES == 1:
+            c0, c1, c2, c3 = tl.inline_asm_elementwise(
+                _LANE_MMA_BF16_1 if BF16 else _LANE_MMA_F16_1,
+                "=f,=f,=f,=f,f,f,f,f,r,r,r,r,r,r,r,r,r,r",
+                [c0, c1, c2, c3, w_lo, w_hi, s_lo, s_hi, o_lo, o_hi, xa[0], xa[1], xa[2], xa[3]],
+                dtype=(tl.float32, tl.float32, tl.float32, tl.float32), is_pure=True, pack=1,
+            )  # fmt: skip
+        else:
+            c0, c1, c2, c3, c4, c5, c6, c7 = tl.inline_asm_elementwise(
+                _LANE_MMA_BF16_2 if BF16 else _LANE_MMA_F16_2,
+                "=f,=f,=f,=f,=f,=f,=f,=f,f,f,f,f,f,f,f,f,r,r,r,r,r,r,r,r,r,r,r,r,r,r",
+                [c0, c1, c2, c3, c4, c5, c6, c7, w_lo, w_hi, s_lo, s_hi, o_lo, o_hi,
+                 xa[0], xa[1], xa[2], xa[3], xb[0], xb[1], xb[2], xb[3]],
+                dtype=(tl.float32,) * 8, is_pure=True, pack=1,
+            )  # fmt: skip
+    else:
+        # ra: the lane's column n (A rows r), rb: column n + 8 (rows r + 8), per nibble pair
+        ra0 = _emulated_codes(w_lo, 0, s_lo, o_lo)
+        ra1 = _emulated_codes(w_lo, 1, s_lo, o_lo)
+        ra2 = _emulated_codes(w_lo, 2, s_lo, o_lo)
+        ra3 = _emulated_codes(w_lo, 3, s_lo, o_lo)
+        rb0 = _emulated_codes(w_hi, 0, s_hi, o_hi)
+        rb1 = _emulated_codes(w_hi, 1, s_hi, o_hi)
+        rb2 = _emulated_codes(w_hi, 2, s_hi, o_hi)
+        rb3 = _emulated_codes(w_hi, 3, s_hi, o_hi)
+        c0, c1, c2, c3 = _emulated_mma(c0, c1, c2, c3, ra0, rb0, ra1, rb1, xa[0], xa[1], NW)
+        c0, c1, c2, c3 = _emulated_mma(c0, c1, c2, c3, ra2, rb2, ra3, rb3, xa[2], xa[3], NW)
+        if M_TILES == 2:
+            c4, c5, c6, c7 = _emulated_mma(c4, c5, c6, c7, ra0, rb0, ra1, rb1, xb[0], xb[1], NW)
+            c4, c5, c6, c7 = _emulated_mma(c4, c5, c6, c7, ra2, rb2, ra3, rb3, xb[2], xb[3], NW)
+    return c0, c1, c2, c3, c4, c5, c6, c7
+
+
+@triton.jit
+def _split4(v):
+    """[T, 4] -> its four [T] columns, in order (registers of one thread: no data movement)."""
+    a, b = tl.split(tl.reshape(v, (v.shape[0], 2, 2)))
+    e0, e2 = tl.split(a)
+    e1, e3 = tl.split(b)
+    return e0, e1, e2, e3
+
+
+@triton.jit
+def _split8(v):
+    """[T, 8] -> its eight [T] columns, in order."""
+    a, b = tl.split(tl.reshape(v, (v.shape[0], 2, 2, 2)))
+    a0, a2 = tl.split(a)
+    a1, a3 = tl.split(b)
+    e0, e4 = tl.split(a0)
+    e2, e6 = tl.split(a2)
+    e1, e5 = tl.split(a1)
+    e3, e7 = tl.split(a3)
+    return e0, e1, e2, e3, e4, e5, e6, e7
+
+
+@triton.jit
+def _lane_scale(v, ASM: tl.constexpr):
+    """A scale or offset: splat into both halves of a b32 (ASM) or as float32 (emulation)."""
+    if ASM:
+        return _pack2(v, v)
+    else:
+        return v.to(tl.float32)
+
+
+@triton.jit
+def _stack8(a0, a1, a2, a3, a4, a5, a6, a7):
+    """Eight [T] tensors -> [T, 8] (only the epilogue: its layout carries no lane meaning)."""
+    lo = tl.join(tl.join(a0, a1), tl.join(a2, a3))
+    hi = tl.join(tl.join(a4, a5), tl.join(a6, a7))
+    return tl.reshape(tl.join(lo, hi), (a0.shape[0], 8))
+
+
+@triton.jit
+def _stack16(a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, b2, b3, b4, b5, b6, b7):
+    """Sixteen [T] tensors -> [T, 16], in an order the caller recovers by stacking indices."""
+    return tl.reshape(
+        tl.join(_stack8(a0, a1, a2, a3, a4, a5, a6, a7), _stack8(b0, b1, b2, b3, b4, b5, b6, b7)),
+        (a0.shape[0], 16),
+    )
+
+
+@triton.jit
+def _w4a16_mma_kernel(
+    x_ptr, qw_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
+    M, N, K, k_per_split, stride_w,
+    stride_xm, stride_xk, stride_om, stride_split,
+    GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, SELF_REDUCE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, M_TILES: tl.constexpr, N_TILES: tl.constexpr,
+    X_PLANES: tl.constexpr = False, ASM: tl.constexpr = True,
+):  # fmt: skip
+    # Memory-bound like the GEMV (same floor), at ~3.3 issued instructions per weight in the
+    # loop (`sass_report.py`) instead of ~4.5, for up to 16 rows of x (M_TILES B tiles of 8).
+    # A warp owns 16 * N_TILES columns: lane (r, q) the 2 * N_TILES consecutive columns from
+    # n_lane (one 16- or 32-byte load per word row); tile t's A rows r and r + 8 are its
+    # columns n_lane + 2t and n_lane + 2t + 1. Every x value a lane loads serves all its
+    # tiles, so more tiles per warp mean fewer x loads per weight. Every tensor in the loop
+    # is [LANES] = one element per thread: element t is lane t % 32 of warp t // 32 (Triton's
+    # layout for a 1-D tensor of 32 * num_warps), which the PTX relies on.
+    COLS: tl.constexpr = 2 * N_TILES
+    LANES: tl.constexpr = 4 * BLOCK_N // COLS  # 4 lanes (q) share each column
+    NW: tl.constexpr = LANES // 32
+    BF16: tl.constexpr = x_ptr.dtype.element_ty == tl.bfloat16
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    lane = tl.arange(0, LANES)
+    r = (lane % 32) // 4
+    q = lane % 4
+    n_lane = pid_n * BLOCK_N + (lane // 32) * (16 * N_TILES) + COLS * r
+    cols = n_lane[:, None] + tl.arange(0, COLS)[None, :]  # [LANES, COLS]
+    col_mask = cols < N
+    xa_row = x_ptr + r * stride_xm
+    xb_row = x_ptr + (r + 8) * stride_xm
+    xa_mask = r < M
+    xb_mask = r + 8 < M
+    z = tl.zeros((LANES,), dtype=tl.float32)
+    c00, c01, c02, c03, c04, c05, c06, c07 = z, z, z, z, z, z, z, z  # tile t: c<t><j>
+    c10, c11, c12, c13, c14, c15, c16, c17 = z, z, z, z, z, z, z, z
+    c20, c21, c22, c23, c24, c25, c26, c27 = z, z, z, z, z, z, z, z
+    c30, c31, c32, c33, c34, c35, c36, c37 = z, z, z, z, z, z, z, z
+    k_start = pid_k * k_per_split
+    k_end = k_start + k_per_split
+    for k0 in range(k_start, k_end, BLOCK_K):
+        for st in tl.static_range(BLOCK_K // 32):
+            kk = k0 + 32 * st
+            if st == 0 or BLOCK_K > GROUP:
+                g_row = (kk // GROUP) * stride_w
+                sv = tl.load(s_ptr + g_row + cols, mask=col_mask, other=0.0)
+                ov = tl.load(o_ptr + g_row + cols, mask=col_mask, other=0.0)
+                if N_TILES == 2:
+                    s0, s1, s2, s3 = _split4(sv)
+                    o0, o1, o2, o3 = _split4(ov)
+                else:
+                    s0, s1, s2, s3, s4, s5, s6, s7 = _split8(sv)
+                    o0, o1, o2, o3, o4, o5, o6, o7 = _split8(ov)
+                    s4, s5, s6, s7 = (_lane_scale(s4, ASM), _lane_scale(s5, ASM),
+                                      _lane_scale(s6, ASM), _lane_scale(s7, ASM))  # fmt: skip
+                    o4, o5, o6, o7 = (_lane_scale(o4, ASM), _lane_scale(o5, ASM),
+                                      _lane_scale(o6, ASM), _lane_scale(o7, ASM))  # fmt: skip
+                s0, s1, s2, s3 = (_lane_scale(s0, ASM), _lane_scale(s1, ASM),
+                                  _lane_scale(s2, ASM), _lane_scale(s3, ASM))  # fmt: skip
+                o0, o1, o2, o3 = (_lane_scale(o0, ASM), _lane_scale(o1, ASM),
+                                  _lane_scale(o2, ASM), _lane_scale(o3, ASM))  # fmt: skip
+            words = tl.load(
+                qw_ptr + (kk // 8 + q)[:, None] * stride_w + cols, mask=col_mask, other=0
+            )  # fmt: skip
+            if N_TILES == 2:
+                w0, w1, w2, w3 = _split4(words)
+            else:
+                w0, w1, w2, w3, w4, w5, w6, w7 = _split8(words)
+            xa = _lane_pairs(xa_row, kk + 8 * q, xa_mask, stride_xk, X_PLANES, ASM)
+            xb = xa
+            if M_TILES == 2:
+                xb = _lane_pairs(xb_row, kk + 8 * q, xb_mask, stride_xk, X_PLANES, ASM)
+            c00, c01, c02, c03, c04, c05, c06, c07 = _lane_tile_step(
+                c00, c01, c02, c03, c04, c05, c06, c07, w0, w1, s0, s1, o0, o1, xa, xb,
+                M_TILES, BF16, ASM, NW,
+            )  # fmt: skip
+            c10, c11, c12, c13, c14, c15, c16, c17 = _lane_tile_step(
+                c10, c11, c12, c13, c14, c15, c16, c17, w2, w3, s2, s3, o2, o3, xa, xb,
+                M_TILES, BF16, ASM, NW,
+            )  # fmt: skip
+            if N_TILES == 4:
+                c20, c21, c22, c23, c24, c25, c26, c27 = _lane_tile_step(
+                    c20, c21, c22, c23, c24, c25, c26, c27, w4, w5, s4, s5, o4, o5, xa, xb,
+                    M_TILES, BF16, ASM, NW,
+                )  # fmt: skip
+                c30, c31, c32, c33, c34, c35, c36, c37 = _lane_tile_step(
+                    c30, c31, c32, c33, c34, c35, c36, c37, w6, w7, s6, s7, o6, o7, xa, xb,
+                    M_TILES, BF16, ASM, NW,
+                )  # fmt: skip
+    # Accumulator e = 8 t + 4 b + j (tile t, B tile b) holds (m, n) = (8 b + 2q + j % 2,
+    # n_lane + 2t + j // 2): the mma's C fragment, whose rows are columns of out.
+    i = lane * 0
+    acc = _stack16(
+        c00, c01, c02, c03, c04, c05, c06, c07, c10, c11, c12, c13, c14, c15, c16, c17
+    )  # fmt: skip
+    e = _stack16(
+        i, i + 1, i + 2, i + 3, i + 4, i + 5, i + 6, i + 7,
+        i + 8, i + 9, i + 10, i + 11, i + 12, i + 13, i + 14, i + 15,
+    )  # fmt: skip
+    if N_TILES == 4:
+        acc = tl.reshape(
+            tl.join(acc, _stack16(c20, c21, c22, c23, c24, c25, c26, c27,
+                                  c30, c31, c32, c33, c34, c35, c36, c37)),
+            (LANES, 32),
+        )  # fmt: skip
+        e = tl.reshape(tl.join(e, e + 16), (LANES, 32))
+    m = 8 * ((e % 8) // 4) + 2 * q[:, None] + e % 2
+    n = n_lane[:, None] + 2 * (e // 8) + (e % 4) // 2
+    _finish_tile(
+        acc, out_ptr, ws_ptr, cnt_ptr + pid_n, bias_ptr, m * stride_om + n, (m < M) & (n < N),
+        n, N, pid_k, tl.num_programs(1), stride_split, HAS_BIAS, SPLIT, SELF_REDUCE,
+    )  # fmt: skip
+
+
 @triton.jit
 def _splitk_reduce_kernel(
     ws_ptr, bias_ptr, out_ptr, MN, N, SPLIT_K,
@@ -473,6 +802,13 @@ def valid_config(cfg: KernelConfig, k: int, group: int) -> bool:
     does not check, so this must)."""
     if cfg.kernel == "dequant_mm":
         return _pow2(cfg.block_n) and _pow2(cfg.block_k) and (k // 8) % cfg.block_k == 0
+    if cfg.kernel == "mma":  # 32 or 64 columns per warp, 8 or 16 rows, whole 32-k steps
+        return (
+            cfg.block_n in (32 * cfg.num_warps, 64 * cfg.num_warps) and cfg.block_m in (8, 16)
+            and _pow2(cfg.block_k)
+            and cfg.block_k >= 32 and k % cfg.split_k == 0 and (k // cfg.split_k) % cfg.block_k == 0
+            and group % 32 == 0 and (group % cfg.block_k == 0 or cfg.block_k % group == 0)
+        )  # fmt: skip
     if not (_pow2(cfg.block_n) and _pow2(cfg.block_k) and _pow2(cfg.block_m)) or k % cfg.split_k:
         return False
     if (k // cfg.split_k) % cfg.block_k:
@@ -551,6 +887,14 @@ def candidate_configs(m: int, n: int, k: int, group: int) -> list[KernelConfig]:
                             out.append(
                                 KernelConfig("gemm_planes_direct", bms[0], bn, bk, sk, warps, 2, pf)
                             )
+    if mb <= 16:
+        # (warps, tiles per warp, BLOCK_K): the H100 probe's leaders at M = 1 and 16
+        # (`benchmarks/probe_w4a16_mma.py`); 2 tiles won every M = 16 shape.
+        for warps, tiles, bk in ((2, 2, 128), (4, 2, 128), (8, 2, 128), (4, 2, 256), (4, 4, 128)):
+            bn = 16 * tiles * warps
+            for sk in (*splits, 32):
+                if _useful_split(triton.cdiv(n, bn), sk):
+                    out.append(KernelConfig("mma", 8 if mb <= 8 else 16, bn, bk, sk, warps, 1))
     if mb >= 128:
         out.append(KernelConfig("dequant_mm", 0, 256, _dequant_rows(k), 1, 4, 1))
         # Planes at large M: W from registers as wgmma's A (BLOCK_N rows), x^T as its
@@ -576,11 +920,26 @@ def default_config(m: int, n: int, k: int, group: int) -> KernelConfig:
         bk = 64
         sk = next(s for s in (8, 4, 2, 1) if (k // s) % bk == 0) if n <= 8192 else 1
         return KernelConfig("gemv", 1, 512, bk, sk, 4, 1)
+    if mb <= 16 and group % 32 == 0 and k % 32 == 0:
+        # lane MMA: 128 columns per program, split K until ~4 programs per SM or 16 splits
+        bk = next(b for b in (128, 64, 32) if k % b == 0 and (group % b == 0 or b % group == 0))
+        sk = 1
+        while (
+            sk < 16 and triton.cdiv(n, 128) * sk * 2 <= _SPLIT_K_PROGRAM_TARGET
+            and (k // (2 * sk)) % bk == 0 and k % (2 * sk) == 0
+        ):  # fmt: skip
+            sk *= 2
+        return KernelConfig("mma", 8 if mb <= 8 else 16, 128, bk, sk, 4, 1)
     bm = 16 if mb <= 16 else 32 if mb <= 32 else 64
     return KernelConfig("gemm", bm, 64 if mb <= 64 else 128, min(bk, 64), 1, 4, 3)
 
 
 # --------------------------------------------------------------------------- launcher
+def _interpreting() -> bool:
+    """Triton's CPU interpreter runs Python, not PTX: kernels take their inline-asm-free path."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on")
+
+
 # One tile counter per split-K output tile, per device: zero between launches (the last
 # program of each tile re-arms its counter). Allocated once, outside CUDA-graph capture, and
 # never freed (graphs keep its address). Kernels on two streams at once would share it; a
@@ -603,7 +962,7 @@ def _tile_counters(device: torch.device) -> torch.Tensor | None:
 
 def _split_tiles(cfg: KernelConfig, m: int, n: int) -> int:
     """Output tiles of a split-K launch, each with its own counter."""
-    rows = m if cfg.kernel == "gemv" else triton.cdiv(m, cfg.block_m)
+    rows = m if cfg.kernel == "gemv" else 1 if cfg.kernel == "mma" else triton.cdiv(m, cfg.block_m)
     return rows * triton.cdiv(n, cfg.block_n)
 
 
@@ -656,7 +1015,14 @@ def launch(
         x, qweight, scales, offsets, bias_arg, out, ws, counters if counters is not None else ws,
         m, n, k, k // split, stride_w, x.stride(0), x.stride(1), out.stride(0), m * n,
     )  # fmt: skip
-    if cfg.kernel == "gemv":
+    if cfg.kernel == "mma":
+        if m > cfg.block_m:
+            raise ValueError(f"launch: lane-MMA config got M={m} rows but BLOCK_M={cfg.block_m}")
+        _w4a16_mma_kernel[(triton.cdiv(n, cfg.block_n), split)](
+            *args, M_TILES=cfg.block_m // 8, N_TILES=cfg.block_n // (16 * cfg.num_warps),
+            X_PLANES=x_planes, ASM=not _interpreting(), **common,
+        )  # fmt: skip
+    elif cfg.kernel == "gemv":
         grid = (triton.cdiv(n, cfg.block_n), split, m)
         _w4a16_gemv_kernel[grid](*args, 0xF, PREFETCH=cfg.prefetch, X_PLANES=x_planes, **common)
     elif cfg.kernel in _PLANES_KINDS:

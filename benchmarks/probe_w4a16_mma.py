@@ -1,0 +1,115 @@
+"""GPU probe: the lane-MMA W4A16 kernel over a grid of configs, beside cuBLAS fp16, tinygemm
+and the op's current pick, at small M; every config is checked against dequantize + matmul.
+
+CUDA-graph replays over weight copies rotated past L2 (`bench_w4a16.time_graph`).
+
+    python benchmarks/probe_w4a16_mma.py --out $OUT/probe_w4a16_mma.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from bench_w4a16 import GROUP, SHAPES, copies, hbm_bandwidth, time_graph
+from weights import random_packed
+
+from qcompile.lowering.autotune import KernelConfig
+from qcompile.lowering.w4a16 import _useful_split, launch, valid_config, w4a16_linear_cuda
+from qcompile.quant.int4 import dequantize_int4, to_planes
+
+
+def mma_configs(m: int, n: int, k: int) -> list[KernelConfig]:
+    out = []
+    grid = itertools.product((2, 4, 8), (2, 4), (128, 256), (1, 2, 4, 8, 16))
+    for warps, tiles, bk, split in grid:
+        cfg = KernelConfig("mma", 8 if m <= 8 else 16, 16 * tiles * warps, bk, split, warps, 1)
+        if valid_config(cfg, k, GROUP) and _useful_split(-(-n // cfg.block_n), split):
+            out.append(cfg)
+    return out
+
+
+def probe(
+    cfg: KernelConfig, packed: list, x: torch.Tensor, ref: torch.Tensor, planes: bool
+) -> dict:
+    """Time one config over the weight copies and check it against `ref`."""
+
+    def run(p):
+        return launch(cfg, x, p.qweight, p.scales, p.offsets, None, GROUP, x_planes=planes)
+
+    out = run(packed[0]).float()
+    err = ((out - ref).norm() / ref.norm()).item()
+    us = time_graph([lambda p=p: run(p) for p in packed], batches=7)
+    return {"config": cfg.__dict__, "x_planes": planes, "us": us, "rel_err": err}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in SHAPES))
+    ap.add_argument("--ms", default="1,16")
+    ap.add_argument("--dtype", default="float16")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    dtype = getattr(torch, args.dtype)
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    bw = hbm_bandwidth()
+    print(f"HBM {bw / 1e12:.2f} TB/s", flush=True)
+    results = []
+    for spec in args.shapes.split(","):
+        n, k = map(int, spec.split("x"))
+        nbytes = n * k // 2 + 4 * (k // GROUP) * n
+        packed = [random_packed(n, k, GROUP, dtype) for _ in range(copies(nbytes, l2))]
+        wf = [torch.randn(n, k, dtype=dtype, device="cuda") for _ in range(copies(2 * n * k, l2))]
+        w_ref = dequantize_int4(packed[0], torch.float32)  # [N, K]
+        for m in map(int, args.ms.split(",")):
+            x = torch.randn(m, k, dtype=dtype, device="cuda")
+            xp = to_planes(x)
+            ref = x.float() @ w_ref.t()
+            floor = (nbytes + 2 * (m * k + m * n)) / bw * 1e6
+            row = {"n": n, "k": k, "m": m, "floor_us": floor}
+            row["cublas_us"] = time_graph([lambda x=x, w=w: F.linear(x, w) for w in wf])
+            row["current_us"] = time_graph(
+                [
+                    lambda x=x, p=p: w4a16_linear_cuda(
+                        x, p.qweight, p.scales, p.offsets, None, GROUP
+                    )
+                    for p in packed
+                ]  # fmt: skip
+            )
+            row["mma"] = []
+
+            for cfg in mma_configs(m, n, k):  # natural x order first, then the best 3 plane-major
+                row["mma"].append(probe(cfg, packed, x, ref, False))
+            row["mma"].sort(key=lambda r: r["us"])
+            for r in row["mma"][:3]:
+                row["mma"].append(probe(KernelConfig(**r["config"]), packed, xp, ref, True))
+            row["mma"].sort(key=lambda r: r["us"])
+            best = row["mma"][0]
+            worst_err = max(r["rel_err"] for r in row["mma"])
+            c = best["config"]
+            print(
+                f"N={n} K={k} M={m}: floor {floor:.1f} cublas {row['cublas_us']:.1f} current "
+                f"{row['current_us']:.1f} | mma best {best['us']:.1f} "
+                f"(w{c['num_warps']} bk{c['block_k']} sk{c['split_k']} planes={best['x_planes']})"
+                f" = {row['cublas_us'] / best['us']:.2f}x cublas, "
+                f"{floor / best['us']:.0%} floor; max rel err {worst_err:.1e}",
+                flush=True,
+            )
+            for r in row["mma"][1:5]:
+                c = r["config"]
+                print(f"    {r['us']:.1f} w{c['num_warps']} bk{c['block_k']} sk{c['split_k']} "
+                      f"planes={r['x_planes']}", flush=True)  # fmt: skip
+            results.append(row)
+        del packed, wf
+    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+            "triton": __import__("triton").__version__, "hbm_tb_s": bw / 1e12}  # fmt: skip
+    if args.out:
+        args.out.write_text(json.dumps({"meta": meta, "rows": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
