@@ -130,8 +130,10 @@ class QuantConfig:
         per layer) and with each KV head read once. Listed in the compile report.
     plane_major_x: W4A16 layers whose K is a multiple of 128 and whose input comes from a
         kernel Inductor generates (an RMSNorm, SiLU * mul) get that input in the plane-major
-        order their M <= 64 tensor-core kernels read (`qcompile.quant.int4.to_planes`),
-        written by the producer itself instead of one copy per call. Listed in the report.
+        order the "gemm_planes" kernels read (`qcompile.quant.int4.to_planes`), written by
+        the producer itself instead of one copy per call. Listed in the report. Off by
+        default: up to 16 rows the lane-MMA kernel reads x in natural order (and runs 2.5x
+        slower on plane-major x); on, it helps batches of 17-64 rows.
     """
 
     scheme: Scheme = field(default_factory=Scheme)
@@ -139,7 +141,7 @@ class QuantConfig:
     on_unsupported: Literal["fallback", "raise"] = "fallback"
     fuse_siblings: bool = True
     pack_gqa_decode: bool = True
-    plane_major_x: bool = True
+    plane_major_x: bool = False
 
     def __post_init__(self) -> None:
         skip = (self.skip,) if isinstance(self.skip, str) else tuple(self.skip)

@@ -174,11 +174,11 @@ def test_plane_major_x_is_written_by_the_producers(ahead_of_time):
     layers = 2
     model = tiny_causal_lm("llama", layers)
     if ahead_of_time:
-        qcompile.quantize_(model, FUSED)
+        qcompile.quantize_(model, QuantConfig(plane_major_x=True))
     ids = _ids()
-    out, be = _compiled(model, FUSED, ids)
+    out, be = _compiled(model, QuantConfig(plane_major_x=True), ids)
     torch._dynamo.reset()
-    plain_out, plain_be = _compiled(copy.deepcopy(model), QuantConfig(plane_major_x=False), ids)
+    plain_out, plain_be = _compiled(copy.deepcopy(model), FUSED, ids)  # off by default
     gm = be.graph_modules[-1]
     permutes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is to_planes]
     planes_ops = [n for n in _ops(gm) if n.args[6:] == (PLANE_CHUNK,)]
