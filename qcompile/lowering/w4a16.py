@@ -609,7 +609,7 @@ def _split8(v):
 
 @triton.jit
 def _lane_scale(v, ASM: tl.constexpr):
-    """A scale or offset: splat into both halves of a b32 (ASM) or as float32 (emulation)."""
+    """Scales or offsets: each splat into both halves of a b32 (ASM) or as float32."""
     if ASM:
         return _pack2(v, v)
     else:
@@ -678,22 +678,14 @@ def _w4a16_mma_kernel(
             kk = k0 + 32 * st
             if st == 0 or BLOCK_K > GROUP:
                 g_row = (kk // GROUP) * stride_w
-                sv = tl.load(s_ptr + g_row + cols, mask=col_mask, other=0.0)
-                ov = tl.load(o_ptr + g_row + cols, mask=col_mask, other=0.0)
+                sv = _lane_scale(tl.load(s_ptr + g_row + cols, mask=col_mask, other=0.0), ASM)
+                ov = _lane_scale(tl.load(o_ptr + g_row + cols, mask=col_mask, other=0.0), ASM)
                 if N_TILES == 2:
                     s0, s1, s2, s3 = _split4(sv)
                     o0, o1, o2, o3 = _split4(ov)
                 else:
                     s0, s1, s2, s3, s4, s5, s6, s7 = _split8(sv)
                     o0, o1, o2, o3, o4, o5, o6, o7 = _split8(ov)
-                    s4, s5, s6, s7 = (_lane_scale(s4, ASM), _lane_scale(s5, ASM),
-                                      _lane_scale(s6, ASM), _lane_scale(s7, ASM))  # fmt: skip
-                    o4, o5, o6, o7 = (_lane_scale(o4, ASM), _lane_scale(o5, ASM),
-                                      _lane_scale(o6, ASM), _lane_scale(o7, ASM))  # fmt: skip
-                s0, s1, s2, s3 = (_lane_scale(s0, ASM), _lane_scale(s1, ASM),
-                                  _lane_scale(s2, ASM), _lane_scale(s3, ASM))  # fmt: skip
-                o0, o1, o2, o3 = (_lane_scale(o0, ASM), _lane_scale(o1, ASM),
-                                  _lane_scale(o2, ASM), _lane_scale(o3, ASM))  # fmt: skip
             words = tl.load(
                 qw_ptr + (kk // 8 + q)[:, None] * stride_w + cols, mask=col_mask, other=0
             )  # fmt: skip
@@ -922,7 +914,7 @@ def default_config(m: int, n: int, k: int, group: int) -> KernelConfig:
         return KernelConfig("gemv", 1, 512, bk, sk, 4, 1)
     if mb <= 16 and group % 32 == 0 and k % 32 == 0:
         # lane MMA: 128 columns per program, split K until ~4 programs per SM or 16 splits
-        bk = next(b for b in (128, 64, 32) if k % b == 0 and (group % b == 0 or b % group == 0))
+        # (bk >= 32 here: 32 divides both K and the group)
         sk = 1
         while (
             sk < 16 and triton.cdiv(n, 128) * sk * 2 <= _SPLIT_K_PROGRAM_TARGET
