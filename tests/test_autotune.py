@@ -348,6 +348,23 @@ def test_shipped_configs_used_across_triton_versions(cache_dir: Path) -> None:
     assert not tuner.path.exists()  # a shipped hit is not copied into the user cache
 
 
+def test_h200_reads_its_own_file_then_the_h100_one(cache_dir: Path) -> None:
+    # Same chip, faster memory: the H100's tuned configs serve the H200 where h200.json has none.
+    write_cache(
+        autotune.SHIPPED_DIR / "h100.json", "nvidia-h100-80gb-hbm3", "0.1",
+        {KEY: GEMV, OTHER_KEY: GEMM_SMALL},
+    )  # fmt: skip
+    tuner = Autotuner(gpu="nvidia-h200", triton_version=TRITON, cache_dir=cache_dir)
+    assert tuner.get(KEY, CANDIDATES, must_not_bench, DEFAULT) == GEMV
+    write_cache(autotune.SHIPPED_DIR / "h200.json", "nvidia-h200", "0.1", {KEY: GEMM_LARGE})
+    tuner = Autotuner(gpu="nvidia-h200", triton_version=TRITON, cache_dir=cache_dir)
+    assert tuner.get(KEY, CANDIDATES, must_not_bench, DEFAULT) == GEMM_LARGE  # own file wins
+    assert tuner.get(OTHER_KEY, CANDIDATES, must_not_bench, DEFAULT) == GEMM_SMALL
+    # ...and an H100 never reads the H200's file
+    tuner = Autotuner(gpu="nvidia-h100-80gb-hbm3", triton_version=TRITON, cache_dir=cache_dir)
+    assert tuner.shipped == {KEY: GEMV, OTHER_KEY: GEMM_SMALL}
+
+
 def test_user_cache_wins_over_shipped(cache_dir: Path) -> None:
     gpu = "nvidia-h100-pcie"
     write_cache(autotune.SHIPPED_DIR / "h100.json", "nvidia-h100-80gb-hbm3", "0.1", {KEY: GEMV})

@@ -2,7 +2,8 @@
 
 Lookup order for a `TuneKey`: this process's memory -> the user's cache file
 (`$QCOMPILE_CACHE_DIR` or `~/.cache/qcompile`, one file per GPU name and Triton version)
--> the tuned configs shipped in `qcompile/lowering/configs/<gpu>.json` -> tune now (unless
+-> the tuned configs shipped in `qcompile/lowering/configs/<family>.json` (then a sibling
+family's: the H200 reads h100.json) -> tune now (unless
 `QCOMPILE_AUTOTUNE=0`, or a CUDA graph is being captured) -> the family's heuristic default.
 A corrupt or stale cache file is ignored with a warning and rewritten on the next save.
 """
@@ -86,6 +87,18 @@ def shipped_config_name(gpu: str) -> str:
     return gpu
 
 
+# A family whose own file lacks a key reads its sibling's: the H200 is the H100's chip (sm_90,
+# 132 SMs, same shared memory and registers) with faster HBM, so a config tuned on one is valid
+# on the other and near its best (a split-K factor may differ; tuning the H200 file fixes that).
+SHIPPED_SIBLINGS: dict[str, tuple[str, ...]] = {"h200": ("h100",)}
+
+
+def shipped_config_files(gpu: str) -> list[Path]:
+    """The shipped files this GPU reads, most specific first."""
+    family = shipped_config_name(gpu)
+    return [SHIPPED_DIR / f"{name}.json" for name in (family, *SHIPPED_SIBLINGS.get(family, ()))]
+
+
 def _triton_version() -> str:
     import triton
 
@@ -122,9 +135,11 @@ class Autotuner:
         self.gpu = gpu
         self.triton_version = triton_version
         self.path = cache_dir / f"autotune-{gpu}-triton{triton_version}.json"
-        shipped = SHIPPED_DIR / f"{shipped_config_name(gpu)}.json"
-        # Shipped configs stay valid across Triton versions (only speed may differ).
-        self.shipped = _read_entries(shipped, _shipped_gpu(shipped), None)
+        # Shipped configs stay valid across Triton versions (only speed may differ); the GPU's
+        # own family file wins over a sibling's.
+        self.shipped: dict[TuneKey, KernelConfig] = {}
+        for shipped in reversed(shipped_config_files(gpu)):
+            self.shipped.update(_read_entries(shipped, _shipped_gpu(shipped), None))
         self.user = _read_entries(self.path, gpu, triton_version)
         self.timings: dict[TuneKey, float] = {}
         self.untuned: dict[TuneKey, KernelConfig] = {}  # defaults used with tuning off
