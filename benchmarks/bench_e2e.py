@@ -353,7 +353,24 @@ def run_meta(args, config, device, dtype, mode, build_s: float) -> dict:
         "kv_heads": config.num_key_value_heads, "vocab": config.vocab_size,
         "lm_head_quantized": args.lm_head, "build_s": build_s,
         "qcompile_autotune": os.environ.get("QCOMPILE_AUTOTUNE", "1"),
+        "inductor_config": json.loads(args.inductor_config), "gc_threshold": gc.get_threshold(),
     }  # fmt: skip
+
+
+def apply_compile_settings(args: argparse.Namespace) -> None:
+    """--inductor-config and --gc-threshold, applied before anything compiles."""
+    import torch._inductor.config as inductor_config
+
+    for name, value in json.loads(args.inductor_config).items():
+        *path, attr = name.split(".")
+        target = inductor_config
+        for part in path:
+            target = getattr(target, part)
+        if not hasattr(target, attr):
+            raise SystemExit(f"--inductor-config: torch._inductor.config has no {name!r}")
+        setattr(target, attr, value)
+    if args.gc_threshold:
+        gc.set_threshold(*(int(v) for v in args.gc_threshold.split(":")))
 
 
 def markdown(result: dict) -> str:
@@ -462,6 +479,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--profile-compile", action="store_true",
         help="cProfile the compile step (first warm-up step) into --out/compile_profile_b*.txt",
     )  # fmt: skip
+    ap.add_argument(
+        "--inductor-config", default="{}",
+        help='JSON of torch._inductor.config attributes set for the whole run, e.g. '
+        '\'{"triton.autotune_pointwise": false}\' (compile-time experiments)',
+    )  # fmt: skip
+    ap.add_argument(
+        "--gc-threshold", default=None,
+        help="gc.set_threshold(a, b, c) for the run, as a:b:c (compile-time experiments)",
+    )  # fmt: skip
     ap.add_argument("--tiny", action="store_true", help="tiny model, fp32 on CPU: a smoke run")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     return ap.parse_args(argv)
@@ -472,6 +498,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.tiny and not torch.cuda.is_available():
         raise SystemExit("bench_e2e.py needs a CUDA GPU; use --tiny for a CPU smoke run")
     args.out.mkdir(parents=True, exist_ok=True)
+    apply_compile_settings(args)
 
     def save(result: dict) -> None:
         (args.out / "e2e.json").write_text(json.dumps(result, indent=1))
