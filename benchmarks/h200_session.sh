@@ -1,31 +1,39 @@
 #!/usr/bin/env bash
-# Device calls on the H200 (the lent machine since 2026-12): PHASE=baseline measures what a user
-# gets with the shipped configs (h100.json read through the h200 -> h100 sibling fallback):
-# the W4A16 kernel table at the M values, then Llama-3-8B-shaped decode end to end
-# (qcompile only, lm_head int4) twice: default settings, and with the compile-time knobs in
-# KNOBS / GC (warm-up experiment). Everything lands in $OUT.
+# Device calls on the H200 (the lent machine since 2026-12). Results are written under $R
+# (/tmp/res) and packed into $OUT/res.tgz at the end (the device returns at most 8 files).
+#   PHASE=baseline  what a user gets with the shipped configs (h100.json, read through the
+#                   h200 -> h100 sibling fallback): the W4A16 kernel table at the M
+#                   values, then Llama-3-8B-shaped decode end to end (qcompile only, lm_head
+#                   int4), and again with the compile-time settings KNOBS (Inductor config
+#                   JSON) / GC (a:b:c gc thresholds) when set.
 set -o pipefail
 : "${OUT:?set OUT}"
-export PYTHONUNBUFFERED=1 QCOMPILE_CACHE_DIR=$OUT/cache
+R=/tmp/res
+mkdir -p $R
+trap 'tar czf "$OUT/res.tgz" -C $R . ; cp $R/*.md "$OUT"/ 2>/dev/null' EXIT
+export PYTHONUNBUFFERED=1 QCOMPILE_CACHE_DIR=$R/cache
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || exit 1
-nvidia-smi --query-gpu=name,clocks.max.sm,clocks.max.mem,power.limit --format=csv,noheader
-python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)"
+nvidia-smi --query-gpu=name,clocks.max.sm,clocks.max.mem,power.limit --format=csv,noheader | tee $R/env.txt
+python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)" | tee -a $R/env.txt
 case "${PHASE:-baseline}" in
   baseline)
     export QCOMPILE_AUTOTUNE=0
-    timeout "${BENCH_S:-170}" python3 benchmarks/bench_w4a16.py --out "$OUT/w4a16" \
+    timeout "${BENCH_S:-170}" python3 benchmarks/bench_w4a16.py --out "$R/w4a16" \
       --shapes "${SHAPES:-8192x28672,28672x4096,4096x4096}" --ms "${MS:-1,16,64,256,1024}" \
-      > "$OUT/w4a16.log" 2>&1
-    grep -E "^\|" "$OUT/w4a16/w4a16.md" | head -40
+      > "$R/w4a16.log" 2>&1
+    cp "$R/w4a16/w4a16.md" "$R/kernels.md"
+    grep -E "^\|" "$R/kernels.md" | head -40
     timeout "${E2E_S:-230}" python3 benchmarks/bench_e2e.py --layers 32 --batches 1,16 \
-      --new-tokens 48 --lm-head --profile --variants qcompile_w4a16 --out "$OUT/e2e" \
-      > "$OUT/e2e.log" 2>&1
-    grep -E "^\| qcompile" "$OUT/e2e/e2e.md"
+      --new-tokens 48 --lm-head --profile --variants qcompile_w4a16 --out "$R/e2e" \
+      > "$R/e2e.log" 2>&1
+    cp "$R/e2e/e2e.md" "$R/e2e.md"
+    grep -E "^\| qcompile" "$R/e2e.md"
     if [ -n "${KNOBS:-}${GC:-}" ]; then
       timeout "${E2E2_S:-200}" python3 benchmarks/bench_e2e.py --layers 32 --batches 1,16 \
-        --new-tokens 48 --lm-head --variants qcompile_w4a16 --out "$OUT/e2e_knobs" \
-        --inductor-config "${KNOBS:-{\}}" ${GC:+--gc-threshold $GC} > "$OUT/e2e_knobs.log" 2>&1
-      grep -E "^\| qcompile" "$OUT/e2e_knobs/e2e.md"
+        --new-tokens 48 --lm-head --variants qcompile_w4a16 --out "$R/e2e_knobs" \
+        --inductor-config "${KNOBS:-"{}"}" ${GC:+--gc-threshold "$GC"} > "$R/e2e_knobs.log" 2>&1
+      cp "$R/e2e_knobs/e2e.md" "$R/e2e_knobs.md"
+      grep -E "^\| qcompile" "$R/e2e_knobs.md"
     fi
     ;;
 esac
