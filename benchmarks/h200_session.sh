@@ -6,6 +6,9 @@
 #                   values, then Llama-3-8B-shaped decode end to end (qcompile only, lm_head
 #                   int4), and again with the compile-time settings KNOBS (Inductor config
 #                   JSON) / GC (a:b:c gc thresholds) when set.
+#   PHASE=warmup    compile + warm-up of the same decode benchmark, each run with empty
+#                   Inductor and Triton caches: the backend's compile settings off
+#                   (QCOMPILE_COMPILE_SETTINGS=0), off plus global GC thresholds, and on.
 set -o pipefail
 : "${OUT:?set OUT}"
 R=/tmp/res
@@ -35,5 +38,20 @@ case "${PHASE:-baseline}" in
       cp "$R/e2e_knobs/e2e.md" "$R/e2e_knobs.md"
       grep -E "^\| qcompile" "$R/e2e_knobs.md"
     fi
+    ;;
+  warmup)
+    export QCOMPILE_AUTOTUNE=0
+    run() {  # name, then extra bench_e2e flags; env assignments go before the call
+      export TORCHINDUCTOR_CACHE_DIR=/tmp/ind_$1 TRITON_CACHE_DIR=/tmp/tri_$1
+      local name=$1; shift
+      timeout "${RUN_S:-180}" python3 benchmarks/bench_e2e.py --layers 32 --batches 1,16 \
+        --new-tokens 32 --lm-head --variants qcompile_w4a16 --out "$R/$name" "$@" \
+        > "$R/$name.log" 2>&1
+      cp "$R/$name/e2e.md" "$R/$name.md"
+      echo "== $name"; grep -E "^\| qcompile" "$R/$name.md"
+    }
+    QCOMPILE_COMPILE_SETTINGS=0 run settings_off
+    QCOMPILE_COMPILE_SETTINGS=0 run gc_only --gc-threshold 100000:50:1000
+    run settings_on
     ;;
 esac
