@@ -6,12 +6,9 @@ Registered as the `qcompile` entry point of `torch_dynamo_backends`, so
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import gc
-import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -56,59 +53,17 @@ def _static_fakes(example_inputs: Sequence[Any], tensors: list[torch.Tensor]) ->
     return [fake_mode.from_tensor(t, static_shapes=True) for t in tensors]
 
 
-# Compile-time settings (`QCOMPILE_COMPILE_SETTINGS=0` turns both off, to measure them).
-def _compile_settings_on() -> bool:
-    return os.environ.get("QCOMPILE_COMPILE_SETTINGS", "1") != "0"
-
-
 # Inductor options the backend sets unless the caller's `options` do. Coalescing analysis
 # of tilings solves index equations with sympy (numerically: mpmath's pslq); on a 32-layer
 # Llama-3-8B decode step at batch 16 it took ~14 of 69 s of compile time on the H100, and
 # turning it off left the step time within noise (4.88 vs 4.90 ms). Inductor skips it for
-# dynamic shapes anyway. The others trade nothing a CUDA-graph replay sees: no benchmarking
-# of pointwise configs at compile time, no size asserts in the Python wrapper (Dynamo's
-# guards already check the inputs), no second loop-ordering round of fusion.
-_INDUCTOR_DEFAULTS = {
-    "triton.coalesce_tiling_analysis": False,
-    "triton.autotune_pointwise": False,
-    "size_asserts": False,
-    "scalar_asserts": False,
-    "loop_ordering_after_fusion": False,
-}
-
-
+# dynamic shapes anyway.
 def _inductor_defaults() -> dict[str, Any]:
     import torch._inductor.config as inductor_config
 
-    if not _compile_settings_on():
-        return {}
-    out = {}
-    for name, value in _INDUCTOR_DEFAULTS.items():
-        *path, attr = name.split(".")
-        owner = inductor_config
-        for part in path:
-            owner = getattr(owner, part, None)
-        if owner is not None and hasattr(owner, attr):  # absent in some torch versions
-            out[name] = value
-    return out
-
-
-# Compiling a 32-layer decoder allocates tens of millions of short-lived Python objects
-# (fake tensors, FX nodes, sympy expressions); at Python's default thresholds (700, 10, 10)
-# the collector runs over the growing heap again and again. Fewer passes while the backend
-# compiles; the caller's thresholds are restored after, and never lowered.
-_COMPILE_GC_THRESHOLD = (100_000, 50, 1000)
-
-
-@contextlib.contextmanager
-def _fewer_gc_passes() -> Iterator[None]:
-    old = gc.get_threshold()
-    if _compile_settings_on():
-        gc.set_threshold(*(max(a, b) for a, b in zip(old, _COMPILE_GC_THRESHOLD, strict=False)))
-    try:
-        yield
-    finally:
-        gc.set_threshold(*old)
+    if hasattr(inductor_config.triton, "coalesce_tiling_analysis"):
+        return {"triton.coalesce_tiling_analysis": False}
+    return {}
 
 
 def _with_constants(compiled: Callable, constants: list[torch.Tensor]) -> Callable:
@@ -150,16 +105,6 @@ class QCompileBackend:
         example_inputs: Sequence[Any],
         mode: str | None = None,
         options: dict[str, Any] | None = None,
-    ) -> Callable:
-        with _fewer_gc_passes():
-            return self._compile(gm, example_inputs, mode, options)
-
-    def _compile(
-        self,
-        gm: GraphModule,
-        example_inputs: Sequence[Any],
-        mode: str | None,
-        options: dict[str, Any] | None,
     ) -> Callable:
         from torch._inductor import list_mode_options
         from torch._inductor.compile_fx import compile_fx

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import gc
 
 import pytest
 import torch
@@ -91,52 +90,6 @@ def test_inductor_options_default_to_the_backends_unless_given(options, monkeypa
     with torch.no_grad():
         torch.compile(model, backend=be, options=options)(torch.randn(2, 64))
     assert seen["triton.coalesce_tiling_analysis"] is (options is not None)
-    assert seen["triton.autotune_pointwise"] is False
-    assert seen["loop_ordering_after_fusion"] is False
-
-
-def test_compile_settings_can_be_turned_off(monkeypatch):
-    """QCOMPILE_COMPILE_SETTINGS=0 leaves Inductor's defaults and the GC thresholds alone."""
-    import torch._inductor.compile_fx as cfx
-
-    seen = {}
-    real = cfx.compile_fx
-
-    def spy(gm, inputs, config_patches=None, **kw):
-        seen.update(config_patches or {})
-        seen["gc"] = gc.get_threshold()
-        return real(gm, inputs, config_patches=config_patches, **kw)
-
-    monkeypatch.setattr(cfx, "compile_fx", spy)
-    monkeypatch.setenv("QCOMPILE_COMPILE_SETTINGS", "0")
-    with torch.no_grad():
-        torch.compile(MLP().eval(), backend=qcompile.backend(G32))(torch.randn(2, 64))
-    assert "triton.autotune_pointwise" not in seen
-    assert seen["gc"] == gc.get_threshold()
-
-
-def test_gc_thresholds_raised_while_compiling_then_restored(monkeypatch):
-    """Fewer collector passes during the backend's compile (compile time); the caller's
-    thresholds come back after, and a caller's higher threshold is never lowered."""
-    import torch._inductor.compile_fx as cfx
-
-    seen = []
-    real = cfx.compile_fx
-
-    def spy(gm, inputs, **kw):
-        seen.append(gc.get_threshold())
-        return real(gm, inputs, **kw)
-
-    monkeypatch.setattr(cfx, "compile_fx", spy)
-    before = gc.get_threshold()
-    try:
-        gc.set_threshold(700, 10, 5000)
-        with torch.no_grad():
-            torch.compile(MLP().eval(), backend=qcompile.backend(G32))(torch.randn(2, 64))
-        assert seen and set(seen) == {(100_000, 50, 5000)}  # compile_fx may re-enter itself
-        assert gc.get_threshold() == (700, 10, 5000)
-    finally:
-        gc.set_threshold(*before)
 
 
 def test_shared_weight_is_quantized_once():
