@@ -1,9 +1,11 @@
-"""GPU probe: the lane-MMA W4A16 kernel over a grid of configs, beside cuBLAS fp16, tinygemm
-and the op's current pick, at small M; every config is checked against dequantize + matmul.
+"""GPU probe: the lane-MMA W4A16 kernel over a grid of configs, beside cuBLAS fp16 and the
+op's current pick, at M up to 64; every config is checked against dequantize + matmul.
 
 CUDA-graph replays over weight copies rotated past L2 (`bench_w4a16.time_graph`).
 
     python benchmarks/probe_w4a16_mma.py --out $OUT/probe_w4a16_mma.json
+    python benchmarks/probe_w4a16_mma.py --ms 32,64 --warps 2,4 --tiles 2 --bks 128 --planes 0
+        # 4 and 8 B tiles (32 / 64 rows per program), a small grid
 """
 
 from __future__ import annotations
@@ -18,16 +20,24 @@ import torch.nn.functional as F
 from bench_w4a16 import GROUP, SHAPES, copies, hbm_bandwidth, time_graph
 from weights import random_packed
 
-from qcompile.lowering.autotune import KernelConfig
+from qcompile.lowering.autotune import KernelConfig, m_bucket
 from qcompile.lowering.w4a16 import _useful_split, launch, valid_config, w4a16_linear_cuda
 from qcompile.quant.int4 import dequantize_int4, to_planes
 
 
-def mma_configs(m: int, n: int, k: int) -> list[KernelConfig]:
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in text.split(","))
+
+
+def mma_configs(m: int, n: int, k: int, args: argparse.Namespace) -> list[KernelConfig]:
+    """The grid of --warps x --tiles x --bks x --splits; rows: M's bucket (8 to 64)."""
     out = []
-    grid = itertools.product((2, 4, 8), (2, 4), (128, 256), (1, 2, 4, 8, 16))
+    rows = max(8, m_bucket(m))
+    grid = itertools.product(
+        _ints(args.warps), _ints(args.tiles), _ints(args.bks), _ints(args.splits)
+    )
     for warps, tiles, bk, split in grid:
-        cfg = KernelConfig("mma", 8 if m <= 8 else 16, 16 * tiles * warps, bk, split, warps, 1)
+        cfg = KernelConfig("mma", rows, 16 * tiles * warps, bk, split, warps, 1)
         if valid_config(cfg, k, GROUP) and _useful_split(-(-n // cfg.block_n), split):
             out.append(cfg)
     return out
@@ -53,6 +63,11 @@ def main() -> None:
     ap.add_argument("--ms", default="1,16")
     ap.add_argument("--dtype", default="float16")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--warps", default="2,4,8")
+    ap.add_argument("--tiles", default="2,4", help="16-column A tiles per warp")
+    ap.add_argument("--bks", default="128,256")
+    ap.add_argument("--splits", default="1,2,4,8,16")
+    ap.add_argument("--planes", type=int, default=3, help="re-time the best N on plane-major x")
     args = ap.parse_args()
     dtype = getattr(torch, args.dtype)
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
@@ -82,10 +97,10 @@ def main() -> None:
             )
             row["mma"] = []
 
-            for cfg in mma_configs(m, n, k):  # natural x order first, then the best 3 plane-major
+            for cfg in mma_configs(m, n, k, args):  # natural x first, then the best plane-major
                 row["mma"].append(probe(cfg, packed, x, ref, False))
             row["mma"].sort(key=lambda r: r["us"])
-            for r in row["mma"][:3]:
+            for r in row["mma"][: args.planes]:
                 row["mma"].append(probe(KernelConfig(**r["config"]), packed, xp, ref, True))
             row["mma"].sort(key=lambda r: r["us"])
             best = row["mma"][0]

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import KERNEL_DEVICE
 from helpers import assert_close_rel
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from strategies import linear_problems
 
@@ -138,6 +138,8 @@ def test_dequantize_then_matmul_strategy(group):
         KernelConfig("mma", 16, 64, 128, 2, 2, 1),  # 2 tiles per warp; BLOCK_K > group at g64
         KernelConfig("mma", 16, 64, 64, 1, 1, 1),  # 4 tiles per warp
         KernelConfig("mma", 8, 32, 32, 2, 1, 1),  # one B tile, one 32-k step per iteration
+        KernelConfig("mma", 32, 64, 64, 2, 2, 1),  # 4 B tiles (32 rows), split
+        KernelConfig("mma", 64, 32, 128, 1, 1, 1),  # 8 B tiles (64 rows), BLOCK_K > group at g64
     ],
     ids=lambda c: f"{c.kernel}-bn{c.block_n}-bk{c.block_k}-sk{c.split_k}",
 )
@@ -170,6 +172,7 @@ SPLIT_CONFIGS = [
     KernelConfig("gemm_planes", 16, 32, 128, 2, 4, 2),
     KernelConfig("gemm_planes_xreg", 16, 32, 128, 2, 4, 2),
     KernelConfig("mma", 16, 64, 64, 4, 2, 1),
+    KernelConfig("mma", 64, 64, 64, 4, 2, 1),
 ]
 
 
@@ -195,7 +198,7 @@ def test_split_k_reduces_in_one_launch(cfg):
     reduction, every tile counter re-armed to zero, and a second launch is right too."""
     from qcompile.lowering import w4a16 as lowering
 
-    m = {"gemv": 3, "mma": 13}.get(cfg.kernel, 21)
+    m = {"gemv": 3, "mma": cfg.block_m - 3}.get(cfg.kernel, 21)
     problem = _packed_problem(m, 96, 256, 64, torch.float16, 3)
     p = problem.packed
     args = (problem.x, p.qweight, p.scales, p.offsets, problem.bias, p.group_size)
@@ -264,6 +267,38 @@ def test_gemm_configs_over_shared_memory_are_invalid(bm, bn, bk, stages, group, 
     cfg = KernelConfig("gemm", bm, bn, bk, 1, 8, stages)
     assert valid_config(cfg, 4096, group) is fits
     assert (cfg in candidate_configs(16 if bm == 16 else 64, 4096, 4096, group)) <= fits
+
+
+WIDE_MMA = [  # (rows, warps, tiles per warp, BLOCK_K): what candidate_configs offers past 16 rows
+    (32, 2, 2, 128), (32, 1, 4, 64), (64, 2, 2, 64), (64, 1, 2, 128),
+]
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(problem=linear_problems(device=KERNEL_DEVICE, max_m=64), data=st.data())
+def test_lane_mma_with_4_and_8_b_tiles_matches_float64_reference(problem, data):
+    """32 and 64 rows per program (one unpacked weight fragment feeding 4 or 8 mma B tiles),
+    any M up to the tile (rows past M read row M - 1 and are not stored), split or not."""
+    m, k = problem.x.shape
+    n = problem.packed.shape[0]
+    group = problem.packed.group_size or k
+    rows, warps, tiles, bk = data.draw(st.sampled_from(WIDE_MMA), label="shape")
+    split = data.draw(st.sampled_from([1, 2]), label="split")
+    cfg = KernelConfig("mma", rows, 16 * tiles * warps, bk, split, warps, 1)
+    assume(m <= rows and valid_config(cfg, k, group))
+    x_planes = k % PLANE_CHUNK == 0 and data.draw(st.booleans(), label="x_planes")
+    assert_close_rel(_run(problem, cfg, x_planes), problem.reference64(), problem.dtype)
+
+
+def test_wide_lane_mma_joins_the_candidates_only_once_validated(monkeypatch):
+    """32- and 64-row lane-MMA configs have not run on a GPU: tuning offers them only with
+    the flag set (after the GPU kernel tests pass with them)."""
+    assert not [c for c in candidate_configs(64, 4096, 4096, 128) if c.kernel == "mma"]
+    monkeypatch.setattr(lowering, "_WIDE_MMA_VALIDATED", True)
+    wide = [c for c in candidate_configs(64, 4096, 4096, 128) if c.kernel == "mma"]
+    assert wide and {c.block_m for c in wide} == {64}
+    assert all(c.block_n == 32 * c.num_warps for c in wide)  # 8 B tiles: 2 A tiles per warp
+    assert {c.block_m for c in candidate_configs(32, 4096, 4096, 128) if c.kernel == "mma"} == {32}
 
 
 def test_mma_kernel_refuses_more_rows_than_its_b_tiles():

@@ -420,16 +420,18 @@ def _w4a16_gemm_planes_kernel(
     )  # fmt: skip
 
 
-# --------------------------------------------------------------------------- lane MMA (M <= 16)
+# --------------------------------------------------------------------------- lane MMA (M <= 64)
 # mma.sync m16n8k16 with the weights as the A operand, issued per lane through inline PTX, so
 # each thread unpacks exactly the codes of its own A fragment (no layout conversion, no shared
-# memory). A warp owns 32 output columns (two 16-row A tiles) and up to 16 rows of x (one or
-# two 8-column B tiles). Per 32 k's, lane (r, q) = (lane // 4, lane % 4) loads word row
-# k/8 + q of its columns n0 + r + 8i (i = 0..3: 32-byte runs per 8 lanes, whole sectors), and
-# the k order inside the mma is permuted to fit the packed words: a word's nibble pairs
-# (0,4), (1,5), (2,6), (3,7) become A registers a0, a2 of the first mma and a0, a2 of the
-# second, so the lane's B registers hold x at the same k's, k0 + 8q + {0,4}, {1,5}, {2,6},
-# {3,7} (any k permutation shared by A and B leaves the product unchanged).
+# memory). A warp owns 32 or 64 output columns (two or four 16-row A tiles) and up to 64 rows
+# of x (M_TILES 8-column B tiles, all fed by each unpacked A fragment). Per 32 k's, lane
+# (r, q) = (lane // 4, lane % 4) loads word row k/8 + q of its columns n0 + r + 8i (i = 0..3:
+# 32-byte runs per 8 lanes, whole sectors), and the k order inside the mma is permuted to fit
+# the packed words: a word's nibble pairs (0,4), (1,5), (2,6), (3,7) become A registers a0, a2
+# of the first mma and a0, a2 of the second, so the lane's B registers hold x at the same k's,
+# k0 + 8q + {0,4}, {1,5}, {2,6}, {3,7} (any k permutation shared by A and B leaves the product
+# unchanged). Accumulators and x fragments are tuples of [LANES] tensors (one register each).
+_LANE_MMA_M_TILES = (1, 2, 4, 8)
 
 
 def _lane_mma_asm(m_tiles: int, bf16: bool) -> str:
@@ -469,11 +471,26 @@ def _lane_mma_asm(m_tiles: int, bf16: bool) -> str:
     return "{\n" + "\n".join(lines) + "\n}"
 
 
-# one string per (B tiles, dtype); the kernel picks by constexpr
+def _lane_mma_constraints(m_tiles: int) -> str:
+    """4 fp32 outputs and accumulators per B tile, 6 packed weight/scale/offset registers,
+    4 x registers per B tile."""
+    return ",".join(["=f"] * 4 * m_tiles + ["f"] * 4 * m_tiles + ["r"] * (6 + 4 * m_tiles))
+
+
+# one asm string per (B tiles, dtype) and one constraint string per B tiles; the kernel picks
+# by constexpr (Triton cannot index a table with one)
 _LANE_MMA_F16_1 = tl.constexpr(_lane_mma_asm(1, False))
 _LANE_MMA_F16_2 = tl.constexpr(_lane_mma_asm(2, False))
+_LANE_MMA_F16_4 = tl.constexpr(_lane_mma_asm(4, False))
+_LANE_MMA_F16_8 = tl.constexpr(_lane_mma_asm(8, False))
 _LANE_MMA_BF16_1 = tl.constexpr(_lane_mma_asm(1, True))
 _LANE_MMA_BF16_2 = tl.constexpr(_lane_mma_asm(2, True))
+_LANE_MMA_BF16_4 = tl.constexpr(_lane_mma_asm(4, True))
+_LANE_MMA_BF16_8 = tl.constexpr(_lane_mma_asm(8, True))
+_LANE_MMA_CON_1 = tl.constexpr(_lane_mma_constraints(1))
+_LANE_MMA_CON_2 = tl.constexpr(_lane_mma_constraints(2))
+_LANE_MMA_CON_4 = tl.constexpr(_lane_mma_constraints(4))
+_LANE_MMA_CON_8 = tl.constexpr(_lane_mma_constraints(8))
 
 
 @triton.jit
@@ -495,12 +512,12 @@ def _pair(v, ASM: tl.constexpr):
 
 
 @triton.jit
-def _lane_pairs(x_row, k, mask, stride_xk, X_PLANES: tl.constexpr, ASM: tl.constexpr):
+def _lane_pairs(x_row, k, stride_xk, X_PLANES: tl.constexpr, ASM: tl.constexpr):
     """The lane's B registers for 32 k's: x at k + {0,4}, {1,5}, {2,6}, {3,7} (k includes the
     lane's 8q). Natural order: one 16-byte load of k .. k + 7, split into those pairs in
     registers; plane-major (X_PLANES), the 8 values are 16 apart: 8 loads."""
     pos = _x_pos(k[:, None] + tl.arange(0, 8)[None, :], X_PLANES)
-    v = tl.load(x_row[:, None] + pos * stride_xk, mask=mask[:, None], other=0.0)
+    v = tl.load(x_row[:, None] + pos * stride_xk)
     # [T, 8] -> [T, 2 (k // 4), 2, 2 (k % 2)]: splitting the last axis, then the next, leaves
     # the pairs (k, k + 4) of one parity as the final [T, 2] halves
     even, odd = tl.split(tl.reshape(v, (v.shape[0], 2, 2, 2)))
@@ -545,28 +562,40 @@ def _emulated_mma(c0, c1, c2, c3, a0, a1, a2, a3, b0, b1, NW: tl.constexpr):
 
 
 @triton.jit
+def _lane_mma(args, M_TILES: tl.constexpr, BF16: tl.constexpr):
+    """The PTX step of `_lane_mma_asm` for M_TILES B tiles: args are its input operands."""
+    if M_TILES == 1:
+        return tl.inline_asm_elementwise(
+            _LANE_MMA_BF16_1 if BF16 else _LANE_MMA_F16_1, _LANE_MMA_CON_1, args,
+            dtype=(tl.float32,) * 4, is_pure=True, pack=1,
+        )  # fmt: skip
+    elif M_TILES == 2:
+        return tl.inline_asm_elementwise(
+            _LANE_MMA_BF16_2 if BF16 else _LANE_MMA_F16_2, _LANE_MMA_CON_2, args,
+            dtype=(tl.float32,) * 8, is_pure=True, pack=1,
+        )  # fmt: skip
+    elif M_TILES == 4:
+        return tl.inline_asm_elementwise(
+            _LANE_MMA_BF16_4 if BF16 else _LANE_MMA_F16_4, _LANE_MMA_CON_4, args,
+            dtype=(tl.float32,) * 16, is_pure=True, pack=1,
+        )  # fmt: skip
+    else:
+        return tl.inline_asm_elementwise(
+            _LANE_MMA_BF16_8 if BF16 else _LANE_MMA_F16_8, _LANE_MMA_CON_8, args,
+            dtype=(tl.float32,) * 32, is_pure=True, pack=1,
+        )  # fmt: skip
+
+
+@triton.jit
 def _lane_tile_step(
-    c0, c1, c2, c3, c4, c5, c6, c7, w_lo, w_hi, s_lo, s_hi, o_lo, o_hi, xa, xb,
+    acc, w_lo, w_hi, s_lo, s_hi, o_lo, o_hi, xs,
     M_TILES: tl.constexpr, BF16: tl.constexpr, ASM: tl.constexpr, NW: tl.constexpr,
 ):  # fmt: skip
-    """32 k's of one 16-column tile: c0..c3 += W x_a^T fragment, c4..c7 += W x_b^T (B tile 2,
-    rows 8..15 of x, when M_TILES == 2). s/o: the scale and offset of the lane's two columns."""
+    """32 k's of one 16-column tile: acc[4b .. 4b + 3] += W x_b^T fragment for each B tile b
+    (rows 8b .. 8b + 7 of x, whose registers are xs[4b .. 4b + 3]). s/o: the scale and offset
+    of the lane's two columns."""
     if ASM:
-        if M_TILES == 1:
-            c0, c1, c2, c3 = tl.inline_asm_elementwise(
-                _LANE_MMA_BF16_1 if BF16 else _LANE_MMA_F16_1,
-                "=f,=f,=f,=f,f,f,f,f,r,r,r,r,r,r,r,r,r,r",
-                [c0, c1, c2, c3, w_lo, w_hi, s_lo, s_hi, o_lo, o_hi, xa[0], xa[1], xa[2], xa[3]],
-                dtype=(tl.float32, tl.float32, tl.float32, tl.float32), is_pure=True, pack=1,
-            )  # fmt: skip
-        else:
-            c0, c1, c2, c3, c4, c5, c6, c7 = tl.inline_asm_elementwise(
-                _LANE_MMA_BF16_2 if BF16 else _LANE_MMA_F16_2,
-                "=f,=f,=f,=f,=f,=f,=f,=f,f,f,f,f,f,f,f,f,r,r,r,r,r,r,r,r,r,r,r,r,r,r",
-                [c0, c1, c2, c3, c4, c5, c6, c7, w_lo, w_hi, s_lo, s_hi, o_lo, o_hi,
-                 xa[0], xa[1], xa[2], xa[3], xb[0], xb[1], xb[2], xb[3]],
-                dtype=(tl.float32,) * 8, is_pure=True, pack=1,
-            )  # fmt: skip
+        return _lane_mma(acc + (w_lo, w_hi, s_lo, s_hi, o_lo, o_hi) + xs, M_TILES, BF16)
     else:
         # ra: the lane's column n (A rows r), rb: column n + 8 (rows r + 8), per nibble pair
         ra0 = _emulated_codes(w_lo, 0, s_lo, o_lo)
@@ -577,12 +606,17 @@ def _lane_tile_step(
         rb1 = _emulated_codes(w_hi, 1, s_hi, o_hi)
         rb2 = _emulated_codes(w_hi, 2, s_hi, o_hi)
         rb3 = _emulated_codes(w_hi, 3, s_hi, o_hi)
-        c0, c1, c2, c3 = _emulated_mma(c0, c1, c2, c3, ra0, rb0, ra1, rb1, xa[0], xa[1], NW)
-        c0, c1, c2, c3 = _emulated_mma(c0, c1, c2, c3, ra2, rb2, ra3, rb3, xa[2], xa[3], NW)
-        if M_TILES == 2:
-            c4, c5, c6, c7 = _emulated_mma(c4, c5, c6, c7, ra0, rb0, ra1, rb1, xb[0], xb[1], NW)
-            c4, c5, c6, c7 = _emulated_mma(c4, c5, c6, c7, ra2, rb2, ra3, rb3, xb[2], xb[3], NW)
-    return c0, c1, c2, c3, c4, c5, c6, c7
+        out = ()
+        for b in tl.static_range(M_TILES):
+            c = _emulated_mma(
+                acc[4 * b], acc[4 * b + 1], acc[4 * b + 2], acc[4 * b + 3],
+                ra0, rb0, ra1, rb1, xs[4 * b], xs[4 * b + 1], NW,
+            )  # fmt: skip
+            c = _emulated_mma(
+                c[0], c[1], c[2], c[3], ra2, rb2, ra3, rb3, xs[4 * b + 2], xs[4 * b + 3], NW
+            )
+            out = out + c
+        return out
 
 
 @triton.jit
@@ -617,20 +651,17 @@ def _lane_scale(v, ASM: tl.constexpr):
 
 
 @triton.jit
-def _stack8(a0, a1, a2, a3, a4, a5, a6, a7):
-    """Eight [T] tensors -> [T, 8] (only the epilogue: its layout carries no lane meaning)."""
-    lo = tl.join(tl.join(a0, a1), tl.join(a2, a3))
-    hi = tl.join(tl.join(a4, a5), tl.join(a6, a7))
-    return tl.reshape(tl.join(lo, hi), (a0.shape[0], 8))
-
-
-@triton.jit
-def _stack16(a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, b2, b3, b4, b5, b6, b7):
-    """Sixteen [T] tensors -> [T, 16], in an order the caller recovers by stacking indices."""
-    return tl.reshape(
-        tl.join(_stack8(a0, a1, a2, a3, a4, a5, a6, a7), _stack8(b0, b1, b2, b3, b4, b5, b6, b7)),
-        (a0.shape[0], 16),
-    )
+def _stack(vals):
+    """A tuple of 2**j [T] tensors -> [T, 2**j], in an order the caller recovers by stacking
+    index tensors the same way (only the epilogue: its layout carries no lane meaning)."""
+    out = vals
+    for _level in tl.static_range(8):
+        if len(out) > 1:
+            pairs = ()
+            for i in tl.static_range(len(out) // 2):
+                pairs = pairs + (tl.join(out[2 * i], out[2 * i + 1]),)
+            out = pairs
+    return tl.reshape(out[0], (vals[0].shape[0], len(vals)))
 
 
 @triton.jit
@@ -642,14 +673,15 @@ def _w4a16_mma_kernel(
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, M_TILES: tl.constexpr, N_TILES: tl.constexpr,
     X_PLANES: tl.constexpr = False, ASM: tl.constexpr = True,
 ):  # fmt: skip
-    # Memory-bound like the GEMV (same floor), at ~3.3 issued instructions per weight in the
-    # loop (`sass_report.py`) instead of ~4.5, for up to 16 rows of x (M_TILES B tiles of 8).
-    # A warp owns 16 * N_TILES columns: lane (r, q) the 2 * N_TILES consecutive columns from
-    # n_lane (one 16- or 32-byte load per word row); tile t's A rows r and r + 8 are its
-    # columns n_lane + 2t and n_lane + 2t + 1. Every x value a lane loads serves all its
-    # tiles, so more tiles per warp mean fewer x loads per weight. Every tensor in the loop
-    # is [LANES] = one element per thread: element t is lane t % 32 of warp t // 32 (Triton's
-    # layout for a 1-D tensor of 32 * num_warps), which the PTX relies on.
+    # Memory-bound like the GEMV (same floor) up to 16 rows, at ~3.1 issued instructions per
+    # weight in the loop (`sass_report.py`); each unpacked A fragment feeds M_TILES B tiles
+    # of 8 rows, so at 32-64 rows the mma.sync issue rate (~half of wgmma's on Hopper) binds
+    # first. A warp owns 16 * N_TILES columns: lane (r, q) the 2 * N_TILES consecutive
+    # columns from n_lane (one 16- or 32-byte load per word row); tile t's A rows r and r + 8
+    # are its columns n_lane + 2t and n_lane + 2t + 1. Every x value a lane loads serves all
+    # its tiles, so more tiles per warp mean fewer x loads per weight. Every tensor in the
+    # loop is [LANES] = one element per thread: element t is lane t % 32 of warp t // 32
+    # (Triton's layout for a 1-D tensor of 32 * num_warps), which the PTX relies on.
     COLS: tl.constexpr = 2 * N_TILES
     LANES: tl.constexpr = 4 * BLOCK_N // COLS  # 4 lanes (q) share each column
     NW: tl.constexpr = LANES // 32
@@ -662,15 +694,18 @@ def _w4a16_mma_kernel(
     n_lane = pid_n * BLOCK_N + (lane // 32) * (16 * N_TILES) + COLS * r
     cols = n_lane[:, None] + tl.arange(0, COLS)[None, :]  # [LANES, COLS]
     col_mask = cols < N
-    xa_row = x_ptr + r * stride_xm
-    xb_row = x_ptr + (r + 8) * stride_xm
-    xa_mask = r < M
-    xb_mask = r + 8 < M
+    # Rows past M read row M - 1 instead of a masked load (which zeroes its registers first:
+    # 2 extra instructions per 16-byte load); their results land in rows the store masks.
+    x_rows = ()
+    for b in tl.static_range(M_TILES):
+        x_rows = x_rows + (x_ptr + tl.minimum(r + 8 * b, M - 1) * stride_xm,)
     z = tl.zeros((LANES,), dtype=tl.float32)
-    c00, c01, c02, c03, c04, c05, c06, c07 = z, z, z, z, z, z, z, z  # tile t: c<t><j>
-    c10, c11, c12, c13, c14, c15, c16, c17 = z, z, z, z, z, z, z, z
-    c20, c21, c22, c23, c24, c25, c26, c27 = z, z, z, z, z, z, z, z
-    c30, c31, c32, c33, c34, c35, c36, c37 = z, z, z, z, z, z, z, z
+    acc0 = ()  # tile t: acc<t>[4b + j], the C fragment of B tile b
+    for _e in tl.static_range(4 * M_TILES):
+        acc0 = acc0 + (z,)
+    acc1 = acc0
+    acc2 = acc0
+    acc3 = acc0
     k_start = pid_k * k_per_split
     k_end = k_start + k_per_split
     for k0 in range(k_start, k_end, BLOCK_K):
@@ -693,46 +728,27 @@ def _w4a16_mma_kernel(
                 w0, w1, w2, w3 = _split4(words)
             else:
                 w0, w1, w2, w3, w4, w5, w6, w7 = _split8(words)
-            xa = _lane_pairs(xa_row, kk + 8 * q, xa_mask, stride_xk, X_PLANES, ASM)
-            xb = xa
-            if M_TILES == 2:
-                xb = _lane_pairs(xb_row, kk + 8 * q, xb_mask, stride_xk, X_PLANES, ASM)
-            c00, c01, c02, c03, c04, c05, c06, c07 = _lane_tile_step(
-                c00, c01, c02, c03, c04, c05, c06, c07, w0, w1, s0, s1, o0, o1, xa, xb,
-                M_TILES, BF16, ASM, NW,
-            )  # fmt: skip
-            c10, c11, c12, c13, c14, c15, c16, c17 = _lane_tile_step(
-                c10, c11, c12, c13, c14, c15, c16, c17, w2, w3, s2, s3, o2, o3, xa, xb,
-                M_TILES, BF16, ASM, NW,
-            )  # fmt: skip
+            xs = ()  # B tile b: x rows 8b + r at the lane's k's
+            for b in tl.static_range(M_TILES):
+                xs = xs + _lane_pairs(x_rows[b], kk + 8 * q, stride_xk, X_PLANES, ASM)
+            acc0 = _lane_tile_step(acc0, w0, w1, s0, s1, o0, o1, xs, M_TILES, BF16, ASM, NW)
+            acc1 = _lane_tile_step(acc1, w2, w3, s2, s3, o2, o3, xs, M_TILES, BF16, ASM, NW)
             if N_TILES == 4:
-                c20, c21, c22, c23, c24, c25, c26, c27 = _lane_tile_step(
-                    c20, c21, c22, c23, c24, c25, c26, c27, w4, w5, s4, s5, o4, o5, xa, xb,
-                    M_TILES, BF16, ASM, NW,
-                )  # fmt: skip
-                c30, c31, c32, c33, c34, c35, c36, c37 = _lane_tile_step(
-                    c30, c31, c32, c33, c34, c35, c36, c37, w6, w7, s6, s7, o6, o7, xa, xb,
-                    M_TILES, BF16, ASM, NW,
-                )  # fmt: skip
-    # Accumulator e = 8 t + 4 b + j (tile t, B tile b) holds (m, n) = (8 b + 2q + j % 2,
+                acc2 = _lane_tile_step(acc2, w4, w5, s4, s5, o4, o5, xs, M_TILES, BF16, ASM, NW)
+                acc3 = _lane_tile_step(acc3, w6, w7, s6, s7, o6, o7, xs, M_TILES, BF16, ASM, NW)
+    # Accumulator e = 4 (M_TILES t + b) + j (tile t, B tile b) holds (m, n) = (8 b + 2q + j % 2,
     # n_lane + 2t + j // 2): the mma's C fragment, whose rows are columns of out.
-    i = lane * 0
-    acc = _stack16(
-        c00, c01, c02, c03, c04, c05, c06, c07, c10, c11, c12, c13, c14, c15, c16, c17
-    )  # fmt: skip
-    e = _stack16(
-        i, i + 1, i + 2, i + 3, i + 4, i + 5, i + 6, i + 7,
-        i + 8, i + 9, i + 10, i + 11, i + 12, i + 13, i + 14, i + 15,
-    )  # fmt: skip
+    vals = acc0 + acc1
     if N_TILES == 4:
-        acc = tl.reshape(
-            tl.join(acc, _stack16(c20, c21, c22, c23, c24, c25, c26, c27,
-                                  c30, c31, c32, c33, c34, c35, c36, c37)),
-            (LANES, 32),
-        )  # fmt: skip
-        e = tl.reshape(tl.join(e, e + 16), (LANES, 32))
-    m = 8 * ((e % 8) // 4) + 2 * q[:, None] + e % 2
-    n = n_lane[:, None] + 2 * (e // 8) + (e % 4) // 2
+        vals = vals + acc2 + acc3
+    idx = ()
+    for e_ in tl.static_range(len(vals)):
+        idx = idx + (lane * 0 + e_,)
+    acc = _stack(vals)
+    e = _stack(idx)
+    j = e % 4
+    m = 8 * ((e // 4) % M_TILES) + 2 * q[:, None] + j % 2
+    n = n_lane[:, None] + 2 * (e // (4 * M_TILES)) + j // 2
     _finish_tile(
         acc, out_ptr, ws_ptr, cnt_ptr + pid_n, bias_ptr, m * stride_om + n, (m < M) & (n < N),
         n, N, pid_k, tl.num_programs(1), stride_split, HAS_BIAS, SPLIT, SELF_REDUCE,
@@ -794,9 +810,13 @@ def valid_config(cfg: KernelConfig, k: int, group: int) -> bool:
     does not check, so this must)."""
     if cfg.kernel == "dequant_mm":
         return _pow2(cfg.block_n) and _pow2(cfg.block_k) and (k // 8) % cfg.block_k == 0
-    if cfg.kernel == "mma":  # 32 or 64 columns per warp, 8 or 16 rows, whole 32-k steps
+    if cfg.kernel == "mma":  # 32 or 64 columns per warp, 8 to 64 rows, whole 32-k steps
+        tiles_per_warp = cfg.block_n // (16 * cfg.num_warps)
         return (
-            cfg.block_n in (32 * cfg.num_warps, 64 * cfg.num_warps) and cfg.block_m in (8, 16)
+            cfg.block_n % (16 * cfg.num_warps) == 0 and tiles_per_warp in (2, 4)
+            and cfg.block_m // 8 in _LANE_MMA_M_TILES and cfg.block_m % 8 == 0
+            # 64 rows x 4 tiles would hold 128 accumulators per thread
+            and cfg.block_m * tiles_per_warp <= 128
             and _pow2(cfg.block_k)
             and cfg.block_k >= 32 and k % cfg.split_k == 0 and (k // cfg.split_k) % cfg.block_k == 0
             and group % 32 == 0 and (group % cfg.block_k == 0 or cfg.block_k % group == 0)
@@ -828,8 +848,11 @@ def _gemm_smem_bytes(cfg: KernelConfig, group: int) -> int:
 
 
 # "gemm_planes_direct" passes the interpreter tests but has not run on a GPU yet: it joins the
-# candidates once the GPU kernel tests have passed with it.
+# candidates once the GPU kernel tests have passed with it. So do lane-MMA configs of 32 and
+# 64 rows (4 and 8 B tiles; offline sm_90 SASS: 3.9 and 5.5 issued instructions per weight,
+# 106 and 188 registers at 128 columns per program).
 _DIRECT_PLANES_VALIDATED = False
+_WIDE_MMA_VALIDATED = False
 
 # Split K only while the grid is under ~4 waves of an H100 (132 SMs): more splits past that
 # add workspace traffic without adding parallelism.
@@ -879,14 +902,14 @@ def candidate_configs(m: int, n: int, k: int, group: int) -> list[KernelConfig]:
                             out.append(
                                 KernelConfig("gemm_planes_direct", bms[0], bn, bk, sk, warps, 2, pf)
                             )
-    if mb <= 16:
+    if mb <= 16 or (mb <= 64 and _WIDE_MMA_VALIDATED):
         # (warps, tiles per warp, BLOCK_K): the H100 probe's leaders at M = 1 and 16
         # (`benchmarks/probe_w4a16_mma.py`); 2 tiles won every M = 16 shape.
         for warps, tiles, bk in ((2, 2, 128), (4, 2, 128), (8, 2, 128), (4, 2, 256), (4, 4, 128)):
             bn = 16 * tiles * warps
             for sk in (*splits, 32):
                 if _useful_split(triton.cdiv(n, bn), sk):
-                    out.append(KernelConfig("mma", 8 if mb <= 8 else 16, bn, bk, sk, warps, 1))
+                    out.append(KernelConfig("mma", max(8, mb), bn, bk, sk, warps, 1))
     if mb >= 128:
         out.append(KernelConfig("dequant_mm", 0, 256, _dequant_rows(k), 1, 4, 1))
         # Planes at large M: W from registers as wgmma's A (BLOCK_N rows), x^T as its
@@ -983,6 +1006,8 @@ def launch(
         out = torch.empty((m, n), device=x.device, dtype=x.dtype)
     elif not out.is_contiguous():  # the split-K reduction writes out as flat [M * N] memory
         raise ValueError("launch: out must be contiguous")
+    if m == 0 or n == 0:
+        return out  # nothing to compute (the lane-MMA kernel would read row M - 1 = -1)
     if cfg.kernel == "dequant_mm":
         w = torch.empty((k, n), device=x.device, dtype=x.dtype)
         grid = (triton.cdiv(n, cfg.block_n), (k // 8) // cfg.block_k)
