@@ -280,7 +280,6 @@ def test_lane_mma_with_4_and_8_b_tiles_matches_float64_reference(problem, data):
     """32 and 64 rows per program (one unpacked weight fragment feeding 4 or 8 mma B tiles),
     any M up to the tile (rows past M read row M - 1 and are not stored), split or not."""
     m, k = problem.x.shape
-    n = problem.packed.shape[0]
     group = problem.packed.group_size or k
     rows, warps, tiles, bk = data.draw(st.sampled_from(WIDE_MMA), label="shape")
     split = data.draw(st.sampled_from([1, 2]), label="split")
