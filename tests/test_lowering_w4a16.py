@@ -269,8 +269,12 @@ def test_gemm_configs_over_shared_memory_are_invalid(bm, bn, bk, stages, group, 
     assert (cfg in candidate_configs(16 if bm == 16 else 64, 4096, 4096, group)) <= fits
 
 
-WIDE_MMA = [  # (rows, warps, tiles per warp, BLOCK_K): what candidate_configs offers past 16 rows
-    (32, 2, 2, 128), (32, 1, 4, 64), (64, 2, 2, 64), (64, 1, 2, 128),
+# (rows, warps, tiles per warp, BLOCK_K): shapes candidate_configs offers past 16 rows
+WIDE_MMA = [
+    (32, 2, 2, 128),
+    (32, 1, 4, 64),
+    (64, 2, 2, 64),
+    (64, 1, 2, 128),
 ]
 
 
