@@ -849,8 +849,11 @@ def _gemm_smem_bytes(cfg: KernelConfig, group: int) -> int:
 
 # "gemm_planes_direct" passes the interpreter tests but has not run on a GPU yet: it joins the
 # candidates once the GPU kernel tests have passed with it. So do lane-MMA configs of 32 and
-# 64 rows (4 and 8 B tiles; offline sm_90 SASS: 3.9 and 5.5 issued instructions per weight,
-# 106 and 188 registers at 128 columns per program).
+# 64 rows (4 and 8 B tiles; offline sm_90 SASS: 3.6 and 4.8 issued instructions per weight,
+# 104 and 136 registers at 128 columns per program). On the H200 probe they were right
+# (every config within 2.8e-4 of dequantize + matmul, fp16) and beat the current picks by
+# 6-27% at M = 32 and 64 (`results/h200/wide_mma/`); the hypothesis kernel tests have not
+# run on a GPU with them yet.
 _DIRECT_PLANES_VALIDATED = False
 _WIDE_MMA_VALIDATED = False
 
