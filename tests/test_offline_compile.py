@@ -24,6 +24,8 @@ W4A16 = [  # kind, BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, prefetch, self-redu
     ("gemm_planes", 128, 128, 128, 8, 2, False, False),  # a large-M candidate
     ("mma", 16, 128, 128, 4, 1, False, True),  # inline PTX: only a real compile checks it
     ("mma", 8, 256, 128, 4, 1, False, False),  # 4 tiles per warp, one B tile
+    ("mma", 32, 128, 128, 4, 1, False, True),  # 4 B tiles
+    ("mma", 64, 64, 128, 2, 1, False, True),  # 8 B tiles: 32 accumulators per A tile
 ]
 W4A8 = [  # kind, BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, fp8 activations
     ("gemv", 1, 256, 64, 2, 1, False),
