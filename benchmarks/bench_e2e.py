@@ -353,7 +353,7 @@ def run_meta(args, config, device, dtype, mode, build_s: float) -> dict:
         "kv_heads": config.num_key_value_heads, "vocab": config.vocab_size,
         "lm_head_quantized": args.lm_head, "build_s": build_s,
         "qcompile_autotune": os.environ.get("QCOMPILE_AUTOTUNE", "1"),
-        "inductor_config": json.loads(args.inductor_config), "gc_threshold": gc.get_threshold(),
+        "inductor_config": json.loads(args.inductor_config), "gc_threshold": list(gc.get_threshold()),
     }  # fmt: skip
 
 
