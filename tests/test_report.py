@@ -178,3 +178,19 @@ def test_sibling_fusion_is_noted_per_layer_and_counted() -> None:
     assert lines[4].endswith("w4a16 g128; fused with up_proj: one launch of N=22016")
     assert lines[6].endswith(QUANTIZED.detail) and QUANTIZED.fused_note == ""
     assert "sibling" not in make_report(QUANTIZED).summary()
+
+
+@pytest.mark.parametrize(
+    ("source", "fqn"),
+    [
+        ("L['self']._modules['a']._parameters['weight']", "a.weight"),
+        ("L['model']._modules['layers']._modules['3']._parameters['weight']", "layers.3.weight"),
+        # transformers >= 5.24 calls the model through *args: the root is an item of L['args']
+        ("L['args'][0]._modules['model']._modules['layers'][1]._parameters['weight']",
+         "model.layers.1.weight"),
+    ],
+)  # fmt: skip
+def test_layer_names_drop_the_compiled_functions_argument(source, fqn):
+    from qcompile.passes.linear import _param_fqn
+
+    assert _param_fqn(source) == fqn

@@ -29,7 +29,6 @@ head is read once. Attention that already calls `kv4_attention` (transformers'
 from __future__ import annotations
 
 import operator
-import re
 from dataclasses import dataclass, field
 
 import torch
@@ -37,6 +36,7 @@ import torch.nn.functional as F
 from torch.fx import GraphModule, Node
 
 from qcompile.config import QuantConfig
+from qcompile.passes.linear import module_path
 from qcompile.report import AttentionRecord, CompileReport
 
 SDPA_TARGETS = (torch._C._nn.scaled_dot_product_attention, F.scaled_dot_product_attention)
@@ -254,11 +254,7 @@ def rewrite_problem(match: AttentionMatch, k: KV4Source, v: KV4Source) -> str | 
 
 # --------------------------------------------------------------------------- pass
 def _module_path(node: Node) -> str:
-    stack = node.meta.get("nn_module_stack") or {}
-    if not stack:
-        return node.name
-    path = list(stack.values())[-1][0]
-    return re.sub(r"^L\['[^']+'\]\.?", "", path) or node.name
+    return module_path(node) or node.name
 
 
 def _heads(match: AttentionMatch) -> tuple[tuple[int, int], int]:

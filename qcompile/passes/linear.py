@@ -155,12 +155,14 @@ class GraphConstants:
 
 
 _SOURCE_ATTR = re.compile(r"\._(?:modules|parameters|buffers)\['([^']+)'\]")
+# The compiled function's argument the path starts from: `L['self']`, `L['model']`, or an item
+# of a variadic argument, `L['args'][0]` (transformers >= 5.24 calls the model that way).
+_SOURCE_ROOT = re.compile(r"^L\['[^']+'\](?:\[\d+\])*\.?")
 
 
 def _param_fqn(source_name: str) -> str:
     """`L['self']._modules['a']._parameters['weight']` -> `a.weight`."""
-    path = _SOURCE_ATTR.sub(r".\1", source_name)
-    path = re.sub(r"^L\['[^']+'\]\.?", "", path)
+    path = _SOURCE_ROOT.sub("", _SOURCE_ATTR.sub(r".\1", source_name))
     return re.sub(r"\[(\d+)\]", r".\1", path).strip(".")
 
 
@@ -169,7 +171,7 @@ def module_path(node: Node) -> str | None:
     stack = node.meta.get("nn_module_stack") or {}
     if not stack:
         return None
-    return re.sub(r"^L\['[^']+'\]\.?", "", list(stack.values())[-1][0])
+    return _SOURCE_ROOT.sub("", list(stack.values())[-1][0])
 
 
 def layer_name(node: Node, weight_node: Node) -> str:
@@ -380,9 +382,8 @@ def activation_fusion(x: Node, otherwise: str = "its own quantization kernel") -
         )
     stack = p.meta.get("nn_module_stack") or {}
     if stack:
-        path, cls = list(stack.values())[-1]
-        path = re.sub(r"^L\['[^']+'\]\.?", "", path)
-        where = f"{path} ({getattr(cls, '__name__', cls)})"
+        cls = list(stack.values())[-1][1]
+        where = f"{module_path(p)} ({getattr(cls, '__name__', cls)})"
         return f"fused into {_op_name(p)} of {where}"
     return f"fused into {_op_name(p)}"
 
