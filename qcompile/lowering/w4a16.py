@@ -655,7 +655,7 @@ def _stack(vals):
     """A tuple of 2**j [T] tensors -> [T, 2**j], in an order the caller recovers by stacking
     index tensors the same way (only the epilogue: its layout carries no lane meaning)."""
     out = vals
-    for _level in tl.static_range(8):
+    for _level in tl.static_range(8):  # up to 2**8 tensors; past log2(len) levels are no-ops
         if len(out) > 1:
             pairs = ()
             for i in tl.static_range(len(out) // 2):
@@ -673,10 +673,11 @@ def _w4a16_mma_kernel(
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, M_TILES: tl.constexpr, N_TILES: tl.constexpr,
     X_PLANES: tl.constexpr = False, ASM: tl.constexpr = True,
 ):  # fmt: skip
-    # Memory-bound like the GEMV (same floor) up to 16 rows, at ~3.1 issued instructions per
-    # weight in the loop (`sass_report.py`); each unpacked A fragment feeds M_TILES B tiles
-    # of 8 rows, so at 32-64 rows the mma.sync issue rate (~half of wgmma's on Hopper) binds
-    # first. A warp owns 16 * N_TILES columns: lane (r, q) the 2 * N_TILES consecutive
+    # Floor: the GEMV's (weight bytes); ~3.0 issued instructions per weight at 16 rows
+    # (`sass_report.py`), each unpacked A fragment feeding M_TILES B tiles of 8 rows. On the
+    # H200 it runs at 47% of that floor at 16 rows and its time grows almost linearly with
+    # the B tiles: latency-bound (its loads feed inline asm, which num_stages does not
+    # pipeline), not issue- or bandwidth-bound (`docs/performance.md`). A warp owns 16 * N_TILES columns: lane (r, q) the 2 * N_TILES consecutive
     # columns from n_lane (one 16- or 32-byte load per word row); tile t's A rows r and r + 8
     # are its columns n_lane + 2t and n_lane + 2t + 1. Every x value a lane loads serves all
     # its tiles, so more tiles per warp mean fewer x loads per weight. Every tensor in the
