@@ -6,6 +6,7 @@ CUDA-graph replays over weight copies rotated past L2 (`bench_w4a16.time_graph`)
     python benchmarks/probe_w4a16_mma.py --out $OUT/probe_w4a16_mma.json
     python benchmarks/probe_w4a16_mma.py --ms 32,64 --warps 2,4 --tiles 2 --bks 128 --planes 0
         # 4 and 8 B tiles (32 / 64 rows per program), a small grid
+    python benchmarks/probe_w4a16_mma.py --prefetch 0,1 ...   # with and without the prefetch
 """
 
 from __future__ import annotations
@@ -30,14 +31,16 @@ def _ints(text: str) -> tuple[int, ...]:
 
 
 def mma_configs(m: int, n: int, k: int, args: argparse.Namespace) -> list[KernelConfig]:
-    """The grid of --warps x --tiles x --bks x --splits; rows: M's bucket (8 to 64)."""
+    """The grid of --warps x --tiles x --bks x --splits x --prefetch; rows: M's bucket (8 to
+    64)."""
     out = []
     rows = max(8, m_bucket(m))
     grid = itertools.product(
-        _ints(args.warps), _ints(args.tiles), _ints(args.bks), _ints(args.splits)
-    )
-    for warps, tiles, bk, split in grid:
-        cfg = KernelConfig("mma", rows, 16 * tiles * warps, bk, split, warps, 1)
+        _ints(args.warps), _ints(args.tiles), _ints(args.bks), _ints(args.splits),
+        _ints(args.prefetch),
+    )  # fmt: skip
+    for warps, tiles, bk, split, prefetch in grid:
+        cfg = KernelConfig("mma", rows, 16 * tiles * warps, bk, split, warps, 1, bool(prefetch))
         if valid_config(cfg, k, GROUP) and _useful_split(-(-n // cfg.block_n), split):
             out.append(cfg)
     return out
@@ -67,6 +70,7 @@ def main() -> None:
     ap.add_argument("--tiles", default="2,4", help="16-column A tiles per warp")
     ap.add_argument("--bks", default="128,256")
     ap.add_argument("--splits", default="1,2,4,8,16")
+    ap.add_argument("--prefetch", default="0", help="0,1: also the next-BLOCK_K prefetch")
     ap.add_argument("--planes", type=int, default=3, help="re-time the best N on plane-major x")
     args = ap.parse_args()
     dtype = getattr(torch, args.dtype)
@@ -109,15 +113,26 @@ def main() -> None:
             print(
                 f"N={n} K={k} M={m}: floor {floor:.1f} cublas {row['cublas_us']:.1f} current "
                 f"{row['current_us']:.1f} | mma best {best['us']:.1f} "
-                f"(w{c['num_warps']} bk{c['block_k']} sk{c['split_k']} planes={best['x_planes']})"
+                f"(w{c['num_warps']} bn{c['block_n']} bk{c['block_k']} sk{c['split_k']} "
+                f"pf{int(c['prefetch'])} planes={best['x_planes']})"
                 f" = {row['cublas_us'] / best['us']:.2f}x cublas, "
                 f"{floor / best['us']:.0%} floor; max rel err {worst_err:.1e}",
                 flush=True,
             )
             for r in row["mma"][1:5]:
                 c = r["config"]
-                print(f"    {r['us']:.1f} w{c['num_warps']} bk{c['block_k']} sk{c['split_k']} "
-                      f"planes={r['x_planes']}", flush=True)  # fmt: skip
+                print(f"    {r['us']:.1f} w{c['num_warps']} bn{c['block_n']} bk{c['block_k']} "
+                      f"sk{c['split_k']} pf{int(c['prefetch'])} planes={r['x_planes']}",
+                      flush=True)  # fmt: skip
+            # per prefetch setting, the best config: the effect of the prefetch alone
+            row["best_by_prefetch"] = {
+                str(pf): min((r for r in row["mma"] if r["config"]["prefetch"] == bool(pf)),
+                             key=lambda r: r["us"], default=None)
+                for pf in _ints(args.prefetch)
+            }  # fmt: skip
+            print("    best by prefetch: " + ", ".join(
+                f"pf{pf}={r['us']:.1f}" for pf, r in row["best_by_prefetch"].items() if r
+            ), flush=True)  # fmt: skip
             results.append(row)
         del packed, wf
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,

@@ -72,7 +72,7 @@ def compile_variant(
         fn = kernels._w4a16_gemm_kernel
         consts.update(BLOCK_M=bm, GROUP_M=8, SWAP_AB=True)
     if kind == "mma":
-        del sig["nibble_mask"], consts["PREFETCH"]
+        del sig["nibble_mask"]
         fn = kernels._w4a16_mma_kernel
         consts.update(M_TILES=bm // 8, N_TILES=bn // (16 * warps), ASM=True)
     sig.update({name: "constexpr" for name in consts})
@@ -190,6 +190,8 @@ def report(
 
 VARIANTS = [
     ("mma", 16, 128, 128, 4, 1), ("mma", 32, 128, 128, 4, 1), ("mma", 64, 128, 128, 4, 1),
+    ("mma", 16, 128, 128, 4, 1, True), ("mma", 32, 128, 128, 4, 1, True),
+    ("mma", 64, 128, 64, 4, 1, True), ("mma", 16, 128, 64, 4, 1, True),
     ("gemv", 1, 128, 64, 1, 1), ("gemv", 1, 512, 64, 4, 1), ("gemv", 1, 256, 128, 4, 1),
     ("gemv", 1, 256, 64, 2, 1, True), ("gemm_planes", 16, 128, 128, 4, 2, True),
     ("gemm_planes", 64, 128, 128, 4, 2), ("gemm_planes_direct", 64, 128, 128, 4, 2),

@@ -140,8 +140,10 @@ def test_dequantize_then_matmul_strategy(group):
         KernelConfig("mma", 8, 32, 32, 2, 1, 1),  # one B tile, one 32-k step per iteration
         KernelConfig("mma", 32, 64, 64, 2, 2, 1),  # 4 B tiles (32 rows), split
         KernelConfig("mma", 64, 32, 128, 1, 1, 1),  # 8 B tiles (64 rows), BLOCK_K > group at g64
+        KernelConfig("mma", 16, 64, 128, 2, 2, 1, True),  # next BLOCK_K loaded first, split
+        KernelConfig("mma", 32, 64, 64, 1, 2, 1, True),
     ],
-    ids=lambda c: f"{c.kernel}-bn{c.block_n}-bk{c.block_k}-sk{c.split_k}",
+    ids=lambda c: f"{c.kernel}-bn{c.block_n}-bk{c.block_k}-sk{c.split_k}-pf{int(c.prefetch)}",
 )
 @pytest.mark.parametrize("x_planes", [False, True])
 @pytest.mark.parametrize("group", [64, 128])
@@ -173,6 +175,7 @@ SPLIT_CONFIGS = [
     KernelConfig("gemm_planes_xreg", 16, 32, 128, 2, 4, 2),
     KernelConfig("mma", 16, 64, 64, 4, 2, 1),
     KernelConfig("mma", 64, 64, 64, 4, 2, 1),
+    KernelConfig("mma", 16, 64, 32, 4, 2, 1, True),
 ]
 
 
@@ -192,7 +195,9 @@ def _packed_problem(m, n, k, group, dtype, seed, bias=True):
     return LinearProblem(x, w, p, b, dtype)
 
 
-@pytest.mark.parametrize("cfg", SPLIT_CONFIGS, ids=lambda c: f"{c.kernel}-sk{c.split_k}")
+@pytest.mark.parametrize(
+    "cfg", SPLIT_CONFIGS, ids=lambda c: f"{c.kernel}-sk{c.split_k}-pf{int(c.prefetch)}"
+)
 def test_split_k_reduces_in_one_launch(cfg):
     """The last program of each tile sums the partials: same bits as the two-launch
     reduction, every tile counter re-armed to zero, and a second launch is right too."""
@@ -287,7 +292,8 @@ def test_lane_mma_with_4_and_8_b_tiles_matches_float64_reference(problem, data):
     group = problem.packed.group_size or k
     rows, warps, tiles, bk = data.draw(st.sampled_from(WIDE_MMA), label="shape")
     split = data.draw(st.sampled_from([1, 2]), label="split")
-    cfg = KernelConfig("mma", rows, 16 * tiles * warps, bk, split, warps, 1)
+    prefetch = data.draw(st.booleans(), label="prefetch")
+    cfg = KernelConfig("mma", rows, 16 * tiles * warps, bk, split, warps, 1, prefetch)
     assume(m <= rows and valid_config(cfg, k, group))
     x_planes = k % PLANE_CHUNK == 0 and data.draw(st.booleans(), label="x_planes")
     assert_close_rel(_run(problem, cfg, x_planes), problem.reference64(), problem.dtype)

@@ -512,12 +512,17 @@ def _pair(v, ASM: tl.constexpr):
 
 
 @triton.jit
-def _lane_pairs(x_row, k, stride_xk, X_PLANES: tl.constexpr, ASM: tl.constexpr):
-    """The lane's B registers for 32 k's: x at k + {0,4}, {1,5}, {2,6}, {3,7} (k includes the
-    lane's 8q). Natural order: one 16-byte load of k .. k + 7, split into those pairs in
-    registers; plane-major (X_PLANES), the 8 values are 16 apart: 8 loads."""
+def _lane_x(x_row, k, stride_xk, X_PLANES: tl.constexpr):
+    """The lane's x values for 32 k's, [T, 8] at k .. k + 7 (k includes the lane's 8q).
+    Natural order: one 16-byte load; plane-major (X_PLANES), the 8 values are 16 apart."""
     pos = _x_pos(k[:, None] + tl.arange(0, 8)[None, :], X_PLANES)
-    v = tl.load(x_row[:, None] + pos * stride_xk)
+    return tl.load(x_row[:, None] + pos * stride_xk)
+
+
+@triton.jit
+def _lane_pairs(v, ASM: tl.constexpr):
+    """[T, 8] x values (`_lane_x`) -> the lane's B registers: x at k + {0,4}, {1,5}, {2,6},
+    {3,7}, split in registers."""
     # [T, 8] -> [T, 2 (k // 4), 2, 2 (k % 2)]: splitting the last axis, then the next, leaves
     # the pairs (k, k + 4) of one parity as the final [T, 2] halves
     even, odd = tl.split(tl.reshape(v, (v.shape[0], 2, 2, 2)))
@@ -665,13 +670,39 @@ def _stack(vals):
 
 
 @triton.jit
+def _lane_block_loads(
+    qw_ptr, s_ptr, o_ptr, x_rows, k0, q, cols, col_mask, stride_w, stride_xk,
+    GROUP: tl.constexpr, BLOCK_K: tl.constexpr, M_TILES: tl.constexpr, X_PLANES: tl.constexpr,
+):  # fmt: skip
+    """Every load of one BLOCK_K of the lane-MMA loop, raw: per 32-k step its words
+    [LANES, COLS] and x [LANES, 8] per B tile (step-major), and the scale and offset rows
+    (one per step when BLOCK_K spans groups, else one)."""
+    words = ()
+    scales = ()
+    offsets = ()
+    xs = ()
+    for st in tl.static_range(BLOCK_K // 32):
+        kk = k0 + 32 * st
+        if st == 0 or BLOCK_K > GROUP:
+            g_row = (kk // GROUP) * stride_w
+            scales = scales + (tl.load(s_ptr + g_row + cols, mask=col_mask, other=0.0),)
+            offsets = offsets + (tl.load(o_ptr + g_row + cols, mask=col_mask, other=0.0),)
+        words = words + (
+            tl.load(qw_ptr + (kk // 8 + q)[:, None] * stride_w + cols, mask=col_mask, other=0),
+        )
+        for b in tl.static_range(M_TILES):
+            xs = xs + (_lane_x(x_rows[b], kk + 8 * q, stride_xk, X_PLANES),)
+    return words, scales, offsets, xs
+
+
+@triton.jit
 def _w4a16_mma_kernel(
     x_ptr, qw_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
     M, N, K, k_per_split, stride_w,
     stride_xm, stride_xk, stride_om, stride_split,
     GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, SELF_REDUCE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, M_TILES: tl.constexpr, N_TILES: tl.constexpr,
-    X_PLANES: tl.constexpr = False, ASM: tl.constexpr = True,
+    X_PLANES: tl.constexpr = False, ASM: tl.constexpr = True, PREFETCH: tl.constexpr = False,
 ):  # fmt: skip
     # Floor: the GEMV's (weight bytes); ~3.0 issued instructions per weight at 16 rows
     # (`sass_report.py`), each unpacked A fragment feeding M_TILES B tiles of 8 rows. On the
@@ -709,29 +740,42 @@ def _w4a16_mma_kernel(
     acc3 = acc0
     k_start = pid_k * k_per_split
     k_end = k_start + k_per_split
+    if PREFETCH:  # operands of the first BLOCK_K; each iteration then loads the next one first
+        nxt = _lane_block_loads(
+            qw_ptr, s_ptr, o_ptr, x_rows, k_start, q, cols, col_mask, stride_w, stride_xk,
+            GROUP, BLOCK_K, M_TILES, X_PLANES,
+        )  # fmt: skip
     for k0 in range(k_start, k_end, BLOCK_K):
+        if PREFETCH:
+            cur = nxt
+            # the last iteration re-reads its own block instead of reading past the split
+            nxt = _lane_block_loads(
+                qw_ptr, s_ptr, o_ptr, x_rows, tl.minimum(k0 + BLOCK_K, k_end - BLOCK_K), q,
+                cols, col_mask, stride_w, stride_xk, GROUP, BLOCK_K, M_TILES, X_PLANES,
+            )  # fmt: skip
+        else:
+            cur = _lane_block_loads(
+                qw_ptr, s_ptr, o_ptr, x_rows, k0, q, cols, col_mask, stride_w, stride_xk,
+                GROUP, BLOCK_K, M_TILES, X_PLANES,
+            )  # fmt: skip
+        words_k, scales_k, offsets_k, x_k = cur
         for st in tl.static_range(BLOCK_K // 32):
-            kk = k0 + 32 * st
             if st == 0 or BLOCK_K > GROUP:
-                g_row = (kk // GROUP) * stride_w
-                sv = _lane_scale(tl.load(s_ptr + g_row + cols, mask=col_mask, other=0.0), ASM)
-                ov = _lane_scale(tl.load(o_ptr + g_row + cols, mask=col_mask, other=0.0), ASM)
+                sv = _lane_scale(scales_k[st if BLOCK_K > GROUP else 0], ASM)
+                ov = _lane_scale(offsets_k[st if BLOCK_K > GROUP else 0], ASM)
                 if N_TILES == 2:
                     s0, s1, s2, s3 = _split4(sv)
                     o0, o1, o2, o3 = _split4(ov)
                 else:
                     s0, s1, s2, s3, s4, s5, s6, s7 = _split8(sv)
                     o0, o1, o2, o3, o4, o5, o6, o7 = _split8(ov)
-            words = tl.load(
-                qw_ptr + (kk // 8 + q)[:, None] * stride_w + cols, mask=col_mask, other=0
-            )  # fmt: skip
             if N_TILES == 2:
-                w0, w1, w2, w3 = _split4(words)
+                w0, w1, w2, w3 = _split4(words_k[st])
             else:
-                w0, w1, w2, w3, w4, w5, w6, w7 = _split8(words)
+                w0, w1, w2, w3, w4, w5, w6, w7 = _split8(words_k[st])
             xs = ()  # B tile b: x rows 8b + r at the lane's k's
             for b in tl.static_range(M_TILES):
-                xs = xs + _lane_pairs(x_rows[b], kk + 8 * q, stride_xk, X_PLANES, ASM)
+                xs = xs + _lane_pairs(x_k[M_TILES * st + b], ASM)
             acc0 = _lane_tile_step(acc0, w0, w1, s0, s1, o0, o1, xs, M_TILES, BF16, ASM, NW)
             acc1 = _lane_tile_step(acc1, w2, w3, s2, s3, o2, o3, xs, M_TILES, BF16, ASM, NW)
             if N_TILES == 4:
@@ -1041,7 +1085,7 @@ def launch(
             raise ValueError(f"launch: lane-MMA config got M={m} rows but BLOCK_M={cfg.block_m}")
         _w4a16_mma_kernel[(triton.cdiv(n, cfg.block_n), split)](
             *args, M_TILES=cfg.block_m // 8, N_TILES=cfg.block_n // (16 * cfg.num_warps),
-            X_PLANES=x_planes, ASM=not _interpreting(), **common,
+            X_PLANES=x_planes, ASM=not _interpreting(), PREFETCH=cfg.prefetch, **common,
         )  # fmt: skip
     elif cfg.kernel == "gemv":
         grid = (triton.cdiv(n, cfg.block_n), split, m)
