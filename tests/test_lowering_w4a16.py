@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from conftest import KERNEL_DEVICE
@@ -299,15 +301,18 @@ def test_lane_mma_with_4_and_8_b_tiles_matches_float64_reference(problem, data):
     assert_close_rel(_run(problem, cfg, x_planes), problem.reference64(), problem.dtype)
 
 
-def test_wide_lane_mma_joins_the_candidates_only_once_validated(monkeypatch):
-    """32- and 64-row lane-MMA configs have not run on a GPU: tuning offers them only with
-    the flag set (after the GPU kernel tests pass with them)."""
-    assert not [c for c in candidate_configs(64, 4096, 4096, 128) if c.kernel == "mma"]
-    monkeypatch.setattr(lowering, "_WIDE_MMA_VALIDATED", True)
+def test_lane_mma_candidates_cover_32_and_64_rows_with_and_without_prefetch():
+    """Tuning offers the lane-MMA kernel up to 64 rows, each shape with and without the
+    next-BLOCK_K prefetch (which won at 32 and 64 rows on the H200 and lost at some 16)."""
     wide = [c for c in candidate_configs(64, 4096, 4096, 128) if c.kernel == "mma"]
     assert wide and {c.block_m for c in wide} == {64}
     assert all(c.block_n == 32 * c.num_warps for c in wide)  # 8 B tiles: 2 A tiles per warp
     assert {c.block_m for c in candidate_configs(32, 4096, 4096, 128) if c.kernel == "mma"} == {32}
+    for m in (1, 16, 32, 64):
+        mma = [c for c in candidate_configs(m, 8192, 28672, 128) if c.kernel == "mma"]
+        with_pf = {replace(c, prefetch=False) for c in mma if c.prefetch}
+        assert with_pf and with_pf == {c for c in mma if not c.prefetch}
+    assert not [c for c in candidate_configs(65, 4096, 4096, 128) if c.kernel == "mma"]
 
 
 def test_mma_kernel_refuses_more_rows_than_its_b_tiles():

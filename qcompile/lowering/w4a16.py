@@ -893,14 +893,11 @@ def _gemm_smem_bytes(cfg: KernelConfig, group: int) -> int:
 
 
 # "gemm_planes_direct" passes the interpreter tests but has not run on a GPU yet: it joins the
-# candidates once the GPU kernel tests have passed with it. So do lane-MMA configs of 32 and
-# 64 rows (4 and 8 B tiles; offline sm_90 SASS: 3.6 and 4.8 issued instructions per weight,
-# 104 and 136 registers at 128 columns per program). On the H200 probe they were right
-# (every config within 2.8e-4 of dequantize + matmul, fp16) and beat the current picks by
-# 6-27% at M = 32 and 64 (`results/h200/wide_mma/`); the hypothesis kernel tests have not
-# run on a GPU with them yet.
+# candidates once the GPU kernel tests have passed with it. Lane-MMA configs of 32 and 64 rows
+# (4 and 8 B tiles) joined that way: the W4A16 kernel tests, hypothesis included, passed on the H200
+# (210 tests, `results/h200/prefetch/`), as did every config of its probe (within 2.8e-4 of
+# dequantize + matmul).
 _DIRECT_PLANES_VALIDATED = False
-_WIDE_MMA_VALIDATED = False
 
 # Split K only while the grid is under ~4 waves of an H100 (132 SMs): more splits past that
 # add workspace traffic without adding parallelism.
@@ -950,14 +947,21 @@ def candidate_configs(m: int, n: int, k: int, group: int) -> list[KernelConfig]:
                             out.append(
                                 KernelConfig("gemm_planes_direct", bms[0], bn, bk, sk, warps, 2, pf)
                             )
-    if mb <= 16 or (mb <= 64 and _WIDE_MMA_VALIDATED):
-        # (warps, tiles per warp, BLOCK_K): the H100 probe's leaders at M = 1 and 16
-        # (`benchmarks/probe_w4a16_mma.py`); 2 tiles won every M = 16 shape.
-        for warps, tiles, bk in ((2, 2, 128), (4, 2, 128), (8, 2, 128), (4, 2, 256), (4, 4, 128)):
+    if mb <= 64:
+        # (warps, tiles per warp, BLOCK_K): the H100 probe's leaders at M = 1 and 16, and the
+        # H200's at 32 and 64 (`benchmarks/probe_w4a16_mma.py`); 2 tiles won every M >= 16
+        # shape. Each with and without the prefetch: on the H200 it cut 32 and 64 rows by up
+        # to 25% (more registers, fewer warps) and left 16 rows unchanged.
+        shapes = (
+            ((2, 2, 128), (4, 2, 128), (8, 2, 128), (4, 2, 256), (4, 4, 128)) if mb <= 16
+            else ((2, 2, 128), (4, 2, 128), (2, 2, 64), (4, 2, 64))
+        )  # fmt: skip
+        for warps, tiles, bk in shapes:
             bn = 16 * tiles * warps
             for sk in (*splits, 32):
                 if _useful_split(triton.cdiv(n, bn), sk):
-                    out.append(KernelConfig("mma", max(8, mb), bn, bk, sk, warps, 1))
+                    for pf in (False, True):
+                        out.append(KernelConfig("mma", max(8, mb), bn, bk, sk, warps, 1, pf))
     if mb >= 128:
         out.append(KernelConfig("dequant_mm", 0, 256, _dequant_rows(k), 1, 4, 1))
         # Planes at large M: W from registers as wgmma's A (BLOCK_N rows), x^T as its
