@@ -48,16 +48,19 @@ case "${PHASE:-baseline}" in
     fi
     ;;
   tune)
-    tune() {  # out, dtype, shapes, seconds
-      timeout "$4" python3 benchmarks/tune_shipped.py --out "$R/$1" --dtypes "$2" --shapes "$3" \
-        --ms "${TUNE_MS:-1,16}" --kinds gemv,mma > "$R/$1.log" 2>&1
-      tail -n 12 "$R/$1.log" | cut -c1-220
-    }
-    tune tuned_fp16.json float16 8192x28672,28672x4096 "${TUNE1_S:-130}"
-    tune tuned_bf16.json bfloat16 6144x4096,28672x4096,4096x14336,4096x4096,128256x4096 "${TUNE2_S:-200}"
+    # TUNE_JOBS: dtype:shapes:M values, space-separated; each job gets TUNE_S seconds
+    jobs=${TUNE_JOBS:-"float16:8192x28672,28672x4096:1,16 bfloat16:6144x4096,28672x4096,4096x14336,4096x4096,128256x4096:1,16"}
     cp qcompile/lowering/configs/h200.json "$R/h200.json"  # keys not re-tuned here stay
-    python3 benchmarks/tune_shipped.py --merge "$R/tuned_fp16.json" --out "$R/h200.json"
-    python3 benchmarks/tune_shipped.py --merge "$R/tuned_bf16.json" --out "$R/h200.json"
+    i=0
+    for job in $jobs; do
+      IFS=: read -r dtype shapes ms <<< "$job"
+      i=$((i + 1))
+      timeout "${TUNE_S:-170}" python3 benchmarks/tune_shipped.py --out "$R/tuned_$i.json" \
+        --dtypes "$dtype" --shapes "$shapes" --ms "$ms" --kinds "${KINDS:-gemv,mma}" \
+        > "$R/tuned_$i.log" 2>&1
+      tail -n 12 "$R/tuned_$i.log" | cut -c1-220
+      python3 benchmarks/tune_shipped.py --merge "$R/tuned_$i.json" --out "$R/h200.json"
+    done
     cp "$R/h200.json" qcompile/lowering/configs/h200.json
     export QCOMPILE_AUTOTUNE=0
     timeout "${BENCH_S:-70}" python3 benchmarks/bench_w4a16.py --out "$R/w4a16" \
