@@ -97,7 +97,11 @@ def test_configs_have_power_of_two_tiles_aligned_to_groups(m, k, g):
         assert _pow2(cfg.block_m)
         assert k % cfg.split_k == 0 and (k // cfg.split_k) % cfg.block_k == 0
         assert g % cfg.block_k == 0 or cfg.block_k % g == 0
-        assert cfg.kernel in ("gemm", "gemm_swap", *lowering._PLANES_KINDS) or m <= 4
+        assert (
+            cfg.kernel in ("gemm", "gemm_swap", *lowering._PLANES_KINDS)
+            or m <= 4
+            or (cfg.kernel == "mma" and m <= 64)
+        )
         assert cfg.kernel != "gemm_planes_direct" or cfg.block_m >= 64
 
 
