@@ -6,7 +6,7 @@ CUDA-graph replays over weight copies rotated past L2 (`bench_w4a16.time_graph`)
     python benchmarks/probe_w4a16_mma.py --out $OUT/probe_w4a16_mma.json
     python benchmarks/probe_w4a16_mma.py --ms 32,64 --warps 2,4 --tiles 2 --bks 128 --planes 0
         # 4 and 8 B tiles (32 / 64 rows per program), a small grid
-    python benchmarks/probe_w4a16_mma.py --prefetch 0,1 ...   # with and without the prefetch
+    python benchmarks/probe_w4a16_mma.py --prefetch 0,1,2 ...  # prefetch off, all, words only
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def mma_configs(m: int, n: int, k: int, args: argparse.Namespace) -> list[Kernel
         _ints(args.prefetch),
     )  # fmt: skip
     for warps, tiles, bk, split, prefetch in grid:
-        cfg = KernelConfig("mma", rows, 16 * tiles * warps, bk, split, warps, 1, bool(prefetch))
+        cfg = KernelConfig("mma", rows, 16 * tiles * warps, bk, split, warps, 1, prefetch)
         if valid_config(cfg, k, GROUP) and _useful_split(-(-n // cfg.block_n), split):
             out.append(cfg)
     return out
@@ -70,7 +70,9 @@ def main() -> None:
     ap.add_argument("--tiles", default="2,4", help="16-column A tiles per warp")
     ap.add_argument("--bks", default="128,256")
     ap.add_argument("--splits", default="1,2,4,8,16")
-    ap.add_argument("--prefetch", default="0", help="0,1: also the next-BLOCK_K prefetch")
+    ap.add_argument(
+        "--prefetch", default="0", help="prefetch levels: 0 off, 1 next BLOCK_K, 2 its words only"
+    )
     ap.add_argument("--planes", type=int, default=3, help="re-time the best N on plane-major x")
     args = ap.parse_args()
     dtype = getattr(torch, args.dtype)
@@ -126,7 +128,7 @@ def main() -> None:
                       flush=True)  # fmt: skip
             # per prefetch setting, the best config: the effect of the prefetch alone
             row["best_by_prefetch"] = {
-                str(pf): min((r for r in row["mma"] if r["config"]["prefetch"] == bool(pf)),
+                str(pf): min((r for r in row["mma"] if int(r["config"]["prefetch"]) == pf),
                              key=lambda r: r["us"], default=None)
                 for pf in _ints(args.prefetch)
             }  # fmt: skip

@@ -36,7 +36,7 @@ ATTRS = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 4, 5, 6, 7, 9, 10
 
 
 def compile_variant(
-    kind: str, bm: int, bn: int, bk: int, warps: int, stages: int, prefetch: bool = False,
+    kind: str, bm: int, bn: int, bk: int, warps: int, stages: int, prefetch: int = 0,
     group: int = 128, split: bool = False,
 ):  # fmt: skip
     """A W4A16 kernel for sm_90 (contiguous x, no bias); `split`: the self-reducing split-K
@@ -161,7 +161,7 @@ def opcode(line: str) -> str:
 
 
 def report(
-    kind: str, bm: int, bn: int, bk: int, warps: int, stages: int, prefetch: bool = False,
+    kind: str, bm: int, bn: int, bk: int, warps: int, stages: int, prefetch: int = 0,
     family: str = "w4a16",
 ) -> dict:  # fmt: skip
     """`family` "w4a8" / "w4a8_fp8" compiles the W4A8 kernels (`prefetch` unused there)."""
@@ -179,7 +179,7 @@ def report(
     mma_clk = bm * bn * bk / (2135 if family == "w4a16" else 4270) if kind != "gemv" else 0.0
     return {
         "variant": f"{family} {kind} BM{bm} BN{bn} BK{bk} w{warps} s{stages}"
-        f"{' pf' if prefetch else ''}",
+        f"{f' pf{int(prefetch)}' if prefetch else ''}",
         "regs": res.get("REG", -1), "spills": res.get("LOCAL", 0) + res.get("STACK", 0),
         "smem": k.metadata.shared,
         "loop_instr": len(loop), "instr_per_weight": len(loop) / weights_per_thread,
@@ -192,6 +192,7 @@ VARIANTS = [
     ("mma", 16, 128, 128, 4, 1), ("mma", 32, 128, 128, 4, 1), ("mma", 64, 128, 128, 4, 1),
     ("mma", 16, 128, 128, 4, 1, True), ("mma", 32, 128, 128, 4, 1, True),
     ("mma", 64, 128, 64, 4, 1, True), ("mma", 16, 128, 64, 4, 1, True),
+    ("mma", 16, 128, 128, 4, 1, 2), ("mma", 32, 128, 128, 4, 1, 2), ("mma", 64, 128, 64, 4, 1, 2),
     ("gemv", 1, 128, 64, 1, 1), ("gemv", 1, 512, 64, 4, 1), ("gemv", 1, 256, 128, 4, 1),
     ("gemv", 1, 256, 64, 2, 1, True), ("gemm_planes", 16, 128, 128, 4, 2, True),
     ("gemm_planes", 64, 128, 128, 4, 2), ("gemm_planes_direct", 64, 128, 128, 4, 2),

@@ -26,6 +26,8 @@ W4A16 = [  # kind, BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, prefetch, self-redu
     ("mma", 8, 256, 128, 4, 1, False, False),  # 4 tiles per warp, one B tile
     ("mma", 32, 128, 128, 4, 1, False, True),  # 4 B tiles
     ("mma", 64, 64, 128, 2, 1, False, True),  # 8 B tiles: 32 accumulators per A tile
+    ("mma", 16, 128, 128, 4, 1, 1, True),  # the next BLOCK_K prefetched (tuples in the loop)
+    ("mma", 32, 64, 64, 2, 1, 2, False),  # its words and scales only
 ]
 W4A8 = [  # kind, BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, fp8 activations
     ("gemv", 1, 256, 64, 2, 1, False),

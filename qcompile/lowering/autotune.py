@@ -63,9 +63,10 @@ class KernelConfig:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 2
-    # Register double-buffering written into the kernel (GEMV, planes): load tile i+1 before
-    # computing tile i. Triton's own num_stages pipelines only loads that feed a dot.
-    prefetch: bool = False
+    # Register double-buffering written into the kernel (GEMV, planes, mma): load tile i+1
+    # before computing tile i. Triton's own num_stages pipelines only loads that feed a dot.
+    # 0 / False: off; 1 / True: the whole next tile; 2 (mma only): its words and scales.
+    prefetch: int = 0
 
     @classmethod
     def from_dict(cls, d: dict) -> KernelConfig:
