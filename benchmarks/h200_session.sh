@@ -90,7 +90,9 @@ case "${PHASE:-baseline}" in
     OUT=$R ONLY=w4a16_kernels TEST_S="${TEST_S:-240}" bash benchmarks/gpu_tests.sh
     export QCOMPILE_AUTOTUNE=0
     probe() {  # name, M values, BLOCK_Ks, seconds
-      timeout "$4" python3 benchmarks/probe_w4a16_mma.py --out "$R/$1.json"         --shapes "${SHAPES:-8192x28672,28672x4096}" --ms "$2" --warps 2,4 --tiles 2         --bks "$3" --splits 1,2,4,8 --prefetch "${LEVELS:-0,1,2}" --planes 0 > "$R/$1.log" 2>&1
+      timeout "$4" python3 benchmarks/probe_w4a16_mma.py --out "$R/$1.json" \
+         --shapes "${SHAPES:-8192x28672,28672x4096}" --ms "$2" --warps 2,4 --tiles 2 \
+         --bks "$3" --splits 1,2,4,8 --prefetch "${LEVELS:-0,1,2}" --planes 0 > "$R/$1.log" 2>&1
       grep -E "^N=|best by" "$R/$1.log"
     }
     probe prefetch_m1_16 1,16 128 "${PROBE1_S:-130}"
