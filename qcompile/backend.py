@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from torch.fx import GraphModule
+from torch.fx import GraphModule, Node
 
 from qcompile.config import QuantConfig
 from qcompile.passes.attention import rewrite_attention
@@ -39,6 +39,48 @@ def _fresh_graph_module(gm: GraphModule) -> GraphModule:
         if hasattr(old, "_dynamo_source"):
             fresh._dynamo_source = old._dynamo_source
     return new
+
+
+def _fill_example_values(gm: GraphModule, constants: list[torch.Tensor]) -> None:
+    """Give the nodes the passes created Dynamo's `example_value` (a fake output), as every
+    Dynamo node has. AOT autograd's cache refuses a graph with a method call on a node
+    without one (`narrow(...).view(...)` after sibling fusion), and without that cache a
+    warm restart repeats AOT's whole trace. Best effort: a node that cannot be evaluated
+    keeps no value (the cache is then bypassed, as before)."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    given = [p.meta.get("example_value") for p in placeholders]
+    # Dynamo's tracing fake mode (the backend's own shares its ShapeEnv but not its tensors)
+    fake_mode = next((v.fake_mode for v in given if isinstance(v, FakeTensor)), None)
+    if fake_mode is None:
+        return
+    values: dict[Node, Any] = dict(zip(placeholders, given, strict=True))
+    first_constant = len(placeholders) - len(constants)
+    with fake_mode:
+        for node, t in zip(placeholders[first_constant:], constants, strict=True):
+            # the packed weights the passes added: fresh fakes of their layout (`from_tensor`
+            # would rebuild each one's base, the whole co-located buffer)
+            values[node] = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
+        for node in gm.graph.nodes:
+            if node.op == "placeholder":
+                continue
+            if "example_value" in node.meta:
+                values[node] = node.meta["example_value"]
+                continue
+            if node.op not in ("call_function", "call_method") or not any(
+                isinstance(values.get(a), FakeTensor) for a in node.all_input_nodes
+            ):
+                continue  # not a tensor op (`_log_api_usage_once`) or its inputs are unknown
+            try:
+                args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), lambda n: values[n])
+                if node.op == "call_function":
+                    value = node.target(*args, **kwargs)
+                else:
+                    value = getattr(args[0], node.target)(*args[1:], **kwargs)
+            except Exception:  # noqa: BLE001 - only the cache is at stake
+                continue
+            node.meta["example_value"] = values[node] = value
 
 
 def _static_fakes(example_inputs: Sequence[Any], tensors: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -127,11 +169,9 @@ class QCompileBackend:
             **(list_mode_options(mode) if mode else {}),
             **(options or {}),
         }
-        compiled = compile_fx(
-            new_gm,
-            [*example_inputs, *_static_fakes(example_inputs, constants.tensors)],
-            config_patches=patches,
-        )
+        inputs = [*example_inputs, *_static_fakes(example_inputs, constants.tensors)]
+        _fill_example_values(new_gm, constants.tensors)
+        compiled = compile_fx(new_gm, inputs, config_patches=patches)
         return _with_constants(compiled, constants.tensors)
 
 

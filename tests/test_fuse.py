@@ -149,6 +149,32 @@ def test_compiled_graph_has_one_op_per_sibling_group(family, layers, ahead_of_ti
     assert (qkv.args[4] is None) == (family == "llama")
 
 
+@pytest.mark.parametrize("ahead_of_time", [True, False], ids=["quantize_", "backend"])
+def test_a_second_compile_hits_aot_autograds_cache(ahead_of_time):
+    """Every tensor node the passes add carries an `example_value`, as Dynamo's own do, so
+    AOT autograd caches the rewritten graph: a second compile (a restarted process) loads it
+    instead of tracing again, and computes the same logits. Before, the fused graph's
+    `narrow(...).view(...)` made AOT bypass its cache on every compile."""
+    from torch._inductor.utils import fresh_cache
+
+    model = tiny_causal_lm("llama", 1)
+    if ahead_of_time:
+        qcompile.quantize_(model, FUSED)
+    ids = _ids()
+    with fresh_cache():
+        out, be = _compiled(model, FUSED, ids)
+        gm = be.graph_modules[-1]
+        tensor_ops = [n for n in gm.graph.nodes if n.op in ("call_function", "call_method")]
+        tensor_ops = [n for n in tensor_ops if n.target is not torch._C._log_api_usage_once]
+        assert [n.name for n in tensor_ops if "example_value" not in n.meta] == []
+        assert counters["aot_autograd"]["autograd_cache_hit"] == 0
+        torch._dynamo.reset()
+        again, _ = _compiled(model, FUSED, ids)
+        assert counters["aot_autograd"]["autograd_cache_hit"] == 1
+        assert counters["aot_autograd"]["autograd_cache_bypass"] == 0
+    assert torch.equal(again.logits, out.logits)
+
+
 class Siblings(nn.Module):
     """Three linears on x (b on x + 1 when `same_input` is False), K=64."""
 
