@@ -6,10 +6,11 @@
 #                   values, then Llama-3-8B-shaped decode end to end (qcompile only, lm_head
 #                   int4), and again with the compile-time settings KNOBS (Inductor config
 #                   JSON) / GC (a:b:c gc thresholds) when set.
-#   PHASE=warmup    compile + warm-up of the same decode benchmark, each run with empty
-#                   Inductor and Triton caches: as shipped, with GC thresholds raised, and
-#                   with Inductor options that skip compile-time work (results/h200/warmup
-#                   measured the last two inside the backend, at commit 25c69c1).
+#   PHASE=warmup    compile + warm-up of the same decode benchmark with empty Inductor and
+#                   Triton caches: as shipped, then with QCOMPILE_PRECOMPILE=1 (the W4A16
+#                   kernels compiled during Inductor's compile); then a warm restart on the
+#                   first run's caches. (results/h200/warmup measured GC thresholds and
+#                   Inductor options at commit 25c69c1: no effect.)
 #   PHASE=tune      H200 configs for M buckets 1 and 16 (TUNE_MS): each key's H100 config against the
 #                   GEMV and lane-MMA candidates (fp16 acceptance shapes, then the bf16 fused
 #                   Llama-3-8B shapes), merged into $R/h200.json and installed as the shipped
@@ -82,9 +83,12 @@ case "${PHASE:-baseline}" in
       echo "== $name"; grep -E "^\| qcompile" "$R/$name.md"
     }
     run defaults
-    run gc --gc-threshold 100000:50:1000
-    run knobs --inductor-config '{"triton.autotune_pointwise": false, "size_asserts": false,
-      "scalar_asserts": false, "loop_ordering_after_fusion": false}'
+    QCOMPILE_PRECOMPILE=1 run precompile
+    # a warm restart: the same caches as "defaults" (AOT autograd's cache now takes our graph)
+    TORCHINDUCTOR_CACHE_DIR=/tmp/ind_defaults TRITON_CACHE_DIR=/tmp/tri_defaults \
+      timeout "${RUN_S:-180}" python3 benchmarks/bench_e2e.py --layers 32 --batches 1,16 \
+      --new-tokens 32 --lm-head --variants qcompile_w4a16 --out "$R/restart" > "$R/restart.log" 2>&1
+    cp "$R/restart/e2e.md" "$R/restart.md"; echo "== restart"; grep -E "^\| qcompile" "$R/restart.md"
     ;;
   probe)
     OUT=$R ONLY=w4a16_kernels TEST_S="${TEST_S:-240}" bash benchmarks/gpu_tests.sh

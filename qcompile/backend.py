@@ -15,9 +15,10 @@ import torch
 from torch.fx import GraphModule, Node
 
 from qcompile.config import QuantConfig
+from qcompile.lowering import precompile
 from qcompile.passes.attention import rewrite_attention
 from qcompile.passes.fuse import fuse_sibling_linears
-from qcompile.passes.linear import GraphConstants, rewrite_linears
+from qcompile.passes.linear import W4A16_OP, W4A16_TARGETS, GraphConstants, rewrite_linears
 from qcompile.report import CompileReport
 
 
@@ -171,7 +172,16 @@ class QCompileBackend:
         }
         inputs = [*example_inputs, *_static_fakes(example_inputs, constants.tensors)]
         _fill_example_values(new_gm, constants.tensors)
-        compiled = compile_fx(new_gm, inputs, config_patches=patches)
+        warm = None
+        if precompile.enabled():  # the W4A16 kernels compile while Inductor works
+            warm = precompile.start(
+                new_gm, [*example_inputs, *constants.tensors], W4A16_OP, W4A16_TARGETS
+            )
+        try:
+            compiled = compile_fx(new_gm, inputs, config_patches=patches)
+        finally:
+            if warm is not None:
+                warm.join()
         return _with_constants(compiled, constants.tensors)
 
 

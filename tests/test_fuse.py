@@ -375,3 +375,43 @@ def test_fused_graph_matches_unfused_on_cuda(dtype, monkeypatch):
     assert len(_ops(be.graph_modules[0])) == 2 * FUSED_OPS_PER_LAYER + 1  # + lm_head (skip=())
     assert_close_rel(fused, unfused, dtype)
     assert_close_rel(fused, eager, dtype)
+
+
+def test_precompile_runs_each_distinct_linear_launch_once_and_is_opt_in(monkeypatch):
+    """`QCOMPILE_PRECOMPILE=1`: the backend runs every distinct W4A16 launch of a new graph
+    once (zero x of the graph's example shape) in a thread it joins before returning, so
+    Triton compiles those kernels while Inductor works. Off by default (not yet measured on a
+    GPU); outputs do not change."""
+    from qcompile.lowering import precompile
+    from qcompile.passes.linear import W4A16_OP
+
+    model = tiny_causal_lm("llama", 2)
+    qcompile.quantize_(model, FUSED)
+    ids = _ids()
+    seen = []
+
+    def counting_op(x, qweight, *rest):
+        seen.append((tuple(x.shape), tuple(qweight.shape)))
+        return W4A16_OP(x, qweight, *rest)
+
+    real_start = precompile.start
+    started = []
+
+    def start_on_cpu(gm, inputs, op, targets):
+        started.append(gm)
+        return real_start(gm, inputs, counting_op, targets, device_type="cpu")
+
+    monkeypatch.setattr(precompile, "start", start_on_cpu)
+    out, _ = _compiled(model, FUSED, ids)
+    assert started == [] and seen == []  # opt-in
+    torch._dynamo.reset()
+    monkeypatch.setenv("QCOMPILE_PRECOMPILE", "1")
+    again, be = _compiled(model, FUSED, ids)
+    gm = be.graph_modules[-1]
+    assert started == [gm]
+    # one run per distinct (x shape, packed shape): q/k/v, o_proj, gate/up, down_proj of the
+    # two identical layers -> 4, with x of the graph's [batch, seq, K]
+    assert sorted(set(seen)) == sorted(seen) and len(seen) == FUSED_OPS_PER_LAYER
+    k = model.config.hidden_size
+    assert {s[0] for s in seen} == {(2, 7, k), (2, 7, model.config.intermediate_size)}
+    assert torch.equal(again.logits, out.logits)
