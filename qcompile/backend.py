@@ -7,6 +7,7 @@ Registered as the `qcompile` entry point of `torch_dynamo_backends`, so
 from __future__ import annotations
 
 import copy
+import logging
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -20,6 +21,8 @@ from qcompile.passes.attention import rewrite_attention
 from qcompile.passes.fuse import fuse_sibling_linears
 from qcompile.passes.linear import W4A16_OP, W4A16_TARGETS, GraphConstants, rewrite_linears
 from qcompile.report import CompileReport
+
+log = logging.getLogger(__name__)
 
 
 def _fresh_graph_module(gm: GraphModule) -> GraphModule:
@@ -171,7 +174,10 @@ class QCompileBackend:
             **(options or {}),
         }
         inputs = [*example_inputs, *_static_fakes(example_inputs, constants.tensors)]
-        _fill_example_values(new_gm, constants.tensors)
+        try:
+            _fill_example_values(new_gm, constants.tensors)
+        except Exception as e:  # noqa: BLE001 - only AOT autograd's cache is at stake
+            log.debug("qcompile: example values not filled (%r); AOT's cache is bypassed", e)
         warm = None
         if precompile.enabled():  # the W4A16 kernels compile while Inductor works
             warm = precompile.start(
