@@ -116,6 +116,49 @@ def test_reduce_overhead_keeps_packed_weights_static():
     assert len(copies) <= 2, [e.name for e in copies]
 
 
+class SiblingBlock(nn.Module):
+    """gate/up on one input: the backend fuses them into one launch (narrow + view)."""
+
+    def __init__(self, d=1024, h=2816):
+        super().__init__()
+        self.gate = nn.Linear(d, h, bias=False)
+        self.up = nn.Linear(d, h, bias=False)
+        self.down = nn.Linear(h, d, bias=False)
+
+    def forward(self, x):
+        h = torch.nn.functional.silu(self.gate(x)) * self.up(x)
+        return self.down(h.view(x.shape[0], -1))
+
+
+def test_reduce_overhead_after_an_aot_cache_hit_keeps_packed_weights_static():
+    """A second compile loads the graph from AOT autograd's cache (a warm restart): its CUDA
+    graph must still treat the packed weights as static (no per-replay copies) and give the
+    first compile's output."""
+    from torch._dynamo.utils import counters
+    from torch._inductor.utils import fresh_cache
+
+    torch.manual_seed(0)
+    model = SiblingBlock().half().cuda()
+    x = torch.randn(4, 1024, dtype=torch.float16, device="cuda")
+    outs = []
+    with fresh_cache(), torch.no_grad():
+        for _ in range(2):
+            torch._dynamo.reset()
+            counters.clear()
+            compiled = torch.compile(model, backend="qcompile", mode="reduce-overhead")
+            for _ in range(3):
+                out = compiled(x)
+            outs.append(out.clone())
+        assert counters["aot_autograd"]["autograd_cache_hit"] == 1
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            out2 = compiled(x)
+            torch.cuda.synchronize()
+    assert torch.equal(outs[0], outs[1]) and torch.equal(out2, outs[1])
+    copies = [e for e in prof.events() if "copy" in e.name.lower() or "memcpy" in e.name.lower()]
+    assert len(copies) <= 2, [e.name for e in copies]  # 3 layers x 3 packed tensors otherwise
+
+
 def _requested_bytes() -> int:
     return torch.cuda.memory_stats()["requested_bytes.all.current"]
 
