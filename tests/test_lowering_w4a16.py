@@ -149,7 +149,6 @@ def test_dequantize_then_matmul_strategy(group):
         KernelConfig("mma", 16, 64, 128, 2, 2, 1, True),  # next BLOCK_K loaded first, split
         KernelConfig("mma", 32, 64, 64, 1, 2, 1, True),
         KernelConfig("mma", 16, 64, 64, 1, 2, 1, 2),  # prefetch of words and scales only
-        KernelConfig("mma", 64, 32, 128, 2, 1, 1, 2),  # the same, BLOCK_K > group at g64
     ],
     ids=lambda c: f"{c.kernel}-bn{c.block_n}-bk{c.block_k}-sk{c.split_k}-pf{int(c.prefetch)}",
 )
@@ -184,7 +183,7 @@ SPLIT_CONFIGS = [
     KernelConfig("mma", 16, 64, 64, 4, 2, 1),
     KernelConfig("mma", 64, 64, 64, 4, 2, 1),
     KernelConfig("mma", 16, 64, 32, 4, 2, 1, True),
-    KernelConfig("mma", 32, 64, 32, 4, 2, 1, 2),
+    KernelConfig("mma", 16, 64, 32, 4, 2, 1, 2),  # 64 rows with level 2: the hypothesis test
 ]
 
 
