@@ -73,8 +73,9 @@ case "${PHASE:-baseline}" in
     ;;
   warmup)
     export QCOMPILE_AUTOTUNE=0
-    run() {  # name, then extra bench_e2e flags; env assignments go before the call
-      export TORCHINDUCTOR_CACHE_DIR=/tmp/ind_$1 TRITON_CACHE_DIR=/tmp/tri_$1
+    run() {  # name, then extra bench_e2e flags; env assignments (CACHE: reuse the caches
+      # of that earlier run) go before the call
+      export TORCHINDUCTOR_CACHE_DIR=/tmp/ind_${CACHE:-$1} TRITON_CACHE_DIR=/tmp/tri_${CACHE:-$1}
       local name=$1; shift
       timeout "${RUN_S:-180}" python3 benchmarks/bench_e2e.py --layers 32 --batches 1,16 \
         --new-tokens 32 --lm-head --variants qcompile_w4a16 --out "$R/$name" "$@" \
@@ -84,11 +85,8 @@ case "${PHASE:-baseline}" in
     }
     run defaults
     QCOMPILE_PRECOMPILE=1 run precompile
-    # a warm restart: the same caches as "defaults" (AOT autograd's cache now takes our graph)
-    TORCHINDUCTOR_CACHE_DIR=/tmp/ind_defaults TRITON_CACHE_DIR=/tmp/tri_defaults \
-      timeout "${RUN_S:-180}" python3 benchmarks/bench_e2e.py --layers 32 --batches 1,16 \
-      --new-tokens 32 --lm-head --variants qcompile_w4a16 --out "$R/restart" > "$R/restart.log" 2>&1
-    cp "$R/restart/e2e.md" "$R/restart.md"; echo "== restart"; grep -E "^\| qcompile" "$R/restart.md"
+    # a warm restart: the caches of "defaults" (AOT autograd's cache now takes our graph)
+    CACHE=defaults run restart
     ;;
   probe)
     OUT=$R ONLY=w4a16_kernels TEST_S="${TEST_S:-240}" bash benchmarks/gpu_tests.sh
