@@ -290,6 +290,7 @@ def _kv4_decode_kernel(
     HAS_LENS: tl.constexpr, IS_CAUSAL: tl.constexpr,
     MASK_KIND: tl.constexpr, WRITE_PARTIAL: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, ASM: tl.constexpr, SELF_REDUCE: tl.constexpr,
+    FOLD_UNIT: tl.constexpr = True,
 ):  # fmt: skip
     # Flash-decoding ("decode": split over the sequence) and flash-attention ("prefill": row
     # tiles over pid_m, causal tiles skipped) for one scale/offset per token and head (G = D),
@@ -323,6 +324,7 @@ def _kv4_decode_kernel(
     acc_e = tl.zeros((BLOCK_M, HALF), tl.float32)
     acc_o = tl.zeros((BLOCK_M, HALF), tl.float32)
     fix = tl.zeros((BLOCK_M,), tl.float32)
+    acc_unit = tl.full((), 1.0, tl.float32)  # acc_e / acc_o hold multiples of this
     offs_n = tl.arange(0, BLOCK_N)
     code_base = b * stride_cb + hkv * stride_ch + c[None, :]
     scale_base = b * stride_sb + hkv * stride_sh
@@ -366,14 +368,23 @@ def _kv4_decode_kernel(
         # the per-row offset terms are the same for every channel: kept
         # in one [BLOCK_M] sum, added to both planes at the end
         fix = fix * alpha + tl.sum(p * v_offset[None, :], axis=1)
-        acc_e = acc_e * alpha[:, None] + tl.dot(p_scaled, v_lo) * pow2
-        acc_o = acc_o * alpha[:, None] + tl.dot(p_scaled, v_hi) * pow2
+        # acc_e / acc_o are kept in units of the last tile's 2**e (acc_unit), so the dot
+        # accumulates into them in place: rescaling by alpha and by the change of unit
+        # (exact, powers of two) is one multiply per element, with no second accumulator.
+        if FOLD_UNIT:
+            rescale = (alpha * (acc_unit / pow2))[:, None]
+            acc_e = tl.dot(p_scaled, v_lo, acc_e * rescale)
+            acc_o = tl.dot(p_scaled, v_hi, acc_o * rescale)
+            acc_unit = pow2
+        else:
+            acc_e = acc_e * alpha[:, None] + tl.dot(p_scaled, v_lo) * pow2
+            acc_o = acc_o * alpha[:, None] + tl.dot(p_scaled, v_hi) * pow2
         m_i = m_new
 
     out_row = (b * HKV * GQA + head) * Sq + pos
     l_safe = tl.where(l_i > 0, l_i, 1.0)
-    out_e = (acc_e + fix[:, None]) / l_safe[:, None]
-    out_o = (acc_o + fix[:, None]) / l_safe[:, None]
+    out_e = (acc_e * acc_unit + fix[:, None]) / l_safe[:, None]
+    out_o = (acc_o * acc_unit + fix[:, None]) / l_safe[:, None]
     out_ptrs = out_ptr + pid_split * rows_total * D + out_row[:, None] * D + 2 * c[None, :]
     if WRITE_PARTIAL:
         tl.store(out_ptrs, out_e, mask=row_ok[:, None])
@@ -551,6 +562,9 @@ _PREFILL_TILES = {
                         (128, 64, 8, 2), (128, 64, 8, 3)),
 }  # fmt: skip
 _SELF_REDUCE_SPLITS = 8
+# `_kv4_decode_kernel` accumulates P @ V in place, in units of the tile's power of two
+# (False: a fresh dot per tile, scaled and added; kept for `benchmarks/probe_kv4_fold.py`).
+_FOLD_UNIT = True
 # (BLOCK_N, warps, stages) per decode kernel. "decode": one warp per 64 keys wins from
 # batch 16 up, wider programs at batch 1 (`benchmarks/probe_kv4_decode.py`, H100).
 _DECODE_TILES = {
@@ -673,7 +687,7 @@ def launch_attention(
             HAS_LENS=seq_lens is not None, IS_CAUSAL=is_causal,
             MASK_KIND=mask_kind, WRITE_PARTIAL=split > 1, BLOCK_M=cfg.block_m,
             BLOCK_N=cfg.block_n, ASM=not _interpreting(), SELF_REDUCE=counters is not None,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            FOLD_UNIT=_FOLD_UNIT, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
         if counters is None:
             reduce_splits(target, lse, out)
