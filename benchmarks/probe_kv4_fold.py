@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from bench_kv4 import D, GROUP, HKV, HQ, kv_bytes, random_kv4
+from bench_kv4 import GROUP, HKV, HQ, D, kv_bytes, random_kv4
 from bench_w4a16 import copies, hbm_bandwidth, time_graph
 
 from qcompile.lowering import kv4_attention as kv4
@@ -69,7 +69,7 @@ def main() -> None:
         kv = [tuple(torch.randn(b, HKV, s, D, dtype=torch.float16, device="cuda") for _ in "kv")]
         qp = q.view(b, HKV, HQ // HKV, D)
         sdpa = time_graph(
-            [lambda k=k, v=v: F.scaled_dot_product_attention(qp, k, v) for k, v in kv]
+            [lambda q=qp, k=k, v=v: F.scaled_dot_product_attention(q, k, v) for k, v in kv]
         )
         del kv
         for bn, warps, stages in DECODE_TILES:
@@ -89,7 +89,11 @@ def main() -> None:
         q = torch.randn(1, HQ, s, D, dtype=torch.float16, device="cuda")
         k = torch.randn(1, HKV, s, D, dtype=torch.float16, device="cuda")
         sdpa = time_graph(
-            [lambda: F.scaled_dot_product_attention(q, k, k, is_causal=True, enable_gqa=True)]
+            [
+                lambda q=q, k=k: F.scaled_dot_product_attention(
+                    q, k, k, is_causal=True, enable_gqa=True
+                )
+            ]
         )
         caches = [random_kv4(1, HKV, s, D, GROUP)]
         for bm, bn, warps, stages in PREFILL_TILES:
