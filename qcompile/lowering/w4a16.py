@@ -926,7 +926,8 @@ _DIRECT_PLANES_VALIDATED = False
 # Lane-MMA prefetch level 2 (the next BLOCK_K's words and scales only, x loaded in time):
 # offline sm_90 it needs 80 registers at 16 rows against 108 for level 1 and 70 without
 # (132 / 181 / 104 at 32 rows), a middle ground for the 16-row case where level 1 did not
-# pay. Interpreter-tested; a candidate once it has run on a GPU.
+# pay. Correct on the H200 but slower than level 1 at every M of the probe
+# (`benchmarks/results/h200/prefetch_level2/`), so it stays out of tuning.
 _WORDS_PREFETCH_VALIDATED = False
 
 # Split K only while the grid is under ~4 waves of an H100 (132 SMs): more splits past that
