@@ -246,3 +246,36 @@ def test_tune_shipped_merge_replaces_same_keys_and_keeps_the_rest(tmp_path):
     write(other, "a100", [])
     with pytest.raises(ValueError, match="a100"):
         merge(other, base)
+
+
+def test_kv4_key_layout_probe_matches_sdpa_unquantized_and_reads_the_residual_exactly():
+    """The layout probe's attention is causal GQA attention; per-channel keys are read from
+    the full-precision residual until their group is complete, quantized after."""
+    import torch.nn.functional as F
+    from probe_kv4_key_layouts import Layout, memory_ratio, simulated_attention
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 4, 9, 64), torch.randn(1, 2, 9, 64), torch.randn(1, 2, 9, 64)
+    exact = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    plain = simulated_attention(q, k, v, Layout("none", key=None, value=False), 0.125)
+    assert torch.allclose(plain, exact, atol=1e-5)
+    per_channel = Layout("channel", key="channel", key_group=4, value=False)
+    out = simulated_attention(q, k, v, per_channel, 0.125)
+    # query 0-2: group 0 incomplete, exact keys; query 3 reads group 0 quantized
+    assert torch.allclose(out[:, :, :3], exact[:, :, :3], atol=1e-5)
+    assert (out[:, :, 3] - exact[:, :, 3]).abs().max() > 1e-4
+    assert 0.25 < memory_ratio(Layout("c", key="channel", key_group=64), 64, 4096) < 0.3
+
+
+def test_kv4_key_layout_probe_per_channel_quantization_is_within_half_a_step():
+    from probe_kv4_key_layouts import quantize_per_channel
+
+    torch.manual_seed(1)
+    x = torch.randn(2, 3, 70, 64) * torch.linspace(0.1, 8, 64)  # channel outliers
+    out = quantize_per_channel(x, 32)
+    for s0 in range(0, 70, 32):
+        block = x[:, :, s0 : s0 + 32]
+        step = (block.amax(2) - block.amin(2)) / 15
+        err = (out[:, :, s0 : s0 + 32] - block).abs().amax(2)
+        assert (err <= step * 0.5 * 1.01 + 1e-3 * block.abs().amax(2)).all()
+        assert all(len(out[0, 0, s0 : s0 + 32, c].unique()) <= 16 for c in range(64))
