@@ -3,8 +3,9 @@
 A qcompile checkpoint is a folder:
     model.safetensors         every tensor of the state dict, packed int4 buffers included;
                               a tied tensor (lm_head tied to the embeddings) is stored once
-    quantization_config.json  format version, scheme, each W4A16Linear's path, features, group
-                              size and tensor shapes/dtypes, the tied names, qcompile's version
+    quantization_config.json  format version, scheme, each quantized layer's path, kind
+                              ("w4a16": W4A16Linear, "w4a8": W4A8Linear), features, group size
+                              and tensor shapes/dtypes, the tied names, qcompile's version
     config.json               for a transformers model: its config (architecture, dtype)
 Loading never unpickles: tensors come from safetensors, everything else from JSON. The model
 is built with its parameters on the meta device (no fp16 weight is allocated), quantized
@@ -33,7 +34,8 @@ from qcompile.integrations import CheckpointError
 from qcompile.integrations.awq import AwqFormat
 from qcompile.integrations.gptq import GptqFormat
 from qcompile.quant.int4 import NIBBLES_PER_WORD, PackedInt4
-from qcompile.quantize import W4A16Linear, colocate_siblings
+from qcompile.quant.w4a8 import PackedW4A8
+from qcompile.quantize import W4A8Linear, W4A16Linear, colocate_siblings
 
 WEIGHTS_NAME = "model.safetensors"
 QUANT_CONFIG_NAME = "quantization_config.json"
@@ -64,10 +66,10 @@ def save_quantized(model: nn.Module, path: str | os.PathLike[str]) -> Path:
     """
     from qcompile import __version__
 
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, W4A16Linear)}
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, (W4A16Linear, W4A8Linear))}
     if not layers:
         raise CheckpointError(
-            f"save_quantized: {type(model).__name__} has no W4A16Linear layer; "
+            f"save_quantized: {type(model).__name__} has no W4A16Linear or W4A8Linear layer; "
             "call qcompile.quantize_(model) first"
         )
     state = model.state_dict()
@@ -352,13 +354,27 @@ def _load_checked(
             )
 
 
+# Per layer kind: its module class, the tensors it must have, and their [N, K] shapes.
+_KINDS = {
+    "w4a16": (W4A16Linear, ("qweight", "scales", "offsets")),
+    "w4a8": (W4A8Linear, ("qweight", "group_scales", "group_zeros", "channel_scales")),
+}
+
+
 def _install_layer(model: nn.Module, name: str, entry: dict) -> None:
-    """Swap the module at `name` for a W4A16Linear with meta tensors of the recorded shapes."""
+    """Swap the module at `name` for a W4A16Linear or W4A8Linear (the entry's "kind"; version-1
+    files before W4A8 have none: W4A16) with meta tensors of the recorded shapes."""
+    kind = entry.get("kind", "w4a16")
+    if kind not in _KINDS:
+        raise CheckpointError(
+            f"{name}: unknown layer kind {kind!r} (this qcompile reads {sorted(_KINDS)})"
+        )
+    cls, required_tensors = _KINDS[kind]
     current = _module_or_none(model, name)
-    if not isinstance(current, (nn.Linear, W4A16Linear)):
+    if not isinstance(current, (nn.Linear, W4A16Linear, W4A8Linear)):
         found = "no module" if current is None else type(current).__name__
         raise CheckpointError(
-            f"{name}: {QUANT_CONFIG_NAME} records a W4A16Linear here, the model has {found}"
+            f"{name}: {QUANT_CONFIG_NAME} records a {cls.__name__} here, the model has {found}"
         )
     k, n, g = current.in_features, current.out_features, entry["group_size"]
     if (entry["in_features"], entry["out_features"]) != (k, n):
@@ -368,29 +384,37 @@ def _install_layer(model: nn.Module, name: str, entry: dict) -> None:
         )
     if g <= 0 or k % g or k % NIBBLES_PER_WORD:
         raise CheckpointError(f"{name}: group_size={g} does not divide K={k} into whole groups")
-    shapes = {
-        "qweight": (k // NIBBLES_PER_WORD, n),
-        "scales": (k // g, n),
-        "offsets": (k // g, n),
-        "bias": (n,),
-        "perm": (k,),
-    }
+    shapes = {"qweight": (k // NIBBLES_PER_WORD, n), "bias": (n,)}
+    if kind == "w4a16":
+        shapes.update({"scales": (k // g, n), "offsets": (k // g, n), "perm": (k,)})
+    else:
+        shapes.update(
+            {"group_scales": (k // g, n), "group_zeros": (k // g, n), "channel_scales": (n,)}
+        )
     tensors = entry["tensors"]
     meta = {}
     for tname, spec in tensors.items():
         if tname not in shapes:
-            raise CheckpointError(f"{name}.{tname}: not a W4A16Linear tensor")
+            raise CheckpointError(f"{name}.{tname}: not a {cls.__name__} tensor")
         if tuple(spec["shape"]) != shapes[tname] or spec["dtype"] not in _DTYPES:
             raise CheckpointError(
                 f"{name}.{tname}: {QUANT_CONFIG_NAME} records {spec['shape']} {spec['dtype']}, "
                 f"a layer [N, K] = [{n}, {k}] with group_size={g} needs {list(shapes[tname])}"
             )
         meta[tname] = torch.empty(shapes[tname], dtype=_DTYPES[spec["dtype"]], device="meta")
-    for required in ("qweight", "scales", "offsets"):
+    for required in required_tensors:
         if required not in meta:
             raise CheckpointError(f"{name}.{required}: missing from {QUANT_CONFIG_NAME}")
+    scheme = _scheme_from_record(entry.get("scheme"), name)
+    if kind == "w4a8":
+        if scheme is None or scheme.name != "w4a8":
+            raise CheckpointError(
+                f"{name}: a w4a8 layer needs a w4a8 scheme, got {entry.get('scheme')}"
+            )
+        packed8 = PackedW4A8(*(meta[t] for t in required_tensors), g)
+        _replace(model, name, W4A8Linear(packed8, meta.get("bias"), scheme))
+        return
     packed = PackedInt4(meta["qweight"], meta["scales"], meta["offsets"], g)
-    scheme = _scheme_from_record(entry.get("scheme"))
     _replace(model, name, W4A16Linear(packed, meta.get("bias"), meta.get("perm"), scheme))
 
 
@@ -478,9 +502,10 @@ def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _layer_record(layer: W4A16Linear) -> dict:
+def _layer_record(layer: W4A16Linear | W4A8Linear) -> dict:
     buffers = {n: b for n, b in layer.named_buffers(recurse=False) if b is not None}
     return {
+        "kind": "w4a8" if isinstance(layer, W4A8Linear) else "w4a16",
         "in_features": layer.in_features,
         "out_features": layer.out_features,
         "group_size": layer.group_size,
@@ -496,13 +521,14 @@ def _scheme_record(scheme: Scheme | None) -> dict | None:
     return None if scheme is None else dataclasses.asdict(scheme)
 
 
-def _scheme_from_record(record: dict | None) -> Scheme | None:
+def _scheme_from_record(record: dict | None, layer: str = "") -> Scheme | None:
     if record is None:
         return None
     try:
         return Scheme(**record)
     except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{QUANT_CONFIG_NAME}: invalid scheme {record}: {e}") from e
+        where = f" of {layer}" if layer else ""
+        raise CheckpointError(f"{QUANT_CONFIG_NAME}: invalid scheme{where} {record}: {e}") from e
 
 
 def _scheme_or_none(group_size: int, k: int, symmetric: bool) -> Scheme | None:

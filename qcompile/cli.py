@@ -85,7 +85,14 @@ def _config(args: argparse.Namespace):
 
     group = None if args.group_size == 0 else args.group_size
     skip = tuple(args.skip) if args.skip is not None else QuantConfig().skip
-    return QuantConfig(Scheme(group_size=group, symmetric=args.symmetric), skip=skip)
+    act_dtype = args.act_dtype if args.scheme == "w4a8" else None
+    try:
+        scheme = Scheme(
+            args.scheme, group_size=group, symmetric=args.symmetric, act_dtype=act_dtype
+        )
+    except ValueError as e:
+        raise SystemExit(f"qcompile: {e}") from e
+    return QuantConfig(scheme, skip=skip)
 
 
 def _device(name: str) -> torch.device:
@@ -259,6 +266,14 @@ def _add_model(p: argparse.ArgumentParser) -> None:
 
 
 def _add_scheme(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--scheme", choices=("w4a16", "w4a8"), default="w4a16",
+        help="w4a16: int4 weights, 16-bit activations; w4a8: QoQ int4 weights, 8-bit activations",
+    )  # fmt: skip
+    p.add_argument(
+        "--act-dtype", choices=("int8", "float8_e4m3fn"), default="int8",
+        help="w4a8: per-token activation format",
+    )  # fmt: skip
     p.add_argument("--group-size", type=int, default=128, help="32, 64, 128, or 0 = per-channel")
     p.add_argument("--symmetric", action="store_true", help="codes centred on 8 (default: min-max)")
     p.add_argument(

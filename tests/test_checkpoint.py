@@ -290,6 +290,51 @@ def test_round_trip_in_fresh_process_is_identical(tmp_path):
     assert got["tied0"].item() and not got["tied1"].item()
 
 
+def test_w4a8_round_trip_in_fresh_process_is_identical(tmp_path):
+    """A W4A8 model (QoQ weights, per-token int8 activations; lm_head left in 16 bits) saves
+    its W4A8Linear layers with their scheme and loads them back as W4A8Linear in a new
+    process, with bit-identical logits."""
+    model = tiny_llama(2)
+    qcompile.quantize_(model, QuantConfig(scheme=Scheme(name="w4a8", group_size=32)))
+    qcompile.save_quantized(model, tmp_path / "w4a8")
+    with torch.no_grad():
+        expected = model(TOKENS).logits
+    record = json.loads((tmp_path / "w4a8" / "quantization_config.json").read_text())
+    assert {e["kind"] for e in record["modules"].values()} == {"w4a8"}
+    assert record["scheme"]["name"] == "w4a8" and record["scheme"]["act_dtype"] == "int8"
+    loaded = qcompile.load_quantized(tmp_path / "w4a8")
+    q_proj = loaded.model.layers[0].self_attn.q_proj
+    assert isinstance(q_proj, qcompile.W4A8Linear) and q_proj.group_size == 32
+    assert q_proj.group_scales.dtype == torch.uint8
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    }
+    result = tmp_path / "result.safetensors"
+    subprocess.run(
+        [sys.executable, "-c", _LOAD_IN_FRESH_PROCESS, str(result), str(tmp_path / "w4a8")],
+        check=True, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert torch.equal(load_file(result)["logits0"], expected)
+
+
+def test_w4a8_load_names_the_mismatching_tensor(tmp_path):
+    model = tiny_llama(1)
+    qcompile.quantize_(model, QuantConfig(scheme=Scheme(name="w4a8", group_size=64)))
+    saved = qcompile.save_quantized(model, tmp_path / "saved")
+    gs = f"{UP}.group_scales"
+    folder = _edited_copy(
+        saved, tmp_path / "edited", lambda t: t.update({gs: t[gs].to(torch.int32)})
+    )
+    with pytest.raises(CheckpointError, match=rf"{UP}\.group_scales: expected \[2, 256\] uint8"):
+        qcompile.load_quantized(folder)
+    record = json.loads((folder / "quantization_config.json").read_text())
+    record["modules"][UP]["scheme"].update(name="w4a16", act_dtype=None)
+    (folder / "quantization_config.json").write_text(json.dumps(record))
+    with pytest.raises(CheckpointError, match="a w4a8 layer needs a w4a8 scheme"):
+        qcompile.load_quantized(folder)
+
+
 def test_colocated_siblings_save_the_unshared_file_and_load_colocated(tmp_path):
     """safetensors refuses tensors sharing memory: co-located buffers (views of one storage) are
     written as their own copies, byte for byte the file of an un-co-located model; loading
@@ -394,7 +439,7 @@ def test_load_rejects_a_newer_format_version(saved, tmp_path):
 
 
 def test_save_refuses_a_model_without_quantized_layers(tmp_path):
-    with pytest.raises(CheckpointError, match="no W4A16Linear layer; call qcompile.quantize_"):
+    with pytest.raises(CheckpointError, match="no W4A16Linear or W4A8Linear layer; call qcompile"):
         qcompile.save_quantized(nn.Linear(8, 8), tmp_path)
 
 

@@ -71,6 +71,24 @@ def test_quantize_then_generate_and_eval(model_dir, tmp_path, capsys):
     assert 1.0 < ppl < 10_000  # a random 256-token model: finite, far from degenerate
 
 
+def test_quantize_w4a8_writes_w4a8_layers_that_generate_loads(model_dir, tmp_path, capsys):
+    out = tmp_path / "w4a8"
+    args = ["quantize", str(model_dir), str(out), "--scheme", "w4a8", "--group-size", "32",
+            "--dtype", "float32"]  # fmt: skip
+    assert cli.main(args) == 0
+    record = json.loads((out / "quantization_config.json").read_text())
+    assert len(record["modules"]) == 14
+    assert {m["kind"] for m in record["modules"].values()} == {"w4a8"}
+    assert record["scheme"]["act_dtype"] == "int8"
+    capsys.readouterr()
+    gen = ["generate", str(out), "--prompt", "w1 w2", "--max-new-tokens", "3", "--device", "cpu"]
+    assert cli.main(gen) == 0
+    assert capsys.readouterr().out.strip()
+    with pytest.raises(SystemExit, match="symmetric=True is not supported"):
+        cli.main(["quantize", str(model_dir), str(tmp_path / "x"), "--scheme", "w4a8",
+                  "--symmetric"])  # fmt: skip
+
+
 def test_gptq_quantize_uses_calibration_text(model_dir, tmp_path, capsys):
     out = tmp_path / "g"
     args = [
