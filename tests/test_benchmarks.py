@@ -279,3 +279,19 @@ def test_kv4_key_layout_probe_per_channel_quantization_is_within_half_a_step():
         err = (out[:, :, s0 : s0 + 32] - block).abs().amax(2)
         assert (err <= step * 0.5 * 1.01 + 1e-3 * block.abs().amax(2)).all()
         assert all(len(out[0, 0, s0 : s0 + 32, c].unique()) <= 16 for c in range(64))
+
+
+def test_kv4_key_layout_probe_provisional_keys_match_quantizing_the_prefix():
+    """Provisional per-channel keys: query p reads its own group quantized with the min/max of
+    the group's tokens up to p (a direct loop over p is the reference)."""
+    from probe_kv4_key_layouts import _provisional_scores, quantize_per_channel
+
+    torch.manual_seed(2)
+    q, k = torch.randn(1, 2, 8, 16), torch.randn(1, 1, 8, 16)
+    got = _provisional_scores(q, k, 4)
+    for p in range(8):
+        g0 = p // 4 * 4
+        keys = quantize_per_channel(k[:, :, g0 : p + 1], 4).repeat_interleave(2, 1)
+        want = torch.einsum("bhd,bhjd->bhj", q[:, :, p], keys)
+        assert torch.allclose(got[:, :, p, g0 : p + 1], want, atol=1e-5)
+        assert (got[:, :, p, :g0] == 0).all() and (got[:, :, p, g0 + 4 :] == 0).all()
