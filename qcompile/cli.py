@@ -88,7 +88,7 @@ def _config(args: argparse.Namespace):
     act_dtype = args.act_dtype if args.scheme == "w4a8" else None
     try:
         scheme = Scheme(
-            args.scheme, group_size=group, symmetric=args.symmetric, act_dtype=act_dtype
+            name=args.scheme, group_size=group, symmetric=args.symmetric, act_dtype=act_dtype
         )
     except ValueError as e:
         raise SystemExit(f"qcompile: {e}") from e
