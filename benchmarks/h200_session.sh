@@ -17,7 +17,7 @@
 #                   file; then the kernel table and the decode benchmark with it.
 #   PHASE=probe     the W4A16 kernel tests on the GPU (hypothesis included: the gate for
 #                   32/64-row lane-MMA and its prefetch), then the lane-MMA probe with and
-#                   without the next-BLOCK_K prefetch (LEVELS, default 0,1,2) at M = 1 to 64.
+#                   without the next-BLOCK_K prefetch (LEVELS, default 0,1) at M = 1 to 64.
 set -o pipefail
 : "${OUT:?set OUT}"
 R=/tmp/res
@@ -94,7 +94,7 @@ case "${PHASE:-baseline}" in
     probe() {  # name, M values, BLOCK_Ks, seconds
       timeout "$4" python3 benchmarks/probe_w4a16_mma.py --out "$R/$1.json" \
          --shapes "${SHAPES:-8192x28672,28672x4096}" --ms "$2" --warps 2,4 --tiles 2 \
-         --bks "$3" --splits 1,2,4,8 --prefetch "${LEVELS:-0,1,2}" --planes 0 > "$R/$1.log" 2>&1
+         --bks "$3" --splits 1,2,4,8 --prefetch "${LEVELS:-0,1}" --planes 0 > "$R/$1.log" 2>&1
       grep -E "^N=|best by" "$R/$1.log"
     }
     probe prefetch_m1_16 1,16 128 "${PROBE1_S:-130}"

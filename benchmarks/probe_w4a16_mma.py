@@ -6,7 +6,7 @@ CUDA-graph replays over weight copies rotated past L2 (`bench_w4a16.time_graph`)
     python benchmarks/probe_w4a16_mma.py --out $OUT/probe_w4a16_mma.json
     python benchmarks/probe_w4a16_mma.py --ms 32,64 --warps 2,4 --tiles 2 --bks 128 --planes 0
         # 4 and 8 B tiles (32 / 64 rows per program), a small grid
-    python benchmarks/probe_w4a16_mma.py --prefetch 0,1,2 ...  # prefetch off, all, words only
+    python benchmarks/probe_w4a16_mma.py --prefetch 0,1 ...  # without and with the prefetch
 """
 
 from __future__ import annotations
@@ -70,9 +70,7 @@ def main() -> None:
     ap.add_argument("--tiles", default="2,4", help="16-column A tiles per warp")
     ap.add_argument("--bks", default="128,256")
     ap.add_argument("--splits", default="1,2,4,8,16")
-    ap.add_argument(
-        "--prefetch", default="0", help="prefetch levels: 0 off, 1 next BLOCK_K, 2 its words only"
-    )
+    ap.add_argument("--prefetch", default="0", help="prefetch: 0 off, 1 the next BLOCK_K")
     ap.add_argument("--planes", type=int, default=3, help="re-time the best N on plane-major x")
     args = ap.parse_args()
     dtype = getattr(torch, args.dtype)

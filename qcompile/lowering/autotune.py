@@ -65,7 +65,7 @@ class KernelConfig:
     num_stages: int = 2
     # Register double-buffering written into the kernel (GEMV, planes, mma): load tile i+1
     # before computing tile i. Triton's own num_stages pipelines only loads that feed a dot.
-    # 0 / False: off; 1 / True: the whole next tile; 2 (mma only): its words and scales.
+    # 0 / False: off; 1 / True: the whole next tile.
     prefetch: int = 0
 
     @classmethod

@@ -670,28 +670,13 @@ def _stack(vals):
 
 
 @triton.jit
-def _lane_block_x(
-    x_rows, k0, q, stride_xk,
-    BLOCK_K: tl.constexpr, M_TILES: tl.constexpr, X_PLANES: tl.constexpr,
-):  # fmt: skip
-    """x of one BLOCK_K of the lane-MMA loop, raw: [LANES, 8] per (32-k step, B tile),
-    step-major."""
-    xs = ()
-    for st in tl.static_range(BLOCK_K // 32):
-        for b in tl.static_range(M_TILES):
-            xs = xs + (_lane_x(x_rows[b], k0 + 32 * st + 8 * q, stride_xk, X_PLANES),)
-    return xs
-
-
-@triton.jit
 def _lane_block_loads(
     qw_ptr, s_ptr, o_ptr, x_rows, k0, q, cols, col_mask, stride_w, stride_xk,
     GROUP: tl.constexpr, BLOCK_K: tl.constexpr, M_TILES: tl.constexpr, X_PLANES: tl.constexpr,
-    WITH_X: tl.constexpr,
 ):  # fmt: skip
     """Every load of one BLOCK_K of the lane-MMA loop, raw: per 32-k step its words
     [LANES, COLS], the scale and offset rows (one per step when BLOCK_K spans groups, else
-    one) and, WITH_X, x (`_lane_block_x`; else an empty tuple)."""
+    one) and x ([LANES, 8] per (32-k step, B tile), step-major)."""
     words = ()
     scales = ()
     offsets = ()
@@ -705,8 +690,9 @@ def _lane_block_loads(
             tl.load(qw_ptr + (kk // 8 + q)[:, None] * stride_w + cols, mask=col_mask, other=0),
         )
     xs = ()
-    if WITH_X:
-        xs = _lane_block_x(x_rows, k0, q, stride_xk, BLOCK_K, M_TILES, X_PLANES)
+    for st in tl.static_range(BLOCK_K // 32):
+        for b in tl.static_range(M_TILES):
+            xs = xs + (_lane_x(x_rows[b], k0 + 32 * st + 8 * q, stride_xk, X_PLANES),)
     return words, scales, offsets, xs
 
 
@@ -717,7 +703,7 @@ def _w4a16_mma_kernel(
     stride_xm, stride_xk, stride_om, stride_split,
     GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, SELF_REDUCE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, M_TILES: tl.constexpr, N_TILES: tl.constexpr,
-    X_PLANES: tl.constexpr = False, ASM: tl.constexpr = True, PREFETCH: tl.constexpr = 0,
+    X_PLANES: tl.constexpr = False, ASM: tl.constexpr = True, PREFETCH: tl.constexpr = False,
 ):  # fmt: skip
     # Floor: the GEMV's (weight bytes); ~3.0 issued instructions per weight at 16 rows
     # (`sass_report.py`), each unpacked A fragment feeding M_TILES B tiles of 8 rows. On the
@@ -756,13 +742,13 @@ def _w4a16_mma_kernel(
     acc3 = acc0
     k_start = pid_k * k_per_split
     k_end = k_start + k_per_split
-    # PREFETCH 1: every load of the next BLOCK_K is issued before this one's MMAs; 2: only
-    # its words and scales (the HBM stream), x (a few cached bytes per lane) loaded in time
-    # for fewer registers.
+    # PREFETCH: every load of the next BLOCK_K is issued before this one's MMAs. (Prefetching
+    # only its words and scales, x loaded in time, needed fewer registers but was slower at
+    # every M on the H200: `benchmarks/results/h200/prefetch_level2/`.)
     if PREFETCH:
         nxt = _lane_block_loads(
             qw_ptr, s_ptr, o_ptr, x_rows, k_start, q, cols, col_mask, stride_w, stride_xk,
-            GROUP, BLOCK_K, M_TILES, X_PLANES, PREFETCH == 1,
+            GROUP, BLOCK_K, M_TILES, X_PLANES,
         )  # fmt: skip
     for k0 in range(k_start, k_end, BLOCK_K):
         if PREFETCH:
@@ -771,15 +757,11 @@ def _w4a16_mma_kernel(
             nxt = _lane_block_loads(
                 qw_ptr, s_ptr, o_ptr, x_rows, tl.minimum(k0 + BLOCK_K, k_end - BLOCK_K), q,
                 cols, col_mask, stride_w, stride_xk, GROUP, BLOCK_K, M_TILES, X_PLANES,
-                PREFETCH == 1,
             )  # fmt: skip
-            if PREFETCH == 2:
-                x_now = _lane_block_x(x_rows, k0, q, stride_xk, BLOCK_K, M_TILES, X_PLANES)
-                cur = (cur[0], cur[1], cur[2], x_now)
         else:
             cur = _lane_block_loads(
                 qw_ptr, s_ptr, o_ptr, x_rows, k0, q, cols, col_mask, stride_w, stride_xk,
-                GROUP, BLOCK_K, M_TILES, X_PLANES, True,
+                GROUP, BLOCK_K, M_TILES, X_PLANES,
             )  # fmt: skip
         words_k, scales_k, offsets_k, x_k = cur
         for st in tl.static_range(BLOCK_K // 32):
@@ -876,8 +858,8 @@ def valid_config(cfg: KernelConfig, k: int, group: int) -> bool:
     """A config fits when its tiles are powers of two and each split's K range is a whole
     number of tiles aligned to groups (Triton needs power-of-two ranges; the interpreter
     does not check, so this must)."""
-    if cfg.prefetch not in (0, 1) and not (cfg.kernel == "mma" and cfg.prefetch == 2):
-        return False  # level 2 (words and scales only) is the lane-MMA kernel's
+    if cfg.prefetch not in (0, 1):
+        return False
     if cfg.kernel == "dequant_mm":
         return _pow2(cfg.block_n) and _pow2(cfg.block_k) and (k // 8) % cfg.block_k == 0
     if cfg.kernel == "mma":  # 32 or 64 columns per warp, 8 to 64 rows, whole 32-k steps
@@ -923,12 +905,6 @@ def _gemm_smem_bytes(cfg: KernelConfig, group: int) -> int:
 # (210 tests, `results/h200/prefetch/`), as did every config of its probe (within 2.8e-4 of
 # dequantize + matmul).
 _DIRECT_PLANES_VALIDATED = False
-# Lane-MMA prefetch level 2 (the next BLOCK_K's words and scales only, x loaded in time):
-# offline sm_90 it needs 80 registers at 16 rows against 108 for level 1 and 70 without
-# (132 / 181 / 104 at 32 rows), a middle ground for the 16-row case where level 1 did not
-# pay. Correct on the H200 but slower than level 1 at every M of the probe
-# (`benchmarks/results/h200/prefetch_level2/`), so it stays out of tuning.
-_WORDS_PREFETCH_VALIDATED = False
 
 # Split K only while the grid is under ~4 waves of an H100 (132 SMs): more splits past that
 # add workspace traffic without adding parallelism.
@@ -991,7 +967,7 @@ def candidate_configs(m: int, n: int, k: int, group: int) -> list[KernelConfig]:
             bn = 16 * tiles * warps
             for sk in (*splits, 32):
                 if _useful_split(triton.cdiv(n, bn), sk):
-                    for pf in (0, 1, 2) if _WORDS_PREFETCH_VALIDATED else (0, 1):
+                    for pf in (0, 1):
                         out.append(KernelConfig("mma", max(8, mb), bn, bk, sk, warps, 1, pf))
     if mb >= 128:
         out.append(KernelConfig("dequant_mm", 0, 256, _dequant_rows(k), 1, 4, 1))
@@ -1120,7 +1096,7 @@ def launch(
             raise ValueError(f"launch: lane-MMA config got M={m} rows but BLOCK_M={cfg.block_m}")
         _w4a16_mma_kernel[(triton.cdiv(n, cfg.block_n), split)](
             *args, M_TILES=cfg.block_m // 8, N_TILES=cfg.block_n // (16 * cfg.num_warps),
-            X_PLANES=x_planes, ASM=not _interpreting(), PREFETCH=int(cfg.prefetch), **common,
+            X_PLANES=x_planes, ASM=not _interpreting(), PREFETCH=bool(cfg.prefetch), **common,
         )  # fmt: skip
     elif cfg.kernel == "gemv":
         grid = (triton.cdiv(n, cfg.block_n), split, m)
