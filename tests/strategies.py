@@ -191,6 +191,25 @@ class HessianProblem:
     group: int | None
 
 
+def make_hessian_problem(
+    n: int, group: int | None, k: int, rows: int, seed: int, outlier_weights: bool,
+    input_outliers: float, dead_inputs: bool,
+) -> HessianProblem:  # fmt: skip
+    """A weight [n, k] and the Hessian of correlated activations [rows, k] (rank k / 4 plus
+    noise) with k / 32 input channels scaled by `input_outliers`, optional 20x outlier
+    weights and two never-active inputs."""
+    gen = torch.Generator().manual_seed(seed)
+    weight = torch.randn(n, k, generator=gen)
+    if outlier_weights:
+        weight.view(-1)[torch.randint(0, n * k, (max(1, n * k // 100),), generator=gen)] *= 20
+    x = torch.randn(rows, k // 4, generator=gen) @ torch.randn(k // 4, k, generator=gen)
+    x = x + 0.1 * torch.randn(rows, k, generator=gen)
+    x[:, torch.randint(0, k, (max(1, k // 32),), generator=gen)] *= input_outliers
+    if dead_inputs:
+        x[:, torch.randint(0, k, (2,), generator=gen)] = 0  # dead inputs
+    return HessianProblem(weight, 2 * x.t() @ x / rows, group)
+
+
 @st.composite
 def hessian_problems(draw, groups=(32, 64, None)) -> HessianProblem:
     """A weight and the input Hessian of correlated activations with a few outlier channels
@@ -200,16 +219,10 @@ def hessian_problems(draw, groups=(32, 64, None)) -> HessianProblem:
     group = draw(st.sampled_from(groups))
     k = (group or 64) * draw(st.integers(1, 3))
     rows = draw(st.sampled_from([k // 2, 2 * k, 8 * k]))
-    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
-    weight = torch.randn(n, k, generator=gen)
-    if draw(st.booleans()):  # outlier weights
-        weight.view(-1)[torch.randint(0, n * k, (max(1, n * k // 100),), generator=gen)] *= 20
-    x = torch.randn(rows, k // 4, generator=gen) @ torch.randn(k // 4, k, generator=gen)
-    x = x + 0.1 * torch.randn(rows, k, generator=gen)
-    x[:, torch.randint(0, k, (max(1, k // 32),), generator=gen)] *= draw(st.sampled_from([1, 20]))
-    if draw(st.booleans()):
-        x[:, torch.randint(0, k, (2,), generator=gen)] = 0  # dead inputs
-    return HessianProblem(weight, 2 * x.t() @ x / rows, group)
+    seed = draw(st.integers(0, 2**31 - 1))
+    outliers = draw(st.booleans())
+    scale = draw(st.sampled_from([1, 20]))
+    return make_hessian_problem(n, group, k, rows, seed, outliers, scale, draw(st.booleans()))
 
 
 @dataclass

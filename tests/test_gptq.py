@@ -4,13 +4,15 @@ W4A16's grid and on W4A8's progressive (QoQ) grid."""
 from __future__ import annotations
 
 import copy
+import random
+import statistics
 
 import pytest
 import torch
 from helpers import assert_close_rel
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from strategies import HessianProblem, hessian_problems
+from strategies import HessianProblem, hessian_problems, make_hessian_problem
 from torch import nn
 
 import qcompile
@@ -183,37 +185,61 @@ def test_w4a8_gptq_beats_rtn_on_correlated_inputs(group, act_order):
     assert held_out["gptq"] < 0.5 * held_out["rtn"], held_out
 
 
-@settings(max_examples=40, deadline=None)
-@given(
-    problem=hessian_problems(),
-    name=st.sampled_from(["w4a8", "w4a16"]),
-    act_order=st.booleans(),
-    clip_search=st.booleans(),
-)
-def test_gptq_never_worse_than_rtn_on_its_objective(
-    problem: HessianProblem, name, act_order, clip_search
-):
-    """On the Hessian it was given, GPTQ's tr(dW H dW^T) does not exceed RTN's on the same grid
-    (with the same clip search): not a theorem (GPTQ is greedy) but what 400 draws per grid
-    showed, worst ratio 0.95 (W4A8) / 0.99 (W4A16). Outlier channels, singular Hessians
-    (rows < K) and dead inputs included."""
+def _objective_ratio(problem: HessianProblem, name: str, act_order: bool, clip: bool) -> float:
+    """GPTQ's tr(dW H dW^T) over RTN's on the same grid (with the same clip search)."""
     w, h = problem.weight, problem.hessian
     n, k = w.shape
     scheme = Scheme(name=name, group_size=problem.group)
-    p = gptq_quantize_weight(w, h, scheme, act_order=act_order, clip_search=clip_search)
+    p = gptq_quantize_weight(w, h, scheme, act_order=act_order, clip_search=clip)
     if name == "w4a8":
         _assert_valid_w4a8(p, n, k)
-        rtn = quantize_weight_w4a8(w, scheme, clip_search=clip_search)
+        rtn = quantize_weight_w4a8(w, scheme, clip_search=clip)
         dequant = dequantize_w4a8
     else:
-        rtn = quantize_weight_int4(w, scheme, clip_search=clip_search)
+        rtn = quantize_weight_int4(w, scheme, clip_search=clip)
         dequant = dequantize_int4
 
     def error(packed) -> float:
         d = dequant(packed, torch.float64) - w.double()
         return ((d @ h.double()) * d).sum().item()
 
-    assert error(p) <= error(rtn) * (1 + 1e-3) + 1e-9, (error(p), error(rtn))
+    return error(p) / max(error(rtn), 1e-12)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    problem=hessian_problems(),
+    name=st.sampled_from(["w4a8", "w4a16"]),
+    clip_search=st.booleans(),
+)
+def test_gptq_with_act_order_never_worse_than_rtn_on_its_objective(
+    problem: HessianProblem, name, clip_search
+):
+    """With act-order, GPTQ's tr(dW H dW^T) on the Hessian it was given does not exceed RTN's
+    on the same grid: not a theorem (GPTQ is greedy), but in 120 seeded draws of these
+    problems the worst ratio was 0.47 (W4A8) / 0.31 (W4A16). Outlier channels, singular
+    Hessians (rows < K) and dead inputs included."""
+    assert _objective_ratio(problem, name, True, clip_search) <= 1 + 1e-3
+
+
+@pytest.mark.parametrize("name", ["w4a8", "w4a16"])
+def test_gptq_without_act_order_beats_rtn_on_almost_every_problem(name):
+    """Without act-order, greedy column order can lose to RTN on an ill-conditioned Hessian
+    with outliers (in 400 draws the worst case was 2.3x RTN's error: one row, 20x outlier
+    inputs); on 40 seeded problems it must still win on at least 36 with a median ratio
+    under 0.3 (measured: wins on 99% of 120 draws, median 0.14-0.15)."""
+    rng = random.Random(7)
+    ratios = []
+    for seed in range(40):
+        group = rng.choice([32, 64])
+        k = group * rng.randint(1, 3)
+        problem = make_hessian_problem(
+            rng.choice([1, 8, 24]), group, k, rng.choice([k // 2, 2 * k, 8 * k]), seed,
+            rng.random() < 0.5, rng.choice([1, 20]), rng.random() < 0.5,
+        )  # fmt: skip
+        ratios.append(_objective_ratio(problem, name, False, False))
+    assert sum(r < 1 for r in ratios) >= 36, sorted(ratios)[-5:]
+    assert statistics.median(ratios) < 0.3, statistics.median(ratios)
 
 
 def test_w4a8_gptq_round_trips_through_dequantize_and_the_reference_op():
