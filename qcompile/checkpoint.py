@@ -354,10 +354,23 @@ def _load_checked(
             )
 
 
-# Per layer kind: its module class, the tensors it must have, and their [N, K] shapes.
+# Per layer kind: its module class, the tensors it must have, and the shape of each tensor
+# it may have for a layer [N, K] with group size G (besides qweight [K / 8, N], bias [N]).
 _KINDS = {
-    "w4a16": (W4A16Linear, ("qweight", "scales", "offsets")),
-    "w4a8": (W4A8Linear, ("qweight", "group_scales", "group_zeros", "channel_scales")),
+    "w4a16": (
+        W4A16Linear,
+        ("qweight", "scales", "offsets"),
+        lambda n, k, g: {"scales": (k // g, n), "offsets": (k // g, n), "perm": (k,)},
+    ),
+    "w4a8": (
+        W4A8Linear,
+        ("qweight", "group_scales", "group_zeros", "channel_scales"),
+        lambda n, k, g: {
+            "group_scales": (k // g, n),
+            "group_zeros": (k // g, n),
+            "channel_scales": (n,),
+        },
+    ),
 }
 
 
@@ -369,7 +382,7 @@ def _install_layer(model: nn.Module, name: str, entry: dict) -> None:
         raise CheckpointError(
             f"{name}: unknown layer kind {kind!r} (this qcompile reads {sorted(_KINDS)})"
         )
-    cls, required_tensors = _KINDS[kind]
+    cls, required_tensors, kind_shapes = _KINDS[kind]
     current = _module_or_none(model, name)
     if not isinstance(current, (nn.Linear, W4A16Linear, W4A8Linear)):
         found = "no module" if current is None else type(current).__name__
@@ -384,13 +397,7 @@ def _install_layer(model: nn.Module, name: str, entry: dict) -> None:
         )
     if g <= 0 or k % g or k % NIBBLES_PER_WORD:
         raise CheckpointError(f"{name}: group_size={g} does not divide K={k} into whole groups")
-    shapes = {"qweight": (k // NIBBLES_PER_WORD, n), "bias": (n,)}
-    if kind == "w4a16":
-        shapes.update({"scales": (k // g, n), "offsets": (k // g, n), "perm": (k,)})
-    else:
-        shapes.update(
-            {"group_scales": (k // g, n), "group_zeros": (k // g, n), "channel_scales": (n,)}
-        )
+    shapes = {"qweight": (k // NIBBLES_PER_WORD, n), "bias": (n,), **kind_shapes(n, k, g)}
     tensors = entry["tensors"]
     meta = {}
     for tname, spec in tensors.items():

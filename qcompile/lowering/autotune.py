@@ -65,8 +65,8 @@ class KernelConfig:
     num_stages: int = 2
     # Register double-buffering written into the kernel (GEMV, planes, mma): load tile i+1
     # before computing tile i. Triton's own num_stages pipelines only loads that feed a dot.
-    # 0 / False: off; 1 / True: the whole next tile.
-    prefetch: int = 0
+    # (Cache files may hold it as 0 / 1.)
+    prefetch: bool = False
 
     @classmethod
     def from_dict(cls, d: dict) -> KernelConfig:

@@ -5,7 +5,9 @@ recompile, the first decode step compiles each new (config, dtype) of the step's
 one after another (~5 for a Llama-3-8B step). `start` runs every distinct linear of the
 graph once, on a zero input of the graph's example shape, in a background thread, so those
 compiles overlap Inductor's work; the backend joins it before returning (no launch may
-overlap a CUDA-graph capture). Opt-in (`QCOMPILE_PRECOMPILE=1`) until measured on a GPU.
+overlap a CUDA-graph capture). Opt-in (`QCOMPILE_PRECOMPILE=1`): on the H200 it moved those
+compiles into Dynamo's compile but showed no net warm-up gain over run-to-run noise
+(`benchmarks/results/h200/warmup_precompile/`).
 """
 
 from __future__ import annotations

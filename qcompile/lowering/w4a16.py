@@ -967,7 +967,7 @@ def candidate_configs(m: int, n: int, k: int, group: int) -> list[KernelConfig]:
             bn = 16 * tiles * warps
             for sk in (*splits, 32):
                 if _useful_split(triton.cdiv(n, bn), sk):
-                    for pf in (0, 1):
+                    for pf in (False, True):
                         out.append(KernelConfig("mma", max(8, mb), bn, bk, sk, warps, 1, pf))
     if mb >= 128:
         out.append(KernelConfig("dequant_mm", 0, 256, _dequant_rows(k), 1, 4, 1))
