@@ -22,6 +22,7 @@ import platform
 import re
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -189,6 +190,16 @@ ROWS = [  # (label, scheme, method, note); None = the fp32 model
         "",
     ),
     ("fp32 weights, KV4 cache g32", KVScheme(group_size=32), "kv4", "0.3125x of fp16 memory"),
+    *(
+        (
+            f"fp32 weights, KV4 cache g64, keys per channel over {t} tokens",
+            KVScheme(group_size=64, key_tokens=t),
+            "kv4",
+            "K per channel over groups of tokens (KIVI-style), the incomplete group in fp32; "
+            "read as generate() decodes (each query sees its own group unquantized)",
+        )
+        for t in (32, 64, 128)
+    ),
 ]
 
 
@@ -202,7 +213,24 @@ class WithKV4Cache(torch.nn.Module):
 
     def forward(self, ids: torch.Tensor):
         cache = KV4Cache(self.model.config, ids.shape[1], self.scheme)
-        return self.model(ids, past_key_values=cache)
+        if not self.scheme.key_tokens:  # per-token groups: one causal pass is the same math
+            return self.model(ids, past_key_values=cache)
+        # Keys per channel: a prompt read at once would show each query its own group
+        # quantized with later tokens' range, where decoding shows it the residual. Feeding
+        # each group as its first T - 1 tokens, then its last one, is token-by-token decoding
+        # exactly: the chunk's queries see the earlier groups quantized and their own group's
+        # tokens in the residual; the last token completes the group and sees it quantized.
+        bounds = decode_chunks(ids.shape[1], self.scheme.key_tokens)
+        steps = [
+            self.model(ids[:, lo:hi], past_key_values=cache).logits
+            for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)
+        ]
+        return SimpleNamespace(logits=torch.cat(steps, dim=1))
+
+
+def decode_chunks(n: int, t: int) -> list[int]:
+    """Chunk bounds of n tokens: each group of t as its first t - 1 tokens, then its last."""
+    return sorted({0, n, *range(t - 1, n, t), *range(t, n, t)})
 
 
 def load_smollm2():

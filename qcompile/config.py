@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 GROUP_SIZES = (32, 64, 128)
+KEY_TOKENS = (32, 64, 128)  # KVScheme.key_tokens: tokens per per-channel K group
 SCHEME_NAMES = ("w4a16", "w4a8")
 # Activation formats of W4A8: per-token int8, or per-token FP8 e4m3 (Hopper's FP8 tensor cores).
 W4A8_ACT_DTYPES = ("int8", "float8_e4m3fn")
@@ -81,12 +82,19 @@ class KVScheme:
     rotate_keys: store K @ H (H the orthonormal Walsh-Hadamard matrix of size head_dim) and
         read it with query @ H: scores are unchanged (H H^T = I) and the rotation spreads
         outlier channels over the whole head before rounding. Needs head_dim a power of two.
+    key_tokens: 0 (default) groups K like V, per token along head_dim. 32/64/128 groups K per
+        channel over that many consecutive tokens (as KIVI): K's outliers sit in a few
+        channels shared by every token, so each channel gets its own range. The tokens of
+        the group still being written stay in the model's dtype (a residual of key_tokens
+        tokens per head) until the group is complete. V stays per token with one group per
+        head (group_size must equal head_dim). Not combined with rotate_keys.
     """
 
     name: Literal["kv4"] = "kv4"
     bits: int = 4
     group_size: int = 128
     rotate_keys: bool = False
+    key_tokens: int = 0
 
     def __post_init__(self) -> None:
         if self.bits != 4:
@@ -95,11 +103,31 @@ class KVScheme:
             raise ValueError(
                 f"KVScheme: group_size={self.group_size} is not supported; use one of {GROUP_SIZES}"
             )
+        if self.key_tokens not in (0, *KEY_TOKENS):
+            raise ValueError(
+                f"KVScheme: key_tokens={self.key_tokens} is not supported; use 0 (keys per "
+                f"token) or one of {KEY_TOKENS} (keys per channel over that many tokens)"
+            )
+        if self.key_tokens and self.rotate_keys:
+            raise ValueError(
+                "KVScheme: key_tokens and rotate_keys do not combine (per-channel groups "
+                "already isolate the outlier channels that rotation spreads out); pick one"
+            )
 
     def check_head_dim(self, head_dim: int) -> None:
         """Raise unless `head_dim` is a whole number of groups (a power of two if rotated)."""
         if self.rotate_keys and head_dim & (head_dim - 1):
             raise ValueError(f"KVScheme: rotate_keys needs a power-of-two head_dim, got {head_dim}")
+        if self.key_tokens and head_dim != self.group_size:
+            fix = (
+                f"use group_size={head_dim} (head_dim)"
+                if head_dim in GROUP_SIZES
+                else f"head_dim must be one of {GROUP_SIZES}; use key_tokens=0"
+            )
+            raise ValueError(
+                f"KVScheme: key_tokens={self.key_tokens} stores V with one group per token and "
+                f"head, got group_size={self.group_size} for head_dim={head_dim}; {fix}"
+            )
         if head_dim % self.group_size:
             fits = [g for g in GROUP_SIZES if head_dim % g == 0]
             fix = f"use group_size={max(fits)}" if fits else "head_dim must be a multiple of 32"

@@ -121,10 +121,11 @@ class KV4Problem:
     scale: float
 
     def args(self) -> tuple:
+        """The op's arguments (k_residual last: None unless keys are stored per channel)."""
         k, v = self.keys, self.values
         return (
             self.query, k.codes, k.scales, k.offsets, v.codes, v.scales, v.offsets,
-            self.seq_lens, self.mask, self.is_causal, self.scale,
+            self.seq_lens, self.mask, self.is_causal, self.scale, k.residual,
         )  # fmt: skip
 
     def reference64(self) -> torch.Tensor:
@@ -136,14 +137,20 @@ class KV4Problem:
 
 
 @st.composite
-def kv4_problems(draw, decode: bool, device: str = "cpu", max_blocks: int = 3) -> KV4Problem:
+def kv4_problems(
+    draw, decode: bool, device: str = "cpu", max_blocks: int = 3, per_channel_keys: bool = False
+) -> KV4Problem:
     """Sequence lengths from 1 to a few 32-token blocks (non-multiples included), head dims
-    64/128, every group size that divides them, GQA ratios 1/4/8, masks and cache lengths."""
+    64/128, every group size that divides them, GQA ratios 1/4/8, masks and cache lengths.
+    per_channel_keys: K per channel over 32 or 64 tokens (its tail in the residual, in the
+    query's dtype), V with one group per head."""
     from qcompile.config import KVScheme
-    from qcompile.quant.kv4 import quantize_kv4
+    from qcompile.quant.kv4 import quantize_kv4, quantize_kv4_keys_per_channel
 
     d = draw(st.sampled_from([64, 128]))
     group = draw(st.sampled_from([g for g in (32, 64, 128) if d % g == 0]))
+    if per_channel_keys:
+        group = d
     gqa = draw(st.sampled_from([1, 4, 8]))
     hkv = draw(st.sampled_from([1, 2])) if gqa < 8 else 1
     b = draw(st.sampled_from([1, 2]))
@@ -174,12 +181,21 @@ def kv4_problems(draw, decode: bool, device: str = "cpu", max_blocks: int = 3) -
             mask[torch.rand(shape, generator=gen) > 0.8] = float("-inf")
             mask[..., 0] = 0.0
     scheme = KVScheme(group_size=group)
-    keys, values = quantize_kv4(k, scheme), quantize_kv4(v, scheme)
+    values = quantize_kv4(v, scheme)
 
     def to(t):
         return None if t is None else t.to(device)
 
-    keys = PackedKV4(*(to(t) for t in (keys.codes, keys.scales, keys.offsets)), group)
+    if per_channel_keys:
+        tokens = draw(st.sampled_from([32, 64]), label="key_tokens")
+        keys = quantize_kv4_keys_per_channel(k.to(dtype), tokens)
+        keys = PackedKV4(
+            *(to(t) for t in (keys.codes, keys.scales, keys.offsets)), 1,
+            residual=to(keys.residual),
+        )  # fmt: skip
+    else:
+        keys = quantize_kv4(k, scheme)
+        keys = PackedKV4(*(to(t) for t in (keys.codes, keys.scales, keys.offsets)), group)
     values = PackedKV4(*(to(t) for t in (values.codes, values.scales, values.offsets)), group)
     return KV4Problem(to(q.to(dtype)), keys, values, to(seq_lens), to(mask), is_causal, d**-0.5)
 

@@ -48,6 +48,7 @@ from qcompile.quant.kv4 import (
     key_channel_absmax,
     pack_int4_pairs,
     quantize_kv4,
+    quantize_kv4_keys_per_channel,
     smooth_attention_scales,
     unpack_int4_pairs,
 )
@@ -333,6 +334,193 @@ def test_cache_write_kernel_is_bit_exact_with_reference(d, group, sn, dtype, see
     assert torch.equal(ref[0][:, :, positions], p.codes)
 
 
+# --------------------------------------------------------------------------- keys per channel
+def _channel_math64(x: torch.Tensor, t: int):
+    """Independent float64 per-channel min-max over complete groups of t tokens of x
+    [B, H, S, D]: (scales, offsets [B, H, S // t, D], codes [B, H, S // t * t, D])."""
+    full = x.shape[2] // t * t
+    x64 = x[:, :, :full].double().unflatten(2, (-1, t))  # [B, H, G, t, D]
+    lo, hi = x64.amin(3), x64.amax(3)
+    s = ((hi - lo) / 15).clamp_min(2.0**-24).to(torch.float16).double()
+    o = lo.to(torch.float16).double()
+    return s, o, lo, hi, x64
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    d=st.sampled_from([64, 128]),
+    t=st.sampled_from([32, 64, 128]),
+    s=st.integers(1, 300),
+    dtype=st.sampled_from([torch.float16, torch.bfloat16, torch.float32]),
+    outliers=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_keys_per_channel_match_float64_math(d, t, s, dtype, outliers, seed):
+    """Per channel over groups of T tokens: scales/offsets from float64 min-max (one fp16
+    ulp), error <= s/2 per channel, the incomplete tail bit-exact in the residual."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 2, s, d, generator=gen)
+    if outliers:
+        x[..., torch.randint(0, d, (2,), generator=gen)] *= 30
+    x = x.to(dtype)
+    p = quantize_kv4_keys_per_channel(x, t)
+    groups, full = -(-s // t), s // t * t
+    assert p.scales.shape == (2, 2, groups, d) and p.residual.shape == (2, 2, t, d)
+    assert p.key_tokens == t and p.residual.dtype == dtype
+    assert torch.equal(p.residual[:, :, : s - full], x[:, :, full:])
+    sc, o, lo, hi, x64 = _channel_math64(x, t)
+    assert torch.allclose(p.scales[:, :, : s // t].double(), sc, rtol=2**-10, atol=0)
+    assert torch.equal(p.offsets[:, :, : s // t].double(), o)
+    deq = dequantize_kv4(p, torch.float64)
+    assert torch.equal(deq[:, :, full:], x[:, :, full:].double())  # the residual's tokens
+    sc = p.scales[:, :, : s // t].double()
+    err = (deq[:, :, :full].unflatten(2, (-1, t)) - x64).abs()
+    bound = sc / 2 + 15 * (sc - (hi - lo) / 15).abs() + (o - lo).abs()
+    assert (err <= bound[:, :, :, None] * (1 + 1e-6) + 1e-12).all()
+    if outliers and s >= t:  # one scale per channel: outlier channels keep their wide steps
+        steps = p.scales[:, :, : s // t].float()  # to themselves
+        assert (steps.median(dim=-1).values < 0.25 * steps.amax(dim=-1)).all()
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    t=st.sampled_from([32, 64]),
+    chunks=st.lists(st.integers(1, 70), min_size=1, max_size=8),
+    dtype=st.sampled_from([torch.float16, torch.float32]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_keys_per_channel_written_in_pieces_equal_written_at_once(t, chunks, dtype, seed):
+    """A prompt then decode steps (any split of the positions) store the codes, scales and
+    residual that one write of the whole sequence stores: a group is quantized once, by the
+    write that completes it, from the same rounded values."""
+    gen = torch.Generator().manual_seed(seed)
+    total = sum(chunks)
+    x = torch.randn(1, 2, total, 64, generator=gen).to(dtype)
+    once = quantize_kv4_keys_per_channel(x, t)
+    kv = torch.zeros(1, 2, total, 64, dtype=dtype)
+    v_caches = [
+        torch.zeros(1, 2, total, 32, dtype=torch.uint8),
+        torch.zeros(1, 2, total, 1, dtype=torch.float16),
+        torch.zeros(1, 2, total, 1, dtype=torch.float16),
+    ]
+    parts = [torch.zeros_like(u) for u in (once.codes, once.scales, once.offsets, once.residual)]
+    start = 0
+    for n in chunks:
+        positions = torch.arange(start, start + n)
+        piece = x[:, :, start : start + n]
+        torch.ops.qcompile.kv4_cache_write(
+            piece, kv[:, :, start : start + n], parts[0], parts[1], parts[2], *v_caches,
+            positions, parts[3],
+        )  # fmt: skip
+        start += n
+    tail = total - total // t * t
+    assert torch.equal(parts[0], once.codes) and torch.equal(parts[1], once.scales)
+    assert torch.equal(parts[2], once.offsets)
+    assert torch.equal(parts[3][:, :, :tail], once.residual[:, :, :tail])
+
+
+def test_keys_per_channel_refuse_bad_schemes_and_writes():
+    with pytest.raises(ValueError, match="key_tokens=48 is not supported"):
+        KVScheme(key_tokens=48)
+    with pytest.raises(ValueError, match="do not combine"):
+        KVScheme(key_tokens=64, rotate_keys=True)
+    with pytest.raises(ValueError, match="use group_size=64"):
+        KVScheme(group_size=32, key_tokens=64).check_head_dim(64)
+    model = tiny_llama(1, head_dim=64, num_key_value_heads=1)
+    with pytest.raises(ValueError, match="use group_size=64"):
+        KV4Cache(model.config, 16, KVScheme(group_size=32, key_tokens=32))
+    keys = quantize_kv4_keys_per_channel(torch.randn(1, 1, 40, 64), 32)
+    values = quantize_kv4(torch.randn(1, 1, 40, 64), SCHEME64)
+    new = torch.randn(1, 1, 2, 64)
+    caches = (keys.codes, keys.scales, keys.offsets, values.codes, values.scales, values.offsets)
+    with pytest.raises(ValueError, match="consecutive positions"):
+        torch.ops.qcompile.kv4_cache_write(new, new, *caches, torch.tensor([3, 7]), keys.residual)
+    with pytest.raises(ValueError, match=r"must be \[B, H, ceil\(S / T\), D\]"):
+        kv4_attention_reference(
+            torch.randn(1, 1, 1, 64), keys.codes, values.scales, values.offsets, *caches[3:],
+            None, None, False, 0.1, keys.residual,
+        )  # fmt: skip
+
+
+@KERNEL_SETTINGS
+@given(
+    problem=kv4_problems(decode=True, device=KERNEL_DEVICE, per_channel_keys=True), data=st.data()
+)
+def test_decode_kernel_keys_per_channel_matches_float64_reference(problem, data):
+    """The 2-D kernel over keys per channel: (q * s) . codes + q . o per group tile, the
+    residual's tail tile in 16 bits; any split, GQA rows, masks, partly written caches."""
+    b, hq, sq, _ = problem.query.shape
+    hkv, s = problem.keys.codes.shape[1:3]
+    t = problem.keys.key_tokens
+    tiles = candidate_configs(b, hkv, sq, hq // hkv, s, 1, t)
+    assert tiles and all(t % c.block_n == 0 and c.kernel == "decode" for c in tiles)
+    cfg = data.draw(st.sampled_from([c for c in tiles if c.block_n <= 64][:8]), label="config")
+    split = data.draw(st.sampled_from([1, 2, 3, 8]), label="split")
+    cfg = KernelConfig("decode", cfg.block_m, cfg.block_n, 0, split, cfg.num_warps)
+    assert valid_config(cfg, sq * hq // hkv, 1, t)
+    assert_close_rel(_run(problem, cfg), problem.reference64(), problem.query.dtype)
+
+
+@KERNEL_SETTINGS
+@given(
+    problem=kv4_problems(decode=False, device=KERNEL_DEVICE, per_channel_keys=True), data=st.data()
+)
+def test_prefill_kernel_keys_per_channel_matches_float64_reference(problem, data):
+    """Flash-attention row tiles over keys per channel: causal, masks, the residual tile."""
+    bn = data.draw(st.sampled_from([32, problem.keys.key_tokens]), label="block_n")
+    bm = data.draw(st.sampled_from([16, 32]), label="block_m")
+    cfg = KernelConfig("prefill", bm, bn, 0)
+    hq, hkv = problem.query.shape[1], problem.keys.codes.shape[1]
+    assert valid_config(cfg, problem.query.shape[2] * hq // hkv, 1, problem.keys.key_tokens)
+    assert_close_rel(_run(problem, cfg), problem.reference64(), problem.query.dtype)
+
+
+def test_keys_per_channel_refuse_tiles_wider_than_a_group():
+    assert not valid_config(KernelConfig("decode", 16, 64, 0, 1), 4, 1, 32)
+    assert not valid_config(KernelConfig("decode_grouped", 16, 32, 0, 1), 4, 1, 32)
+    assert valid_config(KernelConfig("decode", 16, 32, 0, 1), 4, 1, 32)
+    keys = quantize_kv4_keys_per_channel(torch.randn(1, 1, 40, 64), 32)
+    values = quantize_kv4(torch.randn(1, 1, 40, 64), SCHEME64)
+    problem = KV4Problem(torch.randn(1, 4, 1, 64).half(), keys, values, None, None, False, 0.1)
+    with pytest.raises(ValueError, match="BLOCK_N=64 does not divide the 32 tokens"):
+        launch_attention(KernelConfig("decode", 16, 64, 0, 1), *problem.args())
+    cfg = default_config(1, 1, 1, 4, 40, 1, 32)
+    assert valid_config(cfg, 4, 1, 32) and cfg.block_n == 32
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    d=st.sampled_from([64, 128]),
+    t=st.sampled_from([32, 64]),
+    chunks=st.lists(st.integers(1, 40), min_size=1, max_size=4),
+    dtype=st.sampled_from([torch.float16, torch.bfloat16]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_cache_write_kernel_keys_per_channel_is_bit_exact_with_reference(d, t, chunks, dtype, seed):
+    """The per-channel key write kernel (one program per group the write touches) and the
+    value write: codes, scales, offsets and residual equal the reference's after each write."""
+    gen = torch.Generator().manual_seed(seed)
+    b, h, smax = 2, 2, sum(chunks) + 3
+    keys = quantize_kv4_keys_per_channel(torch.zeros(b, h, smax, d, dtype=dtype), t)
+    values = quantize_kv4(torch.zeros(b, h, smax, d), KVScheme(group_size=d))
+    ref = [keys.codes, keys.scales, keys.offsets, values.codes, values.scales, values.offsets]
+    ref = [x.clone() for x in ref] + [keys.residual.clone()]
+    ours = [x.clone().to(KERNEL_DEVICE) for x in ref]
+    start = 0
+    for n in chunks:
+        key = (torch.randn(b, n, h, d, generator=gen) * 4).to(dtype).transpose(1, 2)
+        value = torch.randn(b, h, n, d, generator=gen).to(dtype)
+        positions = torch.arange(start, start + n)
+        torch.ops.qcompile.kv4_cache_write(key, value, *ref[:6], positions, ref[6])
+        kv4_cache_write_cuda(
+            key.to(KERNEL_DEVICE), value.to(KERNEL_DEVICE), *ours[:6],
+            positions.to(KERNEL_DEVICE), k_residual=ours[6],
+        )  # fmt: skip
+        start += n
+        for got, want in zip(ours, ref, strict=True):
+            assert torch.equal(got.cpu(), want)
+
+
 def test_reference_rejects_bad_shapes():
     keys = quantize_kv4(torch.randn(1, 2, 8, 64), KVScheme(group_size=64))
     bad_q = torch.randn(1, 3, 1, 64)  # 3 query heads over 2 KV heads
@@ -372,11 +560,11 @@ class FakeKV4Cache(StaticCache):
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
 
-def _generate(model, cache, **kwargs):
+def _generate(model, cache, max_new_tokens: int = 6, **kwargs):
     out = model.generate(
         PROMPT, attention_mask=torch.ones_like(PROMPT), past_key_values=cache,
-        max_new_tokens=6, do_sample=False, output_scores=True, return_dict_in_generate=True,
-        **kwargs,
+        max_new_tokens=max_new_tokens, do_sample=False, output_scores=True,
+        return_dict_in_generate=True, **kwargs,
     )  # fmt: skip
     return out.sequences[:, PROMPT.shape[1] :], torch.stack(out.scores)
 
@@ -469,6 +657,99 @@ def test_kv4_cache_memory_is_under_0_3x_of_fp16():
     assert sizes["fp16"] == 2 * 2 * 4 * 2 * 256 * 128 * 2
     assert sizes["g128"] / sizes["fp16"] == pytest.approx(68 / 256)  # 0.266
     assert sizes["g64"] / sizes["fp16"] == pytest.approx(72 / 256)  # 0.281
+
+
+SCHEME_K32 = KVScheme(group_size=64, key_tokens=32)
+
+
+class FakeChannelKV4Cache(StaticCache):
+    """StaticCache returning keys as a per-channel KV4 cache holds them after each write:
+    complete groups of the tokens so far fake-quantized, the incomplete one unrounded."""
+
+    def __init__(self, config, max_cache_len: int, scheme: KVScheme):
+        super().__init__(config=config, max_cache_len=max_cache_len)
+        self.scheme, self.raw = scheme, {}
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        raw = torch.cat((self.raw.get(layer_idx, key_states[:, :, :0]), key_states), dim=2)
+        self.raw[layer_idx] = raw
+        values = dequantize_kv4(quantize_kv4(value_states, self.scheme), value_states.dtype)
+        keys, values = super().update(key_states, values, layer_idx, *args, **kwargs)
+        # the write that completes a group rounds its earlier tokens too
+        fake = quantize_kv4_keys_per_channel(raw, self.scheme.key_tokens)
+        keys[:, :, : raw.shape[2]] = dequantize_kv4(fake, raw.dtype)
+        return keys, values
+
+
+def test_kv4_cache_keys_per_channel_generate_matches_the_decode_math():
+    """generate() over keys per channel (T = 32; prompt 12 + 40 new tokens crosses a group):
+    SDPA on dequantized reads and the qcompile_kv4 function on packed reads both give the
+    tokens and scores of the fake-quant cache that rounds each group once it is complete."""
+    model = tiny_llama(2, head_dim=64, num_key_value_heads=1)
+
+    def run(m, cache):
+        return _generate(m, cache, max_new_tokens=40)
+
+    want_tokens, want_scores = run(model, FakeChannelKV4Cache(model.config, 60, SCHEME_K32))
+    tokens, scores = run(model, KV4Cache(model.config, 60, SCHEME_K32))
+    assert torch.equal(tokens, want_tokens) and rel_error(scores, want_scores) < 1e-5
+    packed = enable_kv4_attention(copy.deepcopy(model))
+    cache = KV4Cache(packed.config, 60, SCHEME_K32)
+    tokens, scores = run(packed, cache)
+    assert torch.equal(tokens, want_tokens) and rel_error(scores, want_scores) < 1e-5
+    layer = cache.layers[0]
+    assert int(layer.length) == 51 and layer.key_cache.key_tokens == 32
+    assert layer.key_cache.scales.shape == (2, 1, 2, 64)  # ceil(60 / 32) groups x D channels
+
+
+def test_keys_per_channel_under_torch_compile_and_through_the_attention_pass():
+    """The packed cache under generate()'s torch.compile (fullgraph, one graph for every
+    position); SDPA over the dequantized keys rewritten by the pass into kv4_attention with
+    the residual and seq_lens = length (logits as eager)."""
+    model = tiny_llama(1, head_dim=64, num_key_value_heads=1)
+    packed = enable_kv4_attention(copy.deepcopy(model))
+    want = _generate(packed, KV4Cache(packed.config, 60, SCHEME_K32), max_new_tokens=40)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    config = CompileConfig(fullgraph=True, backend="eager", mode=None)
+    config._compile_all_devices = True
+    got = _generate(
+        packed, KV4Cache(packed.config, 60, SCHEME_K32), max_new_tokens=40, compile_config=config
+    )
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    assert torch.equal(got[0], want[0]) and rel_error(got[1], want[1]) < 1e-5
+
+    caches = [KV4Cache(model.config, 60, SCHEME_K32) for _ in range(2)]
+    prompt = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        for cache in caches:
+            model(prompt, past_key_values=cache)
+        graphs = []
+        torch._dynamo.reset()
+        step = torch.compile(model, backend=_capture_pass(graphs), fullgraph=True)
+        mask = torch.ones(2, 41, dtype=torch.long)
+        token = prompt[:, :1]
+        out = step(token, past_key_values=caches[0], attention_mask=mask).logits
+        ref = model(token, past_key_values=caches[1], attention_mask=mask).logits
+    ((_, after, report),) = graphs
+    assert rel_error(out, ref) < 1e-5
+    calls = [n for n in after.graph.nodes if n.target == torch.ops.qcompile.kv4_attention.default]
+    assert len(calls) == 1 and calls[0].args[11] is not None  # k_residual
+    assert [r.status for r in report.attention] == ["quantized"]
+
+
+def test_kv4_cache_keys_per_channel_memory():
+    """Bytes of the allocated buffers (residual included) vs fp16 StaticCache, D = 128,
+    T = 64, 4096 positions: (D + 4 + 4 D / T) per token and head plus the residual."""
+    model = tiny_llama(2, head_dim=128, num_key_value_heads=2)
+    fp16 = StaticCache(config=model.config, max_cache_len=4096)
+    kv4 = KV4Cache(model.config, 4096, KVScheme(group_size=128, key_tokens=64))
+    for cache in (fp16, kv4):
+        cache.early_initialization(1, 2, 128, torch.float16, torch.device("cpu"))
+    fp16_bytes = sum(t.nbytes for layer in fp16.layers for t in (layer.keys, layer.values))
+    ratio = kv4.nbytes() / fp16_bytes
+    assert ratio == pytest.approx((140 + 64 * 128 * 2 / 4096) / 512)  # 0.281
+    assert ratio <= 0.3
 
 
 def test_kv4_cache_refuses_what_it_cannot_hold():

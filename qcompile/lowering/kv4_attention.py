@@ -280,17 +280,41 @@ def _combine_splits(part_ptr, lse_ptr, out_ptr, out_row, row_ok, c, rows_total, 
 
 
 @triton.jit
+def _key_scores_per_channel(q_e, q_o, codes, scale_ptr, offset_ptr, c, qk_scale,
+                            ASM: tl.constexpr):  # fmt: skip
+    """Scores [BLOCK_M, BLOCK_N] (log2 domain) of one tile of keys stored per channel, all of
+    one group: k_t = codes_t * s + o with s, o [D], so q . k_t = (q * s) . codes_t + q . o.
+    q * s goes to fp16 (the codes' dtype) after dividing each row by a power of two >= its
+    largest |q * s|: the products stay in [-1, 1], keep fp16's 11 bits whatever the query
+    dtype and never underflow; 2**e is exact to multiply back."""
+    s_e = tl.load(scale_ptr + 2 * c).to(tl.float32)
+    s_o = tl.load(scale_ptr + 2 * c + 1).to(tl.float32)
+    o_e = tl.load(offset_ptr + 2 * c).to(tl.float32)
+    o_o = tl.load(offset_ptr + 2 * c + 1).to(tl.float32)
+    qs_e = q_e.to(tl.float32) * s_e[None, :]
+    qs_o = q_o.to(tl.float32) * s_o[None, :]
+    bias = tl.sum(q_e.to(tl.float32) * o_e[None, :], axis=1)
+    bias += tl.sum(q_o.to(tl.float32) * o_o[None, :], axis=1)
+    top = tl.maximum(tl.max(tl.abs(qs_e), axis=1), tl.max(tl.abs(qs_o), axis=1))
+    pow2 = tl.exp2(tl.ceil(tl.log2(tl.maximum(top, 1e-30))))  # [BLOCK_M]
+    k_lo, k_hi = _nibble_planes(codes, 0x6400, tl.float16, ASM)
+    qk = tl.dot((qs_e / pow2[:, None]).to(tl.float16), tl.trans(k_lo))
+    qk = tl.dot((qs_o / pow2[:, None]).to(tl.float16), tl.trans(k_hi), qk)
+    return (qk * pow2[:, None] + bias[:, None]) * qk_scale
+
+
+@triton.jit
 def _kv4_decode_kernel(
     q_ptr, kc_ptr, ks_ptr, ko_ptr, vc_ptr, vs_ptr, vo_ptr, lens_ptr, mask_ptr, out_ptr, lse_ptr,
-    final_ptr, cnt_ptr, Sq, S, rows_total, qk_scale,
+    final_ptr, cnt_ptr, kr_ptr, Sq, S, rows_total, qk_scale,
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_cb, stride_ch, stride_sb, stride_sh, stride_lens,
-    stride_mb, stride_mh, stride_mq, stride_ms,
+    stride_mb, stride_mh, stride_mq, stride_ms, stride_kb, stride_kh, stride_rb, stride_rh,
     HKV: tl.constexpr, GQA: tl.constexpr, D: tl.constexpr, Q_BIAS_BITS: tl.constexpr,
     HAS_LENS: tl.constexpr, IS_CAUSAL: tl.constexpr,
     MASK_KIND: tl.constexpr, WRITE_PARTIAL: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, ASM: tl.constexpr, SELF_REDUCE: tl.constexpr,
-    FOLD_UNIT: tl.constexpr = True,
+    FOLD_UNIT: tl.constexpr = True, KEY_TOKENS: tl.constexpr = 0,
 ):  # fmt: skip
     # Flash-decoding ("decode": split over the sequence) and flash-attention ("prefill": row
     # tiles over pid_m, causal tiles skipped) for one scale/offset per token and head (G = D),
@@ -300,7 +324,10 @@ def _kv4_decode_kernel(
     #   scores = scale * (q_e . lo + q_o . hi) + offset * sum q
     #   out_e  = sum_t p_t (scale_t lo_t + offset_t) = (P * scale, fp16, see below) @ lo
     # plus P @ offset; likewise out_o with hi.
-    # Rows, masks, splits and outputs as `_kv4_attention_kernel` (pid_m = 0). With
+    # Rows, masks, splits and outputs as `_kv4_attention_kernel` (pid_m = 0).
+    # KEY_TOKENS = T > 0: K per channel over groups of T tokens (`_key_scores_per_channel`);
+    # K's scales/offsets then have strides (stride_kb, stride_kh, D, 1), V's (stride_sb,
+    # stride_sh, 1), and the keys past the last complete group are read from kr_ptr. With
     # SELF_REDUCE the last split of a (batch, KV head) to finish (a counter per pid_bh, as
     # the W4A16 split-K) combines every split's partial into final_ptr: one launch, not two.
     HALF: tl.constexpr = D // 2
@@ -329,22 +356,40 @@ def _kv4_decode_kernel(
     code_base = b * stride_cb + hkv * stride_ch + c[None, :]
     scale_base = b * stride_sb + hkv * stride_sh
     mask_base = mask_ptr + b * stride_mb + head[:, None] * stride_mh + pos[:, None] * stride_mq
+    # keys per channel: positions >= quantized_end are the residual's (a multiple of T, and
+    # BLOCK_N divides T, so a tile lies wholly on one side and within one group)
+    quantized_end = seq_len
+    if KEY_TOKENS > 0:
+        quantized_end = seq_len // KEY_TOKENS * KEY_TOKENS
     for n0 in range(start, end, BLOCK_N):
         cols = n0 + offs_n
         col_ok = cols < end
         code_offs = code_base + cols[:, None] * HALF  # one contiguous [BLOCK_N, D/2] block
-        k_lo, k_hi = _nibble_planes(
-            tl.load(kc_ptr + code_offs, mask=col_ok[:, None], other=0),
-            Q_BIAS_BITS,
-            q_e.dtype,
-            ASM,
-        )
-        qk = tl.dot(q_e, tl.trans(k_lo))
-        qk = tl.dot(q_o, tl.trans(k_hi), qk)  # [BLOCK_M, BLOCK_N]
-        k_scale = tl.load(ks_ptr + scale_base + cols, mask=col_ok, other=0.0).to(tl.float32)
-        k_offset = tl.load(ko_ptr + scale_base + cols, mask=col_ok, other=0.0).to(tl.float32)
-        scores = ((k_scale * qk_scale)[None, :] * qk
-                  + (k_offset * qk_scale)[None, :] * q_sum[:, None])  # fmt: skip
+        if KEY_TOKENS == 0:
+            k_lo, k_hi = _nibble_planes(
+                tl.load(kc_ptr + code_offs, mask=col_ok[:, None], other=0),
+                Q_BIAS_BITS,
+                q_e.dtype,
+                ASM,
+            )
+            qk = tl.dot(q_e, tl.trans(k_lo))
+            qk = tl.dot(q_o, tl.trans(k_hi), qk)  # [BLOCK_M, BLOCK_N]
+            k_scale = tl.load(ks_ptr + scale_base + cols, mask=col_ok, other=0.0).to(tl.float32)
+            k_offset = tl.load(ko_ptr + scale_base + cols, mask=col_ok, other=0.0).to(tl.float32)
+            scores = ((k_scale * qk_scale)[None, :] * qk
+                      + (k_offset * qk_scale)[None, :] * q_sum[:, None])  # fmt: skip
+        elif n0 < quantized_end:
+            group = b * stride_kb + hkv * stride_kh + (n0 // KEY_TOKENS) * D
+            scores = _key_scores_per_channel(
+                q_e, q_o, tl.load(kc_ptr + code_offs, mask=col_ok[:, None], other=0),
+                ks_ptr + group, ko_ptr + group, c, qk_scale, ASM,
+            )  # fmt: skip
+        else:
+            rows_r = b * stride_rb + hkv * stride_rh + (cols - quantized_end)[:, None] * D
+            k_e = tl.load(kr_ptr + rows_r + 2 * c[None, :], mask=col_ok[:, None], other=0.0)
+            k_o = tl.load(kr_ptr + rows_r + 2 * c[None, :] + 1, mask=col_ok[:, None], other=0.0)
+            qk = tl.dot(q_e, tl.trans(k_e.to(q_e.dtype)))
+            scores = tl.dot(q_o, tl.trans(k_o.to(q_e.dtype)), qk) * qk_scale
         # Padding rows (pos >= Sq) have q = 0 and finite scores; they are never stored, so
         # only masks read per row need row_ok (their loads must stay in bounds).
         visible = col_ok[None, :]
@@ -448,9 +493,11 @@ def _kv4_cache_write_kernel(
     stride_kb, stride_kh, stride_ks, stride_kd, stride_vb, stride_vh, stride_vs, stride_vd,
     stride_cb, stride_ch, stride_sb, stride_sh,
     HKV: tl.constexpr, D: tl.constexpr, G: tl.constexpr, BLOCK_T: tl.constexpr,
+    WRITE_K: tl.constexpr = True,
 ):  # fmt: skip
-    # One program per (batch, KV head, tile of new tokens) writes both K and V. A position
-    # past the cache (S) is dropped rather than written out of bounds.
+    # One program per (batch, KV head, tile of new tokens) writes both K and V (only V when
+    # not WRITE_K: keys per channel have their own kernel). A position past the cache (S) is
+    # dropped rather than written out of bounds.
     NG: tl.constexpr = D // G
     pid_bh = tl.program_id(0)
     b = pid_bh // HKV
@@ -467,16 +514,65 @@ def _kv4_cache_write_kernel(
         b * stride_cb + h * stride_ch + pos[:, None, None] * (D // 2) + grp * (G // 2) + half
     )
     scale_offs = b * stride_sb + h * stride_sh + pos[:, None] * NG + tl.arange(0, NG)[None, :]
-    k = tl.load(k_ptr + b * stride_kb + h * stride_kh + t[:, None, None] * stride_ks
-                + chan * stride_kd, mask=ok[:, None, None], other=0.0)  # fmt: skip
-    _quantize_store(
-        k.to(tl.float32), kc_ptr, ks_ptr, ko_ptr, code_offs, scale_offs, ok, NG, BLOCK_T, G
-    )
+    if WRITE_K:
+        k = tl.load(k_ptr + b * stride_kb + h * stride_kh + t[:, None, None] * stride_ks
+                    + chan * stride_kd, mask=ok[:, None, None], other=0.0)  # fmt: skip
+        _quantize_store(
+            k.to(tl.float32), kc_ptr, ks_ptr, ko_ptr, code_offs, scale_offs, ok, NG, BLOCK_T, G
+        )
     v = tl.load(v_ptr + b * stride_vb + h * stride_vh + t[:, None, None] * stride_vs
                 + chan * stride_vd, mask=ok[:, None, None], other=0.0)  # fmt: skip
     _quantize_store(
         v.to(tl.float32), vc_ptr, vs_ptr, vo_ptr, code_offs, scale_offs, ok, NG, BLOCK_T, G
     )
+
+
+@triton.jit
+def _kv4_key_channels_write_kernel(
+    k_ptr, kc_ptr, ks_ptr, ko_ptr, kr_ptr, pos_ptr, Sn, S,
+    stride_kb, stride_kh, stride_ks, stride_kd, stride_cb, stride_ch, stride_sb, stride_sh,
+    stride_rb, stride_rh,
+    HKV: tl.constexpr, D: tl.constexpr, T: tl.constexpr,
+):  # fmt: skip
+    # Keys per channel over groups of T tokens, new keys at [p0, p0 + Sn) (consecutive,
+    # p0 = positions[0], read here so a CUDA graph replays any position). One program per
+    # (batch, KV head, group the write touches): a group the write completes is quantized
+    # per channel from its T tokens (the residual's earlier ones, the new ones rounded to the
+    # residual's dtype first, as `qcompile.quant.kv4.write_keys_per_channel_`), codes and
+    # scales stored; an incomplete one only gets the new tokens in its residual slots.
+    pid_bh = tl.program_id(0)
+    b = pid_bh // HKV
+    h = pid_bh % HKV
+    p0 = tl.load(pos_ptr).to(tl.int32)
+    p1 = tl.minimum(p0 + Sn, S)  # positions past the cache are dropped
+    g = p0 // T + tl.program_id(1)
+    lo = g * T
+    if lo < p1:
+        idx = lo + tl.arange(0, T)  # [T] positions of the group
+        d = tl.arange(0, D)
+        res_ptrs = kr_ptr + b * stride_rb + h * stride_rh + (idx - lo)[:, None] * D + d[None, :]
+        is_new = (idx >= p0) & (idx < p1)
+        new = tl.load(k_ptr + b * stride_kb + h * stride_kh + (idx - p0)[:, None] * stride_ks
+                      + d[None, :] * stride_kd, mask=is_new[:, None], other=0.0)  # fmt: skip
+        new = new.to(kr_ptr.dtype.element_ty)
+        if lo + T <= p1:
+            old = tl.load(res_ptrs, mask=(idx < p0)[:, None], other=0.0)
+            x = tl.where(is_new[:, None], new, old).to(tl.float32)  # [T, D]
+            lo_c = tl.min(x, axis=0)
+            hi_c = tl.max(x, axis=0)
+            scale = tl.maximum(tl.math.div_rn(hi_c - lo_c, 15.0), _MIN_SCALE).to(tl.float16)
+            offset = lo_c.to(tl.float16)
+            v = tl.math.div_rn(x - offset.to(tl.float32)[None, :], scale.to(tl.float32)[None, :])
+            codes = tl.minimum(tl.maximum(tl.floor(v + 0.5), 0.0), 15.0).to(tl.int32)
+            even, odd = tl.split(tl.reshape(codes, (T, D // 2, 2)))
+            half = tl.arange(0, D // 2)
+            tl.store(kc_ptr + b * stride_cb + h * stride_ch + idx[:, None] * (D // 2)
+                     + half[None, :], (even | (odd << 4)).to(tl.uint8))  # fmt: skip
+            group_ptr = b * stride_sb + h * stride_sh + g * D + d
+            tl.store(ks_ptr + group_ptr, scale)
+            tl.store(ko_ptr + group_ptr, offset)
+        else:
+            tl.store(res_ptrs, new, mask=is_new[:, None])
 
 
 # --------------------------------------------------------------------------- configs
@@ -512,18 +608,21 @@ _KINDS = ("decode", "decode_grouped", "prefill", "prefill_grouped")
 _ONE_GROUP_KINDS = ("decode", "prefill")
 
 
-def valid_config(cfg: KernelConfig, rows: int, groups: int = 1) -> bool:
+def valid_config(cfg: KernelConfig, rows: int, groups: int = 1, key_tokens: int = 0) -> bool:
     """Power-of-two tiles, BLOCK_M >= 16 (tl.dot's minimum), BLOCK_N >= 32, decode tiles
     holding every row, "decode" only for one group per head. BLOCK_N = 16 computes wrong
     attention on the H100 with Triton 3.6 (rel. error 2.7-5.5 at any BLOCK_M, warps or
     stages, `benchmarks/probe_kv4_prefill.py`) while the interpreter gets it right, so no
-    config may use it."""
+    config may use it. Keys per channel over `key_tokens` tokens: "decode"/"prefill" with
+    BLOCK_N dividing key_tokens."""
     if cfg.kernel not in _KINDS:
         return False
     if not (_pow2(cfg.block_m) and _pow2(cfg.block_n)) or cfg.block_m < 16 or cfg.block_n < 32:
         return False
     if cfg.kernel in _ONE_GROUP_KINDS and groups != 1:
         return False
+    if key_tokens and (cfg.kernel not in _ONE_GROUP_KINDS or key_tokens % cfg.block_n):
+        return False  # keys per channel: the 2-D kernel, tiles within one group of tokens
     if cfg.kernel.startswith("decode"):
         return cfg.block_m >= rows and cfg.split_k >= 1
     return cfg.split_k == 1
@@ -535,11 +634,13 @@ _SPLIT_PROGRAM_TARGET = 4 * 132
 
 
 def candidate_configs(
-    b: int, hkv: int, sq: int, gqa: int, s: int, groups: int = 1
+    b: int, hkv: int, sq: int, gqa: int, s: int, groups: int = 1, key_tokens: int = 0
 ) -> list[KernelConfig]:
-    """What autotuning tries for one (rows, head_dim, S bucket, group, dtype, B * Hkv)."""
+    """What autotuning tries for one (rows, head_dim, S bucket, group, dtype, B * Hkv);
+    keys per channel cap BLOCK_N at their group of `key_tokens` tokens."""
     rows = sq * gqa
     out: list[KernelConfig] = []
+    cap = key_tokens or 1 << 30
     if rows <= 64:
         bm = decode_rows(sq, gqa)
         programs = b * hkv
@@ -547,11 +648,13 @@ def candidate_configs(
             if split > 1 and (programs * split // 2 >= _SPLIT_PROGRAM_TARGET or s < split * 64):
                 continue
             for bn, warps, stages in _DECODE_TILES[decode_kind(groups)]:
+                bn = min(bn, cap)
                 out.append(KernelConfig(decode_kind(groups), bm, bn, 0, split, warps, stages))
     if sq > 1:
         for bm, bn, warps, stages in _PREFILL_TILES[prefill_kind(groups)]:
-            out.append(KernelConfig(prefill_kind(groups), bm, bn, 0, 1, warps, stages))
-    return [c for c in out if valid_config(c, rows, groups)]
+            out.append(KernelConfig(prefill_kind(groups), bm, min(bn, cap), 0, 1, warps, stages))
+    out = list(dict.fromkeys(out))  # capping BLOCK_N can repeat a config
+    return [c for c in out if valid_config(c, rows, groups, key_tokens)]
 
 
 # (BLOCK_M, BLOCK_N, warps, stages) per prefill kernel
@@ -581,20 +684,23 @@ _DECODE_TILES = {
 }
 
 
-def default_config(b: int, hkv: int, sq: int, gqa: int, s: int, groups: int = 1) -> KernelConfig:
+def default_config(
+    b: int, hkv: int, sq: int, gqa: int, s: int, groups: int = 1, key_tokens: int = 0
+) -> KernelConfig:
     """Used without tuning (QCOMPILE_AUTOTUNE=0, CUDA-graph capture): valid for every shape."""
     rows = sq * gqa
+    bn = min(64, key_tokens or 64)
     if rows <= 64 and groups == 1:  # one-warp programs, ~8 per SM, >= 512 keys each
         split = 1
         while split < 128 and b * hkv * split * 2 <= 8 * 132 and s >= split * 2 * 512:
             split *= 2
-        return KernelConfig("decode", decode_rows(sq, gqa), 64, 0, split, 1, 3)
+        return KernelConfig("decode", decode_rows(sq, gqa), bn, 0, split, 1, 3)
     if rows <= 64:
         split = 1
         while split < 64 and b * hkv * split * 2 <= 2 * 132 and s >= split * 2 * 256:
             split *= 2
         return KernelConfig("decode_grouped", decode_rows(sq, gqa), 64, 0, split, 4, 2)
-    return KernelConfig(prefill_kind(groups), 64, 64, 0, 1, 4, 2)
+    return KernelConfig(prefill_kind(groups), 64, bn, 0, 1, 4, 2)
 
 
 # --------------------------------------------------------------------------- launchers
@@ -647,15 +753,18 @@ def launch_attention(
     mask: torch.Tensor | None,
     is_causal: bool,
     scale: float,
+    k_residual: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Run one config: query [B, Hq, Sq, D] (any strides) -> out [B, Hq, Sq, D] contiguous.
 
-    The packed cache tensors must be contiguous (the op checks)."""
+    The packed cache tensors must be contiguous (the op checks). With `k_residual` the keys
+    are stored per channel (one-group kernels only, BLOCK_N dividing T)."""
     b, hq, sq, d = query.shape
     hkv, s = k_codes.shape[1], k_codes.shape[2]
     gqa = hq // hkv
-    g = d // k_scales.shape[-1]
+    g = d // v_scales.shape[-1]
+    key_tokens = 0 if k_residual is None else k_residual.shape[2]
     if out is None:
         out = torch.empty((b, hq, sq, d), device=query.device, dtype=query.dtype)
     elif not out.is_contiguous():
@@ -671,23 +780,31 @@ def launch_attention(
                 f"kv4 {cfg.kernel} kernel: needs one group per head and a 16-bit query, got "
                 f"G={g}, D={d}, {query.dtype}; use a {cfg.kernel}_grouped config"
             )
+        if key_tokens and key_tokens % cfg.block_n:
+            raise ValueError(
+                f"kv4 {cfg.kernel} kernel: BLOCK_N={cfg.block_n} does not divide the "
+                f"{key_tokens} tokens of a per-channel key group; use BLOCK_N <= {key_tokens}"
+            )
         # Self-reduce up to 8 splits; past that the last program's combine (a chain of
         # 4-split loads from L2) outlasts a second launch (H100: B=1, S=8k, split 16 took
         # 19.4 us self-reduced, 14.8 us with `_kv4_split_reduce_kernel`).
         reduce_here = 1 < split <= _SELF_REDUCE_SPLITS and b * hkv <= _COUNTERS
         counters = _tile_counters(query.device) if reduce_here else None
+        residual = k_residual if k_residual is not None else k_scales
         _kv4_decode_kernel[(b * hkv, split, triton.cdiv(sq * gqa, cfg.block_m))](
             query, k_codes, k_scales, k_offsets, v_codes, v_scales, v_offsets, lens_arg,
-            mask_arg, target, lse, out, counters if counters is not None else lse, sq, s,
-            rows_total, scale * _LOG2E,
+            mask_arg, target, lse, out, counters if counters is not None else lse, residual,
+            sq, s, rows_total, scale * _LOG2E,
             *query.stride(), k_codes.stride(0), k_codes.stride(1),
-            k_scales.stride(0), k_scales.stride(1),
+            v_scales.stride(0), v_scales.stride(1),
             seq_lens.stride(0) if seq_lens is not None else 0, *mask_strides,
+            k_scales.stride(0), k_scales.stride(1), residual.stride(0), residual.stride(1),
             HKV=hkv, GQA=gqa, D=d, Q_BIAS_BITS=_Q_BIAS[query.dtype],
             HAS_LENS=seq_lens is not None, IS_CAUSAL=is_causal,
             MASK_KIND=mask_kind, WRITE_PARTIAL=split > 1, BLOCK_M=cfg.block_m,
             BLOCK_N=cfg.block_n, ASM=not _interpreting(), SELF_REDUCE=counters is not None,
-            FOLD_UNIT=_FOLD_UNIT, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            FOLD_UNIT=_FOLD_UNIT, KEY_TOKENS=key_tokens, num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
         )  # fmt: skip
         if counters is None:
             reduce_splits(target, lse, out)
@@ -703,17 +820,24 @@ def launch_attention(
         MASK_KIND=mask_kind, WRITE_PARTIAL=split > 1, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
+    if key_tokens:
+        raise ValueError(f"kv4 {cfg.kernel} kernel: keys per channel need a one-group kernel")
     reduce_splits(target, lse, out)
     return out
 
 
-def tune_key(query: torch.Tensor, k_codes: torch.Tensor, k_scales: torch.Tensor) -> TuneKey:
-    """TuneKey(family, m_bucket(Sq * Hq/Hkv rows), N=D, K=S bucket, G, dtype, B * Hkv bucket)."""
+def tune_key(
+    query: torch.Tensor, k_codes: torch.Tensor, v_scales: torch.Tensor, key_tokens: int = 0
+) -> TuneKey:
+    """TuneKey(family, m_bucket(Sq * Hq/Hkv rows), N=D, K=S bucket, G, dtype, B * Hkv bucket);
+    keys per channel over T tokens are their own families ("kv4_decode_k64", ...)."""
     b, hq, sq, d = query.shape
     hkv, s = k_codes.shape[1], k_codes.shape[2]
     family = DECODE_FAMILY if sq * (hq // hkv) <= 64 else PREFILL_FAMILY
+    if key_tokens:
+        family += f"_k{key_tokens}"
     return TuneKey(
-        family, m_bucket(sq * (hq // hkv)), d, seq_bucket(s), d // k_scales.shape[-1],
+        family, m_bucket(sq * (hq // hkv)), d, seq_bucket(s), d // v_scales.shape[-1],
         str(query.dtype).removeprefix("torch."), m_bucket(b * hkv),
     )  # fmt: skip
 
@@ -730,22 +854,24 @@ def kv4_attention_cuda(
     mask: torch.Tensor | None,
     is_causal: bool,
     scale: float,
+    k_residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The op's CUDA path: the tuned config of this shape, then `launch_attention`."""
     b, hq, sq, _ = query.shape
     hkv, s = k_codes.shape[1], k_codes.shape[2]
     gqa = hq // hkv
-    groups = k_scales.shape[-1]
+    groups = v_scales.shape[-1]
+    kt = 0 if k_residual is None else k_residual.shape[2]
     args = (query, k_codes, k_scales, k_offsets, v_codes, v_scales, v_offsets, seq_lens, mask)
-    key = tune_key(query, k_codes, k_scales)
+    key = tune_key(query, k_codes, v_scales, kt)
     cfg = autotuner(query.device.index or 0).get(
         key,
-        lambda: candidate_configs(b, hkv, sq, gqa, s, groups),
-        lambda c: time_us(lambda: launch_attention(c, *args, is_causal, scale)),
-        lambda: default_config(b, hkv, sq, gqa, s, groups),
-        valid=lambda c: valid_config(c, sq * gqa, groups),
+        lambda: candidate_configs(b, hkv, sq, gqa, s, groups, kt),
+        lambda c: time_us(lambda: launch_attention(c, *args, is_causal, scale, k_residual)),
+        lambda: default_config(b, hkv, sq, gqa, s, groups, kt),
+        valid=lambda c: valid_config(c, sq * gqa, groups, kt),
     )
-    return launch_attention(cfg, *args, is_causal, scale)
+    return launch_attention(cfg, *args, is_causal, scale, k_residual)
 
 
 def kv4_cache_write_cuda(
@@ -759,15 +885,28 @@ def kv4_cache_write_cuda(
     v_offsets: torch.Tensor,
     positions: torch.Tensor,
     block_t: int = 16,
+    k_residual: torch.Tensor | None = None,
 ) -> None:
-    """Quantize key/value [B, Hkv, Sn, D] (any strides) into the cache at `positions`."""
+    """Quantize key/value [B, Hkv, Sn, D] (any strides) into the cache at `positions`
+    (consecutive for keys per channel, i.e. with `k_residual`)."""
     b, hkv, sn, d = key.shape
-    g = d // k_scales.shape[-1]
+    g = d // v_scales.shape[-1]
     grid = (b * hkv, triton.cdiv(sn, block_t))
     _kv4_cache_write_kernel[grid](
         key, value, k_codes, k_scales, k_offsets, v_codes, v_scales, v_offsets, positions, sn,
         k_codes.shape[2],
-        *key.stride(), *value.stride(), k_codes.stride(0), k_codes.stride(1),
-        k_scales.stride(0), k_scales.stride(1),
-        HKV=hkv, D=d, G=g, BLOCK_T=block_t, num_warps=4,
+        *key.stride(), *value.stride(), v_codes.stride(0), v_codes.stride(1),
+        v_scales.stride(0), v_scales.stride(1),
+        HKV=hkv, D=d, G=g, BLOCK_T=block_t, WRITE_K=k_residual is None, num_warps=4,
+    )  # fmt: skip
+    if k_residual is None:
+        return
+    t = k_residual.shape[2]
+    # Sn consecutive tokens touch at most cdiv(Sn - 1, T) + 1 groups (fixed for a CUDA graph)
+    groups = triton.cdiv(sn - 1, t) + 1
+    _kv4_key_channels_write_kernel[(b * hkv, groups)](
+        key, k_codes, k_scales, k_offsets, k_residual, positions, sn, k_codes.shape[2],
+        *key.stride(), k_codes.stride(0), k_codes.stride(1), k_scales.stride(0),
+        k_scales.stride(1), k_residual.stride(0), k_residual.stride(1),
+        HKV=hkv, D=d, T=t, num_warps=4 if t * d <= 8192 else 8,
     )  # fmt: skip

@@ -1,11 +1,15 @@
 """KV4 ops: attention that reads a packed int4 K/V cache, and quantize-on-write into it.
 
 * `qcompile::kv4_attention(query, k_codes, k_scales, k_offsets, v_codes, v_scales, v_offsets,
-  seq_lens, mask, is_causal, scale)`: softmax(Q K^T * scale + mask) V with K and V in the layout
-  of `qcompile.quant.kv4`, grouped-query attention by shape (Hq a multiple of Hkv).
-* `qcompile::kv4_cache_write(key, value, <the six cache tensors>, positions)`: quantize new
-  K/V [B, Hkv, Sn, D] and store them at `positions` along S, in place.
-* `qcompile::kv4_dequantize(codes, scales, offsets, dtype)`: the plain [B, H, S, D] tensor;
+  seq_lens, mask, is_causal, scale, k_residual=None)`: softmax(Q K^T * scale + mask) V with K
+  and V in the layout of `qcompile.quant.kv4`, grouped-query attention by shape (Hq a
+  multiple of Hkv). With `k_residual` [B, Hkv, T, D], K is stored per channel over T tokens
+  (k_scales [B, Hkv, ceil(S / T), D]); the last incomplete group is read from the residual.
+* `qcompile::kv4_cache_write(key, value, <the six cache tensors>, positions, k_residual=None)`:
+  quantize new K/V [B, Hkv, Sn, D] and store them at `positions` along S, in place. Keys per
+  channel need consecutive positions (the write of one step or one prompt).
+* `qcompile::kv4_dequantize(codes, scales, offsets, dtype, residual=None, length=None)`: the
+  plain [B, H, S, D] tensor;
   what a KV4 cache returns to attention code that cannot read int4 (SDPA, eager), and what
   the attention pass folds away when it rewrites that attention into `kv4_attention`.
 
@@ -27,7 +31,13 @@ import math
 import torch
 
 from qcompile.config import KVScheme
-from qcompile.quant.kv4 import SCALE_DTYPE, PackedKV4, dequantize_kv4, quantize_kv4
+from qcompile.quant.kv4 import (
+    SCALE_DTYPE,
+    PackedKV4,
+    dequantize_kv4,
+    quantize_kv4,
+    write_keys_per_channel_,
+)
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 KERNEL_HEAD_DIMS = (64, 128)
@@ -64,6 +74,40 @@ def check_kv4_cache(
     return d // groups
 
 
+def check_kv4_keys_per_channel(
+    codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, residual: torch.Tensor
+) -> int:
+    """Layout contract of K stored per channel over T tokens; returns T."""
+    if codes.dim() != 4 or codes.dtype != torch.uint8:
+        raise ValueError(
+            f"qcompile.kv4: k_codes must be [B, H, S, D/2] uint8, got {tuple(codes.shape)} "
+            f"{codes.dtype}"
+        )
+    b, h, s, half = codes.shape
+    if residual.dim() != 4 or not residual.dtype.is_floating_point:
+        raise ValueError(
+            f"qcompile.kv4: k_residual must be [B, H, T, D] float, got {tuple(residual.shape)} "
+            f"{residual.dtype}"
+        )
+    t = residual.shape[2]
+    if tuple(residual.shape) != (b, h, t, 2 * half) or t < 1 or t & (t - 1):
+        raise ValueError(
+            f"qcompile.kv4: k_residual {tuple(residual.shape)} must be [B={b}, H={h}, T, "
+            f"D={2 * half}] with T a power of two"
+        )
+    want = (b, h, -(-s // t), 2 * half)
+    for part, x in (("scales", scales), ("offsets", offsets)):
+        if tuple(x.shape) != want or x.dtype != SCALE_DTYPE:
+            raise ValueError(
+                f"qcompile.kv4: k_{part} of keys per channel over T={t} tokens must be "
+                f"[B, H, ceil(S / T), D] = {want} float16, got {tuple(x.shape)} {x.dtype}"
+            )
+    for part, x in (("codes", codes), ("scales", scales), ("offsets", offsets), ("residual", residual)):  # fmt: skip
+        if not x.is_contiguous():
+            raise ValueError(f"qcompile.kv4: k_{part} must be contiguous")
+    return t
+
+
 def check_kv4_attention_args(
     query: torch.Tensor,
     k_codes: torch.Tensor,
@@ -74,9 +118,13 @@ def check_kv4_attention_args(
     v_offsets: torch.Tensor,
     seq_lens: torch.Tensor | None,
     mask: torch.Tensor | None,
+    k_residual: torch.Tensor | None = None,
 ) -> None:
     """Shape/dtype contract of `kv4_attention`; raises ValueError saying what is wrong."""
-    check_kv4_cache("k", k_codes, k_scales, k_offsets)
+    if k_residual is None:
+        check_kv4_cache("k", k_codes, k_scales, k_offsets)
+    else:
+        check_kv4_keys_per_channel(k_codes, k_scales, k_offsets, k_residual)
     check_kv4_cache("v", v_codes, v_scales, v_offsets)
     if query.dim() != 4 or not query.dtype.is_floating_point:
         raise ValueError(
@@ -148,17 +196,24 @@ def kv4_attention_reference(
     mask: torch.Tensor | None,
     is_causal: bool,
     scale: float,
+    k_residual: torch.Tensor | None = None,
     compute_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Dequantize K and V, repeat them for the query heads, plain softmax attention."""
     check_kv4_attention_args(
-        query, k_codes, k_scales, k_offsets, v_codes, v_scales, v_offsets, seq_lens, mask
-    )
+        query, k_codes, k_scales, k_offsets, v_codes, v_scales, v_offsets, seq_lens, mask,
+        k_residual,
+    )  # fmt: skip
     b, hq, sq, _ = query.shape
     hkv, s = k_codes.shape[1], k_codes.shape[2]
-    g = _group_size(k_codes, k_scales)
-    k = dequantize_kv4(PackedKV4(k_codes, k_scales, k_offsets, g), compute_dtype)
-    v = dequantize_kv4(PackedKV4(v_codes, v_scales, v_offsets, g), compute_dtype)
+    if k_residual is None:
+        keys = PackedKV4(k_codes, k_scales, k_offsets, _group_size(k_codes, k_scales))
+    else:
+        keys = PackedKV4(k_codes, k_scales, k_offsets, 1, residual=k_residual)
+    k = dequantize_kv4(keys, compute_dtype, seq_lens)
+    v = dequantize_kv4(
+        PackedKV4(v_codes, v_scales, v_offsets, _group_size(v_codes, v_scales)), compute_dtype
+    )
     k = k.repeat_interleave(hq // hkv, dim=1)
     v = v.repeat_interleave(hq // hkv, dim=1)
     scores = (query.to(compute_dtype) @ k.transpose(-1, -2)) * scale
@@ -186,33 +241,44 @@ def kv4_attention(
     mask: torch.Tensor | None,
     is_causal: bool,
     scale: float,
+    k_residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """query [B, Hq, Sq, D] attending over packed int4 K/V [B, Hkv, S, D] -> [B, Hq, Sq, D]."""
     return kv4_attention_reference(
         query, k_codes, k_scales, k_offsets, v_codes, v_scales, v_offsets, seq_lens, mask,
-        is_causal, scale,
+        is_causal, scale, k_residual,
     )  # fmt: skip
 
 
 @kv4_attention.register_fake
-def _(query, k_codes, k_scales, k_offsets, v_codes, v_scales, v_offsets, seq_lens, mask, *_):
+def _(query, k_codes, k_scales, k_offsets, v_codes, v_scales, v_offsets, seq_lens, mask,
+      is_causal, scale, k_residual=None):  # fmt: skip
     check_kv4_attention_args(
-        query, k_codes, k_scales, k_offsets, v_codes, v_scales, v_offsets, seq_lens, mask
-    )
+        query, k_codes, k_scales, k_offsets, v_codes, v_scales, v_offsets, seq_lens, mask,
+        k_residual,
+    )  # fmt: skip
     return torch.empty_like(query, memory_format=torch.contiguous_format)
 
 
 @kv4_attention.register_kernel("cuda")
-def _(query, k_codes, k_scales, k_offsets, v_codes, v_scales, v_offsets, seq_lens, mask, is_causal, scale):  # fmt: skip
+def _(query, k_codes, k_scales, k_offsets, v_codes, v_scales, v_offsets, seq_lens, mask,
+      is_causal, scale, k_residual=None):  # fmt: skip
     args = (query, k_codes, k_scales, k_offsets, v_codes, v_scales, v_offsets, seq_lens, mask)
-    check_kv4_attention_args(*args)
-    if query.dtype not in KERNEL_DTYPES or query.shape[-1] not in KERNEL_HEAD_DIMS:
+    check_kv4_attention_args(*args, k_residual)
+    kernel_ok = query.dtype in KERNEL_DTYPES and query.shape[-1] in KERNEL_HEAD_DIMS
+    if k_residual is not None:  # the 2-D kernel: one V group per head, T >= its tiles
+        kernel_ok &= (
+            v_scales.shape[-1] == 1
+            and k_residual.shape[2] >= 32
+            and k_residual.dtype == query.dtype
+        )
+    if not kernel_ok:
         # The pass and the attention function never emit this; a hand-built call gets the
         # reference math, not an error.
-        return kv4_attention_reference(*args, is_causal, scale)
+        return kv4_attention_reference(*args, is_causal, scale, k_residual)
     from qcompile.lowering.kv4_attention import kv4_attention_cuda
 
-    return kv4_attention_cuda(*args, is_causal, scale)
+    return kv4_attention_cuda(*args, is_causal, scale, k_residual)
 
 
 def check_kv4_cache_write_args(
@@ -225,10 +291,16 @@ def check_kv4_cache_write_args(
     v_scales: torch.Tensor,
     v_offsets: torch.Tensor,
     positions: torch.Tensor,
+    k_residual: torch.Tensor | None = None,
 ) -> int:
-    """Contract of `kv4_cache_write`; returns the group size."""
-    g = check_kv4_cache("k", k_codes, k_scales, k_offsets)
-    if check_kv4_cache("v", v_codes, v_scales, v_offsets) != g or v_codes.shape != k_codes.shape:
+    """Contract of `kv4_cache_write`; returns V's group size."""
+    g = check_kv4_cache("v", v_codes, v_scales, v_offsets)
+    if k_residual is None:
+        same = check_kv4_cache("k", k_codes, k_scales, k_offsets) == g
+    else:
+        check_kv4_keys_per_channel(k_codes, k_scales, k_offsets, k_residual)
+        same = True
+    if not same or v_codes.shape != k_codes.shape:
         raise ValueError("qcompile.kv4_cache_write: the K and V caches differ in shape")
     b, h, _, half = k_codes.shape
     for name, t in (("key", key), ("value", value)):
@@ -248,14 +320,30 @@ def check_kv4_cache_write_args(
 
 
 def kv4_cache_write_reference(
-    key, value, k_codes, k_scales, k_offsets, v_codes, v_scales, v_offsets, positions
-) -> None:
-    """quantize_kv4, then index_copy_ into the cache along S."""
+    key, value, k_codes, k_scales, k_offsets, v_codes, v_scales, v_offsets, positions,
+    k_residual=None,
+) -> None:  # fmt: skip
+    """quantize_kv4, then index_copy_ into the cache along S (keys per channel:
+    `write_keys_per_channel_` at the first position)."""
     g = check_kv4_cache_write_args(
-        key, value, k_codes, k_scales, k_offsets, v_codes, v_scales, v_offsets, positions
-    )
+        key, value, k_codes, k_scales, k_offsets, v_codes, v_scales, v_offsets, positions,
+        k_residual,
+    )  # fmt: skip
     pos = positions.to(k_codes.device).long()
-    for x, caches in ((key, (k_codes, k_scales, k_offsets)), (value, (v_codes, v_scales, v_offsets))):  # fmt: skip
+    writes = [(value, (v_codes, v_scales, v_offsets))]
+    if k_residual is None:
+        writes.append((key, (k_codes, k_scales, k_offsets)))
+    elif pos.numel():
+        start = int(pos[0])
+        if not torch.equal(pos, torch.arange(start, start + pos.numel(), device=pos.device)):
+            raise ValueError(
+                "qcompile.kv4_cache_write: keys per channel need consecutive positions "
+                f"(one step or one prompt), got {pos.tolist()[:8]}..."
+            )
+        write_keys_per_channel_(
+            key.to(k_codes.device), k_codes, k_scales, k_offsets, k_residual, start
+        )
+    for x, caches in writes:
         packed = quantize_kv4(x, KVScheme(group_size=g))
         for cache, new in zip(caches, (packed.codes, packed.scales, packed.offsets), strict=True):
             cache.index_copy_(2, pos, new.to(cache.device))
@@ -263,8 +351,10 @@ def kv4_cache_write_reference(
 
 @torch.library.custom_op(
     "qcompile::kv4_cache_write",
-    mutates_args=("k_codes", "k_scales", "k_offsets", "v_codes", "v_scales", "v_offsets"),
-)
+    mutates_args=(
+        "k_codes", "k_scales", "k_offsets", "v_codes", "v_scales", "v_offsets", "k_residual",
+    ),
+)  # fmt: skip
 def kv4_cache_write(
     key: torch.Tensor,
     value: torch.Tensor,
@@ -275,41 +365,58 @@ def kv4_cache_write(
     v_scales: torch.Tensor,
     v_offsets: torch.Tensor,
     positions: torch.Tensor,
+    k_residual: torch.Tensor | None = None,
 ) -> None:
     """Quantize key/value [B, Hkv, Sn, D] into the packed cache at S = positions, in place."""
     kv4_cache_write_reference(
-        key, value, k_codes, k_scales, k_offsets, v_codes, v_scales, v_offsets, positions
-    )
+        key, value, k_codes, k_scales, k_offsets, v_codes, v_scales, v_offsets, positions,
+        k_residual,
+    )  # fmt: skip
 
 
 @kv4_cache_write.register_fake
-def _(key, value, k_codes, k_scales, k_offsets, v_codes, v_scales, v_offsets, positions):
+def _(key, value, k_codes, k_scales, k_offsets, v_codes, v_scales, v_offsets, positions,
+      k_residual=None):  # fmt: skip
     check_kv4_cache_write_args(
-        key, value, k_codes, k_scales, k_offsets, v_codes, v_scales, v_offsets, positions
-    )
+        key, value, k_codes, k_scales, k_offsets, v_codes, v_scales, v_offsets, positions,
+        k_residual,
+    )  # fmt: skip
 
 
 @kv4_cache_write.register_kernel("cuda")
-def _(key, value, k_codes, k_scales, k_offsets, v_codes, v_scales, v_offsets, positions):
+def _(key, value, k_codes, k_scales, k_offsets, v_codes, v_scales, v_offsets, positions,
+      k_residual=None):  # fmt: skip
     args = (key, value, k_codes, k_scales, k_offsets, v_codes, v_scales, v_offsets, positions)
-    check_kv4_cache_write_args(*args)
+    check_kv4_cache_write_args(*args, k_residual)
     if key.shape[2] == 0:
         return
     from qcompile.lowering.kv4_attention import kv4_cache_write_cuda
 
-    kv4_cache_write_cuda(*args)
+    kv4_cache_write_cuda(*args, k_residual=k_residual)
 
 
 @torch.library.custom_op("qcompile::kv4_dequantize", mutates_args=())
 def kv4_dequantize(
-    codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, dtype: torch.dtype
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    offsets: torch.Tensor,
+    dtype: torch.dtype,
+    residual: torch.Tensor | None = None,
+    length: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Packed [B, H, S, D/2] -> [B, H, S, D] in `dtype` (float32 math; any device)."""
-    g = check_kv4_cache("kv", codes, scales, offsets)
-    return dequantize_kv4(PackedKV4(codes, scales, offsets, g), dtype)
+    """Packed [B, H, S, D/2] -> [B, H, S, D] in `dtype` (float32 math; any device). Keys per
+    channel: with `residual`, and `length` (0-d, tokens written; default S)."""
+    if residual is None:
+        g = check_kv4_cache("kv", codes, scales, offsets)
+        return dequantize_kv4(PackedKV4(codes, scales, offsets, g), dtype)
+    check_kv4_keys_per_channel(codes, scales, offsets, residual)
+    return dequantize_kv4(PackedKV4(codes, scales, offsets, 1, length, residual=residual), dtype)
 
 
 @kv4_dequantize.register_fake
-def _(codes, scales, offsets, dtype):
-    check_kv4_cache("kv", codes, scales, offsets)
+def _(codes, scales, offsets, dtype, residual=None, length=None):
+    if residual is None:
+        check_kv4_cache("kv", codes, scales, offsets)
+    else:
+        check_kv4_keys_per_channel(codes, scales, offsets, residual)
     return codes.new_empty((*codes.shape[:3], 2 * codes.shape[3]), dtype=dtype)

@@ -14,7 +14,9 @@ have Sq == S (SDPA's causal mask is top-left aligned, the op's bottom-right; equ
 Sq == S), and the scale a constant.
 Rewrite: `kv4_attention(q, k codes/scales/offsets, v codes/scales/offsets, None, mask,
 is_causal, scale)`; the dequantize and repeat nodes die with their last use, so fp16 K/V
-are never materialized.
+are never materialized. Keys stored per channel (`KVScheme.key_tokens`; their dequantize
+carries the residual and the written length) add `seq_lens = length` and `k_residual`;
+read through a prefix slice they are left alone (the residual's place depends on length).
 
 Without a KV4 cache there is nothing to read in 4 bits: the attention is recorded as
 "skipped" with the reason, and left as it was but for one rewrite
@@ -204,6 +206,8 @@ class KV4Source:
     tensors: tuple[Node, Node, Node]  # codes, scales, offsets
     n_rep: int  # repeat_kv factor (1: none; 0: not a constant)
     prefix: int | None  # only the first `prefix` positions are read (None: all)
+    residual: Node | None = None  # keys per channel: the residual and the written length
+    length: Node | None = None
 
 
 def kv4_source(node: Node) -> KV4Source | None:
@@ -213,7 +217,10 @@ def kv4_source(node: Node) -> KV4Source | None:
     if prefix is None:  # the slice may also come before the repeat
         base, prefix = strip_prefix_slice(base)
     if _is_call(base, KV4_DEQUANTIZE_TARGETS):
-        return KV4Source(tuple(base.args[:3]), n_rep, prefix)
+        extra = [*base.args[4:6]] + [None] * 2
+        residual = base.kwargs.get("residual", extra[0])
+        length = base.kwargs.get("length", extra[1])
+        return KV4Source(tuple(base.args[:3]), n_rep, prefix, residual, length)
     return None
 
 
@@ -235,6 +242,13 @@ def rewrite_problem(match: AttentionMatch, k: KV4Source, v: KV4Source) -> str | 
         return "K and V are repeated differently for grouped-query attention"
     if k.prefix != v.prefix:
         return "K and V are sliced differently"
+    if v.residual is not None:
+        return "V is read as keys stored per channel"
+    if k.residual is not None:
+        if k.prefix is not None or k.length is None:
+            return "keys per channel read through a slice or without their length"
+        if not isinstance((_shape(match.query) or (None,))[0], int):
+            return "keys per channel with a symbolic batch size"
     if k.prefix is not None and not isinstance((_shape(match.query) or (None,))[0], int):
         return "a sliced cache with a symbolic batch size"
     if match.form == "eager" and any(len(n.users) > 1 for n in match.private):
@@ -282,8 +296,11 @@ def _rewrite(gm: GraphModule, match: AttentionMatch, k: KV4Source, v: KV4Source)
             seq_lens = gm.graph.call_function(
                 torch.full, ((q_shape[0],), k.prefix), {"dtype": torch.int32, "device": device}
             )
+        if k.residual is not None:  # the residual's tokens start at length // T * T
+            one = gm.graph.call_method("view", (k.length, 1))
+            seq_lens = gm.graph.call_method("expand", (one, q_shape[0]))
         args = (match.query, *k.tensors, *v.tensors, seq_lens, match.mask, match.is_causal)
-        new = gm.graph.call_function(KV4_ATTENTION, (*args, float(scale)))
+        new = gm.graph.call_function(KV4_ATTENTION, (*args, float(scale), k.residual))
     new.meta.update({k: v for k, v in match.node.meta.items() if k != "example_value"})
     new.meta[_REWRITTEN] = True
     match.node.replace_all_uses_with(new)

@@ -21,6 +21,17 @@ Quantization is asymmetric min-max per group: scale = (max - min) / 15 rounded t
 below fp16's smallest subnormal), offset = min rounded to fp16, code = floor((x - offset) /
 scale + 0.5) clamped to [0, 15], computed in float32 from the stored (rounded) scale/offset.
 
+Keys per channel (`KVScheme.key_tokens` = T): K's codes keep the layout above, but a scale and
+offset cover one channel over T consecutive tokens (min-max over those T values, the same
+rounding as above):
+    scales:  [B, H, ceil(S / T), D] float16, offsets likewise
+             k[b, h, s, d] ~= code * scales[b, h, s // T, d] + offsets[b, h, s // T, d]
+    residual: [B, H, T, D] in the model's dtype: with L tokens written, the tokens of the
+             incomplete last group, positions [T * (L // T), L), sit at residual[..., s % T, :]
+             and their codes are not yet written.
+A group is quantized by the write that completes it, from the residual's (rounded) values
+and the new tokens, so writing a sequence at once or token by token stores the same codes.
+
 Key rotation (`KVScheme.rotate_keys`, as QuaRot does online for K): K is stored as K @ H with
 H the orthonormal Walsh-Hadamard matrix, and the query multiplied by H before attention; the
 scores are unchanged, while each rotated channel mixes all D channels, so a few outliers no
@@ -56,6 +67,8 @@ class PackedKV4:
     pre-allocated cache (positions >= length were never written); None means all S.
     rotation: [D, D] when K was stored rotated (K @ rotation, `KVScheme.rotate_keys`): the
     query must be read as query @ rotation. None for V and unrotated K.
+    residual: [B, H, T, D] for keys per channel (`KVScheme.key_tokens` = T; scales are then
+    [B, H, ceil(S / T), D] and group_size is 1): the incomplete last group, see above.
     """
 
     codes: torch.Tensor
@@ -64,6 +77,12 @@ class PackedKV4:
     group_size: int
     length: torch.Tensor | None = None
     rotation: torch.Tensor | None = None
+    residual: torch.Tensor | None = None
+
+    @property
+    def key_tokens(self) -> int:
+        """T of keys stored per channel over T tokens; 0 for groups along head_dim."""
+        return 0 if self.residual is None else self.residual.shape[2]
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -72,7 +91,8 @@ class PackedKV4:
         return b, h, s, 2 * half
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.codes, self.scales, self.offsets))
+        parts = (self.codes, self.scales, self.offsets, self.residual)
+        return sum(t.numel() * t.element_size() for t in parts if t is not None)
 
 
 def pack_int4_pairs(codes: torch.Tensor) -> torch.Tensor:
@@ -112,11 +132,92 @@ def quantize_kv4(
     return PackedKV4(pack_int4_pairs(codes), scales, offsets, g, length)
 
 
-def dequantize_kv4(packed: PackedKV4, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The [B, H, S, D] tensor the codes stand for, computed in float32, returned in `dtype`."""
+def dequantize_kv4(
+    packed: PackedKV4,
+    dtype: torch.dtype = torch.float32,
+    seq_lens: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The [B, H, S, D] tensor the codes stand for, computed in float32, returned in `dtype`.
+
+    Keys per channel: positions of the incomplete last group come from the residual, with
+    L = seq_lens[b] (default: `packed.length`, else S) tokens written in batch b."""
+    if packed.residual is not None:
+        return _dequantize_keys_per_channel(packed, dtype, seq_lens)
     codes = unpack_int4_pairs(packed.codes).float().unflatten(-1, (-1, packed.group_size))
     x = codes * packed.scales.float()[..., None] + packed.offsets.float()[..., None]
     return x.flatten(-2).to(dtype)
+
+
+def _dequantize_keys_per_channel(
+    packed: PackedKV4, dtype: torch.dtype, seq_lens: torch.Tensor | None
+) -> torch.Tensor:
+    b, _, s, _ = packed.shape
+    t = packed.key_tokens
+    codes = unpack_int4_pairs(packed.codes).float()
+    scales = packed.scales.float().repeat_interleave(t, dim=2)[:, :, :s]
+    offsets = packed.offsets.float().repeat_interleave(t, dim=2)[:, :, :s]
+    x = codes * scales + offsets
+    if seq_lens is None:
+        seq_lens = packed.length if packed.length is not None else torch.tensor(s)
+    lens = seq_lens.to(x.device).long().reshape(-1).expand(b)
+    slot = torch.arange(s, device=x.device)[None, :] - (lens // t * t)[:, None]  # [B, S]
+    from_residual = ((slot >= 0) & (slot < t))[:, None, :, None]
+    index = slot.clamp(0, t - 1)[:, None, :, None].expand_as(x)
+    tail = packed.residual.float().gather(2, index)
+    return torch.where(from_residual, tail, x).to(dtype)
+
+
+def write_keys_per_channel_(
+    key: torch.Tensor,
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    offsets: torch.Tensor,
+    residual: torch.Tensor,
+    start: int,
+) -> None:
+    """Store key [B, H, Sn, D] at positions [start, start + Sn) of a per-channel K cache, in
+    place: groups this write completes are quantized (from the residual's earlier tokens
+    and the new ones, both in the residual's dtype), the rest goes to the residual."""
+    t = residual.shape[2]
+    sn = key.shape[2]
+    end = start + sn
+    if start < 0 or end > codes.shape[2]:
+        raise ValueError(
+            f"qcompile.kv4: positions [{start}, {end}) do not fit the cache of {codes.shape[2]}"
+        )
+    new = key.to(residual.dtype)
+    for g in range(start // t, (end - 1) // t + 1 if sn else 0):
+        lo, hi = g * t, min(g * t + t, end)
+        first = max(lo, start)
+        if hi == g * t + t:  # complete: quantize the T tokens per channel
+            full = torch.cat(
+                (residual[:, :, : first - lo], new[:, :, first - start : hi - start]), 2
+            )
+            sc, off = fit_kv_groups(full.transpose(-1, -2), t)  # [B, H, D, 1]
+            sc, off = sc[..., 0], off[..., 0]
+            v = (full.float() - off.float()[:, :, None]) / sc.float()[:, :, None]
+            codes[:, :, lo:hi] = pack_int4_pairs(torch.floor(v + 0.5).clamp_(0, 15))
+            scales[:, :, g], offsets[:, :, g] = sc, off
+        else:
+            residual[:, :, first - lo : hi - lo] = new[:, :, first - start : hi - start]
+
+
+def quantize_kv4_keys_per_channel(
+    x: torch.Tensor, tokens: int, length: torch.Tensor | None = None
+) -> PackedKV4:
+    """Quantize keys `x` [B, H, S, D] per channel over groups of `tokens` tokens (the layout
+    above): complete groups to codes, the incomplete tail to the residual (dtype of x)."""
+    if x.dim() != 4:
+        raise ValueError(
+            f"quantize_kv4_keys_per_channel: expected [B, H, S, D], got {tuple(x.shape)}"
+        )
+    b, h, s, d = x.shape
+    codes = torch.zeros((b, h, s, d // 2), dtype=torch.uint8, device=x.device)
+    scales = torch.zeros((b, h, -(-s // tokens), d), dtype=SCALE_DTYPE, device=x.device)
+    offsets = torch.zeros_like(scales)
+    residual = torch.zeros((b, h, tokens, d), dtype=x.dtype, device=x.device)
+    write_keys_per_channel_(x, codes, scales, offsets, residual, 0)
+    return PackedKV4(codes, scales, offsets, 1, length, residual=residual)
 
 
 def hadamard_matrix(d: int, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
