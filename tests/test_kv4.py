@@ -1004,3 +1004,41 @@ def test_generate_on_cuda_with_cuda_graphs_and_memory():
     fp16, _keep1 = allocated(lambda: StaticCache(config=model.config, max_cache_len=4096))
     kv4, _keep2 = allocated(lambda: KV4Cache(model.config, 4096))
     assert kv4 <= 0.3 * fp16, (kv4, fp16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(("sq", "s"), [(1, 4100), (1, 32768), (300, 300)])
+def test_op_on_cuda_keys_per_channel_tunes_and_matches_float64(dtype, sq, s, monkeypatch):
+    """Keys per channel over 64 tokens through the op's CUDA path (autotuned), 32 query / 8 KV
+    heads, D=128, a residual tail (S % 64 = 4 or 44 tokens; 32k: all complete)."""
+    monkeypatch.setenv("QCOMPILE_AUTOTUNE", "1")
+    gen = torch.Generator().manual_seed(s + 1)
+    k = torch.randn(1, 8, s, 128, generator=gen)
+    k[..., [3, 77]] *= 20
+    keys = quantize_kv4_keys_per_channel(k.to(dtype), 64)
+    values = quantize_kv4(torch.randn(1, 8, s, 128, generator=gen), KVScheme())
+    q = torch.randn(1, 32, sq, 128, generator=gen).to(dtype)
+    problem = KV4Problem(q, keys, values, None, None, sq > 1, 128**-0.5)
+    cuda = [t.cuda() if isinstance(t, torch.Tensor) else t for t in problem.args()]
+    assert_close_rel(torch.ops.qcompile.kv4_attention(*cuda), problem.reference64(), dtype)
+
+
+@pytest.mark.gpu
+def test_generate_on_cuda_keys_per_channel_with_cuda_graphs():
+    """fp16 tiny Llama, keys per channel over 32 tokens: generate()'s compiled decode step
+    (Inductor, reduce-overhead, the write kernel reading its position on the device) gives
+    the eager tokens across group boundaries."""
+    model = enable_kv4_attention(tiny_llama(2, head_dim=128, num_key_value_heads=2)).half().cuda()
+    prompt = PROMPT.cuda()
+    scheme = KVScheme(group_size=128, key_tokens=32)
+
+    def run(cache, **kwargs):
+        return model.generate(
+            prompt, attention_mask=torch.ones_like(prompt), past_key_values=cache,
+            max_new_tokens=60, do_sample=False, **kwargs,
+        )  # fmt: skip
+
+    eager = run(KV4Cache(model.config, 96, scheme), disable_compile=True)
+    torch._dynamo.reset()
+    assert torch.equal(run(KV4Cache(model.config, 96, scheme)), eager)
