@@ -115,6 +115,50 @@ def compile_w4a8_variant(
     return triton.compile(src, target=TARGET, options={"num_warps": warps, "num_stages": stages})
 
 
+def _kv4_signature(fn, pointers: dict[str, str], consts: dict) -> tuple[dict, dict]:
+    """Signature and attrs of a KV4 kernel: pointers as given (default *fp16), other
+    non-constexpr arguments i32 (qk_scale fp32), all divisible by 16 (as at launch)."""
+    sig, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in consts:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            sig[name] = pointers.get(name, "*fp16")
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name == "qk_scale":
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+            if name not in ("Sq", "S", "Sn", "rows_total") and not name.endswith(("_qd", "_kd")):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return sig, attrs
+
+
+def compile_kv4_variant(kind: str, bm: int, bn: int, warps: int, stages: int, key_tokens: int = 0):
+    """A KV4 kernel for sm_90: "decode"/"prefill" (`_kv4_decode_kernel`, fp16 query, no mask,
+    split partials for decode; key_tokens > 0: keys per channel) or "key_write" (the
+    per-channel key write kernel, T = key_tokens)."""
+    from qcompile.lowering import kv4_attention as kv4
+
+    if kind == "key_write":
+        fn = kv4._kv4_key_channels_write_kernel
+        consts = {"HKV": 8, "D": 128, "T": key_tokens}
+        pointers = {"kc_ptr": "*u8", "pos_ptr": "*i64"}
+    else:
+        fn = kv4._kv4_decode_kernel
+        consts = {
+            "HKV": 8, "GQA": 4, "D": 128, "Q_BIAS_BITS": 0x6400, "HAS_LENS": True,
+            "IS_CAUSAL": kind == "prefill", "MASK_KIND": 0, "WRITE_PARTIAL": kind == "decode",
+            "BLOCK_M": bm, "BLOCK_N": bn, "ASM": True, "SELF_REDUCE": kind == "decode",
+            "FOLD_UNIT": True, "KEY_TOKENS": key_tokens,
+        }  # fmt: skip
+        pointers = {"kc_ptr": "*u8", "vc_ptr": "*u8", "lens_ptr": "*i32", "mask_ptr": "*fp16",
+                    "out_ptr": "*fp32", "lse_ptr": "*fp32", "cnt_ptr": "*i32"}  # fmt: skip
+    sig, attrs = _kv4_signature(fn, pointers, consts)
+    src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
+    return triton.compile(src, target=TARGET, options={"num_warps": warps, "num_stages": stages})
+
+
 def _tool(name: str, kernel, *args: str) -> str:
     path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:

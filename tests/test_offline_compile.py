@@ -37,10 +37,17 @@ W4A8 = [  # kind, BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, fp8 activations
     ("gemm_planes", 16, 64, 256, 4, 2, False),
     ("gemm_planes", 128, 128, 256, 8, 2, False),  # a large-M candidate
 ]
+KV4 = [  # kind, BLOCK_M, BLOCK_N, warps, stages, keys per channel over T tokens (0: per token)
+    ("decode", 16, 64, 1, 3, 0),
+    ("decode", 16, 64, 2, 3, 64),
+    ("decode", 16, 32, 1, 3, 32),
+    ("prefill", 64, 64, 4, 2, 64),
+    ("key_write", 0, 0, 4, 1, 64),
+]
 SCRIPT = """
 import json, sys
 import sass_report as s
-w4a16, w4a8 = json.loads(sys.argv[1])
+w4a16, w4a8, kv4 = json.loads(sys.argv[1])
 out = []
 for kind, bm, bn, bk, w, st, pf, split in w4a16:
     try:
@@ -54,6 +61,12 @@ for kind, bm, bn, bk, w, st, fp8 in w4a8:
         out.append(["w4a8", kind, bm, regs, None])
     except Exception as e:
         out.append(["w4a8", kind, bm, 0, repr(e.__cause__ or e)[-800:]])
+for kind, bm, bn, w, st, t in kv4:
+    try:
+        regs = s.resources(s.compile_kv4_variant(kind, bm, bn, w, st, t))["REG"]
+        out.append(["kv4", kind, bm, regs, None])
+    except Exception as e:
+        out.append(["kv4", kind, bm, 0, repr(e.__cause__ or e)[-800:]])
 print(json.dumps(out))
 """
 
@@ -64,12 +77,12 @@ def test_every_kernel_kind_compiles_for_sm90():
         [str(ROOT / "benchmarks"), str(ROOT), env.get("PYTHONPATH", "")]
     )
     run = subprocess.run(
-        [sys.executable, "-c", SCRIPT, json.dumps([W4A16, W4A8])],
+        [sys.executable, "-c", SCRIPT, json.dumps([W4A16, W4A8, KV4])],
         env=env, capture_output=True, text=True, timeout=600, cwd=ROOT,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
     results = json.loads(run.stdout.strip().splitlines()[-1])
-    assert len(results) == len(W4A16) + len(W4A8)
+    assert len(results) == len(W4A16) + len(W4A8) + len(KV4)
     failed = [r for r in results if r[4] is not None]
     assert not failed, failed
     assert all(r[3] > 0 for r in results)  # a real cubin with registers allocated

@@ -281,26 +281,29 @@ def _combine_splits(part_ptr, lse_ptr, out_ptr, out_row, row_ok, c, rows_total, 
 
 @triton.jit
 def _key_scores_per_channel(q_e, q_o, codes, scale_ptr, offset_ptr, c, qk_scale,
-                            ASM: tl.constexpr):  # fmt: skip
+                            Q_BIAS_BITS: tl.constexpr, ASM: tl.constexpr,
+                            SCALE_QUERY: tl.constexpr):  # fmt: skip
     """Scores [BLOCK_M, BLOCK_N] (log2 domain) of one tile of keys stored per channel, all of
-    one group: k_t = codes_t * s + o with s, o [D], so q . k_t = (q * s) . codes_t + q . o.
-    q * s goes to fp16 (the codes' dtype) after dividing each row by a power of two >= its
-    largest |q * s|: the products stay in [-1, 1], keep fp16's 11 bits whatever the query
-    dtype and never underflow; 2**e is exact to multiply back."""
+    one group: k_t = codes_t * s + o with s, o [D]. SCALE_QUERY (fewer rows than keys, i.e.
+    decode): q . k_t = (q * s) . codes_t + q . o, the query scaled once per tile (rounded to
+    its dtype: fp16 needs |q * s| < 65504, K's channel range / 15 times |q|). Otherwise
+    (prefill row tiles) the tile is dequantized, codes * s + o in fp32 rounded to the query's
+    dtype, and dotted as it is."""
     s_e = tl.load(scale_ptr + 2 * c).to(tl.float32)
     s_o = tl.load(scale_ptr + 2 * c + 1).to(tl.float32)
     o_e = tl.load(offset_ptr + 2 * c).to(tl.float32)
     o_o = tl.load(offset_ptr + 2 * c + 1).to(tl.float32)
-    qs_e = q_e.to(tl.float32) * s_e[None, :]
-    qs_o = q_o.to(tl.float32) * s_o[None, :]
-    bias = tl.sum(q_e.to(tl.float32) * o_e[None, :], axis=1)
-    bias += tl.sum(q_o.to(tl.float32) * o_o[None, :], axis=1)
-    top = tl.maximum(tl.max(tl.abs(qs_e), axis=1), tl.max(tl.abs(qs_o), axis=1))
-    pow2 = tl.exp2(tl.ceil(tl.log2(tl.maximum(top, 1e-30))))  # [BLOCK_M]
-    k_lo, k_hi = _nibble_planes(codes, 0x6400, tl.float16, ASM)
-    qk = tl.dot((qs_e / pow2[:, None]).to(tl.float16), tl.trans(k_lo))
-    qk = tl.dot((qs_o / pow2[:, None]).to(tl.float16), tl.trans(k_hi), qk)
-    return (qk * pow2[:, None] + bias[:, None]) * qk_scale
+    k_lo, k_hi = _nibble_planes(codes, Q_BIAS_BITS, q_e.dtype, ASM)
+    if SCALE_QUERY:
+        bias = tl.sum(q_e.to(tl.float32) * o_e[None, :], axis=1)
+        bias += tl.sum(q_o.to(tl.float32) * o_o[None, :], axis=1)
+        qk = tl.dot((q_e.to(tl.float32) * s_e[None, :]).to(q_e.dtype), tl.trans(k_lo))
+        qk = tl.dot((q_o.to(tl.float32) * s_o[None, :]).to(q_e.dtype), tl.trans(k_hi), qk)
+        return (qk + bias[:, None]) * qk_scale
+    k_e = (k_lo.to(tl.float32) * s_e[None, :] + o_e[None, :]).to(q_e.dtype)
+    k_o = (k_hi.to(tl.float32) * s_o[None, :] + o_o[None, :]).to(q_e.dtype)
+    qk = tl.dot(q_e, tl.trans(k_e))
+    return tl.dot(q_o, tl.trans(k_o), qk) * qk_scale
 
 
 @triton.jit
@@ -382,7 +385,8 @@ def _kv4_decode_kernel(
             group = b * stride_kb + hkv * stride_kh + (n0 // KEY_TOKENS) * D
             scores = _key_scores_per_channel(
                 q_e, q_o, tl.load(kc_ptr + code_offs, mask=col_ok[:, None], other=0),
-                ks_ptr + group, ko_ptr + group, c, qk_scale, ASM,
+                ks_ptr + group, ko_ptr + group, c, qk_scale, Q_BIAS_BITS, ASM,
+                BLOCK_M < BLOCK_N,
             )  # fmt: skip
         else:
             rows_r = b * stride_rb + hkv * stride_rh + (cols - quantized_end)[:, None] * D
@@ -539,7 +543,9 @@ def _kv4_key_channels_write_kernel(
     # (batch, KV head, group the write touches): a group the write completes is quantized
     # per channel from its T tokens (the residual's earlier ones, the new ones rounded to the
     # residual's dtype first, as `qcompile.quant.kv4.write_keys_per_channel_`), codes and
-    # scales stored; an incomplete one only gets the new tokens in its residual slots.
+    # scales stored. The new tokens of a last, incomplete group go to the residual, written
+    # by program 0 after a barrier: program 0's group is the only one that reads old
+    # residual tokens, and the incomplete group's tokens reuse those slots.
     pid_bh = tl.program_id(0)
     b = pid_bh // HKV
     h = pid_bh % HKV
@@ -547,32 +553,36 @@ def _kv4_key_channels_write_kernel(
     p1 = tl.minimum(p0 + Sn, S)  # positions past the cache are dropped
     g = p0 // T + tl.program_id(1)
     lo = g * T
-    if lo < p1:
-        idx = lo + tl.arange(0, T)  # [T] positions of the group
-        d = tl.arange(0, D)
-        res_ptrs = kr_ptr + b * stride_rb + h * stride_rh + (idx - lo)[:, None] * D + d[None, :]
+    d = tl.arange(0, D)
+    slot = tl.arange(0, T)
+    key_base = k_ptr + b * stride_kb + h * stride_kh + d[None, :] * stride_kd
+    res_ptrs = kr_ptr + b * stride_rb + h * stride_rh + slot[:, None] * D + d[None, :]
+    if lo + T <= p1:  # this write completes group g
+        idx = lo + slot
+        is_new = idx >= p0
+        new = tl.load(key_base + (idx - p0)[:, None] * stride_ks, mask=is_new[:, None], other=0.0)
+        old = tl.load(res_ptrs, mask=(idx < p0)[:, None], other=0.0)
+        x = tl.where(is_new[:, None], new.to(kr_ptr.dtype.element_ty), old).to(tl.float32)
+        lo_c = tl.min(x, axis=0)
+        hi_c = tl.max(x, axis=0)
+        scale = tl.maximum(tl.math.div_rn(hi_c - lo_c, 15.0), _MIN_SCALE).to(tl.float16)
+        offset = lo_c.to(tl.float16)
+        v = tl.math.div_rn(x - offset.to(tl.float32)[None, :], scale.to(tl.float32)[None, :])
+        codes = tl.minimum(tl.maximum(tl.floor(v + 0.5), 0.0), 15.0).to(tl.int32)
+        even, odd = tl.split(tl.reshape(codes, (T, D // 2, 2)))
+        half = tl.arange(0, D // 2)
+        tl.store(kc_ptr + b * stride_cb + h * stride_ch + idx[:, None] * (D // 2)
+                 + half[None, :], (even | (odd << 4)).to(tl.uint8))  # fmt: skip
+        group_ptr = b * stride_sb + h * stride_sh + g * D + d
+        tl.store(ks_ptr + group_ptr, scale)
+        tl.store(ko_ptr + group_ptr, offset)
+    last = tl.maximum(p1 - 1, 0) // T * T  # first position of the last group written
+    if tl.program_id(1) == 0 and p0 < p1 and last + T > p1:
+        tl.debug_barrier()  # every thread has read the old residual tokens above
+        idx = last + slot
         is_new = (idx >= p0) & (idx < p1)
-        new = tl.load(k_ptr + b * stride_kb + h * stride_kh + (idx - p0)[:, None] * stride_ks
-                      + d[None, :] * stride_kd, mask=is_new[:, None], other=0.0)  # fmt: skip
-        new = new.to(kr_ptr.dtype.element_ty)
-        if lo + T <= p1:
-            old = tl.load(res_ptrs, mask=(idx < p0)[:, None], other=0.0)
-            x = tl.where(is_new[:, None], new, old).to(tl.float32)  # [T, D]
-            lo_c = tl.min(x, axis=0)
-            hi_c = tl.max(x, axis=0)
-            scale = tl.maximum(tl.math.div_rn(hi_c - lo_c, 15.0), _MIN_SCALE).to(tl.float16)
-            offset = lo_c.to(tl.float16)
-            v = tl.math.div_rn(x - offset.to(tl.float32)[None, :], scale.to(tl.float32)[None, :])
-            codes = tl.minimum(tl.maximum(tl.floor(v + 0.5), 0.0), 15.0).to(tl.int32)
-            even, odd = tl.split(tl.reshape(codes, (T, D // 2, 2)))
-            half = tl.arange(0, D // 2)
-            tl.store(kc_ptr + b * stride_cb + h * stride_ch + idx[:, None] * (D // 2)
-                     + half[None, :], (even | (odd << 4)).to(tl.uint8))  # fmt: skip
-            group_ptr = b * stride_sb + h * stride_sh + g * D + d
-            tl.store(ks_ptr + group_ptr, scale)
-            tl.store(ko_ptr + group_ptr, offset)
-        else:
-            tl.store(res_ptrs, new, mask=is_new[:, None])
+        new = tl.load(key_base + (idx - p0)[:, None] * stride_ks, mask=is_new[:, None], other=0.0)
+        tl.store(res_ptrs, new.to(kr_ptr.dtype.element_ty), mask=is_new[:, None])
 
 
 # --------------------------------------------------------------------------- configs
