@@ -280,30 +280,31 @@ def _combine_splits(part_ptr, lse_ptr, out_ptr, out_row, row_ok, c, rows_total, 
 
 
 @triton.jit
-def _key_scores_per_channel(q_e, q_o, codes, scale_ptr, offset_ptr, c, qk_scale,
-                            Q_BIAS_BITS: tl.constexpr, ASM: tl.constexpr,
-                            SCALE_QUERY: tl.constexpr):  # fmt: skip
+def _key_scores_per_channel(q_e, q_o, qh_e, qh_o, r, codes, scale_ptr, offset_ptr, c, qk_scale,
+                            ASM: tl.constexpr, SCALE_QUERY: tl.constexpr):  # fmt: skip
     """Scores [BLOCK_M, BLOCK_N] (log2 domain) of one tile of keys stored per channel, all of
-    one group: k_t = codes_t * s + o with s, o [D]. SCALE_QUERY (fewer rows than keys, i.e.
-    decode): q . k_t = (q * s) . codes_t + q . o, the query scaled once per tile (rounded to
-    its dtype: fp16 needs |q * s| < 65504, K's channel range / 15 times |q|). Otherwise
-    (prefill row tiles) the tile is dequantized, codes * s + o in fp32 rounded to the query's
-    dtype, and dotted as it is."""
+    one group: k_t = codes_t * s + o with s, o [D] fp16, so q . k_t = q . (codes_t * s) + q . o.
+    Both dot operands are fp16 (11 bits whatever the query dtype) and bounded: the query rows
+    are divided by r, a power of two >= their largest |q| (r [BLOCK_M], computed once), so
+    |q / r * s| <= 65504 for any fp16 s. SCALE_QUERY (decode: fewer rows than keys) scales
+    the query per tile, (q / r * s) . codes; otherwise (prefill row tiles) the key tile,
+    (q / r) . (codes * s / 2), with qh = q / r in fp16 from before the loop. q . o in fp32."""
     s_e = tl.load(scale_ptr + 2 * c).to(tl.float32)
     s_o = tl.load(scale_ptr + 2 * c + 1).to(tl.float32)
     o_e = tl.load(offset_ptr + 2 * c).to(tl.float32)
     o_o = tl.load(offset_ptr + 2 * c + 1).to(tl.float32)
-    k_lo, k_hi = _nibble_planes(codes, Q_BIAS_BITS, q_e.dtype, ASM)
+    k_lo, k_hi = _nibble_planes(codes, 0x6400, tl.float16, ASM)
+    bias = tl.sum(q_e.to(tl.float32) * o_e[None, :], axis=1)
+    bias += tl.sum(q_o.to(tl.float32) * o_o[None, :], axis=1)
+    inv = (1.0 / r)[:, None]
     if SCALE_QUERY:
-        bias = tl.sum(q_e.to(tl.float32) * o_e[None, :], axis=1)
-        bias += tl.sum(q_o.to(tl.float32) * o_o[None, :], axis=1)
-        qk = tl.dot((q_e.to(tl.float32) * s_e[None, :]).to(q_e.dtype), tl.trans(k_lo))
-        qk = tl.dot((q_o.to(tl.float32) * s_o[None, :]).to(q_e.dtype), tl.trans(k_hi), qk)
-        return (qk + bias[:, None]) * qk_scale
-    k_e = (k_lo.to(tl.float32) * s_e[None, :] + o_e[None, :]).to(q_e.dtype)
-    k_o = (k_hi.to(tl.float32) * s_o[None, :] + o_o[None, :]).to(q_e.dtype)
-    qk = tl.dot(q_e, tl.trans(k_e))
-    return tl.dot(q_o, tl.trans(k_o), qk) * qk_scale
+        qk = tl.dot((q_e.to(tl.float32) * inv * s_e[None, :]).to(tl.float16), tl.trans(k_lo))
+        qk = tl.dot((q_o.to(tl.float32) * inv * s_o[None, :]).to(tl.float16), tl.trans(k_hi), qk)
+        return (qk * r[:, None] + bias[:, None]) * qk_scale
+    # codes * s <= 15 * s may pass 65504; codes * s / 2 cannot (K lies within fp16's range)
+    qk = tl.dot(qh_e, tl.trans((k_lo.to(tl.float32) * (0.5 * s_e)[None, :]).to(tl.float16)))
+    qk = tl.dot(qh_o, tl.trans((k_hi.to(tl.float32) * (0.5 * s_o)[None, :]).to(tl.float16)), qk)
+    return (qk * (2.0 * r)[:, None] + bias[:, None]) * qk_scale
 
 
 @triton.jit
@@ -362,8 +363,16 @@ def _kv4_decode_kernel(
     # keys per channel: positions >= quantized_end are the residual's (a multiple of T, and
     # BLOCK_N divides T, so a tile lies wholly on one side and within one group)
     quantized_end = seq_len
+    r = tl.full((BLOCK_M,), 1.0, tl.float32)  # per-row power of two >= max |q|
+    qh_e, qh_o = q_e, q_o  # q / r in fp16 (prefill tiles over keys per channel)
     if KEY_TOKENS > 0:
         quantized_end = seq_len // KEY_TOKENS * KEY_TOKENS
+        top = tl.maximum(tl.max(tl.abs(q_e.to(tl.float32)), axis=1),
+                         tl.max(tl.abs(q_o.to(tl.float32)), axis=1))  # fmt: skip
+        r = tl.exp2(tl.ceil(tl.log2(tl.maximum(top, 1e-30))))
+        if BLOCK_M >= BLOCK_N:
+            qh_e = (q_e.to(tl.float32) / r[:, None]).to(tl.float16)
+            qh_o = (q_o.to(tl.float32) / r[:, None]).to(tl.float16)
     for n0 in range(start, end, BLOCK_N):
         cols = n0 + offs_n
         col_ok = cols < end
@@ -384,9 +393,9 @@ def _kv4_decode_kernel(
         elif n0 < quantized_end:
             group = b * stride_kb + hkv * stride_kh + (n0 // KEY_TOKENS) * D
             scores = _key_scores_per_channel(
-                q_e, q_o, tl.load(kc_ptr + code_offs, mask=col_ok[:, None], other=0),
-                ks_ptr + group, ko_ptr + group, c, qk_scale, Q_BIAS_BITS, ASM,
-                BLOCK_M < BLOCK_N,
+                q_e, q_o, qh_e, qh_o, r,
+                tl.load(kc_ptr + code_offs, mask=col_ok[:, None], other=0),
+                ks_ptr + group, ko_ptr + group, c, qk_scale, ASM, BLOCK_M < BLOCK_N,
             )  # fmt: skip
         else:
             rows_r = b * stride_rb + hkv * stride_rh + (cols - quantized_end)[:, None] * D
@@ -704,7 +713,10 @@ def default_config(
         split = 1
         while split < 128 and b * hkv * split * 2 <= 8 * 132 and s >= split * 2 * 512:
             split *= 2
-        return KernelConfig("decode", decode_rows(sq, gqa), bn, 0, split, 1, 3)
+        # keys per channel: the query scaling spills a one-warp program (sm_90, 440 B of
+        # stack at BLOCK_N = 64), two warps hold it in registers
+        warps = 2 if key_tokens else 1
+        return KernelConfig("decode", decode_rows(sq, gqa), bn, 0, split, warps, 3)
     if rows <= 64:
         split = 1
         while split < 64 and b * hkv * split * 2 <= 2 * 132 and s >= split * 2 * 256:
