@@ -408,7 +408,7 @@ def test_keys_per_channel_written_in_pieces_equal_written_at_once(t, chunks, dty
     for n in chunks:
         positions = torch.arange(start, start + n)
         piece = x[:, :, start : start + n]
-        torch.ops.qcompile.kv4_cache_write(
+        torch.ops.qcompile.kv4_cache_write_channels(
             piece, kv[:, :, start : start + n], parts[0], parts[1], parts[2], *v_caches,
             positions, parts[3],
         )  # fmt: skip
@@ -434,7 +434,9 @@ def test_keys_per_channel_refuse_bad_schemes_and_writes():
     new = torch.randn(1, 1, 2, 64)
     caches = (keys.codes, keys.scales, keys.offsets, values.codes, values.scales, values.offsets)
     with pytest.raises(ValueError, match="consecutive positions"):
-        torch.ops.qcompile.kv4_cache_write(new, new, *caches, torch.tensor([3, 7]), keys.residual)
+        torch.ops.qcompile.kv4_cache_write_channels(
+            new, new, *caches, torch.tensor([3, 7]), keys.residual
+        )
     with pytest.raises(ValueError, match=r"must be \[B, H, ceil\(S / T\), D\]"):
         kv4_attention_reference(
             torch.randn(1, 1, 1, 64), keys.codes, values.scales, values.offsets, *caches[3:],
@@ -511,7 +513,7 @@ def test_cache_write_kernel_keys_per_channel_is_bit_exact_with_reference(d, t, c
         key = (torch.randn(b, n, h, d, generator=gen) * 4).to(dtype).transpose(1, 2)
         value = torch.randn(b, h, n, d, generator=gen).to(dtype)
         positions = torch.arange(start, start + n)
-        torch.ops.qcompile.kv4_cache_write(key, value, *ref[:6], positions, ref[6])
+        torch.ops.qcompile.kv4_cache_write_channels(key, value, *ref[:6], positions, ref[6])
         kv4_cache_write_cuda(
             key.to(KERNEL_DEVICE), value.to(KERNEL_DEVICE), *ours[:6],
             positions.to(KERNEL_DEVICE), k_residual=ours[6],

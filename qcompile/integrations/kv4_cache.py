@@ -110,10 +110,13 @@ class KV4Layer(CacheLayerMixin):
         if self.rotation is not None:
             key_states = key_states @ self.rotation.to(key_states.dtype)
         k, v = self.key_cache, self.value_cache
-        torch.ops.qcompile.kv4_cache_write(
-            key_states, value_states, k.codes, k.scales, k.offsets, v.codes, v.scales,
-            v.offsets, positions, k.residual,
-        )  # fmt: skip
+        caches = (k.codes, k.scales, k.offsets, v.codes, v.scales, v.offsets)
+        if k.residual is None:
+            torch.ops.qcompile.kv4_cache_write(key_states, value_states, *caches, positions)
+        else:
+            torch.ops.qcompile.kv4_cache_write_channels(
+                key_states, value_states, *caches, positions, k.residual
+            )
         self.length.add_(key_states.shape[-2])
         if self.packed_reads:
             return (

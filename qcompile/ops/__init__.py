@@ -5,6 +5,7 @@ from qcompile.ops.kv4 import (
     kv4_attention,
     kv4_attention_reference,
     kv4_cache_write,
+    kv4_cache_write_channels,
     kv4_cache_write_reference,
     kv4_dequantize,
 )
@@ -22,6 +23,7 @@ __all__ = [
     "kv4_attention",
     "kv4_attention_reference",
     "kv4_cache_write",
+    "kv4_cache_write_channels",
     "kv4_cache_write_reference",
     "kv4_dequantize",
     "w4a8_linear",

@@ -5,9 +5,10 @@
   and V in the layout of `qcompile.quant.kv4`, grouped-query attention by shape (Hq a
   multiple of Hkv). With `k_residual` [B, Hkv, T, D], K is stored per channel over T tokens
   (k_scales [B, Hkv, ceil(S / T), D]); the last incomplete group is read from the residual.
-* `qcompile::kv4_cache_write(key, value, <the six cache tensors>, positions, k_residual=None)`:
-  quantize new K/V [B, Hkv, Sn, D] and store them at `positions` along S, in place. Keys per
-  channel need consecutive positions (the write of one step or one prompt).
+* `qcompile::kv4_cache_write(key, value, <the six cache tensors>, positions)`: quantize new
+  K/V [B, Hkv, Sn, D] and store them at `positions` along S, in place;
+  `qcompile::kv4_cache_write_channels(..., positions, k_residual)` the same for keys per
+  channel, whose positions must be consecutive (the write of one step or one prompt).
 * `qcompile::kv4_dequantize(codes, scales, offsets, dtype, residual=None, length=None)`: the
   plain [B, H, S, D] tensor;
   what a KV4 cache returns to attention code that cannot read int4 (SDPA, eager), and what
@@ -351,10 +352,8 @@ def kv4_cache_write_reference(
 
 @torch.library.custom_op(
     "qcompile::kv4_cache_write",
-    mutates_args=(
-        "k_codes", "k_scales", "k_offsets", "v_codes", "v_scales", "v_offsets", "k_residual",
-    ),
-)  # fmt: skip
+    mutates_args=("k_codes", "k_scales", "k_offsets", "v_codes", "v_scales", "v_offsets"),
+)
 def kv4_cache_write(
     key: torch.Tensor,
     value: torch.Tensor,
@@ -365,27 +364,70 @@ def kv4_cache_write(
     v_scales: torch.Tensor,
     v_offsets: torch.Tensor,
     positions: torch.Tensor,
-    k_residual: torch.Tensor | None = None,
 ) -> None:
     """Quantize key/value [B, Hkv, Sn, D] into the packed cache at S = positions, in place."""
+    kv4_cache_write_reference(
+        key, value, k_codes, k_scales, k_offsets, v_codes, v_scales, v_offsets, positions
+    )
+
+
+@kv4_cache_write.register_fake
+def _(key, value, k_codes, k_scales, k_offsets, v_codes, v_scales, v_offsets, positions):
+    check_kv4_cache_write_args(
+        key, value, k_codes, k_scales, k_offsets, v_codes, v_scales, v_offsets, positions
+    )
+
+
+@kv4_cache_write.register_kernel("cuda")
+def _(key, value, k_codes, k_scales, k_offsets, v_codes, v_scales, v_offsets, positions):
+    args = (key, value, k_codes, k_scales, k_offsets, v_codes, v_scales, v_offsets, positions)
+    check_kv4_cache_write_args(*args)
+    if key.shape[2] == 0:
+        return
+    from qcompile.lowering.kv4_attention import kv4_cache_write_cuda
+
+    kv4_cache_write_cuda(*args)
+
+
+# A separate op rather than an optional mutated k_residual on kv4_cache_write: torch 2.11's
+# ADInplaceOrView kernel indexes every mutated argument, and fails on an omitted one.
+@torch.library.custom_op(
+    "qcompile::kv4_cache_write_channels",
+    mutates_args=(
+        "k_codes", "k_scales", "k_offsets", "v_codes", "v_scales", "v_offsets", "k_residual",
+    ),
+)  # fmt: skip
+def kv4_cache_write_channels(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    k_codes: torch.Tensor,
+    k_scales: torch.Tensor,
+    k_offsets: torch.Tensor,
+    v_codes: torch.Tensor,
+    v_scales: torch.Tensor,
+    v_offsets: torch.Tensor,
+    positions: torch.Tensor,
+    k_residual: torch.Tensor,
+) -> None:
+    """`kv4_cache_write` for keys stored per channel (consecutive positions, see above)."""
     kv4_cache_write_reference(
         key, value, k_codes, k_scales, k_offsets, v_codes, v_scales, v_offsets, positions,
         k_residual,
     )  # fmt: skip
 
 
-@kv4_cache_write.register_fake
+@kv4_cache_write_channels.register_fake
 def _(key, value, k_codes, k_scales, k_offsets, v_codes, v_scales, v_offsets, positions,
-      k_residual=None):  # fmt: skip
+      k_residual):  # fmt: skip
     check_kv4_cache_write_args(
         key, value, k_codes, k_scales, k_offsets, v_codes, v_scales, v_offsets, positions,
         k_residual,
     )  # fmt: skip
 
 
-@kv4_cache_write.register_kernel("cuda")
+@kv4_cache_write_channels.register_kernel("cuda")
 def _(key, value, k_codes, k_scales, k_offsets, v_codes, v_scales, v_offsets, positions,
-      k_residual=None):  # fmt: skip
+      k_residual):  # fmt: skip
     args = (key, value, k_codes, k_scales, k_offsets, v_codes, v_scales, v_offsets, positions)
     check_kv4_cache_write_args(*args, k_residual)
     if key.shape[2] == 0:
