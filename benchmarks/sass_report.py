@@ -134,26 +134,32 @@ def _kv4_signature(fn, pointers: dict[str, str], consts: dict) -> tuple[dict, di
     return sig, attrs
 
 
-def compile_kv4_variant(kind: str, bm: int, bn: int, warps: int, stages: int, key_tokens: int = 0):
+def compile_kv4_variant(
+    kind: str, bm: int, bn: int, warps: int, stages: int, key_tokens: int = 0,
+    dtype: str = "fp16",
+):  # fmt: skip
     """A KV4 kernel for sm_90: "decode"/"prefill" (`_kv4_decode_kernel`, fp16 query, no mask,
     split partials for decode; key_tokens > 0: keys per channel) or "key_write" (the
-    per-channel key write kernel, T = key_tokens)."""
+    per-channel key write kernel, T = key_tokens); dtype: the query's (and residual's), fp16
+    or bf16."""
     from qcompile.lowering import kv4_attention as kv4
 
     if kind == "key_write":
         fn = kv4._kv4_key_channels_write_kernel
         consts = {"HKV": 8, "D": 128, "T": key_tokens}
-        pointers = {"kc_ptr": "*u8", "pos_ptr": "*i64"}
+        pointers = {"kc_ptr": "*u8", "pos_ptr": "*i64", "k_ptr": f"*{dtype}", "kr_ptr": f"*{dtype}"}
     else:
         fn = kv4._kv4_decode_kernel
         consts = {
-            "HKV": 8, "GQA": 4, "D": 128, "Q_BIAS_BITS": 0x6400, "HAS_LENS": True,
+            "HKV": 8, "GQA": 4, "D": 128, "Q_BIAS_BITS": 0x6400 if dtype == "fp16" else 0x4300,
+            "HAS_LENS": True,
             "IS_CAUSAL": kind == "prefill", "MASK_KIND": 0, "WRITE_PARTIAL": kind == "decode",
             "BLOCK_M": bm, "BLOCK_N": bn, "ASM": True, "SELF_REDUCE": kind == "decode",
             "FOLD_UNIT": True, "KEY_TOKENS": key_tokens,
         }  # fmt: skip
         pointers = {"kc_ptr": "*u8", "vc_ptr": "*u8", "lens_ptr": "*i32", "mask_ptr": "*fp16",
-                    "out_ptr": "*fp32", "lse_ptr": "*fp32", "cnt_ptr": "*i32"}  # fmt: skip
+                    "out_ptr": "*fp32", "lse_ptr": "*fp32", "cnt_ptr": "*i32",
+                    "q_ptr": f"*{dtype}", "kr_ptr": f"*{dtype}", "final_ptr": f"*{dtype}"}  # fmt: skip
     sig, attrs = _kv4_signature(fn, pointers, consts)
     src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
     return triton.compile(src, target=TARGET, options={"num_warps": warps, "num_stages": stages})

@@ -37,12 +37,15 @@ W4A8 = [  # kind, BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, fp8 activations
     ("gemm_planes", 16, 64, 256, 4, 2, False),
     ("gemm_planes", 128, 128, 256, 8, 2, False),  # a large-M candidate
 ]
-KV4 = [  # kind, BLOCK_M, BLOCK_N, warps, stages, keys per channel over T tokens (0: per token)
-    ("decode", 16, 64, 1, 3, 0),
-    ("decode", 16, 64, 2, 3, 64),
-    ("decode", 16, 32, 1, 3, 32),
-    ("prefill", 64, 64, 4, 2, 64),
-    ("key_write", 0, 0, 4, 1, 64),
+KV4 = [  # kind, BLOCK_M, BLOCK_N, warps, stages, keys per channel over T tokens (0: per
+    # token), query dtype: bf16 queries once hit a dot of mixed dtypes only a compile sees
+    ("decode", 16, 64, 1, 3, 0, "fp16"),
+    ("decode", 16, 64, 2, 3, 64, "fp16"),
+    ("decode", 16, 32, 1, 3, 32, "bf16"),
+    ("decode", 32, 32, 2, 3, 32, "bf16"),  # GQA 8 x 4 rows: BLOCK_M >= BLOCK_N
+    ("prefill", 64, 64, 4, 2, 64, "bf16"),
+    ("prefill", 64, 64, 4, 2, 0, "bf16"),
+    ("key_write", 0, 0, 4, 1, 64, "bf16"),
 ]
 SCRIPT = """
 import json, sys
@@ -61,9 +64,9 @@ for kind, bm, bn, bk, w, st, fp8 in w4a8:
         out.append(["w4a8", kind, bm, regs, None])
     except Exception as e:
         out.append(["w4a8", kind, bm, 0, repr(e.__cause__ or e)[-800:]])
-for kind, bm, bn, w, st, t in kv4:
+for kind, bm, bn, w, st, t, dt in kv4:
     try:
-        regs = s.resources(s.compile_kv4_variant(kind, bm, bn, w, st, t))["REG"]
+        regs = s.resources(s.compile_kv4_variant(kind, bm, bn, w, st, t, dt))["REG"]
         out.append(["kv4", kind, bm, regs, None])
     except Exception as e:
         out.append(["kv4", kind, bm, 0, repr(e.__cause__ or e)[-800:]])

@@ -297,14 +297,19 @@ def _key_scores_per_channel(q_e, q_o, qh_e, qh_o, r, codes, scale_ptr, offset_pt
     bias = tl.sum(q_e.to(tl.float32) * o_e[None, :], axis=1)
     bias += tl.sum(q_o.to(tl.float32) * o_o[None, :], axis=1)
     inv = (1.0 / r)[:, None]
+    # (if/else with one return: Triton compiles the code after an early return in a
+    # constexpr branch, bf16 qh and all)
     if SCALE_QUERY:
         qk = tl.dot((q_e.to(tl.float32) * inv * s_e[None, :]).to(tl.float16), tl.trans(k_lo))
         qk = tl.dot((q_o.to(tl.float32) * inv * s_o[None, :]).to(tl.float16), tl.trans(k_hi), qk)
-        return (qk * r[:, None] + bias[:, None]) * qk_scale
-    # codes * s <= 15 * s may pass 65504; codes * s / 2 cannot (K lies within fp16's range)
-    qk = tl.dot(qh_e, tl.trans((k_lo.to(tl.float32) * (0.5 * s_e)[None, :]).to(tl.float16)))
-    qk = tl.dot(qh_o, tl.trans((k_hi.to(tl.float32) * (0.5 * s_o)[None, :]).to(tl.float16)), qk)
-    return (qk * (2.0 * r)[:, None] + bias[:, None]) * qk_scale
+        unit = r
+    else:
+        # codes * s <= 15 * s may pass 65504; codes * s / 2 cannot (K lies within fp16's range)
+        k_e = (k_lo.to(tl.float32) * (0.5 * s_e)[None, :]).to(tl.float16)
+        k_o = (k_hi.to(tl.float32) * (0.5 * s_o)[None, :]).to(tl.float16)
+        qk = tl.dot(qh_o, tl.trans(k_o), tl.dot(qh_e, tl.trans(k_e)))
+        unit = 2.0 * r
+    return (qk * unit[:, None] + bias[:, None]) * qk_scale
 
 
 @triton.jit
@@ -363,6 +368,8 @@ def _kv4_decode_kernel(
     # keys per channel: positions >= quantized_end are the residual's (a multiple of T, and
     # BLOCK_N divides T, so a tile lies wholly on one side and within one group)
     quantized_end = seq_len
+    # keys per channel: decode tiles (fewer rows than keys) scale the query, prefill the keys
+    SCALE_QUERY: tl.constexpr = BLOCK_M < BLOCK_N
     r = tl.full((BLOCK_M,), 1.0, tl.float32)  # per-row power of two >= max |q|
     qh_e, qh_o = q_e, q_o  # q / r in fp16 (prefill tiles over keys per channel)
     if KEY_TOKENS > 0:
@@ -370,7 +377,7 @@ def _kv4_decode_kernel(
         top = tl.maximum(tl.max(tl.abs(q_e.to(tl.float32)), axis=1),
                          tl.max(tl.abs(q_o.to(tl.float32)), axis=1))  # fmt: skip
         r = tl.exp2(tl.ceil(tl.log2(tl.maximum(top, 1e-30))))
-        if BLOCK_M >= BLOCK_N:
+        if not SCALE_QUERY:
             qh_e = (q_e.to(tl.float32) / r[:, None]).to(tl.float16)
             qh_o = (q_o.to(tl.float32) / r[:, None]).to(tl.float16)
     for n0 in range(start, end, BLOCK_N):
@@ -395,7 +402,7 @@ def _kv4_decode_kernel(
             scores = _key_scores_per_channel(
                 q_e, q_o, qh_e, qh_o, r,
                 tl.load(kc_ptr + code_offs, mask=col_ok[:, None], other=0),
-                ks_ptr + group, ko_ptr + group, c, qk_scale, ASM, BLOCK_M < BLOCK_N,
+                ks_ptr + group, ko_ptr + group, c, qk_scale, ASM, SCALE_QUERY,
             )  # fmt: skip
         else:
             rows_r = b * stride_rb + hkv * stride_rh + (cols - quantized_end)[:, None] * D
