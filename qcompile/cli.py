@@ -166,6 +166,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if not quantized and not args.no_quantize:
         qcompile.quantize_(model, _config(args))
     compiled = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
+    if args.kv4 != "off":
+        from qcompile.integrations.kv4_cache import enable_kv4_attention
+
+        enable_kv4_attention(model)
     if compiled:
         model.forward = torch.compile(model.forward, backend="qcompile", mode=args.mode)
     prompt = args.prompt
@@ -176,17 +180,22 @@ def cmd_generate(args: argparse.Namespace) -> None:
     inputs = tok(prompt, return_tensors="pt").to(device)
     gen = dict(
         do_sample=False,
-        cache_implementation="static" if compiled else None,
+        cache_implementation="static" if compiled and args.kv4 == "off" else None,
         pad_token_id=tok.eos_token_id,
     )
+    length = inputs["input_ids"].shape[1] + args.max_new_tokens
+    cache = _kv4_cache(model, args.kv4, length)
     with torch.no_grad():
         t0 = time.time()
         if compiled:  # compile and tune outside the timed run
-            model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, **gen)
+            warm_cache = {"past_key_values": _kv4_cache(model, args.kv4, length)}
+            warm_cache = warm_cache if cache is not None else {}
+            model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, **gen, **warm_cache)
         warm = time.time() - t0
         _sync(device)
         t1 = time.time()
-        out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, **gen)
+        kv = {} if cache is None else {"past_key_values": cache}
+        out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, **gen, **kv)
         _sync(device)
         seconds = time.time() - t1
     new = out[0, inputs["input_ids"].shape[1] :]
@@ -195,6 +204,33 @@ def cmd_generate(args: argparse.Namespace) -> None:
         f"[{new.numel()} tokens in {seconds:.2f} s = {new.numel() / seconds:.1f} tok/s on {device}"
         f"{f'; compile + warm-up {warm:.1f} s' if compiled else ''}]",
         file=sys.stderr,
+    )
+    if cache is not None:
+        scheme = cache.scheme
+        keys = f"per channel over {scheme.key_tokens} tokens" if scheme.key_tokens else "per token"
+        # the same K and V in 16 bits: 2 tensors x 2 bytes x 2 channels per code byte
+        fp16 = sum(8 * layer.key_cache.codes.numel() for layer in cache.layers)
+        print(
+            f"[KV4 cache, keys {keys}, V g{scheme.group_size}: {cache.nbytes() / 2**20:.2f} MiB "
+            f"= {cache.nbytes() / fp16:.3f}x of fp16 for {length} positions]",
+            file=sys.stderr,
+        )
+
+
+def _kv4_cache(model: torch.nn.Module, kind: str, length: int):
+    """The `generate --kv4` cache: None for "off"; "token": K and V per token in groups of
+    min(128, head_dim) channels; "channel": keys per channel over 128 tokens (the accurate
+    format, docs/kv4.md), V one group per head."""
+    if kind == "off":
+        return None
+    from qcompile.config import KVScheme
+    from qcompile.integrations.kv4_cache import KV4Cache
+
+    text = model.config.get_text_config(decoder=True)
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    tokens = 128 if kind == "channel" else 0
+    return KV4Cache(
+        model.config, length, KVScheme(group_size=min(128, head_dim), key_tokens=tokens)
     )
 
 
@@ -322,6 +358,10 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--mode", default="reduce-overhead", help="torch.compile mode")
     p.add_argument("--no-quantize", action="store_true", help="run an unquantized model as it is")
+    p.add_argument(
+        "--kv4", choices=("off", "token", "channel"), default="off",
+        help="4-bit KV cache: keys per token (fast) or per channel over 128 tokens (accurate)",
+    )  # fmt: skip
     _add_scheme(p)
     p.set_defaults(fn=cmd_generate)
 

@@ -112,3 +112,30 @@ def test_user_errors_exit_2_with_one_line(tmp_path, capsys):
     if not torch.cuda.is_available():
         assert cli.main(["bench"]) == 2
         assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["token", "channel"])
+def test_generate_with_a_kv4_cache(model_dir, capsys, kind):
+    """`generate --kv4`: the tokens of generate() over the same KV4Cache, and the cache's
+    size against fp16 on stderr (head_dim 32: V g32; keys per token g32 or per channel)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qcompile.config import KVScheme
+    from qcompile.integrations.kv4_cache import KV4Cache, enable_kv4_attention
+
+    args = ["generate", str(model_dir), "--prompt", "w1 w2 w3", "--max-new-tokens", "6"]
+    assert cli.main([*args, "--device", "cpu", "--no-quantize", "--kv4", kind]) == 0
+    captured = capsys.readouterr()
+    model = enable_kv4_attention(AutoModelForCausalLM.from_pretrained(model_dir).eval())
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    ids = tok("w1 w2 w3", return_tensors="pt")
+    scheme = KVScheme(group_size=32, key_tokens=128 if kind == "channel" else 0)
+    cache = KV4Cache(model.config, ids["input_ids"].shape[1] + 6, scheme)
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=6, do_sample=False, past_key_values=cache,
+                             pad_token_id=tok.eos_token_id)  # fmt: skip
+    want = tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert captured.out.strip() == want.strip()
+    ratio = cache.nbytes() / (8 * sum(layer.key_cache.codes.numel() for layer in cache.layers))
+    assert f"= {ratio:.3f}x of fp16" in captured.err
+    assert ("per channel over 128 tokens" in captured.err) is (kind == "channel")
