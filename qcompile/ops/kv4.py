@@ -371,22 +371,22 @@ def kv4_cache_write(
     )
 
 
-@kv4_cache_write.register_fake
-def _(key, value, k_codes, k_scales, k_offsets, v_codes, v_scales, v_offsets, positions):
-    check_kv4_cache_write_args(
-        key, value, k_codes, k_scales, k_offsets, v_codes, v_scales, v_offsets, positions
-    )
-
-
-@kv4_cache_write.register_kernel("cuda")
-def _(key, value, k_codes, k_scales, k_offsets, v_codes, v_scales, v_offsets, positions):
-    args = (key, value, k_codes, k_scales, k_offsets, v_codes, v_scales, v_offsets, positions)
+def _cache_write_fake(*args) -> None:
     check_kv4_cache_write_args(*args)
-    if key.shape[2] == 0:
+
+
+def _cache_write_cuda(*args) -> None:
+    """Both write ops on CUDA: (key, value, the six cache tensors, positions[, k_residual])."""
+    check_kv4_cache_write_args(*args)
+    if args[0].shape[2] == 0:
         return
     from qcompile.lowering.kv4_attention import kv4_cache_write_cuda
 
-    kv4_cache_write_cuda(*args)
+    kv4_cache_write_cuda(*args[:9], k_residual=args[9] if len(args) > 9 else None)
+
+
+kv4_cache_write.register_fake(_cache_write_fake)
+kv4_cache_write.register_kernel("cuda")(_cache_write_cuda)
 
 
 # A separate op rather than an optional mutated k_residual on kv4_cache_write: torch 2.11's
@@ -416,25 +416,8 @@ def kv4_cache_write_channels(
     )  # fmt: skip
 
 
-@kv4_cache_write_channels.register_fake
-def _(key, value, k_codes, k_scales, k_offsets, v_codes, v_scales, v_offsets, positions,
-      k_residual):  # fmt: skip
-    check_kv4_cache_write_args(
-        key, value, k_codes, k_scales, k_offsets, v_codes, v_scales, v_offsets, positions,
-        k_residual,
-    )  # fmt: skip
-
-
-@kv4_cache_write_channels.register_kernel("cuda")
-def _(key, value, k_codes, k_scales, k_offsets, v_codes, v_scales, v_offsets, positions,
-      k_residual):  # fmt: skip
-    args = (key, value, k_codes, k_scales, k_offsets, v_codes, v_scales, v_offsets, positions)
-    check_kv4_cache_write_args(*args, k_residual)
-    if key.shape[2] == 0:
-        return
-    from qcompile.lowering.kv4_attention import kv4_cache_write_cuda
-
-    kv4_cache_write_cuda(*args, k_residual=k_residual)
+kv4_cache_write_channels.register_fake(_cache_write_fake)
+kv4_cache_write_channels.register_kernel("cuda")(_cache_write_cuda)
 
 
 @torch.library.custom_op("qcompile::kv4_dequantize", mutates_args=())
