@@ -289,10 +289,11 @@ def _key_scores_per_channel(q_e, q_o, qh_e, qh_o, r, codes, scale_ptr, offset_pt
     |q / r * s| <= 65504 for any fp16 s. SCALE_QUERY (decode: fewer rows than keys) scales
     the query per tile, (q / r * s) . codes; otherwise (prefill row tiles) the key tile,
     (q / r) . (codes * s / 2), with qh = q / r in fp16 from before the loop. q . o in fp32."""
-    s_e = tl.load(scale_ptr + 2 * c).to(tl.float32)
-    s_o = tl.load(scale_ptr + 2 * c + 1).to(tl.float32)
-    o_e = tl.load(offset_ptr + 2 * c).to(tl.float32)
-    o_o = tl.load(offset_ptr + 2 * c + 1).to(tl.float32)
+    # one contiguous [D] load each, split into the even / odd channel planes (stride-2 loads
+    # of 2-byte values compiled to ~140 scattered LDG per tile on sm_90)
+    ch = tl.arange(0, 2 * c.shape[0])
+    s_e, s_o = tl.split(tl.reshape(tl.load(scale_ptr + ch).to(tl.float32), (c.shape[0], 2)))
+    o_e, o_o = tl.split(tl.reshape(tl.load(offset_ptr + ch).to(tl.float32), (c.shape[0], 2)))
     k_lo, k_hi = _nibble_planes(codes, 0x6400, tl.float16, ASM)
     bias = tl.sum(q_e.to(tl.float32) * o_e[None, :], axis=1)
     bias += tl.sum(q_o.to(tl.float32) * o_o[None, :], axis=1)
@@ -406,8 +407,9 @@ def _kv4_decode_kernel(
             )  # fmt: skip
         else:
             rows_r = b * stride_rb + hkv * stride_rh + (cols - quantized_end)[:, None] * D
-            k_e = tl.load(kr_ptr + rows_r + 2 * c[None, :], mask=col_ok[:, None], other=0.0)
-            k_o = tl.load(kr_ptr + rows_r + 2 * c[None, :] + 1, mask=col_ok[:, None], other=0.0)
+            k_r = tl.load(kr_ptr + rows_r + tl.arange(0, D)[None, :], mask=col_ok[:, None],
+                          other=0.0)  # fmt: skip
+            k_e, k_o = tl.split(tl.reshape(k_r, (BLOCK_N, HALF, 2)))
             qk = tl.dot(q_e, tl.trans(k_e.to(q_e.dtype)))
             scores = tl.dot(q_o, tl.trans(k_o.to(q_e.dtype)), qk) * qk_scale
         # Padding rows (pos >= Sq) have q = 0 and finite scores; they are never stored, so
