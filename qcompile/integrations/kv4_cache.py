@@ -9,9 +9,10 @@ attention function that reads it without dequantizing, and SmoothAttention for H
 How a layer flows (Llama and every model whose attention calls `past_key_values.update`
 and then the registered attention function):
   k_proj/v_proj -> RoPE -> cache.update(k, v, layer_idx)
-      `qcompile::kv4_cache_write` quantizes the new tokens into the pre-allocated packed
-      buffers (one kernel) and advances the layer's length (a tensor, so a compiled decode
-      step does not recompile per position). With `KVScheme(rotate_keys=True)` K is stored
+      `qcompile::kv4_cache_write` (`kv4_cache_write_channels` for keys per channel)
+      quantizes the new tokens into the pre-allocated packed buffers (one kernel launch)
+      and advances the layer's length (a tensor, so a compiled decode step does not
+      recompile per position). With `KVScheme(rotate_keys=True)` K is stored
       as K @ H (Walsh-Hadamard). It returns
       - with attn_implementation "qcompile_kv4": `PackedKV4` views of the buffers (codes,
         scales, offsets, length, and H for K), which only the kv4 attention function
@@ -29,6 +30,7 @@ happens to trace the model, and it works eagerly, under any backend, and in gene
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 
 import torch
@@ -120,16 +122,8 @@ class KV4Layer(CacheLayerMixin):
         self.length.add_(key_states.shape[-2])
         if self.packed_reads:
             return (
-                PackedKV4(
-                    k.codes,
-                    k.scales,
-                    k.offsets,
-                    k.group_size,
-                    self.length,
-                    self.rotation,
-                    k.residual,
-                ),  # fmt: skip
-                PackedKV4(v.codes, v.scales, v.offsets, v.group_size, self.length),
+                dataclasses.replace(k, length=self.length, rotation=self.rotation),
+                dataclasses.replace(v, length=self.length),
             )
         dequantize = torch.ops.qcompile.kv4_dequantize
         keys = dequantize(
