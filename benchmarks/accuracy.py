@@ -165,6 +165,18 @@ ROWS = [  # (label, scheme, method, note); None = the fp32 model
         "a different row: only down_proj takes g128 (its input smoothed through up_proj)",
     ),
     (
+        "W4A8 g128 int8, AWQ + GPTQ act-order, block-sequential, clip search",
+        Scheme(name="w4a8", group_size=128),
+        "gptq-seq-act-clip-awq",
+        "only down_proj takes g128; AWQ scales folded into up_proj, then GPTQ",
+    ),
+    (
+        "W4A8 g128 int8, SmoothQuant alpha=0.5 + GPTQ act-order, block-sequential, clip search",
+        Scheme(name="w4a8", group_size=128),
+        "smooth0.5-gptq-seq-act-clip",
+        "only down_proj takes g128; smoothed through up_proj, then GPTQ",
+    ),
+    (
         "fp32 weights, KV4 cache g64",
         KVScheme(group_size=64),
         "kv4",
