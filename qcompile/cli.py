@@ -210,9 +210,12 @@ def cmd_generate(args: argparse.Namespace) -> None:
         keys = f"per channel over {scheme.key_tokens} tokens" if scheme.key_tokens else "per token"
         # the same K and V in 16 bits: 2 tensors x 2 bytes x 2 channels per code byte
         fp16 = sum(8 * layer.key_cache.codes.numel() for layer in cache.layers)
+        note = ""
+        if scheme.key_tokens and length < 8 * scheme.key_tokens:
+            note = f"; its {scheme.key_tokens}-token 16-bit residual dominates short caches"
         print(
             f"[KV4 cache, keys {keys}, V g{scheme.group_size}: {cache.nbytes() / 2**20:.2f} MiB "
-            f"= {cache.nbytes() / fp16:.3f}x of fp16 for {length} positions]",
+            f"= {cache.nbytes() / fp16:.3f}x of fp16 for {length} positions{note}]",
             file=sys.stderr,
         )
 
