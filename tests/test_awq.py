@@ -106,3 +106,15 @@ def test_awq_model_beats_rtn(tiny_llama):
         e_awq = ((awq(held_out).logits - ref).norm() / ref.norm()).item()
         e_rtn = ((rtn(held_out).logits - ref).norm() / ref.norm()).item()
     assert e_awq < e_rtn, f"AWQ {e_awq:.4f} vs RTN {e_rtn:.4f}"
+
+
+@pytest.mark.parametrize("name", ["w4a16", "w4a8"])
+def test_groups_the_scheme_cannot_take_are_left_unscaled(name):
+    """hidden 96 with group 128: q/k/v and gate/up (K = 96) stay in full precision under
+    quantize_, so AWQ scales only down_proj (K = 256) instead of failing on the others."""
+    model = helpers.tiny_llama(num_layers=1, hidden_size=96, intermediate_size=256)
+    hs = collect_input_hessians(model, _tokens(2, 3), progress=False)
+    prefix = "model.layers.0."
+    block_h = {k.removeprefix(prefix): v for k, v in hs.items() if k.startswith(prefix)}
+    scaled = awq_scale_block(model.model.layers[0], block_h, Scheme(name=name, group_size=128))
+    assert set(scaled) == {"mlp.down_proj"}

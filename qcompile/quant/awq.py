@@ -75,9 +75,15 @@ def awq_scale_block(
 ) -> list[str]:
     """Search and fold AWQ scales into `block` in place (its function is unchanged in exact
     arithmetic). Returns {linear name: s}: each scaled linear's weight columns were
-    multiplied by s, so its inputs are now x / s."""
+    multiplied by s, so its inputs are now x / s. Groups whose K the scheme cannot take
+    (K % group_size, say) are skipped: quantization keeps them in full precision."""
+    from qcompile.passes.linear import unsupported_reason
+
     scaled: dict[str, torch.Tensor] = {}
     for producer, linears, names in scaling_groups(block, hessians, groups):
+        w = linears[0].weight
+        if unsupported_reason(tuple(w.shape), w.dtype, "cpu", scheme) is not None:
+            continue  # quantization leaves these linears in full precision: nothing to scale
         s = awq_search_scale([m.weight for m in linears], hessians[names[0]], scheme)
         fold_input_scales(producer, linears, s)
         scaled.update({n: s for n in names})
