@@ -118,3 +118,24 @@ def test_groups_the_scheme_cannot_take_are_left_unscaled(name):
     block_h = {k.removeprefix(prefix): v for k, v in hs.items() if k.startswith(prefix)}
     scaled = awq_scale_block(model.model.layers[0], block_h, Scheme(name=name, group_size=128))
     assert set(scaled) == {"mlp.down_proj"}
+
+
+def test_calibrated_reports_list_each_linear_once():
+    """AWQ and AWQ + GPTQ over a model whose K = 96 layers cannot take group 128: per block
+    1 linear quantized (down_proj) and 6 fallbacks, each listed once (not again by the final
+    pass over the rest of the model), and lm_head skipped."""
+    from qcompile.quant.gptq import gptq_quantize_model
+
+    config = QuantConfig(Scheme(name="w4a8", group_size=128))
+    for run in (
+        lambda m: awq_quantize_model(m, _tokens(2, 4), config, progress=False),
+        lambda m: gptq_quantize_model(m, _tokens(2, 4), config, awq=True, progress=False),
+    ):
+        model = helpers.tiny_llama(num_layers=2, hidden_size=96, intermediate_size=256)
+        report = run(model)
+        names = [r.name for r in report.records]
+        assert len(names) == len(set(names)) == 15
+        assert [r.name for r in report.by_status("quantized")] == [
+            f"model.layers.{i}.mlp.down_proj" for i in range(2)
+        ]
+        assert len(report.by_status("fallback")) == 12

@@ -140,5 +140,8 @@ def awq_quantize_model(model: nn.Module, batches, config, progress: bool = True)
         report.records.extend(quantize_(block, config, prefix=prefix).records)
 
     quantize_sequentially(model, batches, quantize_block, progress=progress)
-    report.records.extend(quantize_(model, config).records)  # the rest (lm_head skipped)
+    # the rest (lm_head skipped); the blocks' fallback linears are still nn.Linear and
+    # would be listed a second time
+    seen = {r.name for r in report.records}
+    report.records.extend(r for r in quantize_(model, config).records if r.name not in seen)
     return report

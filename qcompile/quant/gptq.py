@@ -194,5 +194,8 @@ def gptq_quantize_model(
         report.records.extend(quantize_(block, config, quantizer, prefix=prefix).records)
 
     quantize_sequentially(model, batches, quantize_block, progress=progress)
-    report.records.extend(quantize_(model, config).records)  # the rest (lm_head skipped)
+    # the rest (lm_head skipped); the blocks' fallback linears are still nn.Linear and
+    # would be listed a second time
+    seen = {r.name for r in report.records}
+    report.records.extend(r for r in quantize_(model, config).records if r.name not in seen)
     return report
