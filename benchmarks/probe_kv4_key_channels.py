@@ -27,9 +27,10 @@ HQ, HKV, D = 32, 8, 128
 
 
 def per_token(b: int, s: int) -> tuple:
-    codes = torch.randint(0, 256, (b, HKV, s, D // 2), dtype=torch.uint8, device="cuda")
-    scales = torch.rand(b, HKV, s, 1, device="cuda").half() * 0.05 + 1e-3
-    return codes, scales, -8 * scales
+    from bench_kv4 import random_kv4
+
+    k = random_kv4(b, HKV, s, D, D)[0]  # one group per token and head
+    return k.codes, k.scales, k.offsets
 
 
 def per_channel(b: int, s: int, t: int) -> tuple:

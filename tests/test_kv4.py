@@ -970,6 +970,12 @@ def test_op_on_cuda_tunes_and_matches_float64(dtype, sq, s, monkeypatch, tmp_pat
     monkeypatch.setenv("QCOMPILE_AUTOTUNE", "1")
     gen = torch.Generator().manual_seed(s)
     keys = quantize_kv4(torch.randn(1, 8, s, 128, generator=gen), KVScheme())
+    _assert_op_on_cuda_matches(keys, gen, sq, s, dtype)
+
+
+def _assert_op_on_cuda_matches(keys: PackedKV4, gen, sq: int, s: int, dtype) -> None:
+    """kv4_attention on CUDA over `keys` and random per-token values (32 query / 8 KV heads,
+    D=128) equals the float64 reference."""
     values = quantize_kv4(torch.randn(1, 8, s, 128, generator=gen), KVScheme())
     q = torch.randn(1, 32, sq, 128, generator=gen).to(dtype)
     problem = KV4Problem(q, keys, values, None, None, sq > 1, 128**-0.5)
@@ -1018,12 +1024,7 @@ def test_op_on_cuda_keys_per_channel_tunes_and_matches_float64(dtype, sq, s, mon
     gen = torch.Generator().manual_seed(s + 1)
     k = torch.randn(1, 8, s, 128, generator=gen)
     k[..., [3, 77]] *= 20
-    keys = quantize_kv4_keys_per_channel(k.to(dtype), 64)
-    values = quantize_kv4(torch.randn(1, 8, s, 128, generator=gen), KVScheme())
-    q = torch.randn(1, 32, sq, 128, generator=gen).to(dtype)
-    problem = KV4Problem(q, keys, values, None, None, sq > 1, 128**-0.5)
-    cuda = [t.cuda() if isinstance(t, torch.Tensor) else t for t in problem.args()]
-    assert_close_rel(torch.ops.qcompile.kv4_attention(*cuda), problem.reference64(), dtype)
+    _assert_op_on_cuda_matches(quantize_kv4_keys_per_channel(k.to(dtype), 64), gen, sq, s, dtype)
 
 
 @pytest.mark.gpu

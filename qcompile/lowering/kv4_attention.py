@@ -840,6 +840,8 @@ def launch_attention(
         if counters is None:
             reduce_splits(target, lse, out)
         return out
+    if key_tokens:
+        raise ValueError(f"kv4 {cfg.kernel} kernel: keys per channel need a one-group kernel")
     grid = (triton.cdiv(sq * gqa, cfg.block_m), b * hkv, split)
     _kv4_attention_kernel[grid](
         query, k_codes, k_scales, k_offsets, v_codes, v_scales, v_offsets, lens_arg, mask_arg,
@@ -851,8 +853,6 @@ def launch_attention(
         MASK_KIND=mask_kind, WRITE_PARTIAL=split > 1, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
-    if key_tokens:
-        raise ValueError(f"kv4 {cfg.kernel} kernel: keys per channel need a one-group kernel")
     reduce_splits(target, lse, out)
     return out
 
