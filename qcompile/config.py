@@ -88,6 +88,11 @@ class KVScheme:
         the group still being written stay in the model's dtype (a residual of key_tokens
         tokens per head) until the group is complete. V stays per token with one group per
         head (group_size must equal head_dim). Not combined with rotate_keys.
+    fresh_prefill: a chunk of several new tokens (a prompt) attends to its own tokens in
+        the model's dtype and to earlier ones in 4 bits, as QServe and vLLM prefill do; the
+        cache still stores all of them in 4 bits and one-token decode steps read only it.
+        False reads the chunk back from the 4-bit cache too, the numerics of decoding it
+        token by token (what the accuracy harness measures in one pass).
     """
 
     name: Literal["kv4"] = "kv4"
@@ -95,6 +100,7 @@ class KVScheme:
     group_size: int = 128
     rotate_keys: bool = False
     key_tokens: int = 0
+    fresh_prefill: bool = True
 
     def __post_init__(self) -> None:
         if self.bits != 4:

@@ -7,6 +7,8 @@ Kernels run in Triton's interpreter on CPU (natively on a GPU) against a float64
 from __future__ import annotations
 
 import copy
+import dataclasses
+import math
 
 import pytest
 import torch
@@ -38,7 +40,11 @@ from qcompile.lowering.kv4_attention import (
     prefill_kind,
     valid_config,
 )
-from qcompile.ops.kv4 import kv4_attention_reference
+from qcompile.ops.kv4 import (
+    kv4_attention_reference,
+    kv4_prefill_attention_fast,
+    kv4_prefill_attention_reference,
+)
 from qcompile.passes.attention import rewrite_attention
 from qcompile.quant.kv4 import (
     PackedKV4,
@@ -536,7 +542,8 @@ def test_reference_rejects_bad_shapes():
 
 
 # --------------------------------------------------------------------------- transformers
-SCHEME64 = KVScheme(group_size=64)
+# fresh_prefill=False: the prompt too reads the 4-bit cache, the math of the fake caches below
+SCHEME64 = KVScheme(group_size=64, fresh_prefill=False)
 PROMPT = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
 
 
@@ -609,7 +616,7 @@ def test_rotated_keys_compute_the_rotated_quantized_math_and_lower_key_error():
         for layer in model.model.layers:
             layer.self_attn.k_proj.weight[[5, 5 + 32, 17]] *= 25
         fp = model(PROMPT).logits
-        rotated = KVScheme(group_size=64, rotate_keys=True)
+        rotated = KVScheme(group_size=64, rotate_keys=True, fresh_prefill=False)
 
         def logits(cache):
             return model(PROMPT, past_key_values=cache).logits
@@ -639,6 +646,88 @@ def test_generate_under_torch_compile_one_graph_no_recompiles(llama_sdpa):
     assert torch.equal(tokens, fake_tokens) and rel_error(scores, fake_scores) < 1e-5
 
 
+class FreshPrefillFakeCache(FakeKV4Cache):
+    """FakeKV4Cache whose update of several tokens hands attention those tokens unrounded
+    (`KVScheme.fresh_prefill`): what the cache stores is still the rounded values."""
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        seen = getattr(self, "seen", {})
+        self.seen = seen
+        n, start = key_states.shape[2], seen.get(layer_idx, 0)
+        seen[layer_idx] = start + n
+        if n > 1:
+            keys, values = keys.clone(), values.clone()
+            keys[:, :, start : start + n] = key_states
+            values[:, :, start : start + n] = value_states
+        return keys, values
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_fresh_prefill_reads_the_prompt_in_16_bits_and_decodes_from_4_bits(per_channel):
+    """Default KVScheme (fresh_prefill): the prompt's logits are the unquantized model's (it
+    sees only itself, in 16 bits), a second chunk sees the first in 4 bits and itself in 16
+    (transformers' SDPA over a fake cache doing exactly that), one-token steps read 4 bits."""
+    model = enable_kv4_attention(tiny_llama(2, head_dim=64, num_key_value_heads=1))
+    scheme = KVScheme(group_size=64, key_tokens=32 if per_channel else 0)
+    with torch.no_grad():
+        fp = model(PROMPT).logits
+        cache = KV4Cache(model.config, 40, scheme)
+        first = model(PROMPT, past_key_values=cache).logits
+        assert rel_error(first, fp) < 1e-5
+        second = model(PROMPT[:, :5], past_key_values=cache).logits
+        step = model(PROMPT[:, :1], past_key_values=cache).logits
+        if not per_channel:
+            plain = copy.deepcopy(model)
+            plain.set_attn_implementation("sdpa")
+            fake = FreshPrefillFakeCache(plain.config, 40, scheme)
+            plain(PROMPT, past_key_values=fake)
+            want = plain(PROMPT[:, :5], past_key_values=fake).logits
+            assert rel_error(second, want) < 1e-5
+            assert rel_error(step, plain(PROMPT[:, :1], past_key_values=fake).logits) < 1e-5
+        old = KV4Cache(model.config, 40, dataclasses.replace(scheme, fresh_prefill=False))
+        stale = model(PROMPT, past_key_values=old).logits
+        assert rel_error(stale, fp) > 1e-3  # the 4-bit prompt read differs, as it should
+        assert int(cache.layers[0].length) == 18
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("start", [0, 7, 33])
+def test_prefill_op_fast_path_matches_reference_and_float64(per_channel, start):
+    """kv4_prefill_attention: the CUDA function (plain torch, run here on CPU) equals the
+    reference; the reference equals float64 math of SDPA over [4-bit past, 16-bit chunk]."""
+    gen = torch.Generator().manual_seed(start)
+    b, hq, hkv, s, d, sq = 2, 8, 2, 64, 64, 9
+    past = torch.randn(b, hkv, s, d, generator=gen)
+    kq = (quantize_kv4_keys_per_channel(past, 32) if per_channel
+          else quantize_kv4(past, KVScheme(group_size=32)))  # fmt: skip
+    vq = quantize_kv4(torch.randn(b, hkv, s, d, generator=gen), KVScheme(group_size=64))
+    q = torch.randn(b, hq, sq, d, generator=gen)
+    k, v = torch.randn(b, hkv, sq, d, generator=gen), torch.randn(b, hkv, sq, d, generator=gen)
+    pos = torch.arange(start, start + sq)
+    length = torch.tensor(start + sq)
+    args = (q, k, v, kq.codes, kq.scales, kq.offsets, vq.codes, vq.scales, vq.offsets, pos)
+    res = kq.residual
+    for mask in (None, torch.rand(b, 1, sq, s, generator=gen) > 0.2):
+        ref = kv4_prefill_attention_reference(*args, mask, 0.125, res, length)
+        fast = kv4_prefill_attention_fast(*args, mask, 0.125, res, length)
+        assert rel_error(fast, ref) < 1e-5
+        kp = dequantize_kv4(dataclasses.replace(kq, length=length), torch.float64)
+        kp = kp.clone()
+        kp[:, :, pos] = k.double()
+        vp = dequantize_kv4(vq, torch.float64).clone()
+        vp[:, :, pos] = v.double()
+        kp, vp = kp.repeat_interleave(4, 1), vp.repeat_interleave(4, 1)
+        scores = q.double() @ kp.transpose(-1, -2) * 0.125
+        visible = torch.arange(s)[None, :] <= pos[:, None]
+        if mask is not None:
+            visible = visible & mask
+        probs = scores.masked_fill(~visible, -math.inf).softmax(-1).nan_to_num(0.0)
+        assert rel_error(ref, (probs @ vp).float()) < 1e-5
+    with pytest.raises(ValueError, match="consecutive"):
+        kv4_prefill_attention_fast(*args[:-1], pos.flip(0), None, 0.125, res, length)
+
+
 def test_kv4_cache_memory_is_under_0_3x_of_fp16():
     """Bytes of the allocated buffers, KV4 vs transformers' fp16 StaticCache (D = 128)."""
     model = tiny_llama(2, head_dim=128, num_key_value_heads=2)
@@ -661,7 +750,7 @@ def test_kv4_cache_memory_is_under_0_3x_of_fp16():
     assert sizes["g64"] / sizes["fp16"] == pytest.approx(72 / 256)  # 0.281
 
 
-SCHEME_K32 = KVScheme(group_size=64, key_tokens=32)
+SCHEME_K32 = KVScheme(group_size=64, key_tokens=32, fresh_prefill=False)
 
 
 class FakeChannelKV4Cache(StaticCache):

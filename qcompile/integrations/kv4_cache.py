@@ -23,7 +23,9 @@ and then the registered attention function):
         dequantize + attention back into `kv4_attention` (see `qcompile/passes/attention.py`;
         not with rotated keys).
   -> attention function -> `qcompile::kv4_attention(query, packed K/V, seq_lens=length,
-     mask, is_causal=True)` -> o_proj.
+     mask, is_causal=True)` -> o_proj. A chunk of several tokens (a prompt) goes to
+     `qcompile::kv4_prefill_attention` instead, which reads the chunk's own K/V in 16 bits
+     (`KVScheme.fresh_prefill`, on by default; SDPA over the chunk for a first prompt).
 The attention function is the robust path for HF models: it does not depend on how Dynamo
 happens to trace the model, and it works eagerly, under any backend, and in generate().
 """
@@ -121,10 +123,14 @@ class KV4Layer(CacheLayerMixin):
             )
         self.length.add_(key_states.shape[-2])
         if self.packed_reads:
+            fresh = self.scheme.fresh_prefill and key_states.shape[-2] > 1
             return (
-                dataclasses.replace(k, length=self.length, rotation=self.rotation),
-                dataclasses.replace(v, length=self.length),
-            )
+                dataclasses.replace(
+                    k, length=self.length, rotation=self.rotation,
+                    fresh=key_states if fresh else None, positions=positions if fresh else None,
+                ),
+                dataclasses.replace(v, length=self.length, fresh=value_states if fresh else None),
+            )  # fmt: skip
         dequantize = torch.ops.qcompile.kv4_dequantize
         keys = dequantize(
             k.codes, k.scales, k.offsets, key_states.dtype, k.residual,
@@ -231,6 +237,13 @@ def kv4_attention_forward(
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     if key.rotation is not None:  # K was stored as K @ H: (q H)(k H)^T = q k^T
         query = query @ key.rotation.to(query.dtype)
+    if key.fresh is not None and getattr(module, "is_causal", True):
+        out = torch.ops.qcompile.kv4_prefill_attention(
+            query, key.fresh, value.fresh, key.codes, key.scales, key.offsets, value.codes,
+            value.scales, value.offsets, key.positions, attention_mask, scale, key.residual,
+            key.length,
+        )  # fmt: skip
+        return out.transpose(1, 2).contiguous(), None
     out = torch.ops.qcompile.kv4_attention(
         query, key.codes, key.scales, key.offsets, value.codes, value.scales, value.offsets,
         seq_lens, attention_mask, getattr(module, "is_causal", True), scale, key.residual,

@@ -8,6 +8,8 @@ from qcompile.ops.kv4 import (
     kv4_cache_write_channels,
     kv4_cache_write_reference,
     kv4_dequantize,
+    kv4_prefill_attention,
+    kv4_prefill_attention_reference,
 )
 from qcompile.ops.w4a8 import (
     w4a8_linear,
@@ -26,6 +28,8 @@ __all__ = [
     "kv4_cache_write_channels",
     "kv4_cache_write_reference",
     "kv4_dequantize",
+    "kv4_prefill_attention",
+    "kv4_prefill_attention_reference",
     "w4a8_linear",
     "w4a8_linear_quantized_act",
     "w4a8_linear_quantized_act_reference",

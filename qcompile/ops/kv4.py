@@ -5,6 +5,11 @@
   and V in the layout of `qcompile.quant.kv4`, grouped-query attention by shape (Hq a
   multiple of Hkv). With `k_residual` [B, Hkv, T, D], K is stored per channel over T tokens
   (k_scales [B, Hkv, ceil(S / T), D]); the last incomplete group is read from the residual.
+* `qcompile::kv4_prefill_attention(query, key, value, <the six cache tensors>, positions,
+  mask, scale, k_residual=None, length=None)`: a chunk of Sq > 1 queries (a prompt) right
+  after its key/value [B, Hkv, Sq, D] were written at `positions`: it attends to them in
+  16 bits and to earlier positions in 4 bits (`KVScheme.fresh_prefill`). On CUDA a prompt
+  into an empty cache is exactly SDPA over the chunk.
 * `qcompile::kv4_cache_write(key, value, <the six cache tensors>, positions)`: quantize new
   K/V [B, Hkv, Sn, D] and store them at `positions` along S, in place;
   `qcompile::kv4_cache_write_channels(..., positions, k_residual)` the same for keys per
@@ -30,6 +35,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from qcompile.config import KVScheme
 from qcompile.quant.kv4 import (
@@ -280,6 +286,168 @@ def _(query, k_codes, k_scales, k_offsets, v_codes, v_scales, v_offsets, seq_len
     from qcompile.lowering.kv4_attention import kv4_attention_cuda
 
     return kv4_attention_cuda(*args, is_causal, scale, k_residual)
+
+
+def check_kv4_prefill_args(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    k_codes: torch.Tensor,
+    k_scales: torch.Tensor,
+    k_offsets: torch.Tensor,
+    v_codes: torch.Tensor,
+    v_scales: torch.Tensor,
+    v_offsets: torch.Tensor,
+    positions: torch.Tensor,
+    mask: torch.Tensor | None,
+    k_residual: torch.Tensor | None = None,
+) -> None:
+    """Contract of `kv4_prefill_attention`: the cache's, plus the chunk [B, Hkv, Sq, D] and
+    its [Sq] integer positions, one per query."""
+    check_kv4_attention_args(
+        query, k_codes, k_scales, k_offsets, v_codes, v_scales, v_offsets, None, mask, k_residual
+    )
+    b, hkv, _, half = k_codes.shape
+    sq = query.shape[2]
+    for name, t in (("key", key), ("value", value)):
+        if tuple(t.shape) != (b, hkv, sq, 2 * half) or not t.dtype.is_floating_point:
+            raise ValueError(
+                f"qcompile.kv4_prefill_attention: {name} {tuple(t.shape)} {t.dtype} must be the "
+                f"chunk's float [B={b}, Hkv={hkv}, Sq={sq}, D={2 * half}]"
+            )
+    if tuple(positions.shape) != (sq,) or positions.is_floating_point():
+        raise ValueError(
+            f"qcompile.kv4_prefill_attention: positions must be [Sq={sq}] integers, got "
+            f"{tuple(positions.shape)} {positions.dtype}"
+        )
+
+
+def _prefill_attention(
+    query, key, value, k_codes, k_scales, k_offsets, v_codes, v_scales, v_offsets, positions,
+    mask, scale, k_residual, length, dtype: torch.dtype, limit: int,
+) -> torch.Tensor:  # fmt: skip
+    """The op's math over the first `limit` positions (all that any query can see), in `dtype`:
+    the cache dequantized, the chunk's own K/V put back at its positions in 16 bits, causal
+    by position (query i sees key j <= positions[i]) and the mask, SDPA."""
+    b, hq, sq, _ = query.shape
+    hkv = k_codes.shape[1]
+    n = slice(None, limit)  # positions [0, limit): slice the packed tensors, then dequantize
+    if k_residual is None:
+        keys = PackedKV4(k_codes[:, :, n], k_scales[:, :, n], k_offsets[:, :, n],
+                         _group_size(k_codes, k_scales))  # fmt: skip
+    else:
+        g = slice(None, -(-limit // k_residual.shape[2]))
+        keys = PackedKV4(k_codes[:, :, n], k_scales[:, :, g], k_offsets[:, :, g], 1,
+                         residual=k_residual)  # fmt: skip
+    values = PackedKV4(v_codes[:, :, n], v_scales[:, :, n], v_offsets[:, :, n],
+                       _group_size(v_codes, v_scales))  # fmt: skip
+    lens = length.reshape(1).expand(b) if length is not None else None
+    if lens is None and k_residual is not None:
+        lens = torch.full((b,), k_codes.shape[2], device=query.device)
+    pos = positions.to(query.device).long()
+    k = dequantize_kv4(keys, dtype, lens).index_copy(2, pos, key.to(dtype))
+    v = dequantize_kv4(values, dtype).index_copy(2, pos, value.to(dtype))
+    visible = torch.arange(limit, device=query.device)[None, :] <= pos[:, None]
+    bias: torch.Tensor = visible.view(1, 1, sq, limit)
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            bias = bias & mask[..., :limit]
+        else:
+            bias = mask[..., :limit].to(dtype).masked_fill(~bias, -math.inf)
+    k = k.repeat_interleave(hq // hkv, dim=1)
+    v = v.repeat_interleave(hq // hkv, dim=1)
+    out = F.scaled_dot_product_attention(query.to(dtype), k, v, attn_mask=bias, scale=scale)
+    return out.nan_to_num_(0.0).to(query.dtype)  # a query that sees no key -> 0, as kv4_attention
+
+
+def kv4_prefill_attention_reference(
+    query, key, value, k_codes, k_scales, k_offsets, v_codes, v_scales, v_offsets, positions,
+    mask, scale, k_residual=None, length=None,
+) -> torch.Tensor:  # fmt: skip
+    """Definition of `kv4_prefill_attention`, in float32 over the whole cache."""
+    check_kv4_prefill_args(
+        query, key, value, k_codes, k_scales, k_offsets, v_codes, v_scales, v_offsets,
+        positions, mask, k_residual,
+    )  # fmt: skip
+    return _prefill_attention(
+        query, key, value, k_codes, k_scales, k_offsets, v_codes, v_scales, v_offsets,
+        positions, mask, scale, k_residual, length, torch.float32, k_codes.shape[2],
+    )  # fmt: skip
+
+
+@torch.library.custom_op("qcompile::kv4_prefill_attention", mutates_args=())
+def kv4_prefill_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    k_codes: torch.Tensor,
+    k_scales: torch.Tensor,
+    k_offsets: torch.Tensor,
+    v_codes: torch.Tensor,
+    v_scales: torch.Tensor,
+    v_offsets: torch.Tensor,
+    positions: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+    k_residual: torch.Tensor | None = None,
+    length: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """A chunk of Sq queries at consecutive `positions` over the KV4 cache it was just
+    written into: its own key/value [B, Hkv, Sq, D] read in 16 bits, earlier positions in 4."""
+    return kv4_prefill_attention_reference(
+        query, key, value, k_codes, k_scales, k_offsets, v_codes, v_scales, v_offsets,
+        positions, mask, scale, k_residual, length,
+    )  # fmt: skip
+
+
+@kv4_prefill_attention.register_fake
+def _(query, key, value, k_codes, k_scales, k_offsets, v_codes, v_scales, v_offsets, positions,
+      mask, scale, k_residual=None, length=None):  # fmt: skip
+    check_kv4_prefill_args(
+        query, key, value, k_codes, k_scales, k_offsets, v_codes, v_scales, v_offsets,
+        positions, mask, k_residual,
+    )  # fmt: skip
+    return torch.empty_like(query, memory_format=torch.contiguous_format)
+
+
+def kv4_prefill_attention_fast(
+    query, key, value, k_codes, k_scales, k_offsets, v_codes, v_scales, v_offsets, positions,
+    mask, scale, k_residual=None, length=None,
+) -> torch.Tensor:  # fmt: skip
+    """The op on CUDA (plain torch, so it also runs on CPU for tests): a prompt written into
+    an empty cache sees only itself in 16 bits, which is SDPA over the chunk (no 4-bit read
+    at all); otherwise the 16-bit math of the reference over the positions it can see.
+    Reading positions[0] syncs with the device, so inside a CUDA graph capture every call
+    takes the second branch over the whole cache (same values, slower)."""
+    check_kv4_prefill_args(
+        query, key, value, k_codes, k_scales, k_offsets, v_codes, v_scales, v_offsets,
+        positions, mask, k_residual,
+    )  # fmt: skip
+    sq, s = query.shape[2], k_codes.shape[2]
+    dtype = query.dtype if query.dtype in KERNEL_DTYPES else torch.float32
+    capturing = query.is_cuda and torch.cuda.is_current_stream_capturing()
+    start = None
+    if not capturing and sq:
+        start, last = positions[[0, -1]].tolist()  # one sync
+        if last - start != sq - 1:
+            raise ValueError(
+                f"qcompile.kv4_prefill_attention: positions {start}..{last} are not the "
+                f"{sq} consecutive positions of one chunk"
+            )
+    if start == 0 and mask is None:
+        out = F.scaled_dot_product_attention(
+            query.to(dtype), key.to(dtype), value.to(dtype), is_causal=True, scale=scale,
+            enable_gqa=True,
+        )  # fmt: skip
+        return out.to(query.dtype)
+    limit = s if start is None else min(s, start + sq)
+    return _prefill_attention(
+        query, key, value, k_codes, k_scales, k_offsets, v_codes, v_scales, v_offsets,
+        positions, mask, scale, k_residual, length, dtype, limit,
+    )  # fmt: skip
+
+
+kv4_prefill_attention.register_kernel("cuda")(kv4_prefill_attention_fast)
 
 
 def check_kv4_cache_write_args(

@@ -69,6 +69,9 @@ class PackedKV4:
     query must be read as query @ rotation. None for V and unrotated K.
     residual: [B, H, T, D] for keys per channel (`KVScheme.key_tokens` = T; scales are then
     [B, H, ceil(S / T), D] and group_size is 1): the incomplete last group, see above.
+    fresh, positions: a KV4 cache's update of several tokens also hands attention the chunk
+    it just wrote, [B, H, Sn, D] in the model's dtype, and where ([Sn] consecutive
+    positions; on K only), for `KVScheme.fresh_prefill`. None otherwise.
     """
 
     codes: torch.Tensor
@@ -78,6 +81,8 @@ class PackedKV4:
     length: torch.Tensor | None = None
     rotation: torch.Tensor | None = None
     residual: torch.Tensor | None = None
+    fresh: torch.Tensor | None = None
+    positions: torch.Tensor | None = None
 
     @property
     def key_tokens(self) -> int:
