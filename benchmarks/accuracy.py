@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import os
 import platform
@@ -217,14 +218,16 @@ ROWS = [  # (label, scheme, method, note); None = the fp32 model
 
 class WithKV4Cache(torch.nn.Module):
     """Each forward call starts an empty KV4 cache: every token of the window attends to the
-    4-bit K/V of the tokens before it and itself, as in decoding."""
+    4-bit K/V of the tokens before it and itself, as in decoding (`fresh_prefill=False`: the
+    default would read the window's own tokens in 16 bits, as a prompt, and measure nothing)."""
 
     def __init__(self, model: torch.nn.Module, scheme: KVScheme):
         super().__init__()
         self.model, self.scheme = model, scheme
 
     def forward(self, ids: torch.Tensor):
-        cache = KV4Cache(self.model.config, ids.shape[1], self.scheme)
+        scheme = dataclasses.replace(self.scheme, fresh_prefill=False)
+        cache = KV4Cache(self.model.config, ids.shape[1], scheme)
         if not self.scheme.key_tokens:  # per-token groups: one causal pass is the same math
             return self.model(ids, past_key_values=cache)
         # Keys per channel: a prompt read at once would show each query its own group
