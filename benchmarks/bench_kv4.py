@@ -262,8 +262,8 @@ def main() -> None:
     def save() -> None:
         (args.out / "kv4.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
 
-    for b in map(int, args.batches.split(",")):
-        for s in map(int, args.lengths.split(",")):
+    for b in (int(x) for x in args.batches.split(",") if x):  # --batches "": prefill only
+        for s in (int(x) for x in args.lengths.split(",") if x):
             free, _ = torch.cuda.mem_get_info()
             rows.append(decode_row(b, s, props.L2_cache_size, bw, free))
             print({k: v for k, v in rows[-1].items() if k != "config"}, flush=True)

@@ -1134,3 +1134,27 @@ def test_generate_on_cuda_keys_per_channel_with_cuda_graphs():
     eager = run(KV4Cache(model.config, 96, scheme), disable_compile=True)
     torch._dynamo.reset()
     assert torch.equal(run(KV4Cache(model.config, 96, scheme)), eager)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("start", [0, 100])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_prefill_op_on_cuda_matches_reference(start, per_channel):
+    """kv4_prefill_attention on CUDA (SDPA over the prompt at start 0, the 16-bit general
+    path after it), 32 query / 8 KV heads, D=128, fp16, against the float32 reference."""
+    gen = torch.Generator().manual_seed(start)
+    s, sq = 512, 300
+    past = torch.randn(1, 8, s, 128, generator=gen)
+    kq = (quantize_kv4_keys_per_channel(past.half(), 64) if per_channel
+          else quantize_kv4(past, KVScheme()))  # fmt: skip
+    vq = quantize_kv4(torch.randn(1, 8, s, 128, generator=gen), KVScheme())
+    q = torch.randn(1, 32, sq, 128, generator=gen).half()
+    k, v = (torch.randn(1, 8, sq, 128, generator=gen).half() for _ in range(2))
+    pos = torch.arange(start, start + sq)
+    length = torch.tensor(start + sq)
+    parts = (kq.codes, kq.scales, kq.offsets, vq.codes, vq.scales, vq.offsets, pos)
+    res = kq.residual
+    ref = kv4_prefill_attention_reference(q, k, v, *parts, None, 0.088, res, length)
+    cuda = [t.cuda() if t is not None else None for t in (q, k, v, *parts, res, length)]
+    got = torch.ops.qcompile.kv4_prefill_attention(*cuda[:10], None, 0.088, *cuda[10:])
+    assert rel_error(got.float().cpu(), ref.float()) < 2e-3
