@@ -157,14 +157,15 @@ def prefill_row(s: int, l2: int, bw: float) -> dict:
     row["sdpa_tflops"] = flops / row["sdpa_us"] / 1e6
     row["qcompile_tflops"] = flops / row["qcompile_us"] / 1e6
     # KVScheme.fresh_prefill (the default): the prompt into an empty cache attends to itself
-    # in 16 bits. Its check of positions[0] syncs, so it cannot be graph-captured: both it
-    # and SDPA are timed eagerly here (triton's do_bench, median), side by side.
+    # in 16 bits. It branches on the host, so it is not graph-captured: both it and SDPA are
+    # timed eagerly here (triton's do_bench, median), side by side.
     from triton.testing import do_bench
 
     from qcompile.ops.kv4 import kv4_prefill_attention_fast
 
     def fresh():
-        return kv4_prefill_attention_fast(q, k, v, *packed, positions, None, scale)
+        # start_hint=0: what an eagerly used KV4Cache passes (it knows its length on the host)
+        return kv4_prefill_attention_fast(q, k, v, *packed, positions, None, scale, None, None, 0)
 
     row["sdpa_eager_us"] = 1e3 * do_bench(
         lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),

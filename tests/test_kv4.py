@@ -688,7 +688,7 @@ def test_fresh_prefill_reads_the_prompt_in_16_bits_and_decodes_from_4_bits(per_c
         old = KV4Cache(model.config, 40, dataclasses.replace(scheme, fresh_prefill=False))
         stale = model(PROMPT, past_key_values=old).logits
         assert rel_error(stale, fp) > 1e-3  # the 4-bit prompt read differs, as it should
-        assert int(cache.layers[0].length) == 18
+        assert int(cache.layers[0].length) == 18 and cache.layers[0].host_length == 18
 
 
 @pytest.mark.parametrize("per_channel", [False, True])
@@ -712,6 +712,8 @@ def test_prefill_op_fast_path_matches_reference_and_float64(per_channel, start):
         ref = kv4_prefill_attention_reference(*args, mask, 0.125, res, length)
         fast = kv4_prefill_attention_fast(*args, mask, 0.125, res, length)
         assert rel_error(fast, ref) < 1e-5
+        hinted = kv4_prefill_attention_fast(*args, mask, 0.125, res, length, start)
+        assert rel_error(hinted, ref) < 1e-5
         kp = dequantize_kv4(dataclasses.replace(kq, length=length), torch.float64)
         kp = kp.clone()
         kp[:, :, pos] = k.double()

@@ -70,6 +70,9 @@ class KV4Layer(CacheLayerMixin):
         self.key_cache: PackedKV4 | None = None
         self.value_cache: PackedKV4 | None = None
         self.rotation: torch.Tensor | None = None  # [D, D] Hadamard with scheme.rotate_keys
+        # The length on the host while every update ran eagerly (-1 once a compiled one did):
+        # lets a prompt's attention skip a device sync (kv4_prefill_attention's start_hint).
+        self.host_length = 0
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -122,12 +125,19 @@ class KV4Layer(CacheLayerMixin):
                 key_states, value_states, *caches, positions, k.residual
             )
         self.length.add_(key_states.shape[-2])
+        start_hint = -1
+        if torch.compiler.is_compiling():
+            self.host_length = -1  # a constant store: no guard on the value, no recompiles
+        elif self.host_length >= 0:
+            start_hint = self.host_length
+            self.host_length += key_states.shape[-2]
         if self.packed_reads:
             fresh = self.scheme.fresh_prefill and key_states.shape[-2] > 1
             return (
                 dataclasses.replace(
                     k, length=self.length, rotation=self.rotation,
                     fresh=key_states if fresh else None, positions=positions if fresh else None,
+                    start_hint=start_hint,
                 ),
                 dataclasses.replace(v, length=self.length, fresh=value_states if fresh else None),
             )  # fmt: skip
@@ -154,6 +164,7 @@ class KV4Layer(CacheLayerMixin):
             for t in self.tensors():
                 t.zero_()
         self.length.zero_()
+        self.host_length = 0
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         if self.is_initialized:
@@ -241,7 +252,7 @@ def kv4_attention_forward(
         out = torch.ops.qcompile.kv4_prefill_attention(
             query, key.fresh, value.fresh, key.codes, key.scales, key.offsets, value.codes,
             value.scales, value.offsets, key.positions, attention_mask, scale, key.residual,
-            key.length,
+            key.length, key.start_hint,
         )  # fmt: skip
         return out.transpose(1, 2).contiguous(), None
     out = torch.ops.qcompile.kv4_attention(

@@ -391,6 +391,7 @@ def kv4_prefill_attention(
     scale: float,
     k_residual: torch.Tensor | None = None,
     length: torch.Tensor | None = None,
+    start_hint: int = -1,
 ) -> torch.Tensor:
     """A chunk of Sq queries at consecutive `positions` over the KV4 cache it was just
     written into: its own key/value [B, Hkv, Sq, D] read in 16 bits, earlier positions in 4."""
@@ -402,7 +403,7 @@ def kv4_prefill_attention(
 
 @kv4_prefill_attention.register_fake
 def _(query, key, value, k_codes, k_scales, k_offsets, v_codes, v_scales, v_offsets, positions,
-      mask, scale, k_residual=None, length=None):  # fmt: skip
+      mask, scale, k_residual=None, length=None, start_hint=-1):  # fmt: skip
     check_kv4_prefill_args(
         query, key, value, k_codes, k_scales, k_offsets, v_codes, v_scales, v_offsets,
         positions, mask, k_residual,
@@ -412,13 +413,14 @@ def _(query, key, value, k_codes, k_scales, k_offsets, v_codes, v_scales, v_offs
 
 def kv4_prefill_attention_fast(
     query, key, value, k_codes, k_scales, k_offsets, v_codes, v_scales, v_offsets, positions,
-    mask, scale, k_residual=None, length=None,
+    mask, scale, k_residual=None, length=None, start_hint=-1,
 ) -> torch.Tensor:  # fmt: skip
     """The op on CUDA (plain torch, so it also runs on CPU for tests): a prompt written into
     an empty cache sees only itself in 16 bits, which is SDPA over the chunk (no 4-bit read
     at all); otherwise the 16-bit math of the reference over the positions it can see.
-    Reading positions[0] syncs with the device, so inside a CUDA graph capture every call
-    takes the second branch over the whole cache (same values, slower)."""
+    `start_hint` >= 0 is positions[0], known on the host (a KV4 cache used eagerly passes
+    it). Otherwise reading positions[0] syncs with the device, and inside a CUDA graph
+    capture every call takes the second branch over the whole cache (same values, slower)."""
     check_kv4_prefill_args(
         query, key, value, k_codes, k_scales, k_offsets, v_codes, v_scales, v_offsets,
         positions, mask, k_residual,
@@ -426,8 +428,8 @@ def kv4_prefill_attention_fast(
     sq, s = query.shape[2], k_codes.shape[2]
     dtype = query.dtype if query.dtype in KERNEL_DTYPES else torch.float32
     capturing = query.is_cuda and torch.cuda.is_current_stream_capturing()
-    start = None
-    if not capturing and sq:
+    start = start_hint if start_hint >= 0 else None
+    if start is None and not capturing and sq:
         start, last = positions[[0, -1]].tolist()  # one sync
         if last - start != sq - 1:
             raise ValueError(

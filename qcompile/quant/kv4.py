@@ -71,7 +71,8 @@ class PackedKV4:
     [B, H, ceil(S / T), D] and group_size is 1): the incomplete last group, see above.
     fresh, positions: a KV4 cache's update of several tokens also hands attention the chunk
     it just wrote, [B, H, Sn, D] in the model's dtype, and where ([Sn] consecutive
-    positions; on K only), for `KVScheme.fresh_prefill`. None otherwise.
+    positions; on K only), for `KVScheme.fresh_prefill`. None otherwise. start_hint: the
+    first of those positions when the host knows it, else -1.
     """
 
     codes: torch.Tensor
@@ -83,6 +84,7 @@ class PackedKV4:
     residual: torch.Tensor | None = None
     fresh: torch.Tensor | None = None
     positions: torch.Tensor | None = None
+    start_hint: int = -1
 
     @property
     def key_tokens(self) -> int:
