@@ -650,12 +650,14 @@ class FreshPrefillFakeCache(FakeKV4Cache):
     """FakeKV4Cache whose update of several tokens hands attention those tokens unrounded
     (`KVScheme.fresh_prefill`): what the cache stores is still the rounded values."""
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.seen: dict[int, int] = {}  # tokens written per layer
+
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
-        seen = getattr(self, "seen", {})
-        self.seen = seen
-        n, start = key_states.shape[2], seen.get(layer_idx, 0)
-        seen[layer_idx] = start + n
+        n, start = key_states.shape[2], self.seen.get(layer_idx, 0)
+        self.seen[layer_idx] = start + n
         if n > 1:
             keys, values = keys.clone(), values.clone()
             keys[:, :, start : start + n] = key_states

@@ -6,10 +6,10 @@
   multiple of Hkv). With `k_residual` [B, Hkv, T, D], K is stored per channel over T tokens
   (k_scales [B, Hkv, ceil(S / T), D]); the last incomplete group is read from the residual.
 * `qcompile::kv4_prefill_attention(query, key, value, <the six cache tensors>, positions,
-  mask, scale, k_residual=None, length=None)`: a chunk of Sq > 1 queries (a prompt) right
+  mask, scale, k_residual=None, length=None, start_hint=-1)`: a chunk of Sq > 1 queries right
   after its key/value [B, Hkv, Sq, D] were written at `positions`: it attends to them in
   16 bits and to earlier positions in 4 bits (`KVScheme.fresh_prefill`). On CUDA a prompt
-  into an empty cache is exactly SDPA over the chunk.
+  into an empty cache (start_hint, or positions[0], = 0) is exactly SDPA over the chunk.
 * `qcompile::kv4_cache_write(key, value, <the six cache tensors>, positions)`: quantize new
   K/V [B, Hkv, Sn, D] and store them at `positions` along S, in place;
   `qcompile::kv4_cache_write_channels(..., positions, k_residual)` the same for keys per
@@ -329,7 +329,7 @@ def _prefill_attention(
     """The op's math over the first `limit` positions (all that any query can see), in `dtype`:
     the cache dequantized, the chunk's own K/V put back at its positions in 16 bits, causal
     by position (query i sees key j <= positions[i]) and the mask, SDPA."""
-    b, hq, sq, _ = query.shape
+    hq, sq = query.shape[1], query.shape[2]
     hkv = k_codes.shape[1]
     n = slice(None, limit)  # positions [0, limit): slice the packed tensors, then dequantize
     if k_residual is None:
@@ -341,9 +341,8 @@ def _prefill_attention(
                          residual=k_residual)  # fmt: skip
     values = PackedKV4(v_codes[:, :, n], v_scales[:, :, n], v_offsets[:, :, n],
                        _group_size(v_codes, v_scales))  # fmt: skip
-    lens = length.reshape(1).expand(b) if length is not None else None
-    if lens is None and k_residual is not None:
-        lens = torch.full((b,), k_codes.shape[2], device=query.device)
+    # keys per channel: the written length locates the residual (the sliced codes cannot)
+    lens = length if length is not None else torch.tensor(k_codes.shape[2])
     pos = positions.to(query.device).long()
     k = dequantize_kv4(keys, dtype, lens).index_copy(2, pos, key.to(dtype))
     v = dequantize_kv4(values, dtype).index_copy(2, pos, value.to(dtype))
