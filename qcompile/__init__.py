@@ -3,7 +3,7 @@
 model = torch.compile(model, backend="qcompile")                         # defaults
 model = torch.compile(model, backend=qcompile.backend(QuantConfig(...)))  # options
 qcompile.quantize_(model, config)                                         # frees fp16 weights
-qcompile.colocate_siblings(model)                # after .to() / .half(): siblings share storage
+qcompile.colocate_siblings(model)          # after casting layers one by one: siblings share storage
 qcompile.save_quantized(model, path); model = qcompile.load_quantized(path)  # safetensors
 model = qcompile.import_checkpoint(path)                                  # AWQ / GPTQ folders
 """

@@ -133,7 +133,7 @@ def load_quantized(
     skeleton.eval()
     if device is not None:
         skeleton.to(device)
-    colocate_siblings(skeleton)  # after .to(), which copies each buffer on its own
+    colocate_siblings(skeleton)  # the skeleton's siblings were loaded as separate tensors
     return skeleton
 
 

@@ -16,7 +16,7 @@ from qcompile.passes.linear import (
     execution_path,
     unsupported_reason,
 )
-from qcompile.quant.colocate import colocated_views, spanning_view
+from qcompile.quant.colocate import colocated_views, convert_colocated, spanning_view
 from qcompile.quant.int4 import PackedInt4
 from qcompile.quant.rtn import quantize_weight_int4
 from qcompile.quant.w4a8 import PackedW4A8, quantize_weight_w4a8
@@ -61,6 +61,25 @@ class W4A16Linear(nn.Module):
             bias,
             scheme=scheme,
         )
+
+    def _apply(self, fn, recurse=True):
+        # Module.to() / .half() convert every buffer on its own: co-located siblings would each
+        # get contiguous copies of their floating-point scales and offsets while the int32
+        # qweight stays a view, breaking the op's one-row-stride contract and the fusion.
+        groups = [
+            names
+            for names in (_COLOCATED_BUFFERS, ("bias",))
+            if all((b := self._buffers.get(n)) is not None and b._base is not None for n in names)
+        ]
+        hidden = {n: self._buffers[n] for names in groups for n in names}
+        self._buffers.update(dict.fromkeys(hidden))  # None: skipped by Module._apply
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            self._buffers.update(hidden)
+        for names in groups:
+            convert_colocated(self, names, fn)
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.perm is not None:
@@ -110,6 +129,15 @@ class W4A8Linear(nn.Module):
             scheme,
         )
 
+    def _apply(self, fn, recurse=True):
+        # channel_scales is float32 by the layout's contract: a model-wide dtype conversion
+        # (.half(), .to(torch.bfloat16)) moves it with the model but must not round it.
+        channel_scales = self.channel_scales
+        super()._apply(fn, recurse)
+        if self.channel_scales.dtype != channel_scales.dtype:
+            self.channel_scales = channel_scales.to(self.channel_scales.device)
+        return self
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.qcompile.w4a8_linear(
             x,
@@ -142,7 +170,8 @@ def colocate_siblings(model: nn.Module) -> list[list[str]]:
     `qcompile.quant.colocate`), and the separate tensors are freed. Outputs are unchanged: each
     module still computes its own output from its own view; the backend's fusion pass turns
     siblings that read the same input into one launch. `quantize_` and the checkpoint loaders
-    call this; call it again after `.to()` / `.half()`, which copy each buffer separately.
+    call this. A model-wide `.to()` / `.half()` keeps the layout (`W4A16Linear._apply`); call
+    this again after converting sibling layers one by one, which leaves each its own copy.
     Returns the module paths of each group co-located.
     """
     groups: list[list[str]] = []

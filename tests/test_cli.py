@@ -89,6 +89,29 @@ def test_quantize_w4a8_writes_w4a8_layers_that_generate_loads(model_dir, tmp_pat
                   "--symmetric"])  # fmt: skip
 
 
+@pytest.mark.parametrize("scheme", ["w4a16", "w4a8"])
+def test_default_float16_checkpoint_generates_in_float32(model_dir, tmp_path, capsys, scheme):
+    """The default `--dtype float16` save and a float32 CPU generate both cast a quantized
+    model: co-located siblings must keep one row stride per layer, and W4A8's per-channel
+    scales stay float32 (the layout's contract) in the file and in memory."""
+    from safetensors import safe_open
+
+    out = tmp_path / scheme
+    args = ["quantize", str(model_dir), str(out), "--scheme", scheme, "--group-size", "32"]
+    assert cli.main(args) == 0
+    with safe_open(out / "model.safetensors", "pt") as f:
+        names = list(f.keys())  # a safetensors handle is not iterable
+        dtypes = {name.rsplit(".", 1)[-1]: f.get_tensor(name).dtype for name in names}
+    if scheme == "w4a8":
+        assert dtypes["channel_scales"] == torch.float32
+    else:
+        assert dtypes["scales"] == torch.float16
+    capsys.readouterr()
+    gen = ["generate", str(out), "--prompt", "w1 w2", "--max-new-tokens", "3", "--device", "cpu"]
+    assert cli.main(gen) == 0
+    assert "tok/s on cpu" in capsys.readouterr().err
+
+
 def test_gptq_quantize_uses_calibration_text(model_dir, tmp_path, capsys):
     out = tmp_path / "g"
     args = [

@@ -87,19 +87,57 @@ def test_quantize_colocates_siblings_as_views_of_one_storage_with_equal_outputs(
     assert _storage(attn.q_proj.qweight) == before  # already co-located: nothing copied
 
 
-def test_colocate_again_after_a_cast_that_copied_each_buffer():
-    model = tiny_causal_lm("qwen2", 1)  # biased q/k/v, o_proj without bias
-    qcompile.quantize_(model, FUSED)
+@pytest.mark.parametrize("cast", ["double", "bfloat16"])
+def test_a_cast_of_the_model_keeps_siblings_colocated(cast):
+    """`.double()` / `.to(torch.bfloat16)` convert each sibling's slice through the shared base:
+    one storage per kind afterwards, every slice at its place, outputs equal to the same cast
+    of separately stored layers."""
+    model = tiny_causal_lm("qwen2", 1)  # biased q/k/v, o_proj without bias; K=64: 2 groups
+    separate = copy.deepcopy(model)
+    qcompile.quantize_(model, G32)
+    qcompile.quantize_(separate, UNFUSED_G32)
     attn = model.model.layers[0].self_attn
     qkv = (attn.q_proj, attn.k_proj, attn.v_proj)
-    assert len({_storage(m.bias) for m in qkv}) == 1 and attn.o_proj.bias is None
-    qweight = _storage(attn.q_proj.qweight)
-    model.double()  # float buffers are copied one by one; int32 qweight is kept
+    qkvo = (*qkv, attn.o_proj)
+    offsets_before = [m.scales.storage_offset() for m in qkvo]
+    dtype = torch.float64 if cast == "double" else torch.bfloat16
+    for m in (model, separate):
+        m.double() if cast == "double" else m.to(dtype)
+    assert {m.scales.dtype for m in qkvo} == {dtype} and attn.q_proj.bias.dtype == dtype
+    assert len({_storage(m.scales) for m in qkvo}) == 1
+    assert len({_storage(m.offsets) for m in qkvo}) == 1
+    assert len({_storage(m.bias) for m in qkv}) == 1
+    assert [m.scales.storage_offset() for m in qkvo] == offsets_before
+    assert len({_storage(m.qweight) for m in qkvo}) == 1
+    assert [m.qweight.storage_offset() for m in qkvo] == [m.scales.storage_offset() for m in qkvo]
+    assert _storage_bytes(model) == _storage_bytes(separate)  # the old bases were freed
+    ids = _ids()
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, separate(ids).logits)
+    scales = _storage(attn.q_proj.scales)
+    assert qcompile.colocate_siblings(model)
+    assert _storage(attn.q_proj.scales) == scales  # already co-located: nothing is copied
+
+
+def test_colocate_again_after_layers_were_converted_one_by_one():
+    """Converting one layer at a time cannot share a converted base with siblings converted
+    later; `colocate_siblings` puts them back into one storage."""
+    model = tiny_causal_lm("qwen2", 1)
+    qcompile.quantize_(model, G32)
+    attn = model.model.layers[0].self_attn
+    qkv = (attn.q_proj, attn.k_proj, attn.v_proj)
+    ids = _ids()
+    for m in (*qkv, attn.o_proj):
+        m.double()  # a new conversion function per call: each layer gets its own copies
     assert len({_storage(m.scales) for m in qkv}) == 3
+    assert len({_storage(m.qweight) for m in qkv}) == 3  # consistent strides per layer
+    with torch.no_grad():
+        before = model.double()(ids).logits
     qcompile.colocate_siblings(model)
     assert len({_storage(m.scales) for m in (*qkv, attn.o_proj)}) == 1
     assert len({_storage(m.bias) for m in qkv}) == 1
-    assert _storage(attn.q_proj.qweight) == qweight
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, before)
 
 
 # --- the fused graph -------------------------------------------------------------------------

@@ -370,6 +370,26 @@ def test_tune_key_has_its_own_family():
     assert key == TuneKey("w4a8", 8, 4096, 14336, 128, "int8:bfloat16")
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_model_cast_moves_channel_scales_without_rounding_them(dtype):
+    """`model.to(dtype)` after `quantize_`: channel_scales stay float32 (the layout's contract,
+    which the op checks), the integer tensors are untouched, and the cast model's logits are
+    the float32 model's to within the activation dtype."""
+    model = helpers.tiny_llama(num_layers=1)
+    qcompile.quantize_(model, QuantConfig(Scheme(name="w4a8", group_size=32)))
+    down = model.model.layers[0].mlp.down_proj
+    before = {name: b.clone() for name, b in down.named_buffers()}
+    ids = _ids()
+    with torch.no_grad():
+        ref = model(ids).logits
+        model.to(dtype)
+        out = model(ids).logits
+    assert down.channel_scales.dtype == torch.float32
+    for name, b in down.named_buffers():
+        assert torch.equal(b, before[name]), name
+    assert_close_rel(out.float(), ref, dtype, tol=3e-2)
+
+
 # --------------------------------------------------------------------------- the pass
 @pytest.fixture(scope="module")
 def tiny_llama():

@@ -11,7 +11,9 @@ sibling's output without copying a weight (`qcompile.passes.fuse`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 
@@ -52,3 +54,56 @@ def spanning_view(tensors: Sequence[torch.Tensor]) -> torch.Tensor | None:
     if first.dim() == 2 and first.shape[0] > 1 and stride[0] < n_total:
         return None  # the rows of the span would overlap: not slices of one row-major tensor
     return first.as_strided((*first.shape[:-1], n_total), stride, first.storage_offset())
+
+
+@dataclass
+class _Conversion:
+    """The members of one co-located group converted so far by one conversion function."""
+
+    fn: Callable[[torch.Tensor], torch.Tensor]
+    # column start in the base -> (module, its converted tensors, in `names` order)
+    members: dict[int, tuple[weakref.ref, list[torch.Tensor]]] = field(default_factory=dict)
+
+
+def convert_colocated(
+    module: torch.nn.Module, names: Sequence[str], fn: Callable[[torch.Tensor], torch.Tensor]
+) -> None:
+    """Apply a `Module._apply` conversion (`.to()`, `.half()`, `.cuda()`) to the co-located
+    buffers `names` of `module` (column slices of one base per name, same members), keeping
+    the layout: each becomes a contiguous copy of `fn(view)` (so the module is consistent on
+    its own), and once every member of the group has been converted by the same `fn` (one
+    `Module.to()` call passes one `fn` to every module) the copies are joined into one tensor
+    per name and every member's buffers become its slices again. Members converted by
+    different calls (layer by layer) keep their own copies, which `colocate_siblings` joins.
+    Peak extra memory: one group."""
+    views = [module._buffers[name] for name in names]
+    converted = [fn(v).contiguous() for v in views]
+    for name, tensor in zip(names, converted, strict=True):
+        module._buffers[name] = tensor
+    base = views[0]._base
+    if base is None or not base.is_contiguous() or base.shape[:-1] != views[0].shape[:-1]:
+        return
+    conversion = getattr(base, "_qcompile_conversion", None)
+    if conversion is None or conversion.fn is not fn:
+        conversion = base._qcompile_conversion = _Conversion(fn)
+    conversion.members[views[0].storage_offset() - base.storage_offset()] = (
+        weakref.ref(module),
+        converted,
+    )
+    starts = sorted(conversion.members)
+    widths = [conversion.members[c][1][0].shape[-1] for c in starts]
+    ends = [c + w for c, w in zip(starts, widths, strict=True)]
+    if starts[0] != 0 or starts[1:] != ends[:-1] or ends[-1] != base.shape[-1]:
+        return  # not every member converted yet
+    del base._qcompile_conversion
+    members = [conversion.members[c] for c in starts]
+    owners = [owner() for owner, _ in members]
+    if any(
+        m is None or any(m._buffers.get(n) is not t for n, t in zip(names, tensors, strict=True))
+        for m, (_, tensors) in zip(owners, members, strict=True)
+    ):
+        return  # a member was replaced or converted again meanwhile: leave the copies
+    for i, name in enumerate(names):
+        joined = colocated_views([tensors[i] for _, tensors in members])
+        for m, view in zip(owners, joined, strict=True):
+            m._buffers[name] = view
