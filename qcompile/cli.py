@@ -180,24 +180,22 @@ def cmd_generate(args: argparse.Namespace) -> None:
             [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
         )
     inputs = tok(prompt, return_tensors="pt").to(device)
-    gen = dict(
-        do_sample=False,
-        cache_implementation="static" if compiled and args.kv4 == "off" else None,
-        pad_token_id=tok.eos_token_id,
-    )
+    gen = dict(do_sample=False, pad_token_id=tok.eos_token_id)
     length = inputs["input_ids"].shape[1] + args.max_new_tokens
-    cache = _kv4_cache(model, args.kv4, length)
+    cache = _generate_cache(model, args.kv4, length, compiled)
     with torch.no_grad():
         t0 = time.time()
-        if compiled:  # compile and tune outside the timed run
-            warm_cache = {"past_key_values": _kv4_cache(model, args.kv4, length)}
-            warm_cache = warm_cache if cache is not None else {}
-            model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, **gen, **warm_cache)
+        if compiled:  # compile and tune outside the timed run, on a cache of the same shape
+            warm_cache = _generate_cache(model, args.kv4, length, compiled)
+            model.generate(
+                **inputs, max_new_tokens=4, min_new_tokens=4, **gen, **_cache_kwargs(warm_cache)
+            )
         warm = time.time() - t0
         _sync(device)
         t1 = time.time()
-        kv = {} if cache is None else {"past_key_values": cache}
-        out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, **gen, **kv)
+        out = model.generate(
+            **inputs, max_new_tokens=args.max_new_tokens, **gen, **_cache_kwargs(cache)
+        )
         _sync(device)
         seconds = time.time() - t1
     new = out[0, inputs["input_ids"].shape[1] :]
@@ -207,7 +205,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         f"{f'; compile + warm-up {warm:.1f} s' if compiled else ''}]",
         file=sys.stderr,
     )
-    if cache is not None:
+    if args.kv4 != "off":
         scheme = cache.scheme
         keys = f"per channel over {scheme.key_tokens} tokens" if scheme.key_tokens else "per token"
         # the same K and V in 16 bits: 2 tensors x 2 bytes x 2 channels per code byte
@@ -220,6 +218,31 @@ def cmd_generate(args: argparse.Namespace) -> None:
             f"= {cache.nbytes() / fp16:.3f}x of fp16 for {length} positions{note}]",
             file=sys.stderr,
         )
+
+
+def _generate_cache(model: torch.nn.Module, kv4: str, length: int, compiled: bool):
+    """The `generate` cache, sized for the prompt and every new token: a KV4Cache (`--kv4`), a
+    static cache when compiled (the compiled warm-up and the timed run then share one graph:
+    a cache of another length would recompile), else None (transformers' dynamic cache)."""
+    if kv4 != "off":
+        return _kv4_cache(model, kv4, length)
+    if not compiled:
+        return None
+    from transformers import StaticCache
+
+    return StaticCache(config=model.config, max_cache_len=length)
+
+
+def _cache_kwargs(cache) -> dict:
+    """generate()'s cache argument: `cache` where transformers names it so (its older name,
+    `past_key_values`, warns there), else `past_key_values`."""
+    if cache is None:
+        return {}
+    from transformers.generation import utils
+
+    return {
+        "cache" if "cache" in getattr(utils, "ALL_CACHE_NAMES", ()) else "past_key_values": cache
+    }
 
 
 def _kv4_cache(model: torch.nn.Module, kind: str, length: int):

@@ -112,6 +112,21 @@ def test_default_float16_checkpoint_generates_in_float32(model_dir, tmp_path, ca
     assert "tok/s on cpu" in capsys.readouterr().err
 
 
+@pytest.mark.usefixtures("fresh_dynamo")
+def test_compiled_generate_times_no_compile(model_dir, tmp_path, capsys):
+    """`generate --compile on`: the warm-up and the timed run share one cache shape, so only
+    the warm-up compiles (prefill and decode graphs); the timed run recompiles nothing."""
+    from torch._dynamo.utils import counters
+
+    out = tmp_path / "q"
+    assert cli.main(["quantize", str(model_dir), str(out), "--group-size", "32"]) == 0
+    gen = ["generate", str(out), "--prompt", "w1 w2", "--max-new-tokens", "12", "--device",
+           "cpu", "--compile", "on"]  # fmt: skip
+    assert cli.main(gen) == 0
+    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
+    assert "compile + warm-up" in capsys.readouterr().err
+
+
 def test_gptq_quantize_uses_calibration_text(model_dir, tmp_path, capsys):
     out = tmp_path / "g"
     args = [
