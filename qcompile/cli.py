@@ -156,6 +156,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
 
 def cmd_generate(args: argparse.Namespace) -> None:
     import qcompile
+    from qcompile.integrations.generation import timed_generate
 
     device = _device(args.device)
     dtype = (
@@ -174,42 +175,24 @@ def cmd_generate(args: argparse.Namespace) -> None:
         enable_kv4_attention(model)
     if compiled:
         model.forward = torch.compile(model.forward, backend="qcompile", mode=args.mode)
-    prompt = args.prompt
-    if args.chat and getattr(tok, "chat_template", None):
-        prompt = tok.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-        )
-    inputs = tok(prompt, return_tensors="pt").to(device)
-    gen = dict(do_sample=False, pad_token_id=tok.eos_token_id)
-    length = inputs["input_ids"].shape[1] + args.max_new_tokens
-    cache = _generate_cache(model, args.kv4, length, compiled)
-    with torch.no_grad():
-        t0 = time.time()
-        if compiled:  # compile and tune outside the timed run, on a cache of the same shape
-            warm_cache = _generate_cache(model, args.kv4, length, compiled)
-            model.generate(
-                **inputs, max_new_tokens=4, min_new_tokens=4, **gen, **_cache_kwargs(warm_cache)
-            )
-        warm = time.time() - t0
-        _sync(device)
-        t1 = time.time()
-        out = model.generate(
-            **inputs, max_new_tokens=args.max_new_tokens, **gen, **_cache_kwargs(cache)
-        )
-        _sync(device)
-        seconds = time.time() - t1
-    new = out[0, inputs["input_ids"].shape[1] :]
-    print(tok.decode(new, skip_special_tokens=True))
+    result = timed_generate(
+        model, tok, args.prompt, args.max_new_tokens, chat=args.chat, compiled=compiled,
+        kv4=args.kv4,
+    )  # fmt: skip
+    print(result.text)
+    warm = f"; compile + warm-up {result.warmup_seconds:.1f} s" if compiled else ""
     print(
-        f"[{new.numel()} tokens in {seconds:.2f} s = {new.numel() / seconds:.1f} tok/s on {device}"
-        f"{f'; compile + warm-up {warm:.1f} s' if compiled else ''}]",
+        f"[{result.tokens} tokens in {result.seconds:.2f} s = {result.tokens_per_second:.1f} "
+        f"tok/s on {device}{warm}]",
         file=sys.stderr,
     )
     if args.kv4 != "off":
+        cache = result.cache
         scheme = cache.scheme
         keys = f"per channel over {scheme.key_tokens} tokens" if scheme.key_tokens else "per token"
         # the same K and V in 16 bits: 2 tensors x 2 bytes x 2 channels per code byte
         fp16 = sum(8 * layer.key_cache.codes.numel() for layer in cache.layers)
+        length = cache.layers[0].max_cache_len
         note = ""
         if scheme.key_tokens and length < 8 * scheme.key_tokens:
             note = f"; its {scheme.key_tokens}-token 16-bit residual dominates short caches"
@@ -218,53 +201,6 @@ def cmd_generate(args: argparse.Namespace) -> None:
             f"= {cache.nbytes() / fp16:.3f}x of fp16 for {length} positions{note}]",
             file=sys.stderr,
         )
-
-
-def _generate_cache(model: torch.nn.Module, kv4: str, length: int, compiled: bool):
-    """The `generate` cache, sized for the prompt and every new token: a KV4Cache (`--kv4`), a
-    static cache when compiled (the compiled warm-up and the timed run then share one graph:
-    a cache of another length would recompile), else None (transformers' dynamic cache)."""
-    if kv4 != "off":
-        return _kv4_cache(model, kv4, length)
-    if not compiled:
-        return None
-    from transformers import StaticCache
-
-    return StaticCache(config=model.config, max_cache_len=length)
-
-
-def _cache_kwargs(cache) -> dict:
-    """generate()'s cache argument: `cache` where transformers names it so (its older name,
-    `past_key_values`, warns there), else `past_key_values`."""
-    if cache is None:
-        return {}
-    from transformers.generation import utils
-
-    return {
-        "cache" if "cache" in getattr(utils, "ALL_CACHE_NAMES", ()) else "past_key_values": cache
-    }
-
-
-def _kv4_cache(model: torch.nn.Module, kind: str, length: int):
-    """The `generate --kv4` cache: None for "off"; "token": K and V per token in groups of
-    min(128, head_dim) channels; "channel": keys per channel over 128 tokens (the accurate
-    format, docs/kv4.md), V one group per head."""
-    if kind == "off":
-        return None
-    from qcompile.config import KVScheme
-    from qcompile.integrations.kv4_cache import KV4Cache
-
-    text = model.config.get_text_config(decoder=True)
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    tokens = 128 if kind == "channel" else 0
-    return KV4Cache(
-        model.config, length, KVScheme(group_size=min(128, head_dim), key_tokens=tokens)
-    )
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def cmd_eval(args: argparse.Namespace) -> None:

@@ -96,6 +96,15 @@ class CompileReport:
             text += f"; {len(self.attention)} attention: " + _counts(self.attention)
         return text
 
+    def latest_per_layer(self) -> CompileReport:
+        """The report with one record per layer and attention node: the latest graph's (a
+        model compiled for prefill and decode, or for several shapes, lists each once)."""
+        records = {r.name: r for r in self.records}
+        attention = {r.name: r for r in self.attention}
+        return CompileReport(
+            list(records.values()), self.graphs, list(attention.values()), self.pass_seconds
+        )
+
     def table(self) -> str:
         """A fixed-width table, one row per layer, for printing."""
         rows = [("layer", "N x K", "status", "path", "detail")]

@@ -199,3 +199,24 @@ def test_generate_with_a_kv4_cache(model_dir, capsys, kind):
     ratio = cache.nbytes() / (8 * sum(layer.key_cache.codes.numel() for layer in cache.layers))
     assert f"= {ratio:.3f}x of fp16" in captured.err
     assert ("per channel over 128 tokens" in captured.err) is (kind == "channel")
+
+
+def test_timed_generate_same_text_on_dynamic_and_static_caches(model_dir):
+    """`integrations.generation.timed_generate`, what `generate` and the demo print: the static
+    cache a compiled model is given (here on an eager model) yields the dynamic cache's
+    greedy tokens; bad `kv4` names are refused."""
+    import qcompile
+    from qcompile.integrations.generation import timed_generate
+    from qcompile.integrations.kv4_cache import KV4Cache
+
+    model, tok, _ = cli.load_model(str(model_dir))
+    qcompile.quantize_(model, qcompile.QuantConfig(qcompile.Scheme(group_size=32)))
+    dynamic = timed_generate(model, tok, "w1 w2 w3", 8)
+    static = timed_generate(model, tok, "w1 w2 w3", 8, compiled=True)
+    assert dynamic.text == static.text and dynamic.tokens == static.tokens > 0
+    assert dynamic.warmup_seconds is None and static.warmup_seconds > 0
+    assert dynamic.cache is None and type(static.cache).__name__ == "StaticCache"
+    kv4 = timed_generate(model, tok, "w1 w2 w3", 8, kv4="token")
+    assert isinstance(kv4.cache, KV4Cache) and kv4.tokens == dynamic.tokens
+    with pytest.raises(ValueError, match="kv4='int2'"):
+        timed_generate(model, tok, "w1", 2, kv4="int2")

