@@ -16,7 +16,12 @@ from qcompile.passes.linear import (
     execution_path,
     unsupported_reason,
 )
-from qcompile.quant.colocate import colocated_views, convert_colocated, spanning_view
+from qcompile.quant.colocate import (
+    colocated_views,
+    column_slice_geometry,
+    convert_colocated,
+    spanning_view,
+)
 from qcompile.quant.int4 import PackedInt4
 from qcompile.quant.rtn import quantize_weight_int4
 from qcompile.quant.w4a8 import PackedW4A8, quantize_weight_w4a8
@@ -65,11 +70,14 @@ class W4A16Linear(nn.Module):
     def _apply(self, fn, recurse=True):
         # Module.to() / .half() convert every buffer on its own: co-located siblings would each
         # get contiguous copies of their floating-point scales and offsets while the int32
-        # qweight stays a view, breaking the op's one-row-stride contract and the fusion.
+        # qweight stays a slice, breaking the op's one-row-stride contract and the fusion.
         groups = [
             names
             for names in (_COLOCATED_BUFFERS, ("bias",))
-            if all((b := self._buffers.get(n)) is not None and b._base is not None for n in names)
+            if all(
+                (b := self._buffers.get(n)) is not None and column_slice_geometry(b) is not None
+                for n in names
+            )
         ]
         hidden = {n: self._buffers[n] for names in groups for n in names}
         self._buffers.update(dict.fromkeys(hidden))  # None: skipped by Module._apply

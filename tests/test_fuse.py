@@ -119,6 +119,22 @@ def test_a_cast_of_the_model_keeps_siblings_colocated(cast):
     assert _storage(attn.q_proj.scales) == scales  # already co-located: nothing is copied
 
 
+def test_a_deep_copy_keeps_colocation_through_a_cast():
+    """A deep copy's buffers are no longer views (`_base` is None) but still share one storage
+    per kind; a cast of the copy keeps that (read from strides and storages, not `_base`)."""
+    model = tiny_causal_lm("llama", 1)
+    qcompile.quantize_(model, G32)
+    twin = copy.deepcopy(model)
+    attn = twin.model.layers[0].self_attn
+    assert attn.q_proj.scales._base is None
+    twin.half()
+    for buffer in ("qweight", "scales", "offsets"):
+        assert len({_storage(getattr(m, buffer)) for m in attn.children()}) == 1, buffer
+    ids = _ids()
+    with torch.no_grad():
+        assert torch.equal(twin(ids).logits, model.half()(ids).logits)
+
+
 def test_colocate_again_after_layers_were_converted_one_by_one():
     """Converting one layer at a time cannot share a converted base with siblings converted
     later; `colocate_siblings` puts them back into one storage."""

@@ -163,6 +163,32 @@ def _requested_bytes() -> int:
     return torch.cuda.memory_stats()["requested_bytes.all.current"]
 
 
+def test_quantized_on_cpu_then_moved_to_cuda_keeps_siblings_fused():
+    """quantize_ on CPU in float32, then `.to("cuda", torch.float16)`: the move keeps q/k/v/o
+    and gate/up co-located (one storage per kind on the GPU), the backend fuses them into one
+    launch each on the Triton path, and the logits match the CPU reference op in fp16."""
+    from helpers import tiny_causal_lm
+
+    model = tiny_causal_lm("qwen2", 2)
+    qcompile.quantize_(model, QuantConfig(Scheme(group_size=32)))
+    reference = copy.deepcopy(model).half()  # the same codes, CPU reference op
+    model.to("cuda", torch.float16)
+    attn = model.model.layers[0].self_attn
+    qkvo = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj)
+    for buffer in ("qweight", "scales", "offsets"):
+        tensors = [getattr(m, buffer) for m in qkvo]
+        assert {t.device.type for t in tensors} == {"cuda"}
+        assert len({t.untyped_storage().data_ptr() for t in tensors}) == 1, buffer
+    ids = torch.randint(3, 256, (2, 9), generator=torch.Generator().manual_seed(0))
+    be = qcompile.backend(QuantConfig(Scheme(group_size=32)))
+    with torch.no_grad():
+        out = torch.compile(model, backend=be)(ids.cuda()).logits
+        ref = reference(ids).logits
+    assert_close_rel(out.float().cpu(), ref.float(), torch.float16)
+    assert "10 sibling layers fused into 4 launches" in be.report.summary()
+    assert {r.path for r in be.report.records if r.status == "prequantized"} == {"triton"}
+
+
 def test_quantize_ahead_of_time_memory_on_cuda():
     # One-time lazy allocations (library workspaces, the first use of an op) would count as
     # "not freed": quantize a throwaway model first, then measure a second one.

@@ -56,54 +56,71 @@ def spanning_view(tensors: Sequence[torch.Tensor]) -> torch.Tensor | None:
     return first.as_strided((*first.shape[:-1], n_total), stride, first.storage_offset())
 
 
+def column_slice_geometry(t: torch.Tensor) -> tuple[int, int] | None:
+    """(first column, total columns) of `t` as a column slice of a row-major tensor that fills
+    its storage from offset 0 (the layout above), or None where `t` is its whole storage or laid
+    out otherwise. Read from strides and the storage, so it holds for views, deep copies and
+    loaded tensors alike. 1-D (bias) or 2-D."""
+    if t.dim() not in (1, 2) or t.numel() == 0 or (t.shape[-1] > 1 and t.stride(-1) != 1):
+        return None
+    total = t.untyped_storage().nbytes() // t.element_size()
+    rows = t.shape[0] if t.dim() == 2 else 1
+    width = t.stride(0) if rows > 1 else total
+    start = t.storage_offset()
+    if width * rows != total or t.shape[-1] >= width or start + t.shape[-1] > width:
+        return None
+    return start, width
+
+
 @dataclass
 class _Conversion:
     """The members of one co-located group converted so far by one conversion function."""
 
-    fn: Callable[[torch.Tensor], torch.Tensor]
-    # column start in the base -> (module, its converted tensors, in `names` order)
+    width: int
+    # first column -> (module, its converted tensors, in `names` order)
     members: dict[int, tuple[weakref.ref, list[torch.Tensor]]] = field(default_factory=dict)
 
 
 def convert_colocated(
     module: torch.nn.Module, names: Sequence[str], fn: Callable[[torch.Tensor], torch.Tensor]
 ) -> None:
-    """Apply a `Module._apply` conversion (`.to()`, `.half()`, `.cuda()`) to the co-located
-    buffers `names` of `module` (column slices of one base per name, same members), keeping
-    the layout: each becomes a contiguous copy of `fn(view)` (so the module is consistent on
-    its own), and once every member of the group has been converted by the same `fn` (one
-    `Module.to()` call passes one `fn` to every module) the copies are joined into one tensor
-    per name and every member's buffers become its slices again. Members converted by
-    different calls (layer by layer) keep their own copies, which `colocate_siblings` joins.
-    Peak extra memory: one group."""
-    views = [module._buffers[name] for name in names]
-    converted = [fn(v).contiguous() for v in views]
-    for name, tensor in zip(names, converted, strict=True):
-        module._buffers[name] = tensor
-    base = views[0]._base
-    if base is None or not base.is_contiguous() or base.shape[:-1] != views[0].shape[:-1]:
+    """Apply a `Module._apply` conversion (`.to()`, `.half()`, `.cuda()`) to `module`'s buffers
+    `names` (co-located with the same siblings, `column_slice_geometry`), keeping the layout.
+
+    Each buffer becomes a contiguous copy of `fn(buffer)` (so the module is consistent on its
+    own: the op needs one row stride for all of them), and once every member of the group has
+    been converted by the same `fn` (one `Module.to()` call passes one `fn` to every module),
+    the copies are joined into one tensor per name and each member's buffers become its slices
+    again. The groups in progress live on `fn` itself and die with it. Members converted by
+    different calls (layer by layer) keep their own copies: `colocate_siblings` joins them.
+    A conversion that changes nothing copies nothing. Peak extra memory: one group."""
+    tensors = [module._buffers[name] for name in names]
+    converted = [fn(t) for t in tensors]
+    if all(c is t for c, t in zip(converted, tensors, strict=True)):
         return
-    conversion = getattr(base, "_qcompile_conversion", None)
-    if conversion is None or conversion.fn is not fn:
-        conversion = base._qcompile_conversion = _Conversion(fn)
-    conversion.members[views[0].storage_offset() - base.storage_offset()] = (
-        weakref.ref(module),
-        converted,
-    )
-    starts = sorted(conversion.members)
-    widths = [conversion.members[c][1][0].shape[-1] for c in starts]
-    ends = [c + w for c, w in zip(starts, widths, strict=True)]
-    if starts[0] != 0 or starts[1:] != ends[:-1] or ends[-1] != base.shape[-1]:
+    geometry = {column_slice_geometry(t) for t in tensors}
+    converted = [c.contiguous() for c in converted]
+    for name, c in zip(names, converted, strict=True):
+        module._buffers[name] = c
+    groups = getattr(fn, "__dict__", {}).setdefault("_qcompile_colocated", {})
+    if len(geometry) != 1 or None in geometry or not isinstance(groups, dict):
+        return
+    (start, width), key = geometry.pop(), tensors[0].untyped_storage().data_ptr()
+    group = groups.setdefault(key, _Conversion(width))
+    group.members[start] = (weakref.ref(module), converted)
+    starts = sorted(group.members)
+    ends = [c + group.members[c][1][0].shape[-1] for c in starts]
+    if starts[0] != 0 or starts[1:] != ends[:-1] or ends[-1] != group.width:
         return  # not every member converted yet
-    del base._qcompile_conversion
-    members = [conversion.members[c] for c in starts]
+    del groups[key]
+    members = [group.members[c] for c in starts]
     owners = [owner() for owner, _ in members]
     if any(
-        m is None or any(m._buffers.get(n) is not t for n, t in zip(names, tensors, strict=True))
-        for m, (_, tensors) in zip(owners, members, strict=True)
+        m is None or any(m._buffers.get(n) is not t for n, t in zip(names, ts, strict=True))
+        for m, (_, ts) in zip(owners, members, strict=True)
     ):
         return  # a member was replaced or converted again meanwhile: leave the copies
     for i, name in enumerate(names):
-        joined = colocated_views([tensors[i] for _, tensors in members])
+        joined = colocated_views([ts[i] for _, ts in members])
         for m, view in zip(owners, joined, strict=True):
             m._buffers[name] = view
