@@ -171,6 +171,9 @@ def test_k_not_divisible_raises_when_asked():
         ),
         ((64, 4096), torch.float32, "cuda", "float32 on CUDA"),
         ((64, 80), torch.float16, "cuda", None),  # g=None below: per-channel K=80 ...
+        # K's own limits come before any group-size advice, which could not fix them
+        ((64, 100), torch.float32, "cpu", "K=100 is not a multiple of 8 (int4 packing); skip"),
+        ((64, 80), torch.float16, "cuda", "K=80 is not a multiple of 32 (kernel tile); skip"),
         ((64, 4096), torch.float16, "mps", "device mps has no W4A16 kernel"),
         ((64, 4096), torch.int8, "cpu", "not a float type"),
     ],

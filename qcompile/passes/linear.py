@@ -64,18 +64,17 @@ def unsupported_reason(
     if not dtype.is_floating_point:
         return f"weight dtype {dtype} is not a float type"
     k = shape[1]
+    # K's own limits first: no group size fixes them, so none is suggested.
+    if k % 8:
+        return f"K={k} is not a multiple of 8 (int4 packing); skip this module"
+    if device_type == "cuda" and k % lowering.k_multiple:
+        return f"K={k} is not a multiple of {lowering.k_multiple} (kernel tile); skip this module"
     g = scheme.group_size_for(k)
     if k % g:
         fits = [s for s in (64, 32) if s < g and k % s == 0]
         fix = f"use group_size={fits[0]}" if fits else "use group_size=None (per-channel)"
         return f"K={k} is not divisible by group_size={g}; {fix} or skip this module"
-    if k % 8:
-        return f"K={k} is not a multiple of 8 (int4 packing); skip this module"
     if device_type == "cuda":
-        if k % lowering.k_multiple:
-            return (
-                f"K={k} is not a multiple of {lowering.k_multiple} (kernel tile); skip this module"
-            )
         if dtype not in lowering.kernel_dtypes:
             return (
                 f"{dtype} on CUDA: the {label} kernels take float16/bfloat16 activations; "
