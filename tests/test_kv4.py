@@ -569,13 +569,13 @@ class FakeKV4Cache(StaticCache):
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
 
-def _generate(model, cache, max_new_tokens: int = 6, **kwargs):
+def _generate(model, cache, max_new_tokens: int = 6, prompt=PROMPT, **kwargs):
     out = model.generate(
-        PROMPT, attention_mask=torch.ones_like(PROMPT), past_key_values=cache,
+        prompt, attention_mask=torch.ones_like(prompt), past_key_values=cache,
         max_new_tokens=max_new_tokens, do_sample=False, output_scores=True,
         return_dict_in_generate=True, **kwargs,
     )  # fmt: skip
-    return out.sequences[:, PROMPT.shape[1] :], torch.stack(out.scores)
+    return out.sequences[:, prompt.shape[1] :], torch.stack(out.scores)
 
 
 @pytest.fixture(scope="module")
@@ -704,7 +704,7 @@ def test_prefill_op_fast_path_matches_reference_and_float64(per_channel, start):
     kq = (quantize_kv4_keys_per_channel(past, 32) if per_channel
           else quantize_kv4(past, KVScheme(group_size=32)))  # fmt: skip
     vq = quantize_kv4(torch.randn(b, hkv, s, d, generator=gen), KVScheme(group_size=64))
-    q = torch.randn(b, hq, sq, d, generator=gen)
+    q = torch.randn(b, sq, hq, d, generator=gen).transpose(1, 2)  # a projection's layout
     k, v = torch.randn(b, hkv, sq, d, generator=gen), torch.randn(b, hkv, sq, d, generator=gen)
     pos = torch.arange(start, start + sq)
     length = torch.tensor(start + sq)
@@ -716,6 +716,8 @@ def test_prefill_op_fast_path_matches_reference_and_float64(per_channel, start):
         assert rel_error(fast, ref) < 1e-5
         hinted = kv4_prefill_attention_fast(*args, mask, 0.125, res, length, start)
         assert rel_error(hinted, ref) < 1e-5
+        # the layout the fake promises (Inductor asserts it on compiled graphs)
+        assert ref.is_contiguous() and fast.is_contiguous() and hinted.is_contiguous()
         kp = dequantize_kv4(dataclasses.replace(kq, length=length), torch.float64)
         kp = kp.clone()
         kp[:, :, pos] = k.double()
@@ -1052,6 +1054,45 @@ def test_qcompile_backend_generate_with_kv4_cache_and_w4a16_linears():
     assert [(r.form, r.status) for r in backend.report.attention] == [("sdpa", "quantized")]
     statuses = sorted(r.status for r in backend.report.records)
     assert statuses == ["prequantized"] * 7 + ["skipped"]  # lm_head
+
+
+@pytest.mark.parametrize("packed_reads", [False, True], ids=["sdpa", "qcompile_kv4"])
+@pytest.mark.parametrize("fresh_prefill", [True, False])
+def test_qcompile_backend_compiles_prefill_over_a_kv4_cache(fresh_prefill, packed_reads):
+    """`model.forward` compiled with the backend (what `qcompile generate --compile on` does),
+    prompts of two lengths (the second compiles with a symbolic length): generate() gives the
+    eager tokens. Through SDPA every attention, the dynamic prompt's too, is rewritten into
+    kv4_attention; through the qcompile_kv4 function the prompt runs kv4_prefill_attention
+    (fresh_prefill), whose real outputs must have the strides its fake promises (Inductor
+    asserts them; a model's query is a transposed projection)."""
+    torch._dynamo.reset()
+    model = tiny_llama(1, head_dim=64, num_key_value_heads=1)
+    if packed_reads:
+        enable_kv4_attention(model)
+    config = QuantConfig(Scheme(group_size=64))
+    qcompile.quantize_(model, config)
+    scheme = KVScheme(group_size=64, fresh_prefill=fresh_prefill)
+    prompts = [PROMPT, PROMPT[:, :9]]
+
+    def run():
+        return [_generate(model, KV4Cache(model.config, 24, scheme), prompt=p) for p in prompts]
+
+    want = run()
+    backend = qcompile.backend(config)
+    forward = model.forward
+    model.forward = torch.compile(forward, backend=backend)
+    try:
+        got = run()
+    finally:
+        model.forward = forward
+        torch._dynamo.reset()
+    for (tokens, scores), (want_tokens, want_scores) in zip(got, want, strict=True):
+        assert torch.equal(tokens, want_tokens) and rel_error(scores, want_scores) < 1e-5
+    statuses = {r.status for r in backend.report.attention}
+    assert statuses == {"prequantized" if packed_reads else "quantized"}, [
+        (r.status, r.detail) for r in backend.report.attention
+    ]
+    assert len(backend.report.attention) == 3  # prompt, decode step, dynamic-length prompt
 
 
 # --------------------------------------------------------------------------- on the H100

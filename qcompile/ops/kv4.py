@@ -356,7 +356,9 @@ def _prefill_attention(
     k = k.repeat_interleave(hq // hkv, dim=1)
     v = v.repeat_interleave(hq // hkv, dim=1)
     out = F.scaled_dot_product_attention(query.to(dtype), k, v, attn_mask=bias, scale=scale)
-    return out.nan_to_num_(0.0).to(query.dtype)  # a query that sees no key -> 0, as kv4_attention
+    # a query that sees no key -> 0, as kv4_attention; contiguous, as the fake promises (SDPA's
+    # output takes the query's layout, and a model's query is a transposed projection)
+    return out.nan_to_num_(0.0).to(query.dtype).contiguous()
 
 
 def kv4_prefill_attention_reference(
@@ -440,7 +442,7 @@ def kv4_prefill_attention_fast(
             query.to(dtype), key.to(dtype), value.to(dtype), is_causal=True, scale=scale,
             enable_gqa=True,
         )  # fmt: skip
-        return out.to(query.dtype)
+        return out.to(query.dtype).contiguous()
     limit = s if start is None else min(s, start + sq)
     return _prefill_attention(
         query, key, value, k_codes, k_scales, k_offsets, v_codes, v_scales, v_offsets,

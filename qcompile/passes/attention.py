@@ -47,6 +47,11 @@ SOFTMAX_TARGETS = (F.softmax, torch.softmax)
 KV4_ATTENTION = torch.ops.qcompile.kv4_attention.default
 DECODE_ATTENTION = torch.ops.qcompile.decode_attention.default
 KV4_ATTENTION_TARGETS = (KV4_ATTENTION, torch.ops.qcompile.kv4_attention)
+# the qcompile_kv4 function's prompt op (`KVScheme.fresh_prefill`): reported, never emitted
+KV4_PREFILL_TARGETS = (
+    torch.ops.qcompile.kv4_prefill_attention.default,
+    torch.ops.qcompile.kv4_prefill_attention,
+)
 _REWRITTEN = "qcompile_kv4_rewritten"  # node.meta key on the kv4_attention calls we emit
 KV4_DEQUANTIZE_TARGETS = (
     torch.ops.qcompile.kv4_dequantize.default,
@@ -184,9 +189,10 @@ def strip_repeat_kv(node: Node) -> tuple[Node, int]:
     return index.args[0], n_rep if isinstance(n_rep, int) else 0
 
 
-def strip_prefix_slice(node: Node) -> tuple[Node, int | None]:
-    """(x, n) for `x[:, :, :n, :]` with a constant n (transformers' causal prefill over a
-    static cache keeps only the first Sq positions), else (node, None)."""
+def strip_prefix_slice(node: Node) -> tuple[Node, int | Node | None]:
+    """(x, n) for `x[:, :, :n, :]` (transformers' causal prefill over a static cache keeps only
+    the first Sq positions): n a constant, or the graph's symbol for Sq once a second prompt
+    length made it dynamic; else (node, None)."""
     if not (_is_call(node, (operator.getitem,)) and isinstance(node.args[1], tuple)):
         return node, None
     index = node.args[1]
@@ -196,7 +202,7 @@ def strip_prefix_slice(node: Node) -> tuple[Node, int | None]:
     cut = index[2]
     if not (isinstance(cut, slice) and cut.start in (None, 0) and cut.step in (None, 1)):
         return node, None
-    return (node.args[0], cut.stop) if isinstance(cut.stop, int) else (node, None)
+    return (node.args[0], cut.stop) if isinstance(cut.stop, (int, Node)) else (node, None)
 
 
 @dataclass(frozen=True)
@@ -205,7 +211,7 @@ class KV4Source:
 
     tensors: tuple[Node, Node, Node]  # codes, scales, offsets
     n_rep: int  # repeat_kv factor (1: none; 0: not a constant)
-    prefix: int | None  # only the first `prefix` positions are read (None: all)
+    prefix: int | Node | None  # only the first `prefix` positions are read (None: all)
     residual: Node | None = None  # keys per channel: the residual and the written length
     length: Node | None = None
 
@@ -232,6 +238,15 @@ def _shape(node: object) -> tuple | None:
 
 def _static(*sizes) -> bool:
     return all(isinstance(s, int) for s in sizes)
+
+
+def _same_size(a: object, b: object) -> bool:
+    """Equal constants, or symbolic sizes of one expression (compared without a guard: the
+    graph is already traced)."""
+    if _static(a, b):
+        return a == b
+    exprs = [getattr(getattr(x, "node", None), "expr", None) for x in (a, b)]
+    return exprs[0] is not None and exprs[0] == exprs[1]
 
 
 def rewrite_problem(match: AttentionMatch, k: KV4Source, v: KV4Source) -> str | None:
@@ -261,7 +276,7 @@ def rewrite_problem(match: AttentionMatch, k: KV4Source, v: KV4Source) -> str | 
             return f"mask of shape {shape}: only 4-D masks [B|1, H|1, Sq, S] are rewritten"
     if match.is_causal:
         q, k = _shape(match.query), _shape(match.key)
-        if q is None or k is None or not _static(q[2], k[2]) or q[2] != k[2]:
+        if q is None or k is None or not _same_size(q[2], k[2]):
             return "causal SDPA with Sq != S (top-left aligned mask): not rewritten"
     return None
 
@@ -410,14 +425,19 @@ def rewrite_attention(gm: GraphModule, config: QuantConfig, report: CompileRepor
 
 
 def _record_prequantized(gm: GraphModule, report: CompileReport) -> None:
-    """kv4_attention calls the pass did not write (transformers' qcompile_kv4 function)."""
+    """kv4_attention / kv4_prefill_attention calls the pass did not write (transformers'
+    qcompile_kv4 function)."""
     for node in gm.graph.nodes:
-        if not _is_call(node, KV4_ATTENTION_TARGETS) or node.meta.get(_REWRITTEN):
+        prefill = _is_call(node, KV4_PREFILL_TARGETS)
+        if not (prefill or _is_call(node, KV4_ATTENTION_TARGETS)) or node.meta.get(_REWRITTEN):
             continue
-        name = _module_path(node)
-        q, codes = _shape(node.args[0]), _shape(node.args[1])
+        codes_arg = node.args[3] if prefill else node.args[1]  # after query (, key, value)
+        q, codes = _shape(node.args[0]), _shape(codes_arg)
         heads = (q[1], codes[1]) if q and codes else (0, 0)
+        detail = "qcompile_kv4 attention function"
+        if prefill:
+            detail += " (a prompt: its own K/V in 16 bits, earlier positions in 4)"
         report.add(AttentionRecord(
-            name, "kv4", heads, q[3] if q else 0, "prequantized",
-            "qcompile_kv4 attention function", _path(node.args[1]),
+            name=_module_path(node), form="kv4", heads=heads, head_dim=q[3] if q else 0,
+            status="prequantized", detail=detail, path=_path(codes_arg),
         ))  # fmt: skip
