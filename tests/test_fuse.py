@@ -135,6 +135,41 @@ def test_a_deep_copy_keeps_colocation_through_a_cast():
         assert torch.equal(twin(ids).logits, model.half()(ids).logits)
 
 
+def _to_double(t: torch.Tensor) -> torch.Tensor:
+    return t.double() if t.is_floating_point() else t
+
+
+class _Converter:
+    def convert(self, t: torch.Tensor) -> torch.Tensor:
+        return _to_double(t)
+
+
+@pytest.mark.parametrize("kind", ["function", "bound method"])
+def test_model_apply_with_a_long_lived_conversion_function(kind):
+    """`_apply` with a module-level function (the groups it holds are dropped as they
+    complete) or a bound method (no groups: its attributes are shared by every call): the
+    model converts, every layer stays consistent, outputs equal the separately stored
+    layers'; a function rejoins the siblings, a method leaves copies for colocate_siblings."""
+    model = tiny_causal_lm("qwen2", 1)
+    separate = copy.deepcopy(model)
+    qcompile.quantize_(model, G32)
+    qcompile.quantize_(separate, UNFUSED_G32)
+    fn = _to_double if kind == "function" else _Converter().convert
+    for _ in range(2):  # a second call finds no stale group
+        model._apply(fn)
+    separate.double()
+    ids = _ids()
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, separate(ids).logits)
+    attn = model.model.layers[0].self_attn
+    qkvo = list(attn.children())
+    shared = len({_storage(m.scales) for m in qkvo}) == 1
+    assert shared == (kind == "function")
+    assert _to_double.__dict__.get("_qcompile_colocated", {}) == {}
+    qcompile.colocate_siblings(model)
+    assert len({_storage(m.scales) for m in qkvo}) == 1
+
+
 def test_colocate_again_after_layers_were_converted_one_by_one():
     """Converting one layer at a time cannot share a converted base with siblings converted
     later; `colocate_siblings` puts them back into one storage."""

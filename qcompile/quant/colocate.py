@@ -11,6 +11,7 @@ sibling's output without copying a weight (`qcompile.passes.fuse`).
 
 from __future__ import annotations
 
+import types
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -77,8 +78,9 @@ class _Conversion:
     """The members of one co-located group converted so far by one conversion function."""
 
     width: int
-    # first column -> (module, its converted tensors, in `names` order)
-    members: dict[int, tuple[weakref.ref, list[torch.Tensor]]] = field(default_factory=dict)
+    # first column -> (module, its converted tensors in `names` order), all held weakly: a
+    # group that never completes keeps nothing alive
+    members: dict[int, tuple[weakref.ref, list[weakref.ref]]] = field(default_factory=dict)
 
 
 def convert_colocated(
@@ -89,11 +91,12 @@ def convert_colocated(
 
     Each buffer becomes a contiguous copy of `fn(buffer)` (so the module is consistent on its
     own: the op needs one row stride for all of them), and once every member of the group has
-    been converted by the same `fn` (one `Module.to()` call passes one `fn` to every module),
-    the copies are joined into one tensor per name and each member's buffers become its slices
-    again. The groups in progress live on `fn` itself and die with it. Members converted by
-    different calls (layer by layer) keep their own copies: `colocate_siblings` joins them.
-    A conversion that changes nothing copies nothing. Peak extra memory: one group."""
+    been converted by the same `fn` (one `Module.to()` call passes one fresh function to every
+    module), the copies are joined into one tensor per name and each member's buffers become
+    its slices again. The groups in progress live on `fn` itself and die with it. Members
+    converted by different calls (layer by layer) keep their own copies: `colocate_siblings`
+    joins them. A conversion that changes nothing copies nothing. Peak extra memory: one
+    group."""
     tensors = [module._buffers[name] for name in names]
     converted = [fn(t) for t in tensors]
     if all(c is t for c, t in zip(converted, tensors, strict=True)):
@@ -102,25 +105,28 @@ def convert_colocated(
     converted = [c.contiguous() for c in converted]
     for name, c in zip(names, converted, strict=True):
         module._buffers[name] = c
-    groups = getattr(fn, "__dict__", {}).setdefault("_qcompile_colocated", {})
-    if len(geometry) != 1 or None in geometry or not isinstance(groups, dict):
+    # a bound method's attributes are its function's, shared by every call: no memo there
+    state = None if isinstance(fn, types.MethodType) else getattr(fn, "__dict__", None)
+    if len(geometry) != 1 or None in geometry or not isinstance(state, dict):
         return
+    groups = state.setdefault("_qcompile_colocated", {})
     (start, width), key = geometry.pop(), tensors[0].untyped_storage().data_ptr()
     group = groups.setdefault(key, _Conversion(width))
-    group.members[start] = (weakref.ref(module), converted)
+    group.members[start] = (weakref.ref(module), [weakref.ref(c) for c in converted])
     starts = sorted(group.members)
-    ends = [c + group.members[c][1][0].shape[-1] for c in starts]
+    ends = [c + group.members[c][1][0]().shape[-1] if group.members[c][1][0]() is not None
+            else -1 for c in starts]  # fmt: skip
     if starts[0] != 0 or starts[1:] != ends[:-1] or ends[-1] != group.width:
         return  # not every member converted yet
     del groups[key]
-    members = [group.members[c] for c in starts]
-    owners = [owner() for owner, _ in members]
-    if any(
-        m is None or any(m._buffers.get(n) is not t for n, t in zip(names, ts, strict=True))
-        for m, (_, ts) in zip(owners, members, strict=True)
-    ):
-        return  # a member was replaced or converted again meanwhile: leave the copies
-    for i, name in enumerate(names):
-        joined = colocated_views([ts[i] for _, ts in members])
-        for m, view in zip(owners, joined, strict=True):
+    owners = [group.members[c][0]() for c in starts]
+    pieces = [[ref() for ref in group.members[c][1]] for c in starts]
+    for m, ts in zip(owners, pieces, strict=True):
+        if m is None or any(m._buffers.get(n) is not t for n, t in zip(names, ts, strict=True)):
+            return  # a member was freed, replaced or converted again meanwhile: keep the copies
+    columns = [[ts[i] for ts in pieces] for i in range(len(names))]
+    if any(len({(t.dtype, t.device) for t in column}) != 1 for column in columns):
+        return  # mixed conversions: joining all names or none keeps each module consistent
+    for name, column in zip(names, columns, strict=True):
+        for m, view in zip(owners, colocated_views(column), strict=True):
             m._buffers[name] = view
