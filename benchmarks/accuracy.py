@@ -43,7 +43,6 @@ CORPUS = "/usr/share/doc/python3.11/html/_sources/tutorial"
 CALIBRATION = "/usr/share/doc/python3.11/html/_sources/howto"
 CALIBRATION_WINDOWS = 32  # x 512 tokens
 SMOOTH_WINDOWS = 8  # x 512 tokens of CALIBRATION for SmoothAttention's key statistics
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 HARNESS_CHECK = 14.36
 ROWS = [  # (label, scheme, method, note); None = the fp32 model
     ("fp32", None, "", "harness check: expected 14.36"),

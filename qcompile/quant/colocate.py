@@ -78,9 +78,9 @@ class _Conversion:
     """The members of one co-located group converted so far by one conversion function."""
 
     width: int
-    # first column -> (module, its converted tensors in `names` order), all held weakly: a
-    # group that never completes keeps nothing alive
-    members: dict[int, tuple[weakref.ref, list[weakref.ref]]] = field(default_factory=dict)
+    # first column -> (columns, module, its converted tensors in `names` order), the last two
+    # held weakly: a group that never completes keeps nothing alive
+    members: dict[int, tuple[int, weakref.ref, list[weakref.ref]]] = field(default_factory=dict)
 
 
 def convert_colocated(
@@ -112,15 +112,15 @@ def convert_colocated(
     groups = state.setdefault("_qcompile_colocated", {})
     (start, width), key = geometry.pop(), tensors[0].untyped_storage().data_ptr()
     group = groups.setdefault(key, _Conversion(width))
-    group.members[start] = (weakref.ref(module), [weakref.ref(c) for c in converted])
+    refs = [weakref.ref(c) for c in converted]
+    group.members[start] = (converted[0].shape[-1], weakref.ref(module), refs)
     starts = sorted(group.members)
-    ends = [c + group.members[c][1][0]().shape[-1] if group.members[c][1][0]() is not None
-            else -1 for c in starts]  # fmt: skip
+    ends = [c + group.members[c][0] for c in starts]
     if starts[0] != 0 or starts[1:] != ends[:-1] or ends[-1] != group.width:
         return  # not every member converted yet
     del groups[key]
-    owners = [group.members[c][0]() for c in starts]
-    pieces = [[ref() for ref in group.members[c][1]] for c in starts]
+    owners = [group.members[c][1]() for c in starts]
+    pieces = [[ref() for ref in group.members[c][2]] for c in starts]
     for m, ts in zip(owners, pieces, strict=True):
         if m is None or any(m._buffers.get(n) is not t for n, t in zip(names, ts, strict=True)):
             return  # a member was freed, replaced or converted again meanwhile: keep the copies
