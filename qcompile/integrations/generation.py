@@ -31,23 +31,29 @@ class Generation:
         return self.tokens / self.seconds
 
 
-def generation_cache(model: torch.nn.Module, kv4: str, length: int, compiled: bool):
-    """The cache for `length` positions: a `KV4Cache` (`kv4` "token": K and V per token in
-    groups of min(128, head_dim) channels; "channel": keys per channel over 128 tokens, the
-    accurate format, docs/kv4.md), a static cache when compiled, else None (transformers'
-    dynamic cache)."""
+def kv4_scheme(model: torch.nn.Module, kv4: str):
+    """The `KVScheme` of a `kv4` kind, or None for "off". "token": K and V per token in groups
+    of min(128, head_dim) channels (the fast format); "channel": keys per channel over 128
+    tokens (the accurate one, docs/kv4.md)."""
     if kv4 not in KV4_KINDS:
         raise ValueError(f"kv4={kv4!r}: expected one of {KV4_KINDS}")
-    if kv4 != "off":
-        from qcompile.config import KVScheme
+    if kv4 == "off":
+        return None
+    from qcompile.config import KVScheme
+
+    text = model.config.get_text_config(decoder=True)
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    return KVScheme(group_size=min(128, head_dim), key_tokens=128 if kv4 == "channel" else 0)
+
+
+def generation_cache(model: torch.nn.Module, kv4: str, length: int, compiled: bool):
+    """The cache for `length` positions: a `KV4Cache` of `kv4_scheme(model, kv4)`, a static
+    cache when compiled, else None (transformers' dynamic cache)."""
+    scheme = kv4_scheme(model, kv4)
+    if scheme is not None:
         from qcompile.integrations.kv4_cache import KV4Cache
 
-        text = model.config.get_text_config(decoder=True)
-        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-        tokens = 128 if kv4 == "channel" else 0
-        return KV4Cache(
-            model.config, length, KVScheme(group_size=min(128, head_dim), key_tokens=tokens)
-        )
+        return KV4Cache(model.config, length, scheme)
     if not compiled:
         return None
     from transformers import StaticCache
