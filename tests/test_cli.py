@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import helpers
 import pytest
@@ -236,7 +237,9 @@ def test_eval_with_a_kv4_cache_matches_the_harness(model_dir, capsys):
     out = capsys.readouterr().out
     assert "KV4 cache (keys per token, g32)" in out
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    ids = torch.tensor(AutoTokenizer.from_pretrained(model_dir)(open(text).read())["input_ids"])
+    ids = torch.tensor(
+        AutoTokenizer.from_pretrained(model_dir)(Path(text).read_text())["input_ids"]
+    )
     want = perplexity(model, ids, 32, 4, progress=False, kv=KVScheme(group_size=32))
     assert float(out.split()[1]) == pytest.approx(want, abs=5e-4)  # printed to 3 decimals
 
