@@ -5,6 +5,7 @@
     qcompile eval OUT --text /usr/share/doc/python3.11/html/_sources/tutorial
     qcompile report MODEL                                        # what the backend matched
     qcompile bench --shapes 4096x4096 --ms 1,16                  # W4A16 vs cuBLAS (GPU)
+    qcompile bench --model MODEL --batch 1,16                    # decode: 16-bit vs qcompile
 
 MODEL is a local folder: a transformers model (safetensors, or a GGUF file with --gguf-file),
 a qcompile checkpoint, or an AutoAWQ / GPTQ checkpoint; `smollm2` names the SmolLM2-135M model
@@ -244,31 +245,126 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
+    if args.model:
+        return _bench_model(args)
+    scheme = _config(args).scheme
+    if scheme.name != "w4a16":
+        raise CliError(
+            f"the kernel bench times W4A16; for {scheme.name} run benchmarks/bench_w4a8.py, "
+            "or compare models end to end with --model"
+        )
+    shapes = [_shape(spec) for spec in args.shapes.split(",")]
+    ms = _ints(args.ms, "--ms")
     if not torch.cuda.is_available():
-        raise CliError("bench needs a CUDA GPU (the kernels are Triton kernels for NVIDIA GPUs)")
+        raise CliError(
+            "the kernel bench needs a CUDA GPU (the kernels are Triton kernels for NVIDIA "
+            "GPUs); --model MODEL --device cpu compares a model end to end on CPU"
+        )
     import torch.nn.functional as F
     from triton.testing import do_bench
 
-    from qcompile.config import Scheme
     from qcompile.quant.rtn import quantize_weight_int4
 
     dtype = DTYPES[args.dtype]
     print(f"{'N x K':>12s} {'M':>5s} {'cuBLAS us':>10s} {'qcompile us':>12s} {'speedup':>8s}")
-    for spec in args.shapes.split(","):
-        n, k = map(int, spec.split("x"))
+    for n, k in shapes:
         w = torch.randn(n, k, device="cuda", dtype=dtype) * 0.02
-        p = quantize_weight_int4(w, Scheme(group_size=args.group_size), dtype)
-        for m in map(int, args.ms.split(",")):
+        p = quantize_weight_int4(w, scheme, dtype)
+        for m in ms:
             x = torch.randn(m, k, device="cuda", dtype=dtype)
             args_q = (x, p.qweight, p.scales, p.offsets, None, p.group_size)
             ours = 1e3 * do_bench(
                 lambda a=args_q: torch.ops.qcompile.w4a16_linear(*a), return_mode="median"
             )
             ref = 1e3 * do_bench(lambda x=x, w=w: F.linear(x, w), return_mode="median")
-            print(f"{spec:>12s} {m:5d} {ref:10.1f} {ours:12.1f} {ref / ours:7.2f}x")
+            print(f"{f'{n}x{k}':>12s} {m:5d} {ref:10.1f} {ours:12.1f} {ref / ours:7.2f}x")
     print(
         "single-weight timings (L2 may hold small weights); benchmarks/bench_w4a16.py is the full method"
     )
+
+
+def _ints(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise CliError(f"{flag} {text!r}: expected comma-separated integers, e.g. 1,16") from None
+    if any(v < 1 for v in values):
+        raise CliError(f"{flag} {text!r}: every value must be >= 1")
+    return values
+
+
+def _shape(spec: str) -> tuple[int, int]:
+    n, _, k = spec.partition("x")
+    if not (n.isdigit() and k.isdigit()):
+        raise CliError(f"--shapes: {spec!r} is not NxK (e.g. 4096x4096)")
+    return int(n), int(k)
+
+
+def _bench_model(args: argparse.Namespace) -> None:
+    """End to end: decode speed and memory of the 16-bit model, then of the same model
+    quantized (in place, so the 16-bit weights are freed) and compiled with the backend."""
+    import qcompile
+    from qcompile.integrations.generation import timed_decode
+
+    batches = _ints(args.batch, "--batch")
+    if args.new_tokens < 8:
+        raise CliError(f"--new-tokens {args.new_tokens}: time at least 8 (7 decode steps)")
+    device = _device(args.device)
+    dtype = DTYPES[args.model_dtype] if args.model_dtype else (
+        torch.bfloat16 if device.type == "cuda" else torch.float32
+    )  # fmt: skip
+    model, _, quantized = load_model(args.model, args.gguf_file, dtype=dtype)
+    model.to(device=device, dtype=dtype)
+    compiled = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
+    mode = args.mode if compiled else None
+    path = f"compiled, mode={mode}" if compiled else "eager"
+    print(
+        f"{args.model} on {device} ({str(dtype).removeprefix('torch.')}, {path}): greedy decode "
+        f"after {args.prompt_tokens} random prompt tokens, {args.new_tokens} new tokens"
+    )
+    config = _config(args)
+    scheme = config.scheme
+    label = f"qcompile {scheme.name} g{scheme.group_size or 'channel'}"
+    variants = [("qcompile (checkpoint)", None)] if quantized else [
+        (str(dtype).removeprefix("torch.") + (" + Inductor" if compiled else ""), "inductor"), (label, "qcompile")
+    ]  # fmt: skip
+    header = (
+        f"{'variant':<30s} {'batch':>5s} {'tok/s/seq':>10s} {'tok/s':>9s} {'prefill ms':>10s} "
+        f"{'warm-up s':>9s} {'weights MiB':>11s} {'peak MiB':>9s}"
+    )
+    print(header)
+    base: dict[int, float] = {}
+    for name, backend in variants:
+        kv4 = "off" if backend == "inductor" else args.kv4  # the baseline keeps a 16-bit cache
+        if backend == "qcompile":
+            qcompile.quantize_(model, config)
+        if kv4 != "off":
+            from qcompile.integrations.kv4_cache import enable_kv4_attention
+
+            enable_kv4_attention(model)
+            name += f" + KV4 {kv4}"
+        if compiled:
+            torch._dynamo.reset()
+            fn = torch.compile(
+                type(model).forward.__get__(model), backend=backend or "qcompile", mode=mode
+            )  # fmt: skip
+            model.forward = fn
+        weights = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+        for b in batches:
+            r = timed_decode(
+                model, b, args.prompt_tokens, args.new_tokens, compiled=compiled, kv4=kv4
+            )
+            tps = r.tokens_per_second
+            ratio = f"  {tps / base[b]:.2f}x" if b in base else ""
+            base.setdefault(b, tps)
+            peak = f"{r.peak_bytes / 2**20:9.0f}" if r.peak_bytes is not None else f"{'-':>9s}"
+            print(
+                f"{name:<30s} {b:5d} {tps:10.1f} {tps * b:9.1f} {1e3 * r.prefill_seconds:10.1f} "
+                f"{r.warmup_seconds:9.1f} {weights / 2**20:11.1f} {peak}{ratio}",
+                flush=True,
+            )
+    if device.type == "cpu":
+        print("on CPU the quantized layers run the reference op (dequantize + matmul): slow")
 
 
 # --------------------------------------------------------------------------- parser
@@ -366,11 +462,37 @@ def parser() -> argparse.ArgumentParser:
     _add_scheme(p)
     p.set_defaults(fn=cmd_report)
 
-    p = sub.add_parser("bench", help="W4A16 kernel vs cuBLAS on the GPU")
-    p.add_argument("--shapes", default="4096x4096,14336x4096,4096x14336")
-    p.add_argument("--ms", default="1,16,64,256")
-    p.add_argument("--group-size", type=int, default=128)
-    p.add_argument("--dtype", choices=("float16", "bfloat16"), default="float16")
+    p = sub.add_parser(
+        "bench", help="W4A16 kernel vs cuBLAS on the GPU; with --model, end-to-end decode speed"
+    )
+    p.add_argument(
+        "--shapes", default="4096x4096,14336x4096,4096x14336", help="kernel: NxK weights"
+    )
+    p.add_argument("--ms", default="1,16,64,256", help="kernel: rows M of the input")
+    p.add_argument("--dtype", choices=("float16", "bfloat16"), default="float16", help="kernel")
+    p.add_argument(
+        "--model", help="end to end instead: a local model folder (or 'smollm2'), its 16-bit "
+        "decode speed and memory against the same model quantized and compiled with qcompile",
+    )  # fmt: skip
+    p.add_argument("--gguf-file", help="GGUF file name inside the --model folder")
+    p.add_argument("--batch", default="1", help="--model: batch sizes, e.g. 1,16")
+    p.add_argument("--prompt-tokens", type=int, default=128, help="--model: random prompt length")
+    p.add_argument("--new-tokens", type=int, default=64, help="--model: tokens generated")
+    p.add_argument("--device", default="auto", help="--model: auto: cuda if visible, else cpu")
+    p.add_argument(
+        "--model-dtype", choices=tuple(DTYPES), default=None,
+        help="--model: default bf16 on GPU, fp32 on CPU",
+    )  # fmt: skip
+    p.add_argument(
+        "--compile", choices=("auto", "on", "off"), default="auto",
+        help="--model: compile both variants (auto: on with a GPU)",
+    )  # fmt: skip
+    p.add_argument("--mode", default="reduce-overhead", help="--model: torch.compile mode")
+    p.add_argument(
+        "--kv4", choices=KV4_KINDS, default="off",
+        help="--model: the quantized model decodes on a 4-bit KV cache (the 16-bit one does not)",
+    )  # fmt: skip
+    _add_scheme(p)
     p.set_defaults(fn=cmd_bench)
     return ap
 

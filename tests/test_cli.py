@@ -151,6 +151,14 @@ def test_user_errors_exit_2_with_one_line(tmp_path, capsys):
     if not torch.cuda.is_available():
         assert cli.main(["bench"]) == 2
         assert "needs a CUDA GPU" in capsys.readouterr().err
+    for args, message in [
+        (["--shapes", "4096"], "'4096' is not NxK"),
+        (["--ms", "1,x"], "--ms '1,x': expected comma-separated integers"),
+        (["--scheme", "w4a8"], "the kernel bench times W4A16"),
+        (["--model", str(tmp_path), "--batch", "0"], "--batch '0': every value must be >= 1"),
+    ]:
+        assert cli.main(["bench", *args]) == 2
+        assert message in capsys.readouterr().err
 
 
 def test_smollm2_is_found_without_importing_its_package(monkeypatch):
@@ -249,3 +257,51 @@ def test_eval_on_too_little_text_is_a_user_error(model_dir, capsys):
     assert cli.main([*args, "--device", "cpu"]) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]  # after the loading bar
     assert last.startswith("qcompile eval: ") and "fewer than --windows 99 x --window 512" in last
+
+
+def test_bench_model_compares_16_bit_and_quantized_decoding(model_dir, capsys):
+    """`bench --model`: one row per (variant, batch), the quantized one's weight memory and
+    its speed relative to the 16-bit row of the same batch."""
+    import qcompile
+    from qcompile import QuantConfig, Scheme
+
+    args = ["bench", "--model", str(model_dir), "--batch", "1,2", "--device", "cpu"]
+    args += ["--prompt-tokens", "8", "--new-tokens", "8", "--group-size", "32"]
+    assert cli.main(args) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()]
+    fp32 = [r for r in rows if r[0] == "float32"]
+    ours = [r for r in rows if r[:3] == ["qcompile", "w4a16", "g32"]]
+    assert [r[1] for r in fp32] == ["1", "2"] and [r[3] for r in ours] == ["1", "2"]
+    model = helpers.tiny_llama(num_layers=2)
+
+    def mib() -> float:
+        tensors = (*model.parameters(), *model.buffers())
+        return sum(t.numel() * t.element_size() for t in tensors) / 2**20
+
+    fp32_mib = mib()
+    qcompile.quantize_(model, QuantConfig(Scheme(group_size=32)))
+    assert float(fp32[0][6]) == pytest.approx(fp32_mib, abs=0.05)
+    assert float(ours[0][8]) == pytest.approx(mib(), abs=0.05)
+    for base, row in zip(fp32, ours, strict=True):
+        tok_s, per_seq = float(row[5]), float(row[4])
+        assert tok_s == pytest.approx(per_seq * int(row[3]), rel=0.01)
+        ratio = float(row[-1].removesuffix("x"))
+        assert ratio == pytest.approx(per_seq / float(base[2]), rel=0.02, abs=0.01)
+
+
+def test_timed_decode_generates_the_asked_tokens_past_eos(model_dir):
+    """EOS is suppressed (the tiny model's eos id 1 is likely enough to stop early otherwise)
+    and the decode time excludes the prompt."""
+    from transformers import AutoModelForCausalLM
+
+    from qcompile.integrations.generation import timed_decode
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    model.generation_config.eos_token_id = int(
+        model(torch.ones(1, 8, dtype=torch.long)).logits[0, -1].argmax()
+    )
+    r = timed_decode(model, batch=2, prompt_tokens=8, new_tokens=6)
+    assert (r.batch, r.prompt_tokens, r.new_tokens) == (2, 8, 6)
+    assert r.decode_seconds > 0 and r.tokens_per_second == 5 / r.decode_seconds
+    with pytest.raises(ValueError, match="new_tokens=1; need >= 2"):
+        timed_decode(model, 1, 8, 1)

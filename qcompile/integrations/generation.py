@@ -1,5 +1,6 @@
 """Timed greedy `generate()` of a transformers causal LM: what `qcompile generate` and the demo
-print (text, tokens per second, compile + warm-up time).
+print (text, tokens per second, compile + warm-up time), and the decode speed `qcompile bench
+--model` measures (`timed_decode`).
 
 A compiled model is warmed up on a cache of the same shape as the timed run's (a static or
 KV4 cache sized prompt + new tokens), so the timed run compiles nothing: a cache of another
@@ -119,6 +120,74 @@ def timed_generate(
     return Generation(
         tok.decode(new, skip_special_tokens=True), new.numel(), seconds, warmup, cache
     )
+
+
+@dataclass(frozen=True)
+class DecodeTiming:
+    """Greedy decoding of `batch` sequences: seconds of the prompt (with the first new token)
+    and of the `new_tokens - 1` decode steps after it; peak CUDA memory of the timed runs."""
+
+    batch: int
+    prompt_tokens: int
+    new_tokens: int
+    prefill_seconds: float
+    decode_seconds: float
+    warmup_seconds: float
+    peak_bytes: int | None
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Decode tokens per second per sequence."""
+        return (self.new_tokens - 1) / self.decode_seconds
+
+
+@torch.no_grad()
+def timed_decode(
+    model: torch.nn.Module,
+    batch: int,
+    prompt_tokens: int,
+    new_tokens: int,
+    *,
+    compiled: bool = False,
+    kv4: str = "off",
+    seed: int = 0,
+) -> DecodeTiming:
+    """Decode speed on `batch` prompts of `prompt_tokens` random tokens: `generate()` of one new
+    token, then of `new_tokens` (EOS suppressed), on caches of one shape (no recompile between
+    them); the difference is the time of `new_tokens - 1` decode steps. A short generation on
+    that cache shape first warms up (compiles, tunes, records CUDA graphs); timed apart."""
+    if new_tokens < 2:
+        raise ValueError(f"timed_decode: new_tokens={new_tokens}; need >= 2 (one decode step)")
+    device = next(model.parameters()).device
+    text = model.config.get_text_config(decoder=True)
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, text.vocab_size, (batch, prompt_tokens), generator=gen).to(device)
+    eos = model.generation_config.eos_token_id
+    pad = model.generation_config.pad_token_id
+    if pad is None:
+        pad = (eos[0] if isinstance(eos, list) else eos) if eos is not None else 0
+    inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False)
+    inputs["pad_token_id"] = pad
+    length = prompt_tokens + new_tokens
+
+    def run(n: int) -> float:
+        cache = generation_cache(model, kv4, length, compiled)
+        _sync(device)
+        t0 = time.perf_counter()
+        out = model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, **cache_kwargs(cache))
+        _sync(device)
+        if out.shape[1] != prompt_tokens + n:
+            raise RuntimeError(f"timed_decode: generate() returned {out.shape[1] - prompt_tokens}"
+                               f" new tokens, asked for {n}")  # fmt: skip
+        return time.perf_counter() - t0
+
+    warmup = run(min(4, new_tokens))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    prefill = run(1)
+    total = run(new_tokens)
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    return DecodeTiming(batch, prompt_tokens, new_tokens, prefill, total - prefill, warmup, peak)
 
 
 def _sync(device: torch.device) -> None:
