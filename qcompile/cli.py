@@ -294,6 +294,22 @@ def _shape(spec: str) -> tuple[int, int]:
     return int(n), int(k)
 
 
+def _random_model(model: str, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """The causal LM of a folder's config.json with random weights, built on `device`: speed
+    does not depend on the weights' values, and the folder needs no weights."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder, gguf = _resolve(model, None)
+    if not (folder / "config.json").is_file():
+        raise CliError(f"--random-weights: {folder} has no config.json")
+    config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    config.__dict__.pop("quantization_config", None)  # the architecture alone
+    torch.manual_seed(0)
+    with torch.device(device):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype).eval().requires_grad_(False)
+
+
 def _bench_model(args: argparse.Namespace) -> None:
     """End to end: decode speed and memory of the 16-bit model, then of the same model
     quantized (in place, so the 16-bit weights are freed) and compiled with the backend."""
@@ -304,7 +320,10 @@ def _bench_model(args: argparse.Namespace) -> None:
     if args.new_tokens < 8:
         raise CliError(f"--new-tokens {args.new_tokens}: time at least 8 (7 decode steps)")
     device, dtype, compiled = _runtime(args)
-    model, _, quantized = load_model(args.model, args.gguf_file, dtype=dtype)
+    if args.random_weights:
+        model, quantized = _random_model(args.model, device, dtype), False
+    else:
+        model, _, quantized = load_model(args.model, args.gguf_file, dtype=dtype)
     model.to(device=device, dtype=dtype)
     mode = args.mode if compiled else None
     path = f"compiled, mode={mode}" if compiled else "eager"
@@ -483,6 +502,11 @@ def parser() -> argparse.ArgumentParser:
         "decode speed and memory against the same model quantized and compiled with qcompile",
     )  # fmt: skip
     p.add_argument("--gguf-file", help="GGUF file name inside the --model folder")
+    p.add_argument(
+        "--random-weights", action="store_true",
+        help="--model: build the model of the folder's config.json with random weights (a "
+        "folder with only a config.json will do; e.g. benchmarks/configs/llama-3-8b)",
+    )  # fmt: skip
     p.add_argument("--batch", default="1", help="--model: batch sizes, e.g. 1,16")
     p.add_argument("--prompt-tokens", type=int, default=128, help="--model: random prompt length")
     p.add_argument("--new-tokens", type=int, default=64, help="--model: tokens generated")

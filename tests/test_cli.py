@@ -305,3 +305,19 @@ def test_timed_decode_generates_the_asked_tokens_past_eos(model_dir):
     assert r.decode_seconds > 0 and r.tokens_per_second == 5 / r.decode_seconds
     with pytest.raises(ValueError, match="new_tokens=1; need >= 2"):
         timed_decode(model, 1, 8, 1)
+
+
+def test_bench_random_weights_needs_only_a_config(model_dir, tmp_path, capsys):
+    """`bench --model F --random-weights`: F's architecture with random weights (F needs no
+    weights or tokenizer); the same model shape, so the same weight memory as the real one."""
+    (tmp_path / "config.json").write_text((model_dir / "config.json").read_text())
+    args = ["bench", "--model", str(tmp_path), "--random-weights", "--device", "cpu"]
+    args += ["--prompt-tokens", "8", "--new-tokens", "8", "--group-size", "32"]
+    assert cli.main(args) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()]
+    fp32 = next(r for r in rows if r[0] == "float32")
+    model = helpers.tiny_llama(num_layers=2)
+    mib = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    assert float(fp32[6]) == pytest.approx(mib / 2**20, abs=0.05)
+    assert any(r[:3] == ["qcompile", "w4a16", "g32"] for r in rows)
+    assert cli.main(["bench", "--model", str(tmp_path / "none"), "--random-weights"]) == 2
