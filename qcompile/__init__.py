@@ -46,3 +46,9 @@ __all__ = [
     "save_quantized",
 ]
 __version__ = "0.1.0"
+
+# transformers' from_pretrained / save_pretrained learn quant_method "qcompile" (now, or when
+# transformers is imported).
+from qcompile.integrations import hf_quantizer as _hf_quantizer  # noqa: E402
+
+_hf_quantizer.install()

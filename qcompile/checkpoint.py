@@ -33,6 +33,7 @@ from qcompile.config import GROUP_SIZES, Scheme
 from qcompile.integrations import CheckpointError
 from qcompile.integrations.awq import AwqFormat
 from qcompile.integrations.gptq import GptqFormat
+from qcompile.integrations.hf_quantizer import mark_quantized
 from qcompile.quant.int4 import NIBBLES_PER_WORD, PackedInt4
 from qcompile.quant.w4a8 import PackedW4A8
 from qcompile.quantize import W4A8Linear, W4A16Linear, colocate_siblings
@@ -61,9 +62,30 @@ ModelBuilder = Callable[[], nn.Module]
 def save_quantized(model: nn.Module, path: str | os.PathLike[str]) -> Path:
     """Write a quantized `model` (after `quantize_` or `import_checkpoint`) to the folder `path`.
 
-    Returns the folder. A transformers model also gets its `config.json`, so `load_quantized`
-    can rebuild it without code.
+    Returns the folder. A transformers model also gets its `config.json`, with the record as
+    its `quantization_config` (quant_method "qcompile"), so `load_quantized` rebuilds it
+    without code and transformers' `from_pretrained` loads it (`integrations.hf_quantizer`).
     """
+    record = quantization_record(model)
+    state = model.state_dict()
+    tensors = _unshared({n: t.detach() for n, t in state.items() if n not in record["tied"]})
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, folder / WEIGHTS_NAME, metadata={"format": "pt"})
+    (folder / QUANT_CONFIG_NAME).write_text(json.dumps(record, indent=2) + "\n")
+    if _is_transformers_model(model):
+        from qcompile.integrations.hf_quantizer import QUANT_METHOD
+
+        config = copy.deepcopy(model.config)
+        config.dtype = model.dtype
+        config.architectures = [type(model).__name__]
+        config.quantization_config = {"quant_method": QUANT_METHOD, **record}
+        config.save_pretrained(folder)
+    return folder
+
+
+def quantization_record(model: nn.Module) -> dict:
+    """The checkpoint's description of `model`'s quantized layers (quantization_config.json)."""
     from qcompile import __version__
 
     layers = {n: m for n, m in model.named_modules() if isinstance(m, (W4A16Linear, W4A8Linear))}
@@ -76,30 +98,16 @@ def save_quantized(model: nn.Module, path: str | os.PathLike[str]) -> Path:
     on_meta = [name for name, t in state.items() if t.is_meta]
     if on_meta:
         raise CheckpointError(f"save_quantized: {on_meta[0]} is on the meta device (no data)")
-    tied = _tied_aliases(model, state.keys())
-    tensors = _unshared({n: t.detach() for n, t in state.items() if n not in tied})
-    folder = Path(path)
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, folder / WEIGHTS_NAME, metadata={"format": "pt"})
     schemes = {json.dumps(_scheme_record(m.scheme)) for m in layers.values()}
-    record = {
+    return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "qcompile_version": __version__,
         "architecture": type(model).__name__,
         "scheme": json.loads(schemes.pop()) if len(schemes) == 1 else None,
         "modules": {name: _layer_record(m) for name, m in layers.items()},
-        "tied": tied,
+        "tied": _tied_aliases(model, state.keys()),
     }
-    (folder / QUANT_CONFIG_NAME).write_text(json.dumps(record, indent=2) + "\n")
-    if _is_transformers_model(model):
-        config = copy.deepcopy(model.config)
-        config.dtype = model.dtype
-        config.architectures = [type(model).__name__]
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
-        config.save_pretrained(folder)
-    return folder
 
 
 def load_quantized(
@@ -117,6 +125,7 @@ def load_quantized(
     """
     folder = Path(path)
     record = read_quantization_config(folder)
+    files = TensorFiles.in_folder(folder)  # model.safetensors, or save_pretrained's shards
     if model is None:
         skeleton = _transformers_skeleton(folder)
     elif isinstance(model, nn.Module):
@@ -126,31 +135,55 @@ def load_quantized(
             skeleton = model()
     for name, entry in record["modules"].items():
         _install_layer(skeleton, name, entry)
-    weights = folder / WEIGHTS_NAME
-    if not weights.is_file():
-        raise CheckpointError(f"{folder}: {WEIGHTS_NAME} is missing")
-    _load_checked(skeleton, TensorFiles([weights]), dict(record["tied"]))
+    _load_checked(skeleton, files, dict(record["tied"]))
     skeleton.eval()
     if device is not None:
         skeleton.to(device)
     colocate_siblings(skeleton)  # the skeleton's siblings were loaded as separate tensors
+    mark_quantized(skeleton)
     return skeleton
 
 
 def read_quantization_config(folder: Path) -> dict:
-    """The `quantization_config.json` of a qcompile checkpoint, after its format check."""
+    """The record of a qcompile checkpoint: its `quantization_config.json`, or the
+    `quantization_config` of its config.json (quant_method "qcompile", as `save_pretrained`
+    writes it), after the format check."""
     file = folder / QUANT_CONFIG_NAME
-    if not file.is_file():
+    if file.is_file():
+        return check_record(json.loads(file.read_text()), str(file))
+    source = _qcompile_config_json(folder)
+    if source is None:
         raise CheckpointError(f"{folder}: no {QUANT_CONFIG_NAME}; not a qcompile checkpoint")
-    record = json.loads(file.read_text())
+    return check_record(source, str(folder / "config.json"))
+
+
+def check_record(record: dict, where: str) -> dict:
+    """`record` if this qcompile reads its format, else a `CheckpointError` naming `where`."""
+    record = {k: v for k, v in record.items() if k != "quant_method"}
     if record.get("format") != FORMAT:
-        raise CheckpointError(f"{file}: format={record.get('format')!r}, expected {FORMAT!r}")
+        raise CheckpointError(f"{where}: format={record.get('format')!r}, expected {FORMAT!r}")
     if record.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(
-            f"{file}: format_version={record.get('format_version')!r}; this qcompile reads "
+            f"{where}: format_version={record.get('format_version')!r}; this qcompile reads "
             f"version {FORMAT_VERSION} (upgrade qcompile for newer checkpoints)"
         )
+    for key in ("modules", "tied"):
+        if not isinstance(record.get(key), dict):
+            raise CheckpointError(f"{where}: {key!r} is missing or not a mapping")
     return record
+
+
+def _qcompile_config_json(folder: Path) -> dict | None:
+    """config.json's quantization_config when its quant_method is "qcompile"."""
+    from qcompile.integrations.hf_quantizer import QUANT_METHOD
+
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        return None
+    source = json.loads(config_file.read_text()).get("quantization_config")
+    if isinstance(source, dict) and source.get("quant_method") == QUANT_METHOD:
+        return source
+    return None
 
 
 def import_checkpoint(
@@ -171,6 +204,8 @@ def import_checkpoint(
         with contextlib.suppress(json.JSONDecodeError):
             if json.loads((folder / QUANT_CONFIG_NAME).read_text()).get("format") == FORMAT:
                 return load_quantized(folder)
+    if _qcompile_config_json(folder) is not None:
+        return load_quantized(folder)
     source = _source_quantization_config(folder)
     method = str(source.get("quant_method", "")).lower()
     if method not in IMPORTERS:
@@ -219,6 +254,7 @@ def import_checkpoint(
     _load_checked(model, files, aliases, cast_floats=True, done=converted, ignore=consumed)
     model.eval()
     colocate_siblings(model)
+    mark_quantized(model)
     return model
 
 

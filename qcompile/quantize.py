@@ -282,6 +282,10 @@ def quantize_(
         report.add(record)
     if config.fuse_siblings:
         colocate_siblings(model)
+    if not prefix and report.by_status("quantized"):
+        from qcompile.integrations.hf_quantizer import mark_quantized
+
+        mark_quantized(model)  # transformers' save_pretrained then writes a qcompile checkpoint
     report.log()
     return report
 
