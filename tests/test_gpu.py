@@ -189,6 +189,31 @@ def test_quantized_on_cpu_then_moved_to_cuda_keeps_siblings_fused():
     assert {r.path for r in be.report.records if r.status == "prequantized"} == {"triton"}
 
 
+def test_save_pretrained_then_from_pretrained_onto_cuda_runs_fused_triton(tmp_path):
+    """A CPU-quantized model through transformers' save_pretrained, then from_pretrained with
+    dtype=float16, then .to("cuda"): scales in fp16, siblings co-located on the GPU, one launch per
+    sibling group on the Triton path, logits of the CPU reference op on the same codes."""
+    from helpers import tiny_causal_lm
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_causal_lm("llama", 2)
+    qcompile.quantize_(model, QuantConfig(Scheme(group_size=32)))
+    model.save_pretrained(tmp_path)
+    reference = copy.deepcopy(model).half()
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float16).cuda().eval()
+    attn = loaded.model.layers[0].self_attn
+    assert attn.q_proj.scales.dtype == torch.float16 and attn.q_proj.qweight.is_cuda
+    ptrs = {m.qweight.untyped_storage().data_ptr() for m in (attn.q_proj, attn.k_proj)}
+    assert len(ptrs) == 1
+    ids = torch.randint(3, 256, (2, 9), generator=torch.Generator().manual_seed(0))
+    be = qcompile.backend(QuantConfig(Scheme(group_size=32)))
+    with torch.no_grad():
+        out = torch.compile(loaded, backend=be)(ids.cuda()).logits
+        ref = reference(ids).logits
+    assert_close_rel(out.float().cpu(), ref.float(), torch.float16)
+    assert {r.path for r in be.report.records if r.status == "prequantized"} == {"triton"}
+
+
 def test_quantize_ahead_of_time_memory_on_cuda():
     # One-time lazy allocations (library workspaces, the first use of an op) would count as
     # "not freed": quantize a throwaway model first, then measure a second one.
