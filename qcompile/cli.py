@@ -128,10 +128,24 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     from qcompile.quant.gptq import gptq_quantize_model
 
     model, tok, quantized = load_model(args.model, args.gguf_file)
-    if quantized:
-        raise CliError(f"{args.model} is already quantized; `qcompile generate` runs it as is")
-    config = _config(args)
     t0 = time.time()
+    if quantized:  # an AWQ / GPTQ / qcompile folder: rewritten in qcompile's format as it is
+        if args.method != "rtn":
+            raise CliError(
+                f"{args.model} is already quantized; --method {args.method} needs the float model"
+            )
+        model.to(DTYPES[args.dtype])
+        out = qcompile.save_quantized(model, args.out)
+        tok.save_pretrained(out)
+        layers = sum(
+            isinstance(m, (qcompile.W4A16Linear, qcompile.W4A8Linear)) for m in model.modules()
+        )
+        print(
+            f"{args.model} is already quantized ({layers} layers): kept its codes and wrote them "
+            f"as a qcompile checkpoint to {out} (scheme options are not applied)"
+        )
+        return
+    config = _config(args)
     if args.method == "rtn":
         report = qcompile.quantize_(model, config)
     else:
@@ -427,7 +441,10 @@ def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="qcompile", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("quantize", help="quantize a model folder into a qcompile checkpoint")
+    p = sub.add_parser(
+        "quantize",
+        help="quantize a model folder into a qcompile checkpoint (an AWQ/GPTQ folder: rewrite it)",
+    )
     _add_model(p)
     p.add_argument("out", help="output folder (model.safetensors + quantization_config.json)")
     p.add_argument("--method", choices=("rtn", "awq", "gptq", "awq+gptq"), default="rtn")

@@ -321,3 +321,30 @@ def test_bench_random_weights_needs_only_a_config(model_dir, tmp_path, capsys):
     assert float(fp32[6]) == pytest.approx(mib / 2**20, abs=0.05)
     assert any(r[:3] == ["qcompile", "w4a16", "g32"] for r in rows)
     assert cli.main(["bench", "--model", str(tmp_path / "none"), "--random-weights"]) == 2
+
+
+def test_quantize_of_an_awq_folder_rewrites_it_as_a_qcompile_checkpoint(
+    model_dir, tmp_path, capsys
+):
+    """An already-quantized folder keeps its codes; `quantize` writes them in qcompile's format
+    (calibration methods need the float model and are refused)."""
+    import shutil
+
+    from test_checkpoint import write_quantized_llama
+
+    import qcompile
+
+    awq = tmp_path / "awq"
+    write_quantized_llama(awq, "awq", 32, act_order=False, sym=False)
+    for f in model_dir.glob("tokenizer*"):
+        shutil.copy(f, awq)
+    out = tmp_path / "out"
+    assert cli.main(["quantize", str(awq), str(out), "--dtype", "float32"]) == 0
+    assert "already quantized (14 layers)" in capsys.readouterr().out
+    ids = torch.arange(12)[None] * 7 % 256
+    with torch.no_grad():
+        want = qcompile.import_checkpoint(awq)(ids).logits
+        got = qcompile.load_quantized(out)(ids).logits
+    assert torch.equal(got, want)
+    assert cli.main(["quantize", str(awq), str(tmp_path / "x"), "--method", "gptq"]) == 2
+    assert "--method gptq needs the float model" in capsys.readouterr().err
