@@ -138,3 +138,16 @@ def test_models_without_quantized_layers_get_no_quantizer():
     qcompile.quantize_(model, QuantConfig(skip=("*",)))
     assert getattr(model, "hf_quantizer", None) is None
     assert not hasattr(model.config, "quantization_config")
+
+
+@pytest.mark.parametrize("family", ["qwen2", "mistral", "gemma3", "phi3"])
+def test_every_family_round_trips_through_transformers(family, tmp_path):
+    """Biased q/k/v (Qwen2), sliding layers (Mistral), tied lm_head and q/k norms (Gemma 3),
+    fused qkv_proj / gate_up_proj (Phi-3): identical logits after from_pretrained."""
+    from helpers import tiny_causal_lm
+
+    model = tiny_causal_lm(family, 2)
+    qcompile.quantize_(model, QuantConfig(SCHEMES["w4a16"]))
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert torch.equal(_logits(loaded), _logits(model))
