@@ -347,32 +347,36 @@ def _bench_model(args: argparse.Namespace) -> None:
     )
     config = _config(args)
     scheme = config.scheme
-    label = f"qcompile {scheme.name} g{scheme.group_size or 'channel'}"
-    variants = [("qcompile (checkpoint)", None)] if quantized else [
-        (str(dtype).removeprefix("torch.") + (" + Inductor" if compiled else ""), "inductor"), (label, "qcompile")
-    ]  # fmt: skip
+    label = "qcompile (checkpoint)" if quantized else (
+        f"qcompile {scheme.name} g{scheme.group_size or 'channel'}"
+    )  # fmt: skip
+    baseline = str(dtype).removeprefix("torch.") + (" + Inductor" if compiled else "")
+    # (row, backend, KV cache): the 16-bit model, then quantized in place; with --kv4 the
+    # quantized model once on a 16-bit cache and once on the 4-bit one
+    variants = [] if quantized else [(baseline, "inductor", "off")]
+    variants.append((label, "qcompile", "off"))
+    if args.kv4 != "off":
+        variants.append((f"{label} + KV4 {args.kv4}", "qcompile", args.kv4))
     header = (
-        f"{'variant':<30s} {'batch':>5s} {'tok/s/seq':>10s} {'tok/s':>9s} {'prefill ms':>10s} "
+        f"{'variant':<32s} {'batch':>5s} {'tok/s/seq':>10s} {'tok/s':>9s} {'prefill ms':>10s} "
         f"{'warm-up s':>9s} {'weights MiB':>11s} {'peak MiB':>9s}"
     )
     print(header)
     base: dict[int, float] = {}
-    for name, backend in variants:
-        kv4 = "off" if backend == "inductor" else args.kv4  # the baseline keeps a 16-bit cache
-        if backend == "qcompile":
+    for name, backend, kv4 in variants:
+        if backend == "qcompile" and not quantized:
             qcompile.quantize_(model, config)
+            quantized = True
         if kv4 != "off":
             from qcompile.integrations.kv4_cache import enable_kv4_attention
 
             enable_kv4_attention(model)
-            name += f" + KV4 {kv4}"
         if compiled:
             torch._dynamo.reset()
-            fn = torch.compile(
-                type(model).forward.__get__(model), backend=backend or "qcompile", mode=mode
-            )  # fmt: skip
-            model.forward = fn
-        weights = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+            forward = type(model).forward.__get__(model)
+            model.forward = torch.compile(forward, backend=backend, mode=mode)
+        tensors = (*model.parameters(), *model.buffers())
+        weights = sum(t.numel() * t.element_size() for t in tensors)
         for b in batches:
             r = timed_decode(
                 model, b, args.prompt_tokens, args.new_tokens, compiled=compiled, kv4=kv4
@@ -382,7 +386,7 @@ def _bench_model(args: argparse.Namespace) -> None:
             base.setdefault(b, tps)
             peak = f"{r.peak_bytes / 2**20:9.0f}" if r.peak_bytes is not None else f"{'-':>9s}"
             print(
-                f"{name:<30s} {b:5d} {tps:10.1f} {tps * b:9.1f} {1e3 * r.prefill_seconds:10.1f} "
+                f"{name:<32s} {b:5d} {tps:10.1f} {tps * b:9.1f} {1e3 * r.prefill_seconds:10.1f} "
                 f"{r.warmup_seconds:9.1f} {weights / 2**20:11.1f} {peak}{ratio}",
                 flush=True,
             )
@@ -530,7 +534,8 @@ def parser() -> argparse.ArgumentParser:
     _add_runtime(p, "--model-dtype", "--model: ")
     p.add_argument(
         "--kv4", choices=KV4_KINDS, default="off",
-        help="--model: the quantized model decodes on a 4-bit KV cache (the 16-bit one does not)",
+        help="--model: also time the quantized model on a 4-bit KV cache (a long context shows it: "
+        "--prompt-tokens 8000)",
     )  # fmt: skip
     _add_scheme(p)
     p.set_defaults(fn=cmd_bench)

@@ -348,3 +348,13 @@ def test_quantize_of_an_awq_folder_rewrites_it_as_a_qcompile_checkpoint(
     assert torch.equal(got, want)
     assert cli.main(["quantize", str(awq), str(tmp_path / "x"), "--method", "gptq"]) == 2
     assert "--method gptq needs the float model" in capsys.readouterr().err
+
+
+def test_bench_model_with_kv4_adds_a_4_bit_cache_row(model_dir, capsys):
+    args = ["bench", "--model", str(model_dir), "--device", "cpu", "--kv4", "token"]
+    args += ["--prompt-tokens", "8", "--new-tokens", "8", "--group-size", "32"]
+    assert cli.main(args) == 0
+    names = [" ".join(line.split()[:7]) for line in capsys.readouterr().out.splitlines()]
+    assert sum(n.startswith("float32 1") for n in names) == 1
+    assert sum(n.startswith("qcompile w4a16 g32 1") for n in names) == 1
+    assert sum(n.startswith("qcompile w4a16 g32 + KV4 token 1") for n in names) == 1
