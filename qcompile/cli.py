@@ -173,7 +173,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
 
 def cmd_generate(args: argparse.Namespace) -> None:
     import qcompile
-    from qcompile.integrations.generation import timed_generate
+    from qcompile.integrations.generation import compile_config, timed_generate
 
     device, dtype, compiled = _runtime(args)
     model, tok, quantized = load_model(args.model, args.gguf_file, dtype=dtype)
@@ -184,10 +184,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
         from qcompile.integrations.kv4_cache import enable_kv4_attention
 
         enable_kv4_attention(model)
-    if compiled:
-        model.forward = torch.compile(model.forward, backend="qcompile", mode=args.mode)
+    # the backend quantizes what is left in 16 bits: not with --no-quantize
+    backend = "inductor" if args.no_quantize and not quantized else qcompile.backend(_config(args))
+    compile = compile_config(backend, args.mode) if compiled else None
     result = timed_generate(
-        model, tok, args.prompt, args.max_new_tokens, chat=args.chat, compiled=compiled,
+        model, tok, args.prompt, args.max_new_tokens, chat=args.chat, compile=compile,
         kv4=args.kv4,
     )  # fmt: skip
     print(result.text)
@@ -328,7 +329,7 @@ def _bench_model(args: argparse.Namespace) -> None:
     """End to end: decode speed and memory of the 16-bit model, then of the same model
     quantized (in place, so the 16-bit weights are freed) and compiled with the backend."""
     import qcompile
-    from qcompile.integrations.generation import timed_decode
+    from qcompile.integrations.generation import compile_config, timed_decode
 
     batches = _ints(args.batch, "--batch")
     if args.new_tokens < 8:
@@ -371,15 +372,16 @@ def _bench_model(args: argparse.Namespace) -> None:
             from qcompile.integrations.kv4_cache import enable_kv4_attention
 
             enable_kv4_attention(model)
+        compile = None
         if compiled:
             torch._dynamo.reset()
-            forward = type(model).forward.__get__(model)
-            model.forward = torch.compile(forward, backend=backend, mode=mode)
+            fn = qcompile.backend(config) if backend == "qcompile" else backend
+            compile = compile_config(fn, mode)
         tensors = (*model.parameters(), *model.buffers())
         weights = sum(t.numel() * t.element_size() for t in tensors)
         for b in batches:
             r = timed_decode(
-                model, b, args.prompt_tokens, args.new_tokens, compiled=compiled, kv4=kv4
+                model, b, args.prompt_tokens, args.new_tokens, compile=compile, kv4=kv4
             )
             tps = r.tokens_per_second
             ratio = f"  {tps / base[b]:.2f}x" if b in base else ""

@@ -101,7 +101,7 @@ def module_bytes(model: torch.nn.Module, names: list[str]) -> int:
 def smollm2_demo(device: str, dtype: torch.dtype, group_size: int, max_new_tokens: int) -> None:
     """The real chat model: original vs int4 answers, report, speed and weight memory."""
     from qcompile.cli import load_model
-    from qcompile.integrations.generation import timed_generate
+    from qcompile.integrations.generation import compile_config, timed_generate
 
     t0 = time.perf_counter()
     model, tok, _ = load_model("smollm2", dtype=dtype)
@@ -119,11 +119,10 @@ def smollm2_demo(device: str, dtype: torch.dtype, group_size: int, max_new_token
     names = [r.name for r in report.by_status("quantized")]
     fp, packed = sum(before[n] for n in names), module_bytes(model, names)
     backend = qcompile.backend(config)
-    mode = "reduce-overhead" if device == "cuda" else None
-    model.forward = torch.compile(model.forward, backend=backend, mode=mode)
+    compile = compile_config(backend, "reduce-overhead" if device == "cuda" else None)
     quantized = [
         timed_generate(
-            model, tok, p, max_new_tokens, chat=True, compiled=True, max_cache_len=cache_len
+            model, tok, p, max_new_tokens, chat=True, compile=compile, max_cache_len=cache_len
         )
         for p in PROMPTS
     ]

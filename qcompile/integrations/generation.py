@@ -2,9 +2,12 @@
 print (text, tokens per second, compile + warm-up time), and the decode speed `qcompile bench
 --model` measures (`timed_decode`).
 
-A compiled model is warmed up on a cache of the same shape as the timed run's (a static or
-KV4 cache sized prompt + new tokens), so the timed run compiles nothing: a cache of another
-length would recompile both the prefill and the decode graphs.
+Compiling goes through transformers' own `CompileConfig` (`compile_config`): generate()
+compiles the decode step, runs the prompt eagerly and marks each step's start for CUDA
+graphs. (A `torch.compile`d `model.forward` under `mode="reduce-overhead"` fails in
+generate() on the GPU: the static cache's in-place writes read CUDA-graph outputs that the
+next replay overwrote.) A compiled run is warmed up on a cache of the same shape as the timed
+run's (a static or KV4 cache sized prompt + new tokens), so the timed run compiles nothing.
 """
 
 from __future__ import annotations
@@ -47,6 +50,22 @@ def kv4_scheme(model: torch.nn.Module, kv4: str):
     return KVScheme(group_size=min(128, head_dim), key_tokens=128 if kv4 == "channel" else 0)
 
 
+def compile_config(backend, mode: str | None = "reduce-overhead"):
+    """transformers' CompileConfig for `generate()`: each decode step compiled with `backend`
+    (a name or a callable such as `qcompile.backend(config)`), whole-graph, on any device."""
+    from transformers import CompileConfig
+
+    config = CompileConfig(backend=backend, mode=mode or "default", fullgraph=True)
+    config._compile_all_devices = True  # transformers compiles on CUDA only unless told
+    return config
+
+
+def _compile_kwargs(compile) -> dict:
+    """generate()'s arguments: compile with `compile`, or never (transformers would compile a
+    static cache's decode step on its own on CUDA)."""
+    return {"compile_config": compile} if compile is not None else {"disable_compile": True}
+
+
 def generation_cache(model: torch.nn.Module, kv4: str, length: int, compiled: bool):
     """The cache for `length` positions: a `KV4Cache` of `kv4_scheme(model, kv4)`, a static
     cache when compiled, else None (transformers' dynamic cache)."""
@@ -81,22 +100,23 @@ def timed_generate(
     max_new_tokens: int,
     *,
     chat: bool = False,
-    compiled: bool = False,
     kv4: str = "off",
     max_cache_len: int | None = None,
+    compile=None,
 ) -> Generation:
     """Greedy `model.generate` of up to `max_new_tokens` after `prompt` (through the chat
-    template with `chat`, where the tokenizer has one), timed; `compiled`: `model.forward` is
-    compiled, so warm up first on a cache of the same shape (timed apart). The cache holds
-    `max_cache_len` positions (default: prompt + `max_new_tokens`); one length for several
-    prompts lets them share the decode graph."""
+    template with `chat`, where the tokenizer has one), timed; `compile` (a `compile_config`):
+    decode steps compiled, after a warm-up on a cache of the same shape (timed apart). The
+    cache holds `max_cache_len` positions (default: prompt + `max_new_tokens`); one length for
+    several prompts lets them share the decode graph."""
+    compiled = compile is not None
     if chat and getattr(tok, "chat_template", None):
         prompt = tok.apply_chat_template(
             [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
         )
     device = next(model.parameters()).device
     inputs = tok(prompt, return_tensors="pt").to(device)
-    gen = dict(do_sample=False, pad_token_id=tok.eos_token_id)
+    gen = dict(do_sample=False, pad_token_id=tok.eos_token_id, **_compile_kwargs(compile))
     length = inputs["input_ids"].shape[1] + max_new_tokens
     if max_cache_len is not None:
         if max_cache_len < length:
@@ -148,14 +168,15 @@ def timed_decode(
     prompt_tokens: int,
     new_tokens: int,
     *,
-    compiled: bool = False,
+    compile=None,
     kv4: str = "off",
     seed: int = 0,
 ) -> DecodeTiming:
     """Decode speed on `batch` prompts of `prompt_tokens` random tokens: `generate()` of one new
     token, then of `new_tokens` (EOS suppressed), on caches of one shape (no recompile between
-    them); the difference is the time of `new_tokens - 1` decode steps. A short generation on
-    that cache shape first warms up (compiles, tunes, records CUDA graphs); timed apart."""
+    them); the difference is the time of `new_tokens - 1` decode steps. `compile` (a
+    `compile_config`): decode steps compiled. A short generation on that cache shape first
+    warms up (compiles, tunes, records CUDA graphs); timed apart."""
     if new_tokens < 2:
         raise ValueError(f"timed_decode: new_tokens={new_tokens}; need >= 2 (one decode step)")
     device = next(model.parameters()).device
@@ -168,6 +189,8 @@ def timed_decode(
         pad = (eos[0] if isinstance(eos, list) else eos) if eos is not None else 0
     inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False)
     inputs["pad_token_id"] = pad
+    inputs.update(_compile_kwargs(compile))
+    compiled = compile is not None
     length = prompt_tokens + new_tokens
 
     def run(n: int) -> float:
