@@ -236,3 +236,33 @@ def test_quantize_ahead_of_time_memory_on_cuda():
     assert packed <= 0.3 * fp16_linear, f"packed {packed} > 0.3 x fp16 {fp16_linear}"
     freed = before - _requested_bytes()
     assert freed >= 0.95 * (fp16_linear - packed), f"freed {freed} of {fp16_linear - packed} bytes"
+
+
+def test_cli_compiled_generate_and_bench_on_cuda(tmp_path, capsys):
+    """`qcompile generate --compile on` (CUDA graphs through transformers' CompileConfig) gives
+    the eager run's text; `bench --model` times both rows with CUDA graphs. (Compiling
+    model.forward directly failed here: a CUDA-graph output overwritten by the next replay.)"""
+    from helpers import tiny_causal_lm
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from qcompile import cli
+
+    tiny_causal_lm("llama", 2).save_pretrained(tmp_path)
+    vocab = {"[UNK]": 0, "</s>": 1, **{f"w{i}": i + 2 for i in range(254)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="[UNK]")
+    fast.save_pretrained(tmp_path)
+    common = ["--device", "cuda", "--dtype", "float16", "--group-size", "32"]
+    texts = {}
+    for flag in ("off", "on"):
+        args = ["generate", str(tmp_path), "--prompt", "w1 w2 w3", "--max-new-tokens", "12"]
+        assert cli.main([*args, "--compile", flag, *common]) == 0
+        texts[flag] = capsys.readouterr().out.strip()
+    assert texts["on"] == texts["off"] and texts["on"]
+    args = ["bench", "--model", str(tmp_path), "--device", "cuda", "--batch", "1,2"]
+    assert cli.main([*args, "--prompt-tokens", "8", "--new-tokens", "8", "--group-size", "32"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()]
+    assert sum(r[:3] == ["bfloat16", "+", "Inductor"] for r in rows) == 2
+    assert sum(r[:3] == ["qcompile", "w4a16", "g32"] for r in rows) == 2
