@@ -11,8 +11,8 @@ is allocated for them) and co-locates siblings after. The quantizer loads only c
 quantized by qcompile; `from_pretrained(..., quantization_config=...)` of a float model is
 refused with the way to quantize one.
 
-Registration: at `import qcompile` if transformers is already imported, otherwise when it is
-(an import hook, so `import qcompile` stays free of transformers' import time). Without
+Registration: at `import qcompile` if transformers' quantizer registry is already imported,
+otherwise when transformers imports it (an import hook, so neither import pays for it). Without
 qcompile imported, transformers warns "Unknown quantization type, got qcompile" and would
 load the float layers uninitialized: import qcompile first.
 """
@@ -57,11 +57,16 @@ def mark_quantized(model: nn.Module) -> None:
     model.hf_quantizer = quantizer_cls(config, pre_quantized=True)
 
 
-class _OnTransformersImport(importlib.abc.MetaPathFinder):
-    """Runs `register` right after `transformers` is first imported."""
+# transformers looks quantization methods up in this module (from_pretrained, save_pretrained)
+_WATCHED = "transformers.quantizers.auto"
+
+
+class _OnQuantizersImport(importlib.abc.MetaPathFinder):
+    """Runs `register` right after transformers first imports its quantizer registry, so
+    neither `import qcompile` nor `import transformers` pays for importing it."""
 
     def find_spec(self, fullname, path, target=None):
-        if fullname != "transformers":
+        if fullname != _WATCHED:
             return None
         sys.meta_path.remove(self)
         spec = importlib.util.find_spec(fullname)
@@ -78,13 +83,13 @@ class _OnTransformersImport(importlib.abc.MetaPathFinder):
 
 
 def install() -> None:
-    """Register now if transformers is imported, else on its import."""
-    if "transformers" in sys.modules:
+    """Register now if transformers' quantizer registry is imported, else when it is."""
+    if _WATCHED in sys.modules:
         register()
     elif importlib.util.find_spec("transformers") is not None and not any(
-        isinstance(f, _OnTransformersImport) for f in sys.meta_path
+        isinstance(f, _OnQuantizersImport) for f in sys.meta_path
     ):
-        sys.meta_path.insert(0, _OnTransformersImport())
+        sys.meta_path.insert(0, _OnQuantizersImport())
 
 
 _CLASSES: tuple[type, type] | None = None
