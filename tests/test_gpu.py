@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import copy
 import gc
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -266,3 +269,30 @@ def test_cli_compiled_generate_and_bench_on_cuda(tmp_path, capsys):
     rows = [line.split() for line in capsys.readouterr().out.splitlines()]
     assert sum(r[:3] == ["bfloat16", "+", "Inductor"] for r in rows) == 2
     assert sum(r[:3] == ["qcompile", "w4a16", "g32"] for r in rows) == 2
+
+
+def test_split_k_first_launched_inside_a_cuda_graph_warmup():
+    """A fresh process whose first W4A16 launch is the warm-up run of a CUDA-graph tree (as
+    when generate() compiles only decode steps): the tile counters were allocated while
+    tracing, so recording succeeds and replays give the eager result."""
+    script = textwrap.dedent("""
+        import torch, qcompile
+        from qcompile import QuantConfig
+        from qcompile.lowering import w4a16 as lowering
+        model = torch.nn.Sequential(torch.nn.Linear(4096, 14336, bias=False)).half().cuda()
+        qcompile.quantize_(model, QuantConfig())
+        x = torch.randn(1, 4096, device="cuda", dtype=torch.float16)
+        compiled = torch.compile(model, backend="qcompile", mode="reduce-overhead")
+        with torch.no_grad():
+            outs = []
+            for _ in range(4):
+                torch.compiler.cudagraph_mark_step_begin()
+                outs.append(compiled(x).clone())
+            assert lowering._counters, "counters not reserved while tracing"
+            ref = model(x)
+        for out in outs:
+            torch.testing.assert_close(out, ref, rtol=1e-2, atol=1e-2)
+        print("ok")
+    """)
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]

@@ -348,3 +348,27 @@ def test_default_config_uses_the_lane_mma_kernel_up_to_16_rows(m, k, group, kern
     assert cfg.kernel == kernel and valid_config(cfg, k, group)
     if kernel == "mma":
         assert cfg.block_m == (8 if m <= 8 else 16) and cfg.split_k > 1
+
+
+def test_tracing_reserves_the_tile_counters_outside_fake_mode(monkeypatch):
+    """The op's fake implementation allocates split-K's tile counters while a graph is traced,
+    as a real tensor: left to the first launch, that launch can be a CUDA-graph tree's warm-up
+    run and the counters land in its private pool (an H100 failure of generate())."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    from qcompile.lowering import w4a16 as lowering
+
+    seen = []
+
+    def record(device):
+        seen.append((device, isinstance(torch.zeros(1), FakeTensor)))
+
+    monkeypatch.setattr(lowering, "_tile_counters", record)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with FakeTensorMode():
+        x = torch.empty(3, 64, device="cuda", dtype=torch.float16)
+        qweight = torch.empty(8, 16, device="cuda", dtype=torch.int32)
+        scales = torch.empty(2, 16, device="cuda", dtype=torch.float16)
+        out = torch.ops.qcompile.w4a16_linear(x, qweight, scales, scales, None, 32)
+    assert out.shape == (3, 16)
+    assert seen == [(torch.device("cuda", 0), False)]  # one real allocation, on x's device

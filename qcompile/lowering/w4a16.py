@@ -1034,6 +1034,21 @@ def _tile_counters(device: torch.device) -> torch.Tensor | None:
     return found
 
 
+def reserve_tile_counters(device: torch.device) -> None:
+    """Allocate `device`'s tile counters now, while a graph is traced (the ops' fake
+    implementations call this). Left to a kernel's first launch, that launch can be the
+    warm-up run of a CUDA-graph tree (`mode="reduce-overhead"`), whose allocations land in
+    the tree's private pool: the counters then outlive it untracked, and the next recording
+    fails ("Detected 1 tensor(s) in the cudagraph pool not tracked as outputs", seen on the
+    H100 with generate() compiling only decode steps)."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    with unset_fake_temporarily():  # a real tensor, not the fake mode's
+        _tile_counters(device)
+
+
 def _split_tiles(cfg: KernelConfig, m: int, n: int) -> int:
     """Output tiles of a split-K launch, each with its own counter."""
     rows = m if cfg.kernel == "gemv" else 1 if cfg.kernel == "mma" else triton.cdiv(m, cfg.block_m)

@@ -257,6 +257,13 @@ def kv4_attention(
     )  # fmt: skip
 
 
+def _reserve_counters(device: torch.device) -> None:
+    """The split reduction's counters, allocated while tracing (`reserve_tile_counters`)."""
+    from qcompile.lowering.w4a16 import reserve_tile_counters
+
+    reserve_tile_counters(device)
+
+
 @kv4_attention.register_fake
 def _(query, k_codes, k_scales, k_offsets, v_codes, v_scales, v_offsets, seq_lens, mask,
       is_causal, scale, k_residual=None):  # fmt: skip
@@ -264,6 +271,7 @@ def _(query, k_codes, k_scales, k_offsets, v_codes, v_scales, v_offsets, seq_len
         query, k_codes, k_scales, k_offsets, v_codes, v_scales, v_offsets, seq_lens, mask,
         k_residual,
     )  # fmt: skip
+    _reserve_counters(query.device)
     return torch.empty_like(query, memory_format=torch.contiguous_format)
 
 
@@ -409,6 +417,7 @@ def _(query, key, value, k_codes, k_scales, k_offsets, v_codes, v_scales, v_offs
         query, key, value, k_codes, k_scales, k_offsets, v_codes, v_scales, v_offsets,
         positions, mask, k_residual,
     )  # fmt: skip
+    _reserve_counters(query.device)
     return torch.empty_like(query, memory_format=torch.contiguous_format)
 
 

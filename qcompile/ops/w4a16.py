@@ -126,7 +126,10 @@ def w4a16_linear_reference(
 
 @w4a16_linear.register_fake
 def _(x, qweight, scales, offsets, bias, group_size, x_planes=0):
+    from qcompile.lowering.w4a16 import reserve_tile_counters
+
     check_w4a16_args(x, qweight, scales, offsets, bias, group_size, x_planes)
+    reserve_tile_counters(x.device)  # split-K's counters, outside any CUDA-graph pool
     return x.new_empty((*x.shape[:-1], qweight.shape[1]))
 
 
