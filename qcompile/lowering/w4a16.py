@@ -1015,8 +1015,8 @@ def _interpreting() -> bool:
 
 
 # One tile counter per split-K output tile, per device: zero between launches (the last
-# program of each tile re-arms its counter). Allocated once, outside CUDA-graph capture, and
-# never freed (graphs keep its address). Kernels on two streams at once would share it; a
+# program of each tile re-arms its counter). Allocated once, outside CUDA-graph capture and
+# pools (while tracing: `reserve_tile_counters`), and never freed (graphs keep its address). Kernels on two streams at once would share it; a
 # model runs its linears on one stream.
 _COUNTERS = 8192
 _counters: dict[torch.device, torch.Tensor] = {}
