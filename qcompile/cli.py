@@ -316,7 +316,7 @@ def _random_model(model: str, device: torch.device, dtype: torch.dtype) -> torch
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    folder, gguf = _resolve(model, None)
+    folder, _ = _resolve(model, None)
     if not (folder / "config.json").is_file():
         raise CliError(f"--random-weights: {folder} has no config.json")
     config = AutoConfig.from_pretrained(folder, local_files_only=True)

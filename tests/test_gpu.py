@@ -166,6 +166,19 @@ def _requested_bytes() -> int:
     return torch.cuda.memory_stats()["requested_bytes.all.current"]
 
 
+def _compiled_matches_reference(model: nn.Module, reference: nn.Module):
+    """`model` (on CUDA, fp16, quantized g32) compiled with the backend: logits of
+    `reference` (the same codes, CPU reference op) on the Triton path. Returns the backend."""
+    ids = torch.randint(3, 256, (2, 9), generator=torch.Generator().manual_seed(0))
+    be = qcompile.backend(QuantConfig(Scheme(group_size=32)))
+    with torch.no_grad():
+        out = torch.compile(model, backend=be)(ids.cuda()).logits
+        ref = reference(ids).logits
+    assert_close_rel(out.float().cpu(), ref.float(), torch.float16)
+    assert {r.path for r in be.report.records if r.status == "prequantized"} == {"triton"}
+    return be
+
+
 def test_quantized_on_cpu_then_moved_to_cuda_keeps_siblings_fused():
     """quantize_ on CPU in float32, then `.to("cuda", torch.float16)`: the move keeps q/k/v/o
     and gate/up co-located (one storage per kind on the GPU), the backend fuses them into one
@@ -182,14 +195,8 @@ def test_quantized_on_cpu_then_moved_to_cuda_keeps_siblings_fused():
         tensors = [getattr(m, buffer) for m in qkvo]
         assert {t.device.type for t in tensors} == {"cuda"}
         assert len({t.untyped_storage().data_ptr() for t in tensors}) == 1, buffer
-    ids = torch.randint(3, 256, (2, 9), generator=torch.Generator().manual_seed(0))
-    be = qcompile.backend(QuantConfig(Scheme(group_size=32)))
-    with torch.no_grad():
-        out = torch.compile(model, backend=be)(ids.cuda()).logits
-        ref = reference(ids).logits
-    assert_close_rel(out.float().cpu(), ref.float(), torch.float16)
+    be = _compiled_matches_reference(model, reference)
     assert "10 sibling layers fused into 4 launches" in be.report.summary()
-    assert {r.path for r in be.report.records if r.status == "prequantized"} == {"triton"}
 
 
 def test_save_pretrained_then_from_pretrained_onto_cuda_runs_fused_triton(tmp_path):
@@ -208,13 +215,7 @@ def test_save_pretrained_then_from_pretrained_onto_cuda_runs_fused_triton(tmp_pa
     assert attn.q_proj.scales.dtype == torch.float16 and attn.q_proj.qweight.is_cuda
     ptrs = {m.qweight.untyped_storage().data_ptr() for m in (attn.q_proj, attn.k_proj)}
     assert len(ptrs) == 1
-    ids = torch.randint(3, 256, (2, 9), generator=torch.Generator().manual_seed(0))
-    be = qcompile.backend(QuantConfig(Scheme(group_size=32)))
-    with torch.no_grad():
-        out = torch.compile(loaded, backend=be)(ids.cuda()).logits
-        ref = reference(ids).logits
-    assert_close_rel(out.float().cpu(), ref.float(), torch.float16)
-    assert {r.path for r in be.report.records if r.status == "prequantized"} == {"triton"}
+    _compiled_matches_reference(loaded, reference)
 
 
 def test_quantize_ahead_of_time_memory_on_cuda():
