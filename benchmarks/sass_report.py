@@ -71,6 +71,11 @@ def compile_variant(
         del sig["nibble_mask"]
         fn = kernels._w4a16_gemm_kernel
         consts.update(BLOCK_M=bm, GROUP_M=8, SWAP_AB=True)
+    if kind == "gemm_pairs":
+        del sig["nibble_mask"]
+        fn = kernels._w4a16_gemm_pairs_kernel
+        consts.update(BLOCK_M=bm, ASM=True, BF16=False)
+        del consts["X_PLANES"]
     if kind == "mma":
         del sig["nibble_mask"]
         fn = kernels._w4a16_mma_kernel

@@ -28,6 +28,8 @@ W4A16 = [  # kind, BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, prefetch, self-redu
     ("mma", 64, 64, 128, 2, 1, False, True),  # 8 B tiles: 32 accumulators per A tile
     ("mma", 16, 128, 128, 4, 1, 1, True),  # the next BLOCK_K prefetched (tuples in the loop)
     ("mma", 32, 64, 64, 2, 1, 2, False),  # its words and scales only
+    ("gemm_pairs", 128, 128, 64, 8, 3, True, False),  # inline PTX unpacking feeding wgmma
+    ("gemm_pairs", 64, 64, 128, 4, 3, False, True),
 ]
 W4A8 = [  # kind, BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, fp8 activations
     ("gemv", 1, 256, 64, 2, 1, False),
