@@ -96,7 +96,7 @@ W4A8_ATTRS = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 4, 5, 7, 8, 
 
 def compile_w4a8_variant(
     kind: str, bm: int, bn: int, bk: int, warps: int, stages: int, fp8: bool = False,
-    group: int = 128,
+    group: int = 128, prefetch: int = 0,
 ):  # fmt: skip
     """A W4A8 GEMM kernel for sm_90 (contiguous xq, no bias, final output)."""
     sig = dict(W4A8_SIG)
@@ -112,6 +112,9 @@ def compile_w4a8_variant(
     elif kind == "gemm":
         fn = w4a8_kernels._w4a8_gemm_kernel
         consts.update(FP8=fp8, BLOCK_M=bm, GROUP_M=8)
+    elif kind == "gemm_swar":
+        fn = w4a8_kernels._w4a8_gemm_swar_kernel
+        consts.update(BLOCK_M=bm, PREFETCH=prefetch, ASM=True)
     else:
         fn = w4a8_kernels._w4a8_gemm_planes_kernel
         consts["BLOCK_M"] = bm
@@ -223,7 +226,9 @@ def report(
     if family == "w4a16":
         k = compile_variant(kind, bm, bn, bk, warps, stages, prefetch)
     else:
-        k = compile_w4a8_variant(kind, bm, bn, bk, warps, stages, fp8=family == "w4a8_fp8")
+        k = compile_w4a8_variant(
+            kind, bm, bn, bk, warps, stages, fp8=family == "w4a8_fp8", prefetch=prefetch
+        )
     res = resources(k)
     loop = main_loop(sass(k))
     counts = collections.Counter(opcode(line) for line in loop)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sixteenth session, one device call per PART:
-#   pairs: the pairs GEMM's kernel tests natively, then its probe (PROBE_ARGS) beside cuBLAS;
+#   pairs: the W4A16 pairs / W4A8 SWAR GEMMs' kernel tests natively, then their probes
+#          (PROBE_ARGS, PROBE8_ARGS) beside cuBLAS;
 #   e2e:   the split-K warm-up test, then `qcompile bench --model` (E2E_ARGS);
 #   tests: gpu test groups (ONLY, TEST_S) via gpu_tests.sh.
 set -o pipefail
@@ -12,10 +13,14 @@ python3 -c "import torch, triton, transformers; print(torch.__version__, triton.
 case "${PART:?PART=pairs|e2e|tests}" in
   pairs)
     timeout "${TEST_S:-150}" python3 -m pytest -q -p no:cacheprovider -rfE --tb=short \
-      tests/test_lowering_w4a16.py -k "pairs or pair_planes" 2>&1 | tail -15 | tee "$OUT/tests_pairs.log"
+      tests/test_lowering_w4a16.py tests/test_w4a8.py -k "pairs or pair_planes or swar" 2>&1 \
+      | tail -15 | tee "$OUT/tests_pairs.log"
     # shellcheck disable=SC2086
-    (cd benchmarks && timeout "${PROBE_S:-400}" python3 probe_w4a16_pairs.py --out "$OUT/probe_w4a16_pairs.json" \
-      ${PROBE_ARGS:---shapes 8192x28672,28672x4096 --ms 256,1024,64 --budget 360}) 2>&1 | tee "$OUT/probe.log"
+    (cd benchmarks && timeout "${PROBE_S:-230}" python3 probe_w4a16_pairs.py --out "$OUT/probe_w4a16_pairs.json" \
+      ${PROBE_ARGS:---shapes 8192x28672,28672x4096 --ms 256,1024,64 --budget 200}) 2>&1 | tee "$OUT/probe.log"
+    # shellcheck disable=SC2086
+    (cd benchmarks && timeout "${PROBE8_S:-170}" python3 probe_w4a16_pairs.py --family w4a8 --out "$OUT/probe_w4a8_swar.json" \
+      ${PROBE8_ARGS:---shapes 8192x28672,28672x4096 --ms 256,1024 --bks 128,256 --prefetch 0 --budget 150}) 2>&1 | tee "$OUT/probe_w4a8.log"
     ;;
   e2e)
     timeout 150 python3 -m pytest -q -p no:cacheprovider -rfE tests/test_gpu.py -k split_k_first \

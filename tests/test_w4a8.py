@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import KERNEL_DEVICE
 from helpers import assert_close_rel, rel_error
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from strategies import W4A8Problem, w4a8_problems
 
@@ -318,6 +318,8 @@ def test_default_config_is_exact(problem):
         (KernelConfig("gemm", 16, 32, 64, 2, 4, 2), "float8_e4m3fn"),
         (KernelConfig("gemm_planes", 16, 32, 256, 2, 4, 2), "int8"),  # row scales
         (KernelConfig("gemm_planes", 64, 32, 256, 2, 4, 2), "int8"),  # large-M candidate shape
+        (KernelConfig("gemm_swar", 16, 32, 64, 1, 4, 2), "int8"),
+        (KernelConfig("gemm_swar", 64, 32, 128, 2, 4, 2, True), "int8"),  # row scales, split
     ],
     ids=lambda v: v if isinstance(v, str) else f"{v.kernel}-bk{v.block_k}-sk{v.split_k}",
 )
@@ -589,3 +591,27 @@ def test_large_m_candidates_include_the_planes_kernel():
         c.kernel == "gemm_planes"
         for c in candidate_configs(1024, 8192, 28672, 128, "float8_e4m3fn")
     )
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(problem=w4a8_problems(device=KERNEL_DEVICE), data=st.data())
+def test_swar_gemm_is_exact_on_the_accumulator(problem, data):
+    """The SWAR GEMM (4 codes per 32-bit op, xq in even/odd order): any M and N (partial
+    tiles), BLOCK_K at, above or below the group, split or not, with the prefetch."""
+    assume(problem.act_dtype == "int8")
+    m, k = problem.x.shape
+    p = problem.packed
+    bm = data.draw(st.sampled_from([16, 32, 64]), label="block_m")
+    bn = data.draw(st.sampled_from([16, 32, 64]), label="block_n")
+    bk = data.draw(st.sampled_from([64, 128, 256]), label="block_k")
+    split = data.draw(st.sampled_from([1, 2]), label="split")
+    cfg = KernelConfig("gemm_swar", bm, bn, bk, split, 4, 2, data.draw(st.booleans()))
+    assume(valid_config(cfg, k, p.group_size, "int8"))
+    _check_config(problem, cfg)
+
+
+def test_swar_kernel_refuses_fp8_and_plane_major_activations():
+    assert not valid_config(
+        KernelConfig("gemm_swar", 64, 64, 128, 1, 4, 2), 4096, 128, "float8_e4m3fn"
+    )
+    assert not valid_config(KernelConfig("gemm_swar", 64, 64, 32, 1, 4, 2), 4096, 128, "int8")

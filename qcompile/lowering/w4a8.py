@@ -36,7 +36,8 @@ import triton
 import triton.language as tl
 
 from qcompile.lowering.autotune import KernelConfig, TuneKey, autotuner, m_bucket, time_us
-from qcompile.quant.int4 import to_planes  # the same plane-major layout as W4A16's
+from qcompile.lowering.w4a16 import _interpreting
+from qcompile.quant.int4 import to_even_odd, to_planes  # to_planes: W4A16's plane-major layout
 from qcompile.quant.w4a8 import ABSMAX_FLOOR, ACT_QMAX, ACT_TORCH_DTYPES
 
 FAMILY = "w4a8"
@@ -287,6 +288,112 @@ def _w4a8_gemm_planes_kernel(
     )  # fmt: skip
 
 
+# --------------------------------------------------------------------------- SWAR GEMM (large M)
+# Per byte of a 32-bit register (QServe's register-level parallelism): the low or high nibbles
+# of a word's 4 bytes times s2 (<= 15 * 16 = 240: no carry into the next byte), minus z * s2 by
+# a borrow-free SWAR subtraction (Hacker's Delight 2-18: ((a | H) - (b & ~H)) ^ ((a ^ ~b) & H),
+# H = 0x80808080). The result, (q - z) * s2 in -127..127 per byte, is the int8 MMA operand as
+# it stands: 4 codes per instruction, no per-byte packing.
+_SWAR_UNPACK = tl.constexpr(
+    """{
+.reg .b32 s, y, a, t, u;
+and.b32 s, $3, 0xFF;
+and.b32 y, $4, 0x7F7F7F7F;
+and.b32 a, $2, 0x0F0F0F0F;
+mul.lo.u32 a, a, s;
+or.b32 t, a, 0x80808080;
+sub.u32 t, t, y;
+lop3.b32 u, a, $4, 0x80808080, 0x82;
+xor.b32 $0, t, u;
+shr.u32 a, $2, 4;
+and.b32 a, a, 0x0F0F0F0F;
+mul.lo.u32 a, a, s;
+or.b32 t, a, 0x80808080;
+sub.u32 t, t, y;
+lop3.b32 u, a, $4, 0x80808080, 0x82;
+xor.b32 $1, t, u;
+}"""
+)
+
+
+@triton.jit
+def _swar_planes(codes, s2, zs, ASM: tl.constexpr):
+    """int8 bytes [BN, BK/2] of the packed words (element 4r + b: byte b of word row r), with
+    uint8 s2 and z * s2 -> the int8 weights of the even and odd k: (q - z) * s2."""
+    if ASM:
+        return tl.inline_asm_elementwise(
+            _SWAR_UNPACK, "=r,=r,r,r,r", [codes, s2, zs], dtype=(tl.int8, tl.int8),
+            is_pure=True, pack=4,
+        )  # fmt: skip
+    else:
+        c = codes.to(tl.int32)
+        s = s2.to(tl.int32)
+        z = zs.to(tl.int32)
+        return ((c & 0xF) * s - z).to(tl.int8), (((c >> 4) & 0xF) * s - z).to(tl.int8)
+
+
+@triton.jit
+def _w4a8_gemm_swar_kernel(
+    xq_ptr, xs_ptr, qw_ptr, s2_ptr, z_ptr, s1_ptr, bias_ptr, out_ptr,
+    M, N, K, k_per_split, stride_xm, stride_xk, stride_om, stride_split,
+    GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_ACC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr,
+    ASM: tl.constexpr,
+):  # fmt: skip
+    # Large-M int8 path: out^T [BLOCK_N, BLOCK_M] = W_even @ x_even^T + W_odd @ x_odd^T. The
+    # words are read once, as bytes, so a thread holds whole words, 4 bytes = the 4 int8 k's
+    # its MMA register needs; `_SWAR_UNPACK` turns each word into the two registers (even and
+    # odd k) with ~1.8 instructions per weight, and wgmma takes W from registers. xq comes
+    # even/odd per BLOCK_K chunk (column p * BLOCK_K/2 + c holds k = 2c + p): each plane's
+    # activations are contiguous, staged into shared memory by cp.async.
+    HALF: tl.constexpr = BLOCK_K // 2
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rc = tl.arange(0, HALF)
+    m_mask = rm < M
+    n_mask = rn < N
+    k_start = pid_k * k_per_split
+    k_end = k_start + k_per_split
+    qw8 = qw_ptr.to(tl.pointer_type(tl.int8))
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32)
+    # element (n, 4r + b): byte b of word row r of column n
+    c_row0 = qw8 + (rc // 4)[None, :] * (4 * N) + 4 * rn[:, None] + (rc % 4)[None, :]
+    if PREFETCH:
+        codes_next = tl.load(c_row0 + (k_start // 8) * (4 * N), mask=n_mask[:, None])
+    for k0 in range(k_start, k_end, BLOCK_K):
+        if PREFETCH:
+            codes = codes_next
+            k_next = tl.minimum(k0 + BLOCK_K, k_end - BLOCK_K)
+            codes_next = tl.load(c_row0 + (k_next // 8) * (4 * N), mask=n_mask[:, None])
+        else:
+            codes = tl.load(c_row0 + (k0 // 8) * (4 * N), mask=n_mask[:, None])
+        if BLOCK_K <= GROUP:
+            g = k0 // GROUP
+            s2 = tl.load(s2_ptr + g * N + rn, mask=n_mask, other=0)
+            z = tl.load(z_ptr + g * N + rn, mask=n_mask, other=0)
+            zs = (z.to(tl.int32) * s2.to(tl.int32)).to(tl.uint8)
+            s2 = tl.broadcast_to(s2[:, None], (BLOCK_N, HALF))
+            zs = tl.broadcast_to(zs[:, None], (BLOCK_N, HALF))
+        else:  # scales vary by word row
+            g_rows = ((k0 + 8 * (rc // 4)) // GROUP)[None, :] * N + rn[:, None]
+            s2 = tl.load(s2_ptr + g_rows, mask=n_mask[:, None], other=0)
+            z = tl.load(z_ptr + g_rows, mask=n_mask[:, None], other=0)
+            zs = (z.to(tl.int32) * s2.to(tl.int32)).to(tl.uint8)
+        w_even, w_odd = _swar_planes(codes, s2, zs, ASM)
+        x_base = xq_ptr + rm[None, :] * stride_xm + (k0 + rc)[:, None] * stride_xk
+        x_even = tl.load(x_base, mask=m_mask[None, :], other=0)
+        x_odd = tl.load(x_base + HALF * stride_xk, mask=m_mask[None, :], other=0)
+        acc = tl.dot(w_even, x_even, acc, out_dtype=tl.int32)
+        acc = tl.dot(w_odd, x_odd, acc, out_dtype=tl.int32)
+    _store_result(
+        acc, rm, rn, m_mask, n_mask, xs_ptr, s1_ptr, bias_ptr, out_ptr, pid_k, stride_om,
+        stride_split, HAS_BIAS, WRITE_ACC, True,
+    )  # fmt: skip
+
+
 @triton.jit
 def _w4a8_splitk_epilogue_kernel(
     ws_ptr, xs_ptr, s1_ptr, bias_ptr, out_ptr, MN, N, SPLIT_K,
@@ -312,7 +419,7 @@ def _pow2(v: int) -> bool:
 
 
 # Smallest BLOCK_K per kernel: 8-bit tl.dot needs K tiles >= 32; planes: 32 word rows per dot.
-_MIN_BLOCK_K = {"gemv": 32, "gemm": 32, "gemm_planes": 256}
+_MIN_BLOCK_K = {"gemv": 32, "gemm": 32, "gemm_planes": 256, "gemm_swar": 64}
 
 
 def valid_config(cfg: KernelConfig, k: int, group: int, act_dtype: str) -> bool:
@@ -332,7 +439,7 @@ def valid_config(cfg: KernelConfig, k: int, group: int, act_dtype: str) -> bool:
     if cfg.kernel != "gemv" and (cfg.block_m < 16 or cfg.block_n < 16):
         return False
     if act_dtype != "int8":
-        return cfg.kernel != "gemm_planes" and group % cfg.block_k == 0
+        return cfg.kernel not in ("gemm_planes", "gemm_swar") and group % cfg.block_k == 0
     return True
 
 
@@ -456,6 +563,12 @@ def launch(
             raise ValueError("launch: the planes kernel takes int8 activations only")
         if not xq_plane_major:
             xq = to_planes(xq, cfg.block_k)
+    if cfg.kernel == "gemm_swar":
+        if fp8:
+            raise ValueError("launch: the SWAR kernel takes int8 activations only")
+        if xq_plane_major:
+            raise ValueError("launch: the SWAR kernel reads xq in even/odd order, not plane-major")
+        xq = to_even_odd(xq, cfg.block_k)
     args = (
         xq, x_scale, qweight, group_scales, group_zeros, channel_scales, bias_arg, target,
         m, n, k, k // split, xq.stride(0), xq.stride(1), out.stride(0), m * n,
@@ -463,6 +576,12 @@ def launch(
     if cfg.kernel == "gemv":
         grid = (triton.cdiv(n, cfg.block_n), split, m)
         _w4a8_gemv_kernel[grid](*args, FP8=fp8, **common)
+    elif cfg.kernel == "gemm_swar":
+        grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n), split)
+        _w4a8_gemm_swar_kernel[grid](
+            *args, BLOCK_M=cfg.block_m, PREFETCH=bool(cfg.prefetch), ASM=not _interpreting(),
+            **common,
+        )  # fmt: skip
     elif cfg.kernel == "gemm_planes":
         grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n), split)
         _w4a8_gemm_planes_kernel[grid](*args, BLOCK_M=cfg.block_m, **common)

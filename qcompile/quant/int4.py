@@ -115,6 +115,14 @@ def to_pair_planes(x: torch.Tensor, chunk: int) -> torch.Tensor:
     )
 
 
+def to_even_odd(x: torch.Tensor, chunk: int) -> torch.Tensor:
+    """x [..., K] -> contiguous [..., K] with each `chunk` of k's split into its even k's, then
+    its odd k's (position p * chunk/2 + c holds k = 2c + p): the W4A8 SWAR kernel's order,
+    whose two int8 planes are a word's low and high nibbles."""
+    k = x.shape[-1]
+    return x.unflatten(-1, (k // chunk, chunk // 2, 2)).transpose(-1, -2).flatten(-3)
+
+
 def from_planes(x: torch.Tensor, chunk: int = PLANE_CHUNK) -> torch.Tensor:
     """The inverse of `to_planes`."""
     k = x.shape[-1]
