@@ -22,6 +22,15 @@ case "${PART:?PART=pairs|e2e|tests}" in
     (cd benchmarks && timeout "${PROBE8_S:-170}" python3 probe_w4a16_pairs.py --family w4a8 --out "$OUT/probe_w4a8_swar.json" \
       ${PROBE8_ARGS:---shapes 8192x28672,28672x4096 --ms 256,1024 --bks 128,256 --prefetch 0 --budget 150}) 2>&1 | tee "$OUT/probe_w4a8.log"
     ;;
+  w4a8)
+    timeout 120 python3 -m pytest -q -p no:cacheprovider -rfE --tb=short tests/test_w4a8.py \
+      -k "swar or quantize_kernel or each_kernel_kind or gpu" 2>&1 | tail -8 | tee "$OUT/tests_w4a8.log"
+    (cd benchmarks && QCOMPILE_AUTOTUNE=0 timeout 200 python3 bench_w4a8.py --out "$OUT" \
+      --shapes 8192x28672,28672x4096 --ms 256,1024) 2>&1 | tail -30 | tee "$OUT/bench_w4a8.log"
+    # shellcheck disable=SC2086
+    (cd benchmarks && timeout "${PROBE8_S:-150}" python3 probe_w4a16_pairs.py --family w4a8 --out "$OUT/probe_w4a8_swar_small_m.json" \
+      ${PROBE8_ARGS:---shapes 8192x28672,28672x4096 --ms 128,64 --bms 64,128 --bns 64 --bks 128 --prefetch 0 --splits 1,2,4 --budget 130}) 2>&1 | tee "$OUT/probe_w4a8.log"
+    ;;
   e2e)
     timeout 150 python3 -m pytest -q -p no:cacheprovider -rfE tests/test_gpu.py -k split_k_first \
       2>&1 | tail -8 | tee "$OUT/tests_selected.log"

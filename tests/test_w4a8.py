@@ -35,7 +35,7 @@ from qcompile.passes.linear import (
     rewrite_linears,
     unsupported_reason,
 )
-from qcompile.quant.int4 import to_planes
+from qcompile.quant.int4 import to_even_odd, to_planes
 from qcompile.quant.w4a8 import (
     ABSMAX_FLOOR,
     PackedW4A8,
@@ -238,11 +238,11 @@ def _on_device(*tensors):
     k=st.sampled_from([64, 256, 320]),
     dtype=st.sampled_from([torch.float16, torch.bfloat16]),
     act_dtype=st.sampled_from(["int8", "float8_e4m3fn"]),
-    planes=st.booleans(),
+    order=st.sampled_from(["natural", "planes", "even_odd"]),
     strided=st.booleans(),
     seed=st.integers(0, 2**31 - 1),
 )
-def test_quantize_kernel_is_bit_exact(m, k, dtype, act_dtype, planes, strided, seed):
+def test_quantize_kernel_is_bit_exact(m, k, dtype, act_dtype, order, strided, seed):
     """The eager path's Triton kernel agrees with the torch formula the compiled path uses."""
     gen = torch.Generator().manual_seed(seed)
     x = (torch.randn(k, m, generator=gen) * torch.rand(k, 1, generator=gen) * 30).t()
@@ -250,11 +250,14 @@ def test_quantize_kernel_is_bit_exact(m, k, dtype, act_dtype, planes, strided, s
     x = x.to(dtype)
     if not strided:
         x = x.contiguous()
-    planes_bk = 64 if planes and k % 64 == 0 else 0
-    xq, scale = quantize_per_token(*_on_device(x), act_dtype, planes_bk)
+    planes_bk = 64 if order == "planes" and k % 64 == 0 else 0
+    even_odd_bk = 64 if order == "even_odd" and k % 64 == 0 else 0
+    xq, scale = quantize_per_token(*_on_device(x), act_dtype, planes_bk, even_odd_bk)
     ref_q, ref_s = quantize_activations_per_token(x, act_dtype)
     if planes_bk:
         ref_q = to_planes(ref_q.view(torch.uint8), planes_bk).view(ref_q.dtype)
+    if even_odd_bk:
+        ref_q = to_even_odd(ref_q.view(torch.uint8), even_odd_bk).view(ref_q.dtype)
     assert torch.equal(xq.cpu().view(torch.uint8), ref_q.view(torch.uint8))
     assert torch.equal(scale.cpu(), ref_s)
 
@@ -594,20 +597,43 @@ def test_large_m_candidates_include_the_planes_kernel():
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(problem=w4a8_problems(device=KERNEL_DEVICE), data=st.data())
+@given(problem=w4a8_problems(device=KERNEL_DEVICE, max_m=70, act_dtypes=("int8",)), data=st.data())
 def test_swar_gemm_is_exact_on_the_accumulator(problem, data):
     """The SWAR GEMM (4 codes per 32-bit op, xq in even/odd order): any M and N (partial
     tiles), BLOCK_K at, above or below the group, split or not, with the prefetch."""
-    assume(problem.act_dtype == "int8")
     m, k = problem.x.shape
-    p = problem.packed
+    g = problem.packed.group_size
+    fits = [
+        (bk, sk) for bk in (64, 128, 256) for sk in (1, 2)
+        if valid_config(KernelConfig("gemm_swar", 16, 16, bk, sk, 4, 2), k, g, "int8")
+    ]  # fmt: skip
+    assume(fits)  # K = 32: below the SWAR kernel's smallest BLOCK_K
+    bk, split = data.draw(st.sampled_from(fits), label="block_k, split")
     bm = data.draw(st.sampled_from([16, 32, 64]), label="block_m")
     bn = data.draw(st.sampled_from([16, 32, 64]), label="block_n")
-    bk = data.draw(st.sampled_from([64, 128, 256]), label="block_k")
-    split = data.draw(st.sampled_from([1, 2]), label="split")
     cfg = KernelConfig("gemm_swar", bm, bn, bk, split, 4, 2, data.draw(st.booleans()))
-    assume(valid_config(cfg, k, p.group_size, "int8"))
     _check_config(problem, cfg)
+
+
+def test_swar_is_the_default_and_a_candidate_at_large_m_for_int8_only():
+    for m in (128, 256, 1024):
+        assert default_config(m, 8192, 28672, 128, "int8").kernel == "gemm_swar"
+        assert default_config(m, 8192, 28672, 128, "float8_e4m3fn").kernel == "gemm"
+        kinds = {c.kernel for c in candidate_configs(m, 8192, 28672, 128, "int8")}
+        assert "gemm_swar" in kinds
+    assert default_config(64, 8192, 28672, 128, "int8").kernel != "gemm_swar"
+    # K not a multiple of 128: the SWAR default does not fit, the natural-order GEMM does
+    assert default_config(256, 64, 96, 32, "int8").kernel == "gemm"
+
+
+def test_launch_refuses_an_xq_order_its_kernel_does_not_read():
+    p = quantize_weight_w4a8(torch.randn(32, 128), Scheme(name="w4a8", group_size=64))
+    xq = torch.zeros(4, 128, dtype=torch.int8)
+    args = (xq, torch.ones(4), *p.tensors(), None, 64, torch.float16)
+    with pytest.raises(ValueError, match="even/odd order is for the SWAR kernel"):
+        launch(KernelConfig("gemm", 16, 32, 64, 1, 4, 2), *args, xq_even_odd=True)
+    with pytest.raises(ValueError, match="not plane-major"):
+        launch(KernelConfig("gemm_swar", 16, 32, 64, 1, 4, 2), *args, xq_plane_major=True)
 
 
 def test_swar_kernel_refuses_fp8_and_plane_major_activations():

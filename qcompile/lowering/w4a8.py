@@ -20,6 +20,11 @@ group_zeros [K/G, N] uint8, channel_scales [N] fp32). Kernels, top to bottom:
   words [BLOCK_N, BLOCK_K/8] are read once and each of the 8 nibble planes is one int8 dot
   (out^T = W_i @ x_i^T), which needs xq plane-major per BLOCK_K chunk (the quantize kernel
   writes it so directly; `to_planes` permutes an already-quantized xq).
+* `_w4a8_gemm_swar_kernel` ("gemm_swar", M >= 128, int8 only): words read once as bytes; PTX
+  turns each word into two int8 registers (even and odd k, (q - z) * s2 per byte: QServe's
+  register-level parallelism, ~1.9 instructions per weight against ~9-11 in the kernels
+  above), which wgmma takes from registers as W. xq even/odd per BLOCK_K chunk (`to_even_odd`;
+  the quantize kernel writes it so directly). The large-M default for int8.
 * `_w4a8_gemv_kernel` ("gemv", M <= 8): CUDA cores, one program per (N tile, K split, row).
   Integer per group: sum_k (q - z) s2 x = s2 * sum_k q x - z s2 * sum_k x, so the inner loop
   is shift, and, multiply-add per weight. Memory-bound: floor =
@@ -75,12 +80,14 @@ def _round_to_e4m3(v):
 def _quantize_per_token_kernel(
     x_ptr, xq_ptr, scale_ptr, K, stride_xm, stride_xk,
     QMAX: tl.constexpr, FP8: tl.constexpr, BLOCK: tl.constexpr, PLANES_BK: tl.constexpr,
+    EVEN_ODD_BK: tl.constexpr = 0,
 ):  # fmt: skip
     # Row m: absmax over K, then xq = round(x * (QMAX / absmax)), scale = absmax / QMAX, the
     # same fp32 operations as `quantize_activations_per_token` (launched without FMA
     # contraction, so each product is rounded before the rounding add). PLANES_BK > 0 writes
     # each PLANES_BK chunk plane-major (column c*BK + i*BK/8 + r holds k = c*BK + 8r + i) for
-    # the planes kernel.
+    # the planes kernel; EVEN_ODD_BK > 0 writes each chunk's even k's, then its odd k's
+    # (column c*BK + p*BK/2 + j holds k = c*BK + 2j + p) for the SWAR kernel.
     m = tl.program_id(0)
     x_row = x_ptr + m * stride_xm
     offs = tl.arange(0, BLOCK)
@@ -100,6 +107,12 @@ def _quantize_per_token_kernel(
             q = tl.minimum(tl.maximum(_round_half_even(v), -QMAX), QMAX).to(tl.int8)
         if PLANES_BK > 0:
             k = (k // PLANES_BK) * PLANES_BK + (k % 8) * (PLANES_BK // 8) + (k % PLANES_BK) // 8
+        if EVEN_ODD_BK > 0:
+            k = (
+                (k // EVEN_ODD_BK) * EVEN_ODD_BK
+                + (k % 2) * (EVEN_ODD_BK // 2)
+                + (k % EVEN_ODD_BK) // 2
+            )
         tl.store(xq_ptr + m * K + k, q, mask=k0 + offs < K)
     tl.store(scale_ptr + m, tl.math.div_rn(absmax, tl.full((), QMAX, tl.float32)))
 
@@ -486,6 +499,16 @@ def candidate_configs(m: int, n: int, k: int, group: int, act_dtype: str) -> lis
                     programs = triton.cdiv(n, bn) * triton.cdiv(mb, bm)
                     if bm <= mb and bm * bn <= 128 * 256 and _useful_split(programs, sk):
                         out.append(KernelConfig("gemm_planes", bm, bn, bk, sk, warps, stages))
+    if mb >= 128 and act_dtype == "int8":
+        # SWAR unpacking (4 codes per 32-bit op): on the H200 the leaders at M = 256 and 1024
+        # on both acceptance shapes were BLOCK_N 64 on one warpgroup, BLOCK_M 256 (or 128),
+        # BLOCK_K 128, 3 stages (`results/session16/probe_w4a8_swar.json`).
+        for bm, bn, warps, stages in ((256, 64, 4, 3), (128, 64, 4, 3), (256, 64, 4, 4),
+                                      (256, 128, 8, 3), (128, 128, 8, 3)):  # fmt: skip
+            for sk in splits:
+                programs = triton.cdiv(n, bn) * triton.cdiv(mb, bm)
+                if bm <= mb and _useful_split(programs, sk):
+                    out.append(KernelConfig("gemm_swar", bm, bn, 128, sk, warps, stages))
     return [c for c in out if valid_config(c, k, group, act_dtype)]
 
 
@@ -498,16 +521,23 @@ def default_config(m: int, n: int, k: int, group: int, act_dtype: str) -> Kernel
         bk = min(bk, 64)
         sk = next(s for s in (8, 4, 2, 1) if (k // s) % bk == 0) if n <= 8192 else 1
         return KernelConfig("gemv", 1, 512, bk, sk, 4, 1)
+    if mb >= 128 and act_dtype == "int8":
+        swar = KernelConfig("gemm_swar", 256 if mb >= 256 else 128, 64, 128, 1, 4, 3)
+        if valid_config(swar, k, group, act_dtype):
+            return swar
     bm = 16 if mb <= 16 else 32 if mb <= 32 else 64 if mb <= 64 else 128
     return KernelConfig("gemm", bm, 64 if mb <= 64 else 128, min(bk, 64), 1, 4, 3)
 
 
 # --------------------------------------------------------------------------- launchers
 def quantize_per_token(
-    x: torch.Tensor, act_dtype: str, planes_block_k: int = 0
+    x: torch.Tensor, act_dtype: str, planes_block_k: int = 0, even_odd_block_k: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] (any strides) -> (xq [M, K] contiguous, scale [M] fp32) with the Triton kernel;
-    `planes_block_k` > 0 writes xq plane-major per chunk for the planes kernel."""
+    `planes_block_k` > 0 writes xq plane-major per chunk for the planes kernel,
+    `even_odd_block_k` > 0 in `to_even_odd` order for the SWAR kernel."""
+    if planes_block_k and even_odd_block_k:
+        raise ValueError("quantize_per_token: one xq order at a time (planes or even/odd)")
     m, k = x.shape
     xq = torch.empty((m, k), device=x.device, dtype=ACT_TORCH_DTYPES[act_dtype])
     scale = torch.empty((m,), device=x.device, dtype=torch.float32)
@@ -517,6 +547,7 @@ def quantize_per_token(
     _quantize_per_token_kernel[(m,)](
         x, xq, scale, k, x.stride(0), x.stride(1),
         QMAX=ACT_QMAX[act_dtype], FP8=act_dtype != "int8", BLOCK=block, PLANES_BK=planes_block_k,
+        EVEN_ODD_BK=even_odd_block_k,
         num_warps=4 if block <= 1024 else 8, enable_fp_fusion=False,
     )  # fmt: skip
     return xq, scale
@@ -536,12 +567,14 @@ def launch(
     out: torch.Tensor | None = None,
     accumulator: bool = False,
     xq_plane_major: bool = False,
+    xq_even_odd: bool = False,
 ) -> torch.Tensor:
     """Run one config: xq [M, K] int8 / fp8 (any strides), x_scale [M] -> out [M, N].
 
     `accumulator=True` returns the raw accumulator instead (int64 sum of the int32 partials,
     or fp32 for FP8) so tests can hold the integer part to the exact reference.
-    `xq_plane_major`: xq was written plane-major for `cfg.block_k` (planes kernel only)."""
+    `xq_plane_major` / `xq_even_odd`: xq was written plane-major (planes kernel) or even/odd
+    (SWAR kernel) for `cfg.block_k`; otherwise the launcher permutes it (one small copy)."""
     m, k = xq.shape
     n = qweight.shape[1]
     fp8 = xq.dtype != torch.int8
@@ -568,7 +601,10 @@ def launch(
             raise ValueError("launch: the SWAR kernel takes int8 activations only")
         if xq_plane_major:
             raise ValueError("launch: the SWAR kernel reads xq in even/odd order, not plane-major")
-        xq = to_even_odd(xq, cfg.block_k)
+        if not xq_even_odd:
+            xq = to_even_odd(xq, cfg.block_k)
+    elif xq_even_odd:
+        raise ValueError(f"launch: xq in even/odd order is for the SWAR kernel, not {cfg.kernel}")
     args = (
         xq, x_scale, qweight, group_scales, group_zeros, channel_scales, bias_arg, target,
         m, n, k, k // split, xq.stride(0), xq.stride(1), out.stride(0), m * n,
@@ -650,9 +686,10 @@ def quantize_and_launch(
     cfg, x, qweight, group_scales, group_zeros, channel_scales, bias, group_size, act_dtype,
     out=None,
 ) -> torch.Tensor:  # fmt: skip
-    """The eager path for one config: the quantize kernel (writing xq plane-major when the
-    planes kernel runs, so it needs no extra permutation pass), then `launch`."""
+    """The eager path for one config: the quantize kernel (writing xq in the order the planes
+    or SWAR kernel reads, so it needs no extra permutation pass), then `launch`."""
     planes = cfg.block_k if cfg.kernel == "gemm_planes" else 0
-    xq, scale = quantize_per_token(x, act_dtype, planes)
+    even_odd = cfg.block_k if cfg.kernel == "gemm_swar" else 0
+    xq, scale = quantize_per_token(x, act_dtype, planes, even_odd)
     w = (qweight, group_scales, group_zeros, channel_scales, bias, group_size, x.dtype)
-    return launch(cfg, xq, scale, *w, out=out, xq_plane_major=planes > 0)
+    return launch(cfg, xq, scale, *w, out=out, xq_plane_major=planes > 0, xq_even_odd=even_odd > 0)
