@@ -71,11 +71,6 @@ def compile_variant(
         del sig["nibble_mask"]
         fn = kernels._w4a16_gemm_kernel
         consts.update(BLOCK_M=bm, GROUP_M=8, SWAP_AB=True)
-    if kind == "gemm_pairs":
-        del sig["nibble_mask"]
-        fn = kernels._w4a16_gemm_pairs_kernel
-        consts.update(BLOCK_M=bm, ASM=True, BF16=False)
-        del consts["X_PLANES"]
     if kind == "mma":
         del sig["nibble_mask"]
         fn = kernels._w4a16_mma_kernel
@@ -265,6 +260,7 @@ VARIANTS = [
     ("gemm_planes", 16, 128, 256, 4, 2, False, "w4a8"), ("gemm", 16, 64, 128, 4, 3, False, "w4a8"),
     ("gemm", 64, 128, 64, 4, 3, False, "w4a8"), ("gemm", 128, 128, 64, 4, 3, False, "w4a8"),
     ("gemm", 256, 128, 64, 8, 3, False, "w4a8"), ("gemm", 256, 128, 128, 8, 2, False, "w4a8"),
+    ("gemm_swar", 256, 64, 128, 4, 3, False, "w4a8"), ("gemm_swar", 128, 64, 128, 4, 3, False, "w4a8"),
     ("gemv", 1, 512, 64, 4, 1, False, "w4a8_fp8"), ("gemm", 64, 128, 64, 4, 3, False, "w4a8_fp8"),
     ("gemm", 128, 128, 128, 8, 3, False, "w4a8_fp8"),
 ]  # fmt: skip

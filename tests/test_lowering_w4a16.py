@@ -149,8 +149,6 @@ def test_dequantize_then_matmul_strategy(group):
         KernelConfig("mma", 16, 64, 128, 2, 2, 1, True),  # next BLOCK_K loaded first, split
         KernelConfig("mma", 32, 64, 64, 1, 2, 1, True),
         KernelConfig("mma", 16, 64, 64, 1, 2, 1, 2),  # prefetch of words and scales only
-        KernelConfig("gemm_pairs", 16, 32, 64, 1, 4, 2),
-        KernelConfig("gemm_pairs", 32, 32, 128, 2, 4, 2, True),  # BLOCK_K > group at g64, split
     ],
     ids=lambda c: f"{c.kernel}-bn{c.block_n}-bk{c.block_k}-sk{c.split_k}-pf{int(c.prefetch)}",
 )
@@ -185,7 +183,6 @@ SPLIT_CONFIGS = [
     KernelConfig("mma", 16, 64, 64, 4, 2, 1),
     KernelConfig("mma", 64, 64, 64, 4, 2, 1),
     KernelConfig("mma", 16, 64, 32, 4, 2, 1, True),
-    KernelConfig("gemm_pairs", 16, 32, 64, 4, 4, 2, True),
 ]
 
 
@@ -376,33 +373,3 @@ def test_tracing_reserves_the_tile_counters_outside_fake_mode(monkeypatch):
     assert out.shape == (3, 16)
     assert seen == [(torch.device("cuda", 0), False)]  # one real allocation, on x's device
 
-
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(problem=linear_problems(device=KERNEL_DEVICE), data=st.data())
-def test_pairs_gemm_matches_float64_reference(problem, data):
-    """The pairs GEMM (two codes per unpacking step, x in pair-plane order): any M (partial
-    M and N tiles), BLOCK_K at, above or below the group, split or not, with the prefetch."""
-    m, k = problem.x.shape
-    group = problem.packed.group_size or k
-    bm = data.draw(st.sampled_from([16, 32, 64]), label="block_m")
-    bn = data.draw(st.sampled_from([16, 32, 64]), label="block_n")
-    bk = data.draw(st.sampled_from([64, 128]), label="block_k")
-    split = data.draw(st.sampled_from([1, 2]), label="split")
-    prefetch = data.draw(st.booleans(), label="prefetch")
-    cfg = KernelConfig("gemm_pairs", bm, bn, bk, split, 4, 2, prefetch)
-    assume(valid_config(cfg, k, group))
-    x_planes = k % PLANE_CHUNK == 0 and data.draw(st.booleans(), label="x_planes")
-    assert_close_rel(_run(problem, cfg, x_planes), problem.reference64(), problem.dtype)
-
-
-def test_pair_planes_order():
-    """Within each chunk, position j * chunk/4 + 2r + h holds k = 8r + 4h + j."""
-    from qcompile.quant.int4 import to_pair_planes
-
-    x = torch.arange(3 * 256).view(3, 256)
-    y = to_pair_planes(x, 128)
-    assert y.is_contiguous() and y.shape == x.shape
-    for c, j, r, h in [(0, 0, 0, 1), (1, 3, 15, 1), (0, 2, 7, 0), (1, 1, 3, 1)]:
-        assert int(y[2, c * 128 + j * 32 + 2 * r + h]) == 2 * 256 + c * 128 + 8 * r + 4 * h + j
-    assert torch.equal(y.sort(dim=-1).values, x)
-    assert not valid_config(KernelConfig("gemm_pairs", 64, 64, 32, 1, 4, 2), 4096, 128)

@@ -28,8 +28,6 @@ W4A16 = [  # kind, BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, prefetch, self-redu
     ("mma", 64, 64, 128, 2, 1, False, True),  # 8 B tiles: 32 accumulators per A tile
     ("mma", 16, 128, 128, 4, 1, 1, True),  # the next BLOCK_K prefetched (tuples in the loop)
     ("mma", 32, 64, 64, 2, 1, 2, False),  # its words and scales only
-    ("gemm_pairs", 128, 128, 64, 8, 3, True, False),  # inline PTX unpacking feeding wgmma
-    ("gemm_pairs", 64, 64, 128, 4, 3, False, True),
 ]
 W4A8 = [  # kind, BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, fp8 activations
     ("gemv", 1, 256, 64, 2, 1, False),
@@ -38,6 +36,7 @@ W4A8 = [  # kind, BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, fp8 activations
     ("gemm", 64, 64, 64, 4, 3, True),
     ("gemm_planes", 16, 64, 256, 4, 2, False),
     ("gemm_planes", 128, 128, 256, 8, 2, False),  # a large-M candidate
+    ("gemm_swar", 256, 64, 128, 4, 3, False),  # inline PTX unpacking feeding int8 wgmma
 ]
 KV4 = [  # kind, BLOCK_M, BLOCK_N, warps, stages, keys per channel over T tokens (0: per
     # token), query dtype: bf16 queries once hit a dot of mixed dtypes only a compile sees

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from qcompile.lowering.autotune import KernelConfig, TuneKey, autotuner, m_bucket, time_us
-from qcompile.quant.int4 import PLANE_CHUNK, from_planes, to_pair_planes, to_planes
+from qcompile.quant.int4 import PLANE_CHUNK, to_planes
 
 FAMILY = "w4a16"
 
@@ -417,114 +417,6 @@ def _w4a16_gemm_planes_kernel(
         acc, out_ptr, ws_ptr, cnt_ptr + pid_n * tl.num_programs(0) + pid_m, bias_ptr,
         out_offs, mask, bias_b, N, pid_k, tl.num_programs(2), stride_split, HAS_BIAS, SPLIT,
         SELF_REDUCE,
-    )  # fmt: skip
-
-
-# --------------------------------------------------------------------------- pairs GEMM (M >= 64)
-def _pair_unpack_asm(bf16: bool) -> str:
-    """PTX: one int32 word (8 codes; its two int16 halves are the inputs $4 packed) -> four
-    fp16x2/bf16x2 registers $0..$3, register j holding codes j and j + 4 dequantized:
-    w = code * s + o, with $5 / $6 the scale / offset splat into both halves. Per two codes:
-    one LOP3 (the nibbles into the mantissa of 1024.0 / 128.0), one SUB, one FMA, and one
-    shift per register past the first (Marlin's unpacking)."""
-    t = "bf16x2" if bf16 else "f16x2"
-    bias = 0x43004300 if bf16 else 0x64006400
-    lines = [".reg .b32 qsh, qbias;", f"mov.b32 qbias, {bias};"]
-    for j in range(4):
-        src = "$4"
-        if j:
-            lines.append(f"shr.u32 qsh, $4, {4 * j};")
-            src = "qsh"
-        lines.append(f"lop3.b32 ${j}, {src}, 0x000F000F, qbias, 0xEA;")
-        lines.append(f"sub.{t} ${j}, ${j}, qbias;")
-        lines.append(f"fma.rn.{t} ${j}, ${j}, $5, $6;")
-    return "{\n" + "\n".join(lines) + "\n}"
-
-
-_PAIR_UNPACK_F16 = tl.constexpr(_pair_unpack_asm(False))
-_PAIR_UNPACK_BF16 = tl.constexpr(_pair_unpack_asm(True))
-
-
-@triton.jit
-def _pair_planes(halves, s, o, ASM: tl.constexpr, BF16: tl.constexpr):
-    """int16 halves [BN, 2R] (element 2r + h: half h of word row r) with their scales and
-    offsets -> the four dequantized pair planes, plane j's element 2r + h = code j + 4h."""
-    if ASM:
-        return tl.inline_asm_elementwise(
-            _PAIR_UNPACK_BF16 if BF16 else _PAIR_UNPACK_F16, "=r,=r,=r,=r,r,r,r", [halves, s, o],
-            dtype=(tl.bfloat16 if BF16 else tl.float16,) * 4, is_pure=True, pack=2,
-        )  # fmt: skip
-    else:
-        dtype: tl.constexpr = tl.bfloat16 if BF16 else tl.float16
-        sf = s.to(tl.float32)
-        of = o.to(tl.float32)
-        w0 = ((halves & 0xF).to(tl.float32) * sf + of).to(dtype)
-        w1 = (((halves >> 4) & 0xF).to(tl.float32) * sf + of).to(dtype)
-        w2 = (((halves >> 8) & 0xF).to(tl.float32) * sf + of).to(dtype)
-        w3 = (((halves >> 12) & 0xF).to(tl.float32) * sf + of).to(dtype)
-        return w0, w1, w2, w3
-
-
-@triton.jit
-def _w4a16_gemm_pairs_kernel(
-    x_ptr, qw_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
-    M, N, K, k_per_split, stride_w,
-    stride_xm, stride_xk, stride_om, stride_split,
-    GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, SELF_REDUCE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr,
-    ASM: tl.constexpr, BF16: tl.constexpr,
-):  # fmt: skip
-    # Large-M tensor-core path: out^T [BLOCK_N, BLOCK_M] = sum over 4 pair planes j of
-    # W_j [BLOCK_N, BLOCK_K/4] @ x_j^T. Each int32 word is read once as two int16 halves (so a
-    # thread holds both halves of its words, the pairs the PTX unpacks); one LOP3 + SUB + FMA
-    # per two codes yields fp16x2 registers that are already wgmma's register A operand
-    # (no shared-memory round trip, ~1.9 instructions per weight). x arrives in pair-plane
-    # order per BLOCK_K (`to_pair_planes`), so each plane's activations are contiguous and
-    # Triton stages them into shared memory with cp.async as wgmma's B operand.
-    R2: tl.constexpr = BLOCK_K // 4
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rc = tl.arange(0, R2)
-    m_mask = rm < M
-    n_mask = rn < N
-    qw16 = qw_ptr.to(tl.pointer_type(tl.int16))
-    k_start = pid_k * k_per_split
-    k_end = k_start + k_per_split
-    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    # element (n, 2r + h): half h of word row r (little-endian: h = 0 holds nibbles 0..3)
-    h_row0 = qw16 + (rc // 2)[None, :] * (2 * stride_w) + 2 * rn[:, None] + (rc % 2)[None, :]
-    if PREFETCH:
-        halves_next = tl.load(h_row0 + (k_start // 8) * (2 * stride_w), mask=n_mask[:, None])
-    for k0 in range(k_start, k_end, BLOCK_K):
-        if PREFETCH:
-            halves = halves_next
-            k_next = tl.minimum(k0 + BLOCK_K, k_end - BLOCK_K)
-            halves_next = tl.load(h_row0 + (k_next // 8) * (2 * stride_w), mask=n_mask[:, None])
-        else:
-            halves = tl.load(h_row0 + (k0 // 8) * (2 * stride_w), mask=n_mask[:, None])
-        if BLOCK_K <= GROUP:
-            g = k0 // GROUP
-            s = tl.load(s_ptr + g * stride_w + rn, mask=n_mask, other=0)[:, None]
-            o = tl.load(o_ptr + g * stride_w + rn, mask=n_mask, other=0)[:, None]
-            s = tl.broadcast_to(s, (BLOCK_N, R2))
-            o = tl.broadcast_to(o, (BLOCK_N, R2))
-        else:  # scales vary by word row
-            g_rows = (k0 + 8 * (rc // 2)) // GROUP
-            s = tl.load(s_ptr + g_rows[None, :] * stride_w + rn[:, None], mask=n_mask[:, None])
-            o = tl.load(o_ptr + g_rows[None, :] * stride_w + rn[:, None], mask=n_mask[:, None])
-        w0, w1, w2, w3 = _pair_planes(halves, s, o, ASM, BF16)
-        x_base = x_ptr + rm[None, :] * stride_xm + (k0 + rc)[:, None] * stride_xk
-        acc = tl.dot(w0, tl.load(x_base, mask=m_mask[None, :], other=0.0), acc)
-        acc = tl.dot(w1, tl.load(x_base + R2 * stride_xk, mask=m_mask[None, :], other=0.0), acc)
-        acc = tl.dot(w2, tl.load(x_base + 2 * R2 * stride_xk, mask=m_mask[None, :], other=0.0), acc)
-        acc = tl.dot(w3, tl.load(x_base + 3 * R2 * stride_xk, mask=m_mask[None, :], other=0.0), acc)
-    _finish_tile(
-        acc, out_ptr, ws_ptr, cnt_ptr + pid_n * tl.num_programs(0) + pid_m, bias_ptr,
-        rm[None, :] * stride_om + rn[:, None], m_mask[None, :] & n_mask[:, None], rn[:, None],
-        N, pid_k, tl.num_programs(2), stride_split, HAS_BIAS, SPLIT, SELF_REDUCE,
     )  # fmt: skip
 
 
@@ -985,10 +877,7 @@ def valid_config(cfg: KernelConfig, k: int, group: int) -> bool:
         return False
     if (k // cfg.split_k) % cfg.block_k:
         return False
-    min_k = (
-        128 if cfg.kernel in _PLANES_KINDS else 64 if cfg.kernel == "gemm_pairs"
-        else 32 if cfg.kernel == "gemv" else 16
-    )  # fmt: skip
+    min_k = 128 if cfg.kernel in _PLANES_KINDS else 32 if cfg.kernel == "gemv" else 16
     if cfg.kernel in ("gemm", "gemm_swap") and _gemm_smem_bytes(cfg, group) > _SMEM_BYTES:
         return False
     return cfg.block_k >= min_k and (group % cfg.block_k == 0 or cfg.block_k % group == 0)
@@ -1227,13 +1116,6 @@ def launch(
     elif cfg.kernel == "gemv":
         grid = (triton.cdiv(n, cfg.block_n), split, m)
         _w4a16_gemv_kernel[grid](*args, 0xF, PREFETCH=cfg.prefetch, X_PLANES=x_planes, **common)
-    elif cfg.kernel == "gemm_pairs":
-        xp = to_pair_planes(from_planes(x) if x_planes else x, cfg.block_k)
-        args = (xp, *args[1:13], k, 1, *args[15:])
-        _w4a16_gemm_pairs_kernel[(triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n), split)](
-            *args, BLOCK_M=cfg.block_m, PREFETCH=bool(cfg.prefetch), ASM=not _interpreting(),
-            BF16=x.dtype == torch.bfloat16, **common,
-        )  # fmt: skip
     elif cfg.kernel in _PLANES_KINDS:
         grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n), split)
         # x already plane-major: "xreg" configs read it as it is, like "gemm_planes"

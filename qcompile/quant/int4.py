@@ -101,20 +101,6 @@ def to_planes(x: torch.Tensor, chunk: int = PLANE_CHUNK) -> torch.Tensor:
     return x.unflatten(-1, (k // chunk, words, NIBBLES_PER_WORD)).transpose(-1, -2).flatten(-3)
 
 
-def to_pair_planes(x: torch.Tensor, chunk: int) -> torch.Tensor:
-    """x [..., K] in natural k order -> contiguous [..., K] in the "pair planes" order of the
-    large-M W4A16 kernel: within each `chunk` of k's, position j * (chunk // 4) + 2 r + h
-    holds k = 8 r + 4 h + j (plane j pairs nibbles j and j + 4 of word row r, as one PTX
-    LOP3 unpacks them)."""
-    k = x.shape[-1]
-    words = chunk // NIBBLES_PER_WORD
-    return (
-        x.unflatten(-1, (k // chunk, words, 2, 4))
-        .permute(*range(x.dim() - 1), -4, -1, -3, -2)
-        .flatten(-4)
-    )
-
-
 def to_even_odd(x: torch.Tensor, chunk: int) -> torch.Tensor:
     """x [..., K] -> contiguous [..., K] with each `chunk` of k's split into its even k's, then
     its odd k's (position p * chunk/2 + c holds k = 2c + p): the W4A8 SWAR kernel's order,

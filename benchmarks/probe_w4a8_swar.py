@@ -1,0 +1,151 @@
+"""GPU probe: the W4A8 SWAR GEMM (`gemm_swar`: 4 codes per 32-bit op, int8 wgmma from
+registers) over a grid of configs, GEMM only on pre-quantized int8 x, beside cuBLAS fp16 and
+torch._int_mm (the int8 ceiling); each config's integer accumulator is checked exactly.
+
+CUDA-graph replays over weight copies rotated past L2 (`bench_w4a16.time_graph`); the SWAR
+times include the launcher's even/odd copy of xq (the quantize kernel writes that order
+directly on the eager path).
+
+    python benchmarks/probe_w4a8_swar.py --out $OUT/probe_w4a8_swar.json
+    python benchmarks/probe_w4a8_swar.py --ms 64,128 --bms 64,128 --splits 1,2,4
+
+Session 16 ran this file with a `--family w4a16` mode that probed a W4A16 analogue (Marlin's
+two-codes-per-LOP3 unpacking into fp16 wgmma register operands, x in pair-plane order). It
+lost to dequantize + cuBLAS at every point (results/session16/probe.log) and was removed; the
+kernel and that mode are in commit 54febae.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from bench_w4a16 import GROUP, copies, hbm_bandwidth, time_graph
+from weights import random_w4a8
+
+from qcompile.lowering.autotune import KernelConfig, m_bucket
+from qcompile.lowering.w4a8 import launch, quantize_per_token, valid_config
+from qcompile.quant.w4a8 import int8_weight
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in text.split(","))
+
+
+def swar_configs(m: int, k: int, args: argparse.Namespace) -> list[KernelConfig]:
+    out = []
+    for bm, bn, bk, pf, sk in itertools.product(
+        _ints(args.bms), _ints(args.bns), _ints(args.bks), _ints(args.prefetch), _ints(args.splits)
+    ):  # fmt: skip
+        if bm > max(64, m_bucket(m)):
+            continue
+        warps = 4 if bn < 128 else 8
+        for stages in {3 if bk <= 128 else 2, *_ints(args.stages)}:
+            cfg = KernelConfig("gemm_swar", bm, bn, bk, sk, warps, stages, pf)
+            if valid_config(cfg, k, GROUP, "int8"):
+                out.append(cfg)
+    return out
+
+
+def probe(args: argparse.Namespace, results: list, save, t_start: float) -> None:
+    """The SWAR GEMM's configs per (shape, M), GEMM only, beside cuBLAS and torch._int_mm."""
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    for spec in args.shapes.split(","):
+        n, k = map(int, spec.split("x"))
+        nbytes = n * k // 2 + 2 * (k // GROUP) * n + 4 * n
+        packed = [random_w4a8(n, k, GROUP) for _ in range(copies(nbytes, l2))]
+        wf = [
+            torch.randn(n, k, dtype=torch.float16, device="cuda")
+            for _ in range(copies(2 * n * k, l2))
+        ]
+        wi = [torch.randint(-127, 128, (n, k), dtype=torch.int8, device="cuda").t()
+              for _ in range(copies(n * k, l2))]  # fmt: skip
+        p0 = packed[0]
+        w8 = int8_weight(p0.qweight, p0.group_scales, p0.group_zeros, GROUP).double()
+        for m in _ints(args.ms):
+            if time.time() - t_start > args.budget:
+                break
+            x = torch.randn(m, k, dtype=torch.float16, device="cuda")
+            xq, xs = quantize_per_token(x, "int8")
+            acc_ref = (xq.double() @ w8.t()).long()
+            row = {"family": "w4a8", "n": n, "k": k, "m": m}
+            row["cublas_us"] = time_graph([lambda x=x, w=w: F.linear(x, w) for w in wf])
+            m_int = max(32, -(-m // 8) * 8)
+            x8 = torch.randint(-127, 128, (m_int, k), dtype=torch.int8, device="cuda")
+            row["int_mm_us"] = time_graph([lambda w=w, x8=x8: torch._int_mm(x8, w) for w in wi])
+            row["pairs"] = []
+            for cfg in swar_configs(m, k, args):
+                if time.time() - t_start > args.budget:
+                    break
+
+                def run(p, cfg=cfg, xq=xq, xs=xs, **kw):
+                    return launch(
+                        cfg, xq, xs, *p.tensors(), None, GROUP, torch.float16, **kw
+                    )  # fmt: skip
+
+                try:
+                    exact = bool(torch.equal(run(p0, accumulator=True).long(), acc_ref))
+                    us = time_graph([lambda p=p: run(p) for p in packed], batches=7)
+                except Exception as e:  # noqa: BLE001 - a config the compiler rejects
+                    row["pairs"].append({"config": cfg.__dict__, "error": repr(e)[:200]})
+                    continue
+                row["pairs"].append({"config": cfg.__dict__, "us": us, "exact": exact})
+            ok = sorted((r for r in row["pairs"] if "us" in r), key=lambda r: r["us"])
+            row["pairs"] = ok + [r for r in row["pairs"] if "us" not in r]
+            line = (f"W4A8 N={n} K={k} M={m}: cublas {row['cublas_us']:.1f} "
+                    f"int_mm {row['int_mm_us']:.1f}")  # fmt: skip
+            if ok:
+                c = ok[0]["config"]
+                line += (f" | swar {ok[0]['us']:.1f} (bm{c['block_m']} bn{c['block_n']} "
+                         f"bk{c['block_k']} w{c['num_warps']} s{c['num_stages']} "
+                         f"pf{int(c['prefetch'])}) = {row['cublas_us'] / ok[0]['us']:.2f}x cublas; "
+                         f"all exact: {all(r['exact'] for r in ok)}")  # fmt: skip
+            print(line, flush=True)
+            for r in ok[1:4]:
+                c = r["config"]
+                print(f"    {r['us']:.1f} bm{c['block_m']} bn{c['block_n']} bk{c['block_k']} "
+                      f"s{c['num_stages']} pf{int(c['prefetch'])}", flush=True)  # fmt: skip
+            errors = [r for r in row["pairs"] if "error" in r]
+            if errors:
+                print(f"    {len(errors)} configs failed, e.g. {errors[0]['error']}", flush=True)
+            results.append(row)
+            save()
+        del packed, wf, wi
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", default="8192x28672,28672x4096")
+    ap.add_argument("--ms", default="256,1024")
+    ap.add_argument("--bms", default="64,128,256")
+    ap.add_argument("--bns", default="64,128,256")
+    ap.add_argument("--bks", default="128,256")
+    ap.add_argument("--prefetch", default="0")
+    ap.add_argument("--splits", default="1")
+    ap.add_argument("--stages", default="3")
+    ap.add_argument("--budget", type=float, default=400.0, help="seconds; then stop probing")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    t_start = time.time()
+    bw = hbm_bandwidth()
+    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+            "triton": __import__("triton").__version__, "hbm_tb_s": bw / 1e12,
+            "group": GROUP}  # fmt: skip
+    print(meta, flush=True)
+    results = []
+
+    def save():
+        if args.out:
+            args.out.write_text(json.dumps({"meta": meta, "rows": results}, indent=1))
+
+    probe(args, results, save, t_start)
+    save()
+
+
+if __name__ == "__main__":
+    main()
