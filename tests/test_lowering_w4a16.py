@@ -373,3 +373,14 @@ def test_tracing_reserves_the_tile_counters_outside_fake_mode(monkeypatch):
     assert out.shape == (3, 16)
     assert seen == [(torch.device("cuda", 0), False)]  # one real allocation, on x's device
 
+
+@pytest.mark.parametrize("m", [2048, 8000])
+def test_prompt_sized_m_tunes_only_dequantize_then_matmul(m):
+    """Long prompts: one candidate (the large-M winner), so their first call does not tune
+    ~30 fused configs per shape; the untuned default from M = 256 on is the same."""
+    assert candidate_configs(m, 28672, 4096, 128) == [
+        KernelConfig("dequant_mm", 0, 256, 16, 1, 4, 1)
+    ]
+    assert default_config(m, 28672, 4096, 128).kernel == "dequant_mm"
+    assert default_config(256, 4096, 4096, 128).kernel == "dequant_mm"
+    assert len(candidate_configs(1024, 28672, 4096, 128)) > 1

@@ -918,6 +918,13 @@ def _useful_split(programs: int, split: int) -> bool:
 def candidate_configs(m: int, n: int, k: int, group: int) -> list[KernelConfig]:
     """The configs autotuning tries for one (M bucket, N, K, group): small and hand-pruned."""
     mb = m_bucket(m)
+    if mb >= 2048:
+        # Prompts: dequantize + cuBLAS won every key at M = 256 and 1024 on the H100, and the
+        # fused kernels only fall further behind as M grows (they unpack each weight once per
+        # M tile). One candidate keeps a long prompt's first call from tuning ~30 configs per
+        # shape (on the H200 an 8000-token prompt, with them, warmed up in 70.6 s against
+        # the bf16 model's 33.2 s).
+        return [_dequant_mm_config(k)]
     out: list[KernelConfig] = []
     splits = (1, 2, 4, 8, 16) if mb <= 64 else (1, 2, 4) if mb <= 256 else (1,)
     if mb <= 4:
@@ -970,7 +977,7 @@ def candidate_configs(m: int, n: int, k: int, group: int) -> list[KernelConfig]:
                     for pf in (False, True):
                         out.append(KernelConfig("mma", max(8, mb), bn, bk, sk, warps, 1, pf))
     if mb >= 128:
-        out.append(KernelConfig("dequant_mm", 0, 256, _dequant_rows(k), 1, 4, 1))
+        out.append(_dequant_mm_config(k))
         # Planes at large M: W from registers as wgmma's A (BLOCK_N rows), x^T as its
         # shared-memory B (N = BLOCK_M). On the H100 the two shapes kept here came second to
         # dequant_mm (28672x4096: 232 vs 215 us at M=256, 754 vs 424 us at M=1024); three
@@ -979,6 +986,10 @@ def candidate_configs(m: int, n: int, k: int, group: int) -> list[KernelConfig]:
             if bm <= mb:
                 out.append(KernelConfig("gemm_planes", bm, 128, 128, 1, 8, 2))
     return [c for c in out if valid_config(c, k, group)]
+
+
+def _dequant_mm_config(k: int) -> KernelConfig:
+    return KernelConfig("dequant_mm", 0, 256, _dequant_rows(k), 1, 4, 1)
 
 
 def _dequant_rows(k: int) -> int:
@@ -1004,6 +1015,8 @@ def default_config(m: int, n: int, k: int, group: int) -> KernelConfig:
         ):  # fmt: skip
             sk *= 2
         return KernelConfig("mma", 8 if mb <= 8 else 16, 128, bk, sk, 4, 1)
+    if mb >= 256:  # the large-M winner of every tuned key (above)
+        return _dequant_mm_config(k)
     bm = 16 if mb <= 16 else 32 if mb <= 32 else 64
     return KernelConfig("gemm", bm, 64 if mb <= 64 else 128, min(bk, 64), 1, 4, 3)
 
