@@ -16,8 +16,9 @@ case "${PART:?PART=w4a8|e2e|tests}" in
   w4a8)
     timeout 120 python3 -m pytest -q -p no:cacheprovider -rfE --tb=short tests/test_w4a8.py \
       -k "swar or quantize_kernel or each_kernel_kind or gpu" 2>&1 | tail -8 | tee "$OUT/tests_w4a8.log"
-    (cd benchmarks && QCOMPILE_AUTOTUNE=0 timeout 180 python3 bench_w4a8.py --out "$OUT" \
+    (cd benchmarks && QCOMPILE_AUTOTUNE=0 timeout "${BENCH8_S:-180}" python3 bench_w4a8.py --out "$OUT" \
       --shapes 8192x28672,28672x4096 --ms 256,1024) 2>&1 | tail -30 | tee "$OUT/bench_w4a8.log"
+    [ "${PROBE8_S:-110}" = 0 ] && exit 0
     # shellcheck disable=SC2086
     (cd benchmarks && timeout "${PROBE8_S:-110}" python3 probe_w4a8_swar.py --out "$OUT/probe_w4a8_swar_small_m.json" \
       ${PROBE8_ARGS:---shapes 8192x28672,28672x4096 --ms 128,64 --bms 64,128 --bns 64 --bks 128 --prefetch 0 --splits 1,2,4 --budget 80}) 2>&1 | tee "$OUT/probe_w4a8.log"
