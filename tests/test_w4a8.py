@@ -622,6 +622,10 @@ def test_swar_is_the_default_and_a_candidate_at_large_m_for_int8_only():
         kinds = {c.kernel for c in candidate_configs(m, 8192, 28672, 128, "int8")}
         assert "gemm_swar" in kinds
     assert default_config(64, 8192, 28672, 128, "int8").kernel != "gemm_swar"
+    # the natural-order GEMM, dominated there by both, is no longer tuned at large M for int8
+    assert "gemm" not in {c.kernel for c in candidate_configs(256, 8192, 28672, 128, "int8")}
+    assert "gemm" in {c.kernel for c in candidate_configs(256, 8192, 28672, 128, "float8_e4m3fn")}
+    assert "gemm" in {c.kernel for c in candidate_configs(64, 8192, 28672, 128, "int8")}
     # K not a multiple of 128: the SWAR default does not fit, the natural-order GEMM does
     assert default_config(256, 64, 96, 32, "int8").kernel == "gemm"
 
