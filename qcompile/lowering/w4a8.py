@@ -356,7 +356,7 @@ def _w4a8_gemm_swar_kernel(
     # Large-M int8 path: out^T [BLOCK_N, BLOCK_M] = W_even @ x_even^T + W_odd @ x_odd^T. The
     # words are read once, as bytes, so a thread holds whole words, 4 bytes = the 4 int8 k's
     # its MMA register needs; `_SWAR_UNPACK` turns each word into the two registers (even and
-    # odd k) with ~1.8 instructions per weight, and wgmma takes W from registers. xq comes
+    # odd k) with ~1.9 instructions per weight, and wgmma takes W from registers. xq comes
     # even/odd per BLOCK_K chunk (column p * BLOCK_K/2 + c holds k = 2c + p): each plane's
     # activations are contiguous, staged into shared memory by cp.async.
     HALF: tl.constexpr = BLOCK_K // 2
