@@ -1,4 +1,4 @@
-"""Tune the W4A16 kernels for common shapes and write the shipped per-GPU config file.
+"""Tune the W4A16 (or W4A8) kernels for common shapes and write the shipped per-GPU config file.
 
 Shapes: the kernel benchmark's N x K plus every Llama-3-8B linear (separate and fused
 q/k/v and gate/up), for each M bucket a decode or prefill step can hit. The result is
@@ -9,6 +9,8 @@ compile on that GPU does not tune from scratch.
     python benchmarks/tune_shipped.py --out $OUT/h100.json --ms 1,16
     python benchmarks/tune_shipped.py --out $OUT/d16.json --decode16 1,16 --seq 185 --ms ''
         # decode_attention (Llama-3-8B heads: 32 query / 8 KV, D=128) at those batches
+    python benchmarks/tune_shipped.py --family w4a8 --out $OUT/w4a8.json --ms 256,1024
+        # the W4A8 op (int8 activations, quantize kernel included), then --merge it in
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from weights import random_packed
+from weights import random_packed, random_w4a8
 
 from qcompile.lowering import autotune
 from qcompile.lowering.w4a16 import w4a16_linear_cuda
@@ -36,6 +38,7 @@ def main() -> None:
     ap.add_argument("--ms", default=",".join(map(str, M_BUCKETS)))
     ap.add_argument("--dtypes", default="float16,bfloat16")
     ap.add_argument("--group", type=int, default=128)
+    ap.add_argument("--family", default="w4a16", choices=("w4a16", "w4a8"))
     ap.add_argument(
         "--shapes", default=",".join(f"{n}x{k}" for n, k in BENCH_SHAPES + LLAMA3_8B_SHAPES),
         help="N x K list, e.g. 4096x4096,1024x4096",
@@ -81,17 +84,32 @@ def main() -> None:
                 print(f"{time.time() - t0:7.1f}s {key} -> {tuner.lookup(key)}", flush=True)
                 _write(out, gpu, tuner)
         for n, k in shapes if args.ms else ():
-            p = random_packed(n, k, args.group, dtype)
-            qw, scales, offsets = p.qweight, p.scales, p.offsets
+            if args.family == "w4a8":
+                p = random_w4a8(n, k, args.group)
+            else:
+                p = random_packed(n, k, args.group, dtype)
             for m in map(int, args.ms.split(",")):
                 x = torch.randn(m, k, dtype=dtype, device="cuda")
-                w4a16_linear_cuda(x, qw, scales, offsets, None, args.group)
-                key = autotune.TuneKey("w4a16", autotune.m_bucket(m), n, k, args.group, dtype_name)
+                key = _tune_linear(args.family, x, p, args.group)
                 print(
                     f"{time.time() - t0:7.1f}s {key} -> {tuner.lookup(key)} ({tuner.timings.get(key, float('nan')):.1f} us)",
                     flush=True,
                 )
                 _write(out, gpu, tuner)  # after every key: a run cut short keeps what it tuned
+
+
+def _tune_linear(family: str, x: torch.Tensor, p, group: int) -> autotune.TuneKey:
+    """One call of the family's op on x (tuning its key on a miss); returns the key."""
+    m, k = x.shape
+    n = p.qweight.shape[1]
+    if family == "w4a8":
+        from qcompile.lowering.w4a8 import tune_key, w4a8_linear_cuda
+
+        w4a8_linear_cuda(x, *p.tensors(), None, group, "int8")
+        return tune_key(m, n, k, group, "int8", x.dtype)
+    w4a16_linear_cuda(x, p.qweight, p.scales, p.offsets, None, group)
+    dtype = str(x.dtype).removeprefix("torch.")
+    return autotune.TuneKey("w4a16", autotune.m_bucket(m), n, k, group, dtype)
 
 
 def _restrict_candidates(shipped: dict, kinds: set[str], current: dict) -> None:

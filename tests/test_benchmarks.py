@@ -297,3 +297,31 @@ def test_kv4_key_layout_probe_provisional_keys_match_quantizing_the_prefix():
         want = torch.einsum("bhd,bhjd->bhj", q[:, :, p], keys)
         assert torch.allclose(got[:, :, p, g0 : p + 1], want, atol=1e-5)
         assert (got[:, :, p, :g0] == 0).all() and (got[:, :, p, g0 + 4 :] == 0).all()
+
+
+@pytest.mark.parametrize("family", ["w4a16", "w4a8"])
+def test_tune_shipped_calls_each_family_op_and_names_the_key_it_tuned(
+    family, monkeypatch, tmp_path
+):
+    """`tune_shipped.py --family`: the op runs (here untuned, in Triton's interpreter) and the
+    key written is the one that op looks up."""
+    from tune_shipped import _tune_linear
+    from weights import random_w4a8
+
+    from qcompile.lowering import autotune
+
+    monkeypatch.setenv("QCOMPILE_AUTOTUNE", "0")
+    monkeypatch.setenv("QCOMPILE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(autotune, "gpu_name", lambda device=None: "cpu-interpreter")
+    autotune.autotuner.cache_clear()
+    n, k, group = 32, 128, 64
+    if family == "w4a8":
+        p = random_w4a8(n, k, group, device="cpu")
+    else:
+        p = random_packed(n, k, group, torch.bfloat16, device="cpu")
+    x = torch.randn(3, k, dtype=torch.bfloat16)
+    key = _tune_linear(family, x, p, group)
+    dtype = "int8:bfloat16" if family == "w4a8" else "bfloat16"
+    assert key == autotune.TuneKey(family, 4, n, k, group, dtype)
+    assert autotune.autotuner(0).lookup(key) is not None  # the op looked this key up
+    autotune.autotuner.cache_clear()  # no fake-GPU tuner for later tests
