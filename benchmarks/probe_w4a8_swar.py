@@ -8,6 +8,8 @@ directly on the eager path).
 
     python benchmarks/probe_w4a8_swar.py --out $OUT/probe_w4a8_swar.json
     python benchmarks/probe_w4a8_swar.py --ms 64,128 --bms 64,128 --splits 1,2,4
+    python benchmarks/probe_w4a8_swar.py --kernel mma --ms 1,16 --bks 64,128 --splits 1,4,16
+        # the int8 lane-MMA kernel at small M, beside our W4A16 op
 
 Session 16 ran this file with a `--family w4a16` mode that probed a W4A16 analogue (Marlin's
 two-codes-per-LOP3 unpacking into fp16 wgmma register operands, x in pair-plane order). It
@@ -26,10 +28,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from bench_w4a16 import GROUP, copies, hbm_bandwidth, time_graph
-from weights import random_w4a8
+from weights import random_packed, random_w4a8
 
 from qcompile.lowering.autotune import KernelConfig, m_bucket
 from qcompile.lowering.w4a8 import launch, quantize_per_token, valid_config
+from qcompile.lowering.w4a16 import w4a16_linear_cuda
 from qcompile.quant.w4a8 import int8_weight
 
 
@@ -38,6 +41,8 @@ def _ints(text: str) -> tuple[int, ...]:
 
 
 def swar_configs(m: int, k: int, args: argparse.Namespace) -> list[KernelConfig]:
+    if args.kernel == "mma":
+        return lane_configs(m, k, args)
     out = []
     for bm, bn, bk, pf, sk in itertools.product(
         _ints(args.bms), _ints(args.bns), _ints(args.bks), _ints(args.prefetch), _ints(args.splits)
@@ -49,6 +54,17 @@ def swar_configs(m: int, k: int, args: argparse.Namespace) -> list[KernelConfig]
             cfg = KernelConfig("gemm_swar", bm, bn, bk, sk, warps, stages, pf)
             if valid_config(cfg, k, GROUP, "int8"):
                 out.append(cfg)
+    return out
+
+
+def lane_configs(m: int, k: int, args: argparse.Namespace) -> list[KernelConfig]:
+    """The int8 lane-MMA kernel: --warps x --bks x --splits at max(8, M bucket) rows."""
+    rows = max(8, m_bucket(m))
+    out = []
+    for warps, bk, sk in itertools.product(_ints(args.warps), _ints(args.bks), _ints(args.splits)):
+        cfg = KernelConfig("mma", rows, 32 * warps, bk, sk, warps, 1)
+        if rows <= 64 and valid_config(cfg, k, GROUP, "int8"):
+            out.append(cfg)
     return out
 
 
@@ -78,6 +94,12 @@ def probe(args: argparse.Namespace, results: list, save, t_start: float) -> None
             m_int = max(32, -(-m // 8) * 8)
             x8 = torch.randint(-127, 128, (m_int, k), dtype=torch.int8, device="cuda")
             row["int_mm_us"] = time_graph([lambda w=w, x8=x8: torch._int_mm(x8, w) for w in wi])
+            if args.kernel == "mma":  # the bar at small M: our W4A16 op (shipped configs)
+                w16 = [random_packed(n, k, GROUP, torch.float16) for _ in range(len(packed))]
+                row["w4a16_us"] = time_graph(
+                    [lambda x=x, p=p: w4a16_linear_cuda(x, *p.tensors(), None, GROUP) for p in w16]
+                )
+                del w16
             row["pairs"] = []
             for cfg in swar_configs(m, k, args):
                 if time.time() - t_start > args.budget:
@@ -98,7 +120,7 @@ def probe(args: argparse.Namespace, results: list, save, t_start: float) -> None
             ok = sorted((r for r in row["pairs"] if "us" in r), key=lambda r: r["us"])
             row["pairs"] = ok + [r for r in row["pairs"] if "us" not in r]
             line = (f"W4A8 N={n} K={k} M={m}: cublas {row['cublas_us']:.1f} "
-                    f"int_mm {row['int_mm_us']:.1f}")  # fmt: skip
+                    f"int_mm {row['int_mm_us']:.1f} w4a16 {row.get('w4a16_us', float('nan')):.1f}")  # fmt: skip
             if ok:
                 c = ok[0]["config"]
                 line += (f" | swar {ok[0]['us']:.1f} (bm{c['block_m']} bn{c['block_n']} "
@@ -128,6 +150,8 @@ def main() -> None:
     ap.add_argument("--prefetch", default="0")
     ap.add_argument("--splits", default="1")
     ap.add_argument("--stages", default="3")
+    ap.add_argument("--kernel", default="gemm_swar", choices=("gemm_swar", "mma"))
+    ap.add_argument("--warps", default="2,4,8", help="mma: warps (32 columns each)")
     ap.add_argument("--budget", type=float, default=400.0, help="seconds; then stop probing")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()

@@ -107,6 +107,9 @@ def compile_w4a8_variant(
     elif kind == "gemm":
         fn = w4a8_kernels._w4a8_gemm_kernel
         consts.update(FP8=fp8, BLOCK_M=bm, GROUP_M=8)
+    elif kind == "mma":
+        fn = w4a8_kernels._w4a8_mma_kernel
+        consts.update(M_TILES=bm // 8, ASM=True)
     elif kind == "gemm_swar":
         fn = w4a8_kernels._w4a8_gemm_swar_kernel
         consts.update(BLOCK_M=bm, PREFETCH=prefetch, ASM=True)

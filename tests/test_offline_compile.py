@@ -37,6 +37,8 @@ W4A8 = [  # kind, BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, fp8 activations
     ("gemm_planes", 16, 64, 256, 4, 2, False),
     ("gemm_planes", 128, 128, 256, 8, 2, False),  # a large-M candidate
     ("gemm_swar", 256, 64, 128, 4, 3, False),  # inline PTX unpacking feeding int8 wgmma
+    ("mma", 16, 128, 128, 4, 1, False),  # inline PTX unpacking + mma.sync m16n8k32
+    ("mma", 64, 64, 64, 2, 1, False),
 ]
 KV4 = [  # kind, BLOCK_M, BLOCK_N, warps, stages, keys per channel over T tokens (0: per
     # token), query dtype: bf16 queries once hit a dot of mixed dtypes only a compile sees

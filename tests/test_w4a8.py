@@ -323,6 +323,8 @@ def test_default_config_is_exact(problem):
         (KernelConfig("gemm_planes", 64, 32, 256, 2, 4, 2), "int8"),  # large-M candidate shape
         (KernelConfig("gemm_swar", 16, 32, 64, 1, 4, 2), "int8"),
         (KernelConfig("gemm_swar", 64, 32, 128, 2, 4, 2, True), "int8"),  # row scales, split
+        (KernelConfig("mma", 8, 32, 64, 1, 1, 1), "int8"),  # lane MMA, one B tile
+        (KernelConfig("mma", 32, 64, 128, 2, 2, 1), "int8"),  # 4 B tiles, groups per step, split
     ],
     ids=lambda v: v if isinstance(v, str) else f"{v.kernel}-bk{v.block_k}-sk{v.split_k}",
 )
@@ -331,7 +333,10 @@ def test_each_kernel_kind_with_bias_through_the_eager_path(cfg, act_dtype, dtype
     """quantize_and_launch is what the CUDA op runs: quantize kernel (plane-major for the
     planes kernel), GEMM, split-K epilogue with bias."""
     gen = torch.Generator().manual_seed(7)
-    m, n = (2 if cfg.kernel == "gemv" else 130 if cfg.block_m == 64 else 19), 40
+    if cfg.kernel == "mma":
+        m, n = cfg.block_m - 3, 40  # rows past M read row M - 1 and are not stored
+    else:
+        m, n = (2 if cfg.kernel == "gemv" else 130 if cfg.block_m == 64 else 19), 40
     k = 512 if cfg.kernel == "gemm_planes" else 256
     w = torch.randn(n, k, generator=gen)
     p = quantize_weight_w4a8(w, Scheme(name="w4a8", group_size=64))
@@ -615,6 +620,38 @@ def test_swar_gemm_is_exact_on_the_accumulator(problem, data):
     _check_config(problem, cfg)
 
 
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(problem=w4a8_problems(device=KERNEL_DEVICE, max_m=64, act_dtypes=("int8",)), data=st.data())
+def test_lane_mma_is_exact_on_the_accumulator(problem, data):
+    """The int8 lane-MMA kernel (mma.sync m16n8k32 fed by SWAR-unpacked words): 8 to 64
+    rows per program (rows past M read row M - 1 and are not stored), 1 to 4 warps, BLOCK_K
+    at, above or below the group, split or not."""
+    m, k = problem.x.shape
+    g = problem.packed.group_size
+    rows = data.draw(st.sampled_from([r for r in (8, 16, 32, 64) if r >= m]), label="rows")
+    warps = data.draw(st.sampled_from([1, 2, 4]), label="warps")
+    fits = [
+        (bk, sk) for bk in (32, 64, 128) for sk in (1, 2)
+        if valid_config(KernelConfig("mma", rows, 32 * warps, bk, sk, warps, 1), k, g, "int8")
+    ]  # fmt: skip
+    assume(fits)
+    bk, split = data.draw(st.sampled_from(fits), label="block_k, split")
+    _check_config(problem, KernelConfig("mma", rows, 32 * warps, bk, split, warps, 1))
+
+
+def test_lane_mma_refuses_more_rows_than_its_b_tiles_and_fp8():
+    assert not valid_config(KernelConfig("mma", 16, 128, 128, 1, 4, 1), 4096, 128, "float8_e4m3fn")
+    assert not valid_config(KernelConfig("mma", 16, 64, 128, 1, 4, 1), 4096, 128, "int8")  # 32/warp
+    assert not valid_config(KernelConfig("mma", 16, 128, 128, 1, 4, 1), 4096, 48, "int8")
+    p = quantize_weight_w4a8(torch.randn(32, 128), Scheme(name="w4a8", group_size=64))
+    xq = torch.zeros(20, 128, dtype=torch.int8)
+    with pytest.raises(ValueError, match="M=20 rows but BLOCK_M=16"):
+        launch(
+            KernelConfig("mma", 16, 32, 64, 1, 1, 1), xq, torch.ones(20), *p.tensors(), None, 64,
+            torch.float16,
+        )  # fmt: skip
+
+
 def test_swar_is_the_default_and_a_candidate_at_large_m_for_int8_only():
     for m in (128, 256, 1024):
         assert default_config(m, 8192, 28672, 128, "int8").kernel == "gemm_swar"
@@ -634,7 +671,7 @@ def test_launch_refuses_an_xq_order_its_kernel_does_not_read():
     p = quantize_weight_w4a8(torch.randn(32, 128), Scheme(name="w4a8", group_size=64))
     xq = torch.zeros(4, 128, dtype=torch.int8)
     args = (xq, torch.ones(4), *p.tensors(), None, 64, torch.float16)
-    with pytest.raises(ValueError, match="even/odd order is for the SWAR kernel"):
+    with pytest.raises(ValueError, match="even/odd order is for the SWAR and lane kernels"):
         launch(KernelConfig("gemm", 16, 32, 64, 1, 4, 2), *args, xq_even_odd=True)
     with pytest.raises(ValueError, match="not plane-major"):
         launch(KernelConfig("gemm_swar", 16, 32, 64, 1, 4, 2), *args, xq_plane_major=True)

@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 
 from qcompile.lowering.autotune import KernelConfig, TuneKey, autotuner, m_bucket, time_us
-from qcompile.lowering.w4a16 import _interpreting
+from qcompile.lowering.w4a16 import _interpreting, _split4, _stack
 from qcompile.quant.int4 import to_even_odd, to_planes  # to_planes: W4A16's plane-major layout
 from qcompile.quant.w4a8 import ABSMAX_FLOOR, ACT_QMAX, ACT_TORCH_DTYPES
 
@@ -407,6 +407,228 @@ def _w4a8_gemm_swar_kernel(
     )  # fmt: skip
 
 
+# --------------------------------------------------------------------------- lane MMA (M <= 64)
+# W4A16's lane kernel (`lowering/w4a16.py`) on int8: mma.sync m16n8k32 (s8 x s8 -> s32) with
+# the weights as the A operand, issued per lane through inline PTX, the SWAR unpacking of the
+# large-M kernel feeding it. Per 32 k's, lane (r, q) = (lane // 4, lane % 4) loads word row
+# k/8 + q of its 4 consecutive columns (one 16-byte load); tile t's A rows r and r + 8 are
+# columns n_lane + 2t and n_lane + 2t + 1. A word's even nibbles (k = 8q + 0, 2, 4, 6) become
+# register a0 (a1 for row r + 8) and its odd ones a2 (a3): the mma's k order is permuted to
+# fit the words, and the lane's B registers hold x at the same k's, which xq in even/odd
+# order (`to_even_odd`) keeps in 4 consecutive bytes each. No per-group scale enters the loop:
+# (q - z) * s2 is the exact int8 weight, so the int32 accumulator spans all of K.
+def _w4a8_lane_asm(m_tiles: int) -> str:
+    """PTX for one 32-k step of one 16-column tile: SWAR-unpack the lane's two words (columns
+    n and n + 8) and accumulate `m_tiles` mma.sync m16n8k32. Operands: outputs $0.. (4 int32
+    per B tile), then the accumulators in, w_lo, w_hi, s2_lo, s2_hi (plain), zs_lo, zs_hi
+    (z * s2 in each byte), the same & 0x7F7F7F7F (the SWAR subtrahend, formed once per
+    group) and 2 x registers (even, odd k) per B tile."""
+    nacc = 4 * m_tiles
+    w_lo, w_hi, s_lo, s_hi, z_lo, z_hi, y_lo, y_hi = (f"${2 * nacc + i}" for i in range(8))
+    x0 = 2 * nacc + 8
+    lines = [".reg .b32 a, t, u, e0, o0, e1, o1;"]
+    for word, s, zs, y, even, odd in (
+        (w_lo, s_lo, z_lo, y_lo, "e0", "o0"), (w_hi, s_hi, z_hi, y_hi, "e1", "o1")
+    ):  # fmt: skip
+        for shift, dst in ((0, even), (4, odd)):
+            src = word
+            if shift:
+                lines.append(f"shr.u32 a, {word}, 4;")
+                src = "a"
+            lines += [
+                f"and.b32 a, {src}, 0x0F0F0F0F;",
+                f"mul.lo.u32 a, a, {s};",
+                "or.b32 t, a, 0x80808080;",
+                f"sub.u32 t, t, {y};",
+                f"lop3.b32 u, a, {zs}, 0x80808080, 0x82;",
+                f"xor.b32 {dst}, t, u;",
+            ]
+    for mt in range(m_tiles):
+        d = ", ".join(f"${4 * mt + j}" for j in range(4))
+        c = ", ".join(f"${nacc + 4 * mt + j}" for j in range(4))
+        xe, xo = f"${x0 + 2 * mt}", f"${x0 + 2 * mt + 1}"
+        lines.append(
+            f"mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {{{d}}}, {{e0, e1, o0, o1}}, "
+            f"{{{xe}, {xo}}}, {{{c}}};"
+        )
+    return "{\n" + "\n".join(lines) + "\n}"
+
+
+def _w4a8_lane_constraints(m_tiles: int) -> str:
+    return ",".join(["=r"] * 4 * m_tiles + ["r"] * (4 * m_tiles + 8 + 2 * m_tiles))
+
+
+_W4A8_LANE_1 = tl.constexpr(_w4a8_lane_asm(1))
+_W4A8_LANE_2 = tl.constexpr(_w4a8_lane_asm(2))
+_W4A8_LANE_4 = tl.constexpr(_w4a8_lane_asm(4))
+_W4A8_LANE_8 = tl.constexpr(_w4a8_lane_asm(8))
+_W4A8_LANE_CON_1 = tl.constexpr(_w4a8_lane_constraints(1))
+_W4A8_LANE_CON_2 = tl.constexpr(_w4a8_lane_constraints(2))
+_W4A8_LANE_CON_4 = tl.constexpr(_w4a8_lane_constraints(4))
+_W4A8_LANE_CON_8 = tl.constexpr(_w4a8_lane_constraints(8))
+
+
+@triton.jit
+def _lane_int8_mma(args, M_TILES: tl.constexpr):
+    """The PTX step of `_w4a8_lane_asm` for M_TILES B tiles: args are its input operands."""
+    if M_TILES == 1:
+        return tl.inline_asm_elementwise(
+            _W4A8_LANE_1, _W4A8_LANE_CON_1, args, dtype=(tl.int32,) * 4, is_pure=True, pack=1
+        )
+    elif M_TILES == 2:
+        return tl.inline_asm_elementwise(
+            _W4A8_LANE_2, _W4A8_LANE_CON_2, args, dtype=(tl.int32,) * 8, is_pure=True, pack=1
+        )
+    elif M_TILES == 4:
+        return tl.inline_asm_elementwise(
+            _W4A8_LANE_4, _W4A8_LANE_CON_4, args, dtype=(tl.int32,) * 16, is_pure=True, pack=1
+        )
+    else:
+        return tl.inline_asm_elementwise(
+            _W4A8_LANE_8, _W4A8_LANE_CON_8, args, dtype=(tl.int32,) * 32, is_pure=True, pack=1
+        )
+
+
+@triton.jit
+def _lane_int8_codes(word, s2, zs):
+    """Interpreter: a lane's word -> [LANES, 8] int32 weights (q - z) * s2 at k = 8q + i."""
+    i = tl.arange(0, 8)[None, :]
+    return ((word[:, None] >> (4 * i)) & 0xF) * s2[:, None] - zs[:, None]
+
+
+@triton.jit
+def _lane_int8_x(x_even, x_odd):
+    """Interpreter: a lane's two x registers -> [LANES, 8] int32 x at k = 8q + i (register
+    byte i // 2 of the even or odd one, sign-extended)."""
+    i = tl.arange(0, 8)[None, :]
+    reg = tl.where(i % 2 == 0, x_even[:, None], x_odd[:, None])
+    return (reg << (24 - 8 * (i // 2))) >> 24
+
+
+@triton.jit
+def _emulated_int8_mma(c0, c1, c2, c3, w_top, w_bot, x, NW: tl.constexpr):
+    """Interpreter: what mma.sync m16n8k32 returns to each lane, from every lane's [LANES, 8]
+    weights of rows r (w_top) and r + 8 (w_bot) and x of column r: lane 4r + q holds rows
+    r and r + 8, columns 2q and 2q + 1 of the 16x8 result. The lanes' k = 8q + i make the
+    32 k's of a row by a reshape."""
+    a_top = tl.reshape(w_top, (NW, 8, 32))
+    a_bot = tl.reshape(w_bot, (NW, 8, 32))
+    b = tl.reshape(x, (NW, 8, 32))
+    top = tl.sum(a_top[:, :, None, :] * b[:, None, :, :], axis=3)  # [NW, 8 rows, 8 cols]
+    bot = tl.sum(a_bot[:, :, None, :] * b[:, None, :, :], axis=3)
+    t_even, t_odd = tl.split(tl.reshape(top, (NW, 8, 4, 2)))
+    b_even, b_odd = tl.split(tl.reshape(bot, (NW, 8, 4, 2)))
+    lanes: tl.constexpr = NW * 32
+    return (
+        c0 + tl.reshape(t_even, (lanes,)), c1 + tl.reshape(t_odd, (lanes,)),
+        c2 + tl.reshape(b_even, (lanes,)), c3 + tl.reshape(b_odd, (lanes,)),
+    )  # fmt: skip
+
+
+@triton.jit
+def _lane_int8_step(
+    acc, w_lo, w_hi, s_lo, s_hi, z_lo, z_hi, y_lo, y_hi, xs, M_TILES: tl.constexpr,
+    ASM: tl.constexpr, NW: tl.constexpr,
+):  # fmt: skip
+    """32 k's of one 16-column tile: acc[4b .. 4b + 3] += the mma of B tile b (its x
+    registers xs[2b], xs[2b + 1]). s: plain s2, z: z * s2 splat into each byte, y: z & 0x7F.."""
+    if ASM:
+        return _lane_int8_mma(acc + (w_lo, w_hi, s_lo, s_hi, z_lo, z_hi, y_lo, y_hi) + xs, M_TILES)
+    else:
+        zl = z_lo & 0xFF
+        zh = z_hi & 0xFF
+        w_top = _lane_int8_codes(w_lo, s_lo, zl)
+        w_bot = _lane_int8_codes(w_hi, s_hi, zh)
+        out = ()
+        for b in tl.static_range(M_TILES):
+            x = _lane_int8_x(xs[2 * b], xs[2 * b + 1])
+            out = out + _emulated_int8_mma(
+                acc[4 * b], acc[4 * b + 1], acc[4 * b + 2], acc[4 * b + 3], w_top, w_bot, x, NW
+            )
+        return out
+
+
+@triton.jit
+def _w4a8_mma_kernel(
+    xq_ptr, xs_ptr, qw_ptr, s2_ptr, z_ptr, s1_ptr, bias_ptr, out_ptr,
+    M, N, K, k_per_split, stride_xm, stride_xk, stride_om, stride_split,
+    GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_ACC: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, M_TILES: tl.constexpr, ASM: tl.constexpr,
+):  # fmt: skip
+    # Small-M int8 path (see the comment above `_w4a8_lane_asm`). Memory-bound like the GEMV:
+    # floor = weight bytes / HBM bandwidth; the SWAR unpacking costs ~1.9 instructions per
+    # weight against the W4A16 lane kernel's ~3. A warp owns 32 columns (2 tiles of 16), 8 *
+    # M_TILES rows of x; every tensor in the loop is [LANES] = one element per thread.
+    # xq: contiguous, even/odd per BLOCK_K chunk.
+    LANES: tl.constexpr = BLOCK_N
+    NW: tl.constexpr = LANES // 32
+    HALF: tl.constexpr = BLOCK_K // 2
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    lane = tl.arange(0, LANES)
+    r = (lane % 32) // 4
+    q = lane % 4
+    n_lane = pid_n * BLOCK_N + (lane // 32) * 32 + 4 * r
+    cols = n_lane[:, None] + tl.arange(0, 4)[None, :]  # [LANES, 4]
+    col_mask = cols < N
+    # Rows past M read row M - 1; their results land in rows the store masks.
+    x_rows = ()
+    for b in tl.static_range(M_TILES):
+        row = tl.minimum(r + 8 * b, M - 1)
+        x_rows = x_rows + ((xq_ptr + row * stride_xm).to(tl.pointer_type(tl.int32)),)
+    z = tl.zeros((LANES,), dtype=tl.int32)
+    acc0 = ()
+    for _e in tl.static_range(4 * M_TILES):
+        acc0 = acc0 + (z,)
+    acc1 = acc0
+    k_start = pid_k * k_per_split
+    for k0 in range(k_start, k_start + k_per_split, BLOCK_K):
+        for st in tl.static_range(BLOCK_K // 32):
+            kk = k0 + 32 * st
+            if st == 0 or BLOCK_K > GROUP:
+                g = (kk // GROUP) * N
+                s2 = tl.load(s2_ptr + g + cols, mask=col_mask, other=0).to(tl.int32)
+                zs = tl.load(z_ptr + g + cols, mask=col_mask, other=0).to(tl.int32) * s2
+                s_0, s_1, s_2, s_3 = _split4(s2)
+                z_0, z_1, z_2, z_3 = _split4(zs * 0x01010101)
+                y_0, y_1, y_2, y_3 = _split4((zs * 0x01010101) & 0x7F7F7F7F)
+            words = tl.load(qw_ptr + (kk // 8 + q)[:, None] * N + cols, mask=col_mask, other=0)
+            w_0, w_1, w_2, w_3 = _split4(words)
+            # even k's of word row q: 4 bytes from the chunk's first half, odd from its second
+            pos = (k0 + 16 * st) // 4 + q  # int32 units: (k0 + (kk - k0) / 2 + 4q) / 4
+            xs = ()
+            for b in tl.static_range(M_TILES):
+                xs = xs + (tl.load(x_rows[b] + pos), tl.load(x_rows[b] + pos + HALF // 4))
+            acc0 = _lane_int8_step(
+                acc0, w_0, w_1, s_0, s_1, z_0, z_1, y_0, y_1, xs, M_TILES, ASM, NW
+            )
+            acc1 = _lane_int8_step(
+                acc1, w_2, w_3, s_2, s_3, z_2, z_3, y_2, y_3, xs, M_TILES, ASM, NW
+            )
+    # Accumulator e = 4 (M_TILES t + b) + j (tile t, B tile b) holds (m, n) = (8 b + 2q + j % 2,
+    # n_lane + 2t + j // 2): the mma's C fragment, whose rows are columns of out.
+    vals = acc0 + acc1
+    idx = ()
+    for e_ in tl.static_range(len(vals)):
+        idx = idx + (lane * 0 + e_,)
+    acc = _stack(vals)
+    e = _stack(idx)
+    j = e % 4
+    m = 8 * ((e // 4) % M_TILES) + 2 * q[:, None] + j % 2
+    n = n_lane[:, None] + 2 * (e // (4 * M_TILES)) + j // 2
+    mask = (m < M) & (n < N)
+    offs = m * stride_om + n
+    if WRITE_ACC:
+        tl.store(out_ptr + pid_k * stride_split + offs, acc, mask=mask)
+    else:
+        xs_m = tl.load(xs_ptr + m, mask=mask, other=0.0)
+        s1_n = tl.load(s1_ptr + n, mask=mask, other=0.0)
+        out = acc.to(tl.float32) * xs_m * s1_n
+        if HAS_BIAS:
+            out += tl.load(bias_ptr + n, mask=mask, other=0).to(tl.float32)
+        tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
 @triton.jit
 def _w4a8_splitk_epilogue_kernel(
     ws_ptr, xs_ptr, s1_ptr, bias_ptr, out_ptr, MN, N, SPLIT_K,
@@ -432,7 +654,8 @@ def _pow2(v: int) -> bool:
 
 
 # Smallest BLOCK_K per kernel: 8-bit tl.dot needs K tiles >= 32; planes: 32 word rows per dot.
-_MIN_BLOCK_K = {"gemv": 32, "gemm": 32, "gemm_planes": 256, "gemm_swar": 64}
+_MIN_BLOCK_K = {"gemv": 32, "gemm": 32, "gemm_planes": 256, "gemm_swar": 64, "mma": 32}
+_LANE_ROWS = (8, 16, 32, 64)  # lane MMA: 1, 2, 4 or 8 B tiles of 8 rows
 
 
 def valid_config(cfg: KernelConfig, k: int, group: int, act_dtype: str) -> bool:
@@ -441,6 +664,13 @@ def valid_config(cfg: KernelConfig, k: int, group: int, act_dtype: str) -> bool:
     tile) and has no planes kernel."""
     if cfg.kernel not in _MIN_BLOCK_K:
         return False
+    if cfg.kernel == "mma":  # 32 columns per warp, whole 32-k steps, one group per step
+        return (
+            act_dtype == "int8" and cfg.block_m in _LANE_ROWS and cfg.block_n == 32 * cfg.num_warps
+            and _pow2(cfg.block_k) and cfg.block_k >= 32 and group % 32 == 0
+            and (group % cfg.block_k == 0 or cfg.block_k % group == 0)
+            and cfg.split_k >= 1 and k % cfg.split_k == 0 and (k // cfg.split_k) % cfg.block_k == 0
+        )  # fmt: skip
     if not (_pow2(cfg.block_m) and _pow2(cfg.block_n) and _pow2(cfg.block_k)):
         return False
     if cfg.split_k < 1 or k % cfg.split_k or (k // cfg.split_k) % cfg.block_k:
@@ -600,15 +830,21 @@ def launch(
             raise ValueError("launch: the planes kernel takes int8 activations only")
         if not xq_plane_major:
             xq = to_planes(xq, cfg.block_k)
-    if cfg.kernel == "gemm_swar":
+    if cfg.kernel in ("gemm_swar", "mma"):
         if fp8:
-            raise ValueError("launch: the SWAR kernel takes int8 activations only")
+            raise ValueError(f"launch: the {cfg.kernel} kernel takes int8 activations only")
         if xq_plane_major:
-            raise ValueError("launch: the SWAR kernel reads xq in even/odd order, not plane-major")
+            raise ValueError(
+                f"launch: the {cfg.kernel} kernel reads xq in even/odd order, not plane-major"
+            )
         if not xq_even_odd:
             xq = to_even_odd(xq, cfg.block_k)
+        if cfg.kernel == "mma" and (xq.stride(1) != 1 or xq.stride(0) % 4):
+            xq = xq.contiguous()  # its x loads are 4-byte words of a row
     elif xq_even_odd:
-        raise ValueError(f"launch: xq in even/odd order is for the SWAR kernel, not {cfg.kernel}")
+        raise ValueError(
+            f"launch: xq in even/odd order is for the SWAR and lane kernels, not {cfg.kernel}"
+        )
     args = (
         xq, x_scale, qweight, group_scales, group_zeros, channel_scales, bias_arg, target,
         m, n, k, k // split, xq.stride(0), xq.stride(1), out.stride(0), m * n,
@@ -616,6 +852,13 @@ def launch(
     if cfg.kernel == "gemv":
         grid = (triton.cdiv(n, cfg.block_n), split, m)
         _w4a8_gemv_kernel[grid](*args, FP8=fp8, **common)
+    elif cfg.kernel == "mma":
+        if m > cfg.block_m:
+            raise ValueError(f"launch: lane-MMA config got M={m} rows but BLOCK_M={cfg.block_m}")
+        if m > 0:  # (with no rows it would read row M - 1 = -1)
+            _w4a8_mma_kernel[(triton.cdiv(n, cfg.block_n), split)](
+                *args, M_TILES=cfg.block_m // 8, ASM=not _interpreting(), **common
+            )
     elif cfg.kernel == "gemm_swar":
         grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n), split)
         _w4a8_gemm_swar_kernel[grid](
@@ -693,7 +936,7 @@ def quantize_and_launch(
     """The eager path for one config: the quantize kernel (writing xq in the order the planes
     or SWAR kernel reads, so it needs no extra permutation pass), then `launch`."""
     planes = cfg.block_k if cfg.kernel == "gemm_planes" else 0
-    even_odd = cfg.block_k if cfg.kernel == "gemm_swar" else 0
+    even_odd = cfg.block_k if cfg.kernel in ("gemm_swar", "mma") else 0
     xq, scale = quantize_per_token(x, act_dtype, planes, even_odd)
     w = (qweight, group_scales, group_zeros, channel_scales, bias, group_size, x.dtype)
     return launch(cfg, xq, scale, *w, out=out, xq_plane_major=planes > 0, xq_even_odd=even_odd > 0)
