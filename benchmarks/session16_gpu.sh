@@ -4,6 +4,7 @@
 #    the W4A16 kernel lost everywhere and is gone, see probe_w4a8_swar.py)
 #   w4a8:  SWAR/quantize kernel tests natively, bench_w4a8 at the acceptance points with the
 #          default (SWAR) configs, then the SWAR probe at M = 64, 128 (PROBE8_ARGS);
+#   lane:  the W4A8 lane-MMA kernel's tests natively and its probe beside W4A16 (M 1-64);
 #   e2e:   the split-K warm-up test, then `qcompile bench --model` (E2E_ARGS);
 #   tests: gpu test groups (ONLY, TEST_S) via gpu_tests.sh.
 set -o pipefail
@@ -12,7 +13,7 @@ export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || exit 1
 nvidia-smi --query-gpu=name,clocks.max.sm,clocks.max.mem --format=csv > "$OUT/env.txt"
 python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)" >> "$OUT/env.txt"
-case "${PART:?PART=w4a8|e2e|tests}" in
+case "${PART:?PART=w4a8|lane|e2e|tests}" in
   w4a8)
     timeout 120 python3 -m pytest -q -p no:cacheprovider -rfE --tb=short tests/test_w4a8.py \
       -k "swar or quantize_kernel or each_kernel_kind or gpu" 2>&1 | tail -8 | tee "$OUT/tests_w4a8.log"
@@ -22,6 +23,13 @@ case "${PART:?PART=w4a8|e2e|tests}" in
     # shellcheck disable=SC2086
     (cd benchmarks && timeout "${PROBE8_S:-110}" python3 probe_w4a8_swar.py --out "$OUT/probe_w4a8_swar_small_m.json" \
       ${PROBE8_ARGS:---shapes 8192x28672,28672x4096 --ms 128,64 --bms 64,128 --bns 64 --bks 128 --prefetch 0 --splits 1,2,4 --budget 80}) 2>&1 | tee "$OUT/probe_w4a8.log"
+    ;;
+  lane)  # next session: the int8 lane-MMA kernel's tests natively, then its probe vs W4A16
+    timeout 120 python3 -m pytest -q -p no:cacheprovider -rfE --tb=short tests/test_w4a8.py \
+      -k "lane_mma or each_kernel_kind" 2>&1 | tail -8 | tee "$OUT/tests_lane.log"
+    (cd benchmarks && timeout "${PROBE8_S:-240}" python3 probe_w4a8_swar.py --kernel mma \
+      --out "$OUT/probe_w4a8_lane.json" --ms 1,16,32,64 --warps 2,4,8 --bks 64,128 \
+      --splits 1,4,16 --budget 220) 2>&1 | tee "$OUT/probe_lane.log"
     ;;
   e2e)
     timeout 150 python3 -m pytest -q -p no:cacheprovider -rfE tests/test_gpu.py -k split_k_first \
