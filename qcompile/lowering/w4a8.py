@@ -25,6 +25,9 @@ group_zeros [K/G, N] uint8, channel_scales [N] fp32). Kernels, top to bottom:
   register-level parallelism, ~1.9 instructions per weight against ~9-11 in the kernels
   above), which wgmma takes from registers as W. xq even/odd per BLOCK_K chunk (`to_even_odd`;
   the quantize kernel writes it so directly). The large-M default for int8.
+* `_w4a8_mma_kernel` ("mma", M <= 64, int8 only): W4A16's lane kernel on int8, mma.sync
+  m16n8k32 per lane through inline PTX with the SWAR-unpacked words as its A registers. Not
+  a tuning candidate until it has been timed on a GPU.
 * `_w4a8_gemv_kernel` ("gemv", M <= 8): CUDA cores, one program per (N tile, K split, row).
   Integer per group: sum_k (q - z) s2 x = s2 * sum_k q x - z s2 * sum_k x, so the inner loop
   is shift, and, multiply-add per weight. Memory-bound: floor =
