@@ -4,7 +4,8 @@
 #    the W4A16 kernel lost everywhere and is gone, see probe_w4a8_swar.py)
 #   w4a8:  SWAR/quantize kernel tests natively, bench_w4a8 at the acceptance points with the
 #          default (SWAR) configs, then the SWAR probe at M = 64, 128 (PROBE8_ARGS);
-#   lane:  the W4A8 lane-MMA kernel's tests natively and its probe beside W4A16 (M 1-64);
+#   lane:  the W4A8 lane-MMA kernel's tests natively and its probe beside W4A16 (M 1-64),
+#          then SWAR with and without its group-scale prefetch;
 #   e2e:   the split-K warm-up test, then `qcompile bench --model` (E2E_ARGS);
 #   tests: gpu test groups (ONLY, TEST_S) via gpu_tests.sh.
 set -o pipefail
@@ -24,12 +25,16 @@ case "${PART:?PART=w4a8|lane|e2e|tests}" in
     (cd benchmarks && timeout "${PROBE8_S:-110}" python3 probe_w4a8_swar.py --out "$OUT/probe_w4a8_swar_small_m.json" \
       ${PROBE8_ARGS:---shapes 8192x28672,28672x4096 --ms 128,64 --bms 64,128 --bns 64 --bks 128 --prefetch 0 --splits 1,2,4 --budget 80}) 2>&1 | tee "$OUT/probe_w4a8.log"
     ;;
-  lane)  # next session: the int8 lane-MMA kernel's tests natively, then its probe vs W4A16
+  lane)  # next session: the int8 lane-MMA kernel's and the SWAR scale prefetch's tests
+    # natively, then the lane probe beside W4A16 (M 1-64) and SWAR with/without the prefetch
     timeout 120 python3 -m pytest -q -p no:cacheprovider -rfE --tb=short tests/test_w4a8.py \
-      -k "lane_mma or each_kernel_kind" 2>&1 | tail -8 | tee "$OUT/tests_lane.log"
-    (cd benchmarks && timeout "${PROBE8_S:-240}" python3 probe_w4a8_swar.py --kernel mma \
+      -k "lane_mma or each_kernel_kind or swar" 2>&1 | tail -8 | tee "$OUT/tests_lane.log"
+    (cd benchmarks && timeout "${PROBE8_S:-220}" python3 probe_w4a8_swar.py --kernel mma \
       --out "$OUT/probe_w4a8_lane.json" --ms 1,16,32,64 --warps 2,4,8 --bks 64,128 \
-      --splits 1,4,16 --budget 220) 2>&1 | tee "$OUT/probe_lane.log"
+      --splits 1,4,16 --budget 200) 2>&1 | tee "$OUT/probe_lane.log"
+    (cd benchmarks && timeout 150 python3 probe_w4a8_swar.py --out "$OUT/probe_w4a8_swar_pf.json" \
+      --ms 256,1024 --bms 128,256 --bns 64 --bks 128 --prefetch 0,1 --budget 130) 2>&1 \
+      | tee "$OUT/probe_swar_pf.log"
     ;;
   e2e)
     timeout 150 python3 -m pytest -q -p no:cacheprovider -rfE tests/test_gpu.py -k split_k_first \

@@ -349,6 +349,23 @@ def _swar_planes(codes, s2, zs, ASM: tl.constexpr):
 
 
 @triton.jit
+def _swar_group_scales(
+    s2_ptr, z_ptr, k0, rn, rc, n_mask, N, GROUP: tl.constexpr, BLOCK_K: tl.constexpr
+):
+    """uint8 s2 and z of the K tile at k0: [BLOCK_N] when the tile lies in one group, else
+    [BLOCK_N, BLOCK_K/2] per word row (element 4r + b: word row r's group)."""
+    if BLOCK_K <= GROUP:
+        g = k0 // GROUP
+        s2 = tl.load(s2_ptr + g * N + rn, mask=n_mask, other=0)
+        z = tl.load(z_ptr + g * N + rn, mask=n_mask, other=0)
+    else:
+        g_rows = ((k0 + 8 * (rc // 4)) // GROUP)[None, :] * N + rn[:, None]
+        s2 = tl.load(s2_ptr + g_rows, mask=n_mask[:, None], other=0)
+        z = tl.load(z_ptr + g_rows, mask=n_mask[:, None], other=0)
+    return s2, z
+
+
+@triton.jit
 def _w4a8_gemm_swar_kernel(
     xq_ptr, xs_ptr, qw_ptr, s2_ptr, z_ptr, s1_ptr, bias_ptr, out_ptr,
     M, N, K, k_per_split, stride_xm, stride_xk, stride_om, stride_split,
@@ -377,27 +394,30 @@ def _w4a8_gemm_swar_kernel(
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32)
     # element (n, 4r + b): byte b of word row r of column n
     c_row0 = qw8 + (rc // 4)[None, :] * (4 * N) + 4 * rn[:, None] + (rc % 4)[None, :]
+    # The codes' loads feed the dots through the PTX, and Triton pipelines them through
+    # shared memory (cp.async, num_stages); the group scales' tiny loads it leaves in the
+    # loop, where each iteration would wait out their latency before unpacking. PREFETCH
+    # loads them one iteration ahead instead. (Prefetching the codes in registers, the first
+    # version, took them out of Triton's pipeline and was slower on the H200.)
     if PREFETCH:
-        codes_next = tl.load(c_row0 + (k_start // 8) * (4 * N), mask=n_mask[:, None])
+        s2_next, z_next = _swar_group_scales(
+            s2_ptr, z_ptr, k_start, rn, rc, n_mask, N, GROUP, BLOCK_K
+        )
     for k0 in range(k_start, k_end, BLOCK_K):
+        codes = tl.load(c_row0 + (k0 // 8) * (4 * N), mask=n_mask[:, None])
         if PREFETCH:
-            codes = codes_next
+            s2, z = s2_next, z_next
+            # the last iteration re-reads its own scales instead of reading past the split
             k_next = tl.minimum(k0 + BLOCK_K, k_end - BLOCK_K)
-            codes_next = tl.load(c_row0 + (k_next // 8) * (4 * N), mask=n_mask[:, None])
+            s2_next, z_next = _swar_group_scales(
+                s2_ptr, z_ptr, k_next, rn, rc, n_mask, N, GROUP, BLOCK_K
+            )  # fmt: skip
         else:
-            codes = tl.load(c_row0 + (k0 // 8) * (4 * N), mask=n_mask[:, None])
+            s2, z = _swar_group_scales(s2_ptr, z_ptr, k0, rn, rc, n_mask, N, GROUP, BLOCK_K)
+        zs = (z.to(tl.int32) * s2.to(tl.int32)).to(tl.uint8)
         if BLOCK_K <= GROUP:
-            g = k0 // GROUP
-            s2 = tl.load(s2_ptr + g * N + rn, mask=n_mask, other=0)
-            z = tl.load(z_ptr + g * N + rn, mask=n_mask, other=0)
-            zs = (z.to(tl.int32) * s2.to(tl.int32)).to(tl.uint8)
             s2 = tl.broadcast_to(s2[:, None], (BLOCK_N, HALF))
             zs = tl.broadcast_to(zs[:, None], (BLOCK_N, HALF))
-        else:  # scales vary by word row
-            g_rows = ((k0 + 8 * (rc // 4)) // GROUP)[None, :] * N + rn[:, None]
-            s2 = tl.load(s2_ptr + g_rows, mask=n_mask[:, None], other=0)
-            z = tl.load(z_ptr + g_rows, mask=n_mask[:, None], other=0)
-            zs = (z.to(tl.int32) * s2.to(tl.int32)).to(tl.uint8)
         w_even, w_odd = _swar_planes(codes, s2, zs, ASM)
         x_base = xq_ptr + rm[None, :] * stride_xm + (k0 + rc)[:, None] * stride_xk
         x_even = tl.load(x_base, mask=m_mask[None, :], other=0)
