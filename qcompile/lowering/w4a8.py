@@ -398,7 +398,8 @@ def _w4a8_gemm_swar_kernel(
     # shared memory (cp.async, num_stages); the group scales' tiny loads it leaves in the
     # loop, where each iteration would wait out their latency before unpacking. PREFETCH
     # loads them one iteration ahead instead. (Prefetching the codes in registers, the first
-    # version, took them out of Triton's pipeline and was slower on the H200.)
+    # version, took them out of Triton's pipeline: offline SASS 16 -> 132 PRMTs, and the
+    # W4A16 analogue's code prefetch was slower on the H200; this one was never timed.)
     if PREFETCH:
         s2_next, z_next = _swar_group_scales(
             s2_ptr, z_ptr, k_start, rn, rc, n_mask, N, GROUP, BLOCK_K
