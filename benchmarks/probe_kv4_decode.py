@@ -6,6 +6,7 @@ L2. Checks the fastest config of each kernel against the float64 reference first
 prints each shape's fastest configs, SDPA and the int4 roofline floor.
 
     python benchmarks/probe_kv4_decode.py --shapes 1x8192,16x32768 --out $OUT/probe.json
+    python benchmarks/probe_kv4_decode.py --prefetch 0,1 --splits 1,4,16,64  # scale prefetch
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from qcompile.lowering.kv4_attention import launch_attention, valid_config
 HQ, HKV, D, G = 32, 8, 128, 128
 
 
-def check(kind: str, dtype: torch.dtype) -> float:
+def check(kind: str, dtype: torch.dtype, prefetch: bool = False) -> float:
     """Relative error of one config against the float64 reference (quantized cache)."""
     sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
     from helpers import rel_error
@@ -45,7 +46,7 @@ def check(kind: str, dtype: torch.dtype) -> float:
     q = torch.randn(2, HQ, 1, D).to(dtype)
     ref = KV4Problem(q, keys, values, None, None, False, D**-0.5).reference64()
     prob = KV4Problem(q.cuda(), to(keys), to(values), None, None, False, D**-0.5)
-    out = launch_attention(KernelConfig(kind, 16, 128, 0, 4, 4, 2), *prob.args())
+    out = launch_attention(KernelConfig(kind, 16, 128, 0, 4, 4, 2, prefetch), *prob.args())
     return rel_error(out.cpu(), ref)
 
 
@@ -54,11 +55,19 @@ def main() -> None:
     ap.add_argument("--shapes", default="1x8192,1x32768,16x8192,16x32768,64x8192")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument(
+        "--prefetch", default="0",
+        help="decode: the token-scale prefetch settings to time, e.g. 0,1",
+    )  # fmt: skip
+    ap.add_argument("--splits", default="1,2,4,8,16,32,64,128")
     args = ap.parse_args()
     dtype = getattr(torch, args.dtype)
+    prefetches = tuple(bool(int(v)) for v in args.prefetch.split(","))
     for kind in ("decode", "decode_grouped"):
         for dt in (torch.float16, torch.bfloat16):
-            print(f"check {kind} {dt}: rel error {check(kind, dt):.2e}", flush=True)
+            for pf in prefetches if kind == "decode" else (False,):
+                err = check(kind, dt, pf)
+                print(f"check {kind} {dt} prefetch={pf}: rel error {err:.2e}", flush=True)
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
     bw = hbm_bandwidth()
     results = []
@@ -70,13 +79,14 @@ def main() -> None:
         rows = []
         tiles = ((32, 1), (32, 2), (64, 1), (64, 2), (64, 4), (128, 2), (128, 4), (128, 8),
                  (256, 4), (256, 8))  # fmt: skip
+        splits = tuple(int(v) for v in args.splits.split(","))
         grid = itertools.chain(
-            ((("decode", bn, w, st, sp) for (bn, w), st, sp in itertools.product(
-                tiles, (2, 3), (1, 2, 4, 8, 16, 32, 64, 128)))),
-            itertools.product(["decode_grouped"], (64,), (4,), (2,), (4, 32)),
+            ((("decode", bn, w, st, sp, pf) for (bn, w), st, sp, pf in itertools.product(
+                tiles, (2, 3), splits, prefetches))),
+            itertools.product(["decode_grouped"], (64,), (4,), (2,), (4, 32), (False,)),
         )  # fmt: skip
-        for kind, bn, warps, stages, split in grid:
-            cfg = KernelConfig(kind, 16, bn, 0, split, warps, stages)
+        for kind, bn, warps, stages, split, pf in grid:
+            cfg = KernelConfig(kind, 16, bn, 0, split, warps, stages, pf)
             if (
                 not valid_config(cfg, 4)
                 or (split > 1 and b * HKV * split > 8 * 132)
@@ -129,10 +139,14 @@ def main() -> None:
                 c = r["config"]
                 print(
                     f"  {kind:15s} bn{c['block_n']} w{c['num_warps']} st{c['num_stages']} "
-                    f"split{c['split_k']}: {r['us']:.1f} us ({sdpa / r['us']:.2f}x SDPA, "
+                    f"split{c['split_k']} pf{int(c['prefetch'])}: {r['us']:.1f} us ({sdpa / r['us']:.2f}x SDPA, "
                     f"{floor / r['us']:.0%} of floor)",
                     flush=True,
                 )
+        for pf in prefetches if len(prefetches) > 1 else ():  # the prefetch's effect alone
+            best = min((r["us"] for r in rows if r["config"]["kernel"] == "decode"
+                        and bool(r["config"]["prefetch"]) == pf), default=float("nan"))  # fmt: skip
+            print(f"  best decode with prefetch={pf}: {best:.1f} us", flush=True)
         results.append({"b": b, "s": s, "sdpa_us": sdpa, "floor_us": floor, "rows": rows})
     if args.out:
         meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,

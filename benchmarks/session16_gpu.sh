@@ -6,6 +6,7 @@
 #          default (SWAR) configs, then the SWAR probe at M = 64, 128 (PROBE8_ARGS);
 #   lane:  the W4A8 lane-MMA kernel's tests natively and its probe beside W4A16 (M 1-64),
 #          then SWAR with and without its group-scale prefetch;
+#   kv4pf: the KV4 decode kernel's token-scale prefetch, its tests and probe;
 #   e2e:   the split-K warm-up test, then `qcompile bench --model` (E2E_ARGS);
 #   tests: gpu test groups (ONLY, TEST_S) via gpu_tests.sh.
 set -o pipefail
@@ -14,7 +15,7 @@ export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || exit 1
 nvidia-smi --query-gpu=name,clocks.max.sm,clocks.max.mem --format=csv > "$OUT/env.txt"
 python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)" >> "$OUT/env.txt"
-case "${PART:?PART=w4a8|lane|e2e|tests}" in
+case "${PART:?PART=w4a8|lane|kv4pf|e2e|tests}" in
   w4a8)
     timeout 120 python3 -m pytest -q -p no:cacheprovider -rfE --tb=short tests/test_w4a8.py \
       -k "swar or quantize_kernel or each_kernel_kind or gpu" 2>&1 | tail -8 | tee "$OUT/tests_w4a8.log"
@@ -35,6 +36,13 @@ case "${PART:?PART=w4a8|lane|e2e|tests}" in
     (cd benchmarks && timeout 150 python3 probe_w4a8_swar.py --out "$OUT/probe_w4a8_swar_pf.json" \
       --ms 256,1024 --bms 128,256 --bns 64 --bks 128 --prefetch 0,1 --budget 130) 2>&1 \
       | tee "$OUT/probe_swar_pf.log"
+    ;;
+  kv4pf)  # next session: the KV4 decode kernel's token-scale prefetch, tests then probe
+    timeout 200 python3 -m pytest -q -p no:cacheprovider -rfE --tb=short tests/test_kv4.py \
+      -k "decode_kernel_matches or scale_prefetch" 2>&1 | tail -8 | tee "$OUT/tests_kv4pf.log"
+    (cd benchmarks && timeout 330 python3 probe_kv4_decode.py --prefetch 0,1 --splits 1,4,16,64 \
+      --shapes 1x8192,1x32768,16x8192,16x32768 --out "$OUT/probe_kv4_pf.json") 2>&1 \
+      | tee "$OUT/probe_kv4_pf.log"
     ;;
   e2e)
     timeout 150 python3 -m pytest -q -p no:cacheprovider -rfE tests/test_gpu.py -k split_k_first \

@@ -225,7 +225,8 @@ def test_decode_kernel_matches_float64_reference(problem, data):
     tiles = [c for c in candidate_configs(b, hkv, sq, hq // hkv, s, groups) if c.block_n <= 128]
     cfg = data.draw(st.sampled_from(tiles[:10]), label="config")
     split = data.draw(st.sampled_from([1, 2, 3, 8]), label="split")  # 3: not a power of two
-    cfg = KernelConfig(kind, cfg.block_m, cfg.block_n, 0, split, cfg.num_warps)
+    prefetch = kind == "decode" and data.draw(st.booleans(), label="scale prefetch")
+    cfg = KernelConfig(kind, cfg.block_m, cfg.block_n, 0, split, cfg.num_warps, 2, prefetch)
     assert valid_config(cfg, sq * hq // hkv, groups)
     assert_close_rel(_run(problem, cfg), problem.reference64(), problem.query.dtype)
 
@@ -263,6 +264,12 @@ def test_valid_config_refuses_tiles_the_gpu_gets_wrong(bm, bn, valid):
     assert valid_config(KernelConfig("prefill_grouped", 64, 32, 0), 4, 2)
     assert {c.kernel for c in candidate_configs(1, 8, 1, 4, 8192, 1)} == {"decode"}
     assert {c.kernel for c in candidate_configs(1, 8, 1, 4, 8192, 4)} == {"decode_grouped"}
+
+
+def test_scale_prefetch_is_the_one_group_kernels_only():
+    assert valid_config(KernelConfig("decode", 16, 64, 0, 2, 4, 2, True), 4)
+    assert not valid_config(KernelConfig("decode_grouped", 16, 64, 0, 2, 4, 2, True), 4, 2)
+    assert not valid_config(KernelConfig("decode", 16, 64, 0, 2, 4, 2, 2), 4)
 
 
 def test_decode_kernel_refuses_a_grouped_cache():

@@ -314,6 +314,18 @@ def _key_scores_per_channel(q_e, q_o, qh_e, qh_o, r, codes, scale_ptr, offset_pt
 
 
 @triton.jit
+def _token_scales(ks_ptr, ko_ptr, vs_ptr, vo_ptr, scale_base, cols, end):
+    """K and V scales and offsets (one per token and head, fp16) of the tokens `cols`;
+    zero past `end`."""
+    ok = cols < end
+    ks = tl.load(ks_ptr + scale_base + cols, mask=ok, other=0.0)
+    ko = tl.load(ko_ptr + scale_base + cols, mask=ok, other=0.0)
+    vs = tl.load(vs_ptr + scale_base + cols, mask=ok, other=0.0)
+    vo = tl.load(vo_ptr + scale_base + cols, mask=ok, other=0.0)
+    return ks, ko, vs, vo
+
+
+@triton.jit
 def _kv4_decode_kernel(
     q_ptr, kc_ptr, ks_ptr, ko_ptr, vc_ptr, vs_ptr, vo_ptr, lens_ptr, mask_ptr, out_ptr, lse_ptr,
     final_ptr, cnt_ptr, kr_ptr, Sq, S, rows_total, qk_scale,
@@ -325,6 +337,7 @@ def _kv4_decode_kernel(
     MASK_KIND: tl.constexpr, WRITE_PARTIAL: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, ASM: tl.constexpr, SELF_REDUCE: tl.constexpr,
     FOLD_UNIT: tl.constexpr = True, KEY_TOKENS: tl.constexpr = 0,
+    SCALE_PREFETCH: tl.constexpr = False,
 ):  # fmt: skip
     # Flash-decoding ("decode": split over the sequence) and flash-attention ("prefill": row
     # tiles over pid_m, causal tiles skipped) for one scale/offset per token and head (G = D),
@@ -340,6 +353,10 @@ def _kv4_decode_kernel(
     # stride_sh, 1), and the keys past the last complete group are read from kr_ptr. With
     # SELF_REDUCE the last split of a (batch, KV head) to finish (a counter per pid_bh, as
     # the W4A16 split-K) combines every split's partial into final_ptr: one launch, not two.
+    # SCALE_PREFETCH (per-token keys only): the next tile's scales and offsets are loaded one
+    # iteration ahead. Triton pipelines the code tiles through shared memory (cp.async) but
+    # leaves these [BLOCK_N] fp16 loads in the loop (offline TTGIR, Triton 3.6), where a
+    # decode tile, reading them from HBM, would wait out their latency.
     HALF: tl.constexpr = D // 2
     pid_bh = tl.program_id(0)
     pid_split = tl.program_id(1)
@@ -381,10 +398,24 @@ def _kv4_decode_kernel(
         if not SCALE_QUERY:
             qh_e = (q_e.to(tl.float32) / r[:, None]).to(tl.float16)
             qh_o = (q_o.to(tl.float32) / r[:, None]).to(tl.float16)
+    PREFETCH: tl.constexpr = SCALE_PREFETCH and KEY_TOKENS == 0
+    if PREFETCH:
+        ks_n, ko_n, vs_n, vo_n = _token_scales(
+            ks_ptr, ko_ptr, vs_ptr, vo_ptr, scale_base, start + offs_n, end
+        )  # fmt: skip
     for n0 in range(start, end, BLOCK_N):
         cols = n0 + offs_n
         col_ok = cols < end
         code_offs = code_base + cols[:, None] * HALF  # one contiguous [BLOCK_N, D/2] block
+        if PREFETCH:
+            ks_t, ko_t, vs_t, vo_t = ks_n, ko_n, vs_n, vo_n
+            ks_n, ko_n, vs_n, vo_n = _token_scales(
+                ks_ptr, ko_ptr, vs_ptr, vo_ptr, scale_base, cols + BLOCK_N, end
+            )  # fmt: skip
+        elif KEY_TOKENS == 0:
+            ks_t, ko_t, vs_t, vo_t = _token_scales(
+                ks_ptr, ko_ptr, vs_ptr, vo_ptr, scale_base, cols, end
+            )  # fmt: skip
         if KEY_TOKENS == 0:
             k_lo, k_hi = _nibble_planes(
                 tl.load(kc_ptr + code_offs, mask=col_ok[:, None], other=0),
@@ -394,8 +425,8 @@ def _kv4_decode_kernel(
             )
             qk = tl.dot(q_e, tl.trans(k_lo))
             qk = tl.dot(q_o, tl.trans(k_hi), qk)  # [BLOCK_M, BLOCK_N]
-            k_scale = tl.load(ks_ptr + scale_base + cols, mask=col_ok, other=0.0).to(tl.float32)
-            k_offset = tl.load(ko_ptr + scale_base + cols, mask=col_ok, other=0.0).to(tl.float32)
+            k_scale = ks_t.to(tl.float32)
+            k_offset = ko_t.to(tl.float32)
             scores = ((k_scale * qk_scale)[None, :] * qk
                       + (k_offset * qk_scale)[None, :] * q_sum[:, None])  # fmt: skip
         elif n0 < quantized_end:
@@ -426,8 +457,12 @@ def _kv4_decode_kernel(
         v_lo, v_hi = _nibble_planes(
             tl.load(vc_ptr + code_offs, mask=col_ok[:, None], other=0), 0x6400, tl.float16, ASM
         )
-        v_scale = tl.load(vs_ptr + scale_base + cols, mask=col_ok, other=0.0).to(tl.float32)
-        v_offset = tl.load(vo_ptr + scale_base + cols, mask=col_ok, other=0.0).to(tl.float32)
+        if KEY_TOKENS == 0:
+            v_scale = vs_t.to(tl.float32)
+            v_offset = vo_t.to(tl.float32)
+        else:
+            v_scale = tl.load(vs_ptr + scale_base + cols, mask=col_ok, other=0.0).to(tl.float32)
+            v_offset = tl.load(vo_ptr + scale_base + cols, mask=col_ok, other=0.0).to(tl.float32)
         # P * scale in fp16 with the tile's scales divided by a power of two 2**e >= their
         # maximum, as `_kv4_attention_kernel` does per group.
         pow2 = tl.exp2(tl.ceil(tl.log2(tl.maximum(tl.max(v_scale, axis=0), _MIN_SCALE))))
@@ -642,13 +677,16 @@ def valid_config(cfg: KernelConfig, rows: int, groups: int = 1, key_tokens: int 
     attention on the H100 with Triton 3.6 (rel. error 2.7-5.5 at any BLOCK_M, warps or
     stages, `benchmarks/probe_kv4_prefill.py`) while the interpreter gets it right, so no
     config may use it. Keys per channel over `key_tokens` tokens: "decode"/"prefill" with
-    BLOCK_N dividing key_tokens."""
+    BLOCK_N dividing key_tokens. `prefetch` (the next tile's token scales, loaded one
+    iteration ahead) only on the one-group kernel."""
     if cfg.kernel not in _KINDS:
         return False
     if not (_pow2(cfg.block_m) and _pow2(cfg.block_n)) or cfg.block_m < 16 or cfg.block_n < 32:
         return False
     if cfg.kernel in _ONE_GROUP_KINDS and groups != 1:
         return False
+    if cfg.prefetch not in (0, 1) or (cfg.prefetch and cfg.kernel not in _ONE_GROUP_KINDS):
+        return False  # the scale prefetch is the one-group kernel's
     if key_tokens and (cfg.kernel not in _ONE_GROUP_KINDS or key_tokens % cfg.block_n):
         return False  # keys per channel: the 2-D kernel, tiles within one group of tokens
     if cfg.kernel.startswith("decode"):
@@ -834,8 +872,8 @@ def launch_attention(
             HAS_LENS=seq_lens is not None, IS_CAUSAL=is_causal,
             MASK_KIND=mask_kind, WRITE_PARTIAL=split > 1, BLOCK_M=cfg.block_m,
             BLOCK_N=cfg.block_n, ASM=not _interpreting(), SELF_REDUCE=counters is not None,
-            FOLD_UNIT=_FOLD_UNIT, KEY_TOKENS=key_tokens, num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages,
+            FOLD_UNIT=_FOLD_UNIT, KEY_TOKENS=key_tokens, SCALE_PREFETCH=bool(cfg.prefetch),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
         if counters is None:
             reduce_splits(target, lse, out)
