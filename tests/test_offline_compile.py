@@ -29,7 +29,7 @@ W4A16 = [  # kind, BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, prefetch, self-redu
     ("mma", 16, 128, 128, 4, 1, 1, True),  # the next BLOCK_K prefetched (tuples in the loop)
     ("mma", 32, 64, 64, 2, 1, 2, False),  # its words and scales only
 ]
-W4A8 = [  # kind, BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, fp8 activations
+W4A8 = [  # kind, BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, fp8 activations, [prefetch]
     ("gemv", 1, 256, 64, 2, 1, False),
     ("gemm", 16, 64, 64, 4, 3, False),
     ("gemm", 128, 128, 64, 8, 3, False),
@@ -39,13 +39,16 @@ W4A8 = [  # kind, BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, fp8 activations
     ("gemm_swar", 256, 64, 128, 4, 3, False),  # inline PTX unpacking feeding int8 wgmma
     ("mma", 16, 128, 128, 4, 1, False),  # inline PTX unpacking + mma.sync m16n8k32
     ("mma", 64, 64, 64, 2, 1, False),
+    ("gemm_swar", 256, 64, 128, 4, 3, False, True),  # the group-scale prefetch
 ]
 KV4 = [  # kind, BLOCK_M, BLOCK_N, warps, stages, keys per channel over T tokens (0: per
-    # token), query dtype: bf16 queries once hit a dot of mixed dtypes only a compile sees
+    # token), query dtype (bf16 queries once hit a dot of mixed dtypes only a compile sees),
+    # optionally the token-scale prefetch
     ("decode", 16, 64, 1, 3, 0, "fp16"),
     ("decode", 16, 64, 2, 3, 64, "fp16"),
     ("decode", 16, 32, 1, 3, 32, "bf16"),
     ("decode", 32, 32, 2, 3, 32, "bf16"),  # GQA 8 x 4 rows: BLOCK_M >= BLOCK_N
+    ("decode", 16, 64, 1, 3, 0, "fp16", True),  # the token-scale prefetch
     ("prefill", 64, 64, 4, 2, 64, "bf16"),
     ("prefill", 64, 64, 4, 2, 0, "bf16"),
     ("key_write", 0, 0, 4, 1, 64, "bf16"),
@@ -61,15 +64,16 @@ for kind, bm, bn, bk, w, st, pf, split in w4a16:
         out.append(["w4a16", kind, bm, regs, None])
     except Exception as e:
         out.append(["w4a16", kind, bm, 0, repr(e.__cause__ or e)[-800:]])
-for kind, bm, bn, bk, w, st, fp8 in w4a8:
+for kind, bm, bn, bk, w, st, fp8, *pf in w4a8:
     try:
-        regs = s.resources(s.compile_w4a8_variant(kind, bm, bn, bk, w, st, fp8))["REG"]
+        variant = s.compile_w4a8_variant(kind, bm, bn, bk, w, st, fp8, prefetch=int(bool(pf)))
+        regs = s.resources(variant)["REG"]
         out.append(["w4a8", kind, bm, regs, None])
     except Exception as e:
         out.append(["w4a8", kind, bm, 0, repr(e.__cause__ or e)[-800:]])
-for kind, bm, bn, w, st, t, dt in kv4:
+for kind, bm, bn, w, st, t, dt, *pf in kv4:
     try:
-        regs = s.resources(s.compile_kv4_variant(kind, bm, bn, w, st, t, dt))["REG"]
+        regs = s.resources(s.compile_kv4_variant(kind, bm, bn, w, st, t, dt, bool(pf)))["REG"]
         out.append(["kv4", kind, bm, regs, None])
     except Exception as e:
         out.append(["kv4", kind, bm, 0, repr(e.__cause__ or e)[-800:]])

@@ -398,8 +398,11 @@ def _kv4_decode_kernel(
         if not SCALE_QUERY:
             qh_e = (q_e.to(tl.float32) / r[:, None]).to(tl.float16)
             qh_o = (q_o.to(tl.float32) / r[:, None]).to(tl.float16)
-    PREFETCH: tl.constexpr = SCALE_PREFETCH and KEY_TOKENS == 0
-    if PREFETCH:
+    # (Triton's compiler, unlike its interpreter, wants loop-carried names bound before the
+    # loop even when the branch that carries them is compiled out: hence the zeros.)
+    ks_n = tl.zeros((BLOCK_N,), ks_ptr.dtype.element_ty)
+    ko_n, vs_n, vo_n = ks_n, ks_n, ks_n
+    if SCALE_PREFETCH and KEY_TOKENS == 0:
         ks_n, ko_n, vs_n, vo_n = _token_scales(
             ks_ptr, ko_ptr, vs_ptr, vo_ptr, scale_base, start + offs_n, end
         )  # fmt: skip
@@ -407,7 +410,7 @@ def _kv4_decode_kernel(
         cols = n0 + offs_n
         col_ok = cols < end
         code_offs = code_base + cols[:, None] * HALF  # one contiguous [BLOCK_N, D/2] block
-        if PREFETCH:
+        if SCALE_PREFETCH and KEY_TOKENS == 0:
             ks_t, ko_t, vs_t, vo_t = ks_n, ko_n, vs_n, vo_n
             ks_n, ko_n, vs_n, vo_n = _token_scales(
                 ks_ptr, ko_ptr, vs_ptr, vo_ptr, scale_base, cols + BLOCK_N, end
