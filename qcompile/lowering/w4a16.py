@@ -670,6 +670,22 @@ def _stack(vals):
 
 
 @triton.jit
+def _lane_results(vals, q, n_lane, M_TILES: tl.constexpr):
+    """The lane kernels' accumulators (a tuple of [LANES], tile-major) -> [LANES, E] values
+    with their output row m and column n: accumulator e = 4 (M_TILES t + b) + j (tile t, B
+    tile b) holds (m, n) = (8 b + 2q + j % 2, n_lane + 2t + j // 2), the mma's C fragment,
+    whose rows are columns of out."""
+    idx = ()
+    for e_ in tl.static_range(len(vals)):
+        idx = idx + (q * 0 + e_,)
+    e = _stack(idx)
+    j = e % 4
+    m = 8 * ((e // 4) % M_TILES) + 2 * q[:, None] + j % 2
+    n = n_lane[:, None] + 2 * (e // (4 * M_TILES)) + j // 2
+    return _stack(vals), m, n
+
+
+@triton.jit
 def _lane_block_loads(
     qw_ptr, s_ptr, o_ptr, x_rows, k0, q, cols, col_mask, stride_w, stride_xk,
     GROUP: tl.constexpr, BLOCK_K: tl.constexpr, M_TILES: tl.constexpr, X_PLANES: tl.constexpr,
@@ -786,19 +802,10 @@ def _w4a16_mma_kernel(
             if N_TILES == 4:
                 acc2 = _lane_tile_step(acc2, w4, w5, s4, s5, o4, o5, xs, M_TILES, BF16, ASM, NW)
                 acc3 = _lane_tile_step(acc3, w6, w7, s6, s7, o6, o7, xs, M_TILES, BF16, ASM, NW)
-    # Accumulator e = 4 (M_TILES t + b) + j (tile t, B tile b) holds (m, n) = (8 b + 2q + j % 2,
-    # n_lane + 2t + j // 2): the mma's C fragment, whose rows are columns of out.
     vals = acc0 + acc1
     if N_TILES == 4:
         vals = vals + acc2 + acc3
-    idx = ()
-    for e_ in tl.static_range(len(vals)):
-        idx = idx + (lane * 0 + e_,)
-    acc = _stack(vals)
-    e = _stack(idx)
-    j = e % 4
-    m = 8 * ((e // 4) % M_TILES) + 2 * q[:, None] + j % 2
-    n = n_lane[:, None] + 2 * (e // (4 * M_TILES)) + j // 2
+    acc, m, n = _lane_results(vals, q, n_lane, M_TILES)
     _finish_tile(
         acc, out_ptr, ws_ptr, cnt_ptr + pid_n, bias_ptr, m * stride_om + n, (m < M) & (n < N),
         n, N, pid_k, tl.num_programs(1), stride_split, HAS_BIAS, SPLIT, SELF_REDUCE,

@@ -44,7 +44,7 @@ import triton
 import triton.language as tl
 
 from qcompile.lowering.autotune import KernelConfig, TuneKey, autotuner, m_bucket, time_us
-from qcompile.lowering.w4a16 import _interpreting, _split4, _stack
+from qcompile.lowering.w4a16 import _interpreting, _lane_results, _split4
 from qcompile.quant.int4 import to_even_odd, to_planes  # to_planes: W4A16's plane-major layout
 from qcompile.quant.w4a8 import ABSMAX_FLOOR, ACT_QMAX, ACT_TORCH_DTYPES
 
@@ -629,17 +629,7 @@ def _w4a8_mma_kernel(
             acc1 = _lane_int8_step(
                 acc1, w_2, w_3, s_2, s_3, z_2, z_3, y_2, y_3, xs, M_TILES, ASM, NW
             )
-    # Accumulator e = 4 (M_TILES t + b) + j (tile t, B tile b) holds (m, n) = (8 b + 2q + j % 2,
-    # n_lane + 2t + j // 2): the mma's C fragment, whose rows are columns of out.
-    vals = acc0 + acc1
-    idx = ()
-    for e_ in tl.static_range(len(vals)):
-        idx = idx + (lane * 0 + e_,)
-    acc = _stack(vals)
-    e = _stack(idx)
-    j = e % 4
-    m = 8 * ((e // 4) % M_TILES) + 2 * q[:, None] + j % 2
-    n = n_lane[:, None] + 2 * (e // (4 * M_TILES)) + j // 2
+    acc, m, n = _lane_results(acc0 + acc1, q, n_lane, M_TILES)
     mask = (m < M) & (n < N)
     offs = m * stride_om + n
     if WRITE_ACC:
