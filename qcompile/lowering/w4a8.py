@@ -307,28 +307,37 @@ def _w4a8_gemm_planes_kernel(
 # --------------------------------------------------------------------------- SWAR GEMM (large M)
 # Per byte of a 32-bit register (QServe's register-level parallelism): the low or high nibbles
 # of a word's 4 bytes times s2 (<= 15 * 16 = 240: no carry into the next byte), minus z * s2 by
-# a borrow-free SWAR subtraction (Hacker's Delight 2-18: ((a | H) - (b & ~H)) ^ ((a ^ ~b) & H),
+# a borrow-free SWAR subtraction (as in Hacker's Delight: ((a | H) - (b & ~H)) ^ ((a ^ ~b) & H),
 # H = 0x80808080). The result, (q - z) * s2 in -127..127 per byte, is the int8 MMA operand as
 # it stands: 4 codes per instruction, no per-byte packing.
+def _swar_lines(word: str, s2: str, zs: str, y: str, even: str, odd: str) -> list[str]:
+    """PTX for one word: `even` / `odd` <- (q - z) * s2 of its even / odd nibbles, 4 int8 per
+    register. s2 plain, zs = z * s2 in each byte, y = zs & 0x7F7F7F7F; uses registers a, t, u."""
+    lines = []
+    for shift, dst in ((0, even), (4, odd)):
+        src = word
+        if shift:
+            lines.append(f"shr.u32 a, {word}, 4;")
+            src = "a"
+        lines += [
+            f"and.b32 a, {src}, 0x0F0F0F0F;",
+            f"mul.lo.u32 a, a, {s2};",
+            "or.b32 t, a, 0x80808080;",
+            f"sub.u32 t, t, {y};",
+            f"lop3.b32 u, a, {zs}, 0x80808080, 0x82;",  # (a ^ ~zs) & H
+            f"xor.b32 {dst}, t, u;",
+        ]
+    return lines
+
+
+# The large-M kernel's step: $2 the word, $3 / $4 s2 / zs with one value in each byte.
 _SWAR_UNPACK = tl.constexpr(
-    """{
-.reg .b32 s, y, a, t, u;
-and.b32 s, $3, 0xFF;
-and.b32 y, $4, 0x7F7F7F7F;
-and.b32 a, $2, 0x0F0F0F0F;
-mul.lo.u32 a, a, s;
-or.b32 t, a, 0x80808080;
-sub.u32 t, t, y;
-lop3.b32 u, a, $4, 0x80808080, 0x82;
-xor.b32 $0, t, u;
-shr.u32 a, $2, 4;
-and.b32 a, a, 0x0F0F0F0F;
-mul.lo.u32 a, a, s;
-or.b32 t, a, 0x80808080;
-sub.u32 t, t, y;
-lop3.b32 u, a, $4, 0x80808080, 0x82;
-xor.b32 $1, t, u;
-}"""
+    "{\n"
+    + "\n".join(
+        [".reg .b32 s, y, a, t, u;", "and.b32 s, $3, 0xFF;", "and.b32 y, $4, 0x7F7F7F7F;"]
+        + _swar_lines("$2", "s", "$4", "y", "$0", "$1")
+    )
+    + "\n}"
 )
 
 
@@ -451,22 +460,8 @@ def _w4a8_lane_asm(m_tiles: int) -> str:
     w_lo, w_hi, s_lo, s_hi, z_lo, z_hi, y_lo, y_hi = (f"${2 * nacc + i}" for i in range(8))
     x0 = 2 * nacc + 8
     lines = [".reg .b32 a, t, u, e0, o0, e1, o1;"]
-    for word, s, zs, y, even, odd in (
-        (w_lo, s_lo, z_lo, y_lo, "e0", "o0"), (w_hi, s_hi, z_hi, y_hi, "e1", "o1")
-    ):  # fmt: skip
-        for shift, dst in ((0, even), (4, odd)):
-            src = word
-            if shift:
-                lines.append(f"shr.u32 a, {word}, 4;")
-                src = "a"
-            lines += [
-                f"and.b32 a, {src}, 0x0F0F0F0F;",
-                f"mul.lo.u32 a, a, {s};",
-                "or.b32 t, a, 0x80808080;",
-                f"sub.u32 t, t, {y};",
-                f"lop3.b32 u, a, {zs}, 0x80808080, 0x82;",
-                f"xor.b32 {dst}, t, u;",
-            ]
+    lines += _swar_lines(w_lo, s_lo, z_lo, y_lo, "e0", "o0")
+    lines += _swar_lines(w_hi, s_hi, z_hi, y_hi, "e1", "o1")
     for mt in range(m_tiles):
         d = ", ".join(f"${4 * mt + j}" for j in range(4))
         c = ", ".join(f"${nacc + 4 * mt + j}" for j in range(4))
