@@ -415,10 +415,6 @@ def _kv4_decode_kernel(
             ks_n, ko_n, vs_n, vo_n = _token_scales(
                 ks_ptr, ko_ptr, vs_ptr, vo_ptr, scale_base, cols + BLOCK_N, end
             )  # fmt: skip
-        elif KEY_TOKENS == 0:
-            ks_t, ko_t, vs_t, vo_t = _token_scales(
-                ks_ptr, ko_ptr, vs_ptr, vo_ptr, scale_base, cols, end
-            )  # fmt: skip
         if KEY_TOKENS == 0:
             k_lo, k_hi = _nibble_planes(
                 tl.load(kc_ptr + code_offs, mask=col_ok[:, None], other=0),
@@ -428,8 +424,14 @@ def _kv4_decode_kernel(
             )
             qk = tl.dot(q_e, tl.trans(k_lo))
             qk = tl.dot(q_o, tl.trans(k_hi), qk)  # [BLOCK_M, BLOCK_N]
-            k_scale = ks_t.to(tl.float32)
-            k_offset = ko_t.to(tl.float32)
+            if SCALE_PREFETCH:
+                k_scale = ks_t.to(tl.float32)
+                k_offset = ko_t.to(tl.float32)
+            else:  # loaded here, as the timed kernel always did
+                k_scale = tl.load(ks_ptr + scale_base + cols, mask=col_ok, other=0.0)
+                k_offset = tl.load(ko_ptr + scale_base + cols, mask=col_ok, other=0.0)
+                k_scale = k_scale.to(tl.float32)
+                k_offset = k_offset.to(tl.float32)
             scores = ((k_scale * qk_scale)[None, :] * qk
                       + (k_offset * qk_scale)[None, :] * q_sum[:, None])  # fmt: skip
         elif n0 < quantized_end:
@@ -460,7 +462,7 @@ def _kv4_decode_kernel(
         v_lo, v_hi = _nibble_planes(
             tl.load(vc_ptr + code_offs, mask=col_ok[:, None], other=0), 0x6400, tl.float16, ASM
         )
-        if KEY_TOKENS == 0:
+        if SCALE_PREFETCH and KEY_TOKENS == 0:
             v_scale = vs_t.to(tl.float32)
             v_offset = vo_t.to(tl.float32)
         else:
