@@ -10,6 +10,9 @@ directly on the eager path).
     python benchmarks/probe_w4a8_swar.py --ms 64,128 --bms 64,128 --splits 1,2,4
     python benchmarks/probe_w4a8_swar.py --kernel mma --ms 1,16 --bks 64,128 --splits 1,4,16
         # the int8 lane-MMA kernel at small M, beside our W4A16 op
+    python benchmarks/probe_w4a8_swar.py --kernel int_mm --bns 64,128 --bks 128,256
+        # unpack to int8 + torch._int_mm (whole path: unpack, GEMM, rescale) beside the SWAR
+        # default config
 
 Session 16 ran this file with a `--family w4a16` mode that probed a W4A16 analogue (Marlin's
 two-codes-per-LOP3 unpacking into fp16 wgmma register operands, x in pair-plane order). It
@@ -43,6 +46,11 @@ def _ints(text: str) -> tuple[int, ...]:
 def swar_configs(m: int, k: int, args: argparse.Namespace) -> list[KernelConfig]:
     if args.kernel == "mma":
         return lane_configs(m, k, args)
+    if args.kernel == "int_mm":  # the unpack + cuBLASLt path beside the SWAR default
+        out = [KernelConfig("gemm_swar", 256 if m >= 256 else 128, 64, 128, 1, 4, 3)]
+        for bn, bk in itertools.product(_ints(args.bns), _ints(args.bks)):
+            out.append(KernelConfig("int_mm", 0, bn, bk, 1, 4, 1))
+        return [c for c in out if valid_config(c, 8, k, GROUP, "int8")]
     out = []
     for bm, bn, bk, pf, sk in itertools.product(
         _ints(args.bms), _ints(args.bns), _ints(args.bks), _ints(args.prefetch), _ints(args.splits)
@@ -52,7 +60,7 @@ def swar_configs(m: int, k: int, args: argparse.Namespace) -> list[KernelConfig]
         warps = 4 if bn < 128 else 8
         for stages in {3 if bk <= 128 else 2, *_ints(args.stages)}:
             cfg = KernelConfig("gemm_swar", bm, bn, bk, sk, warps, stages, pf)
-            if valid_config(cfg, k, GROUP, "int8"):
+            if valid_config(cfg, 8, k, GROUP, "int8")  # N only gates int_mm:
                 out.append(cfg)
     return out
 
@@ -63,7 +71,7 @@ def lane_configs(m: int, k: int, args: argparse.Namespace) -> list[KernelConfig]
     out = []
     for warps, bk, sk in itertools.product(_ints(args.warps), _ints(args.bks), _ints(args.splits)):
         cfg = KernelConfig("mma", rows, 32 * warps, bk, sk, warps, 1)
-        if rows <= 64 and valid_config(cfg, k, GROUP, "int8"):
+        if rows <= 64 and valid_config(cfg, 8, k, GROUP, "int8")  # N only gates int_mm:
             out.append(cfg)
     return out
 
@@ -123,14 +131,14 @@ def probe(args: argparse.Namespace, results: list, save, t_start: float) -> None
                     f"int_mm {row['int_mm_us']:.1f} w4a16 {row.get('w4a16_us', float('nan')):.1f}")  # fmt: skip
             if ok:
                 c = ok[0]["config"]
-                line += (f" | swar {ok[0]['us']:.1f} (bm{c['block_m']} bn{c['block_n']} "
+                line += (f" | {c['kernel']} {ok[0]['us']:.1f} (bm{c['block_m']} bn{c['block_n']} "
                          f"bk{c['block_k']} w{c['num_warps']} s{c['num_stages']} "
                          f"pf{int(c['prefetch'])}) = {row['cublas_us'] / ok[0]['us']:.2f}x cublas; "
                          f"all exact: {all(r['exact'] for r in ok)}")  # fmt: skip
             print(line, flush=True)
             for r in ok[1:4]:
                 c = r["config"]
-                print(f"    {r['us']:.1f} bm{c['block_m']} bn{c['block_n']} bk{c['block_k']} "
+                print(f"    {r['us']:.1f} {c['kernel']} bm{c['block_m']} bn{c['block_n']} bk{c['block_k']} "
                       f"s{c['num_stages']} pf{int(c['prefetch'])}", flush=True)  # fmt: skip
             errors = [r for r in row["pairs"] if "error" in r]
             if errors:
@@ -150,7 +158,7 @@ def main() -> None:
     ap.add_argument("--prefetch", default="0")
     ap.add_argument("--splits", default="1")
     ap.add_argument("--stages", default="3")
-    ap.add_argument("--kernel", default="gemm_swar", choices=("gemm_swar", "mma"))
+    ap.add_argument("--kernel", default="gemm_swar", choices=("gemm_swar", "mma", "int_mm"))
     ap.add_argument("--warps", default="2,4,8", help="mma: warps (32 columns each)")
     ap.add_argument("--budget", type=float, default=400.0, help="seconds; then stop probing")
     ap.add_argument("--out", type=Path, default=None)

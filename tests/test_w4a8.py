@@ -325,6 +325,7 @@ def test_default_config_is_exact(problem):
         (KernelConfig("gemm_swar", 64, 32, 128, 2, 4, 2, True), "int8"),  # row scales, split
         (KernelConfig("mma", 8, 32, 64, 1, 1, 1), "int8"),  # lane MMA, one B tile
         (KernelConfig("mma", 32, 64, 128, 2, 2, 1), "int8"),  # 4 B tiles, groups per step, split
+        (KernelConfig("int_mm", 0, 32, 128, 1, 4, 1), "int8"),  # unpack + torch._int_mm
     ],
     ids=lambda v: v if isinstance(v, str) else f"{v.kernel}-bk{v.block_k}-sk{v.split_k}",
 )
@@ -344,7 +345,7 @@ def test_each_kernel_kind_with_bias_through_the_eager_path(cfg, act_dtype, dtype
     x = (torch.randn(m, k, generator=gen) * 4).to(dtype)
     bias = torch.randn(n, generator=gen).to(dtype)
     problem = W4A8Problem(x, w, p, bias, dtype, act_dtype)
-    assert valid_config(cfg, k, 64, act_dtype)
+    assert valid_config(cfg, n, k, 64, act_dtype)
     out = torch.full((m, n), float("nan"), dtype=dtype, device=KERNEL_DEVICE)
     got = quantize_and_launch(cfg, *_on_device(x), *p.tensors(), *_on_device(bias), 64, act_dtype, out=out)  # fmt: skip
     assert_close_rel(got, problem.reference64(), dtype)
@@ -365,14 +366,17 @@ def test_configs_have_power_of_two_tiles_aligned_to_groups(m, n, k, g, act_dtype
     candidates = candidate_configs(m, n, k, g, act_dtype)
     assert candidates, "every shape the pass lets through needs a candidate"
     for cfg in [*candidates, default_config(m, n, k, g, act_dtype)]:
-        assert _pow2(cfg.block_m) and _pow2(cfg.block_n) and _pow2(cfg.block_k), cfg
+        assert cfg.kernel == "int_mm" or _pow2(cfg.block_m), cfg  # int_mm: no M tile
+        assert _pow2(cfg.block_n) and _pow2(cfg.block_k), cfg
         assert k % cfg.split_k == 0 and (k // cfg.split_k) % cfg.block_k == 0, cfg
         assert g % cfg.block_k == 0 or cfg.block_k % g == 0, cfg
-        assert cfg.block_k >= 32 and (cfg.kernel == "gemv" or min(cfg.block_m, cfg.block_n) >= 16)
+        assert cfg.block_k >= 32 and (
+            cfg.kernel in ("gemv", "int_mm") or min(cfg.block_m, cfg.block_n) >= 16
+        )
         if act_dtype != "int8":
             assert cfg.kernel in ("gemv", "gemm") and g % cfg.block_k == 0, cfg
         assert cfg.kernel != "gemv" or m <= 8
-    assert not valid_config(KernelConfig("gemm", 16, 48, 64), k, g, act_dtype)
+    assert not valid_config(KernelConfig("gemm", 16, 48, 64), n, k, g, act_dtype)
 
 
 def test_tune_key_has_its_own_family():
@@ -610,7 +614,7 @@ def test_swar_gemm_is_exact_on_the_accumulator(problem, data):
     g = problem.packed.group_size
     fits = [
         (bk, sk) for bk in (64, 128, 256) for sk in (1, 2)
-        if valid_config(KernelConfig("gemm_swar", 16, 16, bk, sk, 4, 2), k, g, "int8")
+        if valid_config(KernelConfig("gemm_swar", 16, 16, bk, sk, 4, 2), 64, k, g, "int8")
     ]  # fmt: skip
     assume(fits)  # K = 32: below the SWAR kernel's smallest BLOCK_K
     bk, split = data.draw(st.sampled_from(fits), label="block_k, split")
@@ -632,17 +636,50 @@ def test_lane_mma_is_exact_on_the_accumulator(problem, data):
     warps = data.draw(st.sampled_from([1, 2, 4]), label="warps")
     fits = [
         (bk, sk) for bk in (32, 64, 128) for sk in (1, 2)
-        if valid_config(KernelConfig("mma", rows, 32 * warps, bk, sk, warps, 1), k, g, "int8")
+        if valid_config(KernelConfig("mma", rows, 32 * warps, bk, sk, warps, 1), 64, k, g, "int8")
     ]  # fmt: skip
     assume(fits)
     bk, split = data.draw(st.sampled_from(fits), label="block_k, split")
     _check_config(problem, KernelConfig("mma", rows, 32 * warps, bk, split, warps, 1))
 
 
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(problem=w4a8_problems(device=KERNEL_DEVICE, max_m=40, act_dtypes=("int8",)), data=st.data())
+def test_int_mm_path_is_exact_on_the_accumulator(problem, data):
+    """Unpack to int8 [N, K] + torch._int_mm: any M (fewer than 17 rows are padded for
+    cuBLASLt), unpacking tiles at, above or below the group, partial N tiles."""
+    m, k = problem.x.shape
+    n, g = problem.packed.shape[0], problem.packed.group_size
+    fits = [
+        (bn, bk) for bn in (16, 32, 64) for bk in (32, 64, 128, 256)
+        if valid_config(KernelConfig("int_mm", 0, bn, bk, 1, 4, 1), n, k, g, "int8")
+    ]  # fmt: skip
+    assume(fits)  # N not a multiple of 8: cuBLASLt's int8 GEMM refuses it
+    bn, bk = data.draw(st.sampled_from(fits), label="block_n, block_k")
+    _check_config(problem, KernelConfig("int_mm", 0, bn, bk, 1, 4, 1))
+
+
+def test_int_mm_is_int8_only_and_needs_n_a_multiple_of_8():
+    cfg = KernelConfig("int_mm", 0, 64, 128, 1, 4, 1)
+    assert valid_config(cfg, 4096, 4096, 128, "int8")
+    assert not valid_config(cfg, 4100, 4096, 128, "int8")
+    assert not valid_config(cfg, 4096, 4096, 128, "float8_e4m3fn")
+    assert not valid_config(KernelConfig("int_mm", 0, 64, 128, 2, 4, 1), 4096, 4096, 128, "int8")
+    assert not valid_config(KernelConfig("int_mm", 0, 64, 96, 1, 4, 1), 4096, 4096, 32, "int8")
+    kinds = {c.kernel for c in candidate_configs(1024, 8192, 28672, 128, "int8")}
+    assert "int_mm" in kinds
+    assert "int_mm" not in {c.kernel for c in candidate_configs(1024, 8196, 28672, 128, "int8")}
+    assert "int_mm" not in {c.kernel for c in candidate_configs(64, 8192, 28672, 128, "int8")}
+    p = quantize_weight_w4a8(torch.randn(32, 128), Scheme(name="w4a8", group_size=64))
+    args = (torch.zeros(4, 128, dtype=torch.int8), torch.ones(4), *p.tensors(), None, 64)
+    with pytest.raises(ValueError, match="int_mm path takes int8 activations in natural k order"):
+        launch(cfg, *args, torch.float16, xq_even_odd=True)
+
+
 def test_lane_mma_refuses_more_rows_than_its_b_tiles_and_fp8():
-    assert not valid_config(KernelConfig("mma", 16, 128, 128, 1, 4, 1), 4096, 128, "float8_e4m3fn")
-    assert not valid_config(KernelConfig("mma", 16, 64, 128, 1, 4, 1), 4096, 128, "int8")  # 32/warp
-    assert not valid_config(KernelConfig("mma", 16, 128, 128, 1, 4, 1), 4096, 48, "int8")
+    assert not valid_config(KernelConfig("mma", 16, 128, 128, 1, 4, 1), 64, 4096, 128, "float8_e4m3fn")
+    assert not valid_config(KernelConfig("mma", 16, 64, 128, 1, 4, 1), 64, 4096, 128, "int8")  # 32/warp
+    assert not valid_config(KernelConfig("mma", 16, 128, 128, 1, 4, 1), 64, 4096, 48, "int8")
     p = quantize_weight_w4a8(torch.randn(32, 128), Scheme(name="w4a8", group_size=64))
     xq = torch.zeros(20, 128, dtype=torch.int8)
     with pytest.raises(ValueError, match="M=20 rows but BLOCK_M=16"):
@@ -679,6 +716,6 @@ def test_launch_refuses_an_xq_order_its_kernel_does_not_read():
 
 def test_swar_kernel_refuses_fp8_and_plane_major_activations():
     assert not valid_config(
-        KernelConfig("gemm_swar", 64, 64, 128, 1, 4, 2), 4096, 128, "float8_e4m3fn"
+        KernelConfig("gemm_swar", 64, 64, 128, 1, 4, 2), 64, 4096, 128, "float8_e4m3fn"
     )
-    assert not valid_config(KernelConfig("gemm_swar", 64, 64, 32, 1, 4, 2), 4096, 128, "int8")
+    assert not valid_config(KernelConfig("gemm_swar", 64, 64, 32, 1, 4, 2), 64, 4096, 128, "int8")

@@ -28,6 +28,12 @@ group_zeros [K/G, N] uint8, channel_scales [N] fp32). Kernels, top to bottom:
 * `_w4a8_mma_kernel` ("mma", M <= 64, int8 only): W4A16's lane kernel on int8, mma.sync
   m16n8k32 per lane through inline PTX with the SWAR-unpacked words as its A registers. Not
   a tuning candidate until it has been timed on a GPU.
+* `_w4a8_unpack_kernel` + `torch._int_mm` ("int_mm", M >= 128, int8 only): W4A16's
+  dequantize + cuBLAS on int8. The kernel writes the int8 weight (q - z) * s2 [N, K] once
+  (SWAR unpacking as above, K-contiguous: cuBLASLt's fast int8 "TN" layout), cuBLASLt's int8
+  GEMM gives the int32 accumulator, `_w4a8_splitk_epilogue_kernel` rescales it. The unpacking
+  is memory-bound (N*K/2 bytes read, N*K written: ~0.12 ms for 8192x28672 on an H100), so it
+  pays where the GEMM is long: the int8 ceiling is ~1.4x cuBLAS fp16 at M = 1024.
 * `_w4a8_gemv_kernel` ("gemv", M <= 8): CUDA cores, one program per (N tile, K split, row).
   Integer per group: sum_k (q - z) s2 x = s2 * sum_k q x - z s2 * sum_k x, so the inner loop
   is shift, and, multiply-add per weight. Memory-bound: floor =
@@ -440,6 +446,34 @@ def _w4a8_gemm_swar_kernel(
     )  # fmt: skip
 
 
+@triton.jit
+def _w4a8_unpack_kernel(
+    qw_ptr, s2_ptr, z_ptr, w8_ptr, N, K,
+    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ASM: tl.constexpr,
+):  # fmt: skip
+    # words of BLOCK_K k's x BLOCK_N columns -> w8 [N, K] int8, K-contiguous (the "int_mm"
+    # path's weight). Memory-bound: reads N*K/2 + 2*N*K/G bytes, writes N*K.
+    HALF: tl.constexpr = BLOCK_K // 2
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k0 = tl.program_id(1) * BLOCK_K
+    rc = tl.arange(0, HALF)
+    n_mask = rn < N
+    qw8 = qw_ptr.to(tl.pointer_type(tl.int8))  # element (n, 4r + b): byte b of word row r
+    codes = tl.load(
+        qw8 + (k0 // 8 + rc // 4)[None, :] * (4 * N) + 4 * rn[:, None] + (rc % 4)[None, :],
+        mask=n_mask[:, None],
+    )  # fmt: skip
+    s2, z = _swar_group_scales(s2_ptr, z_ptr, k0, rn, rc, n_mask, N, GROUP, BLOCK_K)
+    zs = (z.to(tl.int32) * s2.to(tl.int32)).to(tl.uint8)
+    if BLOCK_K <= GROUP:
+        s2 = tl.broadcast_to(s2[:, None], (BLOCK_N, HALF))
+        zs = tl.broadcast_to(zs[:, None], (BLOCK_N, HALF))
+    w_even, w_odd = _swar_planes(codes, s2, zs, ASM)  # (n, c): k = k0 + 2c and k0 + 2c + 1
+    w = tl.interleave(w_even, w_odd)  # (n, j): k = k0 + j
+    rk = k0 + tl.arange(0, BLOCK_K)
+    tl.store(w8_ptr + rn[:, None].to(tl.int64) * K + rk[None, :], w, mask=n_mask[:, None])
+
+
 # --------------------------------------------------------------------------- lane MMA (M <= 64)
 # W4A16's lane kernel (`lowering/w4a16.py`) on int8: mma.sync m16n8k32 (s8 x s8 -> s32) with
 # the weights as the A operand, issued per lane through inline PTX, the SWAR unpacking of the
@@ -663,16 +697,24 @@ def _pow2(v: int) -> bool:
 
 
 # Smallest BLOCK_K per kernel: 8-bit tl.dot needs K tiles >= 32; planes: 32 word rows per dot.
-_MIN_BLOCK_K = {"gemv": 32, "gemm": 32, "gemm_planes": 256, "gemm_swar": 64, "mma": 32}
+_MIN_BLOCK_K = {
+    "gemv": 32, "gemm": 32, "gemm_planes": 256, "gemm_swar": 64, "mma": 32, "int_mm": 32,
+}  # fmt: skip
 _LANE_ROWS = (8, 16, 32, 64)  # lane MMA: 1, 2, 4 or 8 B tiles of 8 rows
 
 
-def valid_config(cfg: KernelConfig, k: int, group: int, act_dtype: str) -> bool:
+def valid_config(cfg: KernelConfig, n: int, k: int, group: int, act_dtype: str) -> bool:
     """Power-of-two tiles (Triton needs them; the interpreter does not check, so this must),
     whole tiles per split, tiles aligned to groups; FP8 needs BLOCK_K <= group (one s2 per
-    tile) and has no planes kernel."""
+    tile) and has no planes kernel; cuBLASLt's int8 GEMM needs N a multiple of 8."""
     if cfg.kernel not in _MIN_BLOCK_K:
         return False
+    if cfg.kernel == "int_mm":  # the unpacking kernel's tiles; no M tile, no split
+        return (
+            act_dtype == "int8" and n % 8 == 0 and cfg.split_k == 1 and _pow2(cfg.block_n)
+            and _pow2(cfg.block_k) and cfg.block_k >= 32 and k % cfg.block_k == 0
+            and (group % cfg.block_k == 0 or cfg.block_k % group == 0)
+        )  # fmt: skip
     if cfg.kernel == "mma":  # 32 columns per warp, whole 32-k steps, one group per step
         return (
             act_dtype == "int8" and cfg.block_m in _LANE_ROWS and cfg.block_n == 32 * cfg.num_warps
@@ -752,7 +794,13 @@ def candidate_configs(m: int, n: int, k: int, group: int, act_dtype: str) -> lis
                 programs = triton.cdiv(n, bn) * triton.cdiv(mb, bm)
                 if bm <= mb and _useful_split(programs, sk):
                     out.append(KernelConfig("gemm_swar", bm, bn, 128, sk, warps, stages))
-    return [c for c in out if valid_config(c, k, group, act_dtype)]
+    if mb >= 128 and act_dtype == "int8":  # unpack to int8 once, then cuBLASLt
+        out += [KernelConfig("int_mm", 0, bn, bk, 1, 4, 1) for bn, bk in _UNPACK_TILES]
+    return [c for c in out if valid_config(c, n, k, group, act_dtype)]
+
+
+# The unpacking kernel's (BLOCK_N, BLOCK_K) candidates, 4 warps: 4-16 KiB of int8 out each.
+_UNPACK_TILES = ((64, 128), (128, 128), (64, 256))
 
 
 def default_config(m: int, n: int, k: int, group: int, act_dtype: str) -> KernelConfig:
@@ -766,7 +814,7 @@ def default_config(m: int, n: int, k: int, group: int, act_dtype: str) -> Kernel
         return KernelConfig("gemv", 1, 512, bk, sk, 4, 1)
     if mb >= 128 and act_dtype == "int8":
         swar = KernelConfig("gemm_swar", 256 if mb >= 256 else 128, 64, 128, 1, 4, 3)
-        if valid_config(swar, k, group, act_dtype):
+        if valid_config(swar, n, k, group, act_dtype):
             return swar
     bm = 16 if mb <= 16 else 32 if mb <= 32 else 64 if mb <= 64 else 128
     return KernelConfig("gemm", bm, 64 if mb <= 64 else 128, min(bk, 64), 1, 4, 3)
@@ -825,6 +873,14 @@ def launch(
         out = torch.empty((m, n), device=xq.device, dtype=out_dtype)
     elif not out.is_contiguous():  # the split-K epilogue writes out as flat [M * N] memory
         raise ValueError("launch: out must be contiguous")
+    if cfg.kernel == "int_mm":
+        if fp8 or xq_plane_major or xq_even_odd:
+            raise ValueError("launch: the int_mm path takes int8 activations in natural k order")
+        acc = _unpack_int_mm(cfg, xq, qweight, group_scales, group_zeros, group_size)
+        if accumulator:
+            return acc.to(torch.int64)
+        _rescale(acc, x_scale, channel_scales, bias, out, split=1)
+        return out
     split = cfg.split_k
     ws_dtype = torch.float32 if fp8 else torch.int32
     raw = accumulator or split > 1
@@ -883,12 +939,41 @@ def launch(
     if accumulator:
         return target.sum(dim=0)
     if split > 1:
-        block = 1024
-        _w4a8_splitk_epilogue_kernel[(triton.cdiv(m * n, block),)](
-            target, x_scale, channel_scales, bias_arg, out, m * n, n, split,
-            HAS_BIAS=bias is not None, BLOCK=block,
-        )  # fmt: skip
+        _rescale(target, x_scale, channel_scales, bias, out, split)
     return out
+
+
+def _rescale(acc, x_scale, channel_scales, bias, out, split: int) -> None:
+    """out [M, N] = (sum of the `split` accumulators [split, M, N]) * x_scale[m] * s1[n] + bias."""
+    m, n = out.shape
+    block = 1024
+    _w4a8_splitk_epilogue_kernel[(triton.cdiv(m * n, block),)](
+        acc, x_scale, channel_scales, bias if bias is not None else out, out, m * n, n, split,
+        HAS_BIAS=bias is not None, BLOCK=block,
+    )  # fmt: skip
+
+
+# cuBLASLt's int8 GEMM (torch._int_mm) takes M > 16 rows; fewer are padded with zero rows.
+_INT_MM_MIN_ROWS = 17
+
+
+def _unpack_int_mm(cfg, xq, qweight, group_scales, group_zeros, group_size) -> torch.Tensor:
+    """The "int_mm" path's accumulator [M, N] int32: the int8 weight [N, K] written once by
+    `_w4a8_unpack_kernel`, then torch._int_mm (cuBLASLt int8 x int8 -> int32)."""
+    m, k = xq.shape
+    n = qweight.shape[1]
+    w8 = torch.empty((n, k), device=xq.device, dtype=torch.int8)
+    _w4a8_unpack_kernel[(triton.cdiv(n, cfg.block_n), k // cfg.block_k)](
+        qweight, group_scales, group_zeros, w8, n, k,
+        GROUP=group_size, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, ASM=not _interpreting(),
+        num_warps=cfg.num_warps,
+    )  # fmt: skip
+    if m == 0:
+        return torch.zeros((0, n), device=xq.device, dtype=torch.int32)
+    rows = xq.contiguous()
+    if xq.is_cuda and m < _INT_MM_MIN_ROWS:
+        rows = torch.cat([rows, rows.new_zeros((_INT_MM_MIN_ROWS - m, k))])
+    return torch._int_mm(rows, w8.t())[:m]
 
 
 def tune_key(m: int, n: int, k: int, group_size: int, act_dtype: str, out_dtype) -> TuneKey:
@@ -904,7 +989,7 @@ def _tuned_config(m, n, k, group_size, act_dtype, out_dtype, device, bench) -> K
         lambda: candidate_configs(m, n, k, group_size, act_dtype),
         bench,
         lambda: default_config(m, n, k, group_size, act_dtype),
-        valid=lambda c: valid_config(c, k, group_size, act_dtype),
+        valid=lambda c: valid_config(c, n, k, group_size, act_dtype),
     )
 
 

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Seventeenth session, one device call per PART:
+#   intmm: the W4A8 "int_mm" path (unpack to int8 once + torch._int_mm) natively tested, then
+#          probed beside the SWAR default at the acceptance shapes (GEMM only), then the int8
+#          lane-MMA kernel's tests and probe beside W4A16 at M 1-64;
+#   bench: bench_w4a8 at the acceptance points with the defaults (QCOMPILE_AUTOTUNE=0);
+#   kv4pf: session16_gpu.sh's KV4 decode token-scale prefetch part;
+#   e2e:   session16_gpu.sh's e2e part (E2E_ARGS).
+set -o pipefail
+: "${OUT:?set OUT}"
+export PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || exit 1
+nvidia-smi --query-gpu=name,clocks.max.sm,clocks.max.mem --format=csv > "$OUT/env.txt"
+python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)" >> "$OUT/env.txt"
+case "${PART:?PART=intmm|bench|kv4pf|e2e}" in
+  intmm)
+    timeout 100 python3 -m pytest -q -p no:cacheprovider -rfE --tb=short tests/test_w4a8.py \
+      -k "int_mm or lane_mma or each_kernel_kind" 2>&1 | tail -8 | tee "$OUT/tests_intmm_lane.log"
+    (cd benchmarks && timeout "${PROBE_S:-170}" python3 probe_w4a8_swar.py --kernel int_mm \
+      --out "$OUT/probe_w4a8_int_mm.json" --ms 128,256,1024,4096 --bns 64,128 --bks 128,256 \
+      --budget 150) 2>&1 | tee "$OUT/probe_int_mm.log"
+    (cd benchmarks && timeout "${LANE_S:-200}" python3 probe_w4a8_swar.py --kernel mma \
+      --out "$OUT/probe_w4a8_lane.json" --ms 1,16,64 --warps 2,4 --bks 64,128 \
+      --splits 1,4,16 --budget 180) 2>&1 | tee "$OUT/probe_lane.log"
+    ;;
+  bench)
+    (cd benchmarks && QCOMPILE_AUTOTUNE=0 timeout "${BENCH8_S:-400}" python3 bench_w4a8.py --out "$OUT" \
+      --shapes 8192x28672,28672x4096 --ms "${BENCH8_MS:-1,16,256,1024}") 2>&1 | tail -30 | tee "$OUT/bench_w4a8.log"
+    ;;
+  kv4pf|e2e)
+    PART=$PART bash benchmarks/session16_gpu.sh
+    ;;
+esac
