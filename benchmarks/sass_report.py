@@ -93,7 +93,16 @@ def compile_w4a8_variant(
     kind: str, bm: int, bn: int, bk: int, warps: int, stages: int, fp8: bool = False,
     group: int = 128, prefetch: int = 0,
 ):  # fmt: skip
-    """A W4A8 GEMM kernel for sm_90 (contiguous xq, no bias, final output)."""
+    """A W4A8 GEMM kernel for sm_90 (contiguous xq, no bias, final output); kind "int_mm":
+    the int_mm path's unpacking kernel (BLOCK_N x BLOCK_K, bm and stages unused)."""
+    if kind == "int_mm":
+        fn = w4a8_kernels._w4a8_unpack_kernel
+        consts = {"GROUP": group, "BLOCK_N": bn, "BLOCK_K": bk, "ASM": True}
+        sig = {"qw_ptr": "*i32", "s2_ptr": "*u8", "z_ptr": "*u8", "w8_ptr": "*i8", "N": "i32",
+               "K": "i32", **dict.fromkeys(consts, "constexpr")}  # fmt: skip
+        attrs = {(i,): [["tt.divisibility", 16]] for i in range(6)}
+        src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
+        return triton.compile(src, target=TARGET, options={"num_warps": warps})
     sig = dict(W4A8_SIG)
     if fp8:
         sig["xq_ptr"] = "*fp8e4nv"

@@ -40,6 +40,8 @@ W4A8 = [  # kind, BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, fp8 activations, [pr
     ("mma", 16, 128, 128, 4, 1, False),  # inline PTX unpacking + mma.sync m16n8k32
     ("mma", 64, 64, 64, 2, 1, False),
     ("gemm_swar", 256, 64, 128, 4, 3, False, True),  # the group-scale prefetch
+    ("int_mm", 0, 64, 128, 4, 1, False),  # the int8 unpacking kernel (SWAR PTX, interleave)
+    ("int_mm", 0, 128, 256, 4, 1, False),  # two groups per tile (g128)
 ]
 KV4 = [  # kind, BLOCK_M, BLOCK_N, warps, stages, keys per channel over T tokens (0: per
     # token), query dtype (bf16 queries once hit a dot of mixed dtypes only a compile sees),

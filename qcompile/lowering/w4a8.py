@@ -446,32 +446,59 @@ def _w4a8_gemm_swar_kernel(
     )  # fmt: skip
 
 
+# The unpacking kernel's step: $2 a word (8 codes along k), $3 s2, $4 z * s2 in each byte ->
+# $0 / $1 the int8 weights of k = 0..3 / 4..7 in natural order (PRMT interleaves the even and
+# odd registers of `_swar_lines`).
+_UNPACK_WORD = tl.constexpr(
+    "{\n"
+    + "\n".join(
+        [".reg .b32 s, y, a, t, u, e, o;", "and.b32 s, $3, 0xFF;", "and.b32 y, $4, 0x7F7F7F7F;"]
+        + _swar_lines("$2", "s", "$4", "y", "e", "o")
+        + ["prmt.b32 $0, e, o, 0x5140;", "prmt.b32 $1, e, o, 0x7362;"]
+    )
+    + "\n}"
+)
+
+
+@triton.jit
+def _unpack_word(words, s2, zs, ASM: tl.constexpr):
+    """int32 words, s2 and z * s2 (int32, broadcast to the words' shape) -> two int32 words
+    holding (q - z) * s2 of k = 0..3 and 4..7, one int8 per byte, low byte first."""
+    if ASM:
+        return tl.inline_asm_elementwise(
+            _UNPACK_WORD, "=r,=r,r,r,r", [words, s2, zs * 0x01010101], dtype=(tl.int32, tl.int32),
+            is_pure=True, pack=1,
+        )  # fmt: skip
+    else:
+        lo = tl.zeros_like(words)
+        hi = tl.zeros_like(words)
+        for i in tl.static_range(4):
+            lo |= ((((words >> (4 * i)) & 0xF) * s2 - zs) & 0xFF) << (8 * i)
+            hi |= ((((words >> (4 * i + 16)) & 0xF) * s2 - zs) & 0xFF) << (8 * i)
+        return lo, hi
+
+
 @triton.jit
 def _w4a8_unpack_kernel(
     qw_ptr, s2_ptr, z_ptr, w8_ptr, N, K,
     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ASM: tl.constexpr,
 ):  # fmt: skip
-    # words of BLOCK_K k's x BLOCK_N columns -> w8 [N, K] int8, K-contiguous (the "int_mm"
-    # path's weight). Memory-bound: reads N*K/2 + 2*N*K/G bytes, writes N*K.
-    HALF: tl.constexpr = BLOCK_K // 2
+    # words [BLOCK_K / 8, BLOCK_N] (N-contiguous, coalesced) -> w8 [N, K] int8, K-contiguous
+    # (the "int_mm" path's weight). Memory-bound: reads N*K/2 + 2*N*K/G bytes, writes N*K.
+    ROWS: tl.constexpr = BLOCK_K // 8
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     k0 = tl.program_id(1) * BLOCK_K
-    rc = tl.arange(0, HALF)
+    rr = tl.arange(0, ROWS)
     n_mask = rn < N
-    qw8 = qw_ptr.to(tl.pointer_type(tl.int8))  # element (n, 4r + b): byte b of word row r
-    codes = tl.load(
-        qw8 + (k0 // 8 + rc // 4)[None, :] * (4 * N) + 4 * rn[:, None] + (rc % 4)[None, :],
-        mask=n_mask[:, None],
-    )  # fmt: skip
-    s2, z = _swar_group_scales(s2_ptr, z_ptr, k0, rn, rc, n_mask, N, GROUP, BLOCK_K)
-    zs = (z.to(tl.int32) * s2.to(tl.int32)).to(tl.uint8)
-    if BLOCK_K <= GROUP:
-        s2 = tl.broadcast_to(s2[:, None], (BLOCK_N, HALF))
-        zs = tl.broadcast_to(zs[:, None], (BLOCK_N, HALF))
-    w_even, w_odd = _swar_planes(codes, s2, zs, ASM)  # (n, c): k = k0 + 2c and k0 + 2c + 1
-    w = tl.interleave(w_even, w_odd)  # (n, j): k = k0 + j
-    rk = k0 + tl.arange(0, BLOCK_K)
-    tl.store(w8_ptr + rn[:, None].to(tl.int64) * K + rk[None, :], w, mask=n_mask[:, None])
+    words = tl.load(qw_ptr + (k0 // 8 + rr)[:, None] * N + rn[None, :], mask=n_mask[None, :])
+    g = ((k0 + 8 * rr) // GROUP)[:, None] * N + rn[None, :]
+    s2 = tl.load(s2_ptr + g, mask=n_mask[None, :], other=0).to(tl.int32)
+    z = tl.load(z_ptr + g, mask=n_mask[None, :], other=0).to(tl.int32)
+    lo, hi = _unpack_word(words, s2, z * s2, ASM)
+    w = tl.reshape(tl.permute(tl.join(lo, hi), (1, 0, 2)), (BLOCK_N, 2 * ROWS))  # (n, k / 4)
+    w8_words = w8_ptr.to(tl.pointer_type(tl.int32))
+    rw = k0 // 4 + tl.arange(0, 2 * ROWS)
+    tl.store(w8_words + rn[:, None].to(tl.int64) * (K // 4) + rw[None, :], w, mask=n_mask[:, None])
 
 
 # --------------------------------------------------------------------------- lane MMA (M <= 64)
