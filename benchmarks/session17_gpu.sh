@@ -12,7 +12,7 @@ export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || exit 1
 nvidia-smi --query-gpu=name,clocks.max.sm,clocks.max.mem --format=csv > "$OUT/env.txt"
 python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)" >> "$OUT/env.txt"
-case "${PART:?PART=intmm|bench|kv4pf|e2e}" in
+case "${PART:?PART=all|intmm|bench|kv4pf|e2e}" in
   intmm)
     timeout 100 python3 -m pytest -q -p no:cacheprovider -rfE --tb=short tests/test_w4a8.py \
       -k "int_mm or lane_mma or each_kernel_kind" 2>&1 | tail -8 | tee "$OUT/tests_intmm_lane.log"
@@ -22,6 +22,18 @@ case "${PART:?PART=intmm|bench|kv4pf|e2e}" in
     (cd benchmarks && timeout "${LANE_S:-200}" python3 probe_w4a8_swar.py --kernel mma \
       --out "$OUT/probe_w4a8_lane.json" --ms 1,16,64 --warps 2,4 --bks 64,128 \
       --splits 1,4,16 --budget 180) 2>&1 | tee "$OUT/probe_lane.log"
+    ;;
+  all)  # one call when machines are scarce: intmm with tighter budgets, then the KV4 prefetch
+    timeout 80 python3 -m pytest -q -p no:cacheprovider -rfE --tb=short tests/test_w4a8.py \
+      -k "int_mm or lane_mma or each_kernel_kind" 2>&1 | tail -8 | tee "$OUT/tests_intmm_lane.log"
+    (cd benchmarks && timeout 150 python3 probe_w4a8_swar.py --kernel int_mm \
+      --out "$OUT/probe_w4a8_int_mm.json" --ms 256,1024,128,4096 --bns 64,128 --bks 128,256 \
+      --budget 130) 2>&1 | tee "$OUT/probe_int_mm.log"
+    (cd benchmarks && timeout 140 python3 probe_w4a8_swar.py --kernel mma \
+      --out "$OUT/probe_w4a8_lane.json" --ms 1,16,64 --warps 2,4 --bks 128 \
+      --splits 1,4,16 --budget 120) 2>&1 | tee "$OUT/probe_lane.log"
+    (cd benchmarks && timeout 130 python3 probe_kv4_decode.py --prefetch 0,1 --splits 4,16,64 \
+      --shapes 16x32768,1x32768 --out "$OUT/probe_kv4_pf.json") 2>&1 | tee "$OUT/probe_kv4_pf.log"
     ;;
   bench)
     (cd benchmarks && QCOMPILE_AUTOTUNE=0 timeout "${BENCH8_S:-400}" python3 bench_w4a8.py --out "$OUT" \
