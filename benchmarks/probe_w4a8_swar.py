@@ -60,7 +60,7 @@ def swar_configs(m: int, k: int, args: argparse.Namespace) -> list[KernelConfig]
         warps = 4 if bn < 128 else 8
         for stages in {3 if bk <= 128 else 2, *_ints(args.stages)}:
             cfg = KernelConfig("gemm_swar", bm, bn, bk, sk, warps, stages, pf)
-            if valid_config(cfg, 8, k, GROUP, "int8")  # N only gates int_mm:
+            if valid_config(cfg, 8, k, GROUP, "int8"):  # N only gates int_mm
                 out.append(cfg)
     return out
 
@@ -71,7 +71,7 @@ def lane_configs(m: int, k: int, args: argparse.Namespace) -> list[KernelConfig]
     out = []
     for warps, bk, sk in itertools.product(_ints(args.warps), _ints(args.bks), _ints(args.splits)):
         cfg = KernelConfig("mma", rows, 32 * warps, bk, sk, warps, 1)
-        if rows <= 64 and valid_config(cfg, 8, k, GROUP, "int8")  # N only gates int_mm:
+        if rows <= 64 and valid_config(cfg, 8, k, GROUP, "int8"):  # N only gates int_mm
             out.append(cfg)
     return out
 

@@ -677,8 +677,12 @@ def test_int_mm_is_int8_only_and_needs_n_a_multiple_of_8():
 
 
 def test_lane_mma_refuses_more_rows_than_its_b_tiles_and_fp8():
-    assert not valid_config(KernelConfig("mma", 16, 128, 128, 1, 4, 1), 64, 4096, 128, "float8_e4m3fn")
-    assert not valid_config(KernelConfig("mma", 16, 64, 128, 1, 4, 1), 64, 4096, 128, "int8")  # 32/warp
+    assert not valid_config(
+        KernelConfig("mma", 16, 128, 128, 1, 4, 1), 64, 4096, 128, "float8_e4m3fn"
+    )
+    assert not valid_config(
+        KernelConfig("mma", 16, 64, 128, 1, 4, 1), 64, 4096, 128, "int8"
+    )  # 32/warp
     assert not valid_config(KernelConfig("mma", 16, 128, 128, 1, 4, 1), 64, 4096, 48, "int8")
     p = quantize_weight_w4a8(torch.randn(32, 128), Scheme(name="w4a8", group_size=64))
     xq = torch.zeros(20, 128, dtype=torch.int8)
