@@ -17,7 +17,7 @@ case "${PART:?PART=all|intmm|bench|kv4pf|e2e}" in
     timeout 100 python3 -m pytest -q -p no:cacheprovider -rfE --tb=short tests/test_w4a8.py \
       -k "int_mm or lane_mma or each_kernel_kind" 2>&1 | tail -8 | tee "$OUT/tests_intmm_lane.log"
     (cd benchmarks && timeout "${PROBE_S:-170}" python3 probe_w4a8_swar.py --kernel int_mm \
-      --out "$OUT/probe_w4a8_int_mm.json" --ms 128,256,1024,4096 --bns 64,128 --bks 128,256 \
+      --out "$OUT/probe_w4a8_int_mm.json" --ms 128,256,1024 --bns 64,128 --bks 128,256 \
       --budget 150) 2>&1 | tee "$OUT/probe_int_mm.log"
     (cd benchmarks && timeout "${LANE_S:-200}" python3 probe_w4a8_swar.py --kernel mma \
       --out "$OUT/probe_w4a8_lane.json" --ms 1,16,64 --warps 2,4 --bks 64,128 \
@@ -27,7 +27,7 @@ case "${PART:?PART=all|intmm|bench|kv4pf|e2e}" in
     timeout 80 python3 -m pytest -q -p no:cacheprovider -rfE --tb=short tests/test_w4a8.py \
       -k "int_mm or lane_mma or each_kernel_kind" 2>&1 | tail -8 | tee "$OUT/tests_intmm_lane.log"
     (cd benchmarks && timeout 150 python3 probe_w4a8_swar.py --kernel int_mm \
-      --out "$OUT/probe_w4a8_int_mm.json" --ms 256,1024,128,4096 --bns 64,128 --bks 128,256 \
+      --out "$OUT/probe_w4a8_int_mm.json" --ms 256,1024,128 --bns 64,128 --bks 128,256 \
       --budget 130) 2>&1 | tee "$OUT/probe_int_mm.log"
     (cd benchmarks && timeout 140 python3 probe_w4a8_swar.py --kernel mma \
       --out "$OUT/probe_w4a8_lane.json" --ms 1,16,64 --warps 2,4 --bks 128 \
