@@ -28,10 +28,11 @@ group_zeros [K/G, N] uint8, channel_scales [N] fp32). Kernels, top to bottom:
 * `_w4a8_mma_kernel` ("mma", M <= 64, int8 only): W4A16's lane kernel on int8, mma.sync
   m16n8k32 per lane through inline PTX with the SWAR-unpacked words as its A registers. Not
   a tuning candidate until it has been timed on a GPU.
-* `_w4a8_unpack_kernel` + `torch._int_mm` ("int_mm", M >= 128, int8 only): W4A16's
-  dequantize + cuBLAS on int8. The kernel writes the int8 weight (q - z) * s2 [N, K] once
-  (SWAR unpacking as above, K-contiguous: cuBLASLt's fast int8 "TN" layout), cuBLASLt's int8
-  GEMM gives the int32 accumulator, `_w4a8_splitk_epilogue_kernel` rescales it. The unpacking
+* `_w4a8_unpack_kernel` + `torch._int_mm` ("int_mm", large M, int8 only; untimed, so not
+  yet a tuning candidate): W4A16's dequantize + cuBLAS on int8. The kernel writes the int8
+  weight (q - z) * s2 [N, K] once (SWAR unpacking as above, K-contiguous: cuBLASLt's fast
+  int8 "TN" layout), cuBLASLt's int8 GEMM gives the int32 accumulator,
+  `_w4a8_splitk_epilogue_kernel` rescales it. The unpacking
   is memory-bound (N*K/2 bytes read, N*K written: ~0.12 ms for 8192x28672 on an H100), so it
   pays where the GEMM is long: the int8 ceiling is ~1.4x cuBLAS fp16 at M = 1024.
 * `_w4a8_gemv_kernel` ("gemv", M <= 8): CUDA cores, one program per (N tile, K split, row).
@@ -821,13 +822,8 @@ def candidate_configs(m: int, n: int, k: int, group: int, act_dtype: str) -> lis
                 programs = triton.cdiv(n, bn) * triton.cdiv(mb, bm)
                 if bm <= mb and _useful_split(programs, sk):
                     out.append(KernelConfig("gemm_swar", bm, bn, 128, sk, warps, stages))
-    if mb >= 128 and act_dtype == "int8":  # unpack to int8 once, then cuBLASLt
-        out += [KernelConfig("int_mm", 0, bn, bk, 1, 4, 1) for bn, bk in _UNPACK_TILES]
+    # "int_mm" (unpack to int8 once, then cuBLASLt) joins these once it has run on a GPU.
     return [c for c in out if valid_config(c, n, k, group, act_dtype)]
-
-
-# The unpacking kernel's (BLOCK_N, BLOCK_K) candidates, 4 warps: 4-16 KiB of int8 out each.
-_UNPACK_TILES = ((64, 128), (128, 128), (64, 256))
 
 
 def default_config(m: int, n: int, k: int, group: int, act_dtype: str) -> KernelConfig:
