@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from bench_w4a16 import MS, SHAPES, copies, hbm_bandwidth, time_graph
 from weights import random_packed, random_w4a8
 
-from qcompile.lowering.autotune import autotuner
+from qcompile.lowering.autotune import KernelConfig, autotuner
 
 GROUP = 128
 # The acceptance: these shapes (N x K) >= 1.3x cuBLAS fp16 at these M; W4A8 no slower
@@ -203,12 +203,21 @@ def main() -> None:
         "--retune", action="store_true",
         help="tune every shape afresh (ignore the shipped configs and the user cache)",
     )  # fmt: skip
+    ap.add_argument(
+        "--int8-config", default="",
+        help="kernel,block_m,block_n,block_k,split_k,warps,stages: the int8 W4A8 config at "
+        "M >= 128 instead of the tuned or default one (in memory only), e.g. int_mm,0,128,128,1,4,1",
+    )  # fmt: skip
     args = ap.parse_args()
     import triton
 
     if args.retune:
         autotuner(0).shipped = {}
         autotuner(0).user = {}
+    forced = None
+    if args.int8_config:
+        kind, *ints = args.int8_config.split(",")
+        forced = KernelConfig(kind, *map(int, ints))
     args.out.mkdir(parents=True, exist_ok=True)
     props = torch.cuda.get_device_properties(0)
     bw = hbm_bandwidth()
@@ -221,8 +230,16 @@ def main() -> None:
     print(meta, flush=True)
     rows: list[dict] = []
     ms = [int(m) for m in args.ms.split(",")]
+    if forced is not None:
+        meta["int8_config_forced_at_m_ge_128"] = asdict(forced)
     for spec in args.shapes.split(","):
         n, k = map(int, spec.split("x"))
+        if forced is not None:
+            from qcompile.lowering.w4a8 import tune_key
+
+            for m in ms:
+                if m >= 128:
+                    autotuner(0).user[tune_key(m, n, k, GROUP, "int8", torch.float16)] = forced
         rows += bench_shape(n, k, ms, props.L2_cache_size, bw, ops)
         torch.cuda.empty_cache()
         (args.out / "w4a8.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
