@@ -23,16 +23,18 @@ case "${PART:?PART=all|intmm|bench|kv4pf|e2e}" in
       --out "$OUT/probe_w4a8_lane.json" --ms 1,16,64 --warps 2,4 --bks 64,128 \
       --splits 1,4,16 --budget 180) 2>&1 | tee "$OUT/probe_lane.log"
     ;;
-  all)  # one call when machines are scarce: intmm with tighter budgets and bench_w4a8 with
-    # the int_mm config forced at large M (the acceptance table), then the lane probe
-    timeout 60 python3 -m pytest -q -p no:cacheprovider -rfE --tb=short tests/test_w4a8.py \
-      -k "int_mm or lane_mma or each_kernel_kind" 2>&1 | tail -8 | tee "$OUT/tests_intmm_lane.log"
+  all)  # one call when machines are scarce, most valuable first (a cut run still returns
+    # what it wrote): the int_mm probe (each config's accumulator checked exactly, beside the
+    # SWAR default), bench_w4a8 with the int_mm config forced at large M (the acceptance
+    # table), the kernel tests natively, then the lane probe
     (cd benchmarks && timeout 100 python3 probe_w4a8_swar.py --kernel int_mm \
       --out "$OUT/probe_w4a8_int_mm.json" --ms 256,1024 --bns 64,128 --bks 128,256 \
       --budget 80) 2>&1 | tee "$OUT/probe_int_mm.log"
     (cd benchmarks && QCOMPILE_AUTOTUNE=0 timeout 150 python3 bench_w4a8.py --out "$OUT" \
       --shapes 8192x28672,28672x4096 --ms 256,1024 --int8-config "${INT8_CONFIG:-int_mm,0,128,128,1,4,1}") \
       2>&1 | tail -30 | tee "$OUT/bench_w4a8_int_mm.log"
+    timeout 60 python3 -m pytest -q -p no:cacheprovider -rfE --tb=short tests/test_w4a8.py \
+      -k "int_mm or lane_mma or each_kernel_kind" 2>&1 | tail -8 | tee "$OUT/tests_intmm_lane.log"
     (cd benchmarks && timeout "${LANE_S:-80}" python3 probe_w4a8_swar.py --kernel mma \
       --out "$OUT/probe_w4a8_lane.json" --ms 1,16 --warps 2,4 --bks 128 \
       --splits 1,4,16 --budget 60) 2>&1 | tee "$OUT/probe_lane.log"
