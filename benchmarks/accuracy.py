@@ -145,6 +145,25 @@ ROWS = [  # (label, scheme, method, note); None = the fp32 model
     ),
     ("W4A8 g64 fp8 e4m3", Scheme(name="w4a8", group_size=64, act_dtype="float8_e4m3fn"), "rtn", ""),
     (
+        "W4A8 g32 int8",
+        Scheme(name="w4a8", group_size=32),
+        "rtn",
+        "QoQ weights at the model's own group size (its GGUF Q4_1 grid is g32, float scale and "
+        "minimum; QoQ's is integer s2 and z under a per-channel s1)",
+    ),
+    (
+        "W4A8 g32 int8, SmoothQuant alpha=0.5",
+        Scheme(name="w4a8", group_size=32),
+        "smooth0.5",
+        "",
+    ),
+    (
+        "W4A8 g32 int8, AWQ + GPTQ act-order, block-sequential, clip search",
+        Scheme(name="w4a8", group_size=32),
+        "gptq-seq-act-clip-awq",
+        "as the g64 row",
+    ),
+    (
         "W4A8 g64 weights only (fp32 activations)",
         Scheme(name="w4a8", group_size=64),
         "weights-only",
