@@ -270,6 +270,11 @@ def test_scale_prefetch_is_the_one_group_kernels_only():
     assert valid_config(KernelConfig("decode", 16, 64, 0, 2, 4, 2, True), 4)
     assert not valid_config(KernelConfig("decode_grouped", 16, 64, 0, 2, 4, 2, True), 4, 2)
     assert not valid_config(KernelConfig("decode", 16, 64, 0, 2, 4, 2, 2), 4)
+    # a tuning candidate (the one-warp BLOCK_N 64 tiles) for per-token keys only
+    tuned = candidate_configs(16, 8, 1, 4, 32768, 1)
+    assert {(c.block_n, c.num_warps) for c in tuned if c.prefetch} == {(64, 1)}
+    assert not any(c.prefetch for c in candidate_configs(16, 8, 1, 4, 32768, 1, key_tokens=64))
+    assert not any(c.prefetch for c in candidate_configs(16, 8, 1, 4, 32768, 4))
 
 
 def test_decode_kernel_refuses_a_grouped_cache():

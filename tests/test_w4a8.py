@@ -371,8 +371,9 @@ def test_configs_have_power_of_two_tiles_aligned_to_groups(m, n, k, g, act_dtype
         assert k % cfg.split_k == 0 and (k // cfg.split_k) % cfg.block_k == 0, cfg
         assert g % cfg.block_k == 0 or cfg.block_k % g == 0, cfg
         assert cfg.block_k >= 32 and (
-            cfg.kernel in ("gemv", "int_mm") or min(cfg.block_m, cfg.block_n) >= 16
+            cfg.kernel in ("gemv", "int_mm", "mma") or min(cfg.block_m, cfg.block_n) >= 16
         )
+        assert cfg.kernel != "mma" or m <= cfg.block_m and cfg.block_n == 32 * cfg.num_warps
         if act_dtype != "int8":
             assert cfg.kernel in ("gemv", "gemm") and g % cfg.block_k == 0, cfg
         assert cfg.kernel != "gemv" or m <= 8
@@ -672,6 +673,20 @@ def test_int_mm_is_int8_only_and_needs_n_a_multiple_of_8():
         launch(cfg, *args, torch.float16, xq_even_odd=True)
 
 
+@pytest.mark.parametrize(
+    ("m", "n", "k", "split"), [(1, 8192, 28672, 16), (16, 8192, 28672, 16), (16, 28672, 4096, 4)]
+)
+def test_lane_mma_is_the_small_m_default_with_the_measured_splits(m, n, k, split):
+    """The H100's leaders (`results/session17/probe_w4a8_lane.json`)."""
+    cfg = default_config(m, n, k, 128, "int8")
+    assert (cfg.kernel, cfg.block_m, cfg.block_n, cfg.block_k, cfg.split_k) == (
+        "mma", max(8, m), 128, 128, split,
+    )  # fmt: skip
+    assert default_config(m, n, k, 128, "float8_e4m3fn").kernel != "mma"
+    assert "mma" in {c.kernel for c in candidate_configs(64, n, k, 128, "int8")}
+    assert "mma" not in {c.kernel for c in candidate_configs(128, n, k, 128, "int8")}
+
+
 def test_lane_mma_refuses_more_rows_than_its_b_tiles_and_fp8():
     assert not valid_config(
         KernelConfig("mma", 16, 128, 128, 1, 4, 1), 64, 4096, 128, "float8_e4m3fn"
@@ -691,10 +706,12 @@ def test_lane_mma_refuses_more_rows_than_its_b_tiles_and_fp8():
 
 def test_swar_is_the_default_and_a_candidate_at_large_m_for_int8_only():
     for m in (128, 256, 1024):
-        assert default_config(m, 8192, 28672, 128, "int8").kernel == "gemm_swar"
+        expected = "int_mm" if m >= 1024 else "gemm_swar"
+        assert default_config(m, 8192, 28672, 128, "int8").kernel == expected
         assert default_config(m, 8192, 28672, 128, "float8_e4m3fn").kernel == "gemm"
         kinds = {c.kernel for c in candidate_configs(m, 8192, 28672, 128, "int8")}
-        assert "gemm_swar" in kinds
+        assert {"gemm_swar", "int_mm"} <= kinds
+        assert "int_mm" not in {c.kernel for c in candidate_configs(m, 8196, 28672, 128, "int8")}
     assert default_config(64, 8192, 28672, 128, "int8").kernel != "gemm_swar"
     # the natural-order GEMM, dominated there by both, is no longer tuned at large M for int8
     assert "gemm" not in {c.kernel for c in candidate_configs(256, 8192, 28672, 128, "int8")}

@@ -721,6 +721,10 @@ def candidate_configs(
             for bn, warps, stages in _DECODE_TILES[decode_kind(groups)]:
                 bn = min(bn, cap)
                 out.append(KernelConfig(decode_kind(groups), bm, bn, 0, split, warps, stages))
+                if (bn, warps) == (64, 1) and groups == 1 and not key_tokens:
+                    # the token-scale prefetch: B=16, S=32k on the H100 (bf16), 304.7 -> 277.6
+                    # us at its best split (`results/session17/probe_kv4_pf.log`)
+                    out.append(KernelConfig("decode", bm, bn, 0, split, warps, stages, True))
     if sq > 1:
         for bm, bn, warps, stages in _PREFILL_TILES[prefill_kind(groups)]:
             out.append(KernelConfig(prefill_kind(groups), bm, min(bn, cap), 0, 1, warps, stages))

@@ -26,10 +26,10 @@ group_zeros [K/G, N] uint8, channel_scales [N] fp32). Kernels, top to bottom:
   above), which wgmma takes from registers as W. xq even/odd per BLOCK_K chunk (`to_even_odd`;
   the quantize kernel writes it so directly). The large-M default for int8.
 * `_w4a8_mma_kernel` ("mma", M <= 64, int8 only): W4A16's lane kernel on int8, mma.sync
-  m16n8k32 per lane through inline PTX with the SWAR-unpacked words as its A registers. Not
-  a tuning candidate until it has been timed on a GPU.
-* `_w4a8_unpack_kernel` + `torch._int_mm` ("int_mm", large M, int8 only; untimed, so not
-  yet a tuning candidate): W4A16's dequantize + cuBLAS on int8. The kernel writes the int8
+  m16n8k32 per lane through inline PTX with the SWAR-unpacked words as its A registers. The
+  default at M <= 16 and a candidate up to 64.
+* `_w4a8_unpack_kernel` + `torch._int_mm` ("int_mm", M >= 128 candidate, the default from
+  M = 1024, int8 only): W4A16's dequantize + cuBLAS on int8. The kernel writes the int8
   weight (q - z) * s2 [N, K] once (SWAR unpacking as above, K-contiguous: cuBLASLt's fast
   int8 "TN" layout), cuBLASLt's int8 GEMM gives the int32 accumulator,
   `_w4a8_splitk_epilogue_kernel` rescales it. The unpacking
@@ -45,6 +45,8 @@ applies the rescale (exact integer sums: deterministic, no atomics).
 """
 
 from __future__ import annotations
+
+import itertools
 
 import torch
 import triton
@@ -822,8 +824,34 @@ def candidate_configs(m: int, n: int, k: int, group: int, act_dtype: str) -> lis
                 programs = triton.cdiv(n, bn) * triton.cdiv(mb, bm)
                 if bm <= mb and _useful_split(programs, sk):
                     out.append(KernelConfig("gemm_swar", bm, bn, 128, sk, warps, stages))
-    # "int_mm" (unpack to int8 once, then cuBLASLt) joins these once it has run on a GPU.
+    if mb >= 128 and act_dtype == "int8":
+        # unpack to int8 once, then cuBLASLt: on the H100 it beat SWAR by 1.38-1.40x on
+        # 8192x28672 (M = 256, 1024) and 1.09x on 28672x4096 at M = 1024, and lost there at
+        # M = 256 (166.4 against 130.8 us; `results/session17/probe_w4a8_int_mm.json`)
+        out += [KernelConfig("int_mm", 0, bn, bk, 1, 4, 1) for bn, bk in _UNPACK_TILES]
+    if mb <= 64 and act_dtype == "int8":  # lane MMA, 32 columns per warp
+        rows = max(8, mb)
+        for warps, bk, sk in itertools.product((2, 4), (64, 128), (1, 2, 4, 8, 16)):
+            if _useful_split(triton.cdiv(n, 32 * warps), sk):
+                out.append(KernelConfig("mma", rows, 32 * warps, bk, sk, warps, 1))
     return [c for c in out if valid_config(c, n, k, group, act_dtype)]
+
+
+# The unpacking kernel's (BLOCK_N, BLOCK_K), 4 warps: within 4% of each other on the H100,
+# (64, 256) first on all four points it won.
+_UNPACK_TILES = ((64, 256), (128, 128), (128, 256), (64, 128))
+
+
+def _lane_default(mb: int, n: int, k: int, group: int) -> KernelConfig | None:
+    """The lane-MMA kernel at M <= 16: 4 warps, BLOCK_K 128, K split until ~1024 programs (the
+    H100's leaders: split 16 on 8192x28672, 4 on 28672x4096); None where it does not fit."""
+    programs = triton.cdiv(n, 128)
+    for bk in (128, 64, 32):
+        for split in (16, 8, 4, 2, 1):
+            cfg = KernelConfig("mma", max(8, mb), 128, bk, split, 4, 1)
+            if programs * split <= 1024 and valid_config(cfg, n, k, group, "int8"):
+                return cfg
+    return None
 
 
 def default_config(m: int, n: int, k: int, group: int, act_dtype: str) -> KernelConfig:
@@ -831,6 +859,16 @@ def default_config(m: int, n: int, k: int, group: int, act_dtype: str) -> Kernel
     the pass lets through (K a multiple of 32 and of the group)."""
     mb = m_bucket(m)
     bk = next(b for b in (128, 64, 32) if k % b == 0 and group % b == 0)
+    if mb <= 16 and act_dtype == "int8":
+        # the lane kernel: 58.0 / 68.0 us at M = 1 / 16 on 8192x28672 (H100), where the GEMV
+        # and GEMM took 72.3 / 131.1 (whole op, fourth session); 33.6 / 41.7 on 28672x4096
+        lane = _lane_default(mb, n, k, group)
+        if lane is not None:
+            return lane
+    if mb >= 1024 and act_dtype == "int8":
+        unpack = KernelConfig("int_mm", 0, 64, 256 if k % 256 == 0 else 128, 1, 4, 1)
+        if valid_config(unpack, n, k, group, act_dtype):
+            return unpack
     if mb <= 4:
         bk = min(bk, 64)
         sk = next(s for s in (8, 4, 2, 1) if (k // s) % bk == 0) if n <= 8192 else 1
