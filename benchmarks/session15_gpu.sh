@@ -4,12 +4,7 @@
 # CLI (Llama-3-8B shapes, random weights). Logs land in $OUT.
 #   PART=tests|e2e|both (default both); TEST_S: per test group (s); E2E_ARGS: bench flags;
 #   GPU_K: a `pytest -k` selection of tests/test_gpu.py run first (e.g. "split_k_first").
-set -o pipefail
-: "${OUT:?set OUT}"
-export PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || exit 1
-nvidia-smi --query-gpu=name,clocks.max.sm,clocks.max.mem --format=csv > "$OUT/env.txt"
-python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)" >> "$OUT/env.txt"
+source benchmarks/gpu_setup.sh
 if [ -n "${GPU_K:-}" ]; then
   timeout 150 python3 -m pytest -q -p no:cacheprovider -rfE tests/test_gpu.py -k "$GPU_K" \
     2>&1 | tail -8 | tee "$OUT/tests_selected.log"

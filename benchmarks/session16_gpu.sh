@@ -9,12 +9,7 @@
 #   kv4pf: the KV4 decode kernel's token-scale prefetch, its tests and probe;
 #   e2e:   the split-K warm-up test, then `qcompile bench --model` (E2E_ARGS);
 #   tests: gpu test groups (ONLY, TEST_S) via gpu_tests.sh.
-set -o pipefail
-: "${OUT:?set OUT}"
-export PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || exit 1
-nvidia-smi --query-gpu=name,clocks.max.sm,clocks.max.mem --format=csv > "$OUT/env.txt"
-python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)" >> "$OUT/env.txt"
+source benchmarks/gpu_setup.sh
 case "${PART:?PART=w4a8|lane|kv4pf|e2e|tests}" in
   w4a8)
     timeout 120 python3 -m pytest -q -p no:cacheprovider -rfE --tb=short tests/test_w4a8.py \

@@ -6,12 +6,7 @@
 #   bench: bench_w4a8 at the acceptance points with the defaults (QCOMPILE_AUTOTUNE=0);
 #   kv4pf: session16_gpu.sh's KV4 decode token-scale prefetch part;
 #   e2e:   session16_gpu.sh's e2e part (E2E_ARGS).
-set -o pipefail
-: "${OUT:?set OUT}"
-export PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || exit 1
-nvidia-smi --query-gpu=name,clocks.max.sm,clocks.max.mem --format=csv > "$OUT/env.txt"
-python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)" >> "$OUT/env.txt"
+source benchmarks/gpu_setup.sh
 case "${PART:?PART=all|intmm|bench|kv4pf|e2e}" in
   intmm)
     timeout 100 python3 -m pytest -q -p no:cacheprovider -rfE --tb=short tests/test_w4a8.py \
