@@ -687,6 +687,26 @@ def test_lane_mma_is_the_small_m_default_with_the_measured_splits(m, n, k, split
     assert "mma" not in {c.kernel for c in candidate_configs(128, n, k, 128, "int8")}
 
 
+@pytest.mark.parametrize(("rows", "bk", "split"), [(8, 64, 1), (16, 128, 2), (32, 32, 1)])
+def test_lane_mma_reads_natural_and_even_odd_xq_alike(rows, bk, split):
+    """A compiled graph hands the lane kernel natural-order xq (the kernel PRMTs each lane's
+    8 k's apart); the eager path's quantize kernel writes even/odd order. Same accumulator."""
+    gen = torch.Generator().manual_seed(rows + bk)
+    m, n, k = rows - 3, 64, 256
+    p = quantize_weight_w4a8(torch.randn(n, k, generator=gen), Scheme(name="w4a8", group_size=64))
+    p = PackedW4A8(*_on_device(*p.tensors()), p.group_size)
+    xq = torch.randint(-128, 128, (m, k), generator=gen, dtype=torch.int8)
+    cfg = KernelConfig("mma", rows, 64, bk, split, 2, 1)
+    args = (torch.ones(m, device=KERNEL_DEVICE), *p.tensors(), None, 64, torch.float16)
+    natural = launch(cfg, *_on_device(xq), *args, accumulator=True)
+    even_odd = launch(
+        cfg, *_on_device(to_even_odd(xq, bk)), *args, accumulator=True, xq_even_odd=True
+    )  # fmt: skip
+    expected = xq.long() @ int8_weight(*(t.cpu() for t in p.tensors()[:3]), 64).long().t()
+    assert torch.equal(natural.cpu(), expected)
+    assert torch.equal(even_odd.cpu(), expected)
+
+
 def test_lane_mma_refuses_more_rows_than_its_b_tiles_and_fp8():
     assert not valid_config(
         KernelConfig("mma", 16, 128, 128, 1, 4, 1), 64, 4096, 128, "float8_e4m3fn"

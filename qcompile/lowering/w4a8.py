@@ -573,6 +573,22 @@ def _lane_int8_mma(args, M_TILES: tl.constexpr):
 
 
 @triton.jit
+def _x_even_odd(w0, w1, ASM: tl.constexpr):
+    """x in natural order, k = 8q .. 8q + 3 (w0) and 8q + 4 .. 8q + 7 (w1), 4 int8 per int32 ->
+    the lane's two B registers: its even k's and its odd k's (2 PRMT)."""
+    if ASM:
+        return tl.inline_asm_elementwise(
+            "prmt.b32 $0, $2, $3, 0x6420;\nprmt.b32 $1, $2, $3, 0x7531;", "=r,=r,r,r",
+            [w0, w1], dtype=(tl.int32, tl.int32), is_pure=True, pack=1,
+        )  # fmt: skip
+    else:
+        even = (w0 & 0xFF) | ((w0 >> 8) & 0xFF00) | ((w1 & 0xFF) << 16) | ((w1 & 0xFF0000) << 8)
+        odd = ((w0 >> 8) & 0xFF) | ((w0 >> 16) & 0xFF00) | ((w1 & 0xFF00) << 8)
+        odd = odd | (((w1 >> 24) & 0xFF) << 24)
+        return even, odd
+
+
+@triton.jit
 def _lane_int8_codes(word, s2, zs):
     """Interpreter: a lane's word -> [LANES, 8] int32 weights (q - z) * s2 at k = 8q + i."""
     i = tl.arange(0, 8)[None, :]
@@ -637,12 +653,16 @@ def _w4a8_mma_kernel(
     M, N, K, k_per_split, stride_xm, stride_xk, stride_om, stride_split,
     GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_ACC: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, M_TILES: tl.constexpr, ASM: tl.constexpr,
+    X_NATURAL: tl.constexpr = False,
 ):  # fmt: skip
     # Small-M int8 path (see the comment above `_w4a8_lane_asm`). Memory-bound like the GEMV:
     # floor = weight bytes / HBM bandwidth; the SWAR unpacking costs ~1.9 instructions per
     # weight against the W4A16 lane kernel's ~3. A warp owns 32 columns (2 tiles of 16), 8 *
     # M_TILES rows of x; every tensor in the loop is [LANES] = one element per thread.
-    # xq: contiguous, even/odd per BLOCK_K chunk.
+    # xq: contiguous rows, even/odd per BLOCK_K chunk (as the eager path's quantize kernel
+    # writes it), or with X_NATURAL in natural order (as a compiled graph's fused producer
+    # writes it): then each lane reads its 8 consecutive k's and PRMTs them apart, instead of
+    # the launcher permuting xq in a kernel of its own.
     LANES: tl.constexpr = BLOCK_N
     NW: tl.constexpr = LANES // 32
     HALF: tl.constexpr = BLOCK_K // 2
@@ -681,7 +701,11 @@ def _w4a8_mma_kernel(
             pos = (k0 + 16 * st) // 4 + q  # int32 units: (k0 + (kk - k0) / 2 + 4q) / 4
             xs = ()
             for b in tl.static_range(M_TILES):
-                xs = xs + (tl.load(x_rows[b] + pos), tl.load(x_rows[b] + pos + HALF // 4))
+                if X_NATURAL:  # k = kk + 8q .. kk + 8q + 7: int32 words kk / 4 + 2q, + 1
+                    w_x = x_rows[b] + kk // 4 + 2 * q
+                    xs = xs + _x_even_odd(tl.load(w_x), tl.load(w_x + 1), ASM)
+                else:
+                    xs = xs + (tl.load(x_rows[b] + pos), tl.load(x_rows[b] + pos + HALF // 4))
             acc0 = _lane_int8_step(
                 acc0, w_0, w_1, s_0, s_1, z_0, z_1, y_0, y_1, xs, M_TILES, ASM, NW
             )
@@ -963,8 +987,8 @@ def launch(
             raise ValueError(
                 f"launch: the {cfg.kernel} kernel reads xq in even/odd order, not plane-major"
             )
-        if not xq_even_odd:
-            xq = to_even_odd(xq, cfg.block_k)
+        if not xq_even_odd and cfg.kernel == "gemm_swar":
+            xq = to_even_odd(xq, cfg.block_k)  # (the lane kernel reads natural order itself)
         if cfg.kernel == "mma" and (xq.stride(1) != 1 or xq.stride(0) % 4):
             xq = xq.contiguous()  # its x loads are 4-byte words of a row
     elif xq_even_odd:
@@ -983,7 +1007,11 @@ def launch(
             raise ValueError(f"launch: lane-MMA config got M={m} rows but BLOCK_M={cfg.block_m}")
         if m > 0:  # (with no rows it would read row M - 1 = -1)
             _w4a8_mma_kernel[(triton.cdiv(n, cfg.block_n), split)](
-                *args, M_TILES=cfg.block_m // 8, ASM=not _interpreting(), **common
+                *args,
+                M_TILES=cfg.block_m // 8,
+                ASM=not _interpreting(),
+                X_NATURAL=not xq_even_odd,
+                **common,
             )
     elif cfg.kernel == "gemm_swar":
         grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n), split)
