@@ -3,11 +3,12 @@
 #   intmm: the W4A8 "int_mm" path (unpack to int8 once + torch._int_mm) natively tested, then
 #          probed beside the SWAR default at the acceptance shapes (GEMM only), then the int8
 #          lane-MMA kernel's tests and probe beside W4A16 at M 1-64;
+#   overlap: probe_w4a8_overlap.py (int_mm's unpacking in K chunks on a side stream);
 #   bench: bench_w4a8 at the acceptance points with the defaults (QCOMPILE_AUTOTUNE=0);
 #   kv4pf: session16_gpu.sh's KV4 decode token-scale prefetch part;
 #   e2e:   session16_gpu.sh's e2e part (E2E_ARGS).
 source benchmarks/gpu_setup.sh
-case "${PART:?PART=all|intmm|bench|kv4pf|e2e}" in
+case "${PART:?PART=all|intmm|overlap|bench|kv4pf|e2e}" in
   intmm)
     timeout 100 python3 -m pytest -q -p no:cacheprovider -rfE --tb=short tests/test_w4a8.py \
       -k "int_mm or lane_mma or each_kernel_kind" 2>&1 | tail -8 | tee "$OUT/tests_intmm_lane.log"
@@ -33,6 +34,10 @@ case "${PART:?PART=all|intmm|bench|kv4pf|e2e}" in
     (cd benchmarks && timeout "${LANE_S:-80}" python3 probe_w4a8_swar.py --kernel mma \
       --out "$OUT/probe_w4a8_lane.json" --ms 1,16 --warps 2,4 --bks 128 \
       --splits 1,4,16 --budget 60) 2>&1 | tee "$OUT/probe_lane.log"
+    ;;
+  overlap)  # can the int_mm path hide its unpacking? (chunks on a side stream, GEMM beside)
+    (cd benchmarks && timeout "${OVERLAP_S:-240}" python3 probe_w4a8_overlap.py --budget 200 \
+      --out "$OUT/probe_w4a8_overlap.json") 2>&1 | tee "$OUT/probe_overlap.log"
     ;;
   bench)
     (cd benchmarks && QCOMPILE_AUTOTUNE=0 timeout "${BENCH8_S:-400}" python3 bench_w4a8.py --out "$OUT" \
