@@ -705,6 +705,11 @@ def test_lane_mma_reads_natural_and_even_odd_xq_alike(rows, bk, split):
     expected = xq.long() @ int8_weight(*(t.cpu() for t in p.tensors()[:3]), 64).long().t()
     assert torch.equal(natural.cpu(), expected)
     assert torch.equal(even_odd.cpu(), expected)
+    # a view starting mid-word (storage offset 1) is copied, not read misaligned
+    shifted = torch.zeros(m * k + 1, dtype=torch.int8)
+    shifted[1:] = xq.flatten()
+    view = _on_device(shifted)[0][1:].view(m, k)
+    assert torch.equal(launch(cfg, view, *args, accumulator=True).cpu(), expected)
 
 
 def test_lane_mma_refuses_more_rows_than_its_b_tiles_and_fp8():

@@ -989,8 +989,9 @@ def launch(
             )
         if not xq_even_odd and cfg.kernel == "gemm_swar":
             xq = to_even_odd(xq, cfg.block_k)  # (the lane kernel reads natural order itself)
-        if cfg.kernel == "mma" and (xq.stride(1) != 1 or xq.stride(0) % 4):
-            xq = xq.contiguous()  # its x loads are 4-byte words of a row
+        if cfg.kernel == "mma" and (xq.stride(1) != 1 or xq.stride(0) % 4 or xq.data_ptr() % 4):
+            # its x loads are 4-byte words of a row (a view may start mid-word: copy it)
+            xq = xq.clone(memory_format=torch.contiguous_format)
     elif xq_even_odd:
         raise ValueError(
             f"launch: xq in even/odd order is for the SWAR and lane kernels, not {cfg.kernel}"
