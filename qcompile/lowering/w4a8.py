@@ -1052,14 +1052,14 @@ def _unpack_int_mm(cfg, xq, qweight, group_scales, group_zeros, group_size) -> t
     `_w4a8_unpack_kernel`, then torch._int_mm (cuBLASLt int8 x int8 -> int32)."""
     m, k = xq.shape
     n = qweight.shape[1]
+    if m == 0:
+        return torch.zeros((0, n), device=xq.device, dtype=torch.int32)
     w8 = torch.empty((n, k), device=xq.device, dtype=torch.int8)
     _w4a8_unpack_kernel[(triton.cdiv(n, cfg.block_n), k // cfg.block_k)](
         qweight, group_scales, group_zeros, w8, n, k,
         GROUP=group_size, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, ASM=not _interpreting(),
         num_warps=cfg.num_warps,
     )  # fmt: skip
-    if m == 0:
-        return torch.zeros((0, n), device=xq.device, dtype=torch.int32)
     rows = xq.contiguous()
     if xq.is_cuda and m < _INT_MM_MIN_ROWS:
         rows = torch.cat([rows, rows.new_zeros((_INT_MM_MIN_ROWS - m, k))])
