@@ -3,12 +3,13 @@
 #   intmm: the W4A8 "int_mm" path (unpack to int8 once + torch._int_mm) natively tested, then
 #          probed beside the SWAR default at the acceptance shapes (GEMM only), then the int8
 #          lane-MMA kernel's tests and probe beside W4A16 at M 1-64;
+#   next:  the next session's first call (bench with the new defaults, overlap, KV4 B=1);
 #   overlap: probe_w4a8_overlap.py (int_mm's unpacking in K chunks on a side stream);
 #   bench: bench_w4a8 at the acceptance points with the defaults (QCOMPILE_AUTOTUNE=0);
 #   kv4pf: session16_gpu.sh's KV4 decode token-scale prefetch part;
 #   e2e:   session16_gpu.sh's e2e part (E2E_ARGS).
 source benchmarks/gpu_setup.sh
-case "${PART:?PART=all|intmm|overlap|bench|kv4pf|e2e}" in
+case "${PART:?PART=all|next|intmm|overlap|bench|kv4pf|e2e}" in
   intmm)
     timeout 100 python3 -m pytest -q -p no:cacheprovider -rfE --tb=short tests/test_w4a8.py \
       -k "int_mm or lane_mma or each_kernel_kind" 2>&1 | tail -8 | tee "$OUT/tests_intmm_lane.log"
@@ -38,6 +39,16 @@ case "${PART:?PART=all|intmm|overlap|bench|kv4pf|e2e}" in
   overlap)  # can the int_mm path hide its unpacking? (chunks on a side stream, GEMM beside)
     (cd benchmarks && timeout "${OVERLAP_S:-240}" python3 probe_w4a8_overlap.py --budget 200 \
       --out "$OUT/probe_w4a8_overlap.json") 2>&1 | tee "$OUT/probe_overlap.log"
+    ;;
+  next)  # the next session's first call, most valuable first: the W4A8 acceptance table with
+    # this session's defaults (lane at M <= 16, natural-order xq in the GEMM-only column;
+    # int_mm at M = 1024), the overlap experiment, then KV4 prefetch at B = 1
+    (cd benchmarks && QCOMPILE_AUTOTUNE=0 timeout 220 python3 bench_w4a8.py --out "$OUT" \
+      --shapes 8192x28672,28672x4096 --ms 1,16,256,1024) 2>&1 | tail -30 | tee "$OUT/bench_w4a8.log"
+    (cd benchmarks && timeout 200 python3 probe_w4a8_overlap.py --budget 170 \
+      --out "$OUT/probe_w4a8_overlap.json") 2>&1 | tee "$OUT/probe_overlap.log"
+    (cd benchmarks && timeout 120 python3 probe_kv4_decode.py --prefetch 0,1 --splits 64,128 \
+      --shapes 1x32768,1x8192 --out "$OUT/probe_kv4_pf_b1.json") 2>&1 | tail -20 | tee "$OUT/probe_kv4_pf_b1.log"
     ;;
   bench)
     (cd benchmarks && QCOMPILE_AUTOTUNE=0 timeout "${BENCH8_S:-400}" python3 bench_w4a8.py --out "$OUT" \
