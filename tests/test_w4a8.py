@@ -35,9 +35,11 @@ from qcompile.passes.linear import (
     rewrite_linears,
     unsupported_reason,
 )
+from qcompile.quant.gptq import gptq_quantize_weight
 from qcompile.quant.int4 import to_even_odd, to_planes
 from qcompile.quant.w4a8 import (
     ABSMAX_FLOOR,
+    CHANNEL_STRETCH,
     PackedW4A8,
     dequantize_w4a8,
     int8_weight,
@@ -710,6 +712,26 @@ def test_lane_mma_reads_natural_and_even_odd_xq_alike(rows, bk, split):
     shifted[1:] = xq.flatten()
     view = _on_device(shifted)[0][1:].view(m, k)
     assert torch.equal(launch(cfg, view, *args, accumulator=True).cpu(), expected)
+
+
+def test_channel_search_never_raises_a_rows_rtn_error_and_lowers_the_total():
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(64, 256, generator=gen)
+    w[::7, 5] *= 12  # outlier columns set some rows' s1
+    scheme = Scheme(name="w4a8", group_size=64)
+
+    def row_errors(p):
+        return (dequantize_w4a8(p) - w).pow(2).sum(1)
+
+    plain = quantize_weight_w4a8(w, scheme)
+    searched = quantize_weight_w4a8(w, scheme, channel_search=True)
+    assert (row_errors(searched) <= row_errors(plain) + 1e-9).all()
+    assert row_errors(searched).sum() < 0.97 * row_errors(plain).sum()
+    ratio = searched.channel_scales / plain.channel_scales
+    assert ((ratio >= 1 - 1e-6) & (ratio <= max(CHANNEL_STRETCH) + 1e-6)).all()
+    assert (ratio > 1.001).any()
+    with pytest.raises(ValueError, match="channel_search is W4A8's"):
+        gptq_quantize_weight(w, torch.eye(256), Scheme(group_size=64), channel_search=True)
 
 
 def test_lane_mma_refuses_more_rows_than_its_b_tiles_and_fp8():

@@ -35,7 +35,12 @@ GroupParams = tuple[torch.Tensor, torch.Tensor]
 class Int4Grid:
     """W4A16: a float scale and offset per group (`rtn.fit_groups`), w = q * scale + offset."""
 
-    def __init__(self, w: torch.Tensor, scheme: Scheme, dtype: torch.dtype, clip_search: bool):
+    def __init__(
+        self, w: torch.Tensor, scheme: Scheme, dtype: torch.dtype, clip_search: bool,
+        channel_search: bool = False,
+    ):  # fmt: skip
+        if channel_search:
+            raise ValueError("gptq_quantize_weight: channel_search is W4A8's (its s1 per row)")
         self.symmetric, self.dtype, self.clip_search = scheme.symmetric, dtype, clip_search
 
     def fit(self, w: torch.Tensor) -> GroupParams:
@@ -63,9 +68,14 @@ class W4A8Grid:
     fixes it; then each group's integer (s2, z) is fitted on w8 = round(w / s1) and a column
     rounds to q = clamp(round(w8 / s2) + z, 0, 15), standing for (q - z) * s2 * s1."""
 
-    def __init__(self, w: torch.Tensor, scheme: Scheme, dtype: torch.dtype, clip_search: bool):
-        check_w4a8_shape("gptq_quantize_weight", w.shape[1], scheme.group_size_for(w.shape[1]))
-        self.s1, self.clip_search = channel_scales_w4a8(w), clip_search
+    def __init__(
+        self, w: torch.Tensor, scheme: Scheme, dtype: torch.dtype, clip_search: bool,
+        channel_search: bool = False,
+    ):  # fmt: skip
+        g = scheme.group_size_for(w.shape[1])
+        check_w4a8_shape("gptq_quantize_weight", w.shape[1], g)
+        self.s1 = channel_scales_w4a8(w, g if channel_search else 0)
+        self.clip_search = clip_search
 
     def fit(self, w: torch.Tensor) -> GroupParams:
         """(s2, z) of each group of w [N, ..., G], fitted on its int8 values."""
@@ -94,6 +104,7 @@ def gptq_quantize_weight(
     act_order: bool = False,
     block_size: int = 128,
     clip_search: bool = False,
+    channel_search: bool = False,
 ) -> PackedInt4 | PackedW4A8:
     """GPTQ-quantize a [N, K] weight given its input Hessian [K, K] onto `scheme`'s grid; the
     result has RTN's layout (`PackedInt4` for W4A16, `PackedW4A8` for W4A8). `dtype` is
@@ -112,7 +123,7 @@ def gptq_quantize_weight(
     dead = torch.diag(h) == 0  # inputs never active: any value works, choose 0
     h[dead, dead] = 1
     w[:, dead] = 0
-    grid = GPTQ_GRIDS[scheme.name](w, scheme, dtype, clip_search)
+    grid = GPTQ_GRIDS[scheme.name](w, scheme, dtype, clip_search, channel_search)
 
     params = (torch.zeros(n, k // g), torch.zeros(n, k // g))
     if act_order:
@@ -170,11 +181,13 @@ def gptq_quantize_model(
     clip_search: bool = False,
     awq: bool = False,
     progress: bool = True,
+    channel_search: bool = False,
 ):
     """GPTQ every supported linear of `model` in place, block by block (each block calibrated
     on the outputs of the already-quantized blocks before it); linears outside the repeated
     blocks get RTN. With `awq`, each block first gets AWQ's scales folded in (then GPTQ
-    rounds the scaled weights against the correspondingly scaled Hessians). Returns the
+    rounds the scaled weights against the correspondingly scaled Hessians). W4A8's
+    `channel_search` picks each row's s1 by `channel_scales_w4a8`'s search. Returns the
     combined report."""
     from qcompile.quant.calibration import quantize_sequentially
     from qcompile.quantize import quantize_
@@ -190,7 +203,9 @@ def gptq_quantize_model(
             for name, s in awq_scale_block(block, hessians, config.scheme).items():
                 inv = (1.0 / s).to(hessians[name])
                 hessians[name] = hessians[name] * inv[:, None] * inv[None, :]
-        quantizer = gptq_quantizer(hessians, act_order=act_order, clip_search=clip_search)
+        quantizer = gptq_quantizer(
+            hessians, act_order=act_order, clip_search=clip_search, channel_search=channel_search
+        )
         report.records.extend(quantize_(block, config, quantizer, prefix=prefix).records)
 
     quantize_sequentially(model, batches, quantize_block, progress=progress)

@@ -78,18 +78,19 @@ class PackedW4A8:
 
 
 def quantize_weight_w4a8(
-    weight: torch.Tensor, scheme: Scheme, clip_search: bool = False
+    weight: torch.Tensor, scheme: Scheme, clip_search: bool = False, channel_search: bool = False
 ) -> PackedW4A8:
     """Progressive (int8 per channel, then uint4 per group) quantization of a [N, K] weight.
 
-    `clip_search`: each group's int8 range may be shrunk (`fit_w4a8_groups`)."""
+    `clip_search`: each group's int8 range may be shrunk (`fit_w4a8_groups`);
+    `channel_search`: each row's s1 may be stretched (`channel_scales_w4a8`)."""
     if weight.dim() != 2:
         raise ValueError(f"quantize_weight_w4a8: weight must be [N, K], got {tuple(weight.shape)}")
     n, k = weight.shape
     g = scheme.group_size_for(k)
     check_w4a8_shape("quantize_weight_w4a8", k, g)
     w = weight.detach().to(torch.float32)
-    s1 = channel_scales_w4a8(w)
+    s1 = channel_scales_w4a8(w, g if channel_search else 0)
     groups = to_int8(w, s1).reshape(n, k // g, g)
     s2, z = fit_w4a8_groups(groups, clip_search)
     q = round_to_w4a8_codes(groups, s2[..., None], z[..., None])
@@ -105,9 +106,33 @@ def check_w4a8_shape(caller: str, k: int, g: int) -> None:
         )
 
 
-def channel_scales_w4a8(w: torch.Tensor) -> torch.Tensor:
-    """Level 1: s1 [N] = max_k |w[n, k]| / 119 (float32, never 0)."""
-    return (w.abs().amax(dim=1) / PROTECTIVE_INT8).clamp_min(torch.finfo(torch.float32).tiny)
+# s1 stretch factors `channel_scales_w4a8` tries: a coarser int8 grid moves the groups' integer
+# ranges, and with them where `ceil(range / 15)` wastes levels. Only >= 1: shrinking s1 clips
+# the row's largest weights, which lowered the weight error but raised perplexity on SmolLM2.
+CHANNEL_STRETCH = (1.0, 1.04, 1.08, 1.12, 1.16)
+
+
+def channel_scales_w4a8(w: torch.Tensor, group: int = 0) -> torch.Tensor:
+    """Level 1: s1 [N] = max_k |w[n, k]| / 119 (float32, never 0). With `group` > 0, each
+    row's s1 is instead the `CHANNEL_STRETCH` multiple whose RTN fit in groups of `group`
+    has the smallest squared weight error (ties keep the smaller s1)."""
+    base = (w.abs().amax(dim=1) / PROTECTIVE_INT8).clamp_min(torch.finfo(torch.float32).tiny)
+    if group <= 0:
+        return base
+    n, k = w.shape
+    best_err, best = None, base
+    for stretch in CHANNEL_STRETCH:
+        s1 = base * stretch
+        groups = to_int8(w, s1).reshape(n, k // group, group)
+        s2, z = fit_w4a8_groups(groups)
+        q = round_to_w4a8_codes(groups, s2[..., None], z[..., None])
+        err = (((q - z[..., None]) * s2[..., None]).reshape(n, k) * s1[:, None] - w).pow(2).sum(1)
+        if best_err is None:
+            best_err = err
+        else:
+            better = err < best_err
+            best_err, best = torch.where(better, err, best_err), torch.where(better, s1, best)
+    return best
 
 
 def to_int8(w: torch.Tensor, s1: torch.Tensor) -> torch.Tensor:
