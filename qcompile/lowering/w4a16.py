@@ -555,8 +555,16 @@ def _emulated_mma(c0, c1, c2, c3, a0, a1, a2, a3, b0, b1, NW: tl.constexpr):
     a_top = _interleave_k(a0, a2, NW)  # rows r
     a_bot = _interleave_k(a1, a3, NW)  # rows r + 8
     b_t = _interleave_k(b0, b1, NW)  # [NW, 8 columns, 16 k]
-    top = tl.sum(a_top[:, :, None, :] * b_t[:, None, :, :], axis=3)  # [NW, 8 rows, 8 cols]
-    bot = tl.sum(a_bot[:, :, None, :] * b_t[:, None, :, :], axis=3)
+    return _emulated_mma_tile(c0, c1, c2, c3, a_top, a_bot, b_t, NW)
+
+
+@triton.jit
+def _emulated_mma_tile(c0, c1, c2, c3, a_top, a_bot, b, NW: tl.constexpr):
+    """Interpreter: rows r (a_top) and r + 8 (a_bot) [NW, 8, K] times the 8 columns b [NW, 8,
+    K], added to each lane's accumulators as mma.sync hands them out (lane 4r + q: rows r and
+    r + 8, columns 2q and 2q + 1)."""
+    top = tl.sum(a_top[:, :, None, :] * b[:, None, :, :], axis=3)  # [NW, 8 rows, 8 cols]
+    bot = tl.sum(a_bot[:, :, None, :] * b[:, None, :, :], axis=3)
     t_even, t_odd = tl.split(tl.reshape(top, (NW, 8, 4, 2)))
     b_even, b_odd = tl.split(tl.reshape(bot, (NW, 8, 4, 2)))
     lanes: tl.constexpr = NW * 32

@@ -53,7 +53,7 @@ import triton
 import triton.language as tl
 
 from qcompile.lowering.autotune import KernelConfig, TuneKey, autotuner, m_bucket, time_us
-from qcompile.lowering.w4a16 import _interpreting, _lane_results, _split4
+from qcompile.lowering.w4a16 import _emulated_mma_tile, _interpreting, _lane_results, _split4
 from qcompile.quant.int4 import to_even_odd, to_planes  # to_planes: W4A16's plane-major layout
 from qcompile.quant.w4a8 import ABSMAX_FLOOR, ACT_QMAX, ACT_TORCH_DTYPES
 
@@ -612,16 +612,7 @@ def _emulated_int8_mma(c0, c1, c2, c3, w_top, w_bot, x, NW: tl.constexpr):
     32 k's of a row by a reshape."""
     a_top = tl.reshape(w_top, (NW, 8, 32))
     a_bot = tl.reshape(w_bot, (NW, 8, 32))
-    b = tl.reshape(x, (NW, 8, 32))
-    top = tl.sum(a_top[:, :, None, :] * b[:, None, :, :], axis=3)  # [NW, 8 rows, 8 cols]
-    bot = tl.sum(a_bot[:, :, None, :] * b[:, None, :, :], axis=3)
-    t_even, t_odd = tl.split(tl.reshape(top, (NW, 8, 4, 2)))
-    b_even, b_odd = tl.split(tl.reshape(bot, (NW, 8, 4, 2)))
-    lanes: tl.constexpr = NW * 32
-    return (
-        c0 + tl.reshape(t_even, (lanes,)), c1 + tl.reshape(t_odd, (lanes,)),
-        c2 + tl.reshape(b_even, (lanes,)), c3 + tl.reshape(b_odd, (lanes,)),
-    )  # fmt: skip
+    return _emulated_mma_tile(c0, c1, c2, c3, a_top, a_bot, tl.reshape(x, (NW, 8, 32)), NW)
 
 
 @triton.jit
