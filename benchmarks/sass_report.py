@@ -94,7 +94,19 @@ def compile_w4a8_variant(
     group: int = 128, prefetch: int = 0, x_natural: bool = False,
 ):  # fmt: skip
     """A W4A8 GEMM kernel for sm_90 (contiguous xq, no bias, final output); kind "int_mm":
-    the int_mm path's unpacking kernel (BLOCK_N x BLOCK_K, bm and stages unused)."""
+    the int_mm path's unpacking kernel (BLOCK_N x BLOCK_K, bm and stages unused); kind
+    "quantize": the per-token quantize kernel (BLOCK = bk, one pass over x when bm = 1)."""
+    if kind == "quantize":
+        fn = w4a8_kernels._quantize_per_token_kernel
+        consts = {"QMAX": 448 if fp8 else 127, "FP8": fp8, "BLOCK": bk, "PLANES_BK": 0,
+                  "EVEN_ODD_BK": 0, "ONE_PASS": bm == 1, "stride_xk": 1}  # fmt: skip
+        sig = {"x_ptr": "*fp16", "xq_ptr": "*fp8e4nv" if fp8 else "*i8", "scale_ptr": "*fp32",
+               "K": "i32", "stride_xm": "i32",
+               **dict.fromkeys(consts, "constexpr")}  # fmt: skip
+        attrs = {(i,): [["tt.divisibility", 16]] for i in range(5)}
+        src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
+        opts = {"num_warps": warps, "enable_fp_fusion": False}
+        return triton.compile(src, target=TARGET, options=opts)
     if kind == "int_mm":
         fn = w4a8_kernels._w4a8_unpack_kernel
         consts = {"GROUP": group, "BLOCK_N": bn, "BLOCK_K": bk, "ASM": True}

@@ -2,6 +2,9 @@
 # Eighteenth session, one device call per PART:
 #   first: the lane kernel's natural-order xq natively tested, the W4A8 acceptance table with
 #          the seventeenth session's defaults, the int_mm overlap probe, KV4 prefetch at B = 1;
+#   second: the one-pass quantize kernel (tests, probe, bench_w4a8 at M 1 and 16), the SWAR
+#          kernel's split-K at 8192x28672 (128 programs at split 1), Nsight Compute on SWAR;
+#   kv4tune: bench_kv4 decode with tuning on (prefetch candidates), cache under $OUT/cache;
 #   e2e / kv4pf / bench / overlap: as in session17_gpu.sh.
 source benchmarks/gpu_setup.sh
 case "${PART:?PART=first|e2e|kv4pf|bench|overlap}" in
@@ -14,6 +17,30 @@ case "${PART:?PART=first|e2e|kv4pf|bench|overlap}" in
       --out "$OUT/probe_w4a8_overlap.json") 2>&1 | tee "$OUT/probe_overlap.log"
     (cd benchmarks && timeout 100 python3 probe_kv4_decode.py --prefetch 0,1 --splits 64,128 \
       --shapes 1x32768,1x8192 --out "$OUT/probe_kv4_pf_b1.json") 2>&1 | tail -20 | tee "$OUT/probe_kv4_pf_b1.log"
+    ;;
+  second)
+    timeout 60 python3 -m pytest -q -p no:cacheprovider -rfE --tb=short tests/test_w4a8.py \
+      -k "quantize_kernel" 2>&1 | tail -4 | tee "$OUT/tests_quantize.log"
+    (cd benchmarks && timeout 60 python3 probe_w4a8_quantize.py --out "$OUT/probe_w4a8_quantize.json") \
+      2>&1 | tail -14 | tee "$OUT/probe_quantize.log"
+    (cd benchmarks && QCOMPILE_AUTOTUNE=0 timeout 100 python3 bench_w4a8.py --out "$OUT" \
+      --shapes 8192x28672,28672x4096 --ms 1,16) 2>&1 | tail -22 | tee "$OUT/bench_w4a8_small.log"
+    (cd benchmarks && timeout 150 python3 probe_w4a8_swar.py --out "$OUT/probe_swar_split.json" \
+      --shapes 8192x28672 --ms 256,1024 --bms 128,256 --bns 64,128 --bks 128 --splits 1,2,4 \
+      --budget 130) 2>&1 | tee "$OUT/probe_swar_split.log"
+    NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
+    echo "ncu: ${NCU:-none}" | tee "$OUT/ncu.log"
+    if [ -n "$NCU" ]; then
+      (cd benchmarks && timeout 120 "$NCU" --kernel-name regex:"w4a8_gemm_swar" --launch-count 2 \
+        --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
+        --section ComputeWorkloadAnalysis --section Occupancy python3 ncu_w4a8_swar.py) \
+        2>&1 | grep -v "^==PROF==" | tail -150 >> "$OUT/ncu.log"
+    fi
+    ;;
+  kv4tune)
+    export QCOMPILE_CACHE_DIR=$OUT/cache
+    (cd benchmarks && timeout "${KV4_S:-480}" python3 bench_kv4.py --out "$OUT" \
+      --batches 16,1,64 --lengths 32768,8192 --prefill '') 2>&1 | tail -40 | tee "$OUT/bench_kv4.log"
     ;;
   *)
     PART=$PART bash benchmarks/session17_gpu.sh

@@ -242,10 +242,12 @@ def _on_device(*tensors):
     act_dtype=st.sampled_from(["int8", "float8_e4m3fn"]),
     order=st.sampled_from(["natural", "planes", "even_odd"]),
     strided=st.booleans(),
+    one_pass=st.sampled_from([None, True, False]),
     seed=st.integers(0, 2**31 - 1),
 )
-def test_quantize_kernel_is_bit_exact(m, k, dtype, act_dtype, order, strided, seed):
-    """The eager path's Triton kernel agrees with the torch formula the compiled path uses."""
+def test_quantize_kernel_is_bit_exact(m, k, dtype, act_dtype, order, strided, one_pass, seed):
+    """The eager path's Triton kernel agrees with the torch formula the compiled path uses,
+    with the row read twice (two loops) or held in registers (one pass)."""
     gen = torch.Generator().manual_seed(seed)
     x = (torch.randn(k, m, generator=gen) * torch.rand(k, 1, generator=gen) * 30).t()
     x[0] = 0
@@ -254,7 +256,7 @@ def test_quantize_kernel_is_bit_exact(m, k, dtype, act_dtype, order, strided, se
         x = x.contiguous()
     planes_bk = 64 if order == "planes" and k % 64 == 0 else 0
     even_odd_bk = 64 if order == "even_odd" and k % 64 == 0 else 0
-    xq, scale = quantize_per_token(*_on_device(x), act_dtype, planes_bk, even_odd_bk)
+    xq, scale = quantize_per_token(*_on_device(x), act_dtype, planes_bk, even_odd_bk, one_pass)
     ref_q, ref_s = quantize_activations_per_token(x, act_dtype)
     if planes_bk:
         ref_q = to_planes(ref_q.view(torch.uint8), planes_bk).view(ref_q.dtype)

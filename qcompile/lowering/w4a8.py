@@ -92,27 +92,37 @@ def _round_to_e4m3(v):
 def _quantize_per_token_kernel(
     x_ptr, xq_ptr, scale_ptr, K, stride_xm, stride_xk,
     QMAX: tl.constexpr, FP8: tl.constexpr, BLOCK: tl.constexpr, PLANES_BK: tl.constexpr,
-    EVEN_ODD_BK: tl.constexpr = 0,
+    EVEN_ODD_BK: tl.constexpr = 0, ONE_PASS: tl.constexpr = False,
 ):  # fmt: skip
     # Row m: absmax over K, then xq = round(x * (QMAX / absmax)), scale = absmax / QMAX, the
     # same fp32 operations as `quantize_activations_per_token` (launched without FMA
     # contraction, so each product is rounded before the rounding add). PLANES_BK > 0 writes
     # each PLANES_BK chunk plane-major (column c*BK + i*BK/8 + r holds k = c*BK + 8r + i) for
     # the planes kernel; EVEN_ODD_BK > 0 writes each chunk's even k's, then its odd k's
-    # (column c*BK + p*BK/2 + j holds k = c*BK + 2j + p) for the SWAR kernel.
+    # (column c*BK + p*BK/2 + j holds k = c*BK + 2j + p) for the SWAR kernel. ONE_PASS
+    # (BLOCK >= K) keeps the row in registers: one read of x, all loads in flight at once,
+    # where the two loops' dependent round trips dominate a lone row (M = 1: ~11 us at
+    # K = 28672 on the H100).
     m = tl.program_id(0)
     x_row = x_ptr + m * stride_xm
     offs = tl.arange(0, BLOCK)
-    amax = tl.zeros((BLOCK,), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK):
-        x = tl.load(x_row + (k0 + offs) * stride_xk, mask=k0 + offs < K, other=0.0)
-        amax = tl.maximum(amax, tl.abs(x.to(tl.float32)))
+    if ONE_PASS:
+        x_all = tl.load(x_row + offs * stride_xk, mask=offs < K, other=0.0).to(tl.float32)
+        amax = tl.abs(x_all)
+    else:
+        amax = tl.zeros((BLOCK,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK):
+            x = tl.load(x_row + (k0 + offs) * stride_xk, mask=k0 + offs < K, other=0.0)
+            amax = tl.maximum(amax, tl.abs(x.to(tl.float32)))
     absmax = tl.maximum(tl.max(amax, axis=0), _ABSMAX_FLOOR)
     inv = tl.math.div_rn(tl.full((), QMAX, tl.float32), absmax)
     for k0 in range(0, K, BLOCK):
         k = k0 + offs
-        x = tl.load(x_row + k * stride_xk, mask=k < K, other=0.0)
-        v = x.to(tl.float32) * inv
+        if ONE_PASS:
+            v = x_all * inv
+        else:
+            x = tl.load(x_row + k * stride_xk, mask=k < K, other=0.0)
+            v = x.to(tl.float32) * inv
         if FP8:
             q = _round_to_e4m3(tl.minimum(tl.maximum(v, -QMAX), QMAX)).to(tl.float8e4nv)
         else:
@@ -897,12 +907,22 @@ def default_config(m: int, n: int, k: int, group: int, act_dtype: str) -> Kernel
 
 
 # --------------------------------------------------------------------------- launchers
+# The quantize kernel keeps a row in registers (one pass over x) at M <= 16, K <= 32768.
+_ONE_PASS_MAX_M = 16
+_ONE_PASS_MAX_K = 32768
+
+
 def quantize_per_token(
-    x: torch.Tensor, act_dtype: str, planes_block_k: int = 0, even_odd_block_k: int = 0
+    x: torch.Tensor,
+    act_dtype: str,
+    planes_block_k: int = 0,
+    even_odd_block_k: int = 0,
+    one_pass: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] (any strides) -> (xq [M, K] contiguous, scale [M] fp32) with the Triton kernel;
     `planes_block_k` > 0 writes xq plane-major per chunk for the planes kernel,
-    `even_odd_block_k` > 0 in `to_even_odd` order for the SWAR kernel."""
+    `even_odd_block_k` > 0 in `to_even_odd` order for the SWAR kernel. `one_pass` (default:
+    M <= 16 and K <= 32768) holds each row in registers instead of reading it twice."""
     if planes_block_k and even_odd_block_k:
         raise ValueError("quantize_per_token: one xq order at a time (planes or even/odd)")
     m, k = x.shape
@@ -910,12 +930,17 @@ def quantize_per_token(
     scale = torch.empty((m,), device=x.device, dtype=torch.float32)
     if m == 0:
         return xq, scale
-    block = min(triton.next_power_of_2(k), 2048)
+    if one_pass is None:
+        one_pass = m <= _ONE_PASS_MAX_M and k <= _ONE_PASS_MAX_K
+    if one_pass and k > _ONE_PASS_MAX_K:
+        raise ValueError(f"quantize_per_token: one pass holds K <= {_ONE_PASS_MAX_K}, got K={k}")
+    block = triton.next_power_of_2(k) if one_pass else min(triton.next_power_of_2(k), 2048)
+    warps = min(16, max(4, block // 2048)) if one_pass else 4 if block <= 1024 else 8
     _quantize_per_token_kernel[(m,)](
         x, xq, scale, k, x.stride(0), x.stride(1),
         QMAX=ACT_QMAX[act_dtype], FP8=act_dtype != "int8", BLOCK=block, PLANES_BK=planes_block_k,
-        EVEN_ODD_BK=even_odd_block_k,
-        num_warps=4 if block <= 1024 else 8, enable_fp_fusion=False,
+        EVEN_ODD_BK=even_odd_block_k, ONE_PASS=one_pass,
+        num_warps=warps, enable_fp_fusion=False,
     )  # fmt: skip
     return xq, scale
 
