@@ -4,6 +4,8 @@
 #          the seventeenth session's defaults, the int_mm overlap probe, KV4 prefetch at B = 1;
 #   second: the one-pass quantize kernel (tests, probe, bench_w4a8 at M 1 and 16), the SWAR
 #          kernel's split-K at 8192x28672 (128 programs at split 1), Nsight Compute on SWAR;
+#   third: W4A8 default tests, the SWAR group-scale prefetch probed (both shapes, M 256 /
+#          1024), the acceptance table with the new defaults, Nsight Compute on two configs;
 #   kv4tune: bench_kv4 decode with tuning on (prefetch candidates), cache under $OUT/cache;
 #   e2e / kv4pf / bench / overlap: as in session17_gpu.sh.
 source benchmarks/gpu_setup.sh
@@ -36,6 +38,20 @@ case "${PART:?PART=first|e2e|kv4pf|bench|overlap}" in
         --section ComputeWorkloadAnalysis --section Occupancy python3 ncu_w4a8_swar.py) \
         2>&1 | grep -v "^==PROF==" | tail -150 >> "$OUT/ncu.log"
     fi
+    ;;
+  third)
+    timeout 60 python3 -m pytest -q -p no:cacheprovider -rfE --tb=short tests/test_w4a8.py \
+      -k "default or swar" 2>&1 | tail -4 | tee "$OUT/tests_default.log"
+    (cd benchmarks && timeout 150 python3 probe_w4a8_swar.py --out "$OUT/probe_swar_prefetch.json" \
+      --shapes 28672x4096,8192x28672 --ms 256,1024 --bms 256 --bns 64 --bks 128 --splits 1,2 \
+      --prefetch 0,1 --budget 130) 2>&1 | tee "$OUT/probe_swar_prefetch.log"
+    (cd benchmarks && QCOMPILE_AUTOTUNE=0 timeout 220 python3 bench_w4a8.py --out "$OUT" \
+      --shapes 8192x28672,28672x4096 --ms 1,16,256,1024) 2>&1 | tail -30 | tee "$OUT/bench_w4a8.log"
+    (cd benchmarks && timeout 90 /usr/local/cuda/bin/ncu --kernel-name regex:"w4a8_gemm_swar" \
+      --launch-count 4 --section SpeedOfLight --section WarpStateStats --section Occupancy \
+      python3 ncu_w4a8_swar.py --configs "gemm_swar,256,64,128,1,4,3,1;gemm_swar,256,128,128,1,8,3") \
+      2>&1 | grep -v "^==PROF==" | grep -E "swar_kernel|Duration|Throughput|Occupancy|Stall|cycles being|IPC|Busy" \
+      | tee "$OUT/ncu.log"
     ;;
   kv4tune)
     export QCOMPILE_CACHE_DIR=$OUT/cache

@@ -762,6 +762,10 @@ def test_swar_is_the_default_and_a_candidate_at_large_m_for_int8_only():
         assert {"gemm_swar", "int_mm"} <= kinds
         assert "int_mm" not in {c.kernel for c in candidate_configs(m, 8196, 28672, 128, "int8")}
     assert default_config(64, 8192, 28672, 128, "int8").kernel != "gemm_swar"
+    # K split in two where the SWAR grid is under two programs per SM (measured on the H100)
+    assert default_config(256, 8192, 28672, 128, "int8").split_k == 2
+    assert default_config(256, 28672, 4096, 128, "int8").split_k == 1
+    assert default_config(512, 28672, 4096, 128, "int8").split_k == 1
     # the natural-order GEMM, dominated there by both, is no longer tuned at large M for int8
     assert "gemm" not in {c.kernel for c in candidate_configs(256, 8192, 28672, 128, "int8")}
     assert "gemm" in {c.kernel for c in candidate_configs(256, 8192, 28672, 128, "float8_e4m3fn")}

@@ -899,9 +899,15 @@ def default_config(m: int, n: int, k: int, group: int, act_dtype: str) -> Kernel
         sk = next(s for s in (8, 4, 2, 1) if (k // s) % bk == 0) if n <= 8192 else 1
         return KernelConfig("gemv", 1, 512, bk, sk, 4, 1)
     if mb >= 128 and act_dtype == "int8":
-        swar = KernelConfig("gemm_swar", 256 if mb >= 256 else 128, 64, 128, 1, 4, 3)
-        if valid_config(swar, n, k, group, act_dtype):
-            return swar
+        # K split in two while the grid is under two programs per SM: 8192x28672 at M = 256
+        # has 128 tiles, where split 2 took 267.7 us against 358.8 (H100, eighteenth session;
+        # at M = 1024, 512 tiles, split 1 stays best: 857.5 against 956.9)
+        bm = 256 if mb >= 256 else 128
+        split = 2 if triton.cdiv(n, 64) * triton.cdiv(mb, bm) < 2 * 132 else 1
+        for sk in dict.fromkeys((split, 1)):
+            swar = KernelConfig("gemm_swar", bm, 64, 128, sk, 4, 3)
+            if valid_config(swar, n, k, group, act_dtype):
+                return swar
     bm = 16 if mb <= 16 else 32 if mb <= 32 else 64 if mb <= 64 else 128
     return KernelConfig("gemm", bm, 64 if mb <= 64 else 128, min(bk, 64), 1, 4, 3)
 
