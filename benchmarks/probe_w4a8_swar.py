@@ -118,13 +118,20 @@ def probe(args: argparse.Namespace, results: list, save, t_start: float) -> None
                         cfg, xq, xs, *p.tensors(), None, GROUP, torch.float16, **kw
                     )  # fmt: skip
 
-                try:
-                    exact = bool(torch.equal(run(p0, accumulator=True).long(), acc_ref))
-                    us = time_graph([lambda p=p: run(p) for p in packed], batches=7)
-                except Exception as e:  # noqa: BLE001 - a config the compiler rejects
-                    row["pairs"].append({"config": cfg.__dict__, "error": repr(e)[:200]})
-                    continue
-                row["pairs"].append({"config": cfg.__dict__, "us": us, "exact": exact})
+                reduce_modes = (True, False) if cfg.kernel == "mma" and cfg.split_k > 1 else (True,)
+                for reduce in reduce_modes:  # mma split K: in one launch, or two (epilogue)
+                    try:
+                        exact = bool(torch.equal(run(p0, accumulator=True).long(), acc_ref))
+                        out1 = run(p0, self_reduce=reduce)
+                        same = bool(torch.equal(out1, run(p0, self_reduce=not reduce)))
+                        us = time_graph(
+                            [lambda p=p, r=reduce: run(p, self_reduce=r) for p in packed], batches=7
+                        )  # fmt: skip
+                    except Exception as e:  # noqa: BLE001 - a config the compiler rejects
+                        row["pairs"].append({"config": cfg.__dict__, "error": repr(e)[:200]})
+                        continue
+                    row["pairs"].append({"config": cfg.__dict__, "us": us, "exact": exact,
+                                         "self_reduce": reduce, "same_out": same})  # fmt: skip
             ok = sorted((r for r in row["pairs"] if "us" in r), key=lambda r: r["us"])
             row["pairs"] = ok + [r for r in row["pairs"] if "us" not in r]
             line = (f"W4A8 N={n} K={k} M={m}: cublas {row['cublas_us']:.1f} "
@@ -139,7 +146,8 @@ def probe(args: argparse.Namespace, results: list, save, t_start: float) -> None
             for r in ok[1:4]:
                 c = r["config"]
                 print(f"    {r['us']:.1f} {c['kernel']} bm{c['block_m']} bn{c['block_n']} bk{c['block_k']} "
-                      f"s{c['num_stages']} pf{int(c['prefetch'])}", flush=True)  # fmt: skip
+                      f"s{c['num_stages']} pf{int(c['prefetch'])} split{c['split_k']} "
+                      f"w{c['num_warps']} reduce{int(r['self_reduce'])}", flush=True)  # fmt: skip
             errors = [r for r in row["pairs"] if "error" in r]
             if errors:
                 print(f"    {len(errors)} configs failed, e.g. {errors[0]['error']}", flush=True)

@@ -6,6 +6,8 @@
 #          kernel's split-K at 8192x28672 (128 programs at split 1), Nsight Compute on SWAR;
 #   third: W4A8 default tests, the SWAR group-scale prefetch probed (both shapes, M 256 /
 #          1024), the acceptance table with the new defaults, Nsight Compute on two configs;
+#   fourth: the lane kernel's split K reduced in one launch (tile counters): tests natively,
+#          probe beside the two-launch epilogue and W4A16 at M 1 / 16, bench_w4a8 at M 1 / 16;
 #   kv4tune: bench_kv4 decode with tuning on (prefetch candidates), cache under $OUT/cache;
 #   e2e / kv4pf / bench / overlap: as in session17_gpu.sh.
 source benchmarks/gpu_setup.sh
@@ -52,6 +54,15 @@ case "${PART:?PART=first|e2e|kv4pf|bench|overlap}" in
       python3 ncu_w4a8_swar.py --configs "gemm_swar,256,64,128,1,4,3,1;gemm_swar,256,128,128,1,8,3") \
       2>&1 | grep -v "^==PROF==" | grep -E "swar_kernel|Duration|Throughput|Occupancy|Stall|cycles being|IPC|Busy" \
       | tee "$OUT/ncu.log"
+    ;;
+  fourth)
+    timeout 120 python3 -m pytest -q -p no:cacheprovider -rfE --tb=short tests/test_w4a8.py \
+      -k "lane_mma or rearms or quantize_kernel or gpu" 2>&1 | tail -5 | tee "$OUT/tests_lane_reduce.log"
+    (cd benchmarks && timeout 150 python3 probe_w4a8_swar.py --kernel mma \
+      --out "$OUT/probe_lane_reduce.json" --ms 1,16 --warps 4 --bks 128 --splits 4,16 \
+      --budget 130) 2>&1 | tee "$OUT/probe_lane_reduce.log"
+    (cd benchmarks && QCOMPILE_AUTOTUNE=0 timeout 100 python3 bench_w4a8.py --out "$OUT" \
+      --shapes 8192x28672,28672x4096 --ms 1,16) 2>&1 | tail -22 | tee "$OUT/bench_w4a8_small.log"
     ;;
   kv4tune)
     export QCOMPILE_CACHE_DIR=$OUT/cache

@@ -30,7 +30,7 @@ W4A16 = [  # kind, BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, prefetch, self-redu
     ("mma", 32, 64, 64, 2, 1, 2, False),  # its words and scales only
 ]
 W4A8 = [  # kind, BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, fp8 activations, [prefetch,
-    # [natural-order xq (lane kernel)]]
+    # [natural-order xq (lane kernel), [split K reduced in the launch (lane kernel)]]]
     ("gemv", 1, 256, 64, 2, 1, False),
     ("gemm", 16, 64, 64, 4, 3, False),
     ("gemm", 128, 128, 64, 8, 3, False),
@@ -42,6 +42,7 @@ W4A8 = [  # kind, BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, fp8 activations, [pr
     ("mma", 64, 64, 64, 2, 1, False),
     ("gemm_swar", 256, 64, 128, 4, 3, False, True),  # the group-scale prefetch
     ("mma", 16, 128, 128, 4, 1, False, False, True),  # natural-order xq, PRMT per lane
+    ("mma", 16, 128, 128, 4, 1, False, False, True, True),  # split K reduced in the launch
     ("int_mm", 0, 64, 128, 4, 1, False),  # the int8 unpacking kernel (SWAR PTX, interleave)
     ("int_mm", 0, 128, 256, 4, 1, False),  # two groups per tile (g128)
     ("quantize", 0, 0, 2048, 8, 1, False),  # per-token quantize, two loops over x
@@ -72,10 +73,11 @@ for kind, bm, bn, bk, w, st, pf, split in w4a16:
     except Exception as e:
         out.append(["w4a16", kind, bm, 0, repr(e.__cause__ or e)[-800:]])
 for kind, bm, bn, bk, w, st, fp8, *opt in w4a8:
-    pf, natural = (opt + [False, False])[:2]
+    pf, natural, reduce = (opt + [False, False, False])[:3]
     try:
         variant = s.compile_w4a8_variant(
-            kind, bm, bn, bk, w, st, fp8, prefetch=int(bool(pf)), x_natural=natural
+            kind, bm, bn, bk, w, st, fp8, prefetch=int(bool(pf)), x_natural=natural,
+            self_reduce=reduce,
         )
         regs = s.resources(variant)["REG"]
         out.append(["w4a8", kind, bm, regs, None])

@@ -766,6 +766,9 @@ def test_swar_is_the_default_and_a_candidate_at_large_m_for_int8_only():
     assert default_config(256, 8192, 28672, 128, "int8").split_k == 2
     assert default_config(256, 28672, 4096, 128, "int8").split_k == 1
     assert default_config(512, 28672, 4096, 128, "int8").split_k == 1
+    assert default_config(256, 8192, 28672, 128, "int8").prefetch  # group scales one tile ahead
+    swar = [c for c in candidate_configs(256, 8192, 28672, 128, "int8") if c.kernel == "gemm_swar"]
+    assert swar and all(c.prefetch for c in swar)
     # the natural-order GEMM, dominated there by both, is no longer tuned at large M for int8
     assert "gemm" not in {c.kernel for c in candidate_configs(256, 8192, 28672, 128, "int8")}
     assert "gemm" in {c.kernel for c in candidate_configs(256, 8192, 28672, 128, "float8_e4m3fn")}
@@ -789,3 +792,29 @@ def test_swar_kernel_refuses_fp8_and_plane_major_activations():
         KernelConfig("gemm_swar", 64, 64, 128, 1, 4, 2), 64, 4096, 128, "float8_e4m3fn"
     )
     assert not valid_config(KernelConfig("gemm_swar", 64, 64, 32, 1, 4, 2), 64, 4096, 128, "int8")
+
+
+@pytest.mark.parametrize(("rows", "warps", "split"), [(8, 1, 2), (16, 2, 4)])
+def test_lane_mma_split_k_reduces_in_one_launch_and_rearms_its_counters(rows, warps, split):
+    """With tile counters the last split of each column tile sums the int32 partials and
+    rescales (no second launch); the counters return to zero, so repeated calls (CUDA-graph
+    replays) agree exactly."""
+    from qcompile.lowering.w4a16 import _tile_counters
+
+    gen = torch.Generator().manual_seed(rows * split)
+    m, n, k = rows - 1, 32 * warps * 3, 512
+    p = quantize_weight_w4a8(torch.randn(n, k, generator=gen), Scheme(name="w4a8", group_size=128))
+    x = torch.randn(m, k, generator=gen, dtype=torch.float32).to(torch.float16)
+    xq, xs = quantize_activations_per_token(x, "int8")
+    args = _on_device(xq, xs, *p.tensors(), None)
+    cfg = KernelConfig("mma", rows, 32 * warps, 128, split, warps, 1)
+    ref = launch(cfg, *args, 128, torch.float16, accumulator=True).double()
+    outs = [launch(cfg, *args, 128, torch.float16) for _ in range(2)]
+    expected = (
+        ref
+        * xs.double()[:, None].to(ref.device)
+        * p.channel_scales.double()[None, :].to(ref.device)
+    )
+    assert torch.equal(outs[0], outs[1])
+    assert_close_rel(outs[0].cpu(), expected.cpu(), torch.float16)
+    assert int(_tile_counters(outs[0].device).abs().sum()) == 0

@@ -53,7 +53,14 @@ import triton
 import triton.language as tl
 
 from qcompile.lowering.autotune import KernelConfig, TuneKey, autotuner, m_bucket, time_us
-from qcompile.lowering.w4a16 import _emulated_mma_tile, _interpreting, _lane_results, _split4
+from qcompile.lowering.w4a16 import (
+    _COUNTERS,
+    _emulated_mma_tile,
+    _interpreting,
+    _lane_results,
+    _split4,
+    _tile_counters,
+)
 from qcompile.quant.int4 import to_even_odd, to_planes  # to_planes: W4A16's plane-major layout
 from qcompile.quant.w4a8 import ABSMAX_FLOOR, ACT_QMAX, ACT_TORCH_DTYPES
 
@@ -654,7 +661,8 @@ def _w4a8_mma_kernel(
     M, N, K, k_per_split, stride_xm, stride_xk, stride_om, stride_split,
     GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_ACC: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, M_TILES: tl.constexpr, ASM: tl.constexpr,
-    X_NATURAL: tl.constexpr = False,
+    X_NATURAL: tl.constexpr = False, SELF_REDUCE: tl.constexpr = False, final_ptr=None,
+    cnt_ptr=None,
 ):  # fmt: skip
     # Small-M int8 path (see the comment above `_w4a8_lane_asm`). Memory-bound like the GEMV:
     # floor = weight bytes / HBM bandwidth; the SWAR unpacking costs ~1.9 instructions per
@@ -718,13 +726,38 @@ def _w4a8_mma_kernel(
     offs = m * stride_om + n
     if WRITE_ACC:
         tl.store(out_ptr + pid_k * stride_split + offs, acc, mask=mask)
+        if SELF_REDUCE:
+            # W4A16's `_finish_tile` on int32: the last split of this column tile to arrive
+            # sums the partials in split order, rescales into final_ptr and re-arms its
+            # counter, so split K costs one launch, not two.
+            tl.debug_barrier()
+            arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+            if arrived == tl.num_programs(1) - 1:
+                total = tl.zeros_like(acc)
+                for sk in range(tl.num_programs(1)):
+                    total += tl.load(
+                        out_ptr + sk * stride_split + offs, mask=mask, other=0,
+                        cache_modifier=".cg",
+                    )  # fmt: skip
+                _lane_rescale_store(
+                    total, m, n, mask, offs, xs_ptr, s1_ptr, bias_ptr, final_ptr, HAS_BIAS
+                )
+                tl.atomic_xchg(cnt_ptr + pid_n, 0, sem="relaxed", scope="gpu")
     else:
-        xs_m = tl.load(xs_ptr + m, mask=mask, other=0.0)
-        s1_n = tl.load(s1_ptr + n, mask=mask, other=0.0)
-        out = acc.to(tl.float32) * xs_m * s1_n
-        if HAS_BIAS:
-            out += tl.load(bias_ptr + n, mask=mask, other=0).to(tl.float32)
-        tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
+        _lane_rescale_store(acc, m, n, mask, offs, xs_ptr, s1_ptr, bias_ptr, out_ptr, HAS_BIAS)
+
+
+@triton.jit
+def _lane_rescale_store(
+    acc, m, n, mask, offs, xs_ptr, s1_ptr, bias_ptr, out_ptr, HAS_BIAS: tl.constexpr
+):
+    """out = acc * x_scale[m] * s1[n] (+ bias) for the lane kernel's element tensors."""
+    xs_m = tl.load(xs_ptr + m, mask=mask, other=0.0)
+    s1_n = tl.load(s1_ptr + n, mask=mask, other=0.0)
+    out = acc.to(tl.float32) * xs_m * s1_n
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + n, mask=mask, other=0).to(tl.float32)
+    tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -842,13 +875,15 @@ def candidate_configs(m: int, n: int, k: int, group: int, act_dtype: str) -> lis
     if mb >= 128 and act_dtype == "int8":
         # SWAR unpacking (4 codes per 32-bit op): on the H200 the leaders at M = 256 and 1024
         # on both acceptance shapes were BLOCK_N 64 on one warpgroup, BLOCK_M 256 (or 128),
-        # BLOCK_K 128, 3 stages (`results/session16/probe_w4a8_swar.json`).
+        # BLOCK_K 128, 3 stages (`results/session16/probe_w4a8_swar.json`). The group-scale
+        # prefetch won at every point timed on the H100 (`results/session18/`), so it is the
+        # only variant tuned.
         for bm, bn, warps, stages in ((256, 64, 4, 3), (128, 64, 4, 3), (256, 64, 4, 4),
                                       (256, 128, 8, 3), (128, 128, 8, 3)):  # fmt: skip
             for sk in splits:
                 programs = triton.cdiv(n, bn) * triton.cdiv(mb, bm)
                 if bm <= mb and _useful_split(programs, sk):
-                    out.append(KernelConfig("gemm_swar", bm, bn, 128, sk, warps, stages))
+                    out.append(KernelConfig("gemm_swar", bm, bn, 128, sk, warps, stages, 1))
     if mb >= 128 and act_dtype == "int8":
         # unpack to int8 once, then cuBLASLt: on the H100 it beat SWAR by 1.38-1.40x on
         # 8192x28672 (M = 256, 1024) and 1.09x on 28672x4096 at M = 1024, and lost there at
@@ -901,11 +936,13 @@ def default_config(m: int, n: int, k: int, group: int, act_dtype: str) -> Kernel
     if mb >= 128 and act_dtype == "int8":
         # K split in two while the grid is under two programs per SM: 8192x28672 at M = 256
         # has 128 tiles, where split 2 took 267.7 us against 358.8 (H100, eighteenth session;
-        # at M = 1024, 512 tiles, split 1 stays best: 857.5 against 956.9)
+        # at M = 1024, 512 tiles, split 1 stays best: 857.5 against 956.9). The group scales
+        # prefetched: 4-22% faster at all four acceptance points (223.7 against 274.5 us on
+        # 8192x28672, M = 256; `results/session18/probe_swar_prefetch.json`)
         bm = 256 if mb >= 256 else 128
         split = 2 if triton.cdiv(n, 64) * triton.cdiv(mb, bm) < 2 * 132 else 1
         for sk in dict.fromkeys((split, 1)):
-            swar = KernelConfig("gemm_swar", bm, 64, 128, sk, 4, 3)
+            swar = KernelConfig("gemm_swar", bm, 64, 128, sk, 4, 3, 1)
             if valid_config(swar, n, k, group, act_dtype):
                 return swar
     bm = 16 if mb <= 16 else 32 if mb <= 32 else 64 if mb <= 64 else 128
@@ -966,13 +1003,16 @@ def launch(
     accumulator: bool = False,
     xq_plane_major: bool = False,
     xq_even_odd: bool = False,
+    self_reduce: bool = True,
 ) -> torch.Tensor:
     """Run one config: xq [M, K] int8 / fp8 (any strides), x_scale [M] -> out [M, N].
 
     `accumulator=True` returns the raw accumulator instead (int64 sum of the int32 partials,
     or fp32 for FP8) so tests can hold the integer part to the exact reference.
     `xq_plane_major` / `xq_even_odd`: xq was written plane-major (planes kernel) or even/odd
-    (SWAR kernel) for `cfg.block_k`; otherwise the launcher permutes it (one small copy)."""
+    (SWAR kernel) for `cfg.block_k`; otherwise the launcher permutes it (one small copy).
+    The lane kernel's split K reduces in its own launch (tile counters) unless `self_reduce`
+    is False or no counters exist (first call inside a CUDA-graph capture)."""
     m, k = xq.shape
     n = qweight.shape[1]
     fp8 = xq.dtype != torch.int8
@@ -1028,14 +1068,24 @@ def launch(
     elif cfg.kernel == "mma":
         if m > cfg.block_m:
             raise ValueError(f"launch: lane-MMA config got M={m} rows but BLOCK_M={cfg.block_m}")
+        tiles = triton.cdiv(n, cfg.block_n)
+        counters = None
+        if split > 1 and self_reduce and not accumulator and tiles <= _COUNTERS:
+            counters = _tile_counters(xq.device)  # None under capture before they exist
         if m > 0:  # (with no rows it would read row M - 1 = -1)
-            _w4a8_mma_kernel[(triton.cdiv(n, cfg.block_n), split)](
+            extra = {}
+            if counters is not None:
+                extra = dict(SELF_REDUCE=True, final_ptr=out, cnt_ptr=counters)
+            _w4a8_mma_kernel[(tiles, split)](
                 *args,
                 M_TILES=cfg.block_m // 8,
                 ASM=not _interpreting(),
                 X_NATURAL=not xq_even_odd,
+                **extra,
                 **common,
             )
+        if counters is not None:
+            return out
     elif cfg.kernel == "gemm_swar":
         grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n), split)
         _w4a8_gemm_swar_kernel[grid](
