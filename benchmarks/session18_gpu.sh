@@ -8,6 +8,7 @@
 #          1024), the acceptance table with the new defaults, Nsight Compute on two configs;
 #   fourth: the lane kernel's split K reduced in one launch (tile counters): tests natively,
 #          probe beside the two-launch epilogue and W4A16 at M 1 / 16, bench_w4a8 at M 1 / 16;
+#   final: W4A8 kernel tests natively, then the acceptance table with every current default;
 #   kv4tune: bench_kv4 decode with tuning on (prefetch candidates), cache under $OUT/cache;
 #   e2e / kv4pf / bench / overlap: as in session17_gpu.sh.
 source benchmarks/gpu_setup.sh
@@ -63,6 +64,12 @@ case "${PART:?PART=first|e2e|kv4pf|bench|overlap}" in
       --budget 130) 2>&1 | tee "$OUT/probe_lane_reduce.log"
     (cd benchmarks && QCOMPILE_AUTOTUNE=0 timeout 100 python3 bench_w4a8.py --out "$OUT" \
       --shapes 8192x28672,28672x4096 --ms 1,16) 2>&1 | tail -22 | tee "$OUT/bench_w4a8_small.log"
+    ;;
+  final)
+    timeout 100 python3 -m pytest -q -p no:cacheprovider -rfE --tb=short tests/test_w4a8.py \
+      -k "lane_mma or rearms or default or swar or gpu" 2>&1 | tail -5 | tee "$OUT/tests_final.log"
+    (cd benchmarks && QCOMPILE_AUTOTUNE=0 timeout 220 python3 bench_w4a8.py --out "$OUT" \
+      --shapes 8192x28672,28672x4096 --ms 1,16,256,1024) 2>&1 | tail -30 | tee "$OUT/bench_w4a8.log"
     ;;
   kv4tune)
     export QCOMPILE_CACHE_DIR=$OUT/cache

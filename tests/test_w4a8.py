@@ -794,7 +794,7 @@ def test_swar_kernel_refuses_fp8_and_plane_major_activations():
     assert not valid_config(KernelConfig("gemm_swar", 64, 64, 32, 1, 4, 2), 64, 4096, 128, "int8")
 
 
-@pytest.mark.parametrize(("rows", "warps", "split"), [(8, 1, 2), (16, 2, 4)])
+@pytest.mark.parametrize(("rows", "warps", "split"), [(8, 1, 2), (8, 2, 4), (16, 2, 4)])
 def test_lane_mma_split_k_reduces_in_one_launch_and_rearms_its_counters(rows, warps, split):
     """With tile counters the last split of each column tile sums the int32 partials and
     rescales (no second launch); the counters return to zero, so repeated calls (CUDA-graph

@@ -789,6 +789,7 @@ _MIN_BLOCK_K = {
     "gemv": 32, "gemm": 32, "gemm_planes": 256, "gemm_swar": 64, "mma": 32, "int_mm": 32,
 }  # fmt: skip
 _LANE_ROWS = (8, 16, 32, 64)  # lane MMA: 1, 2, 4 or 8 B tiles of 8 rows
+_LANE_REDUCE_MAX_ROWS = 8  # the lane kernel reduces split K in its own launch up to 8 rows
 
 
 def valid_config(cfg: KernelConfig, n: int, k: int, group: int, act_dtype: str) -> bool:
@@ -1011,8 +1012,9 @@ def launch(
     or fp32 for FP8) so tests can hold the integer part to the exact reference.
     `xq_plane_major` / `xq_even_odd`: xq was written plane-major (planes kernel) or even/odd
     (SWAR kernel) for `cfg.block_k`; otherwise the launcher permutes it (one small copy).
-    The lane kernel's split K reduces in its own launch (tile counters) unless `self_reduce`
-    is False or no counters exist (first call inside a CUDA-graph capture)."""
+    The lane kernel's split K reduces in its own launch (tile counters) at 8 rows per program
+    unless `self_reduce` is False or no counters exist (first call inside a CUDA-graph
+    capture); with more rows the split-K epilogue kernel sums the partials."""
     m, k = xq.shape
     n = qweight.shape[1]
     fp8 = xq.dtype != torch.int8
@@ -1070,7 +1072,12 @@ def launch(
             raise ValueError(f"launch: lane-MMA config got M={m} rows but BLOCK_M={cfg.block_m}")
         tiles = triton.cdiv(n, cfg.block_n)
         counters = None
-        if split > 1 and self_reduce and not accumulator and tiles <= _COUNTERS:
+        # One launch pays at 8 rows (H100, M = 1: 54.4 -> 52.2 us on 8192x28672 at split 16,
+        # 30.7 -> 29.6 on 28672x4096 at split 4) and loses at 16 (67.8 -> 115.9 at split 16:
+        # the last split's serial sum over 16 partials of 16 x 128 int32, and 72 -> 100
+        # registers; `results/session18/fourth/probe_lane_reduce.json`)
+        reduce_here = self_reduce and cfg.block_m <= _LANE_REDUCE_MAX_ROWS
+        if split > 1 and reduce_here and not accumulator and tiles <= _COUNTERS:
             counters = _tile_counters(xq.device)  # None under capture before they exist
         if m > 0:  # (with no rows it would read row M - 1 = -1)
             extra = {}
