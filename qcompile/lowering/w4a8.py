@@ -877,7 +877,7 @@ def candidate_configs(m: int, n: int, k: int, group: int, act_dtype: str) -> lis
         # SWAR unpacking (4 codes per 32-bit op): on the H200 the leaders at M = 256 and 1024
         # on both acceptance shapes were BLOCK_N 64 on one warpgroup, BLOCK_M 256 (or 128),
         # BLOCK_K 128, 3 stages (`results/session16/probe_w4a8_swar.json`). The group-scale
-        # prefetch won at every point timed on the H100 (`results/session18/`), so it is the
+        # prefetch won at every point timed on the H100 (`results/session18/third/`), so it is the
         # only variant tuned.
         for bm, bn, warps, stages in ((256, 64, 4, 3), (128, 64, 4, 3), (256, 64, 4, 4),
                                       (256, 128, 8, 3), (128, 128, 8, 3)):  # fmt: skip
@@ -939,7 +939,7 @@ def default_config(m: int, n: int, k: int, group: int, act_dtype: str) -> Kernel
         # has 128 tiles, where split 2 took 267.7 us against 358.8 (H100, eighteenth session;
         # at M = 1024, 512 tiles, split 1 stays best: 857.5 against 956.9). The group scales
         # prefetched: 4-22% faster at all four acceptance points (223.7 against 274.5 us on
-        # 8192x28672, M = 256; `results/session18/probe_swar_prefetch.json`)
+        # 8192x28672, M = 256; `results/session18/third/probe_swar_prefetch.json`)
         bm = 256 if mb >= 256 else 128
         split = 2 if triton.cdiv(n, 64) * triton.cdiv(mb, bm) < 2 * 132 else 1
         for sk in dict.fromkeys((split, 1)):
