@@ -10,6 +10,8 @@ directly on the eager path).
     python benchmarks/probe_w4a8_swar.py --ms 64,128 --bms 64,128 --splits 1,2,4
     python benchmarks/probe_w4a8_swar.py --kernel mma --ms 1,16 --bks 64,128 --splits 1,4,16
         # the int8 lane-MMA kernel at small M, beside our W4A16 op
+    python benchmarks/probe_w4a8_swar.py --act float8_e4m3fn --bms 128,256 --bns 64,128 --bks 128
+        # the FP8 SWAR GEMM (e4m3 activations and (q - z), s2 per K tile) beside _scaled_mm
     python benchmarks/probe_w4a8_swar.py --kernel int_mm --bns 64,128 --bks 128,256
         # unpack to int8 + torch._int_mm (whole path: unpack, GEMM, rescale) beside the SWAR
         # default config
@@ -60,7 +62,7 @@ def swar_configs(m: int, k: int, args: argparse.Namespace) -> list[KernelConfig]
         warps = 4 if bn < 128 else 8
         for stages in {3 if bk <= 128 else 2, *_ints(args.stages)}:
             cfg = KernelConfig("gemm_swar", bm, bn, bk, sk, warps, stages, pf)
-            if valid_config(cfg, 8, k, GROUP, "int8"):  # N only gates int_mm
+            if valid_config(cfg, 8, k, GROUP, args.act):  # N only gates int_mm
                 out.append(cfg)
     return out
 
@@ -95,13 +97,27 @@ def probe(args: argparse.Namespace, results: list, save, t_start: float) -> None
             if time.time() - t_start > args.budget:
                 break
             x = torch.randn(m, k, dtype=torch.float16, device="cuda")
-            xq, xs = quantize_per_token(x, "int8")
-            acc_ref = (xq.double() @ w8.t()).long()
+            xq, xs = quantize_per_token(x, args.act)
+            acc_ref = xq.double() @ w8.t()  # int8: exact integers; fp8: sum x (q - z) s2
             row = {"family": "w4a8", "n": n, "k": k, "m": m}
             row["cublas_us"] = time_graph([lambda x=x, w=w: F.linear(x, w) for w in wf])
             m_int = max(32, -(-m // 8) * 8)
             x8 = torch.randint(-127, 128, (m_int, k), dtype=torch.int8, device="cuda")
             row["int_mm_us"] = time_graph([lambda w=w, x8=x8: torch._int_mm(x8, w) for w in wi])
+            if args.act != "int8":  # the fp8 ceiling: torch._scaled_mm, per-tensor scales
+                m16 = -(-m // 16) * 16
+                xf8 = torch.randn(m16, k, device="cuda").to(torch.float8_e4m3fn)
+                one = torch.ones((), device="cuda")
+                wf8 = [w.to(torch.float8_e4m3fn) for w in wi]
+                row["scaled_mm_us"] = time_graph(
+                    [
+                        lambda w=w, a=xf8, u=one: torch._scaled_mm(
+                            a, w, u, u, out_dtype=torch.float16
+                        )
+                        for w in wf8
+                    ]  # fmt: skip
+                )
+                del wf8
             if args.kernel == "mma":  # the bar at small M: our W4A16 op (shipped configs)
                 w16 = [random_packed(n, k, GROUP, torch.float16) for _ in range(len(packed))]
                 row["w4a16_us"] = time_graph(
@@ -121,7 +137,12 @@ def probe(args: argparse.Namespace, results: list, save, t_start: float) -> None
                 reduce_modes = (True, False) if cfg.kernel == "mma" and cfg.split_k > 1 else (True,)
                 for reduce in reduce_modes:  # mma split K: in one launch, or two (epilogue)
                     try:
-                        exact = bool(torch.equal(run(p0, accumulator=True).long(), acc_ref))
+                        acc = run(p0, accumulator=True).double()
+                        if args.act == "int8":
+                            exact = bool(torch.equal(acc, acc_ref))
+                        else:  # Hopper's fp8 MMA accumulates with fewer bits than fp32
+                            err = ((acc - acc_ref).norm() / acc_ref.norm()).item()
+                            exact = err < 1e-4
                         out1 = run(p0, self_reduce=reduce)
                         same = bool(torch.equal(out1, run(p0, self_reduce=not reduce)))
                         us = time_graph(
@@ -134,7 +155,8 @@ def probe(args: argparse.Namespace, results: list, save, t_start: float) -> None
                                          "self_reduce": reduce, "same_out": same})  # fmt: skip
             ok = sorted((r for r in row["pairs"] if "us" in r), key=lambda r: r["us"])
             row["pairs"] = ok + [r for r in row["pairs"] if "us" not in r]
-            line = (f"W4A8 N={n} K={k} M={m}: cublas {row['cublas_us']:.1f} "
+            line = (f"W4A8 {args.act} N={n} K={k} M={m}: cublas {row['cublas_us']:.1f} "
+                    f"scaled_mm {row.get('scaled_mm_us', float('nan')):.1f} "
                     f"int_mm {row['int_mm_us']:.1f} w4a16 {row.get('w4a16_us', float('nan')):.1f}")  # fmt: skip
             if ok:
                 c = ok[0]["config"]
@@ -167,6 +189,10 @@ def main() -> None:
     ap.add_argument("--splits", default="1")
     ap.add_argument("--stages", default="3")
     ap.add_argument("--kernel", default="gemm_swar", choices=("gemm_swar", "mma", "int_mm"))
+    ap.add_argument(
+        "--act", default="int8", choices=("int8", "float8_e4m3fn"),
+        help="gemm_swar: activation dtype (float8_e4m3fn: the FP8 SWAR GEMM, beside _scaled_mm)",
+    )  # fmt: skip
     ap.add_argument("--warps", default="2,4,8", help="mma: warps (32 columns each)")
     ap.add_argument("--budget", type=float, default=400.0, help="seconds; then stop probing")
     ap.add_argument("--out", type=Path, default=None)

@@ -41,6 +41,7 @@ W4A8 = [  # kind, BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, fp8 activations, [pr
     ("mma", 16, 128, 128, 4, 1, False),  # inline PTX unpacking + mma.sync m16n8k32
     ("mma", 64, 64, 64, 2, 1, False),
     ("gemm_swar", 256, 64, 128, 4, 3, False, True),  # the group-scale prefetch
+    ("gemm_swar", 256, 128, 128, 8, 3, True, True),  # FP8: e4m3 (q - z) by PTX, fp8 wgmma
     ("mma", 16, 128, 128, 4, 1, False, False, True),  # natural-order xq, PRMT per lane
     ("mma", 16, 128, 128, 4, 1, False, False, True, True),  # split K reduced in the launch
     ("int_mm", 0, 64, 128, 4, 1, False),  # the int8 unpacking kernel (SWAR PTX, interleave)

@@ -787,11 +787,37 @@ def test_launch_refuses_an_xq_order_its_kernel_does_not_read():
         launch(KernelConfig("gemm_swar", 16, 32, 64, 1, 4, 2), *args, xq_plane_major=True)
 
 
-def test_swar_kernel_refuses_fp8_and_plane_major_activations():
-    assert not valid_config(
-        KernelConfig("gemm_swar", 64, 64, 128, 1, 4, 2), 64, 4096, 128, "float8_e4m3fn"
-    )
+def test_swar_kernel_takes_fp8_only_with_one_group_per_tile_and_never_plane_major():
+    fp8 = "float8_e4m3fn"
+    assert valid_config(KernelConfig("gemm_swar", 64, 64, 128, 1, 4, 2), 64, 4096, 128, fp8)
+    assert not valid_config(KernelConfig("gemm_swar", 64, 64, 256, 1, 4, 2), 64, 4096, 128, fp8)
     assert not valid_config(KernelConfig("gemm_swar", 64, 64, 32, 1, 4, 2), 64, 4096, 128, "int8")
+    # the FP8 SWAR kernel is untimed: neither a tuning candidate nor a default
+    for m in (128, 256, 1024):
+        assert default_config(m, 8192, 28672, 128, fp8).kernel != "gemm_swar"
+        assert "gemm_swar" not in {c.kernel for c in candidate_configs(m, 8192, 28672, 128, fp8)}
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    problem=w4a8_problems(device=KERNEL_DEVICE, max_m=40, act_dtypes=("float8_e4m3fn",)),
+    data=st.data(),
+)
+def test_swar_gemm_fp8_matches_the_reference(problem, data):
+    """The FP8 SWAR GEMM (e4m3 (q - z) from a magic-number fp16 pair, one cvt per pair):
+    partial tiles, BLOCK_K at or below the group, split or not, with the prefetch."""
+    m, k = problem.x.shape
+    g = problem.packed.group_size
+    fits = [
+        (bk, sk) for bk in (64, 128) for sk in (1, 2)
+        if valid_config(KernelConfig("gemm_swar", 16, 16, bk, sk, 4, 2), 64, k, g, "float8_e4m3fn")
+    ]  # fmt: skip
+    assume(fits)
+    bk, split = data.draw(st.sampled_from(fits), label="block_k, split")
+    bm = data.draw(st.sampled_from([16, 32, 64]), label="block_m")
+    bn = data.draw(st.sampled_from([16, 32, 64]), label="block_n")
+    cfg = KernelConfig("gemm_swar", bm, bn, bk, split, 4, 2, data.draw(st.booleans()))
+    _check_config(problem, cfg)
 
 
 @pytest.mark.parametrize(("rows", "warps", "split"), [(8, 1, 2), (8, 2, 4), (16, 2, 4)])

@@ -383,6 +383,64 @@ def _swar_planes(codes, s2, zs, ASM: tl.constexpr):
         return ((c & 0xF) * s - z).to(tl.int8), (((c >> 4) & 0xF) * s - z).to(tl.int8)
 
 
+# The FP8 variant's step: $2 a word (8 codes along k), $3 z in each byte -> $0 / $1 the e4m3
+# codes of (q - z) at the word's even / odd k's (|q - z| <= 15: exact in e4m3). Two codes per
+# fp16x2 register by the magic-number trick ((c | 0x6400) is 1024 + c in fp16; minus 1024 + z
+# is exact), one cvt per pair to e4m3x2, then one PRMT per register restores k order. ~2.1
+# instructions per weight; Hopper has no int8 x fp8 MMA, so the weights must become e4m3.
+_SWAR_FP8_UNPACK = tl.constexpr(
+    "{\n"
+    + "\n".join(
+        [
+            ".reg .b32 zz, t, a0, a1, a2, a3, e, o;",
+            ".reg .b16 h0, h1, h2, h3;",
+            "and.b32 zz, $3, 0xF;",
+            "mul.lo.u32 zz, zz, 0x00010001;",
+            "or.b32 zz, zz, 0x64006400;",  # (1024 + z, 1024 + z) in fp16x2
+            "lop3.b32 a0, $2, 0x000F000F, 0x64006400, 0xEA;",  # k = 0, 4: (w & m) | magic
+            "shr.u32 t, $2, 8;",
+            "lop3.b32 a1, t, 0x000F000F, 0x64006400, 0xEA;",  # k = 2, 6
+            "shr.u32 t, $2, 4;",
+            "lop3.b32 a2, t, 0x000F000F, 0x64006400, 0xEA;",  # k = 1, 5
+            "shr.u32 t, $2, 12;",
+            "lop3.b32 a3, t, 0x000F000F, 0x64006400, 0xEA;",  # k = 3, 7
+            "sub.rn.f16x2 a0, a0, zz;",
+            "sub.rn.f16x2 a1, a1, zz;",
+            "sub.rn.f16x2 a2, a2, zz;",
+            "sub.rn.f16x2 a3, a3, zz;",
+            "cvt.rn.satfinite.e4m3x2.f16x2 h0, a0;",  # low byte: the low half's code
+            "cvt.rn.satfinite.e4m3x2.f16x2 h1, a1;",
+            "cvt.rn.satfinite.e4m3x2.f16x2 h2, a2;",
+            "cvt.rn.satfinite.e4m3x2.f16x2 h3, a3;",
+            "cvt.u32.u16 e, h0;",  # bytes k = 0, 4
+            "cvt.u32.u16 t, h1;",  # bytes k = 2, 6
+            "prmt.b32 $0, e, t, 0x5140;",  # -> k = 0, 2, 4, 6
+            "cvt.u32.u16 e, h2;",
+            "cvt.u32.u16 o, h3;",
+            "prmt.b32 $1, e, o, 0x5140;",  # -> k = 1, 3, 5, 7
+        ]
+    )
+    + "\n}"
+)
+
+
+@triton.jit
+def _swar_planes_fp8(codes, z, ASM: tl.constexpr):
+    """int8 bytes [BN, BK/2] of the packed words and uint8 z -> e4m3 (q - z) of the even and
+    odd k (element 4r + b: byte b of word row r, as `_swar_planes`)."""
+    if ASM:
+        return tl.inline_asm_elementwise(
+            _SWAR_FP8_UNPACK, "=r,=r,r,r", [codes, z], dtype=(tl.float8e4nv, tl.float8e4nv),
+            is_pure=True, pack=4,
+        )  # fmt: skip
+    else:
+        c = codes.to(tl.int32)
+        zf = z.to(tl.float32)
+        even = ((c & 0xF).to(tl.float32) - zf).to(tl.float8e4nv)
+        odd = (((c >> 4) & 0xF).to(tl.float32) - zf).to(tl.float8e4nv)
+        return even, odd
+
+
 @triton.jit
 def _swar_group_scales(
     s2_ptr, z_ptr, k0, rn, rc, n_mask, N, GROUP: tl.constexpr, BLOCK_K: tl.constexpr
@@ -406,7 +464,7 @@ def _w4a8_gemm_swar_kernel(
     M, N, K, k_per_split, stride_xm, stride_xk, stride_om, stride_split,
     GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_ACC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr,
-    ASM: tl.constexpr,
+    ASM: tl.constexpr, FP8: tl.constexpr = False,
 ):  # fmt: skip
     # Large-M int8 path: out^T [BLOCK_N, BLOCK_M] = W_even @ x_even^T + W_odd @ x_odd^T. The
     # words are read once, as bytes, so a thread holds whole words, 4 bytes = the 4 int8 k's
@@ -426,7 +484,12 @@ def _w4a8_gemm_swar_kernel(
     k_start = pid_k * k_per_split
     k_end = k_start + k_per_split
     qw8 = qw_ptr.to(tl.pointer_type(tl.int8))
-    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32)
+    # FP8 (e4m3 activations, BLOCK_K <= GROUP): the weights become e4m3 (q - z), one group per
+    # K tile. The accumulator is kept in units of the current tile's s2 (rescaled by
+    # s2_prev / s2 before each tile's dots, times the last s2 at the end), so the dots
+    # accumulate in place (wgmma chains, no per-tile partial in registers); QoQ's s2 >= 1.
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32 if FP8 else tl.int32)
+    unit = tl.full((BLOCK_N,), 1.0, tl.float32)
     # element (n, 4r + b): byte b of word row r of column n
     c_row0 = qw8 + (rc // 4)[None, :] * (4 * N) + 4 * rn[:, None] + (rc % 4)[None, :]
     # The codes' loads feed the dots through the PTX, and Triton pipelines them through
@@ -450,16 +513,29 @@ def _w4a8_gemm_swar_kernel(
             )  # fmt: skip
         else:
             s2, z = _swar_group_scales(s2_ptr, z_ptr, k0, rn, rc, n_mask, N, GROUP, BLOCK_K)
-        zs = (z.to(tl.int32) * s2.to(tl.int32)).to(tl.uint8)
-        if BLOCK_K <= GROUP:
-            s2 = tl.broadcast_to(s2[:, None], (BLOCK_N, HALF))
-            zs = tl.broadcast_to(zs[:, None], (BLOCK_N, HALF))
-        w_even, w_odd = _swar_planes(codes, s2, zs, ASM)
         x_base = xq_ptr + rm[None, :] * stride_xm + (k0 + rc)[:, None] * stride_xk
-        x_even = tl.load(x_base, mask=m_mask[None, :], other=0)
-        x_odd = tl.load(x_base + HALF * stride_xk, mask=m_mask[None, :], other=0)
-        acc = tl.dot(w_even, x_even, acc, out_dtype=tl.int32)
-        acc = tl.dot(w_odd, x_odd, acc, out_dtype=tl.int32)
+        if FP8:  # (valid_config: BLOCK_K <= GROUP, so s2 and z are [BLOCK_N])
+            w_even, w_odd = _swar_planes_fp8(
+                codes, tl.broadcast_to(z[:, None], (BLOCK_N, HALF)), ASM
+            )
+            x_even = tl.load(x_base, mask=m_mask[None, :], other=0.0)
+            x_odd = tl.load(x_base + HALF * stride_xk, mask=m_mask[None, :], other=0.0)
+            s2f = tl.where(n_mask, s2.to(tl.float32), 1.0)  # (columns past N: any s2 > 0)
+            acc = tl.dot(w_even, x_even, acc * (unit / s2f)[:, None])
+            acc = tl.dot(w_odd, x_odd, acc)
+            unit = s2f
+        else:
+            zs = (z.to(tl.int32) * s2.to(tl.int32)).to(tl.uint8)
+            if BLOCK_K <= GROUP:
+                s2 = tl.broadcast_to(s2[:, None], (BLOCK_N, HALF))
+                zs = tl.broadcast_to(zs[:, None], (BLOCK_N, HALF))
+            w_even, w_odd = _swar_planes(codes, s2, zs, ASM)
+            x_even = tl.load(x_base, mask=m_mask[None, :], other=0)
+            x_odd = tl.load(x_base + HALF * stride_xk, mask=m_mask[None, :], other=0)
+            acc = tl.dot(w_even, x_even, acc, out_dtype=tl.int32)
+            acc = tl.dot(w_odd, x_odd, acc, out_dtype=tl.int32)
+    if FP8:
+        acc = acc * unit[:, None]
     _store_result(
         acc, rm, rn, m_mask, n_mask, xs_ptr, s1_ptr, bias_ptr, out_ptr, pid_k, stride_om,
         stride_split, HAS_BIAS, WRITE_ACC, True,
@@ -821,8 +897,8 @@ def valid_config(cfg: KernelConfig, n: int, k: int, group: int, act_dtype: str) 
         return False
     if cfg.kernel != "gemv" and (cfg.block_m < 16 or cfg.block_n < 16):
         return False
-    if act_dtype != "int8":
-        return cfg.kernel not in ("gemm_planes", "gemm_swar") and group % cfg.block_k == 0
+    if act_dtype != "int8":  # FP8: one group per K tile; SWAR's e4m3 unpacking is untimed
+        return cfg.kernel != "gemm_planes" and group % cfg.block_k == 0
     return True
 
 
@@ -1045,7 +1121,7 @@ def launch(
         if not xq_plane_major:
             xq = to_planes(xq, cfg.block_k)
     if cfg.kernel in ("gemm_swar", "mma"):
-        if fp8:
+        if fp8 and cfg.kernel == "mma":
             raise ValueError(f"launch: the {cfg.kernel} kernel takes int8 activations only")
         if xq_plane_major:
             raise ValueError(
@@ -1097,7 +1173,7 @@ def launch(
         grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n), split)
         _w4a8_gemm_swar_kernel[grid](
             *args, BLOCK_M=cfg.block_m, PREFETCH=bool(cfg.prefetch), ASM=not _interpreting(),
-            **common,
+            FP8=fp8, **common,
         )  # fmt: skip
     elif cfg.kernel == "gemm_planes":
         grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n), split)
