@@ -152,6 +152,12 @@ ROWS = [  # (label, scheme, method, note); None = the fp32 model
         "weight error (`channel_scales_w4a8`)",
     ),
     (
+        "W4A8 g64 fp8 e4m3, AWQ + GPTQ act-order, block-sequential, clip search, s1 search",
+        Scheme(name="w4a8", group_size=64, act_dtype="float8_e4m3fn"),
+        "gptq-seq-act-clip-awq-s1",
+        "the best int8 recipe with e4m3 activations (the FP8 GEMM's scheme)",
+    ),
+    (
         "W4A8 g32 int8",
         Scheme(name="w4a8", group_size=32),
         "rtn",

@@ -20,11 +20,13 @@ group_zeros [K/G, N] uint8, channel_scales [N] fp32). Kernels, top to bottom:
   words [BLOCK_N, BLOCK_K/8] are read once and each of the 8 nibble planes is one int8 dot
   (out^T = W_i @ x_i^T), which needs xq plane-major per BLOCK_K chunk (the quantize kernel
   writes it so directly; `to_planes` permutes an already-quantized xq).
-* `_w4a8_gemm_swar_kernel` ("gemm_swar", M >= 128, int8 only): words read once as bytes; PTX
+* `_w4a8_gemm_swar_kernel` ("gemm_swar", M >= 128): words read once as bytes; PTX
   turns each word into two int8 registers (even and odd k, (q - z) * s2 per byte: QServe's
   register-level parallelism, ~1.9 instructions per weight against ~9-11 in the kernels
   above), which wgmma takes from registers as W. xq even/odd per BLOCK_K chunk (`to_even_odd`;
-  the quantize kernel writes it so directly). The large-M default for int8.
+  the quantize kernel writes it so directly). The large-M default for int8. Its FP8 variant
+  (e4m3 activations, BLOCK_K <= G) unpacks e4m3 (q - z) by PTX and keeps the fp32
+  accumulator in units of the tile's s2; untimed, so neither a candidate nor a default.
 * `_w4a8_mma_kernel` ("mma", M <= 64, int8 only): W4A16's lane kernel on int8, mma.sync
   m16n8k32 per lane through inline PTX with the SWAR-unpacked words as its A registers. The
   default at M <= 16 and a candidate up to 64.
