@@ -3,7 +3,7 @@
 #   fp8swar: the FP8 SWAR GEMM (e4m3 (q - z) unpacked by PTX, fp8 wgmma, the accumulator
 #            kept in units of the tile's s2): its tests natively (the PTX's byte order is
 #            only checked by a GPU), then probed beside _scaled_mm and cuBLAS at the
-#            acceptance shapes, GEMM only;
+#            acceptance shapes, GEMM only; then the quantize kernel's row slices (M 1, 16);
 #   e2e:     the Hugging Face end-to-end table (E2E_ARGS) as in session16_gpu.sh.
 source benchmarks/gpu_setup.sh
 case "${PART:?PART=fp8swar|e2e}" in
@@ -14,6 +14,10 @@ case "${PART:?PART=fp8swar|e2e}" in
       --out "$OUT/probe_w4a8_swar_fp8.json" --shapes 28672x4096,8192x28672 --ms 256,1024 \
       --bms 128,256 --bns 64,128 --bks 128 --splits 1,2 --prefetch 1 --budget 270) \
       2>&1 | tee "$OUT/probe_fp8_swar.log"
+    # the quantize kernel with a lone row's rounding spread over several programs (eager M <= 16)
+    (cd benchmarks && timeout 60 python3 probe_w4a8_quantize.py --ms 1,16 --ks 4096,28672 \
+      --slices 4,8,16 --out "$OUT/probe_w4a8_quantize_slices.json") 2>&1 | tail -6 \
+      | tee "$OUT/probe_quantize_slices.log"
     ;;
   e2e)
     PART=e2e bash benchmarks/session16_gpu.sh

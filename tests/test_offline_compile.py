@@ -49,6 +49,7 @@ W4A8 = [  # kind, BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, fp8 activations, [pr
     ("quantize", 0, 0, 2048, 8, 1, False),  # per-token quantize, two loops over x
     ("quantize", 1, 0, 32768, 16, 1, False),  # one pass: the row held in registers
     ("quantize", 1, 0, 4096, 4, 1, True),
+    ("quantize", 1, 0, 32768, 16, 1, False, 8),  # one pass, a row's rounding over 8 programs
 ]
 KV4 = [  # kind, BLOCK_M, BLOCK_N, warps, stages, keys per channel over T tokens (0: per
     # token), query dtype (bf16 queries once hit a dot of mixed dtypes only a compile sees),
@@ -75,10 +76,13 @@ for kind, bm, bn, bk, w, st, pf, split in w4a16:
         out.append(["w4a16", kind, bm, 0, repr(e.__cause__ or e)[-800:]])
 for kind, bm, bn, bk, w, st, fp8, *opt in w4a8:
     pf, natural, reduce = (opt + [False, False, False])[:3]
+    slices = 1
+    if kind == "quantize":  # its option: rounding slices per row
+        pf, slices = 0, (opt + [1])[0]
     try:
         variant = s.compile_w4a8_variant(
             kind, bm, bn, bk, w, st, fp8, prefetch=int(bool(pf)), x_natural=natural,
-            self_reduce=reduce,
+            self_reduce=reduce, slices=slices,
         )
         regs = s.resources(variant)["REG"]
         out.append(["w4a8", kind, bm, regs, None])

@@ -242,12 +242,16 @@ def _on_device(*tensors):
     act_dtype=st.sampled_from(["int8", "float8_e4m3fn"]),
     order=st.sampled_from(["natural", "planes", "even_odd"]),
     strided=st.booleans(),
-    one_pass=st.sampled_from([None, True, False]),
+    one_pass=st.sampled_from([None, True, False, 4]),
     seed=st.integers(0, 2**31 - 1),
 )
 def test_quantize_kernel_is_bit_exact(m, k, dtype, act_dtype, order, strided, one_pass, seed):
     """The eager path's Triton kernel agrees with the torch formula the compiled path uses,
-    with the row read twice (two loops) or held in registers (one pass)."""
+    with the row read twice (two loops), held in registers (one pass), or held by 4 programs
+    that each round a quarter of it (one pass, 4 slices)."""
+    slices = 1
+    if one_pass == 4:
+        one_pass, slices = True, 4
     gen = torch.Generator().manual_seed(seed)
     x = (torch.randn(k, m, generator=gen) * torch.rand(k, 1, generator=gen) * 30).t()
     x[0] = 0
@@ -256,7 +260,9 @@ def test_quantize_kernel_is_bit_exact(m, k, dtype, act_dtype, order, strided, on
         x = x.contiguous()
     planes_bk = 64 if order == "planes" and k % 64 == 0 else 0
     even_odd_bk = 64 if order == "even_odd" and k % 64 == 0 else 0
-    xq, scale = quantize_per_token(*_on_device(x), act_dtype, planes_bk, even_odd_bk, one_pass)
+    xq, scale = quantize_per_token(
+        *_on_device(x), act_dtype, planes_bk, even_odd_bk, one_pass, slices
+    )
     ref_q, ref_s = quantize_activations_per_token(x, act_dtype)
     if planes_bk:
         ref_q = to_planes(ref_q.view(torch.uint8), planes_bk).view(ref_q.dtype)
@@ -264,6 +270,26 @@ def test_quantize_kernel_is_bit_exact(m, k, dtype, act_dtype, order, strided, on
         ref_q = to_even_odd(ref_q.view(torch.uint8), even_odd_bk).view(ref_q.dtype)
     assert torch.equal(xq.cpu().view(torch.uint8), ref_q.view(torch.uint8))
     assert torch.equal(scale.cpu(), ref_s)
+
+
+@pytest.mark.parametrize("act_dtype", ["int8", "float8_e4m3fn"])
+@pytest.mark.parametrize(("k", "slices"), [(320, 4), (256, 8), (64, 2)])
+def test_quantize_kernel_slices_agree_with_one_program_per_row(act_dtype, k, slices):
+    """Rows split over several programs (each takes the absmax, rounds its slice): the same
+    bytes and scales as one program per row, in natural and even/odd order, K not a power of
+    two included; bad slice counts are refused."""
+    gen = torch.Generator().manual_seed(k * slices)
+    x = (torch.randn(3, k, generator=gen) * 20).to(torch.float16)
+    x[1, 5] = 900.0  # an outlier sets the row's scale
+    for order in (0, 64 if k % 64 == 0 else 0):
+        one = quantize_per_token(*_on_device(x), act_dtype, 0, order, True)
+        split = quantize_per_token(*_on_device(x), act_dtype, 0, order, True, slices)
+        assert torch.equal(split[0].view(torch.uint8), one[0].view(torch.uint8))
+        assert torch.equal(split[1], one[1])
+    with pytest.raises(ValueError, match="slices=3 needs one_pass and a power of two"):
+        quantize_per_token(*_on_device(x), act_dtype, 0, 0, True, 3)
+    with pytest.raises(ValueError, match="needs one_pass"):
+        quantize_per_token(*_on_device(x), act_dtype, 0, 0, False, 2)
 
 
 def test_quantize_kernel_rounds_e4m3_ties_to_even():

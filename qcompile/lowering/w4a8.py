@@ -98,10 +98,28 @@ def _round_to_e4m3(v):
 
 # --------------------------------------------------------------------------- activations
 @triton.jit
+def _store_codes(
+    v, k, live, xq_row, QMAX: tl.constexpr, FP8: tl.constexpr, PLANES_BK: tl.constexpr,
+    EVEN_ODD_BK: tl.constexpr,
+):  # fmt: skip
+    """Round v = x * (QMAX / absmax) onto the int8 / e4m3 grid and store it at column k of
+    the row (or where the planes / even-odd order puts k)."""
+    if FP8:
+        q = _round_to_e4m3(tl.minimum(tl.maximum(v, -QMAX), QMAX)).to(tl.float8e4nv)
+    else:
+        q = tl.minimum(tl.maximum(_round_half_even(v), -QMAX), QMAX).to(tl.int8)
+    if PLANES_BK > 0:
+        k = (k // PLANES_BK) * PLANES_BK + (k % 8) * (PLANES_BK // 8) + (k % PLANES_BK) // 8
+    if EVEN_ODD_BK > 0:
+        k = (k // EVEN_ODD_BK) * EVEN_ODD_BK + (k % 2) * (EVEN_ODD_BK // 2) + (k % EVEN_ODD_BK) // 2
+    tl.store(xq_row + k, q, mask=live)
+
+
+@triton.jit
 def _quantize_per_token_kernel(
     x_ptr, xq_ptr, scale_ptr, K, stride_xm, stride_xk,
     QMAX: tl.constexpr, FP8: tl.constexpr, BLOCK: tl.constexpr, PLANES_BK: tl.constexpr,
-    EVEN_ODD_BK: tl.constexpr = 0, ONE_PASS: tl.constexpr = False,
+    EVEN_ODD_BK: tl.constexpr = 0, ONE_PASS: tl.constexpr = False, SLICES: tl.constexpr = 1,
 ):  # fmt: skip
     # Row m: absmax over K, then xq = round(x * (QMAX / absmax)), scale = absmax / QMAX, the
     # same fp32 operations as `quantize_activations_per_token` (launched without FMA
@@ -111,9 +129,12 @@ def _quantize_per_token_kernel(
     # (column c*BK + p*BK/2 + j holds k = c*BK + 2j + p) for the SWAR kernel. ONE_PASS
     # (BLOCK >= K) keeps the row in registers: one read of x, all loads in flight at once,
     # where the two loops' dependent round trips dominate a lone row (M = 1: ~11 us at
-    # K = 28672 on the H100).
+    # K = 28672 on the H100). SLICES > 1 (with ONE_PASS; grid (M, SLICES)): every program
+    # of a row takes its absmax, but rounds and stores only its 1/SLICES of the row, so a
+    # lone row's rounding is spread over SLICES SMs instead of one.
     m = tl.program_id(0)
     x_row = x_ptr + m * stride_xm
+    xq_row = xq_ptr + m * K
     offs = tl.arange(0, BLOCK)
     if ONE_PASS:
         x_all = tl.load(x_row + offs * stride_xk, mask=offs < K, other=0.0).to(tl.float32)
@@ -125,27 +146,22 @@ def _quantize_per_token_kernel(
             amax = tl.maximum(amax, tl.abs(x.to(tl.float32)))
     absmax = tl.maximum(tl.max(amax, axis=0), _ABSMAX_FLOOR)
     inv = tl.math.div_rn(tl.full((), QMAX, tl.float32), absmax)
-    for k0 in range(0, K, BLOCK):
-        k = k0 + offs
-        if ONE_PASS:
-            v = x_all * inv
-        else:
-            x = tl.load(x_row + k * stride_xk, mask=k < K, other=0.0)
-            v = x.to(tl.float32) * inv
-        if FP8:
-            q = _round_to_e4m3(tl.minimum(tl.maximum(v, -QMAX), QMAX)).to(tl.float8e4nv)
-        else:
-            q = tl.minimum(tl.maximum(_round_half_even(v), -QMAX), QMAX).to(tl.int8)
-        if PLANES_BK > 0:
-            k = (k // PLANES_BK) * PLANES_BK + (k % 8) * (PLANES_BK // 8) + (k % PLANES_BK) // 8
-        if EVEN_ODD_BK > 0:
-            k = (
-                (k // EVEN_ODD_BK) * EVEN_ODD_BK
-                + (k % 2) * (EVEN_ODD_BK // 2)
-                + (k % EVEN_ODD_BK) // 2
-            )
-        tl.store(xq_ptr + m * K + k, q, mask=k0 + offs < K)
-    tl.store(scale_ptr + m, tl.math.div_rn(absmax, tl.full((), QMAX, tl.float32)))
+    if SLICES > 1:
+        k = tl.program_id(1) * (BLOCK // SLICES) + tl.arange(0, BLOCK // SLICES)
+        x = tl.load(x_row + k * stride_xk, mask=k < K, other=0.0)  # (from L1 / L2)
+        _store_codes(x.to(tl.float32) * inv, k, k < K, xq_row, QMAX, FP8, PLANES_BK, EVEN_ODD_BK)
+        if tl.program_id(1) == 0:
+            tl.store(scale_ptr + m, tl.math.div_rn(absmax, tl.full((), QMAX, tl.float32)))
+    else:
+        for k0 in range(0, K, BLOCK):
+            k = k0 + offs
+            if ONE_PASS:
+                v = x_all * inv
+            else:
+                x = tl.load(x_row + k * stride_xk, mask=k < K, other=0.0)
+                v = x.to(tl.float32) * inv
+            _store_codes(v, k, k0 + offs < K, xq_row, QMAX, FP8, PLANES_BK, EVEN_ODD_BK)
+        tl.store(scale_ptr + m, tl.math.div_rn(absmax, tl.full((), QMAX, tl.float32)))
 
 
 # --------------------------------------------------------------------------- shared epilogue
@@ -1040,11 +1056,14 @@ def quantize_per_token(
     planes_block_k: int = 0,
     even_odd_block_k: int = 0,
     one_pass: bool | None = None,
+    slices: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] (any strides) -> (xq [M, K] contiguous, scale [M] fp32) with the Triton kernel;
     `planes_block_k` > 0 writes xq plane-major per chunk for the planes kernel,
     `even_odd_block_k` > 0 in `to_even_odd` order for the SWAR kernel. `one_pass` (default:
-    M <= 16 and K <= 32768) holds each row in registers instead of reading it twice."""
+    M <= 16 and K <= 32768) holds each row in registers instead of reading it twice;
+    `slices` > 1 (one pass only; untimed, so not a default) spreads a row's rounding over that
+    many programs."""
     if planes_block_k and even_odd_block_k:
         raise ValueError("quantize_per_token: one xq order at a time (planes or even/odd)")
     m, k = x.shape
@@ -1056,12 +1075,16 @@ def quantize_per_token(
         one_pass = m <= _ONE_PASS_MAX_M and k <= _ONE_PASS_MAX_K
     if one_pass and k > _ONE_PASS_MAX_K:
         raise ValueError(f"quantize_per_token: one pass holds K <= {_ONE_PASS_MAX_K}, got K={k}")
+    if slices > 1 and not (one_pass and _pow2(slices) and slices <= triton.next_power_of_2(k)):
+        raise ValueError(
+            f"quantize_per_token: slices={slices} needs one_pass and a power of two <= K"
+        )
     block = triton.next_power_of_2(k) if one_pass else min(triton.next_power_of_2(k), 2048)
     warps = min(16, max(4, block // 2048)) if one_pass else 4 if block <= 1024 else 8
-    _quantize_per_token_kernel[(m,)](
+    _quantize_per_token_kernel[(m, slices)](
         x, xq, scale, k, x.stride(0), x.stride(1),
         QMAX=ACT_QMAX[act_dtype], FP8=act_dtype != "int8", BLOCK=block, PLANES_BK=planes_block_k,
-        EVEN_ODD_BK=even_odd_block_k, ONE_PASS=one_pass,
+        EVEN_ODD_BK=even_odd_block_k, ONE_PASS=one_pass, SLICES=slices,
         num_warps=warps, enable_fp_fusion=False,
     )  # fmt: skip
     return xq, scale
