@@ -12,6 +12,8 @@ directly on the eager path).
         # the int8 lane-MMA kernel at small M, beside our W4A16 op
     python benchmarks/probe_w4a8_swar.py --act float8_e4m3fn --bms 128,256 --bns 64,128 --bks 128
         # the FP8 SWAR GEMM (e4m3 activations and (q - z), s2 per K tile) beside _scaled_mm
+    python benchmarks/probe_w4a8_swar.py --kernel fp8_mm --act float8_e4m3fn --bns 64 --bks 128
+        # unpack to e4m3 (q - z) + cuBLASLt's 1x128 block-scaled FP8 GEMM (F.scaled_mm)
     python benchmarks/probe_w4a8_swar.py --kernel int_mm --bns 64,128 --bks 128,256
         # unpack to int8 + torch._int_mm (whole path: unpack, GEMM, rescale) beside the SWAR
         # default config
@@ -36,7 +38,12 @@ from bench_w4a16 import GROUP, copies, hbm_bandwidth, time_graph
 from weights import random_packed, random_w4a8
 
 from qcompile.lowering.autotune import KernelConfig, m_bucket
-from qcompile.lowering.w4a8 import launch, quantize_per_token, valid_config
+from qcompile.lowering.w4a8 import (
+    _unpack_fp8_scaled_mm,
+    launch,
+    quantize_per_token,
+    valid_config,
+)
 from qcompile.lowering.w4a16 import w4a16_linear_cuda
 from qcompile.quant.w4a8 import int8_weight
 
@@ -76,6 +83,39 @@ def lane_configs(m: int, k: int, args: argparse.Namespace) -> list[KernelConfig]
         if rows <= 64 and valid_config(cfg, 8, k, GROUP, "int8"):  # N only gates int_mm
             out.append(cfg)
     return out
+
+
+def _describe(pair: dict) -> str:
+    """One timed config on one line."""
+    c = pair["config"]
+    keys = ("block_m", "block_n", "block_k", "split_k", "num_warps", "num_stages", "prefetch")
+    names = ("bm", "bn", "bk", "split", "w", "s", "pf")
+    tile = " ".join(f"{nm}{int(c[key])}" for key, nm in zip(keys, names, strict=True) if key in c)
+    return f"{pair['us']:.1f} {c['kernel']} {tile} reduce{int(pair.get('self_reduce', True))}"
+
+
+def probe_fp8_mm(args, row, xq, xs, packed, acc_ref) -> None:
+    """`_unpack_fp8_scaled_mm` per unpacking tile (--bns x --bks): output checked against the
+    float64 FP8 reference (relative error), then timed whole (unpack + GEMM)."""
+    p0 = packed[0]
+    ref = acc_ref * xs.double()[:, None] * p0.channel_scales.double()[None, :]
+    for bn, bk in itertools.product(_ints(args.bns), _ints(args.bks)):
+        cfg = {"kernel": "fp8_mm", "block_n": bn, "block_k": bk}
+
+        def run(p, bn=bn, bk=bk):
+            return _unpack_fp8_scaled_mm(
+                xq, xs, *p.tensors(), None, GROUP, torch.float16, block_n=bn, block_k=bk
+            )
+
+        try:
+            err = ((run(p0).double() - ref).norm() / ref.norm()).item()
+            us = time_graph([lambda p=p: run(p) for p in packed], batches=7)
+        except Exception as e:  # noqa: BLE001 - e.g. a torch without the 1x128 recipe
+            row["pairs"].append({"config": cfg, "error": repr(e)[:300]})
+            continue
+        row["pairs"].append(
+            {"config": cfg, "us": us, "exact": err < 2e-3, "rel_err": err, "self_reduce": True}
+        )
 
 
 def probe(args: argparse.Namespace, results: list, save, t_start: float) -> None:
@@ -125,7 +165,9 @@ def probe(args: argparse.Namespace, results: list, save, t_start: float) -> None
                 )
                 del w16
             row["pairs"] = []
-            for cfg in swar_configs(m, k, args):
+            if args.kernel == "fp8_mm":  # unpack to e4m3 + cuBLASLt's 1x128 block-scaled GEMM
+                probe_fp8_mm(args, row, xq, xs, packed, acc_ref)
+            for cfg in swar_configs(m, k, args) if args.kernel != "fp8_mm" else ():
                 if time.time() - t_start > args.budget:
                     break
 
@@ -159,17 +201,11 @@ def probe(args: argparse.Namespace, results: list, save, t_start: float) -> None
                     f"scaled_mm {row.get('scaled_mm_us', float('nan')):.1f} "
                     f"int_mm {row['int_mm_us']:.1f} w4a16 {row.get('w4a16_us', float('nan')):.1f}")  # fmt: skip
             if ok:
-                c = ok[0]["config"]
-                line += (f" | {c['kernel']} {ok[0]['us']:.1f} (bm{c['block_m']} bn{c['block_n']} "
-                         f"bk{c['block_k']} w{c['num_warps']} s{c['num_stages']} "
-                         f"pf{int(c['prefetch'])}) = {row['cublas_us'] / ok[0]['us']:.2f}x cublas; "
+                line += (f" | {_describe(ok[0])} = {row['cublas_us'] / ok[0]['us']:.2f}x cublas; "
                          f"all exact: {all(r['exact'] for r in ok)}")  # fmt: skip
             print(line, flush=True)
             for r in ok[1:4]:
-                c = r["config"]
-                print(f"    {r['us']:.1f} {c['kernel']} bm{c['block_m']} bn{c['block_n']} bk{c['block_k']} "
-                      f"s{c['num_stages']} pf{int(c['prefetch'])} split{c['split_k']} "
-                      f"w{c['num_warps']} reduce{int(r['self_reduce'])}", flush=True)  # fmt: skip
+                print(f"    {_describe(r)}", flush=True)
             errors = [r for r in row["pairs"] if "error" in r]
             if errors:
                 print(f"    {len(errors)} configs failed, e.g. {errors[0]['error']}", flush=True)
@@ -188,7 +224,9 @@ def main() -> None:
     ap.add_argument("--prefetch", default="0")
     ap.add_argument("--splits", default="1")
     ap.add_argument("--stages", default="3")
-    ap.add_argument("--kernel", default="gemm_swar", choices=("gemm_swar", "mma", "int_mm"))
+    ap.add_argument(
+        "--kernel", default="gemm_swar", choices=("gemm_swar", "mma", "int_mm", "fp8_mm")
+    )
     ap.add_argument(
         "--act", default="int8", choices=("int8", "float8_e4m3fn"),
         help="gemm_swar: activation dtype (float8_e4m3fn: the FP8 SWAR GEMM, beside _scaled_mm)",

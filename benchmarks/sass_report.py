@@ -112,7 +112,7 @@ def compile_w4a8_variant(
         return triton.compile(src, target=TARGET, options=opts)
     if kind == "int_mm":
         fn = w4a8_kernels._w4a8_unpack_kernel
-        consts = {"GROUP": group, "BLOCK_N": bn, "BLOCK_K": bk, "ASM": True}
+        consts = {"GROUP": group, "BLOCK_N": bn, "BLOCK_K": bk, "ASM": True, "FP8": fp8}
         sig = {"qw_ptr": "*i32", "s2_ptr": "*u8", "z_ptr": "*u8", "w8_ptr": "*i8", "N": "i32",
                "K": "i32", **dict.fromkeys(consts, "constexpr")}  # fmt: skip
         attrs = {(i,): [["tt.divisibility", 16]] for i in range(6)}

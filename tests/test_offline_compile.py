@@ -46,6 +46,7 @@ W4A8 = [  # kind, BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, fp8 activations, [pr
     ("mma", 16, 128, 128, 4, 1, False, False, True, True),  # split K reduced in the launch
     ("int_mm", 0, 64, 128, 4, 1, False),  # the int8 unpacking kernel (SWAR PTX, interleave)
     ("int_mm", 0, 128, 256, 4, 1, False),  # two groups per tile (g128)
+    ("int_mm", 0, 64, 128, 4, 1, True),  # e4m3 (q - z) for the block-scaled FP8 GEMM
     ("quantize", 0, 0, 2048, 8, 1, False),  # per-token quantize, two loops over x
     ("quantize", 1, 0, 32768, 16, 1, False),  # one pass: the row held in registers
     ("quantize", 1, 0, 4096, 4, 1, True),

@@ -870,3 +870,24 @@ def test_lane_mma_split_k_reduces_in_one_launch_and_rearms_its_counters(rows, wa
     assert torch.equal(outs[0], outs[1])
     assert_close_rel(outs[0].cpu(), expected.cpu(), torch.float16)
     assert int(_tile_counters(outs[0].device).abs().sum()) == 0
+
+
+@pytest.mark.parametrize(("n", "k", "block_n", "block_k"), [(24, 256, 16, 128), (64, 512, 64, 256)])
+def test_fp8_unpacking_writes_e4m3_q_minus_z_in_k_order(n, k, block_n, block_k):
+    """The block-scaled FP8 path's unpacking: [N, K] e4m3 codes of (q - z), exactly torch's
+    cast of the integers (|q - z| <= 15 is exact in e4m3), K-contiguous, natural k order."""
+    from qcompile.lowering.w4a8 import _interpreting, _w4a8_unpack_kernel
+
+    gen = torch.Generator().manual_seed(n + k)
+    p = quantize_weight_w4a8(torch.randn(n, k, generator=gen), Scheme(name="w4a8", group_size=128))
+    w = torch.empty((n, k), dtype=torch.float8_e4m3fn, device=KERNEL_DEVICE)
+    qw, s2, z = _on_device(p.qweight, p.group_scales, p.group_zeros)
+    _w4a8_unpack_kernel[(-(-n // block_n), k // block_k)](
+        qw, s2, z, w.view(torch.int8), n, k,
+        GROUP=128, BLOCK_N=block_n, BLOCK_K=block_k, ASM=not _interpreting(), FP8=True,
+    )  # fmt: skip
+    codes = torch.stack([(p.qweight >> (4 * i)) & 0xF for i in range(8)], 1).reshape(k, n).t()
+    zeros = p.group_zeros.t().to(torch.int64).repeat_interleave(128, dim=1)
+    expected = (codes - zeros).float().to(torch.float8_e4m3fn)
+    assert torch.equal(w.cpu().view(torch.uint8), expected.view(torch.uint8))
+    assert (codes - zeros).abs().max() <= 15

@@ -592,13 +592,75 @@ def _unpack_word(words, s2, zs, ASM: tl.constexpr):
         return lo, hi
 
 
+# The FP8 unpacking kernel's step: $2 a word, $3 z -> $0 / $1 the e4m3 codes of (q - z) at
+# k = 0..3 / 4..7, low byte first (`_SWAR_FP8_UNPACK`'s pairs, interleaved by two PRMTs).
+_UNPACK_WORD_FP8 = tl.constexpr(
+    "{\n"
+    + "\n".join(
+        [
+            ".reg .b32 zz, t, a0, a1, a2, a3, e, o, e2, o2;",
+            ".reg .b16 h0, h1, h2, h3;",
+            "and.b32 zz, $3, 0xF;",
+            "mul.lo.u32 zz, zz, 0x00010001;",
+            "or.b32 zz, zz, 0x64006400;",
+            "lop3.b32 a0, $2, 0x000F000F, 0x64006400, 0xEA;",  # k = 0, 4
+            "shr.u32 t, $2, 8;",
+            "lop3.b32 a1, t, 0x000F000F, 0x64006400, 0xEA;",  # k = 2, 6
+            "shr.u32 t, $2, 4;",
+            "lop3.b32 a2, t, 0x000F000F, 0x64006400, 0xEA;",  # k = 1, 5
+            "shr.u32 t, $2, 12;",
+            "lop3.b32 a3, t, 0x000F000F, 0x64006400, 0xEA;",  # k = 3, 7
+            "sub.rn.f16x2 a0, a0, zz;",
+            "sub.rn.f16x2 a1, a1, zz;",
+            "sub.rn.f16x2 a2, a2, zz;",
+            "sub.rn.f16x2 a3, a3, zz;",
+            "cvt.rn.satfinite.e4m3x2.f16x2 h0, a0;",
+            "cvt.rn.satfinite.e4m3x2.f16x2 h1, a1;",
+            "cvt.rn.satfinite.e4m3x2.f16x2 h2, a2;",
+            "cvt.rn.satfinite.e4m3x2.f16x2 h3, a3;",
+            "cvt.u32.u16 e, h0;",
+            "cvt.u32.u16 e2, h1;",
+            "prmt.b32 e, e, e2, 0x5410;",  # bytes k = 0, 4, 2, 6
+            "cvt.u32.u16 o, h2;",
+            "cvt.u32.u16 o2, h3;",
+            "prmt.b32 o, o, o2, 0x5410;",  # bytes k = 1, 5, 3, 7
+            "prmt.b32 $0, e, o, 0x6240;",  # k = 0, 1, 2, 3
+            "prmt.b32 $1, e, o, 0x7351;",  # k = 4, 5, 6, 7
+        ]
+    )
+    + "\n}"
+)
+
+
+@triton.jit
+def _unpack_word_fp8(words, z, ASM: tl.constexpr):
+    """int32 words and z (int32, broadcast to the words' shape) -> two int32 words holding the
+    e4m3 codes of (q - z) at k = 0..3 and 4..7, low byte first."""
+    if ASM:
+        return tl.inline_asm_elementwise(
+            _UNPACK_WORD_FP8, "=r,=r,r,r", [words, z], dtype=(tl.int32, tl.int32),
+            is_pure=True, pack=1,
+        )  # fmt: skip
+    else:
+        lo = tl.zeros_like(words)
+        hi = tl.zeros_like(words)
+        for i in tl.static_range(4):
+            d_lo = (((words >> (4 * i)) & 0xF) - z).to(tl.float32).to(tl.float8e4nv)
+            d_hi = (((words >> (4 * i + 16)) & 0xF) - z).to(tl.float32).to(tl.float8e4nv)
+            lo |= (d_lo.to(tl.int8, bitcast=True).to(tl.int32) & 0xFF) << (8 * i)
+            hi |= (d_hi.to(tl.int8, bitcast=True).to(tl.int32) & 0xFF) << (8 * i)
+        return lo, hi
+
+
 @triton.jit
 def _w4a8_unpack_kernel(
     qw_ptr, s2_ptr, z_ptr, w8_ptr, N, K,
     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ASM: tl.constexpr,
+    FP8: tl.constexpr = False,
 ):  # fmt: skip
     # words [BLOCK_K / 8, BLOCK_N] (N-contiguous, coalesced) -> w8 [N, K] int8, K-contiguous
     # (the "int_mm" path's weight). Memory-bound: reads N*K/2 + 2*N*K/G bytes, writes N*K.
+    # FP8: e4m3 (q - z) instead, s2 left to the GEMM's block scales (`_unpack_fp8_scaled_mm`).
     ROWS: tl.constexpr = BLOCK_K // 8
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     k0 = tl.program_id(1) * BLOCK_K
@@ -606,9 +668,13 @@ def _w4a8_unpack_kernel(
     n_mask = rn < N
     words = tl.load(qw_ptr + (k0 // 8 + rr)[:, None] * N + rn[None, :], mask=n_mask[None, :])
     g = ((k0 + 8 * rr) // GROUP)[:, None] * N + rn[None, :]
-    s2 = tl.load(s2_ptr + g, mask=n_mask[None, :], other=0).to(tl.int32)
-    z = tl.load(z_ptr + g, mask=n_mask[None, :], other=0).to(tl.int32)
-    lo, hi = _unpack_word(words, s2, z * s2, ASM)
+    if FP8:
+        z = tl.load(z_ptr + g, mask=n_mask[None, :], other=0).to(tl.int32)
+        lo, hi = _unpack_word_fp8(words, z, ASM)
+    else:
+        s2 = tl.load(s2_ptr + g, mask=n_mask[None, :], other=0).to(tl.int32)
+        z = tl.load(z_ptr + g, mask=n_mask[None, :], other=0).to(tl.int32)
+        lo, hi = _unpack_word(words, s2, z * s2, ASM)
     w = tl.reshape(tl.permute(tl.join(lo, hi), (1, 0, 2)), (BLOCK_N, 2 * ROWS))  # (n, k / 4)
     w8_words = w8_ptr.to(tl.pointer_type(tl.int32))
     rw = k0 // 4 + tl.arange(0, 2 * ROWS)
@@ -1244,6 +1310,36 @@ def _unpack_int_mm(cfg, xq, qweight, group_scales, group_zeros, group_size) -> t
     if xq.is_cuda and m < _INT_MM_MIN_ROWS:
         rows = torch.cat([rows, rows.new_zeros((_INT_MM_MIN_ROWS - m, k))])
     return torch._int_mm(rows, w8.t())[:m]
+
+
+def _unpack_fp8_scaled_mm(
+    xq, x_scale, qweight, group_scales, group_zeros, channel_scales, bias, group_size, out_dtype,
+    block_n: int = 64, block_k: int = 128,
+) -> torch.Tensor:  # fmt: skip
+    """FP8 W4A8 through cuBLASLt's block-scaled FP8 GEMM (Hopper, cuBLASLt >= 12.9; untimed,
+    so not a kernel kind yet): the weight unpacked once to e4m3 (q - z) [N, K], then
+    `F.scaled_mm` with 1x128 block scales on both sides, x_scale[m] for x and s2 * s1 for the
+    weight, so out = sum_g x_scale * s1 * s2 * sum_k x (q - z), the FP8 reference's sum (the
+    scales multiply in another order: fp32 rounding apart). Needs G = 128."""
+    import torch.nn.functional as F
+
+    m, k = xq.shape
+    n = qweight.shape[1]
+    if group_size != 128 or xq.dtype != torch.float8_e4m3fn:
+        raise ValueError("_unpack_fp8_scaled_mm: e4m3 activations and group_size=128 only")
+    w8 = torch.empty((n, k), device=xq.device, dtype=torch.float8_e4m3fn)
+    _w4a8_unpack_kernel[(triton.cdiv(n, block_n), k // block_k)](
+        qweight, group_scales, group_zeros, w8.view(torch.int8), n, k,
+        GROUP=group_size, BLOCK_N=block_n, BLOCK_K=block_k, ASM=not _interpreting(), FP8=True,
+    )  # fmt: skip
+    # scales [rows, K / 128] with strides (1, rows), as cuBLASLt's 1x128 recipe wants
+    scale_a = x_scale.float()[None, :].expand(k // 128, m).contiguous().t()
+    scale_b = (group_scales.float() * channel_scales.float()[None, :]).contiguous().t()
+    recipe = F.ScalingType.BlockWise1x128
+    out = F.scaled_mm(
+        xq.contiguous(), w8.t(), scale_a, recipe, scale_b, recipe, output_dtype=out_dtype
+    )
+    return out + bias if bias is not None else out
 
 
 def tune_key(m: int, n: int, k: int, group_size: int, act_dtype: str, out_dtype) -> TuneKey:
