@@ -36,7 +36,9 @@ group_zeros [K/G, N] uint8, channel_scales [N] fp32). Kernels, top to bottom:
   int8 "TN" layout), cuBLASLt's int8 GEMM gives the int32 accumulator,
   `_w4a8_splitk_epilogue_kernel` rescales it. The unpacking
   is memory-bound (N*K/2 bytes read, N*K written: ~0.12 ms for 8192x28672 on an H100), so it
-  pays where the GEMM is long: the int8 ceiling is ~1.4x cuBLAS fp16 at M = 1024.
+  pays where the GEMM is long: the int8 ceiling is ~1.4x cuBLAS fp16 at M = 1024. Its FP8
+  variant writes e4m3 (q - z) for `_unpack_fp8_scaled_mm` (cuBLASLt's 1x128 block-scaled FP8
+  GEMM, s2 * s1 as the weight's block scales; untimed, not a kernel kind).
 * `_w4a8_gemv_kernel` ("gemv", M <= 8): CUDA cores, one program per (N tile, K split, row).
   Integer per group: sum_k (q - z) s2 x = s2 * sum_k q x - z s2 * sum_k x, so the inner loop
   is shift, and, multiply-add per weight. Memory-bound: floor =
