@@ -91,7 +91,9 @@ def _describe(pair: dict) -> str:
     keys = ("block_m", "block_n", "block_k", "split_k", "num_warps", "num_stages", "prefetch")
     names = ("bm", "bn", "bk", "split", "w", "s", "pf")
     tile = " ".join(f"{nm}{int(c[key])}" for key, nm in zip(keys, names, strict=True) if key in c)
-    return f"{pair['us']:.1f} {c['kernel']} {tile} reduce{int(pair.get('self_reduce', True))}"
+    reduce = pair.get("self_reduce")
+    mode = "" if reduce is None else f" reduce{int(reduce)}x{pair.get('reduce_unroll', 1)}"
+    return f"{pair['us']:.1f} {c['kernel']} {tile}{mode}"
 
 
 def probe_fp8_mm(args, row, xq, xs, packed, acc_ref) -> None:
@@ -113,9 +115,7 @@ def probe_fp8_mm(args, row, xq, xs, packed, acc_ref) -> None:
         except Exception as e:  # noqa: BLE001 - e.g. a torch without the 1x128 recipe
             row["pairs"].append({"config": cfg, "error": repr(e)[:300]})
             continue
-        row["pairs"].append(
-            {"config": cfg, "us": us, "exact": err < 2e-3, "rel_err": err, "self_reduce": True}
-        )
+        row["pairs"].append({"config": cfg, "us": us, "exact": err < 2e-3, "rel_err": err})
 
 
 def probe(args: argparse.Namespace, results: list, save, t_start: float) -> None:
@@ -176,8 +176,12 @@ def probe(args: argparse.Namespace, results: list, save, t_start: float) -> None
                         cfg, xq, xs, *p.tensors(), None, GROUP, torch.float16, **kw
                     )  # fmt: skip
 
-                reduce_modes = (True, False) if cfg.kernel == "mma" and cfg.split_k > 1 else (True,)
-                for reduce in reduce_modes:  # mma split K: in one launch, or two (epilogue)
+                # mma split K: in one launch (a loop over the partials, or unrolled), or two
+                reduce_modes = [(None, 1)]
+                if cfg.kernel == "mma" and cfg.split_k > 1:
+                    reduce_modes = [(True, 1), (False, 1)]
+                    reduce_modes += [(True, u) for u in _ints(args.reduce_unroll) if u > 1]
+                for reduce, unroll in reduce_modes:
                     try:
                         acc = run(p0, accumulator=True).double()
                         if args.act == "int8":
@@ -185,16 +189,18 @@ def probe(args: argparse.Namespace, results: list, save, t_start: float) -> None
                         else:  # Hopper's fp8 MMA accumulates with fewer bits than fp32
                             err = ((acc - acc_ref).norm() / acc_ref.norm()).item()
                             exact = err < 1e-4
-                        out1 = run(p0, self_reduce=reduce)
-                        same = bool(torch.equal(out1, run(p0, self_reduce=not reduce)))
+                        kw = {"self_reduce": reduce, "reduce_unroll": unroll}
+                        out1 = run(p0, **kw)
+                        same = bool(torch.equal(out1, run(p0, self_reduce=False)))
                         us = time_graph(
-                            [lambda p=p, r=reduce: run(p, self_reduce=r) for p in packed], batches=7
-                        )  # fmt: skip
+                            [lambda p=p, kw=kw: run(p, **kw) for p in packed], batches=7
+                        )
                     except Exception as e:  # noqa: BLE001 - a config the compiler rejects
                         row["pairs"].append({"config": cfg.__dict__, "error": repr(e)[:200]})
                         continue
                     row["pairs"].append({"config": cfg.__dict__, "us": us, "exact": exact,
-                                         "self_reduce": reduce, "same_out": same})  # fmt: skip
+                                         "self_reduce": reduce, "reduce_unroll": unroll,
+                                         "same_out": same})  # fmt: skip
             ok = sorted((r for r in row["pairs"] if "us" in r), key=lambda r: r["us"])
             row["pairs"] = ok + [r for r in row["pairs"] if "us" not in r]
             line = (f"W4A8 {args.act} N={n} K={k} M={m}: cublas {row['cublas_us']:.1f} "
@@ -232,6 +238,11 @@ def main() -> None:
         help="gemm_swar: activation dtype (float8_e4m3fn: the FP8 SWAR GEMM, beside _scaled_mm)",
     )  # fmt: skip
     ap.add_argument("--warps", default="2,4,8", help="mma: warps (32 columns each)")
+    ap.add_argument(
+        "--reduce-unroll",
+        default="",
+        help="mma, split K: also the one-launch sum unrolled by these",
+    )
     ap.add_argument("--budget", type=float, default=400.0, help="seconds; then stop probing")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()

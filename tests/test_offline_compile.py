@@ -44,6 +44,7 @@ W4A8 = [  # kind, BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, fp8 activations, [pr
     ("gemm_swar", 256, 128, 128, 8, 3, True, True),  # FP8: e4m3 (q - z) by PTX, fp8 wgmma
     ("mma", 16, 128, 128, 4, 1, False, False, True),  # natural-order xq, PRMT per lane
     ("mma", 16, 128, 128, 4, 1, False, False, True, True),  # split K reduced in the launch
+    ("mma", 8, 128, 128, 4, 1, False, False, True, 8),  # ... its partials' loads unrolled by 8
     ("int_mm", 0, 64, 128, 4, 1, False),  # the int8 unpacking kernel (SWAR PTX, interleave)
     ("int_mm", 0, 128, 256, 4, 1, False),  # two groups per tile (g128)
     ("int_mm", 0, 64, 128, 4, 1, True),  # e4m3 (q - z) for the block-scaled FP8 GEMM
@@ -83,7 +84,7 @@ for kind, bm, bn, bk, w, st, fp8, *opt in w4a8:
     try:
         variant = s.compile_w4a8_variant(
             kind, bm, bn, bk, w, st, fp8, prefetch=int(bool(pf)), x_natural=natural,
-            self_reduce=reduce, slices=slices,
+            self_reduce=bool(reduce), slices=slices, reduce_unroll=max(1, int(reduce)),
         )
         regs = s.resources(variant)["REG"]
         out.append(["w4a8", kind, bm, regs, None])

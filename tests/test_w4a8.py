@@ -846,28 +846,39 @@ def test_swar_gemm_fp8_matches_the_reference(problem, data):
     _check_config(problem, cfg)
 
 
-@pytest.mark.parametrize(("rows", "warps", "split"), [(8, 1, 2), (8, 2, 4), (16, 2, 4)])
-def test_lane_mma_split_k_reduces_in_one_launch_and_rearms_its_counters(rows, warps, split):
+@pytest.mark.parametrize(
+    ("rows", "warps", "split", "reduce", "unroll"),
+    [(8, 1, 2, None, 1), (8, 2, 4, None, 1), (16, 2, 4, None, 1), (16, 2, 4, True, 1),
+     (8, 1, 3, True, 2), (16, 2, 4, True, 8)],
+)  # fmt: skip
+def test_lane_mma_split_k_reduces_in_one_launch_and_rearms_its_counters(
+    rows, warps, split, reduce, unroll
+):
     """With tile counters the last split of each column tile sums the int32 partials and
-    rescales (no second launch); the counters return to zero, so repeated calls (CUDA-graph
-    replays) agree exactly."""
+    rescales (no second launch), by default at 8 rows, forced at 16, with the partials'
+    loads unrolled (split counts not a multiple of the unroll included); the counters
+    return to zero, so repeated calls (CUDA-graph replays) agree exactly."""
     from qcompile.lowering.w4a16 import _tile_counters
 
     gen = torch.Generator().manual_seed(rows * split)
-    m, n, k = rows - 1, 32 * warps * 3, 512
+    m, n, k = rows - 1, 32 * warps * 3, 128 * split
     p = quantize_weight_w4a8(torch.randn(n, k, generator=gen), Scheme(name="w4a8", group_size=128))
     x = torch.randn(m, k, generator=gen, dtype=torch.float32).to(torch.float16)
     xq, xs = quantize_activations_per_token(x, "int8")
     args = _on_device(xq, xs, *p.tensors(), None)
     cfg = KernelConfig("mma", rows, 32 * warps, 128, split, warps, 1)
     ref = launch(cfg, *args, 128, torch.float16, accumulator=True).double()
-    outs = [launch(cfg, *args, 128, torch.float16) for _ in range(2)]
+    outs = [
+        launch(cfg, *args, 128, torch.float16, self_reduce=reduce, reduce_unroll=unroll)
+        for _ in range(2)
+    ]
     expected = (
         ref
         * xs.double()[:, None].to(ref.device)
         * p.channel_scales.double()[None, :].to(ref.device)
     )
     assert torch.equal(outs[0], outs[1])
+    assert torch.equal(outs[0], launch(cfg, *args, 128, torch.float16, self_reduce=False))
     assert_close_rel(outs[0].cpu(), expected.cpu(), torch.float16)
     assert int(_tile_counters(outs[0].device).abs().sum()) == 0
 

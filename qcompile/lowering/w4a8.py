@@ -824,7 +824,7 @@ def _w4a8_mma_kernel(
     GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_ACC: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, M_TILES: tl.constexpr, ASM: tl.constexpr,
     X_NATURAL: tl.constexpr = False, SELF_REDUCE: tl.constexpr = False, final_ptr=None,
-    cnt_ptr=None,
+    cnt_ptr=None, REDUCE_UNROLL: tl.constexpr = 1,
 ):  # fmt: skip
     # Small-M int8 path (see the comment above `_w4a8_lane_asm`). Memory-bound like the GEMV:
     # floor = weight bytes / HBM bandwidth; the SWAR unpacking costs ~1.9 instructions per
@@ -891,16 +891,28 @@ def _w4a8_mma_kernel(
         if SELF_REDUCE:
             # W4A16's `_finish_tile` on int32: the last split of this column tile to arrive
             # sums the partials in split order, rescales into final_ptr and re-arms its
-            # counter, so split K costs one launch, not two.
+            # counter, so split K costs one launch, not two. REDUCE_UNROLL > 1 keeps that
+            # many partials' loads in flight (masked past the split count) instead of one
+            # L2 round trip per split.
             tl.debug_barrier()
             arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
             if arrived == tl.num_programs(1) - 1:
                 total = tl.zeros_like(acc)
-                for sk in range(tl.num_programs(1)):
-                    total += tl.load(
-                        out_ptr + sk * stride_split + offs, mask=mask, other=0,
-                        cache_modifier=".cg",
-                    )  # fmt: skip
+                splits = tl.num_programs(1)
+                if REDUCE_UNROLL == 1:
+                    for sk in range(tl.num_programs(1)):
+                        total += tl.load(
+                            out_ptr + sk * stride_split + offs, mask=mask, other=0,
+                            cache_modifier=".cg",
+                        )  # fmt: skip
+                else:
+                    for s0 in range(0, splits, REDUCE_UNROLL):
+                        for j in tl.static_range(REDUCE_UNROLL):
+                            total += tl.load(
+                                out_ptr + (s0 + j) * stride_split + offs,
+                                mask=mask & (offs * 0 + s0 + j < splits), other=0,
+                                cache_modifier=".cg",
+                            )  # fmt: skip
                 _lane_rescale_store(
                     total, m, n, mask, offs, xs_ptr, s1_ptr, bias_ptr, final_ptr, HAS_BIAS
                 )
@@ -1173,7 +1185,8 @@ def launch(
     accumulator: bool = False,
     xq_plane_major: bool = False,
     xq_even_odd: bool = False,
-    self_reduce: bool = True,
+    self_reduce: bool | None = None,
+    reduce_unroll: int = 1,
 ) -> torch.Tensor:
     """Run one config: xq [M, K] int8 / fp8 (any strides), x_scale [M] -> out [M, N].
 
@@ -1182,8 +1195,9 @@ def launch(
     `xq_plane_major` / `xq_even_odd`: xq was written plane-major (planes kernel) or even/odd
     (SWAR kernel) for `cfg.block_k`; otherwise the launcher permutes it (one small copy).
     The lane kernel's split K reduces in its own launch (tile counters) at 8 rows per program
-    unless `self_reduce` is False or no counters exist (first call inside a CUDA-graph
-    capture); with more rows the split-K epilogue kernel sums the partials."""
+    (`self_reduce` None; True: at any row count, False: never) unless no counters exist
+    (first call inside a CUDA-graph capture); otherwise the split-K epilogue kernel sums the
+    partials. `reduce_unroll` > 1 (untimed) keeps that many partials' loads in flight."""
     m, k = xq.shape
     n = qweight.shape[1]
     fp8 = xq.dtype != torch.int8
@@ -1245,13 +1259,15 @@ def launch(
         # 30.7 -> 29.6 on 28672x4096 at split 4) and loses at 16 (67.8 -> 115.9 at split 16:
         # the last split's serial sum over 16 partials of 16 x 128 int32, and 72 -> 100
         # registers; `results/session18/fourth/probe_lane_reduce.json`)
-        reduce_here = self_reduce and cfg.block_m <= _LANE_REDUCE_MAX_ROWS
+        reduce_here = cfg.block_m <= _LANE_REDUCE_MAX_ROWS if self_reduce is None else self_reduce
         if split > 1 and reduce_here and not accumulator and tiles <= _COUNTERS:
             counters = _tile_counters(xq.device)  # None under capture before they exist
         if m > 0:  # (with no rows it would read row M - 1 = -1)
             extra = {}
             if counters is not None:
                 extra = dict(SELF_REDUCE=True, final_ptr=out, cnt_ptr=counters)
+                if reduce_unroll > 1:
+                    extra["REDUCE_UNROLL"] = reduce_unroll
             _w4a8_mma_kernel[(tiles, split)](
                 *args,
                 M_TILES=cfg.block_m // 8,
