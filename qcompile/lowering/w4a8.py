@@ -403,6 +403,28 @@ def _swar_planes(codes, s2, zs, ASM: tl.constexpr):
         return ((c & 0xF) * s - z).to(tl.int8), (((c >> 4) & 0xF) * s - z).to(tl.int8)
 
 
+def _fp8_pair_lines(word: str, z: str) -> list[str]:
+    """PTX: b16 registers h0..h3 <- the e4m3 codes of (q - z) at the word's k = (0, 4),
+    (2, 6), (1, 5), (3, 7), low byte first; z in the low nibble of `z`. Declares zz, t,
+    a0..a3, h0..h3."""
+    return [
+        ".reg .b32 zz, t, a0, a1, a2, a3;",
+        ".reg .b16 h0, h1, h2, h3;",
+        f"and.b32 zz, {z}, 0xF;",
+        "mul.lo.u32 zz, zz, 0x00010001;",
+        "or.b32 zz, zz, 0x64006400;",  # (1024 + z, 1024 + z) in fp16x2
+        f"lop3.b32 a0, {word}, 0x000F000F, 0x64006400, 0xEA;",  # k = 0, 4: (w & m) | magic
+        f"shr.u32 t, {word}, 8;",
+        "lop3.b32 a1, t, 0x000F000F, 0x64006400, 0xEA;",  # k = 2, 6
+        f"shr.u32 t, {word}, 4;",
+        "lop3.b32 a2, t, 0x000F000F, 0x64006400, 0xEA;",  # k = 1, 5
+        f"shr.u32 t, {word}, 12;",
+        "lop3.b32 a3, t, 0x000F000F, 0x64006400, 0xEA;",  # k = 3, 7
+        *(f"sub.rn.f16x2 a{i}, a{i}, zz;" for i in range(4)),  # exact: q - z
+        *(f"cvt.rn.satfinite.e4m3x2.f16x2 h{i}, a{i};" for i in range(4)),  # low half: low byte
+    ]
+
+
 # The FP8 variant's step: $2 a word (8 codes along k), $3 z in each byte -> $0 / $1 the e4m3
 # codes of (q - z) at the word's even / odd k's (|q - z| <= 15: exact in e4m3). Two codes per
 # fp16x2 register by the magic-number trick ((c | 0x6400) is 1024 + c in fp16; minus 1024 + z
@@ -411,27 +433,9 @@ def _swar_planes(codes, s2, zs, ASM: tl.constexpr):
 _SWAR_FP8_UNPACK = tl.constexpr(
     "{\n"
     + "\n".join(
-        [
-            ".reg .b32 zz, t, a0, a1, a2, a3, e, o;",
-            ".reg .b16 h0, h1, h2, h3;",
-            "and.b32 zz, $3, 0xF;",
-            "mul.lo.u32 zz, zz, 0x00010001;",
-            "or.b32 zz, zz, 0x64006400;",  # (1024 + z, 1024 + z) in fp16x2
-            "lop3.b32 a0, $2, 0x000F000F, 0x64006400, 0xEA;",  # k = 0, 4: (w & m) | magic
-            "shr.u32 t, $2, 8;",
-            "lop3.b32 a1, t, 0x000F000F, 0x64006400, 0xEA;",  # k = 2, 6
-            "shr.u32 t, $2, 4;",
-            "lop3.b32 a2, t, 0x000F000F, 0x64006400, 0xEA;",  # k = 1, 5
-            "shr.u32 t, $2, 12;",
-            "lop3.b32 a3, t, 0x000F000F, 0x64006400, 0xEA;",  # k = 3, 7
-            "sub.rn.f16x2 a0, a0, zz;",
-            "sub.rn.f16x2 a1, a1, zz;",
-            "sub.rn.f16x2 a2, a2, zz;",
-            "sub.rn.f16x2 a3, a3, zz;",
-            "cvt.rn.satfinite.e4m3x2.f16x2 h0, a0;",  # low byte: the low half's code
-            "cvt.rn.satfinite.e4m3x2.f16x2 h1, a1;",
-            "cvt.rn.satfinite.e4m3x2.f16x2 h2, a2;",
-            "cvt.rn.satfinite.e4m3x2.f16x2 h3, a3;",
+        [".reg .b32 e, o;"]
+        + _fp8_pair_lines("$2", "$3")
+        + [
             "cvt.u32.u16 e, h0;",  # bytes k = 0, 4
             "cvt.u32.u16 t, h1;",  # bytes k = 2, 6
             "prmt.b32 $0, e, t, 0x5140;",  # -> k = 0, 2, 4, 6
@@ -599,27 +603,9 @@ def _unpack_word(words, s2, zs, ASM: tl.constexpr):
 _UNPACK_WORD_FP8 = tl.constexpr(
     "{\n"
     + "\n".join(
-        [
-            ".reg .b32 zz, t, a0, a1, a2, a3, e, o, e2, o2;",
-            ".reg .b16 h0, h1, h2, h3;",
-            "and.b32 zz, $3, 0xF;",
-            "mul.lo.u32 zz, zz, 0x00010001;",
-            "or.b32 zz, zz, 0x64006400;",
-            "lop3.b32 a0, $2, 0x000F000F, 0x64006400, 0xEA;",  # k = 0, 4
-            "shr.u32 t, $2, 8;",
-            "lop3.b32 a1, t, 0x000F000F, 0x64006400, 0xEA;",  # k = 2, 6
-            "shr.u32 t, $2, 4;",
-            "lop3.b32 a2, t, 0x000F000F, 0x64006400, 0xEA;",  # k = 1, 5
-            "shr.u32 t, $2, 12;",
-            "lop3.b32 a3, t, 0x000F000F, 0x64006400, 0xEA;",  # k = 3, 7
-            "sub.rn.f16x2 a0, a0, zz;",
-            "sub.rn.f16x2 a1, a1, zz;",
-            "sub.rn.f16x2 a2, a2, zz;",
-            "sub.rn.f16x2 a3, a3, zz;",
-            "cvt.rn.satfinite.e4m3x2.f16x2 h0, a0;",
-            "cvt.rn.satfinite.e4m3x2.f16x2 h1, a1;",
-            "cvt.rn.satfinite.e4m3x2.f16x2 h2, a2;",
-            "cvt.rn.satfinite.e4m3x2.f16x2 h3, a3;",
+        [".reg .b32 e, o, e2, o2;"]
+        + _fp8_pair_lines("$2", "$3")
+        + [
             "cvt.u32.u16 e, h0;",
             "cvt.u32.u16 e2, h1;",
             "prmt.b32 e, e, e2, 0x5410;",  # bytes k = 0, 4, 2, 6
