@@ -7,9 +7,11 @@
 #          1x128 x 1x128);
 #   small: the lane kernel's one-launch split K with the partials' loads unrolled (M 1, 16)
 #          and the quantize kernel's row slices (eager M <= 16);
+#   w4a8tune: shipped W4A8 configs for the acceptance shapes (int8, fp16 out; every
+#          candidate timed, the tuner's pick per key), to merge with `tune_shipped.py --merge`;
 #   e2e:   the Hugging Face end-to-end table (E2E_ARGS) as in session16_gpu.sh.
 source benchmarks/gpu_setup.sh
-case "${PART:?PART=fp8|small|e2e}" in
+case "${PART:?PART=fp8|small|w4a8tune|e2e}" in
   fp8)
     timeout 100 python3 -m pytest -q -p no:cacheprovider -rfE --tb=short tests/test_w4a8.py \
       -k "swar_gemm_fp8 or swar_kernel_takes or fp8_unpacking" 2>&1 | tail -6 | tee "$OUT/tests_fp8.log"
@@ -30,6 +32,11 @@ case "${PART:?PART=fp8|small|e2e}" in
     (cd benchmarks && timeout 60 python3 probe_w4a8_quantize.py --ms 1,16 --ks 4096,28672 \
       --slices 4,8,16 --out "$OUT/probe_w4a8_quantize_slices.json") 2>&1 | tail -6 \
       | tee "$OUT/probe_quantize_slices.log"
+    ;;
+  w4a8tune)
+    (cd benchmarks && timeout "${TUNE_S:-540}" python3 tune_shipped.py --family w4a8 \
+      --out "$OUT/w4a8_h100.json" --shapes 8192x28672,28672x4096 --ms 256,1024,16,1 \
+      --dtypes float16) 2>&1 | tail -12 | tee "$OUT/tune_w4a8.log"
     ;;
   e2e)
     PART=e2e bash benchmarks/session16_gpu.sh
