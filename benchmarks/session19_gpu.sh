@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# For the next session (written in the eighteenth, not yet run), one device call per PART:
+# For the next session (written in the eighteenth, not yet run), one device call per PART.
+# Afterwards `python benchmarks/summarize_probe.py <probe json>` makes the markdown tables.
 #   fp8:   the FP8 W4A8 kernels' tests natively (the PTX's byte order is only checked by a
 #          GPU), then the FP8 SWAR GEMM (e4m3 (q - z) by PTX, fp8 wgmma, accumulator in units
 #          of the tile's s2) beside _scaled_mm and cuBLAS at the acceptance shapes (GEMM

@@ -325,3 +325,43 @@ def test_tune_shipped_calls_each_family_op_and_names_the_key_it_tuned(
     assert key == autotune.TuneKey(family, 4, n, k, group, dtype)
     assert autotune.autotuner(0).lookup(key) is not None  # the op looked this key up
     autotune.autotuner.cache_clear()  # no fake-GPU tuner for later tests
+
+
+def test_probe_summary_picks_the_fastest_exact_config_and_flags_points_without_one():
+    from summarize_probe import table
+
+    cfg = {"kernel": "gemm_swar", "block_m": 256, "block_n": 64, "block_k": 128, "split_k": 2,
+           "num_warps": 4, "num_stages": 3, "prefetch": True}  # fmt: skip
+    data = {
+        "meta": {"device": "H100", "torch": "2.11", "triton": "3.6"},
+        "rows": [
+            {
+                "n": 8192,
+                "k": 28672,
+                "m": 256,
+                "cublas_us": 192.0,
+                "int_mm_us": 145.5,
+                "pairs": [
+                    {"config": cfg, "us": 100.0, "exact": False},  # fastest, but wrong: skipped
+                    {"config": cfg, "us": 223.7, "exact": True},
+                    {"config": {**cfg, "split_k": 1}, "us": 280.5, "exact": True},
+                ],
+            },  # fmt: skip
+            {
+                "n": 28672,
+                "k": 4096,
+                "m": 256,
+                "cublas_us": 109.9,
+                "pairs": [
+                    {"config": cfg, "error": "OutOfResources"},
+                ],
+            },  # fmt: skip
+        ],
+    }
+    text = table(data)
+    assert "H100" in text
+    assert (
+        "| 8192x28672 | 256 | 192.0 | 145.5 | gemm_swar BM256 BN64 BK128 split2 w4 s3 pf1 | 223.7 | 0.86x |"
+        in text
+    )
+    assert "| 28672x4096 | 256 | 109.9 |  | none (1 failed or inexact) |" in text
