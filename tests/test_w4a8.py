@@ -887,16 +887,12 @@ def test_lane_mma_split_k_reduces_in_one_launch_and_rearms_its_counters(
 def test_fp8_unpacking_writes_e4m3_q_minus_z_in_k_order(n, k, block_n, block_k):
     """The block-scaled FP8 path's unpacking: [N, K] e4m3 codes of (q - z), exactly torch's
     cast of the integers (|q - z| <= 15 is exact in e4m3), K-contiguous, natural k order."""
-    from qcompile.lowering.w4a8 import _interpreting, _w4a8_unpack_kernel
+    from qcompile.lowering.w4a8 import _unpacked_weight
 
     gen = torch.Generator().manual_seed(n + k)
     p = quantize_weight_w4a8(torch.randn(n, k, generator=gen), Scheme(name="w4a8", group_size=128))
-    w = torch.empty((n, k), dtype=torch.float8_e4m3fn, device=KERNEL_DEVICE)
     qw, s2, z = _on_device(p.qweight, p.group_scales, p.group_zeros)
-    _w4a8_unpack_kernel[(-(-n // block_n), k // block_k)](
-        qw, s2, z, w.view(torch.int8), n, k,
-        GROUP=128, BLOCK_N=block_n, BLOCK_K=block_k, ASM=not _interpreting(), FP8=True,
-    )  # fmt: skip
+    w = _unpacked_weight(qw, s2, z, 128, block_n, block_k, fp8=True)
     codes = torch.stack([(p.qweight >> (4 * i)) & 0xF for i in range(8)], 1).reshape(k, n).t()
     zeros = p.group_zeros.t().to(torch.int64).repeat_interleave(128, dim=1)
     expected = (codes - zeros).float().to(torch.float8_e4m3fn)

@@ -76,6 +76,27 @@ assert PLANE_CHUNK == 128, "_x_pos spells out PLANE_CHUNK"
 
 
 @triton.jit
+def _sum_partials(total, ws_ptr, offs, mask, stride_split, num_splits, UNROLL: tl.constexpr):
+    """total + the split-K partials ws[0 .. num_splits - 1] at offs, in split order (the
+    self-reducing epilogues' sum, read from L2); UNROLL partials' loads in flight at a time,
+    masked past the (runtime) split count."""
+    if UNROLL == 1:
+        for k in range(num_splits):
+            total += tl.load(
+                ws_ptr + k * stride_split + offs, mask=mask, other=0, cache_modifier=".cg"
+            )
+    else:
+        for k0 in range(0, num_splits, UNROLL):
+            for j in tl.static_range(UNROLL):
+                live = mask & (offs * 0 + (k0 + j) < num_splits)  # a tensor
+                total += tl.load(
+                    ws_ptr + (k0 + j) * stride_split + offs, mask=live, other=0,
+                    cache_modifier=".cg",
+                )  # fmt: skip
+    return total
+
+
+@triton.jit
 def _finish_tile(
     acc, out_ptr, ws_ptr, cnt_ptr, bias_ptr, out_offs, mask, bias_offs, N, pid_k, num_splits,
     stride_split, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, SELF_REDUCE: tl.constexpr,
@@ -99,21 +120,9 @@ def _finish_tile(
             tl.debug_barrier()
             arrived = tl.atomic_add(cnt_ptr, 1, sem="acq_rel", scope="gpu")
             if arrived == num_splits - 1:
-                total = tl.zeros_like(acc)
-                if UNROLL == 1:
-                    for k in range(num_splits):
-                        total += tl.load(
-                            ws_ptr + k * stride_split + out_offs, mask=mask, other=0.0,
-                            cache_modifier=".cg",
-                        )  # fmt: skip
-                else:
-                    for k0 in range(0, num_splits, UNROLL):
-                        for j in tl.static_range(UNROLL):
-                            live = mask & (out_offs * 0 + (k0 + j) < num_splits)  # a tensor
-                            total += tl.load(
-                                ws_ptr + (k0 + j) * stride_split + out_offs, mask=live,
-                                other=0.0, cache_modifier=".cg",
-                            )  # fmt: skip
+                total = _sum_partials(
+                    tl.zeros_like(acc), ws_ptr, out_offs, mask, stride_split, num_splits, UNROLL
+                )
                 if HAS_BIAS:
                     total += tl.load(bias_ptr + bias_offs, mask=bias_offs < N, other=0).to(
                         tl.float32

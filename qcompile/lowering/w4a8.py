@@ -63,6 +63,7 @@ from qcompile.lowering.w4a16 import (
     _interpreting,
     _lane_results,
     _split4,
+    _sum_partials,
     _tile_counters,
 )
 from qcompile.quant.int4 import to_even_odd, to_planes  # to_planes: W4A16's plane-major layout
@@ -883,22 +884,10 @@ def _w4a8_mma_kernel(
             tl.debug_barrier()
             arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
             if arrived == tl.num_programs(1) - 1:
-                total = tl.zeros_like(acc)
-                splits = tl.num_programs(1)
-                if REDUCE_UNROLL == 1:
-                    for sk in range(tl.num_programs(1)):
-                        total += tl.load(
-                            out_ptr + sk * stride_split + offs, mask=mask, other=0,
-                            cache_modifier=".cg",
-                        )  # fmt: skip
-                else:
-                    for s0 in range(0, splits, REDUCE_UNROLL):
-                        for j in tl.static_range(REDUCE_UNROLL):
-                            total += tl.load(
-                                out_ptr + (s0 + j) * stride_split + offs,
-                                mask=mask & (offs * 0 + s0 + j < splits), other=0,
-                                cache_modifier=".cg",
-                            )  # fmt: skip
+                total = _sum_partials(
+                    tl.zeros_like(acc), out_ptr, offs, mask, stride_split, tl.num_programs(1),
+                    REDUCE_UNROLL,
+                )  # fmt: skip
                 _lane_rescale_store(
                     total, m, n, mask, offs, xs_ptr, s1_ptr, bias_ptr, final_ptr, HAS_BIAS
                 )
@@ -1297,6 +1286,21 @@ def _rescale(acc, x_scale, channel_scales, bias, out, split: int) -> None:
 _INT_MM_MIN_ROWS = 17
 
 
+def _unpacked_weight(
+    qweight, group_scales, group_zeros, group_size, block_n, block_k, num_warps=4, fp8=False
+) -> torch.Tensor:
+    """The weight [N, K], K-contiguous, written once by `_w4a8_unpack_kernel`: int8
+    (q - z) * s2, or with `fp8` e4m3 (q - z) (s2 left to the GEMM's block scales)."""
+    k, n = qweight.shape[0] * 8, qweight.shape[1]
+    w = torch.empty((n, k), device=qweight.device, dtype=torch.float8_e4m3fn if fp8 else torch.int8)
+    _w4a8_unpack_kernel[(triton.cdiv(n, block_n), k // block_k)](
+        qweight, group_scales, group_zeros, w.view(torch.int8), n, k,
+        GROUP=group_size, BLOCK_N=block_n, BLOCK_K=block_k, ASM=not _interpreting(), FP8=fp8,
+        num_warps=num_warps,
+    )  # fmt: skip
+    return w
+
+
 def _unpack_int_mm(cfg, xq, qweight, group_scales, group_zeros, group_size) -> torch.Tensor:
     """The "int_mm" path's accumulator [M, N] int32: the int8 weight [N, K] written once by
     `_w4a8_unpack_kernel`, then torch._int_mm (cuBLASLt int8 x int8 -> int32)."""
@@ -1304,12 +1308,9 @@ def _unpack_int_mm(cfg, xq, qweight, group_scales, group_zeros, group_size) -> t
     n = qweight.shape[1]
     if m == 0:
         return torch.zeros((0, n), device=xq.device, dtype=torch.int32)
-    w8 = torch.empty((n, k), device=xq.device, dtype=torch.int8)
-    _w4a8_unpack_kernel[(triton.cdiv(n, cfg.block_n), k // cfg.block_k)](
-        qweight, group_scales, group_zeros, w8, n, k,
-        GROUP=group_size, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, ASM=not _interpreting(),
-        num_warps=cfg.num_warps,
-    )  # fmt: skip
+    w8 = _unpacked_weight(
+        qweight, group_scales, group_zeros, group_size, cfg.block_n, cfg.block_k, cfg.num_warps
+    )
     rows = xq.contiguous()
     if xq.is_cuda and m < _INT_MM_MIN_ROWS:
         rows = torch.cat([rows, rows.new_zeros((_INT_MM_MIN_ROWS - m, k))])
@@ -1328,14 +1329,11 @@ def _unpack_fp8_scaled_mm(
     import torch.nn.functional as F
 
     m, k = xq.shape
-    n = qweight.shape[1]
     if group_size != 128 or xq.dtype != torch.float8_e4m3fn:
         raise ValueError("_unpack_fp8_scaled_mm: e4m3 activations and group_size=128 only")
-    w8 = torch.empty((n, k), device=xq.device, dtype=torch.float8_e4m3fn)
-    _w4a8_unpack_kernel[(triton.cdiv(n, block_n), k // block_k)](
-        qweight, group_scales, group_zeros, w8.view(torch.int8), n, k,
-        GROUP=group_size, BLOCK_N=block_n, BLOCK_K=block_k, ASM=not _interpreting(), FP8=True,
-    )  # fmt: skip
+    w8 = _unpacked_weight(
+        qweight, group_scales, group_zeros, group_size, block_n, block_k, fp8=True
+    )
     # scales [rows, K / 128] with strides (1, rows), as cuBLASLt's 1x128 recipe wants
     scale_a = x_scale.float()[None, :].expand(k // 128, m).contiguous().t()
     scale_b = (group_scales.float() * channel_scales.float()[None, :]).contiguous().t()
