@@ -141,7 +141,7 @@ def compile_w4a8_variant(
             consts.update(final_ptr=None, cnt_ptr=None, REDUCE_UNROLL=1)
     elif kind == "gemm_swar":
         fn = w4a8_kernels._w4a8_gemm_swar_kernel
-        consts.update(BLOCK_M=bm, PREFETCH=prefetch, ASM=True, FP8=fp8)
+        consts.update(BLOCK_M=bm, PREFETCH=prefetch, ASM=True)
     else:
         fn = w4a8_kernels._w4a8_gemm_planes_kernel
         consts["BLOCK_M"] = bm

@@ -10,9 +10,12 @@
 #          and the quantize kernel's row slices (eager M <= 16);
 #   w4a8tune: shipped W4A8 configs for the acceptance shapes (int8, fp16 out; every
 #          candidate timed, the tuner's pick per key), to merge with `tune_shipped.py --merge`;
-#   e2e:   the Hugging Face end-to-end table (E2E_ARGS) as in session16_gpu.sh.
+#   e2e:   the Hugging Face end-to-end table (E2E_ARGS) as in session16_gpu.sh;
+#   final: (written after fp8/small ran) the changed W4A8 paths' tests natively (fp8_mm, the
+#          quantize slices and the lane reduction's unroll as defaults), then the acceptance
+#          table with every current default, int8 and FP8.
 source benchmarks/gpu_setup.sh
-case "${PART:?PART=fp8|small|w4a8tune|e2e}" in
+case "${PART:?PART=fp8|small|w4a8tune|e2e|final}" in
   fp8)
     timeout 100 python3 -m pytest -q -p no:cacheprovider -rfE --tb=short tests/test_w4a8.py \
       -k "swar_gemm_fp8 or swar_kernel_takes or fp8_unpacking" 2>&1 | tail -6 | tee "$OUT/tests_fp8.log"
@@ -41,5 +44,12 @@ case "${PART:?PART=fp8|small|w4a8tune|e2e}" in
     ;;
   e2e)
     PART=e2e bash benchmarks/session16_gpu.sh
+    ;;
+  final)
+    timeout 150 python3 -m pytest -q -p no:cacheprovider -rfE --tb=short tests/test_w4a8.py \
+      -k "fp8_mm or rearms or quantize_kernel or default_config_is_exact or gpu_op or take_int8" \
+      2>&1 | tail -6 | tee "$OUT/tests_final.log"
+    (cd benchmarks && QCOMPILE_AUTOTUNE=0 timeout 300 python3 bench_w4a8.py --out "$OUT" \
+      --shapes 8192x28672,28672x4096 --ms 1,16,256,1024) 2>&1 | tail -30 | tee "$OUT/bench_w4a8.log"
     ;;
 esac

@@ -41,13 +41,13 @@ W4A8 = [  # kind, BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, fp8 activations, [pr
     ("mma", 16, 128, 128, 4, 1, False),  # inline PTX unpacking + mma.sync m16n8k32
     ("mma", 64, 64, 64, 2, 1, False),
     ("gemm_swar", 256, 64, 128, 4, 3, False, True),  # the group-scale prefetch
-    ("gemm_swar", 256, 128, 128, 8, 3, True, True),  # FP8: e4m3 (q - z) by PTX, fp8 wgmma
+    ("gemm_swar", 256, 128, 128, 8, 3, False, True),
     ("mma", 16, 128, 128, 4, 1, False, False, True),  # natural-order xq, PRMT per lane
     ("mma", 16, 128, 128, 4, 1, False, False, True, True),  # split K reduced in the launch
     ("mma", 8, 128, 128, 4, 1, False, False, True, 8),  # ... its partials' loads unrolled by 8
     ("int_mm", 0, 64, 128, 4, 1, False),  # the int8 unpacking kernel (SWAR PTX, interleave)
     ("int_mm", 0, 128, 256, 4, 1, False),  # two groups per tile (g128)
-    ("int_mm", 0, 64, 128, 4, 1, True),  # e4m3 (q - z) for the block-scaled FP8 GEMM
+    ("int_mm", 0, 64, 128, 4, 1, True),  # e4m3 (q - z) for the block-scaled FP8 GEMM (fp8_mm)
     ("quantize", 0, 0, 2048, 8, 1, False),  # per-token quantize, two loops over x
     ("quantize", 1, 0, 32768, 16, 1, False),  # one pass: the row held in registers
     ("quantize", 1, 0, 4096, 4, 1, True),

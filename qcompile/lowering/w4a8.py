@@ -24,9 +24,9 @@ group_zeros [K/G, N] uint8, channel_scales [N] fp32). Kernels, top to bottom:
   turns each word into two int8 registers (even and odd k, (q - z) * s2 per byte: QServe's
   register-level parallelism, ~1.9 instructions per weight against ~9-11 in the kernels
   above), which wgmma takes from registers as W. xq even/odd per BLOCK_K chunk (`to_even_odd`;
-  the quantize kernel writes it so directly). The large-M default for int8. Its FP8 variant
-  (e4m3 activations, BLOCK_K <= G) unpacks e4m3 (q - z) by PTX and keeps the fp32
-  accumulator in units of the tile's s2; untimed, so neither a candidate nor a default.
+  the quantize kernel writes it so directly). The large-M default for int8 (int8 only: an
+  FP8 variant, e4m3 (q - z) by PTX into fp8 wgmma, was no faster on the H100, 126.3 against
+  124.6 us at 28672x4096, M = 256, and wrong there, so it was removed).
 * `_w4a8_mma_kernel` ("mma", M <= 64, int8 only): W4A16's lane kernel on int8, mma.sync
   m16n8k32 per lane through inline PTX with the SWAR-unpacked words as its A registers. The
   default at M <= 16 and a candidate up to 64.
@@ -36,9 +36,12 @@ group_zeros [K/G, N] uint8, channel_scales [N] fp32). Kernels, top to bottom:
   int8 "TN" layout), cuBLASLt's int8 GEMM gives the int32 accumulator,
   `_w4a8_splitk_epilogue_kernel` rescales it. The unpacking
   is memory-bound (N*K/2 bytes read, N*K written: ~0.12 ms for 8192x28672 on an H100), so it
-  pays where the GEMM is long: the int8 ceiling is ~1.4x cuBLAS fp16 at M = 1024. Its FP8
-  variant writes e4m3 (q - z) for `_unpack_fp8_scaled_mm` (cuBLASLt's 1x128 block-scaled FP8
-  GEMM, s2 * s1 as the weight's block scales; untimed, not a kernel kind).
+  pays where the GEMM is long: the int8 ceiling is ~1.4x cuBLAS fp16 at M = 1024.
+* `_w4a8_unpack_kernel` (FP8) + `F.scaled_mm` ("fp8_mm", FP8 at M >= 32 candidate, the
+  default from M = 128, G = 128 on an H100): the weight unpacked to e4m3 (q - z) once per
+  call, then cuBLASLt's 1x128 block-scaled FP8 GEMM with s2 * s1 as the weight's block
+  scales. Both unpacking paths hold an [N, K] byte weight per call (the caching allocator's
+  memory, freed after the GEMM).
 * `_w4a8_gemv_kernel` ("gemv", M <= 8): CUDA cores, one program per (N tile, K split, row).
   Integer per group: sum_k (q - z) s2 x = s2 * sum_k q x - z s2 * sum_k x, so the inner loop
   is shift, and, multiply-add per weight. Memory-bound: floor =
@@ -50,6 +53,7 @@ applies the rescale (exact integer sums: deterministic, no atomics).
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import torch
@@ -426,46 +430,6 @@ def _fp8_pair_lines(word: str, z: str) -> list[str]:
     ]
 
 
-# The FP8 variant's step: $2 a word (8 codes along k), $3 z in each byte -> $0 / $1 the e4m3
-# codes of (q - z) at the word's even / odd k's (|q - z| <= 15: exact in e4m3). Two codes per
-# fp16x2 register by the magic-number trick ((c | 0x6400) is 1024 + c in fp16; minus 1024 + z
-# is exact), one cvt per pair to e4m3x2, then one PRMT per register restores k order. ~2.1
-# instructions per weight; Hopper has no int8 x fp8 MMA, so the weights must become e4m3.
-_SWAR_FP8_UNPACK = tl.constexpr(
-    "{\n"
-    + "\n".join(
-        [".reg .b32 e, o;"]
-        + _fp8_pair_lines("$2", "$3")
-        + [
-            "cvt.u32.u16 e, h0;",  # bytes k = 0, 4
-            "cvt.u32.u16 t, h1;",  # bytes k = 2, 6
-            "prmt.b32 $0, e, t, 0x5140;",  # -> k = 0, 2, 4, 6
-            "cvt.u32.u16 e, h2;",
-            "cvt.u32.u16 o, h3;",
-            "prmt.b32 $1, e, o, 0x5140;",  # -> k = 1, 3, 5, 7
-        ]
-    )
-    + "\n}"
-)
-
-
-@triton.jit
-def _swar_planes_fp8(codes, z, ASM: tl.constexpr):
-    """int8 bytes [BN, BK/2] of the packed words and uint8 z -> e4m3 (q - z) of the even and
-    odd k (element 4r + b: byte b of word row r, as `_swar_planes`)."""
-    if ASM:
-        return tl.inline_asm_elementwise(
-            _SWAR_FP8_UNPACK, "=r,=r,r,r", [codes, z], dtype=(tl.float8e4nv, tl.float8e4nv),
-            is_pure=True, pack=4,
-        )  # fmt: skip
-    else:
-        c = codes.to(tl.int32)
-        zf = z.to(tl.float32)
-        even = ((c & 0xF).to(tl.float32) - zf).to(tl.float8e4nv)
-        odd = (((c >> 4) & 0xF).to(tl.float32) - zf).to(tl.float8e4nv)
-        return even, odd
-
-
 @triton.jit
 def _swar_group_scales(
     s2_ptr, z_ptr, k0, rn, rc, n_mask, N, GROUP: tl.constexpr, BLOCK_K: tl.constexpr
@@ -489,7 +453,7 @@ def _w4a8_gemm_swar_kernel(
     M, N, K, k_per_split, stride_xm, stride_xk, stride_om, stride_split,
     GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_ACC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr,
-    ASM: tl.constexpr, FP8: tl.constexpr = False,
+    ASM: tl.constexpr,
 ):  # fmt: skip
     # Large-M int8 path: out^T [BLOCK_N, BLOCK_M] = W_even @ x_even^T + W_odd @ x_odd^T. The
     # words are read once, as bytes, so a thread holds whole words, 4 bytes = the 4 int8 k's
@@ -509,12 +473,7 @@ def _w4a8_gemm_swar_kernel(
     k_start = pid_k * k_per_split
     k_end = k_start + k_per_split
     qw8 = qw_ptr.to(tl.pointer_type(tl.int8))
-    # FP8 (e4m3 activations, BLOCK_K <= GROUP): the weights become e4m3 (q - z), one group per
-    # K tile. The accumulator is kept in units of the current tile's s2 (rescaled by
-    # s2_prev / s2 before each tile's dots, times the last s2 at the end), so the dots
-    # accumulate in place (wgmma chains, no per-tile partial in registers); QoQ's s2 >= 1.
-    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32 if FP8 else tl.int32)
-    unit = tl.full((BLOCK_N,), 1.0, tl.float32)
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32)
     # element (n, 4r + b): byte b of word row r of column n
     c_row0 = qw8 + (rc // 4)[None, :] * (4 * N) + 4 * rn[:, None] + (rc % 4)[None, :]
     # The codes' loads feed the dots through the PTX, and Triton pipelines them through
@@ -539,28 +498,15 @@ def _w4a8_gemm_swar_kernel(
         else:
             s2, z = _swar_group_scales(s2_ptr, z_ptr, k0, rn, rc, n_mask, N, GROUP, BLOCK_K)
         x_base = xq_ptr + rm[None, :] * stride_xm + (k0 + rc)[:, None] * stride_xk
-        if FP8:  # (valid_config: BLOCK_K <= GROUP, so s2 and z are [BLOCK_N])
-            w_even, w_odd = _swar_planes_fp8(
-                codes, tl.broadcast_to(z[:, None], (BLOCK_N, HALF)), ASM
-            )
-            x_even = tl.load(x_base, mask=m_mask[None, :], other=0.0)
-            x_odd = tl.load(x_base + HALF * stride_xk, mask=m_mask[None, :], other=0.0)
-            s2f = tl.where(n_mask, s2.to(tl.float32), 1.0)  # (columns past N: any s2 > 0)
-            acc = tl.dot(w_even, x_even, acc * (unit / s2f)[:, None])
-            acc = tl.dot(w_odd, x_odd, acc)
-            unit = s2f
-        else:
-            zs = (z.to(tl.int32) * s2.to(tl.int32)).to(tl.uint8)
-            if BLOCK_K <= GROUP:
-                s2 = tl.broadcast_to(s2[:, None], (BLOCK_N, HALF))
-                zs = tl.broadcast_to(zs[:, None], (BLOCK_N, HALF))
-            w_even, w_odd = _swar_planes(codes, s2, zs, ASM)
-            x_even = tl.load(x_base, mask=m_mask[None, :], other=0)
-            x_odd = tl.load(x_base + HALF * stride_xk, mask=m_mask[None, :], other=0)
-            acc = tl.dot(w_even, x_even, acc, out_dtype=tl.int32)
-            acc = tl.dot(w_odd, x_odd, acc, out_dtype=tl.int32)
-    if FP8:
-        acc = acc * unit[:, None]
+        zs = (z.to(tl.int32) * s2.to(tl.int32)).to(tl.uint8)
+        if BLOCK_K <= GROUP:
+            s2 = tl.broadcast_to(s2[:, None], (BLOCK_N, HALF))
+            zs = tl.broadcast_to(zs[:, None], (BLOCK_N, HALF))
+        w_even, w_odd = _swar_planes(codes, s2, zs, ASM)
+        x_even = tl.load(x_base, mask=m_mask[None, :], other=0)
+        x_odd = tl.load(x_base + HALF * stride_xk, mask=m_mask[None, :], other=0)
+        acc = tl.dot(w_even, x_even, acc, out_dtype=tl.int32)
+        acc = tl.dot(w_odd, x_odd, acc, out_dtype=tl.int32)
     _store_result(
         acc, rm, rn, m_mask, n_mask, xs_ptr, s1_ptr, bias_ptr, out_ptr, pid_k, stride_om,
         stride_split, HAS_BIAS, WRITE_ACC, True,
@@ -600,7 +546,7 @@ def _unpack_word(words, s2, zs, ASM: tl.constexpr):
 
 
 # The FP8 unpacking kernel's step: $2 a word, $3 z -> $0 / $1 the e4m3 codes of (q - z) at
-# k = 0..3 / 4..7, low byte first (`_SWAR_FP8_UNPACK`'s pairs, interleaved by two PRMTs).
+# k = 0..3 / 4..7, low byte first (`_fp8_pair_lines`' pairs, interleaved by PRMTs).
 _UNPACK_WORD_FP8 = tl.constexpr(
     "{\n"
     + "\n".join(
@@ -936,17 +882,30 @@ def _pow2(v: int) -> bool:
 # Smallest BLOCK_K per kernel: 8-bit tl.dot needs K tiles >= 32; planes: 32 word rows per dot.
 _MIN_BLOCK_K = {
     "gemv": 32, "gemm": 32, "gemm_planes": 256, "gemm_swar": 64, "mma": 32, "int_mm": 32,
+    "fp8_mm": 32,
 }  # fmt: skip
 _LANE_ROWS = (8, 16, 32, 64)  # lane MMA: 1, 2, 4 or 8 B tiles of 8 rows
 _LANE_REDUCE_MAX_ROWS = 8  # the lane kernel reduces split K in its own launch up to 8 rows
+# ... with 8 partials' loads in flight: M = 1 on the H100, 52.3 -> 47.4 us on 8192x28672 (split
+# 16), 29.4 -> 26.2 on 28672x4096 (split 4), where 2 and 4 gained nothing
+# (`results/session19/small/probe_lane_unroll.json`)
+_LANE_REDUCE_UNROLL = 8
 
 
 def valid_config(cfg: KernelConfig, n: int, k: int, group: int, act_dtype: str) -> bool:
     """Power-of-two tiles (Triton needs them; the interpreter does not check, so this must),
     whole tiles per split, tiles aligned to groups; FP8 needs BLOCK_K <= group (one s2 per
-    tile) and has no planes kernel; cuBLASLt's int8 GEMM needs N a multiple of 8."""
+    tile) and has no planes, SWAR or lane kernel; cuBLASLt's int8 GEMM needs N a multiple of 8,
+    its block-scaled FP8 GEMM G = 128 on an H100."""
     if cfg.kernel not in _MIN_BLOCK_K:
         return False
+    if cfg.kernel == "fp8_mm":  # the unpacking kernel's tiles, then cuBLASLt
+        return (
+            act_dtype == "float8_e4m3fn" and group == 128 and n % 16 == 0
+            and k % _FP8_MM_K_MULTIPLE == 0 and cfg.split_k == 1 and _pow2(cfg.block_n)
+            and _pow2(cfg.block_k) and cfg.block_k >= 32 and k % cfg.block_k == 0
+            and _block_scaled_fp8()
+        )  # fmt: skip
     if cfg.kernel == "int_mm":  # the unpacking kernel's tiles; no M tile, no split
         return (
             act_dtype == "int8" and n % 8 == 0 and cfg.split_k == 1 and _pow2(cfg.block_n)
@@ -970,8 +929,8 @@ def valid_config(cfg: KernelConfig, n: int, k: int, group: int, act_dtype: str) 
         return False
     if cfg.kernel != "gemv" and (cfg.block_m < 16 or cfg.block_n < 16):
         return False
-    if act_dtype != "int8":  # FP8: one group per K tile; SWAR's e4m3 unpacking is untimed
-        return cfg.kernel != "gemm_planes" and group % cfg.block_k == 0
+    if act_dtype != "int8":  # FP8: one group per K tile
+        return cfg.kernel in ("gemv", "gemm") and group % cfg.block_k == 0
     return True
 
 
@@ -1039,6 +998,8 @@ def candidate_configs(m: int, n: int, k: int, group: int, act_dtype: str) -> lis
         # 8192x28672 (M = 256, 1024) and 1.09x on 28672x4096 at M = 1024, and lost there at
         # M = 256 (166.4 against 130.8 us; `results/session17/probe_w4a8_int_mm.json`)
         out += [KernelConfig("int_mm", 0, bn, bk, 1, 4, 1) for bn, bk in _UNPACK_TILES]
+    if mb >= 32 and act_dtype != "int8":
+        out += [KernelConfig("fp8_mm", 0, bn, bk, 1, 4, 1) for bn, bk in _UNPACK_TILES]
     if mb <= 64 and act_dtype == "int8":  # lane MMA, 32 columns per warp
         rows = max(8, mb)
         for warps, bk, sk in itertools.product((2, 4), (64, 128), (1, 2, 4, 8, 16)):
@@ -1079,6 +1040,13 @@ def default_config(m: int, n: int, k: int, group: int, act_dtype: str) -> Kernel
         unpack = KernelConfig("int_mm", 0, 64, 256 if k % 256 == 0 else 128, 1, 4, 1)
         if valid_config(unpack, n, k, group, act_dtype):
             return unpack
+    if mb >= 128 and act_dtype != "int8":
+        # e4m3 unpacking + cuBLASLt's block-scaled FP8 GEMM: 269 / 641 us on 8192x28672 at
+        # M = 256 / 1024 and 148 / 332 on 28672x4096 (H100), where the natural-order FP8 GEMM
+        # took 2195 / 6618 and 941 / 3207 (`results/session19/fp8/`, `session18/final/`)
+        unpack = KernelConfig("fp8_mm", 0, 128, 128, 1, 4, 1)
+        if valid_config(unpack, n, k, group, act_dtype):
+            return unpack
     if mb <= 4:
         bk = min(bk, 64)
         sk = next(s for s in (8, 4, 2, 1) if (k // s) % bk == 0) if n <= 8192 else 1
@@ -1103,6 +1071,8 @@ def default_config(m: int, n: int, k: int, group: int, act_dtype: str) -> Kernel
 # The quantize kernel keeps a row in registers (one pass over x) at M <= 16, K <= 32768.
 _ONE_PASS_MAX_M = 16
 _ONE_PASS_MAX_K = 32768
+_QUANTIZE_SLICES = 8  # programs per row in one pass, from K = 4096
+_SLICES_MIN_K = 4096
 
 
 def quantize_per_token(
@@ -1111,14 +1081,14 @@ def quantize_per_token(
     planes_block_k: int = 0,
     even_odd_block_k: int = 0,
     one_pass: bool | None = None,
-    slices: int = 1,
+    slices: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] (any strides) -> (xq [M, K] contiguous, scale [M] fp32) with the Triton kernel;
     `planes_block_k` > 0 writes xq plane-major per chunk for the planes kernel,
     `even_odd_block_k` > 0 in `to_even_odd` order for the SWAR kernel. `one_pass` (default:
     M <= 16 and K <= 32768) holds each row in registers instead of reading it twice;
-    `slices` > 1 (one pass only; untimed, so not a default) spreads a row's rounding over that
-    many programs."""
+    `slices` > 1 (one pass only; default 8 there at K >= 4096) spreads a row's rounding over
+    that many programs."""
     if planes_block_k and even_odd_block_k:
         raise ValueError("quantize_per_token: one xq order at a time (planes or even/odd)")
     m, k = x.shape
@@ -1130,6 +1100,11 @@ def quantize_per_token(
         one_pass = m <= _ONE_PASS_MAX_M and k <= _ONE_PASS_MAX_K
     if one_pass and k > _ONE_PASS_MAX_K:
         raise ValueError(f"quantize_per_token: one pass holds K <= {_ONE_PASS_MAX_K}, got K={k}")
+    if slices is None:
+        # H100, bit-exact, M = 1 / 16: 5.5 -> 2.2 / 5.8 -> 3.4 us at K = 28672, 2.0 -> 1.6 /
+        # 2.0 -> 1.8 at K = 4096; 4 or 16 slices were within 0.4 us of 8 at every point
+        # (`results/session19/small/probe_w4a8_quantize_slices.json`). Smaller K: not timed.
+        slices = _QUANTIZE_SLICES if one_pass and k >= _SLICES_MIN_K else 1
     if slices > 1 and not (one_pass and _pow2(slices) and slices <= triton.next_power_of_2(k)):
         raise ValueError(
             f"quantize_per_token: slices={slices} needs one_pass and a power of two <= K"
@@ -1161,7 +1136,7 @@ def launch(
     xq_plane_major: bool = False,
     xq_even_odd: bool = False,
     self_reduce: bool | None = None,
-    reduce_unroll: int = 1,
+    reduce_unroll: int = _LANE_REDUCE_UNROLL,
 ) -> torch.Tensor:
     """Run one config: xq [M, K] int8 / fp8 (any strides), x_scale [M] -> out [M, N].
 
@@ -1172,10 +1147,21 @@ def launch(
     The lane kernel's split K reduces in its own launch (tile counters) at 8 rows per program
     (`self_reduce` None; True: at any row count, False: never) unless no counters exist
     (first call inside a CUDA-graph capture); otherwise the split-K epilogue kernel sums the
-    partials. `reduce_unroll` > 1 (untimed) keeps that many partials' loads in flight."""
+    partials, `reduce_unroll` of their loads in flight at a time."""
     m, k = xq.shape
     n = qweight.shape[1]
     fp8 = xq.dtype != torch.int8
+    if cfg.kernel == "fp8_mm":
+        if not fp8 or xq_plane_major or xq_even_odd or accumulator:
+            raise ValueError(
+                "launch: fp8_mm takes e4m3 activations in natural k order and has no raw "
+                "accumulator (cuBLASLt applies the scales)"
+            )
+        res = _unpack_fp8_scaled_mm(
+            xq, x_scale, qweight, group_scales, group_zeros, channel_scales, bias, group_size,
+            out_dtype, cfg.block_n, cfg.block_k,
+        )  # fmt: skip
+        return res if out is None else out.copy_(res)
     if out is None:
         out = torch.empty((m, n), device=xq.device, dtype=out_dtype)
     elif not out.is_contiguous():  # the split-K epilogue writes out as flat [M * N] memory
@@ -1321,27 +1307,54 @@ def _unpack_fp8_scaled_mm(
     xq, x_scale, qweight, group_scales, group_zeros, channel_scales, bias, group_size, out_dtype,
     block_n: int = 64, block_k: int = 128,
 ) -> torch.Tensor:  # fmt: skip
-    """FP8 W4A8 through cuBLASLt's block-scaled FP8 GEMM (Hopper, cuBLASLt >= 12.9; untimed,
-    so not a kernel kind yet): the weight unpacked once to e4m3 (q - z) [N, K], then
-    `F.scaled_mm` with 1x128 block scales on both sides, x_scale[m] for x and s2 * s1 for the
-    weight, so out = sum_g x_scale * s1 * s2 * sum_k x (q - z), the FP8 reference's sum (the
-    scales multiply in another order: fp32 rounding apart). Needs G = 128."""
+    """The "fp8_mm" path (e4m3 activations, G = 128, an H100): the weight unpacked once to
+    e4m3 (q - z) [N, K], then `F.scaled_mm` (cuBLASLt's block-scaled FP8 GEMM) with 1x128
+    block scales on both sides, x_scale[m] for x and s2 * s1 for the weight, so out = sum_g
+    x_scale * s1 * s2 * sum_k x (q - z), the FP8 reference's sum (the scales multiply in
+    another order: fp32 rounding apart). Rows are padded to a multiple of 16 (zeros)."""
     import torch.nn.functional as F
 
     m, k = xq.shape
+    n = qweight.shape[1]
     if group_size != 128 or xq.dtype != torch.float8_e4m3fn:
         raise ValueError("_unpack_fp8_scaled_mm: e4m3 activations and group_size=128 only")
+    if m == 0:
+        return torch.empty((0, n), device=xq.device, dtype=out_dtype)
     w8 = _unpacked_weight(
         qweight, group_scales, group_zeros, group_size, block_n, block_k, fp8=True
     )
+    rows = -(-m // _FP8_MM_ROWS) * _FP8_MM_ROWS
+    xs = x_scale.float()
+    if rows != m:
+        xq = torch.cat([xq, xq.new_zeros((rows - m, k))])
+        xs = torch.cat([xs, xs.new_ones((rows - m,))])
     # scales [rows, K / 128] with strides (1, rows), as cuBLASLt's 1x128 recipe wants
-    scale_a = x_scale.float()[None, :].expand(k // 128, m).contiguous().t()
+    scale_a = xs[None, :].expand(k // 128, rows).contiguous().t()
     scale_b = (group_scales.float() * channel_scales.float()[None, :]).contiguous().t()
     recipe = F.ScalingType.BlockWise1x128
     out = F.scaled_mm(
         xq.contiguous(), w8.t(), scale_a, recipe, scale_b, recipe, output_dtype=out_dtype
-    )
+    )[:m]
     return out + bias if bias is not None else out
+
+
+# cuBLASLt's 1x128 block-scaled FP8 GEMM: rows padded to 16; K a multiple of 512 (the only K
+# timed; the scale tensors' K / 128 columns then come in fours)
+_FP8_MM_ROWS = 16
+_FP8_MM_K_MULTIPLE = 512
+
+
+@functools.cache
+def _block_scaled_fp8() -> bool:
+    """torch has `F.scaled_mm` with the 1x128 recipe and the GPU is an sm_90 (where it was
+    timed; the interpreter has no cuBLASLt)."""
+    import torch.nn.functional as F
+
+    recipes = getattr(F, "ScalingType", None)
+    return (
+        not _interpreting() and hasattr(F, "scaled_mm") and hasattr(recipes, "BlockWise1x128")
+        and torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+    )  # fmt: skip
 
 
 def tune_key(m: int, n: int, k: int, group_size: int, act_dtype: str, out_dtype) -> TuneKey:
