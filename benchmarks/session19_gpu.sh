@@ -46,7 +46,7 @@ case "${PART:?PART=fp8|small|w4a8tune|e2e|final}" in
     PART=e2e bash benchmarks/session16_gpu.sh
     ;;
   final)
-    timeout 150 python3 -m pytest -q -p no:cacheprovider -rfE --tb=short tests/test_w4a8.py \
+    timeout 200 python3 -m pytest -q -p no:cacheprovider -rfE --tb=short tests/test_w4a8.py \
       -k "fp8_mm or rearms or quantize_kernel or default_config_is_exact or gpu_op or take_int8" \
       2>&1 | tail -6 | tee "$OUT/tests_final.log"
     (cd benchmarks && QCOMPILE_AUTOTUNE=0 timeout 300 python3 bench_w4a8.py --out "$OUT" \

@@ -1189,7 +1189,7 @@ def launch(
         if not xq_plane_major:
             xq = to_planes(xq, cfg.block_k)
     if cfg.kernel in ("gemm_swar", "mma"):
-        if fp8 and cfg.kernel == "mma":
+        if fp8:
             raise ValueError(f"launch: the {cfg.kernel} kernel takes int8 activations only")
         if xq_plane_major:
             raise ValueError(
@@ -1243,7 +1243,7 @@ def launch(
         grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n), split)
         _w4a8_gemm_swar_kernel[grid](
             *args, BLOCK_M=cfg.block_m, PREFETCH=bool(cfg.prefetch), ASM=not _interpreting(),
-            FP8=fp8, **common,
+            **common,
         )  # fmt: skip
     elif cfg.kernel == "gemm_planes":
         grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n), split)
