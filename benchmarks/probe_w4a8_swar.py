@@ -92,7 +92,11 @@ def _describe(pair: dict) -> str:
     names = ("bm", "bn", "bk", "split", "w", "s", "pf")
     tile = " ".join(f"{nm}{int(c[key])}" for key, nm in zip(keys, names, strict=True) if key in c)
     reduce = pair.get("self_reduce")
-    mode = "" if reduce is None else f" reduce{int(reduce)}x{pair.get('reduce_unroll', 1)}"
+    mode = (
+        ""
+        if reduce is None
+        else f" reduce{reduce if isinstance(reduce, str) else int(reduce)}x{pair.get('reduce_unroll', 1)}"
+    )
     return f"{pair['us']:.1f} {c['kernel']} {tile}{mode}"
 
 
@@ -181,6 +185,7 @@ def probe(args: argparse.Namespace, results: list, save, t_start: float) -> None
                 if cfg.kernel == "mma" and cfg.split_k > 1:
                     reduce_modes = [(True, 1), (False, 1)]
                     reduce_modes += [(True, u) for u in _ints(args.reduce_unroll) if u > 1]
+                    reduce_modes += [("atomic", 1)] if args.atomic else []
                 for reduce, unroll in reduce_modes:
                     try:
                         acc = run(p0, accumulator=True).double()
@@ -243,6 +248,10 @@ def main() -> None:
         default="",
         help="mma, split K: also the one-launch sum unrolled by these",
     )
+    ap.add_argument(
+        "--atomic", action="store_true",
+        help="mma, split K: also the one-launch reduction by int32 atomics (self_reduce='atomic')",
+    )  # fmt: skip
     ap.add_argument("--budget", type=float, default=400.0, help="seconds; then stop probing")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()

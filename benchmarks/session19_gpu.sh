@@ -13,9 +13,11 @@
 #   e2e:   the Hugging Face end-to-end table (E2E_ARGS) as in session16_gpu.sh;
 #   final: (written after fp8/small ran) the changed W4A8 paths' tests natively (fp8_mm, the
 #          quantize slices and the lane reduction's unroll as defaults), then the acceptance
-#          table with every current default, int8 and FP8.
+#          table with every current default, int8 and FP8;
+#   atomic: the lane kernel's split K reduced by int32 atomics into one zeroed workspace
+#          (tests natively, then beside the partials' sum and the two-launch epilogue).
 source benchmarks/gpu_setup.sh
-case "${PART:?PART=fp8|small|w4a8tune|e2e|final}" in
+case "${PART:?PART=fp8|small|w4a8tune|e2e|final|atomic}" in
   fp8)
     timeout 100 python3 -m pytest -q -p no:cacheprovider -rfE --tb=short tests/test_w4a8.py \
       -k "swar_gemm_fp8 or swar_kernel_takes or fp8_unpacking" 2>&1 | tail -6 | tee "$OUT/tests_fp8.log"
@@ -51,5 +53,12 @@ case "${PART:?PART=fp8|small|w4a8tune|e2e|final}" in
       2>&1 | tail -6 | tee "$OUT/tests_final.log"
     (cd benchmarks && QCOMPILE_AUTOTUNE=0 timeout 300 python3 bench_w4a8.py --out "$OUT" \
       --shapes 8192x28672,28672x4096 --ms 1,16,256,1024) 2>&1 | tail -30 | tee "$OUT/bench_w4a8.log"
+    ;;
+  atomic)
+    timeout 120 python3 -m pytest -q -p no:cacheprovider -rfE --tb=short tests/test_w4a8.py \
+      -k "rearms or gpu_op" 2>&1 | tail -4 | tee "$OUT/tests_atomic.log"
+    (cd benchmarks && timeout 200 python3 probe_w4a8_swar.py --kernel mma --atomic \
+      --out "$OUT/probe_lane_atomic.json" --ms 16,1 --warps 4 --bks 128 --splits 4,8,16 \
+      --reduce-unroll 8 --budget 180) 2>&1 | tee "$OUT/probe_lane_atomic.log"
     ;;
 esac

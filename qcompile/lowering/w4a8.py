@@ -757,7 +757,7 @@ def _w4a8_mma_kernel(
     GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_ACC: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, M_TILES: tl.constexpr, ASM: tl.constexpr,
     X_NATURAL: tl.constexpr = False, SELF_REDUCE: tl.constexpr = False, final_ptr=None,
-    cnt_ptr=None, REDUCE_UNROLL: tl.constexpr = 1,
+    cnt_ptr=None, REDUCE_UNROLL: tl.constexpr = 1, ATOMIC: tl.constexpr = False,
 ):  # fmt: skip
     # Small-M int8 path (see the comment above `_w4a8_lane_asm`). Memory-bound like the GEMV:
     # floor = weight bytes / HBM bandwidth; the SWAR unpacking costs ~1.9 instructions per
@@ -820,7 +820,10 @@ def _w4a8_mma_kernel(
     mask = (m < M) & (n < N)
     offs = m * stride_om + n
     if WRITE_ACC:
-        tl.store(out_ptr + pid_k * stride_split + offs, acc, mask=mask)
+        if ATOMIC:  # (with SELF_REDUCE) int32 adds into one zeroed [M, N] workspace
+            tl.atomic_add(out_ptr + offs, acc, mask=mask, sem="relaxed", scope="gpu")
+        else:
+            tl.store(out_ptr + pid_k * stride_split + offs, acc, mask=mask)
         if SELF_REDUCE:
             # W4A16's `_finish_tile` on int32: the last split of this column tile to arrive
             # sums the partials in split order, rescales into final_ptr and re-arms its
@@ -830,10 +833,15 @@ def _w4a8_mma_kernel(
             tl.debug_barrier()
             arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
             if arrived == tl.num_programs(1) - 1:
-                total = _sum_partials(
-                    tl.zeros_like(acc), out_ptr, offs, mask, stride_split, tl.num_programs(1),
-                    REDUCE_UNROLL,
-                )  # fmt: skip
+                if ATOMIC:  # the sum, and the workspace zeroed again for the next call
+                    total = tl.atomic_xchg(
+                        out_ptr + offs, tl.zeros_like(acc), mask=mask, sem="relaxed", scope="gpu"
+                    )
+                else:
+                    total = _sum_partials(
+                        tl.zeros_like(acc), out_ptr, offs, mask, stride_split,
+                        tl.num_programs(1), REDUCE_UNROLL,
+                    )  # fmt: skip
                 _lane_rescale_store(
                     total, m, n, mask, offs, xs_ptr, s1_ptr, bias_ptr, final_ptr, HAS_BIAS
                 )
@@ -1135,7 +1143,7 @@ def launch(
     accumulator: bool = False,
     xq_plane_major: bool = False,
     xq_even_odd: bool = False,
-    self_reduce: bool | None = None,
+    self_reduce: bool | str | None = None,
     reduce_unroll: int = _LANE_REDUCE_UNROLL,
 ) -> torch.Tensor:
     """Run one config: xq [M, K] int8 / fp8 (any strides), x_scale [M] -> out [M, N].
@@ -1147,7 +1155,9 @@ def launch(
     The lane kernel's split K reduces in its own launch (tile counters) at 8 rows per program
     (`self_reduce` None; True: at any row count, False: never) unless no counters exist
     (first call inside a CUDA-graph capture); otherwise the split-K epilogue kernel sums the
-    partials, `reduce_unroll` of their loads in flight at a time."""
+    partials, `reduce_unroll` of their loads in flight at a time. `self_reduce="atomic"`
+    (untimed): the splits add their int32 partials atomically into one zeroed workspace
+    instead (exact and order-free: integer sums), so the last split reads one tile."""
     m, k = xq.shape
     n = qweight.shape[1]
     fp8 = xq.dtype != torch.int8
@@ -1223,11 +1233,19 @@ def launch(
         reduce_here = cfg.block_m <= _LANE_REDUCE_MAX_ROWS if self_reduce is None else self_reduce
         if split > 1 and reduce_here and not accumulator and tiles <= _COUNTERS:
             counters = _tile_counters(xq.device)  # None under capture before they exist
+        atomic = self_reduce == "atomic" and counters is not None
+        if atomic:
+            args = list(args)
+            args[7] = _atomic_workspace(xq.device, m * n)
+            if args[7] is None:
+                atomic, counters = False, None
         if m > 0:  # (with no rows it would read row M - 1 = -1)
             extra = {}
             if counters is not None:
                 extra = dict(SELF_REDUCE=True, final_ptr=out, cnt_ptr=counters)
-                if reduce_unroll > 1:
+                if atomic:
+                    extra["ATOMIC"] = True
+                elif reduce_unroll > 1:
                     extra["REDUCE_UNROLL"] = reduce_unroll
             _w4a8_mma_kernel[(tiles, split)](
                 *args,
@@ -1256,6 +1274,22 @@ def launch(
     if split > 1:
         _rescale(target, x_scale, channel_scales, bias, out, split)
     return out
+
+
+_atomic_workspaces: dict[torch.device, torch.Tensor] = {}
+
+
+def _atomic_workspace(device: torch.device, numel: int) -> torch.Tensor | None:
+    """A zeroed int32 buffer of >= numel elements that the lane kernel's atomic reduction
+    leaves zeroed; None under capture when it would have to grow (as `_tile_counters`)."""
+    found = _atomic_workspaces.get(device)
+    if found is None or found.numel() < numel:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        found = _atomic_workspaces[device] = torch.zeros(
+            max(numel, 1 << 16), dtype=torch.int32, device=device
+        )
+    return found
 
 
 def _rescale(acc, x_scale, channel_scales, bias, out, split: int) -> None:
