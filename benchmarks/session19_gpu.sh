@@ -15,9 +15,11 @@
 #          quantize slices and the lane reduction's unroll as defaults), then the acceptance
 #          table with every current default, int8 and FP8;
 #   atomic: the lane kernel's split K reduced by int32 atomics into one zeroed workspace
-#          (tests natively, then beside the partials' sum and the two-launch epilogue).
+#          (tests natively, then beside the partials' sum and the two-launch epilogue);
+#   verify: the changed W4A8 paths' tests natively (atomic lane default under CUDA graphs,
+#          fp8_mm), then the M <= 16 rows of the acceptance table with every default.
 source benchmarks/gpu_setup.sh
-case "${PART:?PART=fp8|small|w4a8tune|e2e|final|atomic}" in
+case "${PART:?PART=fp8|small|w4a8tune|e2e|final|atomic|verify}" in
   fp8)
     timeout 100 python3 -m pytest -q -p no:cacheprovider -rfE --tb=short tests/test_w4a8.py \
       -k "swar_gemm_fp8 or swar_kernel_takes or fp8_unpacking" 2>&1 | tail -6 | tee "$OUT/tests_fp8.log"
@@ -60,5 +62,12 @@ case "${PART:?PART=fp8|small|w4a8tune|e2e|final|atomic}" in
     (cd benchmarks && timeout 200 python3 probe_w4a8_swar.py --kernel mma --atomic \
       --out "$OUT/probe_lane_atomic.json" --ms 16,1 --warps 4 --bks 128 --splits 4,8,16 \
       --reduce-unroll 8 --budget 180) 2>&1 | tee "$OUT/probe_lane_atomic.log"
+    ;;
+  verify)
+    timeout 300 python3 -m pytest -q -p no:cacheprovider -rfE --tb=short tests/test_w4a8.py \
+      -k "rearms or gpu or lane_default or small_m_default or quantize_kernel" 2>&1 | tail -6 \
+      | tee "$OUT/tests_verify.log"
+    (cd benchmarks && QCOMPILE_AUTOTUNE=0 timeout 200 python3 bench_w4a8.py --out "$OUT" \
+      --shapes 8192x28672,28672x4096 --ms 1,16) 2>&1 | tail -20 | tee "$OUT/bench_w4a8.log"
     ;;
 esac

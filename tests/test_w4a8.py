@@ -628,6 +628,27 @@ def test_gpu_inductor_fuses_quantization_into_rmsnorm():
     assert any("rsqrt" in kern and "tl.int8" in kern for kern in kernels)
 
 
+@pytest.mark.gpu
+def test_gpu_lane_atomic_reduction_under_cuda_graphs(monkeypatch):
+    """16 rows on a long K: the default lane config sums split K by atomics into the
+    workspace the op reserved while tracing; CUDA-graph replays (`reduce-overhead`) agree
+    exactly and leave the workspace zeroed."""
+    from qcompile.lowering import w4a8 as w4a8_mod
+
+    monkeypatch.setenv("QCOMPILE_AUTOTUNE", "0")
+    assert default_config(16, 256, 4096, 32, "int8").reduce == "atomic"
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4096, 256, bias=False)).half().cuda()
+    x = torch.randn(16, 4096, dtype=torch.float16, device="cuda")
+    with torch.no_grad():
+        eager = model(x).float()
+        step = torch.compile(model, backend=qcompile.backend(QuantConfig(W4A8)), mode="reduce-overhead")  # fmt: skip
+        outs = [step(x).clone() for _ in range(4)]  # warm-up, record, replays
+    assert all(torch.equal(o, outs[0]) for o in outs[1:])
+    assert int(w4a8_mod._atomic_workspaces[x.device].abs().sum()) == 0
+    assert rel_error(outs[0].float(), eager) < 0.05  # int4 x int8 quantization error
+
+
 def test_large_m_candidates_include_the_planes_kernel():
     """Large M tries the planes kernel (W as wgmma's register operand) beside the natural GEMM."""
     cands = candidate_configs(1024, 8192, 28672, 128, "int8")
@@ -706,10 +727,11 @@ def test_int_mm_is_int8_only_and_needs_n_a_multiple_of_8():
 
 
 @pytest.mark.parametrize(
-    ("m", "n", "k", "split"), [(1, 8192, 28672, 16), (16, 8192, 28672, 16), (16, 28672, 4096, 4)]
+    ("m", "n", "k", "split"), [(1, 8192, 28672, 16), (16, 8192, 28672, 8), (16, 28672, 4096, 4)]
 )
 def test_lane_mma_is_the_small_m_default_with_the_measured_splits(m, n, k, split):
-    """The H100's leaders (`results/session17/probe_w4a8_lane.json`)."""
+    """The H100's leaders (`results/session17/probe_w4a8_lane.json`, and
+    `session19/atomic/`: split 8 summed by atomics at 16 rows on 8192x28672)."""
     cfg = default_config(m, n, k, 128, "int8")
     assert (cfg.kernel, cfg.block_m, cfg.block_n, cfg.block_k, cfg.split_k) == (
         "mma", max(8, m), 128, 128, split,
@@ -929,6 +951,24 @@ def test_lane_mma_split_k_reduces_in_one_launch_and_rearms_its_counters(
         from qcompile.lowering.w4a8 import _atomic_workspaces
 
         assert int(_atomic_workspaces[outs[0].device].abs().sum()) == 0
+
+
+def test_lane_default_sums_a_long_split_by_atomics_at_16_rows_only():
+    """9-16 rows where the lane default would split K 16 ways: split 8, summed by atomics
+    (timed on 8192x28672); fewer splits (28672x4096) and 8 rows keep their reduction."""
+    atomic = default_config(16, 8192, 28672, 128, "int8")
+    assert atomic == KernelConfig("mma", 16, 128, 128, 8, 4, 1, reduce="atomic")
+    assert default_config(16, 28672, 4096, 128, "int8").reduce == ""
+    assert default_config(1, 8192, 28672, 128, "int8").reduce == ""
+    assert valid_config(atomic, 8192, 28672, 128, "int8")
+    for bad in (
+        KernelConfig("mma", 16, 128, 128, 1, 4, 1, reduce="atomic"),  # nothing to sum
+        KernelConfig("gemm", 16, 64, 64, 2, 4, 3, reduce="atomic"),
+        KernelConfig("mma", 16, 128, 128, 8, 4, 1, reduce="tree"),
+    ):
+        assert not valid_config(bad, 8192, 28672, 128, "int8"), bad
+    kinds = {(c.split_k, c.reduce) for c in candidate_configs(16, 8192, 28672, 128, "int8")}
+    assert {(4, "atomic"), (8, "atomic")} <= kinds
 
 
 @pytest.mark.parametrize(("n", "k", "block_n", "block_k"), [(24, 256, 16, 128), (64, 512, 64, 256)])

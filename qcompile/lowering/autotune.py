@@ -67,6 +67,9 @@ class KernelConfig:
     # before computing tile i. Triton's own num_stages pipelines only loads that feed a dot.
     # (Cache files may hold it as 0 / 1.)
     prefetch: bool = False
+    # How split K is summed where a kernel offers a choice (the W4A8 lane kernel): "" its own
+    # policy, "atomic" int32 atomics into one zeroed workspace.
+    reduce: str = ""
 
     @classmethod
     def from_dict(cls, d: dict) -> KernelConfig:

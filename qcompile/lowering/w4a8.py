@@ -69,6 +69,7 @@ from qcompile.lowering.w4a16 import (
     _split4,
     _sum_partials,
     _tile_counters,
+    reserve_tile_counters,
 )
 from qcompile.quant.int4 import to_even_odd, to_planes  # to_planes: W4A16's plane-major layout
 from qcompile.quant.w4a8 import ABSMAX_FLOOR, ACT_QMAX, ACT_TORCH_DTYPES
@@ -907,6 +908,8 @@ def valid_config(cfg: KernelConfig, n: int, k: int, group: int, act_dtype: str) 
     its block-scaled FP8 GEMM G = 128 on an H100."""
     if cfg.kernel not in _MIN_BLOCK_K:
         return False
+    if cfg.reduce and not (cfg.kernel == "mma" and cfg.reduce == "atomic" and cfg.split_k > 1):
+        return False
     if cfg.kernel == "fp8_mm":  # the unpacking kernel's tiles, then cuBLASLt
         return (
             act_dtype == "float8_e4m3fn" and group == 128 and n % 16 == 0
@@ -1013,6 +1016,8 @@ def candidate_configs(m: int, n: int, k: int, group: int, act_dtype: str) -> lis
         for warps, bk, sk in itertools.product((2, 4), (64, 128), (1, 2, 4, 8, 16)):
             if _useful_split(triton.cdiv(n, 32 * warps), sk):
                 out.append(KernelConfig("mma", rows, 32 * warps, bk, sk, warps, 1))
+        if rows == 16:  # split K summed by atomics (see `_lane_default`)
+            out += [KernelConfig("mma", 16, 128, 128, sk, 4, 1, reduce="atomic") for sk in (4, 8)]
     return [c for c in out if valid_config(c, n, k, group, act_dtype)]
 
 
@@ -1023,12 +1028,18 @@ _UNPACK_TILES = ((64, 256), (128, 128), (128, 256), (64, 128))
 
 def _lane_default(mb: int, n: int, k: int, group: int) -> KernelConfig | None:
     """The lane-MMA kernel at M <= 16: 4 warps, BLOCK_K 128, K split until ~1024 programs (the
-    H100's leaders: split 16 on 8192x28672, 4 on 28672x4096); None where it does not fit."""
+    H100's leaders: split 16 on 8192x28672, 4 on 28672x4096); None where it does not fit.
+    At 9-16 rows a split of 16 becomes 8 summed by atomics: 67.5 -> 65.3 us on 8192x28672
+    (H100; atomics at split 16: 79.4, and on 28672x4096 at split 4 they lost, 41.3 -> 53.7:
+    ~1-2M int32 atomics cost more than the epilogue launch saves;
+    `results/session19/atomic/probe_lane_atomic.json`)."""
     programs = triton.cdiv(n, 128)
     for bk in (128, 64, 32):
         for split in (16, 8, 4, 2, 1):
             cfg = KernelConfig("mma", max(8, mb), 128, bk, split, 4, 1)
             if programs * split <= 1024 and valid_config(cfg, n, k, group, "int8"):
+                if split == 16 and cfg.block_m == 16:
+                    return KernelConfig("mma", 16, 128, bk, 8, 4, 1, reduce="atomic")
                 return cfg
     return None
 
@@ -1155,9 +1166,10 @@ def launch(
     The lane kernel's split K reduces in its own launch (tile counters) at 8 rows per program
     (`self_reduce` None; True: at any row count, False: never) unless no counters exist
     (first call inside a CUDA-graph capture); otherwise the split-K epilogue kernel sums the
-    partials, `reduce_unroll` of their loads in flight at a time. `self_reduce="atomic"`
-    (untimed): the splits add their int32 partials atomically into one zeroed workspace
-    instead (exact and order-free: integer sums), so the last split reads one tile."""
+    partials, `reduce_unroll` of their loads in flight at a time. `self_reduce="atomic"` (by
+    default where the config says so, `cfg.reduce`): the splits add their int32 partials
+    atomically into one zeroed workspace instead (exact and order-free: integer sums), so
+    the last split reads one tile."""
     m, k = xq.shape
     n = qweight.shape[1]
     fp8 = xq.dtype != torch.int8
@@ -1230,8 +1242,9 @@ def launch(
         # 30.7 -> 29.6 on 28672x4096 at split 4) and loses at 16 (67.8 -> 115.9 at split 16:
         # the last split's serial sum over 16 partials of 16 x 128 int32, and 72 -> 100
         # registers; `results/session18/fourth/probe_lane_reduce.json`)
-        reduce_here = cfg.block_m <= _LANE_REDUCE_MAX_ROWS if self_reduce is None else self_reduce
-        if split > 1 and reduce_here and not accumulator and tiles <= _COUNTERS:
+        if self_reduce is None:
+            self_reduce = cfg.reduce or cfg.block_m <= _LANE_REDUCE_MAX_ROWS
+        if split > 1 and self_reduce and not accumulator and tiles <= _COUNTERS:
             counters = _tile_counters(xq.device)  # None under capture before they exist
         atomic = self_reduce == "atomic" and counters is not None
         if atomic:
@@ -1281,7 +1294,10 @@ _atomic_workspaces: dict[torch.device, torch.Tensor] = {}
 
 def _atomic_workspace(device: torch.device, numel: int) -> torch.Tensor | None:
     """A zeroed int32 buffer of >= numel elements that the lane kernel's atomic reduction
-    leaves zeroed; None under capture when it would have to grow (as `_tile_counters`)."""
+    leaves zeroed (one per device, as `_tile_counters`); None under capture when it would
+    have to grow (then split K takes the two-launch reduction)."""
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     found = _atomic_workspaces.get(device)
     if found is None or found.numel() < numel:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
@@ -1290,6 +1306,18 @@ def _atomic_workspace(device: torch.device, numel: int) -> torch.Tensor | None:
             max(numel, 1 << 16), dtype=torch.int32, device=device
         )
     return found
+
+
+def reserve_lane_buffers(device: torch.device, n: int) -> None:
+    """Allocate the lane kernel's split-K counters and its atomic workspace (16 rows of N)
+    now, while a graph is traced, outside any CUDA-graph pool (see `reserve_tile_counters`)."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    reserve_tile_counters(device)
+    with unset_fake_temporarily():
+        _atomic_workspace(device, 16 * n)
 
 
 def _rescale(acc, x_scale, channel_scales, bias, out, split: int) -> None:

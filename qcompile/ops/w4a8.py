@@ -178,12 +178,12 @@ def w4a8_linear_quantized_act_reference(
 
 @w4a8_linear_quantized_act.register_fake
 def _(xq, x_scale, qweight, group_scales, group_zeros, channel_scales, bias, group_size, out_dtype):
-    from qcompile.lowering.w4a16 import reserve_tile_counters
+    from qcompile.lowering.w4a8 import reserve_lane_buffers
 
     check_w4a8_quantized_act_args(
         xq, x_scale, qweight, group_scales, group_zeros, channel_scales, bias, group_size, out_dtype
     )
-    reserve_tile_counters(xq.device)  # the lane kernel's split-K counters, outside graph pools
+    reserve_lane_buffers(xq.device, qweight.shape[1])  # the lane kernel's split-K buffers
     return xq.new_empty((*xq.shape[:-1], qweight.shape[1]), dtype=out_dtype)
 
 
@@ -245,12 +245,12 @@ def w4a8_linear_reference(
 
 @w4a8_linear.register_fake
 def _(x, qweight, group_scales, group_zeros, channel_scales, bias, group_size, act_dtype):
-    from qcompile.lowering.w4a16 import reserve_tile_counters
+    from qcompile.lowering.w4a8 import reserve_lane_buffers
 
     check_w4a8_args(
         x, qweight, group_scales, group_zeros, channel_scales, bias, group_size, act_dtype
     )
-    reserve_tile_counters(x.device)  # the lane kernel's split-K counters, outside graph pools
+    reserve_lane_buffers(x.device, qweight.shape[1])  # the lane kernel's split-K buffers
     return x.new_empty((*x.shape[:-1], qweight.shape[1]))
 
 
