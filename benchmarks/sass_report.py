@@ -92,7 +92,7 @@ W4A8_ATTRS = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 4, 5, 7, 8, 
 def compile_w4a8_variant(
     kind: str, bm: int, bn: int, bk: int, warps: int, stages: int, fp8: bool = False,
     group: int = 128, prefetch: int = 0, x_natural: bool = False, self_reduce: bool = False,
-    slices: int = 1, reduce_unroll: int = 1,
+    slices: int = 1, reduce_unroll: int = 1, atomic: bool = False,
 ):  # fmt: skip
     """A W4A8 GEMM kernel for sm_90 (contiguous xq, no bias, final output); kind "int_mm":
     the int_mm path's unpacking kernel (BLOCK_N x BLOCK_K, bm and stages unused); kind
@@ -135,10 +135,10 @@ def compile_w4a8_variant(
         fn = w4a8_kernels._w4a8_mma_kernel
         consts.update(M_TILES=bm // 8, ASM=True, X_NATURAL=x_natural, SELF_REDUCE=self_reduce)
         if self_reduce:
-            consts.update(WRITE_ACC=True, REDUCE_UNROLL=reduce_unroll)
+            consts.update(WRITE_ACC=True, REDUCE_UNROLL=reduce_unroll, ATOMIC=atomic)
             sig.update(out_ptr="*i32", final_ptr="*fp16", cnt_ptr="*i32")
         else:
-            consts.update(final_ptr=None, cnt_ptr=None, REDUCE_UNROLL=1)
+            consts.update(final_ptr=None, cnt_ptr=None, REDUCE_UNROLL=1, ATOMIC=False)
     elif kind == "gemm_swar":
         fn = w4a8_kernels._w4a8_gemm_swar_kernel
         consts.update(BLOCK_M=bm, PREFETCH=prefetch, ASM=True)

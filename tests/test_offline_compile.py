@@ -45,6 +45,7 @@ W4A8 = [  # kind, BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, fp8 activations, [pr
     ("mma", 16, 128, 128, 4, 1, False, False, True),  # natural-order xq, PRMT per lane
     ("mma", 16, 128, 128, 4, 1, False, False, True, True),  # split K reduced in the launch
     ("mma", 8, 128, 128, 4, 1, False, False, True, 8),  # ... its partials' loads unrolled by 8
+    ("mma", 16, 128, 128, 4, 1, False, False, True, "atomic"),  # ... summed by int32 atomics
     ("int_mm", 0, 64, 128, 4, 1, False),  # the int8 unpacking kernel (SWAR PTX, interleave)
     ("int_mm", 0, 128, 256, 4, 1, False),  # two groups per tile (g128)
     ("int_mm", 0, 64, 128, 4, 1, True),  # e4m3 (q - z) for the block-scaled FP8 GEMM (fp8_mm)
@@ -84,7 +85,9 @@ for kind, bm, bn, bk, w, st, fp8, *opt in w4a8:
     try:
         variant = s.compile_w4a8_variant(
             kind, bm, bn, bk, w, st, fp8, prefetch=int(bool(pf)), x_natural=natural,
-            self_reduce=bool(reduce), slices=slices, reduce_unroll=max(1, int(reduce)),
+            self_reduce=bool(reduce), slices=slices,
+            reduce_unroll=1 if reduce == "atomic" else max(1, int(reduce)),
+            atomic=reduce == "atomic",
         )
         regs = s.resources(variant)["REG"]
         out.append(["w4a8", kind, bm, regs, None])
