@@ -71,11 +71,12 @@ def main() -> None:
                 KernelConfig("dequant_mm", 0, 256, 16, 1, 4, 1), x, *p0.tensors(), None, GROUP
             ).float()
             row = {"n": n, "k": k, "m": m, "pairs": []}
-            row["cublas_us"] = time_graph([lambda w=w: F.linear(x, w) for w in wf], batches=7)
+            row["cublas_us"] = time_graph([lambda w=w, x=x: F.linear(x, w) for w in wf], batches=7)
             dflt = default_config(m, n, k, GROUP)
             row["default"] = dflt.__dict__
             row["default_us"] = time_graph(
-                [lambda p=p: launch(dflt, x, *p.tensors(), None, GROUP) for p in packed], batches=7
+                [lambda p=p, c=dflt, x=x: launch(c, x, *p.tensors(), None, GROUP) for p in packed],
+                batches=7,
             )
             for bm, bn, bk, sk in itertools.product(
                 _ints(args.bms), _ints(args.bns), _ints(args.bks), _ints(args.splits)
@@ -93,7 +94,9 @@ def main() -> None:
                     err = ((got - ref).norm() / ref.norm()).item()
                     us = time_graph(
                         [
-                            lambda p=p: launch(cfg, xs, *p.tensors(), None, GROUP, **kw)
+                            lambda p=p, c=cfg, xs=xs, kw=kw: launch(
+                                c, xs, *p.tensors(), None, GROUP, **kw
+                            )
                             for p in packed
                         ],
                         batches=7,
