@@ -37,13 +37,11 @@ ATTRS = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 4, 5, 6, 7, 9, 10
 
 def compile_variant(
     kind: str, bm: int, bn: int, bk: int, warps: int, stages: int, prefetch: int = 0,
-    group: int = 128, split: bool = False, bf16: bool = False,
+    group: int = 128, split: bool = False,
 ):  # fmt: skip
     """A W4A16 kernel for sm_90 (contiguous x, no bias); `split`: the self-reducing split-K
-    epilogue; `bf16`: bf16 activations, scales and output."""
+    epilogue."""
     sig = dict(COMMON_SIG)
-    if bf16:
-        sig = {name: "*bf16" if ty == "*fp16" else ty for name, ty in sig.items()}
     # stride_xk == 1 is specialized as a constant by Triton at launch for contiguous x.
     consts = {
         "GROUP": group,
@@ -73,10 +71,6 @@ def compile_variant(
         del sig["nibble_mask"]
         fn = kernels._w4a16_gemm_kernel
         consts.update(BLOCK_M=bm, GROUP_M=8, SWAP_AB=True)
-    if kind == "gemm_swar":  # (x even/odd per BLOCK_K chunk: no X_PLANES)
-        del sig["nibble_mask"], consts["X_PLANES"]
-        fn = kernels._w4a16_gemm_swar_kernel
-        consts.update(BLOCK_M=bm, ASM=True)
     if kind == "mma":
         del sig["nibble_mask"]
         fn = kernels._w4a16_mma_kernel

@@ -17,11 +17,9 @@
 #   atomic: the lane kernel's split K reduced by int32 atomics into one zeroed workspace
 #          (tests natively, then beside the partials' sum and the two-launch epilogue);
 #   verify: the changed W4A8 paths' tests natively (atomic lane default under CUDA graphs,
-#          fp8_mm), then the M <= 16 rows of the acceptance table with every default;
-#   swar16: W4A16's SWAR GEMM (magic-number fp16 pairs by PTX, W from registers) at large M
-#          beside dequantize + cuBLAS and cuBLAS fp16, every config's output checked.
+#          fp8_mm), then the M <= 16 rows of the acceptance table with every default.
 source benchmarks/gpu_setup.sh
-case "${PART:?PART=fp8|small|w4a8tune|e2e|final|atomic|verify|swar16}" in
+case "${PART:?PART=fp8|small|w4a8tune|e2e|final|atomic|verify}" in
   fp8)
     timeout 100 python3 -m pytest -q -p no:cacheprovider -rfE --tb=short tests/test_w4a8.py \
       -k "swar_gemm_fp8 or swar_kernel_takes or fp8_unpacking" 2>&1 | tail -6 | tee "$OUT/tests_fp8.log"
@@ -71,11 +69,5 @@ case "${PART:?PART=fp8|small|w4a8tune|e2e|final|atomic|verify|swar16}" in
       | tee "$OUT/tests_verify.log"
     (cd benchmarks && QCOMPILE_AUTOTUNE=0 timeout 200 python3 bench_w4a8.py --out "$OUT" \
       --shapes 8192x28672,28672x4096 --ms 1,16) 2>&1 | tail -20 | tee "$OUT/bench_w4a8.log"
-    ;;
-  swar16)
-    (cd benchmarks && timeout "${SWAR16_S:-200}" python3 probe_w4a16_swar.py \
-      --out "$OUT/probe_w4a16_swar.json" --shapes 28672x4096,8192x28672 --ms 256,1024 \
-      --bms 128,256 --bns 64,128 --bks 128 --splits 1 --budget "${SWAR16_BUDGET:-150}") \
-      2>&1 | tee "$OUT/probe_w4a16_swar.log"
     ;;
 esac

@@ -15,7 +15,7 @@ from strategies import linear_problems
 from qcompile.lowering import w4a16 as lowering
 from qcompile.lowering.autotune import KernelConfig
 from qcompile.lowering.w4a16 import candidate_configs, default_config, launch, valid_config
-from qcompile.quant.int4 import PLANE_CHUNK, to_even_odd, to_planes
+from qcompile.quant.int4 import PLANE_CHUNK, to_planes
 
 SETTINGS = settings(
     max_examples=40,
@@ -149,9 +149,6 @@ def test_dequantize_then_matmul_strategy(group):
         KernelConfig("mma", 16, 64, 128, 2, 2, 1, True),  # next BLOCK_K loaded first, split
         KernelConfig("mma", 32, 64, 64, 1, 2, 1, True),
         KernelConfig("mma", 16, 64, 64, 1, 2, 1, 2),  # prefetch of words and scales only
-        KernelConfig("gemm_swar", 16, 32, 64, 1, 4, 2),  # PTX fp16 / bf16 pairs, W from registers
-        KernelConfig("gemm_swar", 16, 32, 128, 2, 4, 2, True),  # per-row scales at g64, split
-        KernelConfig("gemm_swar", 32, 16, 32, 1, 4, 2, True),  # the scales prefetched
     ],
     ids=lambda c: f"{c.kernel}-bn{c.block_n}-bk{c.block_k}-sk{c.split_k}-pf{int(c.prefetch)}",
 )
@@ -186,7 +183,6 @@ SPLIT_CONFIGS = [
     KernelConfig("mma", 16, 64, 64, 4, 2, 1),
     KernelConfig("mma", 64, 64, 64, 4, 2, 1),
     KernelConfig("mma", 16, 64, 32, 4, 2, 1, True),
-    KernelConfig("gemm_swar", 16, 32, 64, 2, 4, 2, True),
 ]
 
 
@@ -237,43 +233,6 @@ def test_planes_kernel_at_large_m(split, dtype):
     p = problem.packed
     out = launch(cfg, problem.x, p.qweight, p.scales, p.offsets, problem.bias, p.group_size)
     assert_close_rel(out, problem.reference64(), dtype)
-
-
-@SETTINGS
-@given(problem=linear_problems(device=KERNEL_DEVICE, max_m=70), data=st.data())
-def test_swar_gemm_matches_float64_reference(problem, data):
-    """The SWAR GEMM (magic-number fp16 / bf16 pairs, x even/odd per BLOCK_K chunk): any M
-    and N (partial tiles), BLOCK_K at, above or below the group, split or not, prefetch or
-    not, x natural or plane-major."""
-    m, k = problem.x.shape
-    g = problem.packed.group_size
-    fits = [
-        (bk, sk) for bk in (32, 64, 128, 256) for sk in (1, 2)
-        if valid_config(KernelConfig("gemm_swar", 16, 16, bk, sk, 4, 2), k, g)
-    ]  # fmt: skip
-    assume(fits)
-    bk, split = data.draw(st.sampled_from(fits), label="block_k, split")
-    bm = data.draw(st.sampled_from([16, 32, 64]), label="block_m")
-    bn = data.draw(st.sampled_from([16, 32, 64]), label="block_n")
-    cfg = KernelConfig("gemm_swar", bm, bn, bk, split, 4, 2, data.draw(st.booleans()))
-    x_planes = k % PLANE_CHUNK == 0 and data.draw(st.booleans(), label="x_planes")
-    assert_close_rel(_run(problem, cfg, x_planes), problem.reference64(), problem.dtype)
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_swar_gemm_at_large_m_reads_even_odd_x_as_given(dtype):
-    """Several M tiles (the last partial) per weight tile; x already even/odd (what a fused
-    producer would write) gives the same bits as natural x, which the launcher permutes;
-    other kernels refuse even/odd x."""
-    problem = _packed_problem(130, 72, 512, 64, dtype, 13)
-    p = problem.packed
-    args = (p.qweight, p.scales, p.offsets, problem.bias, p.group_size)
-    cfg = KernelConfig("gemm_swar", 64, 32, 128, 2, 4, 2, True)
-    out = launch(cfg, problem.x, *args)
-    assert_close_rel(out, problem.reference64(), dtype)
-    assert torch.equal(launch(cfg, to_even_odd(problem.x, 128), *args, x_even_odd=True), out)
-    with pytest.raises(ValueError, match="even/odd order is for the SWAR kernel"):
-        launch(KernelConfig("gemm", 16, 32, 64, 1, 4, 2), problem.x, *args, x_even_odd=True)
 
 
 def test_large_m_candidates_include_the_planes_kernel():

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from qcompile.lowering.autotune import KernelConfig, TuneKey, autotuner, m_bucket, time_us
-from qcompile.quant.int4 import PLANE_CHUNK, from_planes, to_even_odd, to_planes
+from qcompile.quant.int4 import PLANE_CHUNK, to_planes
 
 FAMILY = "w4a16"
 
@@ -427,134 +427,6 @@ def _w4a16_gemm_planes_kernel(
         out_offs, mask, bias_b, N, pid_k, tl.num_programs(2), stride_split, HAS_BIAS, SPLIT,
         SELF_REDUCE,
     )  # fmt: skip
-
-
-# --------------------------------------------------------------------------- SWAR GEMM (large M)
-# Per half word (2 bytes = 4 codes) of W, PTX builds two fp16x2 (bf16x2) registers by the
-# magic-number trick: PRMT spreads the 2 bytes to bits 0-7 and 16-23, LOP3 keeps one nibble
-# per half and ORs in the exponent of 1024 (bf16: 128), so each half is 1024 + q exactly; one
-# SUB makes it q, one FMA q * s + o (both halves share the column's s and o). The even nibbles
-# (k = 0, 2 of the half word) fill one register, the odd (k = 1, 3) the other: 4 instructions
-# per pair, 2 per weight, against the planes kernel's ~3 in fp32 plus conversions. Those two
-# registers are exactly the fp16 wgmma A fragment's k pairs in the even / odd plane order of
-# W4A8's SWAR kernel (x even/odd per BLOCK_K chunk, `to_even_odd`).
-def _swar16_asm(bf16: bool) -> str:
-    magic, ty = ("0x43004300", "bf16x2") if bf16 else ("0x64006400", "f16x2")
-    return "\n".join(
-        [
-            "{",
-            ".reg .b32 w, t, a, base;",
-            "cvt.u32.u16 w, $2;",
-            "prmt.b32 t, w, 0, 0x4140;",  # bytes [b0, 0, b1, 0]
-            f"mov.b32 base, {magic};",
-            f"lop3.b32 a, t, 0x000F000F, {magic}, 0xEA;",  # (t & mask) | magic: k = 0, 2
-            f"sub.rn.{ty} a, a, base;",
-            f"fma.rn.{ty} $0, a, $3, $4;",
-            "shr.u32 t, t, 4;",
-            f"lop3.b32 a, t, 0x000F000F, {magic}, 0xEA;",  # k = 1, 3
-            f"sub.rn.{ty} a, a, base;",
-            f"fma.rn.{ty} $1, a, $3, $4;",
-            "}",
-        ]
-    )
-
-
-_SWAR16_FP16 = tl.constexpr(_swar16_asm(False))
-_SWAR16_BF16 = tl.constexpr(_swar16_asm(True))
-
-
-@triton.jit
-def _swar16_planes(codes, s, o, ASM: tl.constexpr, BF16: tl.constexpr):
-    """int8 bytes [BN, BK/2] of the packed words (element 4r + b: byte b of word row r) and
-    the per-element scale and offset (x's dtype) -> W of the even and odd k, q * s + o."""
-    if ASM:
-        return tl.inline_asm_elementwise(
-            _SWAR16_BF16 if BF16 else _SWAR16_FP16, "=r,=r,h,r,r", [codes, s, o],
-            dtype=(s.dtype, s.dtype), is_pure=True, pack=2,
-        )  # fmt: skip
-    else:
-        c = codes.to(tl.int32)
-        sf = s.to(tl.float32)
-        of = o.to(tl.float32)
-        even = ((c & 0xF).to(tl.float32) * sf + of).to(s.dtype)
-        odd = (((c >> 4) & 0xF).to(tl.float32) * sf + of).to(s.dtype)
-        return even, odd
-
-
-@triton.jit
-def _w4a16_gemm_swar_kernel(
-    x_ptr, qw_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
-    M, N, K, k_per_split, stride_w,
-    stride_xm, stride_xk, stride_om, stride_split,
-    GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, SELF_REDUCE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr,
-    ASM: tl.constexpr,
-):  # fmt: skip
-    # Large-M path: out^T [BLOCK_N, BLOCK_M] = W_even @ x_even^T + W_odd @ x_odd^T, W from
-    # registers (wgmma's A operand) by `_swar16_planes`, x even/odd per BLOCK_K chunk from
-    # shared memory. M tiles vary fastest over the grid (as in the planes kernel), so the
-    # programs sharing a weight tile run back to back and each word leaves DRAM once.
-    HALF: tl.constexpr = BLOCK_K // 2
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rc = tl.arange(0, HALF)
-    m_mask = rm < M
-    n_mask = rn < N
-    k_start = pid_k * k_per_split
-    k_end = k_start + k_per_split
-    qw8 = qw_ptr.to(tl.pointer_type(tl.int8))
-    # element (n, 4r + b): byte b of word row r of column n
-    c_row0 = qw8 + (rc // 4)[None, :] * (4 * stride_w) + 4 * rn[:, None] + (rc % 4)[None, :]
-    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    if PREFETCH:
-        s_next, o_next = _swar16_group_scales(
-            s_ptr, o_ptr, k_start, rn, rc, n_mask, stride_w, GROUP, BLOCK_K
-        )
-    for k0 in range(k_start, k_end, BLOCK_K):
-        codes = tl.load(c_row0 + (k0 // 8) * (4 * stride_w), mask=n_mask[:, None])
-        if PREFETCH:
-            s, o = s_next, o_next
-            # the last iteration re-reads its own scales instead of reading past the split
-            k_next = tl.minimum(k0 + BLOCK_K, k_end - BLOCK_K)
-            s_next, o_next = _swar16_group_scales(
-                s_ptr, o_ptr, k_next, rn, rc, n_mask, stride_w, GROUP, BLOCK_K
-            )
-        else:
-            s, o = _swar16_group_scales(s_ptr, o_ptr, k0, rn, rc, n_mask, stride_w, GROUP, BLOCK_K)
-        if BLOCK_K <= GROUP:
-            s = tl.broadcast_to(s[:, None], (BLOCK_N, HALF))
-            o = tl.broadcast_to(o[:, None], (BLOCK_N, HALF))
-        w_even, w_odd = _swar16_planes(codes, s, o, ASM, x_ptr.dtype.element_ty == tl.bfloat16)
-        x_base = x_ptr + rm[None, :] * stride_xm + (k0 + rc)[:, None] * stride_xk
-        x_even = tl.load(x_base, mask=m_mask[None, :], other=0.0)
-        x_odd = tl.load(x_base + HALF * stride_xk, mask=m_mask[None, :], other=0.0)
-        acc = tl.dot(w_even, x_even, acc)
-        acc = tl.dot(w_odd, x_odd, acc)
-    _finish_tile(
-        acc, out_ptr, ws_ptr, cnt_ptr + pid_n * tl.num_programs(0) + pid_m, bias_ptr,
-        rm[None, :] * stride_om + rn[:, None], m_mask[None, :] & n_mask[:, None], rn[:, None],
-        N, pid_k, tl.num_programs(2), stride_split, HAS_BIAS, SPLIT, SELF_REDUCE,
-    )  # fmt: skip
-
-
-@triton.jit
-def _swar16_group_scales(
-    s_ptr, o_ptr, k0, rn, rc, n_mask, stride_w, GROUP: tl.constexpr, BLOCK_K: tl.constexpr
-):
-    """Scale and offset of the K tile at k0: [BLOCK_N] when the tile lies in one group, else
-    [BLOCK_N, BLOCK_K/2] per word row (element 4r + b: word row r's group)."""
-    if BLOCK_K <= GROUP:
-        g = k0 // GROUP
-        s = tl.load(s_ptr + g * stride_w + rn, mask=n_mask, other=0)
-        o = tl.load(o_ptr + g * stride_w + rn, mask=n_mask, other=0)
-    else:
-        g_rows = ((k0 + 8 * (rc // 4)) // GROUP)[None, :] * stride_w + rn[:, None]
-        s = tl.load(s_ptr + g_rows, mask=n_mask[:, None], other=0)
-        o = tl.load(o_ptr + g_rows, mask=n_mask[:, None], other=0)
-    return s, o
 
 
 # --------------------------------------------------------------------------- lane MMA (M <= 64)
@@ -1029,9 +901,7 @@ def valid_config(cfg: KernelConfig, k: int, group: int) -> bool:
         return False
     if (k // cfg.split_k) % cfg.block_k:
         return False
-    min_k = (
-        128 if cfg.kernel in _PLANES_KINDS else 32 if cfg.kernel in ("gemv", "gemm_swar") else 16
-    )
+    min_k = 128 if cfg.kernel in _PLANES_KINDS else 32 if cfg.kernel == "gemv" else 16
     if cfg.kernel in ("gemm", "gemm_swap") and _gemm_smem_bytes(cfg, group) > _SMEM_BYTES:
         return False
     return cfg.block_k >= min_k and (group % cfg.block_k == 0 or cfg.block_k % group == 0)
@@ -1233,11 +1103,9 @@ def launch(
     out: torch.Tensor | None = None,
     self_reduce: bool = True,
     x_planes: bool = False,
-    x_even_odd: bool = False,
 ) -> torch.Tensor:
-    """Run one config: x [M, K] (any strides; plane-major per PLANE_CHUNK when `x_planes`;
-    even/odd per BLOCK_K chunk, `to_even_odd`, when `x_even_odd`: the SWAR kernel's order,
-    into which the launcher copies x otherwise) -> out [M, N] in x's dtype.
+    """Run one config: x [M, K] (any strides; plane-major per PLANE_CHUNK when `x_planes`)
+    -> out [M, N] in x's dtype.
 
     qweight, scales and offsets: N-contiguous rows sharing one row stride >= N (contiguous, or
     column slices of wider co-located tensors; the op checks). Split-K reduces in the same
@@ -1249,8 +1117,6 @@ def launch(
         out = torch.empty((m, n), device=x.device, dtype=x.dtype)
     elif not out.is_contiguous():  # the split-K reduction writes out as flat [M * N] memory
         raise ValueError("launch: out must be contiguous")
-    if x_even_odd and (cfg.kernel != "gemm_swar" or x_planes):
-        raise ValueError(f"launch: x in even/odd order is for the SWAR kernel, not {cfg.kernel}")
     if m == 0 or n == 0:
         return out  # nothing to compute (the lane-MMA kernel would read row M - 1 = -1)
     if cfg.kernel == "dequant_mm":
@@ -1283,15 +1149,6 @@ def launch(
         _w4a16_mma_kernel[(triton.cdiv(n, cfg.block_n), split)](
             *args, M_TILES=cfg.block_m // 8, N_TILES=cfg.block_n // (16 * cfg.num_warps),
             X_PLANES=x_planes, ASM=not _interpreting(), PREFETCH=bool(cfg.prefetch), **common,
-        )  # fmt: skip
-    elif cfg.kernel == "gemm_swar":
-        if not x_even_odd:
-            x = to_even_odd(from_planes(x) if x_planes else x, cfg.block_k)
-            args = (x, *args[1:13], k, 1, *args[15:])
-        grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n), split)
-        _w4a16_gemm_swar_kernel[grid](
-            *args, BLOCK_M=cfg.block_m, PREFETCH=bool(cfg.prefetch), ASM=not _interpreting(),
-            **common,
         )  # fmt: skip
     elif cfg.kernel == "gemv":
         grid = (triton.cdiv(n, cfg.block_n), split, m)
