@@ -788,6 +788,50 @@ def test_channel_search_never_raises_a_rows_rtn_error_and_lowers_the_total():
         gptq_quantize_weight(w, torch.eye(256), Scheme(group_size=64), channel_search=True)
 
 
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    problem=w4a8_problems(device=KERNEL_DEVICE, max_m=40, act_dtypes=("float8_e4m3fn",)),
+    data=st.data(),
+)
+def test_lane_mma_fp8_matches_the_reference(problem, data):
+    """The lane kernel on e4m3 activations (e4m3 (q - z) by PTX into mma.sync e4m3, each
+    group's float32 tile sum times s2): 1-8 B tiles, BLOCK_K at, above or below the group,
+    split K (the one-launch sum at 8 rows, the epilogue above) or not. Launched directly:
+    untimed, it is not yet a valid tuning config."""
+    m, k = problem.x.shape
+    g = problem.packed.group_size
+    rows = next(r for r in (8, 16, 32, 64) if r >= m)
+    fits = [
+        (warps, bk, sk) for warps in (1, 2) for bk in (32, 64, 128) for sk in (1, 2, 3)
+        if valid_config(KernelConfig("mma", rows, 32 * warps, bk, sk, warps, 1), 64, k, g, "int8")
+    ]  # fmt: skip
+    assume(fits)
+    warps, bk, split = data.draw(st.sampled_from(fits), label="warps, block_k, split")
+    _check_config(problem, KernelConfig("mma", rows, 32 * warps, bk, split, warps, 1))
+
+
+def test_lane_fp8_joins_the_defaults_only_once_timed(monkeypatch):
+    """`_LANE_FP8_TIMED` is the switch: then FP8 at M <= 16 takes the lane default (never the
+    int8-only atomic sum) and the lane candidates; the atomic sum refuses FP8 at launch."""
+    from qcompile.lowering import w4a8 as w4a8_mod
+
+    fp8 = "float8_e4m3fn"
+    assert default_config(16, 8192, 28672, 128, fp8).kernel != "mma"
+    monkeypatch.setattr(w4a8_mod, "_LANE_FP8_TIMED", True)
+    cfg = default_config(16, 8192, 28672, 128, fp8)
+    assert (cfg.kernel, cfg.split_k, cfg.reduce) == ("mma", 16, "")
+    assert default_config(1, 28672, 4096, 128, fp8).kernel == "mma"
+    kinds = {(c.kernel, c.reduce) for c in candidate_configs(16, 8192, 28672, 128, fp8)}
+    assert ("mma", "") in kinds and ("mma", "atomic") not in kinds
+    p = quantize_weight_w4a8(torch.randn(64, 256), Scheme(name="w4a8", group_size=128))
+    xq = torch.zeros(4, 256, dtype=torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match="atomic split-K sum is int8 only"):
+        launch(
+            KernelConfig("mma", 8, 64, 128, 2, 2, 1), xq, torch.ones(4), *p.tensors(), None,
+            128, torch.float16, self_reduce="atomic",
+        )  # fmt: skip
+
+
 def test_lane_mma_refuses_more_rows_than_its_b_tiles_and_fp8():
     assert not valid_config(
         KernelConfig("mma", 16, 128, 128, 1, 4, 1), 64, 4096, 128, "float8_e4m3fn"
