@@ -1033,7 +1033,9 @@ _MIN_BLOCK_K = {
 _LANE_ROWS = (8, 16, 32, 64)  # lane MMA: 1, 2, 4 or 8 B tiles of 8 rows
 # The lane kernel's FP8 variant (e4m3 mma.sync, s2 per group outside the MMA) passes the
 # interpreter and the offline sm_90 compile; it becomes a candidate and the FP8 default at
-# M <= 16 (as int8's) once a GPU has run and timed it.
+# M <= 16 (as int8's) once a GPU has run and timed it. Offline SASS: sm_90 has no e4m3
+# mma.sync, so ptxas converts both fragments back to f16 (F2FP) and issues two HMMA.16816
+# per mma: 687 instructions per K tile at 16 rows against the int8 kernel's 350.
 _LANE_FP8_TIMED = False
 _LANE_REDUCE_MAX_ROWS = 8  # the lane kernel reduces split K in its own launch up to 8 rows
 # ... with 8 partials' loads in flight: M = 1 on the H100, 52.3 -> 47.4 us on 8192x28672 (split
