@@ -71,10 +71,13 @@ def compile_variant(
         del sig["nibble_mask"]
         fn = kernels._w4a16_gemm_kernel
         consts.update(BLOCK_M=bm, GROUP_M=8, SWAP_AB=True)
-    if kind == "mma":
+    if kind in ("mma", "mma_w4a8"):  # mma_w4a8: W4A8's FP8 path (uint8 s2 / z, rescale)
         del sig["nibble_mask"]
         fn = kernels._w4a16_mma_kernel
         consts.update(M_TILES=bm // 8, N_TILES=bn // (16 * warps), ASM=True)
+        if kind == "mma_w4a8":
+            sig.update(s_ptr="*u8", o_ptr="*u8", xs_ptr="*fp32", s1_ptr="*fp32")
+            consts["W4A8"] = True
     sig.update({name: "constexpr" for name in consts})
     src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=ATTRS)
     return triton.compile(src, target=TARGET, options={"num_warps": warps, "num_stages": stages})
@@ -133,9 +136,7 @@ def compile_w4a8_variant(
         consts.update(FP8=fp8, BLOCK_M=bm, GROUP_M=8)
     elif kind == "mma":  # self_reduce: a split's int32 partial, the last split rescales
         fn = w4a8_kernels._w4a8_mma_kernel
-        consts.update(
-            M_TILES=bm // 8, ASM=True, X_NATURAL=x_natural, SELF_REDUCE=self_reduce, FP8=fp8
-        )
+        consts.update(M_TILES=bm // 8, ASM=True, X_NATURAL=x_natural, SELF_REDUCE=self_reduce)
         if self_reduce:
             consts.update(WRITE_ACC=True, REDUCE_UNROLL=reduce_unroll, ATOMIC=atomic)
             sig.update(out_ptr="*i32", final_ptr="*fp16", cnt_ptr="*i32")

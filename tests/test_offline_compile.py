@@ -28,6 +28,8 @@ W4A16 = [  # kind, BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, prefetch, self-redu
     ("mma", 64, 64, 128, 2, 1, False, True),  # 8 B tiles: 32 accumulators per A tile
     ("mma", 16, 128, 128, 4, 1, 1, True),  # the next BLOCK_K prefetched (tuples in the loop)
     ("mma", 32, 64, 64, 2, 1, 2, False),  # its words and scales only
+    ("mma_w4a8", 16, 128, 128, 4, 1, False, True),  # W4A8 FP8: uint8 s2 / z, the rescale
+    ("mma_w4a8", 64, 64, 64, 2, 1, True, False),
 ]
 W4A8 = [  # kind, BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, fp8 activations, [prefetch,
     # [natural-order xq (lane kernel), [split K reduced in the launch (lane kernel)]]]
@@ -46,9 +48,6 @@ W4A8 = [  # kind, BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, fp8 activations, [pr
     ("mma", 16, 128, 128, 4, 1, False, False, True, True),  # split K reduced in the launch
     ("mma", 8, 128, 128, 4, 1, False, False, True, 8),  # ... its partials' loads unrolled by 8
     ("mma", 16, 128, 128, 4, 1, False, False, True, "atomic"),  # ... summed by int32 atomics
-    ("mma", 16, 128, 128, 4, 1, True),  # FP8: e4m3 (q - z) by PTX, mma.sync e4m3, s2 per group
-    ("mma", 8, 128, 128, 4, 1, True, False, True, 8),  # ... natural xq, one-launch split K
-    ("mma", 64, 64, 64, 2, 1, True),  # ... 8 B tiles, two steps per group at g64
     ("int_mm", 0, 64, 128, 4, 1, False),  # the int8 unpacking kernel (SWAR PTX, interleave)
     ("int_mm", 0, 128, 256, 4, 1, False),  # two groups per tile (g128)
     ("int_mm", 0, 64, 128, 4, 1, True),  # e4m3 (q - z) for the block-scaled FP8 GEMM (fp8_mm)

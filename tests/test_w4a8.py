@@ -4,6 +4,7 @@ a GPU) held bit-exact on the integer accumulator, and the pass on a tiny transfo
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import helpers
 import pytest
@@ -307,8 +308,9 @@ def _check_config(problem: W4A8Problem, cfg: KernelConfig) -> None:
     p = problem.packed
     xq, xs = _on_device(*problem.quantized_x())
     args = (xq, xs, *p.tensors(), problem.bias, p.group_size, problem.dtype)
-    acc = None if cfg.kernel == "fp8_mm" else launch(cfg, *args, accumulator=True).cpu().double()
-    if acc is None:  # cuBLASLt applies the scales: only the output is checked
+    raw = cfg.kernel not in ("fp8_mm", "mma_f16")
+    acc = launch(cfg, *args, accumulator=True).cpu().double() if raw else None
+    if acc is None:  # these rescale inside (cuBLASLt, the epilogue): only the output is checked
         pass
     elif problem.act_dtype == "int8":  # the integer part is exact
         assert torch.equal(acc, problem.accumulator64())
@@ -793,43 +795,50 @@ def test_channel_search_never_raises_a_rows_rtn_error_and_lowers_the_total():
     problem=w4a8_problems(device=KERNEL_DEVICE, max_m=40, act_dtypes=("float8_e4m3fn",)),
     data=st.data(),
 )
-def test_lane_mma_fp8_matches_the_reference(problem, data):
-    """The lane kernel on e4m3 activations (e4m3 (q - z) by PTX into mma.sync e4m3, each
-    group's float32 tile sum times s2): 1-8 B tiles, BLOCK_K at, above or below the group,
-    split K (the one-launch sum at 8 rows, the epilogue above) or not. Launched directly:
+def test_lane_f16_on_fp8_activations_matches_the_reference(problem, data):
+    """ "mma_f16": W4A16's lane kernel on the e4m3 xq as fp16, weights (q - z) * s2 from the
+    uint8 s2 and z, rescaled in its epilogue: 1-8 B tiles, 2 or 4 tiles per warp, BLOCK_K at,
+    above or below the group, split K (one launch or two), prefetch. Launched directly:
     untimed, it is not yet a valid tuning config."""
+    from qcompile.lowering.w4a16 import valid_config as w4a16_valid
+
     m, k = problem.x.shape
     g = problem.packed.group_size
     rows = next(r for r in (8, 16, 32, 64) if r >= m)
     fits = [
-        (warps, bk, sk) for warps in (1, 2) for bk in (32, 64, 128) for sk in (1, 2, 3)
-        if valid_config(KernelConfig("mma", rows, 32 * warps, bk, sk, warps, 1), 64, k, g, "int8")
+        (warps, tiles, bk, sk)
+        for warps in (1, 2) for tiles in (2, 4) for bk in (32, 64, 128) for sk in (1, 2, 3)
+        if w4a16_valid(KernelConfig("mma", rows, 16 * tiles * warps, bk, sk, warps, 1), k, g)
     ]  # fmt: skip
     assume(fits)
-    warps, bk, split = data.draw(st.sampled_from(fits), label="warps, block_k, split")
-    _check_config(problem, KernelConfig("mma", rows, 32 * warps, bk, split, warps, 1))
+    warps, tiles, bk, split = data.draw(st.sampled_from(fits), label="warps, tiles, bk, split")
+    pf = data.draw(st.booleans(), label="prefetch")
+    _check_config(
+        problem, KernelConfig("mma_f16", rows, 16 * tiles * warps, bk, split, warps, 1, pf)
+    )
 
 
 def test_lane_fp8_joins_the_defaults_only_once_timed(monkeypatch):
-    """`_LANE_FP8_TIMED` is the switch: then FP8 at M <= 16 takes the lane default (never the
-    int8-only atomic sum) and the lane candidates; the atomic sum refuses FP8 at launch."""
+    """`_LANE_FP8_TIMED` is the switch: then FP8 at M <= 16 takes "mma_f16" with W4A16's lane
+    default (never the int8-only atomic sum) and the lane candidates; int8 kernels refuse fp8."""
     from qcompile.lowering import w4a8 as w4a8_mod
 
     fp8 = "float8_e4m3fn"
-    assert default_config(16, 8192, 28672, 128, fp8).kernel != "mma"
+    assert default_config(16, 8192, 28672, 128, fp8).kernel != "mma_f16"
     monkeypatch.setattr(w4a8_mod, "_LANE_FP8_TIMED", True)
     cfg = default_config(16, 8192, 28672, 128, fp8)
-    assert (cfg.kernel, cfg.split_k, cfg.reduce) == ("mma", 16, "")
-    assert default_config(1, 28672, 4096, 128, fp8).kernel == "mma"
+    assert (cfg.kernel, cfg.block_m, cfg.block_n, cfg.reduce) == ("mma_f16", 16, 128, "")
+    assert default_config(1, 28672, 4096, 128, fp8).block_m == 8
     kinds = {(c.kernel, c.reduce) for c in candidate_configs(16, 8192, 28672, 128, fp8)}
-    assert ("mma", "") in kinds and ("mma", "atomic") not in kinds
+    assert ("mma_f16", "") in kinds and not any(r for _, r in kinds)
+    assert not valid_config(dataclasses.replace(cfg, reduce="atomic"), 8192, 28672, 128, fp8)
+    assert not valid_config(cfg, 8192, 28672, 128, "int8")
     p = quantize_weight_w4a8(torch.randn(64, 256), Scheme(name="w4a8", group_size=128))
-    xq = torch.zeros(4, 256, dtype=torch.float8_e4m3fn)
-    with pytest.raises(ValueError, match="atomic split-K sum is int8 only"):
-        launch(
-            KernelConfig("mma", 8, 64, 128, 2, 2, 1), xq, torch.ones(4), *p.tensors(), None,
-            128, torch.float16, self_reduce="atomic",
-        )  # fmt: skip
+    args = (torch.ones(4), *p.tensors(), None, 128, torch.float16)
+    with pytest.raises(ValueError, match="mma kernel takes int8 activations only"):
+        launch(KernelConfig("mma", 8, 64, 128, 2, 2, 1), torch.zeros(4, 256, dtype=torch.float8_e4m3fn), *args)  # fmt: skip
+    with pytest.raises(ValueError, match="mma_f16 takes e4m3 activations"):
+        launch(KernelConfig("mma_f16", 8, 64, 128, 2, 2, 1), torch.zeros(4, 256, dtype=torch.int8), *args)  # fmt: skip
 
 
 def test_lane_mma_refuses_more_rows_than_its_b_tiles_and_fp8():

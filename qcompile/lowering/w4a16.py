@@ -706,10 +706,12 @@ def _lane_results(vals, q, n_lane, M_TILES: tl.constexpr):
 def _lane_block_loads(
     qw_ptr, s_ptr, o_ptr, x_rows, k0, q, cols, col_mask, stride_w, stride_xk,
     GROUP: tl.constexpr, BLOCK_K: tl.constexpr, M_TILES: tl.constexpr, X_PLANES: tl.constexpr,
+    W4A8: tl.constexpr = False,
 ):  # fmt: skip
     """Every load of one BLOCK_K of the lane-MMA loop, raw: per 32-k step its words
     [LANES, COLS], the scale and offset rows (one per step when BLOCK_K spans groups, else
-    one) and x ([LANES, 8] per (32-k step, B tile), step-major)."""
+    one) and x ([LANES, 8] per (32-k step, B tile), step-major). W4A8: s_ptr / o_ptr hold
+    uint8 s2 and z, which become the fp16 scale s2 and offset -z * s2 (exact integers)."""
     words = ()
     scales = ()
     offsets = ()
@@ -717,8 +719,13 @@ def _lane_block_loads(
         kk = k0 + 32 * st
         if st == 0 or BLOCK_K > GROUP:
             g_row = (kk // GROUP) * stride_w
-            scales = scales + (tl.load(s_ptr + g_row + cols, mask=col_mask, other=0.0),)
-            offsets = offsets + (tl.load(o_ptr + g_row + cols, mask=col_mask, other=0.0),)
+            sv = tl.load(s_ptr + g_row + cols, mask=col_mask, other=0)
+            ov = tl.load(o_ptr + g_row + cols, mask=col_mask, other=0)
+            if W4A8:
+                ov = (-(ov.to(tl.int32) * sv.to(tl.int32))).to(tl.float16)
+                sv = sv.to(tl.float16)
+            scales = scales + (sv,)
+            offsets = offsets + (ov,)
         words = words + (
             tl.load(qw_ptr + (kk // 8 + q)[:, None] * stride_w + cols, mask=col_mask, other=0),
         )
@@ -737,7 +744,12 @@ def _w4a16_mma_kernel(
     GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, SELF_REDUCE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, M_TILES: tl.constexpr, N_TILES: tl.constexpr,
     X_PLANES: tl.constexpr = False, ASM: tl.constexpr = True, PREFETCH: tl.constexpr = False,
+    W4A8: tl.constexpr = False, xs_ptr=None, s1_ptr=None,
 ):  # fmt: skip
+    # W4A8 (FP8 activations, `lowering/w4a8.py`'s "mma_f16"): x is the e4m3 xq as fp16 and
+    # the weight (q - z) * s2 from uint8 s2 and z (integers in -127..127, exact in fp16), so
+    # every product is exact and the fp32 accumulator spans K; the epilogue multiplies by
+    # x_scale[m] * s1[n]. (Hopper has no e4m3 mma.sync: ptxas would convert to f16 anyway.)
     # Floor: the GEMV's (weight bytes); ~3.0 issued instructions per weight at 16 rows
     # (`sass_report.py`), each unpacked A fragment feeding M_TILES B tiles of 8 rows. On the
     # H200 it runs at 49% of that floor at 16 rows, and without PREFETCH its time grew
@@ -781,7 +793,7 @@ def _w4a16_mma_kernel(
     if PREFETCH:
         nxt = _lane_block_loads(
             qw_ptr, s_ptr, o_ptr, x_rows, k_start, q, cols, col_mask, stride_w, stride_xk,
-            GROUP, BLOCK_K, M_TILES, X_PLANES,
+            GROUP, BLOCK_K, M_TILES, X_PLANES, W4A8,
         )  # fmt: skip
     for k0 in range(k_start, k_end, BLOCK_K):
         if PREFETCH:
@@ -789,12 +801,12 @@ def _w4a16_mma_kernel(
             # the last iteration re-reads its own block instead of reading past the split
             nxt = _lane_block_loads(
                 qw_ptr, s_ptr, o_ptr, x_rows, tl.minimum(k0 + BLOCK_K, k_end - BLOCK_K), q,
-                cols, col_mask, stride_w, stride_xk, GROUP, BLOCK_K, M_TILES, X_PLANES,
+                cols, col_mask, stride_w, stride_xk, GROUP, BLOCK_K, M_TILES, X_PLANES, W4A8,
             )  # fmt: skip
         else:
             cur = _lane_block_loads(
                 qw_ptr, s_ptr, o_ptr, x_rows, k0, q, cols, col_mask, stride_w, stride_xk,
-                GROUP, BLOCK_K, M_TILES, X_PLANES,
+                GROUP, BLOCK_K, M_TILES, X_PLANES, W4A8,
             )  # fmt: skip
         words_k, scales_k, offsets_k, x_k = cur
         for st in tl.static_range(BLOCK_K // 32):
@@ -823,6 +835,9 @@ def _w4a16_mma_kernel(
     if N_TILES == 4:
         vals = vals + acc2 + acc3
     acc, m, n = _lane_results(vals, q, n_lane, M_TILES)
+    if W4A8:  # (linear: a split's partial is scaled before the split-K sum)
+        acc = acc * tl.load(xs_ptr + m, mask=m < M, other=0.0)
+        acc = acc * tl.load(s1_ptr + n, mask=n < N, other=0.0)
     _finish_tile(
         acc, out_ptr, ws_ptr, cnt_ptr + pid_n, bias_ptr, m * stride_om + n, (m < M) & (n < N),
         n, N, pid_k, tl.num_programs(1), stride_split, HAS_BIAS, SPLIT, SELF_REDUCE,
@@ -1103,9 +1118,13 @@ def launch(
     out: torch.Tensor | None = None,
     self_reduce: bool = True,
     x_planes: bool = False,
+    w4a8: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Run one config: x [M, K] (any strides; plane-major per PLANE_CHUNK when `x_planes`)
-    -> out [M, N] in x's dtype.
+    -> out [M, N] in x's dtype (or `out`'s).
+
+    `w4a8` = (x_scale [M], s1 [N]): the lane kernel on W4A8's FP8 path (x: e4m3 xq as fp16;
+    scales, offsets: uint8 s2 and z), out = (x @ ((q - z) s2)^T) * x_scale * s1 (+ bias).
 
     qweight, scales and offsets: N-contiguous rows sharing one row stride >= N (contiguous, or
     column slices of wider co-located tensors; the op checks). Split-K reduces in the same
@@ -1143,12 +1162,18 @@ def launch(
         x, qweight, scales, offsets, bias_arg, out, ws, counters if counters is not None else ws,
         m, n, k, k // split, stride_w, x.stride(0), x.stride(1), out.stride(0), m * n,
     )  # fmt: skip
+    if w4a8 is not None and (cfg.kernel != "mma" or x.dtype != torch.float16 or x_planes):
+        raise ValueError("launch: W4A8 runs the lane kernel only, on fp16 x in natural order")
     if cfg.kernel == "mma":
         if m > cfg.block_m:
             raise ValueError(f"launch: lane-MMA config got M={m} rows but BLOCK_M={cfg.block_m}")
+        extra = {}
+        if w4a8 is not None:
+            extra = dict(W4A8=True, xs_ptr=w4a8[0], s1_ptr=w4a8[1])
         _w4a16_mma_kernel[(triton.cdiv(n, cfg.block_n), split)](
             *args, M_TILES=cfg.block_m // 8, N_TILES=cfg.block_n // (16 * cfg.num_warps),
-            X_PLANES=x_planes, ASM=not _interpreting(), PREFETCH=bool(cfg.prefetch), **common,
+            X_PLANES=x_planes, ASM=not _interpreting(), PREFETCH=bool(cfg.prefetch), **extra,
+            **common,
         )  # fmt: skip
     elif cfg.kernel == "gemv":
         grid = (triton.cdiv(n, cfg.block_n), split, m)

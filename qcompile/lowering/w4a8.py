@@ -53,6 +53,7 @@ applies the rescale (exact integer sums: deterministic, no atomics).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 
@@ -71,6 +72,9 @@ from qcompile.lowering.w4a16 import (
     _tile_counters,
     reserve_tile_counters,
 )
+from qcompile.lowering.w4a16 import default_config as w4a16_default_config
+from qcompile.lowering.w4a16 import launch as w4a16_launch
+from qcompile.lowering.w4a16 import valid_config as w4a16_valid_config
 from qcompile.quant.int4 import to_even_odd, to_planes  # to_planes: W4A16's plane-major layout
 from qcompile.quant.w4a8 import ABSMAX_FLOOR, ACT_QMAX, ACT_TORCH_DTYPES
 
@@ -751,121 +755,6 @@ def _lane_int8_step(
         return out
 
 
-def _w4a8_lane_fp8_asm(m_tiles: int) -> str:
-    """PTX for one 32-k step of one 16-column tile with e4m3 activations: the lane's two words
-    (columns n and n + 8) -> e4m3 (q - z) by `_fp8_pair_lines` (even / odd k's in order by one
-    PRMT each), then `m_tiles` mma.sync m16n8k32 e4m3 x e4m3 -> f32. Operands: outputs $0..
-    (4 f32 per B tile), the accumulators in, w_lo, w_hi, z_lo, z_hi (plain zero points) and 2 x
-    registers (even, odd k) per B tile. The group's s2 is applied outside, per group."""
-    nacc = 4 * m_tiles
-    w_lo, w_hi, z_lo, z_hi = (f"${2 * nacc + i}" for i in range(4))
-    x0 = 2 * nacc + 4
-    lines = [".reg .b32 e0, o0, e1, o1;"]
-    for w, z, e, o in ((w_lo, z_lo, "e0", "o0"), (w_hi, z_hi, "e1", "o1")):
-        lines += ["{", ".reg .b32 p, r;", *_fp8_pair_lines(w, z)]
-        lines += [
-            "cvt.u32.u16 p, h0;",  # bytes k = 0, 4
-            "cvt.u32.u16 r, h1;",  # bytes k = 2, 6
-            f"prmt.b32 {e}, p, r, 0x5140;",  # -> k = 0, 2, 4, 6
-            "cvt.u32.u16 p, h2;",
-            "cvt.u32.u16 r, h3;",
-            f"prmt.b32 {o}, p, r, 0x5140;",  # -> k = 1, 3, 5, 7
-            "}",
-        ]
-    for mt in range(m_tiles):
-        d = ", ".join(f"${4 * mt + j}" for j in range(4))
-        c = ", ".join(f"${nacc + 4 * mt + j}" for j in range(4))
-        xe, xo = f"${x0 + 2 * mt}", f"${x0 + 2 * mt + 1}"
-        lines.append(
-            f"mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {{{d}}}, {{e0, e1, o0, o1}}, "
-            f"{{{xe}, {xo}}}, {{{c}}};"
-        )
-    return "{\n" + "\n".join(lines) + "\n}"
-
-
-def _w4a8_lane_fp8_constraints(m_tiles: int) -> str:
-    return ",".join(["=f"] * 4 * m_tiles + ["f"] * 4 * m_tiles + ["r"] * (4 + 2 * m_tiles))
-
-
-_W4A8_LANE_FP8_1 = tl.constexpr(_w4a8_lane_fp8_asm(1))
-_W4A8_LANE_FP8_2 = tl.constexpr(_w4a8_lane_fp8_asm(2))
-_W4A8_LANE_FP8_4 = tl.constexpr(_w4a8_lane_fp8_asm(4))
-_W4A8_LANE_FP8_8 = tl.constexpr(_w4a8_lane_fp8_asm(8))
-_W4A8_LANE_FP8_CON_1 = tl.constexpr(_w4a8_lane_fp8_constraints(1))
-_W4A8_LANE_FP8_CON_2 = tl.constexpr(_w4a8_lane_fp8_constraints(2))
-_W4A8_LANE_FP8_CON_4 = tl.constexpr(_w4a8_lane_fp8_constraints(4))
-_W4A8_LANE_FP8_CON_8 = tl.constexpr(_w4a8_lane_fp8_constraints(8))
-
-
-@triton.jit
-def _lane_fp8_mma(args, M_TILES: tl.constexpr):
-    """The PTX step of `_w4a8_lane_fp8_asm` for M_TILES B tiles: args are its input operands."""
-    if M_TILES == 1:
-        return tl.inline_asm_elementwise(
-            _W4A8_LANE_FP8_1, _W4A8_LANE_FP8_CON_1, args, dtype=(tl.float32,) * 4, is_pure=True,
-            pack=1,
-        )  # fmt: skip
-    elif M_TILES == 2:
-        return tl.inline_asm_elementwise(
-            _W4A8_LANE_FP8_2, _W4A8_LANE_FP8_CON_2, args, dtype=(tl.float32,) * 8, is_pure=True,
-            pack=1,
-        )  # fmt: skip
-    elif M_TILES == 4:
-        return tl.inline_asm_elementwise(
-            _W4A8_LANE_FP8_4, _W4A8_LANE_FP8_CON_4, args, dtype=(tl.float32,) * 16, is_pure=True,
-            pack=1,
-        )  # fmt: skip
-    else:
-        return tl.inline_asm_elementwise(
-            _W4A8_LANE_FP8_8, _W4A8_LANE_FP8_CON_8, args, dtype=(tl.float32,) * 32, is_pure=True,
-            pack=1,
-        )  # fmt: skip
-
-
-@triton.jit
-def _lane_fp8_x(x_even, x_odd):
-    """Interpreter: a lane's two x registers of e4m3 bytes -> [LANES, 8] float32 x at
-    k = 8q + i (register byte i // 2 of the even or odd one)."""
-    i = tl.arange(0, 8)[None, :]
-    reg = tl.where(i % 2 == 0, x_even[:, None], x_odd[:, None])
-    byte = ((reg >> (8 * (i // 2))) & 0xFF).to(tl.uint8)
-    return byte.to(tl.float8e4nv, bitcast=True).to(tl.float32)
-
-
-@triton.jit
-def _lane_fp8_step(
-    acc, w_lo, w_hi, z_lo, z_hi, xs, M_TILES: tl.constexpr, ASM: tl.constexpr,
-    NW: tl.constexpr,
-):  # fmt: skip
-    """`_lane_int8_step` for e4m3 activations: 32 k's of (q - z) (no s2) into the float32
-    accumulators of one 16-column tile; z plain."""
-    if ASM:
-        return _lane_fp8_mma(acc + (w_lo, w_hi, z_lo, z_hi) + xs, M_TILES)
-    else:
-        i = tl.arange(0, 8)[None, :]
-        w_top = (((w_lo[:, None] >> (4 * i)) & 0xF) - z_lo[:, None]).to(tl.float32)
-        w_bot = (((w_hi[:, None] >> (4 * i)) & 0xF) - z_hi[:, None]).to(tl.float32)
-        out = ()
-        for b in tl.static_range(M_TILES):
-            x = _lane_fp8_x(xs[2 * b], xs[2 * b + 1])
-            out = out + _emulated_int8_mma(
-                acc[4 * b], acc[4 * b + 1], acc[4 * b + 2], acc[4 * b + 3], w_top, w_bot, x, NW
-            )
-        return out
-
-
-@triton.jit
-def _lane_scale_add(acc, t, s_lo, s_hi, M_TILES: tl.constexpr):
-    """acc + s2 * t per B tile: rows r (columns of w_lo) take s_lo, rows r + 8 s_hi."""
-    out = ()
-    for b in tl.static_range(M_TILES):
-        out = out + (
-            acc[4 * b] + s_lo * t[4 * b], acc[4 * b + 1] + s_lo * t[4 * b + 1],
-            acc[4 * b + 2] + s_hi * t[4 * b + 2], acc[4 * b + 3] + s_hi * t[4 * b + 3],
-        )  # fmt: skip
-    return out
-
-
 @triton.jit
 def _w4a8_mma_kernel(
     xq_ptr, xs_ptr, qw_ptr, s2_ptr, z_ptr, s1_ptr, bias_ptr, out_ptr,
@@ -874,7 +763,6 @@ def _w4a8_mma_kernel(
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, M_TILES: tl.constexpr, ASM: tl.constexpr,
     X_NATURAL: tl.constexpr = False, SELF_REDUCE: tl.constexpr = False, final_ptr=None,
     cnt_ptr=None, REDUCE_UNROLL: tl.constexpr = 1, ATOMIC: tl.constexpr = False,
-    FP8: tl.constexpr = False,
 ):  # fmt: skip
     # Small-M int8 path (see the comment above `_w4a8_lane_asm`). Memory-bound like the GEMV:
     # floor = weight bytes / HBM bandwidth; the SWAR unpacking costs ~1.9 instructions per
@@ -900,16 +788,11 @@ def _w4a8_mma_kernel(
     for b in tl.static_range(M_TILES):
         row = tl.minimum(r + 8 * b, M - 1)
         x_rows = x_rows + ((xq_ptr + row * stride_xm).to(tl.pointer_type(tl.int32)),)
-    # FP8 (e4m3 xq): (q - z) is the exact e4m3 weight, so each group's mmas go to fresh
-    # float32 tile accumulators t0 / t1, added to acc0 / acc1 times the column's s2 when the
-    # group (or the K tile) ends
-    z = tl.zeros((LANES,), dtype=tl.float32 if FP8 else tl.int32)
+    z = tl.zeros((LANES,), dtype=tl.int32)
     acc0 = ()
     for _e in tl.static_range(4 * M_TILES):
         acc0 = acc0 + (z,)
     acc1 = acc0
-    t0 = acc0
-    t1 = acc0
     k_start = pid_k * k_per_split
     for k0 in range(k_start, k_start + k_per_split, BLOCK_K):
         for st in tl.static_range(BLOCK_K // 32):
@@ -917,15 +800,10 @@ def _w4a8_mma_kernel(
             if st == 0 or BLOCK_K > GROUP:
                 g = (kk // GROUP) * N
                 s2 = tl.load(s2_ptr + g + cols, mask=col_mask, other=0).to(tl.int32)
-                if FP8:
-                    zp = tl.load(z_ptr + g + cols, mask=col_mask, other=0).to(tl.int32)
-                    z_0, z_1, z_2, z_3 = _split4(zp)
-                    s_0, s_1, s_2, s_3 = _split4(s2.to(tl.float32))
-                else:
-                    zs = tl.load(z_ptr + g + cols, mask=col_mask, other=0).to(tl.int32) * s2
-                    s_0, s_1, s_2, s_3 = _split4(s2)
-                    z_0, z_1, z_2, z_3 = _split4(zs * 0x01010101)
-                    y_0, y_1, y_2, y_3 = _split4((zs * 0x01010101) & 0x7F7F7F7F)
+                zs = tl.load(z_ptr + g + cols, mask=col_mask, other=0).to(tl.int32) * s2
+                s_0, s_1, s_2, s_3 = _split4(s2)
+                z_0, z_1, z_2, z_3 = _split4(zs * 0x01010101)
+                y_0, y_1, y_2, y_3 = _split4((zs * 0x01010101) & 0x7F7F7F7F)
             words = tl.load(qw_ptr + (kk // 8 + q)[:, None] * N + cols, mask=col_mask, other=0)
             w_0, w_1, w_2, w_3 = _split4(words)
             # even k's of word row q: 4 bytes from the chunk's first half, odd from its second
@@ -937,23 +815,12 @@ def _w4a8_mma_kernel(
                     xs = xs + _x_even_odd(tl.load(w_x), tl.load(w_x + 1), ASM)
                 else:
                     xs = xs + (tl.load(x_rows[b] + pos), tl.load(x_rows[b] + pos + HALF // 4))
-            if FP8:
-                t0 = _lane_fp8_step(t0, w_0, w_1, z_0, z_1, xs, M_TILES, ASM, NW)
-                t1 = _lane_fp8_step(t1, w_2, w_3, z_2, z_3, xs, M_TILES, ASM, NW)
-                if (32 * (st + 1)) % GROUP == 0 or st + 1 == BLOCK_K // 32:  # a group ends
-                    acc0 = _lane_scale_add(acc0, t0, s_0, s_1, M_TILES)
-                    acc1 = _lane_scale_add(acc1, t1, s_2, s_3, M_TILES)
-                    t0 = ()
-                    for _e in tl.static_range(4 * M_TILES):
-                        t0 = t0 + (z,)
-                    t1 = t0
-            else:
-                acc0 = _lane_int8_step(
-                    acc0, w_0, w_1, s_0, s_1, z_0, z_1, y_0, y_1, xs, M_TILES, ASM, NW
-                )
-                acc1 = _lane_int8_step(
-                    acc1, w_2, w_3, s_2, s_3, z_2, z_3, y_2, y_3, xs, M_TILES, ASM, NW
-                )
+            acc0 = _lane_int8_step(
+                acc0, w_0, w_1, s_0, s_1, z_0, z_1, y_0, y_1, xs, M_TILES, ASM, NW
+            )
+            acc1 = _lane_int8_step(
+                acc1, w_2, w_3, s_2, s_3, z_2, z_3, y_2, y_3, xs, M_TILES, ASM, NW
+            )
     acc, m, n = _lane_results(acc0 + acc1, q, n_lane, M_TILES)
     mask = (m < M) & (n < N)
     offs = m * stride_om + n
@@ -1028,14 +895,12 @@ def _pow2(v: int) -> bool:
 # Smallest BLOCK_K per kernel: 8-bit tl.dot needs K tiles >= 32; planes: 32 word rows per dot.
 _MIN_BLOCK_K = {
     "gemv": 32, "gemm": 32, "gemm_planes": 256, "gemm_swar": 64, "mma": 32, "int_mm": 32,
-    "fp8_mm": 32,
+    "fp8_mm": 32, "mma_f16": 32,
 }  # fmt: skip
 _LANE_ROWS = (8, 16, 32, 64)  # lane MMA: 1, 2, 4 or 8 B tiles of 8 rows
-# The lane kernel's FP8 variant (e4m3 mma.sync, s2 per group outside the MMA) passes the
+# "mma_f16" (FP8 at M <= 64: W4A16's lane kernel on the e4m3 xq as fp16) passes the
 # interpreter and the offline sm_90 compile; it becomes a candidate and the FP8 default at
-# M <= 16 (as int8's) once a GPU has run and timed it. Offline SASS: sm_90 has no e4m3
-# mma.sync, so ptxas converts both fragments back to f16 (F2FP) and issues two HMMA.16816
-# per mma: 687 instructions per K tile at 16 rows against the int8 kernel's 350.
+# M <= 16 once a GPU has run and timed it.
 _LANE_FP8_TIMED = False
 _LANE_REDUCE_MAX_ROWS = 8  # the lane kernel reduces split K in its own launch up to 8 rows
 # ... with 8 partials' loads in flight: M = 1 on the H100, 52.3 -> 47.4 us on 8192x28672 (split
@@ -1066,9 +931,14 @@ def valid_config(cfg: KernelConfig, n: int, k: int, group: int, act_dtype: str) 
             and _pow2(cfg.block_k) and cfg.block_k >= 32 and k % cfg.block_k == 0
             and (group % cfg.block_k == 0 or cfg.block_k % group == 0)
         )  # fmt: skip
+    if cfg.kernel == "mma_f16":  # W4A16's lane-kernel rules
+        return (
+            act_dtype == "float8_e4m3fn" and _LANE_FP8_TIMED and cfg.num_stages == 1
+            and w4a16_valid_config(dataclasses.replace(cfg, kernel="mma"), k, group)
+        )  # fmt: skip
     if cfg.kernel == "mma":  # 32 columns per warp, whole 32-k steps, one group per step
         return (
-            (act_dtype == "int8" or (_LANE_FP8_TIMED and not cfg.reduce))
+            act_dtype == "int8"
             and cfg.block_m in _LANE_ROWS and cfg.block_n == 32 * cfg.num_warps
             and _pow2(cfg.block_k) and cfg.block_k >= 32 and group % 32 == 0
             and (group % cfg.block_k == 0 or cfg.block_k % group == 0)
@@ -1155,12 +1025,20 @@ def candidate_configs(m: int, n: int, k: int, group: int, act_dtype: str) -> lis
         out += [KernelConfig("int_mm", 0, bn, bk, 1, 4, 1) for bn, bk in _UNPACK_TILES]
     if mb >= 32 and act_dtype != "int8":
         out += [KernelConfig("fp8_mm", 0, bn, bk, 1, 4, 1) for bn, bk in _UNPACK_TILES]
-    if mb <= 64 and (act_dtype == "int8" or _LANE_FP8_TIMED):  # lane MMA, 32 columns per warp
+    if mb <= 64 and act_dtype != "int8":  # W4A16's lane kernel on e4m3 values as fp16
+        rows = max(8, mb)
+        for warps, bk, sk in itertools.product((2, 4), (64, 128), (1, 2, 4, 8, 16)):
+            if _useful_split(triton.cdiv(n, 32 * warps), sk):
+                out += [
+                    KernelConfig("mma_f16", rows, 32 * warps, bk, sk, warps, 1, pf)
+                    for pf in ((False, True) if rows >= 32 else (False,))
+                ]
+    if mb <= 64 and act_dtype == "int8":  # lane MMA, 32 columns per warp
         rows = max(8, mb)
         for warps, bk, sk in itertools.product((2, 4), (64, 128), (1, 2, 4, 8, 16)):
             if _useful_split(triton.cdiv(n, 32 * warps), sk):
                 out.append(KernelConfig("mma", rows, 32 * warps, bk, sk, warps, 1))
-        if rows == 16 and act_dtype == "int8":  # split K summed by atomics (`_lane_default`)
+        if rows == 16:  # split K summed by atomics (see `_lane_default`)
             out += [KernelConfig("mma", 16, 128, 128, sk, 4, 1, reduce="atomic") for sk in (4, 8)]
     return [c for c in out if valid_config(c, n, k, group, act_dtype)]
 
@@ -1170,7 +1048,7 @@ def candidate_configs(m: int, n: int, k: int, group: int, act_dtype: str) -> lis
 _UNPACK_TILES = ((64, 256), (128, 128), (128, 256), (64, 128))
 
 
-def _lane_default(mb: int, n: int, k: int, group: int, act_dtype: str) -> KernelConfig | None:
+def _lane_default(mb: int, n: int, k: int, group: int) -> KernelConfig | None:
     """The lane-MMA kernel at M <= 16: 4 warps, BLOCK_K 128, K split until ~1024 programs (the
     H100's leaders: split 16 on 8192x28672, 4 on 28672x4096); None where it does not fit.
     At 9-16 rows a split of 16 becomes 8 summed by atomics: 67.5 -> 65.3 us on 8192x28672
@@ -1181,8 +1059,8 @@ def _lane_default(mb: int, n: int, k: int, group: int, act_dtype: str) -> Kernel
     for bk in (128, 64, 32):
         for split in (16, 8, 4, 2, 1):
             cfg = KernelConfig("mma", max(8, mb), 128, bk, split, 4, 1)
-            if programs * split <= 1024 and valid_config(cfg, n, k, group, act_dtype):
-                if split == 16 and cfg.block_m == 16 and act_dtype == "int8":
+            if programs * split <= 1024 and valid_config(cfg, n, k, group, "int8"):
+                if split == 16 and cfg.block_m == 16:
                     return KernelConfig("mma", 16, 128, bk, 8, 4, 1, reduce="atomic")
                 return cfg
     return None
@@ -1193,10 +1071,15 @@ def default_config(m: int, n: int, k: int, group: int, act_dtype: str) -> Kernel
     the pass lets through (K a multiple of 32 and of the group)."""
     mb = m_bucket(m)
     bk = next(b for b in (128, 64, 32) if k % b == 0 and group % b == 0)
-    if mb <= 16 and (act_dtype == "int8" or _LANE_FP8_TIMED):
+    if mb <= 16 and act_dtype != "int8":  # W4A16's lane default, on e4m3 values as fp16
+        lane = w4a16_default_config(max(m, 5), n, k, group)  # (M <= 4 would give its GEMV)
+        lane = dataclasses.replace(lane, kernel="mma_f16", block_m=max(8, mb))
+        if valid_config(lane, n, k, group, act_dtype):
+            return lane
+    if mb <= 16 and act_dtype == "int8":
         # the lane kernel: 58.0 / 68.0 us at M = 1 / 16 on 8192x28672 (H100), where the GEMV
         # and GEMM took 72.3 / 131.1 (whole op, fourth session); 33.6 / 41.7 on 28672x4096
-        lane = _lane_default(mb, n, k, group, act_dtype)
+        lane = _lane_default(mb, n, k, group)
         if lane is not None:
             return lane
     if mb >= 1024 and act_dtype == "int8":
@@ -1328,6 +1211,20 @@ def launch(
             out_dtype, cfg.block_n, cfg.block_k,
         )  # fmt: skip
         return res if out is None else out.copy_(res)
+    if cfg.kernel == "mma_f16":
+        if not fp8 or xq_plane_major or xq_even_odd or accumulator:
+            raise ValueError(
+                "launch: mma_f16 takes e4m3 activations in natural k order and returns no raw "
+                "accumulator (it rescales in its epilogue)"
+            )
+        if out is None:
+            out = torch.empty((m, n), device=xq.device, dtype=out_dtype)
+        lane = dataclasses.replace(cfg, kernel="mma")
+        scales = (x_scale.float().contiguous(), channel_scales)
+        return w4a16_launch(
+            lane, xq.to(torch.float16), qweight, group_scales, group_zeros, bias, group_size,
+            out=out, w4a8=scales,
+        )  # fmt: skip
     if out is None:
         out = torch.empty((m, n), device=xq.device, dtype=out_dtype)
     elif not out.is_contiguous():  # the split-K epilogue writes out as flat [M * N] memory
@@ -1355,12 +1252,8 @@ def launch(
         if not xq_plane_major:
             xq = to_planes(xq, cfg.block_k)
     if cfg.kernel in ("gemm_swar", "mma"):
-        if fp8 and (cfg.kernel == "gemm_swar" or self_reduce == "atomic"):
-            raise ValueError(
-                f"launch: the {cfg.kernel} kernel takes int8 activations only"
-                if cfg.kernel == "gemm_swar"
-                else "launch: the atomic split-K sum is int8 only (exact integer adds)"
-            )
+        if fp8:
+            raise ValueError(f"launch: the {cfg.kernel} kernel takes int8 activations only")
         if xq_plane_major:
             raise ValueError(
                 f"launch: the {cfg.kernel} kernel reads xq in even/odd order, not plane-major"
@@ -1410,7 +1303,6 @@ def launch(
                     extra["REDUCE_UNROLL"] = reduce_unroll
             _w4a8_mma_kernel[(tiles, split)](
                 *args,
-                FP8=fp8,
                 M_TILES=cfg.block_m // 8,
                 ASM=not _interpreting(),
                 X_NATURAL=not xq_even_odd,
