@@ -78,6 +78,8 @@ def compile_variant(
         if kind == "mma_w4a8":
             sig.update(s_ptr="*u8", o_ptr="*u8", xs_ptr="*fp32", s1_ptr="*fp32")
             consts["W4A8"] = True
+        else:  # (every defaulted argument given: left out, newer Tritons compile it as None)
+            consts.update(W4A8=False, xs_ptr=None, s1_ptr=None)
     sig.update({name: "constexpr" for name in consts})
     src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=ATTRS)
     return triton.compile(src, target=TARGET, options={"num_warps": warps, "num_stages": stages})
