@@ -4,9 +4,8 @@
 #   fp8lane: "mma_f16" (FP8 at M <= 64 on W4A16's lane kernel) tested natively, then probed
 #          at M 1 / 16 beside W4A16 and the FP8 GEMV/GEMM defaults (eager and GEMM only); if it
 #          wins, set `_LANE_FP8_TIMED = True` in lowering/w4a8.py with the numbers;
-#   w4a8tune: shipped W4A8 configs for the acceptance shapes (int8, fp16 out), to merge with
-#          `tune_shipped.py --merge`;
-#   e2e:   the Hugging Face end-to-end table (E2E_ARGS) as in session16_gpu.sh.
+#   w4a8tune / e2e: as in session19_gpu.sh (shipped W4A8 configs for the acceptance shapes, to
+#          merge with `tune_shipped.py --merge`; the Hugging Face end-to-end table).
 source benchmarks/gpu_setup.sh
 case "${PART:?PART=fp8lane|w4a8tune|e2e}" in
   fp8lane)
@@ -16,12 +15,7 @@ case "${PART:?PART=fp8lane|w4a8tune|e2e}" in
       --out "$OUT/probe_lane_f16.json" --ms 1,16 --warps 2,4 --bks 128 --splits 4,8,16 \
       --budget 220) 2>&1 | tee "$OUT/probe_lane_f16.log"
     ;;
-  w4a8tune)
-    (cd benchmarks && timeout "${TUNE_S:-540}" python3 tune_shipped.py --family w4a8 \
-      --out "$OUT/w4a8_h100.json" --shapes 8192x28672,28672x4096 --ms 256,1024,16,1 \
-      --dtypes float16) 2>&1 | tail -12 | tee "$OUT/tune_w4a8.log"
-    ;;
-  e2e)
-    PART=e2e bash benchmarks/session16_gpu.sh
+  *)  # w4a8tune, e2e: as in session19_gpu.sh
+    PART=$PART bash benchmarks/session19_gpu.sh
     ;;
 esac

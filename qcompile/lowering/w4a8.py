@@ -42,6 +42,9 @@ group_zeros [K/G, N] uint8, channel_scales [N] fp32). Kernels, top to bottom:
   call, then cuBLASLt's 1x128 block-scaled FP8 GEMM with s2 * s1 as the weight's block
   scales. Both unpacking paths hold an [N, K] byte weight per call (the caching allocator's
   memory, freed after the GEMM).
+* W4A16's `_w4a16_mma_kernel` in its W4A8 mode ("mma_f16", FP8 at M <= 64; untimed, so gated
+  by `_LANE_FP8_TIMED`): the e4m3 xq as fp16 (exact) times the weight (q - z) * s2 made in
+  fp16 from uint8 s2 and z (integers in -127..127: exact), x_scale * s1 in its epilogue.
 * `_w4a8_gemv_kernel` ("gemv", M <= 8): CUDA cores, one program per (N tile, K split, row).
   Integer per group: sum_k (q - z) s2 x = s2 * sum_k q x - z s2 * sum_k x, so the inner loop
   is shift, and, multiply-add per weight. Memory-bound: floor =
