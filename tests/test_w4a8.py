@@ -1008,6 +1008,22 @@ def test_lane_mma_split_k_reduces_in_one_launch_and_rearms_its_counters(
         assert int(_atomic_workspaces[outs[0].device].abs().sum()) == 0
 
 
+def test_atomic_workspace_grows_without_freeing_what_graphs_may_hold(monkeypatch):
+    """A larger layer reallocates the workspace (zeroed); the old buffer stays alive, since a
+    CUDA graph captured before may still write through its address."""
+    from qcompile.lowering import w4a8 as w4a8_mod
+
+    monkeypatch.setattr(w4a8_mod, "_atomic_workspaces", {})
+    monkeypatch.setattr(w4a8_mod, "_outgrown_workspaces", [])
+    dev = torch.device("cpu")
+    small = w4a8_mod._atomic_workspace(dev, 16)
+    assert small.numel() >= 16 and int(small.abs().sum()) == 0
+    assert w4a8_mod._atomic_workspace(dev, 100) is small  # big enough: reused
+    big = w4a8_mod._atomic_workspace(dev, small.numel() + 1)
+    assert big.numel() > small.numel() and int(big.abs().sum()) == 0
+    assert w4a8_mod._outgrown_workspaces == [small]
+
+
 def test_lane_default_sums_a_long_split_by_atomics_at_16_rows_only():
     """9-16 rows where the lane default would split K 16 ways: split 8, summed by atomics
     (timed on 8192x28672); fewer splits (28672x4096) and 8 rows keep their reduction."""

@@ -1334,6 +1334,7 @@ def launch(
 
 
 _atomic_workspaces: dict[torch.device, torch.Tensor] = {}
+_outgrown_workspaces: list[torch.Tensor] = []  # never freed (see `_atomic_workspace`)
 
 
 def _atomic_workspace(device: torch.device, numel: int) -> torch.Tensor | None:
@@ -1346,6 +1347,8 @@ def _atomic_workspace(device: torch.device, numel: int) -> torch.Tensor | None:
     if found is None or found.numel() < numel:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             return None
+        if found is not None:  # CUDA graphs captured earlier may hold its address
+            _outgrown_workspaces.append(found)
         found = _atomic_workspaces[device] = torch.zeros(
             max(numel, 1 << 16), dtype=torch.int32, device=device
         )
