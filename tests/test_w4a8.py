@@ -818,6 +818,27 @@ def test_lane_f16_on_fp8_activations_matches_the_reference(problem, data):
     )
 
 
+@pytest.mark.parametrize("one_pass", [False, True])
+def test_quantize_kernel_writes_e4m3_values_as_fp16_for_mma_f16(one_pass):
+    """`as_fp16`: the same e4m3 values, as fp16 (exact), so "mma_f16" needs no cast kernel;
+    launched either way it gives the same bits; other kernels and int8 refuse fp16 xq."""
+    gen = torch.Generator().manual_seed(5)
+    x = (torch.randn(5, 256, generator=gen) * 3).to(torch.float16)
+    x[2, 9] = -700.0  # an outlier sets its row's scale
+    xq8, s8 = quantize_per_token(*_on_device(x), "float8_e4m3fn", one_pass=one_pass)
+    xq16, s16 = quantize_per_token(*_on_device(x), "float8_e4m3fn", one_pass=one_pass, as_fp16=True)  # fmt: skip
+    assert xq16.dtype == torch.float16 and torch.equal(s16, s8)
+    assert torch.equal(xq16, xq8.to(torch.float16))
+    p = quantize_weight_w4a8(torch.randn(64, 256, generator=gen), Scheme(name="w4a8", group_size=128))  # fmt: skip
+    w = (*_on_device(*p.tensors()), None, 128, torch.float16)
+    cfg = KernelConfig("mma_f16", 8, 64, 128, 2, 2, 1)
+    assert torch.equal(launch(cfg, xq16, s16, *w), launch(cfg, xq8, s8, *w))
+    with pytest.raises(ValueError, match="fp16 xq .e4m3 values. is for mma_f16, not gemm"):
+        launch(KernelConfig("gemm", 16, 32, 64, 1, 4, 2), xq16, s16, *w)
+    with pytest.raises(ValueError, match="as_fp16 is for e4m3 activations only"):
+        quantize_per_token(*_on_device(x), "int8", as_fp16=True)
+
+
 def test_lane_fp8_joins_the_defaults_only_once_timed(monkeypatch):
     """`_LANE_FP8_TIMED` is the switch: then FP8 at M <= 16 takes "mma_f16" with W4A16's lane
     default (never the int8-only atomic sum) and the lane candidates; int8 kernels refuse fp8."""

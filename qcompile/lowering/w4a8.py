@@ -118,9 +118,10 @@ def _store_codes(
     EVEN_ODD_BK: tl.constexpr,
 ):  # fmt: skip
     """Round v = x * (QMAX / absmax) onto the int8 / e4m3 grid and store it at column k of
-    the row (or where the planes / even-odd order puts k)."""
+    the row (or where the planes / even-odd order puts k). e4m3 values go out as fp8, or
+    exactly as fp16 where xq is fp16 (for "mma_f16")."""
     if FP8:
-        q = _round_to_e4m3(tl.minimum(tl.maximum(v, -QMAX), QMAX)).to(tl.float8e4nv)
+        q = _round_to_e4m3(tl.minimum(tl.maximum(v, -QMAX), QMAX)).to(xq_row.dtype.element_ty)
     else:
         q = tl.minimum(tl.maximum(_round_half_even(v), -QMAX), QMAX).to(tl.int8)
     if PLANES_BK > 0:
@@ -1131,17 +1132,22 @@ def quantize_per_token(
     even_odd_block_k: int = 0,
     one_pass: bool | None = None,
     slices: int | None = None,
+    as_fp16: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] (any strides) -> (xq [M, K] contiguous, scale [M] fp32) with the Triton kernel;
     `planes_block_k` > 0 writes xq plane-major per chunk for the planes kernel,
     `even_odd_block_k` > 0 in `to_even_odd` order for the SWAR kernel. `one_pass` (default:
     M <= 16 and K <= 32768) holds each row in registers instead of reading it twice;
     `slices` > 1 (one pass only; default 8 there at K >= 4096) spreads a row's rounding over
-    that many programs."""
+    that many programs. `as_fp16` (FP8 only): the e4m3 values written as fp16, exactly, which
+    is what "mma_f16" reads (no cast kernel)."""
     if planes_block_k and even_odd_block_k:
         raise ValueError("quantize_per_token: one xq order at a time (planes or even/odd)")
     m, k = x.shape
-    xq = torch.empty((m, k), device=x.device, dtype=ACT_TORCH_DTYPES[act_dtype])
+    if as_fp16 and act_dtype == "int8":
+        raise ValueError("quantize_per_token: as_fp16 is for e4m3 activations only")
+    xq_dtype = torch.float16 if as_fp16 else ACT_TORCH_DTYPES[act_dtype]
+    xq = torch.empty((m, k), device=x.device, dtype=xq_dtype)
     scale = torch.empty((m,), device=x.device, dtype=torch.float32)
     if m == 0:
         return xq, scale
@@ -1203,6 +1209,8 @@ def launch(
     m, k = xq.shape
     n = qweight.shape[1]
     fp8 = xq.dtype != torch.int8
+    if xq.dtype == torch.float16 and cfg.kernel != "mma_f16":
+        raise ValueError(f"launch: fp16 xq (e4m3 values) is for mma_f16, not {cfg.kernel}")
     if cfg.kernel == "fp8_mm":
         if not fp8 or xq_plane_major or xq_even_odd or accumulator:
             raise ValueError(
@@ -1521,6 +1529,6 @@ def quantize_and_launch(
     or SWAR kernel reads, so it needs no extra permutation pass), then `launch`."""
     planes = cfg.block_k if cfg.kernel == "gemm_planes" else 0
     even_odd = cfg.block_k if cfg.kernel in ("gemm_swar", "mma") else 0
-    xq, scale = quantize_per_token(x, act_dtype, planes, even_odd)
+    xq, scale = quantize_per_token(x, act_dtype, planes, even_odd, as_fp16=cfg.kernel == "mma_f16")
     w = (qweight, group_scales, group_zeros, channel_scales, bias, group_size, x.dtype)
     return launch(cfg, xq, scale, *w, out=out, xq_plane_major=planes > 0, xq_even_odd=even_odd > 0)
