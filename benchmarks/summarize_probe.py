@@ -19,7 +19,9 @@ def _config(pair: dict) -> str:
     tile = " ".join(f"{nm}{int(c[key])}" for key, nm in zip(keys, names, strict=True) if key in c)
     text = f"{c['kernel']} {tile}"
     if pair.get("self_reduce") is not None:  # the lane kernel's split-K reduction
-        mode = "one launch" if pair["self_reduce"] else "epilogue kernel"
+        mode = "epilogue kernel"
+        if pair["self_reduce"]:
+            mode = "one launch, atomics" if pair["self_reduce"] == "atomic" else "one launch"
         unroll = pair.get("reduce_unroll", 1)
         text += f" ({mode}{f', unroll {unroll}' if unroll > 1 else ''})"
     return text

@@ -365,3 +365,10 @@ def test_probe_summary_picks_the_fastest_exact_config_and_flags_points_without_o
         in text
     )
     assert "| 28672x4096 | 256 | 109.9 |  | none (1 failed or inexact) |" in text
+    lane = {"kernel": "mma", "block_m": 16, "block_n": 128, "block_k": 128, "split_k": 8,
+            "num_warps": 4, "num_stages": 1, "prefetch": False}  # fmt: skip
+    modes = [("atomic", "one launch, atomics"), (True, "one launch"), (False, "epilogue kernel")]
+    for reduce, label in modes:
+        pair = {"config": lane, "us": 65.3, "exact": True, "self_reduce": reduce}
+        row = {"n": 8192, "k": 28672, "m": 16, "cublas_us": 164.8, "pairs": [pair]}
+        assert f"split8 w4 s1 pf0 ({label}) | 65.3 |" in table({**data, "rows": [row]})
