@@ -546,12 +546,24 @@ def _unpack_word(words, s2, zs, ASM: tl.constexpr):
             is_pure=True, pack=1,
         )  # fmt: skip
     else:
-        lo = tl.zeros_like(words)
-        hi = tl.zeros_like(words)
-        for i in tl.static_range(4):
-            lo |= ((((words >> (4 * i)) & 0xF) * s2 - zs) & 0xFF) << (8 * i)
-            hi |= ((((words >> (4 * i + 16)) & 0xF) * s2 - zs) & 0xFF) << (8 * i)
-        return lo, hi
+        return _emulated_unpack(words, s2, zs, False)
+
+
+@triton.jit
+def _emulated_unpack(words, s2, zs, FP8: tl.constexpr):
+    """Interpreter: the unpacking PTX's two output words, byte by byte (k = 0..3, 4..7): int8
+    (q - z) * s2 from q * s2 - zs, or with FP8 (s2 = 1, zs = z) the e4m3 codes of (q - z)."""
+    lo = tl.zeros_like(words)
+    hi = tl.zeros_like(words)
+    for i in tl.static_range(4):
+        d_lo = ((words >> (4 * i)) & 0xF) * s2 - zs
+        d_hi = ((words >> (4 * i + 16)) & 0xF) * s2 - zs
+        if FP8:
+            d_lo = d_lo.to(tl.float32).to(tl.float8e4nv).to(tl.int8, bitcast=True).to(tl.int32)
+            d_hi = d_hi.to(tl.float32).to(tl.float8e4nv).to(tl.int8, bitcast=True).to(tl.int32)
+        lo |= (d_lo & 0xFF) << (8 * i)
+        hi |= (d_hi & 0xFF) << (8 * i)
+    return lo, hi
 
 
 # The FP8 unpacking kernel's step: $2 a word, $3 z -> $0 / $1 the e4m3 codes of (q - z) at
@@ -586,14 +598,7 @@ def _unpack_word_fp8(words, z, ASM: tl.constexpr):
             is_pure=True, pack=1,
         )  # fmt: skip
     else:
-        lo = tl.zeros_like(words)
-        hi = tl.zeros_like(words)
-        for i in tl.static_range(4):
-            d_lo = (((words >> (4 * i)) & 0xF) - z).to(tl.float32).to(tl.float8e4nv)
-            d_hi = (((words >> (4 * i + 16)) & 0xF) - z).to(tl.float32).to(tl.float8e4nv)
-            lo |= (d_lo.to(tl.int8, bitcast=True).to(tl.int32) & 0xFF) << (8 * i)
-            hi |= (d_hi.to(tl.int8, bitcast=True).to(tl.int32) & 0xFF) << (8 * i)
-        return lo, hi
+        return _emulated_unpack(words, 1, z, True)
 
 
 @triton.jit
