@@ -7,6 +7,8 @@ CUDA-graph replays over weight copies rotated past L2 (`bench_w4a16.time_graph`)
     python benchmarks/probe_w4a16_mma.py --ms 32,64 --warps 2,4 --tiles 2 --bks 128 --planes 0
         # 4 and 8 B tiles (32 / 64 rows per program), a small grid
     python benchmarks/probe_w4a16_mma.py --prefetch 0,1 ...  # without and with the prefetch
+    python benchmarks/probe_w4a16_mma.py --ms 1 --reduce-unroll 1,8 ...  # the split-K sum's
+        # partials loaded one or 8 at a time
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ def _ints(text: str) -> tuple[int, ...]:
 
 def mma_configs(m: int, n: int, k: int, args: argparse.Namespace) -> list[KernelConfig]:
     """The grid of --warps x --tiles x --bks x --splits x --prefetch; rows: M's bucket (8 to
-    64)."""
+    64). (--reduce-unroll multiplies the split configs in `main`.)"""
     out = []
     rows = max(8, m_bucket(m))
     grid = itertools.product(
@@ -47,17 +49,29 @@ def mma_configs(m: int, n: int, k: int, args: argparse.Namespace) -> list[Kernel
 
 
 def probe(
-    cfg: KernelConfig, packed: list, x: torch.Tensor, ref: torch.Tensor, planes: bool
+    cfg: KernelConfig,
+    packed: list,
+    x: torch.Tensor,
+    ref: torch.Tensor,
+    planes: bool,
+    unroll: int = 1,
 ) -> dict:
-    """Time one config over the weight copies and check it against `ref`."""
+    """Time one config (split-K sum `unroll` partials at a time) over the weight copies and
+    check it against `ref`."""
 
     def run(p):
-        return launch(cfg, x, p.qweight, p.scales, p.offsets, None, GROUP, x_planes=planes)
+        return launch(
+            cfg, x, p.qweight, p.scales, p.offsets, None, GROUP, x_planes=planes,
+            reduce_unroll=unroll,
+        )  # fmt: skip
 
     out = run(packed[0]).float()
     err = ((out - ref).norm() / ref.norm()).item()
     us = time_graph([lambda p=p: run(p) for p in packed], batches=7)
-    return {"config": cfg.__dict__, "x_planes": planes, "us": us, "rel_err": err}
+    return {
+        "config": cfg.__dict__, "x_planes": planes, "reduce_unroll": unroll, "us": us,
+        "rel_err": err,
+    }  # fmt: skip
 
 
 def main() -> None:
@@ -72,11 +86,14 @@ def main() -> None:
     ap.add_argument("--splits", default="1,2,4,8,16")
     ap.add_argument("--prefetch", default="0", help="prefetch: 0 off, 1 the next BLOCK_K")
     ap.add_argument("--planes", type=int, default=3, help="re-time the best N on plane-major x")
+    ap.add_argument("--reduce-unroll", default="1", help="split-K sum: partials in flight")
     args = ap.parse_args()
     dtype = getattr(torch, args.dtype)
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
     bw = hbm_bandwidth()
     print(f"HBM {bw / 1e12:.2f} TB/s", flush=True)
+    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+            "triton": __import__("triton").__version__, "hbm_tb_s": bw / 1e12}  # fmt: skip
     results = []
     for spec in args.shapes.split(","):
         n, k = map(int, spec.split("x"))
@@ -102,10 +119,12 @@ def main() -> None:
             row["mma"] = []
 
             for cfg in mma_configs(m, n, k, args):  # natural x first, then the best plane-major
-                row["mma"].append(probe(cfg, packed, x, ref, False))
+                for unroll in _ints(args.reduce_unroll) if cfg.split_k > 1 else (1,):
+                    row["mma"].append(probe(cfg, packed, x, ref, False, unroll))
             row["mma"].sort(key=lambda r: r["us"])
             for r in row["mma"][: args.planes]:
-                row["mma"].append(probe(KernelConfig(**r["config"]), packed, xp, ref, True))
+                cfg = KernelConfig(**r["config"])
+                row["mma"].append(probe(cfg, packed, xp, ref, True, r["reduce_unroll"]))
             row["mma"].sort(key=lambda r: r["us"])
             best = row["mma"][0]
             worst_err = max(r["rel_err"] for r in row["mma"])
@@ -114,7 +133,7 @@ def main() -> None:
                 f"N={n} K={k} M={m}: floor {floor:.1f} cublas {row['cublas_us']:.1f} current "
                 f"{row['current_us']:.1f} | mma best {best['us']:.1f} "
                 f"(w{c['num_warps']} bn{c['block_n']} bk{c['block_k']} sk{c['split_k']} "
-                f"pf{int(c['prefetch'])} planes={best['x_planes']})"
+                f"pf{int(c['prefetch'])} planes={best['x_planes']} u{best['reduce_unroll']})"
                 f" = {row['cublas_us'] / best['us']:.2f}x cublas, "
                 f"{floor / best['us']:.0%} floor; max rel err {worst_err:.1e}",
                 flush=True,
@@ -122,7 +141,8 @@ def main() -> None:
             for r in row["mma"][1:5]:
                 c = r["config"]
                 print(f"    {r['us']:.1f} w{c['num_warps']} bn{c['block_n']} bk{c['block_k']} "
-                      f"sk{c['split_k']} pf{int(c['prefetch'])} planes={r['x_planes']}",
+                      f"sk{c['split_k']} pf{int(c['prefetch'])} planes={r['x_planes']} "
+                      f"u{r['reduce_unroll']}",
                       flush=True)  # fmt: skip
             # per prefetch setting, the best config: the effect of the prefetch alone
             row["best_by_prefetch"] = {
@@ -133,12 +153,18 @@ def main() -> None:
             print("    best by prefetch: " + ", ".join(
                 f"pf{pf}={r['us']:.1f}" for pf, r in row["best_by_prefetch"].items() if r
             ), flush=True)  # fmt: skip
+            row["best_by_unroll"] = {
+                str(u): min((r for r in row["mma"] if r["reduce_unroll"] == u),
+                            key=lambda r: r["us"], default=None)
+                for u in _ints(args.reduce_unroll)
+            }  # fmt: skip
+            print("    best by reduce unroll: " + ", ".join(
+                f"u{u}={r['us']:.1f}" for u, r in row["best_by_unroll"].items() if r
+            ), flush=True)  # fmt: skip
             results.append(row)
+            if args.out:  # after every row: a run cut short by its time limit keeps its rows
+                args.out.write_text(json.dumps({"meta": meta, "rows": results}, indent=1))
         del packed, wf
-    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-            "triton": __import__("triton").__version__, "hbm_tb_s": bw / 1e12}  # fmt: skip
-    if args.out:
-        args.out.write_text(json.dumps({"meta": meta, "rows": results}, indent=1))
 
 
 if __name__ == "__main__":

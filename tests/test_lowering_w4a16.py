@@ -223,6 +223,20 @@ def test_split_k_reduces_in_one_launch(cfg):
     assert torch.equal(launch(cfg, *args), two_launch)
 
 
+@pytest.mark.parametrize("split,unroll", [(4, 8), (8, 8), (16, 8), (8, 3)])
+def test_lane_split_k_sum_with_partials_in_flight(split, unroll):
+    """The lane kernel's one-launch sum with `unroll` partials' loads in flight (masked past
+    the split count) adds them in split order: the two-launch reduction's bits."""
+    cfg = KernelConfig("mma", 8, 64, 32, split, 2, 1)
+    problem = _packed_problem(5, 96, 32 * 16, 32, torch.float16, split)
+    p = problem.packed
+    args = (problem.x, p.qweight, p.scales, p.offsets, problem.bias, p.group_size)
+    two_launch = launch(cfg, *args, self_reduce=False)
+    assert torch.equal(launch(cfg, *args, reduce_unroll=unroll), two_launch)
+    assert torch.equal(launch(cfg, *args, reduce_unroll=1), two_launch)
+    assert_close_rel(two_launch, problem.reference64(), torch.float16)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("split", [1, 2])
 def test_planes_kernel_at_large_m(split, dtype):

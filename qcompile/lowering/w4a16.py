@@ -744,7 +744,7 @@ def _w4a16_mma_kernel(
     GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, SELF_REDUCE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, M_TILES: tl.constexpr, N_TILES: tl.constexpr,
     X_PLANES: tl.constexpr = False, ASM: tl.constexpr = True, PREFETCH: tl.constexpr = False,
-    W4A8: tl.constexpr = False, xs_ptr=None, s1_ptr=None,
+    W4A8: tl.constexpr = False, xs_ptr=None, s1_ptr=None, REDUCE_UNROLL: tl.constexpr = 1,
 ):  # fmt: skip
     # W4A8 (FP8 activations, `lowering/w4a8.py`'s "mma_f16"): x is the e4m3 xq as fp16 and
     # the weight (q - z) * s2 from uint8 s2 and z (integers in -127..127, exact in fp16), so
@@ -841,6 +841,7 @@ def _w4a16_mma_kernel(
     _finish_tile(
         acc, out_ptr, ws_ptr, cnt_ptr + pid_n, bias_ptr, m * stride_om + n, (m < M) & (n < N),
         n, N, pid_k, tl.num_programs(1), stride_split, HAS_BIAS, SPLIT, SELF_REDUCE,
+        REDUCE_UNROLL,
     )  # fmt: skip
 
 
@@ -1107,6 +1108,17 @@ def _split_tiles(cfg: KernelConfig, m: int, n: int) -> int:
     return rows * triton.cdiv(n, cfg.block_n)
 
 
+# The lane kernel's one-launch split-K sum reads the partials one at a time (its registers
+# are needed at 16+ rows). Untimed at 8 rows for W4A16: W4A8's lane kernel gained 52.3 ->
+# 47.4 us at M = 1 with 8 in flight (`results/session19/small/`); set from a GPU probe.
+_LANE_REDUCE_UNROLL: dict[int, int] = {}
+
+
+def _lane_reduce_unroll(cfg: KernelConfig) -> int:
+    """How many split-K partials' loads the lane kernel's sum keeps in flight for `cfg`."""
+    return _LANE_REDUCE_UNROLL.get(cfg.block_m, 1)
+
+
 def launch(
     cfg: KernelConfig,
     x: torch.Tensor,
@@ -1119,6 +1131,7 @@ def launch(
     self_reduce: bool = True,
     x_planes: bool = False,
     w4a8: tuple[torch.Tensor, torch.Tensor] | None = None,
+    reduce_unroll: int | None = None,
 ) -> torch.Tensor:
     """Run one config: x [M, K] (any strides; plane-major per PLANE_CHUNK when `x_planes`)
     -> out [M, N] in x's dtype (or `out`'s).
@@ -1128,7 +1141,8 @@ def launch(
 
     qweight, scales and offsets: N-contiguous rows sharing one row stride >= N (contiguous, or
     column slices of wider co-located tensors; the op checks). Split-K reduces in the same
-    launch unless `self_reduce` is False or no tile counters are available."""
+    launch unless `self_reduce` is False or no tile counters are available; the lane kernel's
+    sum then has `reduce_unroll` partials' loads in flight (None: `_lane_reduce_unroll`)."""
     m, k = x.shape
     n = qweight.shape[1]
     stride_w = qweight.stride(0)
@@ -1165,11 +1179,15 @@ def launch(
     if w4a8 is not None and (cfg.kernel != "mma" or x.dtype != torch.float16 or x_planes):
         raise ValueError("launch: W4A8 runs the lane kernel only, on fp16 x in natural order")
     if cfg.kernel == "mma":
+        if reduce_unroll is None:
+            reduce_unroll = _lane_reduce_unroll(cfg)
         if m > cfg.block_m:
             raise ValueError(f"launch: lane-MMA config got M={m} rows but BLOCK_M={cfg.block_m}")
         extra = {}
         if w4a8 is not None:
             extra = dict(W4A8=True, xs_ptr=w4a8[0], s1_ptr=w4a8[1])
+        if counters is not None and reduce_unroll > 1:
+            extra["REDUCE_UNROLL"] = reduce_unroll
         _w4a16_mma_kernel[(triton.cdiv(n, cfg.block_n), split)](
             *args, M_TILES=cfg.block_m // 8, N_TILES=cfg.block_n // (16 * cfg.num_warps),
             X_PLANES=x_planes, ASM=not _interpreting(), PREFETCH=bool(cfg.prefetch), **extra,
