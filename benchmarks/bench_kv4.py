@@ -172,6 +172,19 @@ def prefill_row(s: int, l2: int, bw: float) -> dict:
         return_mode="median",
     )  # fmt: skip
     row["fresh_eager_us"] = 1e3 * do_bench(fresh, return_mode="median")
+    # With start_hint the fresh path has no host branch on device data, so it also runs in a
+    # CUDA graph: GPU time without the eager launch overhead (a compiled model's case).
+    row["fresh_graph_us"] = time_graph([fresh])
+    row["fresh_graph_with_write_vs_sdpa"] = (row["fresh_graph_us"] + row["cache_write_us"]) / row[
+        "sdpa_us"
+    ]
+    # The cache write's tokens per program and warps (default 16 / 4), side by side
+    row["cache_write_variants"] = [
+        {"block_t": bt, "num_warps": w, "us": time_graph(
+            [lambda bt=bt, w=w: kv4_cache_write_cuda(k, v, *packed, positions, bt, None, w)]
+        )}
+        for bt, w in ((16, 4), (32, 4), (64, 4), (64, 8), (128, 8))
+    ]  # fmt: skip
     row["fresh_with_write_vs_sdpa"] = (row["fresh_eager_us"] + row["cache_write_us"]) / row[
         "sdpa_eager_us"
     ]

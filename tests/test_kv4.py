@@ -321,9 +321,11 @@ def test_empty_splits_and_rows_that_see_nothing_give_zeros_not_nan():
     sn=st.integers(1, 20),
     dtype=st.sampled_from([torch.float16, torch.bfloat16]),
     seed=st.integers(0, 2**31 - 1),
+    block_t=st.sampled_from([16, 32, 64]),
 )
-def test_cache_write_kernel_is_bit_exact_with_reference(d, group, sn, dtype, seed):
-    """Quantize-on-write: codes, scales and offsets equal `quantize_kv4`'s, at the positions."""
+def test_cache_write_kernel_is_bit_exact_with_reference(d, group, sn, dtype, seed, block_t):
+    """Quantize-on-write: codes, scales and offsets equal `quantize_kv4`'s, at the positions,
+    whatever the tokens per program."""
     if d % group:
         return
     gen = torch.Generator().manual_seed(seed)
@@ -343,8 +345,9 @@ def test_cache_write_kernel_is_bit_exact_with_reference(d, group, sn, dtype, see
     ours = [t.to(KERNEL_DEVICE) for t in empty_cache() + empty_cache()]
     ref = empty_cache() + empty_cache()
     kv4_cache_write_cuda(
-        key.to(KERNEL_DEVICE), value.to(KERNEL_DEVICE), *ours, positions.to(KERNEL_DEVICE)
-    )
+        key.to(KERNEL_DEVICE), value.to(KERNEL_DEVICE), *ours, positions.to(KERNEL_DEVICE),
+        block_t=block_t,
+    )  # fmt: skip
     torch.ops.qcompile.kv4_cache_write(key, value, *ref, positions)
     for got, want in zip(ours, ref, strict=True):
         assert torch.equal(got.cpu(), want)

@@ -964,9 +964,11 @@ def kv4_cache_write_cuda(
     positions: torch.Tensor,
     block_t: int = 16,
     k_residual: torch.Tensor | None = None,
+    num_warps: int = 4,
 ) -> None:
     """Quantize key/value [B, Hkv, Sn, D] (any strides) into the cache at `positions`
-    (consecutive for keys per channel, i.e. with `k_residual`)."""
+    (consecutive for keys per channel, i.e. with `k_residual`); `block_t` tokens of one head
+    per program."""
     b, hkv, sn, d = key.shape
     g = d // v_scales.shape[-1]
     grid = (b * hkv, triton.cdiv(sn, block_t))
@@ -975,7 +977,7 @@ def kv4_cache_write_cuda(
         k_codes.shape[2],
         *key.stride(), *value.stride(), v_codes.stride(0), v_codes.stride(1),
         v_scales.stride(0), v_scales.stride(1),
-        HKV=hkv, D=d, G=g, BLOCK_T=block_t, WRITE_K=k_residual is None, num_warps=4,
+        HKV=hkv, D=d, G=g, BLOCK_T=block_t, WRITE_K=k_residual is None, num_warps=num_warps,
     )  # fmt: skip
     if k_residual is None:
         return
