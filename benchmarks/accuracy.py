@@ -208,6 +208,36 @@ ROWS = [  # (label, scheme, method, note); None = the fp32 model
         "only down_proj takes g128; smoothed through up_proj, then GPTQ",
     ),
     (
+        "W4A16 RTN g128 asym, K padded",
+        Scheme(group_size=128, pad_k=True),
+        "rtn",
+        "every layer: K=576 padded to 640 (Scheme.pad_k; the last group of 64 real columns)",
+    ),
+    (
+        "W4A16 AWQ + GPTQ g128 asym act-order, block-sequential, clip search, K padded",
+        Scheme(group_size=128, pad_k=True),
+        "gptq-seq-act-clip-awq",
+        "every layer: K=576 padded to 640",
+    ),
+    (
+        "W4A8 g128 int8, K padded",
+        Scheme(name="w4a8", group_size=128, pad_k=True),
+        "rtn",
+        "every layer: K=576 padded to 640",
+    ),
+    (
+        "W4A8 g128 int8, K padded, SmoothQuant alpha=0.5",
+        Scheme(name="w4a8", group_size=128, pad_k=True),
+        "smooth0.5",
+        "every layer: K=576 padded to 640",
+    ),
+    (
+        "W4A8 g128 int8, K padded, AWQ + GPTQ act-order, block-sequential, clip search, s1 search",
+        Scheme(name="w4a8", group_size=128, pad_k=True),
+        "gptq-seq-act-clip-awq-s1",
+        "every layer: K=576 padded to 640",
+    ),
+    (
         "fp32 weights, KV4 cache g64",
         KVScheme(group_size=64),
         "kv4",
@@ -265,7 +295,8 @@ def unquantize_activations_(model) -> None:
         if isinstance(mod, qcompile.W4A8Linear):
             linear = torch.nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None)
             weight = (mod.qweight, mod.group_scales, mod.group_zeros, mod.channel_scales)
-            linear.weight.copy_(dequantize_w4a8(PackedW4A8(*weight, mod.group_size)))
+            dequantized = dequantize_w4a8(PackedW4A8(*weight, mod.group_size))
+            linear.weight.copy_(dequantized[:, : mod.in_features])  # (less any K padding)
             if mod.bias is not None:
                 linear.bias.copy_(mod.bias)
             parent, _, attr = name.rpartition(".")

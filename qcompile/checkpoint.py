@@ -431,9 +431,13 @@ def _install_layer(model: nn.Module, name: str, entry: dict) -> None:
             f"{name}: the checkpoint holds a layer with in_features={entry['in_features']}, "
             f"out_features={entry['out_features']}; the model's has {k}, {n}"
         )
-    if g <= 0 or k % g or k % NIBBLES_PER_WORD:
-        raise CheckpointError(f"{name}: group_size={g} does not divide K={k} into whole groups")
-    shapes = {"qweight": (k // NIBBLES_PER_WORD, n), "bias": (n,), **kind_shapes(n, k, g)}
+    kp = entry.get("padded_in_features", k)  # Scheme.pad_k: K stored as whole groups
+    if g <= 0 or kp % g or kp % NIBBLES_PER_WORD or not k <= kp < k + g:
+        padded = f" padded to {kp}" if kp != k else ""
+        raise CheckpointError(
+            f"{name}: group_size={g} does not divide K={k}{padded} into whole groups"
+        )
+    shapes = {"qweight": (kp // NIBBLES_PER_WORD, n), "bias": (n,), **kind_shapes(n, kp, g)}
     tensors = entry["tensors"]
     meta = {}
     for tname, spec in tensors.items():
@@ -455,10 +459,11 @@ def _install_layer(model: nn.Module, name: str, entry: dict) -> None:
                 f"{name}: a w4a8 layer needs a w4a8 scheme, got {entry.get('scheme')}"
             )
         packed8 = PackedW4A8(*(meta[t] for t in required_tensors), g)
-        _replace(model, name, W4A8Linear(packed8, meta.get("bias"), scheme))
+        _replace(model, name, W4A8Linear(packed8, meta.get("bias"), scheme, in_features=k))
         return
     packed = PackedInt4(meta["qweight"], meta["scales"], meta["offsets"], g)
-    _replace(model, name, W4A16Linear(packed, meta.get("bias"), meta.get("perm"), scheme))
+    layer = W4A16Linear(packed, meta.get("bias"), meta.get("perm"), scheme, in_features=k)
+    _replace(model, name, layer)
 
 
 def _transformers_skeleton(folder: Path, dtype: torch.dtype | None = None) -> nn.Module:
@@ -547,7 +552,10 @@ def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def _layer_record(layer: W4A16Linear | W4A8Linear) -> dict:
     buffers = {n: b for n, b in layer.named_buffers(recurse=False) if b is not None}
+    padded = layer.qweight.shape[0] * NIBBLES_PER_WORD
+    extra = {"padded_in_features": padded} if padded != layer.in_features else {}
     return {
+        **extra,
         "kind": "w4a8" if isinstance(layer, W4A8Linear) else "w4a16",
         "in_features": layer.in_features,
         "out_features": layer.out_features,
@@ -561,7 +569,12 @@ def _layer_record(layer: W4A16Linear | W4A8Linear) -> dict:
 
 
 def _scheme_record(scheme: Scheme | None) -> dict | None:
-    return None if scheme is None else dataclasses.asdict(scheme)
+    if scheme is None:
+        return None
+    record = dataclasses.asdict(scheme)
+    if not record["pad_k"]:  # (the default: files stay as before pad_k existed)
+        del record["pad_k"]
+    return record
 
 
 def _scheme_from_record(record: dict | None, layer: str = "") -> Scheme | None:

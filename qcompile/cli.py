@@ -94,8 +94,9 @@ def _config(args: argparse.Namespace):
     act_dtype = args.act_dtype if args.scheme == "w4a8" else None
     try:
         scheme = Scheme(
-            name=args.scheme, group_size=group, symmetric=args.symmetric, act_dtype=act_dtype
-        )
+            name=args.scheme, group_size=group, symmetric=args.symmetric, act_dtype=act_dtype,
+            pad_k=args.pad_k,
+        )  # fmt: skip
     except ValueError as e:
         raise SystemExit(f"qcompile: {e}") from e
     return QuantConfig(scheme, skip=skip)
@@ -417,6 +418,11 @@ def _add_scheme(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     p.add_argument("--group-size", type=int, default=128, help="32, 64, 128, or 0 = per-channel")
     p.add_argument("--symmetric", action="store_true", help="codes centred on 8 (default: min-max)")
+    p.add_argument(
+        "--pad-k", action="store_true",
+        help="quantize layers whose K is not a multiple of the group size with K padded to whole "
+        "groups (default: they stay in 16 bits)",
+    )  # fmt: skip
     p.add_argument(
         "--skip", nargs="*", help="module name patterns left unquantized (default: lm_head)"
     )

@@ -29,6 +29,12 @@ class Scheme:
     symmetric: codes centred on 8 (offset = -8 * scale) instead of a min-max fit (W4A16 only).
     act_dtype: W4A8's activation format, "int8" (default for w4a8) or "float8_e4m3fn";
         None for w4a16, whose activations stay in the model's dtype.
+    pad_k: a layer whose K is not a multiple of group_size is quantized with K padded up to
+        one (`padded_k`) instead of falling back: the weight's extra columns repeat its last
+        column (so the last group's range is that of its real columns) and the input gets
+        zeros there (a pad in the graph, which Inductor fuses into the input's producer), so
+        the product is exact on the real columns. Off by default (the layer falls back, or
+        raises with `on_unsupported="raise"`).
     """
 
     name: Literal["w4a16", "w4a8"] = "w4a16"
@@ -36,6 +42,7 @@ class Scheme:
     group_size: int | None = 128
     symmetric: bool = False
     act_dtype: Literal["int8", "float8_e4m3fn"] | None = None
+    pad_k: bool = False
 
     def __post_init__(self) -> None:
         if self.name not in SCHEME_NAMES:
@@ -71,6 +78,12 @@ class Scheme:
     def group_size_for(self, k: int) -> int:
         """The group size along K of a layer with `k` input features (per-channel -> k)."""
         return k if self.group_size is None else self.group_size
+
+    def padded_k(self, k: int) -> int:
+        """K as stored: `k` rounded up to a whole number of groups with `pad_k`, else `k`."""
+        if not self.pad_k or self.group_size is None:
+            return k
+        return -(-k // self.group_size) * self.group_size
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ import functools
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from qcompile.config import QuantConfig, Scheme
@@ -22,7 +23,7 @@ from qcompile.quant.colocate import (
     convert_colocated,
     spanning_view,
 )
-from qcompile.quant.int4 import PackedInt4
+from qcompile.quant.int4 import NIBBLES_PER_WORD, PackedInt4
 from qcompile.quant.rtn import quantize_weight_int4
 from qcompile.quant.w4a8 import PackedW4A8, quantize_weight_w4a8
 from qcompile.report import CompileReport, LayerRecord
@@ -36,6 +37,8 @@ class W4A16Linear(nn.Module):
     K (GPTQ act-order, see `qcompile.integrations.gptq`): the packed weight's input feature j
     is the original feature perm[j], so forward gathers x[..., perm] first.
     `scheme` is the `Scheme` the codes were made with, when known (saved in checkpoints).
+    `in_features` below the packed K: the weight was padded to whole groups
+    (`Scheme.pad_k`), and forward pads x with zeros to match.
     """
 
     def __init__(
@@ -44,9 +47,11 @@ class W4A16Linear(nn.Module):
         bias: torch.Tensor | None,
         perm: torch.Tensor | None = None,
         scheme: Scheme | None = None,
+        in_features: int | None = None,
     ):
         super().__init__()
         self.out_features, self.in_features = packed.shape
+        self.in_features = _real_in_features(self.in_features, in_features, packed.group_size)
         self.group_size = packed.group_size
         self.scheme = scheme
         self.register_buffer("qweight", packed.qweight)
@@ -65,6 +70,7 @@ class W4A16Linear(nn.Module):
             packed if packed is not None else quantize_weight_int4(linear.weight, scheme),
             bias,
             scheme=scheme,
+            in_features=linear.in_features,
         )
 
     def _apply(self, fn, recurse=True):
@@ -92,6 +98,7 @@ class W4A16Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.perm is not None:
             x = x.index_select(-1, self.perm)
+        x = _pad_input(x, self.qweight.shape[0] * NIBBLES_PER_WORD)
         return torch.ops.qcompile.w4a16_linear(
             x, self.qweight, self.scales, self.offsets, self.bias, self.group_size
         )
@@ -105,12 +112,19 @@ class W4A8Linear(nn.Module):
     quantized per token to `scheme.act_dtype` by the op (int8 or float8_e4m3fn).
 
     Buffers: qweight [K/8, N] int32, group_scales and group_zeros [K/G, N] uint8,
-    channel_scales [N] float32, bias [N] or None.
+    channel_scales [N] float32, bias [N] or None. `in_features` as for `W4A16Linear`.
     """
 
-    def __init__(self, packed: PackedW4A8, bias: torch.Tensor | None, scheme: Scheme):
+    def __init__(
+        self,
+        packed: PackedW4A8,
+        bias: torch.Tensor | None,
+        scheme: Scheme,
+        in_features: int | None = None,
+    ):
         super().__init__()
         self.out_features, self.in_features = packed.shape
+        self.in_features = _real_in_features(self.in_features, in_features, packed.group_size)
         self.group_size = packed.group_size
         self.scheme = scheme
         self.act_dtype = scheme.act_dtype
@@ -135,6 +149,7 @@ class W4A8Linear(nn.Module):
             packed if packed is not None else quantize_weight_w4a8(linear.weight, scheme),
             bias,
             scheme,
+            in_features=linear.in_features,
         )
 
     def _apply(self, fn, recurse=True):
@@ -148,7 +163,7 @@ class W4A8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.qcompile.w4a8_linear(
-            x,
+            _pad_input(x, self.qweight.shape[0] * NIBBLES_PER_WORD),
             self.qweight,
             self.group_scales,
             self.group_zeros,
@@ -163,6 +178,24 @@ class W4A8Linear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"group_size={self.group_size}, act_dtype={self.act_dtype}"
         )
+
+
+def _real_in_features(packed_k: int, in_features: int | None, group: int) -> int:
+    """The layer's K: `in_features`, which may fall short of the packed K by padding to
+    whole groups (less than one group), or the packed K."""
+    if in_features is None:
+        return packed_k
+    if not 0 < in_features <= packed_k or packed_k - in_features >= group:
+        raise ValueError(
+            f"in_features={in_features} does not fit a packed K={packed_k} with group_size="
+            f"{group} (padding to whole groups adds less than one group)"
+        )
+    return in_features
+
+
+def _pad_input(x: torch.Tensor, k: int) -> torch.Tensor:
+    """x [..., K0] with zeros up to [..., k] (a layer padded to whole groups)."""
+    return x if x.shape[-1] == k else F.pad(x, (0, k - x.shape[-1]))
 
 
 # W4A16Linear buffers that `colocate_siblings` stores as column slices of one tensor per kind.
@@ -276,7 +309,7 @@ def quantize_(
             del linear
             setattr(model.get_submodule(parent_name), attr, q)
             shape = (q.out_features, q.in_features)
-            detail = describe(config.scheme, q.group_size, tied)
+            detail = describe(config.scheme, q.group_size, tied, q.in_features)
             full = f"{prefix}.{name}" if prefix else name
             record = LayerRecord(full, shape, "quantized", detail, execution_path(q.qweight))
         report.add(record)

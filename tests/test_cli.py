@@ -361,3 +361,12 @@ def test_bench_model_with_kv4_adds_a_4_bit_cache_row(model_dir, capsys):
     assert sum(n.startswith("float32 1") for n in names) == 1
     assert sum(n.startswith("qcompile w4a16 g32 1") for n in names) == 1
     assert sum(n.startswith("qcompile w4a16 g32 + KV4 token 1") for n in names) == 1
+
+
+def test_pad_k_flag_reaches_the_scheme():
+    """`--pad-k` turns on `Scheme.pad_k` (layers with K not a multiple of the group size are
+    padded instead of left in 16 bits); without it the scheme does not pad."""
+    args = cli.parser().parse_args(["quantize", "m", "out", "--pad-k", "--group-size", "64"])
+    assert cli._config(args).scheme.pad_k and cli._config(args).scheme.padded_k(96) == 128
+    args = cli.parser().parse_args(["report", "m"])
+    assert not cli._config(args).scheme.pad_k

@@ -63,7 +63,7 @@ def unsupported_reason(
         return f"weight has shape {tuple(shape)}, expected [N, K]"
     if not dtype.is_floating_point:
         return f"weight dtype {dtype} is not a float type"
-    k = shape[1]
+    k = scheme.padded_k(shape[1])  # as stored: with pad_k, whole groups
     # K's own limits first: no group size fixes them, so none is suggested.
     if k % 8:
         return f"K={k} is not a multiple of 8 (int4 packing); skip this module"
@@ -73,7 +73,10 @@ def unsupported_reason(
     if k % g:
         fits = [s for s in (64, 32) if s < g and k % s == 0]
         fix = f"use group_size={fits[0]}" if fits else "use group_size=None (per-channel)"
-        return f"K={k} is not divisible by group_size={g}; {fix} or skip this module"
+        return (
+            f"K={k} is not divisible by group_size={g}; {fix}, Scheme(pad_k=True) (K padded to "
+            f"whole groups) or skip this module"
+        )
     if device_type == "cuda":
         if dtype not in lowering.kernel_dtypes:
             return (
@@ -211,6 +214,7 @@ class RewriteContext:
     plane_major_x: bool = False
     quantized_inputs: dict[tuple[Node, str], tuple[Node, Node, str]] = field(default_factory=dict)
     planes_inputs: dict[Node, tuple[Node | None, str]] = field(default_factory=dict)
+    padded_inputs: dict[tuple[Node, int], Node] = field(default_factory=dict)
 
 
 def rewrite_linears(
@@ -274,6 +278,7 @@ def rewrite_linears(
             packed_nodes[w_node] = (tensor_nodes, packed.group_size)
         tensor_nodes, group = packed_nodes[w_node]
         with gm.graph.inserting_before(node):
+            x = _padded_input(gm, x, config.scheme.padded_k(shape[1]), ctx)
             new, fusion = lowering.emit(gm, x, tensor_nodes, bias, group, config.scheme, ctx)
         new.meta.update({k: v for k, v in node.meta.items() if k != "example_value"})
         new.meta[RECORD_META] = len(report.records)
@@ -284,7 +289,7 @@ def rewrite_linears(
                 name,
                 shape,
                 "quantized",
-                describe(config.scheme, group, tied_embeddings(w_node)),
+                describe(config.scheme, group, tied_embeddings(w_node), shape[1]),
                 execution_path(weight),
                 fusion,
                 prologue=lowering.prologue,
@@ -301,12 +306,15 @@ def rewrite_linears(
             continue
         qw = inputs[placeholders[node.args[1]]] if node.args[1] in placeholders else None
         n_k = (qw.shape[1], qw.shape[0] * 8) if isinstance(qw, torch.Tensor) else (0, 0)
+        real_k = _share_input_padding(gm, node, ctx)  # a layer padded to whole groups
+        how = f"quantize_(), K={real_k} padded to {n_k[1]}" if real_k else "quantize_()"
+        n_k = (n_k[0], real_k or n_k[1])
         path = execution_path(qw) if isinstance(qw, torch.Tensor) else ""
         node.meta[RECORD_META] = len(report.records)  # kept by a re-emitted node
         fusion = prequantized.reemit(gm, node, ctx) if prequantized.reemit else ""
         report.add(
             LayerRecord(
-                layer_name(node, node.args[1]), n_k, "prequantized", "quantize_()", path, fusion,
+                layer_name(node, node.args[1]), n_k, "prequantized", how, path, fusion,
                 prologue=prequantized.prologue,
             )
         )  # fmt: skip
@@ -315,11 +323,16 @@ def rewrite_linears(
     return gm
 
 
-def describe(scheme: Scheme, group: int, tied: list[str] | tuple[str, ...] = ()) -> str:
+def describe(
+    scheme: Scheme, group: int, tied: list[str] | tuple[str, ...] = (), k: int | None = None
+) -> str:
     """The report's detail for a quantized layer, e.g. `w4a16 int4 asym g128`, plus a note
-    when the weight is tied to embeddings."""
+    when K (`k`) was padded to whole groups or the weight is tied to embeddings."""
     g = "per-channel" if scheme.group_size is None else f"g{group}"
     text = LINEAR_SCHEMES[scheme.name].describe(scheme, g)
+    if k is not None and scheme.padded_k(k) != k:
+        text += f", K={k} padded to {scheme.padded_k(k)}"
+
     if tied:
         # The lookup reads the full-precision weight, which therefore stays resident.
         text += (
@@ -462,6 +475,48 @@ def _planes_input(gm: GraphModule, x: Node, ctx: RewriteContext) -> tuple[Node |
         else:
             ctx.planes_inputs[x] = gm.graph.call_function(to_planes, (x,)), where
     return ctx.planes_inputs[x]
+
+
+def _padded_input(gm: GraphModule, x: Node, k: int, ctx: RewriteContext) -> Node:
+    """x zero-padded along its last dim to `k` (a layer stored with K padded to whole
+    groups), one pad node per (input, k) so siblings still share their input; x itself when
+    it has k already. The pad is pointwise: Inductor fuses it into x's producer."""
+    example = x.meta.get("example_value")
+    if not isinstance(example, torch.Tensor) or example.shape[-1] == k:
+        return x
+    if (x, k) not in ctx.padded_inputs:
+        pad = (0, k - example.shape[-1])
+        node = gm.graph.call_function(F.pad, (x, pad))
+        fake_mode = getattr(example, "fake_mode", None)
+        if fake_mode is not None:
+            with fake_mode:
+                node.meta["example_value"] = F.pad(example, pad)
+        ctx.padded_inputs[x, k] = node
+    return ctx.padded_inputs[x, k]
+
+
+_PAD_TARGETS = (F.pad, torch._C._nn.pad)
+
+
+def _share_input_padding(gm: GraphModule, node: Node, ctx: RewriteContext) -> int | None:
+    """A `quantize_()` layer padded to whole groups pads its own input (`W4A16Linear.forward`),
+    so siblings reading one x get one pad node each. Make them share the first (so sibling
+    fusion still sees one input) and return the layer's real K; None for an unpadded layer."""
+    pad = node.args[0]
+    if not (isinstance(pad, Node) and pad.op == "call_function" and pad.target in _PAD_TARGETS):
+        return None
+    x0, widths, *rest = (*pad.args, *pad.kwargs.values())
+    example = x0.meta.get("example_value") if isinstance(x0, Node) else None
+    zero_fill = rest in ([], ["constant"], ["constant", None], ["constant", 0], ["constant", 0.0])
+    if not (isinstance(example, torch.Tensor) and zero_fill and len(widths) == 2 and not widths[0]):
+        return None
+    k = example.shape[-1]
+    shared = ctx.padded_inputs.setdefault((x0, k + widths[1]), pad)
+    if shared is not pad:
+        node.replace_input_with(pad, shared)
+        if not pad.users:
+            gm.graph.erase_node(pad)
+    return k
 
 
 def _emit_w4a16(gm, x, tensor_nodes, bias, group, scheme, ctx) -> tuple[Node, str]:

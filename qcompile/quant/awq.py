@@ -31,11 +31,14 @@ LLAMA_GROUPS = (
 
 # The float32 weight that each scheme's RTN (`quantize_`'s default) makes of w [N, K], per
 # `Scheme.name`: what the scale search measures its objective on.
+# (With `Scheme.pad_k` the packed weight has whole groups: the padding is cut off again.)
 RTN_ROUNDTRIPS = {
     "w4a16": lambda w, scheme: dequantize_int4(
         quantize_weight_int4(w, scheme, torch.float32), torch.float32
-    ),
-    "w4a8": lambda w, scheme: dequantize_w4a8(quantize_weight_w4a8(w, scheme), torch.float32),
+    )[:, : w.shape[1]],
+    "w4a8": lambda w, scheme: dequantize_w4a8(quantize_weight_w4a8(w, scheme), torch.float32)[
+        :, : w.shape[1]
+    ],
 }
 
 

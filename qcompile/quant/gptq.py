@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from qcompile.config import Scheme
-from qcompile.quant.int4 import PackedInt4, pack_int4_along_k
+from qcompile.quant.int4 import PackedInt4, pack_int4_along_k, pad_columns
 from qcompile.quant.rtn import fit_groups, round_to_codes
 from qcompile.quant.w4a8 import (
     PackedW4A8,
@@ -114,14 +114,20 @@ def gptq_quantize_weight(
         raise ValueError(
             f"gptq_quantize_weight: Hessian {tuple(hessian.shape)} does not match K={k}"
         )
+    k0, k = k, scheme.padded_k(k)  # pad_k: columns k0.. meet zero inputs (H = 0 there)
     g = scheme.group_size_for(k)
     if k % g:
-        raise ValueError(f"gptq_quantize_weight: K={k} is not divisible by group_size={g}")
+        raise ValueError(
+            f"gptq_quantize_weight: K={k} is not divisible by group_size={g}; use a group size "
+            "that divides K, or Scheme(pad_k=True) to pad K to whole groups"
+        )
     dtype = dtype or weight.dtype
-    w = weight.detach().to(torch.float32).clone()
-    h = hessian.detach().to(torch.float32).clone()
+    w = pad_columns(weight.detach().to(torch.float32), k).clone()
+    h = hessian.new_zeros((k, k), dtype=torch.float32)
+    h[:k0, :k0] = hessian.detach().to(torch.float32)
     dead = torch.diag(h) == 0  # inputs never active: any value works, choose 0
     h[dead, dead] = 1
+    dead[k0:] = False  # ... but the padding keeps its copies of the last column (the range)
     w[:, dead] = 0
     grid = GPTQ_GRIDS[scheme.name](w, scheme, dtype, clip_search, channel_search)
 

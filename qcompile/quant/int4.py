@@ -44,6 +44,15 @@ class PackedInt4:
         return sum(t.numel() * t.element_size() for t in self.tensors())
 
 
+def pad_columns(weight: torch.Tensor, k: int) -> torch.Tensor:
+    """weight [N, K0] -> [N, k] (k >= K0), the new columns copies of the last one: padding
+    that leaves the range of every group holding real columns as it was (`Scheme.pad_k`)."""
+    extra = k - weight.shape[-1]
+    if extra <= 0:
+        return weight
+    return torch.cat([weight, weight[..., -1:].expand(*weight.shape[:-1], extra)], dim=-1)
+
+
 def pack_int4_along_k(codes: torch.Tensor) -> torch.Tensor:
     """[N, K] integer codes in [0, 15] -> [K // 8, N] int32, low nibble first."""
     n, k = codes.shape

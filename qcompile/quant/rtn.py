@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from qcompile.config import Scheme
-from qcompile.quant.int4 import PackedInt4, pack_int4_along_k
+from qcompile.quant.int4 import PackedInt4, pack_int4_along_k, pad_columns
 
 # Range shrink factors tried by the clip search (1.0 = plain min-max).
 CLIP_GRID = tuple(1.0 - 0.025 * i for i in range(11))
@@ -68,10 +68,14 @@ def quantize_weight_int4(
     """Quantize a [N, K] weight group-wise along K with round-to-nearest (see `fit_groups`)."""
     if weight.dim() != 2:
         raise ValueError(f"quantize_weight_int4: weight must be [N, K], got {tuple(weight.shape)}")
+    weight = pad_columns(weight, scheme.padded_k(weight.shape[1]))
     n, k = weight.shape
     g = scheme.group_size_for(k)
     if k % g:
-        raise ValueError(f"quantize_weight_int4: K={k} is not divisible by group_size={g}")
+        raise ValueError(
+            f"quantize_weight_int4: K={k} is not divisible by group_size={g}; use a group size "
+            "that divides K, or Scheme(pad_k=True) to pad K to whole groups"
+        )
     dtype = dtype or weight.dtype
     w = weight.detach().to(torch.float32).reshape(n, k // g, g)
     scales, offsets = fit_groups(w, scheme.symmetric, dtype, clip_search)

@@ -42,7 +42,12 @@ from dataclasses import dataclass
 import torch
 
 from qcompile.config import Scheme
-from qcompile.quant.int4 import NIBBLES_PER_WORD, pack_int4_along_k, unpack_int4_along_k
+from qcompile.quant.int4 import (
+    NIBBLES_PER_WORD,
+    pack_int4_along_k,
+    pad_columns,
+    unpack_int4_along_k,
+)
 from qcompile.quant.rtn import CLIP_GRID
 
 # Level-1 range: leaves room for the level-2 rounding (<= 8) inside int8 (see the docstring).
@@ -86,6 +91,7 @@ def quantize_weight_w4a8(
     `channel_search`: each row's s1 may be stretched (`channel_scales_w4a8`)."""
     if weight.dim() != 2:
         raise ValueError(f"quantize_weight_w4a8: weight must be [N, K], got {tuple(weight.shape)}")
+    weight = pad_columns(weight, scheme.padded_k(weight.shape[1]))
     n, k = weight.shape
     g = scheme.group_size_for(k)
     check_w4a8_shape("quantize_weight_w4a8", k, g)
