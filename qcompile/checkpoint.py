@@ -432,10 +432,15 @@ def _install_layer(model: nn.Module, name: str, entry: dict) -> None:
             f"out_features={entry['out_features']}; the model's has {k}, {n}"
         )
     kp = entry.get("padded_in_features", k)  # Scheme.pad_k: K stored as whole groups
-    if g <= 0 or kp % g or kp % NIBBLES_PER_WORD or not k <= kp < k + g:
-        padded = f" padded to {kp}" if kp != k else ""
+    padded = f" padded to {kp}" if kp != k else ""
+    if g <= 0 or kp % g or kp % NIBBLES_PER_WORD:
         raise CheckpointError(
             f"{name}: group_size={g} does not divide K={k}{padded} into whole groups"
+        )
+    if not k <= kp < k + g:
+        raise CheckpointError(
+            f"{name}: K={k}{padded} is not K padded to whole groups of {g} (the padding is "
+            "less than one group)"
         )
     shapes = {"qweight": (kp // NIBBLES_PER_WORD, n), "bias": (n,), **kind_shapes(n, kp, g)}
     tensors = entry["tensors"]

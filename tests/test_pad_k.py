@@ -234,3 +234,19 @@ def test_checkpoint_of_a_padded_model_round_trips_in_a_fresh_process(tmp_path, s
         check=True, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert torch.equal(load_file(result)["logits"], expected)
+
+
+def test_checkpoint_with_a_wrong_padding_is_refused(tmp_path):
+    """A record whose padded K is not K rounded up to whole groups names the layer and shapes."""
+    model = tiny_llama(1, hidden_size=96)
+    qcompile.quantize_(model, QuantConfig(scheme=Scheme(group_size=64, pad_k=True)))
+    folder = tmp_path / "q"
+    qcompile.save_quantized(model, folder)
+    path = folder / "quantization_config.json"
+    record = json.loads(path.read_text())
+    record["modules"]["model.layers.0.self_attn.q_proj"]["padded_in_features"] = 192
+    path.write_text(json.dumps(record))
+    with pytest.raises(
+        qcompile.CheckpointError, match=r"q_proj: K=96 padded to 192 is not K padded to whole"
+    ):
+        qcompile.load_quantized(folder)

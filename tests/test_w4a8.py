@@ -504,11 +504,11 @@ def test_pass_quantizes_each_input_once_and_reports_fusion(tiny_llama):
 class _NormMLP(torch.nn.Module):
     """A Llama block's MLP half: RMSNorm -> gate/up -> SiLU * up -> down (transformers')."""
 
-    def __init__(self):
+    def __init__(self, **overrides):
         super().__init__()
         from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
 
-        config = helpers.tiny_llama(num_layers=1).config
+        config = helpers.tiny_llama(num_layers=1, **overrides).config
         self.norm = LlamaRMSNorm(config.hidden_size)
         self.mlp = LlamaMLP(config)
 
@@ -516,19 +516,22 @@ class _NormMLP(torch.nn.Module):
         return x + self.mlp(self.norm(x))
 
 
-def test_inductor_fuses_the_quantization_into_rmsnorm_and_silu_mul():
+@pytest.mark.parametrize("hidden", [128, 80], ids=["whole-groups", "K-padded"])
+def test_inductor_fuses_the_quantization_into_rmsnorm_and_silu_mul(hidden):
     """On CPU Inductor's C++ kernels: the RMSNorm kernel (sqrt) and the SiLU * up kernel (exp)
-    also write the int8 activations; no kernel of its own quantizes."""
+    also write the int8 activations; no kernel of its own quantizes. Hidden 80 at g32 with
+    `pad_k` (gate/up K = 80 stored as 96): the zero padding joins the RMSNorm kernel too."""
     from torch._inductor.utils import run_and_get_code
 
     torch.manual_seed(0)
-    model = _NormMLP().eval()
+    scheme = dataclasses.replace(W4A8, pad_k=True)
+    model = _NormMLP(hidden_size=hidden).eval()
     x = torch.randn(2, 5, model.norm.weight.shape[0])
-    be = qcompile.backend(QuantConfig(W4A8))
+    be = qcompile.backend(QuantConfig(scheme))
     with torch.no_grad():
         out, code = run_and_get_code(torch.compile(model, backend=be), x)
         ref = copy.deepcopy(model)
-        qcompile.quantize_(ref, QuantConfig(W4A8))
+        qcompile.quantize_(ref, QuantConfig(scheme))
         assert_close_rel(out, ref(x), torch.float32, tol=1e-4)
     assert [r.fusion.split(" of ")[0] for r in be.report.records] == ["fused into mul"] * 3
     kernels = "\n".join(code).split("async_compile.cpp_pybinding(")[1:]

@@ -355,9 +355,11 @@ _EXTERN_TARGETS = {
     F.scaled_dot_product_attention,
 }
 _EXTERN_METHODS = {"matmul", "mm", "bmm"}
-# Ops that only move or relabel data (or cast): look through them for the real producer.
+# Ops that only move or relabel data (or cast, or zero-pad K: `Scheme.pad_k`, a pointwise
+# read Inductor inlines): look through them for the real producer.
 _LAYOUT_METHODS = {"view", "reshape", "contiguous", "transpose", "permute", "flatten", "to"}
-_LAYOUT_FUNCTIONS = {torch.reshape, torch.flatten, torch.transpose, torch.permute}
+_LAYOUT_FUNCTIONS = {torch.reshape, torch.flatten, torch.transpose, torch.permute, F.pad}
+_LAYOUT_FUNCTIONS.add(torch._C._nn.pad)  # (F.pad as Dynamo records it)
 
 
 def _producer(x: Node) -> Node:
