@@ -144,23 +144,20 @@ def main() -> None:
                       f"sk{c['split_k']} pf{int(c['prefetch'])} planes={r['x_planes']} "
                       f"u{r['reduce_unroll']}",
                       flush=True)  # fmt: skip
-            # per prefetch setting, the best config: the effect of the prefetch alone
-            row["best_by_prefetch"] = {
-                str(pf): min((r for r in row["mma"] if int(r["config"]["prefetch"]) == pf),
-                             key=lambda r: r["us"], default=None)
-                for pf in _ints(args.prefetch)
-            }  # fmt: skip
-            print("    best by prefetch: " + ", ".join(
-                f"pf{pf}={r['us']:.1f}" for pf, r in row["best_by_prefetch"].items() if r
-            ), flush=True)  # fmt: skip
-            row["best_by_unroll"] = {
-                str(u): min((r for r in row["mma"] if r["reduce_unroll"] == u),
-                            key=lambda r: r["us"], default=None)
-                for u in _ints(args.reduce_unroll)
-            }  # fmt: skip
-            print("    best by reduce unroll: " + ", ".join(
-                f"u{u}={r['us']:.1f}" for u, r in row["best_by_unroll"].items() if r
-            ), flush=True)  # fmt: skip
+            # per prefetch / reduce-unroll setting, the best config: that option's effect alone
+            for name, value, options in (
+                ("prefetch", lambda r: int(r["config"]["prefetch"]), args.prefetch),
+                ("unroll", lambda r: r["reduce_unroll"], args.reduce_unroll),
+            ):
+                best_by = {
+                    str(v): min((r for r in row["mma"] if value(r) == v),
+                                key=lambda r: r["us"], default=None)
+                    for v in _ints(options)
+                }  # fmt: skip
+                row[f"best_by_{name}"] = best_by
+                print(f"    best by {name}: " + ", ".join(
+                    f"{v}: {r['us']:.1f}" for v, r in best_by.items() if r
+                ), flush=True)  # fmt: skip
             results.append(row)
             if args.out:  # after every row: a run cut short by its time limit keeps its rows
                 args.out.write_text(json.dumps({"meta": meta, "rows": results}, indent=1))

@@ -67,3 +67,46 @@ def tiny_causal_lm(family: str = "llama", num_layers: int = 2, **overrides) -> t
 def tiny_llama(num_layers: int, **overrides) -> torch.nn.Module:
     """A small transformers LlamaForCausalLM with random weights (seed 0), built locally."""
     return tiny_causal_lm("llama", num_layers, **overrides)
+
+
+# Token ids the checkpoint round trips feed (every id < the tiny models' vocab of 256).
+ROUND_TRIP_TOKENS = torch.arange(24).reshape(2, 12) * 7 % 256
+_LOAD_IN_FRESH_PROCESS = """
+import sys
+import torch
+torch.load = None  # loading must never unpickle
+import qcompile
+from safetensors.torch import save_file
+tokens = torch.arange(24).reshape(2, 12) * 7 % 256
+out = {}
+for i, path in enumerate(sys.argv[2:]):
+    model = qcompile.load_quantized(path)
+    with torch.no_grad():
+        out[f"logits{i}"] = model(tokens).logits.contiguous()
+    tied = getattr(model.lm_head, "weight", None) is model.model.embed_tokens.weight
+    out[f"tied{i}"] = torch.tensor(tied)
+save_file(out, sys.argv[1])
+"""
+
+
+def load_in_fresh_process(tmp_path, folders) -> dict[str, torch.Tensor]:
+    """Load each qcompile checkpoint folder with `load_quantized` in a new Python process and
+    return its logits on `ROUND_TRIP_TOKENS` (`logits<i>`) and whether lm_head is tied
+    (`tied<i>`)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")]),
+    }
+    result = Path(tmp_path) / "result.safetensors"
+    subprocess.run(
+        [sys.executable, "-c", _LOAD_IN_FRESH_PROCESS, str(result), *map(str, folders)],
+        check=True, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    return load_file(result)

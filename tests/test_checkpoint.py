@@ -9,16 +9,13 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import assert_close_rel, tiny_llama
+from helpers import ROUND_TRIP_TOKENS, assert_close_rel, load_in_fresh_process, tiny_llama
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
@@ -31,7 +28,6 @@ from qcompile.integrations.awq import AwqFormat
 from qcompile.integrations.gptq import GptqFormat
 from qcompile.quant.int4 import dequantize_int4
 
-REPO = Path(__file__).resolve().parents[1]
 LINEARS = (
     "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
     "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
@@ -149,7 +145,7 @@ def write_quantized_llama(
     return ref
 
 
-TOKENS = torch.arange(24).reshape(2, 12) * 7 % 256
+TOKENS = ROUND_TRIP_TOKENS
 
 
 # ---- importers: tensor level (hypothesis) and model level ----
@@ -233,23 +229,6 @@ def test_import_in_fp16_stays_within_offset_rounding(tmp_path):
 
 # ---- round trip in a fresh process ----
 
-_LOAD_IN_FRESH_PROCESS = """
-import sys
-import torch
-torch.load = None  # loading must never unpickle
-import qcompile
-from safetensors.torch import save_file
-tokens = torch.arange(24).reshape(2, 12) * 7 % 256
-out = {}
-for i, path in enumerate(sys.argv[2:]):
-    model = qcompile.load_quantized(path)
-    with torch.no_grad():
-        out[f"logits{i}"] = model(tokens).logits.contiguous()
-    tied = getattr(model.lm_head, "weight", None) is model.model.embed_tokens.weight
-    out[f"tied{i}"] = torch.tensor(tied)
-save_file(out, sys.argv[1])
-"""
-
 
 def test_round_trip_in_fresh_process_is_identical(tmp_path):
     """quantize_ (tied lm_head) and an imported act-order GPTQ model: save, load in a new
@@ -275,17 +254,7 @@ def test_round_trip_in_fresh_process_is_identical(tmp_path):
     }  # fmt: skip
     assert len(record["modules"]) == 2 * len(LINEARS)
 
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-    }
-    result = tmp_path / "result.safetensors"
-    subprocess.run(
-        [sys.executable, "-c", _LOAD_IN_FRESH_PROCESS, str(result)]
-        + [str(tmp_path / name) for name in models],
-        check=True, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    got = load_file(result)
+    got = load_in_fresh_process(tmp_path, [tmp_path / name for name in models])
     for i, name in enumerate(models):
         assert torch.equal(got[f"logits{i}"], expected[name]), name
     assert got["tied0"].item() and not got["tied1"].item()
@@ -307,16 +276,7 @@ def test_w4a8_round_trip_in_fresh_process_is_identical(tmp_path):
     q_proj = loaded.model.layers[0].self_attn.q_proj
     assert isinstance(q_proj, qcompile.W4A8Linear) and q_proj.group_size == 32
     assert q_proj.group_scales.dtype == torch.uint8
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-    }
-    result = tmp_path / "result.safetensors"
-    subprocess.run(
-        [sys.executable, "-c", _LOAD_IN_FRESH_PROCESS, str(result), str(tmp_path / "w4a8")],
-        check=True, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert torch.equal(load_file(result)["logits0"], expected)
+    assert torch.equal(load_in_fresh_process(tmp_path, [tmp_path / "w4a8"])["logits0"], expected)
 
 
 def test_w4a8_load_names_the_mismatching_tensor(tmp_path):

@@ -6,15 +6,10 @@ checkpoints."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_close_rel, tiny_llama
-from safetensors.torch import load_file
+from helpers import ROUND_TRIP_TOKENS, assert_close_rel, load_in_fresh_process, tiny_llama
 from torch import nn
 
 import qcompile
@@ -24,7 +19,6 @@ from qcompile.quant.int4 import dequantize_int4
 from qcompile.quant.rtn import quantize_weight_int4
 from qcompile.quant.w4a8 import dequantize_w4a8, quantize_weight_w4a8
 
-REPO = Path(__file__).resolve().parents[1]
 W4A16_PAD = Scheme(group_size=32, pad_k=True)
 W4A8_PAD = Scheme(name="w4a8", group_size=32, pad_k=True)
 
@@ -197,17 +191,6 @@ def test_awq_scale_search_runs_on_a_padded_layer():
     assert objective(s) < objective(torch.ones(80))
 
 
-_LOAD = """
-import sys, torch
-from safetensors.torch import save_file
-import qcompile
-model = qcompile.load_quantized(sys.argv[2])
-with torch.no_grad():
-    logits = model(torch.arange(12).view(1, 12)).logits
-save_file({"logits": logits.contiguous()}, sys.argv[1])
-"""
-
-
 @pytest.mark.parametrize("scheme", [Scheme(group_size=64, pad_k=True), W4A8_PAD.__class__(
     name="w4a8", group_size=64, pad_k=True)], ids=["w4a16", "w4a8"])  # fmt: skip
 def test_checkpoint_of_a_padded_model_round_trips_in_a_fresh_process(tmp_path, scheme):
@@ -223,17 +206,8 @@ def test_checkpoint_of_a_padded_model_round_trips_in_a_fresh_process(tmp_path, s
     assert q_proj["in_features"] == 96 and q_proj["padded_in_features"] == 128
     assert "padded_in_features" not in record["modules"]["model.layers.0.mlp.down_proj"]
     with torch.no_grad():
-        expected = model(torch.arange(12).view(1, 12)).logits
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-    }
-    result = tmp_path / "result.safetensors"
-    subprocess.run(
-        [sys.executable, "-c", _LOAD, str(result), str(tmp_path / "q")],
-        check=True, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert torch.equal(load_file(result)["logits"], expected)
+        expected = model(ROUND_TRIP_TOKENS).logits
+    assert torch.equal(load_in_fresh_process(tmp_path, [tmp_path / "q"])["logits0"], expected)
 
 
 def test_checkpoint_with_a_wrong_padding_is_refused(tmp_path):
