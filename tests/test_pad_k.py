@@ -10,14 +10,22 @@ import json
 import pytest
 import torch
 from helpers import ROUND_TRIP_TOKENS, assert_close_rel, load_in_fresh_process, tiny_llama
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import qcompile
 from qcompile import QuantConfig, Scheme
 from qcompile.quant.gptq import gptq_quantize_weight
-from qcompile.quant.int4 import dequantize_int4
+from qcompile.quant.int4 import PackedInt4, dequantize_int4
 from qcompile.quant.rtn import quantize_weight_int4
-from qcompile.quant.w4a8 import dequantize_w4a8, quantize_weight_w4a8
+from qcompile.quant.w4a8 import (
+    PackedW4A8,
+    dequantize_activations,
+    dequantize_w4a8,
+    quantize_activations_per_token,
+    quantize_weight_w4a8,
+)
 
 W4A16_PAD = Scheme(group_size=32, pad_k=True)
 W4A8_PAD = Scheme(name="w4a8", group_size=32, pad_k=True)
@@ -224,3 +232,45 @@ def test_checkpoint_with_a_wrong_padding_is_refused(tmp_path):
         qcompile.CheckpointError, match=r"q_proj: K=96 padded to 192 is not K padded to whole"
     ):
         qcompile.load_quantized(folder)
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    k_groups=st.integers(1, 4),
+    k_rest=st.sampled_from([8, 24, 40, 56, 72, 120]),
+    group=st.sampled_from([32, 64, 128]),
+    name=st.sampled_from(["w4a16", "w4a8"]),
+    outlier=st.floats(1.0, 50.0),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_padded_layer_computes_the_real_columns_product(
+    k_groups, k_rest, group, name, outlier, seed
+):
+    """Any K that is not a multiple of the group: the layer stores whole groups (K' - K < G),
+    reports its real K, and its output is the dequantized weight's product over the real
+    columns, in float64 (W4A8: with the per-token int8 input)."""
+    k = k_groups * group + k_rest % group
+    if k % group == 0:
+        return
+    gen = torch.Generator().manual_seed(seed)
+    linear = nn.Linear(k, 24)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(24, k, generator=gen))
+        linear.weight[:, k - 1] *= outlier  # the column the padding copies
+    scheme = Scheme(name=name, group_size=group, pad_k=True)
+    module = qcompile.quantize.QUANTIZED_MODULES[name].from_linear(linear, scheme)
+    kp = -(-k // group) * group
+    assert module.in_features == k and module.qweight.shape == (kp // 8, 24)
+    x = torch.randn(3, k, generator=gen)
+    with torch.no_grad():
+        out = module(x)
+    if name == "w4a16":
+        w = dequantize_int4(PackedInt4(module.qweight, module.scales, module.offsets, group))
+        want = x.double() @ w[:, :k].double().t() + linear.bias.double()
+        assert_close_rel(out, want, torch.float32)
+    else:  # per-token int8 x over the real columns (zeros leave each token's absmax alone)
+        args = (module.qweight, module.group_scales, module.group_zeros, module.channel_scales)
+        w = dequantize_w4a8(PackedW4A8(*args, group))
+        xq = dequantize_activations(*quantize_activations_per_token(x, "int8"))
+        want = xq.double() @ w[:, :k].double().t() + linear.bias.double()
+        assert_close_rel(out, want, torch.float32)
