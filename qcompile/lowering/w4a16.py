@@ -25,6 +25,8 @@ no tile counters exist (first use under CUDA-graph capture).
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
+from types import MappingProxyType
 
 import torch
 import triton
@@ -1111,7 +1113,7 @@ def _split_tiles(cfg: KernelConfig, m: int, n: int) -> int:
 # The lane kernel's one-launch split-K sum reads the partials one at a time (its registers
 # are needed at 16+ rows). Untimed at 8 rows for W4A16: W4A8's lane kernel gained 52.3 ->
 # 47.4 us at M = 1 with 8 in flight (`results/session19/small/`); set from a GPU probe.
-_LANE_REDUCE_UNROLL: dict[int, int] = {}
+_LANE_REDUCE_UNROLL: Mapping[int, int] = MappingProxyType({})  # rows per program -> partials
 
 
 def _lane_reduce_unroll(cfg: KernelConfig) -> int:
