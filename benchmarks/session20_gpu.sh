@@ -7,9 +7,8 @@
 #          cuBLAS and the op's current pick), then "mma_f16" at M 1 / 16 beside W4A16 and the
 #          FP8 GEMV/GEMM defaults; if it wins, set `_LANE_FP8_TIMED = True` in lowering/w4a8.py;
 #   fp8lane: the "mma_f16" half of lane alone;
-#   m1:    (after lane, with `_LANE_REDUCE_UNROLL` in lowering/w4a16.py set from it, e.g.
-#          MappingProxyType({8: 8}) if 8 in flight won at 8 rows) shipped W4A16 M = 1
-#          entries re-tuned with the lane kernel's candidates beside the shipped pick
+#   m1:    (needs no lane run first) shipped W4A16 M = 1 entries re-tuned with the lane
+#          kernel's candidates, those with `reduce="unroll8"` included, beside the shipped pick
 #          (`tune_shipped.py --kinds mma`), merged into this copy's h100.json, then the
 #          W4A16 benchmark at M = 1 and 16 with the merged configs; then KV4 prefill at 1k / 4k
 #          (the fresh path also in a CUDA graph; the cache write's tokens per program);

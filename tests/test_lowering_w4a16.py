@@ -234,7 +234,26 @@ def test_lane_split_k_sum_with_partials_in_flight(split, unroll):
     two_launch = launch(cfg, *args, self_reduce=False)
     assert torch.equal(launch(cfg, *args, reduce_unroll=unroll), two_launch)
     assert torch.equal(launch(cfg, *args, reduce_unroll=1), two_launch)
+    if unroll in (4, 8):  # the same through the config, as tuning picks it
+        tuned = replace(cfg, reduce=f"unroll{unroll}")
+        assert valid_config(tuned, 32 * 16, 32)
+        assert torch.equal(launch(tuned, *args), two_launch)
     assert_close_rel(two_launch, problem.reference64(), torch.float16)
+
+
+def test_lane_sum_choice_is_valid_only_where_the_lane_kernel_splits_k():
+    """`reduce="unroll8"` is a lane-kernel split-K option: a tuning candidate at 8 rows, refused
+    unsplit, on other kernels and in W4A8's spelling ("atomic")."""
+    lane = KernelConfig("mma", 8, 128, 128, 8, 4, 1, reduce="unroll8")
+    assert valid_config(lane, 4096, 128)
+    assert not valid_config(replace(lane, split_k=1), 4096, 128)
+    assert not valid_config(replace(lane, reduce="atomic"), 4096, 128)
+    assert not valid_config(KernelConfig("gemv", 1, 256, 64, 8, 2, 1, reduce="unroll8"), 4096, 128)
+    cands = candidate_configs(1, 8192, 4096, 128)
+    unrolled = [c for c in cands if c.reduce]
+    assert unrolled and all(c.kernel == "mma" and c.split_k > 1 for c in unrolled)
+    assert all(valid_config(c, 4096, 128) for c in cands)
+    assert not any(c.reduce for c in candidate_configs(16, 8192, 4096, 128))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -328,7 +347,9 @@ def test_lane_mma_candidates_cover_32_and_64_rows_with_and_without_prefetch():
     assert all(c.block_n == 32 * c.num_warps for c in wide)  # 8 B tiles: 2 A tiles per warp
     assert {c.block_m for c in candidate_configs(32, 4096, 4096, 128) if c.kernel == "mma"} == {32}
     for m in (1, 16, 32, 64):
-        mma = [c for c in candidate_configs(m, 8192, 28672, 128) if c.kernel == "mma"]
+        mma = [  # (the split-K sum's unroll is a choice of its own, without prefetch)
+            c for c in candidate_configs(m, 8192, 28672, 128) if c.kernel == "mma" and not c.reduce
+        ]
         with_pf = {replace(c, prefetch=False) for c in mma if c.prefetch}
         assert with_pf and with_pf == {c for c in mma if not c.prefetch}
     assert not [c for c in candidate_configs(65, 4096, 4096, 128) if c.kernel == "mma"]

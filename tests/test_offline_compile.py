@@ -16,6 +16,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).parents[1]
 W4A16 = [  # kind, BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, prefetch, self-reducing split-K
+    # [, that sum's partials in flight]
     ("gemv", 1, 512, 64, 4, 1, True, True),
     ("gemm", 16, 64, 128, 4, 3, False, True),
     ("gemm_swap", 16, 64, 64, 4, 3, False, False),
@@ -24,6 +25,7 @@ W4A16 = [  # kind, BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, prefetch, self-redu
     ("gemm_planes", 128, 128, 128, 8, 2, False, False),  # a large-M candidate
     ("mma", 16, 128, 128, 4, 1, False, True),  # inline PTX: only a real compile checks it
     ("mma", 8, 256, 128, 4, 1, False, False),  # 4 tiles per warp, one B tile
+    ("mma", 8, 128, 128, 4, 1, False, True, 8),  # the split-K sum's loads unrolled by 8
     ("mma", 32, 128, 128, 4, 1, False, True),  # 4 B tiles
     ("mma", 64, 64, 128, 2, 1, False, True),  # 8 B tiles: 32 accumulators per A tile
     ("mma", 16, 128, 128, 4, 1, 1, True),  # the next BLOCK_K prefetched (tuples in the loop)
@@ -73,9 +75,12 @@ import json, sys
 import sass_report as s
 w4a16, w4a8, kv4 = json.loads(sys.argv[1])
 out = []
-for kind, bm, bn, bk, w, st, pf, split in w4a16:
+for kind, bm, bn, bk, w, st, pf, split, *unroll in w4a16:
     try:
-        regs = s.resources(s.compile_variant(kind, bm, bn, bk, w, st, pf, split=split))["REG"]
+        variant = s.compile_variant(
+            kind, bm, bn, bk, w, st, pf, split=split, reduce_unroll=(unroll + [1])[0]
+        )
+        regs = s.resources(variant)["REG"]
         out.append(["w4a16", kind, bm, regs, None])
     except Exception as e:
         out.append(["w4a16", kind, bm, 0, repr(e.__cause__ or e)[-800:]])

@@ -67,8 +67,9 @@ class KernelConfig:
     # before computing tile i. Triton's own num_stages pipelines only loads that feed a dot.
     # (Cache files may hold it as 0 / 1.)
     prefetch: bool = False
-    # How split K is summed where a kernel offers a choice (the W4A8 lane kernel): "" its own
-    # policy, "atomic" int32 atomics into one zeroed workspace.
+    # How split K is summed where a kernel offers a choice (the lane kernels): "" its own
+    # policy; W4A8: "atomic", int32 atomics into one zeroed workspace; W4A16: "unroll4" /
+    # "unroll8", the one-launch sum with that many partials' loads in flight.
     reduce: str = ""
 
     @classmethod

@@ -902,6 +902,8 @@ def valid_config(cfg: KernelConfig, k: int, group: int) -> bool:
     does not check, so this must)."""
     if cfg.prefetch not in (0, 1):
         return False
+    if cfg.reduce and not (cfg.kernel == "mma" and cfg.split_k > 1 and cfg.reduce in _LANE_SUMS):
+        return False  # (a choice only the lane kernel's split-K sum offers)
     if cfg.kernel == "dequant_mm":
         return _pow2(cfg.block_n) and _pow2(cfg.block_k) and (k // 8) % cfg.block_k == 0
     if cfg.kernel == "mma":  # 32 or 64 columns per warp, 8 to 64 rows, whole 32-k steps
@@ -1018,6 +1020,8 @@ def candidate_configs(m: int, n: int, k: int, group: int) -> list[KernelConfig]:
                 if _useful_split(triton.cdiv(n, bn), sk):
                     for pf in (False, True):
                         out.append(KernelConfig("mma", max(8, mb), bn, bk, sk, warps, 1, pf))
+                    if mb <= 8 and sk > 1:  # the split-K sum with 8 partials in flight
+                        out.append(KernelConfig("mma", 8, bn, bk, sk, warps, 1, reduce="unroll8"))
     if mb >= 128:
         out.append(_dequant_mm_config(k))
         # Planes at large M: W from registers as wgmma's A (BLOCK_N rows), x^T as its
@@ -1111,13 +1115,18 @@ def _split_tiles(cfg: KernelConfig, m: int, n: int) -> int:
 
 
 # The lane kernel's one-launch split-K sum reads the partials one at a time (its registers
-# are needed at 16+ rows). Untimed at 8 rows for W4A16: W4A8's lane kernel gained 52.3 ->
-# 47.4 us at M = 1 with 8 in flight (`results/session19/small/`); set from a GPU probe.
+# are needed at 16+ rows) unless the config says `reduce="unroll<u>"` (u partials' loads in
+# flight; a tuning candidate at 8 rows). Untimed for W4A16: W4A8's lane kernel gained 52.3 ->
+# 47.4 us at M = 1 with 8 in flight (`results/session19/small/`). Defaults per row count for
+# configs that say nothing, set from a GPU probe:
 _LANE_REDUCE_UNROLL: Mapping[int, int] = MappingProxyType({})  # rows per program -> partials
+_LANE_SUMS = ("unroll4", "unroll8")  # KernelConfig.reduce values of the lane kernel
 
 
 def _lane_reduce_unroll(cfg: KernelConfig) -> int:
     """How many split-K partials' loads the lane kernel's sum keeps in flight for `cfg`."""
+    if cfg.reduce.startswith("unroll"):
+        return int(cfg.reduce.removeprefix("unroll"))
     return _LANE_REDUCE_UNROLL.get(cfg.block_m, 1)
 
 
