@@ -1020,7 +1020,9 @@ def candidate_configs(m: int, n: int, k: int, group: int) -> list[KernelConfig]:
                 if _useful_split(triton.cdiv(n, bn), sk):
                     for pf in (False, True):
                         out.append(KernelConfig("mma", max(8, mb), bn, bk, sk, warps, 1, pf))
-                    if mb <= 8 and sk > 1:  # the split-K sum with 8 partials in flight
+                    # the split-K sum with 8 partials in flight, on the shapes of W4A8's M = 1
+                    # winner (2 tiles of 128 K per warp): each is one more binary to compile
+                    if mb <= 8 and sk > 1 and tiles == 2 and bk == 128:
                         out.append(KernelConfig("mma", 8, bn, bk, sk, warps, 1, reduce="unroll8"))
     if mb >= 128:
         out.append(_dequant_mm_config(k))
