@@ -12,6 +12,9 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 GROUP_SIZES = (32, 64, 128)
+# K of a per-channel layer padded with `pad_k`: the kernels' smallest K tile
+# (`ops.w4a16.KERNEL_K_MULTIPLE`, `ops.w4a8.KERNEL_K_MULTIPLE`; a multiple of int4's 8 per word).
+PER_CHANNEL_K_MULTIPLE = 32
 KEY_TOKENS = (32, 64, 128)  # KVScheme.key_tokens: tokens per per-channel K group
 SCHEME_NAMES = ("w4a16", "w4a8")
 # Activation formats of W4A8: per-token int8, or per-token FP8 e4m3 (Hopper's FP8 tensor cores).
@@ -29,8 +32,9 @@ class Scheme:
     symmetric: codes centred on 8 (offset = -8 * scale) instead of a min-max fit (W4A16 only).
     act_dtype: W4A8's activation format, "int8" (default for w4a8) or "float8_e4m3fn";
         None for w4a16, whose activations stay in the model's dtype.
-    pad_k: a layer whose K is not a multiple of group_size is quantized with K padded up to
-        one (`padded_k`) instead of falling back: the weight's extra columns repeat its last
+    pad_k: a layer whose K is not a multiple of group_size (per-channel: of the kernels' K
+        tile, `PER_CHANNEL_K_MULTIPLE`) is quantized with K padded up to one (`padded_k`)
+        instead of falling back: the weight's extra columns repeat its last
         column (so the last group's range is that of its real columns) and the input gets
         zeros there (a pad in the graph, which Inductor fuses into the input's producer), so
         the product is exact on the real columns. Off by default (the layer falls back, or
@@ -80,10 +84,12 @@ class Scheme:
         return k if self.group_size is None else self.group_size
 
     def padded_k(self, k: int) -> int:
-        """K as stored: `k` rounded up to a whole number of groups with `pad_k`, else `k`."""
-        if not self.pad_k or self.group_size is None:
+        """K as stored: `k` rounded up to a whole number of groups with `pad_k` (per-channel:
+        of `PER_CHANNEL_K_MULTIPLE`), else `k`."""
+        if not self.pad_k:
             return k
-        return -(-k // self.group_size) * self.group_size
+        multiple = self.group_size or PER_CHANNEL_K_MULTIPLE
+        return -(-k // multiple) * multiple
 
 
 @dataclass(frozen=True)

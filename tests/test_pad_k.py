@@ -37,7 +37,39 @@ def test_padded_k_rounds_up_to_whole_groups_only_when_asked():
     assert Scheme(group_size=128).padded_k(576) == 576
     assert Scheme(group_size=128, pad_k=True).padded_k(576) == 640
     assert Scheme(group_size=128, pad_k=True).padded_k(512) == 512
-    assert Scheme(group_size=None, pad_k=True).padded_k(80) == 80  # per-channel: one group
+    # per-channel: one group of the whole padded K, a multiple of the kernels' K tile
+    assert Scheme(group_size=None, pad_k=True).padded_k(80) == 96
+    assert Scheme(group_size=None, pad_k=True).padded_k(100) == 128
+    assert Scheme(group_size=None).padded_k(100) == 100
+
+
+def test_per_channel_multiple_is_every_kernel_families_k_tile():
+    from qcompile.config import PER_CHANNEL_K_MULTIPLE
+    from qcompile.ops import w4a8, w4a16
+
+    assert PER_CHANNEL_K_MULTIPLE == w4a16.KERNEL_K_MULTIPLE == w4a8.KERNEL_K_MULTIPLE
+
+
+@pytest.mark.parametrize("name", ["w4a16", "w4a8"])
+def test_per_channel_layer_with_k_off_the_kernel_tile_is_padded(name):
+    """K = 100 per-channel (not a multiple of 8, so unsupported even on CPU without padding)
+    is stored as K = 128, one group per row whose range is the real columns'; the backend
+    quantizes it on CUDA's terms too (`unsupported_reason` for a CUDA weight says nothing)."""
+    from qcompile.passes.linear import unsupported_reason
+
+    scheme = Scheme(name=name, group_size=None, pad_k=True)
+    assert unsupported_reason((24, 100), torch.float16, "cuda", scheme) is None
+    assert "multiple of 8" in unsupported_reason(
+        (24, 100), torch.float16, "cpu", Scheme(name=name, group_size=None)
+    )
+    torch.manual_seed(5)
+    linear = nn.Linear(100, 24)
+    module = qcompile.quantize.QUANTIZED_MODULES[name].from_linear(linear, scheme)
+    assert module.in_features == 100 and module.group_size == 128
+    assert module.qweight.shape == (16, 24)
+    x = torch.randn(4, 100)
+    with torch.no_grad():
+        assert_close_rel(module(x), linear(x), torch.float32, tol=0.1)  # a 4-bit weight
 
 
 @pytest.mark.parametrize("scheme", [W4A16_PAD, W4A8_PAD], ids=["w4a16", "w4a8"])
