@@ -214,6 +214,18 @@ ROWS = [  # (label, scheme, method, note); None = the fp32 model
         "every layer: K=576 padded to 640 (Scheme.pad_k; the last group of 64 real columns)",
     ),
     (
+        "W4A16 AWQ g128 asym, block-sequential, K padded",
+        Scheme(group_size=128, pad_k=True),
+        "awq",
+        "every layer: K=576 padded to 640",
+    ),
+    (
+        "W4A16 GPTQ g128 asym act-order, block-sequential, clip search, K padded",
+        Scheme(group_size=128, pad_k=True),
+        "gptq-seq-act-clip",
+        "every layer: K=576 padded to 640",
+    ),
+    (
         "W4A16 AWQ + GPTQ g128 asym act-order, block-sequential, clip search, K padded",
         Scheme(group_size=128, pad_k=True),
         "gptq-seq-act-clip-awq",
