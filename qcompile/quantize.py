@@ -50,8 +50,8 @@ class W4A16Linear(nn.Module):
         in_features: int | None = None,
     ):
         super().__init__()
-        self.out_features, self.in_features = packed.shape
-        self.in_features = _real_in_features(self.in_features, in_features, packed.group_size)
+        self.out_features, packed_k = packed.shape
+        self.in_features = _real_in_features(packed_k, in_features, packed.group_size)
         self.group_size = packed.group_size
         self.scheme = scheme
         self.register_buffer("qweight", packed.qweight)
@@ -123,8 +123,8 @@ class W4A8Linear(nn.Module):
         in_features: int | None = None,
     ):
         super().__init__()
-        self.out_features, self.in_features = packed.shape
-        self.in_features = _real_in_features(self.in_features, in_features, packed.group_size)
+        self.out_features, packed_k = packed.shape
+        self.in_features = _real_in_features(packed_k, in_features, packed.group_size)
         self.group_size = packed.group_size
         self.scheme = scheme
         self.act_dtype = scheme.act_dtype

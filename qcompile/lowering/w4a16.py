@@ -25,8 +25,6 @@ no tile counters exist (first use under CUDA-graph capture).
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
-from types import MappingProxyType
 
 import torch
 import triton
@@ -1119,17 +1117,13 @@ def _split_tiles(cfg: KernelConfig, m: int, n: int) -> int:
 # The lane kernel's one-launch split-K sum reads the partials one at a time (its registers
 # are needed at 16+ rows) unless the config says `reduce="unroll<u>"` (u partials' loads in
 # flight; a tuning candidate at 8 rows). Untimed for W4A16: W4A8's lane kernel gained 52.3 ->
-# 47.4 us at M = 1 with 8 in flight (`results/session19/small/`). Defaults per row count for
-# configs that say nothing, set from a GPU probe:
-_LANE_REDUCE_UNROLL: Mapping[int, int] = MappingProxyType({})  # rows per program -> partials
+# 47.4 us at M = 1 with 8 in flight (`results/session19/small/`).
 _LANE_SUMS = ("unroll4", "unroll8")  # KernelConfig.reduce values of the lane kernel
 
 
 def _lane_reduce_unroll(cfg: KernelConfig) -> int:
     """How many split-K partials' loads the lane kernel's sum keeps in flight for `cfg`."""
-    if cfg.reduce.startswith("unroll"):
-        return int(cfg.reduce.removeprefix("unroll"))
-    return _LANE_REDUCE_UNROLL.get(cfg.block_m, 1)
+    return int(cfg.reduce.removeprefix("unroll")) if cfg.reduce.startswith("unroll") else 1
 
 
 def launch(

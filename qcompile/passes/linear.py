@@ -330,9 +330,8 @@ def describe(
     when K (`k`) was padded to whole groups or the weight is tied to embeddings."""
     g = "per-channel" if scheme.group_size is None else f"g{group}"
     text = LINEAR_SCHEMES[scheme.name].describe(scheme, g)
-    if k is not None and scheme.padded_k(k) != k:
-        text += f", K={k} padded to {scheme.padded_k(k)}"
-
+    if k is not None and (stored := scheme.padded_k(k)) != k:
+        text += f", K={k} padded to {stored}"
     if tied:
         # The lookup reads the full-precision weight, which therefore stays resident.
         text += (
@@ -358,8 +357,8 @@ _EXTERN_METHODS = {"matmul", "mm", "bmm"}
 # Ops that only move or relabel data (or cast, or zero-pad K: `Scheme.pad_k`, a pointwise
 # read Inductor inlines): look through them for the real producer.
 _LAYOUT_METHODS = {"view", "reshape", "contiguous", "transpose", "permute", "flatten", "to"}
-_LAYOUT_FUNCTIONS = {torch.reshape, torch.flatten, torch.transpose, torch.permute, F.pad}
-_LAYOUT_FUNCTIONS.add(torch._C._nn.pad)  # (F.pad as Dynamo records it)
+_PAD_TARGETS = (F.pad, torch._C._nn.pad)  # (the second: F.pad as Dynamo records it)
+_LAYOUT_FUNCTIONS = {torch.reshape, torch.flatten, torch.transpose, torch.permute, *_PAD_TARGETS}
 
 
 def _producer(x: Node) -> Node:
@@ -495,9 +494,6 @@ def _padded_input(gm: GraphModule, x: Node, k: int, ctx: RewriteContext) -> Node
                 node.meta["example_value"] = F.pad(example, pad)
         ctx.padded_inputs[x, k] = node
     return ctx.padded_inputs[x, k]
-
-
-_PAD_TARGETS = (F.pad, torch._C._nn.pad)
 
 
 def _share_input_padding(gm: GraphModule, node: Node, ctx: RewriteContext) -> int | None:

@@ -126,12 +126,11 @@ def gptq_quantize_weight(
     h = hessian.new_zeros((k, k), dtype=torch.float32)
     h[:k0, :k0] = hessian.detach().to(torch.float32)
     dead = torch.diag(h) == 0  # inputs never active: any value works, choose 0
+    dead[k0:] = False  # ... but the padding keeps its copies of the last column (the range)
     h[dead, dead] = 1
     # The padding: decoupled from the real columns (zero off-diagonal), its diagonal at theirs
-    # on average so the damping below stays the unpadded one; it keeps its copies of the last
-    # column (the last group's range), never zeroed.
+    # on average so the damping below stays the unpadded one.
     h[k0:, k0:] = torch.eye(k - k0) * torch.diag(h)[:k0].mean()
-    dead[k0:] = False
     w[:, dead] = 0
     grid = GPTQ_GRIDS[scheme.name](w, scheme, dtype, clip_search, channel_search)
 
