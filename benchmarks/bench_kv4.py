@@ -231,11 +231,13 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         f"## Prefill, causal, B=1 (acceptance: <= {ACCEPT_PREFILL_RATIO}x SDPA)",
         "",
         "4-bit prefill kernel (`fresh_prefill=False`, CUDA graphs) and the default "
-        "`fresh_prefill` path (the prompt reads itself in 16 bits; eager, do_bench).",
+        "`fresh_prefill` path (the prompt reads itself in 16 bits), eager (do_bench) and in a "
+        "CUDA graph; SDPA and the cache write are CUDA-graph times.",
         "",
         "| S | SDPA fp16 | qcompile KV4 | cache write | ratio | ratio with write | TFLOP/s SDPA / KV4 "
-        "| SDPA eager | fresh_prefill eager | fresh + write vs SDPA |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| SDPA eager | fresh_prefill eager | fresh + write vs SDPA (eager) "
+        "| fresh_prefill graph | fresh + write vs SDPA (graphs) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in (r for r in rows if r["phase"] == "prefill"):
         lines.append(
@@ -245,11 +247,24 @@ def markdown(meta: dict, rows: list[dict]) -> str:
             f"{r['sdpa_tflops']:.0f} / {r['qcompile_tflops']:.0f} | "
             + (
                 f"{r['sdpa_eager_us']:.1f} | {r['fresh_eager_us']:.1f} | "
-                f"{r['fresh_with_write_vs_sdpa']:.2f}x |"
+                f"{r['fresh_with_write_vs_sdpa']:.2f}x | "
                 if "fresh_eager_us" in r
-                else "n/a | n/a | n/a |"
+                else "n/a | n/a | n/a | "
+            )
+            + (
+                f"{r['fresh_graph_us']:.1f} | {r['fresh_graph_with_write_vs_sdpa']:.2f}x |"
+                if "fresh_graph_us" in r
+                else "n/a | n/a |"
             )
         )
+    variants = [r for r in rows if r["phase"] == "prefill" and "cache_write_variants" in r]
+    if variants:
+        lines += ["", "Cache write, tokens per program / warps (CUDA graphs, us): " + "; ".join(
+            f"S={r['s']}: " + ", ".join(
+                f"{v['block_t']}/{v['num_warps']} {v['us']:.1f}" for v in r["cache_write_variants"]
+            )
+            for r in variants
+        )]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

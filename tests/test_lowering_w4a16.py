@@ -242,7 +242,7 @@ def test_lane_split_k_sum_with_partials_in_flight(split, unroll):
 
 
 def test_lane_sum_choice_is_valid_only_where_the_lane_kernel_splits_k():
-    """`reduce="unroll8"` is a lane-kernel split-K option: a tuning candidate at 8 rows, refused
+    """`reduce="unroll8"` is a lane-kernel split-K option: a tuning candidate at 8 and 16 rows, refused
     unsplit, on other kernels and in W4A8's spelling ("atomic")."""
     lane = KernelConfig("mma", 8, 128, 128, 8, 4, 1, reduce="unroll8")
     assert valid_config(lane, 4096, 128)
@@ -253,7 +253,10 @@ def test_lane_sum_choice_is_valid_only_where_the_lane_kernel_splits_k():
     unrolled = [c for c in cands if c.reduce]
     assert unrolled and all(c.kernel == "mma" and c.split_k > 1 for c in unrolled)
     assert all(valid_config(c, 4096, 128) for c in cands)
-    assert not any(c.reduce for c in candidate_configs(16, 8192, 4096, 128))
+    sixteen = [c for c in candidate_configs(16, 8192, 4096, 128) if c.reduce]
+    assert {c.prefetch for c in sixteen} == {False, True}  # at 16 rows with and without
+    assert all(c.block_m == 16 and valid_config(c, 4096, 128) for c in sixteen)
+    assert not any(c.reduce for c in candidate_configs(32, 8192, 4096, 128))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

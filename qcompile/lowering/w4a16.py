@@ -1018,10 +1018,15 @@ def candidate_configs(m: int, n: int, k: int, group: int) -> list[KernelConfig]:
                 if _useful_split(triton.cdiv(n, bn), sk):
                     for pf in (False, True):
                         out.append(KernelConfig("mma", max(8, mb), bn, bk, sk, warps, 1, pf))
-                    # the split-K sum with 8 partials in flight, on the shapes of W4A8's M = 1
-                    # winner (2 tiles of 128 K per warp): each is one more binary to compile
-                    if mb <= 8 and sk > 1 and tiles == 2 and bk == 128:
-                        out.append(KernelConfig("mma", 8, bn, bk, sk, warps, 1, reduce="unroll8"))
+                    # the split-K sum with 8 partials in flight, on 2 tiles of 128 K per warp
+                    # (each is one more binary to compile). On the H100 it won 11 of 14 M = 1
+                    # keys (8192x28672: 50.9 -> 47.3 us) and, in a probe, 3 of 5 shapes at 16
+                    # rows (4096x14336: 27.7 -> 24.4 us; `results/session21/`)
+                    if mb <= 16 and sk > 1 and tiles == 2 and bk == 128:
+                        for pf in (False, True) if mb > 8 else (False,):
+                            out.append(
+                                KernelConfig("mma", max(8, mb), bn, bk, sk, warps, 1, pf, "unroll8")
+                            )
     if mb >= 128:
         out.append(_dequant_mm_config(k))
         # Planes at large M: W from registers as wgmma's A (BLOCK_N rows), x^T as its
