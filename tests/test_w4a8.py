@@ -404,12 +404,14 @@ def test_configs_have_power_of_two_tiles_aligned_to_groups(m, n, k, g, act_dtype
         assert _pow2(cfg.block_n) and _pow2(cfg.block_k), cfg
         assert k % cfg.split_k == 0 and (k // cfg.split_k) % cfg.block_k == 0, cfg
         assert g % cfg.block_k == 0 or cfg.block_k % g == 0, cfg
+        lane = cfg.kernel in ("mma", "mma_f16")  # B tiles of 8 rows, 32 columns per warp
         assert cfg.block_k >= 32 and (
-            cfg.kernel in ("gemv", "int_mm", "mma") or min(cfg.block_m, cfg.block_n) >= 16
+            cfg.kernel in ("gemv", "int_mm") or lane or min(cfg.block_m, cfg.block_n) >= 16
         )
-        assert cfg.kernel != "mma" or m <= cfg.block_m and cfg.block_n == 32 * cfg.num_warps
+        assert not lane or m <= cfg.block_m and cfg.block_n == 32 * cfg.num_warps
         if act_dtype != "int8":
-            assert cfg.kernel in ("gemv", "gemm") and g % cfg.block_k == 0, cfg
+            assert cfg.kernel in ("gemv", "gemm", "mma_f16", "fp8_mm"), cfg
+            assert cfg.kernel == "mma_f16" or g % cfg.block_k == 0, cfg  # one s2 per tile
         assert cfg.kernel != "gemv" or m <= 8
     assert not valid_config(KernelConfig("gemm", 16, 48, 64), n, k, g, act_dtype)
 
@@ -842,17 +844,18 @@ def test_quantize_kernel_writes_e4m3_values_as_fp16_for_mma_f16(one_pass):
         quantize_per_token(*_on_device(x), "int8", as_fp16=True)
 
 
-def test_lane_fp8_joins_the_defaults_only_once_timed(monkeypatch):
-    """`_LANE_FP8_TIMED` is the switch: then FP8 at M <= 16 takes "mma_f16" with W4A16's lane
-    default (never the int8-only atomic sum) and the lane candidates; int8 kernels refuse fp8."""
-    from qcompile.lowering import w4a8 as w4a8_mod
-
+def test_lane_fp8_is_the_fp8_default_at_small_m():
+    """FP8 at M <= 16 takes "mma_f16" split as the H100 probe's leaders (never the int8-only
+    atomic sum) and the lane candidates; int8 kernels refuse fp8."""
     fp8 = "float8_e4m3fn"
-    assert default_config(16, 8192, 28672, 128, fp8).kernel != "mma_f16"
-    monkeypatch.setattr(w4a8_mod, "_LANE_FP8_TIMED", True)
     cfg = default_config(16, 8192, 28672, 128, fp8)
-    assert (cfg.kernel, cfg.block_m, cfg.block_n, cfg.reduce) == ("mma_f16", 16, 128, "")
-    assert default_config(1, 28672, 4096, 128, fp8).block_m == 8
+    assert (cfg.kernel, cfg.block_m, cfg.block_n, cfg.split_k, cfg.reduce) == (
+        "mma_f16", 16, 128, 8, ""
+    )
+    one = default_config(1, 8192, 28672, 128, fp8)
+    assert (one.kernel, one.block_m, one.split_k) == ("mma_f16", 8, 16)
+    assert default_config(1, 28672, 4096, 128, fp8).split_k == 4
+    assert default_config(32, 8192, 28672, 128, fp8).kernel != "mma_f16"  # a candidate there
     kinds = {(c.kernel, c.reduce) for c in candidate_configs(16, 8192, 28672, 128, fp8)}
     assert ("mma_f16", "") in kinds and not any(r for _, r in kinds)
     assert not valid_config(dataclasses.replace(cfg, reduce="atomic"), 8192, 28672, 128, fp8)
@@ -927,7 +930,7 @@ def test_swar_and_lane_kernels_take_int8_only():
     for m in (1, 16, 128, 256, 1024):
         assert default_config(m, 8192, 28672, 128, fp8).kernel not in ("gemm_swar", "mma")
         kinds = {c.kernel for c in candidate_configs(m, 8192, 28672, 128, fp8)}
-        assert kinds <= {"gemv", "gemm", "fp8_mm"}
+        assert kinds <= {"gemv", "gemm", "fp8_mm", "mma_f16"}  # mma_f16: W4A16's lane kernel
 
 
 def test_fp8_mm_is_the_fp8_large_m_default_only_where_cublaslt_takes_it(monkeypatch):

@@ -42,8 +42,8 @@ group_zeros [K/G, N] uint8, channel_scales [N] fp32). Kernels, top to bottom:
   call, then cuBLASLt's 1x128 block-scaled FP8 GEMM with s2 * s1 as the weight's block
   scales. Both unpacking paths hold an [N, K] byte weight per call (the caching allocator's
   memory, freed after the GEMM).
-* W4A16's `_w4a16_mma_kernel` in its W4A8 mode ("mma_f16", FP8 at M <= 64; untimed, so gated
-  by `_LANE_FP8_TIMED`): the e4m3 xq as fp16 (exact) times the weight (q - z) * s2 made in
+* W4A16's `_w4a16_mma_kernel` in its W4A8 mode ("mma_f16", FP8 at M <= 64, the FP8 default at
+  M <= 16): the e4m3 xq as fp16 (exact) times the weight (q - z) * s2 made in
   fp16 from uint8 s2 and z (integers in -127..127: exact), x_scale * s1 in its epilogue.
 * `_w4a8_gemv_kernel` ("gemv", M <= 8): CUDA cores, one program per (N tile, K split, row).
   Integer per group: sum_k (q - z) s2 x = s2 * sum_k q x - z s2 * sum_k x, so the inner loop
@@ -907,10 +907,6 @@ _MIN_BLOCK_K = {
     "fp8_mm": 32, "mma_f16": 32,
 }  # fmt: skip
 _LANE_ROWS = (8, 16, 32, 64)  # lane MMA: 1, 2, 4 or 8 B tiles of 8 rows
-# "mma_f16" (FP8 at M <= 64: W4A16's lane kernel on the e4m3 xq as fp16) passes the
-# interpreter and the offline sm_90 compile; it becomes a candidate and the FP8 default at
-# M <= 16 once a GPU has run and timed it.
-_LANE_FP8_TIMED = False
 _LANE_REDUCE_MAX_ROWS = 8  # the lane kernel reduces split K in its own launch up to 8 rows
 # ... with 8 partials' loads in flight: M = 1 on the H100, 52.3 -> 47.4 us on 8192x28672 (split
 # 16), 29.4 -> 26.2 on 28672x4096 (split 4), where 2 and 4 gained nothing
@@ -942,7 +938,7 @@ def valid_config(cfg: KernelConfig, n: int, k: int, group: int, act_dtype: str) 
         )  # fmt: skip
     if cfg.kernel == "mma_f16":  # W4A16's lane-kernel rules
         return (
-            act_dtype == "float8_e4m3fn" and _LANE_FP8_TIMED and cfg.num_stages == 1
+            act_dtype == "float8_e4m3fn" and cfg.num_stages == 1
             and w4a16_valid_config(dataclasses.replace(cfg, kernel="mma"), k, group)
         )  # fmt: skip
     if cfg.kernel == "mma":  # 32 columns per warp, whole 32-k steps, one group per step
@@ -1080,11 +1076,17 @@ def default_config(m: int, n: int, k: int, group: int, act_dtype: str) -> Kernel
     the pass lets through (K a multiple of 32 and of the group)."""
     mb = m_bucket(m)
     bk = next(b for b in (128, 64, 32) if k % b == 0 and group % b == 0)
-    if mb <= 16 and act_dtype != "int8":  # W4A16's lane default, on e4m3 values as fp16
-        lane = w4a16_default_config(max(m, 5), n, k, group)  # (M <= 4 would give its GEMV)
-        lane = dataclasses.replace(lane, kernel="mma_f16", block_m=max(8, mb))
-        if valid_config(lane, n, k, group, act_dtype):
-            return lane
+    if mb <= 16 and act_dtype != "int8":
+        # W4A16's lane kernel on e4m3 values as fp16 ("mma_f16"), split as the int8 lane
+        # default (its split 16 at 16 rows halved, with no atomic sum). H100 probe, 8192x28672
+        # at M = 1 / 16: 56.3 / 71.6 us (split 16 / 8; split 8 / 16: 76.5 / 88.8); 28672x4096:
+        # 33.4 / 52.1 (split 4); the FP8 GEMV / GEMM took 192.5 / 249.5 and 146.8 / 98.6
+        # (`results/session21/probe_lane_f16.log`, `session19/verify/`)
+        lane = _lane_default(mb, n, k, group)
+        if lane is not None:
+            lane = dataclasses.replace(lane, kernel="mma_f16", reduce="")
+            if valid_config(lane, n, k, group, act_dtype):
+                return lane
     if mb <= 16 and act_dtype == "int8":
         # the lane kernel: 58.0 / 68.0 us at M = 1 / 16 on 8192x28672 (H100), where the GEMV
         # and GEMM took 72.3 / 131.1 (whole op, fourth session); 33.6 / 41.7 on 28672x4096
