@@ -75,7 +75,6 @@ from qcompile.lowering.w4a16 import (
     _tile_counters,
     reserve_tile_counters,
 )
-from qcompile.lowering.w4a16 import default_config as w4a16_default_config
 from qcompile.lowering.w4a16 import launch as w4a16_launch
 from qcompile.lowering.w4a16 import valid_config as w4a16_valid_config
 from qcompile.quant.int4 import to_even_odd, to_planes  # to_planes: W4A16's plane-major layout
