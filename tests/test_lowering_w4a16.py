@@ -223,12 +223,17 @@ def test_split_k_reduces_in_one_launch(cfg):
     assert torch.equal(launch(cfg, *args), two_launch)
 
 
-@pytest.mark.parametrize("split,unroll", [(4, 8), (8, 8), (16, 8), (8, 3)])
-def test_lane_split_k_sum_with_partials_in_flight(split, unroll):
+@pytest.mark.parametrize(
+    "split,unroll,rows,m,prefetch",
+    [(4, 8, 8, 5, False), (8, 8, 8, 5, False), (16, 8, 8, 5, False), (8, 3, 8, 5, False),
+     (8, 8, 16, 13, True), (4, 8, 16, 16, False)],
+)  # fmt: skip
+def test_lane_split_k_sum_with_partials_in_flight(split, unroll, rows, m, prefetch):
     """The lane kernel's one-launch sum with `unroll` partials' loads in flight (masked past
-    the split count) adds them in split order: the two-launch reduction's bits."""
-    cfg = KernelConfig("mma", 8, 64, 32, split, 2, 1)
-    problem = _packed_problem(5, 96, 32 * 16, 32, torch.float16, split)
+    the split count) adds them in split order: the two-launch reduction's bits, at 8 and 16
+    rows (a tuning candidate at both), with and without the prefetch."""
+    cfg = KernelConfig("mma", rows, 64, 32, split, 2, 1, prefetch)
+    problem = _packed_problem(m, 96, 32 * 16, 32, torch.float16, split)
     p = problem.packed
     args = (problem.x, p.qweight, p.scales, p.offsets, problem.bias, p.group_size)
     two_launch = launch(cfg, *args, self_reduce=False)

@@ -850,7 +850,11 @@ def test_lane_fp8_is_the_fp8_default_at_small_m():
     fp8 = "float8_e4m3fn"
     cfg = default_config(16, 8192, 28672, 128, fp8)
     assert (cfg.kernel, cfg.block_m, cfg.block_n, cfg.split_k, cfg.reduce) == (
-        "mma_f16", 16, 128, 8, ""
+        "mma_f16",
+        16,
+        128,
+        8,
+        "",
     )
     one = default_config(1, 8192, 28672, 128, fp8)
     assert (one.kernel, one.block_m, one.split_k) == ("mma_f16", 8, 16)
