@@ -1019,9 +1019,9 @@ def candidate_configs(m: int, n: int, k: int, group: int) -> list[KernelConfig]:
                     for pf in (False, True):
                         out.append(KernelConfig("mma", max(8, mb), bn, bk, sk, warps, 1, pf))
                     # the split-K sum with 8 partials in flight, on 2 tiles of 128 K per warp
-                    # (each is one more binary to compile). On the H100 it won 11 of 14 M = 1
-                    # keys (8192x28672: 50.9 -> 47.3 us) and, in a probe, 3 of 5 shapes at 16
-                    # rows (4096x14336: 27.7 -> 24.4 us; `results/session21/`)
+                    # (each is one more binary to compile). On the H100 it won 11 of the 14
+                    # shipped M = 1 keys (8192x28672: 50.9 -> 47.4 us) and 8 of 14 at M = 16
+                    # (4096x14336: 27.9 -> 21.8 us; `results/session21/`)
                     if mb <= 16 and sk > 1 and tiles == 2 and bk == 128:
                         for pf in (False, True) if mb > 8 else (False,):
                             out.append(

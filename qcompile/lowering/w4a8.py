@@ -1080,7 +1080,8 @@ def default_config(m: int, n: int, k: int, group: int, act_dtype: str) -> Kernel
         # default (its split 16 at 16 rows halved, with no atomic sum). H100 probe, 8192x28672
         # at M = 1 / 16: 56.3 / 71.6 us (split 16 / 8; split 8 / 16: 76.5 / 88.8); 28672x4096:
         # 33.4 / 52.1 (split 4); the FP8 GEMV / GEMM took 192.5 / 249.5 and 146.8 / 98.6
-        # (`results/session21/probe_lane_f16.log`, `session19/verify/`)
+        # (`results/session21/lane/probe_lane_f16.log`, `session19/verify/`; the whole op:
+        # `session21/kernels/w4a8.md`)
         lane = _lane_default(mb, n, k, group)
         if lane is not None:
             lane = dataclasses.replace(lane, kernel="mma_f16", reduce="")
