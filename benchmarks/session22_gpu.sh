@@ -7,9 +7,12 @@
 #             twenty-first session, and these tests are what is left before it can be
 #             resolved;
 #   w4a8tune: shipped W4A8 configs for the acceptance shapes (as in session19_gpu.sh), to
-#             merge with `tune_shipped.py --merge`.
+#             merge with `tune_shipped.py --merge`;
+#   chunks:   W4A16 at M = 256 / 1024 as dequantize + cuBLAS with the fp16 weight made and used
+#             in L2-sized chunks (along N and along K) beside one-shot dequant_mm and cuBLAS
+#             (`probe_dequant_chunks.py`); if a chunking wins, it becomes a dequant_mm option.
 source benchmarks/gpu_setup.sh
-case "${PART:?PART=tests|w4a8tune}" in
+case "${PART:?PART=tests|w4a8tune|chunks}" in
   tests)
     # the 47 gpu-marked tests of these files, alone (run as whole groups in parallel, the
     # backend_hf group was cut off by the time limit in the fifteenth session)
@@ -20,5 +23,9 @@ case "${PART:?PART=tests|w4a8tune}" in
     ;;
   w4a8tune)
     PART=w4a8tune bash benchmarks/session19_gpu.sh
+    ;;
+  chunks)
+    (cd benchmarks && timeout 300 python3 probe_dequant_chunks.py \
+      --out "$OUT/probe_dequant_chunks.json") 2>&1 | tee "$OUT/probe_dequant_chunks.log"
     ;;
 esac

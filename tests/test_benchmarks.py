@@ -32,6 +32,14 @@ def test_benchmark_scripts_import():
 
 
 @pytest.mark.slow
+def test_dequant_chunk_probe_matches_dequantize_matmul():
+    """The chunked dequantize + matmul probe (weight made and used in L2-sized chunks, along N
+    and along K) equals dequantize + matmul, in Triton's interpreter."""
+    import probe_dequant_chunks
+
+    probe_dequant_chunks.smoke()  # asserts each chunking within 2e-3 of float64
+
+
 def test_e2e_benchmark_tiny_run_on_cpu(tmp_path):
     """bench_e2e.py end to end with --tiny: every variant and batch, one graph per batch size."""
     import json
