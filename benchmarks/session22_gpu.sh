@@ -10,9 +10,13 @@
 #             merge with `tune_shipped.py --merge`;
 #   chunks:   W4A16 at M = 256 / 1024 as dequantize + cuBLAS with the fp16 weight made and used
 #             in L2-sized chunks (along N and along K) beside one-shot dequant_mm and cuBLAS
-#             (`probe_dequant_chunks.py`); if a chunking wins, it becomes a dequant_mm option.
+#             (`probe_dequant_chunks.py`); if a chunking wins, it becomes a dequant_mm option;
+#   m64:      W4A16's shipped M = 32 / 64 entries re-tuned with the lane kernel's candidates
+#             beside each shipped pick (merged into this copy's h100.json; merge the JSON here
+#             afterwards), then the full W4A16 table (M 1-1024) with every shipped config: the
+#             README's M >= 64 columns are still from the eighth session's table.
 source benchmarks/gpu_setup.sh
-case "${PART:?PART=tests|w4a8tune|chunks}" in
+case "${PART:?PART=tests|w4a8tune|chunks|m64}" in
   tests)
     # the 47 gpu-marked tests of these files, alone (run as whole groups in parallel, the
     # backend_hf group was cut off by the time limit in the fifteenth session)
@@ -23,6 +27,15 @@ case "${PART:?PART=tests|w4a8tune|chunks}" in
     ;;
   w4a8tune)
     PART=w4a8tune bash benchmarks/session19_gpu.sh
+    ;;
+  m64)
+    (cd benchmarks && timeout "${TUNE_S:-300}" python3 tune_shipped.py --kinds mma --ms 32,64 \
+      --dtypes float16,bfloat16 --out "$OUT/w4a16_m64.json") 2>&1 | tail -30 > "$OUT/log.txt"
+    (cd benchmarks && python3 tune_shipped.py --merge "$OUT/w4a16_m64.json") >> "$OUT/log.txt"
+    (cd benchmarks && QCOMPILE_AUTOTUNE=0 timeout 240 python3 bench_w4a16.py --out "$OUT" \
+      --ms 1,16,64,256,1024) 2>&1 | tail -40 >> "$OUT/log.txt"
+    rm -f "$OUT/tuning_trials.json"
+    cat "$OUT/log.txt"
     ;;
   chunks)
     (cd benchmarks && timeout 300 python3 probe_dequant_chunks.py \
