@@ -109,8 +109,8 @@ def main() -> None:
         smoke()
         return
     import torch.nn.functional as F
-    from bench_w4a16 import GROUP, copies, time_graph
-    from weights import random_packed
+    from bench_w4a16 import GROUP, time_graph
+    from weights import rotated_w4a16
 
     from qcompile.lowering.w4a16 import w4a16_linear_cuda
 
@@ -121,9 +121,7 @@ def main() -> None:
     rows = []
     for spec in args.shapes.split(","):
         n, k = map(int, spec.split("x"))
-        nbytes = n * k // 2 + 4 * (k // GROUP) * n
-        packed = [random_packed(n, k, GROUP, dtype) for _ in range(copies(nbytes, l2))]
-        wf = [torch.randn(n, k, dtype=dtype, device="cuda") for _ in range(copies(2 * n * k, l2))]
+        packed, wf = rotated_w4a16(n, k, GROUP, dtype, l2)
         ref_w = dequantize_int4(packed[0], torch.float32).t()  # [K, N]
         buf = torch.empty(k * n, dtype=dtype, device="cuda")  # the largest chunk's room
         for m in map(int, args.ms.split(",")):

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from bench_w4a16 import GROUP, SHAPES, copies, hbm_bandwidth, time_graph
-from weights import random_packed
+from bench_w4a16 import GROUP, SHAPES, hbm_bandwidth, time_graph
+from weights import rotated_w4a16
 
 from qcompile.lowering.autotune import KernelConfig, m_bucket
 from qcompile.lowering.w4a16 import _useful_split, launch, valid_config, w4a16_linear_cuda
@@ -98,8 +98,7 @@ def main() -> None:
     for spec in args.shapes.split(","):
         n, k = map(int, spec.split("x"))
         nbytes = n * k // 2 + 4 * (k // GROUP) * n
-        packed = [random_packed(n, k, GROUP, dtype) for _ in range(copies(nbytes, l2))]
-        wf = [torch.randn(n, k, dtype=dtype, device="cuda") for _ in range(copies(2 * n * k, l2))]
+        packed, wf = rotated_w4a16(n, k, GROUP, dtype, l2)
         w_ref = dequantize_int4(packed[0], torch.float32)  # [N, K]
         for m in map(int, args.ms.split(",")):
             x = torch.randn(m, k, dtype=dtype, device="cuda")
