@@ -183,7 +183,7 @@ def prefill_row(s: int, l2: int, bw: float) -> dict:
         {"block_t": bt, "num_warps": w, "us": time_graph(
             [lambda bt=bt, w=w: kv4_cache_write_cuda(k, v, *packed, positions, bt, None, w)]
         )}
-        for bt, w in ((16, 4), (32, 4), (64, 4), (64, 8), (128, 8))
+        for bt, w in ((8, 2), (8, 4), (16, 2), (16, 4), (32, 4), (64, 4), (128, 8))
     ]  # fmt: skip
     row["fresh_with_write_vs_sdpa"] = (row["fresh_eager_us"] + row["cache_write_us"]) / row[
         "sdpa_eager_us"

@@ -576,14 +576,16 @@ def _kv4_cache_write_kernel(
         b * stride_cb + h * stride_ch + pos[:, None, None] * (D // 2) + grp * (G // 2) + half
     )
     scale_offs = b * stride_sb + h * stride_sh + pos[:, None] * NG + tl.arange(0, NG)[None, :]
+    # V is loaded before K's stores so both loads are in flight at once (the compiler does
+    # not move a load above a store that may alias it)
+    v = tl.load(v_ptr + b * stride_vb + h * stride_vh + t[:, None, None] * stride_vs
+                + chan * stride_vd, mask=ok[:, None, None], other=0.0)  # fmt: skip
     if WRITE_K:
         k = tl.load(k_ptr + b * stride_kb + h * stride_kh + t[:, None, None] * stride_ks
                     + chan * stride_kd, mask=ok[:, None, None], other=0.0)  # fmt: skip
         _quantize_store(
             k.to(tl.float32), kc_ptr, ks_ptr, ko_ptr, code_offs, scale_offs, ok, NG, BLOCK_T, G
         )
-    v = tl.load(v_ptr + b * stride_vb + h * stride_vh + t[:, None, None] * stride_vs
-                + chan * stride_vd, mask=ok[:, None, None], other=0.0)  # fmt: skip
     _quantize_store(
         v.to(tl.float32), vc_ptr, vs_ptr, vo_ptr, code_offs, scale_offs, ok, NG, BLOCK_T, G
     )
