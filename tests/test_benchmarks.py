@@ -136,6 +136,21 @@ def test_w4a8_acceptance_and_markdown():
     assert md.count("\n| 8192x28672 | 1024 |") == 1 and "| n/a |" in md  # no _scaled_mm column
     assert "| 8192x28672 M=1024: W4A8 vs cuBLAS fp16 >= 1.3x | 1.30x | pass |" in md
     assert "W4A8 no slower than W4A16 | 0.95x | FAIL |" in md
+    assert "Compiled RMSNorm" not in md  # no block timings in these rows
+
+
+def test_w4a8_compiled_block_rows_get_their_own_check_and_table():
+    import bench_w4a8 as b
+
+    row = _row(8192, 28672, 1, 160.0, 47.4, 50.1)
+    row.update(norm_us=2.0, norm_quantize_us=2.5, w4a16_block_us=49.0, w4a8_block_us=48.5)
+    row["block_speedup_vs_w4a16"] = 49.0 / 48.5
+    checks = b.acceptance([row])
+    assert [(round(s, 3), ok) for _, s, ok in checks] == [(0.946, False), (1.01, True)]
+    md = b.markdown({"device": "H100", "torch": "2", "triton": "3", "hbm_tb_s": 3.0,
+                     "int8_tops": 1500}, [row])  # fmt: skip
+    assert "| 8192x28672 | 1 | 2.0 | 2.5 | 49.0 | 48.5 | 1.01x |" in md
+    assert "(quantization fused) no slower than RMSNorm -> W4A16 | 1.01x | pass |" in md
 
 
 def test_accuracy_rows_merge_keeps_the_table_and_its_fp32_base():
