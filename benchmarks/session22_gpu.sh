@@ -40,11 +40,11 @@ case "${PART:?PART=tests|w4a8tune|chunks|m64|small}" in
     PART=w4a8tune bash benchmarks/session19_gpu.sh
     ;;
   m64)
-    (cd benchmarks && timeout "${TUNE_S:-300}" python3 tune_shipped.py --kinds mma --ms 32,64 \
-      --dtypes float16,bfloat16 --out "$OUT/w4a16_m64.json") 2>&1 | tail -30 > "$OUT/log.txt"
+    (cd benchmarks && timeout "${TUNE_S:-300}" python3 tune_shipped.py --kinds mma --ms "${TUNE_MS:-32,64}" \
+      --dtypes "${TUNE_DTYPES:-float16,bfloat16}" --out "$OUT/w4a16_m64.json") 2>&1 | tail -30 > "$OUT/log.txt"
     (cd benchmarks && python3 tune_shipped.py --merge "$OUT/w4a16_m64.json") >> "$OUT/log.txt"
     (cd benchmarks && QCOMPILE_AUTOTUNE=0 timeout 240 python3 bench_w4a16.py --out "$OUT" \
-      --ms 1,16,64,256,1024) 2>&1 | tail -40 >> "$OUT/log.txt"
+      --ms "${BENCH_MS:-1,16,64,256,1024}") 2>&1 | tail -40 >> "$OUT/log.txt"
     rm -f "$OUT/tuning_trials.json"
     cat "$OUT/log.txt"
     ;;
