@@ -141,7 +141,10 @@ def compile_w4a8_variant(
         consts.update(FP8=fp8, BLOCK_M=bm, GROUP_M=8)
     elif kind == "mma":  # self_reduce: a split's int32 partial, the last split rescales
         fn = w4a8_kernels._w4a8_mma_kernel
-        consts.update(M_TILES=bm // 8, ASM=True, X_NATURAL=x_natural, SELF_REDUCE=self_reduce)
+        consts.update(
+            M_TILES=bm // 8, ASM=True, X_NATURAL=x_natural, SELF_REDUCE=self_reduce,
+            PREFETCH=bool(prefetch),
+        )  # fmt: skip
         if self_reduce:
             consts.update(WRITE_ACC=True, REDUCE_UNROLL=reduce_unroll, ATOMIC=atomic)
             sig.update(out_ptr="*i32", final_ptr="*fp16", cnt_ptr="*i32")

@@ -692,7 +692,8 @@ def test_swar_gemm_is_exact_on_the_accumulator(problem, data):
 def test_lane_mma_is_exact_on_the_accumulator(problem, data):
     """The int8 lane-MMA kernel (mma.sync m16n8k32 fed by SWAR-unpacked words): 8 to 64
     rows per program (rows past M read row M - 1 and are not stored), 1 to 4 warps, BLOCK_K
-    at, above or below the group, split or not."""
+    at, above or below the group, split or not, the next BLOCK_K's loads issued ahead or
+    not."""
     m, k = problem.x.shape
     g = problem.packed.group_size
     rows = data.draw(st.sampled_from([r for r in (8, 16, 32, 64) if r >= m]), label="rows")
@@ -703,7 +704,8 @@ def test_lane_mma_is_exact_on_the_accumulator(problem, data):
     ]  # fmt: skip
     assume(fits)
     bk, split = data.draw(st.sampled_from(fits), label="block_k, split")
-    _check_config(problem, KernelConfig("mma", rows, 32 * warps, bk, split, warps, 1))
+    prefetch = data.draw(st.booleans(), label="prefetch")
+    _check_config(problem, KernelConfig("mma", rows, 32 * warps, bk, split, warps, 1, prefetch))
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -1071,6 +1073,32 @@ def test_lane_default_sums_a_long_split_by_atomics_at_16_rows_only():
         assert not valid_config(bad, 8192, 28672, 128, "int8"), bad
     kinds = {(c.split_k, c.reduce) for c in candidate_configs(16, 8192, 28672, 128, "int8")}
     assert {(4, "atomic"), (8, "atomic")} <= kinds
+
+
+def test_lane_unrolled_sum_at_16_rows_is_a_candidate_and_sums_in_one_launch():
+    """`reduce="unroll8"` (split K summed by the last split, 8 partials' loads in flight) is
+    valid with a split and offered at 16 rows, with and without the prefetch; its result
+    equals the two-launch epilogue's bit for bit."""
+    unroll = KernelConfig("mma", 16, 128, 128, 8, 4, 1, True, "unroll8")
+    assert valid_config(unroll, 8192, 28672, 128, "int8")
+    assert not valid_config(dataclasses.replace(unroll, split_k=1), 8192, 28672, 128, "int8")
+    cands = candidate_configs(16, 8192, 28672, 128, "int8")
+    assert {(c.prefetch, c.split_k) for c in cands if c.reduce == "unroll8"} >= {
+        (False, 8),
+        (True, 8),
+        (False, 16),
+        (True, 16),
+    }
+    assert not any(c.reduce == "unroll8" for c in candidate_configs(1, 8192, 28672, 128, "int8"))
+    gen = torch.Generator().manual_seed(3)
+    m, n, k = 13, 256, 1024
+    p = quantize_weight_w4a8(torch.randn(n, k, generator=gen), Scheme(name="w4a8", group_size=128))
+    xq, xs = quantize_activations_per_token(torch.randn(m, k, generator=gen).half(), "int8")
+    args = _on_device(xq, xs, *p.tensors(), None)
+    cfg = KernelConfig("mma", 16, 64, 128, 8, 2, 1, True, "unroll8")
+    one = launch(cfg, *args, 128, torch.float16)
+    two = launch(cfg, *args, 128, torch.float16, self_reduce=False)
+    assert torch.equal(one, two)
 
 
 @pytest.mark.parametrize(("n", "k", "block_n", "block_k"), [(24, 256, 16, 128), (64, 512, 64, 256)])

@@ -771,6 +771,7 @@ def _w4a8_mma_kernel(
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, M_TILES: tl.constexpr, ASM: tl.constexpr,
     X_NATURAL: tl.constexpr = False, SELF_REDUCE: tl.constexpr = False, final_ptr=None,
     cnt_ptr=None, REDUCE_UNROLL: tl.constexpr = 1, ATOMIC: tl.constexpr = False,
+    PREFETCH: tl.constexpr = False,
 ):  # fmt: skip
     # Small-M int8 path (see the comment above `_w4a8_lane_asm`). Memory-bound like the GEMV:
     # floor = weight bytes / HBM bandwidth; the SWAR unpacking costs ~1.9 instructions per
@@ -802,33 +803,67 @@ def _w4a8_mma_kernel(
         acc0 = acc0 + (z,)
     acc1 = acc0
     k_start = pid_k * k_per_split
-    for k0 in range(k_start, k_start + k_per_split, BLOCK_K):
-        for st in tl.static_range(BLOCK_K // 32):
-            kk = k0 + 32 * st
-            if st == 0 or BLOCK_K > GROUP:
-                g = (kk // GROUP) * N
-                s2 = tl.load(s2_ptr + g + cols, mask=col_mask, other=0).to(tl.int32)
-                zs = tl.load(z_ptr + g + cols, mask=col_mask, other=0).to(tl.int32) * s2
-                s_0, s_1, s_2, s_3 = _split4(s2)
-                z_0, z_1, z_2, z_3 = _split4(zs * 0x01010101)
-                y_0, y_1, y_2, y_3 = _split4((zs * 0x01010101) & 0x7F7F7F7F)
-            words = tl.load(qw_ptr + (kk // 8 + q)[:, None] * N + cols, mask=col_mask, other=0)
-            w_0, w_1, w_2, w_3 = _split4(words)
-            # even k's of word row q: 4 bytes from the chunk's first half, odd from its second
-            pos = (k0 + 16 * st) // 4 + q  # int32 units: (k0 + (kk - k0) / 2 + 4q) / 4
-            xs = ()
-            for b in tl.static_range(M_TILES):
-                if X_NATURAL:  # k = kk + 8q .. kk + 8q + 7: int32 words kk / 4 + 2q, + 1
-                    w_x = x_rows[b] + kk // 4 + 2 * q
-                    xs = xs + _x_even_odd(tl.load(w_x), tl.load(w_x + 1), ASM)
-                else:
-                    xs = xs + (tl.load(x_rows[b] + pos), tl.load(x_rows[b] + pos + HALF // 4))
-            acc0 = _lane_int8_step(
-                acc0, w_0, w_1, s_0, s_1, z_0, z_1, y_0, y_1, xs, M_TILES, ASM, NW
-            )
-            acc1 = _lane_int8_step(
-                acc1, w_2, w_3, s_2, s_3, z_2, z_3, y_2, y_3, xs, M_TILES, ASM, NW
-            )
+    k_end = k_start + k_per_split
+    # PREFETCH (as W4A16's lane kernel): every load of the next BLOCK_K is issued before this
+    # one's MMAs, so the loads stay in flight across the loop's back edge (inline asm feeds
+    # on them, which num_stages does not pipeline). Costs registers: one BLOCK_K of words and
+    # x held twice.
+    if PREFETCH:
+        nxt = _lane_int8_block_loads(
+            qw_ptr, s2_ptr, z_ptr, x_rows, k_start, q, cols, col_mask, N, GROUP, BLOCK_K,
+            M_TILES, X_NATURAL,
+        )  # fmt: skip
+        for k0 in range(k_start, k_end, BLOCK_K):
+            words_k, s2_k, z_k, x_k = nxt
+            # the last iteration re-reads its own block instead of reading past the split
+            nxt = _lane_int8_block_loads(
+                qw_ptr, s2_ptr, z_ptr, x_rows, tl.minimum(k0 + BLOCK_K, k_end - BLOCK_K), q,
+                cols, col_mask, N, GROUP, BLOCK_K, M_TILES, X_NATURAL,
+            )  # fmt: skip
+            for st in tl.static_range(BLOCK_K // 32):
+                if st == 0 or BLOCK_K > GROUP:
+                    s_0, s_1, s_2, s_3, z_0, z_1, z_2, z_3, y_0, y_1, y_2, y_3 = _lane_int8_scales(
+                        s2_k[st if BLOCK_K > GROUP else 0], z_k[st if BLOCK_K > GROUP else 0]
+                    )
+                w_0, w_1, w_2, w_3 = _split4(words_k[st])
+                xs = ()
+                for b in tl.static_range(M_TILES):  # (a constexpr index must be written inline)
+                    lo = x_k[2 * (M_TILES * st + b)]
+                    hi = x_k[2 * (M_TILES * st + b) + 1]
+                    xs = xs + (_x_even_odd(lo, hi, ASM) if X_NATURAL else (lo, hi))
+                acc0 = _lane_int8_step(
+                    acc0, w_0, w_1, s_0, s_1, z_0, z_1, y_0, y_1, xs, M_TILES, ASM, NW
+                )
+                acc1 = _lane_int8_step(
+                    acc1, w_2, w_3, s_2, s_3, z_2, z_3, y_2, y_3, xs, M_TILES, ASM, NW
+                )
+    else:
+        for k0 in range(k_start, k_end, BLOCK_K):
+            for st in tl.static_range(BLOCK_K // 32):
+                kk = k0 + 32 * st
+                if st == 0 or BLOCK_K > GROUP:
+                    g = (kk // GROUP) * N
+                    s_0, s_1, s_2, s_3, z_0, z_1, z_2, z_3, y_0, y_1, y_2, y_3 = _lane_int8_scales(
+                        tl.load(s2_ptr + g + cols, mask=col_mask, other=0),
+                        tl.load(z_ptr + g + cols, mask=col_mask, other=0),
+                    )
+                words = tl.load(qw_ptr + (kk // 8 + q)[:, None] * N + cols, mask=col_mask, other=0)
+                w_0, w_1, w_2, w_3 = _split4(words)
+                # even k's of word row q: 4 bytes from the chunk's first half, odd from its second
+                pos = (k0 + 16 * st) // 4 + q  # int32 units: (k0 + (kk - k0) / 2 + 4q) / 4
+                xs = ()
+                for b in tl.static_range(M_TILES):
+                    if X_NATURAL:  # k = kk + 8q .. kk + 8q + 7: int32 words kk / 4 + 2q, + 1
+                        w_x = x_rows[b] + kk // 4 + 2 * q
+                        xs = xs + _x_even_odd(tl.load(w_x), tl.load(w_x + 1), ASM)
+                    else:
+                        xs = xs + (tl.load(x_rows[b] + pos), tl.load(x_rows[b] + pos + HALF // 4))
+                acc0 = _lane_int8_step(
+                    acc0, w_0, w_1, s_0, s_1, z_0, z_1, y_0, y_1, xs, M_TILES, ASM, NW
+                )
+                acc1 = _lane_int8_step(
+                    acc1, w_2, w_3, s_2, s_3, z_2, z_3, y_2, y_3, xs, M_TILES, ASM, NW
+                )
     acc, m, n = _lane_results(acc0 + acc1, q, n_lane, M_TILES)
     mask = (m < M) & (n < N)
     offs = m * stride_om + n
@@ -861,6 +896,50 @@ def _w4a8_mma_kernel(
                 tl.atomic_xchg(cnt_ptr + pid_n, 0, sem="relaxed", scope="gpu")
     else:
         _lane_rescale_store(acc, m, n, mask, offs, xs_ptr, s1_ptr, bias_ptr, out_ptr, HAS_BIAS)
+
+
+@triton.jit
+def _lane_int8_scales(s2_raw, z_raw):
+    """uint8 s2 and z rows [LANES, 4] -> per column: s2, z * s2 splat into each byte, and that
+    splat & 0x7F.. (the operands `_lane_int8_step` takes), 4 columns each."""
+    s2 = s2_raw.to(tl.int32)
+    zs = z_raw.to(tl.int32) * s2
+    s_0, s_1, s_2, s_3 = _split4(s2)
+    z_0, z_1, z_2, z_3 = _split4(zs * 0x01010101)
+    y_0, y_1, y_2, y_3 = _split4((zs * 0x01010101) & 0x7F7F7F7F)
+    return s_0, s_1, s_2, s_3, z_0, z_1, z_2, z_3, y_0, y_1, y_2, y_3
+
+
+@triton.jit
+def _lane_int8_block_loads(
+    qw_ptr, s2_ptr, z_ptr, x_rows, k0, q, cols, col_mask, N, GROUP: tl.constexpr,
+    BLOCK_K: tl.constexpr, M_TILES: tl.constexpr, X_NATURAL: tl.constexpr,
+):  # fmt: skip
+    """Every load of one BLOCK_K of the int8 lane loop, raw: per 32-k step its words, the s2
+    and z rows (one per step when BLOCK_K spans groups, else one) and two x words per B
+    tile (step-major)."""
+    HALF: tl.constexpr = BLOCK_K // 2
+    words = ()
+    s2s = ()
+    zs = ()
+    xw = ()
+    for st in tl.static_range(BLOCK_K // 32):
+        kk = k0 + 32 * st
+        if st == 0 or BLOCK_K > GROUP:
+            g = (kk // GROUP) * N
+            s2s = s2s + (tl.load(s2_ptr + g + cols, mask=col_mask, other=0),)
+            zs = zs + (tl.load(z_ptr + g + cols, mask=col_mask, other=0),)
+        words = words + (
+            tl.load(qw_ptr + (kk // 8 + q)[:, None] * N + cols, mask=col_mask, other=0),
+        )
+        pos = (k0 + 16 * st) // 4 + q
+        for b in tl.static_range(M_TILES):
+            if X_NATURAL:
+                w_x = x_rows[b] + kk // 4 + 2 * q
+                xw = xw + (tl.load(w_x), tl.load(w_x + 1))
+            else:
+                xw = xw + (tl.load(x_rows[b] + pos), tl.load(x_rows[b] + pos + HALF // 4))
+    return words, s2s, zs, xw
 
 
 @triton.jit
@@ -920,7 +999,9 @@ def valid_config(cfg: KernelConfig, n: int, k: int, group: int, act_dtype: str) 
     its block-scaled FP8 GEMM G = 128 on an H100."""
     if cfg.kernel not in _MIN_BLOCK_K:
         return False
-    if cfg.reduce and not (cfg.kernel == "mma" and cfg.reduce == "atomic" and cfg.split_k > 1):
+    if cfg.reduce and not (
+        cfg.kernel == "mma" and cfg.reduce in ("atomic", "unroll8") and cfg.split_k > 1
+    ):
         return False
     if cfg.kernel == "fp8_mm":  # the unpacking kernel's tiles, then cuBLASLt
         return (
@@ -1041,9 +1122,20 @@ def candidate_configs(m: int, n: int, k: int, group: int, act_dtype: str) -> lis
         rows = max(8, mb)
         for warps, bk, sk in itertools.product((2, 4), (64, 128), (1, 2, 4, 8, 16)):
             if _useful_split(triton.cdiv(n, 32 * warps), sk):
-                out.append(KernelConfig("mma", rows, 32 * warps, bk, sk, warps, 1))
-        if rows == 16:  # split K summed by atomics (see `_lane_default`)
+                # with and without the next BLOCK_K's loads issued ahead (W4A16's lane
+                # kernel gained from it at 16 rows; not yet timed here)
+                out += [
+                    KernelConfig("mma", rows, 32 * warps, bk, sk, warps, 1, pf)
+                    for pf in (False, True)
+                ]
+        if rows == 16:  # split K summed by atomics (see `_lane_default`), or in one launch with
+            # 8 partials' loads in flight (a serial sum lost at 16 rows in the eighteenth
+            # session; the unrolled one is W4A16's M = 16 winner on 8 of 14 keys)
             out += [KernelConfig("mma", 16, 128, 128, sk, 4, 1, reduce="atomic") for sk in (4, 8)]
+            out += [
+                KernelConfig("mma", 16, 128, bk, sk, 4, 1, pf, "unroll8")
+                for bk, sk, pf in itertools.product((64, 128), (4, 8, 16), (False, True))
+            ]
     return [c for c in out if valid_config(c, n, k, group, act_dtype)]
 
 
@@ -1324,6 +1416,7 @@ def launch(
                 M_TILES=cfg.block_m // 8,
                 ASM=not _interpreting(),
                 X_NATURAL=not xq_even_odd,
+                PREFETCH=bool(cfg.prefetch),
                 **extra,
                 **common,
             )
