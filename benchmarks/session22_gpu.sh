@@ -15,17 +15,25 @@
 #             beside each shipped pick (merged into this copy's h100.json; merge the JSON here
 #             afterwards), then the full W4A16 table (M 1-1024) with every shipped config: the
 #             README's M >= 64 columns are still from the eighth session's table.
-#   small:    (written in the twenty-second session) W4A8 at M = 1 / 16 with the compiled
+#   small:    (written in the twenty-second session) W4A8 int8 at M = 16 tuned with the lane
+#             kernel's new candidates, then W4A8 at M = 1 / 16 with the compiled
 #             RMSNorm -> linear block beside W4A16's (quantization fused into the norm, as the
 #             pass emits it), and KV4 prefill at 1k / 4k with the cache write's V load moved
 #             ahead of K's stores and 8 tokens per program among the variants.
 source benchmarks/gpu_setup.sh
 case "${PART:?PART=tests|w4a8tune|chunks|m64|small}" in
   small)
-    (cd benchmarks && QCOMPILE_AUTOTUNE=0 timeout 240 python3 bench_w4a8.py --out "$OUT" \
-      --shapes 8192x28672,28672x4096 --ms 1,16) 2>&1 | tail -22 > "$OUT/log.txt"
+    # W4A8 int8 at M = 16 tuned first (the lane kernel's prefetch and one-launch unrolled sum
+    # are new candidates), merged into this copy's h100.json; merge the JSON here afterwards
+    (cd benchmarks && timeout "${TUNE_S:-180}" python3 tune_shipped.py --family w4a8 \
+      --dtypes float16 --shapes 8192x28672,28672x4096 --ms "${TUNE_MS:-16}" \
+      --out "$OUT/w4a8_small.json") 2>&1 | tail -6 > "$OUT/log.txt"
+    (cd benchmarks && python3 tune_shipped.py --merge "$OUT/w4a8_small.json") >> "$OUT/log.txt"
+    (cd benchmarks && QCOMPILE_AUTOTUNE=0 timeout 200 python3 bench_w4a8.py --out "$OUT" \
+      --shapes 8192x28672,28672x4096 --ms 1,16) 2>&1 | tail -22 >> "$OUT/log.txt"
     (cd benchmarks && timeout 120 python3 bench_kv4.py --out "$OUT" --batches "" \
       --prefill 1024,4096) 2>&1 | tail -14 >> "$OUT/log.txt"
+    rm -f "$OUT/tuning_trials.json"
     cat "$OUT/log.txt"
     ;;
   tests)
