@@ -230,6 +230,12 @@ def test_kv4_benchmark_markdown_has_a_row_per_measurement():
     assert "| 1 | 8192 | 40.0 | 10.0 | 8.0 | 80% | 4.00x | 0.266x | decode n64 split16 |" in text
     assert "| 64 | 32768 | n/a |" in text
     assert "| 4096 | 100.0 | 110.0 | 5.0 | 1.10x | 1.15x | 500 / 450 |" in text
+    assert "StaticCache" not in text  # no fp16 cache-write timing in this row
+    prefill.update(fresh_graph_us=102.0, fp16_cache_write_us=3.0)
+    prefill["fresh_graph_with_write_vs_sdpa"] = (102.0 + 5.0) / 100.0
+    prefill["fresh_graph_with_write_vs_fp16_prefill"] = (102.0 + 5.0) / (100.0 + 3.0)
+    text = bench_kv4.markdown(meta, [prefill])
+    assert "| 4096 | 100.0 + 3.0 | 102.0 + 5.0 | 1.04x |" in text
 
 
 def test_tune_shipped_merge_replaces_same_keys_and_keeps_the_rest(tmp_path):
