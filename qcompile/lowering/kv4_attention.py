@@ -964,7 +964,7 @@ def kv4_cache_write_cuda(
     v_scales: torch.Tensor,
     v_offsets: torch.Tensor,
     positions: torch.Tensor,
-    block_t: int = 16,
+    block_t: int = 8,
     k_residual: torch.Tensor | None = None,
     num_warps: int = 4,
 ) -> None:
