@@ -1,8 +1,8 @@
 """W4A8 linear on the GPU, side by side: cuBLAS fp16 (F.linear), torch._int_mm (int8 x int8,
 the int8 ceiling), torch._scaled_mm (fp8 e4m3, the fp8 ceiling), our W4A16, and our W4A8 (int8
 and fp8 activations; with the per-token quantize kernel, and GEMM only as the fused compiled
-graph runs it). At M <= 16 also RMSNorm -> linear as a compiled model runs it, W4A16 beside
-W4A8 with the quantization fused into Inductor's norm kernel.
+graph runs it). At M <= 16 also producer -> linear as a compiled model runs it (RMSNorm or
+SiLU * mul), W4A16 beside W4A8 with the quantization fused into Inductor's producer kernel.
 
 Same shapes, M and method as `bench_w4a16.py`: medians over batches of CUDA-graph replays, each
 graph running the op over R weight copies (R * weight bytes >= 4 x L2). Roofline = the larger
@@ -152,33 +152,59 @@ def _rms_norm(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return weight * hf.to(h.dtype)
 
 
-def _norm_then_quantize(h: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """Llama's MLP activation, what feeds down_proj."""
+    return torch.nn.functional.silu(gate) * up
+
+
+# What produces a linear's input in a Llama block: the RMSNorm for q/k/v and gate/up (K = the
+# hidden size), SiLU(gate) * up for down_proj (K = the intermediate size, 14336 / 28672 in
+# Llama-3-8B / 70B)
+PRODUCERS = {"rmsnorm": _rms_norm, "silu_mul": _silu_mul}
+PRODUCER_NAMES = {"rmsnorm": "RMSNorm", "silu_mul": "SiLU * mul"}
+
+
+def producer_for(k: int) -> str:
+    """The producer of a K-wide input in Llama-3's shapes (hidden sizes 4096 and 8192)."""
+    return "rmsnorm" if k in (4096, 8192) else "silu_mul"
+
+
+def _then_quantize(kind: str):
     from qcompile.quant.w4a8 import quantize_activations_per_token
 
-    return quantize_activations_per_token(_rms_norm(h, weight), "int8")
+    def fn(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return quantize_activations_per_token(PRODUCERS[kind](a, b), "int8")
+
+    return fn
 
 
 def fused_block_us(m: int, k: int, w16s: list, w8s: list) -> dict:
-    """RMSNorm -> linear as a compiled model runs it, W4A16 beside int8 W4A8: Inductor's
-    kernel for the norm (for W4A8 with the per-token quantization fused into it, as the
-    pass emits it), then our GEMM; one CUDA graph per variant over the rotated weights."""
+    """Producer -> linear as a compiled model runs it, W4A16 beside int8 W4A8: Inductor's
+    kernel for the producer (RMSNorm or SiLU * mul, `producer_for`; for W4A8 with the
+    per-token quantization fused into it, as the pass emits it), then our GEMM; one CUDA
+    graph per variant over the rotated weights."""
     from qcompile.lowering.w4a8 import w4a8_linear_quantized_act_cuda
     from qcompile.lowering.w4a16 import w4a16_linear_cuda
 
-    norm = torch.compile(_rms_norm, dynamic=False)
-    norm_q = torch.compile(_norm_then_quantize, dynamic=False)
-    h = torch.randn(m, k, dtype=torch.float16, device="cuda") * 3
-    nw = torch.rand(k, dtype=torch.float16, device="cuda") + 0.5
+    kind = producer_for(k)
+    produce = torch.compile(PRODUCERS[kind], dynamic=False)
+    produce_q = torch.compile(_then_quantize(kind), dynamic=False)
+    a = torch.randn(m, k, dtype=torch.float16, device="cuda") * 3
+    if kind == "rmsnorm":
+        b = torch.rand(k, dtype=torch.float16, device="cuda") + 0.5
+    else:
+        b = torch.randn(m, k, dtype=torch.float16, device="cuda")
     row = {
-        "norm_us": time_graph([lambda: norm(h, nw)]),
-        "norm_quantize_us": time_graph([lambda: norm_q(h, nw)]),
+        "producer": kind,
+        "producer_us": time_graph([lambda: produce(a, b)]),
+        "producer_quantize_us": time_graph([lambda: produce_q(a, b)]),
         "w4a16_block_us": time_graph(
-            [lambda p=p: w4a16_linear_cuda(norm(h, nw), *p.tensors(), None, GROUP) for p in w16s]
+            [lambda p=p: w4a16_linear_cuda(produce(a, b), *p.tensors(), None, GROUP) for p in w16s]
         ),
         "w4a8_block_us": time_graph(
             [
                 lambda p=p: w4a8_linear_quantized_act_cuda(
-                    *norm_q(h, nw), *p.tensors(), None, GROUP, torch.float16
+                    *produce_q(a, b), *p.tensors(), None, GROUP, torch.float16
                 )
                 for p in w8s
             ]
@@ -202,9 +228,10 @@ def acceptance(rows: list[dict]) -> list[tuple[str, float, bool]]:
             checks.append((what, s, s >= 1.0))
         if "block_speedup_vs_w4a16" in r:
             s = r["block_speedup_vs_w4a16"]
+            prod = PRODUCER_NAMES[r.get("producer", "rmsnorm")]
             what = (
-                f"{r['n']}x{r['k']} M={r['m']}: compiled RMSNorm -> W4A8 (quantization fused) "
-                "no slower than RMSNorm -> W4A16"
+                f"{r['n']}x{r['k']} M={r['m']}: compiled {prod} -> W4A8 (quantization fused) "
+                f"no slower than {prod} -> W4A16"
             )
             checks.append((what, s, s >= 1.0))
     return checks
@@ -244,18 +271,20 @@ def markdown(meta: dict, rows: list[dict]) -> str:
     if blocks:
         lines += [
             "",
-            "## Compiled RMSNorm -> linear at small M",
+            "## Compiled producer -> linear at small M",
             "",
-            "What a compiled model runs: Inductor's RMSNorm kernel (for W4A8 with the per-token "
-            "int8 quantization fused into it, as the pass emits it), then our GEMM. One CUDA "
-            "graph per variant, weights rotated as above; microseconds.",
+            "What a compiled model runs: Inductor's kernel for what produces x (the RMSNorm "
+            "where K is a hidden size, SiLU(gate) * up where it is an intermediate size; for "
+            "W4A8 with the per-token int8 quantization fused into it, as the pass emits it), "
+            "then our GEMM. One CUDA graph per variant, weights rotated as above; microseconds.",
             "",
-            "| N x K | M | norm | norm + quantize | RMSNorm -> W4A16 | RMSNorm -> W4A8 | "
-            "W4A8 vs W4A16 |",
-            "|---|---:|---:|---:|---:|---:|---:|",
+            "| N x K | M | producer | alone | with quantize | -> W4A16 | -> W4A8 | W4A8 vs W4A16 |",
+            "|---|---:|---|---:|---:|---:|---:|---:|",
         ]
         lines += [
-            f"| {r['n']}x{r['k']} | {r['m']} | {r['norm_us']:.1f} | {r['norm_quantize_us']:.1f} "
+            f"| {r['n']}x{r['k']} | {r['m']} | {PRODUCER_NAMES[r.get('producer', 'rmsnorm')]} "
+            f"| {r.get('producer_us', r.get('norm_us')):.1f} "
+            f"| {r.get('producer_quantize_us', r.get('norm_quantize_us')):.1f} "
             f"| {r['w4a16_block_us']:.1f} | {r['w4a8_block_us']:.1f} | "
             f"{r['block_speedup_vs_w4a16']:.2f}x |"
             for r in blocks

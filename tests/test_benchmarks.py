@@ -143,14 +143,44 @@ def test_w4a8_compiled_block_rows_get_their_own_check_and_table():
     import bench_w4a8 as b
 
     row = _row(8192, 28672, 1, 160.0, 47.4, 50.1)
-    row.update(norm_us=2.0, norm_quantize_us=2.5, w4a16_block_us=49.0, w4a8_block_us=48.5)
+    row.update(producer="silu_mul", producer_us=2.0, producer_quantize_us=2.5,
+               w4a16_block_us=49.0, w4a8_block_us=48.5)  # fmt: skip
     row["block_speedup_vs_w4a16"] = 49.0 / 48.5
-    checks = b.acceptance([row])
-    assert [(round(s, 3), ok) for _, s, ok in checks] == [(0.946, False), (1.01, True)]
+    # a row of the twenty-second session's JSON: RMSNorm everywhere, "norm_*" keys
+    old = _row(28672, 4096, 16, 88.0, 37.4, 39.1)
+    old.update(norm_us=2.6, norm_quantize_us=3.4, w4a16_block_us=39.0, w4a8_block_us=39.5)
+    old["block_speedup_vs_w4a16"] = 39.0 / 39.5
+    checks = b.acceptance([row, old])
+    assert [(round(s, 3), ok) for _, s, ok in checks] == [
+        (0.946, False), (1.01, True), (0.957, False), (0.987, False)
+    ]  # fmt: skip
     md = b.markdown({"device": "H100", "torch": "2", "triton": "3", "hbm_tb_s": 3.0,
-                     "int8_tops": 1500}, [row])  # fmt: skip
-    assert "| 8192x28672 | 1 | 2.0 | 2.5 | 49.0 | 48.5 | 1.01x |" in md
-    assert "(quantization fused) no slower than RMSNorm -> W4A16 | 1.01x | pass |" in md
+                     "int8_tops": 1500}, [row, old])  # fmt: skip
+    assert "| 8192x28672 | 1 | SiLU * mul | 2.0 | 2.5 | 49.0 | 48.5 | 1.01x |" in md
+    assert "| 28672x4096 | 16 | RMSNorm | 2.6 | 3.4 | 39.0 | 39.5 | 0.99x |" in md
+    assert "(quantization fused) no slower than SiLU * mul -> W4A16 | 1.01x | pass |" in md
+    assert "(quantization fused) no slower than RMSNorm -> W4A16 | 0.99x | FAIL |" in md
+    assert [b.producer_for(k) for k in (4096, 8192, 14336, 28672)] == [
+        "rmsnorm", "rmsnorm", "silu_mul", "silu_mul"
+    ]  # fmt: skip
+
+
+def test_w4a8_block_producers_quantize_like_the_pass_on_cpu():
+    """The benchmark's producers with the pass's quantization after them give int8 codes of
+    the producer's output (what the compiled W4A8 block feeds its GEMM)."""
+    import bench_w4a8 as b
+
+    from qcompile.quant.w4a8 import quantize_activations_per_token
+
+    g = torch.Generator().manual_seed(0)
+    a, up = torch.randn(3, 64, generator=g), torch.randn(3, 64, generator=g)
+    w = torch.rand(64, generator=g) + 0.5
+    for kind, second in (("rmsnorm", w), ("silu_mul", up)):
+        xq, xs = b._then_quantize(kind)(a, second)
+        ref_q, ref_s = quantize_activations_per_token(b.PRODUCERS[kind](a, second), "int8")
+        assert torch.equal(xq, ref_q) and torch.equal(xs, ref_s)
+    silu = b.PRODUCERS["silu_mul"](a, up)
+    assert torch.allclose(silu, a * torch.sigmoid(a) * up)
 
 
 def test_accuracy_rows_merge_keeps_the_table_and_its_fp32_base():
