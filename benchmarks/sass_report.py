@@ -100,7 +100,7 @@ W4A8_ATTRS = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 4, 5, 7, 8, 
 def compile_w4a8_variant(
     kind: str, bm: int, bn: int, bk: int, warps: int, stages: int, fp8: bool = False,
     group: int = 128, prefetch: int = 0, x_natural: bool = False, self_reduce: bool = False,
-    slices: int = 1, reduce_unroll: int = 1, atomic: bool = False,
+    slices: int = 1, reduce_unroll: int = 1, atomic: bool = False, pdl: bool = False,
 ):  # fmt: skip
     """A W4A8 GEMM kernel for sm_90 (contiguous xq, no bias, final output); kind "int_mm":
     the int_mm path's unpacking kernel (BLOCK_N x BLOCK_K, bm and stages unused); kind
@@ -110,7 +110,7 @@ def compile_w4a8_variant(
         fn = w4a8_kernels._quantize_per_token_kernel
         consts = {"QMAX": 448 if fp8 else 127, "FP8": fp8, "BLOCK": bk, "PLANES_BK": 0,
                   "EVEN_ODD_BK": 0, "ONE_PASS": bm == 1, "stride_xk": 1,
-                  "SLICES": slices}  # fmt: skip
+                  "SLICES": slices, "PDL": pdl}  # fmt: skip
         sig = {"x_ptr": "*fp16", "xq_ptr": "*fp8e4nv" if fp8 else "*i8", "scale_ptr": "*fp32",
                "K": "i32", "stride_xm": "i32",
                **dict.fromkeys(consts, "constexpr")}  # fmt: skip
@@ -143,7 +143,7 @@ def compile_w4a8_variant(
         fn = w4a8_kernels._w4a8_mma_kernel
         consts.update(
             M_TILES=bm // 8, ASM=True, X_NATURAL=x_natural, SELF_REDUCE=self_reduce,
-            PREFETCH=bool(prefetch),
+            PREFETCH=bool(prefetch), PDL=pdl,
         )  # fmt: skip
         if self_reduce:
             consts.update(WRITE_ACC=True, REDUCE_UNROLL=reduce_unroll, ATOMIC=atomic)

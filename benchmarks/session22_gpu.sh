@@ -20,8 +20,18 @@
 #             RMSNorm -> linear block beside W4A16's (quantization fused into the norm, as the
 #             pass emits it), and KV4 prefill at 1k / 4k with the cache write's V load moved
 #             ahead of K's stores and 8 tokens per program among the variants.
+#   pdl:      (written after the device time ran out) the eager W4A8 op at M = 1 / 16 with the
+#             lane GEMM launched by programmatic dependent launch after the quantize kernel:
+#             its native tests, then `probe_w4a8_pdl.py` (plain vs PDL vs W4A16, bit-exact
+#             check). If PDL wins, it becomes the eager op's default for the lane kernel.
 source benchmarks/gpu_setup.sh
-case "${PART:?PART=tests|w4a8tune|chunks|m64|small}" in
+case "${PART:?PART=tests|w4a8tune|chunks|m64|small|pdl}" in
+  pdl)
+    timeout 200 python3 -m pytest -q -p no:cacheprovider -rfE --tb=short tests/test_w4a8.py \
+      -k "pdl" 2>&1 | tail -6 | tee "$OUT/tests_pdl.log"
+    (cd benchmarks && timeout 200 python3 probe_w4a8_pdl.py --out "$OUT/probe_w4a8_pdl.json") \
+      2>&1 | tee "$OUT/probe_w4a8_pdl.log"
+    ;;
   small)
     # W4A8 int8 at M = 16 tuned first (the lane kernel's prefetch and one-launch unrolled sum
     # are new candidates), merged into this copy's h100.json; merge the JSON here afterwards

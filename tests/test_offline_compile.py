@@ -34,7 +34,8 @@ W4A16 = [  # kind, BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, prefetch, self-redu
     ("mma_w4a8", 64, 64, 64, 2, 1, True, False),
 ]
 W4A8 = [  # kind, BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, fp8 activations, [prefetch,
-    # [natural-order xq (lane kernel), [split K reduced in the launch (lane kernel)]]]
+    # [natural-order xq (lane kernel), [split K reduced in the launch (lane kernel), [PDL]]]]
+    # (quantize: [rounding slices per row, [PDL]])
     ("gemv", 1, 256, 64, 2, 1, False),
     ("gemm", 16, 64, 64, 4, 3, False),
     ("gemm", 128, 128, 64, 8, 3, False),
@@ -50,6 +51,10 @@ W4A8 = [  # kind, BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, fp8 activations, [pr
     ("mma", 16, 128, 128, 4, 1, False, False, True, True),  # split K reduced in the launch
     ("mma", 8, 128, 128, 4, 1, False, False, True, 8),  # ... its partials' loads unrolled by 8
     ("mma", 16, 128, 128, 4, 1, False, False, True, "atomic"),  # ... summed by int32 atomics
+    ("mma", 16, 128, 128, 4, 1, False, True, True),  # the next BLOCK_K's loads issued ahead
+    ("mma", 16, 128, 128, 4, 1, False, True, True, 8),  # ... with the 16-row unrolled sum
+    ("mma", 8, 128, 128, 4, 1, False, True, True, 8, True),  # PDL: weights, wait, then x
+    ("mma", 8, 128, 128, 4, 1, False, False, True, 8, True),  # PDL without the prefetch
     ("int_mm", 0, 64, 128, 4, 1, False),  # the int8 unpacking kernel (SWAR PTX, interleave)
     ("int_mm", 0, 128, 256, 4, 1, False),  # two groups per tile (g128)
     ("int_mm", 0, 64, 128, 4, 1, True),  # e4m3 (q - z) for the block-scaled FP8 GEMM (fp8_mm)
@@ -57,6 +62,7 @@ W4A8 = [  # kind, BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, fp8 activations, [pr
     ("quantize", 1, 0, 32768, 16, 1, False),  # one pass: the row held in registers
     ("quantize", 1, 0, 4096, 4, 1, True),
     ("quantize", 1, 0, 32768, 16, 1, False, 8),  # one pass, a row's rounding over 8 programs
+    ("quantize", 1, 0, 32768, 16, 1, False, 8, True),  # ... signalling a PDL GEMM at its start
 ]
 KV4 = [  # kind, BLOCK_M, BLOCK_N, warps, stages, keys per channel over T tokens (0: per
     # token), query dtype (bf16 queries once hit a dot of mixed dtypes only a compile sees),
@@ -85,16 +91,16 @@ for kind, bm, bn, bk, w, st, pf, split, *unroll in w4a16:
     except Exception as e:
         out.append(["w4a16", kind, bm, 0, repr(e.__cause__ or e)[-800:]])
 for kind, bm, bn, bk, w, st, fp8, *opt in w4a8:
-    pf, natural, reduce = (opt + [False, False, False])[:3]
+    pf, natural, reduce, pdl = (opt + [False, False, False, False])[:4]
     slices = 1
-    if kind == "quantize":  # its option: rounding slices per row
-        pf, slices = 0, (opt + [1])[0]
+    if kind == "quantize":  # its options: rounding slices per row, PDL
+        pf, (slices, pdl) = 0, (opt + [1, False])[:2]
     try:
         variant = s.compile_w4a8_variant(
             kind, bm, bn, bk, w, st, fp8, prefetch=int(bool(pf)), x_natural=natural,
             self_reduce=bool(reduce), slices=slices,
             reduce_unroll=1 if reduce == "atomic" else max(1, int(reduce)),
-            atomic=reduce == "atomic",
+            atomic=reduce == "atomic", pdl=pdl,
         )
         regs = s.resources(variant)["REG"]
         out.append(["w4a8", kind, bm, regs, None])

@@ -624,6 +624,35 @@ def test_gpu_op_matches_exact_reference(m, act_dtype):
 
 
 @pytest.mark.gpu
+def test_gpu_pdl_lane_kernel_equals_the_plain_launch_eagerly_and_in_a_cuda_graph():
+    """Programmatic dependent launch (quantize kernel -> lane GEMM): the same bits as the
+    plain launch, eagerly and replayed in a CUDA graph, with and without the prefetch, split
+    K reduced in one launch or two."""
+    gen = torch.Generator().manual_seed(5)
+    n, k = 512, 4096
+    p = quantize_weight_w4a8(torch.randn(n, k, generator=gen), Scheme(name="w4a8", group_size=128))
+    w = tuple(t.cuda() for t in p.tensors())
+    for m, cfg in (
+        (1, KernelConfig("mma", 8, 128, 128, 8, 4, 1)),
+        (1, KernelConfig("mma", 8, 128, 128, 8, 4, 1, True)),
+        (16, KernelConfig("mma", 16, 64, 128, 4, 2, 1, True)),
+        (16, KernelConfig("mma", 16, 128, 128, 8, 4, 1, True, "unroll8")),
+    ):
+        x = torch.randn(m, k, generator=gen).half().cuda()
+        plain = quantize_and_launch(cfg, x, *w, None, 128, "int8")
+        assert torch.equal(quantize_and_launch(cfg, x, *w, None, 128, "int8", pdl=True), plain)
+        out = torch.empty_like(plain)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            quantize_and_launch(cfg, x, *w, None, 128, "int8", out=out, pdl=True)
+        for _ in range(3):
+            out.zero_()
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(out, plain), cfg
+
+
+@pytest.mark.gpu
 def test_gpu_inductor_fuses_quantization_into_rmsnorm():
     from torch._inductor.utils import run_and_get_code
 
@@ -1073,6 +1102,43 @@ def test_lane_default_sums_a_long_split_by_atomics_at_16_rows_only():
         assert not valid_config(bad, 8192, 28672, 128, "int8"), bad
     kinds = {(c.split_k, c.reduce) for c in candidate_configs(16, 8192, 28672, 128, "int8")}
     assert {(4, "atomic"), (8, "atomic")} <= kinds
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(problem=w4a8_problems(device=KERNEL_DEVICE, max_m=16, act_dtypes=("int8",)), data=st.data())
+def test_lane_pdl_prologue_gives_the_plain_result(problem, data):
+    """With `pdl` the lane kernel loads its first BLOCK_K's weights before waiting for xq and
+    its x after (in the interpreter there is nothing to wait for: this holds the split
+    prologue to the plain kernel's bits), with and without the prefetch."""
+    m, k = problem.x.shape
+    g = problem.packed.group_size
+    fits = [
+        (bk, sk) for bk in (32, 64, 128) for sk in (1, 2)
+        if valid_config(KernelConfig("mma", 16, 64, bk, sk, 2, 1), 64, k, g, "int8")
+    ]  # fmt: skip
+    assume(fits)
+    bk, split = data.draw(st.sampled_from(fits), label="block_k, split")
+    cfg = KernelConfig("mma", 16, 64, bk, split, 2, 1, data.draw(st.booleans(), label="prefetch"))
+    w = (*problem.packed.tensors(), None, g, "int8")
+    plain = quantize_and_launch(cfg, problem.x, *w)
+    assert torch.equal(quantize_and_launch(cfg, problem.x, *w, pdl=True), plain)
+
+
+def test_pdl_is_for_the_lane_kernel():
+    """`launch(pdl=True)` on another kernel is refused; `quantize_and_launch` ignores it
+    there (the quantize kernel's early signal then has no dependent)."""
+    p = quantize_weight_w4a8(torch.randn(64, 256), Scheme(name="w4a8", group_size=128))
+    x = torch.randn(4, 256).half()
+    xq, xs = quantize_activations_per_token(x, "int8")
+    gemv = KernelConfig("gemv", 1, 64, 64, 1, 2, 1)
+    args = _on_device(xq, xs, *p.tensors(), None)
+    with pytest.raises(ValueError, match="pdl is for the int8 lane kernel"):
+        launch(gemv, *args, 128, torch.float16, pdl=True)
+    xd = x.to(args[0].device)
+    w = (*(t.to(args[0].device) for t in p.tensors()), None, 128, "int8")
+    assert torch.equal(
+        quantize_and_launch(gemv, xd, *w, pdl=True), quantize_and_launch(gemv, xd, *w)
+    )
 
 
 def test_lane_unrolled_sum_at_16_rows_is_a_candidate_and_sums_in_one_launch():

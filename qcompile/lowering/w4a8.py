@@ -63,6 +63,7 @@ import itertools
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from qcompile.lowering.autotune import KernelConfig, TuneKey, autotuner, m_bucket, time_us
 from qcompile.lowering.w4a16 import (
@@ -135,7 +136,12 @@ def _quantize_per_token_kernel(
     x_ptr, xq_ptr, scale_ptr, K, stride_xm, stride_xk,
     QMAX: tl.constexpr, FP8: tl.constexpr, BLOCK: tl.constexpr, PLANES_BK: tl.constexpr,
     EVEN_ODD_BK: tl.constexpr = 0, ONE_PASS: tl.constexpr = False, SLICES: tl.constexpr = 1,
+    PDL: tl.constexpr = False,
 ):  # fmt: skip
+    # PDL: the GEMM launched after this kernel with programmatic dependent launch may start
+    # now (its CTAs issue their weight loads, then wait for this grid's results).
+    if PDL:
+        gdc_launch_dependents()
     # Row m: absmax over K, then xq = round(x * (QMAX / absmax)), scale = absmax / QMAX, the
     # same fp32 operations as `quantize_activations_per_token` (launched without FMA
     # contraction, so each product is rounded before the rounding add). PLANES_BK > 0 writes
@@ -771,7 +777,7 @@ def _w4a8_mma_kernel(
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, M_TILES: tl.constexpr, ASM: tl.constexpr,
     X_NATURAL: tl.constexpr = False, SELF_REDUCE: tl.constexpr = False, final_ptr=None,
     cnt_ptr=None, REDUCE_UNROLL: tl.constexpr = 1, ATOMIC: tl.constexpr = False,
-    PREFETCH: tl.constexpr = False,
+    PREFETCH: tl.constexpr = False, PDL: tl.constexpr = False,
 ):  # fmt: skip
     # Small-M int8 path (see the comment above `_w4a8_lane_asm`). Memory-bound like the GEMV:
     # floor = weight bytes / HBM bandwidth; the SWAR unpacking costs ~1.9 instructions per
@@ -808,11 +814,27 @@ def _w4a8_mma_kernel(
     # one's MMAs, so the loads stay in flight across the loop's back edge (inline asm feeds
     # on them, which num_stages does not pipeline). Costs registers: one BLOCK_K of words and
     # x held twice.
+    # PDL (launched with programmatic dependent launch after the quantize kernel, which lets
+    # it start early): the first BLOCK_K's weights are loaded (with PREFETCH) before waiting
+    # for the quantize grid's xq and scales; nothing of x is read before the wait.
     if PREFETCH:
-        nxt = _lane_int8_block_loads(
-            qw_ptr, s2_ptr, z_ptr, x_rows, k_start, q, cols, col_mask, N, GROUP, BLOCK_K,
-            M_TILES, X_NATURAL,
-        )  # fmt: skip
+        if PDL:
+            w_first = _lane_int8_block_loads(
+                qw_ptr, s2_ptr, z_ptr, x_rows, k_start, q, cols, col_mask, N, GROUP, BLOCK_K,
+                M_TILES, X_NATURAL, 1,
+            )  # fmt: skip
+            if ASM:
+                gdc_wait()
+            x_first = _lane_int8_block_loads(
+                qw_ptr, s2_ptr, z_ptr, x_rows, k_start, q, cols, col_mask, N, GROUP, BLOCK_K,
+                M_TILES, X_NATURAL, 2,
+            )  # fmt: skip
+            nxt = (w_first[0], w_first[1], w_first[2], x_first[3])
+        else:
+            nxt = _lane_int8_block_loads(
+                qw_ptr, s2_ptr, z_ptr, x_rows, k_start, q, cols, col_mask, N, GROUP, BLOCK_K,
+                M_TILES, X_NATURAL,
+            )  # fmt: skip
         for k0 in range(k_start, k_end, BLOCK_K):
             words_k, s2_k, z_k, x_k = nxt
             # the last iteration re-reads its own block instead of reading past the split
@@ -838,6 +860,8 @@ def _w4a8_mma_kernel(
                     acc1, w_2, w_3, s_2, s_3, z_2, z_3, y_2, y_3, xs, M_TILES, ASM, NW
                 )
     else:
+        if PDL and ASM:
+            gdc_wait()
         for k0 in range(k_start, k_end, BLOCK_K):
             for st in tl.static_range(BLOCK_K // 32):
                 kk = k0 + 32 * st
@@ -914,10 +938,12 @@ def _lane_int8_scales(s2_raw, z_raw):
 def _lane_int8_block_loads(
     qw_ptr, s2_ptr, z_ptr, x_rows, k0, q, cols, col_mask, N, GROUP: tl.constexpr,
     BLOCK_K: tl.constexpr, M_TILES: tl.constexpr, X_NATURAL: tl.constexpr,
+    PART: tl.constexpr = 0,
 ):  # fmt: skip
     """Every load of one BLOCK_K of the int8 lane loop, raw: per 32-k step its words, the s2
     and z rows (one per step when BLOCK_K spans groups, else one) and two x words per B
-    tile (step-major)."""
+    tile (step-major). PART 1: the weight loads only, 2: the x loads only (empty tuples for
+    the rest)."""
     HALF: tl.constexpr = BLOCK_K // 2
     words = ()
     s2s = ()
@@ -925,20 +951,22 @@ def _lane_int8_block_loads(
     xw = ()
     for st in tl.static_range(BLOCK_K // 32):
         kk = k0 + 32 * st
-        if st == 0 or BLOCK_K > GROUP:
-            g = (kk // GROUP) * N
-            s2s = s2s + (tl.load(s2_ptr + g + cols, mask=col_mask, other=0),)
-            zs = zs + (tl.load(z_ptr + g + cols, mask=col_mask, other=0),)
-        words = words + (
-            tl.load(qw_ptr + (kk // 8 + q)[:, None] * N + cols, mask=col_mask, other=0),
-        )
-        pos = (k0 + 16 * st) // 4 + q
-        for b in tl.static_range(M_TILES):
-            if X_NATURAL:
-                w_x = x_rows[b] + kk // 4 + 2 * q
-                xw = xw + (tl.load(w_x), tl.load(w_x + 1))
-            else:
-                xw = xw + (tl.load(x_rows[b] + pos), tl.load(x_rows[b] + pos + HALF // 4))
+        if PART != 2:
+            if st == 0 or BLOCK_K > GROUP:
+                g = (kk // GROUP) * N
+                s2s = s2s + (tl.load(s2_ptr + g + cols, mask=col_mask, other=0),)
+                zs = zs + (tl.load(z_ptr + g + cols, mask=col_mask, other=0),)
+            words = words + (
+                tl.load(qw_ptr + (kk // 8 + q)[:, None] * N + cols, mask=col_mask, other=0),
+            )
+        if PART != 1:
+            pos = (k0 + 16 * st) // 4 + q
+            for b in tl.static_range(M_TILES):
+                if X_NATURAL:
+                    w_x = x_rows[b] + kk // 4 + 2 * q
+                    xw = xw + (tl.load(w_x), tl.load(w_x + 1))
+                else:
+                    xw = xw + (tl.load(x_rows[b] + pos), tl.load(x_rows[b] + pos + HALF // 4))
     return words, s2s, zs, xw
 
 
@@ -1232,6 +1260,7 @@ def quantize_per_token(
     one_pass: bool | None = None,
     slices: int | None = None,
     as_fp16: bool = False,
+    pdl: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] (any strides) -> (xq [M, K] contiguous, scale [M] fp32) with the Triton kernel;
     `planes_block_k` > 0 writes xq plane-major per chunk for the planes kernel,
@@ -1239,7 +1268,8 @@ def quantize_per_token(
     M <= 16 and K <= 32768) holds each row in registers instead of reading it twice;
     `slices` > 1 (one pass only; default 8 there at K >= 4096) spreads a row's rounding over
     that many programs. `as_fp16` (FP8 only): the e4m3 values written as fp16, exactly, which
-    is what "mma_f16" reads (no cast kernel)."""
+    is what "mma_f16" reads (no cast kernel). `pdl`: let a kernel launched next with
+    programmatic dependent launch start right away (`launch(pdl=True)`)."""
     if planes_block_k and even_odd_block_k:
         raise ValueError("quantize_per_token: one xq order at a time (planes or even/odd)")
     m, k = x.shape
@@ -1269,7 +1299,7 @@ def quantize_per_token(
         x, xq, scale, k, x.stride(0), x.stride(1),
         QMAX=ACT_QMAX[act_dtype], FP8=act_dtype != "int8", BLOCK=block, PLANES_BK=planes_block_k,
         EVEN_ODD_BK=even_odd_block_k, ONE_PASS=one_pass, SLICES=slices,
-        num_warps=warps, enable_fp_fusion=False,
+        PDL=pdl and not _interpreting(), num_warps=warps, enable_fp_fusion=False,
     )  # fmt: skip
     return xq, scale
 
@@ -1291,6 +1321,7 @@ def launch(
     xq_even_odd: bool = False,
     self_reduce: bool | str | None = None,
     reduce_unroll: int = _LANE_REDUCE_UNROLL,
+    pdl: bool = False,
 ) -> torch.Tensor:
     """Run one config: xq [M, K] int8 / fp8 (any strides), x_scale [M] -> out [M, N].
 
@@ -1304,10 +1335,14 @@ def launch(
     partials, `reduce_unroll` of their loads in flight at a time. `self_reduce="atomic"` (by
     default where the config says so, `cfg.reduce`): the splits add their int32 partials
     atomically into one zeroed workspace instead (exact and order-free: integer sums), so
-    the last split reads one tile."""
+    the last split reads one tile. `pdl` (int8 lane kernel only): launched with programmatic
+    dependent launch, so it may start while the kernel before it (the quantize kernel, which
+    then signals early) still runs; it reads nothing of xq before that kernel is done."""
     m, k = xq.shape
     n = qweight.shape[1]
     fp8 = xq.dtype != torch.int8
+    if pdl and cfg.kernel != "mma":
+        raise ValueError(f"launch: pdl is for the int8 lane kernel (mma), not {cfg.kernel}")
     if xq.dtype == torch.float16 and cfg.kernel != "mma_f16":
         raise ValueError(f"launch: fp16 xq (e4m3 values) is for mma_f16, not {cfg.kernel}")
     if cfg.kernel == "fp8_mm":
@@ -1417,6 +1452,8 @@ def launch(
                 ASM=not _interpreting(),
                 X_NATURAL=not xq_even_odd,
                 PREFETCH=bool(cfg.prefetch),
+                PDL=pdl,
+                **({"launch_pdl": True} if pdl and not _interpreting() else {}),
                 **extra,
                 **common,
             )
@@ -1623,12 +1660,20 @@ def w4a8_linear_cuda(
 
 def quantize_and_launch(
     cfg, x, qweight, group_scales, group_zeros, channel_scales, bias, group_size, act_dtype,
-    out=None,
+    out=None, pdl=False,
 ) -> torch.Tensor:  # fmt: skip
     """The eager path for one config: the quantize kernel (writing xq in the order the planes
-    or SWAR kernel reads, so it needs no extra permutation pass), then `launch`."""
+    or SWAR kernel reads, so it needs no extra permutation pass), then `launch`. `pdl` (the
+    lane kernel; ignored for others): the GEMM starts during the quantize kernel and loads
+    its first weights before waiting for xq (written, not yet timed: off by default)."""
+    pdl = pdl and cfg.kernel == "mma"
     planes = cfg.block_k if cfg.kernel == "gemm_planes" else 0
     even_odd = cfg.block_k if cfg.kernel in ("gemm_swar", "mma") else 0
-    xq, scale = quantize_per_token(x, act_dtype, planes, even_odd, as_fp16=cfg.kernel == "mma_f16")
+    xq, scale = quantize_per_token(
+        x, act_dtype, planes, even_odd, as_fp16=cfg.kernel == "mma_f16", pdl=pdl
+    )
     w = (qweight, group_scales, group_zeros, channel_scales, bias, group_size, x.dtype)
-    return launch(cfg, xq, scale, *w, out=out, xq_plane_major=planes > 0, xq_even_odd=even_odd > 0)
+    return launch(
+        cfg, xq, scale, *w, out=out, xq_plane_major=planes > 0, xq_even_odd=even_odd > 0,
+        pdl=pdl,
+    )  # fmt: skip
