@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# For the next session (written in the twenty-first), one device call per PART; at most 8
-# files come back per call.
+# Written in the twenty-first session, extended in the twenty-second; one device call per
+# PART; at most 8 files come back per call. Ran in the twenty-second session
+# (`results/session22/`): tests, small, m64 (fp16 M = 64 only), chunks. Still to run: pdl,
+# then small again (its block now follows the producer of K: SiLU * mul at K = 28672, not
+# timed), w4a8tune (the large-M W4A8 keys), m64 for M = 32 and bf16.
 #   tests:    the Hugging Face and backend GPU tests natively (generate() with CUDA graphs on
 #             every model family, the compiled model against the reference path, the shipped
 #             configs' kernels): the Hugging Face issue's targets were all measured in the
