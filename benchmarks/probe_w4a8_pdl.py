@@ -26,6 +26,8 @@ from qcompile.lowering.autotune import autotuner
 from qcompile.lowering.w4a8 import default_config, quantize_and_launch, tune_key
 from qcompile.lowering.w4a16 import w4a16_linear_cuda
 
+REST = (None, GROUP, "int8")  # the op's bias, group size and activation dtype
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -49,10 +51,9 @@ def main() -> None:
                 row["skipped"] = f"not the lane kernel: {cfg.kernel}"
                 rows.append(row)
                 continue
-            w = (None, GROUP, "int8")
-            plain = quantize_and_launch(cfg, x, *w8s[0].tensors(), *w)
+            plain = quantize_and_launch(cfg, x, *w8s[0].tensors(), *REST)
             row["bit_exact"] = all(
-                torch.equal(quantize_and_launch(cfg, x, *w8s[0].tensors(), *w, pdl=True), plain)
+                torch.equal(quantize_and_launch(cfg, x, *w8s[0].tensors(), *REST, pdl=True), plain)
                 for _ in range(3)
             )
             row["w4a16_us"] = time_graph(
@@ -62,7 +63,7 @@ def main() -> None:
                 row[name] = time_graph(
                     [
                         lambda p=p, pdl=pdl, c=cfg, x=x: quantize_and_launch(
-                            c, x, *p.tensors(), None, GROUP, "int8", pdl=pdl
+                            c, x, *p.tensors(), *REST, pdl=pdl
                         )
                         for p in w8s
                     ]

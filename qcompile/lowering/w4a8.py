@@ -844,20 +844,16 @@ def _w4a8_mma_kernel(
             )  # fmt: skip
             for st in tl.static_range(BLOCK_K // 32):
                 if st == 0 or BLOCK_K > GROUP:
-                    s_0, s_1, s_2, s_3, z_0, z_1, z_2, z_3, y_0, y_1, y_2, y_3 = _lane_int8_scales(
+                    sc = _lane_int8_scales(
                         s2_k[st if BLOCK_K > GROUP else 0], z_k[st if BLOCK_K > GROUP else 0]
                     )
-                w_0, w_1, w_2, w_3 = _split4(words_k[st])
                 xs = ()
                 for b in tl.static_range(M_TILES):  # (a constexpr index must be written inline)
                     lo = x_k[2 * (M_TILES * st + b)]
                     hi = x_k[2 * (M_TILES * st + b) + 1]
                     xs = xs + (_x_even_odd(lo, hi, ASM) if X_NATURAL else (lo, hi))
-                acc0 = _lane_int8_step(
-                    acc0, w_0, w_1, s_0, s_1, z_0, z_1, y_0, y_1, xs, M_TILES, ASM, NW
-                )
-                acc1 = _lane_int8_step(
-                    acc1, w_2, w_3, s_2, s_3, z_2, z_3, y_2, y_3, xs, M_TILES, ASM, NW
+                acc0, acc1 = _lane_int8_words_step(
+                    acc0, acc1, words_k[st], sc, xs, M_TILES, ASM, NW
                 )
     else:
         if PDL and ASM:
@@ -867,12 +863,11 @@ def _w4a8_mma_kernel(
                 kk = k0 + 32 * st
                 if st == 0 or BLOCK_K > GROUP:
                     g = (kk // GROUP) * N
-                    s_0, s_1, s_2, s_3, z_0, z_1, z_2, z_3, y_0, y_1, y_2, y_3 = _lane_int8_scales(
+                    sc = _lane_int8_scales(
                         tl.load(s2_ptr + g + cols, mask=col_mask, other=0),
                         tl.load(z_ptr + g + cols, mask=col_mask, other=0),
                     )
                 words = tl.load(qw_ptr + (kk // 8 + q)[:, None] * N + cols, mask=col_mask, other=0)
-                w_0, w_1, w_2, w_3 = _split4(words)
                 # even k's of word row q: 4 bytes from the chunk's first half, odd from its second
                 pos = (k0 + 16 * st) // 4 + q  # int32 units: (k0 + (kk - k0) / 2 + 4q) / 4
                 xs = ()
@@ -882,12 +877,7 @@ def _w4a8_mma_kernel(
                         xs = xs + _x_even_odd(tl.load(w_x), tl.load(w_x + 1), ASM)
                     else:
                         xs = xs + (tl.load(x_rows[b] + pos), tl.load(x_rows[b] + pos + HALF // 4))
-                acc0 = _lane_int8_step(
-                    acc0, w_0, w_1, s_0, s_1, z_0, z_1, y_0, y_1, xs, M_TILES, ASM, NW
-                )
-                acc1 = _lane_int8_step(
-                    acc1, w_2, w_3, s_2, s_3, z_2, z_3, y_2, y_3, xs, M_TILES, ASM, NW
-                )
+                acc0, acc1 = _lane_int8_words_step(acc0, acc1, words, sc, xs, M_TILES, ASM, NW)
     acc, m, n = _lane_results(acc0 + acc1, q, n_lane, M_TILES)
     mask = (m < M) & (n < N)
     offs = m * stride_om + n
@@ -932,6 +922,19 @@ def _lane_int8_scales(s2_raw, z_raw):
     z_0, z_1, z_2, z_3 = _split4(zs * 0x01010101)
     y_0, y_1, y_2, y_3 = _split4((zs * 0x01010101) & 0x7F7F7F7F)
     return s_0, s_1, s_2, s_3, z_0, z_1, z_2, z_3, y_0, y_1, y_2, y_3
+
+
+@triton.jit
+def _lane_int8_words_step(
+    acc0, acc1, words, sc, xs, M_TILES: tl.constexpr, ASM: tl.constexpr, NW: tl.constexpr
+):  # fmt: skip
+    """32 k's of a warp's two 16-column tiles: the word row [LANES, 4] split per column, each
+    tile's mma with its columns' scale operands `sc` (`_lane_int8_scales`)."""
+    w_0, w_1, w_2, w_3 = _split4(words)
+    s_0, s_1, s_2, s_3, z_0, z_1, z_2, z_3, y_0, y_1, y_2, y_3 = sc
+    acc0 = _lane_int8_step(acc0, w_0, w_1, s_0, s_1, z_0, z_1, y_0, y_1, xs, M_TILES, ASM, NW)
+    acc1 = _lane_int8_step(acc1, w_2, w_3, s_2, s_3, z_2, z_3, y_2, y_3, xs, M_TILES, ASM, NW)
+    return acc0, acc1
 
 
 @triton.jit
