@@ -7,6 +7,7 @@ prints each shape's fastest configs, SDPA and the int4 roofline floor.
 
     python benchmarks/probe_kv4_decode.py --shapes 1x8192,16x32768 --out $OUT/probe.json
     python benchmarks/probe_kv4_decode.py --prefetch 0,1 --splits 1,4,16,64  # scale prefetch
+    python benchmarks/probe_kv4_decode.py --prefetch 0,1 --stage-v 0,1  # V through smem
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from qcompile.lowering.kv4_attention import launch_attention, valid_config
 HQ, HKV, D, G = 32, 8, 128, 128
 
 
-def check(kind: str, dtype: torch.dtype, prefetch: bool = False) -> float:
+def check(kind: str, dtype: torch.dtype, prefetch: bool = False, stage_v: bool = False) -> float:
     """Relative error of one config against the float64 reference (quantized cache)."""
     sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
     from helpers import rel_error
@@ -46,7 +47,8 @@ def check(kind: str, dtype: torch.dtype, prefetch: bool = False) -> float:
     q = torch.randn(2, HQ, 1, D).to(dtype)
     ref = KV4Problem(q, keys, values, None, None, False, D**-0.5).reference64()
     prob = KV4Problem(q.cuda(), to(keys), to(values), None, None, False, D**-0.5)
-    out = launch_attention(KernelConfig(kind, 16, 128, 0, 4, 4, 2, prefetch), *prob.args())
+    cfg = KernelConfig(kind, 16, 128, 0, 4, 4, 2, prefetch, stage_v=stage_v)
+    out = launch_attention(cfg, *prob.args())
     return rel_error(out.cpu(), ref)
 
 
@@ -59,15 +61,23 @@ def main() -> None:
         "--prefetch", default="0",
         help="decode: the token-scale prefetch settings to time, e.g. 0,1",
     )  # fmt: skip
+    ap.add_argument("--stage-v", default="0", help="decode: STAGE_V settings to time, e.g. 0,1")
     ap.add_argument("--splits", default="1,2,4,8,16,32,64,128")
+    ap.add_argument("--tiles", default="", help="BLOCK_Nxwarps list, e.g. 64x1,128x4")
     args = ap.parse_args()
     dtype = getattr(torch, args.dtype)
     prefetches = tuple(bool(int(v)) for v in args.prefetch.split(","))
+    stage_vs = tuple(bool(int(v)) for v in args.stage_v.split(","))
     for kind in ("decode", "decode_grouped"):
         for dt in (torch.float16, torch.bfloat16):
-            for pf in prefetches if kind == "decode" else (False,):
-                err = check(kind, dt, pf)
-                print(f"check {kind} {dt} prefetch={pf}: rel error {err:.2e}", flush=True)
+            one = kind == "decode"
+            for pf, sv in itertools.product(
+                prefetches if one else (False,), stage_vs if one else (False,)
+            ):
+                err = check(kind, dt, pf, sv)
+                print(
+                    f"check {kind} {dt} prefetch={pf} stage_v={sv}: rel error {err:.2e}", flush=True
+                )
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
     bw = hbm_bandwidth()
     results = []
@@ -79,14 +89,16 @@ def main() -> None:
         rows = []
         tiles = ((32, 1), (32, 2), (64, 1), (64, 2), (64, 4), (128, 2), (128, 4), (128, 8),
                  (256, 4), (256, 8))  # fmt: skip
+        if args.tiles:
+            tiles = tuple(tuple(map(int, t.split("x"))) for t in args.tiles.split(","))
         splits = tuple(int(v) for v in args.splits.split(","))
         grid = itertools.chain(
-            ((("decode", bn, w, st, sp, pf) for (bn, w), st, sp, pf in itertools.product(
-                tiles, (2, 3), splits, prefetches))),
-            itertools.product(["decode_grouped"], (64,), (4,), (2,), (4, 32), (False,)),
+            ((("decode", bn, w, st, sp, pf, sv) for (bn, w), st, sp, pf, sv in itertools.product(
+                tiles, (2, 3), splits, prefetches, stage_vs))),
+            itertools.product(["decode_grouped"], (64,), (4,), (2,), (4, 32), (False,), (False,)),
         )  # fmt: skip
-        for kind, bn, warps, stages, split, pf in grid:
-            cfg = KernelConfig(kind, 16, bn, 0, split, warps, stages, pf)
+        for kind, bn, warps, stages, split, pf, sv in grid:
+            cfg = KernelConfig(kind, 16, bn, 0, split, warps, stages, pf, stage_v=sv)
             if (
                 not valid_config(cfg, 4)
                 or (split > 1 and b * HKV * split > 8 * 132)
@@ -139,7 +151,7 @@ def main() -> None:
                 c = r["config"]
                 print(
                     f"  {kind:15s} bn{c['block_n']} w{c['num_warps']} st{c['num_stages']} "
-                    f"split{c['split_k']} pf{int(c['prefetch'])}: {r['us']:.1f} us ({sdpa / r['us']:.2f}x SDPA, "
+                    f"split{c['split_k']} pf{int(c['prefetch'])} sv{int(c['stage_v'])}: {r['us']:.1f} us ({sdpa / r['us']:.2f}x SDPA, "
                     f"{floor / r['us']:.0%} of floor)",
                     flush=True,
                 )
@@ -147,6 +159,10 @@ def main() -> None:
             best = min((r["us"] for r in rows if r["config"]["kernel"] == "decode"
                         and bool(r["config"]["prefetch"]) == pf), default=float("nan"))  # fmt: skip
             print(f"  best decode with prefetch={pf}: {best:.1f} us", flush=True)
+        for sv in stage_vs if len(stage_vs) > 1 else ():  # V staged or not, each at its best
+            best = min((r["us"] for r in rows if r["config"]["kernel"] == "decode"
+                        and bool(r["config"]["stage_v"]) == sv), default=float("nan"))  # fmt: skip
+            print(f"  best decode with stage_v={sv}: {best:.1f} us", flush=True)
         results.append({"b": b, "s": s, "sdpa_us": sdpa, "floor_us": floor, "rows": rows})
     if args.out:
         meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,

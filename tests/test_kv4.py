@@ -226,7 +226,9 @@ def test_decode_kernel_matches_float64_reference(problem, data):
     cfg = data.draw(st.sampled_from(tiles[:10]), label="config")
     split = data.draw(st.sampled_from([1, 2, 3, 8]), label="split")  # 3: not a power of two
     prefetch = kind == "decode" and data.draw(st.booleans(), label="scale prefetch")
-    cfg = KernelConfig(kind, cfg.block_m, cfg.block_n, 0, split, cfg.num_warps, 2, prefetch)
+    stage_v = kind == "decode" and data.draw(st.booleans(), label="V staged")
+    cfg = KernelConfig(kind, cfg.block_m, cfg.block_n, 0, split, cfg.num_warps, 2, prefetch,
+                       stage_v=stage_v)  # fmt: skip
     assert valid_config(cfg, sq * hq // hkv, groups)
     assert_close_rel(_run(problem, cfg), problem.reference64(), problem.query.dtype)
 
@@ -275,6 +277,18 @@ def test_scale_prefetch_is_the_one_group_kernels_only():
     assert {(c.block_n, c.num_warps) for c in tuned if c.prefetch} == {(64, 1)}
     assert not any(c.prefetch for c in candidate_configs(16, 8, 1, 4, 32768, 1, key_tokens=64))
     assert not any(c.prefetch for c in candidate_configs(16, 8, 1, 4, 32768, 4))
+
+
+def test_staged_v_is_a_decode_candidate_of_the_one_group_kernel_only():
+    assert valid_config(KernelConfig("decode", 16, 64, 0, 2, 1, 3, stage_v=True), 4)
+    assert not valid_config(KernelConfig("decode_grouped", 16, 64, 0, 2, stage_v=True), 4, 2)
+    assert not valid_config(KernelConfig("prefill", 64, 64, 0, stage_v=True), 64)
+    tuned = candidate_configs(16, 8, 1, 4, 32768, 1)
+    staged = {dataclasses.replace(c, stage_v=False) for c in tuned if c.stage_v}
+    assert staged == {c for c in tuned if not c.stage_v}  # every decode tile, both ways
+    assert any(c.stage_v for c in candidate_configs(16, 8, 1, 4, 32768, 1, key_tokens=64))
+    assert not any(c.stage_v for c in candidate_configs(16, 8, 1, 4, 32768, 4))
+    assert not default_config(16, 8, 1, 4, 32768).stage_v  # untimed: not a default
 
 
 def test_decode_kernel_refuses_a_grouped_cache():
@@ -1130,6 +1144,30 @@ def _assert_op_on_cuda_matches(keys: PackedKV4, gen, sq: int, s: int, dtype) -> 
     problem = KV4Problem(q, keys, values, None, None, sq > 1, 128**-0.5)
     cuda = [t.cuda() if isinstance(t, torch.Tensor) else t for t in problem.args()]
     assert_close_rel(torch.ops.qcompile.kv4_attention(*cuda), problem.reference64(), dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("key_tokens", [0, 64])
+def test_staged_v_decode_configs_on_cuda_match_float64(dtype, key_tokens):
+    """Every decode tile with V staged through shared memory (STAGE_V, only a real compile
+    changes anything) at S = 4100, 32 query / 8 KV heads, D = 128, splits 1 and 4 (the
+    second self-reducing), against the float64 reference."""
+    gen = torch.Generator().manual_seed(4100 + key_tokens)
+    s = 4100
+    k = torch.randn(1, 8, s, 128, generator=gen)
+    k[..., 5] *= 20
+    keys = (quantize_kv4_keys_per_channel(k.to(dtype), key_tokens) if key_tokens
+            else quantize_kv4(k, KVScheme()))  # fmt: skip
+    values = quantize_kv4(torch.randn(1, 8, s, 128, generator=gen), KVScheme())
+    q = torch.randn(1, 32, 1, 128, generator=gen).to(dtype)
+    problem = KV4Problem(q, keys, values, None, None, False, 128**-0.5)
+    want = problem.reference64()
+    args = [t.cuda() if isinstance(t, torch.Tensor) else t for t in problem.args()]
+    staged = [c for c in candidate_configs(1, 8, 1, 4, s, 1, key_tokens) if c.stage_v]
+    assert staged
+    for cfg in {dataclasses.replace(c, split_k=sp) for c in staged for sp in (1, 4)}:
+        assert_close_rel(launch_attention(cfg, *args).cpu(), want, dtype)
 
 
 @pytest.mark.gpu

@@ -71,6 +71,9 @@ class KernelConfig:
     # policy; W4A8: "atomic", int32 atomics into one zeroed workspace; W4A16: "unroll4" /
     # "unroll8", the one-launch sum with that many partials' loads in flight.
     reduce: str = ""
+    # KV4 one-group decode kernel: V's unpacked tile reaches the MMA through shared memory
+    # instead of per-byte gathers (`_kv4_decode_kernel`'s STAGE_V).
+    stage_v: bool = False
 
     @classmethod
     def from_dict(cls, d: dict) -> KernelConfig:

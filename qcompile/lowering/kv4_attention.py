@@ -32,6 +32,8 @@ Cache layout: see `qcompile.quant.kv4` (codes [B, Hkv, S, D/2] uint8, fp16 scale
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import triton
 import triton.language as tl
@@ -201,7 +203,8 @@ def _kv4_attention_kernel(
 
 
 @triton.jit
-def _nibble_planes(codes, BIAS_BITS: tl.constexpr, dtype: tl.constexpr, ASM: tl.constexpr):
+def _nibble_planes(codes, BIAS_BITS: tl.constexpr, dtype: tl.constexpr, ASM: tl.constexpr,
+                   PINNED: tl.constexpr = False):  # fmt: skip
     """[N, D/2] uint8 -> (even, odd) channel planes [N, D/2] in dtype, the exact codes: each
     nibble ORed into the mantissa of a bias (fp16 1024: 0x6400, bf16 128: 0x4300) is
     bias + code with no conversion instruction, and subtracting the bias is exact. The bias
@@ -211,7 +214,12 @@ def _nibble_planes(codes, BIAS_BITS: tl.constexpr, dtype: tl.constexpr, ASM: tl.
     ASM (on the GPU): per 4 bytes in one register, 2 PRMT spread bytes to 16-bit lanes, 4
     LOP3 (+2 shifts) and 4 packed subtractions write 8 codes as 4 fp16x2/bf16x2 registers,
     the form the tensor cores read; Triton's own i16 ops take ~3 instructions per code (sm_90,
-    Triton 3.6). The interpreter converts through float32 instead (same values)."""
+    Triton 3.6). The interpreter converts through float32 instead (same values).
+
+    PINNED marks the asm impure, so Triton cannot move a layout conversion of its result
+    above it onto the uint8 codes: the MMA operand is then made from the unpacked tile (for
+    V, STS + ldmatrix.trans) instead of being gathered byte by byte (sm_90, Triton 3.6: 128
+    LDS.U8 + ~96 PRMT per 64-token V tile in one warp)."""
     if ASM:
         even, odd = tl.inline_asm_elementwise(
             asm=f"""{{
@@ -233,7 +241,7 @@ def _nibble_planes(codes, BIAS_BITS: tl.constexpr, dtype: tl.constexpr, ASM: tl.
             constraints="=r,=r,=r,=r,r",
             args=[codes],
             dtype=(tl.float16, tl.float16) if BIAS_BITS == 0x6400 else (tl.bfloat16, tl.bfloat16),
-            is_pure=True,
+            is_pure=not PINNED,
             pack=4,
         )
     else:
@@ -337,7 +345,7 @@ def _kv4_decode_kernel(
     MASK_KIND: tl.constexpr, WRITE_PARTIAL: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, ASM: tl.constexpr, SELF_REDUCE: tl.constexpr,
     FOLD_UNIT: tl.constexpr = True, KEY_TOKENS: tl.constexpr = 0,
-    SCALE_PREFETCH: tl.constexpr = False,
+    SCALE_PREFETCH: tl.constexpr = False, STAGE_V: tl.constexpr = False,
 ):  # fmt: skip
     # Flash-decoding ("decode": split over the sequence) and flash-attention ("prefill": row
     # tiles over pid_m, causal tiles skipped) for one scale/offset per token and head (G = D),
@@ -357,6 +365,9 @@ def _kv4_decode_kernel(
     # iteration ahead. Triton pipelines the code tiles through shared memory (cp.async) but
     # leaves these [BLOCK_N] fp16 loads in the loop (offline TTGIR, Triton 3.6), where a
     # decode tile, reading them from HBM, would wait out their latency.
+    # STAGE_V: V's unpacked planes reach `P @ V` through shared memory (`_nibble_planes`
+    # PINNED): its MMA operand pairs consecutive tokens, which the cache keeps in different
+    # rows, so without it Triton gathers the codes byte by byte (offline sm_90, Triton 3.6).
     HALF: tl.constexpr = D // 2
     pid_bh = tl.program_id(0)
     pid_split = tl.program_id(1)
@@ -460,7 +471,11 @@ def _kv4_decode_kernel(
         )
 
         v_lo, v_hi = _nibble_planes(
-            tl.load(vc_ptr + code_offs, mask=col_ok[:, None], other=0), 0x6400, tl.float16, ASM
+            tl.load(vc_ptr + code_offs, mask=col_ok[:, None], other=0),
+            0x6400,
+            tl.float16,
+            ASM,
+            STAGE_V,
         )
         if SCALE_PREFETCH and KEY_TOKENS == 0:
             v_scale = vs_t.to(tl.float32)
@@ -685,7 +700,7 @@ def valid_config(cfg: KernelConfig, rows: int, groups: int = 1, key_tokens: int 
     stages, `benchmarks/probe_kv4_prefill.py`) while the interpreter gets it right, so no
     config may use it. Keys per channel over `key_tokens` tokens: "decode"/"prefill" with
     BLOCK_N dividing key_tokens. `prefetch` (the next tile's token scales, loaded one
-    iteration ahead) only on the one-group kernel."""
+    iteration ahead) only on the one-group kernel; `stage_v` only on "decode"."""
     if cfg.kernel not in _KINDS:
         return False
     if not (_pow2(cfg.block_m) and _pow2(cfg.block_n)) or cfg.block_m < 16 or cfg.block_n < 32:
@@ -694,6 +709,8 @@ def valid_config(cfg: KernelConfig, rows: int, groups: int = 1, key_tokens: int 
         return False
     if cfg.prefetch not in (0, 1) or (cfg.prefetch and cfg.kernel not in _ONE_GROUP_KINDS):
         return False  # the scale prefetch is the one-group kernel's
+    if cfg.stage_v and cfg.kernel != "decode":
+        return False  # prefill tiles (BLOCK_M >= 64) stage V through shared memory anyway
     if key_tokens and (cfg.kernel not in _ONE_GROUP_KINDS or key_tokens % cfg.block_n):
         return False  # keys per channel: the 2-D kernel, tiles within one group of tokens
     if cfg.kernel.startswith("decode"):
@@ -722,11 +739,15 @@ def candidate_configs(
                 continue
             for bn, warps, stages in _DECODE_TILES[decode_kind(groups)]:
                 bn = min(bn, cap)
-                out.append(KernelConfig(decode_kind(groups), bm, bn, 0, split, warps, stages))
+                cfg = KernelConfig(decode_kind(groups), bm, bn, 0, split, warps, stages)
+                # V staged through shared memory: 11-17% fewer loop instructions (offline
+                # sm_90), more shared memory per program; not yet timed
+                out += [cfg, dataclasses.replace(cfg, stage_v=True)]
                 if (bn, warps) == (64, 1) and groups == 1 and not key_tokens:
                     # the token-scale prefetch: B=16, S=32k on the H100 (bf16), 304.7 -> 277.6
                     # us at its best split (`results/session17/probe_kv4_pf.log`)
-                    out.append(KernelConfig("decode", bm, bn, 0, split, warps, stages, True))
+                    pf = dataclasses.replace(cfg, prefetch=True)
+                    out += [pf, dataclasses.replace(pf, stage_v=True)]
     if sq > 1:
         for bm, bn, warps, stages in _PREFILL_TILES[prefill_kind(groups)]:
             out.append(KernelConfig(prefill_kind(groups), bm, min(bn, cap), 0, 1, warps, stages))
@@ -884,6 +905,7 @@ def launch_attention(
             MASK_KIND=mask_kind, WRITE_PARTIAL=split > 1, BLOCK_M=cfg.block_m,
             BLOCK_N=cfg.block_n, ASM=not _interpreting(), SELF_REDUCE=counters is not None,
             FOLD_UNIT=_FOLD_UNIT, KEY_TOKENS=key_tokens, SCALE_PREFETCH=bool(cfg.prefetch),
+            STAGE_V=bool(cfg.stage_v),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
         if counters is None:
