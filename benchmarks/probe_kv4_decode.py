@@ -8,6 +8,7 @@ prints each shape's fastest configs, SDPA and the int4 roofline floor.
     python benchmarks/probe_kv4_decode.py --shapes 1x8192,16x32768 --out $OUT/probe.json
     python benchmarks/probe_kv4_decode.py --prefetch 0,1 --splits 1,4,16,64  # scale prefetch
     python benchmarks/probe_kv4_decode.py --prefetch 0,1 --stage-v 0,1  # V through smem
+    python benchmarks/probe_kv4_decode.py --stage-v 1 --key-bias16 0,1  # keys as 16 + code
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from bench_kv4 import kv_bytes, random_kv4
 from bench_w4a16 import copies, hbm_bandwidth, time_graph
 
+from qcompile.lowering import kv4_attention
 from qcompile.lowering.autotune import KernelConfig
 from qcompile.lowering.kv4_attention import launch_attention, valid_config
 
@@ -62,12 +64,22 @@ def main() -> None:
         help="decode: the token-scale prefetch settings to time, e.g. 0,1",
     )  # fmt: skip
     ap.add_argument("--stage-v", default="0", help="decode: STAGE_V settings to time, e.g. 0,1")
+    ap.add_argument(
+        "--key-bias16", default="0", help="`_KEY_BIAS16` settings to check and time, e.g. 0,1"
+    )
     ap.add_argument("--splits", default="1,2,4,8,16,32,64,128")
     ap.add_argument("--tiles", default="", help="BLOCK_Nxwarps list, e.g. 64x1,128x4")
     args = ap.parse_args()
     dtype = getattr(torch, args.dtype)
     prefetches = tuple(bool(int(v)) for v in args.prefetch.split(","))
     stage_vs = tuple(bool(int(v)) for v in args.stage_v.split(","))
+    biases = tuple(bool(int(v)) for v in args.key_bias16.split(","))
+    for kb in biases:
+        kv4_attention._KEY_BIAS16 = kb
+        for dt in (torch.float16, torch.bfloat16):
+            err = check("decode", dt, prefetches[-1], stage_vs[-1])
+            print(f"check decode {dt} key_bias16={kb}: rel error {err:.2e}", flush=True)
+    kv4_attention._KEY_BIAS16 = False
     for kind in ("decode", "decode_grouped"):
         for dt in (torch.float16, torch.bfloat16):
             one = kind == "decode"
@@ -93,12 +105,14 @@ def main() -> None:
             tiles = tuple(tuple(map(int, t.split("x"))) for t in args.tiles.split(","))
         splits = tuple(int(v) for v in args.splits.split(","))
         grid = itertools.chain(
-            ((("decode", bn, w, st, sp, pf, sv) for (bn, w), st, sp, pf, sv in itertools.product(
-                tiles, (2, 3), splits, prefetches, stage_vs))),
-            itertools.product(["decode_grouped"], (64,), (4,), (2,), (4, 32), (False,), (False,)),
+            ((("decode", bn, w, st, sp, pf, sv, kb) for (bn, w), st, sp, pf, sv, kb in
+              itertools.product(tiles, (2, 3), splits, prefetches, stage_vs, biases))),
+            itertools.product(["decode_grouped"], (64,), (4,), (2,), (4, 32), (False,), (False,),
+                              (False,)),
         )  # fmt: skip
-        for kind, bn, warps, stages, split, pf, sv in grid:
+        for kind, bn, warps, stages, split, pf, sv, kb in grid:
             cfg = KernelConfig(kind, 16, bn, 0, split, warps, stages, pf, stage_v=sv)
+            kv4_attention._KEY_BIAS16 = kb  # read at launch, i.e. when the graph is captured
             if (
                 not valid_config(cfg, 4)
                 or (split > 1 and b * HKV * split > 8 * 132)
@@ -130,7 +144,7 @@ def main() -> None:
             except Exception as e:  # noqa: BLE001 - out of shared memory, say, and go on
                 print(f"{spec} {cfg}: {type(e).__name__} {str(e)[:100]}", flush=True)
                 continue
-            rows.append({"b": b, "s": s, "config": cfg.__dict__, "us": us})
+            rows.append({"b": b, "s": s, "config": cfg.__dict__, "key_bias16": kb, "us": us})
         del caches
         kv = [
             tuple(torch.randn(b, HKV, s, D, dtype=dtype, device="cuda") for _ in "kv")
@@ -151,7 +165,8 @@ def main() -> None:
                 c = r["config"]
                 print(
                     f"  {kind:15s} bn{c['block_n']} w{c['num_warps']} st{c['num_stages']} "
-                    f"split{c['split_k']} pf{int(c['prefetch'])} sv{int(c['stage_v'])}: {r['us']:.1f} us ({sdpa / r['us']:.2f}x SDPA, "
+                    f"split{c['split_k']} pf{int(c['prefetch'])} sv{int(c['stage_v'])} "
+                    f"kb{int(r['key_bias16'])}: {r['us']:.1f} us ({sdpa / r['us']:.2f}x SDPA, "
                     f"{floor / r['us']:.0%} of floor)",
                     flush=True,
                 )
@@ -163,6 +178,10 @@ def main() -> None:
             best = min((r["us"] for r in rows if r["config"]["kernel"] == "decode"
                         and bool(r["config"]["stage_v"]) == sv), default=float("nan"))  # fmt: skip
             print(f"  best decode with stage_v={sv}: {best:.1f} us", flush=True)
+        for kb in biases if len(biases) > 1 else ():
+            best = min((r["us"] for r in rows if r["config"]["kernel"] == "decode"
+                        and r["key_bias16"] == kb), default=float("nan"))  # fmt: skip
+            print(f"  best decode with key_bias16={kb}: {best:.1f} us", flush=True)
         results.append({"b": b, "s": s, "sdpa_us": sdpa, "floor_us": floor, "rows": rows})
     if args.out:
         meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,

@@ -182,7 +182,7 @@ def _kv4_signature(fn, pointers: dict[str, str], consts: dict) -> tuple[dict, di
 
 def compile_kv4_variant(
     kind: str, bm: int, bn: int, warps: int, stages: int, key_tokens: int = 0,
-    dtype: str = "fp16", prefetch: bool = False, stage_v: bool = False,
+    dtype: str = "fp16", prefetch: bool = False, stage_v: bool = False, key_bias16: bool = False,
 ):  # fmt: skip
     """A KV4 kernel for sm_90: "decode"/"prefill" (`_kv4_decode_kernel`, fp16 query, no mask,
     split partials for decode; key_tokens > 0: keys per channel) or "key_write" (the
@@ -202,7 +202,7 @@ def compile_kv4_variant(
             "IS_CAUSAL": kind == "prefill", "MASK_KIND": 0, "WRITE_PARTIAL": kind == "decode",
             "BLOCK_M": bm, "BLOCK_N": bn, "ASM": True, "SELF_REDUCE": kind == "decode",
             "FOLD_UNIT": True, "KEY_TOKENS": key_tokens, "SCALE_PREFETCH": prefetch,
-            "STAGE_V": stage_v,
+            "STAGE_V": stage_v, "KEY_BIAS16": key_bias16,
         }  # fmt: skip
         pointers = {"kc_ptr": "*u8", "vc_ptr": "*u8", "lens_ptr": "*i32", "mask_ptr": "*fp16",
                     "out_ptr": "*fp32", "lse_ptr": "*fp32", "cnt_ptr": "*i32",

@@ -2,6 +2,7 @@
 # Twenty-third session: one device call per PART; at most 8 files come back per call.
 #   first: (cut to fit the device time left after ~15 failed starts) `probe_kv4_decode.py`
 #          with and without STAGE_V (V through shared memory; and the token-scale prefetch)
+#          and with and without keys unpacked as 16 + code (`_KEY_BIAS16`, a module switch)
 #          at B = 16 / 64, S = 8k / 32k, each config checked against float64 first; the PDL
 #          probe (eager W4A8 at M = 1 / 16, quantize kernel -> lane GEMM by programmatic
 #          dependent launch, bit-exact against the plain launch); then the PDL and STAGE_V
@@ -15,13 +16,14 @@ source benchmarks/gpu_setup.sh
 case "${PART:?PART=first|kv4tests|kv4tune|small}" in
   first)
     (cd benchmarks && timeout "${KV4_S:-170}" python3 probe_kv4_decode.py --prefetch 0,1 \
-      --stage-v 0,1 --splits 2,4,8 --tiles "${KV4_TILES:-64x1,32x1}" --dtype float16 \
+      --stage-v 0,1 --key-bias16 0,1 --splits 2,4,8 --tiles "${KV4_TILES:-64x1,32x1}" \
+      --dtype float16 \
       --shapes "${KV4_SHAPES:-16x32768,64x8192,16x8192}" \
       --out "$OUT/probe_kv4_stage_v.json") 2>&1 | tee "$OUT/probe_kv4_stage_v.log"
     (cd benchmarks && timeout 100 python3 probe_w4a8_pdl.py --out "$OUT/probe_w4a8_pdl.json") \
       2>&1 | tee "$OUT/probe_w4a8_pdl.log"
     timeout "${TEST_S:-120}" python3 -m pytest -q -p no:cacheprovider -rfE --tb=short \
-      tests/test_w4a8.py tests/test_kv4.py -k "pdl or staged_v" 2>&1 | tail -4 | tee "$OUT/tests.log"
+      tests/test_w4a8.py tests/test_kv4.py -k "pdl or staged_v or 16_plus" 2>&1 | tail -4 | tee "$OUT/tests.log"
     ;;
   kv4tests)
     timeout "${TEST_S:-500}" python3 -m pytest -q -p no:cacheprovider -rfE --tb=short \

@@ -253,6 +253,39 @@ def _nibble_planes(codes, BIAS_BITS: tl.constexpr, dtype: tl.constexpr, ASM: tl.
 
 
 @triton.jit
+def _nibble_planes_16(codes, BIAS_BITS: tl.constexpr, dtype: tl.constexpr, ASM: tl.constexpr):
+    """[N, D/2] uint8 -> (even, odd) planes of 16 + code in dtype (fp16 or bf16), exact: the
+    nibble shifted to the top of the mantissa of 16.0 (fp16 bits 6-9 of 0x4C00, bf16 bits 3-6
+    of 0x4180), so no subtraction follows; per 4 bytes 2 PRMT, 4 shifts, 4 LOP3."""
+    if ASM:  # BIAS_BITS (`_nibble_planes`'s) only tells fp16 (0x6400) from bf16
+        even, odd = tl.inline_asm_elementwise(
+            asm=f"""{{
+            .reg .b32 t0, t1, a;
+            prmt.b32 t0, $4, 0, 0x4140;
+            prmt.b32 t1, $4, 0, 0x4342;
+            shl.b32 a, t0, {6 if BIAS_BITS == 0x6400 else 3};
+            lop3.b32 $0, a, {0x03C003C0 if BIAS_BITS == 0x6400 else 0x00780078}, {0x4C004C00 if BIAS_BITS == 0x6400 else 0x41804180}, 0xea;
+            shl.b32 a, t1, {6 if BIAS_BITS == 0x6400 else 3};
+            lop3.b32 $1, a, {0x03C003C0 if BIAS_BITS == 0x6400 else 0x00780078}, {0x4C004C00 if BIAS_BITS == 0x6400 else 0x41804180}, 0xea;
+            {"shl.b32 a, t0, 2" if BIAS_BITS == 0x6400 else "shr.u32 a, t0, 1"};
+            lop3.b32 $2, a, {0x03C003C0 if BIAS_BITS == 0x6400 else 0x00780078}, {0x4C004C00 if BIAS_BITS == 0x6400 else 0x41804180}, 0xea;
+            {"shl.b32 a, t1, 2" if BIAS_BITS == 0x6400 else "shr.u32 a, t1, 1"};
+            lop3.b32 $3, a, {0x03C003C0 if BIAS_BITS == 0x6400 else 0x00780078}, {0x4C004C00 if BIAS_BITS == 0x6400 else 0x41804180}, 0xea;
+            }}""",
+            constraints="=r,=r,=r,=r,r",
+            args=[codes],
+            dtype=(tl.float16, tl.float16) if BIAS_BITS == 0x6400 else (tl.bfloat16, tl.bfloat16),
+            is_pure=True,
+            pack=4,
+        )
+    else:
+        c = codes.to(tl.int16)
+        even = ((c & 0xF) + 16).to(tl.float32).to(dtype)
+        odd = ((c >> 4) + 16).to(tl.float32).to(dtype)
+    return even, odd
+
+
+@triton.jit
 def _combine_splits(part_ptr, lse_ptr, out_ptr, out_row, row_ok, c, rows_total, num_splits,
                     D: tl.constexpr):  # fmt: skip
     """out rows = sum_i w_i o_i / sum_i w_i over the splits' partials (even and odd channel
@@ -346,6 +379,7 @@ def _kv4_decode_kernel(
     BLOCK_N: tl.constexpr, ASM: tl.constexpr, SELF_REDUCE: tl.constexpr,
     FOLD_UNIT: tl.constexpr = True, KEY_TOKENS: tl.constexpr = 0,
     SCALE_PREFETCH: tl.constexpr = False, STAGE_V: tl.constexpr = False,
+    KEY_BIAS16: tl.constexpr = False,
 ):  # fmt: skip
     # Flash-decoding ("decode": split over the sequence) and flash-attention ("prefill": row
     # tiles over pid_m, causal tiles skipped) for one scale/offset per token and head (G = D),
@@ -368,6 +402,7 @@ def _kv4_decode_kernel(
     # STAGE_V: V's unpacked planes reach `P @ V` through shared memory (`_nibble_planes`
     # PINNED): its MMA operand pairs consecutive tokens, which the cache keeps in different
     # rows, so without it Triton gathers the codes byte by byte (offline sm_90, Triton 3.6).
+    # KEY_BIAS16 (per-token keys): k_lo / k_hi hold 16 + code, and the offset loses 16 * scale.
     HALF: tl.constexpr = D // 2
     pid_bh = tl.program_id(0)
     pid_split = tl.program_id(1)
@@ -427,12 +462,20 @@ def _kv4_decode_kernel(
                 ks_ptr, ko_ptr, vs_ptr, vo_ptr, scale_base, cols + BLOCK_N, end
             )  # fmt: skip
         if KEY_TOKENS == 0:
-            k_lo, k_hi = _nibble_planes(
-                tl.load(kc_ptr + code_offs, mask=col_ok[:, None], other=0),
-                Q_BIAS_BITS,
-                q_e.dtype,
-                ASM,
-            )
+            if KEY_BIAS16:
+                k_lo, k_hi = _nibble_planes_16(
+                    tl.load(kc_ptr + code_offs, mask=col_ok[:, None], other=0),
+                    Q_BIAS_BITS,
+                    q_e.dtype,
+                    ASM,
+                )
+            else:
+                k_lo, k_hi = _nibble_planes(
+                    tl.load(kc_ptr + code_offs, mask=col_ok[:, None], other=0),
+                    Q_BIAS_BITS,
+                    q_e.dtype,
+                    ASM,
+                )
             qk = tl.dot(q_e, tl.trans(k_lo))
             qk = tl.dot(q_o, tl.trans(k_hi), qk)  # [BLOCK_M, BLOCK_N]
             if SCALE_PREFETCH:
@@ -443,6 +486,8 @@ def _kv4_decode_kernel(
                 k_offset = tl.load(ko_ptr + scale_base + cols, mask=col_ok, other=0.0)
                 k_scale = k_scale.to(tl.float32)
                 k_offset = k_offset.to(tl.float32)
+            if KEY_BIAS16:  # q . (16 + codes) * s + (o - 16 s) * sum(q)
+                k_offset = k_offset - 16.0 * k_scale
             scores = ((k_scale * qk_scale)[None, :] * qk
                       + (k_offset * qk_scale)[None, :] * q_sum[:, None])  # fmt: skip
         elif n0 < quantized_end:
@@ -766,6 +811,12 @@ _SELF_REDUCE_SPLITS = 8
 # `_kv4_decode_kernel` accumulates P @ V in place, in units of the tile's power of two
 # (False: a fresh dot per tile, scaled and added; kept for `benchmarks/probe_kv4_fold.py`).
 _FOLD_UNIT = True
+# Per-token keys unpacked as 16 + code (`_nibble_planes_16`, no subtraction; the dot's extra
+# 16 * sum(q) taken out of the offset): 2106 -> 2010 loop instructions with STAGE_V, 2431 ->
+# 2344 without (offline sm_90, Triton 3.6, 64-token one-warp tile). Off until the GPU shows
+# its speed and its error against float64 (`probe_kv4_decode.py --key-bias16 0,1`): a bias of
+# 1024 inside the dot once cost 1.5e-2 relative on the H100 (see `_nibble_planes`).
+_KEY_BIAS16 = False
 # (BLOCK_N, warps, stages) per decode kernel. "decode": one warp per 64 keys wins from
 # batch 16 up, wider programs at batch 1 (`benchmarks/probe_kv4_decode.py`, H100).
 _DECODE_TILES = {
@@ -905,7 +956,7 @@ def launch_attention(
             MASK_KIND=mask_kind, WRITE_PARTIAL=split > 1, BLOCK_M=cfg.block_m,
             BLOCK_N=cfg.block_n, ASM=not _interpreting(), SELF_REDUCE=counters is not None,
             FOLD_UNIT=_FOLD_UNIT, KEY_TOKENS=key_tokens, SCALE_PREFETCH=bool(cfg.prefetch),
-            STAGE_V=bool(cfg.stage_v),
+            STAGE_V=bool(cfg.stage_v), KEY_BIAS16=_KEY_BIAS16 and not key_tokens,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
         if counters is None:
