@@ -15,7 +15,7 @@
 source benchmarks/gpu_setup.sh
 case "${PART:?PART=first|kv4tests|kv4tune|small}" in
   first)
-    (cd benchmarks && timeout "${KV4_S:-170}" python3 probe_kv4_decode.py --prefetch 0,1 \
+    (cd benchmarks && timeout "${KV4_S:-240}" python3 probe_kv4_decode.py --prefetch 0,1 \
       --stage-v 0,1 --key-bias16 0,1 --splits 2,4,8 --tiles "${KV4_TILES:-64x1,32x1}" \
       --dtype float16 \
       --shapes "${KV4_SHAPES:-16x32768,64x8192,16x8192}" \
