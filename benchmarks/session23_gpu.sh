@@ -10,7 +10,8 @@
 #   kv4tests: every KV4 gpu-marked test natively (the cache write's 8-token default has not
 #          run natively yet; the autotuned ops now also try STAGE_V).
 #   kv4tune: the shipped decode keys re-tuned with STAGE_V among the candidates (cache under
-#          $OUT/cache, merge with `tune_shipped.py --merge`), then bench_kv4's decode table.
+#          $OUT/cache, merge with `tune_shipped.py --merge`), then bench_kv4's decode table;
+#          KV4_BATCHES=1 in a second call (the candidates doubled: B = 1 has up to 128 splits).
 #   small: as session22_gpu.sh (W4A8 M = 16 tune, bench_w4a8 M = 1 / 16, KV4 prefill).
 source benchmarks/gpu_setup.sh
 case "${PART:?PART=first|kv4tests|kv4tune|small}" in
@@ -41,7 +42,8 @@ d["entries"] = [e for e in d["entries"] if e["key"]["family"] != "kv4_decode"]
 p.write_text(json.dumps(d))
 PY
     (cd benchmarks && timeout "${KV4_S:-480}" python3 bench_kv4.py --out "$OUT" \
-      --batches 16,1,64 --lengths 32768,8192 --prefill '') 2>&1 | tail -40 | tee "$OUT/bench_kv4.log"
+      --batches "${KV4_BATCHES:-16,64}" --lengths 32768,8192 --prefill '') 2>&1 | tail -40 \
+      | tee "$OUT/bench_kv4.log"
     ;;
   small)
     PART=small bash benchmarks/session22_gpu.sh
