@@ -204,7 +204,7 @@ def _kv4_attention_kernel(
 
 @triton.jit
 def _nibble_planes(codes, BIAS_BITS: tl.constexpr, dtype: tl.constexpr, ASM: tl.constexpr,
-                   PINNED: tl.constexpr = False):  # fmt: skip
+                   PINNED: tl.constexpr = False, PLUS16: tl.constexpr = False):  # fmt: skip
     """[N, D/2] uint8 -> (even, odd) channel planes [N, D/2] in dtype, the exact codes: each
     nibble ORed into the mantissa of a bias (fp16 1024: 0x6400, bf16 128: 0x4300) is
     bias + code with no conversion instruction, and subtracting the bias is exact. The bias
@@ -219,8 +219,38 @@ def _nibble_planes(codes, BIAS_BITS: tl.constexpr, dtype: tl.constexpr, ASM: tl.
     PINNED marks the asm impure, so Triton cannot move a layout conversion of its result
     above it onto the uint8 codes: the MMA operand is then made from the unpacked tile (for
     V, STS + ldmatrix.trans) instead of being gathered byte by byte (sm_90, Triton 3.6: 128
-    LDS.U8 + ~96 PRMT per 64-token V tile in one warp)."""
-    if ASM:
+    LDS.U8 + ~96 PRMT per 64-token V tile in one warp).
+
+    PLUS16 returns 16 + code instead, exact and with no subtraction: the nibble shifted to the
+    top of the mantissa of 16.0 (fp16 bits 6-9 of 0x4C00, bf16 bits 3-6 of 0x4180); per 4
+    bytes 2 PRMT, 4 shifts, 4 LOP3 (BIAS_BITS then only tells fp16 from bf16)."""
+    FP16: tl.constexpr = BIAS_BITS == 0x6400
+    if ASM and PLUS16:
+        MASK: tl.constexpr = 0x03C003C0 if FP16 else 0x00780078
+        BIAS16: tl.constexpr = 0x4C004C00 if FP16 else 0x41804180
+        LO: tl.constexpr = "shl.b32 a, {}, 6" if FP16 else "shl.b32 a, {}, 3"
+        HI: tl.constexpr = "shl.b32 a, {}, 2" if FP16 else "shr.u32 a, {}, 1"
+        even, odd = tl.inline_asm_elementwise(
+            asm=f"""{{
+            .reg .b32 t0, t1, a;
+            prmt.b32 t0, $4, 0, 0x4140;
+            prmt.b32 t1, $4, 0, 0x4342;
+            {LO.format("t0")};
+            lop3.b32 $0, a, {MASK}, {BIAS16}, 0xea;
+            {LO.format("t1")};
+            lop3.b32 $1, a, {MASK}, {BIAS16}, 0xea;
+            {HI.format("t0")};
+            lop3.b32 $2, a, {MASK}, {BIAS16}, 0xea;
+            {HI.format("t1")};
+            lop3.b32 $3, a, {MASK}, {BIAS16}, 0xea;
+            }}""",
+            constraints="=r,=r,=r,=r,r",
+            args=[codes],
+            dtype=(tl.float16, tl.float16) if FP16 else (tl.bfloat16, tl.bfloat16),
+            is_pure=not PINNED,
+            pack=4,
+        )
+    elif ASM:
         even, odd = tl.inline_asm_elementwise(
             asm=f"""{{
             .reg .b32 t0, t1, tb;
@@ -247,41 +277,8 @@ def _nibble_planes(codes, BIAS_BITS: tl.constexpr, dtype: tl.constexpr, ASM: tl.
     else:
         c = codes.to(tl.int16)
         # via float32: the interpreter's int -> bf16 cast and bf16 subtraction are wrong
-        even = (c & 0xF).to(tl.float32).to(dtype)
-        odd = (c >> 4).to(tl.float32).to(dtype)
-    return even, odd
-
-
-@triton.jit
-def _nibble_planes_16(codes, BIAS_BITS: tl.constexpr, dtype: tl.constexpr, ASM: tl.constexpr):
-    """[N, D/2] uint8 -> (even, odd) planes of 16 + code in dtype (fp16 or bf16), exact: the
-    nibble shifted to the top of the mantissa of 16.0 (fp16 bits 6-9 of 0x4C00, bf16 bits 3-6
-    of 0x4180), so no subtraction follows; per 4 bytes 2 PRMT, 4 shifts, 4 LOP3."""
-    if ASM:  # BIAS_BITS (`_nibble_planes`'s) only tells fp16 (0x6400) from bf16
-        even, odd = tl.inline_asm_elementwise(
-            asm=f"""{{
-            .reg .b32 t0, t1, a;
-            prmt.b32 t0, $4, 0, 0x4140;
-            prmt.b32 t1, $4, 0, 0x4342;
-            shl.b32 a, t0, {6 if BIAS_BITS == 0x6400 else 3};
-            lop3.b32 $0, a, {0x03C003C0 if BIAS_BITS == 0x6400 else 0x00780078}, {0x4C004C00 if BIAS_BITS == 0x6400 else 0x41804180}, 0xea;
-            shl.b32 a, t1, {6 if BIAS_BITS == 0x6400 else 3};
-            lop3.b32 $1, a, {0x03C003C0 if BIAS_BITS == 0x6400 else 0x00780078}, {0x4C004C00 if BIAS_BITS == 0x6400 else 0x41804180}, 0xea;
-            {"shl.b32 a, t0, 2" if BIAS_BITS == 0x6400 else "shr.u32 a, t0, 1"};
-            lop3.b32 $2, a, {0x03C003C0 if BIAS_BITS == 0x6400 else 0x00780078}, {0x4C004C00 if BIAS_BITS == 0x6400 else 0x41804180}, 0xea;
-            {"shl.b32 a, t1, 2" if BIAS_BITS == 0x6400 else "shr.u32 a, t1, 1"};
-            lop3.b32 $3, a, {0x03C003C0 if BIAS_BITS == 0x6400 else 0x00780078}, {0x4C004C00 if BIAS_BITS == 0x6400 else 0x41804180}, 0xea;
-            }}""",
-            constraints="=r,=r,=r,=r,r",
-            args=[codes],
-            dtype=(tl.float16, tl.float16) if BIAS_BITS == 0x6400 else (tl.bfloat16, tl.bfloat16),
-            is_pure=True,
-            pack=4,
-        )
-    else:
-        c = codes.to(tl.int16)
-        even = ((c & 0xF) + 16).to(tl.float32).to(dtype)
-        odd = ((c >> 4) + 16).to(tl.float32).to(dtype)
+        even = ((c & 0xF) + 16 * PLUS16).to(tl.float32).to(dtype)
+        odd = ((c >> 4) + 16 * PLUS16).to(tl.float32).to(dtype)
     return even, odd
 
 
@@ -462,20 +459,13 @@ def _kv4_decode_kernel(
                 ks_ptr, ko_ptr, vs_ptr, vo_ptr, scale_base, cols + BLOCK_N, end
             )  # fmt: skip
         if KEY_TOKENS == 0:
-            if KEY_BIAS16:
-                k_lo, k_hi = _nibble_planes_16(
-                    tl.load(kc_ptr + code_offs, mask=col_ok[:, None], other=0),
-                    Q_BIAS_BITS,
-                    q_e.dtype,
-                    ASM,
-                )
-            else:
-                k_lo, k_hi = _nibble_planes(
-                    tl.load(kc_ptr + code_offs, mask=col_ok[:, None], other=0),
-                    Q_BIAS_BITS,
-                    q_e.dtype,
-                    ASM,
-                )
+            k_lo, k_hi = _nibble_planes(
+                tl.load(kc_ptr + code_offs, mask=col_ok[:, None], other=0),
+                Q_BIAS_BITS,
+                q_e.dtype,
+                ASM,
+                PLUS16=KEY_BIAS16,
+            )
             qk = tl.dot(q_e, tl.trans(k_lo))
             qk = tl.dot(q_o, tl.trans(k_hi), qk)  # [BLOCK_M, BLOCK_N]
             if SCALE_PREFETCH:
@@ -811,7 +801,7 @@ _SELF_REDUCE_SPLITS = 8
 # `_kv4_decode_kernel` accumulates P @ V in place, in units of the tile's power of two
 # (False: a fresh dot per tile, scaled and added; kept for `benchmarks/probe_kv4_fold.py`).
 _FOLD_UNIT = True
-# Per-token keys unpacked as 16 + code (`_nibble_planes_16`, no subtraction; the dot's extra
+# Per-token keys unpacked as 16 + code (`_nibble_planes` PLUS16, no subtraction; the dot's extra
 # 16 * sum(q) taken out of the offset): 2106 -> 2010 loop instructions with STAGE_V, 2431 ->
 # 2344 without (offline sm_90, Triton 3.6, 64-token one-warp tile). Off until the GPU shows
 # its speed and its error against float64 (`probe_kv4_decode.py --key-bias16 0,1`): a bias of
