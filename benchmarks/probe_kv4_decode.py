@@ -170,18 +170,16 @@ def main() -> None:
                     f"{floor / r['us']:.0%} of floor)",
                     flush=True,
                 )
-        for pf in prefetches if len(prefetches) > 1 else ():  # the prefetch's effect alone
-            best = min((r["us"] for r in rows if r["config"]["kernel"] == "decode"
-                        and bool(r["config"]["prefetch"]) == pf), default=float("nan"))  # fmt: skip
-            print(f"  best decode with prefetch={pf}: {best:.1f} us", flush=True)
-        for sv in stage_vs if len(stage_vs) > 1 else ():  # V staged or not, each at its best
-            best = min((r["us"] for r in rows if r["config"]["kernel"] == "decode"
-                        and bool(r["config"]["stage_v"]) == sv), default=float("nan"))  # fmt: skip
-            print(f"  best decode with stage_v={sv}: {best:.1f} us", flush=True)
-        for kb in biases if len(biases) > 1 else ():
-            best = min((r["us"] for r in rows if r["config"]["kernel"] == "decode"
-                        and r["key_bias16"] == kb), default=float("nan"))  # fmt: skip
-            print(f"  best decode with key_bias16={kb}: {best:.1f} us", flush=True)
+        options = (  # each setting's effect alone: the best decode time with it on / off
+            ("prefetch", lambda r: bool(r["config"]["prefetch"]), prefetches),
+            ("stage_v", lambda r: bool(r["config"]["stage_v"]), stage_vs),
+            ("key_bias16", lambda r: r["key_bias16"], biases),
+        )
+        for name, setting, values in options:
+            for v in values if len(values) > 1 else ():
+                best = min((r["us"] for r in rows if r["config"]["kernel"] == "decode"
+                            and setting(r) == v), default=float("nan"))  # fmt: skip
+                print(f"  best decode with {name}={v}: {best:.1f} us", flush=True)
         results.append({"b": b, "s": s, "sdpa_us": sdpa, "floor_us": floor, "rows": rows})
     if args.out:
         meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,

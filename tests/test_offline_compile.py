@@ -122,17 +122,23 @@ print(json.dumps(out))
 """
 
 
-def test_every_kernel_kind_compiles_for_sm90():
+def _compile_offline(script: str, *args: str, timeout: int = 600):
+    """Run `script` with the benchmarks on the path and without the interpreter; its last
+    printed line, parsed as JSON."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(
         [str(ROOT / "benchmarks"), str(ROOT), env.get("PYTHONPATH", "")]
     )
     run = subprocess.run(
-        [sys.executable, "-c", SCRIPT, json.dumps([W4A16, W4A8, KV4])],
-        env=env, capture_output=True, text=True, timeout=600, cwd=ROOT,
+        [sys.executable, "-c", script, *args],
+        env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
-    results = json.loads(run.stdout.strip().splitlines()[-1])
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def test_every_kernel_kind_compiles_for_sm90():
+    results = _compile_offline(SCRIPT, json.dumps([W4A16, W4A8, KV4]))
     assert len(results) == len(W4A16) + len(W4A8) + len(KV4)
     failed = [r for r in results if r[4] is not None]
     assert not failed, failed
@@ -156,14 +162,7 @@ def test_staged_v_is_not_gathered_byte_by_byte():
     ldmatrix (sm_90, Triton 3.6), where the plain kernel loads its 64 x 64 code bytes one at
     a time; the loop is >= 10% shorter (2431 -> 2106 instructions when written). Keys as
     16 + code (`_KEY_BIAS16`) shorten it again (2106 -> 2010)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join(
-        [str(ROOT / "benchmarks"), str(ROOT), env.get("PYTHONPATH", "")]
-    )
-    run = subprocess.run([sys.executable, "-c", V_GATHER], env=env, capture_output=True,
-                         text=True, timeout=300, cwd=ROOT)  # fmt: skip
-    assert run.returncode == 0, run.stderr[-3000:]
-    loops = json.loads(run.stdout.splitlines()[-1])
+    loops = _compile_offline(V_GATHER, timeout=300)
     (plain_len, plain_bytes), (staged_len, staged_bytes), (bias16_len, _) = loops
     assert plain_bytes >= 64 and staged_bytes == 0, (plain_bytes, staged_bytes)
     assert staged_len <= 0.9 * plain_len, (plain_len, staged_len)
