@@ -778,9 +778,10 @@ def candidate_configs(
                 # V staged through shared memory: 11-17% fewer loop instructions (offline
                 # sm_90), more shared memory per program; not yet timed
                 out += [cfg, dataclasses.replace(cfg, stage_v=True)]
-                if (bn, warps) == (64, 1) and groups == 1 and not key_tokens:
+                if warps == 1 and bn <= 64 and groups == 1 and not key_tokens:
                     # the token-scale prefetch: B=16, S=32k on the H100 (bf16), 304.7 -> 277.6
-                    # us at its best split (`results/session17/probe_kv4_pf.log`)
+                    # us at its best split (`results/session17/probe_kv4_pf.log`); with
+                    # stage_v at BLOCK_N 32, 260.0 us (fp16, `results/session24/`)
                     pf = dataclasses.replace(cfg, prefetch=True)
                     out += [pf, dataclasses.replace(pf, stage_v=True)]
     if sq > 1:
@@ -811,6 +812,7 @@ _KEY_BIAS16 = False
 # batch 16 up, wider programs at batch 1 (`benchmarks/probe_kv4_decode.py`, H100).
 _DECODE_TILES = {
     "decode": (
+        (32, 1, 3),
         (64, 1, 3),
         (64, 1, 2),
         (128, 2, 3),
