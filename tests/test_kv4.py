@@ -314,7 +314,24 @@ def test_staged_v_is_a_decode_candidate_of_the_one_group_kernel_only():
     assert staged == {c for c in tuned if not c.stage_v}  # every decode tile, both ways
     assert any(c.stage_v for c in candidate_configs(16, 8, 1, 4, 32768, 1, key_tokens=64))
     assert not any(c.stage_v for c in candidate_configs(16, 8, 1, 4, 32768, 4))
-    assert not default_config(16, 8, 1, 4, 32768).stage_v  # untimed: not a default
+
+
+@pytest.mark.parametrize(("b", "s", "split"), [(1, 32768, 128), (1, 8192, 64), (16, 32768, 8),
+                                              (64, 8192, 2), (1, 200, 1)])  # fmt: skip
+def test_untuned_decode_default_is_what_the_h100_picked(b, s, split):
+    """Per-token keys: BLOCK_N 32, one warp, prefetch, V staged, as tuned in session 24;
+    keys per channel keep two-warp BLOCK_N 64 programs (a one-warp program spills)."""
+    cfg = default_config(b, 8, 1, 4, s)
+    assert (cfg.block_n, cfg.num_warps, cfg.prefetch, cfg.stage_v, cfg.split_k) == (
+        32,
+        1,
+        True,
+        True,
+        split,
+    )
+    assert valid_config(cfg, 4)
+    per_channel = default_config(b, 8, 1, 4, s, 1, key_tokens=64)
+    assert (per_channel.block_n, per_channel.num_warps, per_channel.stage_v) == (64, 2, False)
 
 
 def test_decode_kernel_refuses_a_grouped_cache():

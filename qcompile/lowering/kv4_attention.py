@@ -831,14 +831,23 @@ def default_config(
     """Used without tuning (QCOMPILE_AUTOTUNE=0, CUDA-graph capture): valid for every shape."""
     rows = sq * gqa
     bn = min(64, key_tokens or 64)
-    if rows <= 64 and groups == 1:  # one-warp programs, ~8 per SM, >= 512 keys each
+    if rows <= 64 and groups == 1 and key_tokens:
+        # one-warp programs, ~8 per SM, >= 512 keys each; keys per channel: the query
+        # scaling spills a one-warp program (sm_90, 440 B of stack at BLOCK_N = 64), two
+        # warps hold it in registers
         split = 1
         while split < 128 and b * hkv * split * 2 <= 8 * 132 and s >= split * 2 * 512:
             split *= 2
-        # keys per channel: the query scaling spills a one-warp program (sm_90, 440 B of
-        # stack at BLOCK_N = 64), two warps hold it in registers
-        warps = 2 if key_tokens else 1
-        return KernelConfig("decode", decode_rows(sq, gqa), bn, 0, split, warps, 3)
+        return KernelConfig("decode", decode_rows(sq, gqa), bn, 0, split, 2, 3)
+    if rows <= 64 and groups == 1:
+        # per-token keys: what the H100 tuner and probe picked at B = 1 / 16 / 64, S = 8k /
+        # 32k (`results/session24/`): 32 keys per one-warp tile, the token-scale prefetch, V
+        # staged; ~8 programs per SM, >= 128 keys per split
+        split = 1
+        while split < 128 and b * hkv * split * 2 <= 8 * 132 and s >= split * 2 * 128:
+            split *= 2
+        cfg = KernelConfig("decode", decode_rows(sq, gqa), 32, 0, split, 1, 3, True)
+        return dataclasses.replace(cfg, stage_v=True)
     if rows <= 64:
         split = 1
         while split < 64 and b * hkv * split * 2 <= 2 * 132 and s >= split * 2 * 256:
