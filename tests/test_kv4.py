@@ -275,9 +275,9 @@ def test_scale_prefetch_is_the_one_group_kernels_only():
     assert valid_config(KernelConfig("decode", 16, 64, 0, 2, 4, 2, True), 4)
     assert not valid_config(KernelConfig("decode_grouped", 16, 64, 0, 2, 4, 2, True), 4, 2)
     assert not valid_config(KernelConfig("decode", 16, 64, 0, 2, 4, 2, 2), 4)
-    # a tuning candidate (the one-warp BLOCK_N 64 tiles) for per-token keys only
+    # a tuning candidate (the one-warp BLOCK_N 32 / 64 tiles) for per-token keys only
     tuned = candidate_configs(16, 8, 1, 4, 32768, 1)
-    assert {(c.block_n, c.num_warps) for c in tuned if c.prefetch} == {(64, 1)}
+    assert {(c.block_n, c.num_warps) for c in tuned if c.prefetch} == {(32, 1), (64, 1)}
     assert not any(c.prefetch for c in candidate_configs(16, 8, 1, 4, 32768, 1, key_tokens=64))
     assert not any(c.prefetch for c in candidate_configs(16, 8, 1, 4, 32768, 4))
 
@@ -285,7 +285,7 @@ def test_scale_prefetch_is_the_one_group_kernels_only():
 @KERNEL_SETTINGS
 @given(data=st.data())
 def test_keys_as_16_plus_code_match_float64_reference(data):
-    """`_KEY_BIAS16` (off by default until timed): per-token keys unpacked as 16 + code, the
+    """`_KEY_BIAS16` (off: on the H100 it kept the error but slowed the best tile): per-token keys unpacked as 16 + code, the
     dot's extra 16 * sum(q) removed through the offset; decode and prefill tiles."""
     decode = data.draw(st.booleans(), label="decode")
     problem = data.draw(kv4_problems(decode=decode, device=KERNEL_DEVICE), label="problem")

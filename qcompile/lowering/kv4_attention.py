@@ -776,7 +776,7 @@ def candidate_configs(
                 bn = min(bn, cap)
                 cfg = KernelConfig(decode_kind(groups), bm, bn, 0, split, warps, stages)
                 # V staged through shared memory: 11-17% fewer loop instructions (offline
-                # sm_90), more shared memory per program; not yet timed
+                # sm_90), more shared memory per program; wins at BLOCK_N 32 (H100)
                 out += [cfg, dataclasses.replace(cfg, stage_v=True)]
                 if warps == 1 and bn <= 64 and groups == 1 and not key_tokens:
                     # the token-scale prefetch: B=16, S=32k on the H100 (bf16), 304.7 -> 277.6
@@ -804,9 +804,9 @@ _SELF_REDUCE_SPLITS = 8
 _FOLD_UNIT = True
 # Per-token keys unpacked as 16 + code (`_nibble_planes` PLUS16, no subtraction; the dot's extra
 # 16 * sum(q) taken out of the offset): 2106 -> 2010 loop instructions with STAGE_V, 2431 ->
-# 2344 without (offline sm_90, Triton 3.6, 64-token one-warp tile). Off until the GPU shows
-# its speed and its error against float64 (`probe_kv4_decode.py --key-bias16 0,1`): a bias of
-# 1024 inside the dot once cost 1.5e-2 relative on the H100 (see `_nibble_planes`).
+# 2344 without (offline sm_90, Triton 3.6, 64-token one-warp tile). Off: on the H100 it kept
+# the error (fp16 2.49e-4 vs 2.48e-4) but slowed the best tile, BLOCK_N 32 with STAGE_V, from
+# 260.0 to 280.8 us at B=16, S=32k (`results/session24/first/probe_kv4_stage_v.log`).
 _KEY_BIAS16 = False
 # (BLOCK_N, warps, stages) per decode kernel. "decode": one warp per 64 keys wins from
 # batch 16 up, wider programs at batch 1 (`benchmarks/probe_kv4_decode.py`, H100).
