@@ -9,6 +9,7 @@ prints each shape's fastest configs, SDPA and the int4 roofline floor.
     python benchmarks/probe_kv4_decode.py --prefetch 0,1 --splits 1,4,16,64  # scale prefetch
     python benchmarks/probe_kv4_decode.py --prefetch 0,1 --stage-v 0,1  # V through smem
     python benchmarks/probe_kv4_decode.py --stage-v 1 --key-bias16 0,1  # keys as 16 + code
+    python benchmarks/probe_kv4_decode.py --prefetch 1 --stage-v 1 --q-rows 0,1  # q in registers
 """
 
 from __future__ import annotations
@@ -29,6 +30,17 @@ from qcompile.lowering.autotune import KernelConfig
 from qcompile.lowering.kv4_attention import launch_attention, valid_config
 
 HQ, HKV, D, G = 32, 8, 128, 128
+# module switches of `kv4_attention` read at launch: flag -> name
+SWITCHES = {"key_bias16": "_KEY_BIAS16", "q_rows": "_Q_ROWS"}
+
+
+def _flags(sw: dict) -> dict:
+    return {f: bool(sw.get(f, False)) for f in SWITCHES}
+
+
+def _set(sw: dict) -> None:
+    for f, v in _flags(sw).items():
+        setattr(kv4_attention, SWITCHES[f], v)
 
 
 def check(kind: str, dtype: torch.dtype, prefetch: bool = False, stage_v: bool = False) -> float:
@@ -64,22 +76,23 @@ def main() -> None:
         help="decode: the token-scale prefetch settings to time, e.g. 0,1",
     )  # fmt: skip
     ap.add_argument("--stage-v", default="0", help="decode: STAGE_V settings to time, e.g. 0,1")
-    ap.add_argument(
-        "--key-bias16", default="0", help="`_KEY_BIAS16` settings to check and time, e.g. 0,1"
-    )
+    for flag in SWITCHES:
+        ap.add_argument(f"--{flag.replace('_', '-')}", default="0",
+                        help=f"`{SWITCHES[flag]}` settings to check and time, e.g. 0,1")  # fmt: skip
     ap.add_argument("--splits", default="1,2,4,8,16,32,64,128")
     ap.add_argument("--tiles", default="", help="BLOCK_Nxwarps list, e.g. 64x1,128x4")
     args = ap.parse_args()
     dtype = getattr(torch, args.dtype)
     prefetches = tuple(bool(int(v)) for v in args.prefetch.split(","))
     stage_vs = tuple(bool(int(v)) for v in args.stage_v.split(","))
-    biases = tuple(bool(int(v)) for v in args.key_bias16.split(","))
-    for kb in biases:
-        kv4_attention._KEY_BIAS16 = kb
+    values = {f: tuple(bool(int(v)) for v in getattr(args, f).split(",")) for f in SWITCHES}
+    switches = [dict(zip(SWITCHES, vs, strict=True)) for vs in itertools.product(*values.values())]
+    for sw in switches:
+        _set(sw)
         for dt in (torch.float16, torch.bfloat16):
             err = check("decode", dt, prefetches[-1], stage_vs[-1])
-            print(f"check decode {dt} key_bias16={kb}: rel error {err:.2e}", flush=True)
-    kv4_attention._KEY_BIAS16 = False
+            print(f"check decode {dt} {sw}: rel error {err:.2e}", flush=True)
+    _set({})
     for kind in ("decode", "decode_grouped"):
         for dt in (torch.float16, torch.bfloat16):
             one = kind == "decode"
@@ -105,14 +118,14 @@ def main() -> None:
             tiles = tuple(tuple(map(int, t.split("x"))) for t in args.tiles.split(","))
         splits = tuple(int(v) for v in args.splits.split(","))
         grid = itertools.chain(
-            ((("decode", bn, w, st, sp, pf, sv, kb) for (bn, w), st, sp, pf, sv, kb in
-              itertools.product(tiles, (2, 3), splits, prefetches, stage_vs, biases))),
+            ((("decode", bn, w, st, sp, pf, sv, sw) for (bn, w), st, sp, pf, sv, sw in
+              itertools.product(tiles, (2, 3), splits, prefetches, stage_vs, switches))),
             itertools.product(["decode_grouped"], (64,), (4,), (2,), (4, 32), (False,), (False,),
-                              (False,)),
+                              ({},)),
         )  # fmt: skip
-        for kind, bn, warps, stages, split, pf, sv, kb in grid:
+        for kind, bn, warps, stages, split, pf, sv, sw in grid:
             cfg = KernelConfig(kind, 16, bn, 0, split, warps, stages, pf, stage_v=sv)
-            kv4_attention._KEY_BIAS16 = kb  # read at launch, i.e. when the graph is captured
+            _set(sw)  # read at launch, i.e. when the graph is captured
             if (
                 not valid_config(cfg, 4)
                 or (split > 1 and b * HKV * split > 8 * 132)
@@ -144,7 +157,7 @@ def main() -> None:
             except Exception as e:  # noqa: BLE001 - out of shared memory, say, and go on
                 print(f"{spec} {cfg}: {type(e).__name__} {str(e)[:100]}", flush=True)
                 continue
-            rows.append({"b": b, "s": s, "config": cfg.__dict__, "key_bias16": kb, "us": us})
+            rows.append({"b": b, "s": s, "config": cfg.__dict__, **_flags(sw), "us": us})
         del caches
         kv = [
             tuple(torch.randn(b, HKV, s, D, dtype=dtype, device="cuda") for _ in "kv")
@@ -166,14 +179,15 @@ def main() -> None:
                 print(
                     f"  {kind:15s} bn{c['block_n']} w{c['num_warps']} st{c['num_stages']} "
                     f"split{c['split_k']} pf{int(c['prefetch'])} sv{int(c['stage_v'])} "
-                    f"kb{int(r['key_bias16'])}: {r['us']:.1f} us ({sdpa / r['us']:.2f}x SDPA, "
+                    f"kb{int(r['key_bias16'])} qr{int(r['q_rows'])}: {r['us']:.1f} us "
+                    f"({sdpa / r['us']:.2f}x SDPA, "
                     f"{floor / r['us']:.0%} of floor)",
                     flush=True,
                 )
         options = (  # each setting's effect alone: the best decode time with it on / off
             ("prefetch", lambda r: bool(r["config"]["prefetch"]), prefetches),
             ("stage_v", lambda r: bool(r["config"]["stage_v"]), stage_vs),
-            ("key_bias16", lambda r: r["key_bias16"], biases),
+            *((f, lambda r, f=f: r[f], values[f]) for f in SWITCHES),
         )
         for name, setting, values in options:
             for v in values if len(values) > 1 else ():

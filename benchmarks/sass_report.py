@@ -183,6 +183,7 @@ def _kv4_signature(fn, pointers: dict[str, str], consts: dict) -> tuple[dict, di
 def compile_kv4_variant(
     kind: str, bm: int, bn: int, warps: int, stages: int, key_tokens: int = 0,
     dtype: str = "fp16", prefetch: bool = False, stage_v: bool = False, key_bias16: bool = False,
+    q_rows: bool = False,
 ):  # fmt: skip
     """A KV4 kernel for sm_90: "decode"/"prefill" (`_kv4_decode_kernel`, fp16 query, no mask,
     split partials for decode; key_tokens > 0: keys per channel) or "key_write" (the
@@ -202,7 +203,7 @@ def compile_kv4_variant(
             "IS_CAUSAL": kind == "prefill", "MASK_KIND": 0, "WRITE_PARTIAL": kind == "decode",
             "BLOCK_M": bm, "BLOCK_N": bn, "ASM": True, "SELF_REDUCE": kind == "decode",
             "FOLD_UNIT": True, "KEY_TOKENS": key_tokens, "SCALE_PREFETCH": prefetch,
-            "STAGE_V": stage_v, "KEY_BIAS16": key_bias16,
+            "STAGE_V": stage_v, "KEY_BIAS16": key_bias16, "Q_ROWS": q_rows,
         }  # fmt: skip
         pointers = {"kc_ptr": "*u8", "vc_ptr": "*u8", "lens_ptr": "*i32", "mask_ptr": "*fp16",
                     "out_ptr": "*fp32", "lse_ptr": "*fp32", "cnt_ptr": "*i32",
@@ -233,7 +234,9 @@ def resources(kernel) -> dict[str, int]:
 
 
 def main_loop(text: str) -> list[str]:
-    """Instructions of the largest backward-branching block (the K loop)."""
+    """Instructions of the largest backward-branching block with tensor-core instructions (the
+    K loop; a kernel without them: the largest such block). The KV4 decode kernel's split
+    combine is a loop too, at times longer than the main one."""
     lines = text.splitlines()
     labels = {
         m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"^\s*\.?(L_x_\d+):", line))
@@ -247,9 +250,13 @@ def main_loop(text: str) -> list[str]:
                 for ln in lines[labels[m.group(1)] : i + 1]
                 if re.search(r"/\*[0-9a-f]{4}\*/", ln)
             ]
-            if len(body) > len(best):
+            if _rank(body) > _rank(best):
                 best = body
     return best
+
+
+def _rank(body: list[str]) -> tuple[bool, int]:
+    return any(opcode(ln).endswith("MMA") for ln in body), len(body)  # HMMA, IMMA, HGMMA, ...
 
 
 def opcode(line: str) -> str:

@@ -284,9 +284,13 @@ def test_scale_prefetch_is_the_one_group_kernels_only():
 
 @KERNEL_SETTINGS
 @given(data=st.data())
-def test_keys_as_16_plus_code_match_float64_reference(data):
-    """`_KEY_BIAS16` (off: on the H100 it kept the error but slowed the best tile): per-token keys unpacked as 16 + code, the
-    dot's extra 16 * sum(q) removed through the offset; decode and prefill tiles."""
+def test_decode_kernel_switches_match_float64_reference(data):
+    """The one-group kernel's module switches, each off by default: `_KEY_BIAS16` (per-token
+    keys unpacked as 16 + code, the dot's extra 16 * sum(q) removed through the offset; on
+    the H100 it kept the error but slowed the best tile) and `_Q_ROWS` (decode tiles read the
+    query as whole rows, split into planes in registers); decode and prefill tiles."""
+    key_bias16 = data.draw(st.booleans(), label="_KEY_BIAS16")
+    q_rows = data.draw(st.booleans(), label="_Q_ROWS")
     decode = data.draw(st.booleans(), label="decode")
     problem = data.draw(kv4_problems(decode=decode, device=KERNEL_DEVICE), label="problem")
     _, hq, sq, _ = problem.query.shape
@@ -300,7 +304,10 @@ def test_keys_as_16_plus_code_match_float64_reference(data):
     else:
         cfg = KernelConfig("prefill", 16, 32, 0)
     assert valid_config(cfg, sq * hq // hkv)
-    with mock.patch.object(kv4_attention, "_KEY_BIAS16", True):
+    with (
+        mock.patch.object(kv4_attention, "_KEY_BIAS16", key_bias16),
+        mock.patch.object(kv4_attention, "_Q_ROWS", q_rows),
+    ):
         got = _run(problem, cfg)
     assert_close_rel(got, problem.reference64(), problem.query.dtype)
 
@@ -1211,6 +1218,34 @@ def test_staged_v_decode_configs_on_cuda_match_float64(dtype, key_tokens):
     assert staged
     for cfg in {dataclasses.replace(c, split_k=sp) for c in staged for sp in (1, 4)}:
         assert_close_rel(launch_attention(cfg, *args).cpu(), want, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_query_as_rows_on_cuda_keeps_the_error(dtype):
+    """`_Q_ROWS` (per-token keys, the query read as whole rows; only a real compile changes
+    the code): the default decode config and three other tiles, splits 1 and 4, at S = 4100
+    against float64, with the plain query loads' error (+1%)."""
+    gen = torch.Generator().manual_seed(41)
+    s = 4100
+    k = torch.randn(1, 8, s, 128, generator=gen)
+    k[..., 5] *= 20
+    keys = quantize_kv4(k, KVScheme())
+    values = quantize_kv4(torch.randn(1, 8, s, 128, generator=gen), KVScheme())
+    q = torch.randn(1, 32, 1, 128, generator=gen).to(dtype)
+    problem = KV4Problem(q, keys, values, None, None, False, 128**-0.5)
+    want = problem.reference64()
+    args = [t.cuda() if isinstance(t, torch.Tensor) else t for t in problem.args()]
+    tiles = [default_config(1, 8, 1, 4, s)] + [
+        KernelConfig("decode", 16, bn, 0, 1, w, 3) for bn, w in ((32, 1), (64, 1), (128, 2))
+    ]
+    for cfg in {dataclasses.replace(c, split_k=sp) for c in tiles for sp in (1, 4)}:
+        assert valid_config(cfg, 4)
+        plain = rel_error(launch_attention(cfg, *args).cpu(), want)
+        with mock.patch.object(kv4_attention, "_Q_ROWS", True):
+            got = launch_attention(cfg, *args).cpu()
+        assert_close_rel(got, want, dtype)
+        assert rel_error(got, want) <= 1.01 * plain + 1e-6, (cfg, plain)
 
 
 @pytest.mark.gpu

@@ -156,6 +156,31 @@ for stage_v, bias16 in ((False, False), (True, False), (True, True)):
 print(json.dumps(out))
 """
 
+Q_ROWS = """
+import json
+import sass_report as s
+out = []
+for q_rows in (False, True):
+    k = s.compile_kv4_variant("decode", 16, 32, 1, 3, 0, "fp16", True, True, False, q_rows)
+    loop = s.main_loop(s.sass(k))
+    out.append([len(loop), sum(s.opcode(line) == "MOV" for line in loop),
+                s.resources(k)["STACK"], k.metadata.shared])
+print(json.dumps(out))
+"""
+
+
+def test_query_read_as_rows_stays_in_registers_over_the_decode_loop():
+    """Q_ROWS: the query's MMA operand is no longer re-read from shared memory and moved into
+    place on every key tile (BLOCK_N 32, one warp, prefetch, STAGE_V; sm_90, Triton 3.6:
+    1115 -> 1012 loop instructions, 107 -> 8 MOV when written), with no spill and less shared
+    memory."""
+    (plain_len, plain_mov, _, plain_smem), (rows_len, rows_mov, rows_stack, rows_smem) = (
+        _compile_offline(Q_ROWS, timeout=300)
+    )
+    assert rows_mov <= 16 < 64 <= plain_mov, (plain_mov, rows_mov)
+    assert rows_len <= 0.93 * plain_len, (plain_len, rows_len)
+    assert rows_stack == 0 and rows_smem < plain_smem, (rows_stack, rows_smem, plain_smem)
+
 
 def test_staged_v_is_not_gathered_byte_by_byte():
     """STAGE_V: the decode loop reads V's codes as words and the MMA operand back through

@@ -376,7 +376,7 @@ def _kv4_decode_kernel(
     BLOCK_N: tl.constexpr, ASM: tl.constexpr, SELF_REDUCE: tl.constexpr,
     FOLD_UNIT: tl.constexpr = True, KEY_TOKENS: tl.constexpr = 0,
     SCALE_PREFETCH: tl.constexpr = False, STAGE_V: tl.constexpr = False,
-    KEY_BIAS16: tl.constexpr = False,
+    KEY_BIAS16: tl.constexpr = False, Q_ROWS: tl.constexpr = False,
 ):  # fmt: skip
     # Flash-decoding ("decode": split over the sequence) and flash-attention ("prefill": row
     # tiles over pid_m, causal tiles skipped) for one scale/offset per token and head (G = D),
@@ -400,6 +400,9 @@ def _kv4_decode_kernel(
     # PINNED): its MMA operand pairs consecutive tokens, which the cache keeps in different
     # rows, so without it Triton gathers the codes byte by byte (offline sm_90, Triton 3.6).
     # KEY_BIAS16 (per-token keys): k_lo / k_hi hold 16 + code, and the offset loses 16 * scale.
+    # Q_ROWS: the query read as whole rows and split into planes in registers; read as two
+    # stride-2 planes, its MMA operand is re-read from shared memory by a transposed ldmatrix
+    # and moved into place on every tile (~100 MOV per 32-key tile; offline sm_90, Triton 3.6).
     HALF: tl.constexpr = D // 2
     pid_bh = tl.program_id(0)
     pid_split = tl.program_id(1)
@@ -412,8 +415,13 @@ def _kv4_decode_kernel(
 
     c = tl.arange(0, HALF)
     q_rows = q_ptr + b * stride_qb + head[:, None] * stride_qh + pos[:, None] * stride_qs
-    q_e = tl.load(q_rows + (2 * c)[None, :] * stride_qd, mask=row_ok[:, None], other=0.0)
-    q_o = tl.load(q_rows + (2 * c + 1)[None, :] * stride_qd, mask=row_ok[:, None], other=0.0)
+    if Q_ROWS:
+        q_full = tl.load(q_rows + tl.arange(0, D)[None, :] * stride_qd, mask=row_ok[:, None],
+                         other=0.0)  # fmt: skip
+        q_e, q_o = tl.split(tl.reshape(q_full, (BLOCK_M, HALF, 2)))
+    else:
+        q_e = tl.load(q_rows + (2 * c)[None, :] * stride_qd, mask=row_ok[:, None], other=0.0)
+        q_o = tl.load(q_rows + (2 * c + 1)[None, :] * stride_qd, mask=row_ok[:, None], other=0.0)
     q_sum = tl.sum(q_e.to(tl.float32), axis=1) + tl.sum(q_o.to(tl.float32), axis=1)
 
     m_i = tl.full((BLOCK_M,), _NEG_INF, tl.float32)  # running max, log2 domain
@@ -808,6 +816,13 @@ _FOLD_UNIT = True
 # the error (fp16 2.49e-4 vs 2.48e-4) but slowed the best tile, BLOCK_N 32 with STAGE_V, from
 # 260.0 to 280.8 us at B=16, S=32k (`results/session24/first/probe_kv4_stage_v.log`).
 _KEY_BIAS16 = False
+# Decode tiles read the query as whole rows (`_kv4_decode_kernel` Q_ROWS): the MMA operand
+# stays in registers over the loop. Offline sm_90 (Triton 3.6), loop instructions per tile:
+# BLOCK_N 32 one warp with prefetch and STAGE_V 1115 -> 1012, BLOCK_N 64 2431 -> 2248; 4 KB
+# less shared memory, no new spills. Prefill tiles (BLOCK_M 64) grew 2%, and keys per channel
+# spilled (two-warp BLOCK_N 64: 96 B of stack, 2006 -> 2177), so both keep the plane loads.
+# Off until the H100 times it (`probe_kv4_decode.py --q-rows 0,1`).
+_Q_ROWS = False
 # (BLOCK_N, warps, stages) per decode kernel. "decode": one warp per 64 keys wins from
 # batch 16 up, wider programs at batch 1 (`benchmarks/probe_kv4_decode.py`, H100).
 _DECODE_TILES = {
@@ -958,6 +973,7 @@ def launch_attention(
             BLOCK_N=cfg.block_n, ASM=not _interpreting(), SELF_REDUCE=counters is not None,
             FOLD_UNIT=_FOLD_UNIT, KEY_TOKENS=key_tokens, SCALE_PREFETCH=bool(cfg.prefetch),
             STAGE_V=bool(cfg.stage_v), KEY_BIAS16=_KEY_BIAS16 and not key_tokens,
+            Q_ROWS=_Q_ROWS and cfg.kernel == "decode" and not key_tokens,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
         if counters is None:
