@@ -10,6 +10,7 @@ prints each shape's fastest configs, SDPA and the int4 roofline floor.
     python benchmarks/probe_kv4_decode.py --prefetch 0,1 --stage-v 0,1  # V through smem
     python benchmarks/probe_kv4_decode.py --stage-v 1 --key-bias16 0,1  # keys as 16 + code
     python benchmarks/probe_kv4_decode.py --prefetch 1 --stage-v 1 --q-rows 0,1  # q in registers
+    python benchmarks/probe_kv4_decode.py --prefetch 1 --stage-v 1 --lazy-rescale 0,1
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from qcompile.lowering.kv4_attention import launch_attention, valid_config
 
 HQ, HKV, D, G = 32, 8, 128, 128
 # module switches of `kv4_attention` read at launch: flag -> name
-SWITCHES = {"key_bias16": "_KEY_BIAS16", "q_rows": "_Q_ROWS"}
+SWITCHES = {"key_bias16": "_KEY_BIAS16", "q_rows": "_Q_ROWS", "lazy_rescale": "_LAZY_RESCALE"}
 
 
 def _flags(sw: dict) -> dict:
@@ -179,7 +180,8 @@ def main() -> None:
                 print(
                     f"  {kind:15s} bn{c['block_n']} w{c['num_warps']} st{c['num_stages']} "
                     f"split{c['split_k']} pf{int(c['prefetch'])} sv{int(c['stage_v'])} "
-                    f"kb{int(r['key_bias16'])} qr{int(r['q_rows'])}: {r['us']:.1f} us "
+                    f"kb{int(r['key_bias16'])} qr{int(r['q_rows'])} "
+                    f"lz{int(r['lazy_rescale'])}: {r['us']:.1f} us "
                     f"({sdpa / r['us']:.2f}x SDPA, "
                     f"{floor / r['us']:.0%} of floor)",
                     flush=True,
