@@ -369,7 +369,7 @@ def test_default_config_is_valid(sq, gqa, group):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("split", [1, 3])
 def test_lazy_rescale_with_a_climbing_max_and_changing_v_units(dtype, split):
-    """`_LAZY_RESCALE` where it has work to do: scores that climb by ~1.5 (log2) per 32-key
+    """`_LAZY_RESCALE` where it has work to do: head 0's scores climb ~3.7 (log2) per 32-key
     tile, so the reference max lags by up to 2**8 before it moves, and V tiles whose scales
     jump by 2**6 up and down, so the unit grows, is kept and shrinks. The rescale left out
     on every tile fails this."""
