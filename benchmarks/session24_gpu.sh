@@ -4,8 +4,25 @@
 #            BLOCK_N 32 tile (prefetch, stage_v) among the candidates; bench_kv4's decode table.
 #   tests:   the KV4 gpu tests the twenty-third script's calls did not reach
 #            (`session24_gpu_tests.txt`).
+#   switches (for the next session): the decode kernel's untimed module switches `_Q_ROWS`
+#            (query operand in registers) and `_LAZY_RESCALE` (rescale skipped on most
+#            tiles), each config checked against float64 first, at B = 16 / 64 and B = 1,
+#            then their gpu tests. If one wins, turn it on and re-run PART=kv4tune (and
+#            KV4_BATCHES=1 for the B = 1 keys, which the tuner has not re-tuned).
 source benchmarks/gpu_setup.sh
-case "${PART:?PART=kv4tune|tests|both}" in
+case "${PART:?PART=kv4tune|tests|both|switches}" in
+  switches)
+    (cd benchmarks && timeout "${KV4_S:-200}" python3 probe_kv4_decode.py --prefetch 1 \
+      --stage-v 0,1 --q-rows 0,1 --lazy-rescale 0,1 --splits 2,8 --tiles 32x1,64x1 \
+      --dtype float16 --shapes 16x32768,64x8192,16x8192 --out "$OUT/probe_switches.json") \
+      2>&1 | tee "$OUT/probe_switches.log" | grep -v "^check decode_grouped"
+    (cd benchmarks && timeout "${KV4_B1_S:-120}" python3 probe_kv4_decode.py --prefetch 1 \
+      --stage-v 1 --q-rows 0,1 --lazy-rescale 0,1 --splits 64,128 --tiles 32x1,64x1 \
+      --dtype float16 --shapes 1x32768,1x8192 --out "$OUT/probe_switches_b1.json") \
+      2>&1 | tee "$OUT/probe_switches_b1.log" | grep -v "^check"
+    timeout "${TEST_S:-150}" python3 -m pytest -q -p no:cacheprovider -rfE --tb=short \
+      tests/test_kv4.py -k "switches_on_cuda" 2>&1 | tail -4 | tee "$OUT/tests_switches.log"
+    ;;
   kv4tune|both)
     export QCOMPILE_CACHE_DIR=$OUT/cache
     cp qcompile/lowering/configs/h100.json /tmp/h100.json
