@@ -846,7 +846,8 @@ _KEY_BIAS16 = False
 # BLOCK_N 32 one warp with prefetch and STAGE_V 1115 -> 1012, BLOCK_N 64 2431 -> 2248; 4 KB
 # less shared memory, no new spills. Prefill tiles (BLOCK_M 64) grew 2%, and keys per channel
 # spilled (two-warp BLOCK_N 64: 96 B of stack, 2006 -> 2177), so both keep the plane loads.
-# Off until the H100 times it (`probe_kv4_decode.py --q-rows 0,1`).
+# Triton 3.9 spills the BLOCK_N 32 tile more with it (48 -> 200 B). Off until the H100
+# (Triton 3.6) times it (`probe_kv4_decode.py --q-rows 0,1`).
 _Q_ROWS = False
 # Decode tiles skip the accumulators' rescale on tiles that do not move the running max by
 # more than 2**8 or change the V unit (`_kv4_decode_kernel` LAZY_RESCALE). Off until timed.
