@@ -20,6 +20,21 @@ case "${PART:?PART=kv4tune|tests|both|switches}" in
       --stage-v 1 --q-rows 0,1 --lazy-rescale 0,1 --splits 64,128 --tiles 32x1,64x1 \
       --dtype float16 --shapes 1x32768,1x8192 --out "$OUT/probe_switches_b1.json") \
       2>&1 | tee "$OUT/probe_switches_b1.log" | grep -v "^check"
+    # B = 1 splits 64 / 128 past the self-reducing limit (8): what the separate split-reduce
+    # launch costs inside a graph, against the ~25 us whole op (a two-level self-reduce would
+    # have to beat it)
+    (cd benchmarks && timeout 60 python3 - <<'PY'
+import torch
+from bench_w4a16 import time_graph
+from qcompile.lowering.kv4_attention import reduce_splits
+for split in (8, 64, 128):
+    part = torch.randn(split, 32, 128, device="cuda")
+    lse = torch.randn(split, 32, device="cuda")
+    out = torch.empty(1, 32, 1, 128, dtype=torch.float16, device="cuda")
+    us = time_graph([lambda: reduce_splits(part, lse, out)])
+    print(f"split-reduce kernel alone, B=1 (32 rows), {split} splits: {us:.2f} us", flush=True)
+PY
+    ) 2>&1 | tee "$OUT/reduce_b1.log"
     timeout "${TEST_S:-150}" python3 -m pytest -q -p no:cacheprovider -rfE --tb=short \
       tests/test_kv4.py -k "switches_on_cuda" 2>&1 | tail -4 | tee "$OUT/tests_switches.log"
     ;;
