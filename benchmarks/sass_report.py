@@ -204,7 +204,7 @@ def compile_kv4_variant(
             "BLOCK_M": bm, "BLOCK_N": bn, "ASM": True, "SELF_REDUCE": kind == "decode",
             "FOLD_UNIT": True, "KEY_TOKENS": key_tokens, "SCALE_PREFETCH": prefetch,
             "STAGE_V": stage_v, "KEY_BIAS16": key_bias16, "Q_ROWS": q_rows,
-            "LAZY_RESCALE": lazy,
+            "LAZY_RESCALE": lazy, "COMBINE_ROWS": 4,
         }  # fmt: skip
         pointers = {"kc_ptr": "*u8", "vc_ptr": "*u8", "lens_ptr": "*i32", "mask_ptr": "*fp16",
                     "out_ptr": "*fp32", "lse_ptr": "*fp32", "cnt_ptr": "*i32",

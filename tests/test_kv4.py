@@ -394,6 +394,22 @@ def test_lazy_rescale_with_a_climbing_max_and_changing_v_units(dtype, split):
     assert_close_rel(got, want, dtype)
 
 
+@pytest.mark.parametrize(("hq", "sq", "split"), [(2, 3, 2), (4, 2, 8), (8, 1, 3), (1, 5, 4)])
+def test_split_decode_of_several_query_positions_combines_every_row(hq, sq, split):
+    """A decode tile with Sq > 1 (rows = Sq * GQA, e.g. speculative tokens) split over the
+    keys: the self-reducing last split combines every row, GQA (rounded up to a power of
+    two) rows at a time, skipping only the chunks past Sq * GQA."""
+    torch.manual_seed(hq * 10 + sq)
+    s, d = 40, 64
+    keys = quantize_kv4(torch.randn(1, 1, s, d), KVScheme(group_size=d))
+    keys = PackedKV4(*(t.to(KERNEL_DEVICE) for t in (keys.codes, keys.scales, keys.offsets)), d)
+    q = torch.randn(1, hq, sq, d).half().to(KERNEL_DEVICE)
+    problem = KV4Problem(q, keys, keys, None, None, False, d**-0.5)
+    cfg = KernelConfig("decode", decode_rows(sq, hq), 32, 0, split, 1, 2)
+    assert valid_config(cfg, sq * hq)
+    assert_close_rel(_run(problem, cfg), problem.reference64(), torch.float16)
+
+
 def test_empty_splits_and_rows_that_see_nothing_give_zeros_not_nan():
     """More splits than tiles (seq_len 5 of 200), and a row whose mask hides every key."""
     torch.manual_seed(3)

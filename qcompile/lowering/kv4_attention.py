@@ -293,38 +293,42 @@ def _nibble_planes(codes, BIAS_BITS: tl.constexpr, dtype: tl.constexpr, ASM: tl.
 
 
 @triton.jit
-def _combine_splits(part_ptr, lse_ptr, out_ptr, out_row, row_ok, c, rows_total, num_splits,
-                    D: tl.constexpr):  # fmt: skip
-    """out rows = sum_i w_i o_i / sum_i w_i over the splits' partials (even and odd channel
-    planes), w_i = 2**(lse_i - max lse), read from L2 in one online pass, 4 splits at a time
-    (masked past the count) so their loads are in flight together."""
-    top = tl.full(out_row.shape, _NEG_INF, tl.float32)
-    total = tl.zeros(out_row.shape, tl.float32)
-    acc_e = tl.zeros((out_row.shape[0], D // 2), tl.float32)
-    acc_o = tl.zeros((out_row.shape[0], D // 2), tl.float32)
-    ptrs = part_ptr + out_row[:, None] * D + 2 * c[None, :]
-    for sp0 in range(0, num_splits, 4):
-        for j in tl.static_range(4):
-            live = row_ok & (out_row * 0 + sp0 + j < num_splits)  # a tensor
-            lse = tl.load(lse_ptr + (sp0 + j) * rows_total + out_row, mask=live,
-                          other=_NEG_INF, cache_modifier=".cg")  # fmt: skip
-            new_top = tl.maximum(top, lse)
-            safe = tl.where(new_top == _NEG_INF, 0.0, new_top)  # empty splits weigh 0
-            keep = tl.exp2(top - safe)
-            w = tl.exp2(lse - safe)
-            part_e = tl.load(ptrs + (sp0 + j) * rows_total * D, mask=live[:, None], other=0.0,
-                             cache_modifier=".cg")  # fmt: skip
-            part_o = tl.load(ptrs + (sp0 + j) * rows_total * D + 1, mask=live[:, None],
-                             other=0.0, cache_modifier=".cg")  # fmt: skip
-            acc_e = acc_e * keep[:, None] + part_e * w[:, None]
-            acc_o = acc_o * keep[:, None] + part_o * w[:, None]
-            total = total * keep + w
-            top = new_top
-    total = tl.where(total > 0, total, 1.0)
-    out_ptrs = out_ptr + out_row[:, None] * D + 2 * c[None, :]
-    tl.store(out_ptrs, (acc_e / total[:, None]).to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
-    tl.store(out_ptrs + 1, (acc_o / total[:, None]).to(out_ptr.dtype.element_ty),
-             mask=row_ok[:, None])  # fmt: skip
+def _combine_splits(part_ptr, lse_ptr, out_ptr, b, hkv, row0, Sq, rows_total, num_splits,
+                    HKV: tl.constexpr, GQA: tl.constexpr, D: tl.constexpr,
+                    BLOCK_M: tl.constexpr, ROWS: tl.constexpr):  # fmt: skip
+    """out rows = sum_i w_i o_i / sum_i w_i over the splits' partials, w_i = 2**(lse_i - max
+    lse), read from L2 in one online pass, 4 splits at a time (masked past the count) so
+    their loads are in flight together. The program's BLOCK_M rows go ROWS at a time and
+    chunks past Sq * GQA are skipped (a decode tile pads GQA = 4 rows to 16); each partial
+    row is read whole, in the channel order it was stored in."""
+    d = tl.arange(0, D)
+    for r0 in tl.static_range(0, BLOCK_M, ROWS):
+        if row0 + r0 < Sq * GQA:
+            rows = row0 + r0 + tl.arange(0, ROWS)
+            pos = rows // GQA
+            row_ok = pos < Sq
+            out_row = (b * HKV * GQA + hkv * GQA + rows % GQA) * Sq + pos
+            top = tl.full((ROWS,), _NEG_INF, tl.float32)
+            total = tl.zeros((ROWS,), tl.float32)
+            acc = tl.zeros((ROWS, D), tl.float32)
+            ptrs = part_ptr + out_row[:, None] * D + d[None, :]
+            for sp0 in range(0, num_splits, 4):
+                for j in tl.static_range(4):
+                    live = row_ok & (out_row * 0 + sp0 + j < num_splits)  # a tensor
+                    lse = tl.load(lse_ptr + (sp0 + j) * rows_total + out_row, mask=live,
+                                  other=_NEG_INF, cache_modifier=".cg")  # fmt: skip
+                    new_top = tl.maximum(top, lse)
+                    safe = tl.where(new_top == _NEG_INF, 0.0, new_top)  # empty splits weigh 0
+                    keep = tl.exp2(top - safe)
+                    w = tl.exp2(lse - safe)
+                    part = tl.load(ptrs + (sp0 + j) * rows_total * D, mask=live[:, None],
+                                   other=0.0, cache_modifier=".cg")  # fmt: skip
+                    acc = acc * keep[:, None] + part * w[:, None]
+                    total = total * keep + w
+                    top = new_top
+            total = tl.where(total > 0, total, 1.0)
+            tl.store(out_ptr + out_row[:, None] * D + d[None, :],
+                     (acc / total[:, None]).to(out_ptr.dtype.element_ty), mask=row_ok[:, None])  # fmt: skip
 
 
 @triton.jit
@@ -387,7 +391,7 @@ def _kv4_decode_kernel(
     FOLD_UNIT: tl.constexpr = True, KEY_TOKENS: tl.constexpr = 0,
     SCALE_PREFETCH: tl.constexpr = False, STAGE_V: tl.constexpr = False,
     KEY_BIAS16: tl.constexpr = False, Q_ROWS: tl.constexpr = False,
-    LAZY_RESCALE: tl.constexpr = False,
+    LAZY_RESCALE: tl.constexpr = False, COMBINE_ROWS: tl.constexpr = 16,
 ):  # fmt: skip
     # Flash-decoding ("decode": split over the sequence) and flash-attention ("prefill": row
     # tiles over pid_m, causal tiles skipped) for one scale/offset per token and head (G = D),
@@ -585,8 +589,9 @@ def _kv4_decode_kernel(
             tl.debug_barrier()
             arrived = tl.atomic_add(cnt_ptr + pid_bh, 1, sem="acq_rel", scope="gpu")
             if arrived == num_splits - 1:
-                _combine_splits(out_ptr, lse_ptr, final_ptr, out_row, row_ok, c, rows_total,
-                                num_splits, D)  # fmt: skip
+                _combine_splits(out_ptr, lse_ptr, final_ptr, b, hkv, pid_m * BLOCK_M, Sq,
+                                rows_total, num_splits, HKV, GQA, D, BLOCK_M,
+                                COMBINE_ROWS)  # fmt: skip
                 tl.atomic_xchg(cnt_ptr + pid_bh, 0, sem="relaxed", scope="gpu")
     else:
         tl.store(out_ptrs, out_e.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
@@ -1004,6 +1009,7 @@ def launch_attention(
             STAGE_V=bool(cfg.stage_v), KEY_BIAS16=_KEY_BIAS16 and not key_tokens,
             Q_ROWS=_Q_ROWS and cfg.kernel == "decode" and not key_tokens,
             LAZY_RESCALE=_LAZY_RESCALE and cfg.kernel == "decode",
+            COMBINE_ROWS=min(cfg.block_m, triton.next_power_of_2(gqa)),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
         if counters is None:
