@@ -422,6 +422,7 @@ def _kv4_decode_kernel(
     # accumulators' unit only when a tile needs a larger one or would sit 16x under it, so the
     # accumulators' rescale is exactly 1 on most tiles and is skipped (one uniform branch).
     HALF: tl.constexpr = D // 2
+    LAZY: tl.constexpr = LAZY_RESCALE and FOLD_UNIT
     pid_bh = tl.program_id(0)
     pid_split = tl.program_id(1)
     pid_m = tl.program_id(2)  # row tile: one for decode, Sq * GQA / BLOCK_M for prefill
@@ -447,7 +448,7 @@ def _kv4_decode_kernel(
     acc_e = tl.zeros((BLOCK_M, HALF), tl.float32)
     acc_o = tl.zeros((BLOCK_M, HALF), tl.float32)
     fix = tl.zeros((BLOCK_M,), tl.float32)
-    acc_unit = tl.full((), 0.0 if LAZY_RESCALE else 1.0, tl.float32)  # acc_* hold multiples
+    acc_unit = tl.full((), 0.0 if LAZY else 1.0, tl.float32)  # acc_* hold multiples
     offs_n = tl.arange(0, BLOCK_N)
     code_base = b * stride_cb + hkv * stride_ch + c[None, :]
     scale_base = b * stride_sb + hkv * stride_sh
@@ -528,9 +529,8 @@ def _kv4_decode_kernel(
         if IS_CAUSAL:
             visible = visible & (cols[None, :] <= (pos + seq_len - Sq)[:, None])
         p, alpha, m_new, l_i = _softmax_tile(
-            scores, visible, mask_base + cols[None, :] * stride_ms, m_i, l_i, MASK_KIND,
-            LAZY_RESCALE,
-        )  # fmt: skip
+            scores, visible, mask_base + cols[None, :] * stride_ms, m_i, l_i, MASK_KIND, LAZY
+        )
 
         v_lo, v_hi = _nibble_planes(
             tl.load(vc_ptr + code_offs, mask=col_ok[:, None], other=0),
@@ -548,7 +548,7 @@ def _kv4_decode_kernel(
         # P * scale in fp16 with the tile's scales divided by a power of two 2**e >= their
         # maximum, as `_kv4_attention_kernel` does per group.
         pow2 = tl.exp2(tl.ceil(tl.log2(tl.maximum(tl.max(v_scale, axis=0), _MIN_SCALE))))
-        if LAZY_RESCALE:  # keep the unit (fp16 keeps its precision within 16x under it)
+        if LAZY:  # keep the unit (fp16 keeps its precision within 16x under it)
             pow2 = tl.where((pow2 <= acc_unit) & (pow2 * 16.0 >= acc_unit), acc_unit, pow2)
         p_scaled = (p * (v_scale / pow2)[None, :]).to(tl.float16)
         # the per-row offset terms are the same for every channel: kept
@@ -557,7 +557,7 @@ def _kv4_decode_kernel(
         # acc_e / acc_o are kept in units of the last tile's 2**e (acc_unit), so the dot
         # accumulates into them in place: rescaling by alpha and by the change of unit
         # (exact, powers of two) is one multiply per element, with no second accumulator.
-        if FOLD_UNIT and LAZY_RESCALE:
+        if LAZY:
             rescale = alpha * (acc_unit / pow2)
             if tl.sum((rescale != 1.0).to(tl.int32), axis=0) > 0:
                 acc_e = acc_e * rescale[:, None]
@@ -857,8 +857,9 @@ _Q_ROWS = False
 # Decode tiles skip the accumulators' rescale on tiles that do not move the running max by
 # more than 2**8 or change the V unit (`_kv4_decode_kernel` LAZY_RESCALE). Off until timed.
 _LAZY_RESCALE = False
-# (BLOCK_N, warps, stages) per decode kernel. "decode": one warp per 64 keys wins from
-# batch 16 up, wider programs at batch 1 (`benchmarks/probe_kv4_decode.py`, H100).
+# (BLOCK_N, warps, stages) per decode kernel. "decode": one warp per 32 keys with the
+# prefetch and staged V won every shipped key on the H100 (twenty-fourth session; one warp
+# per 64 keys before), `benchmarks/probe_kv4_decode.py`.
 _DECODE_TILES = {
     "decode": (
         (32, 1, 3),
@@ -881,9 +882,9 @@ def default_config(
     rows = sq * gqa
     bn = min(64, key_tokens or 64)
     if rows <= 64 and groups == 1 and key_tokens:
-        # one-warp programs, ~8 per SM, >= 512 keys each; keys per channel: the query
-        # scaling spills a one-warp program (sm_90, 440 B of stack at BLOCK_N = 64), two
-        # warps hold it in registers
+        # keys per channel: two-warp programs (the query scaling spills a one-warp program:
+        # sm_90, 440 B of stack at BLOCK_N = 64), splits up to ~8 programs per SM with
+        # >= 512 keys each
         split = 1
         while split < 128 and b * hkv * split * 2 <= 8 * 132 and s >= split * 2 * 512:
             split *= 2
