@@ -6,14 +6,16 @@
 #            (`session24_gpu_tests.txt`).
 #   switches (for the next session): the decode kernel's untimed module switches `_Q_ROWS`
 #            (query operand in registers) and `_LAZY_RESCALE` (rescale skipped on most
-#            tiles), each config checked against float64 first, at B = 16 / 64 and B = 1,
+#            tiles), with `_KEY_BIAS16` again (with `_Q_ROWS`: 1119 -> 971 loop instructions
+#            offline), each config checked against float64 first, at B = 16 / 64 and B = 1,
 #            then their gpu tests. If one wins, turn it on and re-run PART=kv4tune (and
 #            KV4_BATCHES=1 for the B = 1 keys, which the tuner has not re-tuned).
 source benchmarks/gpu_setup.sh
 case "${PART:?PART=kv4tune|tests|both|switches}" in
   switches)
     (cd benchmarks && timeout "${KV4_S:-200}" python3 probe_kv4_decode.py --prefetch 1 \
-      --stage-v 0,1 --q-rows 0,1 --lazy-rescale 0,1 --splits 2,8 --tiles 32x1,64x1 \
+      --stage-v 1 --q-rows 0,1 --lazy-rescale 0,1 --key-bias16 0,1 --splits 2,8 \
+      --tiles 32x1,64x1 \
       --dtype float16 --shapes 16x32768,64x8192,16x8192 --out "$OUT/probe_switches.json") \
       2>&1 | tee "$OUT/probe_switches.log" | grep -v "^check decode_grouped"
     (cd benchmarks && timeout "${KV4_B1_S:-120}" python3 probe_kv4_decode.py --prefetch 1 \
