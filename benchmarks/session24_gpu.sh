@@ -41,19 +41,7 @@ PY
       tests/test_kv4.py -k "switches_on_cuda" 2>&1 | tail -4 | tee "$OUT/tests_switches.log"
     ;;
   kv4tune|both)
-    export QCOMPILE_CACHE_DIR=$OUT/cache
-    cp qcompile/lowering/configs/h100.json /tmp/h100.json
-    python3 - <<'PY'
-import json, pathlib
-p = pathlib.Path("qcompile/lowering/configs/h100.json")
-d = json.loads(p.read_text())
-d["entries"] = [e for e in d["entries"] if e["key"]["family"] != "kv4_decode"]
-p.write_text(json.dumps(d))
-PY
-    (cd benchmarks && timeout "${KV4_S:-200}" python3 bench_kv4.py --out "$OUT" \
-      --batches "${KV4_BATCHES:-16,64}" --lengths 32768,8192 --prefill '') 2>&1 | tail -12 \
-      | tee "$OUT/bench_kv4.log"
-    cp /tmp/h100.json qcompile/lowering/configs/h100.json
+    KV4_S=${KV4_S:-200} PART=kv4tune bash benchmarks/session23_gpu.sh
     ;;&
   tests|both)
     unset QCOMPILE_CACHE_DIR
