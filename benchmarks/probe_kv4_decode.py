@@ -10,7 +10,6 @@ prints each shape's fastest configs, SDPA and the int4 roofline floor.
     python benchmarks/probe_kv4_decode.py --prefetch 0,1 --stage-v 0,1  # V through smem
     python benchmarks/probe_kv4_decode.py --stage-v 1 --key-bias16 0,1  # keys as 16 + code
     python benchmarks/probe_kv4_decode.py --prefetch 1 --stage-v 1 --q-rows 0,1  # q in registers
-    python benchmarks/probe_kv4_decode.py --prefetch 1 --stage-v 1 --lazy-rescale 0,1
 """
 
 from __future__ import annotations
@@ -32,7 +31,7 @@ from qcompile.lowering.kv4_attention import launch_attention, valid_config
 
 HQ, HKV, D, G = 32, 8, 128, 128
 # module switches of `kv4_attention` read at launch: flag -> name
-SWITCHES = {"key_bias16": "_KEY_BIAS16", "q_rows": "_Q_ROWS", "lazy_rescale": "_LAZY_RESCALE"}
+SWITCHES = {"key_bias16": "_KEY_BIAS16", "q_rows": "_Q_ROWS"}
 
 
 def _flags(sw: dict) -> dict:
@@ -180,8 +179,7 @@ def main() -> None:
                 print(
                     f"  {kind:15s} bn{c['block_n']} w{c['num_warps']} st{c['num_stages']} "
                     f"split{c['split_k']} pf{int(c['prefetch'])} sv{int(c['stage_v'])} "
-                    f"kb{int(r['key_bias16'])} qr{int(r['q_rows'])} "
-                    f"lz{int(r['lazy_rescale'])}: {r['us']:.1f} us "
+                    f"kb{int(r['key_bias16'])} qr{int(r['q_rows'])}: {r['us']:.1f} us "
                     f"({sdpa / r['us']:.2f}x SDPA, "
                     f"{floor / r['us']:.0%} of floor)",
                     flush=True,
@@ -191,8 +189,8 @@ def main() -> None:
             ("stage_v", lambda r: bool(r["config"]["stage_v"]), stage_vs),
             *((f, lambda r, f=f: r[f], values[f]) for f in SWITCHES),
         )
-        for name, setting, values in options:
-            for v in values if len(values) > 1 else ():
+        for name, setting, settings in options:
+            for v in settings if len(settings) > 1 else ():
                 best = min((r["us"] for r in rows if r["config"]["kernel"] == "decode"
                             and setting(r) == v), default=float("nan"))  # fmt: skip
                 print(f"  best decode with {name}={v}: {best:.1f} us", flush=True)

@@ -45,9 +45,6 @@ DECODE_FAMILY = "kv4_decode"
 PREFILL_FAMILY = "kv4_prefill"
 _LOG2E = 1.4426950408889634
 _MIN_SCALE = tl.constexpr(2.0**-24)  # qcompile.quant.kv4.MIN_SCALE
-# LAZY_RESCALE: how far (log2) a tile's max may exceed the reference before it moves; p and
-# P * scale / 2**e stay <= 2**8, far inside fp16 (FlashAttention-4 uses the same threshold)
-_LAZY_TAU = tl.constexpr(8.0)
 _NEG_INF = tl.constexpr(float("-inf"))
 
 
@@ -69,13 +66,10 @@ def _unpack_codes(packed, NG: tl.constexpr, ROWS: tl.constexpr, G: tl.constexpr)
 
 # --------------------------------------------------------------------------- attention
 @triton.jit
-def _softmax_tile(scores, visible, mask_ptrs, m_i, l_i, MASK_KIND: tl.constexpr,
-                  LAZY: tl.constexpr = False):  # fmt: skip
+def _softmax_tile(scores, visible, mask_ptrs, m_i, l_i, MASK_KIND: tl.constexpr):
     """One key tile of the online softmax: scores [BLOCK_M, BLOCK_N] (log2 domain), the
     explicit mask (MASK_KIND 0 none, 1 bool as uint8, 2 additive float, read at mask_ptrs
-    where visible) -> (p, alpha = rescale of the running sums, new running max, new l_i).
-    LAZY: a row's reference max moves only when the tile's exceeds it by more than
-    _LAZY_TAU (p may then reach 2**_LAZY_TAU), so alpha is exactly 1 on most tiles."""
+    where visible) -> (p, alpha = rescale of the running sums, new running max, new l_i)."""
     if MASK_KIND == 1:
         keep = tl.load(mask_ptrs, mask=visible, other=0)
         visible = visible & (keep != 0)
@@ -83,11 +77,7 @@ def _softmax_tile(scores, visible, mask_ptrs, m_i, l_i, MASK_KIND: tl.constexpr,
         bias = tl.load(mask_ptrs, mask=visible, other=0.0)
         scores += bias.to(tl.float32) * 1.4426950408889634
     scores = tl.where(visible, scores, _NEG_INF)
-    if LAZY:
-        m_tile = tl.max(scores, axis=1)
-        m_new = tl.where(m_tile > m_i + _LAZY_TAU, m_tile, m_i)
-    else:
-        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+    m_new = tl.maximum(m_i, tl.max(scores, axis=1))
     m_safe = tl.where(m_new == _NEG_INF, 0.0, m_new)  # rows with nothing visible yet
     alpha = tl.exp2(m_i - m_safe)
     p = tl.exp2(scores - m_safe[:, None])
@@ -391,7 +381,7 @@ def _kv4_decode_kernel(
     FOLD_UNIT: tl.constexpr = True, KEY_TOKENS: tl.constexpr = 0,
     SCALE_PREFETCH: tl.constexpr = False, STAGE_V: tl.constexpr = False,
     KEY_BIAS16: tl.constexpr = False, Q_ROWS: tl.constexpr = False,
-    LAZY_RESCALE: tl.constexpr = False, COMBINE_ROWS: tl.constexpr = 16,
+    COMBINE_ROWS: tl.constexpr = 16,
 ):  # fmt: skip
     # Flash-decoding ("decode": split over the sequence) and flash-attention ("prefill": row
     # tiles over pid_m, causal tiles skipped) for one scale/offset per token and head (G = D),
@@ -418,11 +408,7 @@ def _kv4_decode_kernel(
     # Q_ROWS: the query read as whole rows and split into planes in registers; read as two
     # stride-2 planes, its MMA operand is re-read from shared memory by a transposed ldmatrix
     # and moved into place on every tile (~100 MOV per 32-key tile; offline sm_90, Triton 3.6).
-    # LAZY_RESCALE (with FOLD_UNIT): the running max moves only by more than _LAZY_TAU and the
-    # accumulators' unit only when a tile needs a larger one or would sit 16x under it, so the
-    # accumulators' rescale is exactly 1 on most tiles and is skipped (one uniform branch).
     HALF: tl.constexpr = D // 2
-    LAZY: tl.constexpr = LAZY_RESCALE and FOLD_UNIT
     pid_bh = tl.program_id(0)
     pid_split = tl.program_id(1)
     pid_m = tl.program_id(2)  # row tile: one for decode, Sq * GQA / BLOCK_M for prefill
@@ -448,7 +434,7 @@ def _kv4_decode_kernel(
     acc_e = tl.zeros((BLOCK_M, HALF), tl.float32)
     acc_o = tl.zeros((BLOCK_M, HALF), tl.float32)
     fix = tl.zeros((BLOCK_M,), tl.float32)
-    acc_unit = tl.full((), 0.0 if LAZY else 1.0, tl.float32)  # acc_* hold multiples
+    acc_unit = tl.full((), 1.0, tl.float32)  # acc_* hold multiples
     offs_n = tl.arange(0, BLOCK_N)
     code_base = b * stride_cb + hkv * stride_ch + c[None, :]
     scale_base = b * stride_sb + hkv * stride_sh
@@ -529,7 +515,7 @@ def _kv4_decode_kernel(
         if IS_CAUSAL:
             visible = visible & (cols[None, :] <= (pos + seq_len - Sq)[:, None])
         p, alpha, m_new, l_i = _softmax_tile(
-            scores, visible, mask_base + cols[None, :] * stride_ms, m_i, l_i, MASK_KIND, LAZY
+            scores, visible, mask_base + cols[None, :] * stride_ms, m_i, l_i, MASK_KIND
         )
 
         v_lo, v_hi = _nibble_planes(
@@ -548,8 +534,6 @@ def _kv4_decode_kernel(
         # P * scale in fp16 with the tile's scales divided by a power of two 2**e >= their
         # maximum, as `_kv4_attention_kernel` does per group.
         pow2 = tl.exp2(tl.ceil(tl.log2(tl.maximum(tl.max(v_scale, axis=0), _MIN_SCALE))))
-        if LAZY:  # keep the unit (fp16 keeps its precision within 16x under it)
-            pow2 = tl.where((pow2 <= acc_unit) & (pow2 * 16.0 >= acc_unit), acc_unit, pow2)
         p_scaled = (p * (v_scale / pow2)[None, :]).to(tl.float16)
         # the per-row offset terms are the same for every channel: kept
         # in one [BLOCK_M] sum, added to both planes at the end
@@ -557,15 +541,7 @@ def _kv4_decode_kernel(
         # acc_e / acc_o are kept in units of the last tile's 2**e (acc_unit), so the dot
         # accumulates into them in place: rescaling by alpha and by the change of unit
         # (exact, powers of two) is one multiply per element, with no second accumulator.
-        if LAZY:
-            rescale = alpha * (acc_unit / pow2)
-            if tl.sum((rescale != 1.0).to(tl.int32), axis=0) > 0:
-                acc_e = acc_e * rescale[:, None]
-                acc_o = acc_o * rescale[:, None]
-            acc_e = tl.dot(p_scaled, v_lo, acc_e)
-            acc_o = tl.dot(p_scaled, v_hi, acc_o)
-            acc_unit = pow2
-        elif FOLD_UNIT:
+        if FOLD_UNIT:
             rescale = (alpha * (acc_unit / pow2))[:, None]
             acc_e = tl.dot(p_scaled, v_lo, acc_e * rescale)
             acc_o = tl.dot(p_scaled, v_hi, acc_o * rescale)
@@ -854,9 +830,6 @@ _KEY_BIAS16 = False
 # Triton 3.9 spills the BLOCK_N 32 tile more with it (48 -> 200 B). Off until the H100
 # (Triton 3.6) times it (`probe_kv4_decode.py --q-rows 0,1`).
 _Q_ROWS = False
-# Decode tiles skip the accumulators' rescale on tiles that do not move the running max by
-# more than 2**8 or change the V unit (`_kv4_decode_kernel` LAZY_RESCALE). Off until timed.
-_LAZY_RESCALE = False
 # (BLOCK_N, warps, stages) per decode kernel. "decode": one warp per 32 keys with the
 # prefetch and staged V won every shipped key on the H100 (twenty-fourth session; one warp
 # per 64 keys before), `benchmarks/probe_kv4_decode.py`.
@@ -1009,7 +982,6 @@ def launch_attention(
             FOLD_UNIT=_FOLD_UNIT, KEY_TOKENS=key_tokens, SCALE_PREFETCH=bool(cfg.prefetch),
             STAGE_V=bool(cfg.stage_v), KEY_BIAS16=_KEY_BIAS16 and not key_tokens,
             Q_ROWS=_Q_ROWS and cfg.kernel == "decode" and not key_tokens,
-            LAZY_RESCALE=_LAZY_RESCALE and cfg.kernel == "decode",
             COMBINE_ROWS=min(cfg.block_m, triton.next_power_of_2(gqa)),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
