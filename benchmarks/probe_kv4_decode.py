@@ -10,6 +10,8 @@ prints each shape's fastest configs, SDPA and the int4 roofline floor.
     python benchmarks/probe_kv4_decode.py --prefetch 0,1 --stage-v 0,1  # V through smem
     python benchmarks/probe_kv4_decode.py --stage-v 1 --key-bias16 0,1  # keys as 16 + code
     python benchmarks/probe_kv4_decode.py --prefetch 1 --stage-v 1 --q-rows 0,1  # q in registers
+    python benchmarks/probe_kv4_decode.py --prefetch 1 --stage-v 1 --tiles 32x1 \
+        --max-registers 0,184,168 --splits 8,16  # more resident programs per SM
 """
 
 from __future__ import annotations
@@ -43,8 +45,11 @@ def _set(sw: dict) -> None:
         setattr(kv4_attention, SWITCHES[f], v)
 
 
-def check(kind: str, dtype: torch.dtype, prefetch: bool = False, stage_v: bool = False) -> float:
-    """Relative error of one config against the float64 reference (quantized cache)."""
+def check(
+    kind: str, dtype: torch.dtype, prefetch: bool = False, stage_v: bool = False, cap: int = 0
+) -> float:
+    """Relative error of one config against the float64 reference (quantized cache); with a
+    register cap, of the shipped one-warp BLOCK_N 32 tile under it."""
     sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
     from helpers import rel_error
     from strategies import KV4Problem
@@ -62,6 +67,8 @@ def check(kind: str, dtype: torch.dtype, prefetch: bool = False, stage_v: bool =
     ref = KV4Problem(q, keys, values, None, None, False, D**-0.5).reference64()
     prob = KV4Problem(q.cuda(), to(keys), to(values), None, None, False, D**-0.5)
     cfg = KernelConfig(kind, 16, 128, 0, 4, 4, 2, prefetch, stage_v=stage_v)
+    if cap:
+        cfg = KernelConfig(kind, 16, 32, 0, 4, 1, 2, True, stage_v=True, max_registers=cap)
     out = launch_attention(cfg, *prob.args())
     return rel_error(out.cpu(), ref)
 
@@ -79,12 +86,17 @@ def main() -> None:
     for flag in SWITCHES:
         ap.add_argument(f"--{flag.replace('_', '-')}", default="0",
                         help=f"`{SWITCHES[flag]}` settings to check and time, e.g. 0,1")  # fmt: skip
+    ap.add_argument(
+        "--max-registers", default="0",
+        help="decode: register caps per thread to time (0: none), e.g. 0,184,168",
+    )  # fmt: skip
     ap.add_argument("--splits", default="1,2,4,8,16,32,64,128")
     ap.add_argument("--tiles", default="", help="BLOCK_Nxwarps list, e.g. 64x1,128x4")
     args = ap.parse_args()
     dtype = getattr(torch, args.dtype)
     prefetches = tuple(bool(int(v)) for v in args.prefetch.split(","))
     stage_vs = tuple(bool(int(v)) for v in args.stage_v.split(","))
+    caps = tuple(int(v) for v in args.max_registers.split(","))
     values = {f: tuple(bool(int(v)) for v in getattr(args, f).split(",")) for f in SWITCHES}
     switches = [dict(zip(SWITCHES, vs, strict=True)) for vs in itertools.product(*values.values())]
     for sw in switches:
@@ -103,6 +115,10 @@ def main() -> None:
                 print(
                     f"check {kind} {dt} prefetch={pf} stage_v={sv}: rel error {err:.2e}", flush=True
                 )
+    for cap in (c for c in caps if c):
+        for dt in (torch.float16, torch.bfloat16):
+            print(f"check decode {dt} max_registers={cap}: rel error "
+                  f"{check('decode', dt, cap=cap):.2e}", flush=True)  # fmt: skip
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
     bw = hbm_bandwidth()
     results = []
@@ -118,17 +134,19 @@ def main() -> None:
             tiles = tuple(tuple(map(int, t.split("x"))) for t in args.tiles.split(","))
         splits = tuple(int(v) for v in args.splits.split(","))
         grid = itertools.chain(
-            ((("decode", bn, w, st, sp, pf, sv, sw) for (bn, w), st, sp, pf, sv, sw in
-              itertools.product(tiles, (2, 3), splits, prefetches, stage_vs, switches))),
+            ((("decode", bn, w, st, sp, pf, sv, sw, r) for (bn, w), st, sp, pf, sv, sw, r in
+              itertools.product(tiles, (2, 3), splits, prefetches, stage_vs, switches, caps))),
             itertools.product(["decode_grouped"], (64,), (4,), (2,), (4, 32), (False,), (False,),
-                              ({},)),
+                              ({},), (0,)),
         )  # fmt: skip
-        for kind, bn, warps, stages, split, pf, sv, sw in grid:
-            cfg = KernelConfig(kind, 16, bn, 0, split, warps, stages, pf, stage_v=sv)
+        for kind, bn, warps, stages, split, pf, sv, sw, cap in grid:
+            cfg = KernelConfig(kind, 16, bn, 0, split, warps, stages, pf, stage_v=sv,
+                               max_registers=cap)  # fmt: skip
             _set(sw)  # read at launch, i.e. when the graph is captured
             if (
                 not valid_config(cfg, 4)
-                or (split > 1 and b * HKV * split > 8 * 132)
+                # ~8 one-warp programs fit an SM uncapped, up to 12 capped
+                or (split > 1 and b * HKV * split > (16 if cap else 8) * 132)
                 or s < split * 64
             ):
                 continue
@@ -179,7 +197,8 @@ def main() -> None:
                 print(
                     f"  {kind:15s} bn{c['block_n']} w{c['num_warps']} st{c['num_stages']} "
                     f"split{c['split_k']} pf{int(c['prefetch'])} sv{int(c['stage_v'])} "
-                    f"kb{int(r['key_bias16'])} qr{int(r['q_rows'])}: {r['us']:.1f} us "
+                    f"kb{int(r['key_bias16'])} qr{int(r['q_rows'])} "
+                    f"r{c.get('max_registers', 0)}: {r['us']:.1f} us "
                     f"({sdpa / r['us']:.2f}x SDPA, "
                     f"{floor / r['us']:.0%} of floor)",
                     flush=True,
@@ -187,6 +206,7 @@ def main() -> None:
         options = (  # each setting's effect alone: the best decode time with it on / off
             ("prefetch", lambda r: bool(r["config"]["prefetch"]), prefetches),
             ("stage_v", lambda r: bool(r["config"]["stage_v"]), stage_vs),
+            ("max_registers", lambda r: r["config"]["max_registers"], caps),
             *((f, lambda r, f=f: r[f], values[f]) for f in SWITCHES),
         )
         for name, setting, settings in options:

@@ -183,12 +183,12 @@ def _kv4_signature(fn, pointers: dict[str, str], consts: dict) -> tuple[dict, di
 def compile_kv4_variant(
     kind: str, bm: int, bn: int, warps: int, stages: int, key_tokens: int = 0,
     dtype: str = "fp16", prefetch: bool = False, stage_v: bool = False, key_bias16: bool = False,
-    q_rows: bool = False,
+    q_rows: bool = False, max_registers: int = 0,
 ):  # fmt: skip
     """A KV4 kernel for sm_90: "decode"/"prefill" (`_kv4_decode_kernel`, fp16 query, no mask,
     split partials for decode; key_tokens > 0: keys per channel) or "key_write" (the
     per-channel key write kernel, T = key_tokens); dtype: the query's (and residual's), fp16
-    or bf16."""
+    or bf16; max_registers: ptxas's cap per thread (0: none)."""
     from qcompile.lowering import kv4_attention as kv4
 
     if kind == "key_write":
@@ -211,7 +211,10 @@ def compile_kv4_variant(
                     "q_ptr": f"*{dtype}", "kr_ptr": f"*{dtype}", "final_ptr": f"*{dtype}"}  # fmt: skip
     sig, attrs = _kv4_signature(fn, pointers, consts)
     src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
-    return triton.compile(src, target=TARGET, options={"num_warps": warps, "num_stages": stages})
+    options = {"num_warps": warps, "num_stages": stages}
+    if max_registers:
+        options["maxnreg"] = max_registers
+    return triton.compile(src, target=TARGET, options=options)
 
 
 def _tool(name: str, kernel, *args: str) -> str:

@@ -271,6 +271,43 @@ def test_valid_config_refuses_tiles_the_gpu_gets_wrong(bm, bn, valid):
     assert {c.kernel for c in candidate_configs(1, 8, 1, 4, 8192, 4)} == {"decode_grouped"}
 
 
+def test_register_capped_decode_tiles_are_candidates_with_more_splits():
+    """The register-capped BLOCK_N 32 tiles (more resident programs per SM) are tuning
+    candidates for per-token keys, with splits past the plain tiles' (their residents need
+    programs: B=16 S=32k gets split 16); the cap is the one-group kernel's only."""
+    tuned = candidate_configs(16, 8, 1, 4, 32768, 1)
+    capped = [c for c in tuned if c.max_registers]
+    assert {(c.num_stages, c.max_registers) for c in capped} == {(2, 184), (3, 184), (2, 168)}
+    assert all((c.block_n, c.num_warps, c.prefetch, c.stage_v) == (32, 1, True, True)
+               for c in capped)  # fmt: skip
+    assert max(c.split_k for c in capped) == 2 * max(
+        c.split_k for c in tuned if not c.max_registers
+    )
+    assert not any(c.max_registers for c in candidate_configs(16, 8, 1, 4, 32768, 1, 64))
+    assert not any(c.max_registers for c in candidate_configs(16, 8, 1, 4, 32768, 4))
+    assert not valid_config(KernelConfig("decode_grouped", 16, 64, 0, 2, max_registers=184), 4, 2)
+    assert not valid_config(KernelConfig("decode", 16, 32, 0, 2, max_registers=300), 4)
+    assert valid_config(KernelConfig("decode", 16, 32, 0, 2, max_registers=184), 4)
+
+
+@pytest.mark.parametrize("split", [1, 16])
+def test_register_capped_decode_tile_matches_float64(split):
+    """A capped config launches (the cap goes to the compiler, which the interpreter does not
+    run) and, split past the self-reducing limit, combines through the second launch."""
+    torch.manual_seed(split)
+    s, d = 700, 64
+    keys, values = (quantize_kv4(torch.randn(1, 2, s, d), KVScheme(group_size=d)) for _ in "kv")
+
+    def to(p):
+        return PackedKV4(*(x.to(KERNEL_DEVICE) for x in (p.codes, p.scales, p.offsets)), d)
+
+    q = torch.randn(1, 8, 1, d).half().to(KERNEL_DEVICE)
+    problem = KV4Problem(q, to(keys), to(values), None, None, False, d**-0.5)
+    cfg = KernelConfig("decode", 16, 32, 0, split, 1, 2, True, stage_v=True, max_registers=184)
+    assert valid_config(cfg, 4)
+    assert_close_rel(_run(problem, cfg), problem.reference64(), torch.float16)
+
+
 def test_scale_prefetch_is_the_one_group_kernels_only():
     assert valid_config(KernelConfig("decode", 16, 64, 0, 2, 4, 2, True), 4)
     assert not valid_config(KernelConfig("decode_grouped", 16, 64, 0, 2, 4, 2, True), 4, 2)

@@ -74,6 +74,10 @@ class KernelConfig:
     # KV4 one-group decode kernel: V's unpacked tile reaches the MMA through shared memory
     # instead of per-byte gathers (`_kv4_decode_kernel`'s STAGE_V).
     stage_v: bool = False
+    # Registers per thread the compiler may use (Triton's `maxnreg`; 0: its own choice). A
+    # cap trades a few instructions for more resident programs per SM. Only the KV4 one-group
+    # kernel takes it (its `valid_config` rejects it elsewhere).
+    max_registers: int = 0
 
     @classmethod
     def from_dict(cls, d: dict) -> KernelConfig:

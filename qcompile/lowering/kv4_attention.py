@@ -749,7 +749,8 @@ def valid_config(cfg: KernelConfig, rows: int, groups: int = 1, key_tokens: int 
     stages, `benchmarks/probe_kv4_prefill.py`) while the interpreter gets it right, so no
     config may use it. Keys per channel over `key_tokens` tokens: "decode"/"prefill" with
     BLOCK_N dividing key_tokens. `prefetch` (the next tile's token scales, loaded one
-    iteration ahead) only on the one-group kernel; `stage_v` only on "decode"."""
+    iteration ahead) and `max_registers` only on the one-group kernel; `stage_v` only on
+    "decode"."""
     if cfg.kernel not in _KINDS:
         return False
     if not (_pow2(cfg.block_m) and _pow2(cfg.block_n)) or cfg.block_m < 16 or cfg.block_n < 32:
@@ -760,6 +761,10 @@ def valid_config(cfg: KernelConfig, rows: int, groups: int = 1, key_tokens: int 
         return False  # the scale prefetch is the one-group kernel's
     if cfg.stage_v and cfg.kernel != "decode":
         return False  # prefill tiles (BLOCK_M >= 64) stage V through shared memory anyway
+    if cfg.max_registers and (
+        cfg.kernel not in _ONE_GROUP_KINDS or not 24 <= cfg.max_registers <= 255
+    ):
+        return False  # the register cap is passed to the one-group kernel's launch only
     if key_tokens and (cfg.kernel not in _ONE_GROUP_KINDS or key_tokens % cfg.block_n):
         return False  # keys per channel: the 2-D kernel, tiles within one group of tokens
     if cfg.kernel.startswith("decode"):
@@ -798,11 +803,35 @@ def candidate_configs(
                     # stage_v at BLOCK_N 32, 260.0 us (fp16, `results/session24/`)
                     pf = dataclasses.replace(cfg, prefetch=True)
                     out += [pf, dataclasses.replace(pf, stage_v=True)]
+        if groups == 1 and not key_tokens:
+            out += _register_capped_tiles(bm, programs, s)
     if sq > 1:
         for bm, bn, warps, stages in _PREFILL_TILES[prefill_kind(groups)]:
             out.append(KernelConfig(prefill_kind(groups), bm, min(bn, cap), 0, 1, warps, stages))
     out = list(dict.fromkeys(out))  # capping BLOCK_N can repeat a config
     return [c for c in out if valid_config(c, rows, groups, key_tokens)]
+
+
+# The shipped decode tile (BLOCK_N 32, one warp, prefetch, staged V) needs 242-246 registers
+# per thread, which caps an SM at 8 resident programs (65536 registers / 8192 a warp), and the
+# splits were sized to that. Capped (offline sm_90, Triton 3.6, the tile's loop): 184
+# registers spill nothing and lengthen the loop 4-5% (2 stages 1113 -> 1153 instructions, 3
+# stages 1119 -> 1177) for 11 programs per SM by registers (10 by shared memory with 3
+# stages); 168 spills 8 local loads/stores per tile (1180) for 12. These (stages, cap) pairs
+# are tried with splits up to twice the plain tiles' program target, so that the extra
+# residents have programs to run. Untimed.
+_CAPPED_DECODE_TILES = ((2, 184), (3, 184), (2, 168))
+
+
+def _register_capped_tiles(bm: int, programs: int, s: int) -> list[KernelConfig]:
+    out = []
+    for split in (1, 2, 4, 8, 16, 32, 64, 128):
+        if split > 1 and (programs * split // 2 >= 2 * _SPLIT_PROGRAM_TARGET or s < split * 64):
+            continue
+        for stages, cap in _CAPPED_DECODE_TILES:
+            out.append(KernelConfig("decode", bm, 32, 0, split, 1, stages, True, stage_v=True,
+                                    max_registers=cap))  # fmt: skip
+    return out
 
 
 # (BLOCK_M, BLOCK_N, warps, stages) per prefill kernel
@@ -984,6 +1013,7 @@ def launch_attention(
             Q_ROWS=_Q_ROWS and cfg.kernel == "decode" and not key_tokens,
             COMBINE_ROWS=min(cfg.block_m, triton.next_power_of_2(gqa)),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            maxnreg=cfg.max_registers or None,
         )  # fmt: skip
         if counters is None:
             reduce_splits(target, lse, out)
