@@ -34,6 +34,7 @@ from qcompile.integrations.kv4_cache import smooth_attention_
 from qcompile.quant.awq import awq_quantize_model
 from qcompile.quant.calibration import collect_input_hessians
 from qcompile.quant.gptq import gptq_quantize_model, gptq_quantizer
+from qcompile.quant.rotate import rotate_model_
 from qcompile.quant.smooth import smooth_model_
 from qcompile.quant.w4a8 import PackedW4A8, dequantize_w4a8
 
@@ -249,6 +250,21 @@ ROWS = [  # (label, scheme, method, note); None = the fp32 model
         "gptq-seq-act-clip-awq-s1",
         "every layer: K=576 padded to 640",
     ),
+    *(
+        (
+            f"{name} g128{act}, K padded, rotated, {label}",
+            Scheme(name=name.lower(), group_size=128, pad_k=True),
+            f"rot-{method}",
+            "residual stream rotated first (`rotate_model_`: randomized Hadamard (x) random "
+            "orthogonal, per-head Hadamard on V); every layer: K=576 padded to 640",
+        )
+        for name, act in (("W4A16", " asym"), ("W4A8", " int8"))
+        for label, method in (
+            ("RTN", "rtn"),
+            ("GPTQ act-order, block-sequential, clip search", "gptq-seq-act-clip"),
+            ("AWQ + GPTQ act-order, block-sequential, clip search", "gptq-seq-act-clip-awq"),
+        )
+    ),
     (
         "fp32 weights, KV4 cache g64",
         KVScheme(group_size=64),
@@ -360,6 +376,9 @@ def main() -> None:
             weights_only = method.startswith("weights-only")  # "weights-only[-<method>]"
             if weights_only:
                 method = method.removeprefix("weights-only").removeprefix("-") or "rtn"
+            if method.startswith("rot-"):  # "rot-<method>": residual stream rotated first
+                rotate_model_(m)
+                method = method.removeprefix("rot-")
             if method.startswith("smooth"):  # "smooth<alpha>[-<method>]": SmoothQuant first,
                 alpha, _, method = method.removeprefix("smooth").partition("-")
                 smooth_model_(m, calibration_batches(tok), alpha=float(alpha))

@@ -148,6 +148,10 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         )
         return
     config = _config(args)
+    if args.rotate:
+        from qcompile.quant.rotate import rotate_model_
+
+        rotate_model_(model, seed=args.rotate_seed)
     if args.method == "rtn":
         report = qcompile.quantize_(model, config)
     else:
@@ -471,6 +475,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--clip-search", action="store_true", help="GPTQ: shrink group ranges where it helps"
     )
+    p.add_argument(
+        "--rotate", action="store_true",
+        help="rotate the residual stream first (QuaRot-style, folded into the weights; Llama "
+        "family): helps GPTQ, not RTN (docs/accuracy.md)",
+    )  # fmt: skip
+    p.add_argument("--rotate-seed", type=int, default=0, help="seed of --rotate's matrix")
     p.add_argument(
         "--calib-text", default=DEFAULT_CALIBRATION, help="file or folder of calibration text"
     )

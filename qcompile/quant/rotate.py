@@ -1,0 +1,127 @@
+"""Residual-stream rotation (QuaRot, SpinQuant's R1 / R2): an orthogonal change of basis folded
+into the weights of a pre-norm decoder, so the model computes the same function.
+
+With each RMSNorm's weight folded into the linears that read its output, RMSNorm commutes with
+any orthogonal Q (||h Q|| = ||h||). The residual stream h then becomes h Q: the embedding
+E -> E Q, the linears reading the stream (q/k/v, gate/up, lm_head) W -> W Q, the ones writing
+it (o_proj, down_proj) W -> Q^T W (their bias b -> b Q). Per attention head, V may be rotated
+too: v_proj's rows and o_proj's columns by a Hadamard matrix (attention mixes tokens, not
+channels, so each head's output turns with its V). Nothing runs at inference.
+
+Rotated weights spread every input channel's range over all channels. GPTQ then rounds them
+better (SmolLM2-135M, W4A16 g128: +15.3% -> +9.3% perplexity), while RTN alone gets worse on
+that model, whose weights were born on a 4-bit grid in their own basis (`docs/accuracy.md`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def hadamard(n: int) -> torch.Tensor:
+    """The n x n Walsh-Hadamard matrix / sqrt(n) (orthogonal), float64; n a power of two."""
+    if n < 1 or n & (n - 1):
+        raise ValueError(f"hadamard: n={n} is not a power of two")
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h / n**0.5
+
+
+def rotation_matrix(d: int, seed: int = 0) -> torch.Tensor:
+    """A random orthogonal d x d matrix, float64: for d = 2**a * r (r odd), a random orthogonal
+    r x r matrix Kronecker a Hadamard of 2**a with random column signs (a randomized Hadamard
+    when d is a power of two). The Hadamard factor spreads every channel evenly."""
+    gen = torch.Generator().manual_seed(seed)
+    p = d & -d  # the largest power of two dividing d
+    signs = torch.randint(0, 2, (p,), generator=gen).double() * 2 - 1
+    q, r = torch.linalg.qr(torch.randn(d // p, d // p, dtype=torch.float64, generator=gen))
+    q = q * torch.sign(torch.diagonal(r))  # Haar-distributed
+    return torch.kron(q.contiguous(), (hadamard(p) * signs).contiguous())
+
+
+def _check_llama_like(model: nn.Module) -> nn.Module:
+    inner = getattr(model, "model", None)
+    needed = ("embed_tokens", "layers", "norm")
+    if inner is None or not all(hasattr(inner, n) for n in needed) or not hasattr(model, "lm_head"):
+        raise ValueError(
+            f"rotate_model_: {type(model).__name__} is not a Llama-family causal LM (model.model."
+            "embed_tokens / layers / norm and lm_head); rotation supports Llama, Mistral, Qwen2"
+        )
+    norms = [inner.norm] + [
+        n for layer in inner.layers for n in (layer.input_layernorm, layer.post_attention_layernorm)
+    ]
+    for norm in norms:
+        name = type(norm).__name__
+        # Gemma-style norms scale by (1 + weight) and LayerNorm centres and has a bias: folding
+        # `weight` into the next linear would not leave a rotation-invariant norm
+        if (
+            not name.endswith("RMSNorm")
+            or name.startswith("Gemma")
+            or getattr(norm, "bias", None) is not None
+        ):
+            raise ValueError(
+                f"rotate_model_: {name} is not a plain RMSNorm (x / rms(x) * weight), so the "
+                "residual stream cannot be rotated; quantize without --rotate"
+            )
+    for layer in inner.layers:
+        for path in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                     "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"):  # fmt: skip
+            if not isinstance(layer.get_submodule(path), nn.Linear):
+                raise ValueError(
+                    f"rotate_model_: {path} is {type(layer.get_submodule(path)).__name__}, not an "
+                    "nn.Linear: rotate the float model before quantizing it"
+                )
+    return inner
+
+
+def _set(linear: nn.Module, weight: torch.Tensor) -> None:
+    linear.weight.data = weight.to(linear.weight.dtype).contiguous()
+
+
+@torch.no_grad()
+def rotate_model_(model: nn.Module, seed: int = 0, rotate_values: bool = True) -> None:
+    """Rotate the residual stream of a Llama-family causal LM in place (same function in exact
+    arithmetic; float64 products, each weight back in its dtype). Every RMSNorm's weight
+    becomes 1. A tied lm_head is untied (it becomes E diag(final norm) Q, no longer E Q);
+    `config.tie_word_embeddings` is set False so checkpoints keep both. With `rotate_values`,
+    V and o_proj's input also turn per head by a Hadamard (head_dim a power of two)."""
+    inner = _check_llama_like(model)
+    device = inner.embed_tokens.weight.device
+    q = rotation_matrix(inner.embed_tokens.weight.shape[1], seed).to(device)
+
+    def fold(norm: nn.Module, linears: list[nn.Module]) -> None:
+        for linear in linears:
+            _set(linear, linear.weight.double() * norm.weight.double())
+        norm.weight.fill_(1.0)
+
+    embed = inner.embed_tokens.weight
+    if model.lm_head.weight is embed:
+        model.lm_head.weight = nn.Parameter(embed.detach().clone())
+    model.config.tie_word_embeddings = False
+    fold(inner.norm, [model.lm_head])
+    _set(model.lm_head, model.lm_head.weight.double() @ q)
+    embed.data = (embed.double() @ q).to(embed.dtype)
+    for layer in inner.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        fold(layer.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj])
+        fold(layer.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj])
+        for linear in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj):
+            _set(linear, linear.weight.double() @ q)
+        for linear in (attn.o_proj, mlp.down_proj):
+            _set(linear, q.T @ linear.weight.double())
+            if linear.bias is not None:
+                linear.bias.data = (linear.bias.double() @ q).to(linear.bias.dtype)
+        head_dim = getattr(attn, "head_dim", None)
+        if rotate_values and head_dim and head_dim & (head_dim - 1) == 0:
+            h = hadamard(head_dim).to(device)
+            v_heads = attn.v_proj.out_features // head_dim
+            v_rot = torch.block_diag(*[h] * v_heads)
+            _set(attn.v_proj, v_rot.T @ attn.v_proj.weight.double())
+            if attn.v_proj.bias is not None:
+                attn.v_proj.bias.data = (attn.v_proj.bias.double() @ v_rot).to(
+                    attn.v_proj.bias.dtype
+                )
+            o_rot = torch.block_diag(*[h] * (attn.o_proj.in_features // head_dim))
+            _set(attn.o_proj, attn.o_proj.weight.double() @ o_rot)
