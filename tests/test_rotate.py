@@ -11,7 +11,7 @@ import torch
 
 import qcompile
 from qcompile import QuantConfig, Scheme
-from qcompile.quant.rotate import hadamard, rotate_model_, rotation_matrix
+from qcompile.quant.rotate import rotate_model_, rotation_matrix
 
 TOKENS = helpers.ROUND_TRIP_TOKENS
 
@@ -23,12 +23,6 @@ def test_rotation_matrix_is_orthogonal_with_a_hadamard_factor(d):
     if d == 64:  # a randomized Hadamard: every entry +-1/8
         assert torch.allclose(q.abs(), torch.full_like(q, 1 / 8))
     assert not torch.equal(rotation_matrix(d, seed=4), q) or d == 1
-
-
-def test_hadamard_rejects_other_sizes():
-    assert torch.allclose(hadamard(4) @ hadamard(4), torch.eye(4, dtype=torch.float64))
-    with pytest.raises(ValueError, match="n=12 is not a power of two"):
-        hadamard(12)
 
 
 def _logits(model):

@@ -18,15 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-
-def hadamard(n: int) -> torch.Tensor:
-    """The n x n Walsh-Hadamard matrix / sqrt(n) (orthogonal), float64; n a power of two."""
-    if n < 1 or n & (n - 1):
-        raise ValueError(f"hadamard: n={n} is not a power of two")
-    h = torch.ones(1, 1, dtype=torch.float64)
-    while h.shape[0] < n:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    return h / n**0.5
+from qcompile.quant.kv4 import hadamard_matrix
 
 
 def rotation_matrix(d: int, seed: int = 0) -> torch.Tensor:
@@ -38,7 +30,7 @@ def rotation_matrix(d: int, seed: int = 0) -> torch.Tensor:
     signs = torch.randint(0, 2, (p,), generator=gen).double() * 2 - 1
     q, r = torch.linalg.qr(torch.randn(d // p, d // p, dtype=torch.float64, generator=gen))
     q = q * torch.sign(torch.diagonal(r))  # Haar-distributed
-    return torch.kron(q.contiguous(), (hadamard(p) * signs).contiguous())
+    return torch.kron(q.contiguous(), (hadamard_matrix(p, torch.float64) * signs).contiguous())
 
 
 def _check_llama_like(model: nn.Module) -> nn.Module:
@@ -115,7 +107,7 @@ def rotate_model_(model: nn.Module, seed: int = 0, rotate_values: bool = True) -
                 linear.bias.data = (linear.bias.double() @ q).to(linear.bias.dtype)
         head_dim = getattr(attn, "head_dim", None)
         if rotate_values and head_dim and head_dim & (head_dim - 1) == 0:
-            h = hadamard(head_dim).to(device)
+            h = hadamard_matrix(head_dim, torch.float64, device)
             v_heads = attn.v_proj.out_features // head_dim
             v_rot = torch.block_diag(*[h] * v_heads)
             _set(attn.v_proj, v_rot.T @ attn.v_proj.weight.double())
