@@ -148,27 +148,47 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         )
         return
     config = _config(args)
-    if args.rotate:
-        from qcompile.quant.rotate import rotate_model_
-
-        rotate_model_(model, seed=args.rotate_seed)
-    if args.method == "rtn":
-        report = qcompile.quantize_(model, config)
-    else:
+    w = args.window
+    batches: list[torch.Tensor] = []
+    if args.method != "rtn" or (args.rotate and args.rotate_seeds > 1):
         ids = _text_ids(tok, args.calib_text)
-        w = args.window
         if ids.numel() < w:
             raise CliError(f"--calib-text has {ids.numel()} tokens, fewer than --window {w}")
-        batches = [
-            ids[i * w : (i + 1) * w][None] for i in range(min(args.calib_windows, ids.numel() // w))
-        ]
-        if args.method == "awq":
-            report = awq_quantize_model(model, batches, config)
+        batches = [ids[i * w : (i + 1) * w][None] for i in range(ids.numel() // w)]
+    calibration, held_out = batches[: args.calib_windows], batches[args.calib_windows :][:8]
+    reports = {}
+
+    def quantize(m: torch.nn.Module) -> None:
+        if args.method == "rtn":
+            reports[id(m)] = qcompile.quantize_(m, config)
+        elif args.method == "awq":
+            reports[id(m)] = awq_quantize_model(m, calibration, config)
         else:
-            report = gptq_quantize_model(
-                model, batches, config, act_order=args.act_order, clip_search=args.clip_search,
+            reports[id(m)] = gptq_quantize_model(
+                m, calibration, config, act_order=args.act_order, clip_search=args.clip_search,
                 awq=args.method == "awq+gptq",
             )  # fmt: skip
+
+    if args.rotate and args.rotate_seeds > 1:
+        from qcompile.quant.rotate import pick_rotation
+
+        if not held_out:
+            raise CliError(
+                f"--rotate-seeds {args.rotate_seeds} scores each seed on held-out text, but "
+                f"--calib-text has only {len(batches)} windows of {w} tokens, all used by "
+                f"--calib-windows {args.calib_windows}: give more text or fewer windows"
+            )
+        seeds = range(args.rotate_seed, args.rotate_seed + args.rotate_seeds)
+        model, seed, scores = pick_rotation(model, quantize, held_out, seeds)
+        listed = ", ".join(f"{s}: {p:.3f}" for s, p in scores.items())
+        print(f"rotation seeds by held-out perplexity ({listed}): kept seed {seed}")
+    else:
+        if args.rotate:
+            from qcompile.quant.rotate import rotate_model_
+
+            rotate_model_(model, seed=args.rotate_seed)
+        quantize(model)
+    report = reports[id(model)]
     if args.dtype != "float32":
         model.to(DTYPES[args.dtype])
     out = qcompile.save_quantized(model, args.out)
@@ -481,6 +501,11 @@ def parser() -> argparse.ArgumentParser:
         "family): helps GPTQ, not RTN (docs/accuracy.md)",
     )  # fmt: skip
     p.add_argument("--rotate-seed", type=int, default=0, help="seed of --rotate's matrix")
+    p.add_argument(
+        "--rotate-seeds", type=int, default=1,
+        help="--rotate: try this many seeds from --rotate-seed, quantize each, keep the one with "
+        "the lowest perplexity on up to 8 calibration windows past --calib-windows",
+    )  # fmt: skip
     p.add_argument(
         "--calib-text", default=DEFAULT_CALIBRATION, help="file or folder of calibration text"
     )

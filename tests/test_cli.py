@@ -162,6 +162,27 @@ def test_rotate_then_gptq_writes_a_rotated_checkpoint(model_dir, tmp_path):
     assert helpers.rel_error(got, want) < 0.25  # 0.17 when written; a wrong rotation: ~1
 
 
+def test_rotate_seeds_keeps_the_best_held_out_seed(model_dir, tmp_path, capsys):
+    """`--rotate-seeds 2`: both seeds scored on calibration windows past --calib-windows, the
+    better one saved; without such windows, a one-line error that says what to change."""
+    args = [
+        "quantize", str(model_dir), str(tmp_path / "s"), "--rotate", "--rotate-seeds", "2",
+        "--group-size", "32", "--calib-text", str(model_dir / "text.txt"), "--window", "32",
+        "--calib-windows", "4",
+    ]  # fmt: skip
+    assert cli.main(args) == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if "rotation seeds" in ln)
+    scores = dict(
+        (int(s), float(p))
+        for s, p in (x.split(": ") for x in line[line.index("(") + 1 : line.index(")")].split(", "))
+    )
+    assert sorted(scores) == [0, 1]
+    assert line.endswith(f"kept seed {min(scores, key=scores.get)}")
+    args[args.index("--calib-windows") + 1] = "1000"
+    assert cli.main(args) == 2
+    assert "give more text or fewer windows" in capsys.readouterr().err
+
+
 def test_report_lists_matched_layers(model_dir, capsys):
     assert cli.main(["report", str(model_dir), "--group-size", "32"]) == 0
     out = capsys.readouterr().out

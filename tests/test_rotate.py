@@ -11,7 +11,7 @@ import torch
 
 import qcompile
 from qcompile import QuantConfig, Scheme
-from qcompile.quant.rotate import rotate_model_, rotation_matrix
+from qcompile.quant.rotate import pick_rotation, rotate_model_, rotation_matrix
 
 TOKENS = helpers.ROUND_TRIP_TOKENS
 
@@ -94,3 +94,32 @@ def test_rotated_quantized_model_round_trips_a_checkpoint(tmp_path):
     loaded = qcompile.load_quantized(tmp_path / "rot")
     assert loaded.lm_head.weight is not loaded.model.embed_tokens.weight
     assert torch.equal(_logits(loaded), _logits(model))
+
+
+def test_pick_rotation_keeps_the_seed_with_the_lowest_held_out_perplexity():
+    """Every seed is scored on the held-out batches; the kept model is that seed's rotation,
+    quantized, and the input model is left as it was."""
+    from qcompile.eval import perplexity
+
+    model = helpers.tiny_llama(num_layers=2)
+    before = copy.deepcopy(model.state_dict())
+    gen = torch.Generator().manual_seed(0)
+    held_out = [torch.randint(0, 256, (1, 16), generator=gen) for _ in range(3)]
+
+    def quantize(m):
+        qcompile.quantize_(m, QuantConfig(Scheme(group_size=32)))
+
+    best, seed, scores = pick_rotation(model, quantize, held_out, seeds=(0, 1, 2), progress=False)
+    assert sorted(scores) == [0, 1, 2] and len(set(scores.values())) == 3
+    assert scores[seed] == min(scores.values())
+    again = copy.deepcopy(model)
+    rotate_model_(again, seed=seed)
+    quantize(again)
+    assert torch.equal(_logits(best), _logits(again))
+    ids = torch.cat([b.flatten() for b in held_out])
+    assert perplexity(best, ids, window=16, windows=3, progress=False) == pytest.approx(
+        scores[seed]
+    )
+    assert all(torch.equal(t, model.state_dict()[n]) for n, t in before.items())
+    with pytest.raises(ValueError, match="no seeds"):
+        pick_rotation(model, quantize, held_out, seeds=())
