@@ -34,7 +34,7 @@ from qcompile.integrations.kv4_cache import smooth_attention_
 from qcompile.quant.awq import awq_quantize_model
 from qcompile.quant.calibration import collect_input_hessians
 from qcompile.quant.gptq import gptq_quantize_model, gptq_quantizer
-from qcompile.quant.rotate import rotate_model_
+from qcompile.quant.rotate import pick_rotation, rotate_model_
 from qcompile.quant.smooth import smooth_model_
 from qcompile.quant.w4a8 import PackedW4A8, dequantize_w4a8
 
@@ -254,7 +254,7 @@ ROWS = [  # (label, scheme, method, note); None = the fp32 model
         (
             f"{name} g128{act}, K padded, rotated, {label}",
             Scheme(name=name.lower(), group_size=128, pad_k=True),
-            f"rot-{method}",
+            method if method.startswith("rot") else f"rot-{method}",
             "residual stream rotated first (`rotate_model_`: randomized Hadamard (x) random "
             "orthogonal, per-head Hadamard on V); every layer: K=576 padded to 640",
         )
@@ -263,6 +263,10 @@ ROWS = [  # (label, scheme, method, note); None = the fp32 model
             ("RTN", "rtn"),
             ("GPTQ act-order, block-sequential, clip search", "gptq-seq-act-clip"),
             ("AWQ + GPTQ act-order, block-sequential, clip search", "gptq-seq-act-clip-awq"),
+            (
+                "best of 3 seeds by held-out loss, GPTQ act-order, block-sequential, clip search",
+                "rot3-gptq-seq-act-clip",
+            ),
         )
     ),
     (
@@ -331,9 +335,9 @@ def unquantize_activations_(model) -> None:
             setattr(model.get_submodule(parent), attr, linear)
 
 
-def calibration_batches(tok, window: int = 512) -> list[torch.Tensor]:
+def calibration_batches(tok, window: int = 512, count: int = CALIBRATION_WINDOWS) -> list:
     ids = torch.tensor(tok(load_corpus(CALIBRATION))["input_ids"])
-    return [ids[i * window : (i + 1) * window][None] for i in range(CALIBRATION_WINDOWS)]
+    return [ids[i * window : (i + 1) * window][None] for i in range(count)]
 
 
 def main() -> None:
@@ -376,15 +380,33 @@ def main() -> None:
             weights_only = method.startswith("weights-only")  # "weights-only[-<method>]"
             if weights_only:
                 method = method.removeprefix("weights-only").removeprefix("-") or "rtn"
-            if method.startswith("rot-"):  # "rot-<method>": residual stream rotated first
-                rotate_model_(m)
-                method = method.removeprefix("rot-")
+            seeds = 1
+            if method.startswith("rot"):  # "rot[N]-<method>": residual stream rotated first
+                prefix, _, method = method.partition("-")  # (best of N seeds: `pick_rotation`)
+                seeds = int(prefix.removeprefix("rot") or 1)
+                if seeds == 1:
+                    rotate_model_(m)
             if method.startswith("smooth"):  # "smooth<alpha>[-<method>]": SmoothQuant first,
                 alpha, _, method = method.removeprefix("smooth").partition("-")
                 smooth_model_(m, calibration_batches(tok), alpha=float(alpha))
                 method = method or "rtn"  # then <method> (default RTN)
             if method == "awq":
                 report = awq_quantize_model(m, calibration_batches(tok), QuantConfig(scheme))
+            elif method.startswith("gptq-seq") and seeds > 1:
+                reports = {}
+
+                def quantize(x, scheme=scheme, method=method, reports=reports):
+                    reports[id(x)] = gptq_quantize_model(
+                        x, calibration_batches(tok), QuantConfig(scheme), act_order=True,
+                        clip_search="clip" in method, awq="awq" in method,
+                    )  # fmt: skip
+
+                held_out = calibration_batches(tok, count=CALIBRATION_WINDOWS + 8)
+                m, seed, scores = pick_rotation(
+                    m, quantize, held_out[CALIBRATION_WINDOWS:], seeds=range(seeds)
+                )
+                report = reports[id(m)]
+                note = f"{note}; held-out perplexity per seed {scores}, kept seed {seed}"
             elif method.startswith("gptq-seq"):
                 report = gptq_quantize_model(
                     m, calibration_batches(tok), QuantConfig(scheme), act_order=True,

@@ -9,9 +9,9 @@ too: v_proj's rows and o_proj's columns by a Hadamard matrix (attention mixes to
 channels, so each head's output turns with its V). Nothing runs at inference.
 
 Rotated weights spread every input channel's range over all channels. GPTQ can then round
-them better (SmolLM2-135M g128, seed 0: W4A16 +15.3% -> +9.3% perplexity), but the result
-depends on the random rotation, so `pick_rotation` tries several seeds and keeps the one with
-the lowest held-out loss. RTN alone gets worse on that model, whose weights were born on a
+them better (SmolLM2-135M g128, W4A16: +15.3% -> +9.3% / +10.7% / +9.8% perplexity for seeds
+0 / 1 / 2), but the result depends on the random rotation, so `pick_rotation` tries several
+seeds and keeps the one with the lowest held-out loss. RTN alone gets worse on that model, whose weights were born on a
 4-bit grid in their own basis (`docs/accuracy.md`).
 """
 
@@ -134,9 +134,10 @@ def pick_rotation(
     """Rotate a copy of `model` with each seed, `quantize` it (e.g. GPTQ), and keep the copy
     with the lowest perplexity on `held_out` token batches ([1, T] each; calibration text the
     quantizer did not see, never the evaluation text). Returns (that model, its seed, the
-    perplexity per seed). A random rotation's result varies with its seed (SmolLM2 W4A8 g128
-    GPTQ: +10.1% / +12.9% / +12.9% for seeds 0 / 1 / 2), and the held-out loss ranked the
-    seeds as the evaluation text did there (`docs/accuracy.md`)."""
+    perplexity per seed). A random rotation's result varies with its seed (SmolLM2 g128 GPTQ,
+    seeds 0 / 1 / 2: W4A8 +10.1% / +12.9% / +12.9%, W4A16 +9.3% / +10.7% / +9.8%). Held-out
+    loss is a noisy judge of small gaps: it found W4A8's best seed, not W4A16's
+    (`docs/accuracy.md`)."""
     from qcompile.eval import perplexity
 
     if not seeds:
