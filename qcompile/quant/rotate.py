@@ -136,7 +136,7 @@ def pick_rotation(
     quantizer did not see, never the evaluation text). Returns (that model, its seed, the
     perplexity per seed). A random rotation's result varies with its seed (SmolLM2 g128 GPTQ,
     seeds 0 / 1 / 2: W4A8 +10.1% / +12.9% / +12.9%, W4A16 +9.3% / +10.7% / +9.8%). Held-out
-    loss is a noisy judge of small gaps: it found W4A8's best seed, not W4A16's
+    loss is a noisy judge of such gaps: on that model 8 held-out windows kept seed 1 for both
     (`docs/accuracy.md`)."""
     from qcompile.eval import perplexity
 
