@@ -856,8 +856,9 @@ _KEY_BIAS16 = False
 # BLOCK_N 32 one warp with prefetch and STAGE_V 1115 -> 1012, BLOCK_N 64 2431 -> 2248; 4 KB
 # less shared memory, no new spills. Prefill tiles (BLOCK_M 64) grew 2%, and keys per channel
 # spilled (two-warp BLOCK_N 64: 96 B of stack, 2006 -> 2177), so both keep the plane loads.
-# Triton 3.9 spills the BLOCK_N 32 tile more with it (48 -> 200 B). Off until the H100
-# (Triton 3.6) times it (`probe_kv4_decode.py --q-rows 0,1`).
+# Triton 3.9 spills the BLOCK_N 32 tile more with it (48 -> 200 B). Off: on the H100 it was
+# within noise (B=16 S=32k best tile 251.6 us off, 257.2 on; B=1 25.4 vs 25.1;
+# `results/session25/probe_switches*.log`).
 _Q_ROWS = False
 # (BLOCK_N, warps, stages) per decode kernel. "decode": one warp per 32 keys with the
 # prefetch and staged V won every shipped key on the H100 (twenty-fourth session; one warp
