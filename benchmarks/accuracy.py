@@ -393,19 +393,17 @@ def main() -> None:
             if method == "awq":
                 report = awq_quantize_model(m, calibration_batches(tok), QuantConfig(scheme))
             elif method.startswith("gptq-seq") and seeds > 1:
-                reports = {}
 
-                def quantize(x, scheme=scheme, method=method, reports=reports):
-                    reports[id(x)] = gptq_quantize_model(
+                def quantize(x, scheme=scheme, method=method):
+                    return gptq_quantize_model(
                         x, calibration_batches(tok), QuantConfig(scheme), act_order=True,
                         clip_search="clip" in method, awq="awq" in method,
                     )  # fmt: skip
 
                 held_out = calibration_batches(tok, count=CALIBRATION_WINDOWS + 8)
-                m, seed, scores = pick_rotation(
+                m, report, seed, scores = pick_rotation(
                     m, quantize, held_out[CALIBRATION_WINDOWS:], seeds=range(seeds)
                 )
-                report = reports[id(m)]
                 note = f"{note}; held-out perplexity per seed {scores}, kept seed {seed}"
             elif method.startswith("gptq-seq"):
                 report = gptq_quantize_model(

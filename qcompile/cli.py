@@ -156,18 +156,16 @@ def cmd_quantize(args: argparse.Namespace) -> None:
             raise CliError(f"--calib-text has {ids.numel()} tokens, fewer than --window {w}")
         batches = [ids[i * w : (i + 1) * w][None] for i in range(ids.numel() // w)]
     calibration, held_out = batches[: args.calib_windows], batches[args.calib_windows :][:8]
-    reports = {}
 
-    def quantize(m: torch.nn.Module) -> None:
+    def quantize(m: torch.nn.Module):
         if args.method == "rtn":
-            reports[id(m)] = qcompile.quantize_(m, config)
-        elif args.method == "awq":
-            reports[id(m)] = awq_quantize_model(m, calibration, config)
-        else:
-            reports[id(m)] = gptq_quantize_model(
-                m, calibration, config, act_order=args.act_order, clip_search=args.clip_search,
-                awq=args.method == "awq+gptq",
-            )  # fmt: skip
+            return qcompile.quantize_(m, config)
+        if args.method == "awq":
+            return awq_quantize_model(m, calibration, config)
+        return gptq_quantize_model(
+            m, calibration, config, act_order=args.act_order, clip_search=args.clip_search,
+            awq=args.method == "awq+gptq",
+        )  # fmt: skip
 
     if args.rotate and args.rotate_seeds > 1:
         from qcompile.quant.rotate import pick_rotation
@@ -179,7 +177,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
                 f"--calib-windows {args.calib_windows}: give more text or fewer windows"
             )
         seeds = range(args.rotate_seed, args.rotate_seed + args.rotate_seeds)
-        model, seed, scores = pick_rotation(model, quantize, held_out, seeds)
+        model, report, seed, scores = pick_rotation(model, quantize, held_out, seeds)
         listed = ", ".join(f"{s}: {p:.3f}" for s, p in scores.items())
         print(f"rotation seeds by held-out perplexity ({listed}): kept seed {seed}")
     else:
@@ -187,8 +185,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
             from qcompile.quant.rotate import rotate_model_
 
             rotate_model_(model, seed=args.rotate_seed)
-        quantize(model)
-    report = reports[id(model)]
+        report = quantize(model)
     if args.dtype != "float32":
         model.to(DTYPES[args.dtype])
     out = qcompile.save_quantized(model, args.out)

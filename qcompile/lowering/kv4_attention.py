@@ -434,7 +434,7 @@ def _kv4_decode_kernel(
     acc_e = tl.zeros((BLOCK_M, HALF), tl.float32)
     acc_o = tl.zeros((BLOCK_M, HALF), tl.float32)
     fix = tl.zeros((BLOCK_M,), tl.float32)
-    acc_unit = tl.full((), 1.0, tl.float32)  # acc_* hold multiples
+    acc_unit = tl.full((), 1.0, tl.float32)  # acc_e / acc_o hold multiples of this
     offs_n = tl.arange(0, BLOCK_N)
     code_base = b * stride_cb + hkv * stride_ch + c[None, :]
     scale_base = b * stride_sb + hkv * stride_sh
@@ -787,10 +787,7 @@ def candidate_configs(
     cap = key_tokens or 1 << 30
     if rows <= 64:
         bm = decode_rows(sq, gqa)
-        programs = b * hkv
-        for split in (1, 2, 4, 8, 16, 32, 64, 128):
-            if split > 1 and (programs * split // 2 >= _SPLIT_PROGRAM_TARGET or s < split * 64):
-                continue
+        for split in _tuning_splits(b * hkv, s, _SPLIT_PROGRAM_TARGET):
             for bn, warps, stages in _DECODE_TILES[decode_kind(groups)]:
                 bn = min(bn, cap)
                 cfg = KernelConfig(decode_kind(groups), bm, bn, 0, split, warps, stages)
@@ -804,7 +801,7 @@ def candidate_configs(
                     pf = dataclasses.replace(cfg, prefetch=True)
                     out += [pf, dataclasses.replace(pf, stage_v=True)]
         if groups == 1 and not key_tokens:
-            out += _register_capped_tiles(bm, programs, s)
+            out += _register_capped_tiles(bm, b * hkv, s)
     if sq > 1:
         for bm, bn, warps, stages in _PREFILL_TILES[prefill_kind(groups)]:
             out.append(KernelConfig(prefill_kind(groups), bm, min(bn, cap), 0, 1, warps, stages))
@@ -824,14 +821,28 @@ _CAPPED_DECODE_TILES = ((2, 184), (3, 184), (2, 168))
 
 
 def _register_capped_tiles(bm: int, programs: int, s: int) -> list[KernelConfig]:
-    out = []
-    for split in (1, 2, 4, 8, 16, 32, 64, 128):
-        if split > 1 and (programs * split // 2 >= 2 * _SPLIT_PROGRAM_TARGET or s < split * 64):
-            continue
-        for stages, cap in _CAPPED_DECODE_TILES:
-            out.append(KernelConfig("decode", bm, 32, 0, split, 1, stages, True, stage_v=True,
-                                    max_registers=cap))  # fmt: skip
-    return out
+    return [
+        KernelConfig("decode", bm, 32, 0, split, 1, stages, True, stage_v=True, max_registers=cap)
+        for split in _tuning_splits(programs, s, 2 * _SPLIT_PROGRAM_TARGET)
+        for stages, cap in _CAPPED_DECODE_TILES
+    ]
+
+
+def _tuning_splits(programs: int, s: int, target: int) -> list[int]:
+    """Split factors worth tuning for `programs` (batch x KV heads) over `s` keys: powers of
+    two up to 128 while half the split's grid stays under `target` programs and every split
+    keeps >= 64 keys."""
+    splits = (1, 2, 4, 8, 16, 32, 64, 128)
+    return [p for p in splits if p == 1 or (programs * p // 2 < target and s >= p * 64)]
+
+
+def _default_split(programs: int, s: int, per_sm: int, min_keys: int, limit: int = 128) -> int:
+    """The largest power-of-two split (<= limit) with at most ~`per_sm` programs per H100 SM
+    (132) and >= `min_keys` keys per split."""
+    split = 1
+    while split < limit and programs * split * 2 <= per_sm * 132 and s >= split * 2 * min_keys:
+        split *= 2
+    return split
 
 
 # (BLOCK_M, BLOCK_N, warps, stages) per prefill kernel
@@ -888,23 +899,17 @@ def default_config(
         # keys per channel: two-warp programs (the query scaling spills a one-warp program:
         # sm_90, 440 B of stack at BLOCK_N = 64), splits up to ~8 programs per SM with
         # >= 512 keys each
-        split = 1
-        while split < 128 and b * hkv * split * 2 <= 8 * 132 and s >= split * 2 * 512:
-            split *= 2
+        split = _default_split(b * hkv, s, 8, 512)
         return KernelConfig("decode", decode_rows(sq, gqa), bn, 0, split, 2, 3)
     if rows <= 64 and groups == 1:
         # per-token keys: what the H100 tuner and probe picked at B = 1 / 16 / 64, S = 8k /
         # 32k (`results/session24/`): 32 keys per one-warp tile, the token-scale prefetch, V
         # staged; ~8 programs per SM, >= 128 keys per split
-        split = 1
-        while split < 128 and b * hkv * split * 2 <= 8 * 132 and s >= split * 2 * 128:
-            split *= 2
+        split = _default_split(b * hkv, s, 8, 128)
         cfg = KernelConfig("decode", decode_rows(sq, gqa), 32, 0, split, 1, 3, True)
         return dataclasses.replace(cfg, stage_v=True)
     if rows <= 64:
-        split = 1
-        while split < 64 and b * hkv * split * 2 <= 2 * 132 and s >= split * 2 * 256:
-            split *= 2
+        split = _default_split(b * hkv, s, 2, 256, limit=64)
         return KernelConfig("decode_grouped", decode_rows(sq, gqa), 64, 0, split, 4, 2)
     return KernelConfig(prefill_kind(groups), 64, bn, 0, 1, 4, 2)
 

@@ -11,19 +11,22 @@ channels, so each head's output turns with its V). Nothing runs at inference.
 Rotated weights spread every input channel's range over all channels. GPTQ can then round
 them better (SmolLM2-135M g128, W4A16: +15.3% -> +9.3% / +10.7% / +9.8% perplexity for seeds
 0 / 1 / 2), but the result depends on the random rotation, so `pick_rotation` tries several
-seeds and keeps the one with the lowest held-out loss. RTN alone gets worse on that model, whose weights were born on a
-4-bit grid in their own basis (`docs/accuracy.md`).
+seeds and keeps the one with the lowest held-out loss. RTN alone gets worse on that model,
+whose weights were born on a 4-bit grid in their own basis (`docs/accuracy.md`).
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import torch
 from torch import nn
 
 from qcompile.quant.kv4 import hadamard_matrix
+
+T = TypeVar("T")
 
 
 def rotation_matrix(d: int, seed: int = 0) -> torch.Tensor:
@@ -73,8 +76,9 @@ def _check_llama_like(model: nn.Module) -> nn.Module:
     return inner
 
 
-def _set(linear: nn.Module, weight: torch.Tensor) -> None:
-    linear.weight.data = weight.to(linear.weight.dtype).contiguous()
+def _set(param: torch.Tensor, value: torch.Tensor) -> None:
+    """Replace a parameter's values by a float64 result, in the parameter's dtype."""
+    param.data = value.to(param.dtype).contiguous()
 
 
 @torch.no_grad()
@@ -90,7 +94,7 @@ def rotate_model_(model: nn.Module, seed: int = 0, rotate_values: bool = True) -
 
     def fold(norm: nn.Module, linears: list[nn.Module]) -> None:
         for linear in linears:
-            _set(linear, linear.weight.double() * norm.weight.double())
+            _set(linear.weight, linear.weight.double() * norm.weight.double())
         norm.weight.fill_(1.0)
 
     embed = inner.embed_tokens.weight
@@ -98,43 +102,41 @@ def rotate_model_(model: nn.Module, seed: int = 0, rotate_values: bool = True) -
         model.lm_head.weight = nn.Parameter(embed.detach().clone())
     model.config.tie_word_embeddings = False
     fold(inner.norm, [model.lm_head])
-    _set(model.lm_head, model.lm_head.weight.double() @ q)
-    embed.data = (embed.double() @ q).to(embed.dtype)
+    _set(model.lm_head.weight, model.lm_head.weight.double() @ q)
+    _set(embed, embed.double() @ q)
     for layer in inner.layers:
         attn, mlp = layer.self_attn, layer.mlp
         fold(layer.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj])
         fold(layer.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj])
         for linear in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj):
-            _set(linear, linear.weight.double() @ q)
+            _set(linear.weight, linear.weight.double() @ q)
         for linear in (attn.o_proj, mlp.down_proj):
-            _set(linear, q.T @ linear.weight.double())
+            _set(linear.weight, q.T @ linear.weight.double())
             if linear.bias is not None:
-                linear.bias.data = (linear.bias.double() @ q).to(linear.bias.dtype)
+                _set(linear.bias, linear.bias.double() @ q)
         head_dim = getattr(attn, "head_dim", None)
         if rotate_values and head_dim and head_dim & (head_dim - 1) == 0:
             h = hadamard_matrix(head_dim, torch.float64, device)
             v_heads = attn.v_proj.out_features // head_dim
             v_rot = torch.block_diag(*[h] * v_heads)
-            _set(attn.v_proj, v_rot.T @ attn.v_proj.weight.double())
+            _set(attn.v_proj.weight, v_rot.T @ attn.v_proj.weight.double())
             if attn.v_proj.bias is not None:
-                attn.v_proj.bias.data = (attn.v_proj.bias.double() @ v_rot).to(
-                    attn.v_proj.bias.dtype
-                )
+                _set(attn.v_proj.bias, attn.v_proj.bias.double() @ v_rot)
             o_rot = torch.block_diag(*[h] * (attn.o_proj.in_features // head_dim))
-            _set(attn.o_proj, attn.o_proj.weight.double() @ o_rot)
+            _set(attn.o_proj.weight, attn.o_proj.weight.double() @ o_rot)
 
 
 def pick_rotation(
     model: nn.Module,
-    quantize: Callable[[nn.Module], object],
+    quantize: Callable[[nn.Module], T],
     held_out: list[torch.Tensor],
     seeds: Sequence[int] = (0, 1, 2),
     progress: bool = True,
-) -> tuple[nn.Module, int, dict[int, float]]:
+) -> tuple[nn.Module, T, int, dict[int, float]]:
     """Rotate a copy of `model` with each seed, `quantize` it (e.g. GPTQ), and keep the copy
     with the lowest perplexity on `held_out` token batches ([1, T] each; calibration text the
-    quantizer did not see, never the evaluation text). Returns (that model, its seed, the
-    perplexity per seed). A random rotation's result varies with its seed (SmolLM2 g128 GPTQ,
+    quantizer did not see, never the evaluation text). Returns (that model, what `quantize`
+    returned for it (e.g. the report), its seed, the perplexity per seed). A random rotation's result varies with its seed (SmolLM2 g128 GPTQ,
     seeds 0 / 1 / 2: W4A8 +10.1% / +12.9% / +12.9%, W4A16 +9.3% / +10.7% / +9.8%). Held-out
     loss is a noisy judge of such gaps: on that model 8 held-out windows kept seed 1 for both
     (`docs/accuracy.md`)."""
@@ -144,16 +146,16 @@ def pick_rotation(
         raise ValueError("pick_rotation: no seeds to try")
     ids = torch.cat([b.flatten() for b in held_out])
     window = held_out[0].numel()
-    best, best_seed, scores = None, None, {}
+    best, scores = None, {}
     for seed in seeds:
         candidate = copy.deepcopy(model)
         rotate_model_(candidate, seed=seed)
-        quantize(candidate)
+        result = quantize(candidate)
         scores[seed] = perplexity(
             candidate, ids, window=window, windows=len(held_out), progress=progress,
             desc=f"held-out perplexity, seed {seed}",
         )  # fmt: skip
-        if best is None or scores[seed] < scores[best_seed]:
-            best, best_seed = candidate, seed
-        del candidate
-    return best, best_seed, scores
+        if best is None or scores[seed] < scores[best[2]]:
+            best = (candidate, result, seed)
+        del candidate, result  # a losing copy is freed before the next one is made
+    return (*best, scores)
