@@ -800,8 +800,6 @@ def candidate_configs(
                     # stage_v at BLOCK_N 32, 260.0 us (fp16, `results/session24/`)
                     pf = dataclasses.replace(cfg, prefetch=True)
                     out += [pf, dataclasses.replace(pf, stage_v=True)]
-        if groups == 1 and not key_tokens:
-            out += _register_capped_tiles(bm, b * hkv, s)
     if sq > 1:
         for bm, bn, warps, stages in _PREFILL_TILES[prefill_kind(groups)]:
             out.append(KernelConfig(prefill_kind(groups), bm, min(bn, cap), 0, 1, warps, stages))
@@ -809,23 +807,13 @@ def candidate_configs(
     return [c for c in out if valid_config(c, rows, groups, key_tokens)]
 
 
-# The shipped decode tile (BLOCK_N 32, one warp, prefetch, staged V) needs 242-246 registers
-# per thread, which caps an SM at 8 resident programs (65536 registers / 8192 a warp), and the
-# splits were sized to that. Capped (offline sm_90, Triton 3.6, the tile's loop): 184
-# registers spill nothing and lengthen the loop 4-5% (2 stages 1113 -> 1153 instructions, 3
-# stages 1119 -> 1177) for 11 programs per SM by registers (10 by shared memory with 3
-# stages); 168 spills 8 local loads/stores per tile (1180) for 12. These (stages, cap) pairs
-# are tried with splits up to twice the plain tiles' program target, so that the extra
-# residents have programs to run. Untimed.
-_CAPPED_DECODE_TILES = ((2, 184), (3, 184), (2, 168))
-
-
-def _register_capped_tiles(bm: int, programs: int, s: int) -> list[KernelConfig]:
-    return [
-        KernelConfig("decode", bm, 32, 0, split, 1, stages, True, stage_v=True, max_registers=cap)
-        for split in _tuning_splits(programs, s, 2 * _SPLIT_PROGRAM_TARGET)
-        for stages, cap in _CAPPED_DECODE_TILES
-    ]
+# `KernelConfig.max_registers` (Triton's maxnreg) is valid on the one-group kernel but not a
+# candidate. The shipped decode tile (BLOCK_N 32, one warp, prefetch, staged V) needs 242-246
+# registers per thread, 8 resident programs per SM. Capped at 184 (no spill offline, loop 4%
+# longer, 11 per SM) or 168 (8 local loads/stores per tile, 12 per SM) with up to twice the
+# splits, it was slower at every probed shape on the H100: best B=16 S=32k 248.6 -> 263.4 /
+# 376.0 us, B=64 S=8k 253.3 -> 258.6 / 372.1, B=1 S=32k 25.4 -> 27.3
+# (`results/session26/capped/`). The decode loop is not short of resident warps.
 
 
 def _tuning_splits(programs: int, s: int, target: int) -> list[int]:
