@@ -36,8 +36,12 @@ HQ, HKV, D, G = 32, 8, 128, 128
 SWITCHES = {"key_bias16": "_KEY_BIAS16", "q_rows": "_Q_ROWS"}
 
 
+# what the module ships with (unset switches keep it)
+SHIPPED = {f: bool(getattr(kv4_attention, name)) for f, name in SWITCHES.items()}
+
+
 def _flags(sw: dict) -> dict:
-    return {f: bool(sw.get(f, False)) for f in SWITCHES}
+    return {f: bool(sw.get(f, SHIPPED[f])) for f in SWITCHES}
 
 
 def _set(sw: dict) -> None:
@@ -84,7 +88,7 @@ def main() -> None:
     )  # fmt: skip
     ap.add_argument("--stage-v", default="0", help="decode: STAGE_V settings to time, e.g. 0,1")
     for flag in SWITCHES:
-        ap.add_argument(f"--{flag.replace('_', '-')}", default="0",
+        ap.add_argument(f"--{flag.replace('_', '-')}", default=str(int(SHIPPED[flag])),
                         help=f"`{SWITCHES[flag]}` settings to check and time, e.g. 0,1")  # fmt: skip
     ap.add_argument(
         "--max-registers", default="0",

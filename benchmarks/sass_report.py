@@ -183,7 +183,7 @@ def _kv4_signature(fn, pointers: dict[str, str], consts: dict) -> tuple[dict, di
 def compile_kv4_variant(
     kind: str, bm: int, bn: int, warps: int, stages: int, key_tokens: int = 0,
     dtype: str = "fp16", prefetch: bool = False, stage_v: bool = False, key_bias16: bool = False,
-    q_rows: bool = False, max_registers: int = 0,
+    q_rows: bool = False, max_registers: int = 0, center_v: bool = True,
 ):  # fmt: skip
     """A KV4 kernel for sm_90: "decode"/"prefill" (`_kv4_decode_kernel`, fp16 query, no mask,
     split partials for decode; key_tokens > 0: keys per channel) or "key_write" (the
@@ -204,7 +204,7 @@ def compile_kv4_variant(
             "BLOCK_M": bm, "BLOCK_N": bn, "ASM": True, "SELF_REDUCE": kind == "decode",
             "FOLD_UNIT": True, "KEY_TOKENS": key_tokens, "SCALE_PREFETCH": prefetch,
             "STAGE_V": stage_v, "KEY_BIAS16": key_bias16, "Q_ROWS": q_rows,
-            "COMBINE_ROWS": 4,
+            "COMBINE_ROWS": 4, "CENTER_V": center_v,
         }  # fmt: skip
         pointers = {"kc_ptr": "*u8", "vc_ptr": "*u8", "lens_ptr": "*i32", "mask_ptr": "*fp16",
                     "out_ptr": "*fp32", "lse_ptr": "*fp32", "cnt_ptr": "*i32",

@@ -315,10 +315,12 @@ def test_scale_prefetch_is_the_one_group_kernels_only():
 def test_decode_kernel_switches_match_float64_reference(data):
     """The one-group kernel's module switches, each off by default: `_KEY_BIAS16` (per-token
     keys unpacked as 16 + code, the dot's extra 16 * sum(q) removed through the offset; on
-    the H100 it kept the error but slowed the best tile) and `_Q_ROWS` (decode tiles read the
-    query as whole rows, split into planes in registers); decode and prefill tiles."""
+    the H100 it kept the error but slowed the best tile), `_Q_ROWS` (decode tiles read the
+    query as whole rows, split into planes in registers) and V's codes as code - 8 (on for
+    programs over `_CENTER_V_KEYS` keys); decode and prefill tiles."""
     key_bias16 = data.draw(st.booleans(), label="_KEY_BIAS16")
     q_rows = data.draw(st.booleans(), label="_Q_ROWS")
+    center_v = data.draw(st.booleans(), label="V centered")
     decode = data.draw(st.booleans(), label="decode")
     problem = data.draw(kv4_problems(decode=decode, device=KERNEL_DEVICE), label="problem")
     _, hq, sq, _ = problem.query.shape
@@ -335,6 +337,7 @@ def test_decode_kernel_switches_match_float64_reference(data):
     with (
         mock.patch.object(kv4_attention, "_KEY_BIAS16", key_bias16),
         mock.patch.object(kv4_attention, "_Q_ROWS", q_rows),
+        mock.patch.object(kv4_attention, "_CENTER_V_KEYS", 0 if center_v else 1 << 30),
     ):
         got = _run(problem, cfg)
     assert_close_rel(got, problem.reference64(), problem.query.dtype)
@@ -1293,6 +1296,28 @@ def test_decode_switches_on_cuda_keep_the_error(dtype, switch):
             got = launch_attention(cfg, *args).cpu()
         assert_close_rel(got, want, dtype)
         assert rel_error(got, want) <= slack * plain + 1e-6, (cfg, plain)
+
+
+@pytest.mark.gpu
+def test_centered_v_codes_keep_one_program_over_32k_keys_accurate():
+    """P @ V accumulates in place in the tensor cores, whose fp32 adds truncate: with V's
+    codes as 0..15 the error grew with the keys one program reads (1.6e-2 relative at 16k
+    keys per program on the H100). As code - 8 (programs over `_CENTER_V_KEYS` keys), the
+    shipped tile unsplit over 32k keys stays within 2e-3 and at least 4x below the
+    uncentered kernel."""
+    torch.manual_seed(0)
+    s = 32768 - 5
+    keys, values = (
+        quantize_kv4(torch.randn(1, 8, s, 128, device="cuda"), KVScheme()) for _ in "kv"
+    )  # fmt: skip
+    q = torch.randn(1, 32, 1, 128, device="cuda", dtype=torch.float16)
+    problem = KV4Problem(q, keys, values, None, None, False, 128**-0.5)
+    want = problem.reference64()
+    cfg = KernelConfig("decode", 16, 32, 0, 1, 1, 3, True, stage_v=True)
+    centered = rel_error(launch_attention(cfg, *problem.args()), want)
+    with mock.patch.object(kv4_attention, "_CENTER_V_KEYS", 1 << 30):
+        plain = rel_error(launch_attention(cfg, *problem.args()), want)
+    assert centered <= 2e-3 and 4 * centered <= plain, (centered, plain)
 
 
 @pytest.mark.gpu

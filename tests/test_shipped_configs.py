@@ -24,8 +24,11 @@ _ENTRIES = [
     for e in json.loads(path.read_text())["entries"]
 ]
 # ||out - ref|| / ||ref||: fp16 outputs of weights dequantized to fp16 (or exact integer sums)
-# land near 5e-4 at these K; bf16 rounds each dequantized weight to 2**-9.
+# land near 5e-4 at these K; bf16 rounds each dequantized weight to 2**-9. KV4 over a randn
+# cache (flat attention, outputs ~1/sqrt(S)) reached 2.2e-3 at 4096 keys per program, the
+# most a program reads before it centers V's codes (`kv4_attention._CENTER_V_KEYS`).
 _TOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2}
+_KV4_TOL = {torch.float16: 3e-3, torch.bfloat16: 1e-2}
 
 
 def _entry_id(entry: tuple[str, TuneKey, KernelConfig]) -> str:
@@ -163,7 +166,8 @@ def _check(serve, key: TuneKey, cfg: KernelConfig, device: str) -> None:
     tuner = serve(key, cfg)
     out, ref, dtype = _RUN[key.family](key, device)
     assert tuner.lookup(key) == cfg and not tuner.untuned, "the op did not launch the config"
-    assert_close_rel(out, ref, dtype, tol=_TOL[dtype])
+    tol = (_KV4_TOL if key.family.startswith("kv4") else _TOL)[dtype]
+    assert_close_rel(out, ref, dtype, tol=tol)
 
 
 def _tiny_cases() -> list[tuple[TuneKey, KernelConfig]]:

@@ -204,7 +204,8 @@ def _kv4_attention_kernel(
 
 @triton.jit
 def _nibble_planes(codes, BIAS_BITS: tl.constexpr, dtype: tl.constexpr, ASM: tl.constexpr,
-                   PINNED: tl.constexpr = False, PLUS16: tl.constexpr = False):  # fmt: skip
+                   PINNED: tl.constexpr = False, PLUS16: tl.constexpr = False,
+                   CENTER: tl.constexpr = False):  # fmt: skip
     """[N, D/2] uint8 -> (even, odd) channel planes [N, D/2] in dtype, the exact codes: each
     nibble ORed into the mantissa of a bias (fp16 1024: 0x6400, bf16 128: 0x4300) is
     bias + code with no conversion instruction, and subtracting the bias is exact. The bias
@@ -223,7 +224,10 @@ def _nibble_planes(codes, BIAS_BITS: tl.constexpr, dtype: tl.constexpr, ASM: tl.
 
     PLUS16 returns 16 + code instead, exact and with no subtraction: the nibble shifted to the
     top of the mantissa of 16.0 (fp16 bits 6-9 of 0x4C00, bf16 bits 3-6 of 0x4180); per 4
-    bytes 2 PRMT, 4 shifts, 4 LOP3 (BIAS_BITS then only tells fp16 from bf16)."""
+    bytes 2 PRMT, 4 shifts, 4 LOP3 (BIAS_BITS then only tells fp16 from bf16).
+
+    CENTER returns code - 8 in [-8, 7] (bias + 8 subtracted: BIAS_BITS + 8 is exactly that
+    value in both formats, whose ulp there is 1), at no extra instruction."""
     FP16: tl.constexpr = BIAS_BITS == 0x6400
     if ASM and PLUS16:
         MASK: tl.constexpr = 0x03C003C0 if FP16 else 0x00780078
@@ -251,10 +255,12 @@ def _nibble_planes(codes, BIAS_BITS: tl.constexpr, dtype: tl.constexpr, ASM: tl.
             pack=4,
         )
     elif ASM:
+        SUB_BITS: tl.constexpr = BIAS_BITS + CENTER * 8
         even, odd = tl.inline_asm_elementwise(
             asm=f"""{{
-            .reg .b32 t0, t1, tb;
+            .reg .b32 t0, t1, tb, ts;
             mov.b32 tb, {BIAS_BITS * 0x10001};
+            mov.b32 ts, {SUB_BITS * 0x10001};
             prmt.b32 t0, $4, 0, 0x4140;
             prmt.b32 t1, $4, 0, 0x4342;
             lop3.b32 $0, t0, 0x000F000F, tb, 0xea;
@@ -263,10 +269,10 @@ def _nibble_planes(codes, BIAS_BITS: tl.constexpr, dtype: tl.constexpr, ASM: tl.
             shr.u32 t1, t1, 4;
             lop3.b32 $2, t0, 0x000F000F, tb, 0xea;
             lop3.b32 $3, t1, 0x000F000F, tb, 0xea;
-            sub.{"f16x2" if BIAS_BITS == 0x6400 else "bf16x2"} $0, $0, tb;
-            sub.{"f16x2" if BIAS_BITS == 0x6400 else "bf16x2"} $1, $1, tb;
-            sub.{"f16x2" if BIAS_BITS == 0x6400 else "bf16x2"} $2, $2, tb;
-            sub.{"f16x2" if BIAS_BITS == 0x6400 else "bf16x2"} $3, $3, tb;
+            sub.{"f16x2" if BIAS_BITS == 0x6400 else "bf16x2"} $0, $0, ts;
+            sub.{"f16x2" if BIAS_BITS == 0x6400 else "bf16x2"} $1, $1, ts;
+            sub.{"f16x2" if BIAS_BITS == 0x6400 else "bf16x2"} $2, $2, ts;
+            sub.{"f16x2" if BIAS_BITS == 0x6400 else "bf16x2"} $3, $3, ts;
             }}""",
             constraints="=r,=r,=r,=r,r",
             args=[codes],
@@ -277,8 +283,8 @@ def _nibble_planes(codes, BIAS_BITS: tl.constexpr, dtype: tl.constexpr, ASM: tl.
     else:
         c = codes.to(tl.int16)
         # via float32: the interpreter's int -> bf16 cast and bf16 subtraction are wrong
-        even = ((c & 0xF) + 16 * PLUS16).to(tl.float32).to(dtype)
-        odd = ((c >> 4) + 16 * PLUS16).to(tl.float32).to(dtype)
+        even = ((c & 0xF) + 16 * PLUS16 - 8 * CENTER).to(tl.float32).to(dtype)
+        odd = ((c >> 4) + 16 * PLUS16 - 8 * CENTER).to(tl.float32).to(dtype)
     return even, odd
 
 
@@ -381,7 +387,7 @@ def _kv4_decode_kernel(
     FOLD_UNIT: tl.constexpr = True, KEY_TOKENS: tl.constexpr = 0,
     SCALE_PREFETCH: tl.constexpr = False, STAGE_V: tl.constexpr = False,
     KEY_BIAS16: tl.constexpr = False, Q_ROWS: tl.constexpr = False,
-    COMBINE_ROWS: tl.constexpr = 16,
+    COMBINE_ROWS: tl.constexpr = 16, CENTER_V: tl.constexpr = False,
 ):  # fmt: skip
     # Flash-decoding ("decode": split over the sequence) and flash-attention ("prefill": row
     # tiles over pid_m, causal tiles skipped) for one scale/offset per token and head (G = D),
@@ -524,6 +530,7 @@ def _kv4_decode_kernel(
             tl.float16,
             ASM,
             STAGE_V,
+            CENTER=CENTER_V,
         )
         if SCALE_PREFETCH and KEY_TOKENS == 0:
             v_scale = vs_t.to(tl.float32)
@@ -531,6 +538,8 @@ def _kv4_decode_kernel(
         else:
             v_scale = tl.load(vs_ptr + scale_base + cols, mask=col_ok, other=0.0).to(tl.float32)
             v_offset = tl.load(vo_ptr + scale_base + cols, mask=col_ok, other=0.0).to(tl.float32)
+        if CENTER_V:  # v = scale * (code - 8) + (offset + 8 * scale)
+            v_offset = v_offset + 8.0 * v_scale
         # P * scale in fp16 with the tile's scales divided by a power of two 2**e >= their
         # maximum, as `_kv4_attention_kernel` does per group.
         pow2 = tl.exp2(tl.ceil(tl.log2(tl.maximum(tl.max(v_scale, axis=0), _MIN_SCALE))))
@@ -844,6 +853,16 @@ _SELF_REDUCE_SPLITS = 8
 # `_kv4_decode_kernel` accumulates P @ V in place, in units of the tile's power of two
 # (False: a fresh dot per tile, scaled and added; kept for `benchmarks/probe_kv4_fold.py`).
 _FOLD_UNIT = True
+# Programs that read more than this many keys take V's codes as code - 8 (its offset takes
+# + 8 * scale). P @ V accumulates in place in the tensor cores, whose fp32 adds truncate
+# toward zero (Fasi et al., 2021), so the error grows with the keys one program reads and
+# with the accumulator's size. With codes 0..15 the accumulator holds ~7.5 * scale * sum(p)
+# and the offsets' sum takes nearly all of it back out: on a randn cache (flat attention,
+# outputs ~1/sqrt(S)) the H100 lost 1.6e-2 relative at 16k keys per program and 2.2e-3 at
+# 4k; centered, 16k keys stayed under 2e-3. Centering cost 2-5% at the shipped decode tiles
+# (B=16 S=32k split 8 253.8 -> 258.6 us, B=64 S=8k split 2 253.3 -> 260.0, two runs each;
+# `results/session26/center_v/`), so programs of at most 4k keys keep the codes as they are.
+_CENTER_V_KEYS = 4096
 # Per-token keys unpacked as 16 + code (`_nibble_planes` PLUS16, no subtraction; the dot's extra
 # 16 * sum(q) taken out of the offset): 2106 -> 2010 loop instructions with STAGE_V, 2431 ->
 # 2344 without (offline sm_90, Triton 3.6, 64-token one-warp tile). Off: on the H100 it kept
@@ -1006,6 +1025,7 @@ def launch_attention(
             STAGE_V=bool(cfg.stage_v), KEY_BIAS16=_KEY_BIAS16 and not key_tokens,
             Q_ROWS=_Q_ROWS and cfg.kernel == "decode" and not key_tokens,
             COMBINE_ROWS=min(cfg.block_m, triton.next_power_of_2(gqa)),
+            CENTER_V=triton.cdiv(s, split) > _CENTER_V_KEYS,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             maxnreg=cfg.max_registers or None,
         )  # fmt: skip
