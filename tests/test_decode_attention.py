@@ -136,3 +136,21 @@ def test_op_on_cuda_tunes_and_matches_float64(dtype, b, s, monkeypatch):
     problem = DecodeProblem(q, k, v, mask.expand(b, 1, 1, s), 128**-0.5)
     out = torch.ops.qcompile.decode_attention(*problem.args())
     assert_close_rel(out, problem.reference64(), dtype)
+
+
+@pytest.mark.gpu
+def test_cache_past_2_to_the_31_elements_reads_its_last_batch():
+    """B=72, S=32768, 8 KV heads of 128: 2.4e9 elements per cache tensor, past int32 from
+    batch 64 on (the kernel offsets each (batch, head) in 64 bits). Batches 0 and 71 against
+    float64; a wrapped offset reads another batch's keys."""
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    b, s = 72, 32768
+    k, v = (torch.randn(b, 8, s, 128, device="cuda", generator=gen, dtype=torch.float16)
+            for _ in "kv")  # fmt: skip
+    assert k.numel() >= 2**31
+    q = torch.randn(b, 32, 1, 128, device="cuda", generator=gen, dtype=torch.float16)
+    cfg = default_config(b, 8, 1, 4, s)
+    out = launch(cfg, q, k, v, None, 128**-0.5)
+    for i in (0, b - 1):
+        ref = DecodeProblem(q[i : i + 1], k[i : i + 1], v[i : i + 1], None, 128**-0.5)
+        assert_close_rel(out[i : i + 1], ref.reference64(), torch.float16)

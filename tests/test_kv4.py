@@ -1298,6 +1298,42 @@ def test_decode_switches_on_cuda_keep_the_error(dtype, switch):
         assert rel_error(got, want) <= slack * plain + 1e-6, (cfg, plain)
 
 
+def _random_packed_kv4(b: int, s: int, groups: int, gen: torch.Generator) -> PackedKV4:
+    """Uniform codes, scales ~0.35 and offsets ~-2.6 (a randn token's), made on the GPU
+    without a float [B, 8, S, 128] copy (17 GB at B=128, S=32k)."""
+    codes = torch.randint(0, 256, (b, 8, s, 64), dtype=torch.uint8, device="cuda", generator=gen)
+    scales = 0.3 + 0.1 * torch.rand(b, 8, s, groups, device="cuda", generator=gen)
+    offsets = -2.4 - 0.4 * torch.rand(b, 8, s, groups, device="cuda", generator=gen)
+    return PackedKV4(codes, scales.half(), offsets.half(), 128 // groups)
+
+
+def _batch(p: PackedKV4, i: int) -> PackedKV4:
+    return dataclasses.replace(
+        p, codes=p.codes[i : i + 1], scales=p.scales[i : i + 1], offsets=p.offsets[i : i + 1]
+    )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("groups", [1, 2])
+def test_cache_past_2_to_the_31_bytes_reads_its_last_batch(groups):
+    """B=128, S=32768, 8 KV heads: K's codes are 2**31 bytes, so the last batch's offsets
+    pass int32 (the kernels advance to each (batch, head) slab by a 64-bit offset). The
+    first and last batches against float64, for both decode kernels (one group per head:
+    "decode", two: "decode_grouped"); a wrapped offset reads another batch's tokens."""
+    gen = torch.Generator(device="cuda").manual_seed(groups)
+    b, s = 128, 32768
+    keys, values = (_random_packed_kv4(b, s, groups, gen) for _ in "kv")
+    assert keys.codes.numel() >= 2**31
+    q = torch.randn(b, 32, 1, 128, device="cuda", generator=gen).half()
+    cfg = default_config(b, 8, 1, 4, s, groups)
+    assert cfg.kernel == decode_kind(groups)
+    out = launch_attention(cfg, *KV4Problem(q, keys, values, None, None, False, 0.0884).args())
+    for i in (0, b - 1):
+        one = KV4Problem(q[i : i + 1], _batch(keys, i), _batch(values, i), None, None, False,
+                         0.0884)  # fmt: skip
+        assert_close_rel(out[i : i + 1], one.reference64(), torch.float16)
+
+
 @pytest.mark.gpu
 def test_centered_v_codes_keep_one_program_over_32k_keys_accurate():
     """P @ V accumulates in place in the tensor cores, whose fp32 adds truncate: with V's

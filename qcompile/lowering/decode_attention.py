@@ -70,8 +70,11 @@ def _decode_attention_kernel(
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, D), tl.float32)
     offs_n = tl.arange(0, BLOCK_N)
-    k_base = k_ptr + b * stride_kb + hkv * stride_kh + d[None, :] * stride_kd
-    v_base = v_ptr + b * stride_vb + hkv * stride_vh + d[None, :] * stride_vd
+    # 64-bit slab offsets: a [B, Hkv, S, D] cache passes 2**31 elements at B * S >= 2M tokens
+    # with 8 KV heads of 128 channels (B = 64 at S = 32k), where b * stride_kb in 32 bits wraps
+    b64 = b.to(tl.int64)
+    k_base = k_ptr + b64 * stride_kb + hkv * stride_kh + d[None, :] * stride_kd
+    v_base = v_ptr + b64 * stride_vb + hkv * stride_vh + d[None, :] * stride_vd
     mask_base = mask_ptr + b * stride_mb + head[:, None] * stride_mh + pos[:, None] * stride_mq
     for n0 in range(start, end, BLOCK_N):
         cols = n0 + offs_n

@@ -85,6 +85,16 @@ def _softmax_tile(scores, visible, mask_ptrs, m_i, l_i, MASK_KIND: tl.constexpr)
 
 
 @triton.jit
+def _cache_slab(kc_ptr, vc_ptr, b, hkv, stride_cb, stride_ch):
+    """K's and V's codes advanced to one (batch, KV head) slab by a 64-bit offset: a cache
+    passes 2**31 bytes at B * S >= 4M tokens with 8 KV heads of 128 channels (B = 128 at
+    S = 32k), where b * stride_cb in 32 bits wraps; offsets within a slab (S * D/2 bytes)
+    stay 32-bit, so the loops' address arithmetic is unchanged."""
+    slab = b.to(tl.int64) * stride_cb + hkv * stride_ch
+    return kc_ptr + slab, vc_ptr + slab
+
+
+@triton.jit
 def _program_tile(pid_bh, pid_m, pid_split, num_splits, lens_ptr, stride_lens, Sq, S,
                   HKV: tl.constexpr, GQA: tl.constexpr, HAS_LENS: tl.constexpr,
                   IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
@@ -148,7 +158,8 @@ def _kv4_attention_kernel(
     acc = tl.zeros((NG, BLOCK_M, G), tl.float32)
     offs_n = tl.arange(0, BLOCK_N)
     half = tl.arange(0, G // 2)[None, None, :]
-    code_base = b * stride_cb + hkv * stride_ch + grp * (G // 2) + half  # [NG, 1, G/2]
+    kc_ptr, vc_ptr = _cache_slab(kc_ptr, vc_ptr, b, hkv, stride_cb, stride_ch)
+    code_base = grp * (G // 2) + half  # [NG, 1, G/2]
     scale_base = b * stride_sb + hkv * stride_sh + grp  # [NG, 1, 1]
     mask_base = mask_ptr + b * stride_mb + head[:, None] * stride_mh + pos[:, None] * stride_mq
     for n0 in range(start, end, BLOCK_N):
@@ -442,7 +453,8 @@ def _kv4_decode_kernel(
     fix = tl.zeros((BLOCK_M,), tl.float32)
     acc_unit = tl.full((), 1.0, tl.float32)  # acc_e / acc_o hold multiples of this
     offs_n = tl.arange(0, BLOCK_N)
-    code_base = b * stride_cb + hkv * stride_ch + c[None, :]
+    kc_ptr, vc_ptr = _cache_slab(kc_ptr, vc_ptr, b, hkv, stride_cb, stride_ch)
+    code_base = c[None, :]
     scale_base = b * stride_sb + hkv * stride_sh
     mask_base = mask_ptr + b * stride_mb + head[:, None] * stride_mh + pos[:, None] * stride_mq
     # keys per channel: positions >= quantized_end are the residual's (a multiple of T, and
@@ -645,12 +657,12 @@ def _kv4_cache_write_kernel(
     ch = tl.arange(0, G)[None, None, :]
     half = tl.arange(0, G // 2)[None, None, :]
     chan = grp * G + ch  # [1, NG, G]
-    code_offs = (
-        b * stride_cb + h * stride_ch + pos[:, None, None] * (D // 2) + grp * (G // 2) + half
-    )
+    kc_ptr, vc_ptr = _cache_slab(kc_ptr, vc_ptr, b, h, stride_cb, stride_ch)
+    code_offs = pos[:, None, None] * (D // 2) + grp * (G // 2) + half
     scale_offs = b * stride_sb + h * stride_sh + pos[:, None] * NG + tl.arange(0, NG)[None, :]
     # V is loaded before K's stores so both loads are in flight at once (the compiler does
     # not move a load above a store that may alias it)
+    b = b.to(tl.int64)  # (the new tokens' offsets below)
     v = tl.load(v_ptr + b * stride_vb + h * stride_vh + t[:, None, None] * stride_vs
                 + chan * stride_vd, mask=ok[:, None, None], other=0.0)  # fmt: skip
     if WRITE_K:
@@ -680,7 +692,7 @@ def _kv4_key_channels_write_kernel(
     # by program 0 after a barrier: program 0's group is the only one that reads old
     # residual tokens, and the incomplete group's tokens reuse those slots.
     pid_bh = tl.program_id(0)
-    b = pid_bh // HKV
+    b = (pid_bh // HKV).to(tl.int64)  # 64-bit cache offsets, as `_cache_slab`
     h = pid_bh % HKV
     p0 = tl.load(pos_ptr).to(tl.int32)
     p1 = tl.minimum(p0 + Sn, S)  # positions past the cache are dropped
