@@ -44,3 +44,16 @@ def fresh_dynamo():
     counters.clear()
     yield
     torch._dynamo.reset()
+
+
+@pytest.fixture
+def cpu_tuner(monkeypatch):
+    """The ops' CUDA entry points on CPU tensors in the interpreter: an H100's tuner (its
+    shipped file), tuning off, so each shape runs its default config."""
+    from qcompile.lowering import autotune
+
+    monkeypatch.setattr(autotune, "gpu_name", lambda device=None: "nvidia-h100-80gb-hbm3")
+    monkeypatch.setenv("QCOMPILE_AUTOTUNE", "0")
+    autotune.autotuner.cache_clear()
+    yield
+    autotune.autotuner.cache_clear()

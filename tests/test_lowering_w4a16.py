@@ -427,3 +427,29 @@ def test_prompt_sized_m_tunes_only_dequantize_then_matmul(m):
     assert default_config(m, 28672, 4096, 128).kernel == "dequant_mm"
     assert default_config(256, 4096, 4096, 128).kernel == "dequant_mm"
     assert len(candidate_configs(1024, 28672, 4096, 128)) > 1
+
+
+@pytest.mark.skipif(KERNEL_DEVICE != "cpu", reason="the limit is lowered in the interpreter")
+def test_rows_past_the_32_bit_index_limit_run_in_chunks(cpu_tuner, monkeypatch):
+    """Past 2**31 elements of x, out or the split-K workspace the op launches row chunks into
+    slices of one out. With the limit lowered to 40 rows of K=256, M=100 runs as 3 launches
+    and matches float64."""
+    from qcompile.config import Scheme
+    from qcompile.quant.int4 import dequantize_int4
+    from qcompile.quant.rtn import quantize_weight_int4
+
+    monkeypatch.setattr(lowering, "_INDEX_LIMIT", 40 * 256)
+    calls = []
+    real = lowering.launch
+    monkeypatch.setattr(lowering, "launch", lambda cfg, x, *a, **kw: calls.append(len(x)) or real(cfg, x, *a, **kw))  # fmt: skip
+    gen = torch.Generator().manual_seed(0)
+    p = quantize_weight_int4(
+        torch.randn(64, 256, generator=gen), Scheme(group_size=64), torch.float16
+    )
+    x = torch.randn(100, 256, generator=gen).half()
+    out = lowering.w4a16_linear_cuda(x, p.qweight, p.scales, p.offsets, None, 64)
+    assert calls == [39, 39, 22]
+    assert_close_rel(out, x.double() @ dequantize_int4(p, torch.float64).t(), torch.float16)
+    with pytest.raises(ValueError, match="plane-major rows cannot be chunked"):
+        lowering.w4a16_linear_cuda(to_planes(x, PLANE_CHUNK), p.qweight, p.scales, p.offsets,
+                                   None, 64, x_planes=True)  # fmt: skip

@@ -1184,3 +1184,30 @@ def test_fp8_unpacking_writes_e4m3_q_minus_z_in_k_order(n, k, block_n, block_k):
     expected = (codes - zeros).float().to(torch.float8_e4m3fn)
     assert torch.equal(w.cpu().view(torch.uint8), expected.view(torch.uint8))
     assert (codes - zeros).abs().max() <= 15
+
+
+@pytest.mark.skipif(KERNEL_DEVICE != "cpu", reason="the limit is lowered in the interpreter")
+@pytest.mark.parametrize("quantized_act", [False, True])
+def test_rows_past_the_32_bit_index_limit_run_in_chunks(cpu_tuner, monkeypatch, quantized_act):
+    """As W4A16's: row chunks into slices of one out past 2**31 elements, for the op on
+    16-bit x (each chunk quantized per token on its own: the same codes) and on int8 x."""
+    from qcompile.lowering import w4a8 as lowering
+    from qcompile.lowering import w4a16
+
+    monkeypatch.setattr(w4a16, "_INDEX_LIMIT", 40 * 256)
+    calls = []
+    real = lowering.launch
+    monkeypatch.setattr(lowering, "launch", lambda cfg, xq, *a, **kw: calls.append(len(xq)) or real(cfg, xq, *a, **kw))  # fmt: skip
+    gen = torch.Generator().manual_seed(0)
+    p = quantize_weight_w4a8(
+        torch.randn(64, 256, generator=gen), Scheme(name="w4a8", group_size=64)
+    )
+    x = torch.randn(100, 256, generator=gen).half()
+    ref = OP(x, *p.tensors(), None, 64, "int8")  # the reference (CPU dispatch)
+    if quantized_act:
+        xq, xs = quantize_activations_per_token(x, "int8")
+        out = lowering.w4a8_linear_quantized_act_cuda(xq, xs, *p.tensors(), None, 64, torch.float16)
+    else:
+        out = lowering.w4a8_linear_cuda(x, *p.tensors(), None, 64, "int8")
+    assert calls == [39, 39, 22]
+    assert_close_rel(out, ref, torch.float16)

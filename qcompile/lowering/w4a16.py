@@ -1233,6 +1233,36 @@ def launch(
     return out
 
 
+# The kernels index x, out and the split-K workspace with 32-bit offsets (row * row stride +
+# column). Past 2**31 elements (a 128k-vocabulary lm_head over 16k+ tokens) the ops launch
+# row chunks that stay below it, each into its slice of out.
+_INDEX_LIMIT = 2**31
+
+
+def row_chunks(m: int, *row_spans: int) -> list[tuple[int, int]]:
+    """[m0, m1) row ranges of at most (2**31 - 1) // max(row_spans) rows each; a row span is
+    the elements one row of an operand covers (x's row stride, N times the split-K factor)."""
+    per = max(1, (_INDEX_LIMIT - 1) // max(*row_spans, 1))
+    return [(m0, min(m, m0 + per)) for m0 in range(0, max(m, 1), per)]
+
+
+def in_row_chunks(launch_rows, x: torch.Tensor, n: int, split: int, dtype) -> torch.Tensor:
+    """`launch_rows(rows, out)` once with rows = out = None (every realistic shape: no slicing
+    on the hot path), or per `row_chunks` of x ([M, K]) into slices of one [M, N] out."""
+    m, k = x.shape
+    spans = (x.stride(0), k * x.stride(1), n * split)
+    if m * max(spans) < _INDEX_LIMIT:
+        return launch_rows(None, None)
+    out = torch.empty((m, n), device=x.device, dtype=dtype)
+    for m0, m1 in row_chunks(m, *spans):
+        launch_rows(slice(m0, m1), out[m0:m1])
+    return out
+
+
+def rows_of(t: torch.Tensor, rows: slice | None) -> torch.Tensor:
+    return t if rows is None else t[rows]
+
+
 def w4a16_linear_cuda(
     x: torch.Tensor,
     qweight: torch.Tensor,
@@ -1260,4 +1290,14 @@ def w4a16_linear_cuda(
         lambda: default_config(m, n, k, group_size),
         valid=lambda c: valid_config(c, k, group_size),
     )
-    return launch(cfg, x, qweight, scales, offsets, bias, group_size, x_planes=x_planes)
+
+    def launch_rows(rows: slice | None, out: torch.Tensor | None) -> torch.Tensor:
+        if x_planes and out is not None:
+            raise ValueError(
+                f"w4a16_linear_cuda: x [{m}, {k}] passes 2**31 elements and plane-major rows "
+                "cannot be chunked; pass x in natural order (x_planes=False)"
+            )
+        w = (qweight, scales, offsets, bias, group_size)
+        return launch(cfg, rows_of(x, rows), *w, out=out, x_planes=x_planes)
+
+    return in_row_chunks(launch_rows, x, n, cfg.split_k, x.dtype)

@@ -74,7 +74,9 @@ from qcompile.lowering.w4a16 import (
     _split4,
     _sum_partials,
     _tile_counters,
+    in_row_chunks,
     reserve_tile_counters,
+    rows_of,
 )
 from qcompile.lowering.w4a16 import launch as w4a16_launch
 from qcompile.lowering.w4a16 import valid_config as w4a16_valid_config
@@ -1643,7 +1645,10 @@ def w4a8_linear_quantized_act_cuda(
         m, n, k, group_size, act_dtype, out_dtype, xq.device,
         lambda c: time_us(lambda: launch(c, xq, x_scale, *w)),
     )  # fmt: skip
-    return launch(cfg, xq, x_scale, *w)
+    return in_row_chunks(
+        lambda rows, out: launch(cfg, rows_of(xq, rows), rows_of(x_scale, rows), *w, out=out),
+        xq, n, cfg.split_k, out_dtype,
+    )  # fmt: skip
 
 
 def w4a8_linear_cuda(
@@ -1658,7 +1663,10 @@ def w4a8_linear_cuda(
         m, n, k, group_size, act_dtype, x.dtype, x.device,
         lambda c: time_us(lambda: quantize_and_launch(c, x, *w)),
     )  # fmt: skip
-    return quantize_and_launch(cfg, x, *w)
+    return in_row_chunks(
+        lambda rows, out: quantize_and_launch(cfg, rows_of(x, rows), *w, out=out),
+        x, n, cfg.split_k, x.dtype,
+    )  # fmt: skip
 
 
 def quantize_and_launch(
