@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Twenty-sixth session's plan for the next device calls (the machine idles out 30 s after a
+# call: have the next command ready). Written after the device time ran out.
+#   big:    the 64-bit cache slabs (KV4 at 2**31 bytes: B = 128, S = 32k; fp16 decode
+#           attention at 2**31 elements: B = 72, S = 32k) and the linear ops' row chunks,
+#           natively; then every shipped config against float64 (`test_shipped_configs.py`).
+#   kv4tests: every KV4 / decode-attention gpu test (V centered past 4096 keys per program
+#           is new since their last full run; they take ~530 s, so in two halves).
+#   kv4bench: the shipped decode table at B = 1 / 16 / 64 after the slab change (the loops
+#           are unchanged offline; this checks the time).
+source benchmarks/gpu_setup.sh
+case "${PART:?PART=big|kv4tests|kv4bench}" in
+  big)
+    timeout "${TEST_S:-400}" python3 -m pytest -q -p no:cacheprovider -rfE --tb=short \
+      -m gpu tests/test_kv4.py tests/test_decode_attention.py tests/test_shipped_configs.py \
+      -k "2_to_the_31 or shipped_config" > "$OUT/tests_big.log" 2>&1
+    tail -12 "$OUT/tests_big.log"
+    ;;
+  kv4tests)
+    timeout "${TEST_S:-560}" python3 -m pytest -q -p no:cacheprovider -rfE --tb=short \
+      --durations=8 -m gpu tests/test_kv4.py tests/test_decode_attention.py \
+      -k "not 2_to_the_31 and ${KV4_K:-not shipped}" > "$OUT/tests_kv4_gpu.log" 2>&1
+    tail -20 "$OUT/tests_kv4_gpu.log"
+    ;;
+  kv4bench)
+    (cd benchmarks && timeout 300 python3 bench_kv4.py --out "$OUT" --batches 1,16,64 \
+      --lengths 32768,8192 --prefill '') 2>&1 | tail -14
+    ;;
+esac
