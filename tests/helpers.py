@@ -31,6 +31,23 @@ def assert_close_rel(
     assert err <= limit, f"relative error {err:.3e} > {limit:.1e} ({dtype})"
 
 
+def record_row_chunks(monkeypatch, module, rows: int, k: int) -> list[int]:
+    """Lower the linear ops' 32-bit index limit to `rows` rows of K = k and return the list
+    that records the rows of each `module.launch` call (one per row chunk)."""
+    from qcompile.lowering import w4a16
+
+    monkeypatch.setattr(w4a16, "_INDEX_LIMIT", rows * k)
+    calls: list[int] = []
+    real = module.launch
+
+    def launch(cfg, x, *args, **kwargs):
+        calls.append(len(x))
+        return real(cfg, x, *args, **kwargs)
+
+    monkeypatch.setattr(module, "launch", launch)
+    return calls
+
+
 # Per family: (config class, model class, what differs from the common tiny shape).
 HF_FAMILIES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", {}),

@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 import torch
 from conftest import KERNEL_DEVICE
-from helpers import assert_close_rel
+from helpers import assert_close_rel, record_row_chunks
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from strategies import linear_problems
@@ -438,10 +438,7 @@ def test_rows_past_the_32_bit_index_limit_run_in_chunks(cpu_tuner, monkeypatch):
     from qcompile.quant.int4 import dequantize_int4
     from qcompile.quant.rtn import quantize_weight_int4
 
-    monkeypatch.setattr(lowering, "_INDEX_LIMIT", 40 * 256)
-    calls = []
-    real = lowering.launch
-    monkeypatch.setattr(lowering, "launch", lambda cfg, x, *a, **kw: calls.append(len(x)) or real(cfg, x, *a, **kw))  # fmt: skip
+    calls = record_row_chunks(monkeypatch, lowering, 40, 256)
     gen = torch.Generator().manual_seed(0)
     p = quantize_weight_int4(
         torch.randn(64, 256, generator=gen), Scheme(group_size=64), torch.float16

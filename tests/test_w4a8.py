@@ -10,7 +10,7 @@ import helpers
 import pytest
 import torch
 from conftest import KERNEL_DEVICE
-from helpers import assert_close_rel, rel_error
+from helpers import assert_close_rel, record_row_chunks, rel_error
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from strategies import W4A8Problem, w4a8_problems
@@ -1192,12 +1192,8 @@ def test_rows_past_the_32_bit_index_limit_run_in_chunks(cpu_tuner, monkeypatch, 
     """As W4A16's: row chunks into slices of one out past 2**31 elements, for the op on
     16-bit x (each chunk quantized per token on its own: the same codes) and on int8 x."""
     from qcompile.lowering import w4a8 as lowering
-    from qcompile.lowering import w4a16
 
-    monkeypatch.setattr(w4a16, "_INDEX_LIMIT", 40 * 256)
-    calls = []
-    real = lowering.launch
-    monkeypatch.setattr(lowering, "launch", lambda cfg, xq, *a, **kw: calls.append(len(xq)) or real(cfg, xq, *a, **kw))  # fmt: skip
+    calls = record_row_chunks(monkeypatch, lowering, 40, 256)
     gen = torch.Generator().manual_seed(0)
     p = quantize_weight_w4a8(
         torch.randn(64, 256, generator=gen), Scheme(name="w4a8", group_size=64)
