@@ -873,7 +873,7 @@ _FOLD_UNIT = True
 # outputs ~1/sqrt(S)) the H100 lost 1.6e-2 relative at 16k keys per program and 2.2e-3 at
 # 4k; centered, 16k keys stayed under 2e-3. Centering cost 2-5% at the shipped decode tiles
 # (B=16 S=32k split 8 253.8 -> 258.6 us, B=64 S=8k split 2 253.3 -> 260.0, two runs each;
-# `results/session26/center_v/`), so programs of at most 4k keys keep the codes as they are.
+# `results/session26/center_v_repeat/`), so programs of at most 4k keys keep their codes.
 _CENTER_V_KEYS = 4096
 # Per-token keys unpacked as 16 + code (`_nibble_planes` PLUS16, no subtraction; the dot's extra
 # 16 * sum(q) taken out of the offset): 2106 -> 2010 loop instructions with STAGE_V, 2431 ->
