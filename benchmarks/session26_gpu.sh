@@ -8,8 +8,11 @@
 #           is new since their last full run; they take ~530 s, so in two halves).
 #   kv4bench: the shipped decode table at B = 1 / 16 / 64 after the slab change (the loops
 #           are unchanged offline; this checks the time).
+#   ncu:    Nsight Compute on the shipped KV4 decode kernel at B = 16, S = 32k and B = 1,
+#           S = 32k (never profiled since its tile changed): issue slots, stall reasons,
+#           DRAM / L2 / shared throughput; what bounds it decides the next kernel change.
 source benchmarks/gpu_setup.sh
-case "${PART:?PART=big|kv4tests|kv4bench}" in
+case "${PART:?PART=big|kv4tests|kv4bench|ncu}" in
   big)
     timeout "${TEST_S:-400}" python3 -m pytest -q -p no:cacheprovider -rfE --tb=short \
       -m gpu tests/test_kv4.py tests/test_decode_attention.py tests/test_shipped_configs.py \
@@ -25,5 +28,19 @@ case "${PART:?PART=big|kv4tests|kv4bench}" in
   kv4bench)
     (cd benchmarks && timeout 300 python3 bench_kv4.py --out "$OUT" --batches 1,16,64 \
       --lengths 32768,8192 --prefill '') 2>&1 | tail -14
+    ;;
+  ncu)
+    NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
+    echo "ncu: ${NCU:-none}" | tee "$OUT/ncu.log"
+    for shape in "16 32768" "1 32768"; do
+      set -- $shape
+      (cd benchmarks && timeout 150 "$NCU" --kernel-name regex:"kv4_decode" --launch-skip 2 \
+        --launch-count 1 --section SpeedOfLight --section WarpStateStats \
+        --section SchedulerStats --section MemoryWorkloadAnalysis --section Occupancy \
+        --section InstructionStats python3 ncu_kv4_decode.py --b "$1" --s "$2") \
+        2>&1 | grep -v "^==PROF==" | tail -120 >> "$OUT/ncu.log"
+    done
+    grep -E "B=|Duration|Throughput|Issue Slots|Issued Warp|No Eligible|Stall|Occupancy|Registers" \
+      "$OUT/ncu.log" | head -60
     ;;
 esac
