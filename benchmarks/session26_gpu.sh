@@ -2,8 +2,9 @@
 # Twenty-sixth session's plan for the next device calls (the machine idles out 30 s after a
 # call: have the next command ready). Written after the device time ran out.
 #   big:    the 64-bit cache slabs (KV4 at 2**31 bytes: B = 128, S = 32k; fp16 decode
-#           attention at 2**31 elements: B = 72, S = 32k) and the linear ops' row chunks,
-#           natively; then every shipped config against float64 (`test_shipped_configs.py`).
+#           attention at 2**31 elements: B = 72, S = 32k) and the linear ops' row chunks
+#           (W4A16 / W4A8 outputs of 2.15e9 elements), natively; then every shipped config
+#           against float64 (`test_shipped_configs.py`).
 #   kv4tests: every KV4 / decode-attention gpu test (V centered past 4096 keys per program
 #           is new since their last full run; they take ~530 s, so in two halves).
 #   kv4bench: the shipped decode table at B = 1 / 16 / 64 after the slab change (the loops
@@ -16,7 +17,8 @@ case "${PART:?PART=big|kv4tests|kv4bench|ncu}" in
   big)
     timeout "${TEST_S:-400}" python3 -m pytest -q -p no:cacheprovider -rfE --tb=short \
       -m gpu tests/test_kv4.py tests/test_decode_attention.py tests/test_shipped_configs.py \
-      -k "2_to_the_31 or shipped_config" > "$OUT/tests_big.log" 2>&1
+      tests/test_gpu.py tests/test_w4a8.py -k "2_to_the_31 or shipped_config" \
+      > "$OUT/tests_big.log" 2>&1
     tail -12 "$OUT/tests_big.log"
     ;;
   kv4tests)

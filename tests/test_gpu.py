@@ -297,3 +297,22 @@ def test_split_k_first_launched_inside_a_cuda_graph_warmup():
     """)
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]
+
+
+def test_output_past_2_to_the_31_elements_runs_in_row_chunks():
+    """A 128k-vocabulary lm_head over 16400 tokens: out has 2.15e9 elements, past int32, so
+    the op launches row chunks (one comparison decides; `w4a16.row_chunks`). The first and
+    last rows against float64."""
+    from qcompile.lowering import w4a16
+
+    m, n, k = 16400, 131072, 1024
+    assert m * n >= 2**31 and len(w4a16.row_chunks(m, k, n)) == 2
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    p = quantize_weight_int4(
+        torch.randn(n, k, device="cuda", generator=gen), _Scheme(group_size=128), torch.float16
+    )
+    x = torch.randn(m, k, device="cuda", generator=gen).half()
+    out = OP(x, p.qweight, p.scales, p.offsets, None, 128)
+    w = dequantize_int4(p, torch.float64)
+    for rows in (slice(0, 8), slice(m - 8, m)):
+        assert_close_rel(out[rows], x[rows].double() @ w.t(), torch.float16)

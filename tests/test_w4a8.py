@@ -1207,3 +1207,19 @@ def test_rows_past_the_32_bit_index_limit_run_in_chunks(cpu_tuner, monkeypatch, 
         out = lowering.w4a8_linear_cuda(x, *p.tensors(), None, 64, "int8")
     assert calls == [39, 39, 22]
     assert_close_rel(out, ref, torch.float16)
+
+
+@pytest.mark.gpu
+def test_gpu_output_past_2_to_the_31_elements_runs_in_row_chunks():
+    """As W4A16's: 16400 tokens through a 128k-wide W4A8 layer (2.15e9 output elements) run in
+    row chunks; the first and last rows against the reference."""
+    m, n, k = 16400, 131072, 1024
+    gen = torch.Generator(device="cuda").manual_seed(4)
+    p = quantize_weight_w4a8(
+        torch.randn(n, k, device="cuda", generator=gen), Scheme(name="w4a8", group_size=128)
+    )
+    x = torch.randn(m, k, device="cuda", generator=gen).half()
+    out = OP(x, *p.tensors(), None, 128, "int8")
+    for rows in (slice(0, 8), slice(m - 8, m)):
+        ref = OP(x[rows].cpu(), *(t.cpu() for t in p.tensors()), None, 128, "int8")
+        assert_close_rel(out[rows], ref, torch.float16)
