@@ -9,11 +9,14 @@
 #           is new since their last full run; they take ~530 s, so in two halves).
 #   kv4bench: the shipped decode table at B = 1 / 16 / 64 after the slab change (the loops
 #           are unchanged offline; this checks the time).
+#   e2e:    the KV4 issue's end-to-end row on the H100 (so far measured on the H200 only):
+#           Llama-3-8B shapes, random bf16 weights, 8000-token prompt, batch 1, bf16 +
+#           Inductor vs W4A16 vs W4A16 + KV4 (`qcompile bench --kv4 token`).
 #   ncu:    Nsight Compute on the shipped KV4 decode kernel at B = 16, S = 32k and B = 1,
 #           S = 32k (never profiled since its tile changed): issue slots, stall reasons,
 #           DRAM / L2 / shared throughput; what bounds it decides the next kernel change.
 source benchmarks/gpu_setup.sh
-case "${PART:?PART=big|kv4tests|kv4bench|ncu}" in
+case "${PART:?PART=big|kv4tests|kv4bench|e2e|ncu}" in
   big)
     timeout "${TEST_S:-400}" python3 -m pytest -q -p no:cacheprovider -rfE --tb=short \
       -m gpu tests/test_kv4.py tests/test_decode_attention.py tests/test_shipped_configs.py \
@@ -30,6 +33,12 @@ case "${PART:?PART=big|kv4tests|kv4bench|ncu}" in
   kv4bench)
     (cd benchmarks && timeout 300 python3 bench_kv4.py --out "$OUT" --batches 1,16,64 \
       --lengths 32768,8192 --prefill '') 2>&1 | tail -14
+    ;;
+  e2e)
+    QCOMPILE_AUTOTUNE=0 timeout "${E2E_S:-560}" qcompile bench \
+      --model benchmarks/configs/llama-3-8b --random-weights --batch 1 --prompt-tokens 8000 \
+      --new-tokens 64 --kv4 token > "$OUT/e2e_kv4.log" 2>&1
+    tail -25 "$OUT/e2e_kv4.log"
     ;;
   ncu)
     NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
