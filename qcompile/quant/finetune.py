@@ -1,0 +1,120 @@
+"""End-to-end tuning of W4A16 group scales and offsets, the codes fixed (EfficientQAT's
+E2E-QP): after RTN / GPTQ / AWQ chose the codes layer by layer, the scales and offsets of
+every layer move together to bring the quantized model's next-token distributions closer to
+the unquantized model's (KL divergence on calibration text). Nothing changes at inference:
+the tuned values are written back into the layers' buffers in their dtype."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from qcompile.quant.int4 import NIBBLES_PER_WORD, unpack_int4_along_k
+from qcompile.quantize import W4A16Linear, _pad_input
+
+
+class _TunableW4A16(nn.Module):
+    """A W4A16Linear's float twin: w = code * scale + offset, scale and offset trainable
+    (float32), computed as the reference op does (float32, then the input's dtype)."""
+
+    def __init__(self, layer: W4A16Linear):
+        super().__init__()
+        self.layer = layer
+        self.register_buffer("codes", unpack_int4_along_k(layer.qweight).to(torch.uint8))
+        self.scale = nn.Parameter(layer.scales.detach().float().t().contiguous())  # [N, K/G]
+        self.offset = nn.Parameter(layer.offsets.detach().float().t().contiguous())
+
+    def weight(self) -> torch.Tensor:
+        n, k = self.codes.shape
+        g = self.layer.group_size
+        codes = self.codes.view(n, k // g, g).float()
+        return (codes * self.scale[:, :, None] + self.offset[:, :, None]).view(n, k)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        layer = self.layer
+        if layer.perm is not None:
+            x = x.index_select(-1, layer.perm)
+        x = _pad_input(x, layer.qweight.shape[0] * NIBBLES_PER_WORD)
+        return F.linear(x, self.weight().to(x.dtype), layer.bias)
+
+    @torch.no_grad()
+    def write_back(self) -> None:
+        self.layer.scales.copy_(self.scale.t().to(self.layer.scales.dtype))
+        self.layer.offsets.copy_(self.offset.t().to(self.layer.offsets.dtype))
+
+
+def _swap(model: nn.Module, cls: type, make) -> list[tuple[nn.Module, str, nn.Module]]:
+    """Replace every `cls` submodule by make(module); returns (parent, name, new) triples."""
+    swapped = []
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, cls):
+            parent_name, _, attr = name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            new = make(mod)
+            setattr(parent, attr, new)
+            swapped.append((parent, attr, new))
+    return swapped
+
+
+def finetune_scales_(
+    model: nn.Module,
+    teacher: nn.Module,
+    batches: Sequence[torch.Tensor],
+    steps: int = 64,
+    lr: float = 1e-5,
+    progress: bool = True,
+) -> list[float]:
+    """Tune every `W4A16Linear` of `model` in place (scales and offsets; codes, bias and every
+    other weight fixed) for `steps` Adam steps, one batch of token ids [B, T] per step in turn,
+    minimizing KL(teacher || model) over the next-token distributions; `teacher` is the
+    unquantized model. Returns the loss of each step. The layers keep their buffers' dtypes
+    (scales rounded back to fp16 where they were fp16)."""
+    if not batches:
+        raise ValueError("finetune_scales_: no calibration batches")
+    if steps < 1:
+        raise ValueError(f"finetune_scales_: steps={steps} must be >= 1")
+    swapped = _swap(model, W4A16Linear, _TunableW4A16)
+    if not swapped:
+        raise ValueError(
+            "finetune_scales_: the model has no W4A16Linear layers (quantize it first with "
+            "qcompile.quantize_ or a calibration method; W4A8 layers are not tuned)"
+        )
+    tunables = [new for _, _, new in swapped]
+    params = [p for t in tunables for p in (t.scale, t.offset)]
+    trainable = {id(p) for p in params}
+    others = [p for p in model.parameters() if p.requires_grad and id(p) not in trainable]
+    was_training = model.training
+    try:
+        for p in others:
+            p.requires_grad_(False)
+        model.eval()  # (no dropout: the same function as inference)
+        teacher.eval()
+        optimizer = torch.optim.Adam(params, lr=lr)
+        losses: list[float] = []
+        bar = tqdm(total=steps, desc="finetune scales", unit="step", disable=not progress)
+        for step in range(steps):
+            ids = batches[step % len(batches)]
+            with torch.no_grad():
+                target = F.log_softmax(teacher(ids).logits.float(), dim=-1)
+            logp = F.log_softmax(model(ids).logits.float(), dim=-1)
+            loss = F.kl_div(logp.flatten(0, -2), target.flatten(0, -2), log_target=True,
+                            reduction="batchmean")  # fmt: skip
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+            bar.set_postfix(kl=f"{losses[-1]:.4f}")
+            bar.update()
+        bar.close()
+    finally:
+        for parent, attr, new in swapped:
+            new.write_back()
+            setattr(parent, attr, new.layer)
+        for p in others:
+            p.requires_grad_(True)
+        model.train(was_training)
+    return losses
