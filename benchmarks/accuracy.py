@@ -33,6 +33,7 @@ from qcompile.eval import load_corpus, perplexity
 from qcompile.integrations.kv4_cache import smooth_attention_
 from qcompile.quant.awq import awq_quantize_model
 from qcompile.quant.calibration import collect_input_hessians
+from qcompile.quant.finetune import finetune_scales_
 from qcompile.quant.gptq import gptq_quantize_model, gptq_quantizer
 from qcompile.quant.rotate import pick_rotation, rotate_model_
 from qcompile.quant.smooth import smooth_model_
@@ -43,6 +44,8 @@ CORPUS = "/usr/share/doc/python3.11/html/_sources/tutorial"
 CALIBRATION = "/usr/share/doc/python3.11/html/_sources/howto"
 CALIBRATION_WINDOWS = 32  # x 512 tokens
 SMOOTH_WINDOWS = 8  # x 512 tokens of CALIBRATION for SmoothAttention's key statistics
+# "<method>+ft": then `finetune_scales_` (W4A16 scales and offsets, end to end)
+FT_STEPS, FT_LR, FT_WINDOWS = 96, 1e-5, 64
 HARNESS_CHECK = 14.36
 ROWS = [  # (label, scheme, method, note); None = the fp32 model
     ("fp32", None, "", "harness check: expected 14.36"),
@@ -269,6 +272,21 @@ ROWS = [  # (label, scheme, method, note); None = the fp32 model
             ),
         )
     ),
+    *(
+        (
+            f"W4A16 {label} g128 asym, K padded, + tuned scales",
+            Scheme(group_size=128, pad_k=True),
+            f"{method}+ft",
+            f"then scales and offsets tuned end to end ({FT_STEPS} Adam steps, lr {FT_LR}, "
+            f"KL to the fp32 model on {FT_WINDOWS} x 512 tokens of howto/; codes fixed); "
+            "every layer: K=576 padded to 640",
+        )
+        for label, method in (
+            ("RTN", "rtn"),
+            ("GPTQ act-order, block-sequential, clip search", "gptq-seq-act-clip"),
+            ("rotated, GPTQ act-order, block-sequential, clip search", "rot-gptq-seq-act-clip"),
+        )
+    ),
     (
         "fp32 weights, KV4 cache g64",
         KVScheme(group_size=64),
@@ -377,6 +395,8 @@ def main() -> None:
             layers = "0 (KV cache only)"
         elif scheme is not None:
             m = copy.deepcopy(model)
+            tune = method.endswith("+ft")
+            method = method.removesuffix("+ft")
             weights_only = method.startswith("weights-only")  # "weights-only[-<method>]"
             if weights_only:
                 method = method.removeprefix("weights-only").removeprefix("-") or "rtn"
@@ -418,6 +438,9 @@ def main() -> None:
                         hessians = collect_input_hessians(model, calibration_batches(tok))
                     quantizer = gptq_quantizer(hessians, act_order=method == "gptq-act")
                 report = qcompile.quantize_(m, QuantConfig(scheme), quantizer=quantizer)
+            if tune:
+                cal = calibration_batches(tok, count=FT_WINDOWS)
+                finetune_scales_(m, model, cal, steps=FT_STEPS, lr=FT_LR)
             if weights_only:
                 unquantize_activations_(m)
             quantized = len(report.by_status("quantized"))

