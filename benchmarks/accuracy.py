@@ -45,7 +45,7 @@ CALIBRATION = "/usr/share/doc/python3.11/html/_sources/howto"
 CALIBRATION_WINDOWS = 32  # x 512 tokens
 SMOOTH_WINDOWS = 8  # x 512 tokens of CALIBRATION for SmoothAttention's key statistics
 # "<method>+ft": then `finetune_scales_` (W4A16 scales and offsets, end to end)
-FT_STEPS, FT_LR, FT_WINDOWS = 96, 1e-5, 64
+FT_STEPS, FT_LR, FT_WINDOWS = 96, 3e-5, 64
 HARNESS_CHECK = 14.36
 ROWS = [  # (label, scheme, method, note); None = the fp32 model
     ("fp32", None, "", "harness check: expected 14.36"),

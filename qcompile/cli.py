@@ -520,7 +520,7 @@ def parser() -> argparse.ArgumentParser:
         "(one calibration window each; codes fixed) toward the float model's next-token "
         "distributions; keeps a float copy meanwhile (docs/accuracy.md)",
     )  # fmt: skip
-    p.add_argument("--tune-lr", type=float, default=1e-5, help="--tune-scales: Adam's lr")
+    p.add_argument("--tune-lr", type=float, default=3e-5, help="--tune-scales: Adam's lr")
     p.add_argument(
         "--calib-text", default=DEFAULT_CALIBRATION, help="file or folder of calibration text"
     )

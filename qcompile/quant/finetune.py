@@ -65,7 +65,7 @@ def finetune_scales_(
     teacher: nn.Module,
     batches: Sequence[torch.Tensor],
     steps: int = 64,
-    lr: float = 1e-5,
+    lr: float = 3e-5,
     progress: bool = True,
 ) -> list[float]:
     """Tune every `W4A16Linear` of `model` in place (scales and offsets; codes, bias and every
