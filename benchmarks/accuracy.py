@@ -46,6 +46,7 @@ CALIBRATION_WINDOWS = 32  # x 512 tokens
 SMOOTH_WINDOWS = 8  # x 512 tokens of CALIBRATION for SmoothAttention's key statistics
 # "<method>+ft": then `finetune_scales_` (W4A16 scales and offsets, end to end)
 FT_STEPS, FT_LR, FT_WINDOWS = 96, 3e-5, 64
+FT_LR_W4A8 = 1e-5
 HARNESS_CHECK = 14.36
 ROWS = [  # (label, scheme, method, note); None = the fp32 model
     ("fp32", None, "", "harness check: expected 14.36"),
@@ -288,6 +289,15 @@ ROWS = [  # (label, scheme, method, note); None = the fp32 model
         )
     ),
     (
+        "W4A8 g128 int8, K padded, rotated, GPTQ act-order, block-sequential, clip search, "
+        "+ tuned channel scales",
+        Scheme(name="w4a8", group_size=128, pad_k=True),
+        "rot-gptq-seq-act-clip+ft",
+        f"then each layer's s1 tuned end to end ({FT_STEPS} Adam steps, lr {FT_LR_W4A8}: s1 is "
+        f"~10x smaller than a W4A16 group scale; KL to the fp32 model on {FT_WINDOWS} x 512 "
+        "tokens of howto/); every layer: K=576 padded to 640",
+    ),
+    (
         "fp32 weights, KV4 cache g64",
         KVScheme(group_size=64),
         "kv4",
@@ -440,7 +450,8 @@ def main() -> None:
                 report = qcompile.quantize_(m, QuantConfig(scheme), quantizer=quantizer)
             if tune:
                 cal = calibration_batches(tok, count=FT_WINDOWS)
-                finetune_scales_(m, model, cal, steps=FT_STEPS, lr=FT_LR)
+                lr = FT_LR_W4A8 if scheme.name == "w4a8" else FT_LR
+                finetune_scales_(m, model, cal, steps=FT_STEPS, lr=lr)
             if weights_only:
                 unquantize_activations_(m)
             quantized = len(report.by_status("quantized"))

@@ -149,8 +149,8 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         )
         return
     config = _config(args)
-    if args.tune_scales and config.scheme.name != "w4a16":
-        raise CliError(f"--tune-scales tunes W4A16 layers; --scheme is {config.scheme.name}")
+    if args.tune_scales < 0:
+        raise CliError(f"--tune-scales {args.tune_scales}: give a number of steps >= 0")
     w = args.window
     batches: list[torch.Tensor] = []
     if args.method != "rtn" or (args.rotate and args.rotate_seeds > 1) or args.tune_scales:
@@ -516,9 +516,10 @@ def parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument(
         "--tune-scales", type=int, default=0, metavar="STEPS",
-        help="w4a16: then tune every layer's scales and offsets end to end for this many steps "
-        "(one calibration window each; codes fixed) toward the float model's next-token "
-        "distributions; keeps a float copy meanwhile (docs/accuracy.md)",
+        help="then tune the layers' float scales end to end for this many steps (one "
+        "calibration window each; codes fixed; w4a16: group scales and offsets, w4a8: channel "
+        "scales) toward the float model's next-token distributions; keeps a float copy "
+        "meanwhile (docs/accuracy.md)",
     )  # fmt: skip
     p.add_argument("--tune-lr", type=float, default=3e-5, help="--tune-scales: Adam's lr")
     p.add_argument(

@@ -61,5 +61,23 @@ def test_bad_input_errors(setup):
         finetune_scales_(model, teacher, [], progress=False)
     with pytest.raises(ValueError, match="steps=0 must be >= 1"):
         finetune_scales_(model, teacher, batches, steps=0, progress=False)
-    with pytest.raises(ValueError, match="no W4A16Linear layers"):
+    with pytest.raises(ValueError, match="no W4A16Linear or W4A8Linear layers"):
         finetune_scales_(copy.deepcopy(teacher), teacher, batches, progress=False)
+
+
+def test_w4a8_channel_scales_tune_and_nothing_else_moves():
+    """W4A8 layers: only s1 (channel_scales) moves; the KL on the calibration batches falls
+    and the layers still run the W4A8 op (activations quantized per token)."""
+    torch.manual_seed(1)
+    teacher = tiny_llama(2)
+    model = copy.deepcopy(teacher)
+    qcompile.quantize_(model, QuantConfig(Scheme(name="w4a8", group_size=32)))
+    batches = [torch.randint(0, teacher.config.vocab_size, (2, 64)) for _ in range(4)]
+    before = _kl(model, teacher, batches)
+    kept = {n: b.clone() for n, b in model.named_buffers() if not n.endswith("channel_scales")}
+    s1 = {n: b.clone() for n, b in model.named_buffers() if n.endswith("channel_scales")}
+    finetune_scales_(model, teacher, batches, steps=40, lr=1e-5, progress=False)
+    assert _kl(model, teacher, batches) < 0.8 * before
+    assert all(torch.equal(b, kept[n]) for n, b in model.named_buffers() if n in kept)
+    assert any(not torch.equal(b, s1[n]) for n, b in model.named_buffers() if n in s1)
+    assert sum(isinstance(m, qcompile.W4A8Linear) for m in model.modules()) == 14

@@ -1,8 +1,9 @@
-"""End-to-end tuning of W4A16 group scales and offsets, the codes fixed (EfficientQAT's
-E2E-QP): after RTN / GPTQ / AWQ chose the codes layer by layer, the scales and offsets of
-every layer move together to bring the quantized model's next-token distributions closer to
-the unquantized model's (KL divergence on calibration text). Nothing changes at inference:
-the tuned values are written back into the layers' buffers in their dtype."""
+"""End-to-end tuning of quantized layers' float scales, the codes fixed (EfficientQAT's
+E2E-QP): after RTN / GPTQ / AWQ chose the codes layer by layer, the scales of every layer
+move together to bring the quantized model's next-token distributions closer to the
+unquantized model's (KL divergence on calibration text). W4A16: each group's scale and
+offset; W4A8: each output channel's s1. Nothing changes at inference: the tuned values are
+written back into the layers' buffers in their dtype."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from torch import nn
 from tqdm import tqdm
 
 from qcompile.quant.int4 import NIBBLES_PER_WORD, unpack_int4_along_k
-from qcompile.quantize import W4A16Linear, _pad_input
+from qcompile.quant.w4a8 import int8_weight, quantize_activations_per_token
+from qcompile.quantize import W4A8Linear, W4A16Linear, _pad_input
 
 
 class _TunableW4A16(nn.Module):
@@ -47,6 +49,33 @@ class _TunableW4A16(nn.Module):
         self.layer.offsets.copy_(self.offset.t().to(self.layer.offsets.dtype))
 
 
+class _TunableW4A8(nn.Module):
+    """A W4A8Linear's float twin: w = s1[n] * w8'[n, k] with the per-channel s1 trainable
+    (the integer group scales and zeros stay); x quantized per token as the op does, its
+    rounding passed straight through to the gradient."""
+
+    def __init__(self, layer: W4A8Linear):
+        super().__init__()
+        self.layer = layer
+        w8 = int8_weight(layer.qweight, layer.group_scales, layer.group_zeros, layer.group_size)
+        self.register_buffer("w8", w8.to(torch.int8))
+        self.scale = nn.Parameter(layer.channel_scales.detach().float().clone())  # [N]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        layer, dtype = self.layer, x.dtype
+        x = _pad_input(x, layer.qweight.shape[0] * NIBBLES_PER_WORD).float()
+        with torch.no_grad():
+            xq, xs = quantize_activations_per_token(x, layer.act_dtype)
+            rounded = xq.float() * xs[..., None]
+        x = x + (rounded - x).detach()  # the op's activations, the identity's gradient
+        bias = None if layer.bias is None else layer.bias.float()
+        return F.linear(x, self.w8.float() * self.scale[:, None], bias).to(dtype)
+
+    @torch.no_grad()
+    def write_back(self) -> None:
+        self.layer.channel_scales.copy_(self.scale)
+
+
 def _swap(model: nn.Module, cls: type, make) -> list[tuple[nn.Module, str, nn.Module]]:
     """Replace every `cls` submodule by make(module); returns (parent, name, new) triples."""
     swapped = []
@@ -68,23 +97,23 @@ def finetune_scales_(
     lr: float = 3e-5,
     progress: bool = True,
 ) -> list[float]:
-    """Tune every `W4A16Linear` of `model` in place (scales and offsets; codes, bias and every
-    other weight fixed) for `steps` Adam steps, one batch of token ids [B, T] per step in turn,
-    minimizing KL(teacher || model) over the next-token distributions; `teacher` is the
-    unquantized model. Returns the loss of each step. The layers keep their buffers' dtypes
-    (scales rounded back to fp16 where they were fp16)."""
+    """Tune the quantized layers of `model` in place for `steps` Adam steps, one batch of
+    token ids [B, T] per step in turn, minimizing KL(teacher || model) over the next-token
+    distributions; `teacher` is the unquantized model. `W4A16Linear`: every group's scale
+    and offset; `W4A8Linear`: the per-channel s1 (its group scales and zeros are integers).
+    Codes, biases and every other weight stay fixed. Returns the loss of each step. The
+    layers keep their buffers' dtypes (scales rounded back to fp16 where they were fp16)."""
     if not batches:
         raise ValueError("finetune_scales_: no calibration batches")
     if steps < 1:
         raise ValueError(f"finetune_scales_: steps={steps} must be >= 1")
-    swapped = _swap(model, W4A16Linear, _TunableW4A16)
+    swapped = _swap(model, W4A16Linear, _TunableW4A16) + _swap(model, W4A8Linear, _TunableW4A8)
     if not swapped:
         raise ValueError(
-            "finetune_scales_: the model has no W4A16Linear layers (quantize it first with "
-            "qcompile.quantize_ or a calibration method; W4A8 layers are not tuned)"
+            "finetune_scales_: the model has no W4A16Linear or W4A8Linear layers (quantize it "
+            "first with qcompile.quantize_ or a calibration method)"
         )
-    tunables = [new for _, _, new in swapped]
-    params = [p for t in tunables for p in (t.scale, t.offset)]
+    params = [p for _, _, new in swapped for p in new.parameters(recurse=False)]
     trainable = {id(p) for p in params}
     others = [p for p in model.parameters() if p.requires_grad and id(p) not in trainable]
     was_training = model.training
