@@ -7,7 +7,6 @@ off, and the test checks the op launched it (not a default) and what it computed
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 
 import pytest
 import torch
@@ -59,17 +58,10 @@ def _odd_m(bucket: int) -> int:
     return bucket if bucket <= 2 else bucket - 1
 
 
-@dataclass
-class _Heads:
-    b: int
-    hkv: int
-    gqa: int
-
-
-def _heads(key: TuneKey, rows_per_query: int) -> _Heads:
-    """Batch x KV heads from the key's (bucketed) B * Hkv: 8 KV heads where they fit."""
+def _heads(key: TuneKey) -> tuple[int, int]:
+    """(B, Hkv) from the key's (bucketed) B * Hkv: 8 KV heads where they fit."""
     hkv = min(8, key.batch)
-    return _Heads(key.batch // hkv, hkv, rows_per_query)
+    return key.batch // hkv, hkv
 
 
 def _linear(key: TuneKey, device: str) -> tuple[torch.Tensor, torch.Tensor, torch.dtype]:
@@ -107,12 +99,13 @@ def _kv4(key: TuneKey, device: str) -> tuple[torch.Tensor, torch.Tensor, torch.d
     torch.manual_seed(key.k + key.batch)
     dtype, d = getattr(torch, key.dtype), key.n
     prefill = key.family.startswith("kv4_prefill")
-    h = _heads(key, 4 if prefill else key.m_bucket)
-    sq = _odd_m(key.m_bucket) // h.gqa if prefill else 1
+    b, hkv = _heads(key)
+    gqa = 4 if prefill else key.m_bucket  # decode keys: m_bucket = the GQA rows of one query
+    sq = _odd_m(key.m_bucket) // gqa if prefill else 1
     s = key.k - 1 if prefill else key.k - 5  # a partial last tile, same S bucket
-    q = torch.randn(h.b, h.hkv * h.gqa, sq, d, device=device, dtype=dtype)
+    q = torch.randn(b, hkv * gqa, sq, d, device=device, dtype=dtype)
     kv = [
-        quantize_kv4(torch.randn(h.b, h.hkv, s, d, device=device), KVScheme(group_size=key.group_size))
+        quantize_kv4(torch.randn(b, hkv, s, d, device=device), KVScheme(group_size=key.group_size))
         for _ in "kv"
     ]  # fmt: skip
     cache = (kv[0].codes, kv[0].scales, kv[0].offsets, kv[1].codes, kv[1].scales, kv[1].offsets)
@@ -120,7 +113,7 @@ def _kv4(key: TuneKey, device: str) -> tuple[torch.Tensor, torch.Tensor, torch.d
     ref = torch.cat([
         kv4_attention_reference(q[i : i + 1].double(), *(t[i : i + 1] for t in cache), None,
                                 None, prefill, d**-0.5, compute_dtype=torch.float64)
-        for i in range(h.b)
+        for i in range(b)
     ])  # fmt: skip
     return out, ref, dtype
 
@@ -130,14 +123,14 @@ def _decode16(key: TuneKey, device: str) -> tuple[torch.Tensor, torch.Tensor, to
 
     torch.manual_seed(key.k + key.batch)
     dtype, d = getattr(torch, key.dtype), key.n
-    h = _heads(key, key.m_bucket)
+    (b, hkv), gqa = _heads(key), key.m_bucket
     s = key.k - 5
-    q = torch.randn(h.b, h.hkv * h.gqa, 1, d, device=device, dtype=dtype)
-    k, v = (torch.randn(h.b, h.hkv, s, d, device=device, dtype=dtype) for _ in "kv")
+    q = torch.randn(b, hkv * gqa, 1, d, device=device, dtype=dtype)
+    k, v = (torch.randn(b, hkv, s, d, device=device, dtype=dtype) for _ in "kv")
     out = decode_attention_cuda(q, k, v, None, d**-0.5)
-    q64 = q.double().view(h.b, h.hkv, h.gqa, d)
+    q64 = q.double().view(b, hkv, gqa, d)
     ref = torch.empty_like(q64)
-    for i in range(h.b):  # one batch at a time: float64 copies of a 32k cache are large
+    for i in range(b):  # one batch at a time: float64 copies of a 32k cache are large
         scores = q64[i] @ k[i].double().transpose(-1, -2) * d**-0.5
         ref[i] = torch.softmax(scores, dim=-1) @ v[i].double()
     return out, ref.view(q.shape), dtype
@@ -148,9 +141,11 @@ _RUN = {"w4a16": _linear, "w4a8": _linear, "kv4_decode": _kv4, "kv4_prefill": _k
 
 
 def test_every_shipped_family_has_a_runner():
-    """A family added to the shipped files must be added here too, or it goes unchecked."""
+    """A family added to the shipped files must be added here too, or it goes unchecked (and
+    every runner has a tiny case for the interpreter below)."""
     assert _ENTRIES
     assert {key.family for _, key, _ in _ENTRIES} <= set(_RUN)
+    assert {key.family for key, _ in _tiny_cases()} == set(_RUN)
 
 
 @pytest.mark.gpu
@@ -189,10 +184,7 @@ def _tiny_cases() -> list[tuple[TuneKey, KernelConfig]]:
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter's check of the harness")
-@pytest.mark.parametrize("case", range(5), ids=["w4a16", "w4a8", "kv4_decode", "kv4_prefill",
-                                                 "decode16"])  # fmt: skip
-def test_harness_on_tiny_keys_in_the_interpreter(case, serve, monkeypatch):
-    monkeypatch.setattr(autotune, "gpu_name", lambda device=None: "nvidia-h100-80gb-hbm3")
-    key, cfg = _tiny_cases()[case]
-    assert {k.family for k, _ in _tiny_cases()} == set(_RUN)
+@pytest.mark.parametrize("family", sorted(_RUN))
+def test_harness_on_tiny_keys_in_the_interpreter(family, cpu_tuner, serve):
+    key, cfg = next(case for case in _tiny_cases() if case[0].family == family)
     _check(serve, key, cfg, "cpu")

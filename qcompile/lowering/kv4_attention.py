@@ -808,7 +808,7 @@ def candidate_configs(
     cap = key_tokens or 1 << 30
     if rows <= 64:
         bm = decode_rows(sq, gqa)
-        for split in _tuning_splits(b * hkv, s, _SPLIT_PROGRAM_TARGET):
+        for split in _tuning_splits(b * hkv, s):
             for bn, warps, stages in _DECODE_TILES[decode_kind(groups)]:
                 bn = min(bn, cap)
                 cfg = KernelConfig(decode_kind(groups), bm, bn, 0, split, warps, stages)
@@ -837,11 +837,12 @@ def candidate_configs(
 # (`results/session26/capped/`). The decode loop is not short of resident warps.
 
 
-def _tuning_splits(programs: int, s: int, target: int) -> list[int]:
+def _tuning_splits(programs: int, s: int) -> list[int]:
     """Split factors worth tuning for `programs` (batch x KV heads) over `s` keys: powers of
-    two up to 128 while half the split's grid stays under `target` programs and every split
-    keeps >= 64 keys."""
+    two up to 128 while half the split's grid stays under `_SPLIT_PROGRAM_TARGET` programs and
+    every split keeps >= 64 keys."""
     splits = (1, 2, 4, 8, 16, 32, 64, 128)
+    target = _SPLIT_PROGRAM_TARGET
     return [p for p in splits if p == 1 or (programs * p // 2 < target and s >= p * 64)]
 
 

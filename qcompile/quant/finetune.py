@@ -76,16 +76,11 @@ class _TunableW4A8(nn.Module):
         self.layer.channel_scales.copy_(self.scale)
 
 
-def _swap(model: nn.Module, cls: type, make) -> list[tuple[nn.Module, str, nn.Module]]:
-    """Replace every `cls` submodule by make(module); returns (parent, name, new) triples."""
-    swapped = []
-    for name, mod in list(model.named_modules()):
-        if isinstance(mod, cls):
-            parent_name, _, attr = name.rpartition(".")
-            parent = model.get_submodule(parent_name)
-            new = make(mod)
-            setattr(parent, attr, new)
-            swapped.append((parent, attr, new))
+def _swap(model: nn.Module, cls: type, make) -> list[tuple[str, nn.Module]]:
+    """Replace every `cls` submodule by make(module); returns (name, new) pairs."""
+    swapped = [(name, make(mod)) for name, mod in model.named_modules() if isinstance(mod, cls)]
+    for name, new in swapped:
+        model.set_submodule(name, new)
     return swapped
 
 
@@ -113,7 +108,7 @@ def finetune_scales_(
             "finetune_scales_: the model has no W4A16Linear or W4A8Linear layers (quantize it "
             "first with qcompile.quantize_ or a calibration method)"
         )
-    params = [p for _, _, new in swapped for p in new.parameters(recurse=False)]
+    params = [p for _, new in swapped for p in new.parameters(recurse=False)]
     trainable = {id(p) for p in params}
     others = [p for p in model.parameters() if p.requires_grad and id(p) not in trainable]
     was_training = model.training
@@ -140,9 +135,9 @@ def finetune_scales_(
             bar.update()
         bar.close()
     finally:
-        for parent, attr, new in swapped:
+        for name, new in swapped:
             new.write_back()
-            setattr(parent, attr, new.layer)
+            model.set_submodule(name, new.layer)
         for p in others:
             p.requires_grad_(True)
         model.train(was_training)

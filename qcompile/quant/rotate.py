@@ -136,10 +136,10 @@ def pick_rotation(
     """Rotate a copy of `model` with each seed, `quantize` it (e.g. GPTQ), and keep the copy
     with the lowest perplexity on `held_out` token batches ([1, T] each; calibration text the
     quantizer did not see, never the evaluation text). Returns (that model, what `quantize`
-    returned for it (e.g. the report), its seed, the perplexity per seed). A random rotation's result varies with its seed (SmolLM2 g128 GPTQ,
-    seeds 0 / 1 / 2: W4A8 +10.1% / +12.9% / +12.9%, W4A16 +9.3% / +10.7% / +9.8%). Held-out
-    loss is a noisy judge of such gaps: on that model 8 held-out windows kept seed 1 for both
-    (`docs/accuracy.md`)."""
+    returned for it (e.g. the report), its seed, the perplexity per seed). A random
+    rotation's result varies with its seed (SmolLM2 g128 GPTQ, seeds 0 / 1 / 2: W4A8 +10.1% /
+    +12.9% / +12.9%, W4A16 +9.3% / +10.7% / +9.8%). Held-out loss is a noisy judge of such
+    gaps: on that model 8 held-out windows kept seed 1 for both (`docs/accuracy.md`)."""
     from qcompile.eval import perplexity
 
     if not seeds:
