@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 import torch
 from conftest import KERNEL_DEVICE
-from helpers import assert_close_rel, record_row_chunks
+from helpers import assert_close_rel, record_row_chunks, tune_with_default
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from strategies import linear_problems
@@ -433,19 +433,21 @@ def test_prompt_sized_m_tunes_only_dequantize_then_matmul(m):
 def test_rows_past_the_32_bit_index_limit_run_in_chunks(cpu_tuner, monkeypatch):
     """Past 2**31 elements of x, out or the split-K workspace the op launches row chunks into
     slices of one out. With the limit lowered to 40 rows of K=256, M=100 runs as 3 launches
-    and matches float64."""
+    and matches float64; the tuner times its configs on the first chunk's rows (a whole x
+    would overflow: a fault on the H100)."""
     from qcompile.config import Scheme
     from qcompile.quant.int4 import dequantize_int4
     from qcompile.quant.rtn import quantize_weight_int4
 
     calls = record_row_chunks(monkeypatch, lowering, 40, 256)
+    tune_with_default(monkeypatch, lowering)
     gen = torch.Generator().manual_seed(0)
     p = quantize_weight_int4(
         torch.randn(64, 256, generator=gen), Scheme(group_size=64), torch.float16
     )
     x = torch.randn(100, 256, generator=gen).half()
     out = lowering.w4a16_linear_cuda(x, p.qweight, p.scales, p.offsets, None, 64)
-    assert calls == [39, 39, 22]
+    assert calls == [39, 39, 39, 22]  # the tuner's run, then the chunks
     assert_close_rel(out, x.double() @ dequantize_int4(p, torch.float64).t(), torch.float16)
     with pytest.raises(ValueError, match="plane-major rows cannot be chunked"):
         lowering.w4a16_linear_cuda(to_planes(x, PLANE_CHUNK), p.qweight, p.scales, p.offsets,

@@ -10,7 +10,7 @@ import helpers
 import pytest
 import torch
 from conftest import KERNEL_DEVICE
-from helpers import assert_close_rel, record_row_chunks, rel_error
+from helpers import assert_close_rel, record_row_chunks, rel_error, tune_with_default
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from strategies import W4A8Problem, w4a8_problems
@@ -1190,10 +1190,12 @@ def test_fp8_unpacking_writes_e4m3_q_minus_z_in_k_order(n, k, block_n, block_k):
 @pytest.mark.parametrize("quantized_act", [False, True])
 def test_rows_past_the_32_bit_index_limit_run_in_chunks(cpu_tuner, monkeypatch, quantized_act):
     """As W4A16's: row chunks into slices of one out past 2**31 elements, for the op on
-    16-bit x (each chunk quantized per token on its own: the same codes) and on int8 x."""
+    16-bit x (each chunk quantized per token on its own: the same codes) and on int8 x; the
+    tuner times on the first chunk's rows."""
     from qcompile.lowering import w4a8 as lowering
 
     calls = record_row_chunks(monkeypatch, lowering, 40, 256)
+    tune_with_default(monkeypatch, lowering)
     gen = torch.Generator().manual_seed(0)
     p = quantize_weight_w4a8(
         torch.randn(64, 256, generator=gen), Scheme(name="w4a8", group_size=64)
@@ -1205,7 +1207,7 @@ def test_rows_past_the_32_bit_index_limit_run_in_chunks(cpu_tuner, monkeypatch, 
         out = lowering.w4a8_linear_quantized_act_cuda(xq, xs, *p.tensors(), None, 64, torch.float16)
     else:
         out = lowering.w4a8_linear_cuda(x, *p.tensors(), None, 64, "int8")
-    assert calls == [39, 39, 22]
+    assert calls == [39, 39, 39, 22]  # the tuner's run, then the chunks
     assert_close_rel(out, ref, torch.float16)
 
 

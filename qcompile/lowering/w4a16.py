@@ -1246,11 +1246,26 @@ def row_chunks(m: int, *row_spans: int) -> list[tuple[int, int]]:
     return [(m0, min(m, m0 + per)) for m0 in range(0, max(m, 1), per)]
 
 
+def _row_spans(x: torch.Tensor, n: int, split: int) -> tuple[int, int, int]:
+    m, k = x.shape
+    return (x.stride(0), k * x.stride(1), n * split)
+
+
+def first_rows(x: torch.Tensor, n: int, split: int) -> slice | None:
+    """The rows of x ([M, K]) that a config's first launch covers, None for all of them (every
+    realistic shape). The tuner times a config on these: a whole x past 2**31 elements of out
+    would overflow the kernel's 32-bit offsets."""
+    spans = _row_spans(x, n, split)
+    if len(x) * max(spans) < _INDEX_LIMIT:
+        return None
+    return slice(0, row_chunks(len(x), *spans)[0][1])
+
+
 def in_row_chunks(launch_rows, x: torch.Tensor, n: int, split: int, dtype) -> torch.Tensor:
     """`launch_rows(rows, out)` once with rows = out = None (every realistic shape: no slicing
     on the hot path), or per `row_chunks` of x ([M, K]) into slices of one [M, N] out."""
-    m, k = x.shape
-    spans = (x.stride(0), k * x.stride(1), n * split)
+    m = len(x)
+    spans = _row_spans(x, n, split)
     if m * max(spans) < _INDEX_LIMIT:
         return launch_rows(None, None)
     out = torch.empty((m, n), device=x.device, dtype=dtype)
@@ -1285,7 +1300,10 @@ def w4a16_linear_cuda(
         key,
         lambda: candidate_configs(m, n, k, group_size),
         lambda c: time_us(
-            lambda: launch(c, x, qweight, scales, offsets, bias, group_size, x_planes=x_planes)
+            lambda: launch(
+                c, rows_of(x, first_rows(x, n, c.split_k)), qweight, scales, offsets, bias,
+                group_size, x_planes=x_planes,
+            )
         ),
         lambda: default_config(m, n, k, group_size),
         valid=lambda c: valid_config(c, k, group_size),

@@ -74,6 +74,7 @@ from qcompile.lowering.w4a16 import (
     _split4,
     _sum_partials,
     _tile_counters,
+    first_rows,
     in_row_chunks,
     reserve_tile_counters,
     rows_of,
@@ -1641,10 +1642,12 @@ def w4a8_linear_quantized_act_cuda(
     n = qweight.shape[1]
     act_dtype = "int8" if xq.dtype == torch.int8 else "float8_e4m3fn"
     w = (qweight, group_scales, group_zeros, channel_scales, bias, group_size, out_dtype)
-    cfg = _tuned_config(
-        m, n, k, group_size, act_dtype, out_dtype, xq.device,
-        lambda c: time_us(lambda: launch(c, xq, x_scale, *w)),
-    )  # fmt: skip
+
+    def bench(c: KernelConfig) -> float:
+        rows = first_rows(xq, n, c.split_k)
+        return time_us(lambda: launch(c, rows_of(xq, rows), rows_of(x_scale, rows), *w))
+
+    cfg = _tuned_config(m, n, k, group_size, act_dtype, out_dtype, xq.device, bench)
     return in_row_chunks(
         lambda rows, out: launch(cfg, rows_of(xq, rows), rows_of(x_scale, rows), *w, out=out),
         xq, n, cfg.split_k, out_dtype,
@@ -1661,7 +1664,9 @@ def w4a8_linear_cuda(
     w = (qweight, group_scales, group_zeros, channel_scales, bias, group_size, act_dtype)
     cfg = _tuned_config(
         m, n, k, group_size, act_dtype, x.dtype, x.device,
-        lambda c: time_us(lambda: quantize_and_launch(c, x, *w)),
+        lambda c: time_us(
+            lambda: quantize_and_launch(c, rows_of(x, first_rows(x, n, c.split_k)), *w)
+        ),
     )  # fmt: skip
     return in_row_chunks(
         lambda rows, out: quantize_and_launch(cfg, rows_of(x, rows), *w, out=out),
