@@ -1301,8 +1301,14 @@ def w4a16_linear_cuda(
         lambda: candidate_configs(m, n, k, group_size),
         lambda c: time_us(
             lambda: launch(
-                c, rows_of(x, first_rows(x, n, c.split_k)), qweight, scales, offsets, bias,
-                group_size, x_planes=x_planes,
+                c,
+                rows_of(x, first_rows(x, n, c.split_k)),
+                qweight,
+                scales,
+                offsets,
+                bias,
+                group_size,
+                x_planes=x_planes,
             )
         ),
         lambda: default_config(m, n, k, group_size),
