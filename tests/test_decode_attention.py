@@ -6,6 +6,8 @@ reference (SDPA) in float64; the op's contract and fallbacks on CPU.
 
 from __future__ import annotations
 
+from unittest import mock
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from strategies import DecodeProblem, decode_problems
 
+from qcompile.lowering import kv4_attention
 from qcompile.lowering.autotune import KernelConfig
 from qcompile.lowering.decode_attention import (
     candidate_configs,
@@ -41,7 +44,9 @@ def test_kernel_matches_float64_reference(problem, data):
     cfg = data.draw(st.sampled_from(candidate_configs(b, hkv, sq, hq // hkv, s)), label="cfg")
     split = data.draw(st.sampled_from([1, 2, 3, 8]), label="split")
     cfg = KernelConfig("decode16", cfg.block_m, cfg.block_n, 0, split, cfg.num_warps, 1)
-    assert_close_rel(_run(problem, cfg), problem.reference64(), problem.query.dtype)
+    wide = data.draw(st.booleans(), label="64-bit batch offsets (lowered limit)")
+    with mock.patch.object(kv4_attention, "_WIDE_ELEMENTS", 1 if wide else 2**31):
+        assert_close_rel(_run(problem, cfg), problem.reference64(), problem.query.dtype)
 
 
 @pytest.mark.parametrize(("b", "hkv", "sq", "gqa", "s"), [(1, 8, 1, 4, 200), (16, 8, 1, 4, 8192),

@@ -233,7 +233,27 @@ def test_decode_kernel_matches_float64_reference(problem, data):
     cfg = KernelConfig(kind, cfg.block_m, cfg.block_n, 0, split, cfg.num_warps, 2, prefetch,
                        stage_v=stage_v)  # fmt: skip
     assert valid_config(cfg, sq * hq // hkv, groups)
-    assert_close_rel(_run(problem, cfg), problem.reference64(), problem.query.dtype)
+    with _wide_cache(data.draw(st.booleans(), label="64-bit slab offsets")):
+        assert_close_rel(_run(problem, cfg), problem.reference64(), problem.query.dtype)
+
+
+def _wide_cache(wide: bool):
+    """The kernels' 64-bit slab offsets (`WIDE`, for caches past 2**31 bytes) on small caches:
+    the limit lowered to one element."""
+    return mock.patch.object(kv4_attention, "_WIDE_ELEMENTS", 1 if wide else 2**31)
+
+
+def test_wide_offsets_measure_the_farthest_element_from_the_base():
+    """An element 2**31 elements from the base is past int32's reach, one at 2**31 - 1 is not;
+    strides count, so a transposed or sliced view is judged by where its elements lie."""
+    def view(size, stride):
+        return torch.empty_strided(size, stride, dtype=torch.uint8, device="meta")
+
+    big = view((2, 2), (2**31 - 2, 1))  # farthest element: 2**31 - 1
+    assert not kv4_attention.wide_offsets(big)
+    assert kv4_attention.wide_offsets(view((3, 2), (2**30, 1)))  # 2**31 + 1
+    assert not kv4_attention.wide_offsets(view((2, 3), (2**30, 1)))
+    assert kv4_attention.wide_offsets(big, view((2, 2), (1, 2**31)))
 
 
 @KERNEL_SETTINGS
@@ -253,7 +273,8 @@ def test_prefill_kernel_matches_float64_reference(problem, data):
     bm, bn = data.draw(st.sampled_from(tiles), label="tile")
     cfg = KernelConfig(kind, bm, bn, 0)
     assert valid_config(cfg, sq * hq // hkv, groups)
-    assert_close_rel(_run(problem, cfg), problem.reference64(), problem.query.dtype)
+    with _wide_cache(data.draw(st.booleans(), label="64-bit slab offsets")):
+        assert_close_rel(_run(problem, cfg), problem.reference64(), problem.query.dtype)
 
 
 @pytest.mark.parametrize(("bm", "bn", "valid"), [(16, 32, True), (16, 16, False), (32, 16, False),

@@ -28,6 +28,7 @@ from qcompile.lowering.kv4_attention import (
     reduce_splits,
     seq_bucket,
     split_buffers,
+    wide_offsets,
 )
 
 FAMILY = "decode16"
@@ -45,6 +46,7 @@ def _decode_attention_kernel(
     stride_mb, stride_mh, stride_mq, stride_ms,
     HKV: tl.constexpr, GQA: tl.constexpr, D: tl.constexpr, MASK_KIND: tl.constexpr,
     WRITE_PARTIAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    WIDE: tl.constexpr = False,
 ):  # fmt: skip
     # MASK_KIND: 0 none, 1 bool (as uint8, nonzero = attend), 2 additive float. Output (and the
     # fp32 partials, one [rows_total, D] slab per split) is [B, Hq, Sq, D] contiguous.
@@ -70,11 +72,12 @@ def _decode_attention_kernel(
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, D), tl.float32)
     offs_n = tl.arange(0, BLOCK_N)
-    # 64-bit slab offsets: a [B, Hkv, S, D] cache passes 2**31 elements at B * S >= 2M tokens
-    # with 8 KV heads of 128 channels (B = 64 at S = 32k), where b * stride_kb in 32 bits wraps
-    b64 = b.to(tl.int64)
-    k_base = k_ptr + b64 * stride_kb + hkv * stride_kh + d[None, :] * stride_kd
-    v_base = v_ptr + b64 * stride_vb + hkv * stride_vh + d[None, :] * stride_vd
+    # WIDE: 64-bit batch offsets, for a [B, Hkv, S, D] cache past 2**31 elements (B * S >= 2M
+    # tokens with 8 KV heads of 128 channels: B = 64 at S = 32k), where b * stride_kb in 32
+    # bits wraps; otherwise 32-bit, as the KV4 kernels (`kv4_attention._cache_slab`)
+    bw = b.to(tl.int64) if WIDE else b
+    k_base = k_ptr + bw * stride_kb + hkv * stride_kh + d[None, :] * stride_kd
+    v_base = v_ptr + bw * stride_vb + hkv * stride_vh + d[None, :] * stride_vd
     mask_base = mask_ptr + b * stride_mb + head[:, None] * stride_mh + pos[:, None] * stride_mq
     for n0 in range(start, end, BLOCK_N):
         cols = n0 + offs_n
@@ -164,7 +167,7 @@ def launch(
         query, key, value, mask_arg, target, lse, sq, s, rows_total, scale * _LOG2E,
         *query.stride(), *key.stride(), *value.stride(), *mask_strides,
         HKV=hkv, GQA=gqa, D=d, MASK_KIND=mask_kind, WRITE_PARTIAL=split > 1,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, WIDE=wide_offsets(key, value),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     reduce_splits(target, lse, out)

@@ -85,13 +85,18 @@ def _softmax_tile(scores, visible, mask_ptrs, m_i, l_i, MASK_KIND: tl.constexpr)
 
 
 @triton.jit
-def _cache_slab(kc_ptr, vc_ptr, b, hkv, stride_cb, stride_ch):
-    """K's and V's codes advanced to one (batch, KV head) slab by a 64-bit offset: a cache
-    passes 2**31 bytes at B * S >= 4M tokens with 8 KV heads of 128 channels (B = 128 at
-    S = 32k), where b * stride_cb in 32 bits wraps; offsets within a slab (S * D/2 bytes)
-    stay 32-bit, so the loops' address arithmetic is unchanged."""
-    slab = b.to(tl.int64) * stride_cb + hkv * stride_ch
-    return kc_ptr + slab, vc_ptr + slab
+def _cache_slab(kc_ptr, vc_ptr, b, hkv, stride_cb, stride_ch, WIDE: tl.constexpr):
+    """(K's codes, V's codes, offset) of one (batch, KV head) slab. WIDE (a cache of 2**31
+    bytes or more: B * S >= 4M tokens with 8 KV heads of 128 channels, B = 128 at S = 32k,
+    where b * stride_cb in 32 bits wraps): the pointers advance by a 64-bit offset and the
+    offset is 0. Otherwise the pointers stay and the offset is 32-bit, as before the wide
+    form existed: the wide form, although its loop was the same length offline, ran 5-6%
+    slower on the H100 at every decode shape (`results/session27/slab_ab/`)."""
+    if WIDE:
+        slab = b.to(tl.int64) * stride_cb + hkv * stride_ch
+        return kc_ptr + slab, vc_ptr + slab, 0
+    else:
+        return kc_ptr, vc_ptr, b * stride_cb + hkv * stride_ch
 
 
 @triton.jit
@@ -132,6 +137,7 @@ def _kv4_attention_kernel(
     HKV: tl.constexpr, GQA: tl.constexpr, D: tl.constexpr, G: tl.constexpr,
     HAS_LENS: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
     WRITE_PARTIAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    WIDE: tl.constexpr = False,
 ):  # fmt: skip
     # Rows: r = i * GQA + j is query position i of query head hkv * GQA + j. Output (and the
     # fp32 partials, one [rows_total, D] slab per split) is [B, Hq, Sq, D] contiguous.
@@ -158,8 +164,8 @@ def _kv4_attention_kernel(
     acc = tl.zeros((NG, BLOCK_M, G), tl.float32)
     offs_n = tl.arange(0, BLOCK_N)
     half = tl.arange(0, G // 2)[None, None, :]
-    kc_ptr, vc_ptr = _cache_slab(kc_ptr, vc_ptr, b, hkv, stride_cb, stride_ch)
-    code_base = grp * (G // 2) + half  # [NG, 1, G/2]
+    kc_ptr, vc_ptr, slab = _cache_slab(kc_ptr, vc_ptr, b, hkv, stride_cb, stride_ch, WIDE)
+    code_base = slab + grp * (G // 2) + half  # [NG, 1, G/2]
     scale_base = b * stride_sb + hkv * stride_sh + grp  # [NG, 1, 1]
     mask_base = mask_ptr + b * stride_mb + head[:, None] * stride_mh + pos[:, None] * stride_mq
     for n0 in range(start, end, BLOCK_N):
@@ -398,7 +404,7 @@ def _kv4_decode_kernel(
     FOLD_UNIT: tl.constexpr = True, KEY_TOKENS: tl.constexpr = 0,
     SCALE_PREFETCH: tl.constexpr = False, STAGE_V: tl.constexpr = False,
     KEY_BIAS16: tl.constexpr = False, Q_ROWS: tl.constexpr = False,
-    COMBINE_ROWS: tl.constexpr = 16, CENTER_V: tl.constexpr = False,
+    COMBINE_ROWS: tl.constexpr = 16, CENTER_V: tl.constexpr = False, WIDE: tl.constexpr = False,
 ):  # fmt: skip
     # Flash-decoding ("decode": split over the sequence) and flash-attention ("prefill": row
     # tiles over pid_m, causal tiles skipped) for one scale/offset per token and head (G = D),
@@ -453,8 +459,8 @@ def _kv4_decode_kernel(
     fix = tl.zeros((BLOCK_M,), tl.float32)
     acc_unit = tl.full((), 1.0, tl.float32)  # acc_e / acc_o hold multiples of this
     offs_n = tl.arange(0, BLOCK_N)
-    kc_ptr, vc_ptr = _cache_slab(kc_ptr, vc_ptr, b, hkv, stride_cb, stride_ch)
-    code_base = c[None, :]
+    kc_ptr, vc_ptr, slab = _cache_slab(kc_ptr, vc_ptr, b, hkv, stride_cb, stride_ch, WIDE)
+    code_base = slab + c[None, :]
     scale_base = b * stride_sb + hkv * stride_sh
     mask_base = mask_ptr + b * stride_mb + head[:, None] * stride_mh + pos[:, None] * stride_mq
     # keys per channel: positions >= quantized_end are the residual's (a multiple of T, and
@@ -657,7 +663,7 @@ def _kv4_cache_write_kernel(
     ch = tl.arange(0, G)[None, None, :]
     half = tl.arange(0, G // 2)[None, None, :]
     chan = grp * G + ch  # [1, NG, G]
-    kc_ptr, vc_ptr = _cache_slab(kc_ptr, vc_ptr, b, h, stride_cb, stride_ch)
+    kc_ptr, vc_ptr, _ = _cache_slab(kc_ptr, vc_ptr, b, h, stride_cb, stride_ch, True)
     code_offs = pos[:, None, None] * (D // 2) + grp * (G // 2) + half
     scale_offs = b * stride_sb + h * stride_sh + pos[:, None] * NG + tl.arange(0, NG)[None, :]
     # V is loaded before K's stores so both loads are in flight at once (the compiler does
@@ -940,6 +946,18 @@ def default_config(
 _Q_BIAS = {torch.float16: 0x6400, torch.bfloat16: 0x4300}
 
 
+# Caches whose farthest element lies this many elements from their base take 64-bit slab
+# offsets (`_cache_slab`); a test lowers it to run the wide form on small caches.
+_WIDE_ELEMENTS = 2**31
+
+
+def wide_offsets(*tensors: torch.Tensor) -> bool:
+    """Whether some element of `tensors` lies 2**31 or more elements from its base pointer
+    (strides in elements), past what a 32-bit offset reaches."""
+    far = (sum((n - 1) * st for n, st in zip(t.shape, t.stride(), strict=True)) for t in tensors)
+    return max(far, default=0) >= _WIDE_ELEMENTS
+
+
 def split_buffers(split: int, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(target, lse) of an attention launch writing out [B, Hq, Sq, D]: out itself unsplit
     (lse unused), else fp32 partials [split, B, Hq, Sq, D] and log-sum-exps [split, B, Hq, Sq]."""
@@ -1039,6 +1057,7 @@ def launch_attention(
             Q_ROWS=_Q_ROWS and cfg.kernel == "decode" and not key_tokens,
             COMBINE_ROWS=min(cfg.block_m, triton.next_power_of_2(gqa)),
             CENTER_V=triton.cdiv(s, split) > _CENTER_V_KEYS,
+            WIDE=wide_offsets(k_codes, v_codes),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             maxnreg=cfg.max_registers or None,
         )  # fmt: skip
@@ -1056,7 +1075,7 @@ def launch_attention(
         seq_lens.stride(0) if seq_lens is not None else 0, *mask_strides,
         HKV=hkv, GQA=gqa, D=d, G=g, HAS_LENS=seq_lens is not None, IS_CAUSAL=is_causal,
         MASK_KIND=mask_kind, WRITE_PARTIAL=split > 1, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        WIDE=wide_offsets(k_codes, v_codes), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     reduce_splits(target, lse, out)
     return out
