@@ -1,0 +1,105 @@
+"""Where a long-context decode step's time goes, W4A16 alone vs W4A16 + KV4: wall time per
+generate() step, GPU time per forward (CUDA events around each model call) and the top CUDA
+kernels / CPU ops of a few decode steps (torch.profiler).
+
+    python benchmarks/probe_e2e_long.py --layers 8 --prompt 8000 --out $OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+import qcompile
+from qcompile.integrations.generation import (
+    _compile_kwargs,
+    cache_kwargs,
+    compile_config,
+    generation_cache,
+)
+from qcompile.integrations.kv4_cache import enable_kv4_attention
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--layers", type=int, default=8)
+ap.add_argument("--prompt", type=int, default=8000)
+ap.add_argument("--steps", type=int, default=16)
+ap.add_argument("--out", type=Path, default=Path("."))
+args = ap.parse_args()
+
+config = AutoConfig.from_pretrained("benchmarks/configs/llama-3-8b")
+config.num_hidden_layers = args.layers
+torch.manual_seed(0)
+with torch.device("cuda"):
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
+model.requires_grad_(False)
+qconfig = qcompile.QuantConfig()
+qcompile.quantize_(model, qconfig)
+ids = torch.randint(0, config.vocab_size, (1, args.prompt), device="cuda")
+results = {}
+
+# every compiled decode call (transformers' get_compiled_call): host time and GPU time
+calls: list[tuple[float, torch.cuda.Event, torch.cuda.Event]] = []
+real_compiled_call = model.get_compiled_call
+
+
+def timed_compiled_call(compile_config):
+    fn = real_compiled_call(compile_config)
+
+    def call(*a, **kw):
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        t0 = time.perf_counter()
+        e0.record()
+        out = fn(*a, **kw)
+        e1.record()
+        calls.append((time.perf_counter() - t0, e0, e1))
+        return out
+
+    return call
+
+
+model.get_compiled_call = timed_compiled_call
+
+for name, kv4 in (("w4a16", "off"), ("w4a16+kv4", "token")):
+    if kv4 != "off":
+        enable_kv4_attention(model)
+    torch._dynamo.reset()
+    compile = compile_config(qcompile.backend(qconfig), "reduce-overhead")
+    length = args.prompt + args.steps + 1
+    inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                  pad_token_id=0, **_compile_kwargs(compile))  # fmt: skip
+
+    def gen(n, kv4=kv4, length=length, inputs=inputs):
+        cache = generation_cache(model, kv4, length, True)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, **cache_kwargs(cache))
+        torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    gen(4)
+    gen(4)
+    t1 = gen(1)
+    calls.clear()
+    tn = gen(args.steps + 1)
+    decode = calls[:]
+    host_ms = [1e3 * h for h, _, _ in decode]
+    gpu_ms = [e0.elapsed_time(e1) for _, e0, e1 in decode]
+    step_ms = 1e3 * (tn - t1) / args.steps
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        gen(9)
+    table_gpu = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25)
+    table_cpu = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
+    (args.out / f"profile_{name}.txt").write_text(table_gpu + "\n\n" + table_cpu)
+    results[name] = dict(
+        step_ms=step_ms, forward_host_ms=sorted(host_ms)[len(host_ms) // 2],
+        forward_gpu_ms=sorted(gpu_ms)[len(gpu_ms) // 2], gpu_ms_all=gpu_ms[:8],
+    )  # fmt: skip
+    print(name, json.dumps(results[name]), flush=True)
+(args.out / "e2e_long.json").write_text(json.dumps(results, indent=1))
