@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Twenty-seventh session's device calls.
+#   ab:     KV4 decode table with the WIDE-only slab offsets (current) against decea0c's
+#           files (before any 64-bit slab), one warm machine; then the 2**31-size tests.
+#   e2e:    probe_e2e_long.py (W4A16 vs W4A16 + KV4 at an 8000-token context: wall, host and
+#           GPU time per decode step, profiles), Inductor's cudagraph perf hints kept.
+#   stalls: Nsight Compute warp-stall reasons of the shipped KV4 decode tile (B=16, S=32k).
+source benchmarks/gpu_setup.sh
+L=qcompile/lowering
+case "${PART:?PART=ab|e2e|stalls}" in
+  ab)
+    cp $L/kv4_attention.py /tmp/k.py; cp $L/decode_attention.py /tmp/d.py
+    run() {
+      mkdir -p "$OUT/$1"
+      (cd benchmarks && timeout 150 python3 bench_kv4.py --out "$OUT/$1" --batches 16,64,1 \
+        --lengths 32768,8192 --prefill '') 2>&1 | grep "^| [0-9]" | sed "s/^/$1 /"
+    }
+    run cur
+    cp benchmarks/ab/kv4_attention_pre_slab.py $L/kv4_attention.py
+    cp benchmarks/ab/decode_attention_pre_slab.py $L/decode_attention.py
+    run pre
+    cp /tmp/k.py $L/kv4_attention.py; cp /tmp/d.py $L/decode_attention.py
+    timeout 150 python3 -m pytest -q -p no:cacheprovider -rfE --tb=short -m gpu \
+      tests/test_kv4.py tests/test_decode_attention.py -k "2_to_the_31" > "$OUT/tests_wide.log" 2>&1
+    tail -3 "$OUT/tests_wide.log"
+    ;;
+  e2e)
+    TORCH_LOGS=perf_hints timeout "${E2E_S:-300}" python3 benchmarks/probe_e2e_long.py \
+      --layers "${LAYERS:-8}" --out "$OUT" > "$OUT/e2e_long.log" 2>&1
+    grep -iE "skipping cudagraph|^w4a16|error" "$OUT/e2e_long.log" | head -20
+    ;;
+  stalls)
+    NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
+    (cd benchmarks && timeout 200 "$NCU" --kernel-name regex:"kv4_decode" --launch-skip 2 \
+      --launch-count 1 --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" \
+      python3 ncu_kv4_decode.py --b 16 --s 32768) 2>&1 | grep -v "^==PROF==" > "$OUT/stalls.log"
+    sort -k3 -n -r "$OUT/stalls.log" | grep stalled | head -14
+    ;;
+esac
