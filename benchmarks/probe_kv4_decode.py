@@ -12,6 +12,8 @@ prints each shape's fastest configs, SDPA and the int4 roofline floor.
     python benchmarks/probe_kv4_decode.py --prefetch 1 --stage-v 1 --q-rows 0,1  # q in registers
     python benchmarks/probe_kv4_decode.py --prefetch 1 --stage-v 1 --tiles 32x1 \
         --max-registers 0,184,168 --splits 8,16  # more resident programs per SM
+    python benchmarks/probe_kv4_decode.py --kinds decode,decode_t --t-rows 4,8 --prefetch 1 \
+        --stage-v 1  # keys on the MMA's M side
 """
 
 from __future__ import annotations
@@ -50,7 +52,12 @@ def _set(sw: dict) -> None:
 
 
 def check(
-    kind: str, dtype: torch.dtype, prefetch: bool = False, stage_v: bool = False, cap: int = 0
+    kind: str,
+    dtype: torch.dtype,
+    prefetch: bool = False,
+    stage_v: bool = False,
+    cap: int = 0,
+    t_rows: int = 4,
 ) -> float:
     """Relative error of one config against the float64 reference (quantized cache); with a
     register cap, of the shipped one-warp BLOCK_N 32 tile under it."""
@@ -71,6 +78,8 @@ def check(
     ref = KV4Problem(q, keys, values, None, None, False, D**-0.5).reference64()
     prob = KV4Problem(q.cuda(), to(keys), to(values), None, None, False, D**-0.5)
     cfg = KernelConfig(kind, 16, 128, 0, 4, 4, 2, prefetch, stage_v=stage_v)
+    if kind == "decode_t":
+        cfg = KernelConfig(kind, t_rows, 32, 0, 4, 1, 2, prefetch, stage_v=stage_v)
     if cap:
         cfg = KernelConfig(kind, 16, 32, 0, 4, 1, 2, True, stage_v=True, max_registers=cap)
     out = launch_attention(cfg, *prob.args())
@@ -94,6 +103,10 @@ def main() -> None:
         "--max-registers", default="0",
         help="decode: register caps per thread to time (0: none), e.g. 0,184,168",
     )  # fmt: skip
+    ap.add_argument(
+        "--kinds", default="decode", help="one-group decode kernels, e.g. decode,decode_t"
+    )
+    ap.add_argument("--t-rows", default="4", help="decode_t: BLOCK_M (query-head columns) list")
     ap.add_argument("--splits", default="1,2,4,8,16,32,64,128")
     ap.add_argument("--tiles", default="", help="BLOCK_Nxwarps list, e.g. 64x1,128x4")
     args = ap.parse_args()
@@ -109,6 +122,14 @@ def main() -> None:
             err = check("decode", dt, prefetches[-1], stage_vs[-1])
             print(f"check decode {dt} {sw}: rel error {err:.2e}", flush=True)
     _set({})
+    kinds = args.kinds.split(",")
+    t_rows = tuple(int(v) for v in args.t_rows.split(","))
+    for r in t_rows if "decode_t" in kinds else ():
+        for dt in (torch.float16, torch.bfloat16):
+            for pf, sv in itertools.product(prefetches, stage_vs):
+                err = check("decode_t", dt, pf, sv, t_rows=r)
+                print(f"check decode_t rows={r} {dt} prefetch={pf} stage_v={sv}: rel error "
+                      f"{err:.2e}", flush=True)  # fmt: skip
     for kind in ("decode", "decode_grouped"):
         for dt in (torch.float16, torch.bfloat16):
             one = kind == "decode"
@@ -137,14 +158,19 @@ def main() -> None:
         if args.tiles:
             tiles = tuple(tuple(map(int, t.split("x"))) for t in args.tiles.split(","))
         splits = tuple(int(v) for v in args.splits.split(","))
+        one_group = [(k, 16) for k in kinds if k == "decode"]
+        one_group += [(k, r) for k in kinds if k == "decode_t" for r in t_rows]
         grid = itertools.chain(
-            ((("decode", bn, w, st, sp, pf, sv, sw, r) for (bn, w), st, sp, pf, sv, sw, r in
-              itertools.product(tiles, (2, 3), splits, prefetches, stage_vs, switches, caps))),
-            itertools.product(["decode_grouped"], (64,), (4,), (2,), (4, 32), (False,), (False,),
-                              ({},), (0,)),
+            ((k, bm, bn, w, st, sp, pf, sv, sw, r) for (k, bm), (bn, w), st, sp, pf, sv, sw, r in
+             itertools.product(one_group, tiles, (2, 3), splits, prefetches, stage_vs, switches,
+                               caps)),
+            itertools.product(["decode_grouped"], (16,), (64,), (4,), (2,), (4, 32), (False,),
+                              (False,), ({},), (0,)),
         )  # fmt: skip
-        for kind, bn, warps, stages, split, pf, sv, sw, cap in grid:
-            cfg = KernelConfig(kind, 16, bn, 0, split, warps, stages, pf, stage_v=sv,
+        for kind, bm, bn, warps, stages, split, pf, sv, sw, cap in grid:
+            if kind == "decode_t" and (cap or any(sw.values())):
+                continue  # the switches and caps are the decode kernel's
+            cfg = KernelConfig(kind, bm, bn, 0, split, warps, stages, pf, stage_v=sv,
                                max_registers=cap)  # fmt: skip
             _set(sw)  # read at launch, i.e. when the graph is captured
             if (
@@ -194,12 +220,13 @@ def main() -> None:
         rows.sort(key=lambda r: r["us"])
         floor = (int4 + 4 * b * HQ * D) / bw * 1e6
         print(f"B={b} S={s}: SDPA {sdpa:.1f} us, int4 floor {floor:.1f} us", flush=True)
-        for kind in ("decode", "decode_grouped"):
+        for kind in (*kinds, "decode_grouped"):
             best = [r for r in rows if r["config"]["kernel"] == kind][:4]
             for r in best:
                 c = r["config"]
                 print(
-                    f"  {kind:15s} bn{c['block_n']} w{c['num_warps']} st{c['num_stages']} "
+                    f"  {kind:15s} bm{c['block_m']} bn{c['block_n']} w{c['num_warps']} "
+                    f"st{c['num_stages']} "
                     f"split{c['split_k']} pf{int(c['prefetch'])} sv{int(c['stage_v'])} "
                     f"kb{int(r['key_bias16'])} qr{int(r['q_rows'])} "
                     f"r{c.get('max_registers', 0)}: {r['us']:.1f} us "

@@ -4,10 +4,13 @@
 #           files (before any 64-bit slab), one warm machine; then the 2**31-size tests.
 #   e2e:    probe_e2e_long.py (W4A16 vs W4A16 + KV4 at an 8000-token context: wall, host and
 #           GPU time per decode step, profiles), Inductor's cudagraph perf hints kept.
+#   cur:    the KV4 decode table as is.
+#   decode_t: the transposed decode kernel against the decode kernel, fp16, shipped-like
+#           tiles and splits, each kernel checked against float64 first.
 #   stalls: Nsight Compute warp-stall reasons of the shipped KV4 decode tile (B=16, S=32k).
 source benchmarks/gpu_setup.sh
 L=qcompile/lowering
-case "${PART:?PART=ab|e2e|stalls}" in
+case "${PART:?PART=ab|e2e|cur|decode_t|stalls}" in
   ab)
     cp $L/kv4_attention.py /tmp/k.py; cp $L/decode_attention.py /tmp/d.py
     run() {
@@ -28,6 +31,16 @@ case "${PART:?PART=ab|e2e|stalls}" in
     TORCH_LOGS=perf_hints timeout "${E2E_S:-300}" python3 benchmarks/probe_e2e_long.py \
       --layers "${LAYERS:-8}" --out "$OUT" > "$OUT/e2e_long.log" 2>&1
     grep -iE "skipping cudagraph|^w4a16|error" "$OUT/e2e_long.log" | head -20
+    ;;
+  cur)
+    (cd benchmarks && timeout 150 python3 bench_kv4.py --out "$OUT" --batches 16,64,1 \
+      --lengths 32768,8192 --prefill '') 2>&1 | grep "^| [0-9]"
+    ;;
+  decode_t)
+    (cd benchmarks && timeout "${PROBE_S:-330}" python3 probe_kv4_decode.py --dtype float16 \
+      --kinds decode,decode_t --t-rows 4,8 --prefetch 1 --stage-v 1 --tiles 32x1,64x1,64x2 \
+      --splits 2,8,64,128 --shapes 16x32768,64x8192,1x32768,16x8192 --out "$OUT/probe_t.json") \
+      2>&1 | grep -v "^  best" | tee "$OUT/probe_t.log" | tail -40
     ;;
   stalls)
     NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)

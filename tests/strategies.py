@@ -138,18 +138,23 @@ class KV4Problem:
 
 @st.composite
 def kv4_problems(
-    draw, decode: bool, device: str = "cpu", max_blocks: int = 3, per_channel_keys: bool = False
+    draw,
+    decode: bool,
+    device: str = "cpu",
+    max_blocks: int = 3,
+    per_channel_keys: bool = False,
+    one_group: bool = False,
 ) -> KV4Problem:
     """Sequence lengths from 1 to a few 32-token blocks (non-multiples included), head dims
     64/128, every group size that divides them, GQA ratios 1/4/8, masks and cache lengths.
     per_channel_keys: K per channel over 32 or 64 tokens (its tail in the residual, in the
-    query's dtype), V with one group per head."""
+    query's dtype), V with one group per head. one_group: one group per head (G = D)."""
     from qcompile.config import KVScheme
     from qcompile.quant.kv4 import quantize_kv4, quantize_kv4_keys_per_channel
 
     d = draw(st.sampled_from([64, 128]))
     group = draw(st.sampled_from([g for g in (32, 64, 128) if d % g == 0]))
-    if per_channel_keys:
+    if per_channel_keys or one_group:
         group = d
     gqa = draw(st.sampled_from([1, 4, 8]))
     hkv = draw(st.sampled_from([1, 2])) if gqa < 8 else 1

@@ -37,6 +37,7 @@ from qcompile.lowering.kv4_attention import (
     candidate_configs,
     decode_kind,
     decode_rows,
+    decode_t_rows,
     default_config,
     kv4_cache_write_cuda,
     launch_attention,
@@ -237,6 +238,41 @@ def test_decode_kernel_matches_float64_reference(problem, data):
         assert_close_rel(_run(problem, cfg), problem.reference64(), problem.query.dtype)
 
 
+@KERNEL_SETTINGS
+@given(problem=kv4_problems(decode=True, device=KERNEL_DEVICE, one_group=True), data=st.data())
+def test_transposed_decode_kernel_matches_float64_reference(problem, data):
+    """ "decode_t" (keys on the MMA's M side, the GQA heads on its N side): any split, masks,
+    partly written caches, the scale prefetch and staged V, 4 to 16 columns for the heads."""
+    b, hq, sq, _ = problem.query.shape
+    hkv, s = problem.keys.codes.shape[1:3]
+    gqa = hq // hkv
+    bn, warps, _ = data.draw(st.sampled_from(kv4_attention._DECODE_TILES["decode_t"]))
+    rows = data.draw(st.sampled_from(sorted({decode_t_rows(gqa), min(16, 2 * decode_t_rows(gqa))})))
+    cfg = KernelConfig(
+        "decode_t", rows, bn, 0, data.draw(st.sampled_from([1, 2, 3, 8]), label="split"), warps,
+        2, data.draw(st.booleans(), label="scale prefetch"),
+        stage_v=data.draw(st.booleans(), label="V staged"),
+    )  # fmt: skip
+    assert valid_config(cfg, sq * gqa)
+    with _wide_cache(data.draw(st.booleans(), label="64-bit slab offsets")):
+        assert_close_rel(_run(problem, cfg), problem.reference64(), problem.query.dtype)
+
+
+def test_transposed_decode_config_of_several_positions_runs_the_decode_kernel():
+    """A "decode_t" config looked up for Sq * GQA rows of several query positions (the tuning
+    key cannot tell them apart) runs as the decode kernel: same answer as float64."""
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randn(1, 2, 2, 64, generator=gen).half()
+    k, v = (torch.randn(1, 1, 40, 64, generator=gen) for _ in range(2))
+    scheme = KVScheme(group_size=64)
+    problem = KV4Problem(
+        q, quantize_kv4(k, scheme), quantize_kv4(v, scheme), None, None, True, 64**-0.5
+    )
+    cfg = KernelConfig("decode_t", 4, 32, 0, 2, 1, 2)
+    assert valid_config(cfg, 4)
+    assert_close_rel(_run(problem, cfg), problem.reference64(), torch.float16)
+
+
 def _wide_cache(wide: bool):
     """The kernels' 64-bit slab offsets (`WIDE`, for caches past 2**31 bytes) on small caches:
     the limit lowered to one element."""
@@ -246,6 +282,7 @@ def _wide_cache(wide: bool):
 def test_wide_offsets_measure_the_farthest_element_from_the_base():
     """An element 2**31 elements from the base is past int32's reach, one at 2**31 - 1 is not;
     strides count, so a transposed or sliced view is judged by where its elements lie."""
+
     def view(size, stride):
         return torch.empty_strided(size, stride, dtype=torch.uint8, device="meta")
 

@@ -602,6 +602,135 @@ def _kv4_decode_kernel(
 
 
 @triton.jit
+def _kv4_decode_t_kernel(
+    q_ptr, kc_ptr, ks_ptr, ko_ptr, vc_ptr, vs_ptr, vo_ptr, lens_ptr, mask_ptr, out_ptr, lse_ptr,
+    final_ptr, cnt_ptr, S, rows_total, qk_scale,
+    stride_qb, stride_qh, stride_qd,
+    stride_cb, stride_ch, stride_sb, stride_sh, stride_lens,
+    stride_mb, stride_mh, stride_ms,
+    HKV: tl.constexpr, GQA: tl.constexpr, D: tl.constexpr, Q_BIAS_BITS: tl.constexpr,
+    HAS_LENS: tl.constexpr, MASK_KIND: tl.constexpr, WRITE_PARTIAL: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, ASM: tl.constexpr, SELF_REDUCE: tl.constexpr,
+    SCALE_PREFETCH: tl.constexpr, STAGE_V: tl.constexpr, CENTER_V: tl.constexpr,
+    WIDE: tl.constexpr, COMBINE_ROWS: tl.constexpr,
+):  # fmt: skip
+    # "decode_t": `_kv4_decode_kernel`'s decode of one query position (per-token keys, G = D),
+    # transposed so the keys are the MMA's M side and the GQA query heads its N side:
+    #   S^T [BLOCK_N, ROWS] = K_lo @ q_e^T + K_hi @ q_o^T,  O_e^T [D/2, ROWS] += V_lo^T @ P^T.
+    # tl.dot pads N (4 query heads of GQA 4) to the instruction's 8 where the other form pads
+    # M to 16, so the softmax's elementwise work and the accumulators are per 8 columns of
+    # real and padding heads instead of per 16 rows. Same splits, partials, self-reduce and
+    # output layout as the decode kernel (rows r = query head hkv * GQA + r).
+    HALF: tl.constexpr = D // 2
+    pid_bh = tl.program_id(0)
+    pid_split = tl.program_id(1)
+    num_splits = tl.num_programs(1)
+    b, hkv, pos, head, row_ok, seq_len, start, end = _program_tile(
+        pid_bh, 0, pid_split, num_splits, lens_ptr, stride_lens, 1, S, HKV, GQA, HAS_LENS,
+        False, ROWS, BLOCK_N,
+    )  # fmt: skip
+    c = tl.arange(0, HALF)
+    q_cols = q_ptr + b * stride_qb + head[None, :] * stride_qh  # [1, ROWS]
+    q_e = tl.load(q_cols + (2 * c)[:, None] * stride_qd, mask=row_ok[None, :], other=0.0)
+    q_o = tl.load(q_cols + (2 * c + 1)[:, None] * stride_qd, mask=row_ok[None, :], other=0.0)
+    q_sum = tl.sum(q_e.to(tl.float32), axis=0) + tl.sum(q_o.to(tl.float32), axis=0)  # [ROWS]
+
+    m_i = tl.full((ROWS,), _NEG_INF, tl.float32)  # running max per query head, log2 domain
+    l_i = tl.zeros((ROWS,), tl.float32)
+    acc_e = tl.zeros((HALF, ROWS), tl.float32)
+    acc_o = tl.zeros((HALF, ROWS), tl.float32)
+    fix = tl.zeros((ROWS,), tl.float32)
+    acc_unit = tl.full((), 1.0, tl.float32)  # acc_e / acc_o hold multiples of this
+    offs_n = tl.arange(0, BLOCK_N)
+    kc_ptr, vc_ptr, slab = _cache_slab(kc_ptr, vc_ptr, b, hkv, stride_cb, stride_ch, WIDE)
+    code_base = slab + c[None, :]
+    scale_base = b * stride_sb + hkv * stride_sh
+    mask_base = mask_ptr + b * stride_mb + head[None, :] * stride_mh  # [1, ROWS]
+    ks_n = tl.zeros((BLOCK_N,), ks_ptr.dtype.element_ty)
+    ko_n, vs_n, vo_n = ks_n, ks_n, ks_n
+    if SCALE_PREFETCH:
+        ks_n, ko_n, vs_n, vo_n = _token_scales(
+            ks_ptr, ko_ptr, vs_ptr, vo_ptr, scale_base, start + offs_n, end
+        )  # fmt: skip
+    for n0 in range(start, end, BLOCK_N):
+        cols = n0 + offs_n
+        col_ok = cols < end
+        code_offs = code_base + cols[:, None] * HALF
+        if SCALE_PREFETCH:
+            ks_t, ko_t, vs_t, vo_t = ks_n, ko_n, vs_n, vo_n
+            ks_n, ko_n, vs_n, vo_n = _token_scales(
+                ks_ptr, ko_ptr, vs_ptr, vo_ptr, scale_base, cols + BLOCK_N, end
+            )  # fmt: skip
+        else:
+            ks_t, ko_t, vs_t, vo_t = _token_scales(
+                ks_ptr, ko_ptr, vs_ptr, vo_ptr, scale_base, cols, end
+            )  # fmt: skip
+        k_lo, k_hi = _nibble_planes(
+            tl.load(kc_ptr + code_offs, mask=col_ok[:, None], other=0), Q_BIAS_BITS, q_e.dtype,
+            ASM,
+        )  # fmt: skip
+        qk = tl.dot(k_lo, q_e)
+        qk = tl.dot(k_hi, q_o, qk)  # [BLOCK_N, ROWS]
+        k_scale = ks_t.to(tl.float32) * qk_scale
+        scores = k_scale[:, None] * qk + (ko_t.to(tl.float32) * qk_scale)[:, None] * q_sum[None, :]
+        visible = col_ok[:, None]
+        if MASK_KIND != 0:
+            visible = visible & row_ok[None, :]
+        if MASK_KIND == 1:
+            keep = tl.load(mask_base + cols[:, None] * stride_ms, mask=visible, other=0)
+            visible = visible & (keep != 0)
+        if MASK_KIND == 2:
+            bias = tl.load(mask_base + cols[:, None] * stride_ms, mask=visible, other=0.0)
+            scores += bias.to(tl.float32) * 1.4426950408889634
+        scores = tl.where(visible, scores, _NEG_INF)
+        m_new = tl.maximum(m_i, tl.max(scores, axis=0))
+        m_safe = tl.where(m_new == _NEG_INF, 0.0, m_new)  # heads with nothing visible yet
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(scores - m_safe[None, :])
+        l_i = l_i * alpha + tl.sum(p, axis=0)
+
+        v_lo, v_hi = _nibble_planes(
+            tl.load(vc_ptr + code_offs, mask=col_ok[:, None], other=0), 0x6400, tl.float16,
+            ASM, STAGE_V, CENTER=CENTER_V,
+        )  # fmt: skip
+        v_scale = vs_t.to(tl.float32)
+        v_offset = vo_t.to(tl.float32)
+        if CENTER_V:  # v = scale * (code - 8) + (offset + 8 * scale)
+            v_offset = v_offset + 8.0 * v_scale
+        # P * scale in fp16 over a power of two >= the tile's largest scale, the accumulators
+        # kept in units of it (as the decode kernel)
+        pow2 = tl.exp2(tl.ceil(tl.log2(tl.maximum(tl.max(v_scale, axis=0), _MIN_SCALE))))
+        p_scaled = (p * (v_scale / pow2)[:, None]).to(tl.float16)  # [BLOCK_N, ROWS]
+        fix = fix * alpha + tl.sum(p * v_offset[:, None], axis=0)
+        rescale = (alpha * (acc_unit / pow2))[None, :]
+        acc_e = tl.dot(tl.trans(v_lo), p_scaled, acc_e * rescale)
+        acc_o = tl.dot(tl.trans(v_hi), p_scaled, acc_o * rescale)
+        acc_unit = pow2
+        m_i = m_new
+
+    out_row = b * HKV * GQA + head  # [ROWS] (Sq = 1)
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    out_e = (acc_e * acc_unit + fix[None, :]) / l_safe[None, :]
+    out_o = (acc_o * acc_unit + fix[None, :]) / l_safe[None, :]
+    out_ptrs = out_ptr + pid_split * rows_total * D + out_row[None, :] * D + 2 * c[:, None]
+    if WRITE_PARTIAL:
+        tl.store(out_ptrs, out_e, mask=row_ok[None, :])
+        tl.store(out_ptrs + 1, out_o, mask=row_ok[None, :])
+        lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), _NEG_INF)
+        tl.store(lse_ptr + pid_split * rows_total + out_row, lse, mask=row_ok)
+        if SELF_REDUCE:
+            tl.debug_barrier()
+            arrived = tl.atomic_add(cnt_ptr + pid_bh, 1, sem="acq_rel", scope="gpu")
+            if arrived == num_splits - 1:
+                _combine_splits(out_ptr, lse_ptr, final_ptr, b, hkv, 0, 1, rows_total,
+                                num_splits, HKV, GQA, D, ROWS, COMBINE_ROWS)  # fmt: skip
+                tl.atomic_xchg(cnt_ptr + pid_bh, 0, sem="relaxed", scope="gpu")
+    else:
+        tl.store(out_ptrs, out_e.to(out_ptr.dtype.element_ty), mask=row_ok[None, :])
+        tl.store(out_ptrs + 1, out_o.to(out_ptr.dtype.element_ty), mask=row_ok[None, :])
+
+
+@triton.jit
 def _kv4_split_reduce_kernel(
     part_ptr, lse_ptr, out_ptr, rows_total, SPLITS: tl.constexpr, SPLITS_POW2: tl.constexpr,
     D: tl.constexpr,
@@ -752,6 +881,11 @@ def decode_rows(sq: int, gqa: int) -> int:
     return max(16, 1 << max(sq * gqa - 1, 0).bit_length())
 
 
+def decode_t_rows(gqa: int) -> int:
+    """BLOCK_M of "decode_t" (one query position): its GQA heads, at least 4, a power of two."""
+    return max(4, 1 << max(gqa - 1, 0).bit_length())
+
+
 def decode_kind(groups: int) -> str:
     """The decode kernel for D/G groups per head: "decode" (`_kv4_decode_kernel`, 2-D
     nibble planes) takes one group per head (G = D, the default), "decode_grouped"
@@ -765,8 +899,8 @@ def prefill_kind(groups: int) -> str:
     return "prefill" if groups == 1 else "prefill_grouped"
 
 
-_KINDS = ("decode", "decode_grouped", "prefill", "prefill_grouped")
-_ONE_GROUP_KINDS = ("decode", "prefill")
+_KINDS = ("decode", "decode_grouped", "prefill", "prefill_grouped", "decode_t")
+_ONE_GROUP_KINDS = ("decode", "prefill", "decode_t")
 
 
 def valid_config(cfg: KernelConfig, rows: int, groups: int = 1, key_tokens: int = 0) -> bool:
@@ -780,6 +914,12 @@ def valid_config(cfg: KernelConfig, rows: int, groups: int = 1, key_tokens: int 
     "decode"."""
     if cfg.kernel not in _KINDS:
         return False
+    if cfg.kernel == "decode_t":  # one query position: BLOCK_M is its GQA heads, >= 4
+        return (
+            groups == 1 and not key_tokens and not cfg.max_registers and cfg.split_k >= 1
+            and _pow2(cfg.block_m) and 4 <= cfg.block_m <= 16 and cfg.block_m >= rows
+            and _pow2(cfg.block_n) and cfg.block_n >= 32 and cfg.prefetch in (0, 1)
+        )  # fmt: skip
     if not (_pow2(cfg.block_m) and _pow2(cfg.block_n)) or cfg.block_m < 16 or cfg.block_n < 32:
         return False
     if cfg.kernel in _ONE_GROUP_KINDS and groups != 1:
@@ -827,6 +967,13 @@ def candidate_configs(
                     # stage_v at BLOCK_N 32, 260.0 us (fp16, `results/session24/`)
                     pf = dataclasses.replace(cfg, prefetch=True)
                     out += [pf, dataclasses.replace(pf, stage_v=True)]
+    if sq == 1 and gqa <= 16 and groups == 1 and not key_tokens and _DECODE_T_CANDIDATES:
+        for split in _tuning_splits(b * hkv, s):
+            for bn, warps, stages in _DECODE_TILES["decode_t"]:
+                cfg = KernelConfig(
+                    "decode_t", decode_t_rows(gqa), bn, 0, split, warps, stages, prefetch=True
+                )
+                out += [cfg, dataclasses.replace(cfg, stage_v=True)]
     if sq > 1:
         for bm, bn, warps, stages in _PREFILL_TILES[prefill_kind(groups)]:
             out.append(KernelConfig(prefill_kind(groups), bm, min(bn, cap), 0, 1, warps, stages))
@@ -897,6 +1044,9 @@ _KEY_BIAS16 = False
 # within noise (B=16 S=32k best tile 251.6 us off, 257.2 on; B=1 25.4 vs 25.1;
 # `results/session25/probe_switches*.log`).
 _Q_ROWS = False
+# "decode_t" (keys on the MMA's M side) is written and checked in the interpreter; it joins
+# the candidates once timed on a GPU (`benchmarks/probe_kv4_decode.py --kinds decode_t`).
+_DECODE_T_CANDIDATES = False
 # (BLOCK_N, warps, stages) per decode kernel. "decode": one warp per 32 keys with the
 # prefetch and staged V won every shipped key on the H100 (twenty-fourth session; one warp
 # per 64 keys before), `benchmarks/probe_kv4_decode.py`.
@@ -912,6 +1062,7 @@ _DECODE_TILES = {
         (256, 8, 2),
     ),  # fmt: skip
     "decode_grouped": ((32, 2, 2), (64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 8, 3)),
+    "decode_t": ((32, 1, 3), (64, 1, 3), (64, 2, 3), (128, 4, 3)),
 }
 
 
@@ -1023,6 +1174,37 @@ def launch_attention(
     target, lse = split_buffers(split, out)
     mask_kind, mask_arg, mask_strides = mask_args(mask, (b, hq, sq, s), out)
     lens_arg = seq_lens if seq_lens is not None else out
+    if cfg.kernel == "decode_t" and (sq != 1 or key_tokens):
+        # a decode_t key's rows (Sq * GQA) can also be several query positions of fewer heads
+        cfg = dataclasses.replace(cfg, kernel="decode", block_m=decode_rows(sq, gqa))
+    if cfg.kernel == "decode_t":
+        if g != d or query.dtype not in _Q_BIAS:
+            raise ValueError(
+                f"kv4 decode_t kernel: needs one group per head and a 16-bit query, got "
+                f"G={g}, D={d}, {query.dtype}"
+            )
+        reduce_here = 1 < split <= _SELF_REDUCE_SPLITS and b * hkv <= _COUNTERS
+        counters = _tile_counters(query.device) if reduce_here else None
+        _kv4_decode_t_kernel[(b * hkv, split)](
+            query, k_codes, k_scales, k_offsets, v_codes, v_scales, v_offsets, lens_arg,
+            mask_arg, target, lse, out, counters if counters is not None else lse,
+            s, rows_total, scale * _LOG2E,
+            query.stride(0), query.stride(1), query.stride(3), k_codes.stride(0),
+            k_codes.stride(1), v_scales.stride(0), v_scales.stride(1),
+            seq_lens.stride(0) if seq_lens is not None else 0,
+            mask_strides[0], mask_strides[1], mask_strides[3],
+            HKV=hkv, GQA=gqa, D=d, Q_BIAS_BITS=_Q_BIAS[query.dtype],
+            HAS_LENS=seq_lens is not None, MASK_KIND=mask_kind, WRITE_PARTIAL=split > 1,
+            ROWS=cfg.block_m, BLOCK_N=cfg.block_n, ASM=not _interpreting(),
+            SELF_REDUCE=counters is not None, SCALE_PREFETCH=bool(cfg.prefetch),
+            STAGE_V=bool(cfg.stage_v), CENTER_V=triton.cdiv(s, split) > _CENTER_V_KEYS,
+            WIDE=wide_offsets(k_codes, v_codes),
+            COMBINE_ROWS=min(cfg.block_m, triton.next_power_of_2(gqa)),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )  # fmt: skip
+        if counters is None:
+            reduce_splits(target, lse, out)
+        return out
     if cfg.kernel in _ONE_GROUP_KINDS:
         if g != d or query.dtype not in _Q_BIAS:
             raise ValueError(
