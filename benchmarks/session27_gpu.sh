@@ -38,8 +38,9 @@ case "${PART:?PART=ab|e2e|cur|decode_t|stalls}" in
     ;;
   decode_t)
     (cd benchmarks && timeout "${PROBE_S:-330}" python3 probe_kv4_decode.py --dtype float16 \
-      --kinds decode,decode_t --t-rows 4,8 --prefetch 1 --stage-v 1 --tiles 32x1,64x1,64x2 \
-      --splits 2,8,64,128 --shapes 16x32768,64x8192,1x32768,16x8192 --out "$OUT/probe_t.json") \
+      --kinds decode,decode_t --t-rows "${T_ROWS:-4,8}" --prefetch 1 --stage-v 1 \
+      --tiles "${TILES:-32x1,64x1,64x2}" --splits "${SPLITS:-2,8,64,128}" \
+      --shapes "${SHAPES:-16x32768,64x8192,1x32768,16x8192}" --out "$OUT/probe_t.json") \
       2>&1 | grep -v "^  best" | tee "$OUT/probe_t.log" | tail -40
     ;;
   stalls)
