@@ -187,7 +187,7 @@ def compile_kv4_variant(
 ):  # fmt: skip
     """A KV4 kernel for sm_90: "decode"/"prefill" (`_kv4_decode_kernel`, fp16 query, no mask,
     split partials for decode; key_tokens > 0: keys per channel), "decode_t"
-    (`_kv4_decode_t_kernel`, bm = its ROWS) or "key_write" (the
+    (`_kv4_decode_t_kernel`, bm = its ROWS, q_rows: its SWAP_PAIRS) or "key_write" (the
     per-channel key write kernel, T = key_tokens); dtype: the query's (and residual's), fp16
     or bf16; max_registers: ptxas's cap per thread (0: none)."""
     from qcompile.lowering import kv4_attention as kv4
@@ -198,7 +198,7 @@ def compile_kv4_variant(
             "HKV": 8, "GQA": 4, "D": 128, "Q_BIAS_BITS": 0x6400 if dtype == "fp16" else 0x4300,
             "HAS_LENS": True, "MASK_KIND": 0, "WRITE_PARTIAL": True, "ROWS": bm, "BLOCK_N": bn,
             "ASM": True, "SELF_REDUCE": True, "SCALE_PREFETCH": prefetch, "STAGE_V": stage_v,
-            "CENTER_V": center_v, "WIDE": False, "COMBINE_ROWS": 4,
+            "CENTER_V": center_v, "WIDE": False, "COMBINE_ROWS": 4, "SWAP_PAIRS": q_rows,
         }  # fmt: skip
         pointers = {"kc_ptr": "*u8", "vc_ptr": "*u8", "lens_ptr": "*i32", "mask_ptr": "*fp16",
                     "out_ptr": "*fp32", "lse_ptr": "*fp32", "cnt_ptr": "*i32",

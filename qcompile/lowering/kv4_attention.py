@@ -222,7 +222,7 @@ def _kv4_attention_kernel(
 @triton.jit
 def _nibble_planes(codes, BIAS_BITS: tl.constexpr, dtype: tl.constexpr, ASM: tl.constexpr,
                    PINNED: tl.constexpr = False, PLUS16: tl.constexpr = False,
-                   CENTER: tl.constexpr = False):  # fmt: skip
+                   CENTER: tl.constexpr = False, SWAP: tl.constexpr = False):  # fmt: skip
     """[N, D/2] uint8 -> (even, odd) channel planes [N, D/2] in dtype, the exact codes: each
     nibble ORed into the mantissa of a bias (fp16 1024: 0x6400, bf16 128: 0x4300) is
     bias + code with no conversion instruction, and subtracting the bias is exact. The bias
@@ -244,7 +244,14 @@ def _nibble_planes(codes, BIAS_BITS: tl.constexpr, dtype: tl.constexpr, ASM: tl.
     bytes 2 PRMT, 4 shifts, 4 LOP3 (BIAS_BITS then only tells fp16 from bf16).
 
     CENTER returns code - 8 in [-8, 7] (bias + 8 subtracted: BIAS_BITS + 8 is exactly that
-    value in both formats, whose ulp there is 1), at no extra instruction."""
+    value in both formats, whose ulp there is 1), at no extra instruction.
+
+    SWAP (fp16 only): each group of 4 plane positions holds bytes 0, 2, 1, 3 of its 4 (`_swap`
+    gives a position's byte), which needs no byte spreading: per 4 bytes 1 shift, 4 LOP3 (the
+    high nibble masked in place, 16 * code above the bias), 2 subtractions and 2 FMAs (x / 16
+    - 64) for 8 codes, 9 instructions where the form above takes 12. The caller reads the
+    query and writes the output at the swapped channels. The interpreter swaps the natural
+    planes (same values, same positions)."""
     FP16: tl.constexpr = BIAS_BITS == 0x6400
     if ASM and PLUS16:
         MASK: tl.constexpr = 0x03C003C0 if FP16 else 0x00780078
@@ -268,6 +275,34 @@ def _nibble_planes(codes, BIAS_BITS: tl.constexpr, dtype: tl.constexpr, ASM: tl.
             constraints="=r,=r,=r,=r,r",
             args=[codes],
             dtype=(tl.float16, tl.float16) if FP16 else (tl.bfloat16, tl.bfloat16),
+            is_pure=not PINNED,
+            pack=4,
+        )
+    elif ASM and SWAP:
+        tl.static_assert(
+            FP16, "SWAP: fp16 planes only (bf16's 7-bit mantissa cannot hold 16 * code)"
+        )
+        LO_SUB: tl.constexpr = 0x6408 if CENTER else 0x6400  # 1024 (+ 8)
+        HI_ADD: tl.constexpr = 0xD480 if CENTER else 0xD400  # -64 (- 8)
+        even, odd = tl.inline_asm_elementwise(
+            asm=f"""{{
+            .reg .b32 t1, ts, tm, ta;
+            mov.b32 ts, {LO_SUB * 0x10001};
+            mov.b32 tm, 0x2C002C00;
+            mov.b32 ta, {HI_ADD * 0x10001};
+            shr.u32 t1, $4, 8;
+            lop3.b32 $0, $4, 0x000F000F, 0x64006400, 0xea;
+            lop3.b32 $1, t1, 0x000F000F, 0x64006400, 0xea;
+            lop3.b32 $2, $4, 0x00F000F0, 0x64006400, 0xea;
+            lop3.b32 $3, t1, 0x00F000F0, 0x64006400, 0xea;
+            sub.f16x2 $0, $0, ts;
+            sub.f16x2 $1, $1, ts;
+            fma.rn.f16x2 $2, $2, tm, ta;
+            fma.rn.f16x2 $3, $3, tm, ta;
+            }}""",
+            constraints="=r,=r,=r,=r,r",
+            args=[codes],
+            dtype=(tl.float16, tl.float16),
             is_pure=not PINNED,
             pack=4,
         )
@@ -302,7 +337,19 @@ def _nibble_planes(codes, BIAS_BITS: tl.constexpr, dtype: tl.constexpr, ASM: tl.
         # via float32: the interpreter's int -> bf16 cast and bf16 subtraction are wrong
         even = ((c & 0xF) + 16 * PLUS16 - 8 * CENTER).to(tl.float32).to(dtype)
         odd = ((c >> 4) + 16 * PLUS16 - 8 * CENTER).to(tl.float32).to(dtype)
+        if SWAP:  # positions (0, 1, 2, 3) of each 4 take bytes (0, 2, 1, 3): a 2 x 2 transpose
+            n: tl.constexpr = codes.shape[0]
+            h: tl.constexpr = codes.shape[1]
+            even = tl.reshape(tl.permute(tl.reshape(even, (n, h // 4, 2, 2)), (0, 1, 3, 2)), (n, h))
+            odd = tl.reshape(tl.permute(tl.reshape(odd, (n, h // 4, 2, 2)), (0, 1, 3, 2)), (n, h))
     return even, odd
+
+
+@triton.jit
+def _swap(c):
+    """The byte of plane position c under `_nibble_planes` SWAP: 0, 2, 1, 3 in each 4."""
+    m = c % 4
+    return c + (m == 1).to(tl.int32) - (m == 2).to(tl.int32)
 
 
 @triton.jit
@@ -612,7 +659,7 @@ def _kv4_decode_t_kernel(
     HAS_LENS: tl.constexpr, MASK_KIND: tl.constexpr, WRITE_PARTIAL: tl.constexpr,
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, ASM: tl.constexpr, SELF_REDUCE: tl.constexpr,
     SCALE_PREFETCH: tl.constexpr, STAGE_V: tl.constexpr, CENTER_V: tl.constexpr,
-    WIDE: tl.constexpr, COMBINE_ROWS: tl.constexpr,
+    WIDE: tl.constexpr, COMBINE_ROWS: tl.constexpr, SWAP_PAIRS: tl.constexpr = False,
 ):  # fmt: skip
     # "decode_t": `_kv4_decode_kernel`'s decode of one query position (per-token keys, G = D),
     # transposed so the keys are the MMA's M side and the GQA query heads its N side:
@@ -630,9 +677,13 @@ def _kv4_decode_t_kernel(
         False, ROWS, BLOCK_N,
     )  # fmt: skip
     c = tl.arange(0, HALF)
+    # SWAP_PAIRS: V's planes (fp16) and, with an fp16 query, K's come from `_nibble_planes`
+    # SWAP, so the query is read and the output written at the swapped channels
+    SWAP_K: tl.constexpr = SWAP_PAIRS and Q_BIAS_BITS == 0x6400
+    qc = _swap(c) if SWAP_K else c
     q_cols = q_ptr + b * stride_qb + head[None, :] * stride_qh  # [1, ROWS]
-    q_e = tl.load(q_cols + (2 * c)[:, None] * stride_qd, mask=row_ok[None, :], other=0.0)
-    q_o = tl.load(q_cols + (2 * c + 1)[:, None] * stride_qd, mask=row_ok[None, :], other=0.0)
+    q_e = tl.load(q_cols + (2 * qc)[:, None] * stride_qd, mask=row_ok[None, :], other=0.0)
+    q_o = tl.load(q_cols + (2 * qc + 1)[:, None] * stride_qd, mask=row_ok[None, :], other=0.0)
     q_sum = tl.sum(q_e.to(tl.float32), axis=0) + tl.sum(q_o.to(tl.float32), axis=0)  # [ROWS]
 
     m_i = tl.full((ROWS,), _NEG_INF, tl.float32)  # running max per query head, log2 domain
@@ -667,7 +718,7 @@ def _kv4_decode_t_kernel(
             )  # fmt: skip
         k_lo, k_hi = _nibble_planes(
             tl.load(kc_ptr + code_offs, mask=col_ok[:, None], other=0), Q_BIAS_BITS, q_e.dtype,
-            ASM,
+            ASM, SWAP=SWAP_K,
         )  # fmt: skip
         qk = tl.dot(k_lo, q_e)
         qk = tl.dot(k_hi, q_o, qk)  # [BLOCK_N, ROWS]
@@ -691,7 +742,7 @@ def _kv4_decode_t_kernel(
 
         v_lo, v_hi = _nibble_planes(
             tl.load(vc_ptr + code_offs, mask=col_ok[:, None], other=0), 0x6400, tl.float16,
-            ASM, STAGE_V, CENTER=CENTER_V,
+            ASM, STAGE_V, CENTER=CENTER_V, SWAP=SWAP_PAIRS,
         )  # fmt: skip
         v_scale = vs_t.to(tl.float32)
         v_offset = vo_t.to(tl.float32)
@@ -712,7 +763,8 @@ def _kv4_decode_t_kernel(
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     out_e = (acc_e * acc_unit + fix[None, :]) / l_safe[None, :]
     out_o = (acc_o * acc_unit + fix[None, :]) / l_safe[None, :]
-    out_ptrs = out_ptr + pid_split * rows_total * D + out_row[None, :] * D + 2 * c[:, None]
+    oc = _swap(c) if SWAP_PAIRS else c
+    out_ptrs = out_ptr + pid_split * rows_total * D + out_row[None, :] * D + 2 * oc[:, None]
     if WRITE_PARTIAL:
         tl.store(out_ptrs, out_e, mask=row_ok[None, :])
         tl.store(out_ptrs + 1, out_o, mask=row_ok[None, :])
@@ -1047,6 +1099,8 @@ _Q_ROWS = False
 # "decode_t" (keys on the MMA's M side) is written and checked in the interpreter; it joins
 # the candidates once timed on a GPU (`benchmarks/probe_kv4_decode.py --kinds decode_t`).
 _DECODE_T_CANDIDATES = False
+# "decode_t" unpacks with `_nibble_planes` SWAP (9 instructions per 8 codes instead of 12).
+_SWAP_PAIRS = True
 # (BLOCK_N, warps, stages) per decode kernel. "decode": one warp per 32 keys with the
 # prefetch and staged V won every shipped key on the H100 (twenty-fourth session; one warp
 # per 64 keys before), `benchmarks/probe_kv4_decode.py`.
@@ -1200,7 +1254,7 @@ def launch_attention(
             STAGE_V=bool(cfg.stage_v), CENTER_V=triton.cdiv(s, split) > _CENTER_V_KEYS,
             WIDE=wide_offsets(k_codes, v_codes),
             COMBINE_ROWS=min(cfg.block_m, triton.next_power_of_2(gqa)),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            SWAP_PAIRS=_SWAP_PAIRS, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
         if counters is None:
             reduce_splits(target, lse, out)
