@@ -176,7 +176,7 @@ def main() -> None:
             if (
                 not valid_config(cfg, 4)
                 # ~8 one-warp programs fit an SM uncapped, up to 12 capped
-                or (split > 1 and b * HKV * split > (16 if cap else 8) * 132)
+                or (split > 1 and b * HKV * split > (16 if cap or kind == "decode_t" else 8) * 132)
                 or s < split * 64
             ):
                 continue

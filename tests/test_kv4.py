@@ -318,14 +318,16 @@ def test_prefill_kernel_matches_float64_reference(problem, data):
                                                  (8, 32, False), (64, 48, False)])  # fmt: skip
 def test_valid_config_refuses_tiles_the_gpu_gets_wrong(bm, bn, valid):
     """BLOCK_N = 16 is wrong on the H100 (Triton 3.6) though right in the interpreter; the
-    2-D decode kernel takes one group per head only."""
+    2-D decode kernels take one group per head only, "decode_t" one query position."""
     assert valid_config(KernelConfig("prefill", bm, bn, 0), 4) is valid
     assert valid_config(KernelConfig("decode", 16, bn, 0, 2), 4) is (bn == 32)
     assert valid_config(KernelConfig("decode_grouped", 16, bn, 0, 2), 4, 4) is (bn == 32)
     assert not valid_config(KernelConfig("decode", 16, 32, 0, 2), 4, 2)
     assert not valid_config(KernelConfig("prefill", 64, 32, 0), 4, 2)
     assert valid_config(KernelConfig("prefill_grouped", 64, 32, 0), 4, 2)
-    assert {c.kernel for c in candidate_configs(1, 8, 1, 4, 8192, 1)} == {"decode"}
+    assert {c.kernel for c in candidate_configs(1, 8, 1, 4, 8192, 1)} == {"decode", "decode_t"}
+    assert {c.kernel for c in candidate_configs(1, 8, 2, 4, 8192, 1)} == {"decode", "prefill"}
+    assert not valid_config(KernelConfig("decode_t", 4, 32, 0, 2), 4, 2)  # one group only
     assert {c.kernel for c in candidate_configs(1, 8, 1, 4, 8192, 4)} == {"decode_grouped"}
 
 
@@ -363,7 +365,9 @@ def test_scale_prefetch_is_the_one_group_kernels_only():
     assert not valid_config(KernelConfig("decode", 16, 64, 0, 2, 4, 2, 2), 4)
     # a tuning candidate (the one-warp BLOCK_N 32 / 64 tiles) for per-token keys only
     tuned = candidate_configs(16, 8, 1, 4, 32768, 1)
-    assert {(c.block_n, c.num_warps) for c in tuned if c.prefetch} == {(32, 1), (64, 1)}
+    prefetched = {(c.block_n, c.num_warps) for c in tuned if c.prefetch and c.kernel == "decode"}
+    assert prefetched == {(32, 1), (64, 1)}
+    assert all(c.prefetch for c in tuned if c.kernel == "decode_t")  # every decode_t tile
     assert not any(c.prefetch for c in candidate_configs(16, 8, 1, 4, 32768, 1, key_tokens=64))
     assert not any(c.prefetch for c in candidate_configs(16, 8, 1, 4, 32768, 4))
 
@@ -416,17 +420,15 @@ def test_staged_v_is_a_decode_candidate_of_the_one_group_kernel_only():
 @pytest.mark.parametrize(("b", "s", "split"), [(1, 32768, 128), (1, 8192, 64), (16, 32768, 8),
                                               (64, 8192, 2), (1, 200, 1)])  # fmt: skip
 def test_untuned_decode_default_is_what_the_h100_picked(b, s, split):
-    """Per-token keys: BLOCK_N 32, one warp, prefetch, V staged, as tuned in session 24;
-    keys per channel keep two-warp BLOCK_N 64 programs (a one-warp program spills)."""
+    """Per-token keys: BLOCK_N 32, one warp, prefetch, V staged, as tuned in session 24, on the
+    transposed kernel over 8 head columns (session 27); keys per channel keep two-warp
+    BLOCK_N 64 programs (a one-warp program spills)."""
     cfg = default_config(b, 8, 1, 4, s)
-    assert (cfg.block_n, cfg.num_warps, cfg.prefetch, cfg.stage_v, cfg.split_k) == (
-        32,
-        1,
-        True,
-        True,
-        split,
-    )
+    assert (cfg.kernel, cfg.block_m, cfg.block_n, cfg.num_warps, cfg.prefetch, cfg.stage_v,
+            cfg.split_k) == ("decode_t", 8, 32, 1, True, True, split)  # fmt: skip
     assert valid_config(cfg, 4)
+    several = default_config(b, 8, 2, 4, s)  # two query positions: the decode kernel
+    assert (several.kernel, several.block_m) == ("decode", 16)
     per_channel = default_config(b, 8, 1, 4, s, 1, key_tokens=64)
     assert (per_channel.block_n, per_channel.num_warps, per_channel.stage_v) == (64, 2, False)
 

@@ -933,9 +933,10 @@ def decode_rows(sq: int, gqa: int) -> int:
     return max(16, 1 << max(sq * gqa - 1, 0).bit_length())
 
 
-def decode_t_rows(gqa: int) -> int:
-    """BLOCK_M of "decode_t" (one query position): its GQA heads, at least 4, a power of two."""
-    return max(4, 1 << max(gqa - 1, 0).bit_length())
+def decode_t_rows(gqa: int, least: int = 4) -> int:
+    """BLOCK_M of "decode_t" (one query position): its GQA heads, at least `least`, a power
+    of two."""
+    return max(least, 1 << max(gqa - 1, 0).bit_length())
 
 
 def decode_kind(groups: int) -> str:
@@ -1096,9 +1097,11 @@ _KEY_BIAS16 = False
 # within noise (B=16 S=32k best tile 251.6 us off, 257.2 on; B=1 25.4 vs 25.1;
 # `results/session25/probe_switches*.log`).
 _Q_ROWS = False
-# "decode_t" (keys on the MMA's M side) is written and checked in the interpreter; it joins
-# the candidates once timed on a GPU (`benchmarks/probe_kv4_decode.py --kinds decode_t`).
-_DECODE_T_CANDIDATES = False
+# "decode_t" (keys on the MMA's M side) beat the decode kernel at every probed shape on the
+# H100 (fp16, BLOCK_N 32, one warp, 3 stages, prefetch, staged V, the same splits): B=16
+# S=32k 252.0 -> 237.1 us, B=64 S=32k 988.4 -> 921.6, B=64 S=8k 255.7 -> 239.3, B=16 S=8k
+# 70.4 -> 66.8, B=1 S=32k 25.8 -> 23.9, B=1 S=8k 13.0 -> 12.0 (`results/session27/decode_t/`).
+_DECODE_T_CANDIDATES = True
 # "decode_t" unpacks with `_nibble_planes` SWAP (9 instructions per 8 codes instead of 12).
 _SWAP_PAIRS = True
 # (BLOCK_N, warps, stages) per decode kernel. "decode": one warp per 32 keys with the
@@ -1134,11 +1137,15 @@ def default_config(
         return KernelConfig("decode", decode_rows(sq, gqa), bn, 0, split, 2, 3)
     if rows <= 64 and groups == 1:
         # per-token keys: what the H100 tuner and probe picked at B = 1 / 16 / 64, S = 8k /
-        # 32k (`results/session24/`): 32 keys per one-warp tile, the token-scale prefetch, V
-        # staged; ~8 programs per SM, >= 128 keys per split
+        # 32k (`results/session24/`, `results/session27/decode_t/`): 32 keys per one-warp
+        # tile, the token-scale prefetch, V staged; ~8 programs per SM, >= 128 keys per
+        # split; one query position of <= 16 heads: "decode_t" over 8+ head columns (128
+        # registers against 152 at 4 columns, within 1% of it in time)
         split = _default_split(b * hkv, s, 8, 128)
-        cfg = KernelConfig("decode", decode_rows(sq, gqa), 32, 0, split, 1, 3, True)
-        return dataclasses.replace(cfg, stage_v=True)
+        kind, bm = "decode", decode_rows(sq, gqa)
+        if sq == 1 and gqa <= 16:
+            kind, bm = "decode_t", decode_t_rows(gqa, least=8)
+        return KernelConfig(kind, bm, 32, 0, split, 1, 3, True, stage_v=True)
     if rows <= 64:
         split = _default_split(b * hkv, s, 2, 256, limit=64)
         return KernelConfig("decode_grouped", decode_rows(sq, gqa), 64, 0, split, 4, 2)
