@@ -183,11 +183,12 @@ def _kv4_signature(fn, pointers: dict[str, str], consts: dict) -> tuple[dict, di
 def compile_kv4_variant(
     kind: str, bm: int, bn: int, warps: int, stages: int, key_tokens: int = 0,
     dtype: str = "fp16", prefetch: bool = False, stage_v: bool = False, key_bias16: bool = False,
-    q_rows: bool = False, max_registers: int = 0, center_v: bool = True,
+    q_rows: bool = False, max_registers: int = 0, center_v: bool = True, mask_kind: int = 0,
 ):  # fmt: skip
     """A KV4 kernel for sm_90: "decode"/"prefill" (`_kv4_decode_kernel`, fp16 query, no mask,
     split partials for decode; key_tokens > 0: keys per channel), "decode_t"
-    (`_kv4_decode_t_kernel`, bm = its ROWS, q_rows: its SWAP_PAIRS) or "key_write" (the
+    (`_kv4_decode_t_kernel`, bm = its ROWS, q_rows: its SWAP_PAIRS, key_bias16: its KEY_MASK)
+    or "key_write" (the
     per-channel key write kernel, T = key_tokens); dtype: the query's (and residual's), fp16
     or bf16; max_registers: ptxas's cap per thread (0: none)."""
     from qcompile.lowering import kv4_attention as kv4
@@ -196,9 +197,11 @@ def compile_kv4_variant(
         fn = kv4._kv4_decode_t_kernel
         consts = {
             "HKV": 8, "GQA": 4, "D": 128, "Q_BIAS_BITS": 0x6400 if dtype == "fp16" else 0x4300,
-            "HAS_LENS": True, "MASK_KIND": 0, "WRITE_PARTIAL": True, "ROWS": bm, "BLOCK_N": bn,
+            "HAS_LENS": True, "MASK_KIND": mask_kind, "WRITE_PARTIAL": True, "ROWS": bm,
+            "BLOCK_N": bn,
             "ASM": True, "SELF_REDUCE": True, "SCALE_PREFETCH": prefetch, "STAGE_V": stage_v,
             "CENTER_V": center_v, "WIDE": False, "COMBINE_ROWS": 4, "SWAP_PAIRS": q_rows,
+            "KEY_MASK": key_bias16,
         }  # fmt: skip
         pointers = {"kc_ptr": "*u8", "vc_ptr": "*u8", "lens_ptr": "*i32", "mask_ptr": "*fp16",
                     "out_ptr": "*fp32", "lse_ptr": "*fp32", "cnt_ptr": "*i32",
@@ -212,7 +215,8 @@ def compile_kv4_variant(
         consts = {
             "HKV": 8, "GQA": 4, "D": 128, "Q_BIAS_BITS": 0x6400 if dtype == "fp16" else 0x4300,
             "HAS_LENS": True,
-            "IS_CAUSAL": kind == "prefill", "MASK_KIND": 0, "WRITE_PARTIAL": kind == "decode",
+            "IS_CAUSAL": kind == "prefill", "MASK_KIND": mask_kind,
+            "WRITE_PARTIAL": kind == "decode",
             "BLOCK_M": bm, "BLOCK_N": bn, "ASM": True, "SELF_REDUCE": kind == "decode",
             "FOLD_UNIT": True, "KEY_TOKENS": key_tokens, "SCALE_PREFETCH": prefetch,
             "STAGE_V": stage_v, "KEY_BIAS16": key_bias16, "Q_ROWS": q_rows,

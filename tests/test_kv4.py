@@ -258,6 +258,31 @@ def test_transposed_decode_kernel_matches_float64_reference(problem, data):
         assert_close_rel(_run(problem, cfg), problem.reference64(), problem.query.dtype)
 
 
+@pytest.mark.parametrize("heads", [1, 8])
+@pytest.mark.parametrize("kind", ["bool", "float"])
+def test_transposed_decode_reads_a_mask_shared_by_the_heads_as_one_row(heads, kind):
+    """transformers' padding mask under compile, [B, 1, 1, S] (one row per batch: KEY_MASK,
+    read once per tile), and a per-head mask: both against float64."""
+    gen = torch.Generator().manual_seed(6)
+    q = torch.randn(2, 8, 1, 64, generator=gen).half()
+    k, v = (torch.randn(2, 2, 70, 64, generator=gen) for _ in range(2))
+    if kind == "bool":
+        mask = torch.rand(2, heads, 1, 70, generator=gen) > 0.3
+        mask[..., 0] = True
+        mask[1, ..., 50:] = False  # a shorter sequence, as a padded batch
+    else:
+        mask = torch.randn(2, heads, 1, 70, generator=gen)
+        mask[1, ..., 50:] = float("-inf")
+    scheme = KVScheme(group_size=64)
+    to = lambda p: PackedKV4(*(t.to(KERNEL_DEVICE) for t in (p.codes, p.scales, p.offsets)), 64)  # noqa: E731
+    problem = KV4Problem(
+        q.to(KERNEL_DEVICE), to(quantize_kv4(k, scheme)), to(quantize_kv4(v, scheme)), None,
+        mask.to(KERNEL_DEVICE), False, 64**-0.5,
+    )  # fmt: skip
+    cfg = KernelConfig("decode_t", 4, 32, 0, 2, 1, 2, True, stage_v=True)
+    assert_close_rel(_run(problem, cfg), problem.reference64(), torch.float16)
+
+
 def test_transposed_decode_config_of_several_positions_runs_the_decode_kernel():
     """A "decode_t" config looked up for Sq * GQA rows of several query positions (the tuning
     key cannot tell them apart) runs as the decode kernel: same answer as float64."""
