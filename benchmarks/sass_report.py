@@ -184,6 +184,7 @@ def compile_kv4_variant(
     kind: str, bm: int, bn: int, warps: int, stages: int, key_tokens: int = 0,
     dtype: str = "fp16", prefetch: bool = False, stage_v: bool = False, key_bias16: bool = False,
     q_rows: bool = False, max_registers: int = 0, center_v: bool = True, mask_kind: int = 0,
+    fp16_keys: bool = False,
 ):  # fmt: skip
     """A KV4 kernel for sm_90: "decode"/"prefill" (`_kv4_decode_kernel`, fp16 query, no mask,
     split partials for decode; key_tokens > 0: keys per channel), "decode_t"
@@ -201,7 +202,7 @@ def compile_kv4_variant(
             "BLOCK_N": bn,
             "ASM": True, "SELF_REDUCE": True, "SCALE_PREFETCH": prefetch, "STAGE_V": stage_v,
             "CENTER_V": center_v, "WIDE": False, "COMBINE_ROWS": 4, "SWAP_PAIRS": q_rows,
-            "KEY_MASK": key_bias16,
+            "KEY_MASK": key_bias16, "FP16_KEYS": fp16_keys,
         }  # fmt: skip
         pointers = {"kc_ptr": "*u8", "vc_ptr": "*u8", "lens_ptr": "*i32", "mask_ptr": "*fp16",
                     "out_ptr": "*fp32", "lse_ptr": "*fp32", "cnt_ptr": "*i32",

@@ -242,7 +242,8 @@ def test_decode_kernel_matches_float64_reference(problem, data):
 @given(problem=kv4_problems(decode=True, device=KERNEL_DEVICE, one_group=True), data=st.data())
 def test_transposed_decode_kernel_matches_float64_reference(problem, data):
     """ "decode_t" (keys on the MMA's M side, the GQA heads on its N side): any split, masks,
-    partly written caches, the scale prefetch and staged V, 4 to 16 columns for the heads."""
+    partly written caches, the scale prefetch and staged V, 4 to 16 columns for the heads, a
+    bf16 query scaled into fp16 (`_FP16_KEYS`)."""
     b, hq, sq, _ = problem.query.shape
     hkv, s = problem.keys.codes.shape[1:3]
     gqa = hq // hkv
@@ -254,7 +255,11 @@ def test_transposed_decode_kernel_matches_float64_reference(problem, data):
         stage_v=data.draw(st.booleans(), label="V staged"),
     )  # fmt: skip
     assert valid_config(cfg, sq * gqa)
-    with _wide_cache(data.draw(st.booleans(), label="64-bit slab offsets")):
+    fp16_keys = data.draw(st.booleans(), label="bf16 query scaled into fp16 (_FP16_KEYS)")
+    with (
+        _wide_cache(data.draw(st.booleans(), label="64-bit slab offsets")),
+        mock.patch.object(kv4_attention, "_FP16_KEYS", fp16_keys),
+    ):
         assert_close_rel(_run(problem, cfg), problem.reference64(), problem.query.dtype)
 
 

@@ -660,7 +660,7 @@ def _kv4_decode_t_kernel(
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, ASM: tl.constexpr, SELF_REDUCE: tl.constexpr,
     SCALE_PREFETCH: tl.constexpr, STAGE_V: tl.constexpr, CENTER_V: tl.constexpr,
     WIDE: tl.constexpr, COMBINE_ROWS: tl.constexpr, SWAP_PAIRS: tl.constexpr = False,
-    KEY_MASK: tl.constexpr = False,
+    KEY_MASK: tl.constexpr = False, FP16_KEYS: tl.constexpr = False,
 ):  # fmt: skip
     # "decode_t": `_kv4_decode_kernel`'s decode of one query position (per-token keys, G = D),
     # transposed so the keys are the MMA's M side and the GQA query heads its N side:
@@ -683,12 +683,23 @@ def _kv4_decode_t_kernel(
     c = tl.arange(0, HALF)
     # SWAP_PAIRS: V's planes (fp16) and, with an fp16 query, K's come from `_nibble_planes`
     # SWAP, so the query is read and the output written at the swapped channels
-    SWAP_K: tl.constexpr = SWAP_PAIRS and Q_BIAS_BITS == 0x6400
+    # FP16_KEYS (a bf16 query): the query scaled per head by a power of two r >= max |q| and
+    # rounded to fp16 (exact: bf16's 8-bit mantissa fits, short of fp16's subnormals), so K's
+    # planes are fp16 and swapped too; the scores take r back.
+    K16: tl.constexpr = Q_BIAS_BITS == 0x6400 or FP16_KEYS
+    SWAP_K: tl.constexpr = SWAP_PAIRS and K16
     qc = _swap(c) if SWAP_K else c
     q_cols = q_ptr + b * stride_qb + head[None, :] * stride_qh  # [1, ROWS]
     q_e = tl.load(q_cols + (2 * qc)[:, None] * stride_qd, mask=row_ok[None, :], other=0.0)
     q_o = tl.load(q_cols + (2 * qc + 1)[:, None] * stride_qd, mask=row_ok[None, :], other=0.0)
     q_sum = tl.sum(q_e.to(tl.float32), axis=0) + tl.sum(q_o.to(tl.float32), axis=0)  # [ROWS]
+    q_r = tl.full((ROWS,), 1.0, tl.float32)
+    if FP16_KEYS and Q_BIAS_BITS != 0x6400:
+        top = tl.maximum(tl.max(tl.abs(q_e.to(tl.float32)), axis=0),
+                         tl.max(tl.abs(q_o.to(tl.float32)), axis=0))  # fmt: skip
+        q_r = tl.exp2(tl.ceil(tl.log2(tl.maximum(top, 1e-30))))
+        q_e = (q_e.to(tl.float32) / q_r[None, :]).to(tl.float16)
+        q_o = (q_o.to(tl.float32) / q_r[None, :]).to(tl.float16)
 
     m_i = tl.full((ROWS,), _NEG_INF, tl.float32)  # running max per query head, log2 domain
     l_i = tl.zeros((ROWS,), tl.float32)
@@ -722,11 +733,13 @@ def _kv4_decode_t_kernel(
                 ks_ptr, ko_ptr, vs_ptr, vo_ptr, scale_base, cols, end
             )  # fmt: skip
         k_lo, k_hi = _nibble_planes(
-            tl.load(kc_ptr + code_offs, mask=col_ok[:, None], other=0), Q_BIAS_BITS, q_e.dtype,
-            ASM, SWAP=SWAP_K,
+            tl.load(kc_ptr + code_offs, mask=col_ok[:, None], other=0),
+            0x6400 if K16 else Q_BIAS_BITS, q_e.dtype, ASM, SWAP=SWAP_K,
         )  # fmt: skip
         qk = tl.dot(k_lo, q_e)
         qk = tl.dot(k_hi, q_o, qk)  # [BLOCK_N, ROWS]
+        if FP16_KEYS and Q_BIAS_BITS != 0x6400:
+            qk = qk * q_r[None, :]
         k_scale = ks_t.to(tl.float32) * qk_scale
         scores = k_scale[:, None] * qk + (ko_t.to(tl.float32) * qk_scale)[:, None] * q_sum[None, :]
         visible = col_ok[:, None]
@@ -1117,6 +1130,10 @@ _Q_ROWS = False
 _DECODE_T_CANDIDATES = True
 # "decode_t" unpacks with `_nibble_planes` SWAP (9 instructions per 8 codes instead of 12).
 _SWAP_PAIRS = True
+# "decode_t" with a bf16 query: K's planes in fp16 (the query scaled into fp16 per head), so
+# they are swapped too: offline sm_90 (BLOCK_N 32, 8 columns) 850 -> 819 loop instructions.
+# Untimed, so off.
+_FP16_KEYS = False
 # (BLOCK_N, warps, stages) per decode kernel. "decode": one warp per 32 keys with the
 # prefetch and staged V won every shipped key on the H100 (twenty-fourth session; one warp
 # per 64 keys before), `benchmarks/probe_kv4_decode.py`.
@@ -1275,6 +1292,7 @@ def launch_attention(
             WIDE=wide_offsets(k_codes, v_codes),
             COMBINE_ROWS=min(cfg.block_m, triton.next_power_of_2(gqa)),
             SWAP_PAIRS=_SWAP_PAIRS, KEY_MASK=mask_kind != 0 and mask_strides[1] == 0,
+            FP16_KEYS=_FP16_KEYS,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
         if counters is None:
