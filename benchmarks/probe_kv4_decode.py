@@ -14,6 +14,8 @@ prints each shape's fastest configs, SDPA and the int4 roofline floor.
         --max-registers 0,184,168 --splits 8,16  # more resident programs per SM
     python benchmarks/probe_kv4_decode.py --kinds decode,decode_t --t-rows 4,8 --prefetch 1 \
         --stage-v 1  # keys on the MMA's M side
+    python benchmarks/probe_kv4_decode.py --kinds decode_t --t-rows 8 --prefetch 1 --stage-v 1 \
+        --fp16-keys 0,1 --dtype bfloat16 --tiles 32x1  # bf16 query, K planes in fp16
 """
 
 from __future__ import annotations
@@ -35,7 +37,9 @@ from qcompile.lowering.kv4_attention import launch_attention, valid_config
 
 HQ, HKV, D, G = 32, 8, 128, 128
 # module switches of `kv4_attention` read at launch: flag -> name
-SWITCHES = {"key_bias16": "_KEY_BIAS16", "q_rows": "_Q_ROWS"}
+SWITCHES = {"key_bias16": "_KEY_BIAS16", "q_rows": "_Q_ROWS", "fp16_keys": "_FP16_KEYS"}
+# which kernel reads each switch (the others' rows skip it when it is on)
+SWITCH_KERNEL = {"key_bias16": "decode", "q_rows": "decode", "fp16_keys": "decode_t"}
 
 
 # what the module ships with (unset switches keep it)
@@ -118,9 +122,10 @@ def main() -> None:
     switches = [dict(zip(SWITCHES, vs, strict=True)) for vs in itertools.product(*values.values())]
     for sw in switches:
         _set(sw)
-        for dt in (torch.float16, torch.bfloat16):
-            err = check("decode", dt, prefetches[-1], stage_vs[-1])
-            print(f"check decode {dt} {sw}: rel error {err:.2e}", flush=True)
+        for kind in {SWITCH_KERNEL[f] for f, v in sw.items() if v} or {"decode"}:
+            for dt in (torch.float16, torch.bfloat16):
+                err = check(kind, dt, prefetches[-1], stage_vs[-1])
+                print(f"check {kind} {dt} {sw}: rel error {err:.2e}", flush=True)
     _set({})
     kinds = args.kinds.split(",")
     t_rows = tuple(int(v) for v in args.t_rows.split(","))
@@ -168,8 +173,10 @@ def main() -> None:
                               (False,), ({},), (0,)),
         )  # fmt: skip
         for kind, bm, bn, warps, stages, split, pf, sv, sw, cap in grid:
-            if kind == "decode_t" and (cap or any(sw.values())):
-                continue  # the switches and caps are the decode kernel's
+            if any(v and SWITCH_KERNEL[f] != kind for f, v in sw.items()) or (
+                cap and kind != "decode"
+            ):
+                continue  # a switch or cap another kernel reads
             cfg = KernelConfig(kind, bm, bn, 0, split, warps, stages, pf, stage_v=sv,
                                max_registers=cap)  # fmt: skip
             _set(sw)  # read at launch, i.e. when the graph is captured
@@ -228,7 +235,7 @@ def main() -> None:
                     f"  {kind:15s} bm{c['block_m']} bn{c['block_n']} w{c['num_warps']} "
                     f"st{c['num_stages']} "
                     f"split{c['split_k']} pf{int(c['prefetch'])} sv{int(c['stage_v'])} "
-                    f"kb{int(r['key_bias16'])} qr{int(r['q_rows'])} "
+                    f"kb{int(r['key_bias16'])} qr{int(r['q_rows'])} fk{int(r['fp16_keys'])} "
                     f"r{c.get('max_registers', 0)}: {r['us']:.1f} us "
                     f"({sdpa / r['us']:.2f}x SDPA, "
                     f"{floor / r['us']:.0%} of floor)",
