@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Twenty-seventh session's device calls.
-#   ab:     KV4 decode table with the WIDE-only slab offsets (current) against decea0c's
-#           files (before any 64-bit slab), one warm machine; then the 2**31-size tests.
+#   (the slab A/B of `results/session27/slab_ab/` ran `benchmarks/ab/` of commit 09e2041,
+#   removed since: decea0c's kv4_attention.py / decode_attention.py swapped in and out)
 #   e2e:    probe_e2e_long.py (W4A16 vs W4A16 + KV4 at an 8000-token context: wall, host and
 #           GPU time per decode step, profiles), Inductor's cudagraph perf hints kept.
 #   cur:    the KV4 decode table as is.
@@ -13,24 +13,7 @@
 #   Then `PART=cur` (bench_kv4's table with decode_t shipped) and `PART=e2e`.
 #   stalls: Nsight Compute warp-stall reasons of the shipped KV4 decode tile (B=16, S=32k).
 source benchmarks/gpu_setup.sh
-L=qcompile/lowering
-case "${PART:?PART=ab|e2e|cur|decode_t|shipped|fp16keys|stalls}" in
-  ab)
-    cp $L/kv4_attention.py /tmp/k.py; cp $L/decode_attention.py /tmp/d.py
-    run() {
-      mkdir -p "$OUT/$1"
-      (cd benchmarks && timeout 150 python3 bench_kv4.py --out "$OUT/$1" --batches 16,64,1 \
-        --lengths 32768,8192 --prefill '') 2>&1 | grep "^| [0-9]" | sed "s/^/$1 /"
-    }
-    run cur
-    cp benchmarks/ab/kv4_attention_pre_slab.py $L/kv4_attention.py
-    cp benchmarks/ab/decode_attention_pre_slab.py $L/decode_attention.py
-    run pre
-    cp /tmp/k.py $L/kv4_attention.py; cp /tmp/d.py $L/decode_attention.py
-    timeout 150 python3 -m pytest -q -p no:cacheprovider -rfE --tb=short -m gpu \
-      tests/test_kv4.py tests/test_decode_attention.py -k "2_to_the_31" > "$OUT/tests_wide.log" 2>&1
-    tail -3 "$OUT/tests_wide.log"
-    ;;
+case "${PART:?PART=e2e|cur|decode_t|shipped|fp16keys|stalls}" in
   e2e)
     TORCH_LOGS=perf_hints timeout "${E2E_S:-300}" python3 benchmarks/probe_e2e_long.py \
       --layers "${LAYERS:-8}" --out "$OUT" > "$OUT/e2e_long.log" 2>&1
