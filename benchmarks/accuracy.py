@@ -288,6 +288,7 @@ ROWS = [  # (label, scheme, method, note); None = the fp32 model
             ("RTN", "rtn"),
             ("GPTQ act-order, block-sequential, clip search", "gptq-seq-act-clip"),
             ("rotated, GPTQ act-order, block-sequential, clip search", "rot-gptq-seq-act-clip"),
+            ("AWQ + GPTQ act-order, block-sequential, clip search", "gptq-seq-act-clip-awq"),
         )
     ),
     (
