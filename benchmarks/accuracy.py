@@ -45,9 +45,11 @@ CALIBRATION = "/usr/share/doc/python3.11/html/_sources/howto"
 CALIBRATION_WINDOWS = 32  # x 512 tokens
 SMOOTH_WINDOWS = 8  # x 512 tokens of CALIBRATION for SmoothAttention's key statistics
 # "<method>+ft": then `finetune_scales_` (W4A16 scales and offsets, end to end); the step
-# count can be overridden for probes (QCOMPILE_FT_STEPS, written into the rows' notes)
+# count and W4A16 learning rate can be overridden for probes (QCOMPILE_FT_STEPS,
+# QCOMPILE_FT_LR, written into the rows' notes)
 FT_STEPS = int(os.environ.get("QCOMPILE_FT_STEPS", "96"))
-FT_LR, FT_WINDOWS = 3e-5, 64
+FT_LR = float(os.environ.get("QCOMPILE_FT_LR", "3e-5"))
+FT_WINDOWS = 64
 FT_LR_W4A8 = 1e-5
 HARNESS_CHECK = 14.36
 ROWS = [  # (label, scheme, method, note); None = the fp32 model
