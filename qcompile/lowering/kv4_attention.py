@@ -426,6 +426,32 @@ def _key_scores_per_channel(q_e, q_o, qh_e, qh_o, r, codes, scale_ptr, offset_pt
 
 
 @triton.jit
+def _store_rows(out_ptr, out_ptrs, out_e, out_o, store_ok, out_row, row_ok, l_i, m_i, l_safe,
+                lse_ptr, final_ptr, cnt_ptr, pid_bh, pid_split, num_splits, rows_total, b, hkv,
+                row0, Sq, HKV: tl.constexpr, GQA: tl.constexpr, D: tl.constexpr,
+                BLOCK_M: tl.constexpr, COMBINE_ROWS: tl.constexpr, WRITE_PARTIAL: tl.constexpr,
+                SELF_REDUCE: tl.constexpr):  # fmt: skip
+    """A one-group decode program's epilogue, either orientation (store_ok: row_ok broadcast
+    to out_ptrs): the final rows, or this split's fp32 partials and lse, and with SELF_REDUCE
+    the last split of a (batch, KV head) to arrive combines them all into final_ptr."""
+    if WRITE_PARTIAL:
+        tl.store(out_ptrs, out_e, mask=store_ok)
+        tl.store(out_ptrs + 1, out_o, mask=store_ok)
+        lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), _NEG_INF)
+        tl.store(lse_ptr + pid_split * rows_total + out_row, lse, mask=row_ok)
+        if SELF_REDUCE:
+            tl.debug_barrier()
+            arrived = tl.atomic_add(cnt_ptr + pid_bh, 1, sem="acq_rel", scope="gpu")
+            if arrived == num_splits - 1:
+                _combine_splits(out_ptr, lse_ptr, final_ptr, b, hkv, row0, Sq, rows_total,
+                                num_splits, HKV, GQA, D, BLOCK_M, COMBINE_ROWS)  # fmt: skip
+                tl.atomic_xchg(cnt_ptr + pid_bh, 0, sem="relaxed", scope="gpu")
+    else:
+        tl.store(out_ptrs, out_e.to(out_ptr.dtype.element_ty), mask=store_ok)
+        tl.store(out_ptrs + 1, out_o.to(out_ptr.dtype.element_ty), mask=store_ok)
+
+
+@triton.jit
 def _token_scales(ks_ptr, ko_ptr, vs_ptr, vo_ptr, scale_base, cols, end):
     """K and V scales and offsets (one per token and head, fp16) of the tokens `cols`;
     zero past `end`."""
@@ -630,22 +656,11 @@ def _kv4_decode_kernel(
     out_e = (acc_e * acc_unit + fix[:, None]) / l_safe[:, None]
     out_o = (acc_o * acc_unit + fix[:, None]) / l_safe[:, None]
     out_ptrs = out_ptr + pid_split * rows_total * D + out_row[:, None] * D + 2 * c[None, :]
-    if WRITE_PARTIAL:
-        tl.store(out_ptrs, out_e, mask=row_ok[:, None])
-        tl.store(out_ptrs + 1, out_o, mask=row_ok[:, None])
-        lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), _NEG_INF)
-        tl.store(lse_ptr + pid_split * rows_total + out_row, lse, mask=row_ok)
-        if SELF_REDUCE:
-            tl.debug_barrier()
-            arrived = tl.atomic_add(cnt_ptr + pid_bh, 1, sem="acq_rel", scope="gpu")
-            if arrived == num_splits - 1:
-                _combine_splits(out_ptr, lse_ptr, final_ptr, b, hkv, pid_m * BLOCK_M, Sq,
-                                rows_total, num_splits, HKV, GQA, D, BLOCK_M,
-                                COMBINE_ROWS)  # fmt: skip
-                tl.atomic_xchg(cnt_ptr + pid_bh, 0, sem="relaxed", scope="gpu")
-    else:
-        tl.store(out_ptrs, out_e.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
-        tl.store(out_ptrs + 1, out_o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+    _store_rows(
+        out_ptr, out_ptrs, out_e, out_o, row_ok[:, None], out_row, row_ok, l_i, m_i, l_safe,
+        lse_ptr, final_ptr, cnt_ptr, pid_bh, pid_split, num_splits, rows_total, b, hkv,
+        pid_m * BLOCK_M, Sq, HKV, GQA, D, BLOCK_M, COMBINE_ROWS, WRITE_PARTIAL, SELF_REDUCE,
+    )  # fmt: skip
 
 
 @triton.jit
@@ -791,21 +806,11 @@ def _kv4_decode_t_kernel(
     out_o = (acc_o * acc_unit + fix[None, :]) / l_safe[None, :]
     oc = _swap(c) if SWAP_PAIRS else c
     out_ptrs = out_ptr + pid_split * rows_total * D + out_row[None, :] * D + 2 * oc[:, None]
-    if WRITE_PARTIAL:
-        tl.store(out_ptrs, out_e, mask=row_ok[None, :])
-        tl.store(out_ptrs + 1, out_o, mask=row_ok[None, :])
-        lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), _NEG_INF)
-        tl.store(lse_ptr + pid_split * rows_total + out_row, lse, mask=row_ok)
-        if SELF_REDUCE:
-            tl.debug_barrier()
-            arrived = tl.atomic_add(cnt_ptr + pid_bh, 1, sem="acq_rel", scope="gpu")
-            if arrived == num_splits - 1:
-                _combine_splits(out_ptr, lse_ptr, final_ptr, b, hkv, 0, 1, rows_total,
-                                num_splits, HKV, GQA, D, ROWS, COMBINE_ROWS)  # fmt: skip
-                tl.atomic_xchg(cnt_ptr + pid_bh, 0, sem="relaxed", scope="gpu")
-    else:
-        tl.store(out_ptrs, out_e.to(out_ptr.dtype.element_ty), mask=row_ok[None, :])
-        tl.store(out_ptrs + 1, out_o.to(out_ptr.dtype.element_ty), mask=row_ok[None, :])
+    _store_rows(
+        out_ptr, out_ptrs, out_e, out_o, row_ok[None, :], out_row, row_ok, l_i, m_i, l_safe,
+        lse_ptr, final_ptr, cnt_ptr, pid_bh, pid_split, num_splits, rows_total, b, hkv, 0, 1,
+        HKV, GQA, D, ROWS, COMBINE_ROWS, WRITE_PARTIAL, SELF_REDUCE,
+    )  # fmt: skip
 
 
 @triton.jit
