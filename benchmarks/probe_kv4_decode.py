@@ -113,6 +113,9 @@ def main() -> None:
     ap.add_argument("--t-rows", default="4", help="decode_t: BLOCK_M (query-head columns) list")
     ap.add_argument("--splits", default="1,2,4,8,16,32,64,128")
     ap.add_argument("--tiles", default="", help="BLOCK_Nxwarps list, e.g. 64x1,128x4")
+    ap.add_argument("--stages", default="2,3", help="num_stages list")
+    ap.add_argument("--grouped", type=int, default=1, help="time decode_grouped too (0: no)")
+    ap.add_argument("--top", type=int, default=4, help="configs printed per kernel and shape")
     args = ap.parse_args()
     dtype = getattr(torch, args.dtype)
     prefetches = tuple(bool(int(v)) for v in args.prefetch.split(","))
@@ -163,13 +166,14 @@ def main() -> None:
         if args.tiles:
             tiles = tuple(tuple(map(int, t.split("x"))) for t in args.tiles.split(","))
         splits = tuple(int(v) for v in args.splits.split(","))
+        stage_list = tuple(int(v) for v in args.stages.split(","))
         one_group = [(k, 16) for k in kinds if k == "decode"]
         one_group += [(k, r) for k in kinds if k == "decode_t" for r in t_rows]
         grid = itertools.chain(
             ((k, bm, bn, w, st, sp, pf, sv, sw, r) for (k, bm), (bn, w), st, sp, pf, sv, sw, r in
-             itertools.product(one_group, tiles, (2, 3), splits, prefetches, stage_vs, switches,
+             itertools.product(one_group, tiles, stage_list, splits, prefetches, stage_vs, switches,
                                caps)),
-            itertools.product(["decode_grouped"], (16,), (64,), (4,), (2,), (4, 32), (False,),
+            itertools.product(["decode_grouped"] if args.grouped else [], (16,), (64,), (4,), (2,), (4, 32), (False,),
                               (False,), ({},), (0,)),
         )  # fmt: skip
         for kind, bm, bn, warps, stages, split, pf, sv, sw, cap in grid:
@@ -228,7 +232,7 @@ def main() -> None:
         floor = (int4 + 4 * b * HQ * D) / bw * 1e6
         print(f"B={b} S={s}: SDPA {sdpa:.1f} us, int4 floor {floor:.1f} us", flush=True)
         for kind in (*kinds, "decode_grouped"):
-            best = [r for r in rows if r["config"]["kernel"] == kind][:4]
+            best = [r for r in rows if r["config"]["kernel"] == kind][: args.top]
             for r in best:
                 c = r["config"]
                 print(

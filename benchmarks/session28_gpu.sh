@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Twenty-eighth session's device calls; PART is a comma-separated list of:
+#   shipped: every shipped KV4 config (decode_t's six fp16 keys) against float64, and the KV4
+#            gpu tests of the transposed kernel and the defaults.
+#   splits:  decode_t at splits that fill the SMs' resident slots (one wave of 11-12 one-warp
+#            programs per SM) against the shipped powers of two, fp16, 3 stages.
+#   cur:     bench_kv4's decode table with the shipped configs (SDPA in the same call).
+#   e2e:     probe_e2e_long.py (W4A16 vs W4A16 + KV4 at an 8000-token context).
+source benchmarks/gpu_setup.sh
+for part in ${PART//,/ }; do
+  mkdir -p "$OUT/$part"
+  case "$part" in
+    shipped)
+      timeout "${TEST_S:-300}" python3 -m pytest -q -p no:cacheprovider -rfE --tb=short -m gpu \
+        tests/test_shipped_configs.py tests/test_kv4.py -k "kv4 or transposed or default" \
+        > "$OUT/$part/tests.log" 2>&1
+      tail -4 "$OUT/$part/tests.log"
+      ;;
+    splits)
+      (cd benchmarks && timeout "${PROBE_S:-300}" python3 probe_kv4_decode.py --dtype float16 \
+        --kinds decode_t --t-rows 4,8 --prefetch 1 --stage-v 1 --tiles 32x1 --stages 3 \
+        --grouped 0 --top 12 --splits "${SPLITS:-2,3,4,8,10,11,12,16,24,32,48,64,96,128}" \
+        --shapes "${SHAPES:-16x8192,16x32768,64x8192,64x32768,1x8192,1x32768}" \
+        --out "$OUT/$part/probe.json") 2>&1 | tee "$OUT/$part/probe.log" | grep -v "^check" | tail -90
+      ;;
+    cur)
+      (cd benchmarks && timeout 150 python3 bench_kv4.py --out "$OUT/$part" --batches 16,64,1 \
+        --lengths 32768,8192 --prefill '') 2>&1 | grep "^| [0-9]"
+      ;;
+    e2e)
+      TORCH_LOGS=perf_hints timeout "${E2E_S:-300}" python3 benchmarks/probe_e2e_long.py \
+        --layers "${LAYERS:-8}" --out "$OUT/$part" > "$OUT/$part/e2e_long.log" 2>&1
+      grep -iE "skipping cudagraph|^w4a16|error" "$OUT/$part/e2e_long.log" | head -20
+      ;;
+    *) echo "unknown part $part"; exit 2 ;;
+  esac
+done
