@@ -447,15 +447,20 @@ def test_staged_v_is_a_decode_candidate_of_the_one_group_kernel_only():
     assert not any(c.stage_v for c in candidate_configs(16, 8, 1, 4, 32768, 4))
 
 
-@pytest.mark.parametrize(("b", "s", "split"), [(1, 32768, 128), (1, 8192, 64), (16, 32768, 8),
-                                              (64, 8192, 2), (1, 200, 1)])  # fmt: skip
+@pytest.mark.parametrize(("b", "s", "split"), [(1, 32768, 128), (1, 8192, 128), (16, 32768, 12),
+                                              (16, 8192, 12), (64, 8192, 3), (64, 32768, 3),
+                                              (1, 200, 3), (128, 32768, 1)])  # fmt: skip
 def test_untuned_decode_default_is_what_the_h100_picked(b, s, split):
     """Per-token keys: BLOCK_N 32, one warp, prefetch, V staged, as tuned in session 24, on the
-    transposed kernel over 8 head columns (session 27); keys per channel keep two-warp
-    BLOCK_N 64 programs (a one-warp program spills)."""
+    transposed kernel over its 4 head columns (session 27), split to fill one wave of 12
+    resident programs per SM (session 28); keys per channel keep two-warp BLOCK_N 64
+    programs (a one-warp program spills)."""
     cfg = default_config(b, 8, 1, 4, s)
     assert (cfg.kernel, cfg.block_m, cfg.block_n, cfg.num_warps, cfg.prefetch, cfg.stage_v,
-            cfg.split_k) == ("decode_t", 8, 32, 1, True, True, split)  # fmt: skip
+            cfg.split_k) == ("decode_t", 4, 32, 1, True, True, split)  # fmt: skip
+    assert b * 8 * split <= 12 * 132 or split == 1  # one wave
+    tuned = candidate_configs(b, 8, 1, 4, s, 1)
+    assert any(c.kernel == "decode_t" and c.split_k == split for c in tuned)  # and tuned
     assert valid_config(cfg, 4)
     several = default_config(b, 8, 2, 4, s)  # two query positions: the decode kernel
     assert (several.kernel, several.block_m) == ("decode", 16)

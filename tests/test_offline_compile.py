@@ -220,3 +220,35 @@ def test_staged_v_is_not_gathered_byte_by_byte():
     assert plain_bytes >= 64 and staged_bytes == 0, (plain_bytes, staged_bytes)
     assert staged_len <= 0.9 * plain_len, (plain_len, staged_len)
     assert bias16_len <= 0.97 * staged_len, (staged_len, bias16_len)
+
+
+RESIDENT = """
+import json
+import sass_report as s
+out = {}
+for rows in (4, 8, 16):
+    k = s.compile_kv4_variant("decode_t", rows, 32, 1, 3, prefetch=True, stage_v=True,
+                              q_rows=True)
+    out[rows] = [s.resources(k)["REG"], k.metadata.shared]
+print(json.dumps([s.triton.__version__, out]))
+"""
+
+
+def _resident_per_sm90(regs: int, shared: int) -> int:
+    """One-warp programs an sm_90 SM holds: 64K registers in 256-register units per warp,
+    228 KB of shared memory with 1 KB reserved per program, at most 32 programs."""
+    warp_regs = -(-regs * 32 // 256) * 256
+    return min(65536 // warp_regs, 228 * 1024 // (shared + 1024), 32)
+
+
+def test_decode_t_resident_programs_match_the_wave_split_table():
+    """`kv4_attention._DECODE_T_RESIDENT` (what `_wave_split` fills) is what the compiled
+    decode_t tile allows per SM: 4 / 8 / 16 head columns -> 12 / 11 / 8 programs with
+    Triton 3.6 (the H100's). Another Triton may allocate otherwise: the check is 3.6's."""
+    from qcompile.lowering.kv4_attention import _DECODE_T_RESIDENT
+
+    version, resources = _compile_offline(RESIDENT, timeout=300)
+    got = {int(rows): _resident_per_sm90(*res) for rows, res in resources.items()}
+    if version.startswith("3.6."):
+        assert got == _DECODE_T_RESIDENT, resources
+    assert all(n >= 8 for n in got.values()), resources

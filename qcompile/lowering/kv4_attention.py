@@ -1052,11 +1052,12 @@ def candidate_configs(
                     pf = dataclasses.replace(cfg, prefetch=True)
                     out += [pf, dataclasses.replace(pf, stage_v=True)]
     if sq == 1 and gqa <= 16 and groups == 1 and not key_tokens and _DECODE_T_CANDIDATES:
-        for split in _tuning_splits(b * hkv, s):
+        bm = decode_t_rows(gqa)
+        # the powers of two and the split filling one wave (`_wave_split`)
+        wave = _wave_split(b * hkv, s, _DECODE_T_RESIDENT[bm], 64)
+        for split in dict.fromkeys([*_tuning_splits(b * hkv, s), wave]):
             for bn, warps, stages in _DECODE_TILES["decode_t"]:
-                cfg = KernelConfig(
-                    "decode_t", decode_t_rows(gqa), bn, 0, split, warps, stages, prefetch=True
-                )
+                cfg = KernelConfig("decode_t", bm, bn, 0, split, warps, stages, prefetch=True)
                 out += [cfg, dataclasses.replace(cfg, stage_v=True)]
     if sq > 1:
         for bm, bn, warps, stages in _PREFILL_TILES[prefill_kind(groups)]:
@@ -1081,6 +1082,27 @@ def _tuning_splits(programs: int, s: int) -> list[int]:
     splits = (1, 2, 4, 8, 16, 32, 64, 128)
     target = _SPLIT_PROGRAM_TARGET
     return [p for p in splits if p == 1 or (programs * p // 2 < target and s >= p * 64)]
+
+
+# SMs of the H100 and H200 (the shipped targets); a wave is this many times the programs
+# one SM holds at once.
+_SMS = 132
+# One-warp "decode_t" programs (BLOCK_N 32, 3 stages, prefetch, staged V) resident per sm_90
+# SM, per head-column count: 4 columns take 168 registers and 17.5 KB of shared memory (12
+# fit: registers and shared memory both), 8 take 151 and 18.6 KB (11: shared memory), 16 take
+# 251 (8: registers); Triton 3.6 offline, `tests/test_sm90_offline.py` recomputes them.
+_DECODE_T_RESIDENT = {4: 12, 8: 11, 16: 8}
+
+
+def _wave_split(programs: int, s: int, resident: int, min_keys: int, limit: int = 128) -> int:
+    """The largest split (any integer <= limit, >= `min_keys` keys each) whose grid fits one
+    wave of `resident` programs per SM. On the H100 a one-warp decode_t grid of 1024
+    programs (B=16 split 8, B=64 split 2: 7.8 per SM) left the loop latency-bound; filling
+    the 12 slots (split 12 / split 3) took B=16 S=32k 234.6 -> 217.8 us, B=64 S=8k 239.5 ->
+    215.6, while a grid past one wave (8 columns at split 12: 1536 > 11 x 132) ran 283.1
+    (`results/session28/splits/`)."""
+    fit = max(1, resident * _SMS // max(programs, 1))
+    return max(1, min(fit, limit, s // min_keys))
 
 
 def _default_split(programs: int, s: int, per_sm: int, min_keys: int, limit: int = 128) -> int:
@@ -1172,15 +1194,17 @@ def default_config(
         return KernelConfig("decode", decode_rows(sq, gqa), bn, 0, split, 2, 3)
     if rows <= 64 and groups == 1:
         # per-token keys: what the H100 tuner and probe picked at B = 1 / 16 / 64, S = 8k /
-        # 32k (`results/session24/`, `results/session27/decode_t/`): 32 keys per one-warp
-        # tile, the token-scale prefetch, V staged; ~8 programs per SM, >= 128 keys per
-        # split; one query position of <= 16 heads: "decode_t" over 8+ head columns (128
-        # registers against 152 at 4 columns, within 1% of it in time)
-        split = _default_split(b * hkv, s, 8, 128)
-        kind, bm = "decode", decode_rows(sq, gqa)
+        # 32k (`results/session24/`, `results/session27/decode_t/`, `results/session28/`):
+        # 32 keys per one-warp tile, the token-scale prefetch, V staged. One query position
+        # of <= 16 heads: "decode_t" over its head columns, split to fill one wave of
+        # resident programs (>= 64 keys each); otherwise the decode kernel, ~8 programs per
+        # SM with >= 128 keys per split
         if sq == 1 and gqa <= 16:
-            kind, bm = "decode_t", decode_t_rows(gqa, least=8)
-        return KernelConfig(kind, bm, 32, 0, split, 1, 3, True, stage_v=True)
+            bm = decode_t_rows(gqa)
+            split = _wave_split(b * hkv, s, _DECODE_T_RESIDENT[bm], 64)
+            return KernelConfig("decode_t", bm, 32, 0, split, 1, 3, True, stage_v=True)
+        split = _default_split(b * hkv, s, 8, 128)
+        return KernelConfig("decode", decode_rows(sq, gqa), 32, 0, split, 1, 3, True, stage_v=True)
     if rows <= 64:
         split = _default_split(b * hkv, s, 2, 256, limit=64)
         return KernelConfig("decode_grouped", decode_rows(sq, gqa), 64, 0, split, 4, 2)
