@@ -12,7 +12,8 @@ for part in ${PART//,/ }; do
   case "$part" in
     shipped)
       timeout "${TEST_S:-300}" python3 -m pytest -q -p no:cacheprovider -rfE --tb=short -m gpu \
-        tests/test_shipped_configs.py tests/test_kv4.py -k "kv4 or transposed or default" \
+        tests/test_shipped_configs.py tests/test_kv4.py \
+        -k "${TESTS_K:-decode_t or op_on_cuda_tunes or generate_on_cuda_with or centered or switches}" \
         > "$OUT/$part/tests.log" 2>&1
       tail -4 "$OUT/$part/tests.log"
       ;;
