@@ -96,7 +96,7 @@ for name, kv4 in (("w4a16", "off"), ("w4a16+kv4", "token")):
         gen(9)
     table_gpu = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25)
     table_cpu = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
-    (args.out / f"profile_{name}.txt").write_text(table_gpu + "\n\n" + table_cpu)
+    (args.out / f"profile_{name.replace('+', '_')}.txt").write_text(table_gpu + "\n\n" + table_cpu)
     results[name] = dict(
         step_ms=step_ms, forward_host_ms=sorted(host_ms)[len(host_ms) // 2],
         forward_gpu_ms=sorted(gpu_ms)[len(gpu_ms) // 2], gpu_ms_all=gpu_ms[:8],

@@ -11,11 +11,11 @@ for part in ${PART//,/ }; do
   mkdir -p "$OUT/$part"
   case "$part" in
     shipped)
-      timeout "${TEST_S:-300}" python3 -m pytest -q -p no:cacheprovider -rfE --tb=short -m gpu \
+      timeout "${TEST_S:-300}" python3 -m pytest -v -p no:cacheprovider -rfE --tb=short -m gpu \
         tests/test_shipped_configs.py tests/test_kv4.py \
         -k "${TESTS_K:-decode_t or op_on_cuda_tunes or generate_on_cuda_with or centered or switches}" \
         > "$OUT/$part/tests.log" 2>&1
-      tail -4 "$OUT/$part/tests.log"
+      grep -E "PASS|FAIL|ERROR" "$OUT/$part/tests.log" | cut -c1-150 | tail -20
       ;;
     splits)
       (cd benchmarks && timeout "${PROBE_S:-300}" python3 probe_kv4_decode.py --dtype float16 \

@@ -1430,7 +1430,8 @@ def test_cache_past_2_to_the_31_bytes_reads_its_last_batch(groups):
 
 
 @pytest.mark.gpu
-def test_centered_v_codes_keep_one_program_over_32k_keys_accurate():
+@pytest.mark.parametrize("kind", ["decode", "decode_t"])
+def test_centered_v_codes_keep_one_program_over_32k_keys_accurate(kind):
     """P @ V accumulates in place in the tensor cores, whose fp32 adds truncate: with V's
     codes as 0..15 the error grew with the keys one program reads (1.6e-2 relative at 16k
     keys per program on the H100). As code - 8 (programs over `_CENTER_V_KEYS` keys), the
@@ -1444,7 +1445,8 @@ def test_centered_v_codes_keep_one_program_over_32k_keys_accurate():
     q = torch.randn(1, 32, 1, 128, device="cuda", dtype=torch.float16)
     problem = KV4Problem(q, keys, values, None, None, False, 128**-0.5)
     want = problem.reference64()
-    cfg = KernelConfig("decode", 16, 32, 0, 1, 1, 3, True, stage_v=True)
+    bm = 16 if kind == "decode" else 4
+    cfg = KernelConfig(kind, bm, 32, 0, 1, 1, 3, True, stage_v=True)
     centered = rel_error(launch_attention(cfg, *problem.args()), want)
     with mock.patch.object(kv4_attention, "_CENTER_V_KEYS", 1 << 30):
         plain = rel_error(launch_attention(cfg, *problem.args()), want)
