@@ -42,6 +42,7 @@ SWITCHES = {"key_bias16": "_KEY_BIAS16", "q_rows": "_Q_ROWS", "fp16_keys": "_FP1
 SWITCH_KERNEL = {"key_bias16": "decode", "q_rows": "decode", "fp16_keys": "decode_t"}
 
 
+SELF_REDUCE = kv4_attention._SELF_REDUCE_SPLITS
 # what the module ships with (unset switches keep it)
 SHIPPED = {f: bool(getattr(kv4_attention, name)) for f, name in SWITCHES.items()}
 
@@ -62,6 +63,7 @@ def check(
     stage_v: bool = False,
     cap: int = 0,
     t_rows: int = 4,
+    split: int = 4,
 ) -> float:
     """Relative error of one config against the float64 reference (quantized cache); with a
     register cap, of the shipped one-warp BLOCK_N 32 tile under it."""
@@ -83,7 +85,7 @@ def check(
     prob = KV4Problem(q.cuda(), to(keys), to(values), None, None, False, D**-0.5)
     cfg = KernelConfig(kind, 16, 128, 0, 4, 4, 2, prefetch, stage_v=stage_v)
     if kind == "decode_t":
-        cfg = KernelConfig(kind, t_rows, 32, 0, 4, 1, 2, prefetch, stage_v=stage_v)
+        cfg = KernelConfig(kind, t_rows, 32, 0, split, 1, 2, prefetch, stage_v=stage_v)
     if cap:
         cfg = KernelConfig(kind, 16, 32, 0, 4, 1, 2, True, stage_v=True, max_registers=cap)
     out = launch_attention(cfg, *prob.args())
@@ -115,6 +117,11 @@ def main() -> None:
     ap.add_argument("--tiles", default="", help="BLOCK_Nxwarps list, e.g. 64x1,128x4")
     ap.add_argument("--stages", default="2,3", help="num_stages list")
     ap.add_argument("--grouped", type=int, default=1, help="time decode_grouped too (0: no)")
+    ap.add_argument(
+        "--self-reduce-splits", default=str(kv4_attention._SELF_REDUCE_SPLITS),
+        help="`_SELF_REDUCE_SPLITS` values: the most splits the last program combines itself "
+        "(more: a second launch, `_kv4_split_reduce_kernel`), e.g. 8,16,128",
+    )  # fmt: skip
     ap.add_argument("--top", type=int, default=4, help="configs printed per kernel and shape")
     args = ap.parse_args()
     dtype = getattr(torch, args.dtype)
@@ -131,6 +138,7 @@ def main() -> None:
                 print(f"check {kind} {dt} {sw}: rel error {err:.2e}", flush=True)
     _set({})
     kinds = args.kinds.split(",")
+    self_reduce = tuple(int(v) for v in args.self_reduce_splits.split(","))
     t_rows = tuple(int(v) for v in args.t_rows.split(","))
     for r in t_rows if "decode_t" in kinds else ():
         for dt in (torch.float16, torch.bfloat16):
@@ -138,6 +146,13 @@ def main() -> None:
                 err = check("decode_t", dt, pf, sv, t_rows=r)
                 print(f"check decode_t rows={r} {dt} prefetch={pf} stage_v={sv}: rel error "
                       f"{err:.2e}", flush=True)  # fmt: skip
+    for srs in (v for v in self_reduce if v > 8 and "decode_t" in kinds):
+        kv4_attention._SELF_REDUCE_SPLITS = srs  # splits past 8 combined by the last program
+        for split in (12, srs):
+            err = check("decode_t", torch.float16, True, True, t_rows=4, split=split)
+            print(f"check decode_t self-reduced split {split} (<= {srs}): rel error {err:.2e}",
+                  flush=True)  # fmt: skip
+    kv4_attention._SELF_REDUCE_SPLITS = SELF_REDUCE
     for kind in ("decode", "decode_grouped"):
         for dt in (torch.float16, torch.bfloat16):
             one = kind == "decode"
@@ -169,14 +184,16 @@ def main() -> None:
         stage_list = tuple(int(v) for v in args.stages.split(","))
         one_group = [(k, 16) for k in kinds if k == "decode"]
         one_group += [(k, r) for k in kinds if k == "decode_t" for r in t_rows]
-        grid = itertools.chain(
+        grid = list(itertools.chain(
             ((k, bm, bn, w, st, sp, pf, sv, sw, r) for (k, bm), (bn, w), st, sp, pf, sv, sw, r in
              itertools.product(one_group, tiles, stage_list, splits, prefetches, stage_vs, switches,
                                caps)),
             itertools.product(["decode_grouped"] if args.grouped else [], (16,), (64,), (4,), (2,), (4, 32), (False,),
                               (False,), ({},), (0,)),
-        )  # fmt: skip
-        for kind, bm, bn, warps, stages, split, pf, sv, sw, cap in grid:
+        ))  # fmt: skip
+        runs = [(srs, *g) for srs in self_reduce for g in grid]
+        for srs, kind, bm, bn, warps, stages, split, pf, sv, sw, cap in runs:
+            kv4_attention._SELF_REDUCE_SPLITS = srs  # read at launch, as the switches
             if any(v and SWITCH_KERNEL[f] != kind for f, v in sw.items()) or (
                 cap and kind != "decode"
             ):
@@ -216,7 +233,8 @@ def main() -> None:
             except Exception as e:  # noqa: BLE001 - out of shared memory, say, and go on
                 print(f"{spec} {cfg}: {type(e).__name__} {str(e)[:100]}", flush=True)
                 continue
-            rows.append({"b": b, "s": s, "config": cfg.__dict__, **_flags(sw), "us": us})
+            rows.append({"b": b, "s": s, "config": cfg.__dict__, **_flags(sw), "us": us,
+                         "self_reduce_splits": srs})  # fmt: skip
         del caches
         kv = [
             tuple(torch.randn(b, HKV, s, D, dtype=dtype, device="cuda") for _ in "kv")
@@ -240,7 +258,7 @@ def main() -> None:
                     f"st{c['num_stages']} "
                     f"split{c['split_k']} pf{int(c['prefetch'])} sv{int(c['stage_v'])} "
                     f"kb{int(r['key_bias16'])} qr{int(r['q_rows'])} fk{int(r['fp16_keys'])} "
-                    f"r{c.get('max_registers', 0)}: {r['us']:.1f} us "
+                    f"r{c.get('max_registers', 0)} srs{r['self_reduce_splits']}: {r['us']:.1f} us "
                     f"({sdpa / r['us']:.2f}x SDPA, "
                     f"{floor / r['us']:.0%} of floor)",
                     flush=True,

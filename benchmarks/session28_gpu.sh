@@ -5,6 +5,7 @@
 #   splits:  decode_t at splits that fill the SMs' resident slots (one wave of 11-12 one-warp
 #            programs per SM) against the shipped powers of two, fp16, 3 stages.
 #   cur:     bench_kv4's decode table with the shipped configs (SDPA in the same call).
+#   srs:     decode_t with the last program combining up to 8 / 16 / 128 splits itself.
 #   e2e:     probe_e2e_long.py (W4A16 vs W4A16 + KV4 at an 8000-token context).
 source benchmarks/gpu_setup.sh
 for part in ${PART//,/ }; do
@@ -23,6 +24,14 @@ for part in ${PART//,/ }; do
         --grouped 0 --top 12 --splits "${SPLITS:-2,3,4,8,10,11,12,16,24,32,48,64,96,128}" \
         --shapes "${SHAPES:-16x8192,16x32768,64x8192,64x32768,1x8192,1x32768}" \
         --out "$OUT/$part/probe.json") 2>&1 | tee "$OUT/$part/probe.log" | grep -v "^check" | tail -90
+      ;;
+    srs)
+      # the last program combining up to 16 / 128 splits itself vs a second launch past 8
+      (cd benchmarks && timeout "${PROBE_S:-120}" python3 probe_kv4_decode.py --dtype float16 \
+        --kinds decode_t --t-rows 4 --prefetch 1 --stage-v 1 --tiles 32x1 --stages 3 \
+        --grouped 0 --top 12 --splits "${SPLITS:-12,32,64,128}" --self-reduce-splits 8,16,128 \
+        --shapes "${SHAPES:-16x8192,1x8192,1x32768}" --out "$OUT/$part/probe.json") 2>&1 \
+        | tee "$OUT/$part/probe.log" | grep -v "^check decode \|^check decode_grouped" | tail -45
       ;;
     cur)
       (cd benchmarks && timeout 150 python3 bench_kv4.py --out "$OUT/$part" --batches 16,64,1 \
