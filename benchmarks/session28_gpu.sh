@@ -28,7 +28,7 @@ for part in ${PART//,/ }; do
     srs)
       # the last program combining up to 16 / 128 splits itself vs a second launch past 8
       (cd benchmarks && timeout "${PROBE_S:-120}" python3 probe_kv4_decode.py --dtype float16 \
-        --kinds decode_t --t-rows 4 --prefetch 1 --stage-v 1 --tiles 32x1 --stages 3 \
+        --kinds decode_t --t-rows 4 --prefetch 1 --stage-v 1 --tiles 32x1 --stages "${STAGES:-3}" \
         --grouped 0 --top 12 --splits "${SPLITS:-12,32,64,128}" --self-reduce-splits 8,16,128 \
         --shapes "${SHAPES:-16x8192,1x8192,1x32768}" --out "$OUT/$part/probe.json") 2>&1 \
         | tee "$OUT/$part/probe.log" | grep -v "^check decode \|^check decode_grouped" | tail -45
