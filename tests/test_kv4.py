@@ -468,6 +468,24 @@ def test_untuned_decode_default_is_what_the_h100_picked(b, s, split):
     assert (per_channel.block_n, per_channel.num_warps, per_channel.stage_v) == (64, 2, False)
 
 
+def test_decode_t_grid_fits_one_wave_of_the_device(monkeypatch):
+    """The untuned decode_t split fills one wave of the device it runs on: an H100 PCIe (114
+    SMs) or an A100-sized shared memory (164 KB: 9 programs per SM) get smaller splits than
+    an H100 SXM, never a grid past one wave (one program past it runs a second, nearly empty
+    wave: 217.8 -> 283.1 us at B=16 S=32k on the H100)."""
+    budgets = {None: kv4_attention._SM90, 1: (114, 228 * 1024), 2: (108, 164 * 1024)}
+    monkeypatch.setattr(kv4_attention, "_sm_budget", budgets.__getitem__)
+    splits = {}
+    for device, (sms, smem) in budgets.items():
+        cfg = default_config(16, 8, 1, 4, 32768, device=device)
+        per_sm = kv4_attention.resident_programs(*kv4_attention._DECODE_T_TILE[4], smem)
+        assert 16 * 8 * cfg.split_k <= per_sm * sms < 16 * 8 * (cfg.split_k + 1)
+        tuned = candidate_configs(16, 8, 1, 4, 32768, device=device)
+        assert any(c.kernel == "decode_t" and c.split_k == cfg.split_k for c in tuned)
+        splits[device] = cfg.split_k
+    assert splits == {None: 12, 1: 10, 2: 7}
+
+
 def test_decode_kernel_refuses_a_grouped_cache():
     keys = quantize_kv4(torch.randn(1, 1, 40, 64), KVScheme(group_size=32))
     problem = KV4Problem(torch.randn(1, 4, 1, 64).half(), keys, keys, None, None, False, 0.1)

@@ -234,21 +234,16 @@ print(json.dumps([s.triton.__version__, out]))
 """
 
 
-def _resident_per_sm90(regs: int, shared: int) -> int:
-    """One-warp programs an sm_90 SM holds: 64K registers in 256-register units per warp,
-    228 KB of shared memory with 1 KB reserved per program, at most 32 programs."""
-    warp_regs = -(-regs * 32 // 256) * 256
-    return min(65536 // warp_regs, 228 * 1024 // (shared + 1024), 32)
-
-
-def test_decode_t_resident_programs_match_the_wave_split_table():
-    """`kv4_attention._DECODE_T_RESIDENT` (what `_wave_split` fills) is what the compiled
-    decode_t tile allows per SM: 4 / 8 / 16 head columns -> 12 / 11 / 8 programs with
-    Triton 3.6 (the H100's). Another Triton may allocate otherwise: the check is 3.6's."""
-    from qcompile.lowering.kv4_attention import _DECODE_T_RESIDENT
+def test_decode_t_tile_resources_match_the_wave_split_table():
+    """`kv4_attention._DECODE_T_TILE` (registers, shared memory: what `_wave_split` fills an
+    SM with) is the compiled decode_t tile's with Triton 3.6 (the H100's): 4 / 8 / 16 head
+    columns -> 12 / 11 / 8 one-warp programs per sm_90 SM. Another Triton may allocate
+    otherwise; there the tile must still leave >= 8 programs per SM."""
+    from qcompile.lowering.kv4_attention import _DECODE_T_TILE, resident_programs
 
     version, resources = _compile_offline(RESIDENT, timeout=300)
-    got = {int(rows): _resident_per_sm90(*res) for rows, res in resources.items()}
+    got = {int(rows): tuple(res) for rows, res in resources.items()}
     if version.startswith("3.6."):
-        assert got == _DECODE_T_RESIDENT, resources
-    assert all(n >= 8 for n in got.values()), resources
+        assert got == _DECODE_T_TILE, got
+    assert [resident_programs(*_DECODE_T_TILE[r]) for r in (4, 8, 16)] == [12, 11, 8]
+    assert all(resident_programs(*res) >= 8 for res in got.values()), got

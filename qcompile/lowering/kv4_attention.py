@@ -33,6 +33,7 @@ Cache layout: see `qcompile.quant.kv4` (codes [B, Hkv, S, D/2] uint8, fp16 scale
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 import triton
@@ -1029,10 +1030,18 @@ _SPLIT_PROGRAM_TARGET = 4 * 132
 
 
 def candidate_configs(
-    b: int, hkv: int, sq: int, gqa: int, s: int, groups: int = 1, key_tokens: int = 0
+    b: int,
+    hkv: int,
+    sq: int,
+    gqa: int,
+    s: int,
+    groups: int = 1,
+    key_tokens: int = 0,
+    device: int | None = None,
 ) -> list[KernelConfig]:
     """What autotuning tries for one (rows, head_dim, S bucket, group, dtype, B * Hkv);
-    keys per channel cap BLOCK_N at their group of `key_tokens` tokens."""
+    keys per channel cap BLOCK_N at their group of `key_tokens` tokens; `device` as in
+    `default_config`."""
     rows = sq * gqa
     out: list[KernelConfig] = []
     cap = key_tokens or 1 << 30
@@ -1054,7 +1063,7 @@ def candidate_configs(
     if sq == 1 and gqa <= 16 and groups == 1 and not key_tokens and _DECODE_T_CANDIDATES:
         bm = decode_t_rows(gqa)
         # the powers of two and the split filling one wave (`_wave_split`)
-        wave = _wave_split(b * hkv, s, _DECODE_T_RESIDENT[bm], 64)
+        wave = _decode_t_wave(b * hkv, s, bm, device)
         for split in dict.fromkeys([*_tuning_splits(b * hkv, s), wave]):
             for bn, warps, stages in _DECODE_TILES["decode_t"]:
                 cfg = KernelConfig("decode_t", bm, bn, 0, split, warps, stages, prefetch=True)
@@ -1084,24 +1093,49 @@ def _tuning_splits(programs: int, s: int) -> list[int]:
     return [p for p in splits if p == 1 or (programs * p // 2 < target and s >= p * 64)]
 
 
-# SMs of the H100 and H200 (the shipped targets); a wave is this many times the programs
-# one SM holds at once.
-_SMS = 132
-# One-warp "decode_t" programs (BLOCK_N 32, 3 stages, prefetch, staged V) resident per sm_90
-# SM, per head-column count: 4 columns take 168 registers and 17.5 KB of shared memory (12
-# fit: registers and shared memory both), 8 take 151 and 18.6 KB (11: shared memory), 16 take
-# 251 (8: registers); Triton 3.6 offline, `tests/test_sm90_offline.py` recomputes them.
-_DECODE_T_RESIDENT = {4: 12, 8: 11, 16: 8}
+# (SMs, shared memory per SM) of the H100 and H200 (the shipped targets): what the CPU and
+# the interpreter plan for.
+_SM90 = (132, 228 * 1024)
+# The one-warp "decode_t" tile (BLOCK_N 32, 3 stages, prefetch, staged V) per head-column
+# count: (registers per thread, shared memory per program), sm_90 with Triton 3.6;
+# `tests/test_offline_compile.py` checks them against the compiled kernel.
+_DECODE_T_TILE = {4: (168, 17536), 8: (151, 18560), 16: (251, 20608)}
 
 
-def _wave_split(programs: int, s: int, resident: int, min_keys: int, limit: int = 128) -> int:
+@functools.cache
+def _sm_budget(device: int | None) -> tuple[int, int]:
+    """(SMs, shared memory per SM in bytes) of CUDA device `device`; sm_90's without one."""
+    if device is None or not torch.cuda.is_available():
+        return _SM90
+    props = torch.cuda.get_device_properties(device)
+    smem = getattr(props, "shared_memory_per_multiprocessor", 0) or _SM90[1]
+    return props.multi_processor_count, smem
+
+
+def resident_programs(regs: int, shared: int, smem_per_sm: int = _SM90[1]) -> int:
+    """One-warp programs an SM holds at once: 64K registers allocated 256 per warp, shared
+    memory with 1 KB reserved per program, at most 32."""
+    warp_regs = -(-regs * 32 // 256) * 256
+    return max(1, min(65536 // warp_regs, smem_per_sm // (shared + 1024), 32))
+
+
+def _decode_t_wave(programs: int, s: int, rows: int, device: int | None) -> int:
+    """`_wave_split` for the one-warp decode_t tile over `rows` head columns on `device`
+    (sm_90: 12 / 11 / 8 programs per SM at 4 / 8 / 16 columns)."""
+    sms, smem = _sm_budget(device)
+    return _wave_split(programs, s, resident_programs(*_DECODE_T_TILE[rows], smem), 64, sms=sms)
+
+
+def _wave_split(
+    programs: int, s: int, resident: int, min_keys: int, limit: int = 128, sms: int = _SM90[0]
+) -> int:
     """The largest split (any integer <= limit, >= `min_keys` keys each) whose grid fits one
     wave of `resident` programs per SM. On the H100 a one-warp decode_t grid of 1024
     programs (B=16 split 8, B=64 split 2: 7.8 per SM) left the loop latency-bound; filling
     the 12 slots (split 12 / split 3) took B=16 S=32k 234.6 -> 217.8 us, B=64 S=8k 239.5 ->
     215.6, while a grid past one wave (8 columns at split 12: 1536 > 11 x 132) ran 283.1
     (`results/session28/splits/`)."""
-    fit = max(1, resident * _SMS // max(programs, 1))
+    fit = max(1, resident * sms // max(programs, 1))
     return max(1, min(fit, limit, s // min_keys))
 
 
@@ -1181,9 +1215,17 @@ _DECODE_TILES = {
 
 
 def default_config(
-    b: int, hkv: int, sq: int, gqa: int, s: int, groups: int = 1, key_tokens: int = 0
+    b: int,
+    hkv: int,
+    sq: int,
+    gqa: int,
+    s: int,
+    groups: int = 1,
+    key_tokens: int = 0,
+    device: int | None = None,
 ) -> KernelConfig:
-    """Used without tuning (QCOMPILE_AUTOTUNE=0, CUDA-graph capture): valid for every shape."""
+    """Used without tuning (QCOMPILE_AUTOTUNE=0, CUDA-graph capture): valid for every shape;
+    `device` (a CUDA index; None: an H100) sizes the decode_t grid to its SMs."""
     rows = sq * gqa
     bn = min(64, key_tokens or 64)
     if rows <= 64 and groups == 1 and key_tokens:
@@ -1201,7 +1243,7 @@ def default_config(
         # SM with >= 128 keys per split
         if sq == 1 and gqa <= 16:
             bm = decode_t_rows(gqa)
-            split = _wave_split(b * hkv, s, _DECODE_T_RESIDENT[bm], 64)
+            split = _decode_t_wave(b * hkv, s, bm, device)
             return KernelConfig("decode_t", bm, 32, 0, split, 1, 3, True, stage_v=True)
         split = _default_split(b * hkv, s, 8, 128)
         return KernelConfig("decode", decode_rows(sq, gqa), 32, 0, split, 1, 3, True, stage_v=True)
@@ -1425,9 +1467,9 @@ def kv4_attention_cuda(
     key = tune_key(query, k_codes, v_scales, kt)
     cfg = autotuner(query.device.index or 0).get(
         key,
-        lambda: candidate_configs(b, hkv, sq, gqa, s, groups, kt),
+        lambda: candidate_configs(b, hkv, sq, gqa, s, groups, kt, query.device.index or 0),
         lambda c: time_us(lambda: launch_attention(c, *args, is_causal, scale, k_residual)),
-        lambda: default_config(b, hkv, sq, gqa, s, groups, kt),
+        lambda: default_config(b, hkv, sq, gqa, s, groups, kt, query.device.index or 0),
         valid=lambda c: valid_config(c, sq * gqa, groups, kt),
     )
     return launch_attention(cfg, *args, is_causal, scale, k_residual)
