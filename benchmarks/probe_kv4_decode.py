@@ -16,6 +16,8 @@ prints each shape's fastest configs, SDPA and the int4 roofline floor.
         --stage-v 1  # keys on the MMA's M side
     python benchmarks/probe_kv4_decode.py --kinds decode_t --t-rows 8 --prefetch 1 --stage-v 1 \
         --fp16-keys 0,1 --dtype bfloat16 --tiles 32x1  # bf16 query, K planes in fp16
+    python benchmarks/probe_kv4_decode.py --kinds decode_t --t-rows 4 --prefetch 1 --stage-v 1 \
+        --tiles 32x1 --stages 3 --splits 12,96,128 --reduce-pdl 0,1  # the reduce under PDL
 """
 
 from __future__ import annotations
@@ -37,9 +39,11 @@ from qcompile.lowering.kv4_attention import launch_attention, valid_config
 
 HQ, HKV, D, G = 32, 8, 128, 128
 # module switches of `kv4_attention` read at launch: flag -> name
-SWITCHES = {"key_bias16": "_KEY_BIAS16", "q_rows": "_Q_ROWS", "fp16_keys": "_FP16_KEYS"}
+SWITCHES = {"key_bias16": "_KEY_BIAS16", "q_rows": "_Q_ROWS", "fp16_keys": "_FP16_KEYS",
+            "reduce_pdl": "_REDUCE_PDL"}  # fmt: skip
 # which kernel reads each switch (the others' rows skip it when it is on)
-SWITCH_KERNEL = {"key_bias16": "decode", "q_rows": "decode", "fp16_keys": "decode_t"}
+SWITCH_KERNEL = {"key_bias16": "decode", "q_rows": "decode", "fp16_keys": "decode_t",
+                 "reduce_pdl": "decode_t"}  # fmt: skip
 
 
 SELF_REDUCE = kv4_attention._SELF_REDUCE_SPLITS
@@ -258,6 +262,7 @@ def main() -> None:
                     f"st{c['num_stages']} "
                     f"split{c['split_k']} pf{int(c['prefetch'])} sv{int(c['stage_v'])} "
                     f"kb{int(r['key_bias16'])} qr{int(r['q_rows'])} fk{int(r['fp16_keys'])} "
+                    f"pdl{int(r['reduce_pdl'])} "
                     f"r{c.get('max_registers', 0)} srs{r['self_reduce_splits']}: {r['us']:.1f} us "
                     f"({sdpa / r['us']:.2f}x SDPA, "
                     f"{floor / r['us']:.0%} of floor)",

@@ -184,17 +184,22 @@ def compile_kv4_variant(
     kind: str, bm: int, bn: int, warps: int, stages: int, key_tokens: int = 0,
     dtype: str = "fp16", prefetch: bool = False, stage_v: bool = False, key_bias16: bool = False,
     q_rows: bool = False, max_registers: int = 0, center_v: bool = True, mask_kind: int = 0,
-    fp16_keys: bool = False,
+    fp16_keys: bool = False, pdl: bool = False,
 ):  # fmt: skip
     """A KV4 kernel for sm_90: "decode"/"prefill" (`_kv4_decode_kernel`, fp16 query, no mask,
     split partials for decode; key_tokens > 0: keys per channel), "decode_t"
     (`_kv4_decode_t_kernel`, bm = its ROWS, q_rows: its SWAP_PAIRS, key_bias16: its KEY_MASK)
     or "key_write" (the
-    per-channel key write kernel, T = key_tokens); dtype: the query's (and residual's), fp16
-    or bf16; max_registers: ptxas's cap per thread (0: none)."""
+    per-channel key write kernel, T = key_tokens) or "split_reduce" (bn splits, D = 128);
+    dtype: the query's (and residual's), fp16 or bf16; max_registers: ptxas's cap per thread
+    (0: none); pdl: decode_t triggers its dependents, split_reduce waits for its primary."""
     from qcompile.lowering import kv4_attention as kv4
 
-    if kind == "decode_t":
+    if kind == "split_reduce":
+        fn = kv4._kv4_split_reduce_kernel
+        consts = {"SPLITS": bn, "SPLITS_POW2": triton.next_power_of_2(bn), "D": 128, "PDL": pdl}
+        pointers = {"part_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": f"*{dtype}"}
+    elif kind == "decode_t":
         fn = kv4._kv4_decode_t_kernel
         consts = {
             "HKV": 8, "GQA": 4, "D": 128, "Q_BIAS_BITS": 0x6400 if dtype == "fp16" else 0x4300,
@@ -202,7 +207,7 @@ def compile_kv4_variant(
             "BLOCK_N": bn,
             "ASM": True, "SELF_REDUCE": True, "SCALE_PREFETCH": prefetch, "STAGE_V": stage_v,
             "CENTER_V": center_v, "WIDE": False, "COMBINE_ROWS": 4, "SWAP_PAIRS": q_rows,
-            "KEY_MASK": key_bias16, "FP16_KEYS": fp16_keys,
+            "KEY_MASK": key_bias16, "FP16_KEYS": fp16_keys, "LAUNCH_DEPENDENTS": pdl,
         }  # fmt: skip
         pointers = {"kc_ptr": "*u8", "vc_ptr": "*u8", "lens_ptr": "*i32", "mask_ptr": "*fp16",
                     "out_ptr": "*fp32", "lse_ptr": "*fp32", "cnt_ptr": "*i32",

@@ -6,6 +6,7 @@
 #            programs per SM) against the shipped powers of two, fp16, 3 stages.
 #   cur:     bench_kv4's decode table with the shipped configs (SDPA in the same call).
 #   srs:     decode_t with the last program combining up to 8 / 16 / 128 splits itself.
+#   pdl:     decode_t's split reduce under programmatic dependent launch (`_REDUCE_PDL`).
 #   e2e:     probe_e2e_long.py (W4A16 vs W4A16 + KV4 at an 8000-token context).
 source benchmarks/gpu_setup.sh
 for part in ${PART//,/ }; do
@@ -32,6 +33,16 @@ for part in ${PART//,/ }; do
         --grouped 0 --top 12 --splits "${SPLITS:-12,32,64,128}" --self-reduce-splits 8,16,128 \
         --shapes "${SHAPES:-16x8192,1x8192,1x32768}" --out "$OUT/$part/probe.json") 2>&1 \
         | tee "$OUT/$part/probe.log" | grep -v "^check decode \|^check decode_grouped" | tail -45
+      ;;
+    pdl)
+      # the split reduce launched with programmatic dependent launch (`_REDUCE_PDL`)
+      (cd benchmarks && timeout "${PROBE_S:-150}" python3 probe_kv4_decode.py --dtype float16 \
+        --kinds decode_t --t-rows 4 --prefetch 1 --stage-v 1 --tiles 32x1 --stages 3 \
+        --grouped 0 --top 8 --splits "${SPLITS:-12,96,128}" --reduce-pdl 0,1 \
+        --shapes "${SHAPES:-16x8192,16x32768,1x8192,1x32768}" --out "$OUT/$part/probe.json") \
+        2>&1 | tee "$OUT/$part/probe.log" | grep -v "^check decode \|^check decode_grouped" | tail -45
+      timeout "${TEST_S:-120}" python3 -m pytest -v -p no:cacheprovider -rfE --tb=short -m gpu \
+        tests/test_kv4.py -k reduce_pdl 2>&1 | grep -E "PASS|FAIL|ERROR" | cut -c1-150
       ;;
     cur)
       (cd benchmarks && timeout 150 python3 bench_kv4.py --out "$OUT/$part" --batches 16,64,1 \

@@ -1411,6 +1411,37 @@ def test_decode_switches_on_cuda_keep_the_error(dtype, switch):
         assert rel_error(got, want) <= slack * plain + 1e-6, (cfg, plain)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("split", [12, 64])
+def test_reduce_pdl_on_cuda_is_exact_and_graph_capturable(split):
+    """`_REDUCE_PDL`: the split reduce launched with programmatic dependent launch after a
+    decode_t grid past the self-reduce splits reads every partial only after that grid: the
+    output equals the plain launch's bit for bit, eagerly and replayed in a CUDA graph."""
+    gen = torch.Generator().manual_seed(43)
+    s = 4100
+    keys, values = (
+        quantize_kv4(torch.randn(2, 8, s, 128, generator=gen), KVScheme()) for _ in "kv"
+    )
+    q = torch.randn(2, 32, 1, 128, generator=gen).half()
+    problem = KV4Problem(q, keys, values, None, None, False, 128**-0.5)
+    args = [t.cuda() if isinstance(t, torch.Tensor) else t for t in problem.args()]
+    cfg = KernelConfig("decode_t", 4, 32, 0, split, 1, 3, True, stage_v=True)
+    assert split > kv4_attention._SELF_REDUCE_SPLITS  # the reduce is a second launch
+    plain = launch_attention(cfg, *args)
+    with mock.patch.object(kv4_attention, "_REDUCE_PDL", True):
+        got = launch_attention(cfg, *args)
+        out = torch.empty_like(got)
+        launch_attention(cfg, *args, out=out)  # warm-up outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            launch_attention(cfg, *args, out=out)
+        out.zero_()
+        graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(got, plain) and torch.equal(out, plain)
+    assert_close_rel(plain.cpu(), problem.reference64(), torch.float16)
+
+
 def _random_packed_kv4(b: int, s: int, groups: int, gen: torch.Generator) -> PackedKV4:
     """Uniform codes, scales ~0.35 and offsets ~-2.6 (a randn token's), made on the GPU
     without a float [B, 8, S, 128] copy (17 GB at B=128, S=32k)."""

@@ -247,3 +247,31 @@ def test_decode_t_tile_resources_match_the_wave_split_table():
         assert got == _DECODE_T_TILE, got
     assert [resident_programs(*_DECODE_T_TILE[r]) for r in (4, 8, 16)] == [12, 11, 8]
     assert all(resident_programs(*res) >= 8 for res in got.values()), got
+
+
+REDUCE_PDL = """
+import json
+import sass_report as s
+attn = s.compile_kv4_variant("decode_t", 4, 32, 1, 3, prefetch=True, stage_v=True,
+                             q_rows=True, pdl=True)
+plain = s.compile_kv4_variant("decode_t", 4, 32, 1, 3, prefetch=True, stage_v=True,
+                              q_rows=True)
+reduce = s.compile_kv4_variant("split_reduce", 0, 12, 4, 1, pdl=True)
+print(json.dumps([
+    "griddepcontrol.launch_dependents" in attn.asm["ptx"],
+    "griddepcontrol.launch_dependents" in plain.asm["ptx"],
+    "griddepcontrol.wait" in reduce.asm["ptx"],
+    len(s.main_loop(s.sass(attn))), len(s.main_loop(s.sass(plain))),
+]))
+"""
+
+
+def test_reduce_pdl_compiles_to_griddepcontrol_and_leaves_the_loop():
+    """`_REDUCE_PDL`: the decode_t grid triggers its dependents (griddepcontrol
+    .launch_dependents) and the split reduce waits for it (griddepcontrol.wait) on sm_90;
+    the trigger is outside the loop (same loop length as without it)."""
+    attn_trig, plain_trig, reduce_wait, attn_len, plain_len = _compile_offline(
+        REDUCE_PDL, timeout=300
+    )
+    assert attn_trig and not plain_trig and reduce_wait
+    assert attn_len == plain_len, (attn_len, plain_len)

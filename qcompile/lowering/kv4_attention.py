@@ -38,6 +38,7 @@ import functools
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from qcompile.lowering.autotune import KernelConfig, TuneKey, autotuner, m_bucket, time_us
 from qcompile.lowering.w4a16 import _COUNTERS, _interpreting, _tile_counters
@@ -677,7 +678,13 @@ def _kv4_decode_t_kernel(
     SCALE_PREFETCH: tl.constexpr, STAGE_V: tl.constexpr, CENTER_V: tl.constexpr,
     WIDE: tl.constexpr, COMBINE_ROWS: tl.constexpr, SWAP_PAIRS: tl.constexpr = False,
     KEY_MASK: tl.constexpr = False, FP16_KEYS: tl.constexpr = False,
+    LAUNCH_DEPENDENTS: tl.constexpr = False,
 ):  # fmt: skip
+    # LAUNCH_DEPENDENTS: the split reduce launched next with programmatic dependent launch may
+    # place its programs as soon as this grid's free SM slots allow; they wait (griddepcontrol
+    # .wait) for this whole grid and its writes before reading a partial.
+    if LAUNCH_DEPENDENTS:
+        gdc_launch_dependents()
     # "decode_t": `_kv4_decode_kernel`'s decode of one query position (per-token keys, G = D),
     # transposed so the keys are the MMA's M side and the GQA query heads its N side:
     #   S^T [BLOCK_N, ROWS] = K_lo @ q_e^T + K_hi @ q_o^T,  O_e^T [D/2, ROWS] += V_lo^T @ P^T.
@@ -817,9 +824,12 @@ def _kv4_decode_t_kernel(
 @triton.jit
 def _kv4_split_reduce_kernel(
     part_ptr, lse_ptr, out_ptr, rows_total, SPLITS: tl.constexpr, SPLITS_POW2: tl.constexpr,
-    D: tl.constexpr,
+    D: tl.constexpr, PDL: tl.constexpr = False,
 ):  # fmt: skip
     # One program per output row; partials [SPLITS, rows_total, D] fp32, lse [SPLITS, rows].
+    # PDL: launched with programmatic dependent launch; wait for the attention grid first.
+    if PDL:
+        gdc_wait()
     row = tl.program_id(0)
     sp = tl.arange(0, SPLITS_POW2)
     d = tl.arange(0, D)
@@ -1189,6 +1199,12 @@ _Q_ROWS = False
 # S=32k 252.0 -> 237.1 us, B=64 S=32k 988.4 -> 921.6, B=64 S=8k 255.7 -> 239.3, B=16 S=8k
 # 70.4 -> 66.8, B=1 S=32k 25.8 -> 23.9, B=1 S=8k 13.0 -> 12.0 (`results/session27/decode_t/`).
 _DECODE_T_CANDIDATES = True
+# "decode_t" grids reduced by a second launch (more than `_SELF_REDUCE_SPLITS` splits) launch
+# it with programmatic dependent launch: its programs are placed while the attention grid
+# drains and wait for it on the GPU, not behind a kernel boundary. About 11 us of a decode_t
+# launch are fixed cost (B=16: 62.7 us at 8k = 11.2 + 22 tiles x 2.34, `results/session28/`),
+# part of it the boundary before the reduce. Untimed, so off.
+_REDUCE_PDL = False
 # "decode_t" unpacks with `_nibble_planes` SWAP (9 instructions per 8 codes instead of 12).
 _SWAP_PAIRS = True
 # "decode_t" with a bf16 query: K's planes in fp16 (the query scaled into fp16 per head), so
@@ -1291,14 +1307,18 @@ def mask_args(mask: torch.Tensor | None, shape: tuple, out: torch.Tensor) -> tup
     return 2, full, full.stride()
 
 
-def reduce_splits(target: torch.Tensor, lse: torch.Tensor, out: torch.Tensor) -> None:
-    """Combine a split launch's partials into out (no-op when the launch was not split)."""
+def reduce_splits(
+    target: torch.Tensor, lse: torch.Tensor, out: torch.Tensor, pdl: bool = False
+) -> None:
+    """Combine a split launch's partials into out (no-op when the launch was not split);
+    `pdl`: launched with programmatic dependent launch after a grid that triggers it."""
     if target is out:
         return
     split, rows_total, d = target.shape[0], out.numel() // out.shape[-1], out.shape[-1]
+    pdl = pdl and not _interpreting()
     _kv4_split_reduce_kernel[(rows_total,)](
         target, lse, out, rows_total, SPLITS=split, SPLITS_POW2=triton.next_power_of_2(split),
-        D=d,
+        D=d, PDL=pdl, **({"launch_pdl": True} if pdl else {}),
     )  # fmt: skip
 
 
@@ -1347,6 +1367,7 @@ def launch_attention(
             )
         reduce_here = 1 < split <= _SELF_REDUCE_SPLITS and b * hkv <= _COUNTERS
         counters = _tile_counters(query.device) if reduce_here else None
+        pdl = _REDUCE_PDL and split > 1 and counters is None and not _interpreting()
         _kv4_decode_t_kernel[(b * hkv, split)](
             query, k_codes, k_scales, k_offsets, v_codes, v_scales, v_offsets, lens_arg,
             mask_arg, target, lse, out, counters if counters is not None else lse,
@@ -1363,11 +1384,11 @@ def launch_attention(
             WIDE=wide_offsets(k_codes, v_codes),
             COMBINE_ROWS=min(cfg.block_m, triton.next_power_of_2(gqa)),
             SWAP_PAIRS=_SWAP_PAIRS, KEY_MASK=mask_kind != 0 and mask_strides[1] == 0,
-            FP16_KEYS=_FP16_KEYS,
+            FP16_KEYS=_FP16_KEYS, LAUNCH_DEPENDENTS=pdl,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
         if counters is None:
-            reduce_splits(target, lse, out)
+            reduce_splits(target, lse, out, pdl=pdl)
         return out
     if cfg.kernel in _ONE_GROUP_KINDS:
         if g != d or query.dtype not in _Q_BIAS:
