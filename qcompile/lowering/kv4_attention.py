@@ -1040,15 +1040,9 @@ _SPLIT_PROGRAM_TARGET = 4 * 132
 
 
 def candidate_configs(
-    b: int,
-    hkv: int,
-    sq: int,
-    gqa: int,
-    s: int,
-    groups: int = 1,
-    key_tokens: int = 0,
+    b: int, hkv: int, sq: int, gqa: int, s: int, groups: int = 1, key_tokens: int = 0,
     device: int | None = None,
-) -> list[KernelConfig]:
+) -> list[KernelConfig]:  # fmt: skip
     """What autotuning tries for one (rows, head_dim, S bucket, group, dtype, B * Hkv);
     keys per channel cap BLOCK_N at their group of `key_tokens` tokens; `device` as in
     `default_config`."""
@@ -1231,15 +1225,9 @@ _DECODE_TILES = {
 
 
 def default_config(
-    b: int,
-    hkv: int,
-    sq: int,
-    gqa: int,
-    s: int,
-    groups: int = 1,
-    key_tokens: int = 0,
+    b: int, hkv: int, sq: int, gqa: int, s: int, groups: int = 1, key_tokens: int = 0,
     device: int | None = None,
-) -> KernelConfig:
+) -> KernelConfig:  # fmt: skip
     """Used without tuning (QCOMPILE_AUTOTUNE=0, CUDA-graph capture): valid for every shape;
     `device` (a CUDA index; None: an H100) sizes the decode_t grid to its SMs."""
     rows = sq * gqa
