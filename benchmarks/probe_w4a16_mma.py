@@ -43,7 +43,8 @@ def mma_configs(m: int, n: int, k: int, args: argparse.Namespace) -> list[Kernel
     )  # fmt: skip
     for warps, tiles, bk, split, prefetch in grid:
         cfg = KernelConfig("mma", rows, 16 * tiles * warps, bk, split, warps, 1, prefetch)
-        if valid_config(cfg, k, GROUP) and _useful_split(-(-n // cfg.block_n), split):
+        useful = args.any_split or _useful_split(-(-n // cfg.block_n), split)
+        if valid_config(cfg, k, GROUP) and useful:
             out.append(cfg)
     return out
 
@@ -87,6 +88,11 @@ def main() -> None:
     ap.add_argument("--prefetch", default="0", help="prefetch: 0 off, 1 the next BLOCK_K")
     ap.add_argument("--planes", type=int, default=3, help="re-time the best N on plane-major x")
     ap.add_argument("--reduce-unroll", default="1", help="split-K sum: partials in flight")
+    ap.add_argument(
+        "--any-split", type=int, default=0,
+        help="1: also splits whose grid passes the tuner's program cap (a grid of one full "
+        "wave at a small tile, e.g. BN64 on 2 warps at split 4 on 28672x4096)",
+    )  # fmt: skip
     args = ap.parse_args()
     dtype = getattr(torch, args.dtype)
     l2 = torch.cuda.get_device_properties(0).L2_cache_size

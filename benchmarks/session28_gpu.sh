@@ -7,6 +7,7 @@
 #   cur:     bench_kv4's decode table with the shipped configs (SDPA in the same call).
 #   srs:     decode_t with the last program combining up to 8 / 16 / 128 splits itself.
 #   pdl:     decode_t's split reduce under programmatic dependent launch (`_REDUCE_PDL`).
+#   w4a16wave: the W4A16 lane kernel at M = 1 over grids past the tuner's split cap.
 #   e2e:     probe_e2e_long.py (W4A16 vs W4A16 + KV4 at an 8000-token context).
 source benchmarks/gpu_setup.sh
 for part in ${PART//,/ }; do
@@ -43,6 +44,12 @@ for part in ${PART//,/ }; do
         2>&1 | tee "$OUT/$part/probe.log" | grep -v "^check decode \|^check decode_grouped" | tail -45
       timeout "${TEST_S:-120}" python3 -m pytest -v -p no:cacheprovider -rfE --tb=short -m gpu \
         tests/test_kv4.py -k reduce_pdl 2>&1 | grep -E "PASS|FAIL|ERROR" | cut -c1-150
+      ;;
+    w4a16wave)
+      # W4A16 lane kernel at M = 1: grids of one wave at small tiles (past the tuner's cap)
+      timeout "${PROBE_S:-240}" python3 benchmarks/probe_w4a16_mma.py --shapes 28672x4096 \
+        --ms 1 --warps 2,4 --tiles 2,4 --splits 1,2,4,8 --reduce-unroll 1,8 --planes 0 \
+        --any-split 1 --out "$OUT/$part/probe.json" 2>&1 | tee "$OUT/$part/probe.log" | tail -20
       ;;
     cur)
       (cd benchmarks && timeout 150 python3 bench_kv4.py --out "$OUT/$part" --batches 16,64,1 \
