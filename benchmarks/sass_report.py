@@ -188,7 +188,8 @@ def compile_kv4_variant(
 ):  # fmt: skip
     """A KV4 kernel for sm_90: "decode"/"prefill" (`_kv4_decode_kernel`, fp16 query, no mask,
     split partials for decode; key_tokens > 0: keys per channel), "decode_t"
-    (`_kv4_decode_t_kernel`, bm = its ROWS, q_rows: its SWAP_PAIRS, key_bias16: its KEY_MASK)
+    (`_kv4_decode_t_kernel`, bm = its ROWS, q_rows: its SWAP_PAIRS, key_bias16: its KEY_MASK,
+    key_tokens: its KEY_TOKENS)
     or "key_write" (the
     per-channel key write kernel, T = key_tokens) or "split_reduce" (bn splits, D = 128);
     dtype: the query's (and residual's), fp16 or bf16; max_registers: ptxas's cap per thread
@@ -208,10 +209,11 @@ def compile_kv4_variant(
             "ASM": True, "SELF_REDUCE": True, "SCALE_PREFETCH": prefetch, "STAGE_V": stage_v,
             "CENTER_V": center_v, "WIDE": False, "COMBINE_ROWS": 4, "SWAP_PAIRS": q_rows,
             "KEY_MASK": key_bias16, "FP16_KEYS": fp16_keys, "LAUNCH_DEPENDENTS": pdl,
+            "KEY_TOKENS": key_tokens,
         }  # fmt: skip
         pointers = {"kc_ptr": "*u8", "vc_ptr": "*u8", "lens_ptr": "*i32", "mask_ptr": "*fp16",
                     "out_ptr": "*fp32", "lse_ptr": "*fp32", "cnt_ptr": "*i32",
-                    "q_ptr": f"*{dtype}", "final_ptr": f"*{dtype}"}  # fmt: skip
+                    "q_ptr": f"*{dtype}", "kr_ptr": f"*{dtype}", "final_ptr": f"*{dtype}"}  # fmt: skip
     elif kind == "key_write":
         fn = kv4._kv4_key_channels_write_kernel
         consts = {"HKV": 8, "D": 128, "T": key_tokens}

@@ -711,6 +711,40 @@ def test_decode_kernel_keys_per_channel_matches_float64_reference(problem, data)
 
 @KERNEL_SETTINGS
 @given(
+    problem=kv4_problems(decode=True, device=KERNEL_DEVICE, per_channel_keys=True), data=st.data()
+)
+def test_transposed_decode_keys_per_channel_matches_float64_reference(problem, data):
+    """decode_t over keys per channel (`_DECODE_T_KEY_TOKENS`): (q / r * s) . codes * r + q . o
+    per group tile with the query scaled per tile, the residual's tail tile in 16 bits, V per
+    token (prefetched or not, staged or not); any split, masks, partly written caches."""
+    b, hq, _, _ = problem.query.shape
+    hkv, s = problem.keys.codes.shape[1:3]
+    t = problem.keys.key_tokens
+    with mock.patch.object(kv4_attention, "_DECODE_T_KEY_TOKENS", True):
+        tiles = [c for c in candidate_configs(b, hkv, 1, hq // hkv, s, 1, t)
+                 if c.kernel == "decode_t"]  # fmt: skip
+        assert tiles and all(t % c.block_n == 0 for c in tiles)
+        cfg = data.draw(st.sampled_from([c for c in tiles if c.num_warps == 1]), label="tile")
+        cfg = dataclasses.replace(
+            cfg, split_k=data.draw(st.sampled_from([1, 2, 3, 8]), label="split"),
+            prefetch=data.draw(st.booleans(), label="V scale prefetch"),
+            stage_v=data.draw(st.booleans(), label="V staged"), num_stages=2,
+        )  # fmt: skip
+        assert valid_config(cfg, hq // hkv, 1, t)
+        got = _run(problem, cfg)
+    assert_close_rel(got, problem.reference64(), problem.query.dtype)
+
+
+def test_transposed_decode_keys_per_channel_stays_off_until_timed():
+    """Without `_DECODE_T_KEY_TOKENS` a decode_t config is invalid over keys per channel and
+    no candidate; one looked up anyway runs the decode kernel."""
+    assert not valid_config(KernelConfig("decode_t", 4, 32, 0, 2, 1, 3, True), 4, 1, 64)
+    tuned = candidate_configs(16, 8, 1, 4, 32768, 1, key_tokens=64)
+    assert tuned and all(c.kernel == "decode" for c in tuned)
+
+
+@KERNEL_SETTINGS
+@given(
     problem=kv4_problems(decode=False, device=KERNEL_DEVICE, per_channel_keys=True), data=st.data()
 )
 def test_prefill_kernel_keys_per_channel_matches_float64_reference(problem, data):

@@ -668,17 +668,17 @@ def _kv4_decode_kernel(
 @triton.jit
 def _kv4_decode_t_kernel(
     q_ptr, kc_ptr, ks_ptr, ko_ptr, vc_ptr, vs_ptr, vo_ptr, lens_ptr, mask_ptr, out_ptr, lse_ptr,
-    final_ptr, cnt_ptr, S, rows_total, qk_scale,
+    final_ptr, cnt_ptr, kr_ptr, S, rows_total, qk_scale,
     stride_qb, stride_qh, stride_qd,
     stride_cb, stride_ch, stride_sb, stride_sh, stride_lens,
-    stride_mb, stride_mh, stride_ms,
+    stride_mb, stride_mh, stride_ms, stride_kb, stride_kh, stride_rb, stride_rh,
     HKV: tl.constexpr, GQA: tl.constexpr, D: tl.constexpr, Q_BIAS_BITS: tl.constexpr,
     HAS_LENS: tl.constexpr, MASK_KIND: tl.constexpr, WRITE_PARTIAL: tl.constexpr,
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, ASM: tl.constexpr, SELF_REDUCE: tl.constexpr,
     SCALE_PREFETCH: tl.constexpr, STAGE_V: tl.constexpr, CENTER_V: tl.constexpr,
     WIDE: tl.constexpr, COMBINE_ROWS: tl.constexpr, SWAP_PAIRS: tl.constexpr = False,
     KEY_MASK: tl.constexpr = False, FP16_KEYS: tl.constexpr = False,
-    LAUNCH_DEPENDENTS: tl.constexpr = False,
+    LAUNCH_DEPENDENTS: tl.constexpr = False, KEY_TOKENS: tl.constexpr = 0,
 ):  # fmt: skip
     # LAUNCH_DEPENDENTS: the split reduce launched next with programmatic dependent launch may
     # place its programs as soon as this grid's free SM slots allow; they wait (griddepcontrol
@@ -709,7 +709,12 @@ def _kv4_decode_t_kernel(
     # FP16_KEYS (a bf16 query): the query scaled per head by a power of two r >= max |q| and
     # rounded to fp16 (exact: bf16's 8-bit mantissa fits, short of fp16's subnormals), so K's
     # planes are fp16 and swapped too; the scores take r back.
-    K16: tl.constexpr = Q_BIAS_BITS == 0x6400 or FP16_KEYS
+    # KEY_TOKENS = T > 0: K per channel over groups of T tokens (BLOCK_N divides T, so a tile
+    # lies in one group or wholly in the 16-bit residual past the last whole group): scores
+    # (q / r * s) . codes * r + q . o with the query scaled per tile into fp16, as the decode
+    # kernel's `_key_scores_per_channel`; K's planes are not swapped (the query keeps its
+    # natural channels, the scales load whole). V stays per token.
+    K16: tl.constexpr = (Q_BIAS_BITS == 0x6400 or FP16_KEYS) and KEY_TOKENS == 0
     SWAP_K: tl.constexpr = SWAP_PAIRS and K16
     qc = _swap(c) if SWAP_K else c
     q_cols = q_ptr + b * stride_qb + head[None, :] * stride_qh  # [1, ROWS]
@@ -717,12 +722,21 @@ def _kv4_decode_t_kernel(
     q_o = tl.load(q_cols + (2 * qc + 1)[:, None] * stride_qd, mask=row_ok[None, :], other=0.0)
     q_sum = tl.sum(q_e.to(tl.float32), axis=0) + tl.sum(q_o.to(tl.float32), axis=0)  # [ROWS]
     q_r = tl.full((ROWS,), 1.0, tl.float32)
-    if FP16_KEYS and Q_BIAS_BITS != 0x6400:
+    if (FP16_KEYS and Q_BIAS_BITS != 0x6400) or KEY_TOKENS > 0:
         top = tl.maximum(tl.max(tl.abs(q_e.to(tl.float32)), axis=0),
                          tl.max(tl.abs(q_o.to(tl.float32)), axis=0))  # fmt: skip
         q_r = tl.exp2(tl.ceil(tl.log2(tl.maximum(top, 1e-30))))
+    if FP16_KEYS and Q_BIAS_BITS != 0x6400 and KEY_TOKENS == 0:
         q_e = (q_e.to(tl.float32) / q_r[None, :]).to(tl.float16)
         q_o = (q_o.to(tl.float32) / q_r[None, :]).to(tl.float16)
+    # keys per channel: positions >= quantized_end are the residual's
+    quantized_end = seq_len
+    if KEY_TOKENS > 0:
+        quantized_end = seq_len // KEY_TOKENS * KEY_TOKENS
+    # per-token scales: K's and V's, or V's only (K's are per channel: read V's twice, unused)
+    tks_ptr, tko_ptr = ks_ptr, ko_ptr
+    if KEY_TOKENS > 0:
+        tks_ptr, tko_ptr = vs_ptr, vo_ptr
 
     m_i = tl.full((ROWS,), _NEG_INF, tl.float32)  # running max per query head, log2 domain
     l_i = tl.zeros((ROWS,), tl.float32)
@@ -740,7 +754,7 @@ def _kv4_decode_t_kernel(
     ko_n, vs_n, vo_n = ks_n, ks_n, ks_n
     if SCALE_PREFETCH:
         ks_n, ko_n, vs_n, vo_n = _token_scales(
-            ks_ptr, ko_ptr, vs_ptr, vo_ptr, scale_base, start + offs_n, end
+            tks_ptr, tko_ptr, vs_ptr, vo_ptr, scale_base, start + offs_n, end
         )  # fmt: skip
     for n0 in range(start, end, BLOCK_N):
         cols = n0 + offs_n
@@ -749,22 +763,48 @@ def _kv4_decode_t_kernel(
         if SCALE_PREFETCH:
             ks_t, ko_t, vs_t, vo_t = ks_n, ko_n, vs_n, vo_n
             ks_n, ko_n, vs_n, vo_n = _token_scales(
-                ks_ptr, ko_ptr, vs_ptr, vo_ptr, scale_base, cols + BLOCK_N, end
+                tks_ptr, tko_ptr, vs_ptr, vo_ptr, scale_base, cols + BLOCK_N, end
             )  # fmt: skip
         else:
             ks_t, ko_t, vs_t, vo_t = _token_scales(
-                ks_ptr, ko_ptr, vs_ptr, vo_ptr, scale_base, cols, end
+                tks_ptr, tko_ptr, vs_ptr, vo_ptr, scale_base, cols, end
             )  # fmt: skip
-        k_lo, k_hi = _nibble_planes(
-            tl.load(kc_ptr + code_offs, mask=col_ok[:, None], other=0),
-            0x6400 if K16 else Q_BIAS_BITS, q_e.dtype, ASM, SWAP=SWAP_K,
-        )  # fmt: skip
-        qk = tl.dot(k_lo, q_e)
-        qk = tl.dot(k_hi, q_o, qk)  # [BLOCK_N, ROWS]
-        if FP16_KEYS and Q_BIAS_BITS != 0x6400:
-            qk = qk * q_r[None, :]
-        k_scale = ks_t.to(tl.float32) * qk_scale
-        scores = k_scale[:, None] * qk + (ko_t.to(tl.float32) * qk_scale)[:, None] * q_sum[None, :]
+        if KEY_TOKENS == 0:
+            k_lo, k_hi = _nibble_planes(
+                tl.load(kc_ptr + code_offs, mask=col_ok[:, None], other=0),
+                0x6400 if K16 else Q_BIAS_BITS, q_e.dtype, ASM, SWAP=SWAP_K,
+            )  # fmt: skip
+            qk = tl.dot(k_lo, q_e)
+            qk = tl.dot(k_hi, q_o, qk)  # [BLOCK_N, ROWS]
+            if FP16_KEYS and Q_BIAS_BITS != 0x6400:
+                qk = qk * q_r[None, :]
+            k_scale = ks_t.to(tl.float32) * qk_scale
+            scores = (k_scale[:, None] * qk
+                      + (ko_t.to(tl.float32) * qk_scale)[:, None] * q_sum[None, :])  # fmt: skip
+        elif n0 < quantized_end:
+            group = b * stride_kb + hkv * stride_kh + (n0 // KEY_TOKENS) * D
+            ch = tl.arange(0, D)
+            s_e, s_o = tl.split(tl.reshape(tl.load(ks_ptr + group + ch).to(tl.float32), (HALF, 2)))
+            o_e, o_o = tl.split(tl.reshape(tl.load(ko_ptr + group + ch).to(tl.float32), (HALF, 2)))
+            k_lo, k_hi = _nibble_planes(
+                tl.load(kc_ptr + code_offs, mask=col_ok[:, None], other=0), 0x6400, tl.float16,
+                ASM,
+            )  # fmt: skip
+            # |q / r| <= 1, so q / r * s stays within fp16 for any fp16 scale
+            qs_e = (q_e.to(tl.float32) / q_r[None, :] * s_e[:, None]).to(tl.float16)
+            qs_o = (q_o.to(tl.float32) / q_r[None, :] * s_o[:, None]).to(tl.float16)
+            qk = tl.dot(k_lo, qs_e)
+            qk = tl.dot(k_hi, qs_o, qk)  # [BLOCK_N, ROWS]
+            bias = tl.sum(q_e.to(tl.float32) * o_e[:, None], axis=0)
+            bias += tl.sum(q_o.to(tl.float32) * o_o[:, None], axis=0)
+            scores = (qk * q_r[None, :] + bias[None, :]) * qk_scale
+        else:  # the residual: keys past the last whole group, in 16 bits
+            rows_r = b * stride_rb + hkv * stride_rh + (cols - quantized_end)[:, None] * D
+            k_r = tl.load(kr_ptr + rows_r + tl.arange(0, D)[None, :], mask=col_ok[:, None],
+                          other=0.0)  # fmt: skip
+            k_e, k_o = tl.split(tl.reshape(k_r, (BLOCK_N, HALF, 2)))
+            qk = tl.dot(k_e.to(q_e.dtype), q_e)
+            scores = tl.dot(k_o.to(q_e.dtype), q_o, qk) * qk_scale
         visible = col_ok[:, None]
         if KEY_MASK:  # one mask row for every head: a [BLOCK_N] load, broadcast
             if MASK_KIND == 1:
@@ -1011,7 +1051,8 @@ def valid_config(cfg: KernelConfig, rows: int, groups: int = 1, key_tokens: int 
         return False
     if cfg.kernel == "decode_t":  # one query position: BLOCK_M is its GQA heads, >= 4
         return (
-            groups == 1 and not key_tokens and not cfg.max_registers and cfg.split_k >= 1
+            groups == 1 and not cfg.max_registers and cfg.split_k >= 1
+            and (not key_tokens or (_DECODE_T_KEY_TOKENS and key_tokens % cfg.block_n == 0))
             and _pow2(cfg.block_m) and 4 <= cfg.block_m <= 16 and cfg.block_m >= rows
             and _pow2(cfg.block_n) and cfg.block_n >= 32 and cfg.prefetch in (0, 1)
         )  # fmt: skip
@@ -1064,12 +1105,14 @@ def candidate_configs(
                     # stage_v at BLOCK_N 32, 260.0 us (fp16, `results/session24/`)
                     pf = dataclasses.replace(cfg, prefetch=True)
                     out += [pf, dataclasses.replace(pf, stage_v=True)]
-    if sq == 1 and gqa <= 16 and groups == 1 and not key_tokens and _DECODE_T_CANDIDATES:
+    per_token_or_t = not key_tokens or _DECODE_T_KEY_TOKENS
+    if sq == 1 and gqa <= 16 and groups == 1 and per_token_or_t and _DECODE_T_CANDIDATES:
         bm = decode_t_rows(gqa)
         # the powers of two and the split filling one wave (`_wave_split`)
         wave = _decode_t_wave(b * hkv, s, bm, device)
         for split in dict.fromkeys([*_tuning_splits(b * hkv, s), wave]):
             for bn, warps, stages in _DECODE_TILES["decode_t"]:
+                bn = min(bn, cap)
                 cfg = KernelConfig("decode_t", bm, bn, 0, split, warps, stages, prefetch=True)
                 out += [cfg, dataclasses.replace(cfg, stage_v=True)]
     if sq > 1:
@@ -1199,6 +1242,10 @@ _DECODE_T_CANDIDATES = True
 # launch are fixed cost (B=16: 62.7 us at 8k = 11.2 + 22 tiles x 2.34, `results/session28/`),
 # part of it the boundary before the reduce. Untimed, so off.
 _REDUCE_PDL = False
+# "decode_t" over keys per channel (`KEY_TOKENS`): valid, a tuning candidate and what such a
+# config runs (off: the decode kernel, two-warp BLOCK_N 64 programs, 1.4-1.5x the per-token
+# decode_t's time on the H200). Checked against float64 in the interpreter; untimed, so off.
+_DECODE_T_KEY_TOKENS = False
 # "decode_t" unpacks with `_nibble_planes` SWAP (9 instructions per 8 codes instead of 12).
 _SWAP_PAIRS = True
 # "decode_t" with a bf16 query: K's planes in fp16 (the query scaled into fp16 per head), so
@@ -1344,7 +1391,7 @@ def launch_attention(
     target, lse = split_buffers(split, out)
     mask_kind, mask_arg, mask_strides = mask_args(mask, (b, hq, sq, s), out)
     lens_arg = seq_lens if seq_lens is not None else out
-    if cfg.kernel == "decode_t" and (sq != 1 or key_tokens):
+    if cfg.kernel == "decode_t" and (sq != 1 or (key_tokens and not _DECODE_T_KEY_TOKENS)):
         # a decode_t key's rows (Sq * GQA) can also be several query positions of fewer heads
         cfg = dataclasses.replace(cfg, kernel="decode", block_m=decode_rows(sq, gqa))
     if cfg.kernel == "decode_t":
@@ -1356,14 +1403,16 @@ def launch_attention(
         reduce_here = 1 < split <= _SELF_REDUCE_SPLITS and b * hkv <= _COUNTERS
         counters = _tile_counters(query.device) if reduce_here else None
         pdl = _REDUCE_PDL and split > 1 and counters is None and not _interpreting()
+        residual = k_residual if k_residual is not None else k_scales
         _kv4_decode_t_kernel[(b * hkv, split)](
             query, k_codes, k_scales, k_offsets, v_codes, v_scales, v_offsets, lens_arg,
-            mask_arg, target, lse, out, counters if counters is not None else lse,
+            mask_arg, target, lse, out, counters if counters is not None else lse, residual,
             s, rows_total, scale * _LOG2E,
             query.stride(0), query.stride(1), query.stride(3), k_codes.stride(0),
             k_codes.stride(1), v_scales.stride(0), v_scales.stride(1),
             seq_lens.stride(0) if seq_lens is not None else 0,
             mask_strides[0], mask_strides[1], mask_strides[3],
+            k_scales.stride(0), k_scales.stride(1), residual.stride(0), residual.stride(1),
             HKV=hkv, GQA=gqa, D=d, Q_BIAS_BITS=_Q_BIAS[query.dtype],
             HAS_LENS=seq_lens is not None, MASK_KIND=mask_kind, WRITE_PARTIAL=split > 1,
             ROWS=cfg.block_m, BLOCK_N=cfg.block_n, ASM=not _interpreting(),
@@ -1372,7 +1421,7 @@ def launch_attention(
             WIDE=wide_offsets(k_codes, v_codes),
             COMBINE_ROWS=min(cfg.block_m, triton.next_power_of_2(gqa)),
             SWAP_PAIRS=_SWAP_PAIRS, KEY_MASK=mask_kind != 0 and mask_strides[1] == 0,
-            FP16_KEYS=_FP16_KEYS, LAUNCH_DEPENDENTS=pdl,
+            FP16_KEYS=_FP16_KEYS, LAUNCH_DEPENDENTS=pdl, KEY_TOKENS=key_tokens,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
         if counters is None:
