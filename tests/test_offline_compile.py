@@ -275,3 +275,33 @@ def test_reduce_pdl_compiles_to_griddepcontrol_and_leaves_the_loop():
     )
     assert attn_trig and not plain_trig and reduce_wait
     assert attn_len == plain_len, (attn_len, plain_len)
+
+
+T_KEYS = """
+import json
+import sass_report as s
+out = []
+for t, dt in ((0, "fp16"), (32, "fp16"), (64, "bf16"), (128, "fp16")):
+    k = s.compile_kv4_variant("decode_t", 4, 32, 1, 3, key_tokens=t, dtype=dt, prefetch=True,
+                              stage_v=True, q_rows=True)
+    r = s.resources(k)
+    out.append([t, r["REG"], r["STACK"], k.metadata.shared, len(s.main_loop(s.sass(k)))])
+print(json.dumps([s.triton.__version__, out]))
+"""
+
+
+def test_decode_t_keys_per_channel_keep_the_per_token_occupancy():
+    """decode_t over keys per channel (`_DECODE_T_KEY_TOKENS`): the key tile scaled (not the
+    query per tile: 255 registers) and the residual's tiles in their own unpipelined loop
+    (with them in the main loop: 249 registers, 29.7 KB) keep the per-token tile's 168
+    registers and about its shared memory (11 programs per sm_90 SM instead of 12), with a
+    loop at most 1.5x as long (1059-1083 against 759 instructions when written)."""
+    from qcompile.lowering.kv4_attention import resident_programs
+
+    version, rows = _compile_offline(T_KEYS, timeout=300)
+    (_, token_regs, _, token_smem, token_loop), *channels = rows
+    for t, regs, stack, smem, loop in channels:
+        assert stack == 0 and loop <= 1.5 * token_loop, (t, stack, loop, token_loop)
+        assert resident_programs(regs, smem) >= resident_programs(token_regs, token_smem) - 1
+    if version.startswith("3.6."):
+        assert all(regs <= token_regs for _, regs, *_ in channels), rows

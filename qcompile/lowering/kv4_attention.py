@@ -666,6 +666,56 @@ def _kv4_decode_kernel(
 
 
 @triton.jit
+def _t_attend(scores, cols, col_ok, code_offs, vc_ptr, vs_t, vo_t, m_i, l_i, acc_e, acc_o, fix,
+              acc_unit, row_ok, mask_base, mask_keys, stride_ms, MASK_KIND: tl.constexpr,
+              KEY_MASK: tl.constexpr, ASM: tl.constexpr, STAGE_V: tl.constexpr,
+              CENTER_V: tl.constexpr, SWAP_PAIRS: tl.constexpr):  # fmt: skip
+    """One decode_t key tile after its scores [BLOCK_N, ROWS] (log2 domain): the mask, the
+    online softmax down the columns and O^T += V^T @ P^T; returns the running state."""
+    visible = col_ok[:, None]
+    if KEY_MASK:  # one mask row for every head: a [BLOCK_N] load, broadcast
+        if MASK_KIND == 1:
+            keep = tl.load(mask_keys + cols * stride_ms, mask=col_ok, other=0)
+            visible = visible & (keep != 0)[:, None]
+        if MASK_KIND == 2:
+            bias = tl.load(mask_keys + cols * stride_ms, mask=col_ok, other=0.0)
+            scores += (bias.to(tl.float32) * 1.4426950408889634)[:, None]
+    else:
+        if MASK_KIND != 0:
+            visible = visible & row_ok[None, :]
+        if MASK_KIND == 1:
+            keep = tl.load(mask_base + cols[:, None] * stride_ms, mask=visible, other=0)
+            visible = visible & (keep != 0)
+        if MASK_KIND == 2:
+            bias = tl.load(mask_base + cols[:, None] * stride_ms, mask=visible, other=0.0)
+            scores += bias.to(tl.float32) * 1.4426950408889634
+    scores = tl.where(visible, scores, _NEG_INF)
+    m_new = tl.maximum(m_i, tl.max(scores, axis=0))
+    m_safe = tl.where(m_new == _NEG_INF, 0.0, m_new)  # heads with nothing visible yet
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(scores - m_safe[None, :])
+    l_i = l_i * alpha + tl.sum(p, axis=0)
+
+    v_lo, v_hi = _nibble_planes(
+        tl.load(vc_ptr + code_offs, mask=col_ok[:, None], other=0), 0x6400, tl.float16,
+        ASM, STAGE_V, CENTER=CENTER_V, SWAP=SWAP_PAIRS,
+    )  # fmt: skip
+    v_scale = vs_t.to(tl.float32)
+    v_offset = vo_t.to(tl.float32)
+    if CENTER_V:  # v = scale * (code - 8) + (offset + 8 * scale)
+        v_offset = v_offset + 8.0 * v_scale
+    # P * scale in fp16 over a power of two >= the tile's largest scale, the accumulators
+    # kept in units of it (as the decode kernel)
+    pow2 = tl.exp2(tl.ceil(tl.log2(tl.maximum(tl.max(v_scale, axis=0), _MIN_SCALE))))
+    p_scaled = (p * (v_scale / pow2)[:, None]).to(tl.float16)  # [BLOCK_N, ROWS]
+    fix = fix * alpha + tl.sum(p * v_offset[:, None], axis=0)
+    rescale = (alpha * (acc_unit / pow2))[None, :]
+    acc_e = tl.dot(tl.trans(v_lo), p_scaled, acc_e * rescale)
+    acc_o = tl.dot(tl.trans(v_hi), p_scaled, acc_o * rescale)
+    return m_new, l_i, acc_e, acc_o, fix, pow2
+
+
+@triton.jit
 def _kv4_decode_t_kernel(
     q_ptr, kc_ptr, ks_ptr, ko_ptr, vc_ptr, vs_ptr, vo_ptr, lens_ptr, mask_ptr, out_ptr, lse_ptr,
     final_ptr, cnt_ptr, kr_ptr, S, rows_total, qk_scale,
@@ -711,9 +761,9 @@ def _kv4_decode_t_kernel(
     # planes are fp16 and swapped too; the scores take r back.
     # KEY_TOKENS = T > 0: K per channel over groups of T tokens (BLOCK_N divides T, so a tile
     # lies in one group or wholly in the 16-bit residual past the last whole group): scores
-    # (q / r * s) . codes * r + q . o with the query scaled per tile into fp16, as the decode
-    # kernel's `_key_scores_per_channel`; K's planes are not swapped (the query keeps its
-    # natural channels, the scales load whole). V stays per token.
+    # (q / r) . (codes * s / 2) * 2r + q . o, the key tile scaled (a query scaled per tile
+    # took 255 registers, sm_90); K's planes are not swapped (the query keeps its natural
+    # channels, the scales load whole). V stays per token.
     K16: tl.constexpr = (Q_BIAS_BITS == 0x6400 or FP16_KEYS) and KEY_TOKENS == 0
     SWAP_K: tl.constexpr = SWAP_PAIRS and K16
     qc = _swap(c) if SWAP_K else c
@@ -729,6 +779,10 @@ def _kv4_decode_t_kernel(
     if FP16_KEYS and Q_BIAS_BITS != 0x6400 and KEY_TOKENS == 0:
         q_e = (q_e.to(tl.float32) / q_r[None, :]).to(tl.float16)
         q_o = (q_o.to(tl.float32) / q_r[None, :]).to(tl.float16)
+    qh_e, qh_o = q_e, q_o  # keys per channel: q / r in fp16, the scaled keys' operand
+    if KEY_TOKENS > 0:
+        qh_e = (q_e.to(tl.float32) / q_r[None, :]).to(tl.float16)
+        qh_o = (q_o.to(tl.float32) / q_r[None, :]).to(tl.float16)
     # keys per channel: positions >= quantized_end are the residual's
     quantized_end = seq_len
     if KEY_TOKENS > 0:
@@ -756,7 +810,10 @@ def _kv4_decode_t_kernel(
         ks_n, ko_n, vs_n, vo_n = _token_scales(
             tks_ptr, tko_ptr, vs_ptr, vo_ptr, scale_base, start + offs_n, end
         )  # fmt: skip
-    for n0 in range(start, end, BLOCK_N):
+    q_stop = end  # keys per channel: the quantized groups' tiles, then the residual's
+    if KEY_TOKENS > 0:
+        q_stop = tl.minimum(end, quantized_end)
+    for n0 in range(start, q_stop, BLOCK_N):
         cols = n0 + offs_n
         col_ok = cols < end
         code_offs = code_base + cols[:, None] * HALF
@@ -781,7 +838,7 @@ def _kv4_decode_t_kernel(
             k_scale = ks_t.to(tl.float32) * qk_scale
             scores = (k_scale[:, None] * qk
                       + (ko_t.to(tl.float32) * qk_scale)[:, None] * q_sum[None, :])  # fmt: skip
-        elif n0 < quantized_end:
+        else:
             group = b * stride_kb + hkv * stride_kh + (n0 // KEY_TOKENS) * D
             ch = tl.arange(0, D)
             s_e, s_o = tl.split(tl.reshape(tl.load(ks_ptr + group + ch).to(tl.float32), (HALF, 2)))
@@ -790,63 +847,42 @@ def _kv4_decode_t_kernel(
                 tl.load(kc_ptr + code_offs, mask=col_ok[:, None], other=0), 0x6400, tl.float16,
                 ASM,
             )  # fmt: skip
-            # |q / r| <= 1, so q / r * s stays within fp16 for any fp16 scale
-            qs_e = (q_e.to(tl.float32) / q_r[None, :] * s_e[:, None]).to(tl.float16)
-            qs_o = (q_o.to(tl.float32) / q_r[None, :] * s_o[:, None]).to(tl.float16)
-            qk = tl.dot(k_lo, qs_e)
-            qk = tl.dot(k_hi, qs_o, qk)  # [BLOCK_N, ROWS]
+            # the key tile scaled, codes * s / 2 (within fp16: K is, and 15 * s spans it), so
+            # the query operand (q / r, |q / r| <= 1) stays fixed over the loop
+            # (fp16 products: codes are exact in fp16 and s / 2 is s's own halving, so each
+            # is the correctly rounded codes * s / 2, as in fp32 then rounded, for half the
+            # instructions)
+            kh_lo = k_lo * (0.5 * s_e).to(tl.float16)[None, :]
+            kh_hi = k_hi * (0.5 * s_o).to(tl.float16)[None, :]
+            qk = tl.dot(kh_lo, qh_e)
+            qk = tl.dot(kh_hi, qh_o, qk)  # [BLOCK_N, ROWS]
             bias = tl.sum(q_e.to(tl.float32) * o_e[:, None], axis=0)
             bias += tl.sum(q_o.to(tl.float32) * o_o[:, None], axis=0)
-            scores = (qk * q_r[None, :] + bias[None, :]) * qk_scale
-        else:  # the residual: keys past the last whole group, in 16 bits
+            scores = (qk * (2.0 * q_r)[None, :] + bias[None, :]) * qk_scale
+        m_i, l_i, acc_e, acc_o, fix, acc_unit = _t_attend(
+            scores, cols, col_ok, code_offs, vc_ptr, vs_t, vo_t, m_i, l_i, acc_e, acc_o, fix,
+            acc_unit, row_ok, mask_base, mask_keys, stride_ms, MASK_KIND, KEY_MASK, ASM,
+            STAGE_V, CENTER_V, SWAP_PAIRS,
+        )  # fmt: skip
+    if KEY_TOKENS > 0:  # the residual: keys past the last whole group, in 16 bits
+        # (at most T / BLOCK_N tiles: not pipelined, so its 16-bit tiles take no shared memory)
+        for n0 in tl.range(tl.maximum(start, quantized_end), end, BLOCK_N, num_stages=1):
+            cols = n0 + offs_n
+            col_ok = cols < end
+            code_offs = code_base + cols[:, None] * HALF
+            vs_t = tl.load(vs_ptr + scale_base + cols, mask=col_ok, other=0.0)
+            vo_t = tl.load(vo_ptr + scale_base + cols, mask=col_ok, other=0.0)
             rows_r = b * stride_rb + hkv * stride_rh + (cols - quantized_end)[:, None] * D
             k_r = tl.load(kr_ptr + rows_r + tl.arange(0, D)[None, :], mask=col_ok[:, None],
                           other=0.0)  # fmt: skip
             k_e, k_o = tl.split(tl.reshape(k_r, (BLOCK_N, HALF, 2)))
             qk = tl.dot(k_e.to(q_e.dtype), q_e)
             scores = tl.dot(k_o.to(q_e.dtype), q_o, qk) * qk_scale
-        visible = col_ok[:, None]
-        if KEY_MASK:  # one mask row for every head: a [BLOCK_N] load, broadcast
-            if MASK_KIND == 1:
-                keep = tl.load(mask_keys + cols * stride_ms, mask=col_ok, other=0)
-                visible = visible & (keep != 0)[:, None]
-            if MASK_KIND == 2:
-                bias = tl.load(mask_keys + cols * stride_ms, mask=col_ok, other=0.0)
-                scores += (bias.to(tl.float32) * 1.4426950408889634)[:, None]
-        else:
-            if MASK_KIND != 0:
-                visible = visible & row_ok[None, :]
-            if MASK_KIND == 1:
-                keep = tl.load(mask_base + cols[:, None] * stride_ms, mask=visible, other=0)
-                visible = visible & (keep != 0)
-            if MASK_KIND == 2:
-                bias = tl.load(mask_base + cols[:, None] * stride_ms, mask=visible, other=0.0)
-                scores += bias.to(tl.float32) * 1.4426950408889634
-        scores = tl.where(visible, scores, _NEG_INF)
-        m_new = tl.maximum(m_i, tl.max(scores, axis=0))
-        m_safe = tl.where(m_new == _NEG_INF, 0.0, m_new)  # heads with nothing visible yet
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(scores - m_safe[None, :])
-        l_i = l_i * alpha + tl.sum(p, axis=0)
-
-        v_lo, v_hi = _nibble_planes(
-            tl.load(vc_ptr + code_offs, mask=col_ok[:, None], other=0), 0x6400, tl.float16,
-            ASM, STAGE_V, CENTER=CENTER_V, SWAP=SWAP_PAIRS,
-        )  # fmt: skip
-        v_scale = vs_t.to(tl.float32)
-        v_offset = vo_t.to(tl.float32)
-        if CENTER_V:  # v = scale * (code - 8) + (offset + 8 * scale)
-            v_offset = v_offset + 8.0 * v_scale
-        # P * scale in fp16 over a power of two >= the tile's largest scale, the accumulators
-        # kept in units of it (as the decode kernel)
-        pow2 = tl.exp2(tl.ceil(tl.log2(tl.maximum(tl.max(v_scale, axis=0), _MIN_SCALE))))
-        p_scaled = (p * (v_scale / pow2)[:, None]).to(tl.float16)  # [BLOCK_N, ROWS]
-        fix = fix * alpha + tl.sum(p * v_offset[:, None], axis=0)
-        rescale = (alpha * (acc_unit / pow2))[None, :]
-        acc_e = tl.dot(tl.trans(v_lo), p_scaled, acc_e * rescale)
-        acc_o = tl.dot(tl.trans(v_hi), p_scaled, acc_o * rescale)
-        acc_unit = pow2
-        m_i = m_new
+            m_i, l_i, acc_e, acc_o, fix, acc_unit = _t_attend(
+                scores, cols, col_ok, code_offs, vc_ptr, vs_t, vo_t, m_i, l_i, acc_e, acc_o,
+                fix, acc_unit, row_ok, mask_base, mask_keys, stride_ms, MASK_KIND, KEY_MASK, ASM,
+                STAGE_V, CENTER_V, SWAP_PAIRS,
+            )  # fmt: skip
 
     out_row = b * HKV * GQA + head  # [ROWS] (Sq = 1)
     l_safe = tl.where(l_i > 0, l_i, 1.0)
