@@ -5,7 +5,9 @@ head) and causal prefill (B=1, S in {4k, 8k}): the same autotuned op over a per-
 (K scales per token) and over keys per channel over T tokens (decode at length S - 32, so
 the last 32 tokens are read from the 16-bit residual, as most decode steps do), plus
 fp16 SDPA (the faster of the GQA and packed-query calls) and the decode step's cache write
-(one token). Timings: median CUDA-graph replays over cache copies covering >= 4x L2.
+(one token), and the transposed decode kernel over keys per channel at its one-wave split
+(`_DECODE_T_KEY_TOKENS`, 4 and 8 head columns). Timings: median CUDA-graph replays over
+cache copies covering >= 4x L2.
 
     python benchmarks/probe_kv4_key_channels.py --out $OUT   # on the GPU
 """
@@ -65,6 +67,26 @@ def decode_row(b: int, s: int, t: int, l2: int, bw: float) -> dict:
             for k, v in caches
         ]
     )
+    # the transposed kernel over keys per channel (`_DECODE_T_KEY_TOKENS`), its one-wave split
+    from qcompile.lowering import kv4_attention as kv4
+    from qcompile.lowering.autotune import KernelConfig
+
+    for rows in (4, 8):
+        split = kv4._decode_t_wave(b * HKV, s, rows, 0)
+        cfg = KernelConfig("decode_t", rows, 32, 0, split, 1, 3, True, stage_v=True)
+        kv4._DECODE_T_KEY_TOKENS = True
+        try:
+            row[f"per_channel_decode_t{rows}_us"] = time_graph(
+                [
+                    lambda k=k, v=v, c=cfg: kv4.launch_attention(
+                        c, q, *k[:3], *v, lens, None, False, scale, k[3]
+                    )
+                    for k, v in caches
+                ]
+            )
+        finally:
+            kv4._DECODE_T_KEY_TOKENS = False
+        row[f"per_channel_decode_t{rows}_split"] = split
     kv, vv = caches[0]
     new = torch.randn(b, HKV, 1, D, dtype=torch.float16, device="cuda")
     pos = torch.tensor([s - 33], device="cuda")
@@ -126,8 +148,9 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         "(a residual tile every step). Microseconds, median of CUDA-graph replays.",
         "",
         "| phase | B | S | SDPA fp16 | per-token K | per-channel K | per-channel / per-token "
-        "| vs SDPA | int4 floor | write per-token | write per-channel |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| vs SDPA | int4 floor | write per-token | write per-channel | per-channel decode_t "
+        "(4 / 8 columns) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         floor = f"{r['int4_floor_us']:.1f}" if "int4_floor_us" in r else ""
@@ -135,10 +158,15 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         wc = f"{r['write_per_channel_us']:.1f}" if "write_per_channel_us" in r else ""
         vs = r["sdpa_us"] / r["per_channel_us"]
         vs = f"{vs:.2f}x" if r["phase"] == "decode" else f"{1 / vs:.2f}x time"
+        dt = " / ".join(
+            f"{r[f'per_channel_decode_t{n}_us']:.1f}" for n in (4, 8)
+            if f"per_channel_decode_t{n}_us" in r
+        )  # fmt: skip
         lines.append(
             f"| {r['phase']} | {r['b']} | {r['s']} | {r['sdpa_us']:.1f} | "
             f"{r['per_token_us']:.1f} | {r['per_channel_us']:.1f} | "
-            f"{r['per_channel_us'] / r['per_token_us']:.2f} | {vs} | {floor} | {wt} | {wc} |"
+            f"{r['per_channel_us'] / r['per_token_us']:.2f} | {vs} | {floor} | {wt} | {wc} | "
+            f"{dt} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -8,6 +8,7 @@
 #   srs:     decode_t with the last program combining up to 8 / 16 / 128 splits itself.
 #   pdl:     decode_t's split reduce under programmatic dependent launch (`_REDUCE_PDL`).
 #   w4a16wave: the W4A16 lane kernel at M = 1 over grids past the tuner's split cap.
+#   tkeys:   decode_t over keys per channel: gpu test and timing beside the current kernels.
 #   e2e:     probe_e2e_long.py (W4A16 vs W4A16 + KV4 at an 8000-token context).
 source benchmarks/gpu_setup.sh
 for part in ${PART//,/ }; do
@@ -50,6 +51,15 @@ for part in ${PART//,/ }; do
       timeout "${PROBE_S:-240}" python3 benchmarks/probe_w4a16_mma.py --shapes 28672x4096 \
         --ms 1 --warps 2,4 --tiles 2,4 --splits 1,2,4,8 --reduce-unroll 1,8 --planes 0 \
         --any-split 1 --out "$OUT/$part/probe.json" 2>&1 | tee "$OUT/$part/probe.log" | tail -20
+      ;;
+    tkeys)
+      # decode_t over keys per channel (`_DECODE_T_KEY_TOKENS`): its gpu test, then the timing
+      timeout "${TEST_S:-150}" python3 -m pytest -v -p no:cacheprovider -rfE --tb=short -m gpu \
+        tests/test_kv4.py -k transposed_decode_keys_per_channel 2>&1 | grep -E "PASS|FAIL|ERROR" \
+        | cut -c1-150
+      timeout "${PROBE_S:-240}" python3 benchmarks/probe_kv4_key_channels.py --out "$OUT/$part" \
+        --batches "${BATCHES:-16,64,1}" --lengths 32768,8192 --prefill '' 2>&1 | tail -3
+      cat "$OUT/$part"/*.md 2>/dev/null | grep "^| decode"
       ;;
     cur)
       (cd benchmarks && timeout 150 python3 bench_kv4.py --out "$OUT/$part" --batches 16,64,1 \

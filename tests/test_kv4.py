@@ -1606,6 +1606,30 @@ def test_op_on_cuda_keys_per_channel_tunes_and_matches_float64(dtype, sq, s, mon
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("s", [4100, 32768 - 20])
+def test_transposed_decode_keys_per_channel_on_cuda_match_float64(dtype, s):
+    """decode_t over keys per channel (`_DECODE_T_KEY_TOKENS`) compiled for the GPU: BLOCK_N
+    32 and 64 tiles over 64-token groups with a residual tail, splits 1 (one program over
+    every key: V centered past 4096), 4 (self-reduced) and 12 (a second launch), against
+    float64."""
+    gen = torch.Generator().manual_seed(s + 7)
+    k = torch.randn(1, 8, s, 128, generator=gen)
+    k[..., [3, 77]] *= 20
+    keys = quantize_kv4_keys_per_channel(k.to(dtype), 64)
+    values = quantize_kv4(torch.randn(1, 8, s, 128, generator=gen), KVScheme())
+    q = torch.randn(1, 32, 1, 128, generator=gen).to(dtype)
+    problem = KV4Problem(q, keys, values, None, None, False, 128**-0.5)
+    want = problem.reference64()
+    args = [t.cuda() if isinstance(t, torch.Tensor) else t for t in problem.args()]
+    with mock.patch.object(kv4_attention, "_DECODE_T_KEY_TOKENS", True):
+        for bn, split in [(bn, sp) for bn in (32, 64) for sp in (1, 4, 12)]:
+            cfg = KernelConfig("decode_t", 4, bn, 0, split, 1, 3, True, stage_v=True)
+            assert valid_config(cfg, 4, 1, 64)
+            assert_close_rel(launch_attention(cfg, *args).cpu(), want, dtype)
+
+
+@pytest.mark.gpu
 def test_generate_on_cuda_keys_per_channel_with_cuda_graphs():
     """fp16 tiny Llama, keys per channel over 32 tokens: generate()'s compiled decode step
     (Inductor, reduce-overhead, the write kernel reading its position on the device) gives
