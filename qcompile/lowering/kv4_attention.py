@@ -394,6 +394,24 @@ def _combine_splits(part_ptr, lse_ptr, out_ptr, b, hkv, row0, Sq, rows_total, nu
 
 
 @triton.jit
+def _channel_pairs(ptr, HALF: tl.constexpr):
+    """A [2 * HALF] fp16 row (per-channel scales or offsets) as its (even, odd) channels in
+    fp32: one contiguous load, split (stride-2 loads of 2-byte values compiled to ~140
+    scattered LDG per tile on sm_90)."""
+    row = tl.load(ptr + tl.arange(0, 2 * HALF)).to(tl.float32)
+    return tl.split(tl.reshape(row, (HALF, 2)))
+
+
+@triton.jit
+def _residual_planes(kr_ptr, base, cols, col_ok, quantized_end, D: tl.constexpr):
+    """Keys per channel: the 16-bit residual's keys of tokens `cols` (>= quantized_end, the
+    last whole group's end) as (even, odd) channel planes [len(cols), D/2]."""
+    rows = base + (cols - quantized_end)[:, None] * D
+    k_r = tl.load(kr_ptr + rows + tl.arange(0, D)[None, :], mask=col_ok[:, None], other=0.0)
+    return tl.split(tl.reshape(k_r, (cols.shape[0], D // 2, 2)))
+
+
+@triton.jit
 def _key_scores_per_channel(q_e, q_o, qh_e, qh_o, r, codes, scale_ptr, offset_ptr, c, qk_scale,
                             ASM: tl.constexpr, SCALE_QUERY: tl.constexpr):  # fmt: skip
     """Scores [BLOCK_M, BLOCK_N] (log2 domain) of one tile of keys stored per channel, all of
@@ -403,11 +421,8 @@ def _key_scores_per_channel(q_e, q_o, qh_e, qh_o, r, codes, scale_ptr, offset_pt
     |q / r * s| <= 65504 for any fp16 s. SCALE_QUERY (decode: fewer rows than keys) scales
     the query per tile, (q / r * s) . codes; otherwise (prefill row tiles) the key tile,
     (q / r) . (codes * s / 2), with qh = q / r in fp16 from before the loop. q . o in fp32."""
-    # one contiguous [D] load each, split into the even / odd channel planes (stride-2 loads
-    # of 2-byte values compiled to ~140 scattered LDG per tile on sm_90)
-    ch = tl.arange(0, 2 * c.shape[0])
-    s_e, s_o = tl.split(tl.reshape(tl.load(scale_ptr + ch).to(tl.float32), (c.shape[0], 2)))
-    o_e, o_o = tl.split(tl.reshape(tl.load(offset_ptr + ch).to(tl.float32), (c.shape[0], 2)))
+    s_e, s_o = _channel_pairs(scale_ptr, c.shape[0])
+    o_e, o_o = _channel_pairs(offset_ptr, c.shape[0])
     k_lo, k_hi = _nibble_planes(codes, 0x6400, tl.float16, ASM)
     bias = tl.sum(q_e.to(tl.float32) * o_e[None, :], axis=1)
     bias += tl.sum(q_o.to(tl.float32) * o_o[None, :], axis=1)
@@ -600,10 +615,9 @@ def _kv4_decode_kernel(
                 ks_ptr + group, ko_ptr + group, c, qk_scale, ASM, SCALE_QUERY,
             )  # fmt: skip
         else:
-            rows_r = b * stride_rb + hkv * stride_rh + (cols - quantized_end)[:, None] * D
-            k_r = tl.load(kr_ptr + rows_r + tl.arange(0, D)[None, :], mask=col_ok[:, None],
-                          other=0.0)  # fmt: skip
-            k_e, k_o = tl.split(tl.reshape(k_r, (BLOCK_N, HALF, 2)))
+            k_e, k_o = _residual_planes(
+                kr_ptr, b * stride_rb + hkv * stride_rh, cols, col_ok, quantized_end, D
+            )  # fmt: skip
             qk = tl.dot(q_e, tl.trans(k_e.to(q_e.dtype)))
             scores = tl.dot(q_o, tl.trans(k_o.to(q_e.dtype)), qk) * qk_scale
         # Padding rows (pos >= Sq) have q = 0 and finite scores; they are never stored, so
@@ -840,9 +854,8 @@ def _kv4_decode_t_kernel(
                       + (ko_t.to(tl.float32) * qk_scale)[:, None] * q_sum[None, :])  # fmt: skip
         else:
             group = b * stride_kb + hkv * stride_kh + (n0 // KEY_TOKENS) * D
-            ch = tl.arange(0, D)
-            s_e, s_o = tl.split(tl.reshape(tl.load(ks_ptr + group + ch).to(tl.float32), (HALF, 2)))
-            o_e, o_o = tl.split(tl.reshape(tl.load(ko_ptr + group + ch).to(tl.float32), (HALF, 2)))
+            s_e, s_o = _channel_pairs(ks_ptr + group, HALF)
+            o_e, o_o = _channel_pairs(ko_ptr + group, HALF)
             k_lo, k_hi = _nibble_planes(
                 tl.load(kc_ptr + code_offs, mask=col_ok[:, None], other=0), 0x6400, tl.float16,
                 ASM,
@@ -872,10 +885,9 @@ def _kv4_decode_t_kernel(
             code_offs = code_base + cols[:, None] * HALF
             vs_t = tl.load(vs_ptr + scale_base + cols, mask=col_ok, other=0.0)
             vo_t = tl.load(vo_ptr + scale_base + cols, mask=col_ok, other=0.0)
-            rows_r = b * stride_rb + hkv * stride_rh + (cols - quantized_end)[:, None] * D
-            k_r = tl.load(kr_ptr + rows_r + tl.arange(0, D)[None, :], mask=col_ok[:, None],
-                          other=0.0)  # fmt: skip
-            k_e, k_o = tl.split(tl.reshape(k_r, (BLOCK_N, HALF, 2)))
+            k_e, k_o = _residual_planes(
+                kr_ptr, b * stride_rb + hkv * stride_rh, cols, col_ok, quantized_end, D
+            )  # fmt: skip
             qk = tl.dot(k_e.to(q_e.dtype), q_e)
             scores = tl.dot(k_o.to(q_e.dtype), q_o, qk) * qk_scale
             m_i, l_i, acc_e, acc_o, fix, acc_unit = _t_attend(
