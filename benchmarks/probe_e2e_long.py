@@ -1,6 +1,8 @@
 """Where a long-context decode step's time goes, W4A16 alone vs W4A16 + KV4: wall time per
-generate() step, GPU time per forward (CUDA events around each model call) and the top CUDA
-kernels / CPU ops of a few decode steps (torch.profiler).
+generate() step, GPU time per forward (CUDA events around each model call: they also count
+the host's work before the CUDA graph's launch), the top CUDA kernels / CPU ops of a few
+generate() calls (torch.profiler, prompt included) and, from replays of the last compiled
+decode call alone, each kernel's GPU time per decode step (`decode_kernels_*.txt`).
 
     python benchmarks/probe_e2e_long.py --layers 8 --prompt 8000 --out $OUT
 """
@@ -44,6 +46,7 @@ results = {}
 
 # every compiled decode call (transformers' get_compiled_call): host time and GPU time
 calls: list[tuple[float, torch.cuda.Event, torch.cuda.Event]] = []
+last_call: list = [None, (), {}]  # the compiled call, its last args and kwargs
 real_compiled_call = model.get_compiled_call
 
 
@@ -56,6 +59,7 @@ def timed_compiled_call(compile_config):
         e0.record()
         out = fn(*a, **kw)
         e1.record()
+        last_call[:] = [fn, a, kw]
         calls.append((time.perf_counter() - t0, e0, e1))
         return out
 
@@ -97,9 +101,33 @@ for name, kv4 in (("w4a16", "off"), ("w4a16+kv4", "token")):
     table_gpu = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25)
     table_cpu = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
     (args.out / f"profile_{name.replace('+', '_')}.txt").write_text(table_gpu + "\n\n" + table_cpu)
+    # the last decode call replayed alone (same position: its cache writes repeat), so every
+    # kernel the profiler sees is the decode step's
+    fn, a, kw = last_call
+    for _ in range(3):
+        fn(*a, **kw)
+    torch.cuda.synchronize()
+    replays = 10
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            fn(*a, **kw)
+        torch.cuda.synchronize()
+    kernels = [
+        e
+        for e in prof.key_averages()  # GPU-side events only (ops carry their kernels')
+        if e.device_type == torch.autograd.DeviceType.CUDA and e.self_device_time_total > 0
+    ]
+    kernels.sort(key=lambda e: -e.self_device_time_total)
+    lines = [f"{'us/step':>9} {'calls/step':>10}  kernel"]
+    lines += [f"{e.self_device_time_total / replays:9.1f} {e.count / replays:10.1f}  {e.key[:110]}"
+              for e in kernels]  # fmt: skip
+    kernel_us = sum(e.self_device_time_total for e in kernels) / replays
+    lines.append(f"{kernel_us:9.1f}  total kernel time per decode step")
+    (args.out / f"decode_kernels_{name.replace('+', '_')}.txt").write_text("\n".join(lines))
     results[name] = dict(
         step_ms=step_ms, forward_host_ms=sorted(host_ms)[len(host_ms) // 2],
         forward_gpu_ms=sorted(gpu_ms)[len(gpu_ms) // 2], gpu_ms_all=gpu_ms[:8],
+        decode_kernel_ms=kernel_us / 1e3,
     )  # fmt: skip
     print(name, json.dumps(results[name]), flush=True)
 (args.out / "e2e_long.json").write_text(json.dumps(results, indent=1))

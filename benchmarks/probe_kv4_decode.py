@@ -49,6 +49,7 @@ SWITCH_KERNEL = {"key_bias16": "decode", "q_rows": "decode", "fp16_keys": "decod
 SELF_REDUCE = kv4_attention._SELF_REDUCE_SPLITS
 # what the module ships with (unset switches keep it)
 SHIPPED = {f: bool(getattr(kv4_attention, name)) for f, name in SWITCHES.items()}
+SHIPPED_PDL = kv4_attention._REDUCE_PDL
 
 
 def _flags(sw: dict) -> dict:
@@ -57,6 +58,8 @@ def _flags(sw: dict) -> dict:
 
 def _set(sw: dict) -> None:
     for f, v in _flags(sw).items():
+        if f == "reduce_pdl":  # a row cutoff: every grid or none; unset, the shipped cutoff
+            v = SHIPPED_PDL if f not in sw else (1 << 30 if v else 0)
         setattr(kv4_attention, SWITCHES[f], v)
 
 

@@ -60,19 +60,24 @@ def decode_row(b: int, s: int, t: int, l2: int, bw: float) -> dict:
             for k, v in caches
         ]
     )
-    caches = [(per_channel(b, s, t), per_token(b, s)) for _ in range(n)]
-    row["per_channel_us"] = time_graph(
-        [
-            lambda k=k, v=v: kv4_attention_cuda(q, *k[:3], *v, lens, None, False, scale, k[3])
-            for k, v in caches
-        ]
-    )
-    # the transposed kernel over keys per channel (`_DECODE_T_KEY_TOKENS`), its one-wave split
     from qcompile.lowering import kv4_attention as kv4
     from qcompile.lowering.autotune import KernelConfig
 
+    shipped = kv4._DECODE_T_KEY_TOKENS
+    caches = [(per_channel(b, s, t), per_token(b, s)) for _ in range(n)]
+    kv4._DECODE_T_KEY_TOKENS = False  # the decode kernel's default
+    try:
+        row["per_channel_us"] = time_graph(
+            [
+                lambda k=k, v=v: kv4_attention_cuda(q, *k[:3], *v, lens, None, False, scale, k[3])
+                for k, v in caches
+            ]
+        )
+    finally:
+        kv4._DECODE_T_KEY_TOKENS = shipped
+    # the transposed kernel over keys per channel (`_DECODE_T_KEY_TOKENS`), its one-wave split
     for rows in (4, 8):
-        split = kv4._decode_t_wave(b * HKV, s, rows, 0)
+        split = kv4._decode_t_wave(b * HKV, s, rows, 0, t)
         cfg = KernelConfig("decode_t", rows, 32, 0, split, 1, 3, True, stage_v=True)
         kv4._DECODE_T_KEY_TOKENS = True
         try:
@@ -85,7 +90,7 @@ def decode_row(b: int, s: int, t: int, l2: int, bw: float) -> dict:
                 ]
             )
         finally:
-            kv4._DECODE_T_KEY_TOKENS = False
+            kv4._DECODE_T_KEY_TOKENS = shipped
         row[f"per_channel_decode_t{rows}_split"] = split
     kv, vv = caches[0]
     new = torch.randn(b, HKV, 1, D, dtype=torch.float16, device="cuda")

@@ -398,7 +398,9 @@ def test_scale_prefetch_is_the_one_group_kernels_only():
     prefetched = {(c.block_n, c.num_warps) for c in tuned if c.prefetch and c.kernel == "decode"}
     assert prefetched == {(32, 1), (64, 1)}
     assert all(c.prefetch for c in tuned if c.kernel == "decode_t")  # every decode_t tile
-    assert not any(c.prefetch for c in candidate_configs(16, 8, 1, 4, 32768, 1, key_tokens=64))
+    # keys per channel: the decode kernel without it; decode_t prefetches V's token scales
+    per_channel = candidate_configs(16, 8, 1, 4, 32768, 1, key_tokens=64)
+    assert not any(c.prefetch for c in per_channel if c.kernel == "decode")
     assert not any(c.prefetch for c in candidate_configs(16, 8, 1, 4, 32768, 4))
 
 
@@ -453,8 +455,8 @@ def test_staged_v_is_a_decode_candidate_of_the_one_group_kernel_only():
 def test_untuned_decode_default_is_what_the_h100_picked(b, s, split):
     """Per-token keys: BLOCK_N 32, one warp, prefetch, V staged, as tuned in session 24, on the
     transposed kernel over its 4 head columns (session 27), split to fill one wave of 12
-    resident programs per SM (session 28); keys per channel keep two-warp BLOCK_N 64
-    programs (a one-warp program spills)."""
+    resident programs per SM (session 28); keys per channel the same tile and kernel at their
+    own wave (session 29)."""
     cfg = default_config(b, 8, 1, 4, s)
     assert (cfg.kernel, cfg.block_m, cfg.block_n, cfg.num_warps, cfg.prefetch, cfg.stage_v,
             cfg.split_k) == ("decode_t", 4, 32, 1, True, True, split)  # fmt: skip
@@ -465,7 +467,12 @@ def test_untuned_decode_default_is_what_the_h100_picked(b, s, split):
     several = default_config(b, 8, 2, 4, s)  # two query positions: the decode kernel
     assert (several.kernel, several.block_m) == ("decode", 16)
     per_channel = default_config(b, 8, 1, 4, s, 1, key_tokens=64)
-    assert (per_channel.block_n, per_channel.num_warps, per_channel.stage_v) == (64, 2, False)
+    assert (per_channel.kernel, per_channel.block_m, per_channel.block_n, per_channel.num_warps,
+            per_channel.prefetch, per_channel.stage_v) == ("decode_t", 4, 32, 1, True, True)  # fmt: skip
+    # keys per channel: one wave of 10 resident programs per SM (`_DECODE_T_KEY_TILE`)
+    assert b * 8 * per_channel.split_k <= 10 * 132 < b * 8 * (per_channel.split_k + 1) or (
+        per_channel.split_k in (1, 128, s // 64)
+    )
 
 
 def test_decode_t_grid_fits_one_wave_of_the_device(monkeypatch):
@@ -700,8 +707,8 @@ def test_decode_kernel_keys_per_channel_matches_float64_reference(problem, data)
     b, hq, sq, _ = problem.query.shape
     hkv, s = problem.keys.codes.shape[1:3]
     t = problem.keys.key_tokens
-    tiles = candidate_configs(b, hkv, sq, hq // hkv, s, 1, t)
-    assert tiles and all(t % c.block_n == 0 and c.kernel == "decode" for c in tiles)
+    tiles = [c for c in candidate_configs(b, hkv, sq, hq // hkv, s, 1, t) if c.kernel == "decode"]
+    assert tiles and all(t % c.block_n == 0 for c in tiles)
     cfg = data.draw(st.sampled_from([c for c in tiles if c.block_n <= 64][:8]), label="config")
     split = data.draw(st.sampled_from([1, 2, 3, 8]), label="split")
     cfg = KernelConfig("decode", cfg.block_m, cfg.block_n, 0, split, cfg.num_warps)
@@ -714,9 +721,10 @@ def test_decode_kernel_keys_per_channel_matches_float64_reference(problem, data)
     problem=kv4_problems(decode=True, device=KERNEL_DEVICE, per_channel_keys=True), data=st.data()
 )
 def test_transposed_decode_keys_per_channel_matches_float64_reference(problem, data):
-    """decode_t over keys per channel (`_DECODE_T_KEY_TOKENS`): (q / r * s) . codes * r + q . o
-    per group tile with the query scaled per tile, the residual's tail tile in 16 bits, V per
-    token (prefetched or not, staged or not); any split, masks, partly written caches."""
+    """decode_t over keys per channel (`_DECODE_T_KEY_TOKENS`): (q / r) . (codes * s / 2 +
+    o / 2) * 2r per group tile (the halved key by one fp16 FMA), the residual's tail tile in
+    16 bits, V per token (prefetched or not, staged or not); any split, masks, partly written
+    caches."""
     b, hq, _, _ = problem.query.shape
     hkv, s = problem.keys.codes.shape[1:3]
     t = problem.keys.key_tokens
@@ -735,12 +743,19 @@ def test_transposed_decode_keys_per_channel_matches_float64_reference(problem, d
     assert_close_rel(got, problem.reference64(), problem.query.dtype)
 
 
-def test_transposed_decode_keys_per_channel_stays_off_until_timed():
-    """Without `_DECODE_T_KEY_TOKENS` a decode_t config is invalid over keys per channel and
-    no candidate; one looked up anyway runs the decode kernel."""
-    assert not valid_config(KernelConfig("decode_t", 4, 32, 0, 2, 1, 3, True), 4, 1, 64)
+def test_transposed_decode_keys_per_channel_switch():
+    """`_DECODE_T_KEY_TOKENS` on (shipped): decode_t is a candidate and the default over keys
+    per channel; off, a decode_t config is invalid there and no candidate, and one looked up
+    anyway runs the decode kernel."""
+    assert valid_config(KernelConfig("decode_t", 4, 32, 0, 2, 1, 3, True), 4, 1, 64)
     tuned = candidate_configs(16, 8, 1, 4, 32768, 1, key_tokens=64)
-    assert tuned and all(c.kernel == "decode" for c in tuned)
+    assert {c.kernel for c in tuned} == {"decode", "decode_t"}
+    assert default_config(16, 8, 1, 4, 32768, 1, key_tokens=64).kernel == "decode_t"
+    with mock.patch.object(kv4_attention, "_DECODE_T_KEY_TOKENS", False):
+        assert not valid_config(KernelConfig("decode_t", 4, 32, 0, 2, 1, 3, True), 4, 1, 64)
+        tuned = candidate_configs(16, 8, 1, 4, 32768, 1, key_tokens=64)
+        assert tuned and all(c.kernel == "decode" for c in tuned)
+        assert default_config(16, 8, 1, 4, 32768, 1, key_tokens=64).kernel == "decode"
 
 
 @KERNEL_SETTINGS
@@ -1446,23 +1461,25 @@ def test_decode_switches_on_cuda_keep_the_error(dtype, switch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("split", [12, 64])
-def test_reduce_pdl_on_cuda_is_exact_and_graph_capturable(split):
-    """`_REDUCE_PDL`: the split reduce launched with programmatic dependent launch after a
-    decode_t grid past the self-reduce splits reads every partial only after that grid: the
-    output equals the plain launch's bit for bit, eagerly and replayed in a CUDA graph."""
+@pytest.mark.parametrize("b, split", [(2, 12), (2, 64), (1, 96)])
+def test_reduce_pdl_on_cuda_is_exact_and_graph_capturable(b, split):
+    """`_REDUCE_PDL`: the split reduce launched with programmatic dependent launch (forced on
+    at every row count; B=1's 32 rows take it by default) after a decode_t grid past the
+    self-reduce splits reads every partial only after that grid: the output equals the
+    plain launch's bit for bit, eagerly and replayed in a CUDA graph."""
     gen = torch.Generator().manual_seed(43)
     s = 4100
     keys, values = (
-        quantize_kv4(torch.randn(2, 8, s, 128, generator=gen), KVScheme()) for _ in "kv"
+        quantize_kv4(torch.randn(b, 8, s, 128, generator=gen), KVScheme()) for _ in "kv"
     )
-    q = torch.randn(2, 32, 1, 128, generator=gen).half()
+    q = torch.randn(b, 32, 1, 128, generator=gen).half()
     problem = KV4Problem(q, keys, values, None, None, False, 128**-0.5)
     args = [t.cuda() if isinstance(t, torch.Tensor) else t for t in problem.args()]
     cfg = KernelConfig("decode_t", 4, 32, 0, split, 1, 3, True, stage_v=True)
     assert split > kv4_attention._SELF_REDUCE_SPLITS  # the reduce is a second launch
-    plain = launch_attention(cfg, *args)
-    with mock.patch.object(kv4_attention, "_REDUCE_PDL", True):
+    with mock.patch.object(kv4_attention, "_REDUCE_PDL", 0):
+        plain = launch_attention(cfg, *args)
+    with mock.patch.object(kv4_attention, "_REDUCE_PDL", 1 << 30):
         got = launch_attention(cfg, *args)
         out = torch.empty_like(got)
         launch_attention(cfg, *args, out=out)  # warm-up outside the capture

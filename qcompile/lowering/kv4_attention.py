@@ -860,18 +860,19 @@ def _kv4_decode_t_kernel(
                 tl.load(kc_ptr + code_offs, mask=col_ok[:, None], other=0), 0x6400, tl.float16,
                 ASM,
             )  # fmt: skip
-            # the key tile scaled, codes * s / 2 (within fp16: K is, and 15 * s spans it), so
-            # the query operand (q / r, |q / r| <= 1) stays fixed over the loop
-            # (fp16 products: codes are exact in fp16 and s / 2 is s's own halving, so each
-            # is the correctly rounded codes * s / 2, as in fp32 then rounded, for half the
-            # instructions)
-            kh_lo = k_lo * (0.5 * s_e).to(tl.float16)[None, :]
-            kh_hi = k_hi * (0.5 * s_o).to(tl.float16)[None, :]
+            # the key tile dequantized and halved, k / 2 = codes * (s / 2) + o / 2, by one fp16
+            # FMA per pair (within fp16: K is, and 15 * s spans it), so the query operand
+            # (q / r, |q / r| <= 1) stays fixed over the loop and the offsets ride the MMA.
+            # codes are exact in fp16 and s / 2, o / 2 are s's and o's own halvings, so each
+            # is k / 2 rounded once: an fp16 K cache's rounding (a q . o per tile in fp32 took
+            # ~100 more loop instructions, shuffles and adds, offline sm_90)
+            kh_lo = tl.fma(k_lo, (0.5 * s_e).to(tl.float16)[None, :],
+                           (0.5 * o_e).to(tl.float16)[None, :])  # fmt: skip
+            kh_hi = tl.fma(k_hi, (0.5 * s_o).to(tl.float16)[None, :],
+                           (0.5 * o_o).to(tl.float16)[None, :])  # fmt: skip
             qk = tl.dot(kh_lo, qh_e)
             qk = tl.dot(kh_hi, qh_o, qk)  # [BLOCK_N, ROWS]
-            bias = tl.sum(q_e.to(tl.float32) * o_e[:, None], axis=0)
-            bias += tl.sum(q_o.to(tl.float32) * o_o[:, None], axis=0)
-            scores = (qk * (2.0 * q_r)[None, :] + bias[None, :]) * qk_scale
+            scores = qk * (2.0 * q_r * qk_scale)[None, :]
         m_i, l_i, acc_e, acc_o, fix, acc_unit = _t_attend(
             scores, cols, col_ok, code_offs, vc_ptr, vs_t, vo_t, m_i, l_i, acc_e, acc_o, fix,
             acc_unit, row_ok, mask_base, mask_keys, stride_ms, MASK_KIND, KEY_MASK, ASM,
@@ -1157,7 +1158,7 @@ def candidate_configs(
     if sq == 1 and gqa <= 16 and groups == 1 and per_token_or_t and _DECODE_T_CANDIDATES:
         bm = decode_t_rows(gqa)
         # the powers of two and the split filling one wave (`_wave_split`)
-        wave = _decode_t_wave(b * hkv, s, bm, device)
+        wave = _decode_t_wave(b * hkv, s, bm, device, key_tokens)
         for split in dict.fromkeys([*_tuning_splits(b * hkv, s), wave]):
             for bn, warps, stages in _DECODE_TILES["decode_t"]:
                 bn = min(bn, cap)
@@ -1195,6 +1196,9 @@ _SM90 = (132, 228 * 1024)
 # count: (registers per thread, shared memory per program), sm_90 with Triton 3.6;
 # `tests/test_offline_compile.py` checks them against the compiled kernel.
 _DECODE_T_TILE = {4: (168, 17536), 8: (151, 18560), 16: (251, 20608)}
+# The same over keys per channel (`KEY_TOKENS` 64, fp16 or bf16 query; T = 32 at 4 columns:
+# 168 registers): 10 programs per SM at 4 and 8 columns.
+_DECODE_T_KEY_TILE = {4: (199, 19584), 8: (168, 21632), 16: (255, 25728)}
 
 
 @functools.cache
@@ -1214,11 +1218,14 @@ def resident_programs(regs: int, shared: int, smem_per_sm: int = _SM90[1]) -> in
     return max(1, min(65536 // warp_regs, smem_per_sm // (shared + 1024), 32))
 
 
-def _decode_t_wave(programs: int, s: int, rows: int, device: int | None) -> int:
+def _decode_t_wave(
+    programs: int, s: int, rows: int, device: int | None, key_tokens: int = 0
+) -> int:
     """`_wave_split` for the one-warp decode_t tile over `rows` head columns on `device`
-    (sm_90: 12 / 11 / 8 programs per SM at 4 / 8 / 16 columns)."""
+    (sm_90: 12 / 11 / 8 programs per SM at 4 / 8 / 16 columns; keys per channel 10 / 10)."""
     sms, smem = _sm_budget(device)
-    return _wave_split(programs, s, resident_programs(*_DECODE_T_TILE[rows], smem), 64, sms=sms)
+    tile = (_DECODE_T_KEY_TILE if key_tokens else _DECODE_T_TILE)[rows]
+    return _wave_split(programs, s, resident_programs(*tile, smem), 64, sms=sms)
 
 
 def _wave_split(
@@ -1284,16 +1291,17 @@ _Q_ROWS = False
 # S=32k 252.0 -> 237.1 us, B=64 S=32k 988.4 -> 921.6, B=64 S=8k 255.7 -> 239.3, B=16 S=8k
 # 70.4 -> 66.8, B=1 S=32k 25.8 -> 23.9, B=1 S=8k 13.0 -> 12.0 (`results/session27/decode_t/`).
 _DECODE_T_CANDIDATES = True
-# "decode_t" grids reduced by a second launch (more than `_SELF_REDUCE_SPLITS` splits) launch
-# it with programmatic dependent launch: its programs are placed while the attention grid
-# drains and wait for it on the GPU, not behind a kernel boundary. About 11 us of a decode_t
-# launch are fixed cost (B=16: 62.7 us at 8k = 11.2 + 22 tiles x 2.34, `results/session28/`),
-# part of it the boundary before the reduce. Untimed, so off.
-_REDUCE_PDL = False
+# "decode_t" grids reduced by a second launch (more than `_SELF_REDUCE_SPLITS` splits) of at
+# most this many output rows (B x query heads) launch it with programmatic dependent launch:
+# its programs are placed while the attention grid drains and wait for it on the GPU, not
+# behind a kernel boundary. H100, fp16 (`results/session29/pdl/`): B=1 (32 rows) S=8k 11.8 ->
+# 11.0 us (split 96 and 128), S=32k 23.6 -> 22.9; B=16 (512 rows, split 12) lost, 62.9 ->
+# 65.1 and 216.5 -> 218.9. Between 32 and 512 rows: untimed, so off. 0: never.
+_REDUCE_PDL = 32
 # "decode_t" over keys per channel (`KEY_TOKENS`): valid, a tuning candidate and what such a
 # config runs (off: the decode kernel, two-warp BLOCK_N 64 programs, 1.4-1.5x the per-token
 # decode_t's time on the H200). Checked against float64 in the interpreter; untimed, so off.
-_DECODE_T_KEY_TOKENS = False
+_DECODE_T_KEY_TOKENS = True
 # "decode_t" unpacks with `_nibble_planes` SWAP (9 instructions per 8 codes instead of 12).
 _SWAP_PAIRS = True
 # "decode_t" with a bf16 query: K's planes in fp16 (the query scaled into fp16 per head), so
@@ -1327,6 +1335,12 @@ def default_config(
     `device` (a CUDA index; None: an H100) sizes the decode_t grid to its SMs."""
     rows = sq * gqa
     bn = min(64, key_tokens or 64)
+    if sq == 1 and gqa <= 16 and groups == 1 and key_tokens and _DECODE_T_KEY_TOKENS:
+        # keys per channel, one query position: decode_t as for per-token keys, its wave
+        # sized by the per-channel tile (`_DECODE_T_KEY_TILE`)
+        bm = decode_t_rows(gqa)
+        split = _decode_t_wave(b * hkv, s, bm, device, key_tokens)
+        return KernelConfig("decode_t", bm, 32, 0, split, 1, 3, True, stage_v=True)
     if rows <= 64 and groups == 1 and key_tokens:
         # keys per channel: two-warp programs (the query scaling spills a one-warp program:
         # sm_90, 440 B of stack at BLOCK_N = 64), splits up to ~8 programs per SM with
@@ -1450,7 +1464,8 @@ def launch_attention(
             )
         reduce_here = 1 < split <= _SELF_REDUCE_SPLITS and b * hkv <= _COUNTERS
         counters = _tile_counters(query.device) if reduce_here else None
-        pdl = _REDUCE_PDL and split > 1 and counters is None and not _interpreting()
+        pdl = rows_total <= _REDUCE_PDL and split > 1 and counters is None
+        pdl = pdl and not _interpreting()
         residual = k_residual if k_residual is not None else k_scales
         _kv4_decode_t_kernel[(b * hkv, split)](
             query, k_codes, k_scales, k_offsets, v_codes, v_scales, v_offsets, lens_arg,
