@@ -1298,9 +1298,11 @@ _DECODE_T_CANDIDATES = True
 # 11.0 us (split 96 and 128), S=32k 23.6 -> 22.9; B=16 (512 rows, split 12) lost, 62.9 ->
 # 65.1 and 216.5 -> 218.9. Between 32 and 512 rows: untimed, so off. 0: never.
 _REDUCE_PDL = 32
-# "decode_t" over keys per channel (`KEY_TOKENS`): valid, a tuning candidate and what such a
-# config runs (off: the decode kernel, two-warp BLOCK_N 64 programs, 1.4-1.5x the per-token
-# decode_t's time on the H200). Checked against float64 in the interpreter; untimed, so off.
+# "decode_t" over keys per channel (`KEY_TOKENS`): valid, a tuning candidate and the untuned
+# default for one query position (off: the decode kernel's two-warp BLOCK_N 64 programs).
+# H100, fp16, T = 64 (`results/session29/tkeys_fma/`): 0.49-0.64x the decode kernel's time,
+# 1.00-1.28x per-token keys' (B=16 S=32k 467.8 -> 269.7 us, B=64 S=32k 1820.1 -> 921.7 at 8
+# columns, B=1 S=32k 41.3 -> 22.5).
 _DECODE_T_KEY_TOKENS = True
 # "decode_t" unpacks with `_nibble_planes` SWAP (9 instructions per 8 codes instead of 12).
 _SWAP_PAIRS = True
