@@ -2,7 +2,8 @@
 generate() step, GPU time per forward (CUDA events around each model call: they also count
 the host's work before the CUDA graph's launch), the top CUDA kernels / CPU ops of a few
 generate() calls (torch.profiler, prompt included) and, from replays of the last compiled
-decode call alone, each kernel's GPU time per decode step (`decode_kernels_*.txt`).
+decode call alone, each kernel's GPU time per decode step (`decode_kernels_*.txt`) and the
+host's CPU ops (`decode_host_*.txt`).
 
     python benchmarks/probe_e2e_long.py --layers 8 --prompt 8000 --out $OUT
 """
@@ -108,10 +109,13 @@ for name, kv4 in (("w4a16", "off"), ("w4a16+kv4", "token")):
         fn(*a, **kw)
     torch.cuda.synchronize()
     replays = 10
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(replays):
             fn(*a, **kw)
         torch.cuda.synchronize()
+    # the host's side of the same replays: guards, CUDA-graph bookkeeping, the launch
+    host = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
+    (args.out / f"decode_host_{name.replace('+', '_')}.txt").write_text(host)
     kernels = [
         e
         for e in prof.key_averages()  # GPU-side events only (ops carry their kernels')

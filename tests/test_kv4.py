@@ -463,6 +463,10 @@ def test_untuned_decode_default_is_what_the_h100_picked(b, s, split):
     assert b * 8 * split <= 12 * 132 or split == 1  # one wave
     tuned = candidate_configs(b, 8, 1, 4, s, 1)
     assert any(c.kernel == "decode_t" and c.split_k == split for c in tuned)  # and tuned
+    # 8 head columns at their wave (11 programs per SM) are a candidate too
+    eight = [c for c in tuned if c.kernel == "decode_t" and c.block_m == 8]
+    assert [(c.block_n, c.num_warps, c.stage_v) for c in eight] == [(32, 1, True)]
+    assert b * 8 * eight[0].split_k <= 11 * 132 or eight[0].split_k == 1
     assert valid_config(cfg, 4)
     several = default_config(b, 8, 2, 4, s)  # two query positions: the decode kernel
     assert (several.kernel, several.block_m) == ("decode", 16)

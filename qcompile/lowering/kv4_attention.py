@@ -1164,6 +1164,13 @@ def candidate_configs(
                 bn = min(bn, cap)
                 cfg = KernelConfig("decode_t", bm, bn, 0, split, warps, stages, prefetch=True)
                 out += [cfg, dataclasses.replace(cfg, stage_v=True)]
+        wide = decode_t_rows(gqa, 8)
+        if wide != bm:
+            # 8 head columns (padding past GQA 4) at their own wave: the H100's best at B = 1
+            # S = 8k per token (the shipped key) and at B = 1 / 64 with keys per channel
+            # (`results/session29/tkeys_fma/`: B = 64 S = 32k 1013.4 -> 921.7 us)
+            split = _decode_t_wave(b * hkv, s, wide, device, key_tokens)
+            out.append(KernelConfig("decode_t", wide, 32, 0, split, 1, 3, True, stage_v=True))
     if sq > 1:
         for bm, bn, warps, stages in _PREFILL_TILES[prefill_kind(groups)]:
             out.append(KernelConfig(prefill_kind(groups), bm, min(bn, cap), 0, 1, warps, stages))

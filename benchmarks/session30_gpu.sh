@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Thirtieth session's device calls (written in the twenty-ninth); PART is a comma-separated
+# list of:
+#   e2e:     probe_e2e_long.py, W4A16 vs W4A16 + KV4 at an 8000-token context: each kernel's
+#            GPU time and the host's CPU ops per decode step, from replays of the compiled step.
+#   pdlrows: decode_t's split reduce under PDL at B = 2 / 4 / 8 (64-256 rows), where the
+#            `_REDUCE_PDL` cutoff (32 rows) is untimed.
+#   tkeys:   keys per channel on decode_t (4 and 8 head columns) beside per-token keys and SDPA.
+#   tune:    the autotuned KV4 op tests at 32k (per token and per channel), long time limit.
+#   shipped: the KV4 gpu tests of decode_t, the defaults, the reduce under PDL.
+source benchmarks/gpu_setup.sh
+for part in ${PART//,/ }; do
+  mkdir -p "$OUT/$part"
+  case "$part" in
+    e2e)
+      TORCH_LOGS=perf_hints timeout "${E2E_S:-300}" python3 benchmarks/probe_e2e_long.py \
+        --layers "${LAYERS:-8}" --out "$OUT/$part" > "$OUT/$part/e2e_long.log" 2>&1
+      grep -iE "skipping cudagraph|^w4a16|error" "$OUT/$part/e2e_long.log" | head -20
+      for f in "$OUT/$part"/decode_kernels_*.txt; do echo "== $f"; head -14 "$f"; tail -1 "$f"; done
+      ;;
+    pdlrows)
+      (cd benchmarks && timeout "${PROBE_S:-200}" python3 probe_kv4_decode.py --dtype float16 \
+        --kinds decode_t --t-rows 4 --prefetch 1 --stage-v 1 --tiles 32x1 --stages 3 \
+        --grouped 0 --top 8 --splits "${SPLITS:-24,48,96}" --reduce-pdl 0,1 \
+        --shapes "${SHAPES:-2x8192,4x8192,8x8192,2x32768,8x32768}" --out "$OUT/$part/probe.json") \
+        2>&1 | tee "$OUT/$part/probe.log" | grep -v "^check decode \|^check decode_grouped" | tail -45
+      ;;
+    tkeys)
+      timeout "${PROBE_S:-240}" python3 benchmarks/probe_kv4_key_channels.py --out "$OUT/$part" \
+        --batches "${BATCHES:-16,64,1}" --lengths 32768,8192 --prefill '' 2>&1 | tail -3
+      cat "$OUT/$part"/*.md 2>/dev/null | grep "^| decode"
+      ;;
+    tune)
+      timeout "${TEST_S:-500}" python3 -m pytest -v -p no:cacheprovider -rfE --tb=short -m gpu \
+        tests/test_kv4.py -k "op_on_cuda_tunes or op_on_cuda_keys_per_channel_tunes" \
+        --durations=10 > "$OUT/$part/tests.log" 2>&1
+      grep -E "PASS|FAIL|ERROR|s call" "$OUT/$part/tests.log" | cut -c1-150 | tail -30
+      ;;
+    shipped)
+      timeout "${TEST_S:-400}" python3 -m pytest -v -p no:cacheprovider -rfE --tb=short -m gpu \
+        tests/test_shipped_configs.py tests/test_kv4.py \
+        -k "${TESTS_K:-decode_t or generate_on_cuda_with or centered or switches or reduce_pdl or per_channel}" \
+        > "$OUT/$part/tests.log" 2>&1
+      grep -E "PASS|FAIL|ERROR" "$OUT/$part/tests.log" | cut -c1-150 | tail -30
+      ;;
+    *) echo "unknown part $part"; exit 2 ;;
+  esac
+done
