@@ -8,6 +8,9 @@
 #   tkeys:   keys per channel on decode_t (4 and 8 head columns) beside per-token keys and SDPA.
 #   tune:    the autotuned KV4 op tests at 32k (per token and per channel), long time limit.
 #   shipped: the KV4 gpu tests of decode_t, the defaults, the reduce under PDL.
+#   threads: first-use tuning with the candidates compiled on 1 / 8 / 16 threads
+#            (`QCOMPILE_TUNE_THREADS`, off by default): its gpu test, then the wall time
+#            (probe_tune_threads.py, fresh caches per run).
 source benchmarks/gpu_setup.sh
 for part in ${PART//,/ }; do
   mkdir -p "$OUT/$part"
@@ -42,6 +45,12 @@ for part in ${PART//,/ }; do
         -k "${TESTS_K:-decode_t or generate_on_cuda_with or centered or switches or reduce_pdl or per_channel}" \
         > "$OUT/$part/tests.log" 2>&1
       grep -E "PASS|FAIL|ERROR" "$OUT/$part/tests.log" | cut -c1-150 | tail -30
+      ;;
+    threads)
+      timeout "${TEST_S:-300}" python3 -m pytest -v -p no:cacheprovider -rfE --tb=short -m gpu \
+        tests/test_gpu.py -k "autotune_on_threads" 2>&1 | grep -E "PASS|FAIL|ERROR" | cut -c1-150
+      timeout "${PROBE_S:-400}" python3 benchmarks/probe_tune_threads.py --out "$OUT/$part" \
+        --threads "${THREADS:-1,16}" 2>&1 | tail -8
       ;;
     *) echo "unknown part $part"; exit 2 ;;
   esac

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -387,3 +388,64 @@ def test_corrupt_shipped_file_ignored(cache_dir: Path, caplog: pytest.LogCapture
         tuner = Autotuner(gpu="nvidia-h100-80gb-hbm3", triton_version=TRITON, cache_dir=cache_dir)
     assert tuner.shipped == {}
     assert any("h100.json" in r.getMessage() for r in caplog.records)
+
+
+# --- compiling the candidates on threads ---------------------------------------------------
+
+
+def test_tune_threads_compile_every_candidate_then_time_them_in_order(
+    cache_dir: Path, monkeypatch
+) -> None:
+    """`QCOMPILE_TUNE_THREADS`: each candidate's bench first runs on a pool thread in the warm
+    phase (where `time_us` only runs its function); a candidate that fails there (a compile
+    error) is reported and never timed; the rest are timed one by one, in order, on the
+    calling thread, and the fastest wins."""
+    monkeypatch.setenv("QCOMPILE_TUNE_THREADS", "3")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    warmed: list[tuple[KernelConfig, str]] = []
+    timed: list[tuple[KernelConfig, str]] = []
+    ran: list[KernelConfig] = []
+    speeds = {GEMV: 30.0, GEMM_SMALL: 12.5, GEMM_LARGE: 20.0, DEFAULT: 1.0}
+
+    def bench(cfg: KernelConfig) -> float:
+        if autotune.warming():
+            warmed.append((cfg, threading.current_thread().name))
+            if cfg == DEFAULT:
+                raise RuntimeError("out of resource: shared memory")
+            return autotune.time_us(lambda: ran.append(cfg))  # runs once, times nothing
+        timed.append((cfg, threading.current_thread().name))
+        return speeds[cfg]
+
+    tuner = Autotuner(gpu=GPU, triton_version=TRITON, cache_dir=cache_dir)
+    best, best_us = tuner.tune(KEY, (*CANDIDATES, DEFAULT), bench)
+    assert (best, best_us) == (GEMM_SMALL, 12.5)  # DEFAULT (1.0) failed to compile
+    assert sorted(map(str, (c for c, _ in warmed))) == sorted(map(str, (*CANDIDATES, DEFAULT)))
+    assert all(name.startswith("qcompile-tune") for _, name in warmed)
+    assert sorted(map(str, ran)) == sorted(map(str, CANDIDATES))
+    me = threading.current_thread().name
+    assert timed == [(c, me) for c in CANDIDATES]
+    assert [t for _, t in tuner.trials[KEY]] == [GEMM_SMALL, GEMM_LARGE, GEMV]
+
+
+def test_tune_threads_fail_loudly_when_every_candidate_fails(cache_dir: Path, monkeypatch):
+    monkeypatch.setenv("QCOMPILE_TUNE_THREADS", "2")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    bench = Bench({c: RuntimeError("no") for c in CANDIDATES})
+    tuner = Autotuner(gpu=GPU, triton_version=TRITON, cache_dir=cache_dir)
+    with pytest.raises(RuntimeError, match="every one of 3 candidate configs failed"):
+        tuner.tune(KEY, CANDIDATES, bench)
+    assert sorted(map(str, bench.calls)) == sorted(map(str, CANDIDATES))  # warm phase only
+
+
+def test_tune_threads_setting(monkeypatch) -> None:
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.delenv("QCOMPILE_TUNE_THREADS", raising=False)
+    assert autotune.tune_threads() == 1  # off until timed on a GPU
+    monkeypatch.setenv("QCOMPILE_TUNE_THREADS", "16")
+    assert autotune.tune_threads() == 16
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert autotune.tune_threads() == 1  # the interpreter runs one kernel at a time
+    monkeypatch.delenv("TRITON_INTERPRET")
+    monkeypatch.setenv("QCOMPILE_TUNE_THREADS", "many")
+    with pytest.raises(ValueError, match="QCOMPILE_TUNE_THREADS='many' is not an integer"):
+        autotune.tune_threads()

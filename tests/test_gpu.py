@@ -67,6 +67,54 @@ def test_autotune_tunes_once_and_persists(tmp_path, monkeypatch):
     autotune.autotuner.cache_clear()
 
 
+@pytest.mark.parametrize("family", ["w4a16", "kv4"])
+def test_autotune_on_threads_times_what_one_thread_times(tmp_path, monkeypatch, family):
+    """`QCOMPILE_TUNE_THREADS=8`: the candidates compiled on 8 threads, then timed one by
+    one: the same candidates come through as on one thread (none lost to a race) and the
+    tuned op still matches float64."""
+    from qcompile.lowering import autotune
+    from qcompile.quant.kv4 import KVScheme, dequantize_kv4, quantize_kv4
+
+    monkeypatch.setenv("QCOMPILE_AUTOTUNE", "1")
+    gen = torch.Generator().manual_seed(7)
+    if family == "w4a16":
+        p = quantize_weight_int4(torch.randn(1024, 2048, generator=gen), Scheme(group_size=128),
+                                 torch.float16)  # fmt: skip
+        x = torch.randn(3, 2048, generator=gen).half()
+        ref = x.double() @ dequantize_int4(p, torch.float64).t()
+        args = [t.cuda() for t in (x, p.qweight, p.scales, p.offsets)] + [None, 128]
+
+        def run():
+            return OP(*args)
+    else:
+        keys, values = (
+            quantize_kv4(torch.randn(1, 8, 4100, 128, generator=gen), KVScheme()) for _ in "kv"
+        )
+        q = torch.randn(1, 32, 1, 128, generator=gen).half()
+        kv = [t.cuda() for t in (keys.codes, keys.scales, keys.offsets, values.codes,
+                                 values.scales, values.offsets)]  # fmt: skip
+        ref = torch.nn.functional.scaled_dot_product_attention(
+            q.double(),
+            *(
+                dequantize_kv4(p, torch.float64).repeat_interleave(4, 1) for p in (keys, values)
+            ),  # fmt: skip
+        )
+
+        def run():
+            return torch.ops.qcompile.kv4_attention(q.cuda(), *kv, None, None, False, 128**-0.5)
+
+    trials = {}
+    for threads in ("1", "8"):
+        monkeypatch.setenv("QCOMPILE_TUNE_THREADS", threads)
+        monkeypatch.setenv("QCOMPILE_CACHE_DIR", str(tmp_path / threads))
+        autotune.autotuner.cache_clear()
+        assert_close_rel(run().cpu(), ref, torch.float16)
+        (got,) = autotune.autotuner(0).trials.values()
+        trials[threads] = sorted(str(cfg) for _, cfg in got)
+    autotune.autotuner.cache_clear()
+    assert trials["8"] == trials["1"] and len(trials["1"]) > 8
+
+
 class Block(nn.Module):
     def __init__(self, d=1024, h=2816):
         super().__init__()
