@@ -775,9 +775,9 @@ def _kv4_decode_t_kernel(
     # planes are fp16 and swapped too; the scores take r back.
     # KEY_TOKENS = T > 0: K per channel over groups of T tokens (BLOCK_N divides T, so a tile
     # lies in one group or wholly in the 16-bit residual past the last whole group): scores
-    # (q / r) . (codes * s / 2) * 2r + q . o, the key tile scaled (a query scaled per tile
-    # took 255 registers, sm_90); K's planes are not swapped (the query keeps its natural
-    # channels, the scales load whole). V stays per token.
+    # (q / r) . (codes * s / 2 + o / 2) * 2r, the key tile dequantized and halved (a query
+    # scaled per tile took 255 registers, sm_90); K's planes are not swapped (the query keeps
+    # its natural channels, the scales load whole). V stays per token.
     K16: tl.constexpr = (Q_BIAS_BITS == 0x6400 or FP16_KEYS) and KEY_TOKENS == 0
     SWAP_K: tl.constexpr = SWAP_PAIRS and K16
     qc = _swap(c) if SWAP_K else c
@@ -861,8 +861,10 @@ def _kv4_decode_t_kernel(
                 ASM,
             )  # fmt: skip
             # the key tile dequantized and halved, k / 2 = codes * (s / 2) + o / 2, by one fp16
-            # FMA per pair (within fp16: K is, and 15 * s spans it), so the query operand
-            # (q / r, |q / r| <= 1) stays fixed over the loop and the offsets ride the MMA.
+            # FMA per pair (within fp16: K is; the product is not rounded on its own), so the
+            # query operand (q / r, |q / r| <= 1) stays fixed over the loop and the offsets ride
+            # the MMA. Unhalved, fma(codes, s, o) compiled to 1053 instructions (the fp16
+            # pairs packed by 173 PRMT) against 1004.
             # codes are exact in fp16 and s / 2, o / 2 are s's and o's own halvings, so each
             # is k / 2 rounded once: an fp16 K cache's rounding (a q . o per tile in fp32 took
             # ~100 more loop instructions, shuffles and adds, offline sm_90)
@@ -1344,7 +1346,8 @@ def default_config(
     `device` (a CUDA index; None: an H100) sizes the decode_t grid to its SMs."""
     rows = sq * gqa
     bn = min(64, key_tokens or 64)
-    if sq == 1 and gqa <= 16 and groups == 1 and key_tokens and _DECODE_T_KEY_TOKENS:
+    per_channel_t = key_tokens > 0 and key_tokens % 32 == 0 and _DECODE_T_KEY_TOKENS
+    if sq == 1 and gqa <= 16 and groups == 1 and per_channel_t:
         # keys per channel, one query position: decode_t as for per-token keys, its wave
         # sized by the per-channel tile (`_DECODE_T_KEY_TILE`)
         bm = decode_t_rows(gqa)
