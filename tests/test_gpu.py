@@ -78,9 +78,10 @@ def test_autotune_on_threads_times_what_one_thread_times(tmp_path, monkeypatch, 
     monkeypatch.setenv("QCOMPILE_AUTOTUNE", "1")
     gen = torch.Generator().manual_seed(7)
     if family == "w4a16":
-        p = quantize_weight_int4(torch.randn(1024, 2048, generator=gen), Scheme(group_size=128),
+        # small candidate sets (31 and 61 configs), each tuned twice
+        p = quantize_weight_int4(torch.randn(512, 512, generator=gen), Scheme(group_size=128),
                                  torch.float16)  # fmt: skip
-        x = torch.randn(3, 2048, generator=gen).half()
+        x = torch.randn(300, 512, generator=gen).half()
         ref = x.double() @ dequantize_int4(p, torch.float64).t()
         args = [t.cuda() for t in (x, p.qweight, p.scales, p.offsets)] + [None, 128]
 
@@ -88,7 +89,7 @@ def test_autotune_on_threads_times_what_one_thread_times(tmp_path, monkeypatch, 
             return OP(*args)
     else:
         keys, values = (
-            quantize_kv4(torch.randn(1, 8, 4100, 128, generator=gen), KVScheme()) for _ in "kv"
+            quantize_kv4(torch.randn(1, 8, 130, 128, generator=gen), KVScheme()) for _ in "kv"
         )
         q = torch.randn(1, 32, 1, 128, generator=gen).half()
         kv = [t.cuda() for t in (keys.codes, keys.scales, keys.offsets, values.codes,
