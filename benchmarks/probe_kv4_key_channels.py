@@ -6,8 +6,9 @@ head) and causal prefill (B=1, S in {4k, 8k}): the same autotuned op over a per-
 the last 32 tokens are read from the 16-bit residual, as most decode steps do), plus
 fp16 SDPA (the faster of the GQA and packed-query calls) and the decode step's cache write
 (one token), and the transposed decode kernel over keys per channel at its one-wave split
-(`_DECODE_T_KEY_TOKENS`, 4 and 8 head columns). Timings: median CUDA-graph replays over
-cache copies covering >= 4x L2.
+(`_DECODE_T_KEY_TOKENS`, 4 and 8 head columns; `--sweep`: also 2 and 3 stages at the
+splits of 10 / 11 / 12 programs per SM). Timings: median CUDA-graph replays over cache
+copies covering >= 4x L2.
 
     python benchmarks/probe_kv4_key_channels.py --out $OUT   # on the GPU
 """
@@ -42,7 +43,7 @@ def per_channel(b: int, s: int, t: int) -> tuple:
     return codes, scales, -8 * scales, residual
 
 
-def decode_row(b: int, s: int, t: int, l2: int, bw: float) -> dict:
+def decode_row(b: int, s: int, t: int, l2: int, bw: float, sweep: bool = False) -> dict:
     from bench_w4a16 import copies, time_graph
 
     from qcompile.lowering.kv4_attention import kv4_attention_cuda, kv4_cache_write_cuda
@@ -92,6 +93,28 @@ def decode_row(b: int, s: int, t: int, l2: int, bw: float) -> dict:
         finally:
             kv4._DECODE_T_KEY_TOKENS = shipped
         row[f"per_channel_decode_t{rows}_split"] = split
+    if sweep:  # decode_t over 4 / 8 columns, 2 / 3 stages, at the waves of 10 / 11 / 12 per SM
+        row["sweep"] = []
+        kv4._DECODE_T_KEY_TOKENS = True
+        try:
+            for cols, stages in ((4, 3), (8, 3), (4, 2), (8, 2)):
+                waves = {r: kv4._wave_split(b * HKV, s, r, 64) for r in (10, 11, 12)}
+                for split in sorted(set(waves.values())):
+                    cfg = KernelConfig("decode_t", cols, 32, 0, split, 1, stages, True,
+                                       stage_v=True)  # fmt: skip
+                    us = time_graph(
+                        [
+                            lambda k=k, v=v, c=cfg: kv4.launch_attention(
+                                c, q, *k[:3], *v, lens, None, False, scale, k[3]
+                            )
+                            for k, v in caches
+                        ]
+                    )
+                    got = {"cols": cols, "stages": stages, "split": split, "us": us}
+                    row["sweep"].append(got)
+                    print(f"  B={b} S={s} sweep {got}", flush=True)
+        finally:
+            kv4._DECODE_T_KEY_TOKENS = shipped
     kv, vv = caches[0]
     new = torch.randn(b, HKV, 1, D, dtype=torch.float16, device="cuda")
     pos = torch.tensor([s - 33], device="cuda")
@@ -183,6 +206,9 @@ def main() -> None:
     ap.add_argument("--batches", default="1,16,64")
     ap.add_argument("--lengths", default="8192,32768")
     ap.add_argument("--prefill", default="4096,8192")
+    ap.add_argument("--sweep", action="store_true",
+                    help="also decode_t at 4 / 8 columns, 2 / 3 stages, the waves of 10-12 "
+                    "programs per SM")  # fmt: skip
     args = ap.parse_args()
     import triton
     from bench_w4a16 import hbm_bandwidth
@@ -199,7 +225,7 @@ def main() -> None:
     rows: list[dict] = []
     for b in map(int, args.batches.split(",")):
         for s in map(int, args.lengths.split(",")):
-            rows.append(decode_row(b, s, args.key_tokens, props.L2_cache_size, bw))
+            rows.append(decode_row(b, s, args.key_tokens, props.L2_cache_size, bw, args.sweep))
             print(rows[-1], flush=True)
             (args.out / "kv4_key_channels.json").write_text(
                 json.dumps({"meta": meta, "rows": rows}, indent=1)

@@ -5,7 +5,9 @@
 #            GPU time and the host's CPU ops per decode step, from replays of the compiled step.
 #   pdlrows: decode_t's split reduce under PDL at B = 2 / 4 / 8 (64-256 rows), where the
 #            `_REDUCE_PDL` cutoff (32 rows) is untimed.
-#   tkeys:   keys per channel on decode_t (4 and 8 head columns) beside per-token keys and SDPA.
+#   tkeys:   keys per channel on decode_t (4 and 8 head columns) beside per-token keys and SDPA,
+#            and a sweep of 2 / 3 stages at the waves of 10-12 programs per SM (offline: 8
+#            columns at 2 stages take 168 registers and 17.0 KB, 12 per SM).
 #   tune:    the autotuned KV4 op tests at 32k (per token and per channel), long time limit.
 #   shipped: the KV4 gpu tests of decode_t, the defaults, the reduce under PDL.
 #   threads: first-use tuning with the candidates compiled on 1 / 8 / 16 threads
@@ -29,8 +31,9 @@ for part in ${PART//,/ }; do
         2>&1 | tee "$OUT/$part/probe.log" | grep -v "^check decode \|^check decode_grouped" | tail -45
       ;;
     tkeys)
-      timeout "${PROBE_S:-240}" python3 benchmarks/probe_kv4_key_channels.py --out "$OUT/$part" \
-        --batches "${BATCHES:-16,64,1}" --lengths 32768,8192 --prefill '' 2>&1 | tail -3
+      timeout "${PROBE_S:-420}" python3 benchmarks/probe_kv4_key_channels.py --out "$OUT/$part" \
+        --batches "${BATCHES:-16,64,1}" --lengths 32768,8192 --prefill '' --sweep 2>&1 \
+        | tee "$OUT/$part/probe.log" | grep -v sweep | tail -3
       cat "$OUT/$part"/*.md 2>/dev/null | grep "^| decode"
       ;;
     tune)
