@@ -37,21 +37,15 @@ for part in ${PART//,/ }; do
       cat "$OUT/$part"/*.md 2>/dev/null | grep "^| decode"
       ;;
     tune)
-      timeout "${TEST_S:-500}" python3 -m pytest -v -p no:cacheprovider -rfE --tb=short -m gpu \
-        tests/test_kv4.py -k "op_on_cuda_tunes or op_on_cuda_keys_per_channel_tunes" \
-        --durations=10 > "$OUT/$part/tests.log" 2>&1
-      grep -E "PASS|FAIL|ERROR|s call" "$OUT/$part/tests.log" | cut -c1-150 | tail -30
+      gpu_tests "${TEST_S:-500}" "$OUT/$part/tests.log" tests/test_kv4.py --durations=10 \
+        -k "op_on_cuda_tunes or op_on_cuda_keys_per_channel_tunes"
       ;;
     shipped)
-      timeout "${TEST_S:-400}" python3 -m pytest -v -p no:cacheprovider -rfE --tb=short -m gpu \
-        tests/test_shipped_configs.py tests/test_kv4.py \
-        -k "${TESTS_K:-decode_t or generate_on_cuda_with or centered or switches or reduce_pdl or per_channel}" \
-        > "$OUT/$part/tests.log" 2>&1
-      grep -E "PASS|FAIL|ERROR" "$OUT/$part/tests.log" | cut -c1-150 | tail -30
+      gpu_tests "${TEST_S:-400}" "$OUT/$part/tests.log" tests/test_shipped_configs.py \
+        tests/test_kv4.py -k "${TESTS_K:-decode_t or generate_on_cuda_with or centered or switches or reduce_pdl or per_channel}"
       ;;
     threads)
-      timeout "${TEST_S:-300}" python3 -m pytest -v -p no:cacheprovider -rfE --tb=short -m gpu \
-        tests/test_gpu.py -k "autotune_on_threads" 2>&1 | grep -E "PASS|FAIL|ERROR" | cut -c1-150
+      gpu_tests "${TEST_S:-300}" "$OUT/$part/tests.log" tests/test_gpu.py -k autotune_on_threads
       timeout "${PROBE_S:-400}" python3 benchmarks/probe_tune_threads.py --out "$OUT/$part" \
         --threads "${THREADS:-1,16}" 2>&1 | tail -8
       ;;
