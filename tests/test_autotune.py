@@ -449,3 +449,25 @@ def test_tune_threads_setting(monkeypatch) -> None:
     monkeypatch.setenv("QCOMPILE_TUNE_THREADS", "many")
     with pytest.raises(ValueError, match="QCOMPILE_TUNE_THREADS='many' is not an integer"):
         autotune.tune_threads()
+
+
+@pytest.mark.parametrize("threads", ["1", "3"])
+def test_tuning_shows_a_progress_bar_that_counts_every_config(
+    cache_dir: Path, monkeypatch, capsys, threads
+) -> None:
+    """`QCOMPILE_TUNE_PROGRESS=1`: a bar named after the key on stderr, ending at every
+    candidate timed (and, on threads, compiled; a failed compile counts as done twice)."""
+    monkeypatch.setenv("QCOMPILE_TUNE_PROGRESS", "1")
+    monkeypatch.setenv("QCOMPILE_TUNE_THREADS", threads)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    bench = Bench({GEMV: 30.0, GEMM_SMALL: 12.5, GEMM_LARGE: RuntimeError("no")})
+    bars = []
+    real = autotune._progress
+    monkeypatch.setattr(autotune, "_progress", lambda *a: bars.append(real(*a)) or bars[-1])
+    Autotuner(gpu=GPU, triton_version=TRITON, cache_dir=cache_dir).tune(KEY, CANDIDATES, bench)
+    assert "qcompile: tuning w4a16 M~16 N=4096 K=4096 float16" in capsys.readouterr().err
+    total = 3 if threads == "1" else 6
+    assert (bars[0].n, bars[0].total) == (total, total)
+    monkeypatch.setenv("QCOMPILE_TUNE_PROGRESS", "0")
+    Autotuner(gpu=GPU, triton_version=TRITON, cache_dir=cache_dir).tune(KEY, CANDIDATES, bench)
+    assert "qcompile: tuning" not in capsys.readouterr().err

@@ -7,6 +7,8 @@ family's: the H200 reads h100.json) -> tune now (unless
 `QCOMPILE_AUTOTUNE=0`, or a CUDA graph is being captured) -> the family's heuristic default.
 A corrupt or stale cache file is ignored with a warning and rewritten on the next save.
 `QCOMPILE_TUNE_THREADS=N` compiles the candidates on N threads before timing them one by one.
+A tuning run shows a progress bar on a terminal (`QCOMPILE_TUNE_PROGRESS=0` hides it, `=1`
+shows it anywhere).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from functools import cache
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 log = logging.getLogger("qcompile.autotune")
 
@@ -218,25 +221,32 @@ class Autotuner:
             errors.append(f"{cfg}: {text}")
 
         threads = tune_threads()
-        if threads > 1 and len(candidates) > 1:
+        threaded = threads > 1 and len(candidates) > 1
+        bar = _progress(key, len(candidates) * (2 if threaded else 1))
+        if threaded:
             # compile (and run once) every candidate first, `threads` at a time: Triton's
             # compile releases the GIL (offline sm_90: 4 kernels in 5.6 s on one thread, 3.0 s
             # on two); the timing below then finds each kernel compiled
             device = torch.cuda.current_device() if torch.cuda.is_available() else None
             with ThreadPoolExecutor(threads, thread_name_prefix="qcompile-tune") as pool:
                 warmed = [pool.submit(_warm, bench, cfg, device) for cfg in candidates]
+                for done in warmed:
+                    done.add_done_callback(lambda _: bar.update())
             compiled = []
             for cfg, done in zip(candidates, warmed, strict=True):
                 if done.exception() is None:
                     compiled.append(cfg)
                 else:
                     failed(cfg, done.exception())
+            bar.update(len(warmed) - len(compiled))  # the failed ones: not timed
             candidates = compiled
         for cfg in candidates:
             try:
                 results.append((bench(cfg), cfg))
             except Exception as err:  # a config the compiler rejects (e.g. out of shared memory)
                 failed(cfg, err)
+            bar.update()
+        bar.close()
         if not results:
             raise RuntimeError(
                 f"qcompile: every one of {len(errors)} candidate configs failed for {key}; "
@@ -274,6 +284,15 @@ def _shipped_gpu(path: Path) -> str:
         return json.loads(path.read_text()).get("gpu", "")
     except (OSError, ValueError):
         return ""
+
+
+def _progress(key: TuneKey, total: int) -> tqdm:
+    """The tuning run's progress bar: on a terminal, or as `QCOMPILE_TUNE_PROGRESS` says."""
+    setting = os.environ.get("QCOMPILE_TUNE_PROGRESS", "auto")
+    disable = {"0": True, "1": False}.get(setting)  # auto: None, tqdm's "not a terminal"
+    shape = f"{key.family} M~{key.m_bucket} N={key.n} K={key.k} {key.dtype}"
+    return tqdm(total=total, desc=f"qcompile: tuning {shape}", unit="config", leave=False,
+                disable=disable)  # fmt: skip
 
 
 def tune_threads() -> int:
