@@ -76,45 +76,36 @@ def decode_row(b: int, s: int, t: int, l2: int, bw: float, sweep: bool = False) 
         )
     finally:
         kv4._DECODE_T_KEY_TOKENS = shipped
-    # the transposed kernel over keys per channel (`_DECODE_T_KEY_TOKENS`), its one-wave split
-    for rows in (4, 8):
-        split = kv4._decode_t_wave(b * HKV, s, rows, 0, t)
-        cfg = KernelConfig("decode_t", rows, 32, 0, split, 1, 3, True, stage_v=True)
+
+    def decode_t_us(cfg: KernelConfig, caches=caches) -> float:
+        """The transposed kernel over keys per channel (`_DECODE_T_KEY_TOKENS` on) at `cfg`."""
         kv4._DECODE_T_KEY_TOKENS = True
         try:
-            row[f"per_channel_decode_t{rows}_us"] = time_graph(
+            return time_graph(
                 [
-                    lambda k=k, v=v, c=cfg: kv4.launch_attention(
-                        c, q, *k[:3], *v, lens, None, False, scale, k[3]
+                    lambda k=k, v=v: kv4.launch_attention(
+                        cfg, q, *k[:3], *v, lens, None, False, scale, k[3]
                     )
                     for k, v in caches
                 ]
             )
         finally:
             kv4._DECODE_T_KEY_TOKENS = shipped
+
+    for rows in (4, 8):  # at its one-wave split
+        split = kv4._decode_t_wave(b * HKV, s, rows, 0, t)
+        cfg = KernelConfig("decode_t", rows, 32, 0, split, 1, 3, True, stage_v=True)
+        row[f"per_channel_decode_t{rows}_us"] = decode_t_us(cfg)
         row[f"per_channel_decode_t{rows}_split"] = split
     if sweep:  # decode_t over 4 / 8 columns, 2 / 3 stages, at the waves of 10 / 11 / 12 per SM
         row["sweep"] = []
-        kv4._DECODE_T_KEY_TOKENS = True
-        try:
-            for cols, stages in ((4, 3), (8, 3), (4, 2), (8, 2)):
-                waves = {r: kv4._wave_split(b * HKV, s, r, 64) for r in (10, 11, 12)}
-                for split in sorted(set(waves.values())):
-                    cfg = KernelConfig("decode_t", cols, 32, 0, split, 1, stages, True,
-                                       stage_v=True)  # fmt: skip
-                    us = time_graph(
-                        [
-                            lambda k=k, v=v, c=cfg: kv4.launch_attention(
-                                c, q, *k[:3], *v, lens, None, False, scale, k[3]
-                            )
-                            for k, v in caches
-                        ]
-                    )
-                    got = {"cols": cols, "stages": stages, "split": split, "us": us}
-                    row["sweep"].append(got)
-                    print(f"  B={b} S={s} sweep {got}", flush=True)
-        finally:
-            kv4._DECODE_T_KEY_TOKENS = shipped
+        waves = sorted({kv4._wave_split(b * HKV, s, r, 64) for r in (10, 11, 12)})
+        for cols, stages in ((4, 3), (8, 3), (4, 2), (8, 2)):
+            for split in waves:
+                cfg = KernelConfig("decode_t", cols, 32, 0, split, 1, stages, True, stage_v=True)
+                got = {"cols": cols, "stages": stages, "split": split, "us": decode_t_us(cfg)}
+                row["sweep"].append(got)
+                print(f"  B={b} S={s} sweep {got}", flush=True)
     kv, vv = caches[0]
     new = torch.randn(b, HKV, 1, D, dtype=torch.float16, device="cuda")
     pos = torch.tensor([s - 33], device="cuda")
@@ -123,7 +114,7 @@ def decode_row(b: int, s: int, t: int, l2: int, bw: float, sweep: bool = False) 
     )
     tk = per_token(b, s)
     row["write_per_token_us"] = time_graph([lambda: kv4_cache_write_cuda(new, new, *tk, *vv, pos)])
-    del caches
+    del caches, decode_t_us  # (its default argument holds the caches too)
     kv16 = [
         tuple(torch.randn(b, HKV, s, D, dtype=torch.float16, device="cuda") for _ in "kv")
         for _ in range(copies(4 * b * HKV * s * D, l2, cap=8))

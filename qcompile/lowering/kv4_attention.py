@@ -863,11 +863,10 @@ def _kv4_decode_t_kernel(
             # the key tile dequantized and halved, k / 2 = codes * (s / 2) + o / 2, by one fp16
             # FMA per pair (within fp16: K is; the product is not rounded on its own), so the
             # query operand (q / r, |q / r| <= 1) stays fixed over the loop and the offsets ride
-            # the MMA. Unhalved, fma(codes, s, o) compiled to 1053 instructions (the fp16
-            # pairs packed by 173 PRMT) against 1004.
-            # codes are exact in fp16 and s / 2, o / 2 are s's and o's own halvings, so each
-            # is k / 2 rounded once: an fp16 K cache's rounding (a q . o per tile in fp32 took
-            # ~100 more loop instructions, shuffles and adds, offline sm_90)
+            # the MMA. codes are exact in fp16 and s / 2, o / 2 are s's and o's own halvings,
+            # so each is k / 2 rounded once: an fp16 K cache's rounding. Offline sm_90: a
+            # q . o per tile in fp32 took ~80 more loop instructions (shuffles and adds);
+            # unhalved, fma(codes, s, o) took 1053 (the pairs packed by 173 PRMT) against 1004.
             kh_lo = tl.fma(k_lo, (0.5 * s_e).to(tl.float16)[None, :],
                            (0.5 * o_e).to(tl.float16)[None, :])  # fmt: skip
             kh_hi = tl.fma(k_hi, (0.5 * s_o).to(tl.float16)[None, :],
@@ -1347,9 +1346,13 @@ def default_config(
     rows = sq * gqa
     bn = min(64, key_tokens or 64)
     per_channel_t = key_tokens > 0 and key_tokens % 32 == 0 and _DECODE_T_KEY_TOKENS
-    if sq == 1 and gqa <= 16 and groups == 1 and per_channel_t:
-        # keys per channel, one query position: decode_t as for per-token keys, its wave
-        # sized by the per-channel tile (`_DECODE_T_KEY_TILE`)
+    if sq == 1 and gqa <= 16 and groups == 1 and (not key_tokens or per_channel_t):
+        # one query position of <= 16 heads, per-token keys: what the H100 tuner and probe
+        # picked at B = 1 / 16 / 64, S = 8k / 32k (`results/session24/`, `session27/
+        # decode_t/`, `session28/`): "decode_t" over its head columns, 32 keys per one-warp
+        # tile, the token-scale prefetch, V staged, split to fill one wave of resident
+        # programs (>= 64 keys each). Keys per channel the same, their wave sized by their
+        # own tile (`_DECODE_T_KEY_TILE`, `session29/tkeys_fma/`).
         bm = decode_t_rows(gqa)
         split = _decode_t_wave(b * hkv, s, bm, device, key_tokens)
         return KernelConfig("decode_t", bm, 32, 0, split, 1, 3, True, stage_v=True)
@@ -1360,16 +1363,8 @@ def default_config(
         split = _default_split(b * hkv, s, 8, 512)
         return KernelConfig("decode", decode_rows(sq, gqa), bn, 0, split, 2, 3)
     if rows <= 64 and groups == 1:
-        # per-token keys: what the H100 tuner and probe picked at B = 1 / 16 / 64, S = 8k /
-        # 32k (`results/session24/`, `results/session27/decode_t/`, `results/session28/`):
-        # 32 keys per one-warp tile, the token-scale prefetch, V staged. One query position
-        # of <= 16 heads: "decode_t" over its head columns, split to fill one wave of
-        # resident programs (>= 64 keys each); otherwise the decode kernel, ~8 programs per
-        # SM with >= 128 keys per split
-        if sq == 1 and gqa <= 16:
-            bm = decode_t_rows(gqa)
-            split = _decode_t_wave(b * hkv, s, bm, device)
-            return KernelConfig("decode_t", bm, 32, 0, split, 1, 3, True, stage_v=True)
+        # per-token keys over several query positions: the decode kernel's tile as above,
+        # ~8 programs per SM with >= 128 keys per split
         split = _default_split(b * hkv, s, 8, 128)
         return KernelConfig("decode", decode_rows(sq, gqa), 32, 0, split, 1, 3, True, stage_v=True)
     if rows <= 64:
@@ -1424,7 +1419,6 @@ def reduce_splits(
     if target is out:
         return
     split, rows_total, d = target.shape[0], out.numel() // out.shape[-1], out.shape[-1]
-    pdl = pdl and not _interpreting()
     _kv4_split_reduce_kernel[(rows_total,)](
         target, lse, out, rows_total, SPLITS=split, SPLITS_POW2=triton.next_power_of_2(split),
         D=d, PDL=pdl, **({"launch_pdl": True} if pdl else {}),
@@ -1476,8 +1470,7 @@ def launch_attention(
             )
         reduce_here = 1 < split <= _SELF_REDUCE_SPLITS and b * hkv <= _COUNTERS
         counters = _tile_counters(query.device) if reduce_here else None
-        pdl = rows_total <= _REDUCE_PDL and split > 1 and counters is None
-        pdl = pdl and not _interpreting()
+        pdl = rows_total <= _REDUCE_PDL and split > 1 and counters is None and not _interpreting()
         residual = k_residual if k_residual is not None else k_scales
         _kv4_decode_t_kernel[(b * hkv, split)](
             query, k_codes, k_scales, k_offsets, v_codes, v_scales, v_offsets, lens_arg,
