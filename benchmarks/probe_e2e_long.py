@@ -32,6 +32,12 @@ ap.add_argument("--layers", type=int, default=8)
 ap.add_argument("--prompt", type=int, default=8000)
 ap.add_argument("--steps", type=int, default=16)
 ap.add_argument("--out", type=Path, default=Path("."))
+ap.add_argument(
+    "--skip-module-guards", action="store_true",
+    help="also run W4A16 + KV4 with Dynamo's guards on nn modules skipped "
+    "(torch.compiler.skip_guard_on_all_nn_modules_unsafe): how much of the host's time per "
+    "compiled call is guard evaluation",
+)  # fmt: skip
 args = ap.parse_args()
 
 config = AutoConfig.from_pretrained("benchmarks/configs/llama-3-8b")
@@ -69,11 +75,20 @@ def timed_compiled_call(compile_config):
 
 model.get_compiled_call = timed_compiled_call
 
-for name, kv4 in (("w4a16", "off"), ("w4a16+kv4", "token")):
+variants = [("w4a16", "off"), ("w4a16+kv4", "token")]
+if args.skip_module_guards:
+    variants.append(("w4a16+kv4+noguard", "token"))
+for name, kv4 in variants:
     if kv4 != "off":
         enable_kv4_attention(model)
     torch._dynamo.reset()
     compile = compile_config(qcompile.backend(qconfig), "reduce-overhead")
+    if name.endswith("noguard"):  # options and mode are exclusive: CUDA graphs by option
+        compile.mode = None
+        compile.options = {
+            "triton.cudagraphs": True,
+            "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe,
+        }
     length = args.prompt + args.steps + 1
     inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
                   pad_token_id=0, **_compile_kwargs(compile))  # fmt: skip

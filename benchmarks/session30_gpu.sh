@@ -10,6 +10,7 @@
 #            columns at 2 stages take 168 registers and 17.0 KB, 12 per SM).
 #   tune:    the autotuned KV4 op tests at 32k (per token and per channel), long time limit.
 #   shipped: the KV4 gpu tests of decode_t, the defaults, the reduce under PDL.
+#   w4a16:   the full W4A16 benchmark (bench_w4a16.py, shipped configs) for the README's table.
 #   threads: first-use tuning with the candidates compiled on 1 / 8 / 16 threads
 #            (`QCOMPILE_TUNE_THREADS`, off by default): its gpu test, then the wall time
 #            (probe_tune_threads.py, fresh caches per run).
@@ -19,9 +20,10 @@ for part in ${PART//,/ }; do
   case "$part" in
     e2e)
       TORCH_LOGS=perf_hints timeout "${E2E_S:-300}" python3 benchmarks/probe_e2e_long.py \
-        --layers "${LAYERS:-8}" --out "$OUT/$part" > "$OUT/$part/e2e_long.log" 2>&1
+        --layers "${LAYERS:-8}" --out "$OUT/$part" ${E2E_ARGS:-} > "$OUT/$part/e2e_long.log" 2>&1
       grep -iE "skipping cudagraph|^w4a16|error" "$OUT/$part/e2e_long.log" | head -20
       for f in "$OUT/$part"/decode_kernels_*.txt; do echo "== $f"; head -14 "$f"; tail -1 "$f"; done
+      grep -E "Cache Lookup|Compiled Region|CPU time total" "$OUT/$part"/decode_host_*.txt | cut -c1-160
       ;;
     pdlrows)
       (cd benchmarks && timeout "${PROBE_S:-200}" python3 probe_kv4_decode.py --dtype float16 \
@@ -43,6 +45,11 @@ for part in ${PART//,/ }; do
     shipped)
       gpu_tests "${TEST_S:-400}" "$OUT/$part/tests.log" tests/test_shipped_configs.py \
         tests/test_kv4.py -k "${TESTS_K:-decode_t or generate_on_cuda_with or centered or switches or reduce_pdl or per_channel}"
+      ;;
+    w4a16)
+      timeout "${BENCH_S:-420}" python3 benchmarks/bench_w4a16.py --out "$OUT/$part" \
+        > "$OUT/$part/log.txt" 2>&1
+      grep "^|" "$OUT/$part/log.txt" | tail -27
       ;;
     threads)
       gpu_tests "${TEST_S:-300}" "$OUT/$part/tests.log" tests/test_gpu.py -k autotune_on_threads
