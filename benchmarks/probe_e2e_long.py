@@ -89,7 +89,7 @@ for name, kv4 in variants:
             "triton.cudagraphs": True,
             "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe,
         }
-    length = args.prompt + args.steps + 1
+    length = args.prompt + args.steps + 1 + 32  # room for the replays below (13 tokens)
     inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
                   pad_token_id=0, **_compile_kwargs(compile))  # fmt: skip
 
