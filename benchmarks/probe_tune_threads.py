@@ -38,6 +38,7 @@ else:
           for t in (p.codes, p.scales, p.offsets)]
     q = torch.randn(int(b), 32, 1, 128).half().cuda()
     op = lambda: torch.ops.qcompile.kv4_attention(q, *kv, None, None, False, 128**-0.5)
+autotune.autotuner(0).shipped = {}  # the shipped H100 configs cover these keys: tune anyway
 torch.cuda.synchronize()
 t0 = time.perf_counter()
 op()

@@ -762,6 +762,21 @@ def test_transposed_decode_keys_per_channel_switch():
         assert default_config(16, 8, 1, 4, 32768, 1, key_tokens=64).kernel == "decode"
 
 
+def test_keys_per_channel_tune_one_split_past_their_wave():
+    """Keys per channel: decode_t at 4 head columns is tuned at its wave's split (10 programs
+    per SM: 10 at B=16) and one past it (11, faster on the H100); per-token keys at the wave
+    only, and never past 128 splits or under 64 keys a split."""
+    splits = {c.split_k for c in candidate_configs(16, 8, 1, 4, 32768, 1, key_tokens=64)
+              if c.kernel == "decode_t" and c.block_m == 4}  # fmt: skip
+    assert {10, 11} <= splits and 12 not in splits
+    splits = {c.split_k for c in candidate_configs(16, 8, 1, 4, 32768, 1)
+              if c.kernel == "decode_t" and c.block_m == 4}  # fmt: skip
+    assert 12 in splits and 13 not in splits
+    for b, s in ((1, 32768), (1, 640)):  # the wave is already at the cap: 128 splits / S // 64
+        splits = {c.split_k for c in candidate_configs(b, 8, 1, 4, s, 1, key_tokens=64)}
+        assert max(splits) == min(128, s // 64)
+
+
 @KERNEL_SETTINGS
 @given(
     problem=kv4_problems(decode=False, device=KERNEL_DEVICE, per_channel_keys=True), data=st.data()

@@ -1160,7 +1160,10 @@ def candidate_configs(
         bm = decode_t_rows(gqa)
         # the powers of two and the split filling one wave (`_wave_split`)
         wave = _decode_t_wave(b * hkv, s, bm, device, key_tokens)
-        for split in dict.fromkeys([*_tuning_splits(b * hkv, s), wave]):
+        # keys per channel also one split past their wave: B = 16 on the H100 (4 columns),
+        # S = 32k 271.6 -> 253.5 us, 8k 77.6 -> 74.3 (`results/session30/tkeys/`)
+        past = [wave + 1] if key_tokens and wave + 1 <= min(128, s // 64) else []
+        for split in dict.fromkeys([*_tuning_splits(b * hkv, s), wave, *past]):
             for bn, warps, stages in _DECODE_TILES["decode_t"]:
                 bn = min(bn, cap)
                 cfg = KernelConfig("decode_t", bm, bn, 0, split, warps, stages, prefetch=True)
