@@ -190,7 +190,7 @@ def compile_kv4_variant(
     split partials for decode; key_tokens > 0: keys per channel), "decode_t"
     (`_kv4_decode_t_kernel`, bm = its ROWS, q_rows: its SWAP_PAIRS, key_bias16: its KEY_MASK,
     key_tokens: its KEY_TOKENS)
-    or "key_write" (the
+    or "write" (the per-token K/V write, bm = BLOCK_T, bn = G) or "key_write" (the
     per-channel key write kernel, T = key_tokens) or "split_reduce" (bn splits, D = 128);
     dtype: the query's (and residual's), fp16 or bf16; max_registers: ptxas's cap per thread
     (0: none); pdl: decode_t triggers its dependents, split_reduce waits for its primary."""
@@ -214,6 +214,12 @@ def compile_kv4_variant(
         pointers = {"kc_ptr": "*u8", "vc_ptr": "*u8", "lens_ptr": "*i32", "mask_ptr": "*fp16",
                     "out_ptr": "*fp32", "lse_ptr": "*fp32", "cnt_ptr": "*i32",
                     "q_ptr": f"*{dtype}", "kr_ptr": f"*{dtype}", "final_ptr": f"*{dtype}"}  # fmt: skip
+    elif kind == "write":  # the per-token K/V write, G = bn, BLOCK_T = bm
+        fn = kv4._kv4_cache_write_kernel
+        consts = {"HKV": 8, "D": 128, "G": bn, "BLOCK_T": bm, "WRITE_K": True,
+                  "stride_kd": 1, "stride_vd": 1}  # fmt: skip  (unit strides: specialized)
+        pointers = {"kc_ptr": "*u8", "vc_ptr": "*u8", "pos_ptr": "*i64", "k_ptr": f"*{dtype}",
+                    "v_ptr": f"*{dtype}"}  # fmt: skip
     elif kind == "key_write":
         fn = kv4._kv4_key_channels_write_kernel
         consts = {"HKV": 8, "D": 128, "T": key_tokens}

@@ -557,11 +557,14 @@ def test_empty_splits_and_rows_that_see_nothing_give_zeros_not_nan():
     sn=st.integers(1, 20),
     dtype=st.sampled_from([torch.float16, torch.bfloat16]),
     seed=st.integers(0, 2**31 - 1),
-    block_t=st.sampled_from([8, 16, 32, 64]),
+    block_t=st.sampled_from([None, 1, 2, 8, 16, 32, 64]),
+    num_warps=st.sampled_from([None, 1, 4]),
 )
-def test_cache_write_kernel_is_bit_exact_with_reference(d, group, sn, dtype, seed, block_t):
+def test_cache_write_kernel_is_bit_exact_with_reference(
+    d, group, sn, dtype, seed, block_t, num_warps
+):
     """Quantize-on-write: codes, scales and offsets equal `quantize_kv4`'s, at the positions,
-    whatever the tokens per program."""
+    whatever the tokens per program and warps (None: the default tile)."""
     if d % group:
         return
     gen = torch.Generator().manual_seed(seed)
@@ -582,13 +585,48 @@ def test_cache_write_kernel_is_bit_exact_with_reference(d, group, sn, dtype, see
     ref = empty_cache() + empty_cache()
     kv4_cache_write_cuda(
         key.to(KERNEL_DEVICE), value.to(KERNEL_DEVICE), *ours, positions.to(KERNEL_DEVICE),
-        block_t=block_t,
+        block_t=block_t, num_warps=num_warps,
     )  # fmt: skip
     torch.ops.qcompile.kv4_cache_write(key, value, *ref, positions)
     for got, want in zip(ours, ref, strict=True):
         assert torch.equal(got.cpu(), want)
     p = quantize_kv4(key, KVScheme(group_size=group))
     assert torch.equal(ref[0][:, :, positions], p.codes)
+
+
+@pytest.mark.parametrize("decode_write", [None, (1, 1)])
+@pytest.mark.parametrize("sn", [1, 3])
+def test_cache_write_tile_of_one_token(decode_write, sn):
+    """`_DECODE_WRITE` (off: None) sets the tile of a one-token write only; every other write
+    and the default keep 8 tokens on 4 warps; a position past the cache is dropped."""
+    b, h, d, smax = 2, 2, 64, 8
+    key = torch.randn(b, h, sn, d, device=KERNEL_DEVICE)
+    cache = [torch.zeros(b, h, smax, d // 2, dtype=torch.uint8, device=KERNEL_DEVICE),
+             *(torch.zeros(b, h, smax, 1, dtype=torch.float16, device=KERNEL_DEVICE)
+               for _ in "so")]  # fmt: skip
+    positions = torch.tensor([smax, 2, 5][:sn], device=KERNEL_DEVICE)
+    launches = []
+    real = kv4_attention._kv4_cache_write_kernel
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                launches.append((grid, kw["BLOCK_T"], kw["num_warps"]))
+                return real[grid](*args, **kw)
+
+            return launch
+
+    with (
+        mock.patch.object(kv4_attention, "_DECODE_WRITE", decode_write),
+        mock.patch.object(kv4_attention, "_kv4_cache_write_kernel", Recorder()),
+    ):
+        kv4_cache_write_cuda(key, key, *cache, *cache, positions)
+    tile = decode_write if sn == 1 and decode_write else (8, 4)
+    assert launches == [((b * h, -(-sn // tile[0])), *tile)]
+    if sn == 1:  # position 8 is past the 8-position cache: nothing written
+        assert not cache[0].any() and not cache[1].any()
+    else:
+        assert cache[0][:, :, [2, 5]].any() and not cache[0][:, :, [0, 1, 3, 4, 6, 7]].any()
 
 
 # --------------------------------------------------------------------------- keys per channel

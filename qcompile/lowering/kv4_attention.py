@@ -969,9 +969,9 @@ def _kv4_cache_write_kernel(
     b = pid_bh // HKV
     h = pid_bh % HKV
     t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
-    ok = t < Sn
-    pos = tl.load(pos_ptr + t, mask=ok, other=0)
-    ok = ok & (pos >= 0) & (pos < S)
+    live = t < Sn  # the loads' mask: K and V are read without waiting for the positions
+    pos = tl.load(pos_ptr + t, mask=live, other=0)
+    ok = live & (pos >= 0) & (pos < S)  # the stores'
     grp = tl.arange(0, NG)[None, :, None]
     ch = tl.arange(0, G)[None, None, :]
     half = tl.arange(0, G // 2)[None, None, :]
@@ -983,10 +983,10 @@ def _kv4_cache_write_kernel(
     # not move a load above a store that may alias it)
     b = b.to(tl.int64)  # (the new tokens' offsets below)
     v = tl.load(v_ptr + b * stride_vb + h * stride_vh + t[:, None, None] * stride_vs
-                + chan * stride_vd, mask=ok[:, None, None], other=0.0)  # fmt: skip
+                + chan * stride_vd, mask=live[:, None, None], other=0.0)  # fmt: skip
     if WRITE_K:
         k = tl.load(k_ptr + b * stride_kb + h * stride_kh + t[:, None, None] * stride_ks
-                    + chan * stride_kd, mask=ok[:, None, None], other=0.0)  # fmt: skip
+                    + chan * stride_kd, mask=live[:, None, None], other=0.0)  # fmt: skip
         _quantize_store(
             k.to(tl.float32), kc_ptr, ks_ptr, ko_ptr, code_offs, scale_offs, ok, NG, BLOCK_T, G
         )
@@ -1604,6 +1604,15 @@ def kv4_attention_cuda(
     return launch_attention(cfg, *args, is_causal, scale, k_residual)
 
 
+# (tokens per program, warps) of the K/V write of one token per head (a decode step); None:
+# the prompt's tile, 8 tokens on 4 warps (the H100's best at 1k tokens, session 22). Offline
+# sm_90, one token on one warp compiles to 520 instructions and no barrier, against 736 and
+# 7 barriers (the min / max across warps) for 8 tokens on 4 warps, of which 7 are masked at
+# decode; in the H100 decode profile the write took 4.3 us a layer, half the attention
+# kernel's 8.2 (`results/session30/e2e/`). Untimed alone: off until `probe_kv4_write.py` runs.
+_DECODE_WRITE: tuple[int, int] | None = None
+
+
 def kv4_cache_write_cuda(
     key: torch.Tensor,
     value: torch.Tensor,
@@ -1614,14 +1623,17 @@ def kv4_cache_write_cuda(
     v_scales: torch.Tensor,
     v_offsets: torch.Tensor,
     positions: torch.Tensor,
-    block_t: int = 8,
+    block_t: int | None = None,
     k_residual: torch.Tensor | None = None,
-    num_warps: int = 4,
+    num_warps: int | None = None,
 ) -> None:
     """Quantize key/value [B, Hkv, Sn, D] (any strides) into the cache at `positions`
     (consecutive for keys per channel, i.e. with `k_residual`); `block_t` tokens of one head
-    per program."""
+    per program on `num_warps` warps (None: `_DECODE_WRITE` for one token, else 8 on 4)."""
     b, hkv, sn, d = key.shape
+    tile = _DECODE_WRITE if sn == 1 and _DECODE_WRITE is not None else (8, 4)
+    block_t = block_t or tile[0]
+    num_warps = num_warps or tile[1]
     g = d // v_scales.shape[-1]
     grid = (b * hkv, triton.cdiv(sn, block_t))
     _kv4_cache_write_kernel[grid](

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Thirty-first session's device calls (written in the thirtieth); PART is a comma-separated
+# list of:
+#   write:   probe_kv4_write.py, the one-token KV4 cache write by tile (8 tokens / 4 warps,
+#            the default, against 1 / 1 and others; `_DECODE_WRITE` is off until timed), B =
+#            1 / 16 / 64, beside StaticCache's fp16 index_copy.
+#   e2e:     probe_e2e_long.py at 32 layers (LAYERS), W4A16 vs W4A16 + KV4, and KV4 with
+#            Dynamo's nn-module guards skipped: host and GPU time per compiled call.
+#   tune:    the autotuned per-channel KV4 op tests still unchecked (S = 32768 and the
+#            300-token prefill; per token and per channel at 4100 passed), long time limit.
+#   threads: probe_tune_threads.py, first-use tuning wall time on 1 / 16 threads (the
+#            thirtieth session's run hit the shipped configs and tuned nothing).
+#   pdlrows: decode_t's split reduce under PDL at B = 2 / 4 / 8 (the `_REDUCE_PDL` cutoff).
+#   shipped: the shipped-config and KV4 decode gpu tests.
+source benchmarks/gpu_setup.sh
+for part in ${PART//,/ }; do
+  mkdir -p "$OUT/$part"
+  case "$part" in
+    write)
+      timeout "${PROBE_S:-200}" python3 benchmarks/probe_kv4_write.py --out "$OUT/$part" 2>&1 \
+        | tail -5
+      cat "$OUT/$part/kv4_write.md"
+      ;;
+    e2e)
+      TORCH_LOGS=perf_hints timeout "${E2E_S:-420}" python3 benchmarks/probe_e2e_long.py \
+        --layers "${LAYERS:-32}" --out "$OUT/$part" --skip-module-guards \
+        > "$OUT/$part/e2e_long.log" 2>&1
+      grep -iE "skipping cudagraph|^w4a16|error" "$OUT/$part/e2e_long.log" | head -20
+      for f in "$OUT/$part"/decode_kernels_*.txt; do echo "== $f"; head -8 "$f"; tail -1 "$f"; done
+      grep -E "Cache Lookup|Compiled Region|CPU time total" "$OUT/$part"/decode_host_*.txt | cut -c1-160
+      ;;
+    tune)
+      gpu_tests "${TEST_S:-500}" "$OUT/$part/tests.log" tests/test_kv4.py --durations=10 \
+        -k "op_on_cuda_keys_per_channel_tunes and (32768 or 300)"
+      ;;
+    threads)
+      timeout "${PROBE_S:-400}" python3 benchmarks/probe_tune_threads.py --out "$OUT/$part" \
+        --threads "${THREADS:-1,16}" 2>&1 | tail -8
+      ;;
+    pdlrows)
+      (cd benchmarks && timeout "${PROBE_S:-200}" python3 probe_kv4_decode.py --dtype float16 \
+        --kinds decode_t --t-rows 4 --prefetch 1 --stage-v 1 --tiles 32x1 --stages 3 \
+        --grouped 0 --top 8 --splits "${SPLITS:-24,48,96}" --reduce-pdl 0,1 \
+        --shapes "${SHAPES:-2x8192,4x8192,8x8192,2x32768,8x32768}" --out "$OUT/$part/probe.json") \
+        2>&1 | tee "$OUT/$part/probe.log" | grep -v "^check decode \|^check decode_grouped" | tail -45
+      ;;
+    shipped)
+      gpu_tests "${TEST_S:-400}" "$OUT/$part/tests.log" tests/test_shipped_configs.py \
+        tests/test_kv4.py -k "${TESTS_K:-decode_t or generate_on_cuda_with or reduce_pdl or per_channel}"
+      ;;
+    *) echo "unknown part $part"; exit 2 ;;
+  esac
+done
