@@ -4,7 +4,7 @@
 #   write:   probe_kv4_write.py, the one-token KV4 cache write by tile (8 tokens / 4 warps,
 #            the default, against 1 / 1 and others; `_DECODE_WRITE` is off until timed), B =
 #            1 / 16 / 64, beside StaticCache's fp16 index_copy.
-#   e2e:     probe_e2e_long.py at 32 layers (LAYERS), W4A16 vs W4A16 + KV4, and KV4 with
+#   e2e:     probe_e2e_long.py at 16 layers (LAYERS; 8 took 177 s for the three runs), W4A16 vs W4A16 + KV4, and KV4 with
 #            Dynamo's nn-module guards skipped: host and GPU time per compiled call.
 #   tune:    the autotuned per-channel KV4 op tests still unchecked (S = 32768 and the
 #            300-token prefill; per token and per channel at 4100 passed), long time limit.
@@ -23,7 +23,7 @@ for part in ${PART//,/ }; do
       ;;
     e2e)
       TORCH_LOGS=perf_hints timeout "${E2E_S:-420}" python3 benchmarks/probe_e2e_long.py \
-        --layers "${LAYERS:-32}" --out "$OUT/$part" --skip-module-guards \
+        --layers "${LAYERS:-16}" --out "$OUT/$part" --skip-module-guards \
         > "$OUT/$part/e2e_long.log" 2>&1
       grep -iE "skipping cudagraph|^w4a16|error" "$OUT/$part/e2e_long.log" | head -20
       for f in "$OUT/$part"/decode_kernels_*.txt; do echo "== $f"; head -8 "$f"; tail -1 "$f"; done
