@@ -4,8 +4,9 @@
 #   write:   probe_kv4_write.py, the one-token KV4 cache write by tile (8 tokens / 4 warps,
 #            the default, against 1 / 1 and others; `_DECODE_WRITE` is off until timed), B =
 #            1 / 16 / 64, beside StaticCache's fp16 index_copy.
-#   e2e:     probe_e2e_long.py at 16 layers (LAYERS; 8 took 177 s for the three runs), W4A16 vs W4A16 + KV4, and KV4 with
-#            Dynamo's nn-module guards skipped: host and GPU time per compiled call.
+#   e2e:     probe_e2e_long.py at 16 layers (LAYERS; 8 took 177 s for the three runs), W4A16
+#            vs W4A16 + KV4, and KV4 with Dynamo's nn-module guards skipped: host and GPU
+#            time per compiled call.
 #   tune:    the autotuned per-channel KV4 op tests still unchecked (S = 32768 and the
 #            300-token prefill; per token and per channel at 4100 passed), long time limit.
 #   threads: probe_tune_threads.py, first-use tuning wall time on 1 / 16 threads (the
