@@ -220,7 +220,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
         enable_kv4_attention(model)
     # the backend quantizes what is left in 16 bits: not with --no-quantize
     backend = "inductor" if args.no_quantize and not quantized else qcompile.backend(_config(args))
-    compile = compile_config(backend, args.mode) if compiled else None
+    guards = not args.skip_module_guards
+    compile = compile_config(backend, args.mode, guards) if compiled else None
     result = timed_generate(
         model, tok, args.prompt, args.max_new_tokens, chat=args.chat, compile=compile,
         kv4=args.kv4,
@@ -413,7 +414,7 @@ def _bench_model(args: argparse.Namespace) -> None:
         if compiled:
             torch._dynamo.reset()
             fn = qcompile.backend(config) if backend == "qcompile" else backend
-            compile = compile_config(fn, mode)
+            compile = compile_config(fn, mode, not args.skip_module_guards)
         tensors = (*model.parameters(), *model.buffers())
         weights = sum(t.numel() * t.element_size() for t in tensors)
         for b in batches:
@@ -472,6 +473,11 @@ def _add_runtime(p: argparse.ArgumentParser, dtype_flag: str, note: str = "") ->
         help=f"{note}auto: on with a GPU",
     )  # fmt: skip
     p.add_argument("--mode", default="reduce-overhead", help=f"{note}torch.compile mode")
+    p.add_argument(
+        "--skip-module-guards", action="store_true",
+        help=f"{note}compiled: skip Dynamo's guards on the model's modules (less host time per "
+        "decode step; the model must not change after compiling)",
+    )  # fmt: skip
 
 
 def _runtime(args: argparse.Namespace) -> tuple[torch.device, torch.dtype, bool]:

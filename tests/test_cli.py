@@ -114,16 +114,18 @@ def test_default_float16_checkpoint_generates_in_float32(model_dir, tmp_path, ca
 
 
 @pytest.mark.usefixtures("fresh_dynamo")
-def test_compiled_generate_times_no_compile(model_dir, tmp_path, capsys):
+@pytest.mark.parametrize("flags", [[], ["--skip-module-guards"]])
+def test_compiled_generate_times_no_compile(model_dir, tmp_path, capsys, flags):
     """`generate --compile on`: transformers compiles the decode step (the prompt runs
     eagerly); the warm-up and the timed run share one cache shape, so only the warm-up
-    compiles and the timed run recompiles nothing: one graph."""
+    compiles and the timed run recompiles nothing: one graph (with or without the guards on
+    modules)."""
     from torch._dynamo.utils import counters
 
     out = tmp_path / "q"
     assert cli.main(["quantize", str(model_dir), str(out), "--group-size", "32"]) == 0
     gen = ["generate", str(out), "--prompt", "w1 w2", "--max-new-tokens", "12", "--device",
-           "cpu", "--compile", "on"]  # fmt: skip
+           "cpu", "--compile", "on", *flags]  # fmt: skip
     assert cli.main(gen) == 0
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
     assert "compile + warm-up" in capsys.readouterr().err
@@ -252,6 +254,31 @@ def test_generate_with_a_kv4_cache(model_dir, capsys, kind):
     ratio = cache.nbytes() / (8 * sum(layer.key_cache.codes.numel() for layer in cache.layers))
     assert f"= {ratio:.3f}x of fp16" in captured.err
     assert ("per channel over 128 tokens" in captured.err) is (kind == "channel")
+
+
+@pytest.mark.parametrize("module_guards", [True, False])
+def test_compile_config_module_guards(model_dir, module_guards):
+    """`compile_config(module_guards=False)` (`--skip-module-guards`): the same tokens, and a
+    module attribute changed after compiling is not seen (no recompile), which is why it is
+    opt-in; with the guards the change recompiles."""
+    from torch._dynamo.utils import counters
+
+    import qcompile
+    from qcompile.integrations.generation import compile_config, timed_generate
+
+    model, tok, _ = cli.load_model(str(model_dir))
+    qcompile.quantize_(model, qcompile.QuantConfig(qcompile.Scheme(group_size=32)))
+    eager = timed_generate(model, tok, "w1 w2 w3", 6)
+    torch._dynamo.reset()
+    counters.clear()
+    compile = compile_config("eager", None, module_guards)
+    compiled = timed_generate(model, tok, "w1 w2 w3", 6, compile=compile)
+    assert compiled.text == eager.text
+    graphs = counters["stats"]["unique_graphs"]
+    model.model.norm.variance_epsilon *= 2  # a float attribute Dynamo guards as a constant
+    timed_generate(model, tok, "w1 w2 w3", 6, compile=compile)
+    assert counters["stats"]["unique_graphs"] == graphs + module_guards
+    torch._dynamo.reset()
 
 
 def test_timed_generate_same_text_on_dynamic_and_static_caches(model_dir):

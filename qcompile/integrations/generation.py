@@ -50,12 +50,28 @@ def kv4_scheme(model: torch.nn.Module, kv4: str):
     return KVScheme(group_size=min(128, head_dim), key_tokens=128 if kv4 == "channel" else 0)
 
 
-def compile_config(backend, mode: str | None = "reduce-overhead"):
+def compile_config(backend, mode: str | None = "reduce-overhead", module_guards: bool = True):
     """transformers' CompileConfig for `generate()`: each decode step compiled with `backend`
-    (a name or a callable such as `qcompile.backend(config)`), whole-graph, on any device."""
+    (a name or a callable such as `qcompile.backend(config)`), whole-graph, on any device.
+
+    `module_guards=False` drops Dynamo's guards on the model's modules
+    (`torch.compiler.skip_guard_on_all_nn_modules_unsafe`): less host time per decode step
+    (H100, 8 layers, KV4 cache: 0.78 -> 0.65 ms per compiled call), but a module attribute
+    changed after compiling (a swapped weight, another attention implementation) is then
+    not seen until `torch._dynamo.reset()`. For a model that no longer changes.
+    """
     from transformers import CompileConfig
 
-    config = CompileConfig(backend=backend, mode=mode or "default", fullgraph=True)
+    if module_guards:
+        config = CompileConfig(backend=backend, mode=mode or "default", fullgraph=True)
+    else:  # torch.compile takes a mode or options, not both: the mode's options by name
+        from torch._inductor import list_mode_options
+
+        options = {
+            **(list_mode_options(mode) if mode else {}),
+            "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe,
+        }
+        config = CompileConfig(backend=backend, mode=None, fullgraph=True, options=options)
     config._compile_all_devices = True  # transformers compiles on CUDA only unless told
     return config
 
