@@ -11,6 +11,9 @@
 #            300-token prefill; per token and per channel at 4100 passed), long time limit.
 #   threads: probe_tune_threads.py, first-use tuning wall time on 1 / 16 threads (the
 #            thirtieth session's run hit the shipped configs and tuned nothing).
+#   tsplits: per-token decode_t at B = 16 one to three splits past its wave (12 per SM: split
+#            12; the thirtieth session found keys per channel faster one split past theirs):
+#            B = 16 at 8k is the 3x miss (2.83x).
 #   pdlrows: decode_t's split reduce under PDL at B = 2 / 4 / 8 (the `_REDUCE_PDL` cutoff).
 #   shipped: the shipped-config and KV4 decode gpu tests.
 source benchmarks/gpu_setup.sh
@@ -37,6 +40,13 @@ for part in ${PART//,/ }; do
     threads)
       timeout "${PROBE_S:-400}" python3 benchmarks/probe_tune_threads.py --out "$OUT/$part" \
         --threads "${THREADS:-1,16}" 2>&1 | tail -8
+      ;;
+    tsplits)
+      (cd benchmarks && timeout "${PROBE_S:-200}" python3 probe_kv4_decode.py --dtype float16 \
+        --kinds decode_t --t-rows 4 --prefetch 1 --stage-v 1 --tiles 32x1 --stages 3 \
+        --grouped 0 --top 8 --splits 11,12,13,14,15 --shapes 16x8192,16x32768 \
+        --out "$OUT/$part/probe.json") 2>&1 | tee "$OUT/$part/probe.log" \
+        | grep -v "^check decode \|^check decode_grouped" | tail -30
       ;;
     pdlrows)
       (cd benchmarks && timeout "${PROBE_S:-200}" python3 probe_kv4_decode.py --dtype float16 \
