@@ -48,12 +48,8 @@ for part in ${PART//,/ }; do
         --out "$OUT/$part/probe.json") 2>&1 | tee "$OUT/$part/probe.log" \
         | grep -v "^check decode \|^check decode_grouped" | tail -30
       ;;
-    pdlrows)
-      (cd benchmarks && timeout "${PROBE_S:-200}" python3 probe_kv4_decode.py --dtype float16 \
-        --kinds decode_t --t-rows 4 --prefetch 1 --stage-v 1 --tiles 32x1 --stages 3 \
-        --grouped 0 --top 8 --splits "${SPLITS:-24,48,96}" --reduce-pdl 0,1 \
-        --shapes "${SHAPES:-2x8192,4x8192,8x8192,2x32768,8x32768}" --out "$OUT/$part/probe.json") \
-        2>&1 | tee "$OUT/$part/probe.log" | grep -v "^check decode \|^check decode_grouped" | tail -45
+    pdlrows)  # as the thirtieth session wrote it (not run there)
+      PART=pdlrows bash benchmarks/session30_gpu.sh
       ;;
     shipped)
       gpu_tests "${TEST_S:-400}" "$OUT/$part/tests.log" tests/test_shipped_configs.py \
