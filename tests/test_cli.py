@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from unittest import mock
 
 import helpers
 import pytest
@@ -378,6 +379,41 @@ def test_timed_decode_generates_the_asked_tokens_past_eos(model_dir):
     assert r.decode_seconds > 0 and r.tokens_per_second == 5 / r.decode_seconds
     with pytest.raises(ValueError, match="new_tokens=1; need >= 2"):
         timed_decode(model, 1, 8, 1)
+
+
+@pytest.mark.parametrize("kv4", ["off", "token"])
+def test_timed_runs_reuse_one_cache_emptied_between_them(model_dir, kv4):
+    """timed_decode and timed_generate build one cache and empty it before each generate()
+    (a new cache would make a compiled step record its CUDA graphs again inside the timed
+    run); the emptied cache gives the tokens of a fresh one."""
+    import qcompile
+    from qcompile.integrations import generation
+    from qcompile.integrations.kv4_cache import enable_kv4_attention
+
+    model, tok, _ = cli.load_model(str(model_dir))
+    qcompile.quantize_(model, qcompile.QuantConfig(qcompile.Scheme(group_size=32)))
+    if kv4 != "off":
+        enable_kv4_attention(model)
+    made, resets = [], []
+    real = generation.generation_cache
+
+    def tracked(*args, **kwargs):
+        cache = real(*args, **kwargs)
+        made.append(cache)
+        reset = cache.reset
+        cache.reset = lambda: (resets.append(cache), reset())[1]
+        return cache
+
+    compile = generation.compile_config("eager", None)
+    fresh = generation.timed_generate(model, tok, "w1 w2 w3", 6, kv4=kv4)  # eager: no warm-up
+    with mock.patch.object(generation, "generation_cache", tracked):
+        r = generation.timed_decode(model, 1, 8, 6, compile=compile, kv4=kv4)
+        assert len(made) == 1 and resets == made * 3  # warm-up, one token, all tokens
+        assert r.decode_seconds > 0
+        made.clear(), resets.clear()
+        again = generation.timed_generate(model, tok, "w1 w2 w3", 6, kv4=kv4, compile=compile)
+        assert len(made) == 1 and resets == made and again.cache is made[0]
+    assert again.text == fresh.text and again.tokens == fresh.tokens
 
 
 def test_bench_random_weights_needs_only_a_config(model_dir, tmp_path, capsys):

@@ -122,7 +122,7 @@ def timed_generate(
 ) -> Generation:
     """Greedy `model.generate` of up to `max_new_tokens` after `prompt` (through the chat
     template with `chat`, where the tokenizer has one), timed; `compile` (a `compile_config`):
-    decode steps compiled, after a warm-up on a cache of the same shape (timed apart). The
+    decode steps compiled, after a warm-up on the same cache, emptied after it (timed apart). The
     cache holds `max_cache_len` positions (default: prompt + `max_new_tokens`); one length for
     several prompts lets them share the decode graph."""
     compiled = compile is not None
@@ -141,13 +141,13 @@ def timed_generate(
             )
         length = max_cache_len
     warmup = None
+    cache = generation_cache(model, kv4, length, compiled)
     if compiled:
         t0 = time.perf_counter()
-        warm = generation_cache(model, kv4, length, compiled)
-        model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, **gen, **cache_kwargs(warm))
+        model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, **gen, **cache_kwargs(cache))
         _sync(device)
         warmup = time.perf_counter() - t0
-    cache = generation_cache(model, kv4, length, compiled)
+        _reuse(cache)
     t0 = time.perf_counter()
     out = model.generate(**inputs, max_new_tokens=max_new_tokens, **gen, **cache_kwargs(cache))
     _sync(device)
@@ -189,10 +189,10 @@ def timed_decode(
     seed: int = 0,
 ) -> DecodeTiming:
     """Decode speed on `batch` prompts of `prompt_tokens` random tokens: `generate()` of one new
-    token, then of `new_tokens` (EOS suppressed), on caches of one shape (no recompile between
-    them); the difference is the time of `new_tokens - 1` decode steps. `compile` (a
-    `compile_config`): decode steps compiled. A short generation on that cache shape first
-    warms up (compiles, tunes, records CUDA graphs); timed apart."""
+    token, then of `new_tokens` (EOS suppressed), on one cache emptied in between (no
+    recompile, no new CUDA graphs); the difference is the time of `new_tokens - 1` decode
+    steps. `compile` (a `compile_config`): decode steps compiled. A short generation on that
+    cache first warms up (compiles, tunes, records CUDA graphs); timed apart."""
     if new_tokens < 2:
         raise ValueError(f"timed_decode: new_tokens={new_tokens}; need >= 2 (one decode step)")
     device = next(model.parameters()).device
@@ -209,8 +209,10 @@ def timed_decode(
     compiled = compile is not None
     length = prompt_tokens + new_tokens
 
+    cache = generation_cache(model, kv4, length, compiled)
+
     def run(n: int) -> float:
-        cache = generation_cache(model, kv4, length, compiled)
+        _reuse(cache)
         _sync(device)
         t0 = time.perf_counter()
         out = model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, **cache_kwargs(cache))
@@ -227,6 +229,15 @@ def timed_decode(
     total = run(new_tokens)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     return DecodeTiming(batch, prompt_tokens, new_tokens, prefill, total - prefill, warmup, peak)
+
+
+def _reuse(cache) -> None:
+    """Empty `cache` in place for the next generate(). Its tensors keep their addresses, so a
+    compiled decode step replays its CUDA graphs; a new cache makes the first decode step
+    record them again (15-42 ms on the H100 at 8 layers, `results/session30/e2e/`), which
+    the timed runs used to include."""
+    if cache is not None:
+        cache.reset()
 
 
 def _sync(device: torch.device) -> None:
