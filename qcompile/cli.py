@@ -377,6 +377,8 @@ def _bench_model(args: argparse.Namespace) -> None:
     model.to(device=device, dtype=dtype)
     mode = args.mode if compiled else None
     path = f"compiled, mode={mode}" if compiled else "eager"
+    if compiled and args.skip_module_guards:
+        path += ", module guards skipped"
     print(
         f"{args.model} on {device} ({str(dtype).removeprefix('torch.')}, {path}): greedy decode "
         f"after {args.prompt_tokens} random prompt tokens, {args.new_tokens} new tokens"
