@@ -7,6 +7,10 @@
 #   e2e:     probe_e2e_long.py at 16 layers (LAYERS; 8 took 177 s for the three runs), W4A16
 #            vs W4A16 + KV4, and KV4 with Dynamo's nn-module guards skipped: host and GPU
 #            time per compiled call.
+#   bench:   end to end, Llama-3-8B shapes, 8000-token prompt, batch 1 (`qcompile bench
+#            --model`), now that the timed runs reuse one cache: the twenty-seventh session's
+#            W4A16 + KV4 was 6% slower than W4A16 (157.0 / 166.7 tok/s), and a new cache's
+#            first decode call cost 42 ms with KV4 against 15 without (0.43 ms a step over 63).
 #   tune:    the autotuned per-channel KV4 op tests still unchecked (S = 32768 and the
 #            300-token prefill; per token and per channel at 4100 passed), long time limit.
 #   threads: probe_tune_threads.py, first-use tuning wall time on 1 / 16 threads (the
@@ -32,6 +36,11 @@ for part in ${PART//,/ }; do
       grep -iE "skipping cudagraph|^w4a16|error" "$OUT/$part/e2e_long.log" | head -20
       for f in "$OUT/$part"/decode_kernels_*.txt; do echo "== $f"; head -8 "$f"; tail -1 "$f"; done
       grep -E "Cache Lookup|Compiled Region|CPU time total" "$OUT/$part"/decode_host_*.txt | cut -c1-160
+      ;;
+    bench)
+      timeout "${BENCH_S:-540}" qcompile bench --model benchmarks/configs/llama-3-8b \
+        --random-weights --batch 1 --prompt-tokens 8000 --new-tokens 64 --kv4 token \
+        ${BENCH_ARGS:-} 2>&1 | tee "$OUT/$part/e2e.txt" | grep -v Warning | tail -8
       ;;
     tune)
       gpu_tests "${TEST_S:-500}" "$OUT/$part/tests.log" tests/test_kv4.py --durations=10 \
