@@ -257,6 +257,19 @@ def test_generate_with_a_kv4_cache(model_dir, capsys, kind):
     assert ("per channel over 128 tokens" in captured.err) is (kind == "channel")
 
 
+def test_compile_config_without_module_guards_keeps_the_mode_as_options():
+    """torch.compile takes a mode or options: without module guards the mode's Inductor
+    options (CUDA graphs for reduce-overhead) travel as options beside the guard filter."""
+    from qcompile.integrations.generation import compile_config
+
+    on = compile_config("inductor", "reduce-overhead")
+    assert on.mode == "reduce-overhead" and not on.options
+    off = compile_config("inductor", "reduce-overhead", module_guards=False)
+    assert off.mode is None and off.options["triton.cudagraphs"] is True
+    assert off.options["guard_filter_fn"] is torch.compiler.skip_guard_on_all_nn_modules_unsafe
+    assert set(compile_config("eager", None, module_guards=False).options) == {"guard_filter_fn"}
+
+
 @pytest.mark.parametrize("module_guards", [True, False])
 def test_compile_config_module_guards(model_dir, module_guards):
     """`compile_config(module_guards=False)` (`--skip-module-guards`): the same tokens, and a
