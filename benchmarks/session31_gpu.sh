@@ -47,8 +47,10 @@ for part in ${PART//,/ }; do
         -k "op_on_cuda_keys_per_channel_tunes and (32768 or 300)"
       ;;
     threads)
+      # W4A16 at M = 256 has 49 candidates on 28672x4096 (M = 16: 134; KV4 B = 16 8k: 129):
+      # one thread compiles them one after another, ~1-3 s each
       timeout "${PROBE_S:-400}" python3 benchmarks/probe_tune_threads.py --out "$OUT/$part" \
-        --threads "${THREADS:-1,16}" 2>&1 | tail -8
+        --threads "${THREADS:-1,16}" --cases "${CASES:-w4a16:256:28672:4096}" 2>&1 | tail -8
       ;;
     tsplits)
       (cd benchmarks && timeout "${PROBE_S:-200}" python3 probe_kv4_decode.py --dtype float16 \
