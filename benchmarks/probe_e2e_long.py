@@ -82,13 +82,9 @@ for name, kv4 in variants:
     if kv4 != "off":
         enable_kv4_attention(model)
     torch._dynamo.reset()
-    compile = compile_config(qcompile.backend(qconfig), "reduce-overhead")
-    if name.endswith("noguard"):  # options and mode are exclusive: CUDA graphs by option
-        compile.mode = None
-        compile.options = {
-            "triton.cudagraphs": True,
-            "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe,
-        }
+    compile = compile_config(
+        qcompile.backend(qconfig), "reduce-overhead", module_guards=not name.endswith("noguard")
+    )
     length = args.prompt + args.steps + 1 + 32  # room for the replays below (13 tokens)
     inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
                   pad_token_id=0, **_compile_kwargs(compile))  # fmt: skip

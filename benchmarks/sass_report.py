@@ -216,8 +216,9 @@ def compile_kv4_variant(
                     "q_ptr": f"*{dtype}", "kr_ptr": f"*{dtype}", "final_ptr": f"*{dtype}"}  # fmt: skip
     elif kind == "write":  # the per-token K/V write, G = bn, BLOCK_T = bm
         fn = kv4._kv4_cache_write_kernel
+        # unit channel strides, as Triton specializes them at launch
         consts = {"HKV": 8, "D": 128, "G": bn, "BLOCK_T": bm, "WRITE_K": True,
-                  "stride_kd": 1, "stride_vd": 1}  # fmt: skip  (unit strides: specialized)
+                  "stride_kd": 1, "stride_vd": 1}  # fmt: skip
         pointers = {"kc_ptr": "*u8", "vc_ptr": "*u8", "pos_ptr": "*i64", "k_ptr": f"*{dtype}",
                     "v_ptr": f"*{dtype}"}  # fmt: skip
     elif kind == "key_write":
