@@ -32,7 +32,6 @@ happens to trace the model, and it works eagerly, under any backend, and in gene
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterable
 
 import torch
@@ -65,6 +64,7 @@ class KV4Layer(CacheLayerMixin):
         self.max_cache_len = max_cache_len
         self.scheme = scheme
         self.packed_reads = packed_reads
+        self.fresh_prefill = scheme.fresh_prefill  # read per compiled call: a bool, not scheme's
         # A tensor, as in transformers' StaticLayer: a compiled step reads it, never guards on it.
         self.length = torch.tensor(0, dtype=torch.int64)
         self.key_cache: PackedKV4 | None = None
@@ -132,14 +132,20 @@ class KV4Layer(CacheLayerMixin):
             start_hint = self.host_length
             self.host_length += key_states.shape[-2]
         if self.packed_reads:
-            fresh = self.scheme.fresh_prefill and key_states.shape[-2] > 1
+            # Built field by field: `dataclasses.replace` and the shared scheme's attributes
+            # cost Dynamo guards per layer on every compiled call, some evaluated in Python
+            # (`tests/test_kv4_cache.py::test_compiled_decode_guards_per_layer`).
+            fresh = self.fresh_prefill and key_states.shape[-2] > 1
             return (
-                dataclasses.replace(
-                    k, length=self.length, rotation=self.rotation,
-                    fresh=key_states if fresh else None, positions=positions if fresh else None,
-                    start_hint=start_hint,
+                PackedKV4(
+                    k.codes, k.scales, k.offsets, k.group_size, self.length, self.rotation,
+                    k.residual, key_states if fresh else None, positions if fresh else None,
+                    start_hint,
                 ),
-                dataclasses.replace(v, length=self.length, fresh=value_states if fresh else None),
+                PackedKV4(
+                    v.codes, v.scales, v.offsets, v.group_size, self.length,
+                    fresh=value_states if fresh else None,
+                ),
             )  # fmt: skip
         dequantize = torch.ops.qcompile.kv4_dequantize
         keys = dequantize(
