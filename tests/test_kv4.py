@@ -594,11 +594,11 @@ def test_cache_write_kernel_is_bit_exact_with_reference(
     assert torch.equal(ref[0][:, :, positions], p.codes)
 
 
-@pytest.mark.parametrize("decode_write", [None, (1, 1)])
+@pytest.mark.parametrize("decode_write", [None, (1, 1), kv4_attention._DECODE_WRITE])
 @pytest.mark.parametrize("sn", [1, 3])
 def test_cache_write_tile_of_one_token(decode_write, sn):
-    """`_DECODE_WRITE` (off: None) sets the tile of a one-token write only; every other write
-    and the default keep 8 tokens on 4 warps; a position past the cache is dropped."""
+    """`_DECODE_WRITE` (None: the prompt's tile) sets the tile of a one-token write only;
+    every other write keeps 8 tokens on 4 warps; a position past the cache is dropped."""
     b, h, d, smax = 2, 2, 64, 8
     key = torch.randn(b, h, sn, d, device=KERNEL_DEVICE)
     cache = [torch.zeros(b, h, smax, d // 2, dtype=torch.uint8, device=KERNEL_DEVICE),

@@ -1609,8 +1609,10 @@ def kv4_attention_cuda(
 # sm_90, one token on one warp compiles to 520 instructions and no barrier, against 736 and
 # 7 barriers (the min / max across warps) for 8 tokens on 4 warps, of which 7 are masked at
 # decode; in the H100 decode profile the write took 4.3 us a layer, half the attention
-# kernel's 8.2 (`results/session30/e2e/`). Untimed alone: off until `probe_kv4_write.py` runs.
-_DECODE_WRITE: tuple[int, int] | None = None
+# kernel's 8.2 (`results/session30/e2e/`). Timed alone (H100, CUDA-graph replays,
+# `results/session31/write/`): one token on 2 warps 4.97 / 4.99 / 5.21 us at B = 1 / 16 / 64,
+# against 5.14 / 5.44 / 6.22 for the prompt's tile (1 or 4 warps: within 0.05 us of 2).
+_DECODE_WRITE: tuple[int, int] | None = (1, 2)
 
 
 def kv4_cache_write_cuda(
