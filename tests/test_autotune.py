@@ -6,7 +6,7 @@ import json
 import logging
 import threading
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -380,6 +380,29 @@ def test_shipped_miss_tunes(cache_dir: Path) -> None:
     bench = Bench({GEMV: 4.0, GEMM_SMALL: 3.0, GEMM_LARGE: 2.0})
     assert tuner.get(OTHER_KEY, CANDIDATES, bench, DEFAULT) == GEMM_LARGE
     assert len(bench.calls) == 3
+
+
+def test_bfloat16_kv4_key_takes_the_float16_shipped_config(cache_dir: Path) -> None:
+    """A bfloat16 KV4 attention key without a shipped entry uses its float16 twin's instead of
+    tuning; its own entry wins; other families (W4A16) still tune."""
+    kv4 = TuneKey("kv4_decode", m_bucket=4, n=128, k=8192, group_size=128, dtype="float16",
+                  batch=8)  # fmt: skip
+    kv4_bf16, w4a16_bf16 = replace(kv4, dtype="bfloat16"), replace(KEY, dtype="bfloat16")
+    write_cache(
+        autotune.SHIPPED_DIR / "h100.json", "nvidia-h100-80gb-hbm3", "0.1",
+        {kv4: GEMV, KEY: GEMM_SMALL},
+    )  # fmt: skip
+    tuner = Autotuner(gpu="nvidia-h100-80gb-hbm3", triton_version=TRITON, cache_dir=cache_dir)
+    assert tuner.get(kv4_bf16, CANDIDATES, must_not_bench, DEFAULT) == GEMV
+    bench = Bench({GEMV: 4.0, GEMM_SMALL: 3.0, GEMM_LARGE: 2.0})
+    assert tuner.get(w4a16_bf16, CANDIDATES, bench, DEFAULT) == GEMM_LARGE
+    assert len(bench.calls) == 3
+    write_cache(
+        autotune.SHIPPED_DIR / "h100.json", "nvidia-h100-80gb-hbm3", "0.1",
+        {kv4: GEMV, kv4_bf16: GEMM_LARGE},
+    )  # fmt: skip
+    tuner = Autotuner(gpu="nvidia-h100-80gb-hbm3", triton_version=TRITON, cache_dir=cache_dir)
+    assert tuner.get(kv4_bf16, CANDIDATES, must_not_bench, DEFAULT) == GEMM_LARGE
 
 
 def test_corrupt_shipped_file_ignored(cache_dir: Path, caplog: pytest.LogCaptureFixture) -> None:

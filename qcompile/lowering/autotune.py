@@ -3,7 +3,8 @@
 Lookup order for a `TuneKey`: this process's memory -> the user's cache file
 (`$QCOMPILE_CACHE_DIR` or `~/.cache/qcompile`, one file per GPU name and Triton version)
 -> the tuned configs shipped in `qcompile/lowering/configs/<family>.json` (then a sibling
-family's: the H200 reads h100.json) -> tune now (unless
+family's: the H200 reads h100.json; a bfloat16 KV4 attention key without its own entry takes
+the float16 key's) -> tune now (unless
 `QCOMPILE_AUTOTUNE=0`, or a CUDA graph is being captured) -> the family's heuristic default.
 A corrupt or stale cache file is ignored with a warning and rewritten on the next save.
 `QCOMPILE_TUNE_THREADS=N` compiles the candidates on N threads before timing them one by one.
@@ -21,7 +22,7 @@ import tempfile
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from functools import cache
 from pathlib import Path
 
@@ -165,7 +166,12 @@ class Autotuner:
         self.trials: dict[TuneKey, list[tuple[float, KernelConfig]]] = {}
 
     def lookup(self, key: TuneKey) -> KernelConfig | None:
-        return self.user.get(key) or self.shipped.get(key) or self.untuned.get(key)
+        return (
+            self.user.get(key)
+            or self.shipped.get(key)
+            or self.shipped.get(_shared_dtype_key(key))
+            or self.untuned.get(key)
+        )
 
     def get(
         self,
@@ -277,6 +283,17 @@ class Autotuner:
             os.replace(tmp, self.path)
         except OSError as err:
             log.warning("qcompile: could not write tuning cache %s: %s", self.path, err)
+
+
+def _shared_dtype_key(key: TuneKey) -> TuneKey:
+    """The float16 key whose shipped config a bfloat16 KV4 attention key takes when it has
+    none of its own (else `key`). Those kernels read the same int4 cache with fp16 scales
+    in the same loop; only the query and output dtype differ. Without it a bfloat16 model's
+    first long-context decode tuned for ~170 s (H100, 32 layers, 8000 tokens:
+    `benchmarks/results/session31/bench/`). A bfloat16 entry, shipped or the user's, wins."""
+    if key.family.startswith("kv4_") and key.dtype == "bfloat16":
+        return replace(key, dtype="float16")
+    return key
 
 
 def _shipped_gpu(path: Path) -> str:
