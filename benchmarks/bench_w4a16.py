@@ -84,7 +84,10 @@ def copies(nbytes: int, l2_bytes: int, cap: int = 32) -> int:
     return max(1, min(cap, math.ceil(4 * l2_bytes / max(nbytes, 1))))
 
 
-def bench_shape(n: int, k: int, ms: list[int], l2: int, bw: float) -> list[dict]:
+def bench_shape(
+    n: int, k: int, ms: list[int], l2: int, bw: float, lane_pdl: bool = False
+) -> list[dict]:
+    from qcompile.lowering import w4a16 as lowering
     from qcompile.lowering.autotune import TuneKey, autotuner, m_bucket
     from qcompile.lowering.w4a16 import w4a16_linear_cuda
 
@@ -113,12 +116,21 @@ def bench_shape(n: int, k: int, ms: list[int], l2: int, bw: float) -> list[dict]
         xb = x.to(torch.bfloat16)
         row = {"n": n, "k": k, "m": m, "group": GROUP}
         row["cublas_fp16_us"] = time_graph([lambda x=x, w=w: F.linear(x, w) for w in wf])
-        row["qcompile_us"] = time_graph(
-            [
-                lambda x=x, q=q, s=s, o=o: w4a16_linear_cuda(x, q, s, o, None, GROUP)
-                for q, s, o in zip(qws, scales, offsets, strict=True)
-            ]
-        )
+        ours = [
+            lambda x=x, q=q, s=s, o=o: w4a16_linear_cuda(x, q, s, o, None, GROUP)
+            for q, s, o in zip(qws, scales, offsets, strict=True)
+        ]
+        row["qcompile_us"] = time_graph(ours)
+        if lane_pdl:  # the same configs, the lane kernel launched with PDL (`_LANE_PDL`)
+            lowering._LANE_PDL = True
+            try:
+                row["qcompile_pdl_us"] = time_graph(ours)
+                # one call checked against the plain launch: PDL must not change a bit
+                want = w4a16_linear_cuda(x, qws[0], scales[0], offsets[0], None, GROUP)
+            finally:
+                lowering._LANE_PDL = False
+            got = w4a16_linear_cuda(x, qws[0], scales[0], offsets[0], None, GROUP)
+            row["pdl_bit_exact"] = bool(torch.equal(want, got))
         if tiny:
             row["tinygemm_bf16_us"] = time_graph(
                 [
@@ -140,7 +152,9 @@ def bench_shape(n: int, k: int, ms: list[int], l2: int, bw: float) -> list[dict]
         print(
             f"N={n:6d} K={k:6d} M={m:5d}  cublas {row['cublas_fp16_us']:8.1f}  qcompile {row['qcompile_us']:8.1f}"
             f"  tinygemm {row.get('tinygemm_bf16_us', float('nan')):8.1f}  floor {row['roofline_int4_us']:7.1f}"
-            f"  x{row['speedup_vs_cublas']:.2f}  {cfg}",
+            f"  x{row['speedup_vs_cublas']:.2f}"
+            + (f"  pdl {row['qcompile_pdl_us']:.1f}" if "qcompile_pdl_us" in row else "")
+            + f"  {cfg}",
             flush=True,
         )
     return rows
@@ -165,6 +179,22 @@ def markdown(meta: dict, rows: list[dict]) -> str:
             f"{100 * r['roofline_int4_us'] / r['qcompile_us']:.0f}% | {r['speedup_vs_cublas']:.2f}x | "
             f"{'n/a' if tg is None else format(r['speedup_vs_tinygemm'], '.2f') + 'x'} |"
         )
+    pdl = [r for r in rows if "qcompile_pdl_us" in r]
+    if pdl:
+        lines += [
+            "",
+            "The lane kernel launched with programmatic dependent launch (`--lane-pdl`, same "
+            "configs and run; rows whose kernel is not the lane kernel are the plain launch):",
+            "",
+            "| N x K | M | qcompile | with PDL | vs cuBLAS with PDL | bit-exact |",
+            "|---|---:|---:|---:|---:|---|",
+        ]
+        lines += [
+            f"| {r['n']}x{r['k']} | {r['m']} | {r['qcompile_us']:.1f} | "
+            f"{r['qcompile_pdl_us']:.1f} | {r['cublas_fp16_us'] / r['qcompile_pdl_us']:.2f}x | "
+            f"{'yes' if r['pdl_bit_exact'] else 'NO'} |"
+            for r in pdl
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -208,6 +238,10 @@ def main() -> None:
         "--retune", action="store_true",
         help="tune every shape afresh (ignore the shipped configs and the user cache)",
     )  # fmt: skip
+    ap.add_argument(
+        "--lane-pdl", action="store_true",
+        help="also time each shape with the lane kernel under programmatic dependent launch",
+    )  # fmt: skip
     args = ap.parse_args()
     import triton
 
@@ -227,7 +261,7 @@ def main() -> None:
     ms = [int(m) for m in args.ms.split(",")]
     for spec in args.shapes.split(","):
         n, k = map(int, spec.split("x"))
-        rows += bench_shape(n, k, ms, props.L2_cache_size, bw)
+        rows += bench_shape(n, k, ms, props.L2_cache_size, bw, args.lane_pdl)
         torch.cuda.empty_cache()
         (args.out / "w4a16.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
         trials = {

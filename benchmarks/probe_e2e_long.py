@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch._inductor.config
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import qcompile
@@ -26,6 +27,7 @@ from qcompile.integrations.generation import (
     generation_cache,
 )
 from qcompile.integrations.kv4_cache import enable_kv4_attention
+from qcompile.lowering import w4a16 as w4a16_lowering
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--layers", type=int, default=8)
@@ -37,6 +39,11 @@ ap.add_argument(
     help="also run W4A16 + KV4 with Dynamo's guards on nn modules skipped "
     "(torch.compiler.skip_guard_on_all_nn_modules_unsafe): how much of the host's time per "
     "compiled call is guard evaluation",
+)  # fmt: skip
+ap.add_argument(
+    "--pdl", action="store_true",
+    help="also run both with programmatic dependent launch: the W4A16 lane kernel "
+    "(`_LANE_PDL`) and Inductor's kernels (torch._inductor.config.triton.enable_pdl)",
 )  # fmt: skip
 args = ap.parse_args()
 
@@ -78,9 +85,15 @@ model.get_compiled_call = timed_compiled_call
 variants = [("w4a16", "off"), ("w4a16+kv4", "token")]
 if args.skip_module_guards:
     variants.append(("w4a16+kv4+noguard", "token"))
+if args.pdl:
+    variants += [("w4a16+pdl", "off"), ("w4a16+kv4+pdl", "token")]
 for name, kv4 in variants:
     if kv4 != "off":
         enable_kv4_attention(model)
+    pdl = name.endswith("+pdl")
+    w4a16_lowering._LANE_PDL = pdl
+    if hasattr(torch._inductor.config.triton, "enable_pdl"):  # (torch >= 2.10)
+        torch._inductor.config.triton.enable_pdl = pdl
     torch._dynamo.reset()
     compile = compile_config(
         qcompile.backend(qconfig), "reduce-overhead", module_guards=not name.endswith("noguard")

@@ -38,10 +38,11 @@ ATTRS = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 4, 5, 6, 7, 9, 10
 
 def compile_variant(
     kind: str, bm: int, bn: int, bk: int, warps: int, stages: int, prefetch: int = 0,
-    group: int = 128, split: bool = False, reduce_unroll: int = 1,
+    group: int = 128, split: bool = False, reduce_unroll: int = 1, pdl: bool = False,
 ):  # fmt: skip
     """A W4A16 kernel for sm_90 (contiguous x, no bias); `split`: the self-reducing split-K
-    epilogue (the lane kernel's sum `reduce_unroll` partials at a time)."""
+    epilogue (the lane kernel's sum `reduce_unroll` partials at a time); `pdl`: the lane
+    kernel's programmatic-dependent-launch mode."""
     sig = dict(COMMON_SIG)
     # stride_xk == 1 is specialized as a constant by Triton at launch for contiguous x.
     consts = {
@@ -76,8 +77,11 @@ def compile_variant(
         del sig["nibble_mask"]
         fn = kernels._w4a16_mma_kernel
         consts.update(M_TILES=bm // 8, N_TILES=bn // (16 * warps), ASM=True)
-        if "REDUCE_UNROLL" in inspect.signature(fn.fn).parameters:  # (older commits lack it)
+        params = inspect.signature(fn.fn).parameters
+        if "REDUCE_UNROLL" in params:  # (older commits lack it)
             consts["REDUCE_UNROLL"] = reduce_unroll
+        if "PDL" in params:
+            consts["PDL"] = pdl
         if kind == "mma_w4a8":
             sig.update(s_ptr="*u8", o_ptr="*u8", xs_ptr="*fp32", s1_ptr="*fp32")
             consts["W4A8"] = True

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Thirty-first session's device calls (written in the thirtieth); it ran write, tsplits,
-# bench and e2e (results/session31/). Left for the next session, in this order: bench (rerun),
-# bench16, tune, threads, shipped, pdlrows. PART is a comma-separated list of:
+# bench and e2e (results/session31/). Left for the next session, in this order: pdl, bench
+# (rerun), pdle2e, bench16, tune, threads, shipped, pdlrows. PART is a comma-separated list of:
 #   write:   probe_kv4_write.py, the one-token KV4 cache write by tile (8 tokens / 4 warps,
 #            the default, against 1 / 1 and others; `_DECODE_WRITE` is off until timed), B =
 #            1 / 16 / 64, beside StaticCache's fp16 index_copy.
@@ -18,6 +18,12 @@
 #            expected) and whether that on-the-spot pick was the 4% gap.
 #   bench16: the same at batch 16 (BENCH16_ARGS), where attention is a larger share of the
 #            step: the fp16 cache's decode reads ~3x the KV4 bytes per layer.
+#   pdl:     the W4A16 lane kernel under programmatic dependent launch (`_LANE_PDL`, off,
+#            written offline in the thirty-first session): its gpu tests (bits, a CUDA-graph
+#            chain), then bench_w4a16.py --lane-pdl on the two acceptance shapes at M = 1, 16,
+#            64 (the same configs with and without, cuBLAS in the same run).
+#   pdle2e:  probe_e2e_long.py --pdl at 16 layers: W4A16 and W4A16 + KV4 with the lane kernel
+#            and Inductor's kernels under PDL beside the plain runs.
 #   tune:    the autotuned per-channel KV4 op tests still unchecked (S = 32768 and the
 #            300-token prefill; per token and per channel at 4100 passed), long time limit.
 #   threads: probe_tune_threads.py, first-use tuning wall time on 1 / 16 threads (the
@@ -53,6 +59,16 @@ for part in ${PART//,/ }; do
       timeout "${BENCH_S:-540}" qcompile bench --model benchmarks/configs/llama-3-8b \
         --random-weights --batch 16 --prompt-tokens 8000 --new-tokens 32 --kv4 token \
         ${BENCH16_ARGS:-} 2>&1 | tee "$OUT/$part/e2e.txt" | grep -v Warning | tail -8
+      ;;
+    pdl)
+      gpu_tests "${TEST_S:-200}" "$OUT/$part/tests.log" tests/test_lowering_w4a16.py -k pdl
+      timeout "${PROBE_S:-300}" python3 benchmarks/bench_w4a16.py --lane-pdl --ms 1,16,64 \
+        --shapes 8192x28672,28672x4096 --out "$OUT/$part" 2>&1 | tail -14
+      ;;
+    pdle2e)
+      timeout "${E2E_S:-480}" python3 benchmarks/probe_e2e_long.py --layers "${LAYERS:-16}" \
+        --pdl --out "$OUT/$part" > "$OUT/$part/e2e_long.log" 2>&1
+      grep -E "^w4a16|rror" "$OUT/$part/e2e_long.log" | head -20
       ;;
     tune)
       gpu_tests "${TEST_S:-500}" "$OUT/$part/tests.log" tests/test_kv4.py --durations=10 \

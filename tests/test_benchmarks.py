@@ -32,6 +32,20 @@ def test_benchmark_scripts_import():
     import tune_shipped  # noqa: F401
 
 
+def test_w4a16_markdown_has_the_pdl_table_only_when_timed():
+    """`bench_w4a16.py --lane-pdl`: a second table with the PDL times, their ratio to cuBLAS
+    and the bit check; without the flag the table is absent."""
+    import bench_w4a16 as b
+
+    meta = {"device": "H100", "torch": "2", "triton": "3", "hbm_tb_s": 3.0}
+    row = {"n": 8192, "k": 28672, "m": 16, "cublas_fp16_us": 165.0, "qcompile_us": 63.5,
+           "roofline_int4_us": 41.4, "speedup_vs_cublas": 165.0 / 63.5}  # fmt: skip
+    assert "with PDL" not in b.markdown(meta, [row])
+    timed = {**row, "qcompile_pdl_us": 55.0, "pdl_bit_exact": False}
+    md = b.markdown(meta, [row, timed])
+    assert md.count("| 8192x28672 | 16 | 63.5 | 55.0 | 3.00x | NO |") == 1
+
+
 @pytest.mark.slow
 def test_dequant_chunk_probe_matches_dequantize_matmul():
     """The chunked dequantize + matmul probe (weight made and used in L2-sized chunks, along N

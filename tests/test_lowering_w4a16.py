@@ -246,6 +246,85 @@ def test_lane_split_k_sum_with_partials_in_flight(split, unroll, rows, m, prefet
     assert_close_rel(two_launch, problem.reference64(), torch.float16)
 
 
+@pytest.mark.parametrize(
+    "rows,bk,group,split,prefetch,m",
+    [(8, 32, 32, 4, True, 1), (8, 64, 32, 2, True, 3), (16, 32, 64, 1, True, 16),
+     (16, 64, 32, 2, False, 9), (32, 32, 32, 1, True, 20)],
+)  # fmt: skip
+def test_lane_kernel_under_pdl_gives_the_same_bits(rows, bk, group, split, prefetch, m):
+    """`pdl` (programmatic dependent launch): the first weights are loaded before the wait
+    and x after it, which must not change a bit, with and without the prefetch, BLOCK_K
+    within or across groups, split or not; only the lane kernel takes it."""
+    cfg = KernelConfig("mma", rows, 64, bk, split, 2, 1, prefetch)
+    problem = _packed_problem(m, 96, 64 * 4, group, torch.float16, rows + bk + split)
+    p = problem.packed
+    args = (problem.x, p.qweight, p.scales, p.offsets, problem.bias, p.group_size)
+    assert valid_config(cfg, 64 * 4, group)
+    plain = launch(cfg, *args)
+    assert torch.equal(launch(cfg, *args, pdl=True), plain)
+    assert_close_rel(plain, problem.reference64(), torch.float16)
+    with pytest.raises(ValueError, match="pdl is for the lane kernel"):
+        launch(replace(cfg, kernel="gemm", block_m=16, num_stages=2), *args, pdl=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_lane_pdl_chain_on_cuda_waits_for_its_producer(prefetch):
+    """On the GPU, in a CUDA graph: a kernel writes x, then the lane kernel under PDL reads
+    it (its first weights loaded before the wait), then another PDL launch reuses the
+    split-K workspace and counters. Every output equals the plain launch's bits; a read of
+    x before the wait would see the previous replay's x (the graph negates it each time)."""
+    cfg = KernelConfig("mma", 16, 128, 128, 4, 4, 1, prefetch)
+    problem = _packed_problem(16, 4096, 4096, 128, torch.float16, 7, bias=False)
+    p = problem.packed
+    w = (p.qweight, p.scales, p.offsets, None, p.group_size)
+    x = problem.x.clone()
+    outs = [torch.empty(16, 4096, dtype=torch.float16, device="cuda") for _ in range(2)]
+
+    def step(pdl):
+        x.mul_(-1.0)  # the producer: a plain kernel right before the GEMM
+        launch(cfg, x, *w, out=outs[0], pdl=pdl)
+        launch(cfg, outs[0][:, :4096], *w, out=outs[1], pdl=pdl)
+
+    want = []
+    for _ in range(3):
+        step(False)
+        want.append([o.clone() for o in outs])
+    x.copy_(problem.x)
+    step(True)  # warm-up (compiles) outside the capture
+    x.copy_(problem.x)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step(True)
+    x.copy_(problem.x)
+    for i in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert all(torch.equal(o, w_) for o, w_ in zip(outs, want[i], strict=True)), i
+
+
+@pytest.mark.parametrize(("m", "kernel"), [(5, "mma"), (1, "gemv")])  # the defaults there
+@pytest.mark.parametrize("switch", [False, True])
+def test_lane_pdl_switch_reaches_the_launch(cpu_tuner, monkeypatch, switch, m, kernel):
+    """`_LANE_PDL` decides whether the op's lane-kernel launches (and the tuner's timed runs)
+    use programmatic dependent launch; other kernels never do."""
+    tune_with_default(monkeypatch, lowering)
+    monkeypatch.setattr(lowering, "_LANE_PDL", switch)
+    seen = []
+    real = lowering.launch
+
+    def record(cfg, *args, **kwargs):
+        seen.append((cfg.kernel, kwargs.get("pdl", False)))
+        return real(cfg, *args, **kwargs)
+
+    monkeypatch.setattr(lowering, "launch", record)
+    problem = _packed_problem(m, 64, 256, 32, torch.float16, 0, bias=False)
+    p = problem.packed
+    out = lowering.w4a16_linear_cuda(problem.x, p.qweight, p.scales, p.offsets, None, 32)
+    assert_close_rel(out, problem.reference64(), torch.float16)
+    assert seen == [(kernel, switch and kernel == "mma")] * 2  # the tuner's run, the op's
+
+
 def test_lane_sum_choice_is_valid_only_where_the_lane_kernel_splits_k():
     """`reduce="unroll8"` is a lane-kernel split-K option: a tuning candidate at 8 and 16 rows, refused
     unsplit, on other kernels and in W4A8's spelling ("atomic")."""

@@ -29,6 +29,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from qcompile.lowering.autotune import KernelConfig, TuneKey, autotuner, m_bucket, time_us
 from qcompile.quant.int4 import PLANE_CHUNK, to_planes
@@ -706,16 +707,17 @@ def _lane_results(vals, q, n_lane, M_TILES: tl.constexpr):
 def _lane_block_loads(
     qw_ptr, s_ptr, o_ptr, x_rows, k0, q, cols, col_mask, stride_w, stride_xk,
     GROUP: tl.constexpr, BLOCK_K: tl.constexpr, M_TILES: tl.constexpr, X_PLANES: tl.constexpr,
-    W4A8: tl.constexpr = False,
+    W4A8: tl.constexpr = False, PART: tl.constexpr = 0,
 ):  # fmt: skip
     """Every load of one BLOCK_K of the lane-MMA loop, raw: per 32-k step its words
     [LANES, COLS], the scale and offset rows (one per step when BLOCK_K spans groups, else
     one) and x ([LANES, 8] per (32-k step, B tile), step-major). W4A8: s_ptr / o_ptr hold
-    uint8 s2 and z, which become the fp16 scale s2 and offset -z * s2 (exact integers)."""
+    uint8 s2 and z, which become the fp16 scale s2 and offset -z * s2 (exact integers).
+    PART 1: the weight loads only (x left empty), 2: x only, 0: both."""
     words = ()
     scales = ()
     offsets = ()
-    for st in tl.static_range(BLOCK_K // 32):
+    for st in tl.static_range(BLOCK_K // 32 if PART != 2 else 0):
         kk = k0 + 32 * st
         if st == 0 or BLOCK_K > GROUP:
             g_row = (kk // GROUP) * stride_w
@@ -730,7 +732,7 @@ def _lane_block_loads(
             tl.load(qw_ptr + (kk // 8 + q)[:, None] * stride_w + cols, mask=col_mask, other=0),
         )
     xs = ()
-    for st in tl.static_range(BLOCK_K // 32):
+    for st in tl.static_range(BLOCK_K // 32 if PART != 1 else 0):
         for b in tl.static_range(M_TILES):
             xs = xs + (_lane_x(x_rows[b], k0 + 32 * st + 8 * q, stride_xk, X_PLANES),)
     return words, scales, offsets, xs
@@ -745,6 +747,7 @@ def _w4a16_mma_kernel(
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, M_TILES: tl.constexpr, N_TILES: tl.constexpr,
     X_PLANES: tl.constexpr = False, ASM: tl.constexpr = True, PREFETCH: tl.constexpr = False,
     W4A8: tl.constexpr = False, xs_ptr=None, s1_ptr=None, REDUCE_UNROLL: tl.constexpr = 1,
+    PDL: tl.constexpr = False,
 ):  # fmt: skip
     # W4A8 (FP8 activations, `lowering/w4a8.py`'s "mma_f16"): x is the e4m3 xq as fp16 and
     # the weight (q - z) * s2 from uint8 s2 and z (integers in -127..127, exact in fp16), so
@@ -790,11 +793,30 @@ def _w4a16_mma_kernel(
     # PREFETCH: every load of the next BLOCK_K is issued before this one's MMAs. (Prefetching
     # only its words and scales, x loaded in time, needed fewer registers but was slower at
     # every M on the H200: `benchmarks/results/h200/prefetch_level2/`.)
+    # PDL (launched with programmatic dependent launch, `_LANE_PDL`): the programs may start
+    # while the kernel before is still running. Nothing it writes may be read, and nothing it
+    # reads written, before griddepcontrol.wait: only the weights (constants) are, the first
+    # BLOCK_K of them with PREFETCH. x, the partials, the counters and out come after.
     if PREFETCH:
-        nxt = _lane_block_loads(
-            qw_ptr, s_ptr, o_ptr, x_rows, k_start, q, cols, col_mask, stride_w, stride_xk,
-            GROUP, BLOCK_K, M_TILES, X_PLANES, W4A8,
-        )  # fmt: skip
+        if PDL:
+            w_first = _lane_block_loads(
+                qw_ptr, s_ptr, o_ptr, x_rows, k_start, q, cols, col_mask, stride_w, stride_xk,
+                GROUP, BLOCK_K, M_TILES, X_PLANES, W4A8, 1,
+            )  # fmt: skip
+            if ASM:  # (the interpreter runs grids one after another: nothing to wait for)
+                gdc_wait()
+            x_first = _lane_block_loads(
+                qw_ptr, s_ptr, o_ptr, x_rows, k_start, q, cols, col_mask, stride_w, stride_xk,
+                GROUP, BLOCK_K, M_TILES, X_PLANES, W4A8, 2,
+            )  # fmt: skip
+            nxt = (w_first[0], w_first[1], w_first[2], x_first[3])
+        else:
+            nxt = _lane_block_loads(
+                qw_ptr, s_ptr, o_ptr, x_rows, k_start, q, cols, col_mask, stride_w, stride_xk,
+                GROUP, BLOCK_K, M_TILES, X_PLANES, W4A8,
+            )  # fmt: skip
+    elif PDL and ASM:
+        gdc_wait()
     for k0 in range(k_start, k_end, BLOCK_K):
         if PREFETCH:
             cur = nxt
@@ -831,6 +853,8 @@ def _w4a16_mma_kernel(
             if N_TILES == 4:
                 acc2 = _lane_tile_step(acc2, w4, w5, s4, s5, o4, o5, xs, M_TILES, BF16, ASM, NW)
                 acc3 = _lane_tile_step(acc3, w6, w7, s6, s7, o6, o7, xs, M_TILES, BF16, ASM, NW)
+    if PDL and ASM:  # the next kernel may place its programs (it waits for this grid's end)
+        gdc_launch_dependents()
     vals = acc0 + acc1
     if N_TILES == 4:
         vals = vals + acc2 + acc3
@@ -1126,6 +1150,16 @@ def _split_tiles(cfg: KernelConfig, m: int, n: int) -> int:
 _LANE_SUMS = ("unroll4", "unroll8")  # KernelConfig.reduce values of the lane kernel
 
 
+# The lane kernel launched with programmatic dependent launch (PDL): its programs are placed
+# while the kernel before it drains and load their first weights before waiting for it
+# (griddepcontrol.wait), and it lets the kernel after it do the same once its loop is done.
+# A decode step is ~215 kernels at 16 layers, and each boundary costs the drain, the
+# launch and the first loads' latency: its CUDA events took 2.8 ms against 1.9 ms of
+# kernels (bf16, 8000 tokens, H100, `results/session31/e2e/`; the events also hold host
+# time). Written offline, untimed: off until timed on the GPU.
+_LANE_PDL = False
+
+
 def _lane_reduce_unroll(cfg: KernelConfig) -> int:
     """How many split-K partials' loads the lane kernel's sum keeps in flight for `cfg`."""
     return int(cfg.reduce.removeprefix("unroll")) if cfg.reduce.startswith("unroll") else 1
@@ -1144,6 +1178,7 @@ def launch(
     x_planes: bool = False,
     w4a8: tuple[torch.Tensor, torch.Tensor] | None = None,
     reduce_unroll: int | None = None,
+    pdl: bool = False,
 ) -> torch.Tensor:
     """Run one config: x [M, K] (any strides; plane-major per PLANE_CHUNK when `x_planes`)
     -> out [M, N] in x's dtype (or `out`'s).
@@ -1154,7 +1189,8 @@ def launch(
     qweight, scales and offsets: N-contiguous rows sharing one row stride >= N (contiguous, or
     column slices of wider co-located tensors; the op checks). Split-K reduces in the same
     launch unless `self_reduce` is False or no tile counters are available; the lane kernel's
-    sum then has `reduce_unroll` partials' loads in flight (None: `_lane_reduce_unroll`)."""
+    sum then has `reduce_unroll` partials' loads in flight (None: `_lane_reduce_unroll`).
+    `pdl` (lane kernel only): launched with programmatic dependent launch (`_LANE_PDL`)."""
     m, k = x.shape
     n = qweight.shape[1]
     stride_w = qweight.stride(0)
@@ -1190,6 +1226,8 @@ def launch(
     )  # fmt: skip
     if w4a8 is not None and (cfg.kernel != "mma" or x.dtype != torch.float16 or x_planes):
         raise ValueError("launch: W4A8 runs the lane kernel only, on fp16 x in natural order")
+    if pdl and cfg.kernel != "mma":
+        raise ValueError(f"launch: pdl is for the lane kernel (mma), not {cfg.kernel}")
     if cfg.kernel == "mma":
         if reduce_unroll is None:
             reduce_unroll = _lane_reduce_unroll(cfg)
@@ -1200,6 +1238,10 @@ def launch(
             extra = dict(W4A8=True, xs_ptr=w4a8[0], s1_ptr=w4a8[1])
         if counters is not None and reduce_unroll > 1:
             extra["REDUCE_UNROLL"] = reduce_unroll
+        if pdl:
+            extra["PDL"] = True
+            if not _interpreting():
+                extra["launch_pdl"] = True
         _w4a16_mma_kernel[(triton.cdiv(n, cfg.block_n), split)](
             *args, M_TILES=cfg.block_m // 8, N_TILES=cfg.block_n // (16 * cfg.num_warps),
             X_PLANES=x_planes, ASM=not _interpreting(), PREFETCH=bool(cfg.prefetch), **extra,
@@ -1309,6 +1351,7 @@ def w4a16_linear_cuda(
                 bias,
                 group_size,
                 x_planes=x_planes,
+                pdl=_LANE_PDL and c.kernel == "mma",
             )
         ),
         lambda: default_config(m, n, k, group_size),
@@ -1322,6 +1365,7 @@ def w4a16_linear_cuda(
                 "cannot be chunked; pass x in natural order (x_planes=False)"
             )
         w = (qweight, scales, offsets, bias, group_size)
-        return launch(cfg, rows_of(x, rows), *w, out=out, x_planes=x_planes)
+        pdl = _LANE_PDL and cfg.kernel == "mma"
+        return launch(cfg, rows_of(x, rows), *w, out=out, x_planes=x_planes, pdl=pdl)
 
     return in_row_chunks(launch_rows, x, n, cfg.split_k, x.dtype)
