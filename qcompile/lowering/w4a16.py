@@ -512,6 +512,16 @@ def _pack2(lo, hi):
 
 
 @triton.jit
+def _prefetch_l2(ptr):
+    """Ask L2 for the line at each `ptr` (no register written, no wait): a later load of it
+    then comes from L2 instead of HBM."""
+    return tl.inline_asm_elementwise(
+        "prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptr], dtype=tl.int32,
+        is_pure=False, pack=1,
+    )  # fmt: skip
+
+
+@triton.jit
 def _pair(v, ASM: tl.constexpr):
     """A [T, 2] pair of 16-bit x values -> the lane's b32 register (ASM) or float32 values."""
     lo, hi = tl.split(v)
@@ -796,7 +806,8 @@ def _w4a16_mma_kernel(
     # PDL (launched with programmatic dependent launch, `_LANE_PDL`): the programs may start
     # while the kernel before is still running. Nothing it writes may be read, and nothing it
     # reads written, before griddepcontrol.wait: only the weights (constants) are, the first
-    # BLOCK_K of them with PREFETCH. x, the partials, the counters and out come after.
+    # BLOCK_K of them with PREFETCH (without it, their lines are only asked of L2). x, the
+    # partials, the counters and out come after.
     if PREFETCH:
         if PDL:
             w_first = _lane_block_loads(
@@ -815,7 +826,13 @@ def _w4a16_mma_kernel(
                 qw_ptr, s_ptr, o_ptr, x_rows, k_start, q, cols, col_mask, stride_w, stride_xk,
                 GROUP, BLOCK_K, M_TILES, X_PLANES, W4A8,
             )  # fmt: skip
-    elif PDL and ASM:
+    elif PDL and ASM:  # without registers to spare: the first BLOCK_K's lines asked of L2
+        n_safe = tl.minimum(n_lane, N - 1)
+        g_row = (k_start // GROUP) * stride_w
+        _prefetch_l2(s_ptr + g_row + n_safe)
+        _prefetch_l2(o_ptr + g_row + n_safe)
+        for st in tl.static_range(BLOCK_K // 32):
+            _prefetch_l2(qw_ptr + (k_start // 8 + 4 * st + q) * stride_w + n_safe)
         gdc_wait()
     for k0 in range(k_start, k_end, BLOCK_K):
         if PREFETCH:
