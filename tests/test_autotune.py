@@ -388,20 +388,18 @@ def test_bfloat16_kv4_key_takes_the_float16_shipped_config(cache_dir: Path) -> N
     kv4 = TuneKey("kv4_decode", m_bucket=4, n=128, k=8192, group_size=128, dtype="float16",
                   batch=8)  # fmt: skip
     kv4_bf16, w4a16_bf16 = replace(kv4, dtype="bfloat16"), replace(KEY, dtype="bfloat16")
-    write_cache(
-        autotune.SHIPPED_DIR / "h100.json", "nvidia-h100-80gb-hbm3", "0.1",
-        {kv4: GEMV, KEY: GEMM_SMALL},
-    )  # fmt: skip
-    tuner = Autotuner(gpu="nvidia-h100-80gb-hbm3", triton_version=TRITON, cache_dir=cache_dir)
+
+    def h100_tuner(shipped: dict[TuneKey, KernelConfig]) -> Autotuner:
+        h100 = "nvidia-h100-80gb-hbm3"
+        write_cache(autotune.SHIPPED_DIR / "h100.json", h100, "0.1", shipped)
+        return Autotuner(gpu=h100, triton_version=TRITON, cache_dir=cache_dir)
+
+    tuner = h100_tuner({kv4: GEMV, KEY: GEMM_SMALL})
     assert tuner.get(kv4_bf16, CANDIDATES, must_not_bench, DEFAULT) == GEMV
     bench = Bench({GEMV: 4.0, GEMM_SMALL: 3.0, GEMM_LARGE: 2.0})
     assert tuner.get(w4a16_bf16, CANDIDATES, bench, DEFAULT) == GEMM_LARGE
     assert len(bench.calls) == 3
-    write_cache(
-        autotune.SHIPPED_DIR / "h100.json", "nvidia-h100-80gb-hbm3", "0.1",
-        {kv4: GEMV, kv4_bf16: GEMM_LARGE},
-    )  # fmt: skip
-    tuner = Autotuner(gpu="nvidia-h100-80gb-hbm3", triton_version=TRITON, cache_dir=cache_dir)
+    tuner = h100_tuner({kv4: GEMV, kv4_bf16: GEMM_LARGE})
     assert tuner.get(kv4_bf16, CANDIDATES, must_not_bench, DEFAULT) == GEMM_LARGE
 
 
