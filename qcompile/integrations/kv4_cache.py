@@ -134,7 +134,7 @@ class KV4Layer(CacheLayerMixin):
         if self.packed_reads:
             # Built field by field: `dataclasses.replace` and the shared scheme's attributes
             # cost Dynamo guards per layer on every compiled call, some evaluated in Python
-            # (`tests/test_kv4_cache.py::test_compiled_decode_guards_per_layer`).
+            # (`tests/test_kv4.py::test_compiled_decode_guards_per_layer`).
             fresh = self.fresh_prefill and key_states.shape[-2] > 1
             return (
                 PackedKV4(
