@@ -22,8 +22,9 @@
 #            written offline in the thirty-first session): its gpu tests (bits, a CUDA-graph
 #            chain), then bench_w4a16.py --lane-pdl on the two acceptance shapes at M = 1, 16,
 #            64 (the same configs with and without, cuBLAS in the same run).
-#   pdle2e:  probe_e2e_long.py --pdl at 16 layers: W4A16 and W4A16 + KV4 with the lane kernel
-#            and Inductor's kernels under PDL beside the plain runs.
+#   pdle2e:  probe_e2e_long.py --pdl --skip-guard-eval at 16 layers: W4A16 and W4A16 + KV4
+#            with the lane kernel and Inductor's kernels under PDL, and with Dynamo's guards
+#            unevaluated after the warm-up, beside the plain runs (five variants: E2E_S 540).
 #   tune:    the autotuned per-channel KV4 op tests still unchecked (S = 32768 and the
 #            300-token prefill; per token and per channel at 4100 passed), long time limit.
 #   threads: probe_tune_threads.py, first-use tuning wall time on 1 / 16 threads (the
@@ -66,8 +67,8 @@ for part in ${PART//,/ }; do
         --shapes 8192x28672,28672x4096 --out "$OUT/$part" 2>&1 | tail -14
       ;;
     pdle2e)
-      timeout "${E2E_S:-480}" python3 benchmarks/probe_e2e_long.py --layers "${LAYERS:-16}" \
-        --pdl --out "$OUT/$part" > "$OUT/$part/e2e_long.log" 2>&1
+      timeout "${E2E_S:-540}" python3 benchmarks/probe_e2e_long.py --layers "${LAYERS:-16}" \
+        --pdl --skip-guard-eval --out "$OUT/$part" > "$OUT/$part/e2e_long.log" 2>&1
       grep -E "^w4a16|rror" "$OUT/$part/e2e_long.log" | head -20
       ;;
     tune)
