@@ -24,7 +24,7 @@
 #            64 (the same configs with and without, cuBLAS in the same run).
 #   pdle2e:  probe_e2e_long.py --pdl --skip-guard-eval at 16 layers: W4A16 and W4A16 + KV4
 #            with the lane kernel and Inductor's kernels under PDL, and with Dynamo's guards
-#            unevaluated after the warm-up, beside the plain runs (five variants: E2E_S 540).
+#            unevaluated after the warm-up, beside the plain runs (six variants; three took 116 s).
 #   tune:    the autotuned per-channel KV4 op tests still unchecked (S = 32768 and the
 #            300-token prefill; per token and per channel at 4100 passed), long time limit.
 #   threads: probe_tune_threads.py, first-use tuning wall time on 1 / 16 threads (the
