@@ -22,7 +22,6 @@ from transformers import AutoConfig, AutoModelForCausalLM
 import qcompile
 from qcompile.integrations.generation import (
     _compile_kwargs,
-    _guard_stance,
     cache_kwargs,
     compile_config,
     generation_cache,
@@ -45,11 +44,6 @@ ap.add_argument(
     "--pdl", action="store_true",
     help="also run both with programmatic dependent launch: the W4A16 lane kernel "
     "(`_LANE_PDL`) and Inductor's kernels (torch._inductor.config.triton.enable_pdl)",
-)  # fmt: skip
-ap.add_argument(
-    "--skip-guard-eval", action="store_true",
-    help="also run both with Dynamo's guards unevaluated after the warm-up "
-    "(torch.compiler.set_stance(skip_guard_eval_unsafe=True), `--skip-guard-eval` of the CLI)",
 )  # fmt: skip
 args = ap.parse_args()
 
@@ -93,8 +87,6 @@ if args.skip_module_guards:
     variants.append(("w4a16+kv4+noguard", "token"))
 if args.pdl:
     variants += [("w4a16+pdl", "off"), ("w4a16+kv4+pdl", "token")]
-if args.skip_guard_eval:
-    variants += [("w4a16+noeval", "off"), ("w4a16+kv4+noeval", "token")]
 for name, kv4 in variants:
     if kv4 != "off":
         enable_kv4_attention(model)
@@ -124,8 +116,6 @@ for name, kv4 in variants:
 
     gen(4)
     gen(4)
-    stance = _guard_stance(name.endswith("+noeval"))  # everything after the warm-up
-    stance.__enter__()
     t1 = gen(1)
     calls.clear()
     tn = gen(args.steps + 1)
@@ -166,7 +156,6 @@ for name, kv4 in variants:
     kernel_us = sum(e.self_device_time_total for e in kernels) / replays
     lines.append(f"{kernel_us:9.1f}  total kernel time per decode step")
     (args.out / f"decode_kernels_{name.replace('+', '_')}.txt").write_text("\n".join(lines))
-    stance.__exit__(None, None, None)
     results[name] = dict(
         step_ms=step_ms, forward_host_ms=sorted(host_ms)[len(host_ms) // 2],
         forward_gpu_ms=sorted(gpu_ms)[len(gpu_ms) // 2], gpu_ms_all=gpu_ms[:8],

@@ -68,7 +68,7 @@ for part in ${PART//,/ }; do
       ;;
     pdle2e)
       timeout "${E2E_S:-540}" python3 benchmarks/probe_e2e_long.py --layers "${LAYERS:-16}" \
-        --pdl --skip-guard-eval --out "$OUT/$part" > "$OUT/$part/e2e_long.log" 2>&1
+        --pdl --out "$OUT/$part" > "$OUT/$part/e2e_long.log" 2>&1
       grep -E "^w4a16|rror" "$OUT/$part/e2e_long.log" | head -20
       ;;
     tune)

@@ -224,7 +224,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     compile = compile_config(backend, args.mode, guards) if compiled else None
     result = timed_generate(
         model, tok, args.prompt, args.max_new_tokens, chat=args.chat, compile=compile,
-        kv4=args.kv4, skip_guard_eval=args.skip_guard_eval,
+        kv4=args.kv4,
     )  # fmt: skip
     print(result.text)
     warm = f"; compile + warm-up {result.warmup_seconds:.1f} s" if compiled else ""
@@ -379,8 +379,6 @@ def _bench_model(args: argparse.Namespace) -> None:
     path = f"compiled, mode={mode}" if compiled else "eager"
     if compiled and args.skip_module_guards:
         path += ", module guards skipped"
-    if compiled and args.skip_guard_eval:
-        path += ", guards not evaluated after the warm-up"
     print(
         f"{args.model} on {device} ({str(dtype).removeprefix('torch.')}, {path}): greedy decode "
         f"after {args.prompt_tokens} random prompt tokens, {args.new_tokens} new tokens"
@@ -423,9 +421,8 @@ def _bench_model(args: argparse.Namespace) -> None:
         weights = sum(t.numel() * t.element_size() for t in tensors)
         for b in batches:
             r = timed_decode(
-                model, b, args.prompt_tokens, args.new_tokens, compile=compile, kv4=kv4,
-                skip_guard_eval=args.skip_guard_eval,
-            )  # fmt: skip
+                model, b, args.prompt_tokens, args.new_tokens, compile=compile, kv4=kv4
+            )
             tps = r.tokens_per_second
             ratio = f"  {tps / base[b]:.2f}x" if b in base else ""
             base.setdefault(b, tps)
@@ -482,11 +479,6 @@ def _add_runtime(p: argparse.ArgumentParser, dtype_flag: str, note: str = "") ->
         "--skip-module-guards", action="store_true",
         help=f"{note}compiled: skip Dynamo's guards on the model's modules (less host time per "
         "decode step; the model must not change after compiling)",
-    )  # fmt: skip
-    p.add_argument(
-        "--skip-guard-eval", action="store_true",
-        help=f"{note}compiled: after the warm-up, evaluate only the Dynamo guards that tell "
-        "compiled entries apart (less host time per decode step; nothing may need a recompile)",
     )  # fmt: skip
 
 

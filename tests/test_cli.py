@@ -115,7 +115,7 @@ def test_default_float16_checkpoint_generates_in_float32(model_dir, tmp_path, ca
 
 
 @pytest.mark.usefixtures("fresh_dynamo")
-@pytest.mark.parametrize("flags", [[], ["--skip-module-guards"], ["--skip-guard-eval"]])
+@pytest.mark.parametrize("flags", [[], ["--skip-module-guards"]])
 def test_compiled_generate_times_no_compile(model_dir, tmp_path, capsys, flags):
     """`generate --compile on`: transformers compiles the decode step (the prompt runs
     eagerly); the warm-up and the timed run share one cache shape, so only the warm-up
@@ -292,65 +292,6 @@ def test_compile_config_module_guards(model_dir, module_guards):
     model.model.norm.variance_epsilon *= 2  # a float attribute Dynamo guards as a constant
     timed_generate(model, tok, "w1 w2 w3", 6, compile=compile)
     assert counters["stats"]["unique_graphs"] == graphs + module_guards
-    torch._dynamo.reset()
-
-
-@pytest.mark.parametrize("kv4", ["off", "token"])
-def test_skip_guard_eval_only_in_the_timed_runs(model_dir, monkeypatch, kv4):
-    """`skip_guard_eval` (`--skip-guard-eval`): the timed runs, not the warm-up, run under
-    `torch.compiler.set_stance(skip_guard_eval_unsafe=True)`, with the same tokens; its cost:
-    a module attribute changed after the warm-up is not seen there (no recompile), so the
-    warm-up must have compiled everything the timed runs need."""
-    from torch._dynamo.eval_frame import _is_skip_guard_eval_unsafe_stance
-    from torch._dynamo.utils import counters
-
-    import qcompile
-    from qcompile.integrations.generation import (
-        _guard_stance,
-        cache_kwargs,
-        compile_config,
-        timed_decode,
-        timed_generate,
-    )
-
-    model, tok, _ = cli.load_model(str(model_dir))
-    qcompile.quantize_(model, qcompile.QuantConfig(qcompile.Scheme(group_size=32)))
-    if kv4 != "off":
-        from qcompile.integrations.kv4_cache import enable_kv4_attention
-
-        enable_kv4_attention(model)
-    stances = []
-    real = model.generate
-
-    def generate(*args, **kwargs):
-        stances.append(_is_skip_guard_eval_unsafe_stance())
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(model, "generate", generate)
-    compile = compile_config("eager", None)
-    torch._dynamo.reset()
-    guarded = timed_generate(model, tok, "w1 w2 w3", 6, compile=compile, kv4=kv4)
-    fast = timed_generate(model, tok, "w1 w2 w3", 6, compile=compile, kv4=kv4,
-                          skip_guard_eval=True)  # fmt: skip
-    assert fast.text == guarded.text and fast.tokens == guarded.tokens
-    assert stances == [False, False, False, True]  # (warm-up, timed) twice
-    assert not _is_skip_guard_eval_unsafe_stance()
-    stances.clear()
-    timed_decode(model, 1, 5, 4, compile=compile, kv4=kv4, skip_guard_eval=True)
-    assert stances == [False, True, True]  # warm-up, prompt, prompt + decode
-    cache = fast.cache
-    ids = tok("w1 w2 w3", return_tensors="pt")
-    args = dict(**ids, max_new_tokens=4, do_sample=False, compile_config=compile,
-                **cache_kwargs(cache))  # fmt: skip
-    model.model.norm.variance_epsilon *= 2  # guarded as a constant: recompiles when evaluated
-    counters.clear()
-    with _guard_stance(True):
-        cache.reset()
-        real(**args)
-    assert counters["stats"]["unique_graphs"] == 0  # the change is not seen
-    cache.reset()
-    real(**args)
-    assert counters["stats"]["unique_graphs"] == 1
     torch._dynamo.reset()
 
 

@@ -12,7 +12,6 @@ run's (a static or KV4 cache sized prompt + new tokens), so the timed run compil
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass
 
@@ -77,16 +76,6 @@ def compile_config(backend, mode: str | None = "reduce-overhead", module_guards:
     return config
 
 
-def _guard_stance(skip_guard_eval: bool):
-    """Where `skip_guard_eval`: Dynamo evaluates only the guards that tell its compiled
-    entries apart (`torch.compiler.set_stance(skip_guard_eval_unsafe=True)`). For decode
-    steps after their warm-up, whose shapes no longer change: a call that would have needed
-    a recompile runs an existing entry instead, silently."""
-    if not skip_guard_eval:
-        return contextlib.nullcontext()
-    return torch.compiler.set_stance(skip_guard_eval_unsafe=True)
-
-
 def _compile_kwargs(compile) -> dict:
     """generate()'s arguments: compile with `compile`, or never (transformers would compile a
     static cache's decode step on its own on CUDA)."""
@@ -130,14 +119,12 @@ def timed_generate(
     kv4: str = "off",
     max_cache_len: int | None = None,
     compile=None,
-    skip_guard_eval: bool = False,
 ) -> Generation:
     """Greedy `model.generate` of up to `max_new_tokens` after `prompt` (through the chat
     template with `chat`, where the tokenizer has one), timed; `compile` (a `compile_config`):
     decode steps compiled, after a warm-up on the same cache, emptied after it (timed apart). The
     cache holds `max_cache_len` positions (default: prompt + `max_new_tokens`); one length for
-    several prompts lets them share the decode graph. `skip_guard_eval` (compiled only): the
-    timed run evaluates no Dynamo guards but those telling entries apart (`_guard_stance`)."""
+    several prompts lets them share the decode graph."""
     compiled = compile is not None
     if chat and getattr(tok, "chat_template", None):
         prompt = tok.apply_chat_template(
@@ -162,8 +149,7 @@ def timed_generate(
         warmup = time.perf_counter() - t0
         _reuse(cache)
     t0 = time.perf_counter()
-    with _guard_stance(skip_guard_eval and compiled):
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, **gen, **cache_kwargs(cache))
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, **gen, **cache_kwargs(cache))
     _sync(device)
     seconds = time.perf_counter() - t0
     new = out[0, inputs["input_ids"].shape[1] :]
@@ -201,15 +187,12 @@ def timed_decode(
     compile=None,
     kv4: str = "off",
     seed: int = 0,
-    skip_guard_eval: bool = False,
 ) -> DecodeTiming:
     """Decode speed on `batch` prompts of `prompt_tokens` random tokens: `generate()` of one new
     token, then of `new_tokens` (EOS suppressed), on one cache emptied in between (no
     recompile, no new CUDA graphs); the difference is the time of `new_tokens - 1` decode
     steps. `compile` (a `compile_config`): decode steps compiled. A short generation on that
-    cache first warms up (compiles, tunes, records CUDA graphs); timed apart.
-    `skip_guard_eval` (compiled only): the timed runs evaluate no Dynamo guards but those
-    telling entries apart (`_guard_stance`)."""
+    cache first warms up (compiles, tunes, records CUDA graphs); timed apart."""
     if new_tokens < 2:
         raise ValueError(f"timed_decode: new_tokens={new_tokens}; need >= 2 (one decode step)")
     device = next(model.parameters()).device
@@ -242,9 +225,8 @@ def timed_decode(
     warmup = run(min(4, new_tokens))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    with _guard_stance(skip_guard_eval and compiled):
-        prefill = run(1)
-        total = run(new_tokens)
+    prefill = run(1)
+    total = run(new_tokens)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     return DecodeTiming(batch, prompt_tokens, new_tokens, prefill, total - prefill, warmup, peak)
 
