@@ -45,6 +45,14 @@ ap.add_argument(
     help="also run both with programmatic dependent launch: the W4A16 lane kernel "
     "(`_LANE_PDL`) and Inductor's kernels (torch._inductor.config.triton.enable_pdl)",
 )  # fmt: skip
+ap.add_argument(
+    "--repeat", type=int, default=1,
+    help="run the variant list this many times in turn (A/B/A/B: the host of the lent machine "
+    "drifts by several percent within a call); the later rounds are named name#1, name#2",
+)  # fmt: skip
+ap.add_argument(
+    "--no-profile", action="store_true", help="step and forward times only (no profiler files)"
+)
 args = ap.parse_args()
 
 config = AutoConfig.from_pretrained("benchmarks/configs/llama-3-8b")
@@ -87,16 +95,20 @@ if args.skip_module_guards:
     variants.append(("w4a16+kv4+noguard", "token"))
 if args.pdl:
     variants += [("w4a16+pdl", "off"), ("w4a16+kv4+pdl", "token")]
-for name, kv4 in variants:
+plain_attention = model.config._attn_implementation
+runs = [(f"{v}#{r}" if r else v, v, kv4) for r in range(args.repeat) for v, kv4 in variants]
+for name, variant, kv4 in runs:
     if kv4 != "off":
         enable_kv4_attention(model)
-    pdl = name.endswith("+pdl")
+    else:  # (after a KV4 round of --repeat)
+        model.set_attn_implementation(plain_attention)
+    pdl = variant.endswith("+pdl")
     w4a16_lowering._LANE_PDL = pdl
     if hasattr(torch._inductor.config.triton, "enable_pdl"):  # (torch >= 2.10)
         torch._inductor.config.triton.enable_pdl = pdl
     torch._dynamo.reset()
     compile = compile_config(
-        qcompile.backend(qconfig), "reduce-overhead", module_guards=not name.endswith("noguard")
+        qcompile.backend(qconfig), "reduce-overhead", module_guards=not variant.endswith("noguard")
     )
     length = args.prompt + args.steps + 1 + 32  # room for the replays below (13 tokens)
     inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
@@ -123,6 +135,14 @@ for name, kv4 in variants:
     host_ms = [1e3 * h for h, _, _ in decode]
     gpu_ms = [e0.elapsed_time(e1) for _, e0, e1 in decode]
     step_ms = 1e3 * (tn - t1) / args.steps
+    summary = dict(
+        step_ms=step_ms, forward_host_ms=sorted(host_ms)[len(host_ms) // 2],
+        forward_gpu_ms=sorted(gpu_ms)[len(gpu_ms) // 2], gpu_ms_all=gpu_ms[:8],
+    )  # fmt: skip
+    if args.no_profile:
+        results[name] = summary
+        print(name, json.dumps(results[name]), flush=True)
+        continue
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -156,10 +176,6 @@ for name, kv4 in variants:
     kernel_us = sum(e.self_device_time_total for e in kernels) / replays
     lines.append(f"{kernel_us:9.1f}  total kernel time per decode step")
     (args.out / f"decode_kernels_{name.replace('+', '_')}.txt").write_text("\n".join(lines))
-    results[name] = dict(
-        step_ms=step_ms, forward_host_ms=sorted(host_ms)[len(host_ms) // 2],
-        forward_gpu_ms=sorted(gpu_ms)[len(gpu_ms) // 2], gpu_ms_all=gpu_ms[:8],
-        decode_kernel_ms=kernel_us / 1e3,
-    )  # fmt: skip
+    results[name] = dict(summary, decode_kernel_ms=kernel_us / 1e3)
     print(name, json.dumps(results[name]), flush=True)
 (args.out / "e2e_long.json").write_text(json.dumps(results, indent=1))
