@@ -22,9 +22,10 @@
 #            written offline in the thirty-first session): its gpu tests (bits, a CUDA-graph
 #            chain), then bench_w4a16.py --lane-pdl on the two acceptance shapes at M = 1, 16,
 #            64 (the same configs with and without, cuBLAS in the same run).
-#   pdle2e:  probe_e2e_long.py --pdl --skip-guard-eval at 16 layers: W4A16 and W4A16 + KV4
-#            with the lane kernel and Inductor's kernels under PDL, and with Dynamo's guards
-#            unevaluated after the warm-up, beside the plain runs (six variants; three took 116 s).
+#   pdle2e:  probe_e2e_long.py --pdl at 16 layers: W4A16 and W4A16 + KV4 with the lane kernel
+#            and Inductor's kernels under PDL, beside the plain runs. (The thirty-second
+#            session ran it with --skip-guard-eval too, which stopped on a recompile; that
+#            option is gone.)
 #   tune:    the autotuned per-channel KV4 op tests still unchecked (S = 32768 and the
 #            300-token prefill; per token and per channel at 4100 passed), long time limit.
 #   threads: probe_tune_threads.py, first-use tuning wall time on 1 / 16 threads (the
