@@ -26,10 +26,9 @@ from qcompile import QuantConfig, Scheme  # noqa: E402
 from qcompile.eval import load_corpus, perplexity  # noqa: E402
 from qcompile.quant import finetune as FT  # noqa: E402
 from qcompile.quant.gptq import gptq_quantize_model  # noqa: E402
-from qcompile.quant.int4 import NIBBLES_PER_WORD, pack_int4_along_k, unpack_int4_along_k  # noqa: E402
+from qcompile.quant.int4 import pack_int4_along_k, unpack_int4_along_k  # noqa: E402
 from qcompile.quant.rotate import rotate_model_  # noqa: E402
-from qcompile.quant.w4a8 import quantize_activations_per_token  # noqa: E402
-from qcompile.quantize import W4A8Linear, _pad_input  # noqa: E402
+from qcompile.quantize import W4A8Linear  # noqa: E402
 
 MODE = os.environ.get("MODE", "codes")  # codes | s1
 STEPS = int(os.environ.get("STEPS", "96"))
@@ -38,34 +37,25 @@ LR_S = float(os.environ.get("LR_S", "1e-5"))
 FLIPS: list[float] = []
 
 
-class TunableCodes(nn.Module):
-    """A W4A8Linear with trainable codes (float, rounded straight-through) and s1."""
+class TunableCodes(FT._TunableW4A8):
+    """The library's W4A8 twin with trainable codes (float, rounded straight-through onto
+    the layer's grid) as well as s1."""
 
     def __init__(self, layer: W4A8Linear):
-        super().__init__()
-        self.layer = layer
+        super().__init__(layer)
         q = unpack_int4_along_k(layer.qweight).to(torch.float32)
         n, k = q.shape
         g = layer.group_size
         self.s2 = layer.group_scales.float().t()[..., None]  # [N, K/G, 1]
         self.z = layer.group_zeros.float().t()[..., None]
         self.v = nn.Parameter(q.view(n, k // g, g) - self.z)  # q - z, on the grid
-        self.scale = nn.Parameter(layer.channel_scales.detach().float().clone())
 
     def rounded(self) -> torch.Tensor:
         return torch.maximum(torch.minimum(torch.round(self.v), 15 - self.z), -self.z)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        layer, dtype = self.layer, x.dtype
-        x = _pad_input(x, layer.qweight.shape[0] * NIBBLES_PER_WORD).float()
-        with torch.no_grad():
-            xq, xs = quantize_activations_per_token(x, layer.act_dtype)
-            rounded = xq.float() * xs[..., None]
-        x = x + (rounded - x).detach()
+    def int8_weight(self) -> torch.Tensor:
         codes = self.v + (self.rounded() - self.v).detach()
-        w8 = (codes * self.s2).flatten(1)
-        bias = None if layer.bias is None else layer.bias.float()
-        return F.linear(x, w8 * self.scale[:, None], bias).to(dtype)
+        return (codes * self.s2).flatten(1)
 
     @torch.no_grad()
     def write_back(self) -> None:
@@ -73,7 +63,7 @@ class TunableCodes(nn.Module):
         old = unpack_int4_along_k(self.layer.qweight).to(torch.int32)
         FLIPS.append((q != old).float().mean().item())
         self.layer.qweight.copy_(pack_int4_along_k(q))
-        self.layer.channel_scales.copy_(self.scale)
+        super().write_back()
 
 
 def main() -> None:

@@ -69,7 +69,11 @@ class _TunableW4A8(nn.Module):
             rounded = xq.float() * xs[..., None]
         x = x + (rounded - x).detach()  # the op's activations, the identity's gradient
         bias = None if layer.bias is None else layer.bias.float()
-        return F.linear(x, self.w8.float() * self.scale[:, None], bias).to(dtype)
+        return F.linear(x, self.int8_weight() * self.scale[:, None], bias).to(dtype)
+
+    def int8_weight(self) -> torch.Tensor:
+        """w8' as float32 (fixed here; a probe that tunes codes overrides it)."""
+        return self.w8.float()
 
     @torch.no_grad()
     def write_back(self) -> None:
