@@ -11,12 +11,12 @@ host's CPU ops (`decode_host_*.txt`).
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import time
 from pathlib import Path
 
 import torch
-import torch._inductor.config
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import qcompile
@@ -28,6 +28,8 @@ from qcompile.integrations.generation import (
 )
 from qcompile.integrations.kv4_cache import enable_kv4_attention
 from qcompile.lowering import w4a16 as w4a16_lowering
+
+qcompile_backend = importlib.import_module("qcompile.backend")  # (`qcompile.backend` is a function)
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--layers", type=int, default=8)
@@ -42,8 +44,9 @@ ap.add_argument(
 )  # fmt: skip
 ap.add_argument(
     "--pdl", action="store_true",
-    help="also run both with programmatic dependent launch: the W4A16 lane kernel "
-    "(`_LANE_PDL`) and Inductor's kernels (torch._inductor.config.triton.enable_pdl)",
+    help="also run both with programmatic dependent launch (the default since the thirty-third "
+    "session; the plain variants then run without): the W4A16 lane kernel (`_LANE_PDL`) and "
+    "Inductor's kernels (`backend._INDUCTOR_PDL`, Inductor's triton.enable_pdl)",
 )  # fmt: skip
 ap.add_argument(
     "--repeat", type=int, default=1,
@@ -104,8 +107,7 @@ for name, variant, kv4 in runs:
         model.set_attn_implementation(plain_attention)
     pdl = variant.endswith("+pdl")
     w4a16_lowering._LANE_PDL = pdl
-    if hasattr(torch._inductor.config.triton, "enable_pdl"):  # (torch >= 2.10)
-        torch._inductor.config.triton.enable_pdl = pdl
+    qcompile_backend._INDUCTOR_PDL = pdl  # (the backend's default for Inductor's enable_pdl)
     torch._dynamo.reset()
     compile = compile_config(
         qcompile.backend(qconfig), "reduce-overhead", module_guards=not variant.endswith("noguard")

@@ -104,12 +104,25 @@ def _static_fakes(example_inputs: Sequence[Any], tensors: list[torch.Tensor]) ->
 # Llama-3-8B decode step at batch 16 it took ~14 of 69 s of compile time on the H100, and
 # turning it off left the step time within noise (4.88 vs 4.90 ms). Inductor skips it for
 # dynamic shapes anyway.
+#
+# Inductor's kernels are launched with programmatic dependent launch (PDL, sm_90+; Inductor
+# checks the device), as the W4A16 lane kernel is (`lowering.w4a16._LANE_PDL`): each kernel
+# starts while the one before drains. A 16-layer Llama-3-8B-shaped decode step at 8000
+# tokens (bf16, H100, A/B/A/B, `results/session33/pdlaba/`) went 3.87 / 3.72 -> 3.54 / 3.33 ms
+# (W4A16) and 3.55 / 3.10 -> 3.19 / 2.80 ms (W4A16 + KV4) with both on. `_INDUCTOR_PDL` is
+# the switch the benchmarks flip.
+_INDUCTOR_PDL = True
+
+
 def _inductor_defaults() -> dict[str, Any]:
     import torch._inductor.config as inductor_config
 
+    defaults: dict[str, Any] = {}
     if hasattr(inductor_config.triton, "coalesce_tiling_analysis"):
-        return {"triton.coalesce_tiling_analysis": False}
-    return {}
+        defaults["triton.coalesce_tiling_analysis"] = False
+    if hasattr(inductor_config.triton, "enable_pdl"):
+        defaults["triton.enable_pdl"] = _INDUCTOR_PDL
+    return defaults
 
 
 def _with_constants(compiled: Callable, constants: list[torch.Tensor]) -> Callable:

@@ -71,10 +71,13 @@ def test_graph_contains_op_and_matches_reference(bias, lead):
     assert by_name["lm_head"].status == "skipped"
 
 
-@pytest.mark.parametrize("options", [None, {"triton.coalesce_tiling_analysis": True}])
+@pytest.mark.parametrize(
+    "options",
+    [None, {"triton.coalesce_tiling_analysis": True, "triton.enable_pdl": False}],
+)
 def test_inductor_options_default_to_the_backends_unless_given(options, monkeypatch):
-    """The backend turns off Inductor's sympy-bound tiling analysis (compile time); a
-    caller's `options` win."""
+    """The backend turns off Inductor's sympy-bound tiling analysis (compile time) and turns on
+    programmatic dependent launch (decode step time); a caller's `options` win."""
     import torch._inductor.compile_fx as cfx
 
     seen = {}
@@ -90,6 +93,8 @@ def test_inductor_options_default_to_the_backends_unless_given(options, monkeypa
     with torch.no_grad():
         torch.compile(model, backend=be, options=options)(torch.randn(2, 64))
     assert seen["triton.coalesce_tiling_analysis"] is (options is not None)
+    if hasattr(torch._inductor.config.triton, "enable_pdl"):  # (torch >= 2.10)
+        assert seen["triton.enable_pdl"] is (options is None)
 
 
 def test_shared_weight_is_quantized_once():

@@ -168,6 +168,35 @@ def test_reduce_overhead_keeps_packed_weights_static():
     assert len(copies) <= 2, [e.name for e in copies]
 
 
+def test_pdl_default_changes_no_value_under_cuda_graphs(monkeypatch):
+    """Programmatic dependent launch (the default: lane kernel and Inductor's kernels) gives
+    the same bits as plain launches over replays of one CUDA graph, new input each time."""
+    backend_module = sys.modules["qcompile.backend"]
+    from qcompile.lowering import w4a16 as lowering
+
+    torch.manual_seed(0)
+    model = SiblingBlock().half().cuda()
+    xs = [torch.randn(2, 1024, dtype=torch.float16, device="cuda") for _ in range(4)]
+    outs = {}
+    for pdl in (False, True):
+        monkeypatch.setattr(lowering, "_LANE_PDL", pdl)
+        monkeypatch.setattr(backend_module, "_INDUCTOR_PDL", pdl)
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="qcompile", mode="reduce-overhead")
+        with torch.no_grad():
+            for x in xs[:2]:
+                compiled(x)  # warm-up, record
+            outs[pdl] = [compiled(x).clone() for x in xs]
+    ref = SiblingBlock().half().cuda()
+    ref.load_state_dict(model.state_dict())
+    qcompile.quantize_(ref, QuantConfig())
+    with torch.no_grad():
+        want = [ref(x) for x in xs]
+    for i, (a, b) in enumerate(zip(outs[False], outs[True], strict=True)):
+        assert torch.equal(a, b), i
+        assert_close_rel(b, want[i], torch.float16)
+
+
 class SiblingBlock(nn.Module):
     """gate/up on one input: the backend fuses them into one launch (narrow + view)."""
 

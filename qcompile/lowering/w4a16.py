@@ -1173,8 +1173,9 @@ _LANE_SUMS = ("unroll4", "unroll8")  # KernelConfig.reduce values of the lane ke
 # A decode step is ~215 kernels at 16 layers, and each boundary costs the drain, the
 # launch and the first loads' latency: its CUDA events took 2.8 ms against 1.9 ms of
 # kernels (bf16, 8000 tokens, H100, `results/session31/e2e/`; the events also hold host
-# time). Written offline, untimed: off until timed on the GPU.
-_LANE_PDL = False
+# time). Alone it is neutral (+-1%, `results/session32/pdl/`); with Inductor's kernels under
+# PDL too (`backend._INDUCTOR_PDL`), 16 layers' decode step is ~9% shorter (`backend.py`).
+_LANE_PDL = True
 
 
 def _lane_reduce_unroll(cfg: KernelConfig) -> int:
