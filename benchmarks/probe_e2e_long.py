@@ -50,8 +50,9 @@ ap.add_argument(
 )  # fmt: skip
 ap.add_argument(
     "--repeat", type=int, default=1,
-    help="run the variant list this many times in turn (A/B/A/B: the host of the lent machine "
-    "drifts by several percent within a call); the later rounds are named name#1, name#2",
+    help="run the variant list this many times, every other round in reverse (A/B/B/A: the "
+    "host of the lent machine drifts by several percent within a call, and a fixed order "
+    "would hand the drift to the later variants); the later rounds are named name#1, name#2",
 )  # fmt: skip
 ap.add_argument(
     "--no-profile", action="store_true", help="step and forward times only (no profiler files)"
@@ -99,7 +100,11 @@ if args.skip_module_guards:
 if args.pdl:
     variants += [("w4a16+pdl", "off"), ("w4a16+kv4+pdl", "token")]
 plain_attention = model.config._attn_implementation
-runs = [(f"{v}#{r}" if r else v, v, kv4) for r in range(args.repeat) for v, kv4 in variants]
+runs = [
+    (f"{v}#{r}" if r else v, v, kv4)
+    for r in range(args.repeat)
+    for v, kv4 in (variants if r % 2 == 0 else variants[::-1])
+]
 for name, variant, kv4 in runs:
     if kv4 != "off":
         enable_kv4_attention(model)

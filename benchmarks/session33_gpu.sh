@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
-# Thirty-third session's calls (its first two ran session32_gpu.sh: pdlaba, tune + shipped;
-# results/session33/). PDL is on by default from this session (`_LANE_PDL`,
-# `backend._INDUCTOR_PDL`). PART is a comma-separated list of:
+# For the next session, in this order (the thirty-third session's two calls ran
+# session32_gpu.sh: pdlaba, tune + shipped, results/session33/; then no machine could be
+# started). PDL is on by default since (`_LANE_PDL`, `backend._INDUCTOR_PDL`), but the gpu test
+# of a compiled model under it has not run yet: run pdltests first. PART is a comma-separated
+# list of:
 #   pdltests: the gpu tests that run compiled models and the lane kernel, now under PDL: the
 #             new PDL-on-vs-off bits test, CUDA graphs, sibling fusion, the lane-kernel PDL
 #             tests, the HF models' gpu tests.
+#   pdl32:    probe_e2e_long.py --pdl at 32 layers, plain against PDL (now the default),
+#             rounds in A/B/B/A order: the 16-layer A/B/A/B of this session gave 8-10%.
 #   bench:    end to end, Llama-3-8B shapes, 8000-token prompt, batch 1, 64 new tokens.
 #   bench16:  the same at batch 16, 32 new tokens.
 source benchmarks/gpu_setup.sh
@@ -15,6 +19,12 @@ for part in ${PART//,/ }; do
       gpu_tests "${TEST_S:-240}" "$OUT/$part/tests.log" tests/test_gpu.py \
         tests/test_lowering_w4a16.py tests/test_hf_models.py \
         -k "${TESTS_K:-pdl or reduce_overhead or compiled or sibling or generate}"
+      ;;
+    pdl32)
+      timeout "${E2E_S:-450}" python3 benchmarks/probe_e2e_long.py --layers 32 --pdl \
+        --repeat "${REPEAT:-2}" --no-profile --steps 32 --out "$OUT/$part" \
+        > "$OUT/$part/e2e_long.log" 2>&1
+      grep -E "^w4a16|rror" "$OUT/$part/e2e_long.log" | cut -c1-200 | head -20
       ;;
     bench)
       timeout "${BENCH_S:-300}" qcompile bench --model benchmarks/configs/llama-3-8b \
