@@ -176,7 +176,7 @@ def test_pdl_default_changes_no_value_under_cuda_graphs(monkeypatch):
 
     torch.manual_seed(0)
     model = SiblingBlock().half().cuda()
-    xs = [torch.randn(2, 1024, dtype=torch.float16, device="cuda") for _ in range(4)]
+    xs = [torch.randn(5, 1024, dtype=torch.float16, device="cuda") for _ in range(4)]  # lane rows
     outs = {}
     for pdl in (False, True):
         monkeypatch.setattr(lowering, "_LANE_PDL", pdl)
