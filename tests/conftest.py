@@ -18,6 +18,13 @@ if not HAS_CUDA:
 
 KERNEL_DEVICE = "cuda" if HAS_CUDA else "cpu"
 
+# Under pytest-xdist (`make test`: one worker per core) each worker takes its share of the
+# cores for torch's own threads, so workers do not oversubscribe the host (timings in tests
+# that time, e.g. decode after prefill, stay above the noise).
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    workers = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
 
 def pytest_collection_modifyitems(config, items):
     if HAS_CUDA:

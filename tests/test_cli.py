@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 from unittest import mock
 
 import helpers
@@ -420,13 +421,25 @@ def test_timed_runs_reuse_one_cache_emptied_between_them(model_dir, kv4):
     compile = generation.compile_config("eager", None)
     fresh = generation.timed_generate(model, tok, "w1 w2 w3", 6, kv4=kv4)  # eager: no warm-up
     with mock.patch.object(generation, "generation_cache", tracked):
-        r = generation.timed_decode(model, 1, 8, 6, compile=compile, kv4=kv4)
+        r = generation.timed_decode(model, 1, 8, 24, compile=compile, kv4=kv4)
         assert len(made) == 1 and resets == made * 3  # warm-up, one token, all tokens
-        assert r.decode_seconds > 0
+        assert r.decode_seconds > 0 and r.prefill_seconds > 0
         made.clear(), resets.clear()
         again = generation.timed_generate(model, tok, "w1 w2 w3", 6, kv4=kv4, compile=compile)
         assert len(made) == 1 and resets == made and again.cache is made[0]
     assert again.text == fresh.text and again.tokens == fresh.tokens
+
+
+def test_timed_decode_refuses_a_decode_time_lost_in_the_hosts_noise(model_dir, monkeypatch):
+    """All tokens timed faster than the prompt alone (a busy host, too few tokens) is an
+    error naming both times, not a negative tok/s."""
+    from qcompile.integrations import generation
+
+    model, _, _ = cli.load_model(str(model_dir))
+    clock = iter([0.0, 1.0, 0.0, 0.3, 0.0, 0.2])  # (start, end) of warm-up, prompt, all
+    monkeypatch.setattr(generation, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
+    with pytest.raises(RuntimeError, match=r"6 new tokens took 0\.2000 s .* took 0\.3000 s"):
+        generation.timed_decode(model, 1, 8, 6)
 
 
 def test_bench_random_weights_needs_only_a_config(model_dir, tmp_path, capsys):

@@ -227,6 +227,12 @@ def timed_decode(
         torch.cuda.reset_peak_memory_stats(device)
     prefill = run(1)
     total = run(new_tokens)
+    if total <= prefill:  # a busy host can take longer over the prompt alone than over all
+        raise RuntimeError(
+            f"timed_decode: {new_tokens} new tokens took {total:.4f} s and the prompt with "
+            f"one took {prefill:.4f} s: {new_tokens - 1} decode steps are too few to time on "
+            "this host; ask for more new tokens"
+        )
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     return DecodeTiming(batch, prompt_tokens, new_tokens, prefill, total - prefill, warmup, peak)
 
