@@ -20,7 +20,8 @@ demo: $(STAMP)  ## quantize + compile a small built-in model, print report, erro
 
 test: $(STAMP)  ## CPU test suite (kernels in Triton's interpreter); gpu tests are skipped
 	# One worker per core (pytest-xdist): the interpreter keeps each on one core. On 2 cores
-	# 1003 s -> 608 s; work stealing, as a few tests take a minute or more.
+	# 1003 s -> 531 s (torch threads shared out, tests/conftest.py); work stealing, as a few
+	# tests take a minute or more.
 	$(PY) -m pytest -q -n auto --dist worksteal tests
 	# Every kernel must also compile with the oldest supported Triton (3.6, what the H100 runs).
 	test -d $(VENV)/triton36 || $(PY) -m pip install -q --no-deps --target $(VENV)/triton36 "triton==3.6.0"
