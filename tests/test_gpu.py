@@ -187,8 +187,7 @@ def test_pdl_default_changes_no_value_under_cuda_graphs(monkeypatch):
             for x in xs[:2]:
                 compiled(x)  # warm-up, record
             outs[pdl] = [compiled(x).clone() for x in xs]
-    ref = SiblingBlock().half().cuda()
-    ref.load_state_dict(model.state_dict())
+    ref = copy.deepcopy(model)
     qcompile.quantize_(ref, QuantConfig())
     with torch.no_grad():
         want = [ref(x) for x in xs]
