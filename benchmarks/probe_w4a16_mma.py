@@ -33,17 +33,18 @@ def _ints(text: str) -> tuple[int, ...]:
 
 
 def mma_configs(m: int, n: int, k: int, args: argparse.Namespace) -> list[KernelConfig]:
-    """The grid of --warps x --tiles x --bks x --splits x --prefetch; rows: M's bucket (8 to
-    64). (--reduce-unroll multiplies the split configs in `main`.)"""
+    """The grid of --rows x --warps x --tiles x --bks x --splits x --prefetch; rows: M's
+    bucket (8 to 64) unless --rows says (fewer rows than M: row blocks). (--reduce-unroll
+    multiplies the split configs in `main`.)"""
     out = []
-    rows = max(8, m_bucket(m))
+    all_rows = _ints(args.rows) if args.rows else (min(64, max(8, m_bucket(m))),)
     grid = itertools.product(
-        _ints(args.warps), _ints(args.tiles), _ints(args.bks), _ints(args.splits),
+        all_rows, _ints(args.warps), _ints(args.tiles), _ints(args.bks), _ints(args.splits),
         _ints(args.prefetch),
     )  # fmt: skip
-    for warps, tiles, bk, split, prefetch in grid:
+    for rows, warps, tiles, bk, split, prefetch in grid:
         cfg = KernelConfig("mma", rows, 16 * tiles * warps, bk, split, warps, 1, prefetch)
-        useful = args.any_split or _useful_split(-(-n // cfg.block_n), split)
+        useful = args.any_split or _useful_split(-(-n // cfg.block_n) * -(-m // rows), split)
         if valid_config(cfg, k, GROUP) and useful:
             out.append(cfg)
     return out
@@ -81,6 +82,7 @@ def main() -> None:
     ap.add_argument("--ms", default="1,16")
     ap.add_argument("--dtype", default="float16")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--rows", default="", help="BLOCK_M values (default: M's bucket)")
     ap.add_argument("--warps", default="2,4,8")
     ap.add_argument("--tiles", default="2,4", help="16-column A tiles per warp")
     ap.add_argument("--bks", default="128,256")
@@ -137,7 +139,7 @@ def main() -> None:
             print(
                 f"N={n} K={k} M={m}: floor {floor:.1f} cublas {row['cublas_us']:.1f} current "
                 f"{row['current_us']:.1f} | mma best {best['us']:.1f} "
-                f"(w{c['num_warps']} bn{c['block_n']} bk{c['block_k']} sk{c['split_k']} "
+                f"(bm{c['block_m']} w{c['num_warps']} bn{c['block_n']} bk{c['block_k']} sk{c['split_k']} "
                 f"pf{int(c['prefetch'])} planes={best['x_planes']} u{best['reduce_unroll']})"
                 f" = {row['cublas_us'] / best['us']:.2f}x cublas, "
                 f"{floor / best['us']:.0%} floor; max rel err {worst_err:.1e}",
@@ -145,7 +147,7 @@ def main() -> None:
             )
             for r in row["mma"][1:5]:
                 c = r["config"]
-                print(f"    {r['us']:.1f} w{c['num_warps']} bn{c['block_n']} bk{c['block_k']} "
+                print(f"    {r['us']:.1f} bm{c['block_m']} w{c['num_warps']} bn{c['block_n']} bk{c['block_k']} "
                       f"sk{c['split_k']} pf{int(c['prefetch'])} planes={r['x_planes']} "
                       f"u{r['reduce_unroll']}",
                       flush=True)  # fmt: skip
@@ -153,6 +155,7 @@ def main() -> None:
             for name, value, options in (
                 ("prefetch", lambda r: int(r["config"]["prefetch"]), args.prefetch),
                 ("unroll", lambda r: r["reduce_unroll"], args.reduce_unroll),
+                ("rows", lambda r: r["config"]["block_m"], args.rows or str(c["block_m"])),
             ):
                 best_by = {
                     str(v): min((r for r in row["mma"] if value(r) == v),

@@ -403,6 +403,8 @@ def test_gemm_configs_over_shared_memory_are_invalid(bm, bn, bk, stages, group, 
 
 # (rows, warps, tiles per warp, BLOCK_K): shapes candidate_configs offers past 16 rows
 WIDE_MMA = [
+    (8, 2, 2, 128),
+    (16, 1, 2, 64),
     (32, 2, 2, 128),
     (32, 1, 4, 64),
     (64, 2, 2, 64),
@@ -412,16 +414,17 @@ WIDE_MMA = [
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(problem=linear_problems(device=KERNEL_DEVICE, max_m=64), data=st.data())
-def test_lane_mma_with_4_and_8_b_tiles_matches_float64_reference(problem, data):
-    """32 and 64 rows per program (one unpacked weight fragment feeding 4 or 8 mma B tiles),
-    any M up to the tile (rows past M read row M - 1 and are not stored), split or not."""
+def test_lane_mma_row_blocks_match_float64_reference(problem, data):
+    """8 to 64 rows per program (one unpacked weight fragment feeding 1 to 8 mma B tiles),
+    any M up to 64 in as many row blocks as it takes (rows past M read row M - 1 and are
+    not stored), split or not."""
     m, k = problem.x.shape
     group = problem.packed.group_size or k
     rows, warps, tiles, bk = data.draw(st.sampled_from(WIDE_MMA), label="shape")
     split = data.draw(st.sampled_from([1, 2]), label="split")
     prefetch = data.draw(st.booleans(), label="prefetch")
     cfg = KernelConfig("mma", rows, 16 * tiles * warps, bk, split, warps, 1, prefetch)
-    assume(m <= rows and valid_config(cfg, k, group))
+    assume(valid_config(cfg, k, group))
     x_planes = k % PLANE_CHUNK == 0 and data.draw(st.booleans(), label="x_planes")
     assert_close_rel(_run(problem, cfg, x_planes), problem.reference64(), problem.dtype)
 
@@ -452,13 +455,22 @@ def test_prefetch_is_on_or_off():
     assert levels == {0, 1}
 
 
-def test_mma_kernel_refuses_more_rows_than_its_b_tiles():
-    """The lane-MMA kernel covers BLOCK_M (8 or 16) rows of x: more would be silently dropped."""
-    problem = _packed_problem(17, 64, 256, 64, torch.float16, 1)
+@pytest.mark.parametrize("rows,m,split", [(8, 37, 1), (16, 37, 2), (16, 48, 4), (32, 65, 2)])
+def test_lane_kernel_runs_rows_past_its_tile_as_row_blocks(rows, m, split):
+    """M past BLOCK_M runs as further programs, one per row block and column block, each
+    split-K tile with its own counter: within the float64 reference, the one-launch sum
+    gives the two-launch reduction's bits and re-arms every counter."""
+    cfg = KernelConfig("mma", rows, 64, 64, split, 2, 1, True)
+    problem = _packed_problem(m, 96, 64 * 4, 64, torch.float16, rows + m)
     p = problem.packed
-    with pytest.raises(ValueError, match="M=17 rows but BLOCK_M=16"):
-        launch(KernelConfig("mma", 16, 64, 128, 1, 2, 1), problem.x, p.qweight, p.scales,
-               p.offsets, None, p.group_size)  # fmt: skip
+    args = (problem.x, p.qweight, p.scales, p.offsets, problem.bias, p.group_size)
+    one_launch = launch(cfg, *args)
+    assert_close_rel(one_launch, problem.reference64(), torch.float16)
+    if split > 1:
+        assert torch.equal(one_launch, launch(cfg, *args, self_reduce=False))
+        counters = lowering._counters[torch.device(problem.x.device.type, problem.x.device.index)]
+        assert int(counters.abs().sum()) == 0
+    assert lowering._split_tiles(cfg, m, 96) == -(-m // rows) * 2
 
 
 @pytest.mark.parametrize(("m", "k", "group", "kernel"), [

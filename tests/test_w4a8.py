@@ -833,14 +833,14 @@ def test_channel_search_never_raises_a_rows_rtn_error_and_lowers_the_total():
 )
 def test_lane_f16_on_fp8_activations_matches_the_reference(problem, data):
     """ "mma_f16": W4A16's lane kernel on the e4m3 xq as fp16, weights (q - z) * s2 from the
-    uint8 s2 and z, rescaled in its epilogue: 1-8 B tiles, 2 or 4 tiles per warp, BLOCK_K at,
-    above or below the group, split K (one launch or two), prefetch. Launched directly:
-    untimed, it is not yet a valid tuning config."""
+    uint8 s2 and z, rescaled in its epilogue: 1-8 B tiles (M past them in row blocks), 2 or 4
+    tiles per warp, BLOCK_K at, above or below the group, split K (one launch or two),
+    prefetch. Launched directly: untimed, it is not yet a valid tuning config."""
     from qcompile.lowering.w4a16 import valid_config as w4a16_valid
 
     m, k = problem.x.shape
     g = problem.packed.group_size
-    rows = next(r for r in (8, 16, 32, 64) if r >= m)
+    rows = data.draw(st.sampled_from((8, 16, 32, 64)), label="rows")  # M > rows: row blocks
     fits = [
         (warps, tiles, bk, sk)
         for warps in (1, 2) for tiles in (2, 4) for bk in (32, 64, 128) for sk in (1, 2, 3)

@@ -778,7 +778,11 @@ def _w4a16_mma_kernel(
     LANES: tl.constexpr = 4 * BLOCK_N // COLS  # 4 lanes (q) share each column
     NW: tl.constexpr = LANES // 32
     BF16: tl.constexpr = x_ptr.dtype.element_ty == tl.bfloat16
-    pid_n = tl.program_id(0)
+    # Rows past BLOCK_M: programs of one column block and consecutive row blocks are
+    # consecutive, so the row blocks of a weight tile read it while it is still in L2.
+    row_blocks = tl.cdiv(M, 8 * M_TILES)
+    pid_n = tl.program_id(0) // row_blocks
+    row0 = (tl.program_id(0) % row_blocks) * (8 * M_TILES)
     pid_k = tl.program_id(1)
     lane = tl.arange(0, LANES)
     r = (lane % 32) // 4
@@ -790,7 +794,7 @@ def _w4a16_mma_kernel(
     # 2 extra instructions per 16-byte load); their results land in rows the store masks.
     x_rows = ()
     for b in tl.static_range(M_TILES):
-        x_rows = x_rows + (x_ptr + tl.minimum(r + 8 * b, M - 1) * stride_xm,)
+        x_rows = x_rows + (x_ptr + tl.minimum(row0 + r + 8 * b, M - 1) * stride_xm,)
     z = tl.zeros((LANES,), dtype=tl.float32)
     acc0 = ()  # tile t: acc<t>[4b + j], the C fragment of B tile b
     for _e in tl.static_range(4 * M_TILES):
@@ -876,11 +880,13 @@ def _w4a16_mma_kernel(
     if N_TILES == 4:
         vals = vals + acc2 + acc3
     acc, m, n = _lane_results(vals, q, n_lane, M_TILES)
+    m = m + row0
     if W4A8:  # (linear: a split's partial is scaled before the split-K sum)
         acc = acc * tl.load(xs_ptr + m, mask=m < M, other=0.0)
         acc = acc * tl.load(s1_ptr + n, mask=n < N, other=0.0)
     _finish_tile(
-        acc, out_ptr, ws_ptr, cnt_ptr + pid_n, bias_ptr, m * stride_om + n, (m < M) & (n < N),
+        acc, out_ptr, ws_ptr, cnt_ptr + tl.program_id(0), bias_ptr, m * stride_om + n,
+        (m < M) & (n < N),
         n, N, pid_k, tl.num_programs(1), stride_split, HAS_BIAS, SPLIT, SELF_REDUCE,
         REDUCE_UNROLL,
     )  # fmt: skip
@@ -1156,7 +1162,7 @@ def reserve_tile_counters(device: torch.device) -> None:
 
 def _split_tiles(cfg: KernelConfig, m: int, n: int) -> int:
     """Output tiles of a split-K launch, each with its own counter."""
-    rows = m if cfg.kernel == "gemv" else 1 if cfg.kernel == "mma" else triton.cdiv(m, cfg.block_m)
+    rows = m if cfg.kernel == "gemv" else triton.cdiv(m, cfg.block_m)
     return rows * triton.cdiv(n, cfg.block_n)
 
 
@@ -1249,8 +1255,6 @@ def launch(
     if cfg.kernel == "mma":
         if reduce_unroll is None:
             reduce_unroll = _lane_reduce_unroll(cfg)
-        if m > cfg.block_m:
-            raise ValueError(f"launch: lane-MMA config got M={m} rows but BLOCK_M={cfg.block_m}")
         extra = {}
         if w4a8 is not None:
             extra = dict(W4A8=True, xs_ptr=w4a8[0], s1_ptr=w4a8[1])
@@ -1260,7 +1264,8 @@ def launch(
             extra["PDL"] = True
             if not _interpreting():
                 extra["launch_pdl"] = True
-        _w4a16_mma_kernel[(triton.cdiv(n, cfg.block_n), split)](
+        row_blocks = triton.cdiv(m, cfg.block_m)
+        _w4a16_mma_kernel[(triton.cdiv(n, cfg.block_n) * row_blocks, split)](
             *args, M_TILES=cfg.block_m // 8, N_TILES=cfg.block_n // (16 * cfg.num_warps),
             X_PLANES=x_planes, ASM=not _interpreting(), PREFETCH=bool(cfg.prefetch), **extra,
             **common,
