@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from bench_w4a16 import GROUP, SHAPES, hbm_bandwidth, time_graph
 from weights import rotated_w4a16
 
+from qcompile.lowering import w4a16 as lowering
 from qcompile.lowering.autotune import KernelConfig, m_bucket
 from qcompile.lowering.w4a16 import _useful_split, launch, valid_config, w4a16_linear_cuda
 from qcompile.quant.int4 import dequantize_int4, to_planes
@@ -57,11 +58,13 @@ def probe(
     ref: torch.Tensor,
     planes: bool,
     unroll: int = 1,
+    hints: bool = False,
 ) -> dict:
     """Time one config (split-K sum `unroll` partials at a time) over the weight copies and
     check it against `ref`."""
 
     def run(p):
+        lowering._LANE_HINTS = hints
         return launch(
             cfg, x, p.qweight, p.scales, p.offsets, None, GROUP, x_planes=planes,
             reduce_unroll=unroll,
@@ -71,8 +74,8 @@ def probe(
     err = ((out - ref).norm() / ref.norm()).item()
     us = time_graph([lambda p=p: run(p) for p in packed], batches=7)
     return {
-        "config": cfg.__dict__, "x_planes": planes, "reduce_unroll": unroll, "us": us,
-        "rel_err": err,
+        "config": cfg.__dict__, "x_planes": planes, "reduce_unroll": unroll, "hints": hints,
+        "us": us, "rel_err": err,
     }  # fmt: skip
 
 
@@ -83,6 +86,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="float16")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--rows", default="", help="BLOCK_M values (default: M's bucket)")
+    ap.add_argument("--hints", default="0", help="lane load hints (`_LANE_HINTS`): 0, 1 or 0,1")
     ap.add_argument("--warps", default="2,4,8")
     ap.add_argument("--tiles", default="2,4", help="16-column A tiles per warp")
     ap.add_argument("--bks", default="128,256")
@@ -127,7 +131,8 @@ def main() -> None:
 
             for cfg in mma_configs(m, n, k, args):  # natural x first, then the best plane-major
                 for unroll in _ints(args.reduce_unroll) if cfg.split_k > 1 else (1,):
-                    row["mma"].append(probe(cfg, packed, x, ref, False, unroll))
+                    for hints in _ints(args.hints):
+                        row["mma"].append(probe(cfg, packed, x, ref, False, unroll, bool(hints)))
             row["mma"].sort(key=lambda r: r["us"])
             for r in row["mma"][: args.planes]:
                 cfg = KernelConfig(**r["config"])
@@ -140,7 +145,8 @@ def main() -> None:
                 f"N={n} K={k} M={m}: floor {floor:.1f} cublas {row['cublas_us']:.1f} current "
                 f"{row['current_us']:.1f} | mma best {best['us']:.1f} "
                 f"(bm{c['block_m']} w{c['num_warps']} bn{c['block_n']} bk{c['block_k']} sk{c['split_k']} "
-                f"pf{int(c['prefetch'])} planes={best['x_planes']} u{best['reduce_unroll']})"
+                f"pf{int(c['prefetch'])} planes={best['x_planes']} u{best['reduce_unroll']} "
+                f"h{int(best['hints'])})"
                 f" = {row['cublas_us'] / best['us']:.2f}x cublas, "
                 f"{floor / best['us']:.0%} floor; max rel err {worst_err:.1e}",
                 flush=True,
@@ -149,13 +155,14 @@ def main() -> None:
                 c = r["config"]
                 print(f"    {r['us']:.1f} bm{c['block_m']} w{c['num_warps']} bn{c['block_n']} bk{c['block_k']} "
                       f"sk{c['split_k']} pf{int(c['prefetch'])} planes={r['x_planes']} "
-                      f"u{r['reduce_unroll']}",
+                      f"u{r['reduce_unroll']} h{int(r['hints'])}",
                       flush=True)  # fmt: skip
             # per prefetch / reduce-unroll setting, the best config: that option's effect alone
             for name, value, options in (
                 ("prefetch", lambda r: int(r["config"]["prefetch"]), args.prefetch),
                 ("unroll", lambda r: r["reduce_unroll"], args.reduce_unroll),
                 ("rows", lambda r: r["config"]["block_m"], args.rows or str(c["block_m"])),
+                ("hints", lambda r: int(r["hints"]), args.hints),
             ):
                 best_by = {
                     str(v): min((r for r in row["mma"] if value(r) == v),

@@ -456,16 +456,20 @@ def test_prefetch_is_on_or_off():
 
 
 @pytest.mark.parametrize("rows,m,split", [(8, 37, 1), (16, 37, 2), (16, 48, 4), (32, 65, 2)])
-def test_lane_kernel_runs_rows_past_its_tile_as_row_blocks(rows, m, split):
+def test_lane_kernel_runs_rows_past_its_tile_as_row_blocks(rows, m, split, monkeypatch):
     """M past BLOCK_M runs as further programs, one per row block and column block, each
     split-K tile with its own counter: within the float64 reference, the one-launch sum
-    gives the two-launch reduction's bits and re-arms every counter."""
+    gives the two-launch reduction's bits and re-arms every counter. The load hints
+    (`_LANE_HINTS`) change no bit."""
     cfg = KernelConfig("mma", rows, 64, 64, split, 2, 1, True)
     problem = _packed_problem(m, 96, 64 * 4, 64, torch.float16, rows + m)
     p = problem.packed
     args = (problem.x, p.qweight, p.scales, p.offsets, problem.bias, p.group_size)
     one_launch = launch(cfg, *args)
     assert_close_rel(one_launch, problem.reference64(), torch.float16)
+    monkeypatch.setattr(lowering, "_LANE_HINTS", True)
+    assert torch.equal(launch(cfg, *args), one_launch)
+    monkeypatch.setattr(lowering, "_LANE_HINTS", False)
     if split > 1:
         assert torch.equal(one_launch, launch(cfg, *args, self_reduce=False))
         counters = lowering._counters[torch.device(problem.x.device.type, problem.x.device.index)]

@@ -532,11 +532,15 @@ def _pair(v, ASM: tl.constexpr):
 
 
 @triton.jit
-def _lane_x(x_row, k, stride_xk, X_PLANES: tl.constexpr):
+def _lane_x(x_row, k, stride_xk, X_PLANES: tl.constexpr, HINTS: tl.constexpr = False):
     """The lane's x values for 32 k's, [T, 8] at k .. k + 7 (k includes the lane's 8q).
-    Natural order: one 16-byte load; plane-major (X_PLANES), the 8 values are 16 apart."""
+    Natural order: one 16-byte load; plane-major (X_PLANES), the 8 values are 16 apart.
+    HINTS: kept in L1 and L2 last (every warp of the program reads them)."""
     pos = _x_pos(k[:, None] + tl.arange(0, 8)[None, :], X_PLANES)
-    return tl.load(x_row[:, None] + pos * stride_xk)
+    if HINTS:
+        return tl.load(x_row[:, None] + pos * stride_xk, eviction_policy="evict_last")
+    else:
+        return tl.load(x_row[:, None] + pos * stride_xk)
 
 
 @triton.jit
@@ -717,13 +721,14 @@ def _lane_results(vals, q, n_lane, M_TILES: tl.constexpr):
 def _lane_block_loads(
     qw_ptr, s_ptr, o_ptr, x_rows, k0, q, cols, col_mask, stride_w, stride_xk,
     GROUP: tl.constexpr, BLOCK_K: tl.constexpr, M_TILES: tl.constexpr, X_PLANES: tl.constexpr,
-    W4A8: tl.constexpr = False, PART: tl.constexpr = 0,
+    W4A8: tl.constexpr = False, PART: tl.constexpr = 0, HINTS: tl.constexpr = False,
 ):  # fmt: skip
     """Every load of one BLOCK_K of the lane-MMA loop, raw: per 32-k step its words
     [LANES, COLS], the scale and offset rows (one per step when BLOCK_K spans groups, else
     one) and x ([LANES, 8] per (32-k step, B tile), step-major). W4A8: s_ptr / o_ptr hold
     uint8 s2 and z, which become the fp16 scale s2 and offset -z * s2 (exact integers).
-    PART 1: the weight loads only (x left empty), 2: x only, 0: both."""
+    PART 1: the weight loads only (x left empty), 2: x only, 0: both. HINTS (`_LANE_HINTS`):
+    the words, read once, bypass L1 (.cg), so that x's lines stay there."""
     words = ()
     scales = ()
     offsets = ()
@@ -738,13 +743,15 @@ def _lane_block_loads(
                 sv = sv.to(tl.float16)
             scales = scales + (sv,)
             offsets = offsets + (ov,)
-        words = words + (
-            tl.load(qw_ptr + (kk // 8 + q)[:, None] * stride_w + cols, mask=col_mask, other=0),
-        )
+        w_ptrs = qw_ptr + (kk // 8 + q)[:, None] * stride_w + cols
+        if HINTS:
+            words = words + (tl.load(w_ptrs, mask=col_mask, other=0, cache_modifier=".cg"),)
+        else:
+            words = words + (tl.load(w_ptrs, mask=col_mask, other=0),)
     xs = ()
     for st in tl.static_range(BLOCK_K // 32 if PART != 1 else 0):
         for b in tl.static_range(M_TILES):
-            xs = xs + (_lane_x(x_rows[b], k0 + 32 * st + 8 * q, stride_xk, X_PLANES),)
+            xs = xs + (_lane_x(x_rows[b], k0 + 32 * st + 8 * q, stride_xk, X_PLANES, HINTS),)
     return words, scales, offsets, xs
 
 
@@ -757,7 +764,7 @@ def _w4a16_mma_kernel(
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, M_TILES: tl.constexpr, N_TILES: tl.constexpr,
     X_PLANES: tl.constexpr = False, ASM: tl.constexpr = True, PREFETCH: tl.constexpr = False,
     W4A8: tl.constexpr = False, xs_ptr=None, s1_ptr=None, REDUCE_UNROLL: tl.constexpr = 1,
-    PDL: tl.constexpr = False,
+    PDL: tl.constexpr = False, HINTS: tl.constexpr = False,
 ):  # fmt: skip
     # W4A8 (FP8 activations, `lowering/w4a8.py`'s "mma_f16"): x is the e4m3 xq as fp16 and
     # the weight (q - z) * s2 from uint8 s2 and z (integers in -127..127, exact in fp16), so
@@ -816,19 +823,19 @@ def _w4a16_mma_kernel(
         if PDL:
             w_first = _lane_block_loads(
                 qw_ptr, s_ptr, o_ptr, x_rows, k_start, q, cols, col_mask, stride_w, stride_xk,
-                GROUP, BLOCK_K, M_TILES, X_PLANES, W4A8, 1,
+                GROUP, BLOCK_K, M_TILES, X_PLANES, W4A8, 1, HINTS,
             )  # fmt: skip
             if ASM:  # (the interpreter runs grids one after another: nothing to wait for)
                 gdc_wait()
             x_first = _lane_block_loads(
                 qw_ptr, s_ptr, o_ptr, x_rows, k_start, q, cols, col_mask, stride_w, stride_xk,
-                GROUP, BLOCK_K, M_TILES, X_PLANES, W4A8, 2,
+                GROUP, BLOCK_K, M_TILES, X_PLANES, W4A8, 2, HINTS,
             )  # fmt: skip
             nxt = (w_first[0], w_first[1], w_first[2], x_first[3])
         else:
             nxt = _lane_block_loads(
                 qw_ptr, s_ptr, o_ptr, x_rows, k_start, q, cols, col_mask, stride_w, stride_xk,
-                GROUP, BLOCK_K, M_TILES, X_PLANES, W4A8,
+                GROUP, BLOCK_K, M_TILES, X_PLANES, W4A8, 0, HINTS,
             )  # fmt: skip
     elif PDL and ASM:  # without registers to spare: the first BLOCK_K's lines asked of L2
         n_safe = tl.minimum(n_lane, N - 1)
@@ -844,12 +851,13 @@ def _w4a16_mma_kernel(
             # the last iteration re-reads its own block instead of reading past the split
             nxt = _lane_block_loads(
                 qw_ptr, s_ptr, o_ptr, x_rows, tl.minimum(k0 + BLOCK_K, k_end - BLOCK_K), q,
-                cols, col_mask, stride_w, stride_xk, GROUP, BLOCK_K, M_TILES, X_PLANES, W4A8,
+                cols, col_mask, stride_w, stride_xk, GROUP, BLOCK_K, M_TILES, X_PLANES, W4A8, 0,
+                HINTS,
             )  # fmt: skip
         else:
             cur = _lane_block_loads(
                 qw_ptr, s_ptr, o_ptr, x_rows, k0, q, cols, col_mask, stride_w, stride_xk,
-                GROUP, BLOCK_K, M_TILES, X_PLANES, W4A8,
+                GROUP, BLOCK_K, M_TILES, X_PLANES, W4A8, 0, HINTS,
             )  # fmt: skip
         words_k, scales_k, offsets_k, x_k = cur
         for st in tl.static_range(BLOCK_K // 32):
@@ -1184,6 +1192,12 @@ _LANE_SUMS = ("unroll4", "unroll8")  # KernelConfig.reduce values of the lane ke
 _LANE_PDL = True
 
 
+# Load hints in the lane kernel (`_lane_block_loads`): weight words bypass L1 (.cg) and x is
+# evicted last, so that the x fragments every warp of a program reads stay in L1 (at 64 rows a
+# warp reads 8 bytes of x per byte of weight). Untimed: off until a GPU probe says otherwise.
+_LANE_HINTS = False
+
+
 def _lane_reduce_unroll(cfg: KernelConfig) -> int:
     """How many split-K partials' loads the lane kernel's sum keeps in flight for `cfg`."""
     return int(cfg.reduce.removeprefix("unroll")) if cfg.reduce.startswith("unroll") else 1
@@ -1260,6 +1274,8 @@ def launch(
             extra = dict(W4A8=True, xs_ptr=w4a8[0], s1_ptr=w4a8[1])
         if counters is not None and reduce_unroll > 1:
             extra["REDUCE_UNROLL"] = reduce_unroll
+        if _LANE_HINTS:
+            extra["HINTS"] = True
         if pdl:
             extra["PDL"] = True
             if not _interpreting():
