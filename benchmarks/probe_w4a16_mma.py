@@ -87,6 +87,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--rows", default="", help="BLOCK_M values (default: M's bucket)")
     ap.add_argument("--hints", default="0", help="lane load hints (`_LANE_HINTS`): 0, 1 or 0,1")
+    ap.add_argument("--hints-top", type=int, default=0, help="re-time the best N with hints")
     ap.add_argument("--warps", default="2,4,8")
     ap.add_argument("--tiles", default="2,4", help="16-column A tiles per warp")
     ap.add_argument("--bks", default="128,256")
@@ -133,6 +134,10 @@ def main() -> None:
                 for unroll in _ints(args.reduce_unroll) if cfg.split_k > 1 else (1,):
                     for hints in _ints(args.hints):
                         row["mma"].append(probe(cfg, packed, x, ref, False, unroll, bool(hints)))
+            row["mma"].sort(key=lambda r: r["us"])
+            for r in [r for r in row["mma"] if not r["hints"]][: args.hints_top]:
+                cfg = KernelConfig(**r["config"])
+                row["mma"].append(probe(cfg, packed, x, ref, False, r["reduce_unroll"], True))
             row["mma"].sort(key=lambda r: r["us"])
             for r in row["mma"][: args.planes]:
                 cfg = KernelConfig(**r["config"])
