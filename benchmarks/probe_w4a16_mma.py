@@ -41,10 +41,10 @@ def mma_configs(m: int, n: int, k: int, args: argparse.Namespace) -> list[Kernel
     all_rows = _ints(args.rows) if args.rows else (min(64, max(8, m_bucket(m))),)
     grid = itertools.product(
         all_rows, _ints(args.warps), _ints(args.tiles), _ints(args.bks), _ints(args.splits),
-        _ints(args.prefetch),
+        _ints(args.prefetch), _ints(args.stages),
     )  # fmt: skip
-    for rows, warps, tiles, bk, split, prefetch in grid:
-        cfg = KernelConfig("mma", rows, 16 * tiles * warps, bk, split, warps, 1, prefetch)
+    for rows, warps, tiles, bk, split, prefetch, stages in grid:
+        cfg = KernelConfig("mma", rows, 16 * tiles * warps, bk, split, warps, stages, prefetch)
         useful = args.any_split or _useful_split(-(-n // cfg.block_n) * -(-m // rows), split)
         if valid_config(cfg, k, GROUP) and useful:
             out.append(cfg)
@@ -88,6 +88,9 @@ def main() -> None:
     ap.add_argument("--rows", default="", help="BLOCK_M values (default: M's bucket)")
     ap.add_argument("--hints", default="0", help="lane load hints (`_LANE_HINTS`): 0, 1 or 0,1")
     ap.add_argument("--hints-top", type=int, default=0, help="re-time the best N with hints")
+    ap.add_argument(
+        "--stages", default="1", help="num_stages: 1 + the lane kernel's L2 prefetch distance"
+    )
     ap.add_argument("--warps", default="2,4,8")
     ap.add_argument("--tiles", default="2,4", help="16-column A tiles per warp")
     ap.add_argument("--bks", default="128,256")
@@ -149,8 +152,8 @@ def main() -> None:
             print(
                 f"N={n} K={k} M={m}: floor {floor:.1f} cublas {row['cublas_us']:.1f} current "
                 f"{row['current_us']:.1f} | mma best {best['us']:.1f} "
-                f"(bm{c['block_m']} w{c['num_warps']} bn{c['block_n']} bk{c['block_k']} sk{c['split_k']} "
-                f"pf{int(c['prefetch'])} planes={best['x_planes']} u{best['reduce_unroll']} "
+                f"(bm{c['block_m']} w{c['num_warps']} s{c['num_stages']} bn{c['block_n']} "
+                f"bk{c['block_k']} sk{c['split_k']} pf{int(c['prefetch'])} planes={best['x_planes']} u{best['reduce_unroll']} "
                 f"h{int(best['hints'])})"
                 f" = {row['cublas_us'] / best['us']:.2f}x cublas, "
                 f"{floor / best['us']:.0%} floor; max rel err {worst_err:.1e}",
@@ -158,8 +161,8 @@ def main() -> None:
             )
             for r in row["mma"][1:5]:
                 c = r["config"]
-                print(f"    {r['us']:.1f} bm{c['block_m']} w{c['num_warps']} bn{c['block_n']} bk{c['block_k']} "
-                      f"sk{c['split_k']} pf{int(c['prefetch'])} planes={r['x_planes']} "
+                print(f"    {r['us']:.1f} bm{c['block_m']} w{c['num_warps']} s{c['num_stages']} "
+                      f"bn{c['block_n']} bk{c['block_k']} sk{c['split_k']} pf{int(c['prefetch'])} planes={r['x_planes']} "
                       f"u{r['reduce_unroll']} h{int(r['hints'])}",
                       flush=True)  # fmt: skip
             # per prefetch / reduce-unroll setting, the best config: that option's effect alone
@@ -168,6 +171,7 @@ def main() -> None:
                 ("unroll", lambda r: r["reduce_unroll"], args.reduce_unroll),
                 ("rows", lambda r: r["config"]["block_m"], args.rows or str(c["block_m"])),
                 ("hints", lambda r: int(r["hints"]), args.hints),
+                ("stages", lambda r: r["config"]["num_stages"], args.stages),
             ):
                 best_by = {
                     str(v): min((r for r in row["mma"] if value(r) == v),

@@ -18,7 +18,7 @@ for part in ${PART//,/ }; do
     pdltests)
       gpu_tests "${TEST_S:-240}" "$OUT/$part/tests.log" tests/test_gpu.py \
         tests/test_lowering_w4a16.py tests/test_hf_models.py \
-        -k "${TESTS_K:-pdl or reduce_overhead or compiled or sibling or generate}"
+        -k "${TESTS_K:-pdl or reduce_overhead or compiled or sibling or generate or row_blocks}"
       ;;
     pdl32)
       timeout "${E2E_S:-450}" python3 benchmarks/probe_e2e_long.py --layers 32 --pdl \

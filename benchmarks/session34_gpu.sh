@@ -8,9 +8,11 @@
 #   rows:   the lane kernel in row blocks (M past BLOCK_M: one program per row block and column
 #           block) at M = 64, 128, 256 beside cuBLAS and the current pick: fewer rows per
 #           program cut the x fragments per weight byte, the row blocks re-read the weight
-#           from L2. BLOCK_K 32 too (fewer registers: at 64 rows the prefetched x alone is
-#           64 registers per thread at BLOCK_K 64); the best 4 re-timed with the lane load
-#           hints (`_LANE_HINTS`: weight words bypass L1, x evicted last).
+#           from L2. BLOCK_K 32 too (at 64 rows and BLOCK_K 64 the prefetch takes the kernel to
+#           239 registers, sm_90 offline: two programs of 4 warps per SM, ~7 KB of weights in
+#           flight per SM where ~23 KB would cover ~1 us of HBM latency); num_stages 3 (the
+#           lane kernel's words asked of L2 two blocks ahead, no registers); the best 3
+#           re-timed with the lane load hints (`_LANE_HINTS`: words bypass L1, x evicted last).
 source benchmarks/gpu_setup.sh
 for part in ${PART//,/ }; do
   mkdir -p "$OUT/$part"
@@ -35,9 +37,12 @@ for part in ${PART//,/ }; do
       ;;
     rows)
       (cd benchmarks && timeout "${ROWS_S:-240}" python3 probe_w4a16_mma.py \
-        --shapes "${ROWS_SHAPES:-28672x4096,8192x28672}" --ms "${ROWS_MS:-64,256}" \
-        --rows 16,32,64 --warps 4 --tiles 2,4 --bks 32,64 --splits 1,2 --prefetch 0,1 \
-        --hints-top 4 --planes 0 --out "$OUT/$part/probe.json") > "$OUT/$part/probe.log" 2>&1
+        --shapes 28672x4096,8192x28672 --ms 64 --rows 32,64 --warps 4 --tiles 2,4 \
+        --bks 32,64 --splits 1,2,4 --prefetch 1 --stages 1,3 --hints-top 3 --planes 0 \
+        --out "$OUT/$part/probe64.json"
+       timeout "${ROWS256_S:-120}" python3 probe_w4a16_mma.py --shapes 28672x4096 --ms 256 \
+        --rows 32,64 --warps 4 --tiles 2,4 --bks 64 --splits 1,2 --prefetch 1 --stages 1,3 \
+        --planes 0 --out "$OUT/$part/probe256.json") > "$OUT/$part/probe.log" 2>&1
       grep -E "N=|best by|rror" "$OUT/$part/probe.log" | cut -c1-220
       ;;
     *) echo "unknown part $part"; exit 2 ;;

@@ -303,6 +303,23 @@ def test_lane_pdl_chain_on_cuda_waits_for_its_producer(prefetch):
         assert all(torch.equal(o, w_) for o, w_ in zip(outs, want[i], strict=True)), i
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", [16, 32, 64])
+def test_lane_row_blocks_hints_and_l2_prefetch_on_cuda(rows, monkeypatch):
+    """On the GPU (PTX, not the emulation): 40 rows in row blocks of 16 or 32, or one block
+    of 64, within the float64 reference; the load hints and the L2 prefetch two blocks
+    ahead (num_stages 3) change no bit."""
+    cfg = KernelConfig("mma", rows, 128, 64, 2, 4, 1, True)
+    problem = _packed_problem(40, 4096, 4096, 128, torch.float16, rows, bias=False)
+    p = problem.packed
+    args = (problem.x, p.qweight, p.scales, p.offsets, None, p.group_size)
+    plain = launch(cfg, *args)
+    assert_close_rel(plain, problem.reference64(), torch.float16)
+    assert torch.equal(launch(replace(cfg, num_stages=3), *args), plain)
+    monkeypatch.setattr(lowering, "_LANE_HINTS", True)
+    assert torch.equal(launch(cfg, *args), plain)
+
+
 @pytest.mark.parametrize(("m", "kernel"), [(5, "mma"), (1, "gemv")])  # the defaults there
 @pytest.mark.parametrize("switch", [False, True])
 def test_lane_pdl_switch_reaches_the_launch(cpu_tuner, monkeypatch, switch, m, kernel):
@@ -451,6 +468,9 @@ def test_prefetch_is_on_or_off():
     assert valid_config(KernelConfig("mma", 16, 128, 128, 1, 4, 1, True), 4096, 128)
     assert not valid_config(KernelConfig("mma", 16, 128, 128, 1, 4, 1, 2), 4096, 128)
     assert not valid_config(KernelConfig("gemv", 1, 128, 64, 1, 1, 1, 2), 4096, 128)
+    # the lane kernel's num_stages is 1 + its L2 prefetch distance in blocks (1 to 4)
+    assert valid_config(KernelConfig("mma", 16, 128, 128, 1, 4, 5, True), 4096, 128)
+    assert not valid_config(KernelConfig("mma", 16, 128, 128, 1, 4, 6, True), 4096, 128)
     levels = {c.prefetch for c in candidate_configs(16, 4096, 4096, 128) if c.kernel == "mma"}
     assert levels == {0, 1}
 
@@ -470,6 +490,7 @@ def test_lane_kernel_runs_rows_past_its_tile_as_row_blocks(rows, m, split, monke
     monkeypatch.setattr(lowering, "_LANE_HINTS", True)
     assert torch.equal(launch(cfg, *args), one_launch)
     monkeypatch.setattr(lowering, "_LANE_HINTS", False)
+    assert torch.equal(launch(replace(cfg, num_stages=3), *args), one_launch)
     if split > 1:
         assert torch.equal(one_launch, launch(cfg, *args, self_reduce=False))
         counters = lowering._counters[torch.device(problem.x.device.type, problem.x.device.index)]

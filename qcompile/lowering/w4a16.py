@@ -764,7 +764,7 @@ def _w4a16_mma_kernel(
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, M_TILES: tl.constexpr, N_TILES: tl.constexpr,
     X_PLANES: tl.constexpr = False, ASM: tl.constexpr = True, PREFETCH: tl.constexpr = False,
     W4A8: tl.constexpr = False, xs_ptr=None, s1_ptr=None, REDUCE_UNROLL: tl.constexpr = 1,
-    PDL: tl.constexpr = False, HINTS: tl.constexpr = False,
+    PDL: tl.constexpr = False, HINTS: tl.constexpr = False, L2_AHEAD: tl.constexpr = 0,
 ):  # fmt: skip
     # W4A8 (FP8 activations, `lowering/w4a8.py`'s "mma_f16"): x is the e4m3 xq as fp16 and
     # the weight (q - z) * s2 from uint8 s2 and z (integers in -127..127, exact in fp16), so
@@ -837,8 +837,8 @@ def _w4a16_mma_kernel(
                 qw_ptr, s_ptr, o_ptr, x_rows, k_start, q, cols, col_mask, stride_w, stride_xk,
                 GROUP, BLOCK_K, M_TILES, X_PLANES, W4A8, 0, HINTS,
             )  # fmt: skip
-    elif PDL and ASM:  # without registers to spare: the first BLOCK_K's lines asked of L2
-        n_safe = tl.minimum(n_lane, N - 1)
+    n_safe = tl.minimum(n_lane, N - 1)  # (the L2 prefetches' columns)
+    if not PREFETCH and PDL and ASM:  # without registers to spare: the first lines to L2
         g_row = (k_start // GROUP) * stride_w
         _prefetch_l2(s_ptr + g_row + n_safe)
         _prefetch_l2(o_ptr + g_row + n_safe)
@@ -846,6 +846,12 @@ def _w4a16_mma_kernel(
             _prefetch_l2(qw_ptr + (k_start // 8 + 4 * st + q) * stride_w + n_safe)
         gdc_wait()
     for k0 in range(k_start, k_end, BLOCK_K):
+        if L2_AHEAD > 0 and ASM:
+            # the words L2_AHEAD blocks ahead asked of L2 (no registers): the register loads
+            # of one block ahead then wait for L2, not HBM (clamped to the split's last block)
+            k_pf = tl.minimum(k0 + L2_AHEAD * BLOCK_K, k_end - BLOCK_K)
+            for st in tl.static_range(BLOCK_K // 32):
+                _prefetch_l2(qw_ptr + (k_pf // 8 + 4 * st + q) * stride_w + n_safe)
         if PREFETCH:
             cur = nxt
             # the last iteration re-reads its own block instead of reading past the split
@@ -969,6 +975,7 @@ def valid_config(cfg: KernelConfig, k: int, group: int) -> bool:
             and _pow2(cfg.block_k)
             and cfg.block_k >= 32 and k % cfg.split_k == 0 and (k // cfg.split_k) % cfg.block_k == 0
             and group % 32 == 0 and (group % cfg.block_k == 0 or cfg.block_k % group == 0)
+            and 1 <= cfg.num_stages <= 5  # (stages - 1: the L2 prefetch distance in blocks)
         )  # fmt: skip
     if not (_pow2(cfg.block_n) and _pow2(cfg.block_k) and _pow2(cfg.block_m)) or k % cfg.split_k:
         return False
@@ -1276,6 +1283,9 @@ def launch(
             extra["REDUCE_UNROLL"] = reduce_unroll
         if _LANE_HINTS:
             extra["HINTS"] = True
+        if cfg.num_stages > 1:  # the lane kernel's stages: L2 prefetch distance + 1
+            extra["L2_AHEAD"] = cfg.num_stages - 1
+        common["num_stages"] = 1
         if pdl:
             extra["PDL"] = True
             if not _interpreting():
