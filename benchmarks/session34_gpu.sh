@@ -40,7 +40,8 @@ for part in ${PART//,/ }; do
         --shapes 28672x4096,8192x28672 --ms 64 --rows 32,64 --warps 4 --tiles 2,4 \
         --bks 32,64 --splits 1,2,4 --prefetch 1 --stages 1,3 --hints-top 3 --planes 0 \
         --out "$OUT/$part/probe64.json"
-       timeout "${ROWS256_S:-120}" python3 probe_w4a16_mma.py --shapes 28672x4096 --ms 256 \
+       [ "${ROWS256_S:-120}" = 0 ] || timeout "${ROWS256_S:-120}" python3 probe_w4a16_mma.py \
+        --shapes 28672x4096 --ms 256 \
         --rows 32,64 --warps 4 --tiles 2,4 --bks 64 --splits 1,2 --prefetch 1 --stages 1,3 \
         --planes 0 --out "$OUT/$part/probe256.json") > "$OUT/$part/probe.log" 2>&1
       grep -E "N=|best by|rror" "$OUT/$part/probe.log" | cut -c1-220
