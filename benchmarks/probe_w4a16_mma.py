@@ -7,6 +7,7 @@ CUDA-graph replays over weight copies rotated past L2 (`bench_w4a16.time_graph`)
     python benchmarks/probe_w4a16_mma.py --ms 32,64 --warps 2,4 --tiles 2 --bks 128 --planes 0
         # 4 and 8 B tiles (32 / 64 rows per program), a small grid
     python benchmarks/probe_w4a16_mma.py --prefetch 0,1 ...  # without and with the prefetch
+    python benchmarks/probe_w4a16_mma.py --ms 64 --rows 32,64 ...  # 64 rows as two row blocks
     python benchmarks/probe_w4a16_mma.py --ms 1 --reduce-unroll 1,8 ...  # the split-K sum's
         # partials loaded one or 8 at a time
 """
@@ -23,7 +24,6 @@ import torch.nn.functional as F
 from bench_w4a16 import GROUP, SHAPES, hbm_bandwidth, time_graph
 from weights import rotated_w4a16
 
-from qcompile.lowering import w4a16 as lowering
 from qcompile.lowering.autotune import KernelConfig, m_bucket
 from qcompile.lowering.w4a16 import _useful_split, launch, valid_config, w4a16_linear_cuda
 from qcompile.quant.int4 import dequantize_int4, to_planes
@@ -41,10 +41,10 @@ def mma_configs(m: int, n: int, k: int, args: argparse.Namespace) -> list[Kernel
     all_rows = _ints(args.rows) if args.rows else (min(64, max(8, m_bucket(m))),)
     grid = itertools.product(
         all_rows, _ints(args.warps), _ints(args.tiles), _ints(args.bks), _ints(args.splits),
-        _ints(args.prefetch), _ints(args.stages),
+        _ints(args.prefetch),
     )  # fmt: skip
-    for rows, warps, tiles, bk, split, prefetch, stages in grid:
-        cfg = KernelConfig("mma", rows, 16 * tiles * warps, bk, split, warps, stages, prefetch)
+    for rows, warps, tiles, bk, split, prefetch in grid:
+        cfg = KernelConfig("mma", rows, 16 * tiles * warps, bk, split, warps, 1, prefetch)
         useful = args.any_split or _useful_split(-(-n // cfg.block_n) * -(-m // rows), split)
         if valid_config(cfg, k, GROUP) and useful:
             out.append(cfg)
@@ -58,13 +58,11 @@ def probe(
     ref: torch.Tensor,
     planes: bool,
     unroll: int = 1,
-    hints: bool = False,
 ) -> dict:
     """Time one config (split-K sum `unroll` partials at a time) over the weight copies and
     check it against `ref`."""
 
     def run(p):
-        lowering._LANE_HINTS = hints
         return launch(
             cfg, x, p.qweight, p.scales, p.offsets, None, GROUP, x_planes=planes,
             reduce_unroll=unroll,
@@ -74,8 +72,8 @@ def probe(
     err = ((out - ref).norm() / ref.norm()).item()
     us = time_graph([lambda p=p: run(p) for p in packed], batches=7)
     return {
-        "config": cfg.__dict__, "x_planes": planes, "reduce_unroll": unroll, "hints": hints,
-        "us": us, "rel_err": err,
+        "config": cfg.__dict__, "x_planes": planes, "reduce_unroll": unroll, "us": us,
+        "rel_err": err,
     }  # fmt: skip
 
 
@@ -86,11 +84,6 @@ def main() -> None:
     ap.add_argument("--dtype", default="float16")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--rows", default="", help="BLOCK_M values (default: M's bucket)")
-    ap.add_argument("--hints", default="0", help="lane load hints (`_LANE_HINTS`): 0, 1 or 0,1")
-    ap.add_argument("--hints-top", type=int, default=0, help="re-time the best N with hints")
-    ap.add_argument(
-        "--stages", default="1", help="num_stages: 1 + the lane kernel's L2 prefetch distance"
-    )
     ap.add_argument("--warps", default="2,4,8")
     ap.add_argument("--tiles", default="2,4", help="16-column A tiles per warp")
     ap.add_argument("--bks", default="128,256")
@@ -135,12 +128,7 @@ def main() -> None:
 
             for cfg in mma_configs(m, n, k, args):  # natural x first, then the best plane-major
                 for unroll in _ints(args.reduce_unroll) if cfg.split_k > 1 else (1,):
-                    for hints in _ints(args.hints):
-                        row["mma"].append(probe(cfg, packed, x, ref, False, unroll, bool(hints)))
-            row["mma"].sort(key=lambda r: r["us"])
-            for r in [r for r in row["mma"] if not r["hints"]][: args.hints_top]:
-                cfg = KernelConfig(**r["config"])
-                row["mma"].append(probe(cfg, packed, x, ref, False, r["reduce_unroll"], True))
+                    row["mma"].append(probe(cfg, packed, x, ref, False, unroll))
             row["mma"].sort(key=lambda r: r["us"])
             for r in row["mma"][: args.planes]:
                 cfg = KernelConfig(**r["config"])
@@ -152,26 +140,24 @@ def main() -> None:
             print(
                 f"N={n} K={k} M={m}: floor {floor:.1f} cublas {row['cublas_us']:.1f} current "
                 f"{row['current_us']:.1f} | mma best {best['us']:.1f} "
-                f"(bm{c['block_m']} w{c['num_warps']} s{c['num_stages']} bn{c['block_n']} "
-                f"bk{c['block_k']} sk{c['split_k']} pf{int(c['prefetch'])} planes={best['x_planes']} u{best['reduce_unroll']} "
-                f"h{int(best['hints'])})"
+                f"(bm{c['block_m']} w{c['num_warps']} bn{c['block_n']} bk{c['block_k']} "
+                f"sk{c['split_k']} pf{int(c['prefetch'])} planes={best['x_planes']} "
+                f"u{best['reduce_unroll']})"
                 f" = {row['cublas_us'] / best['us']:.2f}x cublas, "
                 f"{floor / best['us']:.0%} floor; max rel err {worst_err:.1e}",
                 flush=True,
             )
             for r in row["mma"][1:5]:
                 c = r["config"]
-                print(f"    {r['us']:.1f} bm{c['block_m']} w{c['num_warps']} s{c['num_stages']} "
-                      f"bn{c['block_n']} bk{c['block_k']} sk{c['split_k']} pf{int(c['prefetch'])} planes={r['x_planes']} "
-                      f"u{r['reduce_unroll']} h{int(r['hints'])}",
+                print(f"    {r['us']:.1f} bm{c['block_m']} w{c['num_warps']} bn{c['block_n']} "
+                      f"bk{c['block_k']} sk{c['split_k']} pf{int(c['prefetch'])} "
+                      f"planes={r['x_planes']} u{r['reduce_unroll']}",
                       flush=True)  # fmt: skip
             # per prefetch / reduce-unroll setting, the best config: that option's effect alone
             for name, value, options in (
                 ("prefetch", lambda r: int(r["config"]["prefetch"]), args.prefetch),
                 ("unroll", lambda r: r["reduce_unroll"], args.reduce_unroll),
                 ("rows", lambda r: r["config"]["block_m"], args.rows or str(c["block_m"])),
-                ("hints", lambda r: int(r["hints"]), args.hints),
-                ("stages", lambda r: r["config"]["num_stages"], args.stages),
             ):
                 best_by = {
                     str(v): min((r for r in row["mma"] if value(r) == v),

@@ -82,11 +82,6 @@ def compile_variant(
             consts["REDUCE_UNROLL"] = reduce_unroll
         if "PDL" in params:
             consts["PDL"] = pdl
-        if "HINTS" in params:
-            consts["HINTS"] = False
-        if "L2_AHEAD" in params:  # the lane kernel's stages: L2 prefetch distance + 1
-            consts["L2_AHEAD"] = stages - 1
-            stages = 1
         if kind == "mma_w4a8":
             sig.update(s_ptr="*u8", o_ptr="*u8", xs_ptr="*fp32", s1_ptr="*fp32")
             consts["W4A8"] = True

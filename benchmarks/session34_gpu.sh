@@ -6,13 +6,11 @@
 #           latency-bound? The x fragments a warp loads are 2 * M_TILES / N_TILES times its
 #           weight bytes (8x at 64 rows), and the time grows with the B tiles.
 #   rows:   the lane kernel in row blocks (M past BLOCK_M: one program per row block and column
-#           block) at M = 64, 128, 256 beside cuBLAS and the current pick: fewer rows per
-#           program cut the x fragments per weight byte, the row blocks re-read the weight
-#           from L2. BLOCK_K 32 too (at 64 rows and BLOCK_K 64 the prefetch takes the kernel to
-#           239 registers, sm_90 offline: two programs of 4 warps per SM, ~7 KB of weights in
-#           flight per SM where ~23 KB would cover ~1 us of HBM latency); num_stages 3 (the
-#           lane kernel's words asked of L2 two blocks ahead, no registers); the best 3
-#           re-timed with the lane load hints (`_LANE_HINTS`: words bypass L1, x evicted last).
+#           block) at M = 64 beside cuBLAS and the current pick, and BLOCK_K 32 (167 registers
+#           against 239 at BLOCK_K 64, sm_90 offline). As it ran in this session (results/
+#           session34/rows/) it also swept two knobs since removed (commit 6ef6f18 has them):
+#           `--stages 1,3` (the words asked of L2 two blocks ahead) and `--hints-top 3` (words
+#           .cg, x evict_last); the options below are what the probe still offers.
 source benchmarks/gpu_setup.sh
 for part in ${PART//,/ }; do
   mkdir -p "$OUT/$part"
@@ -38,11 +36,11 @@ for part in ${PART//,/ }; do
     rows)
       (cd benchmarks && timeout "${ROWS_S:-240}" python3 probe_w4a16_mma.py \
         --shapes 28672x4096,8192x28672 --ms 64 --rows 32,64 --warps 4 --tiles 2,4 \
-        --bks 32,64 --splits 1,2,4 --prefetch 1 --stages 1,3 --hints-top 3 --planes 0 \
+        --bks 32,64 --splits 1,2,4 --prefetch 1 --planes 0 \
         --out "$OUT/$part/probe64.json"
        [ "${ROWS256_S:-120}" = 0 ] || timeout "${ROWS256_S:-120}" python3 probe_w4a16_mma.py \
         --shapes 28672x4096 --ms 256 \
-        --rows 32,64 --warps 4 --tiles 2,4 --bks 64 --splits 1,2 --prefetch 1 --stages 1,3 \
+        --rows 32,64 --warps 4 --tiles 2,4 --bks 64 --splits 1,2 --prefetch 1 \
         --planes 0 --out "$OUT/$part/probe256.json") > "$OUT/$part/probe.log" 2>&1
       grep -E "N=|best by|rror" "$OUT/$part/probe.log" | cut -c1-220
       ;;

@@ -305,19 +305,15 @@ def test_lane_pdl_chain_on_cuda_waits_for_its_producer(prefetch):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("rows", [16, 32, 64])
-def test_lane_row_blocks_hints_and_l2_prefetch_on_cuda(rows, monkeypatch):
+def test_lane_row_blocks_on_cuda(rows):
     """On the GPU (PTX, not the emulation): 40 rows in row blocks of 16 or 32, or one block
-    of 64, within the float64 reference; the load hints and the L2 prefetch two blocks
-    ahead (num_stages 3) change no bit."""
+    of 64, split K in one launch, within the float64 reference (passed on the H100,
+    `results/session34/pdltests/`)."""
     cfg = KernelConfig("mma", rows, 128, 64, 2, 4, 1, True)
     problem = _packed_problem(40, 4096, 4096, 128, torch.float16, rows, bias=False)
     p = problem.packed
-    args = (problem.x, p.qweight, p.scales, p.offsets, None, p.group_size)
-    plain = launch(cfg, *args)
-    assert_close_rel(plain, problem.reference64(), torch.float16)
-    assert torch.equal(launch(replace(cfg, num_stages=3), *args), plain)
-    monkeypatch.setattr(lowering, "_LANE_HINTS", True)
-    assert torch.equal(launch(cfg, *args), plain)
+    out = launch(cfg, problem.x, p.qweight, p.scales, p.offsets, None, p.group_size)
+    assert_close_rel(out, problem.reference64(), torch.float16)
 
 
 @pytest.mark.parametrize(("m", "kernel"), [(5, "mma"), (1, "gemv")])  # the defaults there
@@ -468,29 +464,21 @@ def test_prefetch_is_on_or_off():
     assert valid_config(KernelConfig("mma", 16, 128, 128, 1, 4, 1, True), 4096, 128)
     assert not valid_config(KernelConfig("mma", 16, 128, 128, 1, 4, 1, 2), 4096, 128)
     assert not valid_config(KernelConfig("gemv", 1, 128, 64, 1, 1, 1, 2), 4096, 128)
-    # the lane kernel's num_stages is 1 + its L2 prefetch distance in blocks (1 to 4)
-    assert valid_config(KernelConfig("mma", 16, 128, 128, 1, 4, 5, True), 4096, 128)
-    assert not valid_config(KernelConfig("mma", 16, 128, 128, 1, 4, 6, True), 4096, 128)
     levels = {c.prefetch for c in candidate_configs(16, 4096, 4096, 128) if c.kernel == "mma"}
     assert levels == {0, 1}
 
 
 @pytest.mark.parametrize("rows,m,split", [(8, 37, 1), (16, 37, 2), (16, 48, 4), (32, 65, 2)])
-def test_lane_kernel_runs_rows_past_its_tile_as_row_blocks(rows, m, split, monkeypatch):
+def test_lane_kernel_runs_rows_past_its_tile_as_row_blocks(rows, m, split):
     """M past BLOCK_M runs as further programs, one per row block and column block, each
     split-K tile with its own counter: within the float64 reference, the one-launch sum
-    gives the two-launch reduction's bits and re-arms every counter. The load hints
-    (`_LANE_HINTS`) change no bit."""
+    gives the two-launch reduction's bits and re-arms every counter."""
     cfg = KernelConfig("mma", rows, 64, 64, split, 2, 1, True)
     problem = _packed_problem(m, 96, 64 * 4, 64, torch.float16, rows + m)
     p = problem.packed
     args = (problem.x, p.qweight, p.scales, p.offsets, problem.bias, p.group_size)
     one_launch = launch(cfg, *args)
     assert_close_rel(one_launch, problem.reference64(), torch.float16)
-    monkeypatch.setattr(lowering, "_LANE_HINTS", True)
-    assert torch.equal(launch(cfg, *args), one_launch)
-    monkeypatch.setattr(lowering, "_LANE_HINTS", False)
-    assert torch.equal(launch(replace(cfg, num_stages=3), *args), one_launch)
     if split > 1:
         assert torch.equal(one_launch, launch(cfg, *args, self_reduce=False))
         counters = lowering._counters[torch.device(problem.x.device.type, problem.x.device.index)]

@@ -532,15 +532,11 @@ def _pair(v, ASM: tl.constexpr):
 
 
 @triton.jit
-def _lane_x(x_row, k, stride_xk, X_PLANES: tl.constexpr, HINTS: tl.constexpr = False):
+def _lane_x(x_row, k, stride_xk, X_PLANES: tl.constexpr):
     """The lane's x values for 32 k's, [T, 8] at k .. k + 7 (k includes the lane's 8q).
-    Natural order: one 16-byte load; plane-major (X_PLANES), the 8 values are 16 apart.
-    HINTS: kept in L1 and L2 last (every warp of the program reads them)."""
+    Natural order: one 16-byte load; plane-major (X_PLANES), the 8 values are 16 apart."""
     pos = _x_pos(k[:, None] + tl.arange(0, 8)[None, :], X_PLANES)
-    if HINTS:
-        return tl.load(x_row[:, None] + pos * stride_xk, eviction_policy="evict_last")
-    else:
-        return tl.load(x_row[:, None] + pos * stride_xk)
+    return tl.load(x_row[:, None] + pos * stride_xk)
 
 
 @triton.jit
@@ -721,14 +717,13 @@ def _lane_results(vals, q, n_lane, M_TILES: tl.constexpr):
 def _lane_block_loads(
     qw_ptr, s_ptr, o_ptr, x_rows, k0, q, cols, col_mask, stride_w, stride_xk,
     GROUP: tl.constexpr, BLOCK_K: tl.constexpr, M_TILES: tl.constexpr, X_PLANES: tl.constexpr,
-    W4A8: tl.constexpr = False, PART: tl.constexpr = 0, HINTS: tl.constexpr = False,
+    W4A8: tl.constexpr = False, PART: tl.constexpr = 0,
 ):  # fmt: skip
     """Every load of one BLOCK_K of the lane-MMA loop, raw: per 32-k step its words
     [LANES, COLS], the scale and offset rows (one per step when BLOCK_K spans groups, else
     one) and x ([LANES, 8] per (32-k step, B tile), step-major). W4A8: s_ptr / o_ptr hold
     uint8 s2 and z, which become the fp16 scale s2 and offset -z * s2 (exact integers).
-    PART 1: the weight loads only (x left empty), 2: x only, 0: both. HINTS (`_LANE_HINTS`):
-    the words, read once, bypass L1 (.cg), so that x's lines stay there."""
+    PART 1: the weight loads only (x left empty), 2: x only, 0: both."""
     words = ()
     scales = ()
     offsets = ()
@@ -743,15 +738,13 @@ def _lane_block_loads(
                 sv = sv.to(tl.float16)
             scales = scales + (sv,)
             offsets = offsets + (ov,)
-        w_ptrs = qw_ptr + (kk // 8 + q)[:, None] * stride_w + cols
-        if HINTS:
-            words = words + (tl.load(w_ptrs, mask=col_mask, other=0, cache_modifier=".cg"),)
-        else:
-            words = words + (tl.load(w_ptrs, mask=col_mask, other=0),)
+        words = words + (
+            tl.load(qw_ptr + (kk // 8 + q)[:, None] * stride_w + cols, mask=col_mask, other=0),
+        )
     xs = ()
     for st in tl.static_range(BLOCK_K // 32 if PART != 1 else 0):
         for b in tl.static_range(M_TILES):
-            xs = xs + (_lane_x(x_rows[b], k0 + 32 * st + 8 * q, stride_xk, X_PLANES, HINTS),)
+            xs = xs + (_lane_x(x_rows[b], k0 + 32 * st + 8 * q, stride_xk, X_PLANES),)
     return words, scales, offsets, xs
 
 
@@ -764,7 +757,7 @@ def _w4a16_mma_kernel(
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, M_TILES: tl.constexpr, N_TILES: tl.constexpr,
     X_PLANES: tl.constexpr = False, ASM: tl.constexpr = True, PREFETCH: tl.constexpr = False,
     W4A8: tl.constexpr = False, xs_ptr=None, s1_ptr=None, REDUCE_UNROLL: tl.constexpr = 1,
-    PDL: tl.constexpr = False, HINTS: tl.constexpr = False, L2_AHEAD: tl.constexpr = 0,
+    PDL: tl.constexpr = False,
 ):  # fmt: skip
     # W4A8 (FP8 activations, `lowering/w4a8.py`'s "mma_f16"): x is the e4m3 xq as fp16 and
     # the weight (q - z) * s2 from uint8 s2 and z (integers in -127..127, exact in fp16), so
@@ -823,22 +816,22 @@ def _w4a16_mma_kernel(
         if PDL:
             w_first = _lane_block_loads(
                 qw_ptr, s_ptr, o_ptr, x_rows, k_start, q, cols, col_mask, stride_w, stride_xk,
-                GROUP, BLOCK_K, M_TILES, X_PLANES, W4A8, 1, HINTS,
+                GROUP, BLOCK_K, M_TILES, X_PLANES, W4A8, 1,
             )  # fmt: skip
             if ASM:  # (the interpreter runs grids one after another: nothing to wait for)
                 gdc_wait()
             x_first = _lane_block_loads(
                 qw_ptr, s_ptr, o_ptr, x_rows, k_start, q, cols, col_mask, stride_w, stride_xk,
-                GROUP, BLOCK_K, M_TILES, X_PLANES, W4A8, 2, HINTS,
+                GROUP, BLOCK_K, M_TILES, X_PLANES, W4A8, 2,
             )  # fmt: skip
             nxt = (w_first[0], w_first[1], w_first[2], x_first[3])
         else:
             nxt = _lane_block_loads(
                 qw_ptr, s_ptr, o_ptr, x_rows, k_start, q, cols, col_mask, stride_w, stride_xk,
-                GROUP, BLOCK_K, M_TILES, X_PLANES, W4A8, 0, HINTS,
+                GROUP, BLOCK_K, M_TILES, X_PLANES, W4A8,
             )  # fmt: skip
-    n_safe = tl.minimum(n_lane, N - 1)  # (the L2 prefetches' columns)
-    if not PREFETCH and PDL and ASM:  # without registers to spare: the first lines to L2
+    elif PDL and ASM:  # without registers to spare: the first BLOCK_K's lines asked of L2
+        n_safe = tl.minimum(n_lane, N - 1)
         g_row = (k_start // GROUP) * stride_w
         _prefetch_l2(s_ptr + g_row + n_safe)
         _prefetch_l2(o_ptr + g_row + n_safe)
@@ -846,24 +839,17 @@ def _w4a16_mma_kernel(
             _prefetch_l2(qw_ptr + (k_start // 8 + 4 * st + q) * stride_w + n_safe)
         gdc_wait()
     for k0 in range(k_start, k_end, BLOCK_K):
-        if L2_AHEAD > 0 and ASM:
-            # the words L2_AHEAD blocks ahead asked of L2 (no registers): the register loads
-            # of one block ahead then wait for L2, not HBM (clamped to the split's last block)
-            k_pf = tl.minimum(k0 + L2_AHEAD * BLOCK_K, k_end - BLOCK_K)
-            for st in tl.static_range(BLOCK_K // 32):
-                _prefetch_l2(qw_ptr + (k_pf // 8 + 4 * st + q) * stride_w + n_safe)
         if PREFETCH:
             cur = nxt
             # the last iteration re-reads its own block instead of reading past the split
             nxt = _lane_block_loads(
                 qw_ptr, s_ptr, o_ptr, x_rows, tl.minimum(k0 + BLOCK_K, k_end - BLOCK_K), q,
-                cols, col_mask, stride_w, stride_xk, GROUP, BLOCK_K, M_TILES, X_PLANES, W4A8, 0,
-                HINTS,
+                cols, col_mask, stride_w, stride_xk, GROUP, BLOCK_K, M_TILES, X_PLANES, W4A8,
             )  # fmt: skip
         else:
             cur = _lane_block_loads(
                 qw_ptr, s_ptr, o_ptr, x_rows, k0, q, cols, col_mask, stride_w, stride_xk,
-                GROUP, BLOCK_K, M_TILES, X_PLANES, W4A8, 0, HINTS,
+                GROUP, BLOCK_K, M_TILES, X_PLANES, W4A8,
             )  # fmt: skip
         words_k, scales_k, offsets_k, x_k = cur
         for st in tl.static_range(BLOCK_K // 32):
@@ -900,9 +886,8 @@ def _w4a16_mma_kernel(
         acc = acc * tl.load(s1_ptr + n, mask=n < N, other=0.0)
     _finish_tile(
         acc, out_ptr, ws_ptr, cnt_ptr + tl.program_id(0), bias_ptr, m * stride_om + n,
-        (m < M) & (n < N),
-        n, N, pid_k, tl.num_programs(1), stride_split, HAS_BIAS, SPLIT, SELF_REDUCE,
-        REDUCE_UNROLL,
+        (m < M) & (n < N), n, N, pid_k, tl.num_programs(1), stride_split, HAS_BIAS, SPLIT,
+        SELF_REDUCE, REDUCE_UNROLL,
     )  # fmt: skip
 
 
@@ -975,7 +960,6 @@ def valid_config(cfg: KernelConfig, k: int, group: int) -> bool:
             and _pow2(cfg.block_k)
             and cfg.block_k >= 32 and k % cfg.split_k == 0 and (k // cfg.split_k) % cfg.block_k == 0
             and group % 32 == 0 and (group % cfg.block_k == 0 or cfg.block_k % group == 0)
-            and 1 <= cfg.num_stages <= 5  # (stages - 1: the L2 prefetch distance in blocks)
         )  # fmt: skip
     if not (_pow2(cfg.block_n) and _pow2(cfg.block_k) and _pow2(cfg.block_m)) or k % cfg.split_k:
         return False
@@ -1199,12 +1183,6 @@ _LANE_SUMS = ("unroll4", "unroll8")  # KernelConfig.reduce values of the lane ke
 _LANE_PDL = True
 
 
-# Load hints in the lane kernel (`_lane_block_loads`): weight words bypass L1 (.cg) and x is
-# evicted last, so that the x fragments every warp of a program reads stay in L1 (at 64 rows a
-# warp reads 8 bytes of x per byte of weight). Untimed: off until a GPU probe says otherwise.
-_LANE_HINTS = False
-
-
 def _lane_reduce_unroll(cfg: KernelConfig) -> int:
     """How many split-K partials' loads the lane kernel's sum keeps in flight for `cfg`."""
     return int(cfg.reduce.removeprefix("unroll")) if cfg.reduce.startswith("unroll") else 1
@@ -1281,11 +1259,6 @@ def launch(
             extra = dict(W4A8=True, xs_ptr=w4a8[0], s1_ptr=w4a8[1])
         if counters is not None and reduce_unroll > 1:
             extra["REDUCE_UNROLL"] = reduce_unroll
-        if _LANE_HINTS:
-            extra["HINTS"] = True
-        if cfg.num_stages > 1:  # the lane kernel's stages: L2 prefetch distance + 1
-            extra["L2_AHEAD"] = cfg.num_stages - 1
-        common["num_stages"] = 1
         if pdl:
             extra["PDL"] = True
             if not _interpreting():
