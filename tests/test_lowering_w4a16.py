@@ -414,7 +414,8 @@ def test_gemm_configs_over_shared_memory_are_invalid(bm, bn, bk, stages, group, 
     assert (cfg in candidate_configs(16 if bm == 16 else 64, 4096, 4096, group)) <= fits
 
 
-# (rows, warps, tiles per warp, BLOCK_K): shapes candidate_configs offers past 16 rows
+# (rows, warps, tiles per warp, BLOCK_K): shapes candidate_configs offers past 16 rows, and 8
+# and 16 rows to run M up to 64 as several row blocks
 WIDE_MMA = [
     (8, 2, 2, 128),
     (16, 1, 2, 64),

@@ -778,8 +778,8 @@ def _w4a16_mma_kernel(
     LANES: tl.constexpr = 4 * BLOCK_N // COLS  # 4 lanes (q) share each column
     NW: tl.constexpr = LANES // 32
     BF16: tl.constexpr = x_ptr.dtype.element_ty == tl.bfloat16
-    # Rows past BLOCK_M: programs of one column block and consecutive row blocks are
-    # consecutive, so the row blocks of a weight tile read it while it is still in L2.
+    # M past BLOCK_M runs as row blocks: program = column block * row blocks + row block, so
+    # the row blocks of one column block run together and read its weights while in L2.
     row_blocks = tl.cdiv(M, 8 * M_TILES)
     pid_n = tl.program_id(0) // row_blocks
     row0 = (tl.program_id(0) % row_blocks) * (8 * M_TILES)
