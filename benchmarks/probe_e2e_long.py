@@ -27,6 +27,7 @@ from qcompile.integrations.generation import (
     generation_cache,
 )
 from qcompile.integrations.kv4_cache import enable_kv4_attention
+from qcompile.lowering import kv4_attention as kv4_lowering
 from qcompile.lowering import w4a16 as w4a16_lowering
 
 qcompile_backend = importlib.import_module("qcompile.backend")  # (`qcompile.backend` is a function)
@@ -47,6 +48,11 @@ ap.add_argument(
     help="also run both with programmatic dependent launch (the default since the thirty-third "
     "session; the plain variants then run without): the W4A16 lane kernel (`_LANE_PDL`) and "
     "Inductor's kernels (`backend._INDUCTOR_PDL`, Inductor's triton.enable_pdl)",
+)  # fmt: skip
+ap.add_argument(
+    "--kv4-pdl", action="store_true",
+    help="also run W4A16 + KV4 with PDL and the KV4 cache write and decode_t attention under "
+    "it too (`kv4_attention._KV4_PDL`, off by default: untimed)",
 )  # fmt: skip
 ap.add_argument(
     "--repeat", type=int, default=1,
@@ -99,6 +105,8 @@ if args.skip_module_guards:
     variants.append(("w4a16+kv4+noguard", "token"))
 if args.pdl:
     variants += [("w4a16+pdl", "off"), ("w4a16+kv4+pdl", "token")]
+if args.kv4_pdl:
+    variants.append(("w4a16+kv4+kv4pdl", "token"))
 plain_attention = model.config._attn_implementation
 runs = [
     (f"{v}#{r}" if r else v, v, kv4)
@@ -110,9 +118,11 @@ for name, variant, kv4 in runs:
         enable_kv4_attention(model)
     else:  # (after a KV4 round of --repeat)
         model.set_attn_implementation(plain_attention)
-    pdl = variant.endswith("+pdl")
+    kv4_pdl = variant.endswith("+kv4pdl")
+    pdl = variant.endswith("+pdl") or kv4_pdl
     w4a16_lowering._LANE_PDL = pdl
     qcompile_backend._INDUCTOR_PDL = pdl  # (the backend's default for Inductor's enable_pdl)
+    kv4_lowering._KV4_PDL = kv4_pdl
     torch._dynamo.reset()
     compile = compile_config(
         qcompile.backend(qconfig), "reduce-overhead", module_guards=not variant.endswith("noguard")

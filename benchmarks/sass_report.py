@@ -188,7 +188,7 @@ def compile_kv4_variant(
     kind: str, bm: int, bn: int, warps: int, stages: int, key_tokens: int = 0,
     dtype: str = "fp16", prefetch: bool = False, stage_v: bool = False, key_bias16: bool = False,
     q_rows: bool = False, max_registers: int = 0, center_v: bool = True, mask_kind: int = 0,
-    fp16_keys: bool = False, pdl: bool = False,
+    fp16_keys: bool = False, pdl: bool = False, dependent: bool = False,
 ):  # fmt: skip
     """A KV4 kernel for sm_90: "decode"/"prefill" (`_kv4_decode_kernel`, fp16 query, no mask,
     split partials for decode; key_tokens > 0: keys per channel), "decode_t"
@@ -197,7 +197,8 @@ def compile_kv4_variant(
     or "write" (the per-token K/V write, bm = BLOCK_T, bn = G) or "key_write" (the
     per-channel key write kernel, T = key_tokens) or "split_reduce" (bn splits, D = 128);
     dtype: the query's (and residual's), fp16 or bf16; max_registers: ptxas's cap per thread
-    (0: none); pdl: decode_t triggers its dependents, split_reduce waits for its primary."""
+    (0: none); pdl: decode_t triggers its dependents, split_reduce waits for its primary;
+    dependent (`_KV4_PDL`): decode_t and write wait for their primary, write triggers."""
     from qcompile.lowering import kv4_attention as kv4
 
     if kind == "split_reduce":
@@ -213,7 +214,7 @@ def compile_kv4_variant(
             "ASM": True, "SELF_REDUCE": True, "SCALE_PREFETCH": prefetch, "STAGE_V": stage_v,
             "CENTER_V": center_v, "WIDE": False, "COMBINE_ROWS": 4, "SWAP_PAIRS": q_rows,
             "KEY_MASK": key_bias16, "FP16_KEYS": fp16_keys, "LAUNCH_DEPENDENTS": pdl,
-            "KEY_TOKENS": key_tokens,
+            "KEY_TOKENS": key_tokens, "WAIT": dependent,
         }  # fmt: skip
         pointers = {"kc_ptr": "*u8", "vc_ptr": "*u8", "lens_ptr": "*i32", "mask_ptr": "*fp16",
                     "out_ptr": "*fp32", "lse_ptr": "*fp32", "cnt_ptr": "*i32",
@@ -222,7 +223,7 @@ def compile_kv4_variant(
         fn = kv4._kv4_cache_write_kernel
         # unit channel strides, as Triton specializes them at launch
         consts = {"HKV": 8, "D": 128, "G": bn, "BLOCK_T": bm, "WRITE_K": True,
-                  "stride_kd": 1, "stride_vd": 1}  # fmt: skip
+                  "stride_kd": 1, "stride_vd": 1, "PDL": dependent}  # fmt: skip
         pointers = {"kc_ptr": "*u8", "vc_ptr": "*u8", "pos_ptr": "*i64", "k_ptr": f"*{dtype}",
                     "v_ptr": f"*{dtype}"}  # fmt: skip
     elif kind == "key_write":

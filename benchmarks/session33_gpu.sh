@@ -17,7 +17,7 @@ for part in ${PART//,/ }; do
   case "$part" in
     pdltests)
       gpu_tests "${TEST_S:-240}" "$OUT/$part/tests.log" tests/test_gpu.py \
-        tests/test_lowering_w4a16.py tests/test_hf_models.py \
+        tests/test_lowering_w4a16.py tests/test_hf_models.py tests/test_kv4.py \
         -k "${TESTS_K:-pdl or reduce_overhead or compiled or sibling or generate or row_blocks}"
       ;;
     pdl32)

@@ -1576,6 +1576,56 @@ def test_reduce_pdl_on_cuda_is_exact_and_graph_capturable(b, split):
     assert_close_rel(plain.cpu(), problem.reference64(), torch.float16)
 
 
+@pytest.mark.gpu
+def test_kv4_pdl_chain_on_cuda_is_exact_under_cuda_graphs():
+    """`_KV4_PDL`: in a CUDA graph, a kernel writes the new K and V (negates them each
+    replay), the cache write (PDL: waits, then lets the attention be placed) quantizes them
+    into the cache, and decode_t (PDL: waits) reads the cache and a query the producer also
+    changed. Every replay equals the plain launches' bits; a read before either wait would
+    see the previous replay's values."""
+    gen = torch.Generator().manual_seed(44)
+    b, hkv, s, d = 2, 8, 1000, 128
+    keys, values = (
+        quantize_kv4(torch.randn(b, hkv, s, d, generator=gen), KVScheme()) for _ in "kv"
+    )
+    cache = [t.cuda() for p in (keys, values) for t in (p.codes, p.scales, p.offsets)]
+    new_k, new_v = (torch.randn(b, hkv, 1, d, generator=gen).half().cuda() for _ in "kv")
+    q = torch.randn(b, 32, 1, d, generator=gen).half().cuda()
+    pos = torch.tensor([s - 1], device="cuda")
+    cfg = KernelConfig("decode_t", 4, 32, 0, 4, 1, 3, True, stage_v=True)
+    out = torch.empty_like(q)
+
+    def step():
+        for t in (new_k, new_v, q):
+            t.mul_(-1.0)  # the producer: a plain kernel right before the write
+        kv4_cache_write_cuda(new_k, new_v, *cache, pos)
+        launch_attention(cfg, q, *cache, None, None, False, d**-0.5, out=out)
+
+    start = [t.clone() for t in (new_k, new_v, q, *cache)]
+
+    def reset():
+        for t, v in zip((new_k, new_v, q, *cache), start, strict=True):
+            t.copy_(v)
+
+    want = []
+    for _ in range(3):
+        step()
+        want.append(out.clone())
+    with mock.patch.object(kv4_attention, "_KV4_PDL", True):
+        reset()
+        step()  # warm-up (compiles) outside the capture
+        assert torch.equal(out, want[0])
+        reset()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        reset()
+        for i in range(3):
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(out, want[i]), i
+
+
 def _random_packed_kv4(b: int, s: int, groups: int, gen: torch.Generator) -> PackedKV4:
     """Uniform codes, scales ~0.35 and offsets ~-2.6 (a randn token's), made on the GPU
     without a float [B, 8, S, 128] copy (17 GB at B=128, S=32k)."""

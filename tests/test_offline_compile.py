@@ -277,6 +277,30 @@ def test_reduce_pdl_compiles_to_griddepcontrol_and_leaves_the_loop():
     assert attn_len == plain_len, (attn_len, plain_len)
 
 
+KV4_PDL = """
+import json
+import sass_report as s
+attn = s.compile_kv4_variant("decode_t", 4, 32, 1, 3, prefetch=True, stage_v=True,
+                             q_rows=True, dependent=True)
+write = s.compile_kv4_variant("write", 1, 128, 2, 1, dependent=True)
+plain = s.compile_kv4_variant("write", 1, 128, 2, 1)
+print(json.dumps([
+    "griddepcontrol.wait" in attn.asm["ptx"],
+    "griddepcontrol.launch_dependents" in attn.asm["ptx"],
+    "griddepcontrol.wait" in write.asm["ptx"],
+    "griddepcontrol.launch_dependents" in write.asm["ptx"],
+    "griddepcontrol" in plain.asm["ptx"],
+]))
+"""
+
+
+def test_kv4_pdl_compiles_to_griddepcontrol():
+    """`_KV4_PDL` on sm_90: decode_t waits for its primary (griddepcontrol.wait) and, with
+    its split reduce a second launch off, triggers nothing; the cache write waits and
+    triggers its dependent; without the switch the write has neither."""
+    assert _compile_offline(KV4_PDL, timeout=300) == [True, False, True, True, False]
+
+
 T_KEYS = """
 import json
 import sass_report as s

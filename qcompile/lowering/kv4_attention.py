@@ -743,7 +743,12 @@ def _kv4_decode_t_kernel(
     WIDE: tl.constexpr, COMBINE_ROWS: tl.constexpr, SWAP_PAIRS: tl.constexpr = False,
     KEY_MASK: tl.constexpr = False, FP16_KEYS: tl.constexpr = False,
     LAUNCH_DEPENDENTS: tl.constexpr = False, KEY_TOKENS: tl.constexpr = 0,
+    WAIT: tl.constexpr = False,
 ):  # fmt: skip
+    # WAIT (`_KV4_PDL`): launched with programmatic dependent launch, so the programs may be
+    # placed while the kernel before (the cache write) drains; nothing is read before it ends.
+    if WAIT:
+        gdc_wait()
     # LAUNCH_DEPENDENTS: the split reduce launched next with programmatic dependent launch may
     # place its programs as soon as this grid's free SM slots allow; they wait (griddepcontrol
     # .wait) for this whole grid and its writes before reading a partial.
@@ -959,11 +964,17 @@ def _kv4_cache_write_kernel(
     stride_kb, stride_kh, stride_ks, stride_kd, stride_vb, stride_vh, stride_vs, stride_vd,
     stride_cb, stride_ch, stride_sb, stride_sh,
     HKV: tl.constexpr, D: tl.constexpr, G: tl.constexpr, BLOCK_T: tl.constexpr,
-    WRITE_K: tl.constexpr = True,
+    WRITE_K: tl.constexpr = True, PDL: tl.constexpr = False,
 ):  # fmt: skip
     # One program per (batch, KV head, tile of new tokens) writes both K and V (only V when
     # not WRITE_K: keys per channel have their own kernel). A position past the cache (S) is
     # dropped rather than written out of bounds.
+    # PDL (`_KV4_PDL`): launched with programmatic dependent launch, it waits for the kernel
+    # before (which wrote K and V) and lets the attention after it be placed at once; that
+    # kernel's griddepcontrol.wait still waits for this grid's end and writes.
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
     NG: tl.constexpr = D // G
     pid_bh = tl.program_id(0)
     b = pid_bh // HKV
@@ -1309,6 +1320,11 @@ _DECODE_T_CANDIDATES = True
 # 11.0 us (split 96 and 128), S=32k 23.6 -> 22.9; B=16 (512 rows, split 12) lost, 62.9 ->
 # 65.1 and 216.5 -> 218.9. Between 32 and 512 rows: untimed, so off. 0: never.
 _REDUCE_PDL = 32
+# The per-token cache write and the "decode_t" attention launched with programmatic dependent
+# launch (each waits for the kernel before it on the GPU; the write lets the attention be
+# placed at once): the two kernel boundaries of a decode step's attention that run without
+# PDL while the lane kernel and Inductor's kernels use it. Untimed, so off.
+_KV4_PDL = False
 # "decode_t" over keys per channel (`KEY_TOKENS`): valid, a tuning candidate and the untuned
 # default for one query position (off: the decode kernel's two-warp BLOCK_N 64 programs).
 # H100, fp16, T = 64 (`results/session29/tkeys_fma/`): 0.49-0.64x the decode kernel's time,
@@ -1493,7 +1509,7 @@ def launch_attention(
             COMBINE_ROWS=min(cfg.block_m, triton.next_power_of_2(gqa)),
             SWAP_PAIRS=_SWAP_PAIRS, KEY_MASK=mask_kind != 0 and mask_strides[1] == 0,
             FP16_KEYS=_FP16_KEYS, LAUNCH_DEPENDENTS=pdl, KEY_TOKENS=key_tokens,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_pdl_launch(),
         )  # fmt: skip
         if counters is None:
             reduce_splits(target, lse, out, pdl=pdl)
@@ -1615,6 +1631,14 @@ def kv4_attention_cuda(
 _DECODE_WRITE: tuple[int, int] | None = (1, 2)
 
 
+def _pdl_launch(flag: str = "WAIT") -> dict:
+    """The launch arguments of a kernel under `_KV4_PDL`: its constexpr `flag` and the
+    launch attribute (none under the interpreter, which runs grids one after another)."""
+    if not _KV4_PDL or _interpreting():
+        return {}
+    return {flag: True, "launch_pdl": True}
+
+
 def kv4_cache_write_cuda(
     key: torch.Tensor,
     value: torch.Tensor,
@@ -1644,6 +1668,7 @@ def kv4_cache_write_cuda(
         *key.stride(), *value.stride(), v_codes.stride(0), v_codes.stride(1),
         v_scales.stride(0), v_scales.stride(1),
         HKV=hkv, D=d, G=g, BLOCK_T=block_t, WRITE_K=k_residual is None, num_warps=num_warps,
+        **_pdl_launch("PDL"),
     )  # fmt: skip
     if k_residual is None:
         return
