@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# For the next session, in this order (the thirty-third session's two calls ran
-# session32_gpu.sh: pdlaba, tune + shipped, results/session33/; then no machine could be
-# started). PDL is on by default since (`_LANE_PDL`, `backend._INDUCTOR_PDL`), but the gpu test
-# of a compiled model under it has not run yet: run pdltests first. PART is a comma-separated
+# For the next session (the thirty-third session's two calls ran session32_gpu.sh: pdlaba,
+# tune + shipped, results/session33/). PDL is on by default (`_LANE_PDL`,
+# `backend._INDUCTOR_PDL`); its gpu test of a compiled model passed in the thirty-fourth
+# session (results/session34/pdltests/). pdltests now also holds `_KV4_PDL`'s untested gpu
+# chain test; pdl32, bench and bench16 have not run with PDL yet. PART is a comma-separated
 # list of:
 #   pdltests: the gpu tests that run compiled models and the lane kernel, now under PDL: the
 #             new PDL-on-vs-off bits test, CUDA graphs, sibling fusion, the lane-kernel PDL
