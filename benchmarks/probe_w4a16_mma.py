@@ -88,9 +88,7 @@ def main() -> None:
     ap.add_argument("--tiles", default="2,4", help="16-column A tiles per warp")
     ap.add_argument("--bks", default="128,256")
     ap.add_argument("--splits", default="1,2,4,8,16")
-    ap.add_argument(
-        "--prefetch", default="0", help="prefetch: 0 off, 1 the next BLOCK_K, 2 the next two"
-    )
+    ap.add_argument("--prefetch", default="0", help="prefetch: 0 off, 1 the next BLOCK_K")
     ap.add_argument("--planes", type=int, default=3, help="re-time the best N on plane-major x")
     ap.add_argument("--reduce-unroll", default="1", help="split-K sum: partials in flight")
     ap.add_argument(

@@ -148,7 +148,7 @@ def test_dequantize_then_matmul_strategy(group):
         KernelConfig("mma", 64, 32, 128, 1, 1, 1),  # 8 B tiles (64 rows), BLOCK_K > group at g64
         KernelConfig("mma", 16, 64, 128, 2, 2, 1, True),  # next BLOCK_K loaded first, split
         KernelConfig("mma", 32, 64, 64, 1, 2, 1, True),
-        KernelConfig("mma", 16, 64, 64, 1, 2, 1, 2),  # loads two blocks ahead
+        KernelConfig("mma", 16, 64, 64, 1, 2, 1, 2),  # prefetch of words and scales only
     ],
     ids=lambda c: f"{c.kernel}-bn{c.block_n}-bk{c.block_k}-sk{c.split_k}-pf{int(c.prefetch)}",
 )

@@ -1323,7 +1323,10 @@ _REDUCE_PDL = 32
 # The per-token cache write and the "decode_t" attention launched with programmatic dependent
 # launch (each waits for the kernel before it on the GPU; the write lets the attention be
 # placed at once): the two kernel boundaries of a decode step's attention that run without
-# PDL while the lane kernel and Inductor's kernels use it. Untimed, so off.
+# PDL while the lane kernel and Inductor's kernels use it. Bit-exact under CUDA graphs (gpu
+# test). Off: H100, bf16, 16 layers, 8000-token prompt, two rounds (`probe_e2e_long.py --pdl
+# --kv4-pdl`, `results/session35/kv4pdl/`): GPU ms per forward 2.266 / 2.317 -> 2.244 / 2.211,
+# wall ms per step 2.779 / 2.735 -> 2.815 / 2.765, within the rounds' spread.
 _KV4_PDL = False
 # "decode_t" over keys per channel (`KEY_TOKENS`): valid, a tuning candidate and the untuned
 # default for one query position (off: the decode kernel's two-warp BLOCK_N 64 programs).

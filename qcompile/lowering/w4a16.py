@@ -804,9 +804,7 @@ def _w4a16_mma_kernel(
     acc3 = acc0
     k_start = pid_k * k_per_split
     k_end = k_start + k_per_split
-    # PREFETCH 1: every load of the next BLOCK_K is issued before this one's MMAs; 2: of the
-    # next two (more bytes in flight per warp, where the grid rather than the registers
-    # bounds the warps per SM, as at M <= 16). (Prefetching
+    # PREFETCH: every load of the next BLOCK_K is issued before this one's MMAs. (Prefetching
     # only its words and scales, x loaded in time, needed fewer registers but was slower at
     # every M on the H200: `benchmarks/results/h200/prefetch_level2/`.)
     # PDL (launched with programmatic dependent launch, `_LANE_PDL`): the programs may start
@@ -832,11 +830,6 @@ def _w4a16_mma_kernel(
                 qw_ptr, s_ptr, o_ptr, x_rows, k_start, q, cols, col_mask, stride_w, stride_xk,
                 GROUP, BLOCK_K, M_TILES, X_PLANES, W4A8,
             )  # fmt: skip
-        if PREFETCH >= 2:  # (a split of one block re-reads it)
-            nxt2 = _lane_block_loads(
-                qw_ptr, s_ptr, o_ptr, x_rows, tl.minimum(k_start + BLOCK_K, k_end - BLOCK_K), q,
-                cols, col_mask, stride_w, stride_xk, GROUP, BLOCK_K, M_TILES, X_PLANES, W4A8,
-            )  # fmt: skip
     elif PDL and ASM:  # without registers to spare: the first BLOCK_K's lines asked of L2
         n_safe = tl.minimum(n_lane, N - 1)
         g_row = (k_start // GROUP) * stride_w
@@ -846,14 +839,7 @@ def _w4a16_mma_kernel(
             _prefetch_l2(qw_ptr + (k_start // 8 + 4 * st + q) * stride_w + n_safe)
         gdc_wait()
     for k0 in range(k_start, k_end, BLOCK_K):
-        if PREFETCH >= 2:
-            cur = nxt
-            nxt = nxt2
-            nxt2 = _lane_block_loads(
-                qw_ptr, s_ptr, o_ptr, x_rows, tl.minimum(k0 + 2 * BLOCK_K, k_end - BLOCK_K), q,
-                cols, col_mask, stride_w, stride_xk, GROUP, BLOCK_K, M_TILES, X_PLANES, W4A8,
-            )  # fmt: skip
-        elif PREFETCH:
+        if PREFETCH:
             cur = nxt
             # the last iteration re-reads its own block instead of reading past the split
             nxt = _lane_block_loads(
@@ -958,8 +944,8 @@ def valid_config(cfg: KernelConfig, k: int, group: int) -> bool:
     """A config fits when its tiles are powers of two and each split's K range is a whole
     number of tiles aligned to groups (Triton needs power-of-two ranges; the interpreter
     does not check, so this must)."""
-    if cfg.prefetch not in (0, 1) and not (cfg.kernel == "mma" and cfg.prefetch == 2):
-        return False  # (2: the lane kernel's loads two blocks ahead)
+    if cfg.prefetch not in (0, 1):
+        return False
     if cfg.reduce and not (cfg.kernel == "mma" and cfg.split_k > 1 and cfg.reduce in _LANE_SUMS):
         return False  # (a choice only the lane kernel's split-K sum offers)
     if cfg.kernel == "dequant_mm":
@@ -1280,7 +1266,7 @@ def launch(
         row_blocks = triton.cdiv(m, cfg.block_m)
         _w4a16_mma_kernel[(triton.cdiv(n, cfg.block_n) * row_blocks, split)](
             *args, M_TILES=cfg.block_m // 8, N_TILES=cfg.block_n // (16 * cfg.num_warps),
-            X_PLANES=x_planes, ASM=not _interpreting(), PREFETCH=int(cfg.prefetch), **extra,
+            X_PLANES=x_planes, ASM=not _interpreting(), PREFETCH=bool(cfg.prefetch), **extra,
             **common,
         )  # fmt: skip
     elif cfg.kernel == "gemv":
