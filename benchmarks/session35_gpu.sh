@@ -3,6 +3,8 @@
 #   (pf2, run once in this session at commit 702e714: the lane kernel's register prefetch two
 #   blocks ahead lost at every point and was removed; results/session35/pf2/.)
 #   pdltests, pdl32, bench, bench16: as in session33_gpu.sh (it runs them).
+#   gluon:   probe_gluon_w4a16.py: a Gluon W4A16 GEMM for large M (TMA ring, unpacking
+#            overlapped with the previous tile's async wgmma) against cuBLAS and dequant_mm.
 #   kv4pdl:  probe_e2e_long.py at 16 layers with --pdl --kv4-pdl: the KV4 cache write and
 #            decode_t attention under PDL (`_KV4_PDL`) against the same without.
 source benchmarks/gpu_setup.sh
@@ -11,6 +13,11 @@ for part in ${PART//,/ }; do
   case "$part" in
     pdltests|pdl32|bench|bench16)
       PART=$part bash benchmarks/session33_gpu.sh
+      ;;
+    gluon)
+      timeout "${GLUON_S:-300}" python3 benchmarks/probe_gluon_w4a16.py --ms ${GLUON_MS:-256,1024} \
+        ${GLUON_ARGS:-} --out "$OUT/$part/gluon.json" > "$OUT/$part/gluon.log" 2>&1
+      cut -c1-300 "$OUT/$part/gluon.log" | tail -50
       ;;
     kv4pdl)
       timeout "${E2E_S:-330}" python3 benchmarks/probe_e2e_long.py --layers 16 --pdl --kv4-pdl \
