@@ -254,6 +254,36 @@ def main() -> None:
         del packed, wf
 
 
+def diagnose() -> None:
+    """Structured inputs on one tile, printed against what each orientation would give."""
+    import torch
+
+    from qcompile.quant.int4 import pack_int4_along_k
+
+    torch.set_printoptions(linewidth=200)
+    n = k = 128
+    codes = (torch.arange(n)[:, None] + 3 * torch.arange(k)[None, :]) % 16  # W[n, k]
+    qw = pack_int4_along_k(codes).cuda()
+    ones = torch.ones(1, n, dtype=torch.float16, device="cuda")
+    zeros = torch.zeros(1, n, dtype=torch.float16, device="cuda")
+    w = codes.float().cuda()
+    for kk in (64, 128):
+        x = torch.eye(128, kk, dtype=torch.float16, device="cuda")
+        q = qw[: kk // 8].contiguous()
+        for cfg in ((128, 128, 64, 3, 1, 8), (64, 128, 64, 4, 1, 4)):
+            out = gluon_w4a16(x, q, ones, zeros, 128, *cfg).float()
+            exp = x.float() @ w[:, :kk].t()
+            print(f"K={kk} {cfg}: max err {(out - exp).abs().max().item():.3g}")
+            print("  out[:4, :8]", out[:4, :8].tolist())
+            print("  exp[:4, :8]", exp[:4, :8].tolist())
+    # x alone: W = 1 everywhere (codes 1, scale 1, offset 0): out[m, n] = sum_k x[m, k]
+    x = torch.randn(128, 128, dtype=torch.float16, device="cuda")
+    q = pack_int4_along_k(torch.ones(n, k, dtype=torch.int64)).cuda()
+    out = gluon_w4a16(x, q, ones, zeros, 128).float()
+    print("x sums: max err", (out - x.float().sum(1, keepdim=True)).abs().max().item())
+    print("  out[:4, :4]", out[:4, :4].tolist(), "sums", x.float().sum(1)[:4].tolist())
+
+
 def compile_only() -> None:
     """Compile each config for sm_90 on a machine without a GPU; print registers, spills and
     shared memory."""
@@ -312,5 +342,7 @@ if __name__ == "__main__":
 
     if "--compile-only" in sys.argv:
         compile_only()
+    elif "--diagnose" in sys.argv:
+        diagnose()
     else:
         main()
