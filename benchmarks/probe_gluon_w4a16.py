@@ -77,6 +77,7 @@ def _issue_tile(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem, 
 def _w4a16_wgmma_kernel(
     x_desc, w_desc, s_desc, o_desc, out_ptr, M, N, K,
     GROUP: gl.constexpr, STAGES: gl.constexpr, B_BUFS: gl.constexpr, num_warps: gl.constexpr,
+    dbg_ptr=None, DEBUG: gl.constexpr = False,
 ):  # fmt: skip
     BLOCK_M: gl.constexpr = x_desc.block_type.shape[0]
     BLOCK_K: gl.constexpr = x_desc.block_type.shape[1]
@@ -133,6 +134,14 @@ def _w4a16_wgmma_kernel(
         c = codes.to(gl.int16).to(dtype, bitcast=True) - MAGIC
         w = c * gl.expand_dims(gl.expand_dims(sv, 1), 2) + gl.expand_dims(gl.expand_dims(ov, 1), 2)
         w = gl.reshape(w, [BLOCK_N, BLOCK_K])
+        if DEBUG:  # tile 0's unpacked weights, [BLOCK_N, BLOCK_K] per K tile, to dbg_ptr
+            DL: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
+            wd = gl.convert_layout(w, DL)
+            dn = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, DL))
+            dk = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, DL))
+            if gl.program_id(0) + gl.program_id(1) == 0:
+                gl.store(dbg_ptr + i * BLOCK_N * BLOCK_K + gl.expand_dims(dn, 1) * BLOCK_K
+                         + gl.expand_dims(dk, 0), wd)  # fmt: skip
         # tile i - B_BUFS's wgmma is done in every warpgroup: its stage and B buffer are free
         acc = warpgroup_mma_wait(num_outstanding=B_BUFS - 1, deps=(acc,))
         gl.thread_barrier()
@@ -157,7 +166,7 @@ def _w4a16_wgmma_kernel(
 
 
 def gluon_w4a16(x, qweight, scales, offsets, group, bm=128, bn=128, bk=64, stages=4, b_bufs=1,
-                warps=8):  # fmt: skip
+                warps=8, dbg=None):  # fmt: skip
     """out = x @ W^T for the packed int4 weight (qweight [K/8, N], scales/offsets [K/g, N])."""
     import torch
 
@@ -178,7 +187,7 @@ def gluon_w4a16(x, qweight, scales, offsets, group, bm=128, bn=128, bk=64, stage
     grid = (triton.cdiv(m, bm), n // bn)
     _w4a16_wgmma_kernel[grid](
         x_desc, w_desc, s_desc, o_desc, out, m, n, k, GROUP=group, STAGES=stages, B_BUFS=b_bufs,
-        num_warps=warps,
+        num_warps=warps, dbg_ptr=dbg, DEBUG=dbg is not None,
     )  # fmt: skip
     return out
 
@@ -271,8 +280,12 @@ def diagnose() -> None:
         x = torch.eye(128, kk, dtype=torch.float16, device="cuda")
         q = qw[: kk // 8].contiguous()
         for cfg in ((128, 128, 64, 3, 1, 8), (64, 128, 64, 4, 1, 4)):
-            out = gluon_w4a16(x, q, ones, zeros, 128, *cfg).float()
+            dbg = torch.zeros(kk // cfg[2], cfg[1], cfg[2], dtype=torch.float16, device="cuda")
+            out = gluon_w4a16(x, q, ones, zeros, 128, *cfg, dbg=dbg).float()
             exp = x.float() @ w[:, :kk].t()
+            wt = torch.cat(list(dbg.float()), dim=1)  # [BLOCK_N, K]
+            print(f"K={kk} {cfg}: unpacked W max err {(wt - w[: cfg[1], :kk]).abs().max().item()}")
+            print("  W[:2, :16] got", wt[:2, :16].tolist(), "want", w[:2, :16].tolist())
             print(f"K={kk} {cfg}: max err {(out - exp).abs().max().item():.3g}")
             print("  out[:4, :8]", out[:4, :8].tolist())
             print("  exp[:4, :8]", exp[:4, :8].tolist())

@@ -15,6 +15,7 @@ for part in ${PART//,/ }; do
       PART=$part bash benchmarks/session33_gpu.sh
       ;;
     gluon)
+      [ -n "${GLUON_DIAG:-}" ] && python3 benchmarks/probe_gluon_w4a16.py --diagnose 2>&1 | tee "$OUT/$part/diagnose.log"
       timeout "${GLUON_S:-300}" python3 benchmarks/probe_gluon_w4a16.py --ms ${GLUON_MS:-256,1024} \
         ${GLUON_ARGS:-} --out "$OUT/$part/gluon.json" > "$OUT/$part/gluon.log" 2>&1
       cut -c1-300 "$OUT/$part/gluon.log" | tail -50
