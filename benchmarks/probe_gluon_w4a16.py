@@ -281,7 +281,7 @@ def diagnose() -> None:
         q = qw[: kk // 8].contiguous()
         for cfg in ((128, 128, 64, 3, 1, 8), (64, 128, 64, 4, 1, 4)):
             dbg = torch.zeros(kk // cfg[2], cfg[1], cfg[2], dtype=torch.float16, device="cuda")
-            out = gluon_w4a16(x, q, ones, zeros, 128, *cfg, dbg=dbg).float()
+            out = gluon_w4a16(x, q, ones, zeros, min(128, kk), *cfg, dbg=dbg).float()
             exp = x.float() @ w[:, :kk].t()
             wt = torch.cat(list(dbg.float()), dim=1)  # [BLOCK_N, K]
             print(f"K={kk} {cfg}: unpacked W max err {(wt - w[: cfg[1], :kk]).abs().max().item()}")
