@@ -101,11 +101,13 @@ def _w4a16_wgmma_kernel(
     for i in gl.static_range(STAGES):
         mbarrier.init(ready.index(i), count=1)
 
-    # Unpacking: thread (n, word group) holds 4 words = 32 consecutive k of one column, so
-    # the reshape to [BLOCK_N, BLOCK_K] moves nothing and its store is 16-byte runs.
-    L3: gl.constexpr = gl.BlockedLayout([1, 4, 8], [16, 2, 1], [num_warps, 1, 1], [2, 1, 0])
+    # Unpacking: thread (word group, n) holds 4 words = 32 consecutive k of one column, so
+    # the permute and reshape to [BLOCK_N, BLOCK_K] move nothing and its store is 16-byte runs.
+    # (The words are read as stored, [WORDS, BLOCK_N]: Triton 3.6 loaded a permuted view of
+    # this unswizzled buffer as if it were not permuted.)
+    L3: gl.constexpr = gl.BlockedLayout([4, 1, 8], [2, 16, 1], [1, num_warps, 1], [2, 0, 1])
     WL: gl.constexpr = gl.SliceLayout(2, L3)
-    SL: gl.constexpr = gl.SliceLayout(1, WL)
+    SL: gl.constexpr = gl.SliceLayout(0, WL)
     shifts = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(0, L3))) * 4
     shifts3 = gl.expand_dims(gl.expand_dims(shifts, 0), 0)
 
@@ -125,15 +127,15 @@ def _w4a16_wgmma_kernel(
     for i in range(num_k):
         s = i % STAGES
         mbarrier.wait(ready.index(s), (i // STAGES) & 1)
-        words = w_smem.index(s).permute((1, 0)).load(WL)  # [BLOCK_N, WORDS]
+        words = w_smem.index(s).load(WL)  # [WORDS, BLOCK_N]
         sv = s_smem.index(s).reshape([BLOCK_N]).load(SL)
         ov = o_smem.index(s).reshape([BLOCK_N]).load(SL)
         # code c as the 16-bit float MAGIC + c (its low mantissa bits), minus MAGIC (exact):
         # no int-to-float conversions, which run at a quarter of the ALU rate
         codes = ((gl.expand_dims(words, 2) >> shifts3) & 0xF) | MAGIC_BITS
         c = codes.to(gl.int16).to(dtype, bitcast=True) - MAGIC
-        w = c * gl.expand_dims(gl.expand_dims(sv, 1), 2) + gl.expand_dims(gl.expand_dims(ov, 1), 2)
-        w = gl.reshape(w, [BLOCK_N, BLOCK_K])
+        w = c * gl.expand_dims(gl.expand_dims(sv, 0), 2) + gl.expand_dims(gl.expand_dims(ov, 0), 2)
+        w = gl.reshape(gl.permute(w, (1, 0, 2)), [BLOCK_N, BLOCK_K])
         if DEBUG:  # tile 0's unpacked weights, [BLOCK_N, BLOCK_K] per K tile, to dbg_ptr
             DL: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
             wd = gl.convert_layout(w, DL)
