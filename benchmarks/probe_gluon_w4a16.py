@@ -198,6 +198,9 @@ CONFIGS = [  # (BLOCK_M, BLOCK_N, BLOCK_K, STAGES, B_BUFS, warps)
     (128, 128, 64, 4, 1, 8), (128, 128, 64, 4, 2, 8), (128, 128, 64, 3, 1, 8),
     (128, 256, 64, 3, 1, 8), (128, 256, 64, 3, 2, 8), (64, 128, 64, 4, 1, 4),
     (128, 128, 128, 3, 1, 8), (64, 256, 64, 4, 1, 4), (256, 128, 64, 3, 1, 8),
+    # second round: 2 programs per SM with B_BUFS 2, BLOCK_K 128 in 2 stages, 4-warp programs
+    (128, 128, 64, 3, 2, 8), (128, 128, 128, 2, 1, 8), (128, 128, 64, 2, 1, 8),
+    (128, 64, 64, 4, 1, 4), (128, 64, 64, 4, 2, 4), (64, 128, 64, 4, 2, 4), (64, 128, 128, 3, 1, 4),
 ]  # fmt: skip
 
 
@@ -238,6 +241,8 @@ def main() -> None:
             row["gluon"] = []
             for cfg in configs:
                 bm, bn, bk, stages, b_bufs, warps = cfg
+                if bm > max(m, 64):
+                    continue
                 name = f"bm{bm} bn{bn} bk{bk} st{stages} b{b_bufs} w{warps}"
 
                 def run(p, cfg=cfg, x=x):
