@@ -57,8 +57,8 @@ def _instr_n(block_m, block_n, num_warps):
 
 
 @gluon.jit
-def _issue_tile(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem, ready, t, off_m,
-                off_n, BLOCK_K: gl.constexpr, GROUP: gl.constexpr, STAGES: gl.constexpr):  # fmt: skip
+def _issue_tile(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem, ready, t, k_first,
+                off_m, off_n, BLOCK_K: gl.constexpr, GROUP: gl.constexpr, STAGES: gl.constexpr):  # fmt: skip
     """TMA for K tile t into stage t % STAGES: x, the words, the scale and offset rows."""
     s = t % STAGES
     bar = ready.index(s)
@@ -66,7 +66,7 @@ def _issue_tile(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem, 
         x_desc.block_type.nbytes + w_desc.block_type.nbytes + 2 * s_desc.block_type.nbytes
     )
     mbarrier.expect(bar, nbytes)
-    k = t * BLOCK_K
+    k = k_first + t * BLOCK_K
     tma.async_copy_global_to_shared(x_desc, [off_m, k], bar, x_smem.index(s))
     tma.async_copy_global_to_shared(w_desc, [k // 8, off_n], bar, w_smem.index(s))
     tma.async_copy_global_to_shared(s_desc, [k // GROUP, off_n], bar, s_smem.index(s))
@@ -77,7 +77,7 @@ def _issue_tile(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem, 
 def _w4a16_wgmma_kernel(
     x_desc, w_desc, s_desc, o_desc, out_ptr, M, N, K,
     GROUP: gl.constexpr, STAGES: gl.constexpr, B_BUFS: gl.constexpr, num_warps: gl.constexpr,
-    dbg_ptr=None, DEBUG: gl.constexpr = False,
+    dbg_ptr=None, DEBUG: gl.constexpr = False, SPLIT: gl.constexpr = 1,
 ):  # fmt: skip
     BLOCK_M: gl.constexpr = x_desc.block_type.shape[0]
     BLOCK_K: gl.constexpr = x_desc.block_type.shape[1]
@@ -118,12 +118,14 @@ def _w4a16_wgmma_kernel(
     # (the loop carries the async accumulator: the wait inside hands back a plain tensor)
     acc = warpgroup_mma_init(gl.zeros((BLOCK_M, BLOCK_N), dtype=gl.float32, layout=mma_layout))
 
-    num_k = K // BLOCK_K
+    # SPLIT > 1: program_id(2) takes K / SPLIT and adds its partial into out (fp32, zeroed)
+    k_first = gl.program_id(2) * (K // SPLIT)
+    num_k = (K // SPLIT) // BLOCK_K
     AHEAD: gl.constexpr = STAGES - B_BUFS  # tiles in flight ahead of the one unpacked
     for t in gl.static_range(AHEAD):
         if t < num_k:
             _issue_tile(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem, ready,
-                        t, off_m, off_n, BLOCK_K, GROUP, STAGES)  # fmt: skip
+                        t, k_first, off_m, off_n, BLOCK_K, GROUP, STAGES)  # fmt: skip
     for i in range(num_k):
         s = i % STAGES
         mbarrier.wait(ready.index(s), (i // STAGES) & 1)
@@ -150,7 +152,7 @@ def _w4a16_wgmma_kernel(
         nxt = i + AHEAD
         if nxt < num_k:
             _issue_tile(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem, ready,
-                        nxt, off_m, off_n, BLOCK_K, GROUP, STAGES)  # fmt: skip
+                        nxt, k_first, off_m, off_n, BLOCK_K, GROUP, STAGES)  # fmt: skip
         b = b_smem.index(i % B_BUFS)
         b.store(w)
         fence_async_shared()
@@ -164,17 +166,20 @@ def _w4a16_wgmma_kernel(
     offs_n = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma_layout))
     ptrs = out_ptr + gl.expand_dims(offs_m, 1) * N + gl.expand_dims(offs_n, 0)
     mask = (gl.expand_dims(offs_m, 1) < M) & (gl.expand_dims(offs_n, 0) < N)
-    gl.store(ptrs, acc.to(dtype), mask=mask)
+    if SPLIT > 1:
+        gl.atomic_add(ptrs, acc, mask=mask, sem="relaxed")
+    else:
+        gl.store(ptrs, acc.to(dtype), mask=mask)
 
 
 def gluon_w4a16(x, qweight, scales, offsets, group, bm=128, bn=128, bk=64, stages=4, b_bufs=1,
-                warps=8, dbg=None):  # fmt: skip
+                warps=8, split=1, dbg=None):  # fmt: skip
     """out = x @ W^T for the packed int4 weight (qweight [K/8, N], scales/offsets [K/g, N])."""
     import torch
 
     m, k = x.shape
     n = qweight.shape[1]
-    if k % bk or group % bk or n % bn:
+    if (k // split) % bk or k % split or group % bk or n % bn:
         raise ValueError(f"gluon_w4a16: K={k} N={n} need multiples of BLOCK_K={bk} / BLOCK_N={bn}")
     gdt = gl.float16 if x.dtype == torch.float16 else gl.bfloat16
     x_desc = TensorDescriptor(
@@ -185,22 +190,26 @@ def gluon_w4a16(x, qweight, scales, offsets, group, bm=128, bn=128, bk=64, stage
     w_desc = TensorDescriptor(qweight, [k // 8, n], [n, 1], [bk // 8, bn], flat32)
     s_desc = TensorDescriptor(scales, [k // group, n], [n, 1], [1, bn], flat16)
     o_desc = TensorDescriptor(offsets, [k // group, n], [n, 1], [1, bn], flat16)
-    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    grid = (triton.cdiv(m, bm), n // bn)
+    if split > 1:  # (a probe's split-K: fp32 atomics into zeros, then a cast)
+        out = torch.zeros(m, n, dtype=torch.float32, device=x.device)
+    else:
+        out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    grid = (triton.cdiv(m, bm), n // bn, split)
     _w4a16_wgmma_kernel[grid](
         x_desc, w_desc, s_desc, o_desc, out, m, n, k, GROUP=group, STAGES=stages, B_BUFS=b_bufs,
-        num_warps=warps, dbg_ptr=dbg, DEBUG=dbg is not None,
+        num_warps=warps, dbg_ptr=dbg, DEBUG=dbg is not None, SPLIT=split,
     )  # fmt: skip
-    return out
+    return out.to(x.dtype)
 
 
-CONFIGS = [  # (BLOCK_M, BLOCK_N, BLOCK_K, STAGES, B_BUFS, warps)
-    (128, 128, 64, 4, 1, 8), (128, 128, 64, 4, 2, 8), (128, 128, 64, 3, 1, 8),
-    (128, 256, 64, 3, 1, 8), (128, 256, 64, 3, 2, 8), (64, 128, 64, 4, 1, 4),
-    (128, 128, 128, 3, 1, 8), (64, 256, 64, 4, 1, 4), (256, 128, 64, 3, 1, 8),
-    # second round: 2 programs per SM with B_BUFS 2, BLOCK_K 128 in 2 stages, 4-warp programs
-    (128, 128, 64, 3, 2, 8), (128, 128, 128, 2, 1, 8), (128, 128, 64, 2, 1, 8),
-    (128, 64, 64, 4, 1, 4), (128, 64, 64, 4, 2, 4), (64, 128, 64, 4, 2, 4), (64, 128, 128, 3, 1, 4),
+CONFIGS = [  # (BLOCK_M, BLOCK_N, BLOCK_K, STAGES, B_BUFS, warps, split)
+    (128, 128, 64, 4, 1, 8, 1), (128, 128, 64, 3, 1, 8, 1), (128, 128, 128, 3, 1, 8, 1),
+    (128, 128, 64, 3, 2, 8, 1), (128, 128, 64, 2, 1, 8, 1), (128, 64, 64, 4, 1, 4, 1),
+    (64, 128, 64, 4, 1, 4, 1), (64, 128, 128, 3, 1, 4, 1), (64, 128, 64, 4, 2, 4, 1),
+    # split K: more programs where N / BLOCK_N x M / BLOCK_M does not fill the GPU
+    (128, 128, 64, 4, 1, 8, 2), (128, 128, 128, 3, 1, 8, 2), (128, 128, 64, 4, 1, 8, 4),
+    (64, 128, 128, 3, 1, 4, 2), (64, 128, 128, 3, 1, 4, 4), (64, 128, 64, 4, 1, 4, 2),
+    (64, 128, 64, 4, 1, 4, 4), (64, 128, 128, 3, 1, 4, 8),
 ]  # fmt: skip
 
 
@@ -240,10 +249,10 @@ def main() -> None:
             )
             row["gluon"] = []
             for cfg in configs:
-                bm, bn, bk, stages, b_bufs, warps = cfg
+                bm, bn, bk, stages, b_bufs, warps, split = cfg
                 if bm > max(m, 64):
                     continue
-                name = f"bm{bm} bn{bn} bk{bk} st{stages} b{b_bufs} w{warps}"
+                name = f"bm{bm} bn{bn} bk{bk} st{stages} b{b_bufs} w{warps} sk{split}"
 
                 def run(p, cfg=cfg, x=x):
                     return gluon_w4a16(x, p.qweight, p.scales, p.offsets, 128, *cfg)
@@ -286,7 +295,7 @@ def diagnose() -> None:
     for kk in (64, 128):
         x = torch.eye(128, kk, dtype=torch.float16, device="cuda")
         q = qw[: kk // 8].contiguous()
-        for cfg in ((128, 128, 64, 3, 1, 8), (64, 128, 64, 4, 1, 4)):
+        for cfg in ((128, 128, 64, 3, 1, 8, 1), (64, 128, 64, 4, 1, 4, 1)):
             dbg = torch.zeros(kk // cfg[2], cfg[1], cfg[2], dtype=torch.float16, device="cuda")
             out = gluon_w4a16(x, q, ones, zeros, min(128, kk), *cfg, dbg=dbg).float()
             exp = x.float() @ w[:, :kk].t()
@@ -329,7 +338,7 @@ def compile_only() -> None:
     x = torch.empty(m, k, dtype=torch.float16)
     qw = torch.empty(k // 8, n, dtype=torch.int32)
     sc = torch.empty(k // g, n, dtype=torch.float16)
-    for bm, bn, bk, stages, b_bufs, warps in CONFIGS:
+    for bm, bn, bk, stages, b_bufs, warps, split in CONFIGS:
         gdt = gl.float16
         x_desc = TensorDescriptor(
             x, [m, k], [k, 1], [bm, bk], gl.NVMMASharedLayout.get_default_for([bm, bk], gdt)
@@ -340,7 +349,7 @@ def compile_only() -> None:
         s_desc = TensorDescriptor(sc, [k // g, n], [n, 1], [1, bn], flat16)
         kern = _w4a16_wgmma_kernel.warmup(
             x_desc, w_desc, s_desc, s_desc, x, m, n, k, GROUP=g, STAGES=stages, B_BUFS=b_bufs,
-            num_warps=warps, grid=(1,),
+            num_warps=warps, SPLIT=split, grid=(1,),
         )  # fmt: skip
         import collections
 
@@ -350,7 +359,7 @@ def compile_only() -> None:
         loop = sass_report.main_loop(sass_report.sass(kern))
         ops = collections.Counter(sass_report.opcode(line) for line in loop)
         print(
-            f"bm{bm} bn{bn} bk{bk} st{stages} b{b_bufs} w{warps}: regs {res.get('REG')} spills "
+            f"bm{bm} bn{bn} bk{bk} st{stages} b{b_bufs} w{warps} sk{split}: regs {res.get('REG')} spills "
             f"{res.get('LOCAL', 0) + res.get('STACK', 0)} smem {kern.metadata.shared} loop "
             f"{len(loop)}: {', '.join(f'{o}:{c}' for o, c in ops.most_common(10))}",
             flush=True,
