@@ -253,6 +253,55 @@ def compile_kv4_variant(
     return triton.compile(src, target=TARGET, options=options)
 
 
+def compile_wgmma_variant(
+    bm: int, bn: int, bk: int, warps: int, stages: int, dtype: str = "fp16", split: int = 1,
+    bias: bool = False, group: int = 128,
+):  # fmt: skip
+    """The W4A16 Gluon wgmma kernel for sm_90. Gluon kernels compile through `warmup`, which
+    asks the active driver for the target: a stand-in driver names sm_90 on a machine
+    without a GPU, and TMA descriptors over CPU tensors give the argument types."""
+    import torch
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    from qcompile.lowering import w4a16_wgmma
+
+    class _Sm90:
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+
+        def get_current_device(self):
+            return 0
+
+        def get_current_stream(self, device=None):
+            return 0
+
+        def get_active_torch_device(self):
+            return torch.device("cpu")
+
+    tdt, gdt = (torch.float16, gl.float16) if dtype == "fp16" else (torch.bfloat16, gl.bfloat16)
+    m, n, k = 256, 512, 1024
+    x = torch.empty(m, k, dtype=tdt)
+    qw = torch.empty(k // 8, n, dtype=torch.int32)
+    sc = torch.empty(k // group, n, dtype=tdt)
+    flat32 = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
+    flat16 = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=16, rank=2)
+    x_desc = TensorDescriptor(
+        x, [m, k], [k, 1], [bm, bk], gl.NVMMASharedLayout.get_default_for([bm, bk], gdt)
+    )
+    w_desc = TensorDescriptor(qw, [k // 8, n], [n, 1], [bk // 8, bn], flat32)
+    s_desc = TensorDescriptor(sc, [k // group, n], [n, 1], [1, bn], flat16)
+    before = triton.runtime.driver._active  # (reset_active would look for a real driver)
+    triton.runtime.driver.set_active(_Sm90())
+    try:
+        return w4a16_wgmma._w4a16_wgmma_kernel.warmup(
+            x_desc, w_desc, s_desc, s_desc, sc[0], x, m, n, k, GROUP=group, HAS_BIAS=bias,
+            SPLIT=split, STAGES=stages, num_warps=warps, grid=(1,),
+        )  # fmt: skip
+    finally:
+        triton.runtime.driver._active = before
+
+
 def _tool(name: str, kernel, *args: str) -> str:
     path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:

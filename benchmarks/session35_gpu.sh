@@ -3,8 +3,10 @@
 #   (pf2, run once in this session at commit 702e714: the lane kernel's register prefetch two
 #   blocks ahead lost at every point and was removed; results/session35/pf2/.)
 #   pdltests, pdl32, bench, bench16: as in session33_gpu.sh (it runs them).
-#   gluon:   probe_gluon_w4a16.py: a Gluon W4A16 GEMM for large M (TMA ring, unpacking
-#            overlapped with the previous tile's async wgmma) against cuBLAS and dequant_mm.
+#   gluon:   probe_gluon_w4a16.py: the W4A16 Gluon wgmma kernel's configs against cuBLAS and
+#            the op's pick.
+#   wgmmatests: the wgmma kernel's gpu tests and the candidate-config test that draws it.
+#   kernels: bench_w4a16.py at M = 64 and 256 (fp16), the shipped picks beside cuBLAS.
 #   kv4pdl:  probe_e2e_long.py at 16 layers with --pdl --kv4-pdl: the KV4 cache write and
 #            decode_t attention under PDL (`_KV4_PDL`) against the same without.
 source benchmarks/gpu_setup.sh
@@ -15,10 +17,21 @@ for part in ${PART//,/ }; do
       PART=$part bash benchmarks/session33_gpu.sh
       ;;
     gluon)
-      [ -n "${GLUON_DIAG:-}" ] && python3 benchmarks/probe_gluon_w4a16.py --diagnose 2>&1 | tee "$OUT/$part/diagnose.log"
       timeout "${GLUON_S:-300}" python3 benchmarks/probe_gluon_w4a16.py --ms ${GLUON_MS:-256,1024} \
         ${GLUON_ARGS:-} --out "$OUT/$part/gluon.json" > "$OUT/$part/gluon.log" 2>&1
       cut -c1-300 "$OUT/$part/gluon.log" | tail -50
+      ;;
+    wgmmatests)
+      gpu_tests "${TEST_S:-150}" "$OUT/$part/tests.log" tests/test_w4a16_wgmma.py \
+        tests/test_shipped_configs.py -k wgmma
+      timeout "${CAND_S:-120}" python3 -m pytest -q -p no:cacheprovider tests/test_lowering_w4a16.py \
+        -k every_candidate_config > "$OUT/$part/candidates.log" 2>&1
+      tail -3 "$OUT/$part/candidates.log"
+      ;;
+    kernels)
+      timeout "${KERNELS_S:-300}" python3 benchmarks/bench_w4a16.py --ms ${KERNEL_MS:-64,256} \
+        --out "$OUT/$part" > "$OUT/$part/bench.log" 2>&1
+      tail -20 "$OUT/$part/bench.log" | cut -c1-200
       ;;
     kv4pdl)
       timeout "${E2E_S:-330}" python3 benchmarks/probe_e2e_long.py --layers 16 --pdl --kv4-pdl \

@@ -336,3 +336,37 @@ def test_decode_t_keys_per_channel_tile_matches_its_wave_table():
             table = _DECODE_T_KEY_TILE[cols]
             assert (regs, smem) == table if t == 64 else regs <= table[0], rows
     assert [resident_programs(*_DECODE_T_KEY_TILE[c]) for c in (4, 8, 16)] == [10, 10, 8]
+
+
+WGMMA = """
+import collections, json
+import sass_report as s
+from qcompile.lowering.autotune import KernelConfig
+from qcompile.lowering.w4a16 import _wgmma_smem_bytes
+out = []
+for bm, bn, bk, w, st, dt, split, bias in json.loads(__import__("sys").argv[1]):
+    k = s.compile_wgmma_variant(bm, bn, bk, w, st, dt, split, bias)
+    ops = collections.Counter(s.opcode(line) for line in s.sass(k).splitlines() if "/*" in line)
+    res = s.resources(k)
+    cfg = KernelConfig("wgmma", bm, bn, bk, split, w, st)
+    out.append([res["REG"], res["STACK"] + res["LOCAL"], k.metadata.shared,
+                _wgmma_smem_bytes(cfg), ops["HGMMA"], ops["UTMALDG"], ops["I2F"]])
+print(json.dumps(out))
+"""
+
+
+def test_wgmma_gluon_kernel_compiles_for_sm90_as_its_config_rules_assume():
+    """The Gluon wgmma kernel (which the interpreter cannot run) compiles for sm_90 in fp16 and
+    bf16, split or not, with a bias: wgmma and TMA instructions, no spills, no int-to-float
+    conversions in the unpacking, and exactly the shared memory `valid_config` budgets."""
+    variants = [
+        (64, 128, 128, 4, 3, "fp16", 1, False),
+        (64, 128, 64, 4, 4, "bf16", 4, False),
+        (128, 128, 64, 8, 4, "fp16", 1, True),
+        (128, 128, 128, 8, 3, "bf16", 2, False),
+    ]
+    results = _compile_offline(WGMMA, json.dumps(variants))
+    for v, (regs, spills, smem, budget, hgmma, tma, i2f) in zip(variants, results, strict=True):
+        assert regs > 0 and spills == 0, v
+        assert smem == budget, (v, smem, budget)
+        assert hgmma > 0 and tma > 0 and i2f == 0, (v, hgmma, tma, i2f)

@@ -14,6 +14,8 @@ Strategies, picked per (M bucket, N, K, group, dtype) by autotuning:
 * `_w4a16_gemm_planes_kernel` (M <= 32): tensor cores, one `tl.dot` per nibble plane, so
   unpacking costs what it costs in the GEMV (~5.7-6 instructions per weight vs ~9 for the
   natural-order GEMM at BLOCK_M = 16, by `benchmarks/sass_report.py`).
+* "wgmma" (M = 32..512, Hopper only): the Gluon GEMM of `w4a16_wgmma.py`. TMA ring, each
+  weight tile unpacked into shared memory while the previous tile's async wgmma runs.
 * "dequant_mm" (large M): `_dequantize_kernel` writes the fp16/bf16 weight once, then cuBLAS.
   Costs a transient [K, N] buffer; wins only where dequantizing in the GEMM loop costs more.
 GEMV and GEMM take a runtime split-K factor (no recompile per split); partial sums go to an
@@ -32,7 +34,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from qcompile.lowering.autotune import KernelConfig, TuneKey, autotuner, m_bucket, time_us
-from qcompile.quant.int4 import PLANE_CHUNK, to_planes
+from qcompile.quant.int4 import PLANE_CHUNK, from_planes, to_planes
 
 FAMILY = "w4a16"
 
@@ -950,6 +952,13 @@ def valid_config(cfg: KernelConfig, k: int, group: int) -> bool:
         return False  # (a choice only the lane kernel's split-K sum offers)
     if cfg.kernel == "dequant_mm":
         return _pow2(cfg.block_n) and _pow2(cfg.block_k) and (k // 8) % cfg.block_k == 0
+    if cfg.kernel == "wgmma":  # a listed tile, whole K tiles per split, one scale row per tile
+        return (
+            (cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_warps) in _WGMMA_TILES
+            and 2 <= cfg.num_stages <= 4 and not cfg.prefetch and not cfg.reduce
+            and k % cfg.split_k == 0 and (k // cfg.split_k) % cfg.block_k == 0
+            and group % cfg.block_k == 0 and _wgmma_smem_bytes(cfg) <= _SMEM_BYTES
+        )  # fmt: skip
     if cfg.kernel == "mma":  # 32 or 64 columns per warp, 8 to 64 rows, whole 32-k steps
         tiles_per_warp = cfg.block_n // (16 * cfg.num_warps)
         return (
@@ -973,6 +982,23 @@ def valid_config(cfg: KernelConfig, k: int, group: int) -> bool:
 
 _PLANES_KINDS = ("gemm_planes", "gemm_planes_xreg", "gemm_planes_direct")
 _SMEM_BYTES = 232448  # an H100 block's shared-memory limit (227 KiB)
+# "wgmma" (`w4a16_wgmma.py`, Hopper only): (BLOCK_M, BLOCK_N, BLOCK_K, warps); BLOCK_M 64 is
+# one warpgroup's wgmma rows, 128 two warpgroups'.
+_WGMMA_TILES = ((64, 128, 64, 4), (64, 128, 128, 4), (128, 128, 64, 8), (128, 128, 128, 8))
+
+
+def _wgmma_smem_bytes(cfg: KernelConfig) -> int:
+    """The wgmma kernel's shared memory: its TMA ring (x, words, scale and offset rows,
+    a barrier per stage) and the unpacked tile."""
+    bm, bn, bk, stages = cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_stages
+    return stages * (bm * bk * 2 + bk // 8 * bn * 4 + 2 * bn * 2 + 8) + bn * bk * 2
+
+
+def _wgmma_device() -> bool:
+    """Whether to offer the wgmma kernel: a Hopper GPU (wgmma, TMA), not the interpreter."""
+    if _interpreting() or not torch.cuda.is_available():
+        return False
+    return torch.cuda.get_device_capability() == (9, 0)
 
 
 def _gemm_smem_bytes(cfg: KernelConfig, group: int) -> int:
@@ -1073,6 +1099,18 @@ def candidate_configs(m: int, n: int, k: int, group: int) -> list[KernelConfig]:
                             out.append(
                                 KernelConfig("mma", max(8, mb), bn, bk, sk, warps, 1, pf, "unroll8")
                             )
+    if 32 <= mb <= 512 and _wgmma_device():
+        # Gluon wgmma GEMM: on the H100 (fp16, thirty-fifth session) 28672x4096 / 8192x28672
+        # took 54.7 / 103.8 us at M = 64 (lane kernel 73.1 / 138.0) and 159.8 / 311.1 at
+        # M = 256 (dequant_mm 208.4 / 393.4); at M = 1024 it lost (571 against 457).
+        for bm, bn, bk, warps, stages in ((64, 128, 128, 4, 3), (64, 128, 64, 4, 4),
+                                          (128, 128, 64, 8, 4), (128, 128, 64, 8, 2),
+                                          (128, 128, 128, 8, 3)):  # fmt: skip
+            if bm > max(mb, 64):
+                continue
+            for sk in (1, 2, 4, 8):
+                if sk == 1 or _useful_split(triton.cdiv(n, bn) * triton.cdiv(mb, bm), sk):
+                    out.append(KernelConfig("wgmma", bm, bn, bk, sk, warps, stages))
     if mb >= 128:
         out.append(_dequant_mm_config(k))
         # Planes at large M: W from registers as wgmma's A (BLOCK_N rows), x^T as its
@@ -1235,7 +1273,7 @@ def launch(
     split = cfg.split_k
     ws = out if split == 1 else torch.empty((split, m, n), device=x.device, dtype=torch.float32)
     counters = None
-    if split > 1 and self_reduce and _split_tiles(cfg, m, n) <= _COUNTERS:
+    if split > 1 and self_reduce and cfg.kernel != "wgmma" and _split_tiles(cfg, m, n) <= _COUNTERS:
         counters = _tile_counters(x.device)
     bias_arg = bias if bias is not None else out  # never read when HAS_BIAS is False
     common = dict(
@@ -1251,7 +1289,17 @@ def launch(
         raise ValueError("launch: W4A8 runs the lane kernel only, on fp16 x in natural order")
     if pdl and cfg.kernel != "mma":
         raise ValueError(f"launch: pdl is for the lane kernel (mma), not {cfg.kernel}")
-    if cfg.kernel == "mma":
+    if cfg.kernel == "wgmma":
+        from qcompile.lowering import w4a16_wgmma
+
+        if not w4a16_wgmma.fits(qweight, scales, offsets):  # (TMA cannot read them in place)
+            return launch(_dequant_mm_config(k), x, qweight, scales, offsets, bias, group_size,
+                          out=out, x_planes=x_planes)  # fmt: skip
+        if x_planes:  # (the kernel reads x in natural order: a copy)
+            x = from_planes(x, PLANE_CHUNK)
+        w4a16_wgmma.launch(cfg, x, qweight, scales, offsets, bias if split == 1 else None,
+                           group_size, ws)  # fmt: skip
+    elif cfg.kernel == "mma":
         if reduce_unroll is None:
             reduce_unroll = _lane_reduce_unroll(cfg)
         extra = {}

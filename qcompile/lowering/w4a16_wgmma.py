@@ -1,0 +1,214 @@
+"""W4A16 "wgmma" kernel (Hopper, M >= 32): a Gluon GEMM that unpacks each int4 weight tile
+into shared memory while the tensor cores run the previous tile.
+
+Gluon is Triton's dialect with explicit layouts, shared memory, TMA and asynchronous wgmma;
+plain `tl.dot` kernels cannot say "unpack tile i while the MMA of tile i - 1 runs", and
+Triton's pipeliner does not stage loads that feed arithmetic before the dot. Per K tile:
+- TMA brings x [BLOCK_M, BLOCK_K], the words [BLOCK_K / 8, BLOCK_N] and the group's scale and
+  offset rows into a ring of `num_stages` buffers (one mbarrier each);
+- every warp unpacks its share of the words in registers (a code c becomes the 16-bit float
+  MAGIC + c by OR-ing it into MAGIC's mantissa, minus MAGIC: exact, and no int-to-float
+  conversions), then c * scale + offset;
+- after the previous wgmma has finished, the fp16 / bf16 tile goes to shared memory
+  (K-contiguous: each thread stores 16-byte runs) and this tile's wgmma is issued
+  asynchronously, x and W^T both from shared memory.
+Split K writes fp32 partials (`w4a16.launch` sums them). Gluon does not run in Triton's
+interpreter: the CPU tests compile it for sm_90 and check its unpacking arithmetic in torch
+(`unpack_tile_reference`); its numbers are checked by gpu tests.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_init,
+    warpgroup_mma_wait,
+)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+from qcompile.lowering.autotune import KernelConfig
+
+@gluon.constexpr_function
+def _mma_warps(block_m, num_warps):
+    warps = [4, 1]
+    while warps[0] * warps[1] != num_warps:
+        if block_m > 16 * warps[0]:
+            warps[0] *= 2
+        else:
+            warps[1] *= 2
+    return warps
+
+
+@gluon.constexpr_function
+def _instr_n(block_m, block_n, num_warps):
+    n_reps = triton.cdiv(num_warps, triton.cdiv(block_m, 16))
+    n = 256
+    while n > max(block_n // n_reps, 8) or block_n % n:
+        n -= 8
+    return n
+
+
+@gluon.jit
+def _issue_tile(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem, ready, t, k_first,
+                off_m, off_n, BLOCK_K: gl.constexpr, GROUP: gl.constexpr, STAGES: gl.constexpr):  # fmt: skip
+    """TMA for K tile t (from k_first) into stage t % STAGES: x, the words, scale and offset."""
+    s = t % STAGES
+    bar = ready.index(s)
+    nbytes: gl.constexpr = (
+        x_desc.block_type.nbytes + w_desc.block_type.nbytes + 2 * s_desc.block_type.nbytes
+    )
+    mbarrier.expect(bar, nbytes)
+    k = k_first + t * BLOCK_K
+    tma.async_copy_global_to_shared(x_desc, [off_m, k], bar, x_smem.index(s))
+    tma.async_copy_global_to_shared(w_desc, [k // 8, off_n], bar, w_smem.index(s))
+    tma.async_copy_global_to_shared(s_desc, [k // GROUP, off_n], bar, s_smem.index(s))
+    tma.async_copy_global_to_shared(o_desc, [k // GROUP, off_n], bar, o_smem.index(s))
+
+
+@gluon.jit
+def _w4a16_wgmma_kernel(
+    x_desc, w_desc, s_desc, o_desc, bias_ptr, out_ptr, M, N, K,
+    GROUP: gl.constexpr, HAS_BIAS: gl.constexpr, SPLIT: gl.constexpr, STAGES: gl.constexpr,
+    num_warps: gl.constexpr,
+):  # fmt: skip
+    BLOCK_M: gl.constexpr = x_desc.block_type.shape[0]
+    BLOCK_K: gl.constexpr = x_desc.block_type.shape[1]
+    BLOCK_N: gl.constexpr = w_desc.block_type.shape[1]
+    WORDS: gl.constexpr = BLOCK_K // 8
+    dtype: gl.constexpr = x_desc.dtype
+    # 1024 (fp16) or 128 (bf16): the float whose last mantissa bits a 4-bit code fills
+    MAGIC_BITS: gl.constexpr = 0x6400 if dtype == gl.float16 else 0x4300
+    MAGIC: gl.constexpr = 1024.0 if dtype == gl.float16 else 128.0
+    # m fastest: the programs that share a W tile run together (its second read hits L2)
+    off_m = gl.program_id(0) * BLOCK_M
+    off_n = gl.program_id(1) * BLOCK_N
+    k_first = gl.program_id(2) * (K // SPLIT)
+    num_k = (K // SPLIT) // BLOCK_K
+
+    x_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, BLOCK_K], x_desc.layout)
+    w_smem = gl.allocate_shared_memory(gl.int32, [STAGES, WORDS, BLOCK_N], w_desc.layout)
+    s_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_N], s_desc.layout)
+    o_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_N], o_desc.layout)
+    b_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_K], dtype)
+    b_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, BLOCK_K], b_layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready.index(i), count=1)
+
+    # Thread (word group, n) unpacks 4 words = 32 consecutive k of one column: the permute and
+    # reshape to [BLOCK_N, BLOCK_K] move no data. (The words are read as stored: Triton 3.6
+    # loaded a permuted view of this unswizzled buffer as if it were not permuted.)
+    L3: gl.constexpr = gl.BlockedLayout([4, 1, 8], [2, 16, 1], [1, num_warps, 1], [2, 0, 1])
+    WL: gl.constexpr = gl.SliceLayout(2, L3)
+    SL: gl.constexpr = gl.SliceLayout(0, WL)
+    shifts = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(0, L3))) * 4
+    shifts = gl.expand_dims(gl.expand_dims(shifts, 0), 0)
+
+    mma_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=_mma_warps(BLOCK_M, num_warps),
+        instr_shape=[16, _instr_n(BLOCK_M, BLOCK_N, num_warps), 16],
+    )  # fmt: skip
+    # (the loop carries the async accumulator: the wait inside hands back a plain tensor)
+    acc = warpgroup_mma_init(gl.zeros((BLOCK_M, BLOCK_N), dtype=gl.float32, layout=mma_layout))
+    for t in gl.static_range(STAGES - 1):
+        if t < num_k:
+            _issue_tile(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem, ready,
+                        t, k_first, off_m, off_n, BLOCK_K, GROUP, STAGES)  # fmt: skip
+    for i in range(num_k):
+        s = i % STAGES
+        mbarrier.wait(ready.index(s), (i // STAGES) & 1)
+        words = w_smem.index(s).load(WL)  # [WORDS, BLOCK_N]
+        sv = gl.expand_dims(gl.expand_dims(s_smem.index(s).reshape([BLOCK_N]).load(SL), 0), 2)
+        ov = gl.expand_dims(gl.expand_dims(o_smem.index(s).reshape([BLOCK_N]).load(SL), 0), 2)
+        codes = ((gl.expand_dims(words, 2) >> shifts) & 0xF) | MAGIC_BITS
+        w = (codes.to(gl.int16).to(dtype, bitcast=True) - MAGIC) * sv + ov
+        w = gl.reshape(gl.permute(w, (1, 0, 2)), [BLOCK_N, BLOCK_K])
+        # the previous tile's wgmma is done in every warpgroup: its stage and b_smem are free
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        gl.thread_barrier()
+        if i + STAGES - 1 < num_k:
+            _issue_tile(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem, ready,
+                        i + STAGES - 1, k_first, off_m, off_n, BLOCK_K, GROUP, STAGES)  # fmt: skip
+        b_smem.store(w)
+        fence_async_shared()
+        gl.thread_barrier()
+        acc = warpgroup_mma(x_smem.index(s), b_smem.permute((1, 0)), acc, is_async=True)
+    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(ready.index(i))
+
+    offs_m = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, mma_layout))
+    offs_n = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma_layout))
+    mask = (gl.expand_dims(offs_m, 1) < M) & (gl.expand_dims(offs_n, 0) < N)
+    # SPLIT: fp32 partials at out + split * M * N (the launcher sums them and adds the bias)
+    offs = gl.program_id(2) * M * N + gl.expand_dims(offs_m, 1) * N + gl.expand_dims(offs_n, 0)
+    if SPLIT > 1:
+        gl.store(out_ptr + offs, acc, mask=mask)
+    else:
+        if HAS_BIAS:
+            bias = gl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(gl.float32)
+            acc = acc + gl.expand_dims(bias, 0)
+        gl.store(out_ptr + offs, acc.to(dtype), mask=mask)
+
+
+def _aligned(t: torch.Tensor) -> bool:
+    """TMA: a 16-byte aligned base and row stride, the last dimension contiguous."""
+    return t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0
+
+
+def fits(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor) -> bool:
+    """Whether TMA can read the packed weight in place (x is copied if it cannot)."""
+    return _aligned(qweight) and _aligned(scales) and _aligned(offsets)
+
+
+def launch(
+    cfg: KernelConfig,
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    offsets: torch.Tensor,
+    bias: torch.Tensor | None,
+    group: int,
+    out: torch.Tensor,
+) -> None:
+    """out [M, N] (x's dtype, split 1) or fp32 partials [split, M, N] (no bias) for x [M, K]."""
+    m, k = x.shape
+    n = qweight.shape[1]
+    if not _aligned(x):
+        x = x.contiguous()
+    bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
+    gdt = gl.float16 if x.dtype == torch.float16 else gl.bfloat16
+    flat32 = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
+    flat16 = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=16, rank=2)
+    x_desc = TensorDescriptor(
+        x, [m, k], [x.stride(0), 1], [bm, bk], gl.NVMMASharedLayout.get_default_for([bm, bk], gdt)
+    )
+    w_desc = TensorDescriptor(qweight, [k // 8, n], [qweight.stride(0), 1], [bk // 8, bn], flat32)
+    rows = scales.shape[0]
+    s_desc = TensorDescriptor(scales, [rows, n], [scales.stride(0), 1], [1, bn], flat16)
+    o_desc = TensorDescriptor(offsets, [rows, n], [offsets.stride(0), 1], [1, bn], flat16)
+    grid = (triton.cdiv(m, bm), triton.cdiv(n, bn), cfg.split_k)
+    _w4a16_wgmma_kernel[grid](
+        x_desc, w_desc, s_desc, o_desc, bias if bias is not None else out, out, m, n, k,
+        GROUP=group, HAS_BIAS=bias is not None, SPLIT=cfg.split_k, STAGES=cfg.num_stages,
+        num_warps=cfg.num_warps,
+    )  # fmt: skip
+
+
+def unpack_tile_reference(words: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor):
+    """The kernel's unpacking in torch, step for step: words [WORDS, N] int32 and one scale /
+    offset row [N] -> the [N, 8 * WORDS] tile it stores (k = 8 * word + nibble)."""
+    dtype = scales.dtype
+    magic_bits, magic = (0x6400, 1024.0) if dtype == torch.float16 else (0x4300, 128.0)
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32)
+    codes = ((words[:, :, None] >> shifts) & 0xF) | magic_bits  # [WORDS, N, 8]
+    c = codes.to(torch.int16).view(dtype) - torch.tensor(magic, dtype=dtype)
+    w = c * scales[None, :, None] + offsets[None, :, None]
+    return w.permute(1, 0, 2).reshape(words.shape[1], -1)

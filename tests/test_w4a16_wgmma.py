@@ -1,0 +1,144 @@
+"""The W4A16 "wgmma" kernel (Gluon, Hopper). Gluon does not run in Triton's interpreter, so on
+CPU: its unpacking arithmetic step for step in torch against the float64 dequantization, and
+when it is offered; `test_offline_compile.py` compiles it for sm_90. On the H100 (gpu marker):
+its outputs against the float64 reference, and `test_lowering_w4a16.py`'s candidate-config
+test draws it too."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import KERNEL_DEVICE
+from helpers import assert_close_rel
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from qcompile.lowering import w4a16 as lowering
+from qcompile.lowering.autotune import KernelConfig
+from qcompile.lowering.w4a16 import candidate_configs, launch, valid_config
+from qcompile.lowering.w4a16_wgmma import unpack_tile_reference
+from qcompile.quant.int4 import PackedInt4, dequantize_int4, pack_int4_along_k, to_planes
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    dtype=st.sampled_from([torch.float16, torch.bfloat16]),
+    words=st.sampled_from([8, 16]),
+    n=st.sampled_from([8, 24, 128]),
+    outliers=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_unpacking_matches_the_dequantized_weight(dtype, words, n, outliers, seed):
+    """The kernel's unpacking (code OR-ed into the magic float's mantissa, minus the magic,
+    times the scale plus the offset; permuted and reshaped to [N, BLOCK_K]) gives each weight
+    at its k, within one 16-bit rounding of the float64 value."""
+    gen = torch.Generator().manual_seed(seed)
+    k = 8 * words
+    codes = torch.randint(0, 16, (n, k), generator=gen)
+    codes[0, :16] = torch.arange(16)  # every code
+    scales = torch.rand(1, n, generator=gen) * 0.02 + 1e-3
+    if outliers:
+        scales[0, : max(1, n // 8)] *= 300
+    scales = scales.to(dtype)
+    offsets = (-(torch.randint(0, 16, (1, n), generator=gen)) * scales.float()).to(dtype)
+    packed = PackedInt4(pack_int4_along_k(codes), scales, offsets, k)
+    got = unpack_tile_reference(packed.qweight, scales[0], offsets[0])
+    want = dequantize_int4(packed, torch.float64)
+    assert got.shape == (n, k)
+    eps = {torch.float16: 2**-10, torch.bfloat16: 2**-7}[dtype]
+    bound = 2 * eps * (codes * scales.double().t().abs() + offsets.double().t().abs())
+    assert ((got.double() - want).abs() <= bound).all()
+
+
+def test_wgmma_is_offered_only_on_hopper_and_only_from_32_to_512_rows(monkeypatch):
+    monkeypatch.setattr(lowering, "_wgmma_device", lambda: False)
+    assert not [c for c in candidate_configs(64, 28672, 4096, 128) if c.kernel == "wgmma"]
+    monkeypatch.setattr(lowering, "_wgmma_device", lambda: True)
+    for m in (32, 64, 256, 512):
+        cands = [c for c in candidate_configs(m, 28672, 4096, 128) if c.kernel == "wgmma"]
+        assert cands and all(valid_config(c, 4096, 128) for c in cands), m
+        assert all(c.block_m <= max(m, 64) for c in cands)
+    # K-long shapes get split-K candidates (8192x28672 at M = 64 took 103.8 us split in 4)
+    assert {c.split_k for c in candidate_configs(64, 8192, 28672, 128) if c.kernel == "wgmma"} == {
+        1, 2, 4, 8
+    }
+    for m in (1, 16, 1024):
+        assert not [c for c in candidate_configs(m, 28672, 4096, 128) if c.kernel == "wgmma"]
+
+
+def test_wgmma_config_rules():
+    ok = KernelConfig("wgmma", 64, 128, 128, 1, 4, 3)
+    assert valid_config(ok, 4096, 128)
+    assert valid_config(ok, 4096, 4096)  # per channel: one scale row
+    assert not valid_config(ok, 4096, 64)  # a K tile spans two groups
+    assert not valid_config(KernelConfig("wgmma", 64, 128, 128, 3, 4, 3), 4096, 128)  # K % 3
+    assert not valid_config(KernelConfig("wgmma", 64, 128, 128, 64, 4, 3), 4096, 128)  # 64 k
+    assert not valid_config(KernelConfig("wgmma", 64, 256, 128, 1, 4, 3), 4096, 128)  # tile
+    assert not valid_config(KernelConfig("wgmma", 64, 128, 128, 1, 4, 5), 4096, 128)  # stages
+    assert not valid_config(KernelConfig("wgmma", 64, 128, 128, 1, 4, 3, True), 4096, 128)
+    big = KernelConfig("wgmma", 128, 128, 128, 1, 8, 4)
+    assert lowering._wgmma_smem_bytes(big) <= lowering._SMEM_BYTES
+
+
+def _problem(m, n, k, group, dtype, bias, seed=0):
+    from strategies import LinearProblem
+
+    from qcompile.config import Scheme
+    from qcompile.quant.rtn import quantize_weight_int4
+
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=gen)
+    w[:, 5] *= 40  # an outlier input channel
+    p = quantize_weight_int4(w, Scheme(group_size=group), dtype)
+    p = type(p)(*(t.to(KERNEL_DEVICE) for t in (p.qweight, p.scales, p.offsets)), p.group_size)
+    x = torch.randn(m, k, generator=gen)
+    x[:, 7] *= 30
+    x = x.to(dtype).to(KERNEL_DEVICE)
+    b = torch.randn(n, generator=gen).to(dtype).to(KERNEL_DEVICE) if bias else None
+    return LinearProblem(x, w, p, b, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "m,n,k,group,dtype,bias,cfg",
+    [
+        (64, 256, 1024, 128, torch.float16, False, (64, 128, 128, 1, 4, 3)),
+        (33, 320, 512, 128, torch.float16, True, (64, 128, 64, 1, 4, 4)),  # N past the tile
+        (200, 384, 768, 64, torch.bfloat16, True, (128, 128, 64, 1, 8, 4)),  # M past the tile
+        (256, 256, 2048, None, torch.float16, True, (128, 128, 128, 2, 8, 3)),  # per channel
+        (64, 512, 4096, 128, torch.bfloat16, False, (64, 128, 128, 4, 4, 3)),  # split 4
+        (1, 128, 256, 128, torch.float16, True, (64, 128, 64, 2, 4, 2)),  # one row
+    ],
+)
+def test_wgmma_on_cuda_matches_float64_reference(m, n, k, group, dtype, bias, cfg):
+    problem = _problem(m, n, k, group or k, dtype, bias)
+    p = problem.packed
+    c = KernelConfig("wgmma", *cfg)
+    assert valid_config(c, k, p.group_size)
+    out = torch.full((m, n), float("nan"), dtype=dtype, device="cuda")
+    launch(c, problem.x, p.qweight, p.scales, p.offsets, problem.bias, p.group_size, out=out)
+    assert_close_rel(out, problem.reference64(), dtype)
+    # x as a column slice of a wider tensor (TMA reads its row stride), and plane-major x
+    wide = torch.zeros(m, k + 64, dtype=dtype, device="cuda")
+    wide[:, 32 : 32 + k] = problem.x
+    out2 = launch(c, wide[:, 32 : 32 + k], p.qweight, p.scales, p.offsets, problem.bias,
+                  p.group_size)  # fmt: skip
+    assert torch.equal(out2, out)
+    if k % 128 == 0:
+        out3 = launch(c, to_planes(problem.x), p.qweight, p.scales, p.offsets, problem.bias,
+                      p.group_size, x_planes=True)  # fmt: skip
+        assert torch.equal(out3, out)
+
+
+@pytest.mark.gpu
+def test_wgmma_on_unaligned_weight_slices_falls_back_to_dequant_mm():
+    """Column slices of a wider packed weight (sibling fusion) whose start TMA cannot read
+    (not 16-byte aligned) run dequantize + cuBLAS instead: the same numbers."""
+    problem = _problem(64, 260, 512, 128, torch.float16, False)
+    p = problem.packed
+    sl = slice(4, 260)  # qweight starts 16 bytes in, scales 8: scales are not aligned
+    q, s, o = p.qweight[:, sl], p.scales[:, sl], p.offsets[:, sl]
+    c = KernelConfig("wgmma", 64, 128, 64, 1, 4, 4)
+    out = launch(c, problem.x, q, s, o, None, 128)
+    ref = launch(lowering._dequant_mm_config(512), problem.x, q, s, o, None, 128)
+    assert torch.equal(out, ref)
