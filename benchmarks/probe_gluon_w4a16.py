@@ -54,8 +54,10 @@ def main() -> None:
             row = {"n": n, "k": k, "m": m, "dtype": args.dtype, "wgmma": []}
             row["cublas_us"] = time_graph([lambda w=w, x=x: F.linear(x, w) for w in wf])
             row["current_us"] = time_graph(
-                [lambda p=p, x=x: w4a16_linear_cuda(x, p.qweight, p.scales, p.offsets, None, 128)
-                 for p in packed]  # fmt: skip
+                [
+                    lambda p=p, x=x: w4a16_linear_cuda(x, p.qweight, p.scales, p.offsets, None, 128)
+                    for p in packed
+                ]  # fmt: skip
             )
             for bm, bn, bk, split, warps, stages in picked:
                 cfg = KernelConfig("wgmma", bm, bn, bk, split, warps, stages)
@@ -69,7 +71,9 @@ def main() -> None:
                 err = ((out - ref).norm() / ref.norm()).item()
                 us = time_graph([lambda p=p: run(p) for p in packed])
                 name = f"bm{bm} bn{bn} bk{bk} sk{split} w{warps} st{stages}"
-                row["wgmma"].append({"config": cfg.__dict__, "name": name, "us": us, "rel_err": err})
+                row["wgmma"].append(
+                    {"config": cfg.__dict__, "name": name, "us": us, "rel_err": err}
+                )
                 print(f"  {name}: {us:.1f} us, rel err {err:.1e}", flush=True)
             best = min(row["wgmma"], key=lambda r: r["us"], default=None)
             print(

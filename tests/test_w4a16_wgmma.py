@@ -60,7 +60,10 @@ def test_wgmma_is_offered_only_on_hopper_and_only_from_32_to_512_rows(monkeypatc
         assert all(c.block_m <= max(m, 64) for c in cands)
     # K-long shapes get split-K candidates (8192x28672 at M = 64 took 103.8 us split in 4)
     assert {c.split_k for c in candidate_configs(64, 8192, 28672, 128) if c.kernel == "wgmma"} == {
-        1, 2, 4, 8
+        1,
+        2,
+        4,
+        8,
     }
     for m in (1, 16, 1024):
         assert not [c for c in candidate_configs(m, 28672, 4096, 128) if c.kernel == "wgmma"]

@@ -35,6 +35,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from qcompile.lowering.autotune import KernelConfig
 
+
 @gluon.constexpr_function
 def _mma_warps(block_m, num_warps):
     warps = [4, 1]
@@ -160,7 +161,9 @@ def _w4a16_wgmma_kernel(
 
 def _aligned(t: torch.Tensor) -> bool:
     """TMA: a 16-byte aligned base and row stride, the last dimension contiguous."""
-    return t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0
+    return (
+        t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0
+    )
 
 
 def fits(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor) -> bool:
