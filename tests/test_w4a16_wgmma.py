@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from qcompile.lowering import w4a16 as lowering
+from qcompile.lowering import w4a16_wgmma
 from qcompile.lowering.autotune import KernelConfig
 from qcompile.lowering.w4a16 import candidate_configs, launch, valid_config
 from qcompile.lowering.w4a16_wgmma import unpack_tile_reference
@@ -83,6 +84,20 @@ def test_wgmma_config_rules():
     assert lowering._wgmma_smem_bytes(big) <= lowering._SMEM_BYTES
 
 
+def test_tma_reads_per_channel_scales_in_place():
+    """Per-channel scales are one row, which torch may stride as (1, 1): TMA is handed the
+    row's length rounded up to 16 bytes instead, so they need no fallback; a column slice
+    that starts off 16 bytes does."""
+    from qcompile.config import Scheme
+    from qcompile.quant.rtn import quantize_weight_int4
+
+    p = quantize_weight_int4(torch.randn(256, 512), Scheme(group_size=None), torch.float16)
+    assert p.scales.shape == (1, 256)
+    assert w4a16_wgmma.fits(p.qweight, p.scales, p.offsets)
+    assert w4a16_wgmma._row_stride(p.scales[:, :250]) == 256
+    assert not w4a16_wgmma.fits(p.qweight[:, 4:], p.scales[:, 4:], p.offsets[:, 4:])
+
+
 def _problem(m, n, k, group, dtype, bias, seed=0):
     from strategies import LinearProblem
 
@@ -114,10 +129,11 @@ def _problem(m, n, k, group, dtype, bias, seed=0):
     ],
 )
 def test_wgmma_on_cuda_matches_float64_reference(m, n, k, group, dtype, bias, cfg):
-    problem = _problem(m, n, k, group or k, dtype, bias)
+    problem = _problem(m, n, k, group, dtype, bias)  # group None: per channel
     p = problem.packed
     c = KernelConfig("wgmma", *cfg)
     assert valid_config(c, k, p.group_size)
+    assert w4a16_wgmma.fits(p.qweight, p.scales, p.offsets)  # (no fallback to dequant_mm)
     out = torch.full((m, n), float("nan"), dtype=dtype, device="cuda")
     launch(c, problem.x, p.qweight, p.scales, p.offsets, problem.bias, p.group_size, out=out)
     assert_close_rel(out, problem.reference64(), dtype)

@@ -159,11 +159,19 @@ def _w4a16_wgmma_kernel(
         gl.store(out_ptr + offs, acc.to(dtype), mask=mask)
 
 
+def _row_stride(t: torch.Tensor) -> int:
+    """The row stride TMA is given. A single row (per-channel scales, whose stride torch may
+    report as 1) is never stepped over, so the row's length rounded up to 16 bytes serves."""
+    if t.shape[0] > 1:
+        return t.stride(0)
+    per16 = 16 // t.element_size()
+    return -(-t.shape[1] // per16) * per16
+
+
 def _aligned(t: torch.Tensor) -> bool:
     """TMA: a 16-byte aligned base and row stride, the last dimension contiguous."""
-    return (
-        t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0
-    )
+    size = t.element_size()
+    return t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and (_row_stride(t) * size) % 16 == 0
 
 
 def fits(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor) -> bool:
@@ -191,12 +199,18 @@ def launch(
     flat32 = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
     flat16 = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=16, rank=2)
     x_desc = TensorDescriptor(
-        x, [m, k], [x.stride(0), 1], [bm, bk], gl.NVMMASharedLayout.get_default_for([bm, bk], gdt)
+        x,
+        [m, k],
+        [_row_stride(x), 1],
+        [bm, bk],
+        gl.NVMMASharedLayout.get_default_for([bm, bk], gdt),
     )
-    w_desc = TensorDescriptor(qweight, [k // 8, n], [qweight.stride(0), 1], [bk // 8, bn], flat32)
+    w_desc = TensorDescriptor(
+        qweight, [k // 8, n], [_row_stride(qweight), 1], [bk // 8, bn], flat32
+    )
     rows = scales.shape[0]
-    s_desc = TensorDescriptor(scales, [rows, n], [scales.stride(0), 1], [1, bn], flat16)
-    o_desc = TensorDescriptor(offsets, [rows, n], [offsets.stride(0), 1], [1, bn], flat16)
+    s_desc = TensorDescriptor(scales, [rows, n], [_row_stride(scales), 1], [1, bn], flat16)
+    o_desc = TensorDescriptor(offsets, [rows, n], [_row_stride(offsets), 1], [1, bn], flat16)
     grid = (triton.cdiv(m, bm), triton.cdiv(n, bn), cfg.split_k)
     _w4a16_wgmma_kernel[grid](
         x_desc, w_desc, s_desc, o_desc, bias if bias is not None else out, out, m, n, k,
