@@ -7,6 +7,9 @@
 #            the op's pick.
 #   wgmmatests: the wgmma kernel's gpu tests and the candidate-config test that draws it.
 #   kernels: bench_w4a16.py at M = 64 and 256 (fp16), the shipped picks beside cuBLAS.
+#   tune:    (next session) each key's shipped pick against the wgmma candidates, M buckets
+#            32-512, all tune_shipped.py shapes, TUNE_DTYPES (default float16); then
+#            `tune_shipped.py --merge $OUT/tune/h100.json` here and PART=kernels again.
 #   kv4pdl:  probe_e2e_long.py at 16 layers with --pdl --kv4-pdl: the KV4 cache write and
 #            decode_t attention under PDL (`_KV4_PDL`) against the same without.
 source benchmarks/gpu_setup.sh
@@ -32,6 +35,12 @@ for part in ${PART//,/ }; do
       timeout "${KERNELS_S:-300}" python3 benchmarks/bench_w4a16.py --ms ${KERNEL_MS:-64,256} \
         --out "$OUT/$part" > "$OUT/$part/bench.log" 2>&1
       tail -20 "$OUT/$part/bench.log" | cut -c1-200
+      ;;
+    tune)
+      timeout "${TUNE_S:-540}" python3 benchmarks/tune_shipped.py --kinds wgmma \
+        --ms ${TUNE_MS:-32,64,128,256,512} --dtypes ${TUNE_DTYPES:-float16} \
+        --out "$OUT/$part/h100.json" > "$OUT/$part/tune.log" 2>&1
+      grep -c wgmma "$OUT/$part/h100.json"; tail -5 "$OUT/$part/tune.log" | cut -c1-200
       ;;
     kv4pdl)
       timeout "${E2E_S:-330}" python3 benchmarks/probe_e2e_long.py --layers 16 --pdl --kv4-pdl \
