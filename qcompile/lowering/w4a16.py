@@ -1103,12 +1103,13 @@ def candidate_configs(m: int, n: int, k: int, group: int) -> list[KernelConfig]:
         # Gluon wgmma GEMM: on the H100 (fp16, thirty-fifth session) 28672x4096 / 8192x28672
         # took 54.7 / 103.8 us at M = 64 (lane kernel 73.1 / 138.0) and 159.8 / 311.1 at
         # M = 256 (dequant_mm 208.4 / 393.4); at M = 1024 it lost (571 against 457).
+        # (Each is a Gluon compile on first use: split past 2 only for 64-row tiles, whose
+        # grids are the ones too small for the GPU.)
         for bm, bn, bk, warps, stages in ((64, 128, 128, 4, 3), (64, 128, 64, 4, 4),
-                                          (128, 128, 64, 8, 4), (128, 128, 64, 8, 2),
-                                          (128, 128, 128, 8, 3)):  # fmt: skip
+                                          (128, 128, 64, 8, 4), (128, 128, 128, 8, 3)):  # fmt: skip
             if bm > max(mb, 64):
                 continue
-            for sk in (1, 2, 4, 8):
+            for sk in (1, 2, 4, 8) if bm == 64 else (1, 2):
                 if sk == 1 or _useful_split(triton.cdiv(n, bn) * triton.cdiv(mb, bm), sk):
                     out.append(KernelConfig("wgmma", bm, bn, bk, sk, warps, stages))
     if mb >= 128:
