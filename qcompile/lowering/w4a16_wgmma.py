@@ -13,8 +13,9 @@ Triton's pipeliner does not stage loads that feed arithmetic before the dot. Per
   (K-contiguous: each thread stores 16-byte runs) and this tile's wgmma is issued
   asynchronously, x and W^T both from shared memory.
 Split K writes fp32 partials (`w4a16.launch` sums them). Gluon does not run in Triton's
-interpreter: the CPU tests compile it for sm_90 and check its unpacking arithmetic in torch
-(`unpack_tile_reference`); its numbers are checked by gpu tests.
+interpreter: the CPU tests compile it for sm_90 (with Triton 3.6 and the installed one; two
+Gluon names differ between them, see `_tma_load`) and check its unpacking arithmetic in torch
+(`unpack_tile_reference`); its numbers are checked by gpu tests (so far on Triton 3.6).
 """
 
 from __future__ import annotations
@@ -34,6 +35,11 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from qcompile.lowering.autotune import KernelConfig
+
+# TMA global -> shared: `async_copy_global_to_shared` up to Triton 3.6, `async_load` later
+_tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+# a CTA-wide barrier: `thread_barrier` up to Triton 3.6, `barrier` later
+_cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
 
 
 @gluon.constexpr_function
@@ -67,10 +73,10 @@ def _issue_tile(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem, 
     )
     mbarrier.expect(bar, nbytes)
     k = k_first + t * BLOCK_K
-    tma.async_copy_global_to_shared(x_desc, [off_m, k], bar, x_smem.index(s))
-    tma.async_copy_global_to_shared(w_desc, [k // 8, off_n], bar, w_smem.index(s))
-    tma.async_copy_global_to_shared(s_desc, [k // GROUP, off_n], bar, s_smem.index(s))
-    tma.async_copy_global_to_shared(o_desc, [k // GROUP, off_n], bar, o_smem.index(s))
+    _tma_load(x_desc, [off_m, k], bar, x_smem.index(s))
+    _tma_load(w_desc, [k // 8, off_n], bar, w_smem.index(s))
+    _tma_load(s_desc, [k // GROUP, off_n], bar, s_smem.index(s))
+    _tma_load(o_desc, [k // GROUP, off_n], bar, o_smem.index(s))
 
 
 @gluon.jit
@@ -133,13 +139,13 @@ def _w4a16_wgmma_kernel(
         w = gl.reshape(gl.permute(w, (1, 0, 2)), [BLOCK_N, BLOCK_K])
         # the previous tile's wgmma is done in every warpgroup: its stage and b_smem are free
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-        gl.thread_barrier()
+        _cta_barrier()
         if i + STAGES - 1 < num_k:
             _issue_tile(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem, ready,
                         i + STAGES - 1, k_first, off_m, off_n, BLOCK_K, GROUP, STAGES)  # fmt: skip
         b_smem.store(w)
         fence_async_shared()
-        gl.thread_barrier()
+        _cta_barrier()
         acc = warpgroup_mma(x_smem.index(s), b_smem.permute((1, 0)), acc, is_async=True)
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
     for i in gl.static_range(STAGES):
