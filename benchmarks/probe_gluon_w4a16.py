@@ -6,11 +6,13 @@ The thirty-fifth session built the kernel here first (commit 593a7d2 holds that
 standalone copy, with its `--diagnose` of one tile on structured inputs).
 
     python benchmarks/probe_gluon_w4a16.py --ms 64,256 --out $OUT/gluon.json
+    python benchmarks/probe_gluon_w4a16.py --ws 0,1 --maxnreg 0,96,128  # + a TMA producer warp
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 from pathlib import Path
 
@@ -30,12 +32,15 @@ def main() -> None:
     ap.add_argument("--dtype", default="float16")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--configs", default="", help="indices into CONFIGS (default: all)")
+    ap.add_argument("--ws", default="0", help="`_WS` settings: 1 = one TMA producer warp")
+    ap.add_argument("--maxnreg", default="0", help="`_WS_MAXNREG` values for WS runs (0: none)")
     args = ap.parse_args()
     import torch
     import torch.nn.functional as F
     from bench_w4a16 import hbm_bandwidth, time_graph
     from weights import rotated_w4a16
 
+    from qcompile.lowering import w4a16_wgmma
     from qcompile.lowering.autotune import KernelConfig
     from qcompile.lowering.w4a16 import launch, valid_config, w4a16_linear_cuda
     from qcompile.quant.int4 import dequantize_int4
@@ -59,10 +64,16 @@ def main() -> None:
                     for p in packed
                 ]  # fmt: skip
             )
-            for bm, bn, bk, split, warps, stages in picked:
+            modes = [(0, 0)] if "0" in args.ws.split(",") else []
+            if "1" in args.ws.split(","):
+                modes += [(1, r) for r in map(int, args.maxnreg.split(","))]
+            for (bm, bn, bk, split, warps, stages), (ws, maxnreg) in itertools.product(
+                picked, modes
+            ):
                 cfg = KernelConfig("wgmma", bm, bn, bk, split, warps, stages)
                 if bm > max(m, 64) or not valid_config(cfg, k, 128):
                     continue
+                w4a16_wgmma._WS, w4a16_wgmma._WS_MAXNREG = bool(ws), maxnreg
 
                 def run(p, cfg=cfg, x=x):
                     return launch(cfg, x, p.qweight, p.scales, p.offsets, None, 128)
@@ -70,11 +81,13 @@ def main() -> None:
                 out = run(packed[0]).float()
                 err = ((out - ref).norm() / ref.norm()).item()
                 us = time_graph([lambda p=p: run(p) for p in packed])
-                name = f"bm{bm} bn{bn} bk{bk} sk{split} w{warps} st{stages}"
+                name = f"bm{bm} bn{bn} bk{bk} sk{split} w{warps} st{stages} ws{ws} r{maxnreg}"
                 row["wgmma"].append(
-                    {"config": cfg.__dict__, "name": name, "us": us, "rel_err": err}
-                )
+                    {"config": cfg.__dict__, "ws": ws, "maxnreg": maxnreg, "name": name, "us": us,
+                     "rel_err": err}
+                )  # fmt: skip
                 print(f"  {name}: {us:.1f} us, rel err {err:.1e}", flush=True)
+            w4a16_wgmma._WS, w4a16_wgmma._WS_MAXNREG = False, 0
             best = min(row["wgmma"], key=lambda r: r["us"], default=None)
             print(
                 f"N={n} K={k} M={m}: cublas {row['cublas_us']:.1f} current {row['current_us']:.1f}"

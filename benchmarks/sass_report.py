@@ -255,7 +255,7 @@ def compile_kv4_variant(
 
 def compile_wgmma_variant(
     bm: int, bn: int, bk: int, warps: int, stages: int, dtype: str = "fp16", split: int = 1,
-    bias: bool = False, group: int = 128,
+    bias: bool = False, group: int = 128, ws: bool = False, maxnreg: int = 0,
 ):  # fmt: skip
     """The W4A16 Gluon wgmma kernel for sm_90. Gluon kernels compile through `warmup`, which
     asks the active driver for the target: a stand-in driver names sm_90 on a machine
@@ -296,7 +296,8 @@ def compile_wgmma_variant(
     try:
         return w4a16_wgmma._w4a16_wgmma_kernel.warmup(
             x_desc, w_desc, s_desc, s_desc, sc[0], x, m, n, k, GROUP=group, HAS_BIAS=bias,
-            SPLIT=split, STAGES=stages, num_warps=warps, grid=(1,),
+            SPLIT=split, STAGES=stages, num_warps=warps, WS=ws, grid=(1,),
+            **({"maxnreg": maxnreg} if maxnreg else {}),
         )  # fmt: skip
     finally:
         triton.runtime.driver._active = before

@@ -7,6 +7,8 @@
 #            the op's pick.
 #   wgmmatests: the wgmma kernel's gpu tests and the candidate-config test that draws it.
 #   kernels: bench_w4a16.py at M = 64 and 256 (fp16), the shipped picks beside cuBLAS.
+#   ws:      (next session) the wgmma kernel with a TMA producer warp (`_WS`, untimed): its gpu
+#            test, then the probe at M = 64, 256 and 1024 with and without it.
 #   tune:    (next session) each key's shipped pick against the wgmma candidates, M buckets
 #            32-512, all tune_shipped.py shapes, TUNE_DTYPES (default float16); then
 #            `tune_shipped.py --merge $OUT/tune/h100.json` here and PART=kernels again.
@@ -35,6 +37,13 @@ for part in ${PART//,/ }; do
       timeout "${KERNELS_S:-300}" python3 benchmarks/bench_w4a16.py --ms ${KERNEL_MS:-64,256} \
         --out "$OUT/$part" > "$OUT/$part/bench.log" 2>&1
       tail -20 "$OUT/$part/bench.log" | cut -c1-200
+      ;;
+    ws)
+      gpu_tests "${TEST_S:-150}" "$OUT/$part/tests.log" tests/test_w4a16_wgmma.py -k producer
+      timeout "${WS_S:-360}" python3 benchmarks/probe_gluon_w4a16.py --ms ${WS_MS:-256,1024,64} \
+        --configs ${WS_CONFIGS:-0,2,4,5,6,10} --ws 0,1 --maxnreg ${WS_REGS:-0,96,128} \
+        --out "$OUT/$part/ws.json" > "$OUT/$part/ws.log" 2>&1
+      grep "N=" "$OUT/$part/ws.log"
       ;;
     tune)
       timeout "${TUNE_S:-540}" python3 benchmarks/tune_shipped.py --kinds wgmma \

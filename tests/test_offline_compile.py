@@ -344,8 +344,8 @@ import sass_report as s
 from qcompile.lowering.autotune import KernelConfig
 from qcompile.lowering.w4a16 import _wgmma_smem_bytes
 out = []
-for bm, bn, bk, w, st, dt, split, bias in json.loads(__import__("sys").argv[1]):
-    k = s.compile_wgmma_variant(bm, bn, bk, w, st, dt, split, bias)
+for bm, bn, bk, w, st, dt, split, bias, *ws in json.loads(__import__("sys").argv[1]):
+    k = s.compile_wgmma_variant(bm, bn, bk, w, st, dt, split, bias, 128, *ws)
     ops = collections.Counter(s.opcode(line) for line in s.sass(k).splitlines() if "/*" in line)
     res = s.resources(k)
     cfg = KernelConfig("wgmma", bm, bn, bk, split, w, st)
@@ -370,3 +370,19 @@ def test_wgmma_gluon_kernel_compiles_for_sm90_as_its_config_rules_assume():
         assert regs > 0 and spills == 0, v
         assert smem == budget, (v, smem, budget)
         assert hgmma > 0 and tma > 0 and i2f == 0, (v, hgmma, tma, i2f)
+
+
+def test_wgmma_with_a_tma_producer_warp_compiles_for_sm90():
+    """`_WS` (off, untimed): the same kernel with one producer warp issuing the TMA
+    (`gl.warp_specialize`), under a register cap and without, split and not."""
+    variants = [
+        (128, 128, 64, 8, 4, "fp16", 1, True, True, 0),
+        (128, 128, 64, 8, 4, "bf16", 2, False, True, 96),
+        (64, 128, 128, 4, 3, "fp16", 1, False, True, 128),
+    ]
+    results = _compile_offline(WGMMA, json.dumps(variants))
+    for v, (regs, spills, smem, budget, hgmma, tma, _) in zip(variants, results, strict=True):
+        assert regs > 0 and spills == 0 and hgmma > 0 and tma > 0, v
+        assert regs <= (v[-1] or 255), v
+        # + the stages' empty barriers and the partitions' own few hundred bytes
+        assert budget < smem <= budget + 512, (v, smem, budget)

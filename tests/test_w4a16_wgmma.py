@@ -161,3 +161,30 @@ def test_wgmma_on_unaligned_weight_slices_falls_back_to_dequant_mm():
     out = launch(c, problem.x, q, s, o, None, 128)
     ref = launch(lowering._dequant_mm_config(512), problem.x, q, s, o, None, 128)
     assert torch.equal(out, ref)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("maxnreg", [0, 96])
+@pytest.mark.parametrize(
+    "m,n,k,group,dtype,bias,cfg",
+    [
+        (200, 384, 768, 64, torch.bfloat16, True, (128, 128, 64, 1, 8, 4)),
+        (64, 512, 4096, 128, torch.float16, False, (64, 128, 128, 4, 4, 3)),
+        (33, 320, 512, None, torch.float16, True, (64, 128, 64, 1, 4, 4)),
+    ],
+)
+def test_wgmma_with_a_tma_producer_warp_matches_float64_reference(
+    monkeypatch, maxnreg, m, n, k, group, dtype, bias, cfg
+):
+    """`_WS` (off, untimed): one warp issues the TMA and the others unpack and run the MMA,
+    handing each stage back through an mbarrier. Same numbers as without, bit for bit."""
+    problem = _problem(m, n, k, group, dtype, bias)
+    p = problem.packed
+    c = KernelConfig("wgmma", *cfg)
+    args = (problem.x, p.qweight, p.scales, p.offsets, problem.bias, p.group_size)
+    plain = launch(c, *args)
+    monkeypatch.setattr(w4a16_wgmma, "_WS", True)
+    monkeypatch.setattr(w4a16_wgmma, "_WS_MAXNREG", maxnreg)
+    ws = launch(c, *args)
+    assert_close_rel(ws, problem.reference64(), dtype)
+    assert torch.equal(ws, plain)

@@ -36,6 +36,14 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from qcompile.lowering.autotune import KernelConfig
 
+# One producer warp issues the TMA (`gl.warp_specialize`), so the consumer warps' loop loses
+# the TMA issue and the barriers around it (sm_90, offline: see `benchmarks/sass_report.py`).
+# Compiles; untimed and not yet run on a GPU, so off.
+_WS = False
+# Registers per thread for every warp of a WS launch (the producer warp gives most of its
+# share to the consumers); 0: Triton's default.
+_WS_MAXNREG = 0
+
 # TMA global -> shared: `async_copy_global_to_shared` up to Triton 3.6, `async_load` later
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 # a CTA-wide barrier: `thread_barrier` up to Triton 3.6, `barrier` later
@@ -80,19 +88,109 @@ def _issue_tile(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem, 
 
 
 @gluon.jit
+def _wgmma_produce(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem, ready, empty,
+                   k_first, off_m, off_n, num_k, BLOCK_K: gl.constexpr, GROUP: gl.constexpr,
+                   STAGES: gl.constexpr):  # fmt: skip
+    """WS: the producer warp. It fills stage t % STAGES once the consumers have freed it."""
+    for t in range(num_k):
+        mbarrier.wait(empty.index(t % STAGES), ((t // STAGES) & 1) ^ 1)
+        _issue_tile(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem, ready, t,
+                    k_first, off_m, off_n, BLOCK_K, GROUP, STAGES)  # fmt: skip
+
+
+@gluon.jit
+def _wgmma_consume(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem, b_smem, ready,
+                   empty, k_first, off_m, off_n, num_k, bias_ptr, out_ptr, M, N,
+                   HAS_BIAS: gl.constexpr, SPLIT: gl.constexpr, BLOCK_M: gl.constexpr,
+                   BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, GROUP: gl.constexpr,
+                   STAGES: gl.constexpr, WS: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+    """The K loop: unpack tile i while tile i - 1's wgmma runs, then issue tile i's. Without
+    WS these warps also issue the TMA for tile i + STAGES - 1; with WS they hand tile i - 1's
+    stage back to the producer warp, and store the result themselves (Triton 3.6 cannot return a
+    tensor from a warp-specialized region). Without WS: returns the fp32 accumulator."""
+    dtype: gl.constexpr = x_desc.dtype
+    # 1024 (fp16) or 128 (bf16): the float whose last mantissa bits a 4-bit code fills
+    MAGIC_BITS: gl.constexpr = 0x6400 if dtype == gl.float16 else 0x4300
+    MAGIC: gl.constexpr = 1024.0 if dtype == gl.float16 else 128.0
+    # Thread (word group, n) unpacks 4 words = 32 consecutive k of one column: the permute and
+    # reshape to [BLOCK_N, BLOCK_K] move no data. (The words are read as stored: Triton 3.6
+    # loaded a permuted view of this unswizzled buffer as if it were not permuted.)
+    L3: gl.constexpr = gl.BlockedLayout([4, 1, 8], [2, 16, 1], [1, num_warps, 1], [2, 0, 1])
+    WL: gl.constexpr = gl.SliceLayout(2, L3)
+    SL: gl.constexpr = gl.SliceLayout(0, WL)
+    shifts = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(0, L3))) * 4
+    shifts = gl.expand_dims(gl.expand_dims(shifts, 0), 0)
+    mma_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=_mma_warps(BLOCK_M, num_warps),
+        instr_shape=[16, _instr_n(BLOCK_M, BLOCK_N, num_warps), 16],
+    )  # fmt: skip
+    # (the loop carries the async accumulator: the wait inside hands back a plain tensor)
+    acc = warpgroup_mma_init(gl.zeros((BLOCK_M, BLOCK_N), dtype=gl.float32, layout=mma_layout))
+    if not WS:
+        for t in gl.static_range(STAGES - 1):
+            if t < num_k:
+                _issue_tile(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem,
+                            ready, t, k_first, off_m, off_n, BLOCK_K, GROUP, STAGES)  # fmt: skip
+    for i in range(num_k):
+        s = i % STAGES
+        mbarrier.wait(ready.index(s), (i // STAGES) & 1)
+        words = w_smem.index(s).load(WL)  # [WORDS, BLOCK_N]
+        sv = gl.expand_dims(gl.expand_dims(s_smem.index(s).reshape([BLOCK_N]).load(SL), 0), 2)
+        ov = gl.expand_dims(gl.expand_dims(o_smem.index(s).reshape([BLOCK_N]).load(SL), 0), 2)
+        codes = ((gl.expand_dims(words, 2) >> shifts) & 0xF) | MAGIC_BITS
+        w = (codes.to(gl.int16).to(dtype, bitcast=True) - MAGIC) * sv + ov
+        w = gl.reshape(gl.permute(w, (1, 0, 2)), [BLOCK_N, BLOCK_K])
+        # the previous tile's wgmma is done in every warpgroup: its stage and b_smem are free
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        _cta_barrier()
+        if WS:  # (fenced: the stage's shared reads before the TMA that overwrites it)
+            fence_async_shared()
+            mbarrier.arrive(empty.index((i + STAGES - 1) % STAGES), pred=i > 0)
+        elif i + STAGES - 1 < num_k:
+            _issue_tile(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem, ready,
+                        i + STAGES - 1, k_first, off_m, off_n, BLOCK_K, GROUP, STAGES)  # fmt: skip
+        b_smem.store(w)
+        fence_async_shared()
+        _cta_barrier()
+        acc = warpgroup_mma(x_smem.index(s), b_smem.permute((1, 0)), acc, is_async=True)
+    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+    if WS:
+        _wgmma_epilogue(acc, bias_ptr, out_ptr, M, N, off_m, off_n, HAS_BIAS, SPLIT, BLOCK_M,
+                        BLOCK_N)  # fmt: skip
+    else:
+        return acc
+
+
+@gluon.jit
+def _wgmma_epilogue(acc, bias_ptr, out_ptr, M, N, off_m, off_n, HAS_BIAS: gl.constexpr,
+                    SPLIT: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):  # fmt: skip
+    """out (x's dtype, + bias) or, split, this split's fp32 partial."""
+    mma_layout: gl.constexpr = acc.type.layout
+    offs_m = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, mma_layout))
+    offs_n = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma_layout))
+    mask = (gl.expand_dims(offs_m, 1) < M) & (gl.expand_dims(offs_n, 0) < N)
+    # SPLIT: fp32 partials at out + split * M * N (the launcher sums them and adds the bias)
+    offs = gl.program_id(2) * M * N + gl.expand_dims(offs_m, 1) * N + gl.expand_dims(offs_n, 0)
+    if SPLIT > 1:
+        gl.store(out_ptr + offs, acc, mask=mask)
+    else:
+        if HAS_BIAS:
+            bias = gl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(gl.float32)
+            acc = acc + gl.expand_dims(bias, 0)
+        gl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@gluon.jit
 def _w4a16_wgmma_kernel(
     x_desc, w_desc, s_desc, o_desc, bias_ptr, out_ptr, M, N, K,
     GROUP: gl.constexpr, HAS_BIAS: gl.constexpr, SPLIT: gl.constexpr, STAGES: gl.constexpr,
-    num_warps: gl.constexpr,
+    num_warps: gl.constexpr, WS: gl.constexpr = False,
 ):  # fmt: skip
     BLOCK_M: gl.constexpr = x_desc.block_type.shape[0]
     BLOCK_K: gl.constexpr = x_desc.block_type.shape[1]
     BLOCK_N: gl.constexpr = w_desc.block_type.shape[1]
     WORDS: gl.constexpr = BLOCK_K // 8
     dtype: gl.constexpr = x_desc.dtype
-    # 1024 (fp16) or 128 (bf16): the float whose last mantissa bits a 4-bit code fills
-    MAGIC_BITS: gl.constexpr = 0x6400 if dtype == gl.float16 else 0x4300
-    MAGIC: gl.constexpr = 1024.0 if dtype == gl.float16 else 128.0
     # m fastest: the programs that share a W tile run together (its second read hits L2)
     off_m = gl.program_id(0) * BLOCK_M
     off_n = gl.program_id(1) * BLOCK_N
@@ -108,61 +206,33 @@ def _w4a16_wgmma_kernel(
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
         mbarrier.init(ready.index(i), count=1)
-
-    # Thread (word group, n) unpacks 4 words = 32 consecutive k of one column: the permute and
-    # reshape to [BLOCK_N, BLOCK_K] move no data. (The words are read as stored: Triton 3.6
-    # loaded a permuted view of this unswizzled buffer as if it were not permuted.)
-    L3: gl.constexpr = gl.BlockedLayout([4, 1, 8], [2, 16, 1], [1, num_warps, 1], [2, 0, 1])
-    WL: gl.constexpr = gl.SliceLayout(2, L3)
-    SL: gl.constexpr = gl.SliceLayout(0, WL)
-    shifts = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(0, L3))) * 4
-    shifts = gl.expand_dims(gl.expand_dims(shifts, 0), 0)
-
-    mma_layout: gl.constexpr = gl.NVMMADistributedLayout(
-        version=[3, 0], warps_per_cta=_mma_warps(BLOCK_M, num_warps),
-        instr_shape=[16, _instr_n(BLOCK_M, BLOCK_N, num_warps), 16],
-    )  # fmt: skip
-    # (the loop carries the async accumulator: the wait inside hands back a plain tensor)
-    acc = warpgroup_mma_init(gl.zeros((BLOCK_M, BLOCK_N), dtype=gl.float32, layout=mma_layout))
-    for t in gl.static_range(STAGES - 1):
-        if t < num_k:
-            _issue_tile(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem, ready,
-                        t, k_first, off_m, off_n, BLOCK_K, GROUP, STAGES)  # fmt: skip
-    for i in range(num_k):
-        s = i % STAGES
-        mbarrier.wait(ready.index(s), (i // STAGES) & 1)
-        words = w_smem.index(s).load(WL)  # [WORDS, BLOCK_N]
-        sv = gl.expand_dims(gl.expand_dims(s_smem.index(s).reshape([BLOCK_N]).load(SL), 0), 2)
-        ov = gl.expand_dims(gl.expand_dims(o_smem.index(s).reshape([BLOCK_N]).load(SL), 0), 2)
-        codes = ((gl.expand_dims(words, 2) >> shifts) & 0xF) | MAGIC_BITS
-        w = (codes.to(gl.int16).to(dtype, bitcast=True) - MAGIC) * sv + ov
-        w = gl.reshape(gl.permute(w, (1, 0, 2)), [BLOCK_N, BLOCK_K])
-        # the previous tile's wgmma is done in every warpgroup: its stage and b_smem are free
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-        _cta_barrier()
-        if i + STAGES - 1 < num_k:
-            _issue_tile(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem, ready,
-                        i + STAGES - 1, k_first, off_m, off_n, BLOCK_K, GROUP, STAGES)  # fmt: skip
-        b_smem.store(w)
-        fence_async_shared()
-        _cta_barrier()
-        acc = warpgroup_mma(x_smem.index(s), b_smem.permute((1, 0)), acc, is_async=True)
-    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+    if WS:  # one producer warp issues the TMA (24 registers); these warps consume
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(empty.index(i), count=1)
+        gl.warp_specialize(
+            [(_wgmma_consume, (x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem,
+                               b_smem, ready, empty, k_first, off_m, off_n, num_k, bias_ptr,
+                               out_ptr, M, N, HAS_BIAS, SPLIT, BLOCK_M, BLOCK_N, BLOCK_K, GROUP,
+                               STAGES, True, num_warps)),
+             (_wgmma_produce, (x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem,
+                               ready, empty, k_first, off_m, off_n, num_k, BLOCK_K, GROUP,
+                               STAGES))],
+            [1], [24],
+        )  # fmt: skip
+        for i in gl.static_range(STAGES):
+            mbarrier.invalidate(empty.index(i))
+    else:  # (`empty` unused: ready stands in for it)
+        acc = _wgmma_consume(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem,
+                             b_smem, ready, ready, k_first, off_m, off_n, num_k, bias_ptr,
+                             out_ptr, M, N, HAS_BIAS, SPLIT, BLOCK_M, BLOCK_N, BLOCK_K, GROUP,
+                             STAGES, False, num_warps)  # fmt: skip
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(ready.index(i))
 
-    offs_m = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, mma_layout))
-    offs_n = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma_layout))
-    mask = (gl.expand_dims(offs_m, 1) < M) & (gl.expand_dims(offs_n, 0) < N)
-    # SPLIT: fp32 partials at out + split * M * N (the launcher sums them and adds the bias)
-    offs = gl.program_id(2) * M * N + gl.expand_dims(offs_m, 1) * N + gl.expand_dims(offs_n, 0)
-    if SPLIT > 1:
-        gl.store(out_ptr + offs, acc, mask=mask)
-    else:
-        if HAS_BIAS:
-            bias = gl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(gl.float32)
-            acc = acc + gl.expand_dims(bias, 0)
-        gl.store(out_ptr + offs, acc.to(dtype), mask=mask)
+    if not WS:
+        _wgmma_epilogue(acc, bias_ptr, out_ptr, M, N, off_m, off_n, HAS_BIAS, SPLIT, BLOCK_M,
+                        BLOCK_N)  # fmt: skip
 
 
 def _row_stride(t: torch.Tensor) -> int:
@@ -221,7 +291,7 @@ def launch(
     _w4a16_wgmma_kernel[grid](
         x_desc, w_desc, s_desc, o_desc, bias if bias is not None else out, out, m, n, k,
         GROUP=group, HAS_BIAS=bias is not None, SPLIT=cfg.split_k, STAGES=cfg.num_stages,
-        num_warps=cfg.num_warps,
+        num_warps=cfg.num_warps, WS=_WS, **({"maxnreg": _WS_MAXNREG} if _WS and _WS_MAXNREG else {}),
     )  # fmt: skip
 
 
