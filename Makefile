@@ -31,7 +31,7 @@ test-gpu:  ## on a CUDA machine with torch/triton installed: gpu tests + kernels
 	$(PYTHON) -m pip install -q --no-deps --no-build-isolation -e .
 	$(PYTHON) -m pytest -q tests/test_gpu.py tests/test_lowering_w4a16.py tests/test_backend.py \
 		tests/test_hf_models.py tests/test_fuse.py tests/test_w4a8.py tests/test_kv4.py \
-		tests/test_w4a16_wgmma.py tests/test_shipped_configs.py
+		tests/test_w4a16_wgmma.py
 
 bench:  ## on the GPU: kernel benchmarks, results under benchmarks/results/
 	$(PYTHON) benchmarks/bench_w4a16.py --out benchmarks/results
