@@ -188,3 +188,14 @@ def test_wgmma_with_a_tma_producer_warp_matches_float64_reference(
     ws = launch(c, *args)
     assert_close_rel(ws, problem.reference64(), dtype)
     assert torch.equal(ws, plain)
+
+
+def test_launch_layouts_are_built_once_and_match_what_the_gpu_ran():
+    """The descriptors' layouts are cached per (BLOCK_M, BLOCK_K, dtype). x's tile is 128-byte
+    swizzled; the words and scale rows are unswizzled (the layouts the H100 runs used)."""
+    x_layout, flat32, flat16 = w4a16_wgmma._layouts(128, 64, torch.float16)
+    assert w4a16_wgmma._layouts(128, 64, torch.float16)[0] is x_layout
+    assert x_layout.swizzle_byte_width == 128 and x_layout.element_bitwidth == 16
+    assert (flat32.swizzle_byte_width, flat32.element_bitwidth) == (0, 32)
+    assert (flat16.swizzle_byte_width, flat16.element_bitwidth) == (0, 16)
+    assert w4a16_wgmma._layouts(64, 128, torch.bfloat16)[0].swizzle_byte_width == 128
