@@ -261,7 +261,6 @@ def compile_wgmma_variant(
     asks the active driver for the target: a stand-in driver names sm_90 on a machine
     without a GPU, and TMA descriptors over CPU tensors give the argument types."""
     import torch
-    from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     from qcompile.lowering import w4a16_wgmma
@@ -279,16 +278,13 @@ def compile_wgmma_variant(
         def get_active_torch_device(self):
             return torch.device("cpu")
 
-    tdt, gdt = (torch.float16, gl.float16) if dtype == "fp16" else (torch.bfloat16, gl.bfloat16)
+    tdt = torch.float16 if dtype == "fp16" else torch.bfloat16
     m, n, k = 256, 512, 1024
     x = torch.empty(m, k, dtype=tdt)
     qw = torch.empty(k // 8, n, dtype=torch.int32)
     sc = torch.empty(k // group, n, dtype=tdt)
-    flat32 = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
-    flat16 = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=16, rank=2)
-    x_desc = TensorDescriptor(
-        x, [m, k], [k, 1], [bm, bk], gl.NVMMASharedLayout.get_default_for([bm, bk], gdt)
-    )
+    x_layout, flat32, flat16 = w4a16_wgmma._layouts(bm, bk, tdt)  # (what the launcher uses)
+    x_desc = TensorDescriptor(x, [m, k], [k, 1], [bm, bk], x_layout)
     w_desc = TensorDescriptor(qw, [k // 8, n], [n, 1], [bk // 8, bn], flat32)
     s_desc = TensorDescriptor(sc, [k // group, n], [n, 1], [1, bn], flat16)
     before = triton.runtime.driver._active  # (reset_active would look for a real driver)
