@@ -25,6 +25,18 @@ CONFIGS = [  # (BLOCK_M, BLOCK_N, BLOCK_K, split, warps, stages)
 ]  # fmt: skip
 
 
+# "wgmma_rs" (W from registers, out^T = W x^T): BLOCK_M is x's rows, wgmma's N side
+RS_CONFIGS = [
+    (16, 128, 64, 1, 8, 4), (16, 128, 128, 1, 8, 4), (16, 64, 128, 1, 4, 4),
+    (16, 128, 128, 2, 8, 4), (16, 64, 128, 2, 4, 4), (32, 128, 128, 1, 8, 4),
+    (32, 64, 128, 2, 4, 4), (64, 128, 64, 1, 8, 4), (64, 128, 128, 1, 8, 4),
+    (64, 64, 128, 1, 4, 4), (64, 128, 128, 2, 8, 3), (64, 64, 128, 2, 4, 4),
+    (128, 128, 64, 1, 8, 4), (128, 64, 64, 1, 4, 4), (128, 128, 128, 1, 8, 3),
+    (128, 128, 64, 2, 8, 4), (256, 128, 64, 1, 8, 3), (256, 64, 64, 1, 4, 3),
+    (256, 128, 64, 1, 8, 4),
+]  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default="28672x4096,8192x28672")
@@ -34,9 +46,11 @@ def main() -> None:
     ap.add_argument("--configs", default="", help="indices into CONFIGS (default: all)")
     ap.add_argument("--ws", default="0", help="`_WS` settings: 1 = one TMA producer warp")
     ap.add_argument("--maxnreg", default="0", help="`_WS_MAXNREG` values for WS runs (0: none)")
+    ap.add_argument("--kind", default="wgmma", choices=("wgmma", "wgmma_rs"))
     args = ap.parse_args()
     import torch
     import torch.nn.functional as F
+    import triton
     from bench_w4a16 import hbm_bandwidth, time_graph
     from weights import rotated_w4a16
 
@@ -46,7 +60,8 @@ def main() -> None:
     from qcompile.quant.int4 import dequantize_int4
 
     dtype = getattr(torch, args.dtype)
-    picked = [CONFIGS[int(i)] for i in args.configs.split(",")] if args.configs else CONFIGS
+    table = RS_CONFIGS if args.kind == "wgmma_rs" else CONFIGS
+    picked = [table[int(i)] for i in args.configs.split(",")] if args.configs else table
     print(f"HBM {hbm_bandwidth() / 1e12:.2f} TB/s", flush=True)
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
     rows = []
@@ -65,13 +80,18 @@ def main() -> None:
                 ]  # fmt: skip
             )
             modes = [(0, 0)] if "0" in args.ws.split(",") else []
-            if "1" in args.ws.split(","):
+            if "1" in args.ws.split(",") and args.kind == "wgmma":
                 modes += [(1, r) for r in map(int, args.maxnreg.split(","))]
             for (bm, bn, bk, split, warps, stages), (ws, maxnreg) in itertools.product(
                 picked, modes
             ):
-                cfg = KernelConfig("wgmma", bm, bn, bk, split, warps, stages)
-                if bm > max(m, 64) or not valid_config(cfg, k, 128):
+                cfg = KernelConfig(args.kind, bm, bn, bk, split, warps, stages)
+                if not valid_config(cfg, k, 128):
+                    continue
+                if args.kind == "wgmma" and bm > max(m, 64):
+                    continue
+                fit = min(max(triton.next_power_of_2(m), 16), 256)  # (rs: this tile or half)
+                if args.kind == "wgmma_rs" and bm not in (fit, fit // 2):
                     continue
                 w4a16_wgmma._WS, w4a16_wgmma._WS_MAXNREG = bool(ws), maxnreg
 

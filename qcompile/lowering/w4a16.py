@@ -959,6 +959,16 @@ def valid_config(cfg: KernelConfig, k: int, group: int) -> bool:
             and k % cfg.split_k == 0 and (k // cfg.split_k) % cfg.block_k == 0
             and group % cfg.block_k == 0 and _wgmma_smem_bytes(cfg) <= _SMEM_BYTES
         )  # fmt: skip
+    if cfg.kernel == "wgmma_rs":  # 16 W rows a warp; x rows are wgmma's N (8..256)
+        return (
+            cfg.num_warps in (4, 8) and cfg.block_n == 16 * cfg.num_warps
+            and cfg.block_m in (8, 16, 32, 64, 128, 256) and cfg.block_k in (64, 128)
+            # the accumulator (BLOCK_M / 2 a thread) and two register tiles of W must fit
+            and cfg.block_m + cfg.block_k <= 320
+            and 2 <= cfg.num_stages <= 6 and not cfg.prefetch and not cfg.reduce
+            and k % cfg.split_k == 0 and (k // cfg.split_k) % cfg.block_k == 0
+            and group % cfg.block_k == 0 and _wgmma_smem_bytes(cfg) <= _SMEM_BYTES
+        )  # fmt: skip
     if cfg.kernel == "mma":  # 32 or 64 columns per warp, 8 to 64 rows, whole 32-k steps
         tiles_per_warp = cfg.block_n // (16 * cfg.num_warps)
         return (
@@ -981,6 +991,7 @@ def valid_config(cfg: KernelConfig, k: int, group: int) -> bool:
 
 
 _PLANES_KINDS = ("gemm_planes", "gemm_planes_xreg", "gemm_planes_direct")
+_WGMMA_KINDS = ("wgmma", "wgmma_rs")  # the Gluon kernels of `w4a16_wgmma.py`
 _SMEM_BYTES = 232448  # an H100 block's shared-memory limit (227 KiB)
 # "wgmma" (`w4a16_wgmma.py`, Hopper only): (BLOCK_M, BLOCK_N, BLOCK_K, warps); BLOCK_M 64 is
 # one warpgroup's wgmma rows, 128 two warpgroups'.
@@ -988,10 +999,11 @@ _WGMMA_TILES = ((64, 128, 64, 4), (64, 128, 128, 4), (128, 128, 64, 8), (128, 12
 
 
 def _wgmma_smem_bytes(cfg: KernelConfig) -> int:
-    """The wgmma kernel's shared memory: its TMA ring (x, words, scale and offset rows,
-    a barrier per stage) and the unpacked tile."""
+    """The wgmma kernels' shared memory: their TMA ring (x, words, scale and offset rows,
+    a barrier per stage) and, for "wgmma", the unpacked tile."""
     bm, bn, bk, stages = cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_stages
-    return stages * (bm * bk * 2 + bk // 8 * bn * 4 + 2 * bn * 2 + 8) + bn * bk * 2
+    ring = stages * (bm * bk * 2 + bk // 8 * bn * 4 + 2 * bn * 2 + 8)
+    return ring if cfg.kernel == "wgmma_rs" else ring + bn * bk * 2
 
 
 def _wgmma_device() -> bool:
@@ -1274,7 +1286,12 @@ def launch(
     split = cfg.split_k
     ws = out if split == 1 else torch.empty((split, m, n), device=x.device, dtype=torch.float32)
     counters = None
-    if split > 1 and self_reduce and cfg.kernel != "wgmma" and _split_tiles(cfg, m, n) <= _COUNTERS:
+    if (
+        split > 1
+        and self_reduce
+        and cfg.kernel not in _WGMMA_KINDS
+        and _split_tiles(cfg, m, n) <= _COUNTERS
+    ):
         counters = _tile_counters(x.device)
     bias_arg = bias if bias is not None else out  # never read when HAS_BIAS is False
     common = dict(
@@ -1290,7 +1307,7 @@ def launch(
         raise ValueError("launch: W4A8 runs the lane kernel only, on fp16 x in natural order")
     if pdl and cfg.kernel != "mma":
         raise ValueError(f"launch: pdl is for the lane kernel (mma), not {cfg.kernel}")
-    if cfg.kernel == "wgmma":
+    if cfg.kernel in _WGMMA_KINDS:
         from qcompile.lowering import w4a16_wgmma
 
         if not w4a16_wgmma.fits(qweight, scales, offsets):  # (TMA cannot read them in place)

@@ -237,6 +237,121 @@ def _w4a16_wgmma_kernel(
                         BLOCK_N)  # fmt: skip
 
 
+# "wgmma_rs": W from registers. Per pair of codes (k = 2t, 2t + 1 of byte t of a word, t the
+# lane's quad index in wgmma's A operand layout), a 16-bit float pair: PRMT puts byte t under
+# both halves' magic exponents, the mask keeps the low nibble (1024 + c) and the high nibble
+# (64 + c: 64's ulp is 1/16, so the nibble's place is worth 1), then (pair - magic) * s + o.
+# bf16 has no such exponent for the high nibble: the word shifted by 4 supplies it.
+_RS_ASM_FP16 = gl.constexpr("""{ .reg .b32 m, r;
+mov.b32 m, 0x54006400;
+prmt.b32 r, $1, m, $3;
+and.b32 r, r, 0xFFF0FF0F;
+sub.f16x2 r, r, m;
+fma.rn.f16x2 $0, r, $5, $6; }""")
+_RS_ASM_BF16 = gl.constexpr("""{ .reg .b32 m, r, h;
+mov.b32 m, 0x43004300;
+shr.b32 h, $1, 4;
+prmt.b32 r, $1, h, $3;
+lop3.b32 r, r, 0x000F000F, m, 0xEA;
+sub.rn.bf16x2 r, r, m;
+fma.rn.bf16x2 $0, r, $5, $6; }""")
+
+
+@gluon.constexpr_function
+def _rs_unpack_layout(words, block_n, num_warps):
+    """[WORDS, BLOCK_N, 8] (word, n, nibble) such that permute (1, 0, 2) and a reshape to
+    [BLOCK_N, BLOCK_K] give wgmma's register A layout (k_width 2): lane 4g + t of warp w holds
+    rows 16w + g (+ 8) and, per 16 k, nibbles 2t, 2t + 1 of the block's two words."""
+    reg = [[0, 0, 1], [0, 8, 0]] + [[1 << b, 0, 0] for b in range(words.bit_length() - 1)]
+    lane = [[0, 0, 2], [0, 0, 4], [0, 1, 0], [0, 2, 0], [0, 4, 0]]
+    warp = [[0, 16 << b, 0] for b in range(num_warps.bit_length() - 1)]
+    return gl.DistributedLinearLayout(reg, lane, warp, [], [words, block_n, 8])
+
+
+@gluon.jit
+def _w4a16_wgmma_rs_kernel(
+    x_desc, w_desc, s_desc, o_desc, bias_ptr, out_ptr, M, N, K,
+    GROUP: gl.constexpr, HAS_BIAS: gl.constexpr, SPLIT: gl.constexpr, STAGES: gl.constexpr,
+    num_warps: gl.constexpr,
+):  # fmt: skip
+    """out^T [BLOCK_N, BLOCK_M] = W x^T: W unpacked straight into wgmma's register operand
+    (16 rows a warp), x's TMA tile the shared-memory operand; no shared-memory round trip."""
+    BLOCK_M: gl.constexpr = x_desc.block_type.shape[0]
+    BLOCK_K: gl.constexpr = x_desc.block_type.shape[1]
+    BLOCK_N: gl.constexpr = w_desc.block_type.shape[1]
+    WORDS: gl.constexpr = BLOCK_K // 8
+    dtype: gl.constexpr = x_desc.dtype
+    off_m = gl.program_id(0) * BLOCK_M
+    off_n = gl.program_id(1) * BLOCK_N
+    k_first = gl.program_id(2) * (K // SPLIT)
+    num_k = (K // SPLIT) // BLOCK_K
+
+    x_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, BLOCK_K], x_desc.layout)
+    w_smem = gl.allocate_shared_memory(gl.int32, [STAGES, WORDS, BLOCK_N], w_desc.layout)
+    s_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_N], s_desc.layout)
+    o_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_N], o_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready.index(i), count=1)
+
+    P3: gl.constexpr = _rs_unpack_layout(WORDS, BLOCK_N, num_warps)
+    WL: gl.constexpr = gl.SliceLayout(2, P3)
+    SL: gl.constexpr = gl.SliceLayout(0, WL)
+    mma_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_M, 16]
+    )
+    a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma_layout, k_width=2)
+    # PRMT selectors: byte t = nibble // 2 of the word (fp16: under the magic bytes)
+    quad = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(0, P3))) // 2
+    FP16: gl.constexpr = dtype == gl.float16
+    ASM: gl.constexpr = _RS_ASM_FP16 if FP16 else _RS_ASM_BF16
+    sel = gl.expand_dims(gl.expand_dims((0x7050 if FP16 else 0x400) + quad * 0x101, 0), 0)
+    # (a plain tensor through the loop: the wait that ends each iteration hands one back,
+    # while tile i's wgmma may still be adding into its registers)
+    acc = gl.zeros((BLOCK_N, BLOCK_M), dtype=gl.float32, layout=mma_layout)
+    a_prev = gl.zeros((BLOCK_N, BLOCK_K), dtype=dtype, layout=a_layout)
+    for t in gl.static_range(STAGES - 1):
+        if t < num_k:
+            _issue_tile(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem, ready, t,
+                        k_first, off_m, off_n, BLOCK_K, GROUP, STAGES)  # fmt: skip
+    for i in range(num_k):
+        s = i % STAGES
+        mbarrier.wait(ready.index(s), (i // STAGES) & 1)
+        words = gl.expand_dims(w_smem.index(s).load(WL), 2)  # [WORDS, BLOCK_N, 1]
+        sv = gl.expand_dims(gl.expand_dims(s_smem.index(s).reshape([BLOCK_N]).load(SL), 0), 2)
+        ov = gl.expand_dims(gl.expand_dims(o_smem.index(s).reshape([BLOCK_N]).load(SL), 0), 2)
+        a = gl.inline_asm_elementwise(
+            ASM, "=r,r,r,r,r,r,r", [words, sel, sv, ov], dtype=sv.dtype, is_pure=True, pack=2
+        )
+        a = gl.convert_layout(
+            gl.reshape(gl.permute(a, (1, 0, 2)), [BLOCK_N, BLOCK_K]), a_layout, assert_trivial=True
+        )
+        acc = warpgroup_mma(a, x_smem.index(s).permute((1, 0)), acc, is_async=True)
+        # tile i - 1's wgmma is done (its registers free, kept alive until here), and after the
+        # barrier in both warpgroups: its stage takes tile i + STAGES - 1
+        acc, a_prev = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a_prev))
+        a_prev = a
+        _cta_barrier()
+        if i + STAGES - 1 < num_k:
+            _issue_tile(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem, ready,
+                        i + STAGES - 1, k_first, off_m, off_n, BLOCK_K, GROUP, STAGES)  # fmt: skip
+    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(ready.index(i))
+
+    offs_n = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma_layout))
+    offs_m = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, mma_layout))
+    mask = (gl.expand_dims(offs_n, 1) < N) & (gl.expand_dims(offs_m, 0) < M)
+    offs = gl.program_id(2) * M * N + gl.expand_dims(offs_m, 0) * N + gl.expand_dims(offs_n, 1)
+    if SPLIT > 1:
+        gl.store(out_ptr + offs, acc, mask=mask)
+    else:
+        if HAS_BIAS:
+            bias = gl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(gl.float32)
+            acc = acc + gl.expand_dims(bias, 1)
+        gl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
 def _row_stride(t: torch.Tensor) -> int:
     """The row stride TMA is given. A single row (per-channel scales, whose stride torch may
     report as 1) is never stepped over, so the row's length rounded up to 16 bytes serves."""
@@ -294,6 +409,13 @@ def launch(
     s_desc = TensorDescriptor(scales, [rows, n], [_row_stride(scales), 1], [1, bn], flat16)
     o_desc = TensorDescriptor(offsets, [rows, n], [_row_stride(offsets), 1], [1, bn], flat16)
     grid = (triton.cdiv(m, bm), triton.cdiv(n, bn), cfg.split_k)
+    if cfg.kernel == "wgmma_rs":
+        _w4a16_wgmma_rs_kernel[grid](
+            x_desc, w_desc, s_desc, o_desc, bias if bias is not None else out, out, m, n, k,
+            GROUP=group, HAS_BIAS=bias is not None, SPLIT=cfg.split_k, STAGES=cfg.num_stages,
+            num_warps=cfg.num_warps,
+        )  # fmt: skip
+        return
     _w4a16_wgmma_kernel[grid](
         x_desc, w_desc, s_desc, o_desc, bias if bias is not None else out, out, m, n, k,
         GROUP=group, HAS_BIAS=bias is not None, SPLIT=cfg.split_k, STAGES=cfg.num_stages,
