@@ -33,7 +33,9 @@ RS_CONFIGS = [
     (64, 64, 128, 1, 4, 4), (64, 128, 128, 2, 8, 3), (64, 64, 128, 2, 4, 4),
     (128, 128, 64, 1, 8, 4), (128, 64, 64, 1, 4, 4), (128, 128, 128, 1, 8, 3),
     (128, 128, 64, 2, 8, 4), (256, 128, 64, 1, 8, 3), (256, 64, 64, 1, 4, 3),
-    (256, 128, 64, 1, 8, 4),
+    (256, 128, 64, 1, 8, 4), (256, 128, 64, 2, 8, 4), (256, 64, 64, 2, 4, 4),
+    (16, 64, 128, 4, 4, 4), (16, 64, 64, 2, 4, 6), (32, 64, 128, 1, 4, 4),
+    (64, 64, 64, 2, 4, 6), (128, 64, 64, 2, 4, 4),
 ]  # fmt: skip
 
 
@@ -80,8 +82,9 @@ def main() -> None:
                 ]  # fmt: skip
             )
             modes = [(0, 0)] if "0" in args.ws.split(",") else []
-            if "1" in args.ws.split(",") and args.kind == "wgmma":
-                modes += [(1, r) for r in map(int, args.maxnreg.split(","))]
+            if "1" in args.ws.split(","):  # (wgmma_rs takes no maxnreg)
+                regs = map(int, args.maxnreg.split(",")) if args.kind == "wgmma" else [0]
+                modes += [(1, r) for r in regs]
             for (bm, bn, bk, split, warps, stages), (ws, maxnreg) in itertools.product(
                 picked, modes
             ):

@@ -293,7 +293,7 @@ def compile_wgmma_variant(
         if rs:  # "wgmma_rs": W from registers, out^T
             return w4a16_wgmma._w4a16_wgmma_rs_kernel.warmup(
                 x_desc, w_desc, s_desc, s_desc, sc[0], x, m, n, k, GROUP=group, HAS_BIAS=bias,
-                SPLIT=split, STAGES=stages, num_warps=warps, grid=(1,),
+                SPLIT=split, STAGES=stages, num_warps=warps, WS=ws, grid=(1,),
             )  # fmt: skip
         return w4a16_wgmma._w4a16_wgmma_kernel.warmup(
             x_desc, w_desc, s_desc, s_desc, sc[0], x, m, n, k, GROUP=group, HAS_BIAS=bias,

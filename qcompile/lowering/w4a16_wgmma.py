@@ -269,13 +269,96 @@ def _rs_unpack_layout(words, block_n, num_warps):
 
 
 @gluon.jit
+def _rs_unpack(w_stage, s_stage, o_stage, sel, ASM: gl.constexpr, P3: gl.constexpr,
+               a_layout: gl.constexpr):  # fmt: skip
+    """One stage's words, scale and offset rows -> W's [BLOCK_N, BLOCK_K] tile in wgmma's
+    register operand layout."""
+    WORDS: gl.constexpr = w_stage.shape[0]
+    BLOCK_N: gl.constexpr = w_stage.shape[1]
+    WL: gl.constexpr = gl.SliceLayout(2, P3)
+    SL: gl.constexpr = gl.SliceLayout(0, WL)
+    words = gl.expand_dims(w_stage.load(WL), 2)  # [WORDS, BLOCK_N, 1]
+    sv = gl.expand_dims(gl.expand_dims(s_stage.reshape([BLOCK_N]).load(SL), 0), 2)
+    ov = gl.expand_dims(gl.expand_dims(o_stage.reshape([BLOCK_N]).load(SL), 0), 2)
+    a = gl.inline_asm_elementwise(
+        ASM, "=r,r,r,r,r,r,r", [words, sel, sv, ov], dtype=sv.dtype, is_pure=True, pack=2
+    )
+    a = gl.reshape(gl.permute(a, (1, 0, 2)), [BLOCK_N, 8 * WORDS])
+    return gl.convert_layout(a, a_layout, assert_trivial=True)
+
+
+@gluon.jit
+def _rs_consume(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem, ready, empty,
+                k_first, off_m, off_n, num_k, bias_ptr, out_ptr, M, N, HAS_BIAS: gl.constexpr,
+                SPLIT: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                BLOCK_K: gl.constexpr, GROUP: gl.constexpr, STAGES: gl.constexpr,
+                WS: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+    """The K loop and the store. Without WS these warps also issue the TMA; with WS they
+    hand each stage back to the producer warp through `empty`."""
+    dtype: gl.constexpr = x_desc.dtype
+    P3: gl.constexpr = _rs_unpack_layout(BLOCK_K // 8, BLOCK_N, num_warps)
+    mma_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_M, 16]
+    )
+    a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma_layout, k_width=2)
+    # PRMT selectors: byte t = nibble // 2 of the word (fp16: under the magic bytes)
+    quad = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(0, P3))) // 2
+    FP16: gl.constexpr = dtype == gl.float16
+    ASM: gl.constexpr = _RS_ASM_FP16 if FP16 else _RS_ASM_BF16
+    sel = gl.expand_dims(gl.expand_dims((0x7050 if FP16 else 0x400) + quad * 0x101, 0), 0)
+    acc = gl.zeros((BLOCK_N, BLOCK_M), dtype=gl.float32, layout=mma_layout)
+    if not WS:
+        for t in gl.static_range(STAGES):
+            if t < num_k:
+                _issue_tile(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem,
+                            ready, t, k_first, off_m, off_n, BLOCK_K, GROUP, STAGES)  # fmt: skip
+    mbarrier.wait(ready.index(0), 0)
+    a = _rs_unpack(w_smem.index(0), s_smem.index(0), o_smem.index(0), sel, ASM, P3, a_layout)
+    for i in range(num_k):
+        s = i % STAGES
+        acc = warpgroup_mma(a, x_smem.index(s).permute((1, 0)), acc, is_async=True)
+        if not WS:
+            # Both warpgroups waited for tile i - 1's wgmma last iteration: its stage is free.
+            _cta_barrier()
+            if (i > 0) & (i - 1 + STAGES < num_k):
+                _issue_tile(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem,
+                            ready, i - 1 + STAGES, k_first, off_m, off_n, BLOCK_K, GROUP,
+                            STAGES)  # fmt: skip
+        # Tile i + 1 unpacks while tile i's wgmma runs. Its registers must differ from those
+        # the wgmma reads: ptxas keeps them apart only between the wgmma and a wait that
+        # covers it, so the wait is for 0 outstanding (waiting for 1 let it reuse them).
+        if i + 1 < num_k:
+            s1 = (i + 1) % STAGES
+            mbarrier.wait(ready.index(s1), ((i + 1) // STAGES) & 1)
+            a = _rs_unpack(w_smem.index(s1), s_smem.index(s1), o_smem.index(s1), sel, ASM, P3,
+                           a_layout)  # fmt: skip
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        if WS:  # (every warp is done with stage s: its words and x)
+            _cta_barrier()
+            mbarrier.arrive(empty.index(s))
+
+    offs_n = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma_layout))
+    offs_m = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, mma_layout))
+    mask = (gl.expand_dims(offs_n, 1) < N) & (gl.expand_dims(offs_m, 0) < M)
+    offs = gl.program_id(2) * M * N + gl.expand_dims(offs_m, 0) * N + gl.expand_dims(offs_n, 1)
+    if SPLIT > 1:
+        gl.store(out_ptr + offs, acc, mask=mask)
+    else:
+        if HAS_BIAS:
+            bias = gl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(gl.float32)
+            acc = acc + gl.expand_dims(bias, 1)
+        gl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@gluon.jit
 def _w4a16_wgmma_rs_kernel(
     x_desc, w_desc, s_desc, o_desc, bias_ptr, out_ptr, M, N, K,
     GROUP: gl.constexpr, HAS_BIAS: gl.constexpr, SPLIT: gl.constexpr, STAGES: gl.constexpr,
-    num_warps: gl.constexpr,
+    num_warps: gl.constexpr, WS: gl.constexpr = False,
 ):  # fmt: skip
     """out^T [BLOCK_N, BLOCK_M] = W x^T: W unpacked straight into wgmma's register operand
-    (16 rows a warp), x's TMA tile the shared-memory operand; no shared-memory round trip."""
+    (16 rows a warp), x's TMA tile the shared-memory operand; no shared-memory round trip.
+    WS: one producer warp issues the TMA."""
     BLOCK_M: gl.constexpr = x_desc.block_type.shape[0]
     BLOCK_K: gl.constexpr = x_desc.block_type.shape[1]
     BLOCK_N: gl.constexpr = w_desc.block_type.shape[1]
@@ -293,63 +376,28 @@ def _w4a16_wgmma_rs_kernel(
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
         mbarrier.init(ready.index(i), count=1)
-
-    P3: gl.constexpr = _rs_unpack_layout(WORDS, BLOCK_N, num_warps)
-    WL: gl.constexpr = gl.SliceLayout(2, P3)
-    SL: gl.constexpr = gl.SliceLayout(0, WL)
-    mma_layout: gl.constexpr = gl.NVMMADistributedLayout(
-        version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_M, 16]
-    )
-    a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma_layout, k_width=2)
-    # PRMT selectors: byte t = nibble // 2 of the word (fp16: under the magic bytes)
-    quad = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(0, P3))) // 2
-    FP16: gl.constexpr = dtype == gl.float16
-    ASM: gl.constexpr = _RS_ASM_FP16 if FP16 else _RS_ASM_BF16
-    sel = gl.expand_dims(gl.expand_dims((0x7050 if FP16 else 0x400) + quad * 0x101, 0), 0)
-    # (a plain tensor through the loop: the wait that ends each iteration hands one back,
-    # while tile i's wgmma may still be adding into its registers)
-    acc = gl.zeros((BLOCK_N, BLOCK_M), dtype=gl.float32, layout=mma_layout)
-    a_prev = gl.zeros((BLOCK_N, BLOCK_K), dtype=dtype, layout=a_layout)
-    for t in gl.static_range(STAGES - 1):
-        if t < num_k:
-            _issue_tile(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem, ready, t,
-                        k_first, off_m, off_n, BLOCK_K, GROUP, STAGES)  # fmt: skip
-    for i in range(num_k):
-        s = i % STAGES
-        mbarrier.wait(ready.index(s), (i // STAGES) & 1)
-        words = gl.expand_dims(w_smem.index(s).load(WL), 2)  # [WORDS, BLOCK_N, 1]
-        sv = gl.expand_dims(gl.expand_dims(s_smem.index(s).reshape([BLOCK_N]).load(SL), 0), 2)
-        ov = gl.expand_dims(gl.expand_dims(o_smem.index(s).reshape([BLOCK_N]).load(SL), 0), 2)
-        a = gl.inline_asm_elementwise(
-            ASM, "=r,r,r,r,r,r,r", [words, sel, sv, ov], dtype=sv.dtype, is_pure=True, pack=2
-        )
-        a = gl.convert_layout(
-            gl.reshape(gl.permute(a, (1, 0, 2)), [BLOCK_N, BLOCK_K]), a_layout, assert_trivial=True
-        )
-        acc = warpgroup_mma(a, x_smem.index(s).permute((1, 0)), acc, is_async=True)
-        # tile i - 1's wgmma is done (its registers free, kept alive until here), and after the
-        # barrier in both warpgroups: its stage takes tile i + STAGES - 1
-        acc, a_prev = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a_prev))
-        a_prev = a
-        _cta_barrier()
-        if i + STAGES - 1 < num_k:
-            _issue_tile(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem, ready,
-                        i + STAGES - 1, k_first, off_m, off_n, BLOCK_K, GROUP, STAGES)  # fmt: skip
-    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+    if WS:
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(empty.index(i), count=1)
+        gl.warp_specialize(
+            [(_rs_consume, (x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem,
+                            ready, empty, k_first, off_m, off_n, num_k, bias_ptr, out_ptr, M, N,
+                            HAS_BIAS, SPLIT, BLOCK_M, BLOCK_N, BLOCK_K, GROUP, STAGES, True,
+                            num_warps)),
+             (_wgmma_produce, (x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem,
+                               ready, empty, k_first, off_m, off_n, num_k, BLOCK_K, GROUP,
+                               STAGES))],
+            [1], [24],
+        )  # fmt: skip
+        for i in gl.static_range(STAGES):
+            mbarrier.invalidate(empty.index(i))
+    else:  # (`empty` unused: ready stands in for it)
+        _rs_consume(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem, ready, ready,
+                    k_first, off_m, off_n, num_k, bias_ptr, out_ptr, M, N, HAS_BIAS, SPLIT,
+                    BLOCK_M, BLOCK_N, BLOCK_K, GROUP, STAGES, False, num_warps)  # fmt: skip
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(ready.index(i))
-
-    offs_n = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma_layout))
-    offs_m = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, mma_layout))
-    mask = (gl.expand_dims(offs_n, 1) < N) & (gl.expand_dims(offs_m, 0) < M)
-    offs = gl.program_id(2) * M * N + gl.expand_dims(offs_m, 0) * N + gl.expand_dims(offs_n, 1)
-    if SPLIT > 1:
-        gl.store(out_ptr + offs, acc, mask=mask)
-    else:
-        if HAS_BIAS:
-            bias = gl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(gl.float32)
-            acc = acc + gl.expand_dims(bias, 1)
-        gl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _row_stride(t: torch.Tensor) -> int:
@@ -413,7 +461,7 @@ def launch(
         _w4a16_wgmma_rs_kernel[grid](
             x_desc, w_desc, s_desc, o_desc, bias if bias is not None else out, out, m, n, k,
             GROUP=group, HAS_BIAS=bias is not None, SPLIT=cfg.split_k, STAGES=cfg.num_stages,
-            num_warps=cfg.num_warps,
+            num_warps=cfg.num_warps, WS=_WS,
         )  # fmt: skip
         return
     _w4a16_wgmma_kernel[grid](
