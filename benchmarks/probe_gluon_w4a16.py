@@ -88,7 +88,8 @@ def main() -> None:
             for (bm, bn, bk, split, warps, stages), (ws, maxnreg) in itertools.product(
                 picked, modes
             ):
-                cfg = KernelConfig(args.kind, bm, bn, bk, split, warps, stages)
+                kind = "wgmma_rs_ws" if args.kind == "wgmma_rs" and ws else args.kind
+                cfg = KernelConfig(kind, bm, bn, bk, split, warps, stages)
                 if not valid_config(cfg, k, 128):
                     continue
                 if args.kind == "wgmma" and bm > max(m, 64):

@@ -2,6 +2,8 @@
 # Thirty-sixth session. PART is a comma-separated list of:
 #   pdltests, pdl32, bench, bench16, gluon, wgmmatests, kernels, ws, tune, kv4pdl: as in
 #   session35_gpu.sh (it runs them).
+#   tune: tune_shipped.py --kinds TUNE_KINDS (default wgmma_rs,wgmma_rs_ws), M buckets TUNE_MS,
+#        all its shapes, TUNE_DTYPES; then `tune_shipped.py --merge $OUT/tune/h100.json` here.
 #   ncu: Nsight Compute on the wgmma kernel (NCU_CFGS, at NCU_CASE), what bounds it: tensor
 #        pipe, issue slots, stall reasons, shared-memory bank conflicts.
 source benchmarks/gpu_setup.sh
@@ -20,6 +22,12 @@ for part in ${PART//,/ }; do
       done
       grep -E "N=|Duration|Throughput|Pipe|Stall|Issue|Issued|Registers|Bank|Warp Cycles|Eligible" \
         "$OUT/$part/ncu.txt" | cut -c1-160 | head -80
+      ;;
+    tune)
+      timeout "${TUNE_S:-540}" python3 benchmarks/tune_shipped.py \
+        --kinds "${TUNE_KINDS:-wgmma_rs,wgmma_rs_ws}" --ms "${TUNE_MS:-16,32,64,128,256,512,1024}" \
+        --dtypes "${TUNE_DTYPES:-float16}" --out "$OUT/$part/h100.json" > "$OUT/$part/tune.log" 2>&1
+      grep -c wgmma_rs "$OUT/$part/h100.json"; tail -3 "$OUT/$part/tune.log" | cut -c1-200
       ;;
     *) PART=$part bash benchmarks/session35_gpu.sh ;;
   esac

@@ -959,7 +959,7 @@ def valid_config(cfg: KernelConfig, k: int, group: int) -> bool:
             and k % cfg.split_k == 0 and (k // cfg.split_k) % cfg.block_k == 0
             and group % cfg.block_k == 0 and _wgmma_smem_bytes(cfg) <= _SMEM_BYTES
         )  # fmt: skip
-    if cfg.kernel == "wgmma_rs":  # 16 W rows a warp; x rows are wgmma's N (8..256)
+    if cfg.kernel in ("wgmma_rs", "wgmma_rs_ws"):  # 16 W rows a warp; x rows: wgmma's N
         return (
             cfg.num_warps in (4, 8) and cfg.block_n == 16 * cfg.num_warps
             and cfg.block_m in (8, 16, 32, 64, 128, 256) and cfg.block_k in (64, 128)
@@ -991,7 +991,7 @@ def valid_config(cfg: KernelConfig, k: int, group: int) -> bool:
 
 
 _PLANES_KINDS = ("gemm_planes", "gemm_planes_xreg", "gemm_planes_direct")
-_WGMMA_KINDS = ("wgmma", "wgmma_rs")  # the Gluon kernels of `w4a16_wgmma.py`
+_WGMMA_KINDS = ("wgmma", "wgmma_rs", "wgmma_rs_ws")  # the Gluon kernels of `w4a16_wgmma.py`
 _SMEM_BYTES = 232448  # an H100 block's shared-memory limit (227 KiB)
 # "wgmma" (`w4a16_wgmma.py`, Hopper only): (BLOCK_M, BLOCK_N, BLOCK_K, warps); BLOCK_M 64 is
 # one warpgroup's wgmma rows, 128 two warpgroups'.
@@ -1003,7 +1003,7 @@ def _wgmma_smem_bytes(cfg: KernelConfig) -> int:
     a barrier per stage) and, for "wgmma", the unpacked tile."""
     bm, bn, bk, stages = cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_stages
     ring = stages * (bm * bk * 2 + bk // 8 * bn * 4 + 2 * bn * 2 + 8)
-    return ring if cfg.kernel == "wgmma_rs" else ring + bn * bk * 2
+    return ring + bn * bk * 2 if cfg.kernel == "wgmma" else ring
 
 
 def _wgmma_device() -> bool:
@@ -1111,19 +1111,20 @@ def candidate_configs(m: int, n: int, k: int, group: int) -> list[KernelConfig]:
                             out.append(
                                 KernelConfig("mma", max(8, mb), bn, bk, sk, warps, 1, pf, "unroll8")
                             )
-    if 32 <= mb <= 512 and _wgmma_device():
-        # Gluon wgmma GEMM: on the H100 (fp16, thirty-fifth session) 28672x4096 / 8192x28672
-        # took 54.7 / 103.8 us at M = 64 (lane kernel 73.1 / 138.0) and 159.8 / 311.1 at
-        # M = 256 (dequant_mm 208.4 / 393.4); at M = 1024 it lost (571 against 457).
-        # (Each is a Gluon compile on first use: split past 2 only for 64-row tiles, whose
-        # grids are the ones too small for the GPU.)
-        for bm, bn, bk, warps, stages in ((64, 128, 128, 4, 3), (64, 128, 64, 4, 4),
-                                          (128, 128, 64, 8, 4), (128, 128, 128, 8, 3)):  # fmt: skip
-            if bm > max(mb, 64):
-                continue
-            for sk in (1, 2, 4, 8) if bm == 64 else (1, 2):
-                if sk == 1 or _useful_split(triton.cdiv(n, bn) * triton.cdiv(mb, bm), sk):
-                    out.append(KernelConfig("wgmma", bm, bn, bk, sk, warps, stages))
+    if mb >= 16 and _wgmma_device():
+        # Gluon wgmma_rs (W unpacked into wgmma's register operand, x rows its N side): on the
+        # H100 (fp16, thirty-sixth session) 28672x4096 / 8192x28672 took 32.2 / 62.4 us at
+        # M = 16, 46.2 / 89.8 at 64, 118.2 / 204.6 at 256 and 432.8 / 778.2 at 1024, against
+        # 36.5 / 63.3, 55.3 / 102.9, 175.6 / 307.4 and 464.3 / 938.5 for the picks before it.
+        # The producer-warp variant (_ws) won at M >= 256 and lost below (one Gluon compile
+        # each on first use: at most 12 per key).
+        bm = min(mb, 256)
+        bk = 128 if bm <= 64 and group % 128 == 0 else 64
+        for bn, warps in ((64, 4), (128, 8)):
+            for kind in ("wgmma_rs", "wgmma_rs_ws") if bm >= 128 else ("wgmma_rs",):
+                for sk in (1, 2, 4):
+                    if _useful_split(triton.cdiv(n, bn) * triton.cdiv(mb, bm), sk):
+                        out.append(KernelConfig(kind, bm, bn, bk, sk, warps, 4))
     if mb >= 128:
         out.append(_dequant_mm_config(k))
         # Planes at large M: W from registers as wgmma's A (BLOCK_N rows), x^T as its

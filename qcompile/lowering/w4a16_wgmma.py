@@ -457,11 +457,11 @@ def launch(
     s_desc = TensorDescriptor(scales, [rows, n], [_row_stride(scales), 1], [1, bn], flat16)
     o_desc = TensorDescriptor(offsets, [rows, n], [_row_stride(offsets), 1], [1, bn], flat16)
     grid = (triton.cdiv(m, bm), triton.cdiv(n, bn), cfg.split_k)
-    if cfg.kernel == "wgmma_rs":
+    if cfg.kernel in ("wgmma_rs", "wgmma_rs_ws"):
         _w4a16_wgmma_rs_kernel[grid](
             x_desc, w_desc, s_desc, o_desc, bias if bias is not None else out, out, m, n, k,
             GROUP=group, HAS_BIAS=bias is not None, SPLIT=cfg.split_k, STAGES=cfg.num_stages,
-            num_warps=cfg.num_warps, WS=_WS,
+            num_warps=cfg.num_warps, WS=cfg.kernel == "wgmma_rs_ws",
         )  # fmt: skip
         return
     _w4a16_wgmma_kernel[grid](
