@@ -344,45 +344,41 @@ import sass_report as s
 from qcompile.lowering.autotune import KernelConfig
 from qcompile.lowering.w4a16 import _wgmma_smem_bytes
 out = []
-for bm, bn, bk, w, st, dt, split, bias, *ws in json.loads(__import__("sys").argv[1]):
-    k = s.compile_wgmma_variant(bm, bn, bk, w, st, dt, split, bias, 128, *ws)
-    ops = collections.Counter(s.opcode(line) for line in s.sass(k).splitlines() if "/*" in line)
+for bm, bn, bk, w, st, dt, split, bias, ws in json.loads(__import__("sys").argv[1]):
+    k = s.compile_wgmma_variant(bm, bn, bk, w, st, dt, split, bias, 128, ws)
+    text = s.sass(k)
+    ops = collections.Counter(s.opcode(line) for line in text.splitlines() if "/*" in line)
     res = s.resources(k)
-    cfg = KernelConfig("wgmma", bm, bn, bk, split, w, st)
+    cfg = KernelConfig("wgmma_rs_ws" if ws else "wgmma_rs", bm, bn, bk, split, w, st)
     out.append([res["REG"], res["STACK"] + res["LOCAL"], k.metadata.shared,
-                _wgmma_smem_bytes(cfg), ops["HGMMA"], ops["UTMALDG"], ops["I2F"]])
+                _wgmma_smem_bytes(cfg), ops["HGMMA"], ops["UTMALDG"], ops["I2F"], ops["STS"],
+                ops["PRMT"], ops["HFMA2"], text.count("DEPBAR.LE gsb0, 0x0")])
 print(json.dumps(out))
 """
 
 
-def test_wgmma_gluon_kernel_compiles_for_sm90_as_its_config_rules_assume():
-    """The Gluon wgmma kernel (which the interpreter cannot run) compiles for sm_90 in fp16 and
-    bf16, split or not, with a bias: wgmma and TMA instructions, no spills, no int-to-float
-    conversions in the unpacking, and exactly the shared memory `valid_config` budgets."""
+def test_wgmma_rs_gluon_kernel_compiles_for_sm90_as_its_config_rules_assume():
+    """The Gluon wgmma_rs kernels (which the interpreter cannot run) compile for sm_90 in fp16
+    and bf16, split or not, with a bias, with and without the producer warp: wgmma and TMA
+    instructions, no spills, the unpacking in PRMT + HFMA2 with no int-to-float conversions
+    and no shared-memory stores (W goes from registers to wgmma: the layout conversions that
+    `assert_trivial` guards move no data), and the shared memory `valid_config` budgets."""
     variants = [
-        (64, 128, 128, 4, 3, "fp16", 1, False),
-        (64, 128, 64, 4, 4, "bf16", 4, False),
-        (128, 128, 64, 8, 4, "fp16", 1, True),
-        (128, 128, 128, 8, 3, "bf16", 2, False),
+        (16, 64, 128, 4, 4, "fp16", 4, False, False),
+        (64, 128, 128, 8, 4, "bf16", 1, True, False),
+        (128, 128, 64, 8, 4, "fp16", 2, False, True),
+        (256, 128, 64, 8, 3, "bf16", 1, True, True),
+        (256, 64, 64, 4, 4, "fp16", 1, False, True),
     ]
     results = _compile_offline(WGMMA, json.dumps(variants))
-    for v, (regs, spills, smem, budget, hgmma, tma, i2f) in zip(variants, results, strict=True):
-        assert regs > 0 and spills == 0, v
-        assert smem == budget, (v, smem, budget)
-        assert hgmma > 0 and tma > 0 and i2f == 0, (v, hgmma, tma, i2f)
-
-
-def test_wgmma_with_a_tma_producer_warp_compiles_for_sm90():
-    """`_WS` (off, untimed): the same kernel with one producer warp issuing the TMA
-    (`gl.warp_specialize`), under a register cap and without, split and not."""
-    variants = [
-        (128, 128, 64, 8, 4, "fp16", 1, True, True, 0),
-        (128, 128, 64, 8, 4, "bf16", 2, False, True, 96),
-        (64, 128, 128, 4, 3, "fp16", 1, False, True, 128),
-    ]
-    results = _compile_offline(WGMMA, json.dumps(variants))
-    for v, (regs, spills, smem, budget, hgmma, tma, _) in zip(variants, results, strict=True):
-        assert regs > 0 and spills == 0 and hgmma > 0 and tma > 0, v
-        assert regs <= (v[-1] or 255), v
-        # + the stages' empty barriers and the partitions' own few hundred bytes
-        assert budget < smem <= budget + 512, (v, smem, budget)
+    for v, r in zip(variants, results, strict=True):
+        regs, spills, smem, budget, hgmma, tma, i2f, sts, prmt, hfma2, waits = r
+        assert regs > 0 and spills == 0, (v, r)
+        assert hgmma > 0 and tma > 0 and i2f == 0, (v, r)
+        assert sts <= (2 if v[-1] else 0), (v, r)  # (WS: two stores of partition state)
+        assert prmt >= v[2] // 8 * 2 and hfma2 >= v[2] // 8 * 2, (v, r)  # per word per thread
+        assert waits >= 1, (v, r)  # (each tile's wgmma waited for fully: see `_rs_consume`)
+        if v[-1]:  # + the stages' empty barriers and the partitions' own few hundred bytes
+            assert budget < smem <= budget + 512, (v, smem, budget)
+        else:
+            assert smem == budget, (v, smem, budget)

@@ -1,8 +1,8 @@
-"""The W4A16 "wgmma" kernel (Gluon, Hopper). Gluon does not run in Triton's interpreter, so on
-CPU: its unpacking arithmetic step for step in torch against the float64 dequantization, and
-when it is offered; `test_offline_compile.py` compiles it for sm_90. On the H100 (gpu marker):
-its outputs against the float64 reference, and `test_lowering_w4a16.py`'s candidate-config
-test draws it too."""
+"""The W4A16 "wgmma_rs" kernels (Gluon, Hopper). Gluon does not run in Triton's interpreter, so
+on CPU: their unpacking bit for bit in torch against the float64 dequantization, and when they
+are offered; `test_offline_compile.py` compiles them for sm_90. On the H100 (gpu marker): their
+outputs against the float64 reference, and `test_lowering_w4a16.py`'s candidate-config test
+draws them too."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from qcompile.lowering import w4a16 as lowering
 from qcompile.lowering import w4a16_wgmma
 from qcompile.lowering.autotune import KernelConfig
 from qcompile.lowering.w4a16 import candidate_configs, launch, valid_config
-from qcompile.lowering.w4a16_wgmma import unpack_tile_reference
+from qcompile.lowering.w4a16_wgmma import unpack_pairs_reference
 from qcompile.quant.int4 import PackedInt4, dequantize_int4, pack_int4_along_k, to_planes
 
 
@@ -30,9 +30,9 @@ from qcompile.quant.int4 import PackedInt4, dequantize_int4, pack_int4_along_k, 
     seed=st.integers(0, 2**31 - 1),
 )
 def test_unpacking_matches_the_dequantized_weight(dtype, words, n, outliers, seed):
-    """The kernel's unpacking (code OR-ed into the magic float's mantissa, minus the magic,
-    times the scale plus the offset; permuted and reshaped to [N, BLOCK_K]) gives each weight
-    at its k, within one 16-bit rounding of the float64 value."""
+    """The kernel's unpacking (per lane quad t, byte t of each word permuted under two magic
+    exponents, masked, minus the magic, then one FMA with the scale and offset) gives each
+    weight at its k, within one 16-bit rounding of the float64 value."""
     gen = torch.Generator().manual_seed(seed)
     k = 8 * words
     codes = torch.randint(0, 16, (n, k), generator=gen)
@@ -43,44 +43,57 @@ def test_unpacking_matches_the_dequantized_weight(dtype, words, n, outliers, see
     scales = scales.to(dtype)
     offsets = (-(torch.randint(0, 16, (1, n), generator=gen)) * scales.float()).to(dtype)
     packed = PackedInt4(pack_int4_along_k(codes), scales, offsets, k)
-    got = unpack_tile_reference(packed.qweight, scales[0], offsets[0])
+    got = unpack_pairs_reference(packed.qweight, scales[0], offsets[0])
     want = dequantize_int4(packed, torch.float64)
     assert got.shape == (n, k)
     eps = {torch.float16: 2**-10, torch.bfloat16: 2**-7}[dtype]
-    bound = 2 * eps * (codes * scales.double().t().abs() + offsets.double().t().abs())
+    bound = eps * (codes * scales.double().t() + offsets.double().t()).abs()
     assert ((got.double() - want).abs() <= bound).all()
 
 
-def test_wgmma_is_offered_only_on_hopper_and_only_from_32_to_512_rows(monkeypatch):
+RS = ("wgmma_rs", "wgmma_rs_ws")
+
+
+def test_wgmma_rs_is_offered_only_on_hopper_from_16_rows(monkeypatch):
     monkeypatch.setattr(lowering, "_wgmma_device", lambda: False)
-    assert not [c for c in candidate_configs(64, 28672, 4096, 128) if c.kernel == "wgmma"]
+    assert not [c for c in candidate_configs(64, 28672, 4096, 128) if c.kernel in RS]
     monkeypatch.setattr(lowering, "_wgmma_device", lambda: True)
-    for m in (32, 64, 256, 512):
-        cands = [c for c in candidate_configs(m, 28672, 4096, 128) if c.kernel == "wgmma"]
+    for m in (16, 32, 64, 256, 512, 1024):
+        cands = [c for c in candidate_configs(m, 28672, 4096, 128) if c.kernel in RS]
         assert cands and all(valid_config(c, 4096, 128) for c in cands), m
-        assert all(c.block_m <= max(m, 64) for c in cands)
-    # K-long shapes get split-K candidates (8192x28672 at M = 64 took 103.8 us split in 4)
-    assert {c.split_k for c in candidate_configs(64, 8192, 28672, 128) if c.kernel == "wgmma"} == {
+        assert all(c.block_m == min(lowering.m_bucket(m), 256) for c in cands), m
+        # the producer-warp variant at M >= 128 only (it lost below on the H100)
+        assert any(c.kernel == "wgmma_rs_ws" for c in cands) == (m >= 128), m
+        assert len(cands) <= 12
+    # K-long shapes get split-K candidates (8192x28672 at M = 16 took 62.4 us split in 4)
+    assert {c.split_k for c in candidate_configs(16, 8192, 28672, 128) if c.kernel in RS} == {
         1,
         2,
         4,
-        8,
     }
-    for m in (1, 16, 1024):
-        assert not [c for c in candidate_configs(m, 28672, 4096, 128) if c.kernel == "wgmma"]
+    # group 64: 64-k tiles (one scale row per tile)
+    assert {c.block_k for c in candidate_configs(64, 8192, 28672, 64) if c.kernel in RS} == {64}
+    for m in (1, 8):
+        assert not [c for c in candidate_configs(m, 28672, 4096, 128) if c.kernel in RS]
 
 
-def test_wgmma_config_rules():
-    ok = KernelConfig("wgmma", 64, 128, 128, 1, 4, 3)
+@pytest.mark.parametrize("kind", RS)
+def test_wgmma_rs_config_rules(kind):
+    ok = KernelConfig(kind, 64, 128, 128, 1, 8, 4)
     assert valid_config(ok, 4096, 128)
     assert valid_config(ok, 4096, 4096)  # per channel: one scale row
     assert not valid_config(ok, 4096, 64)  # a K tile spans two groups
-    assert not valid_config(KernelConfig("wgmma", 64, 128, 128, 3, 4, 3), 4096, 128)  # K % 3
-    assert not valid_config(KernelConfig("wgmma", 64, 128, 128, 64, 4, 3), 4096, 128)  # 64 k
-    assert not valid_config(KernelConfig("wgmma", 64, 256, 128, 1, 4, 3), 4096, 128)  # tile
-    assert not valid_config(KernelConfig("wgmma", 64, 128, 128, 1, 4, 5), 4096, 128)  # stages
-    assert not valid_config(KernelConfig("wgmma", 64, 128, 128, 1, 4, 3, True), 4096, 128)
-    big = KernelConfig("wgmma", 128, 128, 128, 1, 8, 4)
+    assert valid_config(KernelConfig(kind, 16, 64, 128, 4, 4, 4), 4096, 128)
+    assert not valid_config(KernelConfig(kind, 64, 128, 128, 3, 8, 4), 4096, 128)  # K % 3
+    assert not valid_config(KernelConfig(kind, 64, 128, 128, 64, 8, 4), 4096, 128)  # 64 k
+    assert not valid_config(KernelConfig(kind, 64, 128, 128, 1, 4, 4), 4096, 128)  # 32 rows/warp
+    assert not valid_config(KernelConfig(kind, 48, 128, 128, 1, 8, 4), 4096, 128)  # wgmma N
+    assert not valid_config(KernelConfig(kind, 64, 128, 128, 1, 8, 7), 4096, 128)  # stages
+    assert not valid_config(KernelConfig(kind, 64, 128, 128, 1, 8, 4, True), 4096, 128)
+    # 256 x rows with 128-k tiles would not fit the registers (accumulator + two W tiles)
+    assert not valid_config(KernelConfig(kind, 256, 128, 128, 1, 8, 3), 4096, 128)
+    big = KernelConfig(kind, 256, 128, 64, 1, 8, 4)
+    assert valid_config(big, 4096, 128)
     assert lowering._wgmma_smem_bytes(big) <= lowering._SMEM_BYTES
 
 
@@ -117,21 +130,23 @@ def _problem(m, n, k, group, dtype, bias, seed=0):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("kind", RS)
 @pytest.mark.parametrize(
     "m,n,k,group,dtype,bias,cfg",
     [
-        (64, 256, 1024, 128, torch.float16, False, (64, 128, 128, 1, 4, 3)),
-        (33, 320, 512, 128, torch.float16, True, (64, 128, 64, 1, 4, 4)),  # N past the tile
+        (64, 256, 1024, 128, torch.float16, False, (64, 128, 128, 1, 8, 4)),
+        (33, 320, 512, 128, torch.float16, True, (64, 64, 128, 1, 4, 4)),  # N past the tile
         (200, 384, 768, 64, torch.bfloat16, True, (128, 128, 64, 1, 8, 4)),  # M past the tile
-        (256, 256, 2048, None, torch.float16, True, (128, 128, 128, 2, 8, 3)),  # per channel
-        (64, 512, 4096, 128, torch.bfloat16, False, (64, 128, 128, 4, 4, 3)),  # split 4
-        (1, 128, 256, 128, torch.float16, True, (64, 128, 64, 2, 4, 2)),  # one row
+        (256, 256, 2048, None, torch.float16, True, (256, 128, 64, 2, 8, 3)),  # per channel
+        (64, 512, 4096, 128, torch.bfloat16, False, (16, 64, 128, 4, 4, 4)),  # M > BLOCK_M
+        (1, 128, 256, 128, torch.float16, True, (16, 128, 64, 2, 8, 2)),  # one row
+        (300, 192, 512, 128, torch.bfloat16, False, (256, 64, 64, 1, 4, 4)),  # 2 M tiles
     ],
 )
-def test_wgmma_on_cuda_matches_float64_reference(m, n, k, group, dtype, bias, cfg):
+def test_wgmma_rs_on_cuda_matches_float64_reference(kind, m, n, k, group, dtype, bias, cfg):
     problem = _problem(m, n, k, group, dtype, bias)  # group None: per channel
     p = problem.packed
-    c = KernelConfig("wgmma", *cfg)
+    c = KernelConfig(kind, *cfg)
     assert valid_config(c, k, p.group_size)
     assert w4a16_wgmma.fits(p.qweight, p.scales, p.offsets)  # (no fallback to dequant_mm)
     out = torch.full((m, n), float("nan"), dtype=dtype, device="cuda")
@@ -147,47 +162,24 @@ def test_wgmma_on_cuda_matches_float64_reference(m, n, k, group, dtype, bias, cf
         out3 = launch(c, to_planes(problem.x), p.qweight, p.scales, p.offsets, problem.bias,
                       p.group_size, x_planes=True)  # fmt: skip
         assert torch.equal(out3, out)
+    # the producer-warp variant computes the same sums in the same order
+    other = KernelConfig(RS[1 - RS.index(kind)], *cfg)
+    out4 = launch(other, problem.x, p.qweight, p.scales, p.offsets, problem.bias, p.group_size)
+    assert torch.equal(out4, out)
 
 
 @pytest.mark.gpu
-def test_wgmma_on_unaligned_weight_slices_falls_back_to_dequant_mm():
+def test_wgmma_rs_on_unaligned_weight_slices_falls_back_to_dequant_mm():
     """Column slices of a wider packed weight (sibling fusion) whose start TMA cannot read
     (not 16-byte aligned) run dequantize + cuBLAS instead: the same numbers."""
     problem = _problem(64, 260, 512, 128, torch.float16, False)
     p = problem.packed
     sl = slice(4, 260)  # qweight starts 16 bytes in, scales 8: scales are not aligned
     q, s, o = p.qweight[:, sl], p.scales[:, sl], p.offsets[:, sl]
-    c = KernelConfig("wgmma", 64, 128, 64, 1, 4, 4)
+    c = KernelConfig("wgmma_rs", 64, 128, 64, 1, 8, 4)
     out = launch(c, problem.x, q, s, o, None, 128)
     ref = launch(lowering._dequant_mm_config(512), problem.x, q, s, o, None, 128)
     assert torch.equal(out, ref)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("maxnreg", [0, 96])
-@pytest.mark.parametrize(
-    "m,n,k,group,dtype,bias,cfg",
-    [
-        (200, 384, 768, 64, torch.bfloat16, True, (128, 128, 64, 1, 8, 4)),
-        (64, 512, 4096, 128, torch.float16, False, (64, 128, 128, 4, 4, 3)),
-        (33, 320, 512, None, torch.float16, True, (64, 128, 64, 1, 4, 4)),
-    ],
-)
-def test_wgmma_with_a_tma_producer_warp_matches_float64_reference(
-    monkeypatch, maxnreg, m, n, k, group, dtype, bias, cfg
-):
-    """`_WS` (off, untimed): one warp issues the TMA and the others unpack and run the MMA,
-    handing each stage back through an mbarrier. Same numbers as without, bit for bit."""
-    problem = _problem(m, n, k, group, dtype, bias)
-    p = problem.packed
-    c = KernelConfig("wgmma", *cfg)
-    args = (problem.x, p.qweight, p.scales, p.offsets, problem.bias, p.group_size)
-    plain = launch(c, *args)
-    monkeypatch.setattr(w4a16_wgmma, "_WS", True)
-    monkeypatch.setattr(w4a16_wgmma, "_WS_MAXNREG", maxnreg)
-    ws = launch(c, *args)
-    assert_close_rel(ws, problem.reference64(), dtype)
-    assert torch.equal(ws, plain)
 
 
 def test_launch_layouts_are_built_once_and_match_what_the_gpu_ran():

@@ -14,8 +14,9 @@ Strategies, picked per (M bucket, N, K, group, dtype) by autotuning:
 * `_w4a16_gemm_planes_kernel` (M <= 32): tensor cores, one `tl.dot` per nibble plane, so
   unpacking costs what it costs in the GEMV (~5.7-6 instructions per weight vs ~9 for the
   natural-order GEMM at BLOCK_M = 16, by `benchmarks/sass_report.py`).
-* "wgmma" (M = 32..512, Hopper only): the Gluon GEMM of `w4a16_wgmma.py`. TMA ring, each
-  weight tile unpacked into shared memory while the previous tile's async wgmma runs.
+* "wgmma_rs" / "wgmma_rs_ws" (M >= 16, Hopper only): the Gluon GEMM of `w4a16_wgmma.py`,
+  out^T = W x^T with each weight tile unpacked straight into wgmma's register operand while
+  the previous tile's wgmma runs; TMA ring (issued by a producer warp in "_ws").
 * "dequant_mm" (large M): `_dequantize_kernel` writes the fp16/bf16 weight once, then cuBLAS.
   Costs a transient [K, N] buffer; wins only where dequantizing in the GEMM loop costs more.
 GEMV and GEMM take a runtime split-K factor (no recompile per split); partial sums go to an
@@ -952,14 +953,7 @@ def valid_config(cfg: KernelConfig, k: int, group: int) -> bool:
         return False  # (a choice only the lane kernel's split-K sum offers)
     if cfg.kernel == "dequant_mm":
         return _pow2(cfg.block_n) and _pow2(cfg.block_k) and (k // 8) % cfg.block_k == 0
-    if cfg.kernel == "wgmma":  # a listed tile, whole K tiles per split, one scale row per tile
-        return (
-            (cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_warps) in _WGMMA_TILES
-            and 2 <= cfg.num_stages <= 4 and not cfg.prefetch and not cfg.reduce
-            and k % cfg.split_k == 0 and (k // cfg.split_k) % cfg.block_k == 0
-            and group % cfg.block_k == 0 and _wgmma_smem_bytes(cfg) <= _SMEM_BYTES
-        )  # fmt: skip
-    if cfg.kernel in ("wgmma_rs", "wgmma_rs_ws"):  # 16 W rows a warp; x rows: wgmma's N
+    if cfg.kernel in _WGMMA_KINDS:  # 16 W rows a warp; x rows: wgmma's N side
         return (
             cfg.num_warps in (4, 8) and cfg.block_n == 16 * cfg.num_warps
             and cfg.block_m in (8, 16, 32, 64, 128, 256) and cfg.block_k in (64, 128)
@@ -991,23 +985,19 @@ def valid_config(cfg: KernelConfig, k: int, group: int) -> bool:
 
 
 _PLANES_KINDS = ("gemm_planes", "gemm_planes_xreg", "gemm_planes_direct")
-_WGMMA_KINDS = ("wgmma", "wgmma_rs", "wgmma_rs_ws")  # the Gluon kernels of `w4a16_wgmma.py`
+_WGMMA_KINDS = ("wgmma_rs", "wgmma_rs_ws")  # the Gluon kernels of `w4a16_wgmma.py`
 _SMEM_BYTES = 232448  # an H100 block's shared-memory limit (227 KiB)
-# "wgmma" (`w4a16_wgmma.py`, Hopper only): (BLOCK_M, BLOCK_N, BLOCK_K, warps); BLOCK_M 64 is
-# one warpgroup's wgmma rows, 128 two warpgroups'.
-_WGMMA_TILES = ((64, 128, 64, 4), (64, 128, 128, 4), (128, 128, 64, 8), (128, 128, 128, 8))
 
 
 def _wgmma_smem_bytes(cfg: KernelConfig) -> int:
-    """The wgmma kernels' shared memory: their TMA ring (x, words, scale and offset rows,
-    a barrier per stage) and, for "wgmma", the unpacked tile."""
+    """The wgmma_rs kernels' shared memory: their TMA ring (x, words, scale and offset rows,
+    a barrier per stage)."""
     bm, bn, bk, stages = cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_stages
-    ring = stages * (bm * bk * 2 + bk // 8 * bn * 4 + 2 * bn * 2 + 8)
-    return ring + bn * bk * 2 if cfg.kernel == "wgmma" else ring
+    return stages * (bm * bk * 2 + bk // 8 * bn * 4 + 2 * bn * 2 + 8)
 
 
 def _wgmma_device() -> bool:
-    """Whether to offer the wgmma kernel: a Hopper GPU (wgmma, TMA), not the interpreter."""
+    """Whether to offer the wgmma_rs kernels: a Hopper GPU (wgmma, TMA), not the interpreter."""
     if _interpreting() or not torch.cuda.is_available():
         return False
     return torch.cuda.get_device_capability() == (9, 0)
