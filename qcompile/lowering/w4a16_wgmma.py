@@ -39,6 +39,10 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from qcompile.lowering.autotune import KernelConfig
 
+# Unroll the K loop twice so two register tiles of W alternate (the plain loop copies the next
+# tile into the registers its wgmma reads: 16 moves per 64-k tile). Untimed: off.
+_UNROLL = False
+
 # TMA global -> shared: `async_copy_global_to_shared` up to Triton 3.6, `async_load` later
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 # a CTA-wide barrier: `thread_barrier` up to Triton 3.6, `barrier` later
@@ -138,11 +142,40 @@ def _rs_unpack(w_stage, s_stage, o_stage, sel, ASM: gl.constexpr, P3: gl.constex
 
 
 @gluon.jit
+def _rs_step(acc, a, i, num_k, x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem,
+             ready, empty, k_first, off_m, off_n, sel, ASM: gl.constexpr, P3: gl.constexpr,
+             a_layout: gl.constexpr, BLOCK_K: gl.constexpr, GROUP: gl.constexpr,
+             STAGES: gl.constexpr, WS: gl.constexpr):  # fmt: skip
+    """Tile i's wgmma on its unpacked W `a`, and tile i + 1's unpacking meanwhile (the last
+    tile unpacks itself again: no branch). Returns the accumulator and tile i + 1's W."""
+    s = i % STAGES
+    acc = warpgroup_mma(a, x_smem.index(s).permute((1, 0)), acc, is_async=True)
+    if not WS:
+        # Both warpgroups waited for tile i - 1's wgmma last step: its stage is free.
+        _cta_barrier()
+        if (i > 0) & (i - 1 + STAGES < num_k):
+            _issue_tile(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem, ready,
+                        i - 1 + STAGES, k_first, off_m, off_n, BLOCK_K, GROUP, STAGES)  # fmt: skip
+    # Tile i + 1 unpacks while tile i's wgmma runs. Its registers must differ from those the
+    # wgmma reads: ptxas keeps them apart only between the wgmma and a wait that covers it, so
+    # the wait is for 0 outstanding (waiting for 1 let it reuse them: wrong results).
+    nxt = gl.minimum(i + 1, num_k - 1)
+    s1 = nxt % STAGES
+    mbarrier.wait(ready.index(s1), (nxt // STAGES) & 1)
+    a = _rs_unpack(w_smem.index(s1), s_smem.index(s1), o_smem.index(s1), sel, ASM, P3, a_layout)
+    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+    if WS:  # (every warp is done with stage s: its words and x)
+        _cta_barrier()
+        mbarrier.arrive(empty.index(s))
+    return acc, a
+
+
+@gluon.jit
 def _rs_consume(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem, ready, empty,
                 k_first, off_m, off_n, num_k, bias_ptr, out_ptr, M, N, HAS_BIAS: gl.constexpr,
                 SPLIT: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                 BLOCK_K: gl.constexpr, GROUP: gl.constexpr, STAGES: gl.constexpr,
-                WS: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+                WS: gl.constexpr, UNROLL: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
     """The K loop and the store. Without WS these warps also issue the TMA; with WS they
     hand each stage back to the producer warp through `empty`."""
     dtype: gl.constexpr = x_desc.dtype
@@ -165,28 +198,23 @@ def _rs_consume(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem, 
                             ready, t, k_first, off_m, off_n, BLOCK_K, GROUP, STAGES)  # fmt: skip
     mbarrier.wait(ready.index(0), 0)
     a = _rs_unpack(w_smem.index(0), s_smem.index(0), o_smem.index(0), sel, ASM, P3, a_layout)
-    for i in range(num_k):
-        s = i % STAGES
-        acc = warpgroup_mma(a, x_smem.index(s).permute((1, 0)), acc, is_async=True)
-        if not WS:
-            # Both warpgroups waited for tile i - 1's wgmma last iteration: its stage is free.
-            _cta_barrier()
-            if (i > 0) & (i - 1 + STAGES < num_k):
-                _issue_tile(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem,
-                            ready, i - 1 + STAGES, k_first, off_m, off_n, BLOCK_K, GROUP,
-                            STAGES)  # fmt: skip
-        # Tile i + 1 unpacks while tile i's wgmma runs. Its registers must differ from those
-        # the wgmma reads: ptxas keeps them apart only between the wgmma and a wait that
-        # covers it, so the wait is for 0 outstanding (waiting for 1 let it reuse them).
-        if i + 1 < num_k:
-            s1 = (i + 1) % STAGES
-            mbarrier.wait(ready.index(s1), ((i + 1) // STAGES) & 1)
-            a = _rs_unpack(w_smem.index(s1), s_smem.index(s1), o_smem.index(s1), sel, ASM, P3,
-                           a_layout)  # fmt: skip
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-        if WS:  # (every warp is done with stage s: its words and x)
-            _cta_barrier()
-            mbarrier.arrive(empty.index(s))
+    if UNROLL:  # two register tiles that alternate: no copy of the next one into the wgmma's
+        for j in range(num_k // 2):
+            acc, b = _rs_step(acc, a, 2 * j, num_k, x_desc, w_desc, s_desc, o_desc, x_smem,
+                              w_smem, s_smem, o_smem, ready, empty, k_first, off_m, off_n, sel,
+                              ASM, P3, a_layout, BLOCK_K, GROUP, STAGES, WS)  # fmt: skip
+            acc, a = _rs_step(acc, b, 2 * j + 1, num_k, x_desc, w_desc, s_desc, o_desc, x_smem,
+                              w_smem, s_smem, o_smem, ready, empty, k_first, off_m, off_n, sel,
+                              ASM, P3, a_layout, BLOCK_K, GROUP, STAGES, WS)  # fmt: skip
+        if num_k % 2:
+            acc, a = _rs_step(acc, a, num_k - 1, num_k, x_desc, w_desc, s_desc, o_desc, x_smem,
+                              w_smem, s_smem, o_smem, ready, empty, k_first, off_m, off_n, sel,
+                              ASM, P3, a_layout, BLOCK_K, GROUP, STAGES, WS)  # fmt: skip
+    else:
+        for i in range(num_k):
+            acc, a = _rs_step(acc, a, i, num_k, x_desc, w_desc, s_desc, o_desc, x_smem, w_smem,
+                              s_smem, o_smem, ready, empty, k_first, off_m, off_n, sel, ASM, P3,
+                              a_layout, BLOCK_K, GROUP, STAGES, WS)  # fmt: skip
 
     offs_n = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma_layout))
     offs_m = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, mma_layout))
@@ -205,7 +233,7 @@ def _rs_consume(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem, 
 def _w4a16_wgmma_rs_kernel(
     x_desc, w_desc, s_desc, o_desc, bias_ptr, out_ptr, M, N, K,
     GROUP: gl.constexpr, HAS_BIAS: gl.constexpr, SPLIT: gl.constexpr, STAGES: gl.constexpr,
-    num_warps: gl.constexpr, WS: gl.constexpr = False,
+    num_warps: gl.constexpr, WS: gl.constexpr = False, UNROLL: gl.constexpr = False,
 ):  # fmt: skip
     """out^T [BLOCK_N, BLOCK_M] = W x^T: W unpacked straight into wgmma's register operand
     (16 rows a warp), x's TMA tile the shared-memory operand; no shared-memory round trip.
@@ -235,7 +263,7 @@ def _w4a16_wgmma_rs_kernel(
             [(_rs_consume, (x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem,
                             ready, empty, k_first, off_m, off_n, num_k, bias_ptr, out_ptr, M, N,
                             HAS_BIAS, SPLIT, BLOCK_M, BLOCK_N, BLOCK_K, GROUP, STAGES, True,
-                            num_warps)),
+                            UNROLL, num_warps)),
              (_wgmma_produce, (x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem,
                                ready, empty, k_first, off_m, off_n, num_k, BLOCK_K, GROUP,
                                STAGES))],
@@ -246,7 +274,7 @@ def _w4a16_wgmma_rs_kernel(
     else:  # (`empty` unused: ready stands in for it)
         _rs_consume(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem, ready, ready,
                     k_first, off_m, off_n, num_k, bias_ptr, out_ptr, M, N, HAS_BIAS, SPLIT,
-                    BLOCK_M, BLOCK_N, BLOCK_K, GROUP, STAGES, False, num_warps)  # fmt: skip
+                    BLOCK_M, BLOCK_N, BLOCK_K, GROUP, STAGES, False, UNROLL, num_warps)  # fmt: skip
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(ready.index(i))
 
@@ -311,7 +339,8 @@ def launch(
     _w4a16_wgmma_rs_kernel[grid](
         x_desc, w_desc, s_desc, o_desc, bias if bias is not None else out, out, m, n, k,
         GROUP=group, HAS_BIAS=bias is not None, SPLIT=cfg.split_k, STAGES=cfg.num_stages,
-        num_warps=cfg.num_warps, WS=cfg.kernel == "wgmma_rs_ws",
+        num_warps=cfg.num_warps, WS=cfg.kernel == "wgmma_rs_ws", UNROLL=_UNROLL,
+        **({"maxnreg": cfg.max_registers} if cfg.max_registers else {}),
     )  # fmt: skip
 
 
