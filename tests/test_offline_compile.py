@@ -344,15 +344,16 @@ import sass_report as s
 from qcompile.lowering.autotune import KernelConfig
 from qcompile.lowering.w4a16 import _wgmma_smem_bytes
 out = []
-for bm, bn, bk, w, st, dt, split, bias, ws in json.loads(__import__("sys").argv[1]):
-    k = s.compile_wgmma_variant(bm, bn, bk, w, st, dt, split, bias, 128, ws)
+for bm, bn, bk, w, st, dt, split, bias, ws, *extra in json.loads(__import__("sys").argv[1]):
+    k = s.compile_wgmma_variant(bm, bn, bk, w, st, dt, split, bias, 128, ws, *extra)
     text = s.sass(k)
     ops = collections.Counter(s.opcode(line) for line in text.splitlines() if "/*" in line)
     res = s.resources(k)
     cfg = KernelConfig("wgmma_rs_ws" if ws else "wgmma_rs", bm, bn, bk, split, w, st)
     out.append([res["REG"], res["STACK"] + res["LOCAL"], k.metadata.shared,
                 _wgmma_smem_bytes(cfg), ops["HGMMA"], ops["UTMALDG"], ops["I2F"], ops["STS"],
-                ops["PRMT"], ops["HFMA2"], text.count("DEPBAR.LE gsb0, 0x0")])
+                ops["PRMT"], ops["HFMA2"], text.count("DEPBAR.LE gsb0, 0x0"),
+                text.count("IMAD.MOV")])
 print(json.dumps(out))
 """
 
@@ -372,7 +373,7 @@ def test_wgmma_rs_gluon_kernel_compiles_for_sm90_as_its_config_rules_assume():
     ]
     results = _compile_offline(WGMMA, json.dumps(variants))
     for v, r in zip(variants, results, strict=True):
-        regs, spills, smem, budget, hgmma, tma, i2f, sts, prmt, hfma2, waits = r
+        regs, spills, smem, budget, hgmma, tma, i2f, sts, prmt, hfma2, waits, _ = r
         assert regs > 0 and spills == 0, (v, r)
         assert hgmma > 0 and tma > 0 and i2f == 0, (v, r)
         assert sts <= (2 if v[-1] else 0), (v, r)  # (WS: two stores of partition state)
@@ -382,3 +383,25 @@ def test_wgmma_rs_gluon_kernel_compiles_for_sm90_as_its_config_rules_assume():
             assert budget < smem <= budget + 512, (v, smem, budget)
         else:
             assert smem == budget, (v, smem, budget)
+
+
+def test_wgmma_rs_untimed_variants_compile_for_sm90():
+    """`_UNROLL` (off, untimed: the K loop twice, two register tiles alternating) compiles with
+    no spills and far fewer register moves than the plain loop, which copies each next tile
+    into the registers its wgmma reads; `wgmma_rs_ws` under a register cap (maxnreg 96, for
+    several programs per SM at small M) compiles within it, unspilled."""
+    variants = [
+        (128, 128, 64, 8, 4, "fp16", 1, False, False, False),
+        (128, 128, 64, 8, 4, "fp16", 1, False, False, True),
+        (256, 128, 64, 8, 4, "bf16", 1, False, True, True),
+        (16, 64, 128, 4, 4, "fp16", 2, False, True, False, 96),
+        (64, 128, 128, 8, 4, "fp16", 1, True, True, True, 96),
+    ]
+    results = _compile_offline(WGMMA, json.dumps(variants))
+    for v, r in zip(variants, results, strict=True):
+        regs, spills = r[0], r[1]
+        assert spills == 0 and r[4] > 0 and r[7] <= 2, (v, r)
+        if len(v) > 10:
+            assert regs <= v[10], (v, r)
+    plain_moves, unrolled_moves = results[0][-1], results[1][-1]
+    assert unrolled_moves * 3 < plain_moves, (plain_moves, unrolled_moves)

@@ -92,6 +92,10 @@ def test_wgmma_rs_config_rules(kind):
     assert not valid_config(KernelConfig(kind, 64, 128, 128, 1, 8, 4, True), 4096, 128)
     # 256 x rows with 128-k tiles would not fit the registers (accumulator + two W tiles)
     assert not valid_config(KernelConfig(kind, 256, 128, 128, 1, 8, 3), 4096, 128)
+    # a register cap only on the producer-warp kernel, and not below 64
+    capped = KernelConfig(kind, 16, 64, 128, 2, 4, 4, max_registers=96)
+    assert valid_config(capped, 4096, 128) == (kind == "wgmma_rs_ws")
+    assert not valid_config(KernelConfig(kind, 16, 64, 128, 2, 4, 4, max_registers=32), 4096, 128)
     big = KernelConfig(kind, 256, 128, 64, 1, 8, 4)
     assert valid_config(big, 4096, 128)
     assert lowering._wgmma_smem_bytes(big) <= lowering._SMEM_BYTES
@@ -191,3 +195,29 @@ def test_launch_layouts_are_built_once_and_match_what_the_gpu_ran():
     assert (flat32.swizzle_byte_width, flat32.element_bitwidth) == (0, 32)
     assert (flat16.swizzle_byte_width, flat16.element_bitwidth) == (0, 16)
     assert w4a16_wgmma._layouts(64, 128, torch.bfloat16)[0].swizzle_byte_width == 128
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "kind,cfg,maxnreg",
+    [
+        ("wgmma_rs", (200, 384, 768, 64, torch.bfloat16, True, (256, 128, 64, 1, 8, 4)), 0),
+        ("wgmma_rs", (64, 512, 640, 128, torch.float16, False, (64, 64, 128, 1, 4, 4)), 0),
+        ("wgmma_rs_ws", (33, 320, 512, None, torch.float16, True, (64, 128, 128, 1, 8, 4)), 96),
+        ("wgmma_rs_ws", (16, 512, 4096, 128, torch.float16, False, (16, 64, 128, 2, 4, 4)), 96),
+    ],
+)
+def test_wgmma_rs_untimed_variants_match_the_plain_kernel(monkeypatch, kind, cfg, maxnreg):
+    """`_UNROLL` (two alternating register tiles; an odd tile count ends with one step) and a
+    register cap on the producer-warp kernel: the same sums in the same order, bit for bit."""
+    m, n, k, group, dtype, bias, tile = cfg
+    problem = _problem(m, n, k, group, dtype, bias)
+    p = problem.packed
+    args = (problem.x, p.qweight, p.scales, p.offsets, problem.bias, p.group_size)
+    plain = launch(KernelConfig(kind, *tile), *args)
+    monkeypatch.setattr(w4a16_wgmma, "_UNROLL", True)
+    c = KernelConfig(kind, *tile, max_registers=maxnreg)
+    assert valid_config(c, k, p.group_size)
+    out = launch(c, *args)
+    assert_close_rel(out, problem.reference64(), dtype)
+    assert torch.equal(out, plain)
