@@ -29,6 +29,7 @@ from qcompile.integrations.generation import (
 from qcompile.integrations.kv4_cache import enable_kv4_attention
 from qcompile.lowering import kv4_attention as kv4_lowering
 from qcompile.lowering import w4a16 as w4a16_lowering
+from qcompile.lowering.autotune import _read_entries, autotuner
 
 qcompile_backend = importlib.import_module("qcompile.backend")  # (`qcompile.backend` is a function)
 
@@ -53,6 +54,12 @@ ap.add_argument(
     "--kv4-pdl", action="store_true",
     help="also run W4A16 + KV4 with PDL and the KV4 cache write and decode_t attention under "
     "it too (`kv4_attention._KV4_PDL`, off by default: untimed)",
+)  # fmt: skip
+ap.add_argument(
+    "--rs-ab", action="store_true",
+    help="also run W4A16 + KV4 under PDL with the wgmma_rs kernels under PDL too "
+    "(`w4a16._RS_PDL`, untimed: off), and with the M = 16 linears on the lane kernel instead "
+    "(the thirty-fifth session's shipped picks, `configs/h100_lane_m16.json`)",
 )  # fmt: skip
 ap.add_argument(
     "--repeat", type=int, default=1,
@@ -107,6 +114,11 @@ if args.pdl:
     variants += [("w4a16+pdl", "off"), ("w4a16+kv4+pdl", "token")]
 if args.kv4_pdl:
     variants.append(("w4a16+kv4+kv4pdl", "token"))
+if args.rs_ab:
+    variants += [("w4a16+kv4+pdl+rspdl", "token"), ("w4a16+kv4+pdl+lane16", "token")]
+tuner = autotuner(0)
+shipped = dict(tuner.shipped)
+lane16 = _read_entries(Path("benchmarks/configs/h100_lane_m16.json"), tuner.gpu, None)
 plain_attention = model.config._attn_implementation
 runs = [
     (f"{v}#{r}" if r else v, v, kv4)
@@ -119,7 +131,10 @@ for name, variant, kv4 in runs:
     else:  # (after a KV4 round of --repeat)
         model.set_attn_implementation(plain_attention)
     kv4_pdl = variant.endswith("+kv4pdl")
-    pdl = variant.endswith("+pdl") or kv4_pdl
+    rs_ab = variant.endswith(("+rspdl", "+lane16"))
+    pdl = variant.endswith("+pdl") or kv4_pdl or rs_ab
+    w4a16_lowering._RS_PDL = variant.endswith("+rspdl")
+    tuner.shipped = {**shipped, **lane16} if variant.endswith("+lane16") else dict(shipped)
     w4a16_lowering._LANE_PDL = pdl
     qcompile_backend._INDUCTOR_PDL = pdl  # (the backend's default for Inductor's enable_pdl)
     kv4_lowering._KV4_PDL = kv4_pdl

@@ -353,7 +353,8 @@ for bm, bn, bk, w, st, dt, split, bias, ws, *extra in json.loads(__import__("sys
     out.append([res["REG"], res["STACK"] + res["LOCAL"], k.metadata.shared,
                 _wgmma_smem_bytes(cfg), ops["HGMMA"], ops["UTMALDG"], ops["I2F"], ops["STS"],
                 ops["PRMT"], ops["HFMA2"], text.count("DEPBAR.LE gsb0, 0x0"),
-                text.count("IMAD.MOV")])
+                text.count("IMAD.MOV"), [k.asm["ptx"].count(f"griddepcontrol.{op}")
+                                         for op in ("wait", "launch_dependents")]])
 print(json.dumps(out))
 """
 
@@ -373,12 +374,13 @@ def test_wgmma_rs_gluon_kernel_compiles_for_sm90_as_its_config_rules_assume():
     ]
     results = _compile_offline(WGMMA, json.dumps(variants))
     for v, r in zip(variants, results, strict=True):
-        regs, spills, smem, budget, hgmma, tma, i2f, sts, prmt, hfma2, waits, _ = r
+        regs, spills, smem, budget, hgmma, tma, i2f, sts, prmt, hfma2, waits, _, gdc = r
         assert regs > 0 and spills == 0, (v, r)
         assert hgmma > 0 and tma > 0 and i2f == 0, (v, r)
         assert sts <= (2 if v[-1] else 0), (v, r)  # (WS: two stores of partition state)
         assert prmt >= v[2] // 8 * 2 and hfma2 >= v[2] // 8 * 2, (v, r)  # per word per thread
         assert waits >= 1, (v, r)  # (each tile's wgmma waited for fully: see `_rs_consume`)
+        assert gdc == [0, 0], (v, r)  # no PDL unless asked
         if v[-1]:  # + the stages' empty barriers and the partitions' own few hundred bytes
             assert budget < smem <= budget + 512, (v, smem, budget)
         else:
@@ -403,5 +405,18 @@ def test_wgmma_rs_untimed_variants_compile_for_sm90():
         assert spills == 0 and r[4] > 0 and r[7] <= 2, (v, r)
         if len(v) > 10:
             assert regs <= v[10], (v, r)
-    plain_moves, unrolled_moves = results[0][-1], results[1][-1]
+    plain_moves, unrolled_moves = results[0][-2], results[1][-2]
     assert unrolled_moves * 3 < plain_moves, (plain_moves, unrolled_moves)
+
+
+def test_wgmma_rs_under_pdl_compiles_with_griddepcontrol():
+    """`w4a16._RS_PDL` (off, untimed): both kernels wait for the kernel before
+    (griddepcontrol.wait, after the first stages' weights are asked for) and let the next one
+    start (griddepcontrol.launch_dependents)."""
+    variants = [
+        (64, 128, 128, 8, 4, "fp16", 1, False, False, False, 0, True),
+        (256, 128, 64, 8, 4, "bf16", 2, False, True, False, 0, True),
+    ]
+    for v, r in zip(variants, _compile_offline(WGMMA, json.dumps(variants)), strict=True):
+        # (LLVM may copy the wait into each path of the prologue's branches: one runs)
+        assert r[1] == 0 and r[4] > 0 and r[-1][0] >= 1 and r[-1][1] == 1, (v, r)

@@ -221,3 +221,36 @@ def test_wgmma_rs_untimed_variants_match_the_plain_kernel(monkeypatch, kind, cfg
     out = launch(c, *args)
     assert_close_rel(out, problem.reference64(), dtype)
     assert torch.equal(out, plain)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", RS)
+def test_wgmma_rs_under_pdl_is_exact_in_a_cuda_graph_chain(kind):
+    """`w4a16._RS_PDL` (off, untimed): launched with programmatic dependent launch between the
+    kernel that writes x and the one that reads the output (and the split-K sum), over
+    replays of one CUDA graph with new inputs: the same bits as plain launches."""
+    problem = _problem(64, 512, 1024, 128, torch.float16, True)
+    p = problem.packed
+    c = KernelConfig(kind, 64, 64, 128, 2, 4, 4)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    inputs = [torch.randn(64, 1024, generator=gen, device="cuda").half() for _ in range(3)]
+    src = torch.empty_like(problem.x)
+    outs = {}
+    for pdl in (False, True):
+        args = (p.qweight, p.scales, p.offsets, problem.bias, p.group_size)
+        launch(c, src, *args, pdl=pdl)  # (compiles outside the capture)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            x = src * 2  # the kernel before
+            z = launch(c, x, *args, pdl=pdl) + 1  # and after
+        res = []
+        for x_in in inputs:
+            src.copy_(x_in)
+            graph.replay()
+            res.append(z.clone())
+        outs[pdl] = res
+    for plain, chained in zip(outs[False], outs[True], strict=True):
+        assert torch.equal(plain, chained)
+    want = launch(c, inputs[-1] * 2, *args) + 1
+    assert torch.equal(outs[True][-1], want)

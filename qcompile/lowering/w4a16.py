@@ -1227,6 +1227,16 @@ _LANE_SUMS = ("unroll4", "unroll8")  # KernelConfig.reduce values of the lane ke
 # time). Alone it is neutral (+-1%, `results/session32/pdl/`); with Inductor's kernels under
 # PDL too (`backend._INDUCTOR_PDL`), 16 layers' decode step is ~9% shorter (`backend.py`).
 _LANE_PDL = True
+# The wgmma_rs kernels under PDL too: the first stages' weights go out by TMA before
+# griddepcontrol.wait, x after. They took the M = 16 decode linears from the lane kernel,
+# and batch 16's decode step came out 1-3% slower end to end (thirty-sixth session, not side
+# by side). Untimed: off.
+_RS_PDL = False
+
+
+def _pdl(cfg: KernelConfig) -> bool:
+    """Whether `cfg`'s kernel is launched with programmatic dependent launch."""
+    return (_LANE_PDL and cfg.kernel == "mma") or (_RS_PDL and cfg.kernel in _WGMMA_KINDS)
 
 
 def _lane_reduce_unroll(cfg: KernelConfig) -> int:
@@ -1259,7 +1269,7 @@ def launch(
     column slices of wider co-located tensors; the op checks). Split-K reduces in the same
     launch unless `self_reduce` is False or no tile counters are available; the lane kernel's
     sum then has `reduce_unroll` partials' loads in flight (None: `_lane_reduce_unroll`).
-    `pdl` (lane kernel only): launched with programmatic dependent launch (`_LANE_PDL`)."""
+    `pdl` (lane and wgmma_rs kernels): launched with programmatic dependent launch (`_pdl`)."""
     m, k = x.shape
     n = qweight.shape[1]
     stride_w = qweight.stride(0)
@@ -1300,8 +1310,8 @@ def launch(
     )  # fmt: skip
     if w4a8 is not None and (cfg.kernel != "mma" or x.dtype != torch.float16 or x_planes):
         raise ValueError("launch: W4A8 runs the lane kernel only, on fp16 x in natural order")
-    if pdl and cfg.kernel != "mma":
-        raise ValueError(f"launch: pdl is for the lane kernel (mma), not {cfg.kernel}")
+    if pdl and cfg.kernel != "mma" and cfg.kernel not in _WGMMA_KINDS:
+        raise ValueError(f"launch: pdl is for the lane and wgmma_rs kernels, not {cfg.kernel}")
     if cfg.kernel in _WGMMA_KINDS:
         from qcompile.lowering import w4a16_wgmma
 
@@ -1311,7 +1321,7 @@ def launch(
         if x_planes:  # (the kernel reads x in natural order: a copy)
             x = from_planes(x, PLANE_CHUNK)
         w4a16_wgmma.launch(cfg, x, qweight, scales, offsets, bias if split == 1 else None,
-                           group_size, ws)  # fmt: skip
+                           group_size, ws, pdl=pdl)  # fmt: skip
     elif cfg.kernel == "mma":
         if reduce_unroll is None:
             reduce_unroll = _lane_reduce_unroll(cfg)
@@ -1434,7 +1444,7 @@ def w4a16_linear_cuda(
                 bias,
                 group_size,
                 x_planes=x_planes,
-                pdl=_LANE_PDL and c.kernel == "mma",
+                pdl=_pdl(c),
             )
         ),
         lambda: default_config(m, n, k, group_size),
@@ -1448,7 +1458,6 @@ def w4a16_linear_cuda(
                 "cannot be chunked; pass x in natural order (x_planes=False)"
             )
         w = (qweight, scales, offsets, bias, group_size)
-        pdl = _LANE_PDL and cfg.kernel == "mma"
-        return launch(cfg, rows_of(x, rows), *w, out=out, x_planes=x_planes, pdl=pdl)
+        return launch(cfg, rows_of(x, rows), *w, out=out, x_planes=x_planes, pdl=_pdl(cfg))
 
     return in_row_chunks(launch_rows, x, n, cfg.split_k, x.dtype)

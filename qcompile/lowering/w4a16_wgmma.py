@@ -36,6 +36,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from qcompile.lowering.autotune import KernelConfig
 
@@ -51,27 +52,45 @@ _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
 
 @gluon.jit
 def _issue_tile(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem, ready, t, k_first,
-                off_m, off_n, BLOCK_K: gl.constexpr, GROUP: gl.constexpr, STAGES: gl.constexpr):  # fmt: skip
-    """TMA for K tile t (from k_first) into stage t % STAGES: x, the words, scale and offset."""
+                off_m, off_n, BLOCK_K: gl.constexpr, GROUP: gl.constexpr, STAGES: gl.constexpr,
+                WEIGHTS: gl.constexpr = True, X: gl.constexpr = True):  # fmt: skip
+    """TMA for K tile t (from k_first) into stage t % STAGES: x, the words, scale and offset
+    (the stage's barrier expects all of them; WEIGHTS / X: issue only those)."""
     s = t % STAGES
     bar = ready.index(s)
-    nbytes: gl.constexpr = (
-        x_desc.block_type.nbytes + w_desc.block_type.nbytes + 2 * s_desc.block_type.nbytes
-    )
-    mbarrier.expect(bar, nbytes)
     k = k_first + t * BLOCK_K
-    _tma_load(x_desc, [off_m, k], bar, x_smem.index(s))
-    _tma_load(w_desc, [k // 8, off_n], bar, w_smem.index(s))
-    _tma_load(s_desc, [k // GROUP, off_n], bar, s_smem.index(s))
-    _tma_load(o_desc, [k // GROUP, off_n], bar, o_smem.index(s))
+    if WEIGHTS:
+        nbytes: gl.constexpr = (
+            x_desc.block_type.nbytes + w_desc.block_type.nbytes + 2 * s_desc.block_type.nbytes
+        )
+        mbarrier.expect(bar, nbytes)
+    if X:
+        _tma_load(x_desc, [off_m, k], bar, x_smem.index(s))
+    if WEIGHTS:
+        _tma_load(w_desc, [k // 8, off_n], bar, w_smem.index(s))
+        _tma_load(s_desc, [k // GROUP, off_n], bar, s_smem.index(s))
+        _tma_load(o_desc, [k // GROUP, off_n], bar, o_smem.index(s))
 
 
 @gluon.jit
 def _wgmma_produce(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem, ready, empty,
                    k_first, off_m, off_n, num_k, BLOCK_K: gl.constexpr, GROUP: gl.constexpr,
-                   STAGES: gl.constexpr):  # fmt: skip
-    """WS: the producer warp. It fills stage t % STAGES once the consumers have freed it."""
-    for t in range(num_k):
+                   STAGES: gl.constexpr, PDL: gl.constexpr):  # fmt: skip
+    """WS: the producer warp. It fills stage t % STAGES once the consumers have freed it
+    (PDL: the first stages' weights before waiting for the kernel before, their x after)."""
+    if PDL:
+        for t in gl.static_range(STAGES):
+            if t < num_k:
+                _issue_tile(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem,
+                            ready, t, k_first, off_m, off_n, BLOCK_K, GROUP, STAGES, True,
+                            False)  # fmt: skip
+        gdc_wait()
+        for t in gl.static_range(STAGES):
+            if t < num_k:
+                _issue_tile(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem,
+                            ready, t, k_first, off_m, off_n, BLOCK_K, GROUP, STAGES, False,
+                            True)  # fmt: skip
+    for t in range(STAGES if PDL else 0, num_k):
         mbarrier.wait(empty.index(t % STAGES), ((t // STAGES) & 1) ^ 1)
         _issue_tile(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem, ready, t,
                     k_first, off_m, off_n, BLOCK_K, GROUP, STAGES)  # fmt: skip
@@ -175,7 +194,8 @@ def _rs_consume(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem, 
                 k_first, off_m, off_n, num_k, bias_ptr, out_ptr, M, N, HAS_BIAS: gl.constexpr,
                 SPLIT: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                 BLOCK_K: gl.constexpr, GROUP: gl.constexpr, STAGES: gl.constexpr,
-                WS: gl.constexpr, UNROLL: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+                WS: gl.constexpr, UNROLL: gl.constexpr, PDL: gl.constexpr,
+                num_warps: gl.constexpr):  # fmt: skip
     """The K loop and the store. Without WS these warps also issue the TMA; with WS they
     hand each stage back to the producer warp through `empty`."""
     dtype: gl.constexpr = x_desc.dtype
@@ -191,11 +211,19 @@ def _rs_consume(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem, 
     SEL0: gl.constexpr = _RS_SEL0_FP16 if FP16 else _RS_SEL0_BF16
     sel = gl.expand_dims(gl.expand_dims(SEL0 + quad * 0x101, 0), 0)
     acc = gl.zeros((BLOCK_N, BLOCK_M), dtype=gl.float32, layout=mma_layout)
-    if not WS:
+    if not WS:  # (PDL: the first stages' weights before waiting for the kernel before)
         for t in gl.static_range(STAGES):
             if t < num_k:
                 _issue_tile(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem,
-                            ready, t, k_first, off_m, off_n, BLOCK_K, GROUP, STAGES)  # fmt: skip
+                            ready, t, k_first, off_m, off_n, BLOCK_K, GROUP, STAGES, True,
+                            not PDL)  # fmt: skip
+        if PDL:
+            gdc_wait()
+            for t in gl.static_range(STAGES):
+                if t < num_k:
+                    _issue_tile(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem,
+                                ready, t, k_first, off_m, off_n, BLOCK_K, GROUP, STAGES, False,
+                                True)  # fmt: skip
     mbarrier.wait(ready.index(0), 0)
     a = _rs_unpack(w_smem.index(0), s_smem.index(0), o_smem.index(0), sel, ASM, P3, a_layout)
     if UNROLL:  # two register tiles that alternate: no copy of the next one into the wgmma's
@@ -216,6 +244,8 @@ def _rs_consume(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem, 
                               s_smem, o_smem, ready, empty, k_first, off_m, off_n, sel, ASM, P3,
                               a_layout, BLOCK_K, GROUP, STAGES, WS)  # fmt: skip
 
+    if PDL:  # the next kernel may place its programs (it waits for this grid's end)
+        gdc_launch_dependents()
     offs_n = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma_layout))
     offs_m = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, mma_layout))
     mask = (gl.expand_dims(offs_n, 1) < N) & (gl.expand_dims(offs_m, 0) < M)
@@ -234,6 +264,7 @@ def _w4a16_wgmma_rs_kernel(
     x_desc, w_desc, s_desc, o_desc, bias_ptr, out_ptr, M, N, K,
     GROUP: gl.constexpr, HAS_BIAS: gl.constexpr, SPLIT: gl.constexpr, STAGES: gl.constexpr,
     num_warps: gl.constexpr, WS: gl.constexpr = False, UNROLL: gl.constexpr = False,
+    PDL: gl.constexpr = False,
 ):  # fmt: skip
     """out^T [BLOCK_N, BLOCK_M] = W x^T: W unpacked straight into wgmma's register operand
     (16 rows a warp), x's TMA tile the shared-memory operand; no shared-memory round trip.
@@ -263,10 +294,10 @@ def _w4a16_wgmma_rs_kernel(
             [(_rs_consume, (x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem,
                             ready, empty, k_first, off_m, off_n, num_k, bias_ptr, out_ptr, M, N,
                             HAS_BIAS, SPLIT, BLOCK_M, BLOCK_N, BLOCK_K, GROUP, STAGES, True,
-                            UNROLL, num_warps)),
+                            UNROLL, PDL, num_warps)),
              (_wgmma_produce, (x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem,
                                ready, empty, k_first, off_m, off_n, num_k, BLOCK_K, GROUP,
-                               STAGES))],
+                               STAGES, PDL))],
             [1], [24],
         )  # fmt: skip
         for i in gl.static_range(STAGES):
@@ -274,7 +305,8 @@ def _w4a16_wgmma_rs_kernel(
     else:  # (`empty` unused: ready stands in for it)
         _rs_consume(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem, ready, ready,
                     k_first, off_m, off_n, num_k, bias_ptr, out_ptr, M, N, HAS_BIAS, SPLIT,
-                    BLOCK_M, BLOCK_N, BLOCK_K, GROUP, STAGES, False, UNROLL, num_warps)  # fmt: skip
+                    BLOCK_M, BLOCK_N, BLOCK_K, GROUP, STAGES, False, UNROLL, PDL,
+                    num_warps)  # fmt: skip
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(ready.index(i))
 
@@ -320,8 +352,10 @@ def launch(
     bias: torch.Tensor | None,
     group: int,
     out: torch.Tensor,
+    pdl: bool = False,
 ) -> None:
-    """out [M, N] (x's dtype, split 1) or fp32 partials [split, M, N] (no bias) for x [M, K]."""
+    """out [M, N] (x's dtype, split 1) or fp32 partials [split, M, N] (no bias) for x [M, K];
+    `pdl`: launched with programmatic dependent launch (weights loaded before it waits)."""
     m, k = x.shape
     n = qweight.shape[1]
     if not _aligned(x):
@@ -339,8 +373,9 @@ def launch(
     _w4a16_wgmma_rs_kernel[grid](
         x_desc, w_desc, s_desc, o_desc, bias if bias is not None else out, out, m, n, k,
         GROUP=group, HAS_BIAS=bias is not None, SPLIT=cfg.split_k, STAGES=cfg.num_stages,
-        num_warps=cfg.num_warps, WS=cfg.kernel == "wgmma_rs_ws", UNROLL=_UNROLL,
+        num_warps=cfg.num_warps, WS=cfg.kernel == "wgmma_rs_ws", UNROLL=_UNROLL, PDL=pdl,
         **({"maxnreg": cfg.max_registers} if cfg.max_registers else {}),
+        **({"launch_pdl": True} if pdl else {}),
     )  # fmt: skip
 
 
