@@ -38,7 +38,7 @@ for part in ${PART//,/ }; do
       gpu_tests "${TEST_S:-150}" "$OUT/$part/tests.log" tests/test_w4a16_wgmma.py \
         -k "untimed or pdl"
       timeout "${VARIANTS_S:-300}" python3 benchmarks/probe_gluon_w4a16.py --ms 16,64,256,1024 \
-        --ws 0,1 --maxnreg 0,96 --unroll 0,1 --fit-only --configs 2,4,21,8,9,11,18,19 \
+        --ws 0,1 --maxnreg 0,96,192 --unroll 0,1 --fit-only --configs 2,4,21,8,9,11,17,18,19,20 \
         --out "$OUT/$part/gluon.json" > "$OUT/$part/gluon.log" 2>&1
       grep "N=" "$OUT/$part/gluon.log"
       ;;

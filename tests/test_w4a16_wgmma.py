@@ -96,6 +96,11 @@ def test_wgmma_rs_config_rules(kind):
     capped = KernelConfig(kind, 16, 64, 128, 2, 4, 4, max_registers=96)
     assert valid_config(capped, 4096, 128) == (kind == "wgmma_rs_ws")
     assert not valid_config(KernelConfig(kind, 16, 64, 128, 2, 4, 4, max_registers=32), 4096, 128)
+    # (not below the accumulator plus 64: 256 x rows hold 128 fp32 a thread)
+    assert not valid_config(KernelConfig(kind, 256, 64, 64, 1, 4, 4, max_registers=160), 4096, 128)
+    assert valid_config(KernelConfig(kind, 256, 64, 64, 1, 4, 4, max_registers=192), 4096, 128) == (
+        kind == "wgmma_rs_ws"
+    )
     big = KernelConfig(kind, 256, 128, 64, 1, 8, 4)
     assert valid_config(big, 4096, 128)
     assert lowering._wgmma_smem_bytes(big) <= lowering._SMEM_BYTES

@@ -962,8 +962,10 @@ def valid_config(cfg: KernelConfig, k: int, group: int) -> bool:
             and 2 <= cfg.num_stages <= 6 and not cfg.prefetch and not cfg.reduce
             # a register cap (Triton's maxnreg) only with the producer warp, whose partitions
             # otherwise take up to 255 registers a thread (one program per SM at 4 warps)
+            # (at least the accumulator, BLOCK_M / 2 a thread, and 64 more)
             and (not cfg.max_registers
-                 or (cfg.kernel == "wgmma_rs_ws" and 64 <= cfg.max_registers <= 255))
+                 or (cfg.kernel == "wgmma_rs_ws"
+                     and cfg.block_m // 2 + 64 <= cfg.max_registers <= 255))
             and k % cfg.split_k == 0 and (k // cfg.split_k) % cfg.block_k == 0
             and group % cfg.block_k == 0 and _wgmma_smem_bytes(cfg) <= _SMEM_BYTES
         )  # fmt: skip
