@@ -73,23 +73,33 @@ def _issue_tile(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem, 
 
 
 @gluon.jit
-def _wgmma_produce(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem, ready, empty,
-                   k_first, off_m, off_n, num_k, BLOCK_K: gl.constexpr, GROUP: gl.constexpr,
-                   STAGES: gl.constexpr, PDL: gl.constexpr):  # fmt: skip
-    """WS: the producer warp. It fills stage t % STAGES once the consumers have freed it
-    (PDL: the first stages' weights before waiting for the kernel before, their x after)."""
+def _issue_prologue(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem, ready,
+                    k_first, off_m, off_n, num_k, BLOCK_K: gl.constexpr, GROUP: gl.constexpr,
+                    STAGES: gl.constexpr, PDL: gl.constexpr):  # fmt: skip
+    """TMA for the first STAGES tiles (fresh stages). PDL: their weights (constants) before
+    waiting for the kernel before (griddepcontrol.wait), x, which it writes, after."""
+    for t in gl.static_range(STAGES):
+        if t < num_k:
+            _issue_tile(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem, ready,
+                        t, k_first, off_m, off_n, BLOCK_K, GROUP, STAGES, True, not PDL)  # fmt: skip
     if PDL:
-        for t in gl.static_range(STAGES):
-            if t < num_k:
-                _issue_tile(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem,
-                            ready, t, k_first, off_m, off_n, BLOCK_K, GROUP, STAGES, True,
-                            False)  # fmt: skip
         gdc_wait()
         for t in gl.static_range(STAGES):
             if t < num_k:
                 _issue_tile(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem,
                             ready, t, k_first, off_m, off_n, BLOCK_K, GROUP, STAGES, False,
                             True)  # fmt: skip
+
+
+@gluon.jit
+def _wgmma_produce(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem, ready, empty,
+                   k_first, off_m, off_n, num_k, BLOCK_K: gl.constexpr, GROUP: gl.constexpr,
+                   STAGES: gl.constexpr, PDL: gl.constexpr):  # fmt: skip
+    """WS: the producer warp. It fills stage t % STAGES once the consumers have freed it (the
+    first STAGES pass at once; PDL: they go out first, `_issue_prologue`)."""
+    if PDL:
+        _issue_prologue(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem, ready,
+                        k_first, off_m, off_n, num_k, BLOCK_K, GROUP, STAGES, True)  # fmt: skip
     for t in range(STAGES if PDL else 0, num_k):
         mbarrier.wait(empty.index(t % STAGES), ((t // STAGES) & 1) ^ 1)
         _issue_tile(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem, ready, t,
@@ -211,19 +221,9 @@ def _rs_consume(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem, 
     SEL0: gl.constexpr = _RS_SEL0_FP16 if FP16 else _RS_SEL0_BF16
     sel = gl.expand_dims(gl.expand_dims(SEL0 + quad * 0x101, 0), 0)
     acc = gl.zeros((BLOCK_N, BLOCK_M), dtype=gl.float32, layout=mma_layout)
-    if not WS:  # (PDL: the first stages' weights before waiting for the kernel before)
-        for t in gl.static_range(STAGES):
-            if t < num_k:
-                _issue_tile(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem,
-                            ready, t, k_first, off_m, off_n, BLOCK_K, GROUP, STAGES, True,
-                            not PDL)  # fmt: skip
-        if PDL:
-            gdc_wait()
-            for t in gl.static_range(STAGES):
-                if t < num_k:
-                    _issue_tile(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem,
-                                ready, t, k_first, off_m, off_n, BLOCK_K, GROUP, STAGES, False,
-                                True)  # fmt: skip
+    if not WS:
+        _issue_prologue(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem, ready,
+                        k_first, off_m, off_n, num_k, BLOCK_K, GROUP, STAGES, PDL)  # fmt: skip
     mbarrier.wait(ready.index(0), 0)
     a = _rs_unpack(w_smem.index(0), s_smem.index(0), o_smem.index(0), sel, ASM, P3, a_layout)
     if UNROLL:  # two register tiles that alternate: no copy of the next one into the wgmma's
