@@ -175,8 +175,8 @@ def _rs_step(acc, a, i, num_k, x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s
              ready, empty, k_first, off_m, off_n, sel, ASM: gl.constexpr, P3: gl.constexpr,
              a_layout: gl.constexpr, BLOCK_K: gl.constexpr, GROUP: gl.constexpr,
              STAGES: gl.constexpr, WS: gl.constexpr):  # fmt: skip
-    """Tile i's wgmma on its unpacked W `a`, and tile i + 1's unpacking meanwhile (the last
-    tile unpacks itself again: no branch). Returns the accumulator and tile i + 1's W."""
+    """Tile i's wgmma on its unpacked W `a`, and tile i + 1's unpacking meanwhile. Returns the
+    accumulator and tile i + 1's W (`a` again after the last tile)."""
     s = i % STAGES
     acc = warpgroup_mma(a, x_smem.index(s).permute((1, 0)), acc, is_async=True)
     if not WS:
@@ -188,10 +188,11 @@ def _rs_step(acc, a, i, num_k, x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s
     # Tile i + 1 unpacks while tile i's wgmma runs. Its registers must differ from those the
     # wgmma reads: ptxas keeps them apart only between the wgmma and a wait that covers it, so
     # the wait is for 0 outstanding (waiting for 1 let it reuse them: wrong results).
-    nxt = gl.minimum(i + 1, num_k - 1)
-    s1 = nxt % STAGES
-    mbarrier.wait(ready.index(s1), (nxt // STAGES) & 1)
-    a = _rs_unpack(w_smem.index(s1), s_smem.index(s1), o_smem.index(s1), sel, ASM, P3, a_layout)
+    if i + 1 < num_k:
+        s1 = (i + 1) % STAGES
+        mbarrier.wait(ready.index(s1), ((i + 1) // STAGES) & 1)
+        a = _rs_unpack(w_smem.index(s1), s_smem.index(s1), o_smem.index(s1), sel, ASM, P3,
+                       a_layout)  # fmt: skip
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
     if WS:  # (every warp is done with stage s: its words and x)
         _cta_barrier()
