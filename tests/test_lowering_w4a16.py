@@ -254,7 +254,7 @@ def test_lane_split_k_sum_with_partials_in_flight(split, unroll, rows, m, prefet
 def test_lane_kernel_under_pdl_gives_the_same_bits(rows, bk, group, split, prefetch, m):
     """`pdl` (programmatic dependent launch): the first weights are loaded before the wait
     and x after it, which must not change a bit, with and without the prefetch, BLOCK_K
-    within or across groups, split or not; only the lane kernel takes it."""
+    within or across groups, split or not; only the lane and wgmma_rs kernels take it."""
     cfg = KernelConfig("mma", rows, 64, bk, split, 2, 1, prefetch)
     problem = _packed_problem(m, 96, 64 * 4, group, torch.float16, rows + bk + split)
     p = problem.packed
@@ -263,7 +263,7 @@ def test_lane_kernel_under_pdl_gives_the_same_bits(rows, bk, group, split, prefe
     plain = launch(cfg, *args)
     assert torch.equal(launch(cfg, *args, pdl=True), plain)
     assert_close_rel(plain, problem.reference64(), torch.float16)
-    with pytest.raises(ValueError, match="pdl is for the lane kernel"):
+    with pytest.raises(ValueError, match="pdl is for the lane and wgmma_rs kernels, not gemm"):
         launch(replace(cfg, kernel="gemm", block_m=16, num_stages=2), *args, pdl=True)
 
 
