@@ -13,10 +13,12 @@ memory. Per K tile:
   8): one PRMT places it under two 16-bit floats' exponents, a mask keeps one nibble in each,
   and (pair - magic) * scale + offset finishes two weights in two more packed instructions;
 - tile i + 1 unpacks while tile i's wgmma runs.
-Split K writes fp32 partials (`w4a16.launch` sums them). Gluon does not run in Triton's
-interpreter: the CPU tests compile it for sm_90 (with Triton 3.6 and the installed one; two
-Gluon names differ between them, see `_tma_load`) and check its unpacking arithmetic in torch
-(`unpack_pairs_reference`); its numbers are checked by gpu tests (so far on Triton 3.6).
+Split K writes fp32 partials (`w4a16.launch` sums them). Under programmatic dependent launch
+(`pdl`, off by default: `w4a16._RS_PDL`) the first stages' weights are requested before
+griddepcontrol.wait. Gluon does not run in Triton's interpreter: the CPU tests compile it for
+sm_90 (with Triton 3.6 and the installed one; two Gluon names differ between them, see
+`_tma_load`) and check its unpacking bit for bit in torch (`unpack_pairs_reference`); its
+numbers are checked by gpu tests (so far on Triton 3.6).
 The thirty-fifth session's "wgmma" kernel (W^T unpacked into shared memory, commit b21d7f3)
 lost to this one at every shape and M it was shipped for (`results/session36/`).
 """
