@@ -176,7 +176,7 @@ def _rs_unpack(w_stage, s_stage, o_stage, sel, ASM: gl.constexpr, P3: gl.constex
 def _rs_step(acc, a, i, num_k, x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem,
              ready, empty, k_first, off_m, off_n, sel, ASM: gl.constexpr, P3: gl.constexpr,
              a_layout: gl.constexpr, BLOCK_K: gl.constexpr, GROUP: gl.constexpr,
-             STAGES: gl.constexpr, WS: gl.constexpr):  # fmt: skip
+             STAGES: gl.constexpr, WS: gl.constexpr, CLAMP: gl.constexpr):  # fmt: skip
     """Tile i's wgmma on its unpacked W `a`, and tile i + 1's unpacking meanwhile. Returns the
     accumulator and tile i + 1's W (`a` again after the last tile)."""
     s = i % STAGES
@@ -190,7 +190,13 @@ def _rs_step(acc, a, i, num_k, x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s
     # Tile i + 1 unpacks while tile i's wgmma runs. Its registers must differ from those the
     # wgmma reads: ptxas keeps them apart only between the wgmma and a wait that covers it, so
     # the wait is for 0 outstanding (waiting for 1 let it reuse them: wrong results).
-    if i + 1 < num_k:
+    if CLAMP:  # (unrolled: no branch, whose "a unchanged" path made ptxas copy the tiles)
+        nxt = gl.minimum(i + 1, num_k - 1)  # (the last tile unpacks itself again)
+        s1 = nxt % STAGES
+        mbarrier.wait(ready.index(s1), (nxt // STAGES) & 1)
+        a = _rs_unpack(w_smem.index(s1), s_smem.index(s1), o_smem.index(s1), sel, ASM, P3,
+                       a_layout)  # fmt: skip
+    elif i + 1 < num_k:
         s1 = (i + 1) % STAGES
         mbarrier.wait(ready.index(s1), ((i + 1) // STAGES) & 1)
         a = _rs_unpack(w_smem.index(s1), s_smem.index(s1), o_smem.index(s1), sel, ASM, P3,
@@ -233,19 +239,19 @@ def _rs_consume(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem, 
         for j in range(num_k // 2):
             acc, b = _rs_step(acc, a, 2 * j, num_k, x_desc, w_desc, s_desc, o_desc, x_smem,
                               w_smem, s_smem, o_smem, ready, empty, k_first, off_m, off_n, sel,
-                              ASM, P3, a_layout, BLOCK_K, GROUP, STAGES, WS)  # fmt: skip
+                              ASM, P3, a_layout, BLOCK_K, GROUP, STAGES, WS, True)  # fmt: skip
             acc, a = _rs_step(acc, b, 2 * j + 1, num_k, x_desc, w_desc, s_desc, o_desc, x_smem,
                               w_smem, s_smem, o_smem, ready, empty, k_first, off_m, off_n, sel,
-                              ASM, P3, a_layout, BLOCK_K, GROUP, STAGES, WS)  # fmt: skip
+                              ASM, P3, a_layout, BLOCK_K, GROUP, STAGES, WS, True)  # fmt: skip
         if num_k % 2:
             acc, a = _rs_step(acc, a, num_k - 1, num_k, x_desc, w_desc, s_desc, o_desc, x_smem,
                               w_smem, s_smem, o_smem, ready, empty, k_first, off_m, off_n, sel,
-                              ASM, P3, a_layout, BLOCK_K, GROUP, STAGES, WS)  # fmt: skip
+                              ASM, P3, a_layout, BLOCK_K, GROUP, STAGES, WS, True)  # fmt: skip
     else:
         for i in range(num_k):
             acc, a = _rs_step(acc, a, i, num_k, x_desc, w_desc, s_desc, o_desc, x_smem, w_smem,
                               s_smem, o_smem, ready, empty, k_first, off_m, off_n, sel, ASM, P3,
-                              a_layout, BLOCK_K, GROUP, STAGES, WS)  # fmt: skip
+                              a_layout, BLOCK_K, GROUP, STAGES, WS, False)  # fmt: skip
 
     if PDL:  # the next kernel may place its programs (it waits for this grid's end)
         gdc_launch_dependents()
