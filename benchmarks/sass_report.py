@@ -302,6 +302,72 @@ def compile_wgmma_variant(
         triton.runtime.driver._active = before
 
 
+_SASS_LINE = re.compile(r"/\*([0-9a-f]+)\*/\s+(@!?U?P\w+\s+)?([A-Z][\w.]*)\s*(.*?)\s*;")
+_LABEL = re.compile(r"^(\.L_x_\d+):")
+_NO_DEST = ("ST", "BAR", "BRA", "HGMMA", "WARPGROUP", "SYNCS", "RED", "ATOM", "UTMA", "FENCE",
+            "MEMBAR", "EXIT", "RET", "CALL", "NOP", "DEPBAR", "ELECT", "WARPSYNC", "YIELD")  # fmt: skip
+
+
+def _dest_registers(opcode: str, operands: str) -> set[int]:
+    """The general registers an instruction writes (first operand; .64 / .128 widen it)."""
+    if opcode.startswith(_NO_DEST) or opcode.startswith("U"):
+        return set()
+    first = operands.split(",")[0].strip()
+    m = re.fullmatch(r"R(\d+)", first)
+    if not m:
+        return set()
+    width = 4 if ".128" in opcode else 2 if (".64" in opcode or ".WIDE" in opcode) else 1
+    return set(range(int(m.group(1)), int(m.group(1)) + width))
+
+
+def wgmma_register_hazards(text: str) -> list[str]:
+    """Writes to a register-A wgmma's operand registers before a wait that covers it.
+
+    wgmma reads its register operand asynchronously: until a `WARPGROUP.DEPBAR.LE gsb0, 0x0`
+    (or a wait that leaves only later groups in flight) nothing may write those registers.
+    For each loop that holds HGMMAs, from each group's last HGMMA the loop body is followed in
+    address order, around the back edge, to the first full wait. (A wait for one outstanding
+    group once let ptxas load the next tile's words into the in-flight operand: NaNs on the
+    H100.) Returns one line per hazard."""
+    rows = []  # (address, opcode, operands) or label
+    for line in text.splitlines():
+        lab = _LABEL.match(line.strip())
+        if lab:
+            rows.append(("label", lab.group(1), ""))
+            continue
+        m = _SASS_LINE.search(line)
+        if m:
+            rows.append((int(m.group(1), 16), m.group(3), m.group(4)))
+    labels = {r[1]: i for i, r in enumerate(rows) if r[0] == "label"}
+    hazards = []
+    for end, row in enumerate(rows):
+        if row[0] == "label" or not row[1].startswith("BRA"):
+            continue
+        target = re.search(r"\((\.L_x_\d+)\)", row[2])
+        start = labels.get(target.group(1)) if target else None
+        if start is None or start > end:
+            continue  # not a backward branch
+        body = [r for r in rows[start + 1 : end + 1] if r[0] != "label"]
+        group: set[int] = set()
+        for i, (addr, op, args) in enumerate(body):
+            if not op.startswith("HGMMA"):
+                continue
+            a = re.match(r"\s*R\d+\s*,\s*R(\d+)", args)
+            if a:
+                group |= set(range(int(a.group(1)), int(a.group(1)) + 4))
+            if "gsb0" not in args or not group:
+                continue
+            for step in range(1, len(body)):  # around the loop from this group's last HGMMA
+                _, op2, args2 = body[(i + step) % len(body)]
+                if op2.startswith("WARPGROUP.DEPBAR") and args2.replace(" ", "").endswith("0x0"):
+                    break
+                hit = _dest_registers(op2, args2) & group
+                if hit:
+                    hazards.append(f"{op2} {args2} writes R{min(hit)} of the HGMMA at {addr:#x}")
+            group = set()
+    return hazards
+
+
 def _tool(name: str, kernel, *args: str) -> str:
     path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:

@@ -353,8 +353,8 @@ for bm, bn, bk, w, st, dt, split, bias, ws, *extra in json.loads(__import__("sys
     out.append([res["REG"], res["STACK"] + res["LOCAL"], k.metadata.shared,
                 _wgmma_smem_bytes(cfg), ops["HGMMA"], ops["UTMALDG"], ops["I2F"], ops["STS"],
                 ops["PRMT"], ops["HFMA2"], text.count("DEPBAR.LE gsb0, 0x0"),
-                text.count("IMAD.MOV"), [k.asm["ptx"].count(f"griddepcontrol.{op}")
-                                         for op in ("wait", "launch_dependents")]])
+                len(s.wgmma_register_hazards(text)), text.count("IMAD.MOV"),
+                [k.asm["ptx"].count(f"griddepcontrol.{op}") for op in ("wait", "launch_dependents")]])
 print(json.dumps(out))
 """
 
@@ -374,12 +374,15 @@ def test_wgmma_rs_gluon_kernel_compiles_for_sm90_as_its_config_rules_assume():
     ]
     results = _compile_offline(WGMMA, json.dumps(variants))
     for v, r in zip(variants, results, strict=True):
-        regs, spills, smem, budget, hgmma, tma, i2f, sts, prmt, hfma2, waits, _, gdc = r
+        regs, spills, smem, budget, hgmma, tma, i2f, sts, prmt, hfma2, waits, hazards, _, gdc = r
         assert regs > 0 and spills == 0, (v, r)
         assert hgmma > 0 and tma > 0 and i2f == 0, (v, r)
         assert sts <= (2 if v[-1] else 0), (v, r)  # (WS: two stores of partition state)
         assert prmt >= v[2] // 8 * 2 and hfma2 >= v[2] // 8 * 2, (v, r)  # per word per thread
-        assert waits >= 1, (v, r)  # (each tile's wgmma waited for fully: see `_rs_consume`)
+        assert waits >= 1, (v, r)  # (each tile's wgmma waited for fully: see `_rs_step`)
+        # nothing writes an in-flight wgmma's register operand (`wgmma_register_hazards`: the
+        # first version's wait for one outstanding group had 46-148 such writes, and NaNs)
+        assert hazards == 0, (v, r)
         assert gdc == [0, 0], (v, r)  # no PDL unless asked
         if v[-1]:  # + the stages' empty barriers and the partitions' own few hundred bytes
             assert budget < smem <= budget + 512, (v, smem, budget)
@@ -402,7 +405,7 @@ def test_wgmma_rs_untimed_variants_compile_for_sm90():
     results = _compile_offline(WGMMA, json.dumps(variants))
     for v, r in zip(variants, results, strict=True):
         regs, spills = r[0], r[1]
-        assert spills == 0 and r[4] > 0 and r[7] <= 2, (v, r)
+        assert spills == 0 and r[4] > 0 and r[7] <= 2 and r[11] == 0, (v, r)
         if len(v) > 10:
             assert regs <= v[10], (v, r)
     plain_moves, unrolled_moves = results[0][-2], results[1][-2]
@@ -419,4 +422,32 @@ def test_wgmma_rs_under_pdl_compiles_with_griddepcontrol():
     ]
     for v, r in zip(variants, _compile_offline(WGMMA, json.dumps(variants)), strict=True):
         # (LLVM may copy the wait into each path of the prologue's branches: one runs)
-        assert r[1] == 0 and r[4] > 0 and r[-1][0] >= 1 and r[-1][1] == 1, (v, r)
+        assert r[1] == 0 and r[4] > 0 and r[11] == 0, (v, r)
+        assert r[-1][0] >= 1 and r[-1][1] == 1, (v, r)
+
+
+def test_wgmma_register_hazard_check_finds_writes_to_an_inflight_operand():
+    """The checker itself, on hand-written SASS: a loop whose HGMMA reads R88..R91, waited for
+    with one group still allowed in flight, and the next iteration's load into R88 (what ptxas
+    did to the first wgmma_rs version) is a hazard; the same load after a full wait is not."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import sass_report
+    finally:
+        sys.path.pop(0)
+
+    def loop(wait: str) -> str:
+        return "\n".join([
+            ".L_x_4:",
+            "        /*0100*/                   LDS R88, [R7+0x10620] ;",
+            "        /*0110*/                   HFMA2 R89, R89, R103.H0_H0, R6.H0_H0 ;",
+            "        /*0120*/                   WARPGROUP.ARRIVE ;",
+            "        /*0130*/                   HGMMA.64x128x16.F32 R24, R88, gdesc[UR12], R24, gsb0 ;",
+            f"        /*0140*/                   WARPGROUP.DEPBAR.LE gsb0, {wait} ;",
+            "        /*0150*/                   STS [R2], R88 ;",
+            "        /*0160*/               @P0 BRA `(.L_x_4) ;",
+        ])  # fmt: skip
+
+    found = sass_report.wgmma_register_hazards(loop("0x1"))
+    assert len(found) == 2 and all("of the HGMMA at 0x130" in f for f in found), found
+    assert sass_report.wgmma_register_hazards(loop("0x0")) == []
