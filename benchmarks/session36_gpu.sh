@@ -5,8 +5,9 @@
 #   tune: tune_shipped.py --kinds TUNE_KINDS (default wgmma_rs,wgmma_rs_ws), M buckets TUNE_MS,
 #        all its shapes, TUNE_DTYPES; then `tune_shipped.py --merge $OUT/tune/h100.json` here.
 #   variants: (next session) the untimed wgmma_rs options: their gpu tests (`_UNROLL`, the
-#        producer-warp kernel under maxnreg, `_RS_PDL` in a CUDA-graph chain), then the probe
-#        with and without each at M = 16, 64, 256, 1024 on the two large shapes.
+#        producer-warp kernel under maxnreg, `_RS_PDL` in a CUDA-graph chain,
+#        `_RS_SELF_REDUCE`), then the probe with and without each at M = 16, 64, 256, 1024 on
+#        the two large shapes.
 #   rsab: (next session) probe_e2e_long.py at 16 layers, W4A16 + KV4 under PDL as shipped,
 #        with `_RS_PDL`, and with the M = 16 linears back on the lane kernel (--rs-ab).
 #   ncu: Nsight Compute on the wgmma kernel (NCU_CFGS, at NCU_CASE), what bounds it: tensor
@@ -36,9 +37,10 @@ for part in ${PART//,/ }; do
       ;;
     variants)
       gpu_tests "${TEST_S:-150}" "$OUT/$part/tests.log" tests/test_w4a16_wgmma.py \
-        -k "untimed or pdl"
+        -k "untimed or pdl or self_reducing"
       timeout "${VARIANTS_S:-300}" python3 benchmarks/probe_gluon_w4a16.py --ms 16,64,256,1024 \
-        --ws 0,1 --maxnreg 0,96,192 --unroll 0,1 --fit-only --configs 2,4,21,8,9,11,17,18,19,20 \
+        --ws 0,1 --maxnreg 0,96,192 --unroll 0,1 --self-reduce 0,1 --fit-only \
+        --configs 2,4,21,8,9,11,17,18,19,20 \
         --out "$OUT/$part/gluon.json" > "$OUT/$part/gluon.log" 2>&1
       grep "N=" "$OUT/$part/gluon.log"
       ;;

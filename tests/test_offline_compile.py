@@ -451,3 +451,18 @@ def test_wgmma_register_hazard_check_finds_writes_to_an_inflight_operand():
     found = sass_report.wgmma_register_hazards(loop("0x1"))
     assert len(found) == 2 and all("of the HGMMA at 0x130" in f for f in found), found
     assert sass_report.wgmma_register_hazards(loop("0x0")) == []
+
+
+def test_wgmma_rs_self_reducing_split_compiles_for_sm90_within_the_plain_registers():
+    """`w4a16._RS_SELF_REDUCE` (off, untimed; up to 64 x rows): the split-K sum in the same
+    launch, one atomic per tile, no spills and no more registers than the plain split kernel
+    (which would cost programs per SM in the K loop)."""
+    base = [
+        (16, 64, 128, 4, 4, "fp16", 4, True, False),
+        (64, 128, 128, 8, 4, "bf16", 2, True, True),
+    ]
+    variants = base + [(*v, False, 0, False, True) for v in base]
+    results = _compile_offline(WGMMA, json.dumps(variants))
+    for plain, reducing in zip(results[:2], results[2:], strict=True):
+        assert reducing[1] == 0 and reducing[11] == 0, reducing
+        assert reducing[0] <= plain[0], (plain, reducing)

@@ -259,3 +259,29 @@ def test_wgmma_rs_under_pdl_is_exact_in_a_cuda_graph_chain(kind):
         assert torch.equal(plain, chained)
     want = launch(c, inputs[-1] * 2, *args) + 1
     assert torch.equal(outs[True][-1], want)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", RS)
+@pytest.mark.parametrize(
+    "m,n,k,bias,tile",
+    [
+        (16, 512, 4096, True, (16, 64, 128, 4, 4, 4)),
+        (50, 320, 1024, False, (64, 128, 128, 2, 8, 4)),
+    ],
+)
+def test_wgmma_rs_self_reducing_split_matches_the_two_launch_sum(
+    monkeypatch, kind, m, n, k, bias, tile
+):
+    """`w4a16._RS_SELF_REDUCE` (off, untimed): the tile's last program sums the split-K
+    partials in split order, like `_splitk_reduce_kernel` after the launch: the same bits, and
+    the counters are re-armed (a second launch gives them again)."""
+    problem = _problem(m, n, k, 128, torch.float16, bias)
+    p = problem.packed
+    c = KernelConfig(kind, *tile)
+    args = (problem.x, p.qweight, p.scales, p.offsets, problem.bias, p.group_size)
+    two_launch = launch(c, *args)
+    monkeypatch.setattr(lowering, "_RS_SELF_REDUCE", True)
+    first, second = launch(c, *args), launch(c, *args)
+    assert torch.equal(first, two_launch) and torch.equal(second, two_launch)
+    assert_close_rel(first, problem.reference64(), torch.float16)

@@ -1234,6 +1234,12 @@ _LANE_PDL = True
 # and batch 16's decode step came out 1-3% slower end to end (thirty-sixth session, not side
 # by side). Untimed: off.
 _RS_PDL = False
+# The wgmma_rs kernels' split-K sum in the same launch (the tile's last program, as the lane
+# kernel's), instead of `_splitk_reduce_kernel` after it: one launch fewer per split linear
+# (shipped at M = 16-64 on many keys). Up to 64 x rows only: past that the sum's per-element
+# addresses double the kernel's registers (sm_90, offline: 124 -> 255 at 128 x 128, and
+# spills at 256 rows). Untimed: off.
+_RS_SELF_REDUCE = False
 
 
 def _pdl(cfg: KernelConfig) -> bool:
@@ -1296,7 +1302,7 @@ def launch(
     if (
         split > 1
         and self_reduce
-        and cfg.kernel not in _WGMMA_KINDS
+        and (cfg.kernel not in _WGMMA_KINDS or (_RS_SELF_REDUCE and cfg.block_m <= 64))
         and _split_tiles(cfg, m, n) <= _COUNTERS
     ):
         counters = _tile_counters(x.device)
@@ -1322,8 +1328,8 @@ def launch(
                           out=out, x_planes=x_planes)  # fmt: skip
         if x_planes:  # (the kernel reads x in natural order: a copy)
             x = from_planes(x, PLANE_CHUNK)
-        w4a16_wgmma.launch(cfg, x, qweight, scales, offsets, bias if split == 1 else None,
-                           group_size, ws, pdl=pdl)  # fmt: skip
+        w4a16_wgmma.launch(cfg, x, qweight, scales, offsets, bias, group_size, out,
+                           ws=ws if split > 1 else None, counters=counters, pdl=pdl)  # fmt: skip
     elif cfg.kernel == "mma":
         if reduce_unroll is None:
             reduce_unroll = _lane_reduce_unroll(cfg)

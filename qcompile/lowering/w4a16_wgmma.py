@@ -13,7 +13,8 @@ memory. Per K tile:
   8): one PRMT places it under two 16-bit floats' exponents, a mask keeps one nibble in each,
   and (pair - magic) * scale + offset finishes two weights in two more packed instructions;
 - tile i + 1 unpacks while tile i's wgmma runs.
-Split K writes fp32 partials (`w4a16.launch` sums them). Under programmatic dependent launch
+Split K writes fp32 partials, which `w4a16.launch` sums or, with `w4a16._RS_SELF_REDUCE` (off,
+untimed), the tile's last program does, in the same order. Under programmatic dependent launch
 (`pdl`, off by default: `w4a16._RS_PDL`) the first stages' weights are requested before
 griddepcontrol.wait. Gluon does not run in Triton's interpreter: the CPU tests compile it for
 sm_90 (with Triton 3.6 and the installed one; two Gluon names differ between them, see
@@ -210,11 +211,11 @@ def _rs_step(acc, a, i, num_k, x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s
 
 @gluon.jit
 def _rs_consume(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem, ready, empty,
-                k_first, off_m, off_n, num_k, bias_ptr, out_ptr, M, N, HAS_BIAS: gl.constexpr,
-                SPLIT: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                BLOCK_K: gl.constexpr, GROUP: gl.constexpr, STAGES: gl.constexpr,
-                WS: gl.constexpr, UNROLL: gl.constexpr, PDL: gl.constexpr,
-                num_warps: gl.constexpr):  # fmt: skip
+                k_first, off_m, off_n, num_k, bias_ptr, out_ptr, ws_ptr, cnt_ptr, M, N,
+                HAS_BIAS: gl.constexpr, SPLIT: gl.constexpr, SELF_REDUCE: gl.constexpr,
+                BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
+                GROUP: gl.constexpr, STAGES: gl.constexpr, WS: gl.constexpr,
+                UNROLL: gl.constexpr, PDL: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
     """The K loop and the store. Without WS these warps also issue the TMA; with WS they
     hand each stage back to the producer warp through `empty`."""
     dtype: gl.constexpr = x_desc.dtype
@@ -258,9 +259,26 @@ def _rs_consume(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem, 
     offs_n = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma_layout))
     offs_m = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, mma_layout))
     mask = (gl.expand_dims(offs_n, 1) < N) & (gl.expand_dims(offs_m, 0) < M)
-    offs = gl.program_id(2) * M * N + gl.expand_dims(offs_m, 0) * N + gl.expand_dims(offs_n, 1)
-    if SPLIT > 1:
-        gl.store(out_ptr + offs, acc, mask=mask)
+    offs = gl.expand_dims(offs_m, 0) * N + gl.expand_dims(offs_n, 1)
+    if SPLIT > 1:  # this split's fp32 partial at ws + split * M * N
+        gl.store(ws_ptr + gl.program_id(2) * M * N + offs, acc, mask=mask)
+        if SELF_REDUCE:
+            # The tile's last program to arrive (a counter per tile) sums the partials in
+            # split order, as `_splitk_reduce_kernel` would, and re-arms the counter: every
+            # thread's partial is stored before one thread's release (`w4a16._finish_tile`).
+            _cta_barrier()
+            tile = gl.program_id(0) * gl.num_programs(1) + gl.program_id(1)
+            arrived = gl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
+            if arrived == SPLIT - 1:
+                total = gl.zeros_like(acc)
+                for k in range(SPLIT):  # (one partial in registers at a time)
+                    total += gl.load(ws_ptr + k * M * N + offs, mask=mask, other=0.0,
+                                     cache_modifier=".cg")  # fmt: skip
+                if HAS_BIAS:
+                    bias = gl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(gl.float32)
+                    total = total + gl.expand_dims(bias, 1)
+                gl.store(out_ptr + offs, total.to(out_ptr.dtype.element_ty), mask=mask)
+                gl.atomic_xchg(cnt_ptr + tile, 0, sem="relaxed", scope="gpu")
     else:
         if HAS_BIAS:
             bias = gl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(gl.float32)
@@ -270,10 +288,10 @@ def _rs_consume(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem, 
 
 @gluon.jit
 def _w4a16_wgmma_rs_kernel(
-    x_desc, w_desc, s_desc, o_desc, bias_ptr, out_ptr, M, N, K,
+    x_desc, w_desc, s_desc, o_desc, bias_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K,
     GROUP: gl.constexpr, HAS_BIAS: gl.constexpr, SPLIT: gl.constexpr, STAGES: gl.constexpr,
     num_warps: gl.constexpr, WS: gl.constexpr = False, UNROLL: gl.constexpr = False,
-    PDL: gl.constexpr = False,
+    PDL: gl.constexpr = False, SELF_REDUCE: gl.constexpr = False,
 ):  # fmt: skip
     """out^T [BLOCK_N, BLOCK_M] = W x^T: W unpacked straight into wgmma's register operand
     (16 rows a warp), x's TMA tile the shared-memory operand; no shared-memory round trip.
@@ -301,8 +319,8 @@ def _w4a16_wgmma_rs_kernel(
             mbarrier.init(empty.index(i), count=1)
         gl.warp_specialize(
             [(_rs_consume, (x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem,
-                            ready, empty, k_first, off_m, off_n, num_k, bias_ptr, out_ptr, M, N,
-                            HAS_BIAS, SPLIT, BLOCK_M, BLOCK_N, BLOCK_K, GROUP, STAGES, True,
+                            ready, empty, k_first, off_m, off_n, num_k, bias_ptr, out_ptr,
+                            ws_ptr, cnt_ptr, M, N, HAS_BIAS, SPLIT, SELF_REDUCE, BLOCK_M, BLOCK_N, BLOCK_K, GROUP, STAGES, True,
                             UNROLL, PDL, num_warps)),
              (_wgmma_produce, (x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem,
                                ready, empty, k_first, off_m, off_n, num_k, BLOCK_K, GROUP,
@@ -313,9 +331,9 @@ def _w4a16_wgmma_rs_kernel(
             mbarrier.invalidate(empty.index(i))
     else:  # (`empty` unused: ready stands in for it)
         _rs_consume(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem, ready, ready,
-                    k_first, off_m, off_n, num_k, bias_ptr, out_ptr, M, N, HAS_BIAS, SPLIT,
-                    BLOCK_M, BLOCK_N, BLOCK_K, GROUP, STAGES, False, UNROLL, PDL,
-                    num_warps)  # fmt: skip
+                    k_first, off_m, off_n, num_k, bias_ptr, out_ptr, ws_ptr, cnt_ptr, M, N,
+                    HAS_BIAS, SPLIT, SELF_REDUCE, BLOCK_M, BLOCK_N, BLOCK_K, GROUP, STAGES,
+                    False, UNROLL, PDL, num_warps)  # fmt: skip
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(ready.index(i))
 
@@ -361,10 +379,14 @@ def launch(
     bias: torch.Tensor | None,
     group: int,
     out: torch.Tensor,
+    ws: torch.Tensor | None = None,
+    counters: torch.Tensor | None = None,
     pdl: bool = False,
 ) -> None:
-    """out [M, N] (x's dtype, split 1) or fp32 partials [split, M, N] (no bias) for x [M, K];
-    `pdl`: launched with programmatic dependent launch (weights loaded before it waits)."""
+    """out [M, N] (x's dtype, + bias) for x [M, K]. Split K: fp32 partials into ws
+    [split, M, N], which the caller sums (and adds the bias), or, given the tile `counters`,
+    the tile's last program does (`self_reduce`). `pdl`: launched with programmatic dependent
+    launch (the first weights requested before it waits for the kernel before)."""
     m, k = x.shape
     n = qweight.shape[1]
     if not _aligned(x):
@@ -379,10 +401,14 @@ def launch(
     s_desc = TensorDescriptor(scales, [rows, n], [_row_stride(scales), 1], [1, bn], flat16)
     o_desc = TensorDescriptor(offsets, [rows, n], [_row_stride(offsets), 1], [1, bn], flat16)
     grid = (triton.cdiv(m, bm), triton.cdiv(n, bn), cfg.split_k)
+    split = cfg.split_k > 1
     _w4a16_wgmma_rs_kernel[grid](
-        x_desc, w_desc, s_desc, o_desc, bias if bias is not None else out, out, m, n, k,
-        GROUP=group, HAS_BIAS=bias is not None, SPLIT=cfg.split_k, STAGES=cfg.num_stages,
-        num_warps=cfg.num_warps, WS=cfg.kernel == "wgmma_rs_ws", UNROLL=_UNROLL, PDL=pdl,
+        x_desc, w_desc, s_desc, o_desc, bias if bias is not None else out, out,
+        ws if split else out, counters if counters is not None else out, m, n, k,
+        GROUP=group, HAS_BIAS=bias is not None and (not split or counters is not None),
+        SPLIT=cfg.split_k, STAGES=cfg.num_stages, num_warps=cfg.num_warps,
+        WS=cfg.kernel == "wgmma_rs_ws", UNROLL=_UNROLL, PDL=pdl,
+        SELF_REDUCE=split and counters is not None,
         **({"maxnreg": cfg.max_registers} if cfg.max_registers else {}),
         **({"launch_pdl": True} if pdl else {}),
     )  # fmt: skip
