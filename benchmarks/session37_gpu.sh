@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Thirty-seventh session. PART is a comma-separated list of:
+#   variants: the untimed wgmma_rs options' gpu tests (`_UNROLL`, the producer-warp kernel under
+#        maxnreg, `_RS_PDL` in a CUDA-graph chain, `_RS_SELF_REDUCE`), then the probe with and
+#        without `_UNROLL` at M = 16, 64, 256, 1024 and with and without the self-reducing split
+#        at M = 16, 64 (split configs), on the two large shapes.
+#   wsreg: the probe's producer-warp kernel with and without a register cap: 0 / 96 at
+#        M = 16, 64; 0 / 192 at M = 256, 1024.
+#   rsab: probe_e2e_long.py --rs-ab at 16 layers: shipped (PDL on) against `_RS_PDL`, that plus
+#        `_RS_SELF_REDUCE`, and the M = 16 linears on the lane kernel, A/B/B/A.
+#   anything else: session36_gpu.sh's parts (wgmmatests, tune, kernels, bench16, ncu, ...).
+source benchmarks/gpu_setup.sh
+probe() {  # probe LOG ARGS...: probe_gluon_w4a16.py, its "N=" summary lines
+  local log=$1
+  shift
+  timeout "${PROBE_S:-200}" python3 benchmarks/probe_gluon_w4a16.py --fit-only "$@" > "$log" 2>&1
+  grep "N=" "$log"
+}
+for part in ${PART//,/ }; do
+  mkdir -p "$OUT/$part"
+  case "$part" in
+    variants)
+      gpu_tests "${TEST_S:-150}" "$OUT/$part/tests.log" tests/test_w4a16_wgmma.py \
+        -k "untimed or pdl or self_reducing"
+      probe "$OUT/$part/unroll.log" --ms 16,64,256,1024 --unroll 0,1 \
+        --configs 2,4,21,8,9,11,17,18,19,20 --out "$OUT/$part/unroll.json"
+      probe "$OUT/$part/self_reduce.log" --ms 16,64 --self-reduce 0,1 --configs 4,21,11 \
+        --out "$OUT/$part/self_reduce.json"
+      ;;
+    wsreg)
+      probe "$OUT/$part/small.log" --ms 16,64 --ws 1 --maxnreg 0,96 --configs 2,4,21,8,9,11 \
+        --out "$OUT/$part/small.json"
+      probe "$OUT/$part/large.log" --ms 256,1024 --ws 1 --maxnreg 0,192 --configs 17,18,19,20 \
+        --out "$OUT/$part/large.json"
+      ;;
+    rsab)
+      timeout "${E2E_S:-400}" python3 benchmarks/probe_e2e_long.py --layers 16 --rs-ab \
+        --repeat "${REPEAT:-2}" --no-profile --steps 32 --out "$OUT/$part" \
+        > "$OUT/$part/e2e_long.log" 2>&1
+      grep -E "^w4a16|rror" "$OUT/$part/e2e_long.log" | cut -c1-200 | head -20
+      ;;
+    *) PART=$part bash benchmarks/session36_gpu.sh ;;
+  esac
+done
