@@ -62,8 +62,9 @@ def test_wgmma_rs_is_offered_only_on_hopper_from_16_rows(monkeypatch):
         cands = [c for c in candidate_configs(m, 28672, 4096, 128) if c.kernel in RS]
         assert cands and all(valid_config(c, 4096, 128) for c in cands), m
         assert all(c.block_m == min(lowering.m_bucket(m), 256) for c in cands), m
-        # the producer-warp variant at M >= 128 only (it lost below on the H100)
-        assert any(c.kernel == "wgmma_rs_ws" for c in cands) == (m >= 128), m
+        # the producer-warp variant everywhere, capped at 96 registers below 128 x rows
+        ws = [c for c in cands if c.kernel == "wgmma_rs_ws"]
+        assert ws and {c.max_registers for c in ws} == ({0} if m >= 128 else {96}), m
         assert len(cands) <= 12
     # K-long shapes get split-K candidates (8192x28672 at M = 16 took 62.4 us split in 4)
     assert {c.split_k for c in candidate_configs(16, 8192, 28672, 128) if c.kernel in RS} == {
@@ -101,6 +102,13 @@ def test_wgmma_rs_config_rules(kind):
     assert valid_config(KernelConfig(kind, 256, 64, 64, 1, 4, 4, max_registers=192), 4096, 128) == (
         kind == "wgmma_rs_ws"
     )
+    # 8 warps + the producer's warpgroup = 384 threads: 168 registers each at most (65536),
+    # a multiple of 8 (Triton refused 256 x rows at 192: "out of resource: threads")
+    for regs, ok in ((168, True), (176, False), (132, False)):
+        c = KernelConfig(kind, 128, 128, 64, 1, 8, 4, max_registers=regs)
+        assert valid_config(c, 4096, 128) == (ok and kind == "wgmma_rs_ws"), regs
+    c = KernelConfig(kind, 256, 128, 64, 1, 8, 4, max_registers=192)
+    assert not valid_config(c, 4096, 128)
     big = KernelConfig(kind, 256, 128, 64, 1, 8, 4)
     assert valid_config(big, 4096, 128)
     assert lowering._wgmma_smem_bytes(big) <= lowering._SMEM_BYTES

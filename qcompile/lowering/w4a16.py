@@ -962,10 +962,14 @@ def valid_config(cfg: KernelConfig, k: int, group: int) -> bool:
             and 2 <= cfg.num_stages <= 6 and not cfg.prefetch and not cfg.reduce
             # a register cap (Triton's maxnreg) only with the producer warp, whose partitions
             # otherwise take up to 255 registers a thread (one program per SM at 4 warps)
-            # (at least the accumulator, BLOCK_M / 2 a thread, and 64 more)
+            # (at least the accumulator, BLOCK_M / 2 a thread, and 64 more; the producer
+            # warp pads to a warpgroup, and all of them must fit the 64K registers: 192 at
+            # 8 + 4 warps does not load)
             and (not cfg.max_registers
                  or (cfg.kernel == "wgmma_rs_ws"
-                     and cfg.block_m // 2 + 64 <= cfg.max_registers <= 255))
+                     and cfg.block_m // 2 + 64 <= cfg.max_registers <= 255
+                     and cfg.max_registers % 8 == 0
+                     and (cfg.num_warps + 4) * 32 * cfg.max_registers <= 65536))
             and k % cfg.split_k == 0 and (k // cfg.split_k) % cfg.block_k == 0
             and group % cfg.block_k == 0 and _wgmma_smem_bytes(cfg) <= _SMEM_BYTES
         )  # fmt: skip
@@ -1114,13 +1118,17 @@ def candidate_configs(m: int, n: int, k: int, group: int) -> list[KernelConfig]:
         # 36.5 / 63.3, 55.3 / 102.9, 175.6 / 307.4 and 464.3 / 938.5 for the picks before it.
         # The producer-warp variant (_ws) won at M >= 256 and lost below (one Gluon compile
         # each on first use: at most 12 per key).
+        # Below 128 x rows the producer warp needs a register cap (its partitions would take
+        # 255 registers a thread): capped at 96 it matched or beat wgmma_rs on 8192x28672
+        # (M = 16: 58.7 vs 62.1 us) and lost on 28672x4096 (35.3 vs 32.0; session 37).
         bm = min(mb, 256)
         bk = 128 if bm <= 64 and group % 128 == 0 else 64
+        kinds = [("wgmma_rs", 0), ("wgmma_rs_ws", 0 if bm >= 128 else 96)]
         for bn, warps in ((64, 4), (128, 8)):
-            for kind in ("wgmma_rs", "wgmma_rs_ws") if bm >= 128 else ("wgmma_rs",):
+            for kind, regs in kinds:
                 for sk in (1, 2, 4):
                     if _useful_split(triton.cdiv(n, bn) * triton.cdiv(mb, bm), sk):
-                        out.append(KernelConfig(kind, bm, bn, bk, sk, warps, 4))
+                        out.append(KernelConfig(kind, bm, bn, bk, sk, warps, 4, max_registers=regs))
     if mb >= 128:
         out.append(_dequant_mm_config(k))
         # Planes at large M: W from registers as wgmma's A (BLOCK_N rows), x^T as its
