@@ -39,10 +39,6 @@ def main() -> None:
     ap.add_argument("--configs", default="", help="indices into CONFIGS (default: all)")
     ap.add_argument("--ws", default="0", help="0: wgmma_rs, 1: wgmma_rs_ws (a TMA producer warp)")
     ap.add_argument("--maxnreg", default="0", help="register caps for wgmma_rs_ws (0: none)")
-    ap.add_argument("--unroll", default="0", help="`w4a16_wgmma._UNROLL` settings (0 and/or 1)")
-    ap.add_argument(
-        "--self-reduce", default="0", help="`w4a16._RS_SELF_REDUCE` settings (split configs)"
-    )
     ap.add_argument("--fit-only", action="store_true", help="BLOCK_M = M's bucket only")
     args = ap.parse_args()
     import torch
@@ -51,8 +47,6 @@ def main() -> None:
     from bench_w4a16 import hbm_bandwidth, time_graph
     from weights import rotated_w4a16
 
-    from qcompile.lowering import w4a16 as lowering
-    from qcompile.lowering import w4a16_wgmma
     from qcompile.lowering.autotune import KernelConfig
     from qcompile.lowering.w4a16 import launch, valid_config, w4a16_linear_cuda
     from qcompile.quant.int4 import dequantize_int4
@@ -76,28 +70,20 @@ def main() -> None:
                     for p in packed
                 ]  # fmt: skip
             )
-            variants = []  # (kind, maxnreg, unroll, self_reduce)
-            for ws in map(int, args.ws.split(",")):
-                for r in map(int, args.maxnreg.split(",")) if ws else [0]:
-                    variants += [(("wgmma_rs", "wgmma_rs_ws")[ws], r, int(u), int(sr))
-                                 for u in args.unroll.split(",")
-                                 for sr in args.self_reduce.split(",")]  # fmt: skip
-            for (bm, bn, bk, split, warps, stages), (
-                kind,
-                maxnreg,
-                unroll,
-                sr,
-            ) in itertools.product(picked, variants):
+            variants = [  # (kind, maxnreg)
+                (("wgmma_rs", "wgmma_rs_ws")[ws], r)
+                for ws in map(int, args.ws.split(","))
+                for r in (map(int, args.maxnreg.split(",")) if ws else [0])
+            ]
+            for (bm, bn, bk, split, warps, stages), (kind, maxnreg) in itertools.product(
+                picked, variants
+            ):
                 cfg = KernelConfig(kind, bm, bn, bk, split, warps, stages, max_registers=maxnreg)
                 fit = min(max(triton.next_power_of_2(m), 16), 256)  # (this tile or half)
                 if not valid_config(cfg, k, 128) or bm not in (fit, fit // 2):
                     continue
                 if args.fit_only and bm != fit:
                     continue
-                if sr and (split == 1 or bm > 64):  # (no effect there)
-                    continue
-                w4a16_wgmma._UNROLL = bool(unroll)
-                lowering._RS_SELF_REDUCE = bool(sr)
 
                 def run(p, cfg=cfg, x=x):
                     return launch(cfg, x, p.qweight, p.scales, p.offsets, None, 128)
@@ -105,15 +91,11 @@ def main() -> None:
                 out = run(packed[0]).float()
                 err = ((out - ref).norm() / ref.norm()).item()
                 us = time_graph([lambda p=p: run(p) for p in packed])
-                name = (
-                    f"{kind} bm{bm} bn{bn} bk{bk} sk{split} w{warps} st{stages} r{maxnreg} "
-                    f"u{unroll} sr{sr}"
-                )
+                name = f"{kind} bm{bm} bn{bn} bk{bk} sk{split} w{warps} st{stages} r{maxnreg}"
                 row["wgmma"].append(
                     {"config": cfg.__dict__, "name": name, "us": us, "rel_err": err}
                 )
                 print(f"  {name}: {us:.1f} us, rel err {err:.1e}", flush=True)
-            w4a16_wgmma._UNROLL, lowering._RS_SELF_REDUCE = False, False
             best = min(row["wgmma"], key=lambda r: r["us"], default=None)
             print(
                 f"N={n} K={k} M={m}: cublas {row['cublas_us']:.1f} current {row['current_us']:.1f}"

@@ -255,12 +255,10 @@ def compile_kv4_variant(
 
 def compile_wgmma_variant(
     bm: int, bn: int, bk: int, warps: int, stages: int, dtype: str = "fp16", split: int = 1,
-    bias: bool = False, group: int = 128, ws: bool = False, unroll: bool = False,
-    maxnreg: int = 0, pdl: bool = False, self_reduce: bool = False,
+    bias: bool = False, group: int = 128, ws: bool = False, maxnreg: int = 0,
 ):  # fmt: skip
-    """The W4A16 Gluon wgmma_rs kernel (`ws`: with its TMA producer warp; `unroll`: its K loop
-    unrolled twice) for sm_90. Gluon
-    kernels compile through `warmup`, which asks the active driver for the target: a stand-in
+    """The W4A16 Gluon wgmma_rs kernel (`ws`: with its TMA producer warp; `maxnreg`: ptxas's
+    cap per thread) for sm_90. Gluon kernels compile through `warmup`, which asks the active driver for the target: a stand-in
     driver names sm_90 on a machine without a GPU, and TMA descriptors over CPU tensors give
     the argument types."""
     import torch
@@ -294,11 +292,9 @@ def compile_wgmma_variant(
     triton.runtime.driver.set_active(_Sm90())
     try:
         partials = torch.empty(split, m, n, dtype=torch.float32)
-        counters = torch.empty(64, dtype=torch.int32)
         return w4a16_wgmma._w4a16_wgmma_rs_kernel.warmup(
-            x_desc, w_desc, s_desc, s_desc, sc[0], x, partials, counters, m, n, k, GROUP=group,
-            HAS_BIAS=bias, SPLIT=split, STAGES=stages, num_warps=warps, WS=ws, UNROLL=unroll,
-            PDL=pdl, SELF_REDUCE=self_reduce, grid=(1,),
+            x_desc, w_desc, s_desc, s_desc, sc[0], x, partials, m, n, k, GROUP=group,
+            HAS_BIAS=bias, SPLIT=split, STAGES=stages, num_warps=warps, WS=ws, grid=(1,),
             **({"maxnreg": maxnreg} if maxnreg else {}),
         )  # fmt: skip
     finally:

@@ -263,7 +263,7 @@ def test_lane_kernel_under_pdl_gives_the_same_bits(rows, bk, group, split, prefe
     plain = launch(cfg, *args)
     assert torch.equal(launch(cfg, *args, pdl=True), plain)
     assert_close_rel(plain, problem.reference64(), torch.float16)
-    with pytest.raises(ValueError, match="pdl is for the lane and wgmma_rs kernels, not gemm"):
+    with pytest.raises(ValueError, match="pdl is for the lane kernel, not gemm"):
         launch(replace(cfg, kernel="gemm", block_m=16, num_stages=2), *args, pdl=True)
 
 

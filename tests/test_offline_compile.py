@@ -353,8 +353,7 @@ for bm, bn, bk, w, st, dt, split, bias, ws, *extra in json.loads(__import__("sys
     out.append([res["REG"], res["STACK"] + res["LOCAL"], k.metadata.shared,
                 _wgmma_smem_bytes(cfg), ops["HGMMA"], ops["UTMALDG"], ops["I2F"], ops["STS"],
                 ops["PRMT"], ops["HFMA2"], text.count("DEPBAR.LE gsb0, 0x0"),
-                len(s.wgmma_register_hazards(text)), text.count("IMAD.MOV"),
-                [k.asm["ptx"].count(f"griddepcontrol.{op}") for op in ("wait", "launch_dependents")]])
+                len(s.wgmma_register_hazards(text)), text.count("IMAD.MOV")])
 print(json.dumps(out))
 """
 
@@ -374,7 +373,7 @@ def test_wgmma_rs_gluon_kernel_compiles_for_sm90_as_its_config_rules_assume():
     ]
     results = _compile_offline(WGMMA, json.dumps(variants))
     for v, r in zip(variants, results, strict=True):
-        regs, spills, smem, budget, hgmma, tma, i2f, sts, prmt, hfma2, waits, hazards, _, gdc = r
+        regs, spills, smem, budget, hgmma, tma, i2f, sts, prmt, hfma2, waits, hazards, moves = r
         assert regs > 0 and spills == 0, (v, r)
         assert hgmma > 0 and tma > 0 and i2f == 0, (v, r)
         assert sts <= (2 if v[-1] else 0), (v, r)  # (WS: two stores of partition state)
@@ -383,47 +382,25 @@ def test_wgmma_rs_gluon_kernel_compiles_for_sm90_as_its_config_rules_assume():
         # nothing writes an in-flight wgmma's register operand (`wgmma_register_hazards`: the
         # first version's wait for one outstanding group had 46-148 such writes, and NaNs)
         assert hazards == 0, (v, r)
-        assert gdc == [0, 0], (v, r)  # no PDL unless asked
+        # the K loop unrolled twice, two register tiles alternating: the one-step loop copied
+        # each next tile into the registers its wgmma reads (46+ moves at 128 x 128 x 64; 4-12
+        # unrolled, Triton 3.6 and 3.9)
+        assert moves <= 16 or v[0] < 64, (v, r)
         if v[-1]:  # + the stages' empty barriers and the partitions' own few hundred bytes
             assert budget < smem <= budget + 512, (v, smem, budget)
         else:
             assert smem == budget, (v, smem, budget)
 
 
-def test_wgmma_rs_untimed_variants_compile_for_sm90():
-    """`_UNROLL` (off, untimed: the K loop twice, two register tiles alternating) compiles with
-    no spills and far fewer register moves than the plain loop, which copies each next tile
-    into the registers its wgmma reads; `wgmma_rs_ws` under a register cap (maxnreg 96, for
-    several programs per SM at small M) compiles within it, unspilled."""
+def test_wgmma_rs_register_cap_compiles_within_it_unspilled():
+    """`wgmma_rs_ws` under a register cap (maxnreg 96, its candidates below 128 x rows, for
+    several programs per SM) compiles within it, unspilled, hazard-free."""
     variants = [
-        (128, 128, 64, 8, 4, "fp16", 1, False, False, False),
-        (128, 128, 64, 8, 4, "fp16", 1, False, False, True),
-        (256, 128, 64, 8, 4, "bf16", 1, False, True, True),
-        (16, 64, 128, 4, 4, "fp16", 2, False, True, False, 96),
-        (64, 128, 128, 8, 4, "fp16", 1, True, True, True, 96),
-    ]
-    results = _compile_offline(WGMMA, json.dumps(variants))
-    for v, r in zip(variants, results, strict=True):
-        regs, spills = r[0], r[1]
-        assert spills == 0 and r[4] > 0 and r[7] <= 2 and r[11] == 0, (v, r)
-        if len(v) > 10:
-            assert regs <= v[10], (v, r)
-    plain_moves, unrolled_moves = results[0][-2], results[1][-2]
-    assert unrolled_moves * 3 < plain_moves, (plain_moves, unrolled_moves)
-
-
-def test_wgmma_rs_under_pdl_compiles_with_griddepcontrol():
-    """`w4a16._RS_PDL` (off, untimed): both kernels wait for the kernel before
-    (griddepcontrol.wait, after the first stages' weights are asked for) and let the next one
-    start (griddepcontrol.launch_dependents)."""
-    variants = [
-        (64, 128, 128, 8, 4, "fp16", 1, False, False, False, 0, True),
-        (256, 128, 64, 8, 4, "bf16", 2, False, True, False, 0, True),
+        (16, 64, 128, 4, 4, "fp16", 2, False, True, 96),
+        (64, 128, 128, 8, 4, "bf16", 1, True, True, 96),
     ]
     for v, r in zip(variants, _compile_offline(WGMMA, json.dumps(variants)), strict=True):
-        # (LLVM may copy the wait into each path of the prologue's branches: one runs)
-        assert r[1] == 0 and r[4] > 0 and r[11] == 0, (v, r)
-        assert r[-1][0] >= 1 and r[-1][1] == 1, (v, r)
+        assert r[0] <= v[-1] and r[1] == 0 and r[4] > 0 and r[7] <= 2 and r[11] == 0, (v, r)
 
 
 def test_wgmma_register_hazard_check_finds_writes_to_an_inflight_operand():
@@ -451,18 +428,3 @@ def test_wgmma_register_hazard_check_finds_writes_to_an_inflight_operand():
     found = sass_report.wgmma_register_hazards(loop("0x1"))
     assert len(found) == 2 and all("of the HGMMA at 0x130" in f for f in found), found
     assert sass_report.wgmma_register_hazards(loop("0x0")) == []
-
-
-def test_wgmma_rs_self_reducing_split_compiles_for_sm90_within_the_plain_registers():
-    """`w4a16._RS_SELF_REDUCE` (off, untimed; up to 64 x rows): the split-K sum in the same
-    launch, one atomic per tile, no spills and no more registers than the plain split kernel
-    (which would cost programs per SM in the K loop)."""
-    base = [
-        (16, 64, 128, 4, 4, "fp16", 4, True, False),
-        (64, 128, 128, 8, 4, "bf16", 2, True, True),
-    ]
-    variants = base + [(*v, False, 0, False, True) for v in base]
-    results = _compile_offline(WGMMA, json.dumps(variants))
-    for plain, reducing in zip(results[:2], results[2:], strict=True):
-        assert reducing[1] == 0 and reducing[11] == 0, reducing
-        assert reducing[0] <= plain[0], (plain, reducing)

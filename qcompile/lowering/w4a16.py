@@ -1237,22 +1237,15 @@ _LANE_SUMS = ("unroll4", "unroll8")  # KernelConfig.reduce values of the lane ke
 # time). Alone it is neutral (+-1%, `results/session32/pdl/`); with Inductor's kernels under
 # PDL too (`backend._INDUCTOR_PDL`), 16 layers' decode step is ~9% shorter (`backend.py`).
 _LANE_PDL = True
-# The wgmma_rs kernels under PDL too: the first stages' weights go out by TMA before
-# griddepcontrol.wait, x after. They took the M = 16 decode linears from the lane kernel,
-# and batch 16's decode step came out 1-3% slower end to end (thirty-sixth session, not side
-# by side). Untimed: off.
-_RS_PDL = False
-# The wgmma_rs kernels' split-K sum in the same launch (the tile's last program, as the lane
-# kernel's), instead of `_splitk_reduce_kernel` after it: one launch fewer per split linear
-# (shipped at M = 16-64 on many keys). Up to 64 x rows only: past that the sum's per-element
-# addresses double the kernel's registers (sm_90, offline: 124 -> 255 at 128 x 128, and
-# spills at 256 rows). Untimed: off.
-_RS_SELF_REDUCE = False
+# (The wgmma_rs kernels under PDL, and summing their split K in the same launch, were both
+# slower in a 16-layer decode step on the H100: forward 2.48 / 2.59 ms under PDL and 2.59 /
+# 2.56 with the sum too, against 2.35 / 2.37 as shipped, A/B/B/A, `results/session37/rsab/`.
+# Removed after commit a47c7ab.)
 
 
 def _pdl(cfg: KernelConfig) -> bool:
     """Whether `cfg`'s kernel is launched with programmatic dependent launch."""
-    return (_LANE_PDL and cfg.kernel == "mma") or (_RS_PDL and cfg.kernel in _WGMMA_KINDS)
+    return _LANE_PDL and cfg.kernel == "mma"
 
 
 def _lane_reduce_unroll(cfg: KernelConfig) -> int:
@@ -1285,7 +1278,7 @@ def launch(
     column slices of wider co-located tensors; the op checks). Split-K reduces in the same
     launch unless `self_reduce` is False or no tile counters are available; the lane kernel's
     sum then has `reduce_unroll` partials' loads in flight (None: `_lane_reduce_unroll`).
-    `pdl` (lane and wgmma_rs kernels): launched with programmatic dependent launch (`_pdl`)."""
+    `pdl` (lane kernel): launched with programmatic dependent launch (`_pdl`)."""
     m, k = x.shape
     n = qweight.shape[1]
     stride_w = qweight.stride(0)
@@ -1310,7 +1303,7 @@ def launch(
     if (
         split > 1
         and self_reduce
-        and (cfg.kernel not in _WGMMA_KINDS or (_RS_SELF_REDUCE and cfg.block_m <= 64))
+        and cfg.kernel not in _WGMMA_KINDS  # (it sums in `_splitk_reduce_kernel`)
         and _split_tiles(cfg, m, n) <= _COUNTERS
     ):
         counters = _tile_counters(x.device)
@@ -1326,8 +1319,8 @@ def launch(
     )  # fmt: skip
     if w4a8 is not None and (cfg.kernel != "mma" or x.dtype != torch.float16 or x_planes):
         raise ValueError("launch: W4A8 runs the lane kernel only, on fp16 x in natural order")
-    if pdl and cfg.kernel != "mma" and cfg.kernel not in _WGMMA_KINDS:
-        raise ValueError(f"launch: pdl is for the lane and wgmma_rs kernels, not {cfg.kernel}")
+    if pdl and cfg.kernel != "mma":
+        raise ValueError(f"launch: pdl is for the lane kernel, not {cfg.kernel}")
     if cfg.kernel in _WGMMA_KINDS:
         from qcompile.lowering import w4a16_wgmma
 
@@ -1337,7 +1330,7 @@ def launch(
         if x_planes:  # (the kernel reads x in natural order: a copy)
             x = from_planes(x, PLANE_CHUNK)
         w4a16_wgmma.launch(cfg, x, qweight, scales, offsets, bias, group_size, out,
-                           ws=ws if split > 1 else None, counters=counters, pdl=pdl)  # fmt: skip
+                           ws=ws if split > 1 else None)  # fmt: skip
     elif cfg.kernel == "mma":
         if reduce_unroll is None:
             reduce_unroll = _lane_reduce_unroll(cfg)

@@ -13,13 +13,15 @@ memory. Per K tile:
   8): one PRMT places it under two 16-bit floats' exponents, a mask keeps one nibble in each,
   and (pair - magic) * scale + offset finishes two weights in two more packed instructions;
 - tile i + 1 unpacks while tile i's wgmma runs.
-Split K writes fp32 partials, which `w4a16.launch` sums or, with `w4a16._RS_SELF_REDUCE` (off,
-untimed), the tile's last program does, in the same order. Under programmatic dependent launch
-(`pdl`, off by default: `w4a16._RS_PDL`) the first stages' weights are requested before
-griddepcontrol.wait. Gluon does not run in Triton's interpreter: the CPU tests compile it for
-sm_90 (with Triton 3.6 and the installed one; two Gluon names differ between them, see
-`_tma_load`) and check its unpacking bit for bit in torch (`unpack_pairs_reference`); its
-numbers are checked by gpu tests (so far on Triton 3.6).
+The K loop is unrolled twice, so two register tiles of W alternate (one loop step copied the
+next tile into the registers the wgmma reads). Split K writes fp32 partials, which
+`w4a16.launch` sums. (The last program of a tile summing them, and programmatic dependent
+launch with the weights requested before griddepcontrol.wait, made a 16-layer decode step
+slower on the H100, session 37; commit a47c7ab holds both.)
+Gluon does not run in Triton's interpreter: the CPU tests compile it for sm_90 (with Triton 3.6
+and the installed one; two Gluon names differ between them, see `_tma_load`) and check its
+unpacking bit for bit in torch (`unpack_pairs_reference`); its numbers are checked by gpu tests
+(so far on Triton 3.6).
 The thirty-fifth session's "wgmma" kernel (W^T unpacked into shared memory, commit b21d7f3)
 lost to this one at every shape and M it was shipped for (`results/session36/`).
 """
@@ -39,14 +41,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from qcompile.lowering.autotune import KernelConfig
-
-# Unroll the K loop twice so two register tiles of W alternate (the plain loop copies the next
-# tile into the registers its wgmma reads: 16 moves per 64-k tile). On the H100 it took
-# 28672x4096 M = 64 from 50.4 to 43.4 us and 8192x28672 M = 16 from 66.4 to 62.1 (session 37).
-_UNROLL = True
 
 # TMA global -> shared: `async_copy_global_to_shared` up to Triton 3.6, `async_load` later
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
@@ -56,55 +52,29 @@ _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
 
 @gluon.jit
 def _issue_tile(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem, ready, t, k_first,
-                off_m, off_n, BLOCK_K: gl.constexpr, GROUP: gl.constexpr, STAGES: gl.constexpr,
-                WEIGHTS: gl.constexpr = True, X: gl.constexpr = True):  # fmt: skip
-    """TMA for K tile t (from k_first) into stage t % STAGES: x, the words, scale and offset
-    (the stage's barrier expects all of them; WEIGHTS / X: issue only those)."""
+                off_m, off_n, BLOCK_K: gl.constexpr, GROUP: gl.constexpr,
+                STAGES: gl.constexpr):  # fmt: skip
+    """TMA for K tile t (from k_first) into stage t % STAGES: x, the words, scale and offset."""
     s = t % STAGES
     bar = ready.index(s)
     k = k_first + t * BLOCK_K
-    if WEIGHTS:
-        nbytes: gl.constexpr = (
-            x_desc.block_type.nbytes + w_desc.block_type.nbytes + 2 * s_desc.block_type.nbytes
-        )
-        mbarrier.expect(bar, nbytes)
-    if X:
-        _tma_load(x_desc, [off_m, k], bar, x_smem.index(s))
-    if WEIGHTS:
-        _tma_load(w_desc, [k // 8, off_n], bar, w_smem.index(s))
-        _tma_load(s_desc, [k // GROUP, off_n], bar, s_smem.index(s))
-        _tma_load(o_desc, [k // GROUP, off_n], bar, o_smem.index(s))
-
-
-@gluon.jit
-def _issue_prologue(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem, ready,
-                    k_first, off_m, off_n, num_k, BLOCK_K: gl.constexpr, GROUP: gl.constexpr,
-                    STAGES: gl.constexpr, PDL: gl.constexpr):  # fmt: skip
-    """TMA for the first STAGES tiles (fresh stages). PDL: their weights (constants) before
-    waiting for the kernel before (griddepcontrol.wait), x, which it writes, after."""
-    for t in gl.static_range(STAGES):
-        if t < num_k:
-            _issue_tile(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem, ready,
-                        t, k_first, off_m, off_n, BLOCK_K, GROUP, STAGES, True, not PDL)  # fmt: skip
-    if PDL:
-        gdc_wait()
-        for t in gl.static_range(STAGES):
-            if t < num_k:
-                _issue_tile(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem,
-                            ready, t, k_first, off_m, off_n, BLOCK_K, GROUP, STAGES, False,
-                            True)  # fmt: skip
+    nbytes: gl.constexpr = (
+        x_desc.block_type.nbytes + w_desc.block_type.nbytes + 2 * s_desc.block_type.nbytes
+    )
+    mbarrier.expect(bar, nbytes)
+    _tma_load(x_desc, [off_m, k], bar, x_smem.index(s))
+    _tma_load(w_desc, [k // 8, off_n], bar, w_smem.index(s))
+    _tma_load(s_desc, [k // GROUP, off_n], bar, s_smem.index(s))
+    _tma_load(o_desc, [k // GROUP, off_n], bar, o_smem.index(s))
 
 
 @gluon.jit
 def _wgmma_produce(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem, ready, empty,
                    k_first, off_m, off_n, num_k, BLOCK_K: gl.constexpr, GROUP: gl.constexpr,
-                   STAGES: gl.constexpr, PDL: gl.constexpr):  # fmt: skip
+                   STAGES: gl.constexpr):  # fmt: skip
     """WS: the producer warp. It fills stage t % STAGES once the consumers have freed it (the
-    first STAGES pass at once; PDL: they go out first, `_issue_prologue`)."""
-    if PDL:
-        _issue_prologue(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem, ready,
-                        k_first, off_m, off_n, num_k, BLOCK_K, GROUP, STAGES, True)  # fmt: skip
-    for t in range(STAGES if PDL else 0, num_k):
+    first STAGES pass at once)."""
+    for t in range(num_k):
         mbarrier.wait(empty.index(t % STAGES), ((t // STAGES) & 1) ^ 1)
         _issue_tile(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem, ready, t,
                     k_first, off_m, off_n, BLOCK_K, GROUP, STAGES)  # fmt: skip
@@ -178,9 +148,9 @@ def _rs_unpack(w_stage, s_stage, o_stage, sel, ASM: gl.constexpr, P3: gl.constex
 def _rs_step(acc, a, i, num_k, x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem,
              ready, empty, k_first, off_m, off_n, sel, ASM: gl.constexpr, P3: gl.constexpr,
              a_layout: gl.constexpr, BLOCK_K: gl.constexpr, GROUP: gl.constexpr,
-             STAGES: gl.constexpr, WS: gl.constexpr, CLAMP: gl.constexpr):  # fmt: skip
+             STAGES: gl.constexpr, WS: gl.constexpr):  # fmt: skip
     """Tile i's wgmma on its unpacked W `a`, and tile i + 1's unpacking meanwhile. Returns the
-    accumulator and tile i + 1's W (`a` again after the last tile)."""
+    accumulator and tile i + 1's W (the last tile's again after the last tile)."""
     s = i % STAGES
     acc = warpgroup_mma(a, x_smem.index(s).permute((1, 0)), acc, is_async=True)
     if not WS:
@@ -192,17 +162,13 @@ def _rs_step(acc, a, i, num_k, x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s
     # Tile i + 1 unpacks while tile i's wgmma runs. Its registers must differ from those the
     # wgmma reads: ptxas keeps them apart only between the wgmma and a wait that covers it, so
     # the wait is for 0 outstanding (waiting for 1 let it reuse them: wrong results).
-    if CLAMP:  # (unrolled: no branch, whose "a unchanged" path made ptxas copy the tiles)
-        nxt = gl.minimum(i + 1, num_k - 1)  # (the last tile unpacks itself again)
-        s1 = nxt % STAGES
-        mbarrier.wait(ready.index(s1), (nxt // STAGES) & 1)
-        a = _rs_unpack(w_smem.index(s1), s_smem.index(s1), o_smem.index(s1), sel, ASM, P3,
-                       a_layout)  # fmt: skip
-    elif i + 1 < num_k:
-        s1 = (i + 1) % STAGES
-        mbarrier.wait(ready.index(s1), ((i + 1) // STAGES) & 1)
-        a = _rs_unpack(w_smem.index(s1), s_smem.index(s1), o_smem.index(s1), sel, ASM, P3,
-                       a_layout)  # fmt: skip
+    # (No branch past the last tile, which unpacks itself again: an "a unchanged" path made
+    # ptxas copy the tiles.)
+    nxt = gl.minimum(i + 1, num_k - 1)
+    s1 = nxt % STAGES
+    mbarrier.wait(ready.index(s1), (nxt // STAGES) & 1)
+    a = _rs_unpack(w_smem.index(s1), s_smem.index(s1), o_smem.index(s1), sel, ASM, P3,
+                   a_layout)  # fmt: skip
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
     if WS:  # (every warp is done with stage s: its words and x)
         _cta_barrier()
@@ -212,11 +178,10 @@ def _rs_step(acc, a, i, num_k, x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s
 
 @gluon.jit
 def _rs_consume(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem, ready, empty,
-                k_first, off_m, off_n, num_k, bias_ptr, out_ptr, ws_ptr, cnt_ptr, M, N,
-                HAS_BIAS: gl.constexpr, SPLIT: gl.constexpr, SELF_REDUCE: gl.constexpr,
-                BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
-                GROUP: gl.constexpr, STAGES: gl.constexpr, WS: gl.constexpr,
-                UNROLL: gl.constexpr, PDL: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+                k_first, off_m, off_n, num_k, bias_ptr, out_ptr, ws_ptr, M, N,
+                HAS_BIAS: gl.constexpr, SPLIT: gl.constexpr, BLOCK_M: gl.constexpr,
+                BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, GROUP: gl.constexpr,
+                STAGES: gl.constexpr, WS: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
     """The K loop and the store. Without WS these warps also issue the TMA; with WS they
     hand each stage back to the producer warp through `empty`."""
     dtype: gl.constexpr = x_desc.dtype
@@ -232,54 +197,34 @@ def _rs_consume(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem, 
     SEL0: gl.constexpr = _RS_SEL0_FP16 if FP16 else _RS_SEL0_BF16
     sel = gl.expand_dims(gl.expand_dims(SEL0 + quad * 0x101, 0), 0)
     acc = gl.zeros((BLOCK_N, BLOCK_M), dtype=gl.float32, layout=mma_layout)
-    if not WS:
-        _issue_prologue(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem, ready,
-                        k_first, off_m, off_n, num_k, BLOCK_K, GROUP, STAGES, PDL)  # fmt: skip
+    if not WS:  # the first STAGES tiles (fresh stages)
+        for t in gl.static_range(STAGES):
+            if t < num_k:
+                _issue_tile(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem,
+                            ready, t, k_first, off_m, off_n, BLOCK_K, GROUP, STAGES)  # fmt: skip
     mbarrier.wait(ready.index(0), 0)
     a = _rs_unpack(w_smem.index(0), s_smem.index(0), o_smem.index(0), sel, ASM, P3, a_layout)
-    if UNROLL:  # two register tiles that alternate: no copy of the next one into the wgmma's
-        for j in range(num_k // 2):
-            acc, b = _rs_step(acc, a, 2 * j, num_k, x_desc, w_desc, s_desc, o_desc, x_smem,
-                              w_smem, s_smem, o_smem, ready, empty, k_first, off_m, off_n, sel,
-                              ASM, P3, a_layout, BLOCK_K, GROUP, STAGES, WS, True)  # fmt: skip
-            acc, a = _rs_step(acc, b, 2 * j + 1, num_k, x_desc, w_desc, s_desc, o_desc, x_smem,
-                              w_smem, s_smem, o_smem, ready, empty, k_first, off_m, off_n, sel,
-                              ASM, P3, a_layout, BLOCK_K, GROUP, STAGES, WS, True)  # fmt: skip
-        if num_k % 2:
-            acc, a = _rs_step(acc, a, num_k - 1, num_k, x_desc, w_desc, s_desc, o_desc, x_smem,
-                              w_smem, s_smem, o_smem, ready, empty, k_first, off_m, off_n, sel,
-                              ASM, P3, a_layout, BLOCK_K, GROUP, STAGES, WS, True)  # fmt: skip
-    else:
-        for i in range(num_k):
-            acc, a = _rs_step(acc, a, i, num_k, x_desc, w_desc, s_desc, o_desc, x_smem, w_smem,
-                              s_smem, o_smem, ready, empty, k_first, off_m, off_n, sel, ASM, P3,
-                              a_layout, BLOCK_K, GROUP, STAGES, WS, False)  # fmt: skip
+    # Unrolled twice: two register tiles alternate, so the next one is not copied into the
+    # registers the wgmma reads (16 moves per 64-k tile). On the H100 this took 28672x4096
+    # M = 64 from 50.4 to 43.4 us and 8192x28672 M = 16 from 66.4 to 62.1 (session 37).
+    for j in range(num_k // 2):
+        acc, b = _rs_step(acc, a, 2 * j, num_k, x_desc, w_desc, s_desc, o_desc, x_smem, w_smem,
+                          s_smem, o_smem, ready, empty, k_first, off_m, off_n, sel, ASM, P3,
+                          a_layout, BLOCK_K, GROUP, STAGES, WS)  # fmt: skip
+        acc, a = _rs_step(acc, b, 2 * j + 1, num_k, x_desc, w_desc, s_desc, o_desc, x_smem,
+                          w_smem, s_smem, o_smem, ready, empty, k_first, off_m, off_n, sel, ASM,
+                          P3, a_layout, BLOCK_K, GROUP, STAGES, WS)  # fmt: skip
+    if num_k % 2:
+        acc, a = _rs_step(acc, a, num_k - 1, num_k, x_desc, w_desc, s_desc, o_desc, x_smem,
+                          w_smem, s_smem, o_smem, ready, empty, k_first, off_m, off_n, sel, ASM,
+                          P3, a_layout, BLOCK_K, GROUP, STAGES, WS)  # fmt: skip
 
-    if PDL:  # the next kernel may place its programs (it waits for this grid's end)
-        gdc_launch_dependents()
     offs_n = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma_layout))
     offs_m = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, mma_layout))
     mask = (gl.expand_dims(offs_n, 1) < N) & (gl.expand_dims(offs_m, 0) < M)
     offs = gl.expand_dims(offs_m, 0) * N + gl.expand_dims(offs_n, 1)
     if SPLIT > 1:  # this split's fp32 partial at ws + split * M * N
         gl.store(ws_ptr + gl.program_id(2) * M * N + offs, acc, mask=mask)
-        if SELF_REDUCE:
-            # The tile's last program to arrive (a counter per tile) sums the partials in
-            # split order, as `_splitk_reduce_kernel` would, and re-arms the counter: every
-            # thread's partial is stored before one thread's release (`w4a16._finish_tile`).
-            _cta_barrier()
-            tile = gl.program_id(0) * gl.num_programs(1) + gl.program_id(1)
-            arrived = gl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
-            if arrived == SPLIT - 1:
-                total = gl.zeros_like(acc)
-                for k in range(SPLIT):  # (one partial in registers at a time)
-                    total += gl.load(ws_ptr + k * M * N + offs, mask=mask, other=0.0,
-                                     cache_modifier=".cg")  # fmt: skip
-                if HAS_BIAS:
-                    bias = gl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(gl.float32)
-                    total = total + gl.expand_dims(bias, 1)
-                gl.store(out_ptr + offs, total.to(out_ptr.dtype.element_ty), mask=mask)
-                gl.atomic_xchg(cnt_ptr + tile, 0, sem="relaxed", scope="gpu")
     else:
         if HAS_BIAS:
             bias = gl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(gl.float32)
@@ -289,10 +234,9 @@ def _rs_consume(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem, 
 
 @gluon.jit
 def _w4a16_wgmma_rs_kernel(
-    x_desc, w_desc, s_desc, o_desc, bias_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K,
+    x_desc, w_desc, s_desc, o_desc, bias_ptr, out_ptr, ws_ptr, M, N, K,
     GROUP: gl.constexpr, HAS_BIAS: gl.constexpr, SPLIT: gl.constexpr, STAGES: gl.constexpr,
-    num_warps: gl.constexpr, WS: gl.constexpr = False, UNROLL: gl.constexpr = False,
-    PDL: gl.constexpr = False, SELF_REDUCE: gl.constexpr = False,
+    num_warps: gl.constexpr, WS: gl.constexpr = False,
 ):  # fmt: skip
     """out^T [BLOCK_N, BLOCK_M] = W x^T: W unpacked straight into wgmma's register operand
     (16 rows a warp), x's TMA tile the shared-memory operand; no shared-memory round trip.
@@ -321,20 +265,20 @@ def _w4a16_wgmma_rs_kernel(
         gl.warp_specialize(
             [(_rs_consume, (x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem,
                             ready, empty, k_first, off_m, off_n, num_k, bias_ptr, out_ptr,
-                            ws_ptr, cnt_ptr, M, N, HAS_BIAS, SPLIT, SELF_REDUCE, BLOCK_M, BLOCK_N, BLOCK_K, GROUP, STAGES, True,
-                            UNROLL, PDL, num_warps)),
+                            ws_ptr, M, N, HAS_BIAS, SPLIT, BLOCK_M, BLOCK_N, BLOCK_K, GROUP,
+                            STAGES, True, num_warps)),
              (_wgmma_produce, (x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem,
                                ready, empty, k_first, off_m, off_n, num_k, BLOCK_K, GROUP,
-                               STAGES, PDL))],
+                               STAGES))],
             [1], [24],
         )  # fmt: skip
         for i in gl.static_range(STAGES):
             mbarrier.invalidate(empty.index(i))
     else:  # (`empty` unused: ready stands in for it)
         _rs_consume(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem, ready, ready,
-                    k_first, off_m, off_n, num_k, bias_ptr, out_ptr, ws_ptr, cnt_ptr, M, N,
-                    HAS_BIAS, SPLIT, SELF_REDUCE, BLOCK_M, BLOCK_N, BLOCK_K, GROUP, STAGES,
-                    False, UNROLL, PDL, num_warps)  # fmt: skip
+                    k_first, off_m, off_n, num_k, bias_ptr, out_ptr, ws_ptr, M, N, HAS_BIAS,
+                    SPLIT, BLOCK_M, BLOCK_N, BLOCK_K, GROUP, STAGES, False,
+                    num_warps)  # fmt: skip
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(ready.index(i))
 
@@ -381,13 +325,9 @@ def launch(
     group: int,
     out: torch.Tensor,
     ws: torch.Tensor | None = None,
-    counters: torch.Tensor | None = None,
-    pdl: bool = False,
 ) -> None:
     """out [M, N] (x's dtype, + bias) for x [M, K]. Split K: fp32 partials into ws
-    [split, M, N], which the caller sums (and adds the bias), or, given the tile `counters`,
-    the tile's last program does (`self_reduce`). `pdl`: launched with programmatic dependent
-    launch (the first weights requested before it waits for the kernel before)."""
+    [split, M, N], which the caller sums (and adds the bias)."""
     m, k = x.shape
     n = qweight.shape[1]
     if not _aligned(x):
@@ -405,13 +345,10 @@ def launch(
     split = cfg.split_k > 1
     _w4a16_wgmma_rs_kernel[grid](
         x_desc, w_desc, s_desc, o_desc, bias if bias is not None else out, out,
-        ws if split else out, counters if counters is not None else out, m, n, k,
-        GROUP=group, HAS_BIAS=bias is not None and (not split or counters is not None),
+        ws if split else out, m, n, k, GROUP=group, HAS_BIAS=bias is not None and not split,
         SPLIT=cfg.split_k, STAGES=cfg.num_stages, num_warps=cfg.num_warps,
-        WS=cfg.kernel == "wgmma_rs_ws", UNROLL=_UNROLL, PDL=pdl,
-        SELF_REDUCE=split and counters is not None,
+        WS=cfg.kernel == "wgmma_rs_ws",
         **({"maxnreg": cfg.max_registers} if cfg.max_registers else {}),
-        **({"launch_pdl": True} if pdl else {}),
     )  # fmt: skip
 
 
