@@ -1237,10 +1237,11 @@ _LANE_SUMS = ("unroll4", "unroll8")  # KernelConfig.reduce values of the lane ke
 # time). Alone it is neutral (+-1%, `results/session32/pdl/`); with Inductor's kernels under
 # PDL too (`backend._INDUCTOR_PDL`), 16 layers' decode step is ~9% shorter (`backend.py`).
 _LANE_PDL = True
-# (The wgmma_rs kernels under PDL, and summing their split K in the same launch, were both
-# slower in a 16-layer decode step on the H100: forward 2.48 / 2.59 ms under PDL and 2.59 /
-# 2.56 with the sum too, against 2.35 / 2.37 as shipped, A/B/B/A, `results/session37/rsab/`.
-# Removed after commit a47c7ab.)
+# (The wgmma_rs kernels under PDL, and summing their split K in the same launch, showed no
+# gain on the H100, session 37: a 16-layer decode step's forward took 2.48 / 2.59 ms under PDL
+# and 2.59 / 2.56 with the sum too, against 2.35 / 2.37 as shipped, A/B/B/A (the host's share
+# also rose in those runs, 0.91-1.05 against 0.76-0.78 ms, so no loss is proven either); the
+# sum alone moved single kernels by -6% to +4%. Removed after commit a47c7ab.)
 
 
 def _pdl(cfg: KernelConfig) -> bool:

@@ -16,8 +16,8 @@ memory. Per K tile:
 The K loop is unrolled twice, so two register tiles of W alternate (one loop step copied the
 next tile into the registers the wgmma reads). Split K writes fp32 partials, which
 `w4a16.launch` sums. (The last program of a tile summing them, and programmatic dependent
-launch with the weights requested before griddepcontrol.wait, made a 16-layer decode step
-slower on the H100, session 37; commit a47c7ab holds both.)
+launch with the weights requested before griddepcontrol.wait, showed no gain in a 16-layer
+decode step on the H100, session 37; commit a47c7ab holds both.)
 Gluon does not run in Triton's interpreter: the CPU tests compile it for sm_90 (with Triton 3.6
 and the installed one; two Gluon names differ between them, see `_tma_load`) and check its
 unpacking bit for bit in torch (`unpack_pairs_reference`); its numbers are checked by gpu tests
