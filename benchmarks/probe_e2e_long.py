@@ -57,10 +57,14 @@ ap.add_argument(
 )  # fmt: skip
 ap.add_argument(
     "--rs-ab", action="store_true",
-    help="W4A16 + KV4 under PDL as shipped, and with the M = 16 linears on the lane kernel "
-    "instead of wgmma_rs (the thirty-fifth session's shipped picks, "
-    "`configs/h100_lane_m16.json`); no other variants. (Its wgmma_rs PDL and self-reducing "
-    "variants, slower in session 37, went with those options.)",
+    help="W4A16 + KV4 under PDL as shipped, and with --alt-configs' picks over the shipped "
+    "ones; no other variants. (Its wgmma_rs PDL and self-reducing variants went with those "
+    "options in session 37.)",
+)  # fmt: skip
+ap.add_argument(
+    "--alt-configs", type=Path, default=Path("benchmarks/configs/h100_lane_m16.json"),
+    help="--rs-ab: the other picks (default: the M = 16 linears on the lane kernel, the "
+    "thirty-fifth session's; `h100_session36.json`: the thirty-sixth session's whole file)",
 )  # fmt: skip
 ap.add_argument(
     "--repeat", type=int, default=1,
@@ -116,10 +120,10 @@ if args.pdl:
 if args.kv4_pdl:
     variants.append(("w4a16+kv4+kv4pdl", "token"))
 if args.rs_ab:  # (alone: the shipped setting, PDL on, is the baseline)
-    variants = [("w4a16+kv4+pdl", "token"), ("w4a16+kv4+pdl+lane16", "token")]
+    variants = [("w4a16+kv4+pdl", "token"), ("w4a16+kv4+pdl+alt", "token")]
 tuner = autotuner(0)
 shipped = dict(tuner.shipped)
-lane16 = _read_entries(Path("benchmarks/configs/h100_lane_m16.json"), tuner.gpu, None)
+alt = _read_entries(args.alt_configs, tuner.gpu, None) if args.rs_ab else {}
 plain_attention = model.config._attn_implementation
 runs = [
     (f"{v}#{r}" if r else v, v, kv4)
@@ -132,8 +136,8 @@ for name, variant, kv4 in runs:
     else:  # (after a KV4 round of --repeat)
         model.set_attn_implementation(plain_attention)
     kv4_pdl = variant.endswith("+kv4pdl")
-    pdl = variant.endswith("+pdl") or kv4_pdl or variant.endswith("+lane16")
-    tuner.shipped = {**shipped, **lane16} if variant.endswith("+lane16") else dict(shipped)
+    pdl = variant.endswith(("+pdl", "+alt")) or kv4_pdl
+    tuner.shipped = {**shipped, **alt} if variant.endswith("+alt") else dict(shipped)
     w4a16_lowering._LANE_PDL = pdl
     qcompile_backend._INDUCTOR_PDL = pdl  # (the backend's default for Inductor's enable_pdl)
     kv4_lowering._KV4_PDL = kv4_pdl

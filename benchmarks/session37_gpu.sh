@@ -7,7 +7,9 @@
 #   wsreg: the probe's producer-warp kernel with and without a register cap: 0 / 96 at
 #        M = 16, 64; 0 / 192 at M = 256, 1024.
 #   rsab: probe_e2e_long.py --rs-ab at 16 layers: shipped (PDL on) against `_RS_PDL`, that plus
-#        `_RS_SELF_REDUCE`, and the M = 16 linears on the lane kernel, A/B/B/A.
+#        `_RS_SELF_REDUCE`, and the M = 16 linears on the lane kernel, A/B/B/A (commit a47c7ab;
+#        now: shipped against ALT_CONFIGS, default the thirty-sixth session's picks).
+#   w4a8: bench_w4a8.py at M = 1, 16 on the three large shapes (W4A8 beside the new W4A16).
 #   anything else: session36_gpu.sh's parts (wgmmatests, tune, kernels, bench16, ncu, ...).
 source benchmarks/gpu_setup.sh
 probe() {  # probe LOG ARGS...: probe_gluon_w4a16.py, its "N=" summary lines
@@ -35,9 +37,15 @@ for part in ${PART//,/ }; do
       ;;
     rsab)
       timeout "${E2E_S:-400}" python3 benchmarks/probe_e2e_long.py --layers 16 --rs-ab \
+        --alt-configs "${ALT_CONFIGS:-benchmarks/configs/h100_session36.json}" \
         --repeat "${REPEAT:-2}" --no-profile --steps 32 --out "$OUT/$part" \
         > "$OUT/$part/e2e_long.log" 2>&1
       grep -E "^w4a16|rror" "$OUT/$part/e2e_long.log" | cut -c1-200 | head -20
+      ;;
+    w4a8)
+      timeout "${W4A8_S:-240}" python3 benchmarks/bench_w4a8.py --ms 1,16 \
+        --shapes 8192x28672,28672x4096,4096x14336 --out "$OUT/$part" > "$OUT/$part/bench.log" 2>&1
+      tail -12 "$OUT/$part/bench.log" | cut -c1-220
       ;;
     *) PART=$part bash benchmarks/session36_gpu.sh ;;
   esac
