@@ -38,7 +38,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--configs", default="", help="indices into CONFIGS (default: all)")
     ap.add_argument("--ws", default="0", help="0: wgmma_rs, 1: wgmma_rs_ws (a TMA producer warp)")
-    ap.add_argument("--maxnreg", default="0", help="register caps for wgmma_rs_ws (0: none)")
+    ap.add_argument("--maxnreg", default="0", help="register caps (Triton's maxnreg; 0: none)")
     ap.add_argument("--fit-only", action="store_true", help="BLOCK_M = M's bucket only")
     args = ap.parse_args()
     import torch
@@ -73,7 +73,7 @@ def main() -> None:
             variants = [  # (kind, maxnreg)
                 (("wgmma_rs", "wgmma_rs_ws")[ws], r)
                 for ws in map(int, args.ws.split(","))
-                for r in (map(int, args.maxnreg.split(",")) if ws else [0])
+                for r in map(int, args.maxnreg.split(","))
             ]
             for (bm, bn, bk, split, warps, stages), (kind, maxnreg) in itertools.product(
                 picked, variants

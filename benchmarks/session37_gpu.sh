@@ -9,6 +9,8 @@
 #   rsab: probe_e2e_long.py --rs-ab at 16 layers: shipped (PDL on) against `_RS_PDL`, that plus
 #        `_RS_SELF_REDUCE`, and the M = 16 linears on the lane kernel, A/B/B/A (commit a47c7ab;
 #        now: shipped against ALT_CONFIGS, default the thirty-sixth session's picks).
+#   rscap: the probe's wgmma_rs with and without a 96-register cap at M = 16, 32 (uncapped,
+#        ptxas gives the 16-row kernel 118 registers where 72 suffice: 4 programs per SM).
 #   w4a8: bench_w4a8.py at M = 1, 16 on the three large shapes (W4A8 beside the new W4A16).
 #   anything else: session36_gpu.sh's parts (wgmmatests, tune, kernels, bench16, ncu, ...).
 source benchmarks/gpu_setup.sh
@@ -34,6 +36,10 @@ for part in ${PART//,/ }; do
         --out "$OUT/$part/small.json"
       probe "$OUT/$part/large.log" --ms 256,1024 --ws 1 --maxnreg 0,192 --configs 17,18,19,20 \
         --out "$OUT/$part/large.json"
+      ;;
+    rscap)
+      probe "$OUT/$part/rscap.log" --ms 16,32 --maxnreg 0,96 --configs 0,1,2,3,4,21,22,5,6,23 \
+        --out "$OUT/$part/rscap.json"
       ;;
     rsab)
       timeout "${E2E_S:-400}" python3 benchmarks/probe_e2e_long.py --layers 16 --rs-ab \

@@ -960,16 +960,16 @@ def valid_config(cfg: KernelConfig, k: int, group: int) -> bool:
             # the accumulator (BLOCK_M / 2 a thread) and two register tiles of W must fit
             and cfg.block_m + cfg.block_k <= 320
             and 2 <= cfg.num_stages <= 6 and not cfg.prefetch and not cfg.reduce
-            # a register cap (Triton's maxnreg) only with the producer warp, whose partitions
-            # otherwise take up to 255 registers a thread (one program per SM at 4 warps)
-            # (at least the accumulator, BLOCK_M / 2 a thread, and 64 more; the producer
-            # warp pads to a warpgroup, and all of them must fit the 64K registers: 192 at
-            # 8 + 4 warps does not load)
+            # a register cap (Triton's maxnreg; uncapped, the producer warp's partitions take
+            # up to 255 registers a thread and wgmma_rs at 16 x rows 118 where 72 suffice):
+            # at least the accumulator, BLOCK_M / 2 a thread, and 64 more; the producer warp
+            # pads to a warpgroup, and all must fit the 64K registers (192 at 8 + 4 warps
+            # does not load)
             and (not cfg.max_registers
-                 or (cfg.kernel == "wgmma_rs_ws"
-                     and cfg.block_m // 2 + 64 <= cfg.max_registers <= 255
+                 or (cfg.block_m // 2 + 64 <= cfg.max_registers <= 255
                      and cfg.max_registers % 8 == 0
-                     and (cfg.num_warps + 4) * 32 * cfg.max_registers <= 65536))
+                     and (cfg.num_warps + 4 * (cfg.kernel == "wgmma_rs_ws")) * 32
+                     * cfg.max_registers <= 65536))
             and k % cfg.split_k == 0 and (k // cfg.split_k) % cfg.block_k == 0
             and group % cfg.block_k == 0 and _wgmma_smem_bytes(cfg) <= _SMEM_BYTES
         )  # fmt: skip
