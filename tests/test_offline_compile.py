@@ -393,11 +393,14 @@ def test_wgmma_rs_gluon_kernel_compiles_for_sm90_as_its_config_rules_assume():
 
 
 def test_wgmma_rs_register_cap_compiles_within_it_unspilled():
-    """`wgmma_rs_ws` under a register cap (maxnreg 96, its candidates below 128 x rows, for
-    several programs per SM) compiles within it, unspilled, hazard-free."""
+    """Under a register cap (maxnreg 96: the producer-warp kernel's candidates below 128 x
+    rows; wgmma_rs at 16 x rows, which uncapped takes 118 registers, 4 programs per SM) both
+    kernels compile within it, unspilled, hazard-free."""
     variants = [
         (16, 64, 128, 4, 4, "fp16", 2, False, True, 96),
         (64, 128, 128, 8, 4, "bf16", 1, True, True, 96),
+        (16, 64, 128, 4, 4, "fp16", 2, False, False, 96),
+        (16, 64, 128, 4, 4, "bf16", 4, True, False, 96),
     ]
     for v, r in zip(variants, _compile_offline(WGMMA, json.dumps(variants)), strict=True):
         assert r[0] <= v[-1] and r[1] == 0 and r[4] > 0 and r[7] <= 2 and r[11] == 0, (v, r)
