@@ -38,6 +38,7 @@ for part in ${PART//,/ }; do
         --out "$OUT/$part/large.json"
       ;;
     rscap)
+      gpu_tests "${TEST_S:-150}" "$OUT/$part/tests.log" tests/test_w4a16_wgmma.py -k register_cap
       probe "$OUT/$part/rscap.log" --ms 16,32 --maxnreg 0,96 --configs 0,1,2,3,4,21,22,5,6,23 \
         --out "$OUT/$part/rscap.json"
       ;;
