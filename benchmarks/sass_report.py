@@ -256,6 +256,7 @@ def compile_kv4_variant(
 def compile_wgmma_variant(
     bm: int, bn: int, bk: int, warps: int, stages: int, dtype: str = "fp16", split: int = 1,
     bias: bool = False, group: int = 128, ws: bool = False, maxnreg: int = 0,
+    pairs: bool = False,
 ):  # fmt: skip
     """The W4A16 Gluon wgmma_rs kernel (`ws`: with its TMA producer warp; `maxnreg`: ptxas's
     cap per thread) for sm_90. Gluon kernels compile through `warmup`, which asks the active driver for the target: a stand-in
@@ -294,7 +295,8 @@ def compile_wgmma_variant(
         partials = torch.empty(split, m, n, dtype=torch.float32)
         return w4a16_wgmma._w4a16_wgmma_rs_kernel.warmup(
             x_desc, w_desc, s_desc, s_desc, sc[0], x, partials, m, n, k, GROUP=group,
-            HAS_BIAS=bias, SPLIT=split, STAGES=stages, num_warps=warps, WS=ws, grid=(1,),
+            HAS_BIAS=bias, SPLIT=split, STAGES=stages, num_warps=warps, WS=ws, PAIRS=pairs,
+            grid=(1,),
             **({"maxnreg": maxnreg} if maxnreg else {}),
         )  # fmt: skip
     finally:

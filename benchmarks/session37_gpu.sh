@@ -11,6 +11,9 @@
 #        now: shipped against ALT_CONFIGS, default the thirty-sixth session's picks).
 #   rscap: the probe's wgmma_rs with and without a 96-register cap at M = 16, 32 (uncapped,
 #        ptxas gives the 16-row kernel 118 registers where 72 suffice: 4 programs per SM).
+#   pairs: `w4a16_wgmma._PAIR_ROWS` (words loaded two rows at a time): its gpu test, then the
+#        probe with and without it at M = 16, 64, 256 (and the capped producer-warp kernel at
+#        16 / 64, whose fitting configs are the ones the 96-register cap allows).
 #   w4a8: bench_w4a8.py at M = 1, 16 on the three large shapes (W4A8 beside the new W4A16).
 #   anything else: session36_gpu.sh's parts (wgmmatests, tune, kernels, bench16, ncu, ...).
 source benchmarks/gpu_setup.sh
@@ -41,6 +44,13 @@ for part in ${PART//,/ }; do
       gpu_tests "${TEST_S:-150}" "$OUT/$part/tests.log" tests/test_w4a16_wgmma.py -k register_cap
       probe "$OUT/$part/rscap.log" --ms 16,32 --maxnreg 0,96 --configs 0,1,2,3,4,21,22,5,6,23 \
         --out "$OUT/$part/rscap.json"
+      ;;
+    pairs)
+      gpu_tests "${TEST_S:-150}" "$OUT/$part/tests.log" tests/test_w4a16_wgmma.py -k pair_rows
+      probe "$OUT/$part/pairs.log" --ms 16,64,256 --pairs 0,1 --configs 2,4,21,8,9,11,17,18 \
+        --out "$OUT/$part/pairs.json"
+      probe "$OUT/$part/pairs_ws.log" --ms 16,64 --ws 1 --maxnreg 96 --pairs 0,1 \
+        --configs 2,4,21,8,9,11 --out "$OUT/$part/pairs_ws.json"
       ;;
     rsab)
       timeout "${E2E_S:-400}" python3 benchmarks/probe_e2e_long.py --layers 16 --rs-ab \

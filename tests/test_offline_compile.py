@@ -347,13 +347,14 @@ out = []
 for bm, bn, bk, w, st, dt, split, bias, ws, *extra in json.loads(__import__("sys").argv[1]):
     k = s.compile_wgmma_variant(bm, bn, bk, w, st, dt, split, bias, 128, ws, *extra)
     text = s.sass(k)
+    wide = text.count("LDS.64 ")
     ops = collections.Counter(s.opcode(line) for line in text.splitlines() if "/*" in line)
     res = s.resources(k)
     cfg = KernelConfig("wgmma_rs_ws" if ws else "wgmma_rs", bm, bn, bk, split, w, st)
     out.append([res["REG"], res["STACK"] + res["LOCAL"], k.metadata.shared,
                 _wgmma_smem_bytes(cfg), ops["HGMMA"], ops["UTMALDG"], ops["I2F"], ops["STS"],
                 ops["PRMT"], ops["HFMA2"], text.count("DEPBAR.LE gsb0, 0x0"),
-                len(s.wgmma_register_hazards(text)), text.count("IMAD.MOV")])
+                len(s.wgmma_register_hazards(text)), text.count("IMAD.MOV"), wide])
 print(json.dumps(out))
 """
 
@@ -373,7 +374,7 @@ def test_wgmma_rs_gluon_kernel_compiles_for_sm90_as_its_config_rules_assume():
     ]
     results = _compile_offline(WGMMA, json.dumps(variants))
     for v, r in zip(variants, results, strict=True):
-        regs, spills, smem, budget, hgmma, tma, i2f, sts, prmt, hfma2, waits, hazards, moves = r
+        regs, spills, smem, budget, hgmma, tma, i2f, sts, prmt, hfma2, waits, hazards, moves, _ = r
         assert regs > 0 and spills == 0, (v, r)
         assert hgmma > 0 and tma > 0 and i2f == 0, (v, r)
         assert sts <= (2 if v[-1] else 0), (v, r)  # (WS: two stores of partition state)
@@ -404,6 +405,25 @@ def test_wgmma_rs_register_cap_compiles_within_it_unspilled():
     ]
     for v, r in zip(variants, _compile_offline(WGMMA, json.dumps(variants)), strict=True):
         assert r[0] <= v[-1] and r[1] == 0 and r[4] > 0 and r[7] <= 2 and r[11] == 0, (v, r)
+
+
+def test_wgmma_rs_pair_rows_load_two_rows_per_instruction():
+    """`w4a16_wgmma._PAIR_ROWS` (off, untimed): the words come in 64-bit loads, two rows each
+    (half the load instructions: one per two words a thread, against one per word), the
+    relabelled layouts still convert into wgmma's operand for free (`assert_trivial`), no
+    spills, no register hazards, no more registers than the plain kernel."""
+    base = [
+        (16, 64, 128, 4, 4, "fp16", 2, False, False),
+        (64, 128, 128, 8, 4, "bf16", 1, True, True),
+        (128, 128, 64, 8, 4, "fp16", 1, False, True),
+    ]
+    variants = base + [(*v, 0, True) for v in base]
+    results = _compile_offline(WGMMA, json.dumps(variants))
+    for v, plain, pairs in zip(base, results[:3], results[3:], strict=True):
+        words = v[2] // 8 * 2  # (per thread and tile: two rows of BLOCK_K / 8 words)
+        assert plain[-1] == 0 and pairs[-1] >= words // 2, (v, plain, pairs)
+        assert pairs[1] == 0 and pairs[11] == 0 and pairs[0] <= plain[0], (v, plain, pairs)
+        assert pairs[8] == plain[8] and pairs[9] == plain[9], (v, plain, pairs)  # same unpack
 
 
 def test_wgmma_register_hazard_check_finds_writes_to_an_inflight_operand():

@@ -233,3 +233,42 @@ def test_wgmma_rs_register_cap_changes_no_bits(kind, cfg):
     out = launch(c, *args)
     assert_close_rel(out, problem.reference64(), dtype)
     assert torch.equal(out, plain)
+
+
+def test_pair_rows_relabel_and_the_epilogue_mapping_invert_each_other():
+    """`_PAIR_ROWS`: the loads' relabel (`_pairs_to_rows`, done here with the same reshape and
+    permute in torch) calls actual row 16a + 2g + b "16a + 8b + g"; the epilogue's index
+    formula must send each accumulator row back to the row it holds."""
+    n = 128
+    actual = torch.arange(n)
+    logical = actual.reshape(n // 16, 8, 2).permute(0, 2, 1).reshape(n)  # row n' holds this
+    rows = torch.arange(n)
+    back = rows // 16 * 16 + rows % 8 * 2 + rows // 8 % 2  # (the kernel's epilogue)
+    assert torch.equal(back, logical)
+    # lane 4g + t holds wgmma rows g and g + 8 of each 16: actual rows 2g and 2g + 1
+    g = torch.arange(8)
+    assert torch.equal(logical[g], 2 * g) and torch.equal(logical[g + 8], 2 * g + 1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", RS)
+@pytest.mark.parametrize(
+    "m,n,k,dtype,bias,tile",
+    [
+        (16, 512, 4096, torch.float16, False, (16, 64, 128, 2, 4, 4)),
+        (50, 336, 640, torch.bfloat16, True, (64, 128, 128, 1, 8, 4)),  # N past the tile
+        (200, 384, 768, torch.float16, True, (256, 128, 64, 1, 8, 3)),
+    ],
+)
+def test_wgmma_rs_pair_rows_give_the_same_bits(monkeypatch, kind, m, n, k, dtype, bias, tile):
+    """`_PAIR_ROWS` (off, untimed): words loaded two rows at a time and relabelled, rows mapped
+    back in the epilogue: each output element's sum is the same, bit for bit."""
+    problem = _problem(m, n, k, 128, dtype, bias)
+    p = problem.packed
+    args = (problem.x, p.qweight, p.scales, p.offsets, problem.bias, p.group_size)
+    c = KernelConfig(kind, *tile)
+    plain = launch(c, *args)
+    monkeypatch.setattr(w4a16_wgmma, "_PAIR_ROWS", True)
+    out = launch(c, *args)
+    assert_close_rel(out, problem.reference64(), dtype)
+    assert torch.equal(out, plain)

@@ -44,6 +44,12 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from qcompile.lowering.autotune import KernelConfig
 
+# Load W's words two rows at a time (rows 2g and 2g + 1 of a warp's 16: adjacent in shared
+# memory, one LDS.64 instead of two LDS.32) and relabel them as the rows g and g + 8 wgmma's
+# operand layout gives lane 4g + t; the accumulator's rows are relabelled back in the
+# epilogue. Untimed: off.
+_PAIR_ROWS = False
+
 # TMA global -> shared: `async_copy_global_to_shared` up to Triton 3.6, `async_load` later
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 # a CTA-wide barrier: `thread_barrier` up to Triton 3.6, `barrier` later
@@ -125,18 +131,56 @@ def _rs_unpack_layout(words, block_n, num_warps):
     return gl.DistributedLinearLayout(reg, lane, warp, [], [words, block_n, 8])
 
 
+@gluon.constexpr_function
+def _rs_pair_layouts(words, block_n, num_warps):
+    """PAIRS: the words [WORDS, BLOCK_N] and a scale row [BLOCK_N] as loaded, lane 4g + t
+    reading rows 2g and 2g + 1 of its warp's 16 (adjacent: one 64-bit load per word)."""
+    warp = [[16 << b] for b in range(num_warps.bit_length() - 1)]
+    lane = [[0], [0], [2], [4], [8]]
+    row = gl.DistributedLinearLayout([[1]], lane, warp, [], [block_n])
+    reg = [[0, 1]] + [[1 << b, 0] for b in range(words.bit_length() - 1)]
+    both = gl.DistributedLinearLayout(
+        reg, [[0, r[0]] for r in lane], [[0, w[0]] for w in warp], [], [words, block_n]
+    )
+    return both, row
+
+
+@gluon.jit
+def _pairs_to_rows(t, WORDS: gl.constexpr, N: gl.constexpr):
+    """Relabel the last dimension (N) of a PAIRS-loaded tensor ([WORDS, N], or [N] when
+    WORDS is 0): row 16a + 2g + b is called 16a + 8b + g, the row wgmma's operand layout gives
+    its lane (no data moves)."""
+    if WORDS == 0:
+        r = t.reshape([N // 16, 8, 2]).permute((0, 2, 1)).reshape([N])
+    else:
+        r = t.reshape([WORDS, N // 16, 8, 2]).permute((0, 1, 3, 2)).reshape([WORDS, N])
+    return r
+
+
 @gluon.jit
 def _rs_unpack(w_stage, s_stage, o_stage, sel, ASM: gl.constexpr, P3: gl.constexpr,
-               a_layout: gl.constexpr):  # fmt: skip
+               a_layout: gl.constexpr, PAIRS: gl.constexpr):  # fmt: skip
     """One stage's words, scale and offset rows -> W's [BLOCK_N, BLOCK_K] tile in wgmma's
-    register operand layout."""
+    register operand layout (PAIRS: with W's rows relabelled, `_pairs_to_rows`)."""
     WORDS: gl.constexpr = w_stage.shape[0]
     BLOCK_N: gl.constexpr = w_stage.shape[1]
     WL: gl.constexpr = gl.SliceLayout(2, P3)
     SL: gl.constexpr = gl.SliceLayout(0, WL)
-    words = gl.expand_dims(w_stage.load(WL), 2)  # [WORDS, BLOCK_N, 1]
-    sv = gl.expand_dims(gl.expand_dims(s_stage.reshape([BLOCK_N]).load(SL), 0), 2)
-    ov = gl.expand_dims(gl.expand_dims(o_stage.reshape([BLOCK_N]).load(SL), 0), 2)
+    if PAIRS:
+        BOTH: gl.constexpr = _rs_pair_layouts(WORDS, BLOCK_N, gl.num_warps())
+        w2 = _pairs_to_rows(w_stage.load(BOTH[0]), WORDS, BLOCK_N)
+        s1 = _pairs_to_rows(s_stage.reshape([BLOCK_N]).load(BOTH[1]), 0, BLOCK_N)
+        o1 = _pairs_to_rows(o_stage.reshape([BLOCK_N]).load(BOTH[1]), 0, BLOCK_N)
+        w2 = gl.convert_layout(w2, WL, assert_trivial=True)
+        s1 = gl.convert_layout(s1, SL, assert_trivial=True)
+        o1 = gl.convert_layout(o1, SL, assert_trivial=True)
+    else:
+        w2 = w_stage.load(WL)
+        s1 = s_stage.reshape([BLOCK_N]).load(SL)
+        o1 = o_stage.reshape([BLOCK_N]).load(SL)
+    words = gl.expand_dims(w2, 2)  # [WORDS, BLOCK_N, 1]
+    sv = gl.expand_dims(gl.expand_dims(s1, 0), 2)
+    ov = gl.expand_dims(gl.expand_dims(o1, 0), 2)
     a = gl.inline_asm_elementwise(
         ASM, "=r,r,r,r,r,r,r", [words, sel, sv, ov], dtype=sv.dtype, is_pure=True, pack=2
     )
@@ -148,7 +192,7 @@ def _rs_unpack(w_stage, s_stage, o_stage, sel, ASM: gl.constexpr, P3: gl.constex
 def _rs_step(acc, a, i, num_k, x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem,
              ready, empty, k_first, off_m, off_n, sel, ASM: gl.constexpr, P3: gl.constexpr,
              a_layout: gl.constexpr, BLOCK_K: gl.constexpr, GROUP: gl.constexpr,
-             STAGES: gl.constexpr, WS: gl.constexpr):  # fmt: skip
+             STAGES: gl.constexpr, WS: gl.constexpr, PAIRS: gl.constexpr):  # fmt: skip
     """Tile i's wgmma on its unpacked W `a`, and tile i + 1's unpacking meanwhile. Returns the
     accumulator and tile i + 1's W (the last tile's again after the last tile)."""
     s = i % STAGES
@@ -168,7 +212,7 @@ def _rs_step(acc, a, i, num_k, x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s
     s1 = nxt % STAGES
     mbarrier.wait(ready.index(s1), (nxt // STAGES) & 1)
     a = _rs_unpack(w_smem.index(s1), s_smem.index(s1), o_smem.index(s1), sel, ASM, P3,
-                   a_layout)  # fmt: skip
+                   a_layout, PAIRS)  # fmt: skip
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
     if WS:  # (every warp is done with stage s: its words and x)
         _cta_barrier()
@@ -181,7 +225,8 @@ def _rs_consume(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem, 
                 k_first, off_m, off_n, num_k, bias_ptr, out_ptr, ws_ptr, M, N,
                 HAS_BIAS: gl.constexpr, SPLIT: gl.constexpr, BLOCK_M: gl.constexpr,
                 BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, GROUP: gl.constexpr,
-                STAGES: gl.constexpr, WS: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+                STAGES: gl.constexpr, WS: gl.constexpr, PAIRS: gl.constexpr,
+                num_warps: gl.constexpr):  # fmt: skip
     """The K loop and the store. Without WS these warps also issue the TMA; with WS they
     hand each stage back to the producer warp through `empty`."""
     dtype: gl.constexpr = x_desc.dtype
@@ -203,23 +248,27 @@ def _rs_consume(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem, 
                 _issue_tile(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem,
                             ready, t, k_first, off_m, off_n, BLOCK_K, GROUP, STAGES)  # fmt: skip
     mbarrier.wait(ready.index(0), 0)
-    a = _rs_unpack(w_smem.index(0), s_smem.index(0), o_smem.index(0), sel, ASM, P3, a_layout)
+    a = _rs_unpack(w_smem.index(0), s_smem.index(0), o_smem.index(0), sel, ASM, P3, a_layout,
+                   PAIRS)  # fmt: skip
     # Unrolled twice: two register tiles alternate, so the next one is not copied into the
     # registers the wgmma reads (16 moves per 64-k tile). On the H100 this took 28672x4096
     # M = 64 from 50.4 to 43.4 us and 8192x28672 M = 16 from 66.4 to 62.1 (session 37).
     for j in range(num_k // 2):
         acc, b = _rs_step(acc, a, 2 * j, num_k, x_desc, w_desc, s_desc, o_desc, x_smem, w_smem,
                           s_smem, o_smem, ready, empty, k_first, off_m, off_n, sel, ASM, P3,
-                          a_layout, BLOCK_K, GROUP, STAGES, WS)  # fmt: skip
+                          a_layout, BLOCK_K, GROUP, STAGES, WS, PAIRS)  # fmt: skip
         acc, a = _rs_step(acc, b, 2 * j + 1, num_k, x_desc, w_desc, s_desc, o_desc, x_smem,
                           w_smem, s_smem, o_smem, ready, empty, k_first, off_m, off_n, sel, ASM,
-                          P3, a_layout, BLOCK_K, GROUP, STAGES, WS)  # fmt: skip
+                          P3, a_layout, BLOCK_K, GROUP, STAGES, WS, PAIRS)  # fmt: skip
     if num_k % 2:
         acc, a = _rs_step(acc, a, num_k - 1, num_k, x_desc, w_desc, s_desc, o_desc, x_smem,
                           w_smem, s_smem, o_smem, ready, empty, k_first, off_m, off_n, sel, ASM,
-                          P3, a_layout, BLOCK_K, GROUP, STAGES, WS)  # fmt: skip
+                          P3, a_layout, BLOCK_K, GROUP, STAGES, WS, PAIRS)  # fmt: skip
 
-    offs_n = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma_layout))
+    rows = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma_layout))
+    if PAIRS:  # accumulator row 16a + 8b + g holds W's row 16a + 2g + b
+        rows = rows // 16 * 16 + rows % 8 * 2 + rows // 8 % 2
+    offs_n = off_n + rows
     offs_m = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, mma_layout))
     mask = (gl.expand_dims(offs_n, 1) < N) & (gl.expand_dims(offs_m, 0) < M)
     offs = gl.expand_dims(offs_m, 0) * N + gl.expand_dims(offs_n, 1)
@@ -236,7 +285,7 @@ def _rs_consume(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem, 
 def _w4a16_wgmma_rs_kernel(
     x_desc, w_desc, s_desc, o_desc, bias_ptr, out_ptr, ws_ptr, M, N, K,
     GROUP: gl.constexpr, HAS_BIAS: gl.constexpr, SPLIT: gl.constexpr, STAGES: gl.constexpr,
-    num_warps: gl.constexpr, WS: gl.constexpr = False,
+    num_warps: gl.constexpr, WS: gl.constexpr = False, PAIRS: gl.constexpr = False,
 ):  # fmt: skip
     """out^T [BLOCK_N, BLOCK_M] = W x^T: W unpacked straight into wgmma's register operand
     (16 rows a warp), x's TMA tile the shared-memory operand; no shared-memory round trip.
@@ -266,7 +315,7 @@ def _w4a16_wgmma_rs_kernel(
             [(_rs_consume, (x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem,
                             ready, empty, k_first, off_m, off_n, num_k, bias_ptr, out_ptr,
                             ws_ptr, M, N, HAS_BIAS, SPLIT, BLOCK_M, BLOCK_N, BLOCK_K, GROUP,
-                            STAGES, True, num_warps)),
+                            STAGES, True, PAIRS, num_warps)),
              (_wgmma_produce, (x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem,
                                ready, empty, k_first, off_m, off_n, num_k, BLOCK_K, GROUP,
                                STAGES))],
@@ -277,7 +326,7 @@ def _w4a16_wgmma_rs_kernel(
     else:  # (`empty` unused: ready stands in for it)
         _rs_consume(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem, ready, ready,
                     k_first, off_m, off_n, num_k, bias_ptr, out_ptr, ws_ptr, M, N, HAS_BIAS,
-                    SPLIT, BLOCK_M, BLOCK_N, BLOCK_K, GROUP, STAGES, False,
+                    SPLIT, BLOCK_M, BLOCK_N, BLOCK_K, GROUP, STAGES, False, PAIRS,
                     num_warps)  # fmt: skip
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(ready.index(i))
@@ -347,7 +396,7 @@ def launch(
         x_desc, w_desc, s_desc, o_desc, bias if bias is not None else out, out,
         ws if split else out, m, n, k, GROUP=group, HAS_BIAS=bias is not None and not split,
         SPLIT=cfg.split_k, STAGES=cfg.num_stages, num_warps=cfg.num_warps,
-        WS=cfg.kernel == "wgmma_rs_ws",
+        WS=cfg.kernel == "wgmma_rs_ws", PAIRS=_PAIR_ROWS,
         **({"maxnreg": cfg.max_registers} if cfg.max_registers else {}),
     )  # fmt: skip
 
