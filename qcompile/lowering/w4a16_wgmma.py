@@ -132,6 +132,38 @@ def _rs_unpack_layout(words, block_n, num_warps):
 
 
 @gluon.constexpr_function
+def _rs8_unpack_layout(words, block_n, num_warps):
+    """W4A8: [WORDS, BLOCK_N, 8] (word, n, byte) such that permute (1, 0, 2) and a reshape to
+    [BLOCK_N, BLOCK_K] give wgmma's 8-bit register A layout (k_width 4): lane 4g + t holds
+    rows 16w + g (+ 8) and, per 32 k, k = 4t..4t + 3 and 16 + 4t..: of the 4 words of a row
+    in those 32 k, word t // 2 (and 2 + t // 2), its even (t even) or odd nibbles, i.e. x's k
+    in even / odd order per 8 (`to_even_odd(x, 8)`); 4 bytes a register (pack 4)."""
+    reg = [[0, 0, 1], [0, 0, 2], [0, 8, 0], [2, 0, 0]]
+    reg += [[4 << b, 0, 0] for b in range(words.bit_length() - 3)]
+    lane = [[0, 0, 4], [1, 0, 0], [0, 1, 0], [0, 2, 0], [0, 4, 0]]
+    warp = [[0, 16 << b, 0] for b in range(num_warps.bit_length() - 1)]
+    return gl.DistributedLinearLayout(reg, lane, warp, [], [words, block_n, 8])
+
+
+# W4A8: a word's even (shift 0) or odd (shift 4) nibbles as 4 bytes, times s2 (q * s2 <= 240:
+# no carries between bytes), minus z * s2 byte by byte without borrows between them
+# (Hacker's Delight: ((a | H) - (b & ~H)) ^ (~(a ^ b) & H), H the bytes' top bits): the int8
+# (q - z) * s2, which QoQ keeps in -127..127. `unpack_int8_reference` does the same in torch.
+_RS8_H = 0x80808080
+_RS8_ASM = gl.constexpr(f"""{{ .reg .b32 a, t, u;
+shr.b32 a, $1, $5;
+and.b32 a, a, 0x0F0F0F0F;
+mul.lo.u32 a, a, $9;
+or.b32 t, a, {_RS8_H:#x};
+and.b32 u, $13, {~_RS8_H & 0xFFFFFFFF:#x};
+sub.u32 t, t, u;
+xor.b32 u, a, $13;
+not.b32 u, u;
+and.b32 u, u, {_RS8_H:#x};
+xor.b32 $0, t, u; }}""")
+
+
+@gluon.constexpr_function
 def _rs_pair_layouts(words, block_n, num_warps):
     """PAIRS: the words [WORDS, BLOCK_N] and a scale row [BLOCK_N] as loaded, lane 4g + t
     reading rows 2g and 2g + 1 of its warp's 16 (adjacent: one 64-bit load per word)."""
@@ -158,8 +190,46 @@ def _pairs_to_rows(t, WORDS: gl.constexpr, N: gl.constexpr):
 
 
 @gluon.jit
-def _rs_unpack(w_stage, s_stage, o_stage, sel, ASM: gl.constexpr, P3: gl.constexpr,
-               a_layout: gl.constexpr, PAIRS: gl.constexpr):  # fmt: skip
+def _rs8_unpack(w_stage, s_stage, z_stage, shift, ASM: gl.constexpr, P3: gl.constexpr,
+                a_layout: gl.constexpr):  # fmt: skip
+    """W4A8: one stage's words and uint8 s2 / z rows -> the int8 (q - z) * s2 tile
+    [BLOCK_N, BLOCK_K] in wgmma's 8-bit register operand layout (`shift`: per byte of a word,
+    0 for its even nibbles, 4 for its odd ones)."""
+    WORDS: gl.constexpr = w_stage.shape[0]
+    BLOCK_N: gl.constexpr = w_stage.shape[1]
+    WL: gl.constexpr = gl.SliceLayout(2, P3)
+    SL: gl.constexpr = gl.SliceLayout(0, WL)
+    words = gl.expand_dims(w_stage.load(WL), 2)  # [WORDS, BLOCK_N, 1]
+    s2 = s_stage.reshape([BLOCK_N]).load(SL).to(gl.int32)
+    zs2 = z_stage.reshape([BLOCK_N]).load(SL).to(gl.int32) * s2 * 0x01010101  # (4 bytes)
+    s2 = gl.expand_dims(gl.expand_dims(s2, 0), 2)
+    zs2 = gl.expand_dims(gl.expand_dims(zs2, 0), 2)
+    # The inputs go to the operand's layout before the asm: permuting its int8 result instead
+    # left LLVM splitting each packed register into bytes and packing them again.
+    full = gl.full([WORDS, BLOCK_N, 8], 0, gl.int32, P3)
+    words = _to_operand(words + full, a_layout)
+    shift = _to_operand(shift + full, a_layout)
+    s2 = _to_operand(s2 + full, a_layout)
+    zs2 = _to_operand(zs2 + full, a_layout)
+    return gl.inline_asm_elementwise(
+        ASM, "=r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r", [words, shift, s2, zs2], dtype=gl.int8,
+        is_pure=True, pack=4,
+    )  # fmt: skip
+
+
+@gluon.jit
+def _to_operand(t, a_layout: gl.constexpr):
+    """[WORDS, BLOCK_N, 8] (word, n, k in word) -> [BLOCK_N, BLOCK_K] in `a_layout` (no data
+    moves)."""
+    W: gl.constexpr = t.shape[0]
+    N: gl.constexpr = t.shape[1]
+    t = gl.reshape(gl.permute(t, (1, 0, 2)), [N, 8 * W])
+    return gl.convert_layout(t, a_layout, assert_trivial=True)
+
+
+@gluon.jit
+def _rs16_unpack(w_stage, s_stage, o_stage, sel, ASM: gl.constexpr, P3: gl.constexpr,
+                 a_layout: gl.constexpr, PAIRS: gl.constexpr):  # fmt: skip
     """One stage's words, scale and offset rows -> W's [BLOCK_N, BLOCK_K] tile in wgmma's
     register operand layout (PAIRS: with W's rows relabelled, `_pairs_to_rows`)."""
     WORDS: gl.constexpr = w_stage.shape[0]
@@ -189,10 +259,22 @@ def _rs_unpack(w_stage, s_stage, o_stage, sel, ASM: gl.constexpr, P3: gl.constex
 
 
 @gluon.jit
+def _rs_unpack(w_stage, s_stage, o_stage, sel, ASM: gl.constexpr, P3: gl.constexpr,
+               a_layout: gl.constexpr, PAIRS: gl.constexpr, W4A8: gl.constexpr):  # fmt: skip
+    """W's tile for the next wgmma: `_rs8_unpack` (W4A8) or `_rs16_unpack`."""
+    if W4A8:
+        a = _rs8_unpack(w_stage, s_stage, o_stage, sel, ASM, P3, a_layout)
+    else:
+        a = _rs16_unpack(w_stage, s_stage, o_stage, sel, ASM, P3, a_layout, PAIRS)
+    return a
+
+
+@gluon.jit
 def _rs_step(acc, a, i, num_k, x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem,
              ready, empty, k_first, off_m, off_n, sel, ASM: gl.constexpr, P3: gl.constexpr,
              a_layout: gl.constexpr, BLOCK_K: gl.constexpr, GROUP: gl.constexpr,
-             STAGES: gl.constexpr, WS: gl.constexpr, PAIRS: gl.constexpr):  # fmt: skip
+             STAGES: gl.constexpr, WS: gl.constexpr, PAIRS: gl.constexpr,
+             W4A8: gl.constexpr):  # fmt: skip
     """Tile i's wgmma on its unpacked W `a`, and tile i + 1's unpacking meanwhile. Returns the
     accumulator and tile i + 1's W (the last tile's again after the last tile)."""
     s = i % STAGES
@@ -212,7 +294,7 @@ def _rs_step(acc, a, i, num_k, x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s
     s1 = nxt % STAGES
     mbarrier.wait(ready.index(s1), (nxt // STAGES) & 1)
     a = _rs_unpack(w_smem.index(s1), s_smem.index(s1), o_smem.index(s1), sel, ASM, P3,
-                   a_layout, PAIRS)  # fmt: skip
+                   a_layout, PAIRS, W4A8)  # fmt: skip
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
     if WS:  # (every warp is done with stage s: its words and x)
         _cta_barrier()
@@ -226,22 +308,35 @@ def _rs_consume(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem, 
                 HAS_BIAS: gl.constexpr, SPLIT: gl.constexpr, BLOCK_M: gl.constexpr,
                 BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, GROUP: gl.constexpr,
                 STAGES: gl.constexpr, WS: gl.constexpr, PAIRS: gl.constexpr,
-                num_warps: gl.constexpr):  # fmt: skip
+                W4A8: gl.constexpr, xs_ptr, s1_ptr, num_warps: gl.constexpr):  # fmt: skip
     """The K loop and the store. Without WS these warps also issue the TMA; with WS they
-    hand each stage back to the producer warp through `empty`."""
+    hand each stage back to the producer warp through `empty`. W4A8: int8 x and W, int32
+    accumulator, then x_scale[m] * s1[n] (split K: the raw int32 partials)."""
     dtype: gl.constexpr = x_desc.dtype
-    P3: gl.constexpr = _rs_unpack_layout(BLOCK_K // 8, BLOCK_N, num_warps)
-    mma_layout: gl.constexpr = gl.NVMMADistributedLayout(
-        version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_M, 16]
-    )
-    a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma_layout, k_width=2)
-    # PRMT selectors: byte t = nibble // 2 of the word (fp16: under the magic bytes)
-    quad = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(0, P3))) // 2
-    FP16: gl.constexpr = dtype == gl.float16
-    ASM: gl.constexpr = _RS_ASM_FP16 if FP16 else _RS_ASM_BF16
-    SEL0: gl.constexpr = _RS_SEL0_FP16 if FP16 else _RS_SEL0_BF16
-    sel = gl.expand_dims(gl.expand_dims(SEL0 + quad * 0x101, 0), 0)
-    acc = gl.zeros((BLOCK_N, BLOCK_M), dtype=gl.float32, layout=mma_layout)
+    if W4A8:
+        P3: gl.constexpr = _rs8_unpack_layout(BLOCK_K // 8, BLOCK_N, num_warps)
+        mma_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_M, 32]
+        )
+        a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma_layout, k_width=4)
+        # per byte j of a word's 8 (j // 4: its even or odd nibbles): the shift
+        half = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(0, P3))) // 4
+        sel = gl.expand_dims(gl.expand_dims(half * 4, 0), 0)
+        ASM: gl.constexpr = _RS8_ASM
+        acc = gl.zeros((BLOCK_N, BLOCK_M), dtype=gl.int32, layout=mma_layout)
+    else:
+        P3: gl.constexpr = _rs_unpack_layout(BLOCK_K // 8, BLOCK_N, num_warps)
+        mma_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_M, 16]
+        )
+        a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma_layout, k_width=2)
+        # PRMT selectors: byte t = nibble // 2 of the word (fp16: under the magic bytes)
+        quad = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(0, P3))) // 2
+        FP16: gl.constexpr = dtype == gl.float16
+        ASM: gl.constexpr = _RS_ASM_FP16 if FP16 else _RS_ASM_BF16
+        SEL0: gl.constexpr = _RS_SEL0_FP16 if FP16 else _RS_SEL0_BF16
+        sel = gl.expand_dims(gl.expand_dims(SEL0 + quad * 0x101, 0), 0)
+        acc = gl.zeros((BLOCK_N, BLOCK_M), dtype=gl.float32, layout=mma_layout)
     if not WS:  # the first STAGES tiles (fresh stages)
         for t in gl.static_range(STAGES):
             if t < num_k:
@@ -249,21 +344,21 @@ def _rs_consume(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem, 
                             ready, t, k_first, off_m, off_n, BLOCK_K, GROUP, STAGES)  # fmt: skip
     mbarrier.wait(ready.index(0), 0)
     a = _rs_unpack(w_smem.index(0), s_smem.index(0), o_smem.index(0), sel, ASM, P3, a_layout,
-                   PAIRS)  # fmt: skip
+                   PAIRS, W4A8)  # fmt: skip
     # Unrolled twice: two register tiles alternate, so the next one is not copied into the
     # registers the wgmma reads (16 moves per 64-k tile). On the H100 this took 28672x4096
     # M = 64 from 50.4 to 43.4 us and 8192x28672 M = 16 from 66.4 to 62.1 (session 37).
     for j in range(num_k // 2):
         acc, b = _rs_step(acc, a, 2 * j, num_k, x_desc, w_desc, s_desc, o_desc, x_smem, w_smem,
                           s_smem, o_smem, ready, empty, k_first, off_m, off_n, sel, ASM, P3,
-                          a_layout, BLOCK_K, GROUP, STAGES, WS, PAIRS)  # fmt: skip
+                          a_layout, BLOCK_K, GROUP, STAGES, WS, PAIRS, W4A8)  # fmt: skip
         acc, a = _rs_step(acc, b, 2 * j + 1, num_k, x_desc, w_desc, s_desc, o_desc, x_smem,
                           w_smem, s_smem, o_smem, ready, empty, k_first, off_m, off_n, sel, ASM,
-                          P3, a_layout, BLOCK_K, GROUP, STAGES, WS, PAIRS)  # fmt: skip
+                          P3, a_layout, BLOCK_K, GROUP, STAGES, WS, PAIRS, W4A8)  # fmt: skip
     if num_k % 2:
         acc, a = _rs_step(acc, a, num_k - 1, num_k, x_desc, w_desc, s_desc, o_desc, x_smem,
                           w_smem, s_smem, o_smem, ready, empty, k_first, off_m, off_n, sel, ASM,
-                          P3, a_layout, BLOCK_K, GROUP, STAGES, WS, PAIRS)  # fmt: skip
+                          P3, a_layout, BLOCK_K, GROUP, STAGES, WS, PAIRS, W4A8)  # fmt: skip
 
     rows = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma_layout))
     if PAIRS:  # accumulator row 16a + 8b + g holds W's row 16a + 2g + b
@@ -272,9 +367,13 @@ def _rs_consume(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem, 
     offs_m = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, mma_layout))
     mask = (gl.expand_dims(offs_n, 1) < N) & (gl.expand_dims(offs_m, 0) < M)
     offs = gl.expand_dims(offs_m, 0) * N + gl.expand_dims(offs_n, 1)
-    if SPLIT > 1:  # this split's fp32 partial at ws + split * M * N
+    if SPLIT > 1:  # this split's fp32 (W4A8: int32) partial at ws + split * M * N
         gl.store(ws_ptr + gl.program_id(2) * M * N + offs, acc, mask=mask)
     else:
+        if W4A8:  # x_scale[m] * s1[n], in fp32
+            xs = gl.load(xs_ptr + offs_m, mask=offs_m < M, other=0.0)
+            s1 = gl.load(s1_ptr + offs_n, mask=offs_n < N, other=0.0)
+            acc = acc.to(gl.float32) * gl.expand_dims(xs, 0) * gl.expand_dims(s1, 1)
         if HAS_BIAS:
             bias = gl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(gl.float32)
             acc = acc + gl.expand_dims(bias, 1)
@@ -286,6 +385,7 @@ def _w4a16_wgmma_rs_kernel(
     x_desc, w_desc, s_desc, o_desc, bias_ptr, out_ptr, ws_ptr, M, N, K,
     GROUP: gl.constexpr, HAS_BIAS: gl.constexpr, SPLIT: gl.constexpr, STAGES: gl.constexpr,
     num_warps: gl.constexpr, WS: gl.constexpr = False, PAIRS: gl.constexpr = False,
+    W4A8: gl.constexpr = False, xs_ptr=None, s1_ptr=None,
 ):  # fmt: skip
     """out^T [BLOCK_N, BLOCK_M] = W x^T: W unpacked straight into wgmma's register operand
     (16 rows a warp), x's TMA tile the shared-memory operand; no shared-memory round trip.
@@ -302,8 +402,8 @@ def _w4a16_wgmma_rs_kernel(
 
     x_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, BLOCK_K], x_desc.layout)
     w_smem = gl.allocate_shared_memory(gl.int32, [STAGES, WORDS, BLOCK_N], w_desc.layout)
-    s_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_N], s_desc.layout)
-    o_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_N], o_desc.layout)
+    s_smem = gl.allocate_shared_memory(s_desc.dtype, [STAGES, 1, BLOCK_N], s_desc.layout)
+    o_smem = gl.allocate_shared_memory(o_desc.dtype, [STAGES, 1, BLOCK_N], o_desc.layout)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
         mbarrier.init(ready.index(i), count=1)
@@ -315,7 +415,7 @@ def _w4a16_wgmma_rs_kernel(
             [(_rs_consume, (x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem,
                             ready, empty, k_first, off_m, off_n, num_k, bias_ptr, out_ptr,
                             ws_ptr, M, N, HAS_BIAS, SPLIT, BLOCK_M, BLOCK_N, BLOCK_K, GROUP,
-                            STAGES, True, PAIRS, num_warps)),
+                            STAGES, True, PAIRS, W4A8, xs_ptr, s1_ptr, num_warps)),
              (_wgmma_produce, (x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem,
                                ready, empty, k_first, off_m, off_n, num_k, BLOCK_K, GROUP,
                                STAGES))],
@@ -326,8 +426,8 @@ def _w4a16_wgmma_rs_kernel(
     else:  # (`empty` unused: ready stands in for it)
         _rs_consume(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem, ready, ready,
                     k_first, off_m, off_n, num_k, bias_ptr, out_ptr, ws_ptr, M, N, HAS_BIAS,
-                    SPLIT, BLOCK_M, BLOCK_N, BLOCK_K, GROUP, STAGES, False, PAIRS,
-                    num_warps)  # fmt: skip
+                    SPLIT, BLOCK_M, BLOCK_N, BLOCK_K, GROUP, STAGES, False, PAIRS, W4A8,
+                    xs_ptr, s1_ptr, num_warps)  # fmt: skip
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(ready.index(i))
 
@@ -354,13 +454,16 @@ def fits(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor) -> 
 
 @functools.cache
 def _layouts(bm: int, bk: int, dtype: torch.dtype):
-    """The descriptors' shared layouts (x's swizzled tile; unswizzled words and scale rows),
-    made once: building them took 18 of the launch's 28 us of Python (CPU machine)."""
-    gdt = gl.float16 if dtype == torch.float16 else gl.bfloat16
+    """The descriptors' shared layouts (x's swizzled tile; unswizzled words and scale rows;
+    W4A8, x int8: uint8 s2 and z rows), made once: building them took 18 of the launch's 28 us
+    of Python (CPU machine)."""
+    gdt = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16, torch.int8: gl.int8}[dtype]
     return (
         gl.NVMMASharedLayout.get_default_for([bm, bk], gdt),
         gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2),
-        gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=16, rank=2),
+        gl.NVMMASharedLayout(
+            swizzle_byte_width=0, element_bitwidth=8 if dtype == torch.int8 else 16, rank=2
+        ),
     )
 
 
@@ -374,9 +477,15 @@ def launch(
     group: int,
     out: torch.Tensor,
     ws: torch.Tensor | None = None,
+    w4a8: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> None:
     """out [M, N] (x's dtype, + bias) for x [M, K]. Split K: fp32 partials into ws
-    [split, M, N], which the caller sums (and adds the bias)."""
+    [split, M, N], which the caller sums (and adds the bias).
+
+    `w4a8` = (x_scale [M] fp32, s1 [N] fp32): W4A8, x int8 in even / odd order per 8 k
+    (`to_even_odd(xq, 8)`), scales / offsets the uint8 s2 / z; out = (xq @ ((q - z) s2)^T)
+    * x_scale * s1 (+ bias), or, split, the raw int32 partials in ws for the caller to sum
+    and rescale."""
     m, k = x.shape
     n = qweight.shape[1]
     if not _aligned(x):
@@ -392,11 +501,16 @@ def launch(
     o_desc = TensorDescriptor(offsets, [rows, n], [_row_stride(offsets), 1], [1, bn], flat16)
     grid = (triton.cdiv(m, bm), triton.cdiv(n, bn), cfg.split_k)
     split = cfg.split_k > 1
+    extra = {}
+    if w4a8 is not None:
+        if x.dtype != torch.int8 or scales.dtype != torch.uint8 or _PAIR_ROWS:
+            raise ValueError("w4a16_wgmma.launch: W4A8 takes int8 x and uint8 s2 / z rows")
+        extra = dict(W4A8=True, xs_ptr=w4a8[0], s1_ptr=w4a8[1])
     _w4a16_wgmma_rs_kernel[grid](
         x_desc, w_desc, s_desc, o_desc, bias if bias is not None else out, out,
         ws if split else out, m, n, k, GROUP=group, HAS_BIAS=bias is not None and not split,
         SPLIT=cfg.split_k, STAGES=cfg.num_stages, num_warps=cfg.num_warps,
-        WS=cfg.kernel == "wgmma_rs_ws", PAIRS=_PAIR_ROWS,
+        WS=cfg.kernel == "wgmma_rs_ws", PAIRS=_PAIR_ROWS, **extra,
         **({"maxnreg": cfg.max_registers} if cfg.max_registers else {}),
     )  # fmt: skip
 
