@@ -256,7 +256,7 @@ def compile_kv4_variant(
 def compile_wgmma_variant(
     bm: int, bn: int, bk: int, warps: int, stages: int, dtype: str = "fp16", split: int = 1,
     bias: bool = False, group: int = 128, ws: bool = False, maxnreg: int = 0,
-    pairs: bool = False,
+    pairs: bool = False, w4a8: bool = False,
 ):  # fmt: skip
     """The W4A16 Gluon wgmma_rs kernel (`ws`: with its TMA producer warp; `maxnreg`: ptxas's
     cap per thread) for sm_90. Gluon kernels compile through `warmup`, which asks the active driver for the target: a stand-in
@@ -282,21 +282,24 @@ def compile_wgmma_variant(
 
     tdt = torch.float16 if dtype == "fp16" else torch.bfloat16
     m, n, k = 256, 512, 1024
-    x = torch.empty(m, k, dtype=tdt)
+    x = torch.empty(m, k, dtype=torch.int8 if w4a8 else tdt)
     qw = torch.empty(k // 8, n, dtype=torch.int32)
-    sc = torch.empty(k // group, n, dtype=tdt)
-    x_layout, flat32, flat16 = w4a16_wgmma._layouts(bm, bk, tdt)  # (what the launcher uses)
+    sc = torch.empty(k // group, n, dtype=torch.uint8 if w4a8 else tdt)
+    x_layout, flat32, flat16 = w4a16_wgmma._layouts(bm, bk, x.dtype)  # (as the launcher)
     x_desc = TensorDescriptor(x, [m, k], [k, 1], [bm, bk], x_layout)
     w_desc = TensorDescriptor(qw, [k // 8, n], [n, 1], [bk // 8, bn], flat32)
     s_desc = TensorDescriptor(sc, [k // group, n], [n, 1], [1, bn], flat16)
     before = triton.runtime.driver._active  # (reset_active would look for a real driver)
     triton.runtime.driver.set_active(_Sm90())
     try:
-        partials = torch.empty(split, m, n, dtype=torch.float32)
+        partials = torch.empty(split, m, n, dtype=torch.int32 if w4a8 else torch.float32)
+        out = torch.empty(m, n, dtype=tdt)
+        scale = torch.empty(max(m, n), dtype=torch.float32)
+        extra = dict(W4A8=True, xs_ptr=scale, s1_ptr=scale) if w4a8 else {}
         return w4a16_wgmma._w4a16_wgmma_rs_kernel.warmup(
-            x_desc, w_desc, s_desc, s_desc, sc[0], x, partials, m, n, k, GROUP=group,
+            x_desc, w_desc, s_desc, s_desc, out[0], out, partials, m, n, k, GROUP=group,
             HAS_BIAS=bias, SPLIT=split, STAGES=stages, num_warps=warps, WS=ws, PAIRS=pairs,
-            grid=(1,),
+            grid=(1,), **extra,
             **({"maxnreg": maxnreg} if maxnreg else {}),
         )  # fmt: skip
     finally:
@@ -305,7 +308,7 @@ def compile_wgmma_variant(
 
 _SASS_LINE = re.compile(r"/\*([0-9a-f]+)\*/\s+(@!?U?P\w+\s+)?([A-Z][\w.]*)\s*(.*?)\s*;")
 _LABEL = re.compile(r"^(\.L_x_\d+):")
-_NO_DEST = ("ST", "BAR", "BRA", "HGMMA", "WARPGROUP", "SYNCS", "RED", "ATOM", "UTMA", "FENCE",
+_NO_DEST = ("ST", "BAR", "BRA", "HGMMA", "IGMMA", "WARPGROUP", "SYNCS", "RED", "ATOM", "UTMA", "FENCE",
             "MEMBAR", "EXIT", "RET", "CALL", "NOP", "DEPBAR", "ELECT", "WARPSYNC", "YIELD")  # fmt: skip
 
 
@@ -326,7 +329,7 @@ def wgmma_register_hazards(text: str) -> list[str]:
 
     wgmma reads its register operand asynchronously: until a `WARPGROUP.DEPBAR.LE gsb0, 0x0`
     (or a wait that leaves only later groups in flight) nothing may write those registers.
-    For each loop that holds HGMMAs, from each group's last HGMMA the loop body is followed in
+    For each loop that holds HGMMAs (IGMMAs), from each group's last one the loop body is followed in
     address order, around the back edge, to the first full wait. (A wait for one outstanding
     group once let ptxas load the next tile's words into the in-flight operand: NaNs on the
     H100.) Returns one line per hazard."""
@@ -351,7 +354,7 @@ def wgmma_register_hazards(text: str) -> list[str]:
         body = [r for r in rows[start + 1 : end + 1] if r[0] != "label"]
         group: set[int] = set()
         for i, (addr, op, args) in enumerate(body):
-            if not op.startswith("HGMMA"):
+            if not op.startswith(("HGMMA", "IGMMA")):
                 continue
             a = re.match(r"\s*R\d+\s*,\s*R(\d+)", args)
             if a:

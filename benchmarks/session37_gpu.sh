@@ -14,6 +14,8 @@
 #   pairs: `w4a16_wgmma._PAIR_ROWS` (words loaded two rows at a time): its gpu test, then the
 #        probe with and without it at M = 16, 64, 256 (and the capped producer-warp kernel at
 #        16 / 64, whose fitting configs are the ones the 96-register cap allows).
+#   w4a8rs: W4A8 int8 on the wgmma_rs kernel (`w4a8._WGMMA_RS`, untimed): its gpu tests, then
+#        probe_w4a8_wgmma.py at M = 16, 64, 256 beside W4A8's and W4A16's current picks.
 #   w4a8: bench_w4a8.py at M = 1, 16 on the three large shapes (W4A8 beside the new W4A16).
 #   anything else: session36_gpu.sh's parts (wgmmatests, tune, kernels, bench16, ncu, ...).
 source benchmarks/gpu_setup.sh
@@ -51,6 +53,12 @@ for part in ${PART//,/ }; do
         --out "$OUT/$part/pairs.json"
       probe "$OUT/$part/pairs_ws.log" --ms 16,64 --ws 1 --maxnreg 96 --pairs 0,1 \
         --configs 2,4,21,8,9,11 --out "$OUT/$part/pairs_ws.json"
+      ;;
+    w4a8rs)
+      gpu_tests "${TEST_S:-150}" "$OUT/$part/tests.log" tests/test_w4a8.py -k wgmma_rs
+      timeout "${PROBE_S:-200}" python3 benchmarks/probe_w4a8_wgmma.py --ms 16,64,256 \
+        --out "$OUT/$part/w4a8rs.json" > "$OUT/$part/w4a8rs.log" 2>&1
+      grep "N=" "$OUT/$part/w4a8rs.log"
       ;;
     rsab)
       timeout "${E2E_S:-400}" python3 benchmarks/probe_e2e_long.py --layers 16 --rs-ab \

@@ -28,7 +28,9 @@ def test_benchmark_scripts_import():
     import bench_kv4  # noqa: F401
     import bench_w4a8  # noqa: F401
     import bench_w4a16  # noqa: F401
+    import probe_gluon_w4a16  # noqa: F401
     import probe_w4a8_pdl  # noqa: F401
+    import probe_w4a8_wgmma  # noqa: F401
     import tune_shipped  # noqa: F401
 
 

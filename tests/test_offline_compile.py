@@ -359,6 +359,21 @@ print(json.dumps(out))
 """
 
 
+WGMMA8 = """
+import collections, json
+import sass_report as s
+out = []
+for bm, bn, bk, w, st, dt, split, bias, ws, *extra in json.loads(__import__("sys").argv[1]):
+    k = s.compile_wgmma_variant(bm, bn, bk, w, st, dt, split, bias, 128, ws, *extra)
+    text = s.sass(k)
+    ops = collections.Counter(s.opcode(line) for line in text.splitlines() if "/*" in line)
+    res = s.resources(k)
+    out.append([res["REG"], res["STACK"] + res["LOCAL"], ops["IGMMA"], ops["PRMT"], ops["I2F"],
+                len(s.wgmma_register_hazards(text))])
+print(json.dumps(out))
+"""
+
+
 def test_wgmma_rs_gluon_kernel_compiles_for_sm90_as_its_config_rules_assume():
     """The Gluon wgmma_rs kernels (which the interpreter cannot run) compile for sm_90 in fp16
     and bf16, split or not, with a bias, with and without the producer warp: wgmma and TMA
@@ -424,6 +439,24 @@ def test_wgmma_rs_pair_rows_load_two_rows_per_instruction():
         assert plain[-1] == 0 and pairs[-1] >= words // 2, (v, plain, pairs)
         assert pairs[1] == 0 and pairs[11] == 0 and pairs[0] <= plain[0], (v, plain, pairs)
         assert pairs[8] == plain[8] and pairs[9] == plain[9], (v, plain, pairs)  # same unpack
+
+
+def test_wgmma_rs_w4a8_mode_compiles_to_integer_wgmma():
+    """W4A8's int8 mode of the wgmma_rs kernel (`_WGMMA_RS` candidates off, untimed): IGMMA
+    (s8 x s8 -> s32) on the register operand, no spills, no register hazards, no float
+    conversions in the unpacking, and the packed asm results reach the wgmma without being
+    split into bytes and packed again (a handful of PRMT, against ~240 when int8 values
+    crossed the loop's back edge)."""
+    variants = [
+        (16, 64, 128, 4, 4, "fp16", 1, False, False, 0, False, True),
+        (16, 64, 128, 4, 4, "fp16", 2, False, False, 0, False, True),
+        (64, 128, 128, 8, 4, "bf16", 1, True, False, 0, False, True),
+        (128, 128, 64, 8, 4, "fp16", 1, False, True, 0, False, True),
+    ]
+    for v, r in zip(variants, _compile_offline(WGMMA8, json.dumps(variants)), strict=True):
+        regs, spills, igmma, prmt, i2f, hazards = r
+        assert igmma > 0 and spills == 0 and hazards == 0 and i2f == 0, (v, r)
+        assert prmt <= 40, (v, r)
 
 
 def test_wgmma_register_hazard_check_finds_writes_to_an_inflight_operand():

@@ -51,6 +51,36 @@ def test_unpacking_matches_the_dequantized_weight(dtype, words, n, outliers, see
     assert ((got.double() - want).abs() <= bound).all()
 
 
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    words=st.sampled_from([8, 16]),
+    n=st.sampled_from([8, 24, 128]),
+    outliers=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_int8_unpacking_gives_qoq_integer_weight_bit_for_bit(words, n, outliers, seed):
+    """W4A8's unpacking (`_RS8_ASM`: a word's even or odd nibbles as bytes, times s2, minus
+    z * s2 byte by byte with no borrows between bytes) gives each weight's (q - z) * s2 exactly,
+    in the kernel's k order (`to_even_odd` per 8), for weights the QoQ quantizer made: every
+    group scale and zero it produces, outlier rows included."""
+    from qcompile.config import Scheme
+    from qcompile.lowering.w4a16_wgmma import unpack_int8_reference
+    from qcompile.quant.int4 import to_even_odd
+    from qcompile.quant.w4a8 import int8_weight, quantize_weight_w4a8
+
+    gen = torch.Generator().manual_seed(seed)
+    k = 8 * words
+    w = torch.randn(n, k, generator=gen) * torch.rand(n, 1, generator=gen)
+    if outliers:
+        w[:, 3] *= 50  # one large input channel: s2 = 16 in its groups
+        w[0] = torch.linspace(-1, 1, k)  # codes from 0 to 15
+    p = quantize_weight_w4a8(w, Scheme(name="w4a8", group_size=k))
+    got = unpack_int8_reference(p.qweight, p.group_scales[0], p.group_zeros[0])
+    want = to_even_odd(int8_weight(p.qweight, p.group_scales, p.group_zeros, k), 8)
+    assert got.dtype == torch.int8 and torch.equal(got.to(torch.int32), want)
+    assert int(p.group_scales.max()) > 1  # (the multiply is exercised)
+
+
 RS = ("wgmma_rs", "wgmma_rs_ws")
 
 

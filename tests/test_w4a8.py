@@ -1225,3 +1225,71 @@ def test_gpu_output_past_2_to_the_31_elements_runs_in_row_chunks():
     for rows in (slice(0, 8), slice(m - 8, m)):
         ref = OP(x[rows].cpu(), *(t.cpu() for t in p.tensors()), None, 128, "int8")
         assert_close_rel(out[rows], ref, torch.float16)
+
+
+# ------------------------------------------------------------- wgmma_rs (int8, Hopper)
+def test_wgmma_rs_rules_and_candidates_stay_off_until_timed(monkeypatch):
+    """W4A16's Gluon kernel in its int8 mode: W4A16's tile rules, int8 activations only, N a
+    multiple of 16 (TMA reads the uint8 s2 / z rows in place); offered only with `_WGMMA_RS`
+    (off: written in the thirty-seventh session, not yet run on a GPU) on Hopper."""
+    import qcompile.lowering.w4a8 as lowering8
+
+    cfg = KernelConfig("wgmma_rs", 16, 64, 128, 2, 4, 4)
+    assert valid_config(cfg, 4096, 4096, 128, "int8")
+    assert not valid_config(cfg, 4096, 4096, 128, "float8_e4m3fn")
+    assert not valid_config(cfg, 4104, 4096, 128, "int8")  # (N % 16)
+    assert not valid_config(KernelConfig("wgmma_rs", 16, 64, 128, 2, 4, 4), 4096, 4096, 64, "int8")
+    assert not valid_config(
+        KernelConfig("wgmma_rs", 16, 128, 128, 1, 4, 4), 4096, 4096, 128, "int8"
+    )
+    monkeypatch.setattr(lowering8, "_wgmma_device", lambda: True)
+    assert not [
+        c for c in candidate_configs(16, 28672, 4096, 128, "int8") if c.kernel == "wgmma_rs"
+    ]
+    monkeypatch.setattr(lowering8, "_WGMMA_RS", True)
+    for m in (16, 64, 256, 1024):
+        rs = [c for c in candidate_configs(m, 28672, 4096, 128, "int8") if c.kernel == "wgmma_rs"]
+        assert rs and all(valid_config(c, 28672, 4096, 128, "int8") for c in rs), m
+        assert {c.block_m for c in rs} == {min(m, 256)}, m
+    assert not [c for c in candidate_configs(8, 28672, 4096, 128, "int8") if c.kernel == "wgmma_rs"]
+    fp8 = candidate_configs(16, 28672, 4096, 128, "float8_e4m3fn")
+    assert not [c for c in fp8 if c.kernel == "wgmma_rs"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "m,n,k,g,bias,tile",
+    [
+        (16, 512, 4096, 128, False, (16, 64, 128, 1, 4, 4)),
+        (16, 512, 4096, 128, True, (16, 64, 128, 4, 4, 4)),
+        (13, 336, 640, 64, True, (16, 128, 64, 1, 8, 4)),  # odd M, N past the tile, 10 tiles
+        (200, 384, 768, 128, False, (256, 128, 64, 2, 8, 3)),
+    ],
+)
+def test_gpu_wgmma_rs_int8_is_exact_on_the_accumulator(m, n, k, g, bias, tile):
+    """The int8 mode of W4A16's Gluon kernel: the raw int32 accumulator equals the exact
+    integer reference (split or not), the rescaled output the float64 reference, from xq in
+    natural order and from the quantize kernel's even / odd order alike."""
+    gen = torch.Generator().manual_seed(m + n)
+    w = torch.randn(n, k, generator=gen)
+    w[:, 5] *= 30  # an outlier input channel
+    p = quantize_weight_w4a8(w, Scheme(name="w4a8", group_size=g))
+    x = torch.randn(m, k, generator=gen).half()
+    x[:, 7] *= 20
+    b = torch.randn(n, generator=gen).half() if bias else None
+    problem = W4A8Problem(x, w, p, b, torch.float16, "int8")
+    cfg = KernelConfig("wgmma_rs", *tile)
+    assert valid_config(cfg, n, k, g, "int8")
+    xq, xs = _on_device(*problem.quantized_x())
+    args = (xq, xs, *(t.cuda() for t in p.tensors()), _on_device(b)[0] if bias else None, g)
+    acc = launch(cfg, *args, torch.float16, accumulator=True)
+    assert torch.equal(acc.cpu().double(), problem.accumulator64())
+    out = torch.full((m, n), float("nan"), dtype=torch.float16, device="cuda")
+    got = launch(cfg, *args, torch.float16, out=out)
+    assert_close_rel(got, problem.reference64(), torch.float16)
+    eo = launch(cfg, to_even_odd(xq, 8), *args[1:], torch.float16, xq_even_odd=True)
+    assert torch.equal(eo, got)
+    fused = quantize_and_launch(
+        cfg, x.cuda(), *(t.cuda() for t in p.tensors()), args[-2], g, "int8"
+    )
+    assert_close_rel(fused, problem.reference64(), torch.float16)

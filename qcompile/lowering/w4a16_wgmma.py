@@ -151,13 +151,13 @@ def _rs8_unpack_layout(words, block_n, num_warps):
 # (q - z) * s2, which QoQ keeps in -127..127. `unpack_int8_reference` does the same in torch.
 _RS8_H = 0x80808080
 _RS8_ASM = gl.constexpr(f"""{{ .reg .b32 a, t, u;
-shr.b32 a, $1, $5;
+shr.b32 a, $1, $2;
 and.b32 a, a, 0x0F0F0F0F;
-mul.lo.u32 a, a, $9;
+mul.lo.u32 a, a, $3;
 or.b32 t, a, {_RS8_H:#x};
-and.b32 u, $13, {~_RS8_H & 0xFFFFFFFF:#x};
+and.b32 u, $4, {~_RS8_H & 0xFFFFFFFF:#x};
 sub.u32 t, t, u;
-xor.b32 u, a, $13;
+xor.b32 u, a, $4;
 not.b32 u, u;
 and.b32 u, u, {_RS8_H:#x};
 xor.b32 $0, t, u; }}""")
@@ -211,10 +211,21 @@ def _rs8_unpack(w_stage, s_stage, z_stage, shift, ASM: gl.constexpr, P3: gl.cons
     shift = _to_operand(shift + full, a_layout)
     s2 = _to_operand(s2 + full, a_layout)
     zs2 = _to_operand(zs2 + full, a_layout)
+    # int32 results (the 4 of a register's group are one asm call, CSE'd): the tile crosses
+    # the loop's back edge as packed words; `_as_int8` turns them into the operand's bytes
+    # right at the wgmma (int8 values across the back edge went through 16-bit registers,
+    # split and packed again)
     return gl.inline_asm_elementwise(
-        ASM, "=r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r", [words, shift, s2, zs2], dtype=gl.int8,
-        is_pure=True, pack=4,
-    )  # fmt: skip
+        ASM, "=r,r,r,r,r", [words, shift, s2, zs2], dtype=gl.int32, is_pure=True, pack=1
+    )
+
+
+@gluon.jit
+def _as_int8(a):
+    """The packed int32 operand tile (4 equal values a group) as the int8 operand."""
+    return gl.inline_asm_elementwise(
+        "mov.b32 $0, $1;", "=r,r,r,r,r", [a], dtype=gl.int8, is_pure=True, pack=4
+    )
 
 
 @gluon.jit
@@ -278,7 +289,10 @@ def _rs_step(acc, a, i, num_k, x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s
     """Tile i's wgmma on its unpacked W `a`, and tile i + 1's unpacking meanwhile. Returns the
     accumulator and tile i + 1's W (the last tile's again after the last tile)."""
     s = i % STAGES
-    acc = warpgroup_mma(a, x_smem.index(s).permute((1, 0)), acc, is_async=True)
+    if W4A8:
+        acc = warpgroup_mma(_as_int8(a), x_smem.index(s).permute((1, 0)), acc, is_async=True)
+    else:
+        acc = warpgroup_mma(a, x_smem.index(s).permute((1, 0)), acc, is_async=True)
     if not WS:
         # Both warpgroups waited for tile i - 1's wgmma last step: its stage is free.
         _cta_barrier()
@@ -308,7 +322,8 @@ def _rs_consume(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem, 
                 HAS_BIAS: gl.constexpr, SPLIT: gl.constexpr, BLOCK_M: gl.constexpr,
                 BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, GROUP: gl.constexpr,
                 STAGES: gl.constexpr, WS: gl.constexpr, PAIRS: gl.constexpr,
-                W4A8: gl.constexpr, xs_ptr, s1_ptr, num_warps: gl.constexpr):  # fmt: skip
+                W4A8: gl.constexpr, xs_ptr, s1_ptr, RAW: gl.constexpr,
+                num_warps: gl.constexpr):  # fmt: skip
     """The K loop and the store. Without WS these warps also issue the TMA; with WS they
     hand each stage back to the producer warp through `empty`. W4A8: int8 x and W, int32
     accumulator, then x_scale[m] * s1[n] (split K: the raw int32 partials)."""
@@ -367,7 +382,7 @@ def _rs_consume(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem, 
     offs_m = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, mma_layout))
     mask = (gl.expand_dims(offs_n, 1) < N) & (gl.expand_dims(offs_m, 0) < M)
     offs = gl.expand_dims(offs_m, 0) * N + gl.expand_dims(offs_n, 1)
-    if SPLIT > 1:  # this split's fp32 (W4A8: int32) partial at ws + split * M * N
+    if (SPLIT > 1) | RAW:  # this split's fp32 (W4A8: int32) partial at ws + split * M * N
         gl.store(ws_ptr + gl.program_id(2) * M * N + offs, acc, mask=mask)
     else:
         if W4A8:  # x_scale[m] * s1[n], in fp32
@@ -385,7 +400,7 @@ def _w4a16_wgmma_rs_kernel(
     x_desc, w_desc, s_desc, o_desc, bias_ptr, out_ptr, ws_ptr, M, N, K,
     GROUP: gl.constexpr, HAS_BIAS: gl.constexpr, SPLIT: gl.constexpr, STAGES: gl.constexpr,
     num_warps: gl.constexpr, WS: gl.constexpr = False, PAIRS: gl.constexpr = False,
-    W4A8: gl.constexpr = False, xs_ptr=None, s1_ptr=None,
+    W4A8: gl.constexpr = False, xs_ptr=None, s1_ptr=None, RAW: gl.constexpr = False,
 ):  # fmt: skip
     """out^T [BLOCK_N, BLOCK_M] = W x^T: W unpacked straight into wgmma's register operand
     (16 rows a warp), x's TMA tile the shared-memory operand; no shared-memory round trip.
@@ -415,7 +430,7 @@ def _w4a16_wgmma_rs_kernel(
             [(_rs_consume, (x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem,
                             ready, empty, k_first, off_m, off_n, num_k, bias_ptr, out_ptr,
                             ws_ptr, M, N, HAS_BIAS, SPLIT, BLOCK_M, BLOCK_N, BLOCK_K, GROUP,
-                            STAGES, True, PAIRS, W4A8, xs_ptr, s1_ptr, num_warps)),
+                            STAGES, True, PAIRS, W4A8, xs_ptr, s1_ptr, RAW, num_warps)),
              (_wgmma_produce, (x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem,
                                ready, empty, k_first, off_m, off_n, num_k, BLOCK_K, GROUP,
                                STAGES))],
@@ -427,7 +442,7 @@ def _w4a16_wgmma_rs_kernel(
         _rs_consume(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem, ready, ready,
                     k_first, off_m, off_n, num_k, bias_ptr, out_ptr, ws_ptr, M, N, HAS_BIAS,
                     SPLIT, BLOCK_M, BLOCK_N, BLOCK_K, GROUP, STAGES, False, PAIRS, W4A8,
-                    xs_ptr, s1_ptr, num_warps)  # fmt: skip
+                    xs_ptr, s1_ptr, RAW, num_warps)  # fmt: skip
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(ready.index(i))
 
@@ -484,8 +499,8 @@ def launch(
 
     `w4a8` = (x_scale [M] fp32, s1 [N] fp32): W4A8, x int8 in even / odd order per 8 k
     (`to_even_odd(xq, 8)`), scales / offsets the uint8 s2 / z; out = (xq @ ((q - z) s2)^T)
-    * x_scale * s1 (+ bias), or, split, the raw int32 partials in ws for the caller to sum
-    and rescale."""
+    * x_scale * s1 (+ bias), or, split or given `ws` (int32 [split, M, N]), the raw int32
+    partials there for the caller to sum and rescale."""
     m, k = x.shape
     n = qweight.shape[1]
     if not _aligned(x):
@@ -505,7 +520,8 @@ def launch(
     if w4a8 is not None:
         if x.dtype != torch.int8 or scales.dtype != torch.uint8 or _PAIR_ROWS:
             raise ValueError("w4a16_wgmma.launch: W4A8 takes int8 x and uint8 s2 / z rows")
-        extra = dict(W4A8=True, xs_ptr=w4a8[0], s1_ptr=w4a8[1])
+        extra = dict(W4A8=True, xs_ptr=w4a8[0], s1_ptr=w4a8[1], RAW=ws is not None)
+        split = split or ws is not None
     _w4a16_wgmma_rs_kernel[grid](
         x_desc, w_desc, s_desc, o_desc, bias if bias is not None else out, out,
         ws if split else out, m, n, k, GROUP=group, HAS_BIAS=bias is not None and not split,
@@ -542,3 +558,22 @@ def unpack_pairs_reference(words: torch.Tensor, scales: torch.Tensor, offsets: t
     # the FMA: one rounding of c * s + o
     tile = codes.double() * scales.double()[None, :, None] + offsets.double()[None, :, None]
     return tile.to(dtype).permute(1, 0, 2).reshape(words.shape[1], -1)
+
+
+def unpack_int8_reference(words: torch.Tensor, s2: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """W4A8's unpacking in torch, bit for bit (`_RS8_ASM`): words [WORDS, N] int32, one uint8
+    s2 / z row [N] -> the int8 (q - z) * s2 tile [N, 8 * WORDS] in the kernel's k order: per
+    word its even nibbles, then its odd ones (`to_even_odd(w, 8)` of the natural order)."""
+    mask = 0xFFFFFFFF
+    w = words.to(torch.int64) & mask
+    s = s2.to(torch.int64)[None, :]
+    b = (z.to(torch.int64)[None, :] * s * 0x01010101) & mask
+    halves = []
+    for shift in (0, 4):
+        a = (((w >> shift) & 0x0F0F0F0F) * s) & mask
+        t = ((a | _RS8_H) - (b & (~_RS8_H & mask))) & mask
+        d = t ^ (~(a ^ b) & _RS8_H)
+        halves.append(torch.stack([(d >> (8 * i)) & 0xFF for i in range(4)], -1))
+    codes = torch.stack(halves, -2).reshape(w.shape[0], w.shape[1], 8)  # [WORDS, N, 8]
+    codes = codes.permute(1, 0, 2).reshape(w.shape[1], 8 * w.shape[0])
+    return codes.to(torch.uint8).view(torch.int8)

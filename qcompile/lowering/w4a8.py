@@ -74,10 +74,14 @@ from qcompile.lowering.w4a16 import (
     _split4,
     _sum_partials,
     _tile_counters,
+    _wgmma_device,
     first_rows,
     in_row_chunks,
     reserve_tile_counters,
     rows_of,
+)
+from qcompile.lowering.w4a16 import (
+    _useful_split as _w4a16_useful_split,
 )
 from qcompile.lowering.w4a16 import launch as w4a16_launch
 from qcompile.lowering.w4a16 import valid_config as w4a16_valid_config
@@ -1016,8 +1020,13 @@ def _pow2(v: int) -> bool:
 # Smallest BLOCK_K per kernel: 8-bit tl.dot needs K tiles >= 32; planes: 32 word rows per dot.
 _MIN_BLOCK_K = {
     "gemv": 32, "gemm": 32, "gemm_planes": 256, "gemm_swar": 64, "mma": 32, "int_mm": 32,
-    "fp8_mm": 32, "mma_f16": 32,
+    "fp8_mm": 32, "mma_f16": 32, "wgmma_rs": 64,
 }  # fmt: skip
+# W4A16's Gluon wgmma_rs kernel in its int8 mode (M >= 16, Hopper): W unpacked into an int8
+# register operand, xq's tile by TMA, int32 accumulation. Written in the thirty-seventh
+# session, not yet run on a GPU: its candidates stay off until its gpu tests pass and it is
+# timed (`session37_gpu.sh PART=w4a8rs`).
+_WGMMA_RS = False
 _LANE_ROWS = (8, 16, 32, 64)  # lane MMA: 1, 2, 4 or 8 B tiles of 8 rows
 _LANE_REDUCE_MAX_ROWS = 8  # the lane kernel reduces split K in its own launch up to 8 rows
 # ... with 8 partials' loads in flight: M = 1 on the H100, 52.3 -> 47.4 us on 8192x28672 (split
@@ -1049,6 +1058,11 @@ def valid_config(cfg: KernelConfig, n: int, k: int, group: int, act_dtype: str) 
             act_dtype == "int8" and n % 8 == 0 and cfg.split_k == 1 and _pow2(cfg.block_n)
             and _pow2(cfg.block_k) and cfg.block_k >= 32 and k % cfg.block_k == 0
             and (group % cfg.block_k == 0 or cfg.block_k % group == 0)
+        )  # fmt: skip
+    if cfg.kernel == "wgmma_rs":  # W4A16's rules (one group per K tile); TMA: 16-byte rows
+        return (
+            act_dtype == "int8" and n % 16 == 0 and cfg.block_m >= 16
+            and w4a16_valid_config(cfg, k, group)
         )  # fmt: skip
     if cfg.kernel == "mma_f16":  # W4A16's lane-kernel rules
         return (
@@ -1144,6 +1158,14 @@ def candidate_configs(m: int, n: int, k: int, group: int, act_dtype: str) -> lis
         out += [KernelConfig("int_mm", 0, bn, bk, 1, 4, 1) for bn, bk in _UNPACK_TILES]
     if mb >= 32 and act_dtype != "int8":
         out += [KernelConfig("fp8_mm", 0, bn, bk, 1, 4, 1) for bn, bk in _UNPACK_TILES]
+    if _WGMMA_RS and mb >= 16 and act_dtype == "int8" and _wgmma_device():
+        # as W4A16's: BLOCK_M the bucket (x's rows are wgmma's N side), 4 or 8 warps
+        bm = min(mb, 256)
+        bk = 128 if bm <= 64 and group % 128 == 0 else 64
+        for bn, warps in ((64, 4), (128, 8)):
+            for sk in (1, 2, 4):
+                if _w4a16_useful_split(triton.cdiv(n, bn) * triton.cdiv(mb, bm), sk):
+                    out.append(KernelConfig("wgmma_rs", bm, bn, bk, sk, warps, 4))
     if mb <= 64 and act_dtype != "int8":  # W4A16's lane kernel on e4m3 values as fp16
         rows = max(8, mb)
         for warps, bk, sk in itertools.product((2, 4), (64, 128), (1, 2, 4, 8, 16)):
@@ -1362,6 +1384,11 @@ def launch(
             out_dtype, cfg.block_n, cfg.block_k,
         )  # fmt: skip
         return res if out is None else out.copy_(res)
+    if cfg.kernel == "wgmma_rs":
+        return _launch_wgmma_rs(
+            cfg, xq, x_scale, qweight, group_scales, group_zeros, channel_scales, bias,
+            group_size, out_dtype, out, accumulator, xq_plane_major, xq_even_odd,
+        )  # fmt: skip
     if cfg.kernel == "mma_f16":
         if not fp8 or xq_plane_major or xq_even_odd or accumulator:
             raise ValueError(
@@ -1486,6 +1513,47 @@ def launch(
 
 _atomic_workspaces: dict[torch.device, torch.Tensor] = {}
 _outgrown_workspaces: list[torch.Tensor] = []  # never freed (see `_atomic_workspace`)
+
+
+def _launch_wgmma_rs(
+    cfg, xq, x_scale, qweight, group_scales, group_zeros, channel_scales, bias, group_size,
+    out_dtype, out, accumulator, xq_plane_major, xq_even_odd,
+) -> torch.Tensor:  # fmt: skip
+    """`launch` for "wgmma_rs": xq in even / odd order per 8 k (`xq_even_odd`: already so);
+    split K (or `accumulator`) through int32 partials, summed and rescaled here. Weights TMA
+    cannot read in place run the lane kernel's default instead."""
+    from qcompile.lowering import w4a16_wgmma
+
+    m, k = xq.shape
+    n = qweight.shape[1]
+    if xq.dtype != torch.int8 or xq_plane_major:
+        raise ValueError("launch: wgmma_rs takes int8 activations, natural or even / odd order")
+    if not w4a16_wgmma.fits(qweight, group_scales, group_zeros):
+        lane = _lane_default(m_bucket(m), n, k, group_size) or default_config(
+            m, n, k, group_size, "int8"
+        )
+        if xq_even_odd:  # (the lane kernel reads natural order)
+            xq = xq.unflatten(-1, (k // 8, 2, 4)).transpose(-1, -2).flatten(-3)
+        return launch(
+            lane, xq, x_scale, qweight, group_scales, group_zeros, channel_scales, bias,
+            group_size, out_dtype, out=out, accumulator=accumulator,
+        )  # fmt: skip
+    if not xq_even_odd:
+        xq = to_even_odd(xq, 8)
+    if out is None:
+        out = torch.empty((m, n), device=xq.device, dtype=out_dtype)
+    raw = accumulator or cfg.split_k > 1
+    ws = torch.empty((cfg.split_k, m, n), device=xq.device, dtype=torch.int32) if raw else None
+    scales = (x_scale.float().contiguous(), channel_scales)
+    w4a16_wgmma.launch(
+        cfg, xq, qweight, group_scales, group_zeros, None if raw else bias, group_size, out,
+        ws=ws, w4a8=scales,
+    )  # fmt: skip
+    if accumulator:
+        return ws.to(torch.int64).sum(0)
+    if raw:
+        _rescale(ws, x_scale, channel_scales, bias, out, split=cfg.split_k)
+    return out
 
 
 def _atomic_workspace(device: torch.device, numel: int) -> torch.Tensor | None:
@@ -1685,6 +1753,7 @@ def quantize_and_launch(
     pdl = pdl and cfg.kernel == "mma"
     planes = cfg.block_k if cfg.kernel == "gemm_planes" else 0
     even_odd = cfg.block_k if cfg.kernel in ("gemm_swar", "mma") else 0
+    even_odd = 8 if cfg.kernel == "wgmma_rs" else even_odd
     xq, scale = quantize_per_token(
         x, act_dtype, planes, even_odd, as_fp16=cfg.kernel == "mma_f16", pdl=pdl
     )
