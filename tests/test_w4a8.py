@@ -1256,6 +1256,22 @@ def test_wgmma_rs_rules_and_candidates_stay_off_until_timed(monkeypatch):
     assert not [c for c in fp8 if c.kernel == "wgmma_rs"]
 
 
+def test_wgmma_rs_refuses_what_it_cannot_read():
+    """FP8 or plane-major activations and a strided `out` get a clear error before any launch."""
+    p = _packed(n=64, k=256, g=128)
+    cfg = KernelConfig("wgmma_rs", 16, 64, 128, 1, 4, 4)
+    xs = torch.ones(2)
+    args = (*p.tensors(), None, 128, torch.float16)
+    fp8 = torch.zeros(2, 256, dtype=torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match="wgmma_rs takes int8 activations"):
+        launch(cfg, fp8, xs, *args)
+    xq = torch.zeros(2, 256, dtype=torch.int8)
+    with pytest.raises(ValueError, match="wgmma_rs takes int8 activations"):
+        launch(cfg, xq, xs, *args, xq_plane_major=True)
+    with pytest.raises(ValueError, match="out must be contiguous"):
+        launch(cfg, xq, xs, *args, out=torch.empty(64, 2, dtype=torch.float16).t())
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize(
     "m,n,k,g,bias,tile",

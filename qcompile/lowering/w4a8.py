@@ -1528,6 +1528,8 @@ def _launch_wgmma_rs(
     n = qweight.shape[1]
     if xq.dtype != torch.int8 or xq_plane_major:
         raise ValueError("launch: wgmma_rs takes int8 activations, natural or even / odd order")
+    if out is not None and not out.is_contiguous():  # (its stores address out as [M * N])
+        raise ValueError("launch: out must be contiguous")
     if not w4a16_wgmma.fits(qweight, group_scales, group_zeros):
         lane = _lane_default(m_bucket(m), n, k, group_size) or default_config(
             m, n, k, group_size, "int8"
