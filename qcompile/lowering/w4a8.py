@@ -45,6 +45,10 @@ group_zeros [K/G, N] uint8, channel_scales [N] fp32). Kernels, top to bottom:
 * W4A16's `_w4a16_mma_kernel` in its W4A8 mode ("mma_f16", FP8 at M <= 64, the FP8 default at
   M <= 16): the e4m3 xq as fp16 (exact) times the weight (q - z) * s2 made in
   fp16 from uint8 s2 and z (integers in -127..127: exact), x_scale * s1 in its epilogue.
+* W4A16's Gluon wgmma_rs kernel in its int8 mode ("wgmma_rs", M >= 16, Hopper; candidates
+  behind `_WGMMA_RS`, off until timed): W unpacked into wgmma's int8 register operand
+  ((q - z) * s2 by SWAR byte arithmetic, `w4a16_wgmma._RS8_ASM`), xq's tile by TMA in even /
+  odd order per 8 k, int32 accumulation, x_scale * s1 in its epilogue.
 * `_w4a8_gemv_kernel` ("gemv", M <= 8): CUDA cores, one program per (N tile, K split, row).
   Integer per group: sum_k (q - z) s2 x = s2 * sum_k q x - z s2 * sum_k x, so the inner loop
   is shift, and, multiply-add per weight. Memory-bound: floor =
