@@ -354,7 +354,8 @@ for bm, bn, bk, w, st, dt, split, bias, ws, *extra in json.loads(__import__("sys
     out.append([res["REG"], res["STACK"] + res["LOCAL"], k.metadata.shared,
                 _wgmma_smem_bytes(cfg), ops["HGMMA"], ops["UTMALDG"], ops["I2F"], ops["STS"],
                 ops["PRMT"], ops["HFMA2"], text.count("DEPBAR.LE gsb0, 0x0"),
-                len(s.wgmma_register_hazards(text)), text.count("IMAD.MOV"), wide])
+                len(s.wgmma_register_hazards(text)), text.count("IMAD.MOV"), wide,
+                text.count("WARPGROUP.ARRIVE")])
 print(json.dumps(out))
 """
 
@@ -389,7 +390,7 @@ def test_wgmma_rs_gluon_kernel_compiles_for_sm90_as_its_config_rules_assume():
     ]
     results = _compile_offline(WGMMA, json.dumps(variants))
     for v, r in zip(variants, results, strict=True):
-        regs, spills, smem, budget, hgmma, tma, i2f, sts, prmt, hfma2, waits, hazards, moves, _ = r
+        regs, spills, smem, budget, hgmma, tma, i2f, sts, prmt, hfma2, waits, hazards, moves, *_ = r
         assert regs > 0 and spills == 0, (v, r)
         assert hgmma > 0 and tma > 0 and i2f == 0, (v, r)
         assert sts <= (2 if v[-1] else 0), (v, r)  # (WS: two stores of partition state)
@@ -410,16 +411,22 @@ def test_wgmma_rs_gluon_kernel_compiles_for_sm90_as_its_config_rules_assume():
 
 def test_wgmma_rs_register_cap_compiles_within_it_unspilled():
     """Under a register cap (maxnreg 96: the producer-warp kernel's candidates below 128 x
-    rows; wgmma_rs at 16 x rows, which uncapped takes 118 registers, 4 programs per SM) both
-    kernels compile within it, unspilled, hazard-free."""
+    rows; 88: wgmma_rs at 16 x rows, which uncapped takes 118 registers, 4 programs per SM)
+    both kernels compile within it, unspilled, hazard-free, and with the wgmmas still
+    asynchronous: one warpgroup arrive per tile's group, not one per instruction (at 96 ptxas
+    gives wgmma_rs 72 registers by serializing its 8 wgmmas a tile: 24 arrives, against 3)."""
     variants = [
         (16, 64, 128, 4, 4, "fp16", 2, False, True, 96),
         (64, 128, 128, 8, 4, "bf16", 1, True, True, 96),
-        (16, 64, 128, 4, 4, "fp16", 2, False, False, 96),
-        (16, 64, 128, 4, 4, "bf16", 4, True, False, 96),
+        (16, 64, 128, 4, 4, "fp16", 2, False, False, 88),
+        (16, 64, 128, 4, 4, "bf16", 4, True, False, 88),  # (80 spills on Triton 3.9)
+        (16, 64, 128, 4, 4, "fp16", 1, False, False, 96),
     ]
-    for v, r in zip(variants, _compile_offline(WGMMA, json.dumps(variants)), strict=True):
+    results = _compile_offline(WGMMA, json.dumps(variants))
+    for v, r in zip(variants[:4], results, strict=False):
         assert r[0] <= v[-1] and r[1] == 0 and r[4] > 0 and r[7] <= 2 and r[11] == 0, (v, r)
+        assert r[14] * 4 <= r[4], (v, r)  # (arrives vs HGMMAs)
+    assert results[4][14] == results[4][4], results[4]  # (the serialized build, as a check)
 
 
 def test_wgmma_rs_pair_rows_load_two_rows_per_instruction():
@@ -436,7 +443,7 @@ def test_wgmma_rs_pair_rows_load_two_rows_per_instruction():
     results = _compile_offline(WGMMA, json.dumps(variants))
     for v, plain, pairs in zip(base, results[:3], results[3:], strict=True):
         words = v[2] // 8 * 2  # (per thread and tile: two rows of BLOCK_K / 8 words)
-        assert plain[-1] == 0 and pairs[-1] >= words // 2, (v, plain, pairs)
+        assert plain[13] == 0 and pairs[13] >= words // 2, (v, plain, pairs)  # (LDS.64)
         assert pairs[1] == 0 and pairs[11] == 0 and pairs[0] <= plain[0], (v, plain, pairs)
         assert pairs[8] == plain[8] and pairs[9] == plain[9], (v, plain, pairs)  # same unpack
 

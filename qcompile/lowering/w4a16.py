@@ -961,7 +961,8 @@ def valid_config(cfg: KernelConfig, k: int, group: int) -> bool:
             and cfg.block_m + cfg.block_k <= 320
             and 2 <= cfg.num_stages <= 6 and not cfg.prefetch and not cfg.reduce
             # a register cap (Triton's maxnreg; uncapped, the producer warp's partitions take
-            # up to 255 registers a thread and wgmma_rs at 16 x rows 118 where 72 suffice):
+            # up to 255 registers a thread and wgmma_rs at 16 x rows 118, where 80-88 keep
+            # its wgmmas asynchronous and 96 makes ptxas serialize them):
             # at least the accumulator, BLOCK_M / 2 a thread, and 64 more; the producer warp
             # pads to a warpgroup, and all must fit the 64K registers (192 at 8 + 4 warps
             # does not load)
