@@ -370,7 +370,7 @@ for bm, bn, bk, w, st, dt, split, bias, ws, *extra in json.loads(__import__("sys
     ops = collections.Counter(s.opcode(line) for line in text.splitlines() if "/*" in line)
     res = s.resources(k)
     out.append([res["REG"], res["STACK"] + res["LOCAL"], ops["IGMMA"], ops["PRMT"], ops["I2F"],
-                len(s.wgmma_register_hazards(text))])
+                len(s.wgmma_register_hazards(text)), text.count("WARPGROUP.ARRIVE")])
 print(json.dumps(out))
 """
 
@@ -461,9 +461,10 @@ def test_wgmma_rs_w4a8_mode_compiles_to_integer_wgmma():
         (128, 128, 64, 8, 4, "fp16", 1, False, True, 0, False, True),
     ]
     for v, r in zip(variants, _compile_offline(WGMMA8, json.dumps(variants)), strict=True):
-        regs, spills, igmma, prmt, i2f, hazards = r
+        regs, spills, igmma, prmt, i2f, hazards, arrives = r
         assert igmma > 0 and spills == 0 and hazards == 0 and i2f == 0, (v, r)
         assert prmt <= 40, (v, r)
+        assert arrives * 4 <= igmma, (v, r)  # (asynchronous: not one arrive per wgmma)
 
 
 def test_wgmma_register_hazard_check_finds_writes_to_an_inflight_operand():
