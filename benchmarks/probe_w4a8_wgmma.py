@@ -12,7 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-TILES = [  # (BLOCK_N, BLOCK_K, split, warps, stages); BLOCK_M is M's bucket (at most 256)
+TILES = [  # (BLOCK_N, BLOCK_K, split, warps, stages); BLOCK_M is M's bucket (at most 128)
     (64, 128, 1, 4, 4), (64, 128, 2, 4, 4), (64, 128, 4, 4, 4), (128, 128, 1, 8, 4),
     (128, 128, 2, 8, 4), (64, 64, 1, 4, 4), (128, 64, 1, 8, 4), (128, 64, 2, 8, 4),
 ]  # fmt: skip
@@ -53,7 +53,7 @@ def main() -> None:
             w8args = [(*p.tensors(), None, 128, "int8") for p in w8]
             row["w4a8_us"] = time_graph([lambda a=a, x=x: w4a8_linear_cuda(x, *a) for a in w8args])
             want = w4a8_linear_cuda(x, *w8args[0]).float()
-            bm = min(max(m_bucket(m), 16), 256)
+            bm = min(max(m_bucket(m), 16), 128)
             for bn, bk, split, warps, stages in TILES:
                 cfg = KernelConfig("wgmma_rs", bm, bn, bk, split, warps, stages)
                 if not valid_config(cfg, n, k, 128, "int8") or (bm > 64 and bk == 128):

@@ -1063,9 +1063,10 @@ def valid_config(cfg: KernelConfig, n: int, k: int, group: int, act_dtype: str) 
             and _pow2(cfg.block_k) and cfg.block_k >= 32 and k % cfg.block_k == 0
             and (group % cfg.block_k == 0 or cfg.block_k % group == 0)
         )  # fmt: skip
-    if cfg.kernel == "wgmma_rs":  # W4A16's rules (one group per K tile); TMA: 16-byte rows
+    if cfg.kernel == "wgmma_rs":  # W4A16's rules (one group per K tile); TMA: 16-byte rows;
+        # Triton 3.6 has no s8 wgmma with N = 256 ("WGMMA type or shape is not supported")
         return (
-            act_dtype == "int8" and n % 16 == 0 and cfg.block_m >= 16
+            act_dtype == "int8" and n % 16 == 0 and 16 <= cfg.block_m <= 128
             and w4a16_valid_config(cfg, k, group)
         )  # fmt: skip
     if cfg.kernel == "mma_f16":  # W4A16's lane-kernel rules
@@ -1164,7 +1165,7 @@ def candidate_configs(m: int, n: int, k: int, group: int, act_dtype: str) -> lis
         out += [KernelConfig("fp8_mm", 0, bn, bk, 1, 4, 1) for bn, bk in _UNPACK_TILES]
     if _WGMMA_RS and mb >= 16 and act_dtype == "int8" and _wgmma_device():
         # as W4A16's: BLOCK_M the bucket (x's rows are wgmma's N side), 4 or 8 warps
-        bm = min(mb, 256)
+        bm = min(mb, 128)
         bk = 128 if bm <= 64 and group % 128 == 0 else 64
         for bn, warps in ((64, 4), (128, 8)):
             for sk in (1, 2, 4):
