@@ -1260,6 +1260,18 @@ def test_wgmma_rs_rules_and_candidates_stay_off_until_timed(monkeypatch):
     assert not [c for c in fp8 if c.kernel == "wgmma_rs"]
 
 
+@pytest.mark.parametrize("chunk", [8, 64])
+def test_from_even_odd_inverts_to_even_odd(chunk):
+    """`from_even_odd` (the wgmma_rs launcher's way back to natural order for the lane kernel)
+    undoes `to_even_odd`, and position p * chunk / 2 + c of the even / odd order is k = 2c + p."""
+    from qcompile.quant.int4 import from_even_odd
+
+    x = torch.arange(3 * 128).reshape(3, 128)
+    eo = to_even_odd(x, chunk)
+    assert torch.equal(from_even_odd(eo, chunk), x)
+    assert eo[0, 1].item() == 2 and eo[0, chunk // 2].item() == 1
+
+
 def test_wgmma_rs_refuses_what_it_cannot_read():
     """FP8 or plane-major activations and a strided `out` get a clear error before any launch."""
     p = _packed(n=64, k=256, g=128)

@@ -1007,6 +1007,24 @@ def _wgmma_smem_bytes(cfg: KernelConfig) -> int:
     return stages * (bm * bk * 2 + bk // 8 * bn * 4 + 2 * bn * 2 + 8)
 
 
+def _wgmma_rs_configs(
+    mb: int, n: int, group: int, kinds: list[tuple[str, int]], max_rows: int = 256
+) -> list[KernelConfig]:
+    """The wgmma_rs candidates of an M bucket (W4A16's, and W4A8's int8 mode): BLOCK_M the
+    bucket up to `max_rows` (x's rows are wgmma's N side), BLOCK_K 128 up to 64 rows where
+    the group allows, 64 x 4 or 128 x 8 warps, useful splits of 1, 2 or 4; per (kind, register
+    cap) of `kinds`."""
+    bm = min(mb, max_rows)
+    bk = 128 if bm <= 64 and group % 128 == 0 else 64
+    out = []
+    for bn, warps in ((64, 4), (128, 8)):
+        for kind, regs in kinds:
+            for sk in (1, 2, 4):
+                if _useful_split(triton.cdiv(n, bn) * triton.cdiv(mb, bm), sk):
+                    out.append(KernelConfig(kind, bm, bn, bk, sk, warps, 4, max_registers=regs))
+    return out
+
+
 def _wgmma_device() -> bool:
     """Whether to offer the wgmma_rs kernels: a Hopper GPU (wgmma, TMA), not the interpreter."""
     if _interpreting() or not torch.cuda.is_available():
@@ -1122,14 +1140,9 @@ def candidate_configs(m: int, n: int, k: int, group: int) -> list[KernelConfig]:
         # Below 128 x rows the producer warp needs a register cap (its partitions would take
         # 255 registers a thread): capped at 96 it matched or beat wgmma_rs on 8192x28672
         # (M = 16: 58.7 vs 62.1 us) and lost on 28672x4096 (35.3 vs 32.0; session 37).
-        bm = min(mb, 256)
-        bk = 128 if bm <= 64 and group % 128 == 0 else 64
-        kinds = [("wgmma_rs", 0), ("wgmma_rs_ws", 0 if bm >= 128 else 96)]
-        for bn, warps in ((64, 4), (128, 8)):
-            for kind, regs in kinds:
-                for sk in (1, 2, 4):
-                    if _useful_split(triton.cdiv(n, bn) * triton.cdiv(mb, bm), sk):
-                        out.append(KernelConfig(kind, bm, bn, bk, sk, warps, 4, max_registers=regs))
+        out += _wgmma_rs_configs(
+            mb, n, group, [("wgmma_rs", 0), ("wgmma_rs_ws", 0 if mb >= 128 else 96)]
+        )
     if mb >= 128:
         out.append(_dequant_mm_config(k))
         # Planes at large M: W from registers as wgmma's A (BLOCK_N rows), x^T as its

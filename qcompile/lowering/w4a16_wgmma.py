@@ -267,8 +267,7 @@ def _rs16_unpack(w_stage, s_stage, o_stage, sel, ASM: gl.constexpr, P3: gl.const
     a = gl.inline_asm_elementwise(
         ASM, "=r,r,r,r,r,r,r", [words, sel, sv, ov], dtype=sv.dtype, is_pure=True, pack=2
     )
-    a = gl.reshape(gl.permute(a, (1, 0, 2)), [BLOCK_N, 8 * WORDS])
-    return gl.convert_layout(a, a_layout, assert_trivial=True)
+    return _to_operand(a, a_layout)
 
 
 @gluon.jit
@@ -330,12 +329,15 @@ def _rs_consume(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem, 
     hand each stage back to the producer warp through `empty`. W4A8: int8 x and W, int32
     accumulator, then x_scale[m] * s1[n] (split K: the raw int32 partials)."""
     dtype: gl.constexpr = x_desc.dtype
+    K_INSTR: gl.constexpr = 32 if W4A8 else 16  # (an 8-bit wgmma takes 32 k, a 16-bit one 16)
+    mma_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_M, K_INSTR]
+    )
+    a_layout: gl.constexpr = gl.DotOperandLayout(
+        operand_index=0, parent=mma_layout, k_width=K_INSTR // 8
+    )
     if W4A8:
         P3: gl.constexpr = _rs8_unpack_layout(BLOCK_K // 8, BLOCK_N, num_warps)
-        mma_layout: gl.constexpr = gl.NVMMADistributedLayout(
-            version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_M, 32]
-        )
-        a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma_layout, k_width=4)
         # per byte j of a word's 8 (j // 4: its even or odd nibbles): the shift
         half = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(0, P3))) // 4
         sel = gl.expand_dims(gl.expand_dims(half * 4, 0), 0)
@@ -343,10 +345,6 @@ def _rs_consume(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem, 
         acc = gl.zeros((BLOCK_N, BLOCK_M), dtype=gl.int32, layout=mma_layout)
     else:
         P3: gl.constexpr = _rs_unpack_layout(BLOCK_K // 8, BLOCK_N, num_warps)
-        mma_layout: gl.constexpr = gl.NVMMADistributedLayout(
-            version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_M, 16]
-        )
-        a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma_layout, k_width=2)
         # PRMT selectors: byte t = nibble // 2 of the word (fp16: under the magic bytes)
         quad = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(0, P3))) // 2
         FP16: gl.constexpr = dtype == gl.float16

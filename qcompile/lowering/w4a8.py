@@ -79,17 +79,19 @@ from qcompile.lowering.w4a16 import (
     _sum_partials,
     _tile_counters,
     _wgmma_device,
+    _wgmma_rs_configs,
     first_rows,
     in_row_chunks,
     reserve_tile_counters,
     rows_of,
 )
-from qcompile.lowering.w4a16 import (
-    _useful_split as _w4a16_useful_split,
-)
 from qcompile.lowering.w4a16 import launch as w4a16_launch
 from qcompile.lowering.w4a16 import valid_config as w4a16_valid_config
-from qcompile.quant.int4 import to_even_odd, to_planes  # to_planes: W4A16's plane-major layout
+from qcompile.quant.int4 import (  # to_planes: W4A16's plane-major layout
+    from_even_odd,
+    to_even_odd,
+    to_planes,
+)
 from qcompile.quant.w4a8 import ABSMAX_FLOOR, ACT_QMAX, ACT_TORCH_DTYPES
 
 FAMILY = "w4a8"
@@ -1164,13 +1166,8 @@ def candidate_configs(m: int, n: int, k: int, group: int, act_dtype: str) -> lis
     if mb >= 32 and act_dtype != "int8":
         out += [KernelConfig("fp8_mm", 0, bn, bk, 1, 4, 1) for bn, bk in _UNPACK_TILES]
     if _WGMMA_RS and mb >= 16 and act_dtype == "int8" and _wgmma_device():
-        # as W4A16's: BLOCK_M the bucket (x's rows are wgmma's N side), 4 or 8 warps
-        bm = min(mb, 128)
-        bk = 128 if bm <= 64 and group % 128 == 0 else 64
-        for bn, warps in ((64, 4), (128, 8)):
-            for sk in (1, 2, 4):
-                if _w4a16_useful_split(triton.cdiv(n, bn) * triton.cdiv(mb, bm), sk):
-                    out.append(KernelConfig("wgmma_rs", bm, bn, bk, sk, warps, 4))
+        # W4A16's tiles, up to 128 x rows (no s8 wgmma with N = 256 in Triton 3.6)
+        out += _wgmma_rs_configs(mb, n, group, [("wgmma_rs", 0)], max_rows=128)
     if mb <= 64 and act_dtype != "int8":  # W4A16's lane kernel on e4m3 values as fp16
         rows = max(8, mb)
         for warps, bk, sk in itertools.product((2, 4), (64, 128), (1, 2, 4, 8, 16)):
@@ -1540,7 +1537,7 @@ def _launch_wgmma_rs(
             m, n, k, group_size, "int8"
         )
         if xq_even_odd:  # (the lane kernel reads natural order)
-            xq = xq.unflatten(-1, (k // 8, 2, 4)).transpose(-1, -2).flatten(-3)
+            xq = from_even_odd(xq, 8)
         return launch(
             lane, xq, x_scale, qweight, group_scales, group_zeros, channel_scales, bias,
             group_size, out_dtype, out=out, accumulator=accumulator,

@@ -118,6 +118,12 @@ def to_even_odd(x: torch.Tensor, chunk: int) -> torch.Tensor:
     return x.unflatten(-1, (k // chunk, chunk // 2, 2)).transpose(-1, -2).flatten(-3)
 
 
+def from_even_odd(x: torch.Tensor, chunk: int) -> torch.Tensor:
+    """The inverse of `to_even_odd`."""
+    k = x.shape[-1]
+    return x.unflatten(-1, (k // chunk, 2, chunk // 2)).transpose(-1, -2).flatten(-3)
+
+
 def from_planes(x: torch.Tensor, chunk: int = PLANE_CHUNK) -> torch.Tensor:
     """The inverse of `to_planes`."""
     k = x.shape[-1]
