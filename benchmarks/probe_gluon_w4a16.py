@@ -39,7 +39,6 @@ def main() -> None:
     ap.add_argument("--configs", default="", help="indices into CONFIGS (default: all)")
     ap.add_argument("--ws", default="0", help="0: wgmma_rs, 1: wgmma_rs_ws (a TMA producer warp)")
     ap.add_argument("--maxnreg", default="0", help="register caps (Triton's maxnreg; 0: none)")
-    ap.add_argument("--pairs", default="0", help="`w4a16_wgmma._PAIR_ROWS` settings (0 and/or 1)")
     ap.add_argument("--fit-only", action="store_true", help="BLOCK_M = M's bucket only")
     args = ap.parse_args()
     import torch
@@ -48,7 +47,6 @@ def main() -> None:
     from bench_w4a16 import hbm_bandwidth, time_graph
     from weights import rotated_w4a16
 
-    from qcompile.lowering import w4a16_wgmma
     from qcompile.lowering.autotune import KernelConfig
     from qcompile.lowering.w4a16 import launch, valid_config, w4a16_linear_cuda
     from qcompile.quant.int4 import dequantize_int4
@@ -72,13 +70,12 @@ def main() -> None:
                     for p in packed
                 ]  # fmt: skip
             )
-            variants = [  # (kind, maxnreg, pairs)
-                (("wgmma_rs", "wgmma_rs_ws")[ws], r, pr)
+            variants = [  # (kind, maxnreg)
+                (("wgmma_rs", "wgmma_rs_ws")[ws], r)
                 for ws in map(int, args.ws.split(","))
                 for r in map(int, args.maxnreg.split(","))
-                for pr in map(int, args.pairs.split(","))
             ]
-            for (bm, bn, bk, split, warps, stages), (kind, maxnreg, pairs) in itertools.product(
+            for (bm, bn, bk, split, warps, stages), (kind, maxnreg) in itertools.product(
                 picked, variants
             ):
                 cfg = KernelConfig(kind, bm, bn, bk, split, warps, stages, max_registers=maxnreg)
@@ -88,22 +85,17 @@ def main() -> None:
                 if args.fit_only and bm != fit:
                     continue
 
-                w4a16_wgmma._PAIR_ROWS = bool(pairs)
-
                 def run(p, cfg=cfg, x=x):
                     return launch(cfg, x, p.qweight, p.scales, p.offsets, None, 128)
 
                 out = run(packed[0]).float()
                 err = ((out - ref).norm() / ref.norm()).item()
                 us = time_graph([lambda p=p: run(p) for p in packed])
-                name = (
-                    f"{kind} bm{bm} bn{bn} bk{bk} sk{split} w{warps} st{stages} r{maxnreg} p{pairs}"
-                )
+                name = f"{kind} bm{bm} bn{bn} bk{bk} sk{split} w{warps} st{stages} r{maxnreg}"
                 row["wgmma"].append(
                     {"config": cfg.__dict__, "name": name, "us": us, "rel_err": err}
                 )
                 print(f"  {name}: {us:.1f} us, rel err {err:.1e}", flush=True)
-            w4a16_wgmma._PAIR_ROWS = False
             best = min(row["wgmma"], key=lambda r: r["us"], default=None)
             print(
                 f"N={n} K={k} M={m}: cublas {row['cublas_us']:.1f} current {row['current_us']:.1f}"

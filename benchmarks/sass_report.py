@@ -256,16 +256,17 @@ def compile_kv4_variant(
 def compile_wgmma_variant(
     bm: int, bn: int, bk: int, warps: int, stages: int, dtype: str = "fp16", split: int = 1,
     bias: bool = False, group: int = 128, ws: bool = False, maxnreg: int = 0,
-    pairs: bool = False, w4a8: bool = False,
+    pairs: bool | None = None, w4a8: bool = False,
 ):  # fmt: skip
     """The W4A16 Gluon wgmma_rs kernel (`ws`: with its TMA producer warp; `maxnreg`: ptxas's
-    cap per thread) for sm_90. Gluon kernels compile through `warmup`, which asks the active driver for the target: a stand-in
+    cap per thread; `pairs`: `PAIRS`, by default as `launch` sets it) for sm_90. Gluon kernels compile through `warmup`, which asks the active driver for the target: a stand-in
     driver names sm_90 on a machine without a GPU, and TMA descriptors over CPU tensors give
     the argument types."""
     import torch
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     from qcompile.lowering import w4a16_wgmma
+    from qcompile.lowering.autotune import KernelConfig
 
     class _Sm90:
         def get_current_target(self):
@@ -298,7 +299,10 @@ def compile_wgmma_variant(
         extra = dict(W4A8=True, xs_ptr=scale, s1_ptr=scale) if w4a8 else {}
         return w4a16_wgmma._w4a16_wgmma_rs_kernel.warmup(
             x_desc, w_desc, s_desc, s_desc, out[0], out, partials, m, n, k, GROUP=group,
-            HAS_BIAS=bias, SPLIT=split, STAGES=stages, num_warps=warps, WS=ws, PAIRS=pairs,
+            HAS_BIAS=bias, SPLIT=split, STAGES=stages, num_warps=warps, WS=ws,
+            PAIRS=w4a16_wgmma._pairs(KernelConfig("wgmma_rs", bm, bn, bk), w4a8)
+            if pairs is None
+            else pairs,
             grid=(1,), **extra,
             **({"maxnreg": maxnreg} if maxnreg else {}),
         )  # fmt: skip

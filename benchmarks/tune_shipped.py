@@ -55,9 +55,9 @@ def main() -> None:
     ap.add_argument("--seq", default="185,1024,4096", help="--decode16 cache lengths")
     ap.add_argument(
         "--kinds", default="",
-        help="W4A16 kernel kinds to add (e.g. mma): each key's candidates become its shipped "
+        help="kernel kinds to add (e.g. mma): each key's candidates become its shipped "
         "config plus these kinds' candidates, timed side by side; for a new kernel kind "
-        "without re-timing every old candidate",
+        "without re-timing every old candidate (W4A8 wgmma_rs: its candidates switched on)",
     )  # fmt: skip
     args = ap.parse_args()
     if args.merge is not None:
@@ -69,7 +69,9 @@ def main() -> None:
     gpu = tuner.gpu
     current: dict[str, str] = {}
     if args.kinds:
-        _restrict_candidates(dict(tuner.shipped), set(args.kinds.split(",")), current)
+        _restrict_candidates(
+            dict(tuner.shipped), set(args.kinds.split(",")), current, args.family
+        )
     out = args.out or autotune.SHIPPED_DIR / f"{autotune.shipped_config_name(gpu)}.json"
     tuner.shipped = {}  # tune everything afresh: neither the old shipped file
     tuner.user = {}  # nor entries of the user cache (untimed) end up in the new file
@@ -112,18 +114,24 @@ def _tune_linear(family: str, x: torch.Tensor, p, group: int) -> autotune.TuneKe
     return autotune.TuneKey("w4a16", autotune.m_bucket(m), n, k, group, dtype)
 
 
-def _restrict_candidates(shipped: dict, kinds: set[str], current: dict) -> None:
+def _restrict_candidates(shipped: dict, kinds: set[str], current: dict, family: str) -> None:
     """Candidates of a key = its shipped config (if any) + those of `kinds`."""
-    from qcompile.lowering import w4a16
+    from qcompile.lowering import w4a8, w4a16
 
-    everything = w4a16.candidate_configs
+    module = w4a8 if family == "w4a8" else w4a16
+    everything = module.candidate_configs
+    if family == "w4a8" and "wgmma_rs" in kinds:
+        w4a8._WGMMA_RS = True  # (offered only once timed)
 
-    def restricted(m: int, n: int, k: int, g: int) -> list:
-        key = autotune.TuneKey("w4a16", autotune.m_bucket(m), n, k, g, current["dtype"])
+    def restricted(m: int, n: int, k: int, g: int, *act: str) -> list:
+        if family == "w4a8":
+            key = w4a8.tune_key(m, n, k, g, act[0], getattr(torch, current["dtype"]))
+        else:
+            key = autotune.TuneKey("w4a16", autotune.m_bucket(m), n, k, g, current["dtype"])
         old = [shipped[key]] if key in shipped else []
-        return old + [c for c in everything(m, n, k, g) if c.kernel in kinds]
+        return old + [c for c in everything(m, n, k, g, *act) if c.kernel in kinds]
 
-    w4a16.candidate_configs = restricted
+    module.candidate_configs = restricted
 
 
 def _tune_decode16(b: int, s: int, dtype: torch.dtype) -> autotune.TuneKey:

@@ -448,3 +448,32 @@ def test_probe_summary_picks_the_fastest_exact_config_and_flags_points_without_o
         pair = {"config": lane, "us": 65.3, "exact": True, "self_reduce": reduce}
         row = {"n": 8192, "k": 28672, "m": 16, "cublas_us": 164.8, "pairs": [pair]}
         assert f"split8 w4 s1 pf0 ({label}) | 65.3 |" in table({**data, "rows": [row]})
+
+
+@pytest.mark.parametrize("family", ["w4a16", "w4a8"])
+def test_tune_shipped_kinds_time_the_shipped_pick_against_only_those_kinds(family, monkeypatch):
+    """`tune_shipped.py --kinds wgmma_rs`: a key's candidates are its shipped config and the
+    wgmma_rs ones, nothing else (W4A8: its wgmma_rs candidates switched on for the run)."""
+    from tune_shipped import _restrict_candidates
+
+    from qcompile.lowering import autotune, w4a8, w4a16
+    from qcompile.lowering.autotune import KernelConfig
+
+    module = w4a8 if family == "w4a8" else w4a16
+    monkeypatch.setattr(module, "candidate_configs", module.candidate_configs)
+    monkeypatch.setattr(w4a8, "_WGMMA_RS", False)
+    monkeypatch.setattr(module, "_wgmma_device", lambda: True)
+    m, n, k, g = 16, 512, 4096, 128
+    act = ("int8",) if family == "w4a8" else ()
+    if family == "w4a8":
+        key = w4a8.tune_key(m, n, k, g, "int8", torch.float16)
+    else:
+        key = autotune.TuneKey("w4a16", m, n, k, g, "float16")
+    shipped = KernelConfig("mma", 16, 64, 128, 2, 2, 1)
+    _restrict_candidates({key: shipped}, {"wgmma_rs"}, {"dtype": "float16"}, family)
+    got = module.candidate_configs(m, n, k, g, *act)
+    assert got[0] == shipped and len(got) > 2
+    assert {c.kernel for c in got[1:]} == {"wgmma_rs"}
+    assert w4a8._WGMMA_RS == (family == "w4a8")
+    other = module.candidate_configs(m, n, 2 * k, g, *act)  # (no shipped pick for this key)
+    assert other and {c.kernel for c in other} == {"wgmma_rs"}

@@ -962,7 +962,8 @@ def valid_config(cfg: KernelConfig, k: int, group: int) -> bool:
             and 2 <= cfg.num_stages <= 6 and not cfg.prefetch and not cfg.reduce
             # a register cap (Triton's maxnreg; uncapped, the producer warp's partitions take
             # up to 255 registers a thread and wgmma_rs at 16 x rows 118, where 80-88 keep
-            # its wgmmas asynchronous and 96 makes ptxas serialize them):
+            # its wgmmas asynchronous but were no faster, session 38, and 96 makes ptxas
+            # serialize them):
             # at least the accumulator, BLOCK_M / 2 a thread, and 64 more; the producer warp
             # pads to a warpgroup, and all must fit the 64K registers (192 at 8 + 4 warps
             # does not load)
@@ -1000,11 +1001,12 @@ _WGMMA_KINDS = ("wgmma_rs", "wgmma_rs_ws")  # the Gluon kernels of `w4a16_wgmma.
 _SMEM_BYTES = 232448  # an H100 block's shared-memory limit (227 KiB)
 
 
-def _wgmma_smem_bytes(cfg: KernelConfig) -> int:
+def _wgmma_smem_bytes(cfg: KernelConfig, elem: int = 2) -> int:
     """The wgmma_rs kernels' shared memory: their TMA ring (x, words, scale and offset rows,
-    a barrier per stage)."""
+    a barrier per stage). `elem`: x's and the rows' bytes (W4A8: 1); a stage's row takes at
+    least 128 bytes (`w4a16_wgmma._row_slots`)."""
     bm, bn, bk, stages = cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_stages
-    return stages * (bm * bk * 2 + bk // 8 * bn * 4 + 2 * bn * 2 + 8)
+    return stages * (bm * bk * elem + bk // 8 * bn * 4 + 2 * max(bn * elem, 128) + 8)
 
 
 def _wgmma_rs_configs(

@@ -12,6 +12,10 @@ memory. Per K tile:
 - lane 4g + t of a warp needs, of each word of its rows, byte t (k = 2t and 2t + 1 of the word's
   8): one PRMT places it under two 16-bit floats' exponents, a mask keeps one nibble in each,
   and (pair - magic) * scale + offset finishes two weights in two more packed instructions;
+- (`PAIRS`, W4A16 up to 128 x rows: `_pairs`) a lane loads its words two rows at a time, rows
+  2g and 2g + 1 of its warp's 16 (adjacent in shared memory: one LDS.64 for two LDS.32),
+  relabelled as the rows g and g + 8 the operand layout gives it; the epilogue maps the
+  accumulator's rows back (2-12% faster in 24 of 29 probe configs on the H100, session 38);
 - tile i + 1 unpacks while tile i's wgmma runs.
 The K loop is unrolled twice, so two register tiles of W alternate (one loop step copied the
 next tile into the registers the wgmma reads). Split K writes fp32 partials, which
@@ -46,16 +50,24 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from qcompile.lowering.autotune import KernelConfig
 
-# Load W's words two rows at a time (rows 2g and 2g + 1 of a warp's 16: adjacent in shared
-# memory, one LDS.64 instead of two LDS.32) and relabel them as the rows g and g + 8 wgmma's
-# operand layout gives lane 4g + t; the accumulator's rows are relabelled back in the
-# epilogue. Untimed: off.
-_PAIR_ROWS = False
-
 # TMA global -> shared: `async_copy_global_to_shared` up to Triton 3.6, `async_load` later
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 # a CTA-wide barrier: `thread_barrier` up to Triton 3.6, `barrier` later
 _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
+
+
+@gluon.constexpr_function
+def _row_slots(row_bytes):
+    """Scale (offset) row slots a stage takes: TMA writes shared memory at 128-byte aligned
+    addresses, so a row shorter than that (W4A8's uint8 rows at BLOCK_N = 64) is followed by
+    unused ones (64-byte stages gave "misaligned address" on the H100)."""
+    return max(1, 128 // row_bytes)
+
+
+@gluon.jit
+def _row_stage(rows_smem, s, STAGES: gl.constexpr):
+    """Stage s's scale (offset) row: slot s * `_row_slots`."""
+    return rows_smem.index(s * (rows_smem.shape[0] // STAGES))
 
 
 @gluon.jit
@@ -72,8 +84,8 @@ def _issue_tile(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem, 
     mbarrier.expect(bar, nbytes)
     _tma_load(x_desc, [off_m, k], bar, x_smem.index(s))
     _tma_load(w_desc, [k // 8, off_n], bar, w_smem.index(s))
-    _tma_load(s_desc, [k // GROUP, off_n], bar, s_smem.index(s))
-    _tma_load(o_desc, [k // GROUP, off_n], bar, o_smem.index(s))
+    _tma_load(s_desc, [k // GROUP, off_n], bar, _row_stage(s_smem, s, STAGES))
+    _tma_load(o_desc, [k // GROUP, off_n], bar, _row_stage(o_smem, s, STAGES))
 
 
 @gluon.jit
@@ -308,8 +320,9 @@ def _rs_step(acc, a, i, num_k, x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s
     nxt = gl.minimum(i + 1, num_k - 1)
     s1 = nxt % STAGES
     mbarrier.wait(ready.index(s1), (nxt // STAGES) & 1)
-    a = _rs_unpack(w_smem.index(s1), s_smem.index(s1), o_smem.index(s1), sel, ASM, P3,
-                   a_layout, PAIRS, W4A8)  # fmt: skip
+    a = _rs_unpack(w_smem.index(s1), _row_stage(s_smem, s1, STAGES),
+                   _row_stage(o_smem, s1, STAGES), sel, ASM, P3, a_layout, PAIRS,
+                   W4A8)  # fmt: skip
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
     if WS:  # (every warp is done with stage s: its words and x)
         _cta_barrier()
@@ -358,8 +371,9 @@ def _rs_consume(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem, 
                 _issue_tile(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem,
                             ready, t, k_first, off_m, off_n, BLOCK_K, GROUP, STAGES)  # fmt: skip
     mbarrier.wait(ready.index(0), 0)
-    a = _rs_unpack(w_smem.index(0), s_smem.index(0), o_smem.index(0), sel, ASM, P3, a_layout,
-                   PAIRS, W4A8)  # fmt: skip
+    a = _rs_unpack(w_smem.index(0), _row_stage(s_smem, 0, STAGES),
+                   _row_stage(o_smem, 0, STAGES), sel, ASM, P3, a_layout, PAIRS,
+                   W4A8)  # fmt: skip
     # Unrolled twice: two register tiles alternate, so the next one is not copied into the
     # registers the wgmma reads (16 moves per 64-k tile). On the H100 this took 28672x4096
     # M = 64 from 50.4 to 43.4 us and 8192x28672 M = 16 from 66.4 to 62.1 (session 37).
@@ -417,8 +431,9 @@ def _w4a16_wgmma_rs_kernel(
 
     x_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, BLOCK_K], x_desc.layout)
     w_smem = gl.allocate_shared_memory(gl.int32, [STAGES, WORDS, BLOCK_N], w_desc.layout)
-    s_smem = gl.allocate_shared_memory(s_desc.dtype, [STAGES, 1, BLOCK_N], s_desc.layout)
-    o_smem = gl.allocate_shared_memory(o_desc.dtype, [STAGES, 1, BLOCK_N], o_desc.layout)
+    SLOTS: gl.constexpr = STAGES * _row_slots(s_desc.block_type.nbytes)
+    s_smem = gl.allocate_shared_memory(s_desc.dtype, [SLOTS, 1, BLOCK_N], s_desc.layout)
+    o_smem = gl.allocate_shared_memory(o_desc.dtype, [SLOTS, 1, BLOCK_N], o_desc.layout)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
         mbarrier.init(ready.index(i), count=1)
@@ -518,7 +533,7 @@ def launch(
     split = cfg.split_k > 1
     extra = {}
     if w4a8 is not None:
-        if x.dtype != torch.int8 or scales.dtype != torch.uint8 or _PAIR_ROWS:
+        if x.dtype != torch.int8 or scales.dtype != torch.uint8:
             raise ValueError("w4a16_wgmma.launch: W4A8 takes int8 x and uint8 s2 / z rows")
         extra = dict(W4A8=True, xs_ptr=w4a8[0], s1_ptr=w4a8[1], RAW=ws is not None)
         split = split or ws is not None
@@ -526,9 +541,16 @@ def launch(
         x_desc, w_desc, s_desc, o_desc, bias if bias is not None else out, out,
         ws if split else out, m, n, k, GROUP=group, HAS_BIAS=bias is not None and not split,
         SPLIT=cfg.split_k, STAGES=cfg.num_stages, num_warps=cfg.num_warps,
-        WS=cfg.kernel == "wgmma_rs_ws", PAIRS=_PAIR_ROWS, **extra,
+        WS=cfg.kernel == "wgmma_rs_ws", PAIRS=_pairs(cfg, w4a8 is not None), **extra,
         **({"maxnreg": cfg.max_registers} if cfg.max_registers else {}),
     )  # fmt: skip
+
+
+def _pairs(cfg: KernelConfig, w4a8: bool) -> bool:
+    """Whether the kernel loads W's rows in pairs (`PAIRS`): W4A16 up to 128 x rows. At 256
+    (128 accumulator registers a thread) the rows' relabelling spilled 56-120 bytes (Triton
+    3.6), for +-3% on the H100 (session 38); W4A8's operand layout has no pair mode."""
+    return not w4a8 and cfg.block_m <= 128
 
 
 def _prmt(a: torch.Tensor, b: torch.Tensor, sel: int) -> torch.Tensor:

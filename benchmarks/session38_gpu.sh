@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Thirty-eighth session. PART is a comma-separated list of:
+#   check:  the wgmma_rs gpu tests (W4A16 with `PAIRS` up to 128 x rows, W4A8's int8 mode with
+#           its 128-byte row slots), the shipped wgmma configs; then probe_w4a8_wgmma.py at
+#           M = 16, 64, 256 (W4A8 on wgmma_rs beside W4A8's and W4A16's current picks).
+#   tune8:  only if W4A8's wgmma_rs gpu tests pass: tune_shipped.py --family w4a8 --kinds
+#           wgmma_rs at TUNE8_MS (default 16,256,1024: the keys shipped) on the two large
+#           shapes; each key's shipped pick against the wgmma_rs candidates.
+#   w4a8:   bench_w4a8.py at W4A8_MS (default 1,16,256) on the three large shapes.
+#   anything else: session37_gpu.sh's and older parts (tune, wgmmatests, kernels, bench16, ncu).
+source benchmarks/gpu_setup.sh
+for part in ${PART//,/ }; do
+  mkdir -p "$OUT/$part"
+  case "$part" in
+    check)
+      gpu_tests "${TEST_S:-200}" "$OUT/$part/tests.log" tests/test_w4a16_wgmma.py \
+        tests/test_shipped_configs.py tests/test_w4a8.py -k "wgmma"
+      timeout "${PROBE_S:-150}" python3 benchmarks/probe_w4a8_wgmma.py --ms 16,64,256 \
+        --out "$OUT/$part/w4a8rs.json" > "$OUT/$part/w4a8rs.log" 2>&1
+      grep "N=" "$OUT/$part/w4a8rs.log"
+      ;;
+    tune8)
+      if ! timeout 150 python3 -m pytest -q -x -m gpu -p no:cacheprovider tests/test_w4a8.py \
+          -k wgmma_rs > "$OUT/$part/tests.log" 2>&1; then
+        tail -5 "$OUT/$part/tests.log"; continue
+      fi
+      timeout "${TUNE_S:-300}" python3 benchmarks/tune_shipped.py --family w4a8 --kinds wgmma_rs \
+        --ms "${TUNE8_MS:-16,256,1024}" --dtypes float16 --shapes 8192x28672,28672x4096 \
+        --out "$OUT/$part/h100.json" > "$OUT/$part/tune.log" 2>&1
+      grep -E "s w4a8|rror" "$OUT/$part/tune.log" | cut -c1-220
+      ;;
+    w4a8)
+      timeout "${W4A8_S:-240}" python3 benchmarks/bench_w4a8.py --ms "${W4A8_MS:-1,16,256}" \
+        --shapes 8192x28672,28672x4096,4096x14336 --out "$OUT/$part" > "$OUT/$part/bench.log" 2>&1
+      tail -14 "$OUT/$part/bench.log" | cut -c1-220
+      ;;
+    *) PART=$part bash benchmarks/session37_gpu.sh ;;
+  esac
+done
