@@ -69,9 +69,7 @@ def main() -> None:
     gpu = tuner.gpu
     current: dict[str, str] = {}
     if args.kinds:
-        _restrict_candidates(
-            dict(tuner.shipped), set(args.kinds.split(",")), current, args.family
-        )
+        _restrict_candidates(dict(tuner.shipped), set(args.kinds.split(",")), current, args.family)
     out = args.out or autotune.SHIPPED_DIR / f"{autotune.shipped_config_name(gpu)}.json"
     tuner.shipped = {}  # tune everything afresh: neither the old shipped file
     tuner.user = {}  # nor entries of the user cache (untimed) end up in the new file

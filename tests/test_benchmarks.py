@@ -474,6 +474,6 @@ def test_tune_shipped_kinds_time_the_shipped_pick_against_only_those_kinds(famil
     got = module.candidate_configs(m, n, k, g, *act)
     assert got[0] == shipped and len(got) > 2
     assert {c.kernel for c in got[1:]} == {"wgmma_rs"}
-    assert w4a8._WGMMA_RS == (family == "w4a8")
+    assert (family == "w4a8") == w4a8._WGMMA_RS
     other = module.candidate_configs(m, n, 2 * k, g, *act)  # (no shipped pick for this key)
     assert other and {c.kernel for c in other} == {"wgmma_rs"}
