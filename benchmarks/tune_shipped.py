@@ -57,7 +57,7 @@ def main() -> None:
         "--kinds", default="",
         help="kernel kinds to add (e.g. mma): each key's candidates become its shipped "
         "config plus these kinds' candidates, timed side by side; for a new kernel kind "
-        "without re-timing every old candidate (W4A8 wgmma_rs: its candidates switched on)",
+        "without re-timing every old candidate",
     )  # fmt: skip
     args = ap.parse_args()
     if args.merge is not None:
@@ -118,8 +118,6 @@ def _restrict_candidates(shipped: dict, kinds: set[str], current: dict, family: 
 
     module = w4a8 if family == "w4a8" else w4a16
     everything = module.candidate_configs
-    if family == "w4a8" and "wgmma_rs" in kinds:
-        w4a8._WGMMA_RS = True  # (offered only once timed)
 
     def restricted(m: int, n: int, k: int, g: int, *act: str) -> list:
         if family == "w4a8":

@@ -456,7 +456,7 @@ def test_wgmma_rs_pair_rows_load_two_rows_per_instruction():
 
 
 def test_wgmma_rs_w4a8_mode_compiles_to_integer_wgmma():
-    """W4A8's int8 mode of the wgmma_rs kernel (`_WGMMA_RS` candidates off, untimed): IGMMA
+    """W4A8's int8 mode of the wgmma_rs kernel: IGMMA
     (s8 x s8 -> s32) on the register operand, no spills, no register hazards, no float
     conversions in the unpacking, and the packed asm results reach the wgmma without being
     split into bytes and packed again (a handful of PRMT, against ~240 when int8 values

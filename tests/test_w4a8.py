@@ -1228,10 +1228,9 @@ def test_gpu_output_past_2_to_the_31_elements_runs_in_row_chunks():
 
 
 # ------------------------------------------------------------- wgmma_rs (int8, Hopper)
-def test_wgmma_rs_rules_and_candidates_stay_off_until_timed(monkeypatch):
+def test_wgmma_rs_rules_and_candidates(monkeypatch):
     """W4A16's Gluon kernel in its int8 mode: W4A16's tile rules, int8 activations only, N a
-    multiple of 16 (TMA reads the uint8 s2 / z rows in place); offered only with `_WGMMA_RS`
-    (off: written in the thirty-seventh session, not yet run on a GPU) on Hopper."""
+    multiple of 16 (TMA reads the uint8 s2 / z rows in place); offered on Hopper only."""
     import qcompile.lowering.w4a8 as lowering8
 
     cfg = KernelConfig("wgmma_rs", 16, 64, 128, 2, 4, 4)
@@ -1246,11 +1245,11 @@ def test_wgmma_rs_rules_and_candidates_stay_off_until_timed(monkeypatch):
     assert not valid_config(
         KernelConfig("wgmma_rs", 256, 128, 64, 1, 8, 4), 4096, 4096, 128, "int8"
     )
-    monkeypatch.setattr(lowering8, "_wgmma_device", lambda: True)
+    monkeypatch.setattr(lowering8, "_wgmma_device", lambda: False)
     assert not [
         c for c in candidate_configs(16, 28672, 4096, 128, "int8") if c.kernel == "wgmma_rs"
     ]
-    monkeypatch.setattr(lowering8, "_WGMMA_RS", True)
+    monkeypatch.setattr(lowering8, "_wgmma_device", lambda: True)
     for m in (16, 64, 256, 1024):
         rs = [c for c in candidate_configs(m, 28672, 4096, 128, "int8") if c.kernel == "wgmma_rs"]
         assert rs and all(valid_config(c, 28672, 4096, 128, "int8") for c in rs), m

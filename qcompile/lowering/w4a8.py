@@ -45,8 +45,8 @@ group_zeros [K/G, N] uint8, channel_scales [N] fp32). Kernels, top to bottom:
 * W4A16's `_w4a16_mma_kernel` in its W4A8 mode ("mma_f16", FP8 at M <= 64, the FP8 default at
   M <= 16): the e4m3 xq as fp16 (exact) times the weight (q - z) * s2 made in
   fp16 from uint8 s2 and z (integers in -127..127: exact), x_scale * s1 in its epilogue.
-* W4A16's Gluon wgmma_rs kernel in its int8 mode ("wgmma_rs", M >= 16, Hopper; candidates
-  behind `_WGMMA_RS`, off until timed): W unpacked into wgmma's int8 register operand
+* W4A16's Gluon wgmma_rs kernel in its int8 mode ("wgmma_rs", M >= 16, Hopper; up to 128 x
+  rows; on the H100 1.01-1.05x W4A16 at M = 16, 1.1-1.2x at 64-256, session 38): W unpacked into wgmma's int8 register operand
   ((q - z) * s2 by SWAR byte arithmetic, `w4a16_wgmma._RS8_ASM`), xq's tile by TMA in even /
   odd order per 8 k, int32 accumulation, x_scale * s1 in its epilogue.
 * `_w4a8_gemv_kernel` ("gemv", M <= 8): CUDA cores, one program per (N tile, K split, row).
@@ -1028,11 +1028,6 @@ _MIN_BLOCK_K = {
     "gemv": 32, "gemm": 32, "gemm_planes": 256, "gemm_swar": 64, "mma": 32, "int_mm": 32,
     "fp8_mm": 32, "mma_f16": 32, "wgmma_rs": 64,
 }  # fmt: skip
-# W4A16's Gluon wgmma_rs kernel in its int8 mode (M >= 16, Hopper): W unpacked into an int8
-# register operand, xq's tile by TMA, int32 accumulation. Written in the thirty-seventh
-# session, not yet run on a GPU: its candidates stay off until its gpu tests pass and it is
-# timed (`session37_gpu.sh PART=w4a8rs`).
-_WGMMA_RS = False
 _LANE_ROWS = (8, 16, 32, 64)  # lane MMA: 1, 2, 4 or 8 B tiles of 8 rows
 _LANE_REDUCE_MAX_ROWS = 8  # the lane kernel reduces split K in its own launch up to 8 rows
 # ... with 8 partials' loads in flight: M = 1 on the H100, 52.3 -> 47.4 us on 8192x28672 (split
@@ -1165,7 +1160,7 @@ def candidate_configs(m: int, n: int, k: int, group: int, act_dtype: str) -> lis
         out += [KernelConfig("int_mm", 0, bn, bk, 1, 4, 1) for bn, bk in _UNPACK_TILES]
     if mb >= 32 and act_dtype != "int8":
         out += [KernelConfig("fp8_mm", 0, bn, bk, 1, 4, 1) for bn, bk in _UNPACK_TILES]
-    if _WGMMA_RS and mb >= 16 and act_dtype == "int8" and _wgmma_device():
+    if mb >= 16 and act_dtype == "int8" and _wgmma_device():
         # W4A16's tiles, up to 128 x rows (no s8 wgmma with N = 256 in Triton 3.6)
         out += _wgmma_rs_configs(mb, n, group, [("wgmma_rs", 0)], max_rows=128)
     if mb <= 64 and act_dtype != "int8":  # W4A16's lane kernel on e4m3 values as fp16
