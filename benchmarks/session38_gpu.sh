@@ -7,6 +7,11 @@
 #           wgmma_rs at TUNE8_MS (default 16,256,1024: the keys shipped) on the two large
 #           shapes; each key's shipped pick against the wgmma_rs candidates.
 #   w4a8:   bench_w4a8.py at W4A8_MS (default 1,16,256) on the three large shapes.
+#   w4a8ws: (next session) `w4a8._WGMMA_RS_WS` switched on in the device's copy: W4A8's
+#           wgmma_rs gpu tests (both kinds), then tune_shipped.py --family w4a8 with every
+#           candidate at M = 16, 64 on W4A8_WS_SHAPES (default 4096x14336,14336x4096,4096x4096)
+#           into $OUT/w4a8ws/h100.json (merge here if the tests passed), then bench_w4a8.py at
+#           M = 16, 64 on 4096x14336 with those picks merged on the device.
 #   anything else: session37_gpu.sh's and older parts (tune, wgmmatests, kernels, bench16, ncu).
 source benchmarks/gpu_setup.sh
 for part in ${PART//,/ }; do
@@ -28,6 +33,19 @@ for part in ${PART//,/ }; do
         --ms "${TUNE8_MS:-16,256,1024}" --dtypes float16 --shapes 8192x28672,28672x4096 \
         --out "$OUT/$part/h100.json" > "$OUT/$part/tune.log" 2>&1
       grep -E "s w4a8|rror" "$OUT/$part/tune.log" | cut -c1-220
+      ;;
+    w4a8ws)
+      sed -i 's/^_WGMMA_RS_WS = False/_WGMMA_RS_WS = True/' qcompile/lowering/w4a8.py
+      if ! gpu_tests 200 "$OUT/$part/tests.log" tests/test_w4a8.py -k wgmma_rs; then :; fi
+      if grep -qE "FAILED|ERROR" "$OUT/$part/tests.log"; then continue; fi
+      timeout "${TUNE_S:-240}" python3 benchmarks/tune_shipped.py --family w4a8 --ms 16,64 \
+        --dtypes float16 --shapes "${W4A8_WS_SHAPES:-4096x14336,14336x4096,4096x4096}" \
+        --out "$OUT/$part/h100.json" > "$OUT/$part/tune.log" 2>&1
+      grep -E "s w4a8|rror" "$OUT/$part/tune.log" | cut -c1-220
+      python3 benchmarks/tune_shipped.py --merge "$OUT/$part/h100.json" | tail -1
+      timeout 150 python3 benchmarks/bench_w4a8.py --ms 16,64 --shapes 4096x14336 \
+        --out "$OUT/$part" > "$OUT/$part/bench.log" 2>&1
+      tail -8 "$OUT/$part/bench.log" | cut -c1-220
       ;;
     w4a8)
       timeout "${W4A8_S:-240}" python3 benchmarks/bench_w4a8.py --ms "${W4A8_MS:-1,16,256}" \

@@ -462,15 +462,20 @@ def test_wgmma_rs_w4a8_mode_compiles_to_integer_wgmma():
     split into bytes and packed again (a handful of PRMT, against ~240 when int8 values
     crossed the loop's back edge), and the shared memory `_wgmma_smem_bytes` counts (its
     64-byte uint8 rows at BLOCK_N = 64 each take a 128-byte slot: TMA writes shared memory at
-    128-byte aligned addresses, and 64-byte stages gave "misaligned address" on the H100)."""
+    128-byte aligned addresses, and 64-byte stages gave "misaligned address" on the H100);
+    with the producer warp under a 96-register cap, within it."""
     variants = [
         (16, 64, 128, 4, 4, "fp16", 1, False, False, 0, False, True),
         (16, 64, 128, 4, 4, "fp16", 2, False, False, 0, False, True),
         (64, 128, 128, 8, 4, "bf16", 1, True, False, 0, False, True),
         (128, 128, 64, 8, 4, "fp16", 1, False, True, 0, False, True),
+        # the producer-warp kernel under W4A16's 96-register cap (`w4a8._WGMMA_RS_WS`)
+        (16, 64, 128, 4, 4, "fp16", 2, False, True, 96, False, True),
+        (64, 64, 128, 4, 4, "bf16", 1, True, True, 96, False, True),
     ]
     for v, r in zip(variants, _compile_offline(WGMMA8, json.dumps(variants)), strict=True):
         regs, spills, igmma, prmt, i2f, hazards, arrives, smem, budget = r
+        assert regs <= (v[9] or 255), (v, r)
         assert budget < smem <= budget + 512 if v[8] else smem == budget, (v, r)  # (as above)
         assert igmma > 0 and spills == 0 and hazards == 0 and i2f == 0, (v, r)
         assert prmt <= 40, (v, r)

@@ -1257,6 +1257,13 @@ def test_wgmma_rs_rules_and_candidates(monkeypatch):
     assert not [c for c in candidate_configs(8, 28672, 4096, 128, "int8") if c.kernel == "wgmma_rs"]
     fp8 = candidate_configs(16, 28672, 4096, 128, "float8_e4m3fn")
     assert not [c for c in fp8 if c.kernel == "wgmma_rs"]
+    # the producer-warp kernel: offered with `_WGMMA_RS_WS` below 128 x rows, capped at 96
+    assert not [c for c in candidate_configs(16, 4096, 14336, 128, "int8") if "ws" in c.kernel]
+    monkeypatch.setattr(lowering8, "_WGMMA_RS_WS", True)
+    for m in (16, 64, 256):
+        ws = [c for c in candidate_configs(m, 4096, 14336, 128, "int8") if "ws" in c.kernel]
+        assert all(valid_config(c, 4096, 14336, 128, "int8") for c in ws), m
+        assert {c.max_registers for c in ws} == ({96} if m < 128 else set()), m
 
 
 @pytest.mark.parametrize("chunk", [8, 64])
@@ -1297,8 +1304,10 @@ def test_wgmma_rs_refuses_what_it_cannot_read():
         (200, 384, 768, 128, False, (128, 128, 64, 2, 8, 3)),
     ],
 )
-def test_gpu_wgmma_rs_int8_is_exact_on_the_accumulator(m, n, k, g, bias, tile):
-    """The int8 mode of W4A16's Gluon kernel: the raw int32 accumulator equals the exact
+@pytest.mark.parametrize("kind,regs", [("wgmma_rs", 0), ("wgmma_rs_ws", 96)])
+def test_gpu_wgmma_rs_int8_is_exact_on_the_accumulator(m, n, k, g, bias, tile, kind, regs):
+    """The int8 mode of W4A16's Gluon kernel, with and without its producer warp (capped at 96
+    registers below 128 x rows, as offered): the raw int32 accumulator equals the exact
     integer reference (split or not), the rescaled output the float64 reference, from xq in
     natural order and from the quantize kernel's even / odd order alike."""
     gen = torch.Generator().manual_seed(m + n)
@@ -1309,7 +1318,7 @@ def test_gpu_wgmma_rs_int8_is_exact_on_the_accumulator(m, n, k, g, bias, tile):
     x[:, 7] *= 20
     b = torch.randn(n, generator=gen).half() if bias else None
     problem = W4A8Problem(x, w, p, b, torch.float16, "int8")
-    cfg = KernelConfig("wgmma_rs", *tile)
+    cfg = KernelConfig(kind, *tile, max_registers=regs if tile[0] < 128 else 0)
     assert valid_config(cfg, n, k, g, "int8")
     xq, xs = _on_device(*problem.quantized_x())
     args = (xq, xs, *(t.cuda() for t in p.tensors()), _on_device(b)[0] if bias else None, g)

@@ -72,6 +72,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from qcompile.lowering.autotune import KernelConfig, TuneKey, autotuner, m_bucket, time_us
 from qcompile.lowering.w4a16 import (
     _COUNTERS,
+    _WGMMA_KINDS,
     _emulated_mma_tile,
     _interpreting,
     _lane_results,
@@ -1026,8 +1027,13 @@ def _pow2(v: int) -> bool:
 # Smallest BLOCK_K per kernel: 8-bit tl.dot needs K tiles >= 32; planes: 32 word rows per dot.
 _MIN_BLOCK_K = {
     "gemv": 32, "gemm": 32, "gemm_planes": 256, "gemm_swar": 64, "mma": 32, "int_mm": 32,
-    "fp8_mm": 32, "mma_f16": 32, "wgmma_rs": 64,
+    "fp8_mm": 32, "mma_f16": 32, "wgmma_rs": 64, "wgmma_rs_ws": 64,
 }  # fmt: skip
+# W4A8 int8 on the wgmma_rs kernel with its TMA producer warp, capped at 96 registers below
+# 128 x rows as W4A16's candidates are: W4A16 ships it at 4096x14336 M = 16 and 64, where
+# W4A8 on wgmma_rs ran 20.9 / 26.0 us against W4A16's 17.6 / 22.4 (H100, session 38).
+# Compiled offline (sm_90), not yet run on a GPU: off until timed.
+_WGMMA_RS_WS = False
 _LANE_ROWS = (8, 16, 32, 64)  # lane MMA: 1, 2, 4 or 8 B tiles of 8 rows
 _LANE_REDUCE_MAX_ROWS = 8  # the lane kernel reduces split K in its own launch up to 8 rows
 # ... with 8 partials' loads in flight: M = 1 on the H100, 52.3 -> 47.4 us on 8192x28672 (split
@@ -1060,7 +1066,7 @@ def valid_config(cfg: KernelConfig, n: int, k: int, group: int, act_dtype: str) 
             and _pow2(cfg.block_k) and cfg.block_k >= 32 and k % cfg.block_k == 0
             and (group % cfg.block_k == 0 or cfg.block_k % group == 0)
         )  # fmt: skip
-    if cfg.kernel == "wgmma_rs":  # W4A16's rules (one group per K tile); TMA: 16-byte rows;
+    if cfg.kernel in _WGMMA_KINDS:  # W4A16's rules (one group per K tile); TMA: 16-byte rows;
         # Triton 3.6 has no s8 wgmma with N = 256 ("WGMMA type or shape is not supported")
         return (
             act_dtype == "int8" and n % 16 == 0 and 16 <= cfg.block_m <= 128
@@ -1162,7 +1168,8 @@ def candidate_configs(m: int, n: int, k: int, group: int, act_dtype: str) -> lis
         out += [KernelConfig("fp8_mm", 0, bn, bk, 1, 4, 1) for bn, bk in _UNPACK_TILES]
     if mb >= 16 and act_dtype == "int8" and _wgmma_device():
         # W4A16's tiles, up to 128 x rows (no s8 wgmma with N = 256 in Triton 3.6)
-        out += _wgmma_rs_configs(mb, n, group, [("wgmma_rs", 0)], max_rows=128)
+        kinds = [("wgmma_rs", 0)] + ([("wgmma_rs_ws", 96)] if _WGMMA_RS_WS and mb < 128 else [])
+        out += _wgmma_rs_configs(mb, n, group, kinds, max_rows=128)
     if mb <= 64 and act_dtype != "int8":  # W4A16's lane kernel on e4m3 values as fp16
         rows = max(8, mb)
         for warps, bk, sk in itertools.product((2, 4), (64, 128), (1, 2, 4, 8, 16)):
@@ -1381,7 +1388,7 @@ def launch(
             out_dtype, cfg.block_n, cfg.block_k,
         )  # fmt: skip
         return res if out is None else out.copy_(res)
-    if cfg.kernel == "wgmma_rs":
+    if cfg.kernel in _WGMMA_KINDS:
         return _launch_wgmma_rs(
             cfg, xq, x_scale, qweight, group_scales, group_zeros, channel_scales, bias,
             group_size, out_dtype, out, accumulator, xq_plane_major, xq_even_odd,
@@ -1516,7 +1523,7 @@ def _launch_wgmma_rs(
     cfg, xq, x_scale, qweight, group_scales, group_zeros, channel_scales, bias, group_size,
     out_dtype, out, accumulator, xq_plane_major, xq_even_odd,
 ) -> torch.Tensor:  # fmt: skip
-    """`launch` for "wgmma_rs": xq in even / odd order per 8 k (`xq_even_odd`: already so);
+    """`launch` for "wgmma_rs" (and "_ws"): xq in even / odd order per 8 k (`xq_even_odd`: already so);
     split K (or `accumulator`) through int32 partials, summed and rescaled here. Weights TMA
     cannot read in place run the lane kernel's default instead."""
     from qcompile.lowering import w4a16_wgmma
@@ -1752,7 +1759,7 @@ def quantize_and_launch(
     pdl = pdl and cfg.kernel == "mma"
     planes = cfg.block_k if cfg.kernel == "gemm_planes" else 0
     even_odd = cfg.block_k if cfg.kernel in ("gemm_swar", "mma") else 0
-    even_odd = 8 if cfg.kernel == "wgmma_rs" else even_odd
+    even_odd = 8 if cfg.kernel in _WGMMA_KINDS else even_odd
     xq, scale = quantize_per_token(
         x, act_dtype, planes, even_odd, as_fp16=cfg.kernel == "mma_f16", pdl=pdl
     )
