@@ -3,11 +3,13 @@ weights in CUDA-graph replays; each wgmma_rs config is checked against the curre
 output first (both rescale the same exact integer sums).
 
     python benchmarks/probe_w4a8_wgmma.py --ms 16,64,256 --out $OUT/w4a8rs.json
+    python benchmarks/probe_w4a8_wgmma.py --variants rs,rs+pairs,ws,ws+pairs ...
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 from pathlib import Path
 
@@ -22,12 +24,18 @@ def main() -> None:
     ap.add_argument("--shapes", default="28672x4096,8192x28672")
     ap.add_argument("--ms", default="16,64,256")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument(
+        "--variants", default="rs",
+        help="comma list of rs (wgmma_rs), ws (producer warp, 96 registers below 128 rows), "
+        "and either with '+pairs' (`w4a16_wgmma._W4A8_PAIRS`)",
+    )  # fmt: skip
     args = ap.parse_args()
     import torch
     import torch.nn.functional as F
     from bench_w4a16 import time_graph
     from weights import random_w4a8, rotated_w4a16
 
+    from qcompile.lowering import w4a16_wgmma
     from qcompile.lowering.autotune import KernelConfig, m_bucket
     from qcompile.lowering.w4a8 import quantize_and_launch, valid_config, w4a8_linear_cuda
     from qcompile.lowering.w4a16 import w4a16_linear_cuda
@@ -53,18 +61,24 @@ def main() -> None:
             row["w4a8_us"] = time_graph([lambda a=a, x=x: w4a8_linear_cuda(x, *a) for a in w8args])
             want = w4a8_linear_cuda(x, *w8args[0]).float()
             bm = min(max(m_bucket(m), 16), 128)
-            for bn, bk, split, warps, stages in TILES:
-                cfg = KernelConfig("wgmma_rs", bm, bn, bk, split, warps, stages)
+            for (bn, bk, split, warps, stages), variant in itertools.product(
+                TILES, args.variants.split(",")
+            ):
+                ws = variant.startswith("ws")
+                kind, regs = ("wgmma_rs_ws", 96 if bm < 128 else 0) if ws else ("wgmma_rs", 0)
+                cfg = KernelConfig(kind, bm, bn, bk, split, warps, stages, max_registers=regs)
                 if not valid_config(cfg, n, k, 128, "int8") or (bm > 64 and bk == 128):
                     continue
+                w4a16_wgmma._W4A8_PAIRS = variant.endswith("+pairs")
                 got = quantize_and_launch(cfg, x, *w8args[0]).float()
                 err = ((got - want).norm() / want.norm()).item()
                 us = time_graph(
                     [lambda a=a, c=cfg, x=x: quantize_and_launch(c, x, *a) for a in w8args]
                 )
-                name = f"bm{bm} bn{bn} bk{bk} sk{split} w{warps} st{stages}"
+                name = f"{variant} bm{bm} bn{bn} bk{bk} sk{split} w{warps} st{stages}"
                 row["rs"].append({"config": cfg.__dict__, "name": name, "us": us, "rel_err": err})
                 print(f"  {name}: {us:.1f} us, rel err vs current {err:.1e}", flush=True)
+            w4a16_wgmma._W4A8_PAIRS = False
             best = min(row["rs"], key=lambda r: r["us"], default=None)
             print(
                 f"N={n} K={k} M={m}: cublas {row['cublas_us']:.1f} w4a16 {row['w4a16_us']:.1f} "

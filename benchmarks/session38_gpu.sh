@@ -12,6 +12,9 @@
 #           candidate at M = 16, 64 on W4A8_WS_SHAPES (default 4096x14336,14336x4096,4096x4096)
 #           into $OUT/w4a8ws/h100.json (merge here if the tests passed), then bench_w4a8.py at
 #           M = 16, 64 on 4096x14336 with those picks merged on the device.
+#   w4a8pairs: (next session) W4A8's wgmma_rs gpu tests (pairs and the producer warp
+#           included), then probe_w4a8_wgmma.py --variants rs,rs+pairs,ws,ws+pairs at M = 16,
+#           64, 256 on the two large shapes and 4096x14336.
 #   anything else: session37_gpu.sh's and older parts (tune, wgmmatests, kernels, bench16, ncu).
 source benchmarks/gpu_setup.sh
 for part in ${PART//,/ }; do
@@ -33,6 +36,14 @@ for part in ${PART//,/ }; do
         --ms "${TUNE8_MS:-16,256,1024}" --dtypes float16 --shapes 8192x28672,28672x4096 \
         --out "$OUT/$part/h100.json" > "$OUT/$part/tune.log" 2>&1
       grep -E "s w4a8|rror" "$OUT/$part/tune.log" | cut -c1-220
+      ;;
+    w4a8pairs)
+      gpu_tests 200 "$OUT/$part/tests.log" tests/test_w4a8.py -k wgmma_rs
+      if grep -qE "FAILED|ERROR" "$OUT/$part/tests.log"; then continue; fi
+      timeout "${PROBE_S:-300}" python3 benchmarks/probe_w4a8_wgmma.py --ms 16,64,256 \
+        --shapes 28672x4096,8192x28672,4096x14336 --variants rs,rs+pairs,ws,ws+pairs \
+        --out "$OUT/$part/probe.json" > "$OUT/$part/probe.log" 2>&1
+      grep "N=" "$OUT/$part/probe.log"
       ;;
     w4a8ws)
       sed -i 's/^_WGMMA_RS_WS = False/_WGMMA_RS_WS = True/' qcompile/lowering/w4a8.py

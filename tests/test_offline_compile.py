@@ -377,7 +377,7 @@ for bm, bn, bk, w, st, dt, split, bias, ws, *extra in json.loads(__import__("sys
     cfg = KernelConfig("wgmma_rs", bm, bn, bk, split, w, st)
     out.append([res["REG"], res["STACK"] + res["LOCAL"], ops["IGMMA"], ops["PRMT"], ops["I2F"],
                 len(s.wgmma_register_hazards(text)), text.count("WARPGROUP.ARRIVE"),
-                k.metadata.shared, _wgmma_smem_bytes(cfg, 1)])
+                k.metadata.shared, _wgmma_smem_bytes(cfg, 1), text.count("LDS.64 ")])
 print(json.dumps(out))
 """
 
@@ -474,12 +474,31 @@ def test_wgmma_rs_w4a8_mode_compiles_to_integer_wgmma():
         (64, 64, 128, 4, 4, "bf16", 1, True, True, 96, False, True),
     ]
     for v, r in zip(variants, _compile_offline(WGMMA8, json.dumps(variants)), strict=True):
-        regs, spills, igmma, prmt, i2f, hazards, arrives, smem, budget = r
+        regs, spills, igmma, prmt, i2f, hazards, arrives, smem, budget, _ = r
         assert regs <= (v[9] or 255), (v, r)
         assert budget < smem <= budget + 512 if v[8] else smem == budget, (v, r)  # (as above)
         assert igmma > 0 and spills == 0 and hazards == 0 and i2f == 0, (v, r)
         assert prmt <= 40, (v, r)
         assert arrives * 2 <= igmma, (v, r)  # (asynchronous: not one arrive per wgmma)
+
+
+def test_wgmma_rs_w4a8_pair_rows_load_two_rows_per_instruction():
+    """W4A8's words loaded in pairs (`w4a16_wgmma._W4A8_PAIRS`, off, untimed): the relabelled
+    8-bit operand layout still converts for free (`assert_trivial`), the words come in 64-bit
+    loads (none without), no spills or register hazards, no more registers than without."""
+    base = [
+        (16, 64, 128, 4, 4, "fp16", 1, False, False, 0),
+        (16, 64, 128, 4, 4, "fp16", 2, False, True, 96),
+        (64, 128, 128, 8, 4, "bf16", 1, True, False, 0),
+        (128, 128, 64, 8, 4, "fp16", 1, False, True, 0),
+    ]
+    variants = [(*v, False, True) for v in base] + [(*v, True, True) for v in base]
+    results = _compile_offline(WGMMA8, json.dumps(variants))
+    for v, plain, pairs in zip(base, results[:4], results[4:], strict=True):
+        words = v[2] // 32 * 2  # (per thread and tile: 2 rows x a quarter of BLOCK_K / 8 words)
+        assert plain[9] == 0 and pairs[9] >= words, (v, plain, pairs)
+        assert pairs[1] == 0 and pairs[5] == 0 and pairs[0] <= plain[0], (v, plain, pairs)
+        assert pairs[2] == plain[2], (v, plain, pairs)  # (same IGMMAs)
 
 
 def test_wgmma_register_hazard_check_finds_writes_to_an_inflight_operand():

@@ -1305,9 +1305,13 @@ def test_wgmma_rs_refuses_what_it_cannot_read():
     ],
 )
 @pytest.mark.parametrize("kind,regs", [("wgmma_rs", 0), ("wgmma_rs_ws", 96)])
-def test_gpu_wgmma_rs_int8_is_exact_on_the_accumulator(m, n, k, g, bias, tile, kind, regs):
+@pytest.mark.parametrize("pairs", [False, True])
+def test_gpu_wgmma_rs_int8_is_exact_on_the_accumulator(
+    monkeypatch, m, n, k, g, bias, tile, kind, regs, pairs
+):
     """The int8 mode of W4A16's Gluon kernel, with and without its producer warp (capped at 96
-    registers below 128 x rows, as offered): the raw int32 accumulator equals the exact
+    registers below 128 x rows, as offered) and W's rows loaded in pairs (`_W4A8_PAIRS`, off
+    until timed): the raw int32 accumulator equals the exact
     integer reference (split or not), the rescaled output the float64 reference, from xq in
     natural order and from the quantize kernel's even / odd order alike."""
     gen = torch.Generator().manual_seed(m + n)
@@ -1318,6 +1322,9 @@ def test_gpu_wgmma_rs_int8_is_exact_on_the_accumulator(m, n, k, g, bias, tile, k
     x[:, 7] *= 20
     b = torch.randn(n, generator=gen).half() if bias else None
     problem = W4A8Problem(x, w, p, b, torch.float16, "int8")
+    from qcompile.lowering import w4a16_wgmma
+
+    monkeypatch.setattr(w4a16_wgmma, "_W4A8_PAIRS", pairs)
     cfg = KernelConfig(kind, *tile, max_registers=regs if tile[0] < 128 else 0)
     assert valid_config(cfg, n, k, g, "int8")
     xq, xs = _on_device(*problem.quantized_x())

@@ -178,16 +178,21 @@ xor.b32 $0, t, u; }}""")
 
 
 @gluon.constexpr_function
-def _rs_pair_layouts(words, block_n, num_warps):
+def _rs_pair_layouts(words, block_n, num_warps, w4a8):
     """PAIRS: the words [WORDS, BLOCK_N] and a scale row [BLOCK_N] as loaded, lane 4g + t
-    reading rows 2g and 2g + 1 of its warp's 16 (adjacent: one 64-bit load per word)."""
+    reading rows 2g and 2g + 1 of its warp's 16 (adjacent: one 64-bit load per word). A
+    lane's words are `_rs_unpack_layout`'s (all of its rows') or, W4A8, `_rs8_unpack_layout`'s
+    (lane bit 1, t // 2, is a word bit there)."""
     warp = [[16 << b] for b in range(num_warps.bit_length() - 1)]
     lane = [[0], [0], [2], [4], [8]]
     row = gl.DistributedLinearLayout([[1]], lane, warp, [], [block_n])
-    reg = [[0, 1]] + [[1 << b, 0] for b in range(words.bit_length() - 1)]
-    both = gl.DistributedLinearLayout(
-        reg, [[0, r[0]] for r in lane], [[0, w[0]] for w in warp], [], [words, block_n]
-    )
+    if w4a8:
+        reg = [[0, 1]] + [[2 << b, 0] for b in range(words.bit_length() - 2)]
+        lanes = [[0, 0], [1, 0]] + [[0, r[0]] for r in lane[2:]]
+    else:
+        reg = [[0, 1]] + [[1 << b, 0] for b in range(words.bit_length() - 1)]
+        lanes = [[0, r[0]] for r in lane]
+    both = gl.DistributedLinearLayout(reg, lanes, [[0, w[0]] for w in warp], [], [words, block_n])
     return both, row
 
 
@@ -204,18 +209,42 @@ def _pairs_to_rows(t, WORDS: gl.constexpr, N: gl.constexpr):
 
 
 @gluon.jit
+def _load_rows(w_stage, s_stage, o_stage, P3: gl.constexpr, PAIRS: gl.constexpr,
+               W4A8: gl.constexpr):  # fmt: skip
+    """One stage's words [WORDS, BLOCK_N] and scale / offset rows [BLOCK_N] in the slices of
+    the unpacking layout P3 (PAIRS: loaded two rows at a time and relabelled,
+    `_pairs_to_rows`)."""
+    WORDS: gl.constexpr = w_stage.shape[0]
+    BLOCK_N: gl.constexpr = w_stage.shape[1]
+    WL: gl.constexpr = gl.SliceLayout(2, P3)
+    SL: gl.constexpr = gl.SliceLayout(0, WL)
+    if PAIRS:
+        BOTH: gl.constexpr = _rs_pair_layouts(WORDS, BLOCK_N, gl.num_warps(), W4A8)
+        w2 = _pairs_to_rows(w_stage.load(BOTH[0]), WORDS, BLOCK_N)
+        s1 = _pairs_to_rows(s_stage.reshape([BLOCK_N]).load(BOTH[1]), 0, BLOCK_N)
+        o1 = _pairs_to_rows(o_stage.reshape([BLOCK_N]).load(BOTH[1]), 0, BLOCK_N)
+        w2 = gl.convert_layout(w2, WL, assert_trivial=True)
+        s1 = gl.convert_layout(s1, SL, assert_trivial=True)
+        o1 = gl.convert_layout(o1, SL, assert_trivial=True)
+    else:
+        w2 = w_stage.load(WL)
+        s1 = s_stage.reshape([BLOCK_N]).load(SL)
+        o1 = o_stage.reshape([BLOCK_N]).load(SL)
+    return w2, s1, o1
+
+
+@gluon.jit
 def _rs8_unpack(w_stage, s_stage, z_stage, shift, ASM: gl.constexpr, P3: gl.constexpr,
-                a_layout: gl.constexpr):  # fmt: skip
+                a_layout: gl.constexpr, PAIRS: gl.constexpr):  # fmt: skip
     """W4A8: one stage's words and uint8 s2 / z rows -> the int8 (q - z) * s2 tile
     [BLOCK_N, BLOCK_K] in wgmma's 8-bit register operand layout (`shift`: per byte of a word,
     0 for its even nibbles, 4 for its odd ones)."""
     WORDS: gl.constexpr = w_stage.shape[0]
     BLOCK_N: gl.constexpr = w_stage.shape[1]
-    WL: gl.constexpr = gl.SliceLayout(2, P3)
-    SL: gl.constexpr = gl.SliceLayout(0, WL)
-    words = gl.expand_dims(w_stage.load(WL), 2)  # [WORDS, BLOCK_N, 1]
-    s2 = s_stage.reshape([BLOCK_N]).load(SL).to(gl.int32)
-    zs2 = z_stage.reshape([BLOCK_N]).load(SL).to(gl.int32) * s2 * 0x01010101  # (4 bytes)
+    w2, s2, z = _load_rows(w_stage, s_stage, z_stage, P3, PAIRS, True)
+    words = gl.expand_dims(w2, 2)  # [WORDS, BLOCK_N, 1]
+    s2 = s2.to(gl.int32)
+    zs2 = z.to(gl.int32) * s2 * 0x01010101  # (4 bytes)
     s2 = gl.expand_dims(gl.expand_dims(s2, 0), 2)
     zs2 = gl.expand_dims(gl.expand_dims(zs2, 0), 2)
     # The inputs go to the operand's layout before the asm: permuting its int8 result instead
@@ -257,22 +286,7 @@ def _rs16_unpack(w_stage, s_stage, o_stage, sel, ASM: gl.constexpr, P3: gl.const
                  a_layout: gl.constexpr, PAIRS: gl.constexpr):  # fmt: skip
     """One stage's words, scale and offset rows -> W's [BLOCK_N, BLOCK_K] tile in wgmma's
     register operand layout (PAIRS: with W's rows relabelled, `_pairs_to_rows`)."""
-    WORDS: gl.constexpr = w_stage.shape[0]
-    BLOCK_N: gl.constexpr = w_stage.shape[1]
-    WL: gl.constexpr = gl.SliceLayout(2, P3)
-    SL: gl.constexpr = gl.SliceLayout(0, WL)
-    if PAIRS:
-        BOTH: gl.constexpr = _rs_pair_layouts(WORDS, BLOCK_N, gl.num_warps())
-        w2 = _pairs_to_rows(w_stage.load(BOTH[0]), WORDS, BLOCK_N)
-        s1 = _pairs_to_rows(s_stage.reshape([BLOCK_N]).load(BOTH[1]), 0, BLOCK_N)
-        o1 = _pairs_to_rows(o_stage.reshape([BLOCK_N]).load(BOTH[1]), 0, BLOCK_N)
-        w2 = gl.convert_layout(w2, WL, assert_trivial=True)
-        s1 = gl.convert_layout(s1, SL, assert_trivial=True)
-        o1 = gl.convert_layout(o1, SL, assert_trivial=True)
-    else:
-        w2 = w_stage.load(WL)
-        s1 = s_stage.reshape([BLOCK_N]).load(SL)
-        o1 = o_stage.reshape([BLOCK_N]).load(SL)
+    w2, s1, o1 = _load_rows(w_stage, s_stage, o_stage, P3, PAIRS, False)
     words = gl.expand_dims(w2, 2)  # [WORDS, BLOCK_N, 1]
     sv = gl.expand_dims(gl.expand_dims(s1, 0), 2)
     ov = gl.expand_dims(gl.expand_dims(o1, 0), 2)
@@ -287,7 +301,7 @@ def _rs_unpack(w_stage, s_stage, o_stage, sel, ASM: gl.constexpr, P3: gl.constex
                a_layout: gl.constexpr, PAIRS: gl.constexpr, W4A8: gl.constexpr):  # fmt: skip
     """W's tile for the next wgmma: `_rs8_unpack` (W4A8) or `_rs16_unpack`."""
     if W4A8:
-        a = _rs8_unpack(w_stage, s_stage, o_stage, sel, ASM, P3, a_layout)
+        a = _rs8_unpack(w_stage, s_stage, o_stage, sel, ASM, P3, a_layout, PAIRS)
     else:
         a = _rs16_unpack(w_stage, s_stage, o_stage, sel, ASM, P3, a_layout, PAIRS)
     return a
@@ -546,11 +560,16 @@ def launch(
     )  # fmt: skip
 
 
+# W4A8's words loaded in pairs too (the same relabelling on its 8-bit operand layout):
+# compiled offline, not yet run on a GPU: off until timed.
+_W4A8_PAIRS = False
+
+
 def _pairs(cfg: KernelConfig, w4a8: bool) -> bool:
-    """Whether the kernel loads W's rows in pairs (`PAIRS`): W4A16 up to 128 x rows. At 256
-    (128 accumulator registers a thread) the rows' relabelling spilled 56-120 bytes (Triton
-    3.6), for +-3% on the H100 (session 38); W4A8's operand layout has no pair mode."""
-    return not w4a8 and cfg.block_m <= 128
+    """Whether the kernel loads W's rows in pairs (`PAIRS`): up to 128 x rows (W4A8: with
+    `_W4A8_PAIRS`). At 256 (128 accumulator registers a thread) the rows' relabelling spilled
+    56-120 bytes (Triton 3.6), for +-3% on the H100 (session 38)."""
+    return cfg.block_m <= 128 and (_W4A8_PAIRS or not w4a8)
 
 
 def _prmt(a: torch.Tensor, b: torch.Tensor, sel: int) -> torch.Tensor:
