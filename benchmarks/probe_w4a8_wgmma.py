@@ -1,5 +1,7 @@
-"""GPU probe: W4A8 int8 on W4A16's Gluon wgmma_rs kernel over a few tiles, beside W4A8's current pick, W4A16's current pick and cuBLAS fp16, on rotated
-weights in CUDA-graph replays; each wgmma_rs config is checked against the current pick's
+"""GPU probe: W4A8 int8 on W4A16's Gluon wgmma_rs kernel over a few tiles.
+
+Beside W4A8's current pick, W4A16's current pick and cuBLAS fp16, on rotated weights in
+CUDA-graph replays; each wgmma_rs config is checked against the current pick's
 output first (both rescale the same exact integer sums).
 
     python benchmarks/probe_w4a8_wgmma.py --ms 16,64,256 --out $OUT/w4a8rs.json

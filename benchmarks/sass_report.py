@@ -259,7 +259,9 @@ def compile_wgmma_variant(
     pairs: bool | None = None, w4a8: bool = False,
 ):  # fmt: skip
     """The W4A16 Gluon wgmma_rs kernel (`ws`: with its TMA producer warp; `maxnreg`: ptxas's
-    cap per thread; `pairs`: `PAIRS`, by default as `launch` sets it) for sm_90. Gluon kernels compile through `warmup`, which asks the active driver for the target: a stand-in
+    cap per thread; `pairs`: `PAIRS`, by default as `launch` sets it; `w4a8`: its int8 mode)
+    for sm_90. Gluon kernels compile through `warmup`, which asks the active driver for the
+    target: a stand-in
     driver names sm_90 on a machine without a GPU, and TMA descriptors over CPU tensors give
     the argument types."""
     import torch

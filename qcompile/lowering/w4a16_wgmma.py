@@ -22,8 +22,8 @@ next tile into the registers the wgmma reads). Split K writes fp32 partials, whi
 `w4a16.launch` sums. (The last program of a tile summing them, and programmatic dependent
 launch with the weights requested before griddepcontrol.wait, showed no gain in a 16-layer
 decode step on the H100, session 37; commit a47c7ab holds both.)
-W4A8 (`W4A8`, int8 activations, `lowering/w4a8.py`'s "wgmma_rs"; untimed): the same pipeline
-on int8 x and the int8 (q - z) * s2 (`_RS8_ASM`), IGMMA with an int32 accumulator.
+W4A8 (`W4A8`, int8 activations, `lowering/w4a8.py`'s "wgmma_rs", up to 128 x rows): the same
+pipeline on int8 x and the int8 (q - z) * s2 (`_RS8_ASM`), IGMMA with an int32 accumulator.
 Gluon does not run in Triton's interpreter: the CPU tests compile it for sm_90 (with Triton 3.6
 and the installed one; two Gluon names differ between them, see `_tma_load`) and check its
 unpacking bit for bit in torch (`unpack_pairs_reference`); its numbers are checked by gpu tests

@@ -45,10 +45,11 @@ group_zeros [K/G, N] uint8, channel_scales [N] fp32). Kernels, top to bottom:
 * W4A16's `_w4a16_mma_kernel` in its W4A8 mode ("mma_f16", FP8 at M <= 64, the FP8 default at
   M <= 16): the e4m3 xq as fp16 (exact) times the weight (q - z) * s2 made in
   fp16 from uint8 s2 and z (integers in -127..127: exact), x_scale * s1 in its epilogue.
-* W4A16's Gluon wgmma_rs kernel in its int8 mode ("wgmma_rs", M >= 16, Hopper; up to 128 x
-  rows; on the H100 1.01-1.05x W4A16 at M = 16, 1.1-1.2x at 64-256, session 38): W unpacked into wgmma's int8 register operand
-  ((q - z) * s2 by SWAR byte arithmetic, `w4a16_wgmma._RS8_ASM`), xq's tile by TMA in even /
-  odd order per 8 k, int32 accumulation, x_scale * s1 in its epilogue.
+* W4A16's Gluon wgmma_rs kernel in its int8 mode ("wgmma_rs", M >= 16, Hopper, up to 128 x
+  rows; on the H100 1.01-1.05x W4A16 at M = 16, 1.1-1.2x at 64-256, session 38): W unpacked
+  into wgmma's int8 register operand ((q - z) * s2 by SWAR byte arithmetic,
+  `w4a16_wgmma._RS8_ASM`), xq's tile by TMA in even / odd order per 8 k, int32
+  accumulation, x_scale * s1 in its epilogue.
 * `_w4a8_gemv_kernel` ("gemv", M <= 8): CUDA cores, one program per (N tile, K split, row).
   Integer per group: sum_k (q - z) s2 x = s2 * sum_k q x - z s2 * sum_k x, so the inner loop
   is shift, and, multiply-add per weight. Memory-bound: floor =
@@ -1523,9 +1524,9 @@ def _launch_wgmma_rs(
     cfg, xq, x_scale, qweight, group_scales, group_zeros, channel_scales, bias, group_size,
     out_dtype, out, accumulator, xq_plane_major, xq_even_odd,
 ) -> torch.Tensor:  # fmt: skip
-    """`launch` for "wgmma_rs" (and "_ws"): xq in even / odd order per 8 k (`xq_even_odd`: already so);
-    split K (or `accumulator`) through int32 partials, summed and rescaled here. Weights TMA
-    cannot read in place run the lane kernel's default instead."""
+    """`launch` for "wgmma_rs" (and "_ws"): xq in even / odd order per 8 k (`xq_even_odd`:
+    already so); split K (or `accumulator`) through int32 partials, summed and rescaled here.
+    Weights TMA cannot read in place run the lane kernel's default instead."""
     from qcompile.lowering import w4a16_wgmma
 
     m, k = xq.shape
@@ -1758,8 +1759,8 @@ def quantize_and_launch(
     its first weights before waiting for xq (written, not yet timed: off by default)."""
     pdl = pdl and cfg.kernel == "mma"
     planes = cfg.block_k if cfg.kernel == "gemm_planes" else 0
-    even_odd = cfg.block_k if cfg.kernel in ("gemm_swar", "mma") else 0
-    even_odd = 8 if cfg.kernel in _WGMMA_KINDS else even_odd
+    swar = cfg.kernel in ("gemm_swar", "mma")  # (even / odd per 8 k for wgmma_rs)
+    even_odd = cfg.block_k if swar else 8 if cfg.kernel in _WGMMA_KINDS else 0
     xq, scale = quantize_per_token(
         x, act_dtype, planes, even_odd, as_fp16=cfg.kernel == "mma_f16", pdl=pdl
     )
