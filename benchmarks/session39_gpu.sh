@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Thirty-ninth session. PART is a comma-separated list of:
+#   tune16: W4A16 re-tuned with row pairs (wgmma_rs / wgmma_rs_ws candidates beside each key's
+#           shipped pick) at TUNE_MS (default 16,256,1024) on TUNE_SHAPES (default the two
+#           acceptance shapes), fp16, into $OUT/tune16/h100.json; merged on the device, then
+#           bench_w4a16.py at M = 1, 16, 64, 256, 1024 on those shapes with the merged picks.
+#   anything else: session38_gpu.sh's parts (w4a8pairs, w4a8ws, w4a8, tune, kernels, ...).
+source benchmarks/gpu_setup.sh
+for part in ${PART//,/ }; do
+  mkdir -p "$OUT/$part"
+  case "$part" in
+    tune16)
+      timeout "${TUNE_S:-300}" python3 benchmarks/tune_shipped.py --kinds wgmma_rs,wgmma_rs_ws \
+        --ms "${TUNE_MS:-16,256,1024}" --dtypes "${TUNE_DTYPES:-float16}" \
+        --shapes "${TUNE_SHAPES:-8192x28672,28672x4096}" --out "$OUT/$part/h100.json" \
+        > "$OUT/$part/tune.log" 2>&1
+      grep -E "TuneKey|rror" "$OUT/$part/tune.log" | sed "s/TuneKey(family=//; s/group_size=128, //" | cut -c1-330
+      python3 benchmarks/tune_shipped.py --merge "$OUT/$part/h100.json" | tail -1
+      timeout "${KERNELS_S:-240}" python3 benchmarks/bench_w4a16.py --ms "${KERNEL_MS:-1,16,64,256,1024}" \
+        --shapes "${TUNE_SHAPES:-8192x28672,28672x4096}" --out "$OUT/$part/bench" \
+        > "$OUT/$part/bench.log" 2>&1
+      tail -14 "$OUT/$part/bench.log" | cut -c1-200
+      ;;
+    *) PART=$part bash benchmarks/session38_gpu.sh ;;
+  esac
+done
