@@ -4,6 +4,10 @@
 #           shipped pick) at TUNE_MS (default 16,256,1024) on TUNE_SHAPES (default the two
 #           acceptance shapes), fp16, into $OUT/tune16/h100.json; merged on the device, then
 #           bench_w4a16.py at M = 1, 16, 64, 256, 1024 on those shapes with the merged picks.
+#   bars:   `w4a16_wgmma._SPLIT_BARRIERS` (one mbarrier array per operand: half the CTA
+#           barriers of a K tile with Triton 3.6): its gpu test (bits equal to one array), then
+#           probe_gluon_w4a16.py --bars 1,4 on wgmma_rs at M = 16, 64, 256 on the two
+#           acceptance shapes (BARS_CONFIGS: indices into its CONFIGS).
 #   anything else: session38_gpu.sh's parts (w4a8pairs, w4a8ws, w4a8, tune, kernels, ...).
 source benchmarks/gpu_setup.sh
 for part in ${PART//,/ }; do
@@ -20,6 +24,14 @@ for part in ${PART//,/ }; do
         --shapes "${TUNE_SHAPES:-8192x28672,28672x4096}" --out "$OUT/$part/bench" \
         > "$OUT/$part/bench.log" 2>&1
       tail -14 "$OUT/$part/bench.log" | cut -c1-200
+      ;;
+    bars)
+      gpu_tests 120 "$OUT/$part/tests.log" tests/test_w4a16_wgmma.py -k "split_barriers"
+      if grep -qE "FAILED|ERROR" "$OUT/$part/tests.log"; then continue; fi
+      timeout "${BARS_S:-240}" python3 benchmarks/probe_gluon_w4a16.py --ms "${BARS_MS:-16,64,256}" \
+        --configs "${BARS_CONFIGS:-2,4,21,8,9,11,18,19}" --fit-only --bars 1,4 \
+        --out "$OUT/$part/bars.json" > "$OUT/$part/bars.log" 2>&1
+      grep -E "N=| b[14]:" "$OUT/$part/bars.log" | cut -c1-200
       ;;
     *) PART=$part bash benchmarks/session38_gpu.sh ;;
   esac
