@@ -8,6 +8,9 @@
 #           barriers of a K tile with Triton 3.6): its gpu test (bits equal to one array), then
 #           probe_gluon_w4a16.py --bars 1,4 on wgmma_rs at M = 16, 64, 256 on the two
 #           acceptance shapes (BARS_CONFIGS: indices into its CONFIGS).
+#   w4a8v:  W4A8's wgmma_rs gpu tests (pairs, split barriers, the producer warp), then
+#           probe_w4a8_wgmma.py --variants rs,rs+pairs,rs+bars,ws,ws+pairs at W4A8V_MS
+#           (default 16,64) on the two acceptance shapes and 4096x14336.
 #   anything else: session38_gpu.sh's parts (w4a8pairs, w4a8ws, w4a8, tune, kernels, ...).
 source benchmarks/gpu_setup.sh
 for part in ${PART//,/ }; do
@@ -32,6 +35,14 @@ for part in ${PART//,/ }; do
         --configs "${BARS_CONFIGS:-2,4,21,8,9,11,18,19}" --fit-only --bars 1,4 \
         --out "$OUT/$part/bars.json" > "$OUT/$part/bars.log" 2>&1
       grep -E "N=| b[14]:" "$OUT/$part/bars.log" | cut -c1-200
+      ;;
+    w4a8v)
+      gpu_tests 200 "$OUT/$part/tests.log" tests/test_w4a8.py -k wgmma_rs
+      if grep -qE "FAILED|ERROR" "$OUT/$part/tests.log"; then continue; fi
+      timeout "${PROBE_S:-300}" python3 benchmarks/probe_w4a8_wgmma.py --ms "${W4A8V_MS:-16,64}" \
+        --shapes 28672x4096,8192x28672,4096x14336 --variants rs,rs+pairs,rs+bars,ws,ws+pairs \
+        --out "$OUT/$part/probe.json" > "$OUT/$part/probe.log" 2>&1
+      grep "N=" "$OUT/$part/probe.log"
       ;;
     *) PART=$part bash benchmarks/session38_gpu.sh ;;
   esac
