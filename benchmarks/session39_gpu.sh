@@ -2,8 +2,9 @@
 # Thirty-ninth session. PART is a comma-separated list of:
 #   tune16: W4A16 re-tuned with row pairs (wgmma_rs / wgmma_rs_ws candidates beside each key's
 #           shipped pick) at TUNE_MS (default 16,256,1024) on TUNE_SHAPES (default the two
-#           acceptance shapes), fp16, into $OUT/tune16/h100.json; merged on the device, then
-#           bench_w4a16.py at M = 1, 16, 64, 256, 1024 on those shapes with the merged picks.
+#           acceptance shapes), fp16, into $OUT/tune16/h100.json (merge it here).
+#   kbench: bench_w4a16.py at KERNEL_MS (default 1,16,64,256,1024) on KBENCH_SHAPES (default
+#           the two acceptance shapes) with the shipped configs.
 #   bars:   `w4a16_wgmma._SPLIT_BARRIERS` (one mbarrier array per operand: half the CTA
 #           barriers of a K tile with Triton 3.6): its gpu test (bits equal to one array), then
 #           probe_gluon_w4a16.py --bars 1,4 on wgmma_rs at M = 16, 64, 256 on the two
@@ -22,10 +23,10 @@ for part in ${PART//,/ }; do
         --shapes "${TUNE_SHAPES:-8192x28672,28672x4096}" --out "$OUT/$part/h100.json" \
         > "$OUT/$part/tune.log" 2>&1
       grep -E "TuneKey|rror" "$OUT/$part/tune.log" | sed "s/TuneKey(family=//; s/group_size=128, //" | cut -c1-330
-      python3 benchmarks/tune_shipped.py --merge "$OUT/$part/h100.json" | tail -1
+      ;;
+    kbench)
       timeout "${KERNELS_S:-240}" python3 benchmarks/bench_w4a16.py --ms "${KERNEL_MS:-1,16,64,256,1024}" \
-        --shapes "${TUNE_SHAPES:-8192x28672,28672x4096}" --out "$OUT/$part/bench" \
-        > "$OUT/$part/bench.log" 2>&1
+        --shapes "${KBENCH_SHAPES:-8192x28672,28672x4096}" --out "$OUT/$part" > "$OUT/$part/bench.log" 2>&1
       tail -14 "$OUT/$part/bench.log" | cut -c1-200
       ;;
     bars)
