@@ -350,6 +350,13 @@ def time_us(fn: Callable[[], object], reps: int = 25) -> float:
     split-K's second launch costs what it costs under `reduce-overhead`, not a Python launch
     gap), with L2 flushed before each replay (a decode step finds no weight in L2).
 
+    The flush reads a 256 MiB buffer (`QCOMPILE_TUNE_FLUSH=read`, the default) rather than
+    writing it: a write flush leaves L2 full of dirty lines that the timed kernel then writes
+    back to HBM (up to 50 MB on the H100, ~17 us of bandwidth), which no decode step pays.
+    With the write flush the tuner timed 8192x28672 fp16 M = 16 at 61.5 us for a pick that
+    the benchmark's rotated-weight replays time at 56.0, and ranked the candidates
+    differently (session 39). `QCOMPILE_TUNE_FLUSH=write` restores the old flush.
+
     `QCOMPILE_TUNE_TIMING=do_bench` (or a capture failure, logged) times with
     `triton.testing.do_bench` instead."""
     from triton.testing import do_bench
@@ -374,14 +381,18 @@ def time_us(fn: Callable[[], object], reps: int = 25) -> float:
             graph = None
     if graph is None:
         return 1000.0 * do_bench(fn, warmup=2, rep=10, return_mode="median")
-    flush = torch.empty(256 * 1024 * 1024, dtype=torch.int8, device="cuda")
+    flush = _flush_buffer(torch.cuda.current_device())
+    write = os.environ.get("QCOMPILE_TUNE_FLUSH", "read") == "write"
     events = [
         (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
         for _ in range(reps)
     ]
     graph.replay()
     for start, end in events:
-        flush.zero_()
+        if write:
+            flush.zero_()
+        else:
+            torch.amax(flush, dim=0, out=_flush_sink(flush.device.index))
         start.record()
         graph.replay()
         end.record()
@@ -389,6 +400,17 @@ def time_us(fn: Callable[[], object], reps: int = 25) -> float:
     times = sorted(start.elapsed_time(end) for start, end in events)
     graph.reset()
     return 1000.0 * times[len(times) // 2]
+
+
+@cache
+def _flush_buffer(device_index: int) -> torch.Tensor:
+    """256 MiB on one GPU (5x the H100's L2), as [rows, 4096] fp32 for the read flush."""
+    return torch.zeros(16384, 4096, dtype=torch.float32, device=f"cuda:{device_index}")
+
+
+@cache
+def _flush_sink(device_index: int) -> torch.Tensor:
+    return torch.empty(4096, dtype=torch.float32, device=f"cuda:{device_index}")
 
 
 @cache
