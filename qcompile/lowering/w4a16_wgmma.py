@@ -601,7 +601,7 @@ _SPLIT_BARRIERS = False
 
 # W4A8's words loaded in pairs too (the same relabelling on its 8-bit operand layout):
 # compiled offline, not yet run on a GPU: off until timed.
-_W4A8_PAIRS = False
+_W4A8_PAIRS = True
 
 
 def _pairs(cfg: KernelConfig, w4a8: bool) -> bool:

@@ -1034,7 +1034,7 @@ _MIN_BLOCK_K = {
 # 128 x rows as W4A16's candidates are: W4A16 ships it at 4096x14336 M = 16 and 64, where
 # W4A8 on wgmma_rs ran 20.9 / 26.0 us against W4A16's 17.6 / 22.4 (H100, session 38).
 # Compiled offline (sm_90), not yet run on a GPU: off until timed.
-_WGMMA_RS_WS = False
+_WGMMA_RS_WS = True
 _LANE_ROWS = (8, 16, 32, 64)  # lane MMA: 1, 2, 4 or 8 B tiles of 8 rows
 _LANE_REDUCE_MAX_ROWS = 8  # the lane kernel reduces split K in its own launch up to 8 rows
 # ... with 8 partials' loads in flight: M = 1 on the H100, 52.3 -> 47.4 us on 8192x28672 (split
