@@ -40,11 +40,6 @@ def main() -> None:
     ap.add_argument("--ws", default="0", help="0: wgmma_rs, 1: wgmma_rs_ws (a TMA producer warp)")
     ap.add_argument("--maxnreg", default="0", help="register caps (Triton's maxnreg; 0: none)")
     ap.add_argument("--fit-only", action="store_true", help="BLOCK_M = M's bucket only")
-    ap.add_argument(
-        "--bars", default="1",
-        help="1: one mbarrier array; 4: one per operand (`w4a16_wgmma._SPLIT_BARRIERS`, "
-        "wgmma_rs only)",
-    )  # fmt: skip
     args = ap.parse_args()
     import torch
     import torch.nn.functional as F
@@ -52,7 +47,6 @@ def main() -> None:
     from bench_w4a16 import hbm_bandwidth, time_graph
     from weights import rotated_w4a16
 
-    from qcompile.lowering import w4a16_wgmma
     from qcompile.lowering.autotune import KernelConfig
     from qcompile.lowering.w4a16 import launch, valid_config, w4a16_linear_cuda
     from qcompile.quant.int4 import dequantize_int4
@@ -76,17 +70,14 @@ def main() -> None:
                     for p in packed
                 ]  # fmt: skip
             )
-            variants = [  # (kind, maxnreg, barrier arrays)
-                (("wgmma_rs", "wgmma_rs_ws")[ws], r, b)
+            variants = [  # (kind, maxnreg)
+                (("wgmma_rs", "wgmma_rs_ws")[ws], r)
                 for ws in map(int, args.ws.split(","))
                 for r in map(int, args.maxnreg.split(","))
-                for b in map(int, args.bars.split(","))
-                if b == 1 or not ws
             ]
-            for (bm, bn, bk, split, warps, stages), (kind, maxnreg, bars) in itertools.product(
+            for (bm, bn, bk, split, warps, stages), (kind, maxnreg) in itertools.product(
                 picked, variants
             ):
-                w4a16_wgmma._SPLIT_BARRIERS = bars == 4
                 cfg = KernelConfig(kind, bm, bn, bk, split, warps, stages, max_registers=maxnreg)
                 fit = min(max(triton.next_power_of_2(m), 16), 256)  # (this tile or half)
                 if not valid_config(cfg, k, 128) or bm not in (fit, fit // 2):
@@ -100,14 +91,11 @@ def main() -> None:
                 out = run(packed[0]).float()
                 err = ((out - ref).norm() / ref.norm()).item()
                 us = time_graph([lambda p=p: run(p) for p in packed])
-                name = (
-                    f"{kind} bm{bm} bn{bn} bk{bk} sk{split} w{warps} st{stages} r{maxnreg} b{bars}"
-                )
+                name = f"{kind} bm{bm} bn{bn} bk{bk} sk{split} w{warps} st{stages} r{maxnreg}"
                 row["wgmma"].append(
                     {"config": cfg.__dict__, "name": name, "us": us, "rel_err": err}
                 )
                 print(f"  {name}: {us:.1f} us, rel err {err:.1e}", flush=True)
-            w4a16_wgmma._SPLIT_BARRIERS = False
             best = min(row["wgmma"], key=lambda r: r["us"], default=None)
             print(
                 f"N={n} K={k} M={m}: cublas {row['cublas_us']:.1f} current {row['current_us']:.1f}"

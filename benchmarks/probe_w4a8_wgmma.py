@@ -29,8 +29,7 @@ def main() -> None:
     ap.add_argument(
         "--variants", default="rs",
         help="comma list of rs (wgmma_rs), ws (producer warp, 96 registers below 128 rows), "
-        "either with '+pairs' (`w4a16_wgmma._W4A8_PAIRS`), rs with '+bars' "
-        "(`w4a16_wgmma._SPLIT_BARRIERS`)",
+        "and either with '+pairs' (`w4a16_wgmma._W4A8_PAIRS`)",
     )  # fmt: skip
     args = ap.parse_args()
     import torch
@@ -44,6 +43,7 @@ def main() -> None:
     from qcompile.lowering.w4a16 import w4a16_linear_cuda
 
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    pairs_default = w4a16_wgmma._W4A8_PAIRS
     rows = []
     for shape in args.shapes.split(","):
         n, k = (int(v) for v in shape.split("x"))
@@ -72,8 +72,7 @@ def main() -> None:
                 cfg = KernelConfig(kind, bm, bn, bk, split, warps, stages, max_registers=regs)
                 if not valid_config(cfg, n, k, 128, "int8") or (bm > 64 and bk == 128):
                     continue
-                w4a16_wgmma._W4A8_PAIRS = "+pairs" in variant
-                w4a16_wgmma._SPLIT_BARRIERS = "+bars" in variant
+                w4a16_wgmma._W4A8_PAIRS = variant.endswith("+pairs")
                 got = quantize_and_launch(cfg, x, *w8args[0]).float()
                 err = ((got - want).norm() / want.norm()).item()
                 us = time_graph(
@@ -82,7 +81,7 @@ def main() -> None:
                 name = f"{variant} bm{bm} bn{bn} bk{bk} sk{split} w{warps} st{stages}"
                 row["rs"].append({"config": cfg.__dict__, "name": name, "us": us, "rel_err": err})
                 print(f"  {name}: {us:.1f} us, rel err vs current {err:.1e}", flush=True)
-            w4a16_wgmma._W4A8_PAIRS = w4a16_wgmma._SPLIT_BARRIERS = False
+            w4a16_wgmma._W4A8_PAIRS = pairs_default
             best = min(row["rs"], key=lambda r: r["us"], default=None)
             print(
                 f"N={n} K={k} M={m}: cublas {row['cublas_us']:.1f} w4a16 {row['w4a16_us']:.1f} "

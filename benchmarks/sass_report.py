@@ -256,11 +256,11 @@ def compile_kv4_variant(
 def compile_wgmma_variant(
     bm: int, bn: int, bk: int, warps: int, stages: int, dtype: str = "fp16", split: int = 1,
     bias: bool = False, group: int = 128, ws: bool = False, maxnreg: int = 0,
-    pairs: bool | None = None, w4a8: bool = False, bars: int = 1,
+    pairs: bool | None = None, w4a8: bool = False,
 ):  # fmt: skip
     """The W4A16 Gluon wgmma_rs kernel (`ws`: with its TMA producer warp; `maxnreg`: ptxas's
-    cap per thread; `pairs`: `PAIRS`, by default as `launch` sets it; `w4a8`: its int8 mode;
-    `bars`: `BARS`, 4 for `_SPLIT_BARRIERS`) for sm_90. Gluon kernels compile through `warmup`, which asks the active driver for the
+    cap per thread; `pairs`: `PAIRS`, by default as `launch` sets it; `w4a8`: its int8 mode)
+    for sm_90. Gluon kernels compile through `warmup`, which asks the active driver for the
     target: a stand-in
     driver names sm_90 on a machine without a GPU, and TMA descriptors over CPU tensors give
     the argument types."""
@@ -305,7 +305,7 @@ def compile_wgmma_variant(
             PAIRS=w4a16_wgmma._pairs(KernelConfig("wgmma_rs", bm, bn, bk), w4a8)
             if pairs is None
             else pairs,
-            grid=(1,), BARS=bars, **extra,
+            grid=(1,), **extra,
             **({"maxnreg": maxnreg} if maxnreg else {}),
         )  # fmt: skip
     finally:
@@ -416,22 +416,6 @@ def main_loop(text: str) -> list[str]:
                 if re.search(r"/\*[0-9a-f]{4}\*/", ln)
             ]
             if _rank(body) > _rank(best):
-                best = body
-    return best
-
-
-def ptx_main_loop(ptx: str) -> list[str]:
-    """The PTX lines of the largest backward-branching block with wgmma / mma instructions."""
-    lines = ptx.splitlines()
-    labels = {
-        m.group(1): i for i, ln in enumerate(lines) if (m := re.match(r"^(\$L__BB\d+_\d+):", ln))
-    }
-    best: list[str] = []
-    for i, line in enumerate(lines):
-        m = re.search(r"\bbra(?:\.uni)?\s+(\$L__BB\d+_\d+);", line)
-        if m and m.group(1) in labels and labels[m.group(1)] < i:
-            body = lines[labels[m.group(1)] : i + 1]
-            if any("mma" in ln for ln in body) and len(body) > len(best):
                 best = body
     return best
 

@@ -492,3 +492,38 @@ def test_tuning_shows_a_progress_bar_that_counts_every_config(
     monkeypatch.setenv("QCOMPILE_TUNE_PROGRESS", "0")
     Autotuner(gpu=GPU, triton_version=TRITON, cache_dir=cache_dir).tune(KEY, CANDIDATES, bench)
     assert "qcompile: tuning" not in capsys.readouterr().err
+
+
+def test_tune_flush_setting(monkeypatch) -> None:
+    """`QCOMPILE_TUNE_FLUSH`: "read" by default, "write" on request; anything else is refused
+    before the timed function runs, with the two accepted values in the message."""
+    monkeypatch.delenv("QCOMPILE_TUNE_FLUSH", raising=False)
+    assert autotune._tune_flush() == "read"
+    monkeypatch.setenv("QCOMPILE_TUNE_FLUSH", "write")
+    assert autotune._tune_flush() == "write"
+    monkeypatch.setenv("QCOMPILE_TUNE_FLUSH", "zero")
+    ran = []
+    with pytest.raises(ValueError, match="'read'.*'write'"):
+        autotune.time_us(lambda: ran.append(1))
+    assert ran == []
+
+
+@pytest.mark.gpu
+def test_read_flush_does_not_charge_the_timed_kernel_a_write_back(monkeypatch) -> None:
+    """A kernel that reads 64 MB (more than the H100's L2) is timed faster after the read flush
+    than after the write flush, which leaves L2 dirty for it to write back, and no faster than
+    its bytes at 4 TB/s allow (the read flush does not leave its data cached)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU (run `make test-gpu` on the H100)")
+    src = torch.ones(16 * 1024 * 1024, dtype=torch.float32, device="cuda")
+    out = torch.empty((), dtype=torch.float32, device="cuda")
+
+    def read_64mb() -> None:
+        torch.sum(src, out=out)
+
+    times = {}
+    for flush in ("read", "write"):
+        monkeypatch.setenv("QCOMPILE_TUNE_FLUSH", flush)
+        times[flush] = min(autotune.time_us(read_64mb) for _ in range(3))
+    assert times["read"] < times["write"], times
+    assert times["read"] >= src.numel() * 4 / 4e12 * 1e6, times

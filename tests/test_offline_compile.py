@@ -483,7 +483,7 @@ def test_wgmma_rs_w4a8_mode_compiles_to_integer_wgmma():
 
 
 def test_wgmma_rs_w4a8_pair_rows_load_two_rows_per_instruction():
-    """W4A8's words loaded in pairs (`w4a16_wgmma._W4A8_PAIRS`, off, untimed): the relabelled
+    """W4A8's words loaded in pairs (`w4a16_wgmma._W4A8_PAIRS`, on since session 39): the relabelled
     8-bit operand layout still converts for free (`assert_trivial`), the words come in 64-bit
     loads (none without), no spills or register hazards, no more registers than without."""
     base = [
@@ -499,43 +499,6 @@ def test_wgmma_rs_w4a8_pair_rows_load_two_rows_per_instruction():
         assert plain[9] == 0 and pairs[9] >= words, (v, plain, pairs)
         assert pairs[1] == 0 and pairs[5] == 0 and pairs[0] <= plain[0], (v, plain, pairs)
         assert pairs[2] == plain[2], (v, plain, pairs)  # (same IGMMAs)
-
-
-BARS = """
-import json
-import sass_report as s
-out = []
-for bm, bn, bk, w, st, dt, w4a8, bars in json.loads(__import__("sys").argv[1]):
-    k = s.compile_wgmma_variant(bm, bn, bk, w, st, dt, w4a8=w4a8, bars=bars)
-    loop = "\\n".join(s.ptx_main_loop(k.asm["ptx"]))
-    res = s.resources(k)
-    out.append([loop.count("bar.sync"), loop.count("cp.async.bulk.tensor"),
-                loop.count("expect_tx"), loop.count("try_wait"), res["REG"],
-                res["STACK"] + res["LOCAL"], len(s.wgmma_register_hazards(s.sass(k))),
-                k.metadata.shared])
-print(json.dumps([__import__("triton").__version__, out]))
-"""
-
-
-def test_wgmma_rs_split_barriers_halve_the_k_loops_cta_barriers():
-    """`w4a16_wgmma._SPLIT_BARRIERS` (off, untimed): with one mbarrier array per operand the
-    K loop (two tiles, unrolled) has half the CTA barriers with Triton 3.6 (the H100's: 12 ->
-    6; 3 a tile: the stage hand-back, expects -> copies, copies -> waits) for the same 8 TMA
-    copies, 4 waits a tile instead of 1, no spills or hazards, and 3 more barrier arrays of
-    shared memory (8 bytes a stage each). Triton 3.9 puts barriers between the expects
-    instead: 14 either way, so there the switch buys nothing."""
-    base = [(16, 64, 128, 4, 4, "fp16", False), (256, 128, 64, 8, 4, "bf16", False),
-            (64, 128, 128, 8, 4, "fp16", True)]  # fmt: skip
-    variants = [(*v, 1) for v in base] + [(*v, 4) for v in base]
-    version, results = _compile_offline(BARS, json.dumps(variants))
-    for v, one, four in zip(base, results[:3], results[3:], strict=True):
-        assert one[1] == four[1] == 8, (v, one, four)  # (4 copies a tile, 2 tiles)
-        assert four[0] <= one[0], (v, one, four)
-        if version.startswith("3.6."):
-            assert four[0] <= 6 and four[0] * 2 <= one[0], (v, one, four)
-        assert (one[2], one[3]) == (2, 2) and (four[2], four[3]) == (8, 8), (v, one, four)
-        assert four[5] == 0 and four[6] == 0, (v, one, four)
-        assert four[7] == one[7] + 3 * v[4] * 8, (v, one, four)
 
 
 def test_wgmma_register_hazard_check_finds_writes_to_an_inflight_operand():

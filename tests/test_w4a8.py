@@ -1257,7 +1257,8 @@ def test_wgmma_rs_rules_and_candidates(monkeypatch):
     assert not [c for c in candidate_configs(8, 28672, 4096, 128, "int8") if c.kernel == "wgmma_rs"]
     fp8 = candidate_configs(16, 28672, 4096, 128, "float8_e4m3fn")
     assert not [c for c in fp8 if c.kernel == "wgmma_rs"]
-    # the producer-warp kernel: offered with `_WGMMA_RS_WS` below 128 x rows, capped at 96
+    # the producer-warp kernel: offered with `_WGMMA_RS_WS` (on) below 128 x rows, capped at 96
+    monkeypatch.setattr(lowering8, "_WGMMA_RS_WS", False)
     assert not [c for c in candidate_configs(16, 4096, 14336, 128, "int8") if "ws" in c.kernel]
     monkeypatch.setattr(lowering8, "_WGMMA_RS_WS", True)
     for m in (16, 64, 256):
@@ -1305,14 +1306,13 @@ def test_wgmma_rs_refuses_what_it_cannot_read():
     ],
 )
 @pytest.mark.parametrize("kind,regs", [("wgmma_rs", 0), ("wgmma_rs_ws", 96)])
-@pytest.mark.parametrize("pairs,bars", [(False, False), (True, False), (False, True)])
+@pytest.mark.parametrize("pairs", [False, True])
 def test_gpu_wgmma_rs_int8_is_exact_on_the_accumulator(
-    monkeypatch, m, n, k, g, bias, tile, kind, regs, pairs, bars
+    monkeypatch, m, n, k, g, bias, tile, kind, regs, pairs
 ):
     """The int8 mode of W4A16's Gluon kernel, with and without its producer warp (capped at 96
-    registers below 128 x rows, as offered), W's rows loaded in pairs (`_W4A8_PAIRS`) and one
-    mbarrier array per operand (`_SPLIT_BARRIERS`; both off until timed): the raw int32
-    accumulator equals the exact
+    registers below 128 x rows, as offered) and with W's rows loaded one at a time or in
+    pairs (`_W4A8_PAIRS`, on): the raw int32 accumulator equals the exact
     integer reference (split or not), the rescaled output the float64 reference, from xq in
     natural order and from the quantize kernel's even / odd order alike."""
     gen = torch.Generator().manual_seed(m + n)
@@ -1326,7 +1326,6 @@ def test_gpu_wgmma_rs_int8_is_exact_on_the_accumulator(
     from qcompile.lowering import w4a16_wgmma
 
     monkeypatch.setattr(w4a16_wgmma, "_W4A8_PAIRS", pairs)
-    monkeypatch.setattr(w4a16_wgmma, "_SPLIT_BARRIERS", bars)
     cfg = KernelConfig(kind, *tile, max_registers=regs if tile[0] < 128 else 0)
     assert valid_config(cfg, n, k, g, "int8")
     xq, xs = _on_device(*problem.quantized_x())

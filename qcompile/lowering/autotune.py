@@ -361,6 +361,7 @@ def time_us(fn: Callable[[], object], reps: int = 25) -> float:
     `triton.testing.do_bench` instead."""
     from triton.testing import do_bench
 
+    write = _tune_flush() == "write"
     fn()  # compile, and surface a config the compiler rejects, outside capture
     if warming():
         return 0.0
@@ -382,7 +383,6 @@ def time_us(fn: Callable[[], object], reps: int = 25) -> float:
     if graph is None:
         return 1000.0 * do_bench(fn, warmup=2, rep=10, return_mode="median")
     flush = _flush_buffer(torch.cuda.current_device())
-    write = os.environ.get("QCOMPILE_TUNE_FLUSH", "read") == "write"
     events = [
         (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
         for _ in range(reps)
@@ -400,6 +400,17 @@ def time_us(fn: Callable[[], object], reps: int = 25) -> float:
     times = sorted(start.elapsed_time(end) for start, end in events)
     graph.reset()
     return 1000.0 * times[len(times) // 2]
+
+
+def _tune_flush() -> str:
+    """`QCOMPILE_TUNE_FLUSH`: how `time_us` empties L2 between replays, "read" or "write"."""
+    value = os.environ.get("QCOMPILE_TUNE_FLUSH", "read")
+    if value not in ("read", "write"):
+        raise ValueError(
+            f"QCOMPILE_TUNE_FLUSH={value!r}: use 'read' (the default: L2 left clean) or "
+            "'write' (the flush before session 39: L2 left dirty)"
+        )
+    return value
 
 
 @cache

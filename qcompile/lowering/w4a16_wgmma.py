@@ -74,36 +74,18 @@ def _row_stage(rows_smem, s, STAGES: gl.constexpr):
 def _issue_tile(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem, ready, t, k_first,
                 off_m, off_n, BLOCK_K: gl.constexpr, GROUP: gl.constexpr,
                 STAGES: gl.constexpr):  # fmt: skip
-    """TMA for K tile t (from k_first) into stage t % STAGES: x, the words, scale and offset.
-    `ready`: a tuple of one barrier array, or (`_SPLIT_BARRIERS`) of four, one per operand."""
+    """TMA for K tile t (from k_first) into stage t % STAGES: x, the words, scale and offset."""
     s = t % STAGES
+    bar = ready.index(s)
     k = k_first + t * BLOCK_K
-    if len(ready) == 1:
-        bar = ready[0].index(s)
-        nbytes: gl.constexpr = (
-            x_desc.block_type.nbytes + w_desc.block_type.nbytes + 2 * s_desc.block_type.nbytes
-        )
-        mbarrier.expect(bar, nbytes)
-        _tma_load(x_desc, [off_m, k], bar, x_smem.index(s))
-        _tma_load(w_desc, [k // 8, off_n], bar, w_smem.index(s))
-        _tma_load(s_desc, [k // GROUP, off_n], bar, _row_stage(s_smem, s, STAGES))
-        _tma_load(o_desc, [k // GROUP, off_n], bar, _row_stage(o_smem, s, STAGES))
-    else:
-        mbarrier.expect(ready[0].index(s), x_desc.block_type.nbytes)
-        mbarrier.expect(ready[1].index(s), w_desc.block_type.nbytes)
-        mbarrier.expect(ready[2].index(s), s_desc.block_type.nbytes)
-        mbarrier.expect(ready[3].index(s), o_desc.block_type.nbytes)
-        _tma_load(x_desc, [off_m, k], ready[0].index(s), x_smem.index(s))
-        _tma_load(w_desc, [k // 8, off_n], ready[1].index(s), w_smem.index(s))
-        _tma_load(s_desc, [k // GROUP, off_n], ready[2].index(s), _row_stage(s_smem, s, STAGES))
-        _tma_load(o_desc, [k // GROUP, off_n], ready[3].index(s), _row_stage(o_smem, s, STAGES))
-
-
-@gluon.jit
-def _wait_ready(ready, s, phase):
-    """Wait until stage s of every barrier array in `ready` has landed."""
-    for b in gl.static_range(len(ready)):
-        mbarrier.wait(ready[b].index(s), phase)
+    nbytes: gl.constexpr = (
+        x_desc.block_type.nbytes + w_desc.block_type.nbytes + 2 * s_desc.block_type.nbytes
+    )
+    mbarrier.expect(bar, nbytes)
+    _tma_load(x_desc, [off_m, k], bar, x_smem.index(s))
+    _tma_load(w_desc, [k // 8, off_n], bar, w_smem.index(s))
+    _tma_load(s_desc, [k // GROUP, off_n], bar, _row_stage(s_smem, s, STAGES))
+    _tma_load(o_desc, [k // GROUP, off_n], bar, _row_stage(o_smem, s, STAGES))
 
 
 @gluon.jit
@@ -351,7 +333,7 @@ def _rs_step(acc, a, i, num_k, x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s
     # ptxas copy the tiles.)
     nxt = gl.minimum(i + 1, num_k - 1)
     s1 = nxt % STAGES
-    _wait_ready(ready, s1, (nxt // STAGES) & 1)
+    mbarrier.wait(ready.index(s1), (nxt // STAGES) & 1)
     a = _rs_unpack(w_smem.index(s1), _row_stage(s_smem, s1, STAGES),
                    _row_stage(o_smem, s1, STAGES), sel, ASM, P3, a_layout, PAIRS,
                    W4A8)  # fmt: skip
@@ -402,7 +384,7 @@ def _rs_consume(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem, 
             if t < num_k:
                 _issue_tile(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem,
                             ready, t, k_first, off_m, off_n, BLOCK_K, GROUP, STAGES)  # fmt: skip
-    _wait_ready(ready, 0, 0)
+    mbarrier.wait(ready.index(0), 0)
     a = _rs_unpack(w_smem.index(0), _row_stage(s_smem, 0, STAGES),
                    _row_stage(o_smem, 0, STAGES), sel, ASM, P3, a_layout, PAIRS,
                    W4A8)  # fmt: skip
@@ -447,7 +429,6 @@ def _w4a16_wgmma_rs_kernel(
     GROUP: gl.constexpr, HAS_BIAS: gl.constexpr, SPLIT: gl.constexpr, STAGES: gl.constexpr,
     num_warps: gl.constexpr, WS: gl.constexpr = False, PAIRS: gl.constexpr = False,
     W4A8: gl.constexpr = False, xs_ptr=None, s1_ptr=None, RAW: gl.constexpr = False,
-    BARS: gl.constexpr = 1,
 ):  # fmt: skip
     """out^T [BLOCK_N, BLOCK_M] = W x^T: W unpacked straight into wgmma's register operand
     (16 rows a warp), x's TMA tile the shared-memory operand; no shared-memory round trip.
@@ -467,15 +448,9 @@ def _w4a16_wgmma_rs_kernel(
     SLOTS: gl.constexpr = STAGES * _row_slots(s_desc.block_type.nbytes)
     s_smem = gl.allocate_shared_memory(s_desc.dtype, [SLOTS, 1, BLOCK_N], s_desc.layout)
     o_smem = gl.allocate_shared_memory(o_desc.dtype, [SLOTS, 1, BLOCK_N], o_desc.layout)
-    ready = (gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout()),)
-    if BARS == 4:
-        ready = (ready[0],
-                 gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout()),
-                 gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout()),
-                 gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout()))  # fmt: skip
-    for b in gl.static_range(BARS):
-        for i in gl.static_range(STAGES):
-            mbarrier.init(ready[b].index(i), count=1)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready.index(i), count=1)
     if WS:
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(STAGES):
@@ -493,13 +468,12 @@ def _w4a16_wgmma_rs_kernel(
         for i in gl.static_range(STAGES):
             mbarrier.invalidate(empty.index(i))
     else:  # (`empty` unused: ready stands in for it)
-        _rs_consume(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem, ready, ready[0],
+        _rs_consume(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem, ready, ready,
                     k_first, off_m, off_n, num_k, bias_ptr, out_ptr, ws_ptr, M, N, HAS_BIAS,
                     SPLIT, BLOCK_M, BLOCK_N, BLOCK_K, GROUP, STAGES, False, PAIRS, W4A8,
                     xs_ptr, s1_ptr, RAW, num_warps)  # fmt: skip
-    for b in gl.static_range(BARS):
-        for i in gl.static_range(STAGES):
-            mbarrier.invalidate(ready[b].index(i))
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(ready.index(i))
 
 
 def _row_stride(t: torch.Tensor) -> int:
@@ -582,25 +556,14 @@ def launch(
         ws if split else out, m, n, k, GROUP=group, HAS_BIAS=bias is not None and not split,
         SPLIT=cfg.split_k, STAGES=cfg.num_stages, num_warps=cfg.num_warps,
         WS=cfg.kernel == "wgmma_rs_ws", PAIRS=_pairs(cfg, w4a8 is not None), **extra,
-        BARS=4 if _SPLIT_BARRIERS and cfg.kernel == "wgmma_rs" else 1,
         **({"maxnreg": cfg.max_registers} if cfg.max_registers else {}),
     )  # fmt: skip
 
 
-# One mbarrier array per operand (x, words, scale rows, offset rows) instead of one for all
-# four, wgmma_rs only: Triton 3.6's membar pass puts a CTA barrier (bar.sync) between TMA
-# copies that complete the same mbarrier and between its expect and the first copy; with four
-# arrays, expected together, a K tile's issue takes one barrier instead of four (offline,
-# sm_90: 6 -> 3 bar.sync a K tile, counting the stage hand-back and the wait). The consumer
-# waits on four barriers. The producer-warp kernel keeps one (its barriers are a single
-# warp's). Triton 3.9 puts barriers between the four expects instead (14 a loop either way).
-# The 3 extra arrays (8 bytes a stage each) are not in `w4a16._wgmma_smem_bytes`, far below
-# the limit for every candidate. Compiled offline, not yet run on a GPU: off until timed.
-_SPLIT_BARRIERS = False
-
-
-# W4A8's words loaded in pairs too (the same relabelling on its 8-bit operand layout):
-# compiled offline, not yet run on a GPU: off until timed.
+# W4A8's words loaded in pairs too (the same relabelling on its 8-bit operand layout). On the
+# H100 (session 39, `results/session39/w4a8v/`) pairs were faster in 45 of 48 producer-warp
+# configs (up to 7%) and level or faster in most wgmma_rs ones (a few split-2 configs lost
+# up to 11%), and each shape's best config used them. The gpu tests switch it off to compare.
 _W4A8_PAIRS = True
 
 

@@ -1031,9 +1031,10 @@ _MIN_BLOCK_K = {
     "fp8_mm": 32, "mma_f16": 32, "wgmma_rs": 64, "wgmma_rs_ws": 64,
 }  # fmt: skip
 # W4A8 int8 on the wgmma_rs kernel with its TMA producer warp, capped at 96 registers below
-# 128 x rows as W4A16's candidates are: W4A16 ships it at 4096x14336 M = 16 and 64, where
-# W4A8 on wgmma_rs ran 20.9 / 26.0 us against W4A16's 17.6 / 22.4 (H100, session 38).
-# Compiled offline (sm_90), not yet run on a GPU: off until timed.
+# 128 x rows as W4A16's candidates are. On the H100 (session 39, `results/session39/w4a8v/`)
+# it was the fastest kernel at M = 16 and 64 on 8192x28672 (52.2 / 64.3 us against
+# wgmma_rs's 53.4 / 69.5) and 4096x14336 (19.3 / 24.3 against 20.4 / 25.3) and lost on
+# 28672x4096; the tuner picks per key. A switch for the probes and tests.
 _WGMMA_RS_WS = True
 _LANE_ROWS = (8, 16, 32, 64)  # lane MMA: 1, 2, 4 or 8 B tiles of 8 rows
 _LANE_REDUCE_MAX_ROWS = 8  # the lane kernel reduces split K in its own launch up to 8 rows
