@@ -12,7 +12,7 @@ memory. Per K tile:
 - lane 4g + t of a warp needs, of each word of its rows, byte t (k = 2t and 2t + 1 of the word's
   8): one PRMT places it under two 16-bit floats' exponents, a mask keeps one nibble in each,
   and (pair - magic) * scale + offset finishes two weights in two more packed instructions;
-- (`PAIRS`, W4A16 up to 128 x rows: `_pairs`) a lane loads its words two rows at a time, rows
+- (`PAIRS`, up to 128 x rows: `_pairs`) a lane loads its words two rows at a time, rows
   2g and 2g + 1 of its warp's 16 (adjacent in shared memory: one LDS.64 for two LDS.32),
   relabelled as the rows g and g + 8 the operand layout gives it; the epilogue maps the
   accumulator's rows back (2-12% faster in 24 of 29 probe configs on the H100, session 38);
