@@ -40,6 +40,11 @@ def main() -> None:
     ap.add_argument("--ws", default="0", help="0: wgmma_rs, 1: wgmma_rs_ws (a TMA producer warp)")
     ap.add_argument("--maxnreg", default="0", help="register caps (Triton's maxnreg; 0: none)")
     ap.add_argument("--fit-only", action="store_true", help="BLOCK_M = M's bucket only")
+    ap.add_argument(
+        "--pipe", default="0",
+        help="0: each wgmma waited for within its step; 1: left in flight past it "
+        "(`w4a16_wgmma._PIPE`)",
+    )  # fmt: skip
     args = ap.parse_args()
     import torch
     import torch.nn.functional as F
@@ -47,6 +52,7 @@ def main() -> None:
     from bench_w4a16 import hbm_bandwidth, time_graph
     from weights import rotated_w4a16
 
+    from qcompile.lowering import w4a16_wgmma
     from qcompile.lowering.autotune import KernelConfig
     from qcompile.lowering.w4a16 import launch, valid_config, w4a16_linear_cuda
     from qcompile.quant.int4 import dequantize_int4
@@ -70,14 +76,16 @@ def main() -> None:
                     for p in packed
                 ]  # fmt: skip
             )
-            variants = [  # (kind, maxnreg)
-                (("wgmma_rs", "wgmma_rs_ws")[ws], r)
+            variants = [  # (kind, maxnreg, pipe)
+                (("wgmma_rs", "wgmma_rs_ws")[ws], r, pipe)
                 for ws in map(int, args.ws.split(","))
                 for r in map(int, args.maxnreg.split(","))
+                for pipe in map(int, args.pipe.split(","))
             ]
-            for (bm, bn, bk, split, warps, stages), (kind, maxnreg) in itertools.product(
+            for (bm, bn, bk, split, warps, stages), (kind, maxnreg, pipe) in itertools.product(
                 picked, variants
             ):
+                w4a16_wgmma._PIPE = bool(pipe)
                 cfg = KernelConfig(kind, bm, bn, bk, split, warps, stages, max_registers=maxnreg)
                 fit = min(max(triton.next_power_of_2(m), 16), 256)  # (this tile or half)
                 if not valid_config(cfg, k, 128) or bm not in (fit, fit // 2):
@@ -91,11 +99,14 @@ def main() -> None:
                 out = run(packed[0]).float()
                 err = ((out - ref).norm() / ref.norm()).item()
                 us = time_graph([lambda p=p: run(p) for p in packed])
-                name = f"{kind} bm{bm} bn{bn} bk{bk} sk{split} w{warps} st{stages} r{maxnreg}"
+                name = (
+                    f"{kind} bm{bm} bn{bn} bk{bk} sk{split} w{warps} st{stages} r{maxnreg} p{pipe}"
+                )
                 row["wgmma"].append(
                     {"config": cfg.__dict__, "name": name, "us": us, "rel_err": err}
                 )
                 print(f"  {name}: {us:.1f} us, rel err {err:.1e}", flush=True)
+            w4a16_wgmma._PIPE = False
             best = min(row["wgmma"], key=lambda r: r["us"], default=None)
             print(
                 f"N={n} K={k} M={m}: cublas {row['cublas_us']:.1f} current {row['current_us']:.1f}"

@@ -29,7 +29,8 @@ def main() -> None:
     ap.add_argument(
         "--variants", default="rs",
         help="comma list of rs (wgmma_rs), ws (producer warp, 96 registers below 128 rows), "
-        "and either with '+pairs' (`w4a16_wgmma._W4A8_PAIRS`)",
+        "either with '+pairs' (`w4a16_wgmma._W4A8_PAIRS`; without it, rows one at a time) "
+        "and / or '+pipe' (`w4a16_wgmma._PIPE`)",
     )  # fmt: skip
     args = ap.parse_args()
     import torch
@@ -72,7 +73,8 @@ def main() -> None:
                 cfg = KernelConfig(kind, bm, bn, bk, split, warps, stages, max_registers=regs)
                 if not valid_config(cfg, n, k, 128, "int8") or (bm > 64 and bk == 128):
                     continue
-                w4a16_wgmma._W4A8_PAIRS = variant.endswith("+pairs")
+                w4a16_wgmma._W4A8_PAIRS = "+pairs" in variant
+                w4a16_wgmma._PIPE = "+pipe" in variant
                 got = quantize_and_launch(cfg, x, *w8args[0]).float()
                 err = ((got - want).norm() / want.norm()).item()
                 us = time_graph(
@@ -81,7 +83,7 @@ def main() -> None:
                 name = f"{variant} bm{bm} bn{bn} bk{bk} sk{split} w{warps} st{stages}"
                 row["rs"].append({"config": cfg.__dict__, "name": name, "us": us, "rel_err": err})
                 print(f"  {name}: {us:.1f} us, rel err vs current {err:.1e}", flush=True)
-            w4a16_wgmma._W4A8_PAIRS = pairs_default
+            w4a16_wgmma._W4A8_PAIRS, w4a16_wgmma._PIPE = pairs_default, False
             best = min(row["rs"], key=lambda r: r["us"], default=None)
             print(
                 f"N={n} K={k} M={m}: cublas {row['cublas_us']:.1f} w4a16 {row['w4a16_us']:.1f} "

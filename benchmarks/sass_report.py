@@ -256,11 +256,11 @@ def compile_kv4_variant(
 def compile_wgmma_variant(
     bm: int, bn: int, bk: int, warps: int, stages: int, dtype: str = "fp16", split: int = 1,
     bias: bool = False, group: int = 128, ws: bool = False, maxnreg: int = 0,
-    pairs: bool | None = None, w4a8: bool = False,
+    pairs: bool | None = None, w4a8: bool = False, pipe: bool = False,
 ):  # fmt: skip
     """The W4A16 Gluon wgmma_rs kernel (`ws`: with its TMA producer warp; `maxnreg`: ptxas's
-    cap per thread; `pairs`: `PAIRS`, by default as `launch` sets it; `w4a8`: its int8 mode)
-    for sm_90. Gluon kernels compile through `warmup`, which asks the active driver for the
+    cap per thread; `pairs`: `PAIRS`, by default as `launch` sets it; `w4a8`: its int8 mode;
+    `pipe`: `PIPE`, each tile's wgmma left in flight past its step) for sm_90. Gluon kernels compile through `warmup`, which asks the active driver for the
     target: a stand-in
     driver names sm_90 on a machine without a GPU, and TMA descriptors over CPU tensors give
     the argument types."""
@@ -305,7 +305,7 @@ def compile_wgmma_variant(
             PAIRS=w4a16_wgmma._pairs(KernelConfig("wgmma_rs", bm, bn, bk), w4a8)
             if pairs is None
             else pairs,
-            grid=(1,), **extra,
+            grid=(1,), PIPE=pipe, **extra,
             **({"maxnreg": maxnreg} if maxnreg else {}),
         )  # fmt: skip
     finally:
@@ -333,12 +333,12 @@ def _dest_registers(opcode: str, operands: str) -> set[int]:
 def wgmma_register_hazards(text: str) -> list[str]:
     """Writes to a register-A wgmma's operand registers before a wait that covers it.
 
-    wgmma reads its register operand asynchronously: until a `WARPGROUP.DEPBAR.LE gsb0, 0x0`
-    (or a wait that leaves only later groups in flight) nothing may write those registers.
-    For each loop that holds HGMMAs (IGMMAs), from each group's last one the loop body is followed in
-    address order, around the back edge, to the first full wait. (A wait for one outstanding
-    group once let ptxas load the next tile's words into the in-flight operand: NaNs on the
-    H100.) Returns one line per hazard."""
+    wgmma reads its register operand asynchronously: until a `WARPGROUP.DEPBAR.LE gsb0, 0xN`
+    that retires its group (N or more groups committed after it) nothing may write those
+    registers. For each loop that holds HGMMAs (IGMMAs), from each group's last one the loop
+    body is followed in address order, around the back edge, to the first wait that retires
+    it. (A wait for one outstanding group once let ptxas load the next tile's words into the
+    in-flight operand: NaNs on the H100.) Returns one line per hazard."""
     rows = []  # (address, opcode, operands) or label
     for line in text.splitlines():
         lab = _LABEL.match(line.strip())
@@ -367,9 +367,13 @@ def wgmma_register_hazards(text: str) -> list[str]:
                 group |= set(range(int(a.group(1)), int(a.group(1)) + 4))
             if "gsb0" not in args or not group:
                 continue
+            later = 0  # groups committed after this one
             for step in range(1, len(body)):  # around the loop from this group's last HGMMA
                 _, op2, args2 = body[(i + step) % len(body)]
-                if op2.startswith("WARPGROUP.DEPBAR") and args2.replace(" ", "").endswith("0x0"):
+                if op2.startswith(("HGMMA", "IGMMA")) and "gsb0" in args2:
+                    later += 1
+                wait = re.search(r"gsb0\s*,\s*0x([0-9a-f]+)", args2)
+                if op2.startswith("WARPGROUP.DEPBAR") and wait and int(wait.group(1), 16) <= later:
                     break
                 hit = _dest_registers(op2, args2) & group
                 if hit:

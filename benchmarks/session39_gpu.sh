@@ -12,6 +12,11 @@
 #   w4a8v:  W4A8's wgmma_rs gpu tests (pairs, split barriers, the producer warp), then
 #           probe_w4a8_wgmma.py --variants rs,rs+pairs,rs+bars,ws,ws+pairs at W4A8V_MS
 #           (default 16,64) on the two acceptance shapes and 4096x14336.
+#   pipe:   (next session) `w4a16_wgmma._PIPE` (each wgmma left in flight while the next is
+#           issued): its gpu tests (bits equal to the plain kernel; W4A8 exact), then
+#           probe_gluon_w4a16.py --pipe 0,1 at M = 256, 1024 (both kernels, no cap) and M = 16
+#           (producer warp at 96 registers and wgmma_rs), then probe_w4a8_wgmma.py with and
+#           without it at M = 16, 64, 256; on the two acceptance shapes.
 #   anything else: session38_gpu.sh's parts (w4a8pairs, w4a8ws, w4a8, tune, kernels, ...).
 source benchmarks/gpu_setup.sh
 for part in ${PART//,/ }; do
@@ -44,6 +49,22 @@ for part in ${PART//,/ }; do
         --shapes 28672x4096,8192x28672,4096x14336 --variants rs,rs+pairs,rs+bars,ws,ws+pairs \
         --out "$OUT/$part/probe.json" > "$OUT/$part/probe.log" 2>&1
       grep "N=" "$OUT/$part/probe.log"
+      ;;
+    pipe)
+      gpu_tests 200 "$OUT/$part/tests.log" tests/test_w4a16_wgmma.py tests/test_w4a8.py \
+        -k "pipe or wgmma_rs_int8"
+      if grep -qE "FAILED|ERROR" "$OUT/$part/tests.log"; then continue; fi
+      timeout "${PIPE_S:-200}" python3 benchmarks/probe_gluon_w4a16.py --ms 256,1024 \
+        --configs 16,18,19 --fit-only --ws 0,1 --pipe 0,1 \
+        --out "$OUT/$part/large.json" > "$OUT/$part/large.log" 2>&1
+      timeout "${PIPE16_S:-100}" python3 benchmarks/probe_gluon_w4a16.py --ms 16 \
+        --configs 2,4,21 --fit-only --ws 0,1 --maxnreg 96 --pipe 0,1 \
+        --out "$OUT/$part/m16.json" > "$OUT/$part/m16.log" 2>&1
+      grep -h "N=" "$OUT/$part/large.log" "$OUT/$part/m16.log" | cut -c1-200
+      timeout "${PIPE8_S:-200}" python3 benchmarks/probe_w4a8_wgmma.py --ms 16,64,256 \
+        --variants rs+pairs,rs+pairs+pipe,ws+pairs,ws+pairs+pipe \
+        --out "$OUT/$part/w4a8.json" > "$OUT/$part/w4a8.log" 2>&1
+      grep "N=" "$OUT/$part/w4a8.log"
       ;;
     *) PART=$part bash benchmarks/session38_gpu.sh ;;
   esac

@@ -501,10 +501,51 @@ def test_wgmma_rs_w4a8_pair_rows_load_two_rows_per_instruction():
         assert pairs[2] == plain[2], (v, plain, pairs)  # (same IGMMAs)
 
 
+PIPE = """
+import json
+import sass_report as s
+out = []
+for bm, bn, bk, w, st, dt, ws, regs, w4a8, pipe in json.loads(__import__("sys").argv[1]):
+    k = s.compile_wgmma_variant(bm, bn, bk, w, st, dt, ws=ws, maxnreg=regs, w4a8=w4a8, pipe=pipe)
+    text = s.sass(k)
+    res = s.resources(k)
+    out.append([res["REG"], res["STACK"] + res["LOCAL"], len(s.wgmma_register_hazards(text)),
+                text.count("DEPBAR.LE gsb0, 0x0"), text.count("DEPBAR.LE gsb0, 0x1"),
+                text.count("WARPGROUP.ARRIVE"), text.count("GMMA.")])
+print(json.dumps(out))
+"""
+
+
+def test_wgmma_rs_pipe_leaves_one_wgmma_in_flight_without_hazards():
+    """`w4a16_wgmma._PIPE` (off, untimed): the K loop waits for one outstanding wgmma group
+    instead of none, and the in-flight tile's W registers are not written before the wait
+    that retires it (the hazard check counts groups committed since), for W4A16 and W4A8,
+    with and without the producer warp: no spills, the wgmmas as asynchronous as without it
+    (the same arrives), at most 16 more registers (Triton 3.6: none more but W4A8's 64 x
+    rows, 80 -> 93)."""
+    base = [
+        (16, 64, 128, 4, 4, "fp16", False, 0, False),
+        (256, 128, 64, 8, 4, "bf16", False, 0, False),
+        (256, 128, 64, 8, 4, "fp16", True, 0, False),
+        (16, 64, 128, 4, 4, "fp16", True, 96, False),
+        (64, 128, 128, 8, 4, "fp16", False, 0, True),
+        (128, 128, 64, 8, 4, "fp16", False, 0, True),
+    ]
+    variants = [(*v, False) for v in base] + [(*v, True) for v in base]
+    results = _compile_offline(PIPE, json.dumps(variants))
+    n = len(base)
+    for v, plain, pipe in zip(base, results[:n], results[n:], strict=True):
+        assert plain[2] == pipe[2] == 0 and plain[1] == pipe[1] == 0, (v, plain, pipe)
+        assert plain[4] == 0 and pipe[4] >= 2 and pipe[3] <= 1, (v, plain, pipe)
+        assert pipe[5] == plain[5] and pipe[6] == plain[6], (v, plain, pipe)
+        assert pipe[0] <= plain[0] + 16 and pipe[0] <= (v[7] or 255), (v, plain, pipe)
+
+
 def test_wgmma_register_hazard_check_finds_writes_to_an_inflight_operand():
     """The checker itself, on hand-written SASS: a loop whose HGMMA reads R88..R91, waited for
     with one group still allowed in flight, and the next iteration's load into R88 (what ptxas
-    did to the first wgmma_rs version) is a hazard; the same load after a full wait is not."""
+    did to the first wgmma_rs version) is a hazard; the same load after a full wait is not,
+    nor after a wait for one that follows a later group (`_PIPE`)."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
         import sass_report
@@ -526,3 +567,26 @@ def test_wgmma_register_hazard_check_finds_writes_to_an_inflight_operand():
     found = sass_report.wgmma_register_hazards(loop("0x1"))
     assert len(found) == 2 and all("of the HGMMA at 0x130" in f for f in found), found
     assert sass_report.wgmma_register_hazards(loop("0x0")) == []
+
+    # `_PIPE`'s shape: two tiles alternate registers (R88 / R92), each group left in flight by
+    # a wait for one outstanding group, and a tile's registers refilled only after the wait
+    # that follows the next group: no hazard. Refilling R88 one wait too early is one.
+    def pipe(early: bool) -> str:
+        refill = "        /*0135*/                   LDS R88, [R7+0x10620] ;"
+        return "\n".join([
+            ".L_x_5:",
+            "        /*0100*/                   WARPGROUP.ARRIVE ;",
+            "        /*0110*/                   HGMMA.64x128x16.F32 R24, R88, gdesc[UR12], R24, gsb0 ;",
+            "        /*0120*/                   WARPGROUP.DEPBAR.LE gsb0, 0x1 ;",
+            *([refill] if early else []),
+            "        /*0130*/                   LDS R92, [R7+0x10640] ;",
+            "        /*0140*/                   WARPGROUP.ARRIVE ;",
+            "        /*0150*/                   HGMMA.64x128x16.F32 R24, R92, gdesc[UR12], R24, gsb0 ;",
+            "        /*0160*/                   WARPGROUP.DEPBAR.LE gsb0, 0x1 ;",
+            "        /*0170*/                   LDS R88, [R7+0x10620] ;",
+            "        /*0180*/               @P0 BRA `(.L_x_5) ;",
+        ])  # fmt: skip
+
+    assert sass_report.wgmma_register_hazards(pipe(early=False)) == []
+    found = sass_report.wgmma_register_hazards(pipe(early=True))
+    assert len(found) == 1 and "of the HGMMA at 0x110" in found[0], found

@@ -279,3 +279,34 @@ def test_pair_rows_relabel_and_the_epilogue_mapping_invert_each_other():
     # lane 4g + t holds wgmma rows g and g + 8 of each 16: actual rows 2g and 2g + 1
     g = torch.arange(8)
     assert torch.equal(logical[g], 2 * g) and torch.equal(logical[g + 8], 2 * g + 1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", RS)
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        (16, 512, 4096, 128, torch.float16, False, (16, 64, 128, 2, 4, 4)),
+        (13, 320, 640, 128, torch.bfloat16, True, (16, 64, 128, 1, 4, 4)),  # odd K loop
+        (200, 384, 768, 64, torch.bfloat16, True, (128, 128, 64, 1, 8, 4)),
+        (300, 192, 512, None, torch.float16, False, (256, 64, 64, 1, 4, 2)),  # 2 stages
+        (512, 256, 2048, 128, torch.float16, False, (256, 128, 64, 1, 8, 4)),
+    ],
+)
+def test_wgmma_rs_pipe_changes_no_bits(monkeypatch, kind, cfg):
+    """`_PIPE` (each wgmma left in flight while the next is issued; a stage handed back one
+    step later): the same wgmmas in the same order, so the same bits as without it, with
+    and without the producer warp (2 stages: the tightest hand-back)."""
+    m, n, k, group, dtype, bias, tile = cfg
+    problem = _problem(m, n, k, group, dtype, bias)
+    p = problem.packed
+    args = (problem.x, p.qweight, p.scales, p.offsets, problem.bias, p.group_size)
+    c = KernelConfig(
+        kind, *tile, max_registers=96 if kind == "wgmma_rs_ws" and tile[0] < 128 else 0
+    )
+    assert valid_config(c, k, p.group_size)
+    plain = launch(c, *args)
+    monkeypatch.setattr(w4a16_wgmma, "_PIPE", True)
+    out = launch(c, *args)
+    assert_close_rel(out, problem.reference64(), dtype)
+    assert torch.equal(out, plain)

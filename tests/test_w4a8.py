@@ -1306,13 +1306,14 @@ def test_wgmma_rs_refuses_what_it_cannot_read():
     ],
 )
 @pytest.mark.parametrize("kind,regs", [("wgmma_rs", 0), ("wgmma_rs_ws", 96)])
-@pytest.mark.parametrize("pairs", [False, True])
+@pytest.mark.parametrize("pairs,pipe", [(False, False), (True, False), (True, True)])
 def test_gpu_wgmma_rs_int8_is_exact_on_the_accumulator(
-    monkeypatch, m, n, k, g, bias, tile, kind, regs, pairs
+    monkeypatch, m, n, k, g, bias, tile, kind, regs, pairs, pipe
 ):
     """The int8 mode of W4A16's Gluon kernel, with and without its producer warp (capped at 96
-    registers below 128 x rows, as offered) and with W's rows loaded one at a time or in
-    pairs (`_W4A8_PAIRS`, on): the raw int32 accumulator equals the exact
+    registers below 128 x rows, as offered), with W's rows loaded one at a time or in pairs
+    (`_W4A8_PAIRS`, on) and with each wgmma left in flight past its step (`_PIPE`, off until
+    timed): the raw int32 accumulator equals the exact
     integer reference (split or not), the rescaled output the float64 reference, from xq in
     natural order and from the quantize kernel's even / odd order alike."""
     gen = torch.Generator().manual_seed(m + n)
@@ -1326,6 +1327,7 @@ def test_gpu_wgmma_rs_int8_is_exact_on_the_accumulator(
     from qcompile.lowering import w4a16_wgmma
 
     monkeypatch.setattr(w4a16_wgmma, "_W4A8_PAIRS", pairs)
+    monkeypatch.setattr(w4a16_wgmma, "_PIPE", pipe)
     cfg = KernelConfig(kind, *tile, max_registers=regs if tile[0] < 128 else 0)
     assert valid_config(cfg, n, k, g, "int8")
     xq, xs = _on_device(*problem.quantized_x())

@@ -308,19 +308,31 @@ def _rs_unpack(w_stage, s_stage, o_stage, sel, ASM: gl.constexpr, P3: gl.constex
 
 
 @gluon.jit
-def _rs_step(acc, a, i, num_k, x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem,
-             ready, empty, k_first, off_m, off_n, sel, ASM: gl.constexpr, P3: gl.constexpr,
-             a_layout: gl.constexpr, BLOCK_K: gl.constexpr, GROUP: gl.constexpr,
-             STAGES: gl.constexpr, WS: gl.constexpr, PAIRS: gl.constexpr,
-             W4A8: gl.constexpr):  # fmt: skip
+def _rs_step(acc, a, prev, i, num_k, x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem,
+             o_smem, ready, empty, k_first, off_m, off_n, sel, ASM: gl.constexpr,
+             P3: gl.constexpr, a_layout: gl.constexpr, BLOCK_K: gl.constexpr,
+             GROUP: gl.constexpr, STAGES: gl.constexpr, WS: gl.constexpr, PAIRS: gl.constexpr,
+             W4A8: gl.constexpr, PIPE: gl.constexpr):  # fmt: skip
     """Tile i's wgmma on its unpacked W `a`, and tile i + 1's unpacking meanwhile. Returns the
-    accumulator and tile i + 1's W (the last tile's again after the last tile)."""
+    accumulator, tile i + 1's W (the last tile's again after the last tile) and `a`.
+    PIPE (`_PIPE`): tile i's wgmma is left in flight past the step (the next one queues
+    behind it); `prev`, tile i - 1's W, is kept alive until the wait that retires its wgmma."""
     s = i % STAGES
     if W4A8:
         acc = warpgroup_mma(_as_int8(a), x_smem.index(s).permute((1, 0)), acc, is_async=True)
     else:
         acc = warpgroup_mma(a, x_smem.index(s).permute((1, 0)), acc, is_async=True)
-    if not WS:
+    if PIPE:
+        # tile i - 1's wgmma is done: its stage and its W registers are free
+        acc, prev = warpgroup_mma_wait(num_outstanding=1, deps=(acc, prev))
+        _cta_barrier()
+        if WS:
+            if i > 0:
+                mbarrier.arrive(empty.index((i - 1) % STAGES))
+        elif (i > 0) & (i - 1 + STAGES < num_k):
+            _issue_tile(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem, ready,
+                        i - 1 + STAGES, k_first, off_m, off_n, BLOCK_K, GROUP, STAGES)  # fmt: skip
+    elif not WS:
         # Both warpgroups waited for tile i - 1's wgmma last step: its stage is free.
         _cta_barrier()
         if (i > 0) & (i - 1 + STAGES < num_k):
@@ -328,20 +340,22 @@ def _rs_step(acc, a, i, num_k, x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s
                         i - 1 + STAGES, k_first, off_m, off_n, BLOCK_K, GROUP, STAGES)  # fmt: skip
     # Tile i + 1 unpacks while tile i's wgmma runs. Its registers must differ from those the
     # wgmma reads: ptxas keeps them apart only between the wgmma and a wait that covers it, so
-    # the wait is for 0 outstanding (waiting for 1 let it reuse them: wrong results).
+    # without PIPE the wait is for 0 outstanding (waiting for 1 let it reuse them: wrong
+    # results); PIPE instead names `a` in the next step's wait (its `deps`).
     # (No branch past the last tile, which unpacks itself again: an "a unchanged" path made
     # ptxas copy the tiles.)
     nxt = gl.minimum(i + 1, num_k - 1)
     s1 = nxt % STAGES
     mbarrier.wait(ready.index(s1), (nxt // STAGES) & 1)
-    a = _rs_unpack(w_smem.index(s1), _row_stage(s_smem, s1, STAGES),
+    b = _rs_unpack(w_smem.index(s1), _row_stage(s_smem, s1, STAGES),
                    _row_stage(o_smem, s1, STAGES), sel, ASM, P3, a_layout, PAIRS,
                    W4A8)  # fmt: skip
-    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-    if WS:  # (every warp is done with stage s: its words and x)
-        _cta_barrier()
-        mbarrier.arrive(empty.index(s))
-    return acc, a
+    if not PIPE:
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        if WS:  # (every warp is done with stage s: its words and x)
+            _cta_barrier()
+            mbarrier.arrive(empty.index(s))
+    return acc, b, a
 
 
 @gluon.jit
@@ -350,7 +364,7 @@ def _rs_consume(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem, 
                 HAS_BIAS: gl.constexpr, SPLIT: gl.constexpr, BLOCK_M: gl.constexpr,
                 BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, GROUP: gl.constexpr,
                 STAGES: gl.constexpr, WS: gl.constexpr, PAIRS: gl.constexpr,
-                W4A8: gl.constexpr, xs_ptr, s1_ptr, RAW: gl.constexpr,
+                W4A8: gl.constexpr, xs_ptr, s1_ptr, RAW: gl.constexpr, PIPE: gl.constexpr,
                 num_warps: gl.constexpr):  # fmt: skip
     """The K loop and the store. Without WS these warps also issue the TMA; with WS they
     hand each stage back to the producer warp through `empty`. W4A8: int8 x and W, int32
@@ -391,17 +405,23 @@ def _rs_consume(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem, 
     # Unrolled twice: two register tiles alternate, so the next one is not copied into the
     # registers the wgmma reads (16 moves per 64-k tile). On the H100 this took 28672x4096
     # M = 64 from 50.4 to 43.4 us and 8192x28672 M = 16 from 66.4 to 62.1 (session 37).
+    p = a  # (PIPE: the W tile of the wgmma before; none yet)
     for j in range(num_k // 2):
-        acc, b = _rs_step(acc, a, 2 * j, num_k, x_desc, w_desc, s_desc, o_desc, x_smem, w_smem,
-                          s_smem, o_smem, ready, empty, k_first, off_m, off_n, sel, ASM, P3,
-                          a_layout, BLOCK_K, GROUP, STAGES, WS, PAIRS, W4A8)  # fmt: skip
-        acc, a = _rs_step(acc, b, 2 * j + 1, num_k, x_desc, w_desc, s_desc, o_desc, x_smem,
-                          w_smem, s_smem, o_smem, ready, empty, k_first, off_m, off_n, sel, ASM,
-                          P3, a_layout, BLOCK_K, GROUP, STAGES, WS, PAIRS, W4A8)  # fmt: skip
+        acc, b, p = _rs_step(acc, a, p, 2 * j, num_k, x_desc, w_desc, s_desc, o_desc, x_smem,
+                             w_smem, s_smem, o_smem, ready, empty, k_first, off_m, off_n, sel,
+                             ASM, P3, a_layout, BLOCK_K, GROUP, STAGES, WS, PAIRS, W4A8,
+                             PIPE)  # fmt: skip
+        acc, a, p = _rs_step(acc, b, p, 2 * j + 1, num_k, x_desc, w_desc, s_desc, o_desc,
+                             x_smem, w_smem, s_smem, o_smem, ready, empty, k_first, off_m, off_n,
+                             sel, ASM, P3, a_layout, BLOCK_K, GROUP, STAGES, WS, PAIRS, W4A8,
+                             PIPE)  # fmt: skip
     if num_k % 2:
-        acc, a = _rs_step(acc, a, num_k - 1, num_k, x_desc, w_desc, s_desc, o_desc, x_smem,
-                          w_smem, s_smem, o_smem, ready, empty, k_first, off_m, off_n, sel, ASM,
-                          P3, a_layout, BLOCK_K, GROUP, STAGES, WS, PAIRS, W4A8)  # fmt: skip
+        acc, a, p = _rs_step(acc, a, p, num_k - 1, num_k, x_desc, w_desc, s_desc, o_desc,
+                             x_smem, w_smem, s_smem, o_smem, ready, empty, k_first, off_m, off_n,
+                             sel, ASM, P3, a_layout, BLOCK_K, GROUP, STAGES, WS, PAIRS, W4A8,
+                             PIPE)  # fmt: skip
+    if PIPE:  # the last tile's wgmma
+        acc, p = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p))
 
     rows = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma_layout))
     if PAIRS:  # accumulator row 16a + 8b + g holds W's row 16a + 2g + b
@@ -429,6 +449,7 @@ def _w4a16_wgmma_rs_kernel(
     GROUP: gl.constexpr, HAS_BIAS: gl.constexpr, SPLIT: gl.constexpr, STAGES: gl.constexpr,
     num_warps: gl.constexpr, WS: gl.constexpr = False, PAIRS: gl.constexpr = False,
     W4A8: gl.constexpr = False, xs_ptr=None, s1_ptr=None, RAW: gl.constexpr = False,
+    PIPE: gl.constexpr = False,
 ):  # fmt: skip
     """out^T [BLOCK_N, BLOCK_M] = W x^T: W unpacked straight into wgmma's register operand
     (16 rows a warp), x's TMA tile the shared-memory operand; no shared-memory round trip.
@@ -459,7 +480,7 @@ def _w4a16_wgmma_rs_kernel(
             [(_rs_consume, (x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem,
                             ready, empty, k_first, off_m, off_n, num_k, bias_ptr, out_ptr,
                             ws_ptr, M, N, HAS_BIAS, SPLIT, BLOCK_M, BLOCK_N, BLOCK_K, GROUP,
-                            STAGES, True, PAIRS, W4A8, xs_ptr, s1_ptr, RAW, num_warps)),
+                            STAGES, True, PAIRS, W4A8, xs_ptr, s1_ptr, RAW, PIPE, num_warps)),
              (_wgmma_produce, (x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem,
                                ready, empty, k_first, off_m, off_n, num_k, BLOCK_K, GROUP,
                                STAGES))],
@@ -471,7 +492,7 @@ def _w4a16_wgmma_rs_kernel(
         _rs_consume(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem, ready, ready,
                     k_first, off_m, off_n, num_k, bias_ptr, out_ptr, ws_ptr, M, N, HAS_BIAS,
                     SPLIT, BLOCK_M, BLOCK_N, BLOCK_K, GROUP, STAGES, False, PAIRS, W4A8,
-                    xs_ptr, s1_ptr, RAW, num_warps)  # fmt: skip
+                    xs_ptr, s1_ptr, RAW, PIPE, num_warps)  # fmt: skip
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(ready.index(i))
 
@@ -555,9 +576,19 @@ def launch(
         x_desc, w_desc, s_desc, o_desc, bias if bias is not None else out, out,
         ws if split else out, m, n, k, GROUP=group, HAS_BIAS=bias is not None and not split,
         SPLIT=cfg.split_k, STAGES=cfg.num_stages, num_warps=cfg.num_warps,
-        WS=cfg.kernel == "wgmma_rs_ws", PAIRS=_pairs(cfg, w4a8 is not None), **extra,
+        WS=cfg.kernel == "wgmma_rs_ws", PAIRS=_pairs(cfg, w4a8 is not None), PIPE=_PIPE,
+        **extra,
         **({"maxnreg": cfg.max_registers} if cfg.max_registers else {}),
     )  # fmt: skip
+
+
+# Each tile's wgmma left in flight while the next one is issued (`warpgroup_mma_wait(1)`, the
+# in-flight tile's W registers kept alive through the wait's `deps`), instead of waiting for
+# it to finish before the next issue: the tensor cores need not drain between K tiles, which
+# matters where they bound the kernel (M >= 256, where the H100 ran the kernel at 55-58% of
+# its SM throughput; `results/session36/ncu_rs/`). A stage is handed back one step later.
+# Compiled offline, not yet run on a GPU: off until timed.
+_PIPE = False
 
 
 # W4A8's words loaded in pairs too (the same relabelling on its 8-bit operand layout). On the
