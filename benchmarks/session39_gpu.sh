@@ -5,13 +5,12 @@
 #           acceptance shapes), fp16, into $OUT/tune16/h100.json (merge it here).
 #   kbench: bench_w4a16.py at KERNEL_MS (default 1,16,64,256,1024) on KBENCH_SHAPES (default
 #           the two acceptance shapes) with the shipped configs.
-#   bars:   `w4a16_wgmma._SPLIT_BARRIERS` (one mbarrier array per operand: half the CTA
-#           barriers of a K tile with Triton 3.6): its gpu test (bits equal to one array), then
-#           probe_gluon_w4a16.py --bars 1,4 on wgmma_rs at M = 16, 64, 256 on the two
-#           acceptance shapes (BARS_CONFIGS: indices into its CONFIGS).
-#   w4a8v:  W4A8's wgmma_rs gpu tests (pairs, split barriers, the producer warp), then
-#           probe_w4a8_wgmma.py --variants rs,rs+pairs,rs+bars,ws,ws+pairs at W4A8V_MS
-#           (default 16,64) on the two acceptance shapes and 4096x14336.
+#   bars:   (ran at commit 51d30bd; removed with `_SPLIT_BARRIERS`, which lost) its gpu test,
+#           then probe_gluon_w4a16.py --bars 1,4 --configs 2,4,21,8,9,11,18,19 --fit-only
+#           at M = 16, 64, 256.
+#   w4a8v:  W4A8's wgmma_rs gpu tests (pairs, the producer warp), then probe_w4a8_wgmma.py
+#           --variants rs,rs+pairs,ws,ws+pairs at W4A8V_MS (default 16,64) on the two
+#           acceptance shapes and 4096x14336 (as run: also rs+bars, removed since).
 #   pipe:   (next session) `w4a16_wgmma._PIPE` (each wgmma left in flight while the next is
 #           issued): its gpu tests (bits equal to the plain kernel; W4A8 exact), then
 #           probe_gluon_w4a16.py --pipe 0,1 at M = 256, 1024 (both kernels, no cap) and M = 16
@@ -34,19 +33,11 @@ for part in ${PART//,/ }; do
         --shapes "${KBENCH_SHAPES:-8192x28672,28672x4096}" --out "$OUT/$part" > "$OUT/$part/bench.log" 2>&1
       tail -14 "$OUT/$part/bench.log" | cut -c1-200
       ;;
-    bars)
-      gpu_tests 120 "$OUT/$part/tests.log" tests/test_w4a16_wgmma.py -k "split_barriers"
-      if grep -qE "FAILED|ERROR" "$OUT/$part/tests.log"; then continue; fi
-      timeout "${BARS_S:-240}" python3 benchmarks/probe_gluon_w4a16.py --ms "${BARS_MS:-16,64,256}" \
-        --configs "${BARS_CONFIGS:-2,4,21,8,9,11,18,19}" --fit-only --bars 1,4 \
-        --out "$OUT/$part/bars.json" > "$OUT/$part/bars.log" 2>&1
-      grep -E "N=| b[14]:" "$OUT/$part/bars.log" | cut -c1-200
-      ;;
     w4a8v)
       gpu_tests 200 "$OUT/$part/tests.log" tests/test_w4a8.py -k wgmma_rs
       if grep -qE "FAILED|ERROR" "$OUT/$part/tests.log"; then continue; fi
       timeout "${PROBE_S:-300}" python3 benchmarks/probe_w4a8_wgmma.py --ms "${W4A8V_MS:-16,64}" \
-        --shapes 28672x4096,8192x28672,4096x14336 --variants rs,rs+pairs,rs+bars,ws,ws+pairs \
+        --shapes 28672x4096,8192x28672,4096x14336 --variants rs,rs+pairs,ws,ws+pairs \
         --out "$OUT/$part/probe.json" > "$OUT/$part/probe.log" 2>&1
       grep "N=" "$OUT/$part/probe.log"
       ;;
