@@ -169,11 +169,11 @@ def producer_for(k: int) -> str:
     return "rmsnorm" if k in (4096, 8192) else "silu_mul"
 
 
-def _then_quantize(kind: str):
+def _then_quantize(kind: str, chunks: int = 1):
     from qcompile.quant.w4a8 import quantize_activations_per_token
 
     def fn(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return quantize_activations_per_token(PRODUCERS[kind](a, b), "int8")
+        return quantize_activations_per_token(PRODUCERS[kind](a, b), "int8", chunks)
 
     return fn
 
@@ -211,7 +211,32 @@ def fused_block_us(m: int, k: int, w16s: list, w8s: list) -> dict:
         ),
     }
     row["block_speedup_vs_w4a16"] = row["w4a16_block_us"] / row["w4a8_block_us"]
+    if ABSMAX_CHUNK and k % ABSMAX_CHUNK == 0 and k >= 2 * ABSMAX_CHUNK:
+        # the same block with the row's absmax over K / chunk chunks (`--absmax-chunk`)
+        produce_c = torch.compile(_then_quantize(kind, k // ABSMAX_CHUNK), dynamic=False)
+        xq, xs = produce_q(a, b)
+        cq, cs = produce_c(a, b)
+        row["chunked_same_bits"] = bool(torch.equal(xq, cq) and torch.equal(xs, cs))
+        row["producer_quantize_chunked_us"] = time_graph([lambda: produce_c(a, b)])
+        row["w4a8_block_chunked_us"] = time_graph(
+            [
+                lambda p=p: w4a8_linear_quantized_act_cuda(
+                    *produce_c(a, b), *p.tensors(), None, GROUP, torch.float16
+                )
+                for p in w8s
+            ]
+        )
+        print(
+            f"  M={m} K={k}: {kind} + quantize {row['producer_quantize_us']:.1f} us, over "
+            f"{k // ABSMAX_CHUNK} chunks {row['producer_quantize_chunked_us']:.1f} us (same bits: "
+            f"{row['chunked_same_bits']}); block {row['w4a8_block_us']:.1f} -> "
+            f"{row['w4a8_block_chunked_us']:.1f} us, W4A16's {row['w4a16_block_us']:.1f}",
+            flush=True,
+        )
     return row
+
+
+ABSMAX_CHUNK = 0  # `--absmax-chunk`: also time the block with the chunked absmax
 
 
 def acceptance(rows: list[dict]) -> list[tuple[str, float, bool]]:
@@ -310,9 +335,16 @@ def main() -> None:
         help="kernel,block_m,block_n,block_k,split_k,warps,stages: the int8 W4A8 config at "
         "M >= 128 instead of the tuned or default one (in memory only), e.g. int_mm,0,128,128,1,4,1",
     )  # fmt: skip
+    ap.add_argument(
+        "--absmax-chunk", type=int, default=0,
+        help="also time the compiled producer -> W4A8 block with each row's absmax taken over "
+        "K / this many columns' chunks first (`quant.w4a8._ABSMAX_CHUNK`), e.g. 2048",
+    )  # fmt: skip
     args = ap.parse_args()
     import triton
 
+    global ABSMAX_CHUNK
+    ABSMAX_CHUNK = args.absmax_chunk
     if args.retune:
         autotuner(0).shipped = {}
         autotuner(0).user = {}

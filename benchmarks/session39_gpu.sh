@@ -16,6 +16,9 @@
 #           probe_gluon_w4a16.py --pipe 0,1 at M = 256, 1024 (both kernels, no cap) and M = 16
 #           (producer warp at 96 registers and wgmma_rs), then probe_w4a8_wgmma.py with and
 #           without it at M = 16, 64, 256; on the two acceptance shapes.
+#   absmax: (next session) the compiled producer -> W4A8 block with each row's absmax over
+#           chunks (`quant.w4a8._ABSMAX_CHUNK`): bench_w4a8.py --absmax-chunk ABSMAX_CHUNK
+#           (default 2048) at M = 1, 16 on 8192x28672 and 4096x14336 (SiLU * mul producers).
 #   anything else: session38_gpu.sh's parts (w4a8pairs, w4a8ws, w4a8, tune, kernels, ...).
 source benchmarks/gpu_setup.sh
 for part in ${PART//,/ }; do
@@ -56,6 +59,12 @@ for part in ${PART//,/ }; do
         --variants rs+pairs,rs+pairs+pipe,ws+pairs,ws+pairs+pipe \
         --out "$OUT/$part/w4a8.json" > "$OUT/$part/w4a8.log" 2>&1
       grep "N=" "$OUT/$part/w4a8.log"
+      ;;
+    absmax)
+      timeout "${ABSMAX_S:-240}" python3 benchmarks/bench_w4a8.py --ms 1,16 \
+        --shapes 8192x28672,4096x14336 --absmax-chunk "${ABSMAX_CHUNK:-2048}" \
+        --out "$OUT/$part" > "$OUT/$part/bench.log" 2>&1
+      grep -E "chunks|rror" "$OUT/$part/bench.log" | cut -c1-220
       ;;
     *) PART=$part bash benchmarks/session38_gpu.sh ;;
   esac

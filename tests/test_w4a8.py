@@ -1343,3 +1343,67 @@ def test_gpu_wgmma_rs_int8_is_exact_on_the_accumulator(
         cfg, x.cuda(), *(t.cuda() for t in p.tensors()), args[-2], g, "int8"
     )
     assert_close_rel(fused, problem.reference64(), torch.float16)
+
+
+# ------------------------------------------------------ absmax over chunks (`_ABSMAX_CHUNK`)
+@SETTINGS
+@given(
+    rows=st.integers(1, 5),
+    chunk=st.sampled_from([8, 32, 64]),
+    chunks=st.integers(2, 6),
+    act_dtype=st.sampled_from(["int8", "float8_e4m3fn"]),
+    dtype=st.sampled_from([torch.float16, torch.bfloat16, torch.float32]),
+    outlier=st.floats(1.0, 1e3),
+    seed=st.integers(0, 2**16),
+)
+def test_absmax_over_chunks_quantizes_identically(
+    rows, chunk, chunks, act_dtype, dtype, outlier, seed
+):
+    """The chunked absmax (a max of per-chunk maxima) is exactly the row's absmax, so xq and
+    the scale are the same bits; an all-zero row still takes the floor."""
+    gen = torch.Generator().manual_seed(seed)
+    k = chunk * chunks
+    x = torch.randn(rows, k, generator=gen)
+    x[0, int(torch.randint(0, k, (1,), generator=gen))] *= outlier
+    if rows > 1:
+        x[-1] = 0.0
+    x = x.to(dtype)
+    xq, xs = quantize_activations_per_token(x, act_dtype)
+    cq, cs = quantize_activations_per_token(x, act_dtype, chunks)
+    assert torch.equal(xs, cs)
+    assert torch.equal(xq.view(torch.int8), cq.view(torch.int8))
+
+
+def test_absmax_chunks_rule(monkeypatch):
+    """Off by default (one reduction a row); with a chunk size, K must be a multiple of it and
+    hold at least two chunks."""
+    from qcompile.quant import w4a8 as quant8
+
+    assert quant8.absmax_chunks(28672) == 1
+    monkeypatch.setattr(quant8, "_ABSMAX_CHUNK", 2048)
+    assert quant8.absmax_chunks(28672) == 14
+    assert quant8.absmax_chunks(4096) == 2
+    assert quant8.absmax_chunks(2048) == 1  # one chunk: nothing to split
+    assert quant8.absmax_chunks(5000) == 1  # not a multiple
+
+
+def test_pass_takes_the_absmax_over_chunks_when_switched_on(monkeypatch, tiny_llama):
+    """With `_ABSMAX_CHUNK` set the pass's quantize calls carry K // chunk, and the rewritten
+    graph gives the same logits as with one reduction a row, bit for bit."""
+    from qcompile.quant import w4a8 as quant8
+
+    def run():
+        backend, _, graphs = _rewrite_only(QuantConfig(W4A8))
+        with torch.no_grad():
+            out = torch.compile(copy.deepcopy(tiny_llama), backend=backend)(_ids()).logits
+        torch._dynamo.reset()
+        calls = [n for n in graphs[-1].graph.nodes if n.target is quantize_activations_per_token]
+        return out, calls
+
+    plain, plain_calls = run()
+    monkeypatch.setattr(quant8, "_ABSMAX_CHUNK", 32)
+    chunked, calls = run()
+    widths = [n.args[0].meta["example_value"].shape[-1] for n in calls]
+    assert calls and [n.args[2] for n in calls] == [w // 32 for w in widths], widths
+    assert all(n.args[2] == 1 for n in plain_calls)
+    assert torch.equal(plain, chunked)

@@ -35,7 +35,11 @@ from qcompile.ops import w4a16 as w4a16_ops
 from qcompile.quant.colocate import colocated_views, spanning_view
 from qcompile.quant.int4 import PLANE_CHUNK, to_planes
 from qcompile.quant.rtn import quantize_weight_int4
-from qcompile.quant.w4a8 import quantize_activations_per_token, quantize_weight_w4a8
+from qcompile.quant.w4a8 import (
+    absmax_chunks,
+    quantize_activations_per_token,
+    quantize_weight_w4a8,
+)
 from qcompile.report import CompileReport, LayerRecord
 
 LINEAR_TARGETS = (torch._C._nn.linear, F.linear)
@@ -408,7 +412,9 @@ def _quantized_input(gm: GraphModule, x: Node, act_dtype: str, ctx: RewriteConte
         example = x.meta.get("example_value")
         if not isinstance(example, torch.Tensor):
             return None
-        q = gm.graph.call_function(quantize_activations_per_token, (x, act_dtype))
+        k = example.shape[-1]
+        chunks = absmax_chunks(k) if isinstance(k, int) else 1
+        q = gm.graph.call_function(quantize_activations_per_token, (x, act_dtype, chunks))
         xq = gm.graph.call_function(operator.getitem, (q, 0))
         xs = gm.graph.call_function(operator.getitem, (q, 1))
         ctx.quantized_inputs[key] = (xq, xs, activation_fusion(x))
