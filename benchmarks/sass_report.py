@@ -291,7 +291,8 @@ def compile_wgmma_variant(
     x_layout, flat32, flat16 = w4a16_wgmma._layouts(bm, bk, x.dtype)  # (as the launcher)
     x_desc = TensorDescriptor(x, [m, k], [k, 1], [bm, bk], x_layout)
     w_desc = TensorDescriptor(qw, [k // 8, n], [n, 1], [bk // 8, bn], flat32)
-    s_desc = TensorDescriptor(sc, [k // group, n], [n, 1], [1, bn], flat16)
+    sub = bk // group if bk > group else 1  # (as the launcher: `_SUBTILES`)
+    s_desc = TensorDescriptor(sc, [k // group, n], [n, 1], [sub, bn], flat16)
     before = triton.runtime.driver._active  # (reset_active would look for a real driver)
     triton.runtime.driver.set_active(_Sm90())
     try:
@@ -421,6 +422,30 @@ def main_loop(text: str) -> list[str]:
             ]
             if _rank(body) > _rank(best):
                 best = body
+    return best
+
+
+def ptx_k_loop(ptx: str) -> dict[str, int]:
+    """The PTX K loop's steady-state path: of the backward branches whose body holds wgmmas,
+    the one with the most TMA copies (a loop that issues copies on some iterations has a
+    second back edge without them). Counts wgmmas, copies and CTA barriers in it."""
+    lines = ptx.splitlines()
+    labels = {
+        m.group(1): i for i, ln in enumerate(lines) if (m := re.match(r"^(\$L__BB\d+_\d+):", ln))
+    }
+    best = {"wgmma": 0, "tma": -1, "bar": 0}
+    for i, line in enumerate(lines):
+        m = re.search(r"\bbra(?:\.uni)?\s+(\$L__BB\d+_\d+);", line)
+        if not (m and m.group(1) in labels and labels[m.group(1)] < i):
+            continue
+        body = "\n".join(lines[labels[m.group(1)] : i + 1])
+        row = {
+            "wgmma": body.count("wgmma.mma_async"),
+            "tma": body.count("cp.async.bulk.tensor"),
+            "bar": body.count("bar.sync"),
+        }
+        if row["wgmma"] and row["tma"] > best["tma"]:
+            best = row
     return best
 
 

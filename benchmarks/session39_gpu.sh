@@ -19,6 +19,10 @@
 #   absmax: (next session) the compiled producer -> W4A8 block with each row's absmax over
 #           chunks (`quant.w4a8._ABSMAX_CHUNK`): bench_w4a8.py --absmax-chunk ABSMAX_CHUNK
 #           (default 2048) at M = 1, 16 on 8192x28672 and 4096x14336 (SiLU * mul producers).
+#   sub:    (next session) K tiles of two groups (`w4a16._SUBTILES`): their gpu tests (bits
+#           equal to one-group tiles, W4A8 exact), then probe_gluon_w4a16.py at M = 16 (and
+#           64) with one-group tiles beside two-group ones, both kernels, on the two
+#           acceptance shapes.
 #   anything else: session38_gpu.sh's parts (w4a8pairs, w4a8ws, w4a8, tune, kernels, ...).
 source benchmarks/gpu_setup.sh
 for part in ${PART//,/ }; do
@@ -65,6 +69,18 @@ for part in ${PART//,/ }; do
         --shapes 8192x28672,4096x14336 --absmax-chunk "${ABSMAX_CHUNK:-2048}" \
         --out "$OUT/$part" > "$OUT/$part/bench.log" 2>&1
       grep -E "chunks|rror" "$OUT/$part/bench.log" | cut -c1-220
+      ;;
+    sub)
+      gpu_tests 200 "$OUT/$part/tests.log" tests/test_w4a16_wgmma.py tests/test_w4a8.py \
+        -k "two_group or wgmma_rs_int8"
+      if grep -qE "FAILED|ERROR" "$OUT/$part/tests.log"; then continue; fi
+      timeout "${SUB_S:-240}" python3 benchmarks/probe_gluon_w4a16.py --ms 16 \
+        --configs 2,4,21,26,27,28,29 --fit-only --ws 0,1 --maxnreg 0,96 \
+        --out "$OUT/$part/m16.json" > "$OUT/$part/m16.log" 2>&1
+      timeout "${SUB64_S:-120}" python3 benchmarks/probe_gluon_w4a16.py --ms 64 \
+        --configs 8,9,11,30,31 --fit-only --ws 0,1 --maxnreg 0,96 \
+        --out "$OUT/$part/m64.json" > "$OUT/$part/m64.log" 2>&1
+      grep -h "N=" "$OUT/$part/m16.log" "$OUT/$part/m64.log" | cut -c1-200
       ;;
     *) PART=$part bash benchmarks/session38_gpu.sh ;;
   esac

@@ -541,6 +541,61 @@ def test_wgmma_rs_pipe_leaves_one_wgmma_in_flight_without_hazards():
         assert pipe[0] <= plain[0] + 16 and pipe[0] <= (v[7] or 255), (v, plain, pipe)
 
 
+SUB = """
+import json
+import sass_report as s
+from qcompile.lowering.autotune import KernelConfig
+from qcompile.lowering.w4a16 import _wgmma_smem_bytes
+out = []
+for bm, bn, bk, w, st, dt, ws, regs, w4a8, pipe in json.loads(__import__("sys").argv[1]):
+    k = s.compile_wgmma_variant(bm, bn, bk, w, st, dt, ws=ws, maxnreg=regs, w4a8=w4a8, pipe=pipe)
+    text = s.sass(k)
+    res = s.resources(k)
+    loop = s.ptx_k_loop(k.asm["ptx"])
+    cfg = KernelConfig("wgmma_rs", bm, bn, bk, 1, w, st)
+    budget = _wgmma_smem_bytes(cfg, 1 if w4a8 else 2, 2 if bk == 256 else 1)
+    out.append([res["REG"], res["STACK"] + res["LOCAL"], len(s.wgmma_register_hazards(text)),
+                loop["wgmma"], loop["tma"], loop["bar"], text.count("WARPGROUP.ARRIVE"),
+                k.metadata.shared, budget])
+print(json.dumps([__import__("triton").__version__, out]))
+"""
+
+
+def test_wgmma_rs_two_group_tiles_halve_the_k_loops_copies_and_barriers():
+    """`w4a16._SUBTILES` (off, untimed): a 256-k TMA stage of two 128-k groups, unpacked and
+    multiplied one after the other, against 128-k stages (twice the stages, the same bytes in
+    flight): per wgmma half the TMA copies and, with Triton 3.6, half the CTA barriers in the
+    K loop's steady state; no spills or hazards, the wgmmas as asynchronous (no more warpgroup
+    arrives), registers within 16 of the 128-k kernel's (both unpack 128 k at a time), and
+    the shared memory
+    `_wgmma_smem_bytes` counts (two scale rows a stage) for fp16, bf16, `_PIPE` and W4A8; the
+    producer-warp kernel compiles too."""
+    pairs = [
+        ((16, 64, 128, 4, 4, "fp16", False, 0, False, False),
+         (16, 64, 256, 4, 2, "fp16", False, 0, False, False)),
+        ((64, 128, 128, 8, 4, "bf16", False, 0, False, False),
+         (64, 128, 256, 8, 2, "bf16", False, 0, False, False)),
+        ((16, 64, 128, 4, 4, "fp16", False, 0, False, True),
+         (16, 64, 256, 4, 2, "fp16", False, 0, False, True)),
+        ((16, 64, 128, 4, 4, "fp16", False, 0, True, False),
+         (16, 64, 256, 4, 2, "fp16", False, 0, True, False)),
+        ((16, 64, 128, 4, 4, "fp16", True, 96, False, False),
+         (16, 64, 256, 4, 2, "fp16", True, 96, False, False)),
+    ]  # fmt: skip
+    variants = [v for pair in pairs for v in pair]
+    version, results = _compile_offline(SUB, json.dumps(variants))
+    for (_, v2), one, two in zip(pairs, results[::2], results[1::2], strict=True):
+        assert two[1] == 0 and two[2] == 0, (v2, two)
+        # (no more arrives: not serialized; one fewer without the 128-k kernel's odd tail)
+        assert two[6] <= one[6] and two[0] <= one[0] + 16, (v2, one, two)
+        if v2[6]:  # (the producer warp issues the copies: none in the consumers' loop)
+            continue
+        assert two[7] == two[8] and one[7] == one[8], (v2, one, two)
+        assert two[3] == one[3] and two[4] * 2 == one[4], (v2, one, two)  # per 2 x 128 k
+        if version.startswith("3.6."):
+            assert two[5] * 2 == one[5], (v2, one, two)
+
+
 def test_wgmma_register_hazard_check_finds_writes_to_an_inflight_operand():
     """The checker itself, on hand-written SASS: a loop whose HGMMA reads R88..R91, waited for
     with one group still allowed in flight, and the next iteration's load into R88 (what ptxas

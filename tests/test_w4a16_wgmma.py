@@ -104,6 +104,15 @@ def test_wgmma_rs_is_offered_only_on_hopper_from_16_rows(monkeypatch):
     }
     # group 64: 64-k tiles (one scale row per tile)
     assert {c.block_k for c in candidate_configs(64, 8192, 28672, 64) if c.kernel in RS} == {64}
+    # `_SUBTILES` (off): up to 64 x rows, also two groups a stage at 2 and 3 stages
+    monkeypatch.setattr(lowering, "_SUBTILES", True)
+    for m, g in ((16, 128), (64, 128), (64, 64), (256, 128)):
+        rs = [c for c in candidate_configs(m, 8192, 28672, g) if c.kernel in RS]
+        two = [c for c in rs if c.block_k == 2 * g]
+        assert all(valid_config(c, 28672, g) for c in rs), (m, g)
+        assert {(c.block_k, c.num_stages) for c in two} == (
+            {(2 * g, 2), (2 * g, 3)} if m <= 64 else set()
+        ), (m, g)
     for m in (1, 8):
         assert not [c for c in candidate_configs(m, 28672, 4096, 128) if c.kernel in RS]
 
@@ -113,7 +122,14 @@ def test_wgmma_rs_config_rules(kind):
     ok = KernelConfig(kind, 64, 128, 128, 1, 8, 4)
     assert valid_config(ok, 4096, 128)
     assert valid_config(ok, 4096, 4096)  # per channel: one scale row
-    assert not valid_config(ok, 4096, 64)  # a K tile spans two groups
+    # a K tile of two groups (SUB = 2: two sub-tiles a stage, `_SUBTILES`), not of four; 256
+    # k only that way, and each sub-tile counts against the registers as a K tile would
+    assert valid_config(ok, 4096, 64) and not valid_config(ok, 4096, 32)
+    assert valid_config(KernelConfig(kind, 16, 64, 256, 1, 4, 2), 4096, 128)
+    assert valid_config(KernelConfig(kind, 64, 64, 256, 2, 4, 3), 4096, 128)
+    assert not valid_config(KernelConfig(kind, 16, 64, 256, 1, 4, 2), 4096, 256)
+    assert not valid_config(KernelConfig(kind, 16, 64, 256, 1, 4, 2), 4096, 4096)
+    assert not valid_config(KernelConfig(kind, 256, 128, 256, 1, 8, 2), 4096, 128)
     assert valid_config(KernelConfig(kind, 16, 64, 128, 4, 4, 4), 4096, 128)
     assert not valid_config(KernelConfig(kind, 64, 128, 128, 3, 8, 4), 4096, 128)  # K % 3
     assert not valid_config(KernelConfig(kind, 64, 128, 128, 64, 8, 4), 4096, 128)  # 64 k
@@ -310,3 +326,33 @@ def test_wgmma_rs_pipe_changes_no_bits(monkeypatch, kind, cfg):
     out = launch(c, *args)
     assert_close_rel(out, problem.reference64(), dtype)
     assert torch.equal(out, plain)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", RS)
+@pytest.mark.parametrize("pipe", [False, True])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        (16, 512, 4096, 128, torch.float16, False, (16, 64, 256, 2, 4, 2)),
+        (13, 320, 1280, 128, torch.bfloat16, True, (16, 64, 256, 1, 4, 3)),  # 5 K tiles
+        (64, 384, 768, 64, torch.float16, True, (64, 128, 128, 1, 8, 2)),  # group 64
+    ],
+)
+def test_wgmma_rs_two_group_tiles_change_no_bits(monkeypatch, kind, pipe, cfg):
+    """K tiles of two groups (`_SUBTILES`: one TMA stage, two sub-tiles): the same wgmmas in
+    the same order as tiles of one group, so the same bits, with and without the producer
+    warp and `_PIPE`."""
+    m, n, k, group, dtype, bias, tile = cfg
+    problem = _problem(m, n, k, group, dtype, bias)
+    p = problem.packed
+    args = (problem.x, p.qweight, p.scales, p.offsets, problem.bias, p.group_size)
+    regs = 96 if kind == "wgmma_rs_ws" and tile[0] < 128 else 0
+    two = KernelConfig(kind, *tile, max_registers=regs)
+    bm, bn, bk, split, warps, stages = tile
+    one = KernelConfig(kind, bm, bn, bk // 2, split, warps, 2 * stages, max_registers=regs)
+    assert valid_config(two, k, group) and valid_config(one, k, group)
+    monkeypatch.setattr(w4a16_wgmma, "_PIPE", pipe)
+    out = launch(two, *args)
+    assert_close_rel(out, problem.reference64(), dtype)
+    assert torch.equal(out, launch(one, *args))

@@ -1237,7 +1237,9 @@ def test_wgmma_rs_rules_and_candidates(monkeypatch):
     assert valid_config(cfg, 4096, 4096, 128, "int8")
     assert not valid_config(cfg, 4096, 4096, 128, "float8_e4m3fn")
     assert not valid_config(cfg, 4104, 4096, 128, "int8")  # (N % 16)
-    assert not valid_config(KernelConfig("wgmma_rs", 16, 64, 128, 2, 4, 4), 4096, 4096, 64, "int8")
+    # two groups a K tile (W4A16's SUB = 2), not four
+    assert valid_config(KernelConfig("wgmma_rs", 16, 64, 128, 2, 4, 4), 4096, 4096, 64, "int8")
+    assert not valid_config(KernelConfig("wgmma_rs", 16, 64, 128, 2, 4, 4), 4096, 4096, 32, "int8")
     assert not valid_config(
         KernelConfig("wgmma_rs", 16, 128, 128, 1, 4, 4), 4096, 4096, 128, "int8"
     )
@@ -1303,6 +1305,7 @@ def test_wgmma_rs_refuses_what_it_cannot_read():
         (16, 512, 4096, 128, True, (16, 64, 128, 4, 4, 4)),
         (13, 336, 640, 64, True, (16, 128, 64, 1, 8, 4)),  # odd M, N past the tile, 10 tiles
         (200, 384, 768, 128, False, (128, 128, 64, 2, 8, 3)),
+        (16, 512, 4096, 128, True, (16, 64, 256, 2, 4, 2)),  # two groups a K tile
     ],
 )
 @pytest.mark.parametrize("kind,regs", [("wgmma_rs", 0), ("wgmma_rs_ws", 96)])

@@ -956,9 +956,12 @@ def valid_config(cfg: KernelConfig, k: int, group: int) -> bool:
     if cfg.kernel in _WGMMA_KINDS:  # 16 W rows a warp; x rows: wgmma's N side
         return (
             cfg.num_warps in (4, 8) and cfg.block_n == 16 * cfg.num_warps
-            and cfg.block_m in (8, 16, 32, 64, 128, 256) and cfg.block_k in (64, 128)
+            and cfg.block_m in (8, 16, 32, 64, 128, 256)
+            # one group per K tile, or two (`_wgmma_sub`: unpacked one group at a time)
+            and ((cfg.block_k in (64, 128) and group % cfg.block_k == 0)
+                 or (cfg.block_k in (128, 256) and cfg.block_k == 2 * group))
             # the accumulator (BLOCK_M / 2 a thread) and two register tiles of W must fit
-            and cfg.block_m + cfg.block_k <= 320
+            and cfg.block_m + cfg.block_k // _wgmma_sub(cfg, group) <= 320
             and 2 <= cfg.num_stages <= 6 and not cfg.prefetch and not cfg.reduce
             # a register cap (Triton's maxnreg; uncapped, the producer warp's partitions take
             # up to 255 registers a thread and wgmma_rs at 16 x rows 118, where 80-88 keep
@@ -973,7 +976,7 @@ def valid_config(cfg: KernelConfig, k: int, group: int) -> bool:
                      and (cfg.num_warps + 4 * (cfg.kernel == "wgmma_rs_ws")) * 32
                      * cfg.max_registers <= 65536))
             and k % cfg.split_k == 0 and (k // cfg.split_k) % cfg.block_k == 0
-            and group % cfg.block_k == 0 and _wgmma_smem_bytes(cfg) <= _SMEM_BYTES
+            and _wgmma_smem_bytes(cfg, sub=_wgmma_sub(cfg, group)) <= _SMEM_BYTES
         )  # fmt: skip
     if cfg.kernel == "mma":  # 32 or 64 columns per warp, 8 to 64 rows, whole 32-k steps
         tiles_per_warp = cfg.block_n // (16 * cfg.num_warps)
@@ -1001,12 +1004,19 @@ _WGMMA_KINDS = ("wgmma_rs", "wgmma_rs_ws")  # the Gluon kernels of `w4a16_wgmma.
 _SMEM_BYTES = 232448  # an H100 block's shared-memory limit (227 KiB)
 
 
-def _wgmma_smem_bytes(cfg: KernelConfig, elem: int = 2) -> int:
+def _wgmma_smem_bytes(cfg: KernelConfig, elem: int = 2, sub: int = 1) -> int:
     """The wgmma_rs kernels' shared memory: their TMA ring (x, words, scale and offset rows,
-    a barrier per stage). `elem`: x's and the rows' bytes (W4A8: 1); a stage's row takes at
-    least 128 bytes (`w4a16_wgmma._row_slots`)."""
+    a barrier per stage). `elem`: x's and the rows' bytes (W4A8: 1); `sub`: scale rows a
+    stage holds (`_wgmma_sub`); a stage's rows take at least 128 bytes
+    (`w4a16_wgmma._row_slots`)."""
     bm, bn, bk, stages = cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_stages
-    return stages * (bm * bk * elem + bk // 8 * bn * 4 + 2 * max(bn * elem, 128) + 8)
+    return stages * (bm * bk * elem + bk // 8 * bn * 4 + 2 * max(sub * bn * elem, 128) + 8)
+
+
+def _wgmma_sub(cfg: KernelConfig, group: int) -> int:
+    """Groups a wgmma_rs K tile spans: 2 when BLOCK_K is twice the group (one TMA stage, two
+    sub-tiles unpacked and multiplied one after the other: `w4a16_wgmma`'s SUB), else 1."""
+    return 2 if cfg.block_k == 2 * group else 1
 
 
 def _wgmma_rs_configs(
@@ -1024,7 +1034,21 @@ def _wgmma_rs_configs(
             for sk in (1, 2, 4):
                 if _useful_split(triton.cdiv(n, bn) * triton.cdiv(mb, bm), sk):
                     out.append(KernelConfig(kind, bm, bn, bk, sk, warps, 4, max_registers=regs))
+                    if _SUBTILES and bm <= 64 and bk == group:  # two groups a TMA stage
+                        for stages in (2, 3):
+                            out.append(
+                                KernelConfig(kind, bm, bn, 2 * bk, sk, warps, stages,
+                                             max_registers=regs)
+                            )  # fmt: skip
     return out
+
+
+# wgmma_rs K tiles of two groups up to 64 x rows (one TMA stage, two sub-tiles unpacked one
+# after the other, `w4a16_wgmma`'s SUB): per 128 k half the TMA copies, CTA barriers and
+# barrier waits (Triton 3.6, 16 x 64: the K loop's 295 instructions per 128 k -> 221, bar.sync
+# 6 -> 3). At 16 x rows the kernel issues on 66% of cycles (session 37's ncu), so the
+# overhead is worth cutting there. Compiled offline, not yet run on a GPU: off until timed.
+_SUBTILES = False
 
 
 def _wgmma_device() -> bool:

@@ -16,7 +16,10 @@ memory. Per K tile:
   2g and 2g + 1 of its warp's 16 (adjacent in shared memory: one LDS.64 for two LDS.32),
   relabelled as the rows g and g + 8 the operand layout gives it; the epilogue maps the
   accumulator's rows back (2-12% faster in 24 of 29 probe configs on the H100, session 38);
-- tile i + 1 unpacks while tile i's wgmma runs.
+- tile i + 1 unpacks while tile i's wgmma runs;
+- (SUB = 2, `w4a16._SUBTILES`: BLOCK_K twice the group) a TMA stage holds two groups, whose
+  sub-tiles unpack and multiply one after the other: the same wgmmas in the same order as
+  half the BLOCK_K, with half the copies, barriers and waits.
 The K loop is unrolled twice, so two register tiles of W alternate (one loop step copied the
 next tile into the registers the wgmma reads). Split K writes fp32 partials, which
 `w4a16.launch` sums. (The last program of a tile summing them, and programmatic dependent
@@ -209,6 +212,23 @@ def _pairs_to_rows(t, WORDS: gl.constexpr, N: gl.constexpr):
 
 
 @gluon.jit
+def _flat(row, BLOCK_N: gl.constexpr):
+    """A scale (offset) row as [BLOCK_N]: a stage's [1, BLOCK_N] reshaped, a `_sub_row` as is."""
+    if len(row.shape) == 2:
+        row = row.reshape([BLOCK_N])
+    return row
+
+
+@gluon.jit
+def _sub_row(rows, r: gl.constexpr):
+    """Row r of a stage's [SUB, BLOCK_N] scale (offset) rows, as a [BLOCK_N] view (a subslice
+    of the flattened rows: Gluon cannot reshape a subslice, so the flattening comes first)."""
+    SUB: gl.constexpr = rows.shape[0]
+    BLOCK_N: gl.constexpr = rows.shape[1]
+    return rows.reshape([SUB * BLOCK_N]).slice(r * BLOCK_N, BLOCK_N)
+
+
+@gluon.jit
 def _load_rows(w_stage, s_stage, o_stage, P3: gl.constexpr, PAIRS: gl.constexpr,
                W4A8: gl.constexpr):  # fmt: skip
     """One stage's words [WORDS, BLOCK_N] and scale / offset rows [BLOCK_N] in the slices of
@@ -221,15 +241,15 @@ def _load_rows(w_stage, s_stage, o_stage, P3: gl.constexpr, PAIRS: gl.constexpr,
     if PAIRS:
         BOTH: gl.constexpr = _rs_pair_layouts(WORDS, BLOCK_N, gl.num_warps(), W4A8)
         w2 = _pairs_to_rows(w_stage.load(BOTH[0]), WORDS, BLOCK_N)
-        s1 = _pairs_to_rows(s_stage.reshape([BLOCK_N]).load(BOTH[1]), 0, BLOCK_N)
-        o1 = _pairs_to_rows(o_stage.reshape([BLOCK_N]).load(BOTH[1]), 0, BLOCK_N)
+        s1 = _pairs_to_rows(_flat(s_stage, BLOCK_N).load(BOTH[1]), 0, BLOCK_N)
+        o1 = _pairs_to_rows(_flat(o_stage, BLOCK_N).load(BOTH[1]), 0, BLOCK_N)
         w2 = gl.convert_layout(w2, WL, assert_trivial=True)
         s1 = gl.convert_layout(s1, SL, assert_trivial=True)
         o1 = gl.convert_layout(o1, SL, assert_trivial=True)
     else:
         w2 = w_stage.load(WL)
-        s1 = s_stage.reshape([BLOCK_N]).load(SL)
-        o1 = o_stage.reshape([BLOCK_N]).load(SL)
+        s1 = _flat(s_stage, BLOCK_N).load(SL)
+        o1 = _flat(o_stage, BLOCK_N).load(SL)
     return w2, s1, o1
 
 
@@ -312,47 +332,65 @@ def _rs_step(acc, a, prev, i, num_k, x_desc, w_desc, s_desc, o_desc, x_smem, w_s
              o_smem, ready, empty, k_first, off_m, off_n, sel, ASM: gl.constexpr,
              P3: gl.constexpr, a_layout: gl.constexpr, BLOCK_K: gl.constexpr,
              GROUP: gl.constexpr, STAGES: gl.constexpr, WS: gl.constexpr, PAIRS: gl.constexpr,
-             W4A8: gl.constexpr, PIPE: gl.constexpr):  # fmt: skip
-    """Tile i's wgmma on its unpacked W `a`, and tile i + 1's unpacking meanwhile. Returns the
-    accumulator, tile i + 1's W (the last tile's again after the last tile) and `a`.
-    PIPE (`_PIPE`): tile i's wgmma is left in flight past the step (the next one queues
-    behind it); `prev`, tile i - 1's W, is kept alive until the wait that retires its wgmma."""
-    s = i % STAGES
+             W4A8: gl.constexpr, PIPE: gl.constexpr, SUB: gl.constexpr,
+             SUBI: gl.constexpr):  # fmt: skip
+    """Sub-tile i's wgmma on its unpacked W `a`, and sub-tile i + 1's unpacking meanwhile.
+    Returns the accumulator, sub-tile i + 1's W (the last one's again after the last) and `a`.
+    A K tile (one TMA stage, BLOCK_K) holds SUB sub-tiles of one group each (SUB > 1:
+    `_SUBTILES`); i is SUBI mod SUB. PIPE (`_PIPE`): sub-tile i's wgmma is left in flight past
+    the step (the next one queues behind it); `prev`, sub-tile i - 1's W, is kept alive until
+    the wait that retires its wgmma."""
+    KS: gl.constexpr = BLOCK_K // SUB
+    t = i // SUB  # (its K tile)
+    s = t % STAGES
+    xs = x_smem.index(s)
+    if SUB > 1:
+        xs = xs.slice(SUBI * KS, KS, dim=1)
     if W4A8:
-        acc = warpgroup_mma(_as_int8(a), x_smem.index(s).permute((1, 0)), acc, is_async=True)
+        acc = warpgroup_mma(_as_int8(a), xs.permute((1, 0)), acc, is_async=True)
     else:
-        acc = warpgroup_mma(a, x_smem.index(s).permute((1, 0)), acc, is_async=True)
+        acc = warpgroup_mma(a, xs.permute((1, 0)), acc, is_async=True)
     if PIPE:
-        # tile i - 1's wgmma is done: its stage and its W registers are free
+        # sub-tile i - 1's wgmma is done: its W registers are free, and at a K tile's first
+        # sub-tile, the tile before's stage
         acc, prev = warpgroup_mma_wait(num_outstanding=1, deps=(acc, prev))
+        if SUBI == 0:
+            _cta_barrier()
+            if WS:
+                if t > 0:
+                    mbarrier.arrive(empty.index((t - 1) % STAGES))
+            elif (t > 0) & (t - 1 + STAGES < num_k):
+                _issue_tile(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem,
+                            ready, t - 1 + STAGES, k_first, off_m, off_n, BLOCK_K, GROUP,
+                            STAGES)  # fmt: skip
+    elif (not WS) & (SUBI == 0):
+        # Both warpgroups waited for tile t - 1's last wgmma last step: its stage is free.
         _cta_barrier()
-        if WS:
-            if i > 0:
-                mbarrier.arrive(empty.index((i - 1) % STAGES))
-        elif (i > 0) & (i - 1 + STAGES < num_k):
+        if (t > 0) & (t - 1 + STAGES < num_k):
             _issue_tile(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem, ready,
-                        i - 1 + STAGES, k_first, off_m, off_n, BLOCK_K, GROUP, STAGES)  # fmt: skip
-    elif not WS:
-        # Both warpgroups waited for tile i - 1's wgmma last step: its stage is free.
-        _cta_barrier()
-        if (i > 0) & (i - 1 + STAGES < num_k):
-            _issue_tile(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem, ready,
-                        i - 1 + STAGES, k_first, off_m, off_n, BLOCK_K, GROUP, STAGES)  # fmt: skip
-    # Tile i + 1 unpacks while tile i's wgmma runs. Its registers must differ from those the
-    # wgmma reads: ptxas keeps them apart only between the wgmma and a wait that covers it, so
-    # without PIPE the wait is for 0 outstanding (waiting for 1 let it reuse them: wrong
-    # results); PIPE instead names `a` in the next step's wait (its `deps`).
-    # (No branch past the last tile, which unpacks itself again: an "a unchanged" path made
-    # ptxas copy the tiles.)
-    nxt = gl.minimum(i + 1, num_k - 1)
-    s1 = nxt % STAGES
-    mbarrier.wait(ready.index(s1), (nxt // STAGES) & 1)
-    b = _rs_unpack(w_smem.index(s1), _row_stage(s_smem, s1, STAGES),
-                   _row_stage(o_smem, s1, STAGES), sel, ASM, P3, a_layout, PAIRS,
-                   W4A8)  # fmt: skip
+                        t - 1 + STAGES, k_first, off_m, off_n, BLOCK_K, GROUP, STAGES)  # fmt: skip
+    # Sub-tile i + 1 unpacks while sub-tile i's wgmma runs. Its registers must differ from
+    # those the wgmma reads: ptxas keeps them apart only between the wgmma and a wait that
+    # covers it, so without PIPE the wait is for 0 outstanding (waiting for 1 let it reuse
+    # them: wrong results); PIPE instead names `a` in the next step's wait (its `deps`).
+    # (No branch past the last sub-tile: the last step unpacks the last K tile's first
+    # sub-tile again, unused; an "a unchanged" path made ptxas copy the tiles.)
+    NSUB: gl.constexpr = (SUBI + 1) % SUB
+    t1 = gl.minimum(i + 1, num_k * SUB - 1) // SUB
+    s1 = t1 % STAGES
+    if NSUB == 0:  # the next sub-tile opens a K tile: wait for its stage
+        mbarrier.wait(ready.index(s1), (t1 // STAGES) & 1)
+    w_next = w_smem.index(s1)
+    s_next = _row_stage(s_smem, s1, STAGES)
+    o_next = _row_stage(o_smem, s1, STAGES)
+    if SUB > 1:
+        w_next = w_next.slice(NSUB * (KS // 8), KS // 8, dim=0)
+        s_next = _sub_row(s_next, NSUB)
+        o_next = _sub_row(o_next, NSUB)
+    b = _rs_unpack(w_next, s_next, o_next, sel, ASM, P3, a_layout, PAIRS, W4A8)
     if not PIPE:
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-        if WS:  # (every warp is done with stage s: its words and x)
+        if WS & (SUBI == SUB - 1):  # (every warp is done with stage s: its words and x)
             _cta_barrier()
             mbarrier.arrive(empty.index(s))
     return acc, b, a
@@ -370,6 +408,8 @@ def _rs_consume(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem, 
     hand each stage back to the producer warp through `empty`. W4A8: int8 x and W, int32
     accumulator, then x_scale[m] * s1[n] (split K: the raw int32 partials)."""
     dtype: gl.constexpr = x_desc.dtype
+    SUB: gl.constexpr = s_desc.block_type.shape[0]  # (group rows a K tile holds: `_SUBTILES`)
+    KS: gl.constexpr = BLOCK_K // SUB
     K_INSTR: gl.constexpr = 32 if W4A8 else 16  # (an 8-bit wgmma takes 32 k, a 16-bit one 16)
     mma_layout: gl.constexpr = gl.NVMMADistributedLayout(
         version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_M, K_INSTR]
@@ -378,14 +418,14 @@ def _rs_consume(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem, 
         operand_index=0, parent=mma_layout, k_width=K_INSTR // 8
     )
     if W4A8:
-        P3: gl.constexpr = _rs8_unpack_layout(BLOCK_K // 8, BLOCK_N, num_warps)
+        P3: gl.constexpr = _rs8_unpack_layout(KS // 8, BLOCK_N, num_warps)
         # per byte j of a word's 8 (j // 4: its even or odd nibbles): the shift
         half = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(0, P3))) // 4
         sel = gl.expand_dims(gl.expand_dims(half * 4, 0), 0)
         ASM: gl.constexpr = _RS8_ASM
         acc = gl.zeros((BLOCK_N, BLOCK_M), dtype=gl.int32, layout=mma_layout)
     else:
-        P3: gl.constexpr = _rs_unpack_layout(BLOCK_K // 8, BLOCK_N, num_warps)
+        P3: gl.constexpr = _rs_unpack_layout(KS // 8, BLOCK_N, num_warps)
         # PRMT selectors: byte t = nibble // 2 of the word (fp16: under the magic bytes)
         quad = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(0, P3))) // 2
         FP16: gl.constexpr = dtype == gl.float16
@@ -399,27 +439,34 @@ def _rs_consume(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem, 
                 _issue_tile(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem,
                             ready, t, k_first, off_m, off_n, BLOCK_K, GROUP, STAGES)  # fmt: skip
     mbarrier.wait(ready.index(0), 0)
-    a = _rs_unpack(w_smem.index(0), _row_stage(s_smem, 0, STAGES),
-                   _row_stage(o_smem, 0, STAGES), sel, ASM, P3, a_layout, PAIRS,
-                   W4A8)  # fmt: skip
+    w_first = w_smem.index(0)
+    s_first = _row_stage(s_smem, 0, STAGES)
+    o_first = _row_stage(o_smem, 0, STAGES)
+    if SUB > 1:
+        w_first = w_first.slice(0, KS // 8, dim=0)
+        s_first = _sub_row(s_first, 0)
+        o_first = _sub_row(o_first, 0)
+    a = _rs_unpack(w_first, s_first, o_first, sel, ASM, P3, a_layout, PAIRS, W4A8)
     # Unrolled twice: two register tiles alternate, so the next one is not copied into the
     # registers the wgmma reads (16 moves per 64-k tile). On the H100 this took 28672x4096
     # M = 64 from 50.4 to 43.4 us and 8192x28672 M = 16 from 66.4 to 62.1 (session 37).
+    # (SUB = 2: the two steps are a K tile's two sub-tiles.)
+    num_sub = num_k * SUB
     p = a  # (PIPE: the W tile of the wgmma before; none yet)
-    for j in range(num_k // 2):
+    for j in range(num_sub // 2):
         acc, b, p = _rs_step(acc, a, p, 2 * j, num_k, x_desc, w_desc, s_desc, o_desc, x_smem,
                              w_smem, s_smem, o_smem, ready, empty, k_first, off_m, off_n, sel,
                              ASM, P3, a_layout, BLOCK_K, GROUP, STAGES, WS, PAIRS, W4A8,
-                             PIPE)  # fmt: skip
+                             PIPE, SUB, 0)  # fmt: skip
         acc, a, p = _rs_step(acc, b, p, 2 * j + 1, num_k, x_desc, w_desc, s_desc, o_desc,
                              x_smem, w_smem, s_smem, o_smem, ready, empty, k_first, off_m, off_n,
                              sel, ASM, P3, a_layout, BLOCK_K, GROUP, STAGES, WS, PAIRS, W4A8,
-                             PIPE)  # fmt: skip
-    if num_k % 2:
-        acc, a, p = _rs_step(acc, a, p, num_k - 1, num_k, x_desc, w_desc, s_desc, o_desc,
+                             PIPE, SUB, 1 % SUB)  # fmt: skip
+    if num_sub % 2:  # (SUB = 1 only)
+        acc, a, p = _rs_step(acc, a, p, num_sub - 1, num_k, x_desc, w_desc, s_desc, o_desc,
                              x_smem, w_smem, s_smem, o_smem, ready, empty, k_first, off_m, off_n,
                              sel, ASM, P3, a_layout, BLOCK_K, GROUP, STAGES, WS, PAIRS, W4A8,
-                             PIPE)  # fmt: skip
+                             PIPE, SUB, 0)  # fmt: skip
     if PIPE:  # the last tile's wgmma
         acc, p = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p))
 
@@ -467,8 +514,9 @@ def _w4a16_wgmma_rs_kernel(
     x_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, BLOCK_K], x_desc.layout)
     w_smem = gl.allocate_shared_memory(gl.int32, [STAGES, WORDS, BLOCK_N], w_desc.layout)
     SLOTS: gl.constexpr = STAGES * _row_slots(s_desc.block_type.nbytes)
-    s_smem = gl.allocate_shared_memory(s_desc.dtype, [SLOTS, 1, BLOCK_N], s_desc.layout)
-    o_smem = gl.allocate_shared_memory(o_desc.dtype, [SLOTS, 1, BLOCK_N], o_desc.layout)
+    SUB: gl.constexpr = s_desc.block_type.shape[0]
+    s_smem = gl.allocate_shared_memory(s_desc.dtype, [SLOTS, SUB, BLOCK_N], s_desc.layout)
+    o_smem = gl.allocate_shared_memory(o_desc.dtype, [SLOTS, SUB, BLOCK_N], o_desc.layout)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
         mbarrier.init(ready.index(i), count=1)
@@ -562,8 +610,9 @@ def launch(
         qweight, [k // 8, n], [_row_stride(qweight), 1], [bk // 8, bn], flat32
     )
     rows = scales.shape[0]
-    s_desc = TensorDescriptor(scales, [rows, n], [_row_stride(scales), 1], [1, bn], flat16)
-    o_desc = TensorDescriptor(offsets, [rows, n], [_row_stride(offsets), 1], [1, bn], flat16)
+    sub = bk // group if bk > group else 1  # (group rows a K tile holds: `_SUBTILES`)
+    s_desc = TensorDescriptor(scales, [rows, n], [_row_stride(scales), 1], [sub, bn], flat16)
+    o_desc = TensorDescriptor(offsets, [rows, n], [_row_stride(offsets), 1], [sub, bn], flat16)
     grid = (triton.cdiv(m, bm), triton.cdiv(n, bn), cfg.split_k)
     split = cfg.split_k > 1
     extra = {}
