@@ -337,7 +337,7 @@ def _rs_step(acc, a, prev, i, num_k, x_desc, w_desc, s_desc, o_desc, x_smem, w_s
     """Sub-tile i's wgmma on its unpacked W `a`, and sub-tile i + 1's unpacking meanwhile.
     Returns the accumulator, sub-tile i + 1's W (the last one's again after the last) and `a`.
     A K tile (one TMA stage, BLOCK_K) holds SUB sub-tiles of one group each (SUB > 1:
-    `_SUBTILES`); i is SUBI mod SUB. PIPE (`_PIPE`): sub-tile i's wgmma is left in flight past
+    `_SUBTILES`); SUBI is i mod SUB. PIPE (`_PIPE`): sub-tile i's wgmma is left in flight past
     the step (the next one queues behind it); `prev`, sub-tile i - 1's W, is kept alive until
     the wait that retires its wgmma."""
     KS: gl.constexpr = BLOCK_K // SUB
