@@ -501,18 +501,27 @@ def test_wgmma_rs_w4a8_pair_rows_load_two_rows_per_instruction():
         assert pairs[2] == plain[2], (v, plain, pairs)  # (same IGMMAs)
 
 
-PIPE = """
+VARIANTS = """
 import json
 import sass_report as s
+from qcompile.lowering.autotune import KernelConfig
+from qcompile.lowering.w4a16 import _wgmma_smem_bytes
 out = []
 for bm, bn, bk, w, st, dt, ws, regs, w4a8, pipe in json.loads(__import__("sys").argv[1]):
     k = s.compile_wgmma_variant(bm, bn, bk, w, st, dt, ws=ws, maxnreg=regs, w4a8=w4a8, pipe=pipe)
     text = s.sass(k)
     res = s.resources(k)
-    out.append([res["REG"], res["STACK"] + res["LOCAL"], len(s.wgmma_register_hazards(text)),
-                text.count("DEPBAR.LE gsb0, 0x0"), text.count("DEPBAR.LE gsb0, 0x1"),
-                text.count("WARPGROUP.ARRIVE"), text.count("GMMA.")])
-print(json.dumps(out))
+    loop = s.ptx_k_loop(k.asm["ptx"])
+    cfg = KernelConfig("wgmma_rs", bm, bn, bk, 1, w, st)
+    budget = _wgmma_smem_bytes(cfg, 1 if w4a8 else 2, 2 if bk == 256 else 1)
+    out.append({
+        "regs": res["REG"], "spills": res["STACK"] + res["LOCAL"],
+        "hazards": len(s.wgmma_register_hazards(text)), "wait0": text.count("DEPBAR.LE gsb0, 0x0"),
+        "wait1": text.count("DEPBAR.LE gsb0, 0x1"), "arrives": text.count("WARPGROUP.ARRIVE"),
+        "gmma": text.count("GMMA."), "loop_wgmma": loop["wgmma"], "loop_tma": loop["tma"],
+        "loop_bar": loop["bar"], "smem": k.metadata.shared, "budget": budget,
+    })
+print(json.dumps([__import__("triton").__version__, out]))
 """
 
 
@@ -532,33 +541,22 @@ def test_wgmma_rs_pipe_leaves_one_wgmma_in_flight_without_hazards():
         (128, 128, 64, 8, 4, "fp16", False, 0, True),
     ]
     variants = [(*v, False) for v in base] + [(*v, True) for v in base]
-    results = _compile_offline(PIPE, json.dumps(variants))
+    _, results = _compile_offline(VARIANTS, json.dumps(variants))
     n = len(base)
     for v, plain, pipe in zip(base, results[:n], results[n:], strict=True):
-        assert plain[2] == pipe[2] == 0 and plain[1] == pipe[1] == 0, (v, plain, pipe)
-        assert plain[4] == 0 and pipe[4] >= 2 and pipe[3] <= 1, (v, plain, pipe)
-        assert pipe[5] == plain[5] and pipe[6] == plain[6], (v, plain, pipe)
-        assert pipe[0] <= plain[0] + 16 and pipe[0] <= (v[7] or 255), (v, plain, pipe)
-
-
-SUB = """
-import json
-import sass_report as s
-from qcompile.lowering.autotune import KernelConfig
-from qcompile.lowering.w4a16 import _wgmma_smem_bytes
-out = []
-for bm, bn, bk, w, st, dt, ws, regs, w4a8, pipe in json.loads(__import__("sys").argv[1]):
-    k = s.compile_wgmma_variant(bm, bn, bk, w, st, dt, ws=ws, maxnreg=regs, w4a8=w4a8, pipe=pipe)
-    text = s.sass(k)
-    res = s.resources(k)
-    loop = s.ptx_k_loop(k.asm["ptx"])
-    cfg = KernelConfig("wgmma_rs", bm, bn, bk, 1, w, st)
-    budget = _wgmma_smem_bytes(cfg, 1 if w4a8 else 2, 2 if bk == 256 else 1)
-    out.append([res["REG"], res["STACK"] + res["LOCAL"], len(s.wgmma_register_hazards(text)),
-                loop["wgmma"], loop["tma"], loop["bar"], text.count("WARPGROUP.ARRIVE"),
-                k.metadata.shared, budget])
-print(json.dumps([__import__("triton").__version__, out]))
-"""
+        assert plain["hazards"] == pipe["hazards"] == 0, (v, plain, pipe)
+        assert plain["spills"] == pipe["spills"] == 0, (v, plain, pipe)
+        assert plain["wait1"] == 0 and pipe["wait1"] >= 2 and pipe["wait0"] <= 1, (v, plain, pipe)
+        assert (pipe["arrives"], pipe["gmma"]) == (plain["arrives"], plain["gmma"]), (
+            v,
+            plain,
+            pipe,
+        )
+        assert pipe["regs"] <= plain["regs"] + 16 and pipe["regs"] <= (v[7] or 255), (
+            v,
+            plain,
+            pipe,
+        )
 
 
 def test_wgmma_rs_two_group_tiles_halve_the_k_loops_copies_and_barriers():
@@ -583,17 +581,20 @@ def test_wgmma_rs_two_group_tiles_halve_the_k_loops_copies_and_barriers():
          (16, 64, 256, 4, 2, "fp16", True, 96, False, False)),
     ]  # fmt: skip
     variants = [v for pair in pairs for v in pair]
-    version, results = _compile_offline(SUB, json.dumps(variants))
+    version, results = _compile_offline(VARIANTS, json.dumps(variants))
     for (_, v2), one, two in zip(pairs, results[::2], results[1::2], strict=True):
-        assert two[1] == 0 and two[2] == 0, (v2, two)
+        assert two["spills"] == 0 and two["hazards"] == 0, (v2, two)
         # (no more arrives: not serialized; one fewer without the 128-k kernel's odd tail)
-        assert two[6] <= one[6] and two[0] <= one[0] + 16, (v2, one, two)
+        assert two["arrives"] <= one["arrives"], (v2, one, two)
+        assert two["regs"] <= one["regs"] + 16, (v2, one, two)
         if v2[6]:  # (the producer warp issues the copies: none in the consumers' loop)
             continue
-        assert two[7] == two[8] and one[7] == one[8], (v2, one, two)
-        assert two[3] == one[3] and two[4] * 2 == one[4], (v2, one, two)  # per 2 x 128 k
+        assert two["smem"] == two["budget"] and one["smem"] == one["budget"], (v2, one, two)
+        # per 2 x 128 k
+        assert two["loop_wgmma"] == one["loop_wgmma"], (v2, one, two)
+        assert two["loop_tma"] * 2 == one["loop_tma"], (v2, one, two)
         if version.startswith("3.6."):
-            assert two[5] * 2 == one[5], (v2, one, two)
+            assert two["loop_bar"] * 2 == one["loop_bar"], (v2, one, two)
 
 
 def test_wgmma_register_hazard_check_finds_writes_to_an_inflight_operand():
