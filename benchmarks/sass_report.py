@@ -260,15 +260,16 @@ def compile_wgmma_variant(
 ):  # fmt: skip
     """The W4A16 Gluon wgmma_rs kernel (`ws`: with its TMA producer warp; `maxnreg`: ptxas's
     cap per thread; `pairs`: `PAIRS`, by default as `launch` sets it; `w4a8`: its int8 mode;
-    `pipe`: `PIPE`, each tile's wgmma left in flight past its step) for sm_90. Gluon kernels compile through `warmup`, which asks the active driver for the
-    target: a stand-in
-    driver names sm_90 on a machine without a GPU, and TMA descriptors over CPU tensors give
-    the argument types."""
+    `pipe`: `PIPE`, each tile's wgmma left in flight past its step) for sm_90. Gluon kernels
+    compile through `warmup`, which asks the active driver for the target: a stand-in driver
+    names sm_90 on a machine without a GPU, and TMA descriptors over CPU tensors give the
+    argument types."""
     import torch
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     from qcompile.lowering import w4a16_wgmma
     from qcompile.lowering.autotune import KernelConfig
+    from qcompile.lowering.w4a16 import _wgmma_sub
 
     class _Sm90:
         def get_current_target(self):
@@ -291,7 +292,7 @@ def compile_wgmma_variant(
     x_layout, flat32, flat16 = w4a16_wgmma._layouts(bm, bk, x.dtype)  # (as the launcher)
     x_desc = TensorDescriptor(x, [m, k], [k, 1], [bm, bk], x_layout)
     w_desc = TensorDescriptor(qw, [k // 8, n], [n, 1], [bk // 8, bn], flat32)
-    sub = bk // group if bk > group else 1  # (as the launcher: `_SUBTILES`)
+    sub = _wgmma_sub(KernelConfig("wgmma_rs", bm, bn, bk), group)  # (as the launcher)
     s_desc = TensorDescriptor(sc, [k // group, n], [n, 1], [sub, bn], flat16)
     before = triton.runtime.driver._active  # (reset_active would look for a real driver)
     triton.runtime.driver.set_active(_Sm90())

@@ -505,7 +505,7 @@ VARIANTS = """
 import json
 import sass_report as s
 from qcompile.lowering.autotune import KernelConfig
-from qcompile.lowering.w4a16 import _wgmma_smem_bytes
+from qcompile.lowering.w4a16 import _wgmma_smem_bytes, _wgmma_sub
 out = []
 for bm, bn, bk, w, st, dt, ws, regs, w4a8, pipe in json.loads(__import__("sys").argv[1]):
     k = s.compile_wgmma_variant(bm, bn, bk, w, st, dt, ws=ws, maxnreg=regs, w4a8=w4a8, pipe=pipe)
@@ -513,7 +513,7 @@ for bm, bn, bk, w, st, dt, ws, regs, w4a8, pipe in json.loads(__import__("sys").
     res = s.resources(k)
     loop = s.ptx_k_loop(k.asm["ptx"])
     cfg = KernelConfig("wgmma_rs", bm, bn, bk, 1, w, st)
-    budget = _wgmma_smem_bytes(cfg, 1 if w4a8 else 2, 2 if bk == 256 else 1)
+    budget = _wgmma_smem_bytes(cfg, 1 if w4a8 else 2, _wgmma_sub(cfg, 128))
     out.append({
         "regs": res["REG"], "spills": res["STACK"] + res["LOCAL"],
         "hazards": len(s.wgmma_register_hazards(text)), "wait0": text.count("DEPBAR.LE gsb0, 0x0"),

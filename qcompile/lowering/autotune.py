@@ -382,7 +382,7 @@ def time_us(fn: Callable[[], object], reps: int = 25) -> float:
             graph = None
     if graph is None:
         return 1000.0 * do_bench(fn, warmup=2, rep=10, return_mode="median")
-    flush = _flush_buffer(torch.cuda.current_device())
+    flush, sink = _flush_buffers(torch.cuda.current_device())
     events = [
         (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
         for _ in range(reps)
@@ -392,7 +392,7 @@ def time_us(fn: Callable[[], object], reps: int = 25) -> float:
         if write:
             flush.zero_()
         else:
-            torch.amax(flush, dim=0, out=_flush_sink(flush.device.index))
+            torch.amax(flush, dim=0, out=sink)
         start.record()
         graph.replay()
         end.record()
@@ -414,14 +414,14 @@ def _tune_flush() -> str:
 
 
 @cache
-def _flush_buffer(device_index: int) -> torch.Tensor:
-    """256 MiB on one GPU (5x the H100's L2), as [rows, 4096] fp32 for the read flush."""
-    return torch.zeros(16384, 4096, dtype=torch.float32, device=f"cuda:{device_index}")
-
-
-@cache
-def _flush_sink(device_index: int) -> torch.Tensor:
-    return torch.empty(4096, dtype=torch.float32, device=f"cuda:{device_index}")
+def _flush_buffers(device_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """256 MiB on one GPU (5x the H100's L2) as [rows, 4096] fp32, and the read flush's
+    [4096] output (its column maxima)."""
+    device = f"cuda:{device_index}"
+    return (
+        torch.zeros(16384, 4096, dtype=torch.float32, device=device),
+        torch.empty(4096, dtype=torch.float32, device=device),
+    )
 
 
 @cache

@@ -52,6 +52,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from qcompile.lowering.autotune import KernelConfig
+from qcompile.lowering.w4a16 import _wgmma_sub
 
 # TMA global -> shared: `async_copy_global_to_shared` up to Triton 3.6, `async_load` later
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
@@ -229,6 +230,22 @@ def _sub_row(rows, r: gl.constexpr):
 
 
 @gluon.jit
+def _sub_tile(w_smem, s_smem, o_smem, s, r: gl.constexpr, STAGES: gl.constexpr,
+              SUB: gl.constexpr):  # fmt: skip
+    """Stage s's words, scale and offset rows of its sub-tile r (SUB > 1: `_SUBTILES`; else
+    the whole stage)."""
+    w = w_smem.index(s)
+    sc = _row_stage(s_smem, s, STAGES)
+    of = _row_stage(o_smem, s, STAGES)
+    if SUB > 1:
+        WORDS: gl.constexpr = w.shape[0] // SUB
+        w = w.slice(r * WORDS, WORDS, dim=0)
+        sc = _sub_row(sc, r)
+        of = _sub_row(of, r)
+    return w, sc, of
+
+
+@gluon.jit
 def _load_rows(w_stage, s_stage, o_stage, P3: gl.constexpr, PAIRS: gl.constexpr,
                W4A8: gl.constexpr):  # fmt: skip
     """One stage's words [WORDS, BLOCK_N] and scale / offset rows [BLOCK_N] in the slices of
@@ -380,13 +397,7 @@ def _rs_step(acc, a, prev, i, num_k, x_desc, w_desc, s_desc, o_desc, x_smem, w_s
     s1 = t1 % STAGES
     if NSUB == 0:  # the next sub-tile opens a K tile: wait for its stage
         mbarrier.wait(ready.index(s1), (t1 // STAGES) & 1)
-    w_next = w_smem.index(s1)
-    s_next = _row_stage(s_smem, s1, STAGES)
-    o_next = _row_stage(o_smem, s1, STAGES)
-    if SUB > 1:
-        w_next = w_next.slice(NSUB * (KS // 8), KS // 8, dim=0)
-        s_next = _sub_row(s_next, NSUB)
-        o_next = _sub_row(o_next, NSUB)
+    w_next, s_next, o_next = _sub_tile(w_smem, s_smem, o_smem, s1, NSUB, STAGES, SUB)
     b = _rs_unpack(w_next, s_next, o_next, sel, ASM, P3, a_layout, PAIRS, W4A8)
     if not PIPE:
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
@@ -439,13 +450,7 @@ def _rs_consume(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem, 
                 _issue_tile(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem,
                             ready, t, k_first, off_m, off_n, BLOCK_K, GROUP, STAGES)  # fmt: skip
     mbarrier.wait(ready.index(0), 0)
-    w_first = w_smem.index(0)
-    s_first = _row_stage(s_smem, 0, STAGES)
-    o_first = _row_stage(o_smem, 0, STAGES)
-    if SUB > 1:
-        w_first = w_first.slice(0, KS // 8, dim=0)
-        s_first = _sub_row(s_first, 0)
-        o_first = _sub_row(o_first, 0)
+    w_first, s_first, o_first = _sub_tile(w_smem, s_smem, o_smem, 0, 0, STAGES, SUB)
     a = _rs_unpack(w_first, s_first, o_first, sel, ASM, P3, a_layout, PAIRS, W4A8)
     # Unrolled twice: two register tiles alternate, so the next one is not copied into the
     # registers the wgmma reads (16 moves per 64-k tile). On the H100 this took 28672x4096
@@ -610,7 +615,7 @@ def launch(
         qweight, [k // 8, n], [_row_stride(qweight), 1], [bk // 8, bn], flat32
     )
     rows = scales.shape[0]
-    sub = bk // group if bk > group else 1  # (group rows a K tile holds: `_SUBTILES`)
+    sub = _wgmma_sub(cfg, group)  # (group rows a K tile holds)
     s_desc = TensorDescriptor(scales, [rows, n], [_row_stride(scales), 1], [sub, bn], flat16)
     o_desc = TensorDescriptor(offsets, [rows, n], [_row_stride(offsets), 1], [sub, bn], flat16)
     grid = (triton.cdiv(m, bm), triton.cdiv(n, bn), cfg.split_k)
