@@ -83,7 +83,7 @@ def main() -> None:
                 name = f"{variant} bm{bm} bn{bn} bk{bk} sk{split} w{warps} st{stages}"
                 row["rs"].append({"config": cfg.__dict__, "name": name, "us": us, "rel_err": err})
                 print(f"  {name}: {us:.1f} us, rel err vs current {err:.1e}", flush=True)
-            w4a16_wgmma._W4A8_PAIRS, w4a16_wgmma._PIPE = pairs_default, False
+            w4a16_wgmma._W4A8_PAIRS, w4a16_wgmma._PIPE = pairs_default, None
             best = min(row["rs"], key=lambda r: r["us"], default=None)
             print(
                 f"N={n} K={k} M={m}: cublas {row['cublas_us']:.1f} w4a16 {row['w4a16_us']:.1f} "

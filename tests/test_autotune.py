@@ -512,18 +512,19 @@ def test_tune_flush_setting(monkeypatch) -> None:
 def test_read_flush_does_not_charge_the_timed_kernel_a_write_back(monkeypatch) -> None:
     """A kernel that reads 64 MB (more than the H100's L2) is timed faster after the read flush
     than after the write flush, which leaves L2 dirty for it to write back, and no faster than
-    its bytes at 4 TB/s allow (the read flush does not leave its data cached)."""
+    its bytes at 6 TB/s allow (the read flush does not leave its data cached; the H200
+    reads 4.8 TB/s)."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU (run `make test-gpu` on the H100)")
     src = torch.ones(16 * 1024 * 1024, dtype=torch.float32, device="cuda")
     out = torch.empty((), dtype=torch.float32, device="cuda")
 
     def read_64mb() -> None:
-        torch.sum(src, out=out)
+        torch.sum(src, dim=0, out=out)
 
     times = {}
     for flush in ("read", "write"):
         monkeypatch.setenv("QCOMPILE_TUNE_FLUSH", flush)
         times[flush] = min(autotune.time_us(read_64mb) for _ in range(3))
     assert times["read"] < times["write"], times
-    assert times["read"] >= src.numel() * 4 / 4e12 * 1e6, times
+    assert times["read"] >= src.numel() * 4 / 6e12 * 1e6, times

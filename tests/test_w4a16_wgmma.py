@@ -95,24 +95,34 @@ def test_wgmma_rs_is_offered_only_on_hopper_from_16_rows(monkeypatch):
         # the producer-warp variant everywhere, capped at 96 registers below 128 x rows
         ws = [c for c in cands if c.kernel == "wgmma_rs_ws"]
         assert ws and {c.max_registers for c in ws} == ({0} if m >= 128 else {96}), m
-        assert len(cands) <= 12
+        one = [c for c in cands if c.block_k <= 128]
+        two = [c for c in cands if c.block_k == 256]  # `_SUBTILES` (on): wgmma_rs only
+        assert len(one) <= 12 and len(one) + len(two) == len(cands), m
+        assert all(c.kernel == "wgmma_rs" for c in two) and bool(two) == (m <= 64), m
     # K-long shapes get split-K candidates (8192x28672 at M = 16 took 62.4 us split in 4)
     assert {c.split_k for c in candidate_configs(16, 8192, 28672, 128) if c.kernel in RS} == {
         1,
         2,
         4,
     }
-    # group 64: 64-k tiles (one scale row per tile)
-    assert {c.block_k for c in candidate_configs(64, 8192, 28672, 64) if c.kernel in RS} == {64}
-    # `_SUBTILES` (off): up to 64 x rows, also two groups a stage at 2 and 3 stages
-    monkeypatch.setattr(lowering, "_SUBTILES", True)
+    # group 64: 64-k tiles (one scale row per tile), and wgmma_rs tiles of two groups
+    assert {
+        (c.block_k, c.kernel == "wgmma_rs" or c.block_k == 64)
+        for c in candidate_configs(64, 8192, 28672, 64)
+        if c.kernel in RS
+    } == {(64, True), (128, True)}
+    # `_SUBTILES` (on): up to 64 x rows, also wgmma_rs tiles of two groups at 2 and 3 stages
     for m, g in ((16, 128), (64, 128), (64, 64), (256, 128)):
         rs = [c for c in candidate_configs(m, 8192, 28672, g) if c.kernel in RS]
         two = [c for c in rs if c.block_k == 2 * g]
         assert all(valid_config(c, 28672, g) for c in rs), (m, g)
-        assert {(c.block_k, c.num_stages) for c in two} == (
-            {(2 * g, 2), (2 * g, 3)} if m <= 64 else set()
+        assert {(c.kernel, c.block_k, c.num_stages) for c in two} == (
+            {("wgmma_rs", 2 * g, 2), ("wgmma_rs", 2 * g, 3)} if m <= 64 else set()
         ), (m, g)
+    monkeypatch.setattr(lowering, "_SUBTILES", False)
+    assert not [
+        c for c in candidate_configs(16, 8192, 28672, 128) if c.kernel in RS and c.block_k == 256
+    ]
     for m in (1, 8):
         assert not [c for c in candidate_configs(m, 28672, 4096, 128) if c.kernel in RS]
 

@@ -1020,12 +1020,17 @@ def _wgmma_sub(cfg: KernelConfig, group: int) -> int:
 
 
 def _wgmma_rs_configs(
-    mb: int, n: int, group: int, kinds: list[tuple[str, int]], max_rows: int = 256
+    mb: int,
+    n: int,
+    group: int,
+    kinds: list[tuple[str, int]],
+    max_rows: int = 256,
+    two_groups: bool = False,
 ) -> list[KernelConfig]:
     """The wgmma_rs candidates of an M bucket (W4A16's, and W4A8's int8 mode): BLOCK_M the
     bucket up to `max_rows` (x's rows are wgmma's N side), BLOCK_K 128 up to 64 rows where
     the group allows, 64 x 4 or 128 x 8 warps, useful splits of 1, 2 or 4; per (kind, register
-    cap) of `kinds`."""
+    cap) of `kinds`. `two_groups`: also wgmma_rs K tiles of two groups (`_SUBTILES`)."""
     bm = min(mb, max_rows)
     bk = 128 if bm <= 64 and group % 128 == 0 else 64
     out = []
@@ -1034,7 +1039,7 @@ def _wgmma_rs_configs(
             for sk in (1, 2, 4):
                 if _useful_split(triton.cdiv(n, bn) * triton.cdiv(mb, bm), sk):
                     out.append(KernelConfig(kind, bm, bn, bk, sk, warps, 4, max_registers=regs))
-                    if _SUBTILES and bm <= 64 and bk == group:  # two groups a TMA stage
+                    if two_groups and kind == "wgmma_rs" and bm <= 64 and bk == group:
                         for stages in (2, 3):
                             out.append(
                                 KernelConfig(kind, bm, bn, 2 * bk, sk, warps, stages,
@@ -1047,8 +1052,12 @@ def _wgmma_rs_configs(
 # after the other, `w4a16_wgmma`'s SUB): per 128 k half the TMA copies, CTA barriers and
 # barrier waits (Triton 3.6, 16 x 64: the K loop's 295 instructions per 128 k -> 221, bar.sync
 # 6 -> 3). At 16 x rows the kernel issues on 66% of cycles (session 37's ncu), so the
-# overhead is worth cutting there. Compiled offline, not yet run on a GPU: off until timed.
-_SUBTILES = False
+# overhead is worth cutting there. Timed (session 40, H200, `results/session40/sub/`), best
+# two-group tile against best one-group: 28672x4096 M = 16 30.4 -> 26.9 us, M = 64 43.2 ->
+# 42.3; 8192x28672 level at M = 16 and 64. Each win was wgmma_rs (the producer-warp kernel
+# with them was 3-12% slower than without), so W4A16's wgmma_rs candidates only; W4A8's are
+# untimed with them.
+_SUBTILES = True
 
 
 def _wgmma_device() -> bool:
@@ -1162,13 +1171,14 @@ def candidate_configs(m: int, n: int, k: int, group: int) -> list[KernelConfig]:
         # M = 16, 46.2 / 89.8 at 64, 118.2 / 204.6 at 256 and 432.8 / 778.2 at 1024, against
         # 36.5 / 63.3, 55.3 / 102.9, 175.6 / 307.4 and 464.3 / 938.5 for the picks before it.
         # The producer-warp variant (_ws) won at M >= 256 and lost below (one Gluon compile
-        # each on first use: at most 12 per key).
+        # each on first use: at most 12 per key, 24 with two-group tiles).
         # Below 128 x rows the producer warp needs a register cap (its partitions would take
         # 255 registers a thread): capped at 96 it matched or beat wgmma_rs on 8192x28672
         # (M = 16: 58.7 vs 62.1 us) and lost on 28672x4096 (35.3 vs 32.0; session 37).
         out += _wgmma_rs_configs(
-            mb, n, group, [("wgmma_rs", 0), ("wgmma_rs_ws", 0 if mb >= 128 else 96)]
-        )
+            mb, n, group, [("wgmma_rs", 0), ("wgmma_rs_ws", 0 if mb >= 128 else 96)],
+            two_groups=_SUBTILES,
+        )  # fmt: skip
     if mb >= 128:
         out.append(_dequant_mm_config(k))
         # Planes at large M: W from registers as wgmma's A (BLOCK_N rows), x^T as its

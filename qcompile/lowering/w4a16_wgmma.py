@@ -630,7 +630,8 @@ def launch(
         x_desc, w_desc, s_desc, o_desc, bias if bias is not None else out, out,
         ws if split else out, m, n, k, GROUP=group, HAS_BIAS=bias is not None and not split,
         SPLIT=cfg.split_k, STAGES=cfg.num_stages, num_warps=cfg.num_warps,
-        WS=cfg.kernel == "wgmma_rs_ws", PAIRS=_pairs(cfg, w4a8 is not None), PIPE=_PIPE,
+        WS=cfg.kernel == "wgmma_rs_ws", PAIRS=_pairs(cfg, w4a8 is not None),
+        PIPE=_pipe(cfg, w4a8 is not None),
         **extra,
         **({"maxnreg": cfg.max_registers} if cfg.max_registers else {}),
     )  # fmt: skip
@@ -641,8 +642,18 @@ def launch(
 # it to finish before the next issue: the tensor cores need not drain between K tiles, which
 # matters where they bound the kernel (M >= 256, where the H100 ran the kernel at 55-58% of
 # its SM throughput; `results/session36/ncu_rs/`). A stage is handed back one step later.
-# Compiled offline, not yet run on a GPU: off until timed.
-_PIPE = False
+# Timed (session 40, H200, `results/session40/pipe/`): the producer-warp kernel at 256 x rows
+# 6-10% faster (e.g. 28672x4096 M = 256 119.6 -> 108.0 us, 8192x28672 M = 1024 794.5 ->
+# 748.6); wgmma_rs, 16 x rows and W4A8 level or up to 10% slower. None: there only (`_pipe`);
+# True / False: every wgmma kernel or none (tests and probes).
+_PIPE: bool | None = None
+
+
+def _pipe(cfg: KernelConfig, w4a8: bool) -> bool:
+    """Whether the kernel leaves each wgmma in flight (`PIPE`): see `_PIPE`."""
+    if _PIPE is not None:
+        return _PIPE
+    return cfg.kernel == "wgmma_rs_ws" and cfg.block_m >= 256 and not w4a8
 
 
 # W4A8's words loaded in pairs too (the same relabelling on its 8-bit operand layout). On the
