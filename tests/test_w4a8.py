@@ -1378,22 +1378,25 @@ def test_absmax_over_chunks_quantizes_identically(
 
 
 def test_absmax_chunks_rule(monkeypatch):
-    """Off by default (one reduction a row); with a chunk size, K must be a multiple of it and
-    hold at least two chunks."""
+    """2048-column chunks by default (0: one reduction a row); K must be a multiple of the
+    chunk and hold at least two chunks."""
     from qcompile.quant import w4a8 as quant8
 
+    assert quant8.absmax_chunks(28672) == 14
+    monkeypatch.setattr(quant8, "_ABSMAX_CHUNK", 0)
     assert quant8.absmax_chunks(28672) == 1
     monkeypatch.setattr(quant8, "_ABSMAX_CHUNK", 2048)
-    assert quant8.absmax_chunks(28672) == 14
     assert quant8.absmax_chunks(4096) == 2
     assert quant8.absmax_chunks(2048) == 1  # one chunk: nothing to split
     assert quant8.absmax_chunks(5000) == 1  # not a multiple
 
 
-def test_pass_takes_the_absmax_over_chunks_when_switched_on(monkeypatch, tiny_llama):
+def test_pass_takes_the_absmax_over_chunks(monkeypatch, tiny_llama):
     """With `_ABSMAX_CHUNK` set the pass's quantize calls carry K // chunk, and the rewritten
     graph gives the same logits as with one reduction a row, bit for bit."""
     from qcompile.quant import w4a8 as quant8
+
+    monkeypatch.setattr(quant8, "_ABSMAX_CHUNK", 0)
 
     def run():
         backend, _, graphs = _rewrite_only(QuantConfig(W4A8))

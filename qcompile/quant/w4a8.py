@@ -251,9 +251,11 @@ def quantize_activations_per_token(
 
 # Columns per chunk of the compiled graph's absmax (`quantize_activations_per_token`'s
 # `chunks`), 0 for one reduction per row. At M = 16 Inductor's SiLU * mul with the
-# quantization fused took 7.7 us at K = 28672 against 2.7 us without it (H100, session 39),
-# likely because the row reduction runs one program a row. Written, not yet timed: off.
-_ABSMAX_CHUNK = 0
+# quantization fused took 7.7 us at K = 28672 against 2.7 us without it (H100, session 39):
+# the row reduction runs one program a row. Over 2048-column chunks (the same bits) the
+# producer took 0.4-1.3 us less at M = 1 and 16, K = 14336 and 28672 (H200, session 40,
+# `results/session40/absmax/`: e.g. M = 16, K = 14336 7.2 -> 6.0 us, block 25.1 -> 23.8).
+_ABSMAX_CHUNK = 2048
 
 
 def absmax_chunks(k: int) -> int:
