@@ -2,8 +2,9 @@
 # Fortieth session. PART is a comma-separated list of:
 #   acc:   W4A16 with two-group K tiles (`w4a16._SUBTILES`, on) and the producer warp's
 #          wgmma left in flight at 256 x rows (`w4a16_wgmma._pipe`): the acceptance shapes
-#          re-tuned (wgmma candidates beside each key's shipped pick) at TUNE_MS (default
-#          16,256,1024) into $OUT/acc/h100.json, merged into this copy's shipped file, then
+#          re-tuned (wgmma candidates beside each key's shipped pick; 28672x4096 at TUNE_MS,
+#          default 16,256,1024, 8192x28672 at TUNE_MS_B, default 256,1024) into
+#          $OUT/acc/h100_<shape>.json, merged into this copy's shipped file, then
 #          bench_w4a16.py at the same M with the merged configs (merge locally only what the
 #          benchmark confirms); first the tuner's read-flush gpu test.
 #   anything else: session39_gpu.sh's parts (pipe, sub, absmax, tune16, kbench, ...).
@@ -13,12 +14,16 @@ for part in ${PART//,/ }; do
   case "$part" in
     acc)
       gpu_tests 60 "$OUT/$part/flush.log" tests/test_autotune.py -k read_flush
-      timeout "${TUNE_S:-280}" python3 benchmarks/tune_shipped.py --kinds wgmma_rs,wgmma_rs_ws \
-        --ms "${TUNE_MS:-16,256,1024}" --dtypes float16 \
-        --shapes "${TUNE_SHAPES:-28672x4096,8192x28672}" --out "$OUT/$part/h100.json" \
-        > "$OUT/$part/tune.log" 2>&1
-      grep -E "TuneKey|rror" "$OUT/$part/tune.log" | sed "s/TuneKey(family=//; s/group_size=128, //" | cut -c1-330
-      python3 benchmarks/tune_shipped.py --merge "$OUT/$part/h100.json"
+      # 28672x4096 at every M (two-group tiles at 16, the pipelined producer warp at 256 up);
+      # 8192x28672 (level with two-group tiles at M = 16) from 256 up
+      for spec in "28672x4096:${TUNE_MS:-16,256,1024}" "8192x28672:${TUNE_MS_B:-256,1024}"; do
+        timeout "${TUNE_S:-140}" python3 benchmarks/tune_shipped.py --kinds wgmma_rs,wgmma_rs_ws \
+          --ms "${spec#*:}" --dtypes float16 --shapes "${spec%%:*}" \
+          --out "$OUT/$part/h100_${spec%%:*}.json" > "$OUT/$part/tune_${spec%%:*}.log" 2>&1
+        grep -E "TuneKey|rror" "$OUT/$part/tune_${spec%%:*}.log" \
+          | sed "s/TuneKey(family=//; s/group_size=128, //" | cut -c1-330
+        python3 benchmarks/tune_shipped.py --merge "$OUT/$part/h100_${spec%%:*}.json"
+      done
       timeout "${KERNELS_S:-150}" python3 benchmarks/bench_w4a16.py --ms "${TUNE_MS:-16,256,1024}" \
         --shapes 8192x28672,28672x4096 --out "$OUT/$part" > "$OUT/$part/bench.log" 2>&1
       tail -8 "$OUT/$part/bench.log" | cut -c1-200
