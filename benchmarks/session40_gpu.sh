@@ -7,6 +7,11 @@
 #          $OUT/acc/h100_<shape>.json, merged into this copy's shipped file, then
 #          bench_w4a16.py at TUNE_MS on BENCH_SHAPES (default both) with the merged configs (merge locally only what the
 #          benchmark confirms); first the tuner's read-flush gpu test.
+#   acc8:  W4A8 at M = 256 and 1024 re-tuned with pairs and the producer warp on (the H200
+#          had the producer warp at 128 x 128 tiles, split 1, 10% ahead of the shipped kind
+#          at 8192x28672 M = 256; `results/session40/pipe/w4a8.log`): tune_shipped.py
+#          --family w4a8 on the two acceptance shapes, merged, then bench_w4a8.py at M = 16,
+#          256, 1024.
 #   anything else: session39_gpu.sh's parts (pipe, sub, absmax, tune16, kbench, ...).
 source benchmarks/gpu_setup.sh
 for part in ${PART//,/ }; do
@@ -28,6 +33,16 @@ for part in ${PART//,/ }; do
       timeout "${KERNELS_S:-150}" python3 benchmarks/bench_w4a16.py --ms "${TUNE_MS:-16,256,1024}" \
         --shapes "${BENCH_SHAPES:-8192x28672,28672x4096}" --out "$OUT/$part" > "$OUT/$part/bench.log" 2>&1
       tail -8 "$OUT/$part/bench.log" | cut -c1-200
+      ;;
+    acc8)
+      timeout "${TUNE8_S:-200}" python3 benchmarks/tune_shipped.py --family w4a8 \
+        --kinds wgmma_rs,wgmma_rs_ws --ms "${TUNE8_MS:-256,1024}" --dtypes float16 \
+        --shapes 8192x28672,28672x4096 --out "$OUT/$part/h100.json" > "$OUT/$part/tune.log" 2>&1
+      grep -E "TuneKey|rror" "$OUT/$part/tune.log" | sed "s/TuneKey(family=//; s/group_size=128, //" | cut -c1-330
+      python3 benchmarks/tune_shipped.py --merge "$OUT/$part/h100.json"
+      timeout "${W4A8_S:-200}" python3 benchmarks/bench_w4a8.py --ms 16,256,1024 \
+        --shapes 8192x28672,28672x4096 --out "$OUT/$part" > "$OUT/$part/bench.log" 2>&1
+      grep "^N=" "$OUT/$part/bench.log" | cut -c1-220
       ;;
     *) PART=$part bash benchmarks/session39_gpu.sh ;;
   esac
