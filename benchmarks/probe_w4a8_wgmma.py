@@ -19,6 +19,10 @@ TILES = [  # (BLOCK_N, BLOCK_K, split, warps, stages); BLOCK_M is M's bucket (at
     (64, 128, 1, 4, 4), (64, 128, 2, 4, 4), (64, 128, 4, 4, 4), (128, 128, 1, 8, 4),
     (128, 128, 2, 8, 4), (64, 64, 1, 4, 4), (128, 64, 1, 8, 4), (128, 64, 2, 8, 4),
 ]  # fmt: skip
+TWO_GROUPS = [  # `--two-groups`: K tiles of two groups (`w4a16_wgmma`'s SUB = 2), up to 64 rows
+    (64, 256, 1, 4, 2), (64, 256, 1, 4, 3), (64, 256, 2, 4, 2), (64, 256, 2, 4, 3),
+    (128, 256, 1, 8, 2), (128, 256, 2, 8, 2),
+]  # fmt: skip
 
 
 def main() -> None:
@@ -32,7 +36,13 @@ def main() -> None:
         "either with '+pairs' (`w4a16_wgmma._W4A8_PAIRS`; without it, rows one at a time) "
         "and / or '+pipe' (`w4a16_wgmma._PIPE`)",
     )  # fmt: skip
+    ap.add_argument(
+        "--two-groups", action="store_true",
+        help="also K tiles of two groups (BLOCK_K 256 at group 128; W4A16 ships them since "
+        "the fortieth session, W4A8 does not yet)",
+    )  # fmt: skip
     args = ap.parse_args()
+    tiles = TILES + (TWO_GROUPS if args.two_groups else [])
     import torch
     import torch.nn.functional as F
     from bench_w4a16 import time_graph
@@ -66,12 +76,12 @@ def main() -> None:
             want = w4a8_linear_cuda(x, *w8args[0]).float()
             bm = min(max(m_bucket(m), 16), 128)
             for (bn, bk, split, warps, stages), variant in itertools.product(
-                TILES, args.variants.split(",")
+                tiles, args.variants.split(",")
             ):
                 ws = variant.startswith("ws")
                 kind, regs = ("wgmma_rs_ws", 96 if bm < 128 else 0) if ws else ("wgmma_rs", 0)
                 cfg = KernelConfig(kind, bm, bn, bk, split, warps, stages, max_registers=regs)
-                if not valid_config(cfg, n, k, 128, "int8") or (bm > 64 and bk == 128):
+                if not valid_config(cfg, n, k, 128, "int8") or (bm > 64 and bk >= 128):
                     continue
                 w4a16_wgmma._W4A8_PAIRS = "+pairs" in variant
                 w4a16_wgmma._PIPE = "+pipe" in variant

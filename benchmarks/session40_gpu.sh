@@ -12,6 +12,9 @@
 #          at 8192x28672 M = 256; `results/session40/pipe/w4a8.log`): tune_shipped.py
 #          --family w4a8 on the two acceptance shapes, merged, then bench_w4a8.py at M = 16,
 #          256, 1024.
+#   w4a8sub: W4A8 with K tiles of two groups (not yet candidates): probe_w4a8_wgmma.py
+#          --two-groups --variants rs+pairs,ws+pairs at M = 16, 64 on the two acceptance shapes
+#          and 4096x14336 (W4A8 at M = 16 on 4096x14336 is 0.89x W4A16).
 #   anything else: session39_gpu.sh's parts (pipe, sub, absmax, tune16, kbench, ...).
 source benchmarks/gpu_setup.sh
 for part in ${PART//,/ }; do
@@ -43,6 +46,12 @@ for part in ${PART//,/ }; do
       timeout "${W4A8_S:-200}" python3 benchmarks/bench_w4a8.py --ms 16,256,1024 \
         --shapes 8192x28672,28672x4096 --out "$OUT/$part" > "$OUT/$part/bench.log" 2>&1
       grep "^N=" "$OUT/$part/bench.log" | cut -c1-220
+      ;;
+    w4a8sub)
+      timeout "${W4A8SUB_S:-240}" python3 benchmarks/probe_w4a8_wgmma.py --two-groups \
+        --ms 16,64 --shapes 28672x4096,8192x28672,4096x14336 --variants rs+pairs,ws+pairs \
+        --out "$OUT/$part/probe.json" > "$OUT/$part/probe.log" 2>&1
+      grep "N=" "$OUT/$part/probe.log"
       ;;
     *) PART=$part bash benchmarks/session39_gpu.sh ;;
   esac
