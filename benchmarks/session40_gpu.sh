@@ -3,7 +3,7 @@
 #   acc:   W4A16 with two-group K tiles (`w4a16._SUBTILES`, on) and the producer warp's
 #          wgmma left in flight at 256 x rows (`w4a16_wgmma._pipe`): the acceptance shapes
 #          re-tuned (wgmma candidates beside each key's shipped pick; 28672x4096 at TUNE_MS,
-#          default 16,256,1024, 8192x28672 at TUNE_MS_B, default 256,1024, empty: none) into
+#          default 16,64,256,1024, 8192x28672 at TUNE_MS_B, default 256,1024, empty: none) into
 #          $OUT/acc/h100_<shape>.json, merged into this copy's shipped file, then
 #          bench_w4a16.py at TUNE_MS on BENCH_SHAPES (default both) with the merged configs (merge locally only what the
 #          benchmark confirms); first the tuner's read-flush gpu test.
@@ -24,7 +24,7 @@ for part in ${PART//,/ }; do
       gpu_tests 60 "$OUT/$part/flush.log" tests/test_autotune.py -k read_flush
       # 28672x4096 at every M (two-group tiles at 16, the pipelined producer warp at 256 up);
       # 8192x28672 (level with two-group tiles at M = 16) from 256 up
-      for spec in "28672x4096:${TUNE_MS:-16,256,1024}" "8192x28672:${TUNE_MS_B-256,1024}"; do
+      for spec in "28672x4096:${TUNE_MS:-16,64,256,1024}" "8192x28672:${TUNE_MS_B-256,1024}"; do
         [ -n "${spec#*:}" ] || continue
         timeout "${TUNE_S:-140}" python3 benchmarks/tune_shipped.py --kinds wgmma_rs,wgmma_rs_ws \
           --ms "${spec#*:}" --dtypes float16 --shapes "${spec%%:*}" \
@@ -33,7 +33,7 @@ for part in ${PART//,/ }; do
           | sed "s/TuneKey(family=//; s/group_size=128, //" | cut -c1-330
         python3 benchmarks/tune_shipped.py --merge "$OUT/$part/h100_${spec%%:*}.json"
       done
-      timeout "${KERNELS_S:-150}" python3 benchmarks/bench_w4a16.py --ms "${TUNE_MS:-16,256,1024}" \
+      timeout "${KERNELS_S:-150}" python3 benchmarks/bench_w4a16.py --ms "${TUNE_MS:-16,64,256,1024}" \
         --shapes "${BENCH_SHAPES:-8192x28672,28672x4096}" --out "$OUT/$part" > "$OUT/$part/bench.log" 2>&1
       tail -8 "$OUT/$part/bench.log" | cut -c1-200
       ;;
