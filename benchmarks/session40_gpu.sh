@@ -5,8 +5,9 @@
 #          re-tuned (wgmma candidates beside each key's shipped pick; 28672x4096 at TUNE_MS,
 #          default 16,64,256,1024, 8192x28672 at TUNE_MS_B, default 256,1024, empty: none) into
 #          $OUT/acc/h100_<shape>.json, merged into this copy's shipped file, then
-#          bench_w4a16.py at TUNE_MS on BENCH_SHAPES (default both) with the merged configs (merge locally only what the
-#          benchmark confirms); first the tuner's read-flush gpu test.
+#          bench_w4a16.py at TUNE_MS on BENCH_SHAPES (default both) with the merged configs
+#          (merge locally only what the benchmark confirms); first the tuner's read-flush gpu
+#          test.
 #   acc8:  W4A8 at M = 256 and 1024 re-tuned with pairs and the producer warp on (the H200
 #          had the producer warp at 128 x 128 tiles, split 1, 10% ahead of the shipped kind
 #          at 8192x28672 M = 256; `results/session40/pipe/w4a8.log`): tune_shipped.py
