@@ -18,6 +18,9 @@
 #          and 4096x14336 (W4A8 at M = 16 on 4096x14336 is 0.89x W4A16).
 #   anything else: session39_gpu.sh's parts (pipe, sub, absmax, tune16, kbench, ...).
 source benchmarks/gpu_setup.sh
+# Tuning compiles each key's 12-24 Gluon candidates on 8 threads (a gpu test showed 8 threads
+# time the same candidates as one; `docs/autotuning.md`); TUNE_THREADS=1 for one at a time.
+export QCOMPILE_TUNE_THREADS="${TUNE_THREADS:-8}"
 for part in ${PART//,/ }; do
   mkdir -p "$OUT/$part"
   case "$part" in
@@ -30,6 +33,7 @@ for part in ${PART//,/ }; do
         timeout "${TUNE_S:-140}" python3 benchmarks/tune_shipped.py --kinds wgmma_rs,wgmma_rs_ws \
           --ms "${spec#*:}" --dtypes float16 --shapes "${spec%%:*}" \
           --out "$OUT/$part/h100_${spec%%:*}.json" > "$OUT/$part/tune_${spec%%:*}.log" 2>&1
+        grep -c "failed:" "$OUT/$part/tune_${spec%%:*}.log" | sed "s/^/failed candidates: /"
         grep -E "TuneKey|rror" "$OUT/$part/tune_${spec%%:*}.log" \
           | sed "s/TuneKey(family=//; s/group_size=128, //" | cut -c1-330
         python3 benchmarks/tune_shipped.py --merge "$OUT/$part/h100_${spec%%:*}.json"

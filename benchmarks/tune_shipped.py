@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -60,6 +61,12 @@ def main() -> None:
         "without re-timing every old candidate",
     )  # fmt: skip
     args = ap.parse_args()
+    # every candidate that fails (compile error, too much shared memory) on stderr: a tuning
+    # run should show what it did not time
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logging.getLogger("qcompile.autotune").addHandler(handler)
+    logging.getLogger("qcompile.autotune").setLevel(logging.DEBUG)
     if args.merge is not None:
         out = args.out or autotune.SHIPPED_DIR / "h100.json"
         print(merge(args.merge, out))
