@@ -127,6 +127,24 @@ def test_wgmma_rs_is_offered_only_on_hopper_from_16_rows(monkeypatch):
         assert not [c for c in candidate_configs(m, 28672, 4096, 128) if c.kernel in RS]
 
 
+def test_pipe_only_where_it_was_timed_faster(monkeypatch):
+    """`_pipe`: by default each wgmma is left in flight only in W4A16's producer-warp kernel at
+    256 x rows (6-10% faster there on the H200, level or slower elsewhere); `_PIPE` True /
+    False forces it for every wgmma kernel (tests, probes)."""
+    ws256 = KernelConfig("wgmma_rs_ws", 256, 128, 64, 1, 8, 4)
+    others = [
+        KernelConfig("wgmma_rs", 256, 128, 64, 1, 8, 4),
+        KernelConfig("wgmma_rs_ws", 128, 128, 64, 1, 8, 4),
+        KernelConfig("wgmma_rs_ws", 16, 64, 128, 1, 4, 4, max_registers=96),
+    ]
+    assert w4a16_wgmma._PIPE is None
+    assert w4a16_wgmma._pipe(ws256, False) and not w4a16_wgmma._pipe(ws256, True)
+    assert not any(w4a16_wgmma._pipe(c, False) for c in others)
+    for forced in (True, False):
+        monkeypatch.setattr(w4a16_wgmma, "_PIPE", forced)
+        assert all(w4a16_wgmma._pipe(c, w) == forced for c in [ws256, *others] for w in (0, 1))
+
+
 @pytest.mark.parametrize("kind", RS)
 def test_wgmma_rs_config_rules(kind):
     ok = KernelConfig(kind, 64, 128, 128, 1, 8, 4)
