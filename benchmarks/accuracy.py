@@ -303,6 +303,14 @@ ROWS = [  # (label, scheme, method, note); None = the fp32 model
         "tokens of howto/); every layer: K=576 padded to 640",
     ),
     (
+        "W4A8 g128 int8, K padded, AWQ + GPTQ act-order, block-sequential, clip search, "
+        "s1 search, + tuned channel scales",
+        Scheme(name="w4a8", group_size=128, pad_k=True),
+        "gptq-seq-act-clip-awq-s1+ft",
+        f"the unrotated best W4A8 codes, then each layer's s1 tuned end to end as above "
+        f"({FT_STEPS} Adam steps, lr {FT_LR_W4A8}); every layer: K=576 padded to 640",
+    ),
+    (
         "fp32 weights, KV4 cache g64",
         KVScheme(group_size=64),
         "kv4",
