@@ -526,8 +526,8 @@ print(json.dumps([__import__("triton").__version__, out]))
 
 
 def test_wgmma_rs_pipe_leaves_one_wgmma_in_flight_without_hazards():
-    """`w4a16_wgmma._PIPE` (off, untimed): the K loop waits for one outstanding wgmma group
-    instead of none, and the in-flight tile's W registers are not written before the wait
+    """`w4a16_wgmma._PIPE` (`_pipe`: on for the W4A16 producer warp at 256 x rows): the K
+    loop waits for one outstanding wgmma group instead of none, and the in-flight tile's W registers are not written before the wait
     that retires it (the hazard check counts groups committed since), for W4A16 and W4A8,
     with and without the producer warp: no spills, the wgmmas as asynchronous as without it
     (the same arrives), at most 16 more registers (Triton 3.6: none more but W4A8's 64 x
@@ -560,7 +560,7 @@ def test_wgmma_rs_pipe_leaves_one_wgmma_in_flight_without_hazards():
 
 
 def test_wgmma_rs_two_group_tiles_halve_the_k_loops_copies_and_barriers():
-    """`w4a16._SUBTILES` (off, untimed): a 256-k TMA stage of two 128-k groups, unpacked and
+    """`w4a16._SUBTILES` (on for W4A16's wgmma_rs since session 40): a 256-k TMA stage of two 128-k groups, unpacked and
     multiplied one after the other, against 128-k stages (twice the stages, the same bytes in
     flight): per wgmma half the TMA copies and, with Triton 3.6, half the CTA barriers in the
     K loop's steady state; no spills or hazards, the wgmmas as asynchronous (no more warpgroup
