@@ -527,8 +527,9 @@ print(json.dumps([__import__("triton").__version__, out]))
 
 def test_wgmma_rs_pipe_leaves_one_wgmma_in_flight_without_hazards():
     """`w4a16_wgmma._PIPE` (`_pipe`: on for the W4A16 producer warp at 256 x rows): the K
-    loop waits for one outstanding wgmma group instead of none, and the in-flight tile's W registers are not written before the wait
-    that retires it (the hazard check counts groups committed since), for W4A16 and W4A8,
+    loop waits for one outstanding wgmma group instead of none, and the in-flight tile's W
+    registers are not written before the wait that retires it (the hazard check counts
+    groups committed since), for W4A16 and W4A8,
     with and without the producer warp: no spills, the wgmmas as asynchronous as without it
     (the same arrives), at most 16 more registers (Triton 3.6: none more but W4A8's 64 x
     rows, 80 -> 93)."""
