@@ -1259,14 +1259,32 @@ def test_wgmma_rs_rules_and_candidates(monkeypatch):
     assert not [c for c in candidate_configs(8, 28672, 4096, 128, "int8") if c.kernel == "wgmma_rs"]
     fp8 = candidate_configs(16, 28672, 4096, 128, "float8_e4m3fn")
     assert not [c for c in fp8 if c.kernel == "wgmma_rs"]
-    # the producer-warp kernel: offered with `_WGMMA_RS_WS` (on) below 128 x rows, capped at 96
+    # the producer-warp kernel: offered with `_WGMMA_RS_WS` (on), capped at 96 registers
+    # below 128 x rows, uncapped at 128
     monkeypatch.setattr(lowering8, "_WGMMA_RS_WS", False)
     assert not [c for c in candidate_configs(16, 4096, 14336, 128, "int8") if "ws" in c.kernel]
     monkeypatch.setattr(lowering8, "_WGMMA_RS_WS", True)
-    for m in (16, 64, 256):
+    for m in (16, 64, 256, 1024):
         ws = [c for c in candidate_configs(m, 4096, 14336, 128, "int8") if "ws" in c.kernel]
-        assert all(valid_config(c, 4096, 14336, 128, "int8") for c in ws), m
-        assert {c.max_registers for c in ws} == ({96} if m < 128 else set()), m
+        assert ws and all(valid_config(c, 4096, 14336, 128, "int8") for c in ws), m
+        assert {c.max_registers for c in ws} == ({96} if m < 128 else {0}), m
+        assert {c.block_m for c in ws} == {min(m, 128)}, m
+        assert {c.block_k for c in ws} == {128 if m <= 64 else 64}, m  # one group a tile
+    # K tiles of two groups (`_SUBTILES`, on): wgmma_rs only, up to 64 x rows, 2 and 3 stages
+    for m in (16, 64, 256):
+        cands = candidate_configs(m, 4096, 14336, 128, "int8")
+        two = [c for c in cands if c.kernel.startswith("wgmma") and c.block_k == 256]
+        assert all(valid_config(c, 4096, 14336, 128, "int8") for c in two), m
+        if m > 64:
+            assert not two, m
+        else:
+            assert {c.kernel for c in two} == {"wgmma_rs"}, m
+            assert {c.num_stages for c in two} == {2, 3}, m
+    monkeypatch.setattr(lowering8, "_SUBTILES", False)
+    assert not [
+        c for c in candidate_configs(16, 4096, 14336, 128, "int8")
+        if c.kernel.startswith("wgmma") and c.block_k == 256
+    ]  # fmt: skip
 
 
 @pytest.mark.parametrize("chunk", [8, 64])

@@ -1034,8 +1034,15 @@ _MIN_BLOCK_K = {
 # 128 x rows as W4A16's candidates are. On the H100 (session 39, `results/session39/w4a8v/`)
 # it was the fastest kernel at M = 16 and 64 on 8192x28672 (52.2 / 64.3 us against
 # wgmma_rs's 53.4 / 69.5) and 4096x14336 (19.3 / 24.3 against 20.4 / 25.3) and lost on
-# 28672x4096; the tuner picks per key. A switch for the probes and tests.
+# 28672x4096; the tuner picks per key. At 128 x rows (M >= 128, uncapped) the H200 had it
+# 10% ahead of every wgmma_rs tile on 8192x28672 M = 256 (161.2 against 178.1 us,
+# `results/session40/pipe/w4a8.log`) and 13% behind on 28672x4096, so it is a candidate
+# there too since session 41. A switch for the probes and tests.
 _WGMMA_RS_WS = True
+# wgmma_rs K tiles of two groups (`w4a16._SUBTILES`, W4A16's since session 40) as W4A8
+# candidates too, up to 64 x rows: the gpu tests have them exact, offline they compile with
+# no spills or hazards; the tuner times them beside the one-group tiles per key (session 41).
+_SUBTILES = True
 _LANE_ROWS = (8, 16, 32, 64)  # lane MMA: 1, 2, 4 or 8 B tiles of 8 rows
 _LANE_REDUCE_MAX_ROWS = 8  # the lane kernel reduces split K in its own launch up to 8 rows
 # ... with 8 partials' loads in flight: M = 1 on the H100, 52.3 -> 47.4 us on 8192x28672 (split
@@ -1170,8 +1177,10 @@ def candidate_configs(m: int, n: int, k: int, group: int, act_dtype: str) -> lis
         out += [KernelConfig("fp8_mm", 0, bn, bk, 1, 4, 1) for bn, bk in _UNPACK_TILES]
     if mb >= 16 and act_dtype == "int8" and _wgmma_device():
         # W4A16's tiles, up to 128 x rows (no s8 wgmma with N = 256 in Triton 3.6)
-        kinds = [("wgmma_rs", 0)] + ([("wgmma_rs_ws", 96)] if _WGMMA_RS_WS and mb < 128 else [])
-        out += _wgmma_rs_configs(mb, n, group, kinds, max_rows=128)
+        kinds = [("wgmma_rs", 0)] + (
+            [("wgmma_rs_ws", 96 if mb < 128 else 0)] if _WGMMA_RS_WS else []
+        )
+        out += _wgmma_rs_configs(mb, n, group, kinds, max_rows=128, two_groups=_SUBTILES)
     if mb <= 64 and act_dtype != "int8":  # W4A16's lane kernel on e4m3 values as fp16
         rows = max(8, mb)
         for warps, bk, sk in itertools.product((2, 4), (64, 128), (1, 2, 4, 8, 16)):
