@@ -47,7 +47,8 @@ def main() -> None:
     ap.add_argument(
         "--merge", type=Path, default=None,
         help="no tuning: fold the entries of this file (an --out of an earlier run) into --out "
-        "(default: the shipped file), replacing entries with the same key",
+        "(default: the shipped file of the GPU it was tuned on), replacing entries with the "
+        "same key",
     )  # fmt: skip
     ap.add_argument(
         "--decode16", default="",
@@ -68,7 +69,9 @@ def main() -> None:
     logging.getLogger("qcompile.autotune").addHandler(handler)
     logging.getLogger("qcompile.autotune").setLevel(logging.DEBUG)
     if args.merge is not None:
-        out = args.out or autotune.SHIPPED_DIR / "h100.json"
+        # by default into the shipped file of the GPU the entries were tuned on
+        gpu = json.loads(args.merge.read_text())["gpu"]
+        out = args.out or autotune.SHIPPED_DIR / f"{autotune.shipped_config_name(gpu)}.json"
         print(merge(args.merge, out))
         return
 
