@@ -7,7 +7,7 @@
 #          $OUT/acc/h100_<shape>.json, merged into this copy's shipped file, then
 #          bench_w4a16.py at TUNE_MS on BENCH_SHAPES (default both) with the merged configs
 #          (merge locally only what the benchmark confirms); first the tuner's read-flush gpu
-#          test.
+#          test (FLUSH=0: not).
 #   acc8:  W4A8 at M = 256 and 1024 re-tuned with pairs and the producer warp on (the H200
 #          had the producer warp at 128 x 128 tiles, split 1, 10% ahead of the shipped kind
 #          at 8192x28672 M = 256; `results/session40/pipe/w4a8.log`): tune_shipped.py
@@ -25,7 +25,7 @@ for part in ${PART//,/ }; do
   mkdir -p "$OUT/$part"
   case "$part" in
     acc)
-      gpu_tests 60 "$OUT/$part/flush.log" tests/test_autotune.py -k read_flush
+      [ "${FLUSH:-1}" = 1 ] && gpu_tests 60 "$OUT/$part/flush.log" tests/test_autotune.py -k read_flush
       # 28672x4096 at every M (two-group tiles at 16, the pipelined producer warp at 256 up);
       # 8192x28672 (level with two-group tiles at M = 16) from 256 up
       for spec in "28672x4096:${TUNE_MS:-16,64,256,1024}" "8192x28672:${TUNE_MS_B-256,1024}"; do
