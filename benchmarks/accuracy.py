@@ -46,13 +46,9 @@ CALIBRATION_WINDOWS = 32  # x 512 tokens
 SMOOTH_WINDOWS = 8  # x 512 tokens of CALIBRATION for SmoothAttention's key statistics
 # "<method>+ft": then `finetune_scales_` (W4A16 scales and offsets, end to end); the step
 # count and W4A16 learning rate can be overridden for probes (QCOMPILE_FT_STEPS,
-# QCOMPILE_FT_LR, written into the rows' notes); QCOMPILE_FT_NORM_LR: the norms' weights
-# tuned too, at that learning rate (`finetune_scales_(norm_lr=...)`; the label says so)
+# QCOMPILE_FT_LR, written into the rows' notes)
 FT_STEPS = int(os.environ.get("QCOMPILE_FT_STEPS", "96"))
 FT_LR = float(os.environ.get("QCOMPILE_FT_LR", "3e-5"))
-FT_NORM_LR = (
-    float(os.environ["QCOMPILE_FT_NORM_LR"]) if "QCOMPILE_FT_NORM_LR" in os.environ else None
-)
 FT_WINDOWS = 64
 FT_LR_W4A8 = 1e-5
 HARNESS_CHECK = 14.36
@@ -468,9 +464,7 @@ def main() -> None:
             if tune:
                 cal = calibration_batches(tok, count=FT_WINDOWS)
                 lr = FT_LR_W4A8 if scheme.name == "w4a8" else FT_LR
-                finetune_scales_(m, model, cal, steps=FT_STEPS, lr=lr, norm_lr=FT_NORM_LR)
-                if FT_NORM_LR is not None:
-                    label = f"{label}, + tuned norms (lr {FT_NORM_LR})"
+                finetune_scales_(m, model, cal, steps=FT_STEPS, lr=lr)
             if weights_only:
                 unquantize_activations_(m)
             quantized = len(report.by_status("quantized"))

@@ -80,16 +80,6 @@ class _TunableW4A8(nn.Module):
         self.layer.channel_scales.copy_(self.scale)
 
 
-def _norm_weights(model: nn.Module) -> list[nn.Parameter]:
-    """The weight of every norm module (class name containing "Norm": RMSNorm, LayerNorm)."""
-    weights = []
-    for mod in model.modules():
-        w = getattr(mod, "weight", None)
-        if "Norm" in type(mod).__name__ and isinstance(w, nn.Parameter):
-            weights.append(w)
-    return weights
-
-
 def _swap(model: nn.Module, cls: type, make) -> list[tuple[str, nn.Module]]:
     """Replace every `cls` submodule by make(module); returns (name, new) pairs."""
     swapped = [(name, make(mod)) for name, mod in model.named_modules() if isinstance(mod, cls)]
@@ -105,16 +95,13 @@ def finetune_scales_(
     steps: int = 64,
     lr: float = 3e-5,
     progress: bool = True,
-    norm_lr: float | None = None,
 ) -> list[float]:
     """Tune the quantized layers of `model` in place for `steps` Adam steps, one batch of
     token ids [B, T] per step in turn, minimizing KL(teacher || model) over the next-token
     distributions; `teacher` is the unquantized model. `W4A16Linear`: every group's scale
     and offset; `W4A8Linear`: the per-channel s1 (its group scales and zeros are integers).
-    With `norm_lr`, the norms' weights too (every module named *Norm: per input channel, the
-    degree of freedom W4A8's per-output-channel s1 lacks), at that learning rate. Codes,
-    biases and every other weight stay fixed. Returns the loss of each step. The layers keep
-    their buffers' dtypes (scales rounded back to fp16 where they were fp16)."""
+    Codes, biases and every other weight stay fixed. Returns the loss of each step. The
+    layers keep their buffers' dtypes (scales rounded back to fp16 where they were fp16)."""
     if not batches:
         raise ValueError("finetune_scales_: no calibration batches")
     if steps < 1:
@@ -126,8 +113,7 @@ def finetune_scales_(
             "first with qcompile.quantize_ or a calibration method)"
         )
     params = [p for _, new in swapped for p in new.parameters(recurse=False)]
-    norms = [] if norm_lr is None else _norm_weights(model)
-    trainable = {id(p) for p in params + norms}
+    trainable = {id(p) for p in params}
     others = [p for p in model.parameters() if p.requires_grad and id(p) not in trainable]
     was_training = model.training
     try:
@@ -135,8 +121,7 @@ def finetune_scales_(
             p.requires_grad_(False)
         model.eval()  # (no dropout: the same function as inference)
         teacher.eval()
-        groups = [{"params": params}] + ([{"params": norms, "lr": norm_lr}] if norms else [])
-        optimizer = torch.optim.Adam(groups, lr=lr)
+        optimizer = torch.optim.Adam(params, lr=lr)
         losses: list[float] = []
         bar = tqdm(total=steps, desc="finetune scales", unit="step", disable=not progress)
         for step in range(steps):
