@@ -8,12 +8,11 @@
 #          bench_w4a16.py at TUNE_MS on BENCH_SHAPES (default both) with the merged configs
 #          (merge locally only what the benchmark confirms); first the tuner's read-flush gpu
 #          test (FLUSH=0: not).
-#   acc8:  W4A8 at M = 256 and 1024 re-tuned with pairs and the producer warp on (the H200
-#          had the producer warp at 128 x 128 tiles, split 1, 10% ahead of the shipped kind
-#          at 8192x28672 M = 256; `results/session40/pipe/w4a8.log`): tune_shipped.py
-#          --family w4a8 on the two acceptance shapes, merged, then bench_w4a8.py at M = 16,
-#          256, 1024.
-#   w4a8sub: W4A8 with K tiles of two groups (not yet candidates): probe_w4a8_wgmma.py
+#   acc8:  W4A8 re-tuned on the two acceptance shapes at TUNE8_MS (default 16,256,1024) with its
+#          wgmma candidates beside each key's shipped pick (since the forty-first session also
+#          the producer warp at 128 x rows and two-group K tiles: `w4a8._WGMMA_RS_WS`,
+#          `w4a8._SUBTILES`), merged, then bench_w4a8.py at M = 16, 256, 1024.
+#   w4a8sub: W4A8 with K tiles of two groups (candidates since session 41): probe_w4a8_wgmma.py
 #          --two-groups --variants rs+pairs,ws+pairs at M = 16, 64 on the two acceptance shapes
 #          and 4096x14336 (W4A8 at M = 16 on 4096x14336 is 0.89x W4A16).
 #   anything else: session39_gpu.sh's parts (pipe, sub, absmax, tune16, kbench, ...).
@@ -44,8 +43,9 @@ for part in ${PART//,/ }; do
       ;;
     acc8)
       timeout "${TUNE8_S:-200}" python3 benchmarks/tune_shipped.py --family w4a8 \
-        --kinds wgmma_rs,wgmma_rs_ws --ms "${TUNE8_MS:-256,1024}" --dtypes float16 \
+        --kinds wgmma_rs,wgmma_rs_ws --ms "${TUNE8_MS:-16,256,1024}" --dtypes float16 \
         --shapes 8192x28672,28672x4096 --out "$OUT/$part/h100.json" > "$OUT/$part/tune.log" 2>&1
+      grep -c "failed:" "$OUT/$part/tune.log" | sed "s/^/failed candidates: /"
       grep -E "TuneKey|rror" "$OUT/$part/tune.log" | sed "s/TuneKey(family=//; s/group_size=128, //" | cut -c1-330
       python3 benchmarks/tune_shipped.py --merge "$OUT/$part/h100.json"
       timeout "${W4A8_S:-200}" python3 benchmarks/bench_w4a8.py --ms 16,256,1024 \
