@@ -561,9 +561,9 @@ def test_wgmma_rs_pipe_leaves_one_wgmma_in_flight_without_hazards():
 
 
 def test_wgmma_rs_two_group_tiles_halve_the_k_loops_copies_and_barriers():
-    """`w4a16._SUBTILES` (on for W4A16's wgmma_rs since session 40): a 256-k TMA stage of two 128-k groups, unpacked and
-    multiplied one after the other, against 128-k stages (twice the stages, the same bytes in
-    flight): per wgmma half the TMA copies and, with Triton 3.6, half the CTA barriers in the
+    """`w4a16._SUBTILES` (on for W4A16's wgmma_rs since session 40): a 256-k TMA stage of
+    two 128-k groups, unpacked and multiplied one after the other, against 128-k stages
+    (twice the stages, the same bytes in flight): per wgmma half the TMA copies and, with Triton 3.6, half the CTA barriers in the
     K loop's steady state; no spills or hazards, the wgmmas as asynchronous (no more warpgroup
     arrives), registers within 16 of the 128-k kernel's (both unpack 128 k at a time), and
     the shared memory
