@@ -38,8 +38,8 @@ def main() -> None:
     )  # fmt: skip
     ap.add_argument(
         "--two-groups", action="store_true",
-        help="also K tiles of two groups (BLOCK_K 256 at group 128; W4A16 ships them since "
-        "the fortieth session, W4A8 does not yet)",
+        help="also K tiles of two groups (BLOCK_K 256 at group 128; tuning candidates since "
+        "the fortieth session for W4A16, the forty-first for W4A8)",
     )  # fmt: skip
     args = ap.parse_args()
     tiles = TILES + (TWO_GROUPS if args.two_groups else [])

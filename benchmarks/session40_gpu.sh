@@ -20,6 +20,13 @@ source benchmarks/gpu_setup.sh
 # Tuning compiles each key's 12-24 Gluon candidates on 8 threads (a gpu test showed 8 threads
 # time the same candidates as one; `docs/autotuning.md`); TUNE_THREADS=1 for one at a time.
 export QCOMPILE_TUNE_THREADS="${TUNE_THREADS:-8}"
+# tuned LOG JSON: the tuning log's failed-candidate count and picks, then JSON merged into this
+# copy's shipped file
+tuned() {
+  grep -c "failed:" "$1" | sed "s/^/failed candidates: /"
+  grep -E "TuneKey|rror" "$1" | sed "s/TuneKey(family=//; s/group_size=128, //" | cut -c1-330
+  python3 benchmarks/tune_shipped.py --merge "$2"
+}
 for part in ${PART//,/ }; do
   mkdir -p "$OUT/$part"
   case "$part" in
@@ -32,10 +39,7 @@ for part in ${PART//,/ }; do
         timeout "${TUNE_S:-140}" python3 benchmarks/tune_shipped.py --kinds wgmma_rs,wgmma_rs_ws \
           --ms "${spec#*:}" --dtypes float16 --shapes "${spec%%:*}" \
           --out "$OUT/$part/h100_${spec%%:*}.json" > "$OUT/$part/tune_${spec%%:*}.log" 2>&1
-        grep -c "failed:" "$OUT/$part/tune_${spec%%:*}.log" | sed "s/^/failed candidates: /"
-        grep -E "TuneKey|rror" "$OUT/$part/tune_${spec%%:*}.log" \
-          | sed "s/TuneKey(family=//; s/group_size=128, //" | cut -c1-330
-        python3 benchmarks/tune_shipped.py --merge "$OUT/$part/h100_${spec%%:*}.json"
+        tuned "$OUT/$part/tune_${spec%%:*}.log" "$OUT/$part/h100_${spec%%:*}.json"
       done
       timeout "${KERNELS_S:-150}" python3 benchmarks/bench_w4a16.py --ms "${TUNE_MS:-16,64,256,1024}" \
         --shapes "${BENCH_SHAPES:-8192x28672,28672x4096}" --out "$OUT/$part" > "$OUT/$part/bench.log" 2>&1
@@ -45,9 +49,7 @@ for part in ${PART//,/ }; do
       timeout "${TUNE8_S:-200}" python3 benchmarks/tune_shipped.py --family w4a8 \
         --kinds wgmma_rs,wgmma_rs_ws --ms "${TUNE8_MS:-16,256,1024}" --dtypes float16 \
         --shapes 8192x28672,28672x4096 --out "$OUT/$part/h100.json" > "$OUT/$part/tune.log" 2>&1
-      grep -c "failed:" "$OUT/$part/tune.log" | sed "s/^/failed candidates: /"
-      grep -E "TuneKey|rror" "$OUT/$part/tune.log" | sed "s/TuneKey(family=//; s/group_size=128, //" | cut -c1-330
-      python3 benchmarks/tune_shipped.py --merge "$OUT/$part/h100.json"
+      tuned "$OUT/$part/tune.log" "$OUT/$part/h100.json"
       timeout "${W4A8_S:-200}" python3 benchmarks/bench_w4a8.py --ms 16,256,1024 \
         --shapes 8192x28672,28672x4096 --out "$OUT/$part" > "$OUT/$part/bench.log" 2>&1
       grep "^N=" "$OUT/$part/bench.log" | cut -c1-220

@@ -529,10 +529,9 @@ def test_wgmma_rs_pipe_leaves_one_wgmma_in_flight_without_hazards():
     """`w4a16_wgmma._PIPE` (`_pipe`: on for the W4A16 producer warp at 256 x rows): the K
     loop waits for one outstanding wgmma group instead of none, and the in-flight tile's W
     registers are not written before the wait that retires it (the hazard check counts
-    groups committed since), for W4A16 and W4A8,
-    with and without the producer warp: no spills, the wgmmas as asynchronous as without it
-    (the same arrives), at most 16 more registers (Triton 3.6: none more but W4A8's 64 x
-    rows, 80 -> 93)."""
+    groups committed since), for W4A16 and W4A8, with and without the producer warp: no
+    spills, the wgmmas as asynchronous as without it (the same arrives), at most 16 more
+    registers (Triton 3.6: none more but W4A8's 64 x rows, 80 -> 93)."""
     base = [
         (16, 64, 128, 4, 4, "fp16", False, 0, False),
         (256, 128, 64, 8, 4, "bf16", False, 0, False),
@@ -563,11 +562,10 @@ def test_wgmma_rs_pipe_leaves_one_wgmma_in_flight_without_hazards():
 def test_wgmma_rs_two_group_tiles_halve_the_k_loops_copies_and_barriers():
     """`w4a16._SUBTILES` (on for W4A16's wgmma_rs since session 40): a 256-k TMA stage of
     two 128-k groups, unpacked and multiplied one after the other, against 128-k stages
-    (twice the stages, the same bytes in flight): per wgmma half the TMA copies and, with Triton 3.6, half the CTA barriers in the
-    K loop's steady state; no spills or hazards, the wgmmas as asynchronous (no more warpgroup
-    arrives), registers within 16 of the 128-k kernel's (both unpack 128 k at a time), and
-    the shared memory
-    `_wgmma_smem_bytes` counts (two scale rows a stage) for fp16, bf16, `_PIPE` and W4A8; the
+    (twice the stages, the same bytes in flight): per wgmma half the TMA copies and, with
+    Triton 3.6, half the CTA barriers in the K loop's steady state; no spills or hazards, the
+    wgmmas as asynchronous (no more warpgroup arrives), registers within 16 of the 128-k
+    kernel's (both unpack 128 k at a time), and the shared memory `_wgmma_smem_bytes` counts (two scale rows a stage) for fp16, bf16, `_PIPE` and W4A8; the
     producer-warp kernel compiles too."""
     pairs = [
         ((16, 64, 128, 4, 4, "fp16", False, 0, False, False),

@@ -1055,8 +1055,8 @@ def _wgmma_rs_configs(
 # overhead is worth cutting there. Timed (session 40, H200, `results/session40/sub/`), best
 # two-group tile against best one-group: 28672x4096 M = 16 30.4 -> 26.9 us, M = 64 43.2 ->
 # 42.3; 8192x28672 level at M = 16 and 64. Each win was wgmma_rs (the producer-warp kernel
-# with them was 3-12% slower than without), so W4A16's wgmma_rs candidates only; W4A8's are
-# untimed with them.
+# with them was 3-12% slower than without), so W4A16's wgmma_rs candidates only (W4A8's:
+# `w4a8._SUBTILES`).
 _SUBTILES = True
 
 

@@ -1041,7 +1041,8 @@ _MIN_BLOCK_K = {
 _WGMMA_RS_WS = True
 # wgmma_rs K tiles of two groups (`w4a16._SUBTILES`, W4A16's since session 40) as W4A8
 # candidates too, up to 64 x rows: the gpu tests have them exact, offline they compile with
-# no spills or hazards; the tuner times them beside the one-group tiles per key (session 41).
+# no spills or hazards. The tuner times them beside the one-group tiles per key; on the H200
+# (session 41, `results/session41/h200/acc8/`) they won 28672x4096 M = 16 and lost 8192x28672.
 _SUBTILES = True
 _LANE_ROWS = (8, 16, 32, 64)  # lane MMA: 1, 2, 4 or 8 B tiles of 8 rows
 _LANE_REDUCE_MAX_ROWS = 8  # the lane kernel reduces split K in its own launch up to 8 rows
