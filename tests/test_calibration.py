@@ -11,7 +11,7 @@ from torch import nn
 
 import qcompile
 from qcompile import QuantConfig, Scheme
-from qcompile.quant.calibration import find_blocks
+from qcompile.quant.calibration import find_blocks, quantize_sequentially
 from qcompile.quant.gptq import gptq_quantize_model
 
 
@@ -67,3 +67,29 @@ def test_sequential_gptq_quantizes_every_block_and_beats_rtn(tiny_llama, scheme,
     # 0.146 vs 0.156; W4A8 0.141 and 0.134 with AWQ vs 0.168, activations quantized in both);
     # the margin on real weights is in docs/accuracy.md.
     assert e_gptq < e_rtn, f"GPTQ {e_gptq:.4f} vs RTN {e_rtn:.4f}"
+
+
+def test_sequential_blocks_see_the_quantized_blocks_before_them(tiny_llama):
+    """Each block's calibration input is the previous blocks' output after quantization,
+    their K/V projections included: a transformers KV cache captured with the first block's
+    arguments would keep feeding the first call's keys and values to attention."""
+    model = copy.deepcopy(tiny_llama)
+    gen = torch.Generator().manual_seed(2)
+    batches = [torch.randint(0, 256, (1, 32), generator=gen) for _ in range(2)]
+    seen: list[torch.Tensor] = []
+    hook = model.model.layers[1].register_forward_pre_hook(lambda _m, a: seen.append(a[0]))
+
+    def quantize_block(prefix, block, _hessians):
+        if prefix.endswith(".0"):  # a drastic "quantization": new keys and values
+            block.self_attn.k_proj.weight.mul_(-3.0)
+            block.self_attn.v_proj.weight.mul_(-3.0)
+
+    try:
+        quantize_sequentially(model, batches, quantize_block, progress=False)
+    finally:
+        hook.remove()
+    with torch.no_grad():
+        expected = [model(b, output_hidden_states=True).hidden_states[1] for b in batches]
+    # block 1's first call per batch (its Hessians) saw block 0's quantized output
+    for got, want in zip(seen[: len(batches)], expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -121,6 +121,23 @@ def find_blocks(model: nn.Module) -> nn.ModuleList:
     return max(lists, key=len)
 
 
+def _without_caches(kwargs: dict) -> dict:
+    """The block's keyword arguments with any KV cache (a transformers `Cache`) dropped.
+
+    A captured cache would make every later call of the block append its keys and values
+    to the first call's, and causal attention (aligned to the first key) would go on
+    reading the first call's: the block's output would miss its own K/V projections'
+    quantization error."""
+    out = {}
+    for name, value in kwargs.items():
+        if "Cache" in (c.__name__ for c in type(value).__mro__):
+            value = None
+        elif name == "use_cache":
+            value = False
+        out[name] = value
+    return out
+
+
 @torch.no_grad()
 def quantize_sequentially(
     model: nn.Module,
@@ -140,7 +157,7 @@ def quantize_sequentially(
     captured: list[tuple[tuple, dict]] = []
 
     def capture(_module, args, kwargs):
-        captured.append((args, kwargs))
+        captured.append((args, _without_caches(kwargs)))
         raise _StopForward
 
     hook = blocks[0].register_forward_pre_hook(capture, with_kwargs=True)
