@@ -151,9 +151,14 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     config = _config(args)
     if args.tune_scales < 0:
         raise CliError(f"--tune-scales {args.tune_scales}: give a number of steps >= 0")
+    if args.reconstruct_blocks < 0:
+        raise CliError(
+            f"--reconstruct-blocks {args.reconstruct_blocks}: give a number of epochs >= 0"
+        )
     w = args.window
     batches: list[torch.Tensor] = []
-    if args.method != "rtn" or (args.rotate and args.rotate_seeds > 1) or args.tune_scales:
+    calibrated = args.method != "rtn" or args.tune_scales or args.reconstruct_blocks
+    if calibrated or (args.rotate and args.rotate_seeds > 1):
         ids = _text_ids(tok, args.calib_text)
         if ids.numel() < w:
             raise CliError(f"--calib-text has {ids.numel()} tokens, fewer than --window {w}")
@@ -170,7 +175,10 @@ def cmd_quantize(args: argparse.Namespace) -> None:
             awq=args.method == "awq+gptq",
         )  # fmt: skip
 
-    teacher = copy.deepcopy(model) if args.tune_scales else None  # (rotating keeps its function)
+    # the float model: end-to-end tuning compares outputs (rotating keeps the function); block
+    # reconstruction compares hidden states, so it needs the float model rotated the same way
+    teacher = copy.deepcopy(model) if args.tune_scales or args.reconstruct_blocks else None
+    seed = args.rotate_seed
     if args.rotate and args.rotate_seeds > 1:
         from qcompile.quant.rotate import pick_rotation
 
@@ -190,7 +198,24 @@ def cmd_quantize(args: argparse.Namespace) -> None:
 
             rotate_model_(model, seed=args.rotate_seed)
         report = quantize(model)
-    if teacher is not None:
+    if args.reconstruct_blocks:
+        from qcompile.quant.finetune import reconstruct_blocks_
+
+        rotated = copy.deepcopy(teacher)
+        if args.rotate:
+            from qcompile.quant.rotate import rotate_model_
+
+            rotate_model_(rotated, seed=seed)
+        stats = reconstruct_blocks_(model, rotated, calibration, args.reconstruct_blocks)
+        del rotated
+        before = sum(st["mse_before"] for st in stats) / len(stats)
+        after = sum(st["mse_after"] for st in stats) / len(stats)
+        changed = sum(st["changed"] for st in stats) / len(stats)
+        print(
+            f"reconstructed {len(stats)} blocks: mean block MSE {before:.4g} -> {after:.4g}, "
+            f"{changed:.2%} of codes changed"
+        )
+    if args.tune_scales:
         from qcompile.quant.finetune import finetune_scales_
 
         losses = finetune_scales_(model, teacher, calibration, args.tune_scales, args.tune_lr)
@@ -530,6 +555,12 @@ def parser() -> argparse.ArgumentParser:
         "meanwhile (docs/accuracy.md)",
     )  # fmt: skip
     p.add_argument("--tune-lr", type=float, default=3e-5, help="--tune-scales: Adam's lr")
+    p.add_argument(
+        "--reconstruct-blocks", type=int, default=0, metavar="EPOCHS",
+        help="then tune codes and scales block by block for this many passes over the "
+        "calibration windows, toward the float blocks' outputs (Block-AP; before "
+        "--tune-scales; docs/accuracy.md)",
+    )  # fmt: skip
     p.add_argument(
         "--calib-text", default=DEFAULT_CALIBRATION, help="file or folder of calibration text"
     )

@@ -139,6 +139,28 @@ def _without_caches(kwargs: dict) -> dict:
 
 
 @torch.no_grad()
+def capture_block_inputs(
+    model: nn.Module, block: nn.Module, batches: Iterable[torch.Tensor]
+) -> list[tuple[tuple, dict]]:
+    """The (args, kwargs) `block` is called with for each batch, each forward stopped there
+    (any KV cache dropped: `_without_caches`)."""
+    captured: list[tuple[tuple, dict]] = []
+
+    def capture(_module, args, kwargs):
+        captured.append((args, _without_caches(kwargs)))
+        raise _StopForward
+
+    hook = block.register_forward_pre_hook(capture, with_kwargs=True)
+    try:
+        for batch in batches:
+            with contextlib.suppress(_StopForward):
+                model(batch)
+    finally:
+        hook.remove()
+    return captured
+
+
+@torch.no_grad()
 def quantize_sequentially(
     model: nn.Module,
     batches: Iterable[torch.Tensor],
@@ -154,19 +176,7 @@ def quantize_sequentially(
     """
     blocks = find_blocks(model)
     prefix = next(name for name, m in model.named_modules() if m is blocks)
-    captured: list[tuple[tuple, dict]] = []
-
-    def capture(_module, args, kwargs):
-        captured.append((args, _without_caches(kwargs)))
-        raise _StopForward
-
-    hook = blocks[0].register_forward_pre_hook(capture, with_kwargs=True)
-    try:
-        for batch in batches:
-            with contextlib.suppress(_StopForward):
-                model(batch)
-    finally:
-        hook.remove()
+    captured = capture_block_inputs(model, blocks[0], batches)
 
     for i, block in enumerate(tqdm(blocks, desc="blocks", disable=not progress, leave=False)):
         with HessianRecorder(block) as recorder:
