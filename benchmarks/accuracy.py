@@ -33,7 +33,7 @@ from qcompile.eval import load_corpus, perplexity
 from qcompile.integrations.kv4_cache import smooth_attention_
 from qcompile.quant.awq import awq_quantize_model
 from qcompile.quant.calibration import collect_input_hessians
-from qcompile.quant.finetune import finetune_scales_
+from qcompile.quant.finetune import finetune_scales_, reconstruct_blocks_
 from qcompile.quant.gptq import gptq_quantize_model, gptq_quantizer
 from qcompile.quant.rotate import pick_rotation, rotate_model_
 from qcompile.quant.smooth import smooth_model_
@@ -51,6 +51,8 @@ FT_STEPS = int(os.environ.get("QCOMPILE_FT_STEPS", "96"))
 FT_LR = float(os.environ.get("QCOMPILE_FT_LR", "3e-5"))
 FT_WINDOWS = 64
 FT_LR_W4A8 = 1e-5
+# "<method>+bap": then `reconstruct_blocks_` (codes and scales, block by block, on FT_WINDOWS)
+BAP_EPOCHS = int(os.environ.get("QCOMPILE_BAP_EPOCHS", "2"))
 HARNESS_CHECK = 14.36
 ROWS = [  # (label, scheme, method, note); None = the fp32 model
     ("fp32", None, "", "harness check: expected 14.36"),
@@ -310,6 +312,31 @@ ROWS = [  # (label, scheme, method, note); None = the fp32 model
         f"the unrotated best W4A8 codes, then each layer's s1 tuned end to end as above "
         f"({FT_STEPS} Adam steps, lr {FT_LR_W4A8}); every layer: K=576 padded to 640",
     ),
+    *(
+        (
+            f"{name} g128{asym}, K padded, {label}, + block reconstruction",
+            Scheme(name=name.lower(), group_size=128, pad_k=True),
+            f"{method}+bap",
+            f"then codes and scales tuned block by block toward the float blocks' outputs "
+            f"(Block-AP: {BAP_EPOCHS} epochs over {FT_WINDOWS} x 512 tokens of howto/, Adam, "
+            "lr 1e-2 on codes rounded straight-through, 5e-4 on relative scales); every "
+            "layer: K=576 padded to 640",
+        )
+        for name, asym, label, method in (
+            (
+                "W4A8",
+                " int8",
+                "rotated, GPTQ act-order, block-sequential, clip search",
+                "rot-gptq-seq-act-clip",
+            ),
+            (
+                "W4A16",
+                " asym",
+                "GPTQ act-order, block-sequential, clip search",
+                "gptq-seq-act-clip",
+            ),
+        )  # fmt: skip
+    ),
     (
         "fp32 weights, KV4 cache g64",
         KVScheme(group_size=64),
@@ -420,6 +447,9 @@ def main() -> None:
             m = copy.deepcopy(model)
             tune = method.endswith("+ft")
             method = method.removesuffix("+ft")
+            reconstruct = method.endswith("+bap")  # block reconstruction (before +ft)
+            method = method.removesuffix("+bap")
+            float_twin = None  # a rotated model's float copy (block reconstruction's teacher)
             weights_only = method.startswith("weights-only")  # "weights-only[-<method>]"
             if weights_only:
                 method = method.removeprefix("weights-only").removeprefix("-") or "rtn"
@@ -429,6 +459,7 @@ def main() -> None:
                 seeds = int(prefix.removeprefix("rot") or 1)
                 if seeds == 1:
                     rotate_model_(m)
+                    float_twin = copy.deepcopy(m) if reconstruct else None
             if method.startswith("smooth"):  # "smooth<alpha>[-<method>]": SmoothQuant first,
                 alpha, _, method = method.removeprefix("smooth").partition("-")
                 smooth_model_(m, calibration_batches(tok), alpha=float(alpha))
@@ -461,6 +492,11 @@ def main() -> None:
                         hessians = collect_input_hessians(model, calibration_batches(tok))
                     quantizer = gptq_quantizer(hessians, act_order=method == "gptq-act")
                 report = qcompile.quantize_(m, QuantConfig(scheme), quantizer=quantizer)
+            if reconstruct:
+                cal = calibration_batches(tok, count=FT_WINDOWS)
+                teacher = model if float_twin is None else float_twin
+                reconstruct_blocks_(m, teacher, cal, epochs=BAP_EPOCHS)
+                float_twin = None
             if tune:
                 cal = calibration_batches(tok, count=FT_WINDOWS)
                 lr = FT_LR_W4A8 if scheme.name == "w4a8" else FT_LR
