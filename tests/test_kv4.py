@@ -292,11 +292,12 @@ def test_transposed_decode_config_of_several_positions_runs_the_decode_kernel():
     """A "decode_t" config looked up for Sq * GQA rows of several query positions (the tuning
     key cannot tell them apart) runs as the decode kernel: same answer as float64."""
     gen = torch.Generator().manual_seed(5)
-    q = torch.randn(1, 2, 2, 64, generator=gen).half()
+    q = torch.randn(1, 2, 2, 64, generator=gen).half().to(KERNEL_DEVICE)
     k, v = (torch.randn(1, 1, 40, 64, generator=gen) for _ in range(2))
     scheme = KVScheme(group_size=64)
+    to = lambda p: PackedKV4(*(t.to(KERNEL_DEVICE) for t in (p.codes, p.scales, p.offsets)), 64)  # noqa: E731
     problem = KV4Problem(
-        q, quantize_kv4(k, scheme), quantize_kv4(v, scheme), None, None, True, 64**-0.5
+        q, to(quantize_kv4(k, scheme)), to(quantize_kv4(v, scheme)), None, None, True, 64**-0.5
     )
     cfg = KernelConfig("decode_t", 4, 32, 0, 2, 1, 2)
     assert valid_config(cfg, 4)

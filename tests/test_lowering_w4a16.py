@@ -98,7 +98,7 @@ def test_configs_have_power_of_two_tiles_aligned_to_groups(m, k, g):
         assert k % cfg.split_k == 0 and (k // cfg.split_k) % cfg.block_k == 0
         assert g % cfg.block_k == 0 or cfg.block_k % g == 0
         assert (
-            cfg.kernel in ("gemm", "gemm_swap", *lowering._PLANES_KINDS)
+            cfg.kernel in ("gemm", "gemm_swap", *lowering._PLANES_KINDS, *lowering._WGMMA_KINDS)
             or m <= 4
             or (cfg.kernel == "mma" and m <= 64)
         )

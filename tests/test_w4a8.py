@@ -706,12 +706,12 @@ def test_swar_gemm_is_exact_on_the_accumulator(problem, data):
     g = problem.packed.group_size
     fits = [
         (bk, sk) for bk in (64, 128, 256) for sk in (1, 2)
-        if valid_config(KernelConfig("gemm_swar", 16, 16, bk, sk, 4, 2), 64, k, g, "int8")
+        if valid_config(KernelConfig("gemm_swar", 16, 32, bk, sk, 4, 2), 64, k, g, "int8")
     ]  # fmt: skip
     assume(fits)  # K = 32: below the SWAR kernel's smallest BLOCK_K
     bk, split = data.draw(st.sampled_from(fits), label="block_k, split")
     bm = data.draw(st.sampled_from([16, 32, 64]), label="block_m")
-    bn = data.draw(st.sampled_from([16, 32, 64]), label="block_n")
+    bn = data.draw(st.sampled_from([32, 64]), label="block_n")  # (16: refused, below)
     cfg = KernelConfig("gemm_swar", bm, bn, bk, split, 4, 2, data.draw(st.booleans()))
     _check_config(problem, cfg)
 
@@ -920,11 +920,20 @@ def test_lane_mma_refuses_more_rows_than_its_b_tiles_and_fp8():
         )  # fmt: skip
 
 
+def test_swar_refuses_block_n_16():
+    """BLOCK_N = 16 with two groups of 128 per K tile is wrong on the H100 (Triton 3.6)."""
+    assert not valid_config(KernelConfig("gemm_swar", 16, 16, 256, 1, 4, 2), 64, 512, 128, "int8")
+    assert valid_config(KernelConfig("gemm_swar", 16, 32, 256, 1, 4, 2), 64, 512, 128, "int8")
+
+
 def test_swar_is_the_default_and_a_candidate_at_large_m_for_int8_only():
+    from qcompile.lowering.w4a8 import _block_scaled_fp8
+
+    fp8 = "fp8_mm" if _block_scaled_fp8() else "gemm"  # (cuBLASLt's FP8 GEMM on an H100)
     for m in (128, 256, 1024):
         expected = "int_mm" if m >= 1024 else "gemm_swar"
         assert default_config(m, 8192, 28672, 128, "int8").kernel == expected
-        assert default_config(m, 8192, 28672, 128, "float8_e4m3fn").kernel == "gemm"
+        assert default_config(m, 8192, 28672, 128, "float8_e4m3fn").kernel == fp8
         kinds = {c.kernel for c in candidate_configs(m, 8192, 28672, 128, "int8")}
         assert {"gemm_swar", "int_mm"} <= kinds
         assert "int_mm" not in {c.kernel for c in candidate_configs(m, 8196, 28672, 128, "int8")}

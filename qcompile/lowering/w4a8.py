@@ -1105,6 +1105,11 @@ def valid_config(cfg: KernelConfig, n: int, k: int, group: int, act_dtype: str) 
         return False
     if cfg.kernel != "gemv" and (cfg.block_m < 16 or cfg.block_n < 16):
         return False
+    # SWAR at BLOCK_N = 16 with K tiles of two groups of 128 computes wrong sums on the H100
+    # (Triton 3.6), right in the interpreter; BLOCK_N 32 and 64 were exact at every BLOCK_K
+    # and group (`benchmarks/probe_swar_tiles.py`, session 42). Its candidates use 64 and 128.
+    if cfg.kernel == "gemm_swar" and cfg.block_n < 32:
+        return False
     if act_dtype != "int8":  # FP8: one group per K tile
         return cfg.kernel in ("gemv", "gemm") and group % cfg.block_k == 0
     return True
