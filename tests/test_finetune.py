@@ -145,3 +145,21 @@ def test_block_reconstruction_refuses_a_teacher_in_another_basis():
     rotate_model_(rotated)
     stats = reconstruct_blocks_(model, rotated, batches, epochs=4, lr_codes=5e-2, progress=False)
     assert all(s["mse_after"] < s["mse_before"] for s in stats), stats
+
+
+def test_block_reconstruction_restores_a_block_it_made_worse():
+    """With a learning rate far too high the codes scatter and the block's MSE rises: the
+    block is restored (its buffers as before, MSE after = before, no code counted)."""
+    from qcompile.quant.finetune import reconstruct_blocks_
+
+    torch.manual_seed(4)
+    teacher = tiny_llama(2)
+    model = copy.deepcopy(teacher)
+    qcompile.quantize_(model, QuantConfig(Scheme(name="w4a8", group_size=32)))
+    batches = [torch.randint(0, teacher.config.vocab_size, (1, 32)) for _ in range(2)]
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    stats = reconstruct_blocks_(
+        model, teacher, batches, epochs=2, lr_codes=50.0, lr_scales=5.0, progress=False
+    )
+    assert all(s["mse_after"] == s["mse_before"] and s["changed"] == 0 for s in stats), stats
+    assert all(torch.equal(b, buffers[n]) for n, b in model.named_buffers())

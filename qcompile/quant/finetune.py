@@ -246,8 +246,9 @@ def reconstruct_blocks_(
     MSE between the block's output on the quantized blocks' hidden states and the
     `teacher` block's on its own. `teacher` is the float model in the same basis as
     `model`: for a rotated model, its float copy taken after `rotate_model_` and before
-    quantizing. Returns per block the MSE before and after and the share of codes changed.
-    Memory: every batch's hidden state, twice."""
+    quantizing. A block whose MSE did not fall is restored. Returns per block the MSE
+    before and after and the share of codes changed. Memory: every batch's hidden state,
+    twice."""
     if not batches:
         raise ValueError("reconstruct_blocks_: no calibration batches")
     if epochs < 1:
@@ -294,6 +295,7 @@ def reconstruct_blocks_(
                     for h, (a, kw) in zip(f_in, q_in, strict=True)
                 ]
             before = _block_mse(q_block, q_in, targets)
+            kept = {n: b.clone() for n, b in q_block.named_buffers()}
             swapped = _swap(q_block, W4A16Linear, lambda m: _TunableW4A16(m, codes=True))
             swapped += _swap(q_block, W4A8Linear, lambda m: _TunableW4A8(m, codes=True))
             frozen = [p for p in q_block.parameters() if p.requires_grad]
@@ -324,6 +326,12 @@ def reconstruct_blocks_(
                 for p in frozen:
                     p.requires_grad_(True)
             after = _block_mse(q_block, q_in, targets)
+            if after >= before:  # (Adam's last steps can overshoot): keep the block as it was
+                with torch.no_grad():
+                    for n, b in q_block.named_buffers():
+                        b.copy_(kept[n])
+                after, changed = before, 0
+            del kept
             total = sum(new.v.numel() for _, new in swapped)
             stats.append({"mse_before": before, "mse_after": after, "changed": changed / total})
             bar.set_postfix(mse=f"{before:.3g}->{after:.3g}", changed=f"{changed / total:.2%}")
