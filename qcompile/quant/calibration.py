@@ -138,6 +138,11 @@ def _without_caches(kwargs: dict) -> dict:
     return out
 
 
+def block_output(out) -> torch.Tensor:
+    """A block's hidden state (transformers blocks return it alone or first in a tuple)."""
+    return out[0] if isinstance(out, tuple) else out
+
+
 @torch.no_grad()
 def capture_block_inputs(
     model: nn.Module, block: nn.Module, batches: Iterable[torch.Tensor]
@@ -185,6 +190,6 @@ def quantize_sequentially(
         quantize_block(f"{prefix}.{i}", block, recorder.hessians())
         outputs = [block(*args, **kwargs) for args, kwargs in captured]
         captured = [
-            ((out[0] if isinstance(out, tuple) else out, *args[1:]), kwargs)
+            ((block_output(out), *args[1:]), kwargs)
             for out, (args, kwargs) in zip(outputs, captured, strict=True)
         ]

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from qcompile.quant.calibration import capture_block_inputs, find_blocks
+from qcompile.quant.calibration import block_output, capture_block_inputs, find_blocks
 from qcompile.quant.int4 import NIBBLES_PER_WORD, pack_int4_along_k, unpack_int4_along_k
 from qcompile.quant.w4a8 import INT4_CODES, int8_weight, quantize_activations_per_token
 from qcompile.quantize import W4A8Linear, W4A16Linear, _pad_input
@@ -156,6 +156,36 @@ def _swap(model: nn.Module, cls: type, make) -> list[tuple[str, nn.Module]]:
     return swapped
 
 
+class _Twins:
+    """`with _Twins(root, codes) as twins`: root's quantized layers swapped for their float
+    twins, every other parameter of root frozen; on exit the tuned values are written back
+    (`twins.changed`: the codes that moved), the layers swapped in again and the frozen
+    parameters released."""
+
+    def __init__(self, root: nn.Module, codes: bool = False):
+        self.root = root
+        self.swapped = _swap(root, W4A16Linear, lambda m: _TunableW4A16(m, codes))
+        self.swapped += _swap(root, W4A8Linear, lambda m: _TunableW4A8(m, codes))
+        mine = {id(p) for p in self.params()}
+        self.frozen = [p for p in root.parameters() if p.requires_grad and id(p) not in mine]
+        self.changed = 0
+
+    def params(self) -> list[nn.Parameter]:
+        return [p for _, twin in self.swapped for p in twin.parameters(recurse=False)]
+
+    def __enter__(self) -> _Twins:
+        for p in self.frozen:
+            p.requires_grad_(False)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for name, twin in self.swapped:
+            self.changed += twin.write_back()
+            self.root.set_submodule(name, twin.layer)
+        for p in self.frozen:
+            p.requires_grad_(True)
+
+
 def finetune_scales_(
     model: nn.Module,
     teacher: nn.Module,
@@ -174,56 +204,42 @@ def finetune_scales_(
         raise ValueError("finetune_scales_: no calibration batches")
     if steps < 1:
         raise ValueError(f"finetune_scales_: steps={steps} must be >= 1")
-    swapped = _swap(model, W4A16Linear, _TunableW4A16) + _swap(model, W4A8Linear, _TunableW4A8)
-    if not swapped:
-        raise ValueError(
-            "finetune_scales_: the model has no W4A16Linear or W4A8Linear layers (quantize it "
-            "first with qcompile.quantize_ or a calibration method)"
-        )
-    params = [p for _, new in swapped for p in new.parameters(recurse=False)]
-    trainable = {id(p) for p in params}
-    others = [p for p in model.parameters() if p.requires_grad and id(p) not in trainable]
     was_training = model.training
     try:
-        for p in others:
-            p.requires_grad_(False)
-        model.eval()  # (no dropout: the same function as inference)
-        teacher.eval()
-        optimizer = torch.optim.Adam(params, lr=lr)
-        losses: list[float] = []
-        bar = tqdm(total=steps, desc="finetune scales", unit="step", disable=not progress)
-        for step in range(steps):
-            ids = batches[step % len(batches)]
-            with torch.no_grad():
-                target = F.log_softmax(teacher(ids).logits.float(), dim=-1)
-            logp = F.log_softmax(model(ids).logits.float(), dim=-1)
-            loss = F.kl_div(logp.flatten(0, -2), target.flatten(0, -2), log_target=True,
-                            reduction="batchmean")  # fmt: skip
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
-            bar.set_postfix(kl=f"{losses[-1]:.4f}")
-            bar.update()
-        bar.close()
+        with _Twins(model) as twins:
+            if not twins.swapped:
+                raise ValueError(
+                    "finetune_scales_: the model has no W4A16Linear or W4A8Linear layers "
+                    "(quantize it first with qcompile.quantize_ or a calibration method)"
+                )
+            model.eval()  # (no dropout: the same function as inference)
+            teacher.eval()
+            optimizer = torch.optim.Adam(twins.params(), lr=lr)
+            losses: list[float] = []
+            bar = tqdm(total=steps, desc="finetune scales", unit="step", disable=not progress)
+            for step in range(steps):
+                ids = batches[step % len(batches)]
+                with torch.no_grad():
+                    target = F.log_softmax(teacher(ids).logits.float(), dim=-1)
+                logp = F.log_softmax(model(ids).logits.float(), dim=-1)
+                loss = F.kl_div(logp.flatten(0, -2), target.flatten(0, -2), log_target=True,
+                                reduction="batchmean")  # fmt: skip
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                losses.append(loss.item())
+                bar.set_postfix(kl=f"{losses[-1]:.4f}")
+                bar.update()
+            bar.close()
     finally:
-        for name, new in swapped:
-            new.write_back()
-            model.set_submodule(name, new.layer)
-        for p in others:
-            p.requires_grad_(True)
         model.train(was_training)
     return losses
-
-
-def _block_output(out) -> torch.Tensor:
-    return out[0] if isinstance(out, tuple) else out
 
 
 @torch.no_grad()
 def _block_mse(block: nn.Module, inputs: list, targets: list[torch.Tensor]) -> float:
     return sum(
-        F.mse_loss(_block_output(block(*a, **kw)).float(), y).item()
+        F.mse_loss(block_output(block(*a, **kw)).float(), y).item()
         for (a, kw), y in zip(inputs, targets, strict=True)
     ) / len(targets)
 
@@ -291,21 +307,14 @@ def reconstruct_blocks_(
         for q_block, f_block in zip(q_blocks, f_blocks, strict=True):
             with torch.no_grad():
                 targets = [
-                    _block_output(f_block(h, *a[1:], **kw))
+                    block_output(f_block(h, *a[1:], **kw))
                     for h, (a, kw) in zip(f_in, q_in, strict=True)
                 ]
             before = _block_mse(q_block, q_in, targets)
             kept = {n: b.clone() for n, b in q_block.named_buffers()}
-            swapped = _swap(q_block, W4A16Linear, lambda m: _TunableW4A16(m, codes=True))
-            swapped += _swap(q_block, W4A8Linear, lambda m: _TunableW4A8(m, codes=True))
-            frozen = [p for p in q_block.parameters() if p.requires_grad]
-            codes = [new.v for _, new in swapped]
-            scales = [p for _, new in swapped for n, p in new.named_parameters() if n != "v"]
-            for p in frozen:
-                p.requires_grad_(False)
-            for p in codes + scales:
-                p.requires_grad_(True)
-            try:
+            with _Twins(q_block, codes=True) as twins:
+                codes = [twin.v for _, twin in twins.swapped]
+                scales = [p for _, t in twins.swapped for n, p in t.named_parameters() if n != "v"]
                 optimizer = torch.optim.Adam(
                     [{"params": codes, "lr": lr_codes}, {"params": scales, "lr": lr_scales}]
                 )
@@ -313,18 +322,12 @@ def reconstruct_blocks_(
                     rng.shuffle(order)
                     for j in order:
                         a, kw = q_in[j]
-                        out = _block_output(q_block(*a, **kw)).float()
+                        out = block_output(q_block(*a, **kw)).float()
                         loss = F.mse_loss(out, targets[j])
                         optimizer.zero_grad(set_to_none=True)
                         loss.backward()
                         optimizer.step()
-            finally:
-                changed = 0
-                for name, new in swapped:
-                    changed += new.write_back()
-                    q_block.set_submodule(name, new.layer)
-                for p in frozen:
-                    p.requires_grad_(True)
+            changed = twins.changed
             after = _block_mse(q_block, q_in, targets)
             if after >= before:  # (Adam's last steps can overshoot): keep the block as it was
                 with torch.no_grad():
@@ -332,12 +335,12 @@ def reconstruct_blocks_(
                         b.copy_(kept[n])
                 after, changed = before, 0
             del kept
-            total = sum(new.v.numel() for _, new in swapped)
+            total = sum(twin.v.numel() for _, twin in twins.swapped)
             stats.append({"mse_before": before, "mse_after": after, "changed": changed / total})
             bar.set_postfix(mse=f"{before:.3g}->{after:.3g}", changed=f"{changed / total:.2%}")
             bar.update()
             with torch.no_grad():
-                q_in = [((_block_output(q_block(*a, **kw)), *a[1:]), kw) for a, kw in q_in]
+                q_in = [((block_output(q_block(*a, **kw)), *a[1:]), kw) for a, kw in q_in]
             f_in = targets
     finally:
         bar.close()
