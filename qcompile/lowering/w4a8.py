@@ -1764,7 +1764,7 @@ def w4a8_linear_cuda(
     cfg = _tuned_config(
         m, n, k, group_size, act_dtype, x.dtype, x.device,
         lambda c: time_us(
-            lambda: quantize_and_launch(c, rows_of(x, first_rows(x, n, c.split_k)), *w, pdl=_PDL)
+            lambda: quantize_and_launch(c, rows_of(x, first_rows(x, n, c.split_k)), *w)
         ),
     )  # fmt: skip
     return in_row_chunks(
