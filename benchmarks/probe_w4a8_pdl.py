@@ -1,16 +1,12 @@
-"""GPU probe: the eager W4A8 op at small M with its GEMM (lane or wgmma_rs kernel) launched by
-programmatic dependent launch (PDL) after the quantize kernel, beside the plain launch and
-W4A16.
+"""GPU probe: the eager W4A8 op at small M with the lane GEMM launched by programmatic
+dependent launch (PDL) after the quantize kernel, beside the plain launch and W4A16.
 
 Why: at M <= 16 the int8 GEMM alone matches W4A16, and the eager op loses 4-7% to it by the
 quantize kernel in front (2-3 us; twenty-second session, `results/session22/final/`). With
 PDL the quantize kernel signals at its start, the GEMM's CTAs launch beside it, issue their
 first weight loads and wait (`griddepcontrol.wait`) only before reading xq. Each PDL result
 is checked bit-exact against the plain one; times are CUDA-graph replays over weight copies
-rotated past L2 (`bench_w4a16.time_graph`), with the shipped (or default) config per key;
-the plain and PDL launches are timed twice each, interleaved (plain, PDL, plain, PDL), to show
-the run-to-run spread. `--sweep`: at M >= 16, also every wgmma_rs candidate with PDL (the
-tuner's own timing does not launch with PDL, so it may pick another tile).
+rotated past L2 (`bench_w4a16.time_graph`), with the shipped (or default) config per key.
 
     python benchmarks/probe_w4a8_pdl.py --out $OUT/probe_w4a8_pdl.json
 """
@@ -27,13 +23,7 @@ from bench_w4a16 import copies, time_graph
 from weights import random_packed, random_w4a8
 
 from qcompile.lowering.autotune import autotuner
-from qcompile.lowering.w4a8 import (
-    _PDL_KINDS,
-    candidate_configs,
-    default_config,
-    quantize_and_launch,
-    tune_key,
-)
+from qcompile.lowering.w4a8 import default_config, quantize_and_launch, tune_key
 from qcompile.lowering.w4a16 import w4a16_linear_cuda
 
 REST = (None, GROUP, "int8")  # the op's bias, group size and activation dtype
@@ -44,7 +34,6 @@ def main() -> None:
     ap.add_argument("--shapes", default="8192x28672,28672x4096")
     ap.add_argument("--ms", default="1,16")
     ap.add_argument("--out", type=Path, default=None)
-    ap.add_argument("--sweep", action="store_true", help="every wgmma_rs candidate, with PDL")
     args = ap.parse_args()
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
     rows = []
@@ -58,8 +47,8 @@ def main() -> None:
             key = tune_key(m, n, k, GROUP, "int8", torch.float16)
             cfg = autotuner(0).lookup(key) or default_config(m, n, k, GROUP, "int8")
             row = {"n": n, "k": k, "m": m, "config": str(cfg)}
-            if cfg.kernel not in _PDL_KINDS:
-                row["skipped"] = f"no PDL prologue: {cfg.kernel}"
+            if cfg.kernel != "mma":
+                row["skipped"] = f"not the lane kernel: {cfg.kernel}"
                 rows.append(row)
                 continue
             plain = quantize_and_launch(cfg, x, *w8s[0].tensors(), *REST)
@@ -70,33 +59,15 @@ def main() -> None:
             row["w4a16_us"] = time_graph(
                 [lambda p=p, x=x: w4a16_linear_cuda(x, *p.tensors(), None, GROUP) for p in w16s]
             )
-
-            def timed(c, pdl, x=x, w8s=w8s):
-                return time_graph(
+            for name, pdl in (("plain_us", False), ("pdl_us", True)):
+                row[name] = time_graph(
                     [
-                        lambda p=p, pdl=pdl, c=c, x=x: quantize_and_launch(
+                        lambda p=p, pdl=pdl, c=cfg, x=x: quantize_and_launch(
                             c, x, *p.tensors(), *REST, pdl=pdl
                         )
                         for p in w8s
                     ]
                 )
-
-            for name, pdl in (("plain_us", False), ("pdl_us", True)) * 2:
-                row.setdefault(name + "_runs", []).append(timed(cfg, pdl))
-            row["plain_us"] = min(row["plain_us_runs"])
-            row["pdl_us"] = min(row["pdl_us_runs"])
-            if args.sweep and m >= 16:
-                sweep = []
-                for c in candidate_configs(m, n, k, GROUP, "int8"):
-                    if c.kernel.startswith("wgmma"):
-                        try:
-                            sweep.append((timed(c, True), str(c)))
-                        except Exception as err:  # (a candidate that fails is listed)
-                            sweep.append((float("inf"), f"{c}: {err!r}"[:300]))
-                row["sweep_pdl"] = sorted(sweep)
-                best = row["sweep_pdl"][0]
-                row["best_pdl_us"], row["best_pdl_config"] = best
-                print(f"  sweep best {best[0]:.1f} us {best[1]}", flush=True)
             row["plain_vs_w4a16"] = row["w4a16_us"] / row["plain_us"]
             row["pdl_vs_w4a16"] = row["w4a16_us"] / row["pdl_us"]
             rows.append(row)

@@ -256,11 +256,11 @@ def compile_kv4_variant(
 def compile_wgmma_variant(
     bm: int, bn: int, bk: int, warps: int, stages: int, dtype: str = "fp16", split: int = 1,
     bias: bool = False, group: int = 128, ws: bool = False, maxnreg: int = 0,
-    pairs: bool | None = None, w4a8: bool = False, pipe: bool = False, pdl: bool = False,
+    pairs: bool | None = None, w4a8: bool = False, pipe: bool = False,
 ):  # fmt: skip
     """The W4A16 Gluon wgmma_rs kernel (`ws`: with its TMA producer warp; `maxnreg`: ptxas's
     cap per thread; `pairs`: `PAIRS`, by default as `launch` sets it; `w4a8`: its int8 mode;
-    `pipe`: `PIPE`, each tile's wgmma left in flight past its step; `pdl`: `PDL`) for sm_90. Gluon kernels
+    `pipe`: `PIPE`, each tile's wgmma left in flight past its step) for sm_90. Gluon kernels
     compile through `warmup`, which asks the active driver for the target: a stand-in driver
     names sm_90 on a machine without a GPU, and TMA descriptors over CPU tensors give the
     argument types."""
@@ -307,7 +307,7 @@ def compile_wgmma_variant(
             PAIRS=w4a16_wgmma._pairs(KernelConfig("wgmma_rs", bm, bn, bk), w4a8)
             if pairs is None
             else pairs,
-            grid=(1,), PIPE=pipe, PDL=pdl, **extra,
+            grid=(1,), PIPE=pipe, **extra,
             **({"maxnreg": maxnreg} if maxnreg else {}),
         )  # fmt: skip
     finally:

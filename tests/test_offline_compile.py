@@ -501,41 +501,6 @@ def test_wgmma_rs_w4a8_pair_rows_load_two_rows_per_instruction():
         assert pairs[2] == plain[2], (v, plain, pairs)  # (same IGMMAs)
 
 
-WGMMA_PDL = """
-import json
-import sass_report as s
-out = []
-for bm, bn, bk, w, st, ws, regs, pdl in json.loads(__import__("sys").argv[1]):
-    k = s.compile_wgmma_variant(bm, bn, bk, w, st, "fp16", ws=ws, maxnreg=regs, w4a8=True,
-                                pdl=pdl)
-    ptx, text = k.asm["ptx"], s.sass(k)
-    res = s.resources(k)
-    out.append([ptx.count("griddepcontrol.wait"), ptx.count("griddepcontrol.launch_dependents"),
-                res["STACK"] + res["LOCAL"], len(s.wgmma_register_hazards(text)),
-                text.count("IGMMA")])
-print(json.dumps(out))
-"""
-
-
-def test_wgmma_rs_pdl_compiles_to_griddepcontrol():
-    """`PDL` (W4A8's GEMM launched during its quantize kernel): the kernel waits for its primary
-    (griddepcontrol.wait; with the producer warp, the consumer warps wait too before their
-    x_scale loads) and triggers its own dependents; without it, neither. Still no spills or
-    register hazards."""
-    variants = [
-        (16, 64, 256, 4, 3, False, 0, True),
-        (16, 64, 128, 4, 4, True, 96, True),
-        (16, 64, 256, 4, 3, False, 0, False),
-    ]
-    results = _compile_offline(WGMMA_PDL, json.dumps(variants))
-    for v, (waits, triggers, spills, hazards, igmma) in zip(variants, results, strict=True):
-        assert spills == 0 and hazards == 0 and igmma > 0, (v, results)
-        if v[-1]:
-            assert waits >= (2 if v[5] else 1) and triggers >= 1, (v, results)
-        else:
-            assert waits == 0 and triggers == 0, (v, results)
-
-
 VARIANTS = """
 import json
 import sass_report as s

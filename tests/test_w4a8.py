@@ -624,11 +624,10 @@ def test_gpu_op_matches_exact_reference(m, act_dtype):
 
 
 @pytest.mark.gpu
-def test_gpu_pdl_gemm_equals_the_plain_launch_eagerly_and_in_a_cuda_graph():
-    """Programmatic dependent launch (quantize kernel -> GEMM): the same bits as the plain
-    launch, eagerly and replayed in a CUDA graph; the lane kernel with and without the
-    prefetch, split K reduced in one launch or two; wgmma_rs with and without the producer
-    warp, one- and two-group K tiles, split K."""
+def test_gpu_pdl_lane_kernel_equals_the_plain_launch_eagerly_and_in_a_cuda_graph():
+    """Programmatic dependent launch (quantize kernel -> lane GEMM): the same bits as the
+    plain launch, eagerly and replayed in a CUDA graph, with and without the prefetch, split
+    K reduced in one launch or two."""
     gen = torch.Generator().manual_seed(5)
     n, k = 512, 4096
     p = quantize_weight_w4a8(torch.randn(n, k, generator=gen), Scheme(name="w4a8", group_size=128))
@@ -638,16 +637,6 @@ def test_gpu_pdl_gemm_equals_the_plain_launch_eagerly_and_in_a_cuda_graph():
         (1, KernelConfig("mma", 8, 128, 128, 8, 4, 1, True)),
         (16, KernelConfig("mma", 16, 64, 128, 4, 2, 1, True)),
         (16, KernelConfig("mma", 16, 128, 128, 8, 4, 1, True, "unroll8")),
-        *(
-            (m, cfg)
-            for m in (16, 5)
-            for cfg in (
-                KernelConfig("wgmma_rs", 16, 64, 256, 1, 4, 3),
-                KernelConfig("wgmma_rs", 16, 64, 128, 2, 4, 4),
-                KernelConfig("wgmma_rs_ws", 16, 64, 128, 1, 4, 4, max_registers=96),
-            )
-            if torch.cuda.get_device_capability() == (9, 0)
-        ),
     ):
         x = torch.randn(m, k, generator=gen).half().cuda()
         plain = quantize_and_launch(cfg, x, *w, None, 128, "int8")
@@ -1146,15 +1135,15 @@ def test_lane_pdl_prologue_gives_the_plain_result(problem, data):
     assert torch.equal(quantize_and_launch(cfg, problem.x, *w, pdl=True), plain)
 
 
-def test_pdl_is_for_the_lane_and_wgmma_kernels():
-    """`launch(pdl=True)` on a kernel without the PDL prologue is refused; `quantize_and_launch`
-    ignores it there (the quantize kernel's early signal then has no dependent)."""
+def test_pdl_is_for_the_lane_kernel():
+    """`launch(pdl=True)` on another kernel is refused; `quantize_and_launch` ignores it
+    there (the quantize kernel's early signal then has no dependent)."""
     p = quantize_weight_w4a8(torch.randn(64, 256), Scheme(name="w4a8", group_size=128))
     x = torch.randn(4, 256).half()
     xq, xs = quantize_activations_per_token(x, "int8")
     gemv = KernelConfig("gemv", 1, 64, 64, 1, 2, 1)
     args = _on_device(xq, xs, *p.tensors(), None)
-    with pytest.raises(ValueError, match="pdl is for mma, wgmma_rs, wgmma_rs_ws, not gemv"):
+    with pytest.raises(ValueError, match="pdl is for the int8 lane kernel"):
         launch(gemv, *args, 128, torch.float16, pdl=True)
     xd = x.to(args[0].device)
     w = (*(t.to(args[0].device) for t in p.tensors()), None, 128, "int8")

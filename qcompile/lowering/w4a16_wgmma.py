@@ -50,7 +50,6 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from qcompile.lowering.autotune import KernelConfig
 from qcompile.lowering.w4a16 import _wgmma_sub
@@ -77,56 +76,29 @@ def _row_stage(rows_smem, s, STAGES: gl.constexpr):
 
 @gluon.jit
 def _issue_tile(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem, ready, t, k_first,
-                off_m, off_n, BLOCK_K: gl.constexpr, GROUP: gl.constexpr, STAGES: gl.constexpr,
-                WEIGHTS: gl.constexpr = True, X: gl.constexpr = True):  # fmt: skip
-    """TMA for K tile t (from k_first) into stage t % STAGES: x, the words, scale and offset
-    (the stage's barrier expects all four; WEIGHTS / X: issue only those)."""
+                off_m, off_n, BLOCK_K: gl.constexpr, GROUP: gl.constexpr,
+                STAGES: gl.constexpr):  # fmt: skip
+    """TMA for K tile t (from k_first) into stage t % STAGES: x, the words, scale and offset."""
     s = t % STAGES
     bar = ready.index(s)
     k = k_first + t * BLOCK_K
-    if WEIGHTS:
-        nbytes: gl.constexpr = (
-            x_desc.block_type.nbytes + w_desc.block_type.nbytes + 2 * s_desc.block_type.nbytes
-        )
-        mbarrier.expect(bar, nbytes)
-    if X:
-        _tma_load(x_desc, [off_m, k], bar, x_smem.index(s))
-    if WEIGHTS:
-        _tma_load(w_desc, [k // 8, off_n], bar, w_smem.index(s))
-        _tma_load(s_desc, [k // GROUP, off_n], bar, _row_stage(s_smem, s, STAGES))
-        _tma_load(o_desc, [k // GROUP, off_n], bar, _row_stage(o_smem, s, STAGES))
-
-
-@gluon.jit
-def _issue_first(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem, ready, k_first,
-                 off_m, off_n, num_k, BLOCK_K: gl.constexpr, GROUP: gl.constexpr,
-                 STAGES: gl.constexpr, PDL: gl.constexpr):  # fmt: skip
-    """TMA for the first STAGES tiles (fresh stages). PDL: their weights (constants) first,
-    then griddepcontrol.wait for the kernel before (which writes x), then their x."""
-    for t in gl.static_range(STAGES):
-        if t < num_k:
-            _issue_tile(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem, ready,
-                        t, k_first, off_m, off_n, BLOCK_K, GROUP, STAGES, True,
-                        not PDL)  # fmt: skip
-    if PDL:
-        gdc_wait()
-        for t in gl.static_range(STAGES):
-            if t < num_k:
-                _issue_tile(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem,
-                            ready, t, k_first, off_m, off_n, BLOCK_K, GROUP, STAGES, False,
-                            True)  # fmt: skip
+    nbytes: gl.constexpr = (
+        x_desc.block_type.nbytes + w_desc.block_type.nbytes + 2 * s_desc.block_type.nbytes
+    )
+    mbarrier.expect(bar, nbytes)
+    _tma_load(x_desc, [off_m, k], bar, x_smem.index(s))
+    _tma_load(w_desc, [k // 8, off_n], bar, w_smem.index(s))
+    _tma_load(s_desc, [k // GROUP, off_n], bar, _row_stage(s_smem, s, STAGES))
+    _tma_load(o_desc, [k // GROUP, off_n], bar, _row_stage(o_smem, s, STAGES))
 
 
 @gluon.jit
 def _wgmma_produce(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem, ready, empty,
                    k_first, off_m, off_n, num_k, BLOCK_K: gl.constexpr, GROUP: gl.constexpr,
-                   STAGES: gl.constexpr, PDL: gl.constexpr):  # fmt: skip
+                   STAGES: gl.constexpr):  # fmt: skip
     """WS: the producer warp. It fills stage t % STAGES once the consumers have freed it (the
-    first STAGES pass at once; PDL: through `_issue_first`)."""
-    if PDL:
-        _issue_first(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem, ready,
-                     k_first, off_m, off_n, num_k, BLOCK_K, GROUP, STAGES, True)  # fmt: skip
-    for t in range(STAGES if PDL else 0, num_k):
+    first STAGES pass at once)."""
+    for t in range(num_k):
         mbarrier.wait(empty.index(t % STAGES), ((t // STAGES) & 1) ^ 1)
         _issue_tile(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem, ready, t,
                     k_first, off_m, off_n, BLOCK_K, GROUP, STAGES)  # fmt: skip
@@ -442,7 +414,7 @@ def _rs_consume(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem, 
                 BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, GROUP: gl.constexpr,
                 STAGES: gl.constexpr, WS: gl.constexpr, PAIRS: gl.constexpr,
                 W4A8: gl.constexpr, xs_ptr, s1_ptr, RAW: gl.constexpr, PIPE: gl.constexpr,
-                PDL: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+                num_warps: gl.constexpr):  # fmt: skip
     """The K loop and the store. Without WS these warps also issue the TMA; with WS they
     hand each stage back to the producer warp through `empty`. W4A8: int8 x and W, int32
     accumulator, then x_scale[m] * s1[n] (split K: the raw int32 partials)."""
@@ -472,9 +444,11 @@ def _rs_consume(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem, 
         SEL0: gl.constexpr = _RS_SEL0_FP16 if FP16 else _RS_SEL0_BF16
         sel = gl.expand_dims(gl.expand_dims(SEL0 + quad * 0x101, 0), 0)
         acc = gl.zeros((BLOCK_N, BLOCK_M), dtype=gl.float32, layout=mma_layout)
-    if not WS:
-        _issue_first(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem, ready,
-                     k_first, off_m, off_n, num_k, BLOCK_K, GROUP, STAGES, PDL)  # fmt: skip
+    if not WS:  # the first STAGES tiles (fresh stages)
+        for t in gl.static_range(STAGES):
+            if t < num_k:
+                _issue_tile(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem,
+                            ready, t, k_first, off_m, off_n, BLOCK_K, GROUP, STAGES)  # fmt: skip
     mbarrier.wait(ready.index(0), 0)
     w_first, s_first, o_first = _sub_tile(w_smem, s_smem, o_smem, 0, 0, STAGES, SUB)
     a = _rs_unpack(w_first, s_first, o_first, sel, ASM, P3, a_layout, PAIRS, W4A8)
@@ -500,10 +474,6 @@ def _rs_consume(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem, 
                              PIPE, SUB, 0)  # fmt: skip
     if PIPE:  # the last tile's wgmma
         acc, p = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p))
-    if PDL:  # a kernel launched next with PDL may place its programs (it waits for our end)
-        gdc_launch_dependents()
-        if WS:  # (the producer warp waited; these warps read x_scale and write out after it)
-            gdc_wait()
 
     rows = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma_layout))
     if PAIRS:  # accumulator row 16a + 8b + g holds W's row 16a + 2g + b
@@ -531,13 +501,11 @@ def _w4a16_wgmma_rs_kernel(
     GROUP: gl.constexpr, HAS_BIAS: gl.constexpr, SPLIT: gl.constexpr, STAGES: gl.constexpr,
     num_warps: gl.constexpr, WS: gl.constexpr = False, PAIRS: gl.constexpr = False,
     W4A8: gl.constexpr = False, xs_ptr=None, s1_ptr=None, RAW: gl.constexpr = False,
-    PIPE: gl.constexpr = False, PDL: gl.constexpr = False,
+    PIPE: gl.constexpr = False,
 ):  # fmt: skip
     """out^T [BLOCK_N, BLOCK_M] = W x^T: W unpacked straight into wgmma's register operand
     (16 rows a warp), x's TMA tile the shared-memory operand; no shared-memory round trip.
-    WS: one producer warp issues the TMA. PDL: launched with programmatic dependent launch
-    after the kernel that writes x (W4A8's quantize kernel), whose run its first weight
-    loads overlap."""
+    WS: one producer warp issues the TMA."""
     BLOCK_M: gl.constexpr = x_desc.block_type.shape[0]
     BLOCK_K: gl.constexpr = x_desc.block_type.shape[1]
     BLOCK_N: gl.constexpr = w_desc.block_type.shape[1]
@@ -565,11 +533,10 @@ def _w4a16_wgmma_rs_kernel(
             [(_rs_consume, (x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem,
                             ready, empty, k_first, off_m, off_n, num_k, bias_ptr, out_ptr,
                             ws_ptr, M, N, HAS_BIAS, SPLIT, BLOCK_M, BLOCK_N, BLOCK_K, GROUP,
-                            STAGES, True, PAIRS, W4A8, xs_ptr, s1_ptr, RAW, PIPE, PDL,
-                            num_warps)),
+                            STAGES, True, PAIRS, W4A8, xs_ptr, s1_ptr, RAW, PIPE, num_warps)),
              (_wgmma_produce, (x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem,
                                ready, empty, k_first, off_m, off_n, num_k, BLOCK_K, GROUP,
-                               STAGES, PDL))],
+                               STAGES))],
             [1], [24],
         )  # fmt: skip
         for i in gl.static_range(STAGES):
@@ -578,7 +545,7 @@ def _w4a16_wgmma_rs_kernel(
         _rs_consume(x_desc, w_desc, s_desc, o_desc, x_smem, w_smem, s_smem, o_smem, ready, ready,
                     k_first, off_m, off_n, num_k, bias_ptr, out_ptr, ws_ptr, M, N, HAS_BIAS,
                     SPLIT, BLOCK_M, BLOCK_N, BLOCK_K, GROUP, STAGES, False, PAIRS, W4A8,
-                    xs_ptr, s1_ptr, RAW, PIPE, PDL, num_warps)  # fmt: skip
+                    xs_ptr, s1_ptr, RAW, PIPE, num_warps)  # fmt: skip
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(ready.index(i))
 
@@ -629,7 +596,6 @@ def launch(
     out: torch.Tensor,
     ws: torch.Tensor | None = None,
     w4a8: tuple[torch.Tensor, torch.Tensor] | None = None,
-    pdl: bool = False,
 ) -> None:
     """out [M, N] (x's dtype, + bias) for x [M, K]. Split K: fp32 partials into ws
     [split, M, N], which the caller sums (and adds the bias).
@@ -637,8 +603,7 @@ def launch(
     `w4a8` = (x_scale [M] fp32, s1 [N] fp32): W4A8, x int8 in even / odd order per 8 k
     (`to_even_odd(xq, 8)`), scales / offsets the uint8 s2 / z; out = (xq @ ((q - z) s2)^T)
     * x_scale * s1 (+ bias), or, split or given `ws` (int32 [split, M, N]), the raw int32
-    partials there for the caller to sum and rescale. `pdl`: launched with programmatic
-    dependent launch (`PDL`)."""
+    partials there for the caller to sum and rescale."""
     m, k = x.shape
     n = qweight.shape[1]
     if not _aligned(x):
@@ -666,9 +631,8 @@ def launch(
         ws if split else out, m, n, k, GROUP=group, HAS_BIAS=bias is not None and not split,
         SPLIT=cfg.split_k, STAGES=cfg.num_stages, num_warps=cfg.num_warps,
         WS=cfg.kernel == "wgmma_rs_ws", PAIRS=_pairs(cfg, w4a8 is not None),
-        PIPE=_pipe(cfg, w4a8 is not None), PDL=pdl,
+        PIPE=_pipe(cfg, w4a8 is not None),
         **extra,
-        **({"launch_pdl": True} if pdl else {}),
         **({"maxnreg": cfg.max_registers} if cfg.max_registers else {}),
     )  # fmt: skip
 

@@ -1050,12 +1050,6 @@ _LANE_REDUCE_MAX_ROWS = 8  # the lane kernel reduces split K in its own launch u
 # 16), 29.4 -> 26.2 on 28672x4096 (split 4), where 2 and 4 gained nothing
 # (`results/session19/small/probe_lane_unroll.json`)
 _LANE_REDUCE_UNROLL = 8
-# The GEMM kernels that can be launched with programmatic dependent launch after the quantize
-# kernel (`quantize_and_launch(pdl=True)`): they issue their first weight loads, wait for the
-# quantize kernel (griddepcontrol.wait), then load xq and x_scale.
-_PDL_KINDS = ("mma", *_WGMMA_KINDS)
-# Whether the eager path (`w4a8_linear_cuda`) launches that way. Written, being timed: off.
-_PDL = False
 
 
 def valid_config(cfg: KernelConfig, n: int, k: int, group: int, act_dtype: str) -> bool:
@@ -1390,14 +1384,14 @@ def launch(
     partials, `reduce_unroll` of their loads in flight at a time. `self_reduce="atomic"` (by
     default where the config says so, `cfg.reduce`): the splits add their int32 partials
     atomically into one zeroed workspace instead (exact and order-free: integer sums), so
-    the last split reads one tile. `pdl` (`_PDL_KINDS`): launched with programmatic
+    the last split reads one tile. `pdl` (int8 lane kernel only): launched with programmatic
     dependent launch, so it may start while the kernel before it (the quantize kernel, which
     then signals early) still runs; it reads nothing of xq before that kernel is done."""
     m, k = xq.shape
     n = qweight.shape[1]
     fp8 = xq.dtype != torch.int8
-    if pdl and cfg.kernel not in _PDL_KINDS:
-        raise ValueError(f"launch: pdl is for {', '.join(_PDL_KINDS)}, not {cfg.kernel}")
+    if pdl and cfg.kernel != "mma":
+        raise ValueError(f"launch: pdl is for the int8 lane kernel (mma), not {cfg.kernel}")
     if xq.dtype == torch.float16 and cfg.kernel != "mma_f16":
         raise ValueError(f"launch: fp16 xq (e4m3 values) is for mma_f16, not {cfg.kernel}")
     if cfg.kernel == "fp8_mm":
@@ -1414,7 +1408,7 @@ def launch(
     if cfg.kernel in _WGMMA_KINDS:
         return _launch_wgmma_rs(
             cfg, xq, x_scale, qweight, group_scales, group_zeros, channel_scales, bias,
-            group_size, out_dtype, out, accumulator, xq_plane_major, xq_even_odd, pdl,
+            group_size, out_dtype, out, accumulator, xq_plane_major, xq_even_odd,
         )  # fmt: skip
     if cfg.kernel == "mma_f16":
         if not fp8 or xq_plane_major or xq_even_odd or accumulator:
@@ -1544,12 +1538,11 @@ _outgrown_workspaces: list[torch.Tensor] = []  # never freed (see `_atomic_works
 
 def _launch_wgmma_rs(
     cfg, xq, x_scale, qweight, group_scales, group_zeros, channel_scales, bias, group_size,
-    out_dtype, out, accumulator, xq_plane_major, xq_even_odd, pdl=False,
+    out_dtype, out, accumulator, xq_plane_major, xq_even_odd,
 ) -> torch.Tensor:  # fmt: skip
     """`launch` for "wgmma_rs" (and "_ws"): xq in even / odd order per 8 k (`xq_even_odd`:
     already so); split K (or `accumulator`) through int32 partials, summed and rescaled here.
-    Weights TMA cannot read in place run the lane kernel's default instead. `pdl`: see
-    `launch` (only where no copy of xq comes between the quantize kernel and this one)."""
+    Weights TMA cannot read in place run the lane kernel's default instead."""
     from qcompile.lowering import w4a16_wgmma
 
     m, k = xq.shape
@@ -1570,7 +1563,6 @@ def _launch_wgmma_rs(
         )  # fmt: skip
     if not xq_even_odd:
         xq = to_even_odd(xq, 8)
-        pdl = False  # (its primary would be the copy)
     if out is None:
         out = torch.empty((m, n), device=xq.device, dtype=out_dtype)
     raw = accumulator or cfg.split_k > 1
@@ -1578,7 +1570,7 @@ def _launch_wgmma_rs(
     scales = (x_scale.float().contiguous(), channel_scales)
     w4a16_wgmma.launch(
         cfg, xq, qweight, group_scales, group_zeros, None if raw else bias, group_size, out,
-        ws=ws, w4a8=scales, pdl=pdl and not _interpreting(),
+        ws=ws, w4a8=scales,
     )  # fmt: skip
     if accumulator:
         return ws.to(torch.int64).sum(0)
@@ -1768,7 +1760,7 @@ def w4a8_linear_cuda(
         ),
     )  # fmt: skip
     return in_row_chunks(
-        lambda rows, out: quantize_and_launch(cfg, rows_of(x, rows), *w, out=out, pdl=_PDL),
+        lambda rows, out: quantize_and_launch(cfg, rows_of(x, rows), *w, out=out),
         x, n, cfg.split_k, x.dtype,
     )  # fmt: skip
 
@@ -1778,10 +1770,10 @@ def quantize_and_launch(
     out=None, pdl=False,
 ) -> torch.Tensor:  # fmt: skip
     """The eager path for one config: the quantize kernel (writing xq in the order the planes
-    or SWAR kernel reads, so it needs no extra permutation pass), then `launch`. `pdl`
-    (`_PDL_KINDS`; ignored for others): the GEMM starts during the quantize kernel and loads
-    its first weights before waiting for xq."""
-    pdl = pdl and cfg.kernel in _PDL_KINDS
+    or SWAR kernel reads, so it needs no extra permutation pass), then `launch`. `pdl` (the
+    lane kernel; ignored for others): the GEMM starts during the quantize kernel and loads
+    its first weights before waiting for xq (written, not yet timed: off by default)."""
+    pdl = pdl and cfg.kernel == "mma"
     planes = cfg.block_k if cfg.kernel == "gemm_planes" else 0
     swar = cfg.kernel in ("gemm_swar", "mma")  # (even / odd per 8 k for wgmma_rs)
     even_odd = cfg.block_k if swar else 8 if cfg.kernel in _WGMMA_KINDS else 0
