@@ -76,7 +76,9 @@ def main() -> None:
                             ]
                         )
                         row[f"c{cols}_s{split}_r{rows_}_w{warps}_us"] = us
-        best = min((v, key) for key, v in row.items() if key.startswith("c"))
+        best = min(
+            (v, key) for key, v in row.items() if key.startswith("c") and key.endswith("_us")
+        )
         row["best"] = {"key": best[1], "us": best[0], "tb_s": nbytes / best[0] / 1e6}
         for cols in (64, 128, 256, 512):
             mine = [v for key, v in row.items() if key.startswith(f"c{cols}_")]
