@@ -163,33 +163,3 @@ def test_block_reconstruction_restores_a_block_it_made_worse():
     )
     assert all(s["mse_after"] == s["mse_before"] and s["changed"] == 0 for s in stats), stats
     assert all(torch.equal(b, buffers[n]) for n, b in model.named_buffers())
-
-
-def test_block_reconstruction_decays_its_learning_rates_by_a_cosine(monkeypatch):
-    """Each block's steps start at the given learning rates and end near 5% of them (cosine):
-    the last steps are small, so the codes settle instead of flipping to the end."""
-    from qcompile.quant import finetune
-
-    assert finetune._cosine(0, 10) == 1.0
-    assert finetune._cosine(10, 10) == pytest.approx(0.05)
-    assert finetune._cosine(5, 10) == pytest.approx(0.525)
-    seen: list[tuple[float, float]] = []
-    step = torch.optim.Adam.step
-
-    def recording_step(self, *args, **kwargs):
-        seen.append(tuple(g["lr"] for g in self.param_groups))
-        return step(self, *args, **kwargs)
-
-    monkeypatch.setattr(torch.optim.Adam, "step", recording_step)
-    torch.manual_seed(5)
-    teacher = tiny_llama(2)
-    model = copy.deepcopy(teacher)
-    qcompile.quantize_(model, QuantConfig(Scheme(name="w4a8", group_size=32)))
-    batches = [torch.randint(0, teacher.config.vocab_size, (1, 32)) for _ in range(3)]
-    finetune.reconstruct_blocks_(model, teacher, batches, epochs=2, lr_codes=1e-2,
-                                 lr_scales=4e-4, progress=False)  # fmt: skip
-    assert len(seen) == 2 * 2 * 3  # blocks x epochs x batches
-    for block in (seen[:6], seen[6:]):
-        assert block[0] == pytest.approx((1e-2, 4e-4))
-        codes = [lr for lr, _ in block]
-        assert codes == sorted(codes, reverse=True) and codes[-1] < 0.2 * codes[0], block

@@ -13,8 +13,6 @@ in their dtype."""
 
 from __future__ import annotations
 
-import functools
-import math
 import random
 from collections.abc import Sequence
 
@@ -246,13 +244,6 @@ def _block_mse(block: nn.Module, inputs: list, targets: list[torch.Tensor]) -> f
     ) / len(targets)
 
 
-def _cosine(step: int, steps: int, floor: float = 0.05) -> float:
-    """The learning rate's factor at `step` of `steps`: cosine decay from 1 to `floor`, so the
-    last steps are small (Block-AP anneals too; at a constant rate, more steps flipped more
-    codes back and forth and ended no better)."""
-    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
-
-
 def reconstruct_blocks_(
     model: nn.Module,
     teacher: nn.Module,
@@ -267,8 +258,7 @@ def reconstruct_blocks_(
     For each block in turn, its `W4A8Linear` / `W4A16Linear` layers' codes (each a float
     rounded straight-through onto the layer's grid: W4A8's integer (s2, z) and W4A16's
     0..15 stay) and scales (W4A8 s1; W4A16 group scales and offsets, as relative changes)
-    take `epochs` passes of Adam (learning rates decayed by a cosine to 5% over the block's
-    steps), one batch [B, T] a step in shuffled order, minimizing the
+    take `epochs` passes of Adam, one batch [B, T] a step in shuffled order, minimizing the
     MSE between the block's output on the quantized blocks' hidden states and the
     `teacher` block's on its own. `teacher` is the float model in the same basis as
     `model`: for a rotated model, its float copy taken after `rotate_model_` and before
@@ -328,9 +318,6 @@ def reconstruct_blocks_(
                 optimizer = torch.optim.Adam(
                     [{"params": codes, "lr": lr_codes}, {"params": scales, "lr": lr_scales}]
                 )
-                schedule = torch.optim.lr_scheduler.LambdaLR(
-                    optimizer, functools.partial(_cosine, steps=epochs * len(order))
-                )
                 for _ in range(epochs):
                     rng.shuffle(order)
                     for j in order:
@@ -340,7 +327,6 @@ def reconstruct_blocks_(
                         optimizer.zero_grad(set_to_none=True)
                         loss.backward()
                         optimizer.step()
-                        schedule.step()
             changed = twins.changed
             after = _block_mse(q_block, q_in, targets)
             if after >= before:  # (Adam's last steps can overshoot): keep the block as it was
