@@ -23,6 +23,8 @@ import triton
 import triton.language as tl
 from bench_w4a16 import copies, hbm_bandwidth, time_graph
 
+WARPS = 4  # (the lane kernel's M = 1 picks: 4 warps a program)
+
 
 @triton.jit
 def _read_tiles(w_ptr, out_ptr, N, rows_per_split, COLS: tl.constexpr, ROWS: tl.constexpr):
@@ -64,18 +66,17 @@ def main() -> None:
                 for rows_ in (4, 16):
                     if per % rows_ or per < rows_:
                         continue
-                    for warps in (4,):
-                        out = torch.empty(split, n, dtype=torch.int32, device="cuda")
-                        grid = (n // cols, split)
-                        us = time_graph(
-                            [
-                                lambda w=w, o=out, c=cols, p=per, rr=rows_, nw=warps, g=grid, n=n: (
-                                    _read_tiles[g](w, o, n, p, COLS=c, ROWS=rr, num_warps=nw)
-                                )
-                                for w in ws
-                            ]
-                        )
-                        row[f"c{cols}_s{split}_r{rows_}_w{warps}_us"] = us
+                    out = torch.empty(split, n, dtype=torch.int32, device="cuda")
+                    grid = (n // cols, split)
+                    us = time_graph(
+                        [
+                            lambda w=w, o=out, c=cols, p=per, rr=rows_, g=grid, n=n: _read_tiles[g](
+                                w, o, n, p, COLS=c, ROWS=rr, num_warps=WARPS
+                            )
+                            for w in ws
+                        ]
+                    )
+                    row[f"c{cols}_s{split}_r{rows_}_w{WARPS}_us"] = us
         best = min(
             (v, key) for key, v in row.items() if key.startswith("c") and key.endswith("_us")
         )
